@@ -1,0 +1,84 @@
+"""Multi-head Latent Attention (SPEC §3; paper eqs. 1–11).
+
+Queries go through a low-rank bottleneck (q_a_proj -> RMSNorm -> q_b_proj) unless q_lora_rank is
+null (then a single q_proj). Keys and values share one compressed latent c_kv (kv_lora_rank dims,
+RMS-normalised) plus one rotary key k_pe (qk_rope_head_dim dims) shared by every head; kv_b_proj
+expands the latent into per-head k_nope and v. Inside each head vector the order is nope first,
+rope last, and the kv_a output is latent first, rope last.
+
+`forward` is the expanded ("naive") form used for training and prefill. The absorbed form for
+decoding over a latent cache lives with the inference code and is tested equal to this one.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv3.config import ModelConfig, softmax_scale
+from dsv3.model.layers import RMSNorm
+from dsv3.model.rope import apply_rope
+
+
+class MLA(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.num_attention_heads
+        self.q_lora_rank = cfg.q_lora_rank
+        self.kv_lora_rank = cfg.kv_lora_rank
+        self.nope = cfg.qk_nope_head_dim
+        self.rope = cfg.qk_rope_head_dim
+        self.v_dim = cfg.v_head_dim
+        self.qk_dim = cfg.qk_head_dim
+        self.scale = softmax_scale(cfg)
+        D, H = cfg.hidden_size, cfg.num_attention_heads
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(D, H * self.qk_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(D, cfg.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * self.qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(D, cfg.kv_lora_rank + self.rope, bias=False)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, H * (self.nope + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(H * self.v_dim, D, bias=False)
+
+    def query(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T, D) -> q_nope (B, T, H, nope), rotated q_pe (B, T, H, rope)."""
+        B, T, _ = x.shape
+        if self.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(B, T, self.n_heads, self.qk_dim)
+        q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
+        return q_nope, apply_rope(q_pe, cos, sin)
+
+    def latent(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T, D) -> normalised latent c_kv (B, T, kv_lora_rank), rotated k_pe (B, T, rope).
+        These two are all that a latent KV cache stores per token."""
+        kv = self.kv_a_proj_with_mqa(x)  # (B, T, kv_lora_rank + rope)
+        c_kv, k_pe = kv.split([self.kv_lora_rank, self.rope], dim=-1)
+        k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin).squeeze(2)  # one rope "head" shared by all heads
+        return self.kv_a_layernorm(c_kv), k_pe
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Expanded attention. x (B, T, D); cos/sin (B|1, T, rope/2); attn_mask: None for causal, or a
+        boolean (B, 1, T, T) mask (True = may attend), e.g. for packed samples kept apart."""
+        B, T, _ = x.shape
+        H = self.n_heads
+        q_nope, q_pe = self.query(x, cos, sin)  # (B, T, H, nope), (B, T, H, rope)
+        c_kv, k_pe = self.latent(x, cos, sin)  # (B, T, C), (B, T, rope)
+        kv = self.kv_b_proj(c_kv).view(B, T, H, self.nope + self.v_dim)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)  # (B, T, H, nope), (B, T, H, v)
+        q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # (B, H, T, qk)
+        k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(B, T, H, self.rope)], dim=-1).transpose(1, 2)
+        v = v.transpose(1, 2)  # (B, H, T, v)
+        if attn_mask is None:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scale)
+        o = o.transpose(1, 2).reshape(B, T, H * self.v_dim)  # (B, T, H*v)
+        return self.o_proj(o)
