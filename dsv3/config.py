@@ -155,10 +155,14 @@ class ModelConfig:
         need(self.hidden_act == "silu", f"hidden_act must be 'silu', got {self.hidden_act!r}")
         need(not self.attention_bias, "attention_bias must be false (DeepSeek-V3 has no biases)")
         need(not self.tie_word_embeddings, "tie_word_embeddings must be false (DeepSeek-V3 has an untied head)")
-        need(self.rms_norm_eps > 0, f"rms_norm_eps must be > 0, got {self.rms_norm_eps}")
-        need(self.rope_theta > 0, f"rope_theta must be > 0, got {self.rope_theta}")
-        need(self.max_position_embeddings > 0,
-             f"max_position_embeddings must be > 0, got {self.max_position_embeddings}")
+        for name in ("rms_norm_eps", "rope_theta", "routed_scaling_factor"):
+            v = getattr(self, name)
+            need(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0,
+                 f"{name} must be a positive number, got {v!r}")
+        need(isinstance(self.max_position_embeddings, int) and not isinstance(self.max_position_embeddings, bool)
+             and self.max_position_embeddings > 0,
+             f"max_position_embeddings must be a positive integer, got {self.max_position_embeddings!r}")
+        need(isinstance(self.norm_topk_prob, bool), f"norm_topk_prob must be true or false, got {self.norm_topk_prob!r}")
         rs = self.rope_scaling
         if rs:
             need(isinstance(rs, dict), f"rope_scaling must be an object or null, got {rs!r}")

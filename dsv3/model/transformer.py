@@ -99,8 +99,8 @@ class Transformer(nn.Module):
         return [b.mlp.gate for b in blocks if isinstance(b.mlp, MoE)]
 
     def set_experts_impl(self, impl: str) -> None:
-        if impl not in ("grouped", "loop"):
-            raise ValueError(f"experts impl must be 'grouped' or 'loop', got {impl!r}")
+        if impl not in ("auto", "grouped", "loop"):
+            raise ValueError(f"experts impl must be 'auto', 'grouped' or 'loop', got {impl!r}")
         for m in self.modules():
             if isinstance(m, MoE):
                 m.experts_impl = impl

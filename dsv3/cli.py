@@ -1,0 +1,203 @@
+"""`dsv3` command line: one verb per workflow. Each verb parses its arguments, builds the config
+dataclasses and calls library functions; the library itself prints nothing."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _model_config(args):
+    from dsv3.config import ModelConfig, preset
+
+    if getattr(args, "config", None):
+        return ModelConfig.from_json(args.config), args.config
+    return preset(args.preset), args.preset
+
+
+def cmd_info(args) -> int:
+    from dsv3.info import format_info
+
+    cfg, name = _model_config(args)
+    print(format_info(cfg, name))
+    return 0
+
+
+def _resolve_checkpoint(path: str) -> str:
+    """A checkpoint directory, or a run directory (-> its latest checkpoint)."""
+    import os
+
+    from dsv3.training.checkpointing import latest_checkpoint
+
+    if os.path.exists(os.path.join(path, "config.json")):
+        return path
+    latest = latest_checkpoint(os.path.join(path, "checkpoints"))
+    if latest is None:
+        raise FileNotFoundError(f"{path} is neither a checkpoint directory (no config.json) nor a run directory "
+                                "with checkpoints/")
+    return latest
+
+
+def cmd_train(args) -> int:
+    from dsv3.training.loop import TrainConfig, train
+
+    mc, name = _model_config(args)
+    tc = TrainConfig(out_dir=args.out or f"runs/{name if not args.config else 'custom'}", data=args.data,
+                     tokenizer=args.tokenizer, steps=args.steps, tokens=args.tokens, seq_len=args.seq_len,
+                     batch_size=args.batch_size, micro_batch_size=args.micro_batch_size, lr=args.lr,
+                     warmup_steps=args.warmup_steps, device=args.device, precision=args.precision,
+                     seed=args.seed, resume=args.resume, eval_every=args.eval_every, save_every=args.save_every,
+                     mtp_lambda=args.mtp_lambda, bias_gamma=args.bias_gamma, balance_alpha=args.balance_alpha,
+                     fim_rate=args.fim_rate, batch_ramp_steps=args.batch_ramp_steps, batch_start=args.batch_start,
+                     progress=not args.no_progress)
+    if args.cache_dir:
+        tc.cache_dir = args.cache_dir
+    summary = train(mc, tc)
+    if args.samples > 0 and not summary["interrupted"]:
+        _print_samples(summary["checkpoint"], args.samples, args.seed)
+    return 0
+
+
+def _print_samples(path: str, n: int, seed: int, max_new_tokens: int = 120) -> None:
+    from dsv3.checkpoint import load_pretrained
+    from dsv3.inference.naive import generate_naive
+    from dsv3.training.tokenizer import DSTokenizer
+
+    tok = DSTokenizer.load(path)
+    model = load_pretrained(path, dtype=__import__("torch").float32).eval()
+    prompts = ["def ", "import os\n\n", "class ", "# ", "    return "][:n]
+    print(f"\nsamples from {path} (temperature 0.8, top-k 50):")
+    for i, prompt in enumerate(prompts):
+        ids = generate_naive(model, tok.encode(prompt), max_new_tokens, temperature=0.8, top_k=50,
+                             eos_id=tok.eos_id, seed=seed + i)
+        print(f"--- prompt {prompt!r}\n{prompt}{tok.decode(ids, skip_special_tokens=True)}")
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    from dsv3.checkpoint import load_pretrained
+    from dsv3.training.data import build_token_cache
+    from dsv3.training.loop import TrainConfig, evaluate, resolve_device
+    from dsv3.training.tokenizer import DSTokenizer
+
+    path = _resolve_checkpoint(args.checkpoint)
+    device = resolve_device(args.device)
+    tok = DSTokenizer.load(path)
+    model = load_pretrained(path, device=device, dtype=torch.float32).eval()
+    tc = TrainConfig()
+    cache = build_token_cache(args.data, tok, args.cache_dir or __import__("os").path.join(tc.cache_dir, "tokens"),
+                              val_permille=args.val_permille, fim_rate=0.0, progress=True)
+    split = args.split
+    if cache.meta["splits"][split]["n_tokens"] <= args.seq_len:
+        raise ValueError(f"the {split} split of {cache.meta['source']} has too few tokens for seq_len {args.seq_len}")
+    from dsv3.training.data import ValBatches
+    batches = ValBatches(cache.tokens(split), args.seq_len, args.batch_size, name=f"{split} split")
+    ev = evaluate(model, batches, tok.token_byte_lengths(), device, __import__("contextlib").nullcontext,
+                  args.max_batches or None)
+    print(f"{path}: {split} loss {ev['val_loss']:.4f} nats/token, {ev['val_bpb']:.4f} bits/byte "
+          f"over {ev['val_tokens']:,} tokens of {cache.meta['source']}")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    import torch
+
+    from dsv3.checkpoint import load_pretrained
+    from dsv3.inference.naive import generate_naive
+    from dsv3.training.tokenizer import DSTokenizer
+
+    path = _resolve_checkpoint(args.checkpoint)
+    tok = DSTokenizer.load(path)
+    model = load_pretrained(path, dtype=torch.float32).eval()
+    ids = generate_naive(model, tok.encode(args.prompt), args.max_new_tokens, temperature=args.temperature,
+                         top_k=args.top_k, top_p=args.top_p, eos_id=tok.eos_id, seed=args.seed)
+    print(args.prompt + tok.decode(ids, skip_special_tokens=True))
+    return 0
+
+
+def _add_model_source(p) -> None:
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--preset", default="tiny", help="tiny | small | 16b | 671b (default: tiny)")
+    src.add_argument("--config", help="path to a config.json (or a checkpoint directory)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dsv3", description="DeepSeek-V3: model, training, inference.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    info = sub.add_parser("info", help="parameter counts and KV-cache size of a preset or config.json")
+    _add_model_source(info)
+    info.set_defaults(func=cmd_info)
+
+    t = sub.add_parser("train", help="pre-train a model (default: tiny preset on the Python stdlib, CPU)")
+    _add_model_source(t)
+    t.add_argument("--data", help="directory, text file or .jsonl (default: the Python standard library)")
+    t.add_argument("--tokenizer", help="tokenizer.json or a directory holding one (default: train a BPE)")
+    t.add_argument("--out", help="run directory (default: runs/PRESET)")
+    t.add_argument("--steps", type=int, default=300, help="optimizer steps (default 300)")
+    t.add_argument("--tokens", type=int, default=0, help="train for this many tokens instead of --steps")
+    t.add_argument("--seq-len", type=int, default=256)
+    t.add_argument("--batch-size", type=int, default=16, help="sequences per optimizer step")
+    t.add_argument("--micro-batch-size", type=int, default=0, help="sequences per forward (gradient accumulation)")
+    t.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    t.add_argument("--warmup-steps", type=int, default=-1, help="default: 5%% of the steps, at most 2000")
+    t.add_argument("--mtp-lambda", type=float, default=0.3, help="MTP loss weight (0.1 in the last third)")
+    t.add_argument("--bias-gamma", type=float, default=0.001, help="aux-loss-free bias update speed")
+    t.add_argument("--balance-alpha", type=float, default=1e-4, help="sequence-wise balance loss weight")
+    t.add_argument("--fim-rate", type=float, default=0.1, help="fill-in-the-middle rate")
+    t.add_argument("--batch-ramp-steps", type=int, default=0, help="ramp the batch size over these steps")
+    t.add_argument("--batch-start", type=int, default=0, help="sequences per step at the start of the ramp")
+    t.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    t.add_argument("--precision", default="auto", help="auto | fp32 | bf16")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--eval-every", type=int, default=100)
+    t.add_argument("--save-every", type=int, default=100)
+    t.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
+    t.add_argument("--samples", type=int, default=3, help="completions to print at the end (0: none)")
+    t.add_argument("--cache-dir", help="where tokenizers and token caches go (default ~/.cache/dsv3)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bars")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="validation loss and bits per byte of a checkpoint")
+    e.add_argument("checkpoint", help="checkpoint directory or run directory")
+    e.add_argument("--data", help="corpus (default: the Python standard library)")
+    e.add_argument("--split", default="val", choices=["val", "train"])
+    e.add_argument("--val-permille", type=int, default=10)
+    e.add_argument("--seq-len", type=int, default=256)
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--max-batches", type=int, default=0, help="0: the whole split")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--cache-dir")
+    e.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("sample", help="print a completion of a prompt")
+    s.add_argument("checkpoint", help="checkpoint directory or run directory")
+    s.add_argument("--prompt", required=True)
+    s.add_argument("--max-new-tokens", type=int, default=200)
+    s.add_argument("--temperature", type=float, default=0.8)
+    s.add_argument("--top-k", type=int, default=50)
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_sample)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from dsv3.checkpoint import CheckpointError
+    from dsv3.config import ConfigError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError, KeyError) as e:
+        print(f"dsv3 {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""AdamW and the paper's schedules (SPEC §8), scaled to the length of a run.
+
+Weight decay: applied to every matrix (attention and FFN projections, experts, router, embedding,
+output head, eh_proj); exempt are the 1-D parameters, i.e. the RMSNorm gains, whose scale is a
+feature and not capacity (the paper does not say [U]; this is the nanoGPT/torchtitan-style choice).
+The correction bias is a buffer updated by the sign rule, so no optimizer touches it.
+
+Learning rate (paper: 2K warmup steps, 2.2e-4 constant until 10T of 14.8T tokens, cosine to
+2.2e-5 over 4.3T, 2.2e-5 for 333B, 7.3e-6 for the last 167B), as fractions of the run:
+    [0, warmup)              linear 0 -> peak
+    [warmup, 67.6%)          peak
+    [67.6%, 96.6%)           cosine peak -> 10% of peak
+    [96.6%, 98.9%)           10% of peak
+    [98.9%, 100%]            3.3% of peak (7.3e-6 / 2.2e-4)
+MTP weight λ: 0.3 for the first 67.6% (10T/14.8T), then 0.1. Bias-update speed γ: 0.001 for the first
+96.6% (14.3T/14.8T), then 0.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+CONSTANT_END = 10.0 / 14.8  # end of the constant phase (and of λ = 0.3)
+COSINE_END = 14.3 / 14.8  # end of the cosine decay (and of γ > 0)
+TAIL1_END = (14.3 + 0.333) / 14.8
+TAIL1_FRAC = 0.1  # 2.2e-5 / 2.2e-4
+TAIL2_FRAC = 7.3e-6 / 2.2e-4
+
+
+@dataclass
+class Schedule:
+    total_steps: int
+    peak_lr: float = 2.2e-4
+    warmup_steps: int = 2000
+    mtp_lambda: float = 0.3
+    mtp_lambda_late: float = 0.1
+    bias_gamma: float = 0.001
+    batch_ramp_steps: int = 0  # steps over which the batch grows from batch_start to the full batch
+    batch_start: int = 0  # sequences per step at step 0 (0: no ramp)
+
+    def lr(self, step: int) -> float:
+        """Learning rate for optimizer step `step` (0-based)."""
+        T = max(self.total_steps, 1)
+        w = min(self.warmup_steps, T)
+        if step < w:
+            return self.peak_lr * (step + 1) / w
+        f = step / T
+        if f < CONSTANT_END:
+            return self.peak_lr
+        if f < COSINE_END:
+            p = (f - CONSTANT_END) / (COSINE_END - CONSTANT_END)
+            return self.peak_lr * (TAIL1_FRAC + (1 - TAIL1_FRAC) * 0.5 * (1 + math.cos(math.pi * p)))
+        if f < TAIL1_END:
+            return self.peak_lr * TAIL1_FRAC
+        return self.peak_lr * TAIL2_FRAC
+
+    def mtp_weight(self, step: int) -> float:
+        return self.mtp_lambda if step / max(self.total_steps, 1) < CONSTANT_END else self.mtp_lambda_late
+
+    def gamma(self, step: int) -> float:
+        return self.bias_gamma if step / max(self.total_steps, 1) < COSINE_END else 0.0
+
+    def batch_size(self, step: int, full: int) -> int:
+        """Sequences in step `step`'s global batch under the optional linear ramp (paper: 3072 -> 15360
+        over the first 469B tokens; the shape of the ramp is not published [U], linear is our choice)."""
+        if self.batch_ramp_steps <= 0 or self.batch_start <= 0 or step >= self.batch_ramp_steps:
+            return full
+        return int(round(self.batch_start + (full - self.batch_start) * step / self.batch_ramp_steps))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.1,
+                   betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8) -> torch.optim.AdamW:
+    fused = next(model.parameters()).is_cuda
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps,
+                             **({"fused": True} if fused else {"foreach": True}))
