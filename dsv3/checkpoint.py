@@ -92,9 +92,11 @@ def _mtp_copies(cfg: ModelConfig) -> dict[str, str]:
 
 
 def is_fp8_weight(disk_name: str) -> bool:
-    """The tensors the official checkpoint stores in FP8: every *_proj matrix of attention and FFNs,
-    except the MTP eh_proj. Embeddings, head, norms and the router stay BF16 (SPEC §6.3)."""
-    return disk_name.endswith("_proj.weight") and not disk_name.endswith("eh_proj.weight")
+    """The tensors the official checkpoint stores in FP8: every *_proj matrix of attention and FFNs
+    (kv_a_proj_with_mqa included, SPEC §6.2), except the MTP eh_proj. Embeddings, head, norms and the
+    router stay BF16 (SPEC §6.3)."""
+    return (disk_name.endswith(("_proj.weight", ".kv_a_proj_with_mqa.weight"))
+            and not disk_name.endswith("eh_proj.weight"))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ def cmd_train(args) -> int:
 
     mc, name = _model_config(args)
     tc = TrainConfig(out_dir=args.out or f"runs/{name if not args.config else 'custom'}", data=args.data,
+                     extra_data=args.extra_data,
                      tokenizer=args.tokenizer, steps=args.steps, tokens=args.tokens, seq_len=args.seq_len,
                      batch_size=args.batch_size, micro_batch_size=args.micro_batch_size, lr=args.lr,
                      warmup_steps=args.warmup_steps, device=args.device, precision=args.precision,
@@ -86,7 +87,8 @@ def cmd_eval(args) -> int:
     tok = DSTokenizer.load(path)
     model = load_pretrained(path, device=device, dtype=torch.float32).eval()
     tc = TrainConfig()
-    cache = build_token_cache(args.data, tok, args.cache_dir or __import__("os").path.join(tc.cache_dir, "tokens"),
+    # as in `train`: --cache-dir is the root; token caches live in its tokens/ subdirectory
+    cache = build_token_cache(args.data, tok, __import__("os").path.join(args.cache_dir or tc.cache_dir, "tokens"),
                               val_permille=args.val_permille, fim_rate=0.0, progress=True)
     split = args.split
     if cache.meta["splits"][split]["n_tokens"] <= args.seq_len:
@@ -133,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="pre-train a model (default: tiny preset on the Python stdlib, CPU)")
     _add_model_source(t)
     t.add_argument("--data", help="directory, text file or .jsonl (default: the Python standard library)")
+    t.add_argument("--extra-data", action="append", default=[], metavar="PATH",
+                   help="more training-only data (repeatable); validation stays on --data's held-out split")
     t.add_argument("--tokenizer", help="tokenizer.json or a directory holding one (default: train a BPE)")
     t.add_argument("--out", help="run directory (default: runs/PRESET)")
     t.add_argument("--steps", type=int, default=300, help="optimizer steps (default 300)")
@@ -168,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--max-batches", type=int, default=0, help="0: the whole split")
     e.add_argument("--device", default="auto")
-    e.add_argument("--cache-dir")
+    e.add_argument("--cache-dir", help="where token caches go (default ~/.cache/dsv3)")
     e.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("sample", help="print a completion of a prompt")

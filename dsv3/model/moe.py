@@ -105,10 +105,13 @@ class Experts(nn.Module):
         token = order // K  # token of each sorted pair
         counts = torch.bincount(flat, minlength=E)
         offs = counts.cumsum(0).to(torch.int32)  # (E,) end offset of each expert's rows
-        x_MD = x_ND[token]  # (M = N*K, D)
-        h1 = torch._grouped_mm(x_MD, self.gate_proj.transpose(-2, -1), offs=offs)  # (M, I)
-        h3 = torch._grouped_mm(x_MD, self.up_proj.transpose(-2, -1), offs=offs)
-        y_MD = torch._grouped_mm(F.silu(h1) * h3, self.down_proj.transpose(-2, -1), offs=offs)  # (M, D)
+        # torch._grouped_mm is not an autocast op and is bf16-only on CUDA: cast explicitly
+        dt = torch.get_autocast_dtype("cuda") if x_ND.is_cuda and torch.is_autocast_enabled("cuda") else x_ND.dtype
+        w1, w3, w2 = (w.to(dt).transpose(-2, -1) for w in (self.gate_proj, self.up_proj, self.down_proj))
+        x_MD = x_ND[token].to(dt)  # (M = N*K, D)
+        h1 = torch._grouped_mm(x_MD, w1, offs=offs)  # (M, I)
+        h3 = torch._grouped_mm(x_MD, w3, offs=offs)
+        y_MD = torch._grouped_mm(F.silu(h1) * h3, w2, offs=offs)  # (M, D)
         y_MD = y_MD.float() * w_NK.reshape(-1)[order].unsqueeze(-1)
         out = torch.zeros(N, x_ND.shape[1], dtype=torch.float32, device=x_ND.device)
         return out.index_add_(0, token, y_MD).to(x_ND.dtype)

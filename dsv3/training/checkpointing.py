@@ -42,6 +42,11 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _fsync_file(path: str) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
 def _write_json(obj: Any, path: str) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=1)
@@ -128,6 +133,9 @@ def save_checkpoint(ckpt_root: str, step: int, model, opt, state: dict, tokenize
         rt, rmeta = rng_state()
         _save_st(rt, os.path.join(tmp, "rng.safetensors"))
         _write_json({**state, "step": step, "optimizer": ometa, "rng": rmeta}, os.path.join(tmp, "trainer_state.json"))
+        for name in os.listdir(tmp):  # every file, the tokenizer's included (written without fsync)
+            if os.path.isfile(os.path.join(tmp, name)):
+                _fsync_file(os.path.join(tmp, name))
         _fsync_dir(tmp)
         if os.path.exists(final):  # re-saving the same step (e.g. Ctrl-C right after a periodic save)
             shutil.rmtree(tmp)

@@ -28,7 +28,7 @@ import torch
 from dsv3.config import ModelConfig
 from dsv3.model import build_model, max_violation, update_expert_bias
 from dsv3.training import checkpointing as ckpt
-from dsv3.training.data import CorpusError, build_token_cache, find_corpus, read_documents, split_of
+from dsv3.training.data import CorpusError, PackedSampler, build_token_cache, find_corpus, read_documents, split_of
 from dsv3.training.loss import compute_loss
 from dsv3.training.optim import Schedule, make_optimizer
 from dsv3.training.tokenizer import DSTokenizer
@@ -38,6 +38,8 @@ from dsv3.training.tokenizer import DSTokenizer
 class TrainConfig:
     out_dir: str = "runs/tiny"
     data: str | None = None  # directory / file / .jsonl; None: the Python standard library
+    # more corpora used for training only (all their documents; validation stays on `data`'s split)
+    extra_data: list[str] = field(default_factory=list)
     tokenizer: str | None = None  # tokenizer.json or directory; None: train a BPE of the model's vocab size
     cache_dir: str = field(default_factory=lambda: os.environ.get(
         "DSV3_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "dsv3")))
@@ -82,6 +84,8 @@ class TrainConfig:
             raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.log_every < 1:  # the loop logs at step % log_every == 0
+            raise ValueError(f"log_every must be >= 1, got {self.log_every}")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -224,7 +228,16 @@ def train(mc: ModelConfig, tc: TrainConfig, log=print) -> dict:
     warmup = tc.warmup_steps if tc.warmup_steps >= 0 else min(2000, max(1, total_steps // 20))
     sched = Schedule(total_steps, tc.lr, warmup, tc.mtp_lambda, tc.mtp_lambda_late, tc.bias_gamma,
                      tc.batch_ramp_steps, tc.batch_start)
-    sampler = cache.sampler(tc.seq_len, micro, seed=tc.seed)
+    if tc.extra_data:
+        streams = [cache.tokens("train")]
+        for src in tc.extra_data:
+            extra = build_token_cache(src, tok, os.path.join(tc.cache_dir, "tokens"), val_permille=0,
+                                      fim_rate=tc.fim_rate, fim_seed=tc.seed, progress=tc.progress)
+            streams.append(extra.tokens("train"))
+            log(f"extra training data: {extra.meta['source']}: {extra.meta['splits']['train']['n_tokens']:,} tokens")
+        sampler = PackedSampler(np.concatenate(streams), tc.seq_len, micro, seed=tc.seed, name="training streams")
+    else:
+        sampler = cache.sampler(tc.seq_len, micro, seed=tc.seed)
     val = cache.val_batches(tc.seq_len, micro) if meta["val"]["n_tokens"] > tc.seq_len else None
 
     torch.manual_seed(tc.seed)

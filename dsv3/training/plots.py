@@ -59,7 +59,7 @@ def plot_run(run_dir: str) -> list[str]:
         for i in range(L):
             a = axes[i, 0]
             im = a.imshow(arr[:, i, :].T, aspect="auto", origin="lower", cmap="viridis",
-                          extent=(loads[0]["step"], loads[-1]["step"], -0.5, arr.shape[2] - 0.5))
+                          extent=(loads[0]["step"] - 0.5, loads[-1]["step"] + 0.5, -0.5, arr.shape[2] - 0.5))
             mv = [r["maxvio"][i] for r in loads]
             a.set_title(f"MoE layer {i}: expert load share (final MaxVio {mv[-1]:.2f})", fontsize=9)
             a.set_ylabel("expert")
