@@ -350,6 +350,9 @@ def train(mc: ModelConfig, tc: TrainConfig, log=print) -> dict:
                 log(f"step {step}: val loss {ev['val_loss']:.4f}, {ev['val_bpb']:.4f} bits/byte")
             if tc.save_every > 0 and step % tc.save_every == 0 and step < total_steps:
                 save("periodic")
+    except BaseException:  # a crash or a second Ctrl-C: no final save, but close the metrics file
+        metrics.close()
+        raise
     finally:
         if bar is not None:
             bar.close()
