@@ -67,7 +67,7 @@ class TrainConfig:
     eval_batches: int = 8  # per periodic eval; the final eval covers the whole val split
     save_every: int = 100
     keep: int = 3
-    log_every: int = 10
+    log_every: int = 1
     resume: bool = False
     progress: bool = True
 

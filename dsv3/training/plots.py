@@ -28,6 +28,22 @@ def read_metrics(run_dir: str) -> list[dict]:
     return sorted(seen.values(), key=lambda r: r["step"])
 
 
+def _moe_layer_names(run_dir: str, n: int) -> list[str]:
+    """Rows of the load records are the main MoE layers, then the MTP modules."""
+    try:
+        from dsv3.config import ModelConfig
+
+        with open(os.path.join(run_dir, "train_config.json"), encoding="utf-8") as f:
+            cfg = ModelConfig.from_dict(json.load(f)["model"])
+        names = [f"layer {i}" for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
+        names += [f"MTP module {k + 1}" for k in range(cfg.num_nextn_predict_layers)]
+        if len(names) == n:
+            return names
+    except (OSError, KeyError, ValueError):
+        pass
+    return [f"MoE row {i}" for i in range(n)]
+
+
 def plot_run(run_dir: str) -> list[str]:
     recs = read_metrics(run_dir)
     train = [r for r in recs if "main" in r]
@@ -55,13 +71,14 @@ def plot_run(run_dir: str) -> list[str]:
     if loads:
         arr = np.array([r["load"] for r in loads])  # (steps, layers, experts)
         L = arr.shape[1]
+        names = _moe_layer_names(run_dir, L)
         fig, axes = plt.subplots(L, 1, figsize=(10, 1.6 + 1.4 * L), squeeze=False)
         for i in range(L):
             a = axes[i, 0]
             im = a.imshow(arr[:, i, :].T, aspect="auto", origin="lower", cmap="viridis",
                           extent=(loads[0]["step"] - 0.5, loads[-1]["step"] + 0.5, -0.5, arr.shape[2] - 0.5))
             mv = [r["maxvio"][i] for r in loads]
-            a.set_title(f"MoE layer {i}: expert load share (final MaxVio {mv[-1]:.2f})", fontsize=9)
+            a.set_title(f"{names[i]}: expert load share (final MaxVio {mv[-1]:.2f})", fontsize=9)
             a.set_ylabel("expert")
             fig.colorbar(im, ax=a, fraction=0.02)
         axes[-1, 0].set_xlabel("step")
