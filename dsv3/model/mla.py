@@ -6,8 +6,17 @@ RMS-normalised) plus one rotary key k_pe (qk_rope_head_dim dims) shared by every
 expands the latent into per-head k_nope and v. Inside each head vector the order is nope first,
 rope last, and the kv_a output is latent first, rope last.
 
-`forward` is the expanded ("naive") form used for training and prefill. The absorbed form for
-decoding over a latent cache lives with the inference code and is tested equal to this one.
+`forward` is the expanded ("naive") form used for training. `forward_absorbed` is the form used
+with a latent KV cache (SPEC §3.5): per token only the normalised latent (kv_lora_rank) and the
+rotated shared key (qk_rope_head_dim) are stored; W_UK (the key half of kv_b_proj) is folded into
+the query and W_UV (the value half) is applied after attending over the latents:
+
+    q_lat[h] = q_nope[h] @ W_UK[h]                      (nope -> kv_lora_rank)
+    score[h, s] = (q_lat[h] . c_kv[s] + q_pe[h] . k_pe[s]) * scale
+    o[h] = W_UV[h] @ (softmax_s(score[h]) @ c_kv)       (kv_lora_rank -> v_head_dim)
+
+The two forms are the same function (tested). The cache object is duck-typed: the model never
+manages memory, it only calls `cache.update(c_kv, k_pe)` (see dsv3/inference/cache.py).
 """
 
 from __future__ import annotations
@@ -65,9 +74,11 @@ class MLA(nn.Module):
         return self.kv_a_layernorm(c_kv), k_pe
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Expanded attention. x (B, T, D); cos/sin (B|1, T, rope/2); attn_mask: None for causal, or a
+                attn_mask: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+        """Expanded attention (or the absorbed form when a latent cache is given). x (B, T, D); cos/sin (B|1, T, rope/2); attn_mask: None for causal, or a
         boolean (B, 1, T, T) mask (True = may attend), e.g. for packed samples kept apart."""
+        if cache is not None:
+            return self.forward_absorbed(x, cos, sin, cache)
         B, T, _ = x.shape
         H = self.n_heads
         q_nope, q_pe = self.query(x, cos, sin)  # (B, T, H, nope), (B, T, H, rope)
@@ -83,3 +94,27 @@ class MLA(nn.Module):
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scale)
         o = o.transpose(1, 2).reshape(B, T, H * self.v_dim)  # (B, T, H*v)
         return self.o_proj(o)
+
+    def kv_b_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_UK (H, nope, C) and W_UV (H, v, C), views of kv_b_proj's weight (dequantised if FP8)."""
+        lin = self.kv_b_proj
+        w = lin.dequantized_weight(dtype) if hasattr(lin, "dequantized_weight") else lin.weight.to(dtype)
+        w = w.view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
+        return w[:, : self.nope], w[:, self.nope:]
+
+    def forward_absorbed(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache) -> torch.Tensor:
+        """x (B, T, D): the new tokens. `cache.update(c_kv, k_pe)` stores their latents and returns every
+        cached latent of each sequence, (B, S, C) and (B, S, rope), plus a boolean mask (B, 1, T, S)."""
+        B, T, _ = x.shape
+        q_nope, q_pe = self.query(x, cos, sin)  # (B, T, H, nope), (B, T, H, rope)
+        c_kv, k_pe = self.latent(x, cos, sin)  # (B, T, C), (B, T, rope)
+        kv_all, pe_all, mask = cache.update(c_kv, k_pe)  # (B, S, C), (B, S, rope), (B, 1, T, S)
+        w_uk, w_uv = self.kv_b_weights(q_nope.dtype)
+        q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)  # (B, T, H, C)
+        scores = (torch.einsum("bthc,bsc->bhts", q_lat.float(), kv_all.float())
+                  + torch.einsum("bthr,bsr->bhts", q_pe.float(), pe_all.float())) * self.scale  # (B, H, T, S)
+        scores = scores.masked_fill(~mask, float("-inf"))
+        p = scores.softmax(-1)
+        o_lat = torch.einsum("bhts,bsc->bthc", p, kv_all.float()).to(x.dtype)  # (B, T, H, C)
+        o = torch.einsum("bthc,hdc->bthd", o_lat, w_uv)  # (B, T, H, v)
+        return self.o_proj(o.reshape(B, T, self.n_heads * self.v_dim))

@@ -37,8 +37,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoE(cfg) if moe else MLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, h, cos, sin, attn_mask=None, with_balance=False):
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, attn_mask)
+    def forward(self, h, cos, sin, attn_mask=None, with_balance=False, cache=None):
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, attn_mask, cache)
         x = self.post_attention_layernorm(h)
         if isinstance(self.mlp, MoE):
             y, stats = self.mlp(x, with_balance)
@@ -138,9 +138,11 @@ class Transformer(nn.Module):
     # --- forward ---------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, *,
                 attn_mask: torch.Tensor | None = None, with_mtp: bool = True,
-                with_balance: bool = False) -> ModelOutput:
+                with_balance: bool = False, cache=None) -> ModelOutput:
         """input_ids (B, T) -> ModelOutput. position_ids (B, T) or (T,), default 0..T-1.
-        attn_mask: None for causal attention, or boolean (B, 1, T, T), True where attention is allowed."""
+        attn_mask: None for causal attention, or boolean (B, 1, T, T), True where attention is allowed.
+        cache: a latent KV cache (dsv3/inference/cache.py); then `cache.layer(i)` serves layer i, the
+        absorbed attention runs, and MTP is left to `mtp_step`."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
         B, T = input_ids.shape
@@ -153,8 +155,8 @@ class Transformer(nn.Module):
         emb = self.embed_tokens(input_ids)  # (B, T, D)
         h = emb
         counts, balance = [], []
-        for layer in self.layers:
-            h, stats = layer(h, cos, sin, attn_mask, with_balance)
+        for i, layer in enumerate(self.layers):
+            h, stats = layer(h, cos, sin, attn_mask, with_balance, cache.layer(i) if cache is not None else None)
             if stats is not None:
                 counts.append(stats.counts)
                 if stats.balance is not None:
@@ -163,7 +165,7 @@ class Transformer(nn.Module):
         logits = self.lm_head(h)
 
         mtp_logits = []
-        if with_mtp:
+        if with_mtp and cache is None:
             h_prev = h
             for k, mod in enumerate(self.mtp, start=1):
                 Tk = T - k
@@ -184,6 +186,18 @@ class Transformer(nn.Module):
             expert_counts=torch.stack(counts) if counts else None,
             balance=torch.stack(balance).sum() if balance else None,
         )
+
+
+    def mtp_step(self, k: int, next_ids: torch.Tensor, hidden: torch.Tensor, position_ids: torch.Tensor,
+                 cache) -> tuple[torch.Tensor, torch.Tensor]:
+        """One MTP module at inference (speculative drafting). next_ids (B, T): the token after each
+        position; hidden (B, T, D): the previous depth's hidden (the main model's post-norm output for
+        depth 1) at those positions; RoPE positions as the main model's. -> (hidden out, logits)."""
+        mod = self.mtp[k]
+        cos, sin = rope.cos_sin(position_ids, self.rope_inv_freq, self.rope_factor)
+        x = mod.combine(self.embed_tokens(next_ids), hidden)
+        h, _ = mod(x, cos, sin, None, False, cache)
+        return h, self.lm_head(mod.shared_head.norm(h))
 
 
 def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
