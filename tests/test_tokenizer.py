@@ -217,3 +217,38 @@ def test_from_deepseek_package(tok):
     # V3 marks FIM/chat tokens special=False: plain encoding must still not produce them
     assert ds.fim_hole_id in ds.encode("x<｜fim▁hole｜>y")
     assert max(ds.encode("x<｜fim▁hole｜>y<think>", parse_special=False)) < 128000
+
+
+def test_apply_chat_template_matches_transformers(tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = DSTokenizer.train(["hello world " * 50, "def f(x): return x\n" * 50], 300)
+    tok.save(tmp_path)
+    mine = DSTokenizer.load(tmp_path)
+    hf = AutoTokenizer.from_pretrained(tmp_path)
+    conversations = [
+        [{"role": "user", "content": "hi"}],
+        [{"role": "system", "content": "S1"}, {"role": "system", "content": "S2"}, {"role": "user", "content": "a"},
+         {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}],
+    ]
+    for msgs in conversations:
+        for gen in (True, False):
+            assert mine.apply_chat_template(msgs, add_generation_prompt=gen) == hf.apply_chat_template(
+                msgs, tokenize=False, add_generation_prompt=gen)
+    out = mine.apply_chat_template(conversations[1])
+    assert out.startswith("<｜begin▁of▁sentence｜>S2<｜User｜>a<｜Assistant｜>b<｜end▁of▁sentence｜>")
+    assert out.endswith("<｜User｜>c<｜Assistant｜>")
+
+
+def test_chat_template_from_tokenizer_config_is_used(tmp_path):
+    import json
+
+    tok = DSTokenizer.train(["hello world " * 50], 300)
+    tok.save(tmp_path)
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    loaded = DSTokenizer.load(tmp_path)
+    assert loaded.apply_chat_template([{"role": "user", "content": "x"}]) == "[user]x"
+    with pytest.raises(ValueError, match="message 0"):
+        loaded.apply_chat_template([{"role": "wizard", "content": "x"}])

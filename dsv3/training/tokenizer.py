@@ -210,6 +210,7 @@ class DSTokenizer:
         self._plain: Tokenizer | None = None  # clone that spells special strings as text
         self._id_bytes: list[bytes] | None = None  # id -> bytes, built on first byte-level use
         self._byte_ids: list[int] | None = None  # byte -> its single-byte token id
+        self.chat_template: str = CHAT_TEMPLATE  # replaced by tokenizer_config.json's when loading a directory
 
     # --- construction ------------------------------------------------------------------------
     @classmethod
@@ -223,7 +224,36 @@ class DSTokenizer:
         file = path / "tokenizer.json" if path.is_dir() else path
         if not file.is_file():
             raise FileNotFoundError(f"no tokenizer file at {file}")
-        return cls(Tokenizer.from_file(str(file)), special_tokens)
+        tok = cls(Tokenizer.from_file(str(file)), special_tokens)
+        cfg_file = file.parent / "tokenizer_config.json"
+        if cfg_file.is_file():
+            try:
+                template = json.loads(cfg_file.read_text(encoding="utf-8")).get("chat_template")
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{cfg_file} is not valid JSON: {e}") from None
+            if isinstance(template, str) and template:
+                tok.chat_template = template
+        return tok
+
+    def apply_chat_template(self, messages: Sequence[Mapping], add_generation_prompt: bool = True) -> str:
+        """Render chat messages ({"role", "content"} dicts) with the chat template (DeepSeek-V3's, or
+        the one from the loaded tokenizer_config.json) in a sandboxed Jinja environment, as
+        transformers does. The result already starts with BOS: encode it without adding another."""
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        for i, m in enumerate(messages):
+            if not isinstance(m, Mapping) or m.get("role") not in ("system", "user", "assistant", "tool"):
+                raise ValueError(f"message {i} must be an object with a role of system, user, assistant or tool")
+            if not isinstance(m.get("content", ""), (str, type(None))):
+                raise ValueError(f"message {i}: content must be a string")
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.filters["tojson"] = lambda x, **kw: json.dumps(x, ensure_ascii=False, **kw)
+        return env.from_string(self.chat_template).render(
+            messages=[dict(m) for m in messages], add_generation_prompt=add_generation_prompt,
+            bos_token=self._roles_token("bos"), eos_token=self._roles_token("eos"))
+
+    def _roles_token(self, role: str) -> str:
+        return self._roles[role]
 
     @classmethod
     def from_deepseek_package(cls) -> DSTokenizer:
@@ -410,7 +440,7 @@ class DSTokenizer:
             "add_eos_token": False,
             "clean_up_tokenization_spaces": False,
             "model_max_length": model_max_length,
-            "chat_template": CHAT_TEMPLATE,
+            "chat_template": self.chat_template,
         }
         (directory / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=2) + "\n",
                                                          encoding="utf-8")
