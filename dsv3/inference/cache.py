@@ -61,7 +61,14 @@ class PagedLatentCache:
     def allocate(self, n_blocks: int) -> list[int]:
         if n_blocks > len(self._free):
             raise CacheFull(f"need {n_blocks} cache blocks, {len(self._free)} free")
-        return [self._free.pop() for _ in range(n_blocks)]
+        blocks = [self._free.pop() for _ in range(n_blocks)]
+        if blocks:  # a re-used block must not show its previous owner's latents (an MTP module > 1
+            # reads positions of its slot that its chained drafts never wrote; see engine._draft)
+            rows = torch.tensor(blocks)[:, None] * self.block_size + torch.arange(self.block_size)
+            rows = rows.flatten().to(self.kv.device)
+            self.kv[:, rows] = 0
+            self.pe[:, rows] = 0
+        return blocks
 
     def release(self, blocks: list[int]) -> None:
         self._free.extend(reversed(blocks))

@@ -153,13 +153,15 @@ class Engine:
         self.k = speculative_k
         self.max_batch_size = max_batch_size
         self.max_model_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
-        cache_tokens = cache_tokens or max_batch_size * min(self.max_model_len, 4096)
+        # room for max_batch_size requests of the full context (each also reserves k + 1 draft positions)
+        cache_tokens = cache_tokens or max_batch_size * (min(self.max_model_len, 4096) + self.k + 1)
         num_blocks = -(-cache_tokens // block_size)
         self.cache = PagedLatentCache.for_model(model, num_blocks, block_size)
         self.device = self.cache.kv.device
         self.eos = [tokenizer.eos_id] if tokenizer is not None else ([cfg.eos_token_id] if cfg.eos_token_id is not None else [])
         self.waiting: list[_Request] = []
         self.running: list[_Request] = []
+        self._aborted: list[RequestOutput] = []  # final outputs of aborted requests, returned by the next step()
         self._ids = itertools.count()
         self.stats = EngineStats()
 
@@ -193,7 +195,8 @@ class Engine:
         return rid
 
     def abort(self, request_id: str) -> bool:
-        """Cancel a request (e.g. its client disconnected) and free its cache blocks."""
+        """Cancel a request (e.g. its client disconnected) and free its cache blocks; the next step()
+        returns its final output with finish_reason "abort"."""
         for lst in (self.waiting, self.running):
             for r in lst:
                 if r.id == request_id:
@@ -201,11 +204,12 @@ class Engine:
                     self._finish(r, "abort")
                     self.cache.release(r.blocks)
                     r.blocks = []
+                    self._aborted.append(self._output(r))
                     return True
         return False
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self._aborted)
 
     @property
     def num_running(self) -> int:
@@ -218,8 +222,10 @@ class Engine:
     # --- the step -----------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self) -> list[RequestOutput]:
-        """Admit, prefill, decode once. Returns an output for every request that changed."""
+        """Admit, prefill, decode once. Returns an output for every request that changed (and the final
+        output, finish_reason "abort", of each request aborted since the last step)."""
         self.stats.steps += 1
+        aborted, self._aborted = self._aborted, []
         new: list[_Request] = []
         while self.waiting and len(self.running) + len(new) < self.max_batch_size:
             r = self.waiting[0]
@@ -238,7 +244,7 @@ class Engine:
         if decoding:
             self._decode(decoding)
             changed += decoding
-        outs = [self._output(r) for r in changed]
+        outs = aborted + [self._output(r) for r in changed]
         for r in [r for r in self.running if r.finished]:
             self.running.remove(r)
             self.cache.release(r.blocks)
@@ -308,7 +314,7 @@ class Engine:
         lp = logits.float().log_softmax(-1)
         top = []
         if n > 0:
-            v, i = lp.topk(n)
+            v, i = lp.topk(min(n, lp.shape[-1]))
             top = list(zip(i.tolist(), v.tolist()))
         return TokenLogprob(token, float(lp[token]), top)
 
