@@ -8,11 +8,16 @@ The one translation table between dsv3's module names and the names on disk is `
     lm_head.weight                   <-> lm_head.weight
     layers.{i}.X                     <-> model.layers.{i}.X
     layers.{i}.mlp.experts.P  (E,..) <-> model.layers.{i}.mlp.experts.{e}.P.weight   (P = gate/up/down_proj)
+    layers.{i}.mlp.experts.P_scale_inv <-> model.layers.{i}.mlp.experts.{e}.P.weight_scale_inv   (FP8 experts)
     mtp.{k}.X                        <-> model.layers.{n+k}.X                          (n = num_hidden_layers)
 The official MTP layer also stores copies of the embedding and the head
 (`model.layers.{n+k}.embed_tokens.weight`, `...shared_head.head.weight`); dsv3 shares the main
 tensors, writes the copies on save (vLLM and SGLang read them) and skips them on load after
 checking that they equal the main ones.
+
+A model holding FP8 modules (dsv3/inference/fp8.py: `X.weight` float8_e4m3fn + `X.weight_scale_inv`)
+maps onto the same names, so it saves its FP8 bytes and scales as they are, and
+`load_pretrained(keep_fp8=True)` fills such modules straight from the file.
 
 Safetensors only, never pickle. Loading builds the model on the meta device, checks every name and
 shape first (one error lists all missing, unexpected and mis-shaped tensors), then fills the
@@ -40,7 +45,7 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 FP8_QUANT_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
                     "weight_block_size": [128, 128]}
-_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(gate_proj|up_proj|down_proj)$")
+_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(gate_proj|up_proj|down_proj)(_scale_inv)?$")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -65,7 +70,8 @@ def _to_disk(name: str, n_layers: int) -> str:
 
 
 def disk_layout(model: Transformer) -> dict[str, _Slot]:
-    """Every tensor name of the checkpoint (without scales and MTP copies) -> where it goes."""
+    """Every tensor name of the checkpoint (without MTP copies) -> where it goes. Scales appear only
+    for the model's FP8 modules (a dense model's FP8 scales are made on save, consumed on load)."""
     n = model.config.num_hidden_layers
     out: dict[str, _Slot] = {}
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
@@ -75,7 +81,7 @@ def disk_layout(model: Transformer) -> dict[str, _Slot]:
         if m:
             base = _to_disk(m.group(1), n)
             for e in range(t.shape[0]):
-                out[f"{base}.{e}.{m.group(2)}.weight"] = _Slot(name, e, tuple(t.shape[1:]))
+                out[f"{base}.{e}.{m.group(2)}.weight{m.group(3) or ''}"] = _Slot(name, e, tuple(t.shape[1:]))
         else:
             out[_to_disk(name, n)] = _Slot(name, None, tuple(t.shape))
     return out
@@ -127,6 +133,7 @@ def save_pretrained(model: Transformer, path: str | os.PathLike, *, dtype: torch
 
     dtype: storage dtype of non-FP8 tensors (default: the model's); the correction bias stays fp32.
     fp8: store every *_proj matrix as float8_e4m3fn + `weight_scale_inv` 128x128 blocks (official layout).
+    Weights the model already holds in FP8 (FP8 modules) are written as they are, whatever `fp8` says.
     Each file is written to a temporary name, fsynced and renamed: a crash never leaves a torn file.
     """
     path = os.fspath(path)
@@ -140,8 +147,10 @@ def save_pretrained(model: Transformer, path: str | os.PathLike, *, dtype: torch
         t = state[slot.param]
         t = t[slot.expert] if slot.expert is not None else t
         t = t.detach().to("cpu")
-        if disk.endswith("e_score_correction_bias"):
+        if disk.endswith(("e_score_correction_bias", "_scale_inv")):
             tensors[disk] = t.float().contiguous()
+        elif t.dtype == torch.float8_e4m3fn:  # an FP8 module's weight: its bytes, unchanged
+            tensors[disk] = t.contiguous()
         elif fp8 and is_fp8_weight(disk):
             q, s = weight_quant(t)
             tensors[disk], tensors[disk + "_scale_inv"] = q.contiguous(), s.contiguous()
@@ -189,7 +198,8 @@ def save_pretrained(model: Transformer, path: str | os.PathLike, *, dtype: torch
             os.remove(p)
 
     out_cfg = ModelConfig.from_dict(cfg.to_dict())
-    out_cfg.quantization_config = dict(FP8_QUANT_CONFIG) if fp8 else None
+    has_fp8 = any(t.dtype == torch.float8_e4m3fn for t in tensors.values())
+    out_cfg.quantization_config = dict(FP8_QUANT_CONFIG) if has_fp8 else None
     out_cfg.torch_dtype = {v: k for k, v in _DTYPES.items()}.get(dtype, "bfloat16")
     d = out_cfg.to_dict()
     d.pop("dtype", None)
@@ -287,14 +297,29 @@ def _check(cfg: ModelConfig, layout: dict[str, _Slot], reader: _Reader) -> None:
             + show("mis-shaped tensors", bad_shape))
 
 
+def _swap_in_fp8_modules(model: Transformer, reader: _Reader) -> None:
+    """Replace (on the meta device) the modules whose weights the checkpoint stores in FP8 by FP8
+    modules; a stacked expert parameter counts as FP8 when every expert's tensor is."""
+    from dsv3.inference.fp8 import swap_to_fp8  # inference builds on this module: import it late
+
+    fp8: dict[str, bool] = {}
+    for disk, slot in disk_layout(model).items():
+        if disk in reader.weight_map:
+            fp8[slot.param] = fp8.get(slot.param, True) and reader.dtype(disk) == "F8_E4M3"
+    swap_to_fp8(model, [p for p, is_fp8 in fp8.items() if is_fp8])
+
+
 @torch.no_grad()
 def load_pretrained(path: str | os.PathLike, device: torch.device | str = "cpu",
-                    dtype: torch.dtype | None = None, config: ModelConfig | None = None) -> Transformer:
+                    dtype: torch.dtype | None = None, config: ModelConfig | None = None,
+                    keep_fp8: bool = False) -> Transformer:
     """Load a Hugging Face-format DeepSeek-V3 checkpoint directory into a dsv3 Transformer.
 
     dtype: parameter dtype (default: config.json's torch_dtype). FP8 weights are dequantised with
-    their `weight_scale_inv` blocks. A checkpoint without any MTP tensor (transformers drops them)
-    loads with num_nextn_predict_layers = 0 and a warning.
+    their `weight_scale_inv` blocks, unless keep_fp8: then the modules whose weights are stored in
+    FP8 become FP8 modules (dsv3/inference/fp8.py) holding the file's fp8 bytes and scales unchanged,
+    and they compute in the activations' dtype (= dtype). A checkpoint without any MTP tensor
+    (transformers drops them) loads with num_nextn_predict_layers = 0 and a warning.
     """
     path = os.fspath(path)
     if not os.path.isdir(path):
@@ -312,6 +337,8 @@ def load_pretrained(path: str | os.PathLike, device: torch.device | str = "cpu",
                           f"tensors (model.layers.{n}.*); loading without MTP", stacklevel=2)
             cfg = cfg.replace(num_nextn_predict_layers=0)
         model = _meta_model(cfg)
+        if keep_fp8:
+            _swap_in_fp8_modules(model, reader)
         layout = disk_layout(model)
         _check(cfg, layout, reader)
 
@@ -322,7 +349,7 @@ def load_pretrained(path: str | os.PathLike, device: torch.device | str = "cpu",
             slot = layout[name]
             t = reader.get(name)
             target = params[slot.param]
-            if t.dtype == torch.float8_e4m3fn:
+            if t.dtype == torch.float8_e4m3fn and target.dtype != torch.float8_e4m3fn:
                 t = weight_dequant(t, reader.get(name + "_scale_inv"), dtype=torch.float32)
             dst = target[slot.expert] if slot.expert is not None else target
             dst.copy_(t.to(dst.dtype))

@@ -86,6 +86,16 @@ class Experts(nn.Module):
         self.up_proj = nn.Parameter(torch.empty(E, I, D))  # w3
         self.down_proj = nn.Parameter(torch.empty(E, D, I))  # w2
 
+    def weights(self, e: int | None = None, dtype: torch.dtype | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(gate, up, down) of expert e, or of all experts stacked, in `dtype` (None: as stored). The
+        forward reads the weights only through here, so that a subclass can store them differently
+        (FP8 blocks: dsv3/inference/fp8.py)."""
+        ws = (self.gate_proj, self.up_proj, self.down_proj)
+        if e is not None:
+            ws = tuple(w[e] for w in ws)
+        return ws if dtype is None else tuple(w.to(dtype) for w in ws)
+
     def forward(self, x_ND: torch.Tensor, idx_NK: torch.Tensor, w_NK: torch.Tensor, impl: str = "auto") -> torch.Tensor:
         # "auto": grouped GEMM on GPUs; on the CPU the per-expert loop is faster (measured 2.9K vs
         # 2.0K tok/s training the tiny preset on 2 cores) and host syncs cost nothing there.
@@ -107,7 +117,7 @@ class Experts(nn.Module):
         offs = counts.cumsum(0).to(torch.int32)  # (E,) end offset of each expert's rows
         # torch._grouped_mm is not an autocast op and is bf16-only on CUDA: cast explicitly
         dt = torch.get_autocast_dtype("cuda") if x_ND.is_cuda and torch.is_autocast_enabled("cuda") else x_ND.dtype
-        w1, w3, w2 = (w.to(dt).transpose(-2, -1) for w in (self.gate_proj, self.up_proj, self.down_proj))
+        w1, w3, w2 = (w.transpose(-2, -1) for w in self.weights(dtype=dt))  # (E, D, I), (E, D, I), (E, I, D)
         x_MD = x_ND[token].to(dt)  # (M = N*K, D)
         h1 = torch._grouped_mm(x_MD, w1, offs=offs)  # (M, I)
         h3 = torch._grouped_mm(x_MD, w3, offs=offs)
@@ -123,8 +133,9 @@ class Experts(nn.Module):
             if tok.numel() == 0:
                 continue
             xe = x_ND[tok]
-            h = F.silu(xe @ self.gate_proj[e].T) * (xe @ self.up_proj[e].T)
-            y = (h @ self.down_proj[e].T).float() * w_NK[tok, slot].unsqueeze(-1)
+            w1, w3, w2 = self.weights(e, x_ND.dtype)
+            h = F.silu(xe @ w1.T) * (xe @ w3.T)
+            y = (h @ w2.T).float() * w_NK[tok, slot].unsqueeze(-1)
             out.index_add_(0, tok, y)
         return out.to(x_ND.dtype)
 
