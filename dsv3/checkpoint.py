@@ -118,9 +118,16 @@ def _fsync_write_json(obj, path: str) -> None:
     os.replace(tmp, path)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _save_tensors(tensors: dict[str, torch.Tensor], path: str) -> None:
     tmp = path + ".tmp"
     save_file(tensors, tmp, metadata={"format": "pt"})
+    os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates 0600 files; checkpoints are meant to be shared
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -369,7 +376,9 @@ def tempdir_beside(path: str) -> str:
     """A fresh temporary directory on the same filesystem as `path` (for atomic renames)."""
     parent = os.path.dirname(os.path.abspath(path)) or "."
     os.makedirs(parent, exist_ok=True)
-    return tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
+    d = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
+    os.chmod(d, 0o777 & ~_umask())  # mkdtemp makes it 0700; it becomes the user's checkpoint directory
+    return d
 
 
 __all__ = ["CheckpointError", "disk_layout", "is_fp8_weight", "load_pretrained", "save_pretrained",

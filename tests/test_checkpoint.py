@@ -13,6 +13,8 @@ import pickle
 
 import pytest
 import torch
+
+import dsv3
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -547,3 +549,24 @@ def test_index_naming_missing_shard(tmp_path):
     os.remove(tmp_path / gone)
     with pytest.raises(CheckpointError, match=gone):
         load_pretrained(tmp_path)
+
+
+def test_saved_checkpoint_files_follow_the_umask(tmp_path):
+    """safetensors and mkdtemp create 0600/0700 entries; checkpoints must be readable like any file."""
+    import stat
+
+    from dsv3.checkpoint import save_pretrained, tempdir_beside
+
+    cfg = dsv3.preset("tiny").replace(vocab_size=64, hidden_size=32, intermediate_size=32, moe_intermediate_size=16,
+                                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                                      q_lora_rank=16, kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4,
+                                      v_head_dim=8, n_routed_experts=4, num_experts_per_tok=2, n_group=2, topk_group=1)
+    model = dsv3.build_model(cfg)
+    old = os.umask(0o022)
+    try:
+        d = tempdir_beside(str(tmp_path / "ckpt"))
+        save_pretrained(model, d)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(d).st_mode) == 0o755
+    assert stat.S_IMODE(os.stat(os.path.join(d, "model.safetensors")).st_mode) == 0o644

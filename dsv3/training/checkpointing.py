@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from dsv3.checkpoint import load_pretrained, save_pretrained, tempdir_beside
+from dsv3.checkpoint import _umask, load_pretrained, save_pretrained, tempdir_beside
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
@@ -56,6 +56,7 @@ def _write_json(obj: Any, path: str) -> None:
 
 def _save_st(tensors: dict[str, torch.Tensor], path: str) -> None:
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, path)
+    os.chmod(path, 0o666 & ~_umask())
     with open(path, "rb") as f:
         os.fsync(f.fileno())
 
