@@ -81,3 +81,34 @@ def test_training_step_runs_on_cuda_and_loss_falls():
         opt.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0]
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_dispatch_matches_math_sdpa(causal):
+    """dsv3.kernels.attention (cuDNN first on CUDA) against SDPA's math kernel, MLA head dims 192/128."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from dsv3.kernels import attention
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    B, H, T = 2, 16, 256
+    q = torch.randn(B, H, T, 192, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(B, H, T, 192, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn(B, H, T, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    mask = None if causal else torch.rand(B, 1, T, T, device="cuda", generator=g) > 0.3
+    if mask is not None:
+        mask[..., 0] = True
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    out = attention(q, k, v, 192 ** -0.5, mask)
+    out.float().pow(2).sum().backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    with sdpa_kernel([SDPBackend.MATH]):
+        ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
+                                                               is_causal=causal, scale=192 ** -0.5)
+    ref.pow(2).sum().backward()
+    assert _rel(out, ref) < 1e-2
+    for g_, t in zip(grads, (q, k, v)):
+        assert _rel(g_, t.grad) < 2e-2

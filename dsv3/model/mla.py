@@ -22,10 +22,10 @@ manages memory, it only calls `cache.update(c_kv, k_pe)` (see dsv3/inference/cac
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dsv3.config import ModelConfig, softmax_scale
+from dsv3.kernels import attention
 from dsv3.model.layers import RMSNorm
 from dsv3.model.rope import apply_rope
 
@@ -88,10 +88,7 @@ class MLA(nn.Module):
         q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # (B, H, T, qk)
         k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(B, T, H, self.rope)], dim=-1).transpose(1, 2)
         v = v.transpose(1, 2)  # (B, H, T, v)
-        if attn_mask is None:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
-        else:
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scale)
+        o = attention(q, k, v, self.scale, attn_mask)  # (B, H, T, v); causal when attn_mask is None
         o = o.transpose(1, 2).reshape(B, T, H * self.v_dim)  # (B, T, H*v)
         return self.o_proj(o)
 
