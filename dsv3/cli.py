@@ -118,6 +118,72 @@ def cmd_sample(args) -> int:
     return 0
 
 
+# Files of a checkpoint directory besides the weights and config.json that `quantize` carries over.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                    "generation_config.json")
+
+
+def cmd_quantize(args) -> int:
+    """Checkpoint (any dtype, or FP8 already) -> official-layout FP8 checkpoint: every matrix the
+    official checkpoint stores in FP8 becomes e4m3 + 128x128 `weight_scale_inv` blocks (tensors that
+    are FP8 already are copied bit for bit), the rest is stored in --dtype, the router bias in fp32."""
+    import os
+    import shutil
+
+    import torch
+
+    from dsv3.checkpoint import load_pretrained, save_pretrained, tempdir_beside
+    from dsv3.inference.fp8 import FP8Experts, FP8Linear, quantize_model_fp8
+
+    out = args.out
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise ValueError(f"output {out} already exists and is not an empty directory; choose a new one")
+    src = _resolve_checkpoint(args.checkpoint)
+    model = quantize_model_fp8(load_pretrained(src, keep_fp8=True))
+    n_fp8 = sum(isinstance(m, (FP8Linear, FP8Experts)) for m in model.modules())
+    tmp = tempdir_beside(out)  # written in full, then renamed: OUT never holds a partial checkpoint
+    try:
+        save_pretrained(model, tmp, dtype=getattr(torch, args.dtype))
+        copied = [f for f in _TOKENIZER_FILES if os.path.isfile(os.path.join(src, f))]
+        for f in copied:
+            shutil.copy2(os.path.join(src, f), os.path.join(tmp, f))
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+    def weight_bytes(d):  # model shards only (a training checkpoint also holds optimizer.safetensors)
+        return sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d)
+                   if f.startswith("model") and f.endswith(".safetensors"))
+
+    print(f"{src} -> {out}: {n_fp8} FP8 modules (e4m3, 128x128 block scales), other tensors {args.dtype}; "
+          f"weights {weight_bytes(src) / 2**20:.1f} MiB -> {weight_bytes(out) / 2**20:.1f} MiB"
+          + (f"; copied {', '.join(copied)}" if copied else ""))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    """OpenAI-compatible HTTP server (dsv3/inference/server.py) over a checkpoint or run directory."""
+    import os
+
+    from dsv3.inference.server import load_for_serving, serve
+
+    path = _resolve_checkpoint(args.checkpoint)
+    engine, tok = load_for_serving(path, device=args.device, max_batch_size=args.max_batch_size,
+                                   cache_tokens=args.cache_tokens or None, speculative_k=args.speculative_k,
+                                   max_model_len=args.max_model_len or None)
+    name = args.model_name or os.path.basename(os.path.normpath(path))
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        print(f"dsv3 serve: warning: listening on {args.host} without --api-key", file=sys.stderr)
+    print(f"serving {path} as {name!r} on http://{args.host}:{args.port}/v1 (batch {args.max_batch_size}, "
+          f"{engine.cache.num_blocks * engine.cache.block_size} cache tokens, context {engine.max_model_len}, "
+          f"speculative k={args.speculative_k})")
+    serve(engine, tok, name, host=args.host, port=args.port, api_key=args.api_key,
+          max_prompt_tokens=args.max_prompt_tokens or None, max_tokens_limit=args.max_tokens_limit or None,
+          max_queue=args.max_queue, log_level=args.log_level)
+    return 0
+
+
 def _add_model_source(p) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--preset", default="tiny", help="tiny | small | 16b | 671b (default: tiny)")
@@ -184,6 +250,30 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-p", type=float, default=1.0)
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_sample)
+
+    qz = sub.add_parser("quantize", help="write an official-layout FP8 copy of a checkpoint")
+    qz.add_argument("checkpoint", help="checkpoint directory or run directory")
+    qz.add_argument("out", help="new output directory (must not exist, or be empty)")
+    qz.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                    help="storage dtype of the tensors that stay high precision (default: bfloat16, as official)")
+    qz.set_defaults(func=cmd_quantize)
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
+    sv.add_argument("checkpoint", help="checkpoint directory or run directory")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
+    sv.add_argument("--model-name", help="model id clients send (default: the checkpoint directory name)")
+    sv.add_argument("--max-batch-size", type=int, default=32, help="requests decoded together")
+    sv.add_argument("--cache-tokens", type=int, default=0,
+                    help="KV-cache budget in tokens (default: batch size x min(context, 4096))")
+    sv.add_argument("--speculative-k", type=int, default=0, help="MTP draft tokens per step (0: off)")
+    sv.add_argument("--max-model-len", type=int, default=0, help="context limit (default: the model's)")
+    sv.add_argument("--max-prompt-tokens", type=int, default=0, help="longest prompt accepted (default: context - 1)")
+    sv.add_argument("--max-tokens-limit", type=int, default=0, help="largest max_tokens accepted (default: context)")
+    sv.add_argument("--max-queue", type=int, default=256, help="requests waiting beyond the batch before 503s")
+    sv.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    sv.set_defaults(func=cmd_serve)
     return p
 
 

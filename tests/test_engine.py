@@ -1008,3 +1008,26 @@ def test_report_speculative_stats():
         print(f"spec {key}: acceptance_rate={rate:.3f} mean_accepted_length={mal:.3f} first_draft={first:.3f}")
     for key, (stat, df, thr) in CHI2.items():
         print(f"chi2 {key}: {stat:.1f} (df {df}, threshold {thr:.1f})")
+
+
+def test_failed_prefill_releases_its_blocks(monkeypatch):
+    """A forward that raises during prefill must not leak the admitted requests' cache blocks."""
+    from dsv3 import ModelConfig, build_model
+
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+                      num_hidden_layers=2, first_k_dense_replace=1, num_attention_heads=2, num_key_value_heads=2,
+                      q_lora_rank=16, kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
+                      n_routed_experts=4, num_experts_per_tok=2, n_group=2, topk_group=1,
+                      max_position_embeddings=64, rope_scaling=None)
+    eng = Engine(build_model(cfg), max_batch_size=2, cache_tokens=64, block_size=4)
+    full = eng.cache.free_blocks
+    eng.add_request([1, 2, 3], SamplingParams(max_new_tokens=4))
+
+    def boom(*a, **k):
+        raise RuntimeError("simulated device failure")
+
+    monkeypatch.setattr(eng, "_prefill", boom)
+    with pytest.raises(RuntimeError, match="simulated"):
+        eng.step()
+    assert eng.cache.free_blocks == full
+    assert not eng.has_unfinished() or not eng.running

@@ -61,8 +61,8 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if not 0 <= self.min_p <= 1:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not 0.01 <= self.repetition_penalty <= 100:  # beyond that logits over/underflow in fp32
+            raise ValueError(f"repetition_penalty must be in [0.01, 100], got {self.repetition_penalty}")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise ValueError(f"logprobs must be between 0 and 20, got {self.logprobs}")
         return self
@@ -238,7 +238,14 @@ class Engine:
         decoding = [r for r in self.running if not r.finished]
         changed: list[_Request] = []
         if new:
-            self._prefill(new)
+            try:
+                self._prefill(new)
+            except BaseException:
+                for r in new:  # they are in neither list: give their blocks back before failing
+                    self.cache.release(r.blocks)
+                    r.blocks = []
+                    self._finish(r, "abort")
+                raise
             self.running.extend(new)
             changed += new
         if decoding:
@@ -298,7 +305,7 @@ class Engine:
             sel = logits[idx]
             logits = logits.clone()
             logits[idx] = torch.where(sel > 0, sel / p.repetition_penalty, sel * p.repetition_penalty)
-        if p.temperature == 0:
+        if p.temperature < 1e-5:  # greedy (vLLM's eps): logits / a tinier temperature overflow fp32
             return None if p.repetition_penalty == 1.0 else torch.nn.functional.one_hot(
                 logits.argmax(), logits.shape[-1]).float()
         logits = filter_logits((logits / p.temperature).unsqueeze(0), p.top_k, p.top_p, p.min_p)[0]
