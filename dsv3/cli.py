@@ -60,18 +60,15 @@ def cmd_train(args) -> int:
 
 
 def _print_samples(path: str, n: int, seed: int, max_new_tokens: int = 120) -> None:
-    from dsv3.checkpoint import load_pretrained
-    from dsv3.inference.naive import generate_naive
-    from dsv3.training.tokenizer import DSTokenizer
+    from dsv3.inference.engine import SamplingParams, load_engine
 
-    tok = DSTokenizer.load(path)
-    model = load_pretrained(path, dtype=__import__("torch").float32).eval()
+    engine, tok = load_engine(path, device="cpu", max_batch_size=n)
     prompts = ["def ", "import os\n\n", "class ", "# ", "    return "][:n]
+    params = [SamplingParams(max_new_tokens=max_new_tokens, temperature=0.8, top_k=50, seed=seed + i)
+              for i in range(len(prompts))]
     print(f"\nsamples from {path} (temperature 0.8, top-k 50):")
-    for i, prompt in enumerate(prompts):
-        ids = generate_naive(model, tok.encode(prompt), max_new_tokens, temperature=0.8, top_k=50,
-                             eos_id=tok.eos_id, seed=seed + i)
-        print(f"--- prompt {prompt!r}\n{prompt}{tok.decode(ids, skip_special_tokens=True)}")
+    for prompt, out in zip(prompts, engine.generate(prompts, params)):
+        print(f"--- prompt {prompt!r}\n{prompt}{out.text}")
 
 
 def cmd_eval(args) -> int:
@@ -102,20 +99,85 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def cmd_sample(args) -> int:
-    import torch
+def _engine(args):
+    from dsv3.inference.engine import load_engine
 
-    from dsv3.checkpoint import load_pretrained
-    from dsv3.inference.naive import generate_naive
-    from dsv3.training.tokenizer import DSTokenizer
+    return load_engine(_resolve_checkpoint(args.checkpoint), device=args.device, max_batch_size=1,
+                       speculative_k=args.speculative_k)
 
-    path = _resolve_checkpoint(args.checkpoint)
-    tok = DSTokenizer.load(path)
-    model = load_pretrained(path, dtype=torch.float32).eval()
-    ids = generate_naive(model, tok.encode(args.prompt), args.max_new_tokens, temperature=args.temperature,
-                         top_k=args.top_k, top_p=args.top_p, eos_id=tok.eos_id, seed=args.seed)
-    print(args.prompt + tok.decode(ids, skip_special_tokens=True))
+
+def _sampling(args):
+    from dsv3.inference.engine import SamplingParams
+
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                          stop=list(args.stop or []), seed=args.seed)
+
+
+def cmd_generate(args) -> int:
+    """Complete a prompt (or answer one chat message with --chat), streaming to stdout."""
+    engine, tok = _engine(args)
+    params = _sampling(args)
+    if args.chat:
+        ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": args.prompt}]))
+    else:
+        ids = tok.encode(args.prompt)
+        print(args.prompt, end="", flush=True)
+    final = None
+    for out in engine.stream(ids, params):
+        print(out.new_text, end="", flush=True)
+        final = out
+    print()
+    if args.verbose and final is not None:
+        s = engine.stats
+        spec = (f"; MTP drafts accepted {s.acceptance_rate:.2f}, {s.mean_accepted_length:.2f} tokens per step"
+                if args.speculative_k else "")
+        print(f"[{len(final.token_ids)} tokens, finish reason {final.finish_reason}{spec}]", file=sys.stderr)
     return 0
+
+
+def cmd_chat(args) -> int:
+    """Interactive multi-turn chat with the DeepSeek-V3 chat template, streaming each reply."""
+    engine, tok = _engine(args)
+    params = _sampling(args)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    messages = list(system)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("dsv3 chat: type a message; /reset starts over, /exit or Ctrl-D quits, Ctrl-C stops a reply.")
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            print()
+            return 0
+        except KeyboardInterrupt:
+            print()
+            return 0
+        cmd = line.strip()
+        if cmd in ("/exit", "/quit"):
+            return 0
+        if cmd == "/reset":
+            messages = list(system)
+            continue
+        if not cmd:
+            continue
+        messages.append({"role": "user", "content": line})
+        ids = tok.encode(tok.apply_chat_template(messages))
+        print("assistant> " if interactive else "", end="", flush=True)
+        reply, rid = "", None
+        try:
+            for out in engine.stream(ids, params):
+                rid = out.request_id
+                print(out.new_text, end="", flush=True)
+                reply = out.text
+        except KeyboardInterrupt:  # stop this reply, keep the conversation
+            if rid is not None:
+                engine.abort(rid)
+                while engine.has_unfinished():
+                    engine.step()
+        print()
+        messages.append({"role": "assistant", "content": reply})
 
 
 # Files of a checkpoint directory besides the weights and config.json that `quantize` carries over.
@@ -184,6 +246,19 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def _add_sampling_args(p, max_new_tokens: int = 256) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=50, help="0: off")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--speculative-k", type=int, default=0, help="tokens drafted per step by the MTP module (0: off)")
+    p.add_argument("--device", default="auto")
+
+
 def _add_model_source(p) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--preset", default="tiny", help="tiny | small | 16b | 671b (default: tiny)")
@@ -241,15 +316,27 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--cache-dir", help="where token caches go (default ~/.cache/dsv3)")
     e.set_defaults(func=cmd_eval)
 
-    s = sub.add_parser("sample", help="print a completion of a prompt")
+    g = sub.add_parser("generate", help="complete a prompt (streams; --chat wraps it in the chat template)")
+    g.add_argument("checkpoint", help="checkpoint directory or run directory")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--chat", action="store_true", help="treat the prompt as one user message")
+    g.add_argument("--verbose", "-v", action="store_true", help="print token count and MTP acceptance to stderr")
+    _add_sampling_args(g)
+    g.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("sample", help="same as generate (kept for the training issue's interface)")
     s.add_argument("checkpoint", help="checkpoint directory or run directory")
     s.add_argument("--prompt", required=True)
-    s.add_argument("--max-new-tokens", type=int, default=200)
-    s.add_argument("--temperature", type=float, default=0.8)
-    s.add_argument("--top-k", type=int, default=50)
-    s.add_argument("--top-p", type=float, default=1.0)
-    s.add_argument("--seed", type=int, default=0)
-    s.set_defaults(func=cmd_sample)
+    s.add_argument("--chat", action="store_true")
+    s.add_argument("--verbose", "-v", action="store_true")
+    _add_sampling_args(s, max_new_tokens=200)
+    s.set_defaults(func=cmd_generate, seed=0)  # sample was seeded by default
+
+    c = sub.add_parser("chat", help="interactive multi-turn chat (streams replies)")
+    c.add_argument("checkpoint", help="checkpoint directory or run directory")
+    c.add_argument("--system", default=None, help="system prompt")
+    _add_sampling_args(c)
+    c.set_defaults(func=cmd_chat)
 
     qz = sub.add_parser("quantize", help="write an official-layout FP8 copy of a checkpoint")
     qz.add_argument("checkpoint", help="checkpoint directory or run directory")

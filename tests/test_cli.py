@@ -175,3 +175,39 @@ def test_argparse_errors_exit_2(capsys):
     with pytest.raises(SystemExit) as e:
         main(["info", "--preset", "small", "--config", "x.json"])  # mutually exclusive
     assert e.value.code == 2
+
+
+def test_generate_greedy_matches_engine_and_speculation(run):
+    from dsv3.inference.engine import SamplingParams, load_engine
+
+    ck = run["out"] / "checkpoints" / "step_00000008"
+    engine, tok = load_engine(str(ck), device="cpu")
+    want = engine.generate(["def"], SamplingParams(max_new_tokens=12, temperature=0))[0].text
+    for k in ("0", "2"):
+        rc, stdout, err = run_cli(["generate", ck, "--prompt", "def", "--max-new-tokens", 12, "--temperature", 0,
+                                   "--speculative-k", k, "-v", "--device", "cpu"])
+        assert rc == 0, err
+        assert stdout == "def" + want + "\n"
+        assert "tokens, finish reason" in err
+    rc, stdout, err = run_cli(["generate", ck, "--prompt", "hi", "--chat", "--max-new-tokens", 4, "--device", "cpu"])
+    assert rc == 0, err
+    assert not stdout.startswith("hi")  # --chat prints only the reply, not the templated prompt
+
+
+def test_chat_reads_turns_from_stdin(run, monkeypatch):
+    ck = run["out"] / "checkpoints" / "step_00000008"
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n/reset\nsecond turn\n\n/exit\nnever read\n"))
+    seen = []
+    import dsv3.training.tokenizer as tkmod
+
+    orig = tkmod.DSTokenizer.apply_chat_template
+
+    def spy(self, messages, add_generation_prompt=True):
+        seen.append([m["content"] for m in messages])
+        return orig(self, messages, add_generation_prompt)
+
+    monkeypatch.setattr(tkmod.DSTokenizer, "apply_chat_template", spy)
+    rc, stdout, err = run_cli(["chat", ck, "--max-new-tokens", 3, "--system", "be brief", "--device", "cpu"])
+    assert rc == 0, err
+    # the system prompt stays; /reset drops the first exchange; blank lines and text after /exit are ignored
+    assert seen == [["be brief", "hello"], ["be brief", "second turn"]]

@@ -491,3 +491,16 @@ class Engine:
                     yield o
                     if o.finished:
                         return
+
+
+def load_engine(checkpoint: str, *, device: str = "auto", **engine_kwargs):
+    """(Engine, DSTokenizer) for a checkpoint directory: fp32 on the CPU, the checkpoint's dtype on a GPU.
+    engine_kwargs go to `Engine` (max_batch_size, cache_tokens, speculative_k, max_model_len, ...)."""
+    from dsv3.checkpoint import load_pretrained
+    from dsv3.training.tokenizer import DSTokenizer
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    tok = DSTokenizer.load(checkpoint)
+    model = load_pretrained(checkpoint, device=device, dtype=torch.float32 if device == "cpu" else None).eval()
+    return Engine(model, tok, **engine_kwargs), tok

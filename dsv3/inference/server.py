@@ -57,7 +57,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from dsv3.inference.engine import Engine, RequestOutput, SamplingParams, TokenLogprob
+from dsv3.inference.engine import Engine, RequestOutput, SamplingParams, TokenLogprob, load_engine
 from dsv3.inference.engine_loop import ACCEPTED, EngineLoop
 from dsv3.inference.metrics import ServerMetrics, prometheus_text
 from dsv3.inference.protocol import (APIError, ChatCompletionRequest, ChatMessage, CompletionRequest,
@@ -666,19 +666,9 @@ async def _stream_chat(srv: _Server, job: _Job, meta: dict, include_usage: bool,
 def load_for_serving(checkpoint: str, *, device: str = "auto", max_batch_size: int = 32,
                      cache_tokens: int | None = None, speculative_k: int = 0,
                      max_model_len: int | None = None) -> tuple[Engine, DSTokenizer]:
-    """Engine + tokenizer (with its chat template) of a checkpoint directory; fp32 on CPU, the
-    checkpoint's dtype on GPU."""
-    import torch
-
-    from dsv3.checkpoint import load_pretrained
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    tok = DSTokenizer.load(checkpoint)
-    model = load_pretrained(checkpoint, device=device, dtype=torch.float32 if device == "cpu" else None).eval()
-    engine = Engine(model, tok, max_batch_size=max_batch_size, cache_tokens=cache_tokens,
-                    speculative_k=speculative_k, max_model_len=max_model_len)
-    return engine, tok
+    """Engine + tokenizer (with its chat template) of a checkpoint directory (see engine.load_engine)."""
+    return load_engine(checkpoint, device=device, max_batch_size=max_batch_size, cache_tokens=cache_tokens,
+                       speculative_k=speculative_k, max_model_len=max_model_len)
 
 
 def serve(engine: Engine, tokenizer: DSTokenizer, model_name: str, *, host: str = "127.0.0.1", port: int = 8000,
