@@ -24,18 +24,9 @@ def cmd_info(args) -> int:
 
 
 def _resolve_checkpoint(path: str) -> str:
-    """A checkpoint directory, or a run directory (-> its latest checkpoint)."""
-    import os
+    from dsv3.training.checkpointing import resolve_checkpoint
 
-    from dsv3.training.checkpointing import latest_checkpoint
-
-    if os.path.exists(os.path.join(path, "config.json")):
-        return path
-    latest = latest_checkpoint(os.path.join(path, "checkpoints"))
-    if latest is None:
-        raise FileNotFoundError(f"{path} is neither a checkpoint directory (no config.json) nor a run directory "
-                                "with checkpoints/")
-    return latest
+    return resolve_checkpoint(path)
 
 
 def cmd_train(args) -> int:

@@ -494,11 +494,14 @@ class Engine:
 
 
 def load_engine(checkpoint: str, *, device: str = "auto", **engine_kwargs):
-    """(Engine, DSTokenizer) for a checkpoint directory: fp32 on the CPU, the checkpoint's dtype on a GPU.
-    engine_kwargs go to `Engine` (max_batch_size, cache_tokens, speculative_k, max_model_len, ...)."""
+    """(Engine, DSTokenizer) for a checkpoint directory or a run directory (its latest checkpoint):
+    fp32 on the CPU, the checkpoint's dtype on a GPU. engine_kwargs go to `Engine` (max_batch_size,
+    cache_tokens, speculative_k, max_model_len, ...)."""
     from dsv3.checkpoint import load_pretrained
+    from dsv3.training.checkpointing import resolve_checkpoint
     from dsv3.training.tokenizer import DSTokenizer
 
+    checkpoint = resolve_checkpoint(checkpoint)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     tok = DSTokenizer.load(checkpoint)

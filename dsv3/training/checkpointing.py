@@ -176,3 +176,14 @@ def load_checkpoint(path: str, device, dtype) -> tuple[torch.nn.Module, dict, di
     opt_t = load_file(os.path.join(path, "optimizer.safetensors"))
     rng_t = load_file(os.path.join(path, "rng.safetensors"))
     return model, state, opt_t, rng_t
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A checkpoint directory (holds config.json), or a run directory -> its latest checkpoint."""
+    if os.path.exists(os.path.join(path, "config.json")):
+        return path
+    latest = latest_checkpoint(os.path.join(path, "checkpoints"))
+    if latest is None:
+        raise FileNotFoundError(f"{path} is neither a checkpoint directory (no config.json) nor a run directory "
+                                "with checkpoints/")
+    return latest
