@@ -330,3 +330,20 @@ def test_quantize_cli_errors(dense, tmp_path):
     assert rc == 2 and "no model.safetensors" in err
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
+
+
+def test_engine_serves_fp8_weights_as_fp8(fp8, tmp_path):
+    """load_engine keeps an FP8 checkpoint's weights in FP8 and decodes with them (absorbed MLA dequantises
+    kv_b_proj; FP8 experts; the MTP module drafts): greedy output equals the same FP8 model run uncached."""
+    from dsv3.inference.engine import SamplingParams, load_engine
+    from dsv3.inference.naive import generate_naive
+    from dsv3.training.tokenizer import DSTokenizer
+
+    save_pretrained(fp8, tmp_path)
+    DSTokenizer.train(["abc def ghi " * 40], 300).save(tmp_path)
+    for k in (0, 2):
+        engine, _ = load_engine(str(tmp_path), device="cpu", speculative_k=k)
+        assert sum(isinstance(m, (FP8Linear, FP8Experts)) for m in engine.model.modules()) > 0
+        prompt = [3, 17, 42, 5, 9]
+        out = engine.generate([prompt], SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True))[0]
+        assert out.token_ids == generate_naive(fp8, prompt, 8, temperature=0)

@@ -493,7 +493,7 @@ class Engine:
                         return
 
 
-def load_engine(checkpoint: str, *, device: str = "auto", **engine_kwargs):
+def load_engine(checkpoint: str, *, device: str = "auto", keep_fp8: bool = True, **engine_kwargs):
     """(Engine, DSTokenizer) for a checkpoint directory or a run directory (its latest checkpoint):
     fp32 on the CPU, the checkpoint's dtype on a GPU. engine_kwargs go to `Engine` (max_batch_size,
     cache_tokens, speculative_k, max_model_len, ...)."""
@@ -505,5 +505,7 @@ def load_engine(checkpoint: str, *, device: str = "auto", **engine_kwargs):
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     tok = DSTokenizer.load(checkpoint)
-    model = load_pretrained(checkpoint, device=device, dtype=torch.float32 if device == "cpu" else None).eval()
+    # FP8 block-scaled weights of an official-format checkpoint stay FP8 in memory (dequantised per use)
+    model = load_pretrained(checkpoint, device=device, dtype=torch.float32 if device == "cpu" else None,
+                            keep_fp8=keep_fp8).eval()
     return Engine(model, tok, **engine_kwargs), tok
