@@ -62,10 +62,13 @@ def flops_per_token(cfg: dsv3.ModelConfig, T: int) -> float:
     return 6 * dense + attn
 
 
-def time_dsv3(cfg, B, T, steps, warmup):
+def time_dsv3(cfg, B, T, steps, warmup, compile_blocks=False):
     torch.manual_seed(0)
     model = dsv3.build_model(cfg, device="cuda", dtype=torch.float32)
     model.set_experts_impl("grouped")
+    if compile_blocks:  # per block, in place (state-dict names unchanged): fuses norms, RoPE, SwiGLU
+        for blk in list(model.layers) + list(model.mtp):
+            blk.compile()
     opt = make_optimizer(model, 1e-4)
     x = torch.randint(0, cfg.vocab_size, (B, T + 1), device="cuda")
     times = []
@@ -129,6 +132,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--layers-16b", type=int, default=4)
     ap.add_argument("--hf", action="store_true", help="also time transformers' DeepseekV3ForCausalLM")
+    ap.add_argument("--compile", action="store_true", help="also time dsv3 with torch.compile per block")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     rows = []
@@ -139,12 +143,21 @@ def main() -> None:
         if args.only and name != args.only:
             continue
         fpt = flops_per_token(cfg, T)
-        impls = [("dsv3", time_dsv3)] + ([("transformers", time_hf)] if args.hf else [])
+        impls = [("dsv3", time_dsv3)]
+        if args.compile:
+            impls.append(("dsv3+compile", lambda *a: time_dsv3(*a, compile_blocks=True)))
+        if args.hf:
+            impls.append(("transformers", time_hf))
         for impl, fn in impls:
             try:
                 dt, mem = fn(cfg, B, T, args.steps, args.warmup)
             except torch.OutOfMemoryError:
                 print(f"| {name} | {impl} | {B}x{T} | OOM | | | | | |", flush=True)
+                torch.cuda.empty_cache()
+                continue
+            except Exception as e:  # e.g. a compile failure: report it, keep measuring the rest
+                print(f"| {name} | {impl} | {B}x{T} | error: {type(e).__name__}: {str(e)[:120]} | | | | | |",
+                      flush=True)
                 torch.cuda.empty_cache()
                 continue
             tps = B * T / dt

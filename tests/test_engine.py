@@ -609,8 +609,8 @@ def test_speculative_stops_inside_drafts(spec_models, spec_refs, D, k, monkeypat
     inside = {"stop": 0, "length": 0}
     verify = Engine._verify
 
-    def spy(self, r, logits, inp):
-        out, lps = verify(self, r, logits, inp)
+    def spy(self, r, logits, inp, top1):
+        out, lps = verify(self, r, logits, inp, top1)
         if len(out) < len(inp) - 1 and out == inp[1: 1 + len(out)]:
             inside["stop" if self._stops(r, out[-1]) else "length"] += 1
         return out, lps

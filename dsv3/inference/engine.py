@@ -273,9 +273,12 @@ class Engine:
         out, cb = self._forward(reqs, [r.prompt for r in reqs])
         self.stats.prefill_tokens += sum(len(r.prompt) for r in reqs)
         now = time.monotonic()
+        last = torch.tensor([len(r.prompt) - 1 for r in reqs], device=out.logits.device)
+        last_logits = out.logits[torch.arange(len(reqs), device=last.device), last]  # (B, V)
+        top1 = last_logits.argmax(-1).tolist()  # one device->host copy for the whole batch
         for b, r in enumerate(reqs):
             n = len(r.prompt)
-            t, lp = self._sample(r, out.logits[b, n - 1])
+            t, lp = self._sample(r, last_logits[b], top1[b])
             r.main_len = n
             r.first_token_time = now
             self._append(r, [t], [lp])
@@ -285,9 +288,10 @@ class Engine:
     def _decode(self, reqs: list[_Request]) -> None:
         inputs = [[r.tokens[-1]] + r.drafts for r in reqs]
         out, cb = self._forward(reqs, inputs)
+        top1 = out.logits.argmax(-1).tolist()  # (B, T) greedy choices, one device->host copy
         n_acc = []
         for b, r in enumerate(reqs):
-            accepted, lps = self._verify(r, out.logits[b], inputs[b])
+            accepted, lps = self._verify(r, out.logits[b], inputs[b], top1[b])
             n_acc.append(len(accepted))
             start = r.main_len
             r.main_len = start + len(accepted)  # x_L plus the accepted drafts are now valid in the cache
@@ -325,20 +329,21 @@ class Engine:
             top = list(zip(i.tolist(), v.tolist()))
         return TokenLogprob(token, float(lp[token]), top)
 
-    def _sample(self, r: _Request, logits: torch.Tensor) -> tuple[int, TokenLogprob | None]:
+    def _sample(self, r: _Request, logits: torch.Tensor, top1: int) -> tuple[int, TokenLogprob | None]:
         probs = self._probs(r, logits, r.tokens)
-        t = int(logits.argmax()) if probs is None else self._draw(r, probs)
+        t = top1 if probs is None else self._draw(r, probs)
         return t, self._logprob(r, logits, t)
 
-    def _verify(self, r: _Request, logits: torch.Tensor, inp: list[int]) -> tuple[list[int], list]:
-        """logits (T, V) for [x_L, d_1..d_k]: the tokens this round produces (accepted drafts + one)."""
+    def _verify(self, r: _Request, logits: torch.Tensor, inp: list[int], top1: list[int]) -> tuple[list[int], list]:
+        """logits (T, V) for [x_L, d_1..d_k] and their argmaxes: the tokens this round produces
+        (accepted drafts + one)."""
         drafts = inp[1:]
         history = list(r.tokens)
         out, lps = [], []
         for j, d in enumerate(drafts):
             probs = self._probs(r, logits[j], history)
             if probs is None:
-                ok = int(logits[j].argmax()) == d
+                ok = top1[j] == d
             else:
                 q = r.draft_probs[j]
                 u = torch.rand((), generator=r.gen, device=probs.device)
@@ -346,7 +351,7 @@ class Engine:
             self.stats.drafted += 1
             if not ok:
                 if probs is None:
-                    t = int(logits[j].argmax())
+                    t = top1[j]
                 else:
                     resid = (probs - r.draft_probs[j]).clamp_min(0)
                     t = self._draw(r, resid / resid.sum()) if resid.sum() > 0 else self._draw(r, probs)
@@ -365,7 +370,7 @@ class Engine:
                 return out, lps  # no bonus past a stop token or the length limit
         j = len(drafts)
         probs = self._probs(r, logits[j], history)
-        t = int(logits[j].argmax()) if probs is None else self._draw(r, probs)
+        t = top1[j] if probs is None else self._draw(r, probs)
         out.append(t)
         lps.append(self._logprob(r, logits[j], t))
         if drafts:
@@ -398,9 +403,10 @@ class Engine:
             r.drafts, r.draft_probs = [], []
         pos = [starts[b] + n_new[b] for b in live]  # position of the first chained draft step
         for j in range(self.k):
+            top = lg.argmax(-1).tolist()
             for i, r in enumerate(reqs_l):
                 probs = self._probs(r, lg[i], r.tokens + r.drafts)
-                d = int(lg[i].argmax()) if probs is None else self._draw(r, probs)
+                d = top[i] if probs is None else self._draw(r, probs)
                 r.drafts.append(d)
                 if probs is not None:
                     r.draft_probs.append(probs)

@@ -32,6 +32,12 @@ from dsv3.model.layers import MLP
 _HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
 
 
+def _count(idx: torch.Tensor, n: int) -> torch.Tensor:
+    """Occurrences of 0..n-1 in idx, (n,) int64. Like bincount(minlength=n) but with a static output
+    shape (bincount's length depends on the data), so torch.compile keeps the MoE in one graph."""
+    return torch.zeros(n, dtype=torch.long, device=idx.device).scatter_add_(0, idx, torch.ones_like(idx))
+
+
 class MoEStats(NamedTuple):
     counts: torch.Tensor  # (E,) int64, tokens routed to each expert in this forward (load)
     balance: torch.Tensor | None  # scalar: Σ_i f_i·P_i averaged over sequences (without α), or None
@@ -113,7 +119,7 @@ class Experts(nn.Module):
         flat = idx_NK.reshape(-1)  # (N*K,)
         order = flat.argsort(stable=True)  # pairs sorted by expert
         token = order // K  # token of each sorted pair
-        counts = torch.bincount(flat, minlength=E)
+        counts = _count(flat, E)
         offs = counts.cumsum(0).to(torch.int32)  # (E,) end offset of each expert's rows
         # torch._grouped_mm is not an autocast op and is bf16-only on CUDA: cast explicitly
         dt = torch.get_autocast_dtype("cuda") if x_ND.is_cuda and torch.is_autocast_enabled("cuda") else x_ND.dtype
@@ -159,7 +165,7 @@ class MoE(nn.Module):
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         E = s_NE.shape[1]
-        counts = torch.bincount(idx_NK.reshape(-1), minlength=E)
+        counts = _count(idx_NK.reshape(-1), E)
         balance = sequence_balance(s_NE.view(B, T, E), idx_NK.view(B, T, -1)) if with_balance else None
         return y, MoEStats(counts, balance)
 
