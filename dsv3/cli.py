@@ -41,7 +41,7 @@ def cmd_train(args) -> int:
                      seed=args.seed, resume=args.resume, eval_every=args.eval_every, save_every=args.save_every,
                      mtp_lambda=args.mtp_lambda, bias_gamma=args.bias_gamma, balance_alpha=args.balance_alpha,
                      fim_rate=args.fim_rate, batch_ramp_steps=args.batch_ramp_steps, batch_start=args.batch_start,
-                     progress=not args.no_progress)
+                     progress=not args.no_progress, compile=args.compile)
     if args.cache_dir:
         tc.cache_dir = args.cache_dir
     summary = train(mc, tc)
@@ -293,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--samples", type=int, default=3, help="completions to print at the end (0: none)")
     t.add_argument("--cache-dir", help="where tokenizers and token caches go (default ~/.cache/dsv3)")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
+    t.add_argument("--compile", action="store_true", help="torch.compile each block (faster on GPUs)")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="validation loss and bits per byte of a checkpoint")

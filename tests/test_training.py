@@ -576,3 +576,15 @@ def test_tokenizer_larger_than_model_vocab(env, tmp_path):
     assert 300 < n <= 512
     with pytest.raises(ValueError, match=f"tokenizer has {n} tokens but the model's vocab_size is 300"):
         train(micro_config(vocab_size=300), tcfg(env, tmp_path / "run"), log=quiet)
+
+
+def test_compile_flag_compiles_every_block_in_place(env, tmp_path, monkeypatch):
+    """--compile compiles each main block and MTP module in place (so checkpoint names stay the same);
+    the compilation itself is measured on the GPU (bench/train_speed.py), not run here."""
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(type(self).__name__))
+    out = tmp_path / "run"
+    train(micro_config(), tcfg(env, out, steps=1, compile=True), log=quiet)
+    mc = micro_config()
+    assert compiled == ["Block"] * mc.num_hidden_layers + ["MTPModule"] * mc.num_nextn_predict_layers
+    assert latest_checkpoint(str(out / "checkpoints")) is not None

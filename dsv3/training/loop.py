@@ -70,6 +70,7 @@ class TrainConfig:
     log_every: int = 1
     resume: bool = False
     progress: bool = True
+    compile: bool = False  # torch.compile each block (1.2-1.6x training speed on an H100, bench/RESULTS.md)
 
     def validate(self) -> None:
         for name in ("steps", "seq_len", "batch_size"):
@@ -257,6 +258,9 @@ def train(mc: ModelConfig, tc: TrainConfig, log=print) -> dict:
         step, tokens_seen = state["step"], state["tokens"]
         log(f"resumed from {resume_from} at step {step}")
     model.train()
+    if tc.compile:  # in place, per block: state-dict names (and so checkpoints) are unchanged
+        for blk in list(model.layers) + list(model.mtp):
+            blk.compile()
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model: {n_params / 1e6:.2f}M parameters on {device} ({precision}); {total_steps} steps of "
         f"{tc.batch_size} x {tc.seq_len} tokens, lr {tc.lr:g}, warmup {warmup}")
