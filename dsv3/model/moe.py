@@ -155,13 +155,20 @@ class MoE(nn.Module):
             MLP(cfg.hidden_size, cfg.n_shared_experts * cfg.moe_intermediate_size) if cfg.n_shared_experts > 0 else None
         )
         self.experts_impl = "auto"  # "grouped" | "loop" (the reference) | "auto" (by device)
+        # The one parallelism seam (STYLE rule 3): None runs the local experts; otherwise a plain
+        # callable (experts, x_ND, idx_NK, w_NK, impl) -> y_ND that computes the same sum, e.g. the
+        # expert-parallel all-to-all of dsv3/distributed/expert_parallel.py. Not a submodule.
+        self.dispatcher = None
 
     def forward(self, x: torch.Tensor, with_balance: bool = False) -> tuple[torch.Tensor, MoEStats]:
         """x (B, T, D) -> y (B, T, D), stats. `with_balance` also computes the sequence-wise balance term."""
         B, T, D = x.shape
         x_ND = x.reshape(-1, D)
         w_NK, idx_NK, s_NE = self.gate(x_ND)
-        y = self.experts(x_ND, idx_NK, w_NK, self.experts_impl).view(B, T, D)
+        if self.dispatcher is None:
+            y = self.experts(x_ND, idx_NK, w_NK, self.experts_impl).view(B, T, D)
+        else:
+            y = self.dispatcher(self.experts, x_ND, idx_NK, w_NK, self.experts_impl).view(B, T, D)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         E = s_NE.shape[1]
