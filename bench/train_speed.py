@@ -17,6 +17,8 @@ FLOPs per token (training = 3 x forward), counted from the model:
 MFU = achieved FLOP/s / 989.4 TFLOP/s (H100 SXM dense bf16 datasheet); the measured bf16 matmul ceiling on
 this card is ~770-800 TFLOP/s, so the "of measured" column divides by 780.
 Step: bf16 autocast, fp32 master weights, fused AdamW, grad clip 1.0; median of timed steps after warm-up.
+--precision fp8: the same step with the attention and dense/shared-expert linears in FP8 (three GEMMs,
+dsv3/training/fp8.py); TFLOP/s and MFU keep the bf16 FLOP count and the bf16 peak, for comparison.
 """
 
 from __future__ import annotations
@@ -62,10 +64,13 @@ def flops_per_token(cfg: dsv3.ModelConfig, T: int) -> float:
     return 6 * dense + attn
 
 
-def time_dsv3(cfg, B, T, steps, warmup, compile_blocks=False):
+def time_dsv3(cfg, B, T, steps, warmup, compile_blocks=False, precision="bf16"):
     torch.manual_seed(0)
     model = dsv3.build_model(cfg, device="cuda", dtype=torch.float32)
     model.set_experts_impl("grouped")
+    if precision == "fp8":  # attention + dense/shared MLP linears in FP8 (dsv3/training/fp8.py); before compile
+        from dsv3.training.fp8 import convert_to_fp8_training
+        convert_to_fp8_training(model)
     if compile_blocks:  # per block, in place (state-dict names unchanged): fuses norms, RoPE, SwiGLU
         for blk in list(model.layers) + list(model.mtp):
             blk.compile()
@@ -133,6 +138,8 @@ def main() -> None:
     ap.add_argument("--layers-16b", type=int, default=4)
     ap.add_argument("--hf", action="store_true", help="also time transformers' DeepseekV3ForCausalLM")
     ap.add_argument("--compile", action="store_true", help="also time dsv3 with torch.compile per block")
+    ap.add_argument("--precision", default="bf16",
+                    help="dsv3 precision: bf16 | fp8 | bf16,fp8 (fp8: bf16 autocast + the FP8 GEMMs of SPEC §9)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     rows = []
@@ -143,9 +150,14 @@ def main() -> None:
         if args.only and name != args.only:
             continue
         fpt = flops_per_token(cfg, T)
-        impls = [("dsv3", time_dsv3)]
-        if args.compile:
-            impls.append(("dsv3+compile", lambda *a: time_dsv3(*a, compile_blocks=True)))
+        impls = []
+        for prec in args.precision.split(","):
+            if prec not in ("bf16", "fp8"):
+                raise SystemExit(f"--precision: bf16 | fp8 | bf16,fp8, got {args.precision!r}")
+            tag = "" if prec == "bf16" else "+fp8"
+            impls.append((f"dsv3{tag}", lambda *a, p=prec: time_dsv3(*a, precision=p)))
+            if args.compile:
+                impls.append((f"dsv3{tag}+compile", lambda *a, p=prec: time_dsv3(*a, compile_blocks=True, precision=p)))
         if args.hf:
             impls.append(("transformers", time_hf))
         for impl, fn in impls:

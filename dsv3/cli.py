@@ -285,7 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-ramp-steps", type=int, default=0, help="ramp the batch size over these steps")
     t.add_argument("--batch-start", type=int, default=0, help="sequences per step at the start of the ramp")
     t.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    t.add_argument("--precision", default="auto", help="auto | fp32 | bf16")
+    t.add_argument("--precision", default="auto",
+                   help="auto | fp32 | bf16 | fp8 (paper's FP8 GEMMs; emulated, slowly, on the CPU)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--eval-every", type=int, default=100)
     t.add_argument("--save-every", type=int, default=100)

@@ -5,4 +5,13 @@ accelerations selected here."""
 from dsv3.kernels.attention import attention
 from dsv3.kernels.reference import BLOCK, FP8_MAX, act_dequant, act_quant, weight_dequant, weight_quant
 
-__all__ = ["attention", "BLOCK", "FP8_MAX", "act_dequant", "act_quant", "weight_dequant", "weight_quant"]
+__all__ = ["attention", "BLOCK", "FP8_MAX", "act_dequant", "act_quant", "fp8_quant_kernels", "weight_dequant",
+           "weight_quant"]
+
+
+def fp8_quant_kernels():
+    """The Triton FP8 training quantisation kernels (`fp8_triton.py`: act_quant_cm, act_quant_t,
+    weight_quant_pad), imported on first use: they need CUDA and triton. References: `reference.py`."""
+    from dsv3.kernels import fp8_triton
+
+    return fp8_triton

@@ -61,7 +61,7 @@ class TrainConfig:
     fim_rate: float = 0.1
     val_permille: int = 10
     device: str = "auto"
-    precision: str = "auto"  # fp32 | bf16 (autocast, CUDA) | auto
+    precision: str = "auto"  # fp32 | bf16 (autocast, CUDA) | fp8 (bf16 autocast + FP8 GEMMs, dsv3/training/fp8.py) | auto
     seed: int = 0
     eval_every: int = 100
     eval_batches: int = 8  # per periodic eval; the final eval covers the whole val split
@@ -81,8 +81,8 @@ class TrainConfig:
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size ({mb})")
         if self.batch_start and self.batch_start % mb:
             raise ValueError(f"batch_start ({self.batch_start}) must be a multiple of micro_batch_size ({mb})")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if self.precision not in ("auto", "fp32", "bf16", "fp8"):
+            raise ValueError(f"precision must be auto, fp32, bf16 or fp8, got {self.precision!r}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.log_every < 1:  # the loop logs at step % log_every == 0
@@ -203,7 +203,7 @@ def train(mc: ModelConfig, tc: TrainConfig, log=print) -> dict:
         raise ValueError("bf16 autocast is for CUDA; use --precision fp32 on the CPU")
 
     def autocast():
-        if precision == "bf16":
+        if precision == "bf16" or (precision == "fp8" and device.type == "cuda"):
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
@@ -258,6 +258,9 @@ def train(mc: ModelConfig, tc: TrainConfig, log=print) -> dict:
         step, tokens_seen = state["step"], state["tokens"]
         log(f"resumed from {resume_from} at step {step}")
     model.train()
+    if precision == "fp8":  # in place, before compile; on the CPU the FP8 GEMMs are emulated (slow)
+        from dsv3.training.fp8 import convert_to_fp8_training
+        log(f"fp8: {len(convert_to_fp8_training(model))} linears in FP8 (attention, dense/shared MLPs)")
     if tc.compile:  # in place, per block: state-dict names (and so checkpoints) are unchanged
         for blk in list(model.layers) + list(model.mtp):
             blk.compile()

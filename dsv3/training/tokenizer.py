@@ -35,6 +35,7 @@ with `encode_special_tokens`).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.resources
 import json
@@ -143,6 +144,16 @@ CHAT_TEMPLATE = "".join([
 _SURROGATE_RUN = re.compile("([\udc80-\udcff]+)")  # invalid bytes after surrogateescape decoding
 
 
+@functools.lru_cache(maxsize=8)
+def _compile_template(template: str):
+    """The chat template compiled once per template string (compiling costs ~20 ms, rendering ~0.1 ms)."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.filters["tojson"] = lambda x, **kw: json.dumps(x, ensure_ascii=False, **kw)
+    return env.from_string(template)
+
+
 class MissingSpecialTokenError(KeyError):
     """The tokenizer has no token for a special role (e.g. a GPT-2 tokenizer.json has no FIM)."""
 
@@ -239,16 +250,12 @@ class DSTokenizer:
         """Render chat messages ({"role", "content"} dicts) with the chat template (DeepSeek-V3's, or
         the one from the loaded tokenizer_config.json) in a sandboxed Jinja environment, as
         transformers does. The result already starts with BOS: encode it without adding another."""
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
         for i, m in enumerate(messages):
             if not isinstance(m, Mapping) or m.get("role") not in ("system", "user", "assistant", "tool"):
                 raise ValueError(f"message {i} must be an object with a role of system, user, assistant or tool")
             if not isinstance(m.get("content", ""), (str, type(None))):
                 raise ValueError(f"message {i}: content must be a string")
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.filters["tojson"] = lambda x, **kw: json.dumps(x, ensure_ascii=False, **kw)
-        return env.from_string(self.chat_template).render(
+        return _compile_template(self.chat_template).render(
             messages=[dict(m) for m in messages], add_generation_prompt=add_generation_prompt,
             bos_token=self._roles_token("bos"), eos_token=self._roles_token("eos"))
 

@@ -1,0 +1,240 @@
+"""FP8 mixed-precision training, the paper's recipe (SPEC §9; paper §3.3): every GEMM of a swapped
+Linear — forward, input gradient, weight gradient — takes E4M3 operands with fine-grained online
+scales and accumulates in fp32; everything else stays as it was (bf16 autocast / fp32).
+
+    FP8TrainLinear          an nn.Linear (same `weight` parameter, same state_dict) whose matmuls run
+                            in FP8; the master weight keeps its dtype (fp32)
+    convert_to_fp8_training(model, backend="auto")
+                            swap, in place, the attention projections (q_a/q_b/q_proj, kv_a, kv_b,
+                            o_proj) and the dense / shared-expert MLPs of every block (MTP blocks
+                            included). Not swapped, as in the paper: embedding, lm_head, norms, the
+                            router (`Router.weight`), the MTP `eh_proj`; the attention core is SDPA
+                            in bf16 anyway. Routed experts stay in bf16 (`torch._grouped_mm`): see
+                            "Experts" below.
+
+The three GEMMs of Y = X Wᵀ (X: M tokens x K, W: N x K):
+    fprop   Y  = Q1x128(X) · Q128x128(W)ᵀ
+    dgrad   dX = Q1x128(dY) · Q128x128(W)
+    wgrad   dW = Q1x128(dYᵀ) · Q1x128(Xᵀ)ᵀ     both tiled 1x128 along the tokens (128x1 tiles of
+                                               dY and X); Xᵀ is re-tiled from the FP8 X kept for
+                                               backward: dequantise, transpose, requantise
+Q1x128: one scale per token per 128 channels, s = max(amax, 1e-4) / 448 (`kernels.act_quant`);
+Q128x128: one scale per 128x128 weight block, max(amax / 448, 1e-12) (`kernels.weight_quant`).
+Scales are fp32 and computed from the current tensor (no delayed scaling). Backward keeps the FP8 X
+(1 byte/element + scales) and the FP8 W with its scales, not the bf16 X.
+
+Backends (one autograd function, `backend=`):
+  * "emulate": the contract, any device. Quantise with the reference functions, dequantise to fp32,
+    matmul in fp32, cast (Y to the autocast/input dtype, dX to X's dtype, dW to W's dtype). On the
+    CPU this is what `--precision fp8` runs (slow, ~2-3x an fp32 step; for tests).
+  * "scaled_mm": CUDA SM90, torch with `F.scaled_mm` (2.10+): quantisation by the Triton kernels of
+    `dsv3/kernels/fp8_triton.py` (byte-equal to the references), GEMMs by `F.scaled_mm` with
+    `ScalingType.BlockWise1x128` (activations, gradients) x `BlockWise128x128` (weights) for fprop
+    and dgrad, `BlockWise1x128` x `BlockWise1x128` for wgrad (fp32 output). M, N, K are zero-padded
+    to multiples of 128 where needed (e.g. kv_a_proj's 576 outputs -> 640): zeros change no amax, so
+    the result is the emulation's up to fp32 accumulation order and the output rounding.
+  * "auto": scaled_mm where it is available (CUDA, SM 9.x, F.scaled_mm, triton), else emulate.
+
+Experts: torch 2.11's `F.scaled_grouped_mm` on SM90 is rowwise-only (ANCHORS §1), and a per-expert
+loop of blockwise `F.scaled_mm` needs the per-expert token counts on the host (a sync per layer) and
+runs GEMMs whose FP8 gain at ~1K tokens/expert is small or negative (ANCHORS: 4096x1536x7168 fprop
+686 vs 662 bf16 TFLOP/s; 128 tokens: 49 vs 67). So the routed experts stay in bf16 for now.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv3.kernels import BLOCK, act_dequant, act_quant, fp8_quant_kernels, weight_dequant, weight_quant
+
+BACKENDS = ("auto", "emulate", "scaled_mm")
+
+
+def _ceil(n: int, m: int = BLOCK) -> int:
+    return -(-n // m) * m
+
+
+def scaled_mm_available(device: torch.device | str | None = None) -> bool:
+    """True where the scaled_mm backend can run: CUDA SM 9.x, `F.scaled_mm` with blockwise scaling, triton."""
+    if not torch.cuda.is_available() or not hasattr(F, "scaled_mm") or not hasattr(F, "ScalingType"):
+        return False
+    dev = torch.device(device) if device is not None else torch.device("cuda")
+    if dev.type != "cuda":
+        return False
+    if torch.cuda.get_device_capability(dev)[0] != 9:
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# --- emulation (the contract) -------------------------------------------------------------------
+
+def _emu_fwd(x2: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype):
+    xq, xs = act_quant(x2)
+    wq, ws = weight_quant(w)
+    y = act_dequant(xq, xs) @ weight_dequant(wq, ws, torch.float32).T
+    return y.to(out_dtype), (xq, xs, wq, ws)
+
+
+def _emu_bwd(g2: torch.Tensor, saved, x_dtype: torch.dtype, w_dtype: torch.dtype, need_dx: bool, need_dw: bool):
+    xq, xs, wq, ws = saved
+    dx = dw = None
+    if need_dx:
+        gq, gs = act_quant(g2)
+        dx = (act_dequant(gq, gs) @ weight_dequant(wq, ws, torch.float32)).to(x_dtype)
+    if need_dw:
+        gtq, gts = act_quant(g2.t().contiguous())  # dYᵀ (N, M): 1x128 tiles along the tokens
+        xtq, xts = act_quant(act_dequant(xq, xs).t().contiguous())  # re-tile X: dequant, transpose, requant
+        dw = (act_dequant(gtq, gts) @ act_dequant(xtq, xts).T).to(w_dtype)
+    return dx, dw
+
+
+# --- scaled_mm backend (CUDA SM90) --------------------------------------------------------------
+
+def _pad2(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    r, c = t.shape
+    if r == rows and c == cols:
+        return t.contiguous()
+    return F.pad(t, (0, cols - c, 0, rows - r))
+
+
+def _smm_fwd(x2: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype):
+    k = fp8_quant_kernels()
+    M, K = x2.shape
+    N = w.shape[0]
+    Mp, Kp, Np = _ceil(M), _ceil(K), _ceil(N)
+    xq, xs = k.act_quant_cm(_pad2(x2, Mp, Kp))  # (Mp, Kp), scales (Mp, Kp/128) column-major
+    wq, ws = k.weight_quant_pad(_pad2(w, Np, Kp))  # (Np, Kp), scales (Np/128, round4(Kp/128))
+    y = F.scaled_mm(xq, wq.t(), xs, F.ScalingType.BlockWise1x128, ws.t(), F.ScalingType.BlockWise128x128,
+                    output_dtype=out_dtype)
+    return y[:M, :N], (xq, xs, wq, ws, M, N, K)
+
+
+def _smm_bwd(g2: torch.Tensor, saved, x_dtype: torch.dtype, w_dtype: torch.dtype, need_dx: bool, need_dw: bool):
+    k = fp8_quant_kernels()
+    xq, xs, wq, ws, M, N, K = saved
+    Mp, Kp = xq.shape
+    Np = wq.shape[0]
+    gp = _pad2(g2, Mp, Np)
+    dx = dw = None
+    if need_dx:
+        gq, gs = k.act_quant_cm(gp)
+        nb, kb = Np // BLOCK, Kp // BLOCK
+        wqt = wq.t().contiguous()  # (Kp, Np): the same 128x128 blocks, transposed
+        wst = torch.ones(kb, -(-nb // 4) * 4, dtype=torch.float32, device=ws.device)
+        wst[:, :nb] = ws[:, :kb].t()
+        dx = F.scaled_mm(gq, wqt.t(), gs, F.ScalingType.BlockWise1x128, wst.t(), F.ScalingType.BlockWise128x128,
+                         output_dtype=x_dtype)[:M, :K]
+    if need_dw:
+        gtq, gts = k.act_quant_t(gp)  # dYᵀ (Np, Mp), scales (Np, Mp/128) column-major
+        xtq, xts = k.act_quant_t(xq, xs)  # Xᵀ (Kp, Mp) re-tiled from the FP8 X
+        dw = F.scaled_mm(gtq, xtq.t(), gts, F.ScalingType.BlockWise1x128, xts, F.ScalingType.BlockWise1x128,
+                         output_dtype=torch.float32)[:N, :K].to(w_dtype)
+    return dx, dw
+
+
+class _FP8LinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype, backend: str) -> torch.Tensor:
+        lead, K = x.shape[:-1], x.shape[-1]
+        x2 = x.reshape(-1, K)
+        with torch.autocast(x.device.type, enabled=False):
+            if backend == "scaled_mm":
+                y, saved = _smm_fwd(x2, w.detach(), out_dtype)
+            else:
+                y, saved = _emu_fwd(x2, w.detach(), out_dtype)
+        ctx.saved = saved
+        ctx.backend, ctx.x_dtype, ctx.w_dtype, ctx.x_shape = backend, x.dtype, w.dtype, x.shape
+        return y.reshape(*lead, w.shape[0])
+
+    @staticmethod
+    def backward(ctx, gy: torch.Tensor):
+        g2 = gy.reshape(-1, gy.shape[-1])
+        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        with torch.autocast(gy.device.type, enabled=False):
+            bwd = _smm_bwd if ctx.backend == "scaled_mm" else _emu_bwd
+            dx, dw = bwd(g2, ctx.saved, ctx.x_dtype, ctx.w_dtype, need_dx, need_dw)
+        ctx.saved = None
+        if dx is not None:
+            dx = dx.reshape(ctx.x_shape)
+        return dx, dw, None, None
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, backend: str = "auto",
+               out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """y = x Wᵀ with the three GEMMs in FP8 (module docstring). out_dtype: the autocast dtype where
+    autocast is on, else x's dtype."""
+    if backend not in BACKENDS:
+        raise ValueError(f"fp8 backend must be one of {BACKENDS}, got {backend!r}")
+    dev = x.device.type
+    if out_dtype is None:
+        out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    if backend == "auto":
+        backend = "scaled_mm" if x.is_cuda and scaled_mm_available(x.device) else "emulate"
+    if backend == "scaled_mm" and x.shape[-1] % 16:  # fp8 row strides must stay 16-byte aligned
+        backend = "emulate"
+    if torch.is_autocast_enabled(dev) and x.is_floating_point() and x.dtype != out_dtype:
+        x = x.to(out_dtype)  # the copy autocast would have made for F.linear (both backends alike)
+    return _FP8LinearFn.apply(x, weight, out_dtype, backend)
+
+
+class FP8TrainLinear(nn.Linear):
+    """nn.Linear whose forward, input-gradient and weight-gradient GEMMs run in FP8 (see module
+    docstring). Same parameters and state_dict as nn.Linear; `isinstance(m, nn.Linear)` holds, so
+    initialisation and checkpoint code treat it as one."""
+
+    fp8_backend: str = "auto"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, device=None, dtype=None,
+                 backend: str = "auto"):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.fp8_backend = backend
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, backend: str = "auto") -> "FP8TrainLinear":
+        """Turn `linear` into an FP8TrainLinear in place (same Parameter objects) and return it."""
+        if type(linear) is not nn.Linear:
+            raise TypeError(f"expected a plain nn.Linear, got {type(linear).__name__}")
+        linear.__class__ = cls
+        linear.fp8_backend = backend
+        return linear
+
+    @torch.compiler.disable  # opaque to torch.compile: Triton kernels + F.scaled_mm in an autograd.Function
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = fp8_linear(x, self.weight, self.fp8_backend)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", fp8={self.fp8_backend}"
+
+
+def fp8_target_names(model: nn.Module) -> list[str]:
+    """Qualified names of the nn.Linear modules that `convert_to_fp8_training` swaps: every Linear
+    directly inside an MLA (attention projections) or an MLP (dense FFN, shared experts)."""
+    from dsv3.model.layers import MLP
+    from dsv3.model.mla import MLA
+
+    names = []
+    for pname, parent in model.named_modules():
+        if isinstance(parent, (MLA, MLP)):
+            for cname, child in parent.named_children():
+                if type(child) is nn.Linear:
+                    names.append(f"{pname}.{cname}" if pname else cname)
+    return names
+
+
+def convert_to_fp8_training(model: nn.Module, backend: str = "auto") -> list[str]:
+    """Swap, in place, the attention and dense/shared-expert MLP Linears for FP8TrainLinear (same
+    parameters, same state_dict names). Call before torch.compile and before building the optimizer
+    or after (the Parameter objects are kept). Returns the swapped names."""
+    if backend not in BACKENDS:
+        raise ValueError(f"fp8 backend must be one of {BACKENDS}, got {backend!r}")
+    names = fp8_target_names(model)
+    for name in names:
+        FP8TrainLinear.from_linear(model.get_submodule(name), backend)
+    return names
