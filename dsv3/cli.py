@@ -237,6 +237,33 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_sft(args) -> int:
+    """Supervised fine-tuning on chats (dsv3/posttrain/sft.py)."""
+    from dsv3.posttrain.sft import SFTConfig, train_sft
+
+    cfg = SFTConfig(seq_len=args.seq_len, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
+                    epochs=args.epochs, steps=args.steps, lr=args.lr, min_lr=args.min_lr, seed=args.seed,
+                    device=args.device, precision=args.precision, save_every=args.save_every, resume=args.resume)
+    summary = train_sft(_resolve_checkpoint(args.checkpoint), args.data, args.out, cfg)
+    print(f"sft: {summary}")
+    return 0
+
+
+def cmd_grpo(args) -> int:
+    """GRPO on a task with a checkable answer (dsv3/posttrain/grpo.py)."""
+    from dsv3.posttrain.grpo import GRPOConfig, train_grpo
+    from dsv3.posttrain.tasks import load_callable, load_task
+
+    task = load_task(args.task, seed=args.seed, reward=load_callable(args.reward) if args.reward else None)
+    cfg = GRPOConfig(iterations=args.iterations, prompts_per_iter=args.prompts, group_size=args.group_size,
+                     max_new_tokens=args.max_new_tokens, temperature=args.temperature, ppo_epochs=args.ppo_epochs,
+                     clip_eps=args.clip_eps, beta=args.beta, lr=args.lr, eval_every=args.eval_every,
+                     seed=args.seed, device=args.device, precision=args.precision, resume=args.resume)
+    summary = train_grpo(_resolve_checkpoint(args.checkpoint), task, args.out, cfg)
+    print(f"grpo: {summary}")
+    return 0
+
+
 def _add_sampling_args(p, max_new_tokens: int = 256) -> None:
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
@@ -330,6 +357,45 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--system", default=None, help="system prompt")
     _add_sampling_args(c)
     c.set_defaults(func=cmd_chat)
+
+    ft = sub.add_parser("sft", help="supervised fine-tuning on chats (messages JSONL; loss on assistant tokens)")
+    ft.add_argument("checkpoint", help="checkpoint directory or run directory")
+    ft.add_argument("--data", required=True, help='JSONL, one {"messages": [...]} conversation per line')
+    ft.add_argument("--out", required=True, help="run directory")
+    ft.add_argument("--seq-len", type=int, default=2048)
+    ft.add_argument("--batch-size", type=int, default=16, help="packed rows per optimizer step")
+    ft.add_argument("--micro-batch-size", type=int, default=0)
+    ft.add_argument("--epochs", type=float, default=2.0)
+    ft.add_argument("--steps", type=int, default=0, help="if > 0, overrides --epochs")
+    ft.add_argument("--lr", type=float, default=5e-6)
+    ft.add_argument("--min-lr", type=float, default=1e-6)
+    ft.add_argument("--save-every", type=int, default=200)
+    ft.add_argument("--seed", type=int, default=0)
+    ft.add_argument("--device", default="auto")
+    ft.add_argument("--precision", default="auto")
+    ft.add_argument("--resume", action="store_true")
+    ft.set_defaults(func=cmd_sft)
+
+    gr = sub.add_parser("grpo", help="GRPO reinforcement learning on a task with a checkable answer")
+    gr.add_argument("checkpoint", help="checkpoint directory or run directory")
+    gr.add_argument("--task", default="arithmetic", help='"arithmetic" or a JSONL of {"messages", "answer"} rows')
+    gr.add_argument("--reward", default=None, help='"module:function" scoring (completion, example) -> float')
+    gr.add_argument("--out", required=True, help="run directory")
+    gr.add_argument("--iterations", type=int, default=200)
+    gr.add_argument("--prompts", type=int, default=16, help="prompts per iteration")
+    gr.add_argument("--group-size", type=int, default=8, help="completions per prompt (G)")
+    gr.add_argument("--max-new-tokens", type=int, default=256)
+    gr.add_argument("--temperature", type=float, default=1.0)
+    gr.add_argument("--ppo-epochs", type=int, default=2, help="optimizer steps per sampled batch")
+    gr.add_argument("--clip-eps", type=float, default=0.2)
+    gr.add_argument("--beta", type=float, default=0.04, help="KL weight")
+    gr.add_argument("--lr", type=float, default=1e-6)
+    gr.add_argument("--eval-every", type=int, default=10)
+    gr.add_argument("--seed", type=int, default=0)
+    gr.add_argument("--device", default="auto")
+    gr.add_argument("--precision", default="auto")
+    gr.add_argument("--resume", action="store_true")
+    gr.set_defaults(func=cmd_grpo)
 
     qz = sub.add_parser("quantize", help="write an official-layout FP8 copy of a checkpoint")
     qz.add_argument("checkpoint", help="checkpoint directory or run directory")

@@ -211,3 +211,21 @@ def test_chat_reads_turns_from_stdin(run, monkeypatch):
     assert rc == 0, err
     # the system prompt stays; /reset drops the first exchange; blank lines and text after /exit are ignored
     assert seen == [["be brief", "hello"], ["be brief", "second turn"]]
+
+
+def test_sft_and_grpo_commands_run_end_to_end(run, tmp_path):
+    from dsv3.posttrain.tasks import arithmetic_sft_chats
+
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps(r) + "\n" for r in arithmetic_sft_chats(40, 0)), encoding="utf-8")
+    sft_out = tmp_path / "sft"
+    rc, stdout, err = run_cli(["sft", run["out"], "--data", chats, "--out", sft_out, "--steps", 2, "--batch-size", 2,
+                               "--seq-len", 128, "--lr", 1e-4, "--device", "cpu"])
+    assert rc == 0, err
+    assert (sft_out / "checkpoints" / "step_00000002" / "config.json").exists()
+    rc, stdout, err = run_cli(["grpo", sft_out, "--out", tmp_path / "grpo", "--iterations", 1, "--prompts", 2,
+                               "--group-size", 2, "--max-new-tokens", 4, "--eval-every", 1, "--device", "cpu"])
+    assert rc == 0, err
+    assert "grpo:" in stdout and "heldout_acc" in stdout
+    rc, _, err = run_cli(["sft", run["out"], "--data", tmp_path / "missing.jsonl", "--out", tmp_path / "x"])
+    assert rc == 2 and "missing.jsonl" in err
