@@ -76,7 +76,7 @@ def main() -> None:
     ev = evaluate(model, val, tok.token_byte_lengths(), device, contextlib.nullcontext)
     dev = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
     print(f"held-out: {len(raw):,} bytes of {cache.meta['source']}")
-    print(f"| method | bits/byte |\n|---|---|")
+    print("| method | bits/byte |\n|---|---|")
     print(f"| gzip -9 | {gz:.3f} |\n| xz -9e | {xz:.3f} |")
     print(f"| xz -9e primed with the {len(train_raw):,} training bytes | {xz_primed:.3f} |")
     print(f"| dsv3 {os.path.basename(os.path.dirname(os.path.dirname(path)))} ({path}) | {ev['val_bpb']:.3f} |")

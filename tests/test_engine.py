@@ -348,7 +348,7 @@ def test_cache_holds_normalised_latent_and_rotated_key(models):
     finally:
         for h in hooks:
             h.remove()
-    C, R, bs = cfg.kv_lora_rank, cfg.qk_rope_head_dim, cache.block_size
+    C, bs = cfg.kv_lora_rank, cache.block_size
     written = torch.zeros(cache.kv.shape[1], dtype=torch.bool)
     for i, layer in enumerate(model.layers):
         attn = layer.self_attn
