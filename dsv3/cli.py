@@ -23,6 +23,21 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from dsv3.plan import PlanConfig, format_suggestions, plan, suggest
+
+    cfg, name = _model_config(args)
+    kw = dict(zero=args.zero, precision=args.precision, micro_batch=args.micro_batch, seq_len=args.seq_len,
+              global_batch=args.global_batch, recompute=args.recompute, schedule=args.schedule)
+    if args.suggest:
+        res = suggest(cfg, args.gpus, args.gpu_mem, sort=args.sort, name=name, **kw)
+        print(format_suggestions(res) if res else "no valid layout")
+        return 0
+    print(plan(cfg, PlanConfig(gpus=args.gpus, gpu_mem_gib=args.gpu_mem, pp=args.pp, ep=args.ep, dp=args.dp, **kw),
+               name).format())
+    return 0
+
+
 def _resolve_checkpoint(path: str) -> str:
     from dsv3.training.checkpointing import resolve_checkpoint
 
@@ -290,6 +305,24 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="parameter counts and KV-cache size of a preset or config.json")
     _add_model_source(info)
     info.set_defaults(func=cmd_info)
+
+    pl = sub.add_parser("plan", help="memory per GPU and communication per step of a parallel training layout")
+    _add_model_source(pl)
+    pl.add_argument("--gpus", type=int, default=1)
+    pl.add_argument("--gpu-mem", type=float, default=80.0, help="GiB per GPU")
+    pl.add_argument("--pp", type=int, default=1, help="pipeline stages")
+    pl.add_argument("--ep", type=int, default=1, help="expert-parallel degree (carved from the dp ranks)")
+    pl.add_argument("--dp", type=int, default=None, help="data-parallel degree (default gpus / pp)")
+    pl.add_argument("--zero", type=int, default=1, choices=[0, 1, 2, 3])
+    pl.add_argument("--precision", default="bf16", choices=["bf16", "fp8"])
+    pl.add_argument("--micro-batch", type=int, default=1, help="sequences per micro-batch")
+    pl.add_argument("--seq-len", type=int, default=4096)
+    pl.add_argument("--global-batch", type=int, default=None, help="sequences per step (default dp x micro-batch)")
+    pl.add_argument("--recompute", default="none", choices=["none", "paper", "full"])
+    pl.add_argument("--schedule", default="1f1b", choices=["1f1b", "dualpipe"])
+    pl.add_argument("--suggest", action="store_true", help="list the power-of-two (pp, ep) layouts and which fit")
+    pl.add_argument("--sort", default="memory", choices=["memory", "comm"], help="order of --suggest")
+    pl.set_defaults(func=cmd_plan)
 
     t = sub.add_parser("train", help="pre-train a model (default: tiny preset on the Python stdlib, CPU)")
     _add_model_source(t)
