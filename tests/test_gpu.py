@@ -17,6 +17,24 @@ def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+def _train_losses(m, steps: int = 30) -> list[float]:
+    """Losses of `steps` bf16-autocast AdamW steps on one fixed batch of a 64-token vocabulary (learnable fast)."""
+    from dsv3.training.loss import compute_loss
+
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    x = torch.randint(0, 64, (8, 65), device="cuda")
+    losses = []
+    for _ in range(steps):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = m(x[:, :-1], with_balance=True)
+        loss = compute_loss(out, x[:, 1:], 0.3, 1e-4).total
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
 def _cfg():
     return dsv3.ModelConfig(vocab_size=512, hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
                             num_hidden_layers=3, first_k_dense_replace=1, num_attention_heads=4,
@@ -65,21 +83,9 @@ def test_model_cuda_close_to_cpu_fp32(autocast):
 
 
 def test_training_step_runs_on_cuda_and_loss_falls():
-    from dsv3.training.loss import compute_loss
-
     cfg = _cfg()
     m = dsv3.build_model(cfg, device="cuda", seed=0)
-    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
-    x = torch.randint(0, 64, (8, 65), device="cuda")  # a small vocabulary: learnable quickly
-    losses = []
-    for _ in range(30):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = m(x[:, :-1], with_balance=True)
-        loss = compute_loss(out, x[:, 1:], 0.3, 1e-4).total
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = _train_losses(m)
     assert losses[-1] < 0.7 * losses[0]
 
 
@@ -189,20 +195,9 @@ def test_fp8_training_step_on_cuda_loss_falls():
     if not _fp8_ok():
         pytest.skip("needs SM90, F.scaled_mm and triton")
     from dsv3.training.fp8 import FP8TrainLinear, convert_to_fp8_training
-    from dsv3.training.loss import compute_loss
 
     m = dsv3.build_model(_cfg(), device="cuda", seed=0)
     convert_to_fp8_training(m)
     assert sum(isinstance(x, FP8TrainLinear) for x in m.modules()) > 0
-    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
-    x = torch.randint(0, 64, (8, 65), device="cuda")
-    losses = []
-    for _ in range(30):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = m(x[:, :-1], with_balance=True)
-        loss = compute_loss(out, x[:, 1:], 0.3, 1e-4).total
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = _train_losses(m)
     assert all(map(lambda v: v == v, losses)) and losses[-1] < 0.7 * losses[0]

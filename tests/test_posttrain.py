@@ -93,7 +93,7 @@ def test_render_rejects_late_system(env):
 
 
 @pytest.mark.parametrize("line,err", [
-    ("{not json", "invalid JSON"),
+    ("{not json", "malformed JSON"),
     ('{"msgs": []}', "'messages'"),
     ('{"messages": [{"role": "bot", "content": "x"}]}', "role 'bot'"),
     ('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "  "}]}', "empty assistant"),

@@ -51,6 +51,7 @@ from dsv3.checkpoint import load_pretrained
 from dsv3.training import checkpointing as ckpt
 from dsv3.training.loop import Metrics, resolve_device
 from dsv3.training.loss import IGNORE
+from dsv3.training.data import jsonl_records
 from dsv3.training.optim import make_optimizer
 from dsv3.training.tokenizer import DSTokenizer
 
@@ -93,14 +94,8 @@ def read_chats(path: str) -> list[list[dict]]:
     """Conversations of a JSONL file; clear `file:line: ...` errors for anything malformed."""
     convs = []
     with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+        for n, row in jsonl_records(f, path):
             where = f"{path}:{n}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
             msgs = row.get("messages") if isinstance(row, dict) else None
             if not isinstance(msgs, list) or not msgs:
                 raise ValueError(f"{where}: expected an object with a non-empty 'messages' list")

@@ -18,12 +18,12 @@ same seed always gives the same task. `arithmetic_sft_chats` gives solved conver
 from __future__ import annotations
 
 import importlib
-import json
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from dsv3.posttrain.rewards import exact_match_reward, format_reward
+from dsv3.training.data import jsonl_records
 
 SYSTEM = "You are a careful calculator. End your reply with a line `Answer: <number>`."
 _NAMES = ["Ada", "Bo", "Chen", "Dana", "Eli", "Fay", "Gus", "Hana"]
@@ -111,13 +111,7 @@ def load_task(spec: str, seed: int = 0, heldout_frac: float = 0.05, reward: Call
     else:
         rows = []
         with open(spec, encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{spec}:{i}: invalid JSON: {e}") from None
+            for i, row in jsonl_records(f, spec):
                 if not isinstance(row, dict) or not isinstance(row.get("messages"), list) or "answer" not in row:
                     raise ValueError(f"{spec}:{i}: expected an object with 'messages' (a list) and 'answer'")
                 rows.append(row)

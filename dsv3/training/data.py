@@ -172,6 +172,18 @@ def find_corpus(source: str | os.PathLike | None = None, *,
     return corpus
 
 
+def jsonl_records(lines, name: str, error: type[Exception] = ValueError):
+    """(line number, parsed object) for every non-blank line of a JSONL text; a malformed line raises
+    `error` with "name:line: malformed JSON (...)". The one JSONL parser of the project."""
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise error(f"{name}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+
+
 def read_documents(file: SourceFile) -> list[Document] | None:
     """The documents of one file (empty texts dropped), or None when it is not valid UTF-8.
 
@@ -184,13 +196,7 @@ def read_documents(file: SourceFile) -> list[Document] | None:
     if file.kind == "text":
         return [Document(file.relpath, text)] if text else []
     docs = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise CorpusError(f"{file.path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+    for lineno, record in jsonl_records(text.splitlines(), str(file.path), CorpusError):
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             got = "no 'text' field" if not isinstance(record, dict) or "text" not in record else \
                 f"'text' is {type(record['text']).__name__}, not a string"
