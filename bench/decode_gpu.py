@@ -48,6 +48,7 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--hf", action="store_true")
+    ap.add_argument("--modes", default="eager,graphs", help="engine decode paths to time: eager, graphs, graphs+compile")
     args = ap.parse_args()
     cfg = dsv3.preset(args.preset).replace(num_nextn_predict_layers=0)
     torch.manual_seed(0)
@@ -58,9 +59,12 @@ def main() -> None:
           f"{model_info(cfg).total / 1e9:.2f}B params")
     print("| impl | batch | TTFT (ms) | decode tok/s | step (ms) | roofline step (ms) | of roofline |")
     print("|---|---|---|---|---|---|---|")
-    for B in [int(b) for b in args.batches.split(",")]:
+    for mode, B in [(m, int(b)) for m in args.modes.split(",") for b in args.batches.split(",")]:
         prompts = [torch.randint(0, cfg.vocab_size, (args.prompt_len,), generator=g).tolist() for _ in range(B)]
-        eng = Engine(model, None, max_batch_size=B, cache_tokens=B * (args.prompt_len + args.new + 16))
+        eng = Engine(model, None, max_batch_size=B, cache_tokens=B * (args.prompt_len + args.new + 16),
+                     cuda_graphs=mode != "eager", compile_decode=mode == "graphs+compile")
+        if mode != "eager":  # capture the buckets this run uses before timing (a server does this at start-up)
+            eng.generate(prompts, SamplingParams(max_new_tokens=args.new, temperature=0, ignore_eos=True))
         eng.generate(prompts[:1], SamplingParams(max_new_tokens=4, temperature=0))  # warm-up
         torch.cuda.synchronize()
         t = time.perf_counter()
@@ -80,7 +84,7 @@ def main() -> None:
         dt = time.perf_counter() - t
         steps = args.new - 1
         roof = step_bytes(cfg, B, args.prompt_len + args.new // 2) / HBM
-        print(f"| dsv3 | {B} | {ttft * 1e3:.1f} | {n / dt:,.1f} | {dt / steps * 1e3:.1f} | {roof * 1e3:.2f} | "
+        print(f"| dsv3 {mode} | {B} | {ttft * 1e3:.1f} | {n / dt:,.1f} | {dt / steps * 1e3:.1f} | {roof * 1e3:.2f} | "
               f"{roof / (dt / steps):.1%} |", flush=True)
     del model, eng
     torch.cuda.empty_cache()

@@ -3,6 +3,11 @@ with the FP8 linears of dsv3/training/fp8.py; prints both curves (every 20 steps
 difference of the mean loss over the last 20 steps.
 
     PYTHONPATH=. python bench/fp8_loss.py --preset small --steps 200 --batch 8 --seq 512
+    PYTHONPATH=. python bench/fp8_loss.py --preset small --steps 1200 --schedule cosine --noise
+
+--schedule cosine: warm-up then cosine decay to 10% (the runs converge, so the end losses compare
+converged models rather than two points on a steep curve). --noise: a third run, bf16 with another
+init seed, whose difference to the first bf16 run is the run-to-run noise the FP8 gap is judged against.
 
 Data: random but learnable, a fixed sparse Markov chain over --vocab tokens (each token has 4 possible
 successors), so the loss floor is ln 4 = 1.386 for the main head. Fresh batches each step, the same
@@ -34,9 +39,11 @@ def batches(steps, B, T, vocab, seed=0):
         yield x
 
 
-def run(cfg, precision, data, lr):
-    torch.manual_seed(0)
-    model = dsv3.build_model(cfg, device="cuda", dtype=torch.float32, seed=0)
+def run(cfg, precision, data, lr, schedule="constant", seed=0):
+    import math
+
+    torch.manual_seed(seed)
+    model = dsv3.build_model(cfg, device="cuda", dtype=torch.float32, seed=seed)
     model.set_experts_impl("grouped")
     if precision == "fp8":
         from dsv3.training.fp8 import convert_to_fp8_training
@@ -44,10 +51,14 @@ def run(cfg, precision, data, lr):
     opt = make_optimizer(model, lr)
     losses = []
     t0 = time.perf_counter()
+    n = len(data)
     for i, x in enumerate(data):
         x = x.cuda(non_blocking=True)
-        for group in opt.param_groups:  # short warm-up
-            group["lr"] = lr * min(1.0, (i + 1) / 20)
+        f = min(1.0, (i + 1) / 20)  # short warm-up
+        if schedule == "cosine" and i >= 20:
+            f = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (i - 20) / max(1, n - 20)))
+        for group in opt.param_groups:
+            group["lr"] = lr * f
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out = model(x[:, :-1])
         loss = compute_loss(out, x[:, 1:], 0.3)
@@ -67,19 +78,26 @@ def main():
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--schedule", default="constant", choices=["constant", "cosine"])
+    ap.add_argument("--noise", action="store_true", help="also bf16 with init seed 1 (run-to-run noise)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     cfg = dsv3.preset(args.preset)
     data = list(batches(args.steps, args.batch, args.seq, args.vocab))
     res = {}
-    for prec in ("bf16", "fp8"):
-        res[prec], dt = run(cfg, prec, data, args.lr)
-        print(f"{prec}: {args.steps} steps in {dt:.1f} s; loss every 20 steps: "
-              + " ".join(f"{v:.4f}" for v in res[prec][19::20]), flush=True)
-    a = sum(res["bf16"][-20:]) / 20
-    b = sum(res["fp8"][-20:]) / 20
-    print(f"{args.preset} {args.batch}x{args.seq}, {args.steps} steps: mean main loss of the last 20 steps "
-          f"bf16 {a:.4f}, fp8 {b:.4f}, relative difference {(b - a) / a:+.3%}")
+    runs = [("bf16", "bf16", 0), ("fp8", "fp8", 0)] + ([("bf16_seed1", "bf16", 1)] if args.noise else [])
+    every = max(20, args.steps // 20)
+    for name, prec, seed in runs:
+        res[name], dt = run(cfg, prec, data, args.lr, args.schedule, seed)
+        print(f"{name}: {args.steps} steps in {dt:.1f} s; loss every {every} steps: "
+              + " ".join(f"{v:.4f}" for v in res[name][every - 1::every]), flush=True)
+    end = {k: sum(v[-20:]) / 20 for k, v in res.items()}
+    a, b = end["bf16"], end["fp8"]
+    print(f"{args.preset} {args.batch}x{args.seq}, {args.steps} steps ({args.schedule}): mean main loss of the "
+          f"last 20 steps bf16 {a:.4f}, fp8 {b:.4f}, relative difference {(b - a) / a:+.3%}")
+    if args.noise:
+        c = end["bf16_seed1"]
+        print(f"run-to-run noise: bf16 seed 1 {c:.4f}, relative to bf16 seed 0 {(c - a) / a:+.3%}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), **res}, f)

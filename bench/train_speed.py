@@ -64,17 +64,19 @@ def flops_per_token(cfg: dsv3.ModelConfig, T: int) -> float:
     return 6 * dense + attn
 
 
-def time_dsv3(cfg, B, T, steps, warmup, compile_blocks=False, precision="bf16"):
+def time_dsv3(cfg, B, T, steps, warmup, compile_blocks=False, precision="bf16", recompute="none",
+              state_dtype=torch.float32):
     torch.manual_seed(0)
     model = dsv3.build_model(cfg, device="cuda", dtype=torch.float32)
     model.set_experts_impl("grouped")
+    model.set_recompute(recompute)
     if precision == "fp8":  # attention + dense/shared MLP linears in FP8 (dsv3/training/fp8.py); before compile
         from dsv3.training.fp8 import convert_to_fp8_training
         convert_to_fp8_training(model)
     if compile_blocks:  # per block, in place (state-dict names unchanged): fuses norms, RoPE, SwiGLU
         for blk in list(model.layers) + list(model.mtp):
             blk.compile()
-    opt = make_optimizer(model, 1e-4)
+    opt = make_optimizer(model, 1e-4, state_dtype=state_dtype)
     x = torch.randint(0, cfg.vocab_size, (B, T + 1), device="cuda")
     times = []
     for i in range(warmup + steps):
@@ -92,6 +94,7 @@ def time_dsv3(cfg, B, T, steps, warmup, compile_blocks=False, precision="bf16"):
             times.append(time.perf_counter() - t)
     mem = torch.cuda.max_memory_allocated() / 2**30
     del model, opt, out, loss
+    torch._dynamo.reset()  # compiled blocks keep their modules (and memory) alive otherwise
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     return statistics.median(times), mem
@@ -140,6 +143,10 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="also time dsv3 with torch.compile per block")
     ap.add_argument("--precision", default="bf16",
                     help="dsv3 precision: bf16 | fp8 | bf16,fp8 (fp8: bf16 autocast + the FP8 GEMMs of SPEC §9)")
+    ap.add_argument("--variants", default=None,
+                    help="comma list replacing --precision/--compile, each '+'-joined tags: bf16|fp8, compile, "
+                         "sel (selective recompute) | full (full recompute), bf16opt (AdamW moments in bf16); "
+                         "e.g. bf16+compile,bf16+compile+sel,fp8+compile")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     rows = []
@@ -158,6 +165,17 @@ def main() -> None:
             impls.append((f"dsv3{tag}", lambda *a, p=prec: time_dsv3(*a, precision=p)))
             if args.compile:
                 impls.append((f"dsv3{tag}+compile", lambda *a, p=prec: time_dsv3(*a, compile_blocks=True, precision=p)))
+        if args.variants:
+            impls = []
+            for v in args.variants.split(","):
+                tags = v.split("+")
+                bad = set(tags) - {"bf16", "fp8", "compile", "sel", "full", "bf16opt"}
+                if bad or tags[0] not in ("bf16", "fp8"):
+                    raise SystemExit(f"--variants: bad variant {v!r}")
+                kw = dict(precision=tags[0], compile_blocks="compile" in tags,
+                          recompute="selective" if "sel" in tags else "full" if "full" in tags else "none",
+                          state_dtype=torch.bfloat16 if "bf16opt" in tags else torch.float32)
+                impls.append((f"dsv3 {v}", lambda *a, kw=kw: time_dsv3(*a, **kw)))
         if args.hf:
             impls.append(("transformers", time_hf))
         for impl, fn in impls:

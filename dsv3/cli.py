@@ -56,12 +56,56 @@ def cmd_train(args) -> int:
                      seed=args.seed, resume=args.resume, eval_every=args.eval_every, save_every=args.save_every,
                      mtp_lambda=args.mtp_lambda, bias_gamma=args.bias_gamma, balance_alpha=args.balance_alpha,
                      fim_rate=args.fim_rate, batch_ramp_steps=args.batch_ramp_steps, batch_start=args.batch_start,
-                     progress=not args.no_progress, compile=args.compile)
+                     progress=not args.no_progress, compile=args.compile, recompute=args.recompute,
+                     optim_state_dtype=args.optim_state)
     if args.cache_dir:
         tc.cache_dir = args.cache_dir
+    if _parallel_run(args, tc):
+        return _train_parallel(args, mc, tc)
     summary = train(mc, tc)
     if args.samples > 0 and not summary["interrupted"]:
         _print_samples(summary["checkpoint"], args.samples, args.seed)
+    return 0
+
+
+def _parallel_run(args, tc) -> bool:
+    """Several processes (torchrun sets WORLD_SIZE), a layout flag, or a resume of a sharded run."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or args.dp_shard or args.ep or args.no_fsdp:
+        return True
+    if not tc.resume:
+        return False
+    from dsv3.distributed.checkpoint import is_dcp_checkpoint
+    from dsv3.training.checkpointing import latest_checkpoint
+
+    latest = latest_checkpoint(os.path.join(tc.out_dir, "checkpoints"))
+    return latest is not None and is_dcp_checkpoint(latest)
+
+
+def _train_parallel(args, mc, tc) -> int:
+    """`dsv3 train` on every rank of a torchrun world (dsv3/distributed/trainer.py)."""
+    import torch.distributed as dist
+
+    from dsv3.distributed.trainer import default_layout, start, train_parallel
+
+    env = start(tc.device)
+    try:
+        pcfg = default_layout(env.world_size, args.dp_shard, args.ep, fsdp=not args.no_fsdp)
+        summary = train_parallel(mc, tc, pcfg, env)
+        if env.rank == 0 and args.samples > 0 and not summary["interrupted"]:
+            _print_samples(summary["checkpoint"], args.samples, args.seed)
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+def cmd_convert(args) -> int:
+    import torch
+
+    from dsv3.distributed.checkpoint import to_hf
+
+    print(to_hf(args.checkpoint, args.out, getattr(torch, args.dtype) if args.dtype else None))
     return 0
 
 
@@ -355,6 +399,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--cache-dir", help="where tokenizers and token caches go (default ~/.cache/dsv3)")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
     t.add_argument("--compile", action="store_true", help="torch.compile each block (faster on GPUs)")
+    t.add_argument("--recompute", default="none", choices=["none", "selective", "full"],
+                   help="activation recomputation: selective = RMSNorms + MLA up-projections (paper), full = per block")
+    t.add_argument("--optim-state", default="fp32", choices=["fp32", "bf16"],
+                   help="storage dtype of the AdamW moments (the paper keeps them in bf16)")
+    t.add_argument("--dp-shard", type=int, default=0,
+                   help="under torchrun: ranks holding the same experts (default: world size / --ep)")
+    t.add_argument("--ep", type=int, default=0,
+                   help="under torchrun: expert-parallel degree (default: world size / --dp-shard, else 1)")
+    t.add_argument("--no-fsdp", action="store_true",
+                   help="under torchrun: replicate the non-expert parameters instead of FSDP2-sharding them")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="validation loss and bits per byte of a checkpoint")
@@ -429,6 +483,13 @@ def build_parser() -> argparse.ArgumentParser:
     gr.add_argument("--precision", default="auto")
     gr.add_argument("--resume", action="store_true")
     gr.set_defaults(func=cmd_grpo)
+
+    cv = sub.add_parser("convert", help="sharded (torchrun) checkpoint -> Hugging Face-format directory")
+    cv.add_argument("checkpoint", help="DCP checkpoint directory or run directory (its latest checkpoint)")
+    cv.add_argument("out", help="new output directory")
+    cv.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                    help="storage dtype (default: float32, as training checkpoints)")
+    cv.set_defaults(func=cmd_convert)
 
     qz = sub.add_parser("quantize", help="write an official-layout FP8 copy of a checkpoint")
     qz.add_argument("checkpoint", help="checkpoint directory or run directory")

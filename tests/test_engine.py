@@ -398,24 +398,30 @@ def naive_refs(models):
     return refs
 
 
+@pytest.mark.parametrize("graphs", [False, True])
 @pytest.mark.parametrize("name", ["plain", "yarn"])
-def test_engine_greedy_matches_naive(models, naive_refs, name):
+def test_engine_greedy_matches_naive(models, naive_refs, name, graphs):
+    # graphs=True: the static-shape decode step of dsv3/inference/graphs.py (run eagerly on the CPU;
+    # batch 5 pads to 8, context buckets of 1/2/4/8 blocks of 3 are crossed by the growing sequences)
     model = models[name]
     prompts, refs = naive_refs[name]
-    eng = Engine(model, max_batch_size=8, block_size=3)
+    eng = Engine(model, max_batch_size=8, block_size=3, cuda_graphs=graphs)
     outs = eng.generate(prompts, greedy(10))
     for o, p, (toks, reason) in zip(outs, prompts, refs):
         assert o.token_ids == toks and o.finish_reason == reason and o.finished
         assert o.prompt_tokens == len(p) and o.logprobs is None and o.text == ""
-    assert eng.cache.free_blocks == eng.cache.num_blocks and not eng.has_unfinished()
+    assert eng.cache.free_blocks == eng.cache.num_blocks - graphs and not eng.has_unfinished()
+    if graphs:
+        assert {k[0] for k in eng._graphs._entries} >= {8}  # 5 running sequences pad to 8 rows
     assert eng.stats.prefill_tokens == sum(LENGTHS)
     assert eng.stats.generated_tokens == sum(len(t) for t, _ in refs)
 
 
-def test_engine_continuous_batching(models, naive_refs):
+@pytest.mark.parametrize("graphs", [False, True])
+def test_engine_continuous_batching(models, naive_refs, graphs):
     model = models["plain"]
     prompts, refs = naive_refs["plain"]
-    eng = Engine(model, max_batch_size=8, block_size=2)
+    eng = Engine(model, max_batch_size=8, block_size=2, cuda_graphs=graphs)
     final, ids = {}, {}
 
     def step():
@@ -437,7 +443,7 @@ def test_engine_continuous_batching(models, naive_refs):
         step()
     for i, (toks, reason) in enumerate(refs):
         assert final[ids[i]].token_ids == toks and final[ids[i]].finish_reason == reason
-    assert eng.cache.free_blocks == eng.cache.num_blocks
+    assert eng.cache.free_blocks == eng.cache.num_blocks - graphs
 
 
 def test_engine_queueing_batch_and_cache_limits(models, naive_refs):
@@ -843,6 +849,22 @@ def test_temperature_topk_and_seeds(models, naive_refs, k):
     b = [o.token_ids for o in eng.generate(prompts[3:4] + prompts[:1] * 6, [sp[0]] + sp)[1:]]
     assert a == b
     assert len({tuple(x) for x in a}) == 6
+
+
+def test_static_decode_step_sampling_and_logprobs_match_eager(models, naive_refs):
+    """The static-shape decode step (graphs.py; eager on the CPU) feeds the same sampler: seeded
+    sampling, top-p and logprobs give the same tokens and (to fp32 rounding) the same log-probs."""
+    model = models["yarn"]
+    prompts, _ = naive_refs["yarn"]
+    sp = [SamplingParams(max_new_tokens=12, temperature=0.9, top_p=0.9, seed=s, logprobs=2, ignore_eos=True)
+          for s in range(len(prompts))]
+    a = Engine(model, max_batch_size=8, block_size=3, cuda_graphs=False).generate(prompts, sp)
+    b = Engine(model, max_batch_size=8, block_size=3, cuda_graphs=True).generate(prompts, sp)
+    for x, y in zip(a, b):
+        assert x.token_ids == y.token_ids
+        assert max(abs(p.logprob - q.logprob) for p, q in zip(x.logprobs, y.logprobs)) < 1e-5
+    with pytest.raises(ValueError, match="speculative"):
+        Engine(model, max_batch_size=2, speculative_k=1, cuda_graphs=True)
 
 
 def test_seeded_speculative_sampling_independent_of_cache_history(spec_models):

@@ -42,6 +42,7 @@ class ParallelState:
     ep_rank: int
     expert_params: list  # local expert slices (EP only), synchronised by finish_grad_sync
     replicated_params: list  # non-expert parameters when fsdp=False
+    mesh: object = None  # the ("dp", "ep") DeviceMesh (distributed checkpoints place expert slices on it)
 
 
 def parallelize(model, pcfg: ParallelConfig, mesh) -> ParallelState:
@@ -75,7 +76,7 @@ def parallelize(model, pcfg: ParallelConfig, mesh) -> ParallelState:
         fully_shard(model, mesh=flat, ignored_params=ignored)
     elif world > 1:
         replicated = [p for p in model.parameters() if p not in ignored]
-    return ParallelState(pcfg, world, dist.group.WORLD, dp_group, ep_group, ep_rank, expert_params, replicated)
+    return ParallelState(pcfg, world, dist.group.WORLD, dp_group, ep_group, ep_rank, expert_params, replicated, mesh)
 
 
 @torch.no_grad()
@@ -141,10 +142,11 @@ def train_step(model, opt, micro_batches, ps: ParallelState, *, mtp_lambda: floa
                balance_alpha: float = 0.0, gamma: float = 0.0, grad_clip: float = 1.0,
                autocast=None) -> dict:
     """One optimizer step on this rank's rows: `micro_batches` is a list of (b, T+1) token tensors.
-    Returns the global mean loss / main CE (same value on every rank), grad norm and global loads."""
+    Returns the global mean loss / main CE / MTP CE / balance term (same value on every rank), grad
+    norm and global loads."""
     n = len(micro_batches)
     counts = None
-    loss = torch.zeros(2, device=micro_batches[0].device)
+    loss = torch.zeros(4, device=micro_batches[0].device)  # total, main CE, MTP (mean over depths), balance
     for b in micro_batches:
         x, y = b[:, :-1], b[:, 1:]
         if autocast is not None:
@@ -154,7 +156,10 @@ def train_step(model, opt, micro_batches, ps: ParallelState, *, mtp_lambda: floa
             out = model(x, with_balance=balance_alpha > 0)
         parts = compute_loss(out, y, mtp_lambda, balance_alpha)
         (parts.total / n).backward()
-        loss += torch.stack([parts.total.detach(), parts.main.detach()]).float() / n
+        zero = parts.main.new_zeros(())
+        mtp = torch.stack(parts.mtp_per_depth).mean() if parts.mtp_per_depth else zero
+        bal = parts.balance if parts.balance is not None else zero
+        loss += torch.stack([parts.total, parts.main, mtp, bal]).detach().float() / n
         if out.expert_counts is not None:
             counts = out.expert_counts if counts is None else counts + out.expert_counts
     finish_grad_sync(ps)
@@ -166,5 +171,5 @@ def train_step(model, opt, micro_batches, ps: ParallelState, *, mtp_lambda: floa
         update_expert_bias(model.routers(), counts, gamma)
     dist.all_reduce(loss, group=ps.data_group)
     loss = (loss / ps.world_size).tolist()
-    return {"loss": loss[0], "main": loss[1], "grad_norm": None if gnorm is None else float(gnorm),
-            "counts": counts}
+    return {"loss": loss[0], "main": loss[1], "mtp": loss[2], "balance": loss[3],
+            "grad_norm": None if gnorm is None else float(gnorm), "counts": counts}

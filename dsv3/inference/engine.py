@@ -142,7 +142,8 @@ class EngineStats:
 
 class Engine:
     def __init__(self, model, tokenizer=None, *, max_batch_size: int = 32, cache_tokens: int | None = None,
-                 block_size: int = 16, speculative_k: int = 0, max_model_len: int | None = None):
+                 block_size: int = 16, speculative_k: int = 0, max_model_len: int | None = None,
+                 cuda_graphs: bool | None = None, compile_decode: bool = False):
         cfg = model.config
         if speculative_k > 0 and cfg.num_nextn_predict_layers == 0:
             raise ValueError("speculative decoding needs MTP modules, but this model has num_nextn_predict_layers=0")
@@ -156,8 +157,28 @@ class Engine:
         # room for max_batch_size requests of the full context (each also reserves k + 1 draft positions)
         cache_tokens = cache_tokens or max_batch_size * (min(self.max_model_len, 4096) + self.k + 1)
         num_blocks = -(-cache_tokens // block_size)
-        self.cache = PagedLatentCache.for_model(model, num_blocks, block_size)
+        # cuda_graphs (None: on for a bf16/fp16 CUDA model without speculation): single-token decode
+        # steps run through dsv3/inference/graphs.py (static shapes, one graph replay per step). True
+        # on the CPU runs that same static-shape step eagerly (how the tests check it). Speculative
+        # verification ([x_L, drafts...], T = k + 1) and prefill stay eager. A graph holds only
+        # sync-free code: the grouped-GEMM experts (bf16 on CUDA), not the per-expert loop.
+        p0 = next(model.parameters())
+        use = cuda_graphs if cuda_graphs is not None else (
+            speculative_k == 0 and p0.is_cuda and p0.dtype in (torch.bfloat16, torch.float16))
+        if compile_decode and not use:
+            raise ValueError("compile_decode compiles the graphed decode step: it needs cuda_graphs")
+        if use and speculative_k > 0:
+            raise ValueError("cuda_graphs covers single-token decoding; it cannot be combined with speculative_k > 0")
+        self.cache = PagedLatentCache.for_model(model, num_blocks + (1 if use else 0), block_size)
         self.device = self.cache.kv.device
+        self._graphs = None
+        if use:
+            from dsv3.inference.graphs import DecodeGraphs
+
+            pad = self.cache.allocate(1)[0]  # reserved: padding rows of a bucket write and read here
+            max_blocks = -(-(self.max_model_len + self.k + 1) // block_size)
+            self._graphs = DecodeGraphs(self.model, self.cache, pad, max_batch_size, max_blocks,
+                                        compile=compile_decode)
         self.eos = [tokenizer.eos_id] if tokenizer is not None else ([cfg.eos_token_id] if cfg.eos_token_id is not None else [])
         self.waiting: list[_Request] = []
         self.running: list[_Request] = []
@@ -287,6 +308,15 @@ class Engine:
 
     def _decode(self, reqs: list[_Request]) -> None:
         inputs = [[r.tokens[-1]] + r.drafts for r in reqs]
+        if self._graphs is not None:  # k == 0: one token per sequence through the static/graphed step
+            logits = self._graphs.run([x[0] for x in inputs], [r.main_len for r in reqs],
+                                      [r.blocks for r in reqs]).unsqueeze(1)  # (B, 1, V)
+            top1 = logits[:, 0].argmax(-1).unsqueeze(1).tolist()  # one device->host copy per step
+            for b, r in enumerate(reqs):
+                accepted, lps = self._verify(r, logits[b], inputs[b], top1[b])
+                r.main_len += len(accepted)
+                self._append(r, accepted, lps)
+            return
         out, cb = self._forward(reqs, inputs)
         top1 = out.logits.argmax(-1).tolist()  # (B, T) greedy choices, one device->host copy
         n_acc = []

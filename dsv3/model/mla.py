@@ -53,6 +53,7 @@ class MLA(nn.Module):
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, 1e-6)
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, H * (self.nope + self.v_dim), bias=False)
         self.o_proj = nn.Linear(H * self.v_dim, D, bias=False)
+        self.recompute_up = False  # set by Transformer.set_recompute("selective")
 
     def query(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, T, D) -> q_nope (B, T, H, nope), rotated q_pe (B, T, H, rope)."""
@@ -80,17 +81,33 @@ class MLA(nn.Module):
         if cache is not None:
             return self.forward_absorbed(x, cos, sin, cache)
         B, T, _ = x.shape
+        # down-projections (their outputs are small: q_lora_rank / kv_lora_rank + rope wide)
+        q_a = self.q_proj(x) if self.q_lora_rank is None else self.q_a_proj(x)
+        kv_a = self.kv_a_proj_with_mqa(x)  # (B, T, kv_lora_rank + rope)
+        if self.recompute_up and torch.is_grad_enabled():
+            # paper §3.2.2: norms + up-projections + RoPE re-run in the backward, so only the small
+            # down-projected latents (and attention's own q, k, v) stay alive between the passes
+            q, k, v = torch.utils.checkpoint.checkpoint(self._up, q_a, kv_a, cos, sin, use_reentrant=False)
+        else:
+            q, k, v = self._up(q_a, kv_a, cos, sin)
+        o = attention(q, k, v, self.scale, attn_mask)  # (B, H, T, v); causal when attn_mask is None
+        o = o.transpose(1, 2).reshape(B, T, self.n_heads * self.v_dim)  # (B, T, H*v)
+        return self.o_proj(o)
+
+    def _up(self, q_a: torch.Tensor, kv_a: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Down-projected q_a (B, T, q_lora_rank or H*qk) and kv_a (B, T, C + rope) -> q, k (B, H, T, qk), v (B, H, T, v)."""
+        B, T, _ = q_a.shape
         H = self.n_heads
-        q_nope, q_pe = self.query(x, cos, sin)  # (B, T, H, nope), (B, T, H, rope)
-        c_kv, k_pe = self.latent(x, cos, sin)  # (B, T, C), (B, T, rope)
-        kv = self.kv_b_proj(c_kv).view(B, T, H, self.nope + self.v_dim)
+        q = q_a if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(q_a))
+        q_nope, q_pe = q.view(B, T, H, self.qk_dim).split([self.nope, self.rope], dim=-1)
+        q_pe = apply_rope(q_pe, cos, sin)  # (B, T, H, rope)
+        c_kv, k_pe = kv_a.split([self.kv_lora_rank, self.rope], dim=-1)
+        k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin).squeeze(2)  # (B, T, rope): one key shared by all heads
+        kv = self.kv_b_proj(self.kv_a_layernorm(c_kv)).view(B, T, H, self.nope + self.v_dim)
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)  # (B, T, H, nope), (B, T, H, v)
         q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # (B, H, T, qk)
         k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(B, T, H, self.rope)], dim=-1).transpose(1, 2)
-        v = v.transpose(1, 2)  # (B, H, T, v)
-        o = attention(q, k, v, self.scale, attn_mask)  # (B, H, T, v); causal when attn_mask is None
-        o = o.transpose(1, 2).reshape(B, T, H * self.v_dim)  # (B, T, H*v)
-        return self.o_proj(o)
+        return q, k, v.transpose(1, 2)
 
     def kv_b_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """W_UK (H, nope, C) and W_UV (H, v, C), views of kv_b_proj's weight (dequantised if FP8)."""

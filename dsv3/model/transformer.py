@@ -28,6 +28,12 @@ from dsv3.model.layers import MLP, RMSNorm
 from dsv3.model.mla import MLA
 from dsv3.model.moe import Experts, MoE, Router
 
+RECOMPUTE = ("none", "selective", "full")
+
+
+def _ckpt(fn, *args):
+    return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, moe: bool):
@@ -36,10 +42,21 @@ class Block(nn.Module):
         self.self_attn = MLA(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoE(cfg) if moe else MLP(cfg.hidden_size, cfg.intermediate_size)
+        # activation recomputation in the backward (training only; `Transformer.set_recompute`):
+        # "selective" = the paper's §3.2.2 choice, the RMSNorms and the MLA up-projections;
+        # "full" = the whole block (only its input is kept)
+        self.recompute = "none"
 
     def forward(self, h, cos, sin, attn_mask=None, with_balance=False, cache=None):
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, attn_mask, cache)
-        x = self.post_attention_layernorm(h)
+        if self.recompute == "full" and cache is None and torch.is_grad_enabled():
+            return _ckpt(self._forward, h, cos, sin, attn_mask, with_balance, None)
+        return self._forward(h, cos, sin, attn_mask, with_balance, cache)
+
+    def _forward(self, h, cos, sin, attn_mask, with_balance, cache):
+        sel = self.recompute == "selective" and cache is None and torch.is_grad_enabled()
+        x = _ckpt(self.input_layernorm, h) if sel else self.input_layernorm(h)
+        h = h + self.self_attn(x, cos, sin, attn_mask, cache)
+        x = _ckpt(self.post_attention_layernorm, h) if sel else self.post_attention_layernorm(h)
         if isinstance(self.mlp, MoE):
             y, stats = self.mlp(x, with_balance)
             return h + y, stats
@@ -97,6 +114,15 @@ class Transformer(nn.Module):
         """The MoE routers in the order of `ModelOutput.expert_counts` rows."""
         blocks = list(self.layers) + list(self.mtp)
         return [b.mlp.gate for b in blocks if isinstance(b.mlp, MoE)]
+
+    def set_recompute(self, policy: str) -> None:
+        """Activation recomputation for training: "none", "selective" (RMSNorms and MLA up-projections,
+        paper §3.2.2) or "full" (every block keeps only its input). Same numbers, less memory."""
+        if policy not in RECOMPUTE:
+            raise ValueError(f"recompute must be one of {RECOMPUTE}, got {policy!r}")
+        for blk in list(self.layers) + list(self.mtp):
+            blk.recompute = policy
+            blk.self_attn.recompute_up = policy == "selective"
 
     def set_experts_impl(self, impl: str) -> None:
         if impl not in ("auto", "grouped", "loop"):

@@ -93,7 +93,8 @@ def load_optimizer(model: torch.nn.Module, opt: torch.optim.Optimizer, tensors: 
         if k == "step":
             opt.state.setdefault(p, {})[k] = v.clone()  # AdamW keeps step as a cpu float tensor
         else:
-            opt.state.setdefault(p, {})[k] = v.to(device=p.device, dtype=p.dtype if v.is_floating_point() else v.dtype)
+            # moments keep the dtype they were saved in (fp32, or bf16 with state_dtype=bfloat16)
+            opt.state.setdefault(p, {})[k] = v.to(device=p.device, copy=True)
 
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
@@ -184,6 +185,12 @@ def resolve_checkpoint(path: str) -> str:
         return path
     latest = latest_checkpoint(os.path.join(path, "checkpoints"))
     if latest is None:
+        if os.path.exists(os.path.join(path, "trainer_state.json")):  # a sharded one without its export
+            raise FileNotFoundError(f"{path} is a sharded (torchrun) checkpoint: `dsv3 convert {path} OUT` "
+                                    "writes it in the Hugging Face format")
         raise FileNotFoundError(f"{path} is neither a checkpoint directory (no config.json) nor a run directory "
                                 "with checkpoints/")
+    if not os.path.exists(os.path.join(latest, "config.json")):
+        raise FileNotFoundError(f"the latest checkpoint {latest} is a sharded (torchrun) checkpoint: "
+                                f"`dsv3 convert {path} OUT` writes it in the Hugging Face format")
     return latest

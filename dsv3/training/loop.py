@@ -71,6 +71,8 @@ class TrainConfig:
     resume: bool = False
     progress: bool = True
     compile: bool = False  # torch.compile each block (1.2-1.6x training speed on an H100, bench/RESULTS.md)
+    recompute: str = "none"  # none | selective (RMSNorms + MLA up-projections, paper §3.2.2) | full (per block)
+    optim_state_dtype: str = "fp32"  # fp32 | bf16 (AdamW moments stored in bf16, paper §3.3)
 
     def validate(self) -> None:
         for name in ("steps", "seq_len", "batch_size"):
@@ -85,6 +87,10 @@ class TrainConfig:
             raise ValueError(f"precision must be auto, fp32, bf16 or fp8, got {self.precision!r}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.recompute not in ("none", "selective", "full"):
+            raise ValueError(f"recompute must be none, selective or full, got {self.recompute!r}")
+        if self.optim_state_dtype not in ("fp32", "bf16"):
+            raise ValueError(f"optim_state_dtype must be fp32 or bf16, got {self.optim_state_dtype!r}")
         if self.log_every < 1:  # the loop logs at step % log_every == 0
             raise ValueError(f"log_every must be >= 1, got {self.log_every}")
 
@@ -242,22 +248,24 @@ def train(mc: ModelConfig, tc: TrainConfig, log=print) -> dict:
     val = cache.val_batches(tc.seq_len, micro) if meta["val"]["n_tokens"] > tc.seq_len else None
 
     torch.manual_seed(tc.seed)
+    state_dtype = torch.bfloat16 if tc.optim_state_dtype == "bf16" else torch.float32
     if resume_from is None:
         model = build_model(mc, device=device, dtype=torch.float32, seed=tc.seed)
-        opt = make_optimizer(model, tc.lr, tc.weight_decay)
+        opt = make_optimizer(model, tc.lr, tc.weight_decay, state_dtype=state_dtype)
         step, tokens_seen = 0, 0
     else:
         model, state, opt_t, rng_t = ckpt.load_checkpoint(resume_from, device, torch.float32)
         if model.config.to_dict() != mc.to_dict():
             log("note: resuming with the checkpoint's model config (the command line's preset/config is ignored)")
         mc = model.config
-        opt = make_optimizer(model, tc.lr, tc.weight_decay)
+        opt = make_optimizer(model, tc.lr, tc.weight_decay, state_dtype=state_dtype)
         ckpt.load_optimizer(model, opt, opt_t, state["optimizer"])
         sampler.load_state_dict(state["sampler"])
         ckpt.set_rng_state(rng_t, state["rng"])
         step, tokens_seen = state["step"], state["tokens"]
         log(f"resumed from {resume_from} at step {step}")
     model.train()
+    model.set_recompute(tc.recompute)
     if precision == "fp8":  # in place, before compile; on the CPU the FP8 GEMMs are emulated (slow)
         from dsv3.training.fp8 import convert_to_fp8_training
         log(f"fp8: {len(convert_to_fp8_training(model))} linears in FP8 (attention, dense/shared MLPs)")

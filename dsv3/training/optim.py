@@ -80,8 +80,67 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+class AdamWLowPrecisionState(torch.optim.Optimizer):
+    """AdamW whose moments are *stored* in a low-precision dtype (bf16, as the paper keeps them, §3.3)
+    while the parameters stay fp32 masters. Each step computes in fp32: m, v are read up from storage,
+    updated, used for the update unrounded, then rounded (to nearest) back. Saves 4 bytes/parameter.
+    Same update rule as torch.optim.AdamW (decoupled decay p *= 1 - lr·wd, bias corrections)."""
+
+    def __init__(self, params, lr: float, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0,
+                 state_dtype: torch.dtype = torch.bfloat16):
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        self.state_dtype = state_dtype
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for g in self.param_groups:
+            b1, b2 = g["betas"]
+            lr, wd, eps = g["lr"], g["weight_decay"], g["eps"]
+            by_step: dict[float, list] = {}  # foreach ops need one bias correction per list
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                if not st:
+                    st["step"] = torch.tensor(0.0)
+                    st["exp_avg"] = torch.zeros_like(p, dtype=self.state_dtype)
+                    st["exp_avg_sq"] = torch.zeros_like(p, dtype=self.state_dtype)
+                st["step"] += 1
+                by_step.setdefault(float(st["step"]), []).append(p)
+            for t, ps in by_step.items():
+                grads = [p.grad.float() for p in ps]  # no copy for fp32 grads: only read below
+                m_store = [self.state[p]["exp_avg"] for p in ps]
+                v_store = [self.state[p]["exp_avg_sq"] for p in ps]
+                m = [x.float() for x in m_store]  # fp32 working copies
+                v = [x.float() for x in v_store]
+                if self.state_dtype == torch.float32:  # .float() returned the stored tensors themselves
+                    m, v = [x.clone() for x in m], [x.clone() for x in v]
+                torch._foreach_lerp_(m, grads, 1 - b1)
+                torch._foreach_mul_(v, b2)
+                torch._foreach_addcmul_(v, grads, grads, value=1 - b2)
+                torch._foreach_copy_(m_store, m)  # round to the storage dtype
+                torch._foreach_copy_(v_store, v)
+                if wd:
+                    torch._foreach_mul_(ps, 1 - lr * wd)
+                denom = torch._foreach_div(v, 1 - b2 ** t)
+                torch._foreach_sqrt_(denom)
+                torch._foreach_add_(denom, eps)
+                torch._foreach_addcdiv_(ps, m, denom, value=-lr / (1 - b1 ** t))
+        return loss
+
+
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.1,
-                   betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8) -> torch.optim.AdamW:
+                   betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
+                   state_dtype: torch.dtype = torch.float32) -> torch.optim.Optimizer:
+    """AdamW over `param_groups`. state_dtype float32: torch's (fused on CUDA); bfloat16: the moments
+    stored in bf16 (AdamWLowPrecisionState)."""
+    if state_dtype != torch.float32:
+        return AdamWLowPrecisionState(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps,
+                                      state_dtype=state_dtype)
     fused = next(model.parameters()).is_cuda
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps,
                              **({"fused": True} if fused else {"foreach": True}))
