@@ -24,12 +24,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import dsv3  # noqa: E402
 from dsv3.inference.engine import Engine, SamplingParams  # noqa: E402
+from dsv3.inference.fp8 import FP8Linear, quantize_model_fp8  # noqa: E402
 from dsv3.info import model_info  # noqa: E402
 
 HBM = 3.0e12
 
 
-def step_bytes(cfg, B: int, ctx: int) -> float:
+def step_bytes(cfg, B: int, ctx: int, fp8: bool = False) -> float:
     info = model_info(cfg)
     E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
     per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
@@ -38,6 +39,9 @@ def step_bytes(cfg, B: int, ctx: int) -> float:
     non_routed = info.total - routed_all - cfg.vocab_size * cfg.hidden_size  # embedding rows: ~B reads, ignore
     distinct = E * (1 - (1 - K / E) ** B)
     kv_bytes = B * ctx * info.kv_latent_bytes  # kv_latent_bytes: per token, all layers, bf16
+    if fp8:  # the official FP8 set (projections, experts) at 1 byte; the output head stays bf16
+        head = cfg.vocab_size * cfg.hidden_size
+        return 2 * head + (non_routed - head + n_moe * distinct * per_expert) + kv_bytes
     return 2 * (non_routed + n_moe * distinct * per_expert) + kv_bytes
 
 
@@ -48,7 +52,8 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--hf", action="store_true")
-    ap.add_argument("--modes", default="eager,graphs", help="engine decode paths to time: eager, graphs, graphs+compile")
+    ap.add_argument("--modes", default="eager,graphs", help="engine decode paths to time: eager, graphs, graphs+compile, graphs+fp8 (128x128-block e4m3 "
+                         "weights through the Triton FP8 GEMMs; put it last: it quantizes the model in place)")
     args = ap.parse_args()
     cfg = dsv3.preset(args.preset).replace(num_nextn_predict_layers=0)
     torch.manual_seed(0)
@@ -60,9 +65,13 @@ def main() -> None:
     print("| impl | batch | TTFT (ms) | decode tok/s | step (ms) | roofline step (ms) | of roofline |")
     print("|---|---|---|---|---|---|---|")
     for mode, B in [(m, int(b)) for m in args.modes.split(",") for b in args.batches.split(",")]:
+        if mode == "graphs+fp8" and not any(isinstance(x, FP8Linear) for x in model.modules()):
+            quantize_model_fp8(model)
         prompts = [torch.randint(0, cfg.vocab_size, (args.prompt_len,), generator=g).tolist() for _ in range(B)]
         eng = Engine(model, None, max_batch_size=B, cache_tokens=B * (args.prompt_len + args.new + 16),
                      cuda_graphs=mode != "eager", compile_decode=mode == "graphs+compile")
+        if mode not in ("eager", "graphs", "graphs+compile", "graphs+fp8"):
+            raise SystemExit(f"unknown mode {mode!r}")
         if mode != "eager":  # capture the buckets this run uses before timing (a server does this at start-up)
             eng.generate(prompts, SamplingParams(max_new_tokens=args.new, temperature=0, ignore_eos=True))
         eng.generate(prompts[:1], SamplingParams(max_new_tokens=4, temperature=0))  # warm-up
@@ -83,7 +92,7 @@ def main() -> None:
         torch.cuda.synchronize()
         dt = time.perf_counter() - t
         steps = args.new - 1
-        roof = step_bytes(cfg, B, args.prompt_len + args.new // 2) / HBM
+        roof = step_bytes(cfg, B, args.prompt_len + args.new // 2, fp8=mode == "graphs+fp8") / HBM
         print(f"| dsv3 {mode} | {B} | {ttft * 1e3:.1f} | {n / dt:,.1f} | {dt / steps * 1e3:.1f} | {roof * 1e3:.2f} | "
               f"{roof / (dt / steps):.1%} |", flush=True)
     del model, eng

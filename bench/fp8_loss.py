@@ -39,7 +39,7 @@ def batches(steps, B, T, vocab, seed=0):
         yield x
 
 
-def run(cfg, precision, data, lr, schedule="constant", seed=0):
+def run(cfg, precision, data, lr, schedule="constant", seed=0, backend="auto"):
     import math
 
     torch.manual_seed(seed)
@@ -47,7 +47,7 @@ def run(cfg, precision, data, lr, schedule="constant", seed=0):
     model.set_experts_impl("grouped")
     if precision == "fp8":
         from dsv3.training.fp8 import convert_to_fp8_training
-        convert_to_fp8_training(model)
+        convert_to_fp8_training(model, backend)
     opt = make_optimizer(model, lr)
     losses = []
     t0 = time.perf_counter()
@@ -80,21 +80,29 @@ def main():
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--schedule", default="constant", choices=["constant", "cosine"])
     ap.add_argument("--noise", action="store_true", help="also bf16 with init seed 1 (run-to-run noise)")
+    ap.add_argument("--emulate", action="store_true",
+                    help="also fp8 through the emulation backend (quantize -> dequantize -> fp32 matmul): "
+                         "separates the recipe from the scaled_mm / Triton kernel path")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     cfg = dsv3.preset(args.preset)
     data = list(batches(args.steps, args.batch, args.seq, args.vocab))
     res = {}
-    runs = [("bf16", "bf16", 0), ("fp8", "fp8", 0)] + ([("bf16_seed1", "bf16", 1)] if args.noise else [])
+    runs = [("bf16", "bf16", 0, "auto"), ("fp8", "fp8", 0, "auto")]
+    runs += [("fp8_emulate", "fp8", 0, "emulate")] if args.emulate else []
+    runs += [("bf16_seed1", "bf16", 1, "auto")] if args.noise else []
     every = max(20, args.steps // 20)
-    for name, prec, seed in runs:
-        res[name], dt = run(cfg, prec, data, args.lr, args.schedule, seed)
+    for name, prec, seed, backend in runs:
+        res[name], dt = run(cfg, prec, data, args.lr, args.schedule, seed, backend)
         print(f"{name}: {args.steps} steps in {dt:.1f} s; loss every {every} steps: "
               + " ".join(f"{v:.4f}" for v in res[name][every - 1::every]), flush=True)
     end = {k: sum(v[-20:]) / 20 for k, v in res.items()}
     a, b = end["bf16"], end["fp8"]
     print(f"{args.preset} {args.batch}x{args.seq}, {args.steps} steps ({args.schedule}): mean main loss of the "
           f"last 20 steps bf16 {a:.4f}, fp8 {b:.4f}, relative difference {(b - a) / a:+.3%}")
+    if args.emulate:
+        c = end["fp8_emulate"]
+        print(f"fp8 emulated: {c:.4f}, relative to bf16 {(c - a) / a:+.3%}")
     if args.noise:
         c = end["bf16_seed1"]
         print(f"run-to-run noise: bf16 seed 1 {c:.4f}, relative to bf16 seed 0 {(c - a) / a:+.3%}")

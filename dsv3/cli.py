@@ -72,7 +72,7 @@ def _parallel_run(args, tc) -> bool:
     """Several processes (torchrun sets WORLD_SIZE), a layout flag, or a resume of a sharded run."""
     import os
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or args.dp_shard or args.ep or args.no_fsdp:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or args.dp_shard or args.ep or args.no_fsdp or args.node_groups:
         return True
     if not tc.resume:
         return False
@@ -91,7 +91,8 @@ def _train_parallel(args, mc, tc) -> int:
 
     env = start(tc.device)
     try:
-        pcfg = default_layout(env.world_size, args.dp_shard, args.ep, fsdp=not args.no_fsdp)
+        pcfg = default_layout(env.world_size, args.dp_shard, args.ep, fsdp=not args.no_fsdp,
+                              node_groups=args.node_groups)
         summary = train_parallel(mc, tc, pcfg, env)
         if env.rank == 0 and args.samples > 0 and not summary["interrupted"]:
             _print_samples(summary["checkpoint"], args.samples, args.seed)
@@ -409,6 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="under torchrun: expert-parallel degree (default: world size / --dp-shard, else 1)")
     t.add_argument("--no-fsdp", action="store_true",
                    help="under torchrun: replicate the non-expert parameters instead of FSDP2-sharding them")
+    t.add_argument("--node-groups", type=int, default=0,
+                   help="node-limited routing check: the model's n_group expert groups must fall on this many "
+                        "blocks of whole EP ranks (the paper: 8 nodes, topk_group = M = 4)")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="validation loss and bits per byte of a checkpoint")

@@ -2,7 +2,7 @@
 run by Schedule1F1B or ScheduleDualPipeV (DeepSeek-V3 paper §3.2.1; DualPipeV is the "cut in half"
 V-shaped DualPipe of github.com/deepseek-ai/DualPipe, in torch >= 2.9).
 
-Layout (PP alone: world = pp ranks, all of them read the same global batch):
+Layout (PP alone: world = pp ranks, all of them read the same global batch; PP × EP below):
 
     1F1B       S = pp stages, stage s on rank s
     DualPipeV  S = 2·pp stages in a V: rank r holds stages r and 2·pp-1-r, so rank 0 holds both the
@@ -33,19 +33,33 @@ Exactness against the single-process model on the same global batch (tests/distr
   gradient after the backward (Megatron's tied-embedding approach): both copies receive the full
   gradient and AdamW keeps them equal. The gradient norm counts the embedding once.
 
+PP × EP (`PipelineConfig(ep=...)`, world = pp × ep, mesh ("pp", "ep") from `pipeline_mesh`, global
+rank = pp_index · ep + ep_index): each stage is held by the ep ranks of its pp index. They split its
+routed experts (shard_experts + AllToAllDispatcher on the stage's ep group) and replicate everything
+else; each reads its own slice of every micro-batch's rows (`local_rows`: data parallel over ep, as EP
+borrows data-parallel ranks), and the pipeline's P2P goes between ranks of equal ep index. After the
+schedule, the replicated gradients are all-reduced over the ep group and divided by ep (each rank's
+loss is the mean over its rows); the expert slices already hold the sum over the group's losses (the
+backward all-to-all) and are divided by ep. Expert counts, loss and the gradient norm are reduced over
+all pp × ep ranks (replicated tensors counted once). The 1F1B tied embedding has one group per ep index.
+
 Overlap hook (DualPipeV): torch's runtime runs an OVERLAP_F_B action (forward of one micro-batch
 on one stage, backward of another on the rank's other stage) through a function registered with
 `register_custom_function` (torch 2.11 and 2.13). `overlap_f_b` below is that function (opt-in,
 `build_pipeline(..., overlap=True)`): the same work as torch's default, with the backward on a second
-thread, and `OverlapCoordinator` + `_Sync` are the meeting points that make the two threads take turns
-at the MoE's communication (before/after dispatch and combine, in the forward and the backward), so
-that one micro-batch's all-to-all is in flight while the other computes (the paper's Figure 4;
-torchtitan's HookCoordinator). Status: PP alone is exact with and without the callback (tested);
-PP × EP is not built yet: `build_pipeline` takes no expert-parallel group, and the EP dispatcher
-(expert_parallel.AllToAllDispatcher) does dispatch, experts and combine in one call, so `_Sync`
-is not yet placed around its two all-to-alls (it would wrap them: sync, all_to_all, sync), and its
-per-layer host sync (`.tolist()` of the split sizes) would have to happen inside the comm window.
-Without those sync points the two threads simply interleave (still exact: different stages).
+thread. Under PP × EP the two threads pass a baton (expert_parallel.OverlapCoordinator) at every
+all-to-all of the stages' dispatchers, each of which is issued async: counts and dispatch/combine
+rows in the forward, the combine and dispatch gradients in the backward. What overlaps with what, on
+one GPU (one compute stream; NCCL runs the all-to-all on its own stream): side X issues its
+all-to-all and passes the baton; side Y queues its compute up to its own next all-to-all (e.g. the
+forward's attention + router, or the backward's expert or attention gradients), issues it and passes
+back; only then does X wait for its all-to-all (the compute stream waits for NCCL's) and go on. So
+every all-to-all of one micro-batch runs beside the compute the other micro-batch queued between two
+of its all-to-alls (DualPipe's pairing, the paper's Figure 4), and the collectives of both threads are
+issued in one fixed order on every rank of the ep group. Not hidden: the split sizes' `.tolist()`
+after the counts exchange (a host sync per MoE layer, which also waits for the compute queued before
+it). bench/pipeline_overlap.py measures the exposed all-to-all time with and without the overlap.
+Without dispatchers (PP alone) nobody passes the baton and the backward runs after the forward.
 """
 
 from __future__ import annotations
@@ -57,6 +71,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dsv3.distributed.expert_parallel import AllToAllDispatcher, OverlapCoordinator, shard_experts
 from dsv3.distributed.mesh import ParallelConfigError
 from dsv3.model import rope
 from dsv3.model.moe import MoE, update_expert_bias
@@ -76,6 +91,11 @@ class PipelineConfig:
     schedule: str = "1f1b"  # "1f1b" | "dualpipev"
     n_microbatches: int = 4
     layers_per_stage: tuple[int, ...] | None = None  # main layers of each stage; None: even split
+    ep: int = 1  # expert-parallel ranks per stage (world = pp × ep, mesh ("pp", "ep"))
+
+    @property
+    def world_size(self) -> int:
+        return self.pp * self.ep
 
     @property
     def n_stages(self) -> int:
@@ -107,9 +127,14 @@ class PipelineConfig:
             raise ParallelConfigError(f"pipeline schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if not isinstance(self.pp, int) or self.pp < 2:
             raise ParallelConfigError(f"pp must be an integer >= 2 for a pipeline, got {self.pp!r}")
-        if world_size is not None and world_size != self.pp:
-            raise ParallelConfigError(f"pipeline parallelism alone: pp ({self.pp}) must equal the world size "
-                                      f"({world_size})")
+        if not isinstance(self.ep, int) or self.ep < 1:
+            raise ParallelConfigError(f"ep must be an integer >= 1, got {self.ep!r}")
+        if world_size is not None and world_size != self.world_size:
+            if self.ep == 1:
+                raise ParallelConfigError(f"pipeline parallelism alone: pp ({self.pp}) must equal the world size "
+                                          f"({world_size})")
+            raise ParallelConfigError(f"pp ({self.pp}) x ep ({self.ep}) = {self.world_size} ranks, but the world "
+                                      f"size is {world_size}")
         S = self.n_stages
         if self.n_microbatches < S:
             what = "pp" if self.schedule == "1f1b" else "2·pp"
@@ -121,10 +146,19 @@ class PipelineConfig:
             if not hasattr(pipelining, "ScheduleDualPipeV"):
                 raise ParallelConfigError(f"dualpipev needs torch >= 2.9 (ScheduleDualPipeV); this is "
                                           f"torch {torch.__version__}")
-        if batch_size is not None and batch_size % self.n_microbatches:
+        if batch_size is not None and batch_size % (self.n_microbatches * self.ep):
+            if self.ep == 1:
+                raise ParallelConfigError(f"the global batch ({batch_size} sequences) is not a multiple of "
+                                          f"n_microbatches ({self.n_microbatches})")
             raise ParallelConfigError(f"the global batch ({batch_size} sequences) is not a multiple of "
-                                      f"n_microbatches ({self.n_microbatches})")
+                                      f"n_microbatches x ep ({self.n_microbatches} x {self.ep}): every ep rank "
+                                      f"reads an equal slice of every micro-batch")
         if model_cfg is not None:
+            E = model_cfg.n_routed_experts
+            if self.ep > 1 and E == 0:
+                raise ParallelConfigError(f"ep = {self.ep} but the model has no routed experts")
+            if E and E % self.ep:
+                raise ParallelConfigError(f"ep ({self.ep}) does not divide n_routed_experts ({E})")
             L = model_cfg.num_hidden_layers
             if self.layers_per_stage is not None:
                 if len(self.layers_per_stage) != S:
@@ -257,18 +291,26 @@ def split_model(model, pcfg: PipelineConfig, rank: int) -> list[StageModule]:
 @dataclass
 class PipelineState:
     pcfg: PipelineConfig
-    rank: int
-    group: object  # the pipeline process group
+    rank: int  # pipeline rank (index along "pp")
+    group: object  # the pipeline process group (the ranks with my ep index)
     stages: list[StageModule]
     schedule: object
     model_part: nn.ModuleList  # this rank's stages as one module (shared parameters counted once)
     n_moe: int
     n_experts: int
     routers: list  # (row, Router) of this rank
-    tied_group: object | None  # 1F1B: {rank 0, rank pp-1} for the embedding gradient
+    tied_group: object | None  # 1F1B: {rank 0, rank pp-1} (same ep index) for the embedding gradient
     tied_copy: nn.Parameter | None  # the last rank's copy of the embedding (not counted in the norm)
     loss_parts: list = field(default_factory=list)  # (total/n, main/n) per micro-batch, last stage
     hp: dict = field(default_factory=dict)
+    # PP × EP (ep = 1: ep_group None, all_group = group)
+    ep_group: object | None = None  # the ranks of my stage(s), which split the routed experts
+    ep_rank: int = 0
+    all_group: object = None  # every rank of the layout (loss, counts, gradient norm)
+    expert_params: list = field(default_factory=list)  # local expert slices (summed by the all-to-all)
+    replicated_params: list = field(default_factory=list)  # the rest, averaged over ep_group
+    coordinator: OverlapCoordinator | None = None  # overlap=True
+    dispatchers: list = field(default_factory=list)  # this rank's AllToAllDispatchers (timers go here)
 
 
 def _meta(shape, dtype):
@@ -287,22 +329,57 @@ def _no_self_p2p(stage) -> None:
                                                  if getattr(op, "group_peer", None) != stage.group_rank]
 
 
+def pipeline_mesh(pcfg: PipelineConfig, device_type: str = "cpu"):
+    """The 2-D DeviceMesh ("pp", "ep") over the initialised world: global rank = pp_index · ep +
+    ep_index (the ep ranks of a stage are consecutive, i.e. on one node)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    pcfg.validate(dist.get_world_size())
+    return init_device_mesh(device_type, (pcfg.pp, pcfg.ep), mesh_dim_names=("pp", "ep"))
+
+
 def build_pipeline(model, pcfg: PipelineConfig, micro_batch_size: int, seq_len: int, *, group=None,
                    device=None, mtp_lambda: float = 0.3, overlap: bool = False) -> PipelineState:
     """Split `model` (identical on every rank), wrap this rank's stages as PipelineStage and build the
-    schedule. micro_batch_size × seq_len is the shape of every micro-batch (static shapes: no
-    run-time shape inference, which would run the MoE on dummy data)."""
+    schedule. micro_batch_size × seq_len is the shape of every micro-batch on one rank (static shapes:
+    no run-time shape inference, which would run the MoE on dummy data); under PP × EP a micro-batch
+    of the global batch has ep × micro_batch_size rows. `group`: the pipeline group for PP alone
+    (default: the world); with pcfg.ep > 1 the groups come from `pipeline_mesh` over the world."""
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B
 
-    group = group or dist.group.WORLD
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
-    pcfg.validate(world, model.config, micro_batch_size * pcfg.n_microbatches)
     device = device or next(model.parameters()).device
     cfg = model.config
+    ep_group, ep_rank = None, 0
+    if pcfg.ep > 1:
+        if group is not None:
+            raise ParallelConfigError("PP x EP builds its groups from the world (pipeline_mesh); pass group=None")
+        mesh = pipeline_mesh(pcfg, device.type)
+        group, ep_group = mesh.get_group("pp"), mesh.get_group("ep")
+        ep_rank = mesh.get_local_rank("ep")
+        all_group = dist.group.WORLD
+    else:
+        group = group or dist.group.WORLD
+        all_group = group
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    pcfg.validate(world * pcfg.ep, cfg, micro_batch_size * pcfg.n_microbatches * pcfg.ep)
     stages = split_model(model, pcfg, rank)
     S = pcfg.n_stages
     dt = next(model.parameters()).dtype
     b, T, D, V = micro_batch_size, seq_len, cfg.hidden_size, cfg.vocab_size
+
+    # EP inside the stages: keep my slice of each MoE's experts, send tokens to the others
+    coord = OverlapCoordinator() if overlap else None
+    expert_params, dispatchers = [], []
+    if ep_group is not None:
+        for st in stages:
+            for m in st.modules():
+                if isinstance(m, MoE) and m.dispatcher is None:
+                    shard_experts(m.experts, ep_rank, pcfg.ep)
+                    m.dispatcher = AllToAllDispatcher(ep_group, cfg.n_routed_experts)
+                    expert_params += [m.experts.gate_proj, m.experts.up_proj, m.experts.down_proj]
+                    dispatchers.append(m.dispatcher)
+    for d in dispatchers:
+        d.coordinator = coord
 
     pstages = []
     for st in stages:
@@ -317,8 +394,12 @@ def build_pipeline(model, pcfg: PipelineConfig, micro_batch_size: int, seq_len: 
         _no_self_p2p(ps)
         pstages.append(ps)
 
-    state = PipelineState(pcfg, rank, group, stages, None, nn.ModuleList(stages), 0, cfg.n_routed_experts,
-                          [], None, None)
+    part = nn.ModuleList(stages)
+    ids = {id(p) for p in expert_params}
+    state = PipelineState(pcfg, rank, group, stages, None, part, 0, cfg.n_routed_experts, [], None, None,
+                          ep_group=ep_group, ep_rank=ep_rank, all_group=all_group, expert_params=expert_params,
+                          replicated_params=[p for p in part.parameters() if id(p) not in ids],
+                          coordinator=coord, dispatchers=dispatchers)
     n = pcfg.n_microbatches
 
     def loss_fn(output, target):
@@ -337,7 +418,8 @@ def build_pipeline(model, pcfg: PipelineConfig, micro_batch_size: int, seq_len: 
         if overlap:
             from torch.distributed.pipelining.schedules import _ComputationType
 
-            schedule.register_custom_function(_ComputationType.OVERLAP_F_B, overlap_f_b)
+            schedule.register_custom_function(_ComputationType.OVERLAP_F_B,
+                                              lambda action, ctx: overlap_f_b(action, ctx, coord))
     state.schedule = schedule
 
     moe_blocks = [blk for blk in list(model.layers) + list(model.mtp) if isinstance(blk.mlp, MoE)]
@@ -347,7 +429,15 @@ def build_pipeline(model, pcfg: PipelineConfig, micro_batch_size: int, seq_len: 
             if id(blk) in st.router_rows:
                 state.routers.append((st.router_rows[id(blk)], blk.mlp.gate))
     if pcfg.schedule == "1f1b" and len(model.mtp) > 0:
-        state.tied_group = dist.new_group([dist.get_global_rank(group, 0), dist.get_global_rank(group, world - 1)])
+        # one group {pp rank 0, pp rank pp-1} per ep index; every rank creates all of them, in order
+        for e in range(pcfg.ep):
+            if pcfg.ep == 1:
+                ends = [dist.get_global_rank(group, 0), dist.get_global_rank(group, world - 1)]
+            else:
+                ends = [e, (pcfg.pp - 1) * pcfg.ep + e]
+            g = dist.new_group(ends)
+            if e == ep_rank:
+                state.tied_group = g
         if rank == world - 1:
             state.tied_copy = stages[0].embed_tokens.weight
     return state
@@ -366,11 +456,16 @@ def _clip_grad_norm_(state: PipelineState, max_norm: float) -> torch.Tensor:
     torch.nn.utils.clip_grad_norm_'s scaling."""
     params = [p for p in state.model_part.parameters() if p.grad is not None]
     dev = params[0].device
-    sq = torch.zeros((), dtype=torch.float32, device=dev)
+    experts = {id(p) for p in state.expert_params}
+    rep, exp = (torch.zeros((), dtype=torch.float32, device=dev) for _ in range(2))
     for p in params:
-        if p is not state.tied_copy:
-            sq += p.grad.float().pow(2).sum()
-    dist.all_reduce(sq, group=state.group)
+        if id(p) in experts:
+            exp += p.grad.float().pow(2).sum()
+        elif p is not state.tied_copy:
+            rep += p.grad.float().pow(2).sum()
+    # replicated tensors are equal on the ep ranks of a stage (count them once), expert slices differ
+    sq = rep / state.pcfg.ep + exp
+    dist.all_reduce(sq, group=state.all_group)
     total = sq.sqrt()
     coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
     for p in params:
@@ -378,13 +473,45 @@ def _clip_grad_norm_(state: PipelineState, max_norm: float) -> torch.Tensor:
     return total
 
 
+def local_rows(state: PipelineState, batch: torch.Tensor) -> torch.Tensor:
+    """This rank's rows of the global batch (B, T+1): micro-batch i is rows [i·B/n, (i+1)·B/n), and ep
+    rank e reads the e-th of its ep equal slices. -> (n · B/(n·ep), T+1), micro-batches in order."""
+    n, ep = state.pcfg.n_microbatches, state.pcfg.ep
+    if ep == 1:
+        return batch
+    B = batch.shape[0]
+    return batch.view(n, ep, B // (n * ep), -1)[:, state.ep_rank].reshape(B // ep, -1)
+
+
+@torch.no_grad()
+def _sync_ep_grads(state: PipelineState) -> None:
+    """PP × EP: each ep rank's loss is the mean over its own rows, so the gradient of the global mean
+    is the average over the ep ranks: all-reduce the replicated parameters' gradients over the ep
+    group (one flat buffer) and divide by ep; the expert slices already hold the sum over the group's
+    losses (the backward all-to-all), divide them by ep."""
+    ep = state.pcfg.ep
+    for p in state.expert_params + state.replicated_params:
+        if p.grad is None:  # no token reached an expert / a stage part without gradient
+            p.grad = torch.zeros_like(p)
+    for p in state.expert_params:
+        p.grad.div_(ep)
+    grads = [p.grad for p in state.replicated_params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=state.ep_group)
+    flat.div_(ep)
+    for g, f in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(f.view_as(g))
+
+
 def forward_backward(state: PipelineState, batch: torch.Tensor, *, mtp_lambda: float = 0.3,
                      balance_alpha: float = 0.0) -> None:
-    """Run the schedule on the global batch (B, T+1) (the same tensor on every rank): gradients
-    of the mean loss accumulate in this rank's parameters; counts and loss parts in the state."""
+    """Run the schedule on the global batch (B, T+1) (the same tensor on every rank; under PP × EP
+    each rank reads its `local_rows`): gradients of the mean loss accumulate in this rank's
+    parameters (averaged over the ep group); counts and loss parts in the state."""
     n = state.pcfg.n_microbatches
     state.hp["mtp_lambda"] = mtp_lambda
     state.loss_parts.clear()
+    batch = local_rows(state, batch)
     x, y = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()  # torch 2.11 checks input strides
     for st in state.stages:
         st.with_balance = balance_alpha > 0
@@ -400,6 +527,8 @@ def forward_backward(state: PipelineState, batch: torch.Tensor, *, mtp_lambda: f
         if emb.grad is None:
             emb.grad = torch.zeros_like(emb)
         dist.all_reduce(emb.grad, group=state.tied_group)
+    if state.ep_group is not None:
+        _sync_ep_grads(state)
 
 
 def train_step(state: PipelineState, opt, batch: torch.Tensor, *, mtp_lambda: float = 0.3,
@@ -413,7 +542,7 @@ def train_step(state: PipelineState, opt, batch: torch.Tensor, *, mtp_lambda: fl
     counts = None
     if state.n_moe:
         counts = sum(st.counts for st in state.stages)
-        dist.all_reduce(counts, group=state.group)
+        dist.all_reduce(counts, group=state.all_group)
         rows = [r for r, _ in state.routers]
         if rows:
             update_expert_bias([g for _, g in state.routers], counts[rows], gamma)
@@ -421,14 +550,15 @@ def train_step(state: PipelineState, opt, batch: torch.Tensor, *, mtp_lambda: fl
 
 
 def gathered_loss(state: PipelineState) -> dict:
-    """Total and main loss of the last forward_backward, the same on every rank."""
-    n = state.pcfg.n_microbatches
+    """Total and main loss of the last forward_backward, the same on every rank (under PP × EP the
+    mean over the ep ranks' rows: each of them computed the mean over its own rows)."""
+    n = state.pcfg.n_microbatches * state.pcfg.ep
     dev = state.stages[0].rope_inv_freq.device
     v = torch.zeros(3, dtype=torch.float32, device=dev)
     if state.loss_parts:
         v[:2] = torch.stack(state.loss_parts).sum(0)
     v[2] = sum(st.aux_sum.to(dev) for st in state.stages)
-    dist.all_reduce(v, group=state.group)
+    dist.all_reduce(v, group=state.all_group)
     v = (v / n).tolist()
     return {"loss": v[0] + v[2], "main": v[1], "balance": v[2]}
 
@@ -436,57 +566,17 @@ def gathered_loss(state: PipelineState) -> dict:
 # --------------------------------------------------------------------------------------------------
 # DualPipeV overlap: forward of one micro-batch on one thread, backward of another on a second one
 
-class OverlapCoordinator:
-    """Two threads (the forward and the backward of an OVERLAP_F_B action) that meet at every MoE
-    communication point, so that each communication of one runs while the other computes
-    (torchtitan's HookCoordinator, the same idea as the paper's Figure 4)."""
-
-    def __init__(self):
-        self.active = False
-        self.barrier = threading.Barrier(2)
-
-    def start(self):
-        self.barrier = threading.Barrier(2)
-        self.active = True
-
-    def stop(self):
-        self.active = False
-        self.barrier.abort()
-
-    def sync(self):
-        if not self.active:
-            return
-        try:
-            self.barrier.wait()
-        except threading.BrokenBarrierError:
-            pass
-
-
-COORDINATOR = OverlapCoordinator()
-
-
-class _Sync(torch.autograd.Function):
-    """Identity whose forward and backward are meeting points of the two threads."""
-
-    @staticmethod
-    def forward(ctx, x):
-        COORDINATOR.sync()
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        COORDINATOR.sync()
-        return g
-
-
-def overlap_f_b(action, ctx) -> None:
+def overlap_f_b(action, ctx, coord: OverlapCoordinator | None = None) -> None:
     """Custom function for OVERLAP_F_B actions of a `_PipelineScheduleRuntime` (ScheduleDualPipeV):
     the same work as torch's default (wait for the received inputs, forward sub-action, loss, local
     hand-over to the next stage; backward sub-action, local hand-over of the input gradient), with
-    the backward on a second thread. Without dispatchers that call `_Sync` nothing pairs up the
-    threads, and they run whatever the GIL interleaves (still exact: they touch different stages)."""
+    the backward on a second thread. The two threads pass `coord`'s baton at every all-to-all of the
+    stages' AllToAllDispatchers (PP × EP), so that one side's all-to-all is in flight while the other
+    side computes (see expert_parallel.OverlapCoordinator). The forward side starts. Without
+    dispatchers (PP alone) nobody passes the baton: the forward runs, then the backward."""
     from torch.distributed.pipelining.schedules import _wait_batch_p2p
 
+    coord = coord or OverlapCoordinator()
     sched = ctx.schedule_ref
     stages = {s.stage_index: s for s in sched._stages}
     fa, ba = action.sub_actions
@@ -497,12 +587,15 @@ def overlap_f_b(action, ctx) -> None:
     if not bs.is_last and ba.stage_index + 1 not in stages:
         _wait_batch_p2p(sched.bwd_recv_ops.pop((ba.stage_index, bi)))
     err: list[BaseException] = []
+    # one compute stream for both sides: an all-to-all in flight on NCCL's stream overlaps with the
+    # other side's kernels, which the holder of the baton queues before it waits
     stream = torch.cuda.current_stream() if torch.cuda.is_available() and fs.device.type == "cuda" else None
 
     def backward():
         try:
             if stream is not None:
                 torch.cuda.set_stream(stream)
+            coord.wait_turn("B")
             loss = sched._maybe_get_loss(bs, bi)
             sched.backward_counter[ba.stage_index] += 1
             last = sched.backward_counter[ba.stage_index] == sched._n_microbatches
@@ -511,9 +604,10 @@ def overlap_f_b(action, ctx) -> None:
                 stages[ba.stage_index - 1].set_local_bwd_input(bs.get_local_bwd_output(bi), bi)
         except BaseException as e:  # re-raised on the schedule's thread
             err.append(e)
-            COORDINATOR.stop()
+        finally:
+            coord.finish("B")
 
-    COORDINATOR.start()
+    coord.start()
     t = threading.Thread(target=backward, daemon=True)
     t.start()
     try:
@@ -522,7 +616,8 @@ def overlap_f_b(action, ctx) -> None:
         if fa.stage_index + 1 in stages:
             stages[fa.stage_index + 1].set_local_fwd_input(out, fi)
     finally:
-        COORDINATOR.stop()  # the forward is done: let the backward run on without partner
+        coord.finish("F")  # the forward is done: the backward runs on without partner
         t.join()
+        coord.stop()
     if err:
         raise err[0]

@@ -62,7 +62,7 @@ def start(device: str = "auto") -> DistEnv:
     return env
 
 
-def default_layout(world: int, dp_shard: int = 0, ep: int = 0, fsdp: bool = True) -> ParallelConfig:
+def default_layout(world: int, dp_shard: int = 0, ep: int = 0, fsdp: bool = True, node_groups: int = 0) -> ParallelConfig:
     """Unset degrees (0) are derived: neither -> dp_shard = world, ep = 1; one -> the other = world / it."""
     if not dp_shard and not ep:
         dp_shard, ep = world, 1
@@ -70,7 +70,7 @@ def default_layout(world: int, dp_shard: int = 0, ep: int = 0, fsdp: bool = True
         dp_shard = max(world // ep, 1)
     elif not ep:
         ep = max(world // dp_shard, 1)
-    return ParallelConfig(dp_shard=dp_shard, ep=ep, fsdp=fsdp).validate(world)
+    return ParallelConfig(dp_shard=dp_shard, ep=ep, fsdp=fsdp, node_groups=node_groups).validate(world)
 
 
 @torch.no_grad()

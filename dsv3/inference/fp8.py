@@ -48,6 +48,15 @@ from dsv3.kernels import BLOCK, weight_dequant, weight_quant
 from dsv3.model.moe import Experts
 
 _EXPERT_MATRICES = ("gate_proj", "up_proj", "down_proj")
+# Up to these many rows the Triton FP8-weight kernels run (decode); above, dequantise + cuBLAS (prefill).
+SMALL_M = 64
+SMALL_M_EXPERT_ROWS = 1024
+
+
+def _gemm():
+    from dsv3.kernels import fp8_gemm_kernels
+
+    return fp8_gemm_kernels()
 
 
 def _blocks(n: int) -> int:
@@ -90,6 +99,11 @@ class FP8Linear(nn.Module):
         return weight_dequant(self.weight, self.weight_scale_inv, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // max(x.shape[-1], 1)
+        if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and rows <= SMALL_M and _gemm() is not None:
+            # decode: the Triton GEMM reads the e4m3 bytes directly (dsv3/kernels/fp8_gemm_triton.py)
+            y = _gemm().fp8_linear_small_m(x.reshape(rows, x.shape[-1]), self.weight, self.weight_scale_inv)
+            return y.view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.dequantized_weight(x.dtype))
 
     def _apply(self, fn, recurse=True):
@@ -137,6 +151,21 @@ class FP8Experts(Experts):
             else:  # the whole stack: the grouped path (a GPU grouped FP8 GEMM will replace this)
                 out.append(torch.stack([weight_dequant(w[i], s[i], dtype=dtype) for i in range(w.shape[0])]))
         return out[0], out[1], out[2]
+
+    def sorted_mlp(self, x_MD: torch.Tensor, flat: torch.Tensor, order: torch.Tensor, offs: torch.Tensor,
+                   dt: torch.dtype) -> torch.Tensor:
+        """Decode-sized batches on CUDA: one Triton GEMV per routed row straight from the e4m3 experts
+        (only the experts that rows select are read). Larger ones (prefill): dequantise the stack and
+        run the grouped GEMMs."""
+        M = x_MD.shape[0]
+        if not (x_MD.is_cuda and dt in (torch.bfloat16, torch.float16) and M <= SMALL_M_EXPERT_ROWS
+                and _gemm() is not None):
+            return super().sorted_mlp(x_MD, flat, order, offs, dt)
+        k = _gemm()
+        expert = flat[order]  # (M,) each sorted row's expert
+        h1 = k.fp8_expert_rows(x_MD, self.gate_proj, self.gate_proj_scale_inv, expert)
+        h3 = k.fp8_expert_rows(x_MD, self.up_proj, self.up_proj_scale_inv, expert)
+        return k.fp8_expert_rows(F.silu(h1) * h3, self.down_proj, self.down_proj_scale_inv, expert)
 
     def _apply(self, fn, recurse=True):
         return super()._apply(_move_only(fn), recurse)

@@ -5,8 +5,8 @@ accelerations selected here."""
 from dsv3.kernels.attention import attention
 from dsv3.kernels.reference import BLOCK, FP8_MAX, act_dequant, act_quant, weight_dequant, weight_quant
 
-__all__ = ["attention", "BLOCK", "FP8_MAX", "act_dequant", "act_quant", "fp8_quant_kernels", "weight_dequant",
-           "weight_quant"]
+__all__ = ["attention", "BLOCK", "FP8_MAX", "act_dequant", "act_quant", "fp8_gemm_kernels", "fp8_quant_kernels",
+           "weight_dequant", "weight_quant"]
 
 
 def fp8_quant_kernels():
@@ -15,3 +15,17 @@ def fp8_quant_kernels():
     from dsv3.kernels import fp8_triton
 
     return fp8_triton
+
+
+def fp8_gemm_kernels():
+    """The Triton FP8-weight GEMMs for decoding (`fp8_gemm_triton.py`: fp8_linear_small_m,
+    fp8_expert_rows), or None where CUDA or triton is missing. Reference: weight_dequant + matmul."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    try:
+        from dsv3.kernels import fp8_gemm_triton
+    except ImportError:
+        return None
+    return fp8_gemm_triton

@@ -48,16 +48,20 @@ def weight_quant(w: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, tor
     return q, scale_inv
 
 
-def act_quant(x: torch.Tensor, block: int = BLOCK, scale_fmt: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Activation (..., K) -> (fp8 (..., K), fp32 scales (..., ceil(K/b))), one scale per 1x128 tile.
-    scale_fmt "ue8m0" rounds each scale up to a power of two (DeepSeek-V3.1)."""
+def act_quant(x: torch.Tensor, block: int = BLOCK, scale_fmt: str | None = None,
+              eps: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activation (..., K) -> (fp8 (..., K), fp32 scales (..., ceil(K/b))), one scale per 1x128 tile,
+    s = max(amax, eps) / 448. scale_fmt "ue8m0" rounds each scale up to a power of two (DeepSeek-V3.1).
+    The floor eps = 1e-4 (the official inference kernel's) is harmless for activations but not for
+    training gradients, whose tiles are mostly far below 1e-4: FP8 training pre-scales them by a power
+    of two first (`dsv3/training/fp8.py`, `_grad_quant`)."""
     K = x.shape[-1]
     nb = -(-K // block)
     xf = x.float()
     pad = nb * block - K
     xp = torch.nn.functional.pad(xf, (0, pad)) if pad else xf
     tiles = xp.view(*x.shape[:-1], nb, block)
-    s = tiles.abs().amax(-1).clamp_min(1e-4) / FP8_MAX  # (..., nb)
+    s = tiles.abs().amax(-1).clamp_min(eps) / FP8_MAX  # (..., nb)
     if scale_fmt == "ue8m0":
         s = torch.exp2(torch.ceil(torch.log2(s)))
     q = (tiles / s.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)

@@ -123,14 +123,20 @@ class Experts(nn.Module):
         offs = counts.cumsum(0).to(torch.int32)  # (E,) end offset of each expert's rows
         # torch._grouped_mm is not an autocast op and is bf16-only on CUDA: cast explicitly
         dt = torch.get_autocast_dtype("cuda") if x_ND.is_cuda and torch.is_autocast_enabled("cuda") else x_ND.dtype
-        w1, w3, w2 = (w.transpose(-2, -1) for w in self.weights(dtype=dt))  # (E, D, I), (E, D, I), (E, I, D)
         x_MD = x_ND[token].to(dt)  # (M = N*K, D)
-        h1 = torch._grouped_mm(x_MD, w1, offs=offs)  # (M, I)
-        h3 = torch._grouped_mm(x_MD, w3, offs=offs)
-        y_MD = torch._grouped_mm(F.silu(h1) * h3, w2, offs=offs)  # (M, D)
+        y_MD = self.sorted_mlp(x_MD, flat, order, offs, dt)  # (M, D)
         y_MD = y_MD.float() * w_NK.reshape(-1)[order].unsqueeze(-1)
         out = torch.zeros(N, x_ND.shape[1], dtype=torch.float32, device=x_ND.device)
         return out.index_add_(0, token, y_MD).to(x_ND.dtype)
+
+    def sorted_mlp(self, x_MD: torch.Tensor, flat: torch.Tensor, order: torch.Tensor, offs: torch.Tensor,
+                   dt: torch.dtype) -> torch.Tensor:
+        """SwiGLU of rows sorted by expert: x_MD (M, D), rows offs[e-1]:offs[e] belong to expert e
+        (flat[order] is each row's expert). Grouped GEMMs; FP8 storage overrides this."""
+        w1, w3, w2 = (w.transpose(-2, -1) for w in self.weights(dtype=dt))  # (E, D, I), (E, D, I), (E, I, D)
+        h1 = torch._grouped_mm(x_MD, w1, offs=offs)  # (M, I)
+        h3 = torch._grouped_mm(x_MD, w3, offs=offs)
+        return torch._grouped_mm(F.silu(h1) * h3, w2, offs=offs)  # (M, D)
 
     def forward_loop(self, x_ND: torch.Tensor, idx_NK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
         out = torch.zeros(x_ND.shape, dtype=torch.float32, device=x_ND.device)

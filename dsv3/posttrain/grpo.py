@@ -20,7 +20,8 @@ Decisions:
   paper, no correction).
 * Old log-probs are recomputed with the training forward (expanded MLA) instead of taken from the
   engine (absorbed MLA on the cache): the same function, but the ratio is then exactly 1 at the first
-  step, with no numerical drift between the two attention forms.
+  step, with no numerical drift between the two attention forms. With ppo_epochs = 1 they are the
+  step's own log-probs, detached (π_old = π_θ at that step), so that forward is skipped.
 * Log-probs use logits / temperature (the distribution that was sampled) for policy, old and ref.
 * A completion that ended with EOS gets the EOS token appended (the engine does not return it), so
   the policy learns to stop; one cut by max_new_tokens has no EOS.
@@ -242,7 +243,10 @@ def train_grpo(checkpoint_dir: str, task: Task, out_dir: str, cfg: GRPOConfig, l
                 return ids[mb, :L], cmask[mb, :L]
 
             with torch.no_grad(), autocast():
-                old = [sequence_logprobs(policy, *view(mb), cfg.temperature) for mb in mbs]
+                # with one optimizer step per batch, π_old is the policy of that step: its log-probs are
+                # the step's own, detached (ratio exactly 1), and need no forward of their own
+                old = [sequence_logprobs(policy, *view(mb), cfg.temperature) for mb in mbs] \
+                    if cfg.ppo_epochs > 1 else None
                 refl = [sequence_logprobs(ref, *view(mb), cfg.temperature) for mb in mbs]
 
             policy.train()
@@ -254,7 +258,8 @@ def train_grpo(checkpoint_dir: str, task: Task, out_dir: str, cfg: GRPOConfig, l
                     x, m = view(mb)
                     with autocast():
                         lp = sequence_logprobs(policy, x, m, cfg.temperature)
-                    loss, st = grpo_loss(lp, old[k], refl[k], adv[mb], m[:, 1:], cfg.clip_eps, cfg.beta)
+                    lp_old = old[k] if old is not None else lp.detach()
+                    loss, st = grpo_loss(lp, lp_old, refl[k], adv[mb], m[:, 1:], cfg.clip_eps, cfg.beta)
                     w = len(mb) / N
                     (loss * w).backward()
                     sums["loss"] += float(loss.detach()) * w / cfg.ppo_epochs

@@ -179,15 +179,16 @@ class PackedChats:
         return self._rows["input_ids"].shape[0]
 
     def next_batch(self, batch_size: int) -> dict[str, torch.Tensor]:
-        take = []
+        keys = ("input_ids", "targets", "doc_ids", "position_ids")
+        take: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
         for _ in range(batch_size):
-            if self.row >= self.rows_per_epoch():
-                self.epoch, self.row = self.epoch + 1, 0
+            if self.row >= self.rows_per_epoch():  # rows are gathered at once: a batch may span two epochs,
+                self.epoch, self.row = self.epoch + 1, 0  # whose packings differ (even in their row count)
                 self._rows = self._pack(self.epoch)
-            take.append(self.row)
+            for k in keys:
+                take[k].append(self._rows[k][self.row])
             self.row += 1
-        idx = torch.tensor(take)
-        b = {k: self._rows[k][idx] for k in ("input_ids", "targets", "doc_ids", "position_ids")}
+        b = {k: torch.stack(v) for k, v in take.items()}
         b["attn_mask"] = block_causal_mask(b["doc_ids"])
         return b
 

@@ -7,9 +7,12 @@ A `Task` is data plus plain callables:
 
 `arithmetic_task` draws multi-digit +, -, * word problems. Train and held-out sets come from two
 independent random streams of the seed (`Random(f"{seed}/train")`, `Random(f"{seed}/heldout")`), and
-held-out questions that also occur in the train set are dropped, so the split is disjoint and the
-same seed always gives the same task. `arithmetic_sft_chats` gives solved conversations (with the
-`Answer: N` line the format reward asks for) for an SFT warm-up on the same distribution.
+held-out problems whose calculation (`expr`, e.g. "23 + 45") also occurs in the train set are
+dropped, so the split is disjoint in the arithmetic, not only in the wording, and the same seed
+always gives the same task. `arithmetic_sft_chats` gives solved conversations (with the `Answer: N`
+line the format reward asks for) for an SFT warm-up on the same distribution, and
+`arithmetic_corpus` plain-text documents of worked calculations for pre-training; both take an
+`exclude` set of expressions (pass `{e["expr"] for e in task.heldout}` to keep the held-out set unseen).
 
 `load_task(spec)`: "arithmetic" or a .jsonl file of {"messages", "answer"} rows (exact-match reward);
 `load_callable("pkg.module:function")` imports a user reward function for the CLI.
@@ -64,32 +67,76 @@ def _problem(rng: random.Random, max_digits: int) -> tuple[str, str, int]:
     return q, f"{a} {op} {b} = {ans}", ans
 
 
+def _expr(work: str) -> str:
+    return work.partition(" = ")[0]
+
+
 def _examples(rng: random.Random, n: int, max_digits: int) -> list[dict]:
     out = []
     for _ in range(n):
-        q, _, ans = _problem(rng, max_digits)
+        q, work, ans = _problem(rng, max_digits)
         out.append({"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}],
-                    "answer": str(ans)})
+                    "answer": str(ans), "expr": _expr(work)})
     return out
 
 
-def arithmetic_task(n_train: int = 1000, n_heldout: int = 100, seed: int = 0, max_digits: int = 3) -> Task:
+def _key(ex: dict, disjoint: str) -> str:
+    return ex["expr"] if disjoint == "expr" else ex["messages"][-1]["content"]
+
+
+def arithmetic_task(n_train: int = 1000, n_heldout: int = 100, seed: int = 0, max_digits: int = 3,
+                    disjoint: str = "expr") -> Task:
+    """disjoint="expr": no held-out calculation occurs in the train set (nor twice in the held-out set);
+    "text": only the question texts are disjoint (for small digit counts, where every calculation recurs)."""
+    if disjoint not in ("expr", "text"):
+        raise ValueError(f"disjoint must be 'expr' or 'text', got {disjoint!r}")
     train = _examples(random.Random(f"{seed}/train"), n_train, max_digits)
-    seen = {ex["messages"][-1]["content"] for ex in train}
-    heldout = [ex for ex in _examples(random.Random(f"{seed}/heldout"), 2 * n_heldout + 10, max_digits)
-               if ex["messages"][-1]["content"] not in seen][:n_heldout]
-    return Task("arithmetic", train, heldout, meta={"seed": seed, "max_digits": max_digits})
+    seen = {_key(ex, disjoint) for ex in train}
+    heldout, rng = [], random.Random(f"{seed}/heldout")
+    for _ in range(100):
+        if len(heldout) >= n_heldout:
+            break
+        for ex in _examples(rng, n_heldout, max_digits):
+            if _key(ex, disjoint) not in seen and len(heldout) < n_heldout:
+                seen.add(_key(ex, disjoint))  # no repeat inside the held-out set either
+                heldout.append(ex)
+    if len(heldout) < n_heldout:
+        raise ValueError(f"only {len(heldout)} distinct held-out calculations outside the train set at "
+                         f"max_digits={max_digits}; ask for fewer")
+    return Task("arithmetic", train, heldout, meta={"seed": seed, "max_digits": max_digits, "disjoint": disjoint})
 
 
-def arithmetic_sft_chats(n: int, seed: int = 0, max_digits: int = 3) -> list[dict]:
-    """Solved conversations {"messages": [system, user, assistant]} (a disjoint stream from the task's)."""
+def arithmetic_sft_chats(n: int, seed: int = 0, max_digits: int = 3, exclude: set[str] | frozenset = frozenset()
+                         ) -> list[dict]:
+    """Solved conversations {"messages": [system, user, assistant]} (a disjoint stream from the task's);
+    problems whose calculation or question text is in `exclude` are skipped."""
     rng = random.Random(f"{seed}/sft")
     out = []
-    for _ in range(n):
+    while len(out) < n:
         q, work, ans = _problem(rng, max_digits)
+        if _expr(work) in exclude or q in exclude:
+            continue
         out.append({"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q},
                                  {"role": "assistant", "content": f"{work}\nAnswer: {ans}"}]})
     return out
+
+
+def arithmetic_corpus(n_docs: int, lines_per_doc: int = 32, seed: int = 0, max_digits: int = 3,
+                      exclude: set[str] | frozenset = frozenset()) -> list[str]:
+    """Plain-text pre-training documents of worked calculations, no chat template: each line is either
+    a bare equation ("23 + 45 = 68") or a word problem followed by its equation (half each).
+    Calculations or question texts in `exclude` are skipped."""
+    rng = random.Random(f"{seed}/corpus")
+    docs = []
+    for _ in range(n_docs):
+        lines: list[str] = []
+        while len(lines) < lines_per_doc:
+            q, work, _ = _problem(rng, max_digits)
+            if _expr(work) in exclude or q in exclude:
+                continue
+            lines.append(work if rng.random() < 0.5 else f"{q} {work}.")
+        docs.append("\n".join(lines) + "\n")
+    return docs
 
 
 def load_callable(spec: str) -> Callable:

@@ -22,6 +22,14 @@ Q1x128: one scale per token per 128 channels, s = max(amax, 1e-4) / 448 (`kernel
 Q128x128: one scale per 128x128 weight block, max(amax / 448, 1e-12) (`kernels.weight_quant`).
 Scales are fp32 and computed from the current tensor (no delayed scaling). Backward keeps the FP8 X
 (1 byte/element + scales) and the FP8 W with its scales, not the bf16 X.
+Gradients (dY, dYᵀ): the paper's s = amax / 448 with no floor. The 1e-4 floor of `act_quant` (from
+the inference kernel) is harmless for activations (tile amax ~0.05-5) but dY tiles are ~1e-9..1e-4
+(the loss is a mean over B*T tokens), so with it almost every dY tile was quantised on a scale up to
+1e4x too coarse (e.g. amax 1e-8: values on 0..0.05 of the e4m3 range, subnormals, mostly zeros):
+FP8 learnt markedly slower (bench/fp8_loss_cpu.py). Both backends therefore multiply dY by one
+power of two p = 2^(64 - e), e = exponent of the tensor's amax (exact, no host sync), quantise
+(same kernels: the floor no longer binds), and divide the scales by p (exact): the e4m3 bytes are
+those of s = amax / 448 and the scales are amax / 448, for every tile above ~1e-23 x the tensor's amax.
 
 Backends (one autograd function, `backend=`):
   * "emulate": the contract, any device. Quantise with the reference functions, dequantise to fp32,
@@ -72,6 +80,24 @@ def scaled_mm_available(device: torch.device | str | None = None) -> bool:
     return True
 
 
+GRAD_AMAX_EXP = 64  # dY is pre-scaled so that its amax lies in [2^63, 2^64)
+
+
+def _grad_prescale(g: torch.Tensor) -> torch.Tensor:
+    """The power of two p (fp32, 0-dim, on g's device) with amax(|g| * p) in [2^63, 2^64); built from
+    the exponent bits so it is exact on every device. p = 2^64 for an all-zero g."""
+    _, e = torch.frexp(g.detach().abs().amax().float())  # amax = m * 2^e, m in [0.5, 1)
+    k = (GRAD_AMAX_EXP - e.to(torch.int32)).clamp(-126, 127)
+    return ((k + 127) << 23).view(torch.float32)
+
+
+def _grad_quant_ref(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q1x128 of a gradient without the activation floor: (fp8, fp32 scales amax/448) (module doc)."""
+    p = _grad_prescale(g)
+    q, s = act_quant(g * p)
+    return q, s / p
+
+
 # --- emulation (the contract) -------------------------------------------------------------------
 
 def _emu_fwd(x2: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype):
@@ -85,10 +111,10 @@ def _emu_bwd(g2: torch.Tensor, saved, x_dtype: torch.dtype, w_dtype: torch.dtype
     xq, xs, wq, ws = saved
     dx = dw = None
     if need_dx:
-        gq, gs = act_quant(g2)
+        gq, gs = _grad_quant_ref(g2)
         dx = (act_dequant(gq, gs) @ weight_dequant(wq, ws, torch.float32)).to(x_dtype)
     if need_dw:
-        gtq, gts = act_quant(g2.t().contiguous())  # dYᵀ (N, M): 1x128 tiles along the tokens
+        gtq, gts = _grad_quant_ref(g2.t().contiguous())  # dYᵀ (N, M): 1x128 tiles along the tokens
         xtq, xts = act_quant(act_dequant(xq, xs).t().contiguous())  # re-tile X: dequant, transpose, requant
         dw = (act_dequant(gtq, gts) @ act_dequant(xtq, xts).T).to(w_dtype)
     return dx, dw
@@ -120,10 +146,12 @@ def _smm_bwd(g2: torch.Tensor, saved, x_dtype: torch.dtype, w_dtype: torch.dtype
     xq, xs, wq, ws, M, N, K = saved
     Mp, Kp = xq.shape
     Np = wq.shape[0]
-    gp = _pad2(g2, Mp, Np)
+    p = _grad_prescale(g2)  # as in the emulation: exact power-of-two pre-scale, undone on the scales
+    gp = _pad2(g2 * p, Mp, Np)
     dx = dw = None
     if need_dx:
         gq, gs = k.act_quant_cm(gp)
+        gs.div_(p)  # in place: keeps the column-major layout scaled_mm wants
         nb, kb = Np // BLOCK, Kp // BLOCK
         wqt = wq.t().contiguous()  # (Kp, Np): the same 128x128 blocks, transposed
         wst = torch.ones(kb, -(-nb // 4) * 4, dtype=torch.float32, device=ws.device)
@@ -132,6 +160,7 @@ def _smm_bwd(g2: torch.Tensor, saved, x_dtype: torch.dtype, w_dtype: torch.dtype
                          output_dtype=x_dtype)[:M, :K]
     if need_dw:
         gtq, gts = k.act_quant_t(gp)  # dYᵀ (Np, Mp), scales (Np, Mp/128) column-major
+        gts.div_(p)
         xtq, xts = k.act_quant_t(xq, xs)  # Xᵀ (Kp, Mp) re-tiled from the FP8 X
         dw = F.scaled_mm(gtq, xtq.t(), gts, F.ScalingType.BlockWise1x128, xts, F.ScalingType.BlockWise1x128,
                          output_dtype=torch.float32)[:N, :K].to(w_dtype)
