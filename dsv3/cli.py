@@ -284,7 +284,7 @@ def cmd_serve(args) -> int:
     path = _resolve_checkpoint(args.checkpoint)
     engine, tok = load_for_serving(path, device=args.device, max_batch_size=args.max_batch_size,
                                    cache_tokens=args.cache_tokens or None, speculative_k=args.speculative_k,
-                                   max_model_len=args.max_model_len or None)
+                                   max_model_len=args.max_model_len or None, compile_decode=args.compile_decode)
     name = args.model_name or os.path.basename(os.path.normpath(path))
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"dsv3 serve: warning: listening on {args.host} without --api-key", file=sys.stderr)
@@ -512,6 +512,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="KV-cache budget in tokens (default: batch size x min(context, 4096))")
     sv.add_argument("--speculative-k", type=int, default=0, help="MTP draft tokens per step (0: off)")
     sv.add_argument("--max-model-len", type=int, default=0, help="context limit (default: the model's)")
+    sv.add_argument("--compile-decode", action="store_true",
+                    help="GPU: torch.compile the graphed decode step (1.65x at batch 1 on the 16b, H100); "
+                         "one compile per batch/context bucket on first use")
     sv.add_argument("--max-prompt-tokens", type=int, default=0, help="longest prompt accepted (default: context - 1)")
     sv.add_argument("--max-tokens-limit", type=int, default=0, help="largest max_tokens accepted (default: context)")
     sv.add_argument("--max-queue", type=int, default=256, help="requests waiting beyond the batch before 503s")
