@@ -226,8 +226,14 @@ class AllToAllDispatcher:
         return DispatchPlan(order, order // K, recv_RL, send_R, recv_R)
 
     def dispatch(self, x_ND: torch.Tensor, p: DispatchPlan) -> torch.Tensor:
-        """-> (sum recv_R, D): the rows for my experts, by source rank then expert."""
-        return all_to_all(x_ND[p.token], p.recv_R, p.send_R, self.group, self.coordinator, self.timer, "dispatch")
+        """-> (sum recv_R, D): the rows for my experts, by source rank then expert. Under CUDA autocast
+        the rows travel in the autocast dtype: the grouped experts cast their input to it anyway
+        (Experts.forward_grouped), so this halves the bytes of an fp32 residual stream and changes
+        no value; the expert outputs then come back in that dtype too (they are bf16 GEMM outputs)."""
+        x = x_ND[p.token]
+        if x.is_cuda and torch.is_autocast_enabled("cuda"):
+            x = x.to(torch.get_autocast_dtype("cuda"))
+        return all_to_all(x, p.recv_R, p.send_R, self.group, self.coordinator, self.timer, "dispatch")
 
     def experts(self, experts: Experts, x_recv: torch.Tensor, p: DispatchPlan, impl: str) -> torch.Tensor:
         n_recv = x_recv.shape[0]
