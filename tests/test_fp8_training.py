@@ -251,3 +251,48 @@ def test_precision_fp8_in_the_training_loop(tmp_path):
 def test_bad_backend():
     with pytest.raises(ValueError):
         fp8_linear(torch.randn(2, 4), torch.randn(3, 4), "fast")
+
+
+def test_emulation_bf16_inputs_realistic_shapes_and_tiny_gradients():
+    """The GPU bench's setting (bf16 autocast: x and dY arrive in bf16; K = 1024, several 1x128 tiles
+    per row; dY ~1e-9..1e-7, the loss being a mean over the tokens): the emulation equals the
+    hand-written contract bit for bit, is within the e4m3 error of the exact product, and a strided
+    (non-contiguous) x gives the same bytes as a contiguous one."""
+    torch.manual_seed(5)
+    M, K, N = 512, 1024, 640
+    x = (torch.randn(M, K) * (1 + 4 * (torch.rand(K) < 0.02).float())).to(torch.bfloat16)
+    w = torch.randn(N, K) * 0.006
+    g = (torch.randn(M, N) * 1e-8 * torch.logspace(-1, 1, M).unsqueeze(1)).to(torch.bfloat16)
+    y, dx, dw = _run(x, w, g)
+    assert y.dtype == dx.dtype == torch.bfloat16 and dw.dtype == torch.float32
+    hy, hdx, hdw = _hand_fp8(x.float(), w, g.float())
+    assert torch.equal(y, hy.to(torch.bfloat16))
+    assert torch.equal(dx, hdx.to(torch.bfloat16))
+    assert torch.equal(dw, hdw)
+    xr, wr = x.float().requires_grad_(), w.clone().requires_grad_()
+    (xr @ wr.T).backward(g.float())
+    assert _rel(y, xr.detach() @ wr.detach().T) < 0.06
+    assert _rel(dx, xr.grad) < 0.06 and _rel(dw, wr.grad) < 0.06, (_rel(dx, xr.grad), _rel(dw, wr.grad))
+    big = torch.zeros(M, 2 * K, dtype=torch.bfloat16)
+    big[:, 3:3 + K] = x
+    xs = big[:, 3:3 + K]  # row stride 2K: not contiguous
+    ys, dxs, dws = _run(xs, w, g)
+    assert torch.equal(ys, y) and torch.equal(dxs, dx) and torch.equal(dws, dw)
+
+
+def test_grad_prescale_bf16_is_exact():
+    """g * p in bf16 (the dtype dY has under autocast) is exact: the bytes of the prescaled gradient
+    are those of the fp32 product, for tiny, zero and huge amax."""
+    from dsv3.training.fp8 import _grad_prescale
+
+    for amax in (1e-30, 1e-9, 1e-4, 3e30):
+        g = (torch.randn(64, 128) * amax).to(torch.bfloat16)
+        g[3] = 0
+        p = _grad_prescale(g)
+        gp = g * p
+        assert gp.dtype == torch.bfloat16 and torch.isfinite(gp).all()
+        assert torch.equal(gp.float(), g.float() * p)
+        if amax > 1e-19:  # below, p is clamped at 2^127 (as test_grad_prescale_is_an_exact_power_of_two)
+            assert 2.0 ** 63 <= gp.float().abs().max() < 2.0 ** 64
+    z = torch.zeros(4, 128, dtype=torch.bfloat16)
+    assert _grad_prescale(z).item() == 2.0 ** 64
