@@ -310,12 +310,17 @@ class Engine:
         inputs = [[r.tokens[-1]] + r.drafts for r in reqs]
         if self._graphs is not None:  # k == 0: one token per sequence through the static/graphed step
             logits = self._graphs.run([x[0] for x in inputs], [r.main_len for r in reqs],
-                                      [r.blocks for r in reqs]).unsqueeze(1)  # (B, 1, V)
-            top1 = logits[:, 0].argmax(-1).unsqueeze(1).tolist()  # one device->host copy per step
+                                      [r.blocks for r in reqs])  # (B, V)
+            # choose every token on the device (greedy argmax, or a draw from the request's processed
+            # distribution with its own generator), then one device->host copy for the whole batch
+            chosen = logits.argmax(-1)
             for b, r in enumerate(reqs):
-                accepted, lps = self._verify(r, logits[b], inputs[b], top1[b])
-                r.main_len += len(accepted)
-                self._append(r, accepted, lps)
+                probs = self._probs(r, logits[b], r.tokens)
+                if probs is not None:
+                    chosen[b] = torch.multinomial(probs, 1, generator=r.gen)[0]
+            for r, t, row in zip(reqs, chosen.tolist(), logits):
+                r.main_len += 1
+                self._append(r, [t], [self._logprob(r, row, t)])
             return
         out, cb = self._forward(reqs, inputs)
         top1 = out.logits.argmax(-1).tolist()  # (B, T) greedy choices, one device->host copy
