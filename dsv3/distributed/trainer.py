@@ -42,10 +42,10 @@ from dsv3.config import ModelConfig
 from dsv3.distributed.checkpoint import is_dcp_checkpoint, load_dcp, read_state, save_dcp
 from dsv3.distributed.mesh import DistEnv, ParallelConfig, build_mesh, init_distributed
 from dsv3.distributed.parallelize import make_optimizer, parallelize, train_step
-from dsv3.model import build_model, max_violation
+from dsv3.model import build_model
 from dsv3.training import checkpointing as ckpt
 from dsv3.training.data import CorpusError, PackedSampler, build_token_cache
-from dsv3.training.loop import Metrics, TrainConfig, get_tokenizer
+from dsv3.training.loop import Metrics, TrainConfig, get_tokenizer, log_step
 from dsv3.training.optim import Schedule
 from dsv3.training.tokenizer import DSTokenizer
 
@@ -254,16 +254,8 @@ def train_parallel(mc: ModelConfig, tc: TrainConfig, pcfg: ParallelConfig | None
                        "grad_norm": r["grad_norm"] if r["grad_norm"] is not None else float("nan"),
                        "tok_per_s": tok_since / max(now - t_last, 1e-9), "world_size": world,
                        "loss": r["loss"], "main": r["main"], "mtp": r["mtp"], "balance": r["balance"]}
-                counts = r["counts"]
-                if counts is not None:
-                    rec["maxvio"] = [round(float(v), 4) for v in max_violation(counts)]
-                    rec["load"] = (counts.float() / counts.sum(-1, keepdim=True)).cpu().numpy().round(4).tolist()
+                last = log_step(rec, r["counts"], metrics, bar)
                 t_last, tok_since = now, 0
-                metrics.log(rec)
-                last = rec
-                if bar is not None:
-                    bar.set_postfix(loss=f"{rec['main']:.3f}", mtp=f"{rec['mtp']:.3f}", lr=f"{lr:.1e}",
-                                    tok_s=f"{rec['tok_per_s']:.0f}")
             if bar is not None:
                 bar.update(1)
             if val is not None and tc.eval_every > 0 and step % tc.eval_every == 0 and step < total_steps:

@@ -200,6 +200,19 @@ class Metrics:
 
 # --------------------------------------------------------------------------------------------------
 
+def log_step(rec: dict, counts, metrics: "Metrics", bar=None) -> dict:
+    """Complete a step record with MaxVio and the per-expert load shares of each MoE layer (counts
+    (L, E) or None), write it, show loss/lr/speed on the progress bar. Returns the record."""
+    if counts is not None:
+        rec["maxvio"] = [round(float(v), 4) for v in max_violation(counts)]
+        rec["load"] = (counts.float() / counts.sum(-1, keepdim=True)).cpu().numpy().round(4).tolist()
+    metrics.log(rec)
+    if bar is not None:
+        bar.set_postfix(loss=f"{rec['main']:.3f}", mtp=f"{rec['mtp']:.3f}", lr=f"{rec['lr']:.1e}",
+                        tok_s=f"{rec['tok_per_s']:.0f}")
+    return rec
+
+
 def train(mc: ModelConfig, tc: TrainConfig, log=print) -> dict:
     """Train (or resume) and return a summary dict. Writes checkpoints, metrics.jsonl and plots."""
     tc.validate()
@@ -348,15 +361,8 @@ def train(mc: ModelConfig, tc: TrainConfig, log=print) -> dict:
                 rec = {"step": step, "tokens": tokens_seen, "lr": lr, "mtp_lambda": lam, "gamma": gamma,
                        "grad_norm": float(gnorm), "tok_per_s": tok_since / max(now - t_last, 1e-9)}
                 rec.update({k: float(v) / n_micro for k, v in sums.items()})
-                if counts is not None:
-                    rec["maxvio"] = [round(float(v), 4) for v in max_violation(counts)]
-                    rec["load"] = (counts.float() / counts.sum(-1, keepdim=True)).cpu().numpy().round(4).tolist()
+                last = log_step(rec, counts, metrics, bar)
                 t_last, tok_since = now, 0
-                metrics.log(rec)
-                last = rec
-                if bar is not None:
-                    bar.set_postfix(loss=f"{rec['main']:.3f}", mtp=f"{rec['mtp']:.3f}", lr=f"{lr:.1e}",
-                                    tok_s=f"{rec['tok_per_s']:.0f}")
             if bar is not None:
                 bar.update(1)
             if val is not None and tc.eval_every > 0 and step % tc.eval_every == 0 and step < total_steps:

@@ -25,10 +25,6 @@ means vs one mean, the gradient of a sum accumulated over micro-batches):
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import tempfile
 
 import pytest
 import torch
@@ -37,6 +33,7 @@ import torch.distributed as dist
 from dsv3.config import ModelConfig
 from dsv3.distributed.mesh import ParallelConfigError
 from dsv3.distributed.pipeline import PipelineConfig
+from tests.distributed.harness import spawn_scenarios
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with gloo is not available")
@@ -156,43 +153,13 @@ def _scenario(rank: int, world: int, pcfg: PipelineConfig, overlap: bool) -> dic
     return diff
 
 
-def _worker(rank: int, world: int, port: int, names: list[str], out_path: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        results = {}
-        for name in names:
-            _, kw, overlap = SCENARIOS[name]
-            d = _scenario(rank, world, PipelineConfig(n_microbatches=N_MICRO, **kw), overlap)
-            keys = sorted(d)
-            v = torch.tensor([d[k] for k in keys], dtype=torch.float64)
-            dist.all_reduce(v, op=dist.ReduceOp.MAX)  # worst rank
-            results[name] = dict(zip(keys, v.tolist()))
-        if rank == 0:
-            with open(out_path, "w") as f:
-                json.dump(results, f)
-    finally:
-        dist.destroy_process_group()
-
-
-# --------------------------------------------------------------------------------------------------
-# driver
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _run_one(rank: int, world: int, name: str) -> dict:
+    _, kw, overlap = SCENARIOS[name]
+    return _scenario(rank, world, PipelineConfig(n_microbatches=N_MICRO, **kw), overlap)
 
 
 def _spawn(world: int) -> dict:
-    import torch.multiprocessing as mp
-
-    names = [n for n, (w, _, _) in SCENARIOS.items() if w == world]
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "results.json")
-        mp.spawn(_worker, args=(world, _free_port(), names, path), nprocs=world, join=True)
-        with open(path) as f:
-            return json.load(f)
+    return spawn_scenarios(world, _run_one, [n for n, (w, _, _) in SCENARIOS.items() if w == world])
 
 
 @pytest.fixture(scope="module")

@@ -31,9 +31,6 @@ per-micro-batch means vs one mean, the all-to-all's row order, the ep all-reduce
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 
 import pytest
 import torch
@@ -42,7 +39,8 @@ import torch.distributed as dist
 from dsv3.distributed.mesh import ParallelConfigError
 from dsv3.distributed.pipeline import PipelineConfig
 
-from tests.distributed.test_pipeline import HP, LR, PARAM_NEAR, STEPS, TOL, _free_port, _ref_step, tiny_cfg
+from tests.distributed.harness import spawn_scenarios
+from tests.distributed.test_pipeline import HP, LR, PARAM_NEAR, STEPS, TOL, _ref_step, tiny_cfg
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with gloo is not available")
@@ -133,34 +131,14 @@ def _scenario(rank: int, pcfg: PipelineConfig, overlap: bool) -> dict:
     return diff
 
 
-def _worker(rank: int, world: int, port: int, out_path: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        results = {}
-        for name, (kw, overlap) in SCENARIOS.items():
-            d = _scenario(rank, PipelineConfig(n_microbatches=N_MICRO, **kw), overlap)
-            keys = sorted(d)
-            v = torch.tensor([d[k] for k in keys], dtype=torch.float64)
-            dist.all_reduce(v, op=dist.ReduceOp.MAX)
-            results[name] = dict(zip(keys, v.tolist()))
-        if rank == 0:
-            with open(out_path, "w") as f:
-                json.dump(results, f)
-    finally:
-        dist.destroy_process_group()
+def _run_one(rank: int, world: int, name: str) -> dict:
+    kw, overlap = SCENARIOS[name]
+    return _scenario(rank, PipelineConfig(n_microbatches=N_MICRO, **kw), overlap)
 
 
 @pytest.fixture(scope="module")
 def results():
-    import torch.multiprocessing as mp
-
-    world = 2 * EP
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "results.json")
-        mp.spawn(_worker, args=(world, _free_port(), path), nprocs=world, join=True)
-        with open(path) as f:
-            return json.load(f)
+    return spawn_scenarios(2 * EP, _run_one, list(SCENARIOS))
 
 
 @pytest.mark.parametrize("name", list(SCENARIOS))
