@@ -17,6 +17,22 @@ import tempfile
 import torch
 import torch.distributed as dist
 
+from dsv3.config import ModelConfig
+
+
+def tiny_cfg(**kw) -> ModelConfig:
+    """The distributed tests' model: 3 layers (1 dense + 2 MoE of 8 experts top-2 in 2 groups), MTP."""
+    base = dict(
+        vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+        num_hidden_layers=3, first_k_dense_replace=1, num_attention_heads=2, num_key_value_heads=2,
+        q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
+        n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1,
+        routed_scaling_factor=2.5, max_position_embeddings=64, rope_scaling=None,
+        num_nextn_predict_layers=1, initializer_range=0.1, torch_dtype="float32",
+    )
+    base.update(kw)
+    return ModelConfig(**base).validate()
+
 
 def free_port() -> int:
     with socket.socket() as s:

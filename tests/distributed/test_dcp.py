@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from dsv3.distributed import ParallelConfig
 from tests.distributed.harness import free_port as _free_port
-from tests.distributed.test_gloo import tiny_cfg
+from tests.distributed.harness import tiny_cfg
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with gloo is not available")
