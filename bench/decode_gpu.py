@@ -64,14 +64,17 @@ def main() -> None:
           f"{model_info(cfg).total / 1e9:.2f}B params")
     print("| impl | batch | TTFT (ms) | decode tok/s | step (ms) | roofline step (ms) | of roofline |")
     print("|---|---|---|---|---|---|---|")
-    for mode, B in [(m, int(b)) for m in args.modes.split(",") for b in args.batches.split(",")]:
+    modes = args.modes.split(",")
+    bad = set(modes) - {"eager", "graphs", "graphs+compile", "graphs+fp8"}
+    if bad or ("graphs+fp8" in modes and modes[-1] != "graphs+fp8"):
+        raise SystemExit(f"--modes: unknown {sorted(bad)}" if bad else "--modes: graphs+fp8 quantizes the model in "
+                         "place, so it must come last")
+    for mode, B in [(m, int(b)) for m in modes for b in args.batches.split(",")]:
         if mode == "graphs+fp8" and not any(isinstance(x, FP8Linear) for x in model.modules()):
             quantize_model_fp8(model)
         prompts = [torch.randint(0, cfg.vocab_size, (args.prompt_len,), generator=g).tolist() for _ in range(B)]
         eng = Engine(model, None, max_batch_size=B, cache_tokens=B * (args.prompt_len + args.new + 16),
                      cuda_graphs=mode != "eager", compile_decode=mode == "graphs+compile")
-        if mode not in ("eager", "graphs", "graphs+compile", "graphs+fp8"):
-            raise SystemExit(f"unknown mode {mode!r}")
         if mode != "eager":  # capture the buckets this run uses before timing (a server does this at start-up)
             eng.generate(prompts, SamplingParams(max_new_tokens=args.new, temperature=0, ignore_eos=True))
         eng.generate(prompts[:1], SamplingParams(max_new_tokens=4, temperature=0))  # warm-up

@@ -410,7 +410,7 @@ def test_engine_greedy_matches_naive(models, naive_refs, name, graphs):
     for o, p, (toks, reason) in zip(outs, prompts, refs):
         assert o.token_ids == toks and o.finish_reason == reason and o.finished
         assert o.prompt_tokens == len(p) and o.logprobs is None and o.text == ""
-    assert eng.cache.free_blocks == eng.cache.num_blocks - graphs and not eng.has_unfinished()
+    assert eng.cache.free_blocks == eng.cache.num_blocks and not eng.has_unfinished()
     if graphs:
         assert {k[0] for k in eng._graphs._entries} >= {8}  # 5 running sequences pad to 8 rows
     assert eng.stats.prefill_tokens == sum(LENGTHS)
@@ -443,7 +443,7 @@ def test_engine_continuous_batching(models, naive_refs, graphs):
         step()
     for i, (toks, reason) in enumerate(refs):
         assert final[ids[i]].token_ids == toks and final[ids[i]].finish_reason == reason
-    assert eng.cache.free_blocks == eng.cache.num_blocks - graphs
+    assert eng.cache.free_blocks == eng.cache.num_blocks
 
 
 def test_engine_queueing_batch_and_cache_limits(models, naive_refs):
@@ -849,6 +849,19 @@ def test_temperature_topk_and_seeds(models, naive_refs, k):
     b = [o.token_ids for o in eng.generate(prompts[3:4] + prompts[:1] * 6, [sp[0]] + sp)[1:]]
     assert a == b
     assert len({tuple(x) for x in a}) == 6
+
+
+def test_graphs_padding_block_is_outside_the_capacity(models):
+    """The block reserved for padding rows is not counted: a request needing the whole cache runs with
+    cuda_graphs as without (it once queued forever), one block more is refused by name."""
+    model = models["plain"]
+    for graphs in (False, True):
+        eng = Engine(model, max_batch_size=2, block_size=4, cache_tokens=20, cuda_graphs=graphs)
+        assert eng.cache.num_blocks == 5 and eng.cache.free_blocks == 5
+        out = eng.generate([[1, 2, 3]], greedy(16))  # 3 + 16 + 1 = 20 positions = all 5 blocks
+        assert len(out[0].token_ids) > 0 and eng.cache.free_blocks == eng.cache.num_blocks
+        with pytest.raises(ValueError, match="cache"):
+            eng.add_request([1, 2, 3, 4], greedy(16))  # 21 positions: 6 blocks
 
 
 def test_static_decode_step_sampling_and_logprobs_match_eager(models, naive_refs):

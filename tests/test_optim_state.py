@@ -105,3 +105,19 @@ def test_train_loop_options_recompute_and_bf16_state(tmp_path):
     for bad in (dict(recompute="some"), dict(optim_state_dtype="fp16")):
         with pytest.raises(ValueError, match=next(iter(bad))):
             TrainConfig(**bad).validate()
+
+
+def test_resume_with_the_other_state_dtype_converts_the_moments():
+    """Moments saved by one --optim-state load into the other converted (not kept), and steps run."""
+    cfg = tiny_cfg()
+    for saved, loaded in ((torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)):
+        m = make_model(cfg, seed=3)
+        opt = make_optimizer(m, 1e-2, state_dtype=saved)
+        _run(m, opt, steps=2)
+        tensors, meta = ckpt.optimizer_tensors(m, opt)
+        opt2 = make_optimizer(m, 1e-2, state_dtype=loaded)
+        ckpt.load_optimizer(m, opt2, tensors, meta)
+        st = next(iter(opt2.state.values()))
+        assert st["exp_avg"].dtype == st["exp_avg_sq"].dtype == loaded
+        _run(m, opt2, steps=1)
+        assert all(torch.isfinite(p).all() for p in m.parameters())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import shutil
 import time
 
@@ -367,3 +368,14 @@ def test_grpo_iteration_end_to_end(env):
     assert recs[0]["kl"] >= 0
     assert recs[1]["kl"] > 0  # the policy moved away from the frozen reference
     assert list_checkpoints(os.path.join(out, "checkpoints"))
+
+
+def test_arithmetic_generators_refuse_an_exclude_set_covering_everything():
+    from dsv3.posttrain.tasks import _expr, _problem, arithmetic_corpus, arithmetic_sft_chats
+
+    rng = random.Random(0)
+    every = {_expr(_problem(rng, 1)[1]) for _ in range(20_000)}  # all 243 one-digit calculations
+    with pytest.raises(ValueError, match="exclude"):
+        arithmetic_sft_chats(2, max_digits=1, exclude=every)
+    with pytest.raises(ValueError, match="exclude"):
+        arithmetic_corpus(1, lines_per_doc=2, max_digits=1, exclude=every)

@@ -73,6 +73,13 @@ class PagedLatentCache:
     def release(self, blocks: list[int]) -> None:
         self._free.extend(reversed(blocks))
 
+    def reserve(self) -> int:
+        """Take one block out of the pool for good (e.g. the padding rows of graphed decode steps): it
+        no longer counts in `num_blocks`, so capacity checks and `free_blocks == num_blocks` stay exact."""
+        blk = self.allocate(1)[0]
+        self.num_blocks -= 1
+        return blk
+
     # --- per-forward view ----------------------------------------------------------------------
     def batch(self, block_tables: list[list[int]], start: list[int], n_new: list[int]) -> "CacheBatch":
         return CacheBatch(self, block_tables, start, n_new)

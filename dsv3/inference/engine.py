@@ -157,14 +157,14 @@ class Engine:
         # room for max_batch_size requests of the full context (each also reserves k + 1 draft positions)
         cache_tokens = cache_tokens or max_batch_size * (min(self.max_model_len, 4096) + self.k + 1)
         num_blocks = -(-cache_tokens // block_size)
-        # cuda_graphs (None: on for a bf16/fp16 CUDA model without speculation): single-token decode
+        # cuda_graphs (None: on for a bf16 CUDA model without speculation): single-token decode
         # steps run through dsv3/inference/graphs.py (static shapes, one graph replay per step). True
         # on the CPU runs that same static-shape step eagerly (how the tests check it). Speculative
         # verification ([x_L, drafts...], T = k + 1) and prefill stay eager. A graph holds only
         # sync-free code: the grouped-GEMM experts (bf16 on CUDA), not the per-expert loop.
         p0 = next(model.parameters())
         use = cuda_graphs if cuda_graphs is not None else (
-            speculative_k == 0 and p0.is_cuda and p0.dtype in (torch.bfloat16, torch.float16))
+            speculative_k == 0 and p0.is_cuda and p0.dtype == torch.bfloat16)  # grouped experts: bf16 only
         if compile_decode and not use:
             raise ValueError("compile_decode compiles the graphed decode step: it needs cuda_graphs")
         if use and speculative_k > 0:
@@ -175,7 +175,7 @@ class Engine:
         if use:
             from dsv3.inference.graphs import DecodeGraphs
 
-            pad = self.cache.allocate(1)[0]  # reserved: padding rows of a bucket write and read here
+            pad = self.cache.reserve()  # padding rows of a bucket write and read here (not in num_blocks)
             max_blocks = -(-(self.max_model_len + self.k + 1) // block_size)
             self._graphs = DecodeGraphs(self.model, self.cache, pad, max_batch_size, max_blocks,
                                         compile=compile_decode)
@@ -317,7 +317,7 @@ class Engine:
             for b, r in enumerate(reqs):
                 probs = self._probs(r, logits[b], r.tokens)
                 if probs is not None:
-                    chosen[b] = torch.multinomial(probs, 1, generator=r.gen)[0]
+                    chosen[b] = self._draw_dev(r, probs)
             for r, t, row in zip(reqs, chosen.tolist(), logits):
                 r.main_len += 1
                 self._append(r, [t], [self._logprob(r, row, t)])
@@ -350,8 +350,16 @@ class Engine:
         logits = filter_logits((logits / p.temperature).unsqueeze(0), p.top_k, p.top_p, p.min_p)[0]
         return logits.softmax(-1)
 
+    @staticmethod
+    def _draw_dev(r: _Request, probs: torch.Tensor) -> torch.Tensor:
+        """One token from `probs` as a 0-dim device tensor, without a host sync: argmax(p / q) with
+        q ~ Exp(1), the algorithm (and the random numbers) of torch.multinomial(probs, 1), minus its
+        two validity checks that read values back to the host."""
+        q = torch.empty_like(probs).exponential_(1, generator=r.gen)
+        return (probs / q).argmax()
+
     def _draw(self, r: _Request, probs: torch.Tensor) -> int:
-        return int(torch.multinomial(probs, 1, generator=r.gen))
+        return int(self._draw_dev(r, probs))
 
     def _logprob(self, r: _Request, logits: torch.Tensor, token: int) -> TokenLogprob | None:
         n = r.params.logprobs

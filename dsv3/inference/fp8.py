@@ -48,7 +48,8 @@ from dsv3.kernels import BLOCK, weight_dequant, weight_quant
 from dsv3.model.moe import Experts
 
 _EXPERT_MATRICES = ("gate_proj", "up_proj", "down_proj")
-# Up to these many rows the Triton FP8-weight kernels run (decode); above, dequantise + cuBLAS (prefill).
+# Up to these many rows the Triton FP8-weight kernels run (decode, no autograd: they build no graph);
+# above, dequantise + cuBLAS (prefill).
 SMALL_M = 64
 SMALL_M_EXPERT_ROWS = 1024
 
@@ -100,7 +101,8 @@ class FP8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // max(x.shape[-1], 1)
-        if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and rows <= SMALL_M and _gemm() is not None:
+        if (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and rows <= SMALL_M
+                and not (torch.is_grad_enabled() and x.requires_grad) and _gemm() is not None):
             # decode: the Triton GEMM reads the e4m3 bytes directly (dsv3/kernels/fp8_gemm_triton.py)
             y = _gemm().fp8_linear_small_m(x.reshape(rows, x.shape[-1]), self.weight, self.weight_scale_inv)
             return y.view(*x.shape[:-1], self.out_features)
@@ -159,7 +161,7 @@ class FP8Experts(Experts):
         run the grouped GEMMs."""
         M = x_MD.shape[0]
         if not (x_MD.is_cuda and dt in (torch.bfloat16, torch.float16) and M <= SMALL_M_EXPERT_ROWS
-                and _gemm() is not None):
+                and not (torch.is_grad_enabled() and x_MD.requires_grad) and _gemm() is not None):
             return super().sorted_mlp(x_MD, flat, order, offs, dt)
         k = _gemm()
         expert = flat[order]  # (M,) each sorted row's expert

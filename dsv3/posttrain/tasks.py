@@ -106,6 +106,17 @@ def arithmetic_task(n_train: int = 1000, n_heldout: int = 100, seed: int = 0, ma
     return Task("arithmetic", train, heldout, meta={"seed": seed, "max_digits": max_digits, "disjoint": disjoint})
 
 
+def _allowed_problem(rng: random.Random, max_digits: int, exclude) -> tuple[str, str, int]:
+    """A problem whose calculation and question text are not in `exclude`; a clear error (not an endless
+    loop) when `exclude` covers (nearly) the whole problem space."""
+    for _ in range(100_000):
+        q, work, ans = _problem(rng, max_digits)
+        if _expr(work) not in exclude and q not in exclude:
+            return q, work, ans
+    raise ValueError(f"`exclude` ({len(exclude)} entries) leaves no problems at max_digits={max_digits}: "
+                     "exclude fewer, or raise max_digits")
+
+
 def arithmetic_sft_chats(n: int, seed: int = 0, max_digits: int = 3, exclude: set[str] | frozenset = frozenset()
                          ) -> list[dict]:
     """Solved conversations {"messages": [system, user, assistant]} (a disjoint stream from the task's);
@@ -113,9 +124,7 @@ def arithmetic_sft_chats(n: int, seed: int = 0, max_digits: int = 3, exclude: se
     rng = random.Random(f"{seed}/sft")
     out = []
     while len(out) < n:
-        q, work, ans = _problem(rng, max_digits)
-        if _expr(work) in exclude or q in exclude:
-            continue
+        q, work, ans = _allowed_problem(rng, max_digits, exclude)
         out.append({"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q},
                                  {"role": "assistant", "content": f"{work}\nAnswer: {ans}"}]})
     return out
@@ -131,9 +140,7 @@ def arithmetic_corpus(n_docs: int, lines_per_doc: int = 32, seed: int = 0, max_d
     for _ in range(n_docs):
         lines: list[str] = []
         while len(lines) < lines_per_doc:
-            q, work, _ = _problem(rng, max_digits)
-            if _expr(work) in exclude or q in exclude:
-                continue
+            q, work, _ = _allowed_problem(rng, max_digits, exclude)
             lines.append(work if rng.random() < 0.5 else f"{q} {work}.")
         docs.append("\n".join(lines) + "\n")
     return docs

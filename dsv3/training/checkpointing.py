@@ -93,8 +93,10 @@ def load_optimizer(model: torch.nn.Module, opt: torch.optim.Optimizer, tensors: 
         if k == "step":
             opt.state.setdefault(p, {})[k] = v.clone()  # AdamW keeps step as a cpu float tensor
         else:
-            # moments keep the dtype they were saved in (fp32, or bf16 with state_dtype=bfloat16)
-            opt.state.setdefault(p, {})[k] = v.to(device=p.device, copy=True)
+            # moments in the optimizer's storage dtype (AdamWLowPrecisionState.state_dtype, else the
+            # parameter's): a run resumed with another --optim-state converts them
+            dtype = getattr(opt, "state_dtype", p.dtype) if v.is_floating_point() else v.dtype
+            opt.state.setdefault(p, {})[k] = v.to(device=p.device, dtype=dtype, copy=True)
 
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict]:

@@ -80,6 +80,21 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+BUCKET_NUMEL = 1 << 24  # elements per foreach bucket: at most ~200 MB of fp32 working copies at a time
+
+
+def _buckets(params: list, numel: int) -> list[list]:
+    """Consecutive groups of parameters of about `numel` elements (a larger tensor alone)."""
+    out, cur, n = [], [], 0
+    for p in params:
+        if cur and n + p.numel() > numel:
+            out.append(cur)
+            cur, n = [], 0
+        cur.append(p)
+        n += p.numel()
+    return out + ([cur] if cur else [])
+
+
 class AdamWLowPrecisionState(torch.optim.Optimizer):
     """AdamW whose moments are *stored* in a low-precision dtype (bf16, as the paper keeps them, §3.3)
     while the parameters stay fp32 masters. Each step computes in fp32: m, v are read up from storage,
@@ -111,25 +126,26 @@ class AdamWLowPrecisionState(torch.optim.Optimizer):
                     st["exp_avg_sq"] = torch.zeros_like(p, dtype=self.state_dtype)
                 st["step"] += 1
                 by_step.setdefault(float(st["step"]), []).append(p)
-            for t, ps in by_step.items():
-                grads = [p.grad.float() for p in ps]  # no copy for fp32 grads: only read below
-                m_store = [self.state[p]["exp_avg"] for p in ps]
-                v_store = [self.state[p]["exp_avg_sq"] for p in ps]
-                m = [x.float() for x in m_store]  # fp32 working copies
-                v = [x.float() for x in v_store]
-                if self.state_dtype == torch.float32:  # .float() returned the stored tensors themselves
-                    m, v = [x.clone() for x in m], [x.clone() for x in v]
-                torch._foreach_lerp_(m, grads, 1 - b1)
-                torch._foreach_mul_(v, b2)
-                torch._foreach_addcmul_(v, grads, grads, value=1 - b2)
-                torch._foreach_copy_(m_store, m)  # round to the storage dtype
-                torch._foreach_copy_(v_store, v)
-                if wd:
-                    torch._foreach_mul_(ps, 1 - lr * wd)
-                denom = torch._foreach_div(v, 1 - b2 ** t)
-                torch._foreach_sqrt_(denom)
-                torch._foreach_add_(denom, eps)
-                torch._foreach_addcdiv_(ps, m, denom, value=-lr / (1 - b1 ** t))
+            for t, group_ps in by_step.items():
+                for ps in _buckets(group_ps, BUCKET_NUMEL):  # bounded fp32 working copies
+                    grads = [p.grad.float() for p in ps]  # no copy for fp32 grads: only read below
+                    m_store = [self.state[p]["exp_avg"] for p in ps]
+                    v_store = [self.state[p]["exp_avg_sq"] for p in ps]
+                    m = [x.float() for x in m_store]  # fp32 working copies
+                    v = [x.float() for x in v_store]
+                    if self.state_dtype == torch.float32:  # .float() returned the stored tensors themselves
+                        m, v = [x.clone() for x in m], [x.clone() for x in v]
+                    torch._foreach_lerp_(m, grads, 1 - b1)
+                    torch._foreach_mul_(v, b2)
+                    torch._foreach_addcmul_(v, grads, grads, value=1 - b2)
+                    torch._foreach_copy_(m_store, m)  # round to the storage dtype
+                    torch._foreach_copy_(v_store, v)
+                    if wd:
+                        torch._foreach_mul_(ps, 1 - lr * wd)
+                    denom = torch._foreach_div(v, 1 - b2 ** t)
+                    torch._foreach_sqrt_(denom)
+                    torch._foreach_add_(denom, eps)
+                    torch._foreach_addcdiv_(ps, m, denom, value=-lr / (1 - b1 ** t))
         return loss
 
 
