@@ -236,7 +236,7 @@ def test_cuda_graph_decode_equals_eager():
 def test_compiled_graph_decode_step_logits_match_eager():
     """Engine(compile_decode=True): the torch.compile'd step inside the graph against the eager static
     step on the same inputs (teacher-forced: free-running greedy tokens would diverge after one bf16
-    near-tie), and a compiled greedy run stays on the eager tokens for its first steps."""
+    near-tie): logits within 2% and top-1 equal on at least 2 of the 3 rows (bf16 near-ties)."""
     from dsv3.inference.engine import Engine, SamplingParams
 
     cfg = _cfg().replace(num_nextn_predict_layers=0, initializer_range=0.2)
