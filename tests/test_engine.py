@@ -864,6 +864,11 @@ def test_graphs_padding_block_is_outside_the_capacity(models):
             eng.add_request([1, 2, 3, 4], greedy(16))  # 21 positions: 6 blocks
 
 
+def test_compile_decode_without_the_graphed_step_is_refused(models):
+    with pytest.raises(ValueError, match="bf16 model on a GPU"):
+        Engine(models["plain"], max_batch_size=2, compile_decode=True)  # fp32 on the CPU: no graphed step
+
+
 def test_static_decode_step_sampling_and_logprobs_match_eager(models, naive_refs):
     """The static-shape decode step (graphs.py; eager on the CPU) feeds the same sampler: seeded
     sampling, top-p and logprobs give the same tokens and (to fp32 rounding) the same log-probs."""

@@ -166,7 +166,8 @@ class Engine:
         use = cuda_graphs if cuda_graphs is not None else (
             speculative_k == 0 and p0.is_cuda and p0.dtype == torch.bfloat16)  # grouped experts: bf16 only
         if compile_decode and not use:
-            raise ValueError("compile_decode compiles the graphed decode step: it needs cuda_graphs")
+            raise ValueError("compile_decode compiles the graphed decode step, which needs a bf16 model on a GPU "
+                             "without speculative decoding (or cuda_graphs=True)")
         if use and speculative_k > 0:
             raise ValueError("cuda_graphs covers single-token decoding; it cannot be combined with speculative_k > 0")
         self.cache = PagedLatentCache.for_model(model, num_blocks + (1 if use else 0), block_size)
