@@ -252,7 +252,7 @@ def train_grpo(checkpoint_dir: str, task: Task, out_dir: str, cfg: GRPOConfig, l
             policy.train()
             for g in opt.param_groups:
                 g["lr"] = cfg.lr
-            sums = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0}
+            dev_sums = torch.zeros(3, device=device)  # loss, kl, clip_frac: accumulated on the device, read once
             for _ in range(cfg.ppo_epochs):
                 for k, mb in enumerate(mbs):
                     x, m = view(mb)
@@ -262,12 +262,11 @@ def train_grpo(checkpoint_dir: str, task: Task, out_dir: str, cfg: GRPOConfig, l
                     loss, st = grpo_loss(lp, lp_old, refl[k], adv[mb], m[:, 1:], cfg.clip_eps, cfg.beta)
                     w = len(mb) / N
                     (loss * w).backward()
-                    sums["loss"] += float(loss.detach()) * w / cfg.ppo_epochs
-                    sums["kl"] += float(st["kl"]) * w / cfg.ppo_epochs
-                    sums["clip_frac"] += float(st["clip_frac"]) * w / cfg.ppo_epochs
+                    dev_sums += torch.stack([loss.detach(), st["kl"], st["clip_frac"]]).float() * (w / cfg.ppo_epochs)
                 gnorm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
+            sums = dict(zip(("loss", "kl", "clip_frac"), dev_sums.tolist()))
             it += 1
             dt = time.perf_counter() - t0
             n_gen = sum(len(c) for c in comps)
