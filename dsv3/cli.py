@@ -72,7 +72,8 @@ def _parallel_run(args, tc) -> bool:
     """Several processes (torchrun sets WORLD_SIZE), a layout flag, or a resume of a sharded run."""
     import os
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or args.dp_shard or args.ep or args.no_fsdp or args.node_groups:
+    if (int(os.environ.get("WORLD_SIZE", "1")) > 1 or args.dp_shard or args.ep or args.no_fsdp or args.node_groups
+            or args.pp > 1):
         return True
     if not tc.resume:
         return False
@@ -89,11 +90,31 @@ def _train_parallel(args, mc, tc) -> int:
 
     from dsv3.distributed.trainer import default_layout, start, train_parallel
 
+    if args.pp > 1:  # refused before any process group is started
+        if args.dp_shard > 1:
+            raise ValueError("--pp with --dp-shard > 1 (FSDP data parallelism) is not supported: the pipeline "
+                             "ranks replicate nothing but the ep ranks of a stage")
+        if args.node_groups:
+            raise ValueError("--pp with --node-groups is not supported")
+        if tc.precision == "fp8":
+            raise ValueError("--pp with --precision fp8 is not supported")
+    elif args.pp_schedule != "1f1b" or args.n_microbatches:
+        raise ValueError("--pp-schedule / --n-microbatches need --pp N (N >= 2)")
     env = start(tc.device)
     try:
-        pcfg = default_layout(env.world_size, args.dp_shard, args.ep, fsdp=not args.no_fsdp,
-                              node_groups=args.node_groups)
-        summary = train_parallel(mc, tc, pcfg, env)
+        if args.pp > 1:
+            from dsv3.distributed.pipeline import PipelineConfig
+            from dsv3.distributed.trainer import train_pipeline
+
+            ep = args.ep or max(env.world_size // args.pp, 1)
+            n_stages = args.pp if args.pp_schedule == "1f1b" else 2 * args.pp
+            ppcfg = PipelineConfig(pp=args.pp, schedule=args.pp_schedule, ep=ep,
+                                   n_microbatches=args.n_microbatches or n_stages)
+            summary = train_pipeline(mc, tc, ppcfg, env)
+        else:
+            pcfg = default_layout(env.world_size, args.dp_shard, args.ep, fsdp=not args.no_fsdp,
+                                  node_groups=args.node_groups)
+            summary = train_parallel(mc, tc, pcfg, env)
         if env.rank == 0 and args.samples > 0 and not summary["interrupted"]:
             _print_samples(summary["checkpoint"], args.samples, args.seed)
     finally:
@@ -413,6 +434,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--node-groups", type=int, default=0,
                    help="node-limited routing check: the model's n_group expert groups must fall on this many "
                         "blocks of whole EP ranks (the paper: 8 nodes, topk_group = M = 4)")
+    t.add_argument("--pp", type=int, default=0,
+                   help="under torchrun: pipeline-parallel ranks (world = pp, or pp x --ep); not with --dp-shard")
+    t.add_argument("--pp-schedule", default="1f1b", choices=["1f1b", "dualpipev"],
+                   help="pipeline schedule: 1f1b (pp stages) or dualpipev (2 x pp stages in a V)")
+    t.add_argument("--n-microbatches", type=int, default=0,
+                   help="pipeline micro-batches per step (default: the number of stages); divides --batch-size")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="validation loss and bits per byte of a checkpoint")

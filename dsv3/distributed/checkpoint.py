@@ -110,6 +110,55 @@ def _unwrap(wrapped) -> None:
         d[k] = d[k].to_local()
 
 
+def _is_pipeline(ps) -> bool:
+    return hasattr(ps, "stages") and hasattr(ps, "schedule")  # a pipeline.PipelineState
+
+
+def _pipeline_state_dicts(opt, ps):
+    """Pipeline parallelism: (model sd, optimizer state, wrapped) over this rank's stage modules, keyed
+    by the *model's* names (a stage keeps them: `layers.<global index>...`, `embed_tokens.weight`, ...),
+    the same structure as `_state_dicts`; the tensors share storage with the parameters, buffers and
+    AdamW state, so DCP loads in place. A name held by several ranks (the 1F1B tied embedding copy,
+    replicated parameters of the ep ranks of a stage) is equal on them: DCP stores it once. PP × EP:
+    expert slices (and their moments) wrapped as DTensors Shard(0) over the stage's "ep" sub-mesh,
+    global shape (E, ...), as in `_state_dicts`."""
+    from torch.distributed.checkpoint.state_dict import _init_optim_state
+    from torch.distributed.tensor import DTensor, Shard
+
+    _init_optim_state(opt)  # no-op once AdamW has state
+    msd, params = {}, {}
+    for st in ps.stages:
+        for k, v in st.state_dict(keep_vars=True).items():
+            msd[k] = v.detach()
+        params.update(dict(st.named_parameters()))
+    ref = next((v["step"] for v in opt.state.values() if "step" in v), torch.zeros((), dtype=torch.float32))
+    for p in params.values():  # a parameter that never had a gradient has no AdamW state yet: zeros
+        if not opt.state[p]:
+            opt.state[p].update(step=torch.zeros_like(ref), exp_avg=torch.zeros_like(p.detach()),
+                                exp_avg_sq=torch.zeros_like(p.detach()))
+    osd = {n: dict(opt.state[p]) for n, p in params.items()}
+    wrapped = []  # (the tensor in place, the DTensor DCP fills)
+    if ps.pcfg.ep > 1:
+        ids = {id(p) for p in ps.expert_params}
+        for n, p in params.items():
+            if id(p) not in ids:
+                continue
+            slots = [(msd, n)] + [(osd[n], k) for k, v in osd[n].items() if torch.is_tensor(v) and v.dim() > 0]
+            for d, k in slots:
+                orig = d[k]
+                d[k] = DTensor.from_local(orig, ps.ep_mesh, [Shard(0)], run_check=False)
+                wrapped.append((orig, d[k]))
+    return msd, osd, wrapped
+
+
+def _layout(ps, world: int) -> dict:
+    pcfg = ps.pcfg
+    if _is_pipeline(ps):
+        return {"world_size": world, "pp": pcfg.pp, "ep": pcfg.ep, "schedule": pcfg.schedule,
+                "n_microbatches": pcfg.n_microbatches, "dp_shard": 1, "fsdp": False}
+    return {"world_size": world, "dp_shard": pcfg.dp_shard, "ep": pcfg.ep, "fsdp": pcfg.fsdp}
+
+
 # --------------------------------------------------------------------------------------------------
 # save / load
 
@@ -123,14 +172,19 @@ def save_dcp(ckpt_root: str, step: int, model, opt, ps, state: dict, *, tokenize
              export_hf: bool = False) -> str:
     """Collective: every rank calls it. Writes checkpoint `step` atomically and returns its path;
     `state` (JSON-able: sampler, tokens, ...) is rank 0's. export_hf: also write config.json +
-    model.safetensors (rank 0 reads the full tensors back from the DCP files)."""
+    model.safetensors (rank 0 reads the full tensors back from the DCP files). Pipeline runs: `ps` is
+    the pipeline.PipelineState and `model` any of its stage modules (for the config and device)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     final = os.path.join(ckpt_root, f"step_{step:08d}")
     tmp = _rank0_path(tempdir_beside(final) if rank == 0 else None)
     ok = torch.zeros(1)
     try:
-        msd, osd, _ = _state_dicts(model, opt, ps)
-        dcp.save({"model": msd, "optim": osd["state"]}, checkpoint_id=os.path.join(tmp, DCP_DIR))
+        if _is_pipeline(ps):
+            msd, optim, _ = _pipeline_state_dicts(opt, ps)
+        else:
+            msd, osd, _ = _state_dicts(model, opt, ps)
+            optim = osd["state"]
+        dcp.save({"model": msd, "optim": optim}, checkpoint_id=os.path.join(tmp, DCP_DIR))
         rt, rmeta = ckpt.rng_state()
         os.makedirs(os.path.join(tmp, RNG_DIR), exist_ok=True)
         rng_path = os.path.join(tmp, RNG_DIR, f"rank_{rank:05d}.safetensors")
@@ -138,10 +192,8 @@ def save_dcp(ckpt_root: str, step: int, model, opt, ps, state: dict, *, tokenize
         ckpt._fsync_file(rng_path)
         dist.barrier()
         if rank == 0:
-            pcfg = ps.pcfg
             ckpt._write_json({**state, "format": FORMAT, "step": step, "model_config": model.config.to_dict(),
-                              "layout": {"world_size": world, "dp_shard": pcfg.dp_shard, "ep": pcfg.ep,
-                                         "fsdp": pcfg.fsdp}, "torch": torch.__version__},
+                              "layout": _layout(ps, world), "torch": torch.__version__},
                              os.path.join(tmp, "trainer_state.json"))
             if tokenizer is not None:
                 tokenizer.save(tmp)
@@ -181,14 +233,23 @@ def save_dcp(ckpt_root: str, step: int, model, opt, ps, state: dict, *, tokenize
 
 def load_dcp(path: str, model, opt, ps) -> dict:
     """Collective: fill the (parallelized) model and the optimizer from checkpoint `path`, whatever
-    layout wrote it, restore this rank's RNG, and return the trainer state (sampler, step, ...)."""
+    layout wrote it, restore this rank's RNG, and return the trainer state (sampler, step, ...).
+    Pipeline runs: `ps` is the pipeline.PipelineState (its stages are filled; `model` is unused)."""
     state = read_state(path)
     if state.get("format") != FORMAT:
         raise ValueError(f"{path} is not a sharded (DCP) checkpoint")
-    msd, osd, wrapped = _state_dicts(model, opt, ps)
-    dcp.load({"model": msd, "optim": osd["state"]}, checkpoint_id=os.path.join(path, DCP_DIR))
-    _unwrap(wrapped)
-    set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd)
+    if _is_pipeline(ps):
+        msd, optim, wrapped = _pipeline_state_dicts(opt, ps)
+        dcp.load({"model": msd, "optim": optim}, checkpoint_id=os.path.join(path, DCP_DIR))
+        with torch.no_grad():
+            for orig, dt in wrapped:
+                if dt.to_local().data_ptr() != orig.data_ptr():
+                    orig.copy_(dt.to_local())
+    else:
+        msd, osd, wrapped = _state_dicts(model, opt, ps)
+        dcp.load({"model": msd, "optim": osd["state"]}, checkpoint_id=os.path.join(path, DCP_DIR))
+        _unwrap(wrapped)
+        set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd)
     old_world = state["layout"]["world_size"]
     rng_path = os.path.join(path, RNG_DIR, f"rank_{dist.get_rank() % old_world:05d}.safetensors")
     with safe_open(rng_path, "pt") as f:

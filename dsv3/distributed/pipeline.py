@@ -311,6 +311,7 @@ class PipelineState:
     replicated_params: list = field(default_factory=list)  # the rest, averaged over ep_group
     coordinator: OverlapCoordinator | None = None  # overlap=True
     dispatchers: list = field(default_factory=list)  # this rank's AllToAllDispatchers (timers go here)
+    ep_mesh: object | None = None  # PP × EP: the 1-D "ep" sub-mesh of my stage(s) (checkpoints)
 
 
 def _meta(shape, dtype):
@@ -349,11 +350,12 @@ def build_pipeline(model, pcfg: PipelineConfig, micro_batch_size: int, seq_len: 
 
     device = device or next(model.parameters()).device
     cfg = model.config
-    ep_group, ep_rank = None, 0
+    ep_group, ep_rank, ep_mesh = None, 0, None
     if pcfg.ep > 1:
         if group is not None:
             raise ParallelConfigError("PP x EP builds its groups from the world (pipeline_mesh); pass group=None")
         mesh = pipeline_mesh(pcfg, device.type)
+        ep_mesh = mesh["ep"]
         group, ep_group = mesh.get_group("pp"), mesh.get_group("ep")
         ep_rank = mesh.get_local_rank("ep")
         all_group = dist.group.WORLD
@@ -399,7 +401,7 @@ def build_pipeline(model, pcfg: PipelineConfig, micro_batch_size: int, seq_len: 
     state = PipelineState(pcfg, rank, group, stages, None, part, 0, cfg.n_routed_experts, [], None, None,
                           ep_group=ep_group, ep_rank=ep_rank, all_group=all_group, expert_params=expert_params,
                           replicated_params=[p for p in part.parameters() if id(p) not in ids],
-                          coordinator=coord, dispatchers=dispatchers)
+                          coordinator=coord, dispatchers=dispatchers, ep_mesh=ep_mesh)
     n = pcfg.n_microbatches
 
     def loss_fn(output, target):
@@ -547,6 +549,49 @@ def train_step(state: PipelineState, opt, batch: torch.Tensor, *, mtp_lambda: fl
         if rows:
             update_expert_bias([g for _, g in state.routers], counts[rows], gamma)
     return {**gathered_loss(state), "grad_norm": None if gnorm is None else float(gnorm), "counts": counts}
+
+
+@torch.no_grad()
+def forward_only(state: PipelineState, x: torch.Tensor) -> torch.Tensor | None:
+    """Forward-only pass of token ids x (b, T) (this rank's rows under PP × EP) through the stages in
+    stage order, the hidden state sent rank to rank (blocking P2P, fp32) outside the schedule, so it
+    works with any torch that has the schedules (no `schedule.eval`). No balance terms, no expert
+    counts. Returns the main logits (b, T, V) on the rank(s) holding the last stage, else None."""
+    pcfg = state.pcfg
+    ranks = pcfg.stage_ranks()
+    mine = {st.stage_index: st for st in state.stages}
+    b, T = x.shape
+    D = state.stages[0].config.hidden_size
+
+    def peer(r):
+        return dist.get_global_rank(state.group, r)
+
+    h, logits = None, None
+    saved = [(st.with_balance, st.counts) for st in state.stages]
+    try:
+        for st in state.stages:
+            st.with_balance, st.counts = False, None
+        for s in range(pcfg.n_stages):
+            if ranks[s] != state.rank:
+                continue
+            st = mine[s]
+            if s == 0:
+                inp = x
+            elif ranks[s - 1] == state.rank:
+                inp = h
+            else:
+                inp = torch.empty(b, T, D, dtype=torch.float32, device=x.device)
+                dist.recv(inp, src=peer(ranks[s - 1]))
+            if st.is_last:
+                logits = st(inp, ids=x)[0]
+            else:
+                h = st(inp).float()
+                if ranks[s + 1] != state.rank:
+                    dist.send(h.contiguous(), dst=peer(ranks[s + 1]))
+    finally:
+        for st, (wb, c) in zip(state.stages, saved):
+            st.with_balance, st.counts = wb, c
+    return logits
 
 
 def gathered_loss(state: PipelineState) -> dict:
