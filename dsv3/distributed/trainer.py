@@ -146,6 +146,98 @@ def _schedule(tc: TrainConfig) -> tuple[int, Schedule]:
                                  tc.batch_ramp_steps, tc.batch_start)
 
 
+def _run_loop(tc: TrainConfig, env: DistEnv, say, metrics, sched: Schedule, opt, step: int, tokens_seen: int,
+              total_steps: int, one_step, eval_fn, save, summary_extra: dict) -> dict:
+    """The loop of both torchrun trainers. one_step(step, λ, γ) -> (train_step's result, tokens) runs one
+    optimizer step; eval_fn(max_batches) -> validation dict (None: no validation data); save(reason, step,
+    tokens) writes a checkpoint. Ctrl-C/SIGTERM on any rank stops every rank at the same step (the flag is
+    all-reduced), which then saves. Rank 0 logs, plots and writes summary.json."""
+    is0 = env.rank == 0
+    stop = {"flag": False}
+
+    def on_signal(signum, frame):
+        if stop["flag"]:
+            raise KeyboardInterrupt
+        stop["flag"] = True
+        say("\ninterrupt: saving a checkpoint after this step (Ctrl-C again to abort)")
+
+    old_handlers = {}
+    with contextlib.suppress(ValueError):  # not in the main thread
+        old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    bar = None
+    if tc.progress and is0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total_steps, initial=step, desc="train", dynamic_ncols=True, file=sys.stdout)
+    last, t_last, tok_since = {}, time.perf_counter(), 0
+    stopping = torch.zeros(1, device=env.device)
+    try:
+        while step < total_steps:
+            stopping.fill_(float(stop["flag"]))
+            dist.all_reduce(stopping, op=dist.ReduceOp.MAX)  # one rank interrupted: all stop at this step
+            if stopping.item() > 0:
+                stop["flag"] = True
+                break
+            lr = sched.lr(step)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            lam, gamma = sched.mtp_weight(step), sched.gamma(step)
+            r, n_tok = one_step(step, lam, gamma)
+            step += 1
+            tokens_seen += n_tok
+            tok_since += n_tok
+            if is0 and (step % tc.log_every == 0 or step == total_steps or step == 1):
+                now = time.perf_counter()
+                rec = {"step": step, "tokens": tokens_seen, "lr": lr, "mtp_lambda": lam, "gamma": gamma,
+                       "grad_norm": r["grad_norm"] if r["grad_norm"] is not None else float("nan"),
+                       "tok_per_s": tok_since / max(now - t_last, 1e-9), "world_size": env.world_size,
+                       "loss": r["loss"], "main": r["main"], "mtp": r["mtp"], "balance": r["balance"]}
+                last = log_step(rec, r["counts"], metrics, bar)
+                t_last, tok_since = now, 0
+            if bar is not None:
+                bar.update(1)
+            if eval_fn is not None and tc.eval_every > 0 and step % tc.eval_every == 0 and step < total_steps:
+                ev = eval_fn(tc.eval_batches)
+                if is0:
+                    metrics.log({"step": step, **ev})
+                say(f"step {step}: val loss {ev['val_loss']:.4f}, {ev['val_bpb']:.4f} bits/byte")
+            if tc.save_every > 0 and step % tc.save_every == 0 and step < total_steps:
+                save("periodic", step, tokens_seen)
+    except BaseException:
+        if metrics is not None:
+            metrics.close()
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+
+    path = save("interrupted" if stop["flag"] else "final", step, tokens_seen)
+    summary = {"step": step, "total_steps": total_steps, "tokens": tokens_seen, "checkpoint": path,
+               "train_loss": last.get("main"), "interrupted": stop["flag"], "world_size": env.world_size,
+               **summary_extra}
+    if eval_fn is not None and not stop["flag"]:
+        ev = eval_fn()
+        if is0:
+            metrics.log({"step": step, **ev, "final": True})
+        summary.update(ev)
+        say(f"final: val loss {ev['val_loss']:.4f}, {ev['val_bpb']:.4f} bits/byte over {ev['val_tokens']:,} tokens")
+    if is0:
+        metrics.close()
+        try:
+            from dsv3.training.plots import plot_run
+
+            for p in plot_run(tc.out_dir):
+                say(f"plot: {p}")
+        except ImportError:
+            say("matplotlib not installed: no plots (pip install matplotlib)")
+        with open(os.path.join(tc.out_dir, "summary.json"), "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=1)
+    dist.barrier()
+    return summary
+
+
 def train_parallel(mc: ModelConfig, tc: TrainConfig, pcfg: ParallelConfig | None, env: DistEnv, log=print) -> dict:
     """Train (or resume) on the started process group; every rank calls it. pcfg None: from the
     checkpoint on resume, else dp_shard = world. Returns the summary (on every rank)."""
@@ -235,99 +327,24 @@ def train_parallel(mc: ModelConfig, tc: TrainConfig, pcfg: ParallelConfig | None
                       f, indent=1)
     metrics = Metrics(tc.out_dir) if is0 else None
 
-    def save(reason: str) -> str:
+    def save(reason: str, step: int, tokens_seen: int) -> str:
         return save_dcp(ckpt_root, step, model, opt, ps,
                         {"tokens": tokens_seen, "sampler": sampler.state_dict(), "reason": reason,
                          "train_config": asdict(tc)}, tokenizer=tok, keep=tc.keep,
                         export_hf=reason != "periodic")
 
-    stop = {"flag": False}
+    def one_step(step: int, lam: float, gamma: float) -> tuple[dict, int]:
+        n_micro = sched.batch_size(step, tc.batch_size) // micro
+        batches = [next(sampler).to(device, non_blocking=True) for _ in range(n_micro)]
+        r = train_step(model, opt, batches, ps, mtp_lambda=lam, balance_alpha=tc.balance_alpha, gamma=gamma,
+                       grad_clip=tc.grad_clip, autocast=autocast if precision == "bf16" else None)
+        return r, n_micro * micro * tc.seq_len
 
-    def on_signal(signum, frame):
-        if stop["flag"]:
-            raise KeyboardInterrupt
-        stop["flag"] = True
-        say("\ninterrupt: saving a checkpoint after this step (Ctrl-C again to abort)")
+    def eval_fn(max_batches=None) -> dict:
+        return evaluate(model, val, token_bytes, device, autocast, max_batches)
 
-    old_handlers = {}
-    with contextlib.suppress(ValueError):  # not in the main thread
-        old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    bar = None
-    if tc.progress and is0:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total_steps, initial=step, desc="train", dynamic_ncols=True, file=sys.stdout)
-    last, t_last, tok_since = {}, time.perf_counter(), 0
-    stopping = torch.zeros(1, device=device)
-    try:
-        while step < total_steps:
-            stopping.fill_(float(stop["flag"]))
-            dist.all_reduce(stopping, op=dist.ReduceOp.MAX)  # one rank interrupted: all stop at this step
-            if stopping.item() > 0:
-                stop["flag"] = True
-                break
-            lr = sched.lr(step)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            lam, gamma = sched.mtp_weight(step), sched.gamma(step)
-            n_micro = sched.batch_size(step, tc.batch_size) // micro
-            batches = [next(sampler).to(device, non_blocking=True) for _ in range(n_micro)]
-            r = train_step(model, opt, batches, ps, mtp_lambda=lam, balance_alpha=tc.balance_alpha, gamma=gamma,
-                           grad_clip=tc.grad_clip, autocast=autocast if precision == "bf16" else None)
-            step += 1
-            n_tok = n_micro * micro * tc.seq_len
-            tokens_seen += n_tok
-            tok_since += n_tok
-            if is0 and (step % tc.log_every == 0 or step == total_steps or step == 1):
-                now = time.perf_counter()
-                rec = {"step": step, "tokens": tokens_seen, "lr": lr, "mtp_lambda": lam, "gamma": gamma,
-                       "grad_norm": r["grad_norm"] if r["grad_norm"] is not None else float("nan"),
-                       "tok_per_s": tok_since / max(now - t_last, 1e-9), "world_size": world,
-                       "loss": r["loss"], "main": r["main"], "mtp": r["mtp"], "balance": r["balance"]}
-                last = log_step(rec, r["counts"], metrics, bar)
-                t_last, tok_since = now, 0
-            if bar is not None:
-                bar.update(1)
-            if val is not None and tc.eval_every > 0 and step % tc.eval_every == 0 and step < total_steps:
-                ev = evaluate(model, val, token_bytes, device, autocast, tc.eval_batches)
-                if is0:
-                    metrics.log({"step": step, **ev})
-                say(f"step {step}: val loss {ev['val_loss']:.4f}, {ev['val_bpb']:.4f} bits/byte")
-            if tc.save_every > 0 and step % tc.save_every == 0 and step < total_steps:
-                save("periodic")
-    except BaseException:
-        if metrics is not None:
-            metrics.close()
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
-        for s, h in old_handlers.items():
-            signal.signal(s, h)
-
-    path = save("interrupted" if stop["flag"] else "final")
-    summary = {"step": step, "total_steps": total_steps, "tokens": tokens_seen, "checkpoint": path,
-               "train_loss": last.get("main"), "interrupted": stop["flag"], "world_size": world,
-               "layout": asdict(pcfg)}
-    if val is not None and not stop["flag"]:
-        ev = evaluate(model, val, token_bytes, device, autocast)
-        if is0:
-            metrics.log({"step": step, **ev, "final": True})
-        summary.update(ev)
-        say(f"final: val loss {ev['val_loss']:.4f}, {ev['val_bpb']:.4f} bits/byte over {ev['val_tokens']:,} tokens")
-    if is0:
-        metrics.close()
-        try:
-            from dsv3.training.plots import plot_run
-
-            for p in plot_run(tc.out_dir):
-                say(f"plot: {p}")
-        except ImportError:
-            say("matplotlib not installed: no plots (pip install matplotlib)")
-        with open(os.path.join(tc.out_dir, "summary.json"), "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=1)
-    dist.barrier()
-    return summary
+    return _run_loop(tc, env, say, metrics, sched, opt, step, tokens_seen, total_steps, one_step,
+                     eval_fn if val is not None else None, save, {"layout": asdict(pcfg)})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -458,99 +475,24 @@ def train_pipeline(mc: ModelConfig, tc: TrainConfig, ppcfg, env: DistEnv, log=pr
                       f, indent=1)
     metrics = Metrics(tc.out_dir) if is0 else None
 
-    def save(reason: str) -> str:
+    def save(reason: str, step: int, tokens_seen: int) -> str:
         return save_dcp(ckpt_root, step, ps.stages[0], opt, ps,
                         {"tokens": tokens_seen, "sampler": sampler.state_dict(), "reason": reason,
                          "train_config": asdict(tc)}, tokenizer=tok, keep=tc.keep,
                         export_hf=reason != "periodic")
 
-    stop = {"flag": False}
+    def one_step(step: int, lam: float, gamma: float) -> tuple[dict, int]:
+        batch = next(sampler).to(device, non_blocking=True)
+        r = pp_train_step(ps, opt, batch, mtp_lambda=lam, balance_alpha=tc.balance_alpha, gamma=gamma,
+                          grad_clip=tc.grad_clip)
+        r["mtp"] = (r["loss"] - r["balance"] - r["main"]) / lam if lam > 0 else float("nan")
+        return r, tc.batch_size * tc.seq_len
 
-    def on_signal(signum, frame):
-        if stop["flag"]:
-            raise KeyboardInterrupt
-        stop["flag"] = True
-        say("\ninterrupt: saving a checkpoint after this step (Ctrl-C again to abort)")
+    def eval_fn(max_batches=None) -> dict:
+        return evaluate_pipeline(ps, val, token_bytes, device, max_batches)
 
-    old_handlers = {}
-    with contextlib.suppress(ValueError):
-        old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    bar = None
-    if tc.progress and is0:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total_steps, initial=step, desc="train", dynamic_ncols=True, file=sys.stdout)
-    last, t_last, tok_since = {}, time.perf_counter(), 0
-    stopping = torch.zeros(1, device=device)
-    try:
-        while step < total_steps:
-            stopping.fill_(float(stop["flag"]))
-            dist.all_reduce(stopping, op=dist.ReduceOp.MAX)
-            if stopping.item() > 0:
-                stop["flag"] = True
-                break
-            lr = sched.lr(step)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            lam, gamma = sched.mtp_weight(step), sched.gamma(step)
-            batch = next(sampler).to(device, non_blocking=True)
-            r = pp_train_step(ps, opt, batch, mtp_lambda=lam, balance_alpha=tc.balance_alpha, gamma=gamma,
-                              grad_clip=tc.grad_clip)
-            step += 1
-            n_tok = tc.batch_size * tc.seq_len
-            tokens_seen += n_tok
-            tok_since += n_tok
-            if is0 and (step % tc.log_every == 0 or step == total_steps or step == 1):
-                now = time.perf_counter()
-                mtp = (r["loss"] - r["balance"] - r["main"]) / lam if lam > 0 else float("nan")
-                rec = {"step": step, "tokens": tokens_seen, "lr": lr, "mtp_lambda": lam, "gamma": gamma,
-                       "grad_norm": r["grad_norm"] if r["grad_norm"] is not None else float("nan"),
-                       "tok_per_s": tok_since / max(now - t_last, 1e-9), "world_size": world,
-                       "loss": r["loss"], "main": r["main"], "mtp": mtp, "balance": r["balance"]}
-                last = log_step(rec, r["counts"], metrics, bar)
-                t_last, tok_since = now, 0
-            if bar is not None:
-                bar.update(1)
-            if val is not None and tc.eval_every > 0 and step % tc.eval_every == 0 and step < total_steps:
-                ev = evaluate_pipeline(ps, val, token_bytes, device, tc.eval_batches)
-                if is0:
-                    metrics.log({"step": step, **ev})
-                say(f"step {step}: val loss {ev['val_loss']:.4f}, {ev['val_bpb']:.4f} bits/byte")
-            if tc.save_every > 0 and step % tc.save_every == 0 and step < total_steps:
-                save("periodic")
-    except BaseException:
-        if metrics is not None:
-            metrics.close()
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
-        for s, h in old_handlers.items():
-            signal.signal(s, h)
-
-    path = save("interrupted" if stop["flag"] else "final")
-    summary = {"step": step, "total_steps": total_steps, "tokens": tokens_seen, "checkpoint": path,
-               "train_loss": last.get("main"), "interrupted": stop["flag"], "world_size": world,
-               "pipeline": asdict(ppcfg)}
-    if val is not None and not stop["flag"]:
-        ev = evaluate_pipeline(ps, val, token_bytes, device)
-        if is0:
-            metrics.log({"step": step, **ev, "final": True})
-        summary.update(ev)
-        say(f"final: val loss {ev['val_loss']:.4f}, {ev['val_bpb']:.4f} bits/byte over {ev['val_tokens']:,} tokens")
-    if is0:
-        metrics.close()
-        try:
-            from dsv3.training.plots import plot_run
-
-            for p in plot_run(tc.out_dir):
-                say(f"plot: {p}")
-        except ImportError:
-            say("matplotlib not installed: no plots (pip install matplotlib)")
-        with open(os.path.join(tc.out_dir, "summary.json"), "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=1)
-    dist.barrier()
-    return summary
+    return _run_loop(tc, env, say, metrics, sched, opt, step, tokens_seen, total_steps, one_step,
+                     eval_fn if val is not None else None, save, {"pipeline": asdict(ppcfg)})
 
 
 __all__ = ["default_layout", "evaluate", "evaluate_pipeline", "start", "train_parallel", "train_pipeline"]
