@@ -38,8 +38,8 @@ fsyncs everything and renames the directory into place. A crash at any point lea
 `step_*` directory holding trainer_state.json, so the previous checkpoint stays the latest.
 All ranks must see one filesystem (one node, or a shared filesystem across nodes).
 
-CLI: `python -m dsv3.distributed.checkpoint to-hf CKPT OUT` (or `dsv3 convert CKPT OUT`), where
-CKPT is a checkpoint directory or a run directory (its latest checkpoint); one process, no GPU.
+CLI: `dsv3 convert CKPT OUT`, where CKPT is a checkpoint directory or a run directory (its latest
+checkpoint); one process, no GPU.
 """
 
 from __future__ import annotations
@@ -47,7 +47,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import warnings
 
 import torch
@@ -311,23 +310,4 @@ def to_hf(ckpt_path: str, out: str, dtype: torch.dtype | None = None) -> str:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    p = argparse.ArgumentParser(prog="python -m dsv3.distributed.checkpoint")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    h = sub.add_parser("to-hf", help="convert a sharded (DCP) checkpoint to the Hugging Face format")
-    h.add_argument("checkpoint", help="DCP checkpoint directory or run directory (latest checkpoint)")
-    h.add_argument("out", help="new output directory")
-    h.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="storage dtype (default: float32, as training checkpoints)")
-    args = p.parse_args(argv)
-    dtype = getattr(torch, args.dtype) if args.dtype else None
-    print(to_hf(args.checkpoint, args.out, dtype))
-    return 0
-
-
 __all__ = ["is_dcp_checkpoint", "load_dcp", "load_full_model", "read_state", "save_dcp", "to_hf"]
-
-if __name__ == "__main__":
-    sys.exit(main())
