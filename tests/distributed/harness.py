@@ -66,3 +66,17 @@ def spawn_scenarios(world: int, run_one, names: list[str]) -> dict:
         mp.spawn(_worker, args=(world, free_port(), run_one, names, path), nprocs=world, join=True)
         with open(path) as f:
             return json.load(f)
+
+
+def results_by_world(scenarios: dict, run_one):
+    """A getter name -> that scenario's worst-over-ranks metrics; the scenarios of one world size
+    (scenarios[name][0]) run together in one spawn, the first time one of them is asked for."""
+    cache: dict[int, dict] = {}
+
+    def get(name: str) -> dict:
+        world = scenarios[name][0]
+        if world not in cache:
+            cache[world] = spawn_scenarios(world, run_one, [n for n, v in scenarios.items() if v[0] == world])
+        return cache[world][name]
+
+    return get

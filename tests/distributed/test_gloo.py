@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from dsv3.distributed import ParallelConfig, ParallelConfigError
-from tests.distributed.harness import spawn_scenarios, tiny_cfg
+from tests.distributed.harness import results_by_world, tiny_cfg
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with gloo is not available")
@@ -141,21 +141,9 @@ def _run_one(rank: int, world: int, name: str) -> dict:
     return _scenario(rank, world, ParallelConfig(**kw), impl)
 
 
-def _spawn(world: int) -> dict:
-    return spawn_scenarios(world, _run_one, [n for n, (w, _, _) in SCENARIOS.items() if w == world])
-
-
 @pytest.fixture(scope="module")
 def results():
-    cache: dict[int, dict] = {}
-
-    def get(name: str) -> dict:
-        world = SCENARIOS[name][0]
-        if world not in cache:
-            cache[world] = _spawn(world)
-        return cache[world][name]
-
-    return get
+    return results_by_world(SCENARIOS, _run_one)
 
 
 @pytest.mark.parametrize("name", list(SCENARIOS))

@@ -34,7 +34,7 @@ from dsv3.config import ModelConfig
 from dsv3.distributed.mesh import ParallelConfigError
 from dsv3.distributed.pipeline import PipelineConfig
 from tests.distributed import harness
-from tests.distributed.harness import spawn_scenarios
+from tests.distributed.harness import results_by_world
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with gloo is not available")
@@ -150,21 +150,9 @@ def _run_one(rank: int, world: int, name: str) -> dict:
     return _scenario(rank, world, PipelineConfig(n_microbatches=N_MICRO, **kw), overlap)
 
 
-def _spawn(world: int) -> dict:
-    return spawn_scenarios(world, _run_one, [n for n, (w, _, _) in SCENARIOS.items() if w == world])
-
-
 @pytest.fixture(scope="module")
 def results():
-    cache: dict[int, dict] = {}
-
-    def get(name: str) -> dict:
-        world = SCENARIOS[name][0]
-        if world not in cache:
-            cache[world] = _spawn(world)
-        return cache[world][name]
-
-    return get
+    return results_by_world(SCENARIOS, _run_one)
 
 
 @pytest.mark.parametrize("name", list(SCENARIOS))
