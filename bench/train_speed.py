@@ -16,7 +16,11 @@ FLOPs per token (training = 3 x forward), counted from the model:
   + 6 * L_attn * H * (T + 1) / 2 * (d_qk + d_v)    (causal attention: each query sees (t+1) keys on average)
 MFU = achieved FLOP/s / 989.4 TFLOP/s (H100 SXM dense bf16 datasheet); the measured bf16 matmul ceiling on
 this card is ~770-800 TFLOP/s, so the "of measured" column divides by 780.
-Step: bf16 autocast, fp32 master weights, fused AdamW, grad clip 1.0; median of timed steps after warm-up.
+Step: bf16 autocast, fp32 master weights, AdamW, grad clip 1.0; median of timed steps after warm-up. dsv3
+uses its own AdamW (dsv3/training/optim.py: one Triton kernel per parameter with the clip coefficient folded
+in, `clip_and_step`); transformers gets torch's fused AdamW and clip_grad_norm_, as its users run it.
+--accum N: N micro-batches (forward + backward) per optimizer step, for both, as real runs do (the paper's
+batch is 15,360 sequences); tokens/s counts all N micro-batches.
 --precision fp8: the same step with the attention and dense/shared-expert linears in FP8 (three GEMMs,
 dsv3/training/fp8.py); TFLOP/s and MFU keep the bf16 FLOP count and the bf16 peak, for comparison.
 """
@@ -37,7 +41,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import dsv3  # noqa: E402
 from dsv3.info import model_info  # noqa: E402
 from dsv3.training.loss import compute_loss  # noqa: E402
-from dsv3.training.optim import make_optimizer  # noqa: E402
+from dsv3.training.optim import clip_and_step, make_optimizer  # noqa: E402
 
 PEAK = 989.4e12
 MEASURED = 780e12
@@ -64,7 +68,7 @@ def flops_per_token(cfg: dsv3.ModelConfig, T: int) -> float:
     return 6 * dense + attn
 
 
-def time_dsv3(cfg, B, T, steps, warmup, compile_blocks=False, precision="bf16", recompute="none",
+def time_dsv3(cfg, B, T, steps, warmup, accum=1, compile_blocks=False, precision="bf16", recompute="none",
               state_dtype=torch.float32):
     torch.manual_seed(0)
     model = dsv3.build_model(cfg, device="cuda", dtype=torch.float32)
@@ -82,12 +86,12 @@ def time_dsv3(cfg, B, T, steps, warmup, compile_blocks=False, precision="bf16", 
     for i in range(warmup + steps):
         torch.cuda.synchronize()
         t = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = model(x[:, :-1])
-        loss = compute_loss(out, x[:, 1:], 0.3).total
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        for _ in range(accum):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = model(x[:, :-1])
+            loss = compute_loss(out, x[:, 1:], 0.3, compiled=compile_blocks).total / accum
+            loss.backward()
+        clip_and_step(opt, 1.0)
         opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
         if i >= warmup:
@@ -100,7 +104,7 @@ def time_dsv3(cfg, B, T, steps, warmup, compile_blocks=False, precision="bf16", 
     return statistics.median(times), mem
 
 
-def time_hf(cfg, B, T, steps, warmup):
+def time_hf(cfg, B, T, steps, warmup, accum=1):
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
     d = cfg.to_dict()
@@ -117,9 +121,10 @@ def time_hf(cfg, B, T, steps, warmup):
     for i in range(warmup + steps):
         torch.cuda.synchronize()
         t = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = model(input_ids=x[:, :-1], labels=x[:, :-1])  # HF shifts labels itself
-        out.loss.backward()
+        for _ in range(accum):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = model(input_ids=x[:, :-1], labels=x[:, :-1])  # HF shifts labels itself
+            (out.loss / accum).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -147,10 +152,11 @@ def main() -> None:
                     help="comma list replacing --precision/--compile, each '+'-joined tags: bf16|fp8, compile, "
                          "sel (selective recompute) | full (full recompute), bf16opt (AdamW moments in bf16); "
                          "e.g. bf16+compile,bf16+compile+sel,fp8+compile")
+    ap.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step (both implementations)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     rows = []
-    print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}; {args.accum} micro-batch(es) per step")
     print("| shape | impl | micro batch x seq | step (ms) | tokens/s | TFLOP/s | MFU (989) | of measured (780) | peak mem (GiB) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, (cfg, B, T) in shapes(args.layers_16b).items():
@@ -180,7 +186,7 @@ def main() -> None:
             impls.append(("transformers", time_hf))
         for impl, fn in impls:
             try:
-                dt, mem = fn(cfg, B, T, args.steps, args.warmup)
+                dt, mem = fn(cfg, B, T, args.steps, args.warmup, args.accum)
             except torch.OutOfMemoryError:
                 print(f"| {name} | {impl} | {B}x{T} | OOM | | | | | |", flush=True)
                 torch.cuda.empty_cache()
@@ -190,9 +196,9 @@ def main() -> None:
                       flush=True)
                 torch.cuda.empty_cache()
                 continue
-            tps = B * T / dt
+            tps = args.accum * B * T / dt
             fl = tps * fpt
-            rows.append({"shape": name, "impl": impl, "B": B, "T": T, "step_s": dt, "tok_s": tps,
+            rows.append({"shape": name, "impl": impl, "B": B, "T": T, "accum": args.accum, "step_s": dt, "tok_s": tps,
                          "tflops": fl / 1e12, "mfu": fl / PEAK, "mem_gib": mem, "flops_per_token": fpt})
             print(f"| {name} | {impl} | {B}x{T} | {dt * 1e3:.0f} | {tps:,.0f} | {fl / 1e12:.0f} | "
                   f"{fl / PEAK:.1%} | {fl / MEASURED:.1%} | {mem:.1f} |", flush=True)

@@ -163,6 +163,92 @@ def test_fp8_triton_weight_quant_matches_reference(N, K):
     rq, rs = weight_quant(w)
     kb = rs.shape[1]
     assert s.shape[1] % 4 == 0 and _same_fp8(q, rq) and torch.equal(s[:, :kb], rs)
+    q2, s2, qt = fp8_quant_kernels().weight_quant_pad(w, transposed=True)  # + the dgrad operand, same pass
+    assert qt.shape == (K, N) and _same_fp8(q2, rq) and torch.equal(s2, s) and _same_fp8(qt, rq.t())
+
+
+@pytest.mark.parametrize("M,K", [(256, 512), (384, 128)])
+def test_fp8_triton_gradient_prescale_in_kernel_matches_reference(M, K):
+    """act_quant_cm / act_quant_t with p: the bytes of act_quant(g * p) and its scales divided by p (the
+    gradient recipe of dsv3/training/fp8.py `_grad_quant_ref`), for ~1e-9 gradients."""
+    pytest.importorskip("triton")
+    from dsv3.kernels import act_quant, fp8_quant_kernels
+    from dsv3.training.fp8 import _grad_prescale, _grad_quant_ref
+
+    k = fp8_quant_kernels()
+    torch.manual_seed(1)
+    g = (torch.randn(M, K, device="cuda") * 1e-9 * torch.logspace(-2, 2, K, device="cuda")).to(torch.bfloat16)
+    p = _grad_prescale(g).reshape(1)
+    q, s = k.act_quant_cm(g, p)
+    rq, rs = _grad_quant_ref(g)
+    assert s.stride() == (1, M) and _same_fp8(q, rq) and torch.equal(s, rs)
+    qt, st = k.act_quant_t(g, p=p)
+    rqt, rst = _grad_quant_ref(g.t().contiguous())
+    assert _same_fp8(qt, rqt) and torch.equal(st, rst)
+    rq0, _ = act_quant(g)  # without the pre-scale the 1e-4 floor wipes these gradients out
+    assert rq0.float().abs().max() < q.float().abs().max()
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+def test_fused_adamw_triton_matches_foreach_reference(state_dtype):
+    """dsv3/kernels/adamw_triton.py (AdamW fused=True) against the foreach path (fused=False) on the same
+    CUDA tensors, with and without a device-side gradient scale, over several steps."""
+    pytest.importorskip("triton")
+    from dsv3.training.optim import AdamW
+
+    torch.manual_seed(0)
+    shapes = [(257, 129), (1000,), (3, 64, 7)]
+    ps = [[torch.nn.Parameter(torch.randn(*sh, device="cuda")) for sh in shapes] for _ in range(2)]
+    for a, b in zip(*ps):
+        b.data.copy_(a.data)
+    opts = [AdamW([{"params": ps[i][:2], "weight_decay": 0.1}, {"params": ps[i][2:], "weight_decay": 0.0}], lr=1e-2,
+                  state_dtype=state_dtype, fused=fused) for i, fused in enumerate((True, False))]
+    assert opts[0].fused and not opts[1].fused
+    for step in range(4):
+        scale = None if step % 2 else torch.tensor(0.37, device="cuda")
+        grads = [torch.randn(*sh, device="cuda") for sh in shapes]
+        for i in range(2):
+            for p, g in zip(ps[i], grads):
+                p.grad = g.clone()
+            opts[i].step(grad_scale=scale)
+    for a, b in zip(*ps):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    for a, b in zip(*ps):
+        sa, sb = opts[0].state[a], opts[1].state[b]
+        assert sa["exp_avg"].dtype == state_dtype
+        # bf16 storage: a rounding tie may land one bf16 step apart from the foreach path's copy_
+        tol = 1e-6 if state_dtype == torch.float32 else 8e-3
+        torch.testing.assert_close(sa["exp_avg"].float(), sb["exp_avg"].float(), rtol=tol, atol=1e-7)
+        torch.testing.assert_close(sa["exp_avg_sq"].float(), sb["exp_avg_sq"].float(), rtol=tol, atol=1e-7)
+
+
+def test_clip_and_step_fused_matches_torch_clip_and_adamw():
+    """make_optimizer on CUDA gives the fused AdamW; clip_and_step (clip coefficient inside the kernel)
+    equals torch.nn.utils.clip_grad_norm_ + torch's fused AdamW on a model's gradients."""
+    pytest.importorskip("triton")
+    from dsv3.training.optim import AdamW, clip_and_step, make_optimizer, param_groups
+
+    cfg = _cfg()
+    a = dsv3.build_model(cfg, device="cuda", dtype=torch.float32, seed=0)
+    b = dsv3.build_model(cfg, device="cuda", dtype=torch.float32, seed=0)
+    oa = make_optimizer(a, 1e-2)
+    ob = torch.optim.AdamW(param_groups(b, 0.1), lr=1e-2, betas=(0.9, 0.95), eps=1e-8, fused=True)
+    assert isinstance(oa, AdamW) and oa.fused
+    x = torch.randint(0, cfg.vocab_size, (2, 17), device="cuda")
+    for _ in range(3):
+        out = a(x[:, :-1])  # one backward, its gradients copied (GPU atomics would make two runs differ)
+        (torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), x[:, 1:].flatten()) * 50).backward()
+        for p, q in zip(a.parameters(), b.parameters()):
+            q.grad = None if p.grad is None else p.grad.clone()
+        na = clip_and_step(oa, 1.0)
+        nb = torch.nn.utils.clip_grad_norm_(b.parameters(), 1.0)
+        ob.step()
+        assert na.item() > 1.0  # the clip binds
+        torch.testing.assert_close(na, nb, rtol=1e-5, atol=0)
+        oa.zero_grad(set_to_none=True)
+        ob.zero_grad(set_to_none=True)
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=2e-5, msg=n)
 
 
 @pytest.mark.parametrize("M,K,N", [(512, 512, 768), (300, 384, 576)])
@@ -338,3 +424,27 @@ def test_fp8_modules_kernel_path_matches_dequantized_path():
     eng = Engine(m, None, max_batch_size=2)
     outs = eng.generate(prompts, SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True))
     assert all(len(o.token_ids) == 8 for o in outs) and eng._graphs is not None and eng._graphs.captures >= 1
+
+
+def test_compiled_cross_entropy_matches_eager():
+    """compute_loss(compiled=True) (torch.compile'd CE over bf16 logits, the --compile training path) equals
+    the eager fp32 CE in value and in the logits' gradient, with ignored targets and MTP depths."""
+    from dsv3.model.transformer import ModelOutput
+    from dsv3.training.loss import IGNORE, compute_loss
+
+    torch.manual_seed(0)
+    B, T, V = 2, 33, 1000
+    lg = [torch.randn(B, T - k, V, device="cuda", dtype=torch.bfloat16, requires_grad=True) for k in range(2)]
+    y = torch.randint(0, V, (B, T), device="cuda")
+    y[0, :5] = IGNORE
+    res = []
+    for compiled in (False, True):
+        for t in lg:
+            t.grad = None
+        out = ModelOutput(lg[0], [lg[1]], None, None, None)
+        parts = compute_loss(out, y, 0.3, compiled=compiled)
+        parts.total.backward()
+        res.append((parts.total.detach(), [t.grad.float() for t in lg]))
+    torch.testing.assert_close(res[1][0], res[0][0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(res[1][1], res[0][1]):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=1e-6)

@@ -1,4 +1,4 @@
-"""AdamW with bf16-stored moments (dsv3/training/optim.py AdamWLowPrecisionState).
+"""AdamW with bf16-stored moments (dsv3/training/optim.py AdamW).
 
 With fp32 storage the class must reproduce torch.optim.AdamW (same rule: decoupled decay, bias
 corrections); with bf16 storage it must stay close to it, keep its moments in bf16, and survive a
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from dsv3.training import checkpointing as ckpt
-from dsv3.training.optim import AdamWLowPrecisionState, make_optimizer, param_groups
+from dsv3.training.optim import AdamW, make_optimizer, param_groups
 from conftest import make_model, rand_ids, tiny_cfg
 
 
@@ -27,7 +27,7 @@ def test_fp32_storage_equals_torch_adamw():
     cfg = tiny_cfg()
     a, b = make_model(cfg, seed=2), make_model(cfg, seed=2)
     _run(a, torch.optim.AdamW(param_groups(a, 0.1), lr=1e-2, betas=(0.9, 0.95), eps=1e-8, foreach=False))
-    _run(b, AdamWLowPrecisionState(param_groups(b, 0.1), lr=1e-2, betas=(0.9, 0.95), eps=1e-8,
+    _run(b, AdamW(param_groups(b, 0.1), lr=1e-2, betas=(0.9, 0.95), eps=1e-8,
                                    state_dtype=torch.float32))
     for (n, p), q in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(q, p, rtol=0, atol=2e-6, msg=n)
@@ -38,7 +38,7 @@ def test_bf16_states_close_to_fp32_and_stored_in_bf16():
     a, b = make_model(cfg, seed=2), make_model(cfg, seed=2)
     _run(a, make_optimizer(a, 1e-2))
     opt = make_optimizer(b, 1e-2, state_dtype=torch.bfloat16)
-    assert isinstance(opt, AdamWLowPrecisionState)
+    assert isinstance(opt, AdamW)
     _run(b, opt)
     assert all(s["exp_avg"].dtype == s["exp_avg_sq"].dtype == torch.bfloat16 for s in opt.state.values())
     # 5 steps of lr 1e-2: parameters move by ~5e-2; bf16 moments (8-bit mantissa) change that by < 1%
@@ -121,3 +121,45 @@ def test_resume_with_the_other_state_dtype_converts_the_moments():
         assert st["exp_avg"].dtype == st["exp_avg_sq"].dtype == loaded
         _run(m, opt2, steps=1)
         assert all(torch.isfinite(p).all() for p in m.parameters())
+
+
+def test_grad_scale_equals_clipping_first_and_clip_and_step_matches_torch():
+    """AdamW.step(grad_scale=c) (the foreach reference of the fused kernel's in-kernel clip) equals clipping
+    the gradients by c and stepping; clip_and_step returns torch's pre-clip norm and applies torch's clip."""
+    from dsv3.training.optim import clip_and_step, grad_norm
+
+    cfg = tiny_cfg()
+    a, b, c = make_model(cfg, seed=4), make_model(cfg, seed=4), make_model(cfg, seed=4)
+    oa = AdamW(param_groups(a, 0.1), lr=1e-2, state_dtype=torch.float32)
+    ob = AdamW(param_groups(b, 0.1), lr=1e-2, state_dtype=torch.float32)
+    oc = make_optimizer(c, 1e-2)  # CPU: torch.optim.AdamW (foreach), clip through clip_grad_norm_
+    assert not oa.fused
+    x = rand_ids(cfg, 2, 9, seed=1)
+    for _ in range(3):
+        out = a(x[:, :-1])
+        (torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), x[:, 1:].flatten()) * 100).backward()
+        for p, q, r in zip(a.parameters(), b.parameters(), c.parameters()):
+            q.grad = None if p.grad is None else p.grad.clone()
+            r.grad = None if p.grad is None else p.grad.clone()
+        norm = grad_norm(list(a.parameters()))
+        ref = torch.nn.utils.clip_grad_norm_(list(b.parameters()), 0.5)
+        assert norm.item() > 0.5 and torch.allclose(norm, ref, rtol=1e-6)
+        oa.step(grad_scale=(0.5 / (norm + 1e-6)).clamp(max=1.0))
+        ob.step()
+        nc = clip_and_step(oc, 0.5)
+        assert torch.allclose(nc, ref, rtol=1e-6)
+        for o in (oa, ob, oc):
+            o.zero_grad(set_to_none=True)
+    for (n, p), q, r in zip(a.named_parameters(), b.parameters(), c.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=n)
+        torch.testing.assert_close(p, r, rtol=0, atol=2e-6, msg=n)
+
+
+def test_state_dtype_and_fused_validation():
+    m = make_model(tiny_cfg(), seed=0)
+    import pytest
+
+    with pytest.raises(ValueError, match="state_dtype"):
+        AdamW(m.parameters(), lr=1e-3, state_dtype=torch.float16)
+    with pytest.raises(ValueError, match="fused=True"):
+        AdamW(m.parameters(), lr=1e-3, fused=True)  # CPU parameters

@@ -50,7 +50,7 @@ from dsv3.inference.engine import Engine, SamplingParams
 from dsv3.posttrain.tasks import Task
 from dsv3.training import checkpointing as ckpt
 from dsv3.training.loop import Metrics, resolve_device
-from dsv3.training.optim import make_optimizer
+from dsv3.training.optim import clip_and_step, make_optimizer
 from dsv3.training.tokenizer import DSTokenizer
 
 
@@ -263,8 +263,7 @@ def train_grpo(checkpoint_dir: str, task: Task, out_dir: str, cfg: GRPOConfig, l
                     w = len(mb) / N
                     (loss * w).backward()
                     dev_sums += torch.stack([loss.detach(), st["kl"], st["clip_frac"]]).float() * (w / cfg.ppo_epochs)
-                gnorm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
-                opt.step()
+                gnorm = clip_and_step(opt, cfg.grad_clip)
                 opt.zero_grad(set_to_none=True)
             sums = dict(zip(("loss", "kl", "clip_frac"), dev_sums.tolist()))
             it += 1

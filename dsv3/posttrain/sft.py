@@ -52,7 +52,7 @@ from dsv3.training import checkpointing as ckpt
 from dsv3.training.loop import Metrics, resolve_device
 from dsv3.training.loss import IGNORE
 from dsv3.training.data import jsonl_records
-from dsv3.training.optim import make_optimizer
+from dsv3.training.optim import clip_and_step, make_optimizer
 from dsv3.training.tokenizer import DSTokenizer
 
 ROLES = ("system", "user", "assistant")
@@ -314,8 +314,7 @@ def train_sft(checkpoint_dir: str, data_path: str, out_dir: str, cfg: SFTConfig,
                     loss = sft_loss(model, b, denom=max(n_loss, 1))
                 loss.backward()
                 loss_sum += float(loss.detach())
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
+            gnorm = clip_and_step(opt, cfg.grad_clip)
             opt.zero_grad(set_to_none=True)
             step += 1
             n_tok = cfg.batch_size * cfg.seq_len

@@ -93,7 +93,7 @@ def load_optimizer(model: torch.nn.Module, opt: torch.optim.Optimizer, tensors: 
         if k == "step":
             opt.state.setdefault(p, {})[k] = v.clone()  # AdamW keeps step as a cpu float tensor
         else:
-            # moments in the optimizer's storage dtype (AdamWLowPrecisionState.state_dtype, else the
+            # moments in the optimizer's storage dtype (AdamW.state_dtype, else the
             # parameter's): a run resumed with another --optim-state converts them
             dtype = getattr(opt, "state_dtype", p.dtype) if v.is_floating_point() else v.dtype
             opt.state.setdefault(p, {})[k] = v.to(device=p.device, dtype=dtype, copy=True)

@@ -21,7 +21,8 @@ The three GEMMs of Y = X Wᵀ (X: M tokens x K, W: N x K):
 Q1x128: one scale per token per 128 channels, s = max(amax, 1e-4) / 448 (`kernels.act_quant`);
 Q128x128: one scale per 128x128 weight block, max(amax / 448, 1e-12) (`kernels.weight_quant`).
 Scales are fp32 and computed from the current tensor (no delayed scaling). Backward keeps the FP8 X
-(1 byte/element + scales) and the FP8 W with its scales, not the bf16 X.
+(1 byte/element + scales) and the FP8 Wᵀ with W's scales (written by the forward's weight quantiser in
+the same pass as W), not the bf16 X.
 Gradients (dY, dYᵀ): the paper's s = amax / 448 with no floor. The 1e-4 floor of `act_quant` (from
 the inference kernel) is harmless for activations (tile amax ~0.05-5) but dY tiles are ~1e-9..1e-4
 (the loss is a mean over B*T tokens), so with it almost every dY tile was quantised on a scale up to
@@ -86,7 +87,8 @@ GRAD_AMAX_EXP = 64  # dY is pre-scaled so that its amax lies in [2^63, 2^64)
 def _grad_prescale(g: torch.Tensor) -> torch.Tensor:
     """The power of two p (fp32, 0-dim, on g's device) with amax(|g| * p) in [2^63, 2^64); built from
     the exponent bits so it is exact on every device. p = 2^64 for an all-zero g."""
-    _, e = torch.frexp(g.detach().abs().amax().float())  # amax = m * 2^e, m in [0.5, 1)
+    amax = torch.linalg.vector_norm(g.detach(), float("inf")).float()  # max |g| in one reduction, no |g| copy
+    _, e = torch.frexp(amax)  # amax = m * 2^e, m in [0.5, 1)
     k = (GRAD_AMAX_EXP - e.to(torch.int32)).clamp(-126, 127)
     return ((k + 127) << 23).view(torch.float32)
 
@@ -135,32 +137,33 @@ def _smm_fwd(x2: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype):
     N = w.shape[0]
     Mp, Kp, Np = _ceil(M), _ceil(K), _ceil(N)
     xq, xs = k.act_quant_cm(_pad2(x2, Mp, Kp))  # (Mp, Kp), scales (Mp, Kp/128) column-major
-    wq, ws = k.weight_quant_pad(_pad2(w, Np, Kp))  # (Np, Kp), scales (Np/128, round4(Kp/128))
+    # (Np, Kp), scales (Np/128, round4(Kp/128)), and the fp8 transpose (Kp, Np) for dgrad from the same pass
+    wq, ws, wqt = k.weight_quant_pad(_pad2(w, Np, Kp), transposed=True)
     y = F.scaled_mm(xq, wq.t(), xs, F.ScalingType.BlockWise1x128, ws.t(), F.ScalingType.BlockWise128x128,
                     output_dtype=out_dtype)
-    return y[:M, :N], (xq, xs, wq, ws, M, N, K)
+    return y[:M, :N], (xq, xs, wqt, ws, M, N, K)
 
 
 def _smm_bwd(g2: torch.Tensor, saved, x_dtype: torch.dtype, w_dtype: torch.dtype, need_dx: bool, need_dw: bool):
     k = fp8_quant_kernels()
-    xq, xs, wq, ws, M, N, K = saved
+    xq, xs, wqt, ws, M, N, K = saved
     Mp, Kp = xq.shape
-    Np = wq.shape[0]
-    p = _grad_prescale(g2)  # as in the emulation: exact power-of-two pre-scale, undone on the scales
-    gp = _pad2(g2 * p, Mp, Np)
+    Np = wqt.shape[1]
+    # as in the emulation: exact power-of-two pre-scale p, applied inside the quantisers, which also
+    # store the scales divided by p
+    p = _grad_prescale(g2).reshape(1)
+    gp = _pad2(g2, Mp, Np)
     dx = dw = None
     if need_dx:
-        gq, gs = k.act_quant_cm(gp)
-        gs.div_(p)  # in place: keeps the column-major layout scaled_mm wants
+        gq, gs = k.act_quant_cm(gp, p)
         nb, kb = Np // BLOCK, Kp // BLOCK
-        wqt = wq.t().contiguous()  # (Kp, Np): the same 128x128 blocks, transposed
+        # wqt (Kp, Np) = the forward's 128x128 blocks transposed (written by the weight quantiser)
         wst = torch.ones(kb, -(-nb // 4) * 4, dtype=torch.float32, device=ws.device)
         wst[:, :nb] = ws[:, :kb].t()
         dx = F.scaled_mm(gq, wqt.t(), gs, F.ScalingType.BlockWise1x128, wst.t(), F.ScalingType.BlockWise128x128,
                          output_dtype=x_dtype)[:M, :K]
     if need_dw:
-        gtq, gts = k.act_quant_t(gp)  # dYᵀ (Np, Mp), scales (Np, Mp/128) column-major
-        gts.div_(p)
+        gtq, gts = k.act_quant_t(gp, p=p)  # dYᵀ (Np, Mp), scales (Np, Mp/128) column-major
         xtq, xts = k.act_quant_t(xq, xs)  # Xᵀ (Kp, Mp) re-tiled from the FP8 X
         dw = F.scaled_mm(gtq, xtq.t(), gts, F.ScalingType.BlockWise1x128, xts, F.ScalingType.BlockWise1x128,
                          output_dtype=torch.float32)[:N, :K].to(w_dtype)

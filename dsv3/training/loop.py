@@ -30,7 +30,7 @@ from dsv3.model import build_model, max_violation, update_expert_bias
 from dsv3.training import checkpointing as ckpt
 from dsv3.training.data import CorpusError, PackedSampler, build_token_cache, find_corpus, read_documents, split_of
 from dsv3.training.loss import compute_loss
-from dsv3.training.optim import Schedule, make_optimizer
+from dsv3.training.optim import Schedule, clip_and_step, make_optimizer
 from dsv3.training.tokenizer import DSTokenizer
 
 
@@ -336,7 +336,7 @@ def train(mc: ModelConfig, tc: TrainConfig, log=print) -> dict:
                 x, y = b[:, :-1], b[:, 1:]
                 with autocast():
                     out = model(x, with_balance=tc.balance_alpha > 0)
-                parts = compute_loss(out, y, lam, tc.balance_alpha)
+                parts = compute_loss(out, y, lam, tc.balance_alpha, compiled=tc.compile)
                 (parts.total / n_micro).backward()
                 c = out.expert_counts
                 counts = c if counts is None else counts + c
@@ -346,8 +346,7 @@ def train(mc: ModelConfig, tc: TrainConfig, log=print) -> dict:
                     sums["mtp"] += torch.stack(parts.mtp_per_depth).mean().detach()
                 if parts.balance is not None:
                     sums["balance"] += parts.balance.detach()
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            opt.step()
+            gnorm = clip_and_step(opt, tc.grad_clip)  # fused into the update on CUDA (optim.py)
             opt.zero_grad(set_to_none=True)
             if counts is not None:
                 update_expert_bias(routers, counts, gamma)

@@ -95,19 +95,52 @@ def _buckets(params: list, numel: int) -> list[list]:
     return out + ([cur] if cur else [])
 
 
-class AdamWLowPrecisionState(torch.optim.Optimizer):
-    """AdamW whose moments are *stored* in a low-precision dtype (bf16, as the paper keeps them, §3.3)
+def _is_plain_cuda(p: torch.Tensor) -> bool:
+    """A CUDA tensor the Triton kernel can take (not a DTensor or other tensor subclass)."""
+    return p.is_cuda and type(p) in (torch.Tensor, torch.nn.Parameter)
+
+
+def fused_available(params) -> bool:
+    """True where `AdamW(fused=None)` picks the Triton kernel: every parameter a plain CUDA tensor, triton importable."""
+    params = list(params)
+    if not params or not all(_is_plain_cuda(p) for p in params):
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class AdamW(torch.optim.Optimizer):
+    """AdamW (torch.optim.AdamW's rule: decoupled decay p *= 1 - lr·wd, bias corrections) with the moments
+    *stored* in `state_dtype`: fp32, or bf16 as the paper keeps them (§3.3; saves 4 bytes/parameter),
     while the parameters stay fp32 masters. Each step computes in fp32: m, v are read up from storage,
-    updated, used for the update unrounded, then rounded (to nearest) back. Saves 4 bytes/parameter.
-    Same update rule as torch.optim.AdamW (decoupled decay p *= 1 - lr·wd, bias corrections)."""
+    updated, used for the update unrounded, then rounded (to nearest) back.
+
+    fused=True: one Triton kernel per parameter (dsv3/kernels/adamw_triton.py) reads p, g, m, v and writes
+    p, m, v once; `step(grad_scale=t)` multiplies the gradients by the 0-dim device tensor t inside that
+    kernel, which is how `clip_and_step` clips without a separate pass over the gradients. fused=False:
+    torch._foreach ops in bounded fp32 buckets (any device, DTensors included): the reference.
+    fused=None: the kernel where every parameter is a plain CUDA tensor and triton imports."""
 
     def __init__(self, params, lr: float, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0,
-                 state_dtype: torch.dtype = torch.bfloat16):
+                 state_dtype: torch.dtype = torch.bfloat16, fused: bool | None = None):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        if state_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"AdamW state_dtype must be torch.float32 or torch.bfloat16, got {state_dtype}")
         self.state_dtype = state_dtype
+        all_params = [p for g in self.param_groups for p in g["params"]]
+        if fused is None:
+            fused = fused_available(all_params)
+        elif fused and not fused_available(all_params):
+            raise ValueError("AdamW(fused=True) needs plain CUDA parameters and triton")
+        self.fused = fused
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, grad_scale: torch.Tensor | None = None):
+        """One update. grad_scale: optional 0-dim fp32 tensor on the parameters' device multiplying every
+        gradient first (the clip coefficient); the .grad tensors themselves are left as they are."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -127,8 +160,18 @@ class AdamWLowPrecisionState(torch.optim.Optimizer):
                 st["step"] += 1
                 by_step.setdefault(float(st["step"]), []).append(p)
             for t, group_ps in by_step.items():
+                if self.fused:
+                    from dsv3.kernels.adamw_triton import adamw_step_
+
+                    for p in group_ps:
+                        st = self.state[p]
+                        adamw_step_(p, p.grad, st["exp_avg"], st["exp_avg_sq"], lr=lr, beta1=b1, beta2=b2, eps=eps,
+                                    weight_decay=wd, step=t, grad_scale=grad_scale)
+                    continue
                 for ps in _buckets(group_ps, BUCKET_NUMEL):  # bounded fp32 working copies
                     grads = [p.grad.float() for p in ps]  # no copy for fp32 grads: only read below
+                    if grad_scale is not None:
+                        grads = torch._foreach_mul(grads, grad_scale)
                     m_store = [self.state[p]["exp_avg"] for p in ps]
                     v_store = [self.state[p]["exp_avg_sq"] for p in ps]
                     m = [x.float() for x in m_store]  # fp32 working copies
@@ -149,14 +192,45 @@ class AdamWLowPrecisionState(torch.optim.Optimizer):
         return loss
 
 
+def grad_norm(params) -> torch.Tensor:
+    """The 2-norm of all gradients (fp32, on their device, no host sync): torch.nn.utils.clip_grad_norm_'s."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    norms = torch._foreach_norm(grads, 2.0)
+    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]), 2.0)
+
+
+def clip_and_step(opt: torch.optim.Optimizer, max_norm: float | None) -> torch.Tensor:
+    """Clip the gradients of `opt`'s parameters to total norm `max_norm` (None or <= 0: no clipping), then
+    step; returns the norm before clipping. The coefficient is torch's, min(1, max_norm / (norm + 1e-6)).
+    With a fused `AdamW` it is applied inside the update kernel (no pass over the gradients, .grad left
+    unclipped); otherwise through torch.nn.utils.clip_grad_norm_ and a plain step."""
+    params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+    if isinstance(opt, AdamW) and opt.fused:
+        norm = grad_norm(params)
+        coef = None
+        if max_norm is not None and max_norm > 0:
+            coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        opt.step(grad_scale=coef)
+        return norm
+    if max_norm is not None and max_norm > 0:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    else:
+        norm = grad_norm(params)
+    opt.step()
+    return norm
+
+
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.1,
                    betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
                    state_dtype: torch.dtype = torch.float32) -> torch.optim.Optimizer:
-    """AdamW over `param_groups`. state_dtype float32: torch's (fused on CUDA); bfloat16: the moments
-    stored in bf16 (AdamWLowPrecisionState)."""
-    if state_dtype != torch.float32:
-        return AdamWLowPrecisionState(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps,
-                                      state_dtype=state_dtype)
-    fused = next(model.parameters()).is_cuda
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps,
-                             **({"fused": True} if fused else {"foreach": True}))
+    """AdamW over `param_groups`, moments stored in `state_dtype` (float32 or bfloat16). On plain CUDA
+    parameters: our `AdamW` with the fused Triton update (both dtypes; `clip_and_step` folds the clip into
+    it). Elsewhere: torch.optim.AdamW (foreach) for float32, our `AdamW` (foreach) for bfloat16."""
+    groups = param_groups(model, weight_decay)
+    params = [p for g in groups for p in g["params"]]
+    if state_dtype != torch.float32 or fused_available(params):
+        return AdamW(groups, lr=lr, betas=betas, eps=eps, state_dtype=state_dtype)
+    fused = bool(params) and params[0].is_cuda
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **({"fused": True} if fused else {"foreach": True}))
