@@ -99,10 +99,14 @@ def _weight_quant_kernel(w_ptr, q_ptr, qt_ptr, s_ptr, N, K, stride_wn, stride_qn
     qf = tl.minimum(tl.maximum(tl.math.div_rn(w, s), -448.0), 448.0)
     tl.store(q_ptr + rn[:, None] * stride_qn + rk[None, :], qf.to(tl.float8e4nv, fp_downcast_rounding="rtne"),
              mask=mask)
-    if HAS_T:  # the same bytes transposed, (K, N): the dgrad operand, written while the block is in registers
-        # (transposed in fp32, then cast: a 128x128 fp8 tl.trans came out scrambled on Triton 3.6 / SM90)
-        qt = tl.trans(qf).to(tl.float8e4nv, fp_downcast_rounding="rtne")
-        tl.store(qt_ptr + rk[:, None] * stride_qtk + rn[None, :], qt, mask=(rk[:, None] < K) & (rn[None, :] < N))
+    if HAS_T:  # the same bytes transposed, (K, N): the dgrad operand. The block has one scale, so quantising
+        # the block re-read transposed (from L2) gives exactly the transposed bytes; a register tl.trans of
+        # the 128x128 tile came out scrambled on Triton 3.6 / SM90 (tests/test_gpu.py caught it).
+        mask_t = (rk[:, None] < K) & (rn[None, :] < N)
+        wt = tl.load(w_ptr + rn[None, :] * stride_wn + rk[:, None], mask=mask_t, other=0.0).to(tl.float32)
+        qt = tl.minimum(tl.maximum(tl.math.div_rn(wt, s), -448.0), 448.0)
+        tl.store(qt_ptr + rk[:, None] * stride_qtk + rn[None, :], qt.to(tl.float8e4nv, fp_downcast_rounding="rtne"),
+                 mask=mask_t)
     tl.store(s_ptr + pn * stride_sn + pk, s)
 
 
