@@ -14,7 +14,9 @@ No capacity limit, no token dropping.
 
 Experts (`Experts`): weights stacked as gate/up (E, I, D) and down (E, D, I). Two equal paths:
   * "grouped": sort the N·K (token, expert) pairs by expert, one `torch._grouped_mm` per
-    projection over the offsets, weighted `index_add_` back: no host synchronisation;
+    projection over the offsets, then gather each token's K rows back and take their weighted sum:
+    no host synchronisation, and no atomics (`_Dispatch`/`_Unsort` below: gathers both ways), so the
+    forward and backward are deterministic;
   * "loop": a plain per-expert loop, the reference (it syncs on `nonzero`).
 """
 
@@ -30,6 +32,39 @@ from dsv3.config import ModelConfig
 from dsv3.model.layers import MLP
 
 _HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
+
+
+class _Dispatch(torch.autograd.Function):
+    """x_MD = x_ND[order // K]: the rows of the (token, expert) pairs sorted by expert. Backward without
+    atomics: pair j = n·K + k sits at sorted row inv[j], so dx[n] = sum_k dx_MD[inv[n·K + k]] (a gather
+    and a sum over K; autograd's default would be an atomic index_put)."""
+
+    @staticmethod
+    def forward(ctx, x_ND, order, inv, K: int):
+        ctx.save_for_backward(inv)
+        ctx.K = K
+        return x_ND[order // K]
+
+    @staticmethod
+    def backward(ctx, g_MD):
+        (inv,) = ctx.saved_tensors
+        N = inv.shape[0] // ctx.K
+        return g_MD[inv].view(N, ctx.K, -1).sum(1), None, None, None
+
+
+class _Unsort(torch.autograd.Function):
+    """y[inv]: rows sorted by expert back to (token, k) order; a permutation, so the backward is the
+    gather by `order` (no atomic scatter)."""
+
+    @staticmethod
+    def forward(ctx, y_MD, inv, order):
+        ctx.save_for_backward(order)
+        return y_MD[inv]
+
+    @staticmethod
+    def backward(ctx, g):
+        (order,) = ctx.saved_tensors
+        return g[order], None, None
 
 
 def _count(idx: torch.Tensor, n: int) -> torch.Tensor:
@@ -118,16 +153,15 @@ class Experts(nn.Module):
         E = self.gate_proj.shape[0]
         flat = idx_NK.reshape(-1)  # (N*K,)
         order = flat.argsort(stable=True)  # pairs sorted by expert
-        token = order // K  # token of each sorted pair
+        inv = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
         counts = _count(flat, E)
         offs = counts.cumsum(0).to(torch.int32)  # (E,) end offset of each expert's rows
         # torch._grouped_mm is not an autocast op and is bf16-only on CUDA: cast explicitly
         dt = torch.get_autocast_dtype("cuda") if x_ND.is_cuda and torch.is_autocast_enabled("cuda") else x_ND.dtype
-        x_MD = x_ND[token].to(dt)  # (M = N*K, D)
+        x_MD = _Dispatch.apply(x_ND.to(dt), order, inv, K)  # (M = N*K, D)
         y_MD = self.sorted_mlp(x_MD, flat, order, offs, dt)  # (M, D)
-        y_MD = y_MD.float() * w_NK.reshape(-1)[order].unsqueeze(-1)
-        out = torch.zeros(N, x_ND.shape[1], dtype=torch.float32, device=x_ND.device)
-        return out.index_add_(0, token, y_MD).to(x_ND.dtype)
+        y_NKD = _Unsort.apply(y_MD, inv, order).view(N, K, -1)  # each token's K expert outputs
+        return (y_NKD.float() * w_NK.unsqueeze(-1)).sum(1).to(x_ND.dtype)  # fp32 weighted sum
 
     def sorted_mlp(self, x_MD: torch.Tensor, flat: torch.Tensor, order: torch.Tensor, offs: torch.Tensor,
                    dt: torch.dtype) -> torch.Tensor:
