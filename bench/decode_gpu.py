@@ -52,8 +52,10 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--hf", action="store_true")
-    ap.add_argument("--modes", default="eager,graphs", help="engine decode paths to time: eager, graphs, graphs+compile, graphs+fp8 (128x128-block e4m3 "
-                         "weights through the Triton FP8 GEMMs; put it last: it quantizes the model in place)")
+    ap.add_argument("--modes", default="eager,graphs", help="engine decode paths to time: eager, graphs, graphs+compile, "
+                         "graphs+compile+einsum (the absorbed attention as compiled einsums over the gathered context "
+                         "instead of the Triton paged-latent kernel), graphs+fp8 (128x128-block e4m3 weights through "
+                         "the Triton FP8 GEMMs; put it last: it quantizes the model in place)")
     args = ap.parse_args()
     cfg = dsv3.preset(args.preset).replace(num_nextn_predict_layers=0)
     torch.manual_seed(0)
@@ -65,7 +67,7 @@ def main() -> None:
     print("| impl | batch | TTFT (ms) | decode tok/s | step (ms) | roofline step (ms) | of roofline |")
     print("|---|---|---|---|---|---|---|")
     modes = args.modes.split(",")
-    bad = set(modes) - {"eager", "graphs", "graphs+compile", "graphs+fp8"}
+    bad = set(modes) - {"eager", "graphs", "graphs+compile", "graphs+compile+einsum", "graphs+fp8"}
     if bad or ("graphs+fp8" in modes and modes[-1] != "graphs+fp8"):
         raise SystemExit(f"--modes: unknown {sorted(bad)}" if bad else "--modes: graphs+fp8 quantizes the model in "
                          "place, so it must come last")
@@ -74,7 +76,9 @@ def main() -> None:
             quantize_model_fp8(model)
         prompts = [torch.randint(0, cfg.vocab_size, (args.prompt_len,), generator=g).tolist() for _ in range(B)]
         eng = Engine(model, None, max_batch_size=B, cache_tokens=B * (args.prompt_len + args.new + 16),
-                     cuda_graphs=mode != "eager", compile_decode=mode == "graphs+compile")
+                     cuda_graphs=mode != "eager", compile_decode=mode.startswith("graphs+compile"))
+        if mode == "graphs+compile+einsum":  # before the first bucket is built
+            eng._graphs.use_triton_attention = False
         if mode != "eager":  # capture the buckets this run uses before timing (a server does this at start-up)
             eng.generate(prompts, SamplingParams(max_new_tokens=args.new, temperature=0, ignore_eos=True))
         eng.generate(prompts[:1], SamplingParams(max_new_tokens=4, temperature=0))  # warm-up

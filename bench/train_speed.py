@@ -74,9 +74,9 @@ def time_dsv3(cfg, B, T, steps, warmup, accum=1, compile_blocks=False, precision
     model = dsv3.build_model(cfg, device="cuda", dtype=torch.float32)
     model.set_experts_impl("grouped")
     model.set_recompute(recompute)
-    if precision == "fp8":  # attention + dense/shared MLP linears in FP8 (dsv3/training/fp8.py); before compile
+    if precision in ("fp8", "fp8e"):  # attention + dense/shared MLP linears (+ experts: fp8e) in FP8; before compile
         from dsv3.training.fp8 import convert_to_fp8_training
-        convert_to_fp8_training(model)
+        convert_to_fp8_training(model, experts=precision == "fp8e")
     if compile_blocks:  # per block, in place (state-dict names unchanged): fuses norms, RoPE, SwiGLU
         for blk in list(model.layers) + list(model.mtp):
             blk.compile()
@@ -149,7 +149,8 @@ def main() -> None:
     ap.add_argument("--precision", default="bf16",
                     help="dsv3 precision: bf16 | fp8 | bf16,fp8 (fp8: bf16 autocast + the FP8 GEMMs of SPEC §9)")
     ap.add_argument("--variants", default=None,
-                    help="comma list replacing --precision/--compile, each '+'-joined tags: bf16|fp8, compile, "
+                    help="comma list replacing --precision/--compile, each '+'-joined tags: bf16|fp8|fp8e (fp8 "
+                         "with the routed experts' grouped GEMMs in FP8 too), compile, "
                          "sel (selective recompute) | full (full recompute), bf16opt (AdamW moments in bf16); "
                          "e.g. bf16+compile,bf16+compile+sel,fp8+compile")
     ap.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step (both implementations)")
@@ -175,8 +176,8 @@ def main() -> None:
             impls = []
             for v in args.variants.split(","):
                 tags = v.split("+")
-                bad = set(tags) - {"bf16", "fp8", "compile", "sel", "full", "bf16opt"}
-                if bad or tags[0] not in ("bf16", "fp8"):
+                bad = set(tags) - {"bf16", "fp8", "fp8e", "compile", "sel", "full", "bf16opt"}
+                if bad or tags[0] not in ("bf16", "fp8", "fp8e"):
                     raise SystemExit(f"--variants: bad variant {v!r}")
                 kw = dict(precision=tags[0], compile_blocks="compile" in tags,
                           recompute="selective" if "sel" in tags else "full" if "full" in tags else "none",

@@ -57,7 +57,7 @@ def cmd_train(args) -> int:
                      mtp_lambda=args.mtp_lambda, bias_gamma=args.bias_gamma, balance_alpha=args.balance_alpha,
                      fim_rate=args.fim_rate, batch_ramp_steps=args.batch_ramp_steps, batch_start=args.batch_start,
                      progress=not args.no_progress, compile=args.compile, recompute=args.recompute,
-                     optim_state_dtype=args.optim_state)
+                     optim_state_dtype=args.optim_state, fp8_experts=args.fp8_experts)
     if args.cache_dir:
         tc.cache_dir = args.cache_dir
     if _parallel_run(args, tc):
@@ -425,6 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="activation recomputation: selective = RMSNorms + MLA up-projections (paper), full = per block")
     t.add_argument("--optim-state", default="fp32", choices=["fp32", "bf16"],
                    help="storage dtype of the AdamW moments (the paper keeps them in bf16)")
+    t.add_argument("--fp8-experts", action="store_true",
+                   help="with --precision fp8: the routed experts' grouped GEMMs in FP8 too (Triton; slower than "
+                        "bf16 on an H100 today, bench/RESULTS.md)")
     t.add_argument("--dp-shard", type=int, default=0,
                    help="under torchrun: ranks holding the same experts (default: world size / --ep)")
     t.add_argument("--ep", type=int, default=0,

@@ -1,4 +1,5 @@
-"""Plain-PyTorch reference versions of the FP8 block-scaling kernels (SPEC §6.3, §9).
+"""Plain-PyTorch reference versions of the FP8 block-scaling kernels (SPEC §6.3, §9) and of the
+absorbed-MLA decode attention over the paged latent cache (`mla_decode_ref`).
 
 These are the specification: GPU kernels are tested against them, and on the CPU they are what runs.
 
@@ -71,3 +72,24 @@ def act_quant(x: torch.Tensor, block: int = BLOCK, scale_fmt: str | None = None,
 def act_dequant(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype = torch.float32, block: int = BLOCK) -> torch.Tensor:
     K = q.shape[-1]
     return (q.float() * s.repeat_interleave(block, -1)[..., :K]).to(dtype)
+
+
+def mla_decode_ref(q_lat: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, pe: torch.Tensor,
+                   block_table: torch.Tensor, seq_lens: torch.Tensor, block_size: int, scale: float) -> torch.Tensor:
+    """Absorbed MLA attention of one new token per sequence over one layer of the paged latent cache
+    (dsv3/inference/cache.py): the math of `MLA.forward_absorbed` for T = 1.
+
+    q_lat (B, H, C) (q_nope already through W_UK), q_pe (B, H, R); kv (n_rows, C), pe (n_rows, R);
+    block_table (B, nblk) int: position p of sequence b lives at row block_table[b, p // block_size] *
+    block_size + p % block_size; seq_lens (B,) int: keys 0 .. seq_lens[b] - 1 are attended (the new
+    token included, so >= 1). Scores (q_lat . kv + q_pe . pe) * scale and the softmax in fp32; returns
+    o_lat (B, H, C) = softmax @ kv in q_lat's dtype."""
+    S = block_table.shape[1] * block_size
+    pos = torch.arange(S, device=q_lat.device)
+    rows = block_table[:, pos // block_size] * block_size + pos % block_size  # (B, S)
+    kv_all, pe_all = kv[rows].float(), pe[rows].float()  # (B, S, C), (B, S, R)
+    scores = (torch.einsum("bhc,bsc->bhs", q_lat.float(), kv_all)
+              + torch.einsum("bhr,bsr->bhs", q_pe.float(), pe_all)) * scale  # (B, H, S)
+    scores = scores.masked_fill(pos[None, None, :] >= seq_lens[:, None, None], float("-inf"))
+    p = scores.softmax(-1)
+    return torch.einsum("bhs,bsc->bhc", p, kv_all).to(q_lat.dtype)

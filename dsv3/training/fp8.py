@@ -4,13 +4,14 @@ scales and accumulates in fp32; everything else stays as it was (bf16 autocast /
 
     FP8TrainLinear          an nn.Linear (same `weight` parameter, same state_dict) whose matmuls run
                             in FP8; the master weight keeps its dtype (fp32)
-    convert_to_fp8_training(model, backend="auto")
+    FP8TrainExperts         the routed `Experts` (same parameters, same state_dict) with the same
+                            three GEMMs per expert, grouped (see "Experts" below)
+    convert_to_fp8_training(model, backend="auto", experts=False)
                             swap, in place, the attention projections (q_a/q_b/q_proj, kv_a, kv_b,
                             o_proj) and the dense / shared-expert MLPs of every block (MTP blocks
-                            included). Not swapped, as in the paper: embedding, lm_head, norms, the
-                            router (`Router.weight`), the MTP `eh_proj`; the attention core is SDPA
-                            in bf16 anyway. Routed experts stay in bf16 (`torch._grouped_mm`): see
-                            "Experts" below.
+                            included), and with experts=True the routed experts. Not swapped, as in
+                            the paper: embedding, lm_head, norms, the router (`Router.weight`), the
+                            MTP `eh_proj`; the attention core is SDPA in bf16 anyway.
 
 The three GEMMs of Y = X Wᵀ (X: M tokens x K, W: N x K):
     fprop   Y  = Q1x128(X) · Q128x128(W)ᵀ
@@ -44,10 +45,33 @@ Backends (one autograd function, `backend=`):
     the result is the emulation's up to fp32 accumulation order and the output rounding.
   * "auto": scaled_mm where it is available (CUDA, SM 9.x, F.scaled_mm, triton), else emulate.
 
-Experts: torch 2.11's `F.scaled_grouped_mm` on SM90 is rowwise-only (ANCHORS §1), and a per-expert
-loop of blockwise `F.scaled_mm` needs the per-expert token counts on the host (a sync per layer) and
-runs GEMMs whose FP8 gain at ~1K tokens/expert is small or negative (ANCHORS: 4096x1536x7168 fprop
-686 vs 662 bf16 TFLOP/s; 128 tokens: 49 vs 67). So the routed experts stay in bf16 for now.
+Experts (`FP8TrainExperts.sorted_mlp`, inside `Experts.forward_grouped`): the (token, expert) rows are
+sorted by expert, rows_e = offs[e-1]:offs[e], and each expert matrix W_e (N x K) gets the same three
+GEMMs:
+    fprop   Y[rows_e]  = Q1x128(X)[rows_e] · Q128x128(W_e)ᵀ
+    dgrad   dX[rows_e] = Q1x128(dY)[rows_e] · Q128x128(W_e)
+    wgrad   dW_e       = Q1x128(dYᵀ)[:, rows_e] · Q1x128(Xᵀ)[:, rows_e]ᵀ
+X and dY are quantised over the whole sorted M (a row's 1x128 tiles never mix experts). dYᵀ and Xᵀ are
+tiled along the tokens of the whole sorted M, so a 128-token tile may straddle two experts: each
+element still has exactly one scale, and expert e's contraction sums its own rows only. Weights get
+128x128 blocks per expert. gate and up are two linears sharing one quantisation of X: one GEMM for
+both ([gate; up], 2I outputs) and one dgrad GEMM over the 2I contraction (each one's dY in its own
+1x128 tiles); their fp8 weights are read in place, never concatenated. Backends (`convert_to_fp8_training`
+gives the experts "triton" where the Linears get "scaled_mm"):
+  * "emulate": the reference functions, fp32 matmul per expert (a loop over the host copy of offs:
+    one sync per grouped linear, acceptable for the contract); what the CPU runs.
+  * "triton": CUDA SM 8.9+. Quantisation by `dsv3/kernels/fp8_triton.py`, GEMMs by the grouped kernels
+    of `dsv3/kernels/fp8_grouped_triton.py`, which read offs on the device: no host sync. D and I are
+    zero-padded to multiples of 128 where needed (every preset is aligned; tiny test models are not),
+    M to a multiple of 128 for the wgrad re-tiling.
+  * "auto": triton where available, else emulate.
+Why Triton: torch 2.11's `F.scaled_grouped_mm` on SM90 is rowwise-only (BlockWise1x128 / 128x128 raise
+"No gemm implementation was found"), and a per-expert loop of blockwise `F.scaled_mm` needs the
+per-expert counts on the host (a sync per layer) and runs small GEMMs whose FP8 gain is small or
+negative (ANCHORS: 128 tokens, 49 vs 67 bf16 TFLOP/s). Limits: the SwiGLU input is saved for backward
+in the autocast dtype (the paper caches it in FP8 and recomputes SwiGLU) and dispatch/combine stay bf16;
+`experts=False` is the default until the kernels are measured against bf16 `torch._grouped_mm`
+(bench/fp8_experts_speed.py).
 """
 
 from __future__ import annotations
@@ -56,9 +80,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsv3.kernels import BLOCK, act_dequant, act_quant, fp8_quant_kernels, weight_dequant, weight_quant
+from dsv3.kernels import (BLOCK, act_dequant, act_quant, fp8_grouped_kernels, fp8_quant_kernels, weight_dequant,
+                          weight_quant)
+from dsv3.model.moe import Experts
 
 BACKENDS = ("auto", "emulate", "scaled_mm")
+EXPERT_BACKENDS = ("auto", "emulate", "triton")
 
 
 def _ceil(n: int, m: int = BLOCK) -> int:
@@ -245,6 +272,198 @@ class FP8TrainLinear(nn.Linear):
         return super().extra_repr() + f", fp8={self.fp8_backend}"
 
 
+# --- routed experts: grouped FP8 GEMMs over rows sorted by expert (module docstring, "Experts") ----
+
+def grouped_triton_available(device: torch.device | str | None = None) -> bool:
+    """True where the Triton grouped FP8 kernels can run: CUDA with FP8 tensor cores (SM 8.9+), triton."""
+    if not torch.cuda.is_available():
+        return False
+    dev = torch.device(device) if device is not None else torch.device("cuda")
+    if dev.type != "cuda" or torch.cuda.get_device_capability(dev) < (8, 9):
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _expert_rows(offs: torch.Tensor) -> list[tuple[int, int]]:
+    """[(start, end)] of each expert's sorted rows, on the host: the emulation's one sync."""
+    ends = offs.tolist()
+    return list(zip([0] + ends[:-1], ends))
+
+
+def _emu_expert_weights(wqs) -> torch.Tensor:
+    """Per weight a list over experts of (fp8, 128x128 scales) -> the dequantised weights concatenated
+    along N, (E, ΣN_i, K) fp32."""
+    return torch.cat([torch.stack([weight_dequant(q, s, torch.float32) for q, s in w]) for w in wqs], dim=1)
+
+
+def _emu_grouped_fwd(x: torch.Tensor, ws: list[torch.Tensor], offs: torch.Tensor, out_dtype: torch.dtype):
+    rows = _expert_rows(offs)
+    xq, xs = act_quant(x)  # 1x128 tiles of each row: rows are independent, so the grouping does not matter
+    wqs = [[weight_quant(w_e) for w_e in w] for w in ws]  # each expert its own 128x128 grid
+    xd, wd = act_dequant(xq, xs), _emu_expert_weights(wqs)  # (M, K), (E, N, K)
+    y = xd.new_zeros(x.shape[0], wd.shape[1])
+    for e, (a, b) in enumerate(rows):
+        y[a:b] = xd[a:b] @ wd[e].T
+    return y.to(out_dtype), (xq, xs, wqs, rows)
+
+
+def _emu_grouped_bwd(g: torch.Tensor, saved, x_dtype: torch.dtype, w_dtypes: list[torch.dtype],
+                     need_dx: bool, need_dw: bool):
+    xq, xs, wqs, rows = saved
+    dx = dws = None
+    ns = [w[0][0].shape[0] for w in wqs]
+    if need_dx:
+        wd = _emu_expert_weights(wqs)  # (E, N, K)
+        # (M, N): each weight's dY in its own 1x128 tiles (gate and up are two linears; the tiles of
+        # [dY_gate | dY_up] are the same when I % 128 == 0)
+        gd = torch.cat([act_dequant(*_grad_quant_ref(gi)) for gi in g.split(ns, dim=1)], dim=1)
+        dx = gd.new_zeros(g.shape[0], wd.shape[2])
+        for e, (a, b) in enumerate(rows):
+            dx[a:b] = gd[a:b] @ wd[e]
+        dx = dx.to(x_dtype)
+    if need_dw:
+        # dYᵀ (N, M) and Xᵀ (K, M), tiled 1x128 along the tokens of the whole sorted M (a tile may
+        # straddle two experts); Xᵀ re-tiled from the FP8 X. An expert without rows gets zeros.
+        gtd = act_dequant(*_grad_quant_ref(g.t().contiguous()))
+        xtd = act_dequant(*act_quant(act_dequant(xq, xs).t().contiguous()))
+        dws = [torch.stack([gt[:, a:b] @ xtd[:, a:b].T for a, b in rows]).to(dt)  # (E, N_i, K)
+               for gt, dt in zip(gtd.split(ns), w_dtypes)]
+    return dx, dws
+
+
+def _block_scales(s: torch.Tensor, E: int, n: int, k: int) -> torch.Tensor:
+    """weight_quant_pad's scales of a stacked (E*n, k) weight -> (E, n/128, k/128), each expert's blocks."""
+    return s.view(E, n // BLOCK, -1)[:, :, : k // BLOCK]
+
+
+def _tri_grouped_fwd(x: torch.Tensor, ws: list[torch.Tensor], offs: torch.Tensor, out_dtype: torch.dtype):
+    k, gk = fp8_quant_kernels(), fp8_grouped_kernels()
+    M, K = x.shape
+    E = offs.shape[0]
+    assert K % BLOCK == 0 and all(w.shape[1] % BLOCK == 0 for w in ws), "triton experts: N, K multiples of 128"
+    # (Mp, K), zero rows past M for the wgrad re-tiling; scales (Mp, K/128) column-major
+    xq, xs = k.act_quant_cm(_pad2(x, _ceil(M), K))
+    bs, saved_w = [], []
+    for w in ws:
+        n = w.shape[1]
+        # the stacked (E*n, K) view: its 128x128 grid is each expert's own (n % 128 == 0); qt (K, E*n)
+        # is the fp8 transpose for dgrad, from the same pass
+        q, s, qt = k.weight_quant_pad(w.reshape(E * n, K), transposed=True)
+        bs.append((q.view(E, n, K), _block_scales(s, E, n, K)))
+        saved_w.append((qt, s))
+    y = gk.fp8_grouped_mm(xq[:M], xs[:M], bs, offs, out_dtype, cat="n")
+    return y, (xq, xs, saved_w, M)
+
+
+def _tri_grouped_bwd(g: torch.Tensor, saved, offs: torch.Tensor, x_dtype: torch.dtype,
+                     w_dtypes: list[torch.dtype], need_dx: bool, need_dw: bool):
+    k, gk = fp8_quant_kernels(), fp8_grouped_kernels()
+    xq, xs, saved_w, M = saved
+    Mp, K = xq.shape
+    E = offs.shape[0]
+    ns = [qt.shape[1] // E for qt, _ in saved_w]
+    p = _grad_prescale(g).reshape(1)  # as in the emulation, applied inside the quantisers
+    gp = _pad2(g, Mp, sum(ns))
+    dx = dws = None
+    if need_dx:
+        gq, gs = k.act_quant_cm(gp, p)  # (Mp, N), 1x128 tiles along N
+        # W_eᵀ (E, K, n) as views of qt (K, E*n), and the transposed block scales (E, K/128, n/128)
+        bts = [(qt.view(K, E, n).permute(1, 0, 2), _block_scales(s, E, n, K).transpose(1, 2))
+               for (qt, s), n in zip(saved_w, ns)]
+        dx = gk.fp8_grouped_mm(gq[:M], gs[:M], bts, offs, x_dtype, cat="k")
+    if need_dw:
+        gtq, gts = k.act_quant_t(gp, p=p)  # dYᵀ (N, Mp), scales (N, Mp/128)
+        xtq, xts = k.act_quant_t(xq, xs)  # Xᵀ (K, Mp) re-tiled from the FP8 X
+        dws = [d.to(dt) for d, dt in zip(gk.fp8_grouped_wgrad(gtq, gts, xtq, xts, offs, ns), w_dtypes)]
+    return dx, dws
+
+
+class _FP8GroupedFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, offs: torch.Tensor, out_dtype: torch.dtype, backend: str,
+                *ws: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            fwd = _tri_grouped_fwd if backend == "triton" else _emu_grouped_fwd
+            y, saved = fwd(x, [w.detach() for w in ws], offs, out_dtype)
+        ctx.saved, ctx.offs = saved, offs
+        ctx.backend, ctx.x_dtype, ctx.w_dtypes = backend, x.dtype, [w.dtype for w in ws]
+        return y
+
+    @staticmethod
+    def backward(ctx, gy: torch.Tensor):
+        need_dx, need_dw = ctx.needs_input_grad[0], any(ctx.needs_input_grad[4:])
+        with torch.autocast(gy.device.type, enabled=False):
+            if ctx.backend == "triton":
+                dx, dws = _tri_grouped_bwd(gy, ctx.saved, ctx.offs, ctx.x_dtype, ctx.w_dtypes, need_dx, need_dw)
+            else:
+                dx, dws = _emu_grouped_bwd(gy, ctx.saved, ctx.x_dtype, ctx.w_dtypes, need_dx, need_dw)
+        ctx.saved = ctx.offs = None
+        return (dx, None, None, None, *(dws or [None] * len(ctx.w_dtypes)))
+
+
+def fp8_grouped_linear(x: torch.Tensor, weights: tuple[torch.Tensor, ...], offs: torch.Tensor,
+                       backend: str = "auto", out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Rows of x (M, K) sorted by expert (offs (E,) int32 end rows, offs[-1] = M) times the expert
+    weights (E, N_i, K), concatenated along N: Y[rows_e] = X[rows_e] · [W1_e; W2_e]ᵀ -> (M, ΣN_i) in
+    out_dtype (default x's), the three GEMMs in FP8 (module docstring, "Experts"). Several weights
+    share one quantisation of x (gate and up)."""
+    if backend not in EXPERT_BACKENDS:
+        raise ValueError(f"fp8 experts backend must be one of {EXPERT_BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = "triton" if x.is_cuda and grouped_triton_available(x.device) else "emulate"
+    return _FP8GroupedFn.apply(x, offs, out_dtype or x.dtype, backend, *weights)
+
+
+class FP8TrainExperts(Experts):
+    """Routed experts whose grouped GEMMs (forward, input and weight gradients) run in FP8 (module
+    docstring, "Experts"). Same parameters and state_dict as Experts. Always the grouped path: the
+    FP8 GEMMs exist only in that form, so `impl` ("loop" / "grouped") does not apply."""
+
+    fp8_backend: str = "auto"
+
+    @classmethod
+    def from_experts(cls, experts: Experts, backend: str = "auto") -> "FP8TrainExperts":
+        """Turn `experts` into an FP8TrainExperts in place (same Parameter objects) and return it."""
+        if type(experts) is not Experts:
+            raise TypeError(f"expected a plain Experts, got {type(experts).__name__}")
+        if backend not in EXPERT_BACKENDS:
+            raise ValueError(f"fp8 experts backend must be one of {EXPERT_BACKENDS}, got {backend!r}")
+        experts.__class__ = cls
+        experts.fp8_backend = backend
+        return experts
+
+    def forward(self, x_ND: torch.Tensor, idx_NK: torch.Tensor, w_NK: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+        return self.forward_grouped(x_ND, idx_NK, w_NK)
+
+    @torch.compiler.disable  # opaque to torch.compile: Triton kernels / host syncs in an autograd.Function
+    def sorted_mlp(self, x_MD: torch.Tensor, flat: torch.Tensor, order: torch.Tensor, offs: torch.Tensor,
+                   dt: torch.dtype) -> torch.Tensor:
+        backend = self.fp8_backend
+        if backend == "auto":
+            backend = "triton" if x_MD.is_cuda and grouped_triton_available(x_MD.device) else "emulate"
+        w1, w3, w2 = self.gate_proj, self.up_proj, self.down_proj  # (E, I, D), (E, I, D), (E, D, I)
+        I, D = w1.shape[1:]
+        if backend == "triton" and (D % BLOCK or I % BLOCK):
+            # the kernels take whole 128-blocks: zero-pad D and I (zeros change no amax and SwiGLU
+            # keeps the padded columns at 0, so this is the unpadded computation)
+            Dp, Ip = _ceil(D), _ceil(I)
+            x_MD = F.pad(x_MD, (0, Dp - D))
+            w1, w3 = (F.pad(w, (0, Dp - D, 0, Ip - I)) for w in (w1, w3))
+            w2 = F.pad(w2, (0, Ip - I, 0, Dp - D))
+        Iw = w1.shape[1]
+        h13 = fp8_grouped_linear(x_MD, (w1, w3), offs, backend, dt)  # (M, 2I): gate | up
+        h = F.silu(h13[:, :Iw]) * h13[:, Iw:]
+        return fp8_grouped_linear(h, (w2,), offs, backend, dt)[:, :D]  # (M, D)
+
+    def extra_repr(self) -> str:
+        E, I, D = self.gate_proj.shape
+        return f"experts={E}, hidden={D}, inter={I}, fp8={self.fp8_backend}"
+
+
 def fp8_target_names(model: nn.Module) -> list[str]:
     """Qualified names of the nn.Linear modules that `convert_to_fp8_training` swaps: every Linear
     directly inside an MLA (attention projections) or an MLP (dense FFN, shared experts)."""
@@ -260,13 +479,20 @@ def fp8_target_names(model: nn.Module) -> list[str]:
     return names
 
 
-def convert_to_fp8_training(model: nn.Module, backend: str = "auto") -> list[str]:
-    """Swap, in place, the attention and dense/shared-expert MLP Linears for FP8TrainLinear (same
-    parameters, same state_dict names). Call before torch.compile and before building the optimizer
-    or after (the Parameter objects are kept). Returns the swapped names."""
+def convert_to_fp8_training(model: nn.Module, backend: str = "auto", experts: bool = False) -> list[str]:
+    """Swap, in place, the attention and dense/shared-expert MLP Linears for FP8TrainLinear and, with
+    `experts`, every routed Experts for FP8TrainExperts (same parameters, same state_dict names; the
+    experts' backend is "triton" where the Linears' is "scaled_mm"). Call before torch.compile and
+    before building the optimizer or after (the Parameter objects are kept). Returns the swapped names."""
     if backend not in BACKENDS:
         raise ValueError(f"fp8 backend must be one of {BACKENDS}, got {backend!r}")
     names = fp8_target_names(model)
     for name in names:
         FP8TrainLinear.from_linear(model.get_submodule(name), backend)
+    if experts:
+        expert_backend = "triton" if backend == "scaled_mm" else backend
+        for name, m in model.named_modules():
+            if type(m) is Experts:
+                FP8TrainExperts.from_experts(m, expert_backend)
+                names.append(name)
     return names

@@ -62,6 +62,7 @@ class TrainConfig:
     val_permille: int = 10
     device: str = "auto"
     precision: str = "auto"  # fp32 | bf16 (autocast, CUDA) | fp8 (bf16 autocast + FP8 GEMMs, dsv3/training/fp8.py) | auto
+    fp8_experts: bool = False  # with fp8: the routed experts' grouped GEMMs in FP8 as well
     seed: int = 0
     eval_every: int = 100
     eval_batches: int = 8  # per periodic eval; the final eval covers the whole val split
@@ -85,6 +86,8 @@ class TrainConfig:
             raise ValueError(f"batch_start ({self.batch_start}) must be a multiple of micro_batch_size ({mb})")
         if self.precision not in ("auto", "fp32", "bf16", "fp8"):
             raise ValueError(f"precision must be auto, fp32, bf16 or fp8, got {self.precision!r}")
+        if self.fp8_experts and self.precision != "fp8":
+            raise ValueError(f"fp8_experts (--fp8-experts) needs precision fp8, got {self.precision!r}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.recompute not in ("none", "selective", "full"):
@@ -281,7 +284,8 @@ def train(mc: ModelConfig, tc: TrainConfig, log=print) -> dict:
     model.set_recompute(tc.recompute)
     if precision == "fp8":  # in place, before compile; on the CPU the FP8 GEMMs are emulated (slow)
         from dsv3.training.fp8 import convert_to_fp8_training
-        log(f"fp8: {len(convert_to_fp8_training(model))} linears in FP8 (attention, dense/shared MLPs)")
+        n = len(convert_to_fp8_training(model, experts=tc.fp8_experts))
+        log(f"fp8: {n} modules in FP8 (attention, dense/shared MLPs{', routed experts' if tc.fp8_experts else ''})")
     if tc.compile:  # in place, per block: state-dict names (and so checkpoints) are unchanged
         for blk in list(model.layers) + list(model.mtp):
             blk.compile()
