@@ -72,6 +72,8 @@ def main() -> None:
         rows.append({"run": f"{prec} seed {seed}", "val_loss": v["val_loss"], "val_bpb": v["val_bpb"],
                      "train_loss_last": sum(last) / max(len(last), 1), "minutes": (time.time() - t) / 60,
                      "curve": tl})
+        print(f"RESULT {rows[-1]['run']}: val loss {v['val_loss']:.4f}, {v['val_bpb']:.4f} bits/byte, "
+              f"{rows[-1]['minutes']:.1f} min", flush=True)
     base = rows[0]["val_loss"]
     print(f"\n{args.preset}, {args.steps} steps of {args.batch_size} x {args.seq_len} tokens")
     print("| run | final val loss | val bits/byte | vs first run | mean train loss (last logs) | minutes |")
