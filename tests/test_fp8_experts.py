@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_cfg
+from test_fp8_training import _train
 from dsv3.kernels import act_dequant, act_quant, weight_quant
 from dsv3.model import build_model
 from dsv3.model.moe import Experts
@@ -215,29 +216,10 @@ def test_bad_arguments():
         FP8TrainExperts.from_experts(ex)
 
 
-def _train(cfg, experts: bool, steps: int):
-    from dsv3.training.loss import compute_loss
-
-    model = build_model(cfg, seed=0)
-    if experts:
-        convert_to_fp8_training(model, "emulate", experts=True)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    base = torch.randint(0, 32, (4, 17), generator=torch.Generator().manual_seed(0))
-    x = torch.cat([base, base], 1)  # repeated halves: learnable
-    losses = []
-    for _ in range(steps):
-        loss = compute_loss(model(x[:, :-1]), x[:, 1:], 0.3).total
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses
-
-
 def test_tiny_model_with_fp8_experts_trains_close_to_fp32():
     cfg = tiny_cfg(hidden_size=64, intermediate_size=128, initializer_range=0.02)
     l32 = _train(cfg, False, 12)
-    l8 = _train(cfg, True, 12)
+    l8 = _train(cfg, True, 12, experts=True)
     assert l8[-1] < 0.8 * l8[0]
     assert abs(l8[-1] - l32[-1]) / l32[-1] < 0.03, (l8, l32)
 

@@ -196,12 +196,13 @@ def test_convert_swaps_exactly_the_intended_linears():
     assert "layers.0.self_attn.q_proj" in convert_to_fp8_training(m2)
 
 
-def _train(cfg, fp8: bool, steps: int):
+def _train(cfg, fp8: bool, steps: int, experts: bool = False):
+    """Losses of `steps` AdamW steps on a learnable batch; fp8: the emulated recipe (experts: routed too)."""
     from dsv3.training.loss import compute_loss
 
     model = build_model(cfg, seed=0)
     if fp8:
-        convert_to_fp8_training(model, "emulate")
+        convert_to_fp8_training(model, "emulate", experts=experts)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(0)
     base = torch.randint(0, 32, (4, 17), generator=gen)
