@@ -55,7 +55,7 @@ from dsv3.distributed.parallelize import make_optimizer, parallelize, train_step
 from dsv3.model import build_model
 from dsv3.training import checkpointing as ckpt
 from dsv3.training.data import CorpusError, PackedSampler, build_token_cache
-from dsv3.training.loop import Metrics, TrainConfig, get_tokenizer, log_step
+from dsv3.training.loop import Metrics, TrainConfig, get_tokenizer, log_step, write_run_outputs
 from dsv3.training.optim import Schedule
 from dsv3.training.tokenizer import DSTokenizer
 
@@ -225,15 +225,7 @@ def _run_loop(tc: TrainConfig, env: DistEnv, say, metrics, sched: Schedule, opt,
         say(f"final: val loss {ev['val_loss']:.4f}, {ev['val_bpb']:.4f} bits/byte over {ev['val_tokens']:,} tokens")
     if is0:
         metrics.close()
-        try:
-            from dsv3.training.plots import plot_run
-
-            for p in plot_run(tc.out_dir):
-                say(f"plot: {p}")
-        except ImportError:
-            say("matplotlib not installed: no plots (pip install matplotlib)")
-        with open(os.path.join(tc.out_dir, "summary.json"), "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=1)
+        write_run_outputs(tc.out_dir, summary, say)
     dist.barrier()
     return summary
 

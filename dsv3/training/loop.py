@@ -392,16 +392,21 @@ def train(mc: ModelConfig, tc: TrainConfig, log=print) -> dict:
         summary.update(ev)
         log(f"final: val loss {ev['val_loss']:.4f}, {ev['val_bpb']:.4f} bits/byte over {ev['val_tokens']:,} tokens")
     metrics.close()
+    write_run_outputs(tc.out_dir, summary, log)
+    return summary
+
+
+def write_run_outputs(out_dir: str, summary: dict, log) -> None:
+    """The end of a run: the plots of metrics.jsonl (when matplotlib is installed) and summary.json."""
     try:
         from dsv3.training.plots import plot_run
 
-        for p in plot_run(tc.out_dir):
+        for p in plot_run(out_dir):
             log(f"plot: {p}")
     except ImportError:
         log("matplotlib not installed: no plots (pip install matplotlib)")
-    with open(os.path.join(tc.out_dir, "summary.json"), "w", encoding="utf-8") as f:
+    with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=1)
-    return summary
 
 
 __all__ = ["TrainConfig", "train", "evaluate", "get_tokenizer", "resolve_device", "CorpusError"]
