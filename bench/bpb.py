@@ -23,11 +23,12 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from dsv3.checkpoint import load_pretrained  # noqa: E402
+from dsv3.checkpoints.hf import load_pretrained  # noqa: E402
 from dsv3.cli import _resolve_checkpoint  # noqa: E402
 from dsv3.training.data import ValBatches, build_token_cache, find_corpus, read_documents, split_of  # noqa: E402
-from dsv3.training.loop import TrainConfig, evaluate, resolve_device  # noqa: E402
-from dsv3.training.tokenizer import DSTokenizer  # noqa: E402
+from dsv3.training.config import TrainConfig, resolve_device  # noqa: E402
+from dsv3.training.loop import evaluate  # noqa: E402
+from dsv3.tokenizer import DSTokenizer  # noqa: E402
 
 
 def split_bytes(source, val_permille: int) -> tuple[bytes, bytes]:

@@ -23,11 +23,11 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from dsv3.checkpoint import load_pretrained  # noqa: E402
+from dsv3.checkpoints.hf import load_pretrained  # noqa: E402
 from dsv3.cli import _resolve_checkpoint  # noqa: E402
 from dsv3.inference.engine import Engine, SamplingParams  # noqa: E402
 from dsv3.training.data import find_corpus, read_documents, split_of  # noqa: E402
-from dsv3.training.tokenizer import DSTokenizer  # noqa: E402
+from dsv3.tokenizer import DSTokenizer  # noqa: E402
 
 
 def prompts(tok: DSTokenizer, n: int, length: int = 64) -> list[list[int]]:

@@ -24,7 +24,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import dsv3  # noqa: E402
 from dsv3.inference.engine import Engine, SamplingParams  # noqa: E402
-from dsv3.inference.fp8 import FP8Linear, quantize_model_fp8  # noqa: E402
+from dsv3.checkpoints.hf import quantize_model_fp8  # noqa: E402
+from dsv3.model.fp8 import FP8Linear  # noqa: E402
 from dsv3.info import model_info  # noqa: E402
 
 HBM = 3.0e12

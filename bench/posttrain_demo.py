@@ -39,13 +39,14 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 
-from dsv3.checkpoint import load_pretrained  # noqa: E402
+from dsv3.checkpoints.hf import load_pretrained  # noqa: E402
 from dsv3.config import ModelConfig, preset  # noqa: E402
 from dsv3.inference.engine import Engine  # noqa: E402
 from dsv3.posttrain import grpo, sft, tasks  # noqa: E402
-from dsv3.training import checkpointing as ckpt  # noqa: E402
-from dsv3.training.loop import TrainConfig, resolve_device, train  # noqa: E402
-from dsv3.training.tokenizer import DSTokenizer  # noqa: E402
+from dsv3.checkpoints import rundir as ckpt  # noqa: E402
+from dsv3.training.config import TrainConfig, resolve_device  # noqa: E402
+from dsv3.training.loop import train  # noqa: E402
+from dsv3.tokenizer import DSTokenizer  # noqa: E402
 
 
 def _micro() -> ModelConfig:

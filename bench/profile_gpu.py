@@ -133,7 +133,7 @@ def decode(batches: list[int], preset: str, fp8: bool = False) -> None:
     model = dsv3.build_model(cfg, device="cuda", dtype=torch.bfloat16)
     model.set_experts_impl("grouped")
     if fp8:
-        from dsv3.inference.fp8 import quantize_model_fp8
+        from dsv3.checkpoints.hf import quantize_model_fp8
         quantize_model_fp8(model)
     g = torch.Generator().manual_seed(0)
     for B in batches:

@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from dsv3.inference.engine import Engine, SamplingParams  # noqa: E402
 from dsv3.inference.server import BackgroundServer, create_app, load_for_serving  # noqa: E402
 from dsv3.training.data import find_corpus, read_documents, split_of  # noqa: E402
-from dsv3.training.tokenizer import DSTokenizer  # noqa: E402
+from dsv3.tokenizer import DSTokenizer  # noqa: E402
 
 
 def random_tiny(device: str):

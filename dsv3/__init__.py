@@ -14,7 +14,7 @@ __all__ = ["ConfigError", "ModelConfig", "ModelOutput", "Transformer", "build_mo
 
 def __getattr__(name):  # lazy: checkpoint I/O pulls in safetensors only when used
     if name in ("load_pretrained", "save_pretrained"):
-        from dsv3 import checkpoint
+        from dsv3.checkpoints import hf as checkpoint
 
         return getattr(checkpoint, name)
     raise AttributeError(name)

@@ -39,13 +39,14 @@ def cmd_plan(args) -> int:
 
 
 def _resolve_checkpoint(path: str) -> str:
-    from dsv3.training.checkpointing import resolve_checkpoint
+    from dsv3.checkpoints.rundir import resolve_checkpoint
 
     return resolve_checkpoint(path)
 
 
 def cmd_train(args) -> int:
-    from dsv3.training.loop import TrainConfig, train
+    from dsv3.training.config import TrainConfig
+    from dsv3.training.loop import train
 
     mc, name = _model_config(args)
     tc = TrainConfig(out_dir=args.out or f"runs/{name if not args.config else 'custom'}", data=args.data,
@@ -77,8 +78,8 @@ def _parallel_run(args, tc) -> bool:
         return True
     if not tc.resume:
         return False
-    from dsv3.distributed.checkpoint import is_dcp_checkpoint
-    from dsv3.training.checkpointing import latest_checkpoint
+    from dsv3.checkpoints.dcp import is_dcp_checkpoint
+    from dsv3.checkpoints.rundir import latest_checkpoint
 
     latest = latest_checkpoint(os.path.join(tc.out_dir, "checkpoints"))
     return latest is not None and is_dcp_checkpoint(latest)
@@ -125,7 +126,7 @@ def _train_parallel(args, mc, tc) -> int:
 def cmd_convert(args) -> int:
     import torch
 
-    from dsv3.distributed.checkpoint import to_hf
+    from dsv3.checkpoints.dcp import to_hf
 
     print(to_hf(args.checkpoint, args.out, getattr(torch, args.dtype) if args.dtype else None))
     return 0
@@ -146,10 +147,11 @@ def _print_samples(path: str, n: int, seed: int, max_new_tokens: int = 120) -> N
 def cmd_eval(args) -> int:
     import torch
 
-    from dsv3.checkpoint import load_pretrained
+    from dsv3.checkpoints.hf import load_pretrained
     from dsv3.training.data import build_token_cache
-    from dsv3.training.loop import TrainConfig, evaluate, resolve_device
-    from dsv3.training.tokenizer import DSTokenizer
+    from dsv3.training.config import TrainConfig, resolve_device
+    from dsv3.training.loop import evaluate
+    from dsv3.tokenizer import DSTokenizer
 
     path = _resolve_checkpoint(args.checkpoint)
     device = resolve_device(args.device)
@@ -266,8 +268,9 @@ def cmd_quantize(args) -> int:
 
     import torch
 
-    from dsv3.checkpoint import load_pretrained, save_pretrained, tempdir_beside
-    from dsv3.inference.fp8 import FP8Experts, FP8Linear, quantize_model_fp8
+    from dsv3.checkpoints.hf import load_pretrained, save_pretrained, tempdir_beside
+    from dsv3.checkpoints.hf import quantize_model_fp8
+    from dsv3.model.fp8 import FP8Experts, FP8Linear
 
     out = args.out
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
@@ -555,7 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dsv3.checkpoint import CheckpointError
+    from dsv3.checkpoints.hf import CheckpointError
     from dsv3.config import ConfigError
 
     parser = build_parser()

@@ -18,7 +18,7 @@ import dsv3
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from dsv3.checkpoint import CheckpointError, load_pretrained, save_pretrained
+from dsv3.checkpoints.hf import CheckpointError, load_pretrained, save_pretrained
 from dsv3.config import ConfigError
 from dsv3.kernels import act_dequant, act_quant, weight_dequant, weight_quant
 from conftest import make_model, rand_ids, tiny_cfg
@@ -555,7 +555,7 @@ def test_saved_checkpoint_files_follow_the_umask(tmp_path):
     """safetensors and mkdtemp create 0600/0700 entries; checkpoints must be readable like any file."""
     import stat
 
-    from dsv3.checkpoint import save_pretrained, tempdir_beside
+    from dsv3.checkpoints.hf import save_pretrained, tempdir_beside
 
     cfg = dsv3.preset("tiny").replace(vocab_size=64, hidden_size=32, intermediate_size=32, moe_intermediate_size=16,
                                       num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,

@@ -198,7 +198,7 @@ def test_chat_reads_turns_from_stdin(run, monkeypatch):
     ck = run["out"] / "checkpoints" / "step_00000008"
     monkeypatch.setattr("sys.stdin", io.StringIO("hello\n/reset\nsecond turn\n\n/exit\nnever read\n"))
     seen = []
-    import dsv3.training.tokenizer as tkmod
+    import dsv3.tokenizer as tkmod
 
     orig = tkmod.DSTokenizer.apply_chat_template
 

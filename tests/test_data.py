@@ -15,7 +15,7 @@ from dsv3.training.data import (
     CorpusError, PackedSampler, TokenCache, ValBatches, bits_per_byte, build_token_cache, find_corpus,
     fim_rng, fim_split, split_of, stdlib_corpus, token_dtype,
 )
-from dsv3.training.tokenizer import DSTokenizer, train_tokenizer
+from dsv3.tokenizer import DSTokenizer, train_tokenizer
 
 TEXTS = [
     "def add(a, b):\n    return a + b\n",

@@ -27,7 +27,7 @@ from dsv3.inference.naive import generate_naive
 from dsv3.inference.sampling import filter_logits, sample
 from dsv3.model import rope
 from dsv3.model.mla import MLA
-from dsv3.training.tokenizer import DSTokenizer
+from dsv3.tokenizer import DSTokenizer
 from conftest import make_model, tiny_cfg, yarn
 
 STD = 0.2

@@ -1,4 +1,4 @@
-"""FP8 weights for inference (dsv3/inference/fp8.py): FP8Linear / FP8Experts compute exactly
+"""FP8 weights for inference (dsv3/model/fp8.py): FP8Linear / FP8Experts compute exactly
 F.linear(x, weight_dequant(...)); quantize_model_fp8 swaps exactly the official FP8 tensors; the
 logits stay within a stated tolerance of the fp32 model; save -> load(keep_fp8=True) is bitwise;
 load(keep_fp8=False) of the same files computes the same logits; `dsv3 quantize` end to end.
@@ -21,9 +21,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from conftest import make_model, rand_ids, tiny_cfg
-from dsv3.checkpoint import disk_layout, load_pretrained, save_pretrained
+from dsv3.checkpoints.hf import disk_layout, load_pretrained, save_pretrained
 from dsv3.cli import main
-from dsv3.inference.fp8 import FP8Experts, FP8Linear, linear_weight, quantize_model_fp8, swap_to_fp8
+from dsv3.checkpoints.hf import quantize_model_fp8
+from dsv3.model.fp8 import FP8Experts, FP8Linear, linear_weight, swap_to_fp8
 from dsv3.kernels import weight_dequant, weight_quant
 from dsv3.model.moe import Experts
 
@@ -337,7 +338,7 @@ def test_engine_serves_fp8_weights_as_fp8(fp8, tmp_path):
     kv_b_proj; FP8 experts; the MTP module drafts): greedy output equals the same FP8 model run uncached."""
     from dsv3.inference.engine import SamplingParams, load_engine
     from dsv3.inference.naive import generate_naive
-    from dsv3.training.tokenizer import DSTokenizer
+    from dsv3.tokenizer import DSTokenizer
 
     save_pretrained(fp8, tmp_path)
     DSTokenizer.train(["abc def ghi " * 40], 300).save(tmp_path)

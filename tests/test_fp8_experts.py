@@ -370,7 +370,7 @@ def test_interp_triton_experts_module_padded_vs_emulation(monkeypatch):
 
 
 def test_train_config_fp8_experts_needs_fp8():
-    from dsv3.training.loop import TrainConfig
+    from dsv3.training.config import TrainConfig
 
     with pytest.raises(ValueError, match="fp8_experts"):
         TrainConfig(out_dir="unused", precision="bf16", fp8_experts=True).validate()

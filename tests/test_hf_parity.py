@@ -19,7 +19,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import AutoConfig, AutoModelForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM  # noqa: E402
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # noqa: E402
 
-from dsv3.checkpoint import load_pretrained, save_pretrained  # noqa: E402
+from dsv3.checkpoints.hf import load_pretrained, save_pretrained  # noqa: E402
 from dsv3.config import softmax_scale  # noqa: E402
 from dsv3.model import rope  # noqa: E402
 from dsv3.model.mla import MLA  # noqa: E402

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from dsv3.training import checkpointing as ckpt
+from dsv3.checkpoints import rundir as ckpt
 from dsv3.training.optim import AdamW, make_optimizer, param_groups
 from conftest import make_model, rand_ids, tiny_cfg
 
@@ -77,8 +77,9 @@ def test_train_loop_options_recompute_and_bf16_state(tmp_path):
     from safetensors.torch import load_file
 
     from dsv3.config import preset
-    from dsv3.training.checkpointing import latest_checkpoint
-    from dsv3.training.loop import TrainConfig, train
+    from dsv3.checkpoints.rundir import latest_checkpoint
+    from dsv3.training.config import TrainConfig
+    from dsv3.training.loop import train
 
     data = tmp_path / "data"
     data.mkdir()

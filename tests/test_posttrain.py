@@ -18,13 +18,13 @@ import time
 import pytest
 import torch
 
-from dsv3.checkpoint import save_pretrained
+from dsv3.checkpoints.hf import save_pretrained
 from dsv3.config import ModelConfig
 from dsv3.model import build_model
 from dsv3.posttrain import grpo, rewards, sft, tasks
-from dsv3.training.checkpointing import list_checkpoints
+from dsv3.checkpoints.rundir import list_checkpoints
 from dsv3.training.loss import IGNORE
-from dsv3.training.tokenizer import DSTokenizer
+from dsv3.tokenizer import DSTokenizer
 
 
 def micro_config() -> ModelConfig:

@@ -30,7 +30,7 @@ from dsv3.config import ModelConfig  # noqa: E402
 from dsv3.inference.engine import Engine, SamplingParams  # noqa: E402
 from dsv3.inference.server import BackgroundServer, create_app  # noqa: E402
 from dsv3.model import build_model  # noqa: E402
-from dsv3.training.tokenizer import DSTokenizer  # noqa: E402
+from dsv3.tokenizer import DSTokenizer  # noqa: E402
 
 MODEL = "tiny-dsv3"
 MAX_TOKENS = 16  # the main server's max_tokens limit: keeps fuzzed requests short
@@ -395,7 +395,7 @@ def test_cli_serve(tmp_path, model, tok):
     import subprocess
     import sys
 
-    from dsv3.checkpoint import save_pretrained
+    from dsv3.checkpoints.hf import save_pretrained
 
     ckpt = tmp_path / "ckpt"
     save_pretrained(model, ckpt)

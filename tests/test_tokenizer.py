@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer, models
 
-from dsv3.training.tokenizer import (
+from dsv3.tokenizer import (
     BOS, CHAT_TEMPLATE, EOS, SPECIAL_TOKENS, DSTokenizer, MissingSpecialTokenError, byte_level_alphabet,
     train_tokenizer,
 )

@@ -23,13 +23,14 @@ from dataclasses import asdict
 import pytest
 import torch
 
-import dsv3.checkpoint
+import dsv3.checkpoints.hf
 from dsv3.config import ModelConfig
 from dsv3.training import loop
-from dsv3.training.checkpointing import latest_checkpoint, list_checkpoints, load_checkpoint
+from dsv3.checkpoints.rundir import latest_checkpoint, list_checkpoints, load_checkpoint
 from dsv3.training.data import CorpusError, build_token_cache
-from dsv3.training.loop import TrainConfig, train
-from dsv3.training.tokenizer import DSTokenizer
+from dsv3.training.config import TrainConfig
+from dsv3.training.loop import train
+from dsv3.tokenizer import DSTokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -289,12 +290,13 @@ CHILD = textwrap.dedent("""
     import torch
     torch.set_num_threads(1)
     from dsv3.config import ModelConfig
-    from dsv3.training.loop import TrainConfig, train
+    from dsv3.training.config import TrainConfig
+    from dsv3.training.loop import train
 
     args = json.loads(sys.argv[1])
     kill_on = args.get("kill_on_model_save", 0)
     if kill_on:
-        import dsv3.checkpoint as C
+        import dsv3.checkpoints.hf as C
         calls = []
 
         def torn_save_then_sigkill(tensors, path):
@@ -358,7 +360,7 @@ def test_crash_during_save_leaves_no_partial_checkpoint(env, tmp_path, monkeypat
     leaves the earlier checkpoints intact."""
     mc = micro_config()
     out = tmp_path / "run"
-    real = dsv3.checkpoint._save_tensors
+    real = dsv3.checkpoints.hf._save_tensors
     calls = []
 
     def failing(tensors, path):
@@ -369,7 +371,7 @@ def test_crash_during_save_leaves_no_partial_checkpoint(env, tmp_path, monkeypat
             raise OSError(28, "No space left on device")
         real(tensors, path)
 
-    monkeypatch.setattr(dsv3.checkpoint, "_save_tensors", failing)
+    monkeypatch.setattr(dsv3.checkpoints.hf, "_save_tensors", failing)
     with pytest.raises(OSError, match="No space left"):
         train(mc, tcfg(env, out, steps=6, save_every=2), log=quiet)
     root = out / "checkpoints"

@@ -12,7 +12,7 @@ contents), with the parallel pieces in their places:
                  logs, writes metrics.jsonl / plots / summary.json
     all ranks    evaluation (each its rows of the val batches, sums all-reduced), the stop flag of
                  Ctrl-C / SIGTERM (all-reduced each step, so every rank saves at the same step),
-                 sharded checkpoints (dsv3/distributed/checkpoint.py); the final (or interrupted) one
+                 sharded checkpoints (dsv3/checkpoints/dcp.py); the final (or interrupted) one
                  also holds the Hugging Face export, so `dsv3 sample/generate/eval RUN` work on it
 
 The global batch is `batch_size` sequences as in one process; a micro-batch of `micro_batch_size`
@@ -49,15 +49,16 @@ import torch
 import torch.distributed as dist
 
 from dsv3.config import ModelConfig
-from dsv3.distributed.checkpoint import is_dcp_checkpoint, load_dcp, read_state, save_dcp
+from dsv3.checkpoints.dcp import is_dcp_checkpoint, load_dcp, read_state, save_dcp
 from dsv3.distributed.mesh import DistEnv, ParallelConfig, build_mesh, init_distributed
 from dsv3.distributed.parallelize import make_optimizer, parallelize, train_step
 from dsv3.model import build_model
-from dsv3.training import checkpointing as ckpt
+from dsv3.checkpoints import rundir as ckpt
 from dsv3.training.data import CorpusError, PackedSampler, build_token_cache
-from dsv3.training.loop import Metrics, TrainConfig, get_tokenizer, log_step, write_run_outputs
+from dsv3.training.config import TrainConfig
+from dsv3.training.loop import Metrics, get_tokenizer, log_step, write_run_outputs
 from dsv3.training.optim import Schedule
-from dsv3.training.tokenizer import DSTokenizer
+from dsv3.tokenizer import DSTokenizer
 
 
 def start(device: str = "auto") -> DistEnv:

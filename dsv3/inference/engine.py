@@ -547,9 +547,9 @@ def load_engine(checkpoint: str, *, device: str = "auto", keep_fp8: bool = True,
     """(Engine, DSTokenizer) for a checkpoint directory or a run directory (its latest checkpoint):
     fp32 on the CPU, the checkpoint's dtype on a GPU. engine_kwargs go to `Engine` (max_batch_size,
     cache_tokens, speculative_k, max_model_len, ...)."""
-    from dsv3.checkpoint import load_pretrained
-    from dsv3.training.checkpointing import resolve_checkpoint
-    from dsv3.training.tokenizer import DSTokenizer
+    from dsv3.checkpoints.hf import load_pretrained
+    from dsv3.checkpoints.rundir import resolve_checkpoint
+    from dsv3.tokenizer import DSTokenizer
 
     checkpoint = resolve_checkpoint(checkpoint)
     if device == "auto":

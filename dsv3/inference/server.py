@@ -63,7 +63,7 @@ from dsv3.inference.metrics import ServerMetrics, prometheus_text
 from dsv3.inference.protocol import (APIError, ChatCompletionRequest, ChatMessage, CompletionRequest,
                                      DetokenizeRequest, ErrorResponse, TokenizeRequest, bad_request,
                                      from_validation_error)
-from dsv3.training.tokenizer import CHAT_TEMPLATE, DSTokenizer, MissingSpecialTokenError
+from dsv3.tokenizer import CHAT_TEMPLATE, DSTokenizer, MissingSpecialTokenError
 
 
 # --- one HTTP request's engine requests -----------------------------------------------------------------

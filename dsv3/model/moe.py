@@ -131,7 +131,7 @@ class Experts(nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(gate, up, down) of expert e, or of all experts stacked, in `dtype` (None: as stored). The
         forward reads the weights only through here, so that a subclass can store them differently
-        (FP8 blocks: dsv3/inference/fp8.py)."""
+        (FP8 blocks: dsv3/model/fp8.py)."""
         ws = (self.gate_proj, self.up_proj, self.down_proj)
         if e is not None:
             ws = tuple(w[e] for w in ws)

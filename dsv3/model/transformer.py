@@ -9,7 +9,7 @@
     h^0 is the main model's output after the final norm (vLLM / SGLang; SPEC §5.2 [U]).
 
 Module names follow the Hugging Face checkpoint (`self_attn.q_a_proj`, `mlp.gate`, ...) so the
-translation to disk (dsv3/checkpoint.py) only adds the `model.` prefix, splits the stacked experts
+translation to disk (dsv3/checkpoints/hf.py) only adds the `model.` prefix, splits the stacked experts
 and moves `mtp.k` to `model.layers.{num_hidden_layers + k}`.
 
 Build on the meta device and initialise in one place (`build_model` / `init_weights`).

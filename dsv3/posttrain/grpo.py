@@ -45,13 +45,14 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from dsv3.checkpoint import load_pretrained
+from dsv3.checkpoints.hf import load_pretrained
 from dsv3.inference.engine import Engine, SamplingParams
 from dsv3.posttrain.tasks import Task
-from dsv3.training import checkpointing as ckpt
-from dsv3.training.loop import Metrics, resolve_device
+from dsv3.checkpoints import rundir as ckpt
+from dsv3.training.config import resolve_device
+from dsv3.training.loop import Metrics
 from dsv3.training.optim import clip_and_step, make_optimizer
-from dsv3.training.tokenizer import DSTokenizer
+from dsv3.tokenizer import DSTokenizer
 
 
 # --------------------------------------------------------------------------------------------------

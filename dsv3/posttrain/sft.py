@@ -28,7 +28,7 @@ of pre-training).
 Loss: next-token cross-entropy on targets whose token is an assistant token, averaged over all
 assistant tokens of the optimizer step (micro-batches are summed, then divided by the step's count).
 Schedule: linear warmup then cosine from `lr` to `min_lr` (the paper: 5e-6 -> 1e-6 over 2 epochs).
-Checkpoints, resume and metrics.jsonl are those of pre-training (dsv3/training/checkpointing.py):
+Checkpoints, resume and metrics.jsonl are those of pre-training (dsv3/checkpoints/rundir.py):
 the checkpoint holds the model, AdamW state, RNG states and the data position (epoch, row), so a
 resumed run continues exactly.
 """
@@ -47,13 +47,14 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from dsv3.checkpoint import load_pretrained
-from dsv3.training import checkpointing as ckpt
-from dsv3.training.loop import Metrics, resolve_device
+from dsv3.checkpoints.hf import load_pretrained
+from dsv3.checkpoints import rundir as ckpt
+from dsv3.training.config import resolve_device
+from dsv3.training.loop import Metrics
 from dsv3.training.loss import IGNORE
 from dsv3.training.data import jsonl_records
 from dsv3.training.optim import clip_and_step, make_optimizer
-from dsv3.training.tokenizer import DSTokenizer
+from dsv3.tokenizer import DSTokenizer
 
 ROLES = ("system", "user", "assistant")
 

@@ -68,7 +68,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dsv3.training.tokenizer import DSTokenizer
+from dsv3.tokenizer import DSTokenizer
 
 log = logging.getLogger(__name__)
 

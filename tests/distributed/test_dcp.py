@@ -128,7 +128,7 @@ def _run(model, opt, ps, batches, rank, world):
 
 
 def _save_job(rank, world, d, name):
-    from dsv3.distributed.checkpoint import save_dcp
+    from dsv3.checkpoints.dcp import save_dcp
 
     cfg, model, ps, opt = _setup(ParallelConfig(**SAVES[name]))
     batches = _batches(cfg)
@@ -149,7 +149,7 @@ def _save_job(rank, world, d, name):
 
 
 def _resume_job(rank, world, d, name):
-    from dsv3.distributed.checkpoint import load_dcp
+    from dsv3.checkpoints.dcp import load_dcp
 
     cfg, model, ps, opt = _setup(ParallelConfig(**RESUMES[world][name]))
     ref = torch.load(os.path.join(d, f"{name}_saved.pt"))
@@ -212,8 +212,8 @@ def test_failed_save_leaves_nothing(ckpt_dir, name):
 
 
 def test_hf_export_and_conversion_give_the_same_logits(ckpt_dir, tmp_path):
-    from dsv3.checkpoint import load_pretrained
-    from dsv3.distributed.checkpoint import load_full_model, to_hf
+    from dsv3.checkpoints.hf import load_pretrained
+    from dsv3.checkpoints.dcp import load_full_model, to_hf
     from dsv3.model import build_model
 
     saved = torch.load(os.path.join(ckpt_dir, "ep2_saved.pt"))
@@ -262,10 +262,10 @@ def _torchrun(world: int, argv: list[str], cwd: str) -> subprocess.CompletedProc
 
 
 def test_dsv3_train_under_torchrun(tmp_path):
-    from dsv3.checkpoint import load_pretrained
+    from dsv3.checkpoints.hf import load_pretrained
     from dsv3.config import ModelConfig
     from dsv3.training.data import split_of
-    from dsv3.training.tokenizer import DSTokenizer
+    from dsv3.tokenizer import DSTokenizer
 
     rng = random.Random(0)
     corpus = tmp_path / "corpus"

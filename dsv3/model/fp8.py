@@ -5,8 +5,8 @@ compute with them.
     FP8Linear      weight (out, in) e4m3 + weight_scale_inv (ceil(out/128), ceil(in/128)) fp32
     FP8Experts     gate/up_proj (E, I, D), down_proj (E, D, I) e4m3 + `<name>_scale_inv`
                    (E, ceil(rows/128), ceil(cols/128)) fp32: the official per-expert tensors, stacked
-    quantize_model_fp8(model)   swap every matrix the official checkpoint stores in FP8 (the rule is
-                                `dsv3.checkpoint.is_fp8_weight`, applied to the on-disk names)
+    swap_to_fp8(model, names)   swap the modules owning those weights (dsv3.checkpoints.hf's
+                                quantize_model_fp8 picks the official FP8 set by on-disk name)
     linear_weight(module, dtype)  the dense weight of an nn.Linear or an FP8Linear (absorbed MLA needs
                                   W_UK / W_UV out of kv_b_proj whatever its storage)
 
@@ -43,7 +43,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsv3.checkpoint import disk_layout, is_fp8_weight
 from dsv3.kernels import BLOCK, weight_dequant, weight_quant
 from dsv3.model.moe import Experts
 
@@ -220,19 +219,4 @@ def swap_to_fp8(model: nn.Module, params: Iterable[str], *, quantize: bool = Fal
     return replaced
 
 
-def fp8_weight_names(model: nn.Module) -> list[str]:
-    """state_dict names of the weights the official checkpoint stores in FP8 (every attention and FFN
-    projection incl. shared and routed experts; not embeddings, head, norms, router or MTP eh_proj)."""
-    return sorted({slot.param for disk, slot in disk_layout(model).items() if is_fp8_weight(disk)})
-
-
-@torch.no_grad()
-def quantize_model_fp8(model: nn.Module) -> nn.Module:
-    """Swap, in place, every matrix that the official checkpoint stores in FP8 for its 128x128
-    block quantisation (`weight_quant`); the dense weights are freed module by module. Returns the
-    model (now for inference only: FP8 weights are buffers, not parameters)."""
-    swap_to_fp8(model, fp8_weight_names(model), quantize=True)
-    return model
-
-
-__all__ = ["FP8Experts", "FP8Linear", "fp8_weight_names", "linear_weight", "quantize_model_fp8", "swap_to_fp8"]
+__all__ = ["FP8Experts", "FP8Linear", "linear_weight", "swap_to_fp8"]

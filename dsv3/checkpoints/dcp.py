@@ -1,7 +1,7 @@
 """Sharded training checkpoints of a parallelized model (torch.distributed.checkpoint, DCP), and their
 conversion to the single-directory Hugging Face format.
 
-A checkpoint is one directory `step_XXXXXXXX/` (the same names as dsv3/training/checkpointing.py, so
+A checkpoint is one directory `step_XXXXXXXX/` (the same names as dsv3/checkpoints/rundir.py, so
 `latest_checkpoint` and keep-last-K work on both kinds):
 
     trainer_state.json         "format": "dcp", step, tokens, sampler position (global), run config,
@@ -56,9 +56,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from dsv3.checkpoint import _meta_model, _umask, save_pretrained, tempdir_beside
+from dsv3.checkpoints.hf import _meta_model, _umask, save_pretrained, tempdir_beside
 from dsv3.config import ModelConfig
-from dsv3.training import checkpointing as ckpt
+from dsv3.checkpoints import rundir as ckpt
 
 FORMAT = "dcp"
 DCP_DIR = "dcp"

@@ -15,7 +15,7 @@ The official MTP layer also stores copies of the embedding and the head
 tensors, writes the copies on save (vLLM and SGLang read them) and skips them on load after
 checking that they equal the main ones.
 
-A model holding FP8 modules (dsv3/inference/fp8.py: `X.weight` float8_e4m3fn + `X.weight_scale_inv`)
+A model holding FP8 modules (dsv3/model/fp8.py: `X.weight` float8_e4m3fn + `X.weight_scale_inv`)
 maps onto the same names, so it saves its FP8 bytes and scales as they are, and
 `load_pretrained(keep_fp8=True)` fills such modules straight from the file.
 
@@ -39,6 +39,7 @@ from safetensors.torch import save_file
 
 from dsv3.config import ConfigError, ModelConfig
 from dsv3.kernels import weight_dequant, weight_quant
+from dsv3.model.fp8 import swap_to_fp8
 from dsv3.model.transformer import Transformer
 
 SINGLE_FILE = "model.safetensors"
@@ -307,8 +308,6 @@ def _check(cfg: ModelConfig, layout: dict[str, _Slot], reader: _Reader) -> None:
 def _swap_in_fp8_modules(model: Transformer, reader: _Reader) -> None:
     """Replace (on the meta device) the modules whose weights the checkpoint stores in FP8 by FP8
     modules; a stacked expert parameter counts as FP8 when every expert's tensor is."""
-    from dsv3.inference.fp8 import swap_to_fp8  # inference builds on this module: import it late
-
     fp8: dict[str, bool] = {}
     for disk, slot in disk_layout(model).items():
         if disk in reader.weight_map:
@@ -324,7 +323,7 @@ def load_pretrained(path: str | os.PathLike, device: torch.device | str = "cpu",
 
     dtype: parameter dtype (default: config.json's torch_dtype). FP8 weights are dequantised with
     their `weight_scale_inv` blocks, unless keep_fp8: then the modules whose weights are stored in
-    FP8 become FP8 modules (dsv3/inference/fp8.py) holding the file's fp8 bytes and scales unchanged,
+    FP8 become FP8 modules (dsv3/model/fp8.py) holding the file's fp8 bytes and scales unchanged,
     and they compute in the activations' dtype (= dtype). A checkpoint without any MTP tensor
     (transformers drops them) loads with num_nextn_predict_layers = 0 and a warning.
     """
@@ -372,6 +371,21 @@ def load_pretrained(path: str | os.PathLike, device: torch.device | str = "cpu",
     return model
 
 
+def fp8_weight_names(model: nn.Module) -> list[str]:
+    """state_dict names of the weights the official checkpoint stores in FP8 (every attention and FFN
+    projection incl. shared and routed experts; not embeddings, head, norms, router or MTP eh_proj)."""
+    return sorted({slot.param for disk, slot in disk_layout(model).items() if is_fp8_weight(disk)})
+
+
+@torch.no_grad()
+def quantize_model_fp8(model: nn.Module) -> nn.Module:
+    """Swap, in place, every matrix that the official checkpoint stores in FP8 for its 128x128
+    block quantisation (`weight_quant`); the dense weights are freed module by module. Returns the
+    model (now for inference only: FP8 weights are buffers, not parameters)."""
+    swap_to_fp8(model, fp8_weight_names(model), quantize=True)
+    return model
+
+
 def tempdir_beside(path: str) -> str:
     """A fresh temporary directory on the same filesystem as `path` (for atomic renames)."""
     parent = os.path.dirname(os.path.abspath(path)) or "."
@@ -381,5 +395,5 @@ def tempdir_beside(path: str) -> str:
     return d
 
 
-__all__ = ["CheckpointError", "disk_layout", "is_fp8_weight", "load_pretrained", "save_pretrained",
+__all__ = ["CheckpointError", "disk_layout", "fp8_weight_names", "is_fp8_weight", "quantize_model_fp8", "load_pretrained", "save_pretrained",
            "tempdir_beside"]
