@@ -1,11 +1,17 @@
 """The parallel layout as configuration: degrees, their checks, process-group start-up, the mesh.
 
-Layout (world = dp_shard × ep ranks, every rank reads different rows of the global batch):
+Layout without a pipeline (pp = 1; world = dp_shard × ep ranks, every rank reads different rows of
+the global batch):
 
     mesh ("dp", "ep"), rank = dp_index · ep + ep_index        ep ranks are consecutive (one node)
     routed experts   split over "ep" (rank holds E/ep of them), replicated over "dp"
     everything else  FSDP2-sharded over all dp_shard × ep ranks (EP borrows its ranks from data
                      parallelism, as in torchtitan), or replicated when `fsdp=False`
+
+With a pipeline (pp > 1; world = pp × dp_shard × ep): mesh ("pp", "dp", "ep"); each of the
+dp_shard × ep ranks of one pipeline index holds the same stages (the routed experts split over "ep"),
+reads its own rows of every micro-batch, and the stages' gradients are averaged over them
+(dsv3/distributed/pipeline.py).
 
 Node-limited routing (SPEC §4.3, paper §2.1.2): the model's group-limited routing *is* the
 node-limited rule when an expert group is the set of experts of one node: set the model's
@@ -26,11 +32,18 @@ class ParallelConfigError(ValueError):
     """A parallel layout that does not fit the world size or the model; the message names the conflict."""
 
 
+SCHEDULES = ("1f1b", "dualpipev")
+
+
 @dataclass
 class ParallelConfig:
+    """The layout of a run over torchrun's ranks; the one-process layout is the default (all 1)."""
     dp_shard: int = 1  # data-parallel degree of the experts: ranks holding the same experts
     ep: int = 1  # expert-parallel degree: the routed experts are split over this many ranks
     fsdp: bool = True  # shard the non-expert parameters (FSDP2) over all ranks; False: replicate them
+    pp: int = 1  # pipeline stages' ranks (1: no pipeline)
+    pp_schedule: str = "1f1b"  # 1f1b | dualpipev (with pp > 1)
+    n_microbatches: int = 0  # micro-batches per step through the pipeline; 0: one per stage
     # > 0: node-limited routing is requested with this many rank groups ("nodes"); then the model's
     # n_group must equal it and ep must be a multiple of it, so that expert group g = the experts of
     # EP ranks [g·ep/node_groups, (g+1)·ep/node_groups). 0: no check (the routing is what the model says).
@@ -38,15 +51,20 @@ class ParallelConfig:
 
     @property
     def world_size(self) -> int:
-        return self.dp_shard * self.ep
+        return self.pp * self.dp_shard * self.ep
 
     def validate(self, world_size: int | None = None, model_cfg=None) -> "ParallelConfig":
-        for name in ("dp_shard", "ep"):
+        for name in ("dp_shard", "ep", "pp"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ParallelConfigError(f"{name} must be an integer >= 1, got {v!r}")
+        if self.pp_schedule not in SCHEDULES:
+            raise ParallelConfigError(f"pp_schedule must be one of {SCHEDULES}, got {self.pp_schedule!r}")
+        if not isinstance(self.n_microbatches, int) or self.n_microbatches < 0:
+            raise ParallelConfigError(f"n_microbatches must be an integer >= 0, got {self.n_microbatches!r}")
         if world_size is not None and self.world_size != world_size:
-            raise ParallelConfigError(f"dp_shard ({self.dp_shard}) x ep ({self.ep}) = {self.world_size} ranks, "
+            what = f"pp ({self.pp}) x " if self.pp > 1 else ""
+            raise ParallelConfigError(f"{what}dp_shard ({self.dp_shard}) x ep ({self.ep}) = {self.world_size} ranks, "
                                       f"but the world size is {world_size}")
         if self.node_groups < 0:
             raise ParallelConfigError(f"node_groups must be >= 0, got {self.node_groups}")
