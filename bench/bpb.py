@@ -28,6 +28,7 @@ from dsv3.cli import _resolve_checkpoint  # noqa: E402
 from dsv3.training.data import ValBatches, build_token_cache, find_corpus, read_documents, split_of  # noqa: E402
 from dsv3.training.config import TrainConfig, resolve_device  # noqa: E402
 from dsv3.training.loop import evaluate  # noqa: E402
+from dsv3.training.strategy import Strategy  # noqa: E402
 from dsv3.tokenizer import DSTokenizer  # noqa: E402
 
 
@@ -74,7 +75,7 @@ def main() -> None:
                               val_permille=args.val_permille, fim_rate=0.0, progress=False)
     val = ValBatches(cache.tokens("val"), args.seq_len, args.batch_size, name="val split")
     import contextlib
-    ev = evaluate(model, val, tok.token_byte_lengths(), device, contextlib.nullcontext)
+    ev = evaluate(Strategy.of(model), val, tok.token_byte_lengths(), contextlib.nullcontext)
     dev = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
     print(f"held-out: {len(raw):,} bytes of {cache.meta['source']}")
     print("| method | bits/byte |\n|---|---|")

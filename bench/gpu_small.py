@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from dsv3.config import preset  # noqa: E402
 from dsv3.training.config import TrainConfig  # noqa: E402
-from dsv3.training.loop import train  # noqa: E402
+from dsv3.training.pretrain import train  # noqa: E402
 
 
 def main() -> None:

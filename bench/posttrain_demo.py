@@ -12,7 +12,7 @@ Stages (each writes its own directory under --out):
    problems are new questions (name, object, wording), never the text of a train prompt, SFT chat or
    corpus line (`task.disjoint=text`); with more digits `task.disjoint=expr` keeps the calculations
    themselves apart (e.g. no held-out "23 + 45" anywhere in training).
-2. base/: pre-training with the project's loop (dsv3.training.loop.train) on the Python standard
+2. base/: pre-training with the project's loop (dsv3.training.pretrain.train) on the Python standard
    library plus the arithmetic documents as training-only extra data (`test`: the arithmetic
    documents alone, a 512-token BPE). A real pre-trained LM: it has never seen the chat template.
 3. sft/: SFT on a deliberately small number of solved chats (few steps), so it is imperfect.
@@ -45,7 +45,7 @@ from dsv3.inference.engine import Engine  # noqa: E402
 from dsv3.posttrain import grpo, sft, tasks  # noqa: E402
 from dsv3.checkpoints import rundir as ckpt  # noqa: E402
 from dsv3.training.config import TrainConfig, resolve_device  # noqa: E402
-from dsv3.training.loop import train  # noqa: E402
+from dsv3.training.pretrain import train  # noqa: E402
 from dsv3.tokenizer import DSTokenizer  # noqa: E402
 
 

@@ -45,8 +45,14 @@ def _resolve_checkpoint(path: str) -> str:
 
 
 def cmd_train(args) -> int:
+    """One process, or every rank of a torchrun world: the same loop (dsv3/training/pretrain.py)."""
+    import os
+
+    import torch.distributed as dist
+
+    from dsv3.distributed.mesh import ParallelConfig
     from dsv3.training.config import TrainConfig
-    from dsv3.training.loop import train
+    from dsv3.training.pretrain import train
 
     mc, name = _model_config(args)
     tc = TrainConfig(out_dir=args.out or f"runs/{name if not args.config else 'custom'}", data=args.data,
@@ -61,65 +67,18 @@ def cmd_train(args) -> int:
                      optim_state_dtype=args.optim_state, fp8_experts=args.fp8_experts)
     if args.cache_dir:
         tc.cache_dir = args.cache_dir
-    if _parallel_run(args, tc):
-        return _train_parallel(args, mc, tc)
-    summary = train(mc, tc)
-    if args.samples > 0 and not summary["interrupted"]:
-        _print_samples(summary["checkpoint"], args.samples, args.seed)
-    return 0
-
-
-def _parallel_run(args, tc) -> bool:
-    """Several processes (torchrun sets WORLD_SIZE), a layout flag, or a resume of a sharded run."""
-    import os
-
-    if (int(os.environ.get("WORLD_SIZE", "1")) > 1 or args.dp_shard or args.ep or args.no_fsdp or args.node_groups
-            or args.pp > 1):
-        return True
-    if not tc.resume:
-        return False
-    from dsv3.checkpoints.dcp import is_dcp_checkpoint
-    from dsv3.checkpoints.rundir import latest_checkpoint
-
-    latest = latest_checkpoint(os.path.join(tc.out_dir, "checkpoints"))
-    return latest is not None and is_dcp_checkpoint(latest)
-
-
-def _train_parallel(args, mc, tc) -> int:
-    """`dsv3 train` on every rank of a torchrun world (dsv3/distributed/trainer.py)."""
-    import torch.distributed as dist
-
-    from dsv3.distributed.trainer import default_layout, start, train_parallel
-
-    if args.pp > 1:  # refused before any process group is started
-        if args.dp_shard > 1:
-            raise ValueError("--pp with --dp-shard > 1 (FSDP data parallelism) is not supported: the pipeline "
-                             "ranks replicate nothing but the ep ranks of a stage")
-        if args.node_groups:
-            raise ValueError("--pp with --node-groups is not supported")
-        if tc.precision == "fp8":
-            raise ValueError("--pp with --precision fp8 is not supported")
-    elif args.pp_schedule != "1f1b" or args.n_microbatches:
+    if args.pp <= 1 and (args.pp_schedule != "1f1b" or args.n_microbatches):
         raise ValueError("--pp-schedule / --n-microbatches need --pp N (N >= 2)")
-    env = start(tc.device)
+    # degrees left at 0 are derived from torchrun's world size (dsv3/distributed/strategy.py resolve_layout)
+    pcfg = ParallelConfig(dp_shard=args.dp_shard, ep=args.ep, fsdp=not args.no_fsdp, node_groups=args.node_groups,
+                          pp=max(args.pp, 1), pp_schedule=args.pp_schedule, n_microbatches=args.n_microbatches)
     try:
-        if args.pp > 1:
-            from dsv3.distributed.pipeline import PipelineConfig
-            from dsv3.distributed.trainer import train_pipeline
-
-            ep = args.ep or max(env.world_size // args.pp, 1)
-            n_stages = args.pp if args.pp_schedule == "1f1b" else 2 * args.pp
-            ppcfg = PipelineConfig(pp=args.pp, schedule=args.pp_schedule, ep=ep,
-                                   n_microbatches=args.n_microbatches or n_stages)
-            summary = train_pipeline(mc, tc, ppcfg, env)
-        else:
-            pcfg = default_layout(env.world_size, args.dp_shard, args.ep, fsdp=not args.no_fsdp,
-                                  node_groups=args.node_groups)
-            summary = train_parallel(mc, tc, pcfg, env)
-        if env.rank == 0 and args.samples > 0 and not summary["interrupted"]:
-            _print_samples(summary["checkpoint"], args.samples, args.seed)
+        summary = train(mc, tc, pcfg)
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if int(os.environ.get("RANK", "0")) == 0 and args.samples > 0 and not summary["interrupted"]:
+        _print_samples(summary["checkpoint"], args.samples, args.seed)
     return 0
 
 
@@ -150,8 +109,9 @@ def cmd_eval(args) -> int:
     from dsv3.checkpoints.hf import load_pretrained
     from dsv3.training.data import build_token_cache
     from dsv3.training.config import TrainConfig, resolve_device
-    from dsv3.training.loop import evaluate
     from dsv3.tokenizer import DSTokenizer
+    from dsv3.training.loop import evaluate
+    from dsv3.training.strategy import Strategy
 
     path = _resolve_checkpoint(args.checkpoint)
     device = resolve_device(args.device)
@@ -166,7 +126,7 @@ def cmd_eval(args) -> int:
         raise ValueError(f"the {split} split of {cache.meta['source']} has too few tokens for seq_len {args.seq_len}")
     from dsv3.training.data import ValBatches
     batches = ValBatches(cache.tokens(split), args.seq_len, args.batch_size, name=f"{split} split")
-    ev = evaluate(model, batches, tok.token_byte_lengths(), device, __import__("contextlib").nullcontext,
+    ev = evaluate(Strategy.of(model), batches, tok.token_byte_lengths(), __import__("contextlib").nullcontext,
                   args.max_batches or None)
     print(f"{path}: {split} loss {ev['val_loss']:.4f} nats/token, {ev['val_bpb']:.4f} bits/byte "
           f"over {ev['val_tokens']:,} tokens of {cache.meta['source']}")

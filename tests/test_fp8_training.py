@@ -235,7 +235,7 @@ def test_precision_fp8_in_the_training_loop(tmp_path):
     from test_training import micro_config, tcfg, write_corpus
 
     from dsv3.checkpoints.rundir import latest_checkpoint, load_checkpoint
-    from dsv3.training.loop import train
+    from dsv3.training.pretrain import train
     from dsv3.tokenizer import DSTokenizer
 
     data = write_corpus(tmp_path / "corpus", n_files=8)

@@ -79,7 +79,7 @@ def test_train_loop_options_recompute_and_bf16_state(tmp_path):
     from dsv3.config import preset
     from dsv3.checkpoints.rundir import latest_checkpoint
     from dsv3.training.config import TrainConfig
-    from dsv3.training.loop import train
+    from dsv3.training.pretrain import train
 
     data = tmp_path / "data"
     data.mkdir()

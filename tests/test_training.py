@@ -25,11 +25,11 @@ import torch
 
 import dsv3.checkpoints.hf
 from dsv3.config import ModelConfig
-from dsv3.training import loop
+from dsv3.training import strategy as strategy_mod
 from dsv3.checkpoints.rundir import latest_checkpoint, list_checkpoints, load_checkpoint
 from dsv3.training.data import CorpusError, build_token_cache
 from dsv3.training.config import TrainConfig
-from dsv3.training.loop import train
+from dsv3.training.pretrain import train
 from dsv3.tokenizer import DSTokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -110,7 +110,7 @@ def read_summary(run_dir) -> dict:
 def interrupt_after(monkeypatch, n_steps: int) -> None:
     """Send SIGINT (Ctrl-C) to this process from inside optimizer step `n_steps`: the loop's handler
     must finish that step, save with reason "interrupted" and return."""
-    real = loop.update_expert_bias
+    real = strategy_mod.update_expert_bias
     calls = {"n": 0}
 
     def wrapped(routers, counts, gamma):
@@ -119,7 +119,7 @@ def interrupt_after(monkeypatch, n_steps: int) -> None:
         if calls["n"] == n_steps:
             os.kill(os.getpid(), signal.SIGINT)
 
-    monkeypatch.setattr(loop, "update_expert_bias", wrapped)
+    monkeypatch.setattr(strategy_mod, "update_expert_bias", wrapped)
 
 
 def assert_same_weights(ckpt_a, ckpt_b) -> None:
@@ -291,7 +291,7 @@ CHILD = textwrap.dedent("""
     torch.set_num_threads(1)
     from dsv3.config import ModelConfig
     from dsv3.training.config import TrainConfig
-    from dsv3.training.loop import train
+    from dsv3.training.pretrain import train
 
     args = json.loads(sys.argv[1])
     kill_on = args.get("kill_on_model_save", 0)
@@ -444,14 +444,14 @@ def test_save_fsyncs_every_file_then_renames(env, tmp_path, monkeypatch):
 
 
 def test_second_ctrl_c_aborts_without_saving(env, tmp_path, monkeypatch):
-    real = loop.update_expert_bias
+    real = strategy_mod.update_expert_bias
 
     def twice(routers, counts, gamma):
         real(routers, counts, gamma)
         os.kill(os.getpid(), signal.SIGINT)  # the first sets the stop flag ...
         os.kill(os.getpid(), signal.SIGINT)  # ... the second gives up at once
 
-    monkeypatch.setattr(loop, "update_expert_bias", twice)
+    monkeypatch.setattr(strategy_mod, "update_expert_bias", twice)
     handler = signal.getsignal(signal.SIGINT)
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):

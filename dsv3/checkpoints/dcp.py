@@ -249,8 +249,13 @@ def load_dcp(path: str, model, opt, ps) -> dict:
         dcp.load({"model": msd, "optim": osd["state"]}, checkpoint_id=os.path.join(path, DCP_DIR))
         _unwrap(wrapped)
         set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd)
+    _restore_rng(path, state, dist.get_rank())
+    return state
+
+
+def _restore_rng(path: str, state: dict, rank: int) -> None:
     old_world = state["layout"]["world_size"]
-    rng_path = os.path.join(path, RNG_DIR, f"rank_{dist.get_rank() % old_world:05d}.safetensors")
+    rng_path = os.path.join(path, RNG_DIR, f"rank_{rank % old_world:05d}.safetensors")
     with safe_open(rng_path, "pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
         meta = json.loads(f.metadata()["meta"])
@@ -258,7 +263,71 @@ def load_dcp(path: str, model, opt, ps) -> dict:
         n = torch.cuda.device_count()
         tensors = {k: v for k, v in tensors.items() if not k.startswith("torch_cuda_") or int(k.rsplit("_", 1)[1]) < n}
     ckpt.set_rng_state(tensors, meta)
+
+
+def load_dcp_local(path: str, model, opt) -> dict:
+    """One process, no process group: fill a whole (unsharded) model and its optimizer from DCP checkpoint
+    `path`, whatever layout wrote it; restore rank 0's RNG; return the trainer state."""
+    state = read_state(path)
+    if state.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a sharded (DCP) checkpoint")
+    msd, osd = get_state_dict(model, opt)
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load({"model": msd, "optim": osd["state"]}, checkpoint_id=os.path.join(path, DCP_DIR), no_dist=True)
+    set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd)
+    _restore_rng(path, state, 0)
     return state
+
+
+@torch.no_grad()
+def _fill(dst: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy the global tensor `full` into `dst`: a plain tensor whole, a DTensor its local chunk."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(dst, DTensor):
+        local = distribute_tensor(full.to(dst.device), dst.device_mesh, dst.placements, src_data_rank=None)
+        dst.to_local().copy_(local.to_local())
+    else:
+        dst.copy_(full)
+
+
+def load_full_state(path: str, model, opt, ps) -> dict:
+    """Collective: resume a run-directory (one-process, Hugging Face-format) checkpoint into a parallelized
+    model: every rank reads the global tensors by name and keeps its part (FSDP shards, expert slices,
+    pipeline stages). Restores the RNG of that process; returns its trainer state with a layout entry."""
+    model_sd, optim, state = ckpt.full_state(path)
+    if _is_pipeline(ps):
+        msd, osd_state, wrapped = _pipeline_state_dicts(opt, ps)
+    else:
+        msd, osd, wrapped = _state_dicts(model, opt, ps)
+        osd_state = osd["state"]
+    missing = sorted(set(msd) - set(model_sd))
+    if missing:
+        raise ValueError(f"{path} lacks tensors of the model: {missing[:5]}")
+    for name, t in msd.items():
+        _fill(t, model_sd[name])
+    for name, st in osd_state.items():
+        saved = optim.get(name)
+        if saved is None:
+            raise ValueError(f"{path} has no optimizer state for {name}")
+        for k, v in st.items():
+            if torch.is_tensor(v) and k in saved:
+                if v.dim() == 0:
+                    v.copy_(saved[k])
+                else:
+                    _fill(v, saved[k])
+    if _is_pipeline(ps):
+        for orig, dt in wrapped:
+            if dt.to_local().data_ptr() != orig.data_ptr():
+                orig.copy_(dt.to_local())
+    else:
+        _unwrap(wrapped)
+        set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd)
+    from safetensors.torch import load_file
+
+    ckpt.set_rng_state(load_file(os.path.join(path, "rng.safetensors")), state["rng"])
+    return {**state, "layout": {"world_size": 1}}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -310,4 +379,4 @@ def to_hf(ckpt_path: str, out: str, dtype: torch.dtype | None = None) -> str:
     return out
 
 
-__all__ = ["is_dcp_checkpoint", "load_dcp", "load_full_model", "read_state", "save_dcp", "to_hf"]
+__all__ = ["is_dcp_checkpoint", "load_dcp", "load_dcp_local", "load_full_state", "load_full_model", "read_state", "save_dcp", "to_hf"]

@@ -181,6 +181,37 @@ def load_checkpoint(path: str, device, dtype) -> tuple[torch.nn.Module, dict, di
     return model, state, opt_t, rng_t
 
 
+def read_trainer_state(path: str) -> dict:
+    with open(os.path.join(path, "trainer_state.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+@torch.no_grad()
+def load_into(path: str, model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:
+    """Resume from run-directory checkpoint `path` into a built (one-process) model and its optimizer,
+    restore the RNG; returns the trainer state. Every parameter and buffer of the checkpoint must match
+    the model's by name and shape."""
+    src = load_pretrained(path, device="cpu", dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(src.state_dict(), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    state = read_trainer_state(path)
+    load_optimizer(model, opt, load_file(os.path.join(path, "optimizer.safetensors")), state["optimizer"])
+    set_rng_state(load_file(os.path.join(path, "rng.safetensors")), state["rng"])
+    return state
+
+
+def full_state(path: str) -> tuple[dict, dict, dict]:
+    """The whole state of run-directory checkpoint `path` by parameter name, on the CPU: (model state
+    dict, {name: {"step", "exp_avg", "exp_avg_sq"}}, trainer state); for resuming it in another layout."""
+    model_sd = load_pretrained(path, device="cpu", dtype=torch.float32).state_dict()
+    optim: dict[str, dict] = {}
+    for key, v in load_file(os.path.join(path, "optimizer.safetensors")).items():
+        name, k = key.rsplit(".", 1)
+        optim.setdefault(name, {})[k] = v
+    return model_sd, optim, read_trainer_state(path)
+
+
 def resolve_checkpoint(path: str) -> str:
     """A checkpoint directory (holds config.json), or a run directory -> its latest checkpoint."""
     if os.path.exists(os.path.join(path, "config.json")):

@@ -4,9 +4,9 @@ training step (parallelize.py). Importing dsv3 does not import this package."""
 
 from dsv3.distributed.expert_parallel import AllToAllDispatcher, global_expert_counts, shard_experts
 from dsv3.distributed.mesh import DistEnv, ParallelConfig, ParallelConfigError, build_mesh, init_distributed
-from dsv3.distributed.parallelize import (ParallelState, clip_grad_norm_, finish_grad_sync, make_optimizer,
+from dsv3.distributed.parallelize import (ParallelState, finish_grad_sync, grad_norm,
                                           parallelize, train_step)
 
 __all__ = ["AllToAllDispatcher", "DistEnv", "ParallelConfig", "ParallelConfigError", "ParallelState",
-           "build_mesh", "clip_grad_norm_", "finish_grad_sync", "global_expert_counts", "init_distributed",
-           "make_optimizer", "parallelize", "shard_experts", "train_step"]
+           "build_mesh", "finish_grad_sync", "grad_norm", "global_expert_counts", "init_distributed",
+           "parallelize", "shard_experts", "train_step"]

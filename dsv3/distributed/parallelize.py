@@ -2,8 +2,10 @@
 
     parallelize(model, pcfg, mesh):  EP (slice the experts, install the all-to-all dispatcher)
                                      then FSDP2 (`fully_shard` per Block, MTP pieces, the root)
-    train_step(model, opt, batch, ps, ...): forward/backward on this rank's rows,
-                                     finish_grad_sync, clip_grad_norm_, AdamW, bias update
+    finish_grad_sync(ps), grad_norm(model, ps): what a step needs after the backward (the training
+                                     loop's ShardedStrategy, dsv3/distributed/strategy.py, calls them)
+    train_step(model, opt, batch, ps, ...): one whole step (forward/backward on this rank's rows, sync,
+                                     the AdamW step with the clip folded in, bias update), for tests/benches
 
 Where the gradients are synchronised (every rank reads different rows; the loss on a rank is the
 mean over its own rows, so the mean over ranks is the single-process loss of the global batch):
@@ -29,7 +31,7 @@ from dsv3.distributed.expert_parallel import AllToAllDispatcher, global_expert_c
 from dsv3.distributed.mesh import ParallelConfig
 from dsv3.model.moe import MoE, update_expert_bias
 from dsv3.training.loss import compute_loss
-from dsv3.training.optim import param_groups
+from dsv3.training.optim import clip_and_step
 
 
 @dataclass
@@ -96,12 +98,11 @@ def finish_grad_sync(ps: ParallelState) -> None:
 
 
 @torch.no_grad()
-def clip_grad_norm_(model, max_norm: float, ps: ParallelState) -> torch.Tensor:
-    """torch.nn.utils.clip_grad_norm_ over the whole (sharded) model: the global L2 norm from the
-    squared norms of FSDP shards (summed over all ranks), expert slices (summed over the EP group;
-    they are equal on the dp replicas) and replicated tensors (counted once)."""
+def grad_norm(model, ps: ParallelState) -> torch.Tensor:
+    """The global L2 norm of the whole (sharded) model's gradient, on the device: the squared norms of FSDP
+    shards (summed over all ranks), expert slices (summed over the EP group; they are equal on the dp
+    replicas) and replicated tensors (counted once)."""
     expert = {id(p) for p in ps.expert_params}
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
     dev = next(model.parameters()).device
     sharded, ep_sq, rep = (torch.zeros((), dtype=torch.float32, device=dev) for _ in range(3))
     for p in model.parameters():
@@ -118,24 +119,7 @@ def clip_grad_norm_(model, max_norm: float, ps: ParallelState) -> torch.Tensor:
         dist.all_reduce(sharded, group=ps.data_group)
     if ps.ep_group is not None:
         dist.all_reduce(ep_sq, group=ps.ep_group)
-    total = (sharded + ep_sq + rep).sqrt()
-    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    for g in grads:
-        (g.to_local() if isinstance(g, DTensor) else g).mul_(coef.to(g.dtype))
-    return total
-
-
-def make_optimizer(model, lr: float, weight_decay: float = 0.1, betas=(0.9, 0.95), eps: float = 1e-8):
-    """AdamW with the groups of dsv3/training/optim.py, each split into DTensor and plain parameters
-    (the foreach/fused kernels take one kind per list)."""
-    groups = []
-    for g in param_groups(model, weight_decay):
-        for want in (True, False):
-            ps = [p for p in g["params"] if isinstance(p, DTensor) == want]
-            if ps:
-                groups.append({"params": ps, "weight_decay": g["weight_decay"]})
-    fused = next(model.parameters()).is_cuda
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **({"fused": True} if fused else {"foreach": True}))
+    return (sharded + ep_sq + rep).sqrt()
 
 
 def train_step(model, opt, micro_batches, ps: ParallelState, *, mtp_lambda: float = 0.3,
@@ -163,8 +147,7 @@ def train_step(model, opt, micro_batches, ps: ParallelState, *, mtp_lambda: floa
         if out.expert_counts is not None:
             counts = out.expert_counts if counts is None else counts + out.expert_counts
     finish_grad_sync(ps)
-    gnorm = clip_grad_norm_(model, grad_clip, ps) if grad_clip > 0 else None
-    opt.step()
+    gnorm = clip_and_step(opt, grad_clip, grad_norm(model, ps))
     opt.zero_grad(set_to_none=True)
     if counts is not None:
         counts = global_expert_counts(counts, ps.data_group)
@@ -172,4 +155,4 @@ def train_step(model, opt, micro_batches, ps: ParallelState, *, mtp_lambda: floa
     dist.all_reduce(loss, group=ps.data_group)
     loss = (loss / ps.world_size).tolist()
     return {"loss": loss[0], "main": loss[1], "mtp": loss[2], "balance": loss[3],
-            "grad_norm": None if gnorm is None else float(gnorm), "counts": counts}
+            "grad_norm": float(gnorm), "counts": counts}

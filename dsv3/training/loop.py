@@ -1,14 +1,31 @@
-"""The pre-training loop: one readable function, no parallelism code.
+"""The training loop: one for every task (pre-training, SFT, GRPO) and every layout (one process,
+FSDP2 / expert parallelism, pipeline), which are plugged in (dsv3/training/strategy.py, a task below).
 
     for step in range(start, total):
-        for each micro-batch:  forward -> loss (CE + λ/D·MTP + α·balance) / n_micro -> backward
-        clip grad norm 1.0 -> AdamW step (lr from the schedule)
-        aux-loss-free bias update from the step's expert loads (speed γ from the schedule)
-        log (loss, MTP loss, lr, grad norm, tokens/s, MaxVio per MoE layer); periodic eval / checkpoint
+        hp = task.hyper(step)                       lr, and the task's own (MTP weight λ, bias speed γ, ...)
+        micro-batches = task.micro_batches(step)    this rank's rows of the step's global batch
+        stats, counts = strategy.forward_backward   gradients of the global mean loss, synchronised
+        AdamW step, the clip coefficient min(1, c / (‖g‖ + 1e-6)) applied inside the update
+        task.after_step(counts, hp)                 e.g. the aux-loss-free bias update from global loads
+        log (rank 0), periodic evaluation, periodic checkpoint
+    final checkpoint (Ctrl-C / SIGTERM: after the current step, on every rank at the same step), final
+    evaluation, plots and summary.json
 
-Precision: fp32 on the CPU; on CUDA fp32 master weights with bf16 autocast. Exact resume: the
-checkpoint holds model, optimizer, sampler position, RNG states and step, so N steps in one go
-and N/2 + resume + N/2 give identical losses on the CPU.
+A task is an object with:
+    name, total_steps, stat_names (the names of the (k,) statistics its loss returns)
+    hyper(step) -> dict with "lr"
+    micro_batches(step) -> list of this rank's micro-batches (any objects model_inputs/loss understand)
+    model_inputs(mb, hp) -> keyword arguments of the model's forward;  loss(out, mb, hp) -> (loss, stats)
+    after_step(strategy, counts, hp) -> None;  log_fields(hp) -> dict added to each logged record
+    tokens_per_step(step) -> int;  state_dict() / load_state_dict(sd) (the data position)
+    evaluate(strategy, max_batches) -> dict or None (None: the task has no periodic evaluation);
+    eval_message(ev) -> str
+    summary() -> dict added to summary.json
+    boundary(step) -> bool (optional, default True): whether a checkpoint may be written after `step` steps
+        (GRPO: only between sampled batches); a Ctrl-C waits for the next boundary
+
+Every rank runs the loop; rank 0 writes metrics.jsonl (+ TensorBoard when installed), the progress bar,
+plots and summary.json. The loop reads the device once per logged step (loss and gradient norm).
 """
 
 from __future__ import annotations
@@ -20,78 +37,39 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 
-from dsv3.config import ModelConfig
-from dsv3.training.config import TrainConfig, resolve_device
-from dsv3.model import build_model, max_violation, update_expert_bias
-from dsv3.checkpoints import rundir as ckpt
-from dsv3.training.data import CorpusError, PackedSampler, build_token_cache, find_corpus, read_documents, split_of
-from dsv3.training.loss import compute_loss
-from dsv3.training.optim import Schedule, clip_and_step, make_optimizer
-from dsv3.tokenizer import DSTokenizer
+from dsv3.model import max_violation
 
 
 # --------------------------------------------------------------------------------------------------
-# tokenizer and data
-
-def get_tokenizer(tc: TrainConfig, mc: ModelConfig, log) -> DSTokenizer:
-    """The given tokenizer, or a BPE of the model's vocab size trained on the corpus' train split
-    (cached by corpus + vocab size, so a second run reuses it)."""
-    if tc.tokenizer:
-        tok = DSTokenizer.load(tc.tokenizer)
-    else:
-        corpus = find_corpus(tc.data)
-        import hashlib
-        key = hashlib.sha256(json.dumps([mc.vocab_size, tc.val_permille, [[f.relpath, f.size, f.mtime_ns]
-                                         for f in corpus.files]]).encode()).hexdigest()[:24]
-        path = os.path.join(tc.cache_dir, "tokenizers", key, "tokenizer.json")
-        if os.path.exists(path):
-            tok = DSTokenizer.load(path)
-        else:
-            log(f"training a {mc.vocab_size}-token BPE on {corpus.description} ...")
-            t0 = time.time()
-
-            def texts():
-                for f in corpus.files:
-                    for d in read_documents(f) or []:
-                        if split_of(d.key, tc.val_permille) == "train":
-                            yield d.text
-
-            tok = DSTokenizer.train(texts(), mc.vocab_size)
-            tok.save(os.path.dirname(path))
-            log(f"tokenizer trained in {time.time() - t0:.1f}s")
-    if tok.vocab_size > mc.vocab_size:
-        raise ValueError(f"tokenizer has {tok.vocab_size} tokens but the model's vocab_size is {mc.vocab_size}")
-    return tok
-
-
-# --------------------------------------------------------------------------------------------------
-# evaluation
+# evaluation (every layout: the strategy gives this rank's logits and sums over the ranks)
 
 @torch.no_grad()
-def evaluate(model, batches, token_bytes: np.ndarray, device, autocast, max_batches: int | None = None) -> dict:
-    """Mean next-token loss and bits per byte over the val windows (byte count of the targets)."""
-    was_training = model.training
-    model.eval()
-    nats, n_tok, n_bytes = 0.0, 0, 0
+def evaluate(strategy, batches, token_bytes: np.ndarray, autocast, max_batches: int | None = None) -> dict:
+    """Mean next-token loss and bits per byte over the validation windows `batches` (this rank's rows;
+    the byte count of the targets). Ranks without an output head (inner pipeline stages) add nothing."""
+    was_training = strategy.module().training
+    strategy.train(False)
+    sums = torch.zeros(3, dtype=torch.float64, device=strategy.device)  # nats, target tokens, target bytes
     for i, b in enumerate(batches):
         if max_batches is not None and i >= max_batches:
             break
-        b = b.to(device)
-        x, y = b[:, :-1], b[:, 1:]
-        with autocast():
-            out = model(x, with_mtp=False)
-        nats += torch.nn.functional.cross_entropy(out.logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
-        n_tok += y.numel()
-        n_bytes += int(token_bytes[y.cpu().numpy()].sum())
-    model.train(was_training)
+        b = b.to(strategy.device)
+        x, y = b[:, :-1].contiguous(), b[:, 1:]
+        logits = strategy.eval_logits(x, autocast)
+        if logits is not None:
+            sums[0] += torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(),
+                                                         reduction="sum").double()
+            sums[1] += y.numel()
+            sums[2] += int(token_bytes[y.cpu().numpy()].sum())
+    strategy.train(was_training)
+    nats, n_tok, n_bytes = strategy.all_reduce_sum(sums).tolist()
     if n_tok == 0:
         return {"val_loss": float("nan"), "val_bpb": float("nan"), "val_tokens": 0}
-    return {"val_loss": nats / n_tok, "val_bpb": nats / (math.log(2) * max(n_bytes, 1)), "val_tokens": n_tok}
+    return {"val_loss": nats / n_tok, "val_bpb": nats / (math.log(2) * max(n_bytes, 1)), "val_tokens": int(n_tok)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -129,9 +107,7 @@ class Metrics:
             self.tb.close()
 
 
-# --------------------------------------------------------------------------------------------------
-
-def log_step(rec: dict, counts, metrics: "Metrics", bar=None) -> dict:
+def log_step(rec: dict, counts, metrics: Metrics, bar=None) -> dict:
     """Complete a step record with MaxVio and the per-expert load shares of each MoE layer (counts
     (L, E) or None), write it, show loss/lr/speed on the progress bar. Returns the record."""
     if counts is not None:
@@ -139,189 +115,12 @@ def log_step(rec: dict, counts, metrics: "Metrics", bar=None) -> dict:
         rec["load"] = (counts.float() / counts.sum(-1, keepdim=True)).cpu().numpy().round(4).tolist()
     metrics.log(rec)
     if bar is not None:
-        bar.set_postfix(loss=f"{rec['main']:.3f}", mtp=f"{rec['mtp']:.3f}", lr=f"{rec['lr']:.1e}",
-                        tok_s=f"{rec['tok_per_s']:.0f}")
+        post = {"loss": f"{rec.get('main', rec.get('loss', float('nan'))):.3f}"}
+        if "mtp" in rec:
+            post["mtp"] = f"{rec['mtp']:.3f}"
+        post.update(lr=f"{rec['lr']:.1e}", tok_s=f"{rec['tok_per_s']:.0f}")
+        bar.set_postfix(**post)
     return rec
-
-
-def train(mc: ModelConfig, tc: TrainConfig, log=print) -> dict:
-    """Train (or resume) and return a summary dict. Writes checkpoints, metrics.jsonl and plots."""
-    tc.validate()
-    device = resolve_device(tc.device)
-    precision = tc.precision if tc.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    if precision == "bf16" and device.type != "cuda":
-        raise ValueError("bf16 autocast is for CUDA; use --precision fp32 on the CPU")
-
-    def autocast():
-        if precision == "bf16" or (precision == "fp8" and device.type == "cuda"):
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-    os.makedirs(tc.out_dir, exist_ok=True)
-    ckpt_root = os.path.join(tc.out_dir, "checkpoints")
-    resume_from = ckpt.latest_checkpoint(ckpt_root) if tc.resume else None
-    if tc.resume and resume_from is None:
-        log(f"--resume: no checkpoint in {ckpt_root}; starting from scratch")
-    if not tc.resume and ckpt.latest_checkpoint(ckpt_root):
-        raise ValueError(f"{tc.out_dir} already holds checkpoints: pass --resume to continue, or another --out")
-
-    tok = get_tokenizer(tc, mc, log) if resume_from is None else DSTokenizer.load(resume_from)
-    cache = build_token_cache(tc.data, tok, os.path.join(tc.cache_dir, "tokens"), val_permille=tc.val_permille,
-                              fim_rate=tc.fim_rate, fim_seed=tc.seed, progress=tc.progress)
-    meta = cache.meta["splits"]
-    log(f"data: {cache.meta['source']}: train {meta['train']['n_tokens']:,} tokens "
-        f"({meta['train']['n_docs']} docs), val {meta['val']['n_tokens']:,} tokens; "
-        f"skipped {cache.meta['n_skipped']} non-UTF-8 files")
-    token_bytes = tok.token_byte_lengths()
-
-    micro = tc.micro_batch_size or tc.batch_size
-    total_steps = tc.steps if tc.tokens <= 0 else math.ceil(tc.tokens / (tc.batch_size * tc.seq_len))
-    warmup = tc.warmup_steps if tc.warmup_steps >= 0 else min(2000, max(1, total_steps // 20))
-    sched = Schedule(total_steps, tc.lr, warmup, tc.mtp_lambda, tc.mtp_lambda_late, tc.bias_gamma,
-                     tc.batch_ramp_steps, tc.batch_start)
-    if tc.extra_data:
-        streams = [cache.tokens("train")]
-        for src in tc.extra_data:
-            extra = build_token_cache(src, tok, os.path.join(tc.cache_dir, "tokens"), val_permille=0,
-                                      fim_rate=tc.fim_rate, fim_seed=tc.seed, progress=tc.progress)
-            streams.append(extra.tokens("train"))
-            log(f"extra training data: {extra.meta['source']}: {extra.meta['splits']['train']['n_tokens']:,} tokens")
-        sampler = PackedSampler(np.concatenate(streams), tc.seq_len, micro, seed=tc.seed, name="training streams")
-    else:
-        sampler = cache.sampler(tc.seq_len, micro, seed=tc.seed)
-    val = cache.val_batches(tc.seq_len, micro) if meta["val"]["n_tokens"] > tc.seq_len else None
-
-    torch.manual_seed(tc.seed)
-    state_dtype = torch.bfloat16 if tc.optim_state_dtype == "bf16" else torch.float32
-    if resume_from is None:
-        model = build_model(mc, device=device, dtype=torch.float32, seed=tc.seed)
-        opt = make_optimizer(model, tc.lr, tc.weight_decay, state_dtype=state_dtype)
-        step, tokens_seen = 0, 0
-    else:
-        model, state, opt_t, rng_t = ckpt.load_checkpoint(resume_from, device, torch.float32)
-        if model.config.to_dict() != mc.to_dict():
-            log("note: resuming with the checkpoint's model config (the command line's preset/config is ignored)")
-        mc = model.config
-        opt = make_optimizer(model, tc.lr, tc.weight_decay, state_dtype=state_dtype)
-        ckpt.load_optimizer(model, opt, opt_t, state["optimizer"])
-        sampler.load_state_dict(state["sampler"])
-        ckpt.set_rng_state(rng_t, state["rng"])
-        step, tokens_seen = state["step"], state["tokens"]
-        log(f"resumed from {resume_from} at step {step}")
-    model.train()
-    model.set_recompute(tc.recompute)
-    if precision == "fp8":  # in place, before compile; on the CPU the FP8 GEMMs are emulated (slow)
-        from dsv3.training.fp8 import convert_to_fp8_training
-        n = len(convert_to_fp8_training(model, experts=tc.fp8_experts))
-        log(f"fp8: {n} modules in FP8 (attention, dense/shared MLPs{', routed experts' if tc.fp8_experts else ''})")
-    if tc.compile:  # in place, per block: state-dict names (and so checkpoints) are unchanged
-        for blk in list(model.layers) + list(model.mtp):
-            blk.compile()
-    n_params = sum(p.numel() for p in model.parameters())
-    log(f"model: {n_params / 1e6:.2f}M parameters on {device} ({precision}); {total_steps} steps of "
-        f"{tc.batch_size} x {tc.seq_len} tokens, lr {tc.lr:g}, warmup {warmup}")
-    with open(os.path.join(tc.out_dir, "train_config.json"), "w", encoding="utf-8") as f:
-        json.dump({"train": asdict(tc), "model": mc.to_dict()}, f, indent=1)
-
-    metrics = Metrics(tc.out_dir)
-    routers = model.routers()
-
-    def save(reason: str) -> str:
-        p = ckpt.save_checkpoint(ckpt_root, step, model, opt,
-                                 {"tokens": tokens_seen, "sampler": sampler.state_dict(), "reason": reason,
-                                  "train_config": asdict(tc)}, tokenizer=tok, keep=tc.keep)
-        return p
-
-    # Ctrl-C / SIGTERM: finish the current step, save, exit
-    stop = {"flag": False}
-
-    def on_signal(signum, frame):
-        if stop["flag"]:  # second Ctrl-C: give up immediately
-            raise KeyboardInterrupt
-        stop["flag"] = True
-        log("\ninterrupt: saving a checkpoint after this step (Ctrl-C again to abort)")
-
-    old_handlers = {}
-    if hasattr(signal, "SIGINT"):
-        with contextlib.suppress(ValueError):  # not in the main thread
-            old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    bar = None
-    if tc.progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total_steps, initial=step, desc="train", dynamic_ncols=True, file=sys.stdout)
-    last = {}
-    t_last = time.perf_counter()
-    tok_since = 0
-    try:
-        while step < total_steps and not stop["flag"]:
-            lr = sched.lr(step)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            lam, gamma = sched.mtp_weight(step), sched.gamma(step)
-            n_micro = sched.batch_size(step, tc.batch_size) // micro
-            counts = None
-            sums = {"loss": 0.0, "main": 0.0, "mtp": 0.0, "balance": 0.0}
-            for _ in range(n_micro):
-                b = next(sampler).to(device, non_blocking=True)
-                x, y = b[:, :-1], b[:, 1:]
-                with autocast():
-                    out = model(x, with_balance=tc.balance_alpha > 0)
-                parts = compute_loss(out, y, lam, tc.balance_alpha, compiled=tc.compile)
-                (parts.total / n_micro).backward()
-                c = out.expert_counts
-                counts = c if counts is None else counts + c
-                sums["loss"] += parts.total.detach()
-                sums["main"] += parts.main.detach()
-                if parts.mtp_per_depth:
-                    sums["mtp"] += torch.stack(parts.mtp_per_depth).mean().detach()
-                if parts.balance is not None:
-                    sums["balance"] += parts.balance.detach()
-            gnorm = clip_and_step(opt, tc.grad_clip)  # fused into the update on CUDA (optim.py)
-            opt.zero_grad(set_to_none=True)
-            if counts is not None:
-                update_expert_bias(routers, counts, gamma)
-            step += 1
-            n_tok = n_micro * micro * tc.seq_len
-            tokens_seen += n_tok
-            tok_since += n_tok
-
-            if step % tc.log_every == 0 or step == total_steps or step == 1:
-                now = time.perf_counter()
-                rec = {"step": step, "tokens": tokens_seen, "lr": lr, "mtp_lambda": lam, "gamma": gamma,
-                       "grad_norm": float(gnorm), "tok_per_s": tok_since / max(now - t_last, 1e-9)}
-                rec.update({k: float(v) / n_micro for k, v in sums.items()})
-                last = log_step(rec, counts, metrics, bar)
-                t_last, tok_since = now, 0
-            if bar is not None:
-                bar.update(1)
-            if val is not None and tc.eval_every > 0 and step % tc.eval_every == 0 and step < total_steps:
-                ev = evaluate(model, val, token_bytes, device, autocast, tc.eval_batches)
-                metrics.log({"step": step, **ev})
-                log(f"step {step}: val loss {ev['val_loss']:.4f}, {ev['val_bpb']:.4f} bits/byte")
-            if tc.save_every > 0 and step % tc.save_every == 0 and step < total_steps:
-                save("periodic")
-    except BaseException:  # a crash or a second Ctrl-C: no final save, but close the metrics file
-        metrics.close()
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
-        for s, h in old_handlers.items():
-            signal.signal(s, h)
-
-    path = save("interrupted" if stop["flag"] else "final")
-    summary = {"step": step, "total_steps": total_steps, "tokens": tokens_seen, "checkpoint": path,
-               "train_loss": last.get("main"), "interrupted": stop["flag"]}
-    if val is not None and not stop["flag"]:
-        ev = evaluate(model, val, token_bytes, device, autocast)
-        metrics.log({"step": step, **ev, "final": True})
-        summary.update(ev)
-        log(f"final: val loss {ev['val_loss']:.4f}, {ev['val_bpb']:.4f} bits/byte over {ev['val_tokens']:,} tokens")
-    metrics.close()
-    write_run_outputs(tc.out_dir, summary, log)
-    return summary
 
 
 def write_run_outputs(out_dir: str, summary: dict, log) -> None:
@@ -337,4 +136,113 @@ def write_run_outputs(out_dir: str, summary: dict, log) -> None:
         json.dump(summary, f, indent=1)
 
 
-__all__ = ["TrainConfig", "train", "evaluate", "get_tokenizer", "resolve_device", "CorpusError"]
+# --------------------------------------------------------------------------------------------------
+# the loop
+
+def optimizer_step(strategy, opt, grad_clip: float) -> torch.Tensor:
+    """The AdamW step with the gradient clip folded in: coefficient min(1, c / (‖g‖ + 1e-6)) from the
+    global norm (torch.nn.utils.clip_grad_norm_'s), applied inside the update. Returns ‖g‖ (device)."""
+    norm = strategy.grad_norm()
+    coef = (grad_clip / (norm + 1e-6)).clamp(max=1.0) if grad_clip and grad_clip > 0 else None
+    opt.step(grad_scale=coef)
+    opt.zero_grad(set_to_none=True)
+    return norm
+
+
+def run(task, strategy, opt, *, out_dir: str, step: int, tokens_seen: int, autocast, grad_clip: float,
+        save, log_every: int = 1, eval_every: int = 0, eval_batches: int | None = None, save_every: int = 0,
+        progress: bool = True, use_tb: bool = True, log=print) -> dict:
+    """Run `task` from optimizer step `step` to task.total_steps. save(reason, step, tokens) writes a
+    checkpoint and returns its path (a collective on every rank). Returns the summary (every rank)."""
+    say = strategy.log(log)
+    total = task.total_steps
+    metrics = Metrics(out_dir, use_tb=use_tb) if strategy.is0 else None
+    stop = {"flag": False}
+
+    def on_signal(signum, frame):
+        if stop["flag"]:  # second Ctrl-C: give up immediately
+            raise KeyboardInterrupt
+        stop["flag"] = True
+        say("\ninterrupt: saving a checkpoint after this step (Ctrl-C again to abort)")
+
+    old_handlers = {}
+    with contextlib.suppress(ValueError):  # not in the main thread
+        old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    bar = None
+    if progress and strategy.is0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, initial=step, desc=task.name, dynamic_ncols=True, file=sys.stdout)
+    last: dict = {}
+    t_last, tok_since = time.perf_counter(), 0
+    strategy.train(True)
+    boundary = getattr(task, "boundary", lambda s: True)
+    try:
+        while step < total:
+            if boundary(step) and strategy.any(stop["flag"]):  # one rank interrupted: all stop at this step
+                stop["flag"] = True
+                break
+            hp = task.hyper(step)
+            for g in opt.param_groups:
+                g["lr"] = hp["lr"]
+            mbs = task.micro_batches(step)
+            stats, counts = strategy.forward_backward(task, mbs, hp, autocast)
+            gnorm = optimizer_step(strategy, opt, grad_clip)
+            task.after_step(strategy, counts, hp)
+            n_tok = task.tokens_per_step(step)
+            step += 1
+            tokens_seen += n_tok
+            tok_since += n_tok
+            if step % log_every == 0 or step == total or step == 1:
+                now = time.perf_counter()
+                vals = stats.tolist() if stats is not None else []
+                rec = {"step": step, "tokens": tokens_seen, "lr": hp["lr"], **task.log_fields(hp),
+                       "grad_norm": float(gnorm), "tok_per_s": tok_since / max(now - t_last, 1e-9),
+                       **dict(zip(task.stat_names, vals))}
+                if strategy.world_size > 1:
+                    rec["world_size"] = strategy.world_size
+                if metrics is not None:
+                    last = log_step(rec, counts, metrics, bar)
+                else:
+                    last = rec
+                t_last, tok_since = now, 0
+            if bar is not None:
+                bar.update(1)
+            if eval_every > 0 and step % eval_every == 0 and step < total:
+                ev = task.evaluate(strategy, eval_batches)
+                if ev is not None:
+                    if metrics is not None:
+                        metrics.log({"step": step, **ev})
+                    say(f"step {step}: {task.eval_message(ev)}")
+            if save_every > 0 and step % save_every == 0 and step < total and boundary(step):
+                save("periodic", step, tokens_seen)
+    except BaseException:  # a crash or a second Ctrl-C: no final save, but close the metrics file
+        if metrics is not None:
+            metrics.close()
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+
+    path = save("interrupted" if stop["flag"] else "final", step, tokens_seen)
+    summary = {"step": step, "total_steps": total, "tokens": tokens_seen, "checkpoint": path,
+               "train_loss": last.get("main", last.get("loss")), "interrupted": stop["flag"], **task.summary()}
+    if strategy.world_size > 1:
+        summary["world_size"] = strategy.world_size
+    if not stop["flag"]:
+        ev = task.evaluate(strategy, None)
+        if ev is not None:
+            if metrics is not None:
+                metrics.log({"step": step, **ev, "final": True})
+            summary.update(ev)
+            say(f"final: {task.eval_message(ev)}")
+    if metrics is not None:
+        metrics.close()
+        write_run_outputs(out_dir, summary, say)
+    strategy.barrier()
+    return summary
+
+
+__all__ = ["Metrics", "evaluate", "log_step", "optimizer_step", "run", "write_run_outputs"]

@@ -194,43 +194,39 @@ class AdamW(torch.optim.Optimizer):
 
 def grad_norm(params) -> torch.Tensor:
     """The 2-norm of all gradients (fp32, on their device, no host sync): torch.nn.utils.clip_grad_norm_'s."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    norms = torch._foreach_norm(grads, 2.0)
-    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]), 2.0)
+    from dsv3.training.strategy import global_norm
+
+    return global_norm(params)
 
 
-def clip_and_step(opt: torch.optim.Optimizer, max_norm: float | None) -> torch.Tensor:
+def clip_and_step(opt: "AdamW", max_norm: float | None, norm: torch.Tensor | None = None) -> torch.Tensor:
     """Clip the gradients of `opt`'s parameters to total norm `max_norm` (None or <= 0: no clipping), then
-    step; returns the norm before clipping. The coefficient is torch's, min(1, max_norm / (norm + 1e-6)).
-    With a fused `AdamW` it is applied inside the update kernel (no pass over the gradients, .grad left
-    unclipped); otherwise through torch.nn.utils.clip_grad_norm_ and a plain step."""
-    params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
-    if isinstance(opt, AdamW) and opt.fused:
-        norm = grad_norm(params)
-        coef = None
-        if max_norm is not None and max_norm > 0:
-            coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-        opt.step(grad_scale=coef)
-        return norm
-    if max_norm is not None and max_norm > 0:
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    else:
-        norm = grad_norm(params)
-    opt.step()
+    step; returns the norm before clipping. The coefficient is torch's, min(1, max_norm / (norm + 1e-6)),
+    applied inside the AdamW update (the .grad tensors are left unclipped). `norm`: the global norm when the
+    caller computed it (a sharded model's); default: the norm of the local gradients."""
+    if norm is None:
+        norm = grad_norm([p for g in opt.param_groups for p in g["params"] if p.grad is not None])
+    coef = (max_norm / (norm + 1e-6)).clamp(max=1.0) if max_norm is not None and max_norm > 0 else None
+    opt.step(grad_scale=coef)
     return norm
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.1,
                    betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
-                   state_dtype: torch.dtype = torch.float32) -> torch.optim.Optimizer:
-    """AdamW over `param_groups`, moments stored in `state_dtype` (float32 or bfloat16). On plain CUDA
-    parameters: our `AdamW` with the fused Triton update (both dtypes; `clip_and_step` folds the clip into
-    it). Elsewhere: torch.optim.AdamW (foreach) for float32, our `AdamW` (foreach) for bfloat16."""
-    groups = param_groups(model, weight_decay)
-    params = [p for g in groups for p in g["params"]]
-    if state_dtype != torch.float32 or fused_available(params):
-        return AdamW(groups, lr=lr, betas=betas, eps=eps, state_dtype=state_dtype)
-    fused = bool(params) and params[0].is_cuda
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **({"fused": True} if fused else {"foreach": True}))
+                   state_dtype: torch.dtype = torch.float32) -> "AdamW":
+    """The one optimizer of every layout: our AdamW over `param_groups`, moments stored in `state_dtype`
+    (float32 or bfloat16). It picks its kernel itself (dsv3.kernels: the fused Triton update on CUDA, the
+    foreach reference elsewhere; with float32 moments the reference equals torch.optim.AdamW bitwise)."""
+    groups = []
+    for g in param_groups(model, weight_decay):  # DTensor (FSDP2) and plain parameters in separate groups
+        for want in (False, True):
+            ps = [p for p in g["params"] if _is_dtensor(p) == want]
+            if ps or not want:
+                groups.append({"params": ps, "weight_decay": g["weight_decay"]})
+    return AdamW(groups, lr=lr, betas=betas, eps=eps, state_dtype=state_dtype)
+
+
+def _is_dtensor(p) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(p, DTensor)

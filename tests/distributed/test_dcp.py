@@ -111,7 +111,8 @@ def local_parts(model, opt, ps) -> dict:
 
 
 def _setup(pcfg):
-    from dsv3.distributed import build_mesh, make_optimizer, parallelize
+    from dsv3.distributed import build_mesh, parallelize
+    from dsv3.training.optim import make_optimizer
     from dsv3.model import build_model
 
     cfg = tiny_cfg()

@@ -72,7 +72,8 @@ def _full(t):
 
 
 def _scenario(rank: int, world: int, pcfg: ParallelConfig, impl: str) -> dict:
-    from dsv3.distributed import build_mesh, make_optimizer, parallelize, train_step
+    from dsv3.distributed import build_mesh, parallelize, train_step
+    from dsv3.training.optim import make_optimizer
     from dsv3.model import build_model
     from dsv3.training.loss import compute_loss
     from dsv3.training.optim import make_optimizer as make_ref_optimizer

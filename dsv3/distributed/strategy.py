@@ -1,0 +1,244 @@
+"""The torchrun layouts of the training loop (dsv3/training/loop.py, dsv3/training/strategy.py):
+
+    ShardedStrategy     world = dp_shard x ep: FSDP2 (or replicated) non-expert weights, routed experts
+                        split over "ep" with all-to-all dispatch (dsv3/distributed/parallelize.py); every
+                        rank reads its own rows of each global micro-batch
+    PipelineStrategy    world = pp x dp x ep: the layer stack in stages (1F1B / DualPipeV,
+                        dsv3/distributed/pipeline.py); every rank reads the whole global batch and takes
+                        its rows of each pipeline micro-batch
+
+Both checkpoint through torch.distributed.checkpoint under the model's own names (dsv3/checkpoints/dcp.py),
+so any layout resumes any other's checkpoint, and both resume a one-process (run-directory) checkpoint by
+reading its global tensors and keeping their part. `distributed_strategy` starts the process group from
+torchrun's environment and picks the strategy; without a torchrun world it returns None (one process).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from dsv3.distributed.mesh import DistEnv, ParallelConfig, ParallelConfigError, build_mesh, init_distributed
+from dsv3.model import update_expert_bias
+from dsv3.training.strategy import Strategy
+
+
+def resolve_layout(pcfg: ParallelConfig | None, world: int) -> ParallelConfig:
+    """Degrees left at 0 are derived from the world size: without a pipeline, neither dp_shard nor ep ->
+    dp_shard = world; one of them -> the other = world / it. With pp > 1: ep defaults to 1 and dp_shard to
+    world / (pp x ep)."""
+    p = ParallelConfig() if pcfg is None else ParallelConfig(**vars(pcfg))
+    if pcfg is None:
+        p.dp_shard, p.ep = 0, 0
+    if p.pp > 1:
+        p.ep = p.ep or 1
+        p.dp_shard = p.dp_shard or max(world // (p.pp * p.ep), 1)
+    elif not p.dp_shard and not p.ep:
+        p.dp_shard, p.ep = world, 1
+    elif not p.dp_shard:
+        p.dp_shard = max(world // p.ep, 1)
+    elif not p.ep:
+        p.ep = max(world // p.dp_shard, 1)
+    return p.validate(world)
+
+
+def distributed_strategy(pcfg: ParallelConfig | None, device: str = "auto") -> Strategy | None:
+    """Start torchrun's process group and return the layout's strategy; None without a torchrun world
+    (one process), unless `pcfg` asks for more than one rank (then a clear error)."""
+    env = init_distributed(device)
+    if env.backend is None:
+        if pcfg is not None and (pcfg.pp > 1 or pcfg.dp_shard > 1 or pcfg.ep > 1):
+            raise ParallelConfigError(f"the layout (pp {pcfg.pp}, dp_shard {pcfg.dp_shard}, ep {pcfg.ep}) needs "
+                                      "several processes: start it with torchrun --nproc-per-node N -m dsv3.cli ...")
+        return None
+    p = resolve_layout(pcfg, env.world_size)
+    return PipelineStrategy(env, p) if p.pp > 1 else ShardedStrategy(env, p)
+
+
+class _Collective(Strategy):
+    """What every torchrun layout shares: the rank's identity and the all-rank reductions."""
+
+    def __init__(self, env: DistEnv, pcfg: ParallelConfig):
+        super().__init__(env.device)
+        self.env, self.pcfg = env, pcfg
+        self.rank, self.world_size = env.rank, env.world_size
+        self._flag = torch.zeros(1, device=env.device)
+
+    def layout(self) -> dict:
+        return {"world_size": self.world_size, **vars(self.pcfg)}
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(t)
+        return t
+
+    def any(self, flag: bool) -> bool:
+        self._flag.fill_(float(flag))
+        dist.all_reduce(self._flag, op=dist.ReduceOp.MAX)
+        return bool(self._flag.item() > 0)
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+
+class ShardedStrategy(_Collective):
+    """FSDP2 and/or expert parallelism over world = dp_shard x ep ranks (see dsv3/distributed/parallelize.py)."""
+
+    def __init__(self, env: DistEnv, pcfg: ParallelConfig):
+        super().__init__(env, pcfg)
+        self.data_rank, self.data_world = self.rank, self.world_size
+        self.ps = None
+
+    def describe(self) -> str:
+        p = self.pcfg
+        return f"{self.world_size} ranks (dp_shard {p.dp_shard} x ep {p.ep}, fsdp {p.fsdp})"
+
+    def check_settings(self, settings, precision: str) -> None:
+        micro = getattr(settings, "micro_batch_size", 0) or settings.batch_size
+        if micro % self.world_size:
+            raise ValueError(f"the micro-batch ({micro} sequences) must be a multiple of the world size "
+                             f"({self.world_size}): each rank reads an equal share of it")
+
+    def check_model(self, model_cfg, settings) -> None:
+        self.pcfg.validate(self.world_size, model_cfg)
+
+    def parallelize(self, model) -> None:
+        from dsv3.distributed.parallelize import parallelize
+
+        self.model = model
+        self.ps = parallelize(model, self.pcfg, build_mesh(self.pcfg, self.device.type))
+
+    def finish_backward(self, stats, counts):
+        from dsv3.distributed.expert_parallel import global_expert_counts
+        from dsv3.distributed.parallelize import finish_grad_sync
+
+        finish_grad_sync(self.ps)
+        if stats is not None:  # each rank's loss is the mean over its rows: the global loss is their mean
+            dist.all_reduce(stats)
+            stats = stats / self.world_size
+        if counts is not None:
+            counts = global_expert_counts(counts, self.ps.data_group)
+        return stats, counts
+
+    def grad_norm(self) -> torch.Tensor:
+        from dsv3.distributed.parallelize import grad_norm
+
+        return grad_norm(self.model, self.ps)
+
+    def save(self, ckpt_root, step, opt, state, *, tokenizer=None, keep=3, final=False) -> str:
+        from dsv3.checkpoints.dcp import save_dcp
+
+        return save_dcp(ckpt_root, step, self.model, opt, self.ps, state, tokenizer=tokenizer, keep=keep,
+                        export_hf=final)
+
+    def load(self, path: str, opt) -> dict:
+        from dsv3.checkpoints.dcp import is_dcp_checkpoint, load_dcp, load_full_state
+
+        if is_dcp_checkpoint(path):
+            return load_dcp(path, self.model, opt, self.ps)
+        return load_full_state(path, self.model, opt, self.ps)
+
+
+class PipelineStrategy(_Collective):
+    """Pipeline stages over world = pp x dp x ep ranks (see dsv3/distributed/pipeline.py)."""
+
+    reads_global_batch = True
+
+    def __init__(self, env: DistEnv, pcfg: ParallelConfig):
+        super().__init__(env, pcfg)
+        from dsv3.distributed.pipeline import PipelineConfig
+
+        n_stages = pcfg.pp if pcfg.pp_schedule == "1f1b" else 2 * pcfg.pp
+        if pcfg.dp_shard > 1:
+            raise ParallelConfigError("pipeline x data parallelism (--pp with --dp-shard > 1) is not available yet")
+        self.ppcfg = PipelineConfig(pp=pcfg.pp, schedule=pcfg.pp_schedule,
+                                    n_microbatches=pcfg.n_microbatches or n_stages, ep=pcfg.ep)
+        self.ps = None
+        self._shape = None
+
+    def describe(self) -> str:
+        c = self.ppcfg
+        return (f"{self.world_size} ranks (pp {c.pp} x ep {c.ep}, {c.schedule}, {c.n_microbatches} micro-batches, "
+                f"{c.n_stages} stages)")
+
+    def check_settings(self, settings, precision: str) -> None:
+        n_mb = self.ppcfg.n_microbatches
+        if precision != "fp32":
+            raise ValueError(f"--pp supports --precision fp32 only for now, got {precision}")
+        if getattr(settings, "batch_ramp_steps", 0) > 0:
+            raise ValueError("--pp needs a fixed batch (static micro-batch shapes): no --batch-ramp-steps")
+        mbs = getattr(settings, "micro_batch_size", 0)
+        if mbs and mbs != settings.batch_size // n_mb:
+            raise ValueError(f"--pp splits the batch into --n-microbatches ({n_mb}) micro-batches; leave "
+                             f"--micro-batch-size unset (or {settings.batch_size // n_mb})")
+        self._shape = (settings.batch_size, settings.seq_len, getattr(settings, "mtp_lambda", 0.3))
+
+    def check_model(self, model_cfg, settings) -> None:
+        self.ppcfg.validate(self.world_size, model_cfg, settings.batch_size)
+
+    def eval_rows(self) -> tuple[int, int]:
+        return self.rank % self.ppcfg.ep, self.ppcfg.ep  # the ep ranks of a stage split the rows
+
+    def parallelize(self, model) -> None:
+        from dsv3.distributed.pipeline import build_pipeline
+
+        B, T, lam = self._shape
+        c = self.ppcfg
+        self.ps = build_pipeline(model, c, B // (c.n_microbatches * c.ep), T, device=self.device, mtp_lambda=lam)
+        self.model = None  # this rank keeps its stages only
+
+    def module(self) -> torch.nn.Module:
+        return self.ps.model_part
+
+    def check_task(self, task) -> None:
+        from dsv3.training.pretrain import Pretrain
+
+        if not isinstance(task, Pretrain):
+            raise ValueError(f"--pp runs pre-training only: the pipeline's loss is the pre-training loss, and "
+                             f"{task.name}'s batches (masks, advantages) do not travel through the stages yet")
+
+    def forward_backward(self, task, micro_batches, hp, autocast):
+        from dsv3.distributed.pipeline import forward_backward, gathered_loss
+
+        (batch,) = micro_batches
+        forward_backward(self.ps, batch, mtp_lambda=hp["mtp_lambda"], balance_alpha=hp["balance_alpha"])
+        r = gathered_loss(self.ps)
+        lam = hp["mtp_lambda"]
+        mtp = (r["loss"] - r["balance"] - r["main"]) / lam if lam > 0 else float("nan")
+        stats = torch.tensor([r["loss"], r["main"], mtp, r["balance"]])
+        counts = None
+        if self.ps.n_moe:
+            counts = sum(st.counts for st in self.ps.stages)
+            dist.all_reduce(counts, group=self.ps.all_group)
+        return stats, counts
+
+    def grad_norm(self) -> torch.Tensor:
+        from dsv3.distributed.pipeline import grad_norm
+
+        return grad_norm(self.ps)
+
+    def update_bias(self, counts: torch.Tensor, gamma: float) -> None:
+        rows = [r for r, _ in self.ps.routers]
+        if rows and counts is not None:
+            update_expert_bias([g for _, g in self.ps.routers], counts[rows], gamma)
+
+    def eval_logits(self, x: torch.Tensor, autocast) -> torch.Tensor | None:
+        from dsv3.distributed.pipeline import forward_only
+
+        with autocast():
+            return forward_only(self.ps, x)
+
+    def save(self, ckpt_root, step, opt, state, *, tokenizer=None, keep=3, final=False) -> str:
+        from dsv3.checkpoints.dcp import save_dcp
+
+        return save_dcp(ckpt_root, step, self.ps.stages[0], opt, self.ps, state, tokenizer=tokenizer, keep=keep,
+                        export_hf=final)
+
+    def load(self, path: str, opt) -> dict:
+        from dsv3.checkpoints.dcp import is_dcp_checkpoint, load_dcp, load_full_state
+
+        if is_dcp_checkpoint(path):
+            return load_dcp(path, self.ps.stages[0], opt, self.ps)
+        return load_full_state(path, self.ps.stages[0], opt, self.ps)
+
+
+__all__ = ["PipelineStrategy", "ShardedStrategy", "distributed_strategy", "resolve_layout"]

@@ -1,0 +1,266 @@
+"""Pre-training (`dsv3 train`): the task (data + loss + schedule) and the entry point for every layout.
+
+    train(mc, tc, pcfg=None)     one process when pcfg is None (or all degrees 1 and no torchrun world);
+                                 under torchrun every rank calls it with the same arguments
+
+The task (`Pretrain`):
+    data         the tokenizer (given, or a BPE of the model's vocab size trained on the corpus' train split,
+                 cached) and the token cache, built by rank 0 first; a PackedSampler of windows of
+                 seq_len + 1 tokens, this rank's rows of every global micro-batch (the pipeline reads
+                 the whole global batch: its stages split it)
+    loss         CE + λ/D·Σ MTP + α·Σ L_Bal (dsv3/training/loss.py); statistics (loss, main, mtp, balance)
+    schedule     the paper's, scaled to the run (dsv3/training/optim.py): lr, MTP weight λ, bias speed γ,
+                 optional batch-size ramp
+    after_step   the aux-loss-free bias update from the step's global expert loads
+    evaluate     validation loss and bits per byte (the final one over the whole validation split)
+
+Exact resume: a checkpoint holds model, optimizer, sampler position, RNG states and step, so N steps in
+one go and N/2 + resume + N/2 give identical losses on the CPU; a checkpoint of any layout resumes under
+any other (names are the model's; dsv3/checkpoints).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict
+
+import numpy as np
+import torch
+
+from dsv3.checkpoints import rundir
+from dsv3.config import ModelConfig
+from dsv3.model import build_model
+from dsv3.tokenizer import DSTokenizer
+from dsv3.training import loop
+from dsv3.training.config import TrainConfig, resolve_device
+from dsv3.training.data import CorpusError, PackedSampler, build_token_cache, find_corpus, read_documents, split_of
+from dsv3.training.loss import compute_loss
+from dsv3.training.optim import Schedule, make_optimizer
+from dsv3.training.strategy import (Strategy, checkpoint_config, precision_recipe, prepare_model,
+                                    resolve_precision)
+
+
+def get_tokenizer(tc: TrainConfig, mc: ModelConfig, log) -> DSTokenizer:
+    """The given tokenizer, or a BPE of the model's vocab size trained on the corpus' train split
+    (cached by corpus + vocab size, so a second run reuses it)."""
+    if tc.tokenizer:
+        tok = DSTokenizer.load(tc.tokenizer)
+    else:
+        corpus = find_corpus(tc.data)
+        key = hashlib.sha256(json.dumps([mc.vocab_size, tc.val_permille, [[f.relpath, f.size, f.mtime_ns]
+                                         for f in corpus.files]]).encode()).hexdigest()[:24]
+        path = os.path.join(tc.cache_dir, "tokenizers", key, "tokenizer.json")
+        if os.path.exists(path):
+            tok = DSTokenizer.load(path)
+        else:
+            log(f"training a {mc.vocab_size}-token BPE on {corpus.description} ...")
+            t0 = time.time()
+
+            def texts():
+                for f in corpus.files:
+                    for d in read_documents(f) or []:
+                        if split_of(d.key, tc.val_permille) == "train":
+                            yield d.text
+
+            tok = DSTokenizer.train(texts(), mc.vocab_size)
+            tok.save(os.path.dirname(path))
+            log(f"tokenizer trained in {time.time() - t0:.1f}s")
+    if tok.vocab_size > mc.vocab_size:
+        raise ValueError(f"tokenizer has {tok.vocab_size} tokens but the model's vocab_size is {mc.vocab_size}")
+    return tok
+
+
+def schedule_of(tc: TrainConfig) -> Schedule:
+    total = tc.steps if tc.tokens <= 0 else math.ceil(tc.tokens / (tc.batch_size * tc.seq_len))
+    warmup = tc.warmup_steps if tc.warmup_steps >= 0 else min(2000, max(1, total // 20))
+    return Schedule(total, tc.lr, warmup, tc.mtp_lambda, tc.mtp_lambda_late, tc.bias_gamma,
+                    tc.batch_ramp_steps, tc.batch_start)
+
+
+class Pretrain:
+    """The pre-training task of the loop (see the module docstring)."""
+
+    name = "train"
+    stat_names = ("loss", "main", "mtp", "balance")
+
+    def __init__(self, tc: TrainConfig, mc: ModelConfig, strategy: Strategy, tok: DSTokenizer, cache, extra, log):
+        self.tc, self.strategy = tc, strategy
+        self.sched = schedule_of(tc)
+        self.total_steps = self.sched.total_steps
+        self.micro = tc.micro_batch_size or tc.batch_size
+        self.token_bytes = tok.token_byte_lengths()
+        # the pipeline: every rank reads the whole global batch (its stages split it into micro-batches)
+        rows, r, w = ((tc.batch_size, 0, 1) if strategy.reads_global_batch
+                      else (self.micro, strategy.data_rank, strategy.data_world))
+        if extra:
+            stream = np.concatenate([cache.tokens("train")] + [e.tokens("train") for e in extra])
+            self.sampler = PackedSampler(stream, tc.seq_len, rows, seed=tc.seed, rank=r, world_size=w,
+                                         name="training streams")
+        else:
+            self.sampler = cache.sampler(tc.seq_len, rows, seed=tc.seed, rank=r, world_size=w)
+        self.val = None
+        if cache.meta["splits"]["val"]["n_tokens"] > tc.seq_len:
+            vr, vw = strategy.eval_rows()
+            try:
+                self.val = cache.val_batches(tc.seq_len, self.micro if not strategy.reads_global_batch
+                                             else tc.batch_size, rank=vr, world_size=vw)
+            except CorpusError as e:  # fewer val windows than one global micro-batch
+                log(f"no periodic evaluation: {e}")
+
+    # --- the loop's interface -------------------------------------------------------------------
+    def hyper(self, step: int) -> dict:
+        s = self.sched
+        return {"lr": s.lr(step), "mtp_lambda": s.mtp_weight(step), "gamma": s.gamma(step),
+                "balance_alpha": self.tc.balance_alpha, "n_rows": s.batch_size(step, self.tc.batch_size)}
+
+    def micro_batches(self, step: int) -> list[torch.Tensor]:
+        dev = self.strategy.device
+        if self.strategy.reads_global_batch:
+            return [next(self.sampler).to(dev, non_blocking=True)]
+        n = self.sched.batch_size(step, self.tc.batch_size) // self.micro
+        return [next(self.sampler).to(dev, non_blocking=True) for _ in range(n)]
+
+    def model_inputs(self, mb: torch.Tensor, hp: dict) -> dict:
+        return {"input_ids": mb[:, :-1], "with_balance": hp["balance_alpha"] > 0}
+
+    def loss(self, out, mb: torch.Tensor, hp: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        parts = compute_loss(out, mb[:, 1:], hp["mtp_lambda"], hp["balance_alpha"], compiled=self.tc.compile)
+        zero = parts.main.new_zeros(())
+        mtp = torch.stack(parts.mtp_per_depth).mean() if parts.mtp_per_depth else zero
+        bal = parts.balance if parts.balance is not None else zero
+        return parts.total, torch.stack([parts.total, parts.main, mtp, bal]).detach().float()
+
+    def after_step(self, strategy: Strategy, counts, hp: dict) -> None:
+        if counts is not None:
+            strategy.update_bias(counts, hp["gamma"])
+
+    def tokens_per_step(self, step: int) -> int:
+        return self.sched.batch_size(step, self.tc.batch_size) * self.tc.seq_len
+
+    def log_fields(self, hp: dict) -> dict:
+        return {"mtp_lambda": hp["mtp_lambda"], "gamma": hp["gamma"]}
+
+    def evaluate(self, strategy: Strategy, max_batches: int | None) -> dict | None:
+        if self.val is None:
+            return None
+        autocast = precision_recipe(resolve_precision(self.tc.precision, strategy.device), strategy.device)
+        return loop.evaluate(strategy, self.val, self.token_bytes, autocast, max_batches)
+
+    def eval_message(self, ev: dict) -> str:
+        tail = f" over {ev['val_tokens']:,} tokens" if ev.get("val_tokens") else ""
+        return f"val loss {ev['val_loss']:.4f}, {ev['val_bpb']:.4f} bits/byte{tail}"
+
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.sampler.load_state_dict(sd)
+
+    def summary(self) -> dict:
+        return {}
+
+
+# --------------------------------------------------------------------------------------------------
+
+def _load_data(tc: TrainConfig, mc: ModelConfig, resume_from: str | None, strategy: Strategy, say):
+    """Tokenizer and token caches (training corpus + extra training data): rank 0 builds them, then the
+    other ranks read them from the cache."""
+    def data():
+        tok = DSTokenizer.load(resume_from) if resume_from else get_tokenizer(tc, mc, say)
+        show = tc.progress and strategy.is0
+        cache = build_token_cache(tc.data, tok, os.path.join(tc.cache_dir, "tokens"), val_permille=tc.val_permille,
+                                  fim_rate=tc.fim_rate, fim_seed=tc.seed, progress=show)
+        extra = []
+        for src in tc.extra_data:
+            e = build_token_cache(src, tok, os.path.join(tc.cache_dir, "tokens"), val_permille=0,
+                                  fim_rate=tc.fim_rate, fim_seed=tc.seed, progress=show)
+            say(f"extra training data: {e.meta['source']}: {e.meta['splits']['train']['n_tokens']:,} tokens")
+            extra.append(e)
+        return tok, cache, extra
+
+    if strategy.is0:
+        out = data()
+    strategy.barrier()
+    if not strategy.is0:
+        out = data()
+    tok, cache, extra = out
+    meta = cache.meta["splits"]
+    say(f"data: {cache.meta['source']}: train {meta['train']['n_tokens']:,} tokens ({meta['train']['n_docs']} docs), "
+        f"val {meta['val']['n_tokens']:,} tokens; skipped {cache.meta['n_skipped']} non-UTF-8 files")
+    return tok, cache, extra
+
+
+def make_strategy(pcfg, device: str = "auto") -> Strategy:
+    """The strategy of layout `pcfg` (dsv3.distributed.mesh.ParallelConfig, or None): the torchrun world's
+    when there is one (degrees left at 0 derived from its size), else one process on `device`."""
+    from dsv3.distributed.strategy import distributed_strategy
+
+    return distributed_strategy(pcfg, device) or Strategy(resolve_device(device))
+
+
+def train(mc: ModelConfig, tc: TrainConfig, pcfg=None, log=print, strategy: Strategy | None = None) -> dict:
+    """Train (or resume) and return the summary. One process, or every rank of a torchrun world (layout
+    `pcfg`). Writes checkpoints, metrics.jsonl, plots and summary.json to tc.out_dir."""
+    tc.validate()
+    strategy = strategy or make_strategy(pcfg, tc.device)
+    say = strategy.log(log)
+    precision = resolve_precision(tc.precision, strategy.device)
+    strategy.check_settings(tc, precision)
+
+    ckpt_root = os.path.join(tc.out_dir, "checkpoints")
+    resume_from = rundir.latest_checkpoint(ckpt_root) if tc.resume else None
+    if tc.resume and resume_from is None:
+        say(f"--resume: no checkpoint in {ckpt_root}; starting from scratch")
+    if not tc.resume and rundir.latest_checkpoint(ckpt_root):
+        raise ValueError(f"{tc.out_dir} already holds checkpoints: pass --resume to continue, or another --out")
+    if resume_from is not None:
+        saved = checkpoint_config(resume_from)
+        if saved.to_dict() != mc.to_dict():
+            say("note: resuming with the checkpoint's model config (the command line's preset/config is ignored)")
+        mc = saved
+    strategy.check_model(mc, tc)
+    if strategy.is0:
+        os.makedirs(tc.out_dir, exist_ok=True)
+    strategy.barrier()
+
+    tok, cache, extra = _load_data(tc, mc, resume_from, strategy, say)
+    task = Pretrain(tc, mc, strategy, tok, cache, extra, say)
+    strategy.check_task(task)
+
+    torch.manual_seed(tc.seed)
+    model = build_model(mc, device=strategy.device, dtype=torch.float32, seed=tc.seed)  # the same on every rank
+    n_params = sum(p.numel() for p in model.parameters())
+    prepare_model(model, strategy, precision=precision, recompute=tc.recompute, fp8_experts=tc.fp8_experts,
+                  compile=tc.compile, log=say)
+    state_dtype = torch.bfloat16 if tc.optim_state_dtype == "bf16" else torch.float32
+    opt = make_optimizer(strategy.module(), tc.lr, tc.weight_decay, state_dtype=state_dtype)
+    step, tokens_seen = 0, 0
+    if resume_from is not None:
+        st = strategy.load(resume_from, opt)
+        task.load_state_dict(st["sampler"])
+        step, tokens_seen = st["step"], st["tokens"]
+        lay = st.get("layout", {"world_size": 1})
+        say(f"resumed from {resume_from} at step {step} (written by {lay['world_size']} rank(s))")
+    say(f"model: {n_params / 1e6:.2f}M parameters, {strategy.describe()} on {strategy.device.type} ({precision}); "
+        f"{task.total_steps} steps of {tc.batch_size} x {tc.seq_len} tokens, lr {tc.lr:g}, "
+        f"warmup {task.sched.warmup_steps}")
+    if strategy.is0:
+        with open(os.path.join(tc.out_dir, "train_config.json"), "w", encoding="utf-8") as f:
+            json.dump({"train": asdict(tc), "model": mc.to_dict(), "layout": strategy.layout()}, f, indent=1)
+
+    def save(reason: str, step: int, tokens: int) -> str:
+        return strategy.save(ckpt_root, step, opt, {"tokens": tokens, "sampler": task.state_dict(), "reason": reason,
+                                                    "train_config": asdict(tc)},
+                             tokenizer=tok, keep=tc.keep, final=reason != "periodic")
+
+    return loop.run(task, strategy, opt, out_dir=tc.out_dir, step=step, tokens_seen=tokens_seen,
+                    autocast=precision_recipe(precision, strategy.device), grad_clip=tc.grad_clip, save=save,
+                    log_every=tc.log_every, eval_every=tc.eval_every if task.val is not None else 0,
+                    eval_batches=tc.eval_batches, save_every=tc.save_every, progress=tc.progress, log=log)
+
+
+__all__ = ["Pretrain", "get_tokenizer", "make_strategy", "schedule_of", "train"]

@@ -1,0 +1,216 @@
+"""A layout of a training run: how the model is prepared, how one optimizer step's gradients are made,
+how evaluation is summed and how checkpoints are written and read. The loop (dsv3/training/loop.py) is
+the same for every layout; one process is the world-size-1 case of it.
+
+    Strategy (this file)          one process: the whole model, run-directory checkpoints (Hugging Face
+                                  format + optimizer / sampler / RNG state), also resumes sharded ones
+    ShardedStrategy               torchrun, FSDP2 and/or expert parallelism (dsv3/distributed/strategy.py)
+    PipelineStrategy              torchrun, pipeline stages (1F1B / DualPipeV), alone or x EP x DP
+
+What a strategy does for the loop (a task, e.g. pre-training or SFT, supplies data and loss):
+
+    prepare(model, settings)      the one preparation sequence: recomputation, FP8 module swap,
+                                  per-block compile, then the layout's own parallelisation
+    forward_backward(task, mbs, hp) -> (stats, counts)   gradients of the global mean loss in every
+                                  local parameter; stats (k,) the task's step statistics averaged over
+                                  the ranks; counts the global expert loads (or None)
+    grad_norm()                   the global L2 norm of the gradients, each parameter once, on the device
+    routers()                     this rank's routers with their rows in the global (L_moe, E) counts
+    eval_logits(x)                logits of this rank's rows, or None where the rank has no output head
+    all_reduce_sum(t) / any(flag) sums over the ranks (evaluation, the Ctrl-C stop flag)
+    save(...) / load(...)         checkpoints under the model's own parameter names
+
+Precision (`precision_recipe`, the only place it is decided): fp32; bf16 = fp32 master weights under
+`torch.autocast(bfloat16)` (CPU autocast included: slow there, but the same arithmetic as on GPUs, so the
+layouts can be checked against each other on the CPU); fp8 = bf16 autocast on CUDA (fp32 on the CPU) with
+the paper's block-scaled FP8 GEMMs (dsv3/training/fp8.py; an exact emulation on the CPU).
+
+The optimizer is the same for every layout (dsv3.training.optim.AdamW over `module()`): the loop computes
+the clip coefficient from `grad_norm()` and passes it to the AdamW step, which applies it inside the update.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+from dsv3.model import update_expert_bias
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp8")
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def precision_recipe(precision: str, device: torch.device):
+    """-> a factory of the autocast context for `precision` (resolved) on `device`."""
+    if precision == "bf16" or (precision == "fp8" and device.type == "cuda"):
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def prepare_model(model, strategy, *, precision: str, recompute: str = "none", fp8_experts: bool = False,
+                  compile: bool = False, log=print) -> None:
+    """The one preparation sequence, in place, for every layout: activation recomputation, the FP8
+    training module swap (before compile and sharding: FSDP2 then shards the FP8 modules' fp32 masters),
+    per-block torch.compile (state-dict names unchanged), then the layout's own parallelisation."""
+    model.set_recompute(recompute)
+    if precision == "fp8":
+        from dsv3.training.fp8 import convert_to_fp8_training
+
+        n = len(convert_to_fp8_training(model, experts=fp8_experts))
+        log(f"fp8: {n} modules in FP8 (attention, dense/shared MLPs{', routed experts' if fp8_experts else ''})")
+    if compile:
+        for blk in list(model.layers) + list(model.mtp):
+            blk.compile()
+    strategy.parallelize(model)
+
+
+def global_norm(params) -> torch.Tensor:
+    """The 2-norm of the gradients of `params` (fp32, on their device, no host sync): the same arithmetic
+    as torch.nn.utils.clip_grad_norm_ (per-tensor norms, then the norm of their stack)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    norms = torch._foreach_norm(grads, 2.0)
+    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]), 2.0)
+
+
+class Strategy:
+    """One process, the whole model (the world-size-1 layout)."""
+
+    name = "one process"
+    reads_global_batch = False  # True: every rank reads the whole global batch (the pipeline)
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.rank, self.world_size = 0, 1
+        self.data_rank, self.data_world = 0, 1  # this rank reads rows [r·b, (r+1)·b) of every micro-batch
+        self.model = None
+
+    @classmethod
+    def of(cls, model) -> "Strategy":
+        """The one-process strategy around an already built model (e.g. to evaluate a loaded checkpoint)."""
+        s = cls(next(model.parameters()).device)
+        s.parallelize(model)
+        return s
+
+    @property
+    def is0(self) -> bool:
+        return self.rank == 0
+
+    def describe(self) -> str:
+        return self.name
+
+    def layout(self) -> dict:
+        return {"world_size": 1}
+
+    # --- model ----------------------------------------------------------------------------------
+    def parallelize(self, model) -> None:
+        self.model = model
+
+    def module(self) -> torch.nn.Module:
+        """The module whose parameters this rank optimises (and checkpoints)."""
+        return self.model
+
+    def check_settings(self, settings, precision: str) -> None:
+        """Raise if this layout cannot run with these settings (the reason in the message)."""
+
+    def check_model(self, model_cfg, settings) -> None:
+        """Raise if this layout does not fit the model (e.g. ep does not divide the experts)."""
+
+    def check_task(self, task) -> None:
+        """Raise if this layout cannot run `task` (the reason in the message)."""
+
+    def eval_rows(self) -> tuple[int, int]:
+        """(rank, world) of this rank's share of the validation rows."""
+        return self.data_rank, self.data_world
+
+    def train(self, mode: bool = True) -> None:
+        self.module().train(mode)
+
+    # --- the step -------------------------------------------------------------------------------
+    def forward_backward(self, task, micro_batches: list, hp: dict, autocast) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Forward and backward of every micro-batch (gradients accumulate); returns the mean of the
+        task's statistics over the micro-batches and the summed expert counts."""
+        stats, counts = None, None
+        n = len(micro_batches)
+        for mb in micro_batches:
+            with autocast():
+                out = self.model(**task.model_inputs(mb, hp))
+            loss, s = task.loss(out, mb, hp)
+            (loss / n).backward()
+            stats = s / n if stats is None else stats + s / n
+            c = out.expert_counts
+            if c is not None:
+                counts = c if counts is None else counts + c
+        return self.finish_backward(stats, counts)
+
+    def finish_backward(self, stats, counts):
+        return stats, counts
+
+    def grad_norm(self) -> torch.Tensor:
+        return global_norm(self.module().parameters())
+
+    def update_bias(self, counts: torch.Tensor, gamma: float) -> None:
+        """The aux-loss-free bias update of this rank's routers from the global loads (L_moe, E)."""
+        routers = self.model.routers()
+        if routers and counts is not None:
+            update_expert_bias(routers, counts, gamma)
+
+    # --- evaluation and agreement ---------------------------------------------------------------
+    def eval_logits(self, x: torch.Tensor, autocast) -> torch.Tensor | None:
+        with autocast():
+            return self.model(x, with_mtp=False).logits
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def any(self, flag: bool) -> bool:
+        return flag
+
+    def barrier(self) -> None:
+        pass
+
+    def log(self, log):
+        """`log` on rank 0, a no-op elsewhere."""
+        return log if self.is0 else (lambda *a, **k: None)
+
+    # --- checkpoints ----------------------------------------------------------------------------
+    def save(self, ckpt_root: str, step: int, opt, state: dict, *, tokenizer=None, keep: int = 3,
+             final: bool = False) -> str:
+        """A run-directory checkpoint: a Hugging Face-format model directory plus optimizer (by
+        parameter name), sampler and RNG state (dsv3/checkpoints/rundir.py)."""
+        from dsv3.checkpoints import rundir
+
+        return rundir.save_checkpoint(ckpt_root, step, self.model, opt, state, tokenizer=tokenizer, keep=keep)
+
+    def load(self, path: str, opt) -> dict:
+        """Fill the model and the optimizer from checkpoint `path` (either kind), restore the RNG; returns
+        the trainer state (step, tokens, sampler, ...)."""
+        from dsv3.checkpoints import dcp, rundir
+
+        if dcp.is_dcp_checkpoint(path):
+            return dcp.load_dcp_local(path, self.model, opt)
+        return rundir.load_into(path, self.model, opt)
+
+
+def checkpoint_config(path: str):
+    """The model config a checkpoint (either kind) was written with."""
+    from dsv3.checkpoints import dcp
+    from dsv3.config import ModelConfig
+
+    if dcp.is_dcp_checkpoint(path):
+        return ModelConfig.from_dict(dcp.read_state(path)["model_config"])
+    return ModelConfig.from_json(os.path.join(path, "config.json"))
+
+
+__all__ = ["PRECISIONS", "Strategy", "checkpoint_config", "global_norm", "precision_recipe", "prepare_model",
+           "resolve_precision"]

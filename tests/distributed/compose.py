@@ -1,0 +1,310 @@
+"""The composition matrix: every layout x precision x optimizer-state dtype x recomputation trains with
+the real entry point (`dsv3.training.pretrain.train`, the one loop) and must match the one-process run
+of the same batches. Shared by tests/distributed/test_compose.py (a covering subset, in CI) and
+bench/compose_matrix.py (the whole matrix, a table for bench/RESULTS.md).
+
+    cells(...)                  the matrix (or a subset) as Cell records
+    run_cells(root, cells)      launches one process group per world size (the variables torchrun sets,
+                                gloo), each rank running its cells one after the other; then compares
+    compare(root, cell)         losses of every step (metrics.jsonl) and the parameters after the steps
+                                (the final checkpoint's Hugging Face export) against the reference:
+                                the one-process run with the same precision and optimizer state
+
+Every cell reads the same global batches: 8 sequences of 32 tokens per step, one micro-batch per step
+(split over the data-parallel ranks; the pipeline splits it into its micro-batches), so the mean loss of
+the step is the same quantity in every layout. The model (4 layers: 1 dense + 3 MoE of 4 experts, one
+MTP module) has enough layers for DualPipeV's 4 stages on 2 ranks.
+
+Run one worker by hand: RANK=0 WORLD_SIZE=1 ... python -m tests.distributed.compose worker ROOT CELLS.json
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# name -> (world size, ParallelConfig fields)
+LAYOUTS = {
+    "1proc": (1, {}),
+    "fsdp_dp2": (2, {"dp_shard": 2, "ep": 1}),
+    "ep2": (2, {"dp_shard": 1, "ep": 2}),
+    "dp2xep2": (4, {"dp_shard": 2, "ep": 2}),
+    "pp2_1f1b": (2, {"pp": 2, "pp_schedule": "1f1b"}),
+    "pp2_dualpipev": (2, {"pp": 2, "pp_schedule": "dualpipev"}),
+    "pp2xep2": (4, {"pp": 2, "ep": 2, "pp_schedule": "dualpipev"}),
+    "pp2xdp2": (4, {"pp": 2, "dp_shard": 2}),
+}
+PRECISIONS = ("fp32", "bf16", "fp8")
+OPTIM_STATES = ("fp32", "bf16")
+RECOMPUTES = ("none", "selective")
+
+MODEL = dict(
+    vocab_size=512, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+    num_hidden_layers=4, first_k_dense_replace=1, num_attention_heads=2, num_key_value_heads=2,
+    q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
+    n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1,
+    max_position_embeddings=128, rope_scaling=None, num_nextn_predict_layers=1, initializer_range=0.1,
+    torch_dtype="float32",
+)
+STEPS, BATCH, SEQ, LR = 3, 8, 32, 1e-2
+
+# Tolerances (absolute) against the one-process run of the same precision and optimizer state.
+# losses: every step's total loss; params: after STEPS AdamW steps, max |diff| and the share of entries
+# differing by more than `near` (Adam turns gradient entries at the rounding-noise level into ±lr steps,
+# so a few entries move by up to ~lr whatever the layout; the bulk must agree).
+TOLERANCES = {
+    #        loss   param max  near   far fraction
+    "fp32": (2e-5, 2 * LR, 1e-5, 1e-2),
+    "bf16": (2e-2, 3 * LR, 1e-3, 5e-2),
+    "fp8": (2e-2, 3 * LR, 1e-3, 5e-2),
+}
+
+
+@dataclass
+class Cell:
+    layout: str
+    precision: str = "fp32"
+    optim_state: str = "fp32"
+    recompute: str = "none"
+    steps: int = STEPS
+    resume_from: str | None = None  # the name of a cell whose run directory this one continues
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        n = f"{self.layout}-{self.precision}-{self.optim_state}-{self.recompute}"
+        return n + (f"-from-{self.resume_from}" if self.resume_from else "")
+
+    @property
+    def world(self) -> int:
+        return LAYOUTS[self.layout][0]
+
+    @property
+    def reference(self) -> str:
+        """The one-process cell this one must match."""
+        return f"1proc-{self.precision}-{self.optim_state}-none"
+
+
+def all_cells() -> list[Cell]:
+    return [Cell(lay, p, o, r) for lay, p, o, r in itertools.product(LAYOUTS, PRECISIONS, OPTIM_STATES, RECOMPUTES)]
+
+
+def covering_cells() -> list[Cell]:
+    """Every pair of options (layout x precision, layout x optim state, layout x recompute, precision x
+    optim state, precision x recompute, optim state x recompute) in at least one cell: 24 cells, one per
+    layout x precision, the two binary options set so that their pairs with everything are covered."""
+    out = []
+    for i, lay in enumerate(LAYOUTS):
+        for j, p in enumerate(PRECISIONS):
+            o = OPTIM_STATES[(i + j) % 2]
+            r = RECOMPUTES[(i // 2 + j) % 2]
+            out.append(Cell(lay, p, o, r))
+    return out
+
+
+def pairs_covered(cells: list[Cell]) -> set:
+    dims = [("layout", list(LAYOUTS)), ("precision", PRECISIONS), ("optim_state", OPTIM_STATES),
+            ("recompute", RECOMPUTES)]
+    need = {(a, x, b, y) for (ia, (a, xs)), (ib, (b, ys)) in itertools.combinations(enumerate(dims), 2)
+            for x in xs for y in ys}
+    have = {(a, getattr(c, a), b, getattr(c, b)) for c in cells
+            for (ia, (a, _)), (ib, (b, _)) in itertools.combinations(enumerate(dims), 2)}
+    return need - have
+
+
+# --------------------------------------------------------------------------------------------------
+# inputs: a small corpus, its tokenizer, the model config
+
+def make_inputs(root: str) -> None:
+    from dsv3.config import ModelConfig
+    from dsv3.tokenizer import DSTokenizer
+    from dsv3.training.data import split_of
+
+    rng = random.Random(0)
+    corpus = os.path.join(root, "corpus")
+    os.makedirs(corpus, exist_ok=True)
+    names = ["alpha", "beta", "gamma", "delta", "value", "count"]
+    for i in range(24):
+        with open(os.path.join(corpus, f"f{i:02d}.py"), "w") as f:
+            f.write("\n".join(f"def {rng.choice(names)}_{j}(x):\n    return x + {rng.randint(0, 9)}\n"
+                              for j in range(30)))
+    for n in [n for n in (f"v{i}.py" for i in range(2000)) if split_of(n, 10) == "val"][:3]:
+        with open(os.path.join(corpus, n), "w") as f:
+            f.write("\n".join(f"def {rng.choice(names)}_{j}(x):\n    return x * {j}\n" for j in range(40)))
+    tok = DSTokenizer.train((open(os.path.join(corpus, p)).read() for p in sorted(os.listdir(corpus))), 512)
+    tok.save(os.path.join(root, "tok"))
+    ModelConfig(**MODEL).validate().to_json(os.path.join(root, "model.json"))
+
+
+def _train_config(root: str, cell: Cell):
+    from dsv3.training.config import TrainConfig
+
+    return TrainConfig(out_dir=os.path.join(root, "cells", cell.name), data=os.path.join(root, "corpus"),
+                       tokenizer=os.path.join(root, "tok"), cache_dir=os.path.join(root, "cache"),
+                       steps=cell.steps, seq_len=SEQ, batch_size=BATCH, lr=LR, warmup_steps=0, fim_rate=0.0,
+                       precision=cell.precision, optim_state_dtype=cell.optim_state, recompute=cell.recompute,
+                       eval_every=0, save_every=0, progress=False, device="cpu", resume=cell.resume_from is not None,
+                       **cell.extra)
+
+
+def run_cell(root: str, cell: Cell) -> dict:
+    """In a worker (every rank of the cell's world): train the cell with the one entry point."""
+    import torch.distributed as dist
+
+    from dsv3.config import ModelConfig
+    from dsv3.distributed.mesh import ParallelConfig
+    from dsv3.training.pretrain import train
+
+    tc = _train_config(root, cell)
+    if cell.resume_from:  # continue a copy of another cell's run directory
+        rank0 = not dist.is_initialized() or dist.get_rank() == 0
+        if rank0:
+            shutil.rmtree(tc.out_dir, ignore_errors=True)
+            shutil.copytree(os.path.join(root, "cells", cell.resume_from), tc.out_dir)
+        if dist.is_initialized():
+            dist.barrier()
+    mc = ModelConfig.from_json(os.path.join(root, "model.json"))
+    pcfg = ParallelConfig(**LAYOUTS[cell.layout][1]) if LAYOUTS[cell.layout][1] else None
+    return train(mc, tc, pcfg, log=lambda *a, **k: None)
+
+
+def _worker_main(root: str, cells_path: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    with open(cells_path) as f:
+        cells = [Cell(**c) for c in json.load(f)]
+    errors = {}
+    for c in cells:
+        try:
+            run_cell(root, c)
+        except Exception as e:  # recorded per cell; the other cells still run
+            import traceback
+
+            errors[c.name] = f"{type(e).__name__}: {e}\n{traceback.format_exc()[-2000:]}"
+            if dist.is_initialized():  # a failed collective leaves the group unusable: stop here
+                break
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if errors and rank == 0:
+        with open(cells_path + ".errors.json", "w") as f:
+            json.dump(errors, f)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _launch(root: str, world: int, cells: list[Cell], tag: str, timeout: float) -> dict:
+    from tests.distributed.harness import free_port
+
+    path = os.path.join(root, f"cells-{tag}.json")
+    with open(path, "w") as f:
+        json.dump([asdict(c) for c in cells], f)
+    port = free_port()
+    procs = []
+    for r in range(world):
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        if world > 1:
+            env.update(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, "-m", "tests.distributed.compose", "worker", root, path],
+                                      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    errors = {}
+    if os.path.exists(path + ".errors.json"):
+        with open(path + ".errors.json") as f:
+            errors = json.load(f)
+    if any(p.returncode for p in procs) and not errors:
+        errors = {c.name: "worker exited with " + str([p.returncode for p in procs]) + "\n" + outs[0][-3000:]
+                  for c in cells}
+    return errors
+
+
+def run_cells(root: str, cells: list[Cell], timeout: float = 900) -> dict:
+    """Run the references and `cells` (grouped by world size; resumed cells after the cells they
+    continue). Returns {cell name: error text} for the cells that failed to run."""
+    if not os.path.exists(os.path.join(root, "model.json")):
+        make_inputs(root)
+    refs = sorted({c.reference for c in cells})
+    ref_cells = [Cell("1proc", *r.split("-")[1:3], "none") for r in refs]
+    errors = _launch(root, 1, ref_cells + [c for c in cells if c.world == 1 and not c.resume_from], "ref", timeout)
+    for world in sorted({c.world for c in cells if c.world > 1}):
+        errors |= _launch(root, world, [c for c in cells if c.world == world and not c.resume_from], f"w{world}",
+                          timeout)
+    resumed = [c for c in cells if c.resume_from]
+    for world in sorted({c.world for c in resumed}):
+        errors |= _launch(root, world, [c for c in resumed if c.world == world], f"resume-w{world}", timeout)
+    return errors
+
+
+# --------------------------------------------------------------------------------------------------
+# comparison
+
+def _losses(run_dir: str) -> dict[int, float]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r and "val_loss" not in r}
+
+
+def _params(run_dir: str) -> dict:
+    from safetensors.torch import load_file
+
+    from dsv3.checkpoints.rundir import latest_checkpoint
+
+    ck = latest_checkpoint(os.path.join(run_dir, "checkpoints"))
+    out = {}
+    for name in sorted(os.listdir(ck)):
+        if name.startswith("model") and name.endswith(".safetensors"):
+            out.update(load_file(os.path.join(ck, name)))
+    return out
+
+
+def compare(root: str, cell: Cell) -> dict:
+    """The differences of `cell` from its reference: loss (max over steps), param_max, param_far_frac,
+    and the counts checked."""
+    import torch
+
+    a = os.path.join(root, "cells", cell.name)
+    b = os.path.join(root, "cells", cell.reference)
+    la, lb = _losses(a), _losses(b)
+    steps = sorted(la)
+    if cell.resume_from is None and steps != list(range(1, cell.steps + 1)):
+        raise AssertionError(f"{cell.name}: logged steps {steps}")
+    loss = max(abs(la[s] - lb[s]) for s in steps)
+    pa, pb = _params(a), _params(b)
+    if set(pa) != set(pb):
+        raise AssertionError(f"{cell.name}: checkpoint names differ: {sorted(set(pa) ^ set(pb))[:5]}")
+    near = TOLERANCES[cell.precision][2]
+    pmax, far, n = 0.0, 0, 0
+    for k in pa:
+        d = (pa[k].float() - pb[k].float()).abs()
+        pmax = max(pmax, float(d.max()) if d.numel() else 0.0)
+        far += int((d > near).sum())
+        n += d.numel()
+    return {"loss": loss, "param_max": pmax, "param_far_frac": far / max(n, 1), "steps": len(steps),
+            "tensors": len(pa), "loss_first": lb[1], "loss_last": lb[max(lb)]}
+
+
+def check(root: str, cell: Cell) -> dict:
+    """compare() and assert the cell's tolerances; returns the differences."""
+    d = compare(root, cell)
+    tol_loss, tol_max, near, tol_far = TOLERANCES[cell.precision]
+    assert d["loss"] <= tol_loss, f"{cell.name}: loss differs by {d['loss']:.3g} > {tol_loss}"
+    assert d["param_max"] <= tol_max, f"{cell.name}: a parameter differs by {d['param_max']:.3g} > {tol_max}"
+    assert d["param_far_frac"] <= tol_far, \
+        f"{cell.name}: {d['param_far_frac']:.2%} of the entries differ by > {near} (allowed {tol_far:.0%})"
+    assert d["loss_last"] < d["loss_first"], f"{cell.reference}: the loss did not fall"
+    return d
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "worker":
+        _worker_main(sys.argv[2], sys.argv[3])
+    else:
+        sys.exit("usage: python -m tests.distributed.compose worker ROOT CELLS.json")
