@@ -115,14 +115,17 @@ class Pretrain:
     def hyper(self, step: int) -> dict:
         s = self.sched
         return {"lr": s.lr(step), "mtp_lambda": s.mtp_weight(step), "gamma": s.gamma(step),
-                "balance_alpha": self.tc.balance_alpha, "n_rows": s.batch_size(step, self.tc.batch_size)}
+                "balance_alpha": self.tc.balance_alpha}
 
     def micro_batches(self, step: int) -> list[torch.Tensor]:
         dev = self.strategy.device
         if self.strategy.reads_global_batch:
             return [next(self.sampler).to(dev, non_blocking=True)]
-        n = self.sched.batch_size(step, self.tc.batch_size) // self.micro
-        return [next(self.sampler).to(dev, non_blocking=True) for _ in range(n)]
+        return [next(self.sampler).to(dev, non_blocking=True) for _ in range(self._n_micro(step))]
+
+    def _n_micro(self, step: int) -> int:
+        """Micro-batches in step `step` (the batch-size ramp rounded down to whole micro-batches)."""
+        return self.sched.batch_size(step, self.tc.batch_size) // self.micro
 
     def model_inputs(self, mb: torch.Tensor, hp: dict) -> dict:
         return {"input_ids": mb[:, :-1], "with_balance": hp["balance_alpha"] > 0}
@@ -139,7 +142,9 @@ class Pretrain:
             strategy.update_bias(counts, hp["gamma"])
 
     def tokens_per_step(self, step: int) -> int:
-        return self.sched.batch_size(step, self.tc.batch_size) * self.tc.seq_len
+        if self.strategy.reads_global_batch:
+            return self.tc.batch_size * self.tc.seq_len
+        return self._n_micro(step) * self.micro * self.tc.seq_len
 
     def log_fields(self, hp: dict) -> dict:
         return {"mtp_lambda": hp["mtp_lambda"], "gamma": hp["gamma"]}
@@ -199,7 +204,8 @@ def make_strategy(pcfg, device: str = "auto") -> Strategy:
     when there is one (degrees left at 0 derived from its size), else one process on `device`."""
     from dsv3.distributed.strategy import distributed_strategy
 
-    return distributed_strategy(pcfg, device) or Strategy(resolve_device(device))
+    dev = resolve_device(device)  # a clear error when CUDA is asked for and missing
+    return distributed_strategy(pcfg, device) or Strategy(dev)
 
 
 def train(mc: ModelConfig, tc: TrainConfig, pcfg=None, log=print, strategy: Strategy | None = None) -> dict:

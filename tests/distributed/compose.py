@@ -81,6 +81,8 @@ class Cell:
     @property
     def name(self) -> str:
         n = f"{self.layout}-{self.precision}-{self.optim_state}-{self.recompute}"
+        if self.steps != STEPS:
+            n += f"-s{self.steps}"
         return n + (f"-from-{self.resume_from}" if self.resume_from else "")
 
     @property
@@ -107,6 +109,27 @@ def covering_cells() -> list[Cell]:
             o = OPTIM_STATES[(i + j) % 2]
             r = RECOMPUTES[(i // 2 + j) % 2]
             out.append(Cell(lay, p, o, r))
+    return out
+
+
+# checkpoints written by one layout and resumed under another: (writer, reader, optimizer state dtype);
+# the writer trains STEPS - 1 steps, the reader the last one; both must end where the uninterrupted
+# one-process run ends (exact resume), so the reader is compared with it like any cell
+RESUMES = [
+    ("1proc", "ep2", "fp32"),                   # run directory (HF format) -> sharded
+    ("ep2", "pp2_dualpipev", "fp32"),           # DCP, expert slices -> pipeline stages
+    ("pp2xep2", "1proc", "fp32"),               # pipeline DCP -> one process
+    ("dp2xep2", "pp2_1f1b", "bf16"),            # bf16 moments through DCP
+    ("pp2_1f1b", "fsdp_dp2", "fp32"),           # pipeline -> FSDP2
+    ("fsdp_dp2", "pp2xdp2", "fp32"),            # FSDP2 -> pipeline x data parallel
+]
+
+
+def resume_cells(pairs=RESUMES) -> list[Cell]:
+    out = []
+    for w, r, o in pairs:
+        first = Cell(w, "fp32", o, steps=STEPS - 1)
+        out += [first, Cell(r, "fp32", o, resume_from=first.name)]
     return out
 
 
