@@ -239,6 +239,50 @@ def test_fused_adamw_triton_matches_foreach_reference(state_dtype):
         torch.testing.assert_close(sa["exp_avg_sq"].float(), sb["exp_avg_sq"].float(), rtol=rtol, atol=atol)
 
 
+def test_adamw_on_cuda_dtensors_takes_the_triton_backend():
+    """DTensor parameters on CUDA (a 1-rank process group, Shard(0) as FSDP2 keeps them): AdamW(fused=None)
+    picks the Triton backend of kernels.adamw_step_ on their local shards, the parameters stay DTensors,
+    and the numbers are the plain fused AdamW's bit for bit (same kernel on the same values)."""
+    pytest.importorskip("triton")
+    import socket
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    from dsv3.training.optim import AdamW
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dist.init_process_group("nccl" if dist.is_nccl_available() else "gloo",
+                            init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cuda", (1,))
+        torch.manual_seed(0)
+        shapes = [(257, 129), (1000,)]
+        plain = [torch.nn.Parameter(torch.randn(*sh, device="cuda")) for sh in shapes]
+        sharded = [torch.nn.Parameter(distribute_tensor(p.detach().clone(), mesh, [Shard(0)])) for p in plain]
+        oa = AdamW(plain, lr=1e-2, weight_decay=0.1, state_dtype=torch.bfloat16)
+        ob = AdamW(sharded, lr=1e-2, weight_decay=0.1, state_dtype=torch.bfloat16)
+        assert oa.fused and ob.fused
+        for _ in range(3):
+            grads = [torch.randn(*sh, device="cuda") for sh in shapes]
+            for p, q, g in zip(plain, sharded, grads):
+                p.grad = g.clone()
+                q.grad = distribute_tensor(g.clone(), mesh, [Shard(0)])
+            scale = torch.tensor(0.5, device="cuda")
+            oa.step(grad_scale=scale)
+            ob.step(grad_scale=scale)
+        for p, q in zip(plain, sharded):
+            assert isinstance(q, DTensor) and torch.equal(p.detach(), q.to_local().detach())
+            assert ob.state[q]["exp_avg"].to_local().dtype == torch.bfloat16
+    finally:
+        dist.destroy_process_group()
+
+
 def test_clip_and_step_fused_matches_torch_clip_and_adamw():
     """make_optimizer on CUDA gives the fused AdamW; clip_and_step (clip coefficient inside the kernel)
     equals torch.nn.utils.clip_grad_norm_ + torch's fused AdamW on a model's gradients."""

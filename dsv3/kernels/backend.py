@@ -10,9 +10,11 @@ never probe the GPU themselves.
     fp8_weight_gemm   "triton"              bf16/fp16 x, at most DENSE_DECODE_ROWS rows, no autograd
     fp8_expert_rows   "triton"              bf16/fp16 x, at most EXPERT_DECODE_ROWS rows, no autograd
     mla_decode        "triton"              -
+    adamw             "triton"              -
 
 The rule: the accelerated backend where triton imports and every tensor given to `select` is a plain
-(not a subclass such as DTensor) CUDA tensor meeting its row; else "reference".
+(not a subclass such as DTensor) CUDA tensor meeting its row; else "reference". The AdamW operation
+hands over the local shards of DTensor parameters, so sharded parameters get the plain rule.
 The decode rows are speed thresholds (measured: above them dequantise + cuBLAS wins, prefill) and
 correctness conditions (the Triton GEMMs have no backward and take 16-bit activations).
 
@@ -41,6 +43,7 @@ FAST = {  # op -> its accelerated backend
     "fp8_weight_gemm": "triton",
     "fp8_expert_rows": "triton",
     "mla_decode": "triton",
+    "adamw": "triton",
 }
 # Up to these many activation rows the Triton FP8-weight kernels run (decode; above, prefill:
 # dequantise + cuBLAS): the dense 16-row-tile GEMM and the per-routed-row expert GEMV.

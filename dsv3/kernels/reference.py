@@ -15,6 +15,7 @@ are what runs.
     FP8-weight GEMMs (inference on the official FP8 checkpoint)
         fp8_weight_linear_ref, fp8_expert_rows_ref           dequantise, then matmul
     mla_decode_ref                           absorbed-MLA decode attention over the paged latent cache
+    adamw_step_ref_                          AdamW (torch.optim.AdamW's op order) in foreach buckets
 
 Weights: 128x128 blocks; `scale_inv` has shape [ceil(out/128), ceil(in/128)] (fp32) and is the
 *multiplier* for dequantisation, W = fp8 · scale_inv[r // 128, c // 128]; edge blocks are partial.
@@ -260,3 +261,59 @@ def mla_decode_ref(q_lat: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, pe
     p = scores.softmax(-1)
     return torch.einsum("bhs,bsc->bhc", p, kv_all).to(q_lat.dtype)
 
+
+# --- AdamW ---------------------------------------------------------------------------------------
+
+BUCKET_NUMEL = 1 << 24  # elements per foreach bucket: at most ~200 MB of fp32 working copies at a time
+
+
+def buckets(sizes: list[int], numel: int = BUCKET_NUMEL) -> list[range]:
+    """Consecutive index ranges of about `numel` elements in total each (a larger tensor alone)."""
+    out, start, n = [], 0, 0
+    for i, size in enumerate(sizes):
+        if i > start and n + size > numel:
+            out.append(range(start, i))
+            start, n = i, 0
+        n += size
+    return out + ([range(start, len(sizes))] if start < len(sizes) else [])
+
+
+def adamw_step_ref_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+                    exp_avg_sqs: list[torch.Tensor], *, lr: float, beta1: float, beta2: float, eps: float,
+                    weight_decay: float, step: float, grad_scale: torch.Tensor | None = None,
+                    bucket_numel: int = BUCKET_NUMEL) -> None:
+    """One AdamW step over lists sharing one step count t (1-based), in place, with torch._foreach ops
+    in buckets of about `bucket_numel` elements. torch.optim.AdamW's rule and op order
+    (`_multi_tensor_adamw`, so fp32 moments give its bits exactly), in fp32 whatever the storage:
+        g = g * grad_scale                          (optional 0-dim tensor: clip_grad_norm_'s multiply)
+        p = p * (1 - lr·wd)
+        m = lerp(m, g, 1 - β1)                      v = v·β2 + (1 - β2)·g·g
+        p = p + (-lr / (1 - β1^t)) · m / (sqrt(v) / sqrt(1 - β2^t) + eps)
+    bf16 (or other non-fp32) moments are read into fp32 working copies, updated, used unrounded for
+    the update, then rounded to nearest into storage. The gradient tensors are not modified."""
+    bias_correction1 = 1 - beta1 ** step
+    bias_correction2 = 1 - beta2 ** step
+    step_size = (lr / bias_correction1) * -1  # python floats, as torch computes them
+    bias_correction2_sqrt = bias_correction2 ** 0.5
+    for idx in buckets([p.numel() for p in params], bucket_numel):
+        ps = [params[i] for i in idx]
+        g = [grads[i].float() for i in idx]  # fp32 grads: the tensors themselves, only read
+        if grad_scale is not None:
+            g = torch._foreach_mul(g, grad_scale)
+        m_store, v_store = [exp_avgs[i] for i in idx], [exp_avg_sqs[i] for i in idx]
+        m = [x.float() for x in m_store]  # fp32 moments: the stored tensors, updated in place
+        v = [x.float() for x in v_store]
+        if weight_decay != 0:
+            torch._foreach_mul_(ps, 1 - lr * weight_decay)
+        torch._foreach_lerp_(m, g, 1 - beta1)
+        torch._foreach_mul_(v, beta2)
+        torch._foreach_addcmul_(v, g, g, 1 - beta2)
+        del g
+        denom = torch._foreach_sqrt(v)
+        torch._foreach_div_(denom, [bias_correction2_sqrt] * len(ps))
+        torch._foreach_add_(denom, eps)
+        torch._foreach_addcdiv_(ps, m, denom, [step_size] * len(ps))
+        for store, work in ((m_store, m), (v_store, v)):
+            pairs = [(a, b) for a, b in zip(store, work) if a is not b]
+            if pairs:  # round the fp32 working copies to the storage dtype
+                torch._foreach_copy_([a for a, _ in pairs], [b for _, b in pairs])
