@@ -14,6 +14,7 @@ drafts meaningless).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -23,6 +24,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import dsv3  # noqa: E402
+from dsv3 import kernels  # noqa: E402
 from dsv3.inference.engine import Engine, SamplingParams  # noqa: E402
 from dsv3.checkpoints.hf import quantize_model_fp8  # noqa: E402
 from dsv3.model.fp8 import FP8Linear  # noqa: E402
@@ -78,31 +80,33 @@ def main() -> None:
         prompts = [torch.randint(0, cfg.vocab_size, (args.prompt_len,), generator=g).tolist() for _ in range(B)]
         eng = Engine(model, None, max_batch_size=B, cache_tokens=B * (args.prompt_len + args.new + 16),
                      cuda_graphs=mode != "eager", compile_decode=mode.startswith("graphs+compile"))
-        if mode == "graphs+compile+einsum":  # before the first bucket is built
-            eng._graphs.use_triton_attention = False
-        if mode != "eager":  # capture the buckets this run uses before timing (a server does this at start-up)
-            eng.generate(prompts, SamplingParams(max_new_tokens=args.new, temperature=0, ignore_eos=True))
-        eng.generate(prompts[:1], SamplingParams(max_new_tokens=4, temperature=0))  # warm-up
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        eng.generate(prompts[:1], SamplingParams(max_new_tokens=1, temperature=0))
-        torch.cuda.synchronize()
-        ttft = time.perf_counter() - t
-        sp = SamplingParams(max_new_tokens=args.new, temperature=0, ignore_eos=True)
-        for r in prompts:
-            eng.add_request(r, sp)
-        eng.step()  # prefill of the whole batch
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        n = 0
-        while eng.has_unfinished():
-            n += sum(len(o.new_token_ids) for o in eng.step())
-        torch.cuda.synchronize()
-        dt = time.perf_counter() - t
-        steps = args.new - 1
-        roof = step_bytes(cfg, B, args.prompt_len + args.new // 2, fp8=mode == "graphs+fp8") / HBM
-        print(f"| dsv3 {mode} | {B} | {ttft * 1e3:.1f} | {n / dt:,.1f} | {dt / steps * 1e3:.1f} | {roof * 1e3:.2f} | "
-              f"{roof / (dt / steps):.1%} |", flush=True)
+        # graphs+compile+einsum: the reference (einsum) attention; the choice is made as each bucket is built
+        attention = (kernels.use_backend(mla_decode="reference") if mode == "graphs+compile+einsum"
+                     else contextlib.nullcontext())
+        with attention:
+            if mode != "eager":  # capture the buckets this run uses before timing (a server does this at start-up)
+                eng.generate(prompts, SamplingParams(max_new_tokens=args.new, temperature=0, ignore_eos=True))
+            eng.generate(prompts[:1], SamplingParams(max_new_tokens=4, temperature=0))  # warm-up
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            eng.generate(prompts[:1], SamplingParams(max_new_tokens=1, temperature=0))
+            torch.cuda.synchronize()
+            ttft = time.perf_counter() - t
+            sp = SamplingParams(max_new_tokens=args.new, temperature=0, ignore_eos=True)
+            for r in prompts:
+                eng.add_request(r, sp)
+            eng.step()  # prefill of the whole batch
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            n = 0
+            while eng.has_unfinished():
+                n += sum(len(o.new_token_ids) for o in eng.step())
+            torch.cuda.synchronize()
+            dt = time.perf_counter() - t
+            steps = args.new - 1
+            roof = step_bytes(cfg, B, args.prompt_len + args.new // 2, fp8=mode == "graphs+fp8") / HBM
+            print(f"| dsv3 {mode} | {B} | {ttft * 1e3:.1f} | {n / dt:,.1f} | {dt / steps * 1e3:.1f} | "
+                  f"{roof * 1e3:.2f} | {roof / (dt / steps):.1%} |", flush=True)
     del model, eng
     torch.cuda.empty_cache()
     if args.hf:

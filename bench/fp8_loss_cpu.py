@@ -45,7 +45,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import dsv3  # noqa: E402
-from dsv3.kernels import act_dequant, act_quant, weight_dequant, weight_quant  # noqa: E402
+from dsv3.kernels import act_dequant, act_quant, reference, weight_dequant, weight_quant  # noqa: E402
 from dsv3.training import fp8 as F8  # noqa: E402
 from dsv3.training.loss import compute_loss  # noqa: E402
 from dsv3.training.optim import make_optimizer  # noqa: E402
@@ -72,9 +72,10 @@ def _qa(t, eps=1e-4):
 
 
 def patch(recipe):
-    """Replace the emulate backend's GEMMs by the ablation `recipe`; returns an undo function."""
+    """Replace the emulate backend's GEMMs (the kernels' reference) by the ablation `recipe`; returns an
+    undo function."""
     fq, dq, wq, requant, eps = recipe
-    f0, b0 = F8._emu_fwd, F8._emu_bwd
+    f0, b0 = reference.fp8_gemm_fwd_ref, reference.fp8_gemm_bwd_ref
 
     def fwd(x2, w, out_dtype):
         xf, wf = x2.float(), w.float()
@@ -98,10 +99,10 @@ def patch(recipe):
             dw = dw.to(w_dtype)
         return dx, dw
 
-    F8._emu_fwd, F8._emu_bwd = fwd, bwd
+    reference.fp8_gemm_fwd_ref, reference.fp8_gemm_bwd_ref = fwd, bwd
 
     def undo():
-        F8._emu_fwd, F8._emu_bwd = f0, b0
+        reference.fp8_gemm_fwd_ref, reference.fp8_gemm_bwd_ref = f0, b0
     return undo
 
 

@@ -20,7 +20,6 @@ from test_fp8_training import _train
 from dsv3.kernels import act_dequant, act_quant, weight_quant
 from dsv3.model import build_model
 from dsv3.model.moe import Experts
-from dsv3.training import fp8 as f8
 from dsv3.training.fp8 import FP8TrainExperts, FP8TrainLinear, convert_to_fp8_training, fp8_grouped_linear
 
 E4M3 = torch.float8_e4m3fn
@@ -315,36 +314,11 @@ def test_interp_grouped_wgrad_vs_emulation():
     assert not outs[0][1].any() and not outs[1][1].any()
 
 
-class _RefQuantKernels:
-    """The three quantisers of dsv3/kernels/fp8_triton.py (same outputs and layouts: column-major
-    activation scales, weight scales padded to a multiple of 4 columns) from the references, so that
-    the "triton" backend's glue runs on CPU tensors under the interpreter."""
-
-    @staticmethod
-    def act_quant_cm(x, p=None):
-        q, s = act_quant(x if p is None else x * p)
-        s = s if p is None else s / p
-        return q, s.t().contiguous().t()
-
-    @staticmethod
-    def act_quant_t(x, s_in=None, p=None):
-        x = x if s_in is None else act_dequant(x, s_in)
-        q, s = act_quant((x if p is None else x * p).t().contiguous())
-        s = s if p is None else s / p
-        return q, s.t().contiguous().t()
-
-    @staticmethod
-    def weight_quant_pad(w, transposed=False):
-        q, s = weight_quant(w)
-        sp = torch.ones(s.shape[0], -(-s.shape[1] // 4) * 4)
-        sp[:, : s.shape[1]] = s
-        return (q, sp, q.t().contiguous()) if transposed else (q, sp)
-
-
 @interp
 @pytest.mark.parametrize("ns", [(128, 128), (256,)])
-def test_interp_triton_backend_vs_emulation(monkeypatch, ns):
-    monkeypatch.setattr(f8, "fp8_quant_kernels", lambda: _RefQuantKernels)
+def test_interp_triton_backend_vs_emulation(ns):
+    """The "triton" backend's glue with the grouped kernels interpreted; on CPU tensors the quantisers
+    inside it are the reference ones in the Triton layouts (kernels.act_quant_cm & co. choose by device)."""
     x, ws, g = _inputs(7, 384, ns)
     offs = _offs(COUNTS)
     ref = _run(x, ws, offs, g, "emulate")
@@ -355,9 +329,8 @@ def test_interp_triton_backend_vs_emulation(monkeypatch, ns):
 
 
 @interp
-def test_interp_triton_experts_module_padded_vs_emulation(monkeypatch):
+def test_interp_triton_experts_module_padded_vs_emulation():
     """D = 192, I = 80 are padded to 256 and 128 for the kernels: the same result as the emulation."""
-    monkeypatch.setattr(f8, "fp8_quant_kernels", lambda: _RefQuantKernels)
     idx, w, x = _route(100, 6, 2, 192, 8)
     gy = torch.randn(x.shape, generator=torch.Generator().manual_seed(9))
     res = []

@@ -118,16 +118,16 @@ def test_gradient_quantisation_is_scale_invariant(gscale):
 
 
 def test_grad_prescale_is_an_exact_power_of_two():
-    from dsv3.training.fp8 import _grad_prescale
+    from dsv3.kernels.reference import grad_prescale
 
     for amax in (0.0, 1e-30, 6e-9, 1e-4, 1.0, 448.0, 3e30):
         g = torch.tensor([amax, -amax / 3])
-        p = _grad_prescale(g)
+        p = grad_prescale(g)
         m, _ = torch.frexp(p)
         assert p.dtype == torch.float32 and p.dim() == 0 and m.item() == 0.5
         if amax > 1e-19:  # below 2^-63 the exponent is clamped at 127 (p stays a finite fp32)
             assert 2.0 ** 63 <= amax * p.item() < 2.0 ** 64
-    assert _grad_prescale(torch.tensor([1e-6], dtype=torch.bfloat16)).dtype == torch.float32
+    assert grad_prescale(torch.tensor([1e-6], dtype=torch.bfloat16)).dtype == torch.float32
 
 
 def test_tile_orientation():
@@ -284,16 +284,16 @@ def test_emulation_bf16_inputs_realistic_shapes_and_tiny_gradients():
 def test_grad_prescale_bf16_is_exact():
     """g * p in bf16 (the dtype dY has under autocast) is exact: the bytes of the prescaled gradient
     are those of the fp32 product, for tiny, zero and huge amax."""
-    from dsv3.training.fp8 import _grad_prescale
+    from dsv3.kernels.reference import grad_prescale
 
     for amax in (1e-30, 1e-9, 1e-4, 3e30):
         g = (torch.randn(64, 128) * amax).to(torch.bfloat16)
         g[3] = 0
-        p = _grad_prescale(g)
+        p = grad_prescale(g)
         gp = g * p
         assert gp.dtype == torch.bfloat16 and torch.isfinite(gp).all()
         assert torch.equal(gp.float(), g.float() * p)
         if amax > 1e-19:  # below, p is clamped at 2^127 (as test_grad_prescale_is_an_exact_power_of_two)
             assert 2.0 ** 63 <= gp.float().abs().max() < 2.0 ** 64
     z = torch.zeros(4, 128, dtype=torch.bfloat16)
-    assert _grad_prescale(z).item() == 2.0 ** 64
+    assert grad_prescale(z).item() == 2.0 ** 64

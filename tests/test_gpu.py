@@ -123,9 +123,9 @@ def test_attention_dispatch_matches_math_sdpa(causal):
 # --- FP8 training (dsv3/training/fp8.py): Triton quantisation kernels and the scaled_mm backend ---------
 
 def _fp8_ok():
-    from dsv3.training.fp8 import scaled_mm_available
+    from dsv3.kernels import backend_available
 
-    return scaled_mm_available()
+    return backend_available("fp8_gemm")
 
 
 def _same_fp8(a, b):
@@ -134,56 +134,66 @@ def _same_fp8(a, b):
 
 @pytest.mark.parametrize("M,K", [(256, 512), (300, 384)])
 def test_fp8_triton_act_quant_matches_reference(M, K):
-    pytest.importorskip("triton")
-    from dsv3.kernels import act_dequant, act_quant, fp8_quant_kernels
+    from dsv3 import kernels
+    from dsv3.kernels import act_dequant, act_quant
 
-    k = fp8_quant_kernels()
+    if not kernels.backend_available("fp8_quant"):
+        pytest.skip("needs SM 8.9+ and triton")
     torch.manual_seed(0)
     x = (torch.randn(M, K, device="cuda") * torch.logspace(-3, 3, K, device="cuda")).to(torch.bfloat16)
-    q, s = k.act_quant_cm(x)
+    assert kernels.select_backend("fp8_quant", x) == "triton"
+    q, s = kernels.act_quant_cm(x, backend="triton")
     rq, rs = act_quant(x)
     assert s.stride() == (1, M) and _same_fp8(q, rq) and torch.equal(s, rs)
+    q2, s2 = kernels.act_quant_cm(x, backend="reference")  # the reference of the same layout
+    assert s2.stride() == (1, M) and _same_fp8(q2, q) and torch.equal(s2, s)
     if M % 128 == 0:  # 128x1 tiles (transposed output), from bf16 and re-tiled from the fp8 tensor
-        qt, st = k.act_quant_t(x)
+        qt, st = kernels.act_quant_t(x, backend="triton")
         rqt, rst = act_quant(x.t().contiguous())
         assert st.stride() == (1, K) and _same_fp8(qt, rqt) and torch.equal(st, rst)
-        qt2, st2 = k.act_quant_t(q, s)
+        qt2, st2 = kernels.act_quant_t(q, s, backend="triton")
         rqt2, rst2 = act_quant(act_dequant(rq, rs).t().contiguous())
         assert _same_fp8(qt2, rqt2) and torch.equal(st2, rst2)
 
 
 @pytest.mark.parametrize("N,K", [(640, 384), (576, 7168), (200, 300)])
 def test_fp8_triton_weight_quant_matches_reference(N, K):
-    pytest.importorskip("triton")
-    from dsv3.kernels import fp8_quant_kernels, weight_quant
+    from dsv3 import kernels
+    from dsv3.kernels import weight_quant
 
+    if not kernels.backend_available("fp8_quant"):
+        pytest.skip("needs SM 8.9+ and triton")
     torch.manual_seed(0)
     w = torch.randn(N, K, device="cuda") * 0.02
-    q, s = fp8_quant_kernels().weight_quant_pad(w)
+    q, s = kernels.weight_quant_pad(w, backend="triton")
     rq, rs = weight_quant(w)
     kb = rs.shape[1]
     assert s.shape[1] % 4 == 0 and _same_fp8(q, rq) and torch.equal(s[:, :kb], rs)
-    q2, s2, qt = fp8_quant_kernels().weight_quant_pad(w, transposed=True)  # + the dgrad operand, same pass
+    # + the dgrad operand, same pass
+    q2, s2, qt = kernels.weight_quant_pad(w, transposed=True, backend="triton")
     assert qt.shape == (K, N) and _same_fp8(q2, rq) and torch.equal(s2, s) and _same_fp8(qt, rq.t())
+    q3, s3, qt3 = kernels.weight_quant_pad(w, transposed=True, backend="reference")  # same layout
+    assert _same_fp8(q3, q2) and torch.equal(s3, s2) and _same_fp8(qt3, qt)
 
 
 @pytest.mark.parametrize("M,K", [(256, 512), (384, 128)])
 def test_fp8_triton_gradient_prescale_in_kernel_matches_reference(M, K):
     """act_quant_cm / act_quant_t with p: the bytes of act_quant(g * p) and its scales divided by p (the
-    gradient recipe of dsv3/training/fp8.py `_grad_quant_ref`), for ~1e-9 gradients."""
-    pytest.importorskip("triton")
-    from dsv3.kernels import act_quant, fp8_quant_kernels
-    from dsv3.training.fp8 import _grad_prescale, _grad_quant_ref
+    gradient recipe, dsv3/kernels/reference.py `grad_quant`), for ~1e-9 gradients."""
+    from dsv3 import kernels
+    from dsv3.kernels import act_quant
+    from dsv3.kernels.reference import grad_prescale, grad_quant
 
-    k = fp8_quant_kernels()
+    if not kernels.backend_available("fp8_quant"):
+        pytest.skip("needs SM 8.9+ and triton")
     torch.manual_seed(1)
     g = (torch.randn(M, K, device="cuda") * 1e-9 * torch.logspace(-2, 2, K, device="cuda")).to(torch.bfloat16)
-    p = _grad_prescale(g).reshape(1)
-    q, s = k.act_quant_cm(g, p)
-    rq, rs = _grad_quant_ref(g)
+    p = grad_prescale(g).reshape(1)
+    q, s = kernels.act_quant_cm(g, p, backend="triton")
+    rq, rs = grad_quant(g)
     assert s.stride() == (1, M) and _same_fp8(q, rq) and torch.equal(s, rs)
-    qt, st = k.act_quant_t(g, p=p)
-    rqt, rst = _grad_quant_ref(g.t().contiguous())
+    qt, st = kernels.act_quant_t(g, p=p, backend="triton")
+    rqt, rst = grad_quant(g.t().contiguous())
     assert _same_fp8(qt, rqt) and torch.equal(st, rst)
     rq0, _ = act_quant(g)  # without the pre-scale the 1e-4 floor wipes these gradients out
     assert rq0.float().abs().max() < q.float().abs().max()
@@ -227,6 +237,50 @@ def test_fused_adamw_triton_matches_foreach_reference(state_dtype):
         rtol, atol = (1e-5, 1e-6) if state_dtype == torch.float32 else (2e-2, 2e-3)
         torch.testing.assert_close(sa["exp_avg"].float(), sb["exp_avg"].float(), rtol=rtol, atol=atol)
         torch.testing.assert_close(sa["exp_avg_sq"].float(), sb["exp_avg_sq"].float(), rtol=rtol, atol=atol)
+
+
+def test_adamw_on_cuda_dtensors_takes_the_triton_backend():
+    """DTensor parameters on CUDA (a 1-rank process group, Shard(0) as FSDP2 keeps them): AdamW(fused=None)
+    picks the Triton backend of kernels.adamw_step_ on their local shards, the parameters stay DTensors,
+    and the numbers are the plain fused AdamW's bit for bit (same kernel on the same values)."""
+    pytest.importorskip("triton")
+    import socket
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    from dsv3.training.optim import AdamW
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dist.init_process_group("nccl" if dist.is_nccl_available() else "gloo",
+                            init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cuda", (1,))
+        torch.manual_seed(0)
+        shapes = [(257, 129), (1000,)]
+        plain = [torch.nn.Parameter(torch.randn(*sh, device="cuda")) for sh in shapes]
+        sharded = [torch.nn.Parameter(distribute_tensor(p.detach().clone(), mesh, [Shard(0)])) for p in plain]
+        oa = AdamW(plain, lr=1e-2, weight_decay=0.1, state_dtype=torch.bfloat16)
+        ob = AdamW(sharded, lr=1e-2, weight_decay=0.1, state_dtype=torch.bfloat16)
+        assert oa.fused and ob.fused
+        for _ in range(3):
+            grads = [torch.randn(*sh, device="cuda") for sh in shapes]
+            for p, q, g in zip(plain, sharded, grads):
+                p.grad = g.clone()
+                q.grad = distribute_tensor(g.clone(), mesh, [Shard(0)])
+            scale = torch.tensor(0.5, device="cuda")
+            oa.step(grad_scale=scale)
+            ob.step(grad_scale=scale)
+        for p, q in zip(plain, sharded):
+            assert isinstance(q, DTensor) and torch.equal(p.detach(), q.to_local().detach())
+            assert ob.state[q]["exp_avg"].to_local().dtype == torch.bfloat16
+    finally:
+        dist.destroy_process_group()
 
 
 def test_clip_and_step_fused_matches_torch_clip_and_adamw():
@@ -364,26 +418,30 @@ def _triton_ok():
 
 @pytest.mark.parametrize("M,N,K", [(1, 256, 512), (5, 300, 200), (16, 1024, 2048), (64, 576, 7168), (37, 130, 129)])
 def test_fp8_weight_gemm_small_m_vs_reference(M, N, K):
-    """Triton FP8-weight GEMM (decode) against F.linear(x, weight_dequant(w, s)) in fp32, partial edge blocks."""
+    """Triton FP8-weight GEMM (decode; kernels.fp8_weight_linear's "triton") against F.linear(x,
+    weight_dequant(w, s)) in fp32, partial edge blocks; at these sizes the seam picks it by itself."""
     if not _triton_ok():
         pytest.skip("needs triton")
-    from dsv3.kernels import fp8_gemm_triton as k
+    from dsv3 import kernels
     from dsv3.kernels.reference import weight_dequant, weight_quant
 
     g = torch.Generator(device="cuda").manual_seed(M * 7 + N)
     w, s = weight_quant(torch.randn(N, K, device="cuda", generator=g) * 0.05)
     x = torch.randn(M, K, device="cuda", generator=g).to(torch.bfloat16)
-    y = k.fp8_linear_small_m(x, w, s)
+    assert kernels.select_backend("fp8_weight_gemm", x) == "triton"
+    y = kernels.fp8_weight_linear(x, w, s, backend="triton")
     ref = x.float() @ weight_dequant(w, s, dtype=torch.float32).T
     assert y.dtype == torch.bfloat16 and y.shape == (M, N)
     assert _rel(y, ref) < 1e-2, _rel(y, ref)  # bf16 output rounding (~0.4%) + summation order
+    y_ref = kernels.fp8_weight_linear(x, w, s, backend="reference")
+    assert _rel(y_ref, ref) < 1e-2, _rel(y_ref, ref)
 
 
 @pytest.mark.parametrize("M,E,N,K", [(6, 64, 1408, 2048), (1, 4, 256, 384), (50, 16, 2048, 7168), (9, 8, 200, 130)])
 def test_fp8_expert_rows_vs_reference(M, E, N, K):
     if not _triton_ok():
         pytest.skip("needs triton")
-    from dsv3.kernels import fp8_gemm_triton as k
+    from dsv3 import kernels
     from dsv3.kernels.reference import weight_dequant, weight_quant
 
     g = torch.Generator(device="cuda").manual_seed(M + E)
@@ -391,10 +449,12 @@ def test_fp8_expert_rows_vs_reference(M, E, N, K):
     w, s = torch.stack([q for q, _ in qs]), torch.stack([t for _, t in qs])
     expert = torch.randint(0, E, (M,), device="cuda", generator=g).sort().values
     x = torch.randn(M, K, device="cuda", generator=g).to(torch.bfloat16)
-    y = k.fp8_expert_rows(x, w, s, expert)
+    y = kernels.fp8_expert_rows(x, w, s, expert, backend="triton")
     ref = torch.stack([x[m].float() @ weight_dequant(w[e], s[e], dtype=torch.float32).T
                        for m, e in enumerate(expert.tolist())])
     assert _rel(y, ref) < 1e-2, _rel(y, ref)
+    y_ref = kernels.fp8_expert_rows(x, w, s, expert, backend="reference")
+    assert _rel(y_ref, ref) < 1e-2, _rel(y_ref, ref)
 
 
 def test_fp8_modules_kernel_path_matches_dequantized_path():
@@ -404,6 +464,7 @@ def test_fp8_modules_kernel_path_matches_dequantized_path():
     moves its logits by 30%); then the graphed engine runs the FP8 model."""
     if not _triton_ok():
         pytest.skip("needs triton")
+    from dsv3 import kernels
     from dsv3.model import fp8 as f8
     from dsv3.inference.engine import Engine, SamplingParams
 
@@ -419,13 +480,10 @@ def test_fp8_modules_kernel_path_matches_dequantized_path():
     idx = torch.randint(0, cfg.n_routed_experts, (5, cfg.num_experts_per_tok), device="cuda", generator=g)
     w = torch.rand(5, cfg.num_experts_per_tok, device="cuda", generator=g)
     with torch.no_grad():
+        assert kernels.select_backend("fp8_weight_gemm", x) == kernels.select_backend("fp8_expert_rows", xe) == "triton"
         fast = (lin(x).float(), ex.forward_grouped(xe, idx, w).float())
-        old = (f8.SMALL_M, f8.SMALL_M_EXPERT_ROWS)
-        f8.SMALL_M = f8.SMALL_M_EXPERT_ROWS = -1  # force the dequantise path
-        try:
+        with kernels.use_backend("reference"):  # the dequantise path
             slow = (lin(x).float(), ex.forward_grouped(xe, idx, w).float())
-        finally:
-            f8.SMALL_M, f8.SMALL_M_EXPERT_ROWS = old
     for a, b in zip(fast, slow):
         assert _rel(a, b) < 1e-2, _rel(a, b)
     g = torch.Generator().manual_seed(3)

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import dsv3
+from dsv3 import kernels
 from dsv3.model.moe import Experts
-from dsv3.training import fp8 as f8
 from dsv3.training.fp8 import FP8TrainExperts, convert_to_fp8_training, fp8_grouped_linear
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 @pytest.fixture(autouse=True)
 def _triton():
-    if not f8.grouped_triton_available():
+    if not kernels.backend_available("fp8_grouped_gemm"):
         pytest.skip("needs SM 8.9+ and triton")
 
 
@@ -105,8 +105,9 @@ def test_tiny_model_trains_with_fp8_experts(monkeypatch):
     falls, and the grouped kernels really ran."""
     from test_gpu import _cfg, _train_losses
 
+    from dsv3.kernels import fp8_grouped_triton as gk
+
     calls = []
-    gk = f8.fp8_grouped_kernels()
     for name in ("fp8_grouped_mm", "fp8_grouped_wgrad"):
         fn = getattr(gk, name)
         monkeypatch.setattr(gk, name, lambda *a, _fn=fn, _n=name, **k: calls.append(_n) or _fn(*a, **k))

@@ -10,16 +10,18 @@ import pytest
 import torch
 
 import dsv3
-from dsv3.kernels import mla_decode_kernel, mla_decode_ref
+from dsv3 import kernels
+from dsv3.kernels import mla_decode_ref
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
 def _kernel():
-    k = mla_decode_kernel()
-    if k is None:
+    if not kernels.backend_available("mla_decode"):
         pytest.skip("needs triton")
-    return k
+    from dsv3.kernels.mla_decode_triton import mla_decode
+
+    return mla_decode
 
 
 def _rel(a, b):
@@ -142,7 +144,8 @@ def test_graph_decode_step_triton_attention_vs_reference(compile_decode):
 
 def test_graph_decode_greedy_triton_attention_vs_reference():
     """Free-running greedy decoding through the graphs, Triton attention against the reference path
-    (DecodeGraphs.use_triton_attention = False): tokens equal except where a bf16 near-tie flips."""
+    (kernels.use_backend(mla_decode="reference") while the buckets are built): tokens equal except where
+    a bf16 near-tie flips."""
     from dsv3.inference.engine import Engine, SamplingParams
 
     _kernel()
@@ -151,8 +154,8 @@ def test_graph_decode_greedy_triton_attention_vs_reference():
     prompts = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (3, 17, 40, 1, 70)]
     sp = [SamplingParams(max_new_tokens=40, temperature=0, ignore_eos=True) for _ in prompts]
     ref_eng = Engine(m, None, max_batch_size=8, block_size=16, cuda_graphs=True)
-    ref_eng._graphs.use_triton_attention = False  # read when each bucket is built, i.e. on first use
-    a = ref_eng.generate(prompts, sp)
+    with kernels.use_backend(mla_decode="reference"):  # read when each bucket is built, i.e. on first use
+        a = ref_eng.generate(prompts, sp)
     eng = Engine(m, None, max_batch_size=8, block_size=16, cuda_graphs=True)
     b = eng.generate(prompts, sp)
     assert all(e[0].attention is None for e in ref_eng._graphs._entries.values())

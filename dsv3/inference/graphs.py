@@ -20,22 +20,26 @@ eagerly on any device: the CPU tests check it against the reference `CacheBatch`
 tests check graph replay against eager decoding.
 
 Attention. `update` gathers each sequence's padded context, (B, S, C) per layer, for the einsums of
-`MLA.forward_absorbed` (the reference). On CUDA with triton the layer views instead offer
-`store(c_kv, k_pe)` + `attend(q_lat, q_pe, scale)`: the Triton flash-decoding kernel
-(dsv3/kernels/mla_decode_triton.py) reads the latents straight through the block tables, one pass
-per group of heads, and never materialises the gathered copy. Its inputs, the block tables (B, nblk)
-and the lengths seq_lens = position + 1 (B,), are derived from meta on the device like the rest, and
-its grid depends on shapes only, so it is captured in the graph as is. The view decides (MLA only
-asks `fused_decode`) because only the cache knows its device and the batch's layout; the switch
-`DecodeGraphs.use_triton_attention = False` keeps the reference path on the GPU (tests compare).
+`MLA.forward_absorbed` (the reference). Where `kernels.mla_decode` has an accelerated backend for the
+cache (dsv3/kernels/backend.py: CUDA with triton) the layer views instead offer `store(c_kv, k_pe)` +
+`attend(q_lat, q_pe, scale)`: the flash-decoding kernel (dsv3/kernels/mla_decode_triton.py) reads
+the latents straight through the block tables, one pass per group of heads, and never materialises
+the gathered copy. Its inputs, the block tables (B, nblk) and the lengths seq_lens = position + 1
+(B,), are derived from meta on the device like the rest, and its grid depends on shapes only, so it
+is captured in the graph as is. The view decides (MLA only asks `fused_decode`) because only the
+cache knows its device and the batch's layout; the choice is made when a bucket is first built, so
+`with kernels.use_backend(mla_decode="reference"):` around the first run keeps the einsum path on
+the GPU (tests compare).
 Padding rows (pad block, position 0) attend over the one row they just wrote: finite, discarded.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from dsv3.kernels import mla_decode_kernel
+from dsv3 import kernels
 
 
 @torch.library.custom_op("dsv3::write_latents", mutates_args=("kv", "pe"))
@@ -68,7 +72,7 @@ class StaticDecodeBatch:
         dev = cache.kv.device
         self.cache, self.B, self.nblk, self.pad_block = cache, batch, nblk, pad_block
         # None: MLA attends over update()'s gathered context; else a function with mla_decode_ref's
-        # signature (the Triton kernel) serving the layer views' attend()
+        # signature (kernels.mla_decode on its accelerated backend) serving the layer views' attend()
         self.attention = attention
         self.bs = cache.block_size
         self.S = nblk * self.bs
@@ -132,14 +136,13 @@ class DecodeGraphs:
     """Decode-step runner over a PagedLatentCache: `run(tokens, positions, tables) -> logits (B, V)`.
 
     `use_graphs=False` runs the same static-shape forward eagerly (the CPU path, and the reference of
-    the graph replay). The caller reserves `pad_block` in the cache for the padding rows.
-    `use_triton_attention` (read when a bucket is first built): attend with the Triton decode kernel
-    where the cache is on CUDA and triton imports; False keeps the einsum reference (GPU tests)."""
+    the graph replay). The caller reserves `pad_block` in the cache for the padding rows. Attention
+    (module docstring): `kernels.mla_decode` where it has an accelerated backend for the cache, chosen
+    when a bucket is first built."""
 
     def __init__(self, model, cache, pad_block: int, max_batch_size: int, max_blocks: int, use_graphs: bool = True,
-                 compile: bool = False, use_triton_attention: bool = True):
+                 compile: bool = False):
         self.model, self.cache, self.pad_block = model, cache, pad_block
-        self.use_triton_attention = use_triton_attention
         self._step = self._forward
         if compile:
             # torch.compile the step (per bucket, static shapes) before it is captured: inductor fuses the
@@ -172,7 +175,8 @@ class DecodeGraphs:
         key = (Bp, nblk)
         if key in self._entries:
             return self._entries[key]
-        attention = mla_decode_kernel() if self.use_triton_attention and self.cache.kv.is_cuda else None
+        backend = kernels.select_backend("mla_decode", self.cache.kv)
+        attention = None if backend == "reference" else functools.partial(kernels.mla_decode, backend=backend)
         sb = StaticDecodeBatch(self.cache, Bp, nblk, self.pad_block, attention)
         host = torch.empty(Bp, 2 + nblk, dtype=torch.long, pin_memory=self.use_graphs)
         graph, logits = None, None

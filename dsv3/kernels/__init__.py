@@ -1,55 +1,114 @@
-"""Kernel dispatch: the only import point for kernels. Each kernel has a plain-PyTorch reference in
-`reference.py` (the specification, used on the CPU and in tests); GPU versions are optional
-accelerations selected here."""
+"""The kernel seam: operations, each of which picks its backend in one place (`backend.py`) from the
+tensors' device, the GPU's capability and whether triton / `F.scaled_mm` exist. Callers ask for an
+operation ("quantise this", "FP8 GEMM this", "decode attention over this cache", "AdamW step these")
+and never probe for Triton or the GPU. Every operation has a plain-PyTorch reference in
+`reference.py` (the specification; what runs on the CPU) and a parity test; accelerated backends are
+optional.
 
+    operation                                           accelerated backend (where: backend.py)
+    act_quant, act_dequant, weight_quant, weight_dequant  - (reference only)
+    act_quant_cm, act_quant_t, weight_quant_pad         "triton" (fp8_triton.py)
+    fp8_gemm_fwd, fp8_gemm_bwd                          "scaled_mm" (F.scaled_mm + fp8_triton.py)
+    fp8_grouped_gemm_fwd, fp8_grouped_gemm_bwd          "triton" (fp8_grouped_triton.py)
+    fp8_weight_linear, fp8_expert_rows                  "triton" (fp8_gemm_triton.py)
+    mla_decode                                          "triton" (mla_decode_triton.py)
+    adamw_step_                                         "triton" (adamw_triton.py)
+    attention                                           SDPA, cuDNN first on CUDA (attention.py)
+
+Each operation takes `backend=` (None: choose); `use_backend(...)` forces the automatic choices in a
+`with` block (tests, benchmarks); `select_backend(op, *tensors)` tells what would run (callers that
+pick an algorithm by it: FP8Experts, DecodeGraphs, AdamW.fused); `backend_available(op, device)` tells
+whether an op's accelerated backend exists on a device at all. The Triton modules are imported on
+first use only: importing dsv3 never imports triton.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dsv3.kernels import reference
 from dsv3.kernels.attention import attention
+from dsv3.kernels.backend import available as backend_available
+from dsv3.kernels.backend import select as select_backend
+from dsv3.kernels.backend import use_backend
+from dsv3.kernels.fp8 import (act_quant_cm, act_quant_t, fp8_expert_rows, fp8_gemm_bwd, fp8_gemm_fwd,
+                              fp8_grouped_gemm_bwd, fp8_grouped_gemm_fwd, fp8_weight_linear, weight_quant_pad)
 from dsv3.kernels.reference import (BLOCK, FP8_MAX, act_dequant, act_quant, mla_decode_ref, weight_dequant,
                                     weight_quant)
 
-__all__ = ["attention", "BLOCK", "FP8_MAX", "act_dequant", "act_quant", "fp8_gemm_kernels", "fp8_grouped_kernels", "fp8_quant_kernels",
-           "mla_decode_kernel", "mla_decode_ref", "weight_dequant", "weight_quant"]
+__all__ = ["BLOCK", "FP8_MAX", "act_dequant", "act_quant", "act_quant_cm", "act_quant_t", "adamw_backend",
+           "adamw_step_", "attention", "backend_available", "fp8_expert_rows", "fp8_gemm_bwd", "fp8_gemm_fwd",
+           "fp8_grouped_gemm_bwd", "fp8_grouped_gemm_fwd", "fp8_weight_linear", "mla_decode", "mla_decode_ref",
+           "select_backend", "use_backend", "weight_dequant", "weight_quant", "weight_quant_pad"]
 
 
-def fp8_quant_kernels():
-    """The Triton FP8 training quantisation kernels (`fp8_triton.py`: act_quant_cm, act_quant_t,
-    weight_quant_pad), imported on first use: they need CUDA and triton. References: `reference.py`."""
-    from dsv3.kernels import fp8_triton
+def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, pe: torch.Tensor,
+               block_table: torch.Tensor, seq_lens: torch.Tensor, block_size: int, scale: float, *,
+               backend: str | None = None) -> torch.Tensor:
+    """Absorbed-MLA attention of one new token per sequence over one layer of the paged latent cache
+    (the contract: `reference.mla_decode_ref`). q_lat (B, H, C), q_pe (B, H, R), kv (n_rows, C),
+    pe (n_rows, R), block_table (B, nblk), seq_lens (B,) -> o_lat (B, H, C). "triton": the
+    flash-decoding kernel (a custom op: opaque to torch.compile, capturable in a CUDA graph)."""
+    B, H, C = q_lat.shape
+    assert q_pe.shape[:2] == (B, H) and kv.shape[-1] == C and pe.shape[-1] == q_pe.shape[-1] \
+        and block_table.shape[0] == B and seq_lens.shape == (B,), \
+        f"mla_decode: q_lat {tuple(q_lat.shape)}, q_pe {tuple(q_pe.shape)}, kv {tuple(kv.shape)}, " \
+        f"pe {tuple(pe.shape)}, block_table {tuple(block_table.shape)}, seq_lens {tuple(seq_lens.shape)}"
+    if select_backend("mla_decode", kv, backend=backend) == "triton":
+        from dsv3.kernels.mla_decode_triton import mla_decode as kernel
 
-    return fp8_triton
-
-
-def fp8_grouped_kernels():
-    """The Triton grouped FP8 GEMMs of the routed experts in training (`fp8_grouped_triton.py`: fprop/dgrad
-    over sorted rows and per-expert wgrad), imported on first use (CUDA + triton, or the Triton interpreter).
-    Reference: the emulation backend of dsv3/training/fp8.py `fp8_grouped_linear`."""
-    from dsv3.kernels import fp8_grouped_triton
-
-    return fp8_grouped_triton
-
-
-def fp8_gemm_kernels():
-    """The Triton FP8-weight GEMMs for decoding (`fp8_gemm_triton.py`: fp8_linear_small_m,
-    fp8_expert_rows), or None where CUDA or triton is missing. Reference: weight_dequant + matmul."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return None
-    try:
-        from dsv3.kernels import fp8_gemm_triton
-    except ImportError:
-        return None
-    return fp8_gemm_triton
+        return kernel(q_lat, q_pe, kv, pe, block_table, seq_lens, block_size, scale)
+    return mla_decode_ref(q_lat, q_pe, kv, pe, block_table, seq_lens, block_size, scale)
 
 
-def mla_decode_kernel():
-    """The Triton absorbed-MLA decode attention over the paged latent cache (`mla_decode_triton.mla_decode`,
-    the contract of `reference.mla_decode_ref`), or None where CUDA or triton is missing."""
-    import torch
+def _is_dtensor(t: torch.Tensor) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
 
-    if not torch.cuda.is_available():
-        return None
-    try:
-        from dsv3.kernels.mla_decode_triton import mla_decode
-    except ImportError:
-        return None
-    return mla_decode
+    return isinstance(t, DTensor)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (under no_grad its own tensor: in-place updates reach the DTensor), else t."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
+@torch.no_grad()
+def adamw_backend(params, backend: str | None = None) -> str:
+    """The backend `adamw_step_` picks for these parameters (DTensors: their local shards)."""
+    return select_backend("adamw", *[_local(p) for p in params], backend=backend)
+
+
+@torch.no_grad()
+def adamw_step_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+                exp_avg_sqs: list[torch.Tensor], *, lr: float, beta1: float, beta2: float, eps: float,
+                weight_decay: float, step: float, grad_scale: torch.Tensor | None = None,
+                backend: str | None = None) -> None:
+    """One AdamW step, in place, over parameters of one group sharing one step count t (1-based):
+    torch.optim.AdamW's rule (`reference.adamw_step_ref_` gives the formulas and torch's op order; with
+    fp32 moments it is bitwise torch.optim.AdamW(foreach=True)). Moments may be stored in bf16 (read up
+    to fp32, rounded back). grad_scale: an optional 0-dim fp32 tensor on the parameters' device (the
+    clip coefficient) multiplying the gradients first; the gradient tensors are not modified.
+    DTensors (FSDP2) run on their local shards, so sharded parameters get the same backend as plain
+    ones. "triton": one kernel per parameter reading p, g, m, v and writing p, m, v once (grad_scale
+    applied inside)."""
+    lists = [[_local(t) for t in ts] for ts in (params, grads, exp_avgs, exp_avg_sqs)]
+    n = len(lists[0])
+    assert all(len(ts) == n for ts in lists), f"adamw_step_: list lengths {[len(ts) for ts in lists]}"
+    assert all(g.shape == p.shape and m.shape == p.shape and v.shape == p.shape for p, g, m, v in zip(*lists)), \
+        "adamw_step_: every gradient and moment has its parameter's shape"
+    if grad_scale is not None:
+        if _is_dtensor(grad_scale):  # e.g. computed from DTensor gradients: its full (replicated) value
+            grad_scale = grad_scale.full_tensor()
+        assert grad_scale.numel() == 1, "adamw_step_: grad_scale is a 1-element tensor"
+    if not n:
+        return
+    hp = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step, grad_scale=grad_scale)
+    if select_backend("adamw", *(t for ts in lists for t in ts), backend=backend) == "triton":
+        from dsv3.kernels.adamw_triton import adamw_step_ as kernel
+
+        for p, g, m, v in zip(*lists):
+            kernel(p, g, m, v, **hp)
+        return
+    reference.adamw_step_ref_(*lists, **hp)

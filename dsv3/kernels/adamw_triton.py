@@ -1,4 +1,4 @@
-"""One-pass AdamW update in Triton (the fused path of dsv3/training/optim.py `AdamW`).
+"""One-pass AdamW update in Triton: the "triton" backend of `dsv3.kernels.adamw_step_`.
 
     adamw_step_(p, g, m, v, *, lr, beta1, beta2, eps, weight_decay, step, grad_scale=None)
 
@@ -7,12 +7,14 @@ Per element, in fp32 whatever the storage dtypes (p fp32 masters; g fp32 or bf16
                                               gradient-clipping coefficient; no host sync)
     m  = m + (1 - β1)(g - m)                 v = β2 v + (1 - β2) g²
     m, v stored rounded to their dtype (round to nearest even); the update uses the unrounded values
-    p  = p (1 - lr·wd) - lr / (1 - β1^t) · m / (sqrt(v / (1 - β2^t)) + eps)
+    p  = p (1 - lr·wd) - lr / (1 - β1^t) · m / (sqrt(v) / sqrt(1 - β2^t) + eps)
+(the reference's, i.e. torch.optim.AdamW's, order of operations; fp32 op order may still differ by
+fused multiply-adds).
 
 One kernel reads p, g, m, v and writes p, m, v once: 28 bytes per parameter with fp32 moments, 20 with
-bf16 moments (torch's fused AdamW plus a separate clip pass: 28 + 12). The specification is the
-foreach path of `AdamW` (`fused=False`), itself checked against torch.optim.AdamW on the CPU;
-tests/test_gpu.py compares the two on the GPU.
+bf16 moments (torch's fused AdamW plus a separate clip pass: 28 + 12). The specification is
+`dsv3.kernels.reference.adamw_step_ref_`, itself bitwise torch.optim.AdamW(foreach=True) on the CPU
+(tests/test_kernels.py); tests/test_gpu.py compares the two on the GPU.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ BLOCK = 2048
 
 
 @triton.jit
-def _adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, scale_ptr, n, lr, beta1, beta2, eps, decay, bc2, step_size,
+def _adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, scale_ptr, n, lr, beta1, beta2, eps, decay, bc2_sqrt, step_size,
                   HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -39,7 +41,7 @@ def _adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, scale_ptr, n, lr, beta1, beta2, ep
     v = v * beta2 + (1.0 - beta2) * (g * g)
     tl.store(m_ptr + offs, m.to(m_ptr.dtype.element_ty), mask=mask)
     tl.store(v_ptr + offs, v.to(v_ptr.dtype.element_ty), mask=mask)
-    denom = tl.sqrt_rn(tl.math.div_rn(v, bc2)) + eps
+    denom = tl.math.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
     p = p * decay - step_size * tl.math.div_rn(m, denom)
     tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
 
@@ -58,5 +60,5 @@ def adamw_step_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tens
         return
     scale = grad_scale if grad_scale is not None else p  # dummy pointer when HAS_SCALE is off
     _adamw_kernel[(triton.cdiv(n, BLOCK),)](
-        p, g, m, v, scale, n, lr, beta1, beta2, eps, 1.0 - lr * weight_decay, 1.0 - beta2 ** step,
+        p, g, m, v, scale, n, lr, beta1, beta2, eps, 1.0 - lr * weight_decay, (1.0 - beta2 ** step) ** 0.5,
         lr / (1.0 - beta1 ** step), HAS_SCALE=grad_scale is not None, BLOCK=BLOCK, num_warps=8)

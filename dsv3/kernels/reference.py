@@ -1,7 +1,21 @@
-"""Plain-PyTorch reference versions of the FP8 block-scaling kernels (SPEC §6.3, §9) and of the
-absorbed-MLA decode attention over the paged latent cache (`mla_decode_ref`).
+"""Plain-PyTorch reference implementations of every kernel operation of dsv3.kernels: the
+specification. The GPU kernels are tested against them, and wherever `backend.select` answers
+"reference" (the CPU, GPUs or libraries a kernel does not support, `use_backend("reference")`) they
+are what runs.
 
-These are the specification: GPU kernels are tested against them, and on the CPU they are what runs.
+    FP8 block scaling (SPEC §6.3, §9)
+        weight_quant / weight_dequant        128x128 weight blocks
+        act_quant / act_dequant              1x128 activation tiles
+        grad_prescale / grad_quant           1x128 tiles of a gradient, without the activation floor
+        act_quant_cm_ref, act_quant_t_ref, weight_quant_pad_ref
+                                             the training quantisers in the layouts of fp8_triton.py
+    FP8 training GEMMs (the recipe: dsv3/training/fp8.py)
+        fp8_gemm_fwd_ref / fp8_gemm_bwd_ref                  a Linear's fprop, dgrad, wgrad
+        fp8_grouped_gemm_fwd_ref / fp8_grouped_gemm_bwd_ref  the same per expert over sorted rows
+    FP8-weight GEMMs (inference on the official FP8 checkpoint)
+        fp8_weight_linear_ref, fp8_expert_rows_ref           dequantise, then matmul
+    mla_decode_ref                           absorbed-MLA decode attention over the paged latent cache
+    adamw_step_ref_                          AdamW (torch.optim.AdamW's op order) in foreach buckets
 
 Weights: 128x128 blocks; `scale_inv` has shape [ceil(out/128), ceil(in/128)] (fp32) and is the
 *multiplier* for dequantisation, W = fp8 · scale_inv[r // 128, c // 128]; edge blocks are partial.
@@ -11,6 +25,7 @@ Activations: 1x128 tiles along the last dim; s = max(amax, 1e-4) / 448.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 BLOCK = 128
@@ -55,7 +70,7 @@ def act_quant(x: torch.Tensor, block: int = BLOCK, scale_fmt: str | None = None,
     s = max(amax, eps) / 448. scale_fmt "ue8m0" rounds each scale up to a power of two (DeepSeek-V3.1).
     The floor eps = 1e-4 (the official inference kernel's) is harmless for activations but not for
     training gradients, whose tiles are mostly far below 1e-4: FP8 training pre-scales them by a power
-    of two first (`dsv3/training/fp8.py`, `_grad_quant`)."""
+    of two first (`grad_quant` below; dsv3/training/fp8.py)."""
     K = x.shape[-1]
     nb = -(-K // block)
     xf = x.float()
@@ -72,6 +87,158 @@ def act_quant(x: torch.Tensor, block: int = BLOCK, scale_fmt: str | None = None,
 def act_dequant(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype = torch.float32, block: int = BLOCK) -> torch.Tensor:
     K = q.shape[-1]
     return (q.float() * s.repeat_interleave(block, -1)[..., :K]).to(dtype)
+
+
+GRAD_AMAX_EXP = 64  # a gradient is pre-scaled so that its amax lies in [2^63, 2^64)
+
+
+def grad_prescale(g: torch.Tensor) -> torch.Tensor:
+    """The power of two p (fp32, 0-dim, on g's device) with amax(|g| * p) in [2^63, 2^64); built from
+    the exponent bits so it is exact on every device. p = 2^64 for an all-zero g."""
+    amax = torch.linalg.vector_norm(g.detach(), float("inf")).float()  # max |g| in one reduction, no |g| copy
+    _, e = torch.frexp(amax)  # amax = m * 2^e, m in [0.5, 1)
+    k = (GRAD_AMAX_EXP - e.to(torch.int32)).clamp(-126, 127)
+    return ((k + 127) << 23).view(torch.float32)
+
+
+def grad_quant(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q1x128 of a gradient without the activation floor: (fp8, fp32 scales amax/448). g is multiplied
+    by grad_prescale(g) (exact), quantised by act_quant (whose 1e-4 floor then no longer binds) and
+    the scales divided by the same p (exact): the e4m3 bytes of s = amax / 448 for every tile above
+    ~1e-23 x the tensor's amax (dsv3/training/fp8.py explains why gradients need this)."""
+    p = grad_prescale(g)
+    q, s = act_quant(g * p)
+    return q, s / p
+
+
+# --- the training quantisers in the layouts of the Triton kernels (fp8_triton.py) ----------------
+# p: a 1-element fp32 power of two multiplying x before quantisation, the scales stored divided by
+# it (grad_quant's pre-scale, folded into the quantiser on the GPU).
+
+def _col_major(s: torch.Tensor) -> torch.Tensor:
+    """The same values with strides (1, rows): the scale layout F.scaled_mm's BlockWise1x128 wants."""
+    return s.t().contiguous().t()
+
+
+def act_quant_cm_ref(x: torch.Tensor, p: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, K) -> fp8 (M, K), scales (M, K/128) column-major."""
+    q, s = act_quant(x if p is None else x * p)
+    return q, _col_major(s if p is None else s / p)
+
+
+def act_quant_t_ref(x: torch.Tensor, s_in: torch.Tensor | None = None,
+                    p: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, K) -> fp8 (K, M) = Q1x128(xᵀ), i.e. 128x1 tiles of x along M, scales (K, M/128) column-major.
+    With s_in, x is fp8 with 1x128 scales and is dequantised first ("dequant, transpose, requant")."""
+    x = x if s_in is None else act_dequant(x, s_in)
+    q, s = act_quant((x if p is None else x * p).t().contiguous())
+    return q, _col_major(s if p is None else s / p)
+
+
+def weight_quant_pad_ref(w: torch.Tensor, transposed: bool = False):
+    """w (N, K) -> (fp8 (N, K), scales (N/128, round4(K/128)), padding columns 1.0), and with
+    transposed=True also the fp8 transpose (K, N): fp8_triton.weight_quant_pad's outputs."""
+    q, s = weight_quant(w)
+    sp = torch.ones(s.shape[0], -(-s.shape[1] // 4) * 4, dtype=torch.float32, device=w.device)
+    sp[:, : s.shape[1]] = s
+    return (q, sp, q.t().contiguous()) if transposed else (q, sp)
+
+
+# --- FP8 training GEMMs: the emulation of the recipe (dsv3/training/fp8.py) -----------------------
+# Quantise with the functions above, dequantise to fp32, matmul in fp32, cast (Y to out_dtype, dX to
+# X's dtype, dW to W's dtype).
+
+def fp8_gemm_fwd_ref(x2: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype):
+    """fprop Y = Q1x128(X) · Q128x128(W)ᵀ, X (M, K), W (N, K) -> (Y (M, N), what backward keeps: the
+    FP8 X and W with their scales)."""
+    xq, xs = act_quant(x2)
+    wq, ws = weight_quant(w)
+    y = act_dequant(xq, xs) @ weight_dequant(wq, ws, torch.float32).T
+    return y.to(out_dtype), (xq, xs, wq, ws)
+
+
+def fp8_gemm_bwd_ref(g2: torch.Tensor, saved, x_dtype: torch.dtype, w_dtype: torch.dtype, need_dx: bool,
+                     need_dw: bool):
+    """dgrad dX = Q1x128(dY) · Q128x128(W); wgrad dW = Q1x128(dYᵀ) · Q1x128(Xᵀ)ᵀ with Xᵀ re-tiled from
+    the FP8 X -> (dX or None, dW or None)."""
+    xq, xs, wq, ws = saved
+    dx = dw = None
+    if need_dx:
+        gq, gs = grad_quant(g2)
+        dx = (act_dequant(gq, gs) @ weight_dequant(wq, ws, torch.float32)).to(x_dtype)
+    if need_dw:
+        gtq, gts = grad_quant(g2.t().contiguous())  # dYᵀ (N, M): 1x128 tiles along the tokens
+        xtq, xts = act_quant(act_dequant(xq, xs).t().contiguous())  # re-tile X: dequant, transpose, requant
+        dw = (act_dequant(gtq, gts) @ act_dequant(xtq, xts).T).to(w_dtype)
+    return dx, dw
+
+
+def _expert_rows(offs: torch.Tensor) -> list[tuple[int, int]]:
+    """[(start, end)] of each expert's sorted rows, on the host: the emulation's one sync."""
+    ends = offs.tolist()
+    return list(zip([0] + ends[:-1], ends))
+
+
+def _expert_weights(wqs) -> torch.Tensor:
+    """Per weight a list over experts of (fp8, 128x128 scales) -> the dequantised weights concatenated
+    along N, (E, ΣN_i, K) fp32."""
+    return torch.cat([torch.stack([weight_dequant(q, s, torch.float32) for q, s in w]) for w in wqs], dim=1)
+
+
+def fp8_grouped_gemm_fwd_ref(x: torch.Tensor, ws: list[torch.Tensor], offs: torch.Tensor, out_dtype: torch.dtype):
+    """Rows of x (M, K) sorted by expert (offs (E,) end rows) through the expert weights (E, N_i, K)
+    concatenated along N: Y[rows_e] = Q1x128(X)[rows_e] · Q128x128([W1_e; W2_e])ᵀ -> (Y (M, ΣN_i),
+    what backward keeps). A loop over the experts on the host copy of offs."""
+    rows = _expert_rows(offs)
+    xq, xs = act_quant(x)  # 1x128 tiles of each row: rows are independent, so the grouping does not matter
+    wqs = [[weight_quant(w_e) for w_e in w] for w in ws]  # each expert its own 128x128 grid
+    xd, wd = act_dequant(xq, xs), _expert_weights(wqs)  # (M, K), (E, N, K)
+    y = xd.new_zeros(x.shape[0], wd.shape[1])
+    for e, (a, b) in enumerate(rows):
+        y[a:b] = xd[a:b] @ wd[e].T
+    return y.to(out_dtype), (xq, xs, wqs, rows)
+
+
+def fp8_grouped_gemm_bwd_ref(g: torch.Tensor, saved, x_dtype: torch.dtype, w_dtypes: list[torch.dtype],
+                             need_dx: bool, need_dw: bool):
+    """dgrad dX[rows_e] = Q1x128(dY)[rows_e] · Q128x128(W_e) (each weight's dY in its own 1x128 tiles);
+    wgrad dW_e = Q1x128(dYᵀ)[:, rows_e] · Q1x128(Xᵀ)[:, rows_e]ᵀ -> (dX or None, [dW_i (E, N_i, K)] or None)."""
+    xq, xs, wqs, rows = saved
+    dx = dws = None
+    ns = [w[0][0].shape[0] for w in wqs]
+    if need_dx:
+        wd = _expert_weights(wqs)  # (E, N, K)
+        # (M, N): each weight's dY in its own 1x128 tiles (gate and up are two linears; the tiles of
+        # [dY_gate | dY_up] are the same when I % 128 == 0)
+        gd = torch.cat([act_dequant(*grad_quant(gi)) for gi in g.split(ns, dim=1)], dim=1)
+        dx = gd.new_zeros(g.shape[0], wd.shape[2])
+        for e, (a, b) in enumerate(rows):
+            dx[a:b] = gd[a:b] @ wd[e]
+        dx = dx.to(x_dtype)
+    if need_dw:
+        # dYᵀ (N, M) and Xᵀ (K, M), tiled 1x128 along the tokens of the whole sorted M (a tile may
+        # straddle two experts); Xᵀ re-tiled from the FP8 X. An expert without rows gets zeros.
+        gtd = act_dequant(*grad_quant(g.t().contiguous()))
+        xtd = act_dequant(*act_quant(act_dequant(xq, xs).t().contiguous()))
+        dws = [torch.stack([gt[:, a:b] @ xtd[:, a:b].T for a, b in rows]).to(dt)  # (E, N_i, K)
+               for gt, dt in zip(gtd.split(ns), w_dtypes)]
+    return dx, dws
+
+
+# --- FP8-weight GEMMs for inference ------------------------------------------------------------
+
+def fp8_weight_linear_ref(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """y (..., N) = x (..., K) · W (N, K)ᵀ with W = weight_dequant(w, s) in x's dtype (computed in fp32,
+    then cast): the official runtime's default `gemm_impl="bf16"`. Autograd flows to x."""
+    return F.linear(x, weight_dequant(w, s, x.dtype))
+
+
+def fp8_expert_rows_ref(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
+    """x (M, K), w (E, N, K) e4m3 with s (E, ceil(N/128), ceil(K/128)), expert (M,) -> y (M, N): row m
+    through expert[m]'s weight dequantised to x's dtype. Dequantises every expert: a specification,
+    not the prefill path (FP8Experts dequantises the stack once and runs grouped GEMMs)."""
+    wd = torch.stack([weight_dequant(w[e], s[e], x.dtype) for e in range(w.shape[0])])  # (E, N, K)
+    return torch.bmm(wd[expert], x.unsqueeze(-1)).squeeze(-1)
 
 
 def mla_decode_ref(q_lat: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, pe: torch.Tensor,
@@ -93,3 +260,60 @@ def mla_decode_ref(q_lat: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, pe
     scores = scores.masked_fill(pos[None, None, :] >= seq_lens[:, None, None], float("-inf"))
     p = scores.softmax(-1)
     return torch.einsum("bhs,bsc->bhc", p, kv_all).to(q_lat.dtype)
+
+
+# --- AdamW ---------------------------------------------------------------------------------------
+
+BUCKET_NUMEL = 1 << 24  # elements per foreach bucket: at most ~200 MB of fp32 working copies at a time
+
+
+def buckets(sizes: list[int], numel: int = BUCKET_NUMEL) -> list[range]:
+    """Consecutive index ranges of about `numel` elements in total each (a larger tensor alone)."""
+    out, start, n = [], 0, 0
+    for i, size in enumerate(sizes):
+        if i > start and n + size > numel:
+            out.append(range(start, i))
+            start, n = i, 0
+        n += size
+    return out + ([range(start, len(sizes))] if start < len(sizes) else [])
+
+
+def adamw_step_ref_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+                    exp_avg_sqs: list[torch.Tensor], *, lr: float, beta1: float, beta2: float, eps: float,
+                    weight_decay: float, step: float, grad_scale: torch.Tensor | None = None,
+                    bucket_numel: int = BUCKET_NUMEL) -> None:
+    """One AdamW step over lists sharing one step count t (1-based), in place, with torch._foreach ops
+    in buckets of about `bucket_numel` elements. torch.optim.AdamW's rule and op order
+    (`_multi_tensor_adamw`, so fp32 moments give its bits exactly), in fp32 whatever the storage:
+        g = g * grad_scale                          (optional 0-dim tensor: clip_grad_norm_'s multiply)
+        p = p * (1 - lr·wd)
+        m = lerp(m, g, 1 - β1)                      v = v·β2 + (1 - β2)·g·g
+        p = p + (-lr / (1 - β1^t)) · m / (sqrt(v) / sqrt(1 - β2^t) + eps)
+    bf16 (or other non-fp32) moments are read into fp32 working copies, updated, used unrounded for
+    the update, then rounded to nearest into storage. The gradient tensors are not modified."""
+    bias_correction1 = 1 - beta1 ** step
+    bias_correction2 = 1 - beta2 ** step
+    step_size = (lr / bias_correction1) * -1  # python floats, as torch computes them
+    bias_correction2_sqrt = bias_correction2 ** 0.5
+    for idx in buckets([p.numel() for p in params], bucket_numel):
+        ps = [params[i] for i in idx]
+        g = [grads[i].float() for i in idx]  # fp32 grads: the tensors themselves, only read
+        if grad_scale is not None:
+            g = torch._foreach_mul(g, grad_scale)
+        m_store, v_store = [exp_avgs[i] for i in idx], [exp_avg_sqs[i] for i in idx]
+        m = [x.float() for x in m_store]  # fp32 moments: the stored tensors, updated in place
+        v = [x.float() for x in v_store]
+        if weight_decay != 0:
+            torch._foreach_mul_(ps, 1 - lr * weight_decay)
+        torch._foreach_lerp_(m, g, 1 - beta1)
+        torch._foreach_mul_(v, beta2)
+        torch._foreach_addcmul_(v, g, g, 1 - beta2)
+        del g
+        denom = torch._foreach_sqrt(v)
+        torch._foreach_div_(denom, [bias_correction2_sqrt] * len(ps))
+        torch._foreach_add_(denom, eps)
+        torch._foreach_addcdiv_(ps, m, denom, [step_size] * len(ps))
+        for store, work in ((m_store, m), (v_store, v)):
+            pairs = [(a, b) for a, b in zip(store, work) if a is not b]
+            if pairs:  # round the fp32 working copies to the storage dtype
+                torch._foreach_copy_([a for a, _ in pairs], [b for _, b in pairs])

@@ -10,12 +10,14 @@ compute with them.
     linear_weight(module, dtype)  the dense weight of an nn.Linear or an FP8Linear (absorbed MLA needs
                                   W_UK / W_UV out of kv_b_proj whatever its storage)
 
-Compute: the CPU reference dequantises on the fly, y = F.linear(x, weight_dequant(w, s, x.dtype)),
-the official runtime's default `gemm_impl="bf16"`; experts dequantise only the expert being run
-(loop) or the whole stack (grouped). So an FP8 model computes exactly what the dense model loaded
-with `load_pretrained(keep_fp8=False)` from the same file computes; it differs from the full-precision
-model only by the weight rounding. A GPU block-scaled FP8 GEMM (activations quantised per 1x128 tile)
-will be dispatched from dsv3/kernels later; it adds activation rounding on top.
+Compute, through the kernel seam: `kernels.fp8_weight_linear` and `kernels.fp8_expert_rows`. Their
+reference (CPU, prefill, training through x) dequantises on the fly, y = F.linear(x, weight_dequant(w,
+s, x.dtype)), the official runtime's default `gemm_impl="bf16"`; experts dequantise only the expert
+being run (loop) or the whole stack (grouped). So an FP8 model computes exactly what the dense model
+loaded with `load_pretrained(keep_fp8=False)` from the same file computes; it differs from the
+full-precision model only by the weight rounding. At decode sizes on the GPU the kernels read the
+e4m3 bytes directly (no dequantised copy; fp32 accumulation in another order). A block-scaled FP8
+GEMM (activations quantised per 1x128 tile) would add activation rounding on top; none is used here.
 
 Storage: the tensors are persistent *buffers*, not parameters. They are inference state that no
 optimizer, `requires_grad_()` or autograd may touch (an fp8 tensor has no useful gradient), so
@@ -43,20 +45,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsv3 import kernels
 from dsv3.kernels import BLOCK, weight_dequant, weight_quant
 from dsv3.model.moe import Experts
 
 _EXPERT_MATRICES = ("gate_proj", "up_proj", "down_proj")
-# Up to these many rows the Triton FP8-weight kernels run (decode, no autograd: they build no graph);
-# above, dequantise + cuBLAS (prefill).
-SMALL_M = 64
-SMALL_M_EXPERT_ROWS = 1024
-
-
-def _gemm():
-    from dsv3.kernels import fp8_gemm_kernels
-
-    return fp8_gemm_kernels()
 
 
 def _blocks(n: int) -> int:
@@ -99,13 +92,8 @@ class FP8Linear(nn.Module):
         return weight_dequant(self.weight, self.weight_scale_inv, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // max(x.shape[-1], 1)
-        if (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and rows <= SMALL_M
-                and not (torch.is_grad_enabled() and x.requires_grad) and _gemm() is not None):
-            # decode: the Triton GEMM reads the e4m3 bytes directly (dsv3/kernels/fp8_gemm_triton.py)
-            y = _gemm().fp8_linear_small_m(x.reshape(rows, x.shape[-1]), self.weight, self.weight_scale_inv)
-            return y.view(*x.shape[:-1], self.out_features)
-        return F.linear(x, self.dequantized_weight(x.dtype))
+        # decode sizes on the GPU: a kernel reading the e4m3 bytes; else F.linear on the dequantised weight
+        return kernels.fp8_weight_linear(x, self.weight, self.weight_scale_inv)
 
     def _apply(self, fn, recurse=True):
         return super()._apply(_move_only(fn), recurse)
@@ -155,18 +143,17 @@ class FP8Experts(Experts):
 
     def sorted_mlp(self, x_MD: torch.Tensor, flat: torch.Tensor, order: torch.Tensor, offs: torch.Tensor,
                    dt: torch.dtype) -> torch.Tensor:
-        """Decode-sized batches on CUDA: one Triton GEMV per routed row straight from the e4m3 experts
-        (only the experts that rows select are read). Larger ones (prefill): dequantise the stack and
-        run the grouped GEMMs."""
-        M = x_MD.shape[0]
-        if not (x_MD.is_cuda and dt in (torch.bfloat16, torch.float16) and M <= SMALL_M_EXPERT_ROWS
-                and not (torch.is_grad_enabled() and x_MD.requires_grad) and _gemm() is not None):
+        """Where the kernels have an accelerated `fp8_expert_rows` for x_MD (decode-sized batches on
+        the GPU): one GEMV per routed row straight from the e4m3 experts (only the experts that rows
+        select are read). Otherwise (prefill, CPU): dequantise the stack and run the grouped GEMMs."""
+        backend = kernels.select_backend("fp8_expert_rows", x_MD)
+        if backend == "reference":
             return super().sorted_mlp(x_MD, flat, order, offs, dt)
-        k = _gemm()
         expert = flat[order]  # (M,) each sorted row's expert
-        h1 = k.fp8_expert_rows(x_MD, self.gate_proj, self.gate_proj_scale_inv, expert)
-        h3 = k.fp8_expert_rows(x_MD, self.up_proj, self.up_proj_scale_inv, expert)
-        return k.fp8_expert_rows(F.silu(h1) * h3, self.down_proj, self.down_proj_scale_inv, expert)
+        h1 = kernels.fp8_expert_rows(x_MD, self.gate_proj, self.gate_proj_scale_inv, expert, backend=backend)
+        h3 = kernels.fp8_expert_rows(x_MD, self.up_proj, self.up_proj_scale_inv, expert, backend=backend)
+        return kernels.fp8_expert_rows(F.silu(h1) * h3, self.down_proj, self.down_proj_scale_inv, expert,
+                                       backend=backend)
 
     def _apply(self, fn, recurse=True):
         return super()._apply(_move_only(fn), recurse)

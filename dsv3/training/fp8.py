@@ -33,17 +33,19 @@ power of two p = 2^(64 - e), e = exponent of the tensor's amax (exact, no host s
 (same kernels: the floor no longer binds), and divide the scales by p (exact): the e4m3 bytes are
 those of s = amax / 448 and the scales are amax / 448, for every tile above ~1e-23 x the tensor's amax.
 
-Backends (one autograd function, `backend=`):
-  * "emulate": the contract, any device. Quantise with the reference functions, dequantise to fp32,
-    matmul in fp32, cast (Y to the autocast/input dtype, dX to X's dtype, dW to W's dtype). On the
-    CPU this is what `--precision fp8` runs (slow, ~2-3x an fp32 step; for tests).
+Backends (one autograd function around the kernel ops `kernels.fp8_gemm_fwd` / `fp8_gemm_bwd`, `backend=`):
+  * "emulate": the contract, any device (the ops' "reference": dsv3/kernels/reference.py). Quantise
+    with the reference functions, dequantise to fp32, matmul in fp32, cast (Y to the autocast/input
+    dtype, dX to X's dtype, dW to W's dtype). On the CPU this is what `--precision fp8` runs (slow,
+    ~2-3x an fp32 step; for tests).
   * "scaled_mm": CUDA SM90, torch with `F.scaled_mm` (2.10+): quantisation by the Triton kernels of
     `dsv3/kernels/fp8_triton.py` (byte-equal to the references), GEMMs by `F.scaled_mm` with
     `ScalingType.BlockWise1x128` (activations, gradients) x `BlockWise128x128` (weights) for fprop
     and dgrad, `BlockWise1x128` x `BlockWise1x128` for wgrad (fp32 output). M, N, K are zero-padded
     to multiples of 128 where needed (e.g. kv_a_proj's 576 outputs -> 640): zeros change no amax, so
     the result is the emulation's up to fp32 accumulation order and the output rounding.
-  * "auto": scaled_mm where it is available (CUDA, SM 9.x, F.scaled_mm, triton), else emulate.
+  * "auto": the kernels seam chooses (dsv3/kernels/backend.py: scaled_mm on CUDA SM 9.x with
+    F.scaled_mm and triton, else emulate).
 
 Experts (`FP8TrainExperts.sorted_mlp`, inside `Experts.forward_grouped`): the (token, expert) rows are
 sorted by expert, rows_e = offs[e-1]:offs[e], and each expert matrix W_e (N x K) gets the same three
@@ -56,15 +58,16 @@ tiled along the tokens of the whole sorted M, so a 128-token tile may straddle t
 element still has exactly one scale, and expert e's contraction sums its own rows only. Weights get
 128x128 blocks per expert. gate and up are two linears sharing one quantisation of X: one GEMM for
 both ([gate; up], 2I outputs) and one dgrad GEMM over the 2I contraction (each one's dY in its own
-1x128 tiles); their fp8 weights are read in place, never concatenated. Backends (`convert_to_fp8_training`
-gives the experts "triton" where the Linears get "scaled_mm"):
+1x128 tiles); their fp8 weights are read in place, never concatenated. Backends (kernel ops
+`kernels.fp8_grouped_gemm_fwd` / `_bwd`; `convert_to_fp8_training` gives the experts "triton" where
+the Linears get "scaled_mm"):
   * "emulate": the reference functions, fp32 matmul per expert (a loop over the host copy of offs:
     one sync per grouped linear, acceptable for the contract); what the CPU runs.
   * "triton": CUDA SM 8.9+. Quantisation by `dsv3/kernels/fp8_triton.py`, GEMMs by the grouped kernels
     of `dsv3/kernels/fp8_grouped_triton.py`, which read offs on the device: no host sync. D and I are
-    zero-padded to multiples of 128 where needed (every preset is aligned; tiny test models are not),
-    M to a multiple of 128 for the wgrad re-tiling.
-  * "auto": triton where available, else emulate.
+    zero-padded to multiples of 128 here where needed (every preset is aligned; tiny test models are
+    not), M to a multiple of 128 (for the wgrad re-tiling) by the op.
+  * "auto": the kernels seam chooses (triton on CUDA SM 8.9+ with triton, else emulate).
 Why Triton: torch 2.11's `F.scaled_grouped_mm` on SM90 is rowwise-only (BlockWise1x128 / 128x128 raise
 "No gemm implementation was found"), and a per-expert loop of blockwise `F.scaled_mm` needs the
 per-expert counts on the host (a sync per layer) and runs small GEMMs whose FP8 gain is small or
@@ -80,135 +83,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsv3.kernels import (BLOCK, act_dequant, act_quant, fp8_grouped_kernels, fp8_quant_kernels, weight_dequant,
-                          weight_quant)
+from dsv3 import kernels
+from dsv3.kernels import BLOCK
 from dsv3.model.moe import Experts
 
 BACKENDS = ("auto", "emulate", "scaled_mm")
 EXPERT_BACKENDS = ("auto", "emulate", "triton")
+_KERNEL_BACKEND = {"auto": None, "emulate": "reference", "scaled_mm": "scaled_mm", "triton": "triton"}  # -> the ops'
 
 
 def _ceil(n: int, m: int = BLOCK) -> int:
     return -(-n // m) * m
 
 
-def scaled_mm_available(device: torch.device | str | None = None) -> bool:
-    """True where the scaled_mm backend can run: CUDA SM 9.x, `F.scaled_mm` with blockwise scaling, triton."""
-    if not torch.cuda.is_available() or not hasattr(F, "scaled_mm") or not hasattr(F, "ScalingType"):
-        return False
-    dev = torch.device(device) if device is not None else torch.device("cuda")
-    if dev.type != "cuda":
-        return False
-    if torch.cuda.get_device_capability(dev)[0] != 9:
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-GRAD_AMAX_EXP = 64  # dY is pre-scaled so that its amax lies in [2^63, 2^64)
-
-
-def _grad_prescale(g: torch.Tensor) -> torch.Tensor:
-    """The power of two p (fp32, 0-dim, on g's device) with amax(|g| * p) in [2^63, 2^64); built from
-    the exponent bits so it is exact on every device. p = 2^64 for an all-zero g."""
-    amax = torch.linalg.vector_norm(g.detach(), float("inf")).float()  # max |g| in one reduction, no |g| copy
-    _, e = torch.frexp(amax)  # amax = m * 2^e, m in [0.5, 1)
-    k = (GRAD_AMAX_EXP - e.to(torch.int32)).clamp(-126, 127)
-    return ((k + 127) << 23).view(torch.float32)
-
-
-def _grad_quant_ref(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Q1x128 of a gradient without the activation floor: (fp8, fp32 scales amax/448) (module doc)."""
-    p = _grad_prescale(g)
-    q, s = act_quant(g * p)
-    return q, s / p
-
-
-# --- emulation (the contract) -------------------------------------------------------------------
-
-def _emu_fwd(x2: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype):
-    xq, xs = act_quant(x2)
-    wq, ws = weight_quant(w)
-    y = act_dequant(xq, xs) @ weight_dequant(wq, ws, torch.float32).T
-    return y.to(out_dtype), (xq, xs, wq, ws)
-
-
-def _emu_bwd(g2: torch.Tensor, saved, x_dtype: torch.dtype, w_dtype: torch.dtype, need_dx: bool, need_dw: bool):
-    xq, xs, wq, ws = saved
-    dx = dw = None
-    if need_dx:
-        gq, gs = _grad_quant_ref(g2)
-        dx = (act_dequant(gq, gs) @ weight_dequant(wq, ws, torch.float32)).to(x_dtype)
-    if need_dw:
-        gtq, gts = _grad_quant_ref(g2.t().contiguous())  # dYᵀ (N, M): 1x128 tiles along the tokens
-        xtq, xts = act_quant(act_dequant(xq, xs).t().contiguous())  # re-tile X: dequant, transpose, requant
-        dw = (act_dequant(gtq, gts) @ act_dequant(xtq, xts).T).to(w_dtype)
-    return dx, dw
-
-
-# --- scaled_mm backend (CUDA SM90) --------------------------------------------------------------
-
-def _pad2(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    r, c = t.shape
-    if r == rows and c == cols:
-        return t.contiguous()
-    return F.pad(t, (0, cols - c, 0, rows - r))
-
-
-def _smm_fwd(x2: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype):
-    k = fp8_quant_kernels()
-    M, K = x2.shape
-    N = w.shape[0]
-    Mp, Kp, Np = _ceil(M), _ceil(K), _ceil(N)
-    xq, xs = k.act_quant_cm(_pad2(x2, Mp, Kp))  # (Mp, Kp), scales (Mp, Kp/128) column-major
-    # (Np, Kp), scales (Np/128, round4(Kp/128)), and the fp8 transpose (Kp, Np) for dgrad from the same pass
-    wq, ws, wqt = k.weight_quant_pad(_pad2(w, Np, Kp), transposed=True)
-    y = F.scaled_mm(xq, wq.t(), xs, F.ScalingType.BlockWise1x128, ws.t(), F.ScalingType.BlockWise128x128,
-                    output_dtype=out_dtype)
-    return y[:M, :N], (xq, xs, wqt, ws, M, N, K)
-
-
-def _smm_bwd(g2: torch.Tensor, saved, x_dtype: torch.dtype, w_dtype: torch.dtype, need_dx: bool, need_dw: bool):
-    k = fp8_quant_kernels()
-    xq, xs, wqt, ws, M, N, K = saved
-    Mp, Kp = xq.shape
-    Np = wqt.shape[1]
-    # as in the emulation: exact power-of-two pre-scale p, applied inside the quantisers, which also
-    # store the scales divided by p
-    p = _grad_prescale(g2).reshape(1)
-    gp = _pad2(g2, Mp, Np)
-    dx = dw = None
-    if need_dx:
-        gq, gs = k.act_quant_cm(gp, p)
-        nb, kb = Np // BLOCK, Kp // BLOCK
-        # wqt (Kp, Np) = the forward's 128x128 blocks transposed (written by the weight quantiser)
-        wst = torch.ones(kb, -(-nb // 4) * 4, dtype=torch.float32, device=ws.device)
-        wst[:, :nb] = ws[:, :kb].t()
-        dx = F.scaled_mm(gq, wqt.t(), gs, F.ScalingType.BlockWise1x128, wst.t(), F.ScalingType.BlockWise128x128,
-                         output_dtype=x_dtype)[:M, :K]
-    if need_dw:
-        gtq, gts = k.act_quant_t(gp, p=p)  # dYᵀ (Np, Mp), scales (Np, Mp/128) column-major
-        xtq, xts = k.act_quant_t(xq, xs)  # Xᵀ (Kp, Mp) re-tiled from the FP8 X
-        dw = F.scaled_mm(gtq, xtq.t(), gts, F.ScalingType.BlockWise1x128, xts, F.ScalingType.BlockWise1x128,
-                         output_dtype=torch.float32)[:N, :K].to(w_dtype)
-    return dx, dw
-
-
 class _FP8LinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype, backend: str) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype, backend: str | None) -> torch.Tensor:
         lead, K = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, K)
         with torch.autocast(x.device.type, enabled=False):
-            if backend == "scaled_mm":
-                y, saved = _smm_fwd(x2, w.detach(), out_dtype)
-            else:
-                y, saved = _emu_fwd(x2, w.detach(), out_dtype)
-        ctx.saved = saved
-        ctx.backend, ctx.x_dtype, ctx.w_dtype, ctx.x_shape = backend, x.dtype, w.dtype, x.shape
+            y, saved = kernels.fp8_gemm_fwd(x2, w.detach(), out_dtype, backend=backend)
+        ctx.saved = saved  # tagged with the backend that ran: the backward runs the same
+        ctx.x_dtype, ctx.w_dtype, ctx.x_shape = x.dtype, w.dtype, x.shape
         return y.reshape(*lead, w.shape[0])
 
     @staticmethod
@@ -216,8 +112,7 @@ class _FP8LinearFn(torch.autograd.Function):
         g2 = gy.reshape(-1, gy.shape[-1])
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         with torch.autocast(gy.device.type, enabled=False):
-            bwd = _smm_bwd if ctx.backend == "scaled_mm" else _emu_bwd
-            dx, dw = bwd(g2, ctx.saved, ctx.x_dtype, ctx.w_dtype, need_dx, need_dw)
+            dx, dw = kernels.fp8_gemm_bwd(g2, ctx.saved, ctx.x_dtype, ctx.w_dtype, need_dx, need_dw)
         ctx.saved = None
         if dx is not None:
             dx = dx.reshape(ctx.x_shape)
@@ -233,13 +128,9 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, backend: str = "auto",
     dev = x.device.type
     if out_dtype is None:
         out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-    if backend == "auto":
-        backend = "scaled_mm" if x.is_cuda and scaled_mm_available(x.device) else "emulate"
-    if backend == "scaled_mm" and x.shape[-1] % 16:  # fp8 row strides must stay 16-byte aligned
-        backend = "emulate"
     if torch.is_autocast_enabled(dev) and x.is_floating_point() and x.dtype != out_dtype:
         x = x.to(out_dtype)  # the copy autocast would have made for F.linear (both backends alike)
-    return _FP8LinearFn.apply(x, weight, out_dtype, backend)
+    return _FP8LinearFn.apply(x, weight, out_dtype, _KERNEL_BACKEND[backend])
 
 
 class FP8TrainLinear(nn.Linear):
@@ -274,134 +165,22 @@ class FP8TrainLinear(nn.Linear):
 
 # --- routed experts: grouped FP8 GEMMs over rows sorted by expert (module docstring, "Experts") ----
 
-def grouped_triton_available(device: torch.device | str | None = None) -> bool:
-    """True where the Triton grouped FP8 kernels can run: CUDA with FP8 tensor cores (SM 8.9+), triton."""
-    if not torch.cuda.is_available():
-        return False
-    dev = torch.device(device) if device is not None else torch.device("cuda")
-    if dev.type != "cuda" or torch.cuda.get_device_capability(dev) < (8, 9):
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _expert_rows(offs: torch.Tensor) -> list[tuple[int, int]]:
-    """[(start, end)] of each expert's sorted rows, on the host: the emulation's one sync."""
-    ends = offs.tolist()
-    return list(zip([0] + ends[:-1], ends))
-
-
-def _emu_expert_weights(wqs) -> torch.Tensor:
-    """Per weight a list over experts of (fp8, 128x128 scales) -> the dequantised weights concatenated
-    along N, (E, ΣN_i, K) fp32."""
-    return torch.cat([torch.stack([weight_dequant(q, s, torch.float32) for q, s in w]) for w in wqs], dim=1)
-
-
-def _emu_grouped_fwd(x: torch.Tensor, ws: list[torch.Tensor], offs: torch.Tensor, out_dtype: torch.dtype):
-    rows = _expert_rows(offs)
-    xq, xs = act_quant(x)  # 1x128 tiles of each row: rows are independent, so the grouping does not matter
-    wqs = [[weight_quant(w_e) for w_e in w] for w in ws]  # each expert its own 128x128 grid
-    xd, wd = act_dequant(xq, xs), _emu_expert_weights(wqs)  # (M, K), (E, N, K)
-    y = xd.new_zeros(x.shape[0], wd.shape[1])
-    for e, (a, b) in enumerate(rows):
-        y[a:b] = xd[a:b] @ wd[e].T
-    return y.to(out_dtype), (xq, xs, wqs, rows)
-
-
-def _emu_grouped_bwd(g: torch.Tensor, saved, x_dtype: torch.dtype, w_dtypes: list[torch.dtype],
-                     need_dx: bool, need_dw: bool):
-    xq, xs, wqs, rows = saved
-    dx = dws = None
-    ns = [w[0][0].shape[0] for w in wqs]
-    if need_dx:
-        wd = _emu_expert_weights(wqs)  # (E, N, K)
-        # (M, N): each weight's dY in its own 1x128 tiles (gate and up are two linears; the tiles of
-        # [dY_gate | dY_up] are the same when I % 128 == 0)
-        gd = torch.cat([act_dequant(*_grad_quant_ref(gi)) for gi in g.split(ns, dim=1)], dim=1)
-        dx = gd.new_zeros(g.shape[0], wd.shape[2])
-        for e, (a, b) in enumerate(rows):
-            dx[a:b] = gd[a:b] @ wd[e]
-        dx = dx.to(x_dtype)
-    if need_dw:
-        # dYᵀ (N, M) and Xᵀ (K, M), tiled 1x128 along the tokens of the whole sorted M (a tile may
-        # straddle two experts); Xᵀ re-tiled from the FP8 X. An expert without rows gets zeros.
-        gtd = act_dequant(*_grad_quant_ref(g.t().contiguous()))
-        xtd = act_dequant(*act_quant(act_dequant(xq, xs).t().contiguous()))
-        dws = [torch.stack([gt[:, a:b] @ xtd[:, a:b].T for a, b in rows]).to(dt)  # (E, N_i, K)
-               for gt, dt in zip(gtd.split(ns), w_dtypes)]
-    return dx, dws
-
-
-def _block_scales(s: torch.Tensor, E: int, n: int, k: int) -> torch.Tensor:
-    """weight_quant_pad's scales of a stacked (E*n, k) weight -> (E, n/128, k/128), each expert's blocks."""
-    return s.view(E, n // BLOCK, -1)[:, :, : k // BLOCK]
-
-
-def _tri_grouped_fwd(x: torch.Tensor, ws: list[torch.Tensor], offs: torch.Tensor, out_dtype: torch.dtype):
-    k, gk = fp8_quant_kernels(), fp8_grouped_kernels()
-    M, K = x.shape
-    E = offs.shape[0]
-    assert K % BLOCK == 0 and all(w.shape[1] % BLOCK == 0 for w in ws), "triton experts: N, K multiples of 128"
-    # (Mp, K), zero rows past M for the wgrad re-tiling; scales (Mp, K/128) column-major
-    xq, xs = k.act_quant_cm(_pad2(x, _ceil(M), K))
-    bs, saved_w = [], []
-    for w in ws:
-        n = w.shape[1]
-        # the stacked (E*n, K) view: its 128x128 grid is each expert's own (n % 128 == 0); qt (K, E*n)
-        # is the fp8 transpose for dgrad, from the same pass
-        q, s, qt = k.weight_quant_pad(w.reshape(E * n, K), transposed=True)
-        bs.append((q.view(E, n, K), _block_scales(s, E, n, K)))
-        saved_w.append((qt, s))
-    y = gk.fp8_grouped_mm(xq[:M], xs[:M], bs, offs, out_dtype, cat="n")
-    return y, (xq, xs, saved_w, M)
-
-
-def _tri_grouped_bwd(g: torch.Tensor, saved, offs: torch.Tensor, x_dtype: torch.dtype,
-                     w_dtypes: list[torch.dtype], need_dx: bool, need_dw: bool):
-    k, gk = fp8_quant_kernels(), fp8_grouped_kernels()
-    xq, xs, saved_w, M = saved
-    Mp, K = xq.shape
-    E = offs.shape[0]
-    ns = [qt.shape[1] // E for qt, _ in saved_w]
-    p = _grad_prescale(g).reshape(1)  # as in the emulation, applied inside the quantisers
-    gp = _pad2(g, Mp, sum(ns))
-    dx = dws = None
-    if need_dx:
-        gq, gs = k.act_quant_cm(gp, p)  # (Mp, N), 1x128 tiles along N
-        # W_eᵀ (E, K, n) as views of qt (K, E*n), and the transposed block scales (E, K/128, n/128)
-        bts = [(qt.view(K, E, n).permute(1, 0, 2), _block_scales(s, E, n, K).transpose(1, 2))
-               for (qt, s), n in zip(saved_w, ns)]
-        dx = gk.fp8_grouped_mm(gq[:M], gs[:M], bts, offs, x_dtype, cat="k")
-    if need_dw:
-        gtq, gts = k.act_quant_t(gp, p=p)  # dYᵀ (N, Mp), scales (N, Mp/128)
-        xtq, xts = k.act_quant_t(xq, xs)  # Xᵀ (K, Mp) re-tiled from the FP8 X
-        dws = [d.to(dt) for d, dt in zip(gk.fp8_grouped_wgrad(gtq, gts, xtq, xts, offs, ns), w_dtypes)]
-    return dx, dws
-
-
 class _FP8GroupedFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, offs: torch.Tensor, out_dtype: torch.dtype, backend: str,
+    def forward(ctx, x: torch.Tensor, offs: torch.Tensor, out_dtype: torch.dtype, backend: str | None,
                 *ws: torch.Tensor) -> torch.Tensor:
         with torch.autocast(x.device.type, enabled=False):
-            fwd = _tri_grouped_fwd if backend == "triton" else _emu_grouped_fwd
-            y, saved = fwd(x, [w.detach() for w in ws], offs, out_dtype)
-        ctx.saved, ctx.offs = saved, offs
-        ctx.backend, ctx.x_dtype, ctx.w_dtypes = backend, x.dtype, [w.dtype for w in ws]
+            y, saved = kernels.fp8_grouped_gemm_fwd(x, [w.detach() for w in ws], offs, out_dtype, backend=backend)
+        ctx.saved = saved  # tagged with the backend that ran: the backward runs the same
+        ctx.x_dtype, ctx.w_dtypes = x.dtype, [w.dtype for w in ws]
         return y
 
     @staticmethod
     def backward(ctx, gy: torch.Tensor):
         need_dx, need_dw = ctx.needs_input_grad[0], any(ctx.needs_input_grad[4:])
         with torch.autocast(gy.device.type, enabled=False):
-            if ctx.backend == "triton":
-                dx, dws = _tri_grouped_bwd(gy, ctx.saved, ctx.offs, ctx.x_dtype, ctx.w_dtypes, need_dx, need_dw)
-            else:
-                dx, dws = _emu_grouped_bwd(gy, ctx.saved, ctx.x_dtype, ctx.w_dtypes, need_dx, need_dw)
-        ctx.saved = ctx.offs = None
+            dx, dws = kernels.fp8_grouped_gemm_bwd(gy, ctx.saved, ctx.x_dtype, ctx.w_dtypes, need_dx, need_dw)
+        ctx.saved = None
         return (dx, None, None, None, *(dws or [None] * len(ctx.w_dtypes)))
 
 
@@ -413,9 +192,7 @@ def fp8_grouped_linear(x: torch.Tensor, weights: tuple[torch.Tensor, ...], offs:
     share one quantisation of x (gate and up)."""
     if backend not in EXPERT_BACKENDS:
         raise ValueError(f"fp8 experts backend must be one of {EXPERT_BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        backend = "triton" if x.is_cuda and grouped_triton_available(x.device) else "emulate"
-    return _FP8GroupedFn.apply(x, offs, out_dtype or x.dtype, backend, *weights)
+    return _FP8GroupedFn.apply(x, offs, out_dtype or x.dtype, _KERNEL_BACKEND[backend], *weights)
 
 
 class FP8TrainExperts(Experts):
@@ -442,22 +219,21 @@ class FP8TrainExperts(Experts):
     @torch.compiler.disable  # opaque to torch.compile: Triton kernels / host syncs in an autograd.Function
     def sorted_mlp(self, x_MD: torch.Tensor, flat: torch.Tensor, order: torch.Tensor, offs: torch.Tensor,
                    dt: torch.dtype) -> torch.Tensor:
-        backend = self.fp8_backend
-        if backend == "auto":
-            backend = "triton" if x_MD.is_cuda and grouped_triton_available(x_MD.device) else "emulate"
+        # resolved once for the three GEMMs (and the padding below)
+        backend = kernels.select_backend("fp8_grouped_gemm", x_MD, backend=_KERNEL_BACKEND[self.fp8_backend])
         w1, w3, w2 = self.gate_proj, self.up_proj, self.down_proj  # (E, I, D), (E, I, D), (E, D, I)
         I, D = w1.shape[1:]
-        if backend == "triton" and (D % BLOCK or I % BLOCK):
-            # the kernels take whole 128-blocks: zero-pad D and I (zeros change no amax and SwiGLU
-            # keeps the padded columns at 0, so this is the unpadded computation)
+        if backend != "reference" and (D % BLOCK or I % BLOCK):
+            # the accelerated kernels take whole 128-blocks: zero-pad D and I (zeros change no amax and
+            # SwiGLU keeps the padded columns at 0, so this is the unpadded computation)
             Dp, Ip = _ceil(D), _ceil(I)
             x_MD = F.pad(x_MD, (0, Dp - D))
             w1, w3 = (F.pad(w, (0, Dp - D, 0, Ip - I)) for w in (w1, w3))
             w2 = F.pad(w2, (0, Ip - I, 0, Dp - D))
         Iw = w1.shape[1]
-        h13 = fp8_grouped_linear(x_MD, (w1, w3), offs, backend, dt)  # (M, 2I): gate | up
+        h13 = _FP8GroupedFn.apply(x_MD, offs, dt, backend, w1, w3)  # (M, 2I): gate | up
         h = F.silu(h13[:, :Iw]) * h13[:, Iw:]
-        return fp8_grouped_linear(h, (w2,), offs, backend, dt)[:, :D]  # (M, D)
+        return _FP8GroupedFn.apply(h, offs, dt, backend, w2)[:, :D]  # (M, D)
 
     def extra_repr(self) -> str:
         E, I, D = self.gate_proj.shape

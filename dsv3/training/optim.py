@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from dsv3 import kernels
+
 CONSTANT_END = 10.0 / 14.8  # end of the constant phase (and of λ = 0.3)
 COSINE_END = 14.3 / 14.8  # end of the cosine decay (and of γ > 0)
 TAIL1_END = (14.3 + 0.333) / 14.8
@@ -80,49 +82,26 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-BUCKET_NUMEL = 1 << 24  # elements per foreach bucket: at most ~200 MB of fp32 working copies at a time
-
-
-def _buckets(params: list, numel: int) -> list[list]:
-    """Consecutive groups of parameters of about `numel` elements (a larger tensor alone)."""
-    out, cur, n = [], [], 0
-    for p in params:
-        if cur and n + p.numel() > numel:
-            out.append(cur)
-            cur, n = [], 0
-        cur.append(p)
-        n += p.numel()
-    return out + ([cur] if cur else [])
-
-
-def _is_plain_cuda(p: torch.Tensor) -> bool:
-    """A CUDA tensor the Triton kernel can take (not a DTensor or other tensor subclass)."""
-    return p.is_cuda and type(p) in (torch.Tensor, torch.nn.Parameter)
-
-
 def fused_available(params) -> bool:
-    """True where `AdamW(fused=None)` picks the Triton kernel: every parameter a plain CUDA tensor, triton importable."""
-    params = list(params)
-    if not params or not all(_is_plain_cuda(p) for p in params):
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """True where `AdamW(fused=None)` gets the Triton backend of `kernels.adamw_step_` (CUDA parameters,
+    plain or DTensor shards, and triton: dsv3/kernels/backend.py decides)."""
+    return kernels.adamw_backend(list(params)) != "reference"
 
 
 class AdamW(torch.optim.Optimizer):
     """AdamW (torch.optim.AdamW's rule: decoupled decay p *= 1 - lr·wd, bias corrections) with the moments
     *stored* in `state_dtype`: fp32, or bf16 as the paper keeps them (§3.3; saves 4 bytes/parameter),
     while the parameters stay fp32 masters. Each step computes in fp32: m, v are read up from storage,
-    updated, used for the update unrounded, then rounded (to nearest) back.
+    updated, used for the update unrounded, then rounded (to nearest) back. The update is
+    `dsv3.kernels.adamw_step_`, once per group and step count; with fp32 moments its reference is
+    bitwise torch.optim.AdamW(foreach=True).
 
-    fused=True: one Triton kernel per parameter (dsv3/kernels/adamw_triton.py) reads p, g, m, v and writes
-    p, m, v once; `step(grad_scale=t)` multiplies the gradients by the 0-dim device tensor t inside that
-    kernel, which is how `clip_and_step` clips without a separate pass over the gradients. fused=False:
-    torch._foreach ops in bounded fp32 buckets (any device, DTensors included): the reference.
-    fused=None: the kernel where every parameter is a plain CUDA tensor and triton imports."""
+    fused=True: the op's Triton backend, one kernel per parameter reading p, g, m, v and writing p, m, v
+    once; `step(grad_scale=t)` multiplies the gradients by the 0-dim device tensor t inside that kernel,
+    which is how `clip_and_step` clips without a separate pass over the gradients. fused=False: the
+    reference (torch._foreach ops in bounded fp32 buckets, any device). fused=None: Triton where the
+    kernels seam offers it (CUDA parameters, DTensors by their local shards, triton importable).
+    `.fused` tells which one runs."""
 
     def __init__(self, params, lr: float, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0,
                  state_dtype: torch.dtype = torch.bfloat16, fused: bool | None = None):
@@ -130,12 +109,11 @@ class AdamW(torch.optim.Optimizer):
         if state_dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"AdamW state_dtype must be torch.float32 or torch.bfloat16, got {state_dtype}")
         self.state_dtype = state_dtype
-        all_params = [p for g in self.param_groups for p in g["params"]]
-        if fused is None:
-            fused = fused_available(all_params)
-        elif fused and not fused_available(all_params):
-            raise ValueError("AdamW(fused=True) needs plain CUDA parameters and triton")
-        self.fused = fused
+        auto = kernels.adamw_backend([p for g in self.param_groups for p in g["params"]])
+        if fused and auto == "reference":
+            raise ValueError("AdamW(fused=True) needs CUDA parameters (plain tensors or DTensors) and triton")
+        self._backend = auto if fused is None or fused else "reference"
+        self.fused = self._backend != "reference"
 
     @torch.no_grad()
     def step(self, closure=None, grad_scale: torch.Tensor | None = None):
@@ -145,10 +123,10 @@ class AdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        backend = self._backend if self.fused else "reference"
         for g in self.param_groups:
             b1, b2 = g["betas"]
-            lr, wd, eps = g["lr"], g["weight_decay"], g["eps"]
-            by_step: dict[float, list] = {}  # foreach ops need one bias correction per list
+            by_step: dict[float, list] = {}  # one op call per step count (one bias correction per call)
             for p in g["params"]:
                 if p.grad is None:
                     continue
@@ -159,36 +137,11 @@ class AdamW(torch.optim.Optimizer):
                     st["exp_avg_sq"] = torch.zeros_like(p, dtype=self.state_dtype)
                 st["step"] += 1
                 by_step.setdefault(float(st["step"]), []).append(p)
-            for t, group_ps in by_step.items():
-                if self.fused:
-                    from dsv3.kernels.adamw_triton import adamw_step_
-
-                    for p in group_ps:
-                        st = self.state[p]
-                        adamw_step_(p, p.grad, st["exp_avg"], st["exp_avg_sq"], lr=lr, beta1=b1, beta2=b2, eps=eps,
-                                    weight_decay=wd, step=t, grad_scale=grad_scale)
-                    continue
-                for ps in _buckets(group_ps, BUCKET_NUMEL):  # bounded fp32 working copies
-                    grads = [p.grad.float() for p in ps]  # no copy for fp32 grads: only read below
-                    if grad_scale is not None:
-                        grads = torch._foreach_mul(grads, grad_scale)
-                    m_store = [self.state[p]["exp_avg"] for p in ps]
-                    v_store = [self.state[p]["exp_avg_sq"] for p in ps]
-                    m = [x.float() for x in m_store]  # fp32 working copies
-                    v = [x.float() for x in v_store]
-                    if self.state_dtype == torch.float32:  # .float() returned the stored tensors themselves
-                        m, v = [x.clone() for x in m], [x.clone() for x in v]
-                    torch._foreach_lerp_(m, grads, 1 - b1)
-                    torch._foreach_mul_(v, b2)
-                    torch._foreach_addcmul_(v, grads, grads, value=1 - b2)
-                    torch._foreach_copy_(m_store, m)  # round to the storage dtype
-                    torch._foreach_copy_(v_store, v)
-                    if wd:
-                        torch._foreach_mul_(ps, 1 - lr * wd)
-                    denom = torch._foreach_div(v, 1 - b2 ** t)
-                    torch._foreach_sqrt_(denom)
-                    torch._foreach_add_(denom, eps)
-                    torch._foreach_addcdiv_(ps, m, denom, value=-lr / (1 - b1 ** t))
+            for t, ps in by_step.items():
+                sts = [self.state[p] for p in ps]
+                kernels.adamw_step_(ps, [p.grad for p in ps], [st["exp_avg"] for st in sts],
+                                    [st["exp_avg_sq"] for st in sts], lr=g["lr"], beta1=b1, beta2=b2, eps=g["eps"],
+                                    weight_decay=g["weight_decay"], step=t, grad_scale=grad_scale, backend=backend)
         return loss
 
 

@@ -1,0 +1,164 @@
+"""Which backend runs each kernel operation: the one place in dsv3 that looks at the tensors' device,
+the GPU's compute capability and whether triton and `F.scaled_mm` exist. Every operation of
+`dsv3.kernels` asks `select(op, tensors...)` and runs what it answers; callers hand over tensors and
+never probe the GPU themselves.
+
+    op                accelerated backend   chosen when (else "reference", reference.py, any device)
+    fp8_quant         "triton"              SM 8.9+ (e4m3 conversions)
+    fp8_gemm          "scaled_mm"           SM 9.x, `F.scaled_mm` with blockwise `ScalingType` (torch 2.10+)
+    fp8_grouped_gemm  "triton"              SM 8.9+ (FP8 tensor cores)
+    fp8_weight_gemm   "triton"              bf16/fp16 x, at most DENSE_DECODE_ROWS rows, no autograd
+    fp8_expert_rows   "triton"              bf16/fp16 x, at most EXPERT_DECODE_ROWS rows, no autograd
+    mla_decode        "triton"              -
+    adamw             "triton"              -
+
+The rule: the accelerated backend where triton imports and every tensor given to `select` is a plain
+(not a subclass such as DTensor) CUDA tensor meeting its row; else "reference". The AdamW operation
+hands over the local shards of DTensor parameters, so sharded parameters get the plain rule.
+The decode rows are speed thresholds (measured: above them dequantise + cuBLAS wins, prefill) and
+correctness conditions (the Triton GEMMs have no backward and take 16-bit activations).
+
+Overrides, for tests and benchmarks:
+  * an operation's `backend=` argument wins when given ("reference" or the op's accelerated backend;
+    None or "auto": the rule above);
+  * `with use_backend("reference"):` makes every automatic choice "reference";
+    `use_backend(mla_decode="reference")` (or another op's accelerated backend) one op's. Process-wide;
+    a torch.compile'd caller sees the setting it was traced under (its guards recompile on a change).
+
+Cost: the probes (triton import, F.scaled_mm, one capability query per device) are memoised, so a
+choice is a few attribute reads on the host: no device work, no sync.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+FAST = {  # op -> its accelerated backend
+    "fp8_quant": "triton",
+    "fp8_gemm": "scaled_mm",
+    "fp8_grouped_gemm": "triton",
+    "fp8_weight_gemm": "triton",
+    "fp8_expert_rows": "triton",
+    "mla_decode": "triton",
+    "adamw": "triton",
+}
+# Up to these many activation rows the Triton FP8-weight kernels run (decode; above, prefill:
+# dequantise + cuBLAS): the dense 16-row-tile GEMM and the per-routed-row expert GEMV.
+DENSE_DECODE_ROWS = 64
+EXPERT_DECODE_ROWS = 1024
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+_probes: dict = {}  # memoised availability: "triton", "scaled_mm", ("capability", index)
+_forced: dict[str, str] = {}  # use_backend: op (or "*" for all) -> backend
+
+
+# The probes are constants of the process: torch.compile calls them once while tracing instead of
+# tracing into them (a failing `import triton` inside a traced function is a graph break).
+@torch.compiler.assume_constant_result
+def _triton() -> bool:
+    if "triton" not in _probes:
+        try:
+            import triton  # noqa: F401
+            _probes["triton"] = True
+        except ImportError:
+            _probes["triton"] = False
+    return _probes["triton"]
+
+
+@torch.compiler.assume_constant_result
+def _scaled_mm() -> bool:
+    """F.scaled_mm with blockwise scaling (torch 2.10+)."""
+    if "scaled_mm" not in _probes:
+        _probes["scaled_mm"] = hasattr(F, "scaled_mm") and hasattr(F, "ScalingType")
+    return _probes["scaled_mm"]
+
+
+@torch.compiler.assume_constant_result
+def _capability(device: torch.device) -> tuple[int, int]:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    key = ("capability", index)
+    if key not in _probes:
+        _probes[key] = tuple(torch.cuda.get_device_capability(index))
+    return _probes[key]
+
+
+def _rows(x: torch.Tensor) -> int:
+    return x.numel() // max(x.shape[-1], 1)
+
+
+def _decode_fits(x: torch.Tensor, max_rows: int) -> bool:
+    return (x.dtype in (torch.bfloat16, torch.float16) and _rows(x) <= max_rows
+            and not (torch.is_grad_enabled() and x.requires_grad))
+
+
+def available(op: str, device: torch.device | str = "cuda") -> bool:
+    """Whether `op`'s accelerated backend can run on `device` at all (libraries and GPU capability;
+    not the per-call shape conditions). For tests and benchmarks deciding what to skip."""
+    device = torch.device(device)
+    if op not in FAST:
+        raise ValueError(f"unknown kernel op {op!r}; one of {sorted(FAST)}")
+    if device.type != "cuda" or not torch.cuda.is_available() or not _triton():
+        return False
+    if op == "fp8_gemm":
+        return _capability(device)[0] == 9 and _scaled_mm()
+    if op in ("fp8_quant", "fp8_grouped_gemm"):
+        return _capability(device) >= (8, 9)
+    return True
+
+
+def _fast_fits(op: str, tensors: tuple[torch.Tensor, ...]) -> bool:
+    if not tensors or not all(t.is_cuda and type(t) in _PLAIN for t in tensors):
+        return False
+    if not available(op, tensors[0].device):
+        return False
+    if op == "fp8_weight_gemm":
+        return _decode_fits(tensors[0], DENSE_DECODE_ROWS)
+    if op == "fp8_expert_rows":
+        return _decode_fits(tensors[0], EXPERT_DECODE_ROWS)
+    return True
+
+
+def _check(op: str, backend: str) -> str:
+    allowed = ("reference", FAST[op])
+    if backend not in allowed:
+        raise ValueError(f"kernel op {op}: backend must be one of {allowed} (or None / 'auto' to choose), "
+                         f"got {backend!r}")
+    return backend
+
+
+def select(op: str, *tensors: torch.Tensor, backend: str | None = None) -> str:
+    """The backend that runs `op` on `tensors` (module docstring): `backend` when given, else the
+    `use_backend` override, else the rule."""
+    if op not in FAST:
+        raise ValueError(f"unknown kernel op {op!r}; one of {sorted(FAST)}")
+    if backend is not None and backend != "auto":
+        return _check(op, backend)
+    forced = _forced.get(op, _forced.get("*"))
+    if forced is not None:
+        return forced
+    return FAST[op] if _fast_fits(op, tensors) else "reference"
+
+
+@contextlib.contextmanager
+def use_backend(all_ops: str | None = None, **per_op: str):
+    """Force the automatic choices inside a `with` block: `use_backend("reference")` for every op,
+    `use_backend(op="reference" | its accelerated backend, ...)` for some. Explicit `backend=`
+    arguments still win. Restores the previous setting on exit (blocks nest)."""
+    if all_ops not in (None, "reference"):
+        raise ValueError(f"use_backend: only 'reference' applies to every op, got {all_ops!r}")
+    for op, b in per_op.items():
+        if op not in FAST:
+            raise ValueError(f"use_backend: unknown kernel op {op!r}; one of {sorted(FAST)}")
+        _check(op, b)
+    old = dict(_forced)
+    if all_ops is not None:
+        _forced["*"] = all_ops
+    _forced.update(per_op)
+    try:
+        yield
+    finally:
+        _forced.clear()
+        _forced.update(old)

@@ -1,0 +1,267 @@
+"""The FP8 operations of dsv3.kernels (SPEC §6.3, §9). Each checks its inputs, asks `backend.select`
+which backend runs, and calls either the reference (reference.py) or the GPU path:
+
+    act_quant_cm(x, p=None)                x (M, K) -> fp8 (M, K), 1x128 scales (M, K/128) column-major
+    act_quant_t(x, s_in=None, p=None)      x (M, K) -> fp8 (K, M) = Q1x128(xᵀ), scales (K, M/128)
+                                           column-major; s_in: x is fp8 with 1x128 scales (re-tiling)
+    weight_quant_pad(w, transposed=False)  w (N, K) -> fp8 (N, K), 128x128 scales (N/128, round4(K/128))
+                                           [+ the fp8 transpose (K, N)]
+        "triton": fp8_triton.py (byte-equal to the reference), on SM 8.9+.
+    fp8_gemm_fwd(x2, w, out_dtype) -> (y, saved); fp8_gemm_bwd(g2, saved, ...) -> (dx, dw)
+        fprop / dgrad / wgrad of a training Linear (the recipe: dsv3/training/fp8.py).
+        "scaled_mm" (SM90): the quantisers above + `F.scaled_mm` BlockWise1x128 x BlockWise128x128
+        (fprop, dgrad) and 1x128 x 1x128 (wgrad, fp32 out), M, N, K zero-padded to multiples of 128
+        (zeros change no amax); K % 16 != 0 (unaligned fp8 rows) runs the reference.
+    fp8_grouped_gemm_fwd(x, ws, offs, out_dtype) -> (y, saved); fp8_grouped_gemm_bwd(g, saved, ...)
+        the same three GEMMs per routed expert over rows sorted by expert.
+        "triton" (SM 8.9+): the quantisers above + fp8_grouped_triton.py, which read offs on the
+        device (no host sync); N and K multiples of 128 (FP8TrainExperts pads), M padded here.
+    fp8_weight_linear(x, w, s)             y = x · dequant(w, s)ᵀ on an official-format FP8 weight
+    fp8_expert_rows(x, w, s, expert)       row m of x through expert[m]'s FP8 weight
+        "triton": fp8_gemm_triton.py, read the e4m3 bytes directly (decode sizes, no autograd).
+
+`saved` is what a forward keeps for its backward, tagged with the backend that produced it (the
+backward runs the same one). The quantisers inside the GPU paths are chosen by their own op, so
+`use_backend(fp8_quant="reference")` runs the GPU GEMMs on reference-quantised operands (and the
+Triton interpreter tests run the grouped kernels on CPU tensors the same way).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dsv3.kernels import reference
+from dsv3.kernels.backend import select
+from dsv3.kernels.reference import BLOCK
+
+
+def _ceil(n: int, m: int = BLOCK) -> int:
+    return -(-n // m) * m
+
+
+def _pad2(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    r, c = t.shape
+    if r == rows and c == cols:
+        return t.contiguous()
+    return F.pad(t, (0, cols - c, 0, rows - r))
+
+
+# --- quantisers ----------------------------------------------------------------------------------
+
+def _check_p(p: torch.Tensor | None) -> None:
+    assert p is None or (p.numel() == 1 and p.dtype == torch.float32), "p is a 1-element fp32 tensor"
+
+
+def act_quant_cm(x: torch.Tensor, p: torch.Tensor | None = None, *,
+                 backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_p(p)
+    assert x.dim() == 2 and x.shape[1] % BLOCK == 0, \
+        f"act_quant_cm: x (M, K) with K a multiple of {BLOCK}, got {tuple(x.shape)}"
+    if select("fp8_quant", x, backend=backend) == "triton":
+        from dsv3.kernels import fp8_triton
+
+        return fp8_triton.act_quant_cm(x, p)
+    return reference.act_quant_cm_ref(x, p)
+
+
+def act_quant_t(x: torch.Tensor, s_in: torch.Tensor | None = None, p: torch.Tensor | None = None, *,
+                backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_p(p)
+    assert x.dim() == 2 and x.shape[0] % BLOCK == 0 and x.shape[1] % BLOCK == 0, \
+        f"act_quant_t: x (M, K) with M and K multiples of {BLOCK}, got {tuple(x.shape)}"
+    if s_in is not None:
+        assert x.dtype == torch.float8_e4m3fn and s_in.dtype == torch.float32 \
+            and s_in.shape == (x.shape[0], x.shape[1] // BLOCK), "act_quant_t: s_in, the (M, K/128) scales of fp8 x"
+    if select("fp8_quant", x, backend=backend) == "triton":
+        from dsv3.kernels import fp8_triton
+
+        return fp8_triton.act_quant_t(x, s_in, p)
+    return reference.act_quant_t_ref(x, s_in, p)
+
+
+def weight_quant_pad(w: torch.Tensor, transposed: bool = False, *, backend: str | None = None):
+    assert w.dim() == 2, f"weight_quant_pad: a 2-D weight, got {tuple(w.shape)}"
+    if select("fp8_quant", w, backend=backend) == "triton":
+        from dsv3.kernels import fp8_triton
+
+        return fp8_triton.weight_quant_pad(w, transposed)
+    return reference.weight_quant_pad_ref(w, transposed)
+
+
+# --- FP8 GEMMs of a training Linear --------------------------------------------------------------
+
+def _smm_fwd(x2: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype):
+    M, K = x2.shape
+    N = w.shape[0]
+    Mp, Kp, Np = _ceil(M), _ceil(K), _ceil(N)
+    xq, xs = act_quant_cm(_pad2(x2, Mp, Kp))  # (Mp, Kp), scales (Mp, Kp/128) column-major
+    # (Np, Kp), scales (Np/128, round4(Kp/128)), and the fp8 transpose (Kp, Np) for dgrad from the same pass
+    wq, ws, wqt = weight_quant_pad(_pad2(w, Np, Kp), transposed=True)
+    y = F.scaled_mm(xq, wq.t(), xs, F.ScalingType.BlockWise1x128, ws.t(), F.ScalingType.BlockWise128x128,
+                    output_dtype=out_dtype)
+    return y[:M, :N], (xq, xs, wqt, ws, M, N, K)
+
+
+def _smm_bwd(g2: torch.Tensor, saved, x_dtype: torch.dtype, w_dtype: torch.dtype, need_dx: bool, need_dw: bool):
+    xq, xs, wqt, ws, M, N, K = saved
+    Mp, Kp = xq.shape
+    Np = wqt.shape[1]
+    # as in the reference: exact power-of-two pre-scale p, applied inside the quantisers, which also
+    # store the scales divided by p
+    p = reference.grad_prescale(g2).reshape(1)
+    gp = _pad2(g2, Mp, Np)
+    dx = dw = None
+    if need_dx:
+        gq, gs = act_quant_cm(gp, p)
+        nb, kb = Np // BLOCK, Kp // BLOCK
+        # wqt (Kp, Np) = the forward's 128x128 blocks transposed (written by the weight quantiser)
+        wst = torch.ones(kb, -(-nb // 4) * 4, dtype=torch.float32, device=ws.device)
+        wst[:, :nb] = ws[:, :kb].t()
+        dx = F.scaled_mm(gq, wqt.t(), gs, F.ScalingType.BlockWise1x128, wst.t(), F.ScalingType.BlockWise128x128,
+                         output_dtype=x_dtype)[:M, :K]
+    if need_dw:
+        gtq, gts = act_quant_t(gp, p=p)  # dYᵀ (Np, Mp), scales (Np, Mp/128) column-major
+        xtq, xts = act_quant_t(xq, xs)  # Xᵀ (Kp, Mp) re-tiled from the FP8 X
+        dw = F.scaled_mm(gtq, xtq.t(), gts, F.ScalingType.BlockWise1x128, xts, F.ScalingType.BlockWise1x128,
+                         output_dtype=torch.float32)[:N, :K].to(w_dtype)
+    return dx, dw
+
+
+def fp8_gemm_fwd(x2: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype, *, backend: str | None = None):
+    """fprop Y = Q1x128(X) · Q128x128(W)ᵀ, X (M, K), W (N, K) -> (Y (M, N) in out_dtype, saved)."""
+    assert x2.dim() == 2 and w.dim() == 2 and x2.shape[1] == w.shape[1], \
+        f"fp8_gemm_fwd: x (M, K) and w (N, K), got {tuple(x2.shape)} and {tuple(w.shape)}"
+    which = select("fp8_gemm", x2, backend=backend)
+    if which == "scaled_mm" and x2.shape[1] % 16:  # fp8 row strides must stay 16-byte aligned
+        which = "reference"
+    fwd = _smm_fwd if which == "scaled_mm" else reference.fp8_gemm_fwd_ref
+    y, saved = fwd(x2, w, out_dtype)
+    return y, (which, saved)
+
+
+def fp8_gemm_bwd(g2: torch.Tensor, saved, x_dtype: torch.dtype, w_dtype: torch.dtype, need_dx: bool,
+                 need_dw: bool):
+    """dgrad dX = Q1x128(dY) · Q128x128(W) and wgrad dW = Q1x128(dYᵀ) · Q1x128(Xᵀ)ᵀ (each when needed) from
+    g2 = dY (M, N) and fp8_gemm_fwd's `saved`, on the forward's backend -> (dX in x_dtype, dW in w_dtype)."""
+    which, payload = saved
+    bwd = _smm_bwd if which == "scaled_mm" else reference.fp8_gemm_bwd_ref
+    return bwd(g2, payload, x_dtype, w_dtype, need_dx, need_dw)
+
+
+# --- FP8 grouped GEMMs of the routed experts ------------------------------------------------------
+
+def _block_scales(s: torch.Tensor, E: int, n: int, k: int) -> torch.Tensor:
+    """weight_quant_pad's scales of a stacked (E*n, k) weight -> (E, n/128, k/128), each expert's blocks."""
+    return s.view(E, n // BLOCK, -1)[:, :, : k // BLOCK]
+
+
+def _tri_grouped_fwd(x: torch.Tensor, ws: list[torch.Tensor], offs: torch.Tensor, out_dtype: torch.dtype):
+    from dsv3.kernels import fp8_grouped_triton as gk
+
+    M, K = x.shape
+    E = offs.shape[0]
+    assert K % BLOCK == 0 and all(w.shape[1] % BLOCK == 0 for w in ws), "triton experts: N, K multiples of 128"
+    # (Mp, K), zero rows past M for the wgrad re-tiling; scales (Mp, K/128) column-major
+    xq, xs = act_quant_cm(_pad2(x, _ceil(M), K))
+    bs, saved_w = [], []
+    for w in ws:
+        n = w.shape[1]
+        # the stacked (E*n, K) view: its 128x128 grid is each expert's own (n % 128 == 0); qt (K, E*n)
+        # is the fp8 transpose for dgrad, from the same pass
+        q, s, qt = weight_quant_pad(w.reshape(E * n, K), transposed=True)
+        bs.append((q.view(E, n, K), _block_scales(s, E, n, K)))
+        saved_w.append((qt, s))
+    y = gk.fp8_grouped_mm(xq[:M], xs[:M], bs, offs, out_dtype, cat="n")
+    return y, (xq, xs, saved_w, M, offs)
+
+
+def _tri_grouped_bwd(g: torch.Tensor, saved, x_dtype: torch.dtype, w_dtypes: list[torch.dtype],
+                     need_dx: bool, need_dw: bool):
+    from dsv3.kernels import fp8_grouped_triton as gk
+
+    xq, xs, saved_w, M, offs = saved
+    Mp, K = xq.shape
+    E = offs.shape[0]
+    ns = [qt.shape[1] // E for qt, _ in saved_w]
+    p = reference.grad_prescale(g).reshape(1)  # as in the reference, applied inside the quantisers
+    gp = _pad2(g, Mp, sum(ns))
+    dx = dws = None
+    if need_dx:
+        gq, gs = act_quant_cm(gp, p)  # (Mp, N), 1x128 tiles along N
+        # W_eᵀ (E, K, n) as views of qt (K, E*n), and the transposed block scales (E, K/128, n/128)
+        bts = [(qt.view(K, E, n).permute(1, 0, 2), _block_scales(s, E, n, K).transpose(1, 2))
+               for (qt, s), n in zip(saved_w, ns)]
+        dx = gk.fp8_grouped_mm(gq[:M], gs[:M], bts, offs, x_dtype, cat="k")
+    if need_dw:
+        gtq, gts = act_quant_t(gp, p=p)  # dYᵀ (N, Mp), scales (N, Mp/128)
+        xtq, xts = act_quant_t(xq, xs)  # Xᵀ (K, Mp) re-tiled from the FP8 X
+        dws = [d.to(dt) for d, dt in zip(gk.fp8_grouped_wgrad(gtq, gts, xtq, xts, offs, ns), w_dtypes)]
+    return dx, dws
+
+
+def fp8_grouped_gemm_fwd(x: torch.Tensor, ws: list[torch.Tensor], offs: torch.Tensor, out_dtype: torch.dtype, *,
+                         backend: str | None = None):
+    """Rows of x (M, K) sorted by expert (offs (E,) int32 end rows, offs[-1] = M) through the expert
+    weights ws[i] (E, N_i, K), concatenated along N -> (Y (M, ΣN_i) in out_dtype, saved). Several
+    weights share one quantisation of x (gate and up)."""
+    E = offs.shape[0]
+    assert x.dim() == 2 and offs.dim() == 1 and ws and all(w.dim() == 3 and w.shape[0] == E and w.shape[2] == x.shape[1]
+                                                           for w in ws), \
+        f"fp8_grouped_gemm_fwd: x (M, K), weights (E, N_i, K), offs (E,); got {tuple(x.shape)}, " \
+        f"{[tuple(w.shape) for w in ws]}, {tuple(offs.shape)}"
+    which = select("fp8_grouped_gemm", x, backend=backend)
+    fwd = _tri_grouped_fwd if which == "triton" else reference.fp8_grouped_gemm_fwd_ref
+    y, saved = fwd(x, ws, offs, out_dtype)
+    return y, (which, saved)
+
+
+def fp8_grouped_gemm_bwd(g: torch.Tensor, saved, x_dtype: torch.dtype, w_dtypes: list[torch.dtype], need_dx: bool,
+                         need_dw: bool):
+    """dgrad and wgrad of fp8_grouped_gemm_fwd from g = dY (M, ΣN_i), on the forward's backend ->
+    (dX (M, K) in x_dtype, [dW_i (E, N_i, K) in w_dtypes[i]]), each None where not needed."""
+    which, payload = saved
+    bwd = _tri_grouped_bwd if which == "triton" else reference.fp8_grouped_gemm_bwd_ref
+    return bwd(g, payload, x_dtype, w_dtypes, need_dx, need_dw)
+
+
+# --- FP8-weight GEMMs for decoding ----------------------------------------------------------------
+
+def _check_fp8_weight(w: torch.Tensor, s: torch.Tensor, K: int) -> None:
+    assert w.dtype == torch.float8_e4m3fn and s.dtype == torch.float32, \
+        f"expected an e4m3 weight and fp32 scales, got {w.dtype}, {s.dtype}"
+    assert w.shape[-1] == K, f"x has K = {K}, the weight {w.shape[-1]}"
+    assert s.shape[-2:] == (-(-w.shape[-2] // BLOCK), -(-w.shape[-1] // BLOCK)), \
+        f"scales {tuple(s.shape)} do not match 128x128 blocks of a {tuple(w.shape)} weight"
+
+
+def fp8_weight_linear(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """y (..., N) = x (..., K) · dequant(w, s)ᵀ, w (N, K) e4m3, s (ceil(N/128), ceil(K/128)) fp32. "triton"
+    (decode: bf16/fp16 x, few rows, no autograd): a 16-row-tile GEMM reading the e4m3 bytes; else the
+    weight is dequantised to x's dtype and F.linear runs (prefill, CPU, training through x)."""
+    assert w.dim() == 2, f"fp8_weight_linear: a 2-D weight, got {tuple(w.shape)}"
+    _check_fp8_weight(w, s, x.shape[-1])
+    if select("fp8_weight_gemm", x, backend=backend) == "triton":
+        from dsv3.kernels import fp8_gemm_triton
+
+        rows = x.numel() // max(x.shape[-1], 1)
+        y = fp8_gemm_triton.fp8_linear_small_m(x.reshape(rows, x.shape[-1]), w, s)
+        return y.view(*x.shape[:-1], w.shape[0])
+    return reference.fp8_weight_linear_ref(x, w, s)
+
+
+def fp8_expert_rows(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, expert: torch.Tensor, *,
+                    backend: str | None = None) -> torch.Tensor:
+    """x (M, K), w (E, N, K) e4m3, s (E, ceil(N/128), ceil(K/128)), expert (M,) int -> y (M, N) in x's
+    dtype, row m through expert[m]. "triton": one GEMV per row and 64-column tile, reading only the
+    experts the rows select (decode). The reference dequantises every expert: callers with many rows
+    take the grouped path instead (select("fp8_expert_rows", x) tells which one runs)."""
+    assert x.dim() == 2 and w.dim() == 3 and expert.shape == (x.shape[0],), \
+        f"fp8_expert_rows: x (M, K), w (E, N, K), expert (M,); got {tuple(x.shape)}, {tuple(w.shape)}, " \
+        f"{tuple(expert.shape)}"
+    _check_fp8_weight(w, s, x.shape[-1])
+    if select("fp8_expert_rows", x, backend=backend) == "triton":
+        from dsv3.kernels import fp8_gemm_triton
+
+        return fp8_gemm_triton.fp8_expert_rows(x, w, s, expert)
+    return reference.fp8_expert_rows_ref(x, w, s, expert)
