@@ -190,9 +190,7 @@ class PipelineStrategy(_Collective):
         return self.ps.model_part
 
     def check_task(self, task) -> None:
-        from dsv3.training.pretrain import Pretrain
-
-        if not isinstance(task, Pretrain):
+        if not getattr(task, "pipeline_loss", False):
             raise ValueError(f"--pp runs pre-training only: the pipeline's loss is the pre-training loss, and "
                              f"{task.name}'s batches (masks, advantages) do not travel through the stages yet")
 

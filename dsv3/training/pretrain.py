@@ -86,6 +86,7 @@ class Pretrain:
 
     name = "train"
     stat_names = ("loss", "main", "mtp", "balance")
+    pipeline_loss = True  # its loss is the pipeline's (dsv3/distributed/pipeline.py computes it in the last stage)
 
     def __init__(self, tc: TrainConfig, mc: ModelConfig, strategy: Strategy, tok: DSTokenizer, cache, extra, log):
         self.tc, self.strategy = tc, strategy
