@@ -137,6 +137,10 @@ def test_renamed_flags_reach_their_fields():
     assert (pc.fsdp, pc.pp) == (False, 2)
     assert from_args(GRPOConfig, parse("grpo", "--prompts", 3)).prompts_per_iter == 3
     assert from_args(PlanConfig, parse("plan", "--gpu-mem", 40)).gpu_mem_gib == 40.0
+    flags = {(verb, a.dest): a.option_strings for verb in ("train", "grpo", "plan") for a in subparser(verb)._actions}
+    assert flags["train", "out_dir"] == ["--out"] and flags["train", "optim_state_dtype"] == ["--optim-state"]
+    assert flags["grpo", "prompts_per_iter"] == ["--prompts"] and flags["plan", "gpu_mem_gib"] == ["--gpu-mem"]
+    assert flags["train", "progress"] == ["--no-progress"] and flags["train", "fsdp"] == ["--no-fsdp"]
     for renames, cls in ((cli.TRAIN_RENAMES, TrainConfig), (cli.GRPO_RENAMES, GRPOConfig),
                          (cli.PLAN_RENAMES, PlanConfig)):
         assert set(renames) <= set(cls.__dataclass_fields__)
