@@ -6,7 +6,7 @@ arguments: each setting has one default, the field's, and one help text, the fie
         seq_len: int = setting(2048, "tokens per packed row")  # = field(default=2048, metadata={"help": ...})
         precision: str = setting("auto", "fp32 | bf16 | auto", choices=("auto", "fp32", "bf16"))
 
-    add_fields(parser, SFTConfig, rename={"optim_state_dtype": "--optim-state"}, exclude=("keep",))
+    add_fields(parser, SFTConfig, rename={"seq_len": "--row-len"}, exclude=("keep",))
     cfg = from_args(SFTConfig, parser.parse_args(argv), exclude=("keep",))
 
 The flag of field `seq_len` is `--seq-len` (or `rename[name]`) and its dest is the field name. Types
@@ -88,6 +88,7 @@ def _kind(cls, name: str, annotation) -> tuple[type, bool]:
 def add_fields(parser, cls, *, only=None, exclude=(), rename: dict[str, str] | None = None) -> None:
     """Add one flag per selected field of dataclass `cls` to `parser` (a parser or argument group)."""
     hints = typing.get_type_hints(cls)
+    selected_fields(cls, only=list(rename or ()))  # every renamed field exists
     for f in selected_fields(cls, only, exclude):
         typ, many = _kind(cls, f.name, hints[f.name])
         default = cli_default(f)

@@ -91,6 +91,8 @@ def test_only_and_exclude():
     assert "ids" not in actions(p) and "seq_len" in actions(p)
     with pytest.raises(ValueError, match="Toy has no field 'nope'"):
         parser_for(only=("nope",))
+    with pytest.raises(ValueError, match="Toy has no field 'optim_state'"):
+        parser_for(rename={"optim_state": "--optim"})
     with pytest.raises(AttributeError, match="'lr'"):  # built back with a wider selection than was added
         from_args(Toy, argparse.Namespace(seq_len=1), only=("seq_len", "lr"))
 
