@@ -231,9 +231,11 @@ def cosine_lr(step: int, total: int, peak: float, floor: float, warmup: int = 0)
 @dataclass
 class SFTConfig:
     """Each field is also a `dsv3 sft` flag (dsv3/cliargs.py)."""
-    # 2048, what `dsv3 sft` has always used (the library said 4096): it is the tiny preset's context
-    # (max_position_embeddings), the model `dsv3 train` makes by default, so longer rows would not fit it
-    seq_len: int = setting(2048, "tokens per packed row (at most the model's context)")
+    # 2048, what `dsv3 sft` has always used (the library said 4096): the context (max_position_embeddings)
+    # of the tiny preset, the model `dsv3 train` makes by default; longer rows would let one conversation
+    # run to positions past the context the model declares. The small/16b presets' is 4096.
+    seq_len: int = setting(2048, "tokens per packed row; a conversation longer than this is truncated (keep it "
+                                 "at most the model's context)")
     batch_size: int = setting(16, "packed rows per optimizer step")
     micro_batch_size: int = setting(0, "rows per forward/backward (gradient accumulation); 0: the batch size")
     epochs: float = setting(2.0, "passes over the chats (the paper's 2); used when --steps is 0")
