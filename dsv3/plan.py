@@ -51,6 +51,7 @@ import math
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
+from dsv3.cliargs import setting
 from dsv3.config import ModelConfig
 
 GiB = 1024**3
@@ -63,21 +64,26 @@ class PlanError(ValueError):
 
 @dataclass
 class PlanConfig:
-    gpus: int = 1
-    gpu_mem_gib: float = 80.0
-    pp: int = 1
-    ep: int = 1
-    dp: int | None = None  # derived: gpus // pp
-    zero: int = 1
-    precision: str = "bf16"  # "bf16" | "fp8"
-    micro_batch: int = 1  # sequences
-    seq_len: int = 4096
-    global_batch: int | None = None  # sequences; default dp × micro_batch (one micro-batch per rank)
-    recompute: str = "none"  # "none" | "paper" | "full"
-    schedule: str = "1f1b"  # "1f1b" | "dualpipe"
-    master_dtype: str = "fp32"  # "none": no separate master copy
-    grad_dtype: str = "fp32"
-    optim_dtype: str = "bf16"  # AdamW moments
+    """A training layout to plan; the fields are also the flags of `dsv3 plan` (gpu_mem_gib is --gpu-mem)."""
+    gpus: int = setting(1, "GPUs in all")
+    gpu_mem_gib: float = setting(80.0, "GiB per GPU")
+    pp: int = setting(1, "pipeline stages")
+    ep: int = setting(1, "expert-parallel degree (carved from the dp ranks)")
+    dp: int | None = setting(None, "data-parallel degree (default: gpus / pp)")
+    zero: int = setting(1, "ZeRO stage: 1 shards master weights and moments, 2 also gradients, 3 also weights",
+                        choices=(0, 1, 2, 3))
+    precision: str = setting("bf16", "GEMM precision", choices=("bf16", "fp8"))
+    micro_batch: int = setting(1, "sequences per micro-batch")
+    seq_len: int = setting(4096, "tokens per sequence")
+    # sequences; default dp × micro_batch (one micro-batch per rank)
+    global_batch: int | None = setting(None, "sequences per step (default: dp x micro-batch)")
+    recompute: str = setting("none", "activation recomputation: paper = RMSNorms + MLA up-projections, full = "
+                                     "per block", choices=("none", "paper", "full"))
+    schedule: str = setting("1f1b", "pipeline schedule", choices=("1f1b", "dualpipe"))
+    # "none": no separate master copy
+    master_dtype: str = setting("fp32", "master weights' dtype (none: no separate copy)", choices=tuple(DTYPE_BYTES))
+    grad_dtype: str = setting("fp32", "gradients' dtype", choices=tuple(DTYPE_BYTES))
+    optim_dtype: str = setting("bf16", "AdamW moments' dtype", choices=tuple(DTYPE_BYTES))
 
     def resolved(self, cfg: ModelConfig, n_blocks: int) -> "PlanConfig":
         def need(cond, msg):

@@ -104,6 +104,22 @@ def test_eval_prints_loss_and_bits_per_byte(run):
     assert rc2 == 0 and stdout2.split(": ", 1)[1] == stdout.split(": ", 1)[1]
 
 
+def test_evaluate_checkpoint_is_what_eval_prints(run):
+    """The library function behind `dsv3 eval` (dsv3/training/evaluate.py)."""
+    from dsv3.training.evaluate import EvalConfig, evaluate_checkpoint
+
+    cfg = EvalConfig(data=run["data"], cache_dir=str(run["cache"]), seq_len=32, val_permille=200, max_batches=2,
+                     progress=False)
+    r = evaluate_checkpoint(str(run["out"]), cfg)
+    assert os.path.basename(r["checkpoint"]) == "step_00000008" and r["split"] == "val"
+    assert r["val_tokens"] == 2 * cfg.batch_size * cfg.seq_len  # two full batches of 8 windows of 32 targets
+    rc, stdout, err = run_cli(["eval", run["out"], "--data", run["data"], "--cache-dir", run["cache"], "--seq-len", 32,
+                               "--val-permille", 200, "--max-batches", 2, "--no-progress"])
+    assert rc == 0, err
+    assert stdout == (f"{r['checkpoint']}: val loss {r['val_loss']:.4f} nats/token, {r['val_bpb']:.4f} bits/byte "
+                      f"over {r['val_tokens']:,} tokens of {r['source']}\n")
+
+
 def test_eval_errors(run, tmp_path):
     rc, _, err = run_cli(["eval", run["out"], "--data", run["data"], "--cache-dir", run["cache"],
                           "--seq-len", 100000, "--split", "train"])

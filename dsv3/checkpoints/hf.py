@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -37,9 +38,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from dsv3.cliargs import setting
 from dsv3.config import ConfigError, ModelConfig
 from dsv3.kernels import weight_dequant, weight_quant
-from dsv3.model.fp8 import swap_to_fp8
+from dsv3.model.fp8 import FP8Experts, FP8Linear, swap_to_fp8
 from dsv3.model.transformer import Transformer
 
 SINGLE_FILE = "model.safetensors"
@@ -395,5 +397,62 @@ def tempdir_beside(path: str) -> str:
     return d
 
 
-__all__ = ["CheckpointError", "disk_layout", "fp8_weight_names", "is_fp8_weight", "quantize_model_fp8", "load_pretrained", "save_pretrained",
-           "tempdir_beside"]
+# --- FP8 copies and exports of a checkpoint (`dsv3 quantize`, `dsv3 convert`) ----------------------------
+
+STORAGE_DTYPES = ("bfloat16", "float16", "float32")
+# files of a checkpoint directory besides the weights and config.json that a copy carries over
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "generation_config.json")
+
+
+@dataclass
+class QuantizeConfig:
+    """`quantize_checkpoint`'s settings; the fields are also the flags of `dsv3 quantize`."""
+    dtype: str = setting("bfloat16", "storage dtype of the tensors that stay high precision (bfloat16: as the "
+                                     "official checkpoint)", choices=STORAGE_DTYPES)
+
+
+@dataclass
+class ExportConfig:
+    """How a sharded checkpoint is written in Hugging Face format (dsv3.checkpoints.dcp.to_hf); the
+    fields are also the flags of `dsv3 convert`."""
+    dtype: str | None = setting(None, "storage dtype (default: as trained, float32)", choices=STORAGE_DTYPES)
+
+
+def _weight_bytes(d: str) -> int:
+    """Bytes of the model shards only (a training checkpoint also holds optimizer.safetensors)."""
+    return sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d)
+               if f.startswith("model") and f.endswith(".safetensors"))
+
+
+def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, cfg: QuantizeConfig | None = None) -> dict:
+    """Checkpoint directory `src` (any dtype, or FP8 already) -> new official-layout FP8 checkpoint `out`:
+    every matrix the official checkpoint stores in FP8 becomes e4m3 + 128x128 `weight_scale_inv` blocks
+    (tensors that are FP8 already are copied bit for bit), the rest is stored in cfg.dtype, the router
+    bias in fp32; the tokenizer files come along. `out` must not exist or be empty; it is written in a
+    temporary directory beside it and renamed, so it never holds a partial checkpoint. Returns
+    {src, out, n_fp8_modules, dtype, src_weight_bytes, out_weight_bytes, copied}."""
+    cfg = cfg or QuantizeConfig()
+    src, out = os.fspath(src), os.fspath(out)
+    if cfg.dtype not in STORAGE_DTYPES:
+        raise ValueError(f"dtype must be one of {STORAGE_DTYPES}, got {cfg.dtype!r}")
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise ValueError(f"output {out} already exists and is not an empty directory; choose a new one")
+    model = quantize_model_fp8(load_pretrained(src, keep_fp8=True))
+    n_fp8 = sum(isinstance(m, (FP8Linear, FP8Experts)) for m in model.modules())
+    tmp = tempdir_beside(out)
+    try:
+        save_pretrained(model, tmp, dtype=getattr(torch, cfg.dtype))
+        copied = [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(src, f))]
+        for f in copied:
+            shutil.copy2(os.path.join(src, f), os.path.join(tmp, f))
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"src": src, "out": out, "n_fp8_modules": n_fp8, "dtype": cfg.dtype, "src_weight_bytes": _weight_bytes(src),
+            "out_weight_bytes": _weight_bytes(out), "copied": copied}
+
+
+__all__ = ["CheckpointError", "ExportConfig", "QuantizeConfig", "disk_layout", "fp8_weight_names", "is_fp8_weight",
+           "quantize_checkpoint", "quantize_model_fp8", "load_pretrained", "save_pretrained", "tempdir_beside"]

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from dsv3.cliargs import setting
+
 
 class ParallelConfigError(ValueError):
     """A parallel layout that does not fit the world size or the model; the message names the conflict."""
@@ -35,19 +37,34 @@ class ParallelConfigError(ValueError):
 SCHEDULES = ("1f1b", "dualpipev")
 
 
+# `dsv3 train` leaves dp_shard and ep at this when --dp-shard / --ep are not given: the degree is then
+# derived from torchrun's world size (dsv3.distributed.strategy.resolve_layout), which ParallelConfig
+# itself never holds (validate() asks for >= 1).
+DERIVED = 0
+
+
 @dataclass
 class ParallelConfig:
-    """The layout of a run over torchrun's ranks; the one-process layout is the default (all 1)."""
-    dp_shard: int = 1  # data-parallel degree of the experts: ranks holding the same experts
-    ep: int = 1  # expert-parallel degree: the routed experts are split over this many ranks
-    fsdp: bool = True  # shard the non-expert parameters (FSDP2) over all ranks; False: replicate them
-    pp: int = 1  # pipeline stages' ranks (1: no pipeline)
-    pp_schedule: str = "1f1b"  # 1f1b | dualpipev (with pp > 1)
-    n_microbatches: int = 0  # micro-batches per step through the pipeline; 0: one per stage
+    """The layout of a run over torchrun's ranks; the one-process layout is the default (all 1). Each
+    field is also a `dsv3 train` flag (dsv3/cliargs.py)."""
+    # data-parallel degree of the experts: ranks holding the same experts
+    dp_shard: int = setting(1, "under torchrun: ranks holding the same experts (default: world size / --ep)",
+                            cli_default=DERIVED)
+    # expert-parallel degree: the routed experts are split over this many ranks
+    ep: int = setting(1, "under torchrun: expert-parallel degree (default: world size / --dp-shard, else 1)",
+                      cli_default=DERIVED)
+    # shard the non-expert parameters (FSDP2) over all ranks; False: replicate them (the flag: --no-fsdp)
+    fsdp: bool = setting(True, "under torchrun: replicate the non-expert parameters instead of FSDP2-sharding them")
+    pp: int = setting(1, "under torchrun: pipeline-parallel ranks (1: no pipeline; world = pp x --dp-shard x --ep)")
+    pp_schedule: str = setting("1f1b", "pipeline schedule: 1f1b (pp stages) or dualpipev (2 x pp stages in a V)",
+                               choices=SCHEDULES)
+    n_microbatches: int = setting(0, "pipeline micro-batches per step (0: the number of stages); divides "
+                                     "--batch-size")
     # > 0: node-limited routing is requested with this many rank groups ("nodes"); then the model's
     # n_group must equal it and ep must be a multiple of it, so that expert group g = the experts of
     # EP ranks [g·ep/node_groups, (g+1)·ep/node_groups). 0: no check (the routing is what the model says).
-    node_groups: int = 0
+    node_groups: int = setting(0, "node-limited routing check: the model's n_group expert groups must fall on "
+                                  "this many blocks of whole EP ranks (the paper: 8 nodes, topk_group = M = 4)")
 
     @property
     def world_size(self) -> int:

@@ -32,23 +32,33 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dsv3.cliargs import setting
 from dsv3.inference.cache import PagedLatentCache
 from dsv3.inference.sampling import filter_logits
 
 
 @dataclass
 class SamplingParams:
-    max_new_tokens: int = 256
-    temperature: float = 1.0  # 0: greedy
-    top_k: int = 0  # 0: off
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0  # > 1 discourages tokens already in prompt or output (CTRL rule)
-    stop: list[str] = field(default_factory=list)  # stop strings (not included in the text)
-    stop_token_ids: list[int] = field(default_factory=list)
-    ignore_eos: bool = False
-    seed: int | None = None
-    logprobs: int | None = None  # None: none; 0: the chosen token's; n: also the n most likely
+    """How one request samples; the fields are also the flags of `dsv3 generate/sample/chat`.
+
+    The defaults sample from the model's own distribution (temperature 1, no truncation), as the
+    OpenAI API and vLLM do: GRPO's on-policy sampling relies on top_k staying off. Before the CLI
+    derived its flags from these fields it defaulted to temperature 0.8 and top-k 50 (pass those
+    for tamer text from a small model)."""
+    max_new_tokens: int = setting(256, "most tokens to generate")
+    temperature: float = setting(1.0, "sampling temperature; 0: greedy")
+    top_k: int = setting(0, "sample among the k most likely tokens (0: off)")
+    top_p: float = setting(1.0, "nucleus sampling: the smallest set of tokens with this much probability (1: off)")
+    min_p: float = setting(0.0, "drop tokens below min_p x the most likely token's probability (0: off)")
+    # > 1 discourages tokens already in prompt or output (CTRL rule)
+    repetition_penalty: float = setting(1.0, "> 1 discourages tokens already in the prompt or output (1: off)")
+    stop: list[str] = setting(factory=list, help="stop string, not included in the text (repeatable)")
+    stop_token_ids: list[int] = setting(factory=list, help="stop token id (repeatable)", metavar="ID")
+    ignore_eos: bool = setting(False, "keep generating past the end-of-sequence token")
+    seed: int | None = setting(None, "random seed of this request's sampling (None: unseeded)")
+    # None: none; 0: the chosen token's; n: also the n most likely
+    logprobs: int | None = setting(None, "log-probabilities per token: 0, the chosen token's; n, also the n "
+                                         "most likely (default: none)")
 
     def validate(self) -> "SamplingParams":
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -66,6 +76,19 @@ class SamplingParams:
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise ValueError(f"logprobs must be between 0 and 20, got {self.logprobs}")
         return self
+
+
+@dataclass
+class EngineConfig:
+    """How `load_engine(checkpoint, **vars(cfg))` builds the engine; the fields are also flags of `dsv3
+    serve` (all) and `dsv3 generate/sample/chat` (device, speculative_k). 0 leaves a size to the engine."""
+    device: str = setting("auto", "auto | cpu | cuda")
+    max_batch_size: int = setting(32, "requests decoded together")
+    cache_tokens: int = setting(0, "KV-cache budget in tokens (0: batch size x min(context, 4096))")
+    speculative_k: int = setting(0, "tokens drafted per step by the MTP module (0: off)")
+    max_model_len: int = setting(0, "context limit (0: the model's)")
+    compile_decode: bool = setting(False, "GPU: torch.compile the graphed decode step (1.65x at batch 1 on the "
+                                          "16b, H100); one compile per batch/context bucket on first use")
 
 
 @dataclass

@@ -57,6 +57,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from dsv3.cliargs import setting
 from dsv3.inference.engine import Engine, RequestOutput, SamplingParams, TokenLogprob, load_engine
 from dsv3.inference.engine_loop import ACCEPTED, EngineLoop
 from dsv3.inference.metrics import ServerMetrics, prometheus_text
@@ -64,6 +65,20 @@ from dsv3.inference.protocol import (APIError, ChatCompletionRequest, ChatMessag
                                      DetokenizeRequest, ErrorResponse, TokenizeRequest, bad_request,
                                      from_validation_error)
 from dsv3.tokenizer import CHAT_TEMPLATE, DSTokenizer, MissingSpecialTokenError
+
+
+@dataclass
+class ServerConfig:
+    """The HTTP side of `dsv3 serve` (the engine's settings are EngineConfig's); the fields are also
+    its flags. 0 limits default to the engine's context (see create_app)."""
+    host: str = setting("127.0.0.1", "address to bind (default: loopback only)")
+    port: int = setting(8000, "TCP port")
+    api_key: str | None = setting(None, "require 'Authorization: Bearer KEY' on /v1 routes (default: no key)")
+    model_name: str | None = setting(None, "model id clients send (default: the checkpoint directory name)")
+    max_prompt_tokens: int = setting(0, "longest prompt accepted (0: context - 1)")
+    max_tokens_limit: int = setting(0, "largest max_tokens accepted (0: context)")
+    max_queue: int = setting(256, "requests waiting beyond the batch before 503s")
+    log_level: str = setting("info", "uvicorn's log level", choices=("critical", "error", "warning", "info", "debug"))
 
 
 # --- one HTTP request's engine requests -----------------------------------------------------------------

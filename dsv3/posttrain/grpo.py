@@ -46,6 +46,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from dsv3.checkpoints.hf import load_pretrained
+from dsv3.cliargs import setting
 from dsv3.inference.engine import Engine, SamplingParams
 from dsv3.posttrain.tasks import Task
 from dsv3.checkpoints import rundir as ckpt
@@ -111,28 +112,33 @@ def sequence_logprobs(model, ids: torch.Tensor, mask: torch.Tensor | None = None
 
 @dataclass
 class GRPOConfig:
-    iterations: int = 200
-    prompts_per_iter: int = 16  # P
-    group_size: int = 8  # G (DeepSeekMath: 64)
-    max_new_tokens: int = 512
-    temperature: float = 1.0
-    top_p: float = 1.0
-    ppo_epochs: int = 2  # optimizer steps per sampled batch (μ)
-    micro_batch_size: int = 8  # sequences per forward/backward
-    clip_eps: float = 0.2
-    beta: float = 0.04  # KL coefficient (DeepSeekMath)
-    adv_eps: float = 1e-4
-    lr: float = 1e-6  # constant (DeepSeekMath GRPO)
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    eval_every: int = 10  # held-out greedy accuracy every N iterations (and at the end); 0: only at the end
-    eval_max_examples: int = 200
-    save_every: int = 50
-    keep: int = 3
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "auto"  # forward/backward of the loss under bf16 autocast on CUDA; generation in fp32
-    resume: bool = False
+    """Each field is also a `dsv3 grpo` flag (dsv3/cliargs.py; prompts_per_iter is --prompts)."""
+    iterations: int = setting(200, "sampling + optimisation rounds")
+    prompts_per_iter: int = setting(16, "prompts per iteration (P)")
+    group_size: int = setting(8, "completions per prompt (G; DeepSeekMath: 64)")
+    # 256, what `dsv3 grpo` has always used (the library said 512): the built-in arithmetic task's answers
+    # take a few tokens, and the sampling time and KV cache of P x G completions grow with this bound
+    max_new_tokens: int = setting(256, "longest completion, in tokens (also for the held-out evaluation)")
+    temperature: float = setting(1.0, "sampling temperature of the completions (> 0)")
+    top_p: float = setting(1.0, "nucleus sampling of the completions (1: off)")
+    ppo_epochs: int = setting(2, "optimizer steps per sampled batch (mu)")
+    micro_batch_size: int = setting(8, "sequences per forward/backward")
+    clip_eps: float = setting(0.2, "PPO ratio clip")
+    beta: float = setting(0.04, "KL weight (DeepSeekMath)")
+    adv_eps: float = setting(1e-4, "added to the group's reward std in the advantage")
+    lr: float = setting(1e-6, "learning rate, constant (DeepSeekMath GRPO)")
+    weight_decay: float = setting(0.0, "AdamW weight decay")
+    grad_clip: float = setting(1.0, "gradient-norm clip")
+    eval_every: int = setting(10, "held-out greedy accuracy every N iterations (0: only at the end)")
+    eval_max_examples: int = setting(200, "held-out examples per evaluation")
+    save_every: int = setting(50, "checkpoint every N iterations (0: only at the end)")
+    keep: int = setting(3, "checkpoints kept, the latest ones (0: all)")
+    seed: int = setting(0, "random seed (prompt order, sampling)")
+    device: str = setting("auto", "auto | cpu | cuda")
+    # the loss's forward/backward under bf16 autocast on CUDA; generation in fp32
+    precision: str = setting("auto", "fp32, or bf16 autocast for the loss (CUDA); auto: bf16 on CUDA, else fp32",
+                             choices=("auto", "fp32", "bf16"))
+    resume: bool = setting(False, "continue from the run directory's latest checkpoint")
 
     def validate(self) -> None:
         if min(self.iterations, self.prompts_per_iter, self.group_size, self.max_new_tokens, self.ppo_epochs,

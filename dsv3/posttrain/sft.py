@@ -49,6 +49,7 @@ import torch.nn.functional as F
 
 from dsv3.checkpoints.hf import load_pretrained
 from dsv3.checkpoints import rundir as ckpt
+from dsv3.cliargs import setting
 from dsv3.training.config import resolve_device
 from dsv3.training.loop import Metrics
 from dsv3.training.loss import IGNORE
@@ -229,23 +230,29 @@ def cosine_lr(step: int, total: int, peak: float, floor: float, warmup: int = 0)
 
 @dataclass
 class SFTConfig:
-    seq_len: int = 4096
-    batch_size: int = 16  # packed rows per optimizer step
-    micro_batch_size: int = 0  # rows per forward/backward; 0 = batch_size
-    epochs: float = 2.0  # the paper's 2 epochs; used when steps == 0
-    steps: int = 0  # > 0 overrides epochs
-    lr: float = 5e-6  # the paper's cosine 5e-6 -> 1e-6
-    min_lr: float = 1e-6
-    warmup_steps: int = 0
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "auto"  # fp32 | bf16 (CUDA autocast) | auto
-    save_every: int = 200
-    keep: int = 3
-    log_every: int = 1
-    resume: bool = False
+    """Each field is also a `dsv3 sft` flag (dsv3/cliargs.py)."""
+    # 2048, what `dsv3 sft` has always used (the library said 4096): the context (max_position_embeddings)
+    # of the tiny preset, the model `dsv3 train` makes by default; longer rows would let one conversation
+    # run to positions past the context the model declares. The small/16b presets' is 4096.
+    seq_len: int = setting(2048, "tokens per packed row; a conversation longer than this is truncated (keep it "
+                                 "at most the model's context)")
+    batch_size: int = setting(16, "packed rows per optimizer step")
+    micro_batch_size: int = setting(0, "rows per forward/backward (gradient accumulation); 0: the batch size")
+    epochs: float = setting(2.0, "passes over the chats (the paper's 2); used when --steps is 0")
+    steps: int = setting(0, "if > 0, optimizer steps, overriding --epochs")
+    lr: float = setting(5e-6, "peak learning rate (the paper's cosine 5e-6 -> 1e-6)")
+    min_lr: float = setting(1e-6, "learning rate at the end of the cosine")
+    warmup_steps: int = setting(0, "linear warm-up steps")
+    weight_decay: float = setting(0.1, "AdamW weight decay")
+    grad_clip: float = setting(1.0, "gradient-norm clip")
+    seed: int = setting(0, "random seed (row order)")
+    device: str = setting("auto", "auto | cpu | cuda")
+    precision: str = setting("auto", "fp32, or bf16 autocast (CUDA); auto: bf16 on CUDA, else fp32",
+                             choices=("auto", "fp32", "bf16"))
+    save_every: int = setting(200, "checkpoint every N steps (0: only at the end)")
+    keep: int = setting(3, "checkpoints kept, the latest ones (0: all)")
+    log_every: int = setting(1, "log every N steps")
+    resume: bool = setting(False, "continue from the run directory's latest checkpoint")
 
     def validate(self) -> None:
         mb = self.micro_batch_size or self.batch_size

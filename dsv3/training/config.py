@@ -3,51 +3,72 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
+
+from dsv3.cliargs import setting
+
+
+def default_cache_dir() -> str:
+    """$DSV3_CACHE, else ~/.cache/dsv3: trained tokenizers (tokenizers/) and token caches (tokens/)."""
+    return os.environ.get("DSV3_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "dsv3"))
 
 
 @dataclass
 class TrainConfig:
-    out_dir: str = "runs/tiny"
-    data: str | None = None  # directory / file / .jsonl; None: the Python standard library
-    # more corpora used for training only (all their documents; validation stays on `data`'s split)
-    extra_data: list[str] = field(default_factory=list)
-    tokenizer: str | None = None  # tokenizer.json or directory; None: train a BPE of the model's vocab size
-    cache_dir: str = field(default_factory=lambda: os.environ.get(
-        "DSV3_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "dsv3")))
-    steps: int = 300
-    tokens: int = 0  # if > 0, overrides steps: steps = ceil(tokens / (batch_size * seq_len))
-    seq_len: int = 256
-    batch_size: int = 16  # sequences per optimizer step (global)
-    micro_batch_size: int = 0  # sequences per forward/backward; 0 = batch_size (no accumulation)
-    lr: float = 3e-3
-    warmup_steps: int = -1  # -1: 5% of the steps, at most 2000 (the paper's 2K)
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    mtp_lambda: float = 0.3
-    mtp_lambda_late: float = 0.1
-    bias_gamma: float = 0.001
-    balance_alpha: float = 1e-4
-    batch_ramp_steps: int = 0
-    batch_start: int = 0
-    fim_rate: float = 0.1
-    val_permille: int = 10
-    device: str = "auto"
-    precision: str = "auto"  # fp32 | bf16 (autocast, CUDA) | fp8 (bf16 autocast + FP8 GEMMs, dsv3/training/fp8.py) | auto
-    fp8_experts: bool = False  # with fp8: the routed experts' grouped GEMMs in FP8 as well
-    seed: int = 0
-    eval_every: int = 100
-    eval_batches: int = 8  # per periodic eval; the final eval covers the whole val split
-    save_every: int = 100
-    keep: int = 3
-    log_every: int = 1
-    resume: bool = False
-    progress: bool = True
-    compile: bool = False  # torch.compile each block (1.2-1.6x training speed on an H100, bench/RESULTS.md)
-    recompute: str = "none"  # none | selective (RMSNorms + MLA up-projections, paper §3.2.2) | full (per block)
-    optim_state_dtype: str = "fp32"  # fp32 | bf16 (AdamW moments stored in bf16, paper §3.3)
+    """Each field is also a `dsv3 train` flag (dsv3/cliargs.py): `--seq-len` for seq_len, its help from
+    the metadata, its default this one. The one CLI-only default is out_dir's documented cli_default."""
+    # the CLI leaves it unset (None) and uses runs/PRESET (runs/custom with --config)
+    out_dir: str = setting("runs/tiny", "run directory (default: runs/PRESET; runs/custom with --config)",
+                           cli_default=None)
+    data: str | None = setting(None, "directory, text file or .jsonl (default: the Python standard library)")
+    # all of their documents are used for training; validation stays on `data`'s held-out split
+    extra_data: list[str] = setting(factory=list, metavar="PATH",
+                                    help="more training-only data (repeatable); validation stays on --data's "
+                                         "held-out split")
+    tokenizer: str | None = setting(None, "tokenizer.json or a directory holding one (default: train a BPE of "
+                                          "the model's vocab size)")
+    cache_dir: str = setting(factory=default_cache_dir,
+                             help="where trained tokenizers and token caches go ($DSV3_CACHE, else ~/.cache/dsv3)")
+    steps: int = setting(300, "optimizer steps")
+    tokens: int = setting(0, "if > 0, train for this many tokens instead of --steps "
+                             "(steps = ceil(tokens / (batch size x seq len)))")
+    seq_len: int = setting(256, "tokens per sequence")
+    batch_size: int = setting(16, "sequences per optimizer step (global)")
+    micro_batch_size: int = setting(0, "sequences per forward/backward (gradient accumulation); 0: the batch size")
+    lr: float = setting(3e-3, "peak learning rate")
+    warmup_steps: int = setting(-1, "warm-up steps; -1: 5% of the steps, at most 2000 (the paper's 2K)")
+    weight_decay: float = setting(0.1, "AdamW weight decay")
+    grad_clip: float = setting(1.0, "gradient-norm clip")
+    mtp_lambda: float = setting(0.3, "MTP loss weight (the paper's 0.3 for its first 10T of 14.8T tokens)")
+    mtp_lambda_late: float = setting(0.1, "MTP loss weight after 10/14.8 of the steps (the paper's 0.1)")
+    bias_gamma: float = setting(0.001, "aux-loss-free bias update speed")
+    balance_alpha: float = setting(1e-4, "sequence-wise balance loss weight")
+    batch_ramp_steps: int = setting(0, "ramp the batch size over these steps")
+    batch_start: int = setting(0, "sequences per step at the start of the ramp")
+    fim_rate: float = setting(0.1, "fill-in-the-middle rate")
+    val_permille: int = setting(10, "held-out validation split, per mille of the corpus")
+    device: str = setting("auto", "auto | cpu | cuda")
+    # bf16: autocast (CUDA); fp8: bf16 autocast + FP8 GEMMs (dsv3/training/fp8.py)
+    precision: str = setting("auto", "compute precision; fp8: the paper's FP8 GEMMs (emulated, slowly, on the CPU)",
+                             choices=("auto", "fp32", "bf16", "fp8"))
+    fp8_experts: bool = setting(False, "with --precision fp8: the routed experts' grouped GEMMs in FP8 too "
+                                       "(Triton; slower than bf16 on an H100 today, bench/RESULTS.md)")
+    seed: int = setting(0, "random seed (initialisation, data order)")
+    eval_every: int = setting(100, "validation every N steps (0: only at the end)")
+    eval_batches: int = setting(8, "batches per periodic validation; the final one covers the whole val split")
+    save_every: int = setting(100, "checkpoint every N steps (0: only at the end)")
+    keep: int = setting(3, "checkpoints kept, the latest ones (0: all)")
+    log_every: int = setting(1, "log every N steps")
+    resume: bool = setting(False, "continue from the run directory's latest checkpoint")
+    progress: bool = setting(True, "no progress bars")  # the flag is --no-progress
+    # 1.2-1.6x training speed on an H100 (bench/RESULTS.md)
+    compile: bool = setting(False, "torch.compile each block (faster on GPUs)")
+    recompute: str = setting("none", "activation recomputation: selective = RMSNorms + MLA up-projections "
+                                     "(paper §3.2.2), full = per block", choices=("none", "selective", "full"))
+    optim_state_dtype: str = setting("fp32", "storage dtype of the AdamW moments (the paper keeps them in bf16, "
+                                             "§3.3)", choices=("fp32", "bf16"))
 
     def validate(self) -> None:
         for name in ("steps", "seq_len", "batch_size"):

@@ -1,0 +1,58 @@
+"""Validation loss and bits per byte of a checkpoint on a corpus (`dsv3 eval`).
+
+The corpus is tokenized with the checkpoint's tokenizer into the same token cache `dsv3 train` uses
+(`<cache_dir>/tokens`, without FIM), split the same way (`val_permille`), and read in order in
+windows of `seq_len` + 1 tokens (dsv3.training.data.ValBatches); the loss is that of
+dsv3.training.loop.evaluate, in fp32, so bits per byte are exact over whatever is evaluated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+
+from dsv3.checkpoints.hf import load_pretrained
+from dsv3.checkpoints.rundir import resolve_checkpoint
+from dsv3.cliargs import setting
+from dsv3.tokenizer import DSTokenizer
+from dsv3.training.config import TrainConfig, default_cache_dir, resolve_device
+from dsv3.training.data import ValBatches, build_token_cache
+from dsv3.training.loop import evaluate
+from dsv3.training.strategy import Strategy
+
+
+@dataclass
+class EvalConfig:
+    """What `evaluate_checkpoint` measures; the fields are also the flags of `dsv3 eval`."""
+    data: str | None = setting(None, "corpus (default: the Python standard library)")
+    split: str = setting("val", "which split of the corpus", choices=("val", "train"))
+    # train's, so that "val" is the split a run held out
+    val_permille: int = setting(TrainConfig.val_permille, "held-out split, per mille of the corpus (as train's)")
+    seq_len: int = setting(TrainConfig.seq_len, "tokens per window")  # train's: the context it was trained on
+    batch_size: int = setting(8, "windows per forward")
+    max_batches: int = setting(0, "evaluate at most this many batches (0: the whole split)")
+    device: str = setting("auto", "auto | cpu | cuda")
+    # as in `train`: the root; token caches live in its tokens/ subdirectory
+    cache_dir: str = setting(factory=default_cache_dir,
+                             help="where token caches go, under tokens/ ($DSV3_CACHE, else ~/.cache/dsv3)")
+    progress: bool = setting(True, "no progress bar while tokenizing")  # the flag is --no-progress
+
+
+def evaluate_checkpoint(checkpoint: str, cfg: EvalConfig) -> dict:
+    """{checkpoint, split, source, val_loss (nats/token), val_bpb (bits/byte), val_tokens} of a
+    checkpoint directory or run directory (its latest checkpoint) on cfg.data's cfg.split split."""
+    path = resolve_checkpoint(checkpoint)
+    device = resolve_device(cfg.device)
+    tok = DSTokenizer.load(path)
+    model = load_pretrained(path, device=device, dtype=torch.float32).eval()
+    cache = build_token_cache(cfg.data, tok, os.path.join(cfg.cache_dir, "tokens"), val_permille=cfg.val_permille,
+                              fim_rate=0.0, progress=cfg.progress)
+    if cache.meta["splits"][cfg.split]["n_tokens"] <= cfg.seq_len:
+        raise ValueError(f"the {cfg.split} split of {cache.meta['source']} has too few tokens for seq_len "
+                         f"{cfg.seq_len}")
+    batches = ValBatches(cache.tokens(cfg.split), cfg.seq_len, cfg.batch_size, name=f"{cfg.split} split")
+    ev = evaluate(Strategy.of(model), batches, tok.token_byte_lengths(), contextlib.nullcontext, cfg.max_batches or None)
+    return {"checkpoint": path, "split": cfg.split, "source": cache.meta["source"], **ev}
