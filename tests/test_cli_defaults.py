@@ -193,14 +193,20 @@ def record(calls: list, ret=None):
 
 
 def test_train_builds_its_configs(monkeypatch, tmp_path):
-    import dsv3.training.loop as loop
+    import dsv3.training.pretrain as pretrain
+    from dsv3.distributed.mesh import DERIVED, ParallelConfig
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     calls = []
-    monkeypatch.setattr(loop, "train", record(calls, {"interrupted": False, "checkpoint": "x"}))
+    monkeypatch.setattr(pretrain, "train", record(calls, {"interrupted": False, "checkpoint": "x"}))
     assert cli.main(["train", "--samples", "0"]) == 0
-    (mc, tc), _ = calls[-1]
+    (mc, tc, pcfg), _ = calls[-1]
     assert mc == preset("tiny") and tc == TrainConfig(out_dir="runs/tiny")
+    # the layout: degrees left to torchrun's world size, everything else the dataclass default
+    assert pcfg == ParallelConfig(dp_shard=DERIVED, ep=DERIVED)
+    assert cli.main(["train", "--samples", "0", "--ep", "2", "--pp", "2", "--pp-schedule", "dualpipev",
+                     "--no-fsdp"]) == 0
+    assert calls[-1][0][2] == ParallelConfig(dp_shard=DERIVED, ep=2, pp=2, pp_schedule="dualpipev", fsdp=False)
     assert cli.main(["train", "--preset", "small", "--samples", "0", "--steps", "5", "--no-progress"]) == 0
     assert calls[-1][0][1] == TrainConfig(out_dir="runs/small", steps=5, progress=False)
     cfg = tmp_path / "c.json"
@@ -211,12 +217,12 @@ def test_train_builds_its_configs(monkeypatch, tmp_path):
     assert calls[-1][0][1].out_dir == "runs/custom"
 
 
-def test_train_layout_flags_choose_the_torchrun_trainer(monkeypatch):
+def test_train_layout_needs_torchrun(monkeypatch, tmp_path, capsys):
+    """A layout of several ranks without a torchrun world is refused with the way to start it."""
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    for extra, parallel in (([], False), (["--no-fsdp"], True), (["--ep", "2"], True), (["--dp-shard", "2"], True),
-                            (["--pp", "2"], True), (["--pp", "1"], False), (["--node-groups", "2"], True)):
-        args = parse("train", *extra)
-        assert cli._parallel_run(args, from_args(TrainConfig, args, out_dir="runs/none")) is parallel, extra
+    for extra in (["--ep", "2"], ["--dp-shard", "2"], ["--pp", "2"]):
+        assert cli.main(["train", "--samples", "0", "--out", str(tmp_path / "r"), *extra]) == 2, extra
+        assert "needs several processes: start it with torchrun" in capsys.readouterr().err
 
 
 def test_posttrain_verbs_pass_their_configs(monkeypatch):
