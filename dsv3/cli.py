@@ -282,19 +282,35 @@ def cmd_serve(args) -> int:
 
 
 def cmd_sft(args) -> int:
-    """Supervised fine-tuning on chats (dsv3/posttrain/sft.py)."""
+    """Supervised fine-tuning on chats (dsv3/posttrain/sft.py); one process or every rank of a torchrun world."""
+    import os
+
+    import torch.distributed as dist
+
+    from dsv3.distributed.mesh import ParallelConfig
     from dsv3.posttrain.sft import SFTConfig, train_sft
 
     cfg = SFTConfig(seq_len=args.seq_len, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
                     epochs=args.epochs, steps=args.steps, lr=args.lr, min_lr=args.min_lr, seed=args.seed,
                     device=args.device, precision=args.precision, save_every=args.save_every, resume=args.resume)
-    summary = train_sft(_resolve_checkpoint(args.checkpoint), args.data, args.out, cfg)
-    print(f"sft: {summary}")
+    pcfg = ParallelConfig(dp_shard=args.dp_shard, ep=args.ep, fsdp=not args.no_fsdp)  # 0: from the world size
+    try:
+        summary = train_sft(args.checkpoint, args.data, args.out, cfg, pcfg=pcfg)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"sft: {summary}")
     return 0
 
 
 def cmd_grpo(args) -> int:
-    """GRPO on a task with a checkable answer (dsv3/posttrain/grpo.py)."""
+    """GRPO on a task with a checkable answer (dsv3/posttrain/grpo.py); one process or every rank of a torchrun world."""
+    import os
+
+    import torch.distributed as dist
+
+    from dsv3.distributed.mesh import ParallelConfig
     from dsv3.posttrain.grpo import GRPOConfig, train_grpo
     from dsv3.posttrain.tasks import load_callable, load_task
 
@@ -303,8 +319,14 @@ def cmd_grpo(args) -> int:
                      max_new_tokens=args.max_new_tokens, temperature=args.temperature, ppo_epochs=args.ppo_epochs,
                      clip_eps=args.clip_eps, beta=args.beta, lr=args.lr, eval_every=args.eval_every,
                      seed=args.seed, device=args.device, precision=args.precision, resume=args.resume)
-    summary = train_grpo(_resolve_checkpoint(args.checkpoint), task, args.out, cfg)
-    print(f"grpo: {summary}")
+    pcfg = ParallelConfig(dp_shard=args.dp_shard, ep=args.ep, fsdp=not args.no_fsdp)  # 0: from the world size
+    try:
+        summary = train_grpo(args.checkpoint, task, args.out, cfg, pcfg=pcfg)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"grpo: {summary}")
     return 0
 
 
@@ -458,6 +480,9 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--device", default="auto")
     ft.add_argument("--precision", default="auto")
     ft.add_argument("--resume", action="store_true")
+    ft.add_argument("--dp-shard", type=int, default=0, help="under torchrun: as `dsv3 train --dp-shard`")
+    ft.add_argument("--ep", type=int, default=0, help="under torchrun: as `dsv3 train --ep`")
+    ft.add_argument("--no-fsdp", action="store_true", help="under torchrun: replicate the non-expert parameters")
     ft.set_defaults(func=cmd_sft)
 
     gr = sub.add_parser("grpo", help="GRPO reinforcement learning on a task with a checkable answer")
@@ -479,6 +504,9 @@ def build_parser() -> argparse.ArgumentParser:
     gr.add_argument("--device", default="auto")
     gr.add_argument("--precision", default="auto")
     gr.add_argument("--resume", action="store_true")
+    gr.add_argument("--dp-shard", type=int, default=0, help="under torchrun: as `dsv3 train --dp-shard`")
+    gr.add_argument("--ep", type=int, default=0, help="under torchrun: not available for GRPO (the engine has no expert-parallel path)")
+    gr.add_argument("--no-fsdp", action="store_true", help="under torchrun: replicate the non-expert parameters")
     gr.set_defaults(func=cmd_grpo)
 
     cv = sub.add_parser("convert", help="sharded (torchrun) checkpoint -> Hugging Face-format directory")
