@@ -434,6 +434,23 @@ def test_grpo_refuses_an_inconsistent_resume(env, tmp_path):
         _grpo_cfg(precision="fp8").validate()
 
 
+def test_sft_and_grpo_refuse_the_pipeline_layout(env, tmp_path, monkeypatch):
+    """The pipeline strategy (pp = 2) refuses both tasks with its reason, before any model is built."""
+    from dsv3.distributed.mesh import DistEnv, ParallelConfig
+    from dsv3.distributed.strategy import PipelineStrategy
+
+    pipe = PipelineStrategy(DistEnv(0, 2, 0, torch.device("cpu"), "gloo"), ParallelConfig(pp=2))
+    monkeypatch.setattr(pipe, "barrier", lambda: None)  # no process group here: nothing to wait for
+    for mod in (sft, grpo):
+        monkeypatch.setattr(mod, "make_strategy", lambda pcfg, device: pipe)
+    with pytest.raises(ValueError, match="--pp runs pre-training only"):
+        sft.train_sft(env["ckpt"], env["data"], str(tmp_path / "s"), _sft_cfg(), log=lambda *a: None)
+    with pytest.raises(ValueError, match="--pp runs pre-training only"):
+        grpo.train_grpo(env["ckpt"], _length_task(), str(tmp_path / "g"), _grpo_cfg(), log=lambda *a: None)
+    with pytest.raises(ValueError, match="no rank holds the whole model"):
+        pipe.check_generation()
+
+
 def test_arithmetic_generators_refuse_an_exclude_set_covering_everything():
     from dsv3.posttrain.tasks import _expr, _problem, arithmetic_corpus, arithmetic_sft_chats
 

@@ -215,7 +215,6 @@ class GRPO:
         if P % W:
             raise ValueError(f"prompts_per_iter ({P}) must be a multiple of the data-parallel ranks ({W}): each "
                              "rank samples the G completions of its P / W prompts (advantages need whole groups)")
-        strategy.check_generation()
         self.cfg, self.task, self.tok, self.strategy, self.ref = cfg, task, tok, strategy, ref
         self.autocast, self.say = autocast, say
         self.total_steps = cfg.iterations * cfg.ppo_epochs
@@ -389,10 +388,11 @@ def train_grpo(checkpoint_dir: str, task: Task, out_dir: str, cfg: GRPOConfig, l
 
     torch.manual_seed(cfg.seed)
     ref = load_start(src, strategy.device).eval().requires_grad_(False)  # frozen, whole on every rank
-    strategy.check_model(ref.config, cfg)
-    policy = load_start(src, strategy.device)
     grpo = GRPO(cfg, task, tok, strategy, ref, autocast, say)
     strategy.check_task(grpo)
+    strategy.check_generation()
+    strategy.check_model(ref.config, cfg)
+    policy = load_start(src, strategy.device)
     freeze_mtp(policy)
     prepare_model(policy, strategy, precision=precision, recompute=cfg.recompute, log=say)
     opt = make_optimizer(strategy.module(), cfg.lr, cfg.weight_decay)
