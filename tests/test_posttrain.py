@@ -366,6 +366,23 @@ def _grpo_cfg(**kw):
     return grpo.GRPOConfig(**base)
 
 
+def test_precisions(env, tmp_path):
+    """precision_recipe applies to post-training: bf16 autocast (CPU too) and FP8 GEMMs give first-step SFT
+    losses near fp32's but not equal to it; GRPO under bf16 autocast keeps ratio 1 and KL 0 at its first step."""
+    first = {}
+    for prec in ("fp32", "bf16", "fp8"):
+        out = str(tmp_path / f"sft_{prec}")
+        sft.train_sft(env["ckpt"], env["data"], out, _sft_cfg(steps=1, seq_len=96, precision=prec), log=lambda *a: None)
+        first[prec] = _records(out)[0]["loss"]
+    for prec in ("bf16", "fp8"):
+        assert first[prec] != first["fp32"] and abs(first[prec] - first["fp32"]) < 0.05, first
+    out = str(tmp_path / "grpo_bf16")
+    grpo.train_grpo(env["ckpt"], _length_task(), out, _grpo_cfg(iterations=1, eval_every=0, precision="bf16"),
+                    log=lambda *a: None)
+    steps = [r for r in _records(out) if "lr" in r]
+    assert steps[0]["kl"] == 0 and steps[0]["clip_frac"] == 0 and math.isfinite(steps[1]["loss"])
+
+
 def test_grpo_iteration_end_to_end(env):
     out = str(env["base"] / "grpo")
     summary = grpo.train_grpo(env["ckpt"], _length_task(), out, _grpo_cfg(), log=lambda *a: None)

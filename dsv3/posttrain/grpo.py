@@ -146,7 +146,7 @@ class GRPOConfig:
     grad_clip: float = 1.0
     eval_every: int = 10  # held-out greedy accuracy every N iterations (and at the end); 0: only at the end
     eval_max_examples: int = 200
-    save_every: int = 50
+    save_every: int = 50  # iterations between checkpoints (0: only the final one)
     keep: int = 3
     seed: int = 0
     device: str = "auto"

@@ -15,7 +15,7 @@ reference with WORLD_SIZE=1), OMP_NUM_THREADS=1, fp32, a micro model. Checked, s
         expert parallelism and an odd prompt split are refused with their reasons.
 TOL = 1e-5 (absolute; losses ~6 nats, gradient norms ~1): the layouts change only the order of fp32 sums.
 Measured (-s prints them): SFT 1.2e-6 (replicated), 1.3e-6 (ep 2), 1.3e-6 (resumed under torchrun), 0 (a
-sharded checkpoint resumed in one process); GRPO 4.8e-7 (replicated), 3.0e-8 (resumed in one process); with
+sharded checkpoint resumed in one process), 1.2e-6 (the same resumed with ep 2); GRPO 4.8e-7 (replicated), 3.0e-8 (resumed in one process); with
 FSDP2 (once AdamW takes DTensors; measured with a local-shard stand-in) SFT 1.3e-6, GRPO 3.6e-7.
 The FSDP2 tests are xfail while our AdamW fails on DTensor parameters, and only for that reason.
 """
@@ -134,11 +134,13 @@ def test_sft_fsdp2_equals_one_process(env, sft_one):
 
 
 def test_sft_resumes_across_layouts(env, sft_one):
-    """A sharded (2-process) checkpoint at step 3 resumed by one process, and the one-process checkpoint at
-    step 3 resumed by 2 processes: both continue as the uninterrupted one-process run."""
+    """A sharded (2-process, replicated) checkpoint at step 3 resumed by one process and by 2 processes with
+    expert parallelism, and the one-process checkpoint at step 3 resumed by 2 processes: each continues as
+    the uninterrupted one-process run."""
     if not os.path.exists(env / "sft2_no-fsdp"):
         _sft(env, 2, "sft2_no-fsdp", "--no-fsdp")
-    for src, dst, world, extra in (("sft2_no-fsdp", "sft_r1", 1, []), ("sft1", "sft_r2", 2, ["--no-fsdp"])):
+    for src, dst, world, extra in (("sft2_no-fsdp", "sft_r1", 1, []), ("sft1", "sft_r2", 2, ["--no-fsdp"]),
+                                   ("sft2_no-fsdp", "sft_r3", 2, ["--ep", 2, "--no-fsdp"])):
         shutil.copytree(env / src, env / dst)
         shutil.rmtree(env / dst / "checkpoints" / "step_00000006")  # as if killed after step 3
         out = _sft(env, world, dst, "--resume", *extra)
