@@ -145,9 +145,12 @@ def plot_grpo(grpo_dir: str, out_dir: str, log=print) -> list[str]:
         log("matplotlib is not installed: no plots (pip install matplotlib)")
         return []
     with open(os.path.join(grpo_dir, "metrics.jsonl"), encoding="utf-8") as f:
-        recs = [json.loads(line) for line in f if line.strip()]
-    it = [r["step"] for r in recs]
-    ev = [r for r in recs if "heldout_acc" in r]
+        allrecs = [json.loads(line) for line in f if line.strip()]
+    with open(os.path.join(grpo_dir, "train_config.json"), encoding="utf-8") as f:
+        per_it = json.load(f)["grpo"]["ppo_epochs"]  # optimizer steps per iteration
+    recs = [r for r in allrecs if "reward_mean" in r]  # one per optimizer step
+    it = [r["step"] / per_it for r in recs]
+    ev = [dict(r, step=r["step"] / per_it) for r in allrecs if "heldout_acc" in r]
     paths = []
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(it, [r["reward_mean"] for r in recs], alpha=0.5, label="train reward (mean over P x G samples, T=1)")
@@ -266,7 +269,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 3. SFT -------------------------------------------------------------------------------------
     t0 = time.perf_counter()
-    scfg = sft.SFTConfig(device=args.device, seed=seed, save_every=0, keep=1, **sp)
+    scfg = sft.SFTConfig(device=args.device, seed=seed, save_every=0, keep=1, progress=False, **sp)
     sft_summary = sft.train_sft(base, chats_path, os.path.join(out, "sft"), scfg, log=quiet)
     times["sft_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -277,7 +280,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 4. GRPO ------------------------------------------------------------------------------------
     t0 = time.perf_counter()
-    gcfg = grpo.GRPOConfig(device=args.device, seed=seed, save_every=0, keep=1, **prof["grpo"])
+    gcfg = grpo.GRPOConfig(device=args.device, seed=seed, save_every=0, keep=1, progress=False, **prof["grpo"])
     every = max(1, gcfg.iterations // 10)
     grpo_log = lambda m: (quiet(m), (m.startswith("iter ") and int(m.split(":")[0][5:]) % every == 0)  # noqa: E731
                           and print(m, flush=True))

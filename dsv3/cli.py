@@ -234,23 +234,46 @@ def cmd_serve(args) -> int:
 
 
 def cmd_sft(args) -> int:
-    """Supervised fine-tuning on chats (dsv3/posttrain/sft.py)."""
+    """Supervised fine-tuning on chats (dsv3/posttrain/sft.py); one process or every rank of a torchrun world."""
+    import os
+
+    import torch.distributed as dist
+
+    from dsv3.distributed.mesh import ParallelConfig
     from dsv3.posttrain.sft import SFTConfig, train_sft
 
-    summary = train_sft(_resolve_checkpoint(args.checkpoint), args.data, args.out, from_args(SFTConfig, args))
-    print(f"sft: {summary}")
+    cfg = from_args(SFTConfig, args)
+    pcfg = from_args(ParallelConfig, args, only=POSTTRAIN_LAYOUT)  # dp_shard / ep 0: from the world size
+    try:
+        summary = train_sft(args.checkpoint, args.data, args.out, cfg, pcfg=pcfg)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"sft: {summary}")
     return 0
 
 
 def cmd_grpo(args) -> int:
-    """GRPO on a task with a checkable answer (dsv3/posttrain/grpo.py)."""
+    """GRPO on a task with a checkable answer (dsv3/posttrain/grpo.py); one process or every rank of a torchrun world."""
+    import os
+
+    import torch.distributed as dist
+
+    from dsv3.distributed.mesh import ParallelConfig
     from dsv3.posttrain.grpo import GRPOConfig, train_grpo
     from dsv3.posttrain.tasks import load_callable, load_task
 
     cfg = from_args(GRPOConfig, args)
     task = load_task(args.task, seed=cfg.seed, reward=load_callable(args.reward) if args.reward else None)
-    summary = train_grpo(_resolve_checkpoint(args.checkpoint), task, args.out, cfg)
-    print(f"grpo: {summary}")
+    pcfg = from_args(ParallelConfig, args, only=POSTTRAIN_LAYOUT)  # dp_shard / ep 0: from the world size
+    try:
+        summary = train_grpo(args.checkpoint, task, args.out, cfg, pcfg=pcfg)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"grpo: {summary}")
     return 0
 
 
@@ -330,6 +353,7 @@ def _sft_flags(p) -> None:
     p.add_argument("--data", required=True, help='JSONL, one {"messages": [...]} conversation per line')
     p.add_argument("--out", required=True, help="run directory")
     add_fields(p, SFTConfig)
+    _posttrain_layout_flags(p)
 
 
 def _grpo_flags(p) -> None:
@@ -340,6 +364,17 @@ def _grpo_flags(p) -> None:
     p.add_argument("--reward", default=None, help='"module:function" scoring (completion, example) -> float')
     p.add_argument("--out", required=True, help="run directory")
     add_fields(p, GRPOConfig, rename=GRPO_RENAMES)
+    _posttrain_layout_flags(p)
+
+
+# the layout flags of sft / grpo (no pipeline: their batches do not travel through pipeline stages)
+POSTTRAIN_LAYOUT = ("dp_shard", "ep", "fsdp")
+
+
+def _posttrain_layout_flags(p) -> None:
+    from dsv3.distributed.mesh import ParallelConfig
+
+    add_fields(p.add_argument_group("parallel layout (under torchrun)"), ParallelConfig, only=POSTTRAIN_LAYOUT)
 
 
 def _convert_flags(p) -> None:

@@ -318,7 +318,7 @@ def test_arithmetic_task_split():
 
 def _sft_cfg(**kw):
     base = dict(seq_len=128, batch_size=4, steps=16, lr=3e-3, min_lr=3e-4, warmup_steps=2, device="cpu",
-                save_every=0, keep=0, seed=0)
+                save_every=0, keep=0, seed=0, progress=False)
     base.update(kw)
     return sft.SFTConfig(**base)
 
@@ -351,23 +351,121 @@ def test_sft_resume_exact(env):
     assert [r["grad_norm"] for r in ra[3:]] == [r["grad_norm"] for r in rb[-3:]]
 
 
-def test_grpo_iteration_end_to_end(env):
+def _length_task():
     task = tasks.arithmetic_task(20, 4, seed=0, max_digits=2)
     # an untrained model never earns the arithmetic reward (all advantages 0, no update): a plain callable
     # rewarding length gives every group a signal
     task.reward = lambda completion, example: float(len(completion))
+    return task
+
+
+def _grpo_cfg(**kw):
+    base = dict(iterations=2, prompts_per_iter=2, group_size=4, max_new_tokens=6, ppo_epochs=2, micro_batch_size=3,
+                lr=1e-3, eval_every=1, save_every=0, device="cpu", seed=0, progress=False)
+    base.update(kw)
+    return grpo.GRPOConfig(**base)
+
+
+def test_precisions(env, tmp_path):
+    """precision_recipe applies to post-training: bf16 autocast (CPU too) and FP8 GEMMs give first-step SFT
+    losses near fp32's but not equal to it; GRPO under bf16 autocast keeps ratio 1 and KL 0 at its first step."""
+    first = {}
+    for prec in ("fp32", "bf16", "fp8"):
+        out = str(tmp_path / f"sft_{prec}")
+        sft.train_sft(env["ckpt"], env["data"], out, _sft_cfg(steps=1, seq_len=96, precision=prec), log=lambda *a: None)
+        first[prec] = _records(out)[0]["loss"]
+    for prec in ("bf16", "fp8"):
+        assert first[prec] != first["fp32"] and abs(first[prec] - first["fp32"]) < 0.05, first
+    out = str(tmp_path / "grpo_bf16")
+    grpo.train_grpo(env["ckpt"], _length_task(), out, _grpo_cfg(iterations=1, eval_every=0, precision="bf16"),
+                    log=lambda *a: None)
+    steps = [r for r in _records(out) if "lr" in r]
+    assert steps[0]["kl"] == 0 and steps[0]["clip_frac"] == 0 and math.isfinite(steps[1]["loss"])
+
+
+def test_grpo_iteration_end_to_end(env):
     out = str(env["base"] / "grpo")
-    cfg = grpo.GRPOConfig(iterations=2, prompts_per_iter=2, group_size=4, max_new_tokens=6, ppo_epochs=2,
-                          micro_batch_size=3, lr=1e-3, eval_every=1, save_every=0, device="cpu", seed=0)
-    summary = grpo.train_grpo(env["ckpt"], task, out, cfg, log=lambda *a: None)
+    summary = grpo.train_grpo(env["ckpt"], _length_task(), out, _grpo_cfg(), log=lambda *a: None)
     recs = _records(out)
-    assert len(recs) == 2 and summary["iterations"] == 2
-    for k in ("reward_mean", "reward_std", "kl", "response_len", "clip_frac", "accuracy", "heldout_acc", "loss"):
-        assert k in recs[0] and math.isfinite(recs[0][k]), k
-    assert 0 < recs[0]["response_len"] <= 7
-    assert recs[0]["kl"] >= 0
-    assert recs[1]["kl"] > 0  # the policy moved away from the frozen reference
+    steps = [r for r in recs if "lr" in r]  # one record per optimizer step: 2 iterations x 2 ppo epochs
+    evals = [r for r in recs if "heldout_acc" in r]  # held-out evaluation after each iteration
+    assert summary["iterations"] == 2 and summary["step"] == 4
+    assert [r["step"] for r in steps] == [1, 2, 3, 4] and [r["iteration"] for r in steps] == [1, 1, 2, 2]
+    for r in steps:
+        for k in ("reward_mean", "reward_std", "kl", "response_len", "clip_frac", "accuracy", "loss"):
+            assert k in r and math.isfinite(r[k]), k
+    assert [r["step"] for r in evals] == [2, 4] and evals[-1].get("final")
+    assert all(0 <= r["heldout_acc"] <= 1 and r["heldout_n"] == 4 for r in evals)
+    assert "heldout_acc" in summary
+    assert 0 < steps[0]["response_len"] <= 7
+    assert steps[0]["kl"] == 0 and steps[0]["clip_frac"] == 0  # the policy is the reference at step 1
+    assert steps[1]["reward_mean"] == steps[0]["reward_mean"]  # the same rollouts for both ppo epochs
+    assert steps[-1]["kl"] > 0  # the policy moved away from the frozen reference
     assert list_checkpoints(os.path.join(out, "checkpoints"))
+
+
+def test_grpo_resume_exact_and_checkpoints_only_between_iterations(env):
+    """4 iterations of 2 steps in one go == 2 iterations, a checkpoint, then a resumed run of 2 more; a
+    Ctrl-C in the middle of an iteration stops only at its end, with a checkpoint that resumes exactly."""
+    import signal
+
+    a, b, c = (str(env["base"] / n) for n in ("grpo_a", "grpo_b", "grpo_c"))
+    cfg = dict(iterations=4, eval_every=0)
+    grpo.train_grpo(env["ckpt"], _length_task(), a, _grpo_cfg(**cfg), log=lambda *a: None)
+    grpo.train_grpo(env["ckpt"], _length_task(), b, _grpo_cfg(save_every=2, **cfg), log=lambda *a: None)
+    shutil.rmtree(list_checkpoints(os.path.join(b, "checkpoints"))[-1])  # as if killed after iteration 2
+    grpo.train_grpo(env["ckpt"], _length_task(), b, _grpo_cfg(resume=True, **cfg), log=lambda *a: None)
+    keys = ("loss", "kl", "clip_frac", "grad_norm", "reward_mean", "response_len")
+    ra = [r for r in _records(a) if "lr" in r]
+    rb = [r for r in _records(b) if "lr" in r]
+    assert [r["step"] for r in rb] == list(range(1, 9)) + [5, 6, 7, 8]
+    assert [[r[k] for k in keys] for r in ra[4:]] == [[r[k] for k in keys] for r in rb[-4:]]
+
+    # Ctrl-C during the rollout of iteration 2 (step 3 of 8): the loop finishes the iteration's 2 steps
+    task = _length_task()
+    reward, calls = task.reward, [0]
+
+    def interrupting(completion, example):
+        calls[0] += 1
+        if calls[0] == 2 * 4 + 1:  # the first completion of iteration 2 (2 prompts x 4 per iteration)
+            os.kill(os.getpid(), signal.SIGINT)
+        return reward(completion, example)
+
+    task.reward = interrupting
+    s = grpo.train_grpo(env["ckpt"], task, c, _grpo_cfg(**cfg), log=lambda *a: None)
+    assert s["interrupted"] and s["step"] == 4 and s["iterations"] == 2
+    assert [os.path.basename(p) for p in list_checkpoints(os.path.join(c, "checkpoints"))] == ["step_00000004"]
+    grpo.train_grpo(env["ckpt"], _length_task(), c, _grpo_cfg(resume=True, **cfg), log=lambda *a: None)
+    rc = [r for r in _records(c) if "lr" in r]
+    assert [r["step"] for r in rc] == list(range(1, 9))
+    assert [[r[k] for k in keys] for r in ra] == [[r[k] for k in keys] for r in rc]
+
+
+def test_grpo_refuses_an_inconsistent_resume(env, tmp_path):
+    out = str(tmp_path / "g")
+    grpo.train_grpo(env["ckpt"], _length_task(), out, _grpo_cfg(iterations=1, eval_every=0), log=lambda *a: None)
+    with pytest.raises(ValueError, match="ppo_epochs"):
+        grpo.train_grpo(env["ckpt"], _length_task(), out, _grpo_cfg(iterations=2, ppo_epochs=3, eval_every=0,
+                                                                    resume=True), log=lambda *a: None)
+    with pytest.raises(ValueError, match="fp8"):
+        _grpo_cfg(precision="fp8").validate()
+
+
+def test_sft_and_grpo_refuse_the_pipeline_layout(env, tmp_path, monkeypatch):
+    """The pipeline strategy (pp = 2) refuses both tasks with its reason, before any model is built."""
+    from dsv3.distributed.mesh import DistEnv, ParallelConfig
+    from dsv3.distributed.strategy import PipelineStrategy
+
+    pipe = PipelineStrategy(DistEnv(0, 2, 0, torch.device("cpu"), "gloo"), ParallelConfig(pp=2))
+    monkeypatch.setattr(pipe, "barrier", lambda: None)  # no process group here: nothing to wait for
+    for mod in (sft, grpo):
+        monkeypatch.setattr(mod, "make_strategy", lambda pcfg, device: pipe)
+    with pytest.raises(ValueError, match="--pp runs pre-training only"):
+        sft.train_sft(env["ckpt"], env["data"], str(tmp_path / "s"), _sft_cfg(), log=lambda *a: None)
+    with pytest.raises(ValueError, match="--pp runs pre-training only"):
+        grpo.train_grpo(env["ckpt"], _length_task(), str(tmp_path / "g"), _grpo_cfg(), log=lambda *a: None)
+    with pytest.raises(ValueError, match="no rank holds the whole model"):
+        pipe.check_generation()
 
 
 def test_arithmetic_generators_refuse_an_exclude_set_covering_everything():

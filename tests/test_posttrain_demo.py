@@ -47,14 +47,20 @@ def test_demo_test_profile_end_to_end(tmp_path, capsys):
               "base/metrics.jsonl", "sft/metrics.jsonl", "grpo/metrics.jsonl", "grpo/summary.json"):
         assert os.path.exists(os.path.join(out, p)), p
     with open(os.path.join(out, "grpo", "metrics.jsonl"), encoding="utf-8") as f:
-        recs = [json.loads(line) for line in f if line.strip()]
+        allrecs = [json.loads(line) for line in f if line.strip()]
+    recs = [r for r in allrecs if "lr" in r]  # the optimizer steps (ppo_epochs = 1: one per iteration)
     iters = on_disk["config"]["grpo"]["iterations"]
-    assert [r["step"] for r in recs] == list(range(1, iters + 1))
+    assert on_disk["config"]["grpo"]["ppo_epochs"] == 1
+    assert [r["step"] for r in recs] == [r["iteration"] for r in recs] == list(range(1, iters + 1))
     for r in recs:
         for k in ("reward_mean", "reward_std", "kl", "accuracy", "response_len", "loss"):
             assert math.isfinite(r[k]), (k, r)
         assert r["kl"] >= 0 and 0 <= r["accuracy"] <= 1
-    assert "heldout_acc" in recs[-1]
+    # the evaluation records: every eval_every iterations, and the final one (the last record)
+    every = on_disk["config"]["grpo"]["eval_every"]
+    assert [r["step"] for r in allrecs if "heldout_acc" in r] == list(range(every, iters, every)) + [iters]
+    assert "heldout_acc" in allrecs[-1] and allrecs[-1]["final"]
+    assert on_disk["grpo"]["heldout_acc"] == allrecs[-1]["heldout_acc"]
     try:
         import matplotlib  # noqa: F401
     except ImportError:

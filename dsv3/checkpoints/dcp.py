@@ -96,8 +96,10 @@ def _state_dicts(model, opt, ps):
     if ps.pcfg.ep > 1:
         mesh = ps.mesh
         for name in _expert_names(model, ps):
-            st = osd["state"][name] = dict(osd["state"][name])  # may be the optimizer's own dict: copy
-            slots = [(msd, name)] + [(st, k) for k, v in st.items() if torch.is_tensor(v) and v.dim() > 0]
+            slots = [(msd, name)]
+            if name in osd["state"]:  # a frozen parameter (e.g. post-training's MTP experts) has no AdamW state
+                st = osd["state"][name] = dict(osd["state"][name])  # may be the optimizer's own dict: copy
+                slots += [(st, k) for k, v in st.items() if torch.is_tensor(v) and v.dim() > 0]
             for d, k in slots:
                 d[k] = DTensor.from_local(d[k], mesh, [Replicate(), Shard(0)], run_check=False)
                 wrapped.append((d, k))

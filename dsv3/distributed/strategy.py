@@ -15,6 +15,8 @@ torchrun's environment and picks the strategy; without a torchrun world it retur
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 
@@ -124,6 +126,44 @@ class ShardedStrategy(_Collective):
 
         return grad_norm(self.model, self.ps)
 
+    def check_generation(self) -> None:
+        if self.pcfg.ep > 1:
+            raise ParallelConfigError(
+                f"generation (GRPO's rollouts) under expert parallelism (ep = {self.pcfg.ep}) is not available: each "
+                "rank holds 1/ep of the routed experts and the inference engine has no expert-parallel path; "
+                "run with ep = 1 (FSDP2, or replicated weights with --no-fsdp)")
+
+    @contextlib.contextmanager
+    def whole_model(self):
+        """Replicated weights (fsdp=False): the model itself. FSDP2: a plain copy gathered from the shards
+        (one all-gather per tensor, in the same order on every rank), freed when the context exits. A copy
+        rather than FSDPModule.unshard(): the unsharded modules' forward hooks would reshard after every
+        forward and all-gather again before the next, a collective per decode step, while the ranks'
+        generations take different numbers of steps."""
+        from torch.distributed.tensor import DTensor
+
+        from dsv3.model import Transformer
+
+        self.check_generation()
+        if not any(isinstance(p, DTensor) for p in self.model.parameters()):
+            yield self.model
+            return
+        with torch.device("meta"):
+            copy = Transformer(self.model.config)
+        copy = copy.to_empty(device=self.device)
+        dst, src = copy.state_dict(), self.model.state_dict()
+        if set(dst) != set(src):
+            raise RuntimeError(f"the sharded model's tensors do not match a plain model's: "
+                               f"{sorted(set(dst) ^ set(src))[:5]} (FP8 training modules cannot be copied)")
+        with torch.no_grad():
+            for name, t in src.items():
+                dst[name].copy_(t.full_tensor() if isinstance(t, DTensor) else t)
+        copy.init_buffers()
+        try:
+            yield copy.eval().requires_grad_(False)
+        finally:
+            del copy, dst
+
     def save(self, ckpt_root, step, opt, state, *, tokenizer=None, keep=3, final=False) -> str:
         from dsv3.checkpoints.dcp import save_dcp
 
@@ -188,6 +228,9 @@ class PipelineStrategy(_Collective):
 
     def module(self) -> torch.nn.Module:
         return self.ps.model_part
+
+    def check_generation(self) -> None:
+        raise ParallelConfigError("generation under the pipeline layout is not available: no rank holds the whole model")
 
     def check_task(self, task) -> None:
         if not getattr(task, "pipeline_loss", False):

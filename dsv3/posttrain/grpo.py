@@ -1,6 +1,6 @@
 """Group Relative Policy Optimization (DeepSeekMath §4.1, used for DeepSeek-V3's RL stage, paper §5.2.2).
 
-Per iteration:
+Per iteration (ppo_epochs optimizer steps of the training loop, dsv3/training/loop.py):
     sample P prompts; G completions each from the current policy (dsv3.inference.engine.Engine:
         batched, latent-KV-cached, seeded per completion, temperature ~1)
     rewards r (P, G) from a plain Python callable; advantages A = (r - mean_g r) / (std_g r + eps)
@@ -25,13 +25,26 @@ Decisions:
 * Log-probs use logits / temperature (the distribution that was sampled) for policy, old and ref.
 * A completion that ended with EOS gets the EOS token appended (the engine does not return it), so
   the policy learns to stop; one cut by max_new_tokens has no EOS.
-* The MTP modules and the MoE correction bias are left untouched (no gradient, no bias update).
-* The Engine holds the policy module itself, not a copy: every generation after an optimizer step
-  runs the updated weights (MLA's absorbed weights are re-derived from kv_b_proj at each call).
-  Its paged KV cache is per request: blocks are allocated at admission, filled by that request's
-  own prefill/decode and released when it finishes, so after `generate` returns no latent computed
-  with old weights survives (checked: all blocks are free again). So nothing is rebuilt between
-  iterations. The reference model is a separate frozen copy loaded from the starting checkpoint.
+* The MTP modules and the MoE correction bias are left untouched (frozen, no bias update).
+* In one process (and with replicated weights) the Engine holds the policy module itself, not a copy:
+  every generation after an optimizer step runs the updated weights (MLA's absorbed weights are
+  re-derived from kv_b_proj at each call). Its paged KV cache is per request: blocks are allocated at
+  admission, filled by that request's own prefill/decode and released when it finishes, so after
+  `generate` returns no latent computed with old weights survives (checked: all blocks are free
+  again). So nothing is rebuilt between iterations. Under FSDP2 the engine gets a plain copy
+  gathered from the shards for each generation (Strategy.whole_model), freed afterwards. The
+  reference model is a separate frozen copy loaded from the starting checkpoint (whole, on every rank).
+
+The training loop runs it (`GRPO` is its task): one loop step is one optimizer step; the first step of
+each iteration samples the rollouts. Checkpoints (and Ctrl-C stops) happen only between iterations, so
+a resumed run samples the next iteration from the same policy and seeds and continues exactly.
+Under torchrun (FSDP2 or replicated weights; not expert parallelism, whose experts the engine cannot
+reach, nor the pipeline) the P prompts are split over the data-parallel ranks, each rank generating the
+G completions of its P/W prompts (a group's advantages need its whole group) with the same per-completion
+seeds as one process, and the loss is averaged over all P·G completions of all ranks.
+Metrics per optimizer step: the loss, kl, clip_frac of that step, and the iteration's rollout statistics
+(reward_mean, reward_std, accuracy, response_len, frac_groups_no_signal, gen_s); held-out greedy accuracy
+(heldout_acc, heldout_reward, heldout_n) every eval_every iterations and at the end, split over the ranks.
 """
 
 from __future__ import annotations
@@ -45,15 +58,15 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from dsv3.checkpoints.hf import load_pretrained
 from dsv3.cliargs import setting
 from dsv3.inference.engine import Engine, SamplingParams
+from dsv3.posttrain.start import freeze_mtp, load_start, resolve_start, run_directory
 from dsv3.posttrain.tasks import Task
-from dsv3.checkpoints import rundir as ckpt
-from dsv3.training.config import resolve_device
-from dsv3.training.loop import Metrics
-from dsv3.training.optim import clip_and_step, make_optimizer
 from dsv3.tokenizer import DSTokenizer
+from dsv3.training import loop
+from dsv3.training.optim import make_optimizer
+from dsv3.training.pretrain import make_strategy
+from dsv3.training.strategy import precision_recipe, prepare_model, resolve_precision
 
 
 # --------------------------------------------------------------------------------------------------
@@ -93,18 +106,24 @@ def grpo_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, ref_logp: torch.Te
     return loss, stats
 
 
-def sequence_logprobs(model, ids: torch.Tensor, mask: torch.Tensor | None = None, temperature: float = 1.0,
-                      attn_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """ids (B, T) -> (B, T-1): log p(ids[:, t+1] | ids[:, :t+1]) under `model` (logits / temperature),
-    zeroed where mask[:, t+1] == 0 when a (B, T) mask (1 = completion token) is given. Gradients flow
-    if enabled: wrap in torch.no_grad() for the old / reference log-probs."""
-    out = model(ids, position_ids, attn_mask=attn_mask, with_mtp=False)
-    logits = out.logits[:, :-1].float() / temperature  # (B, T-1, V)
+def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None = None,
+                   temperature: float = 1.0) -> torch.Tensor:
+    """logits (B, T, V) of ids (B, T) -> (B, T-1): log p(ids[:, t+1] | ids[:, :t+1]) of logits / temperature,
+    zeroed where mask[:, t+1] == 0 when a (B, T) mask (1 = completion token) is given."""
+    lg = logits[:, :-1].float() / temperature  # (B, T-1, V)
     tgt = ids[:, 1:]
-    lp = logits.gather(-1, tgt.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)  # (B, T-1)
+    lp = lg.gather(-1, tgt.unsqueeze(-1)).squeeze(-1) - lg.logsumexp(-1)  # (B, T-1)
     if mask is not None:
         lp = lp * mask[:, 1:].to(lp.dtype)
     return lp
+
+
+def sequence_logprobs(model, ids: torch.Tensor, mask: torch.Tensor | None = None, temperature: float = 1.0,
+                      attn_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """ids (B, T) -> (B, T-1): `token_logprobs` of `model`'s logits. Gradients flow if enabled: wrap in
+    torch.no_grad() for the old / reference log-probs."""
+    out = model(ids, position_ids, attn_mask=attn_mask, with_mtp=False)
+    return token_logprobs(out.logits, ids, mask, temperature)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -136,8 +155,11 @@ class GRPOConfig:
     seed: int = setting(0, "random seed (prompt order, sampling)")
     device: str = setting("auto", "auto | cpu | cuda")
     # the loss's forward/backward under bf16 autocast on CUDA; generation in fp32
-    precision: str = setting("auto", "fp32, or bf16 autocast for the loss (CUDA); auto: bf16 on CUDA, else fp32",
+    precision: str = setting("auto", "fp32, or bf16 autocast for the loss; auto: bf16 on CUDA, else fp32",
                              choices=("auto", "fp32", "bf16"))
+    recompute: str = setting("none", "activation recomputation in the loss's backward: none | selective | full",
+                             choices=("none", "selective", "full"))
+    progress: bool = setting(True, "progress bar")
     resume: bool = setting(False, "continue from the run directory's latest checkpoint")
 
     def validate(self) -> None:
@@ -149,6 +171,9 @@ class GRPOConfig:
             raise ValueError("GRPO samples: temperature must be > 0")
         if self.group_size < 2:
             raise ValueError("group_size must be >= 2 (advantages are relative to the group)")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"GRPO precision must be auto, fp32 or bf16, got {self.precision!r} (fp8 training "
+                             "modules would also be the engine's: generation is not FP8-checked)")
 
 
 def _prompt_ids(tok: DSTokenizer, ex: dict) -> list[int]:
@@ -162,137 +187,246 @@ def _generate(engine: Engine, prompts: list[list[int]], params: list[SamplingPar
 
 
 @torch.no_grad()
+def heldout_sums(engine: Engine, tok: DSTokenizer, task: Task, examples: list[dict], max_new_tokens: int) -> tuple[int, float]:
+    """(correct answers, summed reward) of greedy completions of `examples`."""
+    if not examples:
+        return 0, 0.0
+    outs = _generate(engine, [_prompt_ids(tok, e) for e in examples],
+                     [SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)] * len(examples))
+    return (sum(bool(task.correct(o.text, e)) for o, e in zip(outs, examples)),
+            sum(float(task.reward(o.text, e)) for o, e in zip(outs, examples)))
+
+
+@torch.no_grad()
 def evaluate_task(engine: Engine, tok: DSTokenizer, task: Task, max_new_tokens: int, limit: int) -> dict:
-    """Greedy accuracy and mean reward on the held-out set."""
+    """Greedy accuracy and mean reward on the held-out set (one process)."""
     exs = task.heldout[:limit]
     if not exs:
         return {}
-    outs = _generate(engine, [_prompt_ids(tok, e) for e in exs],
-                     [SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)] * len(exs))
-    acc = sum(bool(task.correct(o.text, e)) for o, e in zip(outs, exs)) / len(exs)
-    rew = sum(float(task.reward(o.text, e)) for o, e in zip(outs, exs)) / len(exs)
-    return {"heldout_acc": acc, "heldout_reward": rew, "heldout_n": len(exs)}
+    correct, reward = heldout_sums(engine, tok, task, exs, max_new_tokens)
+    return {"heldout_acc": correct / len(exs), "heldout_reward": reward / len(exs), "heldout_n": len(exs)}
 
 
-def train_grpo(checkpoint_dir: str, task: Task, out_dir: str, cfg: GRPOConfig, log=print) -> dict:
-    """GRPO from a checkpoint (or run directory; its tokenizer is used) on `task`. Writes
-    out_dir/checkpoints/step_* (step = iteration), out_dir/metrics.jsonl and out_dir/summary.json."""
-    cfg.validate()
-    device = resolve_device(cfg.device)
-    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
-    P, G = cfg.prompts_per_iter, cfg.group_size
-    os.makedirs(out_dir, exist_ok=True)
-    ckpt_root = os.path.join(out_dir, "checkpoints")
-    resume_from = ckpt.latest_checkpoint(ckpt_root) if cfg.resume else None
-    if not cfg.resume and ckpt.latest_checkpoint(ckpt_root):
-        raise ValueError(f"{out_dir} already holds checkpoints: pass resume=True to continue, or another out_dir")
+class GRPO:
+    """The GRPO task of the training loop: rollouts from the Engine, group advantages, the clipped
+    surrogate with the k3 KL (see the module docstring). Loop step s is optimizer step s % ppo_epochs of
+    iteration s // ppo_epochs; its micro-batches are this rank's completions, whose loss is scaled by
+    len(mb)·n·W / (P·G) (n micro-batches on each of W ranks; the strategy divides by n and averages over
+    the ranks), so the gradient is that of the mean over all P·G completions."""
 
-    src = ckpt.resolve_checkpoint(checkpoint_dir)
-    tok = DSTokenizer.load(src)
-    eos, pad = tok.eos_id, tok.pad_id
-    policy = load_pretrained(resume_from or src, device=device, dtype=torch.float32)
-    ref = load_pretrained(src, device=device, dtype=torch.float32).eval().requires_grad_(False)
-    opt = make_optimizer(policy, cfg.lr, cfg.weight_decay)
-    it = 0
-    if resume_from is not None:
-        from dsv3.posttrain.sft import _read_state
+    name = "grpo"
+    stat_names = ("loss", "kl", "clip_frac")
 
-        state, opt_t, rng_t = _read_state(resume_from)
-        ckpt.load_optimizer(policy, opt, opt_t, state["optimizer"])
-        ckpt.set_rng_state(rng_t, state["rng"])
-        it = state["step"]
-        log(f"resumed from {resume_from} at iteration {it}")
+    def __init__(self, cfg: GRPOConfig, task: Task, tok: DSTokenizer, strategy, ref, autocast, say):
+        P, G, W = cfg.prompts_per_iter, cfg.group_size, strategy.data_world
+        if P % W:
+            raise ValueError(f"prompts_per_iter ({P}) must be a multiple of the data-parallel ranks ({W}): each "
+                             "rank samples the G completions of its P / W prompts (advantages need whole groups)")
+        self.cfg, self.task, self.tok, self.strategy, self.ref = cfg, task, tok, strategy, ref
+        self.autocast, self.say = autocast, say
+        self.total_steps = cfg.iterations * cfg.ppo_epochs
+        self.p_lo, self.p_hi = strategy.data_rank * P // W, (strategy.data_rank + 1) * P // W  # this rank's prompts
+        max_prompt = max(len(_prompt_ids(tok, e)) for e in task.train + task.heldout[:cfg.eval_max_examples])
+        self.per_seq = max_prompt + cfg.max_new_tokens + 1
+        self._engine = None  # over the policy module itself, when the layout keeps it whole on this rank
+        self._mbs: list[dict] = []
+        self._roll: dict = {}  # the current iteration's rollout statistics (global)
+        self._iterations = 0  # iterations whose rollouts were sampled
 
-    max_prompt = max(len(_prompt_ids(tok, e)) for e in task.train + task.heldout[:cfg.eval_max_examples])
-    per_seq = max_prompt + cfg.max_new_tokens + 1
-    engine = Engine(policy, tok, max_batch_size=P * G, cache_tokens=P * G * (per_seq + 16), max_model_len=per_seq)
-    metrics = Metrics(out_dir, use_tb=False)
-    log(f"grpo: {task.name}, {len(task.train)} train / {len(task.heldout)} held-out prompts; P={P} x G={G}, "
-        f"{cfg.ppo_epochs} steps per batch, {cfg.iterations} iterations")
+    # --- generation -------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _engine_over_policy(self):
+        """An Engine over the current policy weights (collective under FSDP2: Strategy.whole_model)."""
+        n = (self.p_hi - self.p_lo) * self.cfg.group_size
+        with self.strategy.whole_model() as model:
+            was = model.training
+            if model is self.strategy.module():  # the policy itself: one engine for the whole run
+                if self._engine is None:
+                    self._engine = Engine(model, self.tok, max_batch_size=n, cache_tokens=n * (self.per_seq + 16),
+                                          max_model_len=self.per_seq)
+                engine = self._engine
+            else:
+                engine = Engine(model, self.tok, max_batch_size=n, cache_tokens=n * (self.per_seq + 16),
+                                max_model_len=self.per_seq)
+            model.eval()
+            try:
+                yield engine
+            finally:
+                model.train(was)
+                del engine
 
-    def save(reason: str) -> str:
-        return ckpt.save_checkpoint(ckpt_root, it, policy, opt, {"tokens": 0, "reason": reason, "task": task.name,
-                                    "grpo_config": asdict(cfg)}, tokenizer=tok, keep=cfg.keep)
-
-    last: dict = {}
-    path = None
-    try:
-        while it < cfg.iterations:
-            t0 = time.perf_counter()
-            rng = random.Random(f"{cfg.seed}/{it}")
-            exs = rng.sample(task.train, P) if len(task.train) >= P else rng.choices(task.train, k=P)
-            prompts = [_prompt_ids(tok, e) for e in exs]
-            params = [SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                                     seed=(cfg.seed * 1_000_003 + it * P * G + j) % 2**63) for j in range(P * G)]
-            policy.eval()
+    @torch.no_grad()
+    def _rollout(self, it: int) -> None:
+        """Sample iteration `it` (this rank's prompts), score it, and make the micro-batches of its steps."""
+        cfg, s, tok = self.cfg, self.strategy, self.tok
+        P, G, dev = cfg.prompts_per_iter, cfg.group_size, s.device
+        t0 = time.perf_counter()
+        rng = random.Random(f"{cfg.seed}/{it}")
+        exs = rng.sample(self.task.train, P) if len(self.task.train) >= P else rng.choices(self.task.train, k=P)
+        mine = exs[self.p_lo:self.p_hi]
+        prompts = [_prompt_ids(tok, e) for e in mine]
+        # completion j of the global P·G has the seed it has in one process, whichever rank samples it
+        params = [SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                                 seed=(cfg.seed * 1_000_003 + it * P * G + j) % 2**63)
+                  for j in range(self.p_lo * G, self.p_hi * G)]
+        with self._engine_over_policy() as engine:
             outs = _generate(engine, [p for p in prompts for _ in range(G)], params)
-            t_gen = time.perf_counter() - t0
+        t_gen = time.perf_counter() - t0
 
-            comps = [o.token_ids + ([eos] if o.finish_reason == "stop" else []) for o in outs]
-            rewards = torch.tensor([float(task.reward(o.text, exs[j // G])) for j, o in enumerate(outs)]).view(P, G)
-            correct = [bool(task.correct(o.text, exs[j // G])) for j, o in enumerate(outs)]
-            adv = group_advantages(rewards, cfg.adv_eps).flatten().to(device)  # (P*G,)
+        eos, pad = tok.eos_id, tok.pad_id
+        comps = [o.token_ids + ([eos] if o.finish_reason == "stop" else []) for o in outs]
+        Pl = len(mine)
+        rewards = torch.tensor([float(self.task.reward(o.text, mine[j // G])) for j, o in enumerate(outs)]).view(Pl, G)
+        correct = torch.tensor([float(bool(self.task.correct(o.text, mine[j // G]))) for j, o in enumerate(outs)])
+        adv = group_advantages(rewards, cfg.adv_eps).flatten().to(dev)  # (Pl·G,)
+        # every rank's rewards, correctness and lengths in their global places (exact: the others add zeros)
+        glob = torch.zeros(3, P, G, dtype=torch.float64, device=dev)
+        glob[0, self.p_lo:self.p_hi] = rewards.double().to(dev)
+        glob[1, self.p_lo:self.p_hi] = correct.view(Pl, G).double().to(dev)
+        glob[2, self.p_lo:self.p_hi] = torch.tensor([float(len(o.token_ids)) for o in outs],
+                                                    dtype=torch.float64).view(Pl, G).to(dev)
+        glob = s.all_reduce_sum(glob).cpu()
+        r_all = glob[0].float()
+        self._roll = {"iteration": it + 1, "reward_mean": float(r_all.mean()),
+                      "reward_std": float(r_all.std(unbiased=False)), "accuracy": float(glob[1].mean()),
+                      "response_len": float(glob[2].mean()),
+                      "frac_groups_no_signal": float((r_all.std(-1) == 0).float().mean()), "gen_s": t_gen,
+                      "gen_tokens": int(glob[2].sum())}
+        self.say(f"iter {it + 1}: reward {self._roll['reward_mean']:.3f}±{self._roll['reward_std']:.3f} "
+                 f"acc {self._roll['accuracy']:.3f} len {self._roll['response_len']:.1f} ({t_gen:.1f}s generating)")
 
-            N = P * G
-            seqs = [prompts[j // G] + c for j, c in enumerate(comps)]
-            lens = torch.tensor([len(s) for s in seqs])
-            ids = torch.full((N, int(lens.max())), pad, dtype=torch.long)
-            cmask = torch.zeros(N, ids.shape[1])
-            for j, s in enumerate(seqs):
-                ids[j, :len(s)] = torch.tensor(s)
-                cmask[j, len(prompts[j // G]):len(s)] = 1.0
-            ids, cmask = ids.to(device), cmask.to(device)
-            mbs = [list(range(i, min(i + cfg.micro_batch_size, N))) for i in range(0, N, cfg.micro_batch_size)]
-
-            def view(mb):  # rows of one micro-batch, trimmed to its longest sequence
-                L = int(lens[mb].max())
-                return ids[mb, :L], cmask[mb, :L]
-
-            with torch.no_grad(), autocast():
+        N = Pl * G
+        seqs = [prompts[j // G] + c for j, c in enumerate(comps)]
+        lens = torch.tensor([len(q) for q in seqs])
+        ids = torch.full((N, int(lens.max())), pad, dtype=torch.long)
+        cmask = torch.zeros(N, ids.shape[1])
+        for j, q in enumerate(seqs):
+            ids[j, :len(q)] = torch.tensor(q)
+            cmask[j, len(prompts[j // G]):len(q)] = 1.0
+        ids, cmask = ids.to(dev), cmask.to(dev)
+        rows = [list(range(i, min(i + cfg.micro_batch_size, N))) for i in range(0, N, cfg.micro_batch_size)]
+        policy = s.module()
+        self._mbs = []
+        for mb in rows:  # trimmed to the micro-batch's longest sequence
+            L = int(lens[mb].max())
+            x, m = ids[mb, :L], cmask[mb, :L]
+            with self.autocast():
                 # with one optimizer step per batch, π_old is the policy of that step: its log-probs are
                 # the step's own, detached (ratio exactly 1), and need no forward of their own
-                old = [sequence_logprobs(policy, *view(mb), cfg.temperature) for mb in mbs] \
-                    if cfg.ppo_epochs > 1 else None
-                refl = [sequence_logprobs(ref, *view(mb), cfg.temperature) for mb in mbs]
+                old = sequence_logprobs(policy, x, m, cfg.temperature) if cfg.ppo_epochs > 1 else None
+                ref = sequence_logprobs(self.ref, x, m, cfg.temperature)
+            self._mbs.append({"ids": x, "mask": m, "adv": adv[mb], "old": old, "ref": ref,
+                              "scale": len(mb) * len(rows) * s.world_size / (P * G)})
+        self._iterations = it + 1
 
-            policy.train()
-            for g in opt.param_groups:
-                g["lr"] = cfg.lr
-            dev_sums = torch.zeros(3, device=device)  # loss, kl, clip_frac: accumulated on the device, read once
-            for _ in range(cfg.ppo_epochs):
-                for k, mb in enumerate(mbs):
-                    x, m = view(mb)
-                    with autocast():
-                        lp = sequence_logprobs(policy, x, m, cfg.temperature)
-                    lp_old = old[k] if old is not None else lp.detach()
-                    loss, st = grpo_loss(lp, lp_old, refl[k], adv[mb], m[:, 1:], cfg.clip_eps, cfg.beta)
-                    w = len(mb) / N
-                    (loss * w).backward()
-                    dev_sums += torch.stack([loss.detach(), st["kl"], st["clip_frac"]]).float() * (w / cfg.ppo_epochs)
-                gnorm = clip_and_step(opt, cfg.grad_clip)
-                opt.zero_grad(set_to_none=True)
-            sums = dict(zip(("loss", "kl", "clip_frac"), dev_sums.tolist()))
-            it += 1
-            dt = time.perf_counter() - t0
-            n_gen = sum(len(c) for c in comps)
-            last = {"step": it, "lr": cfg.lr, "grad_norm": float(gnorm), "reward_mean": float(rewards.mean()),
-                    "reward_std": float(rewards.std(unbiased=False)), "accuracy": sum(correct) / N,
-                    "response_len": n_gen / N, "frac_groups_no_signal": float((rewards.std(-1) == 0).float().mean()),
-                    **sums, "gen_s": t_gen, "iter_s": dt, "tok_per_s": n_gen / max(t_gen, 1e-9)}
-            if (cfg.eval_every > 0 and it % cfg.eval_every == 0) or it == cfg.iterations:
-                policy.eval()
-                last.update(evaluate_task(engine, tok, task, cfg.max_new_tokens, cfg.eval_max_examples))
-            metrics.log(last)
-            log(f"iter {it}: reward {last['reward_mean']:.3f}±{last['reward_std']:.3f} kl {last['kl']:.4f} "
-                f"len {last['response_len']:.1f} clip {last['clip_frac']:.3f}"
-                + (f" heldout acc {last['heldout_acc']:.3f}" if "heldout_acc" in last else ""))
-            if cfg.save_every > 0 and it % cfg.save_every == 0 and it < cfg.iterations:
-                save("periodic")
-        path = save("final")
-    finally:
-        metrics.close()
-    summary = {"iterations": it, "checkpoint": path, **{k: v for k, v in last.items() if k != "step"}}
-    with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=1)
-    return summary
+    # --- the loop's interface ---------------------------------------------------------------------
+    def boundary(self, step: int) -> bool:
+        return step % self.cfg.ppo_epochs == 0
+
+    def hyper(self, step: int) -> dict:
+        return {"lr": self.cfg.lr}
+
+    def micro_batches(self, step: int) -> list[dict]:
+        if step % self.cfg.ppo_epochs == 0:
+            self._rollout(step // self.cfg.ppo_epochs)
+        return self._mbs
+
+    def model_inputs(self, mb: dict, hp: dict) -> dict:
+        return {"input_ids": mb["ids"], "with_mtp": False}
+
+    def loss(self, out, mb: dict, hp: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.cfg
+        lp = token_logprobs(out.logits, mb["ids"], mb["mask"], cfg.temperature)
+        old = mb["old"] if mb["old"] is not None else lp.detach()
+        loss, st = grpo_loss(lp, old, mb["ref"], mb["adv"], mb["mask"][:, 1:], cfg.clip_eps, cfg.beta)
+        k = mb["scale"]
+        return loss * k, torch.stack([loss.detach(), st["kl"], st["clip_frac"]]).float() * k
+
+    def after_step(self, strategy, counts, hp: dict) -> None:
+        pass  # the correction bias stays frozen
+
+    def tokens_per_step(self, step: int) -> int:
+        """Completion tokens generated (all ranks): counted at the iteration's first step."""
+        return self._roll["gen_tokens"] if step % self.cfg.ppo_epochs == 0 else 0
+
+    def log_fields(self, hp: dict) -> dict:
+        return {k: v for k, v in self._roll.items() if k != "gen_tokens"}
+
+    @torch.no_grad()
+    def evaluate(self, strategy, max_batches) -> dict | None:
+        """Held-out greedy accuracy over the first eval_max_examples problems, split over the ranks."""
+        exs = self.task.heldout[:self.cfg.eval_max_examples]
+        if not exs:
+            return None
+        r, w = strategy.data_rank, strategy.data_world
+        with self._engine_over_policy() as engine:
+            correct, reward = heldout_sums(engine, self.tok, self.task, exs[r * len(exs) // w:(r + 1) * len(exs) // w],
+                                           self.cfg.max_new_tokens)
+        c, rew = strategy.all_reduce_sum(torch.tensor([correct, reward], dtype=torch.float64,
+                                                      device=strategy.device)).tolist()
+        return {"heldout_acc": c / len(exs), "heldout_reward": rew / len(exs), "heldout_n": len(exs)}
+
+    def eval_message(self, ev: dict) -> str:
+        return f"held-out greedy accuracy {ev['heldout_acc']:.3f} over {ev['heldout_n']} problems"
+
+    def state_dict(self) -> dict:
+        return {"iterations": self._iterations}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self._iterations = sd["iterations"]
+
+    def summary(self) -> dict:
+        return {"iterations": self._iterations, **self.log_fields({})}
+
+
+def train_grpo(checkpoint_dir: str, task: Task, out_dir: str, cfg: GRPOConfig, log=print, pcfg=None) -> dict:
+    """GRPO from a checkpoint (a checkpoint or run directory, either kind; its tokenizer is used) on `task`.
+    One process, or every rank of a torchrun world (layout `pcfg`, a ParallelConfig; degrees left at 0 are
+    derived from the world size). Writes out_dir/checkpoints/step_* (step = optimizer step =
+    iteration x ppo_epochs), out_dir/metrics.jsonl, plots and out_dir/summary.json; returns the summary."""
+    cfg.validate()
+    strategy = make_strategy(pcfg, cfg.device)
+    say = strategy.log(log)
+    precision = resolve_precision(cfg.precision, strategy.device)
+    ckpt_root, resume_from = run_directory(out_dir, cfg.resume, strategy, say)
+    src = resolve_start(checkpoint_dir)
+    tok = DSTokenizer.load(src)
+    autocast = precision_recipe(precision, strategy.device)
+
+    torch.manual_seed(cfg.seed)
+    ref = load_start(src, strategy.device).eval().requires_grad_(False)  # frozen, whole on every rank
+    grpo = GRPO(cfg, task, tok, strategy, ref, autocast, say)
+    strategy.check_task(grpo)
+    strategy.check_generation()
+    strategy.check_model(ref.config, cfg)
+    policy = load_start(src, strategy.device)
+    freeze_mtp(policy)
+    prepare_model(policy, strategy, precision=precision, recompute=cfg.recompute, log=say)
+    opt = make_optimizer(strategy.module(), cfg.lr, cfg.weight_decay)
+    step = tokens = 0
+    if resume_from is not None:
+        st = strategy.load(resume_from, opt)
+        step, tokens = st["step"], st["tokens"]
+        grpo.load_state_dict(st["sampler"])
+        if step != grpo._iterations * cfg.ppo_epochs:
+            raise ValueError(f"{resume_from} was written after {grpo._iterations} iterations at optimizer step {step}: "
+                             f"not {cfg.ppo_epochs} steps per iteration (resume with the run's ppo_epochs)")
+        say(f"resumed from {resume_from} at iteration {grpo._iterations} (written by "
+            f"{st.get('layout', {'world_size': 1})['world_size']} rank(s))")
+    say(f"grpo: {task.name}, {len(task.train)} train / {len(task.heldout)} held-out prompts; "
+        f"P={cfg.prompts_per_iter} x G={cfg.group_size}, {cfg.ppo_epochs} steps per batch, {cfg.iterations} "
+        f"iterations; {strategy.describe()} on {strategy.device.type} ({precision})")
+    if strategy.is0:
+        with open(os.path.join(out_dir, "train_config.json"), "w", encoding="utf-8") as f:
+            json.dump({"grpo": asdict(cfg), "task": task.name, "model": policy.config.to_dict(),
+                       "layout": strategy.layout(), "start": src}, f, indent=1)
+
+    def save(reason: str, step: int, tokens: int) -> str:
+        return strategy.save(ckpt_root, step, opt, {"tokens": tokens, "sampler": grpo.state_dict(), "reason": reason,
+                                                    "task": task.name, "grpo_config": asdict(cfg)},
+                             tokenizer=tok, keep=cfg.keep, final=reason != "periodic")
+
+    per_it = cfg.ppo_epochs  # the loop counts optimizer steps
+    return loop.run(grpo, strategy, opt, out_dir=out_dir, step=step, tokens_seen=tokens, autocast=autocast,
+                    grad_clip=cfg.grad_clip, save=save, eval_every=cfg.eval_every * per_it,
+                    save_every=cfg.save_every * per_it, progress=cfg.progress, log=log)

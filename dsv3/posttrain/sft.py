@@ -1,4 +1,4 @@
-"""Supervised fine-tuning on chat conversations (paper §5.1), with the pre-training machinery.
+"""Supervised fine-tuning on chat conversations (paper §5.1): a task of the pre-training loop.
 
 Data: JSONL, one conversation per line, `{"messages": [{"role": "system"|"user"|"assistant",
 "content": "..."}, ...]}`, rendered with the tokenizer's chat template (DeepSeek-V3's by default).
@@ -21,41 +21,45 @@ longer than `seq_len` is truncated to it (counted in the log). Every token carri
 belong to the same conversation, so no conversation attends to another. RoPE positions restart at 0
 for each conversation, so a packed conversation is computed exactly as it would be alone (tested).
 Padding tokens attend causally among themselves (never an empty softmax row) and have no targets.
-The MTP modules are not trained in SFT (`with_mtp=False`; their weights get no gradient and AdamW
+The MTP modules are not trained in SFT (`with_mtp=False`; their weights are frozen, so every layout
 leaves them unchanged), and the MoE correction bias is frozen (the loads of SFT data are not those
 of pre-training).
 
 Loss: next-token cross-entropy on targets whose token is an assistant token, averaged over all
-assistant tokens of the optimizer step (micro-batches are summed, then divided by the step's count).
+assistant tokens of the optimizer step (all micro-batches and all ranks: summed, then divided by the
+step's global count, which one all-reduce gives before the backward).
 Schedule: linear warmup then cosine from `lr` to `min_lr` (the paper: 5e-6 -> 1e-6 over 2 epochs).
-Checkpoints, resume and metrics.jsonl are those of pre-training (dsv3/checkpoints/rundir.py):
-the checkpoint holds the model, AdamW state, RNG states and the data position (epoch, row), so a
-resumed run continues exactly.
+
+Training: `SFT` is a task of the one training loop (dsv3/training/loop.py) and `train_sft` runs it with
+the layout's strategy, in one process or under torchrun (FSDP2 and/or expert parallelism; the pipeline
+layout refuses it), so checkpoints, exact resume (in any layout: the data position is global), Ctrl-C
+saves, metrics.jsonl, plots and summary.json are pre-training's. The checkpoint holds the model, AdamW
+state, RNG states and the data position (epoch, row), so a resumed run continues exactly.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import random
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 
-from dsv3.checkpoints.hf import load_pretrained
-from dsv3.checkpoints import rundir as ckpt
 from dsv3.cliargs import setting
-from dsv3.training.config import resolve_device
-from dsv3.training.loop import Metrics
-from dsv3.training.loss import IGNORE
-from dsv3.training.data import jsonl_records
-from dsv3.training.optim import clip_and_step, make_optimizer
+from dsv3.model import build_model
+from dsv3.posttrain.start import freeze_mtp, load_start, resolve_start, run_directory
 from dsv3.tokenizer import DSTokenizer
+from dsv3.training import loop
+from dsv3.training.data import jsonl_records
+from dsv3.training.loss import IGNORE
+from dsv3.training.optim import make_optimizer
+from dsv3.training.pretrain import make_strategy
+from dsv3.training.strategy import (PRECISIONS, checkpoint_config, precision_recipe, prepare_model,
+                                    resolve_precision)
 
 ROLES = ("system", "user", "assistant")
 
@@ -180,19 +184,25 @@ class PackedChats:
     def rows_per_epoch(self) -> int:
         return self._rows["input_ids"].shape[0]
 
-    def next_batch(self, batch_size: int) -> dict[str, torch.Tensor]:
+    def next_batch(self, batch_size: int, rank: int = 0, world: int = 1) -> dict[str, torch.Tensor]:
+        """The next `batch_size` rows of the global sequence (every rank advances alike), of which this
+        rank's share: rows [rank·b, (rank+1)·b), b = batch_size / world."""
+        if batch_size % world:
+            raise ValueError(f"a batch of {batch_size} rows does not split over {world} ranks")
+        b = batch_size // world
         keys = ("input_ids", "targets", "doc_ids", "position_ids")
         take: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
-        for _ in range(batch_size):
+        for i in range(batch_size):
             if self.row >= self.rows_per_epoch():  # rows are gathered at once: a batch may span two epochs,
                 self.epoch, self.row = self.epoch + 1, 0  # whose packings differ (even in their row count)
                 self._rows = self._pack(self.epoch)
-            for k in keys:
-                take[k].append(self._rows[k][self.row])
+            if rank * b <= i < (rank + 1) * b:
+                for k in keys:
+                    take[k].append(self._rows[k][self.row])
             self.row += 1
-        b = {k: torch.stack(v) for k, v in take.items()}
-        b["attn_mask"] = block_causal_mask(b["doc_ids"])
-        return b
+        out = {k: torch.stack(v) for k, v in take.items()}
+        out["attn_mask"] = block_causal_mask(out["doc_ids"])
+        return out
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "row": self.row}
@@ -205,15 +215,19 @@ class PackedChats:
 # --------------------------------------------------------------------------------------------------
 # loss and schedule
 
+def assistant_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Next-token CE summed over the assistant targets (targets != IGNORE); logits (B, T, V), targets (B, T)."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+
+
 def sft_loss(model, batch: Mapping[str, torch.Tensor], denom: int | torch.Tensor | None = None) -> torch.Tensor:
     """Next-token CE summed over the assistant targets, divided by `denom` (default: their count, i.e.
     the mean over this batch's assistant tokens). batch: input_ids, targets, position_ids, attn_mask."""
     out = model(batch["input_ids"], batch["position_ids"], attn_mask=batch["attn_mask"], with_mtp=False)
     tgt = batch["targets"]
-    ce = F.cross_entropy(out.logits.float().flatten(0, 1), tgt.flatten(), ignore_index=IGNORE, reduction="sum")
     if denom is None:
         denom = (tgt != IGNORE).sum().clamp_min(1)
-    return ce / denom
+    return assistant_ce(out.logits, tgt) / denom
 
 
 def cosine_lr(step: int, total: int, peak: float, floor: float, warmup: int = 0) -> float:
@@ -236,7 +250,7 @@ class SFTConfig:
     # run to positions past the context the model declares. The small/16b presets' is 4096.
     seq_len: int = setting(2048, "tokens per packed row; a conversation longer than this is truncated (keep it "
                                  "at most the model's context)")
-    batch_size: int = setting(16, "packed rows per optimizer step")
+    batch_size: int = setting(16, "packed rows per optimizer step (global: split over the data-parallel ranks)")
     micro_batch_size: int = setting(0, "rows per forward/backward (gradient accumulation); 0: the batch size")
     epochs: float = setting(2.0, "passes over the chats (the paper's 2); used when --steps is 0")
     steps: int = setting(0, "if > 0, optimizer steps, overriding --epochs")
@@ -247,11 +261,14 @@ class SFTConfig:
     grad_clip: float = setting(1.0, "gradient-norm clip")
     seed: int = setting(0, "random seed (row order)")
     device: str = setting("auto", "auto | cpu | cuda")
-    precision: str = setting("auto", "fp32, or bf16 autocast (CUDA); auto: bf16 on CUDA, else fp32",
-                             choices=("auto", "fp32", "bf16"))
+    precision: str = setting("auto", "fp32, bf16 autocast, or fp8 (bf16 autocast + the paper's FP8 GEMMs); auto: "
+                                     "bf16 on CUDA, else fp32", choices=("auto", "fp32", "bf16", "fp8"))
+    recompute: str = setting("none", "activation recomputation (as pre-training's): none | selective | full",
+                             choices=("none", "selective", "full"))
     save_every: int = setting(200, "checkpoint every N steps (0: only at the end)")
     keep: int = setting(3, "checkpoints kept, the latest ones (0: all)")
     log_every: int = setting(1, "log every N steps")
+    progress: bool = setting(True, "progress bar")
     resume: bool = setting(False, "continue from the run directory's latest checkpoint")
 
     def validate(self) -> None:
@@ -260,95 +277,133 @@ class SFTConfig:
             raise ValueError("need seq_len > 1, batch_size > 0 and batch_size a multiple of micro_batch_size")
         if not 0 < self.min_lr <= self.lr:
             raise ValueError(f"need 0 < min_lr <= lr, got {self.min_lr}, {self.lr}")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
 
-def train_sft(checkpoint_dir: str, data_path: str, out_dir: str, cfg: SFTConfig, log=print) -> dict:
-    """Fine-tune the checkpoint (a checkpoint or run directory; its tokenizer is used) on the chats of
-    `data_path`; writes out_dir/checkpoints/step_*, out_dir/metrics.jsonl, out_dir/summary.json."""
+class SFT:
+    """The SFT task of the training loop (dsv3/training/loop.py): packed chats and the assistant-token loss.
+
+    data       every rank packs the same global sequence of rows (PackedChats, same seed) and takes rows
+               [r·b, (r+1)·b) of each global micro-batch of micro_batch_size rows (b = micro / world)
+    loss       CE summed over this rank's assistant targets x n·W / N, where N is the number of assistant
+               targets of the whole optimizer step (all micro-batches, all ranks: one all-reduce before the
+               backward), n the micro-batches and W the ranks: the strategy divides by n and averages over
+               the W ranks, so the gradient is that of Σ CE / N, the mean over the step's assistant tokens
+    schedule   linear warmup, then cosine lr -> min_lr; no MTP (with_mtp=False), no bias update
+    """
+
+    name = "sft"
+    # "main" = "loss" (no MTP, no balance term): named as pre-training's, so the plots and summary read it
+    stat_names = ("loss", "main")
+
+    def __init__(self, cfg: SFTConfig, strategy, data: PackedChats, total_steps: int):
+        self.cfg, self.strategy, self.data, self.total_steps = cfg, strategy, data, total_steps
+        self.micro = cfg.micro_batch_size or cfg.batch_size
+        self.n_micro = cfg.batch_size // self.micro
+        self._n_targets = None  # the step's assistant targets over all ranks (device)
+
+    def hyper(self, step: int) -> dict:
+        c = self.cfg
+        return {"lr": cosine_lr(step, self.total_steps, c.lr, c.min_lr, c.warmup_steps)}
+
+    def micro_batches(self, step: int) -> list[dict]:
+        s = self.strategy
+        mbs = [{k: v.to(s.device, non_blocking=True) for k, v in
+                self.data.next_batch(self.micro, s.data_rank, s.data_world).items()} for _ in range(self.n_micro)]
+        n = torch.stack([(b["targets"] != IGNORE).sum() for b in mbs]).sum().to(torch.float64).reshape(1)
+        self._n_targets = s.all_reduce_sum(n)
+        scale = (len(mbs) * s.world_size / self._n_targets.clamp_min(1)).float()  # (1,)
+        for b in mbs:
+            b["scale"] = scale
+        return mbs
+
+    def model_inputs(self, mb: dict, hp: dict) -> dict:
+        return {"input_ids": mb["input_ids"], "position_ids": mb["position_ids"], "attn_mask": mb["attn_mask"],
+                "with_mtp": False}
+
+    def loss(self, out, mb: dict, hp: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        loss = (assistant_ce(out.logits, mb["targets"]) * mb["scale"]).squeeze(0)
+        d = loss.detach().float()
+        return loss, torch.stack([d, d])
+
+    def after_step(self, strategy, counts, hp: dict) -> None:
+        pass  # the correction bias stays frozen: the loads of SFT data are not those of pre-training
+
+    def tokens_per_step(self, step: int) -> int:
+        return self.cfg.batch_size * self.cfg.seq_len
+
+    def log_fields(self, hp: dict) -> dict:
+        return {"loss_tokens": int(self._n_targets.item()), "epoch": self.data.epoch}
+
+    def evaluate(self, strategy, max_batches) -> dict | None:
+        return None
+
+    def eval_message(self, ev: dict) -> str:
+        return ""
+
+    def state_dict(self) -> dict:
+        return self.data.state_dict()
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.data.load_state_dict(sd)
+
+    def summary(self) -> dict:
+        return {"epoch": self.data.epoch}
+
+
+def train_sft(checkpoint_dir: str, data_path: str, out_dir: str, cfg: SFTConfig, log=print, pcfg=None) -> dict:
+    """Fine-tune the checkpoint (a checkpoint or run directory, either kind; its tokenizer is used) on the
+    chats of `data_path`. One process, or every rank of a torchrun world (layout `pcfg`, a ParallelConfig;
+    degrees left at 0 are derived from the world size). Writes out_dir/checkpoints/step_*,
+    out_dir/metrics.jsonl, plots and out_dir/summary.json; returns the summary."""
     cfg.validate()
-    device = resolve_device(cfg.device)
-    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
-    os.makedirs(out_dir, exist_ok=True)
-    ckpt_root = os.path.join(out_dir, "checkpoints")
-    resume_from = ckpt.latest_checkpoint(ckpt_root) if cfg.resume else None
-    if not cfg.resume and resume_from is None and ckpt.latest_checkpoint(ckpt_root):
-        raise ValueError(f"{out_dir} already holds checkpoints: pass resume=True to continue, or another out_dir")
-
-    src = resume_from or ckpt.resolve_checkpoint(checkpoint_dir)
+    strategy = make_strategy(pcfg, cfg.device)
+    say = strategy.log(log)
+    precision = resolve_precision(cfg.precision, strategy.device)
+    ckpt_root, resume_from = run_directory(out_dir, cfg.resume, strategy, say)
+    src = resume_from or resolve_start(checkpoint_dir)
     tok = DSTokenizer.load(src)
     convs = read_chats(data_path)
     samples = [render_conversation(tok, m) for m in convs]
     data = PackedChats(samples, cfg.seq_len, tok.pad_id, cfg.seed)
-    micro = cfg.micro_batch_size or cfg.batch_size
     total = cfg.steps or max(1, math.ceil(cfg.epochs * data.rows_per_epoch() / cfg.batch_size))
-    n_trunc = int(data._rows["n_truncated"])
-    log(f"sft data: {len(convs)} conversations, {sum(sum(m) for _, m in samples):,} assistant tokens, "
-        f"{data.rows_per_epoch()} rows of {cfg.seq_len} per epoch ({n_trunc} truncated); {total} steps")
+    task = SFT(cfg, strategy, data, total)
+    strategy.check_task(task)
+    strategy.check_settings(cfg, precision)
+    say(f"sft data: {len(convs)} conversations, {sum(sum(m) for _, m in samples):,} assistant tokens, "
+        f"{data.rows_per_epoch()} rows of {cfg.seq_len} per epoch ({int(data._rows['n_truncated'])} truncated); "
+        f"{total} steps")
 
     torch.manual_seed(cfg.seed)
-    model = load_pretrained(src, device=device, dtype=torch.float32)
-    opt = make_optimizer(model, cfg.lr, cfg.weight_decay)
+    if resume_from is not None:  # every tensor comes from the checkpoint (strategy.load below)
+        model = build_model(checkpoint_config(resume_from), device=strategy.device, dtype=torch.float32, seed=cfg.seed)
+    else:
+        model = load_start(src, strategy.device)
+    mc = model.config
+    strategy.check_model(mc, cfg)
+    freeze_mtp(model)
+    prepare_model(model, strategy, precision=precision, recompute=cfg.recompute, log=say)
+    opt = make_optimizer(strategy.module(), cfg.lr, cfg.weight_decay)
     step, tokens = 0, 0
     if resume_from is not None:
-        state, opt_t, rng_t = _read_state(resume_from)
-        ckpt.load_optimizer(model, opt, opt_t, state["optimizer"])
-        data.load_state_dict(state["sampler"])
-        ckpt.set_rng_state(rng_t, state["rng"])
-        step, tokens = state["step"], state["tokens"]
-        log(f"resumed from {resume_from} at step {step}")
-    model.train()
-    metrics = Metrics(out_dir, use_tb=False)
+        st = strategy.load(resume_from, opt)
+        task.load_state_dict(st["sampler"])
+        step, tokens = st["step"], st["tokens"]
+        say(f"resumed from {resume_from} at step {step} (written by {st.get('layout', {'world_size': 1})['world_size']}"
+            " rank(s))")
+    say(f"sft: {strategy.describe()} on {strategy.device.type} ({precision}); {total} steps of {cfg.batch_size} x "
+        f"{cfg.seq_len} tokens, lr {cfg.lr:g} -> {cfg.min_lr:g}")
+    if strategy.is0:
+        with open(os.path.join(out_dir, "train_config.json"), "w", encoding="utf-8") as f:
+            json.dump({"sft": asdict(cfg), "model": mc.to_dict(), "layout": strategy.layout(), "start": src}, f,
+                      indent=1)
 
-    def save(reason: str) -> str:
-        return ckpt.save_checkpoint(ckpt_root, step, model, opt, {"tokens": tokens, "sampler": data.state_dict(),
-                                    "reason": reason, "sft_config": asdict(cfg)}, tokenizer=tok, keep=cfg.keep)
+    def save(reason: str, step: int, tokens: int) -> str:
+        return strategy.save(ckpt_root, step, opt, {"tokens": tokens, "sampler": task.state_dict(), "reason": reason,
+                                                    "sft_config": asdict(cfg)},
+                             tokenizer=tok, keep=cfg.keep, final=reason != "periodic")
 
-    last: dict = {}
-    t_last, tok_since = time.perf_counter(), 0
-    try:
-        while step < total:
-            lr = cosine_lr(step, total, cfg.lr, cfg.min_lr, cfg.warmup_steps)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            batches = [data.next_batch(micro) for _ in range(cfg.batch_size // micro)]
-            n_loss = sum(int((b["targets"] != IGNORE).sum()) for b in batches)
-            loss_sum = 0.0
-            for b in batches:
-                b = {k: v.to(device) for k, v in b.items()}
-                with autocast():
-                    loss = sft_loss(model, b, denom=max(n_loss, 1))
-                loss.backward()
-                loss_sum += float(loss.detach())
-            gnorm = clip_and_step(opt, cfg.grad_clip)
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            n_tok = cfg.batch_size * cfg.seq_len
-            tokens, tok_since = tokens + n_tok, tok_since + n_tok
-            if step % cfg.log_every == 0 or step in (1, total):
-                now = time.perf_counter()
-                last = {"step": step, "tokens": tokens, "lr": lr, "grad_norm": float(gnorm),
-                        "tok_per_s": tok_since / max(now - t_last, 1e-9), "loss": loss_sum, "main": loss_sum,
-                        "loss_tokens": n_loss, "epoch": data.epoch}
-                t_last, tok_since = now, 0
-                metrics.log(last)
-            if cfg.save_every > 0 and step % cfg.save_every == 0 and step < total:
-                save("periodic")
-        path = save("final")
-    finally:
-        metrics.close()
-    summary = {"step": step, "total_steps": total, "tokens": tokens, "checkpoint": path, "train_loss": last.get("loss")}
-    with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=1)
-    return summary
-
-
-def _read_state(path: str) -> tuple[dict, dict, dict]:
-    """Trainer state, optimizer tensors and RNG tensors of a checkpoint (the model is loaded apart)."""
-    from safetensors.torch import load_file
-
-    with open(os.path.join(path, "trainer_state.json"), encoding="utf-8") as f:
-        state = json.load(f)
-    return state, load_file(os.path.join(path, "optimizer.safetensors")), load_file(os.path.join(path, "rng.safetensors"))
+    return loop.run(task, strategy, opt, out_dir=out_dir, step=step, tokens_seen=tokens,
+                    autocast=precision_recipe(precision, strategy.device), grad_clip=cfg.grad_clip, save=save,
+                    log_every=cfg.log_every, save_every=cfg.save_every, progress=cfg.progress, log=log)

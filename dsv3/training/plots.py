@@ -1,5 +1,6 @@
-"""PNG plots of a run, from its metrics.jsonl: loss curves, and the per-layer expert load over time
-as heatmaps (the share of routed tokens each expert received at each logged step)."""
+"""PNG plots of a run, from its metrics.jsonl: loss curves, the per-layer expert load over time as
+heatmaps (the share of routed tokens each expert received at each logged step), and for GRPO runs the
+reward, accuracy and KL to the reference."""
 
 from __future__ import annotations
 
@@ -21,10 +22,11 @@ def read_metrics(run_dir: str) -> list[dict]:
             line = line.strip()
             if line:
                 recs.append(json.loads(line))
-    # a resumed run appends: keep the last record of each (step, kind)
+    # a resumed run appends: keep the last record of each (step, kind); step records carry the lr,
+    # evaluation records (val_loss, heldout_acc, ...) do not
     seen: dict[tuple, dict] = {}
     for r in recs:
-        seen[(r["step"], "val_loss" in r)] = r
+        seen[(r["step"], "lr" in r)] = r
     return sorted(seen.values(), key=lambda r: r["step"])
 
 
@@ -46,20 +48,22 @@ def _moe_layer_names(run_dir: str, n: int) -> list[str]:
 
 def plot_run(run_dir: str) -> list[str]:
     recs = read_metrics(run_dir)
-    train = [r for r in recs if "main" in r]
+    key = "main" if any("main" in r for r in recs) else "loss"  # GRPO: the surrogate loss (no "main")
+    train = [r for r in recs if key in r and "lr" in r]
     val = [r for r in recs if "val_loss" in r]
     out = []
 
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
     if train:
         s = [r["step"] for r in train]
-        ax[0].plot(s, [r["main"] for r in train], label="train next-token loss")
+        ax[0].plot(s, [r[key] for r in train], label="train next-token loss" if key == "main" else "train loss")
         if any(r.get("mtp") for r in train):
             ax[0].plot(s, [r["mtp"] for r in train], label="train MTP loss (mean over depths)")
         ax[1].plot(s, [r["lr"] for r in train], color="tab:gray")
     if val:
         ax[0].plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="val loss")
-    ax[0].set_xlabel("step"), ax[0].set_ylabel("cross-entropy (nats)"), ax[0].legend(), ax[0].grid(alpha=0.3)
+    ax[0].set_xlabel("step"), ax[0].set_ylabel("cross-entropy (nats)" if key == "main" else "loss")
+    ax[0].legend(), ax[0].grid(alpha=0.3)
     ax[1].set_xlabel("step"), ax[1].set_ylabel("learning rate"), ax[1].grid(alpha=0.3)
     fig.tight_layout()
     p = os.path.join(run_dir, "loss.png")
@@ -84,6 +88,24 @@ def plot_run(run_dir: str) -> list[str]:
         axes[-1, 0].set_xlabel("step")
         fig.tight_layout()
         p = os.path.join(run_dir, "expert_load.png")
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        out.append(p)
+
+    rl = [r for r in train if "reward_mean" in r]
+    if rl:  # GRPO
+        held = [r for r in recs if "heldout_acc" in r]
+        fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+        s = [r["step"] for r in rl]
+        ax[0].plot(s, [r["reward_mean"] for r in rl], label="reward (mean over the P x G samples)")
+        ax[0].plot(s, [r["accuracy"] for r in rl], label="sample accuracy")
+        if held:
+            ax[0].plot([r["step"] for r in held], [r["heldout_acc"] for r in held], "o-", label="held-out greedy accuracy")
+        ax[0].set_xlabel("step"), ax[0].set_ylabel("reward / accuracy"), ax[0].legend(fontsize=8), ax[0].grid(alpha=0.3)
+        ax[1].plot(s, [r["kl"] for r in rl], color="tab:red")
+        ax[1].set_xlabel("step"), ax[1].set_ylabel("KL(policy || reference), k3, per token"), ax[1].grid(alpha=0.3)
+        fig.tight_layout()
+        p = os.path.join(run_dir, "reward.png")
         fig.savefig(p, dpi=110)
         plt.close(fig)
         out.append(p)

@@ -17,6 +17,8 @@ What a strategy does for the loop (a task, e.g. pre-training or SFT, supplies da
     grad_norm()                   the global L2 norm of the gradients, each parameter once, on the device
     routers()                     this rank's routers with their rows in the global (L_moe, E) counts
     eval_logits(x)                logits of this rank's rows, or None where the rank has no output head
+    whole_model()                 a module with the whole current weights on this rank, for generation
+                                  (GRPO's rollouts); check_generation() raises where a layout has none
     all_reduce_sum(t) / any(flag) sums over the ranks (evaluation, the Ctrl-C stop flag)
     save(...) / load(...)         checkpoints under the model's own parameter names
 
@@ -169,6 +171,16 @@ class Strategy:
     def eval_logits(self, x: torch.Tensor, autocast) -> torch.Tensor | None:
         with autocast():
             return self.model(x, with_mtp=False).logits
+
+    def check_generation(self) -> None:
+        """Raise if this layout cannot give the inference engine the whole weights (the reason in the message)."""
+
+    @contextlib.contextmanager
+    def whole_model(self):
+        """A context giving a module that holds the whole current weights on this rank, for the inference
+        engine (a collective where the weights are sharded). One process: the model itself."""
+        self.check_generation()
+        yield self.model
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         return t

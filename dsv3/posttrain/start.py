@@ -1,0 +1,66 @@
+"""Where a post-training run (SFT, GRPO) starts: the starting checkpoint and the run directory.
+
+    resolve_start(path)      a Hugging Face-format checkpoint directory, a sharded (DCP) checkpoint of a
+                             torchrun run, or a run directory (-> its latest checkpoint, either kind)
+    load_start(path, device) the whole model of that checkpoint, fp32, on every rank alike (it is then
+                             prepared for the layout: dsv3.training.strategy.prepare_model)
+    run_directory(...)       out_dir/checkpoints and the checkpoint to resume from (the run's own)
+    freeze_mtp(model)        the MTP modules are not trained after pre-training: frozen, no optimizer state
+
+The rest of a run is the training loop's (dsv3/training/loop.py) with the layout's strategy: exact resume
+from out_dir's checkpoints in any layout, Ctrl-C saves, metrics.jsonl, plots and summary.json.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from dsv3.checkpoints import dcp, rundir
+from dsv3.checkpoints.hf import load_pretrained
+
+
+def resolve_start(path: str) -> str:
+    """The checkpoint directory a run starts from (see the module docstring)."""
+    if os.path.exists(os.path.join(path, "config.json")) or dcp.is_dcp_checkpoint(path):
+        return path
+    latest = rundir.latest_checkpoint(os.path.join(path, "checkpoints"))
+    if latest is None:
+        raise FileNotFoundError(f"{path} is neither a checkpoint directory (config.json, or a sharded checkpoint's "
+                                "trainer_state.json) nor a run directory with checkpoints/")
+    return latest
+
+
+def load_start(path: str, device: torch.device):
+    """The whole fp32 model of checkpoint `path` (either kind) on `device`."""
+    if not os.path.exists(os.path.join(path, "config.json")) and dcp.is_dcp_checkpoint(path):
+        return dcp.load_full_model(path).to(device)  # a periodic sharded checkpoint (no Hugging Face export)
+    return load_pretrained(path, device=device, dtype=torch.float32)
+
+
+def run_directory(out_dir: str, resume: bool, strategy, say) -> tuple[str, str | None]:
+    """-> (out_dir/checkpoints, the latest of them when resuming, else None). A run directory that already
+    holds checkpoints is refused unless resuming; rank 0 creates it."""
+    ckpt_root = os.path.join(out_dir, "checkpoints")
+    latest = rundir.latest_checkpoint(ckpt_root)
+    if latest is not None and not resume:
+        raise ValueError(f"{out_dir} already holds checkpoints: pass resume=True (--resume) to continue, or "
+                         "another out_dir")
+    if resume and latest is None:
+        say(f"resume: no checkpoint in {ckpt_root}; starting from the given checkpoint")
+    if strategy.is0:
+        os.makedirs(out_dir, exist_ok=True)
+    strategy.barrier()
+    return ckpt_root, latest
+
+
+def freeze_mtp(model) -> None:
+    """Post-training trains the main model only (forwards with with_mtp=False): the MTP modules' parameters
+    are frozen before the model is prepared, so every layout leaves them exactly as they were (no
+    gradient, no optimizer state; a replicated layout would otherwise step them with zero gradients)."""
+    for mod in model.mtp:
+        mod.requires_grad_(False)
+
+
+__all__ = ["freeze_mtp", "load_start", "resolve_start", "run_directory"]
