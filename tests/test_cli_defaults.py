@@ -39,8 +39,8 @@ SETTINGS = {
     "generate": GENERATE,
     "sample": GENERATE,
     "chat": GENERATE,
-    "sft": [(SFTConfig, {})],
-    "grpo": [(GRPOConfig, {})],
+    "sft": [(SFTConfig, {}), (ParallelConfig, dict(only=cli.POSTTRAIN_LAYOUT))],
+    "grpo": [(GRPOConfig, {}), (ParallelConfig, dict(only=cli.POSTTRAIN_LAYOUT))],
     "convert": [(ExportConfig, {})],
     "quantize": [(QuantizeConfig, {})],
     "serve": [(ServerConfig, {}), (EngineConfig, {})],
@@ -59,7 +59,8 @@ CLI_ONLY = {"info": {"preset", "config"}, "plan": {"preset", "config", "suggest"
 # the only places where the command line's value differs from the field's default, each documented:
 # the run directory and the two degrees are derived from other arguments; `sample` is seeded
 CLI_DIFFERS = {("train", "out_dir"): None, ("train", "dp_shard"): DERIVED, ("train", "ep"): DERIVED,
-               ("sample", "seed"): 0}
+               ("sft", "dp_shard"): DERIVED, ("sft", "ep"): DERIVED, ("grpo", "dp_shard"): DERIVED,
+               ("grpo", "ep"): DERIVED, ("sample", "seed"): 0}
 
 
 def subparser(verb: str):
