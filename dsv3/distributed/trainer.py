@@ -383,8 +383,8 @@ def train_pipeline(mc: ModelConfig, tc: TrainConfig, ppcfg, env: DistEnv, log=pr
     state under the model's own names (DCP), so the final one exports to the HF format; a resume must
     come from a pipeline run (any pp / schedule / ep: the names are the model's)."""
     from dsv3.distributed.pipeline import build_pipeline
-    from dsv3.distributed.pipeline import make_optimizer as pp_optimizer
     from dsv3.distributed.pipeline import train_step as pp_train_step
+    from dsv3.training.optim import make_optimizer as pp_optimizer
 
     tc.validate()
     rank, world = env.rank, env.world_size
@@ -404,10 +404,11 @@ def train_pipeline(mc: ModelConfig, tc: TrainConfig, ppcfg, env: DistEnv, log=pr
         raise ValueError("--pp with --compile is not supported yet")
     ppcfg.validate(world)
     n_mb, ep = ppcfg.n_microbatches, ppcfg.ep
+    replicas = ppcfg.replicas  # dp x ep ranks per stage, each its slice of every micro-batch
     if tc.micro_batch_size and tc.micro_batch_size != tc.batch_size // n_mb:
         raise ValueError(f"--pp splits the batch into --n-microbatches ({n_mb}) micro-batches; leave "
                          f"--micro-batch-size unset (or {tc.batch_size // n_mb})")
-    ep_rank = rank % ep  # global rank = pp_index * ep + ep_index (pipeline_mesh)
+    slice_rank = rank % replicas  # global rank = pp_index * dp * ep + dp_index * ep + ep_index (pipeline_mesh)
     ckpt_root = os.path.join(tc.out_dir, "checkpoints")
     resume_from = ckpt.latest_checkpoint(ckpt_root) if tc.resume else None
     if tc.resume and resume_from is None:
@@ -436,7 +437,7 @@ def train_pipeline(mc: ModelConfig, tc: TrainConfig, ppcfg, env: DistEnv, log=pr
     val = None
     if meta["val"]["n_tokens"] > tc.seq_len:
         try:
-            val = cache.val_batches(tc.seq_len, tc.batch_size, rank=ep_rank, world_size=ep)
+            val = cache.val_batches(tc.seq_len, tc.batch_size, rank=slice_rank, world_size=replicas)
         except CorpusError as e:
             say(f"no periodic evaluation: {e}")
 
@@ -446,10 +447,10 @@ def train_pipeline(mc: ModelConfig, tc: TrainConfig, ppcfg, env: DistEnv, log=pr
     model = build_model(mc, device=device, dtype=torch.float32, seed=tc.seed)  # the same on every rank
     n_params = sum(p.numel() for p in model.parameters())
     model.set_recompute(tc.recompute)
-    ps = build_pipeline(model, ppcfg, tc.batch_size // (n_mb * ep), tc.seq_len, device=device,
+    ps = build_pipeline(model, ppcfg, tc.batch_size // (n_mb * replicas), tc.seq_len, device=device,
                         mtp_lambda=tc.mtp_lambda)
     del model  # this rank keeps its stages only
-    opt = pp_optimizer(ps, tc.lr, tc.weight_decay)
+    opt = pp_optimizer(ps.model_part, tc.lr, tc.weight_decay)
     step, tokens_seen = 0, 0
     if resume_from is not None:
         st = load_dcp(resume_from, ps.stages[0], opt, ps)
@@ -478,7 +479,6 @@ def train_pipeline(mc: ModelConfig, tc: TrainConfig, ppcfg, env: DistEnv, log=pr
         batch = next(sampler).to(device, non_blocking=True)
         r = pp_train_step(ps, opt, batch, mtp_lambda=lam, balance_alpha=tc.balance_alpha, gamma=gamma,
                           grad_clip=tc.grad_clip)
-        r["mtp"] = (r["loss"] - r["balance"] - r["main"]) / lam if lam > 0 else float("nan")
         return r, tc.batch_size * tc.seq_len
 
     def eval_fn(max_batches=None) -> dict:
