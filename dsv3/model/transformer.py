@@ -23,11 +23,12 @@ does not hold is None in its slot: `layers[i]` (the list keeps its length, so `l
 h^{k-1} -> h^k runs in one forward) or not at all (`mtp` empty). The one forward serves both
 (torchtitan's decoder does the same; a second forward in the pipeline code would drift):
 
-    x (B, T) token ids       -> embed_tokens (must be held)
-    x (B, T, D) hidden state -> the previous part's output, used as it is
-    layers[i] None           -> skipped
-    norm / lm_head None      -> ModelOutput(logits=None, hidden=the un-normed h) for the next part
-    mtp held                 -> needs the token ids: x itself, or `tokens=` where x is a hidden state
+    input (B, T) token ids       -> embed_tokens (must be held)
+    input (B, T, D) hidden state -> the previous part's output, used as it is (the first argument
+                                    keeps its name `input_ids`, which callers pass by keyword)
+    layers[i] None               -> skipped
+    norm / lm_head None          -> ModelOutput(logits=None, hidden=the un-normed h) for the next part
+    mtp held                     -> needs the token ids: the input itself, or `tokens=` with a hidden state
 """
 
 from __future__ import annotations
@@ -205,29 +206,29 @@ class Transformer(nn.Module):
         return p
 
     # --- forward ---------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None, *,
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, *,
                 tokens: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
                 with_mtp: bool = True, with_balance: bool = False, cache=None) -> ModelOutput:
-        """x: token ids (B, T), or the hidden state (B, T, D) a part before this one returned (a
-        pipeline stage without the embedding) -> ModelOutput. position_ids (B, T) or (T,), default
-        0..T-1. tokens (B, T): the token ids, needed where x is a hidden state and this part holds
-        the MTP modules. attn_mask: None for causal attention, or boolean (B, 1, T, T), True where
-        attention is allowed. cache: a latent KV cache (dsv3/inference/cache.py); then `cache.layer(i)`
-        serves layer i, the absorbed attention runs, and MTP is left to `mtp_step`."""
-        if x.dim() == 2:  # token ids
+        """input_ids: token ids (B, T); on a part without the embedding (a later pipeline stage) the
+        hidden state (B, T, D) the part before it returned -> ModelOutput. position_ids (B, T) or (T,),
+        default 0..T-1. tokens (B, T): the token ids, needed where the input is a hidden state and this
+        part holds the MTP modules. attn_mask: None for causal attention, or boolean (B, 1, T, T), True
+        where attention is allowed. cache: a latent KV cache (dsv3/inference/cache.py); then
+        `cache.layer(i)` serves layer i, the absorbed attention runs, and MTP is left to `mtp_step`."""
+        if input_ids.dim() == 2:  # token ids
             if self.embed_tokens is None:
                 raise ValueError("this part of the model holds no embedding: pass the hidden state (batch, seq, dim)")
-            tokens = x
-            emb = self.embed_tokens(x)  # (B, T, D)
+            tokens = input_ids
+            emb = self.embed_tokens(input_ids)  # (B, T, D)
             h = emb
-        elif x.dim() == 3:  # the previous part's hidden state
-            emb, h = None, x
+        elif input_ids.dim() == 3:  # the previous part's hidden state
+            emb, h = None, input_ids
         else:
-            raise ValueError(f"x must be token ids (batch, seq) or a hidden state (batch, seq, dim), got shape "
-                             f"{tuple(x.shape)}")
+            raise ValueError(f"input_ids must be token ids (batch, seq) or a hidden state (batch, seq, dim), got "
+                             f"shape {tuple(input_ids.shape)}")
         T = h.shape[1]
         if position_ids is None:
-            position_ids = torch.arange(T, device=x.device)
+            position_ids = torch.arange(T, device=input_ids.device)
         if position_ids.dim() == 1:
             position_ids = position_ids.unsqueeze(0)  # (1, T)
         cos, sin = rope.cos_sin(position_ids, self.rope_inv_freq, self.rope_factor)  # (B|1, T, rope/2)
