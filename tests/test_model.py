@@ -1,4 +1,5 @@
-"""The Transformer: MTP shapes and causality, construction and init, positions and masks, RoPE/YaRN.
+"""The Transformer: MTP shapes and causality, construction and init, positions and masks, RoPE/YaRN,
+partial models (pipeline stages) chained equal to the whole.
 
 Run: python -m pytest tests/test_model.py -q
 """
@@ -140,9 +141,110 @@ def test_every_parameter_gets_a_gradient(model):
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
-def test_input_ids_must_be_2d(model):
-    with pytest.raises(ValueError, match="input_ids"):
+def test_input_must_be_ids_or_hidden(model):
+    with pytest.raises(ValueError, match=r"token ids \(batch, seq\) or a hidden state"):
         model(torch.zeros(5, dtype=torch.long))
+
+
+# ------------------------------------------------------------------------------------------------
+# partial models: a pipeline stage is the model minus some modules, running the same forward
+
+SPLIT = [dict(layers=[0, 1], embed=True), dict(layers=[2]), dict(layers=[3], embed=True, head=True, mtp=True)]
+
+
+def _chain(parts, ids, **kw):
+    """The parts one after the other, as a pipeline runs them: -> (last output, all outputs)."""
+    outs, x = [], ids
+    for p in parts:
+        outs.append(p(x, tokens=ids, **kw))
+        x = outs[-1].hidden
+    return outs[-1], outs
+
+
+def test_parts_chained_equal_the_full_model():
+    """Three parts (embedding + layers 0-1 | layer 2 | layer 3 + head + 2 MTP modules) chained give
+    the full model's logits, MTP logits and expert counts bit for bit (the same ops on the same
+    tensors), the balance terms summed per part (another fp32 summation order: one ulp of the ~5.2
+    total, 4.8e-7 measured), and the same gradients (the embedding is looked up twice, by the first
+    and the last part, its two gradients summed in another order: 1e-6)."""
+    cfg = tiny_cfg(num_hidden_layers=4, num_nextn_predict_layers=2)
+    model = make_model(cfg, bias_std=0.3)
+    ids = rand_ids(cfg, 2, 11)
+    full = model(ids, with_balance=True)
+    parts = [model.part(**kw) for kw in SPLIT]
+    last, outs = _chain(parts, ids, with_balance=True)
+    assert [o.logits is None for o in outs] == [True, True, False]
+    assert torch.equal(last.logits, full.logits) and torch.equal(last.hidden, full.hidden)
+    assert len(last.mtp_logits) == 2 and all(torch.equal(a, b) for a, b in zip(last.mtp_logits, full.mtp_logits))
+    # rows: part 0 holds MoE layer 1, part 1 layer 2, part 2 layer 3 and the two MTP blocks
+    assert [o.expert_counts.shape[0] for o in outs] == [1, 1, 3]
+    assert torch.equal(torch.cat([o.expert_counts for o in outs]), full.expert_counts)
+    balance = sum(o.balance for o in outs)
+    torch.testing.assert_close(balance, full.balance, rtol=0, atol=1e-6)
+
+    def loss(o, bal):
+        return o.logits.logsumexp(-1).mean() + sum(lg.logsumexp(-1).mean() for lg in o.mtp_logits) + bal
+
+    grads = {}
+    for tag, out, bal in (("full", full, full.balance), ("parts", last, balance)):
+        model.zero_grad(set_to_none=True)
+        loss(out, bal).backward()
+        grads[tag] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for n, g in grads["full"].items():
+        torch.testing.assert_close(grads["parts"][n], g, rtol=0, atol=1e-6, msg=n)
+
+
+def test_part_holds_the_same_modules_under_the_same_names():
+    """A part shares the model's module objects (so FP8 swaps and compiled blocks carry over), keeps
+    global layer indices (None where not held) and the state-dict names; the parts of a split cover
+    the model's state dict; helpers that iterate blocks see the held ones only."""
+    cfg = tiny_cfg(num_hidden_layers=4, num_nextn_predict_layers=2)
+    model = make_model(cfg)
+    parts = [model.part(**kw) for kw in SPLIT]
+    p0, p1, p2 = parts
+    assert len(p1.layers) == 4 and p1.layers[2] is model.layers[2]
+    assert p1.layers[0] is None and p1.layers[3] is None and p1.embed_tokens is None and p1.norm is None
+    assert p2.embed_tokens is model.embed_tokens and p2.lm_head is model.lm_head
+    assert all(a is b for a, b in zip(p2.mtp, model.mtp)) and len(p0.mtp) == 0
+    full = model.state_dict()
+    keys = [set(p.state_dict()) for p in parts]
+    assert keys[1] == {k for k in full if k.startswith("layers.2.")}
+    assert set().union(*keys) == set(full)
+    for p in parts:
+        for k, v in p.state_dict().items():
+            assert v.data_ptr() == full[k].data_ptr(), k  # the model's tensors, not copies
+    assert [id(r) for r in p2.routers()] == [id(b.mlp.gate) for b in [model.layers[3], *model.mtp]]
+    p1.set_recompute("full")
+    assert model.layers[2].recompute == "full" and model.layers[1].recompute == "none"
+    assert p2.rope_inv_freq.dtype == torch.float32 and not p2.rope_inv_freq.is_meta
+    assert not any(t.is_meta for p in parts for t in [*p.parameters(), *p.buffers()])
+
+
+def test_part_boundary_dtypes_under_autocast():
+    """What the pipeline's static stage metadata assumes: under bf16 autocast the hidden state a
+    part hands on stays in the parameters' dtype (fp32), only the logits come out in bf16."""
+    cfg = tiny_cfg(num_hidden_layers=4, num_nextn_predict_layers=2)
+    model = make_model(cfg)
+    ids = rand_ids(cfg, 2, 9)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        last, outs = _chain([model.part(**kw) for kw in SPLIT], ids)
+    assert [o.hidden.dtype for o in outs[:2]] == [torch.float32, torch.float32]
+    assert last.logits.dtype == torch.bfloat16 and {lg.dtype for lg in last.mtp_logits} == {torch.bfloat16}
+
+
+def test_part_errors_name_the_missing_piece():
+    cfg = tiny_cfg(num_hidden_layers=4, num_nextn_predict_layers=1)
+    model = make_model(cfg)
+    ids = rand_ids(cfg, 2, 9)
+    h = torch.zeros(2, 9, cfg.hidden_size)
+    with pytest.raises(ValueError, match="holds no embedding"):
+        model.part([2])(ids)
+    with pytest.raises(ValueError, match="pass tokens="):
+        model.part([3], embed=True, head=True, mtp=True)(h)
+    with pytest.raises(ValueError, match="mtp=True needs embed=True and head=True"):
+        model.part([3], head=True, mtp=True)
+    with pytest.raises(ValueError, match="outside 0..3"):
+        model.part([4])
 
 
 # ------------------------------------------------------------------------------------------------

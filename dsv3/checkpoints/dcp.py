@@ -112,31 +112,34 @@ def _unwrap(wrapped) -> None:
 
 
 def _is_pipeline(ps) -> bool:
-    return hasattr(ps, "stages") and hasattr(ps, "schedule")  # a pipeline.PipelineState
+    return hasattr(ps, "stages") and hasattr(ps, "model_part")  # a pipeline.PipelineState
 
 
 def _pipeline_state_dicts(opt, ps):
-    """Pipeline parallelism: (model sd, optimizer state, wrapped) over this rank's stage modules, keyed
-    by the *model's* names (a stage keeps them: `layers.<global index>...`, `embed_tokens.weight`, ...),
-    the same structure as `_state_dicts`; the tensors share storage with the parameters, buffers and
-    AdamW state, so DCP loads in place. A name held by several ranks (the 1F1B tied embedding copy,
-    replicated parameters of the ep ranks of a stage) is equal on them: DCP stores it once. PP × EP:
-    expert slices (and their moments) wrapped as DTensors Shard(0) over the stage's "ep" sub-mesh,
-    global shape (E, ...), as in `_state_dicts`."""
+    """Pipeline parallelism: (model sd, optimizer state, wrapped) over this rank's parts of the model
+    (`ps.model_part`: the stages' `Transformer.part`s, which keep the model's names:
+    `layers.<global index>...`, `embed_tokens.weight`, ...), the same structure as `_state_dicts`; the
+    tensors share storage with the parameters, buffers and AdamW state, so DCP loads in place. A name
+    held by several ranks (the 1F1B tied embedding copy, replicated parameters of the dp × ep ranks of
+    a stage, expert slices of the dp replicas) is equal on them: DCP stores it once. ep > 1: expert
+    slices (and their moments) wrapped as DTensors on the stage's ("dp", "ep") sub-mesh with
+    placements [Replicate(), Shard(0)], global shape (E, ...), as in `_state_dicts`."""
     from torch.distributed.checkpoint.state_dict import _init_optim_state
-    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor import DTensor, Replicate, Shard
 
     _init_optim_state(opt)  # no-op once AdamW has state
     msd, params = {}, {}
-    for st in ps.stages:
-        for k, v in st.state_dict(keep_vars=True).items():
+    for part in ps.model_part:
+        for k, v in part.state_dict(keep_vars=True).items():
             msd[k] = v.detach()
-        params.update(dict(st.named_parameters()))
-    ref = next((v["step"] for v in opt.state.values() if "step" in v), torch.zeros((), dtype=torch.float32))
+        params.update(dict(part.named_parameters()))
+    some = next((v for v in opt.state.values() if "step" in v), None)
     for p in params.values():  # a parameter that never had a gradient has no AdamW state yet: zeros
         if not opt.state[p]:
-            opt.state[p].update(step=torch.zeros_like(ref), exp_avg=torch.zeros_like(p.detach()),
-                                exp_avg_sq=torch.zeros_like(p.detach()))
+            dt = some["exp_avg"].dtype if some is not None else p.dtype
+            step = torch.zeros_like(some["step"]) if some is not None else torch.zeros((), dtype=torch.float32)
+            opt.state[p].update(step=step, exp_avg=torch.zeros_like(p.detach(), dtype=dt),
+                                exp_avg_sq=torch.zeros_like(p.detach(), dtype=dt))
     osd = {n: dict(opt.state[p]) for n, p in params.items()}
     wrapped = []  # (the tensor in place, the DTensor DCP fills)
     if ps.pcfg.ep > 1:
@@ -147,16 +150,16 @@ def _pipeline_state_dicts(opt, ps):
             slots = [(msd, n)] + [(osd[n], k) for k, v in osd[n].items() if torch.is_tensor(v) and v.dim() > 0]
             for d, k in slots:
                 orig = d[k]
-                d[k] = DTensor.from_local(orig, ps.ep_mesh, [Shard(0)], run_check=False)
+                d[k] = DTensor.from_local(orig, ps.expert_mesh, [Replicate(), Shard(0)], run_check=False)
                 wrapped.append((orig, d[k]))
     return msd, osd, wrapped
 
 
 def _layout(ps, world: int) -> dict:
     pcfg = ps.pcfg
-    if _is_pipeline(ps):
-        return {"world_size": world, "pp": pcfg.pp, "ep": pcfg.ep, "schedule": pcfg.schedule,
-                "n_microbatches": pcfg.n_microbatches, "dp_shard": 1, "fsdp": False}
+    if _is_pipeline(ps):  # the stages' dp replicas are plain copies (no FSDP): dp_shard = dp, fsdp False
+        return {"world_size": world, "pp": pcfg.pp, "dp": pcfg.dp, "ep": pcfg.ep, "schedule": pcfg.schedule,
+                "n_microbatches": pcfg.n_microbatches, "dp_shard": pcfg.dp, "fsdp": False}
     return {"world_size": world, "dp_shard": pcfg.dp_shard, "ep": pcfg.ep, "fsdp": pcfg.fsdp}
 
 

@@ -188,22 +188,22 @@ class PipelineStrategy(_Collective):
         from dsv3.distributed.pipeline import PipelineConfig
 
         n_stages = pcfg.pp if pcfg.pp_schedule == "1f1b" else 2 * pcfg.pp
-        if pcfg.dp_shard > 1:
-            raise ParallelConfigError("pipeline x data parallelism (--pp with --dp-shard > 1) is not available yet")
         self.ppcfg = PipelineConfig(pp=pcfg.pp, schedule=pcfg.pp_schedule,
-                                    n_microbatches=pcfg.n_microbatches or n_stages, ep=pcfg.ep)
+                                    n_microbatches=pcfg.n_microbatches or n_stages, ep=pcfg.ep, dp=pcfg.dp_shard)
         self.ps = None
         self._shape = None
 
     def describe(self) -> str:
         c = self.ppcfg
-        return (f"{self.world_size} ranks (pp {c.pp} x ep {c.ep}, {c.schedule}, {c.n_microbatches} micro-batches, "
+        dp = f" x dp {c.dp}" if c.dp > 1 else ""
+        return (f"{self.world_size} ranks (pp {c.pp} x ep {c.ep}{dp}, {c.schedule}, {c.n_microbatches} micro-batches, "
                 f"{c.n_stages} stages)")
 
     def check_settings(self, settings, precision: str) -> None:
         n_mb = self.ppcfg.n_microbatches
-        if precision != "fp32":
-            raise ValueError(f"--pp supports --precision fp32 only for now, got {precision}")
+        if self.pcfg.node_groups:
+            raise ValueError("--pp with --node-groups: the node-limited routing check is for the dp x ep layout "
+                             "(the stages' ep groups are not checked against the model's expert groups yet)")
         if getattr(settings, "batch_ramp_steps", 0) > 0:
             raise ValueError("--pp needs a fixed batch (static micro-batch shapes): no --batch-ramp-steps")
         mbs = getattr(settings, "micro_batch_size", 0)
@@ -216,14 +216,15 @@ class PipelineStrategy(_Collective):
         self.ppcfg.validate(self.world_size, model_cfg, settings.batch_size)
 
     def eval_rows(self) -> tuple[int, int]:
-        return self.rank % self.ppcfg.ep, self.ppcfg.ep  # the ep ranks of a stage split the rows
+        r = self.ppcfg.replicas  # the dp x ep ranks of a stage split the rows
+        return self.rank % r, r
 
     def parallelize(self, model) -> None:
         from dsv3.distributed.pipeline import build_pipeline
 
         B, T, lam = self._shape
         c = self.ppcfg
-        self.ps = build_pipeline(model, c, B // (c.n_microbatches * c.ep), T, device=self.device, mtp_lambda=lam)
+        self.ps = build_pipeline(model, c, B // (c.n_microbatches * c.replicas), T, device=self.device, mtp_lambda=lam)
         self.model = None  # this rank keeps its stages only
 
     def module(self) -> torch.nn.Module:
@@ -241,11 +242,10 @@ class PipelineStrategy(_Collective):
         from dsv3.distributed.pipeline import forward_backward, gathered_loss
 
         (batch,) = micro_batches
-        forward_backward(self.ps, batch, mtp_lambda=hp["mtp_lambda"], balance_alpha=hp["balance_alpha"])
+        forward_backward(self.ps, batch, mtp_lambda=hp["mtp_lambda"], balance_alpha=hp["balance_alpha"],
+                         autocast=autocast)
         r = gathered_loss(self.ps)
-        lam = hp["mtp_lambda"]
-        mtp = (r["loss"] - r["balance"] - r["main"]) / lam if lam > 0 else float("nan")
-        stats = torch.tensor([r["loss"], r["main"], mtp, r["balance"]])
+        stats = torch.tensor([r["loss"], r["main"], r["mtp"], r["balance"]])
         counts = None
         if self.ps.n_moe:
             counts = sum(st.counts for st in self.ps.stages)
@@ -265,8 +265,7 @@ class PipelineStrategy(_Collective):
     def eval_logits(self, x: torch.Tensor, autocast) -> torch.Tensor | None:
         from dsv3.distributed.pipeline import forward_only
 
-        with autocast():
-            return forward_only(self.ps, x)
+        return forward_only(self.ps, x, autocast=autocast)
 
     def save(self, ckpt_root, step, opt, state, *, tokenizer=None, keep=3, final=False) -> str:
         from dsv3.checkpoints.dcp import save_dcp

@@ -13,6 +13,22 @@ translation to disk (dsv3/checkpoints/hf.py) only adds the `model.` prefix, spli
 and moves `mtp.k` to `model.layers.{num_hidden_layers + k}`.
 
 Build on the meta device and initialise in one place (`build_model` / `init_weights`).
+
+Parts (pipeline stages): `Transformer.part` returns a model that holds only some of these modules,
+the same module objects (so FP8 module swaps and per-block `torch.compile` applied before the split
+carry over, and the state-dict names stay `layers.{i}...`, `embed_tokens.weight`, ...). What a part
+does not hold is None in its slot: `layers[i]` (the list keeps its length, so `layers[i]` and
+`enumerate(layers)` still speak of global layer indices, and so does `cache.layer(i)`),
+`embed_tokens`, `norm`, `lm_head`; the MTP modules are held all together with the head (their chain
+h^{k-1} -> h^k runs in one forward) or not at all (`mtp` empty). The one forward serves both
+(torchtitan's decoder does the same; a second forward in the pipeline code would drift):
+
+    input (B, T) token ids       -> embed_tokens (must be held)
+    input (B, T, D) hidden state -> the previous part's output, used as it is (the first argument
+                                    keeps its name `input_ids`, which callers pass by keyword)
+    layers[i] None               -> skipped
+    norm / lm_head None          -> ModelOutput(logits=None, hidden=the un-normed h) for the next part
+    mtp held                     -> needs the token ids: the input itself, or `tokens=` with a hidden state
 """
 
 from __future__ import annotations
@@ -88,10 +104,11 @@ class MTPModule(Block):
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # (B, T, V)
+    logits: torch.Tensor | None  # (B, T, V); None from a part without the head
     mtp_logits: list[torch.Tensor]  # D entries; entry k-1 is (B, T-k, V) and predicts token i+k+1
-    hidden: torch.Tensor  # (B, T, D) after the final norm
+    hidden: torch.Tensor  # (B, T, D) after the final norm (before it, from a part without the head)
     expert_counts: torch.Tensor | None  # (L_moe, E) tokens per expert, main MoE layers then MTP layers
+    #                                     (a part: the MoE blocks it holds, in the same order)
     balance: torch.Tensor | None  # scalar: sequence-wise balance term summed over MoE layers (without α)
 
 
@@ -110,17 +127,21 @@ class Transformer(nn.Module):
         self.rope_factor = rope.cos_sin_factor(cfg)
 
     # --- helpers ---------------------------------------------------------------------------------
+    def blocks(self) -> list[Block]:
+        """The blocks this model holds: the main layers in order, then the MTP modules (all of them
+        for the full model; a part's own, skipping the None slots)."""
+        return [b for b in self.layers if b is not None] + list(self.mtp)
+
     def routers(self) -> list[Router]:
         """The MoE routers in the order of `ModelOutput.expert_counts` rows."""
-        blocks = list(self.layers) + list(self.mtp)
-        return [b.mlp.gate for b in blocks if isinstance(b.mlp, MoE)]
+        return [b.mlp.gate for b in self.blocks() if isinstance(b.mlp, MoE)]
 
     def set_recompute(self, policy: str) -> None:
         """Activation recomputation for training: "none", "selective" (RMSNorms and MLA up-projections,
         paper §3.2.2) or "full" (every block keeps only its input). Same numbers, less memory."""
         if policy not in RECOMPUTE:
             raise ValueError(f"recompute must be one of {RECOMPUTE}, got {policy!r}")
-        for blk in list(self.layers) + list(self.mtp):
+        for blk in self.blocks():
             blk.recompute = policy
             blk.self_attn.recompute_up = policy == "selective"
 
@@ -161,58 +182,92 @@ class Transformer(nn.Module):
                     p.normal_(0.0, std, generator=generator)
         self.init_buffers()
 
+    # --- partial models ----------------------------------------------------------------------------
+    def part(self, layers, *, embed: bool = False, head: bool = False, mtp: bool = False) -> "Transformer":
+        """A model holding only main layers `layers` (global indices), the embedding if `embed`, the
+        final norm and lm_head if `head`, all MTP modules if `mtp` (which share the embedding and the
+        head, so they need both): the same module objects as this model, everything else None (module
+        docstring). A pipeline stage is such a part (dsv3/distributed/pipeline.py)."""
+        keep = set(layers)
+        if not keep <= set(range(len(self.layers))):
+            raise ValueError(f"layers {sorted(keep)} outside 0..{len(self.layers) - 1}")
+        if mtp and not (embed and head):
+            raise ValueError("the MTP modules share the embedding and the output head: mtp=True needs embed=True "
+                             "and head=True")
+        with torch.device("meta"):  # every attribute __init__ sets; the module slots are replaced below
+            p = type(self)(self.config)
+        p.embed_tokens = self.embed_tokens if embed else None
+        p.layers = nn.ModuleList(blk if i in keep else None for i, blk in enumerate(self.layers))
+        p.norm = self.norm if head else None
+        p.lm_head = self.lm_head if head else None
+        p.mtp = nn.ModuleList(self.mtp if mtp else [])
+        p.rope_inv_freq = self.rope_inv_freq.clone()
+        p.training = self.training  # (not .train(): that would also set the shared modules)
+        return p
+
     # --- forward ---------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, *,
-                attn_mask: torch.Tensor | None = None, with_mtp: bool = True,
-                with_balance: bool = False, cache=None) -> ModelOutput:
-        """input_ids (B, T) -> ModelOutput. position_ids (B, T) or (T,), default 0..T-1.
-        attn_mask: None for causal attention, or boolean (B, 1, T, T), True where attention is allowed.
-        cache: a latent KV cache (dsv3/inference/cache.py); then `cache.layer(i)` serves layer i, the
-        absorbed attention runs, and MTP is left to `mtp_step`."""
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
-        B, T = input_ids.shape
+                tokens: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
+                with_mtp: bool = True, with_balance: bool = False, cache=None) -> ModelOutput:
+        """input_ids: token ids (B, T); on a part without the embedding (a later pipeline stage) the
+        hidden state (B, T, D) the part before it returned -> ModelOutput. position_ids (B, T) or (T,),
+        default 0..T-1. tokens (B, T): the token ids, needed where the input is a hidden state and this
+        part holds the MTP modules. attn_mask: None for causal attention, or boolean (B, 1, T, T), True
+        where attention is allowed. cache: a latent KV cache (dsv3/inference/cache.py); then
+        `cache.layer(i)` serves layer i, the absorbed attention runs, and MTP is left to `mtp_step`."""
+        if input_ids.dim() == 2:  # token ids
+            if self.embed_tokens is None:
+                raise ValueError("this part of the model holds no embedding: pass the hidden state (batch, seq, dim)")
+            tokens = input_ids
+            emb = self.embed_tokens(input_ids)  # (B, T, D)
+            h = emb
+        elif input_ids.dim() == 3:  # the previous part's hidden state
+            emb, h = None, input_ids
+        else:
+            raise ValueError(f"input_ids must be token ids (batch, seq) or a hidden state (batch, seq, dim), got "
+                             f"shape {tuple(input_ids.shape)}")
+        T = h.shape[1]
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device)
         if position_ids.dim() == 1:
             position_ids = position_ids.unsqueeze(0)  # (1, T)
         cos, sin = rope.cos_sin(position_ids, self.rope_inv_freq, self.rope_factor)  # (B|1, T, rope/2)
 
-        emb = self.embed_tokens(input_ids)  # (B, T, D)
-        h = emb
         counts, balance = [], []
         for i, layer in enumerate(self.layers):
+            if layer is None:  # held by another part
+                continue
             h, stats = layer(h, cos, sin, attn_mask, with_balance, cache.layer(i) if cache is not None else None)
             if stats is not None:
                 counts.append(stats.counts)
                 if stats.balance is not None:
                     balance.append(stats.balance)
+        if self.norm is None:  # a part before the head: the residual stream goes on to the next part
+            return _output(None, [], h, counts, balance)
         h = self.norm(h)
         logits = self.lm_head(h)
 
         mtp_logits = []
-        if with_mtp and cache is None:
+        if with_mtp and cache is None and len(self.mtp):
+            if emb is None:
+                if tokens is None:
+                    raise ValueError("the MTP modules embed the tokens ahead: pass tokens= (batch, seq) with a "
+                                     "hidden-state input")
+                emb = self.embed_tokens(tokens)  # (B, T, D)
             h_prev = h
             for k, mod in enumerate(self.mtp, start=1):
                 Tk = T - k
                 if Tk <= 0:
                     break
-                x = mod.combine(emb[:, k:], h_prev[:, :Tk])  # token i+k with hidden at position i
+                xk = mod.combine(emb[:, k:], h_prev[:, :Tk])  # token i+k with hidden at position i
                 m = attn_mask[..., :Tk, :Tk] if attn_mask is not None else None
-                h_prev, stats = mod(x, cos[:, :Tk], sin[:, :Tk], m, with_balance)
+                h_prev, stats = mod(xk, cos[:, :Tk], sin[:, :Tk], m, with_balance)
                 if stats is not None:
                     counts.append(stats.counts)
                     if stats.balance is not None:
                         balance.append(stats.balance)
                 mtp_logits.append(self.lm_head(mod.shared_head.norm(h_prev)))
-        return ModelOutput(
-            logits=logits,
-            mtp_logits=mtp_logits,
-            hidden=h,
-            expert_counts=torch.stack(counts) if counts else None,
-            balance=torch.stack(balance).sum() if balance else None,
-        )
-
+        return _output(logits, mtp_logits, h, counts, balance)
 
     def mtp_step(self, k: int, next_ids: torch.Tensor, hidden: torch.Tensor, position_ids: torch.Tensor,
                  cache) -> tuple[torch.Tensor, torch.Tensor]:
@@ -224,6 +279,16 @@ class Transformer(nn.Module):
         x = mod.combine(self.embed_tokens(next_ids), hidden)
         h, _ = mod(x, cos, sin, None, False, cache)
         return h, self.lm_head(mod.shared_head.norm(h))
+
+
+def _output(logits, mtp_logits, h, counts: list, balance: list) -> ModelOutput:
+    return ModelOutput(
+        logits=logits,
+        mtp_logits=mtp_logits,
+        hidden=h,
+        expert_counts=torch.stack(counts) if counts else None,
+        balance=torch.stack(balance).sum() if balance else None,
+    )
 
 
 def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,

@@ -85,7 +85,7 @@ def _ref_step(model, opt, batch):
 
 
 def _scenario(rank: int, world: int, pcfg: PipelineConfig, overlap: bool) -> dict:
-    from dsv3.distributed.pipeline import build_pipeline, forward_backward, gathered_loss, make_optimizer, train_step
+    from dsv3.distributed.pipeline import build_pipeline, forward_backward, gathered_loss, train_step
     from dsv3.model import build_model
     from dsv3.training.loss import compute_loss
     from dsv3.training.optim import make_optimizer as make_ref_optimizer
@@ -120,7 +120,7 @@ def _scenario(rank: int, world: int, pcfg: PipelineConfig, overlap: bool) -> dic
 
     # STEPS optimizer steps
     opt_r = make_ref_optimizer(ref, LR)
-    opt = make_optimizer(ps, LR)
+    opt = make_ref_optimizer(ps.model_part, LR)  # the same optimizer over this rank's parts
     losses, losses_r = [], []
     for s in range(1, STEPS + 1):
         l_r, gn_r = _ref_step(ref, opt_r, batches[s])
