@@ -39,18 +39,18 @@ def main() -> int:
     wall = time.time() - t0
     print(f"# composition matrix: {len(cells)} cells + {len(resumed) // 2} resumes, {wall:.0f} s, "
           f"CPU ({platform.machine()}, {os.cpu_count()} cores), {time.strftime('%Y-%m-%d')}\n")
-    print("| cell | max loss diff | max param diff | entries > near | within tolerance |")
-    print("|---|---|---|---|---|")
+    print("| cell | max loss diff | mean param diff | max param diff | entries > near | within tolerance |")
+    print("|---|---|---|---|---|---|")
     n_ok = 0
     for c in cells + [c for c in resumed if c.resume_from]:
         if c.name in errors:
-            print(f"| {c.name} | error: {errors[c.name].splitlines()[0][:80]} | | | no |")
+            print(f"| {c.name} | error: {errors[c.name].splitlines()[0][:80]} | | | | no |")
             continue
         d = compare(root, c)
-        tl, tm, near, tf = TOLERANCES[c.precision]
-        ok = d["loss"] <= tl and d["param_max"] <= tm and d["param_far_frac"] <= tf
+        tl, tm, near, tf, tmean = TOLERANCES[c.precision]
+        ok = d["loss"] <= tl and d["param_max"] <= tm and d["param_far_frac"] <= tf and d["param_mean"] <= tmean
         n_ok += ok
-        print(f"| {c.name} | {d['loss']:.2e} | {d['param_max']:.2e} | {d['param_far_frac']:.2%} (> {near:g}) | "
+        print(f"| {c.name} | {d['loss']:.2e} | {d['param_mean']:.1e} | {d['param_max']:.2e} | {d['param_far_frac']:.2%} (> {near:g}) | "
               f"{'yes' if ok else 'NO'} |")
     total = len(cells) + len(resumed) // 2
     print(f"\n{n_ok} of {total} within tolerance (tests/distributed/compose.py TOLERANCES)")

@@ -113,7 +113,8 @@ class _FP8LinearFn(torch.autograd.Function):
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         with torch.autocast(gy.device.type, enabled=False):
             dx, dw = kernels.fp8_gemm_bwd(g2, ctx.saved, ctx.x_dtype, ctx.w_dtype, need_dx, need_dw)
-        ctx.saved = None
+        # ctx.saved is kept (freed with the graph): a pipeline's split backward (input gradients, then
+        # weight gradients, torch.distributed.pipelining) calls this backward twice on one graph
         if dx is not None:
             dx = dx.reshape(ctx.x_shape)
         return dx, dw, None, None
@@ -180,7 +181,8 @@ class _FP8GroupedFn(torch.autograd.Function):
         need_dx, need_dw = ctx.needs_input_grad[0], any(ctx.needs_input_grad[4:])
         with torch.autocast(gy.device.type, enabled=False):
             dx, dws = kernels.fp8_grouped_gemm_bwd(gy, ctx.saved, ctx.x_dtype, ctx.w_dtypes, need_dx, need_dw)
-        ctx.saved = None
+        # ctx.saved is kept (freed with the graph): a pipeline's split backward (input gradients, then
+        # weight gradients, torch.distributed.pipelining) calls this backward twice on one graph
         return (dx, None, None, None, *(dws or [None] * len(ctx.w_dtypes)))
 
 

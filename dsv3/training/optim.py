@@ -174,7 +174,7 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.1,
     for g in param_groups(model, weight_decay):  # DTensor (FSDP2) and plain parameters in separate groups
         for want in (False, True):
             ps = [p for p in g["params"] if _is_dtensor(p) == want]
-            if ps or not want:
+            if ps:  # no empty groups: DCP's state dicts map groups by their parameters' names
                 groups.append({"params": ps, "weight_decay": g["weight_decay"]})
     return AdamW(groups, lr=lr, betas=betas, eps=eps, state_dtype=state_dtype)
 

@@ -57,14 +57,19 @@ MODEL = dict(
 STEPS, BATCH, SEQ, LR = 3, 8, 32, 1e-2
 
 # Tolerances (absolute) against the one-process run of the same precision and optimizer state.
-# losses: every step's total loss; params: after STEPS AdamW steps, max |diff| and the share of entries
-# differing by more than `near` (Adam turns gradient entries at the rounding-noise level into ±lr steps,
-# so a few entries move by up to ~lr whatever the layout; the bulk must agree).
+# loss: every step's total loss. Parameters after STEPS AdamW steps: Adam turns gradient entries at the
+# rounding-noise level into ±lr steps, so single entries can move by up to 2·lr per step whatever the
+# layout (max); the bulk must agree: the mean |diff| and the share of entries differing by more than
+# `near`. bf16: the layouts round different partial sums (FSDP's gradient reduce, expert rows per rank).
+# fp8: in addition the weight gradients' 1x128 activation tiles run along the tokens of a micro-batch,
+# and splitting the batch over ranks / pipeline micro-batches regroups them (measured: mean 5e-4, 12% of
+# the entries > 1e-3 with 1-2 rows per micro-batch; a layout whose ranks all read the same rows gives
+# 6e-3 and 63% in fp8, 6e-3 and 83% in fp32: checked by breaking the row split).
 TOLERANCES = {
-    #        loss   param max  near   far fraction
-    "fp32": (2e-5, 2 * LR, 1e-5, 1e-2),
-    "bf16": (2e-2, 3 * LR, 1e-3, 5e-2),
-    "fp8": (2e-2, 3 * LR, 1e-3, 5e-2),
+    #        loss   param max        near  far fraction  mean
+    "fp32": (2e-5, 2 * LR, 1e-5, 1e-2, 1e-6),
+    "bf16": (1e-2, 2 * LR * STEPS, 1e-3, 5e-2, 3e-4),
+    "fp8": (2e-2, 2 * LR * STEPS, 1e-3, 0.2, 1.5e-3),
 }
 
 
@@ -255,9 +260,11 @@ def run_cells(root: str, cells: list[Cell], timeout: float = 900) -> dict:
     continue). Returns {cell name: error text} for the cells that failed to run."""
     if not os.path.exists(os.path.join(root, "model.json")):
         make_inputs(root)
+    cells = list({c.name: c for c in cells}.values())  # a cell that is also a reference runs once
     refs = sorted({c.reference for c in cells})
     ref_cells = [Cell("1proc", *r.split("-")[1:3], "none") for r in refs]
-    errors = _launch(root, 1, ref_cells + [c for c in cells if c.world == 1 and not c.resume_from], "ref", timeout)
+    first = {c.name: c for c in ref_cells + [c for c in cells if c.world == 1 and not c.resume_from]}
+    errors = _launch(root, 1, list(first.values()), "ref", timeout)
     for world in sorted({c.world for c in cells if c.world > 1}):
         errors |= _launch(root, world, [c for c in cells if c.world == world and not c.resume_from], f"w{world}",
                           timeout)
@@ -304,21 +311,24 @@ def compare(root: str, cell: Cell) -> dict:
     if set(pa) != set(pb):
         raise AssertionError(f"{cell.name}: checkpoint names differ: {sorted(set(pa) ^ set(pb))[:5]}")
     near = TOLERANCES[cell.precision][2]
-    pmax, far, n = 0.0, 0, 0
+    pmax, far, n, tot = 0.0, 0, 0, 0.0
     for k in pa:
         d = (pa[k].float() - pb[k].float()).abs()
         pmax = max(pmax, float(d.max()) if d.numel() else 0.0)
         far += int((d > near).sum())
+        tot += float(d.double().sum())
         n += d.numel()
-    return {"loss": loss, "param_max": pmax, "param_far_frac": far / max(n, 1), "steps": len(steps),
+    return {"loss": loss, "param_max": pmax, "param_mean": tot / max(n, 1), "param_far_frac": far / max(n, 1),
+            "steps": len(steps),
             "tensors": len(pa), "loss_first": lb[1], "loss_last": lb[max(lb)]}
 
 
 def check(root: str, cell: Cell) -> dict:
     """compare() and assert the cell's tolerances; returns the differences."""
     d = compare(root, cell)
-    tol_loss, tol_max, near, tol_far = TOLERANCES[cell.precision]
+    tol_loss, tol_max, near, tol_far, tol_mean = TOLERANCES[cell.precision]
     assert d["loss"] <= tol_loss, f"{cell.name}: loss differs by {d['loss']:.3g} > {tol_loss}"
+    assert d["param_mean"] <= tol_mean, f"{cell.name}: parameters differ by {d['param_mean']:.3g} on average"
     assert d["param_max"] <= tol_max, f"{cell.name}: a parameter differs by {d['param_max']:.3g} > {tol_max}"
     assert d["param_far_frac"] <= tol_far, \
         f"{cell.name}: {d['param_far_frac']:.2%} of the entries differ by > {near} (allowed {tol_far:.0%})"
