@@ -465,12 +465,13 @@ def test_fp8_modules_kernel_path_matches_dequantized_path():
     if not _triton_ok():
         pytest.skip("needs triton")
     from dsv3 import kernels
+    from dsv3.checkpoints.hf import quantize_model_fp8
     from dsv3.model import fp8 as f8
     from dsv3.inference.engine import Engine, SamplingParams
 
     cfg = _cfg().replace(num_nextn_predict_layers=0, initializer_range=0.2)
     m = dsv3.build_model(cfg, device="cuda", dtype=torch.bfloat16, seed=0)
-    hf.quantize_model_fp8(m)
+    quantize_model_fp8(m)
     lin = m.layers[1].self_attn.q_b_proj
     ex = m.layers[1].mlp.experts
     assert isinstance(lin, f8.FP8Linear) and isinstance(ex, f8.FP8Experts)

@@ -44,6 +44,14 @@ def resolve_layout(pcfg: ParallelConfig | None, world: int) -> ParallelConfig:
     return p.validate(world)
 
 
+def split_backward_takes_functions() -> bool:
+    """Whether torch.distributed.pipelining's split backward (stage_backward_weight, used by DualPipeV)
+    runs through Python autograd Functions: torch 2.11 fails there ("Attribute '_input_metadata' is
+    invalid", measured on the H200 machine's 2.11); 2.13 runs them (tests/distributed/test_compose.py)."""
+    major, minor = (int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+    return (major, minor) >= (2, 13)
+
+
 def distributed_strategy(pcfg: ParallelConfig | None, device: str = "auto") -> Strategy | None:
     """Start torchrun's process group and return the layout's strategy; None without a torchrun world
     (one process), unless `pcfg` asks for more than one rank (then a clear error)."""
@@ -204,6 +212,11 @@ class PipelineStrategy(_Collective):
         if self.pcfg.node_groups:
             raise ValueError("--pp with --node-groups: the node-limited routing check is for the dp x ep layout "
                              "(the stages' ep groups are not checked against the model's expert groups yet)")
+        if precision == "fp8" and self.ppcfg.schedule == "dualpipev" and not split_backward_takes_functions():
+            raise ValueError(f"--pp-schedule dualpipev with --precision fp8 needs torch >= 2.13 (this is "
+                             f"{torch.__version__}): DualPipeV's separate weight-gradient pass "
+                             "(torch.distributed.pipelining's stage_backward_weight) cannot run through custom "
+                             "autograd Functions before it, and the FP8 GEMMs are one; use --pp-schedule 1f1b")
         if getattr(settings, "batch_ramp_steps", 0) > 0:
             raise ValueError("--pp needs a fixed batch (static micro-batch shapes): no --batch-ramp-steps")
         mbs = getattr(settings, "micro_batch_size", 0)

@@ -23,6 +23,13 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 STEPS = 20
 
 
+def _needs_split_backward():
+    from dsv3.distributed.strategy import split_backward_takes_functions
+
+    if not split_backward_takes_functions():
+        pytest.skip("DualPipeV x FP8 needs torch >= 2.13 (the refusal is tested in test_compose.py)")
+
+
 def _steps(run) -> list[dict]:
     with open(run / "metrics.jsonl") as f:
         return [r for r in map(json.loads, f) if "main" in r]
@@ -35,6 +42,7 @@ def test_paper_configuration_end_to_end(tmp_path):
     from dsv3.checkpoints.rundir import latest_checkpoint
     from dsv3.config import preset
 
+    _needs_split_backward()
     make_inputs(str(tmp_path))  # a small corpus and its tokenizer
     cfg = tmp_path / "tiny.json"
     preset("tiny").replace(vocab_size=512).to_json(cfg)  # the tiny preset, with the corpus' vocabulary
@@ -52,7 +60,7 @@ def test_paper_configuration_end_to_end(tmp_path):
     steps = _steps(out)
     assert [s["step"] for s in steps] == list(range(1, STEPS + 1))
     first, last = sum(s["main"] for s in steps[:3]) / 3, sum(s["main"] for s in steps[-3:]) / 3
-    assert last < first - 0.5, (first, last)  # the loss falls (≈ 6.2 -> 4.x here)
+    assert last < first - 0.5, (first, last)  # the loss falls (by more than half a nat in 20 steps)
     assert all(s["world_size"] == 4 for s in steps)
 
     # the run's checkpoint resumes in one process (fp8, bf16 moments, no pipeline) and goes on

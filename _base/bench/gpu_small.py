@@ -1,0 +1,71 @@
+"""Train the `small` preset on one GPU for a fixed wall-clock budget, then measure validation bits
+per byte on the held-out stdlib files beside gzip and xz (bench/bpb.py).
+
+    PYTHONPATH=. python bench/gpu_small.py --minutes 8 --out runs/small
+
+1. builds the tokenizer and token caches (stdlib; plus --extra-data for training only),
+2. times a short probe run to measure tokens/s,
+3. sizes the real run's step count so that its LR schedule completes within --minutes,
+4. trains (bf16 autocast, fp32 master weights), prints samples, runs bench/bpb.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from dsv3.config import preset  # noqa: E402
+from dsv3.training.loop import TrainConfig, train  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--minutes", type=float, default=8.0)
+    ap.add_argument("--out", default="runs/small")
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--extra-data", action="append", default=[])
+    ap.add_argument("--seq-len", type=int, default=1024)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--micro-batch-size", type=int, default=0)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--cache-dir", default="/tmp/dsv3cache")
+    ap.add_argument("--device", default="cuda")
+    args = ap.parse_args()
+
+    mc = preset(args.preset)
+    common = dict(extra_data=args.extra_data, seq_len=args.seq_len, batch_size=args.batch_size,
+                  micro_batch_size=args.micro_batch_size, lr=args.lr, device=args.device, cache_dir=args.cache_dir,
+                  progress=False, save_every=0, eval_every=0, log_every=5)
+    probe_dir = args.out + "-probe"
+    shutil.rmtree(probe_dir, ignore_errors=True)
+    t0 = time.time()
+    s = train(mc, TrainConfig(out_dir=probe_dir, steps=25, **common))
+    recs = [json.loads(line) for line in open(os.path.join(probe_dir, "metrics.jsonl"))]
+    rates = [r["tok_per_s"] for r in recs if "tok_per_s" in r and r["step"] > 10]
+    tok_s = sorted(rates)[len(rates) // 2]
+    print(f"probe: {tok_s:,.0f} tokens/s (median of logged intervals after warm-up); "
+          f"data prep + probe took {time.time() - t0:.0f}s; probe loss {s['train_loss']:.3f}", flush=True)
+    shutil.rmtree(probe_dir, ignore_errors=True)
+
+    steps = int(args.minutes * 60 * tok_s / (args.batch_size * args.seq_len))
+    print(f"training {steps} steps of {args.batch_size} x {args.seq_len} tokens "
+          f"(~{steps * args.batch_size * args.seq_len / 1e6:.0f}M tokens) in ~{args.minutes} min", flush=True)
+    shutil.rmtree(args.out, ignore_errors=True)
+    common.update(eval_every=max(steps // 6, 1), log_every=10)
+    t1 = time.time()
+    summary = train(mc, TrainConfig(out_dir=args.out, steps=steps, **common))
+    print(f"trained in {time.time() - t1:.0f}s: {json.dumps(summary)}", flush=True)
+    subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "bpb.py"), args.out,
+                    "--seq-len", str(args.seq_len), "--device", args.device], check=False,
+                   env={**os.environ, "DSV3_CACHE": args.cache_dir})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,191 @@
+"""Load test of the OpenAI-compatible server: N concurrent streaming clients (the official `openai`
+async client), each sending R greedy completion requests one after another, against a server this
+script starts itself on 127.0.0.1 (a free port; nothing else is contacted).
+
+    python bench/serve_load.py                         # a random tiny model (CPU), 32 clients x 3 requests
+    python bench/serve_load.py runs/tiny --clients 64 --requests 4 --max-tokens 64 --speculative-k 2
+    python bench/serve_load.py runs/small --device cuda --max-batch-size 64 --check
+
+Prompts are --prompt-len-token windows of held-out stdlib files, sent as token ids. Prints requests/s,
+output tokens/s (from the streamed usage), mean/p50/p95 time to first token (client side: request
+sent -> first streamed text) and end-to-end latency, and the server's own view from /metrics (peak
+queue, MTP acceptance). --check compares every output with offline `Engine.generate`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from dsv3.inference.engine import Engine, SamplingParams  # noqa: E402
+from dsv3.inference.server import BackgroundServer, create_app, load_for_serving  # noqa: E402
+from dsv3.training.data import find_corpus, read_documents, split_of  # noqa: E402
+from dsv3.training.tokenizer import DSTokenizer  # noqa: E402
+
+
+def random_tiny(device: str):
+    """The tiny preset with random weights and a 2048-token BPE trained on ~1 MB of stdlib."""
+    from dsv3.config import preset
+    from dsv3.model import build_model
+
+    texts, size = [], 0
+    for f in find_corpus(None).files:
+        for d in read_documents(f) or []:
+            texts.append(d.text)
+            size += len(d.text)
+        if size > 1_000_000:
+            break
+    tok = DSTokenizer.train(texts, 2048)
+    cfg = preset("tiny").replace(vocab_size=2048)
+    return build_model(cfg, device=device, seed=0).eval(), tok
+
+
+def make_prompts(tok: DSTokenizer, n: int, length: int) -> list[list[int]]:
+    out = []
+    for f in find_corpus(None).files:
+        for d in read_documents(f) or []:
+            if split_of(d.key) != "val":
+                continue
+            ids = tok.encode(d.text)
+            for i in range(0, len(ids) - length, 2 * length):
+                out.append(ids[i: i + length])
+                if len(out) == n:
+                    return out
+    raise RuntimeError(f"only {len(out)} prompts of {length} tokens in the held-out stdlib files")
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def metrics(url: str) -> dict[str, float]:
+    out = {}
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        if line and not line.startswith("#"):
+            k, v = line.rsplit(" ", 1)
+            out[k] = float(v)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("checkpoint", nargs="?", help="checkpoint or run directory (default: a random tiny model)")
+    ap.add_argument("--clients", type=int, default=32)
+    ap.add_argument("--requests", type=int, default=3, help="requests per client, sent one after another")
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--max-batch-size", type=int, default=32)
+    ap.add_argument("--cache-tokens", type=int, default=0, help="default: the engine's")
+    ap.add_argument("--speculative-k", type=int, default=0)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--check", action="store_true", help="compare outputs with offline Engine.generate")
+    args = ap.parse_args()
+    if args.clients * args.requests > 10_000:
+        ap.error("at most 10,000 requests")
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))  # leave a core for the event loop and clients
+    t0 = time.perf_counter()
+    if args.checkpoint:
+        from dsv3.cli import _resolve_checkpoint
+
+        path = _resolve_checkpoint(args.checkpoint)
+        engine, tok = load_for_serving(path, device=args.device, max_batch_size=args.max_batch_size,
+                                       cache_tokens=args.cache_tokens or None, speculative_k=args.speculative_k)
+        name, model = os.path.basename(os.path.normpath(path)), engine.model
+    else:
+        model, tok = random_tiny(args.device)
+        engine = Engine(model, tok, max_batch_size=args.max_batch_size, cache_tokens=args.cache_tokens or None,
+                        speculative_k=args.speculative_k)
+        name = "random-tiny"
+    n = args.clients * args.requests
+    prompts = make_prompts(tok, n, args.prompt_len)
+    print(f"model {name} on {args.device} ({platform.processor() or platform.machine()}, torch "
+          f"{torch.__version__}); setup {time.perf_counter() - t0:.1f}s")
+    print(f"{args.clients} clients x {args.requests} streaming requests, {args.prompt_len}-token prompts, "
+          f"max_tokens {args.max_tokens}, greedy; batch {args.max_batch_size}, "
+          f"{engine.cache.num_blocks * engine.cache.block_size} cache tokens, speculative k={args.speculative_k}")
+
+    app = create_app(engine, tok, name, max_queue=n)
+    results: list[tuple[float, float, int, str]] = []  # ttft, latency, output tokens, text
+    with BackgroundServer(app, host="127.0.0.1") as srv:
+        peak = {"waiting": 0.0, "running": 0.0}
+        stop = threading.Event()
+
+        def poll():
+            while not stop.is_set():
+                m = metrics(srv.url)
+                for k in peak:
+                    peak[k] = max(peak[k], m[f"dsv3_requests_{k}"])
+                time.sleep(0.05)
+
+        async def client(jobs: list[list[int]]):
+            c = openai.AsyncOpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=600)
+            out = []
+            for ids in jobs:
+                t = time.perf_counter()
+                ttft, parts, usage = None, [], 0
+                stream = await c.completions.create(model=name, prompt=ids, max_tokens=args.max_tokens,
+                                                    temperature=0, stream=True,
+                                                    stream_options={"include_usage": True})
+                async for ch in stream:
+                    if ch.usage is not None:
+                        usage = ch.usage.completion_tokens
+                    for choice in ch.choices:
+                        if choice.text and ttft is None:
+                            ttft = time.perf_counter() - t
+                        parts.append(choice.text)
+                lat = time.perf_counter() - t
+                out.append((ttft if ttft is not None else lat, lat, usage, "".join(parts)))
+            await c.close()
+            return out
+
+        async def run():
+            per = [prompts[i * args.requests:(i + 1) * args.requests] for i in range(args.clients)]
+            return await asyncio.gather(*(client(p) for p in per))
+
+        poller = threading.Thread(target=poll, daemon=True)
+        poller.start()
+        t = time.perf_counter()
+        for r in asyncio.run(run()):
+            results.extend(r)
+        wall = time.perf_counter() - t
+        stop.set()
+        poller.join()
+        m = metrics(srv.url)
+
+    ttft, lat = [r[0] for r in results], [r[1] for r in results]
+    toks = sum(r[2] for r in results)
+    print(f"requests      {len(results)}/{n} completed in {wall:.2f}s: {len(results) / wall:.2f} requests/s, "
+          f"{toks / wall:.1f} output tokens/s ({toks} tokens)")
+    print(f"TTFT          mean {statistics.mean(ttft) * 1e3:.0f} ms, p50 {pct(ttft, 0.5) * 1e3:.0f} ms, "
+          f"p95 {pct(ttft, 0.95) * 1e3:.0f} ms")
+    print(f"latency       mean {statistics.mean(lat) * 1e3:.0f} ms, p50 {pct(lat, 0.5) * 1e3:.0f} ms, "
+          f"p95 {pct(lat, 0.95) * 1e3:.0f} ms")
+    rate = m["dsv3_spec_decode_acceptance_rate"]
+    print(f"server        peak running {peak['running']:.0f}, peak waiting {peak['waiting']:.0f}, "
+          f"{m['dsv3_engine_steps_total']:.0f} engine steps"
+          + (f", MTP acceptance {rate:.3f}" if rate == rate else ""))
+    if args.check:
+        ref = Engine(model, tok, max_batch_size=64, cache_tokens=64 * (args.prompt_len + args.max_tokens + 16))
+        want = [o.text for o in ref.generate(prompts, SamplingParams(max_new_tokens=args.max_tokens, temperature=0))]
+        bad = sum(w != r[3] for w, r in zip(want, results))
+        print(f"check         {n - bad}/{n} outputs equal offline Engine.generate")
+        return 1 if bad else 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,385 @@
+"""Hugging Face checkpoint format: `config.json` + `model.safetensors` (or sharded with
+`model.safetensors.index.json`), official tensor names (SPEC §6), FP8 e4m3 weights with 128x128
+`weight_scale_inv` blocks, and the MTP modules at layer indices num_hidden_layers + k.
+
+The one translation table between dsv3's module names and the names on disk is `_to_disk`:
+    embed_tokens.weight              <-> model.embed_tokens.weight
+    norm.weight                      <-> model.norm.weight
+    lm_head.weight                   <-> lm_head.weight
+    layers.{i}.X                     <-> model.layers.{i}.X
+    layers.{i}.mlp.experts.P  (E,..) <-> model.layers.{i}.mlp.experts.{e}.P.weight   (P = gate/up/down_proj)
+    layers.{i}.mlp.experts.P_scale_inv <-> model.layers.{i}.mlp.experts.{e}.P.weight_scale_inv   (FP8 experts)
+    mtp.{k}.X                        <-> model.layers.{n+k}.X                          (n = num_hidden_layers)
+The official MTP layer also stores copies of the embedding and the head
+(`model.layers.{n+k}.embed_tokens.weight`, `...shared_head.head.weight`); dsv3 shares the main
+tensors, writes the copies on save (vLLM and SGLang read them) and skips them on load after
+checking that they equal the main ones.
+
+A model holding FP8 modules (dsv3/inference/fp8.py: `X.weight` float8_e4m3fn + `X.weight_scale_inv`)
+maps onto the same names, so it saves its FP8 bytes and scales as they are, and
+`load_pretrained(keep_fp8=True)` fills such modules straight from the file.
+
+Safetensors only, never pickle. Loading builds the model on the meta device, checks every name and
+shape first (one error lists all missing, unexpected and mis-shaped tensors), then fills the
+parameters tensor by tensor, so peak memory is the model itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import warnings
+from dataclasses import dataclass
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from dsv3.config import ConfigError, ModelConfig
+from dsv3.kernels import weight_dequant, weight_quant
+from dsv3.model.transformer import Transformer
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+FP8_QUANT_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                    "weight_block_size": [128, 128]}
+_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(gate_proj|up_proj|down_proj)(_scale_inv)?$")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that does not match the model; the message lists every problem."""
+
+
+@dataclass(frozen=True)
+class _Slot:
+    param: str  # dsv3 state_dict name
+    expert: int | None  # index into a stacked expert tensor, or None
+    shape: tuple[int, ...]  # shape on disk
+
+
+def _to_disk(name: str, n_layers: int) -> str:
+    if name.startswith("mtp."):
+        k, rest = name[4:].split(".", 1)
+        return f"model.layers.{n_layers + int(k)}.{rest}"
+    if name == "lm_head.weight":
+        return name
+    return "model." + name
+
+
+def disk_layout(model: Transformer) -> dict[str, _Slot]:
+    """Every tensor name of the checkpoint (without MTP copies) -> where it goes. Scales appear only
+    for the model's FP8 modules (a dense model's FP8 scales are made on save, consumed on load)."""
+    n = model.config.num_hidden_layers
+    out: dict[str, _Slot] = {}
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if name == "rope_inv_freq":
+            continue
+        m = _EXPERT.match(name)
+        if m:
+            base = _to_disk(m.group(1), n)
+            for e in range(t.shape[0]):
+                out[f"{base}.{e}.{m.group(2)}.weight{m.group(3) or ''}"] = _Slot(name, e, tuple(t.shape[1:]))
+        else:
+            out[_to_disk(name, n)] = _Slot(name, None, tuple(t.shape))
+    return out
+
+
+def _mtp_copies(cfg: ModelConfig) -> dict[str, str]:
+    """Official per-MTP-layer copies of shared tensors -> the main tensor they duplicate."""
+    n = cfg.num_hidden_layers
+    out = {}
+    for k in range(cfg.num_nextn_predict_layers):
+        out[f"model.layers.{n + k}.embed_tokens.weight"] = "model.embed_tokens.weight"
+        out[f"model.layers.{n + k}.shared_head.head.weight"] = "lm_head.weight"
+    return out
+
+
+def is_fp8_weight(disk_name: str) -> bool:
+    """The tensors the official checkpoint stores in FP8: every *_proj matrix of attention and FFNs
+    (kv_a_proj_with_mqa included, SPEC §6.2), except the MTP eh_proj. Embeddings, head, norms and the
+    router stay BF16 (SPEC §6.3)."""
+    return (disk_name.endswith(("_proj.weight", ".kv_a_proj_with_mqa.weight"))
+            and not disk_name.endswith("eh_proj.weight"))
+
+
+# ------------------------------------------------------------------------------------------------
+# saving
+
+def _fsync_write_json(obj, path: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: str) -> None:
+    tmp = path + ".tmp"
+    save_file(tensors, tmp, metadata={"format": "pt"})
+    os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates 0600 files; checkpoints are meant to be shared
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def save_pretrained(model: Transformer, path: str | os.PathLike, *, dtype: torch.dtype | None = None,
+                    fp8: bool = False, max_shard_bytes: int = 5 * 1024**3, mtp_copies: bool = True) -> None:
+    """Write `config.json` and the weights under official names into directory `path`.
+
+    dtype: storage dtype of non-FP8 tensors (default: the model's); the correction bias stays fp32.
+    fp8: store every *_proj matrix as float8_e4m3fn + `weight_scale_inv` 128x128 blocks (official layout).
+    Weights the model already holds in FP8 (FP8 modules) are written as they are, whatever `fp8` says.
+    Each file is written to a temporary name, fsynced and renamed: a crash never leaves a torn file.
+    """
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    cfg = model.config
+    state = model.state_dict()
+    dtype = dtype or next(model.parameters()).dtype
+
+    tensors: dict[str, torch.Tensor] = {}
+    for disk, slot in disk_layout(model).items():
+        t = state[slot.param]
+        t = t[slot.expert] if slot.expert is not None else t
+        t = t.detach().to("cpu")
+        if disk.endswith(("e_score_correction_bias", "_scale_inv")):
+            tensors[disk] = t.float().contiguous()
+        elif t.dtype == torch.float8_e4m3fn:  # an FP8 module's weight: its bytes, unchanged
+            tensors[disk] = t.contiguous()
+        elif fp8 and is_fp8_weight(disk):
+            q, s = weight_quant(t)
+            tensors[disk], tensors[disk + "_scale_inv"] = q.contiguous(), s.contiguous()
+        else:
+            tensors[disk] = t.to(dtype).contiguous()
+    if mtp_copies:
+        for copy, main in _mtp_copies(cfg).items():
+            tensors[copy] = tensors[main].clone()
+
+    # shard greedily in name order
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name in sorted(tensors):
+        nbytes = tensors[name].numel() * tensors[name].element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensors[name]
+        size += nbytes
+
+    stale = set()
+    if os.path.exists(os.path.join(path, INDEX_FILE)):
+        with open(os.path.join(path, INDEX_FILE)) as f:
+            stale = set(json.load(f).get("weight_map", {}).values())
+    if len(shards) == 1:
+        _save_tensors(shards[0], os.path.join(path, SINGLE_FILE))
+        if os.path.exists(os.path.join(path, INDEX_FILE)):
+            os.remove(os.path.join(path, INDEX_FILE))
+    else:
+        weight_map, total = {}, 0
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            _save_tensors(shard, os.path.join(path, fname))
+            for k, v in shard.items():
+                weight_map[k] = fname
+                total += v.numel() * v.element_size()
+        _fsync_write_json({"metadata": {"total_size": total}, "weight_map": weight_map},
+                          os.path.join(path, INDEX_FILE))
+        stale -= set(weight_map.values())
+        if os.path.exists(os.path.join(path, SINGLE_FILE)):
+            os.remove(os.path.join(path, SINGLE_FILE))
+    for fname in stale:  # shards of an earlier, differently sharded save
+        p = os.path.join(path, fname)
+        if os.path.exists(p):
+            os.remove(p)
+
+    out_cfg = ModelConfig.from_dict(cfg.to_dict())
+    has_fp8 = any(t.dtype == torch.float8_e4m3fn for t in tensors.values())
+    out_cfg.quantization_config = dict(FP8_QUANT_CONFIG) if has_fp8 else None
+    out_cfg.torch_dtype = {v: k for k, v in _DTYPES.items()}.get(dtype, "bfloat16")
+    d = out_cfg.to_dict()
+    d.pop("dtype", None)
+    _fsync_write_json(d, os.path.join(path, "config.json"))
+
+
+# ------------------------------------------------------------------------------------------------
+# loading
+
+class _Reader:
+    """Name -> tensor across the shards of one checkpoint directory."""
+
+    def __init__(self, path: str):
+        self.path = path
+        index = os.path.join(path, INDEX_FILE)
+        single = os.path.join(path, SINGLE_FILE)
+        if os.path.exists(index):
+            try:
+                with open(index, encoding="utf-8") as f:
+                    self.weight_map: dict[str, str] = json.load(f)["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{index} is not a valid safetensors index ({e})") from None
+            missing_files = sorted({f for f in self.weight_map.values() if not os.path.exists(os.path.join(path, f))})
+            if missing_files:
+                raise CheckpointError(f"{index} names shard files that do not exist: {', '.join(missing_files[:10])}")
+        elif os.path.exists(single):
+            with safe_open(single, "pt") as f:
+                self.weight_map = {k: SINGLE_FILE for k in f.keys()}
+        else:
+            found = sorted(os.listdir(path))
+            if any(f.endswith((".bin", ".pt", ".pth")) for f in found):
+                raise CheckpointError(f"{path} holds only pickle weights ({', '.join(found[:5])}); dsv3 reads "
+                                      "safetensors only (pickle can run code). Convert them to safetensors first.")
+            raise CheckpointError(f"no {SINGLE_FILE} or {INDEX_FILE} in {path}")
+        self._handles: dict[str, object] = {}
+
+    def _f(self, name: str):
+        fname = self.weight_map[name]
+        if fname not in self._handles:
+            self._handles[fname] = safe_open(os.path.join(self.path, fname), "pt")
+        return self._handles[fname]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._f(name).get_slice(name).get_shape())
+
+    def dtype(self, name: str) -> str:
+        return self._f(name).get_slice(name).get_dtype()
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._f(name).get_tensor(name)
+
+    def close(self) -> None:
+        for h in self._handles.values():
+            h.__exit__(None, None, None)
+        self._handles.clear()
+
+
+def _meta_model(cfg: ModelConfig) -> Transformer:
+    with torch.device("meta"):
+        return Transformer(cfg)
+
+
+def _check(cfg: ModelConfig, layout: dict[str, _Slot], reader: _Reader) -> None:
+    """Raise one CheckpointError listing every missing, unexpected and mis-shaped tensor."""
+    have = set(reader.weight_map)
+    copies = set(_mtp_copies(cfg))
+    missing = sorted(set(layout) - have)
+    unexpected, bad_shape = [], []
+    for name in sorted(have - set(layout) - copies):
+        base = name[: -len("_scale_inv")] if name.endswith("_scale_inv") else None
+        if base is None or base not in layout:
+            unexpected.append(name)
+    for name in sorted(set(layout) & have):
+        want, got = layout[name].shape, reader.shape(name)
+        if got != want:
+            bad_shape.append(f"{name}: checkpoint {list(got)}, model {list(want)}")
+        elif reader.dtype(name) in ("F8_E4M3",):
+            sname = name + "_scale_inv"
+            if sname not in have:
+                missing.append(sname)
+            else:
+                sw = (-(-want[0] // 128), -(-want[1] // 128))
+                if reader.shape(sname) != sw:
+                    bad_shape.append(f"{sname}: checkpoint {list(reader.shape(sname))}, expected {list(sw)}")
+    if missing or unexpected or bad_shape:
+        def show(title, items):
+            if not items:
+                return ""
+            more = f"\n    ... and {len(items) - 20} more" if len(items) > 20 else ""
+            return f"\n  {title} ({len(items)}):\n    " + "\n    ".join(items[:20]) + more
+
+        raise CheckpointError(
+            f"checkpoint {reader.path} does not match its config.json"
+            + show("missing tensors", missing) + show("unexpected tensors", unexpected)
+            + show("mis-shaped tensors", bad_shape))
+
+
+def _swap_in_fp8_modules(model: Transformer, reader: _Reader) -> None:
+    """Replace (on the meta device) the modules whose weights the checkpoint stores in FP8 by FP8
+    modules; a stacked expert parameter counts as FP8 when every expert's tensor is."""
+    from dsv3.inference.fp8 import swap_to_fp8  # inference builds on this module: import it late
+
+    fp8: dict[str, bool] = {}
+    for disk, slot in disk_layout(model).items():
+        if disk in reader.weight_map:
+            fp8[slot.param] = fp8.get(slot.param, True) and reader.dtype(disk) == "F8_E4M3"
+    swap_to_fp8(model, [p for p, is_fp8 in fp8.items() if is_fp8])
+
+
+@torch.no_grad()
+def load_pretrained(path: str | os.PathLike, device: torch.device | str = "cpu",
+                    dtype: torch.dtype | None = None, config: ModelConfig | None = None,
+                    keep_fp8: bool = False) -> Transformer:
+    """Load a Hugging Face-format DeepSeek-V3 checkpoint directory into a dsv3 Transformer.
+
+    dtype: parameter dtype (default: config.json's torch_dtype). FP8 weights are dequantised with
+    their `weight_scale_inv` blocks, unless keep_fp8: then the modules whose weights are stored in
+    FP8 become FP8 modules (dsv3/inference/fp8.py) holding the file's fp8 bytes and scales unchanged,
+    and they compute in the activations' dtype (= dtype). A checkpoint without any MTP tensor
+    (transformers drops them) loads with num_nextn_predict_layers = 0 and a warning.
+    """
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint directory not found: {path}")
+    cfg = config or ModelConfig.from_json(path)
+    if dtype is None:
+        dtype = _DTYPES.get(cfg.torch_dtype)
+        if dtype is None:
+            raise ConfigError(f"torch_dtype {cfg.torch_dtype!r} is not one of {', '.join(_DTYPES)}; pass dtype=")
+    reader = _Reader(path)
+    try:
+        n, D = cfg.num_hidden_layers, cfg.num_nextn_predict_layers
+        if D > 0 and not any(k.startswith(f"model.layers.{n + j}.") for k in reader.weight_map for j in range(D)):
+            warnings.warn(f"{path}: config has num_nextn_predict_layers={D} but the checkpoint holds no MTP "
+                          f"tensors (model.layers.{n}.*); loading without MTP", stacklevel=2)
+            cfg = cfg.replace(num_nextn_predict_layers=0)
+        model = _meta_model(cfg)
+        if keep_fp8:
+            _swap_in_fp8_modules(model, reader)
+        layout = disk_layout(model)
+        _check(cfg, layout, reader)
+
+        model = model.to_empty(device=device).to(dtype)
+        params = dict(model.named_parameters())
+        params.update(dict(model.named_buffers()))
+        for name in sorted(layout, key=lambda k: (reader.weight_map[k], k)):  # shard by shard
+            slot = layout[name]
+            t = reader.get(name)
+            target = params[slot.param]
+            if t.dtype == torch.float8_e4m3fn and target.dtype != torch.float8_e4m3fn:
+                t = weight_dequant(t, reader.get(name + "_scale_inv"), dtype=torch.float32)
+            dst = target[slot.expert] if slot.expert is not None else target
+            dst.copy_(t.to(dst.dtype))
+        for copy, main in _mtp_copies(cfg).items():
+            if copy in reader.weight_map:
+                a, b = reader.get(copy), reader.get(main)
+                if a.dtype == b.dtype and not torch.equal(a, b):
+                    warnings.warn(f"{copy} differs from {main}; dsv3 shares {main} (as vLLM and SGLang do)",
+                                  stacklevel=2)
+        model.init_buffers()
+    finally:
+        reader.close()
+    return model
+
+
+def tempdir_beside(path: str) -> str:
+    """A fresh temporary directory on the same filesystem as `path` (for atomic renames)."""
+    parent = os.path.dirname(os.path.abspath(path)) or "."
+    os.makedirs(parent, exist_ok=True)
+    d = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
+    os.chmod(d, 0o777 & ~_umask())  # mkdtemp makes it 0700; it becomes the user's checkpoint directory
+    return d
+
+
+__all__ = ["CheckpointError", "disk_layout", "is_fp8_weight", "load_pretrained", "save_pretrained",
+           "tempdir_beside"]

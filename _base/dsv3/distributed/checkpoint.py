@@ -1,0 +1,313 @@
+"""Sharded training checkpoints of a parallelized model (torch.distributed.checkpoint, DCP), and their
+conversion to the single-directory Hugging Face format.
+
+A checkpoint is one directory `step_XXXXXXXX/` (the same names as dsv3/training/checkpointing.py, so
+`latest_checkpoint` and keep-last-K work on both kinds):
+
+    trainer_state.json         "format": "dcp", step, tokens, sampler position (global), run config,
+                               model config, the layout it was written with (world size, dp_shard, ep)
+    dcp/                       DCP: .metadata + one __R_0.distcp per rank: model and AdamW state
+    rng/rank_RRRRR.safetensors each rank's torch RNG states (python/numpy state in the metadata)
+    tokenizer.json, tokenizer_config.json
+    config.json, model.safetensors    only in an exported checkpoint (the run's final or interrupted
+                               save, or `to_hf`): then the directory also loads with load_pretrained
+
+What DCP stores is the *global* tensor of every name with the chunks each rank holds, so any other
+layout can read it back (resharding on load):
+* FSDP2 parameters are DTensors sharded over all ranks: stored as they are.
+* Routed-expert slices under EP are plain (E/ep, ...) tensors on each rank, under the same name on
+  every EP rank. Before save/load they are wrapped as DTensors on the ("dp", "ep") mesh with
+  placements [Replicate(), Shard(0)]: global shape (E, ...), the rank's slice at rows
+  [ep_rank·E/ep, (ep_rank+1)·E/ep). Expert e is therefore stored at global index e whatever the
+  ep degree, and a run with ep = 2 resumes with ep = 4, with FSDP (ep = 1) or in one process.
+* AdamW moments are keyed by parameter name (torch.distributed.checkpoint.state_dict) and sharded
+  like their parameters; the step counts and the router correction biases are replicated.
+* Optimizer hyper-parameters (param_groups) are not stored: they come from the run config and the
+  schedule (the learning rate is set every step), and their grouping depends on the layout.
+
+Data position on a world-size change: the sampler's state is the position in the *global* batch
+sequence (epoch, batch index), identical on every rank; each rank takes rows [r·b, (r+1)·b) of every
+global batch (dsv3/training/data.py). A resume on another number of ranks (same global batch size)
+therefore continues with exactly the global batches an uninterrupted run would have read, split
+over the new ranks. RNG: rank r restores the state saved by rank r mod (old world size); training
+draws no random numbers after initialisation (no dropout), so this does not change the losses.
+
+Atomicity: rank 0 makes a temporary sibling directory and broadcasts its name; every rank writes its
+part (DCP fsyncs its files), a barrier, then rank 0 writes the JSON and tokenizer (and the HF export),
+fsyncs everything and renames the directory into place. A crash at any point leaves no new
+`step_*` directory holding trainer_state.json, so the previous checkpoint stays the latest.
+All ranks must see one filesystem (one node, or a shared filesystem across nodes).
+
+CLI: `dsv3 convert CKPT OUT`, where CKPT is a checkpoint directory or a run directory (its latest
+checkpoint); one process, no GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from dsv3.checkpoint import _meta_model, _umask, save_pretrained, tempdir_beside
+from dsv3.config import ModelConfig
+from dsv3.training import checkpointing as ckpt
+
+FORMAT = "dcp"
+DCP_DIR = "dcp"
+RNG_DIR = "rng"
+
+
+def is_dcp_checkpoint(path: str) -> bool:
+    p = os.path.join(path, "trainer_state.json")
+    if not os.path.exists(p):
+        return False
+    with open(p, encoding="utf-8") as f:
+        return json.load(f).get("format") == FORMAT
+
+
+def read_state(path: str) -> dict:
+    with open(os.path.join(path, "trainer_state.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+# --------------------------------------------------------------------------------------------------
+# state dicts with globally indexed expert slices
+
+def _expert_names(model, ps) -> set[str]:
+    ids = {id(p) for p in ps.expert_params}
+    return {n for n, p in model.named_parameters() if id(p) in ids}
+
+
+def _state_dicts(model, opt, ps):
+    """(model sd, optimizer sd) keyed by parameter name; EP expert slices (and their moments)
+    wrapped as DTensors of the global (E, ...) shape. Returns also the list of wrapped slots."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    msd, osd = get_state_dict(model, opt)  # initialises the AdamW state if it is empty
+    wrapped = []
+    if ps.pcfg.ep > 1:
+        mesh = ps.mesh
+        for name in _expert_names(model, ps):
+            st = osd["state"][name] = dict(osd["state"][name])  # may be the optimizer's own dict: copy
+            slots = [(msd, name)] + [(st, k) for k, v in st.items() if torch.is_tensor(v) and v.dim() > 0]
+            for d, k in slots:
+                d[k] = DTensor.from_local(d[k], mesh, [Replicate(), Shard(0)], run_check=False)
+                wrapped.append((d, k))
+    return msd, osd, wrapped
+
+
+def _unwrap(wrapped) -> None:
+    for d, k in wrapped:
+        d[k] = d[k].to_local()
+
+
+def _is_pipeline(ps) -> bool:
+    return hasattr(ps, "stages") and hasattr(ps, "schedule")  # a pipeline.PipelineState
+
+
+def _pipeline_state_dicts(opt, ps):
+    """Pipeline parallelism: (model sd, optimizer state, wrapped) over this rank's stage modules, keyed
+    by the *model's* names (a stage keeps them: `layers.<global index>...`, `embed_tokens.weight`, ...),
+    the same structure as `_state_dicts`; the tensors share storage with the parameters, buffers and
+    AdamW state, so DCP loads in place. A name held by several ranks (the 1F1B tied embedding copy,
+    replicated parameters of the ep ranks of a stage) is equal on them: DCP stores it once. PP × EP:
+    expert slices (and their moments) wrapped as DTensors Shard(0) over the stage's "ep" sub-mesh,
+    global shape (E, ...), as in `_state_dicts`."""
+    from torch.distributed.checkpoint.state_dict import _init_optim_state
+    from torch.distributed.tensor import DTensor, Shard
+
+    _init_optim_state(opt)  # no-op once AdamW has state
+    msd, params = {}, {}
+    for st in ps.stages:
+        for k, v in st.state_dict(keep_vars=True).items():
+            msd[k] = v.detach()
+        params.update(dict(st.named_parameters()))
+    ref = next((v["step"] for v in opt.state.values() if "step" in v), torch.zeros((), dtype=torch.float32))
+    for p in params.values():  # a parameter that never had a gradient has no AdamW state yet: zeros
+        if not opt.state[p]:
+            opt.state[p].update(step=torch.zeros_like(ref), exp_avg=torch.zeros_like(p.detach()),
+                                exp_avg_sq=torch.zeros_like(p.detach()))
+    osd = {n: dict(opt.state[p]) for n, p in params.items()}
+    wrapped = []  # (the tensor in place, the DTensor DCP fills)
+    if ps.pcfg.ep > 1:
+        ids = {id(p) for p in ps.expert_params}
+        for n, p in params.items():
+            if id(p) not in ids:
+                continue
+            slots = [(msd, n)] + [(osd[n], k) for k, v in osd[n].items() if torch.is_tensor(v) and v.dim() > 0]
+            for d, k in slots:
+                orig = d[k]
+                d[k] = DTensor.from_local(orig, ps.ep_mesh, [Shard(0)], run_check=False)
+                wrapped.append((orig, d[k]))
+    return msd, osd, wrapped
+
+
+def _layout(ps, world: int) -> dict:
+    pcfg = ps.pcfg
+    if _is_pipeline(ps):
+        return {"world_size": world, "pp": pcfg.pp, "ep": pcfg.ep, "schedule": pcfg.schedule,
+                "n_microbatches": pcfg.n_microbatches, "dp_shard": 1, "fsdp": False}
+    return {"world_size": world, "dp_shard": pcfg.dp_shard, "ep": pcfg.ep, "fsdp": pcfg.fsdp}
+
+
+# --------------------------------------------------------------------------------------------------
+# save / load
+
+def _rank0_path(path: str | None) -> str:
+    obj = [path]
+    dist.broadcast_object_list(obj, src=0)
+    return obj[0]
+
+
+def save_dcp(ckpt_root: str, step: int, model, opt, ps, state: dict, *, tokenizer=None, keep: int = 3,
+             export_hf: bool = False) -> str:
+    """Collective: every rank calls it. Writes checkpoint `step` atomically and returns its path;
+    `state` (JSON-able: sampler, tokens, ...) is rank 0's. export_hf: also write config.json +
+    model.safetensors (rank 0 reads the full tensors back from the DCP files). Pipeline runs: `ps` is
+    the pipeline.PipelineState and `model` any of its stage modules (for the config and device)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    final = os.path.join(ckpt_root, f"step_{step:08d}")
+    tmp = _rank0_path(tempdir_beside(final) if rank == 0 else None)
+    ok = torch.zeros(1)
+    try:
+        if _is_pipeline(ps):
+            msd, optim, _ = _pipeline_state_dicts(opt, ps)
+        else:
+            msd, osd, _ = _state_dicts(model, opt, ps)
+            optim = osd["state"]
+        dcp.save({"model": msd, "optim": optim}, checkpoint_id=os.path.join(tmp, DCP_DIR))
+        rt, rmeta = ckpt.rng_state()
+        os.makedirs(os.path.join(tmp, RNG_DIR), exist_ok=True)
+        rng_path = os.path.join(tmp, RNG_DIR, f"rank_{rank:05d}.safetensors")
+        save_file({k: v.contiguous() for k, v in rt.items()}, rng_path, metadata={"meta": json.dumps(rmeta)})
+        ckpt._fsync_file(rng_path)
+        dist.barrier()
+        if rank == 0:
+            ckpt._write_json({**state, "format": FORMAT, "step": step, "model_config": model.config.to_dict(),
+                              "layout": _layout(ps, world), "torch": torch.__version__},
+                             os.path.join(tmp, "trainer_state.json"))
+            if tokenizer is not None:
+                tokenizer.save(tmp)
+            if export_hf:
+                _export_hf(tmp, tmp)
+            for d, _, files in os.walk(tmp):
+                for name in files:
+                    os.chmod(os.path.join(d, name), 0o666 & ~_umask())
+                    ckpt._fsync_file(os.path.join(d, name))
+                ckpt._fsync_dir(d)
+            if os.path.exists(final):  # the same step again (e.g. an interrupt right after a periodic save)
+                if export_hf and not os.path.exists(os.path.join(final, "config.json")):
+                    _export_hf(final, final)
+                shutil.rmtree(tmp)
+            else:
+                os.rename(tmp, final)
+                ckpt._fsync_dir(ckpt_root)
+        ok[0] = 1
+    finally:
+        # every rank learns whether all succeeded; on failure rank 0 removes the temporary directory
+        flag = ok.to(next(model.parameters()).device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        if rank == 0 and flag.item() < 1:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if flag.item() < 1:
+        raise RuntimeError(f"checkpoint step {step} failed on some rank; the previous checkpoints are intact")
+    if rank == 0:
+        if keep > 0:
+            for old in ckpt.list_checkpoints(ckpt_root)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        for name in os.listdir(ckpt_root):  # temporary directories of earlier interrupted saves
+            if name.startswith(".tmp-") and os.path.join(ckpt_root, name) != tmp:
+                shutil.rmtree(os.path.join(ckpt_root, name), ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def load_dcp(path: str, model, opt, ps) -> dict:
+    """Collective: fill the (parallelized) model and the optimizer from checkpoint `path`, whatever
+    layout wrote it, restore this rank's RNG, and return the trainer state (sampler, step, ...).
+    Pipeline runs: `ps` is the pipeline.PipelineState (its stages are filled; `model` is unused)."""
+    state = read_state(path)
+    if state.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a sharded (DCP) checkpoint")
+    if _is_pipeline(ps):
+        msd, optim, wrapped = _pipeline_state_dicts(opt, ps)
+        dcp.load({"model": msd, "optim": optim}, checkpoint_id=os.path.join(path, DCP_DIR))
+        with torch.no_grad():
+            for orig, dt in wrapped:
+                if dt.to_local().data_ptr() != orig.data_ptr():
+                    orig.copy_(dt.to_local())
+    else:
+        msd, osd, wrapped = _state_dicts(model, opt, ps)
+        dcp.load({"model": msd, "optim": osd["state"]}, checkpoint_id=os.path.join(path, DCP_DIR))
+        _unwrap(wrapped)
+        set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd)
+    old_world = state["layout"]["world_size"]
+    rng_path = os.path.join(path, RNG_DIR, f"rank_{dist.get_rank() % old_world:05d}.safetensors")
+    with safe_open(rng_path, "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = json.loads(f.metadata()["meta"])
+    if torch.cuda.is_available():  # one CUDA state per visible device was saved; keep the ones that exist
+        n = torch.cuda.device_count()
+        tensors = {k: v for k, v in tensors.items() if not k.startswith("torch_cuda_") or int(k.rsplit("_", 1)[1]) < n}
+    ckpt.set_rng_state(tensors, meta)
+    return state
+
+
+# --------------------------------------------------------------------------------------------------
+# conversion to the Hugging Face format
+
+def load_full_model(path: str, dtype: torch.dtype = torch.float32):
+    """The whole model of DCP checkpoint `path` in this process (CPU), no process group needed."""
+    cfg = ModelConfig.from_dict(read_state(path)["model_config"])
+    model = _meta_model(cfg).to_empty(device="cpu").to(torch.float32)
+    sd = model.state_dict()  # tensors share storage with the parameters: DCP loads in place
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load({"model": sd}, checkpoint_id=os.path.join(path, DCP_DIR), no_dist=True)
+    model.init_buffers()
+    return model.to(dtype)
+
+
+def _export_hf(path: str, out: str, dtype: torch.dtype | None = None) -> None:
+    model = load_full_model(path)
+    save_pretrained(model, out, dtype=dtype, mtp_copies=False)  # as the single-process checkpoints
+
+
+def to_hf(ckpt_path: str, out: str, dtype: torch.dtype | None = None) -> str:
+    """Write checkpoint `ckpt_path` (a DCP checkpoint, or a run directory: its latest checkpoint) as
+    a new Hugging Face-format directory `out` (config.json, model.safetensors, tokenizer), atomically."""
+    if not is_dcp_checkpoint(ckpt_path):
+        latest = ckpt.latest_checkpoint(os.path.join(ckpt_path, "checkpoints"))
+        if latest is None or not is_dcp_checkpoint(latest):
+            raise FileNotFoundError(f"{ckpt_path} is neither a sharded (DCP) checkpoint nor a run directory "
+                                    "whose latest checkpoint is one")
+        ckpt_path = latest
+    if os.path.exists(out) and os.listdir(out):
+        raise ValueError(f"{out} exists and is not empty")
+    tmp = tempdir_beside(out)
+    try:
+        model = load_full_model(ckpt_path)
+        save_pretrained(model, tmp, dtype=dtype)
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            if os.path.exists(os.path.join(ckpt_path, name)):
+                shutil.copyfile(os.path.join(ckpt_path, name), os.path.join(tmp, name))
+        for name in os.listdir(tmp):
+            ckpt._fsync_file(os.path.join(tmp, name))
+        if os.path.exists(out):
+            os.rmdir(out)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+__all__ = ["is_dcp_checkpoint", "load_dcp", "load_full_model", "read_state", "save_dcp", "to_hf"]

@@ -1,0 +1,175 @@
+"""Apply the parallel layout to a built model, and the pieces of a training step that need it.
+
+    parallelize(model, pcfg, mesh):  EP (slice the experts, install the all-to-all dispatcher)
+                                     then FSDP2 (`fully_shard` per Block, MTP pieces, the root)
+    train_step(model, opt, batch, ps, ...): forward/backward on this rank's rows,
+                                     finish_grad_sync, clip_grad_norm_, AdamW, bias update
+
+Where the gradients are synchronised (every rank reads different rows; the loss on a rank is the
+mean over its own rows, so the mean over ranks is the single-process loss of the global batch):
+* non-expert parameters: FSDP2's reduce-scatter, which averages over all dp_shard × ep ranks, during
+  the backward; with `fsdp=False` an all-reduce (sum / world) in `finish_grad_sync`.
+* expert parameters under EP (not given to FSDP: `ignored_params`): the backward all-to-all already
+  sums the losses of the EP group into the owner's gradient; `finish_grad_sync` all-reduces it over
+  the "dp" replicas holding the same experts and divides by the world size. With ep = 1 the experts
+  are ordinary parameters and FSDP shards them along the expert dimension.
+Equal token counts per rank are assumed (packed pre-training windows): with ignored targets the
+distributed loss is a mean of per-rank means, as in torchtitan's default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+from dsv3.distributed.expert_parallel import AllToAllDispatcher, global_expert_counts, shard_experts
+from dsv3.distributed.mesh import ParallelConfig
+from dsv3.model.moe import MoE, update_expert_bias
+from dsv3.training.loss import compute_loss
+from dsv3.training.optim import param_groups
+
+
+@dataclass
+class ParallelState:
+    pcfg: ParallelConfig
+    world_size: int
+    data_group: object  # all ranks (each reads different rows): loss mean, expert loads
+    dp_group: object | None  # ranks holding the same experts (None if dp_shard == 1)
+    ep_group: object | None  # ranks sharing one copy of the experts (None if ep == 1)
+    ep_rank: int
+    expert_params: list  # local expert slices (EP only), synchronised by finish_grad_sync
+    replicated_params: list  # non-expert parameters when fsdp=False
+    mesh: object = None  # the ("dp", "ep") DeviceMesh (distributed checkpoints place expert slices on it)
+
+
+def parallelize(model, pcfg: ParallelConfig, mesh) -> ParallelState:
+    """Turn the (identically initialised, on every rank) model into this rank's part, in place."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    world = dist.get_world_size()
+    pcfg.validate(world, model.config)
+    ep_group = mesh.get_group("ep") if pcfg.ep > 1 else None
+    dp_group = mesh.get_group("dp") if pcfg.dp_shard > 1 else None
+    ep_rank = mesh.get_local_rank("ep")
+
+    expert_params = []
+    if pcfg.ep > 1:
+        for m in model.modules():
+            if isinstance(m, MoE):
+                shard_experts(m.experts, ep_rank, pcfg.ep)
+                m.dispatcher = AllToAllDispatcher(ep_group, model.config.n_routed_experts)
+                expert_params += [m.experts.gate_proj, m.experts.up_proj, m.experts.down_proj]
+    ignored = set(expert_params)
+
+    replicated = []
+    if pcfg.fsdp and world > 1:
+        flat = init_device_mesh(mesh.device_type, (world,), mesh_dim_names=("dp_ep",))  # all ranks
+        for mod in model.mtp:  # pieces used outside Block.forward (combine, output norm): own units
+            for sub in (mod.enorm, mod.hnorm, mod.eh_proj, mod.shared_head.norm):
+                fully_shard(sub, mesh=flat)
+        for blk in list(model.layers) + list(model.mtp):
+            fully_shard(blk, mesh=flat, ignored_params=ignored)
+        fully_shard(model, mesh=flat, ignored_params=ignored)
+    elif world > 1:
+        replicated = [p for p in model.parameters() if p not in ignored]
+    return ParallelState(pcfg, world, dist.group.WORLD, dp_group, ep_group, ep_rank, expert_params, replicated, mesh)
+
+
+@torch.no_grad()
+def finish_grad_sync(ps: ParallelState) -> None:
+    """After the backward (all micro-batches): make every gradient that of the global mean loss."""
+    for p in ps.expert_params:
+        if p.grad is None:  # no token reached this rank's experts
+            p.grad = torch.zeros_like(p)
+        if ps.dp_group is not None:
+            dist.all_reduce(p.grad, group=ps.dp_group)
+        p.grad.div_(ps.world_size)
+    for p in ps.replicated_params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad, group=ps.data_group)
+        p.grad.div_(ps.world_size)
+
+
+@torch.no_grad()
+def clip_grad_norm_(model, max_norm: float, ps: ParallelState) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_ over the whole (sharded) model: the global L2 norm from the
+    squared norms of FSDP shards (summed over all ranks), expert slices (summed over the EP group;
+    they are equal on the dp replicas) and replicated tensors (counted once)."""
+    expert = {id(p) for p in ps.expert_params}
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    dev = next(model.parameters()).device
+    sharded, ep_sq, rep = (torch.zeros((), dtype=torch.float32, device=dev) for _ in range(3))
+    for p in model.parameters():
+        g = p.grad
+        if g is None:
+            continue
+        if isinstance(g, DTensor):
+            sharded += g.to_local().float().pow(2).sum()
+        elif id(p) in expert:
+            ep_sq += g.float().pow(2).sum()
+        else:
+            rep += g.float().pow(2).sum()
+    if ps.world_size > 1:
+        dist.all_reduce(sharded, group=ps.data_group)
+    if ps.ep_group is not None:
+        dist.all_reduce(ep_sq, group=ps.ep_group)
+    total = (sharded + ep_sq + rep).sqrt()
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        (g.to_local() if isinstance(g, DTensor) else g).mul_(coef.to(g.dtype))
+    return total
+
+
+def make_optimizer(model, lr: float, weight_decay: float = 0.1, betas=(0.9, 0.95), eps: float = 1e-8):
+    """AdamW with the groups of dsv3/training/optim.py, each split into DTensor and plain parameters
+    (the foreach/fused kernels take one kind per list)."""
+    groups = []
+    for g in param_groups(model, weight_decay):
+        for want in (True, False):
+            ps = [p for p in g["params"] if isinstance(p, DTensor) == want]
+            if ps:
+                groups.append({"params": ps, "weight_decay": g["weight_decay"]})
+    fused = next(model.parameters()).is_cuda
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **({"fused": True} if fused else {"foreach": True}))
+
+
+def train_step(model, opt, micro_batches, ps: ParallelState, *, mtp_lambda: float = 0.3,
+               balance_alpha: float = 0.0, gamma: float = 0.0, grad_clip: float = 1.0,
+               autocast=None) -> dict:
+    """One optimizer step on this rank's rows: `micro_batches` is a list of (b, T+1) token tensors.
+    Returns the global mean loss / main CE / MTP CE / balance term (same value on every rank), grad
+    norm and global loads."""
+    n = len(micro_batches)
+    counts = None
+    loss = torch.zeros(4, device=micro_batches[0].device)  # total, main CE, MTP (mean over depths), balance
+    for b in micro_batches:
+        x, y = b[:, :-1], b[:, 1:]
+        if autocast is not None:
+            with autocast():
+                out = model(x, with_balance=balance_alpha > 0)
+        else:
+            out = model(x, with_balance=balance_alpha > 0)
+        parts = compute_loss(out, y, mtp_lambda, balance_alpha)
+        (parts.total / n).backward()
+        zero = parts.main.new_zeros(())
+        mtp = torch.stack(parts.mtp_per_depth).mean() if parts.mtp_per_depth else zero
+        bal = parts.balance if parts.balance is not None else zero
+        loss += torch.stack([parts.total, parts.main, mtp, bal]).detach().float() / n
+        if out.expert_counts is not None:
+            counts = out.expert_counts if counts is None else counts + out.expert_counts
+    finish_grad_sync(ps)
+    gnorm = clip_grad_norm_(model, grad_clip, ps) if grad_clip > 0 else None
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if counts is not None:
+        counts = global_expert_counts(counts, ps.data_group)
+        update_expert_bias(model.routers(), counts, gamma)
+    dist.all_reduce(loss, group=ps.data_group)
+    loss = (loss / ps.world_size).tolist()
+    return {"loss": loss[0], "main": loss[1], "mtp": loss[2], "balance": loss[3],
+            "grad_norm": None if gnorm is None else float(gnorm), "counts": counts}

@@ -1,0 +1,728 @@
+"""OpenAI-compatible HTTP server over the continuous-batching Engine (ANCHORS §5).
+
+    POST /v1/completions        prompt (text, token ids, or a batch of either), `suffix` for FIM, echo,
+                                logprobs, n, stop, streaming
+    POST /v1/chat/completions   messages through the tokenizer's chat template; logprobs/top_logprobs;
+                                DeepSeek chat prefix completion (last assistant message `prefix: true`)
+    GET  /v1/models, /v1/models/{id};  POST /tokenize, /detokenize (vLLM's extras)
+    GET  /health;  GET /metrics (Prometheus text format)
+
+Threading. The Engine is not thread-safe: exactly one thread, `EngineLoop` (engine_loop.py), touches
+it. Handlers on the asyncio event loop never call the engine; they submit "add" and "abort"
+commands, and the loop thread hands each RequestOutput back to the request's asyncio.Queue with
+`loop.call_soon_threadsafe`. Commands apply between steps, which is where continuous batching lets
+requests join and leave the batch. Request bodies and errors are in protocol.py, /metrics in metrics.py.
+
+Admission. The engine reserves each request's worst-case cache (prompt + max_tokens + draft room)
+when it joins the batch and queues it otherwise, so load never exhausts the cache. The server adds
+the limits in front of it: a request that could never fit (prompt longer than `max_prompt_tokens`,
+`max_tokens` over `max_tokens_limit`, prompt + max_tokens over the context or the whole cache) is a
+400; when more than `max_batch_size + max_queue` engine requests are outstanding a new one is a 503
+(the openai client retries those). A client that disconnects, streaming or not, has its engine
+requests aborted, which frees their batch slots and cache blocks at once.
+
+Decisions (recorded here because clients depend on them):
+  * unknown body fields: 400 naming the field, as the OpenAI API ("Unrecognized request argument
+    supplied"); see protocol.py for the accepted-but-neutral-only fields;
+  * unknown `model`: 404 `model_not_found` (OpenAI's and vLLM's answer);
+  * `n` > 1 (up to 16): n engine requests; with a `seed`, choice j samples with seed + j;
+    `best_of` must equal n; a batch of prompts gives len(prompts) * n choices, index = i * n + j;
+  * text prompts are encoded without BOS (as the training data, documents are EOS-separated); the
+    chat template emits BOS itself; `temperature` is passed through unchanged (no DeepSeek API
+    0.3x mapping; below 1e-5 the engine is greedy); `echo` with `logprobs` is a 400 (prompt
+    logprobs are not computed); `suffix` (FIM) on a token-id prompt wraps the ids;
+  * errors use the OpenAI shape {"error": {"message", "type", "param", "code"}}; FastAPI's 422
+    validation errors become 400s; errors after a stream started are sent as one SSE `data:
+    {"error": ...}` event followed by `data: [DONE]`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import math
+import socket
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from dsv3.inference.engine import Engine, RequestOutput, SamplingParams, TokenLogprob, load_engine
+from dsv3.inference.engine_loop import ACCEPTED, EngineLoop
+from dsv3.inference.metrics import ServerMetrics, prometheus_text
+from dsv3.inference.protocol import (APIError, ChatCompletionRequest, ChatMessage, CompletionRequest,
+                                     DetokenizeRequest, ErrorResponse, TokenizeRequest, bad_request,
+                                     from_validation_error)
+from dsv3.training.tokenizer import CHAT_TEMPLATE, DSTokenizer, MissingSpecialTokenError
+
+
+# --- one HTTP request's engine requests -----------------------------------------------------------------
+@dataclass
+class _Choice:
+    index: int
+    rid: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    echo: str = ""
+    done: bool = False
+    final: RequestOutput | None = None
+    first_token: bool = False
+    lp_sent: int = 0  # logprob entries already streamed
+
+
+class _Disconnected(Exception):
+    pass
+
+
+_DISCONNECTED = object()
+
+
+class _Job:
+    def __init__(self, srv: "_Server", choices: list[_Choice], n: int):
+        self.srv, self.choices, self.n = srv, choices, n
+        self.by_rid = {c.rid: c for c in choices}
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.t0 = time.monotonic()
+        self.reserved = self.accepted = self.closed = self.failed = False
+
+    async def start(self) -> None:
+        srv = self.srv
+        if not srv.engine_loop.alive:
+            raise APIError(503, "the engine is not running", "server_error")
+        if srv.outstanding + len(self.choices) > srv.capacity:
+            srv.metrics.rejected_full += 1
+            raise APIError(503, f"the server is overloaded ({srv.outstanding} requests in flight, queue bound "
+                                f"{srv.capacity}); retry later", "server_error", code="queue_full")
+        srv.outstanding += len(self.choices)
+        self.reserved = True
+        loop = asyncio.get_running_loop()
+
+        def sink(item):  # runs on the engine thread
+            try:
+                loop.call_soon_threadsafe(self.queue.put_nowait, item)
+            except RuntimeError:  # the event loop is gone (server shutting down)
+                pass
+
+        try:
+            srv.engine_loop.submit([(c.rid, c.prompt_ids, c.params) for c in self.choices], sink)
+            item = await self.queue.get()
+        except BaseException:
+            self.close()
+            raise
+        if item is not ACCEPTED:
+            self.close()
+            if isinstance(item, APIError):
+                raise item
+            raise bad_request(str(item))  # the engine refused a parameter (ValueError)
+        self.accepted = True
+
+    async def events(self) -> AsyncIterator[tuple[_Choice, RequestOutput]]:
+        remaining = sum(not c.done for c in self.choices)
+        while remaining:
+            item = await self.queue.get()
+            if item is _DISCONNECTED:
+                raise _Disconnected()
+            if isinstance(item, BaseException):
+                self.failed = True
+                raise item
+            c = self.by_rid[item.request_id]
+            now = time.monotonic()
+            if not c.first_token and (item.new_token_ids or item.finished):
+                c.first_token = True
+                self.srv.metrics.ttft.observe(now - self.t0)
+            if item.finished:
+                c.done, c.final = True, item
+                remaining -= 1
+                self.srv.metrics.latency.observe(now - self.t0)
+            yield c, item
+
+    def close(self) -> None:
+        """Idempotent: abort the engine requests still running (client gone or error), release the slot."""
+        if self.closed:
+            return
+        self.closed = True
+        live = [c.rid for c in self.choices if not c.done]
+        if self.accepted and live:
+            self.srv.engine_loop.abort(live)
+        if self.reserved:
+            self.srv.outstanding -= len(self.choices)
+
+    async def wait_for_disconnect(self, request: Request) -> None:
+        """Non-streaming requests: uvicorn does not cancel the handler when the client goes, so watch."""
+        while True:
+            msg = await request.receive()
+            if msg["type"] == "http.disconnect":
+                self.queue.put_nowait(_DISCONNECTED)
+                return
+
+    async def collect(self, request: Request) -> None:
+        watcher = asyncio.ensure_future(self.wait_for_disconnect(request))
+        try:
+            async for _ in self.events():
+                pass
+        except _Disconnected:
+            self.srv.metrics.client_disconnects += 1
+            raise
+        finally:
+            watcher.cancel()
+            self.close()
+
+
+class _SSE(StreamingResponse):
+    """A streaming response whose job is closed however the stream ends: normally, by an error,
+    or cancelled by Starlette when the client disconnects (possibly before the first chunk)."""
+
+    def __init__(self, job: _Job, body: AsyncIterator[str]):
+        super().__init__(body, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.job = job
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            job = self.job
+            if not (job.closed or job.failed or all(c.done for c in job.choices)):
+                job.srv.metrics.client_disconnects += 1
+            job.close()
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def _finite(x: float) -> float:
+    return x if math.isfinite(x) else -9999.0
+
+
+def _raise_template_error(message):
+    import jinja2
+
+    raise jinja2.exceptions.TemplateError(message)
+
+
+# --- the server -----------------------------------------------------------------------------------------
+class _Server:
+    def __init__(self, engine: Engine, tokenizer: DSTokenizer, model_name: str, *, api_key: str | None,
+                 max_prompt_tokens: int | None, max_tokens_limit: int | None, max_queue: int,
+                 chat_template: str | None):
+        import jinja2.sandbox
+
+        self.engine, self.tok, self.model_name, self.api_key = engine, tokenizer, model_name, api_key
+        self.max_model_len = engine.max_model_len
+        self.max_prompt_tokens = min(max_prompt_tokens or self.max_model_len - 1, self.max_model_len - 1)
+        self.max_tokens_limit = min(max_tokens_limit or self.max_model_len, self.max_model_len)
+        self.capacity = engine.max_batch_size + max_queue
+        self.vocab_size = engine.model.config.vocab_size
+        self.engine_loop = EngineLoop(engine)
+        self.metrics = ServerMetrics()
+        self.outstanding = 0  # engine requests submitted and not yet closed (event-loop thread only)
+        self.created = int(time.time())
+        # as transformers' apply_chat_template compiles it (utils/chat_template_utils.py)
+        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                           extensions=["jinja2.ext.loopcontrols"])
+        env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: \
+            json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+        env.globals["raise_exception"] = _raise_template_error
+        self.template = env.from_string(chat_template or getattr(tokenizer, "chat_template", None) or CHAT_TEMPLATE)
+        self._token_str: dict[int, tuple[str, list[int]]] = {}
+
+    # --- validation helpers ----------------------------------------------------------------------
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise APIError(404, f"The model `{model}` does not exist. This server serves `{self.model_name}`.",
+                           param="model", code="model_not_found")
+
+    def encode(self, text: str, param: str) -> list[int]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise bad_request(f"'{param}' is not valid Unicode (it contains a lone surrogate)", param) from None
+        return self.tok.encode(text)
+
+    def check_ids(self, ids: list[int], param: str) -> None:
+        bad = [t for t in ids if t >= self.vocab_size]
+        if bad:
+            raise bad_request(f"token id {bad[0]} in '{param}' is outside the vocabulary (size {self.vocab_size})",
+                              param)
+
+    def check_lengths(self, n_prompt: int, max_tokens: int, param: str, max_param: str) -> None:
+        if n_prompt == 0:
+            raise bad_request(f"'{param}' is empty", param)
+        if n_prompt > self.max_prompt_tokens:
+            raise bad_request(f"The prompt has {n_prompt} tokens; this server accepts at most "
+                              f"{self.max_prompt_tokens}.", param, "context_length_exceeded")
+        if n_prompt + max_tokens > self.max_model_len:
+            raise bad_request(f"This model's maximum context length is {self.max_model_len} tokens. However, you "
+                              f"requested {n_prompt + max_tokens} tokens ({n_prompt} in the prompt, {max_tokens} for "
+                              f"the completion). Please reduce the prompt or '{max_param}'.", max_param,
+                              "context_length_exceeded")
+        cache = self.engine.cache
+        need = n_prompt + max_tokens + self.engine.k + 1
+        if cache.blocks_for(need) > cache.num_blocks:
+            raise bad_request(f"The request needs {need} tokens of KV cache; the server's cache holds "
+                              f"{cache.num_blocks * cache.block_size}. Reduce the prompt or '{max_param}'.",
+                              max_param, "context_length_exceeded")
+
+    def check_max_tokens(self, max_tokens: int, param: str) -> None:
+        if max_tokens > self.max_tokens_limit:
+            raise bad_request(f"'{param}' is {max_tokens}; this server allows at most {self.max_tokens_limit}.",
+                              param, "max_tokens_exceeded")
+
+    def sampling(self, req, max_tokens: int, logprobs: int | None, seed_offset: int) -> SamplingParams:
+        if req.presence_penalty:
+            raise bad_request("presence_penalty is not supported (use repetition_penalty)", "presence_penalty")
+        if req.frequency_penalty:
+            raise bad_request("frequency_penalty is not supported (use repetition_penalty)", "frequency_penalty")
+        if req.logit_bias:
+            raise bad_request("logit_bias is not supported", "logit_bias")
+        if req.stream_options is not None and not req.stream:
+            raise bad_request("stream_options is only allowed when stream is true", "stream_options")
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        if req.stop_token_ids:
+            self.check_ids(req.stop_token_ids, "stop_token_ids")
+        p = SamplingParams(
+            max_new_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
+            top_k=max(req.top_k or 0, 0), top_p=1.0 if req.top_p is None else req.top_p, min_p=req.min_p or 0.0,
+            repetition_penalty=req.repetition_penalty or 1.0, stop=[s for s in stop if s],
+            stop_token_ids=list(req.stop_token_ids or []), ignore_eos=bool(req.ignore_eos),
+            seed=None if req.seed is None else (req.seed + seed_offset) % 2**64, logprobs=logprobs)
+        try:
+            return p.validate()
+        except ValueError as e:
+            raise bad_request(str(e)) from None
+
+    def token_str(self, t: int) -> tuple[str, list[int]]:
+        if t not in self._token_str:
+            try:
+                b = self.tok.decode_bytes([t])
+            except ValueError:
+                b = b""
+            self._token_str[t] = (b.decode("utf-8", "replace"), list(b))
+        return self._token_str[t]
+
+    def new_job(self, prompts: list[list[int]], params: list[SamplingParams], echoes: list[str], n: int) -> _Job:
+        base = uuid.uuid4().hex
+        choices = []
+        for i, ids in enumerate(prompts):
+            for j in range(n):
+                k = i * n + j
+                choices.append(_Choice(k, f"{base}-{k}", ids, params[j], echoes[i]))
+        if len(choices) > self.capacity:
+            raise bad_request(f"{len(choices)} choices in one request exceed the server's bound of {self.capacity}",
+                              "n")
+        return _Job(self, choices, n)
+
+    # --- chat template ---------------------------------------------------------------------------
+    def render_chat(self, messages: list[ChatMessage], kwargs: dict | None) -> str:
+        msgs = []
+        for m in messages:
+            content = m.content if isinstance(m.content, str) or m.content is None else \
+                "".join(p.text for p in m.content)
+            d = {"role": "system" if m.role == "developer" else m.role, "content": content or ""}
+            if m.tool_calls:
+                d["tool_calls"] = [{"type": tc.type, "id": tc.id, "function": {"name": tc.function.name,
+                                                                                 "arguments": tc.function.arguments}}
+                                   for tc in m.tool_calls]
+            msgs.append(d)
+        prefix = ""
+        if messages[-1].prefix:
+            if messages[-1].role != "assistant":
+                raise bad_request("'prefix' is only allowed on the last message when it is an assistant message",
+                                  "messages")
+            prefix = msgs.pop()["content"]
+        if any(m.prefix for m in messages[:-1]):
+            raise bad_request("'prefix' is only allowed on the last message", "messages")
+        ctx = {k: v for k, v in (kwargs or {}).items() if k not in ("messages", "bos_token", "eos_token")}
+        ctx.setdefault("add_generation_prompt", True)
+        try:
+            text = self.template.render(messages=msgs, bos_token=self.tok.decode([self.tok.bos_id]),
+                                        eos_token=self.tok.decode([self.tok.eos_id]), **ctx)
+        except Exception as e:  # the template raised on this conversation
+            raise bad_request(f"the chat template cannot render these messages: {type(e).__name__}: {e}",
+                              "messages") from None
+        return text + prefix
+
+
+# --- response bodies ------------------------------------------------------------------------------------
+def _usage(job: _Job) -> dict:
+    prompt = sum(len(c.prompt_ids) for c in job.choices if c.index % job.n == 0)  # each prompt once
+    completion = sum(len(c.final.token_ids) for c in job.choices if c.final is not None)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _completion_logprobs(srv: _Server, lps: list[TokenLogprob], offset: int) -> dict:
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for lp in lps:
+        s = srv.token_str(lp.token_id)[0]
+        out["tokens"].append(s)
+        out["token_logprobs"].append(_finite(lp.logprob))
+        out["top_logprobs"].append({srv.token_str(t)[0]: _finite(v) for t, v in lp.top})
+        out["text_offset"].append(offset)
+        offset += len(s)
+    return out
+
+
+def _chat_logprobs(srv: _Server, lps: list[TokenLogprob]) -> dict:
+    def entry(t, v):
+        s, b = srv.token_str(t)
+        return {"token": s, "logprob": _finite(v), "bytes": b}
+    return {"content": [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
+                        for lp in lps], "refusal": None}
+
+
+# --- the app --------------------------------------------------------------------------------------------
+class _Middleware:
+    """Pure ASGI (no BaseHTTPMiddleware: it interferes with streaming and disconnects): the API key
+    check for /v1 routes and the request counter by status."""
+
+    def __init__(self, app, srv: _Server):
+        self.app, self.srv = app, srv
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path, srv = scope["path"], self.srv
+        if srv.api_key is not None and path.startswith("/v1"):
+            auth = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            scheme, _, key = auth.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), srv.api_key.encode()):
+                srv.metrics.count(path, 401)
+                err = APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
+                               code="invalid_api_key")
+                return await err.response()(scope, receive, send)
+        status = [500]
+
+        async def send_status(msg):
+            if msg["type"] == "http.response.start":
+                status[0] = msg["status"]
+            await send(msg)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            srv.metrics.count(path, status[0])
+
+
+def create_app(engine: Engine, tokenizer: DSTokenizer, model_name: str, *, api_key: str | None = None,
+               max_prompt_tokens: int | None = None, max_tokens_limit: int | None = None, max_queue: int = 256,
+               chat_template: str | None = None) -> FastAPI:
+    """The FastAPI app serving `engine`. Limits default to the engine's context (`max_model_len`);
+    `max_queue` bounds the engine requests waiting beyond the running batch (then 503). The chat
+    template defaults to the tokenizer's (tokenizer_config.json's when it was loaded from a directory)."""
+    srv = _Server(engine, tokenizer, model_name, api_key=api_key, max_prompt_tokens=max_prompt_tokens,
+                  max_tokens_limit=max_tokens_limit, max_queue=max_queue, chat_template=chat_template)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        srv.engine_loop.start()
+        yield
+        await asyncio.to_thread(srv.engine_loop.stop)
+
+    app = FastAPI(title="dsv3 OpenAI-compatible server", version="0.1.0", lifespan=lifespan,
+                  responses={400: {"model": ErrorResponse}})
+    app.state.server = srv
+    app.add_middleware(_Middleware, srv=srv)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request, exc: APIError):
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, exc: RequestValidationError):
+        return from_validation_error(exc).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, exc: StarletteHTTPException):
+        kind = {404: "not_found_error", 405: "invalid_request_error"}.get(exc.status_code, "invalid_request_error")
+        return JSONResponse(APIError(exc.status_code, str(exc.detail), kind).body(), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(_Disconnected)
+    async def _gone(request, exc):  # nobody reads it; 499 is nginx's "client closed request" in the metrics
+        return JSONResponse(APIError(499, "client disconnected").body(), status_code=499)
+
+    @app.exception_handler(Exception)
+    async def _crash(request, exc: Exception):
+        traceback.print_exception(exc)
+        return APIError(500, f"internal error: {type(exc).__name__}", "server_error").response()
+
+    # --- completions ------------------------------------------------------------------------------
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request):
+        srv.check_model(req.model)
+        n = req.n or 1
+        if req.best_of is not None and req.best_of != n:
+            raise bad_request("best_of must equal n (candidates are not ranked server-side)", "best_of")
+        if req.echo and req.logprobs is not None:
+            raise bad_request("echo with logprobs is not supported: prompt logprobs are not computed", "echo")
+        p = req.prompt
+        if isinstance(p, str):
+            raw = [p]
+        elif p and all(isinstance(x, int) for x in p):
+            raw = [p]
+        else:
+            raw = list(p)
+        if not raw:
+            raise bad_request("'prompt' is empty", "prompt")
+        max_tokens = 16 if req.max_tokens is None else req.max_tokens
+        srv.check_max_tokens(max_tokens, "max_tokens")
+        prompts, echoes = [], []
+        for x in raw:
+            if isinstance(x, str):
+                ids, echo = srv.encode(x, "prompt"), x
+            else:
+                srv.check_ids(x, "prompt")
+                ids, echo = list(x), srv.tok.decode(x, skip_special_tokens=True)
+            if req.suffix is not None:
+                try:
+                    ids = [srv.tok.fim_begin_id, *ids, srv.tok.fim_hole_id, *srv.encode(req.suffix, "suffix"),
+                           srv.tok.fim_end_id]
+                except MissingSpecialTokenError as e:
+                    raise bad_request(f"'suffix' needs fill-in-the-middle tokens: {e}", "suffix") from None
+            srv.check_lengths(len(ids), max_tokens, "prompt", "max_tokens")
+            prompts.append(ids)
+            echoes.append(echo if req.echo else "")
+        params = [srv.sampling(req, max_tokens, req.logprobs, j) for j in range(n)]
+        job = srv.new_job(prompts, params, echoes, n)
+        await job.start()
+        meta = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": srv.model_name}
+        if req.stream:
+            usage = bool(req.stream_options and req.stream_options.include_usage)
+            return _SSE(job, _stream_completion(srv, job, meta, usage, req.logprobs is not None))
+        await job.collect(request)
+        choices = []
+        for c in job.choices:
+            o = c.final
+            lp = _completion_logprobs(srv, o.logprobs or [], len(c.echo)) if req.logprobs is not None else None
+            choices.append({"index": c.index, "text": c.echo + o.text, "logprobs": lp,
+                            "finish_reason": o.finish_reason})
+        return {**meta, "choices": choices, "usage": _usage(job), "system_fingerprint": None}
+
+    # --- chat completions -------------------------------------------------------------------------
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest, request: Request):
+        srv.check_model(req.model)
+        if req.tools:
+            raise bad_request("tools are not supported by this server", "tools")
+        if req.response_format is not None and req.response_format.type != "text":
+            raise bad_request("only response_format {'type': 'text'} is supported", "response_format")
+        if req.top_logprobs is not None and not req.logprobs:
+            raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
+        n = req.n or 1
+        ids = srv.encode(srv.render_chat(req.messages, req.chat_template_kwargs), "messages")
+        max_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        if max_tokens is None:
+            max_tokens = max(1, min(srv.max_tokens_limit, srv.max_model_len - len(ids)))
+        srv.check_max_tokens(max_tokens, max_param)
+        srv.check_lengths(len(ids), max_tokens, "messages", max_param)
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        params = [srv.sampling(req, max_tokens, logprobs, j) for j in range(n)]
+        job = srv.new_job([ids], params, [""], n)
+        await job.start()
+        meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+                "model": srv.model_name}
+        if req.stream:
+            usage = bool(req.stream_options and req.stream_options.include_usage)
+            return _SSE(job, _stream_chat(srv, job, {**meta, "object": "chat.completion.chunk"}, usage,
+                                          logprobs is not None))
+        await job.collect(request)
+        choices = [{"index": c.index, "message": {"role": "assistant", "content": c.final.text},
+                    "logprobs": _chat_logprobs(srv, c.final.logprobs or []) if logprobs is not None else None,
+                    "finish_reason": c.final.finish_reason} for c in job.choices]
+        return {**meta, "choices": choices, "usage": _usage(job), "system_fingerprint": None}
+
+    # --- models, tokenizer, health, metrics -------------------------------------------------------
+    def model_card() -> dict:
+        return {"id": srv.model_name, "object": "model", "created": srv.created, "owned_by": "dsv3",
+                "max_model_len": srv.max_model_len}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        srv.check_model(model_id)
+        return model_card()
+
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeRequest):
+        srv.check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise bad_request("give exactly one of 'prompt' and 'messages'", "prompt")
+        if req.messages is not None:
+            if not req.messages:
+                raise bad_request("'messages' is empty", "messages")
+            ids = srv.encode(srv.render_chat(req.messages, None), "messages")
+        else:
+            ids = srv.encode(req.prompt, "prompt")
+        return {"count": len(ids), "max_model_len": srv.max_model_len, "tokens": ids}
+
+    @app.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest):
+        srv.check_model(req.model)
+        srv.check_ids(req.tokens, "tokens")
+        return {"prompt": srv.tok.decode(req.tokens)}
+
+    @app.get("/health")
+    async def health():
+        if not srv.engine_loop.alive:
+            raise APIError(503, f"the engine loop stopped: {srv.engine_loop.error!r}", "server_error")
+        return {"status": "ok"}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics():
+        return PlainTextResponse(prometheus_text(srv.engine_loop.snapshot, srv.metrics, srv.outstanding),
+                                 media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    def openapi():  # document the 400 the server sends instead of FastAPI's 422
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            for ops in schema.get("paths", {}).values():
+                for op in ops.values():
+                    op.get("responses", {}).pop("422", None)
+            schema.get("components", {}).get("schemas", {}).pop("HTTPValidationError", None)
+            schema.get("components", {}).get("schemas", {}).pop("ValidationError", None)
+            app.openapi_schema = jsonable_encoder(schema)
+        return app.openapi_schema
+
+    app.openapi = openapi
+    return app
+
+
+async def _stream_completion(srv: _Server, job: _Job, meta: dict, include_usage: bool,
+                             want_lp: bool) -> AsyncIterator[str]:
+    extra = {"usage": None} if include_usage else {}
+
+    def chunk(c: _Choice, text: str, lp, reason):
+        return _sse({**meta, "choices": [{"index": c.index, "text": text, "logprobs": lp, "finish_reason": reason}],
+                     **extra})
+
+    try:
+        for c in job.choices:
+            if c.echo:
+                yield chunk(c, c.echo, None, None)
+        offsets = {c.index: len(c.echo) for c in job.choices}
+        async for c, o in job.events():
+            lp = None
+            if want_lp and o.logprobs is not None and len(o.logprobs) > c.lp_sent:
+                lp = _completion_logprobs(srv, o.logprobs[c.lp_sent:], offsets[c.index])
+                c.lp_sent = len(o.logprobs)
+            if o.new_text or lp:
+                yield chunk(c, o.new_text, lp, None)
+                offsets[c.index] += len(o.new_text)
+            if o.finished:
+                yield chunk(c, "", None, o.finish_reason)
+        if include_usage:
+            yield _sse({**meta, "choices": [], "usage": _usage(job)})
+        yield "data: [DONE]\n\n"
+    except APIError as e:
+        yield _sse(e.body())
+        yield "data: [DONE]\n\n"
+
+
+async def _stream_chat(srv: _Server, job: _Job, meta: dict, include_usage: bool, want_lp: bool) -> AsyncIterator[str]:
+    extra = {"usage": None} if include_usage else {}
+
+    def chunk(c: _Choice, delta: dict, lp, reason):
+        return _sse({**meta, "choices": [{"index": c.index, "delta": delta, "logprobs": lp, "finish_reason": reason}],
+                     **extra})
+
+    try:
+        for c in job.choices:
+            yield chunk(c, {"role": "assistant", "content": ""}, None, None)
+        async for c, o in job.events():
+            lp = None
+            if want_lp and o.logprobs is not None and len(o.logprobs) > c.lp_sent:
+                lp = _chat_logprobs(srv, o.logprobs[c.lp_sent:])
+                c.lp_sent = len(o.logprobs)
+            if o.new_text or lp:
+                yield chunk(c, {"content": o.new_text}, lp, None)
+            if o.finished:
+                yield chunk(c, {}, None, o.finish_reason)
+        if include_usage:
+            yield _sse({**meta, "choices": [], "usage": _usage(job)})
+        yield "data: [DONE]\n\n"
+    except APIError as e:
+        yield _sse(e.body())
+        yield "data: [DONE]\n\n"
+
+
+# --- running it -----------------------------------------------------------------------------------------
+def load_for_serving(checkpoint: str, *, device: str = "auto", max_batch_size: int = 32,
+                     cache_tokens: int | None = None, speculative_k: int = 0,
+                     max_model_len: int | None = None, compile_decode: bool = False) -> tuple[Engine, DSTokenizer]:
+    """Engine + tokenizer (with its chat template) of a checkpoint directory (see engine.load_engine).
+    On a GPU with a bf16/fp16 checkpoint and no speculation, decode steps run as CUDA graphs."""
+    return load_engine(checkpoint, device=device, max_batch_size=max_batch_size, cache_tokens=cache_tokens,
+                       speculative_k=speculative_k, max_model_len=max_model_len, compile_decode=compile_decode)
+
+
+def serve(engine: Engine, tokenizer: DSTokenizer, model_name: str, *, host: str = "127.0.0.1", port: int = 8000,
+          log_level: str = "info", **app_kwargs) -> None:
+    """Serve until interrupted (Ctrl-C). Binds loopback unless `host` says otherwise."""
+    import uvicorn
+
+    uvicorn.run(create_app(engine, tokenizer, model_name, **app_kwargs), host=host, port=port, log_level=log_level,
+                timeout_graceful_shutdown=5)
+
+
+class BackgroundServer:
+    """uvicorn on a daemon thread, bound to a free loopback port (tests and benchmarks):
+
+        with BackgroundServer(app) as s:
+            openai.OpenAI(base_url=s.url + "/v1", api_key="x")
+    """
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+        import uvicorn
+
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.host, self.port = self.sock.getsockname()[:2]
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=3,
+                                                    lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
+                                       name="dsv3-uvicorn", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> "BackgroundServer":
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self, timeout: float = 15.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout)
+        self.sock.close()
+
+    def __enter__(self) -> "BackgroundServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+__all__ = ["APIError", "BackgroundServer", "EngineLoop", "create_app", "load_for_serving", "serve"]

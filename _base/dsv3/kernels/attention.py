@@ -1,0 +1,24 @@
+"""Attention dispatch. MLA's training/prefill attention has query/key head dim qk_nope + qk_rope
+(192 for DeepSeek-V3) and value head dim v_head_dim (128). PyTorch's flash SDPA kernel refuses
+unequal head dims; cuDNN's fused attention accepts them forward and backward (measured ~416 TFLOP/s
+causal fwd+bwd on an H100 against ~61 for the memory-efficient kernel, shared/design/ANCHORS.md §1).
+So on CUDA we ask SDPA for cuDNN first, then the efficient and math kernels; on the CPU SDPA picks.
+The reference is `F.scaled_dot_product_attention` itself (math backend); tests/test_gpu.py compares."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+_CUDA_ORDER = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+               SDPBackend.MATH]
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+              attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """q, k (B, H, T, d_qk), v (B, H, T, d_v) -> (B, H, T, d_v); causal when attn_mask is None."""
+    if not q.is_cuda:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None, scale=scale)
+    with sdpa_kernel(_CUDA_ORDER, set_priority=True):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None, scale=scale)

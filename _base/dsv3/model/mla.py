@@ -1,0 +1,143 @@
+"""Multi-head Latent Attention (SPEC §3; paper eqs. 1–11).
+
+Queries go through a low-rank bottleneck (q_a_proj -> RMSNorm -> q_b_proj) unless q_lora_rank is
+null (then a single q_proj). Keys and values share one compressed latent c_kv (kv_lora_rank dims,
+RMS-normalised) plus one rotary key k_pe (qk_rope_head_dim dims) shared by every head; kv_b_proj
+expands the latent into per-head k_nope and v. Inside each head vector the order is nope first,
+rope last, and the kv_a output is latent first, rope last.
+
+`forward` is the expanded ("naive") form used for training. `forward_absorbed` is the form used
+with a latent KV cache (SPEC §3.5): per token only the normalised latent (kv_lora_rank) and the
+rotated shared key (qk_rope_head_dim) are stored; W_UK (the key half of kv_b_proj) is folded into
+the query and W_UV (the value half) is applied after attending over the latents:
+
+    q_lat[h] = q_nope[h] @ W_UK[h]                      (nope -> kv_lora_rank)
+    score[h, s] = (q_lat[h] . c_kv[s] + q_pe[h] . k_pe[s]) * scale
+    o[h] = W_UV[h] @ (softmax_s(score[h]) @ c_kv)       (kv_lora_rank -> v_head_dim)
+
+The two forms are the same function (tested). The cache object is duck-typed: the model never
+manages memory, it only calls `cache.update(c_kv, k_pe)` (see dsv3/inference/cache.py) and computes
+the attention above itself; a single-token decode view that says `fused_decode` (the graphed decode
+step on CUDA, dsv3/inference/graphs.py) instead takes `cache.store(c_kv, k_pe)` and returns the
+attended latents from `cache.attend(q_lat, q_pe, scale)` (a Triton kernel over the paged cache, the
+same math: dsv3/kernels/reference.py `mla_decode_ref`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dsv3.config import ModelConfig, softmax_scale
+from dsv3.kernels import attention
+from dsv3.model.layers import RMSNorm
+from dsv3.model.rope import apply_rope
+
+
+class MLA(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.num_attention_heads
+        self.q_lora_rank = cfg.q_lora_rank
+        self.kv_lora_rank = cfg.kv_lora_rank
+        self.nope = cfg.qk_nope_head_dim
+        self.rope = cfg.qk_rope_head_dim
+        self.v_dim = cfg.v_head_dim
+        self.qk_dim = cfg.qk_head_dim
+        self.scale = softmax_scale(cfg)
+        D, H = cfg.hidden_size, cfg.num_attention_heads
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(D, H * self.qk_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(D, cfg.q_lora_rank, bias=False)
+            # the latent norms use a fixed eps of 1e-6 (official code and HF), not rms_norm_eps
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, 1e-6)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * self.qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(D, cfg.kv_lora_rank + self.rope, bias=False)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, 1e-6)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, H * (self.nope + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(H * self.v_dim, D, bias=False)
+        self.recompute_up = False  # set by Transformer.set_recompute("selective")
+
+    def query(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T, D) -> q_nope (B, T, H, nope), rotated q_pe (B, T, H, rope)."""
+        B, T, _ = x.shape
+        if self.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(B, T, self.n_heads, self.qk_dim)
+        q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
+        return q_nope, apply_rope(q_pe, cos, sin)
+
+    def latent(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T, D) -> normalised latent c_kv (B, T, kv_lora_rank), rotated k_pe (B, T, rope).
+        These two are all that a latent KV cache stores per token."""
+        kv = self.kv_a_proj_with_mqa(x)  # (B, T, kv_lora_rank + rope)
+        c_kv, k_pe = kv.split([self.kv_lora_rank, self.rope], dim=-1)
+        k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin).squeeze(2)  # one rope "head" shared by all heads
+        return self.kv_a_layernorm(c_kv), k_pe
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                attn_mask: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+        """Expanded attention (or the absorbed form when a latent cache is given). x (B, T, D); cos/sin (B|1, T, rope/2); attn_mask: None for causal, or a
+        boolean (B, 1, T, T) mask (True = may attend), e.g. for packed samples kept apart."""
+        if cache is not None:
+            return self.forward_absorbed(x, cos, sin, cache)
+        B, T, _ = x.shape
+        # down-projections (their outputs are small: q_lora_rank / kv_lora_rank + rope wide)
+        q_a = self.q_proj(x) if self.q_lora_rank is None else self.q_a_proj(x)
+        kv_a = self.kv_a_proj_with_mqa(x)  # (B, T, kv_lora_rank + rope)
+        if self.recompute_up and torch.is_grad_enabled():
+            # paper §3.2.2: norms + up-projections + RoPE re-run in the backward, so only the small
+            # down-projected latents (and attention's own q, k, v) stay alive between the passes
+            q, k, v = torch.utils.checkpoint.checkpoint(self._up, q_a, kv_a, cos, sin, use_reentrant=False)
+        else:
+            q, k, v = self._up(q_a, kv_a, cos, sin)
+        o = attention(q, k, v, self.scale, attn_mask)  # (B, H, T, v); causal when attn_mask is None
+        o = o.transpose(1, 2).reshape(B, T, self.n_heads * self.v_dim)  # (B, T, H*v)
+        return self.o_proj(o)
+
+    def _up(self, q_a: torch.Tensor, kv_a: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Down-projected q_a (B, T, q_lora_rank or H*qk) and kv_a (B, T, C + rope) -> q, k (B, H, T, qk), v (B, H, T, v)."""
+        B, T, _ = q_a.shape
+        H = self.n_heads
+        q = q_a if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(q_a))
+        q_nope, q_pe = q.view(B, T, H, self.qk_dim).split([self.nope, self.rope], dim=-1)
+        q_pe = apply_rope(q_pe, cos, sin)  # (B, T, H, rope)
+        c_kv, k_pe = kv_a.split([self.kv_lora_rank, self.rope], dim=-1)
+        k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin).squeeze(2)  # (B, T, rope): one key shared by all heads
+        kv = self.kv_b_proj(self.kv_a_layernorm(c_kv)).view(B, T, H, self.nope + self.v_dim)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)  # (B, T, H, nope), (B, T, H, v)
+        q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # (B, H, T, qk)
+        k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(B, T, H, self.rope)], dim=-1).transpose(1, 2)
+        return q, k, v.transpose(1, 2)
+
+    def kv_b_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_UK (H, nope, C) and W_UV (H, v, C), views of kv_b_proj's weight (dequantised if FP8)."""
+        lin = self.kv_b_proj
+        w = lin.dequantized_weight(dtype) if hasattr(lin, "dequantized_weight") else lin.weight.to(dtype)
+        w = w.view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
+        return w[:, : self.nope], w[:, self.nope:]
+
+    def forward_absorbed(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache) -> torch.Tensor:
+        """x (B, T, D): the new tokens. `cache.update(c_kv, k_pe)` stores their latents and returns every
+        cached latent of each sequence, (B, S, C) and (B, S, rope), plus a boolean mask (B, 1, T, S).
+        A decode view with `fused_decode` (T = 1) stores with `store` and attends itself with `attend`."""
+        B, T, _ = x.shape
+        q_nope, q_pe = self.query(x, cos, sin)  # (B, T, H, nope), (B, T, H, rope)
+        c_kv, k_pe = self.latent(x, cos, sin)  # (B, T, C), (B, T, rope)
+        w_uk, w_uv = self.kv_b_weights(q_nope.dtype)
+        q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)  # (B, T, H, C)
+        if T == 1 and getattr(cache, "fused_decode", False):
+            cache.store(c_kv, k_pe)
+            o_lat = cache.attend(q_lat[:, 0], q_pe[:, 0], self.scale).unsqueeze(1)  # (B, 1, H, C)
+        else:
+            kv_all, pe_all, mask = cache.update(c_kv, k_pe)  # (B, S, C), (B, S, rope), (B, 1, T, S)
+            scores = (torch.einsum("bthc,bsc->bhts", q_lat.float(), kv_all.float())
+                      + torch.einsum("bthr,bsr->bhts", q_pe.float(), pe_all.float())) * self.scale  # (B, H, T, S)
+            scores = scores.masked_fill(~mask, float("-inf"))
+            p = scores.softmax(-1)
+            o_lat = torch.einsum("bhts,bsc->bthc", p, kv_all.float()).to(x.dtype)  # (B, T, H, C)
+        o = torch.einsum("bthc,hdc->bthd", o_lat, w_uv)  # (B, T, H, v)
+        return self.o_proj(o.reshape(B, T, self.n_heads * self.v_dim))

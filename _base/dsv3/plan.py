@@ -1,0 +1,321 @@
+"""`dsv3 plan`: memory per GPU and communication per step of a training layout (SPEC §8-§10), for
+scales that cannot run here. Parameter counts come from the meta-device model (dsv3.info); every
+other number is a formula written out below. The worst rank (most memory) is reported.
+
+Layout (paper §3): gpus = pp × dp; pipeline stage s is held by dp ranks; expert parallelism is
+carved from those dp ranks (ep | dp): a layer's routed experts are split over ep ranks and each
+expert is replicated over dp/ep ranks ("expert dp"). No TP. Stages take ceil((L + D)/pp) blocks
+(L main layers + D MTP modules); the stages holding the embedding / head get one block fewer when
+the count does not divide. 1F1B: rank r holds stage r; DualPipe: rank r holds stages r and pp-1-r
+(two copies of the parameters, Table 2), so the embedding, head and MTP sit on rank 0.
+
+Bytes per parameter (defaults = the paper's recipe, §3.3.3, used for every preset): working
+weights bf16 (2; FP8 GEMM copies are quantised on the fly), fp32 master weights (4), fp32 gradients
+(4), AdamW m and v in bf16 (2 + 2): 14 B/param unsharded. ZeRO-1 shards master + moments over the
+dp group (dense params: dp ranks; routed experts: dp/ep ranks); ZeRO-2 also gradients; ZeRO-3 also
+the working weights. With DualPipe each copy keeps its own states (conservative).
+
+Activations saved for backward, bytes per token per layer (b = 2 bf16; f = 1 if precision fp8 else
+2; D hidden, qr/kvr/r q/kv-latent/rope dims, H heads, dqk/dv head dims, E experts, K top-k,
+I expert width, S shared experts, F dense FFN width):
+  attention   2D (block input) + 2D (normed input)* + 2qr (c_q) + 2qr (normed c_q)* + 2(kvr + r)
+              (c_kv, k_pe) + 2kvr (normed c_kv)* + 2H·dqk (q)* + 2H(dqk - r + dv) (k, v)*
+              + a·H·dv (attention output, a = 1.5 for fp8: E5M6, else 2) + 4H (softmax lse)
+  MoE         2D (residual) + 2D (normed)* + 4E (fp32 scores) + K·D·f (dispatched tokens)
+              + K·2I·f (SwiGLU inputs) + K·I·2 (SwiGLU output; 0 with fp8, which recomputes it)
+              + S·(2I·f + I·2·[not fp8])  — the gate gradient is <down^T dy, SwiGLU out>, so the
+              expert outputs need not be kept
+  dense FFN   2D + 2D* + 2·2F + 2F;  MTP block = MoE block + 2·2D (eh_proj input)
+  * = dropped by recompute "paper" (RMSNorms and MLA up-projections recomputed, §3.2.3).
+  recompute "full": 2D per layer (the block input) + one layer without recomputation (working set).
+Per rank: T = micro_batch × seq_len tokens × (the largest stage it holds) × in-flight micro-batches
+(1F1B: pp - r, DualPipe: pp + 1; at most the micro-batches per step) + fp32 logits T·V·4 on the head
+rank + MoE all-to-all buffers (c chunks in flight, c = 2 for DualPipe's overlapped fwd/bwd, else 1):
+c·T·K·D·(f + 2) (received dispatch + combine send buffer).
+
+Communication per GPU per step (n_mb = global_batch / (dp · micro_batch) micro-batches per rank,
+passes = MoE layers a micro-batch crosses on this rank; ring collectives over a group of n):
+  EP all-to-all  n_mb · passes · T · K · D · (f + 2 + f + 2): dispatch (fp8 in fp8 mode), combine
+                 (bf16), their backward (grad before the down-projection fp8 in fp8 mode, dispatch
+                 grad bf16) — upper bound, no node de-duplication, 0 when ep = 1
+  DP             ZeRO-0: all-reduce 2(n-1)/n · P · 4; ZeRO-1/2: reduce-scatter (n-1)/n · P · 4 +
+                 all-gather of the bf16 weights (n-1)/n · P · 2; ZeRO-3: + 2 weight all-gathers
+                 (fwd, bwd); P and n for dense (n = dp) and routed-expert (n = dp/ep) parameters
+  PP p2p         n_mb · T · D · 2 · 2 (activation forward, its gradient backward), 0 when pp = 1
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
+
+from dsv3.config import ModelConfig
+
+GiB = 1024**3
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "none": 0}
+
+
+class PlanError(ValueError):
+    """A layout that does not fit the GPU count or the model; the message names the conflict."""
+
+
+@dataclass
+class PlanConfig:
+    gpus: int = 1
+    gpu_mem_gib: float = 80.0
+    pp: int = 1
+    ep: int = 1
+    dp: int | None = None  # derived: gpus // pp
+    zero: int = 1
+    precision: str = "bf16"  # "bf16" | "fp8"
+    micro_batch: int = 1  # sequences
+    seq_len: int = 4096
+    global_batch: int | None = None  # sequences; default dp × micro_batch (one micro-batch per rank)
+    recompute: str = "none"  # "none" | "paper" | "full"
+    schedule: str = "1f1b"  # "1f1b" | "dualpipe"
+    master_dtype: str = "fp32"  # "none": no separate master copy
+    grad_dtype: str = "fp32"
+    optim_dtype: str = "bf16"  # AdamW moments
+
+    def resolved(self, cfg: ModelConfig, n_blocks: int) -> "PlanConfig":
+        def need(cond, msg):
+            if not cond:
+                raise PlanError(msg)
+
+        for k in ("gpus", "pp", "ep", "micro_batch", "seq_len"):
+            v = getattr(self, k)
+            need(isinstance(v, int) and v >= 1, f"{k} must be an integer >= 1, got {v!r}")
+        need(self.gpus % self.pp == 0, f"gpus ({self.gpus}) is not divisible by pp ({self.pp})")
+        dp = self.dp if self.dp is not None else self.gpus // self.pp
+        need(dp * self.pp == self.gpus, f"pp ({self.pp}) x dp ({dp}) = {self.pp * dp} != gpus ({self.gpus})")
+        need(self.pp <= n_blocks, f"pp ({self.pp}) > layers to place ({cfg.num_hidden_layers} main + "
+                                  f"{cfg.num_nextn_predict_layers} MTP = {n_blocks}): a stage would be empty")
+        E = cfg.n_routed_experts
+        need(self.ep == 1 or E > 0, f"ep ({self.ep}) > 1 but the model has no routed experts")
+        need(E == 0 or E % self.ep == 0, f"ep ({self.ep}) does not divide n_routed_experts ({E})")
+        need(dp % self.ep == 0, f"ep ({self.ep}) does not divide the data-parallel degree dp ({dp}) "
+                                f"(experts are spread over the dp ranks of a stage)")
+        need(self.zero in (0, 1, 2, 3), f"zero must be 0, 1, 2 or 3, got {self.zero!r}")
+        need(self.precision in ("bf16", "fp8"), f"precision must be bf16 or fp8, got {self.precision!r}")
+        need(self.recompute in ("none", "paper", "full"), f"recompute must be none, paper or full, got {self.recompute!r}")
+        need(self.schedule in ("1f1b", "dualpipe"), f"schedule must be 1f1b or dualpipe, got {self.schedule!r}")
+        for k in ("master_dtype", "grad_dtype", "optim_dtype"):
+            need(getattr(self, k) in DTYPE_BYTES, f"{k} must be one of {list(DTYPE_BYTES)}, got {getattr(self, k)!r}")
+        gb = self.global_batch if self.global_batch is not None else dp * self.micro_batch
+        need(gb % (dp * self.micro_batch) == 0, f"global_batch ({gb}) is not divisible by dp ({dp}) x "
+                                                f"micro_batch ({self.micro_batch})")
+        if self.schedule == "dualpipe":
+            need(self.pp % 2 == 0, f"DualPipe needs an even pp, got pp = {self.pp}")
+            need((gb // (dp * self.micro_batch)) % 2 == 0,
+                 f"DualPipe needs an even number of micro-batches per rank, got {gb // (dp * self.micro_batch)}")
+        return replace(self, dp=dp, global_batch=gb)
+
+
+@dataclass
+class _Counts:
+    blocks: list  # (kind, dense params, routed params) per block: kind in dense | moe | mtp
+    embed: int
+    head: int  # lm_head + final norm
+
+
+@lru_cache(maxsize=8)
+def _counts_cached(key: str) -> _Counts:
+    import torch
+
+    from dsv3.info import _numel
+    from dsv3.model.moe import MoE
+    from dsv3.model.transformer import Transformer
+
+    cfg = ModelConfig.from_dict(json.loads(key))
+    with torch.device("meta"):
+        m = Transformer(cfg)
+
+    def split(b, kind):
+        routed = sum(p.numel() for p in b.mlp.experts.parameters()) if isinstance(b.mlp, MoE) else 0
+        return (kind if routed or kind == "mtp" else "dense", _numel(b) - routed, routed)
+
+    blocks = [split(b, "moe") for b in m.layers] + [split(b, "mtp") for b in m.mtp]
+    return _Counts(blocks, m.embed_tokens.weight.numel(), m.lm_head.weight.numel() + _numel(m.norm))
+
+
+def _counts(cfg: ModelConfig) -> _Counts:
+    return _counts_cached(json.dumps(cfg.to_dict(), sort_keys=True))
+
+
+def _stages(n: int, pp: int) -> list[range]:
+    """Block index ranges per stage: ceil(n/pp) each, one fewer on the outer stages first."""
+    base = math.ceil(n / pp)
+    sizes = [base] * pp
+    for j in range(base * pp - n):
+        sizes[j // 2 if j % 2 == 0 else pp - 1 - j // 2] -= 1
+    out, i = [], 0
+    for s in sizes:
+        out.append(range(i, i + s))
+        i += s
+    return out
+
+
+def act_bytes_per_token(cfg: ModelConfig, kind: str, precision: str, recompute: str) -> float:
+    """Bytes saved for backward per token for one block (formula in the module docstring)."""
+    D, H, r = cfg.hidden_size, cfg.num_attention_heads, cfg.qk_rope_head_dim
+    qr, kvr = cfg.q_lora_rank or 0, cfg.kv_lora_rank
+    fp8 = precision == "fp8"
+    f = 1 if fp8 else 2
+    if recompute == "full":
+        return 2 * D
+    rc = recompute == "paper"
+    keep = 0 if rc else 1  # multiplier of the recomputed tensors
+    attn = (2 * D + keep * 2 * D + 2 * qr + keep * 2 * qr + 2 * (kvr + r) + keep * 2 * kvr
+            + keep * 2 * H * cfg.qk_head_dim + keep * 2 * H * (cfg.qk_nope_head_dim + cfg.v_head_dim)
+            + (1.5 if fp8 else 2) * H * cfg.v_head_dim + 4 * H)
+    if kind == "dense":
+        F = cfg.intermediate_size
+        return attn + 2 * D + keep * 2 * D + 2 * 2 * F + 2 * F
+    K, I, E, S = cfg.num_experts_per_tok, cfg.moe_intermediate_size, cfg.n_routed_experts, cfg.n_shared_experts
+    moe = (2 * D + keep * 2 * D + 4 * E + K * D * f + K * 2 * I * f + (0 if fp8 else K * I * 2)
+           + S * (2 * I * f + (0 if fp8 else 2 * I)))
+    return attn + moe + (2 * 2 * D if kind == "mtp" else 0)
+
+
+@dataclass
+class PlanResult:
+    model: str
+    cfg: PlanConfig
+    rank: int  # the pipeline rank with the most memory (reported below)
+    stages: tuple  # stages it holds
+    n_params: int  # parameters on that rank (both DualPipe copies)
+    n_routed: int  # of which routed-expert parameters (already divided by ep)
+    n_micro: int  # micro-batches per rank per step
+    in_flight: int
+    mem: dict = field(default_factory=dict)  # bytes: params, grads, master, optimizer, activations, ...
+    comm: dict = field(default_factory=dict)  # bytes per GPU per step: ep_all_to_all, dp, pp_p2p
+
+    @property
+    def total(self) -> float:
+        return sum(self.mem.values())
+
+    @property
+    def headroom(self) -> float:
+        return self.cfg.gpu_mem_gib * GiB - self.total
+
+    @property
+    def fits(self) -> bool:
+        return self.headroom >= 0
+
+    def format(self) -> str:
+        c = self.cfg
+        rows = [("model", self.model),
+                ("layout", f"{c.gpus} GPUs = pp {c.pp} x dp {c.dp}; ep {c.ep} (experts replicated over "
+                           f"{c.dp // c.ep} ranks); ZeRO-{c.zero}; {c.schedule}; {c.precision}; recompute {c.recompute}"),
+                ("batch", f"{c.global_batch} seqs x {c.seq_len} tokens; micro-batch {c.micro_batch}; "
+                          f"{self.n_micro} micro-batches/rank; {self.in_flight} in flight"),
+                ("dtypes", f"weights bf16, master {c.master_dtype}, grads {c.grad_dtype}, AdamW moments {c.optim_dtype}"),
+                ("worst rank", f"pipeline rank {self.rank}, stages {list(self.stages)}, "
+                               f"{self.n_params / 1e9:.2f}B parameters")]
+        rows += [(f"  {k}", f"{v / GiB:8.2f} GiB") for k, v in self.mem.items()]
+        rows += [("  total", f"{self.total / GiB:8.2f} GiB of {c.gpu_mem_gib:g} GiB "
+                             f"(headroom {self.headroom / GiB:.2f} GiB) -> {'FITS' if self.fits else 'DOES NOT FIT'}")]
+        rows += [("comm / GPU / step (busiest rank)", "")] + [(f"  {k}", f"{v / 1e9:8.2f} GB") for k, v in self.comm.items()]
+        w = max(len(k) for k, _ in rows)
+        return "\n".join(f"{k:<{w}}  {v}".rstrip() for k, v in rows)
+
+
+def plan(model_cfg: ModelConfig, pcfg: PlanConfig, name: str = "model") -> PlanResult:
+    cnt = _counts(model_cfg)
+    n_blocks = len(cnt.blocks)
+    c = pcfg.resolved(model_cfg, n_blocks)
+    pp, dp, ep = c.pp, c.dp, c.ep
+    dp_e = dp // ep
+    T = c.micro_batch * c.seq_len
+    n_mb = c.global_batch // (dp * c.micro_batch)
+    f = 1 if c.precision == "fp8" else 2
+    D, K, V = model_cfg.hidden_size, model_cfg.num_experts_per_tok, model_cfg.vocab_size
+    stages = _stages(n_blocks, pp)
+    has_mtp = model_cfg.num_nextn_predict_layers > 0
+    gbytes, mbytes, obytes = (DTYPE_BYTES[c.grad_dtype], DTYPE_BYTES[c.master_dtype], 2 * DTYPE_BYTES[c.optim_dtype])
+
+    def stage_params(s):
+        dense = sum(cnt.blocks[i][1] for i in stages[s])
+        routed = sum(cnt.blocks[i][2] for i in stages[s]) // ep
+        if s == 0 or (s == pp - 1 and has_mtp and c.schedule == "1f1b"):
+            dense += cnt.embed  # 1F1B: the MTP module on the last stage needs its own embedding copy
+        if s == pp - 1:
+            dense += cnt.head
+        return dense, routed
+
+    def stage_act(s):
+        per_tok = sum(act_bytes_per_token(model_cfg, cnt.blocks[i][0], c.precision, c.recompute) for i in stages[s])
+        if c.recompute == "full":  # one layer being recomputed at a time
+            per_tok += max(act_bytes_per_token(model_cfg, cnt.blocks[i][0], c.precision, "none") for i in stages[s])
+        return per_tok * T
+
+    def n_moe(s):
+        return sum(cnt.blocks[i][2] > 0 for i in stages[s])
+
+    best, comm_max = None, {}
+    for r in range(pp if c.schedule == "1f1b" else pp // 2):
+        held = (r,) if c.schedule == "1f1b" else (r, pp - 1 - r)
+        dense = sum(stage_params(s)[0] for s in held)
+        routed = sum(stage_params(s)[1] for s in held)
+        sd = dp if c.zero >= 1 else 1
+        se = dp_e if c.zero >= 1 else 1
+        mem = {
+            "weights (bf16)": (dense / (dp if c.zero >= 3 else 1) + routed / (dp_e if c.zero >= 3 else 1)) * 2,
+            f"gradients ({c.grad_dtype})": (dense / (dp if c.zero >= 2 else 1) + routed / (dp_e if c.zero >= 2 else 1)) * gbytes,
+            f"master weights ({c.master_dtype})": (dense / sd + routed / se) * mbytes,
+            f"AdamW m+v ({c.optim_dtype})": (dense / sd + routed / se) * obytes,
+        }
+        in_flight = min(n_mb, pp - r if c.schedule == "1f1b" else pp + 1)
+        mem["activations"] = max(stage_act(s) for s in held) * in_flight
+        mem["logits (fp32, head rank)"] = T * V * 4 if pp - 1 in held else 0
+        chunks = 2 if c.schedule == "dualpipe" else 1
+        mem["MoE all-to-all buffers"] = chunks * T * K * D * (f + 2) if ep > 1 and any(n_moe(s) for s in held) else 0
+        passes = sum(n_moe(s) for s in held) / len(held)  # DualPipe: half the micro-batches per direction
+        ring = lambda n: (n - 1) / n  # noqa: E731
+        def dp_bytes(p, n):
+            if n == 1:
+                return 0.0
+            if c.zero == 0:
+                return 2 * ring(n) * p * gbytes
+            return ring(n) * p * (gbytes + 2 + (2 * 2 if c.zero == 3 else 0))
+        comm = {
+            "EP all-to-all": n_mb * passes * T * K * D * (2 * f + 4) if ep > 1 else 0,
+            "DP gradients + weight gather": dp_bytes(dense, dp) + dp_bytes(routed, dp_e),
+            "PP p2p": n_mb * T * D * 2 * 2 if pp > 1 else 0,
+        }
+        comm_max = {k: max(v, comm_max.get(k, 0)) for k, v in comm.items()}
+        res = PlanResult(name, c, r, tuple(held), dense + routed, routed, n_mb, in_flight, mem, comm)
+        if best is None or res.total > best.total:
+            best = res
+    best.comm = comm_max  # communication: the busiest rank for each kind
+    return best
+
+
+def suggest(model_cfg: ModelConfig, gpus: int, gpu_mem_gib: float, sort: str = "memory", name: str = "model",
+            **kw) -> list[PlanResult]:
+    """Every power-of-two (pp, ep) layout valid for the GPU count and the model (pp <= blocks to place,
+    ep | n_routed_experts and ep | dp), planned with the other PlanConfig fields in kw; fitting
+    layouts first, then by memory ("memory") or by total communication ("comm")."""
+    out = []
+    pp = 1
+    while pp <= gpus:
+        ep = 1
+        while ep <= gpus // pp:
+            try:
+                out.append(plan(model_cfg, PlanConfig(gpus=gpus, gpu_mem_gib=gpu_mem_gib, pp=pp, ep=ep, **kw), name))
+            except PlanError:
+                pass
+            ep *= 2
+        pp *= 2
+    key = (lambda p: p.total) if sort == "memory" else (lambda p: sum(p.comm.values()))
+    return sorted(out, key=lambda p: (not p.fits, key(p)))
+
+
+def format_suggestions(results: list[PlanResult]) -> str:
+    lines = [f"{'pp':>4} {'ep':>4} {'dp':>5} {'memory GiB':>11} {'comm GB/step':>13}  fits"]
+    for p in results:
+        lines.append(f"{p.cfg.pp:>4} {p.cfg.ep:>4} {p.cfg.dp:>5} {p.total / GiB:>11.2f} "
+                     f"{sum(p.comm.values()) / 1e9:>13.1f}  {'yes' if p.fits else 'no'}")
+    return "\n".join(lines)

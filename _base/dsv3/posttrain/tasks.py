@@ -1,0 +1,178 @@
+"""Offline, seeded tasks for post-training demos and tests: no downloads.
+
+A `Task` is data plus plain callables:
+    train, heldout   lists of {"messages": [...system/user...], "answer": "123"} (the prompt, no reply)
+    reward(completion, example) -> float   used by GRPO
+    correct(completion, example) -> bool   held-out accuracy
+
+`arithmetic_task` draws multi-digit +, -, * word problems. Train and held-out sets come from two
+independent random streams of the seed (`Random(f"{seed}/train")`, `Random(f"{seed}/heldout")`), and
+held-out problems whose calculation (`expr`, e.g. "23 + 45") also occurs in the train set are
+dropped, so the split is disjoint in the arithmetic, not only in the wording, and the same seed
+always gives the same task. `arithmetic_sft_chats` gives solved conversations (with the `Answer: N`
+line the format reward asks for) for an SFT warm-up on the same distribution, and
+`arithmetic_corpus` plain-text documents of worked calculations for pre-training; both take an
+`exclude` set of expressions (pass `{e["expr"] for e in task.heldout}` to keep the held-out set unseen).
+
+`load_task(spec)`: "arithmetic" or a .jsonl file of {"messages", "answer"} rows (exact-match reward);
+`load_callable("pkg.module:function")` imports a user reward function for the CLI.
+"""
+
+from __future__ import annotations
+
+import importlib
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from dsv3.posttrain.rewards import exact_match_reward, format_reward
+from dsv3.training.data import jsonl_records
+
+SYSTEM = "You are a careful calculator. End your reply with a line `Answer: <number>`."
+_NAMES = ["Ada", "Bo", "Chen", "Dana", "Eli", "Fay", "Gus", "Hana"]
+_THINGS = ["apples", "coins", "books", "marbles", "stamps", "shells"]
+
+
+def arithmetic_reward(completion: str, example: dict) -> float:
+    """Exact match of the final answer (1.0) plus a small bonus for the `Answer: N` format (0.1)."""
+    return exact_match_reward(completion, example["answer"]) + 0.1 * format_reward(completion)
+
+
+def exact_correct(completion: str, example: dict) -> bool:
+    return exact_match_reward(completion, example["answer"]) == 1.0
+
+
+@dataclass
+class Task:
+    name: str
+    train: list[dict]
+    heldout: list[dict]
+    reward: Callable[[str, dict], float] = arithmetic_reward
+    correct: Callable[[str, dict], bool] = exact_correct
+    meta: dict = field(default_factory=dict)
+
+
+def _problem(rng: random.Random, max_digits: int) -> tuple[str, str, int]:
+    """(question, worked solution line, answer)."""
+    op = rng.choice("+-*")
+    d1, d2 = rng.randint(1, max_digits), rng.randint(1, max_digits if op != "*" else max(1, max_digits - 1))
+    a, b = rng.randint(10 ** (d1 - 1), 10**d1 - 1), rng.randint(10 ** (d2 - 1), 10**d2 - 1)
+    who, what = rng.choice(_NAMES), rng.choice(_THINGS)
+    if op == "+":
+        q, ans = f"{who} has {a} {what} and finds {b} more. How many {what} does {who} have now?", a + b
+    elif op == "-":
+        q, ans = f"{who} has {a} {what} and gives away {b}. How many {what} are left (may be negative)?", a - b
+    else:
+        q, ans = f"{who} buys {a} boxes with {b} {what} each. How many {what} is that?", a * b
+    return q, f"{a} {op} {b} = {ans}", ans
+
+
+def _expr(work: str) -> str:
+    return work.partition(" = ")[0]
+
+
+def _examples(rng: random.Random, n: int, max_digits: int) -> list[dict]:
+    out = []
+    for _ in range(n):
+        q, work, ans = _problem(rng, max_digits)
+        out.append({"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}],
+                    "answer": str(ans), "expr": _expr(work)})
+    return out
+
+
+def _key(ex: dict, disjoint: str) -> str:
+    return ex["expr"] if disjoint == "expr" else ex["messages"][-1]["content"]
+
+
+def arithmetic_task(n_train: int = 1000, n_heldout: int = 100, seed: int = 0, max_digits: int = 3,
+                    disjoint: str = "expr") -> Task:
+    """disjoint="expr": no held-out calculation occurs in the train set (nor twice in the held-out set);
+    "text": only the question texts are disjoint (for small digit counts, where every calculation recurs)."""
+    if disjoint not in ("expr", "text"):
+        raise ValueError(f"disjoint must be 'expr' or 'text', got {disjoint!r}")
+    train = _examples(random.Random(f"{seed}/train"), n_train, max_digits)
+    seen = {_key(ex, disjoint) for ex in train}
+    heldout, rng = [], random.Random(f"{seed}/heldout")
+    for _ in range(100):
+        if len(heldout) >= n_heldout:
+            break
+        for ex in _examples(rng, n_heldout, max_digits):
+            if _key(ex, disjoint) not in seen and len(heldout) < n_heldout:
+                seen.add(_key(ex, disjoint))  # no repeat inside the held-out set either
+                heldout.append(ex)
+    if len(heldout) < n_heldout:
+        raise ValueError(f"only {len(heldout)} distinct held-out calculations outside the train set at "
+                         f"max_digits={max_digits}; ask for fewer")
+    return Task("arithmetic", train, heldout, meta={"seed": seed, "max_digits": max_digits, "disjoint": disjoint})
+
+
+def _allowed_problem(rng: random.Random, max_digits: int, exclude) -> tuple[str, str, int]:
+    """A problem whose calculation and question text are not in `exclude`; a clear error (not an endless
+    loop) when `exclude` covers (nearly) the whole problem space."""
+    for _ in range(100_000):
+        q, work, ans = _problem(rng, max_digits)
+        if _expr(work) not in exclude and q not in exclude:
+            return q, work, ans
+    raise ValueError(f"`exclude` ({len(exclude)} entries) leaves no problems at max_digits={max_digits}: "
+                     "exclude fewer, or raise max_digits")
+
+
+def arithmetic_sft_chats(n: int, seed: int = 0, max_digits: int = 3, exclude: set[str] | frozenset = frozenset()
+                         ) -> list[dict]:
+    """Solved conversations {"messages": [system, user, assistant]} (a disjoint stream from the task's);
+    problems whose calculation or question text is in `exclude` are skipped."""
+    rng = random.Random(f"{seed}/sft")
+    out = []
+    while len(out) < n:
+        q, work, ans = _allowed_problem(rng, max_digits, exclude)
+        out.append({"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q},
+                                 {"role": "assistant", "content": f"{work}\nAnswer: {ans}"}]})
+    return out
+
+
+def arithmetic_corpus(n_docs: int, lines_per_doc: int = 32, seed: int = 0, max_digits: int = 3,
+                      exclude: set[str] | frozenset = frozenset()) -> list[str]:
+    """Plain-text pre-training documents of worked calculations, no chat template: each line is either
+    a bare equation ("23 + 45 = 68") or a word problem followed by its equation (half each).
+    Calculations or question texts in `exclude` are skipped."""
+    rng = random.Random(f"{seed}/corpus")
+    docs = []
+    for _ in range(n_docs):
+        lines: list[str] = []
+        while len(lines) < lines_per_doc:
+            q, work, _ = _allowed_problem(rng, max_digits, exclude)
+            lines.append(work if rng.random() < 0.5 else f"{q} {work}.")
+        docs.append("\n".join(lines) + "\n")
+    return docs
+
+
+def load_callable(spec: str) -> Callable:
+    """"package.module:function" -> the function (for a user-supplied reward on the command line)."""
+    mod, _, name = spec.partition(":")
+    if not mod or not name:
+        raise ValueError(f"expected 'module:function', got {spec!r}")
+    fn = getattr(importlib.import_module(mod), name, None)
+    if not callable(fn):
+        raise ValueError(f"{spec!r} is not a callable")
+    return fn
+
+
+def load_task(spec: str, seed: int = 0, heldout_frac: float = 0.05, reward: Callable | None = None) -> Task:
+    """"arithmetic" (the built-in generator) or a .jsonl of {"messages", "answer"} rows, of which the
+    last `heldout_frac` (at least one row) are held out."""
+    if spec == "arithmetic":
+        t = arithmetic_task(seed=seed)
+    else:
+        rows = []
+        with open(spec, encoding="utf-8") as f:
+            for i, row in jsonl_records(f, spec):
+                if not isinstance(row, dict) or not isinstance(row.get("messages"), list) or "answer" not in row:
+                    raise ValueError(f"{spec}:{i}: expected an object with 'messages' (a list) and 'answer'")
+                rows.append(row)
+        if len(rows) < 2:
+            raise ValueError(f"{spec}: need at least 2 rows (train + held-out), got {len(rows)}")
+        n_held = max(1, int(len(rows) * heldout_frac))
+        t = Task(spec, rows[:-n_held], rows[-n_held:], reward=lambda c, ex: exact_match_reward(c, ex["answer"]))
+    if reward is not None:
+        t.reward = reward
+    return t

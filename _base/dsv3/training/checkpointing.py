@@ -1,0 +1,198 @@
+"""Training checkpoints: atomic, complete, pickle-free.
+
+A checkpoint is one directory `step_XXXXXXXX/`:
+    config.json, model.safetensors[...]   the model in the Hugging Face format (dsv3.checkpoint)
+    tokenizer.json, tokenizer_config.json  so the directory is usable on its own
+    optimizer.safetensors                  AdamW moments and step counts, keyed by parameter name
+    rng.safetensors                        torch CPU (and CUDA) generator states
+    trainer_state.json                     step, tokens, sampler position, python RNG, run config
+
+Atomicity: everything is written into a temporary sibling directory, each file fsynced, then the
+directory is renamed into place (a single rename on one filesystem) and the parent fsynced. A
+crash or kill at any point leaves either no new checkpoint or a complete one; the previous
+checkpoints are untouched. Leftover temporary directories are ignored and cleaned up later.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from dsv3.checkpoint import _umask, load_pretrained, save_pretrained, tempdir_beside
+
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: str) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _write_json(obj: Any, path: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _save_st(tensors: dict[str, torch.Tensor], path: str) -> None:
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, path)
+    os.chmod(path, 0o666 & ~_umask())
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def optimizer_tensors(model: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """AdamW state as {"<param name>.<key>": tensor} plus JSON-able param groups."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    tensors, groups = {}, []
+    for g in opt.param_groups:
+        groups.append({k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items() if k != "params"}
+                      | {"params": [names[id(p)] for p in g["params"]]})
+        for p in g["params"]:
+            for k, v in opt.state.get(p, {}).items():
+                tensors[f"{names[id(p)]}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    return tensors, {"param_groups": groups}
+
+
+def load_optimizer(model: torch.nn.Module, opt: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
+    params = dict(model.named_parameters())
+    saved = meta["param_groups"]
+    if len(saved) != len(opt.param_groups):
+        raise ValueError(f"optimizer checkpoint has {len(saved)} param groups, optimizer has {len(opt.param_groups)}")
+    for g, s in zip(opt.param_groups, saved):
+        mine = [n for n, p in model.named_parameters() if any(p is q for q in g["params"])]
+        if sorted(mine) != sorted(s["params"]):
+            raise ValueError("optimizer checkpoint was written for different parameters")
+        for k, v in s.items():
+            if k != "params":
+                g[k] = tuple(v) if k == "betas" else v
+    opt.state.clear()
+    for key, v in tensors.items():
+        pname, k = key.rsplit(".", 1)
+        p = params[pname]
+        if k == "step":
+            opt.state.setdefault(p, {})[k] = v.clone()  # AdamW keeps step as a cpu float tensor
+        else:
+            # moments in the optimizer's storage dtype (AdamW.state_dtype, else the
+            # parameter's): a run resumed with another --optim-state converts them
+            dtype = getattr(opt, "state_dtype", p.dtype) if v.is_floating_point() else v.dtype
+            opt.state.setdefault(p, {})[k] = v.to(device=p.device, dtype=dtype, copy=True)
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{i}"] = s
+    py = random.getstate()
+    np_state = np.random.get_state()
+    meta = {"python": [py[0], list(py[1]), py[2]],
+            "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])]}
+    return tensors, meta
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    torch.set_rng_state(tensors["torch_cpu"])
+    if torch.cuda.is_available():
+        states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("torch_cuda_"))]
+        if states:
+            torch.cuda.set_rng_state_all(states)
+    v, st, g = meta["python"]
+    random.setstate((v, tuple(st), g))
+    n = meta["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+
+
+def save_checkpoint(ckpt_root: str, step: int, model, opt, state: dict, tokenizer=None, keep: int = 3) -> str:
+    """Write checkpoint `step` atomically under ckpt_root; keep the last `keep` (0 = all). Returns its path."""
+    os.makedirs(ckpt_root, exist_ok=True)
+    final = os.path.join(ckpt_root, f"step_{step:08d}")
+    tmp = tempdir_beside(final)
+    try:
+        save_pretrained(model, tmp, mtp_copies=False)
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        ot, ometa = optimizer_tensors(model, opt)
+        _save_st(ot, os.path.join(tmp, "optimizer.safetensors"))
+        rt, rmeta = rng_state()
+        _save_st(rt, os.path.join(tmp, "rng.safetensors"))
+        _write_json({**state, "step": step, "optimizer": ometa, "rng": rmeta}, os.path.join(tmp, "trainer_state.json"))
+        for name in os.listdir(tmp):  # every file, the tokenizer's included (written without fsync)
+            if os.path.isfile(os.path.join(tmp, name)):
+                _fsync_file(os.path.join(tmp, name))
+        _fsync_dir(tmp)
+        if os.path.exists(final):  # re-saving the same step (e.g. Ctrl-C right after a periodic save)
+            shutil.rmtree(tmp)
+            return final
+        os.rename(tmp, final)
+        _fsync_dir(ckpt_root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if keep > 0:
+        for old in list_checkpoints(ckpt_root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    for name in os.listdir(ckpt_root):  # temporary directories of earlier interrupted saves
+        if name.startswith(".tmp-"):
+            shutil.rmtree(os.path.join(ckpt_root, name), ignore_errors=True)
+    return final
+
+
+def list_checkpoints(ckpt_root: str) -> list[str]:
+    if not os.path.isdir(ckpt_root):
+        return []
+    steps = sorted(int(m.group(1)) for n in os.listdir(ckpt_root) if (m := _STEP_DIR.match(n))
+                   and os.path.exists(os.path.join(ckpt_root, n, "trainer_state.json")))
+    return [os.path.join(ckpt_root, f"step_{s:08d}") for s in steps]
+
+
+def latest_checkpoint(ckpt_root: str) -> str | None:
+    c = list_checkpoints(ckpt_root)
+    return c[-1] if c else None
+
+
+def load_checkpoint(path: str, device, dtype) -> tuple[torch.nn.Module, dict, dict, dict]:
+    """-> model, trainer state, optimizer tensors, rng tensors (the caller restores optimizer and RNG)."""
+    model = load_pretrained(path, device=device, dtype=dtype)
+    with open(os.path.join(path, "trainer_state.json"), encoding="utf-8") as f:
+        state = json.load(f)
+    opt_t = load_file(os.path.join(path, "optimizer.safetensors"))
+    rng_t = load_file(os.path.join(path, "rng.safetensors"))
+    return model, state, opt_t, rng_t
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A checkpoint directory (holds config.json), or a run directory -> its latest checkpoint."""
+    if os.path.exists(os.path.join(path, "config.json")):
+        return path
+    latest = latest_checkpoint(os.path.join(path, "checkpoints"))
+    if latest is None:
+        if os.path.exists(os.path.join(path, "trainer_state.json")):  # a sharded one without its export
+            raise FileNotFoundError(f"{path} is a sharded (torchrun) checkpoint: `dsv3 convert {path} OUT` "
+                                    "writes it in the Hugging Face format")
+        raise FileNotFoundError(f"{path} is neither a checkpoint directory (no config.json) nor a run directory "
+                                "with checkpoints/")
+    if not os.path.exists(os.path.join(latest, "config.json")):
+        raise FileNotFoundError(f"the latest checkpoint {latest} is a sharded (torchrun) checkpoint: "
+                                f"`dsv3 convert {path} OUT` writes it in the Hugging Face format")
+    return latest

@@ -1,0 +1,84 @@
+"""Shared tiny configs and helpers for the CPU model/checkpoint tests.
+
+Run: python -m pytest tests/ -q
+Everything here is fp32 on the CPU and small enough that each test takes at most a few seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from dsv3.config import ModelConfig
+from dsv3.model import Transformer, build_model
+from dsv3.model.moe import Router
+
+# The tensors here are tiny: intra-op threading only adds synchronisation, and on a loaded 2-core
+# machine OpenMP spin-waits make a 3 ms forward take ~1 s. One thread keeps the suite fast everywhere.
+torch.set_num_threads(1)
+
+
+def tiny_cfg(**overrides) -> ModelConfig:
+    """1 dense layer then 2 MoE layers, 8 experts in 4 groups (top-2 groups, top-2 experts), q-LoRA,
+    one MTP module, plain RoPE. Large init std so that routing and attention are non-trivial."""
+    base = dict(
+        vocab_size=128, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+        num_hidden_layers=3, first_k_dense_replace=1, num_attention_heads=2, num_key_value_heads=2,
+        q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
+        n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2,
+        routed_scaling_factor=2.5, max_position_embeddings=256, rope_scaling=None,
+        num_nextn_predict_layers=1, initializer_range=0.1, torch_dtype="float32",
+    )
+    base.update(overrides)
+    return ModelConfig(**base).validate()
+
+
+def yarn(factor: float = 4.0, original: int = 32, mscale: float = 1.0, mscale_all_dim: float = 1.0,
+         beta_fast: float = 32, beta_slow: float = 1) -> dict:
+    return {"type": "yarn", "factor": factor, "original_max_position_embeddings": original,
+            "beta_fast": beta_fast, "beta_slow": beta_slow, "mscale": mscale, "mscale_all_dim": mscale_all_dim}
+
+
+def randomize_bias(model: Transformer, std: float, seed: int = 123) -> None:
+    """Random e_score_correction_bias in every router (including MTP ones)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for r in model.routers():
+            r.e_score_correction_bias.copy_(torch.randn(r.e_score_correction_bias.shape, generator=g) * std)
+
+
+def make_model(cfg: ModelConfig, seed: int = 0, bias_std: float = 0.0) -> Transformer:
+    model = build_model(cfg, seed=seed)
+    if bias_std:
+        randomize_bias(model, bias_std, seed + 1000)
+    return model.eval()
+
+
+def rand_ids(cfg: ModelConfig, B: int = 2, T: int = 16, seed: int = 7) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, cfg.vocab_size, (B, T), generator=g)
+
+
+@contextlib.contextmanager
+def capture_router_io(model: Transformer):
+    """Yields a list that fills with (router, input x_ND, (w_NK, idx_NK, s_NE)) per router call."""
+    calls = []
+    hooks = [m.register_forward_hook(lambda mod, inp, out: calls.append((mod, inp[0].detach(), out)))
+             for m in model.modules() if isinstance(m, Router)]
+    try:
+        yield calls
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+@pytest.fixture
+def cfg() -> ModelConfig:
+    return tiny_cfg()
+
+
+@pytest.fixture
+def model(cfg) -> Transformer:
+    return make_model(cfg, seed=0, bias_std=0.3)

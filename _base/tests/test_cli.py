@@ -1,0 +1,231 @@
+"""`dsv3` command line: train (with --config), --resume, eval, sample, and clear errors with exit
+status 2 for bad inputs. In-process through `dsv3.cli.main`; CPU, a ~0.3M-parameter model, about
+ten seconds.
+
+Run: python -m pytest tests/test_cli.py -q
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import random
+import re
+
+import pytest
+
+from dsv3.cli import main
+from dsv3.config import ModelConfig
+
+MICRO = dict(
+    vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+    num_hidden_layers=3, first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4,
+    q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+    n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1,
+    max_position_embeddings=256, rope_scaling=None, num_nextn_predict_layers=1, torch_dtype="float32",
+)
+
+
+def write_corpus(root, n_files: int = 40, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    names = ["alpha", "beta", "gamma", "delta", "value", "count", "total", "items", "index", "result"]
+    os.makedirs(root, exist_ok=True)
+    for i in range(n_files):
+        lines = [f"def {rng.choice(names)}_{j}(x):\n    return x + {rng.randint(0, 99)}\n" for j in range(30)]
+        with open(os.path.join(root, f"f{i:02d}.py"), "w", encoding="utf-8") as f:
+            f.write("\n".join(lines))
+    return str(root)
+
+
+def run_cli(argv) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main([str(a) for a in argv])
+    return rc, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """`dsv3 train --config micro.json` for 6 steps (checkpoints at 3 and 6), then `--resume` to 8."""
+    base = tmp_path_factory.mktemp("cli")
+    cfg = base / "micro.json"
+    ModelConfig(**MICRO).validate().to_json(cfg)
+    data = write_corpus(base / "corpus")
+    cache = base / "cache"
+    out = base / "run"
+    common = ["train", "--config", cfg, "--data", data, "--out", out, "--seq-len", 32, "--batch-size", 4,
+              "--save-every", 3, "--eval-every", 0, "--cache-dir", cache, "--no-progress"]
+    rc, stdout, stderr = run_cli(common + ["--steps", 6, "--samples", 1])
+    assert rc == 0, stderr
+    return {"base": base, "cfg": cfg, "data": data, "cache": cache, "out": out, "common": common,
+            "train_stdout": stdout}
+
+
+def test_train_writes_run_and_prints_samples(run):
+    out = run["out"]
+    assert sorted(os.listdir(out / "checkpoints")) == ["step_00000003", "step_00000006"]
+    with open(out / "train_config.json", encoding="utf-8") as f:
+        tc = json.load(f)
+    assert tc["model"]["hidden_size"] == 64 and tc["train"]["steps"] == 6 and tc["train"]["seq_len"] == 32
+    stdout = run["train_stdout"]
+    assert "samples from" in stdout and "--- prompt 'def '" in stdout
+    # --cache-dir holds the trained tokenizer and the token cache
+    assert sorted(os.listdir(run["cache"])) == ["tokenizers", "tokens"]
+
+
+def test_train_resume_and_refusal(run):
+    rc, _, err = run_cli(run["common"] + ["--steps", 8, "--samples", 0])
+    assert rc == 2 and "--resume" in err and "already holds checkpoints" in err
+    rc, stdout, err = run_cli(run["common"] + ["--steps", 8, "--samples", 0, "--resume"])
+    assert rc == 0, err
+    assert "resumed from" in stdout and "step_00000006" in stdout
+    lines = (run["out"] / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    steps = [json.loads(line)["step"] for line in lines]
+    assert max(steps) == 8
+
+
+def test_eval_prints_loss_and_bits_per_byte(run):
+    argv = ["eval", run["out"], "--data", run["data"], "--cache-dir", run["cache"], "--seq-len", 32,
+            "--val-permille", 200]
+    rc, stdout, err = run_cli(argv)
+    assert rc == 0, err
+    m = re.search(r"val loss ([\d.]+) nats/token, ([\d.]+) bits/byte over ([\d,]+) tokens", stdout)
+    assert m, stdout
+    loss, bpb, n = float(m.group(1)), float(m.group(2)), int(m.group(3).replace(",", ""))
+    assert 0 < loss < math.log(512) and 0 < bpb < 8 and n > 0
+    # eval's --cache-dir means what train's does: the token cache lives under <cache-dir>/tokens
+    assert sorted(os.listdir(run["cache"])) == ["tokenizers", "tokens"]
+    # a checkpoint directory works as well as a run directory, with the same result
+    ck = run["out"] / "checkpoints" / "step_00000008"
+    rc2, stdout2, _ = run_cli(["eval", ck] + argv[2:])
+    assert rc2 == 0 and stdout2.split(": ", 1)[1] == stdout.split(": ", 1)[1]
+
+
+def test_eval_errors(run, tmp_path):
+    rc, _, err = run_cli(["eval", run["out"], "--data", run["data"], "--cache-dir", run["cache"],
+                          "--seq-len", 100000, "--split", "train"])
+    assert rc == 2 and "too few tokens for seq_len 100000" in err
+    rc, _, err = run_cli(["eval", tmp_path / "nowhere", "--data", run["data"]])
+    assert rc == 2 and "nowhere" in err
+
+
+def test_sample_prints_prompt_and_continuation(run):
+    argv = ["sample", run["out"], "--prompt", "def", "--max-new-tokens", 5]
+    rc, stdout, err = run_cli(argv)
+    assert rc == 0, err
+    assert stdout.startswith("def") and len(stdout.rstrip("\n")) > len("def")
+    assert run_cli(argv)[1] == stdout  # seeded: the same text again
+    rc, greedy, _ = run_cli(argv + ["--temperature", 0])
+    assert rc == 0 and greedy.startswith("def")
+
+
+# ------------------------------------------------------------------------------------------------
+# errors
+
+def test_unknown_preset():
+    rc, out, err = run_cli(["info", "--preset", "nope"])
+    assert rc == 2 and out == ""
+    assert "'nope'" in err and "tiny" in err and "671b" in err
+
+
+def test_bad_config_paths(tmp_path):
+    rc, _, err = run_cli(["info", "--config", tmp_path / "missing.json"])
+    assert rc == 2 and "config file not found" in err and "missing.json" in err
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json", encoding="utf-8")
+    rc, _, err = run_cli(["info", "--config", bad])
+    assert rc == 2 and "not valid JSON" in err
+    invalid = tmp_path / "invalid.json"
+    invalid.write_text(json.dumps({**MICRO, "n_group": 3}), encoding="utf-8")  # 8 experts in 3 groups
+    rc, _, err = run_cli(["info", "--config", invalid])
+    assert rc == 2 and "n_group" in err
+
+
+def test_sample_missing_checkpoint(tmp_path):
+    rc, out, err = run_cli(["sample", tmp_path / "no-such-run", "--prompt", "x"])
+    assert rc == 2 and out == ""
+    assert "no-such-run" in err and "neither a checkpoint directory" in err
+
+
+def test_train_bad_data_path(tmp_path, run):
+    rc, _, err = run_cli(["train", "--config", run["cfg"], "--data", tmp_path / "absent", "--out", tmp_path / "r",
+                          "--cache-dir", tmp_path / "c", "--steps", 1, "--no-progress", "--samples", 0])
+    assert rc == 2 and "absent" in err and "does not exist" in err
+
+
+def test_train_bad_batch(tmp_path, run):
+    rc, _, err = run_cli(["train", "--config", run["cfg"], "--data", run["data"], "--out", tmp_path / "r",
+                          "--batch-size", 4, "--micro-batch-size", 3, "--no-progress"])
+    assert rc == 2 and "multiple of micro_batch_size" in err
+
+
+def test_no_command_prints_help(capsys):
+    assert main([]) == 2
+    assert "usage: dsv3" in capsys.readouterr().out
+
+
+def test_argparse_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["sample", "somewhere"])  # --prompt is required
+    assert e.value.code == 2
+    assert "--prompt" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["info", "--preset", "small", "--config", "x.json"])  # mutually exclusive
+    assert e.value.code == 2
+
+
+def test_generate_greedy_matches_engine_and_speculation(run):
+    from dsv3.inference.engine import SamplingParams, load_engine
+
+    ck = run["out"] / "checkpoints" / "step_00000008"
+    engine, tok = load_engine(str(ck), device="cpu")
+    want = engine.generate(["def"], SamplingParams(max_new_tokens=12, temperature=0))[0].text
+    for k in ("0", "2"):
+        rc, stdout, err = run_cli(["generate", ck, "--prompt", "def", "--max-new-tokens", 12, "--temperature", 0,
+                                   "--speculative-k", k, "-v", "--device", "cpu"])
+        assert rc == 0, err
+        assert stdout == "def" + want + "\n"
+        assert "tokens, finish reason" in err
+    rc, stdout, err = run_cli(["generate", ck, "--prompt", "hi", "--chat", "--max-new-tokens", 4, "--device", "cpu"])
+    assert rc == 0, err
+    assert not stdout.startswith("hi")  # --chat prints only the reply, not the templated prompt
+
+
+def test_chat_reads_turns_from_stdin(run, monkeypatch):
+    ck = run["out"] / "checkpoints" / "step_00000008"
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n/reset\nsecond turn\n\n/exit\nnever read\n"))
+    seen = []
+    import dsv3.training.tokenizer as tkmod
+
+    orig = tkmod.DSTokenizer.apply_chat_template
+
+    def spy(self, messages, add_generation_prompt=True):
+        seen.append([m["content"] for m in messages])
+        return orig(self, messages, add_generation_prompt)
+
+    monkeypatch.setattr(tkmod.DSTokenizer, "apply_chat_template", spy)
+    rc, stdout, err = run_cli(["chat", ck, "--max-new-tokens", 3, "--system", "be brief", "--device", "cpu"])
+    assert rc == 0, err
+    # the system prompt stays; /reset drops the first exchange; blank lines and text after /exit are ignored
+    assert seen == [["be brief", "hello"], ["be brief", "second turn"]]
+
+
+def test_sft_and_grpo_commands_run_end_to_end(run, tmp_path):
+    from dsv3.posttrain.tasks import arithmetic_sft_chats
+
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps(r) + "\n" for r in arithmetic_sft_chats(40, 0)), encoding="utf-8")
+    sft_out = tmp_path / "sft"
+    rc, stdout, err = run_cli(["sft", run["out"], "--data", chats, "--out", sft_out, "--steps", 2, "--batch-size", 2,
+                               "--seq-len", 128, "--lr", 1e-4, "--device", "cpu"])
+    assert rc == 0, err
+    assert (sft_out / "checkpoints" / "step_00000002" / "config.json").exists()
+    rc, stdout, err = run_cli(["grpo", sft_out, "--out", tmp_path / "grpo", "--iterations", 1, "--prompts", 2,
+                               "--group-size", 2, "--max-new-tokens", 4, "--eval-every", 1, "--device", "cpu"])
+    assert rc == 0, err
+    assert "grpo:" in stdout and "heldout_acc" in stdout
+    rc, _, err = run_cli(["sft", run["out"], "--data", tmp_path / "missing.jsonl", "--out", tmp_path / "x"])
+    assert rc == 2 and "missing.jsonl" in err

@@ -1,0 +1,307 @@
+"""ModelConfig: validation rules, JSON round trips, the official 671B config.json, presets.
+
+Run: python -m pytest tests/test_config.py -q
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dsv3.config import PRESETS, ConfigError, ModelConfig, preset, softmax_scale
+from conftest import tiny_cfg
+
+# The hub config.json of deepseek-ai/DeepSeek-V3, written out from SPEC §1 (HF name / value columns).
+OFFICIAL_671B = {
+    "architectures": ["DeepseekV3ForCausalLM"],
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "auto_map": {
+        "AutoConfig": "configuration_deepseek.DeepseekV3Config",
+        "AutoModel": "modeling_deepseek.DeepseekV3Model",
+        "AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM",
+    },
+    "aux_loss_alpha": 0.001,
+    "bos_token_id": 0,
+    "eos_token_id": 1,
+    "ep_size": 1,
+    "first_k_dense_replace": 3,
+    "hidden_act": "silu",
+    "hidden_size": 7168,
+    "initializer_range": 0.02,
+    "intermediate_size": 18432,
+    "kv_lora_rank": 512,
+    "max_position_embeddings": 163840,
+    "model_type": "deepseek_v3",
+    "moe_intermediate_size": 2048,
+    "moe_layer_freq": 1,
+    "n_group": 8,
+    "n_routed_experts": 256,
+    "n_shared_experts": 1,
+    "norm_topk_prob": True,
+    "num_attention_heads": 128,
+    "num_experts_per_tok": 8,
+    "num_hidden_layers": 61,
+    "num_key_value_heads": 128,
+    "num_nextn_predict_layers": 1,
+    "pretraining_tp": 1,
+    "q_lora_rank": 1536,
+    "qk_nope_head_dim": 128,
+    "qk_rope_head_dim": 64,
+    "quantization_config": {
+        "activation_scheme": "dynamic",
+        "fmt": "e4m3",
+        "quant_method": "fp8",
+        "weight_block_size": [128, 128],
+    },
+    "rms_norm_eps": 1e-06,
+    "rope_scaling": {
+        "beta_fast": 32,
+        "beta_slow": 1,
+        "factor": 40,
+        "mscale": 1.0,
+        "mscale_all_dim": 1.0,
+        "original_max_position_embeddings": 4096,
+        "type": "yarn",
+    },
+    "rope_theta": 10000,
+    "routed_scaling_factor": 2.5,
+    "scoring_func": "sigmoid",
+    "seq_aux": True,
+    "tie_word_embeddings": False,
+    "topk_group": 4,
+    "topk_method": "noaux_tc",
+    "torch_dtype": "bfloat16",
+    "transformers_version": "4.46.3",
+    "use_cache": True,
+    "v_head_dim": 128,
+    "vocab_size": 129280,
+}
+
+ARCH_FIELDS = [
+    "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+    "first_k_dense_replace", "moe_layer_freq", "num_attention_heads", "num_key_value_heads", "q_lora_rank",
+    "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "n_routed_experts", "n_shared_experts",
+    "num_experts_per_tok", "n_group", "topk_group", "scoring_func", "topk_method", "norm_topk_prob",
+    "routed_scaling_factor", "max_position_embeddings", "rope_theta", "rope_scaling", "rms_norm_eps", "hidden_act",
+    "attention_bias", "tie_word_embeddings", "num_nextn_predict_layers", "bos_token_id", "eos_token_id",
+    "quantization_config", "torch_dtype",
+]
+
+
+# ------------------------------------------------------------------------------------------------
+# validation: each rule raises ConfigError naming the field
+
+@pytest.mark.parametrize("changes, field", [
+    (dict(num_experts_per_tok=9), "num_experts_per_tok"),  # > n_routed_experts (8)
+    (dict(topk_group=5), "topk_group"),  # > n_group (4)
+    (dict(n_group=3), "n_group"),  # 8 % 3 != 0
+    (dict(qk_rope_head_dim=7), "qk_rope_head_dim"),  # odd
+    (dict(n_group=4, topk_group=1, num_experts_per_tok=3), "topk_group"),  # 1 group * 2 experts < 3
+    (dict(hidden_size=-32), "hidden_size"),
+    (dict(vocab_size=0), "vocab_size"),
+    (dict(kv_lora_rank=-1), "kv_lora_rank"),
+    (dict(intermediate_size=-1), "intermediate_size"),
+    (dict(moe_intermediate_size=-4), "moe_intermediate_size"),
+    (dict(num_nextn_predict_layers=-1), "num_nextn_predict_layers"),
+    (dict(q_lora_rank=0), "q_lora_rank"),
+    (dict(scoring_func="softmax"), "scoring_func"),
+    (dict(topk_method="greedy"), "topk_method"),
+    (dict(hidden_act="gelu"), "hidden_act"),
+    (dict(tie_word_embeddings=True), "tie_word_embeddings"),
+    (dict(attention_bias=True), "attention_bias"),
+    (dict(first_k_dense_replace=4), "first_k_dense_replace"),  # > num_hidden_layers (3)
+    (dict(rms_norm_eps=0.0), "rms_norm_eps"),
+    (dict(rope_theta=-1.0), "rope_theta"),
+    (dict(max_position_embeddings=0), "max_position_embeddings"),
+    (dict(n_group=8, topk_group=4), "n_group"),  # 1 expert per group: no top-2 group score
+    (dict(rope_scaling={"type": "linear", "factor": 2.0}), "rope_scaling.type"),
+    (dict(rope_scaling={"type": "yarn", "factor": 0.5, "original_max_position_embeddings": 32}),
+     "rope_scaling.factor"),
+    (dict(rope_scaling={"type": "yarn", "factor": 4.0}), "rope_scaling.original_max_position_embeddings"),
+    (dict(quantization_config={"quant_method": "int8"}), "quantization_config.quant_method"),
+    (dict(quantization_config={"quant_method": "fp8", "weight_block_size": [64, 64]}),
+     "quantization_config.weight_block_size"),
+])
+def test_validation_rule_names_field(changes, field):
+    with pytest.raises(ConfigError, match=r"(^|\W)" + field.replace(".", r"\.") + r"\b"):
+        tiny_cfg(**changes)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("hidden_size", "64"),
+    ("hidden_size", 64.0),
+    ("hidden_size", True),
+    ("num_hidden_layers", "3"),
+    ("num_experts_per_tok", "2"),
+    ("n_group", "4"),
+    ("q_lora_rank", "24"),
+    ("rms_norm_eps", "1e-6"),
+    ("rope_theta", "10000"),
+    ("max_position_embeddings", "256"),
+    ("routed_scaling_factor", "2.5"),
+    ("norm_topk_prob", "yes"),
+    ("scoring_func", 1),
+    ("rope_scaling", "yarn"),
+])
+def test_wrong_types_raise_config_error_naming_field(field, value):
+    d = tiny_cfg().to_dict()
+    d[field] = value
+    with pytest.raises(ConfigError, match=r"\b" + field + r"\b"):
+        ModelConfig.from_dict(d)
+
+
+def test_wrong_type_in_json_file_names_field(tmp_path):
+    d = tiny_cfg().to_dict()
+    d["rms_norm_eps"] = "tiny"
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    with pytest.raises(ConfigError, match="rms_norm_eps"):
+        ModelConfig.from_json(tmp_path)
+
+
+def test_valid_edge_cases_accepted():
+    # exactly enough experts left in the kept groups; a single group; all-dense model without MoE fields
+    tiny_cfg(n_group=4, topk_group=1, num_experts_per_tok=2)
+    tiny_cfg(n_group=1, topk_group=1, num_experts_per_tok=8)
+    tiny_cfg(n_routed_experts=0, first_k_dense_replace=3, num_nextn_predict_layers=0)
+    tiny_cfg(q_lora_rank=None)
+
+
+def test_non_object_config_rejected():
+    with pytest.raises(ConfigError, match="JSON object"):
+        ModelConfig.from_dict([1, 2, 3])
+
+
+def test_missing_and_corrupt_json(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        ModelConfig.from_json(tmp_path / "nope.json")
+    p = tmp_path / "config.json"
+    p.write_text("{not json")
+    with pytest.raises(ConfigError, match="config.json"):
+        ModelConfig.from_json(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------
+# JSON round trips and the two RoPE spellings
+
+def test_json_round_trip_keeps_unknown_keys(tmp_path):
+    d = tiny_cfg(rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
+                               "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 1.0},
+                 q_lora_rank=None).to_dict()
+    d["auto_map"] = {"AutoConfig": "configuration_deepseek.DeepseekV3Config"}
+    d["ep_size"] = 1
+    d["some_future_field"] = [1, {"a": 2}]
+    src = tmp_path / "src.json"
+    src.write_text(json.dumps(d))
+    cfg = ModelConfig.from_json(src)
+    assert cfg.extra["auto_map"] == d["auto_map"]
+    assert cfg.extra["some_future_field"] == [1, {"a": 2}]
+    assert cfg.q_lora_rank is None and cfg.rope_scaling["mscale"] == 0.707
+
+    out = tmp_path / "out"
+    out.mkdir()
+    cfg.to_json(out)  # a directory: writes out/config.json
+    written = json.loads((out / "config.json").read_text())
+    for k, v in d.items():
+        assert written[k] == v, k
+    again = ModelConfig.from_json(out / "config.json")
+    assert again == cfg
+    assert again.extra == cfg.extra
+
+
+def test_round_trip_preserves_every_field(tmp_path):
+    cfg = tiny_cfg(first_k_dense_replace=2, moe_layer_freq=1, n_shared_experts=2, routed_scaling_factor=1.5,
+                   rms_norm_eps=1e-5, rope_theta=50000.0, norm_topk_prob=False, bos_token_id=5, eos_token_id=6,
+                   pad_token_id=7, aux_loss_alpha=0.01, seq_aux=False, initializer_range=0.02,
+                   quantization_config={"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                        "weight_block_size": [128, 128]})
+    cfg.to_json(tmp_path / "c.json")
+    back = ModelConfig.from_json(tmp_path / "c.json")
+    assert back == cfg
+    # the dataclass comparison covers every field: a changed one must make it unequal
+    assert back != cfg.replace(rope_theta=10000.0)
+
+
+def test_rope_parameters_and_rope_scaling_spellings_agree():
+    old = tiny_cfg(rope_theta=5000.0, rope_scaling={"type": "yarn", "factor": 4.0,
+                   "original_max_position_embeddings": 32, "beta_fast": 32, "beta_slow": 1,
+                   "mscale": 0.707, "mscale_all_dim": 1.0}).to_dict()
+    new = dict(old)
+    new.pop("rope_scaling")
+    new.pop("rope_theta")
+    new["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 5000.0, "factor": 4.0,
+                              "original_max_position_embeddings": 32, "beta_fast": 32, "beta_slow": 1,
+                              "mscale": 0.707, "mscale_all_dim": 1.0}
+    a, b = ModelConfig.from_dict(old), ModelConfig.from_dict(new)
+    assert a == b
+    assert b.rope_theta == 5000.0 and b.yarn is not None and b.yarn["factor"] == 4.0
+    assert "rope_parameters" not in b.to_dict()  # written back in the rope_scaling spelling
+
+    # default RoPE in the v5 spelling -> rope_scaling None, theta kept
+    plain = dict(new)
+    plain["rope_parameters"] = {"rope_type": "default", "rope_theta": 12345.0}
+    c = ModelConfig.from_dict(plain)
+    assert c.rope_scaling is None and c.yarn is None and c.rope_theta == 12345.0
+    assert c == ModelConfig.from_dict({**old, "rope_scaling": None, "rope_theta": 12345.0})
+
+
+def test_transformers_aliases_and_nulls():
+    d = tiny_cfg().to_dict()
+    d.pop("num_nextn_predict_layers")
+    d["num_mtp_layers"] = 2
+    d["dtype"] = d.pop("torch_dtype")
+    d["num_key_value_heads"] = None
+    d["n_group"], d["topk_group"] = None, None
+    cfg = ModelConfig.from_dict(d)
+    assert cfg.num_nextn_predict_layers == 2
+    assert cfg.torch_dtype == "float32"
+    assert cfg.num_key_value_heads == cfg.num_attention_heads
+    assert (cfg.n_group, cfg.topk_group) == (1, 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# the official 671B config and the presets
+
+def test_official_671b_config_parses_to_preset(tmp_path):
+    p = tmp_path / "config.json"
+    p.write_text(json.dumps(OFFICIAL_671B, indent=2))
+    cfg = ModelConfig.from_json(tmp_path)
+    ref = preset("671b")
+    for f in ARCH_FIELDS:
+        assert getattr(cfg, f) == getattr(ref, f), f
+    # the only declared difference: dsv3 initialises with the paper's std, the hub file says 0.02
+    assert cfg.initializer_range == 0.02 and ref.initializer_range == 0.006
+    assert cfg.replace(initializer_range=0.006) == ref
+    # legacy / remote-code keys survive in `extra` and are written back
+    for k in ("auto_map", "ep_size", "pretraining_tp", "transformers_version", "use_cache", "attention_dropout"):
+        assert cfg.extra[k] == OFFICIAL_671B[k], k
+    out = cfg.to_dict()
+    for k, v in OFFICIAL_671B.items():
+        assert out[k] == v, k
+    # derived facts of SPEC §1 / §3.4
+    assert cfg.qk_head_dim == 192
+    assert [cfg.is_moe_layer(i) for i in (0, 1, 2, 3, 60)] == [False, False, False, True, True]
+    assert softmax_scale(cfg) == pytest.approx(0.1352338, abs=1e-7)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_validate(name):
+    cfg = preset(name)
+    assert cfg.validate() is cfg
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg  # round trip through the dict form
+    assert preset(name.upper()) == cfg  # case-insensitive
+
+
+def test_unknown_preset():
+    with pytest.raises(ConfigError, match="unknown preset 'nope'"):
+        preset("nope")
+
+
+def test_replace_validates_and_keeps_extra():
+    cfg = ModelConfig.from_dict({**tiny_cfg().to_dict(), "auto_map": {"x": "y"}})
+    new = cfg.replace(num_hidden_layers=4)
+    assert new.num_hidden_layers == 4 and new.extra["auto_map"] == {"x": "y"}
+    assert new.extra is not cfg.extra
+    with pytest.raises(ConfigError, match="num_experts_per_tok"):
+        cfg.replace(num_experts_per_tok=100)

@@ -1,0 +1,342 @@
+"""Data pipeline tests: corpus discovery and errors, the token cache (layout, FIM, reuse, atomicity),
+packing, and the sampler (determinism, exact resume, rank sharding). CPU, tiny synthetic corpora.
+
+Run: python -m pytest tests/test_data.py -q
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from dsv3.training import data as D
+from dsv3.training.data import (
+    CorpusError, PackedSampler, TokenCache, ValBatches, bits_per_byte, build_token_cache, find_corpus,
+    fim_rng, fim_split, split_of, stdlib_corpus, token_dtype,
+)
+from dsv3.training.tokenizer import DSTokenizer, train_tokenizer
+
+TEXTS = [
+    "def add(a, b):\n    return a + b\n",
+    "# Title\n\nSome *markdown* prose with émoji 🙂 and 中文.\n",
+    "class Stack:\n    def __init__(self):\n        self.items = []\n\n"
+    "    def push(self, x):\n        self.items.append(x)\n",
+    "Plain text, numbers 12345 and tabs\tand\r\nwindows line ends.\n",
+    "for i in range(10):\n    print(i * i)\n",
+    "A literal <｜end▁of▁sentence｜> in a file must stay text.\n",
+]
+
+
+@pytest.fixture(scope="module")
+def tok() -> DSTokenizer:
+    return DSTokenizer(train_tokenizer(TEXTS * 4, vocab_size=400))
+
+
+def write_corpus(root, n_files=12):
+    """n_files small documents under root (some nested) plus files that must be ignored."""
+    texts = {}
+    for i in range(n_files):
+        rel = f"pkg{i % 3}/mod_{i}.py" if i % 2 else f"doc_{i}.md"
+        text = f"# document {i}\n" + TEXTS[i % len(TEXTS)] * (1 + i % 3)
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8", newline="")
+        texts[rel] = text
+    (root / "image.png").write_bytes(b"\x89PNG\r\n")  # unknown extension: ignored
+    (root / ".git").mkdir()
+    (root / ".git" / "config.txt").write_text("hidden dir: ignored")
+    (root / "__pycache__").mkdir()
+    (root / "__pycache__" / "x.py").write_text("ignored")
+    return texts
+
+
+def split_docs(stream, eos):
+    """The stream cut after every EOS: one list of ids per document (EOS dropped)."""
+    ends = np.flatnonzero(stream == eos)
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    assert ends[-1] == len(stream) - 1  # every document, the last included, ends with EOS
+    return [stream[s:e].tolist() for s, e in zip(starts, ends)]
+
+
+# --- corpus --------------------------------------------------------------------------------------
+
+def test_find_corpus_directory(tmp_path):
+    texts = write_corpus(tmp_path)
+    corpus = find_corpus(tmp_path)
+    assert [f.relpath for f in corpus.files] == sorted(texts)
+    assert all(f.kind == "text" for f in corpus.files)
+    single = find_corpus(tmp_path / "doc_0.md")
+    assert [f.relpath for f in single.files] == ["doc_0.md"]
+
+
+def test_stdlib_corpus_lists_many_files():
+    corpus = stdlib_corpus()
+    assert len(corpus.files) > 500
+    assert all(f.relpath.endswith(".py") for f in corpus.files)
+    skip = {"test", "tests", "idle_test", "site-packages"}
+    assert not any(skip & set(f.relpath.split("/")[:-1]) for f in corpus.files)
+    assert "json/decoder.py" in {f.relpath for f in corpus.files}
+
+
+def test_nonexistent_and_empty_corpus(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope"):
+        find_corpus(tmp_path / "nope")
+    (tmp_path / "a.bin").write_bytes(b"x")
+    with pytest.raises(CorpusError, match=str(tmp_path)):
+        find_corpus(tmp_path)
+
+
+def test_only_empty_documents_is_an_error(tmp_path, tok):
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(CorpusError, match="no documents"):
+        build_token_cache(tmp_path, tok, tmp_path / "cache", progress=False)
+
+
+def test_non_utf8_file_skipped_and_counted(tmp_path, tok):
+    texts = write_corpus(tmp_path / "c", n_files=4)
+    (tmp_path / "c" / "latin1.txt").write_bytes("café".encode("latin-1"))
+    cache = build_token_cache(tmp_path / "c", tok, tmp_path / "cache", progress=False)
+    assert cache.meta["n_skipped"] == 1 and cache.meta["skipped_files"] == ["latin1.txt"]
+    assert cache.meta["n_files"] == 5
+    assert sum(s["n_docs"] for s in cache.meta["splits"].values()) == len(texts)
+
+
+def test_jsonl_documents_and_errors(tmp_path, tok):
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"text": "first doc"}\n\n{"text": "second", "id": 2}\n{"text": ""}\n', encoding="utf-8")
+    docs = D.read_documents(find_corpus(good).files[0])
+    assert [(d.key, d.text) for d in docs] == [("good.jsonl:1", "first doc"), ("good.jsonl:3", "second")]
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"text": "unterminated\n', encoding="utf-8")
+    with pytest.raises(CorpusError, match=r"bad\.jsonl:2: malformed JSON"):
+        build_token_cache(bad, tok, tmp_path / "cache", progress=False)
+    missing = tmp_path / "missing.jsonl"
+    missing.write_text('{"text": "ok"}\n{"content": "x"}\n', encoding="utf-8")
+    with pytest.raises(CorpusError, match=r"missing\.jsonl:2: .*no 'text' field"):
+        build_token_cache(missing, tok, tmp_path / "cache", progress=False)
+    wrong = tmp_path / "wrong.jsonl"
+    wrong.write_text('[1, 2]\n', encoding="utf-8")
+    with pytest.raises(CorpusError, match=r"wrong\.jsonl:1"):
+        build_token_cache(wrong, tok, tmp_path / "cache", progress=False)
+    assert not list((tmp_path / "cache").rglob("*.bin*"))  # failed builds leave nothing behind
+
+
+def test_split_by_path_hash():
+    keys = [f"dir/file_{i}.py" for i in range(20000)]
+    val = [k for k in keys if split_of(k) == "val"]
+    assert 0.007 < len(val) / len(keys) < 0.013  # ~1%
+    assert val == [k for k in keys if split_of(k, 10) == "val"]  # stable
+    assert all(split_of(k, 0) == "train" for k in keys[:100])
+    assert all(split_of(k, 1000) == "val" for k in keys[:100])
+
+
+# --- FIM -----------------------------------------------------------------------------------------
+
+def test_fim_split_pieces():
+    for seed in range(200):
+        text = TEXTS[seed % len(TEXTS)]
+        prefix, middle, suffix = fim_split(text, fim_rng(seed, "k"))
+        assert prefix + middle + suffix == text
+    assert fim_split("", fim_rng(0, "k")) == ("", "", "")
+    a, b = fim_split(TEXTS[2], fim_rng(3, "x")), fim_split(TEXTS[2], fim_rng(3, "x"))
+    assert a == b  # deterministic per (seed, key)
+
+
+def test_fim_layout_in_cache(tmp_path, tok):
+    texts = write_corpus(tmp_path / "c", n_files=6)
+    cache = build_token_cache(tmp_path / "c", tok, tmp_path / "cache", val_permille=0, fim_rate=1.0,
+                              fim_seed=7, progress=False)
+    assert cache.meta["splits"]["train"]["n_fim_docs"] == len(texts)
+    docs = split_docs(np.asarray(cache.tokens("train")), tok.eos_id)
+    assert len(docs) == len(texts)
+    for ids, (rel, text) in zip(docs, sorted(texts.items())):
+        # <fim_begin> prefix <fim_hole> suffix <fim_end> middle <eos>
+        assert ids[0] == tok.fim_begin_id
+        assert ids.count(tok.fim_hole_id) == ids.count(tok.fim_end_id) == 1
+        hole, end = ids.index(tok.fim_hole_id), ids.index(tok.fim_end_id)
+        assert 0 < hole < end
+        prefix, suffix, middle = (tok.decode(ids[1:hole]), tok.decode(ids[hole + 1:end]),
+                                  tok.decode(ids[end + 1:]))
+        assert prefix + middle + suffix == text
+        rng = fim_rng(7, rel)
+        rng.random()  # the FIM decision draw
+        assert (prefix, middle, suffix) == fim_split(text, rng)
+    # the val split never gets FIM
+    val = build_token_cache(tmp_path / "c", tok, tmp_path / "cache", val_permille=1000, fim_rate=1.0,
+                            progress=False)
+    stream = np.asarray(val.tokens("val"))
+    assert val.meta["splits"]["val"]["n_fim_docs"] == 0 and tok.fim_begin_id not in stream
+
+
+# --- token cache ---------------------------------------------------------------------------------
+
+def test_cache_layout_without_fim(tmp_path, tok):
+    texts = write_corpus(tmp_path / "c")
+    cache = build_token_cache(tmp_path / "c", tok, tmp_path / "cache", val_permille=300, fim_rate=0.0,
+                              progress=False)
+    assert cache.meta["dtype"] == "uint16" and cache.tokens().dtype == np.uint16
+    lengths = tok.token_byte_lengths()
+    for split in ("train", "val"):
+        rels = [r for r in sorted(texts) if split_of(r, 300) == split]
+        assert rels, "the fixture should put documents in both splits"
+        stream = cache.tokens(split)
+        expected = [t for r in rels for t in [*tok.encode(texts[r], parse_special=False), tok.eos_id]]
+        assert stream.tolist() == expected  # each document followed by EOS, in path order
+        meta = cache.meta["splits"][split]
+        assert meta == {"n_docs": len(rels), "n_tokens": len(expected), "n_fim_docs": 0,
+                        "n_bytes": sum(len(texts[r].encode()) for r in rels)}
+        assert lengths[np.asarray(stream)].sum() == meta["n_bytes"]  # bits-per-byte denominator is exact
+    # the literal EOS string in a document did not become an EOS token
+    assert len(split_docs(np.asarray(cache.tokens("train")), tok.eos_id)) == cache.meta["splits"]["train"]["n_docs"]
+
+
+def test_cache_reuse_and_invalidation(tmp_path, tok, monkeypatch):
+    write_corpus(tmp_path / "c")
+    first = build_token_cache(tmp_path / "c", tok, tmp_path / "cache", progress=False)
+    assert not first.reused
+    mtime = (first.directory / "train.bin").stat().st_mtime_ns
+
+    calls = []
+    real = DSTokenizer.encode_batch
+    monkeypatch.setattr(DSTokenizer, "encode_batch", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    second = build_token_cache(tmp_path / "c", tok, tmp_path / "cache", progress=False)
+    assert second.reused and not calls and second.directory == first.directory
+    assert (second.directory / "train.bin").stat().st_mtime_ns == mtime
+    assert np.array_equal(second.tokens(), first.tokens()) and second.meta == first.meta
+    assert TokenCache.open(first.directory).meta == first.meta
+
+    # different FIM settings, or a changed file, give another key and a rebuild
+    other = build_token_cache(tmp_path / "c", tok, tmp_path / "cache", fim_seed=1, progress=False)
+    assert not other.reused and other.directory != first.directory
+    path = tmp_path / "c" / "doc_0.md"
+    path.write_text(path.read_text() + "more\n")
+    changed = build_token_cache(tmp_path / "c", tok, tmp_path / "cache", progress=False)
+    assert calls and not changed.reused and changed.directory not in (first.directory, other.directory)
+
+
+def test_interrupted_build_leaves_no_cache(tmp_path, tok, monkeypatch):
+    write_corpus(tmp_path / "c")
+
+    def boom(self, *a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(DSTokenizer, "encode_batch", boom)
+    with pytest.raises(KeyboardInterrupt):
+        build_token_cache(tmp_path / "c", tok, tmp_path / "cache", progress=False)
+    leftovers = [p.name for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+    assert leftovers == []  # no meta.json, no partial .bin, no temp file
+    monkeypatch.undo()
+    assert not build_token_cache(tmp_path / "c", tok, tmp_path / "cache", progress=False).reused
+
+
+def test_token_dtype():
+    assert token_dtype(65536) == np.uint16 and token_dtype(65537) == np.uint32
+    assert token_dtype(129280) == np.uint32
+
+
+# --- packing and sampling (synthetic streams: token i has value i, so windows are identifiable) ---
+
+def stream(n):
+    return np.arange(n, dtype=np.uint32)
+
+
+def test_windows_are_contiguous_slices():
+    L, B = 8, 4
+    s = PackedSampler(stream(203), seq_len=L, batch_size=B, seed=0)
+    assert s.n_windows == (203 - 1) // L == 25 and s.batches_per_epoch == 6
+    seen = []
+    for _ in range(s.batches_per_epoch):
+        batch = next(s)
+        assert batch.shape == (B, L + 1) and batch.dtype == torch.int64
+        for row in batch:
+            start = int(row[0])
+            assert start % L == 0 and torch.equal(row, torch.arange(start, start + L + 1))
+            seen.append(start // L)
+    assert len(set(seen)) == len(seen) == 6 * B  # no window twice within an epoch
+    assert sorted(s.epoch_order(0)) == list(range(25))
+    assert s.epoch == 1 and s.batch_in_epoch == 0
+    assert not np.array_equal(s.epoch_order(0), s.epoch_order(1))  # reshuffled each epoch
+
+
+def test_sampler_determinism_and_resume():
+    tokens, L, B, N = stream(1000), 16, 4, 40  # 15 batches per epoch: N crosses two epoch boundaries
+    a = PackedSampler(tokens, L, B, seed=3)
+    straight = [next(a) for _ in range(N)]
+    b = PackedSampler(tokens, L, B, seed=3)
+    first_half = [next(b) for _ in range(N // 2 + 1)]
+    state = json.loads(json.dumps(b.state_dict()))  # checkpointable as plain JSON
+    c = PackedSampler(tokens, L, B, seed=0)  # fresh, even with another seed: the state carries it
+    c.load_state_dict(state)
+    resumed = first_half + [next(c) for _ in range(N - len(first_half))]
+    assert all(torch.equal(x, y) for x, y in zip(straight, resumed))
+    other_seed = PackedSampler(tokens, L, B, seed=4)
+    assert not torch.equal(next(other_seed), straight[0])
+    with pytest.raises(ValueError, match="seq_len"):
+        PackedSampler(tokens, 8, B).load_state_dict(state)
+
+
+def test_rank_sharding():
+    tokens, L, B, W = stream(2000), 8, 6, 3
+    single = PackedSampler(tokens, L, B, seed=1)
+    ranks = [PackedSampler(tokens, L, B, seed=1, rank=r, world_size=W) for r in range(W)]
+    for _ in range(50):
+        full = next(single)
+        parts = [next(r) for r in ranks]
+        assert all(p.shape == (B // W, L + 1) for p in parts)
+        starts = [set(p[:, 0].tolist()) for p in parts]
+        assert not (starts[0] & starts[1] or starts[0] & starts[2] or starts[1] & starts[2])  # disjoint
+        assert torch.equal(torch.cat(parts), full)  # the ranks together see the global batch
+    # resume on another world size with the same global batch
+    two = PackedSampler(tokens, L, B, seed=1, rank=1, world_size=2)
+    two.load_state_dict(ranks[0].state_dict())
+    assert torch.equal(next(two), next(single)[B // 2:])
+    with pytest.raises(ValueError, match="multiple of world_size"):
+        PackedSampler(tokens, L, 5, world_size=2)
+
+
+def test_too_small_corpus_errors(tmp_path, tok):
+    with pytest.raises(CorpusError, match=r"has 10 tokens, fewer than one sequence of seq_len\+1 = 17"):
+        PackedSampler(stream(10), seq_len=16, batch_size=1)
+    with pytest.raises(CorpusError, match="fewer than one global batch of 8"):
+        PackedSampler(stream(50), seq_len=16, batch_size=8)
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "a.txt").write_text("tiny")
+    cache = build_token_cache(tmp_path / "c", tok, tmp_path / "cache", val_permille=0, progress=False)
+    n = cache.meta["splits"]["train"]["n_tokens"]
+    with pytest.raises(CorpusError, match=f"train split of directory .* has {n} tokens"):
+        cache.sampler(seq_len=64, batch_size=1)
+
+
+def test_val_batches_in_order():
+    tokens, L = stream(8 * 10 + 3), 8  # 10 windows
+    vb = ValBatches(tokens, L, batch_size=4)
+    batches = list(vb)
+    assert len(vb) == len(batches) == 3 and [b.shape[0] for b in batches] == [4, 4, 2]
+    starts = torch.cat(batches)[:, 0].tolist()
+    assert starts == [k * L for k in range(10)]
+    assert all(torch.equal(r, torch.arange(r[0], r[0] + L + 1)) for b in batches for r in b)
+    assert [torch.equal(x, y) for x, y in zip(batches, list(vb))] == [True] * 3  # re-iterable
+    # two ranks: partial last batch dropped so both run the same number of batches
+    parts = [list(ValBatches(tokens, L, 4, rank=r, world_size=2)) for r in range(2)]
+    assert [len(p) for p in parts] == [2, 2]
+    assert torch.equal(torch.cat([parts[0][0], parts[1][0]]), batches[0])
+
+
+def test_sampler_from_cache_and_bits_per_byte(tmp_path, tok):
+    write_corpus(tmp_path / "c", n_files=30)
+    cache = build_token_cache(tmp_path / "c", tok, tmp_path / "cache", val_permille=200, progress=False)
+    batch = next(cache.sampler(seq_len=16, batch_size=2))
+    train = np.asarray(cache.tokens("train"))
+    windows = np.lib.stride_tricks.sliding_window_view(train, 17)[::16]  # (n_windows, 17), stride seq_len
+    for row in batch.numpy():
+        assert (windows == row).all(1).any()  # each row is one of the aligned windows
+    # bits per byte over the whole val split, with a uniform "model": log(V) nats per target
+    val = cache.val_batches(seq_len=16, batch_size=2)
+    lengths = torch.from_numpy(tok.token_byte_lengths())
+    n_targets = sum(b[:, 1:].numel() for b in val)
+    n_bytes = sum(int(lengths[b[:, 1:]].sum()) for b in val)
+    bpb = bits_per_byte(n_targets * np.log(tok.vocab_size), n_bytes)
+    assert bpb == pytest.approx(n_targets * np.log2(tok.vocab_size) / n_bytes)
+    assert 0 < n_bytes <= cache.meta["splits"]["val"]["n_bytes"]

@@ -1,0 +1,1073 @@
+"""Inference: absorbed MLA, the paged latent KV cache, the continuous-batching engine, sampling
+parameters and MTP self-speculative decoding (greedy identity and a statistical test of the
+speculative-sampling rule).
+
+Run: python -m pytest tests/test_engine.py -q
+
+Everything is fp32 on the CPU with tiny random models (init std 0.2 so that attention, routing and
+next-token distributions are far from uniform). References are independent of the code under test
+where possible: the expanded MLA, the uncached full forward, `generate_naive` (full recomputation),
+and exact next-token distributions computed from uncached forwards.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from dsv3.config import preset
+from dsv3.inference.cache import CacheFull, PagedLatentCache
+from dsv3.inference.engine import Engine, SamplingParams
+from dsv3.inference.naive import generate_naive
+from dsv3.inference.sampling import filter_logits, sample
+from dsv3.model import rope
+from dsv3.model.mla import MLA
+from dsv3.training.tokenizer import DSTokenizer
+from conftest import make_model, tiny_cfg, yarn
+
+STD = 0.2
+
+
+# ------------------------------------------------------------------------------------------------
+# models and helpers
+
+def cfg_plain(**kw):
+    """3 layers (1 dense + 2 MoE), q-LoRA, plain RoPE, D = 1."""
+    return tiny_cfg(initializer_range=STD, **kw)
+
+
+def cfg_yarn(**kw):
+    """YaRN (original context 32, so prompts of ~40 tokens cross it), no q-LoRA, D = 2."""
+    return tiny_cfg(initializer_range=STD, q_lora_rank=None, rope_scaling=yarn(factor=4.0, original=32),
+                    num_nextn_predict_layers=2, **kw)
+
+
+CFGS = {"plain": cfg_plain, "yarn": cfg_yarn}
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {name: make_model(f(), seed=3, bias_std=0.3) for name, f in CFGS.items()}
+
+
+def spec_model(D: int, drafter: str, vocab: int = 64, seed: int = 5):
+    """A 1-layer MoE model with D MTP modules and no EOS.
+
+    drafter "random": the MTP modules keep their random weights (low acceptance: the rejection path).
+    drafter "aligned": each MTP block is a copy of the main layer fed only the next token's embedding
+    (eh_proj = [I, 0], embedding rows of unit RMS so enorm is the identity); because RoPE is relative,
+    MTP position i then computes almost exactly what the main model computes at position i + 1, so
+    drafts are mostly right (long accepted runs, stops and length limits inside accepted drafts)."""
+    cfg = tiny_cfg(initializer_range=STD, num_hidden_layers=1, first_k_dense_replace=0, vocab_size=vocab,
+                   num_nextn_predict_layers=D, eos_token_id=None)
+    model = make_model(cfg, seed=seed, bias_std=0.3)
+    if drafter == "aligned":
+        with torch.no_grad():
+            E = model.embed_tokens.weight
+            E.div_(E.pow(2).mean(-1, keepdim=True).sqrt())
+            H = cfg.hidden_size
+            for mod in model.mtp:
+                missing, unexpected = mod.load_state_dict(model.layers[0].state_dict(), strict=False)
+                assert not unexpected
+                mod.eh_proj.weight.zero_()
+                mod.eh_proj.weight[:, :H] = torch.eye(H)
+                mod.enorm.weight.fill_(1.0)
+                mod.shared_head.norm.weight.copy_(model.norm.weight)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def spec_models():
+    return {(D, d): spec_model(D, d) for D in (1, 2) for d in ("aligned", "random")}
+
+
+def prompts_for(cfg, lengths, seed=11):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in lengths]
+
+
+@torch.no_grad()
+def full_logits(model, ids: list[int]) -> torch.Tensor:
+    """Uncached forward of the whole sequence: (T, V)."""
+    return model(torch.tensor([ids]), with_mtp=False).logits[0]
+
+
+def naive_greedy(model, prompt, n):
+    """Greedy continuation by full recomputation, with EOS handled as the engine does it
+    (the stop token ends the output and is not part of it)."""
+    eos = model.config.eos_token_id
+    new = generate_naive(model, prompt, n, temperature=0.0, eos_id=eos)
+    if eos is not None and new and new[-1] == eos:
+        return new[:-1], "stop"
+    return new, "length"
+
+
+def run_all(engine: Engine) -> dict[str, object]:
+    """Step the engine until idle; the final output of every request by id."""
+    final = {}
+    while engine.has_unfinished():
+        for o in engine.step():
+            if o.finished:
+                final[o.request_id] = o
+    return final
+
+
+def greedy(n, **kw):
+    return SamplingParams(max_new_tokens=n, temperature=0.0, **kw)
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. absorbed == expanded
+
+def _random_mla(cfg, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mla = MLA(cfg)
+    with torch.no_grad():
+        for name, p in mla.named_parameters():
+            if "layernorm" in name:  # non-trivial norm gains: the cache must hold the *normalised* latent
+                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(STD * torch.randn(p.shape, generator=g))
+    return mla.eval()
+
+
+@pytest.mark.parametrize("name", ["plain", "yarn"])
+@pytest.mark.parametrize("B,T", [(1, 1), (2, 5), (3, 17), (2, 40)])
+@torch.no_grad()
+def test_mla_absorbed_equals_expanded(name, B, T):
+    cfg = CFGS[name]()
+    mla = _random_mla(cfg)
+    x = torch.randn(B, T, cfg.hidden_size, generator=torch.Generator().manual_seed(B * 100 + T))
+    cos, sin = rope.cos_sin(torch.arange(T), rope.inv_freq(cfg), rope.cos_sin_factor(cfg))
+    ref = mla(x, cos.unsqueeze(0), sin.unsqueeze(0))  # expanded, causal
+
+    cache = PagedLatentCache(1, num_blocks=64, block_size=3, kv_dim=cfg.kv_lora_rank, pe_dim=cfg.qk_rope_head_dim)
+    tables = [cache.allocate(cache.blocks_for(T)) for _ in range(B)]
+    cb = cache.batch(tables, [0] * B, [T] * B)
+    out = mla.forward_absorbed(x, cos.unsqueeze(0), sin.unsqueeze(0), cb.layer(0))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    # the `cache=` argument of forward dispatches to the absorbed form
+    for t in tables:
+        cache.release(t)
+    tables = [cache.allocate(cache.blocks_for(T)) for _ in range(B)]
+    out2 = mla(x, cos.unsqueeze(0), sin.unsqueeze(0), None, cache.batch(tables, [0] * B, [T] * B).layer(0))
+    torch.testing.assert_close(out2, ref, rtol=1e-5, atol=1e-5)
+
+    # the same sequence in two chunks: the second chunk attends to the cached first one
+    if T > 1:
+        t1 = T // 2
+        for t in tables:
+            cache.release(t)
+        tables = [cache.allocate(cache.blocks_for(T)) for _ in range(B)]
+        o1 = mla.forward_absorbed(x[:, :t1], cos[None, :t1], sin[None, :t1],
+                                  cache.batch(tables, [0] * B, [t1] * B).layer(0))
+        o2 = mla.forward_absorbed(x[:, t1:], cos[None, t1:], sin[None, t1:],
+                                  cache.batch(tables, [t1] * B, [T - t1] * B).layer(0))
+        torch.testing.assert_close(torch.cat([o1, o2], 1), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["plain", "yarn"])
+@torch.no_grad()
+def test_model_prefill_through_cache_equals_uncached(models, name):
+    model = models[name]
+    cfg = model.config
+    lengths = [7, 1, 23, 40]
+    prompts = prompts_for(cfg, lengths)
+    cache = PagedLatentCache.for_model(model, num_blocks=64, block_size=4)
+    tables = [cache.allocate(cache.blocks_for(n)) for n in lengths]
+    cb = cache.batch(tables, [0] * len(lengths), lengths)
+    ids = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, : len(p)] = torch.tensor(p)
+    out = model(ids, cb.positions, cache=cb)
+    assert out.mtp_logits == []  # with a cache, MTP is left to mtp_step
+    for b, p in enumerate(prompts):
+        ref = model(torch.tensor([p]))
+        n = len(p)
+        torch.testing.assert_close(out.logits[b, :n], ref.logits[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out.hidden[b, :n], ref.hidden[0], rtol=1e-5, atol=1e-5)
+        # MTP modules through the cache == the uncached (training) MTP forward
+        n_layers = cfg.num_hidden_layers
+        h_prev = ref.hidden
+        for k in range(cfg.num_nextn_predict_layers):
+            Tk = n - k - 1
+            if Tk <= 0:
+                break
+            tbl = cache.allocate(cache.blocks_for(n))
+            mcb = cache.batch([tbl], [0], [Tk])
+            h_prev, lg = model.mtp_step(k, torch.tensor([p[k + 1:]]), h_prev[:, :Tk], mcb.positions,
+                                        mcb.layer(n_layers + k))
+            torch.testing.assert_close(lg[0], ref.mtp_logits[k][0], rtol=1e-5, atol=1e-5)
+            cache.release(tbl)
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. cached decode == full recomputation, on fragmented block tables
+
+def _fragmented_tables(cache: PagedLatentCache, needs: list[int]) -> list[list[int]]:
+    """Block tables for sequences of the given lengths, allocated one block at a time round-robin,
+    interleaved with blocks of a dummy sequence that is then freed and partly re-used: every table
+    ends up non-contiguous and out of order."""
+    tables: list[list[int]] = [[] for _ in needs]
+    dummy: list[int] = []
+    want = [cache.blocks_for(n) for n in needs]
+    half = [w // 2 for w in want]
+    for r in range(max(half)):
+        for b in range(len(needs)):
+            if r < half[b]:
+                tables[b] += cache.allocate(1)
+            dummy += cache.allocate(1)
+    cache.release(dummy)
+    for r in range(max(want)):
+        for b in range(len(needs)):
+            if len(tables[b]) < want[b]:
+                tables[b] += cache.allocate(1)
+    for t in tables:
+        if len(t) > 2:
+            assert any(b2 != b1 + 1 for b1, b2 in zip(t, t[1:])), t
+    return tables
+
+
+@pytest.mark.parametrize("name,block_size", [("plain", 2), ("yarn", 3), ("plain", 4)])
+@torch.no_grad()
+def test_cached_decode_equals_full_recomputation(models, name, block_size):
+    model = models[name]
+    cfg = model.config
+    total = [38, 21, 44]
+    prompt_len = [5, 13, 2]
+    seqs = prompts_for(cfg, total, seed=block_size)
+    refs = [full_logits(model, s) for s in seqs]  # causal: row p is the logits after s[:p+1]
+    cache = PagedLatentCache.for_model(model, num_blocks=120, block_size=block_size)
+    tables = _fragmented_tables(cache, total)
+    pos = [0] * len(seqs)
+    # chunk schedules: prefill, then single tokens and chunks (speculative verification), ragged across
+    # the batch so that every forward has padding
+    sched = [[p] for p in prompt_len]
+    for b, seq in enumerate(seqs):
+        pattern = itertools.cycle([[1, 3], [1], [2, 1, 4]][b])  # tokens per forward
+        left = total[b] - prompt_len[b]
+        while left > 0:
+            n = min(next(pattern), left)
+            sched[b].append(n)
+            left -= n
+    step = 0
+    while any(pos[b] < total[b] for b in range(len(seqs))):
+        active = [b for b in range(len(seqs)) if pos[b] < total[b]]
+        n_new = [sched[b][step] if step < len(sched[b]) else 0 for b in active]
+        active = [b for b, n in zip(active, n_new) if n > 0]
+        n_new = [n for n in n_new if n > 0]
+        ids = torch.zeros(len(active), max(n_new), dtype=torch.long)
+        for i, (b, n) in enumerate(zip(active, n_new)):
+            ids[i, :n] = torch.tensor(seqs[b][pos[b]: pos[b] + n])
+        cb = cache.batch([tables[b] for b in active], [pos[b] for b in active], n_new)
+        out = model(ids, cb.positions, cache=cb)
+        for i, (b, n) in enumerate(zip(active, n_new)):
+            torch.testing.assert_close(out.logits[i, :n], refs[b][pos[b]: pos[b] + n], rtol=1e-5, atol=2e-5)
+            pos[b] += n
+        step += 1
+    assert step > 15
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. PagedLatentCache
+
+def test_cache_block_accounting():
+    cache = PagedLatentCache(n_slots=2, num_blocks=5, block_size=4, kv_dim=16, pe_dim=8)
+    assert cache.free_blocks == 5
+    assert [cache.blocks_for(n) for n in (0, 1, 4, 5, 8, 9)] == [0, 1, 1, 2, 2, 3]
+    a = cache.allocate(2)
+    b = cache.allocate(3)
+    assert cache.free_blocks == 0 and sorted(a + b) == list(range(5))
+    with pytest.raises(CacheFull):
+        cache.allocate(1)
+    assert cache.allocate(0) == []
+    cache.release(a)
+    assert cache.free_blocks == 2
+    with pytest.raises(CacheFull):
+        cache.allocate(3)
+    c = cache.allocate(2)
+    assert sorted(c) == sorted(a)
+    cache.release(b)
+    cache.release(c)
+    assert cache.free_blocks == 5
+    # a forward that would write past a sequence's table is refused
+    tbl = cache.allocate(1)
+    with pytest.raises(CacheFull):
+        cache.batch([tbl], [3], [2])  # positions 3, 4 need 2 blocks
+    cache.batch([tbl], [3], [1])  # position 3 fits
+    with pytest.raises(ValueError):
+        PagedLatentCache(1, 0, 4, 16, 8)
+    with pytest.raises(ValueError):
+        PagedLatentCache(1, 4, 0, 16, 8)
+
+
+def test_cache_layout_and_bytes_per_token(models):
+    model = models["plain"]
+    cfg = model.config
+    n_slots = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
+    cache = PagedLatentCache.for_model(model, num_blocks=7, block_size=3)
+    # exactly (slots, tokens, kv_lora_rank) and (slots, tokens, rope): no per-head K/V anywhere
+    tensors = {k: v for k, v in vars(cache).items() if isinstance(v, torch.Tensor)}
+    assert set(tensors) == {"kv", "pe"}
+    assert cache.kv.shape == (n_slots, 21, cfg.kv_lora_rank)
+    assert cache.pe.shape == (n_slots, 21, cfg.qk_rope_head_dim)
+    per_token = n_slots * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+    assert PagedLatentCache.bytes_per_token(model, torch.float32) == 4 * per_token
+    assert PagedLatentCache.bytes_per_token(model, torch.bfloat16) == 2 * per_token
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    assert total == PagedLatentCache.bytes_per_token(model, torch.float32) * 21
+    # DeepSeek-V3 itself: 61 layers x 576 values in BF16 = 70,272 bytes (SPEC §3.5), plus the MTP layer
+    v3 = SimpleNamespace(config=preset("671b"))
+    assert PagedLatentCache.bytes_per_token(v3, torch.bfloat16) == 70_272 + 576 * 2
+
+
+@torch.no_grad()
+def test_cache_holds_normalised_latent_and_rotated_key(models):
+    """The stored rows are kv_a_layernorm(c_kv) and the RoPE-rotated k_pe of each token, at
+    slot table[p // block_size] * block_size + p % block_size, computed here by hand."""
+    model = models["yarn"]
+    cfg = model.config
+    cache = PagedLatentCache.for_model(model, num_blocks=40, block_size=3)
+    seqs = prompts_for(cfg, [11, 36], seed=4)
+    tables = _fragmented_tables(cache, [len(s) for s in seqs])
+    attn_in = {}
+    hooks = [layer.self_attn.register_forward_hook(
+        lambda mod, inp, out, i=i: attn_in.__setitem__(i, inp[0].detach())) for i, layer in enumerate(model.layers)]
+    try:
+        T = max(len(s) for s in seqs)
+        ids = torch.zeros(2, T, dtype=torch.long)
+        for b, s in enumerate(seqs):
+            ids[b, : len(s)] = torch.tensor(s)
+        cb = cache.batch(tables, [0, 0], [len(s) for s in seqs])
+        model(ids, cb.positions, cache=cb)
+    finally:
+        for h in hooks:
+            h.remove()
+    C, bs = cfg.kv_lora_rank, cache.block_size
+    written = torch.zeros(cache.kv.shape[1], dtype=torch.bool)
+    for i, layer in enumerate(model.layers):
+        attn = layer.self_attn
+        kv = attn_in[i] @ attn.kv_a_proj_with_mqa.weight.T  # (B, T, C + R)
+        c, pe = kv[..., :C], kv[..., C:]
+        c_norm = c / torch.sqrt(c.pow(2).mean(-1, keepdim=True) + 1e-6) * attn.kv_a_layernorm.weight
+        for b, s in enumerate(seqs):
+            for p in range(len(s)):
+                slot = tables[b][p // bs] * bs + p % bs
+                written[slot] = True
+                theta = p * model.rope_inv_freq  # (R/2,), YaRN-corrected frequencies
+                x1, x2 = pe[b, p, 0::2], pe[b, p, 1::2]
+                rot = torch.stack([x1 * theta.cos() - x2 * theta.sin(), x1 * theta.sin() + x2 * theta.cos()], -1).flatten()
+                torch.testing.assert_close(cache.kv[i, slot], c_norm[b, p], rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(cache.pe[i, slot], rot, rtol=1e-5, atol=1e-6)
+    # nothing else was written (padding positions of the shorter sequence included)
+    assert cache.kv[:, ~written].abs().max() == 0 and cache.pe[:, ~written].abs().max() == 0
+
+
+def test_allocated_blocks_read_as_zeros():
+    """A re-used block must not carry another sequence's latents (positions an MTP module > 1 reads
+    but never writes would otherwise make drafts depend on other requests)."""
+    cache = PagedLatentCache(n_slots=2, num_blocks=3, block_size=2, kv_dim=4, pe_dim=2)
+    blocks = cache.allocate(3)
+    cache.kv.fill_(1.0)
+    cache.pe.fill_(1.0)
+    cache.release(blocks[:2])
+    again = cache.allocate(2)
+    for blk in again:
+        assert cache.kv[:, blk * 2: blk * 2 + 2].abs().max() == 0
+        assert cache.pe[:, blk * 2: blk * 2 + 2].abs().max() == 0
+    assert cache.kv[:, blocks[2] * 2].min() == 1  # the block still held is untouched
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. the engine vs full recomputation; continuous batching, queueing, admission, abort
+
+LENGTHS = [3, 9, 1, 14, 6]
+
+
+@pytest.fixture(scope="module")
+def naive_refs(models):
+    refs = {}
+    for name, model in models.items():
+        prompts = prompts_for(model.config, LENGTHS, seed=21)
+        refs[name] = (prompts, [naive_greedy(model, p, 10) for p in prompts])
+    return refs
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+@pytest.mark.parametrize("name", ["plain", "yarn"])
+def test_engine_greedy_matches_naive(models, naive_refs, name, graphs):
+    # graphs=True: the static-shape decode step of dsv3/inference/graphs.py (run eagerly on the CPU;
+    # batch 5 pads to 8, context buckets of 1/2/4/8 blocks of 3 are crossed by the growing sequences)
+    model = models[name]
+    prompts, refs = naive_refs[name]
+    eng = Engine(model, max_batch_size=8, block_size=3, cuda_graphs=graphs)
+    outs = eng.generate(prompts, greedy(10))
+    for o, p, (toks, reason) in zip(outs, prompts, refs):
+        assert o.token_ids == toks and o.finish_reason == reason and o.finished
+        assert o.prompt_tokens == len(p) and o.logprobs is None and o.text == ""
+    assert eng.cache.free_blocks == eng.cache.num_blocks and not eng.has_unfinished()
+    if graphs:
+        assert {k[0] for k in eng._graphs._entries} >= {8}  # 5 running sequences pad to 8 rows
+    assert eng.stats.prefill_tokens == sum(LENGTHS)
+    assert eng.stats.generated_tokens == sum(len(t) for t, _ in refs)
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_engine_continuous_batching(models, naive_refs, graphs):
+    model = models["plain"]
+    prompts, refs = naive_refs["plain"]
+    eng = Engine(model, max_batch_size=8, block_size=2, cuda_graphs=graphs)
+    final, ids = {}, {}
+
+    def step():
+        for o in eng.step():
+            if o.finished:
+                final[o.request_id] = o
+
+    ids[0] = eng.add_request(prompts[0], greedy(10))
+    ids[1] = eng.add_request(prompts[1], greedy(10))
+    step(); step()
+    ids[2] = eng.add_request(prompts[2], greedy(10))
+    step()
+    assert eng.num_running == 3
+    ids[3] = eng.add_request(prompts[3], greedy(10))
+    step(); step(); step()
+    ids[4] = eng.add_request(prompts[4], greedy(10), request_id="late")
+    assert ids[4] == "late"
+    while eng.has_unfinished():
+        step()
+    for i, (toks, reason) in enumerate(refs):
+        assert final[ids[i]].token_ids == toks and final[ids[i]].finish_reason == reason
+    assert eng.cache.free_blocks == eng.cache.num_blocks
+
+
+def test_engine_queueing_batch_and_cache_limits(models, naive_refs):
+    model = models["plain"]
+    prompts, refs = naive_refs["plain"]
+    # more requests than batch slots
+    eng = Engine(model, max_batch_size=2, block_size=4)
+    for p in prompts:
+        eng.add_request(p, greedy(10))
+    seen_running, final = [], {}
+    while eng.has_unfinished():
+        for o in eng.step():
+            if o.finished:
+                final[o.request_id] = o
+        seen_running.append(eng.num_running)
+    assert max(seen_running) <= 2
+    assert [final[f"req-{i}"].token_ids for i in range(5)] == [t for t, _ in refs]
+
+    # a cache that holds the budget of only ~two requests at a time: queueing, never CacheFull
+    eng = Engine(model, max_batch_size=8, block_size=4, cache_tokens=48)
+    ids = [eng.add_request(p, greedy(10)) for p in prompts]
+    waited = False
+    final = {}
+    while eng.has_unfinished():
+        for o in eng.step():
+            if o.finished:
+                final[o.request_id] = o
+        waited |= eng.num_waiting > 0 and eng.num_running > 0
+        held = sum(len(r.blocks) for r in eng.running)
+        assert eng.cache.free_blocks == eng.cache.num_blocks - held
+    assert waited
+    assert [final[i].token_ids for i in ids] == [t for t, _ in refs]
+    assert eng.cache.free_blocks == eng.cache.num_blocks
+
+
+def test_engine_admission_errors(models):
+    model = models["plain"]
+    V, L = model.config.vocab_size, model.config.max_position_embeddings
+    eng = Engine(model, max_batch_size=4, block_size=4, cache_tokens=32)
+    with pytest.raises(ValueError, match="cache"):
+        eng.add_request(list(range(20)), greedy(20))  # needs more than the whole cache
+    with pytest.raises(ValueError, match="empty"):
+        eng.add_request([], greedy(4))
+    with pytest.raises(ValueError):
+        eng.add_request([1, V], greedy(4))
+    with pytest.raises(ValueError):
+        eng.add_request([-1, 2], greedy(4))
+    with pytest.raises(ValueError, match="tokenizer"):
+        eng.add_request("text without a tokenizer", greedy(4))
+    big = Engine(model, max_batch_size=1, block_size=16)
+    with pytest.raises(ValueError, match="context"):
+        big.add_request([5] * (L - 9), greedy(10))
+    rid = big.add_request([5] * (L - 10), greedy(10))  # exactly the context: accepted
+    assert big.abort(rid) and big.has_unfinished()  # until its final output is returned
+    (o,) = big.step()
+    assert o.request_id == rid and o.finish_reason == "abort" and o.token_ids == [] and not big.has_unfinished()
+    assert not eng.has_unfinished() and eng.cache.free_blocks == eng.cache.num_blocks
+    with pytest.raises(ValueError):
+        Engine(model, speculative_k=-1)
+    with pytest.raises(ValueError, match="MTP"):
+        Engine(make_model(tiny_cfg(num_nextn_predict_layers=0)), speculative_k=1)
+    with pytest.raises(TypeError):
+        eng.generate([1, 2, 3])
+    with pytest.raises(TypeError):
+        eng.generate("a prompt")
+
+
+def test_engine_abort(models, naive_refs):
+    model = models["plain"]
+    prompts, refs = naive_refs["plain"]
+    eng = Engine(model, max_batch_size=2, block_size=2)
+    ids = [eng.add_request(p, greedy(10)) for p in prompts[:3]]
+    eng.step()
+    assert eng.num_running == 2 and eng.num_waiting == 1
+    assert eng.cache.free_blocks < eng.cache.num_blocks
+    assert eng.abort(ids[0])  # running
+    assert eng.abort(ids[2])  # waiting
+    assert not eng.abort(ids[2]) and not eng.abort("no-such-request")
+    held = sum(len(r.blocks) for r in eng.running)
+    assert eng.cache.free_blocks == eng.cache.num_blocks - held
+    outs = {}
+    while eng.has_unfinished():
+        for o in eng.step():
+            outs.setdefault(o.request_id, []).append(o)
+    # the aborted requests report once, finished with reason "abort"
+    for i in (0, 2):
+        (o,) = outs[ids[i]]
+        assert o.finished and o.finish_reason == "abort"
+    assert outs[ids[1]][-1].token_ids == refs[1][0]
+    assert eng.cache.free_blocks == eng.cache.num_blocks
+    # aborting from a streaming consumer ends the stream
+    eng = Engine(model, max_batch_size=2, block_size=2)
+    got = []
+    for o in eng.stream(prompts[3], greedy(10)):
+        got.append(o)
+        if len(got) == 2:
+            eng.abort(o.request_id)
+    assert got[-1].finish_reason == "abort" and len(got) == 3
+    assert eng.cache.free_blocks == eng.cache.num_blocks
+    # and from generate's callback: the request's result says so
+    eng = Engine(model, max_batch_size=4, block_size=2)
+    res = eng.generate(prompts[:2], greedy(10),
+                       on_output=lambda o: eng.abort(o.request_id) if o.request_id == "req-0" else None)
+    assert res[0].finish_reason == "abort" and res[1].token_ids == refs[1][0]
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. MTP self-speculative decoding, greedy
+
+SPEC_PROMPT_LENS = [4, 11, 1, 7]
+
+
+@pytest.fixture(scope="module")
+def spec_refs(spec_models):
+    """Greedy outputs without speculation, per (D, drafter, repetition_penalty)."""
+    refs = {}
+    for (D, d), model in spec_models.items():
+        prompts = prompts_for(model.config, SPEC_PROMPT_LENS, seed=31)
+        for pen in (1.0, 1.3):
+            outs = Engine(model, max_batch_size=8, block_size=4).generate(prompts, greedy(24, repetition_penalty=pen))
+            refs[(D, d, pen)] = (prompts, [o.token_ids for o in outs])
+    return refs
+
+
+SPEC_STATS = {}  # filled by the tests below, printed by test_report_speculative_stats (pytest -s)
+CHI2 = {}
+
+
+@pytest.mark.parametrize("D", [1, 2])
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("drafter", ["aligned", "random"])
+@pytest.mark.parametrize("pen", [1.0, 1.3])
+def test_speculative_greedy_identical(spec_models, spec_refs, D, k, drafter, pen):
+    model = spec_models[(D, drafter)]
+    prompts, ref = spec_refs[(D, drafter, pen)]
+    eng = Engine(model, max_batch_size=8, block_size=3, speculative_k=k)
+    outs = eng.generate(prompts, greedy(24, repetition_penalty=pen))
+    assert [o.token_ids for o in outs] == ref
+    assert all(o.finish_reason == "length" for o in outs)
+    s = eng.stats
+    assert 0 <= s.acceptance_rate <= 1 and 0 <= s.first_draft_acceptance <= 1
+    assert 1 <= s.mean_accepted_length <= k + 1
+    assert s.accepted <= s.drafted <= k * s.rounds and s.first_draft_accepted <= s.accepted
+    # every decode step is one verification round (the prefill step makes the first token)
+    assert s.rounds > 0 and s.steps <= 24
+    if drafter == "aligned":  # fewer steps than tokens
+        assert s.acceptance_rate > 0.5 and s.mean_accepted_length > 1.5 and s.steps < 20
+    SPEC_STATS[(D, k, drafter, pen)] = (s.acceptance_rate, s.mean_accepted_length, s.first_draft_acceptance)
+    assert eng.cache.free_blocks == eng.cache.num_blocks
+
+
+def test_speculative_without_spec_has_no_stats(spec_models, spec_refs):
+    model = spec_models[(1, "aligned")]
+    prompts, ref = spec_refs[(1, "aligned", 1.0)]
+    eng = Engine(model, max_batch_size=8)
+    assert [o.token_ids for o in eng.generate(prompts, greedy(24))] == ref
+    s = eng.stats
+    assert s.drafted == s.rounds == 0
+    assert math.isnan(s.acceptance_rate) and math.isnan(s.mean_accepted_length)
+
+
+@pytest.mark.parametrize("D,k", [(1, 3), (2, 3), (1, 2)])
+def test_speculative_stops_inside_drafts(spec_models, spec_refs, D, k, monkeypatch):
+    """Stop tokens and the max_new_tokens limit falling inside a run of accepted drafts."""
+    model = spec_models[(D, "aligned")]
+    prompts, ref = spec_refs[(D, "aligned", 1.0)]
+    # count the rounds that ended on an accepted draft (a stop token or the length limit) with
+    # later drafts dropped: the returned tokens are then a strict prefix of the drafts
+    inside = {"stop": 0, "length": 0}
+    verify = Engine._verify
+
+    def spy(self, r, logits, inp, top1):
+        out, lps = verify(self, r, logits, inp, top1)
+        if len(out) < len(inp) - 1 and out == inp[1: 1 + len(out)]:
+            inside["stop" if self._stops(r, out[-1]) else "length"] += 1
+        return out, lps
+
+    monkeypatch.setattr(Engine, "_verify", spy)
+    # length limit at every offset: output is exactly the first n tokens
+    for n in range(1, 11):
+        eng = Engine(model, max_batch_size=8, block_size=2, speculative_k=k)
+        outs = eng.generate(prompts, greedy(n))
+        for o, r in zip(outs, ref):
+            assert o.token_ids == r[:n] and len(o.token_ids) == n and o.finish_reason == "length"
+        assert eng.cache.free_blocks == eng.cache.num_blocks
+    # stop tokens: each prompt stops at the first occurrence of a token from its reference output
+    for j in range(1, 10):
+        eng = Engine(model, max_batch_size=8, block_size=2, speculative_k=k)
+        params = [greedy(24, stop_token_ids=[r[j]]) for r in ref]
+        outs = eng.generate(prompts, params)
+        for o, r in zip(outs, ref):
+            cut = r.index(r[j])
+            assert o.token_ids == r[:cut] and o.finish_reason == "stop"
+        assert eng.stats.accepted > 0
+    assert inside["stop"] > 0 and inside["length"] > 0, inside
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. speculative sampling keeps the output distribution (statistical test)
+
+def _chi2_quantile(df: int, z: float) -> float:
+    """Wilson–Hilferty approximation of the chi-square quantile at standard-normal quantile z."""
+    a = 2.0 / (9.0 * df)
+    return df * (1.0 - a + z * math.sqrt(a)) ** 3
+
+
+def _chi2(counts: torch.Tensor, probs: torch.Tensor, n: int) -> tuple[float, int, float]:
+    """Pearson chi-square of counts against n * probs, pooling cells with expected count < 5.
+    Counts in cells of zero probability give an infinite statistic."""
+    counts, probs = counts.flatten().double(), probs.flatten().double()
+    if counts[probs == 0].sum() > 0:
+        return math.inf, 1, 0.0
+    exp = n * probs
+    big = exp >= 5
+    obs_b, exp_b = counts[big], exp[big]
+    rest_o, rest_e = counts[~big & (probs > 0)].sum(), exp[~big & (probs > 0)].sum()
+    if rest_e > 0:
+        obs_b, exp_b = torch.cat([obs_b, rest_o.view(1)]), torch.cat([exp_b, rest_e.view(1)])
+    stat = float(((obs_b - exp_b) ** 2 / exp_b).sum())
+    df = len(exp_b) - 1
+    return stat, df, _chi2_quantile(df, 4.265)  # p = 1e-5: a false alarm essentially never
+
+
+@torch.no_grad()
+def _exact_joint(model, prompt, params: SamplingParams, n_tokens: int) -> torch.Tensor:
+    """P(t_1, ..., t_n) of the main model's processed distribution (temperature, repetition penalty,
+    top-k/top-p/min-p), as a (V,)*n tensor, from uncached forwards over every prefix."""
+    V = model.config.vocab_size
+    joint = torch.ones(())
+    for i in range(n_tokens):
+        prefixes = list(itertools.product(range(V), repeat=i))
+        ids = torch.tensor([prompt + list(pre) for pre in prefixes])
+        logits = model(ids, with_mtp=False).logits[:, -1].double()
+        if params.repetition_penalty != 1.0:
+            for b, pre in enumerate(prefixes):
+                seen = sorted(set(prompt + list(pre)))
+                sel = logits[b, seen]
+                logits[b, seen] = torch.where(sel > 0, sel / params.repetition_penalty, sel * params.repetition_penalty)
+        logits = filter_logits(logits / params.temperature, params.top_k, params.top_p, params.min_p)
+        cond = logits.softmax(-1).view(*([V] * i), V)
+        joint = joint.unsqueeze(-1) * cond
+    return joint
+
+
+def _sample_joint(model, prompt, params: SamplingParams, n_tokens: int, N: int, k: int, seed0: int = 0):
+    V = model.config.vocab_size
+    eng = Engine(model, max_batch_size=N, block_size=4, speculative_k=k, cache_tokens=N * 12)
+    ps = []
+    for i in range(N):
+        p = SamplingParams(**{**vars(params), "seed": seed0 + i, "max_new_tokens": n_tokens})
+        ps.append(p)
+    outs = eng.generate([prompt] * N, ps)
+    counts = torch.zeros([V] * n_tokens)
+    for o in outs:
+        assert len(o.token_ids) == n_tokens
+        counts[tuple(o.token_ids)] += 1
+    return counts, eng.stats
+
+
+@pytest.fixture(scope="module")
+def vocab8_model():
+    # 8 tokens, no EOS; random MTP module: its draft distribution q is far from the target p, so
+    # both the acceptance test and the residual resampling are exercised heavily
+    cfg = tiny_cfg(vocab_size=8, eos_token_id=None, bos_token_id=None, initializer_range=0.3)
+    return make_model(cfg, seed=2, bias_std=0.3)
+
+
+STAT_CASES = {
+    "t1": SamplingParams(temperature=1.0),
+    "topk_topp": SamplingParams(temperature=1.0, top_k=5, top_p=0.9),
+    "t07_minp_pen": SamplingParams(temperature=0.7, min_p=0.05, repetition_penalty=1.5),
+}
+
+
+@pytest.mark.parametrize("case", list(STAT_CASES))
+def test_speculative_sampling_distribution(vocab8_model, case, monkeypatch):
+    model = vocab8_model
+    params = STAT_CASES[case]
+    prompt = [3, 5, 2, 7, 1]
+    n_tok, N = 3, 4000
+    exact = _exact_joint(model, prompt, params, n_tok)
+    assert abs(float(exact.sum()) - 1) < 1e-9
+    # non-degenerate: the first three tokens have many likely outcomes
+    assert (exact > 1e-3).sum() > 40
+
+    counts, stats = _sample_joint(model, prompt, params, n_tok, N, k=2)
+    stat, df, thr = _chi2(counts, exact, N)
+    assert stat < thr, f"speculative sampling: chi2 {stat:.1f} (df {df}) > {thr:.1f}"
+    # the draft was often wrong and often right: both branches of the rule were used
+    assert 0.1 < stats.acceptance_rate < 0.9, stats
+    assert 1 < stats.mean_accepted_length < 3
+    SPEC_STATS[("sampling", case)] = (stats.acceptance_rate, stats.mean_accepted_length, stats.first_draft_acceptance)
+    CHI2[case] = (stat, df, thr)
+
+    if case == "t1":
+        # the same test on plain sampling passes too ...
+        counts0, _ = _sample_joint(model, prompt, params, n_tok, N, k=0, seed0=10**6)
+        stat0, _, _ = _chi2(counts0, exact, N)
+        assert stat0 < thr
+        # ... and it does detect a wrong rule: accepting every draft (u = 0 always)
+        monkeypatch.setattr(torch, "rand", lambda *a, **kw: torch.zeros(()))
+        counts_bad, bad_stats = _sample_joint(model, prompt, params, n_tok, N, k=2, seed0=2 * 10**6)
+        monkeypatch.undo()
+        assert bad_stats.acceptance_rate > 0.99
+        stat_bad, _, _ = _chi2(counts_bad, exact, N)
+        assert stat_bad > 3 * thr, (stat_bad, thr)
+        CHI2["t1 without speculation"] = (stat0, df, thr)
+        CHI2["t1 accept-every-draft (wrong rule)"] = (stat_bad, df, thr)
+
+
+# ------------------------------------------------------------------------------------------------
+# 7. sampling parameters, stops, logprobs, streaming
+
+def test_sample_function_basics():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 50, generator=g)
+    assert torch.equal(sample(logits, temperature=0.0), logits.argmax(-1))
+    assert torch.equal(sample(logits, temperature=1.0, top_k=1, generator=g), logits.argmax(-1))
+    a = sample(logits, 1.0, generator=torch.Generator().manual_seed(5))
+    b = sample(logits, 1.0, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a, b)
+
+
+def test_filter_logits_by_hand():
+    logits = torch.log(torch.tensor([[0.05, 0.4, 0.1, 0.3, 0.15]]))
+    ninf = float("-inf")
+    # top-k 2: 0.4 and 0.3
+    out = filter_logits(logits, top_k=2)
+    assert torch.isinf(out[0, [0, 2, 4]]).all() and torch.equal(out[0, [1, 3]], logits[0, [1, 3]])
+    # top-p 0.7: sorted 0.4, 0.3 (cum 0.7 reaches it) -> keep {1, 3}; 0.71 needs 0.15 too
+    assert torch.isfinite(filter_logits(logits, top_p=0.7)).tolist() == [[False, True, False, True, False]]
+    assert torch.isfinite(filter_logits(logits, top_p=0.71)).tolist() == [[False, True, False, True, True]]
+    assert torch.isfinite(filter_logits(logits, top_p=0.3)).tolist() == [[False, True, False, False, False]]
+    # min-p 0.3: threshold 0.3 * 0.4 = 0.12 -> keep 0.4, 0.3, 0.15
+    assert torch.isfinite(filter_logits(logits, min_p=0.3)).tolist() == [[False, True, False, True, True]]
+    assert torch.isfinite(filter_logits(logits, min_p=0.5)).tolist() == [[False, True, False, True, False]]
+    # combined: top-k 3 renormalises {0.4, 0.3, 0.15} -> {0.47, 0.35, 0.18}; top-p 0.8 keeps the first two
+    out = filter_logits(logits, top_k=3, top_p=0.8)
+    assert torch.isfinite(out).tolist() == [[False, True, False, True, False]]
+    assert out[0, 0] == ninf
+    # nothing to filter
+    assert torch.equal(filter_logits(logits), logits)
+
+
+def _request(params, history):
+    from dsv3.inference.engine import _Request
+    return _Request("x", list(history), params.validate(), 0.0)
+
+
+def test_repetition_penalty_ctrl_rule(models):
+    """CTRL (Keskar et al. 2019): a seen token's logit is divided by the penalty if positive and
+    multiplied by it if negative; unseen tokens are untouched; then temperature."""
+    eng = Engine(models["plain"], max_batch_size=1, block_size=4)
+    logits = torch.tensor([2.0, -1.0, 0.5, -0.3, 1.5, 0.0])
+    history = [0, 1, 1, 3, 5]
+    r = _request(SamplingParams(temperature=1.0, repetition_penalty=2.0), history)
+    probs = eng._probs(r, logits, history)
+    pen = torch.tensor([1.0, -2.0, 0.5, -0.6, 1.5, 0.0])
+    torch.testing.assert_close(probs, pen.softmax(-1))
+    r = _request(SamplingParams(temperature=0.5, repetition_penalty=2.0), history)
+    torch.testing.assert_close(eng._probs(r, logits, history), (pen / 0.5).softmax(-1))
+    # greedy with a penalty: the argmax of the penalised logits (token 4 now beats token 0)
+    r = _request(SamplingParams(temperature=0.0, repetition_penalty=2.0), history)
+    assert int(eng._probs(r, logits, history).argmax()) == 4
+
+
+@torch.no_grad()
+def test_repetition_penalty_generation(models):
+    """Greedy generation with a penalty == a hand-written full-recomputation reference; and != none."""
+    model = models["plain"]
+    prompt = prompts_for(model.config, [6], seed=8)[0]
+    eng = Engine(model, max_batch_size=2, block_size=4)
+    pen = 1.8
+    (o,) = eng.generate([prompt], greedy(12, repetition_penalty=pen, ignore_eos=True))
+    seq = list(prompt)
+    for _ in range(12):
+        lg = full_logits(model, seq)[-1]
+        idx = torch.tensor(sorted(set(seq)))
+        lg[idx] = torch.where(lg[idx] > 0, lg[idx] / pen, lg[idx] * pen)
+        seq.append(int(lg.argmax()))
+    assert o.token_ids == seq[len(prompt):]
+    (o0,) = Engine(model, max_batch_size=2).generate([prompt], greedy(12, ignore_eos=True))
+    assert o0.token_ids != o.token_ids
+    # a penalty is visible: fewer repeated tokens
+    assert len(set(o.token_ids)) >= len(set(o0.token_ids))
+
+
+@pytest.mark.parametrize("k", [0, 2])
+def test_temperature_topk_and_seeds(models, naive_refs, k):
+    name = "yarn"  # D = 2: chained drafts run the second MTP module
+    model = models[name]
+    prompts, refs = naive_refs[name]
+    eng = Engine(model, max_batch_size=8, block_size=3, speculative_k=k)
+    # top_k = 1 at any temperature is greedy
+    outs = eng.generate(prompts, SamplingParams(max_new_tokens=10, temperature=1.3, top_k=1, seed=4))
+    assert [o.token_ids for o in outs] == [t for t, _ in refs]
+    # seeds: same seed -> same tokens, whatever else the engine runs alongside or ran before;
+    # different seeds differ
+    sp = [SamplingParams(max_new_tokens=12, temperature=1.0, seed=s, ignore_eos=True) for s in range(6)]
+    fresh = Engine(model, max_batch_size=8, block_size=3, speculative_k=k)
+    a = [o.token_ids for o in fresh.generate(prompts[:1] * 6, sp)]
+    eng.generate(prompts, SamplingParams(max_new_tokens=20, temperature=1.0, ignore_eos=True))
+    b = [o.token_ids for o in eng.generate(prompts[3:4] + prompts[:1] * 6, [sp[0]] + sp)[1:]]
+    assert a == b
+    assert len({tuple(x) for x in a}) == 6
+
+
+def test_graphs_padding_block_is_outside_the_capacity(models):
+    """The block reserved for padding rows is not counted: a request needing the whole cache runs with
+    cuda_graphs as without (it once queued forever), one block more is refused by name."""
+    model = models["plain"]
+    for graphs in (False, True):
+        eng = Engine(model, max_batch_size=2, block_size=4, cache_tokens=20, cuda_graphs=graphs)
+        assert eng.cache.num_blocks == 5 and eng.cache.free_blocks == 5
+        out = eng.generate([[1, 2, 3]], greedy(16))  # 3 + 16 + 1 = 20 positions = all 5 blocks
+        assert len(out[0].token_ids) > 0 and eng.cache.free_blocks == eng.cache.num_blocks
+        with pytest.raises(ValueError, match="cache"):
+            eng.add_request([1, 2, 3, 4], greedy(16))  # 21 positions: 6 blocks
+
+
+def test_compile_decode_without_the_graphed_step_is_refused(models):
+    with pytest.raises(ValueError, match="bf16 model on a GPU"):
+        Engine(models["plain"], max_batch_size=2, compile_decode=True)  # fp32 on the CPU: no graphed step
+
+
+def test_static_decode_step_sampling_and_logprobs_match_eager(models, naive_refs):
+    """The static-shape decode step (graphs.py; eager on the CPU) feeds the same sampler: seeded
+    sampling, top-p and logprobs give the same tokens and (to fp32 rounding) the same log-probs."""
+    model = models["yarn"]
+    prompts, _ = naive_refs["yarn"]
+    sp = [SamplingParams(max_new_tokens=12, temperature=0.9, top_p=0.9, seed=s, logprobs=2, ignore_eos=True)
+          for s in range(len(prompts))]
+    a = Engine(model, max_batch_size=8, block_size=3, cuda_graphs=False).generate(prompts, sp)
+    b = Engine(model, max_batch_size=8, block_size=3, cuda_graphs=True).generate(prompts, sp)
+    for x, y in zip(a, b):
+        assert x.token_ids == y.token_ids
+        assert max(abs(p.logprob - q.logprob) for p, q in zip(x.logprobs, y.logprobs)) < 1e-5
+    with pytest.raises(ValueError, match="speculative"):
+        Engine(model, max_batch_size=2, speculative_k=1, cuda_graphs=True)
+
+
+def test_seeded_speculative_sampling_independent_of_cache_history(spec_models):
+    """With D = 2 the chained drafts attend over positions of MTP module 2's cache slot that this
+    request never wrote; those must not carry other requests' latents into this request's drafts."""
+    model = spec_models[(2, "random")]
+    prompts = prompts_for(model.config, [5, 9, 3, 12], seed=41)
+    sp = [SamplingParams(max_new_tokens=16, temperature=1.0, seed=100 + s) for s in range(8)]
+    fresh = Engine(model, max_batch_size=8, block_size=2, speculative_k=3, cache_tokens=400)
+    a = [o.token_ids for o in fresh.generate([prompts[0]] * 8, sp)]
+    used = Engine(model, max_batch_size=8, block_size=2, speculative_k=3, cache_tokens=400)
+    used.generate(prompts * 2, SamplingParams(max_new_tokens=30, temperature=1.0, seed=7))
+    b = [o.token_ids for o in used.generate([prompts[0]] * 8, sp)]
+    assert a == b
+
+
+@pytest.fixture(scope="module")
+def text_model():
+    rng = random.Random(0)
+    words = ("the cat sat on a mat and dog ran to big red blue house tree sun moon star fish bird "
+             "stop here now go").split()
+    texts = [" ".join(rng.choice(words) for _ in range(rng.randint(4, 12))) + "." for _ in range(1500)]
+    tok = DSTokenizer.train(texts, 320)
+    cfg = tiny_cfg(vocab_size=tok.vocab_size, initializer_range=STD, eos_token_id=tok.eos_id)
+    return make_model(cfg, seed=9, bias_std=0.3), tok
+
+
+def _clean_substring(text: str, start: int, n: int) -> tuple[str, int]:
+    """A substring of printable characters (no U+FFFD) of length n at or after `start`."""
+    for i in range(start, len(text) - n):
+        s = text[i: i + n]
+        if "\ufffd" not in s and s.strip() == s and s:
+            return s, i
+    raise AssertionError(f"no clean substring in {text!r}")
+
+
+@pytest.mark.parametrize("k", [0, 2])
+def test_stop_strings_stop_tokens_and_eos(text_model, k):
+    model, tok = text_model
+    prompt = "the cat sat on"
+    eng = Engine(model, tok, max_batch_size=4, block_size=4, speculative_k=k)
+    (full,) = eng.generate([prompt], greedy(40, ignore_eos=True))
+    assert full.finish_reason == "length" and len(full.token_ids) == 40
+    assert full.text == tok.decode(full.token_ids, skip_special_tokens=True)
+    # stop string: text cut before its first occurrence, reason "stop"
+    s, _ = _clean_substring(full.text, len(full.text) // 3, 2)
+    first = full.text.find(s)
+    (o,) = eng.generate([prompt], greedy(40, ignore_eos=True, stop=[s]))
+    assert o.finish_reason == "stop" and o.text == full.text[:first]
+    assert full.token_ids[: len(o.token_ids)] == o.token_ids and len(o.token_ids) < 40
+    # the earliest of several stop strings wins
+    s2, _ = _clean_substring(full.text, len(full.text) * 2 // 3, 3)
+    (o2,) = eng.generate([prompt], greedy(40, ignore_eos=True, stop=[s2, s, "never in the text \u2603"]))
+    assert o2.text == full.text[: min(first, full.text.find(s2))]
+    # stop token ids: output ends before the token, which is not included
+    j = 7
+    t = full.token_ids[j]
+    cut = full.token_ids.index(t)
+    (o3,) = eng.generate([prompt], greedy(40, ignore_eos=True, stop_token_ids=[t]))
+    assert o3.token_ids == full.token_ids[:cut] and o3.finish_reason == "stop"
+    # EOS: make the tokenizer's EOS a token the model emits; ignore_eos runs on to the length limit
+    eos = tok.eos_id
+    eng2 = Engine(model, tok, max_batch_size=4, block_size=4, speculative_k=k)
+    eng2.eos = [t]
+    (o4,) = eng2.generate([prompt], greedy(40))
+    assert o4.token_ids == full.token_ids[:cut] and o4.finish_reason == "stop"
+    (o5,) = eng2.generate([prompt], greedy(40, ignore_eos=True))
+    assert o5.token_ids == full.token_ids and o5.finish_reason == "length"
+    assert eng.eos == [eos]  # by default the tokenizer's EOS
+
+
+@pytest.mark.parametrize("k", [0, 2])
+def test_logprobs(models, k):
+    model = models["yarn"]
+    prompts = prompts_for(model.config, [4, 10], seed=17)
+    eng = Engine(model, max_batch_size=4, block_size=3, speculative_k=k)
+    params = [SamplingParams(max_new_tokens=9, temperature=0.0, logprobs=3, ignore_eos=True),
+              SamplingParams(max_new_tokens=9, temperature=1.0, seed=3, logprobs=0, ignore_eos=True)]
+    outs = eng.generate(prompts, params)
+    for o, p, sp in zip(outs, prompts, params):
+        assert len(o.logprobs) == len(o.token_ids) == 9
+        ref = full_logits(model, p + o.token_ids).log_softmax(-1)
+        for i, lp in enumerate(o.logprobs):
+            row = ref[len(p) - 1 + i]
+            assert lp.token_id == o.token_ids[i]
+            assert abs(lp.logprob - float(row[lp.token_id])) < 1e-4
+            assert len(lp.top) == sp.logprobs
+            vals = [v for _, v in lp.top]
+            assert vals == sorted(vals, reverse=True)
+            if lp.top:
+                assert [t for t, _ in lp.top] == row.topk(sp.logprobs).indices.tolist()
+                assert lp.top[0][0] == lp.token_id  # greedy picks the most likely token
+                torch.testing.assert_close(torch.tensor(vals), row.topk(sp.logprobs).values.float(), atol=1e-4, rtol=0)
+    # a request without logprobs reports None
+    (o,) = eng.generate(prompts[:1], greedy(3))
+    assert o.logprobs is None
+
+
+def test_logprobs_more_than_vocab(vocab8_model):
+    eng = Engine(vocab8_model, max_batch_size=2)
+    (o,) = eng.generate([[1, 2, 3]], SamplingParams(max_new_tokens=2, temperature=0.0, logprobs=20))
+    assert all(len(lp.top) == 8 for lp in o.logprobs)
+
+
+@pytest.mark.parametrize("k", [0, 2])
+def test_streaming(text_model, k):
+    model, tok = text_model
+    prompts = ["the cat sat on", "a dog", "blue house tree sun moon"]
+    eng = Engine(model, tok, max_batch_size=4, block_size=4, speculative_k=k)
+    (full,) = eng.generate(prompts[:1], greedy(30, ignore_eos=True))
+    s, _ = _clean_substring(full.text, len(full.text) // 2, 3)
+    cases = [greedy(30, ignore_eos=True), greedy(30, ignore_eos=True, stop=[s]),
+             SamplingParams(max_new_tokens=25, temperature=1.0, seed=1)]
+    for sp in cases:
+        # Engine.stream (an iterator)
+        chunks = list(eng.stream(prompts[0], sp))
+        final = chunks[-1]
+        assert final.finished and all(not c.finished for c in chunks[:-1])
+        assert "".join(c.new_text for c in chunks) == final.text
+        assert sum((c.new_token_ids for c in chunks), []) == final.token_ids
+        assert len(chunks) > 3
+        # generate(on_output=...) with several requests interleaved
+        got: dict[str, list] = {}
+        res = eng.generate(prompts, sp, on_output=lambda o: got.setdefault(o.request_id, []).append(o))
+        for r in res:
+            cs = got[r.request_id]
+            assert cs[-1] is not None and cs[-1].finished and cs[-1].text == r.text
+            assert "".join(c.new_text for c in cs) == r.text
+            assert sum((c.new_token_ids for c in cs), []) == r.token_ids
+        if sp.stop:
+            assert res[0].finish_reason == "stop" and s not in res[0].text
+            assert res[0].text == full.text[: full.text.find(s)]
+            # while streaming, no prefix of the stop string leaks out before the stop is known
+            assert not any(s in "".join(c.new_text for c in chunks[: i + 1]) for i in range(len(chunks)))
+
+
+# ------------------------------------------------------------------------------------------------
+# 8. SamplingParams validation
+
+@pytest.mark.parametrize("bad", [
+    {"max_new_tokens": 0}, {"max_new_tokens": -3}, {"max_new_tokens": 2.5},
+    {"temperature": -0.1}, {"top_k": -1}, {"top_p": 0.0}, {"top_p": 1.5}, {"min_p": -0.1}, {"min_p": 1.1},
+    {"repetition_penalty": 0.0}, {"repetition_penalty": -1.0}, {"logprobs": -1}, {"logprobs": 21},
+])
+def test_sampling_params_validation(models, bad):
+    with pytest.raises(ValueError):
+        SamplingParams(**bad).validate()
+    eng = Engine(models["plain"], max_batch_size=1)
+    with pytest.raises(ValueError):
+        eng.add_request([1, 2], SamplingParams(**bad))
+    assert not eng.has_unfinished()
+
+
+def test_sampling_params_valid_edges():
+    for ok in ({"max_new_tokens": 1}, {"temperature": 0.0}, {"top_p": 1.0}, {"min_p": 0.0}, {"min_p": 1.0},
+               {"logprobs": 0}, {"logprobs": 20}, {"top_k": 0}, {"repetition_penalty": 0.5}):
+        SamplingParams(**ok).validate()
+
+
+def test_report_speculative_stats():
+    """Not a check: prints the acceptance statistics measured above (pytest -s shows them)."""
+    for key, (rate, mal, first) in sorted(SPEC_STATS.items(), key=str):
+        print(f"spec {key}: acceptance_rate={rate:.3f} mean_accepted_length={mal:.3f} first_draft={first:.3f}")
+    for key, (stat, df, thr) in CHI2.items():
+        print(f"chi2 {key}: {stat:.1f} (df {df}, threshold {thr:.1f})")
+
+
+def test_failed_prefill_releases_its_blocks(monkeypatch):
+    """A forward that raises during prefill must not leak the admitted requests' cache blocks."""
+    from dsv3 import ModelConfig, build_model
+
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+                      num_hidden_layers=2, first_k_dense_replace=1, num_attention_heads=2, num_key_value_heads=2,
+                      q_lora_rank=16, kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
+                      n_routed_experts=4, num_experts_per_tok=2, n_group=2, topk_group=1,
+                      max_position_embeddings=64, rope_scaling=None)
+    eng = Engine(build_model(cfg), max_batch_size=2, cache_tokens=64, block_size=4)
+    full = eng.cache.free_blocks
+    eng.add_request([1, 2, 3], SamplingParams(max_new_tokens=4))
+
+    def boom(*a, **k):
+        raise RuntimeError("simulated device failure")
+
+    monkeypatch.setattr(eng, "_prefill", boom)
+    with pytest.raises(RuntimeError, match="simulated"):
+        eng.step()
+    assert eng.cache.free_blocks == full
+    assert not eng.has_unfinished() or not eng.running

@@ -1,0 +1,101 @@
+"""`dsv3 plan`: the memory / communication planner (SPEC §8-§10). CPU, a few seconds (the 671B
+model is only built on the meta device, once).
+
+Run: python -m pytest tests/test_plan.py -q
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from dsv3.cli import main
+from dsv3.config import preset
+from dsv3.info import model_info
+from dsv3.plan import GiB, PlanConfig, PlanError, plan, suggest
+
+PAPER = dict(gpus=2048, gpu_mem_gib=80, pp=16, ep=64, zero=1, schedule="dualpipe", precision="fp8",
+             recompute="paper", seq_len=4096, micro_batch=1, global_batch=15360)
+
+
+@pytest.fixture(scope="module")
+def v3():
+    return preset("671b")
+
+
+def test_paper_layout_fits(v3):
+    r = plan(v3, PlanConfig(**PAPER), "671b")
+    assert r.cfg.dp == 128 and r.n_micro == 120 and r.in_flight == 17
+    assert r.fits and 40 * GiB < r.total < 80 * GiB
+    assert r.stages == (0, 15)  # DualPipe: embedding and head on the same rank
+    assert all(v > 0 for v in r.comm.values())
+    # the same layout without the paper's tricks (bf16, no recomputation, 1F1B) does not fit
+    bare = plan(v3, PlanConfig(**{**PAPER, "schedule": "1f1b", "precision": "bf16", "recompute": "none"}))
+    assert not bare.fits
+    # FP8 dispatch: all-to-all bytes (1 + 2 + 1 + 2) / (2 + 2 + 2 + 2)
+    bf = plan(v3, PlanConfig(**{**PAPER, "precision": "bf16"}))
+    assert r.comm["EP all-to-all"] / bf.comm["EP all-to-all"] == pytest.approx(6 / 8)
+
+
+def test_single_gpu_bytes_match_model_info():
+    cfg = preset("small")
+    i = model_info(cfg)
+    r = plan(cfg, PlanConfig(gpus=1, zero=0, seq_len=16))
+    # bf16 weights 2 + fp32 grads 4 + fp32 master 4 + bf16 AdamW m, v 2 + 2 = 14 B/param
+    n = i.total + i.mtp_unique
+    assert r.n_params == n
+    states = sum(v for k, v in r.mem.items() if k.split()[0] in ("weights", "gradients", "master", "AdamW"))
+    assert states == 14 * n
+    assert r.comm == {"EP all-to-all": 0, "DP gradients + weight gather": 0, "PP p2p": 0}
+
+
+def test_zero1_divides_optimizer_by_dp_and_ep_halves_experts(v3):
+    base = dict(gpus=256, pp=16, ep=1, seq_len=128)
+    z0 = plan(v3, PlanConfig(**base, zero=0)).mem
+    z1 = plan(v3, PlanConfig(**base, zero=1)).mem
+    for k in ("master weights (fp32)", "AdamW m+v (bf16)"):
+        assert z1[k] == pytest.approx(z0[k] / 16)  # dp = 256 / 16 and ep = 1: every param over 16 ranks
+    assert z1["gradients (fp32)"] == z0["gradients (fp32)"]
+    # doubling ep halves the routed-expert parameters (and their bytes) on the same rank
+    cfg = preset("16b")
+    e = {ep: plan(cfg, PlanConfig(gpus=64, pp=8, ep=ep, zero=0, seq_len=128)) for ep in (4, 8)}
+    assert e[4].rank == e[8].rank and e[8].n_routed > 0
+    assert e[8].n_routed * 2 == e[4].n_routed
+    assert e[4].n_params - e[4].n_routed == e[8].n_params - e[8].n_routed
+
+
+def test_tiny_on_one_gpu():
+    r = plan(preset("tiny"), PlanConfig(gpus=1, gpu_mem_gib=24, seq_len=512))
+    assert r.fits and r.total < 1 * GiB
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(gpus=2048, pp=24), "not divisible by pp"),
+    (dict(gpus=2048, pp=16, ep=48), "does not divide n_routed_experts"),
+    (dict(gpus=128, pp=128), "layers to place"),
+    (dict(gpus=32, pp=2, dp=8), "!= gpus"),
+    (dict(gpus=64, pp=16, ep=8), "does not divide the data-parallel degree"),
+    (dict(gpus=64, pp=2, schedule="dualpipe", global_batch=96), "even number of micro-batches"),
+])
+def test_invalid_layouts(v3, kw, msg):
+    with pytest.raises(PlanError, match=msg):
+        plan(v3, PlanConfig(**kw))
+
+
+def test_suggest(v3):
+    res = suggest(v3, 2048, 80, precision="fp8", recompute="paper", schedule="dualpipe", global_batch=15360)
+    fitting = [(p.cfg.pp, p.cfg.ep) for p in res if p.fits]
+    assert (16, 64) in fitting and (16, 1) not in fitting
+    assert [p.total for p in res if p.fits] == sorted(p.total for p in res if p.fits)
+
+
+def test_cli(capsys):
+    args = ["plan", "--preset", "671b", "--gpus", "2048", "--gpu-mem", "80", "--pp", "16", "--ep", "64", "--zero",
+            "1", "--micro-batch", "1", "--seq-len", "4096", "--global-batch", "15360", "--recompute", "paper",
+            "--schedule", "dualpipe", "--precision", "fp8"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "FITS" in out and "EP all-to-all" in out and "activations" in out
+    assert main(["plan", "--preset", "671b", "--gpus", "2048", "--pp", "16", "--ep", "48"]) == 2
+    assert "n_routed_experts" in capsys.readouterr().err
+    assert main(["plan", "--preset", "tiny", "--gpus", "8", "--suggest"]) == 0
+    assert "fits" in capsys.readouterr().out
