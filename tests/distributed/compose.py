@@ -254,7 +254,13 @@ def _launch(root: str, world: int, cells: list[Cell], tag: str, timeout: float) 
                        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         procs.append(subprocess.Popen([sys.executable, "-m", "tests.distributed.compose", "worker", root, path],
                                       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    try:
+        outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    except subprocess.TimeoutExpired:  # a hung rank: end them all, report every cell of the launch
+        for p in procs:
+            p.kill()
+        outs = [p.communicate()[0] for p in procs]
+        return {c.name: f"launch {tag} timed out after {timeout} s\n" + outs[0][-3000:] for c in cells}
     errors: dict[str, str] = {}
     for r in range(world):  # a rank's own error before another's "connection closed by peer"
         if os.path.exists(f"{path}.errors.{r}.json"):
@@ -268,7 +274,7 @@ def _launch(root: str, world: int, cells: list[Cell], tag: str, timeout: float) 
     return errors
 
 
-def run_cells(root: str, cells: list[Cell], timeout: float = 900) -> dict:
+def run_cells(root: str, cells: list[Cell], timeout: float = 600) -> dict:
     """Run the references and `cells` (grouped by world size; resumed cells after the cells they
     continue). Returns {cell name: error text} for the cells that failed to run."""
     if not os.path.exists(os.path.join(root, "model.json")):
