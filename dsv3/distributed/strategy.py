@@ -129,7 +129,7 @@ class ShardedStrategy(_Collective):
             counts = global_expert_counts(counts, self.ps.data_group)
         return stats, counts
 
-    def grad_norm(self) -> torch.Tensor:
+    def grad_norm(self, opt=None) -> torch.Tensor:
         from dsv3.distributed.parallelize import grad_norm
 
         return grad_norm(self.model, self.ps)
@@ -265,7 +265,7 @@ class PipelineStrategy(_Collective):
             dist.all_reduce(counts, group=self.ps.all_group)
         return stats, counts
 
-    def grad_norm(self) -> torch.Tensor:
+    def grad_norm(self, opt=None) -> torch.Tensor:
         from dsv3.distributed.pipeline import grad_norm
 
         return grad_norm(self.ps)

@@ -142,7 +142,7 @@ def write_run_outputs(out_dir: str, summary: dict, log) -> None:
 def optimizer_step(strategy, opt, grad_clip: float) -> torch.Tensor:
     """The AdamW step with the gradient clip folded in: coefficient min(1, c / (‖g‖ + 1e-6)) from the
     global norm (torch.nn.utils.clip_grad_norm_'s), applied inside the update. Returns ‖g‖ (device)."""
-    norm = strategy.grad_norm()
+    norm = strategy.grad_norm(opt)
     coef = (grad_clip / (norm + 1e-6)).clamp(max=1.0) if grad_clip and grad_clip > 0 else None
     opt.step(grad_scale=coef)
     opt.zero_grad(set_to_none=True)

@@ -14,7 +14,7 @@ What a strategy does for the loop (a task, e.g. pre-training or SFT, supplies da
     forward_backward(task, mbs, hp) -> (stats, counts)   gradients of the global mean loss in every
                                   local parameter; stats (k,) the task's step statistics averaged over
                                   the ranks; counts the global expert loads (or None)
-    grad_norm()                   the global L2 norm of the gradients, each parameter once, on the device
+    grad_norm(opt)                the global L2 norm of the gradients, each parameter once, on the device
     routers()                     this rank's routers with their rows in the global (L_moe, E) counts
     eval_logits(x)                logits of this rank's rows, or None where the rank has no output head
     whole_model()                 a module with the whole current weights on this rank, for generation
@@ -158,8 +158,12 @@ class Strategy:
     def finish_backward(self, stats, counts):
         return stats, counts
 
-    def grad_norm(self) -> torch.Tensor:
-        return global_norm(self.module().parameters())
+    def grad_norm(self, opt=None) -> torch.Tensor:
+        """The global gradient norm. With `opt`, over its parameters in its groups' order: the order of the
+        per-tensor norms' sum is torch.nn.utils.clip_grad_norm_'s on the same list, so the clip coefficient
+        (and so a whole one-process run) is bitwise what a torch clip + AdamW step gives."""
+        params = self.module().parameters() if opt is None else [p for g in opt.param_groups for p in g["params"]]
+        return global_norm(params)
 
     def update_bias(self, counts: torch.Tensor, gamma: float) -> None:
         """The aux-loss-free bias update of this rank's routers from the global loads (L_moe, E)."""
