@@ -40,7 +40,8 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import dsv3  # noqa: E402
-from dsv3.distributed import ParallelConfig, build_mesh, init_distributed, make_optimizer, parallelize  # noqa: E402
+from dsv3.distributed import ParallelConfig, build_mesh, init_distributed, parallelize  # noqa: E402
+from dsv3.training.optim import make_optimizer  # noqa: E402
 from dsv3.distributed import expert_parallel, train_step  # noqa: E402
 
 

@@ -8,8 +8,8 @@ one). Checked:
     data within 1e-4; the loss falls; metrics.jsonl (steps 1..4, val loss), plots, summary.json exist;
     the final checkpoint (DCP + HF export) loads with load_pretrained and `to_hf` converts it;
   * DualPipeV resumes the 1F1B run (checkpoint names are the model's, so another pipeline layout reads
-    them) for 2 more steps; a non-pipeline `dsv3 train --resume` of that run is refused clearly;
-  * refusals: --pp with --dp-shard 2, --pp with --precision fp8, --pp not matching the world size.
+    them) for 2 more steps; then an FSDP2 (no pipeline) run resumes it and goes on;
+  * refusals: --pp with a batch ramp, --pp with --node-groups, --pp not matching the world size.
 """
 
 from __future__ import annotations
@@ -103,28 +103,38 @@ def test_train_pp_1f1b_then_dualpipev_resume(setup):
     assert steps2[-1]["main"] < steps[0]["main"]
     assert os.path.exists(out / "checkpoints" / "step_00000006" / "model.safetensors")
 
-    # a non-pipeline resume of a pipeline run is refused
+    # a pipeline checkpoint resumes without a pipeline (FSDP2 over the same 2 ranks): names are the model's
     r3 = _torchrun(2, common(out) + ["--steps", "8", "--resume"], str(tmp))
-    assert r3.returncode != 0 and "written by a pipeline run" in r3.stdout + r3.stderr
+    assert r3.returncode == 0, r3.stdout + r3.stderr
+    assert "at step 6" in r3.stdout and "dp_shard 2 x ep 1" in r3.stdout
+    steps3 = [x for x in _steps(out) if "main" in x]
+    assert [x["step"] for x in steps3][-2:] == [7, 8]
 
 
 @pytest.mark.parametrize("extra,msg", [
-    (["--pp", "2", "--dp-shard", "2"], "--pp with --dp-shard"),
-    (["--pp", "2", "--precision", "fp8"], "--pp with --precision fp8"),
+    (["--pp", "2", "--batch-ramp-steps", "2", "--batch-start", "4"], "no --batch-ramp-steps"),
+    (["--pp", "2", "--node-groups", "2"], "node-limited routing"),
 ])
 def test_train_pp_refusals(setup, extra, msg):
+    """Refused under torchrun (2 processes) before any training, with the reason; no checkpoint written."""
+    tmp, common = setup
+    out = tmp / ("bad-" + extra[2].strip("-"))
+    r = _torchrun(2, common(out) + ["--steps", "1"] + extra, str(tmp))
+    assert r.returncode != 0 and msg in r.stdout + r.stderr, r.stdout[-2000:]
+    assert not (out / "checkpoints").exists()
+
+
+def test_train_pp_without_torchrun_says_how(setup):
     from dsv3.cli import main
 
     tmp, common = setup
-    args = common(tmp / "bad") + ["--steps", "1"]
-    args = [a for a in args if a not in ("--precision", "fp32")] + extra
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
-        assert main(args) == 2
-    assert msg in err.getvalue()
+        assert main(common(tmp / "bad2") + ["--steps", "1", "--pp", "2"]) == 2
+    assert "needs several processes: start it with torchrun" in err.getvalue()
 
 
 def test_train_pp_world_mismatch(setup):
     tmp, common = setup
     r = _torchrun(2, common(tmp / "bad3") + ["--pp", "4", "--steps", "1"], str(tmp))
-    assert r.returncode != 0 and "pp (4) must equal the world size (2)" in r.stdout + r.stderr
+    assert r.returncode != 0 and "= 4 ranks, but the world size is 2" in r.stdout + r.stderr
