@@ -28,7 +28,7 @@ layouts can be checked against each other on the CPU); fp8 = bf16 autocast on CU
 the paper's block-scaled FP8 GEMMs (dsv3/training/fp8.py; an exact emulation on the CPU).
 
 The optimizer is the same for every layout (dsv3.training.optim.AdamW over `module()`): the loop computes
-the clip coefficient from `grad_norm()` and passes it to the AdamW step, which applies it inside the update.
+the clip coefficient from `grad_norm(opt)` and passes it to the AdamW step, which applies it inside the update.
 """
 
 from __future__ import annotations
