@@ -193,20 +193,11 @@ def _train_config(root: str, cell: Cell):
 
 def run_cell(root: str, cell: Cell) -> dict:
     """In a worker (every rank of the cell's world): train the cell with the one entry point."""
-    import torch.distributed as dist
-
     from dsv3.config import ModelConfig
     from dsv3.distributed.mesh import ParallelConfig
     from dsv3.training.pretrain import train
 
-    tc = _train_config(root, cell)
-    if cell.resume_from:  # continue a copy of another cell's run directory
-        rank0 = not dist.is_initialized() or dist.get_rank() == 0
-        if rank0:
-            shutil.rmtree(tc.out_dir, ignore_errors=True)
-            shutil.copytree(os.path.join(root, "cells", cell.resume_from), tc.out_dir)
-        if dist.is_initialized():
-            dist.barrier()
+    tc = _train_config(root, cell)  # a resumed cell continues the copy _launch made of another cell's run
     mc = ModelConfig.from_json(os.path.join(root, "model.json"))
     pcfg = ParallelConfig(**LAYOUTS[cell.layout][1]) if LAYOUTS[cell.layout][1] else None
     return train(mc, tc, pcfg, log=lambda *a, **k: None)
@@ -242,6 +233,11 @@ def _worker_main(root: str, cells_path: str) -> None:
 def _launch(root: str, world: int, cells: list[Cell], tag: str, timeout: float) -> dict:
     from tests.distributed.harness import free_port
 
+    for c in cells:  # resumed cells continue a copy of another cell's run directory, made before any rank
+        if c.resume_from:  # starts (the ranks' process group only exists inside train())
+            out = os.path.join(root, "cells", c.name)
+            shutil.rmtree(out, ignore_errors=True)
+            shutil.copytree(os.path.join(root, "cells", c.resume_from), out)
     path = os.path.join(root, f"cells-{tag}.json")
     with open(path, "w") as f:
         json.dump([asdict(c) for c in cells], f)
