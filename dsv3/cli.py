@@ -7,6 +7,10 @@ PlanConfig, QuantizeConfig, ExportConfig). Their flags, types, choices, defaults
 from those fields (dsv3/cliargs.py) and the configs are built back from the parsed arguments, so no
 default is written here. The flags declared by hand below are the CLI's own (what to run on, what to
 print). A verb's flags are added only when that verb runs, so each command imports only its modules.
+
+Failures: an expected one (a missing or malformed file, a bad config or flag value) prints one line
+`dsv3 VERB: error: <file>: <problem>` on stderr and exits with status 2, without a traceback;
+set DSV3_TRACEBACK=1 to see the traceback. Unexpected exceptions (bugs) keep theirs.
 """
 
 from __future__ import annotations
@@ -432,8 +436,26 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
     return p
 
 
+def one_line(e: BaseException) -> str:
+    """The message of an expected failure on one line (multi-line listings joined with "; ")."""
+    msg = e.args[0] if isinstance(e, KeyError) and len(e.args) == 1 and isinstance(e.args[0], str) else str(e)
+    out = ""
+    for line in (ln.strip() for ln in msg.splitlines()):
+        if line:
+            out += line if not out else (" " if out.endswith(":") else "; ") + line
+    return out or type(e).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
-    from dsv3.checkpoints.hf import CheckpointError
+    """Run one verb. An expected failure (a bad file, config, flag value or path: ConfigError,
+    CheckpointError, OSError, ValueError, KeyError, a chat-template error) prints one line
+    `dsv3 VERB: error: ...` on stderr and returns 2; DSV3_TRACEBACK=1 re-raises it with its traceback.
+    Any other exception is a bug and keeps its traceback."""
+    import os
+
+    from jinja2 import TemplateError
+
+    from dsv3.checkpoints.files import CheckpointError
     from dsv3.config import ConfigError
 
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -445,8 +467,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, CheckpointError, FileNotFoundError, ValueError, KeyError) as e:
-        print(f"dsv3 {args.command}: error: {e}", file=sys.stderr)
+    except (ConfigError, CheckpointError, OSError, ValueError, KeyError, TemplateError) as e:
+        if os.environ.get("DSV3_TRACEBACK", "") not in ("", "0"):
+            raise
+        print(f"dsv3 {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
 
 

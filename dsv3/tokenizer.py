@@ -233,16 +233,25 @@ class DSTokenizer:
         """Load a directory holding `tokenizer.json`, or any HF `tokenizer.json` file itself."""
         path = Path(path)
         file = path / "tokenizer.json" if path.is_dir() else path
+        from jinja2 import TemplateError
+
+        from dsv3.checkpoints.files import CheckpointError, read_json
+
         if not file.is_file():
             raise FileNotFoundError(f"no tokenizer file at {file}")
-        tok = cls(Tokenizer.from_file(str(file)), special_tokens)
+        try:
+            inner = Tokenizer.from_file(str(file))
+        except Exception as e:  # tokenizers raises a bare Exception ("data did not match any variant ...")
+            raise CheckpointError(f"{file}: not a valid tokenizer file ({e})") from None
+        tok = cls(inner, special_tokens)
         cfg_file = file.parent / "tokenizer_config.json"
         if cfg_file.is_file():
-            try:
-                template = json.loads(cfg_file.read_text(encoding="utf-8")).get("chat_template")
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{cfg_file} is not valid JSON: {e}") from None
+            template = read_json(str(cfg_file)).get("chat_template")
             if isinstance(template, str) and template:
+                try:  # compiled now, so that a broken template fails here and not at the first chat
+                    _compile_template(template)
+                except TemplateError as e:
+                    raise CheckpointError(f"{cfg_file}: chat_template does not compile ({e})") from None
                 tok.chat_template = template
         return tok
 

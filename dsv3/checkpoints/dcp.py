@@ -38,6 +38,10 @@ fsyncs everything and renames the directory into place. A crash at any point lea
 `step_*` directory holding trainer_state.json, so the previous checkpoint stays the latest.
 All ranks must see one filesystem (one node, or a shared filesystem across nodes).
 
+Loading never unpickles freely: DCP's own reader would `pickle.load` dcp/.metadata (running any code a
+crafted file names); dsv3 reads it through the allow-list unpickler of dsv3/checkpoints/safe_dcp.py,
+keeps the data files it names inside dcp/, and refuses non-tensor entries.
+
 CLI: `dsv3 convert CKPT OUT`, where CKPT is a checkpoint directory or a run directory (its latest
 checkpoint); one process, no GPU.
 """
@@ -47,17 +51,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import warnings
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from dsv3.checkpoints import safe_dcp
+from dsv3.checkpoints.files import CheckpointError, confined, load_safetensors, open_safetensors, read_json, require
 from dsv3.checkpoints.hf import _meta_model, _umask, save_pretrained, tempdir_beside
-from dsv3.config import ModelConfig
+from dsv3.config import ConfigError, ModelConfig
 from dsv3.checkpoints import rundir as ckpt
 
 FORMAT = "dcp"
@@ -66,16 +70,31 @@ RNG_DIR = "rng"
 
 
 def is_dcp_checkpoint(path: str) -> bool:
-    p = os.path.join(path, "trainer_state.json")
-    if not os.path.exists(p):
+    """Whether directory `path` holds a sharded checkpoint (a malformed trainer_state.json raises)."""
+    if not os.path.exists(os.path.join(path, "trainer_state.json")):
         return False
-    with open(p, encoding="utf-8") as f:
-        return json.load(f).get("format") == FORMAT
+    return read_state(path).get("format") == FORMAT
 
 
 def read_state(path: str) -> dict:
-    with open(os.path.join(path, "trainer_state.json"), encoding="utf-8") as f:
-        return json.load(f)
+    """trainer_state.json of checkpoint `path`; for a sharded one, checked to hold what loading reads."""
+    p = os.path.join(path, "trainer_state.json")
+    state = read_json(p)
+    if state.get("format") == FORMAT:
+        require(state, ("model_config", "layout"), p)
+        if not isinstance(state["model_config"], dict):
+            raise CheckpointError(f"{p}: model_config is not a JSON object")
+        world = state["layout"].get("world_size") if isinstance(state["layout"], dict) else None
+        if type(world) is not int or world < 1:
+            raise CheckpointError(f"{p}: layout.world_size {world!r} is not a positive integer")
+    return state
+
+
+def _model_config(path: str, state: dict) -> ModelConfig:
+    try:
+        return ModelConfig.from_dict(state["model_config"])
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"{os.path.join(path, 'trainer_state.json')}: model_config: {e}") from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -244,14 +263,14 @@ def load_dcp(path: str, model, opt, ps) -> dict:
         raise ValueError(f"{path} is not a sharded (DCP) checkpoint")
     if _is_pipeline(ps):
         msd, optim, wrapped = _pipeline_state_dicts(opt, ps)
-        dcp.load({"model": msd, "optim": optim}, checkpoint_id=os.path.join(path, DCP_DIR))
+        safe_dcp.load({"model": msd, "optim": optim}, os.path.join(path, DCP_DIR))
         with torch.no_grad():
             for orig, dt in wrapped:
                 if dt.to_local().data_ptr() != orig.data_ptr():
                     orig.copy_(dt.to_local())
     else:
         msd, osd, wrapped = _state_dicts(model, opt, ps)
-        dcp.load({"model": msd, "optim": osd["state"]}, checkpoint_id=os.path.join(path, DCP_DIR))
+        safe_dcp.load({"model": msd, "optim": osd["state"]}, os.path.join(path, DCP_DIR))
         _unwrap(wrapped)
         set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd)
     _restore_rng(path, state, dist.get_rank())
@@ -261,13 +280,16 @@ def load_dcp(path: str, model, opt, ps) -> dict:
 def _restore_rng(path: str, state: dict, rank: int) -> None:
     old_world = state["layout"]["world_size"]
     rng_path = os.path.join(path, RNG_DIR, f"rank_{rank % old_world:05d}.safetensors")
-    with safe_open(rng_path, "pt") as f:
+    with open_safetensors(rng_path) as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-        meta = json.loads(f.metadata()["meta"])
+        try:
+            meta = json.loads((f.metadata() or {})["meta"])
+        except (KeyError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{rng_path}: no valid 'meta' entry in the header ({e})") from None
     if torch.cuda.is_available():  # one CUDA state per visible device was saved; keep the ones that exist
         n = torch.cuda.device_count()
         tensors = {k: v for k, v in tensors.items() if not k.startswith("torch_cuda_") or int(k.rsplit("_", 1)[1]) < n}
-    ckpt.set_rng_state(tensors, meta)
+    ckpt.restore_rng(tensors, meta, rng_path)
 
 
 def load_dcp_local(path: str, model, opt) -> dict:
@@ -277,9 +299,7 @@ def load_dcp_local(path: str, model, opt) -> dict:
     if state.get("format") != FORMAT:
         raise ValueError(f"{path} is not a sharded (DCP) checkpoint")
     msd, osd = get_state_dict(model, opt)
-    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.load({"model": msd, "optim": osd["state"]}, checkpoint_id=os.path.join(path, DCP_DIR), no_dist=True)
+    safe_dcp.load({"model": msd, "optim": osd["state"]}, os.path.join(path, DCP_DIR), no_dist=True)
     set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd)
     _restore_rng(path, state, 0)
     return state
@@ -329,9 +349,8 @@ def load_full_state(path: str, model, opt, ps) -> dict:
     else:
         _unwrap(wrapped)
         set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd)
-    from safetensors.torch import load_file
-
-    ckpt.set_rng_state(load_file(os.path.join(path, "rng.safetensors")), state["rng"])
+    ckpt.restore_rng(load_safetensors(os.path.join(path, "rng.safetensors")), state["rng"],
+                     os.path.join(path, "trainer_state.json"))
     return {**state, "layout": {"world_size": 1}}
 
 
@@ -340,12 +359,12 @@ def load_full_state(path: str, model, opt, ps) -> dict:
 
 def load_full_model(path: str, dtype: torch.dtype = torch.float32):
     """The whole model of DCP checkpoint `path` in this process (CPU), no process group needed."""
-    cfg = ModelConfig.from_dict(read_state(path)["model_config"])
-    model = _meta_model(cfg).to_empty(device="cpu").to(torch.float32)
+    state = read_state(path)
+    if state.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a sharded (DCP) checkpoint")
+    model = _meta_model(_model_config(path, state)).to_empty(device="cpu").to(torch.float32)
     sd = model.state_dict()  # tensors share storage with the parameters: DCP loads in place
-    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.load({"model": sd}, checkpoint_id=os.path.join(path, DCP_DIR), no_dist=True)
+    safe_dcp.load({"model": sd}, os.path.join(path, DCP_DIR), no_dist=True)
     model.init_buffers()
     return model.to(dtype)
 
@@ -371,8 +390,8 @@ def to_hf(ckpt_path: str, out: str, dtype: torch.dtype | None = None) -> str:
         model = load_full_model(ckpt_path)
         save_pretrained(model, tmp, dtype=dtype)
         for name in ("tokenizer.json", "tokenizer_config.json"):
-            if os.path.exists(os.path.join(ckpt_path, name)):
-                shutil.copyfile(os.path.join(ckpt_path, name), os.path.join(tmp, name))
+            if os.path.exists(os.path.join(ckpt_path, name)):  # a link leading out of the checkpoint is refused
+                shutil.copyfile(confined(ckpt_path, name, ckpt_path), os.path.join(tmp, name))
         for name in os.listdir(tmp):
             ckpt._fsync_file(os.path.join(tmp, name))
         if os.path.exists(out):

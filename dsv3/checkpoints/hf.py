@@ -35,9 +35,9 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
+from dsv3.checkpoints.files import CheckpointError, confined, open_safetensors, read_json
 from dsv3.cliargs import setting
 from dsv3.config import ConfigError, ModelConfig
 from dsv3.kernels import weight_dequant, weight_quant
@@ -50,10 +50,6 @@ FP8_QUANT_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method
                     "weight_block_size": [128, 128]}
 _EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(gate_proj|up_proj|down_proj)(_scale_inv)?$")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that does not match the model; the message lists every problem."""
 
 
 @dataclass(frozen=True)
@@ -181,12 +177,10 @@ def save_pretrained(model: Transformer, path: str | os.PathLike, *, dtype: torch
         shards[-1][name] = tensors[name]
         size += nbytes
 
-    stale = set()
-    if os.path.exists(os.path.join(path, INDEX_FILE)):
-        with open(os.path.join(path, INDEX_FILE)) as f:
-            stale = set(json.load(f).get("weight_map", {}).values())
+    stale = _old_shards(path)
     if len(shards) == 1:
         _save_tensors(shards[0], os.path.join(path, SINGLE_FILE))
+        stale.discard(SINGLE_FILE)  # an old index may name it: it is the file just written
         if os.path.exists(os.path.join(path, INDEX_FILE)):
             os.remove(os.path.join(path, INDEX_FILE))
     else:
@@ -204,7 +198,7 @@ def save_pretrained(model: Transformer, path: str | os.PathLike, *, dtype: torch
             os.remove(os.path.join(path, SINGLE_FILE))
     for fname in stale:  # shards of an earlier, differently sharded save
         p = os.path.join(path, fname)
-        if os.path.exists(p):
+        if os.path.isfile(p):
             os.remove(p)
 
     out_cfg = ModelConfig.from_dict(cfg.to_dict())
@@ -214,6 +208,20 @@ def save_pretrained(model: Transformer, path: str | os.PathLike, *, dtype: torch
     d = out_cfg.to_dict()
     d.pop("dtype", None)
     _fsync_write_json(d, os.path.join(path, "config.json"))
+
+
+def _old_shards(path: str) -> set[str]:
+    """Shard files named by the index of an earlier save into `path`, to delete once replaced. Only
+    plain `*.safetensors` names inside `path` count: whatever else an index (perhaps not ours) names
+    is never deleted, and an unreadable index names nothing."""
+    try:
+        weight_map = read_json(os.path.join(path, INDEX_FILE)).get("weight_map")
+    except CheckpointError:
+        return set()
+    if not isinstance(weight_map, dict):
+        return set()
+    return {f for f in weight_map.values() if isinstance(f, str) and f.endswith(".safetensors")
+            and os.path.basename(f) == f and f not in (".", "..") and not os.path.islink(os.path.join(path, f))}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -227,16 +235,19 @@ class _Reader:
         index = os.path.join(path, INDEX_FILE)
         single = os.path.join(path, SINGLE_FILE)
         if os.path.exists(index):
-            try:
-                with open(index, encoding="utf-8") as f:
-                    self.weight_map: dict[str, str] = json.load(f)["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise CheckpointError(f"{index} is not a valid safetensors index ({e})") from None
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise CheckpointError(f"{index}: not a valid safetensors index (no weight_map of tensor name -> "
+                                      "file name)")
+            for fname in sorted(set(weight_map.values())):  # every shard must lie inside the directory
+                confined(path, fname, index)
+            self.weight_map: dict[str, str] = weight_map
             missing_files = sorted({f for f in self.weight_map.values() if not os.path.exists(os.path.join(path, f))})
             if missing_files:
                 raise CheckpointError(f"{index} names shard files that do not exist: {', '.join(missing_files[:10])}")
         elif os.path.exists(single):
-            with safe_open(single, "pt") as f:
+            confined(path, SINGLE_FILE, path)
+            with open_safetensors(single) as f:
                 self.weight_map = {k: SINGLE_FILE for k in f.keys()}
         else:
             found = sorted(os.listdir(path))
@@ -249,7 +260,7 @@ class _Reader:
     def _f(self, name: str):
         fname = self.weight_map[name]
         if fname not in self._handles:
-            self._handles[fname] = safe_open(os.path.join(self.path, fname), "pt")
+            self._handles[fname] = open_safetensors(os.path.join(self.path, fname))
         return self._handles[fname]
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -444,8 +455,8 @@ def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, cfg: Qua
     try:
         save_pretrained(model, tmp, dtype=getattr(torch, cfg.dtype))
         copied = [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(src, f))]
-        for f in copied:
-            shutil.copy2(os.path.join(src, f), os.path.join(tmp, f))
+        for f in copied:  # a link leading out of the checkpoint is refused, not copied
+            shutil.copy2(confined(src, f, src), os.path.join(tmp, f))
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

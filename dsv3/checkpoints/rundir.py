@@ -24,8 +24,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from dsv3.checkpoints.files import CheckpointError, load_safetensors, read_json, require
 from dsv3.checkpoints.hf import _umask, load_pretrained, save_pretrained, tempdir_beside
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -74,9 +75,17 @@ def optimizer_tensors(model: torch.nn.Module, opt: torch.optim.Optimizer) -> tup
     return tensors, {"param_groups": groups}
 
 
-def load_optimizer(model: torch.nn.Module, opt: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
+def load_optimizer(model: torch.nn.Module, opt: torch.optim.Optimizer, tensors: dict, meta: dict,
+                   source: str = "optimizer.safetensors") -> None:
+    """Fill `opt` from optimizer_tensors' output; `source` names the file in errors."""
     params = dict(model.named_parameters())
-    saved = meta["param_groups"]
+    saved = meta.get("param_groups") if isinstance(meta, dict) else None
+    if not isinstance(saved, list) or not all(isinstance(s, dict) and isinstance(s.get("params"), list)
+                                              for s in saved):
+        raise CheckpointError(f"{source}: optimizer param_groups missing or malformed in trainer_state.json")
+    unknown = sorted({key.rsplit(".", 1)[0] for key in tensors} - set(params))
+    if unknown:
+        raise CheckpointError(f"{source}: state for parameters the model does not have: {', '.join(unknown[:5])}")
     if len(saved) != len(opt.param_groups):
         raise ValueError(f"optimizer checkpoint has {len(saved)} param groups, optimizer has {len(opt.param_groups)}")
     for g, s in zip(opt.param_groups, saved):
@@ -109,6 +118,15 @@ def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
     meta = {"python": [py[0], list(py[1]), py[2]],
             "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])]}
     return tensors, meta
+
+
+def restore_rng(tensors: dict[str, torch.Tensor], meta: dict, source: str) -> None:
+    """set_rng_state, with a CheckpointError naming `source` for malformed states."""
+    try:
+        set_rng_state(tensors, meta)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        raise CheckpointError(f"{source}: malformed RNG state ({type(e).__name__}: {msg})") from None
 
 
 def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
@@ -174,16 +192,18 @@ def latest_checkpoint(ckpt_root: str) -> str | None:
 def load_checkpoint(path: str, device, dtype) -> tuple[torch.nn.Module, dict, dict, dict]:
     """-> model, trainer state, optimizer tensors, rng tensors (the caller restores optimizer and RNG)."""
     model = load_pretrained(path, device=device, dtype=dtype)
-    with open(os.path.join(path, "trainer_state.json"), encoding="utf-8") as f:
-        state = json.load(f)
-    opt_t = load_file(os.path.join(path, "optimizer.safetensors"))
-    rng_t = load_file(os.path.join(path, "rng.safetensors"))
+    state = read_trainer_state(path)
+    opt_t = load_safetensors(os.path.join(path, "optimizer.safetensors"))
+    rng_t = load_safetensors(os.path.join(path, "rng.safetensors"))
     return model, state, opt_t, rng_t
 
 
 def read_trainer_state(path: str) -> dict:
-    with open(os.path.join(path, "trainer_state.json"), encoding="utf-8") as f:
-        return json.load(f)
+    """trainer_state.json of run-directory checkpoint `path` (a JSON object holding optimizer and rng)."""
+    p = os.path.join(path, "trainer_state.json")
+    state = read_json(p)
+    require(state, ("optimizer", "rng"), p)
+    return state
 
 
 @torch.no_grad()
@@ -196,8 +216,10 @@ def load_into(path: str, model: torch.nn.Module, opt: torch.optim.Optimizer) -> 
     if missing or unexpected:
         raise ValueError(f"{path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     state = read_trainer_state(path)
-    load_optimizer(model, opt, load_file(os.path.join(path, "optimizer.safetensors")), state["optimizer"])
-    set_rng_state(load_file(os.path.join(path, "rng.safetensors")), state["rng"])
+    opt_path = os.path.join(path, "optimizer.safetensors")
+    load_optimizer(model, opt, load_safetensors(opt_path), state["optimizer"], source=opt_path)
+    restore_rng(load_safetensors(os.path.join(path, "rng.safetensors")), state["rng"],
+                os.path.join(path, "trainer_state.json"))
     return state
 
 
@@ -206,7 +228,10 @@ def full_state(path: str) -> tuple[dict, dict, dict]:
     dict, {name: {"step", "exp_avg", "exp_avg_sq"}}, trainer state); for resuming it in another layout."""
     model_sd = load_pretrained(path, device="cpu", dtype=torch.float32).state_dict()
     optim: dict[str, dict] = {}
-    for key, v in load_file(os.path.join(path, "optimizer.safetensors")).items():
+    opt_path = os.path.join(path, "optimizer.safetensors")
+    for key, v in load_safetensors(opt_path).items():
+        if "." not in key:
+            raise CheckpointError(f"{opt_path}: tensor name {key!r} is not <parameter>.<state>")
         name, k = key.rsplit(".", 1)
         optim.setdefault(name, {})[k] = v
     return model_sd, optim, read_trainer_state(path)

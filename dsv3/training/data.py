@@ -254,10 +254,19 @@ class TokenCache:
         meta_path = directory / "meta.json"
         if not meta_path.is_file():
             raise FileNotFoundError(f"no token cache at {directory} (meta.json missing: not built or interrupted)")
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            dtype = np.dtype(meta["dtype"]) if meta["dtype"] in ("uint16", "uint32") else None
+            counts = {split: meta["splits"][split]["n_tokens"] for split in SPLITS}
+        except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise CorpusError(f"token cache {meta_path} is malformed ({type(e).__name__}: {e}); delete the "
+                              "directory to rebuild it") from None
+        if dtype is None or not all(type(n) is int and n >= 0 for n in counts.values()):
+            raise CorpusError(f"token cache {meta_path} is malformed (dtype {meta['dtype']!r}, token counts "
+                              f"{counts}); delete the directory to rebuild it")
         cache = cls(directory, meta, reused=True)
         for split in SPLITS:  # a truncated or foreign .bin means the cache is unusable
-            expected = meta["splits"][split]["n_tokens"] * np.dtype(meta["dtype"]).itemsize
+            expected = counts[split] * dtype.itemsize
             path = directory / f"{split}.bin"
             if not path.is_file() or path.stat().st_size != expected:
                 raise CorpusError(f"token cache {directory} is inconsistent: {path.name} should hold {expected} bytes")

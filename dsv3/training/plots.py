@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 
 import matplotlib
 
@@ -15,13 +16,23 @@ import numpy as np  # noqa: E402
 
 
 def read_metrics(run_dir: str) -> list[dict]:
+    """The records of run_dir/metrics.jsonl. A line that is not a JSON object with a step (a record torn
+    by a crash, which a resumed run then appends to) is skipped with a warning naming it."""
     path = os.path.join(run_dir, "metrics.jsonl")
     recs = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, start=1):
             line = line.strip()
-            if line:
-                recs.append(json.loads(line))
+            if not line:
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                r = e
+            if not isinstance(r, dict) or not isinstance(r.get("step"), int):
+                warnings.warn(f"{path}:{lineno}: skipped a malformed record", stacklevel=2)
+                continue
+            recs.append(r)
     # a resumed run appends: keep the last record of each (step, kind); step records carry the lr,
     # evaluation records (val_loss, heldout_acc, ...) do not
     seen: dict[tuple, dict] = {}
