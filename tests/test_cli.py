@@ -57,7 +57,7 @@ def run(tmp_path_factory):
     cache = base / "cache"
     out = base / "run"
     common = ["train", "--config", cfg, "--data", data, "--out", out, "--seq-len", 32, "--batch-size", 4,
-              "--save-every", 3, "--eval-every", 0, "--cache-dir", cache, "--no-progress"]
+              "--save-every", 3, "--eval-every", 0, "--cache-dir", cache, "--no-progress", "--no-plots"]
     rc, stdout, stderr = run_cli(common + ["--steps", 6, "--samples", 1])
     assert rc == 0, stderr
     return {"base": base, "cfg": cfg, "data": data, "cache": cache, "out": out, "common": common,

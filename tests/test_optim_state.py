@@ -90,7 +90,7 @@ def test_train_loop_options_recompute_and_bf16_state(tmp_path):
                                 q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
                                 v_head_dim=8, n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1)
     tc = TrainConfig(out_dir=str(tmp_path / "run"), data=str(data), cache_dir=str(tmp_path / "cache"), steps=3,
-                     seq_len=32, batch_size=2, eval_every=0, save_every=3, progress=False, device="cpu",
+                     seq_len=32, batch_size=2, eval_every=0, save_every=3, progress=False, plots=False, device="cpu",
                      recompute="selective", optim_state_dtype="bf16", val_permille=200)
     out = train(mc, tc, log=lambda *a, **k: None)
     assert out["step"] == 3

@@ -318,7 +318,7 @@ def test_arithmetic_task_split():
 
 def _sft_cfg(**kw):
     base = dict(seq_len=128, batch_size=4, steps=16, lr=3e-3, min_lr=3e-4, warmup_steps=2, device="cpu",
-                save_every=0, keep=0, seed=0, progress=False)
+                save_every=0, keep=0, seed=0, progress=False, plots=False)
     base.update(kw)
     return sft.SFTConfig(**base)
 
@@ -361,7 +361,7 @@ def _length_task():
 
 def _grpo_cfg(**kw):
     base = dict(iterations=2, prompts_per_iter=2, group_size=4, max_new_tokens=6, ppo_epochs=2, micro_batch_size=3,
-                lr=1e-3, eval_every=1, save_every=0, device="cpu", seed=0, progress=False)
+                lr=1e-3, eval_every=1, save_every=0, device="cpu", seed=0, progress=False, plots=False)
     base.update(kw)
     return grpo.GRPOConfig(**base)
 

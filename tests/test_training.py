@@ -77,7 +77,7 @@ def env(tmp_path_factory):
 def tcfg(env, out, **kw) -> TrainConfig:
     base = dict(out_dir=str(out), data=env["data"], tokenizer=env["tokenizer"], cache_dir=env["cache"],
                 steps=8, seq_len=32, batch_size=4, lr=3e-3, val_permille=200, eval_every=0, save_every=0,
-                log_every=1, progress=False)
+                log_every=1, progress=False, plots=False)  # plots: ~2 s a run; one test asks for them
     base.update(kw)
     return TrainConfig(**base)
 
@@ -142,7 +142,7 @@ def assert_same_weights(ckpt_a, ckpt_b) -> None:
 def test_loss_falls_and_run_artifacts(env, tmp_path):
     out = tmp_path / "run"
     mc = micro_config()
-    summary = train(mc, tcfg(env, out, steps=40, eval_every=20, eval_batches=2), log=quiet)
+    summary = train(mc, tcfg(env, out, steps=40, eval_every=20, eval_batches=2, plots=True), log=quiet)
     recs = read_steps(out)
     assert sorted(recs) == list(range(1, 41))
     first = sum(recs[s]["main"] for s in (1, 2, 3)) / 3
@@ -242,6 +242,7 @@ def test_exact_resume_after_interrupt(env, tmp_path, monkeypatch):
     mc = micro_config()
     a_out, b_out = tmp_path / "a", tmp_path / "b"
     train(mc, tcfg(env, a_out, steps=N, save_every=N // 2), log=quiet)
+    assert (a_out / "summary.json").exists() and not (a_out / "loss.png").exists()  # plots=False: none
 
     handler = signal.getsignal(signal.SIGINT)
     with monkeypatch.context() as m:

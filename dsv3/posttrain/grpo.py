@@ -160,6 +160,7 @@ class GRPOConfig:
     recompute: str = setting("none", "activation recomputation in the loss's backward: none | selective | full",
                              choices=("none", "selective", "full"))
     progress: bool = setting(True, "progress bar")
+    plots: bool = setting(True, "PNG plots of the run at its end")
     resume: bool = setting(False, "continue from the run directory's latest checkpoint")
 
     def validate(self) -> None:
@@ -429,4 +430,4 @@ def train_grpo(checkpoint_dir: str, task: Task, out_dir: str, cfg: GRPOConfig, l
     per_it = cfg.ppo_epochs  # the loop counts optimizer steps
     return loop.run(grpo, strategy, opt, out_dir=out_dir, step=step, tokens_seen=tokens, autocast=autocast,
                     grad_clip=cfg.grad_clip, save=save, eval_every=cfg.eval_every * per_it,
-                    save_every=cfg.save_every * per_it, progress=cfg.progress, log=log)
+                    save_every=cfg.save_every * per_it, progress=cfg.progress, plots=cfg.plots, log=log)

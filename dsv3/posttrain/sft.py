@@ -269,6 +269,7 @@ class SFTConfig:
     keep: int = setting(3, "checkpoints kept, the latest ones (0: all)")
     log_every: int = setting(1, "log every N steps")
     progress: bool = setting(True, "progress bar")
+    plots: bool = setting(True, "PNG plots of the run at its end")
     resume: bool = setting(False, "continue from the run directory's latest checkpoint")
 
     def validate(self) -> None:
@@ -406,4 +407,4 @@ def train_sft(checkpoint_dir: str, data_path: str, out_dir: str, cfg: SFTConfig,
 
     return loop.run(task, strategy, opt, out_dir=out_dir, step=step, tokens_seen=tokens,
                     autocast=precision_recipe(precision, strategy.device), grad_clip=cfg.grad_clip, save=save,
-                    log_every=cfg.log_every, save_every=cfg.save_every, progress=cfg.progress, log=log)
+                    log_every=cfg.log_every, save_every=cfg.save_every, progress=cfg.progress, plots=cfg.plots, log=log)

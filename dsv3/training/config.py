@@ -63,6 +63,7 @@ class TrainConfig:
     log_every: int = setting(1, "log every N steps")
     resume: bool = setting(False, "continue from the run directory's latest checkpoint")
     progress: bool = setting(True, "no progress bars")  # the flag is --no-progress
+    plots: bool = setting(True, "no PNG plots (loss, expert load) at the end of the run")  # --no-plots
     # 1.2-1.6x training speed on an H100 (bench/RESULTS.md)
     compile: bool = setting(False, "torch.compile each block (faster on GPUs)")
     recompute: str = setting("none", "activation recomputation: selective = RMSNorms + MLA up-projections "

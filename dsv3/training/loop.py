@@ -123,15 +123,17 @@ def log_step(rec: dict, counts, metrics: Metrics, bar=None) -> dict:
     return rec
 
 
-def write_run_outputs(out_dir: str, summary: dict, log) -> None:
-    """The end of a run: the plots of metrics.jsonl (when matplotlib is installed) and summary.json."""
-    try:
-        from dsv3.training.plots import plot_run
-
-        for p in plot_run(out_dir):
-            log(f"plot: {p}")
-    except ImportError:
-        log("matplotlib not installed: no plots (pip install matplotlib)")
+def write_run_outputs(out_dir: str, summary: dict, log, plots: bool = True) -> None:
+    """The end of a run: the plots of metrics.jsonl (when matplotlib is installed and `plots`; ~2 s on a
+    CPU, most of it importing matplotlib) and summary.json."""
+    if plots:
+        try:
+            from dsv3.training.plots import plot_run
+        except ImportError:
+            log("matplotlib not installed: no plots (pip install matplotlib)")
+        else:
+            for p in plot_run(out_dir):
+                log(f"plot: {p}")
     with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=1)
 
@@ -151,7 +153,7 @@ def optimizer_step(strategy, opt, grad_clip: float) -> torch.Tensor:
 
 def run(task, strategy, opt, *, out_dir: str, step: int, tokens_seen: int, autocast, grad_clip: float,
         save, log_every: int = 1, eval_every: int = 0, eval_batches: int | None = None, save_every: int = 0,
-        progress: bool = True, use_tb: bool = True, log=print) -> dict:
+        progress: bool = True, plots: bool = True, use_tb: bool = True, log=print) -> dict:
     """Run `task` from optimizer step `step` to task.total_steps. save(reason, step, tokens) writes a
     checkpoint and returns its path (a collective on every rank). Returns the summary (every rank)."""
     say = strategy.log(log)
@@ -240,7 +242,7 @@ def run(task, strategy, opt, *, out_dir: str, step: int, tokens_seen: int, autoc
             say(f"final: {task.eval_message(ev)}")
     if metrics is not None:
         metrics.close()
-        write_run_outputs(out_dir, summary, say)
+        write_run_outputs(out_dir, summary, say, plots)
     strategy.barrier()
     return summary
 

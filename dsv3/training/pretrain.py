@@ -267,7 +267,7 @@ def train(mc: ModelConfig, tc: TrainConfig, pcfg=None, log=print, strategy: Stra
     return loop.run(task, strategy, opt, out_dir=tc.out_dir, step=step, tokens_seen=tokens_seen,
                     autocast=precision_recipe(precision, strategy.device), grad_clip=tc.grad_clip, save=save,
                     log_every=tc.log_every, eval_every=tc.eval_every if task.val is not None else 0,
-                    eval_batches=tc.eval_batches, save_every=tc.save_every, progress=tc.progress, log=log)
+                    eval_batches=tc.eval_batches, save_every=tc.save_every, progress=tc.progress, plots=tc.plots, log=log)
 
 
 __all__ = ["Pretrain", "get_tokenizer", "make_strategy", "schedule_of", "train"]

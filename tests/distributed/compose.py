@@ -187,7 +187,7 @@ def _train_config(root: str, cell: Cell):
                        tokenizer=os.path.join(root, "tok"), cache_dir=os.path.join(root, "cache"),
                        steps=cell.steps, seq_len=SEQ, batch_size=BATCH, lr=LR, warmup_steps=0, fim_rate=0.0,
                        precision=cell.precision, optim_state_dtype=cell.optim_state, recompute=cell.recompute,
-                       eval_every=0, save_every=0, progress=False, device="cpu", resume=cell.resume_from is not None,
+                       eval_every=0, save_every=0, progress=False, plots=False, device="cpu", resume=cell.resume_from is not None,
                        **cell.extra)
 
 

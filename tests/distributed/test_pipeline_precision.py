@@ -2,12 +2,11 @@
 (the emulation backend, routed experts included, under bf16 autocast as on the GPU), each against one
 process under the same precision.
 
-Run: python -m pytest tests/distributed/test_pipeline_precision.py -q   (spawns 2 and 4 processes, ~1.5 min)
+Run: python -m pytest tests/distributed/test_pipeline_precision.py -q   (spawns 2 processes)
 
-Scenarios: pp = 2 with 1F1B and with DualPipeV under `torch.autocast("cpu", dtype=torch.bfloat16)`;
-pp = 2 1F1B with `convert_to_fp8_training(model, backend="emulate", experts=True)` applied to the model
-before `build_pipeline`, under the same autocast; pp = 2 x ep = 2 1F1B, bf16 and FP8 (the expert
-all-to-all inside the stages). Each rank builds the same tiny model three times (seed 0, 4 layers:
+Scenarios: pp = 2 with DualPipeV under `torch.autocast("cpu", dtype=torch.bfloat16)`; pp = 2 1F1B
+with `convert_to_fp8_training(model, backend="emulate", experts=True)` applied to the model before
+`build_pipeline`, under the same autocast. Each rank builds the same tiny model three times (seed 0, 4 layers:
 1 dense + 3 MoE, one MTP module), converts them alike, and runs the global batch (8 x 12 + 1 tokens):
   full  one process, the whole batch in one forward under the autocast (one forward/backward);
   mb    one process, the pipeline's 4 micro-batches one after the other under the autocast, gradients
@@ -64,14 +63,13 @@ MB_TOL = {  # (precision, ep > 1) -> tolerances against the micro-batched refere
     ("fp8", True): dict(loss=2e-2, grad_rel=0.2, grad_norm_rel=5e-2),
 }
 SCENARIOS = {  # name -> (world size, PipelineConfig kwargs, precision)
-    "bf16_1f1b_pp2": (2, dict(pp=2, schedule="1f1b"), "bf16"),
-    "bf16_dualpipev_pp2": (2, dict(pp=2, schedule="dualpipev"), "bf16"),
+    "bf16_dualpipev_pp2": (2, dict(pp=2, schedule="dualpipev" if HAS_DUALPIPEV else "1f1b"), "bf16"),
     "fp8_1f1b_pp2": (2, dict(pp=2, schedule="1f1b"), "fp8"),
-    "bf16_1f1b_pp2xep2": (4, dict(pp=2, ep=2, schedule="1f1b"), "bf16"),
-    "fp8_1f1b_pp2xep2": (4, dict(pp=2, ep=2, schedule="1f1b"), "fp8"),
+    # pp 2 x ep 2 (4 processes, the expert all-to-all inside the stages) under bf16 and FP8: in the
+    # composition matrix (tests/distributed/compose.py, cells pp2xep2-bf16 / -fp8, against one process);
+    # these two scenarios ran here too until the suite had to fit its 10 minutes (measured then: bf16
+    # gradients 3.3e-3 relative to the micro-batched reference, FP8 3.5e-2)
 }
-if not HAS_DUALPIPEV:
-    SCENARIOS = {k: v for k, v in SCENARIOS.items() if "dualpipev" not in k}
 
 
 def autocast():
