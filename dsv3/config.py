@@ -27,6 +27,9 @@ class ConfigError(ValueError):
     """A config that cannot describe a DeepSeek-V3 model. The message names the field and the rule."""
 
 
+MAX_POSITIONS = 1 << 24  # RoPE computes positions in fp32, whose integers are exact up to 2^24
+
+
 @dataclass
 class ModelConfig:
     # --- sizes --------------------------------------------------------------------------------
@@ -95,6 +98,17 @@ class ModelConfig:
     def is_moe_layer(self, i: int) -> bool:
         return self.n_routed_experts > 0 and i >= self.first_k_dense_replace and i % self.moe_layer_freq == 0
 
+    def num_moe_layers(self, start: int = 0, stop: int | None = None) -> int:
+        """How many main layers i in [start, stop) are MoE (`is_moe_layer`; default: all of them), counted
+        arithmetically: validation, `dsv3 info` and the memory checks never walk the layers, so a config
+        claiming 10^12 layers costs them nothing."""
+        stop = self.num_hidden_layers if stop is None else min(stop, self.num_hidden_layers)
+        lo = max(start, self.first_k_dense_replace)
+        if self.n_routed_experts <= 0 or stop <= lo:
+            return 0
+        f = self.moe_layer_freq
+        return (stop - 1) // f - (lo + f - 1) // f + 1  # multiples of f in [lo, stop - 1]
+
     @property
     def yarn(self) -> dict[str, Any] | None:
         """The YaRN parameters, or None for plain RoPE."""
@@ -106,42 +120,47 @@ class ModelConfig:
 
     # ---------------------------------------------------------------------------------------------
     def validate(self) -> "ModelConfig":
+        """Raise ConfigError naming the first field that breaks a rule. O(1) in the config's sizes: no
+        loop over layers or experts (sizes are checked against memory and files where they are used)."""
         def need(cond: bool, msg: str) -> None:
             if not cond:
                 raise ConfigError(msg)
 
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+        def is_int(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v) -> bool:  # a finite int or float (NaN and inf excluded), not a bool
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                      "kv_lora_rank", "qk_rope_head_dim", "v_head_dim", "moe_layer_freq"):
             v = getattr(self, name)
-            need(isinstance(v, int) and not isinstance(v, bool) and v > 0,
-                 f"{name} must be a positive integer, got {v!r}")
+            need(is_int(v) and v > 0, f"{name} must be a positive integer, got {v!r}")
         for name in ("intermediate_size", "moe_intermediate_size", "qk_nope_head_dim", "first_k_dense_replace",
                      "n_routed_experts", "n_shared_experts", "num_nextn_predict_layers"):
             v = getattr(self, name)
-            need(isinstance(v, int) and not isinstance(v, bool) and v >= 0,
-                 f"{name} must be a non-negative integer, got {v!r}")
-        need(self.q_lora_rank is None or (isinstance(self.q_lora_rank, int) and self.q_lora_rank > 0),
+            need(is_int(v) and v >= 0, f"{name} must be a non-negative integer, got {v!r}")
+        need(self.q_lora_rank is None or (is_int(self.q_lora_rank) and self.q_lora_rank > 0),
              f"q_lora_rank must be null (direct query projection) or a positive integer, got {self.q_lora_rank!r}")
         need(self.qk_rope_head_dim % 2 == 0,
              f"qk_rope_head_dim must be even (RoPE rotates pairs of dims), got {self.qk_rope_head_dim}")
         need(self.first_k_dense_replace <= self.num_hidden_layers,
              f"first_k_dense_replace ({self.first_k_dense_replace}) > num_hidden_layers ({self.num_hidden_layers})")
-        has_dense = any(not self.is_moe_layer(i) for i in range(self.num_hidden_layers))
-        need(not has_dense or self.intermediate_size > 0,
+        n_moe = self.num_moe_layers()
+        need(n_moe == self.num_hidden_layers or self.intermediate_size > 0,
              "intermediate_size must be > 0 when the model has dense FFN layers")
-        has_moe = any(self.is_moe_layer(i) for i in range(self.num_hidden_layers)) or (
-            self.num_nextn_predict_layers > 0 and self.n_routed_experts > 0)
+        has_moe = n_moe > 0 or (self.num_nextn_predict_layers > 0 and self.n_routed_experts > 0)
         if has_moe:
             need(self.moe_intermediate_size > 0, "moe_intermediate_size must be > 0 for MoE layers")
-            need(isinstance(self.num_experts_per_tok, int) and self.num_experts_per_tok >= 1,
-                 f"num_experts_per_tok must be >= 1, got {self.num_experts_per_tok!r}")
+            need(is_int(self.num_experts_per_tok) and self.num_experts_per_tok >= 1,
+                 f"num_experts_per_tok must be an integer >= 1, got {self.num_experts_per_tok!r}")
             need(self.num_experts_per_tok <= self.n_routed_experts,
                  f"num_experts_per_tok ({self.num_experts_per_tok}) > n_routed_experts ({self.n_routed_experts})")
-            need(isinstance(self.n_group, int) and self.n_group >= 1, f"n_group must be >= 1, got {self.n_group!r}")
+            need(is_int(self.n_group) and self.n_group >= 1, f"n_group must be an integer >= 1, got {self.n_group!r}")
             need(self.n_routed_experts % self.n_group == 0,
                  f"n_routed_experts ({self.n_routed_experts}) is not divisible by n_group ({self.n_group})")
-            need(isinstance(self.topk_group, int) and 1 <= self.topk_group <= self.n_group,
-                 f"topk_group ({self.topk_group}) must be in [1, n_group={self.n_group}]")
+            need(is_int(self.topk_group) and 1 <= self.topk_group <= self.n_group,
+                 f"topk_group ({self.topk_group!r}) must be an integer in [1, n_group={self.n_group}]")
             per_group = self.n_routed_experts // self.n_group
             need(self.topk_group * per_group >= self.num_experts_per_tok,
                  f"topk_group * experts per group ({self.topk_group} * {per_group}) < num_experts_per_tok "
@@ -157,12 +176,17 @@ class ModelConfig:
         need(not self.tie_word_embeddings, "tie_word_embeddings must be false (DeepSeek-V3 has an untied head)")
         for name in ("rms_norm_eps", "rope_theta", "routed_scaling_factor"):
             v = getattr(self, name)
-            need(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0,
-                 f"{name} must be a positive number, got {v!r}")
-        need(isinstance(self.max_position_embeddings, int) and not isinstance(self.max_position_embeddings, bool)
-             and self.max_position_embeddings > 0,
-             f"max_position_embeddings must be a positive integer, got {self.max_position_embeddings!r}")
+            need(is_num(v) and v > 0, f"{name} must be a positive finite number, got {v!r}")
+        need(is_num(self.initializer_range) and self.initializer_range >= 0,
+             f"initializer_range must be a finite number >= 0, got {self.initializer_range!r}")
+        # positions go through fp32 in RoPE (rope.cos_sin): integers above 2^24 are no longer exact there
+        need(is_int(self.max_position_embeddings) and 0 < self.max_position_embeddings <= MAX_POSITIONS,
+             f"max_position_embeddings must be an integer in [1, {MAX_POSITIONS}] (RoPE positions are fp32, exact up "
+             f"to 2^24), got {self.max_position_embeddings!r}")
         need(isinstance(self.norm_topk_prob, bool), f"norm_topk_prob must be true or false, got {self.norm_topk_prob!r}")
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            v = getattr(self, name)
+            need(v is None or (is_int(v) and v >= 0), f"{name} must be null or an integer >= 0, got {v!r}")
         rs = self.rope_scaling
         if rs:
             need(isinstance(rs, dict), f"rope_scaling must be an object or null, got {rs!r}")
@@ -171,15 +195,23 @@ class ModelConfig:
                  f"rope_scaling.type must be 'yarn' (or 'default'), got {kind!r}")
             if kind == "yarn":
                 f = rs.get("factor")
-                need(isinstance(f, (int, float)) and f >= 1, f"rope_scaling.factor must be >= 1, got {f!r}")
+                need(is_num(f) and f >= 1, f"rope_scaling.factor must be a finite number >= 1, got {f!r}")
                 L0 = rs.get("original_max_position_embeddings")
-                need(isinstance(L0, int) and L0 > 0,
+                need(is_int(L0) and L0 > 0,
                      f"rope_scaling.original_max_position_embeddings must be a positive integer, got {L0!r}")
+                for key, low in (("beta_fast", ">"), ("beta_slow", ">"), ("mscale", ">="), ("mscale_all_dim", ">=")):
+                    v = rs.get(key)  # null or absent: the default (rope.py)
+                    need(v is None or (is_num(v) and (v > 0 if low == ">" else v >= 0)),
+                         f"rope_scaling.{key} must be null or a finite number {low} 0, got {v!r}")
+                # YaRN's correction range divides by ln(rope_theta) (rope.inv_freq)
+                need(self.rope_theta > 1, f"rope_theta must be > 1 with YaRN rope_scaling, got {self.rope_theta!r}")
         if self.quantization_config:
             q = self.quantization_config
+            need(isinstance(q, dict), f"quantization_config must be an object or null, got {q!r}")
             need(q.get("quant_method") == "fp8",
                  f"quantization_config.quant_method must be 'fp8', got {q.get('quant_method')!r}")
-            need(list(q.get("weight_block_size", [128, 128])) == [128, 128],
+            wbs = q.get("weight_block_size", [128, 128])
+            need(isinstance(wbs, (list, tuple)) and list(wbs) == [128, 128],
                  f"quantization_config.weight_block_size must be [128, 128], got {q.get('weight_block_size')!r}")
         return self
 

@@ -1,15 +1,23 @@
-"""Parameter and KV-cache accounting, counted from a model built on the meta device (no memory, no
-numbers typed in). SPEC §7 has the expected figures for the 671B config."""
+"""Parameter and KV-cache accounting, computed arithmetically from the config: no model is built, so
+`dsv3 info`, `dsv3 plan` and the memory checks cost the same for 4 layers or 10^12. The formulas mirror
+the modules (tests/test_info.py checks them against a model built on the meta device). SPEC §7 has
+the expected figures for the 671B config.
+
+Per block (D hidden, V vocab, H heads, qr/kvr q/kv latent ranks, r rope dims, dqk = nope + r, dv,
+F dense FFN width, E experts, K top-k, I expert width, S shared experts):
+    attention   q: D·qr + qr + qr·H·dqk (q-LoRA) or D·H·dqk;  kv: D·(kvr + r) + kvr + kvr·H·(nope + dv);  o: H·dv·D
+    dense       attention + 2D (two RMSNorms) + 3·D·F
+    MoE         attention + 2D + E·D (router) + E (correction bias, a buffer) + 3·D·S·I (shared)
+                + 3·E·I·D (routed experts; a token uses K of the E)
+    MTP module  an MoE block (dense when E = 0) + 3D (enorm, hnorm, shared_head.norm) + 2D·D (eh_proj)
+    model       V·D (embedding) + blocks + D (final norm) + V·D (lm_head)
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from dsv3.config import ModelConfig
-from dsv3.model.moe import Experts, MoE
-from dsv3.model.transformer import Transformer
 
 
 @dataclass
@@ -26,41 +34,64 @@ class ModelInfo:
     n_moe_layers: int
 
 
-def _numel(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters()) + sum(
-        b.numel() for n, b in module.named_buffers() if n.endswith("e_score_correction_bias"))
+def attention_params(cfg: ModelConfig) -> int:
+    D, H, r = cfg.hidden_size, cfg.num_attention_heads, cfg.qk_rope_head_dim
+    qr, kvr = cfg.q_lora_rank, cfg.kv_lora_rank
+    q = D * H * cfg.qk_head_dim if qr is None else D * qr + qr + qr * H * cfg.qk_head_dim
+    kv = D * (kvr + r) + kvr + kvr * H * (cfg.qk_nope_head_dim + cfg.v_head_dim)
+    return q + kv + H * cfg.v_head_dim * cfg.hidden_size
 
 
-def _inactive(block, cfg: ModelConfig) -> int:
-    """Parameters of a block's routed experts that a token does not use."""
-    if not isinstance(block.mlp, MoE):
-        return 0
-    ex: Experts = block.mlp.experts
-    per_expert = (ex.gate_proj.numel() + ex.up_proj.numel() + ex.down_proj.numel()) // cfg.n_routed_experts
-    return (cfg.n_routed_experts - cfg.num_experts_per_tok) * per_expert
+def routed_expert_params(cfg: ModelConfig) -> int:
+    """One routed expert (gate, up and down projections)."""
+    return 3 * cfg.moe_intermediate_size * cfg.hidden_size
+
+
+def block_params(cfg: ModelConfig, kind: str) -> tuple[int, int]:
+    """(parameters outside the routed experts, routed-expert parameters) of one block; kind is "dense",
+    "moe" or "mtp". The router's correction bias (a buffer, saved with the model) counts as a parameter."""
+    D, E = cfg.hidden_size, cfg.n_routed_experts
+    base = attention_params(cfg) + 2 * D
+    moe = kind == "moe" or (kind == "mtp" and E > 0)
+    if moe:
+        own = base + E * D + E + 3 * D * cfg.n_shared_experts * cfg.moe_intermediate_size
+        routed = E * routed_expert_params(cfg)
+    else:
+        own, routed = base + 3 * D * cfg.intermediate_size, 0
+    if kind == "mtp":
+        own += 3 * D + 2 * D * D
+    return own, routed
+
+
+def param_count(cfg: ModelConfig) -> int:
+    """Every parameter the model holds (main model + MTP modules, correction biases included)."""
+    i = model_info(cfg)
+    return i.total + i.mtp_unique
 
 
 def model_info(cfg: ModelConfig) -> ModelInfo:
-    with torch.device("meta"):
-        m = Transformer(cfg)
-    mtp_unique = sum(_numel(mod) for mod in m.mtp)
-    total = _numel(m) - mtp_unique
-    embed = m.embed_tokens.weight.numel()
-    activated = total - sum(_inactive(b, cfg) for b in m.layers)
-    mtp_act = mtp_unique - sum(_inactive(b, cfg) for b in m.mtp)
+    L, n_mtp = cfg.num_hidden_layers, cfg.num_nextn_predict_layers
+    n_moe = cfg.num_moe_layers()
+    embed = head = cfg.vocab_size * cfg.hidden_size
+    dense, _ = block_params(cfg, "dense")
+    moe = sum(block_params(cfg, "moe"))
+    mtp_own, mtp_routed = block_params(cfg, "mtp")
+    inactive = (cfg.n_routed_experts - cfg.num_experts_per_tok) * routed_expert_params(cfg)  # per MoE block
+    total = embed + (L - n_moe) * dense + n_moe * moe + cfg.hidden_size + head
+    mtp_unique = n_mtp * (mtp_own + mtp_routed)
+    activated = total - n_moe * inactive
     bf16 = 2
-    L = cfg.num_hidden_layers
     return ModelInfo(
         total=total,
         activated=activated,
         activated_no_embedding=activated - embed,
         mtp_unique=mtp_unique,
-        mtp_stored=mtp_unique + len(m.mtp) * (embed + m.lm_head.weight.numel()),
-        mtp_activated=mtp_act,
+        mtp_stored=mtp_unique + n_mtp * (embed + head),
+        mtp_activated=mtp_unique - (n_mtp * inactive if mtp_routed else 0),
         kv_latent_bytes=L * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * bf16,
         kv_expanded_bytes=L * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * bf16,
         n_layers=L,
-        n_moe_layers=sum(cfg.is_moe_layer(i) for i in range(L)),
+        n_moe_layers=n_moe,
     )
 
 

@@ -1,5 +1,5 @@
 """`dsv3 plan`: memory per GPU and communication per step of a training layout (SPEC §8-§10), for
-scales that cannot run here. Parameter counts come from the meta-device model (dsv3.info); every
+scales that cannot run here. Parameter counts come from dsv3.info's arithmetic (no model is built); every
 other number is a formula written out below. The worst rank (most memory) is reported.
 
 Layout (paper §3): gpus = pp × dp; pipeline stage s is held by dp ranks; expert parallelism is
@@ -46,10 +46,8 @@ passes = MoE layers a micro-batch crosses on this rank; ring collectives over a 
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field, replace
-from functools import lru_cache
 
 from dsv3.cliargs import setting
 from dsv3.config import ModelConfig
@@ -121,33 +119,28 @@ class PlanConfig:
 
 @dataclass
 class _Counts:
-    blocks: list  # (kind, dense params, routed params) per block: kind in dense | moe | mtp
+    """Parameter counts per block kind, computed arithmetically (dsv3.info), so planning costs O(pp)
+    whatever the layer count."""
+    cfg: ModelConfig
+    per_kind: dict  # kind (dense | moe | mtp) -> (params outside the routed experts, routed params)
+    n_blocks: int  # main layers + MTP modules, in this order
     embed: int
     head: int  # lm_head + final norm
 
-
-@lru_cache(maxsize=8)
-def _counts_cached(key: str) -> _Counts:
-    import torch
-
-    from dsv3.info import _numel
-    from dsv3.model.moe import MoE
-    from dsv3.model.transformer import Transformer
-
-    cfg = ModelConfig.from_dict(json.loads(key))
-    with torch.device("meta"):
-        m = Transformer(cfg)
-
-    def split(b, kind):
-        routed = sum(p.numel() for p in b.mlp.experts.parameters()) if isinstance(b.mlp, MoE) else 0
-        return (kind if routed or kind == "mtp" else "dense", _numel(b) - routed, routed)
-
-    blocks = [split(b, "moe") for b in m.layers] + [split(b, "mtp") for b in m.mtp]
-    return _Counts(blocks, m.embed_tokens.weight.numel(), m.lm_head.weight.numel() + _numel(m.norm))
+    def kinds(self, blocks: range) -> dict:
+        """kind -> how many of the blocks in `blocks` (global block indices) are of that kind."""
+        L = self.cfg.num_hidden_layers
+        main = max(0, min(blocks.stop, L) - blocks.start)
+        moe = self.cfg.num_moe_layers(blocks.start, blocks.stop)
+        return {"dense": main - moe, "moe": moe, "mtp": max(0, blocks.stop - max(blocks.start, L))}
 
 
 def _counts(cfg: ModelConfig) -> _Counts:
-    return _counts_cached(json.dumps(cfg.to_dict(), sort_keys=True))
+    from dsv3.info import block_params
+
+    D, V = cfg.hidden_size, cfg.vocab_size
+    return _Counts(cfg, {k: block_params(cfg, k) for k in ("dense", "moe", "mtp")},
+                   cfg.num_hidden_layers + cfg.num_nextn_predict_layers, V * D, V * D + D)
 
 
 def _stages(n: int, pp: int) -> list[range]:
@@ -230,7 +223,7 @@ class PlanResult:
 
 def plan(model_cfg: ModelConfig, pcfg: PlanConfig, name: str = "model") -> PlanResult:
     cnt = _counts(model_cfg)
-    n_blocks = len(cnt.blocks)
+    n_blocks = cnt.n_blocks
     c = pcfg.resolved(model_cfg, n_blocks)
     pp, dp, ep = c.pp, c.dp, c.ep
     dp_e = dp // ep
@@ -242,9 +235,11 @@ def plan(model_cfg: ModelConfig, pcfg: PlanConfig, name: str = "model") -> PlanR
     has_mtp = model_cfg.num_nextn_predict_layers > 0
     gbytes, mbytes, obytes = (DTYPE_BYTES[c.grad_dtype], DTYPE_BYTES[c.master_dtype], 2 * DTYPE_BYTES[c.optim_dtype])
 
+    kinds = [cnt.kinds(rg) for rg in stages]  # per stage: kind -> block count
+
     def stage_params(s):
-        dense = sum(cnt.blocks[i][1] for i in stages[s])
-        routed = sum(cnt.blocks[i][2] for i in stages[s]) // ep
+        dense = sum(n * cnt.per_kind[k][0] for k, n in kinds[s].items())
+        routed = sum(n * cnt.per_kind[k][1] for k, n in kinds[s].items()) // ep
         if s == 0 or (s == pp - 1 and has_mtp and c.schedule == "1f1b"):
             dense += cnt.embed  # 1F1B: the MTP module on the last stage needs its own embedding copy
         if s == pp - 1:
@@ -252,13 +247,14 @@ def plan(model_cfg: ModelConfig, pcfg: PlanConfig, name: str = "model") -> PlanR
         return dense, routed
 
     def stage_act(s):
-        per_tok = sum(act_bytes_per_token(model_cfg, cnt.blocks[i][0], c.precision, c.recompute) for i in stages[s])
+        present = [k for k, n in kinds[s].items() if n]
+        per_tok = sum(n * act_bytes_per_token(model_cfg, k, c.precision, c.recompute) for k, n in kinds[s].items())
         if c.recompute == "full":  # one layer being recomputed at a time
-            per_tok += max(act_bytes_per_token(model_cfg, cnt.blocks[i][0], c.precision, "none") for i in stages[s])
+            per_tok += max(act_bytes_per_token(model_cfg, k, c.precision, "none") for k in present)
         return per_tok * T
 
     def n_moe(s):
-        return sum(cnt.blocks[i][2] > 0 for i in stages[s])
+        return sum(n for k, n in kinds[s].items() if cnt.per_kind[k][1] > 0)
 
     best, comm_max = None, {}
     for r in range(pp if c.schedule == "1f1b" else pp // 2):

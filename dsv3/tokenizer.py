@@ -47,6 +47,8 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from dsv3.config import ConfigError
+
 # --- special tokens ----------------------------------------------------------------------------
 # U+FF5C FULLWIDTH VERTICAL LINE and U+2581 LOWER ONE EIGHTH BLOCK, not ASCII '|' and '_'
 # (`<|EOT|>` is the one DeepSeek token spelled with ASCII bars).
@@ -186,12 +188,33 @@ def deepseek_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
     ])
 
 
+# The largest vocabulary `train_tokenizer` trains (8x DeepSeek-V3's 129,280). The BPE trainer reserves
+# memory per token before it reads any text: 10^12 asked for 72 TB and aborted the process.
+MAX_TRAINED_VOCAB = 1 << 20
+
+
+def check_trainable_vocab(vocab_size: int, corpus_bytes: int | None = None, corpus: str = "the corpus") -> None:
+    """Raise ConfigError, before any training, for a vocabulary that a BPE trained here cannot have:
+    more than MAX_TRAINED_VOCAB tokens, or more than `corpus_bytes` bytes of text can teach (every merge
+    replaces a pair seen at least twice, so there is at most one merge per 2 bytes)."""
+    if vocab_size > MAX_TRAINED_VOCAB:
+        raise ConfigError(f"vocab_size={vocab_size:,} is more than dsv3 trains a BPE for ({MAX_TRAINED_VOCAB:,} "
+                          f"tokens at most); lower vocab_size, or pass a trained tokenizer (--tokenizer)")
+    if corpus_bytes is not None:
+        limit = 256 + len(SPECIAL_TOKENS) + corpus_bytes // 2
+        if vocab_size > limit:
+            raise ConfigError(f"vocab_size={vocab_size:,} cannot be learned from {corpus} ({corpus_bytes:,} bytes): "
+                              f"a byte-level BPE gains at most one token per 2 bytes of text, {limit:,} tokens in "
+                              f"all; lower vocab_size, or pass a trained tokenizer (--tokenizer)")
+
+
 def train_tokenizer(texts: Iterable[str], vocab_size: int, *, show_progress: bool = False) -> Tokenizer:
     """Train a byte-level BPE with DeepSeek-V3's pre-tokenizer and special tokens at ids 0..17.
 
     `vocab_size` counts everything: the 256 byte tokens, the specials and the merges. A tiny
-    corpus may stop short of it (merges need `min_frequency=2`).
+    corpus may stop short of it (merges need `min_frequency=2`). At most MAX_TRAINED_VOCAB.
     """
+    check_trainable_vocab(vocab_size)
     minimum = 256 + len(SPECIAL_TOKENS)
     if vocab_size < minimum:
         raise ValueError(f"vocab_size={vocab_size} is too small: a byte-level BPE needs the 256 byte tokens "

@@ -152,6 +152,65 @@ def test_wrong_types_raise_config_error_naming_field(field, value):
         ModelConfig.from_dict(d)
 
 
+@pytest.mark.parametrize("changes, field", [
+    (dict(kv_lora_rank=0), "kv_lora_rank"),
+    (dict(num_hidden_layers=0), "num_hidden_layers"),
+    (dict(n_routed_experts=-8), "n_routed_experts"),
+    (dict(num_key_value_heads=0), "num_key_value_heads"),
+    (dict(q_lora_rank=True), "q_lora_rank"),
+    (dict(num_experts_per_tok=True), "num_experts_per_tok"),
+    (dict(topk_group=1.0), "topk_group"),
+    (dict(rope_theta=float("inf")), "rope_theta"),
+    (dict(routed_scaling_factor=float("nan")), "routed_scaling_factor"),
+    (dict(rms_norm_eps=float("inf")), "rms_norm_eps"),
+    (dict(initializer_range=float("nan")), "initializer_range"),
+    (dict(initializer_range=-0.1), "initializer_range"),
+    (dict(max_position_embeddings=2**40), "max_position_embeddings"),
+    (dict(max_position_embeddings=True), "max_position_embeddings"),
+    (dict(bos_token_id=-1), "bos_token_id"),
+    (dict(eos_token_id="1"), "eos_token_id"),
+    (dict(pad_token_id=2.0), "pad_token_id"),
+    (dict(rope_scaling={"type": "yarn", "factor": float("inf"), "original_max_position_embeddings": 32}),
+     "rope_scaling.factor"),
+    (dict(rope_scaling={"type": "yarn", "factor": True, "original_max_position_embeddings": 32}),
+     "rope_scaling.factor"),
+    (dict(rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": True}),
+     "rope_scaling.original_max_position_embeddings"),
+    (dict(rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "beta_fast": "x"}),
+     "rope_scaling.beta_fast"),
+    (dict(rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "beta_slow": 0}),
+     "rope_scaling.beta_slow"),
+    (dict(rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "mscale": -1.0}),
+     "rope_scaling.mscale"),
+    (dict(rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
+                        "mscale_all_dim": float("nan")}), "rope_scaling.mscale_all_dim"),
+    (dict(rope_theta=1.0, rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}),
+     "rope_theta"),  # YaRN's correction range divides by ln(rope_theta)
+    (dict(quantization_config="fp8"), "quantization_config"),
+])
+def test_absurd_values_raise_config_error_naming_field(changes, field):
+    """Issue 13: NaN/inf, bools where ints are expected, huge positions, garbage in rope_scaling."""
+    with pytest.raises(ConfigError, match=r"(^|\W)" + field.replace(".", r"\.") + r"\b"):
+        tiny_cfg(**changes)
+
+
+@pytest.mark.parametrize("field, value", [("num_hidden_layers", "4"), ("num_hidden_layers", True),
+                                          ("n_routed_experts", 8.0), ("kv_lora_rank", None)])
+def test_absurd_types_from_json_raise_config_error(tmp_path, field, value):
+    d = tiny_cfg().to_dict()
+    d[field] = value
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    with pytest.raises(ConfigError, match=r"\b" + field + r"\b"):
+        ModelConfig.from_json(tmp_path)
+
+
+def test_valid_yarn_keys_accepted():
+    # null / absent optional YaRN keys take their defaults (rope.py); mscale 0 is allowed
+    tiny_cfg(rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "beta_fast": None,
+                           "mscale": 0, "mscale_all_dim": 0})
+    tiny_cfg(max_position_embeddings=2**24)
+
+
 def test_wrong_type_in_json_file_names_field(tmp_path):
     d = tiny_cfg().to_dict()
     d["rms_norm_eps"] = "tiny"

@@ -1,6 +1,6 @@
-"""`dsv3 info`: parameter and KV-cache accounting from a model built on the meta device, against
-the published DeepSeek-V3 figures (SPEC §7) and the preset sizes the issue promises. CPU, a few
-seconds (the 671B model is only ever built on the meta device).
+"""`dsv3 info`: parameter and KV-cache accounting, computed arithmetically from the config, against
+the published DeepSeek-V3 figures (SPEC §7) and the preset sizes the issue promises (the arithmetic
+against a model built on the meta device: tests/test_absurd_configs.py). CPU, a few seconds.
 
 Run: python -m pytest tests/test_info.py -q
 """
@@ -81,7 +81,7 @@ def test_small_preset_is_1B_total_about_200M_active():
 
 @pytest.mark.parametrize("name", ["tiny", "small", "16b"])
 def test_counts_are_consistent(name):
-    """Counting from the built model agrees with the closed-form per-expert arithmetic."""
+    """The totals agree with the closed-form per-expert arithmetic."""
     cfg = preset(name)
     i = model_info(cfg)
     per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size

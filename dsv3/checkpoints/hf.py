@@ -19,9 +19,12 @@ A model holding FP8 modules (dsv3/model/fp8.py: `X.weight` float8_e4m3fn + `X.we
 maps onto the same names, so it saves its FP8 bytes and scales as they are, and
 `load_pretrained(keep_fp8=True)` fills such modules straight from the file.
 
-Safetensors only, never pickle. Loading builds the model on the meta device, checks every name and
-shape first (one error lists all missing, unexpected and mis-shaped tensors), then fills the
-parameters tensor by tensor, so peak memory is the model itself.
+Safetensors only, never pickle. Loading first compares the config's sizes (layers, MTP modules,
+experts, vocabulary, width) with the tensor names and the embedding's shape in the file, before any
+per-layer or per-expert work; then it builds the model on the meta device, checks every name and shape
+(one error lists all missing, unexpected and mis-shaped tensors) and fills the parameters tensor by
+tensor, so peak memory is the model itself; that memory, counted from the config, is checked against
+what the device has before the skeleton is built (dsv3/memory.py).
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ from dsv3.checkpoints.files import CheckpointError, confined, open_safetensors, 
 from dsv3.cliargs import setting
 from dsv3.config import ConfigError, ModelConfig
 from dsv3.kernels import weight_dequant, weight_quant
+from dsv3.info import param_count
+from dsv3.memory import ensure_fits
 from dsv3.model.fp8 import FP8Experts, FP8Linear, swap_to_fp8
 from dsv3.model.transformer import Transformer
 
@@ -234,6 +239,7 @@ class _Reader:
         self.path = path
         index = os.path.join(path, INDEX_FILE)
         single = os.path.join(path, SINGLE_FILE)
+        self.source = INDEX_FILE if os.path.exists(index) else SINGLE_FILE  # the file that lists the tensors
         if os.path.exists(index):
             weight_map = read_json(index).get("weight_map")
             if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
@@ -276,6 +282,49 @@ class _Reader:
         for h in self._handles.values():
             h.__exit__(None, None, None)
         self._handles.clear()
+
+
+_LAYER_ID = re.compile(r"^model\.layers\.(\d+)\.")
+_EXPERT_ID = re.compile(r"\.mlp\.experts\.(\d+)\.")
+
+
+def _span(ids: set[int], what: str) -> str:
+    return f"{what} {min(ids)}..{max(ids)}" if ids else f"no {what}"
+
+
+def _check_sizes(cfg: ModelConfig, reader: _Reader, said: str, path: str) -> ModelConfig:
+    """Compare the config's sizes with what the file holds (tensor names and the embedding's shape)
+    before any per-layer or per-expert work (the model skeleton, the list of expected names), so that a
+    config claiming 10^6 layers or 10^9 experts fails at once, naming the field. Returns the config to
+    load: without MTP (and a warning) when it has MTP modules but the file holds none (transformers drops
+    them). Costs O(tensors in the file)."""
+    def fail(msg: str):
+        raise CheckpointError(f"{path}: {said} says {msg}")
+
+    src = reader.source
+    layers = {int(m.group(1)) for k in reader.weight_map if (m := _LAYER_ID.match(k))}
+    n, D = cfg.num_hidden_layers, cfg.num_nextn_predict_layers
+    if not layers or n > max(layers) + 1:
+        fail(f"num_hidden_layers={n} but {src} holds {_span(layers, 'layers')}")
+    if D > 0 and max(layers) < n:
+        warnings.warn(f"{path}: config has num_nextn_predict_layers={D} but the checkpoint holds no MTP "
+                      f"tensors (model.layers.{n}.*); loading without MTP", stacklevel=3)
+        cfg = cfg.replace(num_nextn_predict_layers=0)
+    elif n + D > max(layers) + 1:
+        fail(f"num_nextn_predict_layers={D} (MTP layers {n}..{n + D - 1}) but {src} holds "
+             f"{_span(layers, 'layers')}")
+    E = cfg.n_routed_experts
+    if cfg.num_moe_layers() > 0 or (cfg.num_nextn_predict_layers > 0 and E > 0):
+        experts = {int(m.group(1)) for k in reader.weight_map if (m := _EXPERT_ID.search(k))}
+        if not experts or E > max(experts) + 1:
+            fail(f"n_routed_experts={E} but {src} holds {_span(experts, 'routed experts')}")
+    embed = "model.embed_tokens.weight"
+    if embed in reader.weight_map:
+        shape = reader.shape(embed)
+        if len(shape) != 2 or shape != (cfg.vocab_size, cfg.hidden_size):
+            fail(f"vocab_size={cfg.vocab_size}, hidden_size={cfg.hidden_size} but {src} holds {embed} of "
+                 f"shape {list(shape)}")
+    return cfg
 
 
 def _meta_model(cfg: ModelConfig) -> Transformer:
@@ -350,11 +399,11 @@ def load_pretrained(path: str | os.PathLike, device: torch.device | str = "cpu",
             raise ConfigError(f"torch_dtype {cfg.torch_dtype!r} is not one of {', '.join(_DTYPES)}; pass dtype=")
     reader = _Reader(path)
     try:
-        n, D = cfg.num_hidden_layers, cfg.num_nextn_predict_layers
-        if D > 0 and not any(k.startswith(f"model.layers.{n + j}.") for k in reader.weight_map for j in range(D)):
-            warnings.warn(f"{path}: config has num_nextn_predict_layers={D} but the checkpoint holds no MTP "
-                          f"tensors (model.layers.{n}.*); loading without MTP", stacklevel=2)
-            cfg = cfg.replace(num_nextn_predict_layers=0)
+        cfg = _check_sizes(cfg, reader, "config.json" if config is None else "the given config", path)
+        n_params = param_count(cfg)  # arithmetic: checked before the skeleton is built
+        per = 1 if keep_fp8 else dtype.itemsize  # keep_fp8: a lower bound (norms, embedding, head stay wider)
+        ensure_fits(n_params * per, device, f"{'at least ' if keep_fp8 else ''}to load {path} ({n_params:,} "
+                                            f"parameters, {'fp8' if keep_fp8 else str(dtype).removeprefix('torch.')})")
         model = _meta_model(cfg)
         if keep_fp8:
             _swap_in_fp8_modules(model, reader)

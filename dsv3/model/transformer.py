@@ -294,7 +294,13 @@ def _output(logits, mtp_logits, h, counts: list, balance: list) -> ModelOutput:
 def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                 seed: int | None = 0, init: bool = True) -> Transformer:
     """Construct on the meta device, allocate on `device`, then initialise (or leave empty for a
-    checkpoint load, `init=False`)."""
+    checkpoint load, `init=False`). Refuses first (dsv3.memory.InsufficientMemoryError) when the
+    weights, counted from the config, exceed the memory `device` has available."""
+    from dsv3.info import param_count
+    from dsv3.memory import ensure_fits
+
+    n = param_count(cfg.validate())
+    ensure_fits(n * dtype.itemsize, device, f"for its {str(dtype).removeprefix('torch.')} weights ({n:,} parameters)")
     with torch.device("meta"):
         model = Transformer(cfg)
     model = model.to_empty(device=device)

@@ -33,8 +33,10 @@ import torch
 
 from dsv3.checkpoints import rundir
 from dsv3.config import ModelConfig
+from dsv3.info import param_count
+from dsv3.memory import ensure_fits
 from dsv3.model import build_model
-from dsv3.tokenizer import DSTokenizer
+from dsv3.tokenizer import DSTokenizer, check_trainable_vocab
 from dsv3.training import loop
 from dsv3.training.config import TrainConfig, resolve_device
 from dsv3.training.data import CorpusError, PackedSampler, build_token_cache, find_corpus, read_documents, split_of
@@ -57,6 +59,7 @@ def get_tokenizer(tc: TrainConfig, mc: ModelConfig, log) -> DSTokenizer:
         if os.path.exists(path):
             tok = DSTokenizer.load(path)
         else:
+            check_trainable_vocab(mc.vocab_size, corpus.n_bytes, corpus.description)
             log(f"training a {mc.vocab_size}-token BPE on {corpus.description} ...")
             t0 = time.time()
 
@@ -72,6 +75,20 @@ def get_tokenizer(tc: TrainConfig, mc: ModelConfig, log) -> DSTokenizer:
     if tok.vocab_size > mc.vocab_size:
         raise ValueError(f"tokenizer has {tok.vocab_size} tokens but the model's vocab_size is {mc.vocab_size}")
     return tok
+
+
+def check_memory(mc: ModelConfig, tc: TrainConfig, strategy: Strategy) -> None:
+    """Refuse (dsv3.memory.InsufficientMemoryError, one line) a model whose training state cannot fit:
+    one process holds fp32 weights + fp32 gradients + two AdamW moments per parameter; under torchrun
+    every rank first builds the whole fp32 model, then shards it (so that much at least)."""
+    n = param_count(mc)
+    if strategy.world_size == 1:
+        per = 4 + 4 + 2 * (2 if tc.optim_state_dtype == "bf16" else 4)
+        ensure_fits(n * per, strategy.device, f"for fp32 weights + gradients + AdamW state ({n:,} parameters "
+                                              f"x {per} bytes)")
+    else:
+        ensure_fits(n * 4, strategy.device, f"for its fp32 weights, built whole on every rank before sharding "
+                                            f"({n:,} parameters)")
 
 
 def schedule_of(tc: TrainConfig) -> Schedule:
@@ -230,6 +247,7 @@ def train(mc: ModelConfig, tc: TrainConfig, pcfg=None, log=print, strategy: Stra
             say("note: resuming with the checkpoint's model config (the command line's preset/config is ignored)")
         mc = saved
     strategy.check_model(mc, tc)
+    check_memory(mc, tc, strategy)  # before the tokenizer, the data or the run directory are touched
     if strategy.is0:
         os.makedirs(tc.out_dir, exist_ok=True)
     strategy.barrier()
@@ -270,4 +288,4 @@ def train(mc: ModelConfig, tc: TrainConfig, pcfg=None, log=print, strategy: Stra
                     eval_batches=tc.eval_batches, save_every=tc.save_every, progress=tc.progress, plots=tc.plots, log=log)
 
 
-__all__ = ["Pretrain", "get_tokenizer", "make_strategy", "schedule_of", "train"]
+__all__ = ["Pretrain", "check_memory", "get_tokenizer", "make_strategy", "schedule_of", "train"]
