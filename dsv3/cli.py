@@ -448,7 +448,8 @@ def one_line(e: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one verb. An expected failure (a bad file, config, flag value or path: ConfigError,
-    CheckpointError, OSError, ValueError, KeyError, a chat-template error) prints one line
+    CheckpointError, OSError, ValueError, KeyError, a chat-template error; a run stopped by a full disk or
+    by non-finite losses: DiskFullError, NonFiniteError) prints one line
     `dsv3 VERB: error: ...` on stderr and returns 2; DSV3_TRACEBACK=1 re-raises it with its traceback.
     Any other exception is a bug and keeps its traceback."""
     import os
@@ -456,7 +457,9 @@ def main(argv: list[str] | None = None) -> int:
     from jinja2 import TemplateError
 
     from dsv3.checkpoints.files import CheckpointError
+    from dsv3.checkpoints.space import DiskFullError
     from dsv3.config import ConfigError
+    from dsv3.training.loop import NonFiniteError
 
     argv = sys.argv[1:] if argv is None else list(argv)
     verb = next((a for a in argv if not a.startswith("-")), None)  # the top-level parser has no other options
@@ -467,7 +470,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, CheckpointError, OSError, ValueError, KeyError, TemplateError) as e:
+    except (ConfigError, CheckpointError, OSError, ValueError, KeyError, TemplateError, DiskFullError,
+            NonFiniteError) as e:  # the last two: a run that stopped cleanly (one line on each rank)
         if os.environ.get("DSV3_TRACEBACK", "") not in ("", "0"):
             raise
         print(f"dsv3 {args.command}: error: {one_line(e)}", file=sys.stderr)

@@ -239,6 +239,42 @@ def test_fused_adamw_triton_matches_foreach_reference(state_dtype):
         torch.testing.assert_close(sa["exp_avg_sq"].float(), sb["exp_avg_sq"].float(), rtol=rtol, atol=atol)
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_adamw_skip_on_cuda_keeps_every_bit_and_counts_steps_late(fused):
+    """AdamW.step(skip=device flag) on CUDA (Triton kernel, or the masked foreach reference): a skipped
+    step with NaN gradients changes no parameter or moment, and its step count is settled from the
+    pinned copy of the flag at the next step: g1, (NaN, skipped), g2 ends where g1, g2 does."""
+    if fused:
+        pytest.importorskip("triton")
+    from dsv3.training.optim import AdamW
+
+    torch.manual_seed(0)
+    shapes = [(257, 129), (1000,)]
+    ps = [[torch.nn.Parameter(torch.randn(*sh, device="cuda")) for sh in shapes] for _ in range(2)]
+    for a, b in zip(*ps):
+        b.data.copy_(a.data)
+    opts = [AdamW(ps[i], lr=1e-2, state_dtype=torch.float32, fused=fused) for i in range(2)]
+    g1, g2 = ([torch.randn(*sh, device="cuda") for sh in shapes] for _ in range(2))
+    nan = [torch.full(sh, float("nan"), device="cuda") for sh in shapes]
+    seq = [(g1, False), (nan, True), (g2, False)]
+    for grads, skip in seq:
+        for p, g in zip(ps[0], grads):
+            p.grad = g.clone()
+        kept = [p.detach().clone() for p in ps[0]]
+        opts[0].step(skip=torch.tensor(skip, device="cuda"))
+        if skip:
+            assert all(torch.equal(p, q) for p, q in zip(ps[0], kept))
+            continue
+        for p, g in zip(ps[1], grads):
+            p.grad = g.clone()
+        opts[1].step()
+    opts[0].settle()
+    for a, b in zip(*ps):
+        assert torch.equal(a, b)
+        sa, sb = opts[0].state[a], opts[1].state[b]
+        assert float(sa["step"]) == float(sb["step"]) == 2.0 and torch.equal(sa["exp_avg"], sb["exp_avg"])
+
+
 def test_adamw_on_cuda_dtensors_takes_the_triton_backend():
     """DTensor parameters on CUDA (a 1-rank process group, Shard(0) as FSDP2 keeps them): AdamW(fused=None)
     picks the Triton backend of kernels.adamw_step_ on their local shards, the parameters stay DTensors,

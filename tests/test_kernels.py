@@ -364,6 +364,57 @@ def test_bf16_moments_are_read_up_updated_used_unrounded_and_rounded_back():
     assert all(s["exp_avg"].dtype == s["exp_avg_sq"].dtype == torch.bfloat16 for s in opt.state.values())
 
 
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+def test_adamw_skip_flag_changes_nothing_and_the_next_step_is_the_unskipped_one(state_dtype):
+    """AdamW.step(skip=True) with NaN gradients (the loop's non-finite guard): parameters, moments and step
+    counts keep every bit; skip=False is bitwise the step without a flag; so steps g1, (NaN, skipped), g2,
+    g3 end bitwise where g1, g2, g3 do (the bias corrections use the applied steps' count)."""
+    def groups(ps):
+        return [{"params": ps[:3], "weight_decay": 0.1}, {"params": ps[3:], "weight_decay": 0.0}]
+
+    a, b = _params(4), _params(4)
+    oa = AdamW(groups(a), state_dtype=state_dtype, **HP)
+    ob = AdamW(groups(b), state_dtype=state_dtype, **HP)
+    nan = [torch.full(sh, float("nan")) for sh in SHAPES]
+    no, yes = torch.tensor(False), torch.tensor(True)
+    for t, grads in enumerate([_grads(1), nan, _grads(2), _grads(3)]):
+        for p, g in zip(a, grads):
+            p.grad = g.clone()
+        before = ([p.detach().clone() for p in a], {k: {n: x.clone() for n, x in st.items()}
+                                                    for k, st in enumerate(oa.state.values())})
+        skipped = t == 1
+        oa.step(grad_scale=torch.tensor(0.5), skip=yes if skipped else no)
+        if skipped:
+            assert all(torch.equal(p, q) for p, q in zip(a, before[0]))
+            after = {k: st for k, st in enumerate(oa.state.values())}
+            assert all(torch.equal(after[k][n], x) for k, st in before[1].items() for n, x in st.items())
+            continue
+        for p, g in zip(b, grads):
+            p.grad = g.clone()
+        ob.step(grad_scale=torch.tensor(0.5))
+        assert all(torch.equal(x, y) for x, y in zip(a, b)), t
+    for p, q in zip(a, b):
+        sa, sb = oa.state[p], ob.state[q]
+        assert float(sa["step"]) == float(sb["step"]) == 3.0
+        assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
+
+
+def test_adamw_op_skip_flag_is_decided_on_the_device():
+    """The op with skip: a 0-dim bool tensor selects, per call, between the update and no change."""
+    ps, grads = _params(5), _grads(5)
+    m = [torch.randn(p.shape) for p in ps]
+    v = [torch.rand(p.shape) for p in ps]
+    ref = [_bits(ps), [x.clone() for x in m], [x.clone() for x in v]]
+    kw = dict(lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, step=2.0)
+    kernels.adamw_step_([p.data for p in ps], grads, m, v, skip=torch.tensor(True), **kw)
+    assert all(torch.equal(x, y) for x, y in zip(ps + m + v, ref[0] + ref[1] + ref[2]))
+    kernels.adamw_step_([p.data for p in ps], grads, m, v, skip=torch.tensor(False), **kw)
+    kernels.adamw_step_(ref[0], grads, ref[1], ref[2], **kw)
+    assert all(torch.equal(x, y) for x, y in zip(ps + m + v, ref[0] + ref[1] + ref[2]))
+    with pytest.raises(AssertionError, match="skip is a 1-element bool tensor"):
+        kernels.adamw_step_([p.data for p in ps], grads, m, v, skip=torch.tensor(1.0), **kw)
+
+
 def test_adamw_op_checks_its_inputs():
     p, g = torch.randn(4), torch.randn(4)
     kw = dict(lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0, step=1.0)
@@ -469,7 +520,8 @@ def _interpreter() -> bool:
 @pytest.mark.skipif(not _interpreter(), reason="needs triton and TRITON_INTERPRET=1")
 def test_interp_triton_adamw_vs_reference():
     """dsv3/kernels/adamw_triton.py (forced: backend="triton", CPU tensors under the interpreter) against
-    the reference, fp32 moments, 4 steps with and without a grad_scale: fp32 op order only. (bf16
+    the reference, fp32 moments, 4 steps with and without a grad_scale (one with skip=False), then a
+    skipped step of NaN gradients that changes nothing: fp32 op order only. (bf16
     moments only on the GPU, tests/test_gpu.py: the interpreter truncates fp32 -> bf16 where the GPU
     rounds to nearest, measured.)"""
     shapes = [(257, 129), (1000,), (3, 64, 7)]
@@ -481,7 +533,13 @@ def test_interp_triton_adamw_vs_reference():
         scale = torch.tensor(0.37) if t % 2 else None
         for i, backend in enumerate(("triton", "reference")):
             kernels.adamw_step_([p.data for p in ps[i]], grads, ms[i], vs[i], lr=1e-2, beta1=0.9, beta2=0.95,
-                                eps=1e-8, weight_decay=0.1, step=float(t), grad_scale=scale, backend=backend)
+                                eps=1e-8, weight_decay=0.1, step=float(t), grad_scale=scale, backend=backend,
+                                skip=torch.tensor(False) if t == 3 else None)
+    before = [[x.clone() for x in xs] for xs in (ps[0], ms[0], vs[0])]
+    nan = [torch.full(sh, float("nan")) for sh in shapes]  # a skipped step: not a bit changes
+    kernels.adamw_step_([p.data for p in ps[0]], nan, ms[0], vs[0], lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8,
+                        weight_decay=0.1, step=5.0, skip=torch.tensor(True), backend="triton")
+    assert all(torch.equal(x, y) for xs, ys in zip((ps[0], ms[0], vs[0]), before) for x, y in zip(xs, ys))
     for a, b in zip(*ps):
         assert (a - b).abs().max() < 1e-6, (a - b).abs().max()
     for a, b in zip(*ms):

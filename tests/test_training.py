@@ -27,6 +27,7 @@ import dsv3.checkpoints.hf
 from dsv3.config import ModelConfig
 from dsv3.training import strategy as strategy_mod
 from dsv3.checkpoints.rundir import latest_checkpoint, list_checkpoints, load_checkpoint
+from dsv3.checkpoints.space import DiskFullError
 from dsv3.training.data import CorpusError, build_token_cache
 from dsv3.training.config import TrainConfig
 from dsv3.training.pretrain import train
@@ -113,8 +114,8 @@ def interrupt_after(monkeypatch, n_steps: int) -> None:
     real = strategy_mod.update_expert_bias
     calls = {"n": 0}
 
-    def wrapped(routers, counts, gamma):
-        real(routers, counts, gamma)
+    def wrapped(routers, counts, gamma, *applied):
+        real(routers, counts, gamma, *applied)
         calls["n"] += 1
         if calls["n"] == n_steps:
             os.kill(os.getpid(), signal.SIGINT)
@@ -357,8 +358,8 @@ def test_kill_during_save_keeps_previous_checkpoint(env, tmp_path):
 
 
 def test_crash_during_save_leaves_no_partial_checkpoint(env, tmp_path, monkeypatch):
-    """An exception inside a save (e.g. disk full) propagates, removes its temporary directory and
-    leaves the earlier checkpoints intact."""
+    """An exception inside a save (here a full disk: DiskFullError, tests/test_faults.py) ends the run,
+    removes its temporary directory and leaves the earlier checkpoints intact."""
     mc = micro_config()
     out = tmp_path / "run"
     real = dsv3.checkpoints.hf._save_tensors
@@ -373,7 +374,7 @@ def test_crash_during_save_leaves_no_partial_checkpoint(env, tmp_path, monkeypat
         real(tensors, path)
 
     monkeypatch.setattr(dsv3.checkpoints.hf, "_save_tensors", failing)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(DiskFullError, match="disk filled while writing checkpoint step 4"):
         train(mc, tcfg(env, out, steps=6, save_every=2), log=quiet)
     root = out / "checkpoints"
     assert sorted(os.listdir(root)) == ["step_00000002"]
@@ -447,8 +448,8 @@ def test_save_fsyncs_every_file_then_renames(env, tmp_path, monkeypatch):
 def test_second_ctrl_c_aborts_without_saving(env, tmp_path, monkeypatch):
     real = strategy_mod.update_expert_bias
 
-    def twice(routers, counts, gamma):
-        real(routers, counts, gamma)
+    def twice(routers, counts, gamma, *applied):
+        real(routers, counts, gamma, *applied)
         os.kill(os.getpid(), signal.SIGINT)  # the first sets the stop flag ...
         os.kill(os.getpid(), signal.SIGINT)  # ... the second gives up at once
 

@@ -42,6 +42,11 @@ Loading never unpickles freely: DCP's own reader would `pickle.load` dcp/.metada
 crafted file names); dsv3 reads it through the allow-list unpickler of dsv3/checkpoints/safe_dcp.py,
 keeps the data files it names inside dcp/, and refuses non-tensor entries.
 
+Disk space (dsv3/checkpoints/space.py): before writing, the ranks agree on the checkpoint's bytes (each
+global tensor once) and the smallest free space any of them sees; a save that does not fit, or whose
+write fails with a full disk on any rank, removes its temporary directory and raises DiskFullError on
+every rank.
+
 CLI: `dsv3 convert CKPT OUT`, where CKPT is a checkpoint directory or a run directory (its latest
 checkpoint); one process, no GPU.
 """
@@ -63,6 +68,7 @@ from dsv3.checkpoints.files import CheckpointError, confined, load_safetensors, 
 from dsv3.checkpoints.hf import _meta_model, _umask, save_pretrained, tempdir_beside
 from dsv3.config import ConfigError, ModelConfig
 from dsv3.checkpoints import rundir as ckpt
+from dsv3.checkpoints import space
 
 FORMAT = "dcp"
 DCP_DIR = "dcp"
@@ -196,17 +202,21 @@ def save_dcp(ckpt_root: str, step: int, model, opt, ps, state: dict, *, tokenize
     """Collective: every rank calls it. Writes checkpoint `step` atomically and returns its path;
     `state` (JSON-able: sampler, tokens, ...) is rank 0's. export_hf: also write config.json +
     model.safetensors (rank 0 reads the full tensors back from the DCP files). Pipeline runs: `ps` is
-    the pipeline.PipelineState and `model` any of its stage modules (for the config and device)."""
+    the pipeline.PipelineState and `model` any of its stage modules (for the config and device).
+    Raises DiskFullError on every rank (nothing written, earlier checkpoints intact) where the disk
+    cannot hold the checkpoint, checked before writing or met while writing on any rank."""
     rank, world = dist.get_rank(), dist.get_world_size()
     final = os.path.join(ckpt_root, f"step_{step:08d}")
+    device = next(model.parameters()).device
+    if _is_pipeline(ps):
+        msd, optim, _ = _pipeline_state_dicts(opt, ps)
+    else:
+        msd, osd, _ = _state_dicts(model, opt, ps)
+        optim = osd["state"]
+    needed = _check_space(ckpt_root, step, msd, optim, export_hf, device)
     tmp = _rank0_path(tempdir_beside(final) if rank == 0 else None)
-    ok = torch.zeros(1)
+    err = None
     try:
-        if _is_pipeline(ps):
-            msd, optim, _ = _pipeline_state_dicts(opt, ps)
-        else:
-            msd, osd, _ = _state_dicts(model, opt, ps)
-            optim = osd["state"]
         dcp.save({"model": msd, "optim": optim}, checkpoint_id=os.path.join(tmp, DCP_DIR))
         rt, rmeta = ckpt.rng_state()
         os.makedirs(os.path.join(tmp, RNG_DIR), exist_ok=True)
@@ -227,21 +237,32 @@ def save_dcp(ckpt_root: str, step: int, model, opt, ps, state: dict, *, tokenize
                     os.chmod(os.path.join(d, name), 0o666 & ~_umask())
                     ckpt._fsync_file(os.path.join(d, name))
                 ckpt._fsync_dir(d)
-            if os.path.exists(final):  # the same step again (e.g. an interrupt right after a periodic save)
+            if ckpt.is_complete(final):  # the same step again (e.g. an interrupt right after a periodic save)
                 if export_hf and not os.path.exists(os.path.join(final, "config.json")):
                     _export_hf(final, final)
                 shutil.rmtree(tmp)
             else:
+                if os.path.exists(final):  # a directory of that name without trainer_state.json: not a checkpoint
+                    shutil.rmtree(final)
                 os.rename(tmp, final)
                 ckpt._fsync_dir(ckpt_root)
-        ok[0] = 1
-    finally:
-        # every rank learns whether all succeeded; on failure rank 0 removes the temporary directory
-        flag = ok.to(next(model.parameters()).device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        if rank == 0 and flag.item() < 1:
+    except BaseException as e:  # CheckpointException (a failed DCP write on any rank) is a BaseException
+        err = e
+    # every rank learns whether all succeeded, and whether a disk was full; on failure rank 0 removes the
+    # temporary directory
+    status = torch.tensor([float(err is not None), float(space.is_disk_full(err))], device=device)
+    dist.all_reduce(status, op=dist.ReduceOp.MAX)
+    failed, full = status.tolist()
+    if failed:
+        if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-    if flag.item() < 1:
+        if full:
+            dist.barrier()  # the partial files are gone: measure what is free
+            free = torch.tensor([float(space.free_bytes(ckpt_root))], dtype=torch.float64, device=device)
+            dist.all_reduce(free, op=dist.ReduceOp.MIN)
+            raise space.filled(ckpt_root, step, needed, int(free.item()), ckpt.latest_checkpoint(ckpt_root)) from err
+        if err is not None:
+            raise err
         raise RuntimeError(f"checkpoint step {step} failed on some rank; the previous checkpoints are intact")
     if rank == 0:
         if keep > 0:
@@ -252,6 +273,32 @@ def save_dcp(ckpt_root: str, step: int, model, opt, ps, state: dict, *, tokenize
                 shutil.rmtree(os.path.join(ckpt_root, name), ignore_errors=True)
     dist.barrier()
     return final
+
+
+def _check_space(ckpt_root: str, step: int, msd: dict, optim: dict, export_hf: bool, device) -> int:
+    """Collective: the bytes checkpoint `step` needs (each global tensor once, as DCP stores it: rank 0
+    gathers the sizes by name, as DCP gathers the save plans; + the model again for the export), checked
+    against the smallest free space any rank sees. Raises DiskFullError on every rank; returns the need."""
+    sizes = {f"model/{k}": space.tensor_bytes(t) for k, t in msd.items() if torch.is_tensor(t)}
+    for name, st in optim.items():
+        sizes.update({f"optim/{name}/{k}": space.tensor_bytes(v) for k, v in st.items() if torch.is_tensor(v)})
+    rank, world = dist.get_rank(), dist.get_world_size()
+    gathered = [None] * world if rank == 0 else None
+    dist.gather_object(sizes, gathered, dst=0)
+    need = torch.zeros(1, dtype=torch.float64, device=device)
+    if rank == 0:
+        merged = {k: v for d in gathered for k, v in d.items()}
+        n = sum(merged.values())
+        if export_hf:
+            n += sum(v for k, v in merged.items() if k.startswith("model/"))
+        need[0] = space.required(n)
+    free = torch.tensor([float(space.free_bytes(ckpt_root))], dtype=torch.float64, device=device)
+    dist.broadcast(need, src=0)
+    dist.all_reduce(free, op=dist.ReduceOp.MIN)
+    needed, free = int(need.item()), int(free.item())
+    if free < needed:
+        raise space.no_room(ckpt_root, step, needed, free, ckpt.latest_checkpoint(ckpt_root))
+    return needed
 
 
 def load_dcp(path: str, model, opt, ps) -> dict:

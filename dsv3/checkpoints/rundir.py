@@ -10,7 +10,13 @@ A checkpoint is one directory `step_XXXXXXXX/`:
 Atomicity: everything is written into a temporary sibling directory, each file fsynced, then the
 directory is renamed into place (a single rename on one filesystem) and the parent fsynced. A
 crash or kill at any point leaves either no new checkpoint or a complete one; the previous
-checkpoints are untouched. Leftover temporary directories are ignored and cleaned up later.
+checkpoints are untouched. Leftover temporary directories are ignored and cleaned up later. A
+checkpoint is a `step_XXXXXXXX` directory holding trainer_state.json (written last, renamed in with
+the rest): only those count (list_checkpoints), and a save replaces a `step_` directory without it.
+
+Disk space (dsv3/checkpoints/space.py): a save first checks that the checkpoint's bytes are free (the
+older ones are removed only after it is complete); one that does not fit, or whose write fails with a
+full disk, removes its temporary directory and raises DiskFullError.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from dsv3.checkpoints import space
 from dsv3.checkpoints.files import CheckpointError, load_safetensors, read_json, require
 from dsv3.checkpoints.hf import _umask, load_pretrained, save_pretrained, tempdir_beside
 
@@ -142,9 +149,14 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
 
 
 def save_checkpoint(ckpt_root: str, step: int, model, opt, state: dict, tokenizer=None, keep: int = 3) -> str:
-    """Write checkpoint `step` atomically under ckpt_root; keep the last `keep` (0 = all). Returns its path."""
+    """Write checkpoint `step` atomically under ckpt_root; keep the last `keep` (0 = all). Returns its path.
+    Raises DiskFullError (nothing written, earlier checkpoints intact) where the disk cannot hold it."""
     os.makedirs(ckpt_root, exist_ok=True)
     final = os.path.join(ckpt_root, f"step_{step:08d}")
+    if is_complete(final):  # re-saving the same step (e.g. Ctrl-C right after a periodic save)
+        return final
+    needed = space.required(space.state_bytes(model, opt))
+    space.check(ckpt_root, step, needed, latest_checkpoint(ckpt_root))
     tmp = tempdir_beside(final)
     try:
         save_pretrained(model, tmp, mtp_copies=False)
@@ -159,13 +171,15 @@ def save_checkpoint(ckpt_root: str, step: int, model, opt, state: dict, tokenize
             if os.path.isfile(os.path.join(tmp, name)):
                 _fsync_file(os.path.join(tmp, name))
         _fsync_dir(tmp)
-        if os.path.exists(final):  # re-saving the same step (e.g. Ctrl-C right after a periodic save)
-            shutil.rmtree(tmp)
-            return final
+        if os.path.exists(final):  # a directory of that name without trainer_state.json: not a checkpoint
+            shutil.rmtree(final)
         os.rename(tmp, final)
         _fsync_dir(ckpt_root)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if space.is_disk_full(e):
+            free = space.free_bytes(ckpt_root)  # the partial files are gone
+            raise space.filled(ckpt_root, step, needed, free, latest_checkpoint(ckpt_root)) from e
         raise
     if keep > 0:
         for old in list_checkpoints(ckpt_root)[:-keep]:
@@ -176,11 +190,16 @@ def save_checkpoint(ckpt_root: str, step: int, model, opt, state: dict, tokenize
     return final
 
 
+def is_complete(path: str) -> bool:
+    """Whether `path` is a complete checkpoint (of either kind): trainer_state.json is renamed in last."""
+    return os.path.exists(os.path.join(path, "trainer_state.json"))
+
+
 def list_checkpoints(ckpt_root: str) -> list[str]:
     if not os.path.isdir(ckpt_root):
         return []
     steps = sorted(int(m.group(1)) for n in os.listdir(ckpt_root) if (m := _STEP_DIR.match(n))
-                   and os.path.exists(os.path.join(ckpt_root, n, "trainer_state.json")))
+                   and is_complete(os.path.join(ckpt_root, n)))
     return [os.path.join(ckpt_root, f"step_{s:08d}") for s in steps]
 
 

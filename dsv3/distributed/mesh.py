@@ -133,8 +133,32 @@ def init_distributed(device: str = "auto") -> DistEnv:
         return DistEnv(0, 1, 0, dev, None)
     backend = "nccl" if use_cuda else "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend, rank=rank, world_size=world)
+        store = _attempt_store(world)
+        dist.init_process_group(backend, rank=rank, world_size=world, **({"store": store} if store else {}))
     return DistEnv(rank, world, local, dev, backend)
+
+
+def _attempt_store(world: int):
+    """Under torchrun's agent store (TORCHELASTIC_USE_AGENT_STORE, the default of its c10d rendezvous) every
+    attempt of a restarted worker group (--max-restarts) talks to the same TCPStore, which still holds the
+    previous attempt's process-group keys (the ranks' addresses): a restarted rank could read a dead peer's
+    address and fail to connect (measured with gloo on torch 2.13, about one restart in two). Each
+    attempt's keys get their own prefix. None elsewhere (the default env:// rendezvous)."""
+    import torch.distributed as dist
+
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    from torch.distributed.constants import default_pg_timeout
+
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                          timeout=default_pg_timeout)
+    return dist.PrefixStore(f"dsv3/attempt_{torchrun_restarts()}", store)
+
+
+def torchrun_restarts() -> int:
+    """How many times torchrun (--max-restarts) has restarted this worker group (TORCHELASTIC_RESTART_COUNT;
+    0 outside torchrun). A restarted run resumes from its run directory's latest complete checkpoint."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
 
 
 def build_mesh(pcfg: ParallelConfig, device_type: str = "cpu"):

@@ -270,10 +270,10 @@ class PipelineStrategy(_Collective):
 
         return grad_norm(self.ps)
 
-    def update_bias(self, counts: torch.Tensor, gamma: float) -> None:
+    def update_bias(self, counts: torch.Tensor, gamma: float, applied: torch.Tensor | None = None) -> None:
         rows = [r for r, _ in self.ps.routers]
         if rows and counts is not None:
-            update_expert_bias([g for _, g in self.ps.routers], counts[rows], gamma)
+            update_expert_bias([g for _, g in self.ps.routers], counts[rows], gamma, applied)
 
     def eval_logits(self, x: torch.Tensor, autocast) -> torch.Tensor | None:
         from dsv3.distributed.pipeline import forward_only

@@ -84,12 +84,15 @@ def adamw_backend(params, backend: str | None = None) -> str:
 def adamw_step_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
                 exp_avg_sqs: list[torch.Tensor], *, lr: float, beta1: float, beta2: float, eps: float,
                 weight_decay: float, step: float, grad_scale: torch.Tensor | None = None,
-                backend: str | None = None) -> None:
+                skip: torch.Tensor | None = None, backend: str | None = None) -> None:
     """One AdamW step, in place, over parameters of one group sharing one step count t (1-based):
     torch.optim.AdamW's rule (`reference.adamw_step_ref_` gives the formulas and torch's op order; with
     fp32 moments it is bitwise torch.optim.AdamW(foreach=True)). Moments may be stored in bf16 (read up
     to fp32, rounded back). grad_scale: an optional 0-dim fp32 tensor on the parameters' device (the
     clip coefficient) multiplying the gradients first; the gradient tensors are not modified.
+    skip: an optional 0-dim bool tensor on the parameters' device; where it is True nothing changes
+    (parameters and moments keep their bits: the training loop's skipped non-finite step), decided on
+    the device, no host sync; where False the update is bitwise the one without `skip`.
     DTensors (FSDP2) run on their local shards, so sharded parameters get the same backend as plain
     ones. "triton": one kernel per parameter reading p, g, m, v and writing p, m, v once (grad_scale
     applied inside)."""
@@ -102,9 +105,14 @@ def adamw_step_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs:
         if _is_dtensor(grad_scale):  # e.g. computed from DTensor gradients: its full (replicated) value
             grad_scale = grad_scale.full_tensor()
         assert grad_scale.numel() == 1, "adamw_step_: grad_scale is a 1-element tensor"
+    if skip is not None:
+        if _is_dtensor(skip):
+            skip = skip.full_tensor()
+        assert skip.numel() == 1 and skip.dtype == torch.bool, "adamw_step_: skip is a 1-element bool tensor"
     if not n:
         return
-    hp = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step, grad_scale=grad_scale)
+    hp = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step, grad_scale=grad_scale,
+              skip=skip)
     if select_backend("adamw", *(t for ts in lists for t in ts), backend=backend) == "triton":
         from dsv3.kernels.adamw_triton import adamw_step_ as kernel
 

@@ -1,6 +1,6 @@
 """One-pass AdamW update in Triton: the "triton" backend of `dsv3.kernels.adamw_step_`.
 
-    adamw_step_(p, g, m, v, *, lr, beta1, beta2, eps, weight_decay, step, grad_scale=None)
+    adamw_step_(p, g, m, v, *, lr, beta1, beta2, eps, weight_decay, step, grad_scale=None, skip=None)
 
 Per element, in fp32 whatever the storage dtypes (p fp32 masters; g fp32 or bf16; m, v fp32 or bf16):
     g  = g * grad_scale                      (grad_scale: a 0-dim fp32 device tensor, e.g. the
@@ -9,7 +9,8 @@ Per element, in fp32 whatever the storage dtypes (p fp32 masters; g fp32 or bf16
     m, v stored rounded to their dtype (round to nearest even); the update uses the unrounded values
     p  = p (1 - lr·wd) - lr / (1 - β1^t) · m / (sqrt(v) / sqrt(1 - β2^t) + eps)
 (the reference's, i.e. torch.optim.AdamW's, order of operations; fp32 op order may still differ by
-fused multiply-adds).
+fused multiply-adds). skip: a 0-dim bool device tensor; where True every load and store is masked off,
+so p, m, v keep their bits (a skipped non-finite step; read by the kernel, no host sync).
 
 One kernel reads p, g, m, v and writes p, m, v once: 28 bytes per parameter with fp32 moments, 20 with
 bf16 moments (torch's fused AdamW plus a separate clip pass: 28 + 12). The specification is
@@ -27,9 +28,11 @@ BLOCK = 2048
 
 
 @triton.jit
-def _adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, scale_ptr, n, lr, beta1, beta2, eps, decay, bc2_sqrt, step_size,
-                  HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr):
+def _adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, scale_ptr, skip_ptr, n, lr, beta1, beta2, eps, decay, bc2_sqrt,
+                  step_size, HAS_SCALE: tl.constexpr, HAS_SKIP: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    if HAS_SKIP:  # a skipped step: no element is in range, nothing is read or written
+        n = tl.where(tl.load(skip_ptr) != 0, 0, n)
     mask = offs < n
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_SCALE:
@@ -48,7 +51,7 @@ def _adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, scale_ptr, n, lr, beta1, beta2, ep
 
 def adamw_step_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, *, lr: float, beta1: float,
                 beta2: float, eps: float, weight_decay: float, step: float,
-                grad_scale: torch.Tensor | None = None) -> None:
+                grad_scale: torch.Tensor | None = None, skip: torch.Tensor | None = None) -> None:
     """Update p, m, v in place (module docstring). All four contiguous, same shape, on one CUDA device."""
     n = p.numel()
     for name, t in (("grad", g), ("exp_avg", m), ("exp_avg_sq", v)):
@@ -59,6 +62,8 @@ def adamw_step_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tens
     if n == 0:
         return
     scale = grad_scale if grad_scale is not None else p  # dummy pointer when HAS_SCALE is off
+    flag = skip.view(torch.uint8) if skip is not None else p  # bool as bytes: 0 = apply the step
     _adamw_kernel[(triton.cdiv(n, BLOCK),)](
-        p, g, m, v, scale, n, lr, beta1, beta2, eps, 1.0 - lr * weight_decay, (1.0 - beta2 ** step) ** 0.5,
-        lr / (1.0 - beta1 ** step), HAS_SCALE=grad_scale is not None, BLOCK=BLOCK, num_warps=8)
+        p, g, m, v, scale, flag, n, lr, beta1, beta2, eps, 1.0 - lr * weight_decay, (1.0 - beta2 ** step) ** 0.5,
+        lr / (1.0 - beta1 ** step), HAS_SCALE=grad_scale is not None, HAS_SKIP=skip is not None, BLOCK=BLOCK,
+        num_warps=8)

@@ -281,7 +281,7 @@ def buckets(sizes: list[int], numel: int = BUCKET_NUMEL) -> list[range]:
 def adamw_step_ref_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
                     exp_avg_sqs: list[torch.Tensor], *, lr: float, beta1: float, beta2: float, eps: float,
                     weight_decay: float, step: float, grad_scale: torch.Tensor | None = None,
-                    bucket_numel: int = BUCKET_NUMEL) -> None:
+                    skip: torch.Tensor | None = None, bucket_numel: int = BUCKET_NUMEL) -> None:
     """One AdamW step over lists sharing one step count t (1-based), in place, with torch._foreach ops
     in buckets of about `bucket_numel` elements. torch.optim.AdamW's rule and op order
     (`_multi_tensor_adamw`, so fp32 moments give its bits exactly), in fp32 whatever the storage:
@@ -290,7 +290,10 @@ def adamw_step_ref_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_a
         m = lerp(m, g, 1 - β1)                      v = v·β2 + (1 - β2)·g·g
         p = p + (-lr / (1 - β1^t)) · m / (sqrt(v) / sqrt(1 - β2^t) + eps)
     bf16 (or other non-fp32) moments are read into fp32 working copies, updated, used unrounded for
-    the update, then rounded to nearest into storage. The gradient tensors are not modified."""
+    the update, then rounded to nearest into storage. The gradient tensors are not modified.
+    skip (optional 0-dim bool tensor): where True, parameters and moments keep their bits. Decided on the
+    device: each bucket's p, m, v are copied first and selected back with torch.where (no host sync; a
+    False flag selects the updated values, so the bits are those of the update without `skip`)."""
     bias_correction1 = 1 - beta1 ** step
     bias_correction2 = 1 - beta2 ** step
     step_size = (lr / bias_correction1) * -1  # python floats, as torch computes them
@@ -301,6 +304,7 @@ def adamw_step_ref_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_a
         if grad_scale is not None:
             g = torch._foreach_mul(g, grad_scale)
         m_store, v_store = [exp_avgs[i] for i in idx], [exp_avg_sqs[i] for i in idx]
+        kept = [[t.clone() for t in ts] for ts in (ps, m_store, v_store)] if skip is not None else None
         m = [x.float() for x in m_store]  # fp32 moments: the stored tensors, updated in place
         v = [x.float() for x in v_store]
         if weight_decay != 0:
@@ -317,3 +321,7 @@ def adamw_step_ref_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_a
             pairs = [(a, b) for a, b in zip(store, work) if a is not b]
             if pairs:  # round the fp32 working copies to the storage dtype
                 torch._foreach_copy_([a for a, _ in pairs], [b for _, b in pairs])
+        if kept is not None:  # a skipped step: every tensor back to its bits before the step
+            for ts, olds in zip((ps, m_store, v_store), kept):
+                for t, old in zip(ts, olds):
+                    t.copy_(torch.where(skip, old, t))

@@ -230,9 +230,12 @@ def sequence_balance(s_BTE: torch.Tensor, idx_BTK: torch.Tensor) -> torch.Tensor
 
 
 @torch.no_grad()
-def update_expert_bias(routers: list[Router], counts_LE: torch.Tensor, gamma: float) -> None:
+def update_expert_bias(routers: list[Router], counts_LE: torch.Tensor, gamma: float,
+                       applied: torch.Tensor | None = None) -> None:
     """Aux-loss-free balancing (paper §2.1.2): b_i += γ·sign(mean(c) − c_i) per MoE layer, from the
-    load c counted over the whole global batch (the caller sums counts across data-parallel ranks)."""
+    load c counted over the whole global batch (the caller sums counts across data-parallel ranks).
+    applied: optional 0-dim bool device tensor; where False the biases keep their bits (the training
+    loop's skipped step), selected on the device."""
     if gamma == 0:
         return
     if counts_LE.shape[0] != len(routers):
@@ -240,7 +243,11 @@ def update_expert_bias(routers: list[Router], counts_LE: torch.Tensor, gamma: fl
     c = counts_LE.float()
     delta = gamma * torch.sign(c.mean(-1, keepdim=True) - c)  # (L, E)
     for r, d in zip(routers, delta):
-        r.e_score_correction_bias.add_(d.to(r.e_score_correction_bias.device))
+        b = r.e_score_correction_bias
+        if applied is None:
+            b.add_(d.to(b.device))
+        else:
+            b.copy_(torch.where(applied.to(b.device), b + d.to(b.device), b))
 
 
 def max_violation(counts_LE: torch.Tensor) -> torch.Tensor:

@@ -343,7 +343,7 @@ class GRPO:
         k = mb["scale"]
         return loss * k, torch.stack([loss.detach(), st["kl"], st["clip_frac"]]).float() * k
 
-    def after_step(self, strategy, counts, hp: dict) -> None:
+    def after_step(self, strategy, counts, hp: dict, applied=None) -> None:
         pass  # the correction bias stays frozen
 
     def tokens_per_step(self, step: int) -> int:

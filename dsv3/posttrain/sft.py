@@ -328,7 +328,7 @@ class SFT:
         d = loss.detach().float()
         return loss, torch.stack([d, d])
 
-    def after_step(self, strategy, counts, hp: dict) -> None:
+    def after_step(self, strategy, counts, hp: dict, applied=None) -> None:
         pass  # the correction bias stays frozen: the loads of SFT data are not those of pre-training
 
     def tokens_per_step(self, step: int) -> int:

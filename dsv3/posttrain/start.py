@@ -41,9 +41,12 @@ def load_start(path: str, device: torch.device):
 
 def run_directory(out_dir: str, resume: bool, strategy, say) -> tuple[str, str | None]:
     """-> (out_dir/checkpoints, the latest of them when resuming, else None). A run directory that already
-    holds checkpoints is refused unless resuming; rank 0 creates it."""
+    holds checkpoints is refused unless resuming (or restarted by torchrun); rank 0 creates it."""
+    from dsv3.distributed.mesh import torchrun_restarts
+
     ckpt_root = os.path.join(out_dir, "checkpoints")
     latest = rundir.latest_checkpoint(ckpt_root)
+    resume = resume or torchrun_restarts() > 0  # a torchrun --max-restarts restart resumes
     if latest is not None and not resume:
         raise ValueError(f"{out_dir} already holds checkpoints: pass resume=True (--resume) to continue, or "
                          "another out_dir")

@@ -9,6 +9,9 @@ import torch
 
 from dsv3.cliargs import setting
 
+# consecutive non-finite (skipped) steps after which a run stops (dsv3/training/loop.py NonFiniteGuard)
+MAX_SKIPPED_STEPS = 10
+
 
 def default_cache_dir() -> str:
     """$DSV3_CACHE, else ~/.cache/dsv3: trained tokenizers (tokenizers/) and token caches (tokens/)."""
@@ -61,6 +64,10 @@ class TrainConfig:
     save_every: int = setting(100, "checkpoint every N steps (0: only at the end)")
     keep: int = setting(3, "checkpoints kept, the latest ones (0: all)")
     log_every: int = setting(1, "log every N steps")
+    # a skipped step changes nothing (weights, AdamW state, router biases); the stop is noticed at the next
+    # logged step and saves the state from before the first skipped step (dsv3/training/loop.py)
+    max_skipped_steps: int = setting(MAX_SKIPPED_STEPS, "stop after this many consecutive steps with a non-finite "
+                                                        "loss or gradient norm (each is skipped); 0: never stop")
     resume: bool = setting(False, "continue from the run directory's latest checkpoint")
     progress: bool = setting(True, "no progress bars")  # the flag is --no-progress
     plots: bool = setting(True, "no PNG plots (loss, expert load) at the end of the run")  # --no-plots
@@ -92,6 +99,8 @@ class TrainConfig:
             raise ValueError(f"optim_state_dtype must be fp32 or bf16, got {self.optim_state_dtype!r}")
         if self.log_every < 1:  # the loop logs at step % log_every == 0
             raise ValueError(f"log_every must be >= 1, got {self.log_every}")
+        if self.max_skipped_steps < 0:
+            raise ValueError(f"max_skipped_steps must be >= 0, got {self.max_skipped_steps}")
 
 
 def resolve_device(name: str) -> torch.device:

@@ -5,18 +5,30 @@ FSDP2 / expert parallelism, pipeline), which are plugged in (dsv3/training/strat
         hp = task.hyper(step)                       lr, and the task's own (MTP weight λ, bias speed γ, ...)
         micro-batches = task.micro_batches(step)    this rank's rows of the step's global batch
         stats, counts = strategy.forward_backward   gradients of the global mean loss, synchronised
-        AdamW step, the clip coefficient min(1, c / (‖g‖ + 1e-6)) applied inside the update
-        task.after_step(counts, hp)                 e.g. the aux-loss-free bias update from global loads
+        AdamW step, the clip coefficient min(1, c / (‖g‖ + 1e-6)) applied inside the update; skipped
+            (nothing changes) where the loss or the gradient norm is not finite
+        task.after_step(counts, hp, applied)        e.g. the aux-loss-free bias update from global loads
         log (rank 0), periodic evaluation, periodic checkpoint
     final checkpoint (Ctrl-C / SIGTERM: after the current step, on every rank at the same step), final
     evaluation, plots and summary.json
 
+Non-finite steps (NonFiniteGuard): a step whose loss (the task's first statistic) or global gradient
+norm is NaN or infinite is skipped on the device, without a host sync: the AdamW update is masked
+(parameters, moments and step counts keep their bits) and so is the bias update (`applied` False).
+Skipped steps are counted (`skipped_steps` in the logged records and the summary). After
+`max_skipped_steps` consecutive skipped steps every later step is skipped too, and the loop stops at the
+next logged step (so up to log_every - 1 steps later; every rank reads the same global values, so all
+stop together): it saves a checkpoint, reason "nonfinite", holding the weights, optimizer state and
+biases from before the first skipped step of that run (they were never touched) with the data position
+after it (a resume does not replay those batches), writes the summary and raises NonFiniteError.
+
 A task is an object with:
-    name, total_steps, stat_names (the names of the (k,) statistics its loss returns)
+    name, total_steps, stat_names (the names of the (k,) statistics its loss returns; the first is the loss)
     hyper(step) -> dict with "lr"
     micro_batches(step) -> list of this rank's micro-batches (any objects model_inputs/loss understand)
     model_inputs(mb, hp) -> keyword arguments of the model's forward;  loss(out, mb, hp) -> (loss, stats)
-    after_step(strategy, counts, hp) -> None;  log_fields(hp) -> dict added to each logged record
+    after_step(strategy, counts, hp, applied) -> None (applied: a 0-dim bool device tensor, False on a skipped
+        step: the task leaves its state as it was);  log_fields(hp) -> dict added to each logged record
     tokens_per_step(step) -> int;  state_dict() / load_state_dict(sd) (the data position)
     evaluate(strategy, max_batches) -> dict or None (None: the task has no periodic evaluation);
     eval_message(ev) -> str
@@ -25,7 +37,8 @@ A task is an object with:
         (GRPO: only between sampled batches); a Ctrl-C waits for the next boundary
 
 Every rank runs the loop; rank 0 writes metrics.jsonl (+ TensorBoard when installed), the progress bar,
-plots and summary.json. The loop reads the device once per logged step (loss and gradient norm).
+plots and summary.json. The loop reads the device once per logged step (loss, gradient norm and the
+skipped-step counters).
 """
 
 from __future__ import annotations
@@ -42,6 +55,11 @@ import numpy as np
 import torch
 
 from dsv3.model import max_violation
+from dsv3.training.config import MAX_SKIPPED_STEPS
+
+
+class NonFiniteError(RuntimeError):
+    """The run stopped after too many consecutive steps with a non-finite loss or gradient norm."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -141,25 +159,66 @@ def write_run_outputs(out_dir: str, summary: dict, log, plots: bool = True) -> N
 # --------------------------------------------------------------------------------------------------
 # the loop
 
-def optimizer_step(strategy, opt, grad_clip: float) -> torch.Tensor:
+class NonFiniteGuard:
+    """Device-side counters of skipped steps (module docstring): `check` gives the step's `applied` flag
+    from its gradient norm and loss; `read` (a host read, at logged steps) the counters."""
+
+    def __init__(self, device: torch.device, max_consecutive: int):
+        self.max_consecutive = max_consecutive  # 0: never stop
+        self.skipped = torch.zeros((), dtype=torch.int64, device=device)  # in this process
+        self.consecutive = torch.zeros((), dtype=torch.int64, device=device)
+        self.tripped = torch.zeros((), dtype=torch.bool, device=device)
+
+    def check(self, gnorm: torch.Tensor, loss: torch.Tensor | None) -> torch.Tensor:
+        ok = torch.isfinite(gnorm).to(self.tripped.device)
+        if loss is not None:
+            ok = ok & torch.isfinite(loss).to(ok.device)
+        ok = ok & ~self.tripped
+        self.skipped += ~ok
+        self.consecutive = torch.where(ok, 0, self.consecutive + 1)
+        if self.max_consecutive > 0:
+            self.tripped |= self.consecutive >= self.max_consecutive
+        return ok
+
+    def read(self, gnorm: torch.Tensor | None = None) -> tuple[float, int, int, bool]:
+        """(gnorm, skipped steps, consecutive skipped steps, stop): one host read (the logged step's)."""
+        g = torch.zeros(()) if gnorm is None else gnorm.detach()
+        g = g.to(self.skipped.device)
+        g, s, c, t = torch.stack([g.double(), self.skipped.double(), self.consecutive.double(),
+                                  self.tripped.double()]).tolist()
+        return g, int(s), int(c), bool(t)
+
+
+def optimizer_step(strategy, opt, grad_clip: float, guard: NonFiniteGuard | None = None,
+                   loss: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The AdamW step with the gradient clip folded in: coefficient min(1, c / (‖g‖ + 1e-6)) from the
-    global norm (torch.nn.utils.clip_grad_norm_'s), applied inside the update. Returns ‖g‖ (device)."""
+    global norm (torch.nn.utils.clip_grad_norm_'s), applied inside the update. With `guard`, the step is
+    skipped on the device where ‖g‖ or `loss` is not finite. Returns (‖g‖, applied) (device tensors;
+    applied None without a guard)."""
     norm = strategy.grad_norm(opt)
     coef = (grad_clip / (norm + 1e-6)).clamp(max=1.0) if grad_clip and grad_clip > 0 else None
-    opt.step(grad_scale=coef)
+    applied = guard.check(norm, loss) if guard is not None else None
+    if applied is None:
+        opt.step(grad_scale=coef)
+    else:
+        opt.step(grad_scale=coef, skip=~applied)
     opt.zero_grad(set_to_none=True)
-    return norm
+    return norm, applied
 
 
 def run(task, strategy, opt, *, out_dir: str, step: int, tokens_seen: int, autocast, grad_clip: float,
         save, log_every: int = 1, eval_every: int = 0, eval_batches: int | None = None, save_every: int = 0,
-        progress: bool = True, plots: bool = True, use_tb: bool = True, log=print) -> dict:
+        max_skipped_steps: int = MAX_SKIPPED_STEPS, progress: bool = True, plots: bool = True, use_tb: bool = True,
+        log=print) -> dict:
     """Run `task` from optimizer step `step` to task.total_steps. save(reason, step, tokens) writes a
-    checkpoint and returns its path (a collective on every rank). Returns the summary (every rank)."""
+    checkpoint and returns its path (a collective on every rank). Returns the summary (every rank);
+    raises NonFiniteError after saving where max_skipped_steps consecutive steps were not finite."""
     say = strategy.log(log)
     total = task.total_steps
     metrics = Metrics(out_dir, use_tb=use_tb) if strategy.is0 else None
     stop = {"flag": False}
+    guard = NonFiniteGuard(strategy.device, max_skipped_steps)
+    nonfinite = None  # (skipped, consecutive) when the guard stopped the run
 
     def on_signal(signum, frame):
         if stop["flag"]:  # second Ctrl-C: give up immediately
@@ -189,8 +248,8 @@ def run(task, strategy, opt, *, out_dir: str, step: int, tokens_seen: int, autoc
                 g["lr"] = hp["lr"]
             mbs = task.micro_batches(step)
             stats, counts = strategy.forward_backward(task, mbs, hp, autocast)
-            gnorm = optimizer_step(strategy, opt, grad_clip)
-            task.after_step(strategy, counts, hp)
+            gnorm, applied = optimizer_step(strategy, opt, grad_clip, guard, stats[0] if stats is not None else None)
+            task.after_step(strategy, counts, hp, applied)
             n_tok = task.tokens_per_step(step)
             step += 1
             tokens_seen += n_tok
@@ -198,9 +257,10 @@ def run(task, strategy, opt, *, out_dir: str, step: int, tokens_seen: int, autoc
             if step % log_every == 0 or step == total or step == 1:
                 now = time.perf_counter()
                 vals = stats.tolist() if stats is not None else []
+                gn, skipped, consecutive, tripped = guard.read(gnorm)
                 rec = {"step": step, "tokens": tokens_seen, "lr": hp["lr"], **task.log_fields(hp),
-                       "grad_norm": float(gnorm), "tok_per_s": tok_since / max(now - t_last, 1e-9),
-                       **dict(zip(task.stat_names, vals))}
+                       "grad_norm": gn, "tok_per_s": tok_since / max(now - t_last, 1e-9),
+                       "skipped_steps": skipped, **dict(zip(task.stat_names, vals))}
                 if strategy.world_size > 1:
                     rec["world_size"] = strategy.world_size
                 if metrics is not None:
@@ -208,6 +268,9 @@ def run(task, strategy, opt, *, out_dir: str, step: int, tokens_seen: int, autoc
                 else:
                     last = rec
                 t_last, tok_since = now, 0
+                if tripped:  # the same values on every rank: all stop here
+                    nonfinite = (skipped, consecutive)
+                    break
             if bar is not None:
                 bar.update(1)
             if eval_every > 0 and step % eval_every == 0 and step < total:
@@ -217,6 +280,7 @@ def run(task, strategy, opt, *, out_dir: str, step: int, tokens_seen: int, autoc
                         metrics.log({"step": step, **ev})
                     say(f"step {step}: {task.eval_message(ev)}")
             if save_every > 0 and step % save_every == 0 and step < total and boundary(step):
+                _settle(opt)
                 save("periodic", step, tokens_seen)
     except BaseException:  # a crash or a second Ctrl-C: no final save, but close the metrics file
         if metrics is not None:
@@ -228,12 +292,21 @@ def run(task, strategy, opt, *, out_dir: str, step: int, tokens_seen: int, autoc
         for s, h in old_handlers.items():
             signal.signal(s, h)
 
-    path = save("interrupted" if stop["flag"] else "final", step, tokens_seen)
+    _settle(opt)
+    skipped = guard.read()[1] if nonfinite is None else nonfinite[0]
+    path = save("nonfinite" if nonfinite else "interrupted" if stop["flag"] else "final", step, tokens_seen)
     summary = {"step": step, "total_steps": total, "tokens": tokens_seen, "checkpoint": path,
-               "train_loss": last.get("main", last.get("loss")), "interrupted": stop["flag"], **task.summary()}
+               "train_loss": last.get("main", last.get("loss")), "interrupted": stop["flag"],
+               "skipped_steps": skipped, **task.summary()}
+    if nonfinite:
+        first = step - nonfinite[1] + 1
+        summary["stopped"] = (f"{nonfinite[1]} consecutive steps skipped (steps {first}-{step}): the loss or "
+                              f"gradient norm was not finite in max_skipped_steps ({max_skipped_steps}) steps in a "
+                              f"row; the weights and optimizer state are those after step {first - 1}, saved in "
+                              f"{path} with the data position after step {step}")
     if strategy.world_size > 1:
         summary["world_size"] = strategy.world_size
-    if not stop["flag"]:
+    if not stop["flag"] and not nonfinite:
         ev = task.evaluate(strategy, None)
         if ev is not None:
             if metrics is not None:
@@ -244,7 +317,17 @@ def run(task, strategy, opt, *, out_dir: str, step: int, tokens_seen: int, autoc
         metrics.close()
         write_run_outputs(out_dir, summary, say, plots)
     strategy.barrier()
+    if nonfinite:
+        raise NonFiniteError(f"stopped at step {step}: {summary['stopped']}")
     return summary
 
 
-__all__ = ["Metrics", "evaluate", "log_step", "optimizer_step", "run", "write_run_outputs"]
+def _settle(opt) -> None:
+    """The optimizer's step counts made current before a checkpoint reads them (dsv3 AdamW.settle)."""
+    settle = getattr(opt, "settle", None)
+    if settle is not None:
+        settle()
+
+
+__all__ = ["Metrics", "NonFiniteError", "NonFiniteGuard", "evaluate", "log_step", "optimizer_step", "run",
+           "write_run_outputs"]

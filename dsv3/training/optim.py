@@ -114,16 +114,26 @@ class AdamW(torch.optim.Optimizer):
             raise ValueError("AdamW(fused=True) needs CUDA parameters (plain tensors or DTensors) and triton")
         self._backend = auto if fused is None or fused else "reference"
         self.fused = self._backend != "reference"
+        self._pending = None  # a CUDA step with a skip flag whose step counts are not advanced yet
 
     @torch.no_grad()
-    def step(self, closure=None, grad_scale: torch.Tensor | None = None):
+    def step(self, closure=None, grad_scale: torch.Tensor | None = None, skip: torch.Tensor | None = None):
         """One update. grad_scale: optional 0-dim fp32 tensor on the parameters' device multiplying every
-        gradient first (the clip coefficient); the .grad tensors themselves are left as they are."""
+        gradient first (the clip coefficient); the .grad tensors themselves are left as they are.
+
+        skip: optional 0-dim bool tensor on the parameters' device (the loop's non-finite guard); where it
+        is True the step changes nothing: parameters, moments and step counts keep their values. The
+        update is masked on the device (no host sync); the step counts, which are host numbers (the bias
+        corrections are computed from them, as torch's AdamW does), advance once the flag is known: at
+        once for CPU tensors, else at the next `step()` or `settle()` through a copy to pinned memory
+        made right after this step (a wait on work one forward/backward old, which keeps the GPU busy)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self.settle()
         backend = self._backend if self.fused else "reference"
+        stepped = []
         for g in self.param_groups:
             b1, b2 = g["betas"]
             by_step: dict[float, list] = {}  # one op call per step count (one bias correction per call)
@@ -135,14 +145,41 @@ class AdamW(torch.optim.Optimizer):
                     st["step"] = torch.tensor(0.0)
                     st["exp_avg"] = torch.zeros_like(p, dtype=self.state_dtype)
                     st["exp_avg_sq"] = torch.zeros_like(p, dtype=self.state_dtype)
-                st["step"] += 1
-                by_step.setdefault(float(st["step"]), []).append(p)
+                by_step.setdefault(float(st["step"]) + 1, []).append(p)
+                stepped.append(st)
             for t, ps in by_step.items():
                 sts = [self.state[p] for p in ps]
                 kernels.adamw_step_(ps, [p.grad for p in ps], [st["exp_avg"] for st in sts],
                                     [st["exp_avg_sq"] for st in sts], lr=g["lr"], beta1=b1, beta2=b2, eps=g["eps"],
-                                    weight_decay=g["weight_decay"], step=t, grad_scale=grad_scale, backend=backend)
+                                    weight_decay=g["weight_decay"], step=t, grad_scale=grad_scale, skip=skip,
+                                    backend=backend)
+        if skip is None or skip.device.type == "cpu":
+            if skip is None or not bool(skip):
+                for st in stepped:
+                    st["step"] += 1
+        else:
+            flag = torch.empty((), dtype=torch.bool, pin_memory=True)
+            flag.copy_(skip.detach(), non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._pending = (flag, event, stepped)
         return loss
+
+    def settle(self) -> None:
+        """Advance the step counts of the last step once its `skip` flag is known (a no-op unless a CUDA
+        step with a skip flag is pending). Called by `step()`, `state_dict()` and before checkpoints."""
+        pending, self._pending = getattr(self, "_pending", None), None
+        if pending is None:
+            return
+        flag, event, stepped = pending
+        event.synchronize()
+        if not bool(flag):
+            for st in stepped:
+                st["step"] += 1
+
+    def state_dict(self):
+        self.settle()
+        return super().state_dict()
 
 
 def grad_norm(params) -> torch.Tensor:

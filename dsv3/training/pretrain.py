@@ -155,9 +155,9 @@ class Pretrain:
         bal = parts.balance if parts.balance is not None else zero
         return parts.total, torch.stack([parts.total, parts.main, mtp, bal]).detach().float()
 
-    def after_step(self, strategy: Strategy, counts, hp: dict) -> None:
+    def after_step(self, strategy: Strategy, counts, hp: dict, applied: torch.Tensor | None = None) -> None:
         if counts is not None:
-            strategy.update_bias(counts, hp["gamma"])
+            strategy.update_bias(counts, hp["gamma"], applied)
 
     def tokens_per_step(self, step: int) -> int:
         if self.strategy.reads_global_batch:
@@ -217,6 +217,17 @@ def _load_data(tc: TrainConfig, mc: ModelConfig, resume_from: str | None, strate
     return tok, cache, extra
 
 
+def _restarted(say) -> bool:
+    """A worker group restarted by torchrun --max-restarts resumes as --resume does: from the latest
+    complete checkpoint of its run directory (a half-written one is never listed, dsv3/checkpoints)."""
+    from dsv3.distributed.mesh import torchrun_restarts
+
+    n = torchrun_restarts()
+    if n:
+        say(f"torchrun restart {n}: resuming from the run directory's latest complete checkpoint")
+    return n > 0
+
+
 def make_strategy(pcfg, device: str = "auto") -> Strategy:
     """The strategy of layout `pcfg` (dsv3.distributed.mesh.ParallelConfig, or None): the torchrun world's
     when there is one (degrees left at 0 derived from its size), else one process on `device`."""
@@ -236,10 +247,11 @@ def train(mc: ModelConfig, tc: TrainConfig, pcfg=None, log=print, strategy: Stra
     strategy.check_settings(tc, precision)
 
     ckpt_root = os.path.join(tc.out_dir, "checkpoints")
-    resume_from = rundir.latest_checkpoint(ckpt_root) if tc.resume else None
-    if tc.resume and resume_from is None:
+    resume = tc.resume or _restarted(say)
+    resume_from = rundir.latest_checkpoint(ckpt_root) if resume else None
+    if resume and resume_from is None:
         say(f"--resume: no checkpoint in {ckpt_root}; starting from scratch")
-    if not tc.resume and rundir.latest_checkpoint(ckpt_root):
+    if not resume and rundir.latest_checkpoint(ckpt_root):
         raise ValueError(f"{tc.out_dir} already holds checkpoints: pass --resume to continue, or another --out")
     if resume_from is not None:
         saved = checkpoint_config(resume_from)
@@ -285,7 +297,8 @@ def train(mc: ModelConfig, tc: TrainConfig, pcfg=None, log=print, strategy: Stra
     return loop.run(task, strategy, opt, out_dir=tc.out_dir, step=step, tokens_seen=tokens_seen,
                     autocast=precision_recipe(precision, strategy.device), grad_clip=tc.grad_clip, save=save,
                     log_every=tc.log_every, eval_every=tc.eval_every if task.val is not None else 0,
-                    eval_batches=tc.eval_batches, save_every=tc.save_every, progress=tc.progress, plots=tc.plots, log=log)
+                    eval_batches=tc.eval_batches, save_every=tc.save_every, max_skipped_steps=tc.max_skipped_steps,
+                    progress=tc.progress, plots=tc.plots, log=log)
 
 
 __all__ = ["Pretrain", "check_memory", "get_tokenizer", "make_strategy", "schedule_of", "train"]

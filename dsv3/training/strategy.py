@@ -165,11 +165,12 @@ class Strategy:
         params = self.module().parameters() if opt is None else [p for g in opt.param_groups for p in g["params"]]
         return global_norm(params)
 
-    def update_bias(self, counts: torch.Tensor, gamma: float) -> None:
-        """The aux-loss-free bias update of this rank's routers from the global loads (L_moe, E)."""
+    def update_bias(self, counts: torch.Tensor, gamma: float, applied: torch.Tensor | None = None) -> None:
+        """The aux-loss-free bias update of this rank's routers from the global loads (L_moe, E); where the
+        0-dim bool device tensor `applied` is False (a skipped step) the biases stay as they are."""
         routers = self.model.routers()
         if routers and counts is not None:
-            update_expert_bias(routers, counts, gamma)
+            update_expert_bias(routers, counts, gamma, applied)
 
     # --- evaluation and agreement ---------------------------------------------------------------
     def eval_logits(self, x: torch.Tensor, autocast) -> torch.Tensor | None:
