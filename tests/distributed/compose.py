@@ -88,6 +88,7 @@ class Cell:
         n = f"{self.layout}-{self.precision}-{self.optim_state}-{self.recompute}"
         if self.steps != STEPS:
             n += f"-s{self.steps}"
+        n += "".join(f"-{k}" if v is True else f"-{k}{v}" for k, v in sorted(self.extra.items()))
         return n + (f"-from-{self.resume_from}" if self.resume_from else "")
 
     @property
