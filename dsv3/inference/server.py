@@ -13,26 +13,59 @@ commands, and the loop thread hands each RequestOutput back to the request's asy
 `loop.call_soon_threadsafe`. Commands apply between steps, which is where continuous batching lets
 requests join and leave the batch. Request bodies and errors are in protocol.py, /metrics in metrics.py.
 
+Limits in front of the work (issue 13; each a 4xx before anything expensive runs):
+  * the API key (`api_key`), when set, is required on every route except GET /health (a load
+    balancer's probe): /v1/*, /tokenize, /detokenize, /metrics (Prometheus sends it with
+    `authorization: {credentials: KEY}`), /openapi.json and /docs. Checked before the body is read;
+  * a request body larger than `max_request_bytes` (default 8 MiB) is a 413, decided from
+    Content-Length before reading, or while reading a chunked body;
+  * a text prompt with more UTF-8 bytes than `max_prompt_tokens` x the longest token's bytes cannot
+    fit whatever its tokenisation: a 400 before it is tokenised (`_Server.encode`);
+  * a completion batch with more choices (prompts x n) than the server's bound is a 400 before it
+    is tokenised.
+Types are strict (protocol.py): `"n": "2"` or `"stream": "false"` are 400s, as on the OpenAI API.
+
+Off the event loop. A request body over 64 KiB is parsed, validated, rendered through the chat
+template and tokenised (or detokenised) on a small worker pool (`_PREP_WORKERS` threads), so one
+multi-megabyte prompt never stalls /health or the streams of other clients. That works with
+threads because what is left holding the GIL is short: HF `tokenizers` releases it in its batch
+calls (`encode_batch_fast`, `decode_batch`; not in `encode`/`decode`), the JSON parse
+and validation (pydantic-core) take about 15 ms for 5 MB of text and 60 ms for 300K token ids,
+and the long lists (token ids in, /tokenize's ids out) are walked in slices or by the tokenizer.
+Small bodies are handled inline (a thread hop would cost more than the work). The pool's size
+bounds the CPU and memory a burst of large prompts can take (tokenising 8 MiB of text holds
+about 1 GB while it runs); requests beyond it wait for a worker, not the event loop. What threads
+cannot remove: the engine thread takes the GIL between its kernels, and while a worker runs
+GIL-bound code (megabytes of JSON into Python lists, /tokenize's reply) each take waits up to the
+switch interval, so other clients' steps slow down for that long: up to a few hundred ms per
+multi-megabyte request (bench/serve_big_requests.py). A process pool would remove that; not done.
+(Running the workers at a lower priority made it worse: preempted holding the GIL, they stall all.)
+
 Admission. The engine reserves each request's worst-case cache (prompt + max_tokens + draft room)
 when it joins the batch and queues it otherwise, so load never exhausts the cache. The server adds
 the limits in front of it: a request that could never fit (prompt longer than `max_prompt_tokens`,
 `max_tokens` over `max_tokens_limit`, prompt + max_tokens over the context or the whole cache) is a
 400; when more than `max_batch_size + max_queue` engine requests are outstanding a new one is a 503
-(the openai client retries those). A client that disconnects, streaming or not, has its engine
-requests aborted, which frees their batch slots and cache blocks at once.
+with `Retry-After: 1` (the openai client retries those). A client that disconnects, streaming or
+not, has its engine requests aborted, which frees their batch slots and cache blocks at once.
 
 Decisions (recorded here because clients depend on them):
   * unknown body fields: 400 naming the field, as the OpenAI API ("Unrecognized request argument
     supplied"); see protocol.py for the accepted-but-neutral-only fields;
   * unknown `model`: 404 `model_not_found` (OpenAI's and vLLM's answer);
+  * an omitted `max_tokens` in a chat request means "as many as fit": the context left after
+    the prompt, capped by `max_tokens_limit` and by the KV cache (OpenAI's and vLLM's default);
+    the engine reserves that much cache for the request, so a client that wants short answers
+    under load should set it. /v1/completions keeps OpenAI's default of 16, lowered to what fits
+    (an omitted max_tokens is never the reason for a 400);
   * `n` > 1 (up to 16): n engine requests; with a `seed`, choice j samples with seed + j;
     `best_of` must equal n; a batch of prompts gives len(prompts) * n choices, index = i * n + j;
   * text prompts are encoded without BOS (as the training data, documents are EOS-separated); the
     chat template emits BOS itself; `temperature` is passed through unchanged (no DeepSeek API
     0.3x mapping; below 1e-5 the engine is greedy); `echo` with `logprobs` is a 400 (prompt
     logprobs are not computed); `suffix` (FIM) on a token-id prompt wraps the ids;
-  * errors use the OpenAI shape {"error": {"message", "type", "param", "code"}}; FastAPI's 422
-    validation errors become 400s; errors after a stream started are sent as one SSE `data:
+  * errors use the OpenAI shape {"error": {"message", "type", "param", "code"}}; validation
+    errors are 400s (not FastAPI's 422); errors after a stream started are sent as one SSE `data:
     {"error": ...}` event followed by `data: [DONE]`.
 """
 
@@ -42,19 +75,22 @@ import asyncio
 import hmac
 import json
 import math
+import os
 import socket
 import threading
 import time
 import traceback
 import uuid
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dsv3.cliargs import setting
@@ -66,6 +102,12 @@ from dsv3.inference.protocol import (APIError, ChatCompletionRequest, ChatMessag
                                      from_validation_error)
 from dsv3.tokenizer import CHAT_TEMPLATE, DSTokenizer, MissingSpecialTokenError
 
+_INLINE_BYTES = 64 * 1024  # bodies up to this size are handled on the event loop, larger ones on the pool
+# threads that parse and tokenise large request bodies: half the cores (the engine thread needs the
+# rest), at most 4 (each holds about 1 GB while it tokenises 8 MiB of text)
+_PREP_WORKERS = max(1, min(4, (os.cpu_count() or 1) // 2))
+_RETRY_AFTER_S = 1  # the Retry-After of a 503 queue_full
+
 
 @dataclass
 class ServerConfig:
@@ -73,11 +115,13 @@ class ServerConfig:
     its flags. 0 limits default to the engine's context (see create_app)."""
     host: str = setting("127.0.0.1", "address to bind (default: loopback only)")
     port: int = setting(8000, "TCP port")
-    api_key: str | None = setting(None, "require 'Authorization: Bearer KEY' on /v1 routes (default: no key)")
+    api_key: str | None = setting(None, "require 'Authorization: Bearer KEY' on every route but /health "
+                                        "(default: no key)")
     model_name: str | None = setting(None, "model id clients send (default: the checkpoint directory name)")
     max_prompt_tokens: int = setting(0, "longest prompt accepted (0: context - 1)")
     max_tokens_limit: int = setting(0, "largest max_tokens accepted (0: context)")
     max_queue: int = setting(256, "requests waiting beyond the batch before 503s")
+    max_request_bytes: int = setting(8 * 1024 * 1024, "largest request body accepted, in bytes (then 413)")
     log_level: str = setting("info", "uvicorn's log level", choices=("critical", "error", "warning", "info", "debug"))
 
 
@@ -93,6 +137,18 @@ class _Choice:
     final: RequestOutput | None = None
     first_token: bool = False
     lp_sent: int = 0  # logprob entries already streamed
+
+
+@dataclass
+class _Work:
+    """A validated, tokenised generation request: what the event loop submits to the engine."""
+    prompts: list[list[int]]
+    echoes: list[str]
+    params: list[SamplingParams]  # one per choice j of each prompt
+    n: int
+    want_lp: bool
+    stream: bool
+    include_usage: bool
 
 
 class _Disconnected(Exception):
@@ -117,7 +173,8 @@ class _Job:
         if srv.outstanding + len(self.choices) > srv.capacity:
             srv.metrics.rejected_full += 1
             raise APIError(503, f"the server is overloaded ({srv.outstanding} requests in flight, queue bound "
-                                f"{srv.capacity}); retry later", "server_error", code="queue_full")
+                                f"{srv.capacity}); retry later", "server_error", code="queue_full",
+                           headers={"Retry-After": str(_RETRY_AFTER_S)})
         srv.outstanding += len(self.choices)
         self.reserved = True
         loop = asyncio.get_running_loop()
@@ -226,19 +283,67 @@ def _raise_template_error(message):
     raise jinja2.exceptions.TemplateError(message)
 
 
+def _is_json(content_type: str | None) -> bool:
+    """As FastAPI decides: no Content-Type, application/json or application/*+json."""
+    if content_type is None:
+        return True
+    main, _, sub = content_type.split(";")[0].strip().lower().partition("/")
+    return main == "application" and (sub == "json" or sub.endswith("+json"))
+
+
+_KEEPS_TEXT = {"Sequence", "ByteLevel", "Split", "Digits", "Punctuation"}  # pre-tokenizers that drop nothing
+
+
+def _max_token_bytes(tok: DSTokenizer) -> int:
+    """The most UTF-8 bytes of input text that one token can cover, or 0 when that is unbounded.
+
+    In a byte-level BPE a token covers exactly its bytes, an added token its content, so a text of n
+    bytes has at least n / max_token_bytes tokens. The bound does not hold when a normalizer could
+    shrink the text, a pre-tokenizer drops characters (Whitespace, Split "removed"), or an added token
+    strips the whitespace around it (lstrip/rstrip): then 0 and no text is refused by its size alone.
+    DeepSeek-V3's 128K vocabulary: 128 bytes (a run of spaces)."""
+    spec = json.loads(tok.tokenizer.to_str())
+    norm = spec.get("normalizer")
+    if norm is not None and not (norm.get("type") == "Sequence" and not norm.get("normalizers")):
+        return 0
+
+    def keeps(pre) -> bool:
+        if pre is None:
+            return True
+        if pre.get("type") not in _KEEPS_TEXT or str(pre.get("behavior", "")).lower() == "removed":
+            return False
+        return all(keeps(p) for p in pre.get("pretokenizers", []))
+
+    added = spec.get("added_tokens", [])
+    if not keeps(spec.get("pre_tokenizer")) or any(t.get("lstrip") or t.get("rstrip") for t in added):
+        return 0
+    try:
+        lengths = tok.token_byte_lengths()
+    except ValueError:  # not a byte-level BPE
+        return 0
+    return int(max([int(lengths.max()), *(len(t["content"].encode("utf-8")) for t in added)]))
+
+
 # --- the server -----------------------------------------------------------------------------------------
 class _Server:
     def __init__(self, engine: Engine, tokenizer: DSTokenizer, model_name: str, *, api_key: str | None,
                  max_prompt_tokens: int | None, max_tokens_limit: int | None, max_queue: int,
-                 chat_template: str | None):
+                 max_request_bytes: int, chat_template: str | None):
         import jinja2.sandbox
 
+        if max_request_bytes < 1:
+            raise ValueError(f"max_request_bytes must be >= 1, got {max_request_bytes}")
         self.engine, self.tok, self.model_name, self.api_key = engine, tokenizer, model_name, api_key
         self.max_model_len = engine.max_model_len
         self.max_prompt_tokens = min(max_prompt_tokens or self.max_model_len - 1, self.max_model_len - 1)
         self.max_tokens_limit = min(max_tokens_limit or self.max_model_len, self.max_model_len)
         self.capacity = engine.max_batch_size + max_queue
+        self.max_request_bytes = max_request_bytes
+        # a request's tokens (prompt, completion, draft room) must fit the context and the whole cache
+        self.cache_tokens = engine.cache.num_blocks * engine.cache.block_size
         self.vocab_size = engine.model.config.vocab_size
+        self.max_token_bytes = _max_token_bytes(tokenizer)
+        self.pool = ThreadPoolExecutor(_PREP_WORKERS, thread_name_prefix="dsv3-prep")
         self.engine_loop = EngineLoop(engine)
         self.metrics = ServerMetrics()
         self.outstanding = 0  # engine requests submitted and not yet closed (event-loop thread only)
@@ -258,18 +363,36 @@ class _Server:
             raise APIError(404, f"The model `{model}` does not exist. This server serves `{self.model_name}`.",
                            param="model", code="model_not_found")
 
-    def encode(self, text: str, param: str) -> list[int]:
+    def encode(self, text: str, param: str, limit: int | None = None) -> list[int]:
+        """Token ids of `text`. With a `limit`, a text whose bytes cannot fit in `limit` tokens under any
+        tokenisation is refused before it is tokenised (each token covers at most max_token_bytes)."""
         try:
-            text.encode("utf-8")
+            n_bytes = len(text.encode("utf-8"))
         except UnicodeEncodeError:
             raise bad_request(f"'{param}' is not valid Unicode (it contains a lone surrogate)", param) from None
-        return self.tok.encode(text)
+        if limit is not None and self.max_token_bytes and n_bytes > limit * self.max_token_bytes:
+            at_least = -(-n_bytes // self.max_token_bytes)
+            raise bad_request(f"The prompt has at least {at_least} tokens ({n_bytes} bytes, at most "
+                              f"{self.max_token_bytes} per token); this server accepts at most {limit}.", param,
+                              "context_length_exceeded")
+        # encode_batch_fast releases the GIL for the whole encoding (encode holds it while it builds
+        # the offsets), so the event loop keeps running while a worker tokenises a large prompt; the
+        # count is checked before the ids become a Python list (which holds the GIL, ~50 ms per 1M)
+        t = self.tok.tokenizer
+        enc = getattr(t, "encode_batch_fast", t.encode_batch)([text], add_special_tokens=False)[0]
+        if limit is not None and len(enc) > limit:
+            raise bad_request(f"The prompt has {len(enc)} tokens; this server accepts at most {limit}.", param,
+                              "context_length_exceeded")
+        return enc.ids
 
-    def check_ids(self, ids: list[int], param: str) -> None:
-        bad = [t for t in ids if t >= self.vocab_size]
-        if bad:
-            raise bad_request(f"token id {bad[0]} in '{param}' is outside the vocabulary (size {self.vocab_size})",
-                              param)
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        """The text of `ids`, through decode_batch: it releases the GIL, `decode` does not (measured, a
+        570K-id decode slowed the engine thread's kernels 50-fold)."""
+        return self.tok.tokenizer.decode_batch([ids], skip_special_tokens=skip_special_tokens)[0]
+
+    def fits(self, n_prompt: int) -> int:
+        """The most completion tokens a prompt of n_prompt tokens leaves room for (context and cache)."""
+        return min(self.max_model_len - n_prompt, self.cache_tokens - n_prompt - self.engine.k - 1)
 
     def check_lengths(self, n_prompt: int, max_tokens: int, param: str, max_param: str) -> None:
         if n_prompt == 0:
@@ -277,16 +400,18 @@ class _Server:
         if n_prompt > self.max_prompt_tokens:
             raise bad_request(f"The prompt has {n_prompt} tokens; this server accepts at most "
                               f"{self.max_prompt_tokens}.", param, "context_length_exceeded")
+        if self.fits(n_prompt) < 1:  # the prompt alone: blame it, not max_tokens
+            raise bad_request(f"The prompt has {n_prompt} tokens; with one completion token it does not fit the "
+                              f"server's KV cache of {self.cache_tokens} tokens.", param, "context_length_exceeded")
         if n_prompt + max_tokens > self.max_model_len:
             raise bad_request(f"This model's maximum context length is {self.max_model_len} tokens. However, you "
                               f"requested {n_prompt + max_tokens} tokens ({n_prompt} in the prompt, {max_tokens} for "
                               f"the completion). Please reduce the prompt or '{max_param}'.", max_param,
                               "context_length_exceeded")
-        cache = self.engine.cache
         need = n_prompt + max_tokens + self.engine.k + 1
-        if cache.blocks_for(need) > cache.num_blocks:
+        if need > self.cache_tokens:
             raise bad_request(f"The request needs {need} tokens of KV cache; the server's cache holds "
-                              f"{cache.num_blocks * cache.block_size}. Reduce the prompt or '{max_param}'.",
+                              f"{self.cache_tokens}. Reduce the prompt or '{max_param}'.",
                               max_param, "context_length_exceeded")
 
     def check_max_tokens(self, max_tokens: int, param: str) -> None:
@@ -304,8 +429,6 @@ class _Server:
         if req.stream_options is not None and not req.stream:
             raise bad_request("stream_options is only allowed when stream is true", "stream_options")
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        if req.stop_token_ids:
-            self.check_ids(req.stop_token_ids, "stop_token_ids")
         p = SamplingParams(
             max_new_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
             top_k=max(req.top_k or 0, 0), top_p=1.0 if req.top_p is None else req.top_p, min_p=req.min_p or 0.0,
@@ -326,17 +449,140 @@ class _Server:
             self._token_str[t] = (b.decode("utf-8", "replace"), list(b))
         return self._token_str[t]
 
-    def new_job(self, prompts: list[list[int]], params: list[SamplingParams], echoes: list[str], n: int) -> _Job:
-        base = uuid.uuid4().hex
+    def check_choices(self, n_prompts: int, n: int) -> None:
+        if n_prompts * n > self.capacity:
+            raise bad_request(f"{n_prompts * n} choices in one request ({n_prompts} prompts x n = {n}) exceed the "
+                              f"server's bound of {self.capacity}", "n")
+
+    def new_job(self, work: _Work) -> _Job:
+        base, n = uuid.uuid4().hex, work.n
         choices = []
-        for i, ids in enumerate(prompts):
+        for i, ids in enumerate(work.prompts):
             for j in range(n):
                 k = i * n + j
-                choices.append(_Choice(k, f"{base}-{k}", ids, params[j], echoes[i]))
-        if len(choices) > self.capacity:
-            raise bad_request(f"{len(choices)} choices in one request exceed the server's bound of {self.capacity}",
-                              "n")
+                choices.append(_Choice(k, f"{base}-{k}", ids, work.params[j], work.echoes[i]))
         return _Job(self, choices, n)
+
+    # --- request bodies ----------------------------------------------------------------------------
+    async def handle(self, request: Request, cls: type[BaseModel], prepare):
+        """Read the body (at most max_request_bytes), validate it as `cls` and return `prepare(req)`:
+        inline when the body is small, on the worker pool when it is large (see the module docstring)."""
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_request_bytes:
+                raise self.too_large()
+            chunks.append(chunk)
+        body = b"".join(chunks)
+        is_json = _is_json(request.headers.get("content-type"))
+
+        def work():
+            return prepare(self.parse(cls, body, is_json))
+        if size <= _INLINE_BYTES:
+            return work()
+        return await asyncio.get_running_loop().run_in_executor(self.pool, work)
+
+    def parse(self, cls: type[BaseModel], body: bytes, is_json: bool):
+        if not body:
+            raise bad_request("The request body is missing: send a JSON object", code="invalid_json")
+        if not is_json:
+            raise bad_request("The request body must be JSON, sent with 'Content-Type: application/json'",
+                              code="invalid_json")
+        try:
+            return cls.model_validate_json(body, context={"vocab_size": self.vocab_size})
+        except ValidationError as e:
+            raise from_validation_error(e) from None
+
+    def too_large(self) -> APIError:
+        return APIError(413, f"The request body is larger than this server's limit of {self.max_request_bytes} "
+                             "bytes (dsv3 serve --max-request-bytes).", code="request_too_large")
+
+    # --- the routes' work (inline or on the worker pool, see handle) ------------------------------------
+    def prepare_completion(self, req: CompletionRequest) -> _Work:
+        self.check_model(req.model)
+        n = req.n or 1
+        if req.best_of is not None and req.best_of != n:
+            raise bad_request("best_of must equal n (candidates are not ranked server-side)", "best_of")
+        if req.echo and req.logprobs is not None:
+            raise bad_request("echo with logprobs is not supported: prompt logprobs are not computed", "echo")
+        p = req.prompt  # validated: a string, or a list whose elements all have the first one's type
+        raw = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
+        if not raw:
+            raise bad_request("'prompt' is empty", "prompt")
+        self.check_choices(len(raw), n)  # before tokenising a batch that cannot be served
+        given = req.max_tokens
+        if given is not None:
+            self.check_max_tokens(given, "max_tokens")
+        params = [self.sampling(req, given or 16, req.logprobs, j) for j in range(n)]  # the cheap checks first
+        fim = None
+        if req.suffix is not None:
+            try:
+                fim = (self.tok.fim_begin_id, self.tok.fim_hole_id, self.tok.fim_end_id)
+            except MissingSpecialTokenError as e:
+                raise bad_request(f"'suffix' needs fill-in-the-middle tokens: {e}", "suffix") from None
+            suffix = self.encode(req.suffix, "suffix", self.max_prompt_tokens)
+        prompts, echoes = [], []
+        for x in raw:
+            if isinstance(x, str):
+                ids, echo = self.encode(x, "prompt", self.max_prompt_tokens), x
+            else:
+                ids, echo = list(x), (self.decode(x, skip_special_tokens=True) if req.echo else "")
+            if fim is not None:
+                ids = [fim[0], *ids, fim[1], *suffix, fim[2]]
+            self.check_lengths(len(ids), given or 1, "prompt", "max_tokens")
+            prompts.append(ids)
+            echoes.append(echo if req.echo else "")
+        if given is None:  # OpenAI's default of 16, fewer when less fits: never a 400 for a limit not set
+            room = min(self.fits(len(ids)) for ids in prompts)
+            params = [replace(p, max_new_tokens=min(16, self.max_tokens_limit, room)) for p in params]
+        return _Work(prompts, echoes, params, n, req.logprobs is not None, bool(req.stream),
+                     bool(req.stream_options and req.stream_options.include_usage))
+
+    def prepare_chat(self, req: ChatCompletionRequest) -> _Work:
+        self.check_model(req.model)
+        if req.tools:
+            raise bad_request("tools are not supported by this server", "tools")
+        if req.response_format is not None and req.response_format.type != "text":
+            raise bad_request("only response_format {'type': 'text'} is supported", "response_format")
+        if req.top_logprobs is not None and not req.logprobs:
+            raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
+        n = req.n or 1
+        self.check_choices(1, n)
+        max_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        given = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        if given is not None:
+            self.check_max_tokens(given, max_param)
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        params = [self.sampling(req, given or 1, logprobs, j) for j in range(n)]  # the cheap checks first
+        ids = self.encode(self.render_chat(req.messages, req.chat_template_kwargs), "messages",
+                          self.max_prompt_tokens)
+        self.check_lengths(len(ids), given or 1, "messages", max_param)
+        if given is None:  # as many as fit: the context and the cache left after the prompt
+            max_tokens = min(self.max_tokens_limit, self.fits(len(ids)))
+            params = [replace(p, max_new_tokens=max_tokens) for p in params]
+        return _Work([ids], [""], params, n, logprobs is not None, bool(req.stream),
+                     bool(req.stream_options and req.stream_options.include_usage))
+
+    def tokenize(self, req: TokenizeRequest) -> Response:
+        self.check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise bad_request("give exactly one of 'prompt' and 'messages'", "prompt")
+        if req.messages is not None:
+            if not req.messages:
+                raise bad_request("'messages' is empty", "messages")
+            ids = self.encode(self.render_chat(req.messages, None), "messages")
+        else:
+            ids = self.encode(req.prompt, "prompt")
+        # serialised here, in slices: FastAPI's encoder (or one json.dumps) would hold the GIL for
+        # hundreds of ms over a million ids, stalling the event loop
+        head = f'{{"count":{len(ids)},"max_model_len":{self.max_model_len},"tokens":['.encode()
+        step = 1 << 13
+        parts = [",".join(map(str, ids[i:i + step])).encode() for i in range(0, len(ids), step)]
+        return Response(head + b",".join(parts) + b"]}", media_type="application/json")
+
+    def detokenize(self, req: DetokenizeRequest) -> Response:
+        self.check_model(req.model)
+        return _json_response({"prompt": self.decode(req.tokens)})
 
     # --- chat template ---------------------------------------------------------------------------
     def render_chat(self, messages: list[ChatMessage], kwargs: dict | None) -> str:
@@ -370,6 +616,11 @@ class _Server:
 
 
 # --- response bodies ------------------------------------------------------------------------------------
+def _json_response(obj: dict) -> Response:
+    return Response(json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8"),
+                    media_type="application/json")
+
+
 def _usage(job: _Job) -> dict:
     prompt = sum(len(c.prompt_ids) for c in job.choices if c.index % job.n == 0)  # each prompt once
     completion = sum(len(c.final.token_ids) for c in job.choices if c.final is not None)
@@ -397,9 +648,20 @@ def _chat_logprobs(srv: _Server, lps: list[TokenLogprob]) -> dict:
 
 
 # --- the app --------------------------------------------------------------------------------------------
+_BODIES = (CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest)
+_REF = "#/components/schemas/{model}"
+
+
+def _body(cls: type[BaseModel]) -> dict:
+    """The OpenAPI request body of a route that reads its body itself (_Server.handle)."""
+    return {"requestBody": {"required": True,
+                            "content": {"application/json": {"schema": {"$ref": _REF.format(model=cls.__name__)}}}}}
+
+
 class _Middleware:
     """Pure ASGI (no BaseHTTPMiddleware: it interferes with streaming and disconnects): the API key
-    check for /v1 routes and the request counter by status."""
+    check on every route but /health, the body limit from Content-Length (a chunked body is counted
+    as it is read, in _Server.handle), and the request counter by status."""
 
     def __init__(self, app, srv: _Server):
         self.app, self.srv = app, srv
@@ -408,14 +670,20 @@ class _Middleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path, srv = scope["path"], self.srv
-        if srv.api_key is not None and path.startswith("/v1"):
-            auth = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        headers = dict(scope["headers"])
+        err = None
+        if srv.api_key is not None and path != "/health":
+            auth = headers.get(b"authorization", b"").decode("latin-1")
             scheme, _, key = auth.partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), srv.api_key.encode()):
-                srv.metrics.count(path, 401)
                 err = APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
                                code="invalid_api_key")
-                return await err.response()(scope, receive, send)
+        length = headers.get(b"content-length", b"")
+        if err is None and length.isdigit() and int(length) > srv.max_request_bytes:
+            err = srv.too_large()  # answered before reading the body
+        if err is not None:
+            srv.metrics.count(path, err.status)
+            return await err.response()(scope, receive, send)
         status = [500]
 
         async def send_status(msg):
@@ -431,17 +699,20 @@ class _Middleware:
 
 def create_app(engine: Engine, tokenizer: DSTokenizer, model_name: str, *, api_key: str | None = None,
                max_prompt_tokens: int | None = None, max_tokens_limit: int | None = None, max_queue: int = 256,
-               chat_template: str | None = None) -> FastAPI:
+               max_request_bytes: int = ServerConfig.max_request_bytes, chat_template: str | None = None) -> FastAPI:
     """The FastAPI app serving `engine`. Limits default to the engine's context (`max_model_len`);
-    `max_queue` bounds the engine requests waiting beyond the running batch (then 503). The chat
-    template defaults to the tokenizer's (tokenizer_config.json's when it was loaded from a directory)."""
+    `max_queue` bounds the engine requests waiting beyond the running batch (then 503); bodies over
+    `max_request_bytes` are 413s. The chat template defaults to the tokenizer's (tokenizer_config.json's
+    when it was loaded from a directory)."""
     srv = _Server(engine, tokenizer, model_name, api_key=api_key, max_prompt_tokens=max_prompt_tokens,
-                  max_tokens_limit=max_tokens_limit, max_queue=max_queue, chat_template=chat_template)
+                  max_tokens_limit=max_tokens_limit, max_queue=max_queue, max_request_bytes=max_request_bytes,
+                  chat_template=chat_template)
 
     @asynccontextmanager
     async def lifespan(app):
         srv.engine_loop.start()
         yield
+        srv.pool.shutdown(wait=False, cancel_futures=True)
         await asyncio.to_thread(srv.engine_loop.stop)
 
     app = FastAPI(title="dsv3 OpenAI-compatible server", version="0.1.0", lifespan=lifespan,
@@ -472,92 +743,36 @@ def create_app(engine: Engine, tokenizer: DSTokenizer, model_name: str, *, api_k
         traceback.print_exception(exc)
         return APIError(500, f"internal error: {type(exc).__name__}", "server_error").response()
 
-    # --- completions ------------------------------------------------------------------------------
-    @app.post("/v1/completions")
-    async def completions(req: CompletionRequest, request: Request):
-        srv.check_model(req.model)
-        n = req.n or 1
-        if req.best_of is not None and req.best_of != n:
-            raise bad_request("best_of must equal n (candidates are not ranked server-side)", "best_of")
-        if req.echo and req.logprobs is not None:
-            raise bad_request("echo with logprobs is not supported: prompt logprobs are not computed", "echo")
-        p = req.prompt
-        if isinstance(p, str):
-            raw = [p]
-        elif p and all(isinstance(x, int) for x in p):
-            raw = [p]
-        else:
-            raw = list(p)
-        if not raw:
-            raise bad_request("'prompt' is empty", "prompt")
-        max_tokens = 16 if req.max_tokens is None else req.max_tokens
-        srv.check_max_tokens(max_tokens, "max_tokens")
-        prompts, echoes = [], []
-        for x in raw:
-            if isinstance(x, str):
-                ids, echo = srv.encode(x, "prompt"), x
-            else:
-                srv.check_ids(x, "prompt")
-                ids, echo = list(x), srv.tok.decode(x, skip_special_tokens=True)
-            if req.suffix is not None:
-                try:
-                    ids = [srv.tok.fim_begin_id, *ids, srv.tok.fim_hole_id, *srv.encode(req.suffix, "suffix"),
-                           srv.tok.fim_end_id]
-                except MissingSpecialTokenError as e:
-                    raise bad_request(f"'suffix' needs fill-in-the-middle tokens: {e}", "suffix") from None
-            srv.check_lengths(len(ids), max_tokens, "prompt", "max_tokens")
-            prompts.append(ids)
-            echoes.append(echo if req.echo else "")
-        params = [srv.sampling(req, max_tokens, req.logprobs, j) for j in range(n)]
-        job = srv.new_job(prompts, params, echoes, n)
+    # --- completions and chat completions -----------------------------------------------------------
+    async def generate(request: Request, work: _Work, meta: dict):
+        job = srv.new_job(work)
         await job.start()
-        meta = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                "model": srv.model_name}
-        if req.stream:
-            usage = bool(req.stream_options and req.stream_options.include_usage)
-            return _SSE(job, _stream_completion(srv, job, meta, usage, req.logprobs is not None))
+        if work.stream:
+            stream = _stream_completion if meta["object"] == "text_completion" else _stream_chat
+            chunk_meta = meta if meta["object"] == "text_completion" else {**meta, "object": "chat.completion.chunk"}
+            return _SSE(job, stream(srv, job, chunk_meta, work.include_usage, work.want_lp))
         await job.collect(request)
-        choices = []
-        for c in job.choices:
-            o = c.final
-            lp = _completion_logprobs(srv, o.logprobs or [], len(c.echo)) if req.logprobs is not None else None
-            choices.append({"index": c.index, "text": c.echo + o.text, "logprobs": lp,
-                            "finish_reason": o.finish_reason})
+        if meta["object"] == "text_completion":
+            choices = [{"index": c.index, "text": c.echo + c.final.text,
+                        "logprobs": _completion_logprobs(srv, c.final.logprobs or [], len(c.echo)) if work.want_lp
+                        else None, "finish_reason": c.final.finish_reason} for c in job.choices]
+        else:
+            choices = [{"index": c.index, "message": {"role": "assistant", "content": c.final.text},
+                        "logprobs": _chat_logprobs(srv, c.final.logprobs or []) if work.want_lp else None,
+                        "finish_reason": c.final.finish_reason} for c in job.choices]
         return {**meta, "choices": choices, "usage": _usage(job), "system_fingerprint": None}
 
-    # --- chat completions -------------------------------------------------------------------------
-    @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatCompletionRequest, request: Request):
-        srv.check_model(req.model)
-        if req.tools:
-            raise bad_request("tools are not supported by this server", "tools")
-        if req.response_format is not None and req.response_format.type != "text":
-            raise bad_request("only response_format {'type': 'text'} is supported", "response_format")
-        if req.top_logprobs is not None and not req.logprobs:
-            raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
-        n = req.n or 1
-        ids = srv.encode(srv.render_chat(req.messages, req.chat_template_kwargs), "messages")
-        max_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        if max_tokens is None:
-            max_tokens = max(1, min(srv.max_tokens_limit, srv.max_model_len - len(ids)))
-        srv.check_max_tokens(max_tokens, max_param)
-        srv.check_lengths(len(ids), max_tokens, "messages", max_param)
-        logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        params = [srv.sampling(req, max_tokens, logprobs, j) for j in range(n)]
-        job = srv.new_job([ids], params, [""], n)
-        await job.start()
-        meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-                "model": srv.model_name}
-        if req.stream:
-            usage = bool(req.stream_options and req.stream_options.include_usage)
-            return _SSE(job, _stream_chat(srv, job, {**meta, "object": "chat.completion.chunk"}, usage,
-                                          logprobs is not None))
-        await job.collect(request)
-        choices = [{"index": c.index, "message": {"role": "assistant", "content": c.final.text},
-                    "logprobs": _chat_logprobs(srv, c.final.logprobs or []) if logprobs is not None else None,
-                    "finish_reason": c.final.finish_reason} for c in job.choices]
-        return {**meta, "choices": choices, "usage": _usage(job), "system_fingerprint": None}
+    @app.post("/v1/completions", openapi_extra=_body(CompletionRequest))
+    async def completions(request: Request):
+        work = await srv.handle(request, CompletionRequest, srv.prepare_completion)
+        return await generate(request, work, {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
+                                              "created": int(time.time()), "model": srv.model_name})
+
+    @app.post("/v1/chat/completions", openapi_extra=_body(ChatCompletionRequest))
+    async def chat_completions(request: Request):
+        work = await srv.handle(request, ChatCompletionRequest, srv.prepare_chat)
+        return await generate(request, work, {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
+                                              "created": int(time.time()), "model": srv.model_name})
 
     # --- models, tokenizer, health, metrics -------------------------------------------------------
     def model_card() -> dict:
@@ -573,24 +788,13 @@ def create_app(engine: Engine, tokenizer: DSTokenizer, model_name: str, *, api_k
         srv.check_model(model_id)
         return model_card()
 
-    @app.post("/tokenize")
-    async def tokenize(req: TokenizeRequest):
-        srv.check_model(req.model)
-        if (req.prompt is None) == (req.messages is None):
-            raise bad_request("give exactly one of 'prompt' and 'messages'", "prompt")
-        if req.messages is not None:
-            if not req.messages:
-                raise bad_request("'messages' is empty", "messages")
-            ids = srv.encode(srv.render_chat(req.messages, None), "messages")
-        else:
-            ids = srv.encode(req.prompt, "prompt")
-        return {"count": len(ids), "max_model_len": srv.max_model_len, "tokens": ids}
+    @app.post("/tokenize", openapi_extra=_body(TokenizeRequest))
+    async def tokenize(request: Request):
+        return await srv.handle(request, TokenizeRequest, srv.tokenize)
 
-    @app.post("/detokenize")
-    async def detokenize(req: DetokenizeRequest):
-        srv.check_model(req.model)
-        srv.check_ids(req.tokens, "tokens")
-        return {"prompt": srv.tok.decode(req.tokens)}
+    @app.post("/detokenize", openapi_extra=_body(DetokenizeRequest))
+    async def detokenize(request: Request):
+        return await srv.handle(request, DetokenizeRequest, srv.detokenize)
 
     @app.get("/health")
     async def health():
@@ -603,15 +807,19 @@ def create_app(engine: Engine, tokenizer: DSTokenizer, model_name: str, *, api_k
         return PlainTextResponse(prometheus_text(srv.engine_loop.snapshot, srv.metrics, srv.outstanding),
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    def openapi():  # document the 400 the server sends instead of FastAPI's 422
+    def openapi():  # the request bodies (read by _Server.handle); the 400 the server sends instead of a 422
         if app.openapi_schema is None:
             from fastapi.openapi.utils import get_openapi
+            from pydantic.json_schema import models_json_schema
             schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
             for ops in schema.get("paths", {}).values():
                 for op in ops.values():
                     op.get("responses", {}).pop("422", None)
-            schema.get("components", {}).get("schemas", {}).pop("HTTPValidationError", None)
-            schema.get("components", {}).get("schemas", {}).pop("ValidationError", None)
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            components.pop("HTTPValidationError", None)
+            components.pop("ValidationError", None)
+            _, defs = models_json_schema([(m, "validation") for m in _BODIES], ref_template=_REF)
+            components.update(defs.get("$defs", {}))
             app.openapi_schema = jsonable_encoder(schema)
         return app.openapi_schema
 
