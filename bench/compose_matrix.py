@@ -3,7 +3,10 @@
 compared with the one-process run of the same batches, plus the cross-layout resumes; prints a Markdown
 table for bench/RESULTS.md (tests/distributed/test_compose.py runs a covering subset in CI).
 
-    python bench/compose_matrix.py [--out DIR] [--layouts ep2,pp2_1f1b] [--precisions fp32,bf16]
+    python bench/compose_matrix.py [--out DIR] [--layouts ep2,pp2_1f1b] [--precisions fp32,bf16] [--compile]
+
+--compile trains every cell with per-block torch.compile (inductor on the CPU: needs a C++ compiler; slow
+to compile, so pick a few layouts) against the uncompiled one-process reference.
 
 Takes about 15-25 minutes on 2 cores.
 """
@@ -28,12 +31,14 @@ def main() -> int:
     ap.add_argument("--out", help="work directory (default: a temporary one)")
     ap.add_argument("--layouts", default=",".join(LAYOUTS))
     ap.add_argument("--precisions", default=",".join(PRECISIONS))
+    ap.add_argument("--compile", action="store_true", help="per-block torch.compile in every cell")
     args = ap.parse_args()
     root = args.out or tempfile.mkdtemp(prefix="compose-")
     os.makedirs(root, exist_ok=True)
-    cells = [Cell(lay, p, o, r) for lay in args.layouts.split(",") for p in args.precisions.split(",")
-             for o in OPTIM_STATES for r in RECOMPUTES]
-    resumed = resume_cells()
+    extra = {"compile": True} if args.compile else {}
+    cells = [Cell(lay, p, o, r, extra=dict(extra)) for lay in args.layouts.split(",")
+             for p in args.precisions.split(",") for o in OPTIM_STATES for r in RECOMPUTES]
+    resumed = [] if args.compile else resume_cells()
     t0 = time.time()
     errors = run_cells(root, cells + resumed, timeout=3600)
     wall = time.time() - t0

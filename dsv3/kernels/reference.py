@@ -293,7 +293,12 @@ def adamw_step_ref_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_a
     the update, then rounded to nearest into storage. The gradient tensors are not modified.
     skip (optional 0-dim bool tensor): where True, parameters and moments keep their bits. Decided on the
     device: each bucket's p, m, v are copied first and selected back with torch.where (no host sync; a
-    False flag selects the updated values, so the bits are those of the update without `skip`)."""
+    False flag selects the updated values, so the bits are those of the update without `skip`). A flag on
+    the CPU is read instead (no sync to avoid there): a skipped step does nothing, the others copy nothing."""
+    if skip is not None and skip.device.type == "cpu":
+        if bool(skip):
+            return
+        skip = None
     bias_correction1 = 1 - beta1 ** step
     bias_correction2 = 1 - beta2 ** step
     step_size = (lr / bias_correction1) * -1  # python floats, as torch computes them
