@@ -96,10 +96,13 @@ def arithmetic_task(n_train: int = 1000, n_heldout: int = 100, seed: int = 0, ma
     for _ in range(100):
         if len(heldout) >= n_heldout:
             break
+        before = len(heldout)
         for ex in _examples(rng, n_heldout, max_digits):
             if _key(ex, disjoint) not in seen and len(heldout) < n_heldout:
                 seen.add(_key(ex, disjoint))  # no repeat inside the held-out set either
                 heldout.append(ex)
+        if len(heldout) == before:  # a whole round of n_heldout draws found nothing new: exhausted
+            break
     if len(heldout) < n_heldout:
         raise ValueError(f"only {len(heldout)} distinct held-out calculations outside the train set at "
                          f"max_digits={max_digits}; ask for fewer")

@@ -9,7 +9,7 @@ micro-batches of 4 rows: one row) of every micro-batch; P2P goes between ranks o
 are averaged over the stage's dp × ep ranks, the expert slices (ep 2) over the dp replicas; the 1F1B
 tied embedding has one group per (dp, ep) index.
 
-Equality scenarios (1F1B and DualPipeV at pp 2 × dp 2; 1F1B at pp 2 × dp 2 × ep 2): as in
+Equality scenarios (DualPipeV at pp 2 × dp 2; 1F1B at pp 2 × dp 2 × ep 2): as in
 tests/distributed/test_pipeline_ep.py, each rank builds the same tiny model twice (seed 0, 4 layers:
 1 dense + 3 MoE, one MTP module), one runs the global batch (8 sequences of 12 + 1 tokens) in one
 forward, the other is cut by build_pipeline (4 micro-batches); checked, worst over ranks: the loss and
@@ -53,7 +53,8 @@ B, T = 8, 12
 N_MICRO = 4
 EXPERT_NAMES = ("gate_proj", "up_proj", "down_proj")
 SCENARIOS = {  # name -> (world size, PipelineConfig kwargs)
-    "1f1b_pp2xdp2": (4, dict(pp=2, dp=2, schedule="1f1b")),
+    # 1F1B at pp 2 x dp 2: in the composition matrix (cells pp2xdp2-*, through the entry point) and the
+    # checkpoint scenario's layout A below
     "dualpipev_pp2xdp2": (4, dict(pp=2, dp=2, schedule="dualpipev")),
     "checkpoint_pp2xdp2_to_pp2xep2": (4, None),
     # 2 micro-batches of 4 rows: one row per (dp, ep) rank
