@@ -77,7 +77,7 @@ PROFILES: dict[str, dict] = {
         "task": {"max_digits": 1, "disjoint": "text", "n_train": 4000, "n_heldout": 300},
         "corpus": {"n_docs": 6000, "lines_per_doc": 32},
         "pretrain": {"steps": 250, "seq_len": 128, "batch_size": 16, "lr": 3e-3, "warmup_steps": 10,
-                     "save_every": 50, "keep": 2},
+                     "save_every": 50, "keep": 1},  # benchmarks keep one checkpoint at most
         "sft": {"n_chats": 3000, "steps": 40, "seq_len": 512, "batch_size": 8, "lr": 2e-3, "min_lr": 2e-4},
         "grpo": {"iterations": 60, "prompts_per_iter": 16, "group_size": 8, "max_new_tokens": 20, "ppo_epochs": 1,
                  "micro_batch_size": 64, "lr": 1e-4, "beta": 0.01, "eval_every": 10, "eval_max_examples": 100},
