@@ -2,7 +2,9 @@
 
 Starts the OpenAI-compatible server on 127.0.0.1 over a random tiny model, measures /health and a
 small completion (2 tokens) while idle, then again while R large requests of one kind are in flight,
-and prints p50 / p99 / max of both and the wall time of the large requests:
+and prints p50 / p99 / max of both, the wall time of the large requests and the growth of this
+process's peak RSS (the server's preparation worker processes, spawned by the first large request,
+are not counted: they hold the large bodies now):
 
     python bench/serve_big_requests.py                       # every kind, 2 requests of 4 MB each
     python bench/serve_big_requests.py --kind tokenize --mb 6 --requests 3
@@ -27,24 +29,23 @@ import threading
 import time
 
 import httpx
-import torch
 
 try:
     import dsv3  # noqa: F401
 except ImportError:
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from dsv3.config import ModelConfig  # noqa: E402
-from dsv3.inference.engine import Engine  # noqa: E402
-from dsv3.inference.server import BackgroundServer, create_app  # noqa: E402
-from dsv3.model import build_model  # noqa: E402
-from dsv3.tokenizer import DSTokenizer  # noqa: E402
+# torch and the server are imported in the functions: the server's preparation workers are spawned,
+# and a spawned process imports this script again (as __mp_main__); a light top level keeps them light
 
 WORDS = ["alpha", "beta", "gamma", "delta", "ro", "mi", "kuso", "tor", "(", ")", ":", "\n", "def", "return"]
 KINDS = ("completion", "chat", "tokenize", "ids", "detokenize")
 
 
 def tiny_model(vocab_size: int):
+    from dsv3.config import ModelConfig
+    from dsv3.model import build_model
+
     cfg = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
                num_hidden_layers=2, first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4,
                q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
@@ -53,7 +54,9 @@ def tiny_model(vocab_size: int):
     return build_model(ModelConfig(**cfg).validate(), seed=0).eval()
 
 
-def tokenizer(kind: str) -> DSTokenizer:
+def tokenizer(kind: str):
+    from dsv3.tokenizer import DSTokenizer
+
     if kind == "v3":
         return DSTokenizer.from_deepseek_package()
     rng = random.Random(0)
@@ -91,6 +94,11 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=2, help="large requests in flight at once")
     ap.add_argument("--tokenizer", choices=("tiny", "v3"), default="tiny")
     args = ap.parse_args()
+    import torch
+
+    from dsv3.inference.engine import Engine
+    from dsv3.inference.server import BackgroundServer, create_app
+
     torch.set_num_threads(1)
     tok = tokenizer(args.tokenizer)
     model = tiny_model(tok.vocab_size)

@@ -234,7 +234,7 @@ def cmd_serve(args) -> int:
           f"speculative k={ec.speculative_k})")
     serve(engine, tok, name, host=sc.host, port=sc.port, api_key=sc.api_key, max_prompt_tokens=sc.max_prompt_tokens,
           max_tokens_limit=sc.max_tokens_limit, max_queue=sc.max_queue, max_request_bytes=sc.max_request_bytes,
-          log_level=sc.log_level)
+          prep_workers=sc.prep_workers, log_level=sc.log_level)
     return 0
 
 

@@ -485,5 +485,14 @@ class DSTokenizer:
                                                          encoding="utf-8")
         return directory
 
+    def __reduce__(self):  # its JSON, roles and template (the server's preparation workers rebuild it)
+        return _rebuild_tokenizer, (self._tok.to_str(), self._roles, self.chat_template)
+
     def __repr__(self) -> str:
         return f"DSTokenizer(vocab_size={self.vocab_size}, fingerprint={self.fingerprint[:12]})"
+
+
+def _rebuild_tokenizer(tokenizer_json: str, roles: dict[str, str], chat_template: str) -> DSTokenizer:
+    tok = DSTokenizer(Tokenizer.from_str(tokenizer_json), roles)
+    tok.chat_template = chat_template
+    return tok

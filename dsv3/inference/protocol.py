@@ -246,6 +246,9 @@ class APIError(Exception):
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = headers
 
+    def __reduce__(self):  # pickled whole: it comes back from the server's preparation workers (prep.py)
+        return APIError, (self.status, self.message, self.type, self.param, self.code, self.headers)
+
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 

@@ -20,26 +20,24 @@ Limits in front of the work (issue 13; each a 4xx before anything expensive runs
   * a request body larger than `max_request_bytes` (default 8 MiB) is a 413, decided from
     Content-Length before reading, or while reading a chunked body;
   * a text prompt with more UTF-8 bytes than `max_prompt_tokens` x the longest token's bytes cannot
-    fit whatever its tokenisation: a 400 before it is tokenised (`_Server.encode`);
+    fit whatever its tokenisation: a 400 before it is tokenised (`Preparer.encode`, prep.py);
   * a completion batch with more choices (prompts x n) than the server's bound is a 400 before it
     is tokenised.
 Types are strict (protocol.py): `"n": "2"` or `"stream": "false"` are 400s, as on the OpenAI API.
 
-Off the event loop. A request body over 64 KiB is parsed, validated, rendered through the chat
-template and tokenised (or detokenised) on a small worker pool (`_PREP_WORKERS` threads), so one
-multi-megabyte prompt never stalls /health or the streams of other clients. That works with
-threads because what is left holding the GIL is short: HF `tokenizers` releases it in its batch
-calls (`encode_batch_fast`, `decode_batch`; not in `encode`/`decode`), the JSON parse
-and validation (pydantic-core) take about 15 ms for 5 MB of text and 60 ms for 300K token ids,
-and the long lists (token ids in, /tokenize's ids out) are walked in slices or by the tokenizer.
-Small bodies are handled inline (a thread hop would cost more than the work). The pool's size
-bounds the CPU and memory a burst of large prompts can take (tokenising 8 MiB of text holds
-about 1 GB while it runs); requests beyond it wait for a worker, not the event loop. What threads
-cannot remove: the engine thread takes the GIL between its kernels, and while a worker runs
-GIL-bound code (megabytes of JSON into Python lists, /tokenize's reply) each take waits up to the
-switch interval, so other clients' steps slow down for that long: up to a few hundred ms per
-multi-megabyte request (bench/serve_big_requests.py). A process pool would remove that; not done.
-(Running the workers at a lower priority made it worse: preempted holding the GIL, they stall all.)
+Off the event loop, and out of the process. A request body over 64 KiB is parsed, validated,
+rendered through the chat template and tokenised (or detokenised) in a worker process (prep.py,
+`prep_workers` of them, spawned with the first large body), so one multi-megabyte prompt stalls
+neither /health nor the other clients' generation. Threads were not enough: turning megabytes of
+JSON into Python lists (450K token ids) holds the GIL for ~40 ms per C call, and the engine thread
+needs the GIL between its kernels, so a small completion took up to ~300 ms longer while large
+requests were in flight. What comes back from a worker is compact (prompts as array('i'), a reply's
+bytes, or the APIError to answer), so the server's own GIL cost is a memcpy (figures in
+bench/serve_big_requests.py and bench/RESULTS.md). Small bodies are prepared inline (a process hop
+would cost more than the work). The pool's size bounds the CPU and memory a burst of large prompts
+can take (tokenising 8 MiB of text holds about 1 GB while it runs); requests beyond it wait for a
+worker, not the event loop. A worker that dies (out of memory) costs its request a 503, and the next
+large body starts a fresh pool.
 
 Admission. The engine reserves each request's worst-case cache (prompt + max_tokens + draft room)
 when it joins the batch and queues it otherwise, so load never exhausts the cache. The server adds
@@ -75,37 +73,37 @@ import asyncio
 import hmac
 import json
 import math
-import os
+import multiprocessing
 import socket
 import threading
 import time
 import traceback
 import uuid
-from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dsv3.cliargs import setting
 from dsv3.inference.engine import Engine, RequestOutput, SamplingParams, TokenLogprob, load_engine
 from dsv3.inference.engine_loop import ACCEPTED, EngineLoop
 from dsv3.inference.metrics import ServerMetrics, prometheus_text
-from dsv3.inference.protocol import (APIError, ChatCompletionRequest, ChatMessage, CompletionRequest,
-                                     DetokenizeRequest, ErrorResponse, TokenizeRequest, bad_request,
+from dsv3.inference.prep import (Limits, Preparer, Work, _max_token_bytes, init_worker, run_in_worker,
+                                 worker_ready)
+from dsv3.inference.protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                                     ErrorResponse, TokenizeRequest, bad_request,
                                      from_validation_error)
-from dsv3.tokenizer import CHAT_TEMPLATE, DSTokenizer, MissingSpecialTokenError
+from dsv3.tokenizer import DSTokenizer
 
-_INLINE_BYTES = 64 * 1024  # bodies up to this size are handled on the event loop, larger ones on the pool
-# threads that parse and tokenise large request bodies: half the cores (the engine thread needs the
-# rest), at most 4 (each holds about 1 GB while it tokenises 8 MiB of text)
-_PREP_WORKERS = max(1, min(4, (os.cpu_count() or 1) // 2))
+_INLINE_BYTES = 64 * 1024  # bodies up to this size are prepared on the event loop, larger ones in worker processes
 _RETRY_AFTER_S = 1  # the Retry-After of a 503 queue_full
 
 
@@ -122,6 +120,8 @@ class ServerConfig:
     max_tokens_limit: int = setting(0, "largest max_tokens accepted (0: context)")
     max_queue: int = setting(256, "requests waiting beyond the batch before 503s")
     max_request_bytes: int = setting(8 * 1024 * 1024, "largest request body accepted, in bytes (then 413)")
+    prep_workers: int = setting(2, "processes that parse and tokenise request bodies over 64 KiB (each holds "
+                                   "about 1 GB while it tokenises 8 MiB of text)")
     log_level: str = setting("info", "uvicorn's log level", choices=("critical", "error", "warning", "info", "debug"))
 
 
@@ -130,25 +130,13 @@ class ServerConfig:
 class _Choice:
     index: int
     rid: str
-    prompt_ids: list[int]
+    prompt_ids: Sequence[int]  # a list, or an array('i') when prepared in a worker process (prep.py)
     params: SamplingParams
     echo: str = ""
     done: bool = False
     final: RequestOutput | None = None
     first_token: bool = False
     lp_sent: int = 0  # logprob entries already streamed
-
-
-@dataclass
-class _Work:
-    """A validated, tokenised generation request: what the event loop submits to the engine."""
-    prompts: list[list[int]]
-    echoes: list[str]
-    params: list[SamplingParams]  # one per choice j of each prompt
-    n: int
-    want_lp: bool
-    stream: bool
-    include_usage: bool
 
 
 class _Disconnected(Exception):
@@ -277,12 +265,6 @@ def _finite(x: float) -> float:
     return x if math.isfinite(x) else -9999.0
 
 
-def _raise_template_error(message):
-    import jinja2
-
-    raise jinja2.exceptions.TemplateError(message)
-
-
 def _is_json(content_type: str | None) -> bool:
     """As FastAPI decides: no Content-Type, application/json or application/*+json."""
     if content_type is None:
@@ -291,154 +273,32 @@ def _is_json(content_type: str | None) -> bool:
     return main == "application" and (sub == "json" or sub.endswith("+json"))
 
 
-_KEEPS_TEXT = {"Sequence", "ByteLevel", "Split", "Digits", "Punctuation"}  # pre-tokenizers that drop nothing
-
-
-def _max_token_bytes(tok: DSTokenizer) -> int:
-    """The most UTF-8 bytes of input text that one token can cover, or 0 when that is unbounded.
-
-    In a byte-level BPE a token covers exactly its bytes, an added token its content, so a text of n
-    bytes has at least n / max_token_bytes tokens. The bound does not hold when a normalizer could
-    shrink the text, a pre-tokenizer drops characters (Whitespace, Split "removed"), or an added token
-    strips the whitespace around it (lstrip/rstrip): then 0 and no text is refused by its size alone.
-    DeepSeek-V3's 128K vocabulary: 128 bytes (a run of spaces)."""
-    spec = json.loads(tok.tokenizer.to_str())
-    norm = spec.get("normalizer")
-    if norm is not None and not (norm.get("type") == "Sequence" and not norm.get("normalizers")):
-        return 0
-
-    def keeps(pre) -> bool:
-        if pre is None:
-            return True
-        if pre.get("type") not in _KEEPS_TEXT or str(pre.get("behavior", "")).lower() == "removed":
-            return False
-        return all(keeps(p) for p in pre.get("pretokenizers", []))
-
-    added = spec.get("added_tokens", [])
-    if not keeps(spec.get("pre_tokenizer")) or any(t.get("lstrip") or t.get("rstrip") for t in added):
-        return 0
-    try:
-        lengths = tok.token_byte_lengths()
-    except ValueError:  # not a byte-level BPE
-        return 0
-    return int(max([int(lengths.max()), *(len(t["content"].encode("utf-8")) for t in added)]))
-
-
 # --- the server -----------------------------------------------------------------------------------------
 class _Server:
     def __init__(self, engine: Engine, tokenizer: DSTokenizer, model_name: str, *, api_key: str | None,
                  max_prompt_tokens: int | None, max_tokens_limit: int | None, max_queue: int,
-                 max_request_bytes: int, chat_template: str | None):
-        import jinja2.sandbox
-
+                 max_request_bytes: int, chat_template: str | None, prep_workers: int):
         if max_request_bytes < 1:
             raise ValueError(f"max_request_bytes must be >= 1, got {max_request_bytes}")
+        if prep_workers < 1:
+            raise ValueError(f"prep_workers must be >= 1, got {prep_workers}")
         self.engine, self.tok, self.model_name, self.api_key = engine, tokenizer, model_name, api_key
-        self.max_model_len = engine.max_model_len
-        self.max_prompt_tokens = min(max_prompt_tokens or self.max_model_len - 1, self.max_model_len - 1)
-        self.max_tokens_limit = min(max_tokens_limit or self.max_model_len, self.max_model_len)
+        self.max_model_len = n = engine.max_model_len
         self.capacity = engine.max_batch_size + max_queue
         self.max_request_bytes = max_request_bytes
         # a request's tokens (prompt, completion, draft room) must fit the context and the whole cache
-        self.cache_tokens = engine.cache.num_blocks * engine.cache.block_size
-        self.vocab_size = engine.model.config.vocab_size
-        self.max_token_bytes = _max_token_bytes(tokenizer)
-        self.pool = ThreadPoolExecutor(_PREP_WORKERS, thread_name_prefix="dsv3-prep")
+        self.prep = Preparer(tokenizer, Limits(
+            model_name, n, max_prompt_tokens=min(max_prompt_tokens or n - 1, n - 1),
+            max_tokens_limit=min(max_tokens_limit or n, n), capacity=self.capacity,
+            cache_tokens=engine.cache.num_blocks * engine.cache.block_size, draft_k=engine.k,
+            vocab_size=engine.model.config.vocab_size, max_token_bytes=_max_token_bytes(tokenizer)), chat_template)
+        self.prep_workers = prep_workers
+        self.pool: asyncio.Future[ProcessPoolExecutor] | None = None  # started by the first large body
         self.engine_loop = EngineLoop(engine)
         self.metrics = ServerMetrics()
         self.outstanding = 0  # engine requests submitted and not yet closed (event-loop thread only)
         self.created = int(time.time())
-        # as transformers' apply_chat_template compiles it (utils/chat_template_utils.py)
-        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                           extensions=["jinja2.ext.loopcontrols"])
-        env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: \
-            json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-        env.globals["raise_exception"] = _raise_template_error
-        self.template = env.from_string(chat_template or getattr(tokenizer, "chat_template", None) or CHAT_TEMPLATE)
         self._token_str: dict[int, tuple[str, list[int]]] = {}
-
-    # --- validation helpers ----------------------------------------------------------------------
-    def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.model_name:
-            raise APIError(404, f"The model `{model}` does not exist. This server serves `{self.model_name}`.",
-                           param="model", code="model_not_found")
-
-    def encode(self, text: str, param: str, limit: int | None = None) -> list[int]:
-        """Token ids of `text`. With a `limit`, a text whose bytes cannot fit in `limit` tokens under any
-        tokenisation is refused before it is tokenised (each token covers at most max_token_bytes)."""
-        try:
-            n_bytes = len(text.encode("utf-8"))
-        except UnicodeEncodeError:
-            raise bad_request(f"'{param}' is not valid Unicode (it contains a lone surrogate)", param) from None
-        if limit is not None and self.max_token_bytes and n_bytes > limit * self.max_token_bytes:
-            at_least = -(-n_bytes // self.max_token_bytes)
-            raise bad_request(f"The prompt has at least {at_least} tokens ({n_bytes} bytes, at most "
-                              f"{self.max_token_bytes} per token); this server accepts at most {limit}.", param,
-                              "context_length_exceeded")
-        # encode_batch_fast releases the GIL for the whole encoding (encode holds it while it builds
-        # the offsets), so the event loop keeps running while a worker tokenises a large prompt; the
-        # count is checked before the ids become a Python list (which holds the GIL, ~50 ms per 1M)
-        t = self.tok.tokenizer
-        enc = getattr(t, "encode_batch_fast", t.encode_batch)([text], add_special_tokens=False)[0]
-        if limit is not None and len(enc) > limit:
-            raise bad_request(f"The prompt has {len(enc)} tokens; this server accepts at most {limit}.", param,
-                              "context_length_exceeded")
-        return enc.ids
-
-    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
-        """The text of `ids`, through decode_batch: it releases the GIL, `decode` does not (measured, a
-        570K-id decode slowed the engine thread's kernels 50-fold)."""
-        return self.tok.tokenizer.decode_batch([ids], skip_special_tokens=skip_special_tokens)[0]
-
-    def fits(self, n_prompt: int) -> int:
-        """The most completion tokens a prompt of n_prompt tokens leaves room for (context and cache)."""
-        return min(self.max_model_len - n_prompt, self.cache_tokens - n_prompt - self.engine.k - 1)
-
-    def check_lengths(self, n_prompt: int, max_tokens: int, param: str, max_param: str) -> None:
-        if n_prompt == 0:
-            raise bad_request(f"'{param}' is empty", param)
-        if n_prompt > self.max_prompt_tokens:
-            raise bad_request(f"The prompt has {n_prompt} tokens; this server accepts at most "
-                              f"{self.max_prompt_tokens}.", param, "context_length_exceeded")
-        if self.fits(n_prompt) < 1:  # the prompt alone: blame it, not max_tokens
-            raise bad_request(f"The prompt has {n_prompt} tokens; with one completion token it does not fit the "
-                              f"server's KV cache of {self.cache_tokens} tokens.", param, "context_length_exceeded")
-        if n_prompt + max_tokens > self.max_model_len:
-            raise bad_request(f"This model's maximum context length is {self.max_model_len} tokens. However, you "
-                              f"requested {n_prompt + max_tokens} tokens ({n_prompt} in the prompt, {max_tokens} for "
-                              f"the completion). Please reduce the prompt or '{max_param}'.", max_param,
-                              "context_length_exceeded")
-        need = n_prompt + max_tokens + self.engine.k + 1
-        if need > self.cache_tokens:
-            raise bad_request(f"The request needs {need} tokens of KV cache; the server's cache holds "
-                              f"{self.cache_tokens}. Reduce the prompt or '{max_param}'.",
-                              max_param, "context_length_exceeded")
-
-    def check_max_tokens(self, max_tokens: int, param: str) -> None:
-        if max_tokens > self.max_tokens_limit:
-            raise bad_request(f"'{param}' is {max_tokens}; this server allows at most {self.max_tokens_limit}.",
-                              param, "max_tokens_exceeded")
-
-    def sampling(self, req, max_tokens: int, logprobs: int | None, seed_offset: int) -> SamplingParams:
-        if req.presence_penalty:
-            raise bad_request("presence_penalty is not supported (use repetition_penalty)", "presence_penalty")
-        if req.frequency_penalty:
-            raise bad_request("frequency_penalty is not supported (use repetition_penalty)", "frequency_penalty")
-        if req.logit_bias:
-            raise bad_request("logit_bias is not supported", "logit_bias")
-        if req.stream_options is not None and not req.stream:
-            raise bad_request("stream_options is only allowed when stream is true", "stream_options")
-        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        p = SamplingParams(
-            max_new_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
-            top_k=max(req.top_k or 0, 0), top_p=1.0 if req.top_p is None else req.top_p, min_p=req.min_p or 0.0,
-            repetition_penalty=req.repetition_penalty or 1.0, stop=[s for s in stop if s],
-            stop_token_ids=list(req.stop_token_ids or []), ignore_eos=bool(req.ignore_eos),
-            seed=None if req.seed is None else (req.seed + seed_offset) % 2**64, logprobs=logprobs)
-        try:
-            return p.validate()
-        except ValueError as e:
-            raise bad_request(str(e)) from None
 
     def token_str(self, t: int) -> tuple[str, list[int]]:
         if t not in self._token_str:
@@ -449,12 +309,7 @@ class _Server:
             self._token_str[t] = (b.decode("utf-8", "replace"), list(b))
         return self._token_str[t]
 
-    def check_choices(self, n_prompts: int, n: int) -> None:
-        if n_prompts * n > self.capacity:
-            raise bad_request(f"{n_prompts * n} choices in one request ({n_prompts} prompts x n = {n}) exceed the "
-                              f"server's bound of {self.capacity}", "n")
-
-    def new_job(self, work: _Work) -> _Job:
+    def new_job(self, work: Work) -> _Job:
         base, n = uuid.uuid4().hex, work.n
         choices = []
         for i, ids in enumerate(work.prompts):
@@ -464,9 +319,9 @@ class _Server:
         return _Job(self, choices, n)
 
     # --- request bodies ----------------------------------------------------------------------------
-    async def handle(self, request: Request, cls: type[BaseModel], prepare):
-        """Read the body (at most max_request_bytes), validate it as `cls` and return `prepare(req)`:
-        inline when the body is small, on the worker pool when it is large (see the module docstring)."""
+    async def handle(self, request: Request, route: str):
+        """Read the body (at most max_request_bytes) and prepare it (prep.py): in this process when it
+        is small, in a worker process when it is large (see the module docstring)."""
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
@@ -475,152 +330,50 @@ class _Server:
             chunks.append(chunk)
         body = b"".join(chunks)
         is_json = _is_json(request.headers.get("content-type"))
-
-        def work():
-            return prepare(self.parse(cls, body, is_json))
         if size <= _INLINE_BYTES:
-            return work()
-        return await asyncio.get_running_loop().run_in_executor(self.pool, work)
-
-    def parse(self, cls: type[BaseModel], body: bytes, is_json: bool):
-        if not body:
-            raise bad_request("The request body is missing: send a JSON object", code="invalid_json")
-        if not is_json:
-            raise bad_request("The request body must be JSON, sent with 'Content-Type: application/json'",
-                              code="invalid_json")
+            return self.prep.run(route, body, is_json)
+        if self.pool is None:
+            self.pool = asyncio.ensure_future(asyncio.to_thread(self._start_pool))
+        start = self.pool
         try:
-            return cls.model_validate_json(body, context={"vocab_size": self.vocab_size})
-        except ValidationError as e:
-            raise from_validation_error(e) from None
+            pool = await asyncio.shield(start)
+            return await asyncio.get_running_loop().run_in_executor(pool, run_in_worker, route, body, is_json)
+        except BrokenProcessPool:  # a worker died (out of memory) or did not start: the next large body starts new ones
+            if self.pool is start:
+                self.shutdown_pool()
+            raise APIError(503, "the request could not be prepared: a worker process died; retry later",
+                           "server_error", headers={"Retry-After": str(_RETRY_AFTER_S)}) from None
+
+    def _start_pool(self) -> ProcessPoolExecutor:
+        """The preparation workers, started and ready (on a helper thread: starting a spawned process
+        blocks until the child has read its arguments, the tokenizer, after its imports: ~1 s)."""
+        # spawn, not fork: this process runs threads (the engine's, uvicorn's), which fork would copy
+        # mid-flight; a spawned worker imports only prep.py's modules
+        pool = ProcessPoolExecutor(self.prep_workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=init_worker, initargs=(self.prep,))
+        try:
+            for f in [pool.submit(worker_ready) for _ in range(self.prep_workers)]:  # one start per worker
+                f.result()
+        except Exception as e:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise BrokenProcessPool(f"the preparation workers did not start: {e!r}") from e
+        return pool
+
+    def shutdown_pool(self) -> None:
+        """Stop the workers (now, or when they have started); the next large body starts new ones."""
+        start, self.pool = self.pool, None
+
+        def stop(f: asyncio.Future) -> None:
+            if not f.cancelled() and f.exception() is None:
+                f.result().shutdown(wait=False, cancel_futures=True)
+        if start is not None:
+            stop(start) if start.done() else start.add_done_callback(stop)
 
     def too_large(self) -> APIError:
         return APIError(413, f"The request body is larger than this server's limit of {self.max_request_bytes} "
                              "bytes (dsv3 serve --max-request-bytes).", code="request_too_large")
 
-    # --- the routes' work (inline or on the worker pool, see handle) ------------------------------------
-    def prepare_completion(self, req: CompletionRequest) -> _Work:
-        self.check_model(req.model)
-        n = req.n or 1
-        if req.best_of is not None and req.best_of != n:
-            raise bad_request("best_of must equal n (candidates are not ranked server-side)", "best_of")
-        if req.echo and req.logprobs is not None:
-            raise bad_request("echo with logprobs is not supported: prompt logprobs are not computed", "echo")
-        p = req.prompt  # validated: a string, or a list whose elements all have the first one's type
-        raw = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
-        if not raw:
-            raise bad_request("'prompt' is empty", "prompt")
-        self.check_choices(len(raw), n)  # before tokenising a batch that cannot be served
-        given = req.max_tokens
-        if given is not None:
-            self.check_max_tokens(given, "max_tokens")
-        params = [self.sampling(req, given or 16, req.logprobs, j) for j in range(n)]  # the cheap checks first
-        fim = None
-        if req.suffix is not None:
-            try:
-                fim = (self.tok.fim_begin_id, self.tok.fim_hole_id, self.tok.fim_end_id)
-            except MissingSpecialTokenError as e:
-                raise bad_request(f"'suffix' needs fill-in-the-middle tokens: {e}", "suffix") from None
-            suffix = self.encode(req.suffix, "suffix", self.max_prompt_tokens)
-        prompts, echoes = [], []
-        for x in raw:
-            if isinstance(x, str):
-                ids, echo = self.encode(x, "prompt", self.max_prompt_tokens), x
-            else:
-                ids, echo = list(x), (self.decode(x, skip_special_tokens=True) if req.echo else "")
-            if fim is not None:
-                ids = [fim[0], *ids, fim[1], *suffix, fim[2]]
-            self.check_lengths(len(ids), given or 1, "prompt", "max_tokens")
-            prompts.append(ids)
-            echoes.append(echo if req.echo else "")
-        if given is None:  # OpenAI's default of 16, fewer when less fits: never a 400 for a limit not set
-            room = min(self.fits(len(ids)) for ids in prompts)
-            params = [replace(p, max_new_tokens=min(16, self.max_tokens_limit, room)) for p in params]
-        return _Work(prompts, echoes, params, n, req.logprobs is not None, bool(req.stream),
-                     bool(req.stream_options and req.stream_options.include_usage))
-
-    def prepare_chat(self, req: ChatCompletionRequest) -> _Work:
-        self.check_model(req.model)
-        if req.tools:
-            raise bad_request("tools are not supported by this server", "tools")
-        if req.response_format is not None and req.response_format.type != "text":
-            raise bad_request("only response_format {'type': 'text'} is supported", "response_format")
-        if req.top_logprobs is not None and not req.logprobs:
-            raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
-        n = req.n or 1
-        self.check_choices(1, n)
-        max_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-        given = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        if given is not None:
-            self.check_max_tokens(given, max_param)
-        logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        params = [self.sampling(req, given or 1, logprobs, j) for j in range(n)]  # the cheap checks first
-        ids = self.encode(self.render_chat(req.messages, req.chat_template_kwargs), "messages",
-                          self.max_prompt_tokens)
-        self.check_lengths(len(ids), given or 1, "messages", max_param)
-        if given is None:  # as many as fit: the context and the cache left after the prompt
-            max_tokens = min(self.max_tokens_limit, self.fits(len(ids)))
-            params = [replace(p, max_new_tokens=max_tokens) for p in params]
-        return _Work([ids], [""], params, n, logprobs is not None, bool(req.stream),
-                     bool(req.stream_options and req.stream_options.include_usage))
-
-    def tokenize(self, req: TokenizeRequest) -> Response:
-        self.check_model(req.model)
-        if (req.prompt is None) == (req.messages is None):
-            raise bad_request("give exactly one of 'prompt' and 'messages'", "prompt")
-        if req.messages is not None:
-            if not req.messages:
-                raise bad_request("'messages' is empty", "messages")
-            ids = self.encode(self.render_chat(req.messages, None), "messages")
-        else:
-            ids = self.encode(req.prompt, "prompt")
-        # serialised here, in slices: FastAPI's encoder (or one json.dumps) would hold the GIL for
-        # hundreds of ms over a million ids, stalling the event loop
-        head = f'{{"count":{len(ids)},"max_model_len":{self.max_model_len},"tokens":['.encode()
-        step = 1 << 13
-        parts = [",".join(map(str, ids[i:i + step])).encode() for i in range(0, len(ids), step)]
-        return Response(head + b",".join(parts) + b"]}", media_type="application/json")
-
-    def detokenize(self, req: DetokenizeRequest) -> Response:
-        self.check_model(req.model)
-        return _json_response({"prompt": self.decode(req.tokens)})
-
-    # --- chat template ---------------------------------------------------------------------------
-    def render_chat(self, messages: list[ChatMessage], kwargs: dict | None) -> str:
-        msgs = []
-        for m in messages:
-            content = m.content if isinstance(m.content, str) or m.content is None else \
-                "".join(p.text for p in m.content)
-            d = {"role": "system" if m.role == "developer" else m.role, "content": content or ""}
-            if m.tool_calls:
-                d["tool_calls"] = [{"type": tc.type, "id": tc.id, "function": {"name": tc.function.name,
-                                                                                 "arguments": tc.function.arguments}}
-                                   for tc in m.tool_calls]
-            msgs.append(d)
-        prefix = ""
-        if messages[-1].prefix:
-            if messages[-1].role != "assistant":
-                raise bad_request("'prefix' is only allowed on the last message when it is an assistant message",
-                                  "messages")
-            prefix = msgs.pop()["content"]
-        if any(m.prefix for m in messages[:-1]):
-            raise bad_request("'prefix' is only allowed on the last message", "messages")
-        ctx = {k: v for k, v in (kwargs or {}).items() if k not in ("messages", "bos_token", "eos_token")}
-        ctx.setdefault("add_generation_prompt", True)
-        try:
-            text = self.template.render(messages=msgs, bos_token=self.tok.decode([self.tok.bos_id]),
-                                        eos_token=self.tok.decode([self.tok.eos_id]), **ctx)
-        except Exception as e:  # the template raised on this conversation
-            raise bad_request(f"the chat template cannot render these messages: {type(e).__name__}: {e}",
-                              "messages") from None
-        return text + prefix
-
-
 # --- response bodies ------------------------------------------------------------------------------------
-def _json_response(obj: dict) -> Response:
-    return Response(json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8"),
-                    media_type="application/json")
-
-
 def _usage(job: _Job) -> dict:
     prompt = sum(len(c.prompt_ids) for c in job.choices if c.index % job.n == 0)  # each prompt once
     completion = sum(len(c.final.token_ids) for c in job.choices if c.final is not None)
@@ -699,20 +452,21 @@ class _Middleware:
 
 def create_app(engine: Engine, tokenizer: DSTokenizer, model_name: str, *, api_key: str | None = None,
                max_prompt_tokens: int | None = None, max_tokens_limit: int | None = None, max_queue: int = 256,
-               max_request_bytes: int = ServerConfig.max_request_bytes, chat_template: str | None = None) -> FastAPI:
+               max_request_bytes: int = ServerConfig.max_request_bytes, chat_template: str | None = None,
+               prep_workers: int = ServerConfig.prep_workers) -> FastAPI:
     """The FastAPI app serving `engine`. Limits default to the engine's context (`max_model_len`);
     `max_queue` bounds the engine requests waiting beyond the running batch (then 503); bodies over
-    `max_request_bytes` are 413s. The chat template defaults to the tokenizer's (tokenizer_config.json's
-    when it was loaded from a directory)."""
+    `max_request_bytes` are 413s; `prep_workers` processes prepare bodies over 64 KiB. The chat
+    template defaults to the tokenizer's (tokenizer_config.json's when it was loaded from a directory)."""
     srv = _Server(engine, tokenizer, model_name, api_key=api_key, max_prompt_tokens=max_prompt_tokens,
                   max_tokens_limit=max_tokens_limit, max_queue=max_queue, max_request_bytes=max_request_bytes,
-                  chat_template=chat_template)
+                  chat_template=chat_template, prep_workers=prep_workers)
 
     @asynccontextmanager
     async def lifespan(app):
         srv.engine_loop.start()
         yield
-        srv.pool.shutdown(wait=False, cancel_futures=True)
+        srv.shutdown_pool()
         await asyncio.to_thread(srv.engine_loop.stop)
 
     app = FastAPI(title="dsv3 OpenAI-compatible server", version="0.1.0", lifespan=lifespan,
@@ -744,7 +498,7 @@ def create_app(engine: Engine, tokenizer: DSTokenizer, model_name: str, *, api_k
         return APIError(500, f"internal error: {type(exc).__name__}", "server_error").response()
 
     # --- completions and chat completions -----------------------------------------------------------
-    async def generate(request: Request, work: _Work, meta: dict):
+    async def generate(request: Request, work: Work, meta: dict):
         job = srv.new_job(work)
         await job.start()
         if work.stream:
@@ -764,13 +518,13 @@ def create_app(engine: Engine, tokenizer: DSTokenizer, model_name: str, *, api_k
 
     @app.post("/v1/completions", openapi_extra=_body(CompletionRequest))
     async def completions(request: Request):
-        work = await srv.handle(request, CompletionRequest, srv.prepare_completion)
+        work = await srv.handle(request, "completion")
         return await generate(request, work, {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
                                               "created": int(time.time()), "model": srv.model_name})
 
     @app.post("/v1/chat/completions", openapi_extra=_body(ChatCompletionRequest))
     async def chat_completions(request: Request):
-        work = await srv.handle(request, ChatCompletionRequest, srv.prepare_chat)
+        work = await srv.handle(request, "chat")
         return await generate(request, work, {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
                                               "created": int(time.time()), "model": srv.model_name})
 
@@ -785,16 +539,16 @@ def create_app(engine: Engine, tokenizer: DSTokenizer, model_name: str, *, api_k
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str):
-        srv.check_model(model_id)
+        srv.prep.check_model(model_id)
         return model_card()
 
     @app.post("/tokenize", openapi_extra=_body(TokenizeRequest))
     async def tokenize(request: Request):
-        return await srv.handle(request, TokenizeRequest, srv.tokenize)
+        return Response(await srv.handle(request, "tokenize"), media_type="application/json")
 
     @app.post("/detokenize", openapi_extra=_body(DetokenizeRequest))
     async def detokenize(request: Request):
-        return await srv.handle(request, DetokenizeRequest, srv.detokenize)
+        return Response(await srv.handle(request, "detokenize"), media_type="application/json")
 
     @app.get("/health")
     async def health():
