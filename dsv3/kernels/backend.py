@@ -55,9 +55,18 @@ _probes: dict = {}  # memoised availability: "triton", "scaled_mm", ("capability
 _forced: dict[str, str] = {}  # use_backend: op (or "*" for all) -> backend
 
 
+def _constant_result(fn):
+    """torch.compiler.assume_constant_result without importing torch._dynamo, which that function does
+    first (1.7 s in every process that imports dsv3, torchrun ranks included): the marker it sets (torch
+    2.11-2.13: `fn._dynamo_marked_constant = True`). tests/test_kernels.py checks that a fullgraph compile
+    calls the probes instead of tracing into them, so a torch that renames the marker fails there."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 # The probes are constants of the process: torch.compile calls them once while tracing instead of
 # tracing into them (a failing `import triton` inside a traced function is a graph break).
-@torch.compiler.assume_constant_result
+@_constant_result
 def _triton() -> bool:
     if "triton" not in _probes:
         try:
@@ -68,7 +77,7 @@ def _triton() -> bool:
     return _probes["triton"]
 
 
-@torch.compiler.assume_constant_result
+@_constant_result
 def _scaled_mm() -> bool:
     """F.scaled_mm with blockwise scaling (torch 2.10+)."""
     if "scaled_mm" not in _probes:
@@ -76,7 +85,7 @@ def _scaled_mm() -> bool:
     return _probes["scaled_mm"]
 
 
-@torch.compiler.assume_constant_result
+@_constant_result
 def _capability(device: torch.device) -> tuple[int, int]:
     index = device.index if device.index is not None else torch.cuda.current_device()
     key = ("capability", index)

@@ -64,7 +64,7 @@ def test_paper_configuration_end_to_end(tmp_path):
     assert all(s["world_size"] == 4 for s in steps)
 
     # the run's checkpoint resumes in one process (fp8, bf16 moments, no pipeline) and goes on
-    r2 = _torchrun(1, common + ["--steps", str(STEPS + 2), "--resume"], str(tmp_path))
+    r2 = _torchrun(1, common + ["--steps", str(STEPS + 2), "--resume", "--no-plots"], str(tmp_path))
     assert r2.returncode == 0, r2.stdout[-4000:]
     assert f"at step {STEPS}" in r2.stdout and "written by 4 rank(s)" in r2.stdout
     more = _steps(out)

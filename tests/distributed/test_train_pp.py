@@ -71,12 +71,7 @@ def test_train_pp_1f1b_then_dualpipev_resume(setup):
     from dsv3.checkpoints.dcp import to_hf
 
     tmp, common = setup
-    # single-process reference: the first step's loss
-    ref = tmp / "ref"
-    r0 = _torchrun(1, common(ref) + ["--steps", "1"], str(tmp))
-    assert r0.returncode == 0, r0.stdout + r0.stderr
-    ref_main = [x for x in _steps(ref) if "main" in x][0]["main"]
-
+    # (that a pipeline's losses and parameters equal one process's: tests/distributed/test_compose.py)
     out = tmp / "pp"
     r = _torchrun(2, common(out) + ["--pp", "2", "--steps", "4"], str(tmp))
     assert r.returncode == 0, r.stdout + r.stderr
@@ -84,7 +79,6 @@ def test_train_pp_1f1b_then_dualpipev_resume(setup):
     recs = _steps(out)
     steps = [x for x in recs if "main" in x]
     assert [x["step"] for x in steps] == [1, 2, 3, 4]
-    assert abs(steps[0]["main"] - ref_main) <= 1e-4, (steps[0]["main"], ref_main)
     assert steps[-1]["main"] < steps[0]["main"]
     assert any("val_loss" in x for x in recs) and any(x.get("final") for x in recs)
     assert os.path.exists(out / "summary.json") and os.path.exists(out / "loss.png")
@@ -94,8 +88,8 @@ def test_train_pp_1f1b_then_dualpipev_resume(setup):
     assert load_pretrained(to_hf(str(out), str(tmp / "hf"))).config.hidden_size == m.config.hidden_size
 
     # resume under another pipeline layout: DualPipeV (4 stages, 4 micro-batches), 2 more steps
-    r2 = _torchrun(2, common(out) + ["--pp", "2", "--pp-schedule", "dualpipev", "--steps", "6", "--resume"],
-                   str(tmp))
+    r2 = _torchrun(2, common(out) + ["--pp", "2", "--pp-schedule", "dualpipev", "--steps", "6", "--resume",
+                                     "--no-plots"], str(tmp))
     assert r2.returncode == 0, r2.stdout + r2.stderr
     assert "resumed from" in r2.stdout and "at step 4" in r2.stdout and "dualpipev, 4 micro-batches" in r2.stdout
     steps2 = [x for x in _steps(out) if "main" in x]
@@ -104,7 +98,7 @@ def test_train_pp_1f1b_then_dualpipev_resume(setup):
     assert os.path.exists(out / "checkpoints" / "step_00000006" / "model.safetensors")
 
     # a pipeline checkpoint resumes without a pipeline (FSDP2 over the same 2 ranks): names are the model's
-    r3 = _torchrun(2, common(out) + ["--steps", "8", "--resume"], str(tmp))
+    r3 = _torchrun(2, common(out) + ["--steps", "8", "--resume", "--no-plots"], str(tmp))
     assert r3.returncode == 0, r3.stdout + r3.stderr
     assert "at step 6" in r3.stdout and "dp_shard 2 x ep 1" in r3.stdout
     steps3 = [x for x in _steps(out) if "main" in x]
