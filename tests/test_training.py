@@ -27,7 +27,6 @@ import dsv3.checkpoints.hf
 from dsv3.config import ModelConfig
 from dsv3.training import strategy as strategy_mod
 from dsv3.checkpoints.rundir import latest_checkpoint, list_checkpoints, load_checkpoint
-from dsv3.checkpoints.space import DiskFullError
 from dsv3.training.data import CorpusError, build_token_cache
 from dsv3.training.config import TrainConfig
 from dsv3.training.pretrain import train
@@ -358,8 +357,8 @@ def test_kill_during_save_keeps_previous_checkpoint(env, tmp_path):
 
 
 def test_crash_during_save_leaves_no_partial_checkpoint(env, tmp_path, monkeypatch):
-    """An exception inside a save (here a full disk: DiskFullError, tests/test_faults.py) ends the run,
-    removes its temporary directory and leaves the earlier checkpoints intact."""
+    """An unexpected exception inside a save (a crashing writer; a full disk is tests/test_faults.py's)
+    propagates as it is, removes its temporary directory and leaves the earlier checkpoints intact."""
     mc = micro_config()
     out = tmp_path / "run"
     real = dsv3.checkpoints.hf._save_tensors
@@ -370,11 +369,11 @@ def test_crash_during_save_leaves_no_partial_checkpoint(env, tmp_path, monkeypat
         if len(calls) == 2:
             with open(path, "wb") as f:
                 f.write(b"partial")
-            raise OSError(28, "No space left on device")
+            raise RuntimeError("the writer crashed")
         real(tensors, path)
 
     monkeypatch.setattr(dsv3.checkpoints.hf, "_save_tensors", failing)
-    with pytest.raises(DiskFullError, match="disk filled while writing checkpoint step 4"):
+    with pytest.raises(RuntimeError, match="the writer crashed"):
         train(mc, tcfg(env, out, steps=6, save_every=2), log=quiet)
     root = out / "checkpoints"
     assert sorted(os.listdir(root)) == ["step_00000002"]

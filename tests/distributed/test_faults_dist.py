@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from dsv3.distributed import ParallelConfig
 from tests.distributed.harness import free_port, tiny_cfg
+from tests.distributed.test_dcp import MICRO  # the micro model of the torchrun tests
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with gloo is not available")
@@ -104,13 +105,6 @@ def test_full_disk_on_one_rank_stops_every_rank_and_keeps_the_checkpoint(tmp_pat
 # --------------------------------------------------------------------------------------------------
 # dying ranks and torchrun --max-restarts (dsv3 train through tests/faults.py)
 
-MICRO = dict(
-    vocab_size=512, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
-    num_hidden_layers=2, first_k_dense_replace=1, num_attention_heads=2, num_key_value_heads=2,
-    q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
-    n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1,
-    max_position_embeddings=128, rope_scaling=None, num_nextn_predict_layers=1, torch_dtype="float32",
-)
 
 
 def _state(path):
