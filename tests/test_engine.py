@@ -24,7 +24,7 @@ from dsv3.config import preset
 from dsv3.inference.cache import CacheFull, PagedLatentCache
 from dsv3.inference.engine import Engine, SamplingParams
 from dsv3.inference.naive import generate_naive
-from dsv3.inference.sampling import filter_logits, sample
+from dsv3.inference.sampling import BatchSampler, filter_logits, sample
 from dsv3.model import rope
 from dsv3.model.mla import MLA
 from dsv3.tokenizer import DSTokenizer
@@ -412,7 +412,7 @@ def test_engine_greedy_matches_naive(models, naive_refs, name, graphs):
         assert o.prompt_tokens == len(p) and o.logprobs is None and o.text == ""
     assert eng.cache.free_blocks == eng.cache.num_blocks and not eng.has_unfinished()
     if graphs:
-        assert {k[0] for k in eng._graphs._entries} >= {8}  # 5 running sequences pad to 8 rows
+        assert {k[1] for k in eng._graphs._entries} >= {8}  # 5 running sequences pad to 8 rows
     assert eng.stats.prefill_tokens == sum(LENGTHS)
     assert eng.stats.generated_tokens == sum(len(t) for t, _ in refs)
 
@@ -610,18 +610,21 @@ def test_speculative_stops_inside_drafts(spec_models, spec_refs, D, k, monkeypat
     """Stop tokens and the max_new_tokens limit falling inside a run of accepted drafts."""
     model = spec_models[(D, "aligned")]
     prompts, ref = spec_refs[(D, "aligned", 1.0)]
-    # count the rounds that ended on an accepted draft (a stop token or the length limit) with
-    # later drafts dropped: the returned tokens are then a strict prefix of the drafts
+    # count the rounds whose accepted drafts were cut short by a stop token or the length limit
     inside = {"stop": 0, "length": 0}
-    verify = Engine._verify
+    append = Engine._append
 
-    def spy(self, r, logits, inp, top1):
-        out, lps = verify(self, r, logits, inp, top1)
-        if len(out) < len(inp) - 1 and out == inp[1: 1 + len(out)]:
-            inside["stop" if self._stops(r, out[-1]) else "length"] += 1
-        return out, lps
+    def spy(self, r, tokens, lps):
+        before = len(r.out)
+        append(self, r, tokens, lps)
+        used = len(r.out) - before  # a stop token is not appended: it sat at tokens[used]
+        if r.finished and len(tokens) > 1:
+            if r.finish_reason == "stop" and used < len(tokens) - 1:
+                inside["stop"] += 1
+            elif r.finish_reason == "length" and used < len(tokens):
+                inside["length"] += 1
 
-    monkeypatch.setattr(Engine, "_verify", spy)
+    monkeypatch.setattr(Engine, "_append", spy)
     # length limit at every offset: output is exactly the first n tokens
     for n in range(1, 11):
         eng = Engine(model, max_batch_size=8, block_size=2, speculative_k=k)
@@ -744,7 +747,7 @@ def test_speculative_sampling_distribution(vocab8_model, case, monkeypatch):
         stat0, _, _ = _chi2(counts0, exact, N)
         assert stat0 < thr
         # ... and it does detect a wrong rule: accepting every draft (u = 0 always)
-        monkeypatch.setattr(torch, "rand", lambda *a, **kw: torch.zeros(()))
+        monkeypatch.setattr(BatchSampler, "uniform", lambda self, n: torch.zeros(self.B, n))
         counts_bad, bad_stats = _sample_joint(model, prompt, params, n_tok, N, k=2, seed0=2 * 10**6)
         monkeypatch.undo()
         assert bad_stats.acceptance_rate > 0.99
@@ -788,26 +791,25 @@ def test_filter_logits_by_hand():
     assert torch.equal(filter_logits(logits), logits)
 
 
-def _request(params, history):
-    from dsv3.inference.engine import _Request
-    return _Request("x", list(history), params.validate(), 0.0)
+def _probs(params, logits, history):
+    from dsv3.inference.sampling import BatchSampler
+    sp = BatchSampler([params.validate()], [None], [history], logits.shape[-1], logits.device)
+    return sp.probs(logits.view(1, 1, -1))[0, 0]
 
 
-def test_repetition_penalty_ctrl_rule(models):
+def test_repetition_penalty_ctrl_rule():
     """CTRL (Keskar et al. 2019): a seen token's logit is divided by the penalty if positive and
     multiplied by it if negative; unseen tokens are untouched; then temperature."""
-    eng = Engine(models["plain"], max_batch_size=1, block_size=4)
     logits = torch.tensor([2.0, -1.0, 0.5, -0.3, 1.5, 0.0])
     history = [0, 1, 1, 3, 5]
-    r = _request(SamplingParams(temperature=1.0, repetition_penalty=2.0), history)
-    probs = eng._probs(r, logits, history)
+    probs = _probs(SamplingParams(temperature=1.0, repetition_penalty=2.0), logits, history)
     pen = torch.tensor([1.0, -2.0, 0.5, -0.6, 1.5, 0.0])
     torch.testing.assert_close(probs, pen.softmax(-1))
-    r = _request(SamplingParams(temperature=0.5, repetition_penalty=2.0), history)
-    torch.testing.assert_close(eng._probs(r, logits, history), (pen / 0.5).softmax(-1))
+    probs = _probs(SamplingParams(temperature=0.5, repetition_penalty=2.0), logits, history)
+    torch.testing.assert_close(probs, (pen / 0.5).softmax(-1))
     # greedy with a penalty: the argmax of the penalised logits (token 4 now beats token 0)
-    r = _request(SamplingParams(temperature=0.0, repetition_penalty=2.0), history)
-    assert int(eng._probs(r, logits, history).argmax()) == 4
+    probs = _probs(SamplingParams(temperature=0.0, repetition_penalty=2.0), logits, history)
+    assert int(probs.argmax()) == 4 and float(probs.max()) == 1.0
 
 
 @torch.no_grad()
@@ -881,8 +883,31 @@ def test_static_decode_step_sampling_and_logprobs_match_eager(models, naive_refs
     for x, y in zip(a, b):
         assert x.token_ids == y.token_ids
         assert max(abs(p.logprob - q.logprob) for p, q in zip(x.logprobs, y.logprobs)) < 1e-5
-    with pytest.raises(ValueError, match="speculative"):
-        Engine(model, max_batch_size=2, speculative_k=1, cuda_graphs=True)
+
+
+@pytest.mark.parametrize("D,k", [(1, 1), (2, 3)])
+def test_static_speculative_steps_match_eager(spec_models, D, k):
+    """Speculation through the bucketed static steps (graphs.py: what CUDA graphs capture; eager on the
+    CPU) equals the exact-shape eager path token for token: greedy, seeded sampling with top-k and a
+    repetition penalty, log-probs; mixed in one batch, prompts of several lengths crossing buckets."""
+    model = spec_models[(D, "random")]
+    prompts = prompts_for(model.config, [5, 9, 3, 12, 1], seed=43)
+    sp = [greedy(14, logprobs=1), SamplingParams(max_new_tokens=14, temperature=0.8, top_k=20, seed=1, logprobs=0),
+          SamplingParams(max_new_tokens=9, temperature=1.0, repetition_penalty=1.3, seed=2),
+          greedy(14, repetition_penalty=1.2), SamplingParams(max_new_tokens=14, temperature=1.2, top_p=0.8, seed=3)]
+    runs = []
+    for graphs in (False, True):
+        eng = Engine(model, max_batch_size=8, block_size=2, speculative_k=k, cuda_graphs=graphs)
+        runs.append((eng.generate(prompts, sp), eng.stats))
+        assert eng.cache.free_blocks == eng.cache.num_blocks
+    (a, sa), (b, sb) = runs
+    for x, y in zip(a, b):
+        assert x.token_ids == y.token_ids and x.finish_reason == y.finish_reason
+        if x.logprobs is not None:
+            assert max(abs(p.logprob - q.logprob) for p, q in zip(x.logprobs, y.logprobs)) < 1e-5
+            assert [[t for t, _ in p.top] for p in x.logprobs] == [[t for t, _ in q.top] for q in y.logprobs]
+    assert (sa.rounds, sa.accepted, sa.first_draft_accepted) == (sb.rounds, sb.accepted, sb.first_draft_accepted)
+    assert sa.rounds > 0 and sa.accepted > 0
 
 
 def test_seeded_speculative_sampling_independent_of_cache_history(spec_models):

@@ -20,7 +20,7 @@ import torch
 
 from dsv3.config import ModelConfig
 from dsv3.inference.cache import PagedLatentCache
-from dsv3.inference.graphs import DecodeGraphs, StaticDecodeBatch
+from dsv3.inference.graphs import DecodeGraphs, StaticBatch
 from dsv3.kernels import mla_decode_ref
 from dsv3.model import build_model, rope
 from dsv3.model.mla import MLA
@@ -108,29 +108,33 @@ def test_mla_decode_ref_is_forward_absorbed_at_one_token(block_size):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
 
 
-def test_static_decode_batch_exposes_block_table_and_seq_lens():
-    """prepare() derives block_table (B, nblk) and seq_lens = position + 1 (B,) from meta, consistent
-    with its read slots, write slots and mask; padding rows: the pad block, length 1."""
+@pytest.mark.parametrize("T", [1, 3])
+def test_static_batch_derives_tables_slots_and_mask(T):
+    """prepare() derives from meta = [pos0, tokens (T), block table]: positions pos0 .. pos0+T-1, read
+    slots, write slots, the causal mask (B, 1, T, S), and the kernel's per-query block tables and
+    lengths (query t of sequence b: b's table, length pos0 + t + 1); padding rows: the pad block."""
     cache = PagedLatentCache(1, num_blocks=20, block_size=4, kv_dim=8, pe_dim=4)
     pad = cache.reserve()
-    sb = StaticDecodeBatch(cache, batch=4, nblk=4, pad_block=pad)
-    tables, positions = [[3, 7], [5, 1, 9, 2], [11]], [5, 14, 0]
-    for b, (tbl, p) in enumerate(zip(tables, positions)):  # as DecodeGraphs.run fills it
-        sb.meta[b, 0], sb.meta[b, 1] = 10 + b, p
-        sb.meta[b, 2: 2 + len(tbl)] = torch.tensor(tbl)
+    sb = StaticBatch(cache, batch=4, T=T, nblk=4, pad_block=pad)
+    tables, positions = [[3, 7], [5, 1, 9, 2], [11]], [5, 12, 0]
+    for b, (tbl, p) in enumerate(zip(tables, positions)):  # as DecodeGraphs fills it
+        sb.meta[b, 0] = p
+        sb.meta[b, 1: 1 + T] = torch.arange(T) + 10 * b
+        sb.meta[b, 1 + T: 1 + T + len(tbl)] = torch.tensor(tbl)
     sb.prepare()
     want = torch.full((4, 4), pad)
     for b, tbl in enumerate(tables):
         want[b, : len(tbl)] = torch.tensor(tbl)
-    assert torch.equal(sb.block_table, want)
-    assert sb.seq_lens.tolist() == [6, 15, 1, 1]
+    assert torch.equal(sb.block_table, want) and torch.equal(sb.ids[:3, 0], torch.tensor([0, 10, 20]))
     s = torch.arange(sb.S)
     rows = want[:, s // 4] * 4 + s % 4  # (B, S)
-    for b in range(4):
-        n = sb.seq_lens[b]
-        assert torch.equal(sb.read_slots[b, :n], rows[b, :n])
-        assert torch.equal(sb.mask[b, 0, 0], s < n)
-        assert sb.write_slots[b] == rows[b, n - 1]
+    for b, p in enumerate(positions + [0]):
+        assert sb.positions[b].tolist() == list(range(p, p + T))
+        assert torch.equal(sb.read_slots[b], rows[b])
+        for t in range(T):
+            assert torch.equal(sb.mask[b, 0, t], s <= p + t)
+            assert sb.write_slots[b, t] == rows[b, p + t]
+            assert torch.equal(sb.q_tables[b * T + t], want[b]) and sb.q_lens[b * T + t] == p + t + 1
 
 
 def _model_and_cache(block_size: int = 16):
@@ -144,30 +148,32 @@ def _model_and_cache(block_size: int = 16):
 
 
 @torch.no_grad()
-def _static_step(model, cache, pad: int, attention) -> torch.Tensor:
-    """One static decode step of 3 sequences in a 4-row bucket (one padding row), 4 blocks of context
-    (up to 2 kernel tiles);
+def _static_step(model, cache, pad: int, attention, T: int = 1) -> torch.Tensor:
+    """One static step of T tokens for 3 sequences in a 4-row bucket (one padding row), 4 blocks of
+    context (up to 2 kernel tiles);
     `attention` None: MLA's einsums over update()'s gathered context; else the layer views' attend()."""
-    sb = StaticDecodeBatch(cache, batch=4, nblk=4, pad_block=pad, attention=attention)
-    tables, positions = [[0, 5, 2], [7], [1, 3, 4, 6]], [40, 0, 63]
+    sb = StaticBatch(cache, batch=4, T=T, nblk=4, pad_block=pad, attention=attention)
+    tables, positions = [[0, 5, 2], [7], [1, 3, 4, 6]], [40, 0, 64 - T]
     for b, (tbl, p) in enumerate(zip(tables, positions)):
-        sb.meta[b, 0], sb.meta[b, 1] = 11 * b + 1, p
-        sb.meta[b, 2: 2 + len(tbl)] = torch.tensor(tbl)
+        sb.meta[b, 0] = p
+        sb.meta[b, 1: 1 + T] = torch.arange(T) + 11 * b + 1
+        sb.meta[b, 1 + T: 1 + T + len(tbl)] = torch.tensor(tbl)
     sb.prepare()
-    return model(sb.ids, sb.positions, cache=sb, with_mtp=False).logits[:, 0]  # (4, V)
+    return model(sb.ids, sb.positions, cache=sb, with_mtp=False).logits  # (4, T, V)
 
 
-def test_static_decode_attend_path_equals_update_path():
-    """MLA's fused branch (store + attend, here with the reference as the kernel) gives the logits of
-    the gathered-context einsums; the padding row stays finite. On the CPU DecodeGraphs keeps the
-    einsums (no kernel)."""
+@pytest.mark.parametrize("T", [1, 3])
+def test_static_decode_attend_path_equals_update_path(T):
+    """MLA's fused branch (store + attend, here with the reference as the kernel, over B·T queries for
+    T > 1) gives the logits of the gathered-context einsums with the causal mask; the padding row
+    stays finite. On the CPU DecodeGraphs keeps the einsums (no kernel)."""
     model, cache, pad = _model_and_cache()
-    ref = _static_step(model, cache, pad, None)
-    got = _static_step(model, cache, pad, mla_decode_ref)
+    ref = _static_step(model, cache, pad, None, T)
+    got = _static_step(model, cache, pad, mla_decode_ref, T)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     assert torch.isfinite(got).all()
     graphs = DecodeGraphs(model, cache, pad, max_batch_size=4, max_blocks=4, use_graphs=False)
-    assert graphs._entry(4, 4)[0].attention is None
+    assert graphs._entry(("main",), 4, T, 4).sb.attention is None
 
 
 # ------------------------------------------------------------------------------------------------

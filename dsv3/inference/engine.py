@@ -1,5 +1,10 @@
 """Generation engine: continuous batching over a paged latent KV cache, with optional MTP
-self-speculative decoding.
+self-speculative decoding. This module schedules and keeps the books; the jobs are elsewhere:
+
+    graphs.py        the decode forwards at fixed shapes (CUDA graphs on a GPU, eager otherwise)
+    speculation.py   verify / accept / draft, batched on the device
+    sampling.py      the only sampler: per-request logit processing, the sync-free draw, log-probs
+    textstream.py    stop strings and streaming text deltas
 
 Requests join and leave the running batch between steps. One `step()`:
   1. admits queued requests in arrival order while the batch has room and the cache pool has the
@@ -7,20 +12,13 @@ Requests join and leave the running batch between steps. One `step()`:
      worst case up front means a running request can never run out of cache: no preemption, no
      out-of-memory under load; the price is memory held for tokens a request may not generate;
   2. prefills the admitted requests (one batched forward over their prompts; the last position's
-     logits give each its first token);
-  3. decodes every other running request: one batched forward over [last token, drafts...].
-
-Speculative decoding with the MTP module(s) (paper §5.4.3), per request and round, with L tokens
-in the main model's cache and x_L the last accepted token (not yet in the cache):
-    verify:  main([x_L, d_1 .. d_k]) at positions L .. L+k  -> target distributions p_0 .. p_k
-    accept:  d_j while it passes (greedy: d_j == argmax p_{j-1}; sampling: u < p(d_j)/q(d_j)); on the
-             first rejection sample from norm(max(p - q, 0)); if all pass, sample a bonus token from p_k
-    draft:   the MTP module runs over the newly accepted positions (next token embedding +
-             main hidden, as in training) which fills its own cache; its last logits give d'_1,
-             then chained steps (module min(j, D-1), EAGLE-style at position +1) give d'_2 .. d'_k.
-This keeps the output distribution exactly that of the main model (greedy: identical tokens).
-D > 1 modules past the first are used only for chained drafts, so their caches are approximate:
-that can only lower acceptance, never change outputs.
+     logits give each its first token; with speculation, MTP module 0 over the prompt gives the
+     first drafts);
+  3. decodes every other running request: one round of speculation.py over [last token, drafts...]
+     (k = 0: the last token alone), through the static-shape steps of graphs.py.
+Each phase ends with one device -> host copy (tokens, accepted counts, drafts, log-probs); the host
+then appends tokens, applies stop tokens, stop strings and length limits (which may cut a round's
+accepted tokens short), and frees finished requests' blocks.
 """
 
 from __future__ import annotations
@@ -33,9 +31,12 @@ from dataclasses import dataclass, field
 import torch
 
 from dsv3.cliargs import setting
+from dsv3.inference import speculation
 from dsv3.inference.cache import PagedLatentCache
+from dsv3.inference.graphs import DecodeGraphs
 from dsv3.inference.params import SamplingParams  # noqa: F401 (re-exported: engine.SamplingParams)
-from dsv3.inference.sampling import filter_logits
+from dsv3.inference.sampling import BatchSampler
+from dsv3.inference.textstream import TextStream
 
 
 @dataclass
@@ -47,7 +48,7 @@ class EngineConfig:
     cache_tokens: int = setting(0, "KV-cache budget in tokens (0: batch size x min(context, 4096))")
     speculative_k: int = setting(0, "tokens drafted per step by the MTP module (0: off)")
     max_model_len: int = setting(0, "context limit (0: the model's)")
-    compile_decode: bool = setting(False, "GPU: torch.compile the graphed decode step (1.65x at batch 1 on the "
+    compile_decode: bool = setting(False, "GPU: torch.compile the graphed decode steps (1.65x at batch 1 on the "
                                           "16b, H100); one compile per batch/context bucket on first use")
 
 
@@ -81,16 +82,14 @@ class _Request:
     out: list[int] = field(default_factory=list)
     blocks: list[int] = field(default_factory=list)
     main_len: int = 0  # positions held in the main model's cache
-    drafts: list[int] = field(default_factory=list)
-    draft_probs: list[torch.Tensor] = field(default_factory=list)
+    drafts: list[int] = field(default_factory=list)  # this round's drafts d_1 .. d_k
+    draft_q: torch.Tensor | None = None  # (k, V) their distributions on the device (None: drafted by argmax)
     gen: torch.Generator | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finished: bool = False
     finish_reason: str | None = None
-    text: str = ""
-    stopped_by_string: bool = False  # then `text` is already cut at the stop string
+    stream: TextStream | None = None
     emitted_tokens: int = 0
-    emitted_chars: int = 0
     first_token_time: float | None = None
 
     @property
@@ -103,13 +102,14 @@ class EngineStats:
     steps: int = 0
     generated_tokens: int = 0
     prefill_tokens: int = 0
-    drafted: int = 0
-    accepted: int = 0
+    drafted: int = 0  # k per verification round
+    accepted: int = 0  # drafts accepted (before stop tokens or length limits cut a round short)
     first_draft_accepted: int = 0
-    rounds: int = 0
+    rounds: int = 0  # verification rounds (one per decoding request and step)
 
     @property
     def acceptance_rate(self) -> float:
+        """Accepted / drafted (vLLM's draft acceptance rate)."""
         return self.accepted / self.drafted if self.drafted else float("nan")
 
     @property
@@ -137,32 +137,28 @@ class Engine:
         self.k = speculative_k
         self.max_batch_size = max_batch_size
         self.max_model_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
-        # room for max_batch_size requests of the full context (each also reserves k + 1 draft positions)
-        cache_tokens = cache_tokens or max_batch_size * (min(self.max_model_len, 4096) + self.k + 1)
+        # positions a request may write past prompt + max_new_tokens: verification writes k past the
+        # last token, chained drafts up to 2k - 1 past it (speculation.py); k = 0 writes the last token
+        self.spare = max(self.k + 1, 2 * self.k - 2)
+        # room for max_batch_size requests of the full context
+        cache_tokens = cache_tokens or max_batch_size * (min(self.max_model_len, 4096) + self.spare)
         num_blocks = -(-cache_tokens // block_size)
-        # cuda_graphs (None: on for a bf16 CUDA model without speculation): single-token decode
-        # steps run through dsv3/inference/graphs.py (static shapes, one graph replay per step). True
-        # on the CPU runs that same static-shape step eagerly (how the tests check it). Speculative
-        # verification ([x_L, drafts...], T = k + 1) and prefill stay eager. A graph holds only
-        # sync-free code: the grouped-GEMM experts (bf16 on CUDA), not the per-expert loop.
+        # cuda_graphs (None: on for a bf16 CUDA model): the decode steps (graphs.py) are bucketed to
+        # powers of two and, on CUDA, captured as graphs (one replay per step); True on the CPU runs the
+        # bucketed steps eagerly (how the tests check them); False runs them eagerly at exact shapes.
+        # Prefill is eager. A graph holds only sync-free code: the grouped-GEMM experts (bf16 or FP8
+        # on CUDA), not the per-expert loop.
         p0 = next(model.parameters())
-        use = cuda_graphs if cuda_graphs is not None else (
-            speculative_k == 0 and p0.is_cuda and p0.dtype == torch.bfloat16)  # grouped experts: bf16 only
+        use = cuda_graphs if cuda_graphs is not None else (p0.is_cuda and p0.dtype == torch.bfloat16)
         if compile_decode and not use:
-            raise ValueError("compile_decode compiles the graphed decode step, which needs a bf16 model on a GPU "
-                             "without speculative decoding (or cuda_graphs=True)")
-        if use and speculative_k > 0:
-            raise ValueError("cuda_graphs covers single-token decoding; it cannot be combined with speculative_k > 0")
-        self.cache = PagedLatentCache.for_model(model, num_blocks + (1 if use else 0), block_size)
+            raise ValueError("compile_decode compiles the graphed decode steps, which need a bf16 model on a GPU "
+                             "(or cuda_graphs=True)")
+        self.cache = PagedLatentCache.for_model(model, num_blocks + 1, block_size)
         self.device = self.cache.kv.device
-        self._graphs = None
-        if use:
-            from dsv3.inference.graphs import DecodeGraphs
-
-            pad = self.cache.reserve()  # padding rows of a bucket write and read here (not in num_blocks)
-            max_blocks = -(-(self.max_model_len + self.k + 1) // block_size)
-            self._graphs = DecodeGraphs(self.model, self.cache, pad, max_batch_size, max_blocks,
-                                        compile=compile_decode)
+        pad = self.cache.reserve()  # padding rows and table entries of the static steps (not in num_blocks)
+        max_blocks = -(-(self.max_model_len + self.spare + self.k + 1) // block_size)
+        self._graphs = DecodeGraphs(self.model, self.cache, pad, max_batch_size, max_blocks, use_graphs=use,
+                                    compile=compile_decode, bucketed=use)
         self.eos = [tokenizer.eos_id] if tokenizer is not None else ([cfg.eos_token_id] if cfg.eos_token_id is not None else [])
         self.waiting: list[_Request] = []
         self.running: list[_Request] = []
@@ -185,15 +181,17 @@ class Engine:
         V = self.model.config.vocab_size
         if min(ids) < 0 or max(ids) >= V:
             raise ValueError(f"prompt token ids must be in [0, {V})")
-        need = len(ids) + params.max_new_tokens + self.k + 1
-        if need > self.max_model_len + self.k + 1:
+        if len(ids) + params.max_new_tokens > self.max_model_len:
             raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
                              f"model's context of {self.max_model_len} tokens")
+        need = len(ids) + params.max_new_tokens + self.spare
         if self.cache.blocks_for(need) > self.cache.num_blocks:
             raise ValueError(f"this request needs {need} cache tokens; the cache holds "
                              f"{self.cache.num_blocks * self.cache.block_size}")
         rid = request_id or f"req-{next(self._ids)}"
         r = _Request(rid, ids, params, time.monotonic())
+        if self.tok is not None:
+            r.stream = TextStream(self.tok, params.stop)
         if params.seed is not None:
             r.gen = torch.Generator(device=self.device).manual_seed(params.seed)
         self.waiting.append(r)
@@ -224,6 +222,10 @@ class Engine:
     def num_waiting(self) -> int:
         return len(self.waiting)
 
+    @property
+    def graph_captures(self) -> int:
+        return self._graphs.captures
+
     # --- the step -----------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self) -> list[RequestOutput]:
@@ -234,7 +236,7 @@ class Engine:
         new: list[_Request] = []
         while self.waiting and len(self.running) + len(new) < self.max_batch_size:
             r = self.waiting[0]
-            nb = self.cache.blocks_for(len(r.prompt) + r.params.max_new_tokens + self.k + 1)
+            nb = self.cache.blocks_for(len(r.prompt) + r.params.max_new_tokens + self.spare)
             if nb > self.cache.free_blocks:
                 break  # queue: first come, first served
             self.waiting.pop(0)
@@ -263,194 +265,128 @@ class Engine:
             r.blocks = []
         return outs
 
-    def _forward(self, reqs: list[_Request], inputs: list[list[int]]):
-        starts = [r.main_len for r in reqs]
-        n_new = [len(x) for x in inputs]
-        T = max(n_new)
-        ids = torch.zeros(len(reqs), T, dtype=torch.long)
-        for b, x in enumerate(inputs):
-            ids[b, : len(x)] = torch.tensor(x)
-        cb = self.cache.batch([r.blocks for r in reqs], starts, n_new)
-        out = self.model(ids.to(self.device), cb.positions, cache=cb)
-        return out, cb
+    def _sampler(self, reqs: list[_Request]) -> BatchSampler:
+        pen = any(r.params.repetition_penalty != 1.0 for r in reqs)
+        return BatchSampler([r.params for r in reqs], [r.gen for r in reqs],
+                            [r.tokens if pen else () for r in reqs], self.model.config.vocab_size, self.device)
 
     def _prefill(self, reqs: list[_Request]) -> None:
-        out, cb = self._forward(reqs, [r.prompt for r in reqs])
-        self.stats.prefill_tokens += sum(len(r.prompt) for r in reqs)
-        now = time.monotonic()
-        last = torch.tensor([len(r.prompt) - 1 for r in reqs], device=out.logits.device)
-        last_logits = out.logits[torch.arange(len(reqs), device=last.device), last]  # (B, V)
-        top1 = last_logits.argmax(-1).tolist()  # one device->host copy for the whole batch
+        B, lens = len(reqs), [len(r.prompt) for r in reqs]
+        T = max(lens)
+        ids = torch.zeros(B, T, dtype=torch.long)
         for b, r in enumerate(reqs):
-            n = len(r.prompt)
-            t, lp = self._sample(r, last_logits[b], top1[b])
-            r.main_len = n
-            r.first_token_time = now
-            self._append(r, [t], [lp])
+            ids[b, : lens[b]] = torch.tensor(r.prompt)
+        # host -> device inputs first, while the device is idle (a pageable copy waits for the stream)
+        sampler = self._sampler(reqs)
+        ids_d, last = ids.to(self.device), torch.tensor([n - 1 for n in lens]).to(self.device)
+        cb = self.cache.batch([r.blocks for r in reqs], [0] * B, lens)
+        out = self.model(ids_d, cb.positions, cache=cb)
+        self.stats.prefill_tokens += sum(lens)
+        last_logits = out.logits.gather(1, last.view(B, 1, 1).expand(B, 1, out.logits.shape[-1]))  # (B, 1, V)
+        first, _, _ = speculation.accept(sampler, last_logits, ids_d[:, :0], None)  # (B, 1): a round without drafts
+        lp = sampler.logprobs(last_logits, first)
+        drafts = q = None
         if self.k:
-            self._draft(reqs, out.hidden, [len(r.prompt) for r in reqs], starts=[0] * len(reqs))
+            sampler.add_history(first, torch.ones_like(first, dtype=torch.bool))
+            # MTP module 0 over the prompt: at position i the embedding of token i+1 (the first
+            # generated token after the last) and the main model's hidden state at i
+            nxt = torch.cat([ids_d[:, 1:], ids_d[:, :1]], 1).scatter(1, last[:, None], first)
+            h, lg = self.model.mtp_step(0, nxt, out.hidden, cb.positions, cb.layer(self.model.config.num_hidden_layers),
+                                        select=last)
+            drafts, q = self._draft(sampler, reqs, h, lg, last + 1, max(lens))
+        now = time.monotonic()
+        for b, (r, row) in enumerate(zip(reqs, self._to_host(reqs, first, None, drafts, lp))):
+            toks, _, ds, lps = row
+            r.main_len = lens[b]
+            r.first_token_time = now
+            self._append(r, toks, lps)
+            self._set_drafts(r, ds, q, b)
 
     def _decode(self, reqs: list[_Request]) -> None:
-        inputs = [[r.tokens[-1]] + r.drafts for r in reqs]
-        if self._graphs is not None:  # k == 0: one token per sequence through the static/graphed step
-            logits = self._graphs.run([x[0] for x in inputs], [r.main_len for r in reqs],
-                                      [r.blocks for r in reqs])  # (B, V)
-            # choose every token on the device (greedy argmax, or a draw from the request's processed
-            # distribution with its own generator), then one device->host copy for the whole batch
-            chosen = logits.argmax(-1)
-            for b, r in enumerate(reqs):
-                probs = self._probs(r, logits[b], r.tokens)
-                if probs is not None:
-                    chosen[b] = self._draw_dev(r, probs)
-            for r, t, row in zip(reqs, chosen.tolist(), logits):
-                r.main_len += 1
-                self._append(r, [t], [self._logprob(r, row, t)])
-            return
-        out, cb = self._forward(reqs, inputs)
-        top1 = out.logits.argmax(-1).tolist()  # (B, T) greedy choices, one device->host copy
-        n_acc = []
-        for b, r in enumerate(reqs):
-            accepted, lps = self._verify(r, out.logits[b], inputs[b], top1[b])
-            n_acc.append(len(accepted))
-            start = r.main_len
-            r.main_len = start + len(accepted)  # x_L plus the accepted drafts are now valid in the cache
-            self._append(r, accepted, lps)
-        if self.k:
-            self._draft(reqs, out.hidden, n_acc, starts=[r.main_len - n for r, n in zip(reqs, n_acc)])
-
-    # --- sampling ---------------------------------------------------------------------------------
-    def _probs(self, r: _Request, logits: torch.Tensor, history: list[int]) -> torch.Tensor | None:
-        """The processed next-token distribution (V,) in fp32, or None for greedy."""
-        p = r.params
-        logits = logits.float()
-        if p.repetition_penalty != 1.0 and history:
-            idx = torch.tensor(sorted(set(history)), device=logits.device)
-            sel = logits[idx]
-            logits = logits.clone()
-            logits[idx] = torch.where(sel > 0, sel / p.repetition_penalty, sel * p.repetition_penalty)
-        if p.temperature < 1e-5:  # greedy (vLLM's eps): logits / a tinier temperature overflow fp32
-            return None if p.repetition_penalty == 1.0 else torch.nn.functional.one_hot(
-                logits.argmax(), logits.shape[-1]).float()
-        logits = filter_logits((logits / p.temperature).unsqueeze(0), p.top_k, p.top_p, p.min_p)[0]
-        return logits.softmax(-1)
-
-    @staticmethod
-    def _draw_dev(r: _Request, probs: torch.Tensor) -> torch.Tensor:
-        """One token from `probs` as a 0-dim device tensor, without a host sync: argmax(p / q) with
-        q ~ Exp(1), the algorithm (and the random numbers) of torch.multinomial(probs, 1), minus its
-        two validity checks that read values back to the host."""
-        q = torch.empty_like(probs).exponential_(1, generator=r.gen)
-        return (probs / q).argmax()
-
-    def _draw(self, r: _Request, probs: torch.Tensor) -> int:
-        return int(self._draw_dev(r, probs))
-
-    def _logprob(self, r: _Request, logits: torch.Tensor, token: int) -> TokenLogprob | None:
-        n = r.params.logprobs
-        if n is None:
-            return None
-        lp = logits.float().log_softmax(-1)
-        top = []
-        if n > 0:
-            v, i = lp.topk(min(n, lp.shape[-1]))
-            top = list(zip(i.tolist(), v.tolist()))
-        return TokenLogprob(token, float(lp[token]), top)
-
-    def _sample(self, r: _Request, logits: torch.Tensor, top1: int) -> tuple[int, TokenLogprob | None]:
-        probs = self._probs(r, logits, r.tokens)
-        t = top1 if probs is None else self._draw(r, probs)
-        return t, self._logprob(r, logits, t)
-
-    def _verify(self, r: _Request, logits: torch.Tensor, inp: list[int], top1: list[int]) -> tuple[list[int], list]:
-        """logits (T, V) for [x_L, d_1..d_k] and their argmaxes: the tokens this round produces
-        (accepted drafts + one)."""
-        drafts = inp[1:]
-        history = list(r.tokens)
-        out, lps = [], []
-        for j, d in enumerate(drafts):
-            probs = self._probs(r, logits[j], history)
-            if probs is None:
-                ok = top1[j] == d
-            else:
-                q = r.draft_probs[j]
-                u = torch.rand((), generator=r.gen, device=probs.device)
-                ok = bool(u * q[d] < probs[d])  # u < p/q without dividing by zero
-            self.stats.drafted += 1
-            if not ok:
-                if probs is None:
-                    t = top1[j]
-                else:
-                    resid = (probs - r.draft_probs[j]).clamp_min(0)
-                    t = self._draw(r, resid / resid.sum()) if resid.sum() > 0 else self._draw(r, probs)
-                out.append(t)
-                lps.append(self._logprob(r, logits[j], t))
+        B, k = len(reqs), self.k
+        starts, tables = [r.main_len for r in reqs], [r.blocks for r in reqs]
+        sampler = self._sampler(reqs)  # (its parameter tensors go to the device before the step is queued)
+        # the round's inputs reach the device inside the step's meta: tokens [x_L, d_1 .. d_k] and pos0
+        logits, hidden, inp, pos0 = self._graphs.main([[r.tokens[-1]] + r.drafts for r in reqs], starts, tables)
+        d_in = inp[:, 1:]  # (B, k)
+        q_in = None if sampler.all_greedy else self._draft_probs(reqs, d_in)
+        tokens, n, _ = speculation.accept(sampler, logits, d_in, q_in)  # (B, k+1), (B,)
+        lp = sampler.logprobs(logits, tokens)
+        drafts = q = None
+        if k:
+            sampler.add_history(tokens, torch.arange(k + 1, device=self.device) < n[:, None])
+            # MTP module 0 over the round's k+1 positions, read out at the last valid one (n - 1)
+            h, lg = self._graphs.mtp(0, tokens, hidden, starts, tables, select=n - 1)
+            drafts, q = self._draft(sampler, reqs, h, lg, pos0 + n, max(starts) + k + 1)
+        for b, (r, row) in enumerate(zip(reqs, self._to_host(reqs, tokens, n, drafts, lp))):
+            toks, m, ds, lps = row
+            if k:
                 self.stats.rounds += 1
-                return out, lps
-            self.stats.accepted += 1
-            if j == 0:
-                self.stats.first_draft_accepted += 1
-            out.append(d)
-            lps.append(self._logprob(r, logits[j], d))
-            history.append(d)
-            if self._stops(r, d) or len(r.out) + len(out) >= r.params.max_new_tokens:
-                self.stats.rounds += 1
-                return out, lps  # no bonus past a stop token or the length limit
-        j = len(drafts)
-        probs = self._probs(r, logits[j], history)
-        t = top1[j] if probs is None else self._draw(r, probs)
-        out.append(t)
-        lps.append(self._logprob(r, logits[j], t))
-        if drafts:
-            self.stats.rounds += 1
-        return out, lps
+                self.stats.drafted += k
+                self.stats.accepted += m - 1
+                self.stats.first_draft_accepted += m > 1
+            r.main_len += m  # x_L and the accepted drafts are now valid in the cache
+            self._append(r, toks[:m], lps[:m])
+            self._set_drafts(r, ds, q, b)
 
-    # --- drafting with the MTP module(s) ------------------------------------------------------------
-    def _draft(self, reqs: list[_Request], hidden: torch.Tensor, n_new: list[int], starts: list[int]) -> None:
-        """Run MTP module 0 over each request's newly valid positions starts..starts+n-1 (inputs: the next
-        token's embedding and the main hidden there), then chain k-1 more single-position steps."""
-        n_layers = self.model.config.num_hidden_layers
-        D = self.model.config.num_nextn_predict_layers
-        live = [b for b, r in enumerate(reqs) if not r.finished]
-        if not live:
-            return
-        reqs_l = [reqs[b] for b in live]
-        T = max(n_new[b] for b in live)
-        next_ids = torch.zeros(len(live), T, dtype=torch.long)
-        hid = torch.zeros(len(live), T, hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)
-        for i, b in enumerate(live):
-            r, n, s = reqs[b], n_new[b], starts[b]
-            next_ids[i, :n] = torch.tensor(r.tokens[s + 1: s + 1 + n])
-            hid[i, :n] = hidden[b, :n]
-        cb = self.cache.batch([r.blocks for r in reqs_l], [starts[b] for b in live], [n_new[b] for b in live])
-        h, logits = self.model.mtp_step(0, next_ids.to(self.device), hid, cb.positions, cb.layer(n_layers))
-        last = torch.tensor([n_new[b] - 1 for b in live], device=h.device)
-        ar = torch.arange(len(live), device=h.device)
-        h_last, lg = h[ar, last], logits[ar, last]  # (B, D), (B, V)
-        for r in reqs_l:
-            r.drafts, r.draft_probs = [], []
-        pos = [starts[b] + n_new[b] for b in live]  # position of the first chained draft step
-        for j in range(self.k):
-            top = lg.argmax(-1).tolist()
-            for i, r in enumerate(reqs_l):
-                probs = self._probs(r, lg[i], r.tokens + r.drafts)
-                d = top[i] if probs is None else self._draw(r, probs)
-                r.drafts.append(d)
-                if probs is not None:
-                    r.draft_probs.append(probs)
-            if j + 1 == self.k:
-                break
-            mod = min(j + 1, D - 1)
-            ids = torch.tensor([[r.drafts[-1]] for r in reqs_l], device=self.device)
-            cb = self.cache.batch([r.blocks for r in reqs_l], pos, [1] * len(reqs_l))
-            h, logits = self.model.mtp_step(mod, ids, h_last.unsqueeze(1), cb.positions, cb.layer(n_layers + mod))
-            h_last, lg = h[:, 0], logits[:, 0]
-            pos = [p + 1 for p in pos]
+    def _draft(self, sampler: BatchSampler, reqs: list[_Request], h: torch.Tensor, logits: torch.Tensor,
+               first_pos: torch.Tensor, first_pos_bound: int):
+        """k drafts from MTP module 0's output (h (B, D), logits (B, V)); chained step j runs module
+        min(j, D-1) at position first_pos + j - 1 (a device tensor, host bound first_pos_bound)."""
+        D, tables = self.model.config.num_nextn_predict_layers, [r.blocks for r in reqs]
+
+        def step(j: int, d: torch.Tensor, h: torch.Tensor):
+            return self._graphs.mtp(min(j, D - 1), d[:, None], h[:, None], first_pos + (j - 1), tables,
+                                    last_pos=first_pos_bound + j - 1)
+
+        return speculation.draft(sampler, self.k, h, logits, step)
+
+    def _draft_probs(self, reqs: list[_Request], drafts: torch.Tensor) -> torch.Tensor:
+        """(B, k, V): each request's draft distributions; a request drafted by argmax (in a batch of only
+        greedy requests) has the one-hot distribution of its drafts."""
+        V = self.model.config.vocab_size
+        return torch.stack([r.draft_q if r.draft_q is not None else
+                            torch.nn.functional.one_hot(drafts[b], V).float() for b, r in enumerate(reqs)])
+
+    def _set_drafts(self, r: _Request, ds: list[int], q: torch.Tensor | None, b: int) -> None:
+        if not r.finished and self.k:
+            r.drafts, r.draft_q = ds, (q[b] if q is not None else None)
+
+    def _to_host(self, reqs: list[_Request], tokens: torch.Tensor, n: torch.Tensor | None, drafts: torch.Tensor | None,
+                 lp) -> list:
+        """One device -> host copy of a phase's results -> per row (tokens, n, drafts, log-probs per token).
+        n None: 1 per row."""
+        B, T = tokens.shape
+        k = drafts.shape[1] if drafts is not None else 0
+        ints = [x for x in (tokens, None if n is None else n[:, None], drafts) if x is not None]
+        if lp is not None:  # one float64 tensor (token ids are exact in it)
+            chosen, top_i, top_v = lp
+            rows = torch.cat([x.double() for x in ints] + [chosen.double(), top_i.double().flatten(1),
+                                                          top_v.double().flatten(1)], 1).tolist()
+        else:
+            rows = (torch.cat(ints, 1) if len(ints) > 1 else tokens).tolist()
+        nt = lp[1].shape[-1] if lp is not None else 0
+        o = T + (n is not None) + k  # where the log-probs start
+        out = []
+        for b, row in enumerate(rows):
+            toks = [int(x) for x in row[:T]]
+            m = int(row[T]) if n is not None else 1
+            ds = [int(x) for x in row[o - k: o]]
+            lps = [None] * T
+            want = reqs[b].params.logprobs if lp is not None else None
+            if want is not None:
+                ch, ti, tv = row[o: o + T], row[o + T: o + T + T * nt], row[o + T + T * nt: o + T + 2 * T * nt]
+                lps = [TokenLogprob(toks[j], ch[j], [(int(ti[j * nt + i]), tv[j * nt + i]) for i in range(min(want, nt))])
+                       for j in range(T)]
+            out.append((toks, m, ds, lps))
+        return out
 
     # --- bookkeeping --------------------------------------------------------------------------------
     def _stops(self, r: _Request, t: int) -> bool:
         return t in r.params.stop_token_ids or (not r.params.ignore_eos and t in self.eos)
 
     def _append(self, r: _Request, tokens: list[int], lps: list) -> None:
+        """Append a round's tokens up to a stop token (not included), a stop string or the length limit."""
         for t, lp in zip(tokens, lps):
             if self._stops(r, t):
                 self._finish(r, "stop")
@@ -459,13 +395,9 @@ class Engine:
             self.stats.generated_tokens += 1
             if lp is not None:
                 r.logprobs.append(lp)
-            if self.tok is not None and r.params.stop:
-                text = self.tok.decode(r.out, skip_special_tokens=True)
-                hit = [text.find(s) for s in r.params.stop if s and s in text]
-                if hit:
-                    r.text, r.stopped_by_string = text[: min(hit)], True
-                    self._finish(r, "stop")
-                    return
+            if r.stream is not None and r.stream.hits_stop(r.out):
+                self._finish(r, "stop")
+                return
             if len(r.out) >= r.params.max_new_tokens:
                 self._finish(r, "length")
                 return
@@ -473,27 +405,14 @@ class Engine:
     def _finish(self, r: _Request, reason: str) -> None:
         if not r.finished:
             r.finished, r.finish_reason = True, reason
-            r.drafts, r.draft_probs = [], []
+            r.drafts, r.draft_q = [], None
 
     def _output(self, r: _Request) -> RequestOutput:
-        if self.tok is not None:
-            if not r.stopped_by_string:
-                r.text = self.tok.decode(r.out, skip_special_tokens=True)
-            # hold back an incomplete UTF-8 character and a possible stop-string prefix while streaming
-            hold = 0
-            if not r.finished:
-                if r.text.endswith("\ufffd"):
-                    hold = 1
-                if r.params.stop:
-                    hold = max(hold, max(len(s) for s in r.params.stop) - 1)
-            end = max(r.emitted_chars, len(r.text) - hold)
-            new_text = r.text[r.emitted_chars:end]
-            r.emitted_chars = end
-        else:
-            new_text = ""
+        new_text = r.stream.delta(r.out, r.finished) if r.stream is not None else ""
         new_ids = r.out[r.emitted_tokens:]
         r.emitted_tokens = len(r.out)
-        return RequestOutput(r.id, new_ids, new_text, r.finished, r.finish_reason, list(r.out), r.text,
+        return RequestOutput(r.id, new_ids, new_text, r.finished, r.finish_reason, list(r.out),
+                             r.stream.text if r.stream is not None else "",
                              list(r.logprobs) if r.params.logprobs is not None else None, len(r.prompt))
 
     # --- convenience ------------------------------------------------------------------------------

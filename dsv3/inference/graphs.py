@@ -1,36 +1,40 @@
-"""The decode step with fixed shapes, replayed as CUDA graphs.
+"""The decode steps with fixed shapes, replayed as CUDA graphs.
 
 Eager decoding of a 27-layer MoE at batch 1 issues ~2,000 small kernels per token and spends most
 of its time in Python and kernel launches (measured: a flat ~56 ms step from batch 1 to 128 for the
 `16b` preset on an H100). A CUDA graph records the whole forward once per shape and replays it with
 one launch. What a graph needs is a forward whose shapes and addresses never change, so:
 
-  * one *meta* tensor per shape bucket is the step's only input, (Bp, 2 + nblk) int64 on the device:
-        meta[b] = [token, position, block_table[0 .. nblk-1]]
-    filled on the host (pinned) and sent with one non-blocking copy;
-  * everything else is derived from it inside the graph with tensor ops (no host sync): the RoPE
-    position, the slot the new latent is written to, the slots of the context read back, the mask;
+  * a step is T new tokens per sequence at positions pos0 .. pos0 + T - 1: T = 1 for plain decoding,
+    T = k + 1 for speculative verification ([x_L, d_1 .. d_k]) and MTP module 0 over the same
+    positions, T = 1 for a chained MTP draft step (dsv3/inference/speculation.py);
+  * one *meta* tensor per shape bucket carries the step's integer inputs, (Bp, 1 + T + nblk) int64 on
+    the device:   meta[b] = [pos0, token_0 .. token_{T-1}, block_table[0 .. nblk-1]]
+    filled on the host (pinned) and sent with one non-blocking copy; an MTP step's tokens, hidden
+    states, the row to read out and (chained steps) pos0 come from the previous step's device
+    tensors instead, copied into the bucket's static buffers — no host round trip inside a round;
+  * everything else is derived from meta inside the graph with tensor ops (no host sync): the RoPE
+    positions, the slots the new latents are written to, the slots of the context read back, the mask;
   * shapes are bucketed: batch Bp = the next power of two >= B (capped at max_batch_size), context
-    S = nblk · block_size with nblk the next power of two >= the longest sequence's blocks. Rows
-    past B are padding: they read and write only a reserved padding block;
+    S = nblk · block_size with nblk the next power of two >= the blocks the furthest position needs.
+    Rows past B are padding: they read and write only a reserved padding block;
   * all graphs share one memory pool (captured lazily, on first use of a bucket).
 
-`StaticDecodeBatch` is the cache view (the `update(c_kv, k_pe)` contract of CacheBatch) and runs
-eagerly on any device: the CPU tests check it against the reference `CacheBatch` path, and the GPU
-tests check graph replay against eager decoding.
+`StaticBatch` is the cache view (the `update(c_kv, k_pe)` contract of CacheBatch) and runs eagerly
+on any device: with `use_graphs=False` (and unbucketed shapes) `DecodeGraphs` is the eager decode
+path of the engine, the reference that the GPU tests check graph replay against.
 
 Attention. `update` gathers each sequence's padded context, (B, S, C) per layer, for the einsums of
 `MLA.forward_absorbed` (the reference). Where `kernels.mla_decode` has an accelerated backend for the
 cache (dsv3/kernels/backend.py: CUDA with triton) the layer views instead offer `store(c_kv, k_pe)` +
 `attend(q_lat, q_pe, scale)`: the flash-decoding kernel (dsv3/kernels/mla_decode_triton.py) reads
-the latents straight through the block tables, one pass per group of heads, and never materialises
-the gathered copy. Its inputs, the block tables (B, nblk) and the lengths seq_lens = position + 1
-(B,), are derived from meta on the device like the rest, and its grid depends on shapes only, so it
-is captured in the graph as is. The view decides (MLA only asks `fused_decode`) because only the
-cache knows its device and the batch's layout; the choice is made when a bucket is first built, so
+the latents straight through the block tables and never materialises the gathered copy. The kernel
+takes one query per row, so T > 1 runs it over B·T rows, row (b, t) with sequence b's block table
+and length pos0 + t + 1 (causal within the step). Its grid depends on shapes only, so it is captured
+in the graph as is. The choice is made when a bucket is first built, so
 `with kernels.use_backend(mla_decode="reference"):` around the first run keeps the einsum path on
-the GPU (tests compare).
-Padding rows (pad block, position 0) attend over the one row they just wrote: finite, discarded.
+the GPU (tests compare). Padding rows (pad block, position 0) attend over rows they just wrote:
+finite, discarded.
 """
 
 from __future__ import annotations
@@ -65,46 +69,53 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-class StaticDecodeBatch:
-    """One new token per sequence, fixed (B, S). Call `prepare()` (inside the graph) after filling meta."""
+class StaticBatch:
+    """T new tokens per sequence, fixed (B, T, nblk). Fill meta (and, for an MTP step, `hidden` and
+    `select`), then call `prepare()` (inside the graph)."""
 
-    def __init__(self, cache, batch: int, nblk: int, pad_block: int, attention=None):
+    def __init__(self, cache, batch: int, T: int, nblk: int, pad_block: int, attention=None,
+                 hidden_dim: int | None = None):
         dev = cache.kv.device
-        self.cache, self.B, self.nblk, self.pad_block = cache, batch, nblk, pad_block
+        self.cache, self.B, self.T, self.nblk, self.pad_block = cache, batch, T, nblk, pad_block
         # None: MLA attends over update()'s gathered context; else a function with mla_decode_ref's
         # signature (kernels.mla_decode on its accelerated backend) serving the layer views' attend()
         self.attention = attention
         self.bs = cache.block_size
         self.S = nblk * self.bs
-        self.meta = torch.zeros(batch, 2 + nblk, dtype=torch.long, device=dev)
+        if T > self.S:
+            raise ValueError(f"a step of {T} tokens needs a context of at least {T} positions, bucket has {self.S}")
+        self.meta = torch.zeros(batch, 1 + T + nblk, dtype=torch.long, device=dev)
+        self.pos0, self.ids, self.block_table = self.meta[:, 0], self.meta[:, 1: 1 + T], self.meta[:, 1 + T:]
+        # an MTP step's other inputs: the previous depth's hidden state at the T positions, and which
+        # of the T positions' outputs to return per row (its last valid one)
+        self.hidden = None if hidden_dim is None else torch.zeros(batch, T, hidden_dim, dtype=cache.kv.dtype, device=dev)
+        self.select = torch.zeros(batch, dtype=torch.long, device=dev)
         self.fill_padding()
         s = torch.arange(self.S, device=dev)
-        self._blk, self._off = s // self.bs, s % self.bs  # (S,) block index and row of each position
-        self._s = s
+        self._blk, self._off, self._s = s // self.bs, s % self.bs, s  # (S,) block index and row of each position
+        self._t = torch.arange(T, device=dev)
 
     def fill_padding(self) -> None:
         self.meta.zero_()
-        self.meta[:, 2:] = self.pad_block
+        self.block_table.fill_(self.pad_block)
 
     def prepare(self) -> None:
-        """Derive ids (B, 1), positions (B, 1), block tables (B, nblk), context lengths (B,), read slots
-        (B, S), write slot (B,), mask (B, 1, 1, S)."""
-        m = self.meta
-        self.ids = m[:, :1]
-        pos = m[:, 1]  # position of the new token = tokens already in the cache
-        self.block_table = m[:, 2:]  # (B, nblk)
-        self.seq_lens = pos + 1  # (B,) keys 0 .. pos: the cached tokens and the new one
+        """Derive positions (B, T), read slots (B, S), write slots (B, T), mask (B, 1, T, S), and the
+        attention kernel's per-query block tables (B·T, nblk) and lengths (B·T,)."""
+        pos = self.pos0[:, None] + self._t  # (B, T): positions of the new tokens (pos0 = tokens already cached)
+        self.positions = pos
         self.read_slots = self.block_table[:, self._blk] * self.bs + self._off  # (B, S)
-        self.write_slots = self.read_slots.gather(1, pos.unsqueeze(1)).squeeze(1)  # (B,)
-        self.mask = (self._s[None, :] <= pos[:, None])[:, None, None, :]  # (B, 1, 1, S) keys 0..pos
-        self.positions = pos.unsqueeze(1)  # (B, 1)
+        self.write_slots = self.read_slots.gather(1, pos)  # (B, T)
+        self.mask = (self._s[None, None, :] <= pos[:, :, None])[:, None]  # (B, 1, T, S): query t sees keys 0..pos0+t
+        self.q_tables = self.block_table.repeat_interleave(self.T, 0) if self.T > 1 else self.block_table
+        self.q_lens = (pos + 1).reshape(-1)  # (B·T,)
 
     def layer(self, i: int) -> "_StaticLayerView":
         return _StaticLayerView(self, i)
 
 
 class _StaticLayerView:
-    def __init__(self, batch: StaticDecodeBatch, slot: int):
+    def __init__(self, batch: StaticBatch, slot: int):
         self.b, self.slot = batch, slot
 
     @property
@@ -113,39 +124,54 @@ class _StaticLayerView:
         return self.b.attention is not None
 
     def store(self, c_kv: torch.Tensor, k_pe: torch.Tensor) -> None:
-        """c_kv (B, 1, C), k_pe (B, 1, R): write the new token's latents at its slot."""
+        """c_kv (B, T, C), k_pe (B, T, R): write the new tokens' latents at their slots."""
         b = self.b  # padding rows all write the pad block
-        write_latents(b.cache.kv, b.cache.pe, self.slot, b.write_slots, c_kv[:, 0], k_pe[:, 0])
+        write_latents(b.cache.kv, b.cache.pe, self.slot, b.write_slots.reshape(-1), c_kv.flatten(0, 1),
+                      k_pe.flatten(0, 1))
 
     def update(self, c_kv: torch.Tensor, k_pe: torch.Tensor):
-        """c_kv (B, 1, C), k_pe (B, 1, R): store, then return the (B, S, ·) context and mask."""
+        """c_kv (B, T, C), k_pe (B, T, R): store, then return the (B, S, ·) context and mask (B, 1, T, S)."""
         self.store(c_kv, k_pe)
         b = self.b
         kv, pe = b.cache.kv[self.slot], b.cache.pe[self.slot]
         return kv[b.read_slots], pe[b.read_slots], b.mask
 
     def attend(self, q_lat: torch.Tensor, q_pe: torch.Tensor, scale: float) -> torch.Tensor:
-        """After `store`: q_lat (B, H, C), q_pe (B, H, R) -> o_lat (B, H, C), attention over keys 0 .. position
-        read through the block tables (the math of mla_decode_ref)."""
+        """After `store`: q_lat (B, T, H, C), q_pe (B, T, H, R) -> o_lat (B, T, H, C), query t attending over
+        keys 0 .. pos0 + t read through the block tables (the math of mla_decode_ref per query)."""
         b = self.b
-        return b.attention(q_lat, q_pe, b.cache.kv[self.slot], b.cache.pe[self.slot], b.block_table, b.seq_lens,
-                           b.bs, scale)
+        o = b.attention(q_lat.flatten(0, 1), q_pe.flatten(0, 1), b.cache.kv[self.slot], b.cache.pe[self.slot],
+                        b.q_tables, b.q_lens, b.bs, scale)
+        return o.view(q_lat.shape)
+
+
+class _Entry:
+    """One bucket: its static batch, pinned host meta, step function, graph and outputs (when captured),
+    and the CUDA event of its last host -> device copy."""
+
+    def __init__(self, sb: StaticBatch, host: torch.Tensor, step):
+        self.sb, self.host, self.step = sb, host, step
+        self.graph, self.outputs, self.copied = None, None, None
 
 
 class DecodeGraphs:
-    """Decode-step runner over a PagedLatentCache: `run(tokens, positions, tables) -> logits (B, V)`.
+    """Decode-step runner over a PagedLatentCache (module docstring):
 
-    `use_graphs=False` runs the same static-shape forward eagerly (the CPU path, and the reference of
-    the graph replay). The caller reserves `pad_block` in the cache for the padding rows. Attention
-    (module docstring): `kernels.mla_decode` where it has an accelerated backend for the cache, chosen
-    when a bucket is first built."""
+        main(tokens, pos0, tables)                        -> logits (B, T, V), hidden (B, T, D)
+        mtp(module, tokens, hidden, pos0, tables, select) -> hidden (B, D), logits (B, V)
+
+    `use_graphs=False` runs the same static-shape forwards eagerly (the CPU path, and the reference of
+    the graph replay); `bucketed=False` then sizes each step exactly (no padding rows). The caller
+    reserves `pad_block` in the cache for padding. Outputs are views of a bucket's buffers, valid
+    until that bucket runs again."""
 
     def __init__(self, model, cache, pad_block: int, max_batch_size: int, max_blocks: int, use_graphs: bool = True,
-                 compile: bool = False):
+                 compile: bool = False, bucketed: bool = True):
         self.model, self.cache, self.pad_block = model, cache, pad_block
-        self._step = self._forward
+        self.n_layers = model.config.num_hidden_layers
+        self._main, self._mtp = self._forward_main, self._forward_mtp
         if compile:
-            # torch.compile the step (per bucket, static shapes) before it is captured: inductor fuses the
+            # torch.compile each step (per bucket, static shapes) before it is captured: inductor fuses the
             # elementwise chains (RMSNorm, RoPE, router, MoE permutation), ~100 kernels per layer otherwise.
             # One compile per bucket (tens of seconds for a 27-layer model): for servers and benchmarks.
             import torch._dynamo
@@ -153,33 +179,44 @@ class DecodeGraphs:
             for name in ("recompile_limit", "cache_size_limit"):  # one entry per bucket
                 if hasattr(torch._dynamo.config, name):
                     setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
-            self._step = torch.compile(self._forward, dynamic=False)
+            self._main = torch.compile(self._forward_main, dynamic=False)
+            self._mtp = torch.compile(self._forward_mtp, dynamic=False)
         self.max_batch_size, self.max_blocks = max_batch_size, max_blocks
         self.use_graphs = use_graphs and cache.kv.is_cuda
-        self._entries: dict[tuple[int, int], tuple] = {}  # (Bp, nblk) -> (batch, graph | None, logits)
+        self.bucketed = bucketed
+        self._entries: dict[tuple, _Entry] = {}  # (kind, Bp, T, nblk) -> its static batch, graph, outputs
         self._pool = None
-        self._copied = None  # CUDA event after the last host -> device copy of meta
         self.captures = 0
 
     def bucket(self, batch: int, blocks: int) -> tuple[int, int]:
         if batch > self.max_batch_size:
             raise ValueError(f"decode batch {batch} exceeds max_batch_size {self.max_batch_size}")
+        if not self.bucketed:
+            return batch, blocks
         return min(next_pow2(batch), self.max_batch_size), min(next_pow2(blocks), self.max_blocks)
 
-    def _forward(self, sb: StaticDecodeBatch) -> torch.Tensor:
+    # --- the forwards (what a graph records) ----------------------------------------------------
+    def _forward_main(self, sb: StaticBatch) -> tuple[torch.Tensor, ...]:
         sb.prepare()
         out = self.model(sb.ids, sb.positions, cache=sb, with_mtp=False)
-        return out.logits[:, 0]  # (Bp, V)
+        return out.logits, out.hidden, sb.ids, sb.pos0  # (Bp, T, V), (Bp, T, D), and its inputs
 
-    def _entry(self, Bp: int, nblk: int):
-        key = (Bp, nblk)
+    def _forward_mtp(self, sb: StaticBatch, module: int) -> tuple[torch.Tensor, torch.Tensor]:
+        sb.prepare()
+        return self.model.mtp_step(module, sb.ids, sb.hidden, sb.positions, sb.layer(self.n_layers + module),
+                                   select=sb.select)  # (Bp, D), (Bp, V)
+
+    def _entry(self, kind: tuple, Bp: int, T: int, nblk: int) -> "_Entry":
+        key = (kind, Bp, T, nblk)
         if key in self._entries:
             return self._entries[key]
         backend = kernels.select_backend("mla_decode", self.cache.kv)
         attention = None if backend == "reference" else functools.partial(kernels.mla_decode, backend=backend)
-        sb = StaticDecodeBatch(self.cache, Bp, nblk, self.pad_block, attention)
-        host = torch.empty(Bp, 2 + nblk, dtype=torch.long, pin_memory=self.use_graphs)
-        graph, logits = None, None
+        is_mtp = kind[0] == "mtp"
+        sb = StaticBatch(self.cache, Bp, T, nblk, self.pad_block, attention,
+                         hidden_dim=self.model.config.hidden_size if is_mtp else None)
+        e = _Entry(sb, torch.empty(Bp, 1 + T + nblk, dtype=torch.long, pin_memory=self.use_graphs),
+                   functools.partial(self._mtp, module=kind[1]) if is_mtp else self._main)
         if self.use_graphs:
             # warm up on a side stream (lazy inits, autotuning) then capture; padding rows only touch
             # the pad block, so neither pass disturbs a sequence's cache
@@ -187,41 +224,83 @@ class DecodeGraphs:
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 for _ in range(2):
-                    self._step(sb)
+                    e.step(sb)
             torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                logits = self._step(sb)
-            self._pool = graph.pool()
+            e.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(e.graph, pool=self._pool):
+                e.outputs = e.step(sb)
+            self._pool = e.graph.pool()
             self.captures += 1
-        entry = (sb, host, graph, logits)
-        self._entries[key] = entry
-        return entry
+        self._entries[key] = e
+        return e
 
-    @torch.no_grad()
-    def run(self, tokens: list[int], positions: list[int], tables: list[list[int]]) -> torch.Tensor:
-        """One decode step for B sequences: the new token of each, its position (= tokens already cached)
-        and its block table (covering position). Returns the logits (B, V) (a view valid until the next run)."""
-        B = len(tokens)
-        bs = self.cache.block_size
-        need = max(p // bs + 1 for p in positions)
-        Bp, nblk = self.bucket(B, need)
-        sb, host, graph, logits = self._entry(Bp, nblk)
-        if self._copied is not None:
-            self._copied.synchronize()  # the previous step's copy out of the pinned buffer is done
-        h = host.numpy()
-        h[:, :2] = 0
-        h[:, 2:] = self.pad_block
-        h[:B, 0], h[:B, 1] = tokens, positions
+    def _launch(self, kind: tuple, B: int, T: int, last_pos: int, tokens, pos0, tables, fill=None):
+        """Fill a bucket's meta (host: tokens and pos0 where given as lists, the block tables), let `fill(sb)`
+        copy device inputs in, run. last_pos: the furthest position any row may write (host bound)."""
+        Bp, nblk = self.bucket(B, last_pos // self.cache.block_size + 1)
+        if nblk * self.cache.block_size <= last_pos:
+            raise ValueError(f"position {last_pos} is past the longest context bucket ({self.max_blocks} blocks)")
+        e = self._entry(kind, Bp, T, nblk)
+        sb = e.sb
+        if e.copied is not None:
+            e.copied.synchronize()  # this bucket's previous copy out of its pinned buffer is done
+        h = e.host.numpy()
+        h[:, : 1 + T] = 0
+        h[:, 1 + T:] = self.pad_block
+        if pos0 is not None:
+            h[:B, 0] = pos0
+        if tokens is not None:
+            h[:B, 1: 1 + T] = tokens
         for b, tbl in enumerate(tables):
             n = min(len(tbl), nblk)
-            h[b, 2: 2 + n] = tbl[:n]
-        sb.meta.copy_(host, non_blocking=True)
+            h[b, 1 + T: 1 + T + n] = tbl[:n]
+        sb.meta.copy_(e.host, non_blocking=True)
         if self.use_graphs:
-            self._copied = torch.cuda.Event()
-            self._copied.record()
-        if graph is None:
-            logits = self._step(sb)
+            e.copied = torch.cuda.Event()
+            e.copied.record()
+        if fill is not None:
+            fill(sb)
+        if e.graph is None:
+            outputs = e.step(sb)
         else:
-            graph.replay()
-        return logits[:B]
+            e.graph.replay()
+            outputs = e.outputs
+        return tuple(o[:B] for o in outputs)
+
+    # --- the steps ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def main(self, tokens: list[list[int]], pos0: list[int], tables: list[list[int]]):
+        """The main model over T tokens per sequence (tokens[b], all of length T) at positions pos0[b] ..
+        pos0[b] + T - 1, with block tables covering them -> logits (B, T, V), hidden (B, T, D), and the
+        inputs as device tensors, tokens (B, T) and pos0 (B,) (views valid until this bucket runs again)."""
+        B, T = len(tokens), len(tokens[0])
+        logits, hidden, ids, pos = self._launch(("main",), B, T, max(pos0) + T - 1, tokens, pos0, tables)
+        return logits, hidden, ids, pos
+
+    @torch.no_grad()
+    def mtp(self, module: int, tokens: torch.Tensor, hidden: torch.Tensor, pos0: list[int] | torch.Tensor,
+            tables: list[list[int]], select: torch.Tensor | None = None, last_pos: int | None = None):
+        """MTP module `module` over T positions per sequence: tokens (B, T) the token after each position,
+        hidden (B, T, D) the previous depth's hidden state there (device tensors), pos0 (B,) as a host list
+        or a device tensor (then last_pos, a host bound on pos0 + T - 1, is required); select (B,) the
+        position whose output to return (default 0) -> hidden (B, D), logits (B, V)."""
+        B, T = tokens.shape
+        host_pos = not isinstance(pos0, torch.Tensor)
+        if last_pos is None:
+            if not host_pos:
+                raise ValueError("a device pos0 needs last_pos, a host bound on the positions")
+            last_pos = max(pos0) + T - 1
+
+        def fill(sb: StaticBatch) -> None:
+            sb.ids[:B].copy_(tokens)
+            sb.hidden[:B].copy_(hidden)
+            sb.hidden[B:].zero_()
+            if select is None:
+                sb.select.zero_()
+            else:
+                sb.select[:B].copy_(select)
+                sb.select[B:].zero_()
+            if not host_pos:
+                sb.pos0[:B].copy_(pos0)
+
+        return self._launch(("mtp", module), B, T, last_pos, None, pos0 if host_pos else None, tables, fill)

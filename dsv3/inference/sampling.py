@@ -1,25 +1,60 @@
-"""Token sampling from logits, without host synchronisation: greedy, temperature, top-k, top-p,
-min-p. Sampling uses the exponential race (argmax of p / Exp(1) noise), so the choice happens on
-the device."""
+"""Token sampling: the engine's only sampler. Every choice happens on the device, without a host sync.
+
+`filter_logits` and `sample` are the per-call functions (scalar parameters; the naive reference
+generator uses them). `BatchSampler` is what the engine uses: one per batch and step, holding each
+row's parameters as tensors, so that a whole batch of requests with different temperatures,
+top-k/top-p/min-p, repetition penalties, seeds and log-probability counts is processed by a fixed
+number of batched tensor ops:
+
+    probs(logits (B, T, V), extra (B, T-1))  the processed next-token distributions; position j sees
+                                             the request's history plus extra[:, :j] (the drafts
+                                             before it) for the repetition penalty
+    draw(w (B, V))                           one token per row from weights w (need not be normalised)
+    uniform(n)                               (B, n) uniforms (speculative acceptance)
+    logprobs(logits, tokens, n)              the raw model's log-probabilities of the chosen tokens
+                                             and its n most likely tokens
+
+Draws use the exponential race, argmax(w / Exp(1)) — the algorithm (and random numbers) of
+torch.multinomial(w, 1) without its validity checks, which read values back to the host. Rows with a
+seed draw from their own generator, in a fixed order per round (speculation.py), so a seeded
+request's output does not depend on what it is batched with. Greedy (temperature < 1e-5, vLLM's eps:
+logits divided by a tinier temperature overflow fp32) is the one-hot distribution of the argmax, so
+greedy and sampled rows share every formula; a batch of greedy rows without a repetition penalty
+(`all_greedy`) skips the distributions altogether and uses argmax.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
+from dsv3.inference.params import SamplingParams
 
-def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> torch.Tensor:
-    """logits (B, V) fp32 -> logits with the excluded tokens at -inf."""
-    if top_k and top_k < logits.shape[-1]:
+GREEDY_EPS = 1e-5
+
+
+def filter_logits(logits: torch.Tensor, top_k=0, top_p=1.0, min_p=0.0) -> torch.Tensor:
+    """logits (..., V) fp32 -> logits with the excluded tokens at -inf. top_k, top_p, min_p: numbers,
+    or per-row tensors broadcastable to (..., 1) (0 / 1.0 / 0.0 switch a row's filter off)."""
+    V = logits.shape[-1]
+    if isinstance(top_k, torch.Tensor):
+        k = top_k.clamp(1, V).to(torch.long).expand(*logits.shape[:-1], 1)
+        kth = logits.sort(dim=-1, descending=True).values.gather(-1, k - 1)
+        logits = logits.masked_fill((logits < kth) & (top_k > 0) & (top_k < V), float("-inf"))
+    elif top_k and top_k < V:
         kth = logits.topk(top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if min_p > 0:
+    if isinstance(min_p, torch.Tensor) or min_p > 0:
         probs = logits.softmax(-1)
         logits = logits.masked_fill(probs < min_p * probs.max(-1, keepdim=True).values, float("-inf"))
-    if top_p < 1.0:
+    if isinstance(top_p, torch.Tensor) or top_p < 1.0:
         sorted_logits, idx = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= top_p  # keep the smallest prefix whose mass reaches top_p
+        p_sorted = sorted_logits.softmax(-1)
+        drop = p_sorted.cumsum(-1) - p_sorted >= top_p  # keep the smallest prefix whose mass reaches top_p
         drop[..., 0] = False  # never the most likely token (a top_p that rounds to 0 in fp32 would drop all)
+        if isinstance(top_p, torch.Tensor):
+            drop &= top_p < 1.0  # (a cumulative sum that rounds past 1 must not cut an unfiltered row)
         logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
     return logits
 
@@ -34,3 +69,107 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p
     probs = logits.softmax(-1)
     noise = torch.empty_like(probs).exponential_(1, generator=generator)
     return (probs / noise).argmax(-1)
+
+
+def penalize(logits: torch.Tensor, present: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+    """The CTRL repetition penalty: logits of tokens already seen (present, bool, same shape) divided
+    by the penalty where positive, multiplied where negative. penalty broadcastable to (..., 1)."""
+    pen = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(present, pen, logits)
+
+
+class BatchSampler:
+    """Sampling state of one batch for one step (module docstring). `histories[b]`: the tokens request b
+    has seen (prompt + output), needed only when some row has a repetition penalty."""
+
+    def __init__(self, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None],
+                 histories: Sequence[Sequence[int]], vocab_size: int, device: torch.device):
+        self.B, self.V, self.device = len(params), vocab_size, device
+        self.generators = list(generators)
+        self.seeded = [(b, g) for b, g in enumerate(generators) if g is not None]
+        greedy = [p.temperature < GREEDY_EPS for p in params]
+        pens = [p.repetition_penalty for p in params]
+        self.all_greedy = all(greedy) and all(x == 1.0 for x in pens)
+        lp = [p.logprobs for p in params]
+        self.logprobs_n = max((n for n in lp if n is not None), default=None)  # None: no row wants them
+        self.wants_logprobs = [n is not None for n in lp]
+        self.present = None  # (B, V) bool: tokens in each row's history, where a penalty is used
+        if self.all_greedy:
+            return
+
+        def col(xs, dtype):
+            return torch.tensor(xs, dtype=dtype).view(-1, 1, 1).to(device)  # (B, 1, 1) against (B, T, V)
+
+        self.greedy = col(greedy, torch.bool)
+        self.temperature = col([1.0 if g else p.temperature for g, p in zip(greedy, params)], torch.float32)
+        self.top_k = col([p.top_k for p in params], torch.long) if any(p.top_k for p in params) else 0
+        self.top_p = col([p.top_p for p in params], torch.float32) if any(p.top_p < 1 for p in params) else 1.0
+        self.min_p = col([p.min_p for p in params], torch.float32) if any(p.min_p > 0 for p in params) else 0.0
+        if any(x != 1.0 for x in pens):
+            self.penalty = col(pens, torch.float32)
+            L = max(1, max(len(h) for h in histories))
+            ids = torch.zeros(self.B, L, dtype=torch.long)
+            valid = torch.zeros(self.B, L, dtype=torch.bool)
+            for b, h in enumerate(histories):
+                if pens[b] != 1.0 and h:
+                    ids[b, : len(h)] = torch.tensor(list(h), dtype=torch.long)
+                    valid[b, : len(h)] = True
+            self.present = torch.zeros(self.B, vocab_size, dtype=torch.bool, device=device)
+            self.add_history(ids.to(device), valid.to(device))
+
+    # --- distributions --------------------------------------------------------------------------
+    def add_history(self, tokens: torch.Tensor, valid: torch.Tensor) -> None:
+        """Mark tokens (B, n) where valid (B, n) as seen (after they are accepted)."""
+        if self.present is None:
+            return
+        hits = torch.zeros(self.B, self.V, device=self.device).scatter_add_(1, tokens, valid.float())
+        self.present |= hits > 0
+
+    def probs(self, logits: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+        """logits (B, T, V) -> processed distributions (B, T, V) fp32; position j's history includes
+        extra[:, :j] (extra (B, T - 1): the drafts verified at positions 0 .. T-2)."""
+        x = logits.float()
+        B, T, V = x.shape
+        if self.present is not None:
+            present = self.present[:, None].expand(B, T, V)
+            if T > 1 and extra is not None:
+                present = present.clone()
+                for j in range(1, T):  # draft j-1 is history from position j on
+                    present[:, j:].scatter_(2, extra[:, j - 1].view(B, 1, 1).expand(B, T - j, 1), True)
+            x = penalize(x, present, self.penalty)
+        one_hot = torch.zeros_like(x).scatter_(-1, x.argmax(-1, keepdim=True), 1.0)
+        p = filter_logits(x / self.temperature, self.top_k, self.top_p, self.min_p).softmax(-1)
+        return torch.where(self.greedy, one_hot, p)
+
+    # --- random numbers -------------------------------------------------------------------------
+    def uniform(self, n: int) -> torch.Tensor:
+        """(B, n) uniforms in [0, 1); a seeded row's from its generator."""
+        u = torch.rand(self.B, n, device=self.device)
+        for b, g in self.seeded:
+            u[b] = torch.rand(n, device=self.device, generator=g)
+        return u
+
+    def draw(self, w: torch.Tensor) -> torch.Tensor:
+        """w (B, V) non-negative weights, not all zero per row -> one token per row (B,), on the device."""
+        q = torch.empty_like(w, dtype=torch.float32).exponential_(1)
+        for b, g in self.seeded:
+            q[b].exponential_(1, generator=g)
+        return (w / q).argmax(-1)
+
+    def choose(self, logits: torch.Tensor, extra: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """logits (B, V) -> (token (B,), its processed distribution (B, V), None when all_greedy)."""
+        if self.all_greedy:
+            return logits.argmax(-1), None
+        p = self.probs(logits[:, None], extra)[:, 0]
+        return self.draw(p), p
+
+    # --- log-probabilities ----------------------------------------------------------------------
+    def logprobs(self, logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The raw model distribution's log-probabilities: logits (B, T, V), chosen tokens (B, T) ->
+        (chosen (B, T), top ids (B, T, n), top values (B, T, n)) with n = the largest count asked for;
+        None if no row asked."""
+        if self.logprobs_n is None:
+            return None
+        lp = logits.float().log_softmax(-1)
+        top = lp.topk(min(self.logprobs_n, lp.shape[-1]), dim=-1)
+        return lp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1), top.indices, top.values

@@ -17,8 +17,8 @@ the query and W_UV (the value half) is applied after attending over the latents:
 
 The two forms are the same function (tested). The cache object is duck-typed: the model never
 manages memory, it only calls `cache.update(c_kv, k_pe)` (see dsv3/inference/cache.py) and computes
-the attention above itself; a single-token decode view that says `fused_decode` (the graphed decode
-step on CUDA, dsv3/inference/graphs.py) instead takes `cache.store(c_kv, k_pe)` and returns the
+the attention above itself; a decode view that says `fused_decode` (the static decode steps on
+CUDA, dsv3/inference/graphs.py) instead takes `cache.store(c_kv, k_pe)` and returns the
 attended latents from `cache.attend(q_lat, q_pe, scale)` (a Triton kernel over the paged cache, the
 same math: dsv3/kernels/reference.py `mla_decode_ref`).
 """
@@ -123,15 +123,15 @@ class MLA(nn.Module):
     def forward_absorbed(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache) -> torch.Tensor:
         """x (B, T, D): the new tokens. `cache.update(c_kv, k_pe)` stores their latents and returns every
         cached latent of each sequence, (B, S, C) and (B, S, rope), plus a boolean mask (B, 1, T, S).
-        A decode view with `fused_decode` (T = 1) stores with `store` and attends itself with `attend`."""
+        A decode view with `fused_decode` stores with `store` and attends itself with `attend`."""
         B, T, _ = x.shape
         q_nope, q_pe = self.query(x, cos, sin)  # (B, T, H, nope), (B, T, H, rope)
         c_kv, k_pe = self.latent(x, cos, sin)  # (B, T, C), (B, T, rope)
         w_uk, w_uv = self.kv_b_weights(q_nope.dtype)
         q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)  # (B, T, H, C)
-        if T == 1 and getattr(cache, "fused_decode", False):
+        if getattr(cache, "fused_decode", False):
             cache.store(c_kv, k_pe)
-            o_lat = cache.attend(q_lat[:, 0], q_pe[:, 0], self.scale).unsqueeze(1)  # (B, 1, H, C)
+            o_lat = cache.attend(q_lat, q_pe, self.scale)  # (B, T, H, C), query t causal over its sequence
         else:
             kv_all, pe_all, mask = cache.update(c_kv, k_pe)  # (B, S, C), (B, S, rope), (B, 1, T, S)
             scores = (torch.einsum("bthc,bsc->bhts", q_lat.float(), kv_all.float())

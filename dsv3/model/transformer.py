@@ -270,14 +270,18 @@ class Transformer(nn.Module):
         return _output(logits, mtp_logits, h, counts, balance)
 
     def mtp_step(self, k: int, next_ids: torch.Tensor, hidden: torch.Tensor, position_ids: torch.Tensor,
-                 cache) -> tuple[torch.Tensor, torch.Tensor]:
+                 cache, select: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One MTP module at inference (speculative drafting). next_ids (B, T): the token after each
         position; hidden (B, T, D): the previous depth's hidden (the main model's post-norm output for
-        depth 1) at those positions; RoPE positions as the main model's. -> (hidden out, logits)."""
+        depth 1) at those positions; RoPE positions as the main model's. -> (hidden out (B, T, D),
+        logits (B, T, V)); with select (B,), only position select[b] of each row: (B, D), (B, V)."""
         mod = self.mtp[k]
         cos, sin = rope.cos_sin(position_ids, self.rope_inv_freq, self.rope_factor)
         x = mod.combine(self.embed_tokens(next_ids), hidden)
         h, _ = mod(x, cos, sin, None, False, cache)
+        if select is not None:  # (the head only where a draft is read)
+            B, _, D = h.shape
+            h = h.gather(1, select.view(B, 1, 1).expand(B, 1, D))[:, 0]
         return h, self.lm_head(mod.shared_head.norm(h))
 
 
