@@ -139,9 +139,8 @@ def timed_decode(model, tok, prompts: list[list[int]], B: int, k: int, new: int,
     s = eng.stats
     del eng
     free(device)
-    spec = {"acceptance": s.acceptance_rate, "first_draft_acceptance": s.first_draft_acceptance,
-            "mean_accepted_length": s.mean_accepted_length} if k else dict.fromkeys(
-                ("acceptance", "first_draft_acceptance", "mean_accepted_length"))
+    spec = {"acceptance": s.acceptance_rate if k else None, "first_draft_acceptance": s.first_draft_acceptance
+            if k else None, "mean_accepted_length": s.mean_accepted_length if k else None}
     return {"batch": B, "k": k, "path": label, "prompts": len(prompts), "decode_tok_s": n / dt, "decode_s": dt,
             "decode_tokens": n, "decode_steps": steps, "warmup_s": warm, "rounds": s.rounds, **spec, "outputs": outs}
 
@@ -181,9 +180,7 @@ def hf_generate(path: str, prompts: list[list[int]], batches: list[int], new: in
                      "prefill_s": t1, "total_s": tn,
                      "vs_dsv3_k0": compare(toks, ours[B][:B]) if B in ours else None})
         log(f"transformers batch {B}: {rows[-1]['decode_tok_s']:,.1f} decode tok/s")
-    del hf
-    free(device)
-    return rows
+    return rows  # the model goes with this frame
 
 
 def main() -> int:
@@ -304,6 +301,7 @@ def main() -> int:
                                                 {B: outs[(B, 0)] for B in batches if (B, 0) in outs}, tok.eos_id)
             except ImportError as e:
                 log(f"transformers not available ({e}); skipped")
+            free(device)
             dump()
     if result["hf_rows"]:
         print(f"\nTable: transformers generate vs dsv3 on the same checkpoint and prompts; {bw['caption']}\n")
