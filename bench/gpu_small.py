@@ -42,25 +42,31 @@ def add_train_args(ap: argparse.ArgumentParser, *, minutes: float = 8.0, out: st
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--cache-dir", default="/tmp/dsv3cache")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--tok-s", type=float, default=0.0, help="training tokens/s of this preset and card, from an "
+                                                            "earlier probe: skips the probe run (0: measure it)")
 
 
 def train_for_minutes(args: argparse.Namespace, log=print) -> dict:
-    """Tokenizer + token caches, a 25-step probe for tokens/s, then a run of --preset whose step count
-    fits --minutes into args.out (its final checkpoint under args.out/checkpoints). Returns the summary."""
+    """Tokenizer + token caches, a 25-step probe for tokens/s (or --tok-s), then a run of --preset whose step
+    count fits --minutes into args.out (its final checkpoint under args.out/checkpoints). Returns the summary."""
     mc = preset(args.preset)
     common = dict(extra_data=args.extra_data, seq_len=args.seq_len, batch_size=args.batch_size,
                   micro_batch_size=args.micro_batch_size, lr=args.lr, device=args.device, cache_dir=args.cache_dir,
                   progress=False, save_every=0, eval_every=0, log_every=5)
-    probe_dir = args.out + "-probe"
-    shutil.rmtree(probe_dir, ignore_errors=True)
-    t0 = time.time()
-    s = train(mc, TrainConfig(out_dir=probe_dir, steps=25, **common), log=log)
-    recs = [json.loads(line) for line in open(os.path.join(probe_dir, "metrics.jsonl"))]
-    rates = [r["tok_per_s"] for r in recs if "tok_per_s" in r and r["step"] > 10]
-    tok_s = sorted(rates)[len(rates) // 2]
-    log(f"probe: {tok_s:,.0f} tokens/s (median of logged intervals after warm-up); "
-        f"data prep + probe took {time.time() - t0:.0f}s; probe loss {s['train_loss']:.3f}")
-    shutil.rmtree(probe_dir, ignore_errors=True)
+    if args.tok_s > 0:
+        tok_s = args.tok_s
+        log(f"throughput {tok_s:,.0f} tokens/s as given (--tok-s): no probe run")
+    else:
+        probe_dir = args.out + "-probe"
+        shutil.rmtree(probe_dir, ignore_errors=True)
+        t0 = time.time()
+        s = train(mc, TrainConfig(out_dir=probe_dir, steps=25, **common), log=log)
+        recs = [json.loads(line) for line in open(os.path.join(probe_dir, "metrics.jsonl"))]
+        rates = [r["tok_per_s"] for r in recs if "tok_per_s" in r and r["step"] > 10]
+        tok_s = sorted(rates)[len(rates) // 2]
+        log(f"probe: {tok_s:,.0f} tokens/s (median of logged intervals after warm-up); "
+            f"data prep + probe took {time.time() - t0:.0f}s; probe loss {s['train_loss']:.3f}")
+        shutil.rmtree(probe_dir, ignore_errors=True)
 
     steps = max(int(args.minutes * 60 * tok_s / (args.batch_size * args.seq_len)), 1)
     log(f"training {steps} steps of {args.batch_size} x {args.seq_len} tokens "

@@ -31,6 +31,7 @@ Results go to stdout (markdown tables, each captioned with the card and its meas
 to --out-json (rewritten after every row, so a run stopped at a time limit keeps what it measured).
 --export-bf16 DIR also writes the loaded bf16 model + tokenizer as a checkpoint directory (for
 bench/serve_load.py on the GPU: a run's own checkpoints are fp32, which the server would run eagerly).
+--tok-s N skips the throughput probe (the figure an earlier run printed), saving about a minute.
 CPU smoke test: --device cpu --preset tiny --minutes 0.2 --seq-len 64 --batch-size 4 --micro-batch-size 0
 --batches 1,4 --new 16.
 """
