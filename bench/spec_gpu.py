@@ -21,7 +21,8 @@ checkpoint.
    from near-ties (verification runs k + 1 positions through other kernels than one-token decode), so the
    count of identical sequences and the first divergence index are reported, not asserted; the same
    comparison between k = 0 at two batch sizes gives the bf16 noise floor.
-   Where the engine refuses cuda_graphs with k > 0 (before issue 14), that k runs eager, labelled so.
+   Where the engine refuses cuda_graphs with k > 0 (before issue 14), that k runs eager, labelled so;
+   --spec-eager asks for that path (k > 0 without graphs) on purpose, for a before / after comparison.
 4. transformers: the same checkpoint directory through AutoModelForCausalLM (DeepseekV3ForCausalLM; it drops
    the MTP layer) in bf16 on the GPU, `generate` greedy on the first B prompts (min_new_tokens = --new):
    decode tok/s = B (new - 1) / (t(new tokens) - t(1 token)), beside ours, and whether its tokens equal
@@ -121,6 +122,7 @@ def timed_decode(model, tok, prompts: list[list[int]], B: int, k: int, new: int,
         eng.generate(c, sp)
     sync(device)
     warm = time.perf_counter() - t
+    captured = getattr(eng, "graph_captures", None)  # graphs captured so far (engines that count them)
     eng.stats = type(eng.stats)()
     dt, n, outs, steps = 0.0, 0, [], 0
     for c in chunks:
@@ -138,12 +140,14 @@ def timed_decode(model, tok, prompts: list[list[int]], B: int, k: int, new: int,
         dt += time.perf_counter() - t
         outs += [final[i] for i in ids]
     s = eng.stats
+    late = None if captured is None else eng.graph_captures - captured  # should be 0: none in the timed pass
     del eng
     free(device)
     spec = {"acceptance": s.acceptance_rate if k else None, "first_draft_acceptance": s.first_draft_acceptance
             if k else None, "mean_accepted_length": s.mean_accepted_length if k else None}
     return {"batch": B, "k": k, "path": label, "prompts": len(prompts), "decode_tok_s": n / dt, "decode_s": dt,
-            "decode_tokens": n, "decode_steps": steps, "warmup_s": warm, "rounds": s.rounds, **spec, "outputs": outs}
+            "decode_tokens": n, "decode_steps": steps, "warmup_s": warm,
+            "graph_captures": captured, "captures_while_timed": late, "rounds": s.rounds, **spec, "outputs": outs}
 
 
 def hf_generate(path: str, prompts: list[list[int]], batches: list[int], new: int, device: torch.device, dtype,
@@ -251,7 +255,8 @@ def main() -> int:
             if time.perf_counter() - T0 > deadline:
                 log(f"deadline: skipping batch {B}, k={k}")
                 continue
-            graphs = (device.type == "cuda" and not (k > 0 and args.spec_eager)) or (device.type == "cpu" and k == 0)
+            # cuda_graphs=True on the CPU runs the same static-shape steps eagerly (how the tests check them)
+            graphs = not (k > 0 and args.spec_eager)
             r = timed_decode(model, tok, prompts[:max(B, args.min_prompts)], B, k, args.new, graphs,
                              args.compile and device.type == "cuda", device)
             outs[(B, k)] = r.pop("outputs")
@@ -259,7 +264,8 @@ def main() -> int:
             r["speedup_vs_k0"] = r["decode_tok_s"] / base["decode_tok_s"] if base else None
             r["vs_k0"] = compare(outs[(B, k)], outs[(B, 0)]) if k and (B, 0) in outs else None
             rows.append(r)
-            log(f"batch {B}, k={k} ({r['path']}): {r['decode_tok_s']:,.1f} decode tok/s, warm-up {r['warmup_s']:.1f}s")
+            log(f"batch {B}, k={k} ({r['path']}): {r['decode_tok_s']:,.1f} decode tok/s, warm-up {r['warmup_s']:.1f}s, "
+                f"graphs captured in warm-up {r['graph_captures']}, while timed {r['captures_while_timed']}")
             dump()
     # bf16 noise floor: k = 0 at each batch size against the smallest, on the prompts they share
     noise = []
