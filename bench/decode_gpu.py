@@ -6,7 +6,10 @@ and transformers' `generate` on the same config.
 Roofline: the bytes a decode step must read from HBM — every non-expert weight, each MoE layer's
 shared experts and the routed experts that the batch's tokens select (expected distinct experts
 E·(1 − (1 − K/E)^B) for uniform routing), the output head, and the latent KV cache of the batch —
-divided by the measured HBM copy bandwidth (~3.0 TB/s, shared/design/ANCHORS.md §1), in bf16.
+divided by the copy bandwidth of this card measured at the start of the same run (bench/bandwidth.py: a
+--bw-gib GiB device-to-device `copy_`, timed with CUDA events, median of 20 after 3 warm-ups, counting the
+bytes read plus the bytes written, i.e. 2 x the size, as STREAM's copy does), in bf16. The card's name and
+that bandwidth head the output and caption every table (transformers rows included, in a column).
 Greedy, 128-token random prompts, --new tokens per request, no speculation (random weights make MTP
 drafts meaningless).
 """
@@ -29,8 +32,7 @@ from dsv3.inference.engine import Engine, SamplingParams  # noqa: E402
 from dsv3.checkpoints.hf import quantize_model_fp8  # noqa: E402
 from dsv3.model.fp8 import FP8Linear  # noqa: E402
 from dsv3.info import model_info  # noqa: E402
-
-HBM = 3.0e12
+from bandwidth import copy_bandwidth  # noqa: E402  (bench/bandwidth.py)
 
 
 def step_bytes(cfg, B: int, ctx: int, fp8: bool = False) -> float:
@@ -55,20 +57,29 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--hf", action="store_true")
+    ap.add_argument("--bw-gib", type=float, default=2.0, help="size of the copy that measures the bandwidth")
     ap.add_argument("--modes", default="eager,graphs", help="engine decode paths to time: eager, graphs, graphs+compile, "
                          "graphs+compile+einsum (the absorbed attention as compiled einsums over the gathered context "
                          "instead of the Triton paged-latent kernel), graphs+fp8 (128x128-block e4m3 weights through "
                          "the Triton FP8 GEMMs; put it last: it quantizes the model in place)")
     args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("decode_gpu.py: CUDA is not available; this benchmark runs on a GPU")
     cfg = dsv3.preset(args.preset).replace(num_nextn_predict_layers=0)
+    bw = copy_bandwidth("cuda", int(args.bw_gib * 2**30))  # before the model takes memory
+    hbm = bw["bytes_per_s"]  # the roofline's bytes/s
     torch.manual_seed(0)
     model = dsv3.build_model(cfg, device="cuda", dtype=torch.bfloat16)
     model.set_experts_impl("grouped")
     g = torch.Generator().manual_seed(0)
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}; {args.preset} random weights, bf16, "
           f"{model_info(cfg).total / 1e9:.2f}B params")
-    print("| impl | batch | TTFT (ms) | decode tok/s | step (ms) | roofline step (ms) | of roofline |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"roofline ceiling: {bw['caption']}")
+    card = bw["short"]
+    print(f"\nTable: decode speed, {bw['caption']}\n")
+    print("| card (measured copy BW) | impl | batch | TTFT (ms) | decode tok/s | step (ms) | roofline step (ms) | "
+          "of roofline |")
+    print("|---|---|---|---|---|---|---|---|")
     modes = args.modes.split(",")
     bad = set(modes) - {"eager", "graphs", "graphs+compile", "graphs+compile+einsum", "graphs+fp8"}
     if bad or ("graphs+fp8" in modes and modes[-1] != "graphs+fp8"):
@@ -104,8 +115,8 @@ def main() -> None:
             torch.cuda.synchronize()
             dt = time.perf_counter() - t
             steps = args.new - 1
-            roof = step_bytes(cfg, B, args.prompt_len + args.new // 2, fp8=mode == "graphs+fp8") / HBM
-            print(f"| dsv3 {mode} | {B} | {ttft * 1e3:.1f} | {n / dt:,.1f} | {dt / steps * 1e3:.1f} | "
+            roof = step_bytes(cfg, B, args.prompt_len + args.new // 2, fp8=mode == "graphs+fp8") / hbm
+            print(f"| {card} | dsv3 {mode} | {B} | {ttft * 1e3:.1f} | {n / dt:,.1f} | {dt / steps * 1e3:.1f} | "
                   f"{roof * 1e3:.2f} | {roof / (dt / steps):.1%} |", flush=True)
     del model, eng
     torch.cuda.empty_cache()
@@ -127,8 +138,8 @@ def main() -> None:
             hf.generate(ids, max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False)
             torch.cuda.synchronize()
             dt = time.perf_counter() - t
-            print(f"| transformers generate | {B} | - | {B * args.new / dt:,.1f} | {dt / args.new * 1e3:.1f} | | |",
-                  flush=True)
+            print(f"| {card} | transformers generate | {B} | - | {B * args.new / dt:,.1f} | "
+                  f"{dt / args.new * 1e3:.1f} | | |", flush=True)
 
 
 if __name__ == "__main__":

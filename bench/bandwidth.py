@@ -1,0 +1,67 @@
+"""The memory-bandwidth ceiling of the card a benchmark runs on, measured in that same run.
+
+    from bandwidth import copy_bandwidth      # (bench/ is on sys.path when a bench script runs)
+    bw = copy_bandwidth()                     # {'card': 'NVIDIA H200', 'bytes_per_s': 4.3e12, ...}
+    print(bw["caption"])                      # one line for a table caption or header
+
+What is timed: `dst.copy_(src)` of two contiguous --bytes-long uint8 buffers on the device (a device-to-
+device memcpy), `warmup` untimed copies, then `repeats` copies each timed with its own pair of CUDA events.
+Convention: a copy of N bytes moves 2N bytes through HBM (N read + N written), as STREAM's "copy" counts
+it, so the figure is 2N / time. The median over the repeats is the one reported and used (`bytes_per_s`);
+the best is kept beside it. A decode roofline divided by this figure is "bytes the step must read over
+what this card moves per second in a copy", so a step that only reads could in principle go slightly
+faster than the roofline (reads alone are not bounded by the write half of a copy).
+
+On the CPU (smoke tests only) the same copy is timed with perf_counter, on a smaller buffer.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+
+import torch
+
+
+def card_name(device: torch.device | str = "cuda") -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def copy_bandwidth(device: torch.device | str = "cuda", nbytes: int | None = None, repeats: int = 20,
+                   warmup: int = 3) -> dict:
+    """Measured device-to-device copy bandwidth (read + write bytes per second); see the module docstring."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    nbytes = nbytes or (2 * 1024**3 if cuda else 256 * 1024**2)
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    times = []
+    for i in range(warmup + repeats):
+        if cuda:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            dst.copy_(src)
+            b.record()
+            b.synchronize()
+            dt = a.elapsed_time(b) / 1e3
+        else:
+            t = time.perf_counter()
+            dst.copy_(src)
+            dt = time.perf_counter() - t
+        if i >= warmup:
+            times.append(dt)
+    del src, dst
+    if cuda:
+        torch.cuda.empty_cache()
+    med, best = statistics.median(times), min(times)
+    out = {"card": card_name(device), "bytes": nbytes, "repeats": repeats, "bytes_per_s": 2 * nbytes / med,
+           "best_bytes_per_s": 2 * nbytes / best, "convention": "2 x bytes copied (read + write) / median time"}
+    out["short"] = f"{out['card']}, {out['bytes_per_s'] / 1e12:.2f} TB/s copy"
+    out["caption"] = (f"card {out['card']}; measured copy bandwidth {out['bytes_per_s'] / 1e12:.3f} TB/s "
+                      f"(median of {repeats} copies of {nbytes / 2**30:.2f} GiB, read + write bytes counted; "
+                      f"best {out['best_bytes_per_s'] / 1e12:.3f} TB/s)")
+    return out
