@@ -97,7 +97,9 @@ def main() -> None:
     import torch
 
     from dsv3.inference.engine import Engine
-    from dsv3.inference.server import BackgroundServer, create_app
+    from dsv3.inference.server import create_app
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+    from background_server import BackgroundServer  # tests/
 
     torch.set_num_threads(1)
     tok = tokenizer(args.tokenizer)

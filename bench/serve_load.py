@@ -28,9 +28,11 @@ import openai
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))  # background_server.py
 
 from dsv3.inference.engine import Engine, SamplingParams  # noqa: E402
-from dsv3.inference.server import BackgroundServer, create_app, load_for_serving  # noqa: E402
+from dsv3.inference.server import create_app, load_for_serving  # noqa: E402
+from background_server import BackgroundServer  # noqa: E402 (tests/)
 from dsv3.training.data import find_corpus, read_documents, split_of  # noqa: E402
 from dsv3.tokenizer import DSTokenizer  # noqa: E402
 

@@ -31,7 +31,8 @@ httpx = pytest.importorskip("httpx")
 
 from dsv3.config import ModelConfig  # noqa: E402
 from dsv3.inference.engine import Engine, SamplingParams  # noqa: E402
-from dsv3.inference.server import BackgroundServer, create_app  # noqa: E402
+from dsv3.inference.server import create_app  # noqa: E402
+from background_server import BackgroundServer  # noqa: E402
 from dsv3.model import build_model  # noqa: E402
 from dsv3.tokenizer import DSTokenizer  # noqa: E402
 

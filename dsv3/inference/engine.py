@@ -303,7 +303,7 @@ class Engine:
             self._set_drafts(r, ds, q, b)
 
     def _decode(self, reqs: list[_Request]) -> None:
-        B, k = len(reqs), self.k
+        k = self.k
         starts, tables = [r.main_len for r in reqs], [r.blocks for r in reqs]
         sampler = self._sampler(reqs)  # (its parameter tensors go to the device before the step is queued)
         # the round's inputs reach the device inside the step's meta: tokens [x_L, d_1 .. d_k] and pos0
