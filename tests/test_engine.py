@@ -1096,3 +1096,30 @@ def test_failed_prefill_releases_its_blocks(monkeypatch):
         eng.step()
     assert eng.cache.free_blocks == full
     assert not eng.has_unfinished() or not eng.running
+
+
+def test_text_stream_holds_back_partial_characters_and_stop_prefixes():
+    """textstream.TextStream by itself: a delta never ends in an incomplete UTF-8 character (the
+    decoder's U+FFFD) or in a prefix of a stop string; the final delta releases the rest; a stop string
+    cuts the text before it, at the token that completes it."""
+    from dsv3.inference.textstream import TextStream
+
+    pieces = {0: "ab", 1: "\xe2", 2: "\x82\xac", 3: "S", 4: "TO", 5: "P", 6: "cd"}
+
+    class Tok:  # bytes per token; decoding an incomplete UTF-8 tail gives U+FFFD, as a byte-level BPE does
+        def decode(self, ids, skip_special_tokens=True):
+            return b"".join(pieces[i].encode("latin-1") for i in ids).decode("utf-8", errors="replace")
+
+    s = TextStream(Tok(), stop=["STOP"])
+    toks = [0, 1, 2]  # "ab", then "€" in two tokens: 3 = len("STOP") - 1 characters are always held
+    assert [s.delta(toks[:i], finished=False) for i in (1, 2, 3)] == ["", "", ""]
+    toks += [3, 4]  # "ab€STO": the last 3 characters could begin "STOP"
+    assert not s.hits_stop(toks) and s.delta(toks, finished=False) == "ab\u20ac"
+    toks.append(5)  # "P" completes the stop string: the text is cut before it
+    assert s.hits_stop(toks) and s.text == "ab\u20ac" and s.delta(toks, finished=True) == ""
+    s = TextStream(Tok(), stop=["STOP"])
+    assert s.delta([0, 1, 2, 6], finished=False) == "ab" and s.delta([0, 1, 2, 6, 3], finished=True) == "\u20accdS"
+    # without stop strings only the incomplete character is held
+    s = TextStream(Tok())
+    assert s.delta([0, 1], finished=False) == "ab" and s.delta([0, 1, 2], finished=False) == "\u20ac"
+    assert s.delta([0, 1, 2, 6, 1], finished=True) == "cd\ufffd"  # finished: nothing held back

@@ -96,6 +96,11 @@ class _Request:
     def tokens(self) -> list[int]:
         return self.prompt + self.out
 
+    @property
+    def last(self) -> int:
+        """The last token (not yet in the cache), without building `tokens` (O(length) per step)."""
+        return self.out[-1] if self.out else self.prompt[-1]
+
 
 @dataclass
 class EngineStats:
@@ -307,7 +312,7 @@ class Engine:
         starts, tables = [r.main_len for r in reqs], [r.blocks for r in reqs]
         sampler = self._sampler(reqs)  # (its parameter tensors go to the device before the step is queued)
         # the round's inputs reach the device inside the step's meta: tokens [x_L, d_1 .. d_k] and pos0
-        logits, hidden, inp, pos0 = self._graphs.main([[r.tokens[-1]] + r.drafts for r in reqs], starts, tables)
+        logits, hidden, inp, pos0 = self._graphs.main([[r.last] + r.drafts for r in reqs], starts, tables)
         d_in = inp[:, 1:]  # (B, k)
         q_in = None if sampler.all_greedy else self._draft_probs(reqs, d_in)
         tokens, n, _ = speculation.accept(sampler, logits, d_in, q_in)  # (B, k+1), (B,)
