@@ -9,7 +9,8 @@ script starts itself on 127.0.0.1 (a free port; nothing else is contacted).
 Prompts are --prompt-len-token windows of held-out stdlib files, sent as token ids. Prints requests/s,
 output tokens/s (from the streamed usage), mean/p50/p95 time to first token (client side: request
 sent -> first streamed text) and end-to-end latency, and the server's own view from /metrics (peak
-queue, MTP acceptance). --check compares every output with offline `Engine.generate`.
+queue, MTP acceptance). --check compares every output with offline `Engine.generate`. The workload runs
+once offline first (--no-warmup skips it), so graph capture on a GPU is not timed.
 """
 
 from __future__ import annotations
@@ -94,6 +95,9 @@ def main() -> int:
     ap.add_argument("--speculative-k", type=int, default=0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--check", action="store_true", help="compare outputs with offline Engine.generate")
+    ap.add_argument("--no-warmup", dest="warmup", action="store_false",
+                    help="skip the offline pass over the same workload before the timed load (on a GPU it captures "
+                         "the CUDA graphs of every batch / context bucket, as a server does once at start-up)")
     args = ap.parse_args()
     if args.clients * args.requests > 10_000:
         ap.error("at most 10,000 requests")
@@ -120,6 +124,11 @@ def main() -> int:
           f"max_tokens {args.max_tokens}, greedy; batch {args.max_batch_size}, "
           f"{engine.cache.num_blocks * engine.cache.block_size} cache tokens, speculative k={args.speculative_k}")
 
+    if args.warmup:
+        t1 = time.perf_counter()
+        engine.generate(prompts, SamplingParams(max_new_tokens=args.max_tokens, temperature=0))
+        engine.stats = type(engine.stats)()  # /metrics counts the timed load only
+        print(f"warm-up       the same {n} requests offline in {time.perf_counter() - t1:.1f}s (not timed)")
     app = create_app(engine, tok, name, max_queue=n)
     results: list[tuple[float, float, int, str]] = []  # ttft, latency, output tokens, text
     with BackgroundServer(app, host="127.0.0.1") as srv:
