@@ -81,3 +81,41 @@ def test_compiled_graphed_speculation():
     agree = sum(sum(u == v for u, v in zip(x.token_ids, y.token_ids)) for x, y in zip(ref, got))
     assert agree >= 0.75 * sum(len(x.token_ids) for x in ref), agree
     assert eng._graphs.captures >= 3
+
+
+def test_speculative_round_syncs_the_host_once(monkeypatch):
+    """A decode step with speculation (verify, accept, MTP, chained drafts, all graphs captured) makes
+    exactly one host synchronisation: the copy of the round's results (Engine._to_host). Checked with
+    torch.cuda's sync debug mode set to error everywhere else."""
+    m = _model(2, "aligned")
+    prompts = _prompts(4)
+    sp = SamplingParams(max_new_tokens=30, temperature=0, ignore_eos=True)
+    eng = Engine(m, None, max_batch_size=4, speculative_k=3, cuda_graphs=True)
+    eng.generate(prompts, sp)  # captures every bucket the second pass uses
+    captures = eng._graphs.captures
+    to_host, copies = Engine._to_host, []
+
+    def counted(self, *a):
+        torch.cuda.set_sync_debug_mode(0)
+        try:
+            copies.append(1)
+            return to_host(self, *a)
+        finally:
+            torch.cuda.set_sync_debug_mode(2)
+
+    monkeypatch.setattr(Engine, "_to_host", counted)
+    for p in prompts:
+        eng.add_request(p, sp)
+    eng.step()  # admission and prefill (host -> device copies of the prompts)
+    steps = 0
+    try:
+        while eng.has_unfinished():
+            copies.clear()
+            torch.cuda.set_sync_debug_mode(2)  # "error"
+            eng.step()
+            torch.cuda.set_sync_debug_mode(0)
+            assert len(copies) == 1
+            steps += 1
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert steps > 3 and eng._graphs.captures == captures
