@@ -86,7 +86,7 @@ def yarn_scaling(saved: ModelConfig, factor: float, original_len: int) -> dict:
     out = {"type": "yarn", "factor": int(factor) if float(factor).is_integer() else float(factor),
            "original_max_position_embeddings": int(original_len)}
     for k, v in YARN_DEFAULTS.items():
-        out[k] = prev.get(k, v) if prev.get(k) is not None else v
+        out[k] = prev[k] if prev.get(k) is not None else v  # a YaRN checkpoint keeps the values it trained with
     return out
 
 
@@ -117,8 +117,8 @@ def describe_rope(before: ModelConfig, after: ModelConfig) -> str:
     """One phrase for the log line: what the new stage does to the positions."""
     y = after.yarn
     if after.rope_scaling == before.rope_scaling and after.max_position_embeddings == before.max_position_embeddings:
-        return f"rope unchanged ({'YaRN factor %g' % float(y['factor']) if y else 'plain'}, " \
-               f"max_position_embeddings {after.max_position_embeddings})"
+        kind = f"YaRN factor {float(y['factor']):g}" if y else "plain RoPE"
+        return f"rope unchanged ({kind}, max_position_embeddings {after.max_position_embeddings})"
     return (f"YaRN factor {float(y['factor']):g} over original {y['original_max_position_embeddings']}, "
             f"max_position_embeddings {before.max_position_embeddings} -> {after.max_position_embeddings}")
 
