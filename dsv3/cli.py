@@ -76,9 +76,16 @@ def cmd_train(args) -> int:
     from dsv3.training.config import TrainConfig
     from dsv3.training.pretrain import train
 
-    mc, name = _model_config(args)
-    # --out unset (its cli_default None): runs/PRESET, or runs/custom with --config
-    tc = from_args(TrainConfig, args, out_dir=args.out_dir or f"runs/{name if not args.config else 'custom'}")
+    if args.init_from:  # the model comes from the checkpoint; a --preset / --config given is checked against it
+        if not args.out_dir:
+            raise ValueError("--init-from starts a new run: give its directory with --out")
+        mc = _model_config(args)[0] if args.preset or args.config else None  # then train() checks it
+        tc = from_args(TrainConfig, args)
+    else:
+        args.preset = args.preset or "tiny"  # train's --preset has no parser default: --init-from needs to see it
+        mc, name = _model_config(args)
+        # --out unset (its cli_default None): runs/PRESET, or runs/custom with --config
+        tc = from_args(TrainConfig, args, out_dir=args.out_dir or f"runs/{name if not args.config else 'custom'}")
     # dp_shard / ep left at 0 (DERIVED) come from torchrun's world size (distributed/strategy.py resolve_layout)
     pcfg = from_args(ParallelConfig, args)
     if pcfg.pp <= 1 and (pcfg.pp_schedule != "1f1b" or pcfg.n_microbatches):
@@ -313,6 +320,7 @@ def _train_flags(p) -> None:
     from dsv3.training.config import TrainConfig
 
     _add_model_source(p)
+    p.set_defaults(preset=None)  # tiny unless --config or --init-from (cmd_train)
     add_fields(p, TrainConfig, rename=TRAIN_RENAMES)
     p.add_argument("--samples", type=int, default=3, help="completions to print at the end (0: none)")
     add_fields(p.add_argument_group("parallel layout (ParallelConfig; torchrun)"), ParallelConfig)

@@ -65,7 +65,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from dsv3.checkpoints import safe_dcp
 from dsv3.checkpoints.files import CheckpointError, confined, load_safetensors, open_safetensors, read_json, require
-from dsv3.checkpoints.hf import _meta_model, _umask, save_pretrained, tempdir_beside
+from dsv3.checkpoints.hf import _meta_model, _umask, load_pretrained, save_pretrained, tempdir_beside
 from dsv3.config import ConfigError, ModelConfig
 from dsv3.checkpoints import rundir as ckpt
 from dsv3.checkpoints import space
@@ -416,6 +416,28 @@ def load_full_model(path: str, dtype: torch.dtype = torch.float32):
     return model.to(dtype)
 
 
+def resolve_any(path: str) -> str:
+    """The checkpoint directory `path` names: a Hugging Face-format checkpoint directory, a sharded (DCP)
+    checkpoint, or a run directory (-> its latest checkpoint, either kind). A run starts from it
+    (post-training, `dsv3 train --init-from`)."""
+    if os.path.exists(os.path.join(path, "config.json")) or is_dcp_checkpoint(path):
+        return path
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    latest = ckpt.latest_checkpoint(os.path.join(path, "checkpoints"))
+    if latest is None:
+        raise FileNotFoundError(f"{path} is neither a checkpoint directory (config.json, or a sharded checkpoint's "
+                                "trainer_state.json) nor a run directory with checkpoints/")
+    return latest
+
+
+def load_whole(path: str, device) -> torch.nn.Module:
+    """The whole fp32 model of checkpoint `path` (either kind) on `device`."""
+    if not os.path.exists(os.path.join(path, "config.json")) and is_dcp_checkpoint(path):
+        return load_full_model(path).to(device)  # a periodic sharded checkpoint (no Hugging Face export)
+    return load_pretrained(path, device=device, dtype=torch.float32)
+
+
 def _export_hf(path: str, out: str, dtype: torch.dtype | None = None) -> None:
     model = load_full_model(path)
     save_pretrained(model, out, dtype=dtype, mtp_copies=False)  # as the single-process checkpoints
@@ -450,4 +472,5 @@ def to_hf(ckpt_path: str, out: str, dtype: torch.dtype | None = None) -> str:
     return out
 
 
-__all__ = ["is_dcp_checkpoint", "load_dcp", "load_dcp_local", "load_full_state", "load_full_model", "read_state", "save_dcp", "to_hf"]
+__all__ = ["is_dcp_checkpoint", "load_dcp", "load_dcp_local", "load_full_state", "load_full_model", "load_whole",
+           "read_state", "resolve_any", "save_dcp", "to_hf"]

@@ -15,28 +15,12 @@ from __future__ import annotations
 
 import os
 
-import torch
-
 from dsv3.checkpoints import dcp, rundir
-from dsv3.checkpoints.hf import load_pretrained
 
 
-def resolve_start(path: str) -> str:
-    """The checkpoint directory a run starts from (see the module docstring)."""
-    if os.path.exists(os.path.join(path, "config.json")) or dcp.is_dcp_checkpoint(path):
-        return path
-    latest = rundir.latest_checkpoint(os.path.join(path, "checkpoints"))
-    if latest is None:
-        raise FileNotFoundError(f"{path} is neither a checkpoint directory (config.json, or a sharded checkpoint's "
-                                "trainer_state.json) nor a run directory with checkpoints/")
-    return latest
-
-
-def load_start(path: str, device: torch.device):
-    """The whole fp32 model of checkpoint `path` (either kind) on `device`."""
-    if not os.path.exists(os.path.join(path, "config.json")) and dcp.is_dcp_checkpoint(path):
-        return dcp.load_full_model(path).to(device)  # a periodic sharded checkpoint (no Hugging Face export)
-    return load_pretrained(path, device=device, dtype=torch.float32)
+# the starting checkpoint is found and loaded as `dsv3 train --init-from` does (dsv3/checkpoints/dcp.py)
+resolve_start = dcp.resolve_any
+load_start = dcp.load_whole
 
 
 def run_directory(out_dir: str, resume: bool, strategy, say) -> tuple[str, str | None]:

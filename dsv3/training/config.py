@@ -42,6 +42,10 @@ class TrainConfig:
     micro_batch_size: int = setting(0, "sequences per forward/backward (gradient accumulation); 0: the batch size")
     lr: float = setting(3e-3, "peak learning rate")
     warmup_steps: int = setting(-1, "warm-up steps; -1: 5% of the steps, at most 2000 (the paper's 2K)")
+    # dsv3/training/optim.py; the paper's context-extension stages: --schedule constant --lr 7.3e-6 --warmup-steps 0
+    schedule: str = setting("paper", "learning-rate schedule: paper = pre-training's warm-up, constant, cosine and "
+                                     "tails; constant = warm-up, then --lr (and --mtp-lambda, --bias-gamma) for the "
+                                     "whole run", choices=("paper", "constant"))
     weight_decay: float = setting(0.1, "AdamW weight decay")
     grad_clip: float = setting(1.0, "gradient-norm clip")
     mtp_lambda: float = setting(0.3, "MTP loss weight (the paper's 0.3 for its first 10T of 14.8T tokens)")
@@ -69,6 +73,17 @@ class TrainConfig:
     max_skipped_steps: int = setting(MAX_SKIPPED_STEPS, "stop after this many consecutive steps with a non-finite "
                                                         "loss or gradient norm (each is skipped); 0: never stop")
     resume: bool = setting(False, "continue from the run directory's latest checkpoint")
+    # a new run (in out_dir) from a trained checkpoint's weights: continued training, context extension
+    # (paper §4.3; dsv3/training/extend.py)
+    init_from: str | None = setting(None, "start a new run from this checkpoint's weights (a checkpoint directory, "
+                                          "or a run directory: its latest checkpoint), with its model config and "
+                                          "tokenizer; optimizer, step and data position start fresh",
+                                    metavar="CHECKPOINT")
+    rope_factor: float = setting(0.0, "with --init-from: the YaRN scale factor s of the new stage (paper: 40); "
+                                      "max_position_embeddings becomes s x the original length; 0: keep the "
+                                      "checkpoint's rope settings")
+    rope_original_len: int = setting(0, "with --rope-factor: YaRN's original context L0; 0: the checkpoint's "
+                                        "(its rope_scaling's, else the seq len its run trained at)")
     progress: bool = setting(True, "no progress bars")  # the flag is --no-progress
     plots: bool = setting(True, "no PNG plots (loss, expert load) at the end of the run")  # --no-plots
     # 1.2-1.6x training speed on an H100 (bench/RESULTS.md)
@@ -99,6 +114,20 @@ class TrainConfig:
             raise ValueError(f"optim_state_dtype must be fp32 or bf16, got {self.optim_state_dtype!r}")
         if self.log_every < 1:  # the loop logs at step % log_every == 0
             raise ValueError(f"log_every must be >= 1, got {self.log_every}")
+        if self.schedule not in ("paper", "constant"):
+            raise ValueError(f"schedule must be paper or constant, got {self.schedule!r}")
+        if self.init_from and self.resume:
+            raise ValueError("init_from (--init-from) starts a new run from a checkpoint's weights; resume (--resume) "
+                             "continues this run: give one of them")
+        if self.rope_factor and not self.init_from:
+            raise ValueError("rope_factor (--rope-factor) needs init_from (--init-from): a run from scratch takes its "
+                             "rope settings from its model config")
+        if self.rope_factor and self.rope_factor < 1:
+            raise ValueError(f"rope_factor must be >= 1 (or 0: keep the checkpoint's), got {self.rope_factor}")
+        if self.rope_original_len and not self.rope_factor:
+            raise ValueError("rope_original_len (--rope-original-len) needs rope_factor (--rope-factor)")
+        if self.rope_original_len < 0:
+            raise ValueError(f"rope_original_len must be >= 0, got {self.rope_original_len}")
         if self.max_skipped_steps < 0:
             raise ValueError(f"max_skipped_steps must be >= 0, got {self.max_skipped_steps}")
 

@@ -14,6 +14,10 @@ Learning rate (paper: 2K warmup steps, 2.2e-4 constant until 10T of 14.8T tokens
     [98.9%, 100%]            3.3% of peak (7.3e-6 / 2.2e-4)
 MTP weight λ: 0.3 for the first 67.6% (10T/14.8T), then 0.1. Bias-update speed γ: 0.001 for the first
 96.6% (14.3T/14.8T), then 0.
+
+The "constant" schedule (the paper's long-context extension stages, §4.3: 1000 steps at 7.3e-6 each):
+linear warm-up (usually 0 steps), then the peak LR for the whole run; λ and γ keep their given values
+for the whole run (no late phase).
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ class Schedule:
     bias_gamma: float = 0.001
     batch_ramp_steps: int = 0  # steps over which the batch grows from batch_start to the full batch
     batch_start: int = 0  # sequences per step at step 0 (0: no ramp)
+    kind: str = "paper"  # "paper": the pre-training phases above; "constant": warm-up, then the peak LR
 
     def lr(self, step: int) -> float:
         """Learning rate for optimizer step `step` (0-based)."""
@@ -49,6 +54,8 @@ class Schedule:
         w = min(self.warmup_steps, T)
         if step < w:
             return self.peak_lr * (step + 1) / w
+        if self.kind == "constant":
+            return self.peak_lr
         f = step / T
         if f < CONSTANT_END:
             return self.peak_lr
@@ -60,9 +67,13 @@ class Schedule:
         return self.peak_lr * TAIL2_FRAC
 
     def mtp_weight(self, step: int) -> float:
+        if self.kind == "constant":
+            return self.mtp_lambda
         return self.mtp_lambda if step / max(self.total_steps, 1) < CONSTANT_END else self.mtp_lambda_late
 
     def gamma(self, step: int) -> float:
+        if self.kind == "constant":
+            return self.bias_gamma
         return self.bias_gamma if step / max(self.total_steps, 1) < COSINE_END else 0.0
 
     def batch_size(self, step: int, full: int) -> int:

@@ -37,7 +37,7 @@ from dsv3.info import param_count
 from dsv3.memory import ensure_fits
 from dsv3.model import build_model
 from dsv3.tokenizer import DSTokenizer, check_trainable_vocab
-from dsv3.training import loop
+from dsv3.training import extend, loop
 from dsv3.training.config import TrainConfig, resolve_device
 from dsv3.training.data import CorpusError, PackedSampler, build_token_cache, find_corpus, read_documents, split_of
 from dsv3.training.loss import compute_loss
@@ -95,7 +95,7 @@ def schedule_of(tc: TrainConfig) -> Schedule:
     total = tc.steps if tc.tokens <= 0 else math.ceil(tc.tokens / (tc.batch_size * tc.seq_len))
     warmup = tc.warmup_steps if tc.warmup_steps >= 0 else min(2000, max(1, total // 20))
     return Schedule(total, tc.lr, warmup, tc.mtp_lambda, tc.mtp_lambda_late, tc.bias_gamma,
-                    tc.batch_ramp_steps, tc.batch_start)
+                    tc.batch_ramp_steps, tc.batch_start, kind=tc.schedule)
 
 
 class Pretrain:
@@ -189,11 +189,11 @@ class Pretrain:
 
 # --------------------------------------------------------------------------------------------------
 
-def _load_data(tc: TrainConfig, mc: ModelConfig, resume_from: str | None, strategy: Strategy, say):
-    """Tokenizer and token caches (training corpus + extra training data): rank 0 builds them, then the
-    other ranks read them from the cache."""
+def _load_data(tc: TrainConfig, mc: ModelConfig, tok_from: str | None, strategy: Strategy, say):
+    """Tokenizer (`tok_from`'s: the checkpoint resumed or started from; else get_tokenizer) and token caches
+    (training corpus + extra training data): rank 0 builds them, then the other ranks read them from the cache."""
     def data():
-        tok = DSTokenizer.load(resume_from) if resume_from else get_tokenizer(tc, mc, say)
+        tok = DSTokenizer.load(tok_from) if tok_from else get_tokenizer(tc, mc, say)
         show = tc.progress and strategy.is0
         cache = build_token_cache(tc.data, tok, os.path.join(tc.cache_dir, "tokens"), val_permille=tc.val_permille,
                                   fim_rate=tc.fim_rate, fim_seed=tc.seed, progress=show)
@@ -237,9 +237,13 @@ def make_strategy(pcfg, device: str = "auto") -> Strategy:
     return distributed_strategy(pcfg, device) or Strategy(dev)
 
 
-def train(mc: ModelConfig, tc: TrainConfig, pcfg=None, log=print, strategy: Strategy | None = None) -> dict:
+def train(mc: ModelConfig | None, tc: TrainConfig, pcfg=None, log=print, strategy: Strategy | None = None) -> dict:
     """Train (or resume) and return the summary. One process, or every rank of a torchrun world (layout
-    `pcfg`). Writes checkpoints, metrics.jsonl, plots and summary.json to tc.out_dir."""
+    `pcfg`). Writes checkpoints, metrics.jsonl, plots and summary.json to tc.out_dir.
+
+    With tc.init_from the model config, weights and tokenizer come from that checkpoint (dsv3/training/
+    extend.py, with the YaRN settings of tc.rope_factor / tc.rope_original_len); `mc` may then be None, or a
+    config whose architecture must match the checkpoint's."""
     tc.validate()
     strategy = strategy or make_strategy(pcfg, tc.device)
     say = strategy.log(log)
@@ -252,25 +256,40 @@ def train(mc: ModelConfig, tc: TrainConfig, pcfg=None, log=print, strategy: Stra
     if resume and resume_from is None:
         say(f"--resume: no checkpoint in {ckpt_root}; starting from scratch")
     if not resume and rundir.latest_checkpoint(ckpt_root):
+        if tc.init_from:
+            raise ValueError(f"{tc.out_dir} already holds checkpoints: --init-from starts a new run, give another "
+                             "--out (to continue that run: --resume without --init-from)")
         raise ValueError(f"{tc.out_dir} already holds checkpoints: pass --resume to continue, or another --out")
+    init_from = None
     if resume_from is not None:
         saved = checkpoint_config(resume_from)
-        if saved.to_dict() != mc.to_dict():
+        if mc is not None and saved.to_dict() != mc.to_dict():
             say("note: resuming with the checkpoint's model config (the command line's preset/config is ignored)")
         mc = saved
+    elif tc.init_from:  # (a torchrun restart of such a run resumes from its own checkpoints, above)
+        init_from = extend.resolve(tc.init_from)
+        mc = extend.init_model_config(init_from, tc, mc)
+    elif mc is None:
+        raise ValueError("no model config: give one (a preset or config.json), or init_from (--init-from)")
     strategy.check_model(mc, tc)
     check_memory(mc, tc, strategy)  # before the tokenizer, the data or the run directory are touched
     if strategy.is0:
         os.makedirs(tc.out_dir, exist_ok=True)
     strategy.barrier()
 
-    tok, cache, extra = _load_data(tc, mc, resume_from, strategy, say)
+    tok_from = resume_from or (extend.tokenizer_source(init_from, tc) if init_from else None)
+    tok, cache, extra = _load_data(tc, mc, tok_from, strategy, say)
     task = Pretrain(tc, mc, strategy, tok, cache, extra, say)
     strategy.check_task(task)
 
     torch.manual_seed(tc.seed)
     model = build_model(mc, device=strategy.device, dtype=torch.float32, seed=tc.seed)  # the same on every rank
     n_params = sum(p.numel() for p in model.parameters())
+    if init_from is not None:  # before preparation: every rank holds the whole model here
+        n = extend.load_weights(model, init_from)
+        say(f"initialised from {init_from}: its {n} tensors (MTP and correction biases included) and tokenizer; "
+            f"{extend.describe_rope(checkpoint_config(init_from), mc)}; a new run in {tc.out_dir}: optimizer, step "
+            "and data position start fresh")
     prepare_model(model, strategy, precision=precision, recompute=tc.recompute, fp8_experts=tc.fp8_experts,
                   compile=tc.compile, log=say)
     state_dtype = torch.bfloat16 if tc.optim_state_dtype == "bf16" else torch.float32
@@ -287,7 +306,8 @@ def train(mc: ModelConfig, tc: TrainConfig, pcfg=None, log=print, strategy: Stra
         f"warmup {task.sched.warmup_steps}")
     if strategy.is0:
         with open(os.path.join(tc.out_dir, "train_config.json"), "w", encoding="utf-8") as f:
-            json.dump({"train": asdict(tc), "model": mc.to_dict(), "layout": strategy.layout()}, f, indent=1)
+            json.dump({"train": asdict(tc), "model": mc.to_dict(), "layout": strategy.layout(),
+                       **({"init_from": init_from} if init_from else {})}, f, indent=1)
 
     def save(reason: str, step: int, tokens: int) -> str:
         return strategy.save(ckpt_root, step, opt, {"tokens": tokens, "sampler": task.state_dict(), "reason": reason,
