@@ -197,7 +197,6 @@ def record(calls: list, ret=None):
 def test_train_builds_its_configs(monkeypatch, tmp_path):
     import dsv3.training.pretrain as pretrain
     from dsv3.distributed.mesh import DERIVED, ParallelConfig
-from dsv3.eval.humaneval import HumanEvalConfig
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     calls = []
