@@ -136,11 +136,39 @@ def cmd_quantize(args) -> int:
 
 def cmd_eval(args) -> int:
     """Validation loss and bits per byte (dsv3.training.evaluate.evaluate_checkpoint)."""
+    if args.lm_eval or args.task == "humaneval":
+        return _eval_harness(args)
     from dsv3.training.evaluate import EvalConfig, evaluate_checkpoint
 
     r = evaluate_checkpoint(args.checkpoint, from_args(EvalConfig, args))
     print(f"{r['checkpoint']}: {r['split']} loss {r['val_loss']:.4f} nats/token, {r['val_bpb']:.4f} bits/byte "
           f"over {r['val_tokens']:,} tokens of {r['source']}")
+    return 0
+
+
+def _eval_harness(args) -> int:
+    """`--lm-eval TASKS` (lm-evaluation-harness) or `--task humaneval` (pass@k in the sandbox)."""
+    import json
+
+    if args.lm_eval:
+        from lm_eval.utils import make_table
+
+        from dsv3.eval.lm_eval_adapter import run_lm_eval
+
+        r = run_lm_eval(_resolve_checkpoint(args.checkpoint), args.lm_eval, include_path=args.include_path,
+                        limit=args.limit or None, batch_size=args.batch_size, device=args.device)
+        print(make_table(r))
+        if args.output:
+            with open(args.output, "w", encoding="utf-8") as f:
+                json.dump({k: r[k] for k in ("results", "versions", "n-shot", "config") if k in r}, f, indent=1,
+                          default=str)
+        return 0
+    from dsv3.eval.humaneval import HumanEvalConfig, format_table, run_humaneval
+
+    hc = from_args(HumanEvalConfig, args, only=HUMANEVAL_FIELDS, device=args.device)
+    r = run_humaneval(_resolve_checkpoint(args.checkpoint), hc)
+    print(format_table(r))
+    print(json.dumps({k: v for k, v in r.items() if k != "problems"}))
     return 0
 
 
@@ -326,11 +354,22 @@ def _train_flags(p) -> None:
     add_fields(p.add_argument_group("parallel layout (ParallelConfig; torchrun)"), ParallelConfig)
 
 
+# the HumanEvalConfig fields that `dsv3 eval` offers (device is EvalConfig's)
+HUMANEVAL_FIELDS = ("samples", "limit", "temperature", "output")
+
+
 def _eval_flags(p) -> None:
     from dsv3.training.evaluate import EvalConfig
 
     _add_checkpoint(p)
     add_fields(p, EvalConfig)
+    from dsv3.eval.humaneval import HumanEvalConfig
+
+    h = p.add_argument_group("benchmarks (dsv3/eval: lm-evaluation-harness, HumanEval)")
+    h.add_argument("--lm-eval", metavar="TASKS", default=None, help="comma-separated lm-evaluation-harness tasks")
+    h.add_argument("--include-path", metavar="DIR", default=None, help="directory of extra lm-eval task YAMLs")
+    h.add_argument("--task", default=None, help="humaneval: pass@k of sandboxed completions")
+    add_fields(h, HumanEvalConfig, only=HUMANEVAL_FIELDS)
 
 
 def _sampling_flags(p) -> None:

@@ -21,6 +21,7 @@ from dsv3.checkpoints.hf import ExportConfig, QuantizeConfig
 from dsv3.cliargs import from_args, selected_fields
 from dsv3.config import preset
 from dsv3.distributed.mesh import DERIVED, ParallelConfig
+from dsv3.eval.humaneval import HumanEvalConfig
 from dsv3.inference.engine import EngineConfig, SamplingParams
 from dsv3.inference.server import ServerConfig
 from dsv3.plan import PlanConfig
@@ -35,7 +36,7 @@ SETTINGS = {
     "info": [],
     "plan": [(PlanConfig, {})],
     "train": [(TrainConfig, {}), (ParallelConfig, {})],
-    "eval": [(EvalConfig, {})],
+    "eval": [(EvalConfig, {}), (HumanEvalConfig, dict(only=cli.HUMANEVAL_FIELDS))],
     "generate": GENERATE,
     "sample": GENERATE,
     "chat": GENERATE,
@@ -51,7 +52,7 @@ REQUIRED = {"info": [], "plan": [], "train": [], "eval": ["ck"], "generate": ["c
             "grpo": ["ck", "--out", "o"], "convert": ["ck", "o"], "quantize": ["ck", "o"], "serve": ["ck"]}
 # the CLI's own arguments: what to run on and what to print, no library setting
 CLI_ONLY = {"info": {"preset", "config"}, "plan": {"preset", "config", "suggest", "sort"},
-            "train": {"preset", "config", "samples"}, "eval": {"checkpoint"},
+            "train": {"preset", "config", "samples"}, "eval": {"checkpoint", "lm_eval", "include_path", "task"},
             "generate": {"checkpoint", "prompt", "chat", "verbose"}, "sample": {"checkpoint", "prompt", "chat", "verbose"},
             "chat": {"checkpoint", "system"}, "sft": {"checkpoint", "data", "out"},
             "grpo": {"checkpoint", "task", "reward", "out"}, "convert": {"checkpoint", "out"},
