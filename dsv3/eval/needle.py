@@ -225,7 +225,7 @@ def plot_heatmap(report: dict, path: str, title: str | None = None) -> str:
     import numpy as np
 
     acc = np.array(report["accuracy"], dtype=float).T  # (depths, lengths)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * acc.shape[1], 1.2 + 0.35 * acc.shape[0]))
+    fig, ax = plt.subplots(figsize=(max(6.0, 2.0 + 0.8 * acc.shape[1]), max(3.5, 1.6 + 0.35 * acc.shape[0])))
     im = ax.imshow(acc, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto", origin="upper")
     ax.set_xticks(range(acc.shape[1]), [str(L) for L in report["lengths"]], rotation=45, ha="right")
     ax.set_yticks(range(acc.shape[0]), [f"{d:g}" for d in report["depths"]])
