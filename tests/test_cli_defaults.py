@@ -27,6 +27,7 @@ from dsv3.plan import PlanConfig
 from dsv3.posttrain.grpo import GRPOConfig
 from dsv3.posttrain.sft import SFTConfig
 from dsv3.training.config import TrainConfig
+from dsv3.eval.needle import NeedleConfig
 from dsv3.training.evaluate import EvalConfig
 
 GENERATE = [(SamplingParams, dict(exclude=("logprobs",))), (EngineConfig, dict(only=("speculative_k", "device")))]
@@ -35,7 +36,7 @@ SETTINGS = {
     "info": [],
     "plan": [(PlanConfig, {})],
     "train": [(TrainConfig, {}), (ParallelConfig, {})],
-    "eval": [(EvalConfig, {})],
+    "eval": [(EvalConfig, {}), (NeedleConfig, {})],
     "generate": GENERATE,
     "sample": GENERATE,
     "chat": GENERATE,
@@ -51,7 +52,7 @@ REQUIRED = {"info": [], "plan": [], "train": [], "eval": ["ck"], "generate": ["c
             "grpo": ["ck", "--out", "o"], "convert": ["ck", "o"], "quantize": ["ck", "o"], "serve": ["ck"]}
 # the CLI's own arguments: what to run on and what to print, no library setting
 CLI_ONLY = {"info": {"preset", "config"}, "plan": {"preset", "config", "suggest", "sort"},
-            "train": {"preset", "config", "samples"}, "eval": {"checkpoint"},
+            "train": {"preset", "config", "samples"}, "eval": {"checkpoint", "task", "out_json", "out_png"},
             "generate": {"checkpoint", "prompt", "chat", "verbose"}, "sample": {"checkpoint", "prompt", "chat", "verbose"},
             "chat": {"checkpoint", "system"}, "sft": {"checkpoint", "data", "out"},
             "grpo": {"checkpoint", "task", "reward", "out"}, "convert": {"checkpoint", "out"},
