@@ -8,8 +8,10 @@ retrieval over length and depth), at a small scale:
 2. runs the pass-key grid (dsv3/eval/needle.py) on it, up to the preset's max_position_embeddings:
    retrieval beyond the trained length is expected to fail;
 3. for each factor of --rope-factors (default 4,16), a stage `dsv3 train --init-from PREVIOUS --seq-len
-   BASE_SEQ x FACTOR --rope-factor FACTOR` (YaRN; max_position_embeddings becomes BASE_SEQ x FACTOR)
-   for --ext-steps steps at the same tokens per step, then the grid again up to its context;
+   BASE_SEQ x FACTOR` for --ext-steps steps at the same tokens per step, constant LR --ext-lr, then the
+   grid again up to its context. YaRN (`--rope-factor`): with --yarn-schedule paper (default) as §4.3,
+   the first stage sets the last factor (16: max_position_embeddings = 16 x BASE_SEQ) and the second
+   keeps it, only raising the sequence length; with per-stage each stage sets its own factor (4, 16);
 4. measures prefill and decode speed at the longest context through the engine (batch 1 and
    --decode-batch), and reports the latent KV cache's bytes per token beside an expanded (per-head K/V)
    cache's (dsv3.info.model_info, what `dsv3 info` prints).
@@ -86,16 +88,21 @@ def run_grid(stage: str, checkpoint: str, args, log) -> dict:
     return {k: v for k, v in r.items() if k != "results"}
 
 
-def extend(stage: str, init_from: str, factor: int, args, log) -> str:
-    """One `dsv3 train --init-from` stage; returns its run directory."""
+def extend(stage: str, init_from: str, factor: int, rope_factor: int | None, args, log) -> str:
+    """One `dsv3 train --init-from` stage at BASE_SEQ x factor (YaRN factor `rope_factor`, None: the
+    checkpoint's); returns its run directory."""
     out = os.path.join(args.out, stage)
     shutil.rmtree(out, ignore_errors=True)
     seq = args.seq_len * factor
     batch = max(args.batch_size * args.seq_len // seq, 1)  # the base run's tokens per step
-    cmd = dsv3_cli() + ["train", "--init-from", init_from, "--rope-factor", str(factor), "--seq-len", str(seq),
-                        "--batch-size", str(batch), "--steps", str(args.ext_steps), "--lr", str(args.ext_lr),
+    lr = args.ext_lr if args.ext_lr > 0 else 0.1 * args.lr
+    cmd = dsv3_cli() + ["train", "--init-from", init_from, "--seq-len", str(seq), "--batch-size", str(batch),
+                        "--steps", str(args.ext_steps), "--schedule", "constant", "--warmup-steps", "0",
+                        "--lr", str(lr),
                         "--device", args.device, "--cache-dir", args.cache_dir, "--out", out, "--save-every", "0",
                         "--eval-every", "0", "--samples", "0", "--no-progress"]
+    if rope_factor:
+        cmd += ["--rope-factor", str(rope_factor)]
     if args.data:
         cmd += ["--data", args.data]
     if args.micro_batch_size:
@@ -170,7 +177,10 @@ def main() -> None:
     ap.set_defaults(seq_len=512, batch_size=64)
     ap.add_argument("--rope-factors", default="4,16", help="extension stages: context x FACTOR each (YaRN)")
     ap.add_argument("--ext-steps", type=int, default=300, help="training steps per extension stage")
-    ap.add_argument("--ext-lr", type=float, default=3e-4, help="learning rate of the extension stages")
+    ap.add_argument("--ext-lr", type=float, default=0.0, help="constant learning rate of the extension stages "
+                                                             "(0: 0.1 x --lr)")
+    ap.add_argument("--yarn-schedule", default="paper", choices=["paper", "per-stage"],
+                    help="paper: the last factor from the first stage on (§4.3); per-stage: each stage its own")
     ap.add_argument("--no-extension", action="store_true", help="only the base model's grid and speed")
     ap.add_argument("--depths", default="0,10,20,30,40,50,60,70,80,90,100")
     ap.add_argument("--trials", type=int, default=4)
@@ -197,10 +207,11 @@ def main() -> None:
         report["train_summary"] = train_for_minutes(run_args, log=log)
     report["stages"].append({"stage": "base", "seq_len": args.seq_len, "needle": run_grid("base", base, args, log)})
     prev = base
-    for f in factors:
+    for i, f in enumerate(factors):
         name = f"x{f}"
-        prev = extend(name, prev, f, args, log)
-        report["stages"].append({"stage": name, "seq_len": args.seq_len * f, "rope_factor": f,
+        rope = f if args.yarn_schedule == "per-stage" else (max(factors) if i == 0 else None)
+        prev = extend(name, prev, f, rope, args, log)
+        report["stages"].append({"stage": name, "seq_len": args.seq_len * f, "rope_factor": rope or max(factors),
                                  "needle": run_grid(name, prev, args, log)})
         write_json(report, os.path.join(args.out, "long_context.json"))
     report["speed"] = speed(prev, args, log)
