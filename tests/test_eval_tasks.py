@@ -129,6 +129,10 @@ def test_needle_grid_scores_scripted_answers(tok, right):
     assert r["accuracy"] == [[float(right)] * 3] * 2 and r["overall"] == float(right)
     assert len(r["results"]) == 18 and eng.batches == [4, 4, 1] * 2  # 9 prompts per length, batches of 4
     assert calls[-1] == (18, 18, 128)
+    # long prompts: fewer per batch (max_batch_tokens)
+    eng = ScriptedEngine(tok, right)
+    run_needle(eng, tok, [64, 128], [0.0, 50.0, 100.0], NeedleConfig(trials=3, max_batch_size=4, max_batch_tokens=200))
+    assert eng.batches == [3, 3, 3] + [1] * 9  # 200 // 64 = 3 prompts of 64 tokens, 200 // 128 = 1 of 128
 
 
 def test_eval_needle_end_to_end(ckpt, tmp_path):

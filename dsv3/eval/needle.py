@@ -11,8 +11,8 @@ right before the question. The pieces are concatenated as ids, not re-tokenized 
 length and the key's token position are exact (`build_prompt` returns that position). No special tokens
 are added (no BOS: dsv3 documents start after an EOS, and the engine takes the ids as they are).
 
-The model continues greedily for `new_tokens` tokens through the batched engine (all prompts of a
-length in batches of max_batch_size). Scoring (`score_passkey`): the answer is right when the first
+The model continues greedily for `new_tokens` tokens through the batched engine (the prompts of a
+length in batches of max_batch_size prompts, at most max_batch_tokens prompt tokens). Scoring (`score_passkey`): the answer is right when the first
 run of ASCII digits in the generated text is exactly the key. So "71432", " 71432." and "no, 71432"
 are right; "7143", "714320", "71,432", "7 1432" and "" are wrong (the first digit run is not the
 key). Signs, spaces and words before the first digit are ignored; what follows the number is ignored.
@@ -52,13 +52,21 @@ class NeedleConfig:
     new_tokens: int = setting(8, "tokens generated greedily per prompt")
     key_digits: int = setting(5, "digits of each pass key")
     max_batch_size: int = setting(16, "prompts decoded together")
+    # the prefill computes logits at every position: (batch x length x vocab) values at once
+    max_batch_tokens: int = setting(65536, "prompt tokens prefilled together (fewer prompts per batch at long "
+                                           "lengths)")
     seed: int = setting(0, "seed of the pass keys")
 
     def validate(self) -> "NeedleConfig":
-        for name in ("trials", "new_tokens", "key_digits", "max_batch_size"):
+        for name in ("trials", "new_tokens", "key_digits", "max_batch_size", "max_batch_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         return self
+
+
+def batch_size_for(length: int, cfg: NeedleConfig) -> int:
+    """Prompts of `length` tokens generated together: max_batch_size, fewer when they exceed max_batch_tokens."""
+    return max(1, min(cfg.max_batch_size, cfg.max_batch_tokens // length))
 
 
 def score_passkey(output: str, key: str) -> bool:
@@ -164,8 +172,9 @@ def run_needle(engine, tok, lengths: Sequence[int], depths: Sequence[float], cfg
     for L in lengths:
         idx = [i for i, c in enumerate(cells) if c[0] == L]
         t0 = time.perf_counter()
-        for s in range(0, len(idx), cfg.max_batch_size):
-            chunk = idx[s: s + cfg.max_batch_size]
+        n = batch_size_for(L, cfg)
+        for s in range(0, len(idx), n):
+            chunk = idx[s: s + n]
             outs = engine.generate([prompts[i][0] for i in chunk], params)
             for i, o in zip(chunk, outs):
                 (_, d, t), (_, key, pos) = cells[i], prompts[i]
@@ -186,7 +195,7 @@ def run_needle(engine, tok, lengths: Sequence[int], depths: Sequence[float], cfg
 def needle_checkpoint(checkpoint: str, cfg: NeedleConfig, device: str = "auto",
                       progress: Callable[[int, int, int], None] | None = None) -> dict:
     """`run_needle` on a checkpoint or run directory: the lengths are checked against its context before
-    the model loads; the engine's cache holds max_batch_size prompts of the longest length."""
+    the model loads; the engine's cache holds the largest batch of any length (batch_size_for)."""
     from dsv3.checkpoints.rundir import resolve_checkpoint
     from dsv3.config import ModelConfig
     from dsv3.inference.engine import load_engine
@@ -199,9 +208,9 @@ def needle_checkpoint(checkpoint: str, cfg: NeedleConfig, device: str = "auto",
         raise ValueError(f"the model's context ({context} tokens) has no room for a needle prompt and "
                          f"{cfg.new_tokens} generated tokens")
     depths = parse_depths(cfg.depths)
-    batch = min(cfg.max_batch_size, len(depths) * cfg.trials)
-    engine, tok = load_engine(path, device=device, max_batch_size=batch,
-                              cache_tokens=batch * (lengths[-1] + cfg.new_tokens + 16))
+    batches = {L: min(batch_size_for(L, cfg), len(depths) * cfg.trials) for L in lengths}
+    engine, tok = load_engine(path, device=device, max_batch_size=max(batches.values()),
+                              cache_tokens=max(b * (L + cfg.new_tokens + 16) for L, b in batches.items()))
     report = run_needle(engine, tok, lengths, depths, cfg, progress)
     return {"checkpoint": path, "context": context, **report}
 
