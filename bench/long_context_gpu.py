@@ -30,7 +30,6 @@ CPU smoke run (tiny preset, a small corpus, seconds of training):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -137,7 +136,7 @@ def speed(checkpoint: str, args, log) -> dict:
         res["engine_cache_bytes_per_token"] = PagedLatentCache.bytes_per_token(engine.model, engine.cache.kv.dtype)
         prompts = [[(7 * i + 13 * b) % (cfg.vocab_size - 1) + 1 for i in range(L)] for b in range(B)]
 
-        def timed(n):
+        def timed(engine, n):
             """(seconds until every request has its first token: the prefill, seconds of the n - 1 decode steps)."""
             params = SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True)
             for p in prompts:
@@ -153,8 +152,8 @@ def speed(checkpoint: str, args, log) -> dict:
             sync()
             return t_first - t0, time.perf_counter() - t_first
 
-        timed(4)  # warm-up: kernels, CUDA graphs of the decode buckets
-        t_prefill, decode_s = timed(args.decode_tokens + 1)
+        timed(engine, 4)  # warm-up: kernels, CUDA graphs of the decode buckets
+        t_prefill, decode_s = timed(engine, args.decode_tokens + 1)
         run = {"batch": B, "prefill_s": t_prefill, "prefill_tok_s": B * L / t_prefill,
                "decode_tok_s": B * args.decode_tokens / decode_s,
                "decode_ms_per_step": 1e3 * decode_s / args.decode_tokens}
