@@ -6,14 +6,13 @@ held-out bytes (the 1% of stdlib files chosen by the path hash, or another corpu
 
 The model's figure is the cross-entropy over every target of the validation windows divided by the
 UTF-8 bytes of those targets (exact per-token byte counts). gzip -9 and xz -9e compress the
-concatenated validation documents as one stream.
+concatenated validation documents as one stream (dsv3/eval/compress.py, which `dsv3 eval` also uses;
+`dsv3 eval CHECKPOINT --data PATH` prints the same comparison on the exact bytes the model scored).
 """
 
 from __future__ import annotations
 
 import argparse
-import gzip
-import lzma
 import os
 import platform
 import sys
@@ -25,6 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from dsv3.checkpoints.hf import load_pretrained  # noqa: E402
 from dsv3.cli import _resolve_checkpoint  # noqa: E402
+from dsv3.eval.compress import compressor_bits_per_byte  # noqa: E402
 from dsv3.training.data import ValBatches, build_token_cache, find_corpus, read_documents, split_of  # noqa: E402
 from dsv3.training.config import TrainConfig, resolve_device  # noqa: E402
 from dsv3.training.loop import evaluate  # noqa: E402
@@ -55,17 +55,8 @@ def main() -> None:
     train_raw, raw = split_bytes(args.data, args.val_permille)
     t0 = time.time()
 
-    def gz_len(b):
-        return len(gzip.compress(b, compresslevel=9))
-
-    def xz_len(b):
-        return len(lzma.compress(b, preset=9 | lzma.PRESET_EXTREME))
-
-    gz = 8 * gz_len(raw) / len(raw)
-    xz = 8 * xz_len(raw) / len(raw)
-    # "primed": the compressor has seen (the end of) the training data first, as the model has.
-    # gzip's window is 32 KiB, so only the last 32 KiB can help; xz -9e has a 64 MiB dictionary.
-    xz_primed = 8 * (xz_len(train_raw + b"\n" + raw) - xz_len(train_raw)) / len(raw)
+    comp = compressor_bits_per_byte(raw, primer=train_raw)
+    gz, xz, xz_primed = comp["gzip -9"], comp["xz -9e"], comp["xz -9e primed"]
 
     path = _resolve_checkpoint(args.checkpoint)
     device = resolve_device(args.device)

@@ -35,6 +35,7 @@ def add_train_args(ap: argparse.ArgumentParser, *, minutes: float = 8.0, out: st
     ap.add_argument("--minutes", type=float, default=minutes, help="wall-clock budget of the training run proper")
     ap.add_argument("--out", default=out, help="run directory (replaced)")
     ap.add_argument("--preset", default="small")
+    ap.add_argument("--data", default=None, help="training corpus (default: the Python standard library)")
     ap.add_argument("--extra-data", action="append", default=[])
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--batch-size", type=int, default=32)
@@ -50,7 +51,7 @@ def train_for_minutes(args: argparse.Namespace, log=print) -> dict:
     """Tokenizer + token caches, a 25-step probe for tokens/s (or --tok-s), then a run of --preset whose step
     count fits --minutes into args.out (its final checkpoint under args.out/checkpoints). Returns the summary."""
     mc = preset(args.preset)
-    common = dict(extra_data=args.extra_data, seq_len=args.seq_len, batch_size=args.batch_size,
+    common = dict(data=args.data, extra_data=args.extra_data, seq_len=args.seq_len, batch_size=args.batch_size,
                   micro_batch_size=args.micro_batch_size, lr=args.lr, device=args.device, cache_dir=args.cache_dir,
                   progress=False, save_every=0, eval_every=0, log_every=5)
     if args.tok_s > 0:

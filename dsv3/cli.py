@@ -135,14 +135,49 @@ def cmd_quantize(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    """Validation loss and bits per byte (dsv3.training.evaluate.evaluate_checkpoint)."""
+    """--task loss (default): loss and bits per byte beside gzip and xz (dsv3.training.evaluate);
+    --task needle: the pass-key grid over context length and depth (dsv3.eval.needle); --task humaneval
+    and --lm-eval TASKS: the benchmarks (dsv3.eval.humaneval, dsv3.eval.lm_eval_adapter)."""
     if args.lm_eval or args.task == "humaneval":
         return _eval_harness(args)
+    if args.task == "needle":
+        return _eval_needle(args)
+    from dsv3.eval.report import write_json
     from dsv3.training.evaluate import EvalConfig, evaluate_checkpoint
 
     r = evaluate_checkpoint(args.checkpoint, from_args(EvalConfig, args))
     print(f"{r['checkpoint']}: {r['split']} loss {r['val_loss']:.4f} nats/token, {r['val_bpb']:.4f} bits/byte "
           f"over {r['val_tokens']:,} tokens of {r['source']}")
+    if "compressors" in r:
+        print(f"\n| on the same {r['val_bytes']:,} bytes | bits/byte |\n|---|---|")
+        for name, bpb in r["compressors"].items():
+            print(f"| {name} | {bpb:.4f} |")
+        print(f"| dsv3 checkpoint | {r['val_bpb']:.4f} |")
+    if args.out_json:
+        print(f"wrote {write_json({'task': 'loss', **r}, args.out_json)}")
+    return 0
+
+
+def _eval_needle(args) -> int:
+    import os
+    import time
+
+    from dsv3.eval.needle import NeedleConfig, format_table, needle_checkpoint, plot_heatmap
+    from dsv3.eval.report import write_json
+
+    t0 = time.perf_counter()
+
+    def progress(done: int, total: int, length: int) -> None:
+        print(f"needle: {done}/{total} prompts (length {length}), {time.perf_counter() - t0:.0f}s",
+              file=sys.stderr, flush=True)
+
+    r = needle_checkpoint(args.checkpoint, from_args(NeedleConfig, args), device=args.device, progress=progress)
+    print(f"{r['checkpoint']}: pass key accuracy {r['overall']:.3f} over {len(r['results'])} prompts "
+          f"(context {r['context']}; {r['trials']} keys per cell; rows: prompt length, columns: key depth)")
+    print(format_table(r))
+    out_json = args.out_json or "needle.json"
+    out_png = args.out_png or os.path.splitext(out_json)[0] + ".png"
+    print(f"wrote {write_json(r, out_json)} and {plot_heatmap(r, out_png)}")
     return 0
 
 
@@ -158,14 +193,14 @@ def _eval_harness(args) -> int:
         r = run_lm_eval(_resolve_checkpoint(args.checkpoint), args.lm_eval, include_path=args.include_path,
                         limit=args.limit or None, batch_size=args.batch_size, device=args.device)
         print(make_table(r))
-        if args.output:
-            with open(args.output, "w", encoding="utf-8") as f:
+        if args.out_json:
+            with open(args.out_json, "w", encoding="utf-8") as f:
                 json.dump({k: r[k] for k in ("results", "versions", "n-shot", "config") if k in r}, f, indent=1,
                           default=str)
         return 0
     from dsv3.eval.humaneval import HumanEvalConfig, format_table, run_humaneval
 
-    hc = from_args(HumanEvalConfig, args, only=HUMANEVAL_FIELDS, device=args.device)
+    hc = from_args(HumanEvalConfig, args, only=HUMANEVAL_FIELDS, device=args.device, output=args.out_json)
     r = run_humaneval(_resolve_checkpoint(args.checkpoint), hc)
     print(format_table(r))
     print(json.dumps({k: v for k, v in r.items() if k != "problems"}))
@@ -355,20 +390,26 @@ def _train_flags(p) -> None:
 
 
 # the HumanEvalConfig fields that `dsv3 eval` offers (device is EvalConfig's)
-HUMANEVAL_FIELDS = ("samples", "limit", "temperature", "output")
+HUMANEVAL_FIELDS = ("samples", "limit", "temperature")  # (its output: --out-json, as every task's)
 
 
 def _eval_flags(p) -> None:
+    from dsv3.eval.needle import NeedleConfig
     from dsv3.training.evaluate import EvalConfig
 
     _add_checkpoint(p)
+    p.add_argument("--task", default="loss", choices=["loss", "needle", "humaneval"],
+                   help="loss: loss and bits per byte beside gzip/xz; needle: pass-key retrieval grid; humaneval: "
+                        "pass@k of sandboxed completions (default: loss)")
+    p.add_argument("--out-json", default=None, help="write the results as JSON (needle default: needle.json)")
+    p.add_argument("--out-png", default=None, help="needle heatmap (default: the JSON path with .png)")
     add_fields(p, EvalConfig)
+    add_fields(p.add_argument_group("--task needle (NeedleConfig)"), NeedleConfig)
     from dsv3.eval.humaneval import HumanEvalConfig
 
-    h = p.add_argument_group("benchmarks (dsv3/eval: lm-evaluation-harness, HumanEval)")
+    h = p.add_argument_group("benchmarks (dsv3/eval: lm-evaluation-harness, --task humaneval)")
     h.add_argument("--lm-eval", metavar="TASKS", default=None, help="comma-separated lm-evaluation-harness tasks")
     h.add_argument("--include-path", metavar="DIR", default=None, help="directory of extra lm-eval task YAMLs")
-    h.add_argument("--task", default=None, help="humaneval: pass@k of sandboxed completions")
     add_fields(h, HumanEvalConfig, only=HUMANEVAL_FIELDS)
 
 
@@ -459,7 +500,8 @@ VERBS = {
     "info": ("parameter counts and KV-cache size of a preset or config.json", _info_flags, cmd_info),
     "plan": ("memory per GPU and communication per step of a parallel training layout", _plan_flags, cmd_plan),
     "train": ("pre-train a model (default: tiny preset on the Python stdlib, CPU)", _train_flags, cmd_train),
-    "eval": ("validation loss and bits per byte of a checkpoint", _eval_flags, cmd_eval),
+    "eval": ("bits per byte of a checkpoint beside gzip/xz, or pass-key retrieval (--task needle)", _eval_flags,
+             cmd_eval),
     "generate": ("complete a prompt (streams; --chat wraps it in the chat template)", _generate_flags, cmd_generate),
     "sample": ("same as generate, seeded (--seed 0) by default (kept for the training issue's interface)",
                _sample_flags, cmd_generate),

@@ -116,8 +116,14 @@ def test_evaluate_checkpoint_is_what_eval_prints(run):
     rc, stdout, err = run_cli(["eval", run["out"], "--data", run["data"], "--cache-dir", run["cache"], "--seq-len", 32,
                                "--val-permille", 200, "--max-batches", 2, "--no-progress"])
     assert rc == 0, err
-    assert stdout == (f"{r['checkpoint']}: val loss {r['val_loss']:.4f} nats/token, {r['val_bpb']:.4f} bits/byte "
-                      f"over {r['val_tokens']:,} tokens of {r['source']}\n")
+    lines = stdout.splitlines()
+    assert lines[0] == (f"{r['checkpoint']}: val loss {r['val_loss']:.4f} nats/token, {r['val_bpb']:.4f} bits/byte "
+                        f"over {r['val_tokens']:,} tokens of {r['source']}")
+    # then gzip and xz on the same bytes as the model (dsv3/eval/compress.py)
+    assert lines[2:] == [f"| on the same {r['val_bytes']:,} bytes | bits/byte |", "|---|---|",
+                         *(f"| {k} | {v:.4f} |" for k, v in r["compressors"].items()),
+                         f"| dsv3 checkpoint | {r['val_bpb']:.4f} |"]
+    assert list(r["compressors"]) == ["gzip -9", "xz -9e"] and all(0 < v < 8 for v in r["compressors"].values())
 
 
 def test_eval_errors(run, tmp_path):

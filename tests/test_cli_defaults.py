@@ -28,6 +28,7 @@ from dsv3.plan import PlanConfig
 from dsv3.posttrain.grpo import GRPOConfig
 from dsv3.posttrain.sft import SFTConfig
 from dsv3.training.config import TrainConfig
+from dsv3.eval.needle import NeedleConfig
 from dsv3.training.evaluate import EvalConfig
 
 GENERATE = [(SamplingParams, dict(exclude=("logprobs",))), (EngineConfig, dict(only=("speculative_k", "device")))]
@@ -36,7 +37,7 @@ SETTINGS = {
     "info": [],
     "plan": [(PlanConfig, {})],
     "train": [(TrainConfig, {}), (ParallelConfig, {})],
-    "eval": [(EvalConfig, {}), (HumanEvalConfig, dict(only=cli.HUMANEVAL_FIELDS))],
+    "eval": [(EvalConfig, {}), (NeedleConfig, {}), (HumanEvalConfig, dict(only=cli.HUMANEVAL_FIELDS))],
     "generate": GENERATE,
     "sample": GENERATE,
     "chat": GENERATE,
@@ -52,7 +53,8 @@ REQUIRED = {"info": [], "plan": [], "train": [], "eval": ["ck"], "generate": ["c
             "grpo": ["ck", "--out", "o"], "convert": ["ck", "o"], "quantize": ["ck", "o"], "serve": ["ck"]}
 # the CLI's own arguments: what to run on and what to print, no library setting
 CLI_ONLY = {"info": {"preset", "config"}, "plan": {"preset", "config", "suggest", "sort"},
-            "train": {"preset", "config", "samples"}, "eval": {"checkpoint", "lm_eval", "include_path", "task"},
+            "train": {"preset", "config", "samples"},
+            "eval": {"checkpoint", "task", "out_json", "out_png", "lm_eval", "include_path"},
             "generate": {"checkpoint", "prompt", "chat", "verbose"}, "sample": {"checkpoint", "prompt", "chat", "verbose"},
             "chat": {"checkpoint", "system"}, "sft": {"checkpoint", "data", "out"},
             "grpo": {"checkpoint", "task", "reward", "out"}, "convert": {"checkpoint", "out"},

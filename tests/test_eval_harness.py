@@ -102,7 +102,7 @@ needs_lm_eval = pytest.mark.skipif(not _has("lm_eval"), reason="lm-eval is not i
 def test_humaneval_end_to_end_tiny_checkpoint(ckpt, tmp_path):
     out = tmp_path / "he.json"
     rc, stdout, _ = run_cli(["eval", ckpt, "--task", "humaneval", "--limit", 2, "--samples", 2, "--device", "cpu",
-                             "--output", out])
+                             "--out-json", out])
     assert rc == 0 and "pass@1" in stdout
     r = json.loads(out.read_text())
     assert r["n_problems"] == 2 and r["samples"] == 2 and r["pass@1"] == 0.0 and "pass@10" not in r

@@ -3,7 +3,12 @@
 The corpus is tokenized with the checkpoint's tokenizer into the same token cache `dsv3 train` uses
 (`<cache_dir>/tokens`, without FIM), split the same way (`val_permille`), and read in order in
 windows of `seq_len` + 1 tokens (dsv3.training.data.ValBatches); the loss is that of
-dsv3.training.loop.evaluate, in fp32, so bits per byte are exact over whatever is evaluated.
+dsv3.training.loop.evaluate, in fp32, so bits per byte are exact over whatever is evaluated. Split
+"all" reads the train split then the val split: the whole of a file or directory given as --data.
+
+Beside the model, gzip -9 and xz -9e compress the same bytes: the text of the evaluated target tokens
+(the windows' targets are one contiguous run of the token stream, tokens[1 : 1 + val_tokens]; EOS
+between documents carries no bytes), so the three figures share one denominator.
 """
 
 from __future__ import annotations
@@ -12,11 +17,13 @@ import contextlib
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from dsv3.checkpoints.hf import load_pretrained
 from dsv3.checkpoints.rundir import resolve_checkpoint
 from dsv3.cliargs import setting
+from dsv3.eval.compress import compressor_bits_per_byte
 from dsv3.tokenizer import DSTokenizer
 from dsv3.training.config import TrainConfig, default_cache_dir, resolve_device
 from dsv3.training.data import ValBatches, build_token_cache
@@ -28,7 +35,8 @@ from dsv3.training.strategy import Strategy
 class EvalConfig:
     """What `evaluate_checkpoint` measures; the fields are also the flags of `dsv3 eval`."""
     data: str | None = setting(None, "corpus (default: the Python standard library)")
-    split: str = setting("val", "which split of the corpus", choices=("val", "train"))
+    split: str = setting("val", "which split of the corpus (all: train then val, e.g. a whole file)",
+                         choices=("val", "train", "all"))
     # train's, so that "val" is the split a run held out
     val_permille: int = setting(TrainConfig.val_permille, "held-out split, per mille of the corpus (as train's)")
     seq_len: int = setting(TrainConfig.seq_len, "tokens per window")  # train's: the context it was trained on
@@ -39,10 +47,12 @@ class EvalConfig:
     cache_dir: str = setting(factory=default_cache_dir,
                              help="where token caches go, under tokens/ ($DSV3_CACHE, else ~/.cache/dsv3)")
     progress: bool = setting(True, "no progress bar while tokenizing")  # the flag is --no-progress
+    compressors: bool = setting(True, "do not compress the evaluated bytes with gzip and xz")  # --no-compressors
 
 
 def evaluate_checkpoint(checkpoint: str, cfg: EvalConfig) -> dict:
-    """{checkpoint, split, source, val_loss (nats/token), val_bpb (bits/byte), val_tokens} of a
+    """{checkpoint, split, source, val_loss (nats/token), val_bpb (bits/byte), val_tokens, val_bytes,
+    compressors ({"gzip -9": bpb, "xz -9e": bpb} on the same bytes, unless cfg.compressors is False)} of a
     checkpoint directory or run directory (its latest checkpoint) on cfg.data's cfg.split split."""
     path = resolve_checkpoint(checkpoint)
     device = resolve_device(cfg.device)
@@ -50,9 +60,22 @@ def evaluate_checkpoint(checkpoint: str, cfg: EvalConfig) -> dict:
     model = load_pretrained(path, device=device, dtype=torch.float32).eval()
     cache = build_token_cache(cfg.data, tok, os.path.join(cfg.cache_dir, "tokens"), val_permille=cfg.val_permille,
                               fim_rate=0.0, progress=cfg.progress)
-    if cache.meta["splits"][cfg.split]["n_tokens"] <= cfg.seq_len:
+    splits = ("train", "val") if cfg.split == "all" else (cfg.split,)
+    n_tokens = sum(cache.meta["splits"][s]["n_tokens"] for s in splits)
+    hint = "" if cfg.split == "all" else " (--split all evaluates the whole corpus)"
+    if n_tokens == 0:
+        raise ValueError(f"the {cfg.split} split of {cache.meta['source']} holds no text{hint}")
+    if n_tokens <= cfg.seq_len:
         raise ValueError(f"the {cfg.split} split of {cache.meta['source']} has too few tokens for seq_len "
-                         f"{cfg.seq_len}")
-    batches = ValBatches(cache.tokens(cfg.split), cfg.seq_len, cfg.batch_size, name=f"{cfg.split} split")
-    ev = evaluate(Strategy.of(model), batches, tok.token_byte_lengths(), contextlib.nullcontext, cfg.max_batches or None)
-    return {"checkpoint": path, "split": cfg.split, "source": cache.meta["source"], **ev}
+                         f"{cfg.seq_len} ({n_tokens} tokens){hint}")
+    tokens = cache.tokens(splits[0]) if len(splits) == 1 else np.concatenate([cache.tokens(s) for s in splits])
+    batches = ValBatches(tokens, cfg.seq_len, cfg.batch_size, name=f"{cfg.split} split")
+    token_bytes = tok.token_byte_lengths()
+    ev = evaluate(Strategy.of(model), batches, token_bytes, contextlib.nullcontext, cfg.max_batches or None)
+    targets = np.asarray(tokens[1: 1 + ev["val_tokens"]], dtype=np.int64)
+    r = {"checkpoint": path, "split": cfg.split, "source": cache.meta["source"], **ev,
+         "val_bytes": int(token_bytes[targets].sum())}
+    if cfg.compressors:  # the bytes the loss covers, in order
+        text = tok.decode_bytes(targets[token_bytes[targets] > 0].tolist())
+        r["compressors"] = compressor_bits_per_byte(text)
+    return r
