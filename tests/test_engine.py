@@ -1123,3 +1123,16 @@ def test_text_stream_holds_back_partial_characters_and_stop_prefixes():
     s = TextStream(Tok())
     assert s.delta([0, 1], finished=False) == "ab" and s.delta([0, 1, 2], finished=False) == "\u20ac"
     assert s.delta([0, 1, 2, 6, 1], finished=True) == "cd\ufffd"  # finished: nothing held back
+
+
+def test_logits_at_one_position_equal_the_full_logits(models):
+    """Transformer.forward(logits_at=...) (the engine's prefill: the head only at each prompt's last
+    position) gives those positions' rows of the full logits."""
+    model = models["plain"]
+    ids = torch.randint(0, model.config.vocab_size, (3, 9), generator=torch.Generator().manual_seed(0))
+    at = torch.tensor([8, 0, 5])
+    with torch.no_grad():
+        full = model(ids, with_mtp=False).logits
+        got = model(ids, with_mtp=False, logits_at=at).logits
+    assert got.shape == (3, 1, full.shape[-1])
+    torch.testing.assert_close(got[:, 0], full[torch.arange(3), at])

@@ -285,9 +285,9 @@ class Engine:
         sampler = self._sampler(reqs)
         ids_d, last = ids.to(self.device), torch.tensor([n - 1 for n in lens]).to(self.device)
         cb = self.cache.batch([r.blocks for r in reqs], [0] * B, lens)
-        out = self.model(ids_d, cb.positions, cache=cb)
+        out = self.model(ids_d, cb.positions, cache=cb, logits_at=last)  # the head only at each prompt's end
         self.stats.prefill_tokens += sum(lens)
-        last_logits = out.logits.gather(1, last.view(B, 1, 1).expand(B, 1, out.logits.shape[-1]))  # (B, 1, V)
+        last_logits = out.logits  # (B, 1, V)
         first, _, _ = speculation.accept(sampler, last_logits, ids_d[:, :0], None)  # (B, 1): a round without drafts
         lp = sampler.logprobs(last_logits, first)
         drafts = q = None

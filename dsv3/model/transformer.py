@@ -208,13 +208,16 @@ class Transformer(nn.Module):
     # --- forward ---------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, *,
                 tokens: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
-                with_mtp: bool = True, with_balance: bool = False, cache=None) -> ModelOutput:
+                with_mtp: bool = True, with_balance: bool = False, cache=None,
+                logits_at: torch.Tensor | None = None) -> ModelOutput:
         """input_ids: token ids (B, T); on a part without the embedding (a later pipeline stage) the
         hidden state (B, T, D) the part before it returned -> ModelOutput. position_ids (B, T) or (T,),
         default 0..T-1. tokens (B, T): the token ids, needed where the input is a hidden state and this
         part holds the MTP modules. attn_mask: None for causal attention, or boolean (B, 1, T, T), True
         where attention is allowed. cache: a latent KV cache (dsv3/inference/cache.py); then
-        `cache.layer(i)` serves layer i, the absorbed attention runs, and MTP is left to `mtp_step`."""
+        `cache.layer(i)` serves layer i, the absorbed attention runs, and MTP is left to `mtp_step`.
+        logits_at (B,): compute the logits only at that position of each row, (B, 1, V) (a prefill needs
+        the last prompt position's; all T positions' would be B x T x V floats)."""
         if input_ids.dim() == 2:  # token ids
             if self.embed_tokens is None:
                 raise ValueError("this part of the model holds no embedding: pass the hidden state (batch, seq, dim)")
@@ -245,7 +248,11 @@ class Transformer(nn.Module):
         if self.norm is None:  # a part before the head: the residual stream goes on to the next part
             return _output(None, [], h, counts, balance)
         h = self.norm(h)
-        logits = self.lm_head(h)
+        if logits_at is not None:  # (B,): one position per row (prefill: the last prompt token) -> logits (B, 1, V)
+            B, _, D = h.shape
+            logits = self.lm_head(h.gather(1, logits_at.view(B, 1, 1).expand(B, 1, D)))
+        else:
+            logits = self.lm_head(h)
 
         mtp_logits = []
         if with_mtp and cache is None and len(self.mtp):
