@@ -206,6 +206,42 @@ def test_model_prefill_through_cache_equals_uncached(models, name):
             cache.release(tbl)
 
 
+@pytest.mark.parametrize("name", ["plain", "yarn"])
+@torch.no_grad()
+def test_prefill_expanded_path_equals_absorbed_and_chunked(models, name):
+    """A prefill view (every sequence from position 0) attends in the expanded form and only stores the
+    latents: its logits and the stored latents equal the absorbed path's (the same batch with the flag
+    off); a prompt prefilled in two chunks (the second one absorbed, T > 1, over the first's cache)
+    gives the uncached logits."""
+    model = models[name]
+    lengths = [7, 1, 23]
+    prompts = prompts_for(model.config, lengths, seed=5)
+    ids = torch.zeros(3, 23, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, : len(p)] = torch.tensor(p)
+    outs, caches = [], []
+    for prefill in (True, False):
+        cache = PagedLatentCache.for_model(model, num_blocks=32, block_size=4)
+        cb = cache.batch([cache.allocate(cache.blocks_for(n)) for n in lengths], [0] * 3, lengths)
+        assert cb.prefill
+        cb.prefill = prefill
+        outs.append(model(ids, cb.positions, cache=cb).logits)
+        caches.append(cache)
+    for b, n in enumerate(lengths):
+        torch.testing.assert_close(outs[0][b, :n], outs[1][b, :n], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(caches[0].kv, caches[1].kv, rtol=1e-5, atol=1e-5)  # (later layers see the
+    # attention outputs of the two forms, equal to fp32 rounding)
+    torch.testing.assert_close(caches[0].pe, caches[1].pe, rtol=1e-5, atol=1e-5)
+    p = prompts[2]
+    cache = PagedLatentCache.for_model(model, num_blocks=32, block_size=4)
+    tbl = cache.allocate(cache.blocks_for(len(p)))
+    model(torch.tensor([p[:9]]), cache.batch([tbl], [0], [9]).positions, cache=cache.batch([tbl], [0], [9]))
+    cb = cache.batch([tbl], [9], [len(p) - 9])
+    assert not cb.prefill
+    got = model(torch.tensor([p[9:]]), cb.positions, cache=cb).logits[0]
+    torch.testing.assert_close(got, model(torch.tensor([p])).logits[0, 9:], rtol=1e-5, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------------
 # 2. cached decode == full recomputation, on fragmented block tables
 

@@ -120,6 +120,9 @@ class CacheBatch:
         allowed = torch.where(valid[:, :, None], allowed, keys < total[:, None, None])
         self.mask = allowed.unsqueeze(1).to(dev)  # (B, 1, T, S)
         self.positions = wpos.to(dev)  # (B, T) RoPE positions of the new tokens
+        # every sequence starts empty: its new tokens are its whole context, so attention needs nothing
+        # from the cache and MLA attends in the expanded form (prefill), only storing the latents here
+        self.prefill = all(s == 0 for s in start)
 
     def layer(self, i: int) -> "_LayerView":
         return _LayerView(self, i)
@@ -129,10 +132,20 @@ class _LayerView:
     def __init__(self, batch: CacheBatch, slot: int):
         self.b, self.slot = batch, slot
 
-    def update(self, c_kv: torch.Tensor, k_pe: torch.Tensor):
-        """Store the new tokens' (B, T, C) / (B, T, R) latents; return the sequences' whole context."""
+    @property
+    def prefill(self) -> bool:
+        return self.b.prefill
+
+    def store(self, c_kv: torch.Tensor, k_pe: torch.Tensor) -> None:
+        """Store the new tokens' (B, T, C) / (B, T, R) latents (padding tokens are not stored)."""
         b = self.b
         kv, pe = b.cache.kv[self.slot], b.cache.pe[self.slot]
         kv[b.write_slots] = c_kv[b.write_b, b.write_t].to(kv.dtype)
         pe[b.write_slots] = k_pe[b.write_b, b.write_t].to(pe.dtype)
+
+    def update(self, c_kv: torch.Tensor, k_pe: torch.Tensor):
+        """Store the new tokens' (B, T, C) / (B, T, R) latents; return the sequences' whole context."""
+        self.store(c_kv, k_pe)
+        b = self.b
+        kv, pe = b.cache.kv[self.slot], b.cache.pe[self.slot]
         return kv[b.read_slots], pe[b.read_slots], b.mask

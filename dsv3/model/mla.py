@@ -82,7 +82,7 @@ class MLA(nn.Module):
                 attn_mask: torch.Tensor | None = None, cache=None) -> torch.Tensor:
         """Expanded attention (or the absorbed form when a latent cache is given). x (B, T, D); cos/sin (B|1, T, rope/2); attn_mask: None for causal, or a
         boolean (B, 1, T, T) mask (True = may attend), e.g. for packed samples kept apart."""
-        if cache is not None:
+        if cache is not None and not getattr(cache, "prefill", False):
             return self.forward_absorbed(x, cos, sin, cache)
         B, T, _ = x.shape
         # down-projections (their outputs are small: q_lora_rank / kv_lora_rank + rope wide)
@@ -94,6 +94,12 @@ class MLA(nn.Module):
             q, k, v = torch.utils.checkpoint.checkpoint(self._up, q_a, kv_a, cos, sin, use_reentrant=False)
         else:
             q, k, v = self._up(q_a, kv_a, cos, sin)
+        if cache is not None:
+            # a prefill view (every sequence starts at position 0, so the new tokens are the whole context):
+            # store the latents, then attend in the expanded form like training (causal; SDPA's fused
+            # kernels keep memory linear in T, where the absorbed einsums hold B x H x T x T fp32 scores)
+            c_kv, k_pe = kv_a.split([self.kv_lora_rank, self.rope], dim=-1)
+            cache.store(self.kv_a_layernorm(c_kv), apply_rope(k_pe.unsqueeze(2), cos, sin).squeeze(2))
         o = attention(q, k, v, self.scale, attn_mask)  # (B, H, T, v); causal when attn_mask is None
         o = o.transpose(1, 2).reshape(B, T, self.n_heads * self.v_dim)  # (B, T, H*v)
         return self.o_proj(o)
