@@ -13,6 +13,7 @@ optional.
     fp8_weight_linear, fp8_expert_rows                  "triton" (fp8_gemm_triton.py)
     mla_decode                                          "triton" (mla_decode_triton.py)
     adamw_step_                                         "triton" (adamw_triton.py)
+    router_topk                                         "triton" (router_triton.py)
     attention                                           SDPA, cuDNN first on CUDA (attention.py)
 
 Each operation takes `backend=` (None: choose); `use_backend(...)` forces the automatic choices in a
@@ -33,13 +34,14 @@ from dsv3.kernels.backend import select as select_backend
 from dsv3.kernels.backend import use_backend
 from dsv3.kernels.fp8 import (act_quant_cm, act_quant_t, fp8_expert_rows, fp8_gemm_bwd, fp8_gemm_fwd,
                               fp8_grouped_gemm_bwd, fp8_grouped_gemm_fwd, fp8_weight_linear, weight_quant_pad)
-from dsv3.kernels.reference import (BLOCK, FP8_MAX, act_dequant, act_quant, mla_decode_ref, weight_dequant,
-                                    weight_quant)
+from dsv3.kernels.reference import (BLOCK, FP8_MAX, act_dequant, act_quant, mla_decode_ref, router_topk_ref,
+                                    weight_dequant, weight_quant)
 
 __all__ = ["BLOCK", "FP8_MAX", "act_dequant", "act_quant", "act_quant_cm", "act_quant_t", "adamw_backend",
            "adamw_step_", "attention", "backend_available", "fp8_expert_rows", "fp8_gemm_bwd", "fp8_gemm_fwd",
            "fp8_grouped_gemm_bwd", "fp8_grouped_gemm_fwd", "fp8_weight_linear", "mla_decode", "mla_decode_ref",
-           "select_backend", "use_backend", "weight_dequant", "weight_quant", "weight_quant_pad"]
+           "router_topk", "router_topk_ref", "select_backend", "use_backend", "weight_dequant", "weight_quant",
+           "weight_quant_pad"]
 
 
 def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, pe: torch.Tensor,
@@ -59,6 +61,31 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, pe: to
 
         return kernel(q_lat, q_pe, kv, pe, block_table, seq_lens, block_size, scale)
     return mla_decode_ref(q_lat, q_pe, kv, pe, block_table, seq_lens, block_size, scale)
+
+
+def router_topk(logits: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: int, topk_group: int,
+                norm_topk_prob: bool, scale: float, *,
+                backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3 routing from the router logits (the contract: `reference.router_topk_ref`):
+    logits (N, E) fp32, bias (E,) fp32 -> w (N, K) fp32, idx (N, K) int64, s = sigmoid(logits) (N, E).
+    "triton": one kernel (router_triton.py, a custom op: opaque to torch.compile, capturable in a CUDA
+    graph) for the selection. The selection has no gradient, so where autograd records (grad enabled
+    and logits requiring grad) s and w are recomputed in torch from the logits and the kernel's idx
+    (`reference.router_weights`): their gradients are the reference's."""
+    N, E = logits.shape
+    assert bias.shape == (E,) and E % n_group == 0 and 1 <= topk_group <= n_group \
+        and 1 <= top_k <= topk_group * (E // n_group), \
+        f"router_topk: logits {tuple(logits.shape)}, bias {tuple(bias.shape)}, top_k={top_k}, n_group={n_group}, " \
+        f"topk_group={topk_group}"
+    if select_backend("router_topk", logits, bias, backend=backend) == "triton":
+        from dsv3.kernels.router_triton import router_topk as kernel
+
+        if torch.is_grad_enabled() and logits.requires_grad:
+            _, idx, _ = kernel(logits.detach(), bias, top_k, n_group, topk_group, norm_topk_prob, scale, False)
+            s = logits.sigmoid()
+            return reference.router_weights(s, idx, norm_topk_prob, scale), idx, s
+        return kernel(logits, bias, top_k, n_group, topk_group, norm_topk_prob, scale)
+    return router_topk_ref(logits, bias, top_k, n_group, topk_group, norm_topk_prob, scale)
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:

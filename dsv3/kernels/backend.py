@@ -11,6 +11,7 @@ never probe the GPU themselves.
     fp8_expert_rows   "triton"              bf16/fp16 x, at most EXPERT_DECODE_ROWS rows, no autograd
     mla_decode        "triton"              -
     adamw             "triton"              -
+    router_topk       "triton"              fp32 logits
 
 The rule: the accelerated backend where triton imports and every tensor given to `select` is a plain
 (not a subclass such as DTensor) CUDA tensor meeting its row; else "reference". The AdamW operation
@@ -44,6 +45,7 @@ FAST = {  # op -> its accelerated backend
     "fp8_expert_rows": "triton",
     "mla_decode": "triton",
     "adamw": "triton",
+    "router_topk": "triton",
 }
 # Up to these many activation rows the Triton FP8-weight kernels run (decode; above, prefill:
 # dequantise + cuBLAS): the dense 16-row-tile GEMM and the per-routed-row expert GEMV.
@@ -127,6 +129,8 @@ def _fast_fits(op: str, tensors: tuple[torch.Tensor, ...]) -> bool:
         return _decode_fits(tensors[0], DENSE_DECODE_ROWS)
     if op == "fp8_expert_rows":
         return _decode_fits(tensors[0], EXPERT_DECODE_ROWS)
+    if op == "router_topk":
+        return tensors[0].dtype == torch.float32
     return True
 
 

@@ -15,6 +15,7 @@ are what runs.
     FP8-weight GEMMs (inference on the official FP8 checkpoint)
         fp8_weight_linear_ref, fp8_expert_rows_ref           dequantise, then matmul
     mla_decode_ref                           absorbed-MLA decode attention over the paged latent cache
+    router_topk_ref, router_weights          DeepSeek-V3 routing: sigmoid, bias, group-limited top-k, gates
     adamw_step_ref_                          AdamW (torch.optim.AdamW's op order) in foreach buckets
 
 Weights: 128x128 blocks; `scale_inv` has shape [ceil(out/128), ceil(in/128)] (fp32) and is the
@@ -260,6 +261,39 @@ def mla_decode_ref(q_lat: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, pe
     scores = scores.masked_fill(pos[None, None, :] >= seq_lens[:, None, None], float("-inf"))
     p = scores.softmax(-1)
     return torch.einsum("bhs,bsc->bhc", p, kv_all).to(q_lat.dtype)
+
+
+# --- MoE router ----------------------------------------------------------------------------------
+
+def router_weights(s: torch.Tensor, idx: torch.Tensor, norm_topk_prob: bool, scale: float) -> torch.Tensor:
+    """The gates of the chosen experts: w = s[idx] (/ their sum if norm_topk_prob) · scale, (N, K) fp32.
+    Differentiable in s (the router's gradient path)."""
+    w = s.gather(1, idx)
+    if norm_topk_prob:
+        w = w / (w.sum(-1, keepdim=True) + 1e-20)
+    return w * scale
+
+
+def router_topk_ref(logits: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: int, topk_group: int,
+                    norm_topk_prob: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3 routing from the router logits x Wᵀ (N, E) fp32 and e_score_correction_bias (E,):
+        s = sigmoid(logits);  sel = s + bias  (chooses experts only)
+        if topk_group < n_group: group score = sum of the top-2 of sel in each of n_group groups of
+            E / n_group experts; the topk_group best groups are kept, the others' sel -> -inf
+        idx = top_k of sel (descending);  w = router_weights(s, idx, norm_topk_prob, scale)
+    -> w (N, K) fp32, idx (N, K) int64, s (N, E) fp32. Differentiable in the logits through s (w and s);
+    the selection is not. Ties: torch.topk's (unspecified) order."""
+    N = logits.shape[0]
+    s = logits.sigmoid()
+    sel = s + bias
+    if topk_group < n_group:
+        g = sel.view(N, n_group, -1)  # (N, G, E/G)
+        group_score = g.topk(2, dim=-1).values.sum(-1)  # (N, G)
+        keep = group_score.topk(topk_group, dim=-1).indices  # (N, topk_group)
+        mask = torch.ones(N, n_group, dtype=torch.bool, device=logits.device).scatter_(1, keep, False)
+        sel = g.masked_fill(mask.unsqueeze(-1), float("-inf")).view(N, -1)
+    idx = sel.topk(top_k, dim=-1).indices
+    return router_weights(s, idx, norm_topk_prob, scale), idx, s
 
 
 # --- AdamW ---------------------------------------------------------------------------------------

@@ -10,7 +10,8 @@ Routing (`Router.forward`), all in fp32:
     group score = sum of the top-2 of sel in each of n_group groups; keep topk_group groups
     experts outside the kept groups -> -inf  (HF fills 0.0, which differs when sel < 0)
     idx = top-K of sel; w = s[idx] / sum(s[idx]) * routed_scaling_factor
-No capacity limit, no token dropping.
+No capacity limit, no token dropping. Everything after the matmul is one kernels op, `router_topk`
+(spec: kernels/reference.py; one Triton kernel on the GPU).
 
 Experts (`Experts`): weights stacked as gate/up (E, I, D) and down (E, D, I). Two equal paths:
   * "grouped": sort the N·K (token, expert) pairs by expert, one `torch._grouped_mm` per
@@ -28,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsv3 import kernels
 from dsv3.config import ModelConfig
 from dsv3.model.layers import MLP
 
@@ -103,20 +105,11 @@ class Router(nn.Module):
 
     def forward(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (N, D) -> weights (N, K) fp32, indices (N, K) int64, affinities s (N, E) fp32."""
-        N = x_ND.shape[0]
-        s_NE = F.linear(x_ND.float(), self.weight.float()).sigmoid()
-        sel_NE = s_NE + self.e_score_correction_bias
-        if self.topk_group < self.n_group:
-            g = sel_NE.view(N, self.n_group, -1)  # (N, G, E/G)
-            group_score = g.topk(2, dim=-1).values.sum(-1)  # (N, G)
-            keep = group_score.topk(self.topk_group, dim=-1).indices  # (N, topk_group)
-            mask = torch.ones(N, self.n_group, dtype=torch.bool, device=x_ND.device).scatter_(1, keep, False)
-            sel_NE = g.masked_fill(mask.unsqueeze(-1), float("-inf")).view(N, -1)
-        idx_NK = sel_NE.topk(self.top_k, dim=-1).indices
-        w_NK = s_NE.gather(1, idx_NK)
-        if self.norm_topk_prob:
-            w_NK = w_NK / (w_NK.sum(-1, keepdim=True) + 1e-20)
-        return w_NK * self.scale, idx_NK, s_NE
+        logits_NE = F.linear(x_ND.float(), self.weight.float())
+        # the routing formula of the module docstring (kernels.reference.router_topk_ref), one fused
+        # kernel on the GPU; gradients reach the weight through s (the selection has none)
+        return kernels.router_topk(logits_NE, self.e_score_correction_bias, self.top_k, self.n_group,
+                                   self.topk_group, self.norm_topk_prob, self.scale)
 
 
 class Experts(nn.Module):
