@@ -11,7 +11,7 @@ never probe the GPU themselves.
     fp8_expert_rows   "triton"              bf16/fp16 x, at most EXPERT_DECODE_ROWS rows, no autograd
     mla_decode        "triton"              -
     adamw             "triton"              -
-    router_topk       "triton"              fp32 logits
+    router_topk       "triton"              fp32 logits; PENDING: only when asked for (not yet run on a GPU)
 
 The rule: the accelerated backend where triton imports and every tensor given to `select` is a plain
 (not a subclass such as DTensor) CUDA tensor meeting its row; else "reference". The AdamW operation
@@ -47,6 +47,10 @@ FAST = {  # op -> its accelerated backend
     "adamw": "triton",
     "router_topk": "triton",
 }
+# Accelerated backends written and checked under the Triton interpreter but not yet run on a GPU: the
+# automatic choice stays "reference" until their GPU tests (tests/test_gpu_router.py) have passed on real
+# hardware; `backend=` or `use_backend(op=...)` runs them meanwhile.
+PENDING = {"router_topk"}
 # Up to these many activation rows the Triton FP8-weight kernels run (decode; above, prefill:
 # dequantise + cuBLAS): the dense 16-row-tile GEMM and the per-routed-row expert GEMV.
 DENSE_DECODE_ROWS = 64
@@ -152,7 +156,7 @@ def select(op: str, *tensors: torch.Tensor, backend: str | None = None) -> str:
     forced = _forced.get(op, _forced.get("*"))
     if forced is not None:
         return forced
-    return FAST[op] if _fast_fits(op, tensors) else "reference"
+    return FAST[op] if op not in PENDING and _fast_fits(op, tensors) else "reference"
 
 
 @contextlib.contextmanager
