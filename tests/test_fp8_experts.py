@@ -348,3 +348,29 @@ def test_train_config_fp8_experts_needs_fp8():
     with pytest.raises(ValueError, match="fp8_experts"):
         TrainConfig(out_dir="unused", precision="bf16", fp8_experts=True).validate()
     TrainConfig(out_dir="unused", precision="fp8", fp8_experts=True).validate()
+
+
+@interp
+def test_interp_fp8_decode_gemms_are_opaque_custom_ops():
+    """The FP8-weight decode GEMMs (fp8_gemm_triton: the dense small-M tile GEMM and the per-row expert
+    GEMV) are torch.library custom ops: interpreted, they equal dequantise + matmul; torch.compile traces
+    a function calling both with fullgraph=True (no graph break: the fake implementations give shapes)."""
+    from dsv3.kernels import fp8_gemm_triton as fk
+    from dsv3.kernels.reference import fp8_expert_rows_ref, fp8_weight_linear_ref, weight_quant
+
+    g = torch.Generator().manual_seed(8)
+    w, s = weight_quant(torch.randn(200, 256, generator=g))  # a partial 128-row block
+    we, se = zip(*(weight_quant(torch.randn(96, 256, generator=g)) for _ in range(3)))
+    we, se = torch.stack(we), torch.stack(se)
+    x = torch.randn(5, 256, generator=g).half()  # (the interpreter has no bf16: numpy lacks it)
+    expert = torch.tensor([2, 0, 2, 1, 0])
+    assert isinstance(fk.fp8_linear_small_m, torch._library.custom_ops.CustomOpDef)
+
+    def f(x):
+        return fk.fp8_linear_small_m(x, w, s), fk.fp8_expert_rows(x, we, se, expert)
+
+    ref = (fp8_weight_linear_ref(x, w, s), fp8_expert_rows_ref(x, we, se, expert))
+    for got in (f(x), torch.compile(f, backend="aot_eager", fullgraph=True)(x)):
+        for a, b in zip(got, ref):
+            assert a.shape == b.shape and a.dtype == b.dtype == torch.float16
+            assert _rel(a.float(), b.float()) < 2e-3, _rel(a.float(), b.float())  # fp16 output rounding

@@ -75,6 +75,10 @@ def _check(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> None:
         raise ValueError(f"x has K = {x.shape[-1]}, the weight {w.shape[-1]}")
 
 
+# Both launches are torch.library custom ops with shape-only fake implementations (as dsv3::mla_decode):
+# torch.compile then treats each as one opaque op, so a compiled FP8 decode step traces through them
+# instead of breaking its graph at every FP8 projection; a CUDA graph captures the launches as before.
+@torch.library.custom_op("dsv3::fp8_linear_small_m", mutates_args=())
 def fp8_linear_small_m(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     _check(x, w, s)
     M, K = x.shape
@@ -89,6 +93,12 @@ def fp8_linear_small_m(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> tor
     return y
 
 
+@fp8_linear_small_m.register_fake
+def _(x, w, s):
+    return x.new_empty(x.shape[0], w.shape[0])
+
+
+@torch.library.custom_op("dsv3::fp8_expert_rows", mutates_args=())
 def fp8_expert_rows(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
     _check(x, w, s)
     M, K = x.shape
@@ -103,3 +113,8 @@ def fp8_expert_rows(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, expert: t
     _rows_kernel[grid](x, w, s, expert, y, N, K, triton.cdiv(K, BLOCK), x.stride(0), w.stride(0), w.stride(1),
                        s.stride(0), s.stride(1), y.stride(0), BN=BN, BK=BLOCK, num_warps=4)
     return y
+
+
+@fp8_expert_rows.register_fake
+def _(x, w, s, expert):
+    return x.new_empty(x.shape[0], w.shape[1])
