@@ -231,7 +231,8 @@ class DecodeGraphs:
                 e.outputs = e.step(sb)
             self._pool = e.graph.pool()
             self.captures += 1
-        self._entries[key] = e
+        if self.bucketed:  # (exact shapes take any (B, nblk): keeping each would grow without bound)
+            self._entries[key] = e
         return e
 
     def _launch(self, kind: tuple, B: int, T: int, last_pos: int, tokens, pos0, tables, fill=None):
