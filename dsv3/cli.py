@@ -57,6 +57,12 @@ def cmd_plan(args) -> int:
 
     cfg, name = _model_config(args)
     pc = from_args(PlanConfig, args)
+    if args.serve:  # a serving layout: weights per GPU, cache capacity, largest batch (dsv3.plan_serve)
+        from dsv3.plan_serve import ServePlanConfig, format_json, plan_serve
+
+        res = plan_serve(cfg, from_args(ServePlanConfig, args), pc.gpus, pc.gpu_mem_gib, name)
+        print(format_json(res) if args.json else res.format())
+        return 0
     if args.suggest:  # every (pp, ep) layout; dp follows from pp
         kw = {k: v for k, v in vars(pc).items() if k not in ("gpus", "gpu_mem_gib", "pp", "ep", "dp")}
         res = suggest(cfg, pc.gpus, pc.gpu_mem_gib, sort=args.sort, name=name, **kw)
@@ -371,11 +377,17 @@ def _info_flags(p) -> None:
 
 def _plan_flags(p) -> None:
     from dsv3.plan import PlanConfig
+    from dsv3.plan_serve import ServePlanConfig
 
     _add_model_source(p)
     add_fields(p, PlanConfig, rename=PLAN_RENAMES)
     p.add_argument("--suggest", action="store_true", help="list the power-of-two (pp, ep) layouts and which fit")
     p.add_argument("--sort", default="memory", choices=["memory", "comm"], help="order of --suggest")
+    s = p.add_argument_group("serving (--serve; ServePlanConfig; uses --gpus and --gpu-mem, EP = gpus)")
+    s.add_argument("--serve", action="store_true", help="plan a serving layout: weights per GPU, KV-cache "
+                                                        "capacity, largest batch at --context")
+    s.add_argument("--json", action="store_true", help="--serve: print the plan as JSON")
+    add_fields(s, ServePlanConfig)
 
 
 def _train_flags(p) -> None:
@@ -498,7 +510,8 @@ def _serve_flags(p) -> None:
 # verb -> (its line in `dsv3 --help`, the function adding its flags, the function running it)
 VERBS = {
     "info": ("parameter counts and KV-cache size of a preset or config.json", _info_flags, cmd_info),
-    "plan": ("memory per GPU and communication per step of a parallel training layout", _plan_flags, cmd_plan),
+    "plan": ("memory per GPU and communication per step of a parallel training layout; --serve: weights, "
+             "KV-cache capacity and largest batch of a serving layout", _plan_flags, cmd_plan),
     "train": ("pre-train a model (default: tiny preset on the Python stdlib, CPU)", _train_flags, cmd_train),
     "eval": ("bits per byte of a checkpoint beside gzip/xz, or pass-key retrieval (--task needle)", _eval_flags,
              cmd_eval),
