@@ -175,9 +175,11 @@ class ServePlanResult:
                  ("memory per GPU", f"{self.usable_bytes / GiB:.2f} GiB usable ({c.mem_fraction:g} x "
                                     f"{self.gpu_mem_gib:g}) - weights - {self.reserve_bytes / GiB:g} GiB reserve = "
                                     f"{self.free_bytes / GiB:.2f} GiB for the cache"),
-                ("KV cache / token", f"{self.cache_bytes_per_token:,} bytes (latent, bf16, {self.cache_layers} layers)"),
+                ("KV cache / token", f"{self.cache_bytes_per_token:,} bytes (latent, bf16, "
+                                      f"{self.cache_layers} layers)"),
                 ("cache tokens per GPU", f"{self.cache_tokens_per_gpu:,}"),
-                ("cache tokens in total", f"{self.cache_tokens_total:,} ({self.dp_groups} distinct caches"
+                ("cache tokens in total", f"{self.cache_tokens_total:,} ({self.dp_groups} distinct "
+                                          f"cache{'s' if self.dp_groups > 1 else ''}"
                                           f"{'' if T == 1 else f', each replicated over TP{T}'})"),
                 (f"max batch at {c.context:,} tokens", f"{self.max_batch:,} sequences ({self.max_batch_per_group:,} "
                                                         f"per data-parallel group x {self.dp_groups})")]

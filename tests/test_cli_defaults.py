@@ -25,6 +25,7 @@ from dsv3.eval.humaneval import HumanEvalConfig
 from dsv3.inference.engine import EngineConfig, SamplingParams
 from dsv3.inference.server import ServerConfig
 from dsv3.plan import PlanConfig
+from dsv3.plan_serve import ServePlanConfig
 from dsv3.posttrain.grpo import GRPOConfig
 from dsv3.posttrain.sft import SFTConfig
 from dsv3.training.config import TrainConfig
@@ -35,7 +36,7 @@ GENERATE = [(SamplingParams, dict(exclude=("logprobs",))), (EngineConfig, dict(o
 # verb -> the dataclasses whose fields are its settings (with the selection the verb offers)
 SETTINGS = {
     "info": [],
-    "plan": [(PlanConfig, {})],
+    "plan": [(PlanConfig, {}), (ServePlanConfig, {})],
     "train": [(TrainConfig, {}), (ParallelConfig, {})],
     "eval": [(EvalConfig, {}), (NeedleConfig, {}), (HumanEvalConfig, dict(only=cli.HUMANEVAL_FIELDS))],
     "generate": GENERATE,
@@ -52,7 +53,7 @@ REQUIRED = {"info": [], "plan": [], "train": [], "eval": ["ck"], "generate": ["c
             "sample": ["ck", "--prompt", "p"], "chat": ["ck"], "sft": ["ck", "--data", "d.jsonl", "--out", "o"],
             "grpo": ["ck", "--out", "o"], "convert": ["ck", "o"], "quantize": ["ck", "o"], "serve": ["ck"]}
 # the CLI's own arguments: what to run on and what to print, no library setting
-CLI_ONLY = {"info": {"preset", "config"}, "plan": {"preset", "config", "suggest", "sort"},
+CLI_ONLY = {"info": {"preset", "config"}, "plan": {"preset", "config", "suggest", "sort", "serve", "json"},
             "train": {"preset", "config", "samples"},
             "eval": {"checkpoint", "task", "out_json", "out_png", "lm_eval", "include_path"},
             "generate": {"checkpoint", "prompt", "chat", "verbose"}, "sample": {"checkpoint", "prompt", "chat", "verbose"},

@@ -129,3 +129,15 @@ def test_cli_table_and_json(capsys):
     want = plan_serve(preset("671b"), ServePlanConfig(context=8192), 8, H200, "671b")
     assert d["max_batch"] == want.max_batch and d["weights"]["total"] == want.weight_bytes
     assert d["cfg"]["context"] == 8192
+
+
+def test_cli_flags_reach_the_config(capsys):
+    assert main(["plan", "--serve", "--preset", "671b", "--gpus", "32", "--attn-tp", "4", "--redundant", "32",
+                 "--weights", "bf16", "--mtp", "--mem-fraction", "0.8", "--reserve-gib", "2", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["cfg"] == dict(attn_tp=4, redundant=32, weights="bf16", mtp=True, mem_fraction=0.8, reserve_gib=2.0,
+                            context=4096)
+    assert d["experts_per_gpu"] == 9 and d["dp_groups"] == 8 and d["gpu_mem_gib"] == 80.0
+    # bf16 on 8 GPUs of the default 80 GiB: refused by the CLI in one line (exit status 2)
+    assert main(["plan", "--serve", "--preset", "671b", "--gpus", "8", "--weights", "bf16"]) == 2
+    assert "GiB more than the 80 GiB of a GPU" in capsys.readouterr().err
