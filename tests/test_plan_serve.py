@@ -141,3 +141,16 @@ def test_cli_flags_reach_the_config(capsys):
     # bf16 on 8 GPUs of the default 80 GiB: refused by the CLI in one line (exit status 2)
     assert main(["plan", "--serve", "--preset", "671b", "--gpus", "8", "--weights", "bf16"]) == 2
     assert "GiB more than the 80 GiB of a GPU" in capsys.readouterr().err
+
+
+def test_official_fp8_config_json(tmp_path, capsys):
+    """--config with the official 671B config.json (quantization_config: fp8, 128x128 blocks)."""
+    import dataclasses
+
+    cfg = dataclasses.replace(preset("671b"), quantization_config={
+        "activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]})
+    cfg.to_json(tmp_path / "config.json")
+    assert main(["plan", "--serve", "--config", str(tmp_path / "config.json"), "--gpus", "8", "--gpu-mem",
+                 str(H200), "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["weights"]["total"] == plan_serve(preset("671b"), ServePlanConfig(), 8, H200).weight_bytes
