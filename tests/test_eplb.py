@@ -118,3 +118,18 @@ def test_cli(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "before" in out and "mean" in out
     assert torch.load(tmp_path / "p.pt")["slots"].shape == (2, 4, 5)
+
+
+def test_hierarchical_copies_stay_on_their_groups_node():
+    E, G, nodes, ranks = 32, 8, 2, 8
+    loads = zipf_loads(2, E, 1.2, 3)
+    pl = plan_placement(loads, ranks, 8, G, nodes)
+    rpn = ranks // nodes
+    for i in range(2):
+        node_of_slot = torch.arange(ranks).repeat_interleave(pl.slots.shape[-1]) // rpn
+        group_of_slot = pl.slots[i].flatten() // (E // G)
+        for g in range(G):
+            assert node_of_slot[group_of_slot == g].unique().numel() == 1  # a group lives on one node
+        # each node holds whole groups: G / nodes of them
+        for n in range(nodes):
+            assert group_of_slot[node_of_slot == n].unique().numel() == G // nodes
