@@ -1,0 +1,135 @@
+"""Redundant-expert placement (dsv3/inference/eplb.py): slot invariants, the greedy choice, lower max rank
+load on skewed loads, no regression on uniform loads, replica routing, input checks.
+
+Run: python -m pytest tests/test_eplb.py -q
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dsv3.inference.eplb import (baseline_rank_load, imbalance, main, plan_placement, route_to_replica)
+
+
+def zipf_loads(L: int, E: int, s: float, seed: int, tokens: float = 1e5) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    w = 1.0 / torch.arange(1, E + 1, dtype=torch.float64) ** s
+    return torch.stack([(w[torch.randperm(E, generator=g)] / w.sum() * tokens).round() for _ in range(L)])
+
+
+def check_invariants(loads, pl, n_ranks, R):
+    L, E = loads.shape
+    spr = (E + R) // n_ranks
+    assert pl.replicas.shape == (L, E) and pl.slots.shape == (L, n_ranks, spr)
+    assert (pl.replicas >= 1).all() and (pl.replicas.sum(-1) == E + R).all()
+    for i in range(L):
+        counts = torch.bincount(pl.slots[i].flatten(), minlength=E)
+        assert torch.equal(counts, pl.replicas[i])  # every expert appears replicas[e] times
+        # log2phy lists exactly the slots holding the expert
+        lp = pl.layer(i)
+        for e in range(E):
+            phys = lp.log2phy[e][lp.log2phy[e] >= 0]
+            assert phys.numel() == lp.replicas[e] and (lp.slots.flatten()[phys] == e).all()
+    # the expected rank load conserves the tokens
+    torch.testing.assert_close(pl.rank_load.sum(-1), loads.double().sum(-1))
+
+
+@pytest.mark.parametrize("n_ranks,R,groups,nodes", [(4, 8, None, None), (8, 16, None, None), (1, 4, None, None),
+                                                    (8, 8, 8, 2), (8, 8, 4, 2)])
+def test_invariants_and_skewed_gain(n_ranks, R, groups, nodes):
+    E = 32
+    for seed in range(3):
+        loads = zipf_loads(3, E, 1.2, seed)
+        pl = plan_placement(loads, n_ranks, R, groups, nodes)
+        check_invariants(loads, pl, n_ranks, R)
+        before = baseline_rank_load(loads, n_ranks).max(-1).values
+        after = pl.rank_load.max(-1).values
+        if n_ranks == 1:
+            torch.testing.assert_close(after, before)
+        else:
+            assert (after < before).all()
+            assert (imbalance(pl.rank_load) < imbalance(baseline_rank_load(loads, n_ranks))).all()
+
+
+def test_uniform_loads_no_worse():
+    loads = torch.full((2, 32), 100.0)
+    for n, R in [(4, 8), (8, 8), (8, 16), (2, 4)]:
+        pl = plan_placement(loads, n, R)
+        check_invariants(loads, pl, n, R)
+        assert (pl.rank_load.max(-1).values <= baseline_rank_load(loads, n).max(-1).values + 1e-9).all()
+    assert torch.equal(plan_placement(torch.zeros(1, 16), 4, 4).replicas.sum(), torch.tensor(20))
+
+
+def test_greedy_replicates_hottest():
+    loads = torch.tensor([[1000.0, 10, 10, 10, 600, 10, 10, 10]])
+    pl = plan_placement(loads, 2, 2)
+    assert pl.replicas[0].tolist() == [2, 1, 1, 1, 2, 1, 1, 1]  # 1000 -> 500/copy, then 600 is the max
+    pl = plan_placement(loads, 2, 4)
+    assert pl.replicas[0].tolist() == [4, 1, 1, 1, 2, 1, 1, 1]  # then 500 -> 333, then 333 > 300
+    loads = torch.tensor([[1000.0, 10, 10, 10, 500, 10, 10, 10]])
+    assert plan_placement(loads, 2, 2).replicas[0, 0] == 3  # a tie (500, 500) goes to the lower id
+    loads = zipf_loads(1, 64, 1.0, 0)
+    rep = plan_placement(loads, 8, 8).replicas[0]
+    hot = loads[0].argsort(descending=True)[:4]
+    assert (rep[hot] > 1).all()
+
+
+def test_route_to_replica():
+    loads = torch.tensor([[1000.0, 10, 10, 10, 500, 10, 10, 10]])
+    lp = plan_placement(loads, 2, 4).layer(0)
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, 8, (101, 3), generator=g)
+    idx[:, 0] = 0  # expert 0 (4 copies) in every token
+    phys = route_to_replica(idx, lp)
+    assert phys.shape == idx.shape
+    assert torch.equal(lp.slots.flatten()[phys], idx)  # each token lands on a slot holding its expert
+    for e in range(8):
+        c = torch.bincount(phys[idx == e], minlength=lp.slots.numel())[lp.log2phy[e][:lp.replicas[e]]]
+        assert c.max() - c.min() <= 1  # spread evenly over the copies
+    assert torch.equal(route_to_replica(idx, lp), phys)  # deterministic
+
+
+@pytest.mark.parametrize("kwargs,msg", [
+    (dict(n_ranks=4, n_redundant=6), "multiple of n_ranks"),
+    (dict(n_ranks=32, n_redundant=0), "slots"),
+    (dict(n_ranks=3, n_redundant=3), "split evenly"),
+    (dict(n_ranks=4, n_redundant=4, n_nodes=2), "needs n_groups"),
+    (dict(n_ranks=4, n_redundant=4, n_groups=3, n_nodes=2), "hierarchical"),
+])
+def test_bad_inputs(kwargs, msg):
+    with pytest.raises(ValueError, match=msg):
+        plan_placement(torch.ones(2, 16), **kwargs)
+
+
+def test_negative_loads():
+    loads = torch.ones(2, 16)
+    loads[1, 3] = -1
+    with pytest.raises(ValueError, match="non-negative"):
+        plan_placement(loads, 4, 4)
+    with pytest.raises(ValueError, match=r"\(L, E\)"):
+        plan_placement(torch.ones(16), 4, 4)
+
+
+def test_cli(tmp_path, capsys):
+    path = tmp_path / "counts.pt"
+    torch.save(zipf_loads(2, 16, 1.0, 0), path)
+    main(["--loads", str(path), "--ranks", "4", "--redundant", "4", "--out", str(tmp_path / "p.pt")])
+    out = capsys.readouterr().out
+    assert "before" in out and "mean" in out
+    assert torch.load(tmp_path / "p.pt")["slots"].shape == (2, 4, 5)
+
+
+def test_hierarchical_copies_stay_on_their_groups_node():
+    E, G, nodes, ranks = 32, 8, 2, 8
+    loads = zipf_loads(2, E, 1.2, 3)
+    pl = plan_placement(loads, ranks, 8, G, nodes)
+    rpn = ranks // nodes
+    for i in range(2):
+        node_of_slot = torch.arange(ranks).repeat_interleave(pl.slots.shape[-1]) // rpn
+        group_of_slot = pl.slots[i].flatten() // (E // G)
+        for g in range(G):
+            assert node_of_slot[group_of_slot == g].unique().numel() == 1  # a group lives on one node
+        # each node holds whole groups: G / nodes of them
+        for n in range(nodes):
+            assert group_of_slot[node_of_slot == n].unique().numel() == G // nodes
