@@ -7,6 +7,7 @@ Everything here is fp32 on the CPU and small enough that each test takes at most
 from __future__ import annotations
 
 import contextlib
+import os
 
 import pytest
 import torch
@@ -82,3 +83,18 @@ def cfg() -> ModelConfig:
 @pytest.fixture
 def model(cfg) -> Transformer:
     return make_model(cfg, seed=0, bias_std=0.3)
+
+
+def _interpreter_available() -> bool:
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# Triton kernels run on CPU tensors under the interpreter: TRITON_INTERPRET=1 python -m pytest ...
+needs_interpreter = pytest.mark.skipif(not _interpreter_available(),
+                                       reason="needs triton and TRITON_INTERPRET=1 (the Triton CPU interpreter)")

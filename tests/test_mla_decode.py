@@ -13,7 +13,6 @@ and the real GPU runs are in tests/test_gpu_mla_decode.py.
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -24,20 +23,9 @@ from dsv3.inference.graphs import DecodeGraphs, StaticBatch
 from dsv3.kernels import mla_decode_ref
 from dsv3.model import build_model, rope
 from dsv3.model.mla import MLA
+from conftest import needs_interpreter  # noqa: E402
 
 
-def _interpreter_available() -> bool:
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-needs_interpreter = pytest.mark.skipif(not _interpreter_available(),
-                                       reason="needs triton and TRITON_INTERPRET=1 (the Triton CPU interpreter)")
 
 
 def _cfg() -> ModelConfig:

@@ -13,13 +13,12 @@ tests/test_gpu_router.py.
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_cfg
+from conftest import needs_interpreter, tiny_cfg
 from dsv3 import kernels
 from dsv3.kernels import router_topk_ref
 from dsv3.model import build_model
@@ -107,18 +106,6 @@ def test_router_topk_op_on_the_cpu_is_the_reference():
 # ------------------------------------------------------------------------------------------------
 # the Triton kernel, interpreted on the CPU
 
-def _interpreter_available() -> bool:
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-needs_interpreter = pytest.mark.skipif(not _interpreter_available(),
-                                       reason="needs triton and TRITON_INTERPRET=1 (the Triton CPU interpreter)")
 
 
 @pytest.fixture
