@@ -292,10 +292,12 @@ def test_code_reward():
     t0 = time.monotonic()
     assert rewards.code_reward("```python\ndef add(a, b):\n    while True: pass\n```", tests, timeout_s=1.0) == 0.0
     assert time.monotonic() - t0 < 5
-    # a program that forks a looping child and exits 0 passes, and its child is killed with the session
+    # the runner is dsv3/eval/sandbox.py's: a program may not spawn processes or open sockets
     r = rewards.run_code("import subprocess, sys\nsubprocess.Popen([sys.executable, '-c', 'while True: pass'])\n",
                          timeout_s=5.0)
-    assert r.passed
+    assert not r.passed and "PermissionError" in r.stderr
+    r = rewards.run_code("import socket\nsocket.socket()\n", timeout_s=5.0)
+    assert not r.passed and "PermissionError" in r.stderr
     big = rewards.run_code("x = bytearray(4 * 1024**3)\n", timeout_s=10, memory_mb=512)
     assert not big.passed and "MemoryError" in big.stderr
 

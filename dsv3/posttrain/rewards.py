@@ -16,22 +16,15 @@ thousands separators `1,234` are accepted (only in groups of three); numbers com
 (`3.0` == `3`, `-0` == `0`), other strings case-insensitively with whitespace collapsed.
 
 `code_reward` never executes anything in this process: the program (the completion's last fenced
-python block, or the raw completion) followed by the tests runs in a fresh `python -I` subprocess,
-in its own session (so the whole process group can be killed), in an empty temporary directory,
-with stdin closed, a wall-clock timeout and, on Linux/macOS, rlimits on CPU seconds, address space,
-written file size and open files. It scores 1.0 iff the process exits 0 within the time limit.
-This is isolation against accidents (infinite loops, memory blow-ups, crashes), not a security
-sandbox: the code runs as the same user and can reach the filesystem and the network.
+python block, or the raw completion) followed by the tests runs in dsv3/eval/sandbox.py's sandbox (a
+fresh `python -I` subprocess in its own session and temporary directory, stdin closed, a wall-clock
+timeout, rlimits, no network, no process spawning; its docstring says what it does not stop). It
+scores 1.0 iff the process exits 0 within the time limit.
 """
 
 from __future__ import annotations
 
-import os
 import re
-import signal
-import subprocess
-import sys
-import tempfile
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 
@@ -128,53 +121,13 @@ class CodeResult:
         return not self.timed_out and self.returncode == 0
 
 
-def _limits(cpu_s: int, memory_mb: int):
-    def apply():  # runs in the child between fork and exec
-        try:
-            import resource
-        except ImportError:  # not POSIX: the timeout still applies
-            return
-        for lim, val in ((resource.RLIMIT_CPU, cpu_s), (resource.RLIMIT_AS, memory_mb * 2**20),
-                         (resource.RLIMIT_FSIZE, 16 * 2**20), (resource.RLIMIT_NOFILE, 64)):
-            try:
-                resource.setrlimit(lim, (val, val))
-            except (ValueError, OSError):  # e.g. RLIMIT_AS unsupported (macOS)
-                pass
-    return apply
+def run_code(code: str, timeout_s: float = 5.0, memory_mb: int = 1024) -> CodeResult:
+    """Run `code` in the sandbox of dsv3/eval/sandbox.py (the one runner of model-written code, shared with
+    HumanEval); never raises on bad code."""
+    from dsv3.eval.sandbox import SandboxConfig, run_program
 
-
-def run_code(code: str, timeout_s: float = 5.0, memory_mb: int = 1024, max_output: int = 10_000) -> CodeResult:
-    """Run `code` in a separate Python process (see the module docstring); never raises on bad code."""
-    with tempfile.TemporaryDirectory(prefix="dsv3-code-") as d:
-        path = os.path.join(d, "prog.py")
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(code)
-        out_p, err_p = os.path.join(d, "stdout"), os.path.join(d, "stderr")
-        with open(out_p, "wb") as out, open(err_p, "wb") as err:
-            kw = {}
-            if os.name == "posix":
-                kw = {"start_new_session": True, "preexec_fn": _limits(int(timeout_s) + 1, memory_mb)}
-            proc = subprocess.Popen([sys.executable, "-I", "-B", path], cwd=d, stdin=subprocess.DEVNULL,
-                                    stdout=out, stderr=err, env={"PATH": os.environ.get("PATH", "")}, **kw)
-            try:
-                rc, timed_out = proc.wait(timeout=timeout_s), False
-            except subprocess.TimeoutExpired:
-                rc, timed_out = None, True
-            finally:
-                if os.name == "posix":  # the whole session: also children the program forked
-                    try:
-                        os.killpg(proc.pid, signal.SIGKILL)
-                    except (ProcessLookupError, PermissionError):
-                        pass
-                else:
-                    proc.kill()
-                proc.wait()
-
-        def read(p):
-            with open(p, "rb") as f:
-                return f.read(max_output).decode("utf-8", "replace")
-
-        return CodeResult(rc, timed_out, read(out_p), read(err_p))
+    r = run_program(code, SandboxConfig(timeout_s=timeout_s, memory_mb=memory_mb, cpu_s=int(timeout_s) + 1))
+    return CodeResult(None if r.status == "timeout" else r.returncode, r.status == "timeout", r.stdout, r.stderr)
 
 
 def code_reward(completion: str, tests: str, timeout_s: float = 5.0, memory_mb: int = 1024) -> float:
