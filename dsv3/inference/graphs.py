@@ -90,14 +90,10 @@ class StaticBatch:
         # of the T positions' outputs to return per row (its last valid one)
         self.hidden = None if hidden_dim is None else torch.zeros(batch, T, hidden_dim, dtype=cache.kv.dtype, device=dev)
         self.select = torch.zeros(batch, dtype=torch.long, device=dev)
-        self.fill_padding()
+        self.block_table.fill_(pad_block)  # rows past B (padding) read and write only the pad block
         s = torch.arange(self.S, device=dev)
         self._blk, self._off, self._s = s // self.bs, s % self.bs, s  # (S,) block index and row of each position
         self._t = torch.arange(T, device=dev)
-
-    def fill_padding(self) -> None:
-        self.meta.zero_()
-        self.block_table.fill_(self.pad_block)
 
     def prepare(self) -> None:
         """Derive positions (B, T), read slots (B, S), write slots (B, T), mask (B, 1, T, S), and the

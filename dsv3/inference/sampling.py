@@ -92,21 +92,21 @@ class BatchSampler:
         self.all_greedy = all(greedy) and all(x == 1.0 for x in pens)
         lp = [p.logprobs for p in params]
         self.logprobs_n = max((n for n in lp if n is not None), default=None)  # None: no row wants them
-        self.wants_logprobs = [n is not None for n in lp]
         self.present = None  # (B, V) bool: tokens in each row's history, where a penalty is used
         if self.all_greedy:
             return
 
-        def col(xs, dtype):
-            return torch.tensor(xs, dtype=dtype).view(-1, 1, 1).to(device)  # (B, 1, 1) against (B, T, V)
-
-        self.greedy = col(greedy, torch.bool)
-        self.temperature = col([1.0 if g else p.temperature for g, p in zip(greedy, params)], torch.float32)
-        self.top_k = col([p.top_k for p in params], torch.long) if any(p.top_k for p in params) else 0
-        self.top_p = col([p.top_p for p in params], torch.float32) if any(p.top_p < 1 for p in params) else 1.0
-        self.min_p = col([p.min_p for p in params], torch.float32) if any(p.min_p > 0 for p in params) else 0.0
+        # every row's parameters in one host -> device copy, (B, 6) -> columns (B, 1, 1) against (B, T, V)
+        rows = [[float(g), 1.0 if g else p.temperature, p.top_k, p.top_p, p.min_p, p.repetition_penalty]
+                for g, p in zip(greedy, params)]
+        cols = torch.tensor(rows, dtype=torch.float64).to(device).view(self.B, 6, 1, 1).unbind(1)
+        self.greedy = cols[0] > 0
+        self.temperature = cols[1].float()
+        self.top_k = cols[2].long() if any(p.top_k for p in params) else 0
+        self.top_p = cols[3].float() if any(p.top_p < 1 for p in params) else 1.0
+        self.min_p = cols[4].float() if any(p.min_p > 0 for p in params) else 0.0
         if any(x != 1.0 for x in pens):
-            self.penalty = col(pens, torch.float32)
+            self.penalty = cols[5].float()
             L = max(1, max(len(h) for h in histories))
             ids = torch.zeros(self.B, L, dtype=torch.long)
             valid = torch.zeros(self.B, L, dtype=torch.bool)
