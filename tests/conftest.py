@@ -7,7 +7,9 @@ Everything here is fp32 on the CPU and small enough that each test takes at most
 from __future__ import annotations
 
 import contextlib
+import io
 import os
+import random
 
 import pytest
 import torch
@@ -98,3 +100,25 @@ def _interpreter_available() -> bool:
 # Triton kernels run on CPU tensors under the interpreter: TRITON_INTERPRET=1 python -m pytest ...
 needs_interpreter = pytest.mark.skipif(not _interpreter_available(),
                                        reason="needs triton and TRITON_INTERPRET=1 (the Triton CPU interpreter)")
+
+
+def run_cli(argv) -> tuple[int, str, str]:
+    """`dsv3 ARGV` in this process -> (exit status, stdout, stderr)."""
+    from dsv3.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main([str(a) for a in argv])
+    return rc, out.getvalue(), err.getvalue()
+
+
+def write_corpus(root, n_files: int = 40, seed: int = 0) -> str:
+    """A deterministic directory of small Python-like files (training data for the CLI tests)."""
+    rng = random.Random(seed)
+    names = ["alpha", "beta", "gamma", "delta", "value", "count", "total", "items", "index", "result"]
+    os.makedirs(root, exist_ok=True)
+    for i in range(n_files):
+        lines = [f"def {rng.choice(names)}_{j}(x):\n    return x + {rng.randint(0, 99)}\n" for j in range(30)]
+        with open(os.path.join(root, f"f{i:02d}.py"), "w", encoding="utf-8") as f:
+            f.write("\n".join(lines))
+    return str(root)

@@ -7,18 +7,17 @@ Run: python -m pytest tests/test_cli.py -q
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import math
 import os
-import random
 import re
 
 import pytest
 
 from dsv3.cli import main
 from dsv3.config import ModelConfig
+from conftest import run_cli, write_corpus
 
 MICRO = dict(
     vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
@@ -27,24 +26,6 @@ MICRO = dict(
     n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1,
     max_position_embeddings=256, rope_scaling=None, num_nextn_predict_layers=1, torch_dtype="float32",
 )
-
-
-def write_corpus(root, n_files: int = 40, seed: int = 0) -> str:
-    rng = random.Random(seed)
-    names = ["alpha", "beta", "gamma", "delta", "value", "count", "total", "items", "index", "result"]
-    os.makedirs(root, exist_ok=True)
-    for i in range(n_files):
-        lines = [f"def {rng.choice(names)}_{j}(x):\n    return x + {rng.randint(0, 99)}\n" for j in range(30)]
-        with open(os.path.join(root, f"f{i:02d}.py"), "w", encoding="utf-8") as f:
-            f.write("\n".join(lines))
-    return str(root)
-
-
-def run_cli(argv) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main([str(a) for a in argv])
-    return rc, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,6 @@ Run: python -m pytest tests/test_eval_tasks.py -q
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
 import re
@@ -17,13 +15,13 @@ import pytest
 import torch
 
 from dsv3.checkpoints.hf import load_pretrained, save_pretrained
-from dsv3.cli import main
 from dsv3.config import ModelConfig
 from dsv3.eval.compress import compressor_bits_per_byte
 from dsv3.eval.needle import (INTRO, QUESTION, NeedleConfig, PromptBuilder, make_key, parse_depths,
                               resolve_lengths, run_needle, score_passkey)
 from dsv3.model.transformer import build_model
 from dsv3.tokenizer import DSTokenizer
+from conftest import run_cli
 
 MICRO = dict(
     hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
@@ -32,13 +30,6 @@ MICRO = dict(
     n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1,
     max_position_embeddings=256, rope_scaling=None, num_nextn_predict_layers=0, torch_dtype="float32",
 )
-
-
-def run_cli(argv) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main([str(a) for a in argv])
-    return rc, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,8 @@ Run: python -m pytest tests/test_extend.py -q
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
-import random
 import warnings
 
 import pytest
@@ -21,13 +18,13 @@ import torch
 
 from dsv3.checkpoints.hf import load_pretrained
 from dsv3.checkpoints.rundir import latest_checkpoint
-from dsv3.cli import main
 from dsv3.config import ModelConfig, softmax_scale
 from dsv3.tokenizer import DSTokenizer
 from dsv3.training import extend
 from dsv3.training.config import TrainConfig
 from dsv3.training.optim import Schedule
 from dsv3.training.pretrain import train
+from conftest import run_cli, write_corpus
 
 MICRO = dict(
     vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
@@ -38,17 +35,6 @@ MICRO = dict(
 )
 YARN4 = {"type": "yarn", "factor": 4, "original_max_position_embeddings": 32, "beta_fast": 32, "beta_slow": 1,
          "mscale": 1.0, "mscale_all_dim": 1.0}
-
-
-def write_corpus(root, n_files: int = 40, seed: int = 0) -> str:
-    rng = random.Random(seed)
-    names = ["alpha", "beta", "gamma", "delta", "value", "count", "total", "items", "index", "result"]
-    os.makedirs(root, exist_ok=True)
-    for i in range(n_files):
-        lines = [f"def {rng.choice(names)}_{j}(x):\n    return x + {rng.randint(0, 99)}\n" for j in range(30)]
-        with open(os.path.join(root, f"f{i:02d}.py"), "w", encoding="utf-8") as f:
-            f.write("\n".join(lines))
-    return str(root)
 
 
 def tcfg(env, out, **kw) -> TrainConfig:
@@ -166,13 +152,6 @@ def test_extended_checkpoint_in_transformers(env):
     assert (ours - plain).abs().max() > 100 * diff  # YaRN changed the logits; transformers applied it too
 
 
-def run_cli(argv) -> tuple[int, str]:
-    err = io.StringIO()
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
-        rc = main([str(a) for a in argv])
-    return rc, err.getvalue()
-
-
 @pytest.mark.parametrize("extra, match", [
     (["--init-from", "{missing}"], "checkpoint not found: "),
     (["--init-from", "{base}", "--resume"], "give one of them"),
@@ -189,12 +168,12 @@ def test_bad_inputs_one_line(env, tmp_path, extra, match):
     argv += [str(a).format(**{k: str(v) for k, v in fill.items()}) for a in extra]
     if "--out" not in extra:
         argv += ["--out", tmp_path / "out"]
-    rc, err = run_cli(argv)
+    rc, _, err = run_cli(argv)
     assert rc == 2 and err.count("\n") == 1 and err.startswith("dsv3 train: error: "), err
     assert match in err, err
     assert not (tmp_path / "out" / "checkpoints").exists()
 
 
 def test_init_from_needs_out(env):
-    rc, err = run_cli(["train", "--init-from", env["base"] / "run"])
+    rc, _, err = run_cli(["train", "--init-from", env["base"] / "run"])
     assert rc == 2 and "give its directory with --out" in err

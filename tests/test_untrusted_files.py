@@ -8,7 +8,6 @@ Run: python -m pytest tests/test_untrusted_files.py -q
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
@@ -26,18 +25,11 @@ from dsv3.checkpoints import rundir
 from dsv3.checkpoints.dcp import DCP_DIR, RNG_DIR, is_dcp_checkpoint, load_dcp, load_dcp_local, load_full_model, to_hf
 from dsv3.checkpoints.files import CheckpointError
 from dsv3.checkpoints.hf import load_pretrained, quantize_checkpoint, save_pretrained
-from dsv3.cli import main
 from dsv3.tokenizer import DSTokenizer
 from conftest import make_model, tiny_cfg
+from conftest import run_cli
 
 VOCAB = 320  # room for a trained byte-level BPE (256 bytes + 18 specials + a few merges)
-
-
-def run_cli(argv) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main([str(a) for a in argv])
-    return rc, out.getvalue(), err.getvalue()
 
 
 def assert_one_line_error(rc, err, *needles):
