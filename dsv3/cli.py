@@ -152,8 +152,9 @@ def cmd_eval(args) -> int:
     from dsv3.training.evaluate import EvalConfig, evaluate_checkpoint
 
     r = evaluate_checkpoint(args.checkpoint, from_args(EvalConfig, args))
-    print(f"{r['checkpoint']}: {r['split']} loss {r['val_loss']:.4f} nats/token, {r['val_bpb']:.4f} bits/byte "
-          f"over {r['val_tokens']:,} tokens of {r['source']}")
+    part = {"all": "all of", "train": "the train split of", "val": "the val split of"}[r["split"]]
+    print(f"{r['checkpoint']}: loss {r['val_loss']:.4f} nats/token, {r['val_bpb']:.4f} bits/byte "
+          f"over {r['val_tokens']:,} tokens of {part} {r['source']}")
     if "compressors" in r:
         print(f"\n| on the same {r['val_bytes']:,} bytes | bits/byte |\n|---|---|")
         for name, bpb in r["compressors"].items():

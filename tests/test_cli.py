@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import dataclasses
 import os
 import re
 
@@ -73,7 +74,7 @@ def test_eval_prints_loss_and_bits_per_byte(run):
             "--val-permille", 200]
     rc, stdout, err = run_cli(argv)
     assert rc == 0, err
-    m = re.search(r"val loss ([\d.]+) nats/token, ([\d.]+) bits/byte over ([\d,]+) tokens", stdout)
+    m = re.search(r"loss ([\d.]+) nats/token, ([\d.]+) bits/byte over ([\d,]+) tokens", stdout)
     assert m, stdout
     loss, bpb, n = float(m.group(1)), float(m.group(2)), int(m.group(3).replace(",", ""))
     assert 0 < loss < math.log(512) and 0 < bpb < 8 and n > 0
@@ -90,21 +91,29 @@ def test_evaluate_checkpoint_is_what_eval_prints(run):
     from dsv3.training.evaluate import EvalConfig, evaluate_checkpoint
 
     cfg = EvalConfig(data=run["data"], cache_dir=str(run["cache"]), seq_len=32, val_permille=200, max_batches=2,
-                     progress=False)
+                     progress=False, split="val")
     r = evaluate_checkpoint(str(run["out"]), cfg)
     assert os.path.basename(r["checkpoint"]) == "step_00000008" and r["split"] == "val"
     assert r["val_tokens"] == 2 * cfg.batch_size * cfg.seq_len  # two full batches of 8 windows of 32 targets
     rc, stdout, err = run_cli(["eval", run["out"], "--data", run["data"], "--cache-dir", run["cache"], "--seq-len", 32,
-                               "--val-permille", 200, "--max-batches", 2, "--no-progress"])
+                               "--val-permille", 200, "--max-batches", 2, "--no-progress", "--split", "val"])
     assert rc == 0, err
     lines = stdout.splitlines()
-    assert lines[0] == (f"{r['checkpoint']}: val loss {r['val_loss']:.4f} nats/token, {r['val_bpb']:.4f} bits/byte "
-                        f"over {r['val_tokens']:,} tokens of {r['source']}")
+    assert lines[0] == (f"{r['checkpoint']}: loss {r['val_loss']:.4f} nats/token, {r['val_bpb']:.4f} bits/byte "
+                        f"over {r['val_tokens']:,} tokens of the val split of {r['source']}")
     # then gzip and xz on the same bytes as the model (dsv3/eval/compress.py)
     assert lines[2:] == [f"| on the same {r['val_bytes']:,} bytes | bits/byte |", "|---|---|",
                          *(f"| {k} | {v:.4f} |" for k, v in r["compressors"].items()),
                          f"| dsv3 checkpoint | {r['val_bpb']:.4f} |"]
     assert list(r["compressors"]) == ["gzip -9", "xz -9e"] and all(0 < v < 8 for v in r["compressors"].values())
+    # data the user names is evaluated whole by default (train + val split), with a progress bar on stderr
+    whole = evaluate_checkpoint(str(run["out"]), dataclasses.replace(cfg, split=None, max_batches=0))
+    assert whole["split"] == "all" and whole["val_tokens"] > 4 * r["val_tokens"]
+    rc, stdout, err = run_cli(["eval", run["out"], "--data", run["data"], "--cache-dir", run["cache"], "--seq-len", 32,
+                               "--val-permille", 200])
+    assert rc == 0 and f"over {whole['val_tokens']:,} tokens of all of" in stdout and "eval: 100%" in err, err
+    # the stdlib (no --data) is what training reads: its val split only
+    assert EvalConfig().split is None and "else the stdlib's val split" in dataclasses.fields(EvalConfig)[1].metadata["help"]
 
 
 def test_eval_errors(run, tmp_path):

@@ -178,5 +178,5 @@ def test_eval_data_bits_per_byte_matches_direct_computation(ckpt, tok, tmp_path)
     assert rc == 2 and err.count("\n") == 1 and "no documents in file" in err
     # a split without text (the one document falls in train at 0 per mille): says so, and how to read it all
     rc, _, err = run_cli(["eval", ckpt, "--data", data, "--val-permille", 0, "--cache-dir", tmp_path / "cache",
-                          "--no-progress"])
+                          "--no-progress", "--split", "val"])
     assert rc == 2 and err.count("\n") == 1 and "val split" in err and "holds no text" in err and "--split all" in err

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from dsv3.checkpoints.hf import load_pretrained
 from dsv3.checkpoints.rundir import resolve_checkpoint
@@ -34,9 +36,13 @@ from dsv3.training.strategy import Strategy
 @dataclass
 class EvalConfig:
     """What `evaluate_checkpoint` measures; the fields are also the flags of `dsv3 eval`."""
-    data: str | None = setting(None, "corpus (default: the Python standard library)")
-    split: str = setting("val", "which split of the corpus (all: train then val, e.g. a whole file)",
-                         choices=("val", "train", "all"))
+    data: str | None = setting(None, "file or directory to evaluate (default: the Python standard library)")
+    # a corpus the user names is evaluated whole; the default corpus (the stdlib) is trained on, so only
+    # its held-out split is fair
+    split: str | None = setting(None, "which part of the corpus: all (train then val), train, or val (the "
+                                      "split a training run holds out, --val-permille); default: all of --data "
+                                      "when it is given, else the stdlib's val split",
+                                choices=("val", "train", "all"))
     # train's, so that "val" is the split a run held out
     val_permille: int = setting(TrainConfig.val_permille, "held-out split, per mille of the corpus (as train's)")
     seq_len: int = setting(TrainConfig.seq_len, "tokens per window")  # train's: the context it was trained on
@@ -46,7 +52,7 @@ class EvalConfig:
     # as in `train`: the root; token caches live in its tokens/ subdirectory
     cache_dir: str = setting(factory=default_cache_dir,
                              help="where token caches go, under tokens/ ($DSV3_CACHE, else ~/.cache/dsv3)")
-    progress: bool = setting(True, "no progress bar while tokenizing")  # the flag is --no-progress
+    progress: bool = setting(True, "no progress bars (tokenizing, evaluating)")  # the flag is --no-progress
     compressors: bool = setting(True, "do not compress the evaluated bytes with gzip and xz")  # --no-compressors
 
 
@@ -54,26 +60,34 @@ def evaluate_checkpoint(checkpoint: str, cfg: EvalConfig) -> dict:
     """{checkpoint, split, source, val_loss (nats/token), val_bpb (bits/byte), val_tokens, val_bytes,
     compressors ({"gzip -9": bpb, "xz -9e": bpb} on the same bytes, unless cfg.compressors is False)} of a
     checkpoint directory or run directory (its latest checkpoint) on cfg.data's cfg.split split."""
+    split = cfg.split or ("all" if cfg.data is not None else "val")
     path = resolve_checkpoint(checkpoint)
     device = resolve_device(cfg.device)
     tok = DSTokenizer.load(path)
     model = load_pretrained(path, device=device, dtype=torch.float32).eval()
     cache = build_token_cache(cfg.data, tok, os.path.join(cfg.cache_dir, "tokens"), val_permille=cfg.val_permille,
                               fim_rate=0.0, progress=cfg.progress)
-    splits = ("train", "val") if cfg.split == "all" else (cfg.split,)
+    splits = ("train", "val") if split == "all" else (split,)
     n_tokens = sum(cache.meta["splits"][s]["n_tokens"] for s in splits)
-    hint = "" if cfg.split == "all" else " (--split all evaluates the whole corpus)"
+    hint = "" if split == "all" else " (--split all evaluates the whole corpus)"
     if n_tokens == 0:
-        raise ValueError(f"the {cfg.split} split of {cache.meta['source']} holds no text{hint}")
+        raise ValueError(f"the {split} split of {cache.meta['source']} holds no text{hint}")
     if n_tokens <= cfg.seq_len:
-        raise ValueError(f"the {cfg.split} split of {cache.meta['source']} has too few tokens for seq_len "
+        raise ValueError(f"the {split} split of {cache.meta['source']} has too few tokens for seq_len "
                          f"{cfg.seq_len} ({n_tokens} tokens){hint}")
     tokens = cache.tokens(splits[0]) if len(splits) == 1 else np.concatenate([cache.tokens(s) for s in splits])
-    batches = ValBatches(tokens, cfg.seq_len, cfg.batch_size, name=f"{cfg.split} split")
+    batches = ValBatches(tokens, cfg.seq_len, cfg.batch_size, name=f"{split} split")
     token_bytes = tok.token_byte_lengths()
-    ev = evaluate(Strategy.of(model), batches, token_bytes, contextlib.nullcontext, cfg.max_batches or None)
+    n = min(len(batches), cfg.max_batches) if cfg.max_batches else len(batches)
+    bar = tqdm(total=n, desc="eval", unit="batch", dynamic_ncols=True, file=sys.stderr) if cfg.progress else None
+    try:
+        ev = evaluate(Strategy.of(model), batches, token_bytes, contextlib.nullcontext, cfg.max_batches or None,
+                      on_batch=bar.update if bar is not None else None)
+    finally:
+        if bar is not None:
+            bar.close()
     targets = np.asarray(tokens[1: 1 + ev["val_tokens"]], dtype=np.int64)
-    r = {"checkpoint": path, "split": cfg.split, "source": cache.meta["source"], **ev,
+    r = {"checkpoint": path, "split": split, "source": cache.meta["source"], **ev,
          "val_bytes": int(token_bytes[targets].sum())}
     if cfg.compressors:  # the bytes the loss covers, in order
         text = tok.decode_bytes(targets[token_bytes[targets] > 0].tolist())
