@@ -16,6 +16,8 @@ set DSV3_TRACEBACK=1 to see the traceback. Unexpected exceptions (bugs) keep the
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import sys
 
 from dsv3.cliargs import add_fields, from_args
@@ -88,10 +90,13 @@ def cmd_train(args) -> int:
         mc = _model_config(args)[0] if args.preset or args.config else None  # then train() checks it
         tc = from_args(TrainConfig, args)
     else:
+        asked = bool(args.preset or args.config)
         args.preset = args.preset or "tiny"  # train's --preset has no parser default: --init-from needs to see it
         mc, name = _model_config(args)
         # --out unset (its cli_default None): runs/PRESET, or runs/custom with --config
         tc = from_args(TrainConfig, args, out_dir=args.out_dir or f"runs/{name if not args.config else 'custom'}")
+        if tc.resume:
+            mc, tc = _resumed_settings(mc if asked else None, tc, args)
     # dp_shard / ep left at 0 (DERIVED) come from torchrun's world size (distributed/strategy.py resolve_layout)
     pcfg = from_args(ParallelConfig, args)
     if pcfg.pp <= 1 and (pcfg.pp_schedule != "1f1b" or pcfg.n_microbatches):
@@ -101,9 +106,56 @@ def cmd_train(args) -> int:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    if int(os.environ.get("RANK", "0")) == 0 and args.samples > 0 and not summary["interrupted"]:
+    if summary["interrupted"]:
+        return interrupted(summary, f"dsv3 train --out {tc.out_dir} --resume")
+    if int(os.environ.get("RANK", "0")) == 0 and args.samples > 0:
         _print_samples(summary["checkpoint"], args.samples, args.seed)
     return 0
+
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for a command stopped by Ctrl-C
+
+
+def interrupted(summary: dict, resume_cmd: str) -> int:
+    """A run stopped by Ctrl-C / SIGTERM after saving: say where (on stderr: stdout may be a closed pipe,
+    `dsv3 train | tee log` after Ctrl-C) and return 130."""
+    import os
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"interrupted at step {summary['step']} of {summary['total_steps']}: saved {summary['checkpoint']}; "
+              f"continue with: {resume_cmd}", file=sys.stderr, flush=True)
+    return EXIT_INTERRUPTED
+
+
+def _resumed_settings(mc, tc, args):
+    """--resume: the run's own settings (its checkpoint's train_config) for every run setting the command
+    line does not give again, and its model config unless --preset / --config asked for one (mc None);
+    prints what the command line changes."""
+    import os
+
+    from dsv3.checkpoints.files import read_json
+    from dsv3.checkpoints.rundir import latest_checkpoint
+    from dsv3.training.config import resumed_config
+
+    ckpt = latest_checkpoint(os.path.join(tc.out_dir, "checkpoints"))
+    if ckpt is None:  # train() says it starts from scratch
+        return mc if mc is not None else _model_config(args)[0], tc
+    saved = read_json(os.path.join(ckpt, "trainer_state.json")).get("train_config")
+    if isinstance(saved, dict):
+        tc, changed = resumed_config(tc, saved, given_dests(args))
+        for k, (old, new) in changed.items():
+            print(f"resume: {k} {old!r} -> {new!r} (from the command line)")
+    return mc, tc
+
+
+def given_dests(args) -> set[str]:
+    """The dests of the options given on the command line of this verb (parsed again with no defaults)."""
+    p = build_parser(args.command)
+    sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
+    for a in sub._actions:
+        a.default = argparse.SUPPRESS
+    sub._defaults = {}
+    return set(vars(p.parse_args(args.argv))) - {"command"}
 
 
 def _print_samples(path: str, n: int, seed: int, max_new_tokens: int = 120) -> None:
@@ -550,6 +602,40 @@ def one_line(e: BaseException) -> str:
     return out or type(e).__name__
 
 
+class PipeSafe:
+    """sys.stdout / sys.stderr that survive their reader going away (`dsv3 train | tee log`: Ctrl-C kills
+    tee too, and the next progress-bar update would raise BrokenPipeError in the middle of the run, before
+    the checkpoint is saved). From the first broken write on, the stream's file descriptor points at
+    /dev/null (so the final flush at exit is quiet too) and output is dropped; the run goes on."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def _closed(self) -> None:
+        import os
+
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._closed()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._closed()
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one verb. An expected failure (a bad file, config, flag value or path: ConfigError,
     CheckpointError, OSError, ValueError, KeyError, a chat-template error; a run stopped by a full disk or
@@ -566,9 +652,14 @@ def main(argv: list[str] | None = None) -> int:
     from dsv3.training.loop import NonFiniteError
 
     argv = sys.argv[1:] if argv is None else list(argv)
+    for name in ("stdout", "stderr"):  # a real stream (not a test's StringIO) may turn into a closed pipe
+        stream = getattr(sys, name)
+        if not isinstance(stream, PipeSafe) and hasattr(stream, "fileno") and not isinstance(stream, io.StringIO):
+            setattr(sys, name, PipeSafe(stream))
     verb = next((a for a in argv if not a.startswith("-")), None)  # the top-level parser has no other options
     parser = build_parser(verb if verb in VERBS else None)
     args = parser.parse_args(argv)
+    args.argv = argv  # what was given, not defaulted (given_dests)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -130,6 +131,26 @@ class TrainConfig:
             raise ValueError(f"rope_original_len must be >= 0, got {self.rope_original_len}")
         if self.max_skipped_steps < 0:
             raise ValueError(f"max_skipped_steps must be >= 0, got {self.max_skipped_steps}")
+
+
+# What a resumed run (--resume) keeps from its checkpoint unless the command line gives it again: the
+# settings that define the run (data, length, batch, optimizer, schedule, precision, checkpointing). The
+# others (where it runs, caches, progress bars, plots) are the new invocation's.
+RUN_FIELDS = ("data", "extra_data", "tokenizer", "steps", "tokens", "seq_len", "batch_size", "micro_batch_size",
+              "lr", "warmup_steps", "schedule", "weight_decay", "grad_clip", "mtp_lambda", "mtp_lambda_late",
+              "bias_gamma", "balance_alpha", "batch_ramp_steps", "batch_start", "fim_rate", "val_permille",
+              "precision", "fp8_experts", "seed", "eval_every", "eval_batches", "save_every", "keep", "log_every",
+              "max_skipped_steps", "compile", "recompute", "optim_state_dtype")
+
+
+def resumed_config(tc: TrainConfig, saved: dict, given: set[str]) -> tuple[TrainConfig, dict]:
+    """The config of a resumed run: `tc` (the command line's) with every RUN_FIELDS setting that the
+    command line did not give (`given`: field names) taken from the run's saved config `saved` (its
+    checkpoint's train_config). Returns (config, {field: (saved, new)} for the given ones that differ)."""
+    keep = {k: saved[k] for k in RUN_FIELDS if k in saved and k not in given}
+    changed = {k: (saved[k], getattr(tc, k)) for k in RUN_FIELDS if k in saved and k in given
+               and saved[k] != getattr(tc, k)}
+    return dataclasses.replace(tc, **keep), changed
 
 
 def resolve_device(name: str) -> torch.device:
