@@ -57,6 +57,42 @@ def test_train_writes_run_and_prints_samples(run):
     assert sorted(os.listdir(run["cache"])) == ["tokenizers", "tokens"]
 
 
+def test_train_and_info_print_the_same_parameter_counts(run):
+    """`dsv3 train`'s start line and `dsv3 info` print one line of counts (dsv3/info.py param_line), and
+    those counts are the built model's: main + MTP = its parameters and correction biases, as stored = the
+    elements in the run checkpoint's model.safetensors; the official layout's figure (in `dsv3 info`) is
+    what save_pretrained writes by default, with the MTP layer's embedding and head copies."""
+    from safetensors import safe_open
+
+    from dsv3.checkpoints.hf import load_pretrained, save_pretrained
+    from dsv3.info import _fmt, model_info, param_counts, param_line
+
+    def stored(directory):
+        with safe_open(str(directory / "model.safetensors"), "pt") as f:
+            return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+
+    cfg = ModelConfig.from_json(run["cfg"])
+    line = param_line(cfg)
+    assert f"parameters: {line};" in run["train_stdout"]
+    rc, info, err = run_cli(["info", "--config", run["cfg"]])
+    assert rc == 0, err
+    assert re.search(r"^parameters +" + re.escape(line) + "$", info, re.M), info
+
+    ck = run["out"] / "checkpoints" / "step_00000003"
+    model = load_pretrained(ck)
+    n = param_counts(cfg)
+    held = sum(p.numel() for p in model.parameters()) + sum(
+        b.numel() for name, b in model.named_buffers() if name.endswith("e_score_correction_bias"))
+    assert n["main model"] + n["MTP modules"] == held
+    assert n["MTP modules"] == sum(p.numel() for p in model.mtp.parameters()) + sum(
+        b.numel() for name, b in model.mtp.named_buffers() if name.endswith("e_score_correction_bias"))
+    assert n["as stored"] == stored(ck)
+    save_pretrained(model, run["base"] / "official")
+    official = model_info(cfg).total + model_info(cfg).mtp_stored
+    assert official == stored(run["base"] / "official") > n["as stored"]
+    assert f"{_fmt(official)} in the official layout" in info
+
+
 def test_train_resume_and_refusal(run):
     rc, _, err = run_cli(run["common"] + ["--steps", 8, "--samples", 0])
     assert rc == 2 and "--resume" in err and "already holds checkpoints" in err

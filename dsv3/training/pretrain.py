@@ -33,7 +33,7 @@ import torch
 
 from dsv3.checkpoints import rundir
 from dsv3.config import ModelConfig
-from dsv3.info import param_count
+from dsv3.info import param_count, param_line
 from dsv3.memory import ensure_fits
 from dsv3.model import build_model
 from dsv3.tokenizer import DSTokenizer, check_trainable_vocab
@@ -284,7 +284,6 @@ def train(mc: ModelConfig | None, tc: TrainConfig, pcfg=None, log=print, strateg
 
     torch.manual_seed(tc.seed)
     model = build_model(mc, device=strategy.device, dtype=torch.float32, seed=tc.seed)  # the same on every rank
-    n_params = sum(p.numel() for p in model.parameters())
     if init_from is not None:  # before preparation: every rank holds the whole model here
         n = extend.load_weights(model, init_from)
         say(f"initialised from {init_from}: its {n} tensors (MTP and correction biases included) and tokenizer; "
@@ -301,7 +300,7 @@ def train(mc: ModelConfig | None, tc: TrainConfig, pcfg=None, log=print, strateg
         step, tokens_seen = st["step"], st["tokens"]
         lay = st.get("layout", {"world_size": 1})
         say(f"resumed from {resume_from} at step {step} (written by {lay['world_size']} rank(s))")
-    say(f"model: {n_params / 1e6:.2f}M parameters, {strategy.describe()} on {strategy.device.type} ({precision}); "
+    say(f"parameters: {param_line(mc)}; {strategy.describe()} on {strategy.device.type} ({precision}); "
         f"{task.total_steps} steps of {tc.batch_size} x {tc.seq_len} tokens, lr {tc.lr:g}, "
         f"warmup {task.sched.warmup_steps}")
     if strategy.is0:
