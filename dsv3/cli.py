@@ -24,6 +24,7 @@ from dsv3.cliargs import add_fields, from_args
 TRAIN_RENAMES = {"out_dir": "--out", "optim_state_dtype": "--optim-state"}
 GRPO_RENAMES = {"prompts_per_iter": "--prompts"}
 PLAN_RENAMES = {"gpu_mem_gib": "--gpu-mem"}
+SERVE_RENAMES = {"model_name": ("--served-model-name", "--model-name")}  # vLLM's flag; --model-name still works
 # SamplingParams fields the text-printing verbs do not offer (nothing would show the log-probabilities)
 SAMPLING_EXCLUDE = ("logprobs",)
 # EngineConfig fields of generate/sample/chat (one request at a time: the batch size is 1)
@@ -294,15 +295,14 @@ def cmd_chat(args) -> int:
 
 def cmd_serve(args) -> int:
     """OpenAI-compatible HTTP server (dsv3/inference/server.py) over a checkpoint or run directory."""
-    import os
-
+    from dsv3.checkpoints.rundir import run_name
     from dsv3.inference.engine import EngineConfig
     from dsv3.inference.server import ServerConfig, load_for_serving, serve
 
     path = _resolve_checkpoint(args.checkpoint)
     ec, sc = from_args(EngineConfig, args), from_args(ServerConfig, args)
     engine, tok = load_for_serving(path, **vars(ec))
-    name = sc.model_name or os.path.basename(os.path.normpath(path))
+    name = sc.model_name or run_name(path)  # runs/tiny is served as "tiny", not as its latest step_* directory
     if sc.host not in ("127.0.0.1", "localhost", "::1") and not sc.api_key:
         print(f"dsv3 serve: warning: listening on {sc.host} without --api-key", file=sys.stderr)
     print(f"serving {path} as {name!r} on http://{sc.host}:{sc.port}/v1 (batch {ec.max_batch_size}, "
@@ -503,7 +503,7 @@ def _serve_flags(p) -> None:
     from dsv3.inference.server import ServerConfig
 
     _add_checkpoint(p)
-    add_fields(p, ServerConfig)
+    add_fields(p, ServerConfig, rename=SERVE_RENAMES)
     add_fields(p.add_argument_group("engine (EngineConfig)"), EngineConfig)
 
 

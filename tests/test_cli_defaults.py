@@ -146,8 +146,10 @@ def test_renamed_flags_reach_their_fields():
     assert flags["train", "out_dir"] == ["--out"] and flags["train", "optim_state_dtype"] == ["--optim-state"]
     assert flags["grpo", "prompts_per_iter"] == ["--prompts"] and flags["plan", "gpu_mem_gib"] == ["--gpu-mem"]
     assert flags["train", "progress"] == ["--no-progress"] and flags["train", "fsdp"] == ["--no-fsdp"]
+    assert from_args(ServerConfig, parse("serve", "--served-model-name", "m")).model_name == "m"
+    assert from_args(ServerConfig, parse("serve", "--model-name", "m")).model_name == "m"  # the older name
     for renames, cls in ((cli.TRAIN_RENAMES, TrainConfig), (cli.GRPO_RENAMES, GRPOConfig),
-                         (cli.PLAN_RENAMES, PlanConfig)):
+                         (cli.PLAN_RENAMES, PlanConfig), (cli.SERVE_RENAMES, ServerConfig)):
         assert set(renames) <= set(cls.__dataclass_fields__)
 
 
