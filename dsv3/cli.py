@@ -382,7 +382,8 @@ def _plan_flags(p) -> None:
     _add_model_source(p)
     add_fields(p, PlanConfig, rename=PLAN_RENAMES)
     p.add_argument("--suggest", action="store_true", help="list the power-of-two (pp, ep) layouts and which fit")
-    p.add_argument("--sort", default="memory", choices=["memory", "comm"], help="order of --suggest")
+    p.add_argument("--sort", default="memory", choices=["memory", "comm"],
+                   help="order of --suggest: memory per GPU or communication per step (default: memory)")
     s = p.add_argument_group("serving (--serve; ServePlanConfig; uses --gpus and --gpu-mem, EP = gpus)")
     s.add_argument("--serve", action="store_true", help="plan a serving layout: weights per GPU, KV-cache "
                                                         "capacity, largest batch at --context")
@@ -397,7 +398,7 @@ def _train_flags(p) -> None:
     _add_model_source(p)
     p.set_defaults(preset=None)  # tiny unless --config or --init-from (cmd_train)
     add_fields(p, TrainConfig, rename=TRAIN_RENAMES)
-    p.add_argument("--samples", type=int, default=3, help="completions to print at the end (0: none)")
+    p.add_argument("--samples", type=int, default=3, help="completions to print at the end (0: none) (default: 3)")
     add_fields(p.add_argument_group("parallel layout (ParallelConfig; torchrun)"), ParallelConfig)
 
 
@@ -434,7 +435,7 @@ def _sampling_flags(p) -> None:
 
 def _generate_flags(p) -> None:
     _add_checkpoint(p)
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", required=True, help="the text to complete (with --chat: the user's message)")
     p.add_argument("--chat", action="store_true", help="treat the prompt as one user message")
     p.add_argument("--verbose", "-v", action="store_true", help="print token count and MTP acceptance to stderr")
     _sampling_flags(p)
@@ -465,7 +466,8 @@ def _grpo_flags(p) -> None:
     from dsv3.posttrain.grpo import GRPOConfig
 
     _add_checkpoint(p)
-    p.add_argument("--task", default="arithmetic", help='"arithmetic" or a JSONL of {"messages", "answer"} rows')
+    p.add_argument("--task", default="arithmetic",
+                   help='"arithmetic" or a JSONL of {"messages", "answer"} rows (default: arithmetic)')
     p.add_argument("--reward", default=None, help='"module:function" scoring (completion, example) -> float')
     p.add_argument("--out", required=True, help="run directory")
     add_fields(p, GRPOConfig, rename=GRPO_RENAMES)
@@ -516,7 +518,7 @@ VERBS = {
     "eval": ("bits per byte of a checkpoint beside gzip/xz, or pass-key retrieval (--task needle)", _eval_flags,
              cmd_eval),
     "generate": ("complete a prompt (streams; --chat wraps it in the chat template)", _generate_flags, cmd_generate),
-    "sample": ("same as generate, seeded (--seed 0) by default (kept for the training issue's interface)",
+    "sample": ("complete a prompt as generate does, with --seed 0 unless given: the same text on every run",
                _sample_flags, cmd_generate),
     "chat": ("interactive multi-turn chat (streams replies)", _chat_flags, cmd_chat),
     "sft": ("supervised fine-tuning on chats (messages JSONL; loss on assistant tokens)", _sft_flags, cmd_sft),
@@ -527,12 +529,27 @@ VERBS = {
 }
 
 
+def version() -> str:
+    """The installed package's version (its metadata), else the source tree's dsv3.__version__."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("dsv3")
+    except PackageNotFoundError:  # run from a source tree that was never pip-installed
+        import dsv3
+
+        return dsv3.__version__
+
+
 def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
-    """The `dsv3` parser; with `verb`, only that verb's flags are added (the others keep their names)."""
+    """The `dsv3` parser; with `verb`, only that verb's flags are added (the others keep their names), with
+    "" none (`dsv3 --help` and `--version` list no flags: no verb's modules are imported)."""
     p = argparse.ArgumentParser(prog="dsv3", description="DeepSeek-V3: model, training, inference.")
+    p.add_argument("--version", action="version", version=f"dsv3 {version()}", help="print the version and exit")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help_, add_flags, run) in VERBS.items():
-        sp = sub.add_parser(name, help=help_)
+        sp = sub.add_parser(name, help=help_, description=help_)  # the line also heads `dsv3 VERB --help`
         if verb is None or verb == name:
             add_flags(sp)
         sp.set_defaults(func=run)
@@ -565,8 +582,8 @@ def main(argv: list[str] | None = None) -> int:
     from dsv3.training.loop import NonFiniteError
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    verb = next((a for a in argv if not a.startswith("-")), None)  # the top-level parser has no other options
-    parser = build_parser(verb if verb in VERBS else None)
+    verb = next((a for a in argv if not a.startswith("-")), None)  # the top-level parser has no option with a value
+    parser = build_parser(verb if verb in VERBS else "")
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

@@ -10,6 +10,7 @@ Run: python -m pytest tests/test_cli_defaults.py -q
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import types
 
@@ -132,6 +133,39 @@ def test_help_output(capsys):
     out = " ".join(capsys.readouterr().out.split())
     assert "--optim-state {fp32,bf16} storage dtype of the AdamW moments" in out and "(default: fp32)" in out
     assert "--no-fsdp under torchrun: replicate the non-expert parameters" in out
+
+
+@pytest.mark.parametrize("verb", list(cli.VERBS))
+def test_every_flag_has_help_and_shows_its_default(verb):
+    """`dsv3 VERB --help` says what the verb does and what each flag means, and shows each default (an
+    on/off flag, a repeatable one and an unset value have none to show)."""
+    sp = subparser(verb)
+    assert sp.description and "issue" not in sp.description  # written for users, not for the tracker
+    for a in sp._actions:
+        if isinstance(a, argparse._HelpAction):
+            continue
+        flag = "/".join(a.option_strings) or a.dest
+        assert a.help and a.help.strip(), f"dsv3 {verb} {flag} has no help"
+        if isinstance(a, (argparse._StoreTrueAction, argparse._StoreFalseAction)) or a.default in (None, []):
+            continue
+        assert "default" in a.help, f"dsv3 {verb} {flag}: the help does not show the default {a.default!r}"
+
+
+def test_version(capsys, monkeypatch):
+    import importlib.metadata
+
+    import dsv3
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out == f"dsv3 {importlib.metadata.version('dsv3')}\n"
+
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
+    assert cli.version() == dsv3.__version__  # a source tree that was never installed
 
 
 def test_renamed_flags_reach_their_fields():
