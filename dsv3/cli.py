@@ -317,6 +317,7 @@ def cmd_serve(args) -> int:
 def cmd_sft(args) -> int:
     """Supervised fine-tuning on chats (dsv3/posttrain/sft.py); one process or every rank of a torchrun world."""
     import os
+    import time
 
     import torch.distributed as dist
 
@@ -325,19 +326,21 @@ def cmd_sft(args) -> int:
 
     cfg = from_args(SFTConfig, args)
     pcfg = from_args(ParallelConfig, args, only=POSTTRAIN_LAYOUT)  # dp_shard / ep 0: from the world size
+    t0 = time.perf_counter()
     try:
         summary = train_sft(args.checkpoint, args.data, args.out, cfg, pcfg=pcfg)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"sft: {summary}")
+        _print_run_summary("sft", args.out, summary, time.perf_counter() - t0)
     return 0
 
 
 def cmd_grpo(args) -> int:
     """GRPO on a task with a checkable answer (dsv3/posttrain/grpo.py); one process or every rank of a torchrun world."""
     import os
+    import time
 
     import torch.distributed as dist
 
@@ -348,14 +351,43 @@ def cmd_grpo(args) -> int:
     cfg = from_args(GRPOConfig, args)
     task = load_task(args.task, seed=cfg.seed, reward=load_callable(args.reward) if args.reward else None)
     pcfg = from_args(ParallelConfig, args, only=POSTTRAIN_LAYOUT)  # dp_shard / ep 0: from the world size
+    t0 = time.perf_counter()
     try:
         summary = train_grpo(args.checkpoint, task, args.out, cfg, pcfg=pcfg)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"grpo: {summary}")
+        _print_run_summary("grpo", args.out, summary, time.perf_counter() - t0)
     return 0
+
+
+def _print_run_summary(verb: str, out_dir: str, summary: dict, seconds: float) -> None:
+    """The end of `dsv3 sft` / `dsv3 grpo`: the key figures as a short table. Every figure of the summary is
+    in OUT/summary.json (written by the training loop), which the last row names."""
+    import os
+
+    s = summary
+    rows = []
+    if "step" in s:
+        rows.append(("optimizer steps", f"{s['step']} of {s['total_steps']}"
+                     + (f" ({s['iterations']} iteration{'s' * (s['iterations'] != 1)})" if "iterations" in s else "")))
+    if s.get("train_loss") is not None:
+        rows.append(("final loss", f"{s['train_loss']:.4f}"))
+    if "reward_mean" in s:  # GRPO: the last iteration's samples
+        rows.append(("final reward", f"{s['reward_mean']:.3f} (sample accuracy {s['accuracy']:.3f})"))
+    if "heldout_acc" in s:
+        rows.append(("held-out accuracy", f"{s['heldout_acc']:.3f} over {s['heldout_n']} problems (greedy)"))
+    if s.get("skipped_steps"):
+        rows.append(("skipped steps", f"{s['skipped_steps']} (non-finite loss or gradient norm)"))
+    rows.append(("time", f"{seconds:.1f} s"))
+    if "checkpoint" in s:
+        rows.append(("checkpoint", s["checkpoint"] + (" (interrupted: --resume continues the run)"
+                                                      if s.get("interrupted") else "")))
+    if os.path.exists(os.path.join(out_dir, "summary.json")):
+        rows.append(("all figures", os.path.join(out_dir, "summary.json")))
+    w = max(len(k) for k, _ in rows)
+    print(f"{verb} finished:\n" + "\n".join(f"  {k:<{w}}  {v}" for k, v in rows))
 
 
 # ------------------------------------------------------------------------------------------------

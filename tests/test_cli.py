@@ -252,6 +252,12 @@ def test_chat_reads_turns_from_stdin(run, monkeypatch):
     assert seen == [["be brief", "hello"], ["be brief", "second turn"]]
 
 
+def table_rows(stdout: str, title: str) -> dict[str, str]:
+    """The rows "  key  value" of the table under `title`, the last lines of stdout."""
+    lines = stdout[stdout.index(title):].splitlines()[1:]
+    return dict(re.fullmatch(r"  (\S.*?) {2,}(\S.*)", line).groups() for line in lines)
+
+
 def test_sft_and_grpo_commands_run_end_to_end(run, tmp_path):
     from dsv3.posttrain.tasks import arithmetic_sft_chats
 
@@ -262,9 +268,23 @@ def test_sft_and_grpo_commands_run_end_to_end(run, tmp_path):
                                "--seq-len", 128, "--lr", 1e-4, "--device", "cpu"])
     assert rc == 0, err
     assert (sft_out / "checkpoints" / "step_00000002" / "config.json").exists()
-    rc, stdout, err = run_cli(["grpo", sft_out, "--out", tmp_path / "grpo", "--iterations", 1, "--prompts", 2,
+    # the end of the run: a short table of the key figures, the whole summary in OUT/summary.json
+    assert "{'" not in stdout and '{"' not in stdout
+    summary = json.loads((sft_out / "summary.json").read_text(encoding="utf-8"))
+    rows = table_rows(stdout, "sft finished:")
+    assert rows["optimizer steps"] == "2 of 2" and rows["final loss"] == f"{summary['train_loss']:.4f}"
+    assert re.fullmatch(r"[\d.]+ s", rows["time"]) and rows["checkpoint"] == summary["checkpoint"]
+    assert rows["all figures"] == str(sft_out / "summary.json")
+    grpo_out = tmp_path / "grpo"
+    rc, stdout, err = run_cli(["grpo", sft_out, "--out", grpo_out, "--iterations", 1, "--prompts", 2,
                                "--group-size", 2, "--max-new-tokens", 4, "--eval-every", 1, "--device", "cpu"])
     assert rc == 0, err
-    assert "grpo:" in stdout and "heldout_acc" in stdout
+    assert "{'" not in stdout and '{"' not in stdout
+    summary = json.loads((grpo_out / "summary.json").read_text(encoding="utf-8"))
+    rows = table_rows(stdout, "grpo finished:")
+    assert rows["optimizer steps"] == "2 of 2 (1 iteration)"  # ppo_epochs 2: two steps per iteration
+    assert rows["final reward"] == f"{summary['reward_mean']:.3f} (sample accuracy {summary['accuracy']:.3f})"
+    assert rows["held-out accuracy"] == f"{summary['heldout_acc']:.3f} over {summary['heldout_n']} problems (greedy)"
+    assert rows["checkpoint"] == summary["checkpoint"] and rows["all figures"] == str(grpo_out / "summary.json")
     rc, _, err = run_cli(["sft", run["out"], "--data", tmp_path / "missing.jsonl", "--out", tmp_path / "x"])
     assert rc == 2 and "missing.jsonl" in err
