@@ -58,6 +58,42 @@ def test_train_writes_run_and_prints_samples(run):
     assert sorted(os.listdir(run["cache"])) == ["tokenizers", "tokens"]
 
 
+def test_train_and_info_print_the_same_parameter_counts(run):
+    """`dsv3 train`'s start line and `dsv3 info` print one line of counts (dsv3/info.py param_line), and
+    those counts are the built model's: main + MTP = its parameters and correction biases, as stored = the
+    elements in the run checkpoint's model.safetensors; the official layout's figure (in `dsv3 info`) is
+    what save_pretrained writes by default, with the MTP layer's embedding and head copies."""
+    from safetensors import safe_open
+
+    from dsv3.checkpoints.hf import load_pretrained, save_pretrained
+    from dsv3.info import _fmt, model_info, param_counts, param_line
+
+    def stored(directory):
+        with safe_open(str(directory / "model.safetensors"), "pt") as f:
+            return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+
+    cfg = ModelConfig.from_json(run["cfg"])
+    line = param_line(cfg)
+    assert f"parameters: {line};" in run["train_stdout"]
+    rc, info, err = run_cli(["info", "--config", run["cfg"]])
+    assert rc == 0, err
+    assert re.search(r"^parameters +" + re.escape(line) + "$", info, re.M), info
+
+    ck = run["out"] / "checkpoints" / "step_00000003"
+    model = load_pretrained(ck)
+    n = param_counts(cfg)
+    held = sum(p.numel() for p in model.parameters()) + sum(
+        b.numel() for name, b in model.named_buffers() if name.endswith("e_score_correction_bias"))
+    assert n["main model"] + n["MTP modules"] == held
+    assert n["MTP modules"] == sum(p.numel() for p in model.mtp.parameters()) + sum(
+        b.numel() for name, b in model.mtp.named_buffers() if name.endswith("e_score_correction_bias"))
+    assert n["as stored"] == stored(ck)
+    save_pretrained(model, run["base"] / "official")
+    official = model_info(cfg).total + model_info(cfg).mtp_stored
+    assert official == stored(run["base"] / "official") > n["as stored"]
+    assert f"{_fmt(official)} in the official layout" in info
+
+
 def test_train_resume_and_refusal(run):
     rc, _, err = run_cli(run["common"] + ["--steps", 8, "--samples", 0])
     assert rc == 2 and "--resume" in err and "already holds checkpoints" in err
@@ -225,6 +261,12 @@ def test_chat_reads_turns_from_stdin(run, monkeypatch):
     assert seen == [["be brief", "hello"], ["be brief", "second turn"]]
 
 
+def table_rows(stdout: str, title: str) -> dict[str, str]:
+    """The rows "  key  value" of the table under `title`, the last lines of stdout."""
+    lines = stdout[stdout.index(title):].splitlines()[1:]
+    return dict(re.fullmatch(r"  (\S.*?) {2,}(\S.*)", line).groups() for line in lines)
+
+
 def test_sft_and_grpo_commands_run_end_to_end(run, tmp_path):
     from dsv3.posttrain.tasks import arithmetic_sft_chats
 
@@ -235,9 +277,23 @@ def test_sft_and_grpo_commands_run_end_to_end(run, tmp_path):
                                "--seq-len", 128, "--lr", 1e-4, "--device", "cpu"])
     assert rc == 0, err
     assert (sft_out / "checkpoints" / "step_00000002" / "config.json").exists()
-    rc, stdout, err = run_cli(["grpo", sft_out, "--out", tmp_path / "grpo", "--iterations", 1, "--prompts", 2,
+    # the end of the run: a short table of the key figures, the whole summary in OUT/summary.json
+    assert "{'" not in stdout and '{"' not in stdout
+    summary = json.loads((sft_out / "summary.json").read_text(encoding="utf-8"))
+    rows = table_rows(stdout, "sft finished:")
+    assert rows["optimizer steps"] == "2 of 2" and rows["final loss"] == f"{summary['train_loss']:.4f}"
+    assert re.fullmatch(r"[\d.]+ s", rows["time"]) and rows["checkpoint"] == summary["checkpoint"]
+    assert rows["all figures"] == str(sft_out / "summary.json")
+    grpo_out = tmp_path / "grpo"
+    rc, stdout, err = run_cli(["grpo", sft_out, "--out", grpo_out, "--iterations", 1, "--prompts", 2,
                                "--group-size", 2, "--max-new-tokens", 4, "--eval-every", 1, "--device", "cpu"])
     assert rc == 0, err
-    assert "grpo:" in stdout and "heldout_acc" in stdout
+    assert "{'" not in stdout and '{"' not in stdout
+    summary = json.loads((grpo_out / "summary.json").read_text(encoding="utf-8"))
+    rows = table_rows(stdout, "grpo finished:")
+    assert rows["optimizer steps"] == "2 of 2 (1 iteration)"  # ppo_epochs 2: two steps per iteration
+    assert rows["final reward"] == f"{summary['reward_mean']:.3f} (sample accuracy {summary['accuracy']:.3f})"
+    assert rows["held-out accuracy"] == f"{summary['heldout_acc']:.3f} over {summary['heldout_n']} problems (greedy)"
+    assert rows["checkpoint"] == summary["checkpoint"] and rows["all figures"] == str(grpo_out / "summary.json")
     rc, _, err = run_cli(["sft", run["out"], "--data", tmp_path / "missing.jsonl", "--out", tmp_path / "x"])
     assert rc == 2 and "missing.jsonl" in err

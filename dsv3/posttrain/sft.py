@@ -268,8 +268,8 @@ class SFTConfig:
     save_every: int = setting(200, "checkpoint every N steps (0: only at the end)")
     keep: int = setting(3, "checkpoints kept, the latest ones (0: all)")
     log_every: int = setting(1, "log every N steps")
-    progress: bool = setting(True, "progress bar")
-    plots: bool = setting(True, "PNG plots of the run at its end")
+    progress: bool = setting(True, "no progress bar")  # the flag is --no-progress
+    plots: bool = setting(True, "no PNG plots (loss, expert load) at the end of the run")  # --no-plots
     resume: bool = setting(False, "continue from the run directory's latest checkpoint")
 
     def validate(self) -> None:

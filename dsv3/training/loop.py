@@ -156,8 +156,10 @@ def write_run_outputs(out_dir: str, summary: dict, log, plots: bool = True) -> N
         else:
             for p in plot_run(out_dir):
                 log(f"plot: {p}")
-    with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as f:
+    path = os.path.join(out_dir, "summary.json")
+    with open(path + ".tmp", "w", encoding="utf-8") as f:  # a crash mid-write leaves the old summary whole
         json.dump(summary, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ import torch
 
 from dsv3.checkpoints import rundir
 from dsv3.config import ModelConfig
-from dsv3.info import param_count
+from dsv3.info import param_count, param_line
 from dsv3.memory import ensure_fits
 from dsv3.model import build_model
 from dsv3.tokenizer import DSTokenizer, check_trainable_vocab
@@ -341,7 +341,6 @@ def train(mc: ModelConfig | None, tc: TrainConfig, pcfg=None, log=print, strateg
 
     torch.manual_seed(tc.seed)
     model = build_model(mc, device=strategy.device, dtype=torch.float32, seed=tc.seed)  # the same on every rank
-    n_params = sum(p.numel() for p in model.parameters())
     if init_from is not None:  # before preparation: every rank holds the whole model here
         n = extend.load_weights(model, init_from)
         say(f"initialised from {init_from}: its {n} tensors (MTP and correction biases included) and tokenizer; "
@@ -364,7 +363,7 @@ def train(mc: ModelConfig | None, tc: TrainConfig, pcfg=None, log=print, strateg
             say(f"schedule: the run's length changes from {before} to {task.total_steps} steps at step {step}; the "
                 f"learning rate continues from {task.sched.lr(step):.3g}, the rest of its schedule stretched over "
                 "the new steps (to restart it at the peak, start a new run with --init-from)")
-    say(f"model: {n_params / 1e6:.2f}M parameters, {strategy.describe()} on {strategy.device.type} ({precision}); "
+    say(f"parameters: {param_line(mc)}; {strategy.describe()} on {strategy.device.type} ({precision}); "
         f"{task.total_steps} steps of {tc.batch_size} x {tc.seq_len} tokens, lr {tc.lr:g}, "
         f"warmup {task.sched.warmup_steps}")
     # the run directory is made only now, once the data and the model are ready: a run that fails before
