@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import os
 import sys
 
 from dsv3.cliargs import add_fields, from_args
@@ -111,6 +112,13 @@ def cmd_train(args) -> int:
         return interrupted(summary, f"dsv3 train --out {tc.out_dir} --resume")
     if int(os.environ.get("RANK", "0")) == 0 and args.samples > 0:
         _print_samples(summary["checkpoint"], args.samples, args.seed)
+    if int(os.environ.get("RANK", "0")) == 0 and tc.data is None and not tc.init_from and args.report:
+        from dsv3.training.evaluate import default_run_report, format_report
+
+        rows = default_run_report(summary["checkpoint"], tc)
+        print(f"\nbits per byte on Python this run did not train on (lower is better):\n{format_report(rows)}")
+        for r in rows:
+            print(f"  {r['name']}: {r['source']}")
     return 0
 
 
@@ -487,6 +495,9 @@ def _train_flags(p) -> None:
     _add_model_source(p)
     p.set_defaults(preset=None)  # tiny unless --config or --init-from (cmd_train)
     add_fields(p, TrainConfig, rename=TRAIN_RENAMES)
+    p.add_argument("--no-report", dest="report", action="store_false",
+                   help="default corpus: skip the closing table of bits per byte on held-out Python (the stdlib's "
+                        "val split and a sample of pip's source) beside gzip and xz")
     p.add_argument("--samples", type=int, default=3, help="completions to print at the end (0: none) (default: 3)")
     add_fields(p.add_argument_group("parallel layout (ParallelConfig; torchrun)"), ParallelConfig)
 
@@ -705,6 +716,12 @@ def main(argv: list[str] | None = None) -> int:
     from dsv3.training.loop import NonFiniteError
 
     argv = sys.argv[1:] if argv is None else list(argv)
+    # OpenMP threads that wait for work sleep instead of spinning: on a busy machine (another CPU-bound
+    # process on the same cores) spinning threads steal the cores the working ones need, and a training step
+    # ran 2.4x slower where sharing should cost 2x (bench/RESULTS.md, the main job). Read when the OpenMP
+    # runtime starts, i.e. when torch is first imported, which no verb does before this line. A value the
+    # user set wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     for name in ("stdout", "stderr"):  # a real stream (not a test's StringIO) may turn into a closed pipe
         stream = getattr(sys, name)
         if not isinstance(stream, PipeSafe) and hasattr(stream, "fileno") and not isinstance(stream, io.StringIO):
