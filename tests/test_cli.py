@@ -274,9 +274,10 @@ def test_sft_and_grpo_commands_run_end_to_end(run, tmp_path):
     chats.write_text("".join(json.dumps(r) + "\n" for r in arithmetic_sft_chats(40, 0)), encoding="utf-8")
     sft_out = tmp_path / "sft"
     rc, stdout, err = run_cli(["sft", run["out"], "--data", chats, "--out", sft_out, "--steps", 2, "--batch-size", 2,
-                               "--seq-len", 128, "--lr", 1e-4, "--device", "cpu"])
+                               "--seq-len", 256, "--lr", 1e-4, "--device", "cpu"])
     assert rc == 0, err
     assert (sft_out / "checkpoints" / "step_00000002" / "config.json").exists()
+    assert "warning" not in stdout and json.loads((sft_out / "metrics.jsonl").read_text().splitlines()[0])["loss_tokens"] > 0
     # the end of the run: a short table of the key figures, the whole summary in OUT/summary.json
     assert "{'" not in stdout and '{"' not in stdout
     summary = json.loads((sft_out / "summary.json").read_text(encoding="utf-8"))
@@ -297,3 +298,6 @@ def test_sft_and_grpo_commands_run_end_to_end(run, tmp_path):
     assert rows["checkpoint"] == summary["checkpoint"] and rows["all figures"] == str(grpo_out / "summary.json")
     rc, _, err = run_cli(["sft", run["out"], "--data", tmp_path / "missing.jsonl", "--out", tmp_path / "x"])
     assert rc == 2 and "missing.jsonl" in err
+    # rows too short to reach any answer: refused, not a run of zero losses
+    rc, _, err = run_cli(["sft", run["out"], "--data", chats, "--out", tmp_path / "y", "--seq-len", 16])
+    assert rc == 2 and "no conversation has an assistant token within its first 16 tokens" in err
