@@ -16,6 +16,9 @@ set DSV3_TRACEBACK=1 to see the traceback. Unexpected exceptions (bugs) keep the
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import os
 import sys
 
 from dsv3.cliargs import add_fields, from_args
@@ -24,6 +27,7 @@ from dsv3.cliargs import add_fields, from_args
 TRAIN_RENAMES = {"out_dir": "--out", "optim_state_dtype": "--optim-state"}
 GRPO_RENAMES = {"prompts_per_iter": "--prompts"}
 PLAN_RENAMES = {"gpu_mem_gib": "--gpu-mem"}
+SERVE_RENAMES = {"model_name": ("--served-model-name", "--model-name")}  # vLLM's flag; --model-name still works
 # SamplingParams fields the text-printing verbs do not offer (nothing would show the log-probabilities)
 SAMPLING_EXCLUDE = ("logprobs",)
 # EngineConfig fields of generate/sample/chat (one request at a time: the batch size is 1)
@@ -88,10 +92,13 @@ def cmd_train(args) -> int:
         mc = _model_config(args)[0] if args.preset or args.config else None  # then train() checks it
         tc = from_args(TrainConfig, args)
     else:
+        asked = bool(args.preset or args.config)
         args.preset = args.preset or "tiny"  # train's --preset has no parser default: --init-from needs to see it
         mc, name = _model_config(args)
         # --out unset (its cli_default None): runs/PRESET, or runs/custom with --config
         tc = from_args(TrainConfig, args, out_dir=args.out_dir or f"runs/{name if not args.config else 'custom'}")
+        if tc.resume:
+            mc, tc = _resumed_settings(mc if asked else None, tc, args)
     # dp_shard / ep left at 0 (DERIVED) come from torchrun's world size (distributed/strategy.py resolve_layout)
     pcfg = from_args(ParallelConfig, args)
     if pcfg.pp <= 1 and (pcfg.pp_schedule != "1f1b" or pcfg.n_microbatches):
@@ -101,9 +108,63 @@ def cmd_train(args) -> int:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    if int(os.environ.get("RANK", "0")) == 0 and args.samples > 0 and not summary["interrupted"]:
+    if summary["interrupted"]:
+        return interrupted(summary, f"dsv3 train --out {tc.out_dir} --resume")
+    if int(os.environ.get("RANK", "0")) == 0 and args.samples > 0:
         _print_samples(summary["checkpoint"], args.samples, args.seed)
+    if int(os.environ.get("RANK", "0")) == 0 and tc.data is None and not tc.init_from and args.report:
+        from dsv3.training.evaluate import default_run_report, format_report
+
+        rows = default_run_report(summary["checkpoint"], tc)
+        print(f"\nbits per byte on Python this run did not train on (lower is better):\n{format_report(rows)}")
+        for r in rows:
+            print(f"  {r['name']}: {r['source']}")
     return 0
+
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for a command stopped by Ctrl-C
+
+
+def interrupted(summary: dict, resume_cmd: str) -> int:
+    """A run stopped by Ctrl-C / SIGTERM after saving: say where (on stderr: stdout may be a closed pipe,
+    `dsv3 train | tee log` after Ctrl-C) and return 130."""
+    import os
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"interrupted at step {summary['step']} of {summary['total_steps']}: saved {summary['checkpoint']}; "
+              f"continue with: {resume_cmd}", file=sys.stderr, flush=True)
+    return EXIT_INTERRUPTED
+
+
+def _resumed_settings(mc, tc, args):
+    """--resume: the run's own settings (its checkpoint's train_config) for every run setting the command
+    line does not give again, and its model config unless --preset / --config asked for one (mc None);
+    prints what the command line changes."""
+    import os
+
+    from dsv3.checkpoints.files import read_json
+    from dsv3.checkpoints.rundir import latest_checkpoint
+    from dsv3.training.config import resumed_config
+
+    ckpt = latest_checkpoint(os.path.join(tc.out_dir, "checkpoints"))
+    if ckpt is None:  # train() says it starts from scratch
+        return mc if mc is not None else _model_config(args)[0], tc
+    saved = read_json(os.path.join(ckpt, "trainer_state.json")).get("train_config")
+    if isinstance(saved, dict):
+        tc, changed = resumed_config(tc, saved, given_dests(args))
+        for k, (old, new) in changed.items():
+            print(f"resume: {k} {old!r} -> {new!r} (from the command line)")
+    return mc, tc
+
+
+def given_dests(args) -> set[str]:
+    """The dests of the options given on the command line of this verb (parsed again with no defaults)."""
+    p = build_parser(args.command)
+    sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
+    for a in sub._actions:
+        a.default = argparse.SUPPRESS
+    sub._defaults = {}
+    return set(vars(p.parse_args(args.argv))) - {"command"}
 
 
 def _print_samples(path: str, n: int, seed: int, max_new_tokens: int = 120) -> None:
@@ -152,8 +213,9 @@ def cmd_eval(args) -> int:
     from dsv3.training.evaluate import EvalConfig, evaluate_checkpoint
 
     r = evaluate_checkpoint(args.checkpoint, from_args(EvalConfig, args))
-    print(f"{r['checkpoint']}: {r['split']} loss {r['val_loss']:.4f} nats/token, {r['val_bpb']:.4f} bits/byte "
-          f"over {r['val_tokens']:,} tokens of {r['source']}")
+    part = {"all": "all of", "train": "the train split of", "val": "the val split of"}[r["split"]]
+    print(f"{r['checkpoint']}: loss {r['val_loss']:.4f} nats/token, {r['val_bpb']:.4f} bits/byte "
+          f"over {r['val_tokens']:,} tokens of {part} {r['source']}")
     if "compressors" in r:
         print(f"\n| on the same {r['val_bytes']:,} bytes | bits/byte |\n|---|---|")
         for name, bpb in r["compressors"].items():
@@ -294,15 +356,14 @@ def cmd_chat(args) -> int:
 
 def cmd_serve(args) -> int:
     """OpenAI-compatible HTTP server (dsv3/inference/server.py) over a checkpoint or run directory."""
-    import os
-
+    from dsv3.checkpoints.rundir import run_name
     from dsv3.inference.engine import EngineConfig
     from dsv3.inference.server import ServerConfig, load_for_serving, serve
 
     path = _resolve_checkpoint(args.checkpoint)
     ec, sc = from_args(EngineConfig, args), from_args(ServerConfig, args)
     engine, tok = load_for_serving(path, **vars(ec))
-    name = sc.model_name or os.path.basename(os.path.normpath(path))
+    name = sc.model_name or run_name(path)  # runs/tiny is served as "tiny", not as its latest step_* directory
     if sc.host not in ("127.0.0.1", "localhost", "::1") and not sc.api_key:
         print(f"dsv3 serve: warning: listening on {sc.host} without --api-key", file=sys.stderr)
     print(f"serving {path} as {name!r} on http://{sc.host}:{sc.port}/v1 (batch {ec.max_batch_size}, "
@@ -317,6 +378,7 @@ def cmd_serve(args) -> int:
 def cmd_sft(args) -> int:
     """Supervised fine-tuning on chats (dsv3/posttrain/sft.py); one process or every rank of a torchrun world."""
     import os
+    import time
 
     import torch.distributed as dist
 
@@ -325,19 +387,23 @@ def cmd_sft(args) -> int:
 
     cfg = from_args(SFTConfig, args)
     pcfg = from_args(ParallelConfig, args, only=POSTTRAIN_LAYOUT)  # dp_shard / ep 0: from the world size
+    t0 = time.perf_counter()
     try:
         summary = train_sft(args.checkpoint, args.data, args.out, cfg, pcfg=pcfg)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    if summary.get("interrupted"):
+        return interrupted(summary, "the same command with --resume")
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"sft: {summary}")
+        _print_run_summary("sft", args.out, summary, time.perf_counter() - t0)
     return 0
 
 
 def cmd_grpo(args) -> int:
     """GRPO on a task with a checkable answer (dsv3/posttrain/grpo.py); one process or every rank of a torchrun world."""
     import os
+    import time
 
     import torch.distributed as dist
 
@@ -348,14 +414,45 @@ def cmd_grpo(args) -> int:
     cfg = from_args(GRPOConfig, args)
     task = load_task(args.task, seed=cfg.seed, reward=load_callable(args.reward) if args.reward else None)
     pcfg = from_args(ParallelConfig, args, only=POSTTRAIN_LAYOUT)  # dp_shard / ep 0: from the world size
+    t0 = time.perf_counter()
     try:
         summary = train_grpo(args.checkpoint, task, args.out, cfg, pcfg=pcfg)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    if summary.get("interrupted"):
+        return interrupted(summary, "the same command with --resume")
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"grpo: {summary}")
+        _print_run_summary("grpo", args.out, summary, time.perf_counter() - t0)
     return 0
+
+
+def _print_run_summary(verb: str, out_dir: str, summary: dict, seconds: float) -> None:
+    """The end of `dsv3 sft` / `dsv3 grpo`: the key figures as a short table. Every figure of the summary is
+    in OUT/summary.json (written by the training loop), which the last row names."""
+    import os
+
+    s = summary
+    rows = []
+    if "step" in s:
+        rows.append(("optimizer steps", f"{s['step']} of {s['total_steps']}"
+                     + (f" ({s['iterations']} iteration{'s' * (s['iterations'] != 1)})" if "iterations" in s else "")))
+    if s.get("train_loss") is not None:
+        rows.append(("final loss", f"{s['train_loss']:.4f}"))
+    if "reward_mean" in s:  # GRPO: the last iteration's samples
+        rows.append(("final reward", f"{s['reward_mean']:.3f} (sample accuracy {s['accuracy']:.3f})"))
+    if "heldout_acc" in s:
+        rows.append(("held-out accuracy", f"{s['heldout_acc']:.3f} over {s['heldout_n']} problems (greedy)"))
+    if s.get("skipped_steps"):
+        rows.append(("skipped steps", f"{s['skipped_steps']} (non-finite loss or gradient norm)"))
+    rows.append(("time", f"{seconds:.1f} s"))
+    if "checkpoint" in s:
+        rows.append(("checkpoint", s["checkpoint"] + (" (interrupted: --resume continues the run)"
+                                                      if s.get("interrupted") else "")))
+    if os.path.exists(os.path.join(out_dir, "summary.json")):
+        rows.append(("all figures", os.path.join(out_dir, "summary.json")))
+    w = max(len(k) for k, _ in rows)
+    print(f"{verb} finished:\n" + "\n".join(f"  {k:<{w}}  {v}" for k, v in rows))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -382,7 +479,8 @@ def _plan_flags(p) -> None:
     _add_model_source(p)
     add_fields(p, PlanConfig, rename=PLAN_RENAMES)
     p.add_argument("--suggest", action="store_true", help="list the power-of-two (pp, ep) layouts and which fit")
-    p.add_argument("--sort", default="memory", choices=["memory", "comm"], help="order of --suggest")
+    p.add_argument("--sort", default="memory", choices=["memory", "comm"],
+                   help="order of --suggest: memory per GPU or communication per step (default: memory)")
     s = p.add_argument_group("serving (--serve; ServePlanConfig; uses --gpus and --gpu-mem, EP = gpus)")
     s.add_argument("--serve", action="store_true", help="plan a serving layout: weights per GPU, KV-cache "
                                                         "capacity, largest batch at --context")
@@ -397,7 +495,10 @@ def _train_flags(p) -> None:
     _add_model_source(p)
     p.set_defaults(preset=None)  # tiny unless --config or --init-from (cmd_train)
     add_fields(p, TrainConfig, rename=TRAIN_RENAMES)
-    p.add_argument("--samples", type=int, default=3, help="completions to print at the end (0: none)")
+    p.add_argument("--no-report", dest="report", action="store_false",
+                   help="default corpus: skip the closing table of bits per byte on held-out Python (the stdlib's "
+                        "val split and a sample of pip's source) beside gzip and xz")
+    p.add_argument("--samples", type=int, default=3, help="completions to print at the end (0: none) (default: 3)")
     add_fields(p.add_argument_group("parallel layout (ParallelConfig; torchrun)"), ParallelConfig)
 
 
@@ -434,7 +535,7 @@ def _sampling_flags(p) -> None:
 
 def _generate_flags(p) -> None:
     _add_checkpoint(p)
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", required=True, help="the text to complete (with --chat: the user's message)")
     p.add_argument("--chat", action="store_true", help="treat the prompt as one user message")
     p.add_argument("--verbose", "-v", action="store_true", help="print token count and MTP acceptance to stderr")
     _sampling_flags(p)
@@ -465,7 +566,8 @@ def _grpo_flags(p) -> None:
     from dsv3.posttrain.grpo import GRPOConfig
 
     _add_checkpoint(p)
-    p.add_argument("--task", default="arithmetic", help='"arithmetic" or a JSONL of {"messages", "answer"} rows')
+    p.add_argument("--task", default="arithmetic",
+                   help='"arithmetic" or a JSONL of {"messages", "answer"} rows (default: arithmetic)')
     p.add_argument("--reward", default=None, help='"module:function" scoring (completion, example) -> float')
     p.add_argument("--out", required=True, help="run directory")
     add_fields(p, GRPOConfig, rename=GRPO_RENAMES)
@@ -503,7 +605,7 @@ def _serve_flags(p) -> None:
     from dsv3.inference.server import ServerConfig
 
     _add_checkpoint(p)
-    add_fields(p, ServerConfig)
+    add_fields(p, ServerConfig, rename=SERVE_RENAMES)
     add_fields(p.add_argument_group("engine (EngineConfig)"), EngineConfig)
 
 
@@ -516,7 +618,7 @@ VERBS = {
     "eval": ("bits per byte of a checkpoint beside gzip/xz, or pass-key retrieval (--task needle)", _eval_flags,
              cmd_eval),
     "generate": ("complete a prompt (streams; --chat wraps it in the chat template)", _generate_flags, cmd_generate),
-    "sample": ("same as generate, seeded (--seed 0) by default (kept for the training issue's interface)",
+    "sample": ("complete a prompt as generate does, with --seed 0 unless given: the same text on every run",
                _sample_flags, cmd_generate),
     "chat": ("interactive multi-turn chat (streams replies)", _chat_flags, cmd_chat),
     "sft": ("supervised fine-tuning on chats (messages JSONL; loss on assistant tokens)", _sft_flags, cmd_sft),
@@ -527,12 +629,27 @@ VERBS = {
 }
 
 
+def version() -> str:
+    """The installed package's version (its metadata), else the source tree's dsv3.__version__."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("dsv3")
+    except PackageNotFoundError:  # run from a source tree that was never pip-installed
+        import dsv3
+
+        return dsv3.__version__
+
+
 def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
-    """The `dsv3` parser; with `verb`, only that verb's flags are added (the others keep their names)."""
+    """The `dsv3` parser; with `verb`, only that verb's flags are added (the others keep their names), with
+    "" none (`dsv3 --help` and `--version` list no flags: no verb's modules are imported)."""
     p = argparse.ArgumentParser(prog="dsv3", description="DeepSeek-V3: model, training, inference.")
+    p.add_argument("--version", action="version", version=f"dsv3 {version()}", help="print the version and exit")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help_, add_flags, run) in VERBS.items():
-        sp = sub.add_parser(name, help=help_)
+        sp = sub.add_parser(name, help=help_, description=help_)  # the line also heads `dsv3 VERB --help`
         if verb is None or verb == name:
             add_flags(sp)
         sp.set_defaults(func=run)
@@ -547,6 +664,40 @@ def one_line(e: BaseException) -> str:
         if line:
             out += line if not out else (" " if out.endswith(":") else "; ") + line
     return out or type(e).__name__
+
+
+class PipeSafe:
+    """sys.stdout / sys.stderr that survive their reader going away (`dsv3 train | tee log`: Ctrl-C kills
+    tee too, and the next progress-bar update would raise BrokenPipeError in the middle of the run, before
+    the checkpoint is saved). From the first broken write on, the stream's file descriptor points at
+    /dev/null (so the final flush at exit is quiet too) and output is dropped; the run goes on."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def _closed(self) -> None:
+        import os
+
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._closed()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._closed()
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -565,9 +716,20 @@ def main(argv: list[str] | None = None) -> int:
     from dsv3.training.loop import NonFiniteError
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    verb = next((a for a in argv if not a.startswith("-")), None)  # the top-level parser has no other options
-    parser = build_parser(verb if verb in VERBS else None)
+    # OpenMP threads that wait for work sleep instead of spinning: on a busy machine (another CPU-bound
+    # process on the same cores) spinning threads steal the cores the working ones need, and a training step
+    # ran 2.4x slower where sharing should cost 2x (bench/RESULTS.md, the main job). Read when the OpenMP
+    # runtime starts, i.e. when torch is first imported, which no verb does before this line. A value the
+    # user set wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    for name in ("stdout", "stderr"):  # a real stream (not a test's StringIO) may turn into a closed pipe
+        stream = getattr(sys, name)
+        if not isinstance(stream, PipeSafe) and hasattr(stream, "fileno") and not isinstance(stream, io.StringIO):
+            setattr(sys, name, PipeSafe(stream))
+    verb = next((a for a in argv if not a.startswith("-")), None)  # the top-level parser has no option with a value
+    parser = build_parser(verb if verb in VERBS else "")
     args = parser.parse_args(argv)
+    args.argv = argv  # what was given, not defaulted (given_dests)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -9,7 +9,8 @@ arguments: each setting has one default, the field's, and one help text, the fie
     add_fields(parser, SFTConfig, rename={"seq_len": "--row-len"}, exclude=("keep",))
     cfg = from_args(SFTConfig, parser.parse_args(argv), exclude=("keep",))
 
-The flag of field `seq_len` is `--seq-len` (or `rename[name]`) and its dest is the field name. Types
+The flag of field `seq_len` is `--seq-len` (or `rename[name]`: a flag, or a tuple of the flag and
+its aliases) and its dest is the field name. Types
 come from the annotation: int, float, str, `X | None` (type X, default None), `list[X]` (a repeatable
 flag that appends), and bool: `--name` when the default is False, `--no-name` when it is True.
 Metadata keys, all optional: "help"; "choices"; "metavar"; "cli_default", the command line's own value
@@ -47,12 +48,14 @@ def selected_fields(cls, only=None, exclude=()) -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(cls) if (only is None or f.name in only) and f.name not in exclude]
 
 
-def flag_name(f: dataclasses.Field, rename: dict[str, str] | None = None) -> str:
-    """`--seq-len` for `seq_len`; `--no-progress` for a bool that defaults to True; or `rename[name]`."""
+def flag_names(f: dataclasses.Field, rename: dict[str, str | tuple[str, ...]] | None = None) -> tuple[str, ...]:
+    """(`--seq-len`,) for `seq_len`; (`--no-progress`,) for a bool that defaults to True; or `rename[name]`:
+    one flag, or a tuple of the flag and its aliases (an older name that keeps working)."""
     if rename and f.name in rename:
-        return rename[f.name]
+        r = rename[f.name]
+        return (r,) if isinstance(r, str) else tuple(r)
     stem = f.name.replace("_", "-")
-    return f"--no-{stem}" if field_default(f) is True else f"--{stem}"
+    return (f"--no-{stem}" if field_default(f) is True else f"--{stem}",)
 
 
 def field_default(f: dataclasses.Field):
@@ -85,7 +88,7 @@ def _kind(cls, name: str, annotation) -> tuple[type, bool]:
                     f"(int, float, str, bool, X | None, list[X] are supported); exclude the field")
 
 
-def add_fields(parser, cls, *, only=None, exclude=(), rename: dict[str, str] | None = None) -> None:
+def add_fields(parser, cls, *, only=None, exclude=(), rename: dict[str, str | tuple[str, ...]] | None = None) -> None:
     """Add one flag per selected field of dataclass `cls` to `parser` (a parser or argument group)."""
     hints = typing.get_type_hints(cls)
     selected_fields(cls, only=list(rename or ()))  # every renamed field exists
@@ -96,16 +99,16 @@ def add_fields(parser, cls, *, only=None, exclude=(), rename: dict[str, str] | N
         if not (typ is bool or many or "default" in help_):  # a help that says its default keeps its words
             help_ = f"{help_} (default: %(default)s)" if help_ else "default: %(default)s"
         kw = dict(dest=f.name, default=default, help=help_ or None)
+        flags = flag_names(f, rename)
         if typ is bool:
-            parser.add_argument(flag_name(f, rename), action="store_false" if default else "store_true", **kw)
+            parser.add_argument(*flags, action="store_false" if default else "store_true", **kw)
             continue
         kw.update(type=typ, action="append" if many else "store")
-        flag = flag_name(f, rename)
         if "choices" in f.metadata:
             kw["choices"] = list(f.metadata["choices"])
-        else:  # named after the flag, not the field: --out OUT
-            kw["metavar"] = f.metadata.get("metavar", flag.lstrip("-").replace("-", "_").upper())
-        parser.add_argument(flag, **kw)
+        else:  # named after the (first) flag, not the field: --out OUT
+            kw["metavar"] = f.metadata.get("metavar", flags[0].lstrip("-").replace("-", "_").upper())
+        parser.add_argument(*flags, **kw)
 
 
 def from_args(cls, args: argparse.Namespace, *, only=None, exclude=(), **overrides):

@@ -323,8 +323,8 @@ def softmax_scale(cfg: ModelConfig) -> float:
 # Presets. Parameter counts are computed by `dsv3 info`, never typed in.
 
 def _tiny() -> ModelConfig:
-    # ~15M parameters: trains on a laptop CPU in minutes. 1 dense + 3 MoE layers, 16 experts in
-    # 4 groups (top-2 groups, top-4 experts), one shared expert, one MTP module, plain RoPE.
+    # main model ~10M parameters (`dsv3 info`): trains on a laptop CPU in minutes. 1 dense + 3 MoE
+    # layers, 16 experts in 4 groups (top-2 groups, top-4 experts), one shared expert, one MTP module, plain RoPE.
     return ModelConfig(
         vocab_size=8192, hidden_size=256, intermediate_size=768, moe_intermediate_size=128,
         num_hidden_layers=4, first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4,

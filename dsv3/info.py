@@ -102,20 +102,46 @@ def _fmt(n: int) -> str:
     return str(n)
 
 
+# The parameter counts of a model, named once. `dsv3 info`, `dsv3 train`'s start line and the README use
+# these names, so a user never has to reconcile three different figures for one model:
+#   main model           what predicts the next token: embedding, layers, final norm, head ("671B")
+#   MTP modules          the multi-token-prediction modules' own weights (they share the embedding and head)
+#   as stored            everything in a run's checkpoint file: main model + MTP modules (the embedding and
+#                        head once). The official layout (`dsv3 convert`, `dsv3 quantize`, save_pretrained)
+#                        adds a copy of both per MTP layer: ModelInfo.mtp_stored, the hub's "685B".
+#   activated per token  the main-model parameters one token uses (its top-k routed experts)
+def param_counts(cfg: ModelConfig) -> dict[str, int]:
+    i = model_info(cfg)
+    return {"main model": i.total, "MTP modules": i.mtp_unique, "as stored": i.total + i.mtp_unique,
+            "activated per token": i.activated}
+
+
+def param_line(cfg: ModelConfig) -> str:
+    """The counts on one line, as `dsv3 info` and `dsv3 train` print them:
+    "main model 10.32M, MTP modules 1.93M, as stored 16.45M, activated per token 6.78M" (the tiny preset)."""
+    return ", ".join(f"{name} {_fmt(n)}" for name, n in param_counts(cfg).items())
+
+
 def format_info(cfg: ModelConfig, name: str) -> str:
     i = model_info(cfg)
+    n = param_counts(cfg)
     rows = [
         ("model", name),
         ("layers", f"{i.n_layers} ({i.n_layers - i.n_moe_layers} dense, {i.n_moe_layers} MoE) "
                    f"+ {cfg.num_nextn_predict_layers} MTP"),
         ("experts", f"{cfg.n_routed_experts} routed (top-{cfg.num_experts_per_tok}, {cfg.n_group} groups, "
                     f"top-{cfg.topk_group} groups) + {cfg.n_shared_experts} shared"),
-        ("total parameters (main model)", f"{i.total:,} ({_fmt(i.total)})"),
-        ("activated per token", f"{i.activated:,} ({_fmt(i.activated)}); "
-                                f"{_fmt(i.activated_no_embedding)} without the embedding"),
-        ("MTP parameters (unique)", f"{i.mtp_unique:,} ({_fmt(i.mtp_unique)}); {_fmt(i.mtp_stored)} as stored "
-                                    f"with embedding/head copies; {_fmt(i.mtp_activated)} activated"),
-        ("main + MTP as stored", f"{i.total + i.mtp_stored:,} ({_fmt(i.total + i.mtp_stored)})"),
+        ("parameters", param_line(cfg)),
+        ("  main model", f"{n['main model']:,}: embedding, layers, final norm, head (what predicts the next token)"),
+        ("  MTP modules", f"{n['MTP modules']:,}: their own weights (embedding and head shared with the main "
+                          f"model); {_fmt(i.mtp_activated)} activated per token"),
+        ("  as stored", f"{n['as stored']:,}: main model + MTP modules, what a run's checkpoint holds; "
+                        f"{_fmt(i.total + i.mtp_stored)} in the official layout (dsv3 convert / quantize), "
+                        "which adds an embedding and head copy per MTP layer"),
+        ("  activated per token", f"{n['activated per token']:,}: the main model's weights one token uses ("
+                                  + (f"top-{cfg.num_experts_per_tok} of {cfg.n_routed_experts} routed experts per "
+                                     "MoE layer" if i.n_moe_layers else "all of them: no MoE layer")
+                                  + f"); {_fmt(i.activated_no_embedding)} without the embedding"),
         ("KV cache / token, latent (bf16)", f"{i.kv_latent_bytes:,} bytes "
                                             f"({cfg.kv_lora_rank}+{cfg.qk_rope_head_dim} values x {i.n_layers} layers)"),
         ("KV cache / token, expanded (bf16)", f"{i.kv_expanded_bytes:,} bytes "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import dataclasses
 import os
 import re
 
@@ -57,6 +58,42 @@ def test_train_writes_run_and_prints_samples(run):
     assert sorted(os.listdir(run["cache"])) == ["tokenizers", "tokens"]
 
 
+def test_train_and_info_print_the_same_parameter_counts(run):
+    """`dsv3 train`'s start line and `dsv3 info` print one line of counts (dsv3/info.py param_line), and
+    those counts are the built model's: main + MTP = its parameters and correction biases, as stored = the
+    elements in the run checkpoint's model.safetensors; the official layout's figure (in `dsv3 info`) is
+    what save_pretrained writes by default, with the MTP layer's embedding and head copies."""
+    from safetensors import safe_open
+
+    from dsv3.checkpoints.hf import load_pretrained, save_pretrained
+    from dsv3.info import _fmt, model_info, param_counts, param_line
+
+    def stored(directory):
+        with safe_open(str(directory / "model.safetensors"), "pt") as f:
+            return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+
+    cfg = ModelConfig.from_json(run["cfg"])
+    line = param_line(cfg)
+    assert f"parameters: {line};" in run["train_stdout"]
+    rc, info, err = run_cli(["info", "--config", run["cfg"]])
+    assert rc == 0, err
+    assert re.search(r"^parameters +" + re.escape(line) + "$", info, re.M), info
+
+    ck = run["out"] / "checkpoints" / "step_00000003"
+    model = load_pretrained(ck)
+    n = param_counts(cfg)
+    held = sum(p.numel() for p in model.parameters()) + sum(
+        b.numel() for name, b in model.named_buffers() if name.endswith("e_score_correction_bias"))
+    assert n["main model"] + n["MTP modules"] == held
+    assert n["MTP modules"] == sum(p.numel() for p in model.mtp.parameters()) + sum(
+        b.numel() for name, b in model.mtp.named_buffers() if name.endswith("e_score_correction_bias"))
+    assert n["as stored"] == stored(ck)
+    save_pretrained(model, run["base"] / "official")
+    official = model_info(cfg).total + model_info(cfg).mtp_stored
+    assert official == stored(run["base"] / "official") > n["as stored"]
+    assert f"{_fmt(official)} in the official layout" in info
+
+
 def test_train_resume_and_refusal(run):
     rc, _, err = run_cli(run["common"] + ["--steps", 8, "--samples", 0])
     assert rc == 2 and "--resume" in err and "already holds checkpoints" in err
@@ -73,7 +110,7 @@ def test_eval_prints_loss_and_bits_per_byte(run):
             "--val-permille", 200]
     rc, stdout, err = run_cli(argv)
     assert rc == 0, err
-    m = re.search(r"val loss ([\d.]+) nats/token, ([\d.]+) bits/byte over ([\d,]+) tokens", stdout)
+    m = re.search(r"loss ([\d.]+) nats/token, ([\d.]+) bits/byte over ([\d,]+) tokens", stdout)
     assert m, stdout
     loss, bpb, n = float(m.group(1)), float(m.group(2)), int(m.group(3).replace(",", ""))
     assert 0 < loss < math.log(512) and 0 < bpb < 8 and n > 0
@@ -90,21 +127,29 @@ def test_evaluate_checkpoint_is_what_eval_prints(run):
     from dsv3.training.evaluate import EvalConfig, evaluate_checkpoint
 
     cfg = EvalConfig(data=run["data"], cache_dir=str(run["cache"]), seq_len=32, val_permille=200, max_batches=2,
-                     progress=False)
+                     progress=False, split="val")
     r = evaluate_checkpoint(str(run["out"]), cfg)
     assert os.path.basename(r["checkpoint"]) == "step_00000008" and r["split"] == "val"
     assert r["val_tokens"] == 2 * cfg.batch_size * cfg.seq_len  # two full batches of 8 windows of 32 targets
     rc, stdout, err = run_cli(["eval", run["out"], "--data", run["data"], "--cache-dir", run["cache"], "--seq-len", 32,
-                               "--val-permille", 200, "--max-batches", 2, "--no-progress"])
+                               "--val-permille", 200, "--max-batches", 2, "--no-progress", "--split", "val"])
     assert rc == 0, err
     lines = stdout.splitlines()
-    assert lines[0] == (f"{r['checkpoint']}: val loss {r['val_loss']:.4f} nats/token, {r['val_bpb']:.4f} bits/byte "
-                        f"over {r['val_tokens']:,} tokens of {r['source']}")
+    assert lines[0] == (f"{r['checkpoint']}: loss {r['val_loss']:.4f} nats/token, {r['val_bpb']:.4f} bits/byte "
+                        f"over {r['val_tokens']:,} tokens of the val split of {r['source']}")
     # then gzip and xz on the same bytes as the model (dsv3/eval/compress.py)
     assert lines[2:] == [f"| on the same {r['val_bytes']:,} bytes | bits/byte |", "|---|---|",
                          *(f"| {k} | {v:.4f} |" for k, v in r["compressors"].items()),
                          f"| dsv3 checkpoint | {r['val_bpb']:.4f} |"]
     assert list(r["compressors"]) == ["gzip -9", "xz -9e"] and all(0 < v < 8 for v in r["compressors"].values())
+    # data the user names is evaluated whole by default (train + val split), with a progress bar on stderr
+    whole = evaluate_checkpoint(str(run["out"]), dataclasses.replace(cfg, split=None, max_batches=0))
+    assert whole["split"] == "all" and whole["val_tokens"] > 4 * r["val_tokens"]
+    rc, stdout, err = run_cli(["eval", run["out"], "--data", run["data"], "--cache-dir", run["cache"], "--seq-len", 32,
+                               "--val-permille", 200])
+    assert rc == 0 and f"over {whole['val_tokens']:,} tokens of all of" in stdout and "eval: 100%" in err, err
+    # the stdlib (no --data) is what training reads: its val split only
+    assert EvalConfig().split is None and "else the stdlib's val split" in dataclasses.fields(EvalConfig)[1].metadata["help"]
 
 
 def test_eval_errors(run, tmp_path):
@@ -216,6 +261,12 @@ def test_chat_reads_turns_from_stdin(run, monkeypatch):
     assert seen == [["be brief", "hello"], ["be brief", "second turn"]]
 
 
+def table_rows(stdout: str, title: str) -> dict[str, str]:
+    """The rows "  key  value" of the table under `title`, the last lines of stdout."""
+    lines = stdout[stdout.index(title):].splitlines()[1:]
+    return dict(re.fullmatch(r"  (\S.*?) {2,}(\S.*)", line).groups() for line in lines)
+
+
 def test_sft_and_grpo_commands_run_end_to_end(run, tmp_path):
     from dsv3.posttrain.tasks import arithmetic_sft_chats
 
@@ -223,12 +274,30 @@ def test_sft_and_grpo_commands_run_end_to_end(run, tmp_path):
     chats.write_text("".join(json.dumps(r) + "\n" for r in arithmetic_sft_chats(40, 0)), encoding="utf-8")
     sft_out = tmp_path / "sft"
     rc, stdout, err = run_cli(["sft", run["out"], "--data", chats, "--out", sft_out, "--steps", 2, "--batch-size", 2,
-                               "--seq-len", 128, "--lr", 1e-4, "--device", "cpu"])
+                               "--seq-len", 256, "--lr", 1e-4, "--device", "cpu"])
     assert rc == 0, err
     assert (sft_out / "checkpoints" / "step_00000002" / "config.json").exists()
-    rc, stdout, err = run_cli(["grpo", sft_out, "--out", tmp_path / "grpo", "--iterations", 1, "--prompts", 2,
+    assert "warning" not in stdout and json.loads((sft_out / "metrics.jsonl").read_text().splitlines()[0])["loss_tokens"] > 0
+    # the end of the run: a short table of the key figures, the whole summary in OUT/summary.json
+    assert "{'" not in stdout and '{"' not in stdout
+    summary = json.loads((sft_out / "summary.json").read_text(encoding="utf-8"))
+    rows = table_rows(stdout, "sft finished:")
+    assert rows["optimizer steps"] == "2 of 2" and rows["final loss"] == f"{summary['train_loss']:.4f}"
+    assert re.fullmatch(r"[\d.]+ s", rows["time"]) and rows["checkpoint"] == summary["checkpoint"]
+    assert rows["all figures"] == str(sft_out / "summary.json")
+    grpo_out = tmp_path / "grpo"
+    rc, stdout, err = run_cli(["grpo", sft_out, "--out", grpo_out, "--iterations", 1, "--prompts", 2,
                                "--group-size", 2, "--max-new-tokens", 4, "--eval-every", 1, "--device", "cpu"])
     assert rc == 0, err
-    assert "grpo:" in stdout and "heldout_acc" in stdout
+    assert "{'" not in stdout and '{"' not in stdout
+    summary = json.loads((grpo_out / "summary.json").read_text(encoding="utf-8"))
+    rows = table_rows(stdout, "grpo finished:")
+    assert rows["optimizer steps"] == "2 of 2 (1 iteration)"  # ppo_epochs 2: two steps per iteration
+    assert rows["final reward"] == f"{summary['reward_mean']:.3f} (sample accuracy {summary['accuracy']:.3f})"
+    assert rows["held-out accuracy"] == f"{summary['heldout_acc']:.3f} over {summary['heldout_n']} problems (greedy)"
+    assert rows["checkpoint"] == summary["checkpoint"] and rows["all figures"] == str(grpo_out / "summary.json")
     rc, _, err = run_cli(["sft", run["out"], "--data", tmp_path / "missing.jsonl", "--out", tmp_path / "x"])
     assert rc == 2 and "missing.jsonl" in err
+    # rows too short to reach any answer: refused, not a run of zero losses
+    rc, _, err = run_cli(["sft", run["out"], "--data", chats, "--out", tmp_path / "y", "--seq-len", 16])
+    assert rc == 2 and "no conversation has an assistant token within its first 16 tokens" in err

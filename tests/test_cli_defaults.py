@@ -10,6 +10,7 @@ Run: python -m pytest tests/test_cli_defaults.py -q
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import types
 
@@ -134,6 +135,39 @@ def test_help_output(capsys):
     assert "--no-fsdp under torchrun: replicate the non-expert parameters" in out
 
 
+@pytest.mark.parametrize("verb", list(cli.VERBS))
+def test_every_flag_has_help_and_shows_its_default(verb):
+    """`dsv3 VERB --help` says what the verb does and what each flag means, and shows each default (an
+    on/off flag, a repeatable one and an unset value have none to show)."""
+    sp = subparser(verb)
+    assert sp.description and "issue" not in sp.description  # written for users, not for the tracker
+    for a in sp._actions:
+        if isinstance(a, argparse._HelpAction):
+            continue
+        flag = "/".join(a.option_strings) or a.dest
+        assert a.help and a.help.strip(), f"dsv3 {verb} {flag} has no help"
+        if isinstance(a, (argparse._StoreTrueAction, argparse._StoreFalseAction)) or a.default in (None, []):
+            continue
+        assert "default" in a.help, f"dsv3 {verb} {flag}: the help does not show the default {a.default!r}"
+
+
+def test_version(capsys, monkeypatch):
+    import importlib.metadata
+
+    import dsv3
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out == f"dsv3 {importlib.metadata.version('dsv3')}\n"
+
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
+    assert cli.version() == dsv3.__version__  # a source tree that was never installed
+
+
 def test_renamed_flags_reach_their_fields():
     args = parse("train", "--out", "o", "--optim-state", "bf16", "--no-progress", "--no-fsdp", "--pp", 2,
                  "--extra-data", "a", "--extra-data", "b")
@@ -146,8 +180,10 @@ def test_renamed_flags_reach_their_fields():
     assert flags["train", "out_dir"] == ["--out"] and flags["train", "optim_state_dtype"] == ["--optim-state"]
     assert flags["grpo", "prompts_per_iter"] == ["--prompts"] and flags["plan", "gpu_mem_gib"] == ["--gpu-mem"]
     assert flags["train", "progress"] == ["--no-progress"] and flags["train", "fsdp"] == ["--no-fsdp"]
+    assert from_args(ServerConfig, parse("serve", "--served-model-name", "m")).model_name == "m"
+    assert from_args(ServerConfig, parse("serve", "--model-name", "m")).model_name == "m"  # the older name
     for renames, cls in ((cli.TRAIN_RENAMES, TrainConfig), (cli.GRPO_RENAMES, GRPOConfig),
-                         (cli.PLAN_RENAMES, PlanConfig)):
+                         (cli.PLAN_RENAMES, PlanConfig), (cli.SERVE_RENAMES, ServerConfig)):
         assert set(renames) <= set(cls.__dataclass_fields__)
 
 

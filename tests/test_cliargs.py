@@ -61,6 +61,14 @@ def test_flag_names_types_and_values():
     assert actions(p)["out_dir"].metavar == "OUT" and actions(p)["extra"].metavar == "PATH"
 
 
+def test_renamed_flag_with_an_alias():
+    """rename = (flag, alias, ...): one action, the first name for the metavar and the help, every name parses."""
+    p = parser_for(rename={"out_dir": ("--out", "--out-dir"), "compile": ("--compile", "-c")})
+    assert actions(p)["out_dir"].option_strings == ["--out", "--out-dir"] and actions(p)["out_dir"].metavar == "OUT"
+    assert from_args(Toy, p.parse_args(["--out", "a"])).out_dir == "a"
+    assert from_args(Toy, p.parse_args(["--out-dir", "b", "-c"])) == Toy(out_dir="b", compile=True)
+
+
 def test_lists_are_fresh_each_parse():
     p = parser_for()
     a = from_args(Toy, p.parse_args(["--extra", "x"]), out_dir="o")

@@ -178,5 +178,19 @@ def test_eval_data_bits_per_byte_matches_direct_computation(ckpt, tok, tmp_path)
     assert rc == 2 and err.count("\n") == 1 and "no documents in file" in err
     # a split without text (the one document falls in train at 0 per mille): says so, and how to read it all
     rc, _, err = run_cli(["eval", ckpt, "--data", data, "--val-permille", 0, "--cache-dir", tmp_path / "cache",
-                          "--no-progress"])
+                          "--no-progress", "--split", "val"])
     assert rc == 2 and err.count("\n") == 1 and "val split" in err and "holds no text" in err and "--split all" in err
+
+
+def test_heldout_python_for_the_default_run():
+    """The default run's second held-out set: pip's own source (in every environment, never in the stdlib
+    corpus), generated tables left out; the closing table puts the model beside gzip and xz."""
+    from dsv3.training.evaluate import format_report, heldout_corpus
+
+    c = heldout_corpus()
+    assert c is not None and c.description.startswith("pip ") and len(c.files) > 100
+    names = {f.relpath for f in c.files}
+    assert all(n.endswith(".py") for n in names) and "__init__.py" in names
+    assert not any(n.endswith("idna/uts46data.py") for n in names)  # "automatically generated" table
+    row = {"name": "pip", "val_bytes": 1234, "val_bpb": 1.5, "compressors": {"gzip -9": 1.75, "xz -9e": 1.25}}
+    assert format_report([row]).splitlines()[-1] == "| pip | 1,234 | 1.500 | 1.750 | 1.250 |"

@@ -96,3 +96,14 @@ def test_info_from_config_json(tmp_path, capsys):
     preset("671b").to_json(path)
     assert main(["info", "--config", str(path)]) == 0
     _assert_671b_text(capsys.readouterr().out)
+
+
+def test_readme_gives_the_tiny_counts_dsv3_info_prints():
+    """The README's first section states the tiny model's size in `dsv3 info`'s words and figures (it once
+    said "12M" where info printed 10.32M and 16.45M and train 12.26M)."""
+    from dsv3.info import param_line
+
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        first = " ".join(f.read().split("## Command line")[0].split())
+    for count in param_line(preset("tiny")).split(", "):
+        assert count in first, count

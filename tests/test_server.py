@@ -453,6 +453,53 @@ def test_cli_serve(tmp_path, model, tok):
     assert f"serving {ckpt} as 'ckpt' on http://127.0.0.1:{port}/v1" in out
 
 
+def _run_layout(root, steps=(3, 6)):
+    """A run directory RUN/checkpoints/step_* whose checkpoints hold the files resolve_checkpoint looks for."""
+    for s in steps:
+        ck = root / "checkpoints" / f"step_{s:08d}"
+        ck.mkdir(parents=True)
+        (ck / "config.json").write_text("{}", encoding="utf-8")
+        (ck / "trainer_state.json").write_text("{}", encoding="utf-8")
+    return root
+
+
+def test_run_name_is_stable_across_checkpoints(tmp_path, monkeypatch):
+    from dsv3.checkpoints.rundir import run_name
+
+    run = _run_layout(tmp_path / "runs" / "tiny")
+    assert run_name(str(run)) == run_name(str(run) + "/") == "tiny"
+    for s in ("step_00000003", "step_00000006"):
+        assert run_name(str(run / "checkpoints" / s)) == "tiny"
+    plain = tmp_path / "DeepSeek-V3"  # a checkpoint directory outside a run: its own name
+    plain.mkdir()
+    assert run_name(str(plain)) == "DeepSeek-V3"
+    stray = tmp_path / "elsewhere" / "step_00000009"  # a step_ name, but not under RUN/checkpoints
+    stray.mkdir(parents=True)
+    assert run_name(str(stray)) == "step_00000009"
+    monkeypatch.chdir(run)
+    assert run_name(".") == "tiny"
+
+
+def test_cli_serve_names_the_model_after_the_run(tmp_path, monkeypatch, capsys):
+    """`dsv3 serve RUN` serves the run's latest checkpoint as RUN's name (not step_*, which changes after
+    every resume), a checkpoint of the run the same way; --served-model-name (or --model-name) wins."""
+    import types
+
+    import dsv3.inference.server as server
+    from dsv3.cli import main
+
+    run = _run_layout(tmp_path / "tiny")
+    fake = types.SimpleNamespace(cache=types.SimpleNamespace(num_blocks=4, block_size=16), max_model_len=64)
+    served = []
+    monkeypatch.setattr(server, "load_for_serving", lambda path, **kw: (fake, "tok"))
+    monkeypatch.setattr(server, "serve", lambda engine, tok, name, **kw: served.append(name))
+    for argv, want in (([run], "tiny"), ([run / "checkpoints" / "step_00000003"], "tiny"),
+                       ([run, "--served-model-name", "mine"], "mine"), ([run, "--model-name", "old"], "old")):
+        assert main(["serve", *map(str, argv)]) == 0
+        assert served[-1] == want
+        assert f"as {want!r} on http://" in capsys.readouterr().out
+
+
 # --- hardening (issue 13): strict types, limits before work, auth, defaults, a responsive event loop ----------
 SHARED_LOOSE = [  # (field, value) of both generation routes that the OpenAI API answers with a 400
     ("n", "2"), ("n", True), ("max_tokens", True), ("max_tokens", 2.0), ("temperature", "0.5"), ("top_p", True),

@@ -256,6 +256,17 @@ def full_state(path: str) -> tuple[dict, dict, dict]:
     return model_sd, optim, read_trainer_state(path)
 
 
+def run_name(path: str) -> str:
+    """A name for the model at `path` that stays the same while its run goes on: the run directory's name
+    for a run directory or one of its checkpoints (RUN/checkpoints/step_*), else the directory's own name.
+    (The latest checkpoint's own name, step_00000320, changes with every save and resume.)"""
+    p = os.path.abspath(path)
+    parent = os.path.dirname(p)
+    if _STEP_DIR.match(os.path.basename(p)) and os.path.basename(parent) == "checkpoints":
+        p = os.path.dirname(parent)
+    return os.path.basename(p) or p  # the root directory has no name
+
+
 def resolve_checkpoint(path: str) -> str:
     """A checkpoint directory (holds config.json), or a run directory -> its latest checkpoint."""
     if os.path.exists(os.path.join(path, "config.json")):

@@ -113,7 +113,9 @@ class ServerConfig:
     port: int = setting(8000, "TCP port")
     api_key: str | None = setting(None, "require 'Authorization: Bearer KEY' on every route but /health "
                                         "(default: no key)")
-    model_name: str | None = setting(None, "model id clients send (default: the checkpoint directory name)")
+    model_name: str | None = setting(None, "model id listed in /v1/models, which clients send (default: the run "
+                                           "directory's name, the same after every resume; else the checkpoint "
+                                           "directory's name)")
     max_prompt_tokens: int = setting(0, "longest prompt accepted (0: context - 1)")
     max_tokens_limit: int = setting(0, "largest max_tokens accepted (0: context)")
     max_queue: int = setting(256, "requests waiting beyond the batch before 503s")

@@ -159,8 +159,8 @@ class GRPOConfig:
                              choices=("auto", "fp32", "bf16"))
     recompute: str = setting("none", "activation recomputation in the loss's backward: none | selective | full",
                              choices=("none", "selective", "full"))
-    progress: bool = setting(True, "progress bar")
-    plots: bool = setting(True, "PNG plots of the run at its end")
+    progress: bool = setting(True, "no progress bar")  # the flag is --no-progress
+    plots: bool = setting(True, "no PNG plots (loss, expert load) at the end of the run")  # --no-plots
     resume: bool = setting(False, "continue from the run directory's latest checkpoint")
 
     def validate(self) -> None:

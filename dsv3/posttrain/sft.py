@@ -268,8 +268,8 @@ class SFTConfig:
     save_every: int = setting(200, "checkpoint every N steps (0: only at the end)")
     keep: int = setting(3, "checkpoints kept, the latest ones (0: all)")
     log_every: int = setting(1, "log every N steps")
-    progress: bool = setting(True, "progress bar")
-    plots: bool = setting(True, "PNG plots of the run at its end")
+    progress: bool = setting(True, "no progress bar")  # the flag is --no-progress
+    plots: bool = setting(True, "no PNG plots (loss, expert load) at the end of the run")  # --no-plots
     resume: bool = setting(False, "continue from the run directory's latest checkpoint")
 
     def validate(self) -> None:
@@ -367,6 +367,14 @@ def train_sft(checkpoint_dir: str, data_path: str, out_dir: str, cfg: SFTConfig,
     tok = DSTokenizer.load(src)
     convs = read_chats(data_path)
     samples = [render_conversation(tok, m) for m in convs]
+    # a conversation whose assistant tokens all lie beyond seq_len teaches nothing (truncation cuts them)
+    mute = sum(1 for _, m in samples if not any(m[1:cfg.seq_len]))
+    if mute == len(samples):
+        raise ValueError(f"{data_path}: no conversation has an assistant token within its first {cfg.seq_len} "
+                         "tokens (--seq-len): nothing to learn; raise --seq-len")
+    if mute:
+        say(f"warning: {mute} of {len(samples)} conversations have no assistant token within their first "
+            f"{cfg.seq_len} tokens (--seq-len) and teach nothing")
     data = PackedChats(samples, cfg.seq_len, tok.pad_id, cfg.seed)
     total = cfg.steps or max(1, math.ceil(cfg.epochs * data.rows_per_epoch() / cfg.batch_size))
     task = SFT(cfg, strategy, data, total)

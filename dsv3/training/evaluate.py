@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from dsv3.checkpoints.hf import load_pretrained
 from dsv3.checkpoints.rundir import resolve_checkpoint
@@ -26,7 +28,7 @@ from dsv3.cliargs import setting
 from dsv3.eval.compress import compressor_bits_per_byte
 from dsv3.tokenizer import DSTokenizer
 from dsv3.training.config import TrainConfig, default_cache_dir, resolve_device
-from dsv3.training.data import ValBatches, build_token_cache
+from dsv3.training.data import Corpus, ValBatches, build_token_cache, find_corpus, sample_corpus
 from dsv3.training.loop import evaluate
 from dsv3.training.strategy import Strategy
 
@@ -34,48 +36,114 @@ from dsv3.training.strategy import Strategy
 @dataclass
 class EvalConfig:
     """What `evaluate_checkpoint` measures; the fields are also the flags of `dsv3 eval`."""
-    data: str | None = setting(None, "corpus (default: the Python standard library)")
-    split: str = setting("val", "which split of the corpus (all: train then val, e.g. a whole file)",
-                         choices=("val", "train", "all"))
+    data: str | None = setting(None, "file or directory to evaluate (default: the Python standard library)")
+    # a corpus the user names is evaluated whole; the default corpus (the stdlib) is trained on, so only
+    # its held-out split is fair
+    split: str | None = setting(None, "which part of the corpus: all (train then val), train, or val (the "
+                                      "split a training run holds out, --val-permille); default: all of --data "
+                                      "when it is given, else the stdlib's val split",
+                                choices=("val", "train", "all"))
     # train's, so that "val" is the split a run held out
     val_permille: int = setting(TrainConfig.val_permille, "held-out split, per mille of the corpus (as train's)")
     seq_len: int = setting(TrainConfig.seq_len, "tokens per window")  # train's: the context it was trained on
     batch_size: int = setting(8, "windows per forward")
     max_batches: int = setting(0, "evaluate at most this many batches (0: the whole split)")
+    max_bytes: int = setting(0, "evaluate a sample of the files of at most this many bytes, the same on every "
+                                "machine (chosen by a hash of their paths); 0: every file")
     device: str = setting("auto", "auto | cpu | cuda")
     # as in `train`: the root; token caches live in its tokens/ subdirectory
     cache_dir: str = setting(factory=default_cache_dir,
                              help="where token caches go, under tokens/ ($DSV3_CACHE, else ~/.cache/dsv3)")
-    progress: bool = setting(True, "no progress bar while tokenizing")  # the flag is --no-progress
+    progress: bool = setting(True, "no progress bars (tokenizing, evaluating)")  # the flag is --no-progress
     compressors: bool = setting(True, "do not compress the evaluated bytes with gzip and xz")  # --no-compressors
 
 
-def evaluate_checkpoint(checkpoint: str, cfg: EvalConfig) -> dict:
+def evaluate_checkpoint(checkpoint: str, cfg: EvalConfig, corpus: Corpus | None = None) -> dict:
     """{checkpoint, split, source, val_loss (nats/token), val_bpb (bits/byte), val_tokens, val_bytes,
     compressors ({"gzip -9": bpb, "xz -9e": bpb} on the same bytes, unless cfg.compressors is False)} of a
-    checkpoint directory or run directory (its latest checkpoint) on cfg.data's cfg.split split."""
+    checkpoint directory or run directory (its latest checkpoint) on cfg.data's cfg.split split (or on
+    `corpus`, a Corpus built by the caller)."""
+    split = cfg.split or ("all" if cfg.data is not None or corpus is not None else "val")
     path = resolve_checkpoint(checkpoint)
     device = resolve_device(cfg.device)
     tok = DSTokenizer.load(path)
     model = load_pretrained(path, device=device, dtype=torch.float32).eval()
-    cache = build_token_cache(cfg.data, tok, os.path.join(cfg.cache_dir, "tokens"), val_permille=cfg.val_permille,
+    source = sample_corpus(corpus or find_corpus(cfg.data), cfg.max_bytes)
+    cache = build_token_cache(source, tok, os.path.join(cfg.cache_dir, "tokens"), val_permille=cfg.val_permille,
                               fim_rate=0.0, progress=cfg.progress)
-    splits = ("train", "val") if cfg.split == "all" else (cfg.split,)
+    splits = ("train", "val") if split == "all" else (split,)
     n_tokens = sum(cache.meta["splits"][s]["n_tokens"] for s in splits)
-    hint = "" if cfg.split == "all" else " (--split all evaluates the whole corpus)"
+    hint = "" if split == "all" else " (--split all evaluates the whole corpus)"
     if n_tokens == 0:
-        raise ValueError(f"the {cfg.split} split of {cache.meta['source']} holds no text{hint}")
+        raise ValueError(f"the {split} split of {cache.meta['source']} holds no text{hint}")
     if n_tokens <= cfg.seq_len:
-        raise ValueError(f"the {cfg.split} split of {cache.meta['source']} has too few tokens for seq_len "
+        raise ValueError(f"the {split} split of {cache.meta['source']} has too few tokens for seq_len "
                          f"{cfg.seq_len} ({n_tokens} tokens){hint}")
     tokens = cache.tokens(splits[0]) if len(splits) == 1 else np.concatenate([cache.tokens(s) for s in splits])
-    batches = ValBatches(tokens, cfg.seq_len, cfg.batch_size, name=f"{cfg.split} split")
+    batches = ValBatches(tokens, cfg.seq_len, cfg.batch_size, name=f"{split} split")
     token_bytes = tok.token_byte_lengths()
-    ev = evaluate(Strategy.of(model), batches, token_bytes, contextlib.nullcontext, cfg.max_batches or None)
+    n = min(len(batches), cfg.max_batches) if cfg.max_batches else len(batches)
+    bar = tqdm(total=n, desc="eval", unit="batch", dynamic_ncols=True, file=sys.stderr) if cfg.progress else None
+    try:
+        ev = evaluate(Strategy.of(model), batches, token_bytes, contextlib.nullcontext, cfg.max_batches or None,
+                      on_batch=bar.update if bar is not None else None)
+    finally:
+        if bar is not None:
+            bar.close()
     targets = np.asarray(tokens[1: 1 + ev["val_tokens"]], dtype=np.int64)
-    r = {"checkpoint": path, "split": cfg.split, "source": cache.meta["source"], **ev,
+    r = {"checkpoint": path, "split": split, "source": cache.meta["source"], **ev,
          "val_bytes": int(token_bytes[targets].sum())}
     if cfg.compressors:  # the bytes the loss covers, in order
         text = tok.decode_bytes(targets[token_bytes[targets] > 0].tolist())
         r["compressors"] = compressor_bits_per_byte(text)
     return r
+
+
+# The other Python source the default run (the stdlib corpus) is judged on: pip's own code ships with every
+# virtual environment and interpreter install, is pure Python by many authors (its vendored libraries
+# included), and is not in the default corpus (the stdlib walk skips site-packages).
+HELDOUT_PACKAGE = "pip"
+HELDOUT_BYTES = 400_000  # its sample (sample_corpus): ~20 s of evaluation for the tiny model on 2 cores
+
+
+def heldout_corpus() -> Corpus | None:
+    """HELDOUT_PACKAGE's `.py` files (tests and generated files left out), or None where it is not installed."""
+    import importlib.metadata
+    import importlib.util
+    from pathlib import Path
+
+    from dsv3.training.data import python_corpus
+
+    spec = importlib.util.find_spec(HELDOUT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    root = Path(list(spec.submodule_search_locations)[0])
+    try:
+        version = importlib.metadata.version(HELDOUT_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        version = "?"
+    corpus = python_corpus(root, f"{HELDOUT_PACKAGE} {version} ({root})")
+    return corpus if corpus.files else None
+
+
+def default_run_report(checkpoint: str, tc: TrainConfig) -> list[dict]:
+    """What the default run (`dsv3 train`, stdlib corpus) prints at its end: bits per byte beside gzip -9 and
+    xz -9e on the stdlib's held-out split and on a sample of other Python source (heldout_corpus)."""
+    base = EvalConfig(split="val", val_permille=tc.val_permille, seq_len=tc.seq_len, device=tc.device,
+                      cache_dir=tc.cache_dir, progress=False)
+    rows = [{"name": "stdlib, held-out split", **evaluate_checkpoint(checkpoint, base)}]
+    other = heldout_corpus()
+    if other is not None:
+        cfg = EvalConfig(split="all", seq_len=tc.seq_len, device=tc.device, cache_dir=tc.cache_dir, progress=False,
+                         max_bytes=HELDOUT_BYTES)
+        rows.append({"name": f"{HELDOUT_PACKAGE} (never trained on)", **evaluate_checkpoint(checkpoint, cfg, other)})
+    return rows
+
+
+def format_report(rows: list[dict]) -> str:
+    """A markdown table of default_run_report's rows."""
+    out = ["| held-out Python | bytes | dsv3 | gzip -9 | xz -9e |", "|---|---|---|---|---|"]
+    for r in rows:
+        c = r["compressors"]
+        out.append(f"| {r['name']} | {r['val_bytes']:,} | {r['val_bpb']:.3f} | {c['gzip -9']:.3f} | {c['xz -9e']:.3f} |")
+    return "\n".join(out)

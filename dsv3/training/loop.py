@@ -66,9 +66,11 @@ class NonFiniteError(RuntimeError):
 # evaluation (every layout: the strategy gives this rank's logits and sums over the ranks)
 
 @torch.no_grad()
-def evaluate(strategy, batches, token_bytes: np.ndarray, autocast, max_batches: int | None = None) -> dict:
+def evaluate(strategy, batches, token_bytes: np.ndarray, autocast, max_batches: int | None = None,
+             on_batch=None) -> dict:
     """Mean next-token loss and bits per byte over the validation windows `batches` (this rank's rows;
-    the byte count of the targets). Ranks without an output head (inner pipeline stages) add nothing."""
+    the byte count of the targets). Ranks without an output head (inner pipeline stages) add nothing.
+    `on_batch()` is called after each batch (a progress bar's update)."""
     was_training = strategy.module().training
     strategy.train(False)
     sums = torch.zeros(3, dtype=torch.float64, device=strategy.device)  # nats, target tokens, target bytes
@@ -83,6 +85,8 @@ def evaluate(strategy, batches, token_bytes: np.ndarray, autocast, max_batches: 
                                                          reduction="sum").double()
             sums[1] += y.numel()
             sums[2] += int(token_bytes[y.cpu().numpy()].sum())
+        if on_batch is not None:
+            on_batch()
     strategy.train(was_training)
     nats, n_tok, n_bytes = strategy.all_reduce_sum(sums).tolist()
     if n_tok == 0:
@@ -152,8 +156,10 @@ def write_run_outputs(out_dir: str, summary: dict, log, plots: bool = True) -> N
         else:
             for p in plot_run(out_dir):
                 log(f"plot: {p}")
-    with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as f:
+    path = os.path.join(out_dir, "summary.json")
+    with open(path + ".tmp", "w", encoding="utf-8") as f:  # a crash mid-write leaves the old summary whole
         json.dump(summary, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -18,10 +18,18 @@ MTP weight λ: 0.3 for the first 67.6% (10T/14.8T), then 0.1. Bias-update speed 
 The "constant" schedule (the paper's long-context extension stages, §4.3: 1000 steps at 7.3e-6 each):
 linear warm-up (usually 0 steps), then the peak LR for the whole run; λ and γ keep their given values
 for the whole run (no late phase).
+
+Changing a run's length on resume (`dsv3 train --resume --steps N` with another N than the run's):
+the schedule continues where it was, with no jump: the part of it that the run had not reached yet is
+stretched (or squeezed) over the steps from the resume point to the new end (`stretches`). A run that had
+finished continues at its final learning rate (the paper's last phase, 3.3% of the peak). The warm-up
+and the phase fractions stay those of the run's first length. To train on at a high learning rate,
+start a new stage instead: `--init-from CHECKPOINT` with its own schedule.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -47,9 +55,37 @@ class Schedule:
     batch_ramp_steps: int = 0  # steps over which the batch grows from batch_start to the full batch
     batch_start: int = 0  # sequences per step at step 0 (0: no ramp)
     kind: str = "paper"  # "paper": the pre-training phases above; "constant": warm-up, then the peak LR
+    # changes of the run's length on resume, oldest first: (at step s, length before, length after); the
+    # phases above are fractions of total_steps, the run's first length
+    stretches: tuple[tuple[int, int, int], ...] = ()
+
+    @property
+    def run_steps(self) -> int:
+        """The run's length now (total_steps unless a resume changed it)."""
+        return self.stretches[-1][2] if self.stretches else self.total_steps
+
+    def stretched(self, at_step: int, new_length: int) -> Schedule:
+        """This schedule with the run's length changed to `new_length` at step `at_step` (a resume): steps
+        before `at_step` keep their values, the rest of the schedule spans [at_step, new_length)."""
+        old = self.run_steps
+        if new_length == old:
+            return self
+        if not 0 <= at_step < new_length:
+            raise ValueError(f"the run is at step {at_step}: a new length of {new_length} steps leaves nothing "
+                             "to train (give more steps)")
+        return dataclasses.replace(self, stretches=(*self.stretches, (at_step, old, new_length)))
+
+    def position(self, step: float) -> float:
+        """Where step `step` of the run falls on the first length's schedule (newest stretch first: each
+        maps [s, after) onto [s, before) linearly)."""
+        for s, before, after in reversed(self.stretches):
+            if step >= s:
+                step = s + (step - s) * (before - s) / (after - s)
+        return step
 
     def lr(self, step: int) -> float:
         """Learning rate for optimizer step `step` (0-based)."""
+        step = self.position(step)
         T = max(self.total_steps, 1)
         w = min(self.warmup_steps, T)
         if step < w:
@@ -69,12 +105,13 @@ class Schedule:
     def mtp_weight(self, step: int) -> float:
         if self.kind == "constant":
             return self.mtp_lambda
-        return self.mtp_lambda if step / max(self.total_steps, 1) < CONSTANT_END else self.mtp_lambda_late
+        f = self.position(step) / max(self.total_steps, 1)
+        return self.mtp_lambda if f < CONSTANT_END else self.mtp_lambda_late
 
     def gamma(self, step: int) -> float:
         if self.kind == "constant":
             return self.bias_gamma
-        return self.bias_gamma if step / max(self.total_steps, 1) < COSINE_END else 0.0
+        return self.bias_gamma if self.position(step) / max(self.total_steps, 1) < COSINE_END else 0.0
 
     def batch_size(self, step: int, full: int) -> int:
         """Sequences in step `step`'s global batch under the optional linear ramp (paper: 3072 -> 15360

@@ -21,6 +21,7 @@ any other (names are the model's; dsv3/checkpoints).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -33,7 +34,7 @@ import torch
 
 from dsv3.checkpoints import rundir
 from dsv3.config import ModelConfig
-from dsv3.info import param_count
+from dsv3.info import param_count, param_line
 from dsv3.memory import ensure_fits
 from dsv3.model import build_model
 from dsv3.tokenizer import DSTokenizer, check_trainable_vocab
@@ -63,13 +64,19 @@ def get_tokenizer(tc: TrainConfig, mc: ModelConfig, log) -> DSTokenizer:
             log(f"training a {mc.vocab_size}-token BPE on {corpus.description} ...")
             t0 = time.time()
 
+            seen = {"bytes": 0}
+
             def texts():
                 for f in corpus.files:
                     for d in read_documents(f) or []:
                         if split_of(d.key, tc.val_permille) == "train":
+                            seen["bytes"] += len(d.text)
                             yield d.text
 
             tok = DSTokenizer.train(texts(), mc.vocab_size)
+            if seen["bytes"] == 0:  # nothing to learn from: no tokenizer is cached for it
+                raise CorpusError(f"no training text in {corpus.description}: every file is empty, not UTF-8, or in "
+                                  f"the held-out split (--val-permille {tc.val_permille})")
             tok.save(os.path.dirname(path))
             log(f"tokenizer trained in {time.time() - t0:.1f}s")
     if tok.vocab_size > mc.vocab_size:
@@ -77,25 +84,69 @@ def get_tokenizer(tc: TrainConfig, mc: ModelConfig, log) -> DSTokenizer:
     return tok
 
 
+def check_context(mc: ModelConfig, tc: TrainConfig) -> None:
+    """Refuse a sequence length beyond the model's context (its position embeddings stop there)."""
+    if tc.seq_len > mc.max_position_embeddings:
+        raise ValueError(f"--seq-len {tc.seq_len} is longer than the model's context (max_position_embeddings "
+                         f"{mc.max_position_embeddings}): give --seq-len <= {mc.max_position_embeddings}, or extend "
+                         "a trained model's context with --init-from CHECKPOINT --rope-factor S (README: context "
+                         "extension)")
+
+
 def check_memory(mc: ModelConfig, tc: TrainConfig, strategy: Strategy) -> None:
-    """Refuse (dsv3.memory.InsufficientMemoryError, one line) a model whose training state cannot fit:
-    one process holds fp32 weights + fp32 gradients + two AdamW moments per parameter; under torchrun
-    every rank first builds the whole fp32 model, then shards it (so that much at least)."""
+    """Refuse (dsv3.memory.InsufficientMemoryError, one line) a run whose training state cannot fit:
+    one process holds fp32 weights + fp32 gradients + two AdamW moments per parameter, and at least the
+    fp32 logits of one micro-batch with their gradients for the output head and each MTP depth (the
+    largest activations of a small model; the rest are not counted, so this is a lower bound); under
+    torchrun every rank first builds the whole fp32 model, then shards it (so that much at least)."""
     n = param_count(mc)
     if strategy.world_size == 1:
         per = 4 + 4 + 2 * (2 if tc.optim_state_dtype == "bf16" else 4)
-        ensure_fits(n * per, strategy.device, f"for fp32 weights + gradients + AdamW state ({n:,} parameters "
-                                              f"x {per} bytes)")
+        rows = (tc.micro_batch_size or tc.batch_size) * tc.seq_len
+        logits = rows * mc.vocab_size * 4 * 2 * (1 + mc.num_nextn_predict_layers)
+        ensure_fits(n * per + logits, strategy.device,
+                    f"for fp32 weights + gradients + AdamW state ({n:,} parameters x {per} bytes) and the logits of "
+                    f"one micro-batch with their gradients ({rows:,} tokens x {mc.vocab_size:,} x 4 bytes x 2 x "
+                    f"{1 + mc.num_nextn_predict_layers} heads; lower --batch-size, --seq-len or set "
+                    "--micro-batch-size)")
     else:
         ensure_fits(n * 4, strategy.device, f"for its fp32 weights, built whole on every rank before sharding "
                                             f"({n:,} parameters)")
 
 
-def schedule_of(tc: TrainConfig) -> Schedule:
-    total = tc.steps if tc.tokens <= 0 else math.ceil(tc.tokens / (tc.batch_size * tc.seq_len))
+def run_length(tc: TrainConfig | dict) -> int:
+    """Optimizer steps of a run: --steps, or ceil(--tokens / (batch x seq_len)) (a TrainConfig or its dict)."""
+    d = asdict(tc) if isinstance(tc, TrainConfig) else tc
+    return d["steps"] if d["tokens"] <= 0 else math.ceil(d["tokens"] / (d["batch_size"] * d["seq_len"]))
+
+
+def schedule_of(tc: TrainConfig, total: int | None = None) -> Schedule:
+    """The run's schedule over `total` steps (default: its length)."""
+    total = run_length(tc) if total is None else total
     warmup = tc.warmup_steps if tc.warmup_steps >= 0 else min(2000, max(1, total // 20))
     return Schedule(total, tc.lr, warmup, tc.mtp_lambda, tc.mtp_lambda_late, tc.bias_gamma,
                     tc.batch_ramp_steps, tc.batch_start, kind=tc.schedule)
+
+
+def resumed_schedule(tc: TrainConfig, state: dict, step: int) -> Schedule:
+    """The schedule of a run resumed at `step` from a checkpoint's trainer state. A new length (--steps /
+    --tokens other than the run's) does not restart the schedule: the rest of it is stretched over the
+    new remaining steps (dsv3/training/optim.py), so the learning rate continues without a jump. The
+    schedule's first length and its stretches travel in the checkpoints ("schedule")."""
+    saved = saved_schedule(tc, state)
+    return saved.stretched(step, run_length(tc))
+
+
+def saved_schedule(tc: TrainConfig, state: dict) -> Schedule:
+    """The schedule a checkpoint's run had (its first length and stretches; tc's other settings)."""
+    saved = state.get("schedule")
+    if saved is not None:
+        first, stretches = int(saved["total_steps"]), tuple(tuple(int(v) for v in x) for x in saved["stretches"])
+    elif "train_config" in state:  # checkpoints written before "schedule" existed: the run never changed length
+        first, stretches = run_length(state["train_config"]), ()
+    else:
+        return schedule_of(tc)
+    return dataclasses.replace(schedule_of(tc, first), stretches=stretches)
 
 
 class Pretrain:
@@ -107,8 +158,7 @@ class Pretrain:
 
     def __init__(self, tc: TrainConfig, mc: ModelConfig, strategy: Strategy, tok: DSTokenizer, cache, extra, log):
         self.tc, self.strategy = tc, strategy
-        self.sched = schedule_of(tc)
-        self.total_steps = self.sched.total_steps
+        self.set_schedule(schedule_of(tc))
         self.micro = tc.micro_batch_size or tc.batch_size
         self.token_bytes = tok.token_byte_lengths()
         # the pipeline: every rank reads the whole global batch (its stages split it into micro-batches)
@@ -128,6 +178,9 @@ class Pretrain:
                                              else tc.batch_size, rank=vr, world_size=vw)
             except CorpusError as e:  # fewer val windows than one global micro-batch
                 log(f"no periodic evaluation: {e}")
+
+    def set_schedule(self, sched: Schedule) -> None:
+        self.sched, self.total_steps = sched, sched.run_steps
 
     # --- the loop's interface -------------------------------------------------------------------
     def hyper(self, step: int) -> dict:
@@ -245,6 +298,8 @@ def train(mc: ModelConfig | None, tc: TrainConfig, pcfg=None, log=print, strateg
     extend.py, with the YaRN settings of tc.rope_factor / tc.rope_original_len); `mc` may then be None, or a
     config whose architecture must match the checkpoint's."""
     tc.validate()
+    if os.path.exists(tc.out_dir) and not os.path.isdir(tc.out_dir):
+        raise ValueError(f"--out {tc.out_dir}: a file of that name exists; the run directory must be a directory")
     strategy = strategy or make_strategy(pcfg, tc.device)
     say = strategy.log(log)
     precision = resolve_precision(tc.precision, strategy.device)
@@ -263,8 +318,12 @@ def train(mc: ModelConfig | None, tc: TrainConfig, pcfg=None, log=print, strateg
     init_from = None
     if resume_from is not None:
         saved = checkpoint_config(resume_from)
-        if mc is not None and saved.to_dict() != mc.to_dict():
-            say("note: resuming with the checkpoint's model config (the command line's preset/config is ignored)")
+        # torch_dtype is the stored weights' (fp32 masters), not the architecture: a preset's bf16 is no conflict
+        arch = lambda c: {k: v for k, v in c.to_dict().items() if k != "torch_dtype"}  # noqa: E731
+        if mc is not None and arch(saved) != arch(mc):
+            diff = sorted(k for k in set(arch(saved)) | set(arch(mc)) if arch(saved).get(k) != arch(mc).get(k))
+            say(f"note: resuming with the checkpoint's model config; the command line's preset/config differs in "
+                f"{', '.join(diff)} and is ignored")
         mc = saved
     elif tc.init_from:  # (a torchrun restart of such a run resumes from its own checkpoints, above)
         init_from = extend.resolve(tc.init_from)
@@ -272,10 +331,8 @@ def train(mc: ModelConfig | None, tc: TrainConfig, pcfg=None, log=print, strateg
     elif mc is None:
         raise ValueError("no model config: give one (a preset or config.json), or init_from (--init-from)")
     strategy.check_model(mc, tc)
+    check_context(mc, tc)
     check_memory(mc, tc, strategy)  # before the tokenizer, the data or the run directory are touched
-    if strategy.is0:
-        os.makedirs(tc.out_dir, exist_ok=True)
-    strategy.barrier()
 
     tok_from = resume_from or (extend.tokenizer_source(init_from, tc) if init_from else None)
     tok, cache, extra = _load_data(tc, mc, tok_from, strategy, say)
@@ -284,7 +341,6 @@ def train(mc: ModelConfig | None, tc: TrainConfig, pcfg=None, log=print, strateg
 
     torch.manual_seed(tc.seed)
     model = build_model(mc, device=strategy.device, dtype=torch.float32, seed=tc.seed)  # the same on every rank
-    n_params = sum(p.numel() for p in model.parameters())
     if init_from is not None:  # before preparation: every rank holds the whole model here
         n = extend.load_weights(model, init_from)
         say(f"initialised from {init_from}: its {n} tensors (MTP and correction biases included) and tokenizer; "
@@ -301,17 +357,29 @@ def train(mc: ModelConfig | None, tc: TrainConfig, pcfg=None, log=print, strateg
         step, tokens_seen = st["step"], st["tokens"]
         lay = st.get("layout", {"world_size": 1})
         say(f"resumed from {resume_from} at step {step} (written by {lay['world_size']} rank(s))")
-    say(f"model: {n_params / 1e6:.2f}M parameters, {strategy.describe()} on {strategy.device.type} ({precision}); "
+        before = saved_schedule(tc, st).run_steps
+        task.set_schedule(resumed_schedule(tc, st, step))
+        if task.total_steps != before:
+            say(f"schedule: the run's length changes from {before} to {task.total_steps} steps at step {step}; the "
+                f"learning rate continues from {task.sched.lr(step):.3g}, the rest of its schedule stretched over "
+                "the new steps (to restart it at the peak, start a new run with --init-from)")
+    say(f"parameters: {param_line(mc)}; {strategy.describe()} on {strategy.device.type} ({precision}); "
         f"{task.total_steps} steps of {tc.batch_size} x {tc.seq_len} tokens, lr {tc.lr:g}, "
         f"warmup {task.sched.warmup_steps}")
+    # the run directory is made only now, once the data and the model are ready: a run that fails before
+    # (bad data, an empty corpus, a config error) leaves no empty directory behind
+    if strategy.is0:
+        os.makedirs(tc.out_dir, exist_ok=True)
+    strategy.barrier()
     if strategy.is0:
         with open(os.path.join(tc.out_dir, "train_config.json"), "w", encoding="utf-8") as f:
             json.dump({"train": asdict(tc), "model": mc.to_dict(), "layout": strategy.layout(),
                        **({"init_from": init_from} if init_from else {})}, f, indent=1)
 
     def save(reason: str, step: int, tokens: int) -> str:
+        sched = {"total_steps": task.sched.total_steps, "stretches": [list(x) for x in task.sched.stretches]}
         return strategy.save(ckpt_root, step, opt, {"tokens": tokens, "sampler": task.state_dict(), "reason": reason,
-                                                    "train_config": asdict(tc)},
+                                                    "train_config": asdict(tc), "schedule": sched},
                              tokenizer=tok, keep=tc.keep, final=reason != "periodic")
 
     return loop.run(task, strategy, opt, out_dir=tc.out_dir, step=step, tokens_seen=tokens_seen,
@@ -321,4 +389,4 @@ def train(mc: ModelConfig | None, tc: TrainConfig, pcfg=None, log=print, strateg
                     progress=tc.progress, plots=tc.plots, log=log)
 
 
-__all__ = ["Pretrain", "check_memory", "get_tokenizer", "make_strategy", "schedule_of", "train"]
+__all__ = ["Pretrain", "check_context", "check_memory", "get_tokenizer", "make_strategy", "schedule_of", "train"]

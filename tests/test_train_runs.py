@@ -1,0 +1,131 @@
+"""What a user meets around a training run (`dsv3 train`): resuming with the run's own settings, changing
+its length without a jump in the learning rate, Ctrl-C (exit 130, the checkpoint's path, a closed stdout
+pipe), and refusals before anything is built or written. CPU, the ~0.3M-parameter model of test_cli.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import run_cli, write_corpus
+from dsv3.config import ModelConfig
+from dsv3.training.optim import Schedule
+from test_cli import MICRO
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    base = tmp_path_factory.mktemp("runs")
+    cfg = base / "micro.json"
+    ModelConfig(**MICRO).validate().to_json(cfg)
+    return {"base": base, "cfg": cfg, "data": write_corpus(base / "corpus"), "cache": base / "cache"}
+
+
+def _common(s, out):
+    return ["train", "--config", s["cfg"], "--data", s["data"], "--out", out, "--seq-len", 32, "--batch-size", 4,
+            "--eval-every", 0, "--cache-dir", s["cache"], "--no-progress", "--no-plots", "--samples", 0]
+
+
+def _records(out):
+    lines = (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    return [r for r in map(json.loads, lines) if "lr" in r]
+
+
+def test_schedule_stretch_is_continuous():
+    base = Schedule(100, peak_lr=1.0, warmup_steps=5)
+    longer = base.stretched(80, 200)
+    assert [longer.lr(s) for s in range(80)] == [base.lr(s) for s in range(80)]  # the past is unchanged
+    assert longer.lr(80) == base.lr(80) and longer.run_steps == 200 and longer.total_steps == 100
+    lrs = [longer.lr(s) for s in range(80, 200)]
+    assert all(b <= a + 1e-12 for a, b in zip(lrs, lrs[1:]))  # still decaying, no restart at the peak
+    assert longer.lr(199) == base.lr(99)  # the same end
+    # a finished run continues at its final learning rate; a second change composes with the first
+    done = base.stretched(100, 150)
+    assert {done.lr(s) for s in range(100, 150)} == {base.lr(99)}
+    twice = longer.stretched(150, 300)
+    assert twice.lr(150) == longer.lr(150) and twice.lr(299) == base.lr(99)
+    assert twice.mtp_weight(299) == base.mtp_weight(99) and twice.gamma(299) == base.gamma(99)
+    with pytest.raises(ValueError, match="leaves nothing to train"):
+        base.stretched(80, 60)
+
+
+def test_resume_keeps_the_runs_settings_and_extends_smoothly(setup, tmp_path):
+    out = tmp_path / "run"
+    rc, _, err = run_cli(_common(setup, out) + ["--steps", 6, "--lr", 0.01])
+    assert rc == 0, err
+    # a plain --resume with no --config: no note about the model config, nothing ignored
+    rc, stdout, err = run_cli(["train", "--out", out, "--resume", "--cache-dir", setup["cache"], "--no-progress",
+                               "--no-plots", "--samples", 0])
+    assert rc == 0, err
+    assert "note:" not in stdout and "resumed from" in stdout
+    # the run's own length (6 steps, its --lr and --data), not the command line's defaults (300 steps)
+    assert max(r["step"] for r in _records(out)) == 6 and "6 steps of 4 x 32 tokens, lr 0.01" in stdout
+    # a longer run continues the schedule from where it was: no jump back up
+    rc, stdout, err = run_cli(["train", "--out", out, "--resume", "--steps", 10, "--cache-dir", setup["cache"],
+                               "--no-progress", "--no-plots", "--samples", 0])
+    assert rc == 0, err
+    assert "resume: steps 6 -> 10" in stdout and "length changes from 6 to 10 steps at step 6" in stdout
+    lr = {r["step"]: r["lr"] for r in _records(out)}
+    assert max(lr) == 10 and all(lr[s] <= lr[6] * 1.0000001 for s in range(7, 11)), lr
+    # and the stretch travels in the checkpoint: a further resume with the same length changes nothing
+    state = json.loads((out / "checkpoints" / "step_00000010" / "trainer_state.json").read_text())
+    assert state["schedule"] == {"total_steps": 6, "stretches": [[6, 6, 10]]}
+
+
+def test_refusals_before_anything_is_written(setup, tmp_path):
+    out = tmp_path / "never"
+    rc, _, err = run_cli(_common(setup, out) + ["--steps", 2, "--seq-len", 512])  # MICRO's context is 256
+    assert rc == 2 and "--seq-len 512 is longer than the model's context (max_position_embeddings 256)" in err
+    assert not out.exists()
+    # the logits alone of 10^6 windows cannot fit: refused in one line, before the data is read
+    rc, _, err = run_cli(_common(setup, out) + ["--steps", 2, "--batch-size", 1_000_000])
+    assert rc == 2 and "logits of one micro-batch" in err and err.count("\n") == 1
+    assert not out.exists()
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    rc, _, err = run_cli(_common(setup, afile) + ["--steps", 2])
+    assert rc == 2 and "a file of that name exists" in err and err.count("\n") == 1
+    # a corpus without text: one line, no run directory, no tokenizer cached for it
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "a.py").write_bytes(b"\xff\xfe not utf-8 \xff" * 1000)  # large enough for the vocab check
+    cache = tmp_path / "cache"
+    argv = _common(setup, out) + ["--steps", 2, "--data", empty, "--cache-dir", cache]
+    rc, _, err = run_cli(argv)
+    assert rc == 2 and err.count("\n") == 1 and "no training text" in err, err
+    assert not out.exists() and not (cache / "tokenizers").exists() or not os.listdir(cache / "tokenizers")
+
+
+def test_ctrl_c_saves_says_where_and_exits_130_even_with_stdout_closed(setup, tmp_path):
+    """`dsv3 train | tee log` then Ctrl-C: tee dies first, the progress bar's next write meets a closed
+    pipe; the run must still save, print the checkpoint's path (stderr) and exit 130."""
+    out = tmp_path / "run"
+    argv = [a for a in _common(setup, out) if a != "--no-progress"] + ["--steps", 100000, "--log-every", 1]
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    p = subprocess.Popen([sys.executable, "-m", "dsv3.cli", *map(str, argv)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env=env, cwd=ROOT)
+    try:
+        deadline = time.time() + 120
+        while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").stat().st_size > 0):
+            assert time.time() < deadline and p.poll() is None, p.stderr.read().decode()
+            time.sleep(0.2)
+        p.stdout.close()  # the reader goes away (tee killed by the same Ctrl-C)
+        time.sleep(0.5)
+        p.send_signal(signal.SIGINT)
+        rc = p.wait(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    err = p.stderr.read().decode()
+    assert rc == 130, err
+    ckpts = os.listdir(out / "checkpoints")
+    assert len(ckpts) == 1 and f"saved {out / 'checkpoints' / ckpts[0]}" in err and "--resume" in err, err
+    assert "Traceback" not in err and "BrokenPipeError" not in err
