@@ -155,6 +155,10 @@ class Engine:
         # on CUDA), not the per-expert loop.
         p0 = next(model.parameters())
         use = cuda_graphs if cuda_graphs is not None else (p0.is_cuda and p0.dtype == torch.bfloat16)
+        if use and p0.is_cuda and p0.dtype == torch.float32:  # fp32 experts take the per-expert loop (host syncs)
+            raise ValueError("cuda_graphs needs a bf16 (or FP8) model on a GPU: an fp32 model's routed experts run "
+                             "a per-expert loop that syncs with the host (load it with dtype=torch.bfloat16, or "
+                             "cuda_graphs=False)")
         if compile_decode and not use:
             raise ValueError("compile_decode compiles the graphed decode steps, which need a bf16 model on a GPU "
                              "(or cuda_graphs=True)")

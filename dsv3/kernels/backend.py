@@ -11,7 +11,7 @@ never probe the GPU themselves.
     fp8_expert_rows   "triton"              bf16/fp16 x, at most EXPERT_DECODE_ROWS rows, no autograd
     mla_decode        "triton"              -
     adamw             "triton"              -
-    router_topk       "triton"              fp32 logits; PENDING: only when asked for (not yet run on a GPU)
+    router_topk       "triton"              fp32 logits (24/24 GPU tests on an H200, 2026-12-04; 4.8-12x the reference)
 
 The rule: the accelerated backend where triton imports and every tensor given to `select` is a plain
 (not a subclass such as DTensor) CUDA tensor meeting its row; else "reference". The AdamW operation
@@ -50,7 +50,7 @@ FAST = {  # op -> its accelerated backend
 # Accelerated backends written and checked under the Triton interpreter but not yet run on a GPU: the
 # automatic choice stays "reference" until their GPU tests (tests/test_gpu_router.py) have passed on real
 # hardware; `backend=` or `use_backend(op=...)` runs them meanwhile.
-PENDING = {"router_topk"}
+PENDING: set[str] = set()
 # Up to these many activation rows the Triton FP8-weight kernels run (decode; above, prefill:
 # dequantise + cuBLAS): the dense 16-row-tile GEMM and the per-routed-row expert GEMV.
 DENSE_DECODE_ROWS = 64
