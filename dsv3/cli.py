@@ -721,7 +721,8 @@ def main(argv: list[str] | None = None) -> int:
     # ran 2.4x slower where sharing should cost 2x (bench/RESULTS.md, the main job). Read when the OpenMP
     # runtime starts, i.e. when torch is first imported, which no verb does before this line. A value the
     # user set wins.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if "torch" not in sys.modules:  # (too late otherwise: then leave the environment as it is)
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     for name in ("stdout", "stderr"):  # a real stream (not a test's StringIO) may turn into a closed pipe
         stream = getattr(sys, name)
         if not isinstance(stream, PipeSafe) and hasattr(stream, "fileno") and not isinstance(stream, io.StringIO):

@@ -235,9 +235,12 @@ def test_train_memory_needs_optimizer_state_or_sharding_weights(monkeypatch):
 
     cfg = tiny_cfg()
     n = model_info(cfg).total + model_info(cfg).mtp_unique
+    tc0 = TrainConfig()
+    # plus the logits of one micro-batch with their gradients, main head and each MTP depth (fp32)
+    n_logits = tc0.batch_size * tc0.seq_len * cfg.vocab_size * 4 * 2 * (1 + cfg.num_nextn_predict_layers)
     cpu = torch.device("cpu")
-    for avail, world, state, ok in ((16 * n, 1, "fp32", True), (16 * n - 1, 1, "fp32", False),
-                                    (12 * n, 1, "bf16", True), (12 * n - 1, 1, "bf16", False),
+    for avail, world, state, ok in ((16 * n + n_logits, 1, "fp32", True), (16 * n + n_logits - 1, 1, "fp32", False),
+                                    (12 * n + n_logits, 1, "bf16", True), (12 * n + n_logits - 1, 1, "bf16", False),
                                     (4 * n, 2, "fp32", True), (4 * n - 1, 2, "fp32", False)):
         monkeypatch.setattr(dsv3.memory, "available_bytes", lambda device, a=avail: a)
         run = lambda: check_memory(cfg, TrainConfig(optim_state_dtype=state),  # noqa: E731

@@ -55,7 +55,7 @@ REQUIRED = {"info": [], "plan": [], "train": [], "eval": ["ck"], "generate": ["c
             "grpo": ["ck", "--out", "o"], "convert": ["ck", "o"], "quantize": ["ck", "o"], "serve": ["ck"]}
 # the CLI's own arguments: what to run on and what to print, no library setting
 CLI_ONLY = {"info": {"preset", "config"}, "plan": {"preset", "config", "suggest", "sort", "serve", "json"},
-            "train": {"preset", "config", "samples"},
+            "train": {"preset", "config", "samples", "report"},
             "eval": {"checkpoint", "task", "out_json", "out_png", "lm_eval", "include_path"},
             "generate": {"checkpoint", "prompt", "chat", "verbose"}, "sample": {"checkpoint", "prompt", "chat", "verbose"},
             "chat": {"checkpoint", "system"}, "sft": {"checkpoint", "data", "out"},
@@ -240,21 +240,21 @@ def test_train_builds_its_configs(monkeypatch, tmp_path):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     calls = []
     monkeypatch.setattr(pretrain, "train", record(calls, {"interrupted": False, "checkpoint": "x"}))
-    assert cli.main(["train", "--samples", "0"]) == 0
+    assert cli.main(["train", "--samples", "0", "--no-report"]) == 0
     (mc, tc, pcfg), _ = calls[-1]
     assert mc == preset("tiny") and tc == TrainConfig(out_dir="runs/tiny")
     # the layout: degrees left to torchrun's world size, everything else the dataclass default
     assert pcfg == ParallelConfig(dp_shard=DERIVED, ep=DERIVED)
-    assert cli.main(["train", "--samples", "0", "--ep", "2", "--pp", "2", "--pp-schedule", "dualpipev",
+    assert cli.main(["train", "--samples", "0", "--no-report", "--ep", "2", "--pp", "2", "--pp-schedule", "dualpipev",
                      "--no-fsdp"]) == 0
     assert calls[-1][0][2] == ParallelConfig(dp_shard=DERIVED, ep=2, pp=2, pp_schedule="dualpipev", fsdp=False)
-    assert cli.main(["train", "--preset", "small", "--samples", "0", "--steps", "5", "--no-progress"]) == 0
+    assert cli.main(["train", "--preset", "small", "--samples", "0", "--no-report", "--steps", "5", "--no-progress"]) == 0
     assert calls[-1][0][1] == TrainConfig(out_dir="runs/small", steps=5, progress=False)
     cfg = tmp_path / "c.json"
     preset("tiny").to_json(cfg)
-    assert cli.main(["train", "--config", str(cfg), "--samples", "0", "--out", str(tmp_path / "r")]) == 0
+    assert cli.main(["train", "--config", str(cfg), "--samples", "0", "--no-report", "--out", str(tmp_path / "r")]) == 0
     assert calls[-1][0][1].out_dir == str(tmp_path / "r")
-    assert cli.main(["train", "--config", str(cfg), "--samples", "0"]) == 0
+    assert cli.main(["train", "--config", str(cfg), "--samples", "0", "--no-report"]) == 0
     assert calls[-1][0][1].out_dir == "runs/custom"
 
 
