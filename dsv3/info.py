@@ -118,7 +118,7 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
 
 def param_line(cfg: ModelConfig) -> str:
     """The counts on one line, as `dsv3 info` and `dsv3 train` print them:
-    "main model 10.32M, MTP modules 1.93M, as stored 16.45M, activated per token 6.78M" (the tiny preset)."""
+    "main model 5.05M, MTP modules 1.10M, as stored 6.15M, activated per token 3.06M" (the tiny preset)."""
     return ", ".join(f"{name} {_fmt(n)}" for name, n in param_counts(cfg).items())
 
 

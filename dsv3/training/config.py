@@ -35,11 +35,11 @@ class TrainConfig:
                                           "the model's vocab size)")
     cache_dir: str = setting(factory=default_cache_dir,
                              help="where trained tokenizers and token caches go ($DSV3_CACHE, else ~/.cache/dsv3)")
-    steps: int = setting(300, "optimizer steps")
+    steps: int = setting(850, "optimizer steps")
     tokens: int = setting(0, "if > 0, train for this many tokens instead of --steps "
                              "(steps = ceil(tokens / (batch size x seq len)))")
     seq_len: int = setting(256, "tokens per sequence")
-    batch_size: int = setting(16, "sequences per optimizer step (global)")
+    batch_size: int = setting(8, "sequences per optimizer step (global)")
     micro_batch_size: int = setting(0, "sequences per forward/backward (gradient accumulation); 0: the batch size")
     lr: float = setting(3e-3, "peak learning rate")
     warmup_steps: int = setting(-1, "warm-up steps; -1: 5% of the steps, at most 2000 (the paper's 2K)")
