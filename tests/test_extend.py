@@ -155,7 +155,7 @@ def test_extended_checkpoint_in_transformers(env):
 @pytest.mark.parametrize("extra, match", [
     (["--init-from", "{missing}"], "checkpoint not found: "),
     (["--init-from", "{base}", "--resume"], "give one of them"),
-    (["--init-from", "{base}", "--preset", "tiny"], "its vocab_size is 512 but --preset/--config says 8192"),
+    (["--init-from", "{base}", "--preset", "tiny"], "its vocab_size is 512 but --preset/--config says 4096"),
     (["--rope-factor", "4"], "needs init_from (--init-from)"),
     (["--init-from", "{base}", "--rope-factor", "4", "--seq-len", "256"], "seq_len 256 > max_position_embeddings 128"),
     (["--init-from", "{base}", "--tokenizer", "{tok}"], "drop --tokenizer"),
