@@ -2,7 +2,7 @@
 dsv3/training/optim.py AdamW(masters=...)): which parameters go bf16, the master step (bitwise an fp32
 AdamW step then a bf16 cast), training that tracks the fp32-weight + autocast reference, checkpoints that
 hold the fp32 masters, exact resume, and the refusals. CPU (bf16 autocast on the CPU), the micro model of
-tests/test_training.py; the file takes about a minute on 2 cores.
+tests/test_training.py; the file takes under 10 s on 2 cores.
 
 Run: python -m pytest tests/test_bf16_weights.py -q
 """
@@ -100,6 +100,41 @@ def test_master_step_is_fp32_adamw_then_bf16_cast(state_dtype):
             for k in ("exp_avg", "exp_avg_sq", "step"):
                 assert torch.equal(opt.state[q][k], ref.state[p][k]), k
     assert float(opt.state[work[0]]["step"]) == 4.0  # the skipped step did not count
+
+
+def test_fp32_gradients_make_the_steps_bitwise_the_autocast_reference():
+    """fp32_grads (grad_dtype fp32 on the bf16 weights): 3 steps of 2 micro-batches under CPU bf16 autocast
+    are bitwise those of fp32 weights + autocast (losses, masters = the reference's weights, the other
+    parameters): autocast's forward cast is the rounded master, its gradient's cast back to fp32 is
+    AccumulateGrad's. With bf16 gradients (the default) the second micro-batch's sum is rounded to bf16,
+    so the runs part after the first step."""
+    cfg = tiny_cfg()
+    autocast = precision_recipe("bf16", torch.device("cpu"))
+    runs = {}
+    for mode in ("ref", "fp32g", "bf16g"):
+        m = make_model(cfg, seed=1).train()
+        opt = make_optimizer(m, 1e-2, bf16_weights=mode != "ref", fp32_grads=mode == "fp32g")
+        losses = []
+        for s in range(3):
+            for mb in range(2):
+                x = rand_ids(cfg, 2, 9, seed=10 * s + mb)
+                with autocast():
+                    out = m(x[:, :-1])
+                loss = torch.nn.functional.cross_entropy(out.logits.float().flatten(0, 1), x[:, 1:].flatten())
+                (loss / 2).backward()
+                losses.append(loss.item())
+            if mode == "fp32g":
+                got = [p.grad.dtype for p in opt.masters if p.grad is not None]  # (MTP: no gradient here)
+                assert got and set(got) == {torch.float32}
+            norm = global_norm(list(m.parameters()))
+            opt.step(grad_scale=(1.0 / (norm + 1e-6)).clamp(max=1.0))
+            opt.zero_grad(set_to_none=True)
+        weights = [opt.masters.get(p, p).detach() for p in m.parameters()] if mode != "ref" else \
+            [p.detach() for p in m.parameters()]
+        runs[mode] = (losses, weights)
+    assert runs["fp32g"][0] == runs["ref"][0]
+    assert all(torch.equal(a, b) for a, b in zip(runs["fp32g"][1], runs["ref"][1]))
+    assert runs["bf16g"][0][:2] == runs["ref"][0][:2] and runs["bf16g"][0] != runs["ref"][0]
 
 
 def test_masters_refuse_what_they_cannot_hold():

@@ -183,10 +183,15 @@ class AdamW(torch.optim.Optimizer):
     same pass (`kernels.adamw_step_(copies=...)`; one more store in the Triton kernel). So a master's step
     is bitwise a plain fp32 AdamW step on it followed by a bf16 cast. The masters are not optimizer state
     (`state_dict()` is unchanged); checkpoints write them as the model's weights through
-    `masters_as_params()`, so the files are those of fp32 training and a resume restores them exactly."""
+    `masters_as_params()`, so the files are those of fp32 training and a resume restores them exactly.
+    fp32_grads: those parameters' gradients accumulate in fp32 (`grad_dtype`; the paper keeps the gradients
+    of batch accumulation in FP32): each backward's bf16 gradient is added into an fp32 .grad, which is
+    what autocast's cast-back did, so a step is then bitwise the fp32-weight + autocast one (measured on the
+    CPU, tests/test_bf16_weights.py), at the cost of fp32 gradient memory and the cast in the accumulation."""
 
     def __init__(self, params, lr: float, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0,
-                 state_dtype: torch.dtype = torch.bfloat16, fused: bool | None = None, masters=None):
+                 state_dtype: torch.dtype = torch.bfloat16, fused: bool | None = None, masters=None,
+                 fp32_grads: bool = False):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         if state_dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"AdamW state_dtype must be torch.float32 or torch.bfloat16, got {state_dtype}")
@@ -202,6 +207,8 @@ class AdamW(torch.optim.Optimizer):
             with torch.no_grad():
                 master = p.detach().clone()  # the exact fp32 value (init, or --init-from's weights)
                 p.data = master.to(torch.bfloat16)  # the same Parameter object, bf16 storage
+            if fp32_grads:  # autograd accumulates the bf16 weight gradients into fp32 .grad (torch's grad_dtype)
+                p.grad_dtype = torch.float32
             self.masters[p] = master
         auto = kernels.adamw_backend([p for g in self.param_groups for p in g["params"]])
         if fused and auto == "reference":
@@ -321,12 +328,14 @@ def clip_and_step(opt: "AdamW", max_norm: float | None, norm: torch.Tensor | Non
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.1,
                    betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
-                   state_dtype: torch.dtype = torch.float32, bf16_weights: bool = False) -> "AdamW":
+                   state_dtype: torch.dtype = torch.float32, bf16_weights: bool = False,
+                   fp32_grads: bool = False) -> "AdamW":
     """The one optimizer of every layout: our AdamW over `param_groups`, moments stored in `state_dtype`
     (float32 or bfloat16). It picks its kernel itself (dsv3.kernels: the fused Triton update on CUDA, the
     foreach reference elsewhere; with float32 moments the reference equals torch.optim.AdamW bitwise).
     bf16_weights: the model's `bf16_weight_params` become bf16 working weights whose fp32 masters the
-    optimizer keeps (AdamW's `masters`; the model must still be fp32 here: the masters are its values)."""
+    optimizer keeps (AdamW's `masters`; the model must still be fp32 here: the masters are its values);
+    fp32_grads: their gradients accumulated in fp32 (AdamW's docstring)."""
     groups = []
     for g in param_groups(model, weight_decay):  # DTensor (FSDP2) and plain parameters in separate groups
         for want in (False, True):
@@ -334,7 +343,7 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.1,
             if ps:  # no empty groups: DCP's state dicts map groups by their parameters' names
                 groups.append({"params": ps, "weight_decay": g["weight_decay"]})
     masters = bf16_weight_params(model) if bf16_weights else None
-    return AdamW(groups, lr=lr, betas=betas, eps=eps, state_dtype=state_dtype, masters=masters)
+    return AdamW(groups, lr=lr, betas=betas, eps=eps, state_dtype=state_dtype, masters=masters, fp32_grads=fp32_grads)
 
 
 def _is_dtensor(p) -> bool:
