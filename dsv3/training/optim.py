@@ -163,10 +163,10 @@ def fused_available(params) -> bool:
 class AdamW(torch.optim.Optimizer):
     """AdamW (torch.optim.AdamW's rule: decoupled decay p *= 1 - lr·wd, bias corrections) with the moments
     *stored* in `state_dtype`: fp32, or bf16 as the paper keeps them (§3.3; saves 4 bytes/parameter),
-    while the parameters stay fp32 masters. Each step computes in fp32: m, v are read up from storage,
-    updated, used for the update unrounded, then rounded (to nearest) back. The update is
-    `dsv3.kernels.adamw_step_`, once per group and step count; with fp32 moments its reference is
-    bitwise torch.optim.AdamW(foreach=True).
+    while the parameters stay fp32 (or bf16 with fp32 masters: `masters` below). Each step computes in fp32:
+    m, v are read up from storage, updated, used for the update unrounded, then rounded (to nearest) back.
+    The update is `dsv3.kernels.adamw_step_`, once per group and step count; with fp32 moments its
+    reference is bitwise torch.optim.AdamW(foreach=True).
 
     fused=True: the op's Triton backend, one kernel per parameter reading p, g, m, v and writing p, m, v
     once; `step(grad_scale=t)` multiplies the gradients by the 0-dim device tensor t inside that kernel,
