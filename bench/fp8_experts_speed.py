@@ -14,6 +14,8 @@ Routing is uniform at random (counts ~M/E, uneven by sampling).
 Rows: `sorted_mlp` fwd and fwd+bwd (the three expert matrices: gate and up, SwiGLU, down); then each
 FP8 GEMM alone on pre-quantised operands beside its bf16 `torch._grouped_mm` counterpart (fprop of
 [gate; up], dgrad of [gate; up] over the 2I contraction, wgrad of down), to see where the time goes.
+Then `sorted_mlp` in bf16 with the weights stored in bf16 (`dsv3 train --bf16-weights`: no per-step cast
+of the fp32 masters, bf16 weight gradients) beside the fp32-master rows (`--bf16w-only`: those rows alone).
 TFLOP/s counts 2·M·N·K per GEMM: sorted_mlp fwd = 6·M·I·D, fwd+bwd = 18·M·I·D. CUDA-event timing,
 median of --iters after --warmup. The --bm/--bn/--group/--warps/--stages (grouped GEMM) and
 --wbn/--wbk/--wwarps/--wstages (wgrad) flags overwrite the kernels' tile configurations.
@@ -59,7 +61,8 @@ def row(name: str, ms_bf16: float, ms_fp8: float, flop: float) -> None:
           f"fp8 {ms_fp8:8.3f} ms {flop / ms_fp8 / 1e9:6.0f} TFLOP/s   x{ms_bf16 / ms_fp8:.2f}")
 
 
-def bench_shape(name: str, E: int, k: int, T: int, D: int, I: int, iters: int, warmup: int) -> None:
+def bench_shape(name: str, E: int, k: int, T: int, D: int, I: int, iters: int, warmup: int,
+                bf16w_only: bool = False) -> None:
     M = T * k
     g = torch.Generator(device="cuda").manual_seed(0)
     cfg = dsv3.ModelConfig(hidden_size=D, moe_intermediate_size=I, n_routed_experts=E, num_experts_per_tok=k)
@@ -84,6 +87,18 @@ def bench_shape(name: str, E: int, k: int, T: int, D: int, I: int, iters: int, w
                 x.grad = None
         return step
 
+    # bf16 working weights: the same values rounded, stored in bf16 (what AdamW(masters=...) leaves in the model)
+    exb = Experts(cfg).cuda()
+    exb.load_state_dict(ex.state_dict())
+    for p in exb.parameters():
+        p.data = p.data.to(torch.bfloat16)
+    for label, bwd, flop in (("sorted_mlp fwd", False, 6 * M * I * D), ("sorted_mlp fwd+bwd", True, 18 * M * I * D)):
+        with torch.set_grad_enabled(bwd):
+            cast, stored = timed(run(ex, bwd), iters, warmup), timed(run(exb, bwd), iters, warmup)
+        print(f"  {label:<28} fp32 masters {cast:8.3f} ms {flop / cast / 1e9:6.0f} TFLOP/s   "
+              f"bf16 weights {stored:8.3f} ms {flop / stored / 1e9:6.0f} TFLOP/s   x{cast / stored:.2f}")
+    if bf16w_only:
+        return
     fp8 = FP8TrainExperts.from_experts(Experts(cfg).cuda(), "triton")
     fp8.load_state_dict(ex.state_dict())
     for label, bwd, flop in (("sorted_mlp fwd", False, 6 * M * I * D), ("sorted_mlp fwd+bwd", True, 18 * M * I * D)):
@@ -127,6 +142,7 @@ def main() -> None:
     ap.add_argument("--only", choices=list(SHAPES), default=None)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--bf16w-only", action="store_true", help="only the fp32-master vs bf16-weight rows")
     for flag, key in (("--bm", "BM"), ("--bn", "BN"), ("--group", "GROUP_M"), ("--warps", "num_warps"),
                       ("--stages", "num_stages")):
         ap.add_argument(flag, type=int, default=gk.MM_CONFIG[key], dest=f"mm_{key}")
@@ -138,7 +154,7 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}; grouped GEMM {gk.MM_CONFIG}; wgrad {gk.WGRAD_CONFIG}")
     for name, shape in SHAPES.items():
         if args.only in (None, name):
-            bench_shape(name, *shape, args.iters, args.warmup)
+            bench_shape(name, *shape, args.iters, args.warmup, bf16w_only=args.bf16w_only)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,10 @@ uses its own AdamW (dsv3/training/optim.py: one Triton kernel per parameter with
 in, `clip_and_step`); transformers gets torch's fused AdamW and clip_grad_norm_, as its users run it.
 --accum N: N micro-batches (forward + backward) per optimizer step, for both, as real runs do (the paper's
 batch is 15,360 sequences); tokens/s counts all N micro-batches.
+--bf16-weights: beside each bf16 row, the same step with bf16 working weights and fp32 masters in the
+optimizer (`dsv3 train --bf16-weights`, dsv3/training/optim.py AdamW masters): no per-step weight casts,
+bf16 weight gradients, the master update writing the bf16 copy (variant tag bf16w; bf16w+g32: the same with
+the weight gradients accumulated in fp32, AdamW's fp32_grads, bitwise the autocast step).
 --precision fp8: the same step with the attention and dense/shared-expert linears in FP8 (three GEMMs,
 dsv3/training/fp8.py); TFLOP/s and MFU keep the bf16 FLOP count and the bf16 peak, for comparison.
 """
@@ -69,7 +73,7 @@ def flops_per_token(cfg: dsv3.ModelConfig, T: int) -> float:
 
 
 def time_dsv3(cfg, B, T, steps, warmup, accum=1, compile_blocks=False, precision="bf16", recompute="none",
-              state_dtype=torch.float32):
+              state_dtype=torch.float32, bf16_weights=False, fp32_grads=False):
     torch.manual_seed(0)
     model = dsv3.build_model(cfg, device="cuda", dtype=torch.float32)
     model.set_experts_impl("grouped")
@@ -80,7 +84,8 @@ def time_dsv3(cfg, B, T, steps, warmup, accum=1, compile_blocks=False, precision
     if compile_blocks:  # per block, in place (state-dict names unchanged): fuses norms, RoPE, SwiGLU
         for blk in list(model.layers) + list(model.mtp):
             blk.compile()
-    opt = make_optimizer(model, 1e-4, state_dtype=state_dtype)
+    # bf16w: casts the GEMM weights to bf16, the optimizer keeps their fp32 masters
+    opt = make_optimizer(model, 1e-4, state_dtype=state_dtype, bf16_weights=bf16_weights, fp32_grads=fp32_grads)
     x = torch.randint(0, cfg.vocab_size, (B, T + 1), device="cuda")
     times = []
     for i in range(warmup + steps):
@@ -146,13 +151,16 @@ def main() -> None:
     ap.add_argument("--layers-16b", type=int, default=4)
     ap.add_argument("--hf", action="store_true", help="also time transformers' DeepseekV3ForCausalLM")
     ap.add_argument("--compile", action="store_true", help="also time dsv3 with torch.compile per block")
+    ap.add_argument("--bf16-weights", action="store_true",
+                    help="also time each bf16 dsv3 row with bf16 working weights + fp32 masters in the optimizer")
     ap.add_argument("--precision", default="bf16",
                     help="dsv3 precision: bf16 | fp8 | bf16,fp8 (fp8: bf16 autocast + the FP8 GEMMs of SPEC §9)")
     ap.add_argument("--variants", default=None,
                     help="comma list replacing --precision/--compile, each '+'-joined tags: bf16|fp8|fp8e (fp8 "
                          "with the routed experts' grouped GEMMs in FP8 too), compile, "
-                         "sel (selective recompute) | full (full recompute), bf16opt (AdamW moments in bf16); "
-                         "e.g. bf16+compile,bf16+compile+sel,fp8+compile")
+                         "sel (selective recompute) | full (full recompute), bf16opt (AdamW moments in bf16), bf16w (bf16 "
+                         "working weights + fp32 masters; bf16 only), g32 (with bf16w: fp32 weight gradients); "
+                         "e.g. bf16+compile,bf16+bf16w,bf16+bf16w+g32,fp8+compile")
     ap.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step (both implementations)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -170,18 +178,25 @@ def main() -> None:
                 raise SystemExit(f"--precision: bf16 | fp8 | bf16,fp8, got {args.precision!r}")
             tag = "" if prec == "bf16" else "+fp8"
             impls.append((f"dsv3{tag}", lambda *a, p=prec: time_dsv3(*a, precision=p)))
+            if args.bf16_weights and prec == "bf16":
+                impls.append(("dsv3+bf16w", lambda *a: time_dsv3(*a, bf16_weights=True)))
             if args.compile:
                 impls.append((f"dsv3{tag}+compile", lambda *a, p=prec: time_dsv3(*a, compile_blocks=True, precision=p)))
+                if args.bf16_weights and prec == "bf16":
+                    impls.append(("dsv3+bf16w+compile",
+                                  lambda *a: time_dsv3(*a, compile_blocks=True, bf16_weights=True)))
         if args.variants:
             impls = []
             for v in args.variants.split(","):
                 tags = v.split("+")
-                bad = set(tags) - {"bf16", "fp8", "fp8e", "compile", "sel", "full", "bf16opt"}
-                if bad or tags[0] not in ("bf16", "fp8", "fp8e"):
+                bad = set(tags) - {"bf16", "fp8", "fp8e", "compile", "sel", "full", "bf16opt", "bf16w", "g32"}
+                if bad or tags[0] not in ("bf16", "fp8", "fp8e") or ("bf16w" in tags and tags[0] != "bf16") \
+                        or ("g32" in tags and "bf16w" not in tags):
                     raise SystemExit(f"--variants: bad variant {v!r}")
                 kw = dict(precision=tags[0], compile_blocks="compile" in tags,
                           recompute="selective" if "sel" in tags else "full" if "full" in tags else "none",
-                          state_dtype=torch.bfloat16 if "bf16opt" in tags else torch.float32)
+                          state_dtype=torch.bfloat16 if "bf16opt" in tags else torch.float32,
+                          bf16_weights="bf16w" in tags, fp32_grads="g32" in tags)
                 impls.append((f"dsv3 {v}", lambda *a, kw=kw: time_dsv3(*a, **kw)))
         if args.hf:
             impls.append(("transformers", time_hf))

@@ -240,6 +240,43 @@ def test_fused_adamw_triton_matches_foreach_reference(state_dtype):
 
 
 @pytest.mark.parametrize("fused", [True, False])
+def test_adamw_masters_on_cuda_bf16_copies_are_the_rounded_masters(fused):
+    """bf16 working weights with fp32 masters (AdamW(masters=...)) on CUDA, the Triton kernel's extra output
+    or the foreach reference: after each step (one skipped, NaN gradients) every bf16 parameter is bitwise
+    its master rounded to nearest, and the masters follow a plain fp32 AdamW fed the same bf16 gradients
+    (bitwise for the reference; up to fp32 op order for the kernel)."""
+    if fused:
+        pytest.importorskip("triton")
+    from dsv3.training.optim import AdamW
+
+    torch.manual_seed(0)
+    shapes = [(257, 129), (1000,), (3, 64, 7)]
+    plain = [torch.nn.Parameter(torch.randn(*sh, device="cuda")) for sh in shapes]
+    work = [torch.nn.Parameter(p.detach().clone()) for p in plain]
+    ref = AdamW([{"params": plain, "weight_decay": 0.1}], lr=1e-2, state_dtype=torch.float32, fused=False)
+    opt = AdamW([{"params": work, "weight_decay": 0.1}], lr=1e-2, state_dtype=torch.float32, fused=fused,
+                masters=work)
+    assert opt.fused == fused
+    for step in range(4):
+        grads = [torch.randn(*sh, device="cuda").bfloat16() for sh in shapes]
+        if step == 2:
+            grads = [torch.full_like(g, float("nan")) for g in grads]
+        skip = torch.tensor(step == 2, device="cuda")
+        for p, q, g in zip(plain, work, grads):
+            p.grad, q.grad = g.float(), g.clone()
+        scale = torch.tensor(0.37, device="cuda") if step % 2 else None
+        ref.step(grad_scale=scale, skip=skip)
+        opt.step(grad_scale=scale, skip=skip)
+        for p, q in zip(plain, work):
+            master = opt.masters[q]
+            assert q.dtype == torch.bfloat16 and torch.equal(q.detach(), master.bfloat16())
+            d = (master - p.detach()).abs().max()
+            assert d == 0 if not fused else d < 1e-6, d
+    opt.settle()
+    assert float(opt.state[work[0]]["step"]) == 3.0
+
+
+@pytest.mark.parametrize("fused", [True, False])
 def test_adamw_skip_on_cuda_keeps_every_bit_and_counts_steps_late(fused):
     """AdamW.step(skip=device flag) on CUDA (Triton kernel, or the masked foreach reference): a skipped
     step with NaN gradients changes no parameter or moment, and its step count is settled from the

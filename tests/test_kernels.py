@@ -545,3 +545,35 @@ def test_interp_triton_adamw_vs_reference():
         assert (a - b).abs().max() < 1e-6, (a - b).abs().max()
     for a, b in zip(*ms):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.skipif(not _interpreter(), reason="needs triton and TRITON_INTERPRET=1")
+def test_interp_triton_adamw_writes_the_bf16_copies_of_fp32_masters():
+    """The kernel's extra output (`copy=`, bf16 working weights with fp32 masters, dsv3/training/optim.py):
+    fp32 masters and bf16 gradients, 3 steps with and without a grad_scale against the reference (which
+    copies with torch), then a skipped step that leaves masters, moments and copies as they were. The
+    copies are the new masters in bf16: within one bf16 ulp under the interpreter (it truncates where the
+    GPU rounds to nearest; tests/test_gpu.py checks them bitwise there)."""
+    shapes = [(257, 129), (1000,), (3, 64, 7)]
+    ps = [_params(6, shapes) for _ in range(2)]
+    cs = [[p.detach().bfloat16() for p in ps[i]] for i in range(2)]
+    ms = [[torch.zeros(sh) for sh in shapes] for _ in range(2)]
+    vs = [[torch.zeros(sh) for sh in shapes] for _ in range(2)]
+    kw = dict(lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
+    for t in range(1, 4):
+        grads = [g.bfloat16() for g in _grads(t, shapes)]
+        scale = torch.tensor(0.37) if t % 2 else None
+        for i, backend in enumerate(("triton", "reference")):
+            kernels.adamw_step_([p.data for p in ps[i]], grads, ms[i], vs[i], **kw, step=float(t), grad_scale=scale,
+                                backend=backend, copies=cs[i])
+    for a, b in zip(*ps):
+        assert (a - b).abs().max() < 1e-6
+    for c, ref, master in zip(cs[0], cs[1], ps[0]):
+        assert c.dtype == torch.bfloat16 and torch.equal(ref, master.detach().bfloat16())
+        ulp = master.detach().abs() * 2.0 ** -7
+        assert ((c.float() - master.detach()).abs() <= ulp).all()  # (the masters moved ~3e-2: a stale copy fails)
+    before = [[x.clone() for x in xs] for xs in (ps[0], ms[0], vs[0], cs[0])]
+    nan = [torch.full(sh, float("nan"), dtype=torch.bfloat16) for sh in shapes]
+    kernels.adamw_step_([p.data for p in ps[0]], nan, ms[0], vs[0], **kw, step=4.0, skip=torch.tensor(True),
+                        backend="triton", copies=cs[0])
+    assert all(torch.equal(x, y) for xs, ys in zip((ps[0], ms[0], vs[0], cs[0]), before) for x, y in zip(xs, ys))

@@ -93,6 +93,10 @@ def test_refusals_before_anything_is_written(setup, tmp_path):
     afile.write_text("x")
     rc, _, err = run_cli(_common(setup, afile) + ["--steps", 2])
     assert rc == 2 and "a file of that name exists" in err and err.count("\n") == 1
+    # bf16 working weights need bf16 (auto is fp32 on the CPU): one line, before anything is written
+    rc, _, err = run_cli(_common(setup, out) + ["--steps", 2, "--bf16-weights", "--device", "cpu"])
+    assert rc == 2 and "--bf16-weights needs --precision bf16" in err and err.count("\n") == 1, err
+    assert not out.exists()
     # a corpus without text: one line, no run directory, no tokenizer cached for it
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -77,6 +77,18 @@ class _Collective(Strategy):
     def layout(self) -> dict:
         return {"world_size": self.world_size, **vars(self.pcfg)}
 
+    def check_settings(self, settings, precision: str) -> None:
+        super().check_settings(settings, precision)
+        if getattr(settings, "bf16_weights", False):
+            # the torchrun layouts checkpoint the parameters themselves through DCP (dsv3/checkpoints/dcp.py),
+            # not the optimizer's masters, and sum replicated / expert gradients with all-reduces
+            # (finish_grad_sync) that would run in bf16; FSDP2's own form of the mode is fully_shard's
+            # MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) over its fp32 shards, not wired yet
+            raise ValueError("--bf16-weights runs in one process only: under torchrun the sharded checkpoints write the "
+                             "parameters, not the optimizer's fp32 masters, and gradients of replicated or expert "
+                             "weights would be all-reduced in bf16 (FSDP2's equivalent, MixedPrecisionPolicy with "
+                             "bf16 parameters and fp32 reduction, is not wired yet); drop --bf16-weights")
+
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(t)
         return t
@@ -103,6 +115,7 @@ class ShardedStrategy(_Collective):
         return f"{self.world_size} ranks (dp_shard {p.dp_shard} x ep {p.ep}, fsdp {p.fsdp})"
 
     def check_settings(self, settings, precision: str) -> None:
+        super().check_settings(settings, precision)
         micro = getattr(settings, "micro_batch_size", 0) or settings.batch_size
         if micro % self.world_size:
             raise ValueError(f"the micro-batch ({micro} sequences) must be a multiple of the world size "
@@ -208,6 +221,7 @@ class PipelineStrategy(_Collective):
                 f"{c.n_stages} stages)")
 
     def check_settings(self, settings, precision: str) -> None:
+        super().check_settings(settings, precision)
         n_mb = self.ppcfg.n_microbatches
         if self.pcfg.node_groups:
             raise ValueError("--pp with --node-groups: the node-limited routing check is for the dp x ep layout "

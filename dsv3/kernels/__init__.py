@@ -111,7 +111,8 @@ def adamw_backend(params, backend: str | None = None) -> str:
 def adamw_step_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
                 exp_avg_sqs: list[torch.Tensor], *, lr: float, beta1: float, beta2: float, eps: float,
                 weight_decay: float, step: float, grad_scale: torch.Tensor | None = None,
-                skip: torch.Tensor | None = None, backend: str | None = None) -> None:
+                skip: torch.Tensor | None = None, backend: str | None = None,
+                copies: list[torch.Tensor] | None = None) -> None:
     """One AdamW step, in place, over parameters of one group sharing one step count t (1-based):
     torch.optim.AdamW's rule (`reference.adamw_step_ref_` gives the formulas and torch's op order; with
     fp32 moments it is bitwise torch.optim.AdamW(foreach=True)). Moments may be stored in bf16 (read up
@@ -122,8 +123,16 @@ def adamw_step_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs:
     the device, no host sync; where False the update is bitwise the one without `skip`.
     DTensors (FSDP2) run on their local shards, so sharded parameters get the same backend as plain
     ones. "triton": one kernel per parameter reading p, g, m, v and writing p, m, v once (grad_scale
-    applied inside)."""
+    applied inside).
+    copies: optional list (one per parameter, same shape, e.g. bf16) that receives each updated parameter
+    rounded to its dtype in the same pass: the working copies of fp32 master weights (AdamW with
+    bf16 working weights, dsv3/training/optim.py); params are then the fp32 masters. Where a step is
+    skipped the copies keep their bits too."""
     lists = [[_local(t) for t in ts] for ts in (params, grads, exp_avgs, exp_avg_sqs)]
+    cps = None if copies is None else [_local(t) for t in copies]
+    if cps is not None:
+        assert len(cps) == len(lists[0]) and all(c.shape == p.shape for c, p in zip(cps, lists[0])), \
+            "adamw_step_: one copy per parameter, of its shape"
     n = len(lists[0])
     assert all(len(ts) == n for ts in lists), f"adamw_step_: list lengths {[len(ts) for ts in lists]}"
     assert all(g.shape == p.shape and m.shape == p.shape and v.shape == p.shape for p, g, m, v in zip(*lists)), \
@@ -140,10 +149,10 @@ def adamw_step_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs:
         return
     hp = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step, grad_scale=grad_scale,
               skip=skip)
-    if select_backend("adamw", *(t for ts in lists for t in ts), backend=backend) == "triton":
+    if select_backend("adamw", *(t for ts in lists for t in ts), *(cps or ()), backend=backend) == "triton":
         from dsv3.kernels.adamw_triton import adamw_step_ as kernel
 
-        for p, g, m, v in zip(*lists):
-            kernel(p, g, m, v, **hp)
+        for i, (p, g, m, v) in enumerate(zip(*lists)):
+            kernel(p, g, m, v, **hp, copy=None if cps is None else cps[i])
         return
-    reference.adamw_step_ref_(*lists, **hp)
+    reference.adamw_step_ref_(*lists, **hp, copies=cps)

@@ -315,7 +315,8 @@ def buckets(sizes: list[int], numel: int = BUCKET_NUMEL) -> list[range]:
 def adamw_step_ref_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
                     exp_avg_sqs: list[torch.Tensor], *, lr: float, beta1: float, beta2: float, eps: float,
                     weight_decay: float, step: float, grad_scale: torch.Tensor | None = None,
-                    skip: torch.Tensor | None = None, bucket_numel: int = BUCKET_NUMEL) -> None:
+                    skip: torch.Tensor | None = None, bucket_numel: int = BUCKET_NUMEL,
+                    copies: list[torch.Tensor] | None = None) -> None:
     """One AdamW step over lists sharing one step count t (1-based), in place, with torch._foreach ops
     in buckets of about `bucket_numel` elements. torch.optim.AdamW's rule and op order
     (`_multi_tensor_adamw`, so fp32 moments give its bits exactly), in fp32 whatever the storage:
@@ -328,7 +329,10 @@ def adamw_step_ref_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_a
     skip (optional 0-dim bool tensor): where True, parameters and moments keep their bits. Decided on the
     device: each bucket's p, m, v are copied first and selected back with torch.where (no host sync; a
     False flag selects the updated values, so the bits are those of the update without `skip`). A flag on
-    the CPU is read instead (no sync to avoid there): a skipped step does nothing, the others copy nothing."""
+    the CPU is read instead (no sync to avoid there): a skipped step does nothing, the others copy nothing.
+    copies (optional, one per parameter): after each bucket's update (and a skip's restore), copy_ of the
+    parameters into them, i.e. the updated fp32 masters rounded to nearest into their bf16 working copies
+    (a skipped step rewrites the same bits: each copy is its master rounded)."""
     if skip is not None and skip.device.type == "cpu":
         if bool(skip):
             return
@@ -364,3 +368,5 @@ def adamw_step_ref_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_a
             for ts, olds in zip((ps, m_store, v_store), kept):
                 for t, old in zip(ts, olds):
                     t.copy_(torch.where(skip, old, t))
+        if copies is not None:
+            torch._foreach_copy_([copies[i] for i in idx], ps)

@@ -29,6 +29,7 @@ start a new stage instead: `--init-from CHECKPOINT` with its own schedule.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -121,6 +122,29 @@ class Schedule:
         return int(round(self.batch_start + (full - self.batch_start) * step / self.batch_ramp_steps))
 
 
+def bf16_weight_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters stored in bf16 under bf16 working weights (`AdamW(masters=...)`): every weight whose
+    every use is a GEMM that bf16 autocast runs in bf16 anyway, i.e. the nn.Linear weights (attention
+    projections, dense and shared MLPs, MTP eh_proj, lm_head) and the routed experts' stacked weights. The
+    forward then does what autocast did (its cast of an fp32 weight is the master rounded to nearest, which
+    is the stored copy) without the per-step casts, and the backward's weight gradients are the bf16 ones
+    autocast made before casting them up. Kept fp32 (Megatron keeps all in bf16; here each would change
+    the arithmetic, not only the storage): the embedding (a lookup, no autocast op: its fp32 output is the
+    fp32 residual stream), the router gate (routing is fp32, SPEC §4.1; its correction bias is a buffer,
+    fp32 always) and the RMSNorm gains (1-D, elementwise on the fp32 residual stream)."""
+    from dsv3.model.moe import Experts
+
+    out, seen = [], set()
+    for m in model.modules():
+        ws = ([m.weight] if isinstance(m, torch.nn.Linear) else
+              [m.gate_proj, m.up_proj, m.down_proj] if isinstance(m, Experts) else [])
+        for w in ws:
+            if w is not None and w.requires_grad and id(w) not in seen:
+                seen.add(id(w))
+                out.append(w)
+    return out
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -139,24 +163,53 @@ def fused_available(params) -> bool:
 class AdamW(torch.optim.Optimizer):
     """AdamW (torch.optim.AdamW's rule: decoupled decay p *= 1 - lr·wd, bias corrections) with the moments
     *stored* in `state_dtype`: fp32, or bf16 as the paper keeps them (§3.3; saves 4 bytes/parameter),
-    while the parameters stay fp32 masters. Each step computes in fp32: m, v are read up from storage,
-    updated, used for the update unrounded, then rounded (to nearest) back. The update is
-    `dsv3.kernels.adamw_step_`, once per group and step count; with fp32 moments its reference is
-    bitwise torch.optim.AdamW(foreach=True).
+    while the parameters stay fp32 (or bf16 with fp32 masters: `masters` below). Each step computes in fp32:
+    m, v are read up from storage, updated, used for the update unrounded, then rounded (to nearest) back.
+    The update is `dsv3.kernels.adamw_step_`, once per group and step count; with fp32 moments its
+    reference is bitwise torch.optim.AdamW(foreach=True).
 
     fused=True: the op's Triton backend, one kernel per parameter reading p, g, m, v and writing p, m, v
     once; `step(grad_scale=t)` multiplies the gradients by the 0-dim device tensor t inside that kernel,
     which is how `clip_and_step` clips without a separate pass over the gradients. fused=False: the
     reference (torch._foreach ops in bounded fp32 buckets, any device). fused=None: Triton where the
     kernels seam offers it (CUDA parameters, DTensors by their local shards, triton importable).
-    `.fused` tells which one runs."""
+    `.fused` tells which one runs.
+
+    masters: bf16 working weights with fp32 masters (the paper's §3.3 and Megatron's mixed precision).
+    For each of these (fp32) parameters the optimizer keeps the fp32 value as its master (`self.masters`)
+    and stores the parameter itself in bf16, so forward and backward read bf16 weights and make bf16
+    gradients. A step updates the master in fp32 (the gradient read up to fp32, the same rule and op order
+    as for an fp32 parameter) and writes the new master rounded to nearest into the bf16 parameter in the
+    same pass (`kernels.adamw_step_(copies=...)`; one more store in the Triton kernel). So a master's step
+    is bitwise a plain fp32 AdamW step on it followed by a bf16 cast. The masters are not optimizer state
+    (`state_dict()` is unchanged); checkpoints write them as the model's weights through
+    `masters_as_params()`, so the files are those of fp32 training and a resume restores them exactly.
+    fp32_grads: those parameters' gradients accumulate in fp32 (`grad_dtype`; the paper keeps the gradients
+    of batch accumulation in FP32): each backward's bf16 gradient is added into an fp32 .grad, which is
+    what autocast's cast-back did, so a step is then bitwise the fp32-weight + autocast one (measured on the
+    CPU, tests/test_bf16_weights.py), at the cost of fp32 gradient memory and the cast in the accumulation."""
 
     def __init__(self, params, lr: float, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0,
-                 state_dtype: torch.dtype = torch.bfloat16, fused: bool | None = None):
+                 state_dtype: torch.dtype = torch.bfloat16, fused: bool | None = None, masters=None,
+                 fp32_grads: bool = False):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         if state_dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"AdamW state_dtype must be torch.float32 or torch.bfloat16, got {state_dtype}")
         self.state_dtype = state_dtype
+        self.masters: dict[torch.Tensor, torch.Tensor] = {}  # bf16 parameter -> its fp32 master
+        mine = {id(p) for g in self.param_groups for p in g["params"]}
+        for p in masters or ():
+            if id(p) not in mine:
+                raise ValueError("AdamW(masters=...): every master-weight parameter must be one of the optimised ones")
+            if p.dtype != torch.float32 or _is_dtensor(p):
+                raise ValueError(f"AdamW(masters=...) takes plain fp32 parameters (FSDP2 keeps its own fp32 shards "
+                                 f"and casts them itself), got {p.dtype} {type(p).__name__}")
+            with torch.no_grad():
+                master = p.detach().clone()  # the exact fp32 value (init, or --init-from's weights)
+                p.data = master.to(torch.bfloat16)  # the same Parameter object, bf16 storage
+            if fp32_grads:  # autograd accumulates the bf16 weight gradients into fp32 .grad (torch's grad_dtype)
+                p.grad_dtype = torch.float32
+            self.masters[p] = master
         auto = kernels.adamw_backend([p for g in self.param_groups for p in g["params"]])
         if fused and auto == "reference":
             raise ValueError("AdamW(fused=True) needs CUDA parameters (plain tensors or DTensors) and triton")
@@ -184,7 +237,9 @@ class AdamW(torch.optim.Optimizer):
         stepped = []
         for g in self.param_groups:
             b1, b2 = g["betas"]
-            by_step: dict[float, list] = {}  # one op call per step count (one bias correction per call)
+            # one op call per step count (one bias correction per call) and kind: plain parameters, or
+            # fp32 masters updated with their bf16 working copies written in the same pass
+            by_step: dict[tuple[float, bool], list] = {}
             for p in g["params"]:
                 if p.grad is None:
                     continue
@@ -193,14 +248,15 @@ class AdamW(torch.optim.Optimizer):
                     st["step"] = torch.tensor(0.0)
                     st["exp_avg"] = torch.zeros_like(p, dtype=self.state_dtype)
                     st["exp_avg_sq"] = torch.zeros_like(p, dtype=self.state_dtype)
-                by_step.setdefault(float(st["step"]) + 1, []).append(p)
+                by_step.setdefault((float(st["step"]) + 1, p in self.masters), []).append(p)
                 stepped.append(st)
-            for t, ps in by_step.items():
+            for (t, mastered), ps in by_step.items():
                 sts = [self.state[p] for p in ps]
-                kernels.adamw_step_(ps, [p.grad for p in ps], [st["exp_avg"] for st in sts],
-                                    [st["exp_avg_sq"] for st in sts], lr=g["lr"], beta1=b1, beta2=b2, eps=g["eps"],
-                                    weight_decay=g["weight_decay"], step=t, grad_scale=grad_scale, skip=skip,
-                                    backend=backend)
+                kernels.adamw_step_([self.masters[p] for p in ps] if mastered else ps, [p.grad for p in ps],
+                                    [st["exp_avg"] for st in sts], [st["exp_avg_sq"] for st in sts], lr=g["lr"],
+                                    beta1=b1, beta2=b2, eps=g["eps"], weight_decay=g["weight_decay"], step=t,
+                                    grad_scale=grad_scale, skip=skip, backend=backend,
+                                    copies=[p.data for p in ps] if mastered else None)
         if skip is None or skip.device.type == "cpu":
             if skip is None or not bool(skip):
                 for st in stepped:
@@ -229,6 +285,27 @@ class AdamW(torch.optim.Optimizer):
         self.settle()
         return super().state_dict()
 
+    @contextlib.contextmanager
+    def masters_as_params(self):
+        """Inside: every master-weight parameter holds its fp32 master itself (`p.data` is the master
+        tensor), so the model's state dict, a checkpoint written from it and `load_state_dict` into it see
+        the fp32 masters: saving writes the masters, loading fills them bit for bit. On exit each parameter
+        gets its bf16 storage back, re-derived from the (possibly loaded) master. A no-op without masters.
+        Between steps only (the gradients must be unset or are left with their bf16 dtype)."""
+        if not self.masters:
+            yield
+            return
+        work = {p: p.data for p in self.masters}
+        for p, master in self.masters.items():
+            p.data = master
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, w in work.items():
+                    p.data = w
+                    w.copy_(self.masters[p])
+
 
 def grad_norm(params) -> torch.Tensor:
     """The 2-norm of all gradients (fp32, on their device, no host sync): torch.nn.utils.clip_grad_norm_'s."""
@@ -251,17 +328,22 @@ def clip_and_step(opt: "AdamW", max_norm: float | None, norm: torch.Tensor | Non
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.1,
                    betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
-                   state_dtype: torch.dtype = torch.float32) -> "AdamW":
+                   state_dtype: torch.dtype = torch.float32, bf16_weights: bool = False,
+                   fp32_grads: bool = False) -> "AdamW":
     """The one optimizer of every layout: our AdamW over `param_groups`, moments stored in `state_dtype`
     (float32 or bfloat16). It picks its kernel itself (dsv3.kernels: the fused Triton update on CUDA, the
-    foreach reference elsewhere; with float32 moments the reference equals torch.optim.AdamW bitwise)."""
+    foreach reference elsewhere; with float32 moments the reference equals torch.optim.AdamW bitwise).
+    bf16_weights: the model's `bf16_weight_params` become bf16 working weights whose fp32 masters the
+    optimizer keeps (AdamW's `masters`; the model must still be fp32 here: the masters are its values);
+    fp32_grads: their gradients accumulated in fp32 (AdamW's docstring)."""
     groups = []
     for g in param_groups(model, weight_decay):  # DTensor (FSDP2) and plain parameters in separate groups
         for want in (False, True):
             ps = [p for p in g["params"] if _is_dtensor(p) == want]
             if ps:  # no empty groups: DCP's state dicts map groups by their parameters' names
                 groups.append({"params": ps, "weight_decay": g["weight_decay"]})
-    return AdamW(groups, lr=lr, betas=betas, eps=eps, state_dtype=state_dtype)
+    masters = bf16_weight_params(model) if bf16_weights else None
+    return AdamW(groups, lr=lr, betas=betas, eps=eps, state_dtype=state_dtype, masters=masters, fp32_grads=fp32_grads)
 
 
 def _is_dtensor(p) -> bool:

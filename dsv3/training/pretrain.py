@@ -349,7 +349,8 @@ def train(mc: ModelConfig | None, tc: TrainConfig, pcfg=None, log=print, strateg
     prepare_model(model, strategy, precision=precision, recompute=tc.recompute, fp8_experts=tc.fp8_experts,
                   compile=tc.compile, log=say)
     state_dtype = torch.bfloat16 if tc.optim_state_dtype == "bf16" else torch.float32
-    opt = make_optimizer(strategy.module(), tc.lr, tc.weight_decay, state_dtype=state_dtype)
+    opt = make_optimizer(strategy.module(), tc.lr, tc.weight_decay, state_dtype=state_dtype,
+                         bf16_weights=tc.bf16_weights)
     step, tokens_seen = 0, 0
     if resume_from is not None:
         st = strategy.load(resume_from, opt)
@@ -363,7 +364,8 @@ def train(mc: ModelConfig | None, tc: TrainConfig, pcfg=None, log=print, strateg
             say(f"schedule: the run's length changes from {before} to {task.total_steps} steps at step {step}; the "
                 f"learning rate continues from {task.sched.lr(step):.3g}, the rest of its schedule stretched over "
                 "the new steps (to restart it at the peak, start a new run with --init-from)")
-    say(f"parameters: {param_line(mc)}; {strategy.describe()} on {strategy.device.type} ({precision}); "
+    say(f"parameters: {param_line(mc)}; {strategy.describe()} on {strategy.device.type} ({precision}"
+        f"{', bf16 weights + fp32 masters' if tc.bf16_weights else ''}); "
         f"{task.total_steps} steps of {tc.batch_size} x {tc.seq_len} tokens, lr {tc.lr:g}, "
         f"warmup {task.sched.warmup_steps}")
     # the run directory is made only now, once the data and the model are ready: a run that fails before

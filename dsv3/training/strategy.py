@@ -27,6 +27,13 @@ Precision (`precision_recipe`, the only place it is decided): fp32; bf16 = fp32 
 layouts can be checked against each other on the CPU); fp8 = bf16 autocast on CUDA (fp32 on the CPU) with
 the paper's block-scaled FP8 GEMMs (dsv3/training/fp8.py; an exact emulation on the CPU).
 
+bf16 working weights (`--bf16-weights`, one process): with bf16 the optimizer stores the GEMM weights
+(dsv3.training.optim.bf16_weight_params) in bf16 and keeps their fp32 masters itself (AdamW's `masters`);
+autocast stays on (the embedding's fp32 output is the residual stream, as without the flag) and its casts
+of those weights become no-ops. `save` / `load` run inside `opt.masters_as_params()`, so checkpoints hold
+the fp32 masters, as in fp32-weight training. `check_weights` refuses the other precisions; the torchrun
+layouts refuse it in their `check_settings` (the reasons there).
+
 The optimizer is the same for every layout (dsv3.training.optim.AdamW over `module()`): the loop computes
 the clip coefficient from `grad_norm(opt)` and passes it to the AdamW step, which applies it inside the update.
 """
@@ -75,13 +82,33 @@ def prepare_model(model, strategy, *, precision: str, recompute: str = "none", f
     strategy.parallelize(model)
 
 
+def check_weights(settings, precision: str) -> None:
+    """Raise unless `settings.bf16_weights` (when set) fits the resolved `precision`."""
+    if not getattr(settings, "bf16_weights", False) or precision == "bf16":
+        return
+    if precision == "fp8":
+        raise ValueError("--bf16-weights needs --precision bf16: under fp8 the FP8 training modules quantise their "
+                         "own fp32 weights each step (dsv3/training/fp8.py), and on the CPU fp8 runs without autocast, "
+                         "where bf16 weights would meet fp32 activations")
+    raise ValueError(f"--bf16-weights needs --precision bf16 (this run's precision is {precision}"
+                     f"{'; auto means fp32 on the CPU' if getattr(settings, 'precision', '') == 'auto' else ''}): "
+                     "the bf16 copies are what bf16 autocast would compute with")
+
+
+def _masters(opt):
+    """`opt.masters_as_params()` (bf16 working weights: the fp32 masters in the parameters), else nothing."""
+    return opt.masters_as_params() if getattr(opt, "masters", None) else contextlib.nullcontext()
+
+
 def global_norm(params) -> torch.Tensor:
     """The 2-norm of the gradients of `params` (fp32, on their device, no host sync): the same arithmetic
     as torch.nn.utils.clip_grad_norm_ (per-tensor norms, then the norm of their stack)."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(())
-    norms = torch._foreach_norm(grads, 2.0)
+    # bf16 gradients (bf16 working weights): each norm accumulated and returned in fp32, not rounded to bf16
+    wide = {"dtype": torch.float32} if any(g.dtype != torch.float32 for g in grads) else {}
+    norms = torch._foreach_norm(grads, 2.0, **wide)
     return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]), 2.0)
 
 
@@ -124,6 +151,7 @@ class Strategy:
 
     def check_settings(self, settings, precision: str) -> None:
         """Raise if this layout cannot run with these settings (the reason in the message)."""
+        check_weights(settings, precision)
 
     def check_model(self, model_cfg, settings) -> None:
         """Raise if this layout does not fit the model (e.g. ep does not divide the experts)."""
@@ -207,16 +235,18 @@ class Strategy:
         parameter name), sampler and RNG state (dsv3/checkpoints/rundir.py)."""
         from dsv3.checkpoints import rundir
 
-        return rundir.save_checkpoint(ckpt_root, step, self.model, opt, state, tokenizer=tokenizer, keep=keep)
+        with _masters(opt):  # bf16 working weights: the fp32 masters are written
+            return rundir.save_checkpoint(ckpt_root, step, self.model, opt, state, tokenizer=tokenizer, keep=keep)
 
     def load(self, path: str, opt) -> dict:
         """Fill the model and the optimizer from checkpoint `path` (either kind), restore the RNG; returns
         the trainer state (step, tokens, sampler, ...)."""
         from dsv3.checkpoints import dcp, rundir
 
-        if dcp.is_dcp_checkpoint(path):
-            return dcp.load_dcp_local(path, self.model, opt)
-        return rundir.load_into(path, self.model, opt)
+        with _masters(opt):  # bf16 working weights: the masters are filled, the bf16 copies re-derived on exit
+            if dcp.is_dcp_checkpoint(path):
+                return dcp.load_dcp_local(path, self.model, opt)
+            return rundir.load_into(path, self.model, opt)
 
 
 def checkpoint_config(path: str):
@@ -229,5 +259,5 @@ def checkpoint_config(path: str):
     return ModelConfig.from_json(os.path.join(path, "config.json"))
 
 
-__all__ = ["PRECISIONS", "Strategy", "checkpoint_config", "global_norm", "precision_recipe", "prepare_model",
+__all__ = ["PRECISIONS", "Strategy", "check_weights", "checkpoint_config", "global_norm", "precision_recipe", "prepare_model",
            "resolve_precision"]
