@@ -269,10 +269,12 @@ def test_refused_outside_bf16(env, tmp_path, kw, match):
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize("kind, pcfg", [("sharded", dict(dp_shard=2, ep=1)), ("sharded", dict(dp_shard=1, ep=2)),
+@pytest.mark.parametrize("kind, pcfg", [("sharded", dict(dp_shard=2, ep=1, fsdp=False)),
+                                        ("sharded", dict(dp_shard=1, ep=2)),
                                         ("pipeline", dict(pp=2, dp_shard=1, ep=1))])
 def test_torchrun_layouts_refuse_it(kind, pcfg):
-    """In-process (a rank of a 2-rank world, no process group: check_settings is collective-free)."""
+    """In-process (a rank of a 2-rank world, no process group: check_settings is collective-free). FSDP2
+    without EP runs it in its own form (tests/distributed/test_compose.py, test_gloo.py)."""
     from dsv3.distributed.mesh import DistEnv, ParallelConfig
     from dsv3.distributed.strategy import PipelineStrategy, ShardedStrategy
 
@@ -280,6 +282,17 @@ def test_torchrun_layouts_refuse_it(kind, pcfg):
     cls = PipelineStrategy if kind == "pipeline" else ShardedStrategy
     strategy = cls(env_, ParallelConfig(**pcfg))
     tc = TrainConfig(out_dir="unused", batch_size=8, precision="bf16", bf16_weights=True)
-    with pytest.raises(ValueError, match="runs in one process only"):
+    with pytest.raises(ValueError, match="runs in one process or under FSDP2 without expert parallelism"):
         strategy.check_settings(tc, "bf16")
     strategy.check_settings(TrainConfig(out_dir="unused", batch_size=8, precision="bf16"), "bf16")
+
+
+def test_fsdp2_takes_its_own_form():
+    """FSDP2 without EP accepts it and keeps the masters in its fp32 shards, not in the optimizer."""
+    from dsv3.distributed.mesh import DistEnv, ParallelConfig
+    from dsv3.distributed.strategy import ShardedStrategy
+
+    env_ = DistEnv(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"), backend="gloo")
+    strategy = ShardedStrategy(env_, ParallelConfig(dp_shard=2, ep=1))
+    strategy.check_settings(TrainConfig(out_dir="unused", batch_size=8, precision="bf16", bf16_weights=True), "bf16")
+    assert strategy.bf16_params and not strategy.optimizer_masters

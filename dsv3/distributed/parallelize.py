@@ -29,7 +29,8 @@ from torch.distributed.tensor import DTensor
 
 from dsv3.distributed.expert_parallel import AllToAllDispatcher, global_expert_counts, shard_experts
 from dsv3.distributed.mesh import ParallelConfig
-from dsv3.model.moe import MoE, update_expert_bias
+from dsv3.model.layers import RMSNorm
+from dsv3.model.moe import MoE, Router, update_expert_bias
 from dsv3.training.loss import compute_loss
 from dsv3.training.optim import clip_and_step
 
@@ -47,10 +48,16 @@ class ParallelState:
     mesh: object = None  # the ("dp", "ep") DeviceMesh (distributed checkpoints place expert slices on it)
 
 
-def parallelize(model, pcfg: ParallelConfig, mesh) -> ParallelState:
-    """Turn the (identically initialised, on every rank) model into this rank's part, in place."""
+def parallelize(model, pcfg: ParallelConfig, mesh, bf16_params: bool = False) -> ParallelState:
+    """Turn the (identically initialised, on every rank) model into this rank's part, in place.
+
+    bf16_params (--bf16-weights under FSDP2, ep 1): the fp32 shards stay the masters; every block (and the MTP
+    pieces) is all-gathered in bf16 and its gradients reduce-scattered in fp32 (MixedPrecisionPolicy). Kept
+    fp32, as in one process (dsv3.training.optim.bf16_weight_params): the routers and RMSNorm gains (own fp32
+    units) and the root (embedding, final norm, output head, which autocast casts).
+    cast_forward_inputs=False: the residual stream stays fp32, as under autocast."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     world = dist.get_world_size()
     pcfg.validate(world, model.config)
@@ -67,14 +74,29 @@ def parallelize(model, pcfg: ParallelConfig, mesh) -> ParallelState:
                 expert_params += [m.experts.gate_proj, m.experts.up_proj, m.experts.down_proj]
     ignored = set(expert_params)
 
+    if bf16_params and (not pcfg.fsdp or ignored):
+        raise ValueError("bf16_params: FSDP2 without expert parallelism only (expert slices are outside FSDP)")
     replicated = []
     if pcfg.fsdp and world > 1:
         flat = init_device_mesh(mesh.device_type, (world,), mesh_dim_names=("dp_ep",))  # all ranks
+        mp = {}
+        if bf16_params:
+            mp = {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                                    cast_forward_inputs=False)}
+            # fp32 units first (a block's unit then leaves their params alone): the routers and every RMSNorm
+            # gain inside the blocks, so that exactly the GEMM weights are gathered in bf16, the set one process
+            # stores in bf16 (dsv3.training.optim.bf16_weight_params)
+            fp32 = MixedPrecisionPolicy(cast_forward_inputs=False)
+            for blk in list(model.layers) + list(model.mtp):
+                for m in blk.modules():
+                    if isinstance(m, (Router, RMSNorm)):
+                        fully_shard(m, mesh=flat, mp_policy=fp32)
         for mod in model.mtp:  # pieces used outside Block.forward (combine, output norm): own units
             for sub in (mod.enorm, mod.hnorm, mod.eh_proj, mod.shared_head.norm):
-                fully_shard(sub, mesh=flat)
+                if not (bf16_params and isinstance(sub, RMSNorm)):  # (already an fp32 unit above)
+                    fully_shard(sub, mesh=flat, **mp)
         for blk in list(model.layers) + list(model.mtp):
-            fully_shard(blk, mesh=flat, ignored_params=ignored)
+            fully_shard(blk, mesh=flat, ignored_params=ignored, **mp)
         fully_shard(model, mesh=flat, ignored_params=ignored)
     elif world > 1:
         replicated = [p for p in model.parameters() if p not in ignored]

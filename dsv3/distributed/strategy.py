@@ -77,17 +77,21 @@ class _Collective(Strategy):
     def layout(self) -> dict:
         return {"world_size": self.world_size, **vars(self.pcfg)}
 
+    def _bf16_weights_layout(self) -> bool:
+        """True where this layout runs --bf16-weights in its own form (FSDP2 without EP: ShardedStrategy)."""
+        return False
+
     def check_settings(self, settings, precision: str) -> None:
         super().check_settings(settings, precision)
-        if getattr(settings, "bf16_weights", False):
+        if getattr(settings, "bf16_weights", False) and not self._bf16_weights_layout():
             # the torchrun layouts checkpoint the parameters themselves through DCP (dsv3/checkpoints/dcp.py),
             # not the optimizer's masters, and sum replicated / expert gradients with all-reduces
             # (finish_grad_sync) that would run in bf16; FSDP2's own form of the mode is fully_shard's
             # MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) over its fp32 shards, not wired yet
-            raise ValueError("--bf16-weights runs in one process only: under torchrun the sharded checkpoints write the "
-                             "parameters, not the optimizer's fp32 masters, and gradients of replicated or expert "
-                             "weights would be all-reduced in bf16 (FSDP2's equivalent, MixedPrecisionPolicy with "
-                             "bf16 parameters and fp32 reduction, is not wired yet); drop --bf16-weights")
+            raise ValueError("--bf16-weights runs in one process or under FSDP2 without expert parallelism (--ep 1, "
+                             "fsdp on): in this layout the sharded checkpoints would write the parameters, not the "
+                             "optimizer's fp32 masters, and gradients of replicated or expert weights would be "
+                             "all-reduced in bf16; drop --bf16-weights")
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(t)
@@ -114,8 +118,14 @@ class ShardedStrategy(_Collective):
         p = self.pcfg
         return f"{self.world_size} ranks (dp_shard {p.dp_shard} x ep {p.ep}, fsdp {p.fsdp})"
 
+    def _bf16_weights_layout(self) -> bool:
+        return self.pcfg.fsdp and self.pcfg.ep == 1
+
     def check_settings(self, settings, precision: str) -> None:
         super().check_settings(settings, precision)
+        # FSDP2's form of --bf16-weights: the fp32 shards are the masters, blocks gathered in bf16
+        self.bf16_params = bool(getattr(settings, "bf16_weights", False))
+        self.optimizer_masters = not self.bf16_params
         micro = getattr(settings, "micro_batch_size", 0) or settings.batch_size
         if micro % self.world_size:
             raise ValueError(f"the micro-batch ({micro} sequences) must be a multiple of the world size "
@@ -128,7 +138,8 @@ class ShardedStrategy(_Collective):
         from dsv3.distributed.parallelize import parallelize
 
         self.model = model
-        self.ps = parallelize(model, self.pcfg, build_mesh(self.pcfg, self.device.type))
+        self.ps = parallelize(model, self.pcfg, build_mesh(self.pcfg, self.device.type),
+                              bf16_params=getattr(self, "bf16_params", False))
 
     def finish_backward(self, stats, counts):
         from dsv3.distributed.expert_parallel import global_expert_counts

@@ -350,7 +350,7 @@ def train(mc: ModelConfig | None, tc: TrainConfig, pcfg=None, log=print, strateg
                   compile=tc.compile, log=say)
     state_dtype = torch.bfloat16 if tc.optim_state_dtype == "bf16" else torch.float32
     opt = make_optimizer(strategy.module(), tc.lr, tc.weight_decay, state_dtype=state_dtype,
-                         bf16_weights=tc.bf16_weights)
+                         bf16_weights=tc.bf16_weights and strategy.optimizer_masters)
     step, tokens_seen = 0, 0
     if resume_from is not None:
         st = strategy.load(resume_from, opt)

@@ -31,8 +31,11 @@ bf16 working weights (`--bf16-weights`, one process): with bf16 the optimizer st
 (dsv3.training.optim.bf16_weight_params) in bf16 and keeps their fp32 masters itself (AdamW's `masters`);
 autocast stays on (the embedding's fp32 output is the residual stream, as without the flag) and its casts
 of those weights become no-ops. `save` / `load` run inside `opt.masters_as_params()`, so checkpoints hold
-the fp32 masters, as in fp32-weight training. `check_weights` refuses the other precisions; the torchrun
-layouts refuse it in their `check_settings` (the reasons there).
+the fp32 masters, as in fp32-weight training. `check_weights` refuses the other precisions. Under FSDP2
+(without expert parallelism) the mode is fully_shard's own: the fp32 shards are the masters (a plain AdamW
+on them; DCP checkpoints write them), each block is all-gathered in bf16 and its gradients reduce-scattered
+in fp32 (MixedPrecisionPolicy; `Strategy.optimizer_masters` says which of the two keeps the masters); the
+other torchrun layouts refuse it in their `check_settings` (the reasons there).
 
 The optimizer is the same for every layout (dsv3.training.optim.AdamW over `module()`): the loop computes
 the clip coefficient from `grad_norm(opt)` and passes it to the AdamW step, which applies it inside the update.
@@ -142,6 +145,10 @@ class Strategy:
         return {"world_size": 1}
 
     # --- model ----------------------------------------------------------------------------------
+    # bf16 working weights (--bf16-weights): who keeps the fp32 masters. One process: the optimizer (AdamW's
+    # masters). FSDP2 (dsv3/distributed/strategy.py ShardedStrategy): its fp32 shards, gathered as bf16.
+    optimizer_masters = True
+
     def parallelize(self, model) -> None:
         self.model = model
 

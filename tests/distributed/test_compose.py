@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch.distributed as dist
 
-from tests.distributed.compose import (RESUMES, Cell, check, covering_cells, pairs_covered, resume_cells,
+from tests.distributed.compose import (RESUMES, STEPS, Cell, check, covering_cells, pairs_covered, resume_cells,
                                        run_cells, runnable)
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
@@ -21,12 +21,18 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 
 CELLS = covering_cells()
 RESUMED = resume_cells(RESUMES[:5])  # the 6th (FSDP2 -> PP x DP, a 4-process launch of its own): in the bench
+# --bf16-weights: one process (the optimizer keeps the fp32 masters) and FSDP2 (its fp32 shards are the masters,
+# blocks gathered in bf16), each against the autocast run; an FSDP2 checkpoint resumed in one process
+_BF16W = {"bf16_weights": True}
+_BF16W_FIRST = Cell("fsdp_dp2", "bf16", steps=STEPS - 1, extra=_BF16W)
+BF16W = [Cell("1proc", "bf16", extra=_BF16W), Cell("fsdp_dp2", "bf16", extra=_BF16W), _BF16W_FIRST,
+         Cell("1proc", "bf16", extra=_BF16W, resume_from=_BF16W_FIRST.name)]
 
 
 @pytest.fixture(scope="module")
 def matrix(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("compose"))
-    errors = run_cells(root, CELLS + RESUMED)
+    errors = run_cells(root, CELLS + RESUMED + BF16W)
     return root, errors
 
 
@@ -50,6 +56,15 @@ def test_cell_matches_one_process(matrix, cell: Cell):
 def test_resume_under_another_layout(matrix, cell: Cell):
     root, errors = matrix
     for name in (cell.resume_from, cell.name):
+        assert name not in errors, errors[name]
+    d = check(root, cell)
+    print(cell.name, {k: f"{v:.3g}" for k, v in d.items()})
+
+
+@pytest.mark.parametrize("cell", [c for c in BF16W if c is not _BF16W_FIRST], ids=lambda c: c.name)
+def test_bf16_weights_match_autocast(matrix, cell: Cell):
+    root, errors = matrix
+    for name in filter(None, (cell.resume_from, cell.name)):
         assert name not in errors, errors[name]
     d = check(root, cell)
     print(cell.name, {k: f"{v:.3g}" for k, v in d.items()})

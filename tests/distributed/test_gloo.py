@@ -180,3 +180,47 @@ def test_node_limited_layout_accepted():
     from dsv3.config import preset
 
     ParallelConfig(dp_shard=2, ep=64, node_groups=8).validate(128, preset("671b"))
+
+
+def _bf16_params_worker(rank: int, world: int, name: str) -> dict:
+    """FSDP2's --bf16-weights: what the forward computes with and what the optimizer holds."""
+    from torch import nn
+
+    from dsv3.distributed import build_mesh, parallelize
+    from dsv3.model import build_model
+    from dsv3.model.moe import Router
+    from dsv3.training.loss import compute_loss
+
+    pcfg = ParallelConfig(dp_shard=world, ep=1, fsdp=True)
+    cfg = tiny_cfg()
+    model = build_model(cfg, seed=0)
+    parallelize(model, pcfg, build_mesh(pcfg, "cpu"), bf16_params=True)
+    seen = {"linear": set(), "router": set(), "head": set()}
+    for m in model.modules():
+        if isinstance(m, Router):
+            m.register_forward_pre_hook(lambda mod, a: seen["router"].add(mod.weight.dtype))
+        elif isinstance(m, nn.Linear):
+            key = "head" if m is model.lm_head else "linear"
+            m.register_forward_pre_hook(lambda mod, a, key=key: seen[key].add(mod.weight.dtype))
+    x = torch.randint(0, cfg.vocab_size, (2, 13), generator=torch.Generator().manual_seed(rank))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x[:, :-1])
+    compute_loss(out, x[:, 1:], 0.3).total.backward()
+    params = list(model.parameters())
+    ok = {"linear_bf16": seen["linear"] == {torch.bfloat16}, "router_fp32": seen["router"] == {torch.float32},
+          "head_fp32": seen["head"] == {torch.float32},
+          "shards_fp32": all(p.dtype == torch.float32 for p in params),
+          "grads_fp32": all(p.grad.dtype == torch.float32 for p in params if p.grad is not None),
+          "some_grads": any(p.grad is not None for p in params),
+          "finite": bool(torch.isfinite(out.logits).all())}
+    return {f"fails_{k}": float(not v) for k, v in ok.items()}  # the harness keeps the worst (max) rank
+
+
+def test_fsdp_bf16_params_gather_bf16_and_keep_fp32_masters():
+    """--bf16-weights under FSDP2: every block's Linear computes with a bf16 all-gathered weight, the
+    routers and the root (head) with fp32, and the shards (the masters the optimizer steps) and their
+    reduce-scattered gradients stay fp32."""
+    from tests.distributed.harness import spawn_scenarios
+
+    r = spawn_scenarios(2, _bf16_params_worker, ["bf16"])["bf16"]
+    assert len(r) == 7 and not any(r.values()), r
