@@ -32,6 +32,8 @@ SERVE_RENAMES = {"model_name": ("--served-model-name", "--model-name")}  # vLLM'
 SAMPLING_EXCLUDE = ("logprobs",)
 # EngineConfig fields of generate/sample/chat (one request at a time: the batch size is 1)
 GENERATE_ENGINE_FIELDS = ("speculative_k", "device")
+# and the expert-parallel degree, for generate/sample only (chat reads stdin: one process)
+EP_FIELDS = ("ep",)
 
 
 def _model_config(args):
@@ -278,8 +280,39 @@ def _eval_harness(args) -> int:
 def _engine(args):
     from dsv3.inference.engine import EngineConfig, load_engine
 
-    ec = from_args(EngineConfig, args, only=GENERATE_ENGINE_FIELDS, max_batch_size=1)
+    only = GENERATE_ENGINE_FIELDS + (EP_FIELDS if hasattr(args, "ep") else ())
+    ec = from_args(EngineConfig, args, only=only, max_batch_size=1)
     return load_engine(args.checkpoint, **vars(ec))
+
+
+def _under_ep(ep: int, checkpoint: str, device: str, load, run) -> int:
+    """Run a verb as one rank of an expert-parallel engine under torchrun (dsv3/inference/ep.py): check
+    the layout before anything starts, start the process groups, `load()` -> (engine, tokenizer) on every
+    rank; rank 0 then runs `run(leader, tokenizer)` and tells the others to stop, which follow it until then."""
+    import torch.distributed as dist
+
+    from dsv3.config import ModelConfig
+    from dsv3.distributed.mesh import init_distributed
+    from dsv3.inference.ep import Leader, check_ep, control_group, run_follower
+
+    check_ep(ep, ModelConfig.from_json(_resolve_checkpoint(checkpoint)).n_routed_experts)
+    env = init_distributed(device)
+    rc = 1
+    try:
+        ctrl = control_group()
+        engine, tok = load()
+        if env.rank != 0:
+            rc = run_follower(engine, ctrl)
+            return rc
+        leader = Leader(engine, ctrl)
+        try:
+            rc = run(leader, tok)
+        finally:
+            leader.shutdown()
+        return rc
+    finally:
+        if rc == 0:  # (else a peer may be gone, or a thread stuck in a collective: just exit)
+            dist.destroy_process_group()
 
 
 def _sampling(args):
@@ -289,8 +322,15 @@ def _sampling(args):
 
 
 def cmd_generate(args) -> int:
-    """Complete a prompt (or answer one chat message with --chat), streaming to stdout."""
-    engine, tok = _engine(args)
+    """Complete a prompt (or answer one chat message with --chat), streaming to stdout. With --ep N under
+    torchrun, rank 0 prints; the other ranks hold their experts and follow."""
+    if args.ep != 1:
+        return _under_ep(args.ep, args.checkpoint, args.device, lambda: _engine(args),
+                         lambda engine, tok: _generate(args, engine, tok))
+    return _generate(args, *_engine(args))
+
+
+def _generate(args, engine, tok) -> int:
     params = _sampling(args)
     if args.chat:
         ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": args.prompt}]))
@@ -362,17 +402,23 @@ def cmd_serve(args) -> int:
 
     path = _resolve_checkpoint(args.checkpoint)
     ec, sc = from_args(EngineConfig, args), from_args(ServerConfig, args)
-    engine, tok = load_for_serving(path, **vars(ec))
     name = sc.model_name or run_name(path)  # runs/tiny is served as "tiny", not as its latest step_* directory
-    if sc.host not in ("127.0.0.1", "localhost", "::1") and not sc.api_key:
-        print(f"dsv3 serve: warning: listening on {sc.host} without --api-key", file=sys.stderr)
-    print(f"serving {path} as {name!r} on http://{sc.host}:{sc.port}/v1 (batch {ec.max_batch_size}, "
-          f"{engine.cache.num_blocks * engine.cache.block_size} cache tokens, context {engine.max_model_len}, "
-          f"speculative k={ec.speculative_k})")
-    serve(engine, tok, name, host=sc.host, port=sc.port, api_key=sc.api_key, max_prompt_tokens=sc.max_prompt_tokens,
-          max_tokens_limit=sc.max_tokens_limit, max_queue=sc.max_queue, max_request_bytes=sc.max_request_bytes,
-          prep_workers=sc.prep_workers, log_level=sc.log_level)
-    return 0
+
+    def run(engine, tok) -> int:
+        if sc.host not in ("127.0.0.1", "localhost", "::1") and not sc.api_key:
+            print(f"dsv3 serve: warning: listening on {sc.host} without --api-key", file=sys.stderr)
+        ep = f", expert parallel over {ec.ep} ranks" if ec.ep != 1 else ""
+        print(f"serving {path} as {name!r} on http://{sc.host}:{sc.port}/v1 (batch {ec.max_batch_size}, "
+              f"{engine.cache.num_blocks * engine.cache.block_size} cache tokens, context {engine.max_model_len}, "
+              f"speculative k={ec.speculative_k}{ep})", flush=True)
+        serve(engine, tok, name, host=sc.host, port=sc.port, api_key=sc.api_key,
+              max_prompt_tokens=sc.max_prompt_tokens, max_tokens_limit=sc.max_tokens_limit, max_queue=sc.max_queue,
+              max_request_bytes=sc.max_request_bytes, prep_workers=sc.prep_workers, log_level=sc.log_level)
+        return 0
+
+    if ec.ep != 1:  # one rank of torchrun: rank 0 serves, the others follow (dsv3/inference/ep.py)
+        return _under_ep(ec.ep, path, ec.device, lambda: load_for_serving(path, **vars(ec)), run)
+    return run(*load_for_serving(path, **vars(ec)))
 
 
 def cmd_sft(args) -> int:
@@ -526,11 +572,11 @@ def _eval_flags(p) -> None:
     add_fields(h, HumanEvalConfig, only=HUMANEVAL_FIELDS)
 
 
-def _sampling_flags(p) -> None:
+def _sampling_flags(p, ep: bool = False) -> None:
     from dsv3.inference.engine import EngineConfig, SamplingParams
 
     add_fields(p, SamplingParams, exclude=SAMPLING_EXCLUDE)
-    add_fields(p, EngineConfig, only=GENERATE_ENGINE_FIELDS)
+    add_fields(p, EngineConfig, only=GENERATE_ENGINE_FIELDS + (EP_FIELDS if ep else ()))
 
 
 def _generate_flags(p) -> None:
@@ -538,7 +584,7 @@ def _generate_flags(p) -> None:
     p.add_argument("--prompt", required=True, help="the text to complete (with --chat: the user's message)")
     p.add_argument("--chat", action="store_true", help="treat the prompt as one user message")
     p.add_argument("--verbose", "-v", action="store_true", help="print token count and MTP acceptance to stderr")
-    _sampling_flags(p)
+    _sampling_flags(p, ep=True)
 
 
 def _sample_flags(p) -> None:

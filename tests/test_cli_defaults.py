@@ -33,7 +33,8 @@ from dsv3.training.config import TrainConfig
 from dsv3.eval.needle import NeedleConfig
 from dsv3.training.evaluate import EvalConfig
 
-GENERATE = [(SamplingParams, dict(exclude=("logprobs",))), (EngineConfig, dict(only=("speculative_k", "device")))]
+GENERATE = [(SamplingParams, dict(exclude=("logprobs",))), (EngineConfig, dict(only=("speculative_k", "device", "ep")))]
+CHAT = [(SamplingParams, dict(exclude=("logprobs",))), (EngineConfig, dict(only=("speculative_k", "device")))]
 # verb -> the dataclasses whose fields are its settings (with the selection the verb offers)
 SETTINGS = {
     "info": [],
@@ -42,7 +43,7 @@ SETTINGS = {
     "eval": [(EvalConfig, {}), (NeedleConfig, {}), (HumanEvalConfig, dict(only=cli.HUMANEVAL_FIELDS))],
     "generate": GENERATE,
     "sample": GENERATE,
-    "chat": GENERATE,
+    "chat": CHAT,
     "sft": [(SFTConfig, {}), (ParallelConfig, dict(only=cli.POSTTRAIN_LAYOUT))],
     "grpo": [(GRPOConfig, {}), (ParallelConfig, dict(only=cli.POSTTRAIN_LAYOUT))],
     "convert": [(ExportConfig, {})],
