@@ -277,42 +277,22 @@ def _eval_harness(args) -> int:
     return 0
 
 
-def _engine(args):
-    from dsv3.inference.engine import EngineConfig, load_engine
+def _engine_config(args):
+    from dsv3.inference.engine import EngineConfig
 
     only = GENERATE_ENGINE_FIELDS + (EP_FIELDS if hasattr(args, "ep") else ())
-    ec = from_args(EngineConfig, args, only=only, max_batch_size=1)
-    return load_engine(args.checkpoint, **vars(ec))
+    return from_args(EngineConfig, args, only=only, max_batch_size=1)
 
 
-def _under_ep(ep: int, checkpoint: str, device: str, load, run) -> int:
-    """Run a verb as one rank of an expert-parallel engine under torchrun (dsv3/inference/ep.py): check
-    the layout before anything starts, start the process groups, `load()` -> (engine, tokenizer) on every
-    rank; rank 0 then runs `run(leader, tokenizer)` and tells the others to stop, which follow it until then."""
-    import torch.distributed as dist
+def _one_process(ec) -> dict:
+    """EngineConfig -> load_engine's keyword arguments (ep is how many processes, not an engine setting)."""
+    return {k: v for k, v in vars(ec).items() if k != "ep"}
 
-    from dsv3.config import ModelConfig
-    from dsv3.distributed.mesh import init_distributed
-    from dsv3.inference.ep import Leader, check_ep, control_group, run_follower
 
-    check_ep(ep, ModelConfig.from_json(_resolve_checkpoint(checkpoint)).n_routed_experts)
-    env = init_distributed(device)
-    rc = 1
-    try:
-        ctrl = control_group()
-        engine, tok = load()
-        if env.rank != 0:
-            rc = run_follower(engine, ctrl)
-            return rc
-        leader = Leader(engine, ctrl)
-        try:
-            rc = run(leader, tok)
-        finally:
-            leader.shutdown()
-        return rc
-    finally:
-        if rc == 0:  # (else a peer may be gone, or a thread stuck in a collective: just exit)
-            dist.destroy_process_group()
+def _engine(args):
+    from dsv3.inference.engine import load_engine
+
+    return load_engine(args.checkpoint, **_one_process(_engine_config(args)))
 
 
 def _sampling(args):
@@ -324,9 +304,12 @@ def _sampling(args):
 def cmd_generate(args) -> int:
     """Complete a prompt (or answer one chat message with --chat), streaming to stdout. With --ep N under
     torchrun, rank 0 prints; the other ranks hold their experts and follow."""
-    if args.ep != 1:
-        return _under_ep(args.ep, args.checkpoint, args.device, lambda: _engine(args),
-                         lambda engine, tok: _generate(args, engine, tok))
+    ec = _engine_config(args)
+    if ec.ep != 1:  # one rank of torchrun: rank 0 prints, the others follow (dsv3/ep_serve.py)
+        from dsv3.ep_serve import run_ep
+
+        return run_ep(ec.ep, args.checkpoint, _one_process(ec),
+                      lambda engine, tok: _generate(args, engine, tok))
     return _generate(args, *_engine(args))
 
 
@@ -416,9 +399,11 @@ def cmd_serve(args) -> int:
               max_request_bytes=sc.max_request_bytes, prep_workers=sc.prep_workers, log_level=sc.log_level)
         return 0
 
-    if ec.ep != 1:  # one rank of torchrun: rank 0 serves, the others follow (dsv3/inference/ep.py)
-        return _under_ep(ec.ep, path, ec.device, lambda: load_for_serving(path, **vars(ec)), run)
-    return run(*load_for_serving(path, **vars(ec)))
+    if ec.ep != 1:  # one rank of torchrun: rank 0 serves, the others follow (dsv3/ep_serve.py)
+        from dsv3.ep_serve import run_ep
+
+        return run_ep(ec.ep, path, _one_process(ec), run)
+    return run(*load_for_serving(path, **_one_process(ec)))
 
 
 def cmd_sft(args) -> int:

@@ -51,7 +51,7 @@ class EngineConfig:
     compile_decode: bool = setting(False, "GPU: torch.compile the graphed decode steps (1.65x at batch 1 on the "
                                           "16b, H100); one compile per batch/context bucket on first use")
     ep: int = setting(1, "expert parallelism under torchrun: the routed experts split over this many ranks "
-                         "(= the world size; rank 0 serves, dsv3/inference/ep.py); 1: one process")
+                         "(= the world size; rank 0 serves, dsv3/ep_serve.py); 1: one process")
 
 
 @dataclass
@@ -176,7 +176,7 @@ class Engine:
         self._aborted: list[RequestOutput] = []  # final outputs of aborted requests, returned by the next step()
         self._ids = itertools.count()
         self.stats = EngineStats()
-        # Multi-rank lockstep (dsv3/inference/ep.py): None in one process; otherwise a callable that
+        # Multi-rank lockstep (dsv3/inference/lockstep.py): None in one process; otherwise a callable that
         # replaces each phase's decisions (the tensor `_to_host` copies: tokens, accepted counts,
         # drafts, log-probs) by rank 0's, so that every rank's host bookkeeping, hence its next batch,
         # is identical even where the ranks' logits differ in the last bit.
@@ -464,15 +464,11 @@ class Engine:
                         return
 
 
-def load_engine(checkpoint: str, *, device: str = "auto", keep_fp8: bool = True, ep: int = 1, **engine_kwargs):
+def load_engine(checkpoint: str, *, device: str = "auto", keep_fp8: bool = True, **engine_kwargs):
     """(Engine, DSTokenizer) for a checkpoint directory or a run directory (its latest checkpoint):
     fp32 on the CPU, the checkpoint's dtype on a GPU. engine_kwargs go to `Engine` (max_batch_size,
-    cache_tokens, speculative_k, max_model_len, ...). ep > 1: this rank's expert-parallel engine, holding
-    1/ep of the routed experts (dsv3/inference/ep.py; needs the process group started over ep ranks)."""
-    if ep != 1:
-        from dsv3.inference.ep import load_ep_engine
-
-        return load_ep_engine(checkpoint, ep=ep, device=device, keep_fp8=keep_fp8, **engine_kwargs)
+    cache_tokens, speculative_k, max_model_len, ...). One process; an expert-parallel rank's engine
+    (EngineConfig.ep > 1, under torchrun) is dsv3/ep_serve.py's `load_ep_engine`."""
     from dsv3.checkpoints.hf import load_pretrained
     from dsv3.checkpoints.rundir import resolve_checkpoint
     from dsv3.tokenizer import DSTokenizer

@@ -642,13 +642,11 @@ async def _stream_chat(srv: _Server, job: _Job, meta: dict, include_usage: bool,
 # --- running it -----------------------------------------------------------------------------------------
 def load_for_serving(checkpoint: str, *, device: str = "auto", max_batch_size: int = 32,
                      cache_tokens: int | None = None, speculative_k: int = 0,
-                     max_model_len: int | None = None, compile_decode: bool = False,
-                     ep: int = 1) -> tuple[Engine, DSTokenizer]:
+                     max_model_len: int | None = None, compile_decode: bool = False) -> tuple[Engine, DSTokenizer]:
     """Engine + tokenizer (with its chat template) of a checkpoint directory (see engine.load_engine).
-    On a GPU with a bf16/fp16 checkpoint and no speculation, decode steps run as CUDA graphs. ep > 1:
-    this rank's expert-parallel engine (dsv3/inference/ep.py; rank 0 serves it through `ep.Leader`)."""
+    On a GPU with a bf16/fp16 checkpoint and no speculation, decode steps run as CUDA graphs."""
     return load_engine(checkpoint, device=device, max_batch_size=max_batch_size, cache_tokens=cache_tokens,
-                       speculative_k=speculative_k, max_model_len=max_model_len, compile_decode=compile_decode, ep=ep)
+                       speculative_k=speculative_k, max_model_len=max_model_len, compile_decode=compile_decode)
 
 
 def serve(engine: Engine, tokenizer: DSTokenizer, model_name: str, *, host: str = "127.0.0.1", port: int = 8000,

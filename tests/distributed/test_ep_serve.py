@@ -1,4 +1,4 @@
-"""Expert-parallel inference (dsv3/inference/ep.py) on the CPU with gloo: each rank reads only its shard of
+"""Expert-parallel inference (dsv3/ep_serve.py, dsv3/inference/lockstep.py) on the CPU with gloo: each rank reads only its shard of
 the checkpoint, and the lockstep engine over 2 (and 4) ranks gives the one-process engine's outputs.
 
 Run: python -m pytest tests/distributed/test_ep_serve.py -q   (spawns 2 and 4 processes on 127.0.0.1)
@@ -242,7 +242,8 @@ def _engine_kwargs(k: int) -> dict:
 
 def run_one(rank: int, world: int, name: str) -> dict:
     """One rank of a scenario (spawned by the harness, process group started)."""
-    from dsv3.inference.ep import Leader, control_group, follow, load_ep_engine
+    from dsv3.ep_serve import load_ep_engine
+    from dsv3.inference.lockstep import Leader, control_group, follow
 
     d = os.environ[ENV]
     _, k = SCENARIOS[name]
@@ -260,7 +261,7 @@ def run_one(rank: int, world: int, name: str) -> dict:
     # every rank's latent cache of the main layers holds what rank 0's does: same tokens at the same
     # positions (had a rank kept its own draws for the unseeded request, its rows of that request would
     # differ by O(1)). The MTP slots (after the main layers') hold each rank's own draft steps, which only
-    # shape proposals that rank 0's replace (dsv3/inference/ep.py): not compared.
+    # shape proposals that rank 0's replace (dsv3/inference/lockstep.py): not compared.
     L = engine.model.config.num_hidden_layers
     for t in (engine.cache.kv[:L], engine.cache.pe[:L]):
         t0 = t.clone()
@@ -326,7 +327,7 @@ def test_lockstep_engine_equals_one_process(ep_results, name):
 
 def test_cuda_graphs_are_refused_with_ep(ckpt, monkeypatch):
     """The refusal comes before anything is loaded (here without a process group, which it needs later)."""
-    from dsv3.inference import ep
+    from dsv3 import ep_serve as ep
 
     monkeypatch.setattr(ep.dist, "is_initialized", lambda: True)
     monkeypatch.setattr(ep.dist, "get_world_size", lambda group=None: 2)
@@ -414,3 +415,24 @@ def test_cli_ep_errors(ckpt, monkeypatch, capsys):
     assert "--ep 3 does not divide n_routed_experts (8)" in capsys.readouterr().err
     assert cli.main(["generate", ckpt["fp32"], "--prompt", "x", "--ep", "2"]) == 2
     assert "--ep 2 but torchrun started 3 processes" in capsys.readouterr().err
+
+
+def test_cli_generate_under_torchrun(ckpt, tmp_path):
+    """`dsv3 generate --ep 2`: rank 0 prints the one-process greedy text, the follower prints nothing."""
+    from dsv3.inference.engine import SamplingParams, load_engine
+
+    prompt = "def alpha"
+    procs = _ranks(2, ["generate", ckpt["fp32"], "--prompt", prompt, "--ep", "2", "--device", "cpu",
+                       "--temperature", "0", "--max-new-tokens", "8", "--speculative-k", "2"], str(tmp_path))
+    outs = []
+    for p in procs:
+        try:
+            outs.append(p.communicate(timeout=120)[0])
+        except subprocess.TimeoutExpired:
+            p.kill()
+            outs.append(p.communicate()[0])
+    assert [p.returncode for p in procs] == [0, 0], outs
+    engine, tok = load_engine(ckpt["fp32"], device="cpu", max_batch_size=1)
+    (ref,) = engine.generate([tok.encode(prompt)], SamplingParams(max_new_tokens=8, temperature=0.0))
+    assert outs[0] == prompt + ref.text + "\n"
+    assert outs[1] == ""
