@@ -32,6 +32,8 @@ SERVE_RENAMES = {"model_name": ("--served-model-name", "--model-name")}  # vLLM'
 SAMPLING_EXCLUDE = ("logprobs",)
 # EngineConfig fields of generate/sample/chat (one request at a time: the batch size is 1)
 GENERATE_ENGINE_FIELDS = ("speculative_k", "device")
+# and the expert-parallel degree, for generate/sample only (chat reads stdin: one process)
+EP_FIELDS = ("ep",)
 
 
 def _model_config(args):
@@ -275,11 +277,22 @@ def _eval_harness(args) -> int:
     return 0
 
 
-def _engine(args):
-    from dsv3.inference.engine import EngineConfig, load_engine
+def _engine_config(args):
+    from dsv3.inference.engine import EngineConfig
 
-    ec = from_args(EngineConfig, args, only=GENERATE_ENGINE_FIELDS, max_batch_size=1)
-    return load_engine(args.checkpoint, **vars(ec))
+    only = GENERATE_ENGINE_FIELDS + (EP_FIELDS if hasattr(args, "ep") else ())
+    return from_args(EngineConfig, args, only=only, max_batch_size=1)
+
+
+def _one_process(ec) -> dict:
+    """EngineConfig -> load_engine's keyword arguments (ep is how many processes, not an engine setting)."""
+    return {k: v for k, v in vars(ec).items() if k != "ep"}
+
+
+def _engine(args):
+    from dsv3.inference.engine import load_engine
+
+    return load_engine(args.checkpoint, **_one_process(_engine_config(args)))
 
 
 def _sampling(args):
@@ -289,8 +302,18 @@ def _sampling(args):
 
 
 def cmd_generate(args) -> int:
-    """Complete a prompt (or answer one chat message with --chat), streaming to stdout."""
-    engine, tok = _engine(args)
+    """Complete a prompt (or answer one chat message with --chat), streaming to stdout. With --ep N under
+    torchrun, rank 0 prints; the other ranks hold their experts and follow."""
+    ec = _engine_config(args)
+    if ec.ep != 1:  # one rank of torchrun: rank 0 prints, the others follow (dsv3/ep_serve.py)
+        from dsv3.ep_serve import run_ep
+
+        return run_ep(ec.ep, args.checkpoint, _one_process(ec),
+                      lambda engine, tok: _generate(args, engine, tok))
+    return _generate(args, *_engine(args))
+
+
+def _generate(args, engine, tok) -> int:
     params = _sampling(args)
     if args.chat:
         ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": args.prompt}]))
@@ -362,17 +385,25 @@ def cmd_serve(args) -> int:
 
     path = _resolve_checkpoint(args.checkpoint)
     ec, sc = from_args(EngineConfig, args), from_args(ServerConfig, args)
-    engine, tok = load_for_serving(path, **vars(ec))
     name = sc.model_name or run_name(path)  # runs/tiny is served as "tiny", not as its latest step_* directory
-    if sc.host not in ("127.0.0.1", "localhost", "::1") and not sc.api_key:
-        print(f"dsv3 serve: warning: listening on {sc.host} without --api-key", file=sys.stderr)
-    print(f"serving {path} as {name!r} on http://{sc.host}:{sc.port}/v1 (batch {ec.max_batch_size}, "
-          f"{engine.cache.num_blocks * engine.cache.block_size} cache tokens, context {engine.max_model_len}, "
-          f"speculative k={ec.speculative_k})")
-    serve(engine, tok, name, host=sc.host, port=sc.port, api_key=sc.api_key, max_prompt_tokens=sc.max_prompt_tokens,
-          max_tokens_limit=sc.max_tokens_limit, max_queue=sc.max_queue, max_request_bytes=sc.max_request_bytes,
-          prep_workers=sc.prep_workers, log_level=sc.log_level)
-    return 0
+
+    def run(engine, tok) -> int:
+        if sc.host not in ("127.0.0.1", "localhost", "::1") and not sc.api_key:
+            print(f"dsv3 serve: warning: listening on {sc.host} without --api-key", file=sys.stderr)
+        ep = f", expert parallel over {ec.ep} ranks" if ec.ep != 1 else ""
+        print(f"serving {path} as {name!r} on http://{sc.host}:{sc.port}/v1 (batch {ec.max_batch_size}, "
+              f"{engine.cache.num_blocks * engine.cache.block_size} cache tokens, context {engine.max_model_len}, "
+              f"speculative k={ec.speculative_k}{ep})", flush=True)
+        serve(engine, tok, name, host=sc.host, port=sc.port, api_key=sc.api_key,
+              max_prompt_tokens=sc.max_prompt_tokens, max_tokens_limit=sc.max_tokens_limit, max_queue=sc.max_queue,
+              max_request_bytes=sc.max_request_bytes, prep_workers=sc.prep_workers, log_level=sc.log_level)
+        return 0
+
+    if ec.ep != 1:  # one rank of torchrun: rank 0 serves, the others follow (dsv3/ep_serve.py)
+        from dsv3.ep_serve import run_ep
+
+        return run_ep(ec.ep, path, _one_process(ec), run)
+    return run(*load_for_serving(path, **_one_process(ec)))
 
 
 def cmd_sft(args) -> int:
@@ -526,11 +557,11 @@ def _eval_flags(p) -> None:
     add_fields(h, HumanEvalConfig, only=HUMANEVAL_FIELDS)
 
 
-def _sampling_flags(p) -> None:
+def _sampling_flags(p, ep: bool = False) -> None:
     from dsv3.inference.engine import EngineConfig, SamplingParams
 
     add_fields(p, SamplingParams, exclude=SAMPLING_EXCLUDE)
-    add_fields(p, EngineConfig, only=GENERATE_ENGINE_FIELDS)
+    add_fields(p, EngineConfig, only=GENERATE_ENGINE_FIELDS + (EP_FIELDS if ep else ()))
 
 
 def _generate_flags(p) -> None:
@@ -538,7 +569,7 @@ def _generate_flags(p) -> None:
     p.add_argument("--prompt", required=True, help="the text to complete (with --chat: the user's message)")
     p.add_argument("--chat", action="store_true", help="treat the prompt as one user message")
     p.add_argument("--verbose", "-v", action="store_true", help="print token count and MTP acceptance to stderr")
-    _sampling_flags(p)
+    _sampling_flags(p, ep=True)
 
 
 def _sample_flags(p) -> None:

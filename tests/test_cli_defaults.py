@@ -33,7 +33,8 @@ from dsv3.training.config import TrainConfig
 from dsv3.eval.needle import NeedleConfig
 from dsv3.training.evaluate import EvalConfig
 
-GENERATE = [(SamplingParams, dict(exclude=("logprobs",))), (EngineConfig, dict(only=("speculative_k", "device")))]
+GENERATE = [(SamplingParams, dict(exclude=("logprobs",))), (EngineConfig, dict(only=("speculative_k", "device", "ep")))]
+CHAT = [(SamplingParams, dict(exclude=("logprobs",))), (EngineConfig, dict(only=("speculative_k", "device")))]
 # verb -> the dataclasses whose fields are its settings (with the selection the verb offers)
 SETTINGS = {
     "info": [],
@@ -42,7 +43,7 @@ SETTINGS = {
     "eval": [(EvalConfig, {}), (NeedleConfig, {}), (HumanEvalConfig, dict(only=cli.HUMANEVAL_FIELDS))],
     "generate": GENERATE,
     "sample": GENERATE,
-    "chat": GENERATE,
+    "chat": CHAT,
     "sft": [(SFTConfig, {}), (ParallelConfig, dict(only=cli.POSTTRAIN_LAYOUT))],
     "grpo": [(GRPOConfig, {}), (ParallelConfig, dict(only=cli.POSTTRAIN_LAYOUT))],
     "convert": [(ExportConfig, {})],
@@ -288,7 +289,8 @@ def test_generate_and_serve_pass_their_configs(monkeypatch):
     monkeypatch.setattr(engine, "load_engine", record(calls, Called()))
     with pytest.raises(Called):
         cli.main(["generate", "ck", "--prompt", "p"])
-    assert calls[-1] == (("ck",), vars(EngineConfig(max_batch_size=1)))
+    one_process = {k: v for k, v in vars(EngineConfig(max_batch_size=1)).items() if k != "ep"}  # ep: processes
+    assert calls[-1] == (("ck",), one_process)
     assert cli._sampling(parse("generate")) == SamplingParams()
     assert cli._sampling(parse("sample")) == SamplingParams(seed=0)
     assert cli._sampling(parse("chat", "--stop", "a", "--stop", "b", "--ignore-eos")) == \
@@ -300,7 +302,7 @@ def test_generate_and_serve_pass_their_configs(monkeypatch):
     monkeypatch.setattr(server, "serve", record(calls))
     assert cli.main(["serve", "some/ck"]) == 0
     (load_a, load_kw), (serve_a, serve_kw) = calls[-2:]
-    assert load_a == ("some/ck",) and load_kw == vars(EngineConfig())
+    assert load_a == ("some/ck",) and load_kw == {k: v for k, v in vars(EngineConfig()).items() if k != "ep"}
     sc = dataclasses.asdict(ServerConfig())
     del sc["model_name"]
     assert serve_a == (fake, "tok", "ck") and serve_kw == sc

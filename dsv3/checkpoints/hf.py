@@ -44,9 +44,10 @@ from dsv3.checkpoints.files import CheckpointError, confined, open_safetensors, 
 from dsv3.cliargs import setting
 from dsv3.config import ConfigError, ModelConfig
 from dsv3.kernels import weight_dequant, weight_quant
-from dsv3.info import param_count
+from dsv3.info import param_count, routed_expert_params
 from dsv3.memory import ensure_fits
 from dsv3.model.fp8 import FP8Experts, FP8Linear, swap_to_fp8
+from dsv3.model.moe import MoE
 from dsv3.model.transformer import Transformer
 
 SINGLE_FILE = "model.safetensors"
@@ -73,9 +74,11 @@ def _to_disk(name: str, n_layers: int) -> str:
     return "model." + name
 
 
-def disk_layout(model: Transformer) -> dict[str, _Slot]:
+def disk_layout(model: Transformer, first_expert: int = 0) -> dict[str, _Slot]:
     """Every tensor name of the checkpoint (without MTP copies) -> where it goes. Scales appear only
-    for the model's FP8 modules (a dense model's FP8 scales are made on save, consumed on load)."""
+    for the model's FP8 modules (a dense model's FP8 scales are made on save, consumed on load).
+    first_expert: the global index of stacked expert 0 (a model holding only experts
+    [first_expert, first_expert + L), as an expert-parallel rank does)."""
     n = model.config.num_hidden_layers
     out: dict[str, _Slot] = {}
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
@@ -85,7 +88,8 @@ def disk_layout(model: Transformer) -> dict[str, _Slot]:
         if m:
             base = _to_disk(m.group(1), n)
             for e in range(t.shape[0]):
-                out[f"{base}.{e}.{m.group(2)}.weight{m.group(3) or ''}"] = _Slot(name, e, tuple(t.shape[1:]))
+                out[f"{base}.{first_expert + e}.{m.group(2)}.weight{m.group(3) or ''}"] = _Slot(
+                    name, e, tuple(t.shape[1:]))
         else:
             out[_to_disk(name, n)] = _Slot(name, None, tuple(t.shape))
     return out
@@ -377,10 +381,18 @@ def _swap_in_fp8_modules(model: Transformer, reader: _Reader) -> None:
     swap_to_fp8(model, [p for p, is_fp8 in fp8.items() if is_fp8])
 
 
+def _keep_experts(model: Transformer, experts: range) -> None:
+    """On the meta device: every routed-expert stack keeps only the experts `experts` (an expert-parallel
+    shard; the routers, shared experts and everything else stay whole)."""
+    for m in model.modules():
+        if isinstance(m, MoE):
+            m.experts.keep_experts(experts.start, len(experts))
+
+
 @torch.no_grad()
 def load_pretrained(path: str | os.PathLike, device: torch.device | str = "cpu",
                     dtype: torch.dtype | None = None, config: ModelConfig | None = None,
-                    keep_fp8: bool = False) -> Transformer:
+                    keep_fp8: bool = False, experts: range | None = None) -> Transformer:
     """Load a Hugging Face-format DeepSeek-V3 checkpoint directory into a dsv3 Transformer.
 
     dtype: parameter dtype (default: config.json's torch_dtype). FP8 weights are dequantised with
@@ -388,6 +400,14 @@ def load_pretrained(path: str | os.PathLike, device: torch.device | str = "cpu",
     FP8 become FP8 modules (dsv3/model/fp8.py) holding the file's fp8 bytes and scales unchanged,
     and they compute in the activations' dtype (= dtype). A checkpoint without any MTP tensor
     (transformers drops them) loads with num_nextn_predict_layers = 0 and a warning.
+
+    experts: load only these routed experts (a contiguous range of global indices, e.g. an
+    expert-parallel rank's `local_experts`): every MoE block's stacked experts then hold len(experts)
+    experts, local index j = global experts.start + j, and every other tensor is whole. The whole
+    checkpoint is still validated (names, shapes, FP8 scales: header reads only), but only the tensors
+    this model holds are read: the official layout stores one tensor per expert, so reading a shard is
+    one `get_tensor` per name of the shard and never touches another rank's experts. The MTP copies of
+    the embedding and head are read (and compared) on every shard; with keep_fp8, FP8 experts stay FP8.
     """
     path = os.fspath(path)
     if not os.path.isdir(path):
@@ -401,6 +421,12 @@ def load_pretrained(path: str | os.PathLike, device: torch.device | str = "cpu",
     try:
         cfg = _check_sizes(cfg, reader, "config.json" if config is None else "the given config", path)
         n_params = param_count(cfg)  # arithmetic: checked before the skeleton is built
+        if experts is not None:
+            E = cfg.n_routed_experts
+            if experts.step != 1 or not 0 <= experts.start < experts.stop <= E:
+                raise ValueError(f"experts must be a non-empty contiguous range inside [0, {E}), got {experts}")
+            stacks = cfg.num_moe_layers() + (cfg.num_nextn_predict_layers if E else 0)  # MoE blocks
+            n_params -= stacks * (E - len(experts)) * routed_expert_params(cfg)
         per = 1 if keep_fp8 else dtype.itemsize  # keep_fp8: a lower bound (norms, embedding, head stay wider)
         ensure_fits(n_params * per, device, f"{'at least ' if keep_fp8 else ''}to load {path} ({n_params:,} "
                                             f"parameters, {'fp8' if keep_fp8 else str(dtype).removeprefix('torch.')})")
@@ -408,7 +434,10 @@ def load_pretrained(path: str | os.PathLike, device: torch.device | str = "cpu",
         if keep_fp8:
             _swap_in_fp8_modules(model, reader)
         layout = disk_layout(model)
-        _check(cfg, layout, reader)
+        _check(cfg, layout, reader)  # the whole checkpoint, every expert included (headers only)
+        if experts is not None:
+            _keep_experts(model, experts)
+            layout = disk_layout(model, experts.start)
 
         model = model.to_empty(device=device).to(dtype)
         params = dict(model.named_parameters())
@@ -423,8 +452,10 @@ def load_pretrained(path: str | os.PathLike, device: torch.device | str = "cpu",
             dst.copy_(t.to(dst.dtype))
         for copy, main in _mtp_copies(cfg).items():
             if copy in reader.weight_map:
-                a, b = reader.get(copy), reader.get(main)
-                if a.dtype == b.dtype and not torch.equal(a, b):
+                a = reader.get(copy)
+                b = params[layout[main].param]  # the tensor just loaded; read again only if it was cast
+                b = b if b.dtype == a.dtype else reader.get(main)
+                if a.dtype == b.dtype and not torch.equal(a.to(b.device), b):
                     warnings.warn(f"{copy} differs from {main}; dsv3 shares {main} (as vLLM and SGLang do)",
                                   stacklevel=2)
         model.init_buffers()

@@ -30,7 +30,6 @@ from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from dsv3.model.moe import Experts
 
@@ -257,14 +256,21 @@ class AllToAllDispatcher:
         return self.combine(y_recv, w_NK, p, x_ND.shape[0]).to(x_ND.dtype)
 
 
+def local_experts(n_experts: int, ep_rank: int, ep: int) -> range:
+    """The global indices of the experts rank `ep_rank` of `ep` holds: the contiguous block
+    [ep_rank·E/ep, (ep_rank+1)·E/ep), the layout `AllToAllDispatcher` routes by (training's
+    `shard_experts` and the inference loader's `load_pretrained(experts=...)` both use it)."""
+    if ep < 1 or n_experts % ep:
+        raise ValueError(f"{n_experts} experts cannot be split over {ep} expert-parallel ranks")
+    L = n_experts // ep
+    return range(ep_rank * L, (ep_rank + 1) * L)
+
+
 @torch.no_grad()
 def shard_experts(experts: Experts, ep_rank: int, ep: int) -> None:
     """Keep only experts [ep_rank·E/ep, (ep_rank+1)·E/ep) of the stacked (E, ·, ·) parameters."""
-    E = experts.gate_proj.shape[0]
-    L = E // ep
-    for name in ("gate_proj", "up_proj", "down_proj"):
-        p = getattr(experts, name)
-        setattr(experts, name, nn.Parameter(p[ep_rank * L:(ep_rank + 1) * L].clone(), requires_grad=p.requires_grad))
+    r = local_experts(experts.gate_proj.shape[0], ep_rank, ep)
+    experts.keep_experts(r.start, len(r))
 
 
 def global_expert_counts(counts: torch.Tensor, group=None) -> torch.Tensor:

@@ -50,6 +50,8 @@ class EngineConfig:
     max_model_len: int = setting(0, "context limit (0: the model's)")
     compile_decode: bool = setting(False, "GPU: torch.compile the graphed decode steps (1.65x at batch 1 on the "
                                           "16b, H100); one compile per batch/context bucket on first use")
+    ep: int = setting(1, "expert parallelism under torchrun: the routed experts split over this many ranks "
+                         "(= the world size; rank 0 serves, dsv3/ep_serve.py); 1: one process")
 
 
 @dataclass
@@ -174,6 +176,11 @@ class Engine:
         self._aborted: list[RequestOutput] = []  # final outputs of aborted requests, returned by the next step()
         self._ids = itertools.count()
         self.stats = EngineStats()
+        # Multi-rank lockstep (dsv3/inference/lockstep.py): None in one process; otherwise a callable that
+        # replaces each phase's decisions (the tensor `_to_host` copies: tokens, accepted counts,
+        # drafts, log-probs) by rank 0's, so that every rank's host bookkeeping, hence its next batch,
+        # is identical even where the ranks' logits differ in the last bit.
+        self.agree: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     # --- requests ---------------------------------------------------------------------------------
     def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
@@ -370,10 +377,13 @@ class Engine:
         ints = [x for x in (tokens, None if n is None else n[:, None], drafts) if x is not None]
         if lp is not None:  # one float64 tensor (token ids are exact in it)
             chosen, top_i, top_v = lp
-            rows = torch.cat([x.double() for x in ints] + [chosen.double(), top_i.double().flatten(1),
-                                                          top_v.double().flatten(1)], 1).tolist()
+            rows_t = torch.cat([x.double() for x in ints] + [chosen.double(), top_i.double().flatten(1),
+                                                            top_v.double().flatten(1)], 1)
         else:
-            rows = (torch.cat(ints, 1) if len(ints) > 1 else tokens).tolist()
+            rows_t = torch.cat(ints, 1) if len(ints) > 1 else tokens
+        if self.agree is not None:
+            rows_t = self.agree(rows_t.contiguous())
+        rows = rows_t.tolist()
         nt = lp[1].shape[-1] if lp is not None else 0
         o = T + (n is not None) + k  # where the log-probs start
         out = []
@@ -457,7 +467,8 @@ class Engine:
 def load_engine(checkpoint: str, *, device: str = "auto", keep_fp8: bool = True, **engine_kwargs):
     """(Engine, DSTokenizer) for a checkpoint directory or a run directory (its latest checkpoint):
     fp32 on the CPU, the checkpoint's dtype on a GPU. engine_kwargs go to `Engine` (max_batch_size,
-    cache_tokens, speculative_k, max_model_len, ...)."""
+    cache_tokens, speculative_k, max_model_len, ...). One process; an expert-parallel rank's engine
+    (EngineConfig.ep > 1, under torchrun) is dsv3/ep_serve.py's `load_ep_engine`."""
     from dsv3.checkpoints.hf import load_pretrained
     from dsv3.checkpoints.rundir import resolve_checkpoint
     from dsv3.tokenizer import DSTokenizer

@@ -130,6 +130,17 @@ class Experts(nn.Module):
             ws = tuple(w[e] for w in ws)
         return ws if dtype is None else tuple(w.to(dtype) for w in ws)
 
+    @torch.no_grad()
+    def keep_experts(self, first: int, count: int) -> None:
+        """Keep only experts [first, first + count) of every stacked (E, ...) tensor (an expert-parallel
+        rank's slice; the router still scores all E, and the dispatcher numbers local experts from 0).
+        Parameters stay parameters and buffers (an FP8 subclass's weights and scales) stay buffers;
+        on the meta device this only changes shapes (a sharded checkpoint load fills the slice)."""
+        for name, p in list(self._parameters.items()):
+            self._parameters[name] = nn.Parameter(p[first:first + count].clone(), requires_grad=p.requires_grad)
+        for name, b in list(self._buffers.items()):
+            self._buffers[name] = b[first:first + count].clone()
+
     def forward(self, x_ND: torch.Tensor, idx_NK: torch.Tensor, w_NK: torch.Tensor, impl: str = "auto") -> torch.Tensor:
         # "auto": grouped GEMM on GPUs; on the CPU the per-expert loop is faster (measured 2.9K vs
         # 2.0K tok/s training the tiny preset on 2 cores) and host syncs cost nothing there.

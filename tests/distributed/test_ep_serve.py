@@ -1,0 +1,438 @@
+"""Expert-parallel inference (dsv3/ep_serve.py, dsv3/inference/lockstep.py) on the CPU with gloo: each rank reads only its shard of
+the checkpoint, and the lockstep engine over 2 (and 4) ranks gives the one-process engine's outputs.
+
+Run: python -m pytest tests/distributed/test_ep_serve.py -q   (spawns 2 and 4 processes on 127.0.0.1)
+
+The checkpoint: the distributed tests' tiny model (3 layers: 1 dense + 2 MoE of 8 experts, one MTP module
+with its own 8 experts) with a small trained tokenizer, random router biases, saved in the Hugging Face
+layout (fp32, and an FP8 copy for the sharded-load checks).
+  * sharded load: for R = 2 and 4 and every rank, `load_pretrained(experts=local_experts(...))` reads
+    through safe_open exactly the bytes of the non-expert tensors (the MTP layer's embedding and head
+    copies included) plus the rank's experts (counted by wrapping safe_open), and holds exactly the
+    full model's tensors with its experts = the full stacks' slice (bitwise; FP8 experts stay e4m3 with
+    keep_fp8);
+  * lockstep engine: rank 0 drives a `Leader` through a continuous-batching schedule (2 prompts, 2 more
+    joining after 2 steps, one aborted after 4, prompts of 3-11 tokens, greedy with top-3 log-probs,
+    one seeded sampled request, EOS on) while the other ranks `follow`; the one-process engine on the
+    whole model runs the same schedule. Token ids and finish reasons equal, log-probabilities (chosen
+    and top-3) within TOL = 1e-5 (fp32; the EP path sums the same expert outputs in another order),
+    speculative_k 0 and 2. A fifth request samples without a seed while each rank's global RNG is
+    seeded differently: every rank's latent KV cache of the main layers must still equal rank 0's, i.e. every
+    rank decoded rank 0's tokens (`Engine.agree`);
+  * the CLI under torchrun's environment (2 processes): `dsv3 serve CKPT --ep 2` answers an openai chat
+    request with the offline one-process text, and both ranks exit 0 on SIGINT (as torchrun forwards
+    Ctrl-C); `--ep` without WORLD_SIZE, or not dividing the experts, is a one-line error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from tests.distributed.harness import spawn_scenarios, tiny_cfg
+
+pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                reason="torch.distributed with gloo is not available")
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TOL = 1e-5
+ENV = "DSV3_TEST_EP_DIR"  # the spawned ranks find the checkpoint and the reference outputs here
+
+
+# --------------------------------------------------------------------------------------------------
+# the checkpoint
+
+def _texts(n: int = 400, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    words = "def return alpha beta gamma delta (x) = + 1 2 3 : if else for in range print".split()
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(5, 20))) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """{"fp32": dir, "fp8": dir}: the same model, fp32 and official-layout FP8."""
+    from dsv3.checkpoints.hf import save_pretrained
+    from dsv3.model import build_model
+    from dsv3.tokenizer import DSTokenizer
+
+    root = tmp_path_factory.mktemp("ep")
+    tok = DSTokenizer.train(_texts(), 300)
+    cfg = tiny_cfg(vocab_size=tok.vocab_size, max_position_embeddings=128, initializer_range=0.2,
+                   eos_token_id=tok.eos_id)
+    model = build_model(cfg, seed=0).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for r in model.routers():  # non-trivial routing: biased selection
+            r.e_score_correction_bias.copy_(torch.randn(r.e_score_correction_bias.shape, generator=g) * 0.3)
+    out = {}
+    for name, fp8 in (("fp32", False), ("fp8", True)):
+        d = root / name
+        save_pretrained(model, d, fp8=fp8)
+        tok.save(d)
+        out[name] = str(d)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# sharded loading: bytes read and contents
+
+class _CountingSlice:
+    def __init__(self, s, name, log):
+        self.s, self.name, self.log = s, name, log
+
+    def __getattr__(self, a):  # get_shape, get_dtype: header only
+        return getattr(self.s, a)
+
+    def __getitem__(self, idx):
+        t = self.s[idx]
+        self.log[self.name] = self.log.get(self.name, 0) + t.numel() * t.element_size()
+        return t
+
+
+class _Counting:
+    """A safe_open handle that logs the bytes of every tensor (or slice) read through it."""
+
+    def __init__(self, h, log):
+        self.h, self.log = h, log
+
+    def __enter__(self):
+        self.h.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.h.__exit__(*exc)
+
+    def __getattr__(self, a):  # keys, metadata
+        return getattr(self.h, a)
+
+    def get_tensor(self, name):
+        t = self.h.get_tensor(name)
+        self.log[name] = self.log.get(name, 0) + t.numel() * t.element_size()
+        return t
+
+    def get_slice(self, name):
+        return _CountingSlice(self.h.get_slice(name), name, self.log)
+
+
+def counting_reads(monkeypatch) -> dict:
+    """Patch the loader's safe_open; returns the {tensor name: bytes read} log it fills."""
+    import dsv3.checkpoints.hf as hf
+
+    log: dict[str, int] = {}
+    real = hf.open_safetensors
+    monkeypatch.setattr(hf, "open_safetensors", lambda path: _Counting(real(path), log))
+    return log
+
+
+def _expert_of(name: str) -> int | None:
+    import re
+
+    m = re.search(r"\.mlp\.experts\.(\d+)\.", name)
+    return int(m.group(1)) if m else None
+
+
+def expected_reads(ckpt_dir: str, experts: range) -> tuple[dict[str, int], int, int]:
+    """({name: bytes} a shard must read: every non-expert tensor and the experts in `experts`,
+    bytes of all non-expert tensors, bytes of all expert tensors) from the file itself."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(os.path.join(ckpt_dir, "model.safetensors"))
+    size = {k: t.numel() * t.element_size() for k, t in tensors.items()}
+    want = {k: b for k, b in size.items() if _expert_of(k) is None or _expert_of(k) in experts}
+    rep = sum(b for k, b in size.items() if _expert_of(k) is None)
+    return want, rep, sum(size.values()) - rep
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+
+
+@pytest.mark.parametrize("kind", ["fp32", "fp8"])
+@pytest.mark.parametrize("R", [2, 4])
+def test_shard_reads_only_its_experts_and_equals_the_full_slice(ckpt, kind, R, monkeypatch):
+    from dsv3.checkpoints.hf import load_pretrained
+    from dsv3.distributed.expert_parallel import local_experts
+    from dsv3.model.fp8 import FP8Experts
+
+    path = ckpt[kind]
+    full = load_pretrained(path, dtype=torch.float32, keep_fp8=True).state_dict()
+    E = 8
+    for rank in range(R):
+        mine = local_experts(E, rank, R)
+        log = counting_reads(monkeypatch)
+        shard = load_pretrained(path, dtype=torch.float32, keep_fp8=True, experts=mine)
+        want, rep, experts_bytes = expected_reads(path, mine)
+        assert log == want  # each tensor read once, nothing else
+        assert sum(log.values()) == rep + experts_bytes // R  # replicated + 1/R of the experts
+        stacks = [m for m in shard.modules() if type(m).__name__ in ("Experts", "FP8Experts")]
+        assert len(stacks) == 3 and all(m.gate_proj.shape[0] == E // R for m in stacks)  # 2 MoE + MTP
+        if kind == "fp8":
+            assert all(isinstance(m, FP8Experts) and m.gate_proj.dtype == torch.float8_e4m3fn for m in stacks)
+        sd = shard.state_dict()
+        assert sd.keys() == full.keys()
+        for k, t in sd.items():
+            ref = full[k][mine.start:mine.stop] if ".mlp.experts." in k else full[k]
+            assert t.dtype == ref.dtype and torch.equal(_bits(t), _bits(ref)), k
+
+
+def test_shard_range_is_checked(ckpt):
+    from dsv3.checkpoints.hf import load_pretrained
+
+    with pytest.raises(ValueError, match="contiguous range"):
+        load_pretrained(ckpt["fp32"], experts=range(6, 10))
+
+
+# --------------------------------------------------------------------------------------------------
+# the lockstep engine: 2 and 4 ranks against one process
+
+PROMPT_LENS = [3, 11, 6, 9, 5]
+JOIN_AT, ABORT_AT = 2, 4  # steps after which requests r2, r3, r4 join (r4 waits for a batch slot), r3 is aborted
+UNSEEDED = "r4"  # sampled from each rank's own global RNG, seeded differently per rank: only rank 0's counts
+# name -> (world size, speculative_k)
+SCENARIOS = {"ep2_k0": (2, 0), "ep2_k2": (2, 2), "ep4_k2": (4, 2)}
+
+
+def _requests(vocab: int):
+    from dsv3.inference.engine import SamplingParams
+
+    rng = random.Random(7)
+    prompts = [[rng.randrange(3, vocab) for _ in range(n)] for n in PROMPT_LENS]
+    params = [SamplingParams(max_new_tokens=10, temperature=0.0, logprobs=3),
+              SamplingParams(max_new_tokens=14, temperature=0.0, logprobs=3, ignore_eos=True),
+              SamplingParams(max_new_tokens=12, temperature=1.0, seed=5, logprobs=0, ignore_eos=True),
+              SamplingParams(max_new_tokens=12, temperature=0.0, logprobs=3, ignore_eos=True),
+              SamplingParams(max_new_tokens=12, temperature=1.0, ignore_eos=True)]
+    return prompts, params
+
+
+def drive(engine, vocab: int) -> dict:
+    """The schedule of the module docstring -> {request id: (token ids, finish reason, log-probs)}."""
+    prompts, params = _requests(vocab)
+    for i in (0, 1):
+        engine.add_request(prompts[i], params[i], request_id=f"r{i}")
+    out, step = {}, 0
+    while engine.has_unfinished():
+        for o in engine.step():
+            if o.finished:
+                lps = [[lp.logprob] + [v for _, v in lp.top] for lp in o.logprobs or []]
+                tops = [[t for t, _ in lp.top] for lp in o.logprobs or []]
+                out[o.request_id] = {"tokens": o.token_ids, "reason": o.finish_reason, "lp": lps, "top": tops}
+        step += 1
+        if step == JOIN_AT:
+            for i in (2, 3, 4):
+                engine.add_request(prompts[i], params[i], request_id=f"r{i}")
+        if step == ABORT_AT:
+            assert engine.abort("r3")
+    return out
+
+
+def _engine_kwargs(k: int) -> dict:
+    return dict(max_batch_size=4, cache_tokens=256, speculative_k=k, device="cpu")
+
+
+def run_one(rank: int, world: int, name: str) -> dict:
+    """One rank of a scenario (spawned by the harness, process group started)."""
+    from dsv3.ep_serve import load_ep_engine
+    from dsv3.inference.lockstep import Leader, control_group, follow
+
+    d = os.environ[ENV]
+    _, k = SCENARIOS[name]
+    ctrl = control_group()
+    engine, tok = load_ep_engine(os.path.join(d, "fp32"), ep=world, **_engine_kwargs(k))
+    metrics = {"tokens_differ": 0.0, "lp_err": 0.0, "top_differ": 0.0, "missing": 0.0, "aborted": 0.0,
+               "spec_rounds": 0.0, "cache_differs": 0.0}
+    torch.manual_seed(100 + rank)  # the ranks' own draws differ: the unseeded request must still agree
+    if rank != 0:
+        follow(engine, ctrl)
+    else:
+        leader = Leader(engine, ctrl)
+        got = drive(leader, engine.model.config.vocab_size)
+        leader.shutdown()
+    # every rank's latent cache of the main layers holds what rank 0's does: same tokens at the same
+    # positions (had a rank kept its own draws for the unseeded request, its rows of that request would
+    # differ by O(1)). The MTP slots (after the main layers') hold each rank's own draft steps, which only
+    # shape proposals that rank 0's replace (dsv3/inference/lockstep.py): not compared.
+    L = engine.model.config.num_hidden_layers
+    for t in (engine.cache.kv[:L], engine.cache.pe[:L]):
+        t0 = t.clone()
+        dist.broadcast(t0, src=0)
+        metrics["cache_differs"] = max(metrics["cache_differs"], float((t - t0).abs().max()))
+    if rank != 0:
+        return metrics
+    with open(os.path.join(d, f"ref_k{k}.json")) as f:
+        ref = json.load(f)
+    metrics["missing"] = float(set(got) != set(ref))
+    metrics["aborted"] = float(got["r3"]["reason"] == "abort")
+    metrics["spec_rounds"] = float(engine.stats.rounds)
+    for rid, r in ref.items():
+        if rid == UNSEEDED:
+            continue
+        g = got[rid]
+        metrics["tokens_differ"] += float(g["tokens"] != r["tokens"] or g["reason"] != r["reason"])
+        metrics["top_differ"] += float(g["top"] != r["top"])
+        if len(g["lp"]) == len(r["lp"]):
+            for a, b in zip(g["lp"], r["lp"]):
+                metrics["lp_err"] = max([metrics["lp_err"]] + [abs(x - y) for x, y in zip(a, b)])
+        else:
+            metrics["lp_err"] = float("inf")
+    return metrics
+
+
+@pytest.fixture(scope="module")
+def ep_results(ckpt, tmp_path_factory):
+    """Writes the one-process references, then runs every scenario of one world size in one spawn."""
+    from dsv3.inference.engine import load_engine
+
+    d = os.path.dirname(ckpt["fp32"])
+    for k in sorted({k for _, k in SCENARIOS.values()}):
+        engine, _ = load_engine(ckpt["fp32"], **_engine_kwargs(k))
+        with open(os.path.join(d, f"ref_k{k}.json"), "w") as f:
+            json.dump(drive(engine, engine.model.config.vocab_size), f)
+    cache: dict[int, dict] = {}
+    old = os.environ.get(ENV)
+    os.environ[ENV] = d
+
+    def get(name: str) -> dict:
+        world = SCENARIOS[name][0]
+        if world not in cache:
+            cache[world] = spawn_scenarios(world, run_one, [n for n, v in SCENARIOS.items() if v[0] == world])
+        return cache[world][name]
+
+    yield get
+    if old is None:
+        os.environ.pop(ENV, None)
+    else:
+        os.environ[ENV] = old
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_lockstep_engine_equals_one_process(ep_results, name):
+    r = ep_results(name)
+    assert r["missing"] == 0 and r["aborted"] == 1
+    assert r["tokens_differ"] == 0 and r["top_differ"] == 0
+    assert r["lp_err"] <= TOL and r["cache_differs"] <= TOL
+    if SCENARIOS[name][1]:
+        assert r["spec_rounds"] > 0  # the MTP speculation ran
+
+
+def test_cuda_graphs_are_refused_with_ep(ckpt, monkeypatch):
+    """The refusal comes before anything is loaded (here without a process group, which it needs later)."""
+    from dsv3 import ep_serve as ep
+
+    monkeypatch.setattr(ep.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(ep.dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(ep.dist, "get_rank", lambda group=None: 0)
+    for kw in (dict(cuda_graphs=True), dict(compile_decode=True)):
+        with pytest.raises(ValueError, match="CUDA graphs .* cannot run with expert parallelism"):
+            ep.load_ep_engine(ckpt["fp32"], ep=2, group=object(), **kw)
+
+
+# --------------------------------------------------------------------------------------------------
+# the CLI under torchrun's environment
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ranks(world: int, argv: list[str], cwd: str) -> list[subprocess.Popen]:
+    """`world` processes of `python -m dsv3.cli ARGV` with the variables torchrun sets."""
+    port = _free_port()
+    return [subprocess.Popen([sys.executable, "-m", "dsv3.cli"] + argv, cwd=cwd, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True,
+                             env=dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world),
+                                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                                      OMP_NUM_THREADS="1",
+                                      PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", "")))
+            for r in range(world)]
+
+
+def test_cli_serve_under_torchrun(ckpt, tmp_path):
+    httpx = pytest.importorskip("httpx")
+    openai = pytest.importorskip("openai")
+    from dsv3.inference.engine import SamplingParams, load_engine
+
+    port = _free_port()
+    procs = _ranks(2, ["serve", ckpt["fp32"], "--ep", "2", "--device", "cpu", "--port", str(port),
+                       "--max-batch-size", "4", "--cache-tokens", "512", "--speculative-k", "1",
+                       "--log-level", "warning"], str(tmp_path))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert all(p.poll() is None for p in procs), [p.communicate()[0] for p in procs]
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server did not come up"
+            time.sleep(0.2)
+        c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        messages = [{"role": "user", "content": "alpha beta"}]
+        r = c.chat.completions.create(model="fp32", messages=messages, max_tokens=8, temperature=0)
+        ids = httpx.post(url + "/tokenize", json={"messages": messages}).json()["tokens"]
+        r2 = c.completions.create(model="fp32", prompt=["def alpha", "return"], max_tokens=6, temperature=0)
+        engine, tok = load_engine(ckpt["fp32"], device="cpu", max_batch_size=4)
+        (ref,) = engine.generate([ids], SamplingParams(max_new_tokens=8, temperature=0.0))
+        assert r.choices[0].message.content == ref.text
+        ref2 = engine.generate([tok.encode("def alpha"), tok.encode("return")],
+                               SamplingParams(max_new_tokens=6, temperature=0.0))
+        assert [ch.text for ch in r2.choices] == [o.text for o in ref2]
+    finally:
+        for p in procs:  # torchrun forwards Ctrl-C to every rank
+            p.send_signal(signal.SIGINT)
+        outs = []
+        for p in procs:
+            try:
+                outs.append(p.communicate(timeout=60)[0])
+            except subprocess.TimeoutExpired:
+                p.kill()
+                outs.append(p.communicate()[0])
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert "expert parallel over 2 ranks" in outs[0]
+
+
+def test_cli_ep_errors(ckpt, monkeypatch, capsys):
+    from dsv3 import cli
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert cli.main(["serve", ckpt["fp32"], "--ep", "2"]) == 2
+    assert "start it with torchrun" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert cli.main(["serve", ckpt["fp32"], "--ep", "3"]) == 2
+    assert "--ep 3 does not divide n_routed_experts (8)" in capsys.readouterr().err
+    assert cli.main(["generate", ckpt["fp32"], "--prompt", "x", "--ep", "2"]) == 2
+    assert "--ep 2 but torchrun started 3 processes" in capsys.readouterr().err
+
+
+def test_cli_generate_under_torchrun(ckpt, tmp_path):
+    """`dsv3 generate --ep 2`: rank 0 prints the one-process greedy text, the follower prints nothing."""
+    from dsv3.inference.engine import SamplingParams, load_engine
+
+    prompt = "def alpha"
+    procs = _ranks(2, ["generate", ckpt["fp32"], "--prompt", prompt, "--ep", "2", "--device", "cpu",
+                       "--temperature", "0", "--max-new-tokens", "8", "--speculative-k", "2"], str(tmp_path))
+    outs = []
+    for p in procs:
+        try:
+            outs.append(p.communicate(timeout=120)[0])
+        except subprocess.TimeoutExpired:
+            p.kill()
+            outs.append(p.communicate()[0])
+    assert [p.returncode for p in procs] == [0, 0], outs
+    engine, tok = load_engine(ckpt["fp32"], device="cpu", max_batch_size=1)
+    (ref,) = engine.generate([tok.encode(prompt)], SamplingParams(max_new_tokens=8, temperature=0.0))
+    assert outs[0] == prompt + ref.text + "\n"
+    assert outs[1] == ""
