@@ -12,19 +12,19 @@ contiguous as in training, read from the safetensors and nothing of the other ex
 (`load_pretrained(experts=...)`); FP8 experts stay FP8 (keep_fp8). Everything else is replicated:
 embedding, attention, dense FFNs, shared experts, routers, head, the MTP modules' other weights, and the
 paged latent KV cache, which holds the same sequences on every rank. The MoE blocks route through
-`AllToAllDispatcher` (the model's one seam, `MoE.dispatcher`): each rank sends its copy of the batch's
-(token, expert) rows to the experts' owners and gets the outputs back. Scheduling and the tokens are
+`ReplicatedTokensDispatcher` (the model's one seam, `MoE.dispatcher`): the tokens are the same on every
+rank, so rank r sends only its 1/R slice of them to the experts' owners through the all-to-all and the
+slices' outputs are all-gathered; each (token, expert) row is computed once over all ranks, so the expert
+work per rank is 1/R of one process's (as the memory is). Scheduling and the tokens are
 rank 0's (lockstep.py explains why rank 0 decides rather than every rank sampling with equal seeds).
 
 Refused: CUDA graphs and `compile_decode` (which compiles the graphed decode steps). The dispatcher
 reads its split sizes on the host (`.tolist()`) and exchanges data-dependent row counts, which a CUDA
 graph cannot capture; the EP engine runs its decode steps eagerly.
 
-Cost (the simplest correct design, not the fastest): every rank dispatches its whole copy of the batch,
-so each rank's experts compute the rows of all R copies, as many expert FLOPs per rank as one process
-spends on the whole model; EP here buys memory (1/R of the experts per rank), not expert throughput.
-Sending only a 1/R slice of the tokens from each rank and all-gathering the outputs would divide the
-expert work by R (not done yet).
+Cost: attention, the dense layers and the shared experts run on every rank for the whole batch
+(replicated); the routed experts are split by tokens and by experts as above. Attention data parallelism
+(the paper's DP attention, each rank its own sequences) is not done.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from dsv3.distributed.expert_parallel import AllToAllDispatcher, local_experts
+from dsv3.distributed.expert_parallel import ReplicatedTokensDispatcher, local_experts
 from dsv3.inference.engine import Engine
 from dsv3.inference.lockstep import Leader, agree_with_rank0, control_group, run_follower
 from dsv3.model.moe import MoE
@@ -98,7 +98,7 @@ def load_ep_engine(checkpoint: str, *, ep: int, device: str = "auto", keep_fp8: 
                             keep_fp8=keep_fp8, experts=local_experts(E, rank, ep)).eval()
     for m in model.modules():
         if isinstance(m, MoE):
-            m.dispatcher = AllToAllDispatcher(group, E)
+            m.dispatcher = ReplicatedTokensDispatcher(group, E)
     return agree_with_rank0(Engine(model, tok, cuda_graphs=False, **engine_kwargs), group), tok
 
 

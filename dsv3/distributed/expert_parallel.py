@@ -256,6 +256,29 @@ class AllToAllDispatcher:
         return self.combine(y_recv, w_NK, p, x_ND.shape[0]).to(x_ND.dtype)
 
 
+class ReplicatedTokensDispatcher(AllToAllDispatcher):
+    """MoE.dispatcher for expert-parallel inference where every rank holds the same tokens (the lockstep
+    engine replicates attention and the batch, dsv3/ep_serve.py): rank r dispatches only its slice of the
+    N tokens, rows [r·S, (r+1)·S) with S = ceil(N / R), through the all-to-all, and the R slices' outputs
+    are all-gathered, so each expert row is computed once over all ranks (dispatching every rank's full
+    copy would compute each row R times). The slices are fixed by N alone, so every rank agrees on them
+    without communication; padded to S rows for the all-gather (gloo and NCCL need equal sizes). Each
+    token's output is its own weighted sum in fp32, as in one process: only where it is computed moves.
+    Forward only (no autograd through the all-gather)."""
+
+    def __call__(self, experts: Experts, x_ND: torch.Tensor, idx_NK: torch.Tensor, w_NK: torch.Tensor,
+                 impl: str = "auto") -> torch.Tensor:
+        N, D = x_ND.shape
+        S = -(-N // self.R)  # rows per rank (ceil); a rank past the end sends none
+        lo, hi = min(self.rank * S, N), min((self.rank + 1) * S, N)
+        y = super().__call__(experts, x_ND[lo:hi], idx_NK[lo:hi], w_NK[lo:hi], impl)  # (hi - lo, D)
+        buf = x_ND.new_zeros(S, D)
+        buf[: hi - lo] = y
+        parts = [torch.empty_like(buf) for _ in range(self.R)]
+        dist.all_gather(parts, buf, group=self.group)
+        return torch.cat(parts)[:N]  # (N, D): slice r's rows are rank r's
+
+
 def local_experts(n_experts: int, ep_rank: int, ep: int) -> range:
     """The global indices of the experts rank `ep_rank` of `ep` holds: the contiguous block
     [ep_rank·E/ep, (ep_rank+1)·E/ep), the layout `AllToAllDispatcher` routes by (training's

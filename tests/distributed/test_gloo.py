@@ -224,3 +224,46 @@ def test_fsdp_bf16_params_gather_bf16_and_keep_fp32_masters():
 
     r = spawn_scenarios(2, _bf16_params_worker, ["bf16"])["bf16"]
     assert len(r) == 7 and not any(r.values()), r
+
+
+def _replicated_tokens_worker(rank: int, world: int, name: str) -> dict:
+    """Inference EP with the same tokens on every rank: outputs equal one process's experts; each
+    (token, expert) row computed once over all ranks."""
+    from dsv3.distributed.expert_parallel import ReplicatedTokensDispatcher, shard_experts
+    from dsv3.model.moe import Experts
+
+    cfg = tiny_cfg()
+    torch.manual_seed(0)
+    full = Experts(cfg)
+    for w in (full.gate_proj, full.up_proj, full.down_proj):
+        torch.nn.init.normal_(w, std=0.2)
+    local = Experts(cfg)
+    local.load_state_dict(full.state_dict())
+    shard_experts(local, rank, world)
+    rows = []
+    orig = local.forward
+    local.forward = lambda x, *a, **k: (rows.append(x.shape[0]), orig(x, *a, **k))[1]
+    d = ReplicatedTokensDispatcher(dist.group.WORLD, cfg.n_routed_experts)
+    worst, counted = 0.0, 0.0
+    for N in (1, 3, 17):  # fewer tokens than ranks, uneven slices
+        g = torch.Generator().manual_seed(N)
+        x = torch.randn(N, cfg.hidden_size, generator=g)
+        idx = torch.stack([torch.randperm(cfg.n_routed_experts, generator=g)[:2] for _ in range(N)])
+        w = torch.rand(N, 2, generator=g)
+        rows.clear()
+        with torch.no_grad():
+            y = d(local, x, idx, w, "loop")
+            ref = full(x, idx, w, "loop")
+        worst = max(worst, float((y - ref).abs().max()))
+        n = torch.tensor([float(sum(rows))])
+        dist.all_reduce(n)
+        counted = max(counted, abs(float(n) - N * 2))  # rows over all ranks - N·K
+    return {"max_diff": worst, "extra_rows": counted}
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_replicated_tokens_dispatcher_computes_each_row_once(world):
+    from tests.distributed.harness import spawn_scenarios
+
+    r = spawn_scenarios(world, _replicated_tokens_worker, ["x"])["x"]
+    assert r["max_diff"] < 1e-6 and r["extra_rows"] == 0, r
