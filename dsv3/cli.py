@@ -33,7 +33,7 @@ SAMPLING_EXCLUDE = ("logprobs",)
 # EngineConfig fields of generate/sample/chat (one request at a time: the batch size is 1)
 GENERATE_ENGINE_FIELDS = ("speculative_k", "device")
 # and the expert-parallel degree, for generate/sample only (chat reads stdin: one process)
-EP_FIELDS = ("ep",)
+EP_FIELDS = ("ep", "expert_loads", "redundant_experts")
 
 
 def _model_config(args):
@@ -285,8 +285,16 @@ def _engine_config(args):
 
 
 def _one_process(ec) -> dict:
-    """EngineConfig -> load_engine's keyword arguments (ep is how many processes, not an engine setting)."""
-    return {k: v for k, v in vars(ec).items() if k != "ep"}
+    """EngineConfig -> load_engine's keyword arguments (ep is how many processes and the expert placement is
+    the EP ranks', not engine settings)."""
+    if getattr(ec, "ep", 1) == 1 and (getattr(ec, "expert_loads", None) or getattr(ec, "redundant_experts", 0)):
+        raise ValueError("--expert-loads / --redundant-experts place the experts over expert-parallel ranks: they "
+                         "need --ep N under torchrun")
+    return {k: v for k, v in vars(ec).items() if k not in EP_FIELDS}
+
+
+def _placement(ec) -> dict:
+    return {"expert_loads": ec.expert_loads, "redundant_experts": ec.redundant_experts}
 
 
 def _engine(args):
@@ -309,7 +317,7 @@ def cmd_generate(args) -> int:
         from dsv3.ep_serve import run_ep
 
         return run_ep(ec.ep, args.checkpoint, _one_process(ec),
-                      lambda engine, tok: _generate(args, engine, tok))
+                      lambda engine, tok: _generate(args, engine, tok), **_placement(ec))
     return _generate(args, *_engine(args))
 
 
@@ -402,7 +410,7 @@ def cmd_serve(args) -> int:
     if ec.ep != 1:  # one rank of torchrun: rank 0 serves, the others follow (dsv3/ep_serve.py)
         from dsv3.ep_serve import run_ep
 
-        return run_ep(ec.ep, path, _one_process(ec), run)
+        return run_ep(ec.ep, path, _one_process(ec), run, **_placement(ec))
     return run(*load_for_serving(path, **_one_process(ec)))
 
 

@@ -18,6 +18,11 @@ slices' outputs are all-gathered; each (token, expert) row is computed once over
 work per rank is 1/R of one process's (as the memory is). Scheduling and the tokens are
 rank 0's (lockstep.py explains why rank 0 decides rather than every rank sampling with equal seeds).
 
+Redundant experts (`expert_loads`, `redundant_experts`; paper §3.4): the placement of dsv3/inference/eplb.py,
+planned from recorded loads on every rank alike (deterministic), replaces the contiguous split: each rank
+loads the experts of its slots (`load_pretrained(experts=[ids per block])`, a hot expert on several ranks)
+and `PlacedDispatcher` sends the j-th token of an expert to its copy j mod replicas.
+
 Refused: CUDA graphs and `compile_decode` (which compiles the graphed decode steps). The dispatcher
 reads its split sizes on the host (`.tolist()`) and exchanges data-dependent row counts, which a CUDA
 graph cannot capture; the EP engine runs its decode steps eagerly.
@@ -62,8 +67,48 @@ def check_ep(ep: int, n_routed_experts: int | None = None) -> int:
     return int(world)
 
 
+class PlacedDispatcher(ReplicatedTokensDispatcher):
+    """ReplicatedTokensDispatcher over a redundant-expert placement (dsv3/inference/eplb.py): the router's
+    expert ids become physical slot ids (`route_to_replica`: the j-th token of a hot expert goes to its copy
+    j mod replicas, tensor ops only), and rank r holds slots [r·S, (r+1)·S) (S slots per rank), so the
+    all-to-all routes by slot exactly as it routes by expert without copies."""
+
+    def __init__(self, group, placement):
+        R, S = placement.slots.shape
+        super().__init__(group, R * S)
+        self.placement = placement
+
+    def __call__(self, experts, x_ND, idx_NK, w_NK, impl: str = "auto"):
+        from dsv3.inference.eplb import route_to_replica
+
+        return super().__call__(experts, x_ND, route_to_replica(idx_NK, self.placement), w_NK, impl)
+
+
+def plan_serving_placement(cfg, ep: int, expert_loads: str | None, redundant_experts: int):
+    """The placement (dsv3.inference.eplb.Placement, one layer per MoE block: main layers, then MTP) for
+    `--expert-loads FILE [--redundant-experts N]`, or None without them. Loads: (MoE blocks, E) token counts
+    (.pt or .npy), e.g. summed `ModelOutput.expert_counts` of a serving window."""
+    from dsv3.inference.eplb import load_counts, plan_placement
+
+    if not expert_loads:
+        if redundant_experts:
+            raise ValueError("--redundant-experts needs --expert-loads FILE: the copies go to the experts with the "
+                             "highest recorded load")
+        return None
+    if redundant_experts < 0 or redundant_experts % ep:
+        raise ValueError(f"--redundant-experts ({redundant_experts}) must be a multiple of --ep ({ep}) >= 0: every "
+                         "rank holds the same number of expert slots")
+    loads = load_counts(expert_loads)
+    blocks = cfg.num_moe_layers() + (cfg.num_nextn_predict_layers if cfg.n_routed_experts else 0)
+    if tuple(loads.shape) != (blocks, cfg.n_routed_experts):
+        raise ValueError(f"--expert-loads {expert_loads}: shape {tuple(loads.shape)}, but this model has {blocks} MoE "
+                         f"blocks (main layers, then MTP) x {cfg.n_routed_experts} experts")
+    return plan_placement(loads.double(), ep, redundant_experts)
+
+
 def load_ep_engine(checkpoint: str, *, ep: int, device: str = "auto", keep_fp8: bool = True,
-                   cuda_graphs: bool | None = None, compile_decode: bool = False, group=None, **engine_kwargs):
+                   cuda_graphs: bool | None = None, compile_decode: bool = False, group=None,
+                   expert_loads: str | None = None, redundant_experts: int = 0, **engine_kwargs):
     """(Engine, DSTokenizer) of this rank: its shard of a checkpoint (or run) directory, the EP dispatcher
     installed in every MoE block, decisions agreed with rank 0. Needs the default process group started
     (torchrun + `dsv3.distributed.init_distributed`) over `ep` ranks (or `group` of ep ranks).
@@ -93,16 +138,21 @@ def load_ep_engine(checkpoint: str, *, ep: int, device: str = "auto", keep_fp8: 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":  # one GPU per local rank (init_distributed made it the current device)
         device = f"cuda:{torch.cuda.current_device()}"
+    placement = plan_serving_placement(ModelConfig.from_json(checkpoint), ep, expert_loads, redundant_experts)
     tok = DSTokenizer.load(checkpoint)
+    mine = local_experts(E, rank, ep) if placement is None else \
+        [placement.slots[i, rank].tolist() for i in range(placement.n_layers)]  # this rank's slots per block
     model = load_pretrained(checkpoint, device=device, dtype=torch.float32 if device == "cpu" else None,
-                            keep_fp8=keep_fp8, experts=local_experts(E, rank, ep)).eval()
-    for m in model.modules():
-        if isinstance(m, MoE):
-            m.dispatcher = ReplicatedTokensDispatcher(group, E)
+                            keep_fp8=keep_fp8, experts=mine).eval()
+    moes = [m for m in model.modules() if isinstance(m, MoE)]
+    for i, m in enumerate(moes):
+        m.dispatcher = ReplicatedTokensDispatcher(group, E) if placement is None else \
+            PlacedDispatcher(group, placement.layer(i))
     return agree_with_rank0(Engine(model, tok, cuda_graphs=False, **engine_kwargs), group), tok
 
 
-def run_ep(ep: int, checkpoint: str, engine_kwargs: dict, run: Callable[[Leader, object], int]) -> int:
+def run_ep(ep: int, checkpoint: str, engine_kwargs: dict, run: Callable[[Leader, object], int],
+           expert_loads: str | None = None, redundant_experts: int = 0) -> int:
     """One rank of an expert-parallel command under torchrun: check the layout before anything starts,
     start the process groups, load this rank's engine (`load_ep_engine(checkpoint, ep=ep, **engine_kwargs)`);
     rank 0 runs `run(leader, tokenizer)` and then tells the others to stop, which follow it until then.
@@ -112,12 +162,15 @@ def run_ep(ep: int, checkpoint: str, engine_kwargs: dict, run: Callable[[Leader,
     from dsv3.distributed.mesh import init_distributed
 
     checkpoint = resolve_checkpoint(checkpoint)
-    check_ep(ep, ModelConfig.from_json(checkpoint).n_routed_experts)
+    cfg = ModelConfig.from_json(checkpoint)
+    check_ep(ep, cfg.n_routed_experts)
+    plan_serving_placement(cfg, ep, expert_loads, redundant_experts)  # its errors before any process group
     env = init_distributed(engine_kwargs.get("device", "auto"))
     rc = 1
     try:
         ctrl = control_group()
-        engine, tok = load_ep_engine(checkpoint, ep=ep, **engine_kwargs)
+        engine, tok = load_ep_engine(checkpoint, ep=ep, expert_loads=expert_loads,
+                                     redundant_experts=redundant_experts, **engine_kwargs)
         if env.rank != 0:
             rc = run_follower(engine, ctrl)
             return rc
@@ -132,4 +185,4 @@ def run_ep(ep: int, checkpoint: str, engine_kwargs: dict, run: Callable[[Leader,
             dist.destroy_process_group()
 
 
-__all__ = ["check_ep", "load_ep_engine", "run_ep"]
+__all__ = ["PlacedDispatcher", "check_ep", "load_ep_engine", "plan_serving_placement", "run_ep"]

@@ -33,7 +33,7 @@ from dsv3.training.config import TrainConfig
 from dsv3.eval.needle import NeedleConfig
 from dsv3.training.evaluate import EvalConfig
 
-GENERATE = [(SamplingParams, dict(exclude=("logprobs",))), (EngineConfig, dict(only=("speculative_k", "device", "ep")))]
+GENERATE = [(SamplingParams, dict(exclude=("logprobs",))), (EngineConfig, dict(only=("speculative_k", "device", "ep", "expert_loads", "redundant_experts")))]
 CHAT = [(SamplingParams, dict(exclude=("logprobs",))), (EngineConfig, dict(only=("speculative_k", "device")))]
 # verb -> the dataclasses whose fields are its settings (with the selection the verb offers)
 SETTINGS = {
@@ -289,7 +289,7 @@ def test_generate_and_serve_pass_their_configs(monkeypatch):
     monkeypatch.setattr(engine, "load_engine", record(calls, Called()))
     with pytest.raises(Called):
         cli.main(["generate", "ck", "--prompt", "p"])
-    one_process = {k: v for k, v in vars(EngineConfig(max_batch_size=1)).items() if k != "ep"}  # ep: processes
+    one_process = {k: v for k, v in vars(EngineConfig(max_batch_size=1)).items() if k not in cli.EP_FIELDS}  # EP ranks
     assert calls[-1] == (("ck",), one_process)
     assert cli._sampling(parse("generate")) == SamplingParams()
     assert cli._sampling(parse("sample")) == SamplingParams(seed=0)
@@ -302,7 +302,7 @@ def test_generate_and_serve_pass_their_configs(monkeypatch):
     monkeypatch.setattr(server, "serve", record(calls))
     assert cli.main(["serve", "some/ck"]) == 0
     (load_a, load_kw), (serve_a, serve_kw) = calls[-2:]
-    assert load_a == ("some/ck",) and load_kw == {k: v for k, v in vars(EngineConfig()).items() if k != "ep"}
+    assert load_a == ("some/ck",) and load_kw == {k: v for k, v in vars(EngineConfig()).items() if k not in cli.EP_FIELDS}
     sc = dataclasses.asdict(ServerConfig())
     del sc["model_name"]
     assert serve_a == (fake, "tok", "ck") and serve_kw == sc

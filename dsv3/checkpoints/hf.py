@@ -389,10 +389,40 @@ def _keep_experts(model: Transformer, experts: range) -> None:
             m.experts.keep_experts(experts.start, len(experts))
 
 
+def _select_experts(model: Transformer, per_block: list) -> dict[str, list[int]]:
+    """On the meta device: MoE block i (main layers, then MTP) keeps the experts per_block[i] (global ids, a
+    copy may repeat). -> {experts module name: its ids}."""
+    blocks = [(n, m) for n, m in model.named_modules() if isinstance(m, MoE)]
+    if len(per_block) != len(blocks):
+        raise ValueError(f"experts: {len(per_block)} lists for {len(blocks)} MoE blocks (main layers, then MTP)")
+    E = model.config.n_routed_experts
+    out = {}
+    for (name, m), ids in zip(blocks, per_block):
+        ids = [int(i) for i in ids]
+        if not ids or not all(0 <= i < E for i in ids):
+            raise ValueError(f"experts of {name}: a non-empty list of ids in [0, {E}), got {ids}")
+        m.experts.select_experts(ids)
+        out[f"{name}.experts" if name else "experts"] = ids
+    return out
+
+
+def _expert_entries(model: Transformer, selected: dict[str, list[int]]) -> list[tuple[str, _Slot]]:
+    """(disk name, slot) of every selected expert tensor: local j of a stack reads global selected[j]'s."""
+    n = model.config.num_hidden_layers
+    out = []
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        m = _EXPERT.match(name)
+        if m:
+            base = _to_disk(m.group(1), n)
+            for j, g in enumerate(selected[m.group(1)]):
+                out.append((f"{base}.{g}.{m.group(2)}.weight{m.group(3) or ''}", _Slot(name, j, tuple(t.shape[1:]))))
+    return out
+
+
 @torch.no_grad()
 def load_pretrained(path: str | os.PathLike, device: torch.device | str = "cpu",
                     dtype: torch.dtype | None = None, config: ModelConfig | None = None,
-                    keep_fp8: bool = False, experts: range | None = None) -> Transformer:
+                    keep_fp8: bool = False, experts: range | list | None = None) -> Transformer:
     """Load a Hugging Face-format DeepSeek-V3 checkpoint directory into a dsv3 Transformer.
 
     dtype: parameter dtype (default: config.json's torch_dtype). FP8 weights are dequantised with
@@ -408,6 +438,8 @@ def load_pretrained(path: str | os.PathLike, device: torch.device | str = "cpu",
     this model holds are read: the official layout stores one tensor per expert, so reading a shard is
     one `get_tensor` per name of the shard and never touches another rank's experts. The MTP copies of
     the embedding and head are read (and compared) on every shard; with keep_fp8, FP8 experts stay FP8.
+    Or a list with one list of global expert ids per MoE block (main layers, then MTP; ids may repeat): an
+    expert-parallel rank's slots under a redundant-expert placement (dsv3/inference/eplb.py).
     """
     path = os.fspath(path)
     if not os.path.isdir(path):
@@ -421,12 +453,14 @@ def load_pretrained(path: str | os.PathLike, device: torch.device | str = "cpu",
     try:
         cfg = _check_sizes(cfg, reader, "config.json" if config is None else "the given config", path)
         n_params = param_count(cfg)  # arithmetic: checked before the skeleton is built
-        if experts is not None:
+        if isinstance(experts, range):
             E = cfg.n_routed_experts
             if experts.step != 1 or not 0 <= experts.start < experts.stop <= E:
                 raise ValueError(f"experts must be a non-empty contiguous range inside [0, {E}), got {experts}")
             stacks = cfg.num_moe_layers() + (cfg.num_nextn_predict_layers if E else 0)  # MoE blocks
             n_params -= stacks * (E - len(experts)) * routed_expert_params(cfg)
+        elif experts is not None:
+            n_params -= sum(cfg.n_routed_experts - len(ids) for ids in experts) * routed_expert_params(cfg)
         per = 1 if keep_fp8 else dtype.itemsize  # keep_fp8: a lower bound (norms, embedding, head stay wider)
         ensure_fits(n_params * per, device, f"{'at least ' if keep_fp8 else ''}to load {path} ({n_params:,} "
                                             f"parameters, {'fp8' if keep_fp8 else str(dtype).removeprefix('torch.')})")
@@ -435,16 +469,21 @@ def load_pretrained(path: str | os.PathLike, device: torch.device | str = "cpu",
             _swap_in_fp8_modules(model, reader)
         layout = disk_layout(model)
         _check(cfg, layout, reader)  # the whole checkpoint, every expert included (headers only)
-        if experts is not None:
+        entries = None
+        if isinstance(experts, range):
             _keep_experts(model, experts)
             layout = disk_layout(model, experts.start)
+        elif experts is not None:  # per-block lists: the non-expert tensors, then each selected copy
+            selected = _select_experts(model, experts)
+            layout = {k: v for k, v in disk_layout(model).items() if v.expert is None}
+            entries = list(layout.items()) + _expert_entries(model, selected)
+        entries = entries if entries is not None else list(layout.items())
 
         model = model.to_empty(device=device).to(dtype)
         params = dict(model.named_parameters())
         params.update(dict(model.named_buffers()))
-        for name in sorted(layout, key=lambda k: (reader.weight_map[k], k)):  # shard by shard
-            slot = layout[name]
-            t = reader.get(name)
+        for name, slot in sorted(entries, key=lambda kv: (reader.weight_map[kv[0]], kv[0], kv[1].expert or 0)):
+            t = reader.get(name)  # (shard by shard; a repeated expert is read once per copy)
             target = params[slot.param]
             if t.dtype == torch.float8_e4m3fn and target.dtype != torch.float8_e4m3fn:
                 t = weight_dequant(t, reader.get(name + "_scale_inv"), dtype=torch.float32)

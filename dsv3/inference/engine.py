@@ -52,6 +52,11 @@ class EngineConfig:
                                           "16b, H100); one compile per batch/context bucket on first use")
     ep: int = setting(1, "expert parallelism under torchrun: the routed experts split over this many ranks "
                          "(= the world size; rank 0 serves, dsv3/ep_serve.py); 1: one process")
+    expert_loads: str | None = setting(None, "with --ep: recorded per-expert token counts (.pt or .npy, MoE blocks x "
+                                             "experts) from which the experts are placed over the ranks "
+                                             "(dsv3/inference/eplb.py)", metavar="FILE")
+    redundant_experts: int = setting(0, "with --expert-loads: extra copies of the most loaded experts (a multiple "
+                                        "of --ep), each hot expert's tokens split over its copies")
 
 
 @dataclass

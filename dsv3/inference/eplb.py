@@ -30,9 +30,9 @@ hot expert's tokens are spread over its copies, counts within one of each other.
 
     python -m dsv3.inference.eplb --loads counts.pt --ranks 8 --redundant 32 [--groups 8 --nodes 4]
 
-Not done here: serving with the placement (the all-to-all dispatcher still shards experts contiguously;
-it would take `slots` as its expert -> (rank, slot) map and load the copies' weights), and re-planning
-periodically from live counts.
+Serving with a placement: `torchrun ... dsv3.cli serve CKPT --ep R --expert-loads FILE --redundant-experts N`
+(dsv3/ep_serve.py: each rank loads the experts of its slots, `route_to_replica` picks the copies). Not done
+here: re-planning periodically from live counts.
 """
 
 from __future__ import annotations

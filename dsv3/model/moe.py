@@ -131,6 +131,16 @@ class Experts(nn.Module):
         return ws if dtype is None else tuple(w.to(dtype) for w in ws)
 
     @torch.no_grad()
+    def select_experts(self, ids) -> None:
+        """Keep the experts `ids` (global indices, in this order; a copy may repeat) of every stacked (E, ...)
+        tensor: local expert j is global ids[j] (an expert-parallel rank's slots under a redundant-expert
+        placement, dsv3/inference/eplb.py). On the meta device this only changes shapes."""
+        ids = torch.as_tensor(list(ids), dtype=torch.long)
+        for name, p in list(self._parameters.items()):
+            self._parameters[name] = nn.Parameter(p[ids.to(p.device)].clone(), requires_grad=p.requires_grad)
+        for name, b in list(self._buffers.items()):
+            self._buffers[name] = b[ids.to(b.device)].clone()
+
     def keep_experts(self, first: int, count: int) -> None:
         """Keep only experts [first, first + count) of every stacked (E, ...) tensor (an expert-parallel
         rank's slice; the router still scores all E, and the dispatcher numbers local experts from 0).

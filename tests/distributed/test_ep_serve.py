@@ -198,8 +198,11 @@ def test_shard_range_is_checked(ckpt):
 PROMPT_LENS = [3, 11, 6, 9, 5]
 JOIN_AT, ABORT_AT = 2, 4  # steps after which requests r2, r3, r4 join (r4 waits for a batch slot), r3 is aborted
 UNSEEDED = "r4"  # sampled from each rank's own global RNG, seeded differently per rank: only rank 0's counts
-# name -> (world size, speculative_k)
-SCENARIOS = {"ep2_k0": (2, 0), "ep2_k2": (2, 2), "ep4_k2": (4, 2)}
+# name -> (world size, speculative_k, redundant experts or None: no placement, the contiguous split)
+SCENARIOS = {"ep2_k0": (2, 0, None), "ep2_k2": (2, 2, None), "ep4_k2": (4, 2, None),
+             # placed from skewed loads (dsv3/inference/eplb.py): hot experts copied to other ranks
+             "ep2_k2_red2": (2, 2, 2), "ep4_k0_red4": (4, 0, 4)}
+LOADS = "loads.pt"  # (MoE blocks = 2 main + 1 MTP, 8 experts): experts 0-1 hot, 2-3 warm
 
 
 def _requests(vocab: int):
@@ -246,11 +249,15 @@ def run_one(rank: int, world: int, name: str) -> dict:
     from dsv3.inference.lockstep import Leader, control_group, follow
 
     d = os.environ[ENV]
-    _, k = SCENARIOS[name]
+    _, k, red = SCENARIOS[name]
     ctrl = control_group()
-    engine, tok = load_ep_engine(os.path.join(d, "fp32"), ep=world, **_engine_kwargs(k))
+    placed = {} if red is None else {"expert_loads": os.path.join(d, LOADS), "redundant_experts": red}
+    engine, tok = load_ep_engine(os.path.join(d, "fp32"), ep=world, **placed, **_engine_kwargs(k))
     metrics = {"tokens_differ": 0.0, "lp_err": 0.0, "top_differ": 0.0, "missing": 0.0, "aborted": 0.0,
-               "spec_rounds": 0.0, "cache_differs": 0.0}
+               "spec_rounds": 0.0, "cache_differs": 0.0, "not_placed": 0.0}
+    if red:  # this rank's slots hold copies of the hot experts (the placement is in effect)
+        stacks = [m.experts for m in engine.model.modules() if type(m).__name__ == "MoE"]
+        metrics["not_placed"] = float(not all(s.gate_proj.shape[0] == (8 + red) // world for s in stacks))
     torch.manual_seed(100 + rank)  # the ranks' own draws differ: the unseeded request must still agree
     if rank != 0:
         follow(engine, ctrl)
@@ -294,7 +301,8 @@ def ep_results(ckpt, tmp_path_factory):
     from dsv3.inference.engine import load_engine
 
     d = os.path.dirname(ckpt["fp32"])
-    for k in sorted({k for _, k in SCENARIOS.values()}):
+    torch.save(torch.tensor([[900, 700, 300, 250, 40, 30, 20, 10]] * 3, dtype=torch.float64), os.path.join(d, LOADS))
+    for k in sorted({k for _, k, _ in SCENARIOS.values()}):
         engine, _ = load_engine(ckpt["fp32"], **_engine_kwargs(k))
         with open(os.path.join(d, f"ref_k{k}.json"), "w") as f:
             json.dump(drive(engine, engine.model.config.vocab_size), f)
@@ -323,6 +331,8 @@ def test_lockstep_engine_equals_one_process(ep_results, name):
     assert r["lp_err"] <= TOL and r["cache_differs"] <= TOL
     if SCENARIOS[name][1]:
         assert r["spec_rounds"] > 0  # the MTP speculation ran
+    if SCENARIOS[name][2]:
+        assert r["not_placed"] == 0  # every rank's stacks hold (E + redundant) / R slots (worst rank)
 
 
 def test_cuda_graphs_are_refused_with_ep(ckpt, monkeypatch):
@@ -460,3 +470,40 @@ def _free_port_for_bench() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_placement_flags_are_checked(ckpt, tmp_path):
+    """--expert-loads / --redundant-experts: refused with the reason before any process group starts."""
+    from dsv3.config import ModelConfig
+    from dsv3.ep_serve import plan_serving_placement
+
+    cfg = ModelConfig.from_json(ckpt["fp32"])
+    with pytest.raises(ValueError, match="needs --expert-loads"):
+        plan_serving_placement(cfg, 2, None, 2)
+    bad = tmp_path / "bad.pt"
+    torch.save(torch.ones(2, 8), bad)
+    with pytest.raises(ValueError, match="3 MoE blocks"):
+        plan_serving_placement(cfg, 2, str(bad), 2)
+    good = tmp_path / "good.pt"
+    torch.save(torch.ones(3, 8), good)
+    with pytest.raises(ValueError, match="multiple of --ep"):
+        plan_serving_placement(cfg, 2, str(good), 3)
+    p = plan_serving_placement(cfg, 2, str(good), 2)
+    assert tuple(p.slots.shape) == (3, 2, 5)
+
+
+def test_placed_shard_loads_its_slots(ckpt):
+    """load_pretrained with per-block expert lists (repeats allowed): stack j holds global expert ids[j]."""
+    from dsv3.checkpoints.hf import load_pretrained
+
+    full = load_pretrained(ckpt["fp32"], dtype=torch.float32).state_dict()
+    ids = [[0, 0, 5], [7, 1, 1], [3, 2, 6]]
+    shard = load_pretrained(ckpt["fp32"], dtype=torch.float32, experts=ids).state_dict()
+    names = sorted(k for k in shard if ".mlp.experts." in k)
+    assert names and shard.keys() == full.keys()
+    blocks = sorted({k.rsplit(".", 1)[0] for k in names}, key=lambda b: (b.startswith("mtp"), b))
+    for b, want in zip(blocks, ids):
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            assert torch.equal(shard[f"{b}.{proj}"], full[f"{b}.{proj}"][want])
+    with pytest.raises(ValueError, match="lists for 3 MoE blocks"):
+        load_pretrained(ckpt["fp32"], experts=[[0], [1]])
