@@ -173,9 +173,10 @@ class Experts(nn.Module):
 
     def forward(self, x_ND: torch.Tensor, idx_NK: torch.Tensor, w_NK: torch.Tensor, impl: str = "auto") -> torch.Tensor:
         # "auto": grouped GEMMs on GPUs, and on the CPU in fp32 where torch has them: training the `tiny`
-        # preset (width 192, 16 experts of 96) on 2 cores, a step took a median 0.53-0.55 s grouped against
-        # 0.56-0.62 s with the per-expert loop (3 alternating runs, 2026-12-04); the loop (the reference) is
-        # the fallback elsewhere.
+        # preset (width 192, 16 experts of 96) on 2 cores, a step took a median 0.50-0.55 s grouped against
+        # 0.53-0.63 s with the per-expert loop (alternating probes, 2026-12-04; the whole main job ran at the
+        # same speed both ways, 549 vs 553 s of training, within this VM's run-to-run noise, and gave the
+        # same losses). The loop (the reference) is the fallback elsewhere.
         if impl == "auto":
             cpu_ok = x_ND.dtype == torch.float32 and _HAS_GROUPED_MM and _cpu_grouped_mm_works()
             impl = "grouped" if x_ND.is_cuda or cpu_ok else "loop"
