@@ -30,7 +30,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -39,7 +38,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.distributed.harness import spawn_scenarios, tiny_cfg
+from tests.distributed.harness import free_port, spawn_scenarios, tiny_cfg
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with gloo is not available")
@@ -350,15 +349,9 @@ def test_cuda_graphs_are_refused_with_ep(ckpt, monkeypatch):
 # --------------------------------------------------------------------------------------------------
 # the CLI under torchrun's environment
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ranks(world: int, argv: list[str], cwd: str) -> list[subprocess.Popen]:
     """`world` processes of `python -m dsv3.cli ARGV` with the variables torchrun sets."""
-    port = _free_port()
+    port = free_port()
     return [subprocess.Popen([sys.executable, "-m", "dsv3.cli"] + argv, cwd=cwd, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True,
                              env=dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world),
@@ -373,7 +366,7 @@ def test_cli_serve_under_torchrun(ckpt, tmp_path):
     openai = pytest.importorskip("openai")
     from dsv3.inference.engine import SamplingParams, load_engine
 
-    port = _free_port()
+    port = free_port()
     procs = _ranks(2, ["serve", ckpt["fp32"], "--ep", "2", "--device", "cpu", "--port", str(port),
                        "--max-batch-size", "4", "--cache-tokens", "512", "--speculative-k", "1",
                        "--log-level", "warning"], str(tmp_path))
@@ -455,7 +448,7 @@ def test_ep_serve_bench_runs_under_torchrun_on_cpu(tmp_path):
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                        "--master-port", str(_free_port_for_bench()), os.path.join(repo, "bench", "ep_serve_gpu.py"),
+                        "--master-port", str(free_port()), os.path.join(repo, "bench", "ep_serve_gpu.py"),
                         "--preset", "tiny", "--layers", "2", "--device", "cpu", "--batches", "1,3",
                         "--prompt-len", "16", "--new", "4", "--out", str(tmp_path)],
                        capture_output=True, text=True, env=env, timeout=240)
@@ -465,11 +458,6 @@ def test_ep_serve_bench_runs_under_torchrun_on_cpu(tmp_path):
     assert all(row["prefill_tok_s"] > 0 and row["decode_tok_s"] > 0 for row in out["rows"])
     assert "8 of 16 routed experts per rank" in out["setup"]
 
-
-def _free_port_for_bench() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_placement_flags_are_checked(ckpt, tmp_path):
