@@ -23,7 +23,6 @@ import concurrent.futures as cf
 import json
 import math
 import os
-import statistics
 import subprocess
 import sys
 import tempfile

@@ -130,7 +130,8 @@ def load_ep_engine(checkpoint: str, *, ep: int, device: str = "auto", keep_fp8: 
                          "parallelism: the all-to-all dispatcher reads its split sizes on the host and exchanges "
                          "data-dependent row counts, which a graph cannot capture; the EP engine decodes eagerly")
     checkpoint = resolve_checkpoint(checkpoint)
-    E = ModelConfig.from_json(checkpoint).n_routed_experts
+    cfg = ModelConfig.from_json(checkpoint)
+    E = cfg.n_routed_experts
     if E == 0 or E % ep:
         raise ValueError(f"ep={ep} does not divide n_routed_experts ({E})" if E else
                          f"ep={ep}: the model has no routed experts to split")
@@ -138,7 +139,7 @@ def load_ep_engine(checkpoint: str, *, ep: int, device: str = "auto", keep_fp8: 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":  # one GPU per local rank (init_distributed made it the current device)
         device = f"cuda:{torch.cuda.current_device()}"
-    placement = plan_serving_placement(ModelConfig.from_json(checkpoint), ep, expert_loads, redundant_experts)
+    placement = plan_serving_placement(cfg, ep, expert_loads, redundant_experts)
     tok = DSTokenizer.load(checkpoint)
     mine = local_experts(E, rank, ep) if placement is None else \
         [placement.slots[i, rank].tolist() for i in range(placement.n_layers)]  # this rank's slots per block

@@ -49,3 +49,20 @@ class BackgroundServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def wait_healthy(url: str, procs, timeout: float = 60.0) -> None:
+    """Poll `url`/health until it answers 200, while every process of `procs` (Popen, e.g. a `dsv3 serve`
+    subprocess or torchrun's ranks) is alive; a dead process fails with its output."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        assert all(p.poll() is None for p in procs), [p.communicate()[0] for p in procs]
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "server did not come up"
+        time.sleep(0.2)

@@ -32,7 +32,7 @@ httpx = pytest.importorskip("httpx")
 from dsv3.config import ModelConfig  # noqa: E402
 from dsv3.inference.engine import Engine, SamplingParams  # noqa: E402
 from dsv3.inference.server import create_app  # noqa: E402
-from background_server import BackgroundServer  # noqa: E402
+from background_server import BackgroundServer, wait_healthy  # noqa: E402
 from dsv3.model import build_model  # noqa: E402
 from dsv3.tokenizer import DSTokenizer  # noqa: E402
 
@@ -423,16 +423,7 @@ def test_cli_serve(tmp_path, model, tok):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, proc.communicate()[0]
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not come up"
-            time.sleep(0.2)
+        wait_healthy(url, [proc], timeout=60)
         c = openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0)
         assert [m.id for m in c.models.list().data] == ["ckpt"]
         r = c.chat.completions.create(model="ckpt", messages=[{"role": "user", "content": "alpha"}], max_tokens=5,

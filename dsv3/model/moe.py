@@ -176,9 +176,11 @@ class Experts(nn.Module):
         # preset (width 192, 16 experts of 96) on 2 cores, a step took a median 0.50-0.55 s grouped against
         # 0.53-0.63 s with the per-expert loop (alternating probes, 2026-12-04; the whole main job ran at the
         # same speed both ways, 549 vs 553 s of training, within this VM's run-to-run noise, and gave the
-        # same losses). The loop (the reference) is the fallback elsewhere.
+        # same losses). The loop (the reference) is the fallback elsewhere, and under CPU autocast, whose bf16
+        # GEMMs the loop's matmuls take (torch._grouped_mm is not an autocast op).
         if impl == "auto":
-            cpu_ok = x_ND.dtype == torch.float32 and _HAS_GROUPED_MM and _cpu_grouped_mm_works()
+            cpu_ok = (x_ND.dtype == torch.float32 and not torch.is_autocast_enabled("cpu") and _HAS_GROUPED_MM
+                      and _cpu_grouped_mm_works())
             impl = "grouped" if x_ND.is_cuda or cpu_ok else "loop"
         if impl == "grouped" and _HAS_GROUPED_MM:
             return self.forward_grouped(x_ND, idx_NK, w_NK)

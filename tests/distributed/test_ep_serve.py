@@ -32,12 +32,12 @@ import random
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
 
+from tests.background_server import wait_healthy
 from tests.distributed.harness import free_port, spawn_scenarios, tiny_cfg
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
@@ -372,16 +372,7 @@ def test_cli_serve_under_torchrun(ckpt, tmp_path):
                        "--log-level", "warning"], str(tmp_path))
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert all(p.poll() is None for p in procs), [p.communicate()[0] for p in procs]
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not come up"
-            time.sleep(0.2)
+        wait_healthy(url, procs, timeout=90)
         c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
         messages = [{"role": "user", "content": "alpha beta"}]
         r = c.chat.completions.create(model="fp32", messages=messages, max_tokens=8, temperature=0)
