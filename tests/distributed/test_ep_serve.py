@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 
 from tests.background_server import wait_healthy
-from tests.distributed.harness import free_port, spawn_scenarios, tiny_cfg
+from tests.distributed.harness import free_port, results_by_world, tiny_cfg
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with gloo is not available")
@@ -305,17 +305,9 @@ def ep_results(ckpt, tmp_path_factory):
         engine, _ = load_engine(ckpt["fp32"], **_engine_kwargs(k))
         with open(os.path.join(d, f"ref_k{k}.json"), "w") as f:
             json.dump(drive(engine, engine.model.config.vocab_size), f)
-    cache: dict[int, dict] = {}
     old = os.environ.get(ENV)
     os.environ[ENV] = d
-
-    def get(name: str) -> dict:
-        world = SCENARIOS[name][0]
-        if world not in cache:
-            cache[world] = spawn_scenarios(world, run_one, [n for n, v in SCENARIOS.items() if v[0] == world])
-        return cache[world][name]
-
-    yield get
+    yield results_by_world(SCENARIOS, run_one)  # the scenarios of one world size in one spawn
     if old is None:
         os.environ.pop(ENV, None)
     else:
