@@ -98,7 +98,12 @@ def plan_serving_placement(cfg, ep: int, expert_loads: str | None, redundant_exp
     if redundant_experts < 0 or redundant_experts % ep:
         raise ValueError(f"--redundant-experts ({redundant_experts}) must be a multiple of --ep ({ep}) >= 0: every "
                          "rank holds the same number of expert slots")
-    loads = load_counts(expert_loads)
+    try:
+        loads = torch.as_tensor(load_counts(expert_loads))
+    except (OSError, KeyError, ValueError, RuntimeError) as e:  # missing, not a tensor file, no expert_counts
+        raise ValueError(f"--expert-loads {expert_loads}: cannot read per-expert loads from it "
+                         f"({type(e).__name__}: {e}); give a .pt tensor (or dict with 'expert_counts') or .npy "
+                         "array of shape (MoE blocks, experts)") from e
     blocks = cfg.num_moe_layers() + (cfg.num_nextn_predict_layers if cfg.n_routed_experts else 0)
     if tuple(loads.shape) != (blocks, cfg.n_routed_experts):
         raise ValueError(f"--expert-loads {expert_loads}: shape {tuple(loads.shape)}, but this model has {blocks} MoE "

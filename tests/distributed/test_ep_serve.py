@@ -459,6 +459,8 @@ def test_placement_flags_are_checked(ckpt, tmp_path):
     torch.save(torch.ones(3, 8), good)
     with pytest.raises(ValueError, match="multiple of --ep"):
         plan_serving_placement(cfg, 2, str(good), 3)
+    with pytest.raises(ValueError, match="cannot read per-expert loads"):
+        plan_serving_placement(cfg, 2, str(tmp_path / "missing.pt"), 2)
     p = plan_serving_placement(cfg, 2, str(good), 2)
     assert tuple(p.slots.shape) == (3, 2, 5)
 
