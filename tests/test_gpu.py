@@ -317,7 +317,6 @@ def test_adamw_on_cuda_dtensors_takes_the_triton_backend():
     picks the Triton backend of kernels.adamw_step_ on their local shards, the parameters stay DTensors,
     and the numbers are the plain fused AdamW's bit for bit (same kernel on the same values)."""
     pytest.importorskip("triton")
-    import socket
 
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -327,9 +326,9 @@ def test_adamw_on_cuda_dtensors_takes_the_triton_backend():
 
     if dist.is_initialized():
         pytest.skip("a process group is already initialised in this process")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    from tests.distributed.harness import free_port
+
+    port = free_port()
     dist.init_process_group("nccl" if dist.is_nccl_available() else "gloo",
                             init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     try:

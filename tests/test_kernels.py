@@ -439,13 +439,12 @@ def gloo_one_rank():
         pytest.skip("torch.distributed with gloo is not available")
     if dist.is_initialized():
         pytest.skip("a process group is already initialised in this process")
-    import socket
 
     from torch.distributed.device_mesh import init_device_mesh
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    from tests.distributed.harness import free_port
+
+    port = free_port()
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     try:
         yield init_device_mesh("cpu", (1,))

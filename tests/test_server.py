@@ -405,7 +405,6 @@ def test_cli_serve(tmp_path, model, tok):
     """`dsv3 serve CHECKPOINT` in a subprocess: loads the checkpoint with its tokenizer and chat
     template, binds 127.0.0.1, requires the API key, and exits cleanly on Ctrl-C."""
     import signal
-    import socket
     import subprocess
     import sys
 
@@ -414,9 +413,9 @@ def test_cli_serve(tmp_path, model, tok):
     ckpt = tmp_path / "ckpt"
     save_pretrained(model, ckpt)
     tok.save(ckpt)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    from tests.distributed.harness import free_port
+
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "dsv3.cli", "serve", str(ckpt), "--port", str(port),
                              "--api-key", "k", "--max-batch-size", "4", "--cache-tokens", "1024",
                              "--speculative-k", "1", "--log-level", "warning"],

@@ -34,8 +34,32 @@ def tiny_cfg(**kw) -> ModelConfig:
     return ModelConfig(**base).validate()
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            lo, hi = (int(x) for x in f.read().split())
+        return lo, hi
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A port that is free now and is not in the kernel's ephemeral range. A port the OS hands out for
+    port 0 can be taken again, between our check and the server's bind, by any outgoing connection or
+    port-0 listener, and gloo opens many of those (a CI run lost `dsv3 serve --ep 2`'s port that way)."""
+    import random
+
+    lo, hi = _ephemeral_range()
+    rng = random.Random(os.getpid() ^ int.from_bytes(os.urandom(4), "little"))
+    for _ in range(200):
+        port = rng.randrange(20000, lo) if lo > 21000 else rng.randrange(hi + 1, 65535)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # every draw was taken: fall back to the OS's choice
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
