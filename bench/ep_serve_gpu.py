@@ -11,7 +11,12 @@ replicated weights agree), then the official FP8 128x128 block quantisation of t
 checkpoint stores in FP8 (`quantize_model_fp8`, --bf16 skips it). The engine runs on every rank in lockstep:
 every rank submits the same requests in the same order, decisions are rank 0's (`agree_with_rank0`).
 
-Measured per batch size B (greedy, random --prompt-len-token prompts, ignore_eos):
+Decode steps (at most the largest batch of tokens) take the dispatcher's static path (each rank's experts
+on the pairs routed to them, one all-reduce; no host sync), prefill the all-to-all. --modes eager,graphs
+measures the decode steps run eagerly and captured as CUDA graphs (cuda_graphs=True; on the CPU the
+bucketed steps run eagerly).
+
+Measured per mode and batch size B (greedy, random --prompt-len-token prompts, ignore_eos):
   prefill  B prompts with max_new_tokens=1: B x prompt_len / time
   decode   the same prompts with --new tokens: B x (new - 1) / (time - prefill time)
 Rank 0 prints a table (device name, ranks, layers, experts per rank, weight GiB per rank) and writes
@@ -42,7 +47,8 @@ from dsv3.model.moe import MoE  # noqa: E402
 from dsv3.model.transformer import Transformer  # noqa: E402
 
 
-def rank_model(cfg, rank: int, world: int, device, dtype, fp8: bool, seed: int = 0) -> Transformer:
+def rank_model(cfg, rank: int, world: int, device, dtype, fp8: bool, static_max_tokens: int, seed: int = 0
+               ) -> Transformer:
     """This rank's part of a randomly initialised model: its block of routed experts, everything else."""
     from dsv3.checkpoints.hf import quantize_model_fp8
 
@@ -59,7 +65,7 @@ def rank_model(cfg, rank: int, world: int, device, dtype, fp8: bool, seed: int =
         quantize_model_fp8(model)
     for m in model.modules():
         if isinstance(m, MoE):
-            m.dispatcher = ReplicatedTokensDispatcher(dist.group.WORLD, E)
+            m.dispatcher = ReplicatedTokensDispatcher(dist.group.WORLD, E, static_max_tokens)
     return model.eval()
 
 
@@ -75,6 +81,9 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--new", type=int, default=32, help="tokens generated per request in the decode run")
     ap.add_argument("--bf16", action="store_true", help="bf16 weights instead of the official FP8 blocks")
+    ap.add_argument("--modes", default="eager,graphs",
+                    help="decode modes: eager, graphs (the bucketed static decode steps captured as CUDA graphs; "
+                         "on the CPU they run eagerly)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
@@ -93,12 +102,15 @@ def main() -> None:
         raise SystemExit(f"{world} ranks do not divide {cfg.n_routed_experts} routed experts")
     fp8 = not args.bf16 and cuda  # the FP8 modules need CUDA (Triton) to be fast; the CPU check stays fp32
     dtype = torch.bfloat16 if cuda else torch.float32
-    model = rank_model(cfg, rank, world, device, dtype, fp8)
-    wb = weight_bytes(model)
     batches = [int(b) for b in args.batches.split(",")]
-    engine = agree_with_rank0(Engine(model, None, max_batch_size=max(batches), cuda_graphs=False,
-                                     max_model_len=args.prompt_len + args.new + 1), dist.group.WORLD)
+    modes = args.modes.split(",")
+    if set(modes) - {"eager", "graphs"}:
+        raise SystemExit(f"--modes: eager and/or graphs, got {args.modes!r}")
+    # decode steps (<= the largest batch) take the dispatcher's static all-reduce path, prefill the all-to-all
+    model = rank_model(cfg, rank, world, device, dtype, fp8, static_max_tokens=max(batches))
+    wb = weight_bytes(model)
     g = torch.Generator().manual_seed(1)
+    engine = None
 
     def run(B: int, new: int) -> float:
         prompts = [torch.randint(1, cfg.vocab_size, (args.prompt_len,), generator=g).tolist() for _ in range(B)]
@@ -114,23 +126,30 @@ def main() -> None:
         assert all(len(o.token_ids) == new for o in outs), "a request stopped early"
         return time.perf_counter() - t
 
-    run(min(batches), 2)  # warm-up (kernels, allocator)
     rows = []
-    for B in batches:
-        t_pre = run(B, 1)
-        t_all = run(B, args.new)
-        rows.append({"batch": B, "prefill_tok_s": B * args.prompt_len / t_pre,
-                     "decode_tok_s": B * (args.new - 1) / max(t_all - t_pre, 1e-9),
-                     "prefill_s": t_pre, "total_s": t_all})
+    for mode in modes:
+        engine = None  # one latent cache at a time
+        if cuda:
+            torch.cuda.empty_cache()
+        engine = agree_with_rank0(Engine(model, None, max_batch_size=max(batches), cuda_graphs=mode == "graphs",
+                                         max_model_len=args.prompt_len + args.new + 1), dist.group.WORLD)
+        for B in batches:  # warm-up: kernels, allocator, and every decode bucket's graph capture
+            run(B, 3)
+        for B in batches:
+            t_pre = run(B, 1)
+            t_all = run(B, args.new)
+            rows.append({"mode": mode, "batch": B, "prefill_tok_s": B * args.prompt_len / t_pre,
+                         "decode_tok_s": B * (args.new - 1) / max(t_all - t_pre, 1e-9),
+                         "prefill_s": t_pre, "total_s": t_all})
     if rank == 0:
         name = torch.cuda.get_device_name() if cuda else "CPU"
         head = (f"{world} x {name}, {args.preset} cut to {args.layers} layers, {cfg.n_routed_experts // world} of "
                 f"{cfg.n_routed_experts} routed experts per rank, {'FP8' if fp8 else str(dtype)[6:]} weights "
                 f"{wb / 2**30:.2f} GiB per rank, prompts {args.prompt_len}, decode {args.new} tokens")
         print(head)
-        print("| batch | prefill tok/s | decode tok/s |\n|---|---|---|")
+        print("| mode | batch | prefill tok/s | decode tok/s |\n|---|---|---|---|")
         for r in rows:
-            print(f"| {r['batch']} | {r['prefill_tok_s']:,.0f} | {r['decode_tok_s']:,.0f} |")
+            print(f"| {r['mode']} | {r['batch']} | {r['prefill_tok_s']:,.0f} | {r['decode_tok_s']:,.0f} |")
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "ep_serve.json"), "w") as f:
             json.dump({"setup": head, "ranks": world, "device": name, "layers": args.layers, "fp8": fp8,

@@ -12,10 +12,13 @@ contiguous as in training, read from the safetensors and nothing of the other ex
 (`load_pretrained(experts=...)`); FP8 experts stay FP8 (keep_fp8). Everything else is replicated:
 embedding, attention, dense FFNs, shared experts, routers, head, the MTP modules' other weights, and the
 paged latent KV cache, which holds the same sequences on every rank. The MoE blocks route through
-`ReplicatedTokensDispatcher` (the model's one seam, `MoE.dispatcher`): the tokens are the same on every
-rank, so rank r sends only its 1/R slice of them to the experts' owners through the all-to-all and the
-slices' outputs are all-gathered; each (token, expert) row is computed once over all ranks, so the expert
-work per rank is 1/R of one process's (as the memory is). Scheduling and the tokens are
+`ReplicatedTokensDispatcher` (the model's one seam, `MoE.dispatcher`), in two ways chosen by the step's
+token count N, the same on every rank. Decode steps (N <= max_batch_size x (speculative_k + 1)): each rank
+runs its experts over the pairs routed to them and one all-reduce sums the partial outputs; shapes fixed by
+N and no host sync, so the decode steps can be bucketed and captured as CUDA graphs like one GPU's. Larger
+forwards (prefill): rank r sends only its 1/R slice of the tokens to the experts' owners through the
+all-to-all and the slices' outputs are all-gathered. Either way each (token, expert) row is computed once
+over all ranks, so the expert work per rank is 1/R of one process's (as the memory is). Scheduling and the tokens are
 rank 0's (lockstep.py explains why rank 0 decides rather than every rank sampling with equal seeds).
 
 Redundant experts (`expert_loads`, `redundant_experts`; paper §3.4): the placement of dsv3/inference/eplb.py,
@@ -23,9 +26,10 @@ planned from recorded loads on every rank alike (deterministic), replaces the co
 loads the experts of its slots (`load_pretrained(experts=[ids per block])`, a hot expert on several ranks)
 and `PlacedDispatcher` sends the j-th token of an expert to its copy j mod replicas.
 
-Refused: CUDA graphs and `compile_decode` (which compiles the graphed decode steps). The dispatcher
-reads its split sizes on the host (`.tolist()`) and exchanges data-dependent row counts, which a CUDA
-graph cannot capture; the EP engine runs its decode steps eagerly.
+CUDA graphs: off unless asked for (`cuda_graphs=True`; on the CPU that runs the bucketed steps eagerly,
+how the tests check them against one process). Graph capture of the all-reduce on GPUs has not been run
+on multi-GPU hardware yet, so it is not the default. Refused: `compile_decode` (torch.compile through
+the all-reduce is not verified).
 
 Cost: attention, the dense layers and the shared experts run on every rank for the whole batch
 (replicated); the routed experts are split by tokens and by experts as above. Attention data parallelism
@@ -41,7 +45,7 @@ import torch
 import torch.distributed as dist
 
 from dsv3.distributed.expert_parallel import ReplicatedTokensDispatcher, local_experts
-from dsv3.inference.engine import Engine
+from dsv3.inference.engine import Engine, graphs_setting
 from dsv3.inference.lockstep import Leader, agree_with_rank0, control_group, run_follower
 from dsv3.model.moe import MoE
 
@@ -73,9 +77,9 @@ class PlacedDispatcher(ReplicatedTokensDispatcher):
     j mod replicas, tensor ops only), and rank r holds slots [r·S, (r+1)·S) (S slots per rank), so the
     all-to-all routes by slot exactly as it routes by expert without copies."""
 
-    def __init__(self, group, placement):
+    def __init__(self, group, placement, static_max_tokens: int = 0):
         R, S = placement.slots.shape
-        super().__init__(group, R * S)
+        super().__init__(group, R * S, static_max_tokens)
         self.placement = placement
 
     def __call__(self, experts, x_ND, idx_NK, w_NK, impl: str = "auto"):
@@ -112,7 +116,7 @@ def plan_serving_placement(cfg, ep: int, expert_loads: str | None, redundant_exp
 
 
 def load_ep_engine(checkpoint: str, *, ep: int, device: str = "auto", keep_fp8: bool = True,
-                   cuda_graphs: bool | None = None, compile_decode: bool = False, group=None,
+                   cuda_graphs: bool | str | None = None, compile_decode: bool = False, group=None,
                    expert_loads: str | None = None, redundant_experts: int = 0, **engine_kwargs):
     """(Engine, DSTokenizer) of this rank: its shard of a checkpoint (or run) directory, the EP dispatcher
     installed in every MoE block, decisions agreed with rank 0. Needs the default process group started
@@ -130,10 +134,10 @@ def load_ep_engine(checkpoint: str, *, ep: int, device: str = "auto", keep_fp8: 
     R, rank = dist.get_world_size(group), dist.get_rank(group)
     if R != ep:
         raise ValueError(f"ep={ep} but the process group has {R} ranks")
-    if cuda_graphs or compile_decode:
-        raise ValueError("CUDA graphs (and compile_decode, which compiles the graphed steps) cannot run with expert "
-                         "parallelism: the all-to-all dispatcher reads its split sizes on the host and exchanges "
-                         "data-dependent row counts, which a graph cannot capture; the EP engine decodes eagerly")
+    if compile_decode:
+        raise ValueError("compile_decode cannot run with expert parallelism yet: torch.compile of a decode step "
+                         "holding the dispatcher's all-reduce has not been verified; use cuda_graphs=True (graphs "
+                         "without compile) or decode eagerly")
     checkpoint = resolve_checkpoint(checkpoint)
     cfg = ModelConfig.from_json(checkpoint)
     E = cfg.n_routed_experts
@@ -150,11 +154,15 @@ def load_ep_engine(checkpoint: str, *, ep: int, device: str = "auto", keep_fp8: 
         [placement.slots[i, rank].tolist() for i in range(placement.n_layers)]  # this rank's slots per block
     model = load_pretrained(checkpoint, device=device, dtype=torch.float32 if device == "cpu" else None,
                             keep_fp8=keep_fp8, experts=mine).eval()
+    # decode steps (at most max_batch_size x (k + 1) tokens, bucketed or not) take the static all-reduce
+    # path, larger forwards (prefill) the all-to-all; every rank sees the same N, so they agree
+    static = engine_kwargs.get("max_batch_size", 32) * (engine_kwargs.get("speculative_k", 0) + 1)
     moes = [m for m in model.modules() if isinstance(m, MoE)]
     for i, m in enumerate(moes):
-        m.dispatcher = ReplicatedTokensDispatcher(group, E) if placement is None else \
-            PlacedDispatcher(group, placement.layer(i))
-    return agree_with_rank0(Engine(model, tok, cuda_graphs=False, **engine_kwargs), group), tok
+        m.dispatcher = ReplicatedTokensDispatcher(group, E, static) if placement is None else \
+            PlacedDispatcher(group, placement.layer(i), static)
+    engine = Engine(model, tok, cuda_graphs=bool(graphs_setting(cuda_graphs)), **engine_kwargs)  # auto: off
+    return agree_with_rank0(engine, group), tok
 
 
 def run_ep(ep: int, checkpoint: str, engine_kwargs: dict, run: Callable[[Leader, object], int],

@@ -909,6 +909,16 @@ def test_compile_decode_without_the_graphed_step_is_refused(models):
         Engine(models["plain"], max_batch_size=2, compile_decode=True)  # fp32 on the CPU: no graphed step
 
 
+def test_cuda_graphs_setting_forms(models):
+    """EngineConfig's --cuda-graphs auto|on|off reach the engine as None/True/False: on (the CPU) runs the
+    bucketed static steps, off and auto (an fp32 CPU model) the exact-shape ones; another word is refused."""
+    model = models["plain"]
+    for form, bucketed in (("on", True), ("off", False), ("auto", False), (True, True), (None, False)):
+        assert Engine(model, max_batch_size=2, cuda_graphs=form)._graphs.bucketed is bucketed, form
+    with pytest.raises(ValueError, match="cuda_graphs must be auto, on or off, got 'yes'"):
+        Engine(model, max_batch_size=2, cuda_graphs="yes")
+
+
 def test_static_decode_step_sampling_and_logprobs_match_eager(models, naive_refs):
     """The static-shape decode step (graphs.py; eager on the CPU) feeds the same sampler: seeded
     sampling, top-p and logprobs give the same tokens and (to fp32 rounding) the same log-probs."""

@@ -210,6 +210,48 @@ def test_grouped_equals_loop_forward_and_grads(idx):
         assert torch.allclose(yb[n], y, atol=1e-5)
 
 
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("impl", ["grouped", "loop"])
+def test_forward_partial_sums_to_forward_over_any_split(impl, fp8):
+    """The expert-parallel decode path: rank r's module holds a slice of the experts and computes the
+    pairs routed to them (`forward_partial`, ids shifted so the slice is 0..L-1, foreign ids outside);
+    the partials of a split add up to the whole module's forward, and a slice that holds none of the
+    selected experts gives exactly 0 (foreign rows' outputs never leak, also through per-row FP8)."""
+    from dsv3.model.fp8 import swap_to_fp8
+
+    E = 8
+    idx = torch.tensor([[1, 2], [2, 3], [1, 3], [6, 2], [3, 1], [2, 6], [7, 0], [3, 2], [6, 1]])
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(idx.shape[0], 16, generator=g)
+    w = torch.rand(idx.shape, generator=g)
+    full = _experts(E)
+    if fp8:
+        holder = torch.nn.ModuleDict({"e": full})
+        swap_to_fp8(holder, ["e.gate_proj", "e.up_proj", "e.down_proj"], quantize=True)
+        full = holder["e"]
+        assert type(full).__name__ == "FP8Experts"
+    with torch.no_grad():
+        ref = full.forward_loop(x, idx, w, out_dtype=torch.float32)
+        for bounds in ([0, 4, 8], [0, 2, 4, 6, 8], [0, 3, 8]):  # contiguous slices, unequal too
+            total = torch.zeros_like(ref)
+            for lo, hi in zip(bounds, bounds[1:]):
+                part = _slice(full, lo, hi)
+                y = part.forward_partial(x, idx - lo, w, impl)
+                assert y.dtype == torch.float32 and y.shape == ref.shape
+                total += y
+            assert torch.allclose(total, ref, atol=1e-5, rtol=1e-5), (bounds, (total - ref).abs().max())
+        empty = _slice(full, 4, 6)  # experts 4, 5: never selected
+        assert torch.equal(empty.forward_partial(x, idx - 4, w, impl), torch.zeros_like(ref))
+
+
+def _slice(ex, lo, hi):
+    import copy
+
+    part = copy.deepcopy(ex)
+    part.keep_experts(lo, hi - lo)
+    return part
+
+
 def test_moe_grouped_equals_loop_including_router_grads():
     cfg = tiny_cfg(hidden_size=32, n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=4)
     model = make_model(cfg, bias_std=0.3)
@@ -260,6 +302,21 @@ def test_experts_impl_names_checked(model):
         model.layers[1].mlp.experts(x, idx, torch.ones(3, 2), impl="bogus")
     with pytest.raises(ValueError, match="bogus"):
         model.set_experts_impl("bogus")
+
+
+def test_experts_impl_runs_the_path_it_names(monkeypatch):
+    """impl="loop" runs the loop (the reference the grouped path is checked against), "grouped" the
+    grouped GEMMs, in `forward` and in `forward_partial`."""
+    ex = _experts()
+    x, idx, w = torch.randn(3, 16), torch.tensor([[0, 1], [2, 3], [1, 5]]), torch.ones(3, 2)
+    for impl, other in (("loop", "sorted_mlp"), ("grouped", "forward_loop")):
+        def boom(*a, **k):
+            raise AssertionError(f"impl={impl!r} ran {other}")
+
+        monkeypatch.setattr(ex, other, boom)
+        ex(x, idx, w, impl=impl)
+        ex.forward_partial(x, idx, w, impl=impl)
+        monkeypatch.undo()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -258,17 +258,34 @@ class AllToAllDispatcher:
 
 class ReplicatedTokensDispatcher(AllToAllDispatcher):
     """MoE.dispatcher for expert-parallel inference where every rank holds the same tokens (the lockstep
-    engine replicates attention and the batch, dsv3/ep_serve.py): rank r dispatches only its slice of the
-    N tokens, rows [r·S, (r+1)·S) with S = ceil(N / R), through the all-to-all, and the R slices' outputs
-    are all-gathered, so each expert row is computed once over all ranks (dispatching every rank's full
-    copy would compute each row R times). The slices are fixed by N alone, so every rank agrees on them
-    without communication; padded to S rows for the all-gather (gloo and NCCL need equal sizes). Each
-    token's output is its own weighted sum in fp32, as in one process: only where it is computed moves.
-    Forward only (no autograd through the all-gather)."""
+    engine replicates attention and the batch, dsv3/ep_serve.py). Two paths, chosen by N alone (the same
+    on every rank, so the ranks always agree):
+
+    * N <= static_max_tokens (decode steps; `load_ep_engine` sets it to the largest decode step,
+      max_batch_size x (speculative_k + 1)): every rank runs its own experts over the pairs routed to them
+      (`Experts.forward_partial`: shapes fixed by N, no host sync) and one all-reduce in fp32 sums the
+      partials. No split sizes to exchange or read back, so the step is graph-capturable (a CUDA graph
+      records the NCCL all-reduce as it records any kernel). Each (token, expert) row is still computed
+      once over all ranks. The per-token sum over k runs in k order on each rank and the all-reduce
+      then adds the ranks' partials: the same terms as one process, summed in another order (fp32).
+    * larger N (prefill): rank r dispatches only its slice of the N tokens, rows [r·S, (r+1)·S) with
+      S = ceil(N / R), through the all-to-all (one host sync per layer for the split sizes), and the R
+      slices' outputs are all-gathered, so each row is computed once and the bytes moved are the routed
+      rows' rather than (N, D) per rank. The slices are fixed by N alone; padded to S rows for the
+      all-gather (gloo and NCCL need equal sizes). Each token's output is its own weighted sum in fp32,
+      as in one process: only where it is computed moves.
+
+    Forward only (no autograd through the all-gather or the all-reduce)."""
+
+    def __init__(self, group, n_experts: int, static_max_tokens: int = 0):
+        super().__init__(group, n_experts)
+        self.static_max_tokens = static_max_tokens
 
     def __call__(self, experts: Experts, x_ND: torch.Tensor, idx_NK: torch.Tensor, w_NK: torch.Tensor,
                  impl: str = "auto") -> torch.Tensor:
         N, D = x_ND.shape
+        if N <= self.static_max_tokens:
+            return self.static(experts, x_ND, idx_NK, w_NK, impl)
         S = -(-N // self.R)  # rows per rank (ceil); a rank past the end sends none
         lo, hi = min(self.rank * S, N), min((self.rank + 1) * S, N)
         y = super().__call__(experts, x_ND[lo:hi], idx_NK[lo:hi], w_NK[lo:hi], impl)  # (hi - lo, D)
@@ -277,6 +294,14 @@ class ReplicatedTokensDispatcher(AllToAllDispatcher):
         parts = [torch.empty_like(buf) for _ in range(self.R)]
         dist.all_gather(parts, buf, group=self.group)
         return torch.cat(parts)[:N]  # (N, D): slice r's rows are rank r's
+
+    def static(self, experts: Experts, x_ND: torch.Tensor, idx_NK: torch.Tensor, w_NK: torch.Tensor,
+               impl: str = "auto") -> torch.Tensor:
+        """The decode path: (N, D) partial sums of my experts (global ids [first, first + L) -> local
+        0..L-1; the others fall outside and add 0), all-reduced over the group."""
+        y_ND = experts.forward_partial(x_ND, idx_NK - self.first_expert, w_NK, impl)  # (N, D) fp32
+        dist.all_reduce(y_ND, group=self.group)
+        return y_ND.to(x_ND.dtype)
 
 
 def local_experts(n_experts: int, ep_rank: int, ep: int) -> range:

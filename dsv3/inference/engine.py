@@ -50,6 +50,9 @@ class EngineConfig:
     max_model_len: int = setting(0, "context limit (0: the model's)")
     compile_decode: bool = setting(False, "GPU: torch.compile the graphed decode steps (1.65x at batch 1 on the "
                                           "16b, H100); one compile per batch/context bucket on first use")
+    cuda_graphs: str = setting("auto", "decode steps as CUDA graphs: auto (on for a bf16/FP8 model on one GPU; off "
+                                       "under --ep, where graph capture is not yet measured on GPUs), on, off",
+                               choices=("auto", "on", "off"))
     ep: int = setting(1, "expert parallelism under torchrun: the routed experts split over this many ranks "
                          "(= the world size; rank 0 serves, dsv3/ep_serve.py); 1: one process")
     expert_loads: str | None = setting(None, "with --ep: recorded per-expert token counts (.pt or .npy, MoE blocks x "
@@ -57,6 +60,17 @@ class EngineConfig:
                                              "(dsv3/inference/eplb.py)", metavar="FILE")
     redundant_experts: int = setting(0, "with --expert-loads: extra copies of the most loaded experts (a multiple "
                                         "of --ep), each hot expert's tokens split over its copies")
+
+
+def graphs_setting(value: bool | str | None) -> bool | None:
+    """EngineConfig.cuda_graphs ("auto", "on", "off") or Engine's own form (None: auto, True, False) ->
+    None / True / False."""
+    if value is None or isinstance(value, bool):
+        return value
+    forms = {"auto": None, "on": True, "off": False}
+    if value not in forms:
+        raise ValueError(f"cuda_graphs must be auto, on or off, got {value!r}")
+    return forms[value]
 
 
 @dataclass
@@ -138,7 +152,7 @@ class EngineStats:
 class Engine:
     def __init__(self, model, tokenizer=None, *, max_batch_size: int = 32, cache_tokens: int | None = None,
                  block_size: int = 16, speculative_k: int = 0, max_model_len: int | None = None,
-                 cuda_graphs: bool | None = None, compile_decode: bool = False):
+                 cuda_graphs: bool | str | None = None, compile_decode: bool = False):
         cfg = model.config
         if speculative_k > 0 and cfg.num_nextn_predict_layers == 0:
             raise ValueError("speculative decoding needs MTP modules, but this model has num_nextn_predict_layers=0")
@@ -161,6 +175,7 @@ class Engine:
         # Prefill is eager. A graph holds only sync-free code: the grouped-GEMM experts (bf16 or FP8
         # on CUDA), not the per-expert loop.
         p0 = next(model.parameters())
+        cuda_graphs = graphs_setting(cuda_graphs)
         use = cuda_graphs if cuda_graphs is not None else (p0.is_cuda and p0.dtype == torch.bfloat16)
         if use and p0.is_cuda and p0.dtype == torch.float32:  # fp32 experts take the per-expert loop (host syncs)
             raise ValueError("cuda_graphs needs a bf16 (or FP8) model on a GPU: an fp32 model's routed experts run "

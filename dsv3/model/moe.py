@@ -172,6 +172,13 @@ class Experts(nn.Module):
             self._buffers[name] = b[first:first + count].clone()
 
     def forward(self, x_ND: torch.Tensor, idx_NK: torch.Tensor, w_NK: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+        if self._impl(x_ND, impl) == "grouped":
+            return self.forward_grouped(x_ND, idx_NK, w_NK)
+        return self.forward_loop(x_ND, idx_NK, w_NK)
+
+    @staticmethod
+    def _impl(x_ND: torch.Tensor, impl: str) -> str:
+        """"grouped" or "loop" for `impl` ("auto", "grouped", "loop") on this input."""
         # "auto": grouped GEMMs on GPUs, and on the CPU in fp32 where torch has them: training the `tiny`
         # preset (width 192, 16 experts of 96) on 2 cores, a step took a median 0.50-0.55 s grouped against
         # 0.53-0.63 s with the per-expert loop (alternating probes, 2026-12-04; the whole main job ran at the
@@ -181,12 +188,38 @@ class Experts(nn.Module):
         if impl == "auto":
             cpu_ok = (x_ND.dtype == torch.float32 and not torch.is_autocast_enabled("cpu") and _HAS_GROUPED_MM
                       and _cpu_grouped_mm_works())
-            impl = "grouped" if x_ND.is_cuda or cpu_ok else "loop"
-        if impl == "grouped" and _HAS_GROUPED_MM:
-            return self.forward_grouped(x_ND, idx_NK, w_NK)
+            return "grouped" if x_ND.is_cuda or cpu_ok else "loop"
         if impl not in ("grouped", "loop"):
             raise ValueError(f"unknown experts impl {impl!r} (use 'auto', 'grouped' or 'loop')")
-        return self.forward_loop(x_ND, idx_NK, w_NK)
+        return "grouped" if impl == "grouped" and _HAS_GROUPED_MM else "loop"
+
+    def forward_partial(self, x_ND: torch.Tensor, idx_NK: torch.Tensor, w_NK: torch.Tensor,
+                        impl: str = "auto") -> torch.Tensor:
+        """-> (N, D) fp32: Σ_k w_nk · expert_{idx_nk}(x_n) over the pairs whose expert is one of this module's
+        E (idx in [0, E)); the other pairs (experts held by other ranks) add exactly 0. The expert-parallel
+        decode path (dsv3/distributed/expert_parallel.py) sums these partials over the ranks with one
+        all-reduce. Shapes depend on N and K only and the grouped path never syncs with the host, so it can
+        be captured in a CUDA graph: the pairs are sorted with the foreign ones last (key E), the grouped
+        GEMMs' offsets end at the local pairs (rows past the last offset belong to no group), and the
+        foreign rows' outputs, whatever they hold, are replaced by 0 with `where` (not multiplied: they
+        may be uninitialised). Per-row kernels (FP8 decode) compute them against expert E-1 (a valid id)
+        and they are dropped the same way. Each token's K terms are summed in k order as in `forward`."""
+        N, K = idx_NK.shape
+        E = self.gate_proj.shape[0]
+        mine = (idx_NK >= 0) & (idx_NK < E)  # (N, K)
+        key = torch.where(mine, idx_NK, E)  # foreign pairs -> E, sorted after every local expert
+        if self._impl(x_ND, impl) == "loop":  # the reference: visits experts 0..E-1 only, so key E is skipped
+            return self.forward_loop(x_ND, key, w_NK, out_dtype=torch.float32)
+        flat = key.reshape(-1)  # (M = N*K,)
+        order = flat.argsort(stable=True)
+        inv = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        offs = _count(flat, E + 1)[:E].cumsum(0).to(torch.int32)  # (E,) end offsets of the local experts' rows
+        dt = torch.get_autocast_dtype("cuda") if x_ND.is_cuda and torch.is_autocast_enabled("cuda") else x_ND.dtype
+        x_MD = x_ND.to(dt)[order // K]  # (M, D) sorted by key
+        y_MD = self.sorted_mlp(x_MD, flat.clamp(max=E - 1), order, offs, dt)  # (M, D)
+        y_NKD = y_MD[inv].view(N, K, -1)  # each token's K outputs, in k order
+        y_NKD = torch.where(mine.unsqueeze(-1), y_NKD.float() * w_NK.unsqueeze(-1), 0.0)
+        return y_NKD.sum(1)  # (N, D) fp32
 
     def forward_grouped(self, x_ND: torch.Tensor, idx_NK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
         N, K = idx_NK.shape
@@ -212,7 +245,8 @@ class Experts(nn.Module):
         h3 = torch._grouped_mm(x_MD, w3, offs=offs)
         return torch._grouped_mm(F.silu(h1) * h3, w2, offs=offs)  # (M, D)
 
-    def forward_loop(self, x_ND: torch.Tensor, idx_NK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
+    def forward_loop(self, x_ND: torch.Tensor, idx_NK: torch.Tensor, w_NK: torch.Tensor,
+                     out_dtype: torch.dtype | None = None) -> torch.Tensor:
         out = torch.zeros(x_ND.shape, dtype=torch.float32, device=x_ND.device)
         for e in range(self.gate_proj.shape[0]):
             tok, slot = (idx_NK == e).nonzero(as_tuple=True)
@@ -223,7 +257,7 @@ class Experts(nn.Module):
             h = F.silu(xe @ w1.T) * (xe @ w3.T)
             y = (h @ w2.T).float() * w_NK[tok, slot].unsqueeze(-1)
             out.index_add_(0, tok, y)
-        return out.to(x_ND.dtype)
+        return out.to(out_dtype or x_ND.dtype)
 
 
 class MoE(nn.Module):

@@ -16,9 +16,13 @@ layout (fp32, and an FP8 copy for the sharded-load checks).
     one seeded sampled request, EOS on) while the other ranks `follow`; the one-process engine on the
     whole model runs the same schedule. Token ids and finish reasons equal, log-probabilities (chosen
     and top-3) within TOL = 1e-5 (fp32; the EP path sums the same expert outputs in another order),
-    speculative_k 0 and 2. A fifth request samples without a seed while each rank's global RNG is
+    speculative_k 0 and 2, with and without a redundant-expert placement, and with the bucketed decode
+    steps that CUDA graphs capture (cuda_graphs=True runs them eagerly on the CPU); decode steps take the
+    dispatcher's static all-reduce path and prefill the all-to-all (both counted). A fifth request samples without a seed while each rank's global RNG is
     seeded differently: every rank's latent KV cache of the main layers must still equal rank 0's, i.e. every
     rank decoded rank 0's tokens (`Engine.agree`);
+  * the static decode path compiles with torch.compile(fullgraph=True) (no graph break: no host sync,
+    no data-dependent shape) and equals eager;
   * the CLI under torchrun's environment (2 processes): `dsv3 serve CKPT --ep 2` answers an openai chat
     request with the offline one-process text, and both ranks exit 0 on SIGINT (as torchrun forwards
     Ctrl-C); `--ep` without WORLD_SIZE, or not dividing the experts, is a one-line error.
@@ -197,10 +201,12 @@ def test_shard_range_is_checked(ckpt):
 PROMPT_LENS = [3, 11, 6, 9, 5]
 JOIN_AT, ABORT_AT = 2, 4  # steps after which requests r2, r3, r4 join (r4 waits for a batch slot), r3 is aborted
 UNSEEDED = "r4"  # sampled from each rank's own global RNG, seeded differently per rank: only rank 0's counts
-# name -> (world size, speculative_k, redundant experts or None: no placement, the contiguous split)
-SCENARIOS = {"ep2_k0": (2, 0, None), "ep2_k2": (2, 2, None), "ep4_k2": (4, 2, None),
+# name -> (world size, speculative_k, redundant experts or None: no placement, the contiguous split,
+#          cuda_graphs: the bucketed static decode steps, run eagerly on the CPU)
+SCENARIOS = {"ep2_k0": (2, 0, None, False), "ep2_k2": (2, 2, None, False), "ep4_k2": (4, 2, None, False),
              # placed from skewed loads (dsv3/inference/eplb.py): hot experts copied to other ranks
-             "ep2_k2_red2": (2, 2, 2), "ep4_k0_red4": (4, 0, 4)}
+             "ep2_k2_red2": (2, 2, 2, False), "ep4_k0_red4": (4, 0, 4, False),
+             "ep2_k2_graphs": (2, 2, None, True), "ep4_k2_red4_graphs": (4, 2, 4, True)}
 LOADS = "loads.pt"  # (MoE blocks = 2 main + 1 MTP, 8 experts): experts 0-1 hot, 2-3 warm
 
 
@@ -248,12 +254,20 @@ def run_one(rank: int, world: int, name: str) -> dict:
     from dsv3.inference.lockstep import Leader, control_group, follow
 
     d = os.environ[ENV]
-    _, k, red = SCENARIOS[name]
+    _, k, red, graphs = SCENARIOS[name]
     ctrl = control_group()
     placed = {} if red is None else {"expert_loads": os.path.join(d, LOADS), "redundant_experts": red}
-    engine, tok = load_ep_engine(os.path.join(d, "fp32"), ep=world, **placed, **_engine_kwargs(k))
+    engine, tok = load_ep_engine(os.path.join(d, "fp32"), ep=world, cuda_graphs=graphs, **placed,
+                                 **_engine_kwargs(k))
     metrics = {"tokens_differ": 0.0, "lp_err": 0.0, "top_differ": 0.0, "missing": 0.0, "aborted": 0.0,
-               "spec_rounds": 0.0, "cache_differs": 0.0, "not_placed": 0.0}
+               "spec_rounds": 0.0, "cache_differs": 0.0, "not_placed": 0.0, "no_static": 0.0, "no_all_to_all": 0.0}
+    # which dispatcher path ran: decode steps the static all-reduce, prefill the all-to-all
+    calls = {"static": 0, "all_to_all": 0}
+    for m in engine.model.modules():
+        if type(m).__name__ == "MoE":
+            d_ = m.dispatcher
+            d_.static = _counted(d_.static, calls, "static")
+            d_.plan = _counted(d_.plan, calls, "all_to_all")
     if red:  # this rank's slots hold copies of the hot experts (the placement is in effect)
         stacks = [m.experts for m in engine.model.modules() if type(m).__name__ == "MoE"]
         metrics["not_placed"] = float(not all(s.gate_proj.shape[0] == (8 + red) // world for s in stacks))
@@ -273,6 +287,7 @@ def run_one(rank: int, world: int, name: str) -> dict:
         t0 = t.clone()
         dist.broadcast(t0, src=0)
         metrics["cache_differs"] = max(metrics["cache_differs"], float((t - t0).abs().max()))
+    metrics["no_static"], metrics["no_all_to_all"] = float(not calls["static"]), float(not calls["all_to_all"])
     if rank != 0:
         return metrics
     with open(os.path.join(d, f"ref_k{k}.json")) as f:
@@ -294,6 +309,13 @@ def run_one(rank: int, world: int, name: str) -> dict:
     return metrics
 
 
+def _counted(fn, calls: dict, key: str):
+    def wrapped(*a, **kw):
+        calls[key] += 1
+        return fn(*a, **kw)
+    return wrapped
+
+
 @pytest.fixture(scope="module")
 def ep_results(ckpt, tmp_path_factory):
     """Writes the one-process references, then runs every scenario of one world size in one spawn."""
@@ -301,7 +323,7 @@ def ep_results(ckpt, tmp_path_factory):
 
     d = os.path.dirname(ckpt["fp32"])
     torch.save(torch.tensor([[900, 700, 300, 250, 40, 30, 20, 10]] * 3, dtype=torch.float64), os.path.join(d, LOADS))
-    for k in sorted({k for _, k, _ in SCENARIOS.values()}):
+    for k in sorted({v[1] for v in SCENARIOS.values()}):
         engine, _ = load_engine(ckpt["fp32"], **_engine_kwargs(k))
         with open(os.path.join(d, f"ref_k{k}.json"), "w") as f:
             json.dump(drive(engine, engine.model.config.vocab_size), f)
@@ -320,22 +342,56 @@ def test_lockstep_engine_equals_one_process(ep_results, name):
     assert r["missing"] == 0 and r["aborted"] == 1
     assert r["tokens_differ"] == 0 and r["top_differ"] == 0
     assert r["lp_err"] <= TOL and r["cache_differs"] <= TOL
+    assert r["no_static"] == 0 and r["no_all_to_all"] == 0  # decode: all-reduce path; prefill: all-to-all
     if SCENARIOS[name][1]:
         assert r["spec_rounds"] > 0  # the MTP speculation ran
     if SCENARIOS[name][2]:
         assert r["not_placed"] == 0  # every rank's stacks hold (E + redundant) / R slots (worst rank)
 
 
-def test_cuda_graphs_are_refused_with_ep(ckpt, monkeypatch):
-    """The refusal comes before anything is loaded (here without a process group, which it needs later)."""
+def test_compiled_decode_is_refused_with_ep(ckpt, monkeypatch):
+    """The refusal comes before anything is loaded (here without a process group, which it needs later).
+    CUDA graphs are allowed (the static decode path): the graphs scenarios above run them."""
     from dsv3 import ep_serve as ep
 
     monkeypatch.setattr(ep.dist, "is_initialized", lambda: True)
     monkeypatch.setattr(ep.dist, "get_world_size", lambda group=None: 2)
     monkeypatch.setattr(ep.dist, "get_rank", lambda group=None: 0)
-    for kw in (dict(cuda_graphs=True), dict(compile_decode=True)):
-        with pytest.raises(ValueError, match="CUDA graphs .* cannot run with expert parallelism"):
-            ep.load_ep_engine(ckpt["fp32"], ep=2, group=object(), **kw)
+    with pytest.raises(ValueError, match="compile_decode cannot run with expert parallelism"):
+        ep.load_ep_engine(ckpt["fp32"], ep=2, group=object(), compile_decode=True)
+
+
+def run_fullgraph(rank: int, world: int, name: str) -> dict:
+    """The decode dispatch (`ReplicatedTokensDispatcher.static`) of one MoE block, compiled with fullgraph:
+    dynamo refuses a graph break (a `.tolist()` of split sizes, a `nonzero`), which is what a CUDA graph
+    cannot hold either. bf16 and 16-byte-aligned widths: the meta function of torch._grouped_mm asks for
+    what the CUDA kernel does."""
+    from dsv3.distributed.expert_parallel import ReplicatedTokensDispatcher
+    from dsv3.model.moe import Experts
+
+    E, L = 8, 8 // world
+    ex = Experts(tiny_cfg(hidden_size=32, moe_intermediate_size=16, n_routed_experts=E))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in ex.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    ex = ex.to(torch.bfloat16)
+    ex.keep_experts(rank * L, L)
+    disp = ReplicatedTokensDispatcher(dist.group.WORLD, E, static_max_tokens=64)
+    x = torch.randn(6, 32, generator=g).bfloat16()
+    idx = torch.stack([torch.randperm(E, generator=g)[:2] for _ in range(6)])
+    w = torch.rand(6, 2, generator=g)
+    eager = disp(ex, x, idx, w, "grouped")
+    compiled = torch.compile(lambda x_, i_, w_: disp(ex, x_, i_, w_, "grouped"), fullgraph=True)(x, idx, w)
+    rel = float((compiled.float() - eager.float()).abs().max() / eager.float().abs().max())
+    return {"rel_err": rel}
+
+
+def test_static_decode_dispatch_compiles_fullgraph():
+    from tests.distributed.harness import spawn_scenarios
+
+    r = spawn_scenarios(2, run_fullgraph, ["fullgraph"])["fullgraph"]
+    assert r["rel_err"] < 2e-2  # bf16: compiled and eager round differently
 
 
 # --------------------------------------------------------------------------------------------------
@@ -361,6 +417,7 @@ def test_cli_serve_under_torchrun(ckpt, tmp_path):
     port = free_port()
     procs = _ranks(2, ["serve", ckpt["fp32"], "--ep", "2", "--device", "cpu", "--port", str(port),
                        "--max-batch-size", "4", "--cache-tokens", "512", "--speculative-k", "1",
+                       "--cuda-graphs", "on",  # the bucketed static decode steps (eager on the CPU)
                        "--log-level", "warning"], str(tmp_path))
     url = f"http://127.0.0.1:{port}"
     try:
@@ -426,8 +483,8 @@ def test_cli_generate_under_torchrun(ckpt, tmp_path):
 
 def test_ep_serve_bench_runs_under_torchrun_on_cpu(tmp_path):
     """bench/ep_serve_gpu.py (the N-GPU prefill/decode measurement) runs end to end under torchrun with gloo
-    on a tiny cut: every rank builds its own expert block, the lockstep engine generates, rank 0 writes the
-    table's JSON."""
+    on a tiny cut: every rank builds its own expert block, the lockstep engine generates (eager, and the
+    bucketed steps CUDA graphs capture), rank 0 writes the table's JSON."""
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
@@ -437,7 +494,8 @@ def test_ep_serve_bench_runs_under_torchrun_on_cpu(tmp_path):
                        capture_output=True, text=True, env=env, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads((tmp_path / "ep_serve.json").read_text())
-    assert out["ranks"] == 2 and [row["batch"] for row in out["rows"]] == [1, 3]
+    assert out["ranks"] == 2 and [(row["mode"], row["batch"]) for row in out["rows"]] == [
+        ("eager", 1), ("eager", 3), ("graphs", 1), ("graphs", 3)]
     assert all(row["prefill_tok_s"] > 0 and row["decode_tok_s"] > 0 for row in out["rows"])
     assert "8 of 16 routed experts per rank" in out["setup"]
 
