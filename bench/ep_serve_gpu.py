@@ -14,7 +14,8 @@ every rank submits the same requests in the same order, decisions are rank 0's (
 Decode steps (at most the largest batch of tokens) take the dispatcher's static path (each rank's experts
 on the pairs routed to them, one all-reduce; no host sync), prefill the all-to-all. --modes eager,graphs
 measures the decode steps run eagerly and captured as CUDA graphs (cuda_graphs=True; on the CPU the
-bucketed steps run eagerly).
+bucketed steps run eagerly); dp is attention data parallelism (each rank its own requests, B/N of the batch;
+their tokens to the experts by all-to-all; eager).
 
 Measured per mode and batch size B (greedy, random --prompt-len-token prompts, ignore_eos):
   prefill  B prompts with max_new_tokens=1: B x prompt_len / time
@@ -38,10 +39,11 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import dsv3  # noqa: E402
-from dsv3.distributed.expert_parallel import ReplicatedTokensDispatcher, local_experts  # noqa: E402
+from dsv3.distributed.expert_parallel import (AllToAllDispatcher, ReplicatedTokensDispatcher,  # noqa: E402
+                                              local_experts)
 from dsv3.distributed.mesh import init_distributed  # noqa: E402
 from dsv3.inference.engine import Engine  # noqa: E402
-from dsv3.inference.lockstep import agree_with_rank0  # noqa: E402
+from dsv3.inference.lockstep import DPLeader, agree_with_rank0, control_group, follow, sync_phases  # noqa: E402
 from dsv3.inference.params import SamplingParams  # noqa: E402
 from dsv3.model.moe import MoE  # noqa: E402
 from dsv3.model.transformer import Transformer  # noqa: E402
@@ -81,9 +83,10 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--new", type=int, default=32, help="tokens generated per request in the decode run")
     ap.add_argument("--bf16", action="store_true", help="bf16 weights instead of the official FP8 blocks")
-    ap.add_argument("--modes", default="eager,graphs",
-                    help="decode modes: eager, graphs (the bucketed static decode steps captured as CUDA graphs; "
-                         "on the CPU they run eagerly)")
+    ap.add_argument("--modes", default="eager,graphs,dp",
+                    help="engine modes: eager, graphs (the bucketed static decode steps captured as CUDA graphs; "
+                         "on the CPU they run eagerly), dp (attention data parallelism: each rank its own "
+                         "requests, all-to-all MoE, eager)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
@@ -104,26 +107,35 @@ def main() -> None:
     dtype = torch.bfloat16 if cuda else torch.float32
     batches = [int(b) for b in args.batches.split(",")]
     modes = args.modes.split(",")
-    if set(modes) - {"eager", "graphs"}:
-        raise SystemExit(f"--modes: eager and/or graphs, got {args.modes!r}")
+    if set(modes) - {"eager", "graphs", "dp"}:
+        raise SystemExit(f"--modes: some of eager, graphs, dp; got {args.modes!r}")
+    ctrl = control_group()
     # decode steps (<= the largest batch) take the dispatcher's static all-reduce path, prefill the all-to-all
     model = rank_model(cfg, rank, world, device, dtype, fp8, static_max_tokens=max(batches))
     wb = weight_bytes(model)
     g = torch.Generator().manual_seed(1)
     engine = None
 
-    def run(B: int, new: int) -> float:
+    def run(B: int, new: int, dp: bool = False) -> float:
         prompts = [torch.randint(1, cfg.vocab_size, (args.prompt_len,), generator=g).tolist() for _ in range(B)]
         sp = SamplingParams(max_new_tokens=new, temperature=0.0, ignore_eos=True)
         if cuda:
             torch.cuda.synchronize()
         dist.barrier()
         t = time.perf_counter()
-        outs = engine.generate(prompts, sp)
+        if not dp:  # every rank submits the same requests; decisions are rank 0's
+            outs = engine.generate(prompts, sp)
+        elif rank == 0:  # rank 0 spreads the requests over the ranks; the others follow until it stops
+            leader = DPLeader(engine, ctrl)
+            outs = leader.generate(prompts, sp)
+            leader.shutdown()
+        else:
+            follow(engine, ctrl, dp=True)
+            outs = [None]
         if cuda:
             torch.cuda.synchronize()
         dist.barrier()
-        assert all(len(o.token_ids) == new for o in outs), "a request stopped early"
+        assert all(o is None or len(o.token_ids) == new for o in outs), "a request stopped early"
         return time.perf_counter() - t
 
     rows = []
@@ -131,13 +143,19 @@ def main() -> None:
         engine = None  # one latent cache at a time
         if cuda:
             torch.cuda.empty_cache()
-        engine = agree_with_rank0(Engine(model, None, max_batch_size=max(batches), cuda_graphs=mode == "graphs",
-                                         max_model_len=args.prompt_len + args.new + 1), dist.group.WORLD)
+        dp = mode == "dp"
+        for m in model.modules():
+            if isinstance(m, MoE):  # dp: each rank's own tokens by all-to-all; else replicated tokens
+                m.dispatcher = AllToAllDispatcher(dist.group.WORLD, cfg.n_routed_experts) if dp else \
+                    ReplicatedTokensDispatcher(dist.group.WORLD, cfg.n_routed_experts, max(batches))
+        engine = Engine(model, None, max_batch_size=max(batches), cuda_graphs=mode == "graphs",
+                        max_model_len=args.prompt_len + args.new + 1)
+        engine = sync_phases(engine, ctrl) if dp else agree_with_rank0(engine, dist.group.WORLD)
         for B in batches:  # warm-up: kernels, allocator, and every decode bucket's graph capture
-            run(B, 3)
+            run(B, 3, dp)
         for B in batches:
-            t_pre = run(B, 1)
-            t_all = run(B, args.new)
+            t_pre = run(B, 1, dp)
+            t_all = run(B, args.new, dp)
             rows.append({"mode": mode, "batch": B, "prefill_tok_s": B * args.prompt_len / t_pre,
                          "decode_tok_s": B * (args.new - 1) / max(t_all - t_pre, 1e-9),
                          "prefill_s": t_pre, "total_s": t_all})

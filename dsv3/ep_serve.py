@@ -32,8 +32,15 @@ on multi-GPU hardware yet, so it is not the default. Refused: `compile_decode` (
 the all-reduce is not verified).
 
 Cost: attention, the dense layers and the shared experts run on every rank for the whole batch
-(replicated); the routed experts are split by tokens and by experts as above. Attention data parallelism
-(the paper's DP attention, each rank its own sequences) is not done.
+(replicated); the routed experts are split by tokens and by experts as above.
+
+Attention data parallelism (`dp_attention`, the paper's decode layout with one attention replica per
+rank): each rank holds, prefills and decodes its own requests (lockstep.py's DPLeader gives each new
+request to the least-loaded rank), so the latent cache of all ranks together holds R times the sequences
+and attention, the dense layers and the shared experts run over each rank's own tokens; the MoE blocks
+send each rank's own tokens to the experts' owners with the all-to-all dispatcher (training's, different
+token counts per rank). Decoding is eager there: the split sizes are data-dependent (the static
+all-reduce path needs every rank to hold every token).
 """
 
 from __future__ import annotations
@@ -44,9 +51,9 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from dsv3.distributed.expert_parallel import ReplicatedTokensDispatcher, local_experts
+from dsv3.distributed.expert_parallel import AllToAllDispatcher, ReplicatedTokensDispatcher, local_experts
 from dsv3.inference.engine import Engine, graphs_setting
-from dsv3.inference.lockstep import Leader, agree_with_rank0, control_group, run_follower
+from dsv3.inference.lockstep import DPLeader, Leader, agree_with_rank0, control_group, run_follower, sync_phases
 from dsv3.model.moe import MoE
 
 
@@ -71,21 +78,32 @@ def check_ep(ep: int, n_routed_experts: int | None = None) -> int:
     return int(world)
 
 
-class PlacedDispatcher(ReplicatedTokensDispatcher):
-    """ReplicatedTokensDispatcher over a redundant-expert placement (dsv3/inference/eplb.py): the router's
+class PlacedDispatcher:
+    """An expert-parallel dispatcher over a redundant-expert placement (dsv3/inference/eplb.py): the router's
     expert ids become physical slot ids (`route_to_replica`: the j-th token of a hot expert goes to its copy
-    j mod replicas, tensor ops only), and rank r holds slots [r·S, (r+1)·S) (S slots per rank), so the
-    all-to-all routes by slot exactly as it routes by expert without copies."""
+    j mod replicas, tensor ops only) and `inner` routes by slot, rank r holding slots [r·S, (r+1)·S) (S slots
+    per rank), exactly as it routes by expert without copies (inner: a dispatcher over R·S "experts")."""
 
-    def __init__(self, group, placement, static_max_tokens: int = 0):
-        R, S = placement.slots.shape
-        super().__init__(group, R * S, static_max_tokens)
+    def __init__(self, inner, placement):
+        self.inner = inner
         self.placement = placement
 
     def __call__(self, experts, x_ND, idx_NK, w_NK, impl: str = "auto"):
         from dsv3.inference.eplb import route_to_replica
 
-        return super().__call__(experts, x_ND, route_to_replica(idx_NK, self.placement), w_NK, impl)
+        return self.inner(experts, x_ND, route_to_replica(idx_NK, self.placement), w_NK, impl)
+
+
+def check_modes(dp_attention: bool, cuda_graphs, compile_decode: bool) -> None:
+    """The engine modes expert parallelism refuses, with the reason."""
+    if dp_attention and graphs_setting(cuda_graphs):
+        raise ValueError("CUDA graphs cannot run with attention data parallelism: each rank's decode step "
+                         "exchanges its own, data-dependent number of tokens by all-to-all (host-read split "
+                         "sizes), which a graph cannot capture; --dp-attention decodes eagerly")
+    if compile_decode:
+        raise ValueError("compile_decode cannot run with expert parallelism yet: torch.compile of a decode step "
+                         "holding the dispatcher's all-reduce has not been verified; use cuda_graphs=True (graphs "
+                         "without compile) or decode eagerly")
 
 
 def plan_serving_placement(cfg, ep: int, expert_loads: str | None, redundant_experts: int):
@@ -117,12 +135,17 @@ def plan_serving_placement(cfg, ep: int, expert_loads: str | None, redundant_exp
 
 def load_ep_engine(checkpoint: str, *, ep: int, device: str = "auto", keep_fp8: bool = True,
                    cuda_graphs: bool | str | None = None, compile_decode: bool = False, group=None,
-                   expert_loads: str | None = None, redundant_experts: int = 0, **engine_kwargs):
+                   expert_loads: str | None = None, redundant_experts: int = 0, dp_attention: bool = False,
+                   ctrl=None, **engine_kwargs):
     """(Engine, DSTokenizer) of this rank: its shard of a checkpoint (or run) directory, the EP dispatcher
     installed in every MoE block, decisions agreed with rank 0. Needs the default process group started
     (torchrun + `dsv3.distributed.init_distributed`) over `ep` ranks (or `group` of ep ranks).
     engine_kwargs go to `Engine`, as for `load_engine`; every rank must pass the same. Rank 0 then wraps
-    it in `lockstep.Leader`, the others `lockstep.follow` it."""
+    it in `lockstep.Leader`, the others `lockstep.follow` it.
+
+    dp_attention: each rank its own requests (lockstep.py's DPLeader / follow(dp=True)): the MoE blocks
+    dispatch each rank's own tokens by all-to-all, the ranks agree on each step's phases over `ctrl`
+    (`lockstep.control_group()`, required) and each keeps its own tokens (no agreement with rank 0)."""
     from dsv3.checkpoints.hf import load_pretrained
     from dsv3.checkpoints.rundir import resolve_checkpoint
     from dsv3.config import ModelConfig
@@ -134,10 +157,10 @@ def load_ep_engine(checkpoint: str, *, ep: int, device: str = "auto", keep_fp8: 
     R, rank = dist.get_world_size(group), dist.get_rank(group)
     if R != ep:
         raise ValueError(f"ep={ep} but the process group has {R} ranks")
-    if compile_decode:
-        raise ValueError("compile_decode cannot run with expert parallelism yet: torch.compile of a decode step "
-                         "holding the dispatcher's all-reduce has not been verified; use cuda_graphs=True (graphs "
-                         "without compile) or decode eagerly")
+    check_modes(dp_attention, cuda_graphs, compile_decode)
+    if dp_attention and ctrl is None:
+        raise ValueError("dp_attention needs ctrl, the lockstep control group (lockstep.control_group()), over "
+                         "which the ranks agree on each step's phases")
     checkpoint = resolve_checkpoint(checkpoint)
     cfg = ModelConfig.from_json(checkpoint)
     E = cfg.n_routed_experts
@@ -159,18 +182,22 @@ def load_ep_engine(checkpoint: str, *, ep: int, device: str = "auto", keep_fp8: 
     static = engine_kwargs.get("max_batch_size", 32) * (engine_kwargs.get("speculative_k", 0) + 1)
     moes = [m for m in model.modules() if isinstance(m, MoE)]
     for i, m in enumerate(moes):
-        m.dispatcher = ReplicatedTokensDispatcher(group, E, static) if placement is None else \
-            PlacedDispatcher(group, placement.layer(i), static)
+        layer = None if placement is None else placement.layer(i)
+        n = E if layer is None else layer.slots.numel()  # experts, or slots (R x slots per rank)
+        inner = AllToAllDispatcher(group, n) if dp_attention else ReplicatedTokensDispatcher(group, n, static)
+        m.dispatcher = inner if layer is None else PlacedDispatcher(inner, layer)
     engine = Engine(model, tok, cuda_graphs=bool(graphs_setting(cuda_graphs)), **engine_kwargs)  # auto: off
+    if dp_attention:
+        return sync_phases(engine, ctrl), tok
     return agree_with_rank0(engine, group), tok
 
 
 def run_ep(ep: int, checkpoint: str, engine_kwargs: dict, run: Callable[[Leader, object], int],
-           expert_loads: str | None = None, redundant_experts: int = 0) -> int:
+           expert_loads: str | None = None, redundant_experts: int = 0, dp_attention: bool = False) -> int:
     """One rank of an expert-parallel command under torchrun: check the layout before anything starts,
     start the process groups, load this rank's engine (`load_ep_engine(checkpoint, ep=ep, **engine_kwargs)`);
     rank 0 runs `run(leader, tokenizer)` and then tells the others to stop, which follow it until then.
-    Returns the process's exit status."""
+    dp_attention: each rank its own requests (`DPLeader`). Returns the process's exit status."""
     from dsv3.checkpoints.rundir import resolve_checkpoint
     from dsv3.config import ModelConfig
     from dsv3.distributed.mesh import init_distributed
@@ -178,17 +205,18 @@ def run_ep(ep: int, checkpoint: str, engine_kwargs: dict, run: Callable[[Leader,
     checkpoint = resolve_checkpoint(checkpoint)
     cfg = ModelConfig.from_json(checkpoint)
     check_ep(ep, cfg.n_routed_experts)
+    check_modes(dp_attention, engine_kwargs.get("cuda_graphs"), engine_kwargs.get("compile_decode", False))
     plan_serving_placement(cfg, ep, expert_loads, redundant_experts)  # its errors before any process group
     env = init_distributed(engine_kwargs.get("device", "auto"))
     rc = 1
     try:
         ctrl = control_group()
-        engine, tok = load_ep_engine(checkpoint, ep=ep, expert_loads=expert_loads,
-                                     redundant_experts=redundant_experts, **engine_kwargs)
+        engine, tok = load_ep_engine(checkpoint, ep=ep, expert_loads=expert_loads, redundant_experts=redundant_experts,
+                                     dp_attention=dp_attention, ctrl=ctrl, **engine_kwargs)
         if env.rank != 0:
-            rc = run_follower(engine, ctrl)
+            rc = run_follower(engine, ctrl, dp=dp_attention)
             return rc
-        leader = Leader(engine, ctrl)
+        leader = (DPLeader if dp_attention else Leader)(engine, ctrl)
         try:
             rc = run(leader, tok)
         finally:
@@ -199,4 +227,4 @@ def run_ep(ep: int, checkpoint: str, engine_kwargs: dict, run: Callable[[Leader,
             dist.destroy_process_group()
 
 
-__all__ = ["PlacedDispatcher", "check_ep", "load_ep_engine", "plan_serving_placement", "run_ep"]
+__all__ = ["PlacedDispatcher", "check_ep", "check_modes", "load_ep_engine", "plan_serving_placement", "run_ep"]

@@ -12,6 +12,8 @@ and exact next-token distributions computed from uncached forwards.
 
 from __future__ import annotations
 
+import dataclasses
+
 import itertools
 import math
 import random
@@ -907,6 +909,56 @@ def test_graphs_padding_block_is_outside_the_capacity(models):
 def test_compile_decode_without_the_graphed_step_is_refused(models):
     with pytest.raises(ValueError, match="bf16 model on a GPU"):
         Engine(models["plain"], max_batch_size=2, compile_decode=True)  # fp32 on the CPU: no graphed step
+
+
+@pytest.mark.parametrize("k", [0, 2])
+def test_idle_phases_change_nothing(k):
+    """Attention data parallelism (lockstep.py's DPLeader) makes a rank with no work in a phase that another
+    rank runs run it on a throwaway request in the padding block (`Engine._idle`), so the ranks' collectives
+    meet. Forced here in one process (`phase_sync` saying every phase runs): the idle prefills and decodes
+    run their forwards (main model; MTP module and chained drafts with k) yet the real requests' tokens and
+    log-probabilities, the stats and the cache's free blocks are exactly those of a plain engine."""
+    model = spec_model(2, "aligned")
+    prompts = prompts_for(model.config, [5, 9, 3], seed=4)
+    sp = [SamplingParams(max_new_tokens=n, temperature=0.0, logprobs=2, ignore_eos=True) for n in (6, 3, 8)]
+
+    def run(force: bool):
+        eng = Engine(model, max_batch_size=4, block_size=4, speculative_k=k)
+        calls = {"forward": 0, "mtp": 0}
+        if force:
+            eng.phase_sync = lambda has_new, has_decode: (True, True)
+            for name, attr in (("forward", "forward"), ("mtp", "mtp_step")):
+                orig = getattr(model, attr)
+
+                def counted(*a, _o=orig, _n=name, **kw):
+                    calls[_n] += 1
+                    return _o(*a, **kw)
+                setattr(model, attr, counted)
+        try:
+            eng.add_request(prompts[0], sp[0])
+            outs = {}
+            for step in range(40):
+                if step == 3:  # a prefill while the first request decodes; idle decodes after all finish
+                    eng.add_request(prompts[1], sp[1])
+                    eng.add_request(prompts[2], sp[2])
+                for o in eng.step():
+                    outs[o.request_id] = (o.token_ids, [lp.logprob for lp in o.logprobs])
+                if step > 3 and not eng.has_unfinished():
+                    eng.step()  # nothing to do: both idle phases
+                    break
+            return outs, dataclasses.asdict(eng.stats), eng.cache.free_blocks == eng.cache.num_blocks, calls
+        finally:
+            for attr in ("forward", "mtp_step"):
+                model.__dict__.pop(attr, None)
+
+    plain, forced = run(False), run(True)
+    assert forced[0] == plain[0] and forced[2] and plain[2]
+    assert {k_: v for k_, v in forced[1].items() if k_ != "steps"} == \
+        {k_: v for k_, v in plain[1].items() if k_ != "steps"}
+    steps = forced[1]["steps"]
+    assert forced[3]["forward"] == 2 * steps  # every step: one prefill (real or idle) and one decode forward
+    if k:
+        assert forced[3]["mtp"] == 2 * steps * k  # per phase: MTP module 0 and k - 1 chained drafts
 
 
 def test_cuda_graphs_setting_forms(models):

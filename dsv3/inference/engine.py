@@ -23,6 +23,7 @@ accepted tokens short), and frees finished requests' blocks.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -60,6 +61,9 @@ class EngineConfig:
                                              "(dsv3/inference/eplb.py)", metavar="FILE")
     redundant_experts: int = setting(0, "with --expert-loads: extra copies of the most loaded experts (a multiple "
                                         "of --ep), each hot expert's tokens split over its copies")
+    dp_attention: bool = setting(False, "with --ep: each rank holds, prefills and decodes its own requests (attention "
+                                        "data parallelism: --ep times the cache capacity, attention split over the "
+                                        "ranks; eager decoding); off: every rank runs every request")
 
 
 def graphs_setting(value: bool | str | None) -> bool | None:
@@ -186,7 +190,7 @@ class Engine:
                              "(or cuda_graphs=True)")
         self.cache = PagedLatentCache.for_model(model, num_blocks + 1, block_size)
         self.device = self.cache.kv.device
-        pad = self.cache.reserve()  # padding rows and table entries of the static steps (not in num_blocks)
+        self._pad = pad = self.cache.reserve()  # padding rows and table entries of the static steps (not in num_blocks)
         max_blocks = -(-(self.max_model_len + self.spare + self.k + 1) // block_size)
         self._graphs = DecodeGraphs(self.model, self.cache, pad, max_batch_size, max_blocks, use_graphs=use,
                                     compile=compile_decode, bucketed=use)
@@ -201,6 +205,11 @@ class Engine:
         # drafts, log-probs) by rank 0's, so that every rank's host bookkeeping, hence its next batch,
         # is identical even where the ranks' logits differ in the last bit.
         self.agree: Callable[[torch.Tensor], torch.Tensor] | None = None
+        # Attention data parallelism (lockstep.py's DPLeader): each rank steps its own requests, and the
+        # model's collectives must still meet, so every rank runs the same phases. None in one process;
+        # otherwise a callable (has prefill, has decode) -> (any rank has prefill, any rank has decode), and
+        # a rank without work in a phase that another rank runs runs it on a throwaway request (`_idle`).
+        self.phase_sync: Callable[[bool, bool], tuple[bool, bool]] | None = None
 
     # --- requests ---------------------------------------------------------------------------------
     def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
@@ -280,6 +289,8 @@ class Engine:
             new.append(r)
         decoding = [r for r in self.running if not r.finished]
         changed: list[_Request] = []
+        any_new, any_decoding = (bool(new), bool(decoding)) if self.phase_sync is None else \
+            self.phase_sync(bool(new), bool(decoding))
         if new:
             try:
                 self._prefill(new)
@@ -291,15 +302,31 @@ class Engine:
                 raise
             self.running.extend(new)
             changed += new
+        elif any_new:
+            self._idle(self._prefill)
         if decoding:
             self._decode(decoding)
             changed += decoding
+        elif any_decoding:
+            self._idle(self._decode)
         outs = aborted + [self._output(r) for r in changed]
         for r in [r for r in self.running if r.finished]:
             self.running.remove(r)
             self.cache.release(r.blocks)
             r.blocks = []
         return outs
+
+    def _idle(self, phase: Callable[[list[_Request]], None]) -> None:
+        """Run `phase` (_prefill or _decode) on a throwaway one-token greedy request whose every block is the
+        reserved padding block: the same forwards (main model, MTP module, chained drafts) and hence the
+        same collectives as a real batch, writing only where padding rows write. Stats are left as they were."""
+        saved = dataclasses.asdict(self.stats)
+        r = _Request("<idle>", [0], SamplingParams(max_new_tokens=1, temperature=0.0), 0.0)
+        r.blocks = [self._pad] * self.cache.blocks_for(2 * self.k + 2)  # every position the round may touch
+        r.drafts = [0] * self.k
+        phase([r])
+        for name, value in saved.items():  # in place: a Leader or the server may hold the stats object
+            setattr(self.stats, name, value)
 
     def _sampler(self, reqs: list[_Request]) -> BatchSampler:
         pen = any(r.params.repetition_penalty != 1.0 for r in reqs)

@@ -27,12 +27,25 @@ meet with the same shapes on every rank:
     torchrun, Ctrl-C or SIGTERM reaches every rank; followers keep following until rank 0's stop
     arrives (`run_follower`), so all ranks exit 0.
 
+Attention data parallelism (`DPLeader`, `follow(..., dp=True)`; the paper's decode layout): each rank
+holds, prefills and decodes its own requests (its own latent cache, its own batches, attention and the
+dense layers over its own tokens only); the MoE layers exchange the ranks' different tokens by all-to-all.
+Rank 0 still owns the queue: it gives each new request to the rank with the fewest live requests (ties:
+the lowest rank) and sends ("add", ids, params, id, owner) to all; only the owner queues it. After every
+step each rank's outputs (and its running / waiting counts and stats) are gathered to rank 0, which
+returns them all, so the server and `Engine.generate` see one engine. Tokens are the owner's own (no
+`agree`): no other rank's batches depend on them. What must still agree is the sequence of forwards,
+since each holds collectives: `Engine.phase_sync` all-reduces (has prefill, has decode) over the ranks
+before a step's forwards, and a rank with no work in a phase another rank runs runs it on a throwaway
+request in its padding block (`Engine._idle`).
+
 A step that raises on one rank leaves the others inside a collective: the job must be restarted
 (torchrun tears the ranks down when one exits with an error).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import sys
 import threading
@@ -42,7 +55,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from dsv3.inference.engine import Engine, RequestOutput, SamplingParams
+from dsv3.inference.engine import Engine, EngineStats, RequestOutput, SamplingParams
 
 # How long a follower may wait for rank 0's next command: an idle server sends none.
 CONTROL_TIMEOUT = timedelta(days=365)
@@ -126,25 +139,119 @@ class Leader:
                 _send([("stop",)], self.ctrl)
 
 
-def follow(engine: Engine, ctrl) -> int:
-    """A follower rank: apply rank 0's commands and step, until rank 0 says stop. Returns the steps run."""
-    steps = 0
+def sync_phases(engine: Engine, ctrl) -> Engine:
+    """Attention data parallelism: before each step's forwards the ranks agree on which phases run (one
+    all-reduce of two flags on the gloo control group: no device sync); see the module docstring."""
+    def phase_sync(has_new: bool, has_decode: bool) -> tuple[bool, bool]:
+        t = torch.tensor([int(has_new), int(has_decode)])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=ctrl)
+        return bool(t[0]), bool(t[1])
+
+    engine.phase_sync = phase_sync
+    return engine
+
+
+def _report(engine: Engine, outs: list[RequestOutput]) -> tuple:
+    """What a data-parallel rank sends rank 0 after a step."""
+    return outs, engine.num_running, engine.num_waiting, dataclasses.asdict(engine.stats)
+
+
+class DPLeader(Leader):
+    """Rank 0's interface under attention data parallelism (module docstring): requests go to the least
+    loaded rank, every step gathers all ranks' outputs. `num_running`, `num_waiting` and `stats` are sums
+    over the ranks (as of the last step); `max_batch_size` is the ranks' total; `cache` is rank 0's (every
+    rank has one of the same size)."""
+
+    def __init__(self, engine: Engine, ctrl):
+        super().__init__(engine, ctrl)
+        self.world = dist.get_world_size(ctrl)
+        self.owner: dict[str, int] = {}  # live request id -> the rank that holds it
+        self.load = [0] * self.world  # live requests per rank
+        self._counts = [(0, 0)] * self.world  # (running, waiting) per rank after the last step
+        self.stats = EngineStats()
+
+    def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None) -> str:
+        rid = self.engine.add_request(prompt, params, request_id)  # validated here, for every rank alike
+        r = self.engine.waiting[-1]
+        owner = min(range(self.world), key=lambda i: (self.load[i], i))
+        if owner != 0:
+            self.engine.waiting.pop()  # queued by its owner
+        self.owner[rid] = owner
+        self.load[owner] += 1
+        self._pending.append(("add", r.prompt, r.params, rid, owner))
+        return rid
+
+    def abort(self, request_id: str) -> bool:
+        owner = self.owner.get(request_id)
+        if owner is None:
+            return False
+        if owner == 0:
+            return super().abort(request_id)
+        self._pending.append(("abort", request_id))  # its final output comes back from the owner's next step
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self.owner) or self.engine.has_unfinished()
+
+    @property
+    def num_running(self) -> int:
+        return sum(c[0] for c in self._counts)
+
+    @property
+    def num_waiting(self) -> int:
+        return sum(c[1] for c in self._counts)
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.engine.max_batch_size * self.world
+
+    def step(self) -> list[RequestOutput]:
+        with self._lock:
+            if self.closed:
+                raise RuntimeError("the expert-parallel engine was shut down")
+            cmds, self._pending = self._pending, []
+            _send(cmds, self.ctrl)
+            reports = [None] * self.world
+            dist.gather_object(_report(self.engine, self.engine.step()), reports, dst=_rank0(self.ctrl),
+                               group=self.ctrl)
+        outs = [o for rep in reports for o in rep[0]]
+        for o in outs:
+            if o.finished and o.request_id in self.owner:
+                self.load[self.owner.pop(o.request_id)] -= 1
+        self._counts = [(rep[1], rep[2]) for rep in reports]
+        for name in dataclasses.asdict(self.stats):
+            setattr(self.stats, name, sum(rep[3][name] for rep in reports))
+        return outs
+
+
+def _rank0(ctrl) -> int:
+    return dist.get_global_rank(ctrl, 0)
+
+
+def follow(engine: Engine, ctrl, dp: bool = False) -> int:
+    """A follower rank: apply rank 0's commands and step, until rank 0 says stop. Returns the steps run.
+    dp: attention data parallelism (`DPLeader` leads): queue only the requests given to this rank and
+    report each step's outputs to rank 0."""
+    steps, me = 0, dist.get_rank(ctrl)
     while True:
         for cmd in _receive(ctrl):
             if cmd[0] == "stop":
                 return steps
             if cmd[0] == "add":
-                _, ids, params, rid = cmd
-                engine.add_request(ids, params, request_id=rid)
+                _, ids, params, rid, *owner = cmd
+                if not dp or owner[0] == me:
+                    engine.add_request(ids, params, request_id=rid)
             elif cmd[0] == "abort":
                 engine.abort(cmd[1])
             else:
                 raise RuntimeError(f"unknown lockstep command {cmd[0]!r}")
-        engine.step()
+        outs = engine.step()
+        if dp:
+            dist.gather_object(_report(engine, outs), None, dst=_rank0(ctrl), group=ctrl)
         steps += 1
 
 
-def run_follower(engine: Engine, ctrl, grace_s: float = 20.0) -> int:
+def run_follower(engine: Engine, ctrl, grace_s: float = 20.0, dp: bool = False) -> int:
     """`follow` for a CLI process: the loop runs on a thread (a blocked collective defers Python signal
     handlers), and SIGINT / SIGTERM (torchrun forwards Ctrl-C and its own SIGTERM to every rank) only start
     a grace period in which rank 0, shutting down too, sends its stop. Returns 0 after the stop; 1 if the
@@ -157,7 +264,7 @@ def run_follower(engine: Engine, ctrl, grace_s: float = 20.0) -> int:
         try:
             if dev.type == "cuda":
                 torch.cuda.set_device(dev)
-            follow(engine, ctrl)
+            follow(engine, ctrl, dp=dp)
         except BaseException as e:  # reported by the main thread
             failed.append(e)
         finally:
@@ -183,4 +290,5 @@ def run_follower(engine: Engine, ctrl, grace_s: float = 20.0) -> int:
     return 0
 
 
-__all__ = ["CONTROL_TIMEOUT", "Leader", "agree_with_rank0", "control_group", "follow", "run_follower"]
+__all__ = ["CONTROL_TIMEOUT", "DPLeader", "Leader", "agree_with_rank0", "control_group", "follow", "run_follower",
+           "sync_phases"]

@@ -18,7 +18,9 @@ layout (fp32, and an FP8 copy for the sharded-load checks).
     and top-3) within TOL = 1e-5 (fp32; the EP path sums the same expert outputs in another order),
     speculative_k 0 and 2, with and without a redundant-expert placement, and with the bucketed decode
     steps that CUDA graphs capture (cuda_graphs=True runs them eagerly on the CPU); decode steps take the
-    dispatcher's static all-reduce path and prefill the all-to-all (both counted). A fifth request samples without a seed while each rank's global RNG is
+    dispatcher's static all-reduce path and prefill the all-to-all (both counted); with attention data
+    parallelism (dp_attention: each rank its own requests, every forward by all-to-all; every rank gets
+    some, none all). A fifth request samples without a seed while each rank's global RNG is
     seeded differently: every rank's latent KV cache of the main layers must still equal rank 0's, i.e. every
     rank decoded rank 0's tokens (`Engine.agree`);
   * the static decode path compiles with torch.compile(fullgraph=True) (no graph break: no host sync,
@@ -202,11 +204,14 @@ PROMPT_LENS = [3, 11, 6, 9, 5]
 JOIN_AT, ABORT_AT = 2, 4  # steps after which requests r2, r3, r4 join (r4 waits for a batch slot), r3 is aborted
 UNSEEDED = "r4"  # sampled from each rank's own global RNG, seeded differently per rank: only rank 0's counts
 # name -> (world size, speculative_k, redundant experts or None: no placement, the contiguous split,
-#          cuda_graphs: the bucketed static decode steps, run eagerly on the CPU)
-SCENARIOS = {"ep2_k0": (2, 0, None, False), "ep2_k2": (2, 2, None, False), "ep4_k2": (4, 2, None, False),
+#          cuda_graphs: the bucketed static decode steps, run eagerly on the CPU,
+#          dp_attention: each rank its own requests)
+SCENARIOS = {"ep2_k0": (2, 0, None, False, False), "ep2_k2": (2, 2, None, False, False),
+             "ep4_k2": (4, 2, None, False, False),
              # placed from skewed loads (dsv3/inference/eplb.py): hot experts copied to other ranks
-             "ep2_k2_red2": (2, 2, 2, False), "ep4_k0_red4": (4, 0, 4, False),
-             "ep2_k2_graphs": (2, 2, None, True), "ep4_k2_red4_graphs": (4, 2, 4, True)}
+             "ep2_k2_red2": (2, 2, 2, False, False), "ep4_k0_red4": (4, 0, 4, False, False),
+             "ep2_k2_graphs": (2, 2, None, True, False), "ep4_k2_red4_graphs": (4, 2, 4, True, False),
+             "ep2_k2_dp": (2, 2, None, False, True), "ep4_k0_red4_dp": (4, 0, 4, False, True)}
 LOADS = "loads.pt"  # (MoE blocks = 2 main + 1 MTP, 8 experts): experts 0-1 hot, 2-3 warm
 
 
@@ -251,43 +256,48 @@ def _engine_kwargs(k: int) -> dict:
 def run_one(rank: int, world: int, name: str) -> dict:
     """One rank of a scenario (spawned by the harness, process group started)."""
     from dsv3.ep_serve import load_ep_engine
-    from dsv3.inference.lockstep import Leader, control_group, follow
+    from dsv3.inference.lockstep import DPLeader, Leader, control_group, follow
 
     d = os.environ[ENV]
-    _, k, red, graphs = SCENARIOS[name]
+    _, k, red, graphs, dp = SCENARIOS[name]
     ctrl = control_group()
     placed = {} if red is None else {"expert_loads": os.path.join(d, LOADS), "redundant_experts": red}
-    engine, tok = load_ep_engine(os.path.join(d, "fp32"), ep=world, cuda_graphs=graphs, **placed,
-                                 **_engine_kwargs(k))
+    engine, tok = load_ep_engine(os.path.join(d, "fp32"), ep=world, cuda_graphs=graphs, dp_attention=dp, ctrl=ctrl,
+                                 **placed, **_engine_kwargs(k))
     metrics = {"tokens_differ": 0.0, "lp_err": 0.0, "top_differ": 0.0, "missing": 0.0, "aborted": 0.0,
-               "spec_rounds": 0.0, "cache_differs": 0.0, "not_placed": 0.0, "no_static": 0.0, "no_all_to_all": 0.0}
-    # which dispatcher path ran: decode steps the static all-reduce, prefill the all-to-all
+               "spec_rounds": 0.0, "cache_differs": 0.0, "not_placed": 0.0, "no_static": 0.0, "no_all_to_all": 0.0,
+               "no_own_requests": 0.0, "prefilled_all": 0.0}
+    # which dispatcher path ran: decode steps the static all-reduce, prefill the all-to-all (with
+    # dp_attention every forward takes the all-to-all)
     calls = {"static": 0, "all_to_all": 0}
     for m in engine.model.modules():
         if type(m).__name__ == "MoE":
-            d_ = m.dispatcher
-            d_.static = _counted(d_.static, calls, "static")
+            d_ = getattr(m.dispatcher, "inner", m.dispatcher)  # under a placement: the dispatcher it wraps
+            if hasattr(d_, "static"):
+                d_.static = _counted(d_.static, calls, "static")
             d_.plan = _counted(d_.plan, calls, "all_to_all")
     if red:  # this rank's slots hold copies of the hot experts (the placement is in effect)
         stacks = [m.experts for m in engine.model.modules() if type(m).__name__ == "MoE"]
         metrics["not_placed"] = float(not all(s.gate_proj.shape[0] == (8 + red) // world for s in stacks))
     torch.manual_seed(100 + rank)  # the ranks' own draws differ: the unseeded request must still agree
     if rank != 0:
-        follow(engine, ctrl)
+        follow(engine, ctrl, dp=dp)
     else:
-        leader = Leader(engine, ctrl)
+        leader = (DPLeader if dp else Leader)(engine, ctrl)
         got = drive(leader, engine.model.config.vocab_size)
         leader.shutdown()
+    metrics["no_own_requests"] = float(engine.stats.prefill_tokens == 0)  # this rank prefilled nothing
+    metrics["prefilled_all"] = float(engine.stats.prefill_tokens == sum(PROMPT_LENS))
     # every rank's latent cache of the main layers holds what rank 0's does: same tokens at the same
     # positions (had a rank kept its own draws for the unseeded request, its rows of that request would
     # differ by O(1)). The MTP slots (after the main layers') hold each rank's own draft steps, which only
     # shape proposals that rank 0's replace (dsv3/inference/lockstep.py): not compared.
     L = engine.model.config.num_hidden_layers
-    for t in (engine.cache.kv[:L], engine.cache.pe[:L]):
+    for t in ((engine.cache.kv[:L], engine.cache.pe[:L]) if not dp else ()):  # dp: each rank its own sequences
         t0 = t.clone()
         dist.broadcast(t0, src=0)
         metrics["cache_differs"] = max(metrics["cache_differs"], float((t - t0).abs().max()))
-    metrics["no_static"], metrics["no_all_to_all"] = float(not calls["static"]), float(not calls["all_to_all"])
+    metrics["no_static"], metrics["no_all_to_all"] = float(not calls["static"] and not dp), float(not calls["all_to_all"])
     if rank != 0:
         return metrics
     with open(os.path.join(d, f"ref_k{k}.json")) as f:
@@ -343,6 +353,9 @@ def test_lockstep_engine_equals_one_process(ep_results, name):
     assert r["tokens_differ"] == 0 and r["top_differ"] == 0
     assert r["lp_err"] <= TOL and r["cache_differs"] <= TOL
     assert r["no_static"] == 0 and r["no_all_to_all"] == 0  # decode: all-reduce path; prefill: all-to-all
+    assert r["no_own_requests"] == 0  # every rank prefilled (worst rank)
+    # dp_attention: no rank prefilled every prompt (each its own share); replicated: every rank did
+    assert r["prefilled_all"] == (0 if SCENARIOS[name][4] else 1)
     if SCENARIOS[name][1]:
         assert r["spec_rounds"] > 0  # the MTP speculation ran
     if SCENARIOS[name][2]:
@@ -409,7 +422,11 @@ def _ranks(world: int, argv: list[str], cwd: str) -> list[subprocess.Popen]:
             for r in range(world)]
 
 
-def test_cli_serve_under_torchrun(ckpt, tmp_path):
+@pytest.mark.parametrize("dp", [False, True])
+def test_cli_serve_under_torchrun(ckpt, tmp_path, dp):
+    """`dsv3 serve --ep 2` answers the openai client with the one-process texts. Without --dp-attention with
+    the bucketed static decode steps (--cuda-graphs on: eager on the CPU); with it, the two-prompt
+    completion's prompts go one to each rank."""
     httpx = pytest.importorskip("httpx")
     openai = pytest.importorskip("openai")
     from dsv3.inference.engine import SamplingParams, load_engine
@@ -417,8 +434,8 @@ def test_cli_serve_under_torchrun(ckpt, tmp_path):
     port = free_port()
     procs = _ranks(2, ["serve", ckpt["fp32"], "--ep", "2", "--device", "cpu", "--port", str(port),
                        "--max-batch-size", "4", "--cache-tokens", "512", "--speculative-k", "1",
-                       "--cuda-graphs", "on",  # the bucketed static decode steps (eager on the CPU)
-                       "--log-level", "warning"], str(tmp_path))
+                       "--log-level", "warning"]
+                   + (["--dp-attention"] if dp else ["--cuda-graphs", "on"]), str(tmp_path))
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, procs, timeout=90)
@@ -445,6 +462,7 @@ def test_cli_serve_under_torchrun(ckpt, tmp_path):
                 outs.append(p.communicate()[0])
     assert [p.returncode for p in procs] == [0, 0], outs
     assert "expert parallel over 2 ranks" in outs[0]
+    assert ("attention data parallel" in outs[0]) == dp
 
 
 def test_cli_ep_errors(ckpt, monkeypatch, capsys):
@@ -458,15 +476,24 @@ def test_cli_ep_errors(ckpt, monkeypatch, capsys):
     assert "--ep 3 does not divide n_routed_experts (8)" in capsys.readouterr().err
     assert cli.main(["generate", ckpt["fp32"], "--prompt", "x", "--ep", "2"]) == 2
     assert "--ep 2 but torchrun started 3 processes" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli.main(["serve", ckpt["fp32"], "--ep", "2", "--dp-attention", "--cuda-graphs", "on"]) == 2
+    assert "CUDA graphs cannot run with attention data parallelism" in capsys.readouterr().err
+    assert cli.main(["generate", ckpt["fp32"], "--prompt", "x", "--dp-attention"]) == 2
+    assert "--dp-attention gives each expert-parallel rank its own requests: it needs --ep N" in \
+        capsys.readouterr().err
 
 
-def test_cli_generate_under_torchrun(ckpt, tmp_path):
-    """`dsv3 generate --ep 2`: rank 0 prints the one-process greedy text, the follower prints nothing."""
+@pytest.mark.parametrize("dp", [False, True])
+def test_cli_generate_under_torchrun(ckpt, tmp_path, dp):
+    """`dsv3 generate --ep 2`: rank 0 prints the one-process greedy text, the follower prints nothing. With
+    --dp-attention the one request is rank 0's and rank 1 runs every phase idle (Engine._idle)."""
     from dsv3.inference.engine import SamplingParams, load_engine
 
     prompt = "def alpha"
     procs = _ranks(2, ["generate", ckpt["fp32"], "--prompt", prompt, "--ep", "2", "--device", "cpu",
-                       "--temperature", "0", "--max-new-tokens", "8", "--speculative-k", "2"], str(tmp_path))
+                       "--temperature", "0", "--max-new-tokens", "8", "--speculative-k", "2"]
+                   + (["--dp-attention"] if dp else []), str(tmp_path))
     outs = []
     for p in procs:
         try:
@@ -495,7 +522,7 @@ def test_ep_serve_bench_runs_under_torchrun_on_cpu(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads((tmp_path / "ep_serve.json").read_text())
     assert out["ranks"] == 2 and [(row["mode"], row["batch"]) for row in out["rows"]] == [
-        ("eager", 1), ("eager", 3), ("graphs", 1), ("graphs", 3)]
+        ("eager", 1), ("eager", 3), ("graphs", 1), ("graphs", 3), ("dp", 1), ("dp", 3)]
     assert all(row["prefill_tok_s"] > 0 and row["decode_tok_s"] > 0 for row in out["rows"])
     assert "8 of 16 routed experts per rank" in out["setup"]
 
