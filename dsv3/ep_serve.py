@@ -94,6 +94,31 @@ class PlacedDispatcher:
         return self.inner(experts, x_ND, route_to_replica(idx_NK, self.placement), w_NK, impl)
 
 
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def gpu_cache_tokens(model, mem_fraction: float = 0.9, reserve_gib: float = 4.0) -> int:
+    """Latent-cache tokens for this rank's GPU when --cache-tokens is not given: `dsv3 plan --serve`'s formula
+    (plan_serve.cache_capacity) with the memory the loaded shard actually occupies: total x mem_fraction -
+    allocated - reserve, over the cache's bytes per token. A GPU left with no room is an error that says by
+    how much (one GPU's default, batch x min(context, 4096), would not fit either)."""
+    from dsv3.inference.cache import PagedLatentCache
+    from dsv3.plan import GiB
+    from dsv3.plan_serve import cache_capacity
+
+    dev = model_device(model)
+    total = torch.cuda.get_device_properties(dev).total_memory
+    used = torch.cuda.memory_allocated(dev)
+    bpt = PagedLatentCache.bytes_per_token(model, next(model.parameters()).dtype)  # the Engine's cache dtype
+    _, tokens = cache_capacity(total, used, bpt, mem_fraction, reserve_gib)
+    if tokens < 1:
+        raise ValueError(f"no GPU memory left for the KV cache: {total / GiB:.1f} GiB x {mem_fraction} - "
+                         f"{used / GiB:.1f} GiB of weights - {reserve_gib:g} GiB reserve; use more --ep ranks or "
+                         "FP8 weights")
+    return tokens
+
+
 def check_modes(dp_attention: bool, cuda_graphs, compile_decode: bool) -> None:
     """The engine modes expert parallelism refuses, with the reason."""
     if dp_attention and graphs_setting(cuda_graphs):
@@ -179,6 +204,8 @@ def load_ep_engine(checkpoint: str, *, ep: int, device: str = "auto", keep_fp8: 
                             keep_fp8=keep_fp8, experts=mine).eval()
     # decode steps (at most max_batch_size x (k + 1) tokens, bucketed or not) take the static all-reduce
     # path, larger forwards (prefill) the all-to-all; every rank sees the same N, so they agree
+    if model_device(model).type == "cuda" and not engine_kwargs.get("cache_tokens"):
+        engine_kwargs["cache_tokens"] = gpu_cache_tokens(model)
     static = engine_kwargs.get("max_batch_size", 32) * (engine_kwargs.get("speculative_k", 0) + 1)
     moes = [m for m in model.modules() if isinstance(m, MoE)]
     for i, m in enumerate(moes):

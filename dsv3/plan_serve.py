@@ -1,7 +1,7 @@
 """`dsv3 plan --serve`: per-GPU weight bytes, latent KV-cache capacity and the largest batch at a given
 context for a serving layout (issue 17, item 5). Arithmetic only, from the config (no model is built):
-the 671B plans in microseconds. The inference engine does not use it yet; the multi-rank engine (a
-later part of issue 17) is meant to size its PagedLatentCache from it.
+the 671B plans in microseconds. The expert-parallel engine on GPUs sizes its PagedLatentCache with the same
+formula (`cache_capacity`) from the weights it actually loaded, when no --cache-tokens is given.
 
 Layout: N GPUs (--gpus) of G GiB (--gpu-mem).
   routed experts   expert parallelism EP = N: each rank holds (E + R) / EP routed experts of every MoE
@@ -187,6 +187,16 @@ class ServePlanResult:
         return "\n".join(f"{k:<{w}}  {v}".rstrip() for k, v in rows)
 
 
+def cache_capacity(gpu_bytes: float, weight_bytes: float, bytes_per_token: int, mem_fraction: float = 0.9,
+                   reserve_gib: float = 4.0) -> tuple[float, int]:
+    """(free bytes, latent-cache tokens) of one GPU: free = gpu_bytes x mem_fraction - weights - reserve
+    (>= 0), tokens = free // bytes per token. The plan's arithmetic (module docstring), and how the
+    expert-parallel engine sizes its cache on a GPU when no --cache-tokens is given (dsv3/ep_serve.py, with
+    the weights it measured)."""
+    free = max(0.0, gpu_bytes * mem_fraction - weight_bytes - reserve_gib * GiB)
+    return free, int(free // bytes_per_token)
+
+
 def plan_serve(cfg: ModelConfig, sc: ServePlanConfig, gpus: int, gpu_mem_gib: float,
                name: str = "model") -> ServePlanResult:
     def need(cond, msg):
@@ -254,9 +264,8 @@ def plan_serve(cfg: ModelConfig, sc: ServePlanConfig, gpus: int, gpu_mem_gib: fl
     layers = L + n_mtp
     bpt = layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 2
     usable, reserve = mem * sc.mem_fraction, sc.reserve_gib * GiB
-    free = max(0.0, usable - weights - reserve)
+    free, tokens = cache_capacity(mem, weights, bpt, sc.mem_fraction, sc.reserve_gib)
     groups = gpus // T
-    tokens = int(free // bpt)
     batch = int(free // (sc.context * bpt + V * 4))
     return ServePlanResult(name, gpus, gpu_mem_gib, sc, ep, groups, per_gpu, moe_layers, w, params, bpt, layers,
                            usable, reserve, free, tokens, tokens * groups, batch, batch * groups)

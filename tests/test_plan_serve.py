@@ -154,3 +154,25 @@ def test_official_fp8_config_json(tmp_path, capsys):
                  str(H200), "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["weights"]["total"] == plan_serve(preset("671b"), ServePlanConfig(), 8, H200).weight_bytes
+
+
+def test_ep_engine_sizes_its_gpu_cache_by_the_plans_formula(monkeypatch):
+    """`load_ep_engine` on a GPU without --cache-tokens: (total x 0.9 - allocated - 4 GiB) // bytes per token
+    of the engine's cache (main + MTP layers, the model's dtype), the plan's `cache_capacity`; no room is an
+    error naming the figures. (torch.cuda faked: the arithmetic and its inputs are what is checked here.)"""
+    from types import SimpleNamespace
+
+    from dsv3 import ep_serve
+    from dsv3.plan_serve import cache_capacity
+
+    model = make_model(tiny_cfg(num_nextn_predict_layers=1), seed=0).to(torch.bfloat16)
+    bpt = PagedLatentCache.bytes_per_token(model, torch.bfloat16)
+    assert bpt == (model.config.num_hidden_layers + 1) * (model.config.kv_lora_rank + model.config.qk_rope_head_dim) * 2
+    total, used = 141 * GiB, 60 * GiB
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev: SimpleNamespace(total_memory=total))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda dev: used)
+    tokens = ep_serve.gpu_cache_tokens(model)
+    assert tokens == int((total * 0.9 - used - 4 * GiB) // bpt) == cache_capacity(total, used, bpt)[1] > 0
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda dev: 125 * GiB)
+    with pytest.raises(ValueError, match=r"no GPU memory left for the KV cache: 141.0 GiB x 0.9 - 125.0 GiB"):
+        ep_serve.gpu_cache_tokens(model)

@@ -46,7 +46,8 @@ class EngineConfig:
     serve` (all) and `dsv3 generate/sample/chat` (device, speculative_k). 0 leaves a size to the engine."""
     device: str = setting("auto", "auto | cpu | cuda")
     max_batch_size: int = setting(32, "requests decoded together")
-    cache_tokens: int = setting(0, "KV-cache budget in tokens (0: batch size x min(context, 4096))")
+    cache_tokens: int = setting(0, "KV-cache budget in tokens (0: batch size x min(context, 4096); with --ep on "
+                                   "GPUs: what each GPU holds after its weights, by dsv3 plan --serve's formula)")
     speculative_k: int = setting(0, "tokens drafted per step by the MTP module (0: off)")
     max_model_len: int = setting(0, "context limit (0: the model's)")
     compile_decode: bool = setting(False, "GPU: torch.compile the graphed decode steps (1.65x at batch 1 on the "
