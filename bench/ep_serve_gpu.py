@@ -15,7 +15,8 @@ Decode steps (at most the largest batch of tokens) take the dispatcher's static 
 on the pairs routed to them, one all-reduce; no host sync), prefill the all-to-all. --modes eager,graphs
 measures the decode steps run eagerly and captured as CUDA graphs (cuda_graphs=True; on the CPU the
 bucketed steps run eagerly); dp is attention data parallelism (each rank its own requests, B/N of the batch;
-their tokens to the experts by all-to-all; eager).
+their tokens to the experts by all-to-all; eager); tp splits attention, the dense FFNs and the shared experts
+over the ranks (--attn-tp N; eager; run last, as it slices the model).
 
 Measured per mode and batch size B (greedy, random --prompt-len-token prompts, ignore_eos):
   prefill  B prompts with max_new_tokens=1: B x prompt_len / time
@@ -41,6 +42,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import dsv3  # noqa: E402
 from dsv3.distributed.expert_parallel import (AllToAllDispatcher, ReplicatedTokensDispatcher,  # noqa: E402
                                               local_experts)
+from dsv3.distributed.attention_tp import check_attn_tp, shard_attention_tp  # noqa: E402
 from dsv3.distributed.mesh import init_distributed  # noqa: E402
 from dsv3.inference.engine import Engine  # noqa: E402
 from dsv3.inference.lockstep import DPLeader, agree_with_rank0, control_group, follow, sync_phases  # noqa: E402
@@ -83,10 +85,11 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--new", type=int, default=32, help="tokens generated per request in the decode run")
     ap.add_argument("--bf16", action="store_true", help="bf16 weights instead of the official FP8 blocks")
-    ap.add_argument("--modes", default="eager,graphs,dp",
+    ap.add_argument("--modes", default="eager,graphs,dp,tp",
                     help="engine modes: eager, graphs (the bucketed static decode steps captured as CUDA graphs; "
                          "on the CPU they run eagerly), dp (attention data parallelism: each rank its own "
-                         "requests, all-to-all MoE, eager)")
+                         "requests, all-to-all MoE, eager), tp (attention, dense FFNs and shared experts "
+                         "tensor-parallel over the ranks, --attn-tp; eager)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
@@ -107,8 +110,15 @@ def main() -> None:
     dtype = torch.bfloat16 if cuda else torch.float32
     batches = [int(b) for b in args.batches.split(",")]
     modes = args.modes.split(",")
-    if set(modes) - {"eager", "graphs", "dp"}:
-        raise SystemExit(f"--modes: some of eager, graphs, dp; got {args.modes!r}")
+    if set(modes) - {"eager", "graphs", "dp", "tp"}:
+        raise SystemExit(f"--modes: some of eager, graphs, dp, tp; got {args.modes!r}")
+    if "tp" in modes:
+        try:
+            check_attn_tp(cfg, world)
+        except ValueError as e:
+            modes.remove("tp")
+            if rank == 0:
+                print(f"mode tp skipped: {e}")
     ctrl = control_group()
     # decode steps (<= the largest batch) take the dispatcher's static all-reduce path, prefill the all-to-all
     model = rank_model(cfg, rank, world, device, dtype, fp8, static_max_tokens=max(batches))
@@ -139,11 +149,13 @@ def main() -> None:
         return time.perf_counter() - t
 
     rows = []
-    for mode in modes:
+    for mode in sorted(modes, key=lambda m: m == "tp"):  # tp last: it slices the model in place
         engine = None  # one latent cache at a time
         if cuda:
             torch.cuda.empty_cache()
         dp = mode == "dp"
+        if mode == "tp":
+            shard_attention_tp(model, dist.group.WORLD)
         for m in model.modules():
             if isinstance(m, MoE):  # dp: each rank's own tokens by all-to-all; else replicated tokens
                 m.dispatcher = AllToAllDispatcher(dist.group.WORLD, cfg.n_routed_experts) if dp else \
@@ -156,7 +168,8 @@ def main() -> None:
         for B in batches:
             t_pre = run(B, 1, dp)
             t_all = run(B, args.new, dp)
-            rows.append({"mode": mode, "batch": B, "prefill_tok_s": B * args.prompt_len / t_pre,
+            rows.append({"mode": mode, "batch": B, "weight_bytes_per_rank": weight_bytes(model),
+                         "prefill_tok_s": B * args.prompt_len / t_pre,
                          "decode_tok_s": B * (args.new - 1) / max(t_all - t_pre, 1e-9),
                          "prefill_s": t_pre, "total_s": t_all})
     if rank == 0:

@@ -33,7 +33,7 @@ SAMPLING_EXCLUDE = ("logprobs",)
 # EngineConfig fields of generate/sample/chat (one request at a time: the batch size is 1)
 GENERATE_ENGINE_FIELDS = ("speculative_k", "device")
 # and the expert-parallel degree, for generate/sample only (chat reads stdin: one process)
-EP_FIELDS = ("ep", "expert_loads", "redundant_experts", "dp_attention")
+EP_FIELDS = ("ep", "expert_loads", "redundant_experts", "dp_attention", "attn_tp")
 
 
 def _model_config(args):
@@ -290,6 +290,8 @@ def _one_process(ec) -> dict:
     if getattr(ec, "ep", 1) == 1 and (getattr(ec, "expert_loads", None) or getattr(ec, "redundant_experts", 0)):
         raise ValueError("--expert-loads / --redundant-experts place the experts over expert-parallel ranks: they "
                          "need --ep N under torchrun")
+    if getattr(ec, "ep", 1) == 1 and getattr(ec, "attn_tp", 1) != 1:
+        raise ValueError("--attn-tp splits attention over the expert-parallel ranks: it needs --ep N under torchrun")
     if getattr(ec, "ep", 1) == 1 and getattr(ec, "dp_attention", False):
         raise ValueError("--dp-attention gives each expert-parallel rank its own requests: it needs --ep N under "
                          "torchrun")
@@ -299,7 +301,7 @@ def _one_process(ec) -> dict:
 def _placement(ec) -> dict:
     """run_ep's layout arguments: the expert placement and attention data parallelism."""
     return {"expert_loads": ec.expert_loads, "redundant_experts": ec.redundant_experts,
-            "dp_attention": ec.dp_attention}
+            "dp_attention": ec.dp_attention, "attn_tp": ec.attn_tp}
 
 
 def _engine(args):
@@ -405,6 +407,7 @@ def cmd_serve(args) -> int:
             print(f"dsv3 serve: warning: listening on {sc.host} without --api-key", file=sys.stderr)
         ep = f", expert parallel over {ec.ep} ranks" if ec.ep != 1 else ""
         ep += ", each with its own requests (attention data parallel)" if ec.dp_attention else ""
+        ep += f", attention tensor parallel over {ec.attn_tp}" if ec.attn_tp != 1 else ""
         print(f"serving {path} as {name!r} on http://{sc.host}:{sc.port}/v1 (batch {ec.max_batch_size}, "
               f"{engine.cache.num_blocks * engine.cache.block_size} cache tokens, context {engine.max_model_len}, "
               f"speculative k={ec.speculative_k}{ep})", flush=True)

@@ -32,7 +32,9 @@ on multi-GPU hardware yet, so it is not the default. Refused: `compile_decode` (
 the all-reduce is not verified).
 
 Cost: attention, the dense layers and the shared experts run on every rank for the whole batch
-(replicated); the routed experts are split by tokens and by experts as above.
+(replicated); the routed experts are split by tokens and by experts as above. `attn_tp` = ep splits those
+layers over the ranks instead (dsv3/distributed/attention_tp.py: heads and FFN widths, an all-reduce
+after each row-parallel projection); every rank still runs every sequence.
 
 Attention data parallelism (`dp_attention`, the paper's decode layout with one attention replica per
 rank): each rank holds, prefills and decodes its own requests (lockstep.py's DPLeader gives each new
@@ -119,8 +121,20 @@ def gpu_cache_tokens(model, mem_fraction: float = 0.9, reserve_gib: float = 4.0)
     return tokens
 
 
-def check_modes(dp_attention: bool, cuda_graphs, compile_decode: bool) -> None:
+def check_modes(dp_attention: bool, cuda_graphs, compile_decode: bool, attn_tp: int = 1, ep: int = 1,
+                cfg=None) -> None:
     """The engine modes expert parallelism refuses, with the reason."""
+    if attn_tp != 1:
+        if attn_tp != ep:
+            raise ValueError(f"--attn-tp {attn_tp}: attention is tensor-parallel over all the --ep ranks ({ep}) or "
+                             "replicated (1); groups of fewer ranks (TP x DP) are not supported")
+        if dp_attention:
+            raise ValueError("--attn-tp and --dp-attention exclude each other here: with attention split over "
+                             "every rank there is no data-parallel group left")
+        if cfg is not None:
+            from dsv3.distributed.attention_tp import check_attn_tp
+
+            check_attn_tp(cfg, attn_tp)
     if dp_attention and graphs_setting(cuda_graphs):
         raise ValueError("CUDA graphs cannot run with attention data parallelism: each rank's decode step "
                          "exchanges its own, data-dependent number of tokens by all-to-all (host-read split "
@@ -161,7 +175,7 @@ def plan_serving_placement(cfg, ep: int, expert_loads: str | None, redundant_exp
 def load_ep_engine(checkpoint: str, *, ep: int, device: str = "auto", keep_fp8: bool = True,
                    cuda_graphs: bool | str | None = None, compile_decode: bool = False, group=None,
                    expert_loads: str | None = None, redundant_experts: int = 0, dp_attention: bool = False,
-                   ctrl=None, **engine_kwargs):
+                   attn_tp: int = 1, ctrl=None, **engine_kwargs):
     """(Engine, DSTokenizer) of this rank: its shard of a checkpoint (or run) directory, the EP dispatcher
     installed in every MoE block, decisions agreed with rank 0. Needs the default process group started
     (torchrun + `dsv3.distributed.init_distributed`) over `ep` ranks (or `group` of ep ranks).
@@ -170,7 +184,9 @@ def load_ep_engine(checkpoint: str, *, ep: int, device: str = "auto", keep_fp8: 
 
     dp_attention: each rank its own requests (lockstep.py's DPLeader / follow(dp=True)): the MoE blocks
     dispatch each rank's own tokens by all-to-all, the ranks agree on each step's phases over `ctrl`
-    (`lockstep.control_group()`, required) and each keeps its own tokens (no agreement with rank 0)."""
+    (`lockstep.control_group()`, required) and each keeps its own tokens (no agreement with rank 0).
+    attn_tp = ep: attention, dense FFNs and shared experts tensor-parallel over the ranks
+    (dsv3/distributed/attention_tp.py) instead of replicated; 1: replicated."""
     from dsv3.checkpoints.hf import load_pretrained
     from dsv3.checkpoints.rundir import resolve_checkpoint
     from dsv3.config import ModelConfig
@@ -182,7 +198,6 @@ def load_ep_engine(checkpoint: str, *, ep: int, device: str = "auto", keep_fp8: 
     R, rank = dist.get_world_size(group), dist.get_rank(group)
     if R != ep:
         raise ValueError(f"ep={ep} but the process group has {R} ranks")
-    check_modes(dp_attention, cuda_graphs, compile_decode)
     if dp_attention and ctrl is None:
         raise ValueError("dp_attention needs ctrl, the lockstep control group (lockstep.control_group()), over "
                          "which the ranks agree on each step's phases")
@@ -200,8 +215,13 @@ def load_ep_engine(checkpoint: str, *, ep: int, device: str = "auto", keep_fp8: 
     tok = DSTokenizer.load(checkpoint)
     mine = local_experts(E, rank, ep) if placement is None else \
         [placement.slots[i, rank].tolist() for i in range(placement.n_layers)]  # this rank's slots per block
+    check_modes(dp_attention, cuda_graphs, compile_decode, attn_tp, ep, cfg)
     model = load_pretrained(checkpoint, device=device, dtype=torch.float32 if device == "cpu" else None,
                             keep_fp8=keep_fp8, experts=mine).eval()
+    if attn_tp > 1:
+        from dsv3.distributed.attention_tp import shard_attention_tp
+
+        shard_attention_tp(model, group)
     # decode steps (at most max_batch_size x (k + 1) tokens, bucketed or not) take the static all-reduce
     # path, larger forwards (prefill) the all-to-all; every rank sees the same N, so they agree
     if model_device(model).type == "cuda" and not engine_kwargs.get("cache_tokens"):
@@ -220,7 +240,8 @@ def load_ep_engine(checkpoint: str, *, ep: int, device: str = "auto", keep_fp8: 
 
 
 def run_ep(ep: int, checkpoint: str, engine_kwargs: dict, run: Callable[[Leader, object], int],
-           expert_loads: str | None = None, redundant_experts: int = 0, dp_attention: bool = False) -> int:
+           expert_loads: str | None = None, redundant_experts: int = 0, dp_attention: bool = False,
+           attn_tp: int = 1) -> int:
     """One rank of an expert-parallel command under torchrun: check the layout before anything starts,
     start the process groups, load this rank's engine (`load_ep_engine(checkpoint, ep=ep, **engine_kwargs)`);
     rank 0 runs `run(leader, tokenizer)` and then tells the others to stop, which follow it until then.
@@ -232,14 +253,15 @@ def run_ep(ep: int, checkpoint: str, engine_kwargs: dict, run: Callable[[Leader,
     checkpoint = resolve_checkpoint(checkpoint)
     cfg = ModelConfig.from_json(checkpoint)
     check_ep(ep, cfg.n_routed_experts)
-    check_modes(dp_attention, engine_kwargs.get("cuda_graphs"), engine_kwargs.get("compile_decode", False))
+    check_modes(dp_attention, engine_kwargs.get("cuda_graphs"), engine_kwargs.get("compile_decode", False),
+                attn_tp, ep, cfg)
     plan_serving_placement(cfg, ep, expert_loads, redundant_experts)  # its errors before any process group
     env = init_distributed(engine_kwargs.get("device", "auto"))
     rc = 1
     try:
         ctrl = control_group()
         engine, tok = load_ep_engine(checkpoint, ep=ep, expert_loads=expert_loads, redundant_experts=redundant_experts,
-                                     dp_attention=dp_attention, ctrl=ctrl, **engine_kwargs)
+                                     dp_attention=dp_attention, attn_tp=attn_tp, ctrl=ctrl, **engine_kwargs)
         if env.rank != 0:
             rc = run_follower(engine, ctrl, dp=dp_attention)
             return rc

@@ -348,3 +348,27 @@ def test_engine_serves_fp8_weights_as_fp8(fp8, tmp_path):
         prompt = [3, 17, 42, 5, 9]
         out = engine.generate([prompt], SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True))[0]
         assert out.token_ids == generate_naive(fp8, prompt, 8, temperature=0)
+
+
+@pytest.mark.parametrize("dim, lo, hi", [(0, 128, 256), (0, 256, 300), (1, 0, 128), (1, 128, 200),  # on blocks
+                                         (0, 64, 192), (1, 100, 228)])  # cutting blocks: dequantised
+def test_attention_tp_slices_fp8_linears_exactly(dim, lo, hi):
+    """Tensor-parallel serving (dsv3/distributed/attention_tp.py) cuts FP8 projections in their 128x128
+    scale blocks where the cut falls on block boundaries (the slice stays FP8, bytes and scales unchanged),
+    else dequantises first: either way the slice's weight is exactly the dense weight's slice."""
+    from dsv3.distributed.attention_tp import _slice_linear
+    from dsv3.model.fp8 import FP8Linear
+
+    g = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(260, 300, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(300, 260, generator=g) * 0.05)
+    q = FP8Linear.from_linear(lin)
+    dense = q.dequantized_weight(torch.float32)
+    part = _slice_linear(q, dim, lo, hi, torch.float32)
+    on_blocks = lo % 128 == 0 and (hi % 128 == 0 or hi == dense.shape[dim])
+    assert isinstance(part, FP8Linear) == on_blocks
+    w = part.dequantized_weight(torch.float32) if on_blocks else part.weight
+    assert torch.equal(w, dense.narrow(dim, lo, hi - lo))
+    x = torch.randn(3, part.in_features if on_blocks else w.shape[1], generator=g)
+    assert torch.allclose(part(x), x @ w.T, atol=1e-5)

@@ -38,6 +38,7 @@ import random
 import signal
 import subprocess
 import sys
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -203,15 +204,21 @@ def test_shard_range_is_checked(ckpt):
 PROMPT_LENS = [3, 11, 6, 9, 5]
 JOIN_AT, ABORT_AT = 2, 4  # steps after which requests r2, r3, r4 join (r4 waits for a batch slot), r3 is aborted
 UNSEEDED = "r4"  # sampled from each rank's own global RNG, seeded differently per rank: only rank 0's counts
-# name -> (world size, speculative_k, redundant experts or None: no placement, the contiguous split,
-#          cuda_graphs: the bucketed static decode steps, run eagerly on the CPU,
-#          dp_attention: each rank its own requests)
-SCENARIOS = {"ep2_k0": (2, 0, None, False, False), "ep2_k2": (2, 2, None, False, False),
-             "ep4_k2": (4, 2, None, False, False),
+class Sc(NamedTuple):
+    world: int  # ranks (= --ep)
+    k: int  # speculative_k
+    red: int | None = None  # redundant experts (None: no placement, the contiguous split)
+    graphs: bool = False  # cuda_graphs: the bucketed static decode steps, run eagerly on the CPU
+    dp: bool = False  # dp_attention: each rank its own requests
+    tp: int = 1  # attn_tp: attention, dense FFNs and shared experts split over the ranks
+
+
+SCENARIOS = {"ep2_k0": Sc(2, 0), "ep2_k2": Sc(2, 2), "ep4_k2": Sc(4, 2),
              # placed from skewed loads (dsv3/inference/eplb.py): hot experts copied to other ranks
-             "ep2_k2_red2": (2, 2, 2, False, False), "ep4_k0_red4": (4, 0, 4, False, False),
-             "ep2_k2_graphs": (2, 2, None, True, False), "ep4_k2_red4_graphs": (4, 2, 4, True, False),
-             "ep2_k2_dp": (2, 2, None, False, True), "ep4_k0_red4_dp": (4, 0, 4, False, True)}
+             "ep2_k2_red2": Sc(2, 2, 2), "ep4_k0_red4": Sc(4, 0, 4),
+             "ep2_k2_graphs": Sc(2, 2, graphs=True), "ep4_k2_red4_graphs": Sc(4, 2, 4, graphs=True),
+             "ep2_k2_dp": Sc(2, 2, dp=True), "ep4_k0_red4_dp": Sc(4, 0, 4, dp=True),
+             "ep2_k2_tp2": Sc(2, 2, tp=2), "ep2_k0_red2_tp2_graphs": Sc(2, 0, 2, graphs=True, tp=2)}
 LOADS = "loads.pt"  # (MoE blocks = 2 main + 1 MTP, 8 experts): experts 0-1 hot, 2-3 warm
 
 
@@ -259,14 +266,19 @@ def run_one(rank: int, world: int, name: str) -> dict:
     from dsv3.inference.lockstep import DPLeader, Leader, control_group, follow
 
     d = os.environ[ENV]
-    _, k, red, graphs, dp = SCENARIOS[name]
+    _, k, red, graphs, dp, tp = SCENARIOS[name]
     ctrl = control_group()
     placed = {} if red is None else {"expert_loads": os.path.join(d, LOADS), "redundant_experts": red}
-    engine, tok = load_ep_engine(os.path.join(d, "fp32"), ep=world, cuda_graphs=graphs, dp_attention=dp, ctrl=ctrl,
-                                 **placed, **_engine_kwargs(k))
+    engine, tok = load_ep_engine(os.path.join(d, "fp32"), ep=world, cuda_graphs=graphs, dp_attention=dp, attn_tp=tp,
+                                 ctrl=ctrl, **placed, **_engine_kwargs(k))
     metrics = {"tokens_differ": 0.0, "lp_err": 0.0, "top_differ": 0.0, "missing": 0.0, "aborted": 0.0,
                "spec_rounds": 0.0, "cache_differs": 0.0, "not_placed": 0.0, "no_static": 0.0, "no_all_to_all": 0.0,
-               "no_own_requests": 0.0, "prefilled_all": 0.0}
+               "no_own_requests": 0.0, "prefilled_all": 0.0, "tp_heads_wrong": 0.0}
+    if tp > 1:  # every attention block holds 1/tp of the heads
+        mlas = [m for m in engine.model.modules() if type(m).__name__ == "MLA"]
+        metrics["tp_heads_wrong"] = float(not mlas or any(m.n_heads * tp != engine.model.config.num_attention_heads or
+                                                           m.o_proj.weight.shape[1] != m.n_heads * m.v_dim
+                                                           for m in mlas))
     # which dispatcher path ran: decode steps the static all-reduce, prefill the all-to-all (with
     # dp_attention every forward takes the all-to-all)
     calls = {"static": 0, "all_to_all": 0}
@@ -355,10 +367,11 @@ def test_lockstep_engine_equals_one_process(ep_results, name):
     assert r["no_static"] == 0 and r["no_all_to_all"] == 0  # decode: all-reduce path; prefill: all-to-all
     assert r["no_own_requests"] == 0  # every rank prefilled (worst rank)
     # dp_attention: no rank prefilled every prompt (each its own share); replicated: every rank did
-    assert r["prefilled_all"] == (0 if SCENARIOS[name][4] else 1)
-    if SCENARIOS[name][1]:
+    assert r["prefilled_all"] == (0 if SCENARIOS[name].dp else 1)
+    assert r["tp_heads_wrong"] == 0
+    if SCENARIOS[name].k:
         assert r["spec_rounds"] > 0  # the MTP speculation ran
-    if SCENARIOS[name][2]:
+    if SCENARIOS[name].red:
         assert r["not_placed"] == 0  # every rank's stacks hold (E + redundant) / R slots (worst rank)
 
 
@@ -482,18 +495,29 @@ def test_cli_ep_errors(ckpt, monkeypatch, capsys):
     assert cli.main(["generate", ckpt["fp32"], "--prompt", "x", "--dp-attention"]) == 2
     assert "--dp-attention gives each expert-parallel rank its own requests: it needs --ep N" in \
         capsys.readouterr().err
+    assert cli.main(["generate", ckpt["fp32"], "--prompt", "x", "--attn-tp", "2"]) == 2
+    assert "--attn-tp splits attention over the expert-parallel ranks: it needs --ep N" in capsys.readouterr().err
+    assert cli.main(["serve", ckpt["fp32"], "--ep", "2", "--attn-tp", "2", "--dp-attention"]) == 2
+    assert "--attn-tp and --dp-attention exclude each other" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert cli.main(["serve", ckpt["fp32"], "--ep", "4", "--attn-tp", "2"]) == 2
+    assert "--attn-tp 2: attention is tensor-parallel over all the --ep ranks (4) or replicated" in \
+        capsys.readouterr().err
+    assert cli.main(["serve", ckpt["fp32"], "--ep", "4", "--attn-tp", "4"]) == 2
+    assert "--attn-tp 4 does not divide num_attention_heads (2)" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("dp", [False, True])
-def test_cli_generate_under_torchrun(ckpt, tmp_path, dp):
+@pytest.mark.parametrize("mode", ["replicated", "dp", "tp"])
+def test_cli_generate_under_torchrun(ckpt, tmp_path, mode):
     """`dsv3 generate --ep 2`: rank 0 prints the one-process greedy text, the follower prints nothing. With
-    --dp-attention the one request is rank 0's and rank 1 runs every phase idle (Engine._idle)."""
+    --dp-attention the one request is rank 0's and rank 1 runs every phase idle (Engine._idle); with
+    --attn-tp 2 each rank holds half the heads and FFN widths."""
     from dsv3.inference.engine import SamplingParams, load_engine
 
     prompt = "def alpha"
     procs = _ranks(2, ["generate", ckpt["fp32"], "--prompt", prompt, "--ep", "2", "--device", "cpu",
                        "--temperature", "0", "--max-new-tokens", "8", "--speculative-k", "2"]
-                   + (["--dp-attention"] if dp else []), str(tmp_path))
+                   + {"replicated": [], "dp": ["--dp-attention"], "tp": ["--attn-tp", "2"]}[mode], str(tmp_path))
     outs = []
     for p in procs:
         try:
@@ -523,6 +547,7 @@ def test_ep_serve_bench_runs_under_torchrun_on_cpu(tmp_path):
     out = json.loads((tmp_path / "ep_serve.json").read_text())
     assert out["ranks"] == 2 and [(row["mode"], row["batch"]) for row in out["rows"]] == [
         ("eager", 1), ("eager", 3), ("graphs", 1), ("graphs", 3), ("dp", 1), ("dp", 3)]
+    assert "mode tp skipped: --attn-tp 2 does not divide num_attention_heads (3)" in r.stdout  # tiny: 3 heads
     assert all(row["prefill_tok_s"] > 0 and row["decode_tok_s"] > 0 for row in out["rows"])
     assert "8 of 16 routed experts per rank" in out["setup"]
 
