@@ -33,7 +33,9 @@ from dsv3.training.config import TrainConfig
 from dsv3.eval.needle import NeedleConfig
 from dsv3.training.evaluate import EvalConfig
 
-GENERATE = [(SamplingParams, dict(exclude=("logprobs",))), (EngineConfig, dict(only=("speculative_k", "device", "ep", "expert_loads", "redundant_experts")))]
+GENERATE = [(SamplingParams, dict(exclude=("logprobs",))),
+            (EngineConfig, dict(only=("speculative_k", "device", "ep", "expert_loads", "redundant_experts",
+                                      "dp_attention", "attn_tp")))]
 CHAT = [(SamplingParams, dict(exclude=("logprobs",))), (EngineConfig, dict(only=("speculative_k", "device")))]
 # verb -> the dataclasses whose fields are its settings (with the selection the verb offers)
 SETTINGS = {
