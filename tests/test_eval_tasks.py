@@ -130,8 +130,11 @@ def test_passkey_documents_seeds_and_arguments(tok):
         passkey_documents(0, tok, 40, 300)
     with pytest.raises(ValueError, match=r"min_tokens \(300\) must be <= max_tokens \(40\)"):
         passkey_documents(4, tok, 300, 40)
-    with pytest.raises(ValueError, match=r"max_tokens \(10\) is shorter than the \d+ tokens of the instructions"):
+    with pytest.raises(ValueError, match=r"max_tokens \(10\) is shorter than the \d+ tokens of the instructions, "
+                                         "a 5-digit key") as e:
         passkey_documents(4, tok, 5, 10)
+    shortest = int(re.search(r"the (\d+) tokens", str(e.value)).group(1))  # the template with the longest key
+    assert all(len(tok.encode(d, parse_special=False)) <= shortest for d in passkey_documents(50, tok, 0, shortest))
     with pytest.raises(ValueError, match="key_digits"):
         passkey_documents(4, tok, 40, 300, key_digits=0)
 

@@ -214,14 +214,14 @@ def passkey_documents(n: int, tok, min_tokens: int, max_tokens: int, seed: int =
     def count(text: str) -> int:
         return len(tok.encode(text, parse_special=False))
 
-    def too_short(fixed: int) -> ValueError:
-        return ValueError(f"max_tokens ({max_tokens}) is shorter than the {fixed} tokens of the instructions, key, "
-                          "question and answer alone")
-
     rng = random.Random(f"train-{seed}")  # not make_key's stream: the eval's keys are not the training keys
-    fixed = max(count(_passkey_text([], 0, k)) for k in ("9" * key_digits, "1" + "0" * (key_digits - 1)))
+    # the template with the longest key: digits are pre-tokenized apart from the rest (in groups of up to
+    # three), so a key costs the same tokens in each of its three places, at most one per digit
+    some_key = "1" * key_digits
+    fixed = count(_passkey_text([], 0, some_key)) + 3 * (key_digits - count(some_key))
     if max_tokens < fixed:
-        raise too_short(fixed)
+        raise ValueError(f"max_tokens ({max_tokens}) is shorter than the {fixed} tokens of the instructions, a "
+                         f"{key_digits}-digit key, the question and the answer alone")
     word_cost: dict[str, int] = {}  # tokens of " word": the pre-tokenizer cuts before each space, so they add up
     docs = []
     for _ in range(n):
@@ -242,8 +242,7 @@ def passkey_documents(n: int, tok, min_tokens: int, max_tokens: int, seed: int =
             text = _passkey_text(words, round(depth * len(words)), key)
             got = count(text)
             if got > max_tokens:
-                if not words:
-                    raise too_short(got)
+                assert words, (got, fixed)  # fixed is the longest template
                 del words[-max(1, (got - max_tokens) // 2):]
             elif got < min_tokens:
                 words.append(next(stream))
