@@ -33,9 +33,11 @@ first and stops with a message when they are missing (--no-extension skips step 
 
 CPU smoke run (tiny preset, a small corpus, seconds of training):
 
-    PYTHONPATH=. python bench/long_context_gpu.py --preset tiny --device cpu --data DIR --seq-len 64 \\
+    PYTHONPATH=. python bench/long_context_gpu.py --preset tiny --device cpu --data DIR --seq-len 128 \\
         --batch-size 4 --minutes 0.05 --tok-s 2000 --ext-steps 2 --rope-factors 4 --trials 1 \\
-        --depths 0,50,100 --decode-tokens 4 --out /tmp/longctx
+        --depths 0,50,100 --decode-tokens 4 --passkey-docs 200 --out /tmp/longctx
+
+(A pass-key document with its key sentence and question takes some 50-70 tokens: at --seq-len 64, --passkey-docs 0.)
 """
 
 from __future__ import annotations
@@ -114,7 +116,11 @@ def write_passkey_docs(stage: str, index: int, tok: DSTokenizer, max_tokens: int
     path = os.path.join(args.out, "passkey", f"{stage}.jsonl")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     t0 = time.time()
-    docs = passkey_documents(args.passkey_docs, tok, 0, max_tokens, seed=index, key_digits=args.key_digits)
+    try:
+        docs = passkey_documents(args.passkey_docs, tok, 0, max_tokens, seed=index, key_digits=args.key_digits)
+    except ValueError as e:  # a sequence too short for the template: before any training
+        sys.exit(f"long_context_gpu.py: no pass-key documents for stage {stage}: {e}; raise --seq-len or pass "
+                 "--passkey-docs 0")
     with open(path, "w", encoding="utf-8") as f:
         f.writelines(json.dumps({"text": d}) + "\n" for d in docs)
     n_tokens = sum(len(ids) + 1 for ids in tok.encode_batch(docs, parse_special=False))  # + the EOS of each
