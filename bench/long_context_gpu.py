@@ -16,20 +16,34 @@ retrieval over length and depth), at a small scale:
    --decode-batch), and reports the latent KV cache's bytes per token beside an expanded (per-head K/V)
    cache's (dsv3.info.model_info, what `dsv3 info` prints).
 
+Pass-key training documents (--passkey-docs, default 4000 per stage). The first H200 run trained on the
+stdlib corpus alone and scored 0.00 in every cell, 128-token prompts inside the trained context included:
+the model never emitted a digit, it continued the English prompt as docstring prose, so the grid said
+nothing about YaRN. Each stage now trains on its corpus plus OUT/passkey/<stage>.jsonl (`dsv3 train
+--extra-data`; validation stays on the corpus): --passkey-docs documents from
+dsv3.eval.needle.passkey_documents, the grid's own intro, key sentence and question around another
+filler, with keys of their own, of uniformly drawn lengths up to that stage's sequence length (base:
+--seq-len; stage xF: F x --seq-len). They teach the format at lengths the stage trains on; the grid is
+unchanged (the eval's filler, its held-out keys), so beyond the trained context it measures length
+generalisation, and after each extension stage the stage's own lengths.
+
 Writes OUT/long_context.json (everything), OUT/needle_<stage>.json/.png (the heatmaps) and prints
 tables. Step 3 needs `dsv3 train --init-from/--rope-factor`: the script checks `dsv3 train --help`
 first and stops with a message when they are missing (--no-extension skips step 3).
 
 CPU smoke run (tiny preset, a small corpus, seconds of training):
 
-    PYTHONPATH=. python bench/long_context_gpu.py --preset tiny --device cpu --data DIR --seq-len 64 \\
+    PYTHONPATH=. python bench/long_context_gpu.py --preset tiny --device cpu --data DIR --seq-len 128 \\
         --batch-size 4 --minutes 0.05 --tok-s 2000 --ext-steps 2 --rope-factors 4 --trials 1 \\
-        --depths 0,50,100 --decode-tokens 4 --out /tmp/longctx
+        --depths 0,50,100 --decode-tokens 4 --passkey-docs 200 --out /tmp/longctx
+
+(A pass-key document with its key sentence and question takes some 50-70 tokens: at --seq-len 64, --passkey-docs 0.)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -43,12 +57,17 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpu_small import add_train_args, train_for_minutes  # noqa: E402
 
 from dsv3.checkpoints.rundir import resolve_checkpoint  # noqa: E402
-from dsv3.config import ModelConfig  # noqa: E402
-from dsv3.eval.needle import NeedleConfig, format_table, needle_checkpoint, plot_heatmap  # noqa: E402
+from dsv3.config import ModelConfig, preset  # noqa: E402
+from dsv3.eval.needle import (NeedleConfig, format_table, needle_checkpoint, passkey_documents,  # noqa: E402
+                              plot_heatmap)
 from dsv3.eval.report import write_json  # noqa: E402
 from dsv3.info import model_info  # noqa: E402
+from dsv3.tokenizer import DSTokenizer  # noqa: E402
+from dsv3.training.config import TrainConfig  # noqa: E402
+from dsv3.training.pretrain import get_tokenizer  # noqa: E402
 
 EXTENSION_FLAGS = ("--init-from", "--rope-factor")
+PASSKEY_DOCS = 4000  # per stage (module docstring)
 
 
 def dsv3_cli() -> list[str]:
@@ -75,7 +94,8 @@ def grid_lengths(context: int, new_tokens: int, smallest: int) -> str:
 def run_grid(stage: str, checkpoint: str, args, log) -> dict:
     context = ModelConfig.from_json(resolve_checkpoint(checkpoint)).max_position_embeddings
     nc = NeedleConfig(lengths=grid_lengths(context, args.new_tokens, args.min_length), depths=args.depths,
-                      trials=args.trials, new_tokens=args.new_tokens, max_batch_size=args.needle_batch)
+                      trials=args.trials, new_tokens=args.new_tokens, key_digits=args.key_digits,
+                      max_batch_size=args.needle_batch)
     t0 = time.time()
     r = needle_checkpoint(checkpoint, nc, device=args.device,
                           progress=lambda d, n, L: log(f"  needle {stage}: {d}/{n} prompts (length {L})"))
@@ -85,6 +105,28 @@ def run_grid(stage: str, checkpoint: str, args, log) -> dict:
                  title=f"{stage}: pass key accuracy (context {context}), mean {r['overall']:.2f}")
     log(f"needle {stage} (context {context}, {r['seconds']:.0f}s):\n{format_table(r)}")
     return {k: v for k, v in r.items() if k != "results"}
+
+
+def write_passkey_docs(stage: str, index: int, tok: DSTokenizer, max_tokens: int, args, log) -> list[str]:
+    """OUT/passkey/STAGE.jsonl: --passkey-docs pass-key training documents of up to `max_tokens` tokens (the
+    stage's sequence length), keys from the stream of seed `index` (a new set per stage). Returns the stage's
+    --extra-data list: the user's --extra-data, then this file (no file with --passkey-docs 0)."""
+    if args.passkey_docs <= 0:
+        return list(args.extra_data)
+    path = os.path.join(args.out, "passkey", f"{stage}.jsonl")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    t0 = time.time()
+    try:
+        docs = passkey_documents(args.passkey_docs, tok, 0, max_tokens, seed=index, key_digits=args.key_digits)
+    except ValueError as e:  # a sequence too short for the template: before any training
+        sys.exit(f"long_context_gpu.py: no pass-key documents for stage {stage}: {e}; raise --seq-len or pass "
+                 "--passkey-docs 0")
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps({"text": d}) + "\n" for d in docs)
+    n_tokens = sum(len(ids) + 1 for ids in tok.encode_batch(docs, parse_special=False))  # + the EOS of each
+    log(f"{stage}: {len(docs)} pass-key documents of up to {max_tokens} tokens ({n_tokens:,} tokens with their EOS) "
+        f"in {path} ({time.time() - t0:.0f}s)")
+    return list(args.extra_data) + [path]
 
 
 def release_gpu_memory(device: str, log) -> None:
@@ -103,9 +145,10 @@ def release_gpu_memory(device: str, log) -> None:
         f"{torch.cuda.memory_reserved() / 2**30:.1f} GiB reserved")
 
 
-def extend(stage: str, init_from: str, factor: int, rope_factor: int | None, args, log) -> str:
+def extend(stage: str, init_from: str, factor: int, rope_factor: int | None, extra_data: list[str], args,
+           log) -> str:
     """One `dsv3 train --init-from` stage at BASE_SEQ x factor (YaRN factor `rope_factor`, None: the
-    checkpoint's); returns its run directory."""
+    checkpoint's) on the corpus and `extra_data`; returns its run directory."""
     out = os.path.join(args.out, stage)
     shutil.rmtree(out, ignore_errors=True)
     seq = args.seq_len * factor
@@ -120,6 +163,8 @@ def extend(stage: str, init_from: str, factor: int, rope_factor: int | None, arg
         cmd += ["--rope-factor", str(rope_factor)]
     if args.data:
         cmd += ["--data", args.data]
+    for path in extra_data:
+        cmd += ["--extra-data", path]
     if args.micro_batch_size:
         cmd += ["--micro-batch-size", str(min(args.micro_batch_size, batch))]
     release_gpu_memory(args.device, log)  # the stage trains in a child process: it needs the card's memory
@@ -206,6 +251,10 @@ def main() -> None:
     ap.add_argument("--decode-tokens", type=int, default=64, help="tokens decoded in the speed measurement")
     ap.add_argument("--decode-batch", type=int, default=8, help="second batch size of the speed measurement")
     ap.add_argument("--skip-train", action="store_true", help="reuse OUT/base (already trained)")
+    ap.add_argument("--passkey-docs", type=int, default=PASSKEY_DOCS,
+                    help="pass-key training documents added to each stage's data (up to its sequence length; "
+                         "0: none)")
+    ap.add_argument("--key-digits", type=int, default=5, help="digits of the pass keys, trained and evaluated")
     args = ap.parse_args()
     factors = [int(f) for f in args.rope_factors.split(",") if f.strip()] if not args.no_extension else []
     if factors:
@@ -219,14 +268,19 @@ def main() -> None:
     report = {"args": vars(args), "stages": []}
     base = os.path.join(args.out, "base")
     if not args.skip_train:
-        run_args = argparse.Namespace(**{**vars(args), "out": base})
+        # the tokenizer the base run will train (or find in --cache-dir), to measure the documents with
+        tok = get_tokenizer(TrainConfig(data=args.data, cache_dir=args.cache_dir), preset(args.preset), log)
+        extra = write_passkey_docs("base", 0, tok, args.seq_len, args, log)
+        run_args = argparse.Namespace(**{**vars(args), "out": base, "extra_data": extra})
         report["train_summary"] = train_for_minutes(run_args, log=log)
     report["stages"].append({"stage": "base", "seq_len": args.seq_len, "needle": run_grid("base", base, args, log)})
     prev = base
     for i, f in enumerate(factors):
         name = f"x{f}"
         rope = f if args.yarn_schedule == "per-stage" else (max(factors) if i == 0 else None)
-        prev = extend(name, prev, f, rope, args, log)
+        tok = DSTokenizer.load(resolve_checkpoint(prev))
+        extra = write_passkey_docs(name, i + 1, tok, args.seq_len * f, args, log)
+        prev = extend(name, prev, f, rope, extra, args, log)
         report["stages"].append({"stage": name, "seq_len": args.seq_len * f, "rope_factor": rope or max(factors),
                                  "needle": run_grid(name, prev, args, log)})
         write_json(report, os.path.join(args.out, "long_context.json"))

@@ -1,5 +1,5 @@
 """`dsv3 eval` tasks: pass-key scoring and prompt building (exact token length, key at the requested
-depth), the needle grid with a scripted engine (100% / 0%) and end to end on a tiny random checkpoint
+depth), the pass-key training documents (lengths, format, depths, seeds), the needle grid with a scripted engine (100% / 0%) and end to end on a tiny random checkpoint
 (JSON + PNG), and `--data` bits per byte against a direct computation. CPU, a few seconds.
 
 Run: python -m pytest tests/test_eval_tasks.py -q
@@ -17,8 +17,8 @@ import torch
 from dsv3.checkpoints.hf import load_pretrained, save_pretrained
 from dsv3.config import ModelConfig
 from dsv3.eval.compress import compressor_bits_per_byte
-from dsv3.eval.needle import (INTRO, QUESTION, NeedleConfig, PromptBuilder, make_key, parse_depths,
-                              resolve_lengths, run_needle, score_passkey)
+from dsv3.eval.needle import (FILLER, INTRO, QUESTION, NeedleConfig, PromptBuilder, make_key, parse_depths,
+                              passkey_documents, resolve_lengths, run_needle, score_passkey)
 from dsv3.model.transformer import build_model
 from dsv3.tokenizer import DSTokenizer
 from conftest import run_cli
@@ -92,6 +92,51 @@ def test_lengths_depths_and_keys():
             parse_depths(bad)
     keys = {make_key(0, 128, d, t) for d in range(0, 101, 10) for t in range(4)}
     assert len(keys) > 40 and all(len(k) == 5 for k in keys) and make_key(0, 128, 50, 1) == make_key(0, 128, 50, 1)
+
+
+KEY_SENTENCE = re.compile(r"The pass key is (\d+)\. Remember it\. (\d+) is the pass key\. ")
+
+
+@pytest.mark.parametrize("lo,hi", [(30, 200), (120, 120), (400, 600)])
+def test_passkey_documents_lengths_and_format(tok, lo, hi):
+    docs = passkey_documents(40, tok, lo, hi, seed=3)
+    assert len(docs) == 40
+    b, depths = PromptBuilder(tok), []
+    for d in docs:
+        ids = tok.encode(d, parse_special=False)
+        assert lo <= len(ids) <= hi
+        m = KEY_SENTENCE.search(d)
+        key = m.group(1)
+        assert m.group(2) == key and len(key) == 5
+        assert d.startswith(INTRO) and d.endswith(QUESTION + f" {key}.\n") and d.count(key) == 3
+        # in tokens too: the eval prompt's intro, key sentence and question ids, then the answer
+        answer = b.question + tok.encode(f" {key}.\n", parse_special=False)
+        k = b.key_ids(key)
+        assert ids[:len(b.intro)] == b.intro and ids[-len(answer):] == answer
+        assert any(ids[i:i + len(k)] == k for i in range(len(ids)))
+        assert "The grass is green" not in d and FILLER.split(".")[1] not in d  # not the eval's haystack
+        filler = len(d) - len(INTRO) - len(m.group(0)) - len(QUESTION + f" {key}.\n")
+        depths.append((m.start() - len(INTRO)) / max(filler, 1))
+    assert min(depths) < 0.2 and max(depths) > 0.8  # the key at every depth
+    assert len({KEY_SENTENCE.search(d).group(1) for d in docs}) > 35
+
+
+def test_passkey_documents_seeds_and_arguments(tok):
+    assert passkey_documents(8, tok, 40, 300, seed=1) == passkey_documents(8, tok, 40, 300, seed=1)
+    other = passkey_documents(8, tok, 40, 300, seed=2)
+    assert all(a != b for a, b in zip(passkey_documents(8, tok, 40, 300, seed=1), other))
+    assert all(len(KEY_SENTENCE.search(d).group(1)) == 7 for d in passkey_documents(4, tok, 40, 300, key_digits=7))
+    with pytest.raises(ValueError, match="^n must be >= 1, got 0"):
+        passkey_documents(0, tok, 40, 300)
+    with pytest.raises(ValueError, match=r"min_tokens \(300\) must be <= max_tokens \(40\)"):
+        passkey_documents(4, tok, 300, 40)
+    with pytest.raises(ValueError, match=r"max_tokens \(10\) is shorter than the \d+ tokens of the instructions, "
+                                         "a 5-digit key") as e:
+        passkey_documents(4, tok, 5, 10)
+    shortest = int(re.search(r"the (\d+) tokens", str(e.value)).group(1))  # the template with the longest key
+    assert all(len(tok.encode(d, parse_special=False)) <= shortest for d in passkey_documents(50, tok, 0, shortest))
+    with pytest.raises(ValueError, match="key_digits"):
+        passkey_documents(4, tok, 40, 300, key_digits=0)
 
 
 class ScriptedEngine:

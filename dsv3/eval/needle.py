@@ -20,6 +20,19 @@ key). Signs, spaces and words before the first digit are ignored; what follows t
 Lengths are prompt lengths; a length plus `new_tokens` must fit in the model's context
 (max_position_embeddings), else `resolve_lengths` refuses it. The keys are random `key_digits`-digit
 numbers drawn from a generator seeded with (seed, length, depth, trial): reruns are identical.
+
+Training documents (`passkey_documents`). A model that never saw the task does not answer it (the first
+H200 run of bench/long_context_gpu.py, trained on Python only, scored 0.00 even inside its trained
+context: it never emitted a digit). `passkey_documents` writes texts in the same format, for training:
+
+    INTRO + filler[:b] + KEY(key) + filler[b:] + QUESTION + " {key}.\n"
+
+with the same INTRO / KEY / QUESTION, so a model trained on them is asked the eval's question, but a
+different haystack (TRAIN_FILLERS: other neutral sentences, shuffled, cut at a word) and keys from
+their own stream (random.Random(f"train-{seed}")), so the grid's filler is never memorised and its
+keys are not the training keys (a collision of two random 5-digit numbers is possible, not systematic).
+Each document's length in tokens is drawn uniformly in [min_tokens, max_tokens] and met to within the
+bounds by measuring the text with the tokenizer; the key's depth is uniform in [0, 100].
 """
 
 from __future__ import annotations
@@ -149,6 +162,97 @@ class PromptBuilder:
 def build_prompt(tok, length: int, depth: float, key: str) -> tuple[list[int], int]:
     """One prompt (PromptBuilder.build); many prompts: reuse a PromptBuilder."""
     return PromptBuilder(tok).build(length, depth, key)
+
+
+# --- training documents (module docstring) -----------------------------------------------------------
+
+# Neutral sentences unlike FILLER's; each document draws one pool, shuffled, repeated as long as needed.
+TRAIN_FILLERS = (
+    ("The river runs past the old mill.", "A cat sleeps on the warm stone wall.", "The bread is baked at dawn.",
+     "Rain falls softly on the roof.", "The train leaves the station on time.", "Birds sing in the tall trees.",
+     "The road winds up the quiet hill.", "A boat drifts across the calm lake.", "The lamp glows in the window.",
+     "Snow covers the empty field."),
+    ("The library opens early on Monday.", "A child draws a house with a red door.", "The market is busy today.",
+     "Someone plays a slow tune on the piano.", "The clock in the hall ticks loudly.", "Fresh apples fill the basket.",
+     "The bus stops at the corner.", "A letter waits on the kitchen table.", "The garden needs more water.",
+     "The painter mixes blue and white."),
+    ("Clouds move slowly over the valley.", "The farmer counts the sheep at night.", "A bell rings in the old tower.",
+     "The tea is still hot.", "Leaves turn brown in the autumn wind.", "The fisherman mends his net by the shore.",
+     "A dog runs along the sandy beach.", "The baker sells warm rolls.", "Stars shine above the sleeping town.",
+     "The teacher writes a word on the board."),
+)
+
+
+def _filler_words(rng: random.Random, pool: Sequence[str]):
+    """The words of `pool`'s sentences, in a new shuffled order at every pass, forever."""
+    pool = list(pool)
+    while True:
+        rng.shuffle(pool)
+        yield from " ".join(pool).split()
+
+
+def _passkey_text(words: list[str], before: int, key: str) -> str:
+    """INTRO + words[:before] + KEY + words[before:] + QUESTION + the answer. Spaced as the eval prompt, so
+    that the text's tokens hold the eval's INTRO, KEY and QUESTION ids: KEY's trailing space stays its own
+    token before the next " word", as when the eval concatenates ids."""
+    return (INTRO + " ".join(words[:before]) + KEY.format(key=key) + "".join(" " + w for w in words[before:])
+            + QUESTION + f" {key}.\n")
+
+
+def passkey_documents(n: int, tok, min_tokens: int, max_tokens: int, seed: int = 0,
+                      key_digits: int = 5) -> list[str]:
+    """`n` pass-key training texts (module docstring) of min_tokens..max_tokens tokens each (`tok.encode`
+    without special tokens; the EOS that the data pipeline appends is not counted); deterministic for `seed`.
+    A min_tokens below the template's own length acts as that length."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if key_digits < 1:
+        raise ValueError(f"key_digits must be >= 1, got {key_digits}")
+    if min_tokens > max_tokens:
+        raise ValueError(f"min_tokens ({min_tokens}) must be <= max_tokens ({max_tokens})")
+
+    def count(text: str) -> int:
+        return len(tok.encode(text, parse_special=False))
+
+    rng = random.Random(f"train-{seed}")  # not make_key's stream: the eval's keys are not the training keys
+    # the template with the longest key: digits are pre-tokenized apart from the rest (in groups of up to
+    # three), so a key costs the same tokens in each of its three places, at most one per digit
+    some_key = "1" * key_digits
+    fixed = count(_passkey_text([], 0, some_key)) + 3 * (key_digits - count(some_key))
+    if max_tokens < fixed:
+        raise ValueError(f"max_tokens ({max_tokens}) is shorter than the {fixed} tokens of the instructions, a "
+                         f"{key_digits}-digit key, the question and the answer alone")
+    word_cost: dict[str, int] = {}  # tokens of " word": the pre-tokenizer cuts before each space, so they add up
+    docs = []
+    for _ in range(n):
+        key = str(rng.randrange(10 ** (key_digits - 1), 10**key_digits))
+        target = rng.randint(max(min_tokens, fixed), max_tokens)
+        depth = rng.random()
+        stream = _filler_words(rng, rng.choice(TRAIN_FILLERS))
+        words: list[str] = []
+        budget = target - count(_passkey_text([], 0, key))
+        for w in stream:
+            if w not in word_cost:
+                word_cost[w] = count(" " + w)
+            if word_cost[w] > budget:
+                break
+            words.append(w)
+            budget -= word_cost[w]
+        for _ in range(100):  # the estimate is close; settle it on the real count
+            text = _passkey_text(words, round(depth * len(words)), key)
+            got = count(text)
+            if got > max_tokens:
+                assert words, (got, fixed)  # fixed is the longest template
+                del words[-max(1, (got - max_tokens) // 2):]
+            elif got < min_tokens:
+                words.append(next(stream))
+            else:
+                break
+        else:
+            raise ValueError(f"no document of {min_tokens}..{max_tokens} tokens found (a word is more tokens than "
+                             "the range is wide): widen it")
+        docs.append(text)
+    return docs
 
 
 def run_needle(engine, tok, lengths: Sequence[int], depths: Sequence[float], cfg: NeedleConfig,

@@ -1,0 +1,45 @@
+"""bench/long_context_gpu.py's pass-key training data: the JSONL file of each stage (--passkey-docs), read
+back by the data pipeline as `--extra-data` documents, each within the stage's sequence length; a new key
+set per stage; --passkey-docs 0 adds nothing. CPU, about a second.
+
+Run: python -m pytest tests/test_long_context_bench.py -q
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+
+from dsv3.eval.needle import INTRO, QUESTION
+from dsv3.tokenizer import DSTokenizer
+from dsv3.training.data import find_corpus, read_documents
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("long_context_gpu", os.path.join(ROOT, "bench",
+                                                                                   "long_context_gpu.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_passkey_docs_of_each_stage(tmp_path):
+    bench = _bench()
+    tok = DSTokenizer.train([INTRO, QUESTION, "The pass key is 12345. Remember it. 67890 is the pass key.",
+                             "The river runs past the old mill. A cat sleeps on the warm stone wall."] * 20, 400)
+    args = argparse.Namespace(passkey_docs=12, key_digits=5, out=str(tmp_path), extra_data=["mine.jsonl"])
+    quiet = lambda *a: None  # noqa: E731
+    extra = bench.write_passkey_docs("x4", 1, tok, 256, args, quiet)
+    path = os.path.join(tmp_path, "passkey", "x4.jsonl")
+    assert extra == ["mine.jsonl", path]  # the user's --extra-data, then the stage's documents
+    docs = [d.text for f in find_corpus(path).files for d in read_documents(f)]
+    assert len(docs) == 12 and all(len(tok.encode(d, parse_special=False)) <= 256 for d in docs)
+    assert all(d.startswith(INTRO) and QUESTION in d for d in docs)
+    base = bench.write_passkey_docs("base", 0, tok, 256, args, quiet)[-1]
+    assert open(base).read() != open(path).read()  # another key stream per stage
+    args.passkey_docs = 0
+    assert bench.write_passkey_docs("x16", 2, tok, 512, args, quiet) == ["mine.jsonl"]
+    assert not os.path.exists(os.path.join(tmp_path, "passkey", "x16.jsonl"))
