@@ -125,12 +125,15 @@ def check_modes(dp_attention: bool, cuda_graphs, compile_decode: bool, attn_tp: 
                 cfg=None) -> None:
     """The engine modes expert parallelism refuses, with the reason."""
     if attn_tp != 1:
-        if attn_tp != ep:
-            raise ValueError(f"--attn-tp {attn_tp}: attention is tensor-parallel over all the --ep ranks ({ep}) or "
-                             "replicated (1); groups of fewer ranks (TP x DP) are not supported")
-        if dp_attention:
-            raise ValueError("--attn-tp and --dp-attention exclude each other here: with attention split over "
-                             "every rank there is no data-parallel group left")
+        if not isinstance(attn_tp, int) or attn_tp < 1 or ep % attn_tp:
+            raise ValueError(f"--attn-tp {attn_tp} must divide --ep ({ep}): tensor-parallel groups of consecutive ranks")
+        if attn_tp < ep and not dp_attention:
+            raise ValueError(f"--attn-tp {attn_tp} < --ep {ep} makes {ep // attn_tp} tensor-parallel groups, which "
+                             "need --dp-attention (each group its own requests); without it use --attn-tp "
+                             f"{ep} or 1")
+        if attn_tp == ep and dp_attention:
+            raise ValueError(f"--attn-tp {attn_tp} = --ep leaves one data-parallel group: --dp-attention has "
+                             "nothing to split (drop it, or use a smaller --attn-tp)")
         if cfg is not None:
             from dsv3.distributed.attention_tp import check_attn_tp
 
@@ -185,8 +188,10 @@ def load_ep_engine(checkpoint: str, *, ep: int, device: str = "auto", keep_fp8: 
     dp_attention: each rank its own requests (lockstep.py's DPLeader / follow(dp=True)): the MoE blocks
     dispatch each rank's own tokens by all-to-all, the ranks agree on each step's phases over `ctrl`
     (`lockstep.control_group()`, required) and each keeps its own tokens (no agreement with rank 0).
-    attn_tp = ep: attention, dense FFNs and shared experts tensor-parallel over the ranks
-    (dsv3/distributed/attention_tp.py) instead of replicated; 1: replicated."""
+    attn_tp > 1: attention, dense FFNs and shared experts tensor-parallel (dsv3/distributed/attention_tp.py)
+    over all the ranks (attn_tp = ep), or, with dp_attention, over groups of attn_tp consecutive ranks that
+    hold the same requests (the paper's prefill layout, TP x DP; the group's tokens are its first rank's);
+    1: replicated."""
     from dsv3.checkpoints.hf import load_pretrained
     from dsv3.checkpoints.rundir import resolve_checkpoint
     from dsv3.config import ModelConfig
@@ -218,10 +223,17 @@ def load_ep_engine(checkpoint: str, *, ep: int, device: str = "auto", keep_fp8: 
     check_modes(dp_attention, cuda_graphs, compile_decode, attn_tp, ep, cfg)
     model = load_pretrained(checkpoint, device=device, dtype=torch.float32 if device == "cpu" else None,
                             keep_fp8=keep_fp8, experts=mine).eval()
+    tp_group = group  # the ranks that hold the same requests (all of them, without dp_attention)
+    if dp_attention and attn_tp > 1:  # groups of attn_tp consecutive ranks; every rank makes every group
+        ranks = dist.get_process_group_ranks(group)
+        for g in range(R // attn_tp):
+            sub = dist.new_group(ranks[g * attn_tp:(g + 1) * attn_tp])
+            if rank // attn_tp == g:
+                tp_group = sub
     if attn_tp > 1:
         from dsv3.distributed.attention_tp import shard_attention_tp
 
-        shard_attention_tp(model, group)
+        shard_attention_tp(model, tp_group)
     # decode steps (at most max_batch_size x (k + 1) tokens, bucketed or not) take the static all-reduce
     # path, larger forwards (prefill) the all-to-all; every rank sees the same N, so they agree
     if model_device(model).type == "cuda" and not engine_kwargs.get("cache_tokens"):
@@ -231,12 +243,19 @@ def load_ep_engine(checkpoint: str, *, ep: int, device: str = "auto", keep_fp8: 
     for i, m in enumerate(moes):
         layer = None if placement is None else placement.layer(i)
         n = E if layer is None else layer.slots.numel()  # experts, or slots (R x slots per rank)
-        inner = AllToAllDispatcher(group, n) if dp_attention else ReplicatedTokensDispatcher(group, n, static)
+        if dp_attention and attn_tp == 1:  # each rank its own tokens
+            inner = AllToAllDispatcher(group, n)
+        elif dp_attention:  # the TP group's tokens, sliced over its ranks; all-to-all over every rank
+            inner = ReplicatedTokensDispatcher(group, n, replica_group=tp_group)
+        else:
+            inner = ReplicatedTokensDispatcher(group, n, static)
         m.dispatcher = inner if layer is None else PlacedDispatcher(inner, layer)
     engine = Engine(model, tok, cuda_graphs=bool(graphs_setting(cuda_graphs)), **engine_kwargs)  # auto: off
     if dp_attention:
-        return sync_phases(engine, ctrl), tok
-    return agree_with_rank0(engine, group), tok
+        sync_phases(engine, ctrl)
+        if attn_tp == 1:
+            return engine, tok  # each rank's tokens are its own
+    return agree_with_rank0(engine, tp_group), tok  # the group's tokens are its first rank's
 
 
 def run_ep(ep: int, checkpoint: str, engine_kwargs: dict, run: Callable[[Leader, object], int],
@@ -263,9 +282,9 @@ def run_ep(ep: int, checkpoint: str, engine_kwargs: dict, run: Callable[[Leader,
         engine, tok = load_ep_engine(checkpoint, ep=ep, expert_loads=expert_loads, redundant_experts=redundant_experts,
                                      dp_attention=dp_attention, attn_tp=attn_tp, ctrl=ctrl, **engine_kwargs)
         if env.rank != 0:
-            rc = run_follower(engine, ctrl, dp=dp_attention)
+            rc = run_follower(engine, ctrl, dp=dp_attention, group_size=attn_tp)
             return rc
-        leader = (DPLeader if dp_attention else Leader)(engine, ctrl)
+        leader = DPLeader(engine, ctrl, group_size=attn_tp) if dp_attention else Leader(engine, ctrl)
         try:
             rc = run(leader, tok)
         finally:

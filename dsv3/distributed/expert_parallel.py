@@ -275,25 +275,35 @@ class ReplicatedTokensDispatcher(AllToAllDispatcher):
       all-gather (gloo and NCCL need equal sizes). Each token's output is its own weighted sum in fp32,
       as in one process: only where it is computed moves.
 
+    `replica_group` (default: `group`): the ranks that hold the same tokens, when that is a subgroup (the
+    tensor-parallel group of attention-TP x data-parallel serving: each TP group its own sequences). The
+    slices are then cut over the replica group, the all-to-all still spans `group` (the experts' owners)
+    and the all-gather runs in the replica group; the static path needs every rank to hold every token, so
+    it is only for replica_group = group.
+
     Forward only (no autograd through the all-gather or the all-reduce)."""
 
-    def __init__(self, group, n_experts: int, static_max_tokens: int = 0):
+    def __init__(self, group, n_experts: int, static_max_tokens: int = 0, replica_group=None):
         super().__init__(group, n_experts)
         self.static_max_tokens = static_max_tokens
+        self.replica_group = replica_group if replica_group is not None else group
+        self.n_rep, self.rep_rank = dist.get_world_size(self.replica_group), dist.get_rank(self.replica_group)
+        if static_max_tokens and self.n_rep != self.R:
+            raise ValueError("the static decode path needs every rank to hold every token (replica_group = group)")
 
     def __call__(self, experts: Experts, x_ND: torch.Tensor, idx_NK: torch.Tensor, w_NK: torch.Tensor,
                  impl: str = "auto") -> torch.Tensor:
         N, D = x_ND.shape
         if N <= self.static_max_tokens:
             return self.static(experts, x_ND, idx_NK, w_NK, impl)
-        S = -(-N // self.R)  # rows per rank (ceil); a rank past the end sends none
-        lo, hi = min(self.rank * S, N), min((self.rank + 1) * S, N)
+        S = -(-N // self.n_rep)  # rows per replica (ceil); a rank past the end sends none
+        lo, hi = min(self.rep_rank * S, N), min((self.rep_rank + 1) * S, N)
         y = super().__call__(experts, x_ND[lo:hi], idx_NK[lo:hi], w_NK[lo:hi], impl)  # (hi - lo, D)
         buf = x_ND.new_zeros(S, D)
         buf[: hi - lo] = y
-        parts = [torch.empty_like(buf) for _ in range(self.R)]
-        dist.all_gather(parts, buf, group=self.group)
-        return torch.cat(parts)[:N]  # (N, D): slice r's rows are rank r's
+        parts = [torch.empty_like(buf) for _ in range(self.n_rep)]
+        dist.all_gather(parts, buf, group=self.replica_group)
+        return torch.cat(parts)[:N]  # (N, D): slice r's rows are replica r's
 
     def static(self, experts: Experts, x_ND: torch.Tensor, idx_NK: torch.Tensor, w_NK: torch.Tensor,
                impl: str = "auto") -> torch.Tensor:

@@ -62,8 +62,9 @@ class EngineConfig:
                                              "(dsv3/inference/eplb.py)", metavar="FILE")
     redundant_experts: int = setting(0, "with --expert-loads: extra copies of the most loaded experts (a multiple "
                                         "of --ep), each hot expert's tokens split over its copies")
-    attn_tp: int = setting(1, "with --ep: attention, dense FFNs and shared experts tensor-parallel over the ranks "
-                              "(= --ep; each rank 1/N of the heads and FFN widths); 1: replicated on every rank")
+    attn_tp: int = setting(1, "with --ep: attention, dense FFNs and shared experts tensor-parallel over groups of "
+                              "this many ranks (each 1/T of the heads and FFN widths): = --ep, or smaller with "
+                              "--dp-attention (each group its own requests); 1: replicated on every rank")
     dp_attention: bool = setting(False, "with --ep: each rank holds, prefills and decodes its own requests (attention "
                                         "data parallelism: --ep times the cache capacity, attention split over the "
                                         "ranks; eager decoding); off: every rank runs every request")

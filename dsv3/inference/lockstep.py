@@ -30,7 +30,8 @@ meet with the same shapes on every rank:
 Attention data parallelism (`DPLeader`, `follow(..., dp=True)`; the paper's decode layout): each rank
 holds, prefills and decodes its own requests (its own latent cache, its own batches, attention and the
 dense layers over its own tokens only); the MoE layers exchange the ranks' different tokens by all-to-all.
-Rank 0 still owns the queue: it gives each new request to the rank with the fewest live requests (ties:
+(With --attn-tp T, "rank" below reads "group of T consecutive ranks holding the same requests": see
+DPLeader.) Rank 0 still owns the queue: it gives each new request to the rank with the fewest live requests (ties:
 the lowest rank) and sends ("add", ids, params, id, owner) to all; only the owner queues it. After every
 step each rank's outputs (and its running / waiting counts and stats) are gathered to rank 0, which
 returns them all, so the server and `Engine.generate` see one engine. Tokens are the owner's own (no
@@ -158,22 +159,26 @@ def _report(engine: Engine, outs: list[RequestOutput]) -> tuple:
 
 class DPLeader(Leader):
     """Rank 0's interface under attention data parallelism (module docstring): requests go to the least
-    loaded rank, every step gathers all ranks' outputs. `num_running`, `num_waiting` and `stats` are sums
-    over the ranks (as of the last step); `max_batch_size` is the ranks' total; `cache` is rank 0's (every
-    rank has one of the same size)."""
+    loaded data-parallel group, every step gathers all ranks' outputs. A group is `group_size` consecutive
+    ranks that hold the same requests (1; or the tensor-parallel group of --attn-tp T: ranks [g·T, (g+1)·T),
+    whose tokens are their first rank's, `agree_with_rank0` over the group); its first rank's outputs
+    stand for it. `num_running`, `num_waiting` and `stats` are sums over the groups (as of the last step);
+    `max_batch_size` is the groups' total; `cache` is rank 0's (every rank has one of the same size)."""
 
-    def __init__(self, engine: Engine, ctrl):
+    def __init__(self, engine: Engine, ctrl, group_size: int = 1):
         super().__init__(engine, ctrl)
+        self.group_size = group_size
         self.world = dist.get_world_size(ctrl)
-        self.owner: dict[str, int] = {}  # live request id -> the rank that holds it
-        self.load = [0] * self.world  # live requests per rank
-        self._counts = [(0, 0)] * self.world  # (running, waiting) per rank after the last step
+        self.groups = self.world // group_size
+        self.owner: dict[str, int] = {}  # live request id -> the group that holds it
+        self.load = [0] * self.groups  # live requests per group
+        self._counts = [(0, 0)] * self.groups  # (running, waiting) per group after the last step
         self.stats = EngineStats()
 
     def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None) -> str:
         rid = self.engine.add_request(prompt, params, request_id)  # validated here, for every rank alike
         r = self.engine.waiting[-1]
-        owner = min(range(self.world), key=lambda i: (self.load[i], i))
+        owner = min(range(self.groups), key=lambda i: (self.load[i], i))
         if owner != 0:
             self.engine.waiting.pop()  # queued by its owner
         self.owner[rid] = owner
@@ -203,7 +208,7 @@ class DPLeader(Leader):
 
     @property
     def max_batch_size(self) -> int:
-        return self.engine.max_batch_size * self.world
+        return self.engine.max_batch_size * self.groups
 
     def step(self) -> list[RequestOutput]:
         with self._lock:
@@ -214,6 +219,7 @@ class DPLeader(Leader):
             reports = [None] * self.world
             dist.gather_object(_report(self.engine, self.engine.step()), reports, dst=_rank0(self.ctrl),
                                group=self.ctrl)
+        reports = reports[:: self.group_size]  # one rank per group: its first
         outs = [o for rep in reports for o in rep[0]]
         for o in outs:
             if o.finished and o.request_id in self.owner:
@@ -228,11 +234,11 @@ def _rank0(ctrl) -> int:
     return dist.get_global_rank(ctrl, 0)
 
 
-def follow(engine: Engine, ctrl, dp: bool = False) -> int:
+def follow(engine: Engine, ctrl, dp: bool = False, group_size: int = 1) -> int:
     """A follower rank: apply rank 0's commands and step, until rank 0 says stop. Returns the steps run.
-    dp: attention data parallelism (`DPLeader` leads): queue only the requests given to this rank and
-    report each step's outputs to rank 0."""
-    steps, me = 0, dist.get_rank(ctrl)
+    dp: attention data parallelism (`DPLeader` leads, with the same group_size): queue only the requests
+    given to this rank's group and report each step's outputs to rank 0."""
+    steps, me = 0, dist.get_rank(ctrl) // group_size
     while True:
         for cmd in _receive(ctrl):
             if cmd[0] == "stop":
@@ -251,7 +257,7 @@ def follow(engine: Engine, ctrl, dp: bool = False) -> int:
         steps += 1
 
 
-def run_follower(engine: Engine, ctrl, grace_s: float = 20.0, dp: bool = False) -> int:
+def run_follower(engine: Engine, ctrl, grace_s: float = 20.0, dp: bool = False, group_size: int = 1) -> int:
     """`follow` for a CLI process: the loop runs on a thread (a blocked collective defers Python signal
     handlers), and SIGINT / SIGTERM (torchrun forwards Ctrl-C and its own SIGTERM to every rank) only start
     a grace period in which rank 0, shutting down too, sends its stop. Returns 0 after the stop; 1 if the
@@ -264,7 +270,7 @@ def run_follower(engine: Engine, ctrl, grace_s: float = 20.0, dp: bool = False) 
         try:
             if dev.type == "cuda":
                 torch.cuda.set_device(dev)
-            follow(engine, ctrl, dp=dp)
+            follow(engine, ctrl, dp=dp, group_size=group_size)
         except BaseException as e:  # reported by the main thread
             failed.append(e)
         finally:

@@ -218,7 +218,9 @@ SCENARIOS = {"ep2_k0": Sc(2, 0), "ep2_k2": Sc(2, 2), "ep4_k2": Sc(4, 2),
              "ep2_k2_red2": Sc(2, 2, 2), "ep4_k0_red4": Sc(4, 0, 4),
              "ep2_k2_graphs": Sc(2, 2, graphs=True), "ep4_k2_red4_graphs": Sc(4, 2, 4, graphs=True),
              "ep2_k2_dp": Sc(2, 2, dp=True), "ep4_k0_red4_dp": Sc(4, 0, 4, dp=True),
-             "ep2_k2_tp2": Sc(2, 2, tp=2), "ep2_k0_red2_tp2_graphs": Sc(2, 0, 2, graphs=True, tp=2)}
+             "ep2_k2_tp2": Sc(2, 2, tp=2), "ep2_k0_red2_tp2_graphs": Sc(2, 0, 2, graphs=True, tp=2),
+             # attention TP2 x DP2 over 4 ranks (each pair of ranks its own requests)
+             "ep4_k2_tp2_dp": Sc(4, 2, dp=True, tp=2)}
 LOADS = "loads.pt"  # (MoE blocks = 2 main + 1 MTP, 8 experts): experts 0-1 hot, 2-3 warm
 
 
@@ -293,9 +295,9 @@ def run_one(rank: int, world: int, name: str) -> dict:
         metrics["not_placed"] = float(not all(s.gate_proj.shape[0] == (8 + red) // world for s in stacks))
     torch.manual_seed(100 + rank)  # the ranks' own draws differ: the unseeded request must still agree
     if rank != 0:
-        follow(engine, ctrl, dp=dp)
+        follow(engine, ctrl, dp=dp, group_size=tp)
     else:
-        leader = (DPLeader if dp else Leader)(engine, ctrl)
+        leader = DPLeader(engine, ctrl, group_size=tp) if dp else Leader(engine, ctrl)
         got = drive(leader, engine.model.config.vocab_size)
         leader.shutdown()
     metrics["no_own_requests"] = float(engine.stats.prefill_tokens == 0)  # this rank prefilled nothing
@@ -498,26 +500,31 @@ def test_cli_ep_errors(ckpt, monkeypatch, capsys):
     assert cli.main(["generate", ckpt["fp32"], "--prompt", "x", "--attn-tp", "2"]) == 2
     assert "--attn-tp splits attention over the expert-parallel ranks: it needs --ep N" in capsys.readouterr().err
     assert cli.main(["serve", ckpt["fp32"], "--ep", "2", "--attn-tp", "2", "--dp-attention"]) == 2
-    assert "--attn-tp and --dp-attention exclude each other" in capsys.readouterr().err
+    assert "--attn-tp 2 = --ep leaves one data-parallel group" in capsys.readouterr().err
     monkeypatch.setenv("WORLD_SIZE", "4")
     assert cli.main(["serve", ckpt["fp32"], "--ep", "4", "--attn-tp", "2"]) == 2
-    assert "--attn-tp 2: attention is tensor-parallel over all the --ep ranks (4) or replicated" in \
+    assert "--attn-tp 2 < --ep 4 makes 2 tensor-parallel groups, which need --dp-attention" in \
         capsys.readouterr().err
+    assert cli.main(["serve", ckpt["fp32"], "--ep", "4", "--attn-tp", "3", "--dp-attention"]) == 2
+    assert "--attn-tp 3 must divide --ep (4)" in capsys.readouterr().err
     assert cli.main(["serve", ckpt["fp32"], "--ep", "4", "--attn-tp", "4"]) == 2
     assert "--attn-tp 4 does not divide num_attention_heads (2)" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("mode", ["replicated", "dp", "tp"])
+@pytest.mark.parametrize("mode", ["replicated", "dp", "tp", "tp_dp"])
 def test_cli_generate_under_torchrun(ckpt, tmp_path, mode):
     """`dsv3 generate --ep 2`: rank 0 prints the one-process greedy text, the follower prints nothing. With
     --dp-attention the one request is rank 0's and rank 1 runs every phase idle (Engine._idle); with
-    --attn-tp 2 each rank holds half the heads and FFN widths."""
+    --attn-tp 2 each rank holds half the heads and FFN widths; tp_dp: 4 ranks, --attn-tp 2 --dp-attention
+    (the request is group 0's, ranks 0-1; group 1 runs idle)."""
     from dsv3.inference.engine import SamplingParams, load_engine
 
     prompt = "def alpha"
-    procs = _ranks(2, ["generate", ckpt["fp32"], "--prompt", prompt, "--ep", "2", "--device", "cpu",
-                       "--temperature", "0", "--max-new-tokens", "8", "--speculative-k", "2"]
-                   + {"replicated": [], "dp": ["--dp-attention"], "tp": ["--attn-tp", "2"]}[mode], str(tmp_path))
+    world = 4 if mode == "tp_dp" else 2
+    procs = _ranks(world, ["generate", ckpt["fp32"], "--prompt", prompt, "--ep", str(world), "--device", "cpu",
+                           "--temperature", "0", "--max-new-tokens", "8", "--speculative-k", "2"]
+                   + {"replicated": [], "dp": ["--dp-attention"], "tp": ["--attn-tp", "2"],
+                      "tp_dp": ["--attn-tp", "2", "--dp-attention"]}[mode], str(tmp_path))
     outs = []
     for p in procs:
         try:
@@ -525,11 +532,11 @@ def test_cli_generate_under_torchrun(ckpt, tmp_path, mode):
         except subprocess.TimeoutExpired:
             p.kill()
             outs.append(p.communicate()[0])
-    assert [p.returncode for p in procs] == [0, 0], outs
+    assert [p.returncode for p in procs] == [0] * world, outs
     engine, tok = load_engine(ckpt["fp32"], device="cpu", max_batch_size=1)
     (ref,) = engine.generate([tok.encode(prompt)], SamplingParams(max_new_tokens=8, temperature=0.0))
     assert outs[0] == prompt + ref.text + "\n"
-    assert outs[1] == ""
+    assert outs[1:] == [""] * (world - 1)
 
 
 def test_ep_serve_bench_runs_under_torchrun_on_cpu(tmp_path):
