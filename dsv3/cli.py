@@ -408,8 +408,9 @@ def cmd_serve(args) -> int:
         ep = f", expert parallel over {ec.ep} ranks" if ec.ep != 1 else ""
         ep += ", each with its own requests (attention data parallel)" if ec.dp_attention else ""
         ep += f", attention tensor parallel over {ec.attn_tp}" if ec.attn_tp != 1 else ""
-        print(f"serving {path} as {name!r} on http://{sc.host}:{sc.port}/v1 (batch {ec.max_batch_size}, "
-              f"{engine.cache.num_blocks * engine.cache.block_size} cache tokens, context {engine.max_model_len}, "
+        per = " per rank" if ec.ep != 1 else ""  # (under --dp-attention, per data-parallel group)
+        print(f"serving {path} as {name!r} on http://{sc.host}:{sc.port}/v1 (batch {ec.max_batch_size}{per}, "
+              f"{engine.cache.num_blocks * engine.cache.block_size} cache tokens{per}, context {engine.max_model_len}, "
               f"speculative k={ec.speculative_k}{ep})", flush=True)
         serve(engine, tok, name, host=sc.host, port=sc.port, api_key=sc.api_key,
               max_prompt_tokens=sc.max_prompt_tokens, max_tokens_limit=sc.max_tokens_limit, max_queue=sc.max_queue,

@@ -126,7 +126,11 @@ class Leader:
                 raise RuntimeError("the expert-parallel engine was shut down")
             cmds, self._pending = self._pending, []
             _send(cmds, self.ctrl)
-            return self.engine.step()
+            return self._collect(self.engine.step())
+
+    def _collect(self, outs: list[RequestOutput]) -> list[RequestOutput]:
+        """The step's outputs as the caller sees them: this rank's (every rank runs every request)."""
+        return outs
 
     # Engine's own drivers, run against this object so that their add_request/step are the Leader's
     generate = Engine.generate
@@ -210,15 +214,10 @@ class DPLeader(Leader):
     def max_batch_size(self) -> int:
         return self.engine.max_batch_size * self.groups
 
-    def step(self) -> list[RequestOutput]:
-        with self._lock:
-            if self.closed:
-                raise RuntimeError("the expert-parallel engine was shut down")
-            cmds, self._pending = self._pending, []
-            _send(cmds, self.ctrl)
-            reports = [None] * self.world
-            dist.gather_object(_report(self.engine, self.engine.step()), reports, dst=_rank0(self.ctrl),
-                               group=self.ctrl)
+    def _collect(self, outs: list[RequestOutput]) -> list[RequestOutput]:
+        """Every group's outputs (gathered from every rank; a group's first rank stands for it)."""
+        reports = [None] * self.world
+        dist.gather_object(_report(self.engine, outs), reports, dst=_rank0(self.ctrl), group=self.ctrl)
         reports = reports[:: self.group_size]  # one rank per group: its first
         outs = [o for rep in reports for o in rep[0]]
         for o in outs:
