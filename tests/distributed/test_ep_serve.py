@@ -216,8 +216,7 @@ class Sc(NamedTuple):
 SCENARIOS = {"ep2_k0": Sc(2, 0), "ep2_k2": Sc(2, 2), "ep4_k2": Sc(4, 2),
              # placed from skewed loads (dsv3/inference/eplb.py): hot experts copied to other ranks
              "ep2_k2_red2": Sc(2, 2, 2), "ep4_k0_red4": Sc(4, 0, 4),
-             "ep2_k2_graphs": Sc(2, 2, graphs=True), "ep4_k2_red4_graphs": Sc(4, 2, 4, graphs=True),
-             "ep2_k2_dp": Sc(2, 2, dp=True), "ep4_k0_red4_dp": Sc(4, 0, 4, dp=True),
+             "ep4_k2_red4_graphs": Sc(4, 2, 4, graphs=True), "ep4_k0_red4_dp": Sc(4, 0, 4, dp=True),
              "ep2_k2_tp2": Sc(2, 2, tp=2), "ep2_k0_red2_tp2_graphs": Sc(2, 0, 2, graphs=True, tp=2),
              # attention TP2 x DP2 over 4 ranks (each pair of ranks its own requests)
              "ep4_k2_tp2_dp": Sc(4, 2, dp=True, tp=2)}
@@ -511,20 +510,18 @@ def test_cli_ep_errors(ckpt, monkeypatch, capsys):
     assert "--attn-tp 4 does not divide num_attention_heads (2)" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("mode", ["replicated", "dp", "tp", "tp_dp"])
+@pytest.mark.parametrize("mode", ["replicated", "tp_dp"])
 def test_cli_generate_under_torchrun(ckpt, tmp_path, mode):
-    """`dsv3 generate --ep 2`: rank 0 prints the one-process greedy text, the follower prints nothing. With
-    --dp-attention the one request is rank 0's and rank 1 runs every phase idle (Engine._idle); with
-    --attn-tp 2 each rank holds half the heads and FFN widths; tp_dp: 4 ranks, --attn-tp 2 --dp-attention
-    (the request is group 0's, ranks 0-1; group 1 runs idle)."""
+    """`dsv3 generate --ep 2`: rank 0 prints the one-process greedy text, the follower prints nothing.
+    tp_dp: 4 ranks, --attn-tp 2 --dp-attention: the request is group 0's (ranks 0-1, each half the heads and
+    FFN widths) and group 1 runs every phase idle (Engine._idle)."""
     from dsv3.inference.engine import SamplingParams, load_engine
 
     prompt = "def alpha"
     world = 4 if mode == "tp_dp" else 2
     procs = _ranks(world, ["generate", ckpt["fp32"], "--prompt", prompt, "--ep", str(world), "--device", "cpu",
                            "--temperature", "0", "--max-new-tokens", "8", "--speculative-k", "2"]
-                   + {"replicated": [], "dp": ["--dp-attention"], "tp": ["--attn-tp", "2"],
-                      "tp_dp": ["--attn-tp", "2", "--dp-attention"]}[mode], str(tmp_path))
+                   + {"replicated": [], "tp_dp": ["--attn-tp", "2", "--dp-attention"]}[mode], str(tmp_path))
     outs = []
     for p in procs:
         try:
