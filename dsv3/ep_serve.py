@@ -126,7 +126,8 @@ def check_modes(dp_attention: bool, cuda_graphs, compile_decode: bool, attn_tp: 
     """The engine modes expert parallelism refuses, with the reason."""
     if attn_tp != 1:
         if not isinstance(attn_tp, int) or attn_tp < 1 or ep % attn_tp:
-            raise ValueError(f"--attn-tp {attn_tp} must divide --ep ({ep}): tensor-parallel groups of consecutive ranks")
+            raise ValueError(f"--attn-tp {attn_tp} must divide --ep ({ep}): tensor-parallel groups of consecutive "
+                             "ranks")
         if attn_tp < ep and not dp_attention:
             raise ValueError(f"--attn-tp {attn_tp} < --ep {ep} makes {ep // attn_tp} tensor-parallel groups, which "
                              "need --dp-attention (each group its own requests); without it use --attn-tp "
@@ -221,8 +222,6 @@ def load_ep_engine(checkpoint: str, *, ep: int, device: str = "auto", keep_fp8: 
     mine = local_experts(E, rank, ep) if placement is None else \
         [placement.slots[i, rank].tolist() for i in range(placement.n_layers)]  # this rank's slots per block
     check_modes(dp_attention, cuda_graphs, compile_decode, attn_tp, ep, cfg)
-    model = load_pretrained(checkpoint, device=device, dtype=torch.float32 if device == "cpu" else None,
-                            keep_fp8=keep_fp8, experts=mine).eval()
     tp_group = group  # the ranks that hold the same requests (all of them, without dp_attention)
     if dp_attention and attn_tp > 1:  # groups of attn_tp consecutive ranks; every rank makes every group
         ranks = dist.get_process_group_ranks(group)
@@ -230,10 +229,13 @@ def load_ep_engine(checkpoint: str, *, ep: int, device: str = "auto", keep_fp8: 
             sub = dist.new_group(ranks[g * attn_tp:(g + 1) * attn_tp])
             if rank // attn_tp == g:
                 tp_group = sub
-    if attn_tp > 1:
-        from dsv3.distributed.attention_tp import shard_attention_tp
+    tp = (dist.get_rank(tp_group), attn_tp) if attn_tp > 1 else None  # read only this rank's TP slices
+    model = load_pretrained(checkpoint, device=device, dtype=torch.float32 if device == "cpu" else None,
+                            keep_fp8=keep_fp8, experts=mine, tp=tp).eval()
+    if tp is not None:
+        from dsv3.distributed.attention_tp import install_all_reduces
 
-        shard_attention_tp(model, tp_group)
+        install_all_reduces(model, tp_group)
     # decode steps (at most max_batch_size x (k + 1) tokens, bucketed or not) take the static all-reduce
     # path, larger forwards (prefill) the all-to-all; every rank sees the same N, so they agree
     if model_device(model).type == "cuda" and not engine_kwargs.get("cache_tokens"):

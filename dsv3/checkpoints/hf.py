@@ -282,6 +282,24 @@ class _Reader:
     def get(self, name: str) -> torch.Tensor:
         return self._f(name).get_tensor(name)
 
+    def get_range(self, name: str, dim: int, lo: int, hi: int) -> torch.Tensor:
+        """Rows (dim 0) or columns (dim 1) [lo, hi) of a 2-d tensor, reading only those bytes' rows."""
+        sl = self._f(name).get_slice(name)
+        return sl[lo:hi] if dim == 0 else sl[:, lo:hi]
+
+    def get_tp(self, name: str, spec: tuple[int, int, int], target_dtype: torch.dtype) -> torch.Tensor:
+        """A tensor-parallel slice (dsv3/distributed/attention_tp.py's spec: dim, lo, hi) of `name` for a
+        target of `target_dtype`: the range itself, or, for an FP8 weight going to a dense target, the
+        128-blocks the range touches, dequantised with their scales, then cut."""
+        dim, lo, hi = spec
+        if self.dtype(name) != "F8_E4M3" or target_dtype == torch.float8_e4m3fn:
+            return self.get_range(name, dim, lo, hi)
+        b = 128
+        size = self.shape(name)[dim]
+        w = self.get_range(name, dim, lo // b * b, min(-(-hi // b) * b, size))
+        scale = self.get_range(name + "_scale_inv", dim, lo // b, -(-hi // b))
+        return weight_dequant(w, scale, dtype=torch.float32).narrow(dim, lo - lo // b * b, hi - lo)
+
     def close(self) -> None:
         for h in self._handles.values():
             h.__exit__(None, None, None)
@@ -422,7 +440,8 @@ def _expert_entries(model: Transformer, selected: dict[str, list[int]]) -> list[
 @torch.no_grad()
 def load_pretrained(path: str | os.PathLike, device: torch.device | str = "cpu",
                     dtype: torch.dtype | None = None, config: ModelConfig | None = None,
-                    keep_fp8: bool = False, experts: range | list | None = None) -> Transformer:
+                    keep_fp8: bool = False, experts: range | list | None = None,
+                    tp: tuple[int, int] | None = None) -> Transformer:
     """Load a Hugging Face-format DeepSeek-V3 checkpoint directory into a dsv3 Transformer.
 
     dtype: parameter dtype (default: config.json's torch_dtype). FP8 weights are dequantised with
@@ -440,6 +459,10 @@ def load_pretrained(path: str | os.PathLike, device: torch.device | str = "cpu",
     the embedding and head are read (and compared) on every shard; with keep_fp8, FP8 experts stay FP8.
     Or a list with one list of global expert ids per MoE block (main layers, then MTP; ids may repeat): an
     expert-parallel rank's slots under a redundant-expert placement (dsv3/inference/eplb.py).
+
+    tp: (rank t, size T): hold and read only rank t's tensor-parallel slices of every attention block, dense
+    FFN and shared expert (dsv3/distributed/attention_tp.py's split: heads, FFN widths); the caller installs
+    the all-reduces (`install_all_reduces`). FP8 slices on 128-block boundaries stay FP8 with keep_fp8.
     """
     path = os.fspath(path)
     if not os.path.isdir(path):
@@ -478,13 +501,24 @@ def load_pretrained(path: str | os.PathLike, device: torch.device | str = "cpu",
             layout = {k: v for k, v in disk_layout(model).items() if v.expert is None}
             entries = list(layout.items()) + _expert_entries(model, selected)
         entries = entries if entries is not None else list(layout.items())
+        tp_specs: dict[str, tuple[int, int, int]] = {}
+        if tp is not None:  # shapes only (meta); the loop reads each slice
+            from dsv3.distributed.attention_tp import split_modules
+
+            tp_specs = split_modules(model, tp[0], tp[1], dtype)
 
         model = model.to_empty(device=device).to(dtype)
         params = dict(model.named_parameters())
         params.update(dict(model.named_buffers()))
         for name, slot in sorted(entries, key=lambda kv: (reader.weight_map[kv[0]], kv[0], kv[1].expert or 0)):
-            t = reader.get(name)  # (shard by shard; a repeated expert is read once per copy)
+            if tp_specs and slot.param not in params:
+                continue  # the scale of an FP8 projection whose slice is dequantised (get_tp reads what it needs)
             target = params[slot.param]
+            spec = tp_specs.get(slot.param)
+            if spec is not None:  # a tensor-parallel slice: only its rows or columns are read
+                target.copy_(reader.get_tp(name, spec, target.dtype).to(target.dtype))
+                continue
+            t = reader.get(name)  # (shard by shard; a repeated expert is read once per copy)
             if t.dtype == torch.float8_e4m3fn and target.dtype != torch.float8_e4m3fn:
                 t = weight_dequant(t, reader.get(name + "_scale_inv"), dtype=torch.float32)
             dst = target[slot.expert] if slot.expert is not None else target

@@ -23,8 +23,10 @@ FP8 weights (keep_fp8) are sliced in their 128x128 scale blocks where the split 
 (the 671B's does for T = 2, 4, 8: 192-row heads in multiples of 128 rows per rank, hidden widths divisible
 by 128 T); a split that cuts a block dequantises that projection to the activations' dtype first.
 
-Memory: the slices are cut after loading the whole tensors (the loader reads every non-expert tensor), so a
-rank holds each full attention/FFN weight once, briefly, while it is sliced. Forward only.
+Loading: `load_pretrained(tp=(rank, T))` splits the model on the meta device and reads only each rank's
+slices from the safetensors files (an FP8 slice that cuts scale blocks reads the blocks it touches and
+dequantises them); `shard_attention_tp` splits an already loaded model instead (the benchmarks' in-place
+use). Forward only.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ def _slice_linear(lin: nn.Module, dim: int, lo: int, hi: int, dtype: torch.dtype
     """Rows (dim 0) or columns (dim 1) [lo, hi) of a bias-free linear, as a new module of the same kind
     when FP8 blocks allow it, else a dense nn.Linear in `dtype` (the model's compute dtype)."""
     if isinstance(lin, FP8Linear):
-        if lo % BLOCK == 0 and (hi % BLOCK == 0 or hi == lin.weight.shape[dim]):
+        if lo % BLOCK == 0 and (hi % BLOCK == 0 or hi == lin.weight.shape[dim]):  # on block boundaries
             w = lin.weight.narrow(dim, lo, hi - lo).clone()
             s = lin.weight_scale_inv.narrow(dim, lo // BLOCK, -(-hi // BLOCK) - lo // BLOCK).clone()
             out, inp = w.shape
@@ -81,34 +83,60 @@ def _all_reduce_output(group):
 
 
 @torch.no_grad()
-def shard_attention_tp(model: nn.Module, group=None) -> int:
-    """Split every MLA block and SwiGLU (dense FFNs, shared experts; main layers and MTP modules) of `model`
-    over the ranks of `group` (module docstring), in place. Returns how many modules were split."""
-    group = group or dist.group.WORLD
-    T, t = dist.get_world_size(group), dist.get_rank(group)
+def split_modules(model: nn.Module, t: int, T: int, dtype: torch.dtype) -> dict[str, tuple[int, int, int]]:
+    """Replace every MLA block's and SwiGLU's projections by rank t's slices of T (module docstring), in place,
+    on the model's device (on the meta device: shapes only, for a loader to fill). Returns, for each sliced
+    tensor (state-dict name), (dim, lo, hi): the range of the full tensor it holds, in rows or columns, and
+    for an FP8 weight kept FP8 its scale's block range. dtype: what a projection whose FP8 split cuts a scale
+    block is dequantised to."""
     check_attn_tp(model.config, T)
-    dt = next(model.parameters()).dtype  # the embedding's: what the activations are computed in
-    n = 0
-    for m in list(model.modules()):
+    specs: dict[str, tuple[int, int, int]] = {}
+
+    def cut(owner: nn.Module, prefix: str, attr: str, dim: int, lo: int, hi: int) -> None:
+        new = _slice_linear(getattr(owner, attr), dim, lo, hi, dtype)
+        setattr(owner, attr, new)
+        specs[f"{prefix}{attr}.weight"] = (dim, lo, hi)
+        if isinstance(new, FP8Linear):
+            specs[f"{prefix}{attr}.weight_scale_inv"] = (dim, lo // BLOCK, -(-hi // BLOCK))
+
+    for name, m in list(model.named_modules()):
+        prefix = f"{name}." if name else ""
         if isinstance(m, MLA):
             h = m.n_heads // T
-            q_name = "q_proj" if m.q_lora_rank is None else "q_b_proj"
-            q_rows = (t * h * m.qk_dim, (t + 1) * h * m.qk_dim)
-            setattr(m, q_name, _slice_linear(getattr(m, q_name), 0, *q_rows, dt))
+            q = "q_proj" if m.q_lora_rank is None else "q_b_proj"
+            cut(m, prefix, q, 0, t * h * m.qk_dim, (t + 1) * h * m.qk_dim)
             kv = m.nope + m.v_dim
-            m.kv_b_proj = _slice_linear(m.kv_b_proj, 0, t * h * kv, (t + 1) * h * kv, dt)
-            m.o_proj = _slice_linear(m.o_proj, 1, t * h * m.v_dim, (t + 1) * h * m.v_dim, dt)
-            m.o_proj.register_forward_hook(_all_reduce_output(group))
+            cut(m, prefix, "kv_b_proj", 0, t * h * kv, (t + 1) * h * kv)
+            cut(m, prefix, "o_proj", 1, t * h * m.v_dim, (t + 1) * h * m.v_dim)
             m.n_heads = h
-            n += 1
         elif isinstance(m, MLP):
             f = m.gate_proj.weight.shape[0] // T
-            m.gate_proj = _slice_linear(m.gate_proj, 0, t * f, (t + 1) * f, dt)
-            m.up_proj = _slice_linear(m.up_proj, 0, t * f, (t + 1) * f, dt)
-            m.down_proj = _slice_linear(m.down_proj, 1, t * f, (t + 1) * f, dt)
-            m.down_proj.register_forward_hook(_all_reduce_output(group))
+            for attr in ("gate_proj", "up_proj"):
+                cut(m, prefix, attr, 0, t * f, (t + 1) * f)
+            cut(m, prefix, "down_proj", 1, t * f, (t + 1) * f)
+    return specs
+
+
+def install_all_reduces(model: nn.Module, group) -> int:
+    """The row-parallel projections' all-reduce over `group` (a forward hook on every MLA's o_proj and every
+    SwiGLU's down_proj): after `split_modules`, or after a loader that read the slices. Returns how many."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, (MLA, MLP)):
+            (m.o_proj if isinstance(m, MLA) else m.down_proj).register_forward_hook(_all_reduce_output(group))
             n += 1
     return n
 
 
-__all__ = ["check_attn_tp", "shard_attention_tp"]
+@torch.no_grad()
+def shard_attention_tp(model: nn.Module, group=None) -> int:
+    """Split a loaded `model` over the ranks of `group` (module docstring), in place: `split_modules` on the
+    loaded weights, then `install_all_reduces`. Returns how many modules were split. (The serving loader
+    instead reads only the slices: `load_pretrained(tp=(rank, T))`.)"""
+    group = group or dist.group.WORLD
+    T, t = dist.get_world_size(group), dist.get_rank(group)
+    split_modules(model, t, T, next(model.parameters()).dtype)  # the embedding's: the activations' dtype
+    return install_all_reduces(model, group)
+
+
+__all__ = ["check_attn_tp", "install_all_reduces", "shard_attention_tp", "split_modules"]
