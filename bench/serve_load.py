@@ -1,14 +1,18 @@
 """Load test of the OpenAI-compatible server: N concurrent streaming clients (the official `openai`
 async client), each sending R greedy completion requests one after another, against a server this
-script starts itself on 127.0.0.1 (a free port; nothing else is contacted).
+script starts itself on 127.0.0.1 (a free port; nothing else is contacted), or with --url against one
+already running (the expert-parallel server under torchrun, issue 19).
 
     python bench/serve_load.py                         # a random tiny model (CPU), 32 clients x 3 requests
     python bench/serve_load.py runs/tiny --clients 64 --requests 4 --max-tokens 64 --speculative-k 2
     python bench/serve_load.py runs/small --device cuda --max-batch-size 64 --check
+    torchrun --nproc-per-node 8 -m dsv3.cli serve CKPT --ep 8 --port 8000 &
+    python bench/serve_load.py CKPT --url http://127.0.0.1:8000 --clients 64 --requests 4
 
 Prompts are --prompt-len-token windows of held-out stdlib files, sent as token ids. Prints requests/s,
 output tokens/s (from the streamed usage), mean/p50/p95 time to first token (client side: request
-sent -> first streamed text) and end-to-end latency, and the server's own view from /metrics (peak
+sent -> first streamed text), inter-token latency (the gaps between streamed chunks; a chunk holds the
+tokens of one engine step) and end-to-end latency, and the server's own view from /metrics (peak
 queue, MTP acceptance). --check compares every output with offline `Engine.generate`. The workload runs
 once offline first (--no-warmup skips it), so graph capture on a GPU is not timed.
 """
@@ -83,9 +87,70 @@ def metrics(url: str) -> dict[str, float]:
     return out
 
 
+def load_clients(url: str, name: str, prompts: list[list[int]], clients: int, requests: int, max_tokens: int):
+    """`clients` concurrent streaming clients against `url`, each sending `requests` greedy completions one
+    after another -> (results, wall seconds, peak running/waiting from /metrics, the final /metrics). A
+    result: (time to first text, latency, output tokens, text, gaps between streamed chunks with text)."""
+    results: list[tuple[float, float, int, str, list[float]]] = []
+    peak = {"waiting": 0.0, "running": 0.0}
+    stop = threading.Event()
+
+    def poll():
+        while not stop.is_set():
+            m = metrics(url)
+            for k in peak:
+                peak[k] = max(peak[k], m[f"dsv3_requests_{k}"])
+            time.sleep(0.05)
+
+    async def client(jobs: list[list[int]]):
+        c = openai.AsyncOpenAI(base_url=url + "/v1", api_key=os.environ.get("OPENAI_API_KEY", "none"),
+                               max_retries=0, timeout=600)
+        out = []
+        for ids in jobs:
+            t = time.perf_counter()
+            ttft, parts, usage, gaps, last = None, [], 0, [], None
+            stream = await c.completions.create(model=name, prompt=ids, max_tokens=max_tokens, temperature=0,
+                                                stream=True, stream_options={"include_usage": True})
+            async for ch in stream:
+                if ch.usage is not None:
+                    usage = ch.usage.completion_tokens
+                for choice in ch.choices:
+                    if choice.text:
+                        now = time.perf_counter()
+                        if ttft is None:
+                            ttft = now - t
+                        else:
+                            gaps.append(now - last)
+                        last = now
+                    parts.append(choice.text)
+            lat = time.perf_counter() - t
+            out.append((ttft if ttft is not None else lat, lat, usage, "".join(parts), gaps))
+        await c.close()
+        return out
+
+    async def run():
+        per = [prompts[i * requests:(i + 1) * requests] for i in range(clients)]
+        return await asyncio.gather(*(client(p) for p in per))
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    t = time.perf_counter()
+    try:
+        for r in asyncio.run(run()):
+            results.extend(r)
+    finally:
+        wall = time.perf_counter() - t
+        stop.set()
+        poller.join()
+    return results, wall, peak, metrics(url)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint", nargs="?", help="checkpoint or run directory (default: a random tiny model)")
+    ap.add_argument("--url", help="load a server that is already running (e.g. `torchrun ... dsv3.cli serve CKPT --ep "
+                                  "N`) instead of starting one: the checkpoint then only gives the tokenizer "
+                                  "(and the model of --check); the key, if any, from OPENAI_API_KEY")
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--requests", type=int, default=3, help="requests per client, sent one after another")
     ap.add_argument("--max-tokens", type=int, default=32)
@@ -96,15 +161,26 @@ def main() -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--check", action="store_true", help="compare outputs with offline Engine.generate")
     ap.add_argument("--no-warmup", dest="warmup", action="store_false",
-                    help="skip the offline pass over the same workload before the timed load (on a GPU it captures "
-                         "the CUDA graphs of every batch / context bucket, as a server does once at start-up)")
+                    help="skip the pass over the same workload before the timed load (offline, or with --url "
+                         "through the server; on a GPU it captures the CUDA graphs of every batch / context "
+                         "bucket, as a server does once at start-up)")
     args = ap.parse_args()
     if args.clients * args.requests > 10_000:
         ap.error("at most 10,000 requests")
+    if args.url and not args.checkpoint:
+        ap.error("--url needs the served checkpoint (for its tokenizer)")
 
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))  # leave a core for the event loop and clients
     t0 = time.perf_counter()
-    if args.checkpoint:
+    engine = model = None
+    if args.url:
+        from dsv3.cli import _resolve_checkpoint
+
+        tok = DSTokenizer.load(_resolve_checkpoint(args.checkpoint))
+        name = httpx.get(args.url.rstrip("/") + "/v1/models", timeout=30,
+                         headers={"Authorization": f"Bearer {os.environ.get('OPENAI_API_KEY', 'none')}"}
+                         ).json()["data"][0]["id"]
+    elif args.checkpoint:
         from dsv3.cli import _resolve_checkpoint
 
         path = _resolve_checkpoint(args.checkpoint)
@@ -118,71 +194,46 @@ def main() -> int:
         name = "random-tiny"
     n = args.clients * args.requests
     prompts = make_prompts(tok, n, args.prompt_len)
-    print(f"model {name} on {args.device} ({platform.processor() or platform.machine()}, torch "
+    where = f"the server at {args.url}" if args.url else args.device
+    print(f"model {name} on {where} ({platform.processor() or platform.machine()}, torch "
           f"{torch.__version__}); setup {time.perf_counter() - t0:.1f}s")
+    served = "" if engine is None else (f"; batch {args.max_batch_size}, "
+                                        f"{engine.cache.num_blocks * engine.cache.block_size} cache tokens, "
+                                        f"speculative k={args.speculative_k}")
     print(f"{args.clients} clients x {args.requests} streaming requests, {args.prompt_len}-token prompts, "
-          f"max_tokens {args.max_tokens}, greedy; batch {args.max_batch_size}, "
-          f"{engine.cache.num_blocks * engine.cache.block_size} cache tokens, speculative k={args.speculative_k}")
+          f"max_tokens {args.max_tokens}, greedy{served}")
 
-    if args.warmup:
-        t1 = time.perf_counter()
-        engine.generate(prompts, SamplingParams(max_new_tokens=args.max_tokens, temperature=0))
-        engine.stats = type(engine.stats)()  # /metrics counts the timed load only
-        print(f"warm-up       the same {n} requests offline in {time.perf_counter() - t1:.1f}s (not timed)")
-    app = create_app(engine, tok, name, max_queue=n)
-    results: list[tuple[float, float, int, str]] = []  # ttft, latency, output tokens, text
-    with BackgroundServer(app, host="127.0.0.1") as srv:
-        peak = {"waiting": 0.0, "running": 0.0}
-        stop = threading.Event()
-
-        def poll():
-            while not stop.is_set():
-                m = metrics(srv.url)
-                for k in peak:
-                    peak[k] = max(peak[k], m[f"dsv3_requests_{k}"])
-                time.sleep(0.05)
-
-        async def client(jobs: list[list[int]]):
-            c = openai.AsyncOpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=600)
-            out = []
-            for ids in jobs:
-                t = time.perf_counter()
-                ttft, parts, usage = None, [], 0
-                stream = await c.completions.create(model=name, prompt=ids, max_tokens=args.max_tokens,
-                                                    temperature=0, stream=True,
-                                                    stream_options={"include_usage": True})
-                async for ch in stream:
-                    if ch.usage is not None:
-                        usage = ch.usage.completion_tokens
-                    for choice in ch.choices:
-                        if choice.text and ttft is None:
-                            ttft = time.perf_counter() - t
-                        parts.append(choice.text)
-                lat = time.perf_counter() - t
-                out.append((ttft if ttft is not None else lat, lat, usage, "".join(parts)))
-            await c.close()
-            return out
-
-        async def run():
-            per = [prompts[i * args.requests:(i + 1) * args.requests] for i in range(args.clients)]
-            return await asyncio.gather(*(client(p) for p in per))
-
-        poller = threading.Thread(target=poll, daemon=True)
-        poller.start()
-        t = time.perf_counter()
-        for r in asyncio.run(run()):
-            results.extend(r)
-        wall = time.perf_counter() - t
-        stop.set()
-        poller.join()
-        m = metrics(srv.url)
+    if args.url:
+        url = args.url.rstrip("/")
+        if args.warmup:
+            t1 = time.perf_counter()
+            load_clients(url, name, prompts, args.clients, args.requests, args.max_tokens)
+            print(f"warm-up       the same {n} requests through the server in {time.perf_counter() - t1:.1f}s "
+                  "(not timed)")
+        results, wall, peak, m = load_clients(url, name, prompts, args.clients, args.requests, args.max_tokens)
+    else:
+        if args.warmup:
+            t1 = time.perf_counter()
+            engine.generate(prompts, SamplingParams(max_new_tokens=args.max_tokens, temperature=0))
+            engine.stats = type(engine.stats)()  # /metrics counts the timed load only
+            print(f"warm-up       the same {n} requests offline in {time.perf_counter() - t1:.1f}s (not timed)")
+        app = create_app(engine, tok, name, max_queue=n)
+        with BackgroundServer(app, host="127.0.0.1") as srv:
+            results, wall, peak, m = load_clients(srv.url, name, prompts, args.clients, args.requests,
+                                                  args.max_tokens)
 
     ttft, lat = [r[0] for r in results], [r[1] for r in results]
+    gaps = [g for r in results for g in r[4]]
     toks = sum(r[2] for r in results)
     print(f"requests      {len(results)}/{n} completed in {wall:.2f}s: {len(results) / wall:.2f} requests/s, "
           f"{toks / wall:.1f} output tokens/s ({toks} tokens)")
     print(f"TTFT          mean {statistics.mean(ttft) * 1e3:.0f} ms, p50 {pct(ttft, 0.5) * 1e3:.0f} ms, "
           f"p95 {pct(ttft, 0.95) * 1e3:.0f} ms")
+    if gaps:  # a chunk holds every token a step accepted (several with speculation)
+        chunks = len(gaps) + len(results)
+        print(f"inter-token   mean {statistics.mean(gaps) * 1e3:.1f} ms, p50 {pct(gaps, 0.5) * 1e3:.1f} ms, "
+              f"p95 {pct(gaps, 0.95) * 1e3:.1f} ms between streamed chunks ({toks / max(chunks, 1):.2f} tokens "
+              "per chunk)")
     print(f"latency       mean {statistics.mean(lat) * 1e3:.0f} ms, p50 {pct(lat, 0.5) * 1e3:.0f} ms, "
           f"p95 {pct(lat, 0.95) * 1e3:.0f} ms")
     rate = m["dsv3_spec_decode_acceptance_rate"]
@@ -190,6 +241,10 @@ def main() -> int:
           f"{m['dsv3_engine_steps_total']:.0f} engine steps"
           + (f", MTP acceptance {rate:.3f}" if rate == rate else ""))
     if args.check:
+        if model is None:  # --url: the served checkpoint in this process
+            from dsv3.inference.engine import load_engine
+
+            model = load_engine(args.checkpoint, device=args.device, max_batch_size=1)[0].model
         ref = Engine(model, tok, max_batch_size=64, cache_tokens=64 * (args.prompt_len + args.max_tokens + 16))
         want = [o.text for o in ref.generate(prompts, SamplingParams(max_new_tokens=args.max_tokens, temperature=0))]
         bad = sum(w != r[3] for w, r in zip(want, results))

@@ -540,6 +540,14 @@ def test_cli_serve_under_torchrun(ckpt, tmp_path, dp):
         ref2 = engine.generate([tok.encode("def alpha"), tok.encode("return")],
                                SamplingParams(max_new_tokens=6, temperature=0.0))
         assert [ch.text for ch in r2.choices] == [o.text for o in ref2]
+        if dp:  # bench/serve_load.py --url against the running EP server (issue 19's latency percentiles)
+            load = subprocess.run([sys.executable, os.path.join(REPO, "bench", "serve_load.py"), ckpt["fp32"],
+                                   "--url", url, "--clients", "3", "--requests", "2", "--max-tokens", "5",
+                                   "--prompt-len", "16", "--check"], capture_output=True, text=True, timeout=240,
+                                  env=dict(os.environ, OMP_NUM_THREADS="1"))
+            assert load.returncode == 0, load.stdout[-2000:] + load.stderr[-2000:]
+            assert "6/6 completed" in load.stdout and "6/6 outputs equal offline" in load.stdout, load.stdout
+            assert "inter-token" in load.stdout and "TTFT" in load.stdout
     finally:
         for p in procs:  # torchrun forwards Ctrl-C to every rank
             p.send_signal(signal.SIGINT)
