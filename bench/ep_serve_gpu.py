@@ -96,7 +96,11 @@ def main() -> None:
 
     env = init_distributed(args.device)
     if not dist.is_initialized():
-        raise SystemExit("run under torchrun (torchrun --nproc-per-node N bench/ep_serve_gpu.py ...)")
+        if os.environ.get("WORLD_SIZE") != "1":
+            raise SystemExit("run under torchrun (torchrun --nproc-per-node N bench/ep_serve_gpu.py ...)")
+        # torchrun --nproc-per-node 1 (one GPU): init_distributed leaves one process alone; the engine's
+        # collectives need a group, of one rank
+        dist.init_process_group("nccl" if env.device.type == "cuda" else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     device = env.device
     cuda = device.type == "cuda"

@@ -620,24 +620,28 @@ def test_cli_generate_under_torchrun(ckpt, tmp_path, mode):
     assert outs[1:] == [""] * (world - 1)
 
 
-def test_ep_serve_bench_runs_under_torchrun_on_cpu(tmp_path):
+@pytest.mark.parametrize("world", [1, 2])
+def test_ep_serve_bench_runs_under_torchrun_on_cpu(tmp_path, world):
     """bench/ep_serve_gpu.py (the N-GPU prefill/decode measurement) runs end to end under torchrun with gloo
-    on a tiny cut: every rank builds its own expert block, the lockstep engine generates (eager, and the
-    bucketed steps CUDA graphs capture), rank 0 writes the table's JSON."""
+    on a tiny cut: every rank builds its own expert block, the lockstep engine generates (eager, the
+    bucketed steps CUDA graphs capture, attention data parallel, and tensor parallel where the heads divide),
+    rank 0 writes the table's JSON. One process stands for the one-GPU run (a group of one rank)."""
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world),
                         "--master-port", str(free_port()), os.path.join(repo, "bench", "ep_serve_gpu.py"),
                         "--preset", "tiny", "--layers", "2", "--device", "cpu", "--batches", "1,3",
                         "--prompt-len", "16", "--new", "4", "--out", str(tmp_path)],
                        capture_output=True, text=True, env=env, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads((tmp_path / "ep_serve.json").read_text())
-    assert out["ranks"] == 2 and [(row["mode"], row["batch"]) for row in out["rows"]] == [
-        ("eager", 1), ("eager", 3), ("graphs", 1), ("graphs", 3), ("dp", 1), ("dp", 3)]
-    assert "mode tp skipped: --attn-tp 2 does not divide num_attention_heads (3)" in r.stdout  # tiny: 3 heads
+    modes = ["eager", "graphs", "dp"] + (["tp"] if world == 1 else [])  # tiny's 3 heads: no TP over 2
+    assert out["ranks"] == world and [(row["mode"], row["batch"]) for row in out["rows"]] == [
+        (m, b) for m in modes for b in (1, 3)]
+    if world == 2:
+        assert "mode tp skipped: --attn-tp 2 does not divide num_attention_heads (3)" in r.stdout
     assert all(row["prefill_tok_s"] > 0 and row["decode_tok_s"] > 0 for row in out["rows"])
-    assert "8 of 16 routed experts per rank" in out["setup"]
+    assert f"{16 // world} of 16 routed experts per rank" in out["setup"]
 
 
 
