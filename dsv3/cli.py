@@ -408,7 +408,7 @@ def cmd_serve(args) -> int:
         ep = f", expert parallel over {ec.ep} ranks" if ec.ep != 1 else ""
         ep += ", each with its own requests (attention data parallel)" if ec.dp_attention else ""
         ep += f", attention tensor parallel over {ec.attn_tp}" if ec.attn_tp != 1 else ""
-        per = " per rank" if ec.ep != 1 else ""  # (under --dp-attention, per data-parallel group)
+        per = " per data-parallel group" if ec.dp_attention else ""  # (else every rank runs the one batch)
         print(f"serving {path} as {name!r} on http://{sc.host}:{sc.port}/v1 (batch {ec.max_batch_size}{per}, "
               f"{engine.cache.num_blocks * engine.cache.block_size} cache tokens{per}, context {engine.max_model_len}, "
               f"speculative k={ec.speculative_k}{ep})", flush=True)

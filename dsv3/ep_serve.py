@@ -86,18 +86,26 @@ class PlacedDispatcher:
     j mod replicas, tensor ops only) and `inner` routes by slot, rank r holding slots [r·S, (r+1)·S) (S slots
     per rank), exactly as it routes by expert without copies (inner: a dispatcher over R·S "experts")."""
 
-    def __init__(self, inner, placement):
+    def __init__(self, inner, placement, offset: int = 0):
         self.inner = inner
         self.placement = placement
+        self.offset = offset  # route_to_replica's: the data-parallel group's index (0: every rank the same tokens)
 
     def __call__(self, experts, x_ND, idx_NK, w_NK, impl: str = "auto"):
         from dsv3.inference.eplb import route_to_replica
 
-        return self.inner(experts, x_ND, route_to_replica(idx_NK, self.placement), w_NK, impl)
+        return self.inner(experts, x_ND, route_to_replica(idx_NK, self.placement, self.offset), w_NK, impl)
 
 
 def model_device(model) -> torch.device:
     return next(model.parameters()).device
+
+
+def min_over_ranks(value: int, group, device: torch.device | str = "cpu") -> int:
+    """The smallest of every rank's `value` (one all-reduce; the tensor on `device`: NCCL needs a GPU's)."""
+    t = torch.tensor([value], dtype=torch.long, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
+    return int(t.item())
 
 
 def gpu_cache_tokens(model, mem_fraction: float = 0.9, reserve_gib: float = 4.0) -> int:
@@ -239,7 +247,8 @@ def load_ep_engine(checkpoint: str, *, ep: int, device: str = "auto", keep_fp8: 
     # decode steps (at most max_batch_size x (k + 1) tokens, bucketed or not) take the static all-reduce
     # path, larger forwards (prefill) the all-to-all; every rank sees the same N, so they agree
     if model_device(model).type == "cuda" and not engine_kwargs.get("cache_tokens"):
-        engine_kwargs["cache_tokens"] = gpu_cache_tokens(model)
+        # the smallest rank's: lockstep needs equal caches (admission decides every rank's batch)
+        engine_kwargs["cache_tokens"] = min_over_ranks(gpu_cache_tokens(model), group, model_device(model))
     static = engine_kwargs.get("max_batch_size", 32) * (engine_kwargs.get("speculative_k", 0) + 1)
     moes = [m for m in model.modules() if isinstance(m, MoE)]
     for i, m in enumerate(moes):
@@ -251,7 +260,9 @@ def load_ep_engine(checkpoint: str, *, ep: int, device: str = "auto", keep_fp8: 
             inner = ReplicatedTokensDispatcher(group, n, replica_group=tp_group)
         else:
             inner = ReplicatedTokensDispatcher(group, n, static)
-        m.dispatcher = inner if layer is None else PlacedDispatcher(inner, layer)
+        # under dp_attention each group routes its own tokens: offset the copies by the group's index
+        m.dispatcher = inner if layer is None else \
+            PlacedDispatcher(inner, layer, rank // attn_tp if dp_attention else 0)
     engine = Engine(model, tok, cuda_graphs=bool(graphs_setting(cuda_graphs)), **engine_kwargs)  # auto: off
     if dp_attention:
         sync_phases(engine, ctrl)

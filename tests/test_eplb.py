@@ -88,6 +88,14 @@ def test_route_to_replica():
         c = torch.bincount(phys[idx == e], minlength=lp.slots.numel())[lp.log2phy[e][:lp.replicas[e]]]
         assert c.max() - c.min() <= 1  # spread evenly over the copies
     assert torch.equal(route_to_replica(idx, lp), phys)  # deterministic
+    # batches routed apart (data-parallel ranks, each its own decode tokens): one token of expert 0 each;
+    # with the rank as offset they reach different copies, without it all reach copy 0
+    one = torch.tensor([[0, 1, 2]])
+    R = int(lp.replicas[0])
+    assert len({int(route_to_replica(one, lp)[0, 0]) for _ in range(R)}) == 1
+    spread = {int(route_to_replica(one, lp, offset=r)[0, 0]) for r in range(R)}
+    assert spread == set(lp.log2phy[0][:R].tolist())
+    assert torch.equal(lp.slots.flatten()[route_to_replica(idx, lp, offset=3)], idx)
 
 
 @pytest.mark.parametrize("kwargs,msg", [

@@ -350,6 +350,37 @@ def test_train_config_fp8_experts_needs_fp8():
     TrainConfig(out_dir="unused", precision="fp8", fp8_experts=True).validate()
 
 
+def _rows_with_foreign(backend: str):
+    """Expert-parallel decode (Experts.forward_partial) hands the per-row FP8 GEMV its foreign pairs with
+    expert -1: those rows are exactly 0 (the kernel reads no weight for them), the others as without them."""
+    from dsv3.kernels.reference import fp8_expert_rows_ref, weight_quant
+
+    g = torch.Generator().manual_seed(9)
+    we, se = zip(*(weight_quant(torch.randn(96, 256, generator=g)) for _ in range(3)))
+    we, se = torch.stack(we), torch.stack(se)
+    x = torch.randn(6, 256, generator=g).half()
+    expert = torch.tensor([2, -1, 0, -1, 1, 2])
+    if backend == "triton":
+        from dsv3.kernels import fp8_gemm_triton as fk
+
+        y = fk.fp8_expert_rows(x, we, se, expert)
+    else:
+        y = fp8_expert_rows_ref(x, we, se, expert)
+    mine = expert >= 0
+    assert torch.equal(y[~mine], torch.zeros_like(y[~mine]))
+    ref = fp8_expert_rows_ref(x[mine], we, se, expert[mine])
+    assert _rel(y[mine].float(), ref.float()) < 2e-3
+
+
+def test_fp8_expert_rows_reference_skips_expert_minus_one():
+    _rows_with_foreign("reference")
+
+
+@interp
+def test_interp_fp8_expert_rows_skips_expert_minus_one():
+    _rows_with_foreign("triton")
+
+
 @interp
 def test_interp_fp8_decode_gemms_are_opaque_custom_ops():
     """The FP8-weight decode GEMMs (fp8_gemm_triton: the dense small-M tile GEMM and the per-row expert

@@ -511,7 +511,7 @@ def load_pretrained(path: str | os.PathLike, device: torch.device | str = "cpu",
         params = dict(model.named_parameters())
         params.update(dict(model.named_buffers()))
         for name, slot in sorted(entries, key=lambda kv: (reader.weight_map[kv[0]], kv[0], kv[1].expert or 0)):
-            if tp_specs and slot.param not in params:
+            if tp_specs and slot.param not in params and name.endswith("_scale_inv"):
                 continue  # the scale of an FP8 projection whose slice is dequantised (get_tp reads what it needs)
             target = params[slot.param]
             spec = tp_specs.get(slot.param)

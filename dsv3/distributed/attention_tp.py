@@ -16,8 +16,9 @@ and columns [t·F/T, (t+1)·F/T) of every SwiGLU's F-wide hidden layer:
 
 `MLA.n_heads` becomes H/T, which is all the attention code reads (the softmax scale and RoPE do not depend
 on the head count), so prefill, the absorbed decode path and the Triton kernels run unchanged on the local
-heads. Each all-reduce (a forward hook) sums the ranks' partial projections in fp32 order of the backend:
-the same terms as one process, summed in another order.
+heads. Each all-reduce (a forward hook) sums the ranks' partial projections in the activations' dtype (bf16
+on GPUs, as Megatron and vLLM do; fp32 on the CPU): the same terms as one process, each partial rounded
+to that dtype before the sum.
 
 FP8 weights (keep_fp8) are sliced in their 128x128 scale blocks where the split falls on block boundaries
 (the 671B's does for T = 2, 4, 8: 192-row heads in multiples of 128 rows per rank, hidden widths divisible

@@ -174,16 +174,18 @@ def plan_placement(loads: torch.Tensor, n_ranks: int, n_redundant: int, n_groups
     return Placement(replicas_t, slots_t, rank_load, log2phy)
 
 
-def route_to_replica(idx: torch.Tensor, placement: LayerPlacement) -> torch.Tensor:
+def route_to_replica(idx: torch.Tensor, placement: LayerPlacement, offset: int = 0) -> torch.Tensor:
     """Logical expert ids (N, K) -> physical slot ids (N, K). The j-th occurrence of expert e in the
-    flattened batch goes to copy j mod replicas[e]. Tensor ops only: no host sync, deterministic."""
+    flattened batch goes to copy (j + offset) mod replicas[e]. Tensor ops only: no host sync, deterministic.
+    offset: where a batch starts counting, so that batches routed independently (each data-parallel
+    rank's own, dsv3/ep_serve.py) do not all send their first token of a hot expert to its copy 0."""
     flat = idx.reshape(-1)
     order = torch.sort(flat, stable=True)
     first = torch.searchsorted(order.values, order.values)  # first position of each value in sorted order
     occ_sorted = torch.arange(flat.numel(), device=flat.device) - first
     occ = torch.empty_like(occ_sorted).scatter_(0, order.indices, occ_sorted)  # back to token order
     replicas = placement.replicas.to(flat.device)
-    copy = occ % replicas[flat]
+    copy = (occ + offset) % replicas[flat]
     return placement.log2phy.to(flat.device)[flat, copy].reshape(idx.shape)
 
 

@@ -166,7 +166,8 @@ class DPLeader(Leader):
     loaded data-parallel group, every step gathers all ranks' outputs. A group is `group_size` consecutive
     ranks that hold the same requests (1; or the tensor-parallel group of --attn-tp T: ranks [g·T, (g+1)·T),
     whose tokens are their first rank's, `agree_with_rank0` over the group); its first rank's outputs
-    stand for it. `num_running`, `num_waiting` and `stats` are sums over the groups (as of the last step);
+    stand for it. `num_running`, `num_waiting` and `stats` are sums over the groups (as of the last step;
+    `stats.steps` counted once);
     `max_batch_size` is the groups' total; `cache` is rank 0's (every rank has one of the same size)."""
 
     def __init__(self, engine: Engine, ctrl, group_size: int = 1):
@@ -224,8 +225,8 @@ class DPLeader(Leader):
             if o.finished and o.request_id in self.owner:
                 self.load[self.owner.pop(o.request_id)] -= 1
         self._counts = [(rep[1], rep[2]) for rep in reports]
-        for name in dataclasses.asdict(self.stats):
-            setattr(self.stats, name, sum(rep[3][name] for rep in reports))
+        for name in dataclasses.asdict(self.stats):  # steps: every group steps together, count it once
+            setattr(self.stats, name, reports[0][3][name] if name == "steps" else sum(rep[3][name] for rep in reports))
         return outs
 
 

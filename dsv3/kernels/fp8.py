@@ -253,7 +253,8 @@ def fp8_weight_linear(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, *, back
 def fp8_expert_rows(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, expert: torch.Tensor, *,
                     backend: str | None = None) -> torch.Tensor:
     """x (M, K), w (E, N, K) e4m3, s (E, ceil(N/128), ceil(K/128)), expert (M,) int -> y (M, N) in x's
-    dtype, row m through expert[m]. "triton": one GEMV per row and 64-column tile, reading only the
+    dtype, row m through expert[m]; a row with expert[m] < 0 is 0 and reads no weight (an expert-parallel
+    rank's foreign pairs). "triton": one GEMV per row and 64-column tile, reading only the
     experts the rows select (decode). The reference dequantises every expert: callers with many rows
     take the grouped path instead (select("fp8_expert_rows", x) tells which one runs)."""
     assert x.dim() == 2 and w.dim() == 3 and expert.shape == (x.shape[0],), \

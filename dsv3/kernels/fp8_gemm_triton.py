@@ -52,11 +52,15 @@ def _rows_kernel(x_ptr, w_ptr, s_ptr, e_ptr, y_ptr, N, K, KB, sxm, swe, swn, sse
     m = tl.program_id(0).to(tl.int64)
     pn = tl.program_id(1)
     e = tl.load(e_ptr + m).to(tl.int64)
+    # expert < 0: a row this launch does not own (an expert-parallel rank's foreign pairs, Experts.
+    # forward_partial): no weight is read, the row's output is 0
+    kb_end = tl.where(e >= 0, KB, 0)
+    e = tl.maximum(e, 0)
     rn = pn * BN + tl.arange(0, BN)
     rk = tl.arange(0, BK)
     nb = (pn * BN) // BK
     acc = tl.zeros((BN,), dtype=tl.float32)
-    for kb in range(0, KB):
+    for kb in range(0, kb_end):
         k = kb * BK + rk
         x = tl.load(x_ptr + m * sxm + k, mask=k < K, other=0.0).to(tl.float32)
         w = tl.load(w_ptr + e * swe + rn[:, None].to(tl.int64) * swn + k[None, :],

@@ -236,10 +236,12 @@ def fp8_weight_linear_ref(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> 
 
 def fp8_expert_rows_ref(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
     """x (M, K), w (E, N, K) e4m3 with s (E, ceil(N/128), ceil(K/128)), expert (M,) -> y (M, N): row m
-    through expert[m]'s weight dequantised to x's dtype. Dequantises every expert: a specification,
+    through expert[m]'s weight dequantised to x's dtype (0 where expert[m] < 0: a row the caller does not
+    own, Experts.forward_partial). Dequantises every expert: a specification,
     not the prefill path (FP8Experts dequantises the stack once and runs grouped GEMMs)."""
     wd = torch.stack([weight_dequant(w[e], s[e], x.dtype) for e in range(w.shape[0])])  # (E, N, K)
-    return torch.bmm(wd[expert], x.unsqueeze(-1)).squeeze(-1)
+    y = torch.bmm(wd[expert.clamp(min=0)], x.unsqueeze(-1)).squeeze(-1)
+    return torch.where((expert >= 0).unsqueeze(-1), y, 0)  # expert < 0: a row not computed here, 0
 
 
 def mla_decode_ref(q_lat: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, pe: torch.Tensor,

@@ -202,8 +202,8 @@ class Experts(nn.Module):
         be captured in a CUDA graph: the pairs are sorted with the foreign ones last (key E), the grouped
         GEMMs' offsets end at the local pairs (rows past the last offset belong to no group), and the
         foreign rows' outputs, whatever they hold, are replaced by 0 with `where` (not multiplied: they
-        may be uninitialised). Per-row kernels (FP8 decode) compute them against expert E-1 (a valid id)
-        and they are dropped the same way. Each token's K terms are summed in k order as in `forward`."""
+        may be uninitialised). Per-row kernels (FP8 decode) see expert -1 for them and skip them. Each
+        token's K terms are summed in k order as in `forward`."""
         N, K = idx_NK.shape
         E = self.gate_proj.shape[0]
         mine = (idx_NK >= 0) & (idx_NK < E)  # (N, K)
@@ -216,7 +216,9 @@ class Experts(nn.Module):
         offs = _count(flat, E + 1)[:E].cumsum(0).to(torch.int32)  # (E,) end offsets of the local experts' rows
         dt = torch.get_autocast_dtype("cuda") if x_ND.is_cuda and torch.is_autocast_enabled("cuda") else x_ND.dtype
         x_MD = x_ND.to(dt)[order // K]  # (M, D) sorted by key
-        y_MD = self.sorted_mlp(x_MD, flat.clamp(max=E - 1), order, offs, dt)  # (M, D)
+        # foreign rows: past the grouped GEMMs' last offset, and expert -1 for per-row kernels (FP8 decode:
+        # fp8_expert_rows reads no weight for them), so each rank computes only its own pairs
+        y_MD = self.sorted_mlp(x_MD, torch.where(flat < E, flat, -1), order, offs, dt)  # (M, D)
         y_NKD = y_MD[inv].view(N, K, -1)  # each token's K outputs, in k order
         y_NKD = torch.where(mine.unsqueeze(-1), y_NKD.float() * w_NK.unsqueeze(-1), 0.0)
         return y_NKD.sum(1)  # (N, D) fp32

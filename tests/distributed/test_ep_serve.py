@@ -487,7 +487,10 @@ def run_fullgraph(rank: int, world: int, name: str) -> dict:
     eager = disp(ex, x, idx, w, "grouped")
     compiled = torch.compile(lambda x_, i_, w_: disp(ex, x_, i_, w_, "grouped"), fullgraph=True)(x, idx, w)
     rel = float((compiled.float() - eager.float()).abs().max() / eager.float().abs().max())
-    return {"rel_err": rel}
+    # (and, in the same processes: the ranks' cache sizes agree on the smallest, ep_serve.min_over_ranks)
+    from dsv3.ep_serve import min_over_ranks
+
+    return {"rel_err": rel, "min_wrong": float(min_over_ranks(10 * rank + 5, dist.group.WORLD) != 5)}
 
 
 def test_static_decode_dispatch_compiles_fullgraph():
@@ -495,6 +498,7 @@ def test_static_decode_dispatch_compiles_fullgraph():
 
     r = spawn_scenarios(2, run_fullgraph, ["fullgraph"])["fullgraph"]
     assert r["rel_err"] < 2e-2  # bf16: compiled and eager round differently
+    assert r["min_wrong"] == 0
 
 
 # --------------------------------------------------------------------------------------------------
