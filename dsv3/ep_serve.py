@@ -237,12 +237,17 @@ def load_ep_engine(checkpoint: str, *, ep: int, device: str = "auto", keep_fp8: 
             sub = dist.new_group(ranks[g * attn_tp:(g + 1) * attn_tp])
             if rank // attn_tp == g:
                 tp_group = sub
-    tp = (dist.get_rank(tp_group), attn_tp) if attn_tp > 1 else None  # read only this rank's TP slices
-    model = load_pretrained(checkpoint, device=device, dtype=torch.float32 if device == "cpu" else None,
-                            keep_fp8=keep_fp8, experts=mine, tp=tp).eval()
-    if tp is not None:
-        from dsv3.distributed.attention_tp import install_all_reduces
+    split = None
+    if attn_tp > 1:  # read only this rank's tensor-parallel slices
+        from dsv3.distributed.attention_tp import install_all_reduces, split_modules
 
+        t = dist.get_rank(tp_group)
+
+        def split(meta_model, dtype):
+            return split_modules(meta_model, t, attn_tp, dtype)
+    model = load_pretrained(checkpoint, device=device, dtype=torch.float32 if device == "cpu" else None,
+                            keep_fp8=keep_fp8, experts=mine, split=split).eval()
+    if attn_tp > 1:
         install_all_reduces(model, tp_group)
     # decode steps (at most max_batch_size x (k + 1) tokens, bucketed or not) take the static all-reduce
     # path, larger forwards (prefill) the all-to-all; every rank sees the same N, so they agree

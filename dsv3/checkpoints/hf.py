@@ -441,7 +441,7 @@ def _expert_entries(model: Transformer, selected: dict[str, list[int]]) -> list[
 def load_pretrained(path: str | os.PathLike, device: torch.device | str = "cpu",
                     dtype: torch.dtype | None = None, config: ModelConfig | None = None,
                     keep_fp8: bool = False, experts: range | list | None = None,
-                    tp: tuple[int, int] | None = None) -> Transformer:
+                    split=None) -> Transformer:
     """Load a Hugging Face-format DeepSeek-V3 checkpoint directory into a dsv3 Transformer.
 
     dtype: parameter dtype (default: config.json's torch_dtype). FP8 weights are dequantised with
@@ -460,9 +460,12 @@ def load_pretrained(path: str | os.PathLike, device: torch.device | str = "cpu",
     Or a list with one list of global expert ids per MoE block (main layers, then MTP; ids may repeat): an
     expert-parallel rank's slots under a redundant-expert placement (dsv3/inference/eplb.py).
 
-    tp: (rank t, size T): hold and read only rank t's tensor-parallel slices of every attention block, dense
-    FFN and shared expert (dsv3/distributed/attention_tp.py's split: heads, FFN widths); the caller installs
-    the all-reduces (`install_all_reduces`). FP8 slices on 128-block boundaries stay FP8 with keep_fp8.
+    split: hold and read only slices of some tensors (tensor-parallel serving): a callable (meta model, dtype)
+    -> {state-dict name: (dim, lo, hi)} that replaces modules of the meta model by narrower ones and says
+    which rows (dim 0) or columns (dim 1) of the file's tensor each sliced one holds (for an FP8 weight kept
+    FP8 its scale's block range too), e.g. dsv3/distributed/attention_tp.py's `split_modules` bound to a
+    rank. Only those rows or columns are read; an FP8 slice going to a dense module reads the 128-blocks it
+    touches and dequantises them.
     """
     path = os.fspath(path)
     if not os.path.isdir(path):
@@ -501,11 +504,7 @@ def load_pretrained(path: str | os.PathLike, device: torch.device | str = "cpu",
             layout = {k: v for k, v in disk_layout(model).items() if v.expert is None}
             entries = list(layout.items()) + _expert_entries(model, selected)
         entries = entries if entries is not None else list(layout.items())
-        tp_specs: dict[str, tuple[int, int, int]] = {}
-        if tp is not None:  # shapes only (meta); the loop reads each slice
-            from dsv3.distributed.attention_tp import split_modules
-
-            tp_specs = split_modules(model, tp[0], tp[1], dtype)
+        tp_specs: dict[str, tuple[int, int, int]] = split(model, dtype) if split is not None else {}  # (meta)
 
         model = model.to_empty(device=device).to(dtype)
         params = dict(model.named_parameters())

@@ -24,7 +24,8 @@ FP8 weights (keep_fp8) are sliced in their 128x128 scale blocks where the split 
 (the 671B's does for T = 2, 4, 8: 192-row heads in multiples of 128 rows per rank, hidden widths divisible
 by 128 T); a split that cuts a block dequantises that projection to the activations' dtype first.
 
-Loading: `load_pretrained(tp=(rank, T))` splits the model on the meta device and reads only each rank's
+Loading: `load_pretrained(split=...)` with `split_modules` bound to a rank splits the model on the meta
+device and reads only each rank's
 slices from the safetensors files (an FP8 slice that cuts scale blocks reads the blocks it touches and
 dequantises them); `shard_attention_tp` splits an already loaded model instead (the benchmarks' in-place
 use). Forward only.
@@ -133,7 +134,7 @@ def install_all_reduces(model: nn.Module, group) -> int:
 def shard_attention_tp(model: nn.Module, group=None) -> int:
     """Split a loaded `model` over the ranks of `group` (module docstring), in place: `split_modules` on the
     loaded weights, then `install_all_reduces`. Returns how many modules were split. (The serving loader
-    instead reads only the slices: `load_pretrained(tp=(rank, T))`.)"""
+    instead reads only the slices: `load_pretrained(split=...)`, dsv3/ep_serve.py.)"""
     group = group or dist.group.WORLD
     T, t = dist.get_world_size(group), dist.get_rank(group)
     split_modules(model, t, T, next(model.parameters()).dtype)  # the embedding's: the activations' dtype

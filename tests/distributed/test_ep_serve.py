@@ -198,7 +198,7 @@ _TP_TENSORS = ("q_b_proj.weight", "q_proj.weight", "kv_b_proj.weight", "o_proj.w
 
 @pytest.mark.parametrize("kind", ["fp32", "fp8"])
 def test_tp_shard_reads_only_its_slices_and_equals_the_split_model(ckpt, kind, monkeypatch):
-    """`load_pretrained(tp=(t, 2))` (what `--attn-tp` ranks load): the state equals the whole model split by
+    """`load_pretrained(split=split_modules for rank t of 2)` (what `--attn-tp` ranks load): the state equals the whole model split by
     `split_modules` (bitwise; the tiny model's FP8 projections are narrower than a 128-block, so their
     slices are dequantised, from the blocks they touch), and of the fp32 file it reads exactly half of each
     attention / dense-FFN / shared-expert matrix and every other tensor once."""
@@ -213,7 +213,8 @@ def test_tp_shard_reads_only_its_slices_and_equals_the_split_model(ckpt, kind, m
         ref = load_pretrained(path, dtype=torch.float32, keep_fp8=True)
         split_modules(ref, t, 2, torch.float32)
         log = counting_reads(monkeypatch)
-        got = load_pretrained(path, dtype=torch.float32, keep_fp8=True, tp=(t, 2))
+        got = load_pretrained(path, dtype=torch.float32, keep_fp8=True,
+                              split=lambda m, dt, t=t: split_modules(m, t, 2, dt))
         monkeypatch.undo()
         sd, rsd = got.state_dict(), ref.state_dict()
         assert sd.keys() == rsd.keys()
@@ -251,7 +252,8 @@ def test_tp_shard_keeps_block_aligned_fp8_slices_fp8(tmp_path, monkeypatch):
         ref = load_pretrained(tmp_path, dtype=torch.float32, keep_fp8=True)
         split_modules(ref, t, 2, torch.float32)
         log = counting_reads(monkeypatch)
-        got = load_pretrained(tmp_path, dtype=torch.float32, keep_fp8=True, tp=(t, 2))
+        got = load_pretrained(tmp_path, dtype=torch.float32, keep_fp8=True,
+                              split=lambda m, dt, t=t: split_modules(m, t, 2, dt))
         monkeypatch.undo()
         for m in [m for m in got.modules() if type(m).__name__ == "MLA"]:  # 2 of the 4 heads, still FP8
             shapes = {a: tuple(getattr(m, a).weight.shape) for a in ("q_b_proj", "kv_b_proj", "o_proj")}
