@@ -196,30 +196,37 @@ _TP_TENSORS = ("q_b_proj.weight", "q_proj.weight", "kv_b_proj.weight", "o_proj.w
                "shared_experts.up_proj.weight", "shared_experts.down_proj.weight")
 
 
-@pytest.mark.parametrize("kind", ["fp32", "fp8"])
-def test_tp_shard_reads_only_its_slices_and_equals_the_split_model(ckpt, kind, monkeypatch):
-    """`load_pretrained(split=split_modules for rank t of 2)` (what `--attn-tp` ranks load): the state equals the whole model split by
-    `split_modules` (bitwise; the tiny model's FP8 projections are narrower than a 128-block, so their
-    slices are dequantised, from the blocks they touch), and of the fp32 file it reads exactly half of each
-    attention / dense-FFN / shared-expert matrix and every other tensor once."""
+def _tp_shard_equals_split(path: str, t: int, monkeypatch):
+    """Rank t of 2's `load_pretrained(split=split_modules ...)`, checked bitwise against the whole model split
+    after loading -> (the shard, {tensor: bytes} of the file, {tensor: bytes read} by the shard's load)."""
     from safetensors.torch import load_file
 
     from dsv3.checkpoints.hf import load_pretrained
     from dsv3.distributed.attention_tp import split_modules
 
+    size = {k: v.numel() * v.element_size() for k, v in load_file(os.path.join(path, "model.safetensors")).items()}
+    ref = load_pretrained(path, dtype=torch.float32, keep_fp8=True)
+    split_modules(ref, t, 2, torch.float32)
+    log = counting_reads(monkeypatch)
+    got = load_pretrained(path, dtype=torch.float32, keep_fp8=True, split=lambda m, dt: split_modules(m, t, 2, dt))
+    monkeypatch.undo()
+    sd, rsd = got.state_dict(), ref.state_dict()
+    assert sd.keys() == rsd.keys()
+    for k, v in sd.items():
+        assert v.dtype == rsd[k].dtype and torch.equal(_bits(v), _bits(rsd[k])), k
+    return got, size, log
+
+
+@pytest.mark.parametrize("kind", ["fp32", "fp8"])
+def test_tp_shard_reads_only_its_slices_and_equals_the_split_model(ckpt, kind, monkeypatch):
+    """`load_pretrained(split=split_modules for rank t of 2)` (what `--attn-tp` ranks load): the state equals
+    the whole model split by `split_modules` (bitwise; the tiny model's FP8 projections are narrower than a
+    128-block, so their
+    slices are dequantised, from the blocks they touch), and of the fp32 file it reads exactly half of each
+    attention / dense-FFN / shared-expert matrix and every other tensor once."""
     path = ckpt[kind]
-    size = {k: t.numel() * t.element_size() for k, t in load_file(os.path.join(path, "model.safetensors")).items()}
     for t in range(2):
-        ref = load_pretrained(path, dtype=torch.float32, keep_fp8=True)
-        split_modules(ref, t, 2, torch.float32)
-        log = counting_reads(monkeypatch)
-        got = load_pretrained(path, dtype=torch.float32, keep_fp8=True,
-                              split=lambda m, dt, t=t: split_modules(m, t, 2, dt))
-        monkeypatch.undo()
-        sd, rsd = got.state_dict(), ref.state_dict()
-        assert sd.keys() == rsd.keys()
-        for k, v in sd.items():
-            assert v.dtype == rsd[k].dtype and torch.equal(_bits(v), _bits(rsd[k])), k
+        got, size, log = _tp_shard_equals_split(path, t, monkeypatch)
         assert [m.n_heads for m in got.modules() if type(m).__name__ == "MLA"] == [1, 1, 1, 1]  # 2 heads / 2
         if kind == "fp32":
             tp_names = [k for k in size if k.endswith(_TP_TENSORS) and ".experts." not in k]
@@ -232,10 +239,7 @@ def test_tp_shard_keeps_block_aligned_fp8_slices_fp8(tmp_path, monkeypatch):
     """A model whose per-rank widths are multiples of 128 (4 heads of qk 128 and v 64, FFN widths 256, TP 2):
     every sliced projection stays FP8 (its bytes and its scale blocks read as ranges, half of each) and
     equals the whole model's FP8 module split in its blocks."""
-    from safetensors.torch import load_file
-
-    from dsv3.checkpoints.hf import load_pretrained, save_pretrained
-    from dsv3.distributed.attention_tp import split_modules
+    from dsv3.checkpoints.hf import save_pretrained
     from dsv3.model.fp8 import FP8Linear
     from dsv3.model.transformer import Transformer
 
@@ -247,22 +251,12 @@ def test_tp_shard_keeps_block_aligned_fp8_slices_fp8(tmp_path, monkeypatch):
     model = Transformer(cfg)
     model.init_weights()
     save_pretrained(model, tmp_path, fp8=True)
-    size = {k: t.numel() * t.element_size() for k, t in load_file(os.path.join(tmp_path, "model.safetensors")).items()}
     for t in range(2):
-        ref = load_pretrained(tmp_path, dtype=torch.float32, keep_fp8=True)
-        split_modules(ref, t, 2, torch.float32)
-        log = counting_reads(monkeypatch)
-        got = load_pretrained(tmp_path, dtype=torch.float32, keep_fp8=True,
-                              split=lambda m, dt, t=t: split_modules(m, t, 2, dt))
-        monkeypatch.undo()
+        got, size, log = _tp_shard_equals_split(str(tmp_path), t, monkeypatch)
         for m in [m for m in got.modules() if type(m).__name__ == "MLA"]:  # 2 of the 4 heads, still FP8
             shapes = {a: tuple(getattr(m, a).weight.shape) for a in ("q_b_proj", "kv_b_proj", "o_proj")}
             assert shapes == {"q_b_proj": (256, 128), "kv_b_proj": (256, 128), "o_proj": (128, 128)}
             assert all(isinstance(getattr(m, a), FP8Linear) for a in shapes)
-        sd, rsd = got.state_dict(), ref.state_dict()
-        assert sd.keys() == rsd.keys()
-        for k, v in sd.items():
-            assert v.dtype == rsd[k].dtype and torch.equal(_bits(v), _bits(rsd[k])), k
         tp_names = [k for k in size if k.removesuffix("_scale_inv").endswith(_TP_TENSORS) and ".experts." not in k]
         assert len(tp_names) == 2 * (2 * 3 + 2 * 3)  # (2 MLA x 3 + dense FFN and 1 shared x 3), weights and scales
         assert {k: log[k] for k in tp_names} == {k: size[k] // 2 for k in tp_names}
