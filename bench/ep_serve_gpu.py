@@ -51,9 +51,9 @@ from dsv3.model.moe import MoE  # noqa: E402
 from dsv3.model.transformer import Transformer  # noqa: E402
 
 
-def rank_model(cfg, rank: int, world: int, device, dtype, fp8: bool, static_max_tokens: int, seed: int = 0
-               ) -> Transformer:
-    """This rank's part of a randomly initialised model: its block of routed experts, everything else."""
+def rank_model(cfg, rank: int, world: int, device, dtype, fp8: bool, seed: int = 0) -> Transformer:
+    """This rank's part of a randomly initialised model: its block of routed experts, everything else (the
+    MoE dispatchers are installed per mode by main)."""
     from dsv3.checkpoints.hf import quantize_model_fp8
 
     E = cfg.n_routed_experts
@@ -67,9 +67,6 @@ def rank_model(cfg, rank: int, world: int, device, dtype, fp8: bool, static_max_
     model.init_weights(generator=torch.Generator(device=device).manual_seed(seed))
     if fp8:
         quantize_model_fp8(model)
-    for m in model.modules():
-        if isinstance(m, MoE):
-            m.dispatcher = ReplicatedTokensDispatcher(dist.group.WORLD, E, static_max_tokens)
     return model.eval()
 
 
@@ -124,8 +121,7 @@ def main() -> None:
             if rank == 0:
                 print(f"mode tp skipped: {e}")
     ctrl = control_group()
-    # decode steps (<= the largest batch) take the dispatcher's static all-reduce path, prefill the all-to-all
-    model = rank_model(cfg, rank, world, device, dtype, fp8, static_max_tokens=max(batches))
+    model = rank_model(cfg, rank, world, device, dtype, fp8)
     wb = weight_bytes(model)
     g = torch.Generator().manual_seed(1)
     engine = None
@@ -161,7 +157,9 @@ def main() -> None:
         if mode == "tp":
             shard_attention_tp(model, dist.group.WORLD)
         for m in model.modules():
-            if isinstance(m, MoE):  # dp: each rank's own tokens by all-to-all; else replicated tokens
+            # dp: each rank's own tokens by all-to-all; else replicated tokens, decode steps (<= the largest
+            # batch) through the static all-reduce path and prefill through the all-to-all
+            if isinstance(m, MoE):
                 m.dispatcher = AllToAllDispatcher(dist.group.WORLD, cfg.n_routed_experts) if dp else \
                     ReplicatedTokensDispatcher(dist.group.WORLD, cfg.n_routed_experts, max(batches))
         engine = Engine(model, None, max_batch_size=max(batches), cuda_graphs=mode == "graphs",

@@ -513,6 +513,18 @@ def _ranks(world: int, argv: list[str], cwd: str) -> list[subprocess.Popen]:
             for r in range(world)]
 
 
+def _outputs(procs: list[subprocess.Popen], timeout: float) -> list[str]:
+    """Each process's combined output once it exits (killed after `timeout` s)."""
+    outs = []
+    for p in procs:
+        try:
+            outs.append(p.communicate(timeout=timeout)[0])
+        except subprocess.TimeoutExpired:
+            p.kill()
+            outs.append(p.communicate()[0])
+    return outs
+
+
 @pytest.mark.parametrize("dp", [False, True])
 def test_cli_serve_under_torchrun(ckpt, tmp_path, dp):
     """`dsv3 serve --ep 2` answers the openai client with the one-process texts. Without --dp-attention with
@@ -552,13 +564,7 @@ def test_cli_serve_under_torchrun(ckpt, tmp_path, dp):
     finally:
         for p in procs:  # torchrun forwards Ctrl-C to every rank
             p.send_signal(signal.SIGINT)
-        outs = []
-        for p in procs:
-            try:
-                outs.append(p.communicate(timeout=60)[0])
-            except subprocess.TimeoutExpired:
-                p.kill()
-                outs.append(p.communicate()[0])
+        outs = _outputs(procs, timeout=60)
     assert [p.returncode for p in procs] == [0, 0], outs
     assert "expert parallel over 2 ranks" in outs[0]
     assert ("attention data parallel" in outs[0]) == dp
@@ -595,25 +601,17 @@ def test_cli_ep_errors(ckpt, monkeypatch, capsys):
     assert "--attn-tp 4 does not divide num_attention_heads (2)" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("mode", ["tp_dp"])  # (replicated: the serve test above runs the same CLI path)
-def test_cli_generate_under_torchrun(ckpt, tmp_path, mode):
+def test_cli_generate_under_torchrun(ckpt, tmp_path):
     """`dsv3 generate --ep 4 --attn-tp 2 --dp-attention`: rank 0 prints the one-process greedy text, the
     followers print nothing; the request is group 0's (ranks 0-1, each half the heads and FFN widths) and
     group 1 runs every phase idle (Engine._idle)."""
     from dsv3.inference.engine import SamplingParams, load_engine
 
-    prompt = "def alpha"
-    world = 4 if mode == "tp_dp" else 2
+    prompt, world = "def alpha", 4
     procs = _ranks(world, ["generate", ckpt["fp32"], "--prompt", prompt, "--ep", str(world), "--device", "cpu",
-                           "--temperature", "0", "--max-new-tokens", "8", "--speculative-k", "2"]
-                   + {"replicated": [], "tp_dp": ["--attn-tp", "2", "--dp-attention"]}[mode], str(tmp_path))
-    outs = []
-    for p in procs:
-        try:
-            outs.append(p.communicate(timeout=120)[0])
-        except subprocess.TimeoutExpired:
-            p.kill()
-            outs.append(p.communicate()[0])
+                           "--temperature", "0", "--max-new-tokens", "8", "--speculative-k", "2",
+                           "--attn-tp", "2", "--dp-attention"], str(tmp_path))
+    outs = _outputs(procs, timeout=120)
     assert [p.returncode for p in procs] == [0] * world, outs
     engine, tok = load_engine(ckpt["fp32"], device="cpu", max_batch_size=1)
     (ref,) = engine.generate([tok.encode(prompt)], SamplingParams(max_new_tokens=8, temperature=0.0))
