@@ -16,7 +16,8 @@ retrieval over length and depth), at a small scale:
    --decode-batch), and reports the latent KV cache's bytes per token beside an expanded (per-head K/V)
    cache's (dsv3.info.model_info, what `dsv3 info` prints).
 
-Pass-key training documents (--passkey-docs, default 4000 per stage). The first H200 run trained on the
+Pass-key training documents (--passkey-docs, default 4000 for the base run; a stage of F x the base's
+sequence length gets 1/F as many, as long on average F times, so the same tokens). The first H200 run trained on the
 stdlib corpus alone and scored 0.00 in every cell, 128-token prompts inside the trained context included:
 the model never emitted a digit, it continued the English prompt as docstring prose, so the grid said
 nothing about YaRN. Each stage now trains on its corpus plus OUT/passkey/<stage>.jsonl (`dsv3 train
@@ -67,7 +68,7 @@ from dsv3.training.config import TrainConfig  # noqa: E402
 from dsv3.training.pretrain import get_tokenizer  # noqa: E402
 
 EXTENSION_FLAGS = ("--init-from", "--rope-factor")
-PASSKEY_DOCS = 4000  # per stage (module docstring)
+PASSKEY_DOCS = 4000  # the base run's; a stage of F x its sequence length: 1/F as many (module docstring)
 
 
 def dsv3_cli() -> list[str]:
@@ -107,17 +108,21 @@ def run_grid(stage: str, checkpoint: str, args, log) -> dict:
     return {k: v for k, v in r.items() if k != "results"}
 
 
-def write_passkey_docs(stage: str, index: int, tok: DSTokenizer, max_tokens: int, args, log) -> list[str]:
-    """OUT/passkey/STAGE.jsonl: --passkey-docs pass-key training documents of up to `max_tokens` tokens (the
-    stage's sequence length), keys from the stream of seed `index` (a new set per stage). Returns the stage's
-    --extra-data list: the user's --extra-data, then this file (no file with --passkey-docs 0)."""
+def write_passkey_docs(stage: str, index: int, tok: DSTokenizer, max_tokens: int, args, log,
+                       factor: int = 1) -> list[str]:
+    """OUT/passkey/STAGE.jsonl: --passkey-docs / factor pass-key training documents of up to `max_tokens`
+    tokens (the stage's sequence length, factor x the base's: the same tokens of documents per stage, whose
+    training steps also see the same tokens), keys from the stream of seed `index` (a new set per stage).
+    Returns the stage's --extra-data list: the user's --extra-data, then this file (no file with
+    --passkey-docs 0)."""
     if args.passkey_docs <= 0:
         return list(args.extra_data)
+    n_docs = max(args.passkey_docs // factor, 1)
     path = os.path.join(args.out, "passkey", f"{stage}.jsonl")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     t0 = time.time()
     try:
-        docs = passkey_documents(args.passkey_docs, tok, 0, max_tokens, seed=index, key_digits=args.key_digits)
+        docs = passkey_documents(n_docs, tok, 0, max_tokens, seed=index, key_digits=args.key_digits)
     except ValueError as e:  # a sequence too short for the template: before any training
         sys.exit(f"long_context_gpu.py: no pass-key documents for stage {stage}: {e}; raise --seq-len or pass "
                  "--passkey-docs 0")
@@ -193,7 +198,9 @@ def speed(checkpoint: str, args, log) -> dict:
            "kv_expanded_bytes_at_context": info.kv_expanded_bytes * cfg.max_position_embeddings, "runs": []}
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     for B in sorted({1, args.decode_batch}):
-        engine, tok = load_engine(path, device=args.device, max_batch_size=B,
+        # bf16 on a GPU (the training checkpoint is fp32): the engine's CUDA-graph decode runs bf16 models
+        dtype = torch.bfloat16 if args.device.startswith("cuda") else None
+        engine, tok = load_engine(path, device=args.device, max_batch_size=B, dtype=dtype,
                                   cache_tokens=B * (L + args.decode_tokens + 32))
         res["engine_cache_bytes_per_token"] = PagedLatentCache.bytes_per_token(engine.model, engine.cache.kv.dtype)
         prompts = [[(7 * i + 13 * b) % (cfg.vocab_size - 1) + 1 for i in range(L)] for b in range(B)]
@@ -252,8 +259,8 @@ def main() -> None:
     ap.add_argument("--decode-batch", type=int, default=8, help="second batch size of the speed measurement")
     ap.add_argument("--skip-train", action="store_true", help="reuse OUT/base (already trained)")
     ap.add_argument("--passkey-docs", type=int, default=PASSKEY_DOCS,
-                    help="pass-key training documents added to each stage's data (up to its sequence length; "
-                         "0: none)")
+                    help="pass-key training documents added to the base run's data (up to its sequence length; "
+                         "a stage of F x that length gets 1/F as many, up to its own; 0: none)")
     ap.add_argument("--key-digits", type=int, default=5, help="digits of the pass keys, trained and evaluated")
     args = ap.parse_args()
     factors = [int(f) for f in args.rope_factors.split(",") if f.strip()] if not args.no_extension else []
@@ -279,7 +286,7 @@ def main() -> None:
         name = f"x{f}"
         rope = f if args.yarn_schedule == "per-stage" else (max(factors) if i == 0 else None)
         tok = DSTokenizer.load(resolve_checkpoint(prev))
-        extra = write_passkey_docs(name, i + 1, tok, args.seq_len * f, args, log)
+        extra = write_passkey_docs(name, i + 1, tok, args.seq_len * f, args, log, factor=f)
         prev = extend(name, prev, f, rope, extra, args, log)
         report["stages"].append({"stage": name, "seq_len": args.seq_len * f, "rope_factor": rope or max(factors),
                                  "needle": run_grid(name, prev, args, log)})

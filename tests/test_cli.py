@@ -15,6 +15,7 @@ import os
 import re
 
 import pytest
+import torch
 
 from dsv3.cli import main
 from dsv3.config import ModelConfig
@@ -230,6 +231,8 @@ def test_generate_greedy_matches_engine_and_speculation(run):
 
     ck = run["out"] / "checkpoints" / "step_00000008"
     engine, tok = load_engine(str(ck), device="cpu")
+    assert engine.model.embed_tokens.weight.dtype == torch.float32  # the CPU default
+    assert load_engine(str(ck), device="cpu", dtype=torch.bfloat16)[0].model.embed_tokens.weight.dtype == torch.bfloat16
     want = engine.generate(["def"], SamplingParams(max_new_tokens=12, temperature=0))[0].text
     for k in ("0", "2"):
         rc, stdout, err = run_cli(["generate", ck, "--prompt", "def", "--max-new-tokens", 12, "--temperature", 0,

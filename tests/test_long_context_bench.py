@@ -40,6 +40,9 @@ def test_passkey_docs_of_each_stage(tmp_path):
     assert all(d.startswith(INTRO) and QUESTION in d for d in docs)
     base = bench.write_passkey_docs("base", 0, tok, 256, args, quiet)[-1]
     assert open(base).read() != open(path).read()  # another key stream per stage
+    # a stage of 4x the base's sequence length: a quarter as many documents (the same tokens on average)
+    x4 = bench.write_passkey_docs("x4", 1, tok, 1024, args, quiet, factor=4)[-1]
+    assert len(open(x4).read().splitlines()) == 3
     args.passkey_docs = 0
     assert bench.write_passkey_docs("x16", 2, tok, 512, args, quiet) == ["mine.jsonl"]
     assert not os.path.exists(os.path.join(tmp_path, "passkey", "x16.jsonl"))

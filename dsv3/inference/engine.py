@@ -515,10 +515,11 @@ class Engine:
                         return
 
 
-def load_engine(checkpoint: str, *, device: str = "auto", keep_fp8: bool = True, **engine_kwargs):
+def load_engine(checkpoint: str, *, device: str = "auto", keep_fp8: bool = True,
+                dtype: torch.dtype | None = None, **engine_kwargs):
     """(Engine, DSTokenizer) for a checkpoint directory or a run directory (its latest checkpoint):
-    fp32 on the CPU, the checkpoint's dtype on a GPU. engine_kwargs go to `Engine` (max_batch_size,
-    cache_tokens, speculative_k, max_model_len, ...). One process; an expert-parallel rank's engine
+    in `dtype` when given, else fp32 on the CPU and the checkpoint's dtype on a GPU. engine_kwargs go to
+    `Engine` (max_batch_size, cache_tokens, speculative_k, max_model_len, ...). One process; an expert-parallel rank's engine
     (EngineConfig.ep > 1, under torchrun) is dsv3/ep_serve.py's `load_ep_engine`."""
     from dsv3.checkpoints.hf import load_pretrained
     from dsv3.checkpoints.rundir import resolve_checkpoint
@@ -529,6 +530,7 @@ def load_engine(checkpoint: str, *, device: str = "auto", keep_fp8: bool = True,
         device = "cuda" if torch.cuda.is_available() else "cpu"
     tok = DSTokenizer.load(checkpoint)
     # FP8 block-scaled weights of an official-format checkpoint stay FP8 in memory (dequantised per use)
-    model = load_pretrained(checkpoint, device=device, dtype=torch.float32 if device == "cpu" else None,
-                            keep_fp8=keep_fp8).eval()
+    if dtype is None and device == "cpu":
+        dtype = torch.float32
+    model = load_pretrained(checkpoint, device=device, dtype=dtype, keep_fp8=keep_fp8).eval()
     return Engine(model, tok, **engine_kwargs), tok
