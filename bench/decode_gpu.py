@@ -61,7 +61,8 @@ def main() -> None:
     ap.add_argument("--modes", default="eager,graphs", help="engine decode paths to time: eager, graphs, graphs+compile, "
                          "graphs+compile+einsum (the absorbed attention as compiled einsums over the gathered context "
                          "instead of the Triton paged-latent kernel), graphs+fp8 / graphs+compile+fp8 (128x128-block e4m3 weights through "
-                         "the Triton FP8 GEMMs; put it last: it quantizes the model in place)")
+                         "the Triton FP8 GEMMs; put it last: it quantizes the model in place); any mode + '+nogemv': "
+                         "the routed experts without the decode GEMV kernel (kernels.expert_gemv), as before it")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("decode_gpu.py: CUDA is not available; this benchmark runs on a GPU")
@@ -81,14 +82,14 @@ def main() -> None:
           "of roofline |")
     print("|---|---|---|---|---|---|---|---|")
     modes = args.modes.split(",")
-    bad = set(modes) - {"eager", "graphs", "graphs+compile", "graphs+compile+einsum", "graphs+fp8",
-                        "graphs+compile+fp8"}
-    fp8_modes = [i for i, m in enumerate(modes) if m.endswith("+fp8")]
+    bad = {m.removesuffix("+nogemv") for m in modes} - {"eager", "graphs", "graphs+compile", "graphs+compile+einsum",
+                                                           "graphs+fp8", "graphs+compile+fp8"}
+    fp8_modes = [i for i, m in enumerate(modes) if "+fp8" in m]
     if bad or (fp8_modes and fp8_modes[0] < len(modes) - len(fp8_modes)):
         raise SystemExit(f"--modes: unknown {sorted(bad)}" if bad else "--modes: the +fp8 modes quantize the model in "
                          "place, so they must come last")
     for mode, B in [(m, int(b)) for m in modes for b in args.batches.split(",")]:
-        if mode.endswith("+fp8") and not any(isinstance(x, FP8Linear) for x in model.modules()):
+        if "+fp8" in mode and not any(isinstance(x, FP8Linear) for x in model.modules()):
             quantize_model_fp8(model)
         prompts = [torch.randint(0, cfg.vocab_size, (args.prompt_len,), generator=g).tolist() for _ in range(B)]
         eng = Engine(model, None, max_batch_size=B, cache_tokens=B * (args.prompt_len + args.new + 16),
@@ -96,7 +97,10 @@ def main() -> None:
         # graphs+compile+einsum: the reference (einsum) attention; the choice is made as each bucket is built
         attention = (kernels.use_backend(mla_decode="reference") if mode == "graphs+compile+einsum"
                      else contextlib.nullcontext())
-        with attention:
+        # +nogemv: the routed experts through the grouped GEMMs (FP8: the per-row kernel) instead of the
+        # decode GEMV (kernels.expert_gemv), the path before it, for the before/after in one run
+        gemv = kernels.use_backend(expert_gemv="reference") if mode.endswith("+nogemv") else contextlib.nullcontext()
+        with attention, gemv:
             if mode != "eager":  # capture the buckets this run uses before timing (a server does this at start-up)
                 eng.generate(prompts, SamplingParams(max_new_tokens=args.new, temperature=0, ignore_eos=True))
             eng.generate(prompts[:1], SamplingParams(max_new_tokens=4, temperature=0))  # warm-up
@@ -117,7 +121,7 @@ def main() -> None:
             torch.cuda.synchronize()
             dt = time.perf_counter() - t
             steps = args.new - 1
-            roof = step_bytes(cfg, B, args.prompt_len + args.new // 2, fp8=mode.endswith("+fp8")) / hbm
+            roof = step_bytes(cfg, B, args.prompt_len + args.new // 2, fp8="+fp8" in mode) / hbm
             print(f"| {card} | dsv3 {mode} | {B} | {ttft * 1e3:.1f} | {n / dt:,.1f} | {dt / steps * 1e3:.1f} | "
                   f"{roof * 1e3:.2f} | {roof / (dt / steps):.1%} |", flush=True)
     del model, eng

@@ -261,7 +261,8 @@ def _eval_harness(args) -> int:
         from dsv3.eval.lm_eval_adapter import run_lm_eval
 
         r = run_lm_eval(_resolve_checkpoint(args.checkpoint), args.lm_eval, include_path=args.include_path,
-                        limit=args.limit or None, batch_size=args.batch_size, device=args.device)
+                        limit=args.limit or None, batch_size=args.batch_size, device=args.device,
+                        dtype=args.dtype)
         print(make_table(r))
         if args.out_json:
             with open(args.out_json, "w", encoding="utf-8") as f:
@@ -552,7 +553,7 @@ def _train_flags(p) -> None:
 
 
 # the HumanEvalConfig fields that `dsv3 eval` offers (device is EvalConfig's)
-HUMANEVAL_FIELDS = ("samples", "limit", "temperature")  # (its output: --out-json, as every task's)
+HUMANEVAL_FIELDS = ("samples", "limit", "temperature", "dtype")  # (its output: --out-json, as every task's)
 
 
 def _eval_flags(p) -> None:

@@ -230,3 +230,35 @@ def test_lm_eval_rolling_windows_match_direct_computation(ckpt):
             ctx_full = ([tok.eos_id] + ids)[: start + n + 1]
             total += _logprob(model, ctx_full[-(16 + 1):], n)[0]
         assert g == pytest.approx(total, abs=1e-3)
+
+
+def test_dtype_setting(ckpt, monkeypatch):
+    """`--dtype` of the benchmarks: auto is fp32 on the CPU and bf16 on a GPU (the engine's CUDA graphs run bf16
+    models; a training checkpoint is stored in fp32); checkpoint keeps the stored dtype."""
+    assert humaneval.resolve_dtype("auto", "cpu") == ("cpu", torch.float32)
+    assert humaneval.resolve_dtype("auto", "cuda") == ("cuda", torch.bfloat16)
+    assert humaneval.resolve_dtype("float32", "cuda") == ("cuda", torch.float32)
+    assert humaneval.resolve_dtype("checkpoint", "cuda") == ("cuda", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert humaneval.resolve_dtype("bfloat16", "auto") == ("cpu", torch.bfloat16)
+    with pytest.raises(ValueError, match="dtype must be"):
+        humaneval.resolve_dtype("fp16", "cpu")
+    seen = {}
+
+    def fake_load_engine(path, *, device, dtype, max_batch_size):
+        seen.update(device=device, dtype=dtype)
+        raise RuntimeError("stop here")
+
+    import dsv3.inference.engine as engine_mod
+    monkeypatch.setattr(engine_mod, "load_engine", fake_load_engine)
+    with pytest.raises(RuntimeError, match="stop here"):
+        humaneval.generate_completions(str(ckpt), [], humaneval.HumanEvalConfig(device="cpu", dtype="bfloat16"))
+    assert seen == {"device": "cpu", "dtype": torch.bfloat16}
+
+
+@needs_lm_eval
+def test_lm_eval_adapter_dtype(ckpt):
+    from dsv3.eval.lm_eval_adapter import DSV3LM
+
+    assert DSV3LM(str(ckpt), device="cpu").model.embed_tokens.weight.dtype == torch.float32
+    assert DSV3LM(str(ckpt), device="cpu", dtype="bfloat16").model.embed_tokens.weight.dtype == torch.bfloat16

@@ -33,6 +33,11 @@ class HumanEvalConfig:
     max_new_tokens: int = setting(384, "most tokens per completion")
     seed: int = setting(0, "sampling seed of sample j is seed + j")
     device: str = setting("auto", "auto | cpu | cuda")
+    # bf16 on a GPU by default, as vLLM serves fp32 checkpoints: a training checkpoint is stored in fp32, and
+    # the engine's CUDA-graph decode (and the bf16 grouped experts) run bf16 models
+    dtype: str = setting("auto", "weights' dtype (FP8 weights stay FP8): auto (bfloat16 on a GPU, float32 on the "
+                                 "CPU) | bfloat16 | float32 | checkpoint (as stored)",
+                         choices=("auto", "bfloat16", "float32", "checkpoint"))
     max_batch_size: int = setting(32, "completions decoded together")
     output: str | None = setting(None, "write the JSON results here (humaneval: per-problem counts, completions)")
 
@@ -64,11 +69,25 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
 
 
+def resolve_dtype(name: str, device: str):
+    """(device, torch dtype or None = the checkpoint's) of a `dtype` setting (HumanEvalConfig.dtype)."""
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if name not in ("auto", "bfloat16", "float32", "checkpoint"):
+        raise ValueError(f"dtype must be auto, bfloat16, float32 or checkpoint, got {name!r}")
+    if name == "auto":
+        name = "float32" if device == "cpu" else "bfloat16"
+    return device, None if name == "checkpoint" else getattr(torch, name)
+
+
 def generate_completions(checkpoint: str, problems: list[dict], cfg: HumanEvalConfig) -> list[list[str]]:
     """cfg.samples completions per problem through the batched engine (all requests queued at once)."""
     from dsv3.inference.engine import SamplingParams, load_engine
 
-    engine, tok = load_engine(checkpoint, device=cfg.device, max_batch_size=cfg.max_batch_size)
+    device, dtype = resolve_dtype(cfg.dtype, cfg.device)
+    engine, tok = load_engine(checkpoint, device=device, dtype=dtype, max_batch_size=cfg.max_batch_size)
     ctx = engine.max_model_len
     prompts, params = [], []
     for p in problems:

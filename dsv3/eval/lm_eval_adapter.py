@@ -5,8 +5,8 @@
 
 or `dsv3 eval runs/tiny --lm-eval hellaswag,arc_easy [--include-path DIR] [--limit N]`.
 
-Log-likelihoods are batched forwards of the model (`load_pretrained`: fp32 on the CPU, the
-checkpoint's dtype on a GPU) over context + continuation, right-padded (attention is causal and
+Log-likelihoods are batched forwards of the model (`load_pretrained`: fp32 on the CPU, bf16 on a GPU
+unless dtype= says otherwise) over context + continuation, right-padded (attention is causal and
 routing is per token, so padding changes no real position), truncated on the left to the model's
 context; a continuation scores the sum of its tokens' log-probabilities and is greedy when each of its
 tokens is the argmax. Rolling log-likelihoods follow lm-eval's convention: disjoint windows of the
@@ -33,24 +33,24 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 class DSV3LM(TemplateLM):
     """model_args: pretrained (checkpoint or run directory), device (auto | cpu | cuda), batch_size
     (sequences per forward / requests decoded together), max_length (context; 0: the model's),
-    max_gen_toks (default generation length), add_bos_token."""
+    max_gen_toks (default generation length), add_bos_token, dtype (auto: bfloat16 on a GPU, float32 on the
+    CPU; bfloat16 | float32 | checkpoint)."""
 
     def __init__(self, pretrained: str, device: str | None = "auto", batch_size: int | str = 8,
                  max_length: int | str = 0, max_gen_toks: int | str = 256, add_bos_token: bool | str = False,
-                 max_batch_size: int | None = None, **kwargs):
+                 max_batch_size: int | None = None, dtype: str = "auto", **kwargs):
         super().__init__()
         from dsv3.checkpoints.hf import load_pretrained
         from dsv3.checkpoints.rundir import resolve_checkpoint
         from dsv3.tokenizer import DSTokenizer
 
+        from dsv3.eval.humaneval import resolve_dtype
+
         path = resolve_checkpoint(str(pretrained))
-        if device in (None, "auto"):
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device, torch_dtype = resolve_dtype(str(dtype), device or "auto")
         self._device = torch.device(device)
         self.tok = DSTokenizer.load(path)
-        cpu = self._device.type == "cpu"
-        self.model = load_pretrained(path, device=self._device, dtype=torch.float32 if cpu else None,
-                                     keep_fp8=True).eval()
+        self.model = load_pretrained(path, device=self._device, dtype=torch_dtype, keep_fp8=True).eval()
         # "auto" (lm-eval's batch-size search) is not supported: a fixed batch of 8
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
         self.max_length = int(max_length) or self.model.config.max_position_embeddings

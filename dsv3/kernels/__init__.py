@@ -11,6 +11,7 @@ optional.
     fp8_gemm_fwd, fp8_gemm_bwd                          "scaled_mm" (F.scaled_mm + fp8_triton.py)
     fp8_grouped_gemm_fwd, fp8_grouped_gemm_bwd          "triton" (fp8_grouped_triton.py)
     fp8_weight_linear, fp8_expert_rows                  "triton" (fp8_gemm_triton.py)
+    expert_gemv                                         "triton" (expert_gemv_triton.py)
     mla_decode                                          "triton" (mla_decode_triton.py)
     adamw_step_                                         "triton" (adamw_triton.py)
     router_topk                                         "triton" (router_triton.py)
@@ -34,14 +35,34 @@ from dsv3.kernels.backend import select as select_backend
 from dsv3.kernels.backend import use_backend
 from dsv3.kernels.fp8 import (act_quant_cm, act_quant_t, fp8_expert_rows, fp8_gemm_bwd, fp8_gemm_fwd,
                               fp8_grouped_gemm_bwd, fp8_grouped_gemm_fwd, fp8_weight_linear, weight_quant_pad)
-from dsv3.kernels.reference import (BLOCK, FP8_MAX, act_dequant, act_quant, mla_decode_ref, router_topk_ref,
-                                    weight_dequant, weight_quant)
+from dsv3.kernels.reference import (BLOCK, FP8_MAX, act_dequant, act_quant, expert_gemv_ref, mla_decode_ref,
+                                    router_topk_ref, weight_dequant, weight_quant)
 
 __all__ = ["BLOCK", "FP8_MAX", "act_dequant", "act_quant", "act_quant_cm", "act_quant_t", "adamw_backend",
-           "adamw_step_", "attention", "backend_available", "fp8_expert_rows", "fp8_gemm_bwd", "fp8_gemm_fwd",
+           "adamw_step_", "attention", "backend_available", "expert_gemv", "expert_gemv_ref", "fp8_expert_rows",
+           "fp8_gemm_bwd", "fp8_gemm_fwd",
            "fp8_grouped_gemm_bwd", "fp8_grouped_gemm_fwd", "fp8_weight_linear", "mla_decode", "mla_decode_ref",
            "router_topk", "router_topk_ref", "select_backend", "use_backend", "weight_dequant", "weight_quant",
            "weight_quant_pad"]
+
+
+def expert_gemv(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None, expert: torch.Tensor, x_div: int = 1,
+                up: torch.Tensor | None = None, up_s: torch.Tensor | None = None, *,
+                backend: str | None = None) -> torch.Tensor:
+    """Routed experts of a decode step, one output row per (token, expert) pair (the contract:
+    `reference.expert_gemv_ref`): x (T, K), w (E, N, K) in x's dtype or e4m3 with 128x128 scales s, expert
+    (M,) -> y (M, N), row m = x[m // x_div] through expert[m] (0 where < 0); with `up`, silu(x·wᵀ) * (x·upᵀ).
+    "triton": one program per row and weight tile, no sort (expert_gemv_triton.py)."""
+    assert x.dim() == 2 and w.dim() == 3 and expert.dim() == 1 and x.shape[0] * x_div >= expert.shape[0], \
+        f"expert_gemv: x (T, K), w (E, N, K), expert (M <= T * x_div,); got {tuple(x.shape)}, {tuple(w.shape)}, " \
+        f"{tuple(expert.shape)}, x_div {x_div}"
+    if select_backend("expert_gemv", x, backend=backend) == "triton":
+        from dsv3.kernels import expert_gemv_triton as k
+
+        if up is None:
+            return k.expert_gemv_op(x, w, s, expert, x_div)
+        return k.expert_swiglu_gemv_op(x, w, s, up, up_s, expert, x_div)
+    return reference.expert_gemv_ref(x, w, s, expert, x_div, up, up_s)
 
 
 def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, pe: torch.Tensor,

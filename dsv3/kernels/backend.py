@@ -9,6 +9,7 @@ never probe the GPU themselves.
     fp8_grouped_gemm  "triton"              SM 8.9+ (FP8 tensor cores)
     fp8_weight_gemm   "triton"              bf16/fp16 x, at most DENSE_DECODE_ROWS rows, no autograd
     fp8_expert_rows   "triton"              bf16/fp16 x, at most EXPERT_DECODE_ROWS rows, no autograd
+    expert_gemv       "triton"              bf16/fp16 x, at most EXPERT_DECODE_ROWS rows, no autograd
     mla_decode        "triton"              -
     adamw             "triton"              -
     router_topk       "triton"              fp32 logits (24/24 GPU tests on an H200, 2026-12-04; 4.8-12x the reference)
@@ -43,6 +44,7 @@ FAST = {  # op -> its accelerated backend
     "fp8_grouped_gemm": "triton",
     "fp8_weight_gemm": "triton",
     "fp8_expert_rows": "triton",
+    "expert_gemv": "triton",
     "mla_decode": "triton",
     "adamw": "triton",
     "router_topk": "triton",
@@ -131,7 +133,7 @@ def _fast_fits(op: str, tensors: tuple[torch.Tensor, ...]) -> bool:
         return False
     if op == "fp8_weight_gemm":
         return _decode_fits(tensors[0], DENSE_DECODE_ROWS)
-    if op == "fp8_expert_rows":
+    if op in ("fp8_expert_rows", "expert_gemv"):
         return _decode_fits(tensors[0], EXPERT_DECODE_ROWS)
     if op == "router_topk":
         return tensors[0].dtype == torch.float32

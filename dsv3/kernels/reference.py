@@ -244,6 +244,26 @@ def fp8_expert_rows_ref(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, exper
     return torch.where((expert >= 0).unsqueeze(-1), y, 0)  # expert < 0: a row not computed here, 0
 
 
+def expert_gemv_ref(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None, expert: torch.Tensor, x_div: int = 1,
+                    up: torch.Tensor | None = None, up_s: torch.Tensor | None = None) -> torch.Tensor:
+    """The routed experts' decode GEMV (dsv3/kernels/expert_gemv_triton.py): x (T, K); w (E, N, K) in x's
+    dtype (s None) or e4m3 with s (E, ceil(N/128), ceil(K/128)); expert (M,) -> y (M, N) in x's dtype, row m =
+    x[m // x_div] · w[expert[m]]ᵀ, or with `up` silu(x·wᵀ) * (x·upᵀ); fp32 products and sums, one rounding;
+    0 where expert[m] < 0. Dequantises every expert: a specification, not a fast path."""
+    xm = x[torch.arange(expert.shape[0], device=x.device) // x_div].float()  # (M, K)
+    e = expert.clamp(min=0)
+
+    def lin(w, s):
+        wd = torch.stack([weight_dequant(w[i], s[i], torch.float32) for i in range(w.shape[0])]) \
+            if s is not None else w.float()
+        return torch.bmm(wd[e], xm.unsqueeze(-1)).squeeze(-1)  # (M, N) fp32
+
+    y = lin(w, s)
+    if up is not None:
+        y = F.silu(y) * lin(up, up_s)
+    return torch.where((expert >= 0).unsqueeze(-1), y, 0).to(x.dtype)
+
+
 def mla_decode_ref(q_lat: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, pe: torch.Tensor,
                    block_table: torch.Tensor, seq_lens: torch.Tensor, block_size: int, scale: float) -> torch.Tensor:
     """Absorbed MLA attention of one new token per sequence over one layer of the paged latent cache

@@ -141,6 +141,11 @@ class FP8Experts(Experts):
                 out.append(torch.stack([weight_dequant(w[i], s[i], dtype=dtype) for i in range(w.shape[0])]))
         return out[0], out[1], out[2]
 
+    def gemv_weights(self):
+        """(gate, scales, up, scales, down, scales): the e4m3 stacks and their 128x128 block scales."""
+        return (self.gate_proj, self.gate_proj_scale_inv, self.up_proj, self.up_proj_scale_inv, self.down_proj,
+                self.down_proj_scale_inv)
+
     def sorted_mlp(self, x_MD: torch.Tensor, flat: torch.Tensor, order: torch.Tensor, offs: torch.Tensor,
                    dt: torch.dtype) -> torch.Tensor:
         """Where the kernels have an accelerated `fp8_expert_rows` for x_MD (decode-sized batches on

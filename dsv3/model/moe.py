@@ -173,8 +173,36 @@ class Experts(nn.Module):
 
     def forward(self, x_ND: torch.Tensor, idx_NK: torch.Tensor, w_NK: torch.Tensor, impl: str = "auto") -> torch.Tensor:
         if self._impl(x_ND, impl) == "grouped":
+            if impl == "auto" and self._gemv_fits(x_ND, idx_NK):
+                return self.forward_gemv(x_ND, idx_NK, w_NK)
             return self.forward_grouped(x_ND, idx_NK, w_NK)
         return self.forward_loop(x_ND, idx_NK, w_NK)
+
+    def gemv_weights(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None,
+                                    torch.Tensor, torch.Tensor | None]:
+        """(gate, its scales, up, its scales, down, its scales) as stored, for `kernels.expert_gemv`: no
+        scales here; FP8 storage gives its 128x128 block scales."""
+        return self.gate_proj, None, self.up_proj, None, self.down_proj, None
+
+    def _gemv_fits(self, x_ND: torch.Tensor, idx_NK: torch.Tensor) -> bool:
+        """The decode GEMV path (`forward_gemv`) for this call: at most one (token, expert) pair per expert on
+        average (each pair re-reads its expert's weights; above that the grouped GEMM, which reads each expert
+        once, wins), weights stored in x's dtype or FP8, and the kernel's backend rule (GPU, bf16/fp16 x, no
+        autograd). Shapes only: a CUDA-graph bucket always takes the same path."""
+        w = self.gemv_weights()[0]
+        return (idx_NK.numel() <= w.shape[0] and w.dtype in (x_ND.dtype, torch.float8_e4m3fn)
+                and kernels.select_backend("expert_gemv", x_ND) != "reference")
+
+    def forward_gemv(self, x_ND: torch.Tensor, idx_NK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
+        """The same sum as `forward_grouped` for decode-sized N: each (token, expert) pair is one row of two
+        launches, gate+up+SwiGLU then down (dsv3/kernels/expert_gemv_triton.py), reading only the selected
+        experts; no sort, no gather of x (row n*K + k reads token n)."""
+        N, K = idx_NK.shape
+        flat = idx_NK.reshape(-1)  # (M = N*K,) row n*K + k: token n's k-th expert
+        g, gs, u, us, d, ds = self.gemv_weights()
+        h_MI = kernels.expert_gemv(x_ND, g, gs, flat, K, up=u, up_s=us)  # silu(x·w1ᵀ) * (x·w3ᵀ)
+        y_MD = kernels.expert_gemv(h_MI, d, ds, flat, 1)
+        return (y_MD.view(N, K, -1).float() * w_NK.unsqueeze(-1)).sum(1).to(x_ND.dtype)  # fp32 weighted sum
 
     @staticmethod
     def _impl(x_ND: torch.Tensor, impl: str) -> str:

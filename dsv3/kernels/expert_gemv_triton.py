@@ -1,0 +1,140 @@
+"""Routed experts of a decode step as GEMVs (Triton): each (token, expert) pair is one output row computed
+straight from its expert's weights, with no sort, no gather of the activations and no grouped-GEMM set-up.
+
+    expert_gemv(x, w, s, expert, x_div, up, up_s) -> y (M, N)
+        x (T, K) bf16/fp16; w (E, N, K) in x's dtype, or e4m3 with s (E, ceil(N/128), ceil(K/128)) fp32
+        (the official 128x128 blocks); expert (M,) int: row m reads x[m // x_div] through expert[m]'s
+        weight, and is 0 (reading no weight) where expert[m] < 0. With `up` (same layout as w):
+        y = silu(x·wᵀ) * (x·upᵀ), the SwiGLU's first half in one pass over both matrices.
+
+Why (issue 14, batch-1 decode): at one token per step a MoE layer's routed experts are 6-8 GEMVs. The grouped
+GEMM path sorts the pairs, gathers the rows, builds the grouped problem on the device and runs CUTLASS tiles
+of 64-128 rows for one real row each: on an H200 the 16b model's three grouped GEMMs per layer took ~61 us
+for ~104 MB of weights (~40% of the copy bandwidth) plus ~10 small kernels around them. Here a layer's
+routed experts are two launches (gate+up+SwiGLU, down) whose programs each stream a BN x K slab of one
+expert: (M x N / BN) programs, enough to fill the GPU at M = 6. Each row re-reads its expert's weights, so
+the caller takes this path only while rows <= experts (about one row per expert, Experts.forward); above,
+the grouped GEMM reads each expert once.
+
+Math: for each 128-wide K block, acc += (w[nb, kb] · x[kb]) (· s[nb, kb] for e4m3), fp32 accumulation;
+silu and the product in fp32; one rounding to x's dtype. The specification is
+`dsv3.kernels.reference.expert_gemv_ref`; tests: tests/test_expert_gemv.py (Triton interpreter) and
+tests/test_gpu.py.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK = 128  # K step: one FP8 scale block
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, ws_ptr, u_ptr, us_ptr, e_ptr, y_ptr, N, K, KB, x_div, sxm, swe, swn, sse, ssn,
+                 sym, HAS_SCALE: tl.constexpr, FUSED_UP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    m = tl.program_id(0).to(tl.int64)
+    pn = tl.program_id(1)
+    e = tl.load(e_ptr + m).to(tl.int64)
+    kb_end = tl.where(e >= 0, KB, 0)  # a row this call does not own: no weight read, output 0
+    e = tl.maximum(e, 0)
+    xrow = m // x_div
+    rn = pn * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    nb = (pn * BN) // BK  # BN divides 128: the tile lies in one scale row
+    w_rows = w_ptr + e * swe + rn[:, None].to(tl.int64) * swn
+    u_rows = u_ptr + e * swe + rn[:, None].to(tl.int64) * swn
+    acc = tl.zeros((BN,), dtype=tl.float32)
+    acc_u = tl.zeros((BN,), dtype=tl.float32)
+    for kb in range(0, kb_end):
+        k = kb * BK + rk
+        kmask = k < K
+        wmask = (rn[:, None] < N) & kmask[None, :]
+        x = tl.load(x_ptr + xrow * sxm + k, mask=kmask, other=0.0).to(tl.float32)
+        part = tl.sum(tl.load(w_rows + k[None, :], mask=wmask, other=0.0).to(tl.float32) * x[None, :], axis=1)
+        if HAS_SCALE:
+            part = part * tl.load(ws_ptr + e * sse + nb * ssn + kb)
+        acc += part
+        if FUSED_UP:
+            part_u = tl.sum(tl.load(u_rows + k[None, :], mask=wmask, other=0.0).to(tl.float32) * x[None, :], axis=1)
+            if HAS_SCALE:
+                part_u = part_u * tl.load(us_ptr + e * sse + nb * ssn + kb)
+            acc_u += part_u
+    if FUSED_UP:
+        acc = acc * tl.sigmoid(acc) * acc_u  # silu(gate) * up, in fp32
+    tl.store(y_ptr + m * sym + rn, acc.to(y_ptr.dtype.element_ty), mask=rn < N)
+
+
+def default_config(M: int, N: int, K: int) -> dict:
+    """Launch parameters: BN = 32 rows of the weight per program (at M = 6 and N = 1408 that is 264 programs on
+    the H200's 132 SMs; 64 would halve them), 4 warps, 3 pipeline stages for the weight loads."""
+    return {"BN": 32, "num_warps": 4, "num_stages": 3}
+
+
+def _check(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None) -> None:
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        raise TypeError(f"expert GEMV takes bf16/fp16 activations, got {x.dtype}")
+    if w.dtype == torch.float8_e4m3fn:
+        if s is None or s.dtype != torch.float32:
+            raise TypeError("e4m3 expert weights need fp32 128x128 block scales")
+    elif w.dtype != x.dtype or s is not None:
+        raise TypeError(f"expert weights in x's dtype ({x.dtype}) without scales, or e4m3 with scales; got "
+                        f"{w.dtype} {'with' if s is not None else 'without'} scales")
+    if x.shape[-1] != w.shape[-1]:
+        raise ValueError(f"x has K = {x.shape[-1]}, the weight {w.shape[-1]}")
+
+
+def launch(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None, expert: torch.Tensor, x_div: int,
+           up: torch.Tensor | None = None, up_s: torch.Tensor | None = None, *, BN: int | None = None,
+           num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
+    """The launch (module docstring); BN / num_warps / num_stages override `default_config` (benchmarks)."""
+    _check(x, w, s)
+    if up is not None:
+        _check(x, up, up_s)
+        assert up.shape == w.shape, f"gate {tuple(w.shape)} and up {tuple(up.shape)} differ"
+    M, (E, N, K) = expert.shape[0], w.shape
+    cfg = default_config(M, N, K)
+    cfg.update({k: v for k, v in (("BN", BN), ("num_warps", num_warps), ("num_stages", num_stages)) if v})
+    assert BLOCK % cfg["BN"] == 0, f"BN must divide {BLOCK}, got {cfg['BN']}"
+    x, w = x.contiguous(), w.contiguous()
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    if M == 0:
+        return y
+    has_scale = s is not None
+    s = s.contiguous() if has_scale else w  # a placeholder pointer, never read (HAS_SCALE is False)
+    fused = up is not None
+    u = up.contiguous() if fused else w
+    us = (up_s.contiguous() if up_s is not None else s) if fused else s
+    expert = expert.to(torch.int32).contiguous()
+    grid = (M, triton.cdiv(N, cfg["BN"]))
+    _gemv_kernel[grid](x, w, s, u, us, expert, y, N, K, triton.cdiv(K, BLOCK), x_div, x.stride(0), w.stride(0),
+                       w.stride(1), s.stride(0) if has_scale else 0, s.stride(1) if has_scale else 0, y.stride(0),
+                       HAS_SCALE=has_scale, FUSED_UP=fused, BN=cfg["BN"], BK=BLOCK, num_warps=cfg["num_warps"],
+                       num_stages=cfg["num_stages"])
+    return y
+
+
+# torch.library custom ops with shape-only fake implementations (as dsv3::fp8_expert_rows): torch.compile sees
+# one opaque op per launch, a CUDA graph captures it. Two ops because custom ops take no None-able tensors
+# in every torch this code supports without care: the plain GEMV and the fused gate+up SwiGLU.
+@torch.library.custom_op("dsv3::expert_gemv", mutates_args=())
+def expert_gemv_op(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None, expert: torch.Tensor,
+                   x_div: int) -> torch.Tensor:
+    return launch(x, w, s, expert, x_div)
+
+
+@expert_gemv_op.register_fake
+def _(x, w, s, expert, x_div):
+    return x.new_empty(expert.shape[0], w.shape[1])
+
+
+@torch.library.custom_op("dsv3::expert_swiglu_gemv", mutates_args=())
+def expert_swiglu_gemv_op(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None, up: torch.Tensor,
+                          up_s: torch.Tensor | None, expert: torch.Tensor, x_div: int) -> torch.Tensor:
+    return launch(x, w, s, expert, x_div, up, up_s)
+
+
+@expert_swiglu_gemv_op.register_fake
+def _(x, w, s, up, up_s, expert, x_div):
+    return x.new_empty(expert.shape[0], w.shape[1])
