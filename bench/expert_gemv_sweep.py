@@ -75,7 +75,8 @@ def main() -> None:
         p.data = torch.randn(p.shape, generator=g) * 0.02
     fp8 = FP8Experts.from_experts(dense).cuda() if args.fp8 else None  # (before .bfloat16(): it works in place)
     stores = [("bf16", dense.bfloat16().cuda())] + ([("fp8", fp8)] if fp8 is not None else [])
-    BNs, warps, stages = ([16, 32, 64], [2, 4, 8], [2, 3, 4]) if not args.quick else ([16, 32], [4, 8], [3])
+    sweep = (dict(BN=[8, 16, 32, 64], KU=[1, 2, 4], num_warps=[2, 4, 8], PREFETCH=[True, False]) if not args.quick else
+             dict(BN=[8, 16, 32], KU=[1, 2], num_warps=[4], PREFETCH=[True, False]))
     for (name, m), M in itertools.product(stores, [int(r) for r in args.rows.split(",")]):
         N = max(M // K, 1)
         x = torch.randn(N, D, device="cuda").bfloat16()
@@ -101,8 +102,8 @@ def main() -> None:
                 graph_time(lambda: m.forward_gemv(x, idx, w)))
             h = kernels.expert_gemv(x, gw[0], gw[1], flat, K, up=gw[2], up_s=gw[3])
             best = {}
-            for bn, nw, ns in itertools.product(BNs, warps, stages):
-                c = dict(BN=bn, num_warps=nw, num_stages=ns)
+            for vals in itertools.product(*sweep.values()):
+                c = dict(zip(sweep, vals))
                 t1 = graph_time(lambda: k.launch(x, gw[0], gw[1], flat, K, gw[2], gw[3], **c))
                 t2 = graph_time(lambda: k.launch(h, gw[4], gw[5], flat, 1, **c))
                 for part, t in (("gate+up", t1), ("down", t2)):

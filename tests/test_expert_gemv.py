@@ -109,8 +109,8 @@ def test_gemv_path_only_for_decode_sized_gpu_calls(monkeypatch):
 @interp
 @pytest.mark.parametrize("fp8", [False, True])
 @pytest.mark.parametrize("fused", [False, True])
-@pytest.mark.parametrize("BN", [16, 32, 64])
-def test_interp_kernel_vs_reference(fp8, fused, BN):
+@pytest.mark.parametrize("BN,KU,prefetch", [(16, 2, True), (32, 1, False), (64, 2, False), (8, 1, True)])
+def test_interp_kernel_vs_reference(fp8, fused, BN, KU, prefetch):
     from dsv3.kernels import expert_gemv_triton as k
 
     g = torch.Generator().manual_seed(3)
@@ -124,7 +124,7 @@ def test_interp_kernel_vs_reference(fp8, fused, BN):
     x = torch.randn(T, K, generator=g).half()
     expert = torch.tensor([2, -1, 0, 1, 2, -1])
     args = (u, us) if fused else (None, None)
-    got = k.launch(x, w, s, expert, x_div, *args, BN=BN, num_stages=2)
+    got = k.launch(x, w, s, expert, x_div, *args, BN=BN, KU=KU, PREFETCH=prefetch)
     want = expert_gemv_ref(x, w, s, expert, x_div, *args)
     assert got.dtype == torch.float16 and torch.equal(got[1], torch.zeros(N)) and torch.equal(got[5], got[1])
     assert _rel(got, want) < 2e-3, _rel(got, want)  # fp16 output rounding

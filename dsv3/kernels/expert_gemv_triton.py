@@ -12,7 +12,7 @@ GEMM path sorts the pairs, gathers the rows, builds the grouped problem on the d
 of 64-128 rows for one real row each: on an H200 the 16b model's three grouped GEMMs per layer took ~61 us
 for ~104 MB of weights (~40% of the copy bandwidth) plus ~10 small kernels around them. Here a layer's
 routed experts are two launches (gate+up+SwiGLU, down) whose programs each stream a BN x K slab of one
-expert: (M x N / BN) programs, enough to fill the GPU at M = 6. Each row re-reads its expert's weights, so
+expert: (M x N / BN) programs, enough to fill the GPU at M = 6, each keeping its loads in flight (below). Each row re-reads its expert's weights, so
 the caller takes this path only while rows <= experts (about one row per expert, Experts.forward); above,
 the grouped GEMM reads each expert once.
 
@@ -32,44 +32,84 @@ BLOCK = 128  # K step: one FP8 scale block
 
 
 @triton.jit
+def _loads(x_row, w_rows, u_rows, ws_row, us_row, ok, rk, kb0, K, KB, HAS_SCALE: tl.constexpr,
+           FUSED_UP: tl.constexpr, BK: tl.constexpr, KU: tl.constexpr):
+    """Iteration kb0's operands as (BN, KU·128) tiles: w (and up), x repeated along BN (L1 hits; a 1-D x broadcast
+    in registers would be re-laid out through shared memory, a barrier per iteration), and each column's
+    scale. Past K or KB (0 for a foreign row) everything is masked: no memory traffic, zeros."""
+    k = kb0 * BK + rk
+    k_ok = ok & (k < K) & (kb0 < KB)
+    w = tl.load(w_rows + k, mask=k_ok, other=0.0)  # the HBM loads first, then x's (cache hits)
+    u = w
+    if FUSED_UP:
+        u = tl.load(u_rows + k, mask=k_ok, other=0.0)
+    x = tl.load(x_row + k, mask=k_ok, other=0.0).to(tl.float32)
+    xs, xu = x, x
+    if HAS_SCALE:  # the weight's 128x128 block scale multiplies x's columns: (x·s)·w = (x·w)·s
+        s = tl.zeros((1, KU * BK), dtype=tl.float32)
+        t = tl.zeros((1, KU * BK), dtype=tl.float32)
+        for j in tl.static_range(KU):
+            s = tl.where(rk // BK == j, tl.load(ws_row + kb0 + j, mask=kb0 + j < KB, other=0.0), s)
+            if FUSED_UP:
+                t = tl.where(rk // BK == j, tl.load(us_row + kb0 + j, mask=kb0 + j < KB, other=0.0), t)
+        xs = x * s
+        xu = x * t
+    return w, u, xs, xu
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, w_ptr, ws_ptr, u_ptr, us_ptr, e_ptr, y_ptr, N, K, KB, x_div, sxm, swe, swn, sse, ssn,
-                 sym, HAS_SCALE: tl.constexpr, FUSED_UP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                 sym, HAS_SCALE: tl.constexpr, FUSED_UP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                 KU: tl.constexpr, PREFETCH: tl.constexpr):
     m = tl.program_id(0).to(tl.int64)
     pn = tl.program_id(1)
     e = tl.load(e_ptr + m).to(tl.int64)
     kb_end = tl.where(e >= 0, KB, 0)  # a row this call does not own: no weight read, output 0
     e = tl.maximum(e, 0)
-    xrow = m // x_div
     rn = pn * BN + tl.arange(0, BN)
-    rk = tl.arange(0, BK)
     nb = (pn * BN) // BK  # BN divides 128: the tile lies in one scale row
-    w_rows = w_ptr + e * swe + rn[:, None].to(tl.int64) * swn
-    u_rows = u_ptr + e * swe + rn[:, None].to(tl.int64) * swn
-    acc = tl.zeros((BN,), dtype=tl.float32)
-    acc_u = tl.zeros((BN,), dtype=tl.float32)
-    for kb in range(0, kb_end):
-        k = kb * BK + rk
-        kmask = k < K
-        wmask = (rn[:, None] < N) & kmask[None, :]
-        x = tl.load(x_ptr + xrow * sxm + k, mask=kmask, other=0.0).to(tl.float32)
-        part = tl.sum(tl.load(w_rows + k[None, :], mask=wmask, other=0.0).to(tl.float32) * x[None, :], axis=1)
-        if HAS_SCALE:
-            part = part * tl.load(ws_ptr + e * sse + nb * ssn + kb)
-        acc += part
+    zero = tl.zeros((BN, 1), dtype=tl.int64)
+    w_rows = w_ptr + e * swe + (zero + rn[:, None].to(tl.int64) * swn)
+    u_rows = u_ptr + e * swe + (zero + rn[:, None].to(tl.int64) * swn)
+    x_row = x_ptr + (zero + (m // x_div) * sxm)
+    ok = (zero + rn[:, None]) < N
+    rk = tl.arange(0, KU * BK)[None, :]
+    ws_row = ws_ptr + e * sse + nb * ssn
+    us_row = us_ptr + e * sse + nb * ssn
+    # multiply-and-add into (BN, KU·128) fp32 register tiles, one cross-lane reduction after the loop (not one
+    # per iteration); with PREFETCH the next iteration's loads are issued before this one's FMAs (registers
+    # double-buffered by hand: Triton pipelines only loads that go through shared memory)
+    acc = tl.zeros((BN, KU * BK), dtype=tl.float32)
+    acc_u = tl.zeros((BN, KU * BK), dtype=tl.float32)
+    if PREFETCH:
+        w_n, u_n, xs_n, xu_n = _loads(x_row, w_rows, u_rows, ws_row, us_row, ok, rk, 0, K, kb_end, HAS_SCALE,
+                                      FUSED_UP, BK, KU)
+    for kb0 in range(0, kb_end, KU):
+        if PREFETCH:
+            w, u, xs, xu = w_n, u_n, xs_n, xu_n
+            w_n, u_n, xs_n, xu_n = _loads(x_row, w_rows, u_rows, ws_row, us_row, ok, rk, kb0 + KU, K, kb_end,
+                                          HAS_SCALE, FUSED_UP, BK, KU)
+        else:
+            w, u, xs, xu = _loads(x_row, w_rows, u_rows, ws_row, us_row, ok, rk, kb0, K, kb_end, HAS_SCALE,
+                                  FUSED_UP, BK, KU)
+        acc += w.to(tl.float32) * xs
         if FUSED_UP:
-            part_u = tl.sum(tl.load(u_rows + k[None, :], mask=wmask, other=0.0).to(tl.float32) * x[None, :], axis=1)
-            if HAS_SCALE:
-                part_u = part_u * tl.load(us_ptr + e * sse + nb * ssn + kb)
-            acc_u += part_u
+            acc_u += u.to(tl.float32) * xu
+    y = tl.sum(acc, axis=1)
     if FUSED_UP:
-        acc = acc * tl.sigmoid(acc) * acc_u  # silu(gate) * up, in fp32
-    tl.store(y_ptr + m * sym + rn, acc.to(y_ptr.dtype.element_ty), mask=rn < N)
+        y_u = tl.sum(acc_u, axis=1)
+        y = y * tl.sigmoid(y) * y_u  # silu(gate) * up, in fp32
+    tl.store(y_ptr + m * sym + rn, y.to(y_ptr.dtype.element_ty), mask=rn < N)
 
 
-def default_config(M: int, N: int, K: int) -> dict:
-    """Launch parameters: BN = 32 rows of the weight per program (at M = 6 and N = 1408 that is 264 programs on
-    the H200's 132 SMs; 64 would halve them), 4 warps, 3 pipeline stages for the weight loads."""
-    return {"BN": 32, "num_warps": 4, "num_stages": 3}
+def default_config(M: int, N: int, K: int, fused: bool = False) -> dict:
+    """Launch parameters. BN = 16 weight rows per program: at M = 6 and N = 1408 that is 528 programs on the
+    H200's 132 SMs (more bytes in flight than 32 or 64). KU = 2 scale blocks per load for one matrix (the
+    (BN, 256) tiles are 4096 elements per operand: ~32 fp32 accumulators per thread at 4 warps), 1 for the
+    fused gate+up (two accumulators, two weights and two scaled x's, each double-buffered: the same registers).
+    PREFETCH on (the next iteration's loads in flight during this one's FMAs). Not yet tuned on a GPU:
+    bench/expert_gemv_sweep.py measures the alternatives."""
+    return {"BN": 16, "KU": 1 if fused else 2, "num_warps": 4, "PREFETCH": True}
 
 
 def _check(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None) -> None:
@@ -86,16 +126,15 @@ def _check(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None) -> None:
 
 
 def launch(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None, expert: torch.Tensor, x_div: int,
-           up: torch.Tensor | None = None, up_s: torch.Tensor | None = None, *, BN: int | None = None,
-           num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
-    """The launch (module docstring); BN / num_warps / num_stages override `default_config` (benchmarks)."""
+           up: torch.Tensor | None = None, up_s: torch.Tensor | None = None, **config) -> torch.Tensor:
+    """The launch (module docstring); `config` (BN, KU, num_warps, PREFETCH) overrides `default_config`
+    (benchmarks, tests)."""
     _check(x, w, s)
     if up is not None:
         _check(x, up, up_s)
         assert up.shape == w.shape, f"gate {tuple(w.shape)} and up {tuple(up.shape)} differ"
     M, (E, N, K) = expert.shape[0], w.shape
-    cfg = default_config(M, N, K)
-    cfg.update({k: v for k, v in (("BN", BN), ("num_warps", num_warps), ("num_stages", num_stages)) if v})
+    cfg = {**default_config(M, N, K, up is not None), **config}
     assert BLOCK % cfg["BN"] == 0, f"BN must divide {BLOCK}, got {cfg['BN']}"
     x, w = x.contiguous(), w.contiguous()
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
@@ -110,8 +149,8 @@ def launch(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None, expert: tor
     grid = (M, triton.cdiv(N, cfg["BN"]))
     _gemv_kernel[grid](x, w, s, u, us, expert, y, N, K, triton.cdiv(K, BLOCK), x_div, x.stride(0), w.stride(0),
                        w.stride(1), s.stride(0) if has_scale else 0, s.stride(1) if has_scale else 0, y.stride(0),
-                       HAS_SCALE=has_scale, FUSED_UP=fused, BN=cfg["BN"], BK=BLOCK, num_warps=cfg["num_warps"],
-                       num_stages=cfg["num_stages"])
+                       HAS_SCALE=has_scale, FUSED_UP=fused, BN=cfg["BN"], BK=BLOCK, KU=cfg["KU"],
+                       PREFETCH=cfg["PREFETCH"], num_warps=cfg["num_warps"])
     return y
 
 
