@@ -132,3 +132,68 @@ def test_interp_rows_config_vs_reference_and_skips_foreign_rows(cfg):
     ref = torch.stack([x[m].float() @ weight_dequant(w[e], s[e], dtype=torch.float32).T
                        for m, e in enumerate(expert.tolist()) if e >= 0])
     assert rel(y[~foreign], ref) < 2e-3, rel(y[~foreign], ref)
+
+
+# --- bench/fp8_gemv_sweep.py's plumbing, interpreted on the CPU ---------------------------------------------
+
+def _sweep_bench(monkeypatch):
+    """The bench module on tiny shapes on the CPU: interpreted kernels, fp16, one plain call per timing
+    instead of a CUDA graph, a stub for the copy-bandwidth measurement."""
+    import importlib.util
+    import os
+    import sys
+    import time
+    import types
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench", "fp8_gemv_sweep.py")
+    spec = importlib.util.spec_from_file_location("fp8_gemv_sweep", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def plain_us(fn, calls, reps):
+        t = time.perf_counter()
+        fn(calls - 1)
+        return (time.perf_counter() - t) * 1e6
+
+    monkeypatch.setattr(bench, "DEVICE", "cpu")
+    monkeypatch.setattr(bench, "ACT", torch.float16)
+    monkeypatch.setattr(bench, "graph_us", plain_us)
+    monkeypatch.setattr(bench, "shapes_16b", lambda: [
+        dict(name="lin", kind="linear", N=200, K=300, per_step=2, E=0, top_k=0),
+        dict(name="rows", kind="rows", N=72, K=320, per_step=1, E=3, top_k=1)])  # torch._grouped_mm: 16-byte rows
+    monkeypatch.setitem(sys.modules, "bandwidth", types.SimpleNamespace(
+        copy_bandwidth=lambda device: dict(bytes_per_s=1e10, caption="stub bandwidth")))
+    return bench
+
+
+@interp
+def test_interp_sweep_bench_runs_and_reports(monkeypatch, tmp_path, capsys):
+    import json
+    import sys
+
+    bench = _sweep_bench(monkeypatch)
+    argv = ["fp8_gemv_sweep.py", "--quick", "--calls", "2", "--json", str(tmp_path / "r.json")]
+    monkeypatch.setattr(sys, "argv", argv)
+    assert bench.main() == 0
+    out = capsys.readouterr().out
+    assert "MISMATCH" not in out and "failed" not in out and "per decode step at batch 32" in out
+    shapes = json.load(open(tmp_path / "r.json"))["shapes"]
+    assert [(s["name"], s["M"]) for s in shapes] == [("lin", 1), ("lin", 32), ("rows", 1), ("rows", 32)]
+    for s in shapes:
+        assert all(r["err"] < bench.TOL for r in s["results"]), s["name"]
+        heur = fk._config_small_m(s["M"], 200, 300) if s["name"] == "lin" else fk._config_rows(s["M"], 72, 320)
+        assert s["heur"] == heur
+
+
+@interp
+def test_interp_sweep_bench_flags_a_wrong_kernel(monkeypatch, capsys):
+    import sys
+
+    bench = _sweep_bench(monkeypatch)
+    launch = fk._launch_rows
+    monkeypatch.setattr(fk, "_launch_rows", lambda *a, **cfg: launch(*a, **cfg) * (1.1 if cfg["BN"] == 16 else 1.0))
+    monkeypatch.setattr(bench, "stage1", lambda shape, M, quick: [dict(BN=16, KU=1, num_warps=4, num_stages=1)])
+    monkeypatch.setattr(sys, "argv", ["fp8_gemv_sweep.py", "--quick", "--calls", "2", "--only", "rows"])
+    assert bench.main() == 1
+    out = capsys.readouterr().out
+    assert "MISMATCH" in out and "0 mismatching" not in out
