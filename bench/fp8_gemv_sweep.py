@@ -29,9 +29,9 @@ through copies of the weight, 128 MiB of them per replay (small matrices get up 
 it; the experts: random experts of a 184 MB stack per call), so each call reads its weight from HBM, not
 from the ~50 MiB L2, as in a decode step where ~2.5 GB of other weights pass between two uses of one matrix.
 
-Sweep (two stages per shape): stage 1 a grid (GEMV form: BN x KU at 4 warps; tl.dot form: BM x BN x
-(KU, num_stages) at 4 warps; at M = 1 both forms), stage 2 the 2 fastest of stage 1 at 2, 4, 8 warps.
-num_stages is 1 for the GEMV form (it compiles to the same code whatever its value). A config that fails
+Sweep (two stages per shape): stage 1 a grid (GEMV form: BN x KU x num_stages 1, 2 at 4 warps; tl.dot form:
+BM x BN x (KU, num_stages) at 4 warps; at M = 1 both forms), stage 2 the 2 fastest of stage 1 at 2, 4, 8
+warps. (GEMV form num_stages: 2 = the next iteration's loads issued before this one's FMAs.) A config that fails
 to compile or launch (shared memory) is listed as failed. At the end: per shape the best config and
 whether the heuristic is within 5% of it, and the per-decode-step sums of every call of these GEMMs in the
 16b model (batch 1: linears at M = 1, experts at 6 rows; batch 32: M = 32 and 192 rows).
@@ -101,13 +101,15 @@ def _key(cfg: dict) -> tuple:
 # --- the sweep's configs ---------------------------------------------------------------------------------
 
 def gemv_grid(BM: int | None, quick: bool) -> list[dict]:
-    """GEMV form: BN x KU at 4 warps, tiles up to 4x GEMV_TILE elements (beyond, the registers spill)."""
+    """GEMV form: BN x KU x num_stages (1, or 2 = the next iteration's loads prefetched) at 4 warps, tiles up
+    to 2x GEMV_TILE elements (beyond, double-buffered, the registers spill: sm_90)."""
     from dsv3.kernels.fp8_gemm_triton import GEMV_TILE
 
-    pairs = ((8, 4), (8, 8), (16, 2), (16, 4), (32, 2), (64, 1)) if quick else \
-        [(bn, ku) for bn in (8, 16, 32, 64) for ku in (1, 2, 4, 8) if (BM or 1) * bn * ku * 128 <= 4 * GEMV_TILE]
+    triples = ((8, 4, 1), (8, 4, 2), (8, 8, 2), (16, 2, 2), (32, 1, 2), (64, 1, 2)) if quick else \
+        [(bn, ku, st) for bn in (8, 16, 32, 64) for ku in (1, 2, 4, 8) for st in (1, 2)
+         if (BM or 1) * bn * ku * 128 <= 2 * GEMV_TILE]
     bm = {} if BM is None else dict(BM=BM)
-    return [dict(**bm, BN=bn, KU=ku, num_warps=4, num_stages=1) for bn, ku in pairs]
+    return [dict(**bm, BN=bn, KU=ku, num_warps=4, num_stages=st) for bn, ku, st in triples]
 
 
 def dot_grid(BMs: tuple[int, ...], quick: bool) -> list[dict]:
