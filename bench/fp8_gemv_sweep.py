@@ -135,7 +135,12 @@ def stage2(best: list[dict]) -> list[dict]:
 
 def graph_us(fn, calls: int, reps: int) -> float:
     """Median microseconds per call of fn(0..calls-1) captured in one CUDA graph, replayed `reps` times."""
-    fn(0)  # compile / load outside the capture
+    side = torch.cuda.Stream()  # warm-up (Triton compile, cuBLAS workspace) on a side stream, outside the capture
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for i in range(2):
+            fn(i)
+    torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
