@@ -529,6 +529,91 @@ def test_fp8_expert_rows_vs_reference(M, E, N, K):
     assert _rel(y_ref, ref) < 1e-2, _rel(y_ref, ref)
 
 
+# Every launch config the FP8 decode GEMMs' heuristics can return, and a few others the sweep tries
+# (tests/test_fp8_gemv.py, which runs the same under the Triton interpreter; speed: bench/fp8_gemv_sweep.py).
+try:
+    from test_fp8_gemv import config_id, rows_configs, small_m_configs
+
+    _SMALL_M_CONFIGS, _ROWS_CONFIGS = small_m_configs(), rows_configs()
+except (ImportError, pytest.skip.Exception):  # no triton: nothing to parametrize (skipped without CUDA anyway)
+    _SMALL_M_CONFIGS, _ROWS_CONFIGS, config_id = [], [], None
+
+
+@pytest.mark.parametrize("cfg", _SMALL_M_CONFIGS, ids=config_id)
+def test_fp8_small_m_every_config_vs_reference(cfg):
+    """16b decode shapes (kv_a: N = 576 = 4.5 blocks; o_proj / down-like K = 1408) and a ragged one, at
+    full, partial and (tl.dot) multi-tile row counts."""
+    from dsv3.kernels import fp8_gemm_triton as fk
+    from dsv3.kernels.reference import weight_dequant, weight_quant
+
+    g = torch.Generator(device="cuda").manual_seed(cfg["BN"] * 10 + cfg["KU"])
+    rows = {1: (1,), 2: (2,), 4: (3, 4)}.get(cfg["BM"], (5, 32, cfg["BM"] + 3))
+    for N, K in ((576, 2048), (2048, 1408), (200, 300)):
+        w, s = weight_quant(torch.randn(N, K, device="cuda", generator=g) * 0.05)
+        wd = weight_dequant(w, s, dtype=torch.float32)
+        for M in rows:
+            x = torch.randn(M, K, device="cuda", generator=g).to(torch.bfloat16)
+            y = fk._launch_small_m(x, w, s, **cfg)
+            ref = x.float() @ wd.T
+            assert y.dtype == torch.bfloat16 and y.shape == (M, N)
+            assert _rel(y, ref) < 1e-2, (M, N, K, _rel(y, ref))  # bf16 output rounding (~0.4%) + summation order
+
+
+@pytest.mark.parametrize("cfg", _ROWS_CONFIGS, ids=config_id)
+def test_fp8_expert_rows_every_config_vs_reference(cfg):
+    """The 16b experts' shapes (gate/up 1408 x 2048, down 2048 x 1408) and a ragged one; rows with expert
+    -1 are exactly 0 although the expert they clamp to (0) holds NaN weights: they read nothing."""
+    from dsv3.kernels import fp8_gemm_triton as fk
+    from dsv3.kernels.reference import weight_dequant, weight_quant
+
+    g = torch.Generator(device="cuda").manual_seed(cfg["BN"] + cfg["KU"])
+    for N, K in ((1408, 2048), (2048, 1408), (200, 300)):
+        qs = [weight_quant(torch.randn(N, K, device="cuda", generator=g) * 0.05) for _ in range(5)]
+        w, s = torch.stack([q for q, _ in qs]), torch.stack([t for _, t in qs])
+        w.view(torch.uint8)[0], s[0] = 0x7F, float("nan")  # e4m3 NaN
+        expert = torch.tensor([1, 1, -1, 2, 3, -1, 3, 4, 4, 4], device="cuda")
+        x = torch.randn(len(expert), K, device="cuda", generator=g).to(torch.bfloat16)
+        y = fk._launch_rows(x, w, s, expert, **cfg)
+        mine = expert >= 0
+        assert torch.equal(y[~mine], torch.zeros_like(y[~mine]))
+        ref = torch.stack([x[m].float() @ weight_dequant(w[e], s[e], dtype=torch.float32).T
+                           for m, e in enumerate(expert.tolist()) if e >= 0])
+        assert _rel(y[mine], ref) < 1e-2, (N, K, _rel(y[mine], ref))
+
+
+def test_fp8_decode_gemms_replay_in_a_cuda_graph():
+    """The custom ops (heuristic configs chosen on the host) captured once and replayed on new inputs equal
+    eager calls: nothing in the launch depends on the data or syncs with the host."""
+    if not _triton_ok():
+        pytest.skip("needs triton")
+    from dsv3.kernels import fp8_gemm_triton as fk
+    from dsv3.kernels.reference import weight_quant
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    w, s = weight_quant(torch.randn(3072, 2048, device="cuda", generator=g) * 0.05)
+    qs = [weight_quant(torch.randn(1408, 2048, device="cuda", generator=g) * 0.05) for _ in range(8)]
+    we, se = torch.stack([q for q, _ in qs]), torch.stack([t for _, t in qs])
+    x = torch.randn(1, 2048, device="cuda", generator=g).to(torch.bfloat16)
+    xe = torch.randn(6, 2048, device="cuda", generator=g).to(torch.bfloat16)
+    expert = torch.tensor([0, 2, 3, 5, 6, 7], device="cuda")
+
+    def step():
+        return fk.fp8_linear_small_m(x, w, s), fk.fp8_expert_rows(xe, we, se, expert)
+
+    step()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step()
+    for _ in range(2):
+        x.copy_(torch.randn(x.shape, device="cuda", generator=g))
+        xe.copy_(torch.randn(xe.shape, device="cuda", generator=g))
+        expert.copy_(torch.randperm(8, device="cuda", generator=g)[:6].sort().values)
+        graph.replay()
+        for a, b in zip(outs, step()):
+            assert torch.equal(a, b)
+
+
 def test_fp8_modules_kernel_path_matches_dequantized_path():
     """The FP8 modules of a quantize_model_fp8 model on CUDA (bf16 activations): the Triton path (decode
     sizes) against the dequantise-then-matmul path, module by module on the same inputs and the same

@@ -54,7 +54,7 @@ FAST = {  # op -> its accelerated backend
 # hardware; `backend=` or `use_backend(op=...)` runs them meanwhile.
 PENDING: set[str] = set()
 # Up to these many activation rows the Triton FP8-weight kernels run (decode; above, prefill:
-# dequantise + cuBLAS): the dense 16-row-tile GEMM and the per-routed-row expert GEMV.
+# dequantise + cuBLAS): the dense GEMV / 16-row-tile GEMM and the per-routed-row expert GEMV.
 DENSE_DECODE_ROWS = 64
 EXPERT_DECODE_ROWS = 1024
 

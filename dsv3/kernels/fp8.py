@@ -237,8 +237,9 @@ def _check_fp8_weight(w: torch.Tensor, s: torch.Tensor, K: int) -> None:
 
 def fp8_weight_linear(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     """y (..., N) = x (..., K) · dequant(w, s)ᵀ, w (N, K) e4m3, s (ceil(N/128), ceil(K/128)) fp32. "triton"
-    (decode: bf16/fp16 x, few rows, no autograd): a 16-row-tile GEMM reading the e4m3 bytes; else the
-    weight is dequantised to x's dtype and F.linear runs (prefill, CPU, training through x)."""
+    (decode: bf16/fp16 x, few rows, no autograd): a GEMV (up to 4 rows) or 16-row-tile GEMM reading the
+    e4m3 bytes; else the weight is dequantised to x's dtype and F.linear runs (prefill, CPU, training
+    through x)."""
     assert w.dim() == 2, f"fp8_weight_linear: a 2-D weight, got {tuple(w.shape)}"
     _check_fp8_weight(w, s, x.shape[-1])
     if select("fp8_weight_gemm", x, backend=backend) == "triton":
@@ -254,7 +255,7 @@ def fp8_expert_rows(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, expert: t
                     backend: str | None = None) -> torch.Tensor:
     """x (M, K), w (E, N, K) e4m3, s (E, ceil(N/128), ceil(K/128)), expert (M,) int -> y (M, N) in x's
     dtype, row m through expert[m]; a row with expert[m] < 0 is 0 and reads no weight (an expert-parallel
-    rank's foreign pairs). "triton": one GEMV per row and 64-column tile, reading only the
+    rank's foreign pairs). "triton": one GEMV per row and column tile, reading only the
     experts the rows select (decode). The reference dequantises every expert: callers with many rows
     take the grouped path instead (select("fp8_expert_rows", x) tells which one runs)."""
     assert x.dim() == 2 and w.dim() == 3 and expert.shape == (x.shape[0],), \
