@@ -346,7 +346,17 @@ def test_engine_serves_fp8_weights_as_fp8(fp8, tmp_path):
         engine, _ = load_engine(str(tmp_path), device="cpu", speculative_k=k)
         assert sum(isinstance(m, (FP8Linear, FP8Experts)) for m in engine.model.modules()) > 0
         prompt = [3, 17, 42, 5, 9]
-        out = engine.generate([prompt], SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True))[0]
+        # W_UK / W_UV dequantised once when the engine is built (MLA.cache_absorbed_weights), not per step
+        kv_b = [m.self_attn.kv_b_proj for m in engine.model.modules() if hasattr(m, "self_attn")]
+        assert kv_b and all(isinstance(lin, FP8Linear) for lin in kv_b)
+        calls = []
+        orig = FP8Linear.dequantized_weight
+        FP8Linear.dequantized_weight = lambda self, *a, **kw: calls.append(self) or orig(self, *a, **kw)
+        try:
+            out = engine.generate([prompt], SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True))[0]
+        finally:
+            FP8Linear.dequantized_weight = orig
+        assert not any(c in kv_b for c in calls)
         assert out.token_ids == generate_naive(fp8, prompt, 8, temperature=0)
 
 
@@ -372,3 +382,21 @@ def test_attention_tp_slices_fp8_linears_exactly(dim, lo, hi):
     assert torch.equal(w, dense.narrow(dim, lo, hi - lo))
     x = torch.randn(3, part.in_features if on_blocks else w.shape[1], generator=g)
     assert torch.allclose(part(x), x @ w.T, atol=1e-5)
+
+
+def test_absorbed_weights_cached_once_and_dropped_on_move(dense, fp8):
+    """MLA.cache_absorbed_weights: FP8 kv_b_proj dequantised once into W_UK / W_UV, which kv_b_weights then
+    returns (equal to dequantising anew); a move or cast drops the copy; 16-bit weights need none."""
+    from dsv3.model.mla import MLA
+
+    m = copy.deepcopy(fp8)
+    attn = next(x for x in m.modules() if isinstance(x, MLA))
+    fresh = attn.kv_b_weights(torch.float32)
+    assert attn.cache_absorbed_weights(torch.float32)
+    uk, uv = attn.kv_b_weights(torch.float32)
+    assert uk is attn._absorbed[0] and torch.equal(uk, fresh[0]) and torch.equal(uv, fresh[1])
+    assert attn.kv_b_weights(torch.float64)[0] is not uk  # another dtype: dequantised anew
+    m.to(torch.float32)
+    assert attn._absorbed is None
+    assert not next(x for x in copy.deepcopy(dense).modules() if isinstance(x, MLA)).cache_absorbed_weights(
+        torch.float32)

@@ -38,6 +38,7 @@ from dsv3.inference.graphs import DecodeGraphs
 from dsv3.inference.params import SamplingParams  # noqa: F401 (re-exported: engine.SamplingParams)
 from dsv3.inference.sampling import BatchSampler
 from dsv3.inference.textstream import TextStream
+from dsv3.model.mla import MLA
 
 
 @dataclass
@@ -183,6 +184,10 @@ class Engine:
         # Prefill is eager. A graph holds only sync-free code: the grouped-GEMM experts (bf16 or FP8
         # on CUDA), not the per-expert loop.
         p0 = next(model.parameters())
+        # FP8 kv_b_proj: W_UK / W_UV dequantised once to the activations' dtype, not in every decode step
+        for m in model.modules():
+            if isinstance(m, MLA):
+                m.cache_absorbed_weights(p0.dtype)
         cuda_graphs = graphs_setting(cuda_graphs)
         use = cuda_graphs if cuda_graphs is not None else (p0.is_cuda and p0.dtype == torch.bfloat16)
         if use and p0.is_cuda and p0.dtype == torch.float32:  # fp32 experts take the per-expert loop (host syncs)
