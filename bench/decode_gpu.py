@@ -71,7 +71,8 @@ def main() -> None:
     hbm = bw["bytes_per_s"]  # the roofline's bytes/s
     torch.manual_seed(0)
     model = dsv3.build_model(cfg, device="cuda", dtype=torch.bfloat16)
-    model.set_experts_impl("grouped")
+    # the experts' "auto" path, as the engine serves (on a GPU: grouped GEMMs, the decode GEMV for <= 1 pair per
+    # expert); forcing "grouped" here, as this script did until 2026-12-04, also turns the GEMV off
     g = torch.Generator().manual_seed(0)
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}; {args.preset} random weights, bf16, "
           f"{model_info(cfg).total / 1e9:.2f}B params")

@@ -130,8 +130,7 @@ def decode(batches: list[int], preset: str, fp8: bool = False) -> None:
 
     cfg = dsv3.preset(preset).replace(num_nextn_predict_layers=0)
     torch.manual_seed(0)
-    model = dsv3.build_model(cfg, device="cuda", dtype=torch.bfloat16)
-    model.set_experts_impl("grouped")
+    model = dsv3.build_model(cfg, device="cuda", dtype=torch.bfloat16)  # experts "auto": as the engine serves
     if fp8:
         from dsv3.checkpoints.hf import quantize_model_fp8
         quantize_model_fp8(model)

@@ -102,14 +102,17 @@ def _gemv_kernel(x_ptr, w_ptr, ws_ptr, u_ptr, us_ptr, e_ptr, y_ptr, N, K, KB, x_
     tl.store(y_ptr + m * sym + rn, y.to(y_ptr.dtype.element_ty), mask=rn < N)
 
 
-def default_config(M: int, N: int, K: int, fused: bool = False) -> dict:
-    """Launch parameters. BN = 16 weight rows per program: at M = 6 and N = 1408 that is 528 programs on the
-    H200's 132 SMs (more bytes in flight than 32 or 64). KU = 2 scale blocks per load for one matrix (the
-    (BN, 256) tiles are 4096 elements per operand: ~32 fp32 accumulators per thread at 4 warps), 1 for the
-    fused gate+up (two accumulators, two weights and two scaled x's, each double-buffered: the same registers).
-    PREFETCH on (the next iteration's loads in flight during this one's FMAs). Not yet tuned on a GPU:
-    bench/expert_gemv_sweep.py measures the alternatives."""
-    return {"BN": 16, "KU": 1 if fused else 2, "num_warps": 4, "PREFETCH": True}
+def default_config(M: int, N: int, K: int, fused: bool = False, fp8: bool = False) -> dict:
+    """Launch parameters, the fastest of `bench/expert_gemv_sweep.py --fp8 --quick` on an H200 at the 16b
+    experts (D 2048, I 1408; 6 and 48 rows, 2026-12-04; bench/RESULTS.md):
+    - bf16 weights: BN = 8 weight rows per program, KU = 1 scale block per load, PREFETCH (the next
+      iteration's loads in flight during this one's FMAs): gate+up 19.3 us and down 9.5 us at 6 rows, 86-87%
+      of the copy bandwidth (BN 16: 19.9 / 9.8; without PREFETCH BN 16 falls to 61-68%).
+    - e4m3 weights: no PREFETCH (the scale selects cost registers: BN 32 KU 2 with PREFETCH spilled, 515 us);
+      gate+up BN 32 (14.7 us), down BN 16 (8.0 us), KU 1."""
+    if not fp8:
+        return {"BN": 8, "KU": 1, "num_warps": 4, "PREFETCH": True}
+    return {"BN": 32 if fused else 16, "KU": 1, "num_warps": 4, "PREFETCH": False}
 
 
 def _check(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None) -> None:
@@ -134,7 +137,7 @@ def launch(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None, expert: tor
         _check(x, up, up_s)
         assert up.shape == w.shape, f"gate {tuple(w.shape)} and up {tuple(up.shape)} differ"
     M, (E, N, K) = expert.shape[0], w.shape
-    cfg = {**default_config(M, N, K, up is not None), **config}
+    cfg = {**default_config(M, N, K, up is not None, w.dtype == torch.float8_e4m3fn), **config}
     assert BLOCK % cfg["BN"] == 0, f"BN must divide {BLOCK}, got {cfg['BN']}"
     x, w = x.contiguous(), w.contiguous()
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
