@@ -212,15 +212,17 @@ def _config_small_m(M: int, N: int, K: int) -> dict:
     num_stages 2: two such loads in flight; num_warps 4.
     Above GEMV_ROWS rows, tl.dot on BM = 16 rows (its minimum: at 17-64 rows the 2-4 row tiles of one
     column tile launch side by side and share its weight through L2, with 2-4x the programs of taller tiles),
-    BN 64 down to 16 by the same rule, KU = 2 and num_stages = 4: 3 iterations of 2 blocks in flight through
-    shared memory, (4 - 1) · 2 · (16 · 128 · 2 + BN · 128) bytes = 36-72 KiB of it.
+    BN 64 or 32 by the same rule, KU = 2 and num_stages = 4: 3 iterations of 2 blocks in flight through
+    shared memory, (4 - 1) · 2 · (16 · 128 · 2 + BN · 128) bytes = 36-72 KiB of it. Not 16: the H200 sweep
+    (2026-12-04, bench/RESULTS.md) measured BN 32 fastest at M = 32 on 7 of the 8 16b shapes, BN 16 up to 2x
+    slower (q_proj 9.6 vs 19.6 us).
     These are reasoned defaults: bench/fp8_gemv_sweep.py times them against a sweep on the 16b decode shapes
     (and prints whether they are within 5% of the best)."""
     if M <= GEMV_ROWS:
         BM = _pow2(M)
         BN = _pick_bn(1, N, _gemv_bns(BM))
         return dict(BM=BM, BN=BN, KU=_gemv_ku(BM, BN, K), num_warps=4, num_stages=2)
-    BN = _pick_bn(triton.cdiv(M, 16), N, (64, 32, 16))
+    BN = _pick_bn(triton.cdiv(M, 16), N, (64, 32))
     return dict(BM=16, BN=BN, KU=min(2, triton.cdiv(K, BLOCK)), num_warps=4, num_stages=4)
 
 
