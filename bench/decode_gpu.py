@@ -90,19 +90,20 @@ def main() -> None:
         raise SystemExit(f"--modes: unknown {sorted(bad)}" if bad else "--modes: the +fp8 modes quantize the model in "
                          "place, so they must come last")
     for mode, B in [(m, int(b)) for m in modes for b in args.batches.split(",")]:
+        base = mode.removesuffix("+nogemv")  # the path; +nogemv only changes the experts' kernel
         if "+fp8" in mode and not any(isinstance(x, FP8Linear) for x in model.modules()):
             quantize_model_fp8(model)
         prompts = [torch.randint(0, cfg.vocab_size, (args.prompt_len,), generator=g).tolist() for _ in range(B)]
         eng = Engine(model, None, max_batch_size=B, cache_tokens=B * (args.prompt_len + args.new + 16),
-                     cuda_graphs=mode != "eager", compile_decode=mode.startswith("graphs+compile"))
+                     cuda_graphs=base != "eager", compile_decode=base.startswith("graphs+compile"))
         # graphs+compile+einsum: the reference (einsum) attention; the choice is made as each bucket is built
-        attention = (kernels.use_backend(mla_decode="reference") if mode == "graphs+compile+einsum"
+        attention = (kernels.use_backend(mla_decode="reference") if base == "graphs+compile+einsum"
                      else contextlib.nullcontext())
         # +nogemv: the routed experts through the grouped GEMMs (FP8: the per-row kernel) instead of the
         # decode GEMV (kernels.expert_gemv), the path before it, for the before/after in one run
         gemv = kernels.use_backend(expert_gemv="reference") if mode.endswith("+nogemv") else contextlib.nullcontext()
         with attention, gemv:
-            if mode != "eager":  # capture the buckets this run uses before timing (a server does this at start-up)
+            if base != "eager":  # capture the buckets this run uses before timing (a server does this at start-up)
                 eng.generate(prompts, SamplingParams(max_new_tokens=args.new, temperature=0, ignore_eos=True))
             eng.generate(prompts[:1], SamplingParams(max_new_tokens=4, temperature=0))  # warm-up
             torch.cuda.synchronize()

@@ -60,14 +60,17 @@ def nextline_docs(files: list[str], n: int, context_lines: int, seed: int = 0) -
     sites = [(f, i) for f, ls in lines.items() for i in range(context_lines, len(ls)) if good(ls[i])]
     if len(sites) < n:
         raise SystemExit(f"harness_gpu.py: only {len(sites)} candidate lines, fewer than --mc-docs {n}")
+    by_file = {}
+    for f, i in sites:
+        by_file.setdefault(f, set()).add(lines[f][i])
     docs = []
     for f, i in rng.sample(sites, n):
         true = lines[f][i]
-        others = set()
-        while len(others) < 3:
-            g, j = sites[rng.randrange(len(sites))]
-            if g != f and lines[g][j] != true:
-                others.add(lines[g][j])
+        pool = sorted({t for g, ts in by_file.items() if g != f for t in ts} - {true})  # other files' lines
+        if len(pool) < 3:
+            raise SystemExit(f"harness_gpu.py: fewer than 3 distractor lines outside {f}: --heldout needs more "
+                             "than one file of Python code")
+        others = rng.sample(pool, 3)
         choices = [true] + sorted(others)
         rng.shuffle(choices)
         docs.append({"context": "\n".join(lines[f][i - context_lines:i]) + "\n", "choices": choices,

@@ -87,6 +87,7 @@ def test_forward_gemv_equals_loop(fp8):
 
 def test_gemv_path_only_for_decode_sized_gpu_calls(monkeypatch):
     m, cfg = _experts(False, torch.bfloat16)
+    m.requires_grad_(False)  # inference (trainable weights: the next test)
     E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
     x = torch.randn(E // K, cfg.hidden_size, dtype=torch.bfloat16)
     idx = torch.zeros(E // K, K, dtype=torch.long)
@@ -162,3 +163,29 @@ def test_bad_arguments():
         _check(x, torch.randn(2, 4, 128), None)
     with pytest.raises(ValueError, match="K = 128"):
         _check(x, torch.randn(2, 4, 64, dtype=torch.bfloat16), None)
+
+
+def test_gemv_path_not_where_expert_weights_need_gradients(monkeypatch):
+    """The kernel has no backward: with trainable expert weights (grad enabled) the grouped path runs even if x
+    needs no gradient (a fine-tune with everything before the experts frozen)."""
+    m, cfg = _experts(False, torch.bfloat16)
+    E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
+    x = torch.randn(1, cfg.hidden_size, dtype=torch.bfloat16)
+    idx = torch.zeros(1, K, dtype=torch.long)
+    monkeypatch.setattr(kernels, "select_backend", lambda op, *t, **kw: "triton")
+    assert m.gate_proj.requires_grad and not m._gemv_fits(x, idx)
+    with torch.no_grad():
+        assert m._gemv_fits(x, idx)
+    m.requires_grad_(False)
+    assert m._gemv_fits(x, idx)
+
+
+def test_gate_and_up_stored_alike():
+    from dsv3.kernels.expert_gemv_triton import launch
+
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(2, 128, 128, generator=g)
+    (q, s) = _quant_stack(w)
+    x, e = torch.randn(1, 128).bfloat16(), torch.tensor([0, 1])
+    with pytest.raises(ValueError, match="stored alike"):
+        launch(x, q, s, e, 2, w.bfloat16(), None)

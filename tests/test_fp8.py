@@ -394,8 +394,16 @@ def test_absorbed_weights_cached_once_and_dropped_on_move(dense, fp8):
     fresh = attn.kv_b_weights(torch.float32)
     assert attn.cache_absorbed_weights(torch.float32)
     uk, uv = attn.kv_b_weights(torch.float32)
-    assert uk is attn._absorbed[0] and torch.equal(uk, fresh[0]) and torch.equal(uv, fresh[1])
+    assert uk is attn._absorbed[1] and torch.equal(uk, fresh[0]) and torch.equal(uv, fresh[1])
     assert attn.kv_b_weights(torch.float64)[0] is not uk  # another dtype: dequantised anew
+    assert attn.cache_absorbed_weights(torch.float32) and attn.kv_b_weights(torch.float32)[0] is uk  # kept
+    key = attn._absorbed[0]
+    attn._absorbed = ((*key[:2], key[2] + 1, key[3]), uk, uv)  # made for another head count (attention TP)
+    assert attn.kv_b_weights(torch.float32)[0] is not uk  # not used
+    assert attn.cache_absorbed_weights(torch.float32) and attn._absorbed[0] == key  # rebuilt
+    attn.load_state_dict(attn.state_dict())
+    assert attn._absorbed is None  # a load: new weights
+    assert attn.cache_absorbed_weights(torch.float32)
     m.to(torch.float32)
     assert attn._absorbed is None
     assert not next(x for x in copy.deepcopy(dense).modules() if isinstance(x, MLA)).cache_absorbed_weights(

@@ -36,7 +36,8 @@ class HumanEvalConfig:
     # bf16 on a GPU by default, as vLLM serves fp32 checkpoints: a training checkpoint is stored in fp32, and
     # the engine's CUDA-graph decode (and the bf16 grouped experts) run bf16 models
     dtype: str = setting("auto", "weights' dtype (FP8 weights stay FP8): auto (bfloat16 on a GPU, float32 on the "
-                                 "CPU) | bfloat16 | float32 | checkpoint (as stored)",
+                                 "CPU) | bfloat16 | float32 | checkpoint (as stored; HumanEval's engine on the "
+                                 "CPU computes in float32 whatever the checkpoint's dtype)",
                          choices=("auto", "bfloat16", "float32", "checkpoint"))
     max_batch_size: int = setting(32, "completions decoded together")
     output: str | None = setting(None, "write the JSON results here (humaneval: per-problem counts, completions)")

@@ -135,7 +135,10 @@ def launch(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None, expert: tor
     _check(x, w, s)
     if up is not None:
         _check(x, up, up_s)
-        assert up.shape == w.shape, f"gate {tuple(w.shape)} and up {tuple(up.shape)} differ"
+        if up.shape != w.shape or up.dtype != w.dtype or (up_s is None) != (s is None):
+            raise ValueError(f"gate and up must be stored alike: gate {tuple(w.shape)} {w.dtype} "
+                             f"{'with' if s is not None else 'without'} scales, up {tuple(up.shape)} {up.dtype} "
+                             f"{'with' if up_s is not None else 'without'} scales")
     M, (E, N, K) = expert.shape[0], w.shape
     cfg = {**default_config(M, N, K, up is not None, w.dtype == torch.float8_e4m3fn), **config}
     assert BLOCK % cfg["BN"] == 0, f"BN must divide {BLOCK}, got {cfg['BN']}"

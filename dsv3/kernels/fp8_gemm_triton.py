@@ -223,7 +223,7 @@ def _config_small_m(M: int, N: int, K: int) -> dict:
         BN = _pick_bn(1, N, _gemv_bns(BM))
         return dict(BM=BM, BN=BN, KU=_gemv_ku(BM, BN, K), num_warps=4, num_stages=2)
     BN = _pick_bn(triton.cdiv(M, 16), N, (64, 32))
-    return dict(BM=16, BN=BN, KU=min(2, triton.cdiv(K, BLOCK)), num_warps=4, num_stages=4)
+    return dict(BM=16, BN=BN, KU=max(1, min(2, triton.cdiv(K, BLOCK))), num_warps=4, num_stages=4)
 
 
 def _config_rows(M: int, N: int, K: int) -> dict:

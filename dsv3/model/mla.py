@@ -122,28 +122,38 @@ class MLA(nn.Module):
     def cache_absorbed_weights(self, dtype: torch.dtype) -> bool:
         """Inference on FP8 weights: dequantise kv_b_proj once into W_UK / W_UV in `dtype` (as vLLM's MLA does
         after loading), instead of in every absorbed forward (per layer and decode step a read of the e4m3
-        weight, a write and a re-read of the 16-bit copy, and the kernels that do it). An FP8Linear's weights
-        are inference-only buffers, never trained; a move or cast of the module (`_apply`) drops the copy.
-        Costs 2 x kv_b's elements per layer (16b: 113 MB). Returns whether a copy was made (not for 16-bit
-        weights, whose W_UK / W_UV are views)."""
+        weight, a write and a re-read of the 16-bit copy, and the kernels that do it). Costs 2 x kv_b's
+        elements per layer (16b: 113 MB). Returns whether a copy exists (not for 16-bit weights, whose W_UK /
+        W_UV are views). A valid copy is kept, not rebuilt: an engine built earlier on this model may hold
+        CUDA graphs that read it. Invalidation: a move or cast (`_apply`) and a state-dict load drop it, a
+        change of the head count (attention TP) or of the weight's storage or version makes it stale (then
+        rebuilt here, and never used by `kv_b_weights` meanwhile); an FP8Linear's buffers are not trained."""
         lin = self.kv_b_proj
-        self._absorbed = None
         if not hasattr(lin, "dequantized_weight"):
+            self._absorbed = None
             return False
+        key = (lin.weight.data_ptr(), lin.weight._version, self.n_heads, dtype)
+        cached = getattr(self, "_absorbed", None)
+        if cached is not None and cached[0] == key:
+            return True
         w = lin.dequantized_weight(dtype).view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
-        self._absorbed = (w[:, : self.nope], w[:, self.nope:])
+        self._absorbed = (key, w[:, : self.nope], w[:, self.nope:])
         return True
 
     def _apply(self, fn, recurse=True):
         self._absorbed = None  # a device or dtype change: the next cache_absorbed_weights makes it again
         return super()._apply(fn, recurse)
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._absorbed = None  # new weights
+        return super()._load_from_state_dict(*args, **kwargs)
+
     def kv_b_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """W_UK (H, nope, C) and W_UV (H, v, C), views of kv_b_proj's weight (dequantised if FP8: the copy of
-        `cache_absorbed_weights` when there is one in `dtype`)."""
+        `cache_absorbed_weights` when there is one for this dtype and head count)."""
         cached = getattr(self, "_absorbed", None)
-        if cached is not None and cached[0].dtype == dtype:
-            return cached
+        if cached is not None and cached[0][2:] == (self.n_heads, dtype):  # (shapes and dtype: no device work)
+            return cached[1], cached[2]
         lin = self.kv_b_proj
         w = lin.dequantized_weight(dtype) if hasattr(lin, "dequantized_weight") else lin.weight.to(dtype)
         w = w.view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)

@@ -189,8 +189,12 @@ class Experts(nn.Module):
         average (each pair re-reads its expert's weights; above that the grouped GEMM, which reads each expert
         once, wins), weights stored in x's dtype or FP8, and the kernel's backend rule (GPU, bf16/fp16 x, no
         autograd). Shapes only: a CUDA-graph bucket always takes the same path."""
-        w = self.gemv_weights()[0]
-        return (idx_NK.numel() <= w.shape[0] and w.dtype in (x_ND.dtype, torch.float8_e4m3fn)
+        ws = self.gemv_weights()
+        w = ws[0]
+        # the kernel has no backward: not where the expert weights need gradients either (the backend rule
+        # checks x only; a fine-tune with everything before the experts frozen gives a plain x)
+        weights_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ws)
+        return (idx_NK.numel() <= w.shape[0] and w.dtype in (x_ND.dtype, torch.float8_e4m3fn) and not weights_grad
                 and kernels.select_backend("expert_gemv", x_ND) != "reference")
 
     def forward_gemv(self, x_ND: torch.Tensor, idx_NK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
