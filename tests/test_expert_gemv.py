@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from dsv3 import kernels
-from dsv3.kernels.reference import expert_gemv_ref, weight_dequant, weight_quant
+from dsv3.kernels.reference import check_expert_gemv_args, expert_gemv_ref, weight_dequant, weight_quant
 from dsv3.model.fp8 import FP8Experts
 from dsv3.model.moe import Experts
 from tests.conftest import tiny_cfg
@@ -152,17 +152,24 @@ def test_interp_custom_ops_compile_without_graph_break():
 
 
 def test_bad_arguments():
-    from dsv3.kernels.expert_gemv_triton import _check
+    """The contract is checked before either backend runs (kernels.expert_gemv; the Triton launch too)."""
+    x, e = torch.randn(2, 128, dtype=torch.bfloat16), torch.tensor([0, 1])
 
-    x = torch.randn(2, 128, dtype=torch.bfloat16)
-    with pytest.raises(TypeError, match="bf16/fp16 activations"):
-        _check(x.float(), torch.randn(2, 4, 128), None)
+    def call(x, w, s=None, up=None, up_s=None):
+        kernels.expert_gemv(x, w, s, e, 1, up=up, up_s=up_s, backend="reference")
+
+    with pytest.raises(TypeError, match="bf16/fp16 activations"):  # the kernel's (the reference takes fp32)
+        check_expert_gemv_args(x.float(), torch.randn(2, 4, 128), None, kernel=True)
+    call(x.float(), torch.randn(2, 4, 128))
     with pytest.raises(TypeError, match="block scales"):
-        _check(x, torch.zeros(2, 4, 128, dtype=torch.float8_e4m3fn), None)
+        call(x, torch.zeros(2, 4, 128, dtype=torch.float8_e4m3fn))
     with pytest.raises(TypeError, match="x's dtype"):
-        _check(x, torch.randn(2, 4, 128), None)
+        call(x, torch.randn(2, 4, 128))
     with pytest.raises(ValueError, match="K = 128"):
-        _check(x, torch.randn(2, 4, 64, dtype=torch.bfloat16), None)
+        call(x, torch.randn(2, 4, 64, dtype=torch.bfloat16))
+    q, s = _quant_stack(torch.randn(2, 128, 128))
+    with pytest.raises(ValueError, match="stored alike"):  # e4m3 gate, bf16 up
+        call(x, q, s, torch.randn(2, 128, 128, dtype=torch.bfloat16), None)
 
 
 def test_gemv_path_not_where_expert_weights_need_gradients(monkeypatch):
@@ -178,14 +185,3 @@ def test_gemv_path_not_where_expert_weights_need_gradients(monkeypatch):
         assert m._gemv_fits(x, idx)
     m.requires_grad_(False)
     assert m._gemv_fits(x, idx)
-
-
-def test_gate_and_up_stored_alike():
-    from dsv3.kernels.expert_gemv_triton import launch
-
-    g = torch.Generator().manual_seed(5)
-    w = torch.randn(2, 128, 128, generator=g)
-    (q, s) = _quant_stack(w)
-    x, e = torch.randn(1, 128).bfloat16(), torch.tensor([0, 1])
-    with pytest.raises(ValueError, match="stored alike"):
-        launch(x, q, s, e, 2, w.bfloat16(), None)

@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from dsv3.kernels.reference import check_expert_gemv_args
+
 BLOCK = 128  # K step: one FP8 scale block
 
 
@@ -115,30 +117,11 @@ def default_config(M: int, N: int, K: int, fused: bool = False, fp8: bool = Fals
     return {"BN": 32 if fused else 16, "KU": 1, "num_warps": 4, "PREFETCH": False}
 
 
-def _check(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None) -> None:
-    if x.dtype not in (torch.bfloat16, torch.float16):
-        raise TypeError(f"expert GEMV takes bf16/fp16 activations, got {x.dtype}")
-    if w.dtype == torch.float8_e4m3fn:
-        if s is None or s.dtype != torch.float32:
-            raise TypeError("e4m3 expert weights need fp32 128x128 block scales")
-    elif w.dtype != x.dtype or s is not None:
-        raise TypeError(f"expert weights in x's dtype ({x.dtype}) without scales, or e4m3 with scales; got "
-                        f"{w.dtype} {'with' if s is not None else 'without'} scales")
-    if x.shape[-1] != w.shape[-1]:
-        raise ValueError(f"x has K = {x.shape[-1]}, the weight {w.shape[-1]}")
-
-
 def launch(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None, expert: torch.Tensor, x_div: int,
            up: torch.Tensor | None = None, up_s: torch.Tensor | None = None, **config) -> torch.Tensor:
     """The launch (module docstring); `config` (BN, KU, num_warps, PREFETCH) overrides `default_config`
     (benchmarks, tests)."""
-    _check(x, w, s)
-    if up is not None:
-        _check(x, up, up_s)
-        if up.shape != w.shape or up.dtype != w.dtype or (up_s is None) != (s is None):
-            raise ValueError(f"gate and up must be stored alike: gate {tuple(w.shape)} {w.dtype} "
-                             f"{'with' if s is not None else 'without'} scales, up {tuple(up.shape)} {up.dtype} "
-                             f"{'with' if up_s is not None else 'without'} scales")
+    check_expert_gemv_args(x, w, s, up, up_s, kernel=True)
     M, (E, N, K) = expert.shape[0], w.shape
     cfg = {**default_config(M, N, K, up is not None, w.dtype == torch.float8_e4m3fn), **config}
     assert BLOCK % cfg["BN"] == 0, f"BN must divide {BLOCK}, got {cfg['BN']}"

@@ -244,6 +244,28 @@ def fp8_expert_rows_ref(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, exper
     return torch.where((expert >= 0).unsqueeze(-1), y, 0)  # expert < 0: a row not computed here, 0
 
 
+def check_expert_gemv_args(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None,
+                           up: torch.Tensor | None = None, up_s: torch.Tensor | None = None,
+                           kernel: bool = False) -> None:
+    """The expert GEMV's argument contract (both backends): w in x's dtype without scales, or e4m3 with fp32
+    scales; K agrees; gate and up stored alike; for the Triton kernel (`kernel`) x in bf16/fp16."""
+    if kernel and x.dtype not in (torch.bfloat16, torch.float16):
+        raise TypeError(f"expert GEMV takes bf16/fp16 activations, got {x.dtype}")
+    for m, ms in ((w, s), (up, up_s)) if up is not None else ((w, s),):
+        if m.dtype == torch.float8_e4m3fn:
+            if ms is None or ms.dtype != torch.float32:
+                raise TypeError("e4m3 expert weights need fp32 128x128 block scales")
+        elif m.dtype != x.dtype or ms is not None:
+            raise TypeError(f"expert weights in x's dtype ({x.dtype}) without scales, or e4m3 with scales; got "
+                            f"{m.dtype} {'with' if ms is not None else 'without'} scales")
+        if x.shape[-1] != m.shape[-1]:
+            raise ValueError(f"x has K = {x.shape[-1]}, the weight {m.shape[-1]}")
+    if up is not None and (up.shape != w.shape or up.dtype != w.dtype or (up_s is None) != (s is None)):
+        raise ValueError(f"gate and up must be stored alike: gate {tuple(w.shape)} {w.dtype} "
+                         f"{'with' if s is not None else 'without'} scales, up {tuple(up.shape)} {up.dtype} "
+                         f"{'with' if up_s is not None else 'without'} scales")
+
+
 def expert_gemv_ref(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None, expert: torch.Tensor, x_div: int = 1,
                     up: torch.Tensor | None = None, up_s: torch.Tensor | None = None) -> torch.Tensor:
     """The routed experts' decode GEMV (dsv3/kernels/expert_gemv_triton.py): x (T, K); w (E, N, K) in x's
