@@ -9,12 +9,13 @@ straight from its expert's weights, with no sort, no gather of the activations a
 
 Why (issue 14, batch-1 decode): at one token per step a MoE layer's routed experts are 6-8 GEMVs. The grouped
 GEMM path sorts the pairs, gathers the rows, builds the grouped problem on the device and runs CUTLASS tiles
-of 64-128 rows for one real row each: on an H200 the 16b model's three grouped GEMMs per layer took ~61 us
-for ~104 MB of weights (~40% of the copy bandwidth) plus ~10 small kernels around them. Here a layer's
-routed experts are two launches (gate+up+SwiGLU, down) whose programs each stream a BN x K slab of one
-expert: (M x N / BN) programs, enough to fill the GPU at M = 6, each keeping its loads in flight (below). Each row re-reads its expert's weights, so
-the caller takes this path only while rows <= experts (about one row per expert, Experts.forward); above,
-the grouped GEMM reads each expert once.
+of 64-128 rows for one real row each: on an H200 the 16b model's routed experts took 108 us per layer at
+batch 1 (the grouped GEMMs and the ~10 small kernels around them; 104 MB of weights, 23% of the copy
+bandwidth). Here a layer's routed experts are two launches (gate+up+SwiGLU, down) whose programs each stream
+a BN x K slab of one expert: (M x N / BN) programs, enough to fill the GPU at M = 6, each keeping its loads
+in flight (the kernel's comments): 19 + 10 us at 86-87% of the bandwidth (bench/RESULTS.md, 2026-12-04).
+Each row re-reads its expert's weights, so the caller takes this path only while rows <= experts (about one
+row per expert, Experts.forward); above, the grouped GEMM reads each expert once.
 
 Math: for each 128-wide K block, acc += (w[nb, kb] · x[kb]) (· s[nb, kb] for e4m3), fp32 accumulation;
 silu and the product in fp32; one rounding to x's dtype. The specification is
