@@ -65,3 +65,30 @@ def copy_bandwidth(device: torch.device | str = "cuda", nbytes: int | None = Non
                       f"(median of {repeats} copies of {nbytes / 2**30:.2f} GiB, read + write bytes counted; "
                       f"best {out['best_bytes_per_s'] / 1e12:.3f} TB/s)")
     return out
+
+
+def graph_us(fn, calls: int, reps: int) -> float:
+    """Median microseconds per call of fn(0..calls-1) captured in one CUDA graph, replayed `reps` times."""
+    side = torch.cuda.Stream()  # warm-up (Triton compile, cuBLAS workspace) on a side stream, outside the capture
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for i in range(2):
+            fn(i)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(calls):
+            fn(i)
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    del g
+    return statistics.median(times) * 1e3 / calls

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import statistics
 import sys
 
 import torch
@@ -27,32 +26,12 @@ from dsv3 import kernels  # noqa: E402
 from dsv3.kernels import expert_gemv_triton as k  # noqa: E402
 from dsv3.model.fp8 import FP8Experts  # noqa: E402
 from dsv3.model.moe import Experts  # noqa: E402
-from bandwidth import copy_bandwidth  # noqa: E402
+from bandwidth import copy_bandwidth, graph_us  # noqa: E402
 
 
 def graph_time(fn, calls: int = 50, reps: int = 7) -> float:
-    """Seconds per call of fn() replayed from a CUDA graph of `calls` calls."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(calls):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b) / 1e3 / calls)
-    return statistics.median(ts)
+    """Seconds per call of fn() replayed from a CUDA graph of `calls` calls (bench/bandwidth.py graph_us)."""
+    return graph_us(lambda i: fn(), calls, reps) / 1e6
 
 
 def main() -> None:

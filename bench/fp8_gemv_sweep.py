@@ -51,7 +51,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from bandwidth import graph_us  # noqa: E402  (bench/bandwidth.py)
 from dsv3.config import preset  # noqa: E402
 from dsv3.kernels import reference  # noqa: E402
 
@@ -132,33 +134,6 @@ def stage2(best: list[dict]) -> list[dict]:
 
 
 # --- operands, timing --------------------------------------------------------------------------------------
-
-def graph_us(fn, calls: int, reps: int) -> float:
-    """Median microseconds per call of fn(0..calls-1) captured in one CUDA graph, replayed `reps` times."""
-    side = torch.cuda.Stream()  # warm-up (Triton compile, cuBLAS workspace) on a side stream, outside the capture
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for i in range(2):
-            fn(i)
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(calls):
-            fn(i)
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    del g
-    return statistics.median(times) * 1e3 / calls
-
 
 class Case:
     """One (shape, M): operands, the reference output, and how to call each variant on call i."""
