@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from dsv3.checkpoints.hf import load_pretrained, save_pretrained
-from dsv3.eval import humaneval
+from dsv3.eval import humaneval, resolve_dtype
 from dsv3.eval.humaneval import pass_at_k
 from dsv3.eval.sandbox import SandboxConfig, run_program
 from dsv3.tokenizer import DSTokenizer
@@ -235,14 +235,14 @@ def test_lm_eval_rolling_windows_match_direct_computation(ckpt):
 def test_dtype_setting(ckpt, monkeypatch):
     """`--dtype` of the benchmarks: auto is fp32 on the CPU and bf16 on a GPU (the engine's CUDA graphs run bf16
     models; a training checkpoint is stored in fp32); checkpoint keeps the stored dtype."""
-    assert humaneval.resolve_dtype("auto", "cpu") == ("cpu", torch.float32)
-    assert humaneval.resolve_dtype("auto", "cuda") == ("cuda", torch.bfloat16)
-    assert humaneval.resolve_dtype("float32", "cuda") == ("cuda", torch.float32)
-    assert humaneval.resolve_dtype("checkpoint", "cuda") == ("cuda", None)
+    assert resolve_dtype("auto", "cpu") == ("cpu", torch.float32)
+    assert resolve_dtype("auto", "cuda") == ("cuda", torch.bfloat16)
+    assert resolve_dtype("float32", "cuda") == ("cuda", torch.float32)
+    assert resolve_dtype("checkpoint", "cuda") == ("cuda", None)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert humaneval.resolve_dtype("bfloat16", "auto") == ("cpu", torch.bfloat16)
+    assert resolve_dtype("bfloat16", "auto") == ("cpu", torch.bfloat16)
     with pytest.raises(ValueError, match="dtype must be"):
-        humaneval.resolve_dtype("fp16", "cpu")
+        resolve_dtype("fp16", "cpu")
     seen = {}
 
     def fake_load_engine(path, *, device, dtype, max_batch_size):

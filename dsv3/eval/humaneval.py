@@ -18,6 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from dsv3.cliargs import setting
+from dsv3.eval import resolve_dtype
 from dsv3.eval.sandbox import SandboxConfig, run_programs
 
 # the completion ends where the function body does: the next top-level definition or statement
@@ -68,19 +69,6 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     if n - c < k:
         return 1.0
     return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
-
-
-def resolve_dtype(name: str, device: str):
-    """(device, torch dtype or None = the checkpoint's) of a `dtype` setting (HumanEvalConfig.dtype)."""
-    import torch
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if name not in ("auto", "bfloat16", "float32", "checkpoint"):
-        raise ValueError(f"dtype must be auto, bfloat16, float32 or checkpoint, got {name!r}")
-    if name == "auto":
-        name = "float32" if device == "cpu" else "bfloat16"
-    return device, None if name == "checkpoint" else getattr(torch, name)
 
 
 def generate_completions(checkpoint: str, problems: list[dict], cfg: HumanEvalConfig) -> list[list[str]]:

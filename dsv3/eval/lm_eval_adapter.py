@@ -42,9 +42,8 @@ class DSV3LM(TemplateLM):
         super().__init__()
         from dsv3.checkpoints.hf import load_pretrained
         from dsv3.checkpoints.rundir import resolve_checkpoint
+        from dsv3.eval import resolve_dtype
         from dsv3.tokenizer import DSTokenizer
-
-        from dsv3.eval.humaneval import resolve_dtype
 
         path = resolve_checkpoint(str(pretrained))
         device, torch_dtype = resolve_dtype(str(dtype), device or "auto")

@@ -56,13 +56,13 @@ def expert_gemv(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None, expert
     assert x.dim() == 2 and w.dim() == 3 and expert.dim() == 1 and x.shape[0] * x_div >= expert.shape[0], \
         f"expert_gemv: x (T, K), w (E, N, K), expert (M <= T * x_div,); got {tuple(x.shape)}, {tuple(w.shape)}, " \
         f"{tuple(expert.shape)}, x_div {x_div}"
-    reference.check_expert_gemv_args(x, w, s, up, up_s)
-    if select_backend("expert_gemv", x, backend=backend) == "triton":
+    if select_backend("expert_gemv", x, backend=backend) == "triton":  # (its launch checks the arguments)
         from dsv3.kernels import expert_gemv_triton as k
 
         if up is None:
             return k.expert_gemv_op(x, w, s, expert, x_div)
         return k.expert_swiglu_gemv_op(x, w, s, up, up_s, expert, x_div)
+    reference.check_expert_gemv_args(x, w, s, up, up_s)
     return reference.expert_gemv_ref(x, w, s, expert, x_div, up, up_s)
 
 

@@ -105,7 +105,7 @@ def _gemv_kernel(x_ptr, w_ptr, ws_ptr, u_ptr, us_ptr, e_ptr, y_ptr, N, K, KB, x_
     tl.store(y_ptr + m * sym + rn, y.to(y_ptr.dtype.element_ty), mask=rn < N)
 
 
-def default_config(M: int, N: int, K: int, fused: bool = False, fp8: bool = False) -> dict:
+def default_config(fused: bool = False, fp8: bool = False) -> dict:
     """Launch parameters, the fastest of `bench/expert_gemv_sweep.py --fp8 --quick` on an H200 at the 16b
     experts (D 2048, I 1408; 6 and 48 rows, 2026-12-04; bench/RESULTS.md):
     - bf16 weights: BN = 8 weight rows per program, KU = 1 scale block per load, PREFETCH (the next
@@ -124,7 +124,7 @@ def launch(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None, expert: tor
     (benchmarks, tests)."""
     check_expert_gemv_args(x, w, s, up, up_s, kernel=True)
     M, (E, N, K) = expert.shape[0], w.shape
-    cfg = {**default_config(M, N, K, up is not None, w.dtype == torch.float8_e4m3fn), **config}
+    cfg = {**default_config(up is not None, w.dtype == torch.float8_e4m3fn), **config}
     assert BLOCK % cfg["BN"] == 0, f"BN must divide {BLOCK}, got {cfg['BN']}"
     x, w = x.contiguous(), w.contiguous()
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
@@ -134,7 +134,7 @@ def launch(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None, expert: tor
     s = s.contiguous() if has_scale else w  # a placeholder pointer, never read (HAS_SCALE is False)
     fused = up is not None
     u = up.contiguous() if fused else w
-    us = (up_s.contiguous() if up_s is not None else s) if fused else s
+    us = up_s.contiguous() if up_s is not None else s  # (stored alike: scales for both or for neither)
     expert = expert.to(torch.int32).contiguous()
     grid = (M, triton.cdiv(N, cfg["BN"]))
     _gemv_kernel[grid](x, w, s, u, us, expert, y, N, K, triton.cdiv(K, BLOCK), x_div, x.stride(0), w.stride(0),

@@ -58,6 +58,7 @@ class MLA(nn.Module):
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, H * (self.nope + self.v_dim), bias=False)
         self.o_proj = nn.Linear(H * self.v_dim, D, bias=False)
         self.recompute_up = False  # set by Transformer.set_recompute("selective")
+        self._absorbed = None  # FP8 kv_b_proj's W_UK / W_UV for inference (cache_absorbed_weights)
 
     def query(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, T, D) -> q_nope (B, T, H, nope), rotated q_pe (B, T, H, rope)."""
@@ -133,7 +134,7 @@ class MLA(nn.Module):
             self._absorbed = None
             return False
         key = (lin.weight.data_ptr(), lin.weight._version, self.n_heads, dtype)
-        cached = getattr(self, "_absorbed", None)
+        cached = self._absorbed
         if cached is not None and cached[0] == key:
             return True
         w = lin.dequantized_weight(dtype).view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
@@ -151,7 +152,7 @@ class MLA(nn.Module):
     def kv_b_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """W_UK (H, nope, C) and W_UV (H, v, C), views of kv_b_proj's weight (dequantised if FP8: the copy of
         `cache_absorbed_weights` when there is one for this dtype and head count)."""
-        cached = getattr(self, "_absorbed", None)
+        cached = self._absorbed
         if cached is not None and cached[0][2:] == (self.n_heads, dtype):  # (shapes and dtype: no device work)
             return cached[1], cached[2]
         lin = self.kv_b_proj
