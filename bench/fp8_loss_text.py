@@ -1,102 +1,283 @@
-"""FP8 vs bf16 on real text, through `dsv3 train` itself: the same preset, data (the Python standard library
-by default), tokenizer, seed and schedule, trained with --precision bf16 and with --precision fp8; then a
-second bf16 run with another seed as the run-to-run noise the FP8 gap is judged against. Compares the final
-validation loss (the loop's held-out split) and the training-loss curves.
+"""FP8 vs bf16 training loss on real text, through `dsv3 train` itself, with seeds and the run-to-run noise
+(issue 15 item 4). Every run has the same preset, data, tokenizer, schedule and flags; runs differ in
+--precision and --seed. A run listed twice (the same precision and seed) measures how reproducible a run is.
 
-    PYTHONPATH=. python bench/fp8_loss_text.py --preset small --steps 600 --batch-size 16 --seq-len 1024 --out /tmp/fp8text
+    PYTHONPATH=. python bench/fp8_loss_text.py --preset small --steps 1200 --batch-size 4 --seq-len 1024 \\
+        --bf16-moments --runs bf16:0,bf16:1,bf16:2,fp8:0,fp8:1,fp8:2,bf16:0 --deadline-min 8 --out /tmp/fp8text
 
-Every run gets --compile (both precisions), the default schedule (warm-up, constant, the paper's decay
-tail fractions of the run) and the default loss (main + MTP). Prints a table and writes summary.json.
+Reported (table on stdout, summary.json):
+- each run's validation loss (the whole held-out split: --eval-batches covers it) at the last evaluation
+  step that every run reached (the final one when all finished; a run stopped at --deadline-min still counts);
+- per precision: mean and sample standard deviation over seeds;
+- the paired FP8 effect: for each seed trained in both precisions (same initialisation and data order),
+  fp8 / bf16 - 1, and the mean with a 95% Student-t interval;
+- for each repeated run (same precision, seed and --deterministic): whether the training-loss curves are
+  identical bit for bit, the first step where they differ, and the validation-loss difference (the noise floor
+  of the paired comparison).
 
-Disk: a `small` checkpoint (fp32 weights + AdamW moments) is ~12 GB, so each run writes only its final
-checkpoint (--save-every 0 --keep 1), and it is deleted once the run's metrics are read (the comparison
-needs metrics.jsonl only; --keep-checkpoints keeps them).
+The runs can share one GPU (--parallel): small batches leave it idle between kernels, and N processes
+compile at once. Disk: no run writes a checkpoint (--no-checkpoints; a `small` checkpoint with its AdamW
+state is ~12 GB); the data's tokenizer and token cache are built once, before the runs, in OUT/cache.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
-import shutil
+import signal
+import statistics
 import subprocess
 import sys
 import time
 
-
-def final_val(run_dir: str) -> dict:
-    rec = None
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        for line in f:
-            r = json.loads(line)
-            if r.get("final"):
-                rec = r
-    if rec is None:
-        raise SystemExit(f"{run_dir}: no final validation record in metrics.jsonl")
-    return rec
+# two-sided 95% Student-t quantiles by degrees of freedom (1..10); beyond, 1.96 is within 6%
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
 
-def train_losses(run_dir: str) -> list[tuple[int, float]]:
-    out = []
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        for line in f:
-            r = json.loads(line)
-            if "loss" in r and "step" in r:
-                out.append((r["step"], r["loss"]))
+def parse_runs(spec: str, deterministic: bool = False) -> list[tuple[str, int, bool, str]]:
+    """'bf16:0,fp8:0,bf16:0,bf16:0:det' -> [(precision, seed, deterministic, name)]. A third field `det` gives
+    that run --deterministic (`deterministic`: every run); a repeated entry gets the name suffix _r2, _r3, ..."""
+    out, seen = [], {}
+    for item in spec.split(","):
+        parts = item.split(":")
+        try:
+            prec, seed_i = parts[0], int(parts[1])
+            if len(parts) > 3 or (len(parts) == 3 and parts[2] != "det"):
+                raise ValueError
+        except (ValueError, IndexError):
+            raise SystemExit(f"--runs: {item!r} is not PRECISION:SEED[:det] (for example bf16:0)") from None
+        if prec not in ("bf16", "fp8", "fp32"):
+            raise SystemExit(f"--runs: precision {prec!r} must be bf16, fp8 or fp32")
+        det = deterministic or len(parts) == 3
+        k = seen[(prec, seed_i, det)] = seen.get((prec, seed_i, det), 0) + 1
+        name = f"{prec}_seed{seed_i}" + ("_det" if det and not deterministic else "") + (f"_r{k}" if k > 1 else "")
+        out.append((prec, seed_i, det, name))
     return out
 
 
-def train_command(args, prec: str, seed: int, run_dir: str) -> list[str]:
-    """The `dsv3 train` command of one run: only the final checkpoint is written (--save-every 0 --keep 1)."""
-    cmd = [sys.executable, "-m", "dsv3.cli", "train", "--preset", args.preset, "--steps", str(args.steps),
-           "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--precision", prec,
-           "--seed", str(seed), "--compile", "--samples", "0", "--no-progress", "--out", run_dir,
-           "--cache-dir", os.path.join(args.out, "cache"), "--save-every", "0", "--keep", "1"]
+def read_metrics(run_dir: str) -> tuple[list[dict], list[dict]]:
+    """(training records, validation records) of a run's metrics.jsonl; a missing or truncated file
+    gives what was written (a run killed at the deadline may end in half a line)."""
+    train, val = [], []
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return train, val
+    with open(path) as f:
+        for line in f:
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if "val_loss" in r:
+                val.append(r)
+            elif "loss" in r and "step" in r:
+                train.append(r)
+    return train, val
+
+
+def mean_std(xs: list[float]) -> tuple[float, float]:
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else float("nan"))
+
+
+def t_interval(xs: list[float]) -> float:
+    """Half-width of the 95% Student-t interval of the mean of xs (nan for fewer than 2)."""
+    if len(xs) < 2:
+        return float("nan")
+    return T95.get(len(xs) - 1, 1.96) * statistics.stdev(xs) / math.sqrt(len(xs))
+
+
+def analyse(runs: list[tuple[str, int, bool, str]], metrics: dict[str, tuple[list[dict], list[dict]]]) -> dict:
+    """The comparison of runs (parse_runs) from their metrics ({name: read_metrics(...)}). A run without any
+    validation (it failed; its log.txt says why) is listed under "failed" and left out."""
+    failed = [n for *_, n in runs if not metrics[n][1]]
+    runs = [r for r in runs if r[3] not in failed]
+    vals = {n: {r["step"]: r for r in metrics[n][1]} for *_, n in runs}
+    common = set.intersection(*(set(v) for v in vals.values())) if vals else set()
+    if not common:
+        raise SystemExit("no validation step that every run reached: nothing to compare (see each run's log.txt)")
+    step = max(common)
+    rows = []
+    for prec, seed, det, name in runs:
+        train = metrics[name][0]
+        v = vals[name][step]
+        rates = [r["tok_per_s"] for r in train[1:] if "tok_per_s" in r]
+        rows.append({"run": name, "precision": prec, "seed": seed, "deterministic": det, "val_loss": v["val_loss"],
+                     "val_bpb": v["val_bpb"], "steps_done": train[-1]["step"] if train else 0,
+                     "tok_per_s": statistics.median(rates) if rates else None})
+    out: dict = {"step": step, "rows": rows, "failed": failed, "precisions": {}, "paired": {}, "repeats": []}
+    firsts = {}  # (prec, seed, det) -> its first run (repeats are the noise floor, not more samples)
+    for (prec, seed, det, _), row in zip(runs, rows):
+        firsts.setdefault((prec, seed, det), row)
+    for prec, det in dict.fromkeys((p, d) for p, _, d, _ in runs):
+        xs = [r["val_loss"] for (p, _, d), r in firsts.items() if (p, d) == (prec, det)]
+        m, s = mean_std(xs)
+        out["precisions"][prec + (" deterministic" if det else "")] = {"n": len(xs), "mean": m, "std": s,
+                                                                       "rel_std": s / m}
+    for other, det in dict.fromkeys((p, d) for p, _, d, _ in runs if p != "bf16"):
+        seeds = sorted(s for (p, s, d) in firsts if (p, d) == (other, det) and ("bf16", s, det) in firsts)
+        d = [firsts[(other, s, det)]["val_loss"] / firsts[("bf16", s, det)]["val_loss"] - 1 for s in seeds]
+        if d:
+            out["paired"][other + (" deterministic" if det else "")] = {
+                "seeds": seeds, "rel_diff": d, "mean": statistics.fmean(d), "ci95": t_interval(d)}
+    by_key: dict = {}
+    for prec, seed, det, name in runs:
+        by_key.setdefault((prec, seed, det), []).append(name)
+    for names in by_key.values():
+        a = names[0]
+        for b in names[1:]:
+            ta = {r["step"]: r["loss"] for r in metrics[a][0]}
+            tb = {r["step"]: r["loss"] for r in metrics[b][0]}
+            both = sorted(set(ta) & set(tb))
+            diff = [s for s in both if ta[s] != tb[s]]
+            out["repeats"].append({
+                "runs": [a, b], "steps_compared": len(both), "identical": not diff and bool(both),
+                "first_diff_step": diff[0] if diff else None,
+                "max_rel_train_diff": max((abs(ta[s] / tb[s] - 1) for s in both), default=0.0),
+                "val_rel_diff": vals[b][step]["val_loss"] / vals[a][step]["val_loss"] - 1})
+    return out
+
+
+def report(res: dict, header: str) -> str:
+    lines = [header, "", f"validation at step {res['step']} (the last one every run reached)", "",
+             "| run | val loss | bits/byte | vs first run | steps done | tok/s (median) |", "|---|---|---|---|---|---|"]
+    base = res["rows"][0]["val_loss"]
+    for r in res["rows"]:
+        tps = f"{r['tok_per_s']:,.0f}" if r["tok_per_s"] else "-"
+        lines.append(f"| {r['run']} | {r['val_loss']:.4f} | {r['val_bpb']:.4f} | {r['val_loss'] / base - 1:+.2%} | "
+                     f"{r['steps_done']} | {tps} |")
+    lines += ["", "| precision | seeds | mean val loss | std | std / mean |", "|---|---|---|---|---|"]
+    for p, s in res["precisions"].items():
+        lines.append(f"| {p} | {s['n']} | {s['mean']:.4f} | {s['std']:.4f} | {s['rel_std']:.2%} |")
+    for p, s in res["paired"].items():
+        per = ", ".join(f"seed {sd}: {d:+.2%}" for sd, d in zip(s["seeds"], s["rel_diff"]))
+        lines.append(f"\npaired {p} / bf16 - 1 (same seed): {per}; mean {s['mean']:+.3%} +- {s['ci95']:.3%} "
+                     f"(95% t interval, {len(s['seeds'])} seeds)")
+    for r in res["repeats"]:
+        what = ("identical training losses bit for bit" if r["identical"] else
+                f"training losses differ from step {r['first_diff_step']} (max {r['max_rel_train_diff']:.2%})")
+        lines.append(f"repeat {r['runs'][1]} of {r['runs'][0]}: {what} over {r['steps_compared']} logged steps; "
+                     f"val loss {r['val_rel_diff']:+.3%}")
+    for n in res["failed"]:
+        lines.append(f"FAILED (no validation; see its log.txt): {n}")
+    return "\n".join(lines)
+
+
+def train_command(args, prec: str, seed: int, det: bool, run_dir: str) -> list[str]:
+    cmd = [sys.executable, "-m", "dsv3.cli", "train", "--preset", args.preset,
+           "--steps", str(args.steps), "--batch-size", str(args.batch_size),
+           "--seq-len", str(args.seq_len), "--precision", prec, "--seed", str(seed), "--samples", "0",
+           "--no-progress", "--no-plots", "--out", run_dir, "--cache-dir", os.path.join(args.out, "cache"),
+           "--no-checkpoints", "--eval-every", str(args.eval_every), "--eval-batches", str(args.eval_batches)]
+    for flag, on in (("--compile", args.compile), ("--deterministic", det),
+                     ("--bf16-weights", args.bf16_weights and prec == "bf16")):
+        if on:
+            cmd.append(flag)
+    if args.bf16_moments:
+        cmd += ["--optim-state", "bf16"]
     if args.lr is not None:
         cmd += ["--lr", str(args.lr)]
     if args.data is not None:
         cmd += ["--data", args.data]
+    for x in args.extra_data:
+        cmd += ["--extra-data", x]
     return cmd
 
 
+def prep_command(args, run_dir: str) -> list[str]:
+    """One eager step of batch 1, which builds the tokenizer and the token caches in OUT/cache."""
+    cmd = [sys.executable, "-m", "dsv3.cli", "train", "--preset", args.preset, "--steps", "1", "--batch-size", "1",
+           "--seq-len", str(args.seq_len), "--samples", "0", "--no-progress", "--no-plots", "--out", run_dir,
+           "--cache-dir", os.path.join(args.out, "cache"), "--no-checkpoints", "--eval-every", "0"]
+    if args.data is not None:
+        cmd += ["--data", args.data]
+    for x in args.extra_data:
+        cmd += ["--extra-data", x]
+    return cmd
+
+
+def run_all(args, runs) -> None:
+    """Launch the runs, at most --parallel at a time; past --deadline-min, stop the ones still running
+    (SIGTERM: `dsv3 train` ends after its current step) and wait for them."""
+    deadline = time.time() + args.deadline_min * 60 if args.deadline_min else None
+    todo, live = list(runs), []
+    while todo or live:
+        while todo and len(live) < args.parallel:
+            prec, seed, det, name = todo.pop(0)
+            d = os.path.join(args.out, name)
+            os.makedirs(d, exist_ok=True)
+            with open(os.path.join(d, "log.txt"), "w") as log:
+                cmd = train_command(args, prec, seed, det, d)
+                live.append((name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)))
+        time.sleep(args.poll_s)
+        for name, p in list(live):
+            if p.poll() is not None:
+                live.remove((name, p))
+                print(f"{name}: exit {p.returncode}", flush=True)
+        if deadline and time.time() > deadline and (live or todo):
+            print(f"deadline: stopping {[n for n, _ in live]}; not started {[r[3] for r in todo]}", flush=True)
+            todo = []
+            for _, p in live:
+                p.send_signal(signal.SIGTERM)
+            for name, p in live:
+                try:
+                    p.wait(timeout=args.grace_s)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+            live = []
+
+
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="small")
-    ap.add_argument("--steps", type=int, default=600)
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--lr", type=float, default=None)
-    ap.add_argument("--data", default=None)
+    ap.add_argument("--data", default=None, help="dsv3 train --data (default: the Python standard library)")
+    ap.add_argument("--extra-data", action="append", default=[], help="dsv3 train --extra-data (repeatable)")
     ap.add_argument("--out", default="runs/fp8_loss_text")
-    ap.add_argument("--runs", default="bf16:0,fp8:0,bf16:1", help="precision:seed list, the first is the baseline")
-    ap.add_argument("--keep-checkpoints", action="store_true", help="keep each run's final checkpoint (~12 GB "
-                                                                     "for small)")
+    ap.add_argument("--runs", default="bf16:0,bf16:1,bf16:2,fp8:0,fp8:1,fp8:2,bf16:0",
+                    help="precision:seed[:det] list; the first is the baseline; a repeated entry measures "
+                         "reproducibility; :det runs with dsv3 train --deterministic")
+    ap.add_argument("--parallel", type=int, default=0, help="runs at a time (0: all)")
+    ap.add_argument("--deadline-min", type=float, default=0.0, help="stop runs still going after this many minutes "
+                                                                     "(0: none); the last common validation counts")
+    ap.add_argument("--eval-every", type=int, default=250)
+    ap.add_argument("--eval-batches", type=int, default=64, help="batches per validation (enough for the whole "
+                                                                 "held-out split makes every validation exact)")
+    ap.add_argument("--no-compile", dest="compile", action="store_false")
+    ap.add_argument("--deterministic", action="store_true", help="dsv3 train --deterministic for every run")
+    ap.add_argument("--bf16-weights", action="store_true", help="dsv3 train --bf16-weights for the bf16 runs")
+    ap.add_argument("--bf16-moments", action="store_true", help="dsv3 train --optim-state bf16 (the paper's "
+                                                                "AdamW moments; ~4 GB less per `small` run)")
+    ap.add_argument("--poll-s", type=float, default=5.0)
+    ap.add_argument("--grace-s", type=float, default=90.0)
     args = ap.parse_args(argv)
-    runs = [(r.split(":")[0], int(r.split(":")[1])) for r in args.runs.split(",")]
-    rows = []
-    for prec, seed in runs:
-        d = os.path.join(args.out, f"{prec}_seed{seed}")
-        t = time.time()
-        subprocess.run(train_command(args, prec, seed, d), check=True)
-        v = final_val(d)
-        tl = train_losses(d)
-        last = [x for _, x in tl[-5:]]
-        rows.append({"run": f"{prec} seed {seed}", "val_loss": v["val_loss"], "val_bpb": v["val_bpb"],
-                     "train_loss_last": sum(last) / max(len(last), 1), "minutes": (time.time() - t) / 60,
-                     "curve": tl})
-        print(f"RESULT {rows[-1]['run']}: val loss {v['val_loss']:.4f}, {v['val_bpb']:.4f} bits/byte, "
-              f"{rows[-1]['minutes']:.1f} min", flush=True)
-        if not args.keep_checkpoints:
-            shutil.rmtree(os.path.join(d, "checkpoints"), ignore_errors=True)
-    base = rows[0]["val_loss"]
-    print(f"\n{args.preset}, {args.steps} steps of {args.batch_size} x {args.seq_len} tokens")
-    print("| run | final val loss | val bits/byte | vs first run | mean train loss (last logs) | minutes |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['run']} | {r['val_loss']:.4f} | {r['val_bpb']:.4f} | {(r['val_loss'] / base - 1):+.2%} | "
-              f"{r['train_loss_last']:.4f} | {r['minutes']:.1f} |")
+    runs = parse_runs(args.runs, args.deterministic)
+    args.parallel = args.parallel or len(runs)
+    os.makedirs(args.out, exist_ok=True)
+    t0 = time.time()
+    # the tokenizer and token caches, once: N runs starting together would each build them
+    prep = os.path.join(args.out, "prep")
+    subprocess.run(prep_command(args, prep), check=True, stdout=subprocess.DEVNULL)
+    print(f"data prepared in {time.time() - t0:.0f} s", flush=True)
+    run_all(args, runs)
+    res = analyse(runs, {n: read_metrics(os.path.join(args.out, n)) for *_, n in runs})
+    res["minutes"] = (time.time() - t0) / 60
+    res["command"] = " ".join(sys.argv)
+    header = (f"{args.preset}, {args.steps} steps of {args.batch_size} x {args.seq_len} tokens, "
+              f"{'compiled' if args.compile else 'eager'}{', deterministic' if args.deterministic else ''}"
+              f"{', bf16 AdamW moments' if args.bf16_moments else ''}; "
+              f"{len(runs)} runs, {args.parallel} at a time, {res['minutes']:.1f} min")
+    text = report(res, header)
+    print(text, flush=True)
     with open(os.path.join(args.out, "summary.json"), "w") as f:
-        json.dump(rows, f, indent=1)
+        json.dump(res, f, indent=1)
+    with open(os.path.join(args.out, "report.md"), "w") as f:
+        f.write(text + "\n")
 
 
 if __name__ == "__main__":

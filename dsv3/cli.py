@@ -112,6 +112,11 @@ def cmd_train(args) -> int:
             dist.destroy_process_group()
     if summary["interrupted"]:
         return interrupted(summary, f"dsv3 train --out {tc.out_dir} --resume")
+    if summary["checkpoint"] is None:  # --no-checkpoints: nothing to sample from or to evaluate
+        if int(os.environ.get("RANK", "0")) == 0 and (args.samples > 0 or args.report):
+            print("no checkpoint written (--no-checkpoints): no samples and no held-out report; the figures are in "
+                  f"{os.path.join(tc.out_dir, 'metrics.jsonl')}")
+        return 0
     if int(os.environ.get("RANK", "0")) == 0 and args.samples > 0:
         _print_samples(summary["checkpoint"], args.samples, args.seed)
     if int(os.environ.get("RANK", "0")) == 0 and tc.data is None and not tc.init_from and args.report:
@@ -133,6 +138,10 @@ def interrupted(summary: dict, resume_cmd: str) -> int:
     import os
 
     if int(os.environ.get("RANK", "0")) == 0:
+        if summary.get("checkpoint") is None and "checkpoint" in summary:  # dsv3 train --no-checkpoints
+            print(f"interrupted at step {summary['step']} of {summary['total_steps']}; no checkpoint written "
+                  "(--no-checkpoints): the run cannot be continued", file=sys.stderr, flush=True)
+            return EXIT_INTERRUPTED
         print(f"interrupted at step {summary['step']} of {summary['total_steps']}: saved {summary['checkpoint']}; "
               f"continue with: {resume_cmd}", file=sys.stderr, flush=True)
     return EXIT_INTERRUPTED

@@ -229,28 +229,71 @@ def test_non_finite_stop_is_one_line_from_the_cli(env, tmp_path, monkeypatch, ca
 # --------------------------------------------------------------------------------------------------
 # benchmarks that train keep one checkpoint
 
-def test_fp8_loss_text_bench_keeps_at_most_one_checkpoint_and_cleans_up(tmp_path, monkeypatch):
-    """bench/fp8_loss_text.py trains `small` three times through `dsv3 train` (~12 GB a checkpoint): each
-    run writes only its final checkpoint, which is removed once its metrics are read."""
+def _fp8_loss_text_bench():
     spec = importlib.util.spec_from_file_location("fp8_loss_text", os.path.join(REPO, "bench", "fp8_loss_text.py"))
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    seen = []
+    return bench
 
-    def fake_run(cmd, check):  # what `dsv3 train` leaves: metrics with a final validation, checkpoints
-        seen.append(cmd)
-        d = cmd[cmd.index("--out") + 1]
-        n = int(cmd[cmd.index("--steps") + 1])
-        save_every = int(cmd[cmd.index("--save-every") + 1]) if "--save-every" in cmd else 100
-        for s in [s for s in range(save_every, n, save_every)] + [n] if save_every else [n]:
-            os.makedirs(os.path.join(d, "checkpoints", f"step_{s:08d}"))
-        with open(os.path.join(d, "metrics.jsonl"), "w") as f:
-            f.write(json.dumps({"step": n, "loss": 3.0}) + "\n")
-            f.write(json.dumps({"step": n, "val_loss": 3.1, "val_bpb": 1.2, "final": True}) + "\n")
 
-    monkeypatch.setattr(bench.subprocess, "run", fake_run)
-    bench.main(["--steps", "300", "--out", str(tmp_path / "b")])
-    assert len(seen) == 3
-    for cmd in seen:
-        assert cmd[cmd.index("--save-every") + 1] == "0" and cmd[cmd.index("--keep") + 1] == "1"
+def test_fp8_loss_text_bench_writes_no_checkpoint_and_compares_at_the_last_common_validation(tmp_path, monkeypatch):
+    """bench/fp8_loss_text.py runs `dsv3 train` N times at once (a `small` checkpoint is ~12 GB): no run writes a
+    checkpoint; the data is prepared once before; a run stopped early (the deadline) still counts, at the last
+    validation step that every run reached; a repeated precision:seed is compared bit for bit."""
+    bench = _fp8_loss_text_bench()
+    launched, prepped = [], []
+    val = {("bf16", 0): 3.0, ("bf16", 1): 3.3, ("fp8", 0): 3.03, ("fp8", 1): 3.3}
+
+    class FakeTrain:  # what `dsv3 train --no-checkpoints` leaves: metrics.jsonl, validations every 2 steps
+        def __init__(self, cmd, stdout, stderr):
+            launched.append(cmd)
+            d, n = cmd[cmd.index("--out") + 1], int(cmd[cmd.index("--steps") + 1])
+            prec, seed = cmd[cmd.index("--precision") + 1], int(cmd[cmd.index("--seed") + 1])
+            done = 4 if d.endswith("fp8_seed1") else n  # this one was stopped at the deadline
+            self.returncode = 0
+            if "--deterministic" in cmd:  # this one failed before its first validation
+                self.returncode = 1
+                return
+            with open(os.path.join(d, "metrics.jsonl"), "w") as f:
+                for s in range(1, done + 1):
+                    f.write(json.dumps({"step": s, "loss": 5.0 - s * 0.1 + (1e-7 if d.endswith("_r2") and s > 2
+                                                                               else 0), "tok_per_s": 100.0}) + "\n")
+                    if s % 2 == 0:
+                        v = val[(prec, seed)] + (0.5 if s < 4 else 0.0)
+                        f.write(json.dumps({"step": s, "val_loss": v, "val_bpb": v / 2.5}) + "\n")
+                f.write('{"step": 9, "lo')  # a line cut off by the kill
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(bench.subprocess, "Popen", FakeTrain)
+    monkeypatch.setattr(bench.subprocess, "run", lambda cmd, check, stdout: prepped.append(cmd))
+    bench.main(["--steps", "6", "--out", str(tmp_path / "b"), "--runs", "bf16:0,bf16:1,fp8:0,fp8:1,bf16:0,"
+                "bf16:0:det", "--poll-s", "0"])
+    assert len(prepped) == 1 and len(launched) == 6
+    for cmd in launched + prepped:
+        assert "--no-checkpoints" in cmd and "--save-every" not in cmd
         assert not os.path.exists(os.path.join(cmd[cmd.index("--out") + 1], "checkpoints"))
+    res = json.load(open(tmp_path / "b" / "summary.json"))
+    assert res["step"] == 4  # fp8 seed 1 stopped after step 4
+    assert res["failed"] == ["bf16_seed0_det"]
+    assert [r["run"] for r in res["rows"]] == ["bf16_seed0", "bf16_seed1", "fp8_seed0", "fp8_seed1",
+                                                "bf16_seed0_r2"]
+    assert res["precisions"]["bf16"]["n"] == 2 and abs(res["precisions"]["bf16"]["mean"] - 3.15) < 1e-9
+    paired = res["paired"]["fp8"]
+    assert paired["seeds"] == [0, 1] and abs(paired["mean"] - 0.005) < 1e-9  # (+1%, 0%) / 2
+    (rep,) = res["repeats"]
+    assert rep["runs"] == ["bf16_seed0", "bf16_seed0_r2"] and not rep["identical"] and rep["first_diff_step"] == 3
+    assert "paired fp8 / bf16 - 1" in open(tmp_path / "b" / "report.md").read()
+
+
+def test_fp8_loss_text_bench_refuses_a_bad_run_list():
+    bench = _fp8_loss_text_bench()
+    with pytest.raises(SystemExit, match="PRECISION:SEED"):
+        bench.parse_runs("bf16:0,fp8")
+    with pytest.raises(SystemExit, match="must be bf16, fp8 or fp32"):
+        bench.parse_runs("int8:0")
+    with pytest.raises(SystemExit, match="PRECISION:SEED"):
+        bench.parse_runs("bf16:0:fast")
+    assert [r[3] for r in bench.parse_runs("bf16:1,bf16:1:det,bf16:1,bf16:1:det")] == [
+        "bf16_seed1", "bf16_seed1_det", "bf16_seed1_r2", "bf16_seed1_det_r2"]

@@ -591,3 +591,42 @@ def test_compile_flag_compiles_every_block_in_place(env, tmp_path, monkeypatch):
     mc = micro_config()
     assert compiled == ["Block"] * mc.num_hidden_layers + ["MTPModule"] * mc.num_nextn_predict_layers
     assert latest_checkpoint(str(out / "checkpoints")) is not None
+
+
+def test_no_checkpoints_runs_to_the_end_and_writes_none(env, tmp_path):
+    """--no-checkpoints: no periodic or final checkpoint, the metrics and the final validation still written."""
+    mc = micro_config()
+    out = tmp_path / "nock"
+    s = train(mc, tcfg(env, out, steps=4, save_every=2, checkpoints=False), log=quiet)
+    assert s["checkpoint"] is None and s["step"] == 4 and "val_loss" in s
+    assert not os.path.exists(out / "checkpoints")
+    assert sorted(read_steps(out)) == [1, 2, 3, 4]
+
+
+def test_deterministic_run_repeats_and_restores_the_global_settings(env, tmp_path, monkeypatch):
+    """--deterministic: PyTorch's deterministic algorithms are on during the run (every op of the training step
+    has one: none raises), off again after it, also after an error; two runs give the same losses bit for bit."""
+    mc = micro_config()
+    seen = []
+    real = strategy_mod.Strategy.forward_backward
+
+    def spy(self, *a, **kw):
+        seen.append((torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic))
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(strategy_mod.Strategy, "forward_backward", spy)
+    before = torch.are_deterministic_algorithms_enabled()
+    for i in range(2):
+        train(mc, tcfg(env, tmp_path / f"d{i}", steps=3, deterministic=True, checkpoints=False), log=quiet)
+    runs = [read_steps(tmp_path / f"d{i}") for i in range(2)]
+    assert seen and all(s == (True, True) for s in seen)
+    assert torch.are_deterministic_algorithms_enabled() == before and os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    assert [r["loss"] for r in runs[0].values()] == [r["loss"] for r in runs[1].values()]
+    with pytest.raises(ValueError):
+        train(mc, tcfg(env, tmp_path / "bad", steps=3, deterministic=True, lr=-1.0), log=quiet)
+    from dsv3.training.config import deterministic_mode
+
+    with pytest.raises(RuntimeError), deterministic_mode(True):
+        assert torch.are_deterministic_algorithms_enabled()
+        raise RuntimeError("inside the run")
+    assert torch.are_deterministic_algorithms_enabled() == before and not torch.backends.cudnn.deterministic

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from dataclasses import dataclass
@@ -70,10 +71,17 @@ class TrainConfig:
     bf16_weights: bool = setting(False, "with --precision bf16: store the GEMM weights in bf16 (no per-step casts, "
                                         "bf16 weight gradients) and keep fp32 master weights in the optimizer")
     seed: int = setting(0, "random seed (initialisation, data order)")
+    # what it changes on a GPU and what it costs: bench/RESULTS.md (issue 15); on the CPU runs are reproducible anyway
+    deterministic: bool = setting(False, "reproducible GPU runs: the same seed gives the same losses bit for bit "
+                                         "(deterministic algorithms only, an op without one is an error naming it; "
+                                         "slower)")
     eval_every: int = setting(100, "validation every N steps (0: only at the end)")
     eval_batches: int = setting(8, "batches per periodic validation; the final one covers the whole val split")
     save_every: int = setting(100, "checkpoint every N steps (0: only at the end)")
     keep: int = setting(3, "checkpoints kept, the latest ones (0: all)")
+    # --no-checkpoints: for benchmarks that need only the metrics (a `small` checkpoint with AdamW state is ~12 GB)
+    checkpoints: bool = setting(True, "write no checkpoints, not even the final one: the run keeps metrics.jsonl "
+                                      "and summary.json only (it cannot be resumed or sampled)")
     log_every: int = setting(1, "log every N steps")
     # a skipped step changes nothing (weights, AdamW state, router biases); the stop is noticed at the next
     # logged step and saves the state from before the first skipped step (dsv3/training/loop.py)
@@ -149,8 +157,8 @@ class TrainConfig:
 RUN_FIELDS = ("data", "extra_data", "tokenizer", "steps", "tokens", "seq_len", "batch_size", "micro_batch_size",
               "lr", "warmup_steps", "schedule", "weight_decay", "grad_clip", "mtp_lambda", "mtp_lambda_late",
               "bias_gamma", "balance_alpha", "batch_ramp_steps", "batch_start", "fim_rate", "val_permille",
-              "precision", "fp8_experts", "bf16_weights", "seed", "eval_every", "eval_batches", "save_every", "keep",
-              "log_every", "max_skipped_steps", "compile", "recompute", "optim_state_dtype")
+              "precision", "fp8_experts", "bf16_weights", "seed", "deterministic", "eval_every", "eval_batches",
+              "save_every", "keep", "log_every", "max_skipped_steps", "compile", "recompute", "optim_state_dtype")
 
 
 def resumed_config(tc: TrainConfig, saved: dict, given: set[str]) -> tuple[TrainConfig, dict]:
@@ -161,6 +169,28 @@ def resumed_config(tc: TrainConfig, saved: dict, given: set[str]) -> tuple[Train
     changed = {k: (saved[k], getattr(tc, k)) for k in RUN_FIELDS if k in saved and k in given
                and saved[k] != getattr(tc, k)}
     return dataclasses.replace(tc, **keep), changed
+
+
+@contextlib.contextmanager
+def deterministic_mode(on: bool):
+    """--deterministic for the duration of a run (the previous global settings are restored after): PyTorch's
+    deterministic algorithms (an op that has none raises, naming itself; SDPA then skips cuDNN attention),
+    cuDNN's deterministic kernels, and the fixed cuBLAS workspace that deterministic cuBLAS needs (set before
+    the first GEMM of the process creates its handle; a value the user exported is kept). dsv3's own kernels
+    use no atomics (the MoE dispatch and combine are gathers, dsv3/model/moe.py) and no run-time autotuning."""
+    if not on:
+        yield
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[2], before[3]
 
 
 def resolve_device(name: str) -> torch.device:

@@ -308,8 +308,9 @@ def run(task, strategy, opt, *, out_dir: str, step: int, tokens_seen: int, autoc
         first = step - nonfinite[1] + 1
         summary["stopped"] = (f"{nonfinite[1]} consecutive steps skipped (steps {first}-{step}): the loss or "
                               f"gradient norm was not finite in max_skipped_steps ({max_skipped_steps}) steps in a "
-                              f"row; the weights and optimizer state are those after step {first - 1}, saved in "
-                              f"{path} with the data position after step {step}")
+                              f"row; the weights and optimizer state are those after step {first - 1}, "
+                              + (f"saved in {path} with the data position after step {step}" if path else
+                                 "not saved (no checkpoints)"))
     if strategy.world_size > 1:
         summary["world_size"] = strategy.world_size
     if not stop["flag"] and not nonfinite:

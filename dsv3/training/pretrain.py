@@ -39,7 +39,7 @@ from dsv3.memory import ensure_fits
 from dsv3.model import build_model
 from dsv3.tokenizer import DSTokenizer, check_trainable_vocab
 from dsv3.training import extend, loop
-from dsv3.training.config import TrainConfig, resolve_device
+from dsv3.training.config import TrainConfig, deterministic_mode, resolve_device
 from dsv3.training.data import CorpusError, PackedSampler, build_token_cache, find_corpus, read_documents, split_of
 from dsv3.training.loss import compute_loss
 from dsv3.training.optim import Schedule, make_optimizer
@@ -298,6 +298,11 @@ def train(mc: ModelConfig | None, tc: TrainConfig, pcfg=None, log=print, strateg
     extend.py, with the YaRN settings of tc.rope_factor / tc.rope_original_len); `mc` may then be None, or a
     config whose architecture must match the checkpoint's."""
     tc.validate()
+    with deterministic_mode(tc.deterministic):
+        return _train(mc, tc, pcfg, log, strategy)
+
+
+def _train(mc: ModelConfig | None, tc: TrainConfig, pcfg, log, strategy: Strategy | None) -> dict:
     if os.path.exists(tc.out_dir) and not os.path.isdir(tc.out_dir):
         raise ValueError(f"--out {tc.out_dir}: a file of that name exists; the run directory must be a directory")
     strategy = strategy or make_strategy(pcfg, tc.device)
@@ -378,7 +383,9 @@ def train(mc: ModelConfig | None, tc: TrainConfig, pcfg=None, log=print, strateg
             json.dump({"train": asdict(tc), "model": mc.to_dict(), "layout": strategy.layout(),
                        **({"init_from": init_from} if init_from else {})}, f, indent=1)
 
-    def save(reason: str, step: int, tokens: int) -> str:
+    def save(reason: str, step: int, tokens: int) -> str | None:
+        if not tc.checkpoints:  # --no-checkpoints
+            return None
         sched = {"total_steps": task.sched.total_steps, "stretches": [list(x) for x in task.sched.stretches]}
         return strategy.save(ckpt_root, step, opt, {"tokens": tokens, "sampler": task.state_dict(), "reason": reason,
                                                     "train_config": asdict(tc), "schedule": sched},
