@@ -105,7 +105,8 @@ def analyse(runs: list[tuple[str, int, bool, str]], metrics: dict[str, tuple[lis
         rates = [r["tok_per_s"] for r in train[1:] if "tok_per_s" in r]
         rows.append({"run": name, "precision": prec, "seed": seed, "deterministic": det, "val_loss": v["val_loss"],
                      "val_bpb": v["val_bpb"], "steps_done": train[-1]["step"] if train else 0,
-                     "tok_per_s": statistics.median(rates) if rates else None})
+                     "tok_per_s": statistics.median(rates) if rates else None,
+                     "val_curve": [(k, vals[name][k]["val_loss"]) for k in sorted(vals[name])]})
     out: dict = {"step": step, "rows": rows, "failed": failed, "precisions": {}, "paired": {}, "repeats": []}
     firsts = {}  # (prec, seed, det) -> its first run (repeats are the noise floor, not more samples)
     for (prec, seed, det, _), row in zip(runs, rows):
@@ -147,6 +148,12 @@ def report(res: dict, header: str) -> str:
         tps = f"{r['tok_per_s']:,.0f}" if r["tok_per_s"] else "-"
         lines.append(f"| {r['run']} | {r['val_loss']:.4f} | {r['val_bpb']:.4f} | {r['val_loss'] / base - 1:+.2%} | "
                      f"{r['steps_done']} | {tps} |")
+    steps = sorted({k for r in res["rows"] for k, _ in r["val_curve"]})
+    lines += ["", "validation loss by step", "", "| step | " + " | ".join(r["run"] for r in res["rows"]) + " |",
+              "|---" * (len(res["rows"]) + 1) + "|"]
+    for k in steps:
+        cells = [dict(r["val_curve"]).get(k) for r in res["rows"]]
+        lines.append(f"| {k} | " + " | ".join(f"{c:.4f}" if c is not None else "" for c in cells) + " |")
     lines += ["", "| precision | seeds | mean val loss | std | std / mean |", "|---|---|---|---|---|"]
     for p, s in res["precisions"].items():
         lines.append(f"| {p} | {s['n']} | {s['mean']:.4f} | {s['std']:.4f} | {s['rel_std']:.2%} |")
