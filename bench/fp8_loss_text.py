@@ -11,6 +11,8 @@ Reported (table on stdout, summary.json):
 - per precision: mean and sample standard deviation over seeds;
 - the paired FP8 effect: for each seed trained in both precisions (same initialisation and data order),
   fp8 / bf16 - 1, and the mean with a 95% Student-t interval;
+- the unpaired FP8 effect over every run of each precision, repeats included, with a 95% Welch interval (on
+  a GPU two runs of one seed part after a few steps unless --deterministic, so the pairing is loose);
 - for each repeated run (same precision, seed and --deterministic): whether the training-loss curves are
   identical bit for bit, the first step where they differ, and the validation-loss difference (the noise floor
   of the paired comparison).
@@ -88,6 +90,16 @@ def t_interval(xs: list[float]) -> float:
     return T95.get(len(xs) - 1, 1.96) * statistics.stdev(xs) / math.sqrt(len(xs))
 
 
+def welch(a: list[float], b: list[float]) -> dict:
+    """mean(b) / mean(a) - 1 with a 95% Welch interval (unequal variances; the t quantile of the floor of the
+    Welch-Satterthwaite degrees of freedom, which errs wide). Both relative to mean(a)."""
+    ma, mb = statistics.fmean(a), statistics.fmean(b)
+    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1)) if va + vb > 0 else float("inf")
+    t = T95.get(max(1, math.floor(df)), 1.96)
+    return {"n": [len(a), len(b)], "mean": mb / ma - 1, "ci95": t * math.sqrt(va + vb) / ma, "df": df}
+
+
 def analyse(runs: list[tuple[str, int, bool, str]], metrics: dict[str, tuple[list[dict], list[dict]]]) -> dict:
     """The comparison of runs (parse_runs) from their metrics ({name: read_metrics(...)}). A run without any
     validation (it failed; its log.txt says why) is listed under "failed" and left out."""
@@ -107,7 +119,8 @@ def analyse(runs: list[tuple[str, int, bool, str]], metrics: dict[str, tuple[lis
                      "val_bpb": v["val_bpb"], "steps_done": train[-1]["step"] if train else 0,
                      "tok_per_s": statistics.median(rates) if rates else None,
                      "val_curve": [(k, vals[name][k]["val_loss"]) for k in sorted(vals[name])]})
-    out: dict = {"step": step, "rows": rows, "failed": failed, "precisions": {}, "paired": {}, "repeats": []}
+    out: dict = {"step": step, "rows": rows, "failed": failed, "precisions": {}, "paired": {}, "unpaired": {},
+                 "repeats": []}
     firsts = {}  # (prec, seed, det) -> its first run (repeats are the noise floor, not more samples)
     for (prec, seed, det, _), row in zip(runs, rows):
         firsts.setdefault((prec, seed, det), row)
@@ -122,6 +135,13 @@ def analyse(runs: list[tuple[str, int, bool, str]], metrics: dict[str, tuple[lis
         if d:
             out["paired"][other + (" deterministic" if det else "")] = {
                 "seeds": seeds, "rel_diff": d, "mean": statistics.fmean(d), "ci95": t_interval(d)}
+    # unpaired: every run of a precision is a sample, repeats included (two runs of one seed differ on a GPU
+    # unless --deterministic: the same seed does not make the same run, so pairing by seed is only a start)
+    for other, det in dict.fromkeys((p, d) for p, _, d, _ in runs if p != "bf16"):
+        a = [r["val_loss"] for r in rows if (r["precision"], r["deterministic"]) == ("bf16", det)]
+        b = [r["val_loss"] for r in rows if (r["precision"], r["deterministic"]) == (other, det)]
+        if len(a) > 1 and len(b) > 1:
+            out["unpaired"][other + (" deterministic" if det else "")] = welch(a, b)
     by_key: dict = {}
     for prec, seed, det, name in runs:
         by_key.setdefault((prec, seed, det), []).append(name)
@@ -161,6 +181,9 @@ def report(res: dict, header: str) -> str:
         per = ", ".join(f"seed {sd}: {d:+.2%}" for sd, d in zip(s["seeds"], s["rel_diff"]))
         lines.append(f"\npaired {p} / bf16 - 1 (same seed): {per}; mean {s['mean']:+.3%} +- {s['ci95']:.3%} "
                      f"(95% t interval, {len(s['seeds'])} seeds)")
+    for p, s in res.get("unpaired", {}).items():
+        lines.append(f"unpaired {p} / bf16 - 1 (every run, repeats included; {s['n'][0]} bf16, {s['n'][1]} {p}): "
+                     f"{s['mean']:+.3%} +- {s['ci95']:.3%} (95% Welch interval, {s['df']:.1f} degrees of freedom)")
     for r in res["repeats"]:
         what = ("identical training losses bit for bit" if r["identical"] else
                 f"training losses differ from step {r['first_diff_step']} (max {r['max_rel_train_diff']:.2%})")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import importlib.util
 import json
+import math
 import os
 import shutil
 
@@ -282,6 +283,11 @@ def test_fp8_loss_text_bench_writes_no_checkpoint_and_compares_at_the_last_commo
     assert res["precisions"]["bf16"]["n"] == 2 and abs(res["precisions"]["bf16"]["mean"] - 3.15) < 1e-9
     paired = res["paired"]["fp8"]
     assert paired["seeds"] == [0, 1] and abs(paired["mean"] - 0.005) < 1e-9  # (+1%, 0%) / 2
+    unpaired = res["unpaired"]["fp8"]  # bf16 3.0, 3.3, 3.0 (the repeat) against fp8 3.03, 3.3
+    assert unpaired["n"] == [3, 2] and abs(unpaired["mean"] - (3.165 / 3.1 - 1)) < 1e-9
+    se = math.sqrt(0.03 / 3 + 0.03645 / 2)  # sample variances over n
+    df = (0.01 + 0.018225) ** 2 / (0.01 ** 2 / 2 + 0.018225 ** 2 / 1)
+    assert abs(unpaired["df"] - df) < 1e-6 and abs(unpaired["ci95"] - 4.303 * se / 3.1) < 1e-9  # floor(df) = 2
     (rep,) = res["repeats"]
     assert rep["runs"] == ["bf16_seed0", "bf16_seed0_r2"] and not rep["identical"] and rep["first_diff_step"] == 3
     assert "paired fp8 / bf16 - 1" in open(tmp_path / "b" / "report.md").read()
