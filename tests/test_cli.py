@@ -199,6 +199,21 @@ def test_sample_missing_checkpoint(tmp_path):
     assert "no-such-run" in err and "neither a checkpoint directory" in err
 
 
+def test_train_no_checkpoints_deterministic(tmp_path, run):
+    """`--no-checkpoints --deterministic`: no checkpoint, no samples, a clear line saying where the figures are;
+    the flags reach the run's saved config."""
+    out = tmp_path / "r"
+    rc, stdout, err = run_cli(["train", "--config", run["cfg"], "--data", run["data"], "--out", out, "--seq-len", 32,
+                               "--batch-size", 4, "--steps", 2, "--eval-every", 0, "--cache-dir", run["cache"],
+                               "--no-progress", "--no-plots", "--no-checkpoints", "--deterministic"])
+    assert rc == 0, err
+    assert "no checkpoint written (--no-checkpoints)" in stdout and "samples from" not in stdout
+    assert not os.path.exists(out / "checkpoints") and os.path.exists(out / "metrics.jsonl")
+    with open(out / "train_config.json", encoding="utf-8") as f:
+        tc = json.load(f)["train"]
+    assert tc["checkpoints"] is False and tc["deterministic"] is True
+
+
 def test_train_bad_data_path(tmp_path, run):
     rc, _, err = run_cli(["train", "--config", run["cfg"], "--data", tmp_path / "absent", "--out", tmp_path / "r",
                           "--cache-dir", tmp_path / "c", "--steps", 1, "--no-progress", "--samples", 0])

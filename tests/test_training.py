@@ -593,7 +593,7 @@ def test_compile_flag_compiles_every_block_in_place(env, tmp_path, monkeypatch):
     assert latest_checkpoint(str(out / "checkpoints")) is not None
 
 
-def test_no_checkpoints_runs_to_the_end_and_writes_none(env, tmp_path):
+def test_no_checkpoints_runs_to_the_end_and_writes_none(env, tmp_path, monkeypatch):
     """--no-checkpoints: no periodic or final checkpoint, the metrics and the final validation still written."""
     mc = micro_config()
     out = tmp_path / "nock"
@@ -601,6 +601,13 @@ def test_no_checkpoints_runs_to_the_end_and_writes_none(env, tmp_path):
     assert s["checkpoint"] is None and s["step"] == 4 and "val_loss" in s
     assert not os.path.exists(out / "checkpoints")
     assert sorted(read_steps(out)) == [1, 2, 3, 4]
+    logs = []
+    with monkeypatch.context() as m:  # Ctrl-C: the run stops after the step and says that nothing is saved
+        interrupt_after(m, 2)
+        s = train(mc, tcfg(env, tmp_path / "nock2", steps=4, checkpoints=False), log=logs.append)
+    assert s["interrupted"] and s["step"] == 2 and s["checkpoint"] is None
+    assert any("without a checkpoint (--no-checkpoints)" in line for line in logs), logs
+    assert not os.path.exists(tmp_path / "nock2" / "checkpoints")
 
 
 def test_deterministic_run_repeats_and_restores_the_global_settings(env, tmp_path, monkeypatch):

@@ -217,7 +217,8 @@ def run(task, strategy, opt, *, out_dir: str, step: int, tokens_seen: int, autoc
         max_skipped_steps: int = MAX_SKIPPED_STEPS, progress: bool = True, plots: bool = True, use_tb: bool = True,
         log=print) -> dict:
     """Run `task` from optimizer step `step` to task.total_steps. save(reason, step, tokens) writes a
-    checkpoint and returns its path (a collective on every rank). Returns the summary (every rank);
+    checkpoint and returns its path (a collective on every rank), or returns None without writing (a run
+    without checkpoints; `save.writes` False says so up front). Returns the summary (every rank);
     raises NonFiniteError after saving where max_skipped_steps consecutive steps were not finite."""
     say = strategy.log(log)
     total = task.total_steps
@@ -230,7 +231,9 @@ def run(task, strategy, opt, *, out_dir: str, step: int, tokens_seen: int, autoc
         if stop["flag"]:  # second Ctrl-C: give up immediately
             raise KeyboardInterrupt
         stop["flag"] = True
-        say("\ninterrupt: saving a checkpoint after this step (Ctrl-C again to abort)")
+        say("\ninterrupt: " + ("saving a checkpoint after this step" if getattr(save, "writes", True) else
+                                "stopping after this step, without a checkpoint (--no-checkpoints)")
+            + " (Ctrl-C again to abort)")
 
     old_handlers = {}
     with contextlib.suppress(ValueError):  # not in the main thread

@@ -391,6 +391,8 @@ def _train(mc: ModelConfig | None, tc: TrainConfig, pcfg, log, strategy: Strateg
                                                     "train_config": asdict(tc), "schedule": sched},
                              tokenizer=tok, keep=tc.keep, final=reason != "periodic")
 
+    save.writes = tc.checkpoints
+
     return loop.run(task, strategy, opt, out_dir=tc.out_dir, step=step, tokens_seen=tokens_seen,
                     autocast=precision_recipe(precision, strategy.device), grad_clip=tc.grad_clip, save=save,
                     log_every=tc.log_every, eval_every=tc.eval_every if task.val is not None else 0,
