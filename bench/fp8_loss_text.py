@@ -34,8 +34,14 @@ import subprocess
 import sys
 import time
 
-# two-sided 95% Student-t quantiles by degrees of freedom (1..10); beyond, 1.96 is within 6%
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+# two-sided 95% Student-t quantiles by degrees of freedom, 1..30; beyond, the value at 30 (errs wide by <= 4%)
+T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+       2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
+def t95(df: float) -> float:
+    """The 95% two-sided t quantile at floor(df) degrees of freedom (floor: errs wide); df < 1 is taken as 1."""
+    return T95[min(max(1, math.floor(df)), len(T95)) - 1] if math.isfinite(df) else T95[-1]
 
 
 def parse_runs(spec: str, deterministic: bool = False) -> list[tuple[str, int, bool, str]]:
@@ -87,17 +93,17 @@ def t_interval(xs: list[float]) -> float:
     """Half-width of the 95% Student-t interval of the mean of xs (nan for fewer than 2)."""
     if len(xs) < 2:
         return float("nan")
-    return T95.get(len(xs) - 1, 1.96) * statistics.stdev(xs) / math.sqrt(len(xs))
+    return t95(len(xs) - 1) * statistics.stdev(xs) / math.sqrt(len(xs))
 
 
 def welch(a: list[float], b: list[float]) -> dict:
-    """mean(b) / mean(a) - 1 with a 95% Welch interval (unequal variances; the t quantile of the floor of the
-    Welch-Satterthwaite degrees of freedom, which errs wide). Both relative to mean(a)."""
+    """mean(b) / mean(a) - 1 with a 95% Welch interval (unequal variances; the t quantile at the floor of the
+    Welch-Satterthwaite degrees of freedom, which errs wide), relative to mean(a)."""
     ma, mb = statistics.fmean(a), statistics.fmean(b)
     va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    # no spread at all (e.g. deterministic repeats only): a zero-width interval at "infinite" df
     df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1)) if va + vb > 0 else float("inf")
-    t = T95.get(max(1, math.floor(df)), 1.96)
-    return {"n": [len(a), len(b)], "mean": mb / ma - 1, "ci95": t * math.sqrt(va + vb) / ma, "df": df}
+    return {"n": [len(a), len(b)], "mean": mb / ma - 1, "ci95": t95(df) * math.sqrt(va + vb) / ma, "df": df}
 
 
 def analyse(runs: list[tuple[str, int, bool, str]], metrics: dict[str, tuple[list[dict], list[dict]]]) -> dict:
@@ -136,10 +142,12 @@ def analyse(runs: list[tuple[str, int, bool, str]], metrics: dict[str, tuple[lis
             out["paired"][other + (" deterministic" if det else "")] = {
                 "seeds": seeds, "rel_diff": d, "mean": statistics.fmean(d), "ci95": t_interval(d)}
     # unpaired: every run of a precision is a sample, repeats included (two runs of one seed differ on a GPU
-    # unless --deterministic: the same seed does not make the same run, so pairing by seed is only a start)
+    # unless --deterministic: the same seed does not make the same run, so pairing by seed is only a start);
+    # deterministic repeats are copies of their first run, so only first runs count there
     for other, det in dict.fromkeys((p, d) for p, _, d, _ in runs if p != "bf16"):
-        a = [r["val_loss"] for r in rows if (r["precision"], r["deterministic"]) == ("bf16", det)]
-        b = [r["val_loss"] for r in rows if (r["precision"], r["deterministic"]) == (other, det)]
+        pool = list(firsts.values()) if det else rows
+        a = [r["val_loss"] for r in pool if (r["precision"], r["deterministic"]) == ("bf16", det)]
+        b = [r["val_loss"] for r in pool if (r["precision"], r["deterministic"]) == (other, det)]
         if len(a) > 1 and len(b) > 1:
             out["unpaired"][other + (" deterministic" if det else "")] = welch(a, b)
     by_key: dict = {}
@@ -189,8 +197,11 @@ def report(res: dict, header: str) -> str:
                 f"training losses differ from step {r['first_diff_step']} (max {r['max_rel_train_diff']:.2%})")
         lines.append(f"repeat {r['runs'][1]} of {r['runs'][0]}: {what} over {r['steps_compared']} logged steps; "
                      f"val loss {r['val_rel_diff']:+.3%}")
+    for n, how in res.get("ended", {}).items():
+        if how != "exit 0":
+            lines.append(f"{n}: {how}" + (" (see its log.txt)" if how.startswith("exit") else ""))
     for n in res["failed"]:
-        lines.append(f"FAILED (no validation; see its log.txt): {n}")
+        lines.append(f"left out, no validation: {n}")
     return "\n".join(lines)
 
 
@@ -227,36 +238,51 @@ def prep_command(args, run_dir: str) -> list[str]:
     return cmd
 
 
-def run_all(args, runs) -> None:
+def run_all(args, runs) -> dict[str, str]:
     """Launch the runs, at most --parallel at a time; past --deadline-min, stop the ones still running
-    (SIGTERM: `dsv3 train` ends after its current step) and wait for them."""
+    (SIGTERM: `dsv3 train` ends after its current step; --grace-s for all of them together, then SIGKILL).
+    Returns {name: how it ended}: "exit 0", "exit N", "stopped at the deadline" or "not started"."""
     deadline = time.time() + args.deadline_min * 60 if args.deadline_min else None
-    todo, live = list(runs), []
-    while todo or live:
-        while todo and len(live) < args.parallel:
-            prec, seed, det, name = todo.pop(0)
-            d = os.path.join(args.out, name)
-            os.makedirs(d, exist_ok=True)
-            with open(os.path.join(d, "log.txt"), "w") as log:
-                cmd = train_command(args, prec, seed, det, d)
-                live.append((name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)))
-        time.sleep(args.poll_s)
-        for name, p in list(live):
-            if p.poll() is not None:
-                live.remove((name, p))
-                print(f"{name}: exit {p.returncode}", flush=True)
-        if deadline and time.time() > deadline and (live or todo):
-            print(f"deadline: stopping {[n for n, _ in live]}; not started {[r[3] for r in todo]}", flush=True)
-            todo = []
-            for _, p in live:
-                p.send_signal(signal.SIGTERM)
-            for name, p in live:
-                try:
-                    p.wait(timeout=args.grace_s)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
-            live = []
+    todo, live, ended = list(runs), [], {}
+    try:
+        while todo or live:
+            while todo and len(live) < args.parallel:
+                prec, seed, det, name = todo.pop(0)
+                d = os.path.join(args.out, name)
+                if os.path.exists(d) and os.listdir(d):  # dsv3 train --no-checkpoints would append to its metrics
+                    raise SystemExit(f"{d} exists and is not empty (an earlier run's metrics would mix with this "
+                                     "one's): give another --out or remove it")
+                os.makedirs(d, exist_ok=True)
+                with open(os.path.join(d, "log.txt"), "w") as log:
+                    cmd = train_command(args, prec, seed, det, d)
+                    live.append((name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)))
+            time.sleep(args.poll_s)
+            for name, p in list(live):
+                if p.poll() is not None:
+                    live.remove((name, p))
+                    ended[name] = f"exit {p.returncode}"
+                    print(f"{name}: {ended[name]}", flush=True)
+            if deadline and time.time() > deadline and (live or todo):
+                print(f"deadline: stopping {[n for n, _ in live]}; not started {[r[3] for r in todo]}", flush=True)
+                ended.update({r[3]: "not started" for r in todo})
+                todo = []
+                for name, p in live:
+                    p.send_signal(signal.SIGTERM)
+                    ended[name] = "stopped at the deadline"
+                grace = time.time() + args.grace_s
+                for _, p in live:
+                    try:
+                        p.wait(timeout=max(0.0, grace - time.time()))
+                    except subprocess.TimeoutExpired:
+                        p.kill()
+                        p.wait()
+                live = []
+    finally:  # the bench itself stopped (Ctrl-C, an error): no run outlives it
+        for _, p in live:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return ended
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -294,8 +320,9 @@ def main(argv: list[str] | None = None) -> None:
     prep = os.path.join(args.out, "prep")
     subprocess.run(prep_command(args, prep), check=True, stdout=subprocess.DEVNULL)
     print(f"data prepared in {time.time() - t0:.0f} s", flush=True)
-    run_all(args, runs)
+    ended = run_all(args, runs)
     res = analyse(runs, {n: read_metrics(os.path.join(args.out, n)) for *_, n in runs})
+    res["ended"] = ended
     res["minutes"] = (time.time() - t0) / 60
     res["command"] = " ".join(sys.argv)
     header = (f"{args.preset}, {args.steps} steps of {args.batch_size} x {args.seq_len} tokens, "

@@ -139,8 +139,8 @@ def interrupted(summary: dict, resume_cmd: str) -> int:
 
     if int(os.environ.get("RANK", "0")) == 0:
         if summary.get("checkpoint") is None and "checkpoint" in summary:  # dsv3 train --no-checkpoints
-            print(f"interrupted at step {summary['step']} of {summary['total_steps']}; no checkpoint written "
-                  "(--no-checkpoints): the run cannot be continued", file=sys.stderr, flush=True)
+            print(f"interrupted at step {summary['step']} of {summary['total_steps']}; this invocation wrote no "
+                  "checkpoint (--no-checkpoints)", file=sys.stderr, flush=True)
             return EXIT_INTERRUPTED
         print(f"interrupted at step {summary['step']} of {summary['total_steps']}: saved {summary['checkpoint']}; "
               f"continue with: {resume_cmd}", file=sys.stderr, flush=True)

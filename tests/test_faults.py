@@ -277,7 +277,10 @@ def test_fp8_loss_text_bench_writes_no_checkpoint_and_compares_at_the_last_commo
         assert not os.path.exists(os.path.join(cmd[cmd.index("--out") + 1], "checkpoints"))
     res = json.load(open(tmp_path / "b" / "summary.json"))
     assert res["step"] == 4  # fp8 seed 1 stopped after step 4
-    assert res["failed"] == ["bf16_seed0_det"]
+    assert res["failed"] == ["bf16_seed0_det"] and res["ended"]["bf16_seed0_det"] == "exit 1"
+    assert "bf16_seed0_det: exit 1 (see its log.txt)" in open(tmp_path / "b" / "report.md").read()
+    with pytest.raises(SystemExit, match="not empty"):  # a second bench into the same --out would mix metrics
+        bench.main(["--steps", "6", "--out", str(tmp_path / "b"), "--runs", "bf16:0,fp8:0", "--poll-s", "0"])
     assert [r["run"] for r in res["rows"]] == ["bf16_seed0", "bf16_seed1", "fp8_seed0", "fp8_seed1",
                                                 "bf16_seed0_r2"]
     assert res["precisions"]["bf16"]["n"] == 2 and abs(res["precisions"]["bf16"]["mean"] - 3.15) < 1e-9
@@ -291,6 +294,16 @@ def test_fp8_loss_text_bench_writes_no_checkpoint_and_compares_at_the_last_commo
     (rep,) = res["repeats"]
     assert rep["runs"] == ["bf16_seed0", "bf16_seed0_r2"] and not rep["identical"] and rep["first_diff_step"] == 3
     assert "paired fp8 / bf16 - 1" in open(tmp_path / "b" / "report.md").read()
+
+
+def test_fp8_loss_text_bench_statistics_edge_cases():
+    """Welch with no spread at all (deterministic repeats): a zero-width interval, not a crash; t quantiles
+    beyond the table's 30 degrees of freedom err wide."""
+    bench = _fp8_loss_text_bench()
+    w = bench.welch([3.0, 3.0], [3.03, 3.03])
+    assert w["ci95"] == 0.0 and abs(w["mean"] - 0.01) < 1e-12
+    assert bench.t95(1.7) == 12.706 and bench.t95(11) == 2.201 and bench.t95(500) == bench.t95(float("inf")) == 2.042
+    assert bench.t_interval([1.0]) != bench.t_interval([1.0])  # nan for one sample
 
 
 def test_fp8_loss_text_bench_refuses_a_bad_run_list():

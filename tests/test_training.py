@@ -601,6 +601,8 @@ def test_no_checkpoints_runs_to_the_end_and_writes_none(env, tmp_path, monkeypat
     assert s["checkpoint"] is None and s["step"] == 4 and "val_loss" in s
     assert not os.path.exists(out / "checkpoints")
     assert sorted(read_steps(out)) == [1, 2, 3, 4]
+    with pytest.raises(ValueError, match="holds metrics.jsonl of an earlier run"):  # would append to its metrics
+        train(mc, tcfg(env, out, steps=4, checkpoints=False), log=quiet)
     logs = []
     with monkeypatch.context() as m:  # Ctrl-C: the run stops after the step and says that nothing is saved
         interrupt_after(m, 2)

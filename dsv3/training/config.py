@@ -173,13 +173,16 @@ def resumed_config(tc: TrainConfig, saved: dict, given: set[str]) -> tuple[Train
 
 @contextlib.contextmanager
 def deterministic_mode(on: bool):
-    """--deterministic for the duration of a run (the previous global settings are restored after): PyTorch's
-    deterministic algorithms (an op that has none raises, naming itself), cuDNN's deterministic kernels, and
-    the fixed cuBLAS workspace that deterministic cuBLAS needs (set before the first GEMM of the process
-    creates its handle; a value the user exported is kept). dsv3's own kernels use no atomics (the MoE dispatch
-    and combine are gathers, dsv3/model/moe.py) and no run-time autotuning. Measured on an H200 (bench/
-    RESULTS.md): without it two runs of `small` with one seed part at step 3 and end 1.8% apart in validation
-    loss after 1,000 steps; with it they are equal bit for bit (eager and compiled, bf16 and FP8), ~10% slower."""
+    """--deterministic for the duration of a run: PyTorch's deterministic algorithms (an op that has none
+    raises, naming itself) and cuDNN's deterministic kernels, both restored after the run; and the fixed
+    cuBLAS workspace that deterministic cuBLAS needs, CUBLAS_WORKSPACE_CONFIG, which stays set for the process
+    (`dsv3 train` runs nothing on CUDA before this, so it is set before the first GEMM creates the cuBLAS
+    handle, on every rank; a value the user exported is kept). dsv3's own kernels use no atomics (the MoE
+    dispatch and combine are gathers, dsv3/model/moe.py) and no run-time autotuning. Measured on an H200
+    (bench/RESULTS.md): without it two runs of `small` with one seed part within the first steps and end 1.8%
+    apart in validation loss after 1,000 steps; with it two compiled bf16 runs of `small` were equal bit for
+    bit over 150 steps, ~10% slower. tests/test_gpu_determinism.py checks eager bf16, eager FP8 and compiled
+    bf16 on a micro model; compiled FP8, --fp8-experts and several ranks are not checked."""
     if not on:
         yield
         return

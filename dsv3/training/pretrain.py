@@ -320,6 +320,11 @@ def _train(mc: ModelConfig | None, tc: TrainConfig, pcfg, log, strategy: Strateg
             raise ValueError(f"{tc.out_dir} already holds checkpoints: --init-from starts a new run, give another "
                              "--out (to continue that run: --resume without --init-from)")
         raise ValueError(f"{tc.out_dir} already holds checkpoints: pass --resume to continue, or another --out")
+    if not resume and os.path.exists(os.path.join(tc.out_dir, "metrics.jsonl")):
+        # an earlier run that left no checkpoint (--no-checkpoints, or stopped before its first save): its
+        # records would mix with this run's in metrics.jsonl (appended to) and the plots
+        raise ValueError(f"{tc.out_dir} holds metrics.jsonl of an earlier run that left no checkpoint: give another "
+                         "--out, or remove that directory")
     init_from = None
     if resume_from is not None:
         saved = checkpoint_config(resume_from)
