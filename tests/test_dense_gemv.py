@@ -11,8 +11,8 @@ weight needs a gradient) and, in a model, for every projection but the head; a t
 the switch; the sweep's shape list and arguments.
 Triton interpreter: the kernel against the reference for every config the heuristic returns (and TUNED's, and a
 few of the sweep's grid), ragged N and K, M = 1..4 and more than one row tile, fp16 and fp32 (the interpreter
-has no bf16); the custom op under torch.compile (fullgraph); a tiny model's forward with every Linear through
-the kernel; the sweep's plumbing. GPU: tests/test_gpu_dense_gemv.py.
+has no bf16); the custom op under torch.compile (fullgraph); a tiny model's forward and the engine's static decode
+step with every Linear through the kernel; the sweep's plumbing. GPU: tests/test_gpu_dense_gemv.py.
 """
 
 from __future__ import annotations
@@ -288,6 +288,33 @@ def test_interp_model_forward_through_the_kernel(monkeypatch):
             got = model(ids, with_mtp=False).logits
     n_linears = sum(type(m) is Linear for name, m in model.named_modules() if not name.startswith("mtp"))
     assert len(launches) == n_linears
+    assert _rel(got, want) < 1e-5, _rel(got, want)
+
+
+@interp
+def test_interp_engine_decode_step_through_the_kernel(monkeypatch):
+    """The engine's static decode step (bucketed, run eagerly on the CPU: what a CUDA graph records on a GPU)
+    with every Linear through the interpreted kernel (forced) gives the same next-token logits."""
+    from dsv3.inference.engine import Engine, SamplingParams
+    from dsv3.kernels import dense_gemv_triton as k
+
+    rows, launch = [], k.launch
+    monkeypatch.setattr(k, "launch", lambda x, w, config=None: rows.append(x.shape[0]) or launch(x, w, config))
+    model = make_model(tiny_cfg(num_nextn_predict_layers=0))
+
+    def step_logits():
+        eng = Engine(model, None, max_batch_size=2, cuda_graphs=True)
+        for p in ([1, 2, 3, 4, 5], [7, 8, 9]):
+            eng.add_request(p, SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True))
+        eng.step()  # prefill
+        reqs = eng.running
+        args = ([[r.tokens[-1]] for r in reqs], [r.main_len for r in reqs], [r.blocks for r in reqs])
+        return eng._graphs.main(*args)[0][:, 0].clone()
+
+    want = step_logits()
+    with kernels.use_backend(dense_gemv="triton"):
+        got = step_logits()
+    assert 2 in rows  # the decode step's two rows went through the kernel (the prefill's too: forced)
     assert _rel(got, want) < 1e-5, _rel(got, want)
 
 
