@@ -270,6 +270,10 @@ def test_interp_op_shapes_and_compile_without_graph_break():
     xs = torch.randn(3, 272, generator=g).half()[:, ::2]  # K strided: copied to a contiguous x
     assert _rel(k.launch(xs, w), dense_gemv_ref(xs, w)) < 2e-3
     assert k.launch(torch.randn(0, 136).half(), w).shape == (0, 24)
+    with pytest.raises(ValueError, match="K = 135"):  # the contract, checked by the launch on this path
+        kernels.dense_gemv(x[..., :135], w, backend="triton")
+    with pytest.raises(TypeError, match="one dtype"):
+        kernels.dense_gemv(x, w.float(), backend="triton")
 
 
 @interp

@@ -78,12 +78,12 @@ def dense_gemv(x: torch.Tensor, w: torch.Tensor, *, backend: str | None = None) 
     custom op: opaque to torch.compile, capturable in a CUDA graph), for up to 4 rows; no backward. The
     automatic choice takes it only while switched on (`set_dense_gemv`); the model's dense linears ask
     `select_backend("dense_gemv", x, w)` first and run F.linear otherwise (dsv3/model/layers.py `Linear`)."""
-    reference.check_dense_gemv_args(x, w)
-    if select_backend("dense_gemv", x, w, backend=backend) == "triton":
+    if select_backend("dense_gemv", x, w, backend=backend) == "triton":  # (its launch checks the arguments)
         from dsv3.kernels.dense_gemv_triton import dense_gemv_op
 
-        N, K = w.shape
-        return dense_gemv_op(x.reshape(math.prod(x.shape[:-1]), K), w).view(*x.shape[:-1], N)
+        y = dense_gemv_op(x.reshape(math.prod(x.shape[:-1]), x.shape[-1]), w)  # (M, N)
+        return y.view(*x.shape[:-1], y.shape[-1])
+    reference.check_dense_gemv_args(x, w)
     return reference.dense_gemv_ref(x, w)
 
 
