@@ -77,13 +77,9 @@ def shapes(name: str) -> list[dict]:
     return [dict(preset=name, name=n, N=N, K=K, per_step=k) for n, N, K, k in lin]
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
-
-
 def stage1(M: int, quick: bool) -> list[dict]:
     """The grid at BM = M rounded up to a power of two (module docstring)."""
-    BM = min(_pow2(M), 4)
+    BM = min(1 << (M - 1).bit_length(), 4)
     triples = ((4, 4, 2), (4, 2, 2), (8, 4, 2), (8, 2, 2), (8, 1, 2), (8, 4, 1), (16, 2, 2), (16, 1, 2), (32, 1, 2)) \
         if quick else \
         [(bn, ku, st) for bn in (4, 8, 16, 32, 64) for ku in (1, 2, 4, 8) for st in (1, 2)]

@@ -32,8 +32,9 @@ heuristic's configs take 96 (BM 1, BN 8, KU 4, prefetch; the FP8 form of the sam
 sweep's grid at 4 and 8 warps at most 180.
 
 Not yet measured on a GPU: the model takes this kernel only once switched on (kernels.set_dense_gemv).
-Tests: tests/test_dense_gemv.py (Triton interpreter: every config the heuristic returns and the sweep's grid
-against the reference, ragged shapes), tests/test_gpu_dense_gemv.py (GPU).
+Tests: tests/test_dense_gemv.py (Triton interpreter: every config the heuristic and TUNED return, and a few
+others, against the reference on ragged shapes), tests/test_gpu_dense_gemv.py (GPU: the 16b shapes, and every
+config of the sweep's grid).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from dsv3.kernels.fp8_gemm_triton import BLOCK, GEMV_ROWS, _config_small_m, _small_m_kernel
+from dsv3.kernels.fp8_gemm_triton import BLOCK, GEMV_ROWS, _config_small_m, _pow2, _small_m_kernel
 from dsv3.kernels.reference import check_dense_gemv_args
 
 BNS = (4, 8, 16, 32, 64)  # the BN a launch takes (the heuristic stays at 8 and above; the sweep tries 4)
@@ -49,10 +50,6 @@ BNS = (4, 8, 16, 32, 64)  # the BN a launch takes (the heuristic stays at 8 and 
 # Measured launch configs by (BM, N, K), from bench/dense_gemv_sweep.py on an H200: none yet (the sweep prints
 # the entries for the shapes where its best config beats the heuristic's by more than 5%).
 TUNED: dict[tuple[int, int, int], dict] = {}
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
 
 
 def default_config(M: int, N: int, K: int) -> dict:
