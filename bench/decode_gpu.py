@@ -12,6 +12,13 @@ bytes read plus the bytes written, i.e. 2 x the size, as STREAM's copy does), in
 that bandwidth head the output and caption every table (transformers rows included, in a column).
 Greedy, 128-token random prompts, --new tokens per request, no speculation (random weights make MTP
 drafts meaningless).
+
+Mode suffixes (any order, on any mode): +nogemv, the routed experts without their decode GEMV; +densegemv, the
+dense bf16 linears (attention projections, dense FFN, shared experts) through the dense decode GEMV
+(kernels.set_dense_gemv(True), off by default) instead of cuBLAS. Before and after in one run:
+
+    PYTHONPATH=. python bench/decode_gpu.py --preset 16b --batches 1,2,4 \
+        --modes graphs+compile,graphs+compile+densegemv
 """
 
 from __future__ import annotations
@@ -33,6 +40,14 @@ from dsv3.checkpoints.hf import quantize_model_fp8  # noqa: E402
 from dsv3.model.fp8 import FP8Linear  # noqa: E402
 from dsv3.info import model_info  # noqa: E402
 from bandwidth import copy_bandwidth  # noqa: E402  (bench/bandwidth.py)
+
+MODE_FLAGS = ("+nogemv", "+densegemv")  # kernel choices a mode may add to its path, in any order
+
+
+def split_mode(mode: str) -> tuple[str, set[str]]:
+    """'graphs+compile+densegemv' -> ('graphs+compile', {'+densegemv'}): the decode path and its kernel flags."""
+    parts = mode.split("+")
+    return "+".join(p for p in parts if f"+{p}" not in MODE_FLAGS), {f"+{p}" for p in parts if f"+{p}" in MODE_FLAGS}
 
 
 def step_bytes(cfg, B: int, ctx: int, fp8: bool = False) -> float:
@@ -62,7 +77,9 @@ def main() -> None:
                          "graphs+compile+einsum (the absorbed attention as compiled einsums over the gathered context "
                          "instead of the Triton paged-latent kernel), graphs+fp8 / graphs+compile+fp8 (128x128-block e4m3 weights through "
                          "the Triton FP8 GEMMs; put it last: it quantizes the model in place); any mode + '+nogemv': "
-                         "the routed experts without the decode GEMV kernel (kernels.expert_gemv), as before it")
+                         "the routed experts without the decode GEMV kernel (kernels.expert_gemv), as before it; "
+                         "any mode + '+densegemv': the dense bf16 linears through the dense decode GEMV "
+                         "(kernels.set_dense_gemv(True)) instead of cuBLAS")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("decode_gpu.py: CUDA is not available; this benchmark runs on a GPU")
@@ -83,14 +100,14 @@ def main() -> None:
           "of roofline |")
     print("|---|---|---|---|---|---|---|---|")
     modes = args.modes.split(",")
-    bad = {m.removesuffix("+nogemv") for m in modes} - {"eager", "graphs", "graphs+compile", "graphs+compile+einsum",
-                                                           "graphs+fp8", "graphs+compile+fp8"}
+    bad = {split_mode(m)[0] for m in modes} - {"eager", "graphs", "graphs+compile", "graphs+compile+einsum",
+                                                 "graphs+fp8", "graphs+compile+fp8"}
     fp8_modes = [i for i, m in enumerate(modes) if "+fp8" in m]
     if bad or (fp8_modes and fp8_modes[0] < len(modes) - len(fp8_modes)):
         raise SystemExit(f"--modes: unknown {sorted(bad)}" if bad else "--modes: the +fp8 modes quantize the model in "
                          "place, so they must come last")
     for mode, B in [(m, int(b)) for m in modes for b in args.batches.split(",")]:
-        base = mode.removesuffix("+nogemv")  # the path; +nogemv only changes the experts' kernel
+        base, flags = split_mode(mode)  # the path; the flags only change kernels
         if "+fp8" in mode and not any(isinstance(x, FP8Linear) for x in model.modules()):
             quantize_model_fp8(model)
         prompts = [torch.randint(0, cfg.vocab_size, (args.prompt_len,), generator=g).tolist() for _ in range(B)]
@@ -101,7 +118,10 @@ def main() -> None:
                      else contextlib.nullcontext())
         # +nogemv: the routed experts through the grouped GEMMs (FP8: the per-row kernel) instead of the
         # decode GEMV (kernels.expert_gemv), the path before it, for the before/after in one run
-        gemv = kernels.use_backend(expert_gemv="reference") if mode.endswith("+nogemv") else contextlib.nullcontext()
+        gemv = kernels.use_backend(expert_gemv="reference") if "+nogemv" in flags else contextlib.nullcontext()
+        # +densegemv: the dense linears through kernels.dense_gemv (process-wide; every mode sets it, so a mode
+        # without the flag runs cuBLAS again; a compiled step recompiles on the change, new graphs capture it)
+        kernels.set_dense_gemv("+densegemv" in flags)
         with attention, gemv:
             if base != "eager":  # capture the buckets this run uses before timing (a server does this at start-up)
                 eng.generate(prompts, SamplingParams(max_new_tokens=args.new, temperature=0, ignore_eos=True))
@@ -126,6 +146,7 @@ def main() -> None:
             roof = step_bytes(cfg, B, args.prompt_len + args.new // 2, fp8="+fp8" in mode) / hbm
             print(f"| {card} | dsv3 {mode} | {B} | {ttft * 1e3:.1f} | {n / dt:,.1f} | {dt / steps * 1e3:.1f} | "
                   f"{roof * 1e3:.2f} | {roof / (dt / steps):.1%} |", flush=True)
+    kernels.set_dense_gemv(False)
     del model, eng
     torch.cuda.empty_cache()
     if args.hf:

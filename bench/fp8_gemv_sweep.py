@@ -183,7 +183,7 @@ class Case:
             self.heur = fk._config_rows(M, N, K)
             self.old = OLD_ROWS
 
-    def run_fp8(self, cfg: dict, i: int) -> torch.Tensor:
+    def run(self, cfg: dict, i: int) -> torch.Tensor:
         w, s = self.w8[i % len(self.w8)]
         if self.shape["kind"] == "linear":
             return self.fk._launch_small_m(self.x, w, s, **cfg)
@@ -195,14 +195,16 @@ class Case:
         return torch._grouped_mm(self.x, self.wbt[i % len(self.wbt)], offs=self.offs[i])
 
     def check(self, cfg: dict) -> float:
-        y = self.run_fp8(cfg, 0)
+        y = self.run(cfg, 0)
         return ((y.float() - self.ref.float()).norm() / self.ref.float().norm()).item()
 
 
-def measure(case: Case, cfg: dict, reps: int) -> dict:
+def measure(case, cfg: dict, reps: int) -> dict:
+    """One config of a case: its check and its time, or why it failed. Any case with check(cfg) -> relative
+    error, run(cfg, call) and calls (this file's Case; dense_gemv_sweep.py's)."""
     try:
         err = case.check(cfg)
-        us = graph_us(lambda i: case.run_fp8(cfg, i), case.calls, reps)
+        us = graph_us(lambda i: case.run(cfg, i), case.calls, reps)
     except Exception as e:  # a config that does not compile or launch (e.g. out of shared memory)
         return dict(cfg=cfg, us=math.inf, err=math.nan, failed=f"{type(e).__name__}: {str(e)[:80]}")
     return dict(cfg=cfg, us=us, err=err, failed=None)

@@ -165,7 +165,7 @@ def test_quantize_model_fp8_swaps_exactly_the_official_fp8_matrices(dense, fp8, 
     assert isinstance(fp8.layers[1].mlp.experts, FP8Experts)
     assert fp8.layers[0].self_attn.kv_a_proj_with_mqa.weight_scale_inv.shape == (5, 2)  # 576 x 192
     for keep in ("lm_head", "mtp.0.eh_proj"):  # stay high precision
-        assert type(fp8.get_submodule(keep)) is nn.Linear
+        assert isinstance(fp8.get_submodule(keep), nn.Linear)
     assert isinstance(fp8.embed_tokens, nn.Embedding) and fp8.layers[1].mlp.gate.weight.dtype == torch.float32
     assert all(p.dtype == torch.float32 and p.requires_grad for p in fp8.parameters())
     assert all(not t.requires_grad for t in fp8_tensors(fp8).values())
@@ -252,7 +252,7 @@ def test_keep_fp8_follows_the_file_tensor_by_tensor(dense, tmp_path):
         t[k] = weight_dequant(t[k], t.pop(k + "_scale_inv"), dtype=torch.bfloat16)
     save_file(t, tmp_path / "model.safetensors", metadata={"format": "pt"})
     kept = load_pretrained(tmp_path, keep_fp8=True)
-    assert type(kept.layers[0].self_attn.q_b_proj) is nn.Linear
+    assert isinstance(kept.layers[0].self_attn.q_b_proj, nn.Linear)
     assert isinstance(kept.layers[0].self_attn.q_a_proj, FP8Linear)
     assert type(kept.layers[1].mlp.experts) is Experts and isinstance(kept.mtp[0].mlp.experts, FP8Experts)
     layout = disk_layout(kept)

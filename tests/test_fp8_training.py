@@ -10,6 +10,7 @@ from torch import nn
 
 from conftest import tiny_cfg
 from dsv3.model import build_model
+from dsv3.model.layers import Linear
 from dsv3.training.fp8 import FP8TrainLinear, convert_to_fp8_training, fp8_linear
 
 E4M3 = torch.float8_e4m3fn
@@ -186,7 +187,7 @@ def test_convert_swaps_exactly_the_intended_linears():
         dense = prefix == "layers.0"
         want |= {f"{prefix}.mlp.{p}" if dense else f"{prefix}.mlp.shared_experts.{p}" for p in mlp}
     assert swapped == want
-    plain = {n for n, m in model.named_modules() if type(m) is nn.Linear}
+    plain = {n for n, m in model.named_modules() if type(m) in (nn.Linear, Linear)}
     assert plain == {"lm_head", "mtp.0.eh_proj"}
     sd1 = model.state_dict()
     assert list(sd1) == list(sd0)

@@ -38,7 +38,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dsv3.model.fp8 import FP8Linear
-from dsv3.model.layers import MLP
+from dsv3.model.layers import MLP, Linear
 from dsv3.model.mla import MLA
 
 BLOCK = 128  # FP8 scale blocks
@@ -59,7 +59,7 @@ def check_attn_tp(cfg, tp: int) -> None:
 
 def _slice_linear(lin: nn.Module, dim: int, lo: int, hi: int, dtype: torch.dtype) -> nn.Module:
     """Rows (dim 0) or columns (dim 1) [lo, hi) of a bias-free linear, as a new module of the same kind
-    when FP8 blocks allow it, else a dense nn.Linear in `dtype` (the model's compute dtype)."""
+    when FP8 blocks allow it, else a dense Linear in `dtype` (the model's compute dtype)."""
     if isinstance(lin, FP8Linear):
         if lo % BLOCK == 0 and (hi % BLOCK == 0 or hi == lin.weight.shape[dim]):  # on block boundaries
             w = lin.weight.narrow(dim, lo, hi - lo).clone()
@@ -72,7 +72,7 @@ def _slice_linear(lin: nn.Module, dim: int, lo: int, hi: int, dtype: torch.dtype
     else:
         dense = lin.weight.detach()
     w = dense.narrow(dim, lo, hi - lo).clone()
-    m = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+    m = Linear(w.shape[1], w.shape[0], bias=False, device="meta")
     m.weight = nn.Parameter(w, requires_grad=False)
     return m
 

@@ -12,6 +12,8 @@ optional.
     fp8_grouped_gemm_fwd, fp8_grouped_gemm_bwd          "triton" (fp8_grouped_triton.py)
     fp8_weight_linear, fp8_expert_rows                  "triton" (fp8_gemm_triton.py)
     expert_gemv                                         "triton" (expert_gemv_triton.py)
+    dense_gemv                                          "triton" (dense_gemv_triton.py; off until
+                                                        switched on: set_dense_gemv)
     mla_decode                                          "triton" (mla_decode_triton.py)
     adamw_step_                                         "triton" (adamw_triton.py)
     router_topk                                         "triton" (router_triton.py)
@@ -26,24 +28,28 @@ first use only: importing dsv3 never imports triton.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from dsv3.kernels import reference
 from dsv3.kernels.attention import attention
 from dsv3.kernels.backend import available as backend_available
 from dsv3.kernels.backend import select as select_backend
+from dsv3.kernels.backend import switch as _switch
 from dsv3.kernels.backend import use_backend
 from dsv3.kernels.fp8 import (act_quant_cm, act_quant_t, fp8_expert_rows, fp8_gemm_bwd, fp8_gemm_fwd,
                               fp8_grouped_gemm_bwd, fp8_grouped_gemm_fwd, fp8_weight_linear, weight_quant_pad)
-from dsv3.kernels.reference import (BLOCK, FP8_MAX, act_dequant, act_quant, expert_gemv_ref, mla_decode_ref,
-                                    router_topk_ref, weight_dequant, weight_quant)
+from dsv3.kernels.reference import (BLOCK, FP8_MAX, act_dequant, act_quant, dense_gemv_ref, expert_gemv_ref,
+                                    mla_decode_ref, router_topk_ref, weight_dequant, weight_quant)
 
 __all__ = ["BLOCK", "FP8_MAX", "act_dequant", "act_quant", "act_quant_cm", "act_quant_t", "adamw_backend",
-           "adamw_step_", "attention", "backend_available", "expert_gemv", "expert_gemv_ref", "fp8_expert_rows",
+           "adamw_step_", "attention", "backend_available", "dense_gemv", "dense_gemv_ref", "expert_gemv",
+           "expert_gemv_ref", "fp8_expert_rows",
            "fp8_gemm_bwd", "fp8_gemm_fwd",
            "fp8_grouped_gemm_bwd", "fp8_grouped_gemm_fwd", "fp8_weight_linear", "mla_decode", "mla_decode_ref",
-           "router_topk", "router_topk_ref", "select_backend", "use_backend", "weight_dequant", "weight_quant",
-           "weight_quant_pad"]
+           "router_topk", "router_topk_ref", "select_backend", "set_dense_gemv", "use_backend", "weight_dequant",
+           "weight_quant", "weight_quant_pad"]
 
 
 def expert_gemv(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None, expert: torch.Tensor, x_div: int = 1,
@@ -64,6 +70,31 @@ def expert_gemv(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None, expert
         return k.expert_swiglu_gemv_op(x, w, s, up, up_s, expert, x_div)
     reference.check_expert_gemv_args(x, w, s, up, up_s)
     return reference.expert_gemv_ref(x, w, s, expert, x_div, up, up_s)
+
+
+def dense_gemv(x: torch.Tensor, w: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """y (..., N) = x (..., K) · w (N, K)ᵀ, w in x's dtype (bf16 / fp16 / fp32), no bias (the contract:
+    `reference.dense_gemv_ref`, fp32 sums, one rounding). "triton": the decode GEMV (dense_gemv_triton.py, a
+    custom op: opaque to torch.compile, capturable in a CUDA graph), for up to 4 rows; no backward. The
+    automatic choice takes it only while switched on (`set_dense_gemv`); the model's dense linears ask
+    `select_backend("dense_gemv", x, w)` first and run F.linear otherwise (dsv3/model/layers.py `Linear`)."""
+    if select_backend("dense_gemv", x, w, backend=backend) == "triton":  # (its launch checks the arguments)
+        from dsv3.kernels.dense_gemv_triton import dense_gemv_op
+
+        y = dense_gemv_op(x.reshape(math.prod(x.shape[:-1]), x.shape[-1]), w)  # (M, N)
+        return y.view(*x.shape[:-1], y.shape[-1])
+    reference.check_dense_gemv_args(x, w)
+    return reference.dense_gemv_ref(x, w)
+
+
+def set_dense_gemv(on: bool) -> bool:
+    """Let the automatic choice take the dense decode GEMV (`dense_gemv`) wherever its rule holds (CUDA,
+    bf16/fp16, at most 4 rows, no autograd: backend.py), process-wide; returns the previous setting.
+    DEFAULT OFF: the kernel is correct (interpreter and GPU tests) but not yet measured against cuBLAS on the
+    GPU (bench/dense_gemv_sweep.py, bench/decode_gpu.py's +densegemv modes); make it the default only once it
+    is faster there. A torch.compile'd step traced with one setting recompiles under the other (its guards read
+    it); CUDA graphs keep what they captured."""
+    return _switch("dense_gemv", on)
 
 
 def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, pe: torch.Tensor,

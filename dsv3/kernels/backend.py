@@ -10,6 +10,9 @@ never probe the GPU themselves.
     fp8_weight_gemm   "triton"              bf16/fp16 x, at most DENSE_DECODE_ROWS rows, no autograd
     fp8_expert_rows   "triton"              bf16/fp16 x, at most EXPERT_DECODE_ROWS rows, no autograd
     expert_gemv       "triton"              bf16/fp16 x, at most EXPERT_DECODE_ROWS rows, no autograd
+    dense_gemv        "triton"              switched on (SWITCHED, kernels.set_dense_gemv; off by default);
+                                            bf16/fp16 x, at most DENSE_GEMV_ROWS rows, w (N, K) contiguous
+                                            in x's dtype, no autograd through x or w, no CUDA autocast
     mla_decode        "triton"              -
     adamw             "triton"              -
     router_topk       "triton"              fp32 logits (24/24 GPU tests on an H200, 2026-12-04; 4.8-12x the reference)
@@ -25,7 +28,9 @@ Overrides, for tests and benchmarks:
     None or "auto": the rule above);
   * `with use_backend("reference"):` makes every automatic choice "reference";
     `use_backend(mla_decode="reference")` (or another op's accelerated backend) one op's. Process-wide;
-    a torch.compile'd caller sees the setting it was traced under (its guards recompile on a change).
+    a torch.compile'd caller sees the setting it was traced under (its guards recompile on a change);
+  * `switch(op, on)` turns the automatic rule of an op of SWITCHED (off by default) on or off, process-wide
+    (kernels.set_dense_gemv); the two overrides above still win.
 
 Cost: the probes (triton import, F.scaled_mm, one capability query per device) are memoised, so a
 choice is a few attribute reads on the host: no device work, no sync.
@@ -45,6 +50,7 @@ FAST = {  # op -> its accelerated backend
     "fp8_weight_gemm": "triton",
     "fp8_expert_rows": "triton",
     "expert_gemv": "triton",
+    "dense_gemv": "triton",
     "mla_decode": "triton",
     "adamw": "triton",
     "router_topk": "triton",
@@ -53,10 +59,18 @@ FAST = {  # op -> its accelerated backend
 # automatic choice stays "reference" until their GPU tests (tests/test_gpu_router.py) have passed on real
 # hardware; `backend=` or `use_backend(op=...)` runs them meanwhile.
 PENDING: set[str] = set()
+# Accelerated backends that the automatic choice takes only while switched on (`switch(op, on)`): correct (GPU
+# tests) but not yet measured faster than what runs without them. The dense GEMV against cuBLAS's F.linear for
+# the model's dense bf16 linears at decode: kernels.set_dense_gemv(True) until bench/dense_gemv_sweep.py and
+# bench/decode_gpu.py's +densegemv modes have shown it faster on an H200. Process-wide, like use_backend.
+SWITCHED: dict[str, bool] = {"dense_gemv": False}
 # Up to these many activation rows the Triton FP8-weight kernels run (decode; above, prefill:
 # dequantise + cuBLAS): the dense GEMV / 16-row-tile GEMM and the per-routed-row expert GEMV.
 DENSE_DECODE_ROWS = 64
 EXPERT_DECODE_ROWS = 1024
+# Up to these many rows a dense (bf16/fp16) linear may take the dense GEMV (decode batch 1-4; its tiles hold
+# at most 4 rows, dense_gemv_triton.py).
+DENSE_GEMV_ROWS = 4
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 _probes: dict = {}  # memoised availability: "triton", "scaled_mm", ("capability", index)
@@ -111,6 +125,14 @@ def _decode_fits(x: torch.Tensor, max_rows: int) -> bool:
             and not (torch.is_grad_enabled() and x.requires_grad))
 
 
+def _dense_gemv_fits(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """The dense GEMV's per-call row: decode-sized 16-bit x, w (N, K) contiguous in x's dtype, no gradient
+    through either (the kernel has no backward; a fine-tune may freeze x's producers but train w), and no CUDA
+    autocast (whose F.linear would compute in the autocast dtype)."""
+    return (_decode_fits(x, DENSE_GEMV_ROWS) and w.dtype == x.dtype and w.dim() == 2 and w.is_contiguous()
+            and not (torch.is_grad_enabled() and w.requires_grad) and not torch.is_autocast_enabled("cuda"))
+
+
 def available(op: str, device: torch.device | str = "cuda") -> bool:
     """Whether `op`'s accelerated backend can run on `device` at all (libraries and GPU capability;
     not the per-call shape conditions). For tests and benchmarks deciding what to skip."""
@@ -135,6 +157,8 @@ def _fast_fits(op: str, tensors: tuple[torch.Tensor, ...]) -> bool:
         return _decode_fits(tensors[0], DENSE_DECODE_ROWS)
     if op in ("fp8_expert_rows", "expert_gemv"):
         return _decode_fits(tensors[0], EXPERT_DECODE_ROWS)
+    if op == "dense_gemv":
+        return len(tensors) == 2 and _dense_gemv_fits(*tensors)
     if op == "router_topk":
         return tensors[0].dtype == torch.float32
     return True
@@ -158,7 +182,19 @@ def select(op: str, *tensors: torch.Tensor, backend: str | None = None) -> str:
     forced = _forced.get(op, _forced.get("*"))
     if forced is not None:
         return forced
-    return FAST[op] if op not in PENDING and _fast_fits(op, tensors) else "reference"
+    if op in PENDING or not SWITCHED.get(op, True):
+        return "reference"
+    return FAST[op] if _fast_fits(op, tensors) else "reference"
+
+
+def switch(op: str, on: bool) -> bool:
+    """Switch the automatic choice of an op of SWITCHED on or off (process-wide; the rule still applies);
+    returns the previous setting. A torch.compile'd caller recompiles on a change (its guards read it)."""
+    if op not in SWITCHED:
+        raise ValueError(f"switch: {op!r} is not a switched op; one of {sorted(SWITCHED)}")
+    old = SWITCHED[op]
+    SWITCHED[op] = bool(on)
+    return old
 
 
 @contextlib.contextmanager

@@ -42,6 +42,8 @@ second reduction launch (or atomics on a zeroed output) costs about what it woul
 a large KU is split-K inside one program instead.
 Tests: tests/test_gpu.py (GPU) and tests/test_fp8_gemv.py (Triton interpreter) against the reference,
 every config the heuristics return, partial edge blocks included.
+The dense decode GEMV (dense_gemv_triton.py: bf16 / fp16 / fp32 weights, no scales) runs `_small_m_kernel`'s GEMV
+form with HAS_SCALE=False: the same tile, without the scale loads and multiplies.
 """
 
 from __future__ import annotations
@@ -67,29 +69,34 @@ GEMV_TILE = 4096
 
 
 @triton.jit
-def _gemv_loads(x_rows, w_rows, s_ptr, ok, rk, kb0, K, KB, BK: tl.constexpr, KU: tl.constexpr):
-    """Iteration kb0's operands: w and x (BM, BN, KU·128), the KU scales spread over their columns with `where`.
-    Past K or KB (0 for the rows kernel's foreign rows) everything is masked: no memory traffic, zeros."""
+def _gemv_loads(x_rows, w_rows, s_ptr, ok, rk, kb0, K, KB, BK: tl.constexpr, KU: tl.constexpr,
+                HAS_SCALE: tl.constexpr):
+    """Iteration kb0's operands: w and x (BM, BN, KU·128), the KU scales spread over their columns with `where`
+    (without HAS_SCALE, a dense weight: no scale is loaded and s stays unused). Past K or KB (0 for the rows
+    kernel's foreign rows) everything is masked: no memory traffic, zeros."""
     k = kb0 * BK + rk
     k_ok = ok & (k < K) & (kb0 < KB)
     w = tl.load(w_rows + k, mask=k_ok, other=0.0)  # first: the HBM loads, then x's (L1 / L2 hits)
     x = tl.load(x_rows + k, mask=k_ok, other=0.0)
     s = tl.zeros((1, 1, KU * BK), dtype=tl.float32)
-    for j in tl.static_range(KU):
-        s = tl.where(rk // BK == j, tl.load(s_ptr + kb0 + j, mask=kb0 + j < KB, other=0.0), s)
+    if HAS_SCALE:
+        for j in tl.static_range(KU):
+            s = tl.where(rk // BK == j, tl.load(s_ptr + kb0 + j, mask=kb0 + j < KB, other=0.0), s)
     return w, x, s
 
 
 @triton.jit
 def _gemv_tile(x_ptr, w_ptr, s_ptr, rm, rn, M, N, K, KB, sxm, swn,
-               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, KU: tl.constexpr, PREFETCH: tl.constexpr):
+               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, KU: tl.constexpr, PREFETCH: tl.constexpr,
+               HAS_SCALE: tl.constexpr):
     """(BM, BN) fp32 = Σ_kb<KB (x[rm, kb] · w[rn, kb]ᵀ) · s[kb] by multiply-and-add; s_ptr: the tile's scale row.
     Every operand is loaded as a (BM, BN, KU·128) tile (x repeated along BN, w along BM: the repeats are L1
     hits) so that all share one register layout: a 1-D x broadcast in registers would be re-laid out through
     shared memory, a barrier per iteration that serialises the loads. One tl.load per operand and iteration
     issues the KU blocks' loads together. PREFETCH: the next iteration's loads are issued before this one's
     multiply-adds (registers double-buffered; the compiler otherwise interleaves the loads with the FMAs
-    that wait for the first of them, leaving part of each iteration's bytes for a second round trip)."""
+    that wait for the first of them, leaving part of each iteration's bytes for a second round trip).
+    Without HAS_SCALE the weight is dense (bf16 / fp16 / fp32: dense_gemv_triton.py) and s_ptr is not read."""
     zero = tl.zeros((BM, BN, 1), dtype=tl.int64)
     x_rows = x_ptr + (zero + rm[:, None, None].to(tl.int64) * sxm)
     w_rows = w_ptr + (zero + rn[None, :, None].to(tl.int64) * swn)
@@ -97,14 +104,18 @@ def _gemv_tile(x_ptr, w_ptr, s_ptr, rm, rn, M, N, K, KB, sxm, swn,
     rk = tl.arange(0, KU * BK)[None, None, :]
     acc = tl.zeros((BM, BN, KU * BK), dtype=tl.float32)
     if PREFETCH:
-        w_next, x_next, s_next = _gemv_loads(x_rows, w_rows, s_ptr, ok, rk, 0, K, KB, BK, KU)
+        w_next, x_next, s_next = _gemv_loads(x_rows, w_rows, s_ptr, ok, rk, 0, K, KB, BK, KU, HAS_SCALE)
     for kb0 in range(0, KB, KU):
         if PREFETCH:
             w, x, s = w_next, x_next, s_next
-            w_next, x_next, s_next = _gemv_loads(x_rows, w_rows, s_ptr, ok, rk, kb0 + KU, K, KB, BK, KU)
+            w_next, x_next, s_next = _gemv_loads(x_rows, w_rows, s_ptr, ok, rk, kb0 + KU, K, KB, BK, KU,
+                                                 HAS_SCALE)
         else:
-            w, x, s = _gemv_loads(x_rows, w_rows, s_ptr, ok, rk, kb0, K, KB, BK, KU)
-        acc += w.to(tl.float32) * (x.to(tl.float32) * s)
+            w, x, s = _gemv_loads(x_rows, w_rows, s_ptr, ok, rk, kb0, K, KB, BK, KU, HAS_SCALE)
+        if HAS_SCALE:
+            acc += w.to(tl.float32) * (x.to(tl.float32) * s)
+        else:
+            acc += w.to(tl.float32) * x.to(tl.float32)
     return tl.sum(acc, axis=2)  # one cross-lane reduction, after the loop
 
 
@@ -137,7 +148,10 @@ def _dot_tile(x_ptr, w_ptr, s_ptr, rm, rn, M, N, K, KB, sxm, swn,
 # set the load widths, stay specialised.
 @triton.jit(do_not_specialize=["M", "KB", "ssn"])
 def _small_m_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, KB, sxm, swn, ssn, sym, BM: tl.constexpr, BN: tl.constexpr,
-                    BK: tl.constexpr, KU: tl.constexpr, DOT: tl.constexpr, PREFETCH: tl.constexpr):
+                    BK: tl.constexpr, KU: tl.constexpr, DOT: tl.constexpr, PREFETCH: tl.constexpr,
+                    HAS_SCALE: tl.constexpr):
+    """(M, N) = x · wᵀ, scaled per 128x128 block (HAS_SCALE, e4m3 w) or dense (bf16 / fp16 / fp32 w, the GEMV form
+    only: dense_gemv_triton.py launches it so, BN any power of two, s_ptr never read)."""
     pm = tl.program_id(0)  # the row tiles of one column tile launch together: its weight stays in L2
     pn = tl.program_id(1)
     rm = pm * BM + tl.arange(0, BM)
@@ -146,7 +160,8 @@ def _small_m_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, KB, sxm, swn, ssn, sym,
     if DOT:
         acc = _dot_tile(x_ptr, w_ptr, s_ptr + nb * ssn, rm, rn, M, N, K, KB, sxm, swn, BM, BN, BK, KU)
     else:
-        acc = _gemv_tile(x_ptr, w_ptr, s_ptr + nb * ssn, rm, rn, M, N, K, KB, sxm, swn, BM, BN, BK, KU, PREFETCH)
+        acc = _gemv_tile(x_ptr, w_ptr, s_ptr + nb * ssn, rm, rn, M, N, K, KB, sxm, swn, BM, BN, BK, KU, PREFETCH,
+                         HAS_SCALE)
     tl.store(y_ptr + rm[:, None].to(tl.int64) * sym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=(rm[:, None] < M) & (rn[None, :] < N))
 
@@ -164,7 +179,7 @@ def _rows_kernel(x_ptr, w_ptr, s_ptr, e_ptr, y_ptr, N, K, KB, sxm, swe, swn, sse
     rn = pn * BN + tl.arange(0, BN)
     nb = (pn * BN) // BK
     acc = _gemv_tile(x_ptr + m * sxm, w_ptr + e * swe, s_ptr + e * sse + nb * ssn, tl.arange(0, 1), rn, 1, N, K,
-                     kb_end, 0, swn, 1, BN, BK, KU, PREFETCH)  # (1, BN)
+                     kb_end, 0, swn, 1, BN, BK, KU, PREFETCH, True)  # (1, BN)
     tl.store(y_ptr + m * sym + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=rn[None, :] < N)
 
 
@@ -250,7 +265,7 @@ def _launch_small_m(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, *, BM: in
     grid = (triton.cdiv(M, BM), triton.cdiv(N, BN))
     _small_m_kernel[grid](x, w, s, y, M, N, K, triton.cdiv(K, BLOCK), x.stride(0), w.stride(0), s.stride(0),
                           y.stride(0), BM=BM, BN=BN, BK=BLOCK, KU=KU, DOT=dot, PREFETCH=not dot and num_stages == 2,
-                          num_warps=num_warps, num_stages=num_stages if dot else 1)
+                          HAS_SCALE=True, num_warps=num_warps, num_stages=num_stages if dot else 1)
     return y
 
 

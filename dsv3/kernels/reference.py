@@ -14,6 +14,7 @@ are what runs.
         fp8_grouped_gemm_fwd_ref / fp8_grouped_gemm_bwd_ref  the same per expert over sorted rows
     FP8-weight GEMMs (inference on the official FP8 checkpoint)
         fp8_weight_linear_ref, fp8_expert_rows_ref           dequantise, then matmul
+    dense_gemv_ref                           a bias-free linear in fp32 (the dense decode GEMV)
     mla_decode_ref                           absorbed-MLA decode attention over the paged latent cache
     router_topk_ref, router_weights          DeepSeek-V3 routing: sigmoid, bias, group-limited top-k, gates
     adamw_step_ref_                          AdamW (torch.optim.AdamW's op order) in foreach buckets
@@ -242,6 +243,31 @@ def fp8_expert_rows_ref(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, exper
     wd = torch.stack([weight_dequant(w[e], s[e], x.dtype) for e in range(w.shape[0])])  # (E, N, K)
     y = torch.bmm(wd[expert.clamp(min=0)], x.unsqueeze(-1)).squeeze(-1)
     return torch.where((expert >= 0).unsqueeze(-1), y, 0)  # expert < 0: a row not computed here, 0
+
+
+# --- the dense decode GEMV ------------------------------------------------------------------------
+
+DENSE_GEMV_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def check_dense_gemv_args(x: torch.Tensor, w: torch.Tensor, kernel: bool = False) -> None:
+    """The dense GEMV's argument contract (both backends): w (N, K) in x's dtype, one of DENSE_GEMV_DTYPES, K
+    agrees; for the Triton kernel (`kernel`) x (M, K) with its K contiguous."""
+    if w.dim() != 2 or x.dim() < 1:
+        raise ValueError(f"dense GEMV: x (..., K) and w (N, K), got {tuple(x.shape)} and {tuple(w.shape)}")
+    if x.dtype not in DENSE_GEMV_DTYPES or w.dtype != x.dtype:
+        raise TypeError(f"dense GEMV: x and w of one dtype among {DENSE_GEMV_DTYPES}, got {x.dtype} and {w.dtype}")
+    if x.shape[-1] != w.shape[1]:
+        raise ValueError(f"dense GEMV: x has K = {x.shape[-1]}, the weight {w.shape[1]}")
+    if kernel and x.dim() != 2:
+        raise ValueError(f"dense GEMV kernel: x (M, K), got {tuple(x.shape)}")
+
+
+def dense_gemv_ref(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """y (..., N) = x (..., K) · w (N, K)ᵀ (dsv3/kernels/dense_gemv_triton.py): fp32 products and sums, one
+    rounding to x's dtype. (The model's dense linears run F.linear where the kernel does not, bit for bit
+    nn.Linear; on the GPU cuBLAS's bf16 GEMM also sums in fp32, in its own order.)"""
+    return F.linear(x.float(), w.float()).to(x.dtype)
 
 
 def check_expert_gemv_args(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None,

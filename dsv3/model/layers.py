@@ -1,10 +1,27 @@
-"""Small building blocks: RMSNorm and the SwiGLU MLP (dense FFN and shared experts)."""
+"""Small building blocks: the dense Linear, RMSNorm and the SwiGLU MLP (dense FFN and shared experts)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from dsv3 import kernels
+
+
+class Linear(nn.Linear):
+    """nn.Linear (the same parameters, state dict, init and FSDP behaviour; `isinstance(m, nn.Linear)` holds)
+    whose forward takes the dense decode GEMV (`kernels.dense_gemv`, dsv3/kernels/dense_gemv_triton.py) where
+    the kernel seam picks it for this call: switched on (`kernels.set_dense_gemv(True)`; off by default until
+    measured on the GPU), x on CUDA with at most 4 rows, x and the weight bf16/fp16 alike, the weight
+    contiguous, nothing needing a gradient, no bias. Otherwise F.linear: bit for bit nn.Linear (training,
+    prefill, the CPU). The model's projections (attention, dense FFN, shared experts, MTP eh_proj) are these;
+    the output head and the router are not (plain nn.Linear and an fp32 F.linear)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bias is None and kernels.select_backend("dense_gemv", x, self.weight) == "triton":
+            return kernels.dense_gemv(x, self.weight, backend="triton")
+        return F.linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -29,9 +46,9 @@ class MLP(nn.Module):
 
     def __init__(self, dim: int, inter: int):
         super().__init__()
-        self.gate_proj = nn.Linear(dim, inter, bias=False)
-        self.up_proj = nn.Linear(dim, inter, bias=False)
-        self.down_proj = nn.Linear(inter, dim, bias=False)
+        self.gate_proj = Linear(dim, inter, bias=False)
+        self.up_proj = Linear(dim, inter, bias=False)
+        self.down_proj = Linear(inter, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

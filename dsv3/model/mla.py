@@ -30,7 +30,7 @@ from torch import nn
 
 from dsv3.config import ModelConfig, softmax_scale
 from dsv3.kernels import attention
-from dsv3.model.layers import RMSNorm
+from dsv3.model.layers import Linear, RMSNorm
 from dsv3.model.rope import apply_rope
 
 
@@ -47,16 +47,16 @@ class MLA(nn.Module):
         self.scale = softmax_scale(cfg)
         D, H = cfg.hidden_size, cfg.num_attention_heads
         if cfg.q_lora_rank is None:
-            self.q_proj = nn.Linear(D, H * self.qk_dim, bias=False)
+            self.q_proj = Linear(D, H * self.qk_dim, bias=False)
         else:
-            self.q_a_proj = nn.Linear(D, cfg.q_lora_rank, bias=False)
+            self.q_a_proj = Linear(D, cfg.q_lora_rank, bias=False)
             # the latent norms use a fixed eps of 1e-6 (official code and HF), not rms_norm_eps
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, 1e-6)
-            self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * self.qk_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(D, cfg.kv_lora_rank + self.rope, bias=False)
+            self.q_b_proj = Linear(cfg.q_lora_rank, H * self.qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = Linear(D, cfg.kv_lora_rank + self.rope, bias=False)
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, 1e-6)
-        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, H * (self.nope + self.v_dim), bias=False)
-        self.o_proj = nn.Linear(H * self.v_dim, D, bias=False)
+        self.kv_b_proj = Linear(cfg.kv_lora_rank, H * (self.nope + self.v_dim), bias=False)
+        self.o_proj = Linear(H * self.v_dim, D, bias=False)
         self.recompute_up = False  # set by Transformer.set_recompute("selective")
         self._absorbed = None  # FP8 kv_b_proj's W_UK / W_UV for inference (cache_absorbed_weights)
 

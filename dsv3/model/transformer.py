@@ -40,7 +40,7 @@ from torch import nn
 
 from dsv3.config import ModelConfig
 from dsv3.model import rope
-from dsv3.model.layers import MLP, RMSNorm
+from dsv3.model.layers import MLP, Linear, RMSNorm
 from dsv3.model.mla import MLA
 from dsv3.model.moe import Experts, MoE, Router
 
@@ -94,7 +94,7 @@ class MTPModule(Block):
         super().__init__(cfg, moe=cfg.n_routed_experts > 0)
         self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.eh_proj = Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
         self.shared_head = SharedHead(cfg)
 
     def combine(self, emb: torch.Tensor, h_prev: torch.Tensor) -> torch.Tensor:

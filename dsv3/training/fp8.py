@@ -85,7 +85,10 @@ from torch import nn
 
 from dsv3 import kernels
 from dsv3.kernels import BLOCK
+from dsv3.model.layers import Linear
 from dsv3.model.moe import Experts
+
+_PLAIN_LINEARS = (nn.Linear, Linear)  # what converts: the model's dense Linear (same parameters) or a torch one
 
 BACKENDS = ("auto", "emulate", "scaled_mm")
 EXPERT_BACKENDS = ("auto", "emulate", "triton")
@@ -149,7 +152,7 @@ class FP8TrainLinear(nn.Linear):
     @classmethod
     def from_linear(cls, linear: nn.Linear, backend: str = "auto") -> "FP8TrainLinear":
         """Turn `linear` into an FP8TrainLinear in place (same Parameter objects) and return it."""
-        if type(linear) is not nn.Linear:
+        if type(linear) not in _PLAIN_LINEARS:
             raise TypeError(f"expected a plain nn.Linear, got {type(linear).__name__}")
         linear.__class__ = cls
         linear.fp8_backend = backend
@@ -252,7 +255,7 @@ def fp8_target_names(model: nn.Module) -> list[str]:
     for pname, parent in model.named_modules():
         if isinstance(parent, (MLA, MLP)):
             for cname, child in parent.named_children():
-                if type(child) is nn.Linear:
+                if type(child) in _PLAIN_LINEARS:
                     names.append(f"{pname}.{cname}" if pname else cname)
     return names
 

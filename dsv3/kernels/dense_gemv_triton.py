@@ -1,0 +1,102 @@
+"""The dense decode GEMV (Triton): y (M, N) = x (M, K) · w (N, K)ᵀ for a handful of rows (decode, batch 1-4),
+w bf16 / fp16 / fp32 in x's dtype, fp32 accumulation, one rounding to x's dtype. No bias (no DeepSeek-V3
+projection has one). The specification is `dsv3.kernels.reference.dense_gemv_ref`.
+
+Why: at batch 1 the 16b model's dense bf16 projections (q_proj 2048->3072, o_proj 2048->2048, the shared
+experts' gate/up 2048->2816 and down 2816->2048, kv_a_proj 2048->576) go through F.linear to cuBLAS, whose
+64-wide N tiles (`nvjet_sm90_tst_64x8_64x16_4x1`) give N/64 CTAs for 132 SMs (48 for q_proj) and reach ~57% of
+the HBM bandwidth (5.8 us a call, 106 calls a token; kv_a_proj a split-K variant plus a reduce kernel:
+bench/profile_gpu.py --decode 1, 2026-12-04). The routed experts' GEMV with narrow N tiles and hand-prefetched
+loads reached 86% (expert_gemv_triton.py). This is the same recipe for the dense weights: one program per BN
+rows of w and every row of x (w is read once), the whole K per program, so N/BN programs (BN = 8: 384 for
+q_proj), each keeping two (BM, BN, 128·KU) loads in flight.
+
+The kernel is the FP8 decode GEMM's GEMV form without the block scales (`fp8_gemm_triton._small_m_kernel`
+with HAS_SCALE=False: one GEMV tile for both weight formats, and the reasons for its shape are there); this
+module holds the dense launch configurations and the custom op. Rows above 4 run in tiles of 4 (correct,
+not fast: the model takes this kernel only for decode-sized inputs, backend.py's "dense_gemv" rule).
+
+Launch parameters (as the FP8 GEMV form's):
+    BM          rows per program: M rounded up to a power of two, at most GEMV_ROWS (4)
+    BN          weight rows per program: 4, 8, 16, 32 or 64
+    KU          128-wide K chunks per loop iteration (one load per operand brings them all)
+    num_warps   as for any Triton kernel
+    num_stages  1, or 2: the next iteration's loads issued before this one's multiply-adds (by hand)
+`default_config(M, N, K)` picks them: a measured entry of TUNED where there is one (bench/dense_gemv_sweep.py
+prints the entries to paste), else the FP8 GEMV heuristic (`fp8_gemm_triton._config_small_m`: the largest
+BN >= 8 that still gives 2 programs per SM, a 4096-element register tile, prefetch). That heuristic was
+tuned on e4m3 weights; bf16 weights bring twice the bytes per element with the same registers, so it is a
+starting point until the H200 sweep fills TUNED. `launch(x, w, config=...)` runs any config (the sweep).
+Registers (compiled ahead of time for sm_90 with Triton 3.6 on a machine without a GPU, 2026-12-04): the
+heuristic's configs take 96 (BM 1, BN 8, KU 4, prefetch; the FP8 form of the same tile 127), none spills; the
+sweep's grid at 4 and 8 warps at most 180.
+
+Not yet measured on a GPU: the model takes this kernel only once switched on (kernels.set_dense_gemv).
+Tests: tests/test_dense_gemv.py (Triton interpreter: every config the heuristic and TUNED return, and a few
+others, against the reference on ragged shapes), tests/test_gpu_dense_gemv.py (GPU: the 16b shapes, and every
+config of the sweep's grid).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from dsv3.kernels.fp8_gemm_triton import BLOCK, GEMV_ROWS, _config_small_m, _pow2, _small_m_kernel
+from dsv3.kernels.reference import check_dense_gemv_args
+
+BNS = (4, 8, 16, 32, 64)  # the BN a launch takes (the heuristic stays at 8 and above; the sweep tries 4)
+
+# Measured launch configs by (BM, N, K), from bench/dense_gemv_sweep.py on an H200: none yet (the sweep prints
+# the entries for the shapes where its best config beats the heuristic's by more than 5%).
+TUNED: dict[tuple[int, int, int], dict] = {}
+
+
+def default_config(M: int, N: int, K: int) -> dict:
+    """Launch parameters for x (M, K), w (N, K) (module docstring): TUNED, else the FP8 GEMV form's heuristic
+    at BM = M rounded up to a power of two (at most GEMV_ROWS)."""
+    BM = min(_pow2(max(M, 1)), GEMV_ROWS)
+    if (BM, N, K) in TUNED:
+        return dict(TUNED[(BM, N, K)])
+    cfg = _config_small_m(BM, N, K)
+    assert cfg["BM"] == BM, cfg  # (the GEMV form: up to GEMV_ROWS rows)
+    return cfg
+
+
+def launch(x: torch.Tensor, w: torch.Tensor, config: dict | None = None) -> torch.Tensor:
+    """y (M, N) = x (M, K) · w (N, K)ᵀ in x's dtype; `config` (BM, BN, KU, num_warps, num_stages) replaces
+    `default_config` (the sweep, tests)."""
+    check_dense_gemv_args(x, w, kernel=True)
+    M, K = x.shape
+    N = w.shape[0]
+    cfg = config or default_config(M, N, K)
+    BM, BN, KU, stages = cfg["BM"], cfg["BN"], cfg["KU"], cfg["num_stages"]
+    assert BM in (1, 2, 4) and BN in BNS and KU >= 1 and stages in (1, 2), \
+        f"dense GEMV config: BM 1/2/4, BN in {BNS}, KU >= 1, num_stages 1/2; got {cfg}"
+    x = x if x.stride(-1) == 1 else x.contiguous()  # rows may be strided; K must be contiguous
+    w = w.contiguous()
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    if M == 0 or N == 0:
+        return y
+    if K == 0:
+        return y.zero_()
+    grid = (triton.cdiv(M, BM), triton.cdiv(N, BN))
+    # w stands in for the scale pointer (never read: HAS_SCALE is False)
+    _small_m_kernel[grid](x, w, w, y, M, N, K, triton.cdiv(K, BLOCK), x.stride(0), w.stride(0), 0, y.stride(0),
+                          BM=BM, BN=BN, BK=BLOCK, KU=KU, DOT=False, PREFETCH=stages == 2, HAS_SCALE=False,
+                          num_warps=cfg["num_warps"], num_stages=1)
+    return y
+
+
+# A torch.library custom op with a shape-only fake implementation (as dsv3::fp8_linear_small_m, dsv3::expert_gemv):
+# torch.compile treats it as one opaque op (a compiled decode step traces through it instead of breaking its
+# graph at every projection), a CUDA graph captures the launch. The config is chosen inside, on the host from the
+# shapes: no device work, nothing for a graph to miss.
+@torch.library.custom_op("dsv3::dense_gemv", mutates_args=())
+def dense_gemv_op(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return launch(x, w)
+
+
+@dense_gemv_op.register_fake
+def _(x, w):
+    return x.new_empty(x.shape[0], w.shape[0])

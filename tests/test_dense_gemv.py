@@ -1,0 +1,365 @@
+"""The dense decode GEMV (dsv3/kernels/dense_gemv_triton.py, `kernels.dense_gemv`) and the model's `Linear` that
+takes it (dsv3/model/layers.py).
+
+    python -m pytest -q tests/test_dense_gemv.py                      (CPU, CI: no triton needed, < 5 s)
+    TRITON_INTERPRET=1 python -m pytest -q tests/test_dense_gemv.py   (+ the kernel, interpreted)
+
+CPU: the reference; the switch is off by default and the overrides still win; the per-call rule (rows, dtypes,
+contiguity, gradients through x or w, CUDA autocast); the model's Linear is bit for bit nn.Linear wherever the
+kernel does not run, takes the kernel only where the seam picks it (never with a bias, never where x or its
+weight needs a gradient) and, in a model, for every projection but the head; a torch.compile'd caller follows
+the switch; the sweep's shape list and arguments.
+Triton interpreter: the kernel against the reference for every config the heuristic returns (and TUNED's, and a
+few of the sweep's grid), ragged N and K, M = 1..4 and more than one row tile, fp16 and fp32 (the interpreter
+has no bf16); the custom op under torch.compile (fullgraph); a tiny model's forward and the engine's static decode
+step with every Linear through the kernel; the sweep's plumbing. GPU: tests/test_gpu_dense_gemv.py.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv3 import kernels
+from dsv3.kernels import backend as kb
+from dsv3.kernels.reference import dense_gemv_ref
+from dsv3.model.layers import Linear
+from tests.conftest import make_model, rand_ids, tiny_cfg
+from tests.test_fp8_experts import interp, numpy24_interpreter  # noqa: F401  (the fixture interp uses)
+
+BF16 = torch.bfloat16
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+
+
+@pytest.fixture
+def switched_on():
+    old = kernels.set_dense_gemv(True)
+    yield
+    kernels.set_dense_gemv(old)
+
+
+@pytest.fixture
+def cpu_rule(monkeypatch):
+    """The dense GEMV's per-call rule on CPU tensors (as if they were on a GPU with triton); the kernel call
+    recorded and replaced by F.linear + 1 (a marker)."""
+    monkeypatch.setattr(kb, "_fast_fits", lambda op, t: op == "dense_gemv" and len(t) == 2 and kb._dense_gemv_fits(*t))
+    calls = []
+
+    def fake(x, w, *, backend=None):
+        calls.append((tuple(x.shape), w))
+        return F.linear(x, w) + 1
+
+    monkeypatch.setattr(kernels, "dense_gemv", fake)
+    return calls
+
+
+# --- the reference and the choice (CPU) -------------------------------------------------------------------
+
+def test_reference_is_an_fp32_linear_rounded_once():
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(2, 3, 96, generator=g).to(BF16), torch.randn(40, 96, generator=g).to(BF16)
+    y = dense_gemv_ref(x, w)
+    assert y.shape == (2, 3, 40) and y.dtype == BF16
+    assert torch.equal(y, (x.float() @ w.float().T).to(BF16))
+    assert torch.equal(kernels.dense_gemv(x, w), y)  # the CPU: the reference backend
+    with pytest.raises(TypeError, match="one dtype"):
+        kernels.dense_gemv(x, w.half())
+    with pytest.raises(TypeError, match="one dtype"):
+        kernels.dense_gemv(x.to(torch.int32), w.to(torch.int32))
+    with pytest.raises(ValueError, match="K = 95"):
+        kernels.dense_gemv(x[..., :95], w)
+    with pytest.raises(ValueError, match=r"w \(N, K\)"):
+        kernels.dense_gemv(x, w[None])
+
+
+def test_switch_is_off_by_default_and_the_overrides_win(monkeypatch):
+    x, w = torch.randn(1, 64, dtype=BF16), torch.randn(32, 64, dtype=BF16)
+    monkeypatch.setattr(kb, "_fast_fits", lambda op, t: True)  # the rule holds (as on a GPU)
+    assert kb.SWITCHED == {"dense_gemv": False}  # off until measured faster than cuBLAS on the GPU
+    assert kernels.select_backend("dense_gemv", x, w) == "reference"
+    assert kernels.set_dense_gemv(True) is False
+    try:
+        assert kernels.select_backend("dense_gemv", x, w) == "triton"
+        with kernels.use_backend("reference"):
+            assert kernels.select_backend("dense_gemv", x, w) == "reference"
+        assert kernels.select_backend("dense_gemv", x, w, backend="reference") == "reference"
+    finally:
+        assert kernels.set_dense_gemv(False) is True
+    with kernels.use_backend(dense_gemv="triton"):  # forcing needs no switch (the interpreter tests)
+        assert kernels.select_backend("dense_gemv", x, w) == "triton"
+    with pytest.raises(ValueError, match="not a switched op"):
+        kb.switch("expert_gemv", True)
+
+
+def test_rule_decode_rows_dtypes_layout_gradients_autocast(monkeypatch):
+    fits = kb._dense_gemv_fits
+    x, w = torch.randn(1, 1, 64, dtype=BF16), torch.randn(32, 64, dtype=BF16)
+    assert fits(x, w) and fits(x.half(), w.half())
+    assert fits(torch.randn(2, 2, 64, dtype=BF16), w)  # 4 rows: batch 2 x 2 tokens
+    assert not fits(torch.randn(5, 64, dtype=BF16), w)  # above DENSE_GEMV_ROWS: prefill, cuBLAS
+    assert not fits(x.float(), w.float())  # fp32: not a decode dtype here
+    assert not fits(x, w.half())  # mixed dtypes
+    assert not fits(x, torch.randn(64, 32, dtype=BF16).t())  # a transposed weight
+    assert not fits(x.clone().requires_grad_(), w)  # no backward
+    p = nn.Parameter(w.clone())
+    assert not fits(x, p)  # a trainable weight with grad enabled (a fine-tune with frozen inputs)
+    with torch.no_grad():
+        assert fits(x.clone().requires_grad_(), p)
+    monkeypatch.setattr(torch, "is_autocast_enabled", lambda device_type=None: device_type == "cuda")
+    assert not fits(x, w)  # CUDA autocast: F.linear would compute in the autocast dtype
+    assert kernels.select_backend("dense_gemv", x, w) == "reference"  # (and the CPU never fits)
+
+
+def test_linear_is_nn_linear_bit_for_bit_where_the_kernel_does_not_run(switched_on):
+    g = torch.Generator().manual_seed(1)
+    ref = nn.Linear(96, 40, bias=False)
+    lin = Linear(96, 40, bias=False)
+    assert isinstance(lin, nn.Linear) and list(lin.state_dict()) == list(ref.state_dict()) == ["weight"]
+    lin.load_state_dict(ref.state_dict())
+    for dtype in (BF16, torch.float32):
+        ref.to(dtype), lin.to(dtype)
+        for shape in ((1, 96), (3, 5, 96)):
+            x = torch.randn(*shape, generator=g).to(dtype)
+            assert torch.equal(lin(x), ref(x))  # switched on, but the CPU: F.linear
+    x = torch.randn(4, 96, generator=g, requires_grad=True)
+    lin.float(), ref.float()
+    lin(x).square().sum().backward()
+    gx, gw = x.grad.clone(), lin.weight.grad.clone()
+    x.grad = None
+    ref(x).square().sum().backward()
+    assert torch.equal(gx, x.grad) and torch.equal(gw, ref.weight.grad)
+
+
+def test_linear_takes_the_kernel_only_where_the_seam_picks_it(cpu_rule, switched_on):
+    calls = cpu_rule
+    lin = Linear(64, 32, bias=False).to(BF16)
+    x = torch.randn(1, 64, dtype=BF16)
+    assert torch.equal(lin(x), F.linear(x, lin.weight))  # its weight is trainable, grad enabled: cuBLAS
+    with torch.no_grad():
+        assert torch.equal(lin(x), F.linear(x, lin.weight) + 1) and calls[-1] == ((1, 64), lin.weight)
+        assert len(calls) == 1
+        lin(torch.randn(5, 64, dtype=BF16))  # prefill-sized
+        biased = Linear(64, 32, bias=True).to(BF16)
+        biased(x)  # a bias: the kernel has none
+        kernels.set_dense_gemv(False)
+        lin(x)
+        kernels.set_dense_gemv(True)
+    assert len(calls) == 1
+    lin.requires_grad_(False)
+    lin(x)  # inference weights, grad enabled, x without grad: the kernel
+    lin(x.clone().requires_grad_())  # x needs a gradient: F.linear
+    assert len(calls) == 2
+
+
+def test_model_routes_every_projection_but_the_head(cpu_rule, switched_on):
+    """A decode-sized forward of a bf16 model: every Linear of the blocks (attention projections, dense FFN,
+    shared experts) asks for the kernel, the output head (nn.Linear) and the routers (fp32) do not."""
+    calls = cpu_rule
+    model = make_model(tiny_cfg()).to(BF16).requires_grad_(False)
+    with torch.no_grad():
+        model(rand_ids(model.config, B=1, T=2), with_mtp=False)
+    want = {id(m.weight) for name, m in model.named_modules() if type(m) is Linear and not name.startswith("mtp")}
+    assert {id(w) for _, w in calls} == want and len(calls) == len(want)
+    assert type(model.lm_head) is nn.Linear and isinstance(model.mtp[0].eh_proj, Linear)
+
+
+def test_compiled_caller_follows_the_switch(cpu_rule):
+    """The switch is read while tracing: a compiled step recompiles when it changes (decode_gpu.py's modes)."""
+    lin = Linear(64, 32, bias=False).to(BF16).requires_grad_(False)
+    x = torch.randn(1, 64, dtype=BF16)
+    step = torch.compile(lin, backend="eager", fullgraph=True)
+    plain = F.linear(x, lin.weight)
+    assert torch.equal(step(x), plain)
+    old = kernels.set_dense_gemv(True)
+    try:
+        assert torch.equal(step(x), plain + 1)
+    finally:
+        kernels.set_dense_gemv(old)
+    assert torch.equal(step(x), plain)
+
+
+# --- bench/dense_gemv_sweep.py (its CPU-safe parts; the plumbing under the interpreter below) ----------------
+
+def _bench():
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench", "dense_gemv_sweep.py")
+    spec = importlib.util.spec_from_file_location("dense_gemv_sweep", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_sweep_shapes_and_arguments(capsys):
+    bench = _bench()
+    got = {s["name"]: (s["N"], s["K"], s["per_step"]) for s in bench.shapes("16b")}
+    assert got["q_proj"] == (3072, 2048, 27) and got["kv_a_proj_with_mqa"] == (576, 2048, 27)
+    assert got["o_proj"] == (2048, 2048, 27) and got["shared gate/up"] == (2816, 2048, 52)
+    assert got["shared down"] == (2048, 2816, 26) and got["lm_head (not routed)"][2] == 0
+    assert {"q_a_proj", "q_b_proj"} <= {s["name"] for s in bench.shapes("small")}
+    args = bench.parse_args(["--rows", "1,2", "--quick"])
+    assert args.rows == [1, 2] and args.calls == 32 and args.reps == 5
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--rows", "8"])
+    assert all(c["BM"] * c["BN"] * c["KU"] * 128 <= bench.GEMV_TILE_MAX
+               for M in (1, 2, 4) for c in bench.stage1(M, False))
+    assert bench.main(["--list", "--presets", "small", "--rows", "1"]) == 0
+    assert "q_b_proj" in capsys.readouterr().out
+
+
+# --- the kernel under the Triton interpreter ---------------------------------------------------------------
+
+def _key(cfg):
+    return tuple(sorted(cfg.items()))
+
+
+def _configs():
+    """Every config `default_config` returns over decode shapes (M 1..4, N and K from tiny to the 671b's widths
+    and vocabularies), TUNED's, and a few of the sweep's grid."""
+    try:
+        from dsv3.kernels import dense_gemv_triton as k
+    except ImportError:
+        return []
+    seen = {_key(k.default_config(M, N, K)) for M in range(1, 5)
+            for N in (8, 100, 576, 1408, 2048, 2816, 3072, 10944, 18432, 102400, 129280)
+            for K in (128, 300, 512, 1408, 2048, 7168, 10944)}
+    seen |= {_key(c) for c in k.TUNED.values()}
+    extra = [dict(BM=1, BN=4, KU=8, num_warps=2, num_stages=1), dict(BM=1, BN=64, KU=1, num_warps=8, num_stages=2),
+             dict(BM=2, BN=32, KU=1, num_warps=4, num_stages=1), dict(BM=4, BN=4, KU=4, num_warps=4, num_stages=2)]
+    return [dict(c) for c in sorted(seen | {_key(c) for c in extra})]
+
+
+def _cfg_id(cfg):
+    return "-".join(f"{k}{v}" for k, v in cfg.items())
+
+
+@interp
+@pytest.mark.parametrize("cfg", _configs(), ids=_cfg_id)
+def test_interp_config_vs_reference(cfg):
+    from dsv3.kernels import dense_gemv_triton as k
+
+    g = torch.Generator().manual_seed(cfg["BN"] + 10 * cfg["KU"])
+    N, K = 70, 300  # N a multiple of no BN >= 8, K of no 128-chunk: partial tiles and K iterations
+    w = torch.randn(N, K, generator=g) * 0.05
+    rows = {1: (1,), 2: (2,), 4: (3, 4)}[cfg["BM"]]
+    for M in rows + ((6,) if cfg["BM"] == 4 and cfg["BN"] == 8 else ()):  # 6: two row tiles
+        for dtype, tol in ((torch.float16, 2e-3), (torch.float32, 1e-5)) if M == rows[0] else ((torch.float16, 2e-3),):
+            x = torch.randn(M, K, generator=g).to(dtype)
+            y = k.launch(x, w.to(dtype), cfg)
+            assert y.shape == (M, N) and y.dtype == dtype
+            assert _rel(y, dense_gemv_ref(x, w.to(dtype))) < tol, (M, dtype, _rel(y, dense_gemv_ref(x, w.to(dtype))))
+
+
+@interp
+def test_interp_op_shapes_and_compile_without_graph_break():
+    from dsv3.kernels import dense_gemv_triton as k
+
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(24, 136, generator=g).half()
+    x = torch.randn(2, 1, 136, generator=g).half()
+    assert isinstance(k.dense_gemv_op, torch._library.custom_ops.CustomOpDef)
+    f = lambda t: kernels.dense_gemv(t, w, backend="triton")  # noqa: E731
+    for got in (f(x), torch.compile(f, backend="aot_eager", fullgraph=True)(x)):
+        assert got.shape == (2, 1, 24) and _rel(got, dense_gemv_ref(x, w)) < 2e-3
+    xs = torch.randn(3, 272, generator=g).half()[:, ::2]  # K strided: copied to a contiguous x
+    assert _rel(k.launch(xs, w), dense_gemv_ref(xs, w)) < 2e-3
+    assert k.launch(torch.randn(0, 136).half(), w).shape == (0, 24)
+    with pytest.raises(ValueError, match="K = 135"):  # the contract, checked by the launch on this path
+        kernels.dense_gemv(x[..., :135], w, backend="triton")
+    with pytest.raises(TypeError, match="one dtype"):
+        kernels.dense_gemv(x, w.float(), backend="triton")
+
+
+@interp
+def test_interp_model_forward_through_the_kernel(monkeypatch):
+    """Every Linear of a tiny fp32 model through the interpreted kernel (forced: the CPU never fits the rule)
+    gives the F.linear model's logits."""
+    from dsv3.kernels import dense_gemv_triton as k
+
+    launches, launch = [], k.launch
+    monkeypatch.setattr(k, "launch", lambda x, w, config=None: launches.append(w.shape) or launch(x, w, config))
+    model = make_model(tiny_cfg())
+    ids = rand_ids(model.config, B=1, T=3)
+    with torch.no_grad():
+        want = model(ids, with_mtp=False).logits
+        with kernels.use_backend(dense_gemv="triton"):
+            got = model(ids, with_mtp=False).logits
+    n_linears = sum(type(m) is Linear for name, m in model.named_modules() if not name.startswith("mtp"))
+    assert len(launches) == n_linears
+    assert _rel(got, want) < 1e-5, _rel(got, want)
+
+
+@interp
+def test_interp_engine_decode_step_through_the_kernel(monkeypatch):
+    """The engine's static decode step (bucketed, run eagerly on the CPU: what a CUDA graph records on a GPU)
+    with every Linear through the interpreted kernel (forced) gives the same next-token logits."""
+    from dsv3.inference.engine import Engine, SamplingParams
+    from dsv3.kernels import dense_gemv_triton as k
+
+    rows, launch = [], k.launch
+    monkeypatch.setattr(k, "launch", lambda x, w, config=None: rows.append(x.shape[0]) or launch(x, w, config))
+    model = make_model(tiny_cfg(num_nextn_predict_layers=0))
+
+    def step_logits():
+        eng = Engine(model, None, max_batch_size=2, cuda_graphs=True)
+        for p in ([1, 2, 3, 4, 5], [7, 8, 9]):
+            eng.add_request(p, SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True))
+        eng.step()  # prefill
+        reqs = eng.running
+        args = ([[r.tokens[-1]] for r in reqs], [r.main_len for r in reqs], [r.blocks for r in reqs])
+        return eng._graphs.main(*args)[0][:, 0].clone()
+
+    want = step_logits()
+    with kernels.use_backend(dense_gemv="triton"):
+        got = step_logits()
+    assert 2 in rows  # the decode step's two rows went through the kernel (the prefill's too: forced)
+    assert _rel(got, want) < 1e-5, _rel(got, want)
+
+
+def _sweep_on_cpu(monkeypatch):
+    """bench/dense_gemv_sweep.py on tiny shapes on the CPU: interpreted kernels, fp16, one plain call per timing
+    instead of a CUDA graph, a stub for the copy-bandwidth measurement."""
+    import sys
+    import time
+    import types
+
+    bench = _bench()
+
+    def plain_us(fn, calls, reps):
+        t = time.perf_counter()
+        fn(calls - 1)
+        return (time.perf_counter() - t) * 1e6
+
+    monkeypatch.setattr(bench, "DEVICE", "cpu")
+    monkeypatch.setattr(bench, "ACT", torch.float16)
+    monkeypatch.setattr(bench, "graph_us", plain_us)
+    monkeypatch.setattr(sys.modules["fp8_gemv_sweep"], "graph_us", plain_us)  # (its `measure` times the configs)
+    monkeypatch.setattr(bench, "shapes", lambda p: [dict(preset=p, name="lin", N=40, K=200, per_step=2)])
+    monkeypatch.setitem(sys.modules, "bandwidth", types.SimpleNamespace(
+        copy_bandwidth=lambda device: dict(bytes_per_s=1e10, caption="stub bandwidth")))
+    return bench
+
+
+@interp
+def test_interp_sweep_runs_reports_and_flags_a_wrong_kernel(monkeypatch, tmp_path, capsys):
+    import json
+
+    from dsv3.kernels import dense_gemv_triton as k
+
+    bench = _sweep_on_cpu(monkeypatch)
+    assert bench.main(["--quick", "--calls", "2", "--rows", "1,3", "--json", str(tmp_path / "r.json")]) == 0
+    out = capsys.readouterr().out
+    assert "MISMATCH" not in out and "failed" not in out and "per token step at M = 3" in out
+    shapes = json.load(open(tmp_path / "r.json"))["shapes"]
+    assert [s["M"] for s in shapes] == [1, 3] and all(s["model"] == k.default_config(s["M"], 40, 200) for s in shapes)
+    launch = k.launch
+    monkeypatch.setattr(k, "launch", lambda x, w, cfg=None: launch(x, w, cfg) * (1.1 if cfg["BN"] == 4 else 1.0))
+    monkeypatch.setattr(bench, "stage1", lambda M, quick: [dict(BM=1, BN=4, KU=1, num_warps=4, num_stages=1)])
+    assert bench.main(["--quick", "--calls", "2", "--rows", "1"]) == 1
+    assert "MISMATCH" in capsys.readouterr().out
