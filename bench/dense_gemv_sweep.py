@@ -36,11 +36,9 @@ beats the model's by more than 5%.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +47,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bandwidth import graph_us  # noqa: E402  (bench/bandwidth.py)
-from fp8_gemv_sweep import ROTATE_BYTES, TOL, _key, cfg_str, measure  # noqa: E402  (the FP8 sweep's harness)
+from fp8_gemv_sweep import ROTATE_BYTES, TOL, _key, cfg_str, drive, sweep_configs  # noqa: E402  (its harness)
 from dsv3.config import preset  # noqa: E402
 from dsv3.kernels import reference  # noqa: E402
 
@@ -125,18 +123,8 @@ class Case:
 
 
 def sweep_case(case: Case, reps: int, quick: bool) -> dict:
-    res: dict[tuple, dict] = {}
-
-    def run(cfgs):
-        for cfg in cfgs:
-            if _key(cfg) not in res:
-                res[_key(cfg)] = measure(case, cfg, reps)
-
-    run([case.model] + stage1(case.M, quick))
-    if not quick:
-        ok = sorted((r for r in res.values() if r["failed"] is None), key=lambda r: r["us"])
-        run(stage2([r["cfg"] for r in ok[:2]]))
-    return dict(cublas=graph_us(case.run_cublas, case.calls, reps), results=list(res.values()))
+    results = sweep_configs(case, [case.model] + stage1(case.M, quick), stage2, reps, quick)
+    return dict(cublas=graph_us(case.run_cublas, case.calls, reps), results=results)
 
 
 def print_case(case: Case, out: dict, bw: float, show_all: bool, top: int = 8) -> tuple[dict, int]:
@@ -246,30 +234,8 @@ def main(argv=None) -> int:
     if DEVICE == "cuda" and not torch.cuda.is_available():
         sys.exit("bench/dense_gemv_sweep.py times Triton kernels in CUDA graphs: it needs a CUDA GPU "
                  "(--list works anywhere)")
-    from bandwidth import copy_bandwidth
-
-    t0 = time.time()
-    bw = copy_bandwidth(DEVICE)
-    print(bw["caption"])
-    print(f"{'quick' if args.quick else 'full'} sweep: {args.calls} calls per CUDA graph, median of {args.reps} "
-          f"replays; torch {torch.__version__}")
-    summaries, mismatches = [], 0
-    for sh, M in cases(args):
-        case = Case(sh, M, args.calls)
-        s, bad = print_case(case, sweep_case(case, args.reps, args.quick), bw["bytes_per_s"], args.all)
-        summaries.append(s)
-        mismatches += bad
-        del case
-        if DEVICE == "cuda":
-            torch.cuda.empty_cache()
-    print_summary(summaries)
-    print(f"\n{time.time() - t0:.0f} s in all; {mismatches} mismatching config(s)"
-          + (" !!!!!!!!" if mismatches else ""))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(bandwidth=bw, calls=args.calls, reps=args.reps, quick=args.quick, shapes=summaries), f,
-                      indent=1, default=str)
-    return 1 if mismatches else 0
+    return drive(cases(args), Case, sweep_case, print_case, print_summary, device=DEVICE, calls=args.calls,
+                 reps=args.reps, quick=args.quick, show_all=args.all, json_path=args.json)
 
 
 if __name__ == "__main__":

@@ -210,7 +210,10 @@ def measure(case, cfg: dict, reps: int) -> dict:
     return dict(cfg=cfg, us=us, err=err, failed=None)
 
 
-def sweep_case(case: Case, reps: int, quick: bool) -> dict:
+def sweep_configs(case, first: list[dict], stage2_of, reps: int, quick: bool) -> list[dict]:
+    """`measure` each config of `first` (one listed twice runs once) and, unless quick, the configs
+    `stage2_of(the two fastest that ran)` returns: the results, one per distinct config. Shared with
+    dense_gemv_sweep.py."""
     res: dict[tuple, dict] = {}
 
     def run(cfgs):
@@ -218,12 +221,46 @@ def sweep_case(case: Case, reps: int, quick: bool) -> dict:
             if _key(cfg) not in res:
                 res[_key(cfg)] = measure(case, cfg, reps)
 
-    run([case.old, case.heur] + stage1(case.shape, case.M, quick))
+    run(first)
     if not quick:
         ok = sorted((r for r in res.values() if r["failed"] is None), key=lambda r: r["us"])
-        run(stage2([r["cfg"] for r in ok[:2]]))
-    bf16 = graph_us(case.run_bf16, case.calls, reps)
-    return dict(bf16=bf16, results=list(res.values()))
+        run(stage2_of([r["cfg"] for r in ok[:2]]))
+    return list(res.values())
+
+
+def sweep_case(case: Case, reps: int, quick: bool) -> dict:
+    results = sweep_configs(case, [case.old, case.heur] + stage1(case.shape, case.M, quick), stage2, reps, quick)
+    return dict(bf16=graph_us(case.run_bf16, case.calls, reps), results=results)
+
+
+def drive(cases, make_case, sweep, print_case, print_summary, *, device: str, calls: int, reps: int, quick: bool,
+          show_all: bool, json_path: str | None) -> int:
+    """The sweep scripts' main loop (this one's and dense_gemv_sweep.py's): the copy bandwidth of this run, then
+    per (shape, M) case build it, sweep it, print it; the summary, the JSON; exit status 1 on a mismatch."""
+    from bandwidth import copy_bandwidth
+
+    t0 = time.time()
+    bw = copy_bandwidth(device)
+    print(bw["caption"])
+    print(f"{'quick' if quick else 'full'} sweep: {calls} calls per CUDA graph, median of {reps} replays; "
+          f"torch {torch.__version__}")
+    summaries, mismatches = [], 0
+    for sh, M in cases:
+        case = make_case(sh, M, calls)
+        s, bad = print_case(case, sweep(case, reps, quick), bw["bytes_per_s"], show_all)
+        summaries.append(s)
+        mismatches += bad
+        del case
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    print_summary(summaries)
+    print(f"\n{time.time() - t0:.0f} s in all; {mismatches} mismatching config(s)"
+          + (" !!!!!!!!" if mismatches else ""))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(dict(bandwidth=bw, calls=calls, reps=reps, quick=quick, shapes=summaries), f, indent=1,
+                      default=str)
+    return 1 if mismatches else 0
 
 
 # --- report ------------------------------------------------------------------------------------------------
@@ -322,30 +359,8 @@ def main() -> int:
     if DEVICE == "cuda" and not torch.cuda.is_available():
         sys.exit("bench/fp8_gemv_sweep.py times Triton kernels in CUDA graphs: it needs a CUDA GPU "
                  "(--list works anywhere)")
-    from bandwidth import copy_bandwidth
-
-    t0 = time.time()
-    bw = copy_bandwidth(DEVICE)
-    print(bw["caption"])
-    print(f"{'quick' if args.quick else 'full'} sweep: {calls} calls per CUDA graph, median of {reps} replays; "
-          f"torch {torch.__version__}")
-    summaries, mismatches = [], 0
-    for sh, M in cases:
-        case = Case(sh, M, calls)
-        out = sweep_case(case, reps, args.quick)
-        s, bad = print_case(case, out, bw["bytes_per_s"], args.all)
-        summaries.append(s)
-        mismatches += bad
-        del case
-        torch.cuda.empty_cache()
-    print_summary(summaries)
-    print(f"\n{time.time() - t0:.0f} s in all; {mismatches} mismatching config(s)"
-          + (" !!!!!!!!" if mismatches else ""))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(bandwidth=bw, calls=calls, reps=reps, quick=args.quick, shapes=summaries), f, indent=1,
-                      default=str)
-    return 1 if mismatches else 0
+    return drive(cases, Case, sweep_case, print_case, print_summary, device=DEVICE, calls=calls, reps=reps,
+                 quick=args.quick, show_all=args.all, json_path=args.json)
 
 
 if __name__ == "__main__":

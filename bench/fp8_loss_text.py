@@ -219,11 +219,13 @@ def train_command(args, prec: str, seed: int, det: bool, run_dir: str) -> list[s
         cmd += ["--optim-state", "bf16"]
     if args.lr is not None:
         cmd += ["--lr", str(args.lr)]
-    if args.data is not None:
-        cmd += ["--data", args.data]
-    for x in args.extra_data:
-        cmd += ["--extra-data", x]
-    return cmd
+    return cmd + data_args(args)
+
+
+def data_args(args) -> list[str]:
+    """--data / --extra-data as given (the runs and the preparation read the same data)."""
+    return (["--data", args.data] if args.data is not None else []) + [a for x in args.extra_data
+                                                                      for a in ("--extra-data", x)]
 
 
 def prep_command(args, run_dir: str) -> list[str]:
@@ -231,11 +233,7 @@ def prep_command(args, run_dir: str) -> list[str]:
     cmd = [sys.executable, "-m", "dsv3.cli", "train", "--preset", args.preset, "--steps", "1", "--batch-size", "1",
            "--seq-len", str(args.seq_len), "--samples", "0", "--no-progress", "--no-plots", "--out", run_dir,
            "--cache-dir", os.path.join(args.out, "cache"), "--no-checkpoints", "--eval-every", "0"]
-    if args.data is not None:
-        cmd += ["--data", args.data]
-    for x in args.extra_data:
-        cmd += ["--extra-data", x]
-    return cmd
+    return cmd + data_args(args)
 
 
 def run_all(args, runs) -> dict[str, str]:

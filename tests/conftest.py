@@ -122,3 +122,26 @@ def write_corpus(root, n_files: int = 40, seed: int = 0) -> str:
         with open(os.path.join(root, f"f{i:02d}.py"), "w", encoding="utf-8") as f:
             f.write("\n".join(lines))
     return str(root)
+
+
+def sweep_on_cpu(monkeypatch, *modules) -> None:
+    """Run the GEMV sweep benches (bench/fp8_gemv_sweep.py, bench/dense_gemv_sweep.py) on the CPU to check their
+    plumbing: in each module DEVICE "cpu", ACT float16 (the interpreter lacks bf16), one plain call per timing
+    instead of a CUDA graph; and a stub for the copy-bandwidth measurement. The caller sets tiny shapes."""
+    import sys
+    import time
+    import types
+
+    import torch
+
+    def plain_us(fn, calls, reps):
+        t = time.perf_counter()
+        fn(calls - 1)
+        return (time.perf_counter() - t) * 1e6
+
+    for m in modules:
+        monkeypatch.setattr(m, "DEVICE", "cpu")
+        monkeypatch.setattr(m, "ACT", torch.float16)
+        monkeypatch.setattr(m, "graph_us", plain_us)
+    monkeypatch.setitem(sys.modules, "bandwidth", types.SimpleNamespace(
+        copy_bandwidth=lambda device: dict(bytes_per_s=1e10, caption="stub bandwidth")))

@@ -323,26 +323,14 @@ def test_interp_engine_decode_step_through_the_kernel(monkeypatch):
 
 
 def _sweep_on_cpu(monkeypatch):
-    """bench/dense_gemv_sweep.py on tiny shapes on the CPU: interpreted kernels, fp16, one plain call per timing
-    instead of a CUDA graph, a stub for the copy-bandwidth measurement."""
+    """bench/dense_gemv_sweep.py on a tiny shape on the CPU (conftest.sweep_on_cpu): interpreted kernels."""
     import sys
-    import time
-    import types
+
+    from conftest import sweep_on_cpu
 
     bench = _bench()
-
-    def plain_us(fn, calls, reps):
-        t = time.perf_counter()
-        fn(calls - 1)
-        return (time.perf_counter() - t) * 1e6
-
-    monkeypatch.setattr(bench, "DEVICE", "cpu")
-    monkeypatch.setattr(bench, "ACT", torch.float16)
-    monkeypatch.setattr(bench, "graph_us", plain_us)
-    monkeypatch.setattr(sys.modules["fp8_gemv_sweep"], "graph_us", plain_us)  # (its `measure` times the configs)
+    sweep_on_cpu(monkeypatch, bench, sys.modules["fp8_gemv_sweep"])  # (the FP8 sweep's `measure` times the configs)
     monkeypatch.setattr(bench, "shapes", lambda p: [dict(preset=p, name="lin", N=40, K=200, per_step=2)])
-    monkeypatch.setitem(sys.modules, "bandwidth", types.SimpleNamespace(
-        copy_bandwidth=lambda device: dict(bytes_per_s=1e10, caption="stub bandwidth")))
     return bench
 
 

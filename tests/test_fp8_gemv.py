@@ -138,32 +138,20 @@ def test_interp_rows_config_vs_reference_and_skips_foreign_rows(cfg):
 # --- bench/fp8_gemv_sweep.py's plumbing, interpreted on the CPU ---------------------------------------------
 
 def _sweep_bench(monkeypatch):
-    """The bench module on tiny shapes on the CPU: interpreted kernels, fp16, one plain call per timing
-    instead of a CUDA graph, a stub for the copy-bandwidth measurement."""
+    """The bench module on tiny shapes on the CPU (conftest.sweep_on_cpu): interpreted kernels."""
     import importlib.util
     import os
-    import sys
-    import time
-    import types
+
+    from conftest import sweep_on_cpu
 
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench", "fp8_gemv_sweep.py")
     spec = importlib.util.spec_from_file_location("fp8_gemv_sweep", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-
-    def plain_us(fn, calls, reps):
-        t = time.perf_counter()
-        fn(calls - 1)
-        return (time.perf_counter() - t) * 1e6
-
-    monkeypatch.setattr(bench, "DEVICE", "cpu")
-    monkeypatch.setattr(bench, "ACT", torch.float16)
-    monkeypatch.setattr(bench, "graph_us", plain_us)
+    sweep_on_cpu(monkeypatch, bench)
     monkeypatch.setattr(bench, "shapes_16b", lambda: [
         dict(name="lin", kind="linear", N=200, K=300, per_step=2, E=0, top_k=0),
         dict(name="rows", kind="rows", N=72, K=320, per_step=1, E=3, top_k=1)])  # torch._grouped_mm: 16-byte rows
-    monkeypatch.setitem(sys.modules, "bandwidth", types.SimpleNamespace(
-        copy_bandwidth=lambda device: dict(bytes_per_s=1e10, caption="stub bandwidth")))
     return bench
 
 

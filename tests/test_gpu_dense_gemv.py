@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import dsv3
 from dsv3 import kernels
 from dsv3.kernels.reference import dense_gemv_ref
 from dsv3.model.layers import Linear
@@ -88,28 +87,15 @@ def test_graphed_decode_step_with_the_switch_on_matches_off(compile):
     """A bf16 model's CUDA-graph decode step (compiled or not) with the dense GEMV switched on against the same
     step switched off (cuBLAS), teacher-forced on the same prompts: logits within 2%, top-1 equal on at least 2
     of 3 rows, and the kernel really ran while the graphs were built (replays run no Python)."""
-    from dsv3.inference.engine import Engine, SamplingParams
     from dsv3.kernels import dense_gemv_triton as k
+    from test_gpu_expert_gemv import decode_model_and_prompts, graphed_step_logits
 
-    cfg = dsv3.ModelConfig(vocab_size=512, hidden_size=256, intermediate_size=512, moe_intermediate_size=128,
-                           num_hidden_layers=3, first_k_dense_replace=1, num_attention_heads=4, q_lora_rank=64,
-                           kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
-                           n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2,
-                           max_position_embeddings=256, num_nextn_predict_layers=0, initializer_range=0.2)
-    m = dsv3.build_model(cfg, device="cuda", dtype=torch.bfloat16, seed=0)
-    g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in (9, 17, 40)]
+    m, prompts = decode_model_and_prompts()
 
     def step_logits(on: bool):
         old = kernels.set_dense_gemv(on)
         try:
-            eng = Engine(m, None, max_batch_size=4, cuda_graphs=True, compile_decode=compile)  # bucket 4: 4 rows
-            for p in prompts:
-                eng.add_request(p, SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True))
-            eng.step()  # prefill (9 rows and more: cuBLAS in both)
-            reqs = eng.running
-            args = ([[r.tokens[-1]] for r in reqs], [r.main_len for r in reqs], [r.blocks for r in reqs])
-            return eng._graphs.main(*args)[0][:, 0].float().clone()
+            return graphed_step_logits(m, prompts, compile_decode=compile)  # decode: the bucket's 4 rows
         finally:
             kernels.set_dense_gemv(old)
 

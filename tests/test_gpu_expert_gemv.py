@@ -68,13 +68,9 @@ def test_experts_gemv_path_vs_grouped(fp8, monkeypatch):
     assert _rel(got, ref) < 1e-2, _rel(got, ref)
 
 
-def test_graphed_decode_step_through_gemv_matches_grouped_path():
-    """A bf16 model's CUDA-graph decode step with the GEMV experts against the same step with the grouped path
-    (use_backend(expert_gemv="reference")), teacher-forced on the same prompts (free-running greedy tokens
-    part after the first bf16 near-tie: the GEMV rounds silu(gate) * up once, the grouped path three times):
-    logits within 2%, top-1 equal on at least 2 of 3 rows, and the GEMV path really ran in the graph."""
-    from dsv3.inference.engine import Engine, SamplingParams
-
+def decode_model_and_prompts():
+    """The bf16 micro model (16 experts top-4: a bucket of 4 rows has <= 16 pairs, the GEMV's limit) and the 3
+    prompts of the graphed decode-step tests (here and tests/test_gpu_dense_gemv.py)."""
     cfg = dsv3.ModelConfig(vocab_size=512, hidden_size=256, intermediate_size=512, moe_intermediate_size=128,
                            num_hidden_layers=3, first_k_dense_replace=1, num_attention_heads=4, q_lora_rank=64,
                            kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
@@ -82,16 +78,31 @@ def test_graphed_decode_step_through_gemv_matches_grouped_path():
                            max_position_embeddings=256, num_nextn_predict_layers=0, initializer_range=0.2)
     m = dsv3.build_model(cfg, device="cuda", dtype=torch.bfloat16, seed=0)
     g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in (9, 17, 40)]
+    return m, [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in (9, 17, 40)]
+
+
+def graphed_step_logits(m, prompts, **engine_kw) -> torch.Tensor:
+    """Prefill `prompts` eagerly, then one teacher-forced CUDA-graph decode step (bucket 4): its logits (3, V)."""
+    from dsv3.inference.engine import Engine, SamplingParams
+
+    eng = Engine(m, None, max_batch_size=4, cuda_graphs=True, **engine_kw)
+    for p in prompts:
+        eng.add_request(p, SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True))
+    eng.step()  # prefill (9 rows and more: the grouped experts and cuBLAS)
+    reqs = eng.running
+    args = ([[r.tokens[-1]] for r in reqs], [r.main_len for r in reqs], [r.blocks for r in reqs])
+    return eng._graphs.main(*args)[0][:, 0].float().clone()
+
+
+def test_graphed_decode_step_through_gemv_matches_grouped_path():
+    """A bf16 model's CUDA-graph decode step with the GEMV experts against the same step with the grouped path
+    (use_backend(expert_gemv="reference")), teacher-forced on the same prompts (free-running greedy tokens
+    part after the first bf16 near-tie: the GEMV rounds silu(gate) * up once, the grouped path three times):
+    logits within 2%, top-1 equal on at least 2 of 3 rows, and the GEMV path really ran in the graph."""
+    m, prompts = decode_model_and_prompts()
 
     def step_logits():
-        eng = Engine(m, None, max_batch_size=4, cuda_graphs=True)  # 3 (bucket 4) x 4 pairs <= 16 experts
-        for p in prompts:
-            eng.add_request(p, SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True))
-        eng.step()  # prefill (9 x 4 rows and more: the grouped path in both)
-        reqs = eng.running
-        args = ([[r.tokens[-1]] for r in reqs], [r.main_len for r in reqs], [r.blocks for r in reqs])
-        return eng._graphs.main(*args)[0][:, 0].float().clone()
+        return graphed_step_logits(m, prompts)
 
     calls, orig = [], Experts.forward_gemv
     Experts.forward_gemv = lambda self, *a: calls.append(1) or orig(self, *a)

@@ -182,7 +182,8 @@ def deterministic_mode(on: bool):
     (bench/RESULTS.md): without it two runs of `small` with one seed part within the first steps and end 1.8%
     apart in validation loss after 1,000 steps; with it two compiled bf16 runs of `small` were equal bit for
     bit over 150 steps, ~10% slower. tests/test_gpu_determinism.py checks eager bf16, eager FP8 and compiled
-    bf16 on a micro model; compiled FP8, --fp8-experts and several ranks are not checked."""
+    bf16 on a micro model; compiled FP8, --fp8-experts and several GPU ranks are not checked (two torchrun
+    ranks with FSDP on the CPU, gloo, repeat bit for bit)."""
     if not on:
         yield
         return

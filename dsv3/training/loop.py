@@ -215,10 +215,10 @@ def optimizer_step(strategy, opt, grad_clip: float, guard: NonFiniteGuard | None
 def run(task, strategy, opt, *, out_dir: str, step: int, tokens_seen: int, autocast, grad_clip: float,
         save, log_every: int = 1, eval_every: int = 0, eval_batches: int | None = None, save_every: int = 0,
         max_skipped_steps: int = MAX_SKIPPED_STEPS, progress: bool = True, plots: bool = True, use_tb: bool = True,
-        log=print) -> dict:
+        saves: bool = True, log=print) -> dict:
     """Run `task` from optimizer step `step` to task.total_steps. save(reason, step, tokens) writes a
-    checkpoint and returns its path (a collective on every rank), or returns None without writing (a run
-    without checkpoints; `save.writes` False says so up front). Returns the summary (every rank);
+    checkpoint and returns its path (a collective on every rank), or, with saves=False (a run without
+    checkpoints), writes nothing and returns None. Returns the summary (every rank);
     raises NonFiniteError after saving where max_skipped_steps consecutive steps were not finite."""
     say = strategy.log(log)
     total = task.total_steps
@@ -231,7 +231,7 @@ def run(task, strategy, opt, *, out_dir: str, step: int, tokens_seen: int, autoc
         if stop["flag"]:  # second Ctrl-C: give up immediately
             raise KeyboardInterrupt
         stop["flag"] = True
-        say("\ninterrupt: " + ("saving a checkpoint after this step" if getattr(save, "writes", True) else
+        say("\ninterrupt: " + ("saving a checkpoint after this step" if saves else
                                 "stopping after this step, without a checkpoint (--no-checkpoints)")
             + " (Ctrl-C again to abort)")
 

@@ -396,13 +396,11 @@ def _train(mc: ModelConfig | None, tc: TrainConfig, pcfg, log, strategy: Strateg
                                                     "train_config": asdict(tc), "schedule": sched},
                              tokenizer=tok, keep=tc.keep, final=reason != "periodic")
 
-    save.writes = tc.checkpoints
-
     return loop.run(task, strategy, opt, out_dir=tc.out_dir, step=step, tokens_seen=tokens_seen,
                     autocast=precision_recipe(precision, strategy.device), grad_clip=tc.grad_clip, save=save,
                     log_every=tc.log_every, eval_every=tc.eval_every if task.val is not None else 0,
                     eval_batches=tc.eval_batches, save_every=tc.save_every, max_skipped_steps=tc.max_skipped_steps,
-                    progress=tc.progress, plots=tc.plots, log=log)
+                    progress=tc.progress, plots=tc.plots, saves=tc.checkpoints, log=log)
 
 
 __all__ = ["Pretrain", "check_context", "check_memory", "get_tokenizer", "make_strategy", "schedule_of", "train"]
