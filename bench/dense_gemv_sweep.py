@@ -71,6 +71,8 @@ def shapes(name: str) -> list[dict]:
     if c.n_shared_experts and L > dense:
         shared = c.n_shared_experts * c.moe_intermediate_size
         lin += [("shared gate/up", shared, D, 2 * (L - dense)), ("shared down", D, shared, L - dense)]
+    if L > dense:  # the router's logits (Router.logits: the same kernel with an fp32 output; timed with bf16 out)
+        lin += [("router gate", c.n_routed_experts, D, L - dense)]
     lin += [("eh_proj (MTP)", D, 2 * D, 0), ("lm_head (not routed)", c.vocab_size, D, 0)]
     return [dict(preset=name, name=n, N=N, K=K, per_step=k) for n, N, K, k in lin]
 

@@ -29,6 +29,7 @@ from dsv3 import kernels
 from dsv3.kernels import backend as kb
 from dsv3.kernels.reference import dense_gemv_ref
 from dsv3.model.layers import Linear
+from dsv3.model.moe import MoE
 from tests.conftest import make_model, rand_ids, tiny_cfg
 from tests.test_fp8_experts import interp, numpy24_interpreter  # noqa: F401  (the fixture interp uses)
 
@@ -53,9 +54,9 @@ def cpu_rule(monkeypatch):
     monkeypatch.setattr(kb, "_fast_fits", lambda op, t: op == "dense_gemv" and len(t) == 2 and kb._dense_gemv_fits(*t))
     calls = []
 
-    def fake(x, w, *, backend=None):
-        calls.append((tuple(x.shape), w))
-        return F.linear(x, w) + 1
+    def fake(x, w, *, out_dtype=None, backend=None):
+        calls.append((tuple(x.shape), w) if out_dtype is None else (tuple(x.shape), w, out_dtype))
+        return F.linear(x, w) + 1 if out_dtype is None else F.linear(x.float(), w.float()).to(out_dtype) + 1
 
     monkeypatch.setattr(kernels, "dense_gemv", fake)
     return calls
@@ -78,6 +79,10 @@ def test_reference_is_an_fp32_linear_rounded_once():
         kernels.dense_gemv(x[..., :95], w)
     with pytest.raises(ValueError, match=r"w \(N, K\)"):
         kernels.dense_gemv(x, w[None])
+    assert torch.equal(kernels.dense_gemv(x, w, out_dtype=torch.float32), x.float() @ w.float().T)
+    assert torch.equal(kernels.dense_gemv(x, w, out_dtype=BF16), y)
+    with pytest.raises(TypeError, match="or float32"):
+        kernels.dense_gemv(x, w, out_dtype=torch.float16)
 
 
 def test_switch_is_off_by_default_and_the_overrides_win(monkeypatch):
@@ -161,14 +166,43 @@ def test_linear_takes_the_kernel_only_where_the_seam_picks_it(cpu_rule, switched
 
 def test_model_routes_every_projection_but_the_head(cpu_rule, switched_on):
     """A decode-sized forward of a bf16 model: every Linear of the blocks (attention projections, dense FFN,
-    shared experts) asks for the kernel, the output head (nn.Linear) and the routers (fp32) do not."""
+    shared experts) asks for the kernel, and every router for its fp32 logits; the output head (nn.Linear) does
+    not."""
     calls = cpu_rule
     model = make_model(tiny_cfg()).to(BF16).requires_grad_(False)
     with torch.no_grad():
         model(rand_ids(model.config, B=1, T=2), with_mtp=False)
     want = {id(m.weight) for name, m in model.named_modules() if type(m) is Linear and not name.startswith("mtp")}
-    assert {id(w) for _, w in calls} == want and len(calls) == len(want)
+    routers = {id(m.gate.weight) for name, m in model.named_modules()
+               if isinstance(m, MoE) and not name.startswith("mtp")}
+    cfg = model.config
+    assert {id(c[1]) for c in calls if len(c) == 2} == want
+    assert len(routers) == cfg.num_hidden_layers - cfg.first_k_dense_replace
+    assert {id(c[1]) for c in calls if len(c) == 3 and c[2] == torch.float32} == routers
+    assert len(calls) == len(want) + len(routers)
     assert type(model.lm_head) is nn.Linear and isinstance(model.mtp[0].eh_proj, Linear)
+
+
+def test_router_logits_through_the_kernel_are_the_fp32_linear(cpu_rule, switched_on):
+    """Router.logits: F.linear on fp32 copies, or the kernel's fp32 output from the 16-bit x and weight (the
+    products are exact in fp32: only the summation order may differ); the routing that follows is unchanged."""
+    calls = cpu_rule
+    cfg = tiny_cfg()
+    router = MoE(cfg).gate
+    with torch.no_grad():
+        router.weight.normal_(0, 0.05), router.e_score_correction_bias.zero_()
+    router.to(BF16).requires_grad_(False)
+    assert router.e_score_correction_bias.dtype == torch.float32 and router.weight.dtype == BF16
+    x = torch.randn(2, cfg.hidden_size, dtype=BF16)
+    want = F.linear(x.float(), router.weight.float())
+    with torch.no_grad():
+        got = router.logits(x)
+    assert got.dtype == torch.float32 and torch.allclose(got, want + 1)  # (the marker)
+    assert len(calls) == 1 and calls[0][2] == torch.float32
+    router.requires_grad_(True)
+    assert torch.equal(router.logits(x), want) and len(calls) == 1  # a trainable router: F.linear
+    with torch.no_grad():
+        assert torch.equal(router.float().logits(x.float()), want)  # fp32: not a decode dtype here
 
 
 def test_compiled_caller_follows_the_switch(cpu_rule):
@@ -270,6 +304,14 @@ def test_interp_op_shapes_and_compile_without_graph_break():
     xs = torch.randn(3, 272, generator=g).half()[:, ::2]  # K strided: copied to a contiguous x
     assert _rel(k.launch(xs, w), dense_gemv_ref(xs, w)) < 2e-3
     assert k.launch(torch.randn(0, 136).half(), w).shape == (0, 24)
+    # fp32 output (the router's logits): the fp32 sums of the 16-bit products, unrounded, compiled or not
+    f32 = lambda t: kernels.dense_gemv(t, w, out_dtype=torch.float32, backend="triton")  # noqa: E731
+    want = dense_gemv_ref(x, w, torch.float32)
+    assert want.dtype == torch.float32 and torch.equal(want, F.linear(x.float(), w.float()))
+    for got in (f32(x), torch.compile(f32, backend="aot_eager", fullgraph=True)(x)):
+        assert got.dtype == torch.float32 and got.shape == (2, 1, 24) and _rel(got, want) < 1e-6
+    with pytest.raises(TypeError, match="or float32"):
+        kernels.dense_gemv(x, w, out_dtype=torch.bfloat16, backend="triton")
     with pytest.raises(ValueError, match="K = 135"):  # the contract, checked by the launch on this path
         kernels.dense_gemv(x[..., :135], w, backend="triton")
     with pytest.raises(TypeError, match="one dtype"):
@@ -283,7 +325,8 @@ def test_interp_model_forward_through_the_kernel(monkeypatch):
     from dsv3.kernels import dense_gemv_triton as k
 
     launches, launch = [], k.launch
-    monkeypatch.setattr(k, "launch", lambda x, w, config=None: launches.append(w.shape) or launch(x, w, config))
+    monkeypatch.setattr(k, "launch", lambda x, w, config=None, out_dtype=None: launches.append(w.shape)
+                        or launch(x, w, config, out_dtype))
     model = make_model(tiny_cfg())
     ids = rand_ids(model.config, B=1, T=3)
     with torch.no_grad():
@@ -291,7 +334,8 @@ def test_interp_model_forward_through_the_kernel(monkeypatch):
         with kernels.use_backend(dense_gemv="triton"):
             got = model(ids, with_mtp=False).logits
     n_linears = sum(type(m) is Linear for name, m in model.named_modules() if not name.startswith("mtp"))
-    assert len(launches) == n_linears
+    n_routers = model.config.num_hidden_layers - model.config.first_k_dense_replace
+    assert len(launches) == n_linears + n_routers  # (the routers' logits: fp32 out)
     assert _rel(got, want) < 1e-5, _rel(got, want)
 
 
@@ -303,7 +347,8 @@ def test_interp_engine_decode_step_through_the_kernel(monkeypatch):
     from dsv3.kernels import dense_gemv_triton as k
 
     rows, launch = [], k.launch
-    monkeypatch.setattr(k, "launch", lambda x, w, config=None: rows.append(x.shape[0]) or launch(x, w, config))
+    monkeypatch.setattr(k, "launch", lambda x, w, config=None, out_dtype=None: rows.append(x.shape[0])
+                        or launch(x, w, config, out_dtype))
     model = make_model(tiny_cfg(num_nextn_predict_layers=0))
 
     def step_logits():

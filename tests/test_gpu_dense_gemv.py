@@ -82,6 +82,20 @@ def test_linear_takes_the_kernel_when_switched_on(switched_on, monkeypatch):
     assert len(launches) == 1
 
 
+@pytest.mark.parametrize("E,D", [(64, 2048), (256, 7168), (16, 192)])
+@pytest.mark.parametrize("M", [1, 4])
+def test_fp32_output_is_the_routers_fp32_linear(M, E, D):
+    """The router's logits (Router.logits): the kernel's fp32 output from bf16 x and weight is F.linear on fp32
+    copies up to the summation order (the bf16 products are exact in fp32)."""
+    g = torch.Generator(device="cuda").manual_seed(M + E)
+    w = (torch.randn(E, D, device="cuda", generator=g) * 0.02).bfloat16()
+    x = torch.randn(M, D, device="cuda", generator=g).bfloat16()
+    y = kernels.dense_gemv(x, w, out_dtype=torch.float32, backend="triton")
+    want = F.linear(x.float(), w.float())
+    assert y.dtype == torch.float32 and y.shape == (M, E)
+    assert (y - want).abs().max().item() < 1e-4 * want.abs().max().item()
+
+
 @pytest.mark.parametrize("compile", [False, True])
 def test_graphed_decode_step_with_the_switch_on_matches_off(compile):
     """A bf16 model's CUDA-graph decode step (compiled or not) with the dense GEMV switched on against the same
@@ -101,7 +115,7 @@ def test_graphed_decode_step_with_the_switch_on_matches_off(compile):
 
     ref = step_logits(False)
     launches, launch = [], k.launch
-    k.launch = lambda x, w, config=None: launches.append(x.shape) or launch(x, w, config)
+    k.launch = lambda x, w, config=None, out_dtype=None: launches.append(x.shape) or launch(x, w, config, out_dtype)
     try:
         got = step_logits(True)
     finally:

@@ -72,19 +72,22 @@ def expert_gemv(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None, expert
     return reference.expert_gemv_ref(x, w, s, expert, x_div, up, up_s)
 
 
-def dense_gemv(x: torch.Tensor, w: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+def dense_gemv(x: torch.Tensor, w: torch.Tensor, *, out_dtype: torch.dtype | None = None,
+               backend: str | None = None) -> torch.Tensor:
     """y (..., N) = x (..., K) · w (N, K)ᵀ, w in x's dtype (bf16 / fp16 / fp32), no bias (the contract:
-    `reference.dense_gemv_ref`, fp32 sums, one rounding). "triton": the decode GEMV (dense_gemv_triton.py, a
+    `reference.dense_gemv_ref`, fp32 sums, one rounding to `out_dtype`: None for x's dtype, float32 for the
+    unrounded sums, the router's logits). "triton": the decode GEMV (dense_gemv_triton.py, a
     custom op: opaque to torch.compile, capturable in a CUDA graph), for up to 4 rows; no backward. The
     automatic choice takes it only while switched on (`set_dense_gemv`); the model's dense linears ask
     `select_backend("dense_gemv", x, w)` first and run F.linear otherwise (dsv3/model/layers.py `Linear`)."""
     if select_backend("dense_gemv", x, w, backend=backend) == "triton":  # (its launch checks the arguments)
         from dsv3.kernels.dense_gemv_triton import dense_gemv_op
 
-        y = dense_gemv_op(x.reshape(math.prod(x.shape[:-1]), x.shape[-1]), w)  # (M, N)
+        reference.check_dense_gemv_args(x, w, out_dtype=out_dtype)  # (before the op: a clear error, not its schema's)
+        y = dense_gemv_op(x.reshape(math.prod(x.shape[:-1]), x.shape[-1]), w, out_dtype == torch.float32)  # (M, N)
         return y.view(*x.shape[:-1], y.shape[-1])
-    reference.check_dense_gemv_args(x, w)
-    return reference.dense_gemv_ref(x, w)
+    reference.check_dense_gemv_args(x, w, out_dtype=out_dtype)
+    return reference.dense_gemv_ref(x, w, out_dtype)
 
 
 def set_dense_gemv(on: bool) -> bool:

@@ -1,5 +1,6 @@
 """The dense decode GEMV (Triton): y (M, N) = x (M, K) · w (N, K)ᵀ for a handful of rows (decode, batch 1-4),
-w bf16 / fp16 / fp32 in x's dtype, fp32 accumulation, one rounding to x's dtype. No bias (no DeepSeek-V3
+w bf16 / fp16 / fp32 in x's dtype, fp32 accumulation, one rounding to x's dtype (or none: fp32 output, the
+router's logits: dsv3/model/moe.py `Router.logits`). No bias (no DeepSeek-V3
 projection has one). The specification is `dsv3.kernels.reference.dense_gemv_ref`.
 
 Why: at batch 1 the 16b model's dense bf16 projections (q_proj 2048->3072, o_proj 2048->2048, the shared
@@ -63,10 +64,11 @@ def default_config(M: int, N: int, K: int) -> dict:
     return cfg
 
 
-def launch(x: torch.Tensor, w: torch.Tensor, config: dict | None = None) -> torch.Tensor:
-    """y (M, N) = x (M, K) · w (N, K)ᵀ in x's dtype; `config` (BM, BN, KU, num_warps, num_stages) replaces
-    `default_config` (the sweep, tests)."""
-    check_dense_gemv_args(x, w, kernel=True)
+def launch(x: torch.Tensor, w: torch.Tensor, config: dict | None = None,
+           out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """y (M, N) = x (M, K) · w (N, K)ᵀ in `out_dtype` (None: x's dtype; float32: the fp32 sums unrounded, the
+    router's logits); `config` (BM, BN, KU, num_warps, num_stages) replaces `default_config` (the sweep, tests)."""
+    check_dense_gemv_args(x, w, kernel=True, out_dtype=out_dtype)
     M, K = x.shape
     N = w.shape[0]
     cfg = config or default_config(M, N, K)
@@ -75,7 +77,7 @@ def launch(x: torch.Tensor, w: torch.Tensor, config: dict | None = None) -> torc
         f"dense GEMV config: BM 1/2/4, BN in {BNS}, KU >= 1, num_stages 1/2; got {cfg}"
     x = x if x.stride(-1) == 1 else x.contiguous()  # rows may be strided; K must be contiguous
     w = w.contiguous()
-    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    y = torch.empty(M, N, dtype=out_dtype or x.dtype, device=x.device)  # the kernel's store rounds to y's dtype
     if M == 0 or N == 0:
         return y
     if K == 0:
@@ -93,10 +95,10 @@ def launch(x: torch.Tensor, w: torch.Tensor, config: dict | None = None) -> torc
 # graph at every projection), a CUDA graph captures the launch. The config is chosen inside, on the host from the
 # shapes: no device work, nothing for a graph to miss.
 @torch.library.custom_op("dsv3::dense_gemv", mutates_args=())
-def dense_gemv_op(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return launch(x, w)
+def dense_gemv_op(x: torch.Tensor, w: torch.Tensor, out_fp32: bool = False) -> torch.Tensor:
+    return launch(x, w, out_dtype=torch.float32 if out_fp32 else None)
 
 
 @dense_gemv_op.register_fake
-def _(x, w):
-    return x.new_empty(x.shape[0], w.shape[0])
+def _(x, w, out_fp32=False):
+    return x.new_empty(x.shape[0], w.shape[0], dtype=torch.float32 if out_fp32 else x.dtype)

@@ -250,9 +250,13 @@ def fp8_expert_rows_ref(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, exper
 DENSE_GEMV_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-def check_dense_gemv_args(x: torch.Tensor, w: torch.Tensor, kernel: bool = False) -> None:
+def check_dense_gemv_args(x: torch.Tensor, w: torch.Tensor, kernel: bool = False,
+                          out_dtype: torch.dtype | None = None) -> None:
     """The dense GEMV's argument contract (both backends): w (N, K) in x's dtype, one of DENSE_GEMV_DTYPES, K
-    agrees; for the Triton kernel (`kernel`) x (M, K) with its K contiguous."""
+    agrees; the output in x's dtype or fp32 (`out_dtype`); for the Triton kernel (`kernel`) x (M, K) with its K
+    contiguous."""
+    if out_dtype not in (None, x.dtype, torch.float32):
+        raise TypeError(f"dense GEMV: the output in x's dtype ({x.dtype}) or float32, got {out_dtype}")
     if w.dim() != 2 or x.dim() < 1:
         raise ValueError(f"dense GEMV: x (..., K) and w (N, K), got {tuple(x.shape)} and {tuple(w.shape)}")
     if x.dtype not in DENSE_GEMV_DTYPES or w.dtype != x.dtype:
@@ -263,11 +267,12 @@ def check_dense_gemv_args(x: torch.Tensor, w: torch.Tensor, kernel: bool = False
         raise ValueError(f"dense GEMV kernel: x (M, K), got {tuple(x.shape)}")
 
 
-def dense_gemv_ref(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def dense_gemv_ref(x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """y (..., N) = x (..., K) · w (N, K)ᵀ (dsv3/kernels/dense_gemv_triton.py): fp32 products and sums, one
-    rounding to x's dtype. (The model's dense linears run F.linear where the kernel does not, bit for bit
-    nn.Linear; on the GPU cuBLAS's bf16 GEMM also sums in fp32, in its own order.)"""
-    return F.linear(x.float(), w.float()).to(x.dtype)
+    rounding to `out_dtype` (None: x's dtype; float32: no rounding, the router's logits). (The model's dense
+    linears run F.linear where the kernel does not, bit for bit nn.Linear; on the GPU cuBLAS's bf16 GEMM also
+    sums in fp32, in its own order.)"""
+    return F.linear(x.float(), w.float()).to(out_dtype or x.dtype)
 
 
 def check_expert_gemv_args(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None,

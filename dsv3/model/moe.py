@@ -123,9 +123,19 @@ class Router(nn.Module):
             self._buffers["e_score_correction_bias"] = bias.to(device=new.device, dtype=torch.float32)
         return self
 
+    def logits(self, x_ND: torch.Tensor) -> torch.Tensor:
+        """x (N, D) -> x · Wᵀ (N, E) in fp32. F.linear on fp32 copies; or, where the dense decode GEMV runs (a
+        bf16 engine's decode step with the switch on: kernels.set_dense_gemv), the same sum straight from the
+        16-bit x and W: a product of two bf16 numbers is exact in fp32, so only the summation order differs,
+        and the step saves the weight's per-step fp32 cast and cuBLAS's fp32 dot + reduce (three launches
+        per layer, 0.16 ms of a 3.5 ms 16b step with the router kernel: bench/RESULTS.md, 2026-12-04)."""
+        if kernels.select_backend("dense_gemv", x_ND, self.weight) == "triton":
+            return kernels.dense_gemv(x_ND, self.weight, out_dtype=torch.float32, backend="triton")
+        return F.linear(x_ND.float(), self.weight.float())
+
     def forward(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (N, D) -> weights (N, K) fp32, indices (N, K) int64, affinities s (N, E) fp32."""
-        logits_NE = F.linear(x_ND.float(), self.weight.float())
+        logits_NE = self.logits(x_ND)
         # the routing formula of the module docstring (kernels.reference.router_topk_ref), one fused
         # kernel on the GPU; gradients reach the weight through s (the selection has none)
         return kernels.router_topk(logits_NE, self.e_score_correction_bias, self.top_k, self.n_group,
