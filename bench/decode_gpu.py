@@ -14,11 +14,13 @@ Greedy, 128-token random prompts, --new tokens per request, no speculation (rand
 drafts meaningless).
 
 Mode suffixes (any order, on any mode): +nogemv, the routed experts without their decode GEMV; +densegemv, the
-dense bf16 linears (attention projections, dense FFN, shared experts) through the dense decode GEMV
-(kernels.set_dense_gemv(True), off by default) instead of cuBLAS. Before and after in one run:
+dense bf16 linears (attention projections, dense FFN, shared experts) and the routers' logits through the dense
+decode GEMV (kernels.set_dense_gemv(True), off by default) instead of cuBLAS; +headgemv, absorbed MLA's W_UK /
+W_UV products through the per-head decode GEMV (kernels.set_head_gemv(True), off by default) instead of the
+einsums' batched GEMMs. Before and after in one run:
 
     PYTHONPATH=. python bench/decode_gpu.py --preset 16b --batches 1,2,4 \
-        --modes graphs+compile,graphs+compile+densegemv
+        --modes graphs+compile,graphs+compile+densegemv,graphs+compile+headgemv,graphs+compile+densegemv+headgemv
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from dsv3.model.fp8 import FP8Linear  # noqa: E402
 from dsv3.info import model_info  # noqa: E402
 from bandwidth import copy_bandwidth  # noqa: E402  (bench/bandwidth.py)
 
-MODE_FLAGS = ("+nogemv", "+densegemv")  # kernel choices a mode may add to its path, in any order
+MODE_FLAGS = ("+nogemv", "+densegemv", "+headgemv")  # kernel choices a mode may add to its path, in any order
 
 
 def split_mode(mode: str) -> tuple[str, set[str]]:
@@ -79,7 +81,8 @@ def main() -> None:
                          "the Triton FP8 GEMMs; put it last: it quantizes the model in place); any mode + '+nogemv': "
                          "the routed experts without the decode GEMV kernel (kernels.expert_gemv), as before it; "
                          "any mode + '+densegemv': the dense bf16 linears through the dense decode GEMV "
-                         "(kernels.set_dense_gemv(True)) instead of cuBLAS")
+                         "(kernels.set_dense_gemv(True)) instead of cuBLAS; any mode + '+headgemv': absorbed MLA's "
+                         "per-head products through the per-head GEMV (kernels.set_head_gemv(True))")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("decode_gpu.py: CUDA is not available; this benchmark runs on a GPU")
@@ -122,6 +125,7 @@ def main() -> None:
         # +densegemv: the dense linears through kernels.dense_gemv (process-wide; every mode sets it, so a mode
         # without the flag runs cuBLAS again; a compiled step recompiles on the change, new graphs capture it)
         kernels.set_dense_gemv("+densegemv" in flags)
+        kernels.set_head_gemv("+headgemv" in flags)  # (the same for absorbed MLA's per-head products)
         with attention, gemv:
             if base != "eager":  # capture the buckets this run uses before timing (a server does this at start-up)
                 eng.generate(prompts, SamplingParams(max_new_tokens=args.new, temperature=0, ignore_eos=True))
@@ -147,6 +151,7 @@ def main() -> None:
             print(f"| {card} | dsv3 {mode} | {B} | {ttft * 1e3:.1f} | {n / dt:,.1f} | {dt / steps * 1e3:.1f} | "
                   f"{roof * 1e3:.2f} | {roof / (dt / steps):.1%} |", flush=True)
     kernels.set_dense_gemv(False)
+    kernels.set_head_gemv(False)
     del model, eng
     torch.cuda.empty_cache()
     if args.hf:

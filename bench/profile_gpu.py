@@ -125,11 +125,13 @@ def train(shape: str, variant: str, steps: int) -> None:
     torch.cuda.empty_cache()
 
 
-def decode(batches: list[int], preset: str, fp8: bool = False, dense_gemv: bool = False) -> None:
+def decode(batches: list[int], preset: str, fp8: bool = False, dense_gemv: bool = False,
+           head_gemv: bool = False) -> None:
     from dsv3 import kernels
     from dsv3.inference.engine import Engine, SamplingParams
 
     kernels.set_dense_gemv(dense_gemv)  # the dense linears through the decode GEMV (dense_gemv_triton.py) or cuBLAS
+    kernels.set_head_gemv(head_gemv)  # absorbed MLA's per-head products through head_gemv_triton.py or the einsums
     cfg = dsv3.preset(preset).replace(num_nextn_predict_layers=0)
     torch.manual_seed(0)
     model = dsv3.build_model(cfg, device="cuda", dtype=torch.bfloat16)  # experts "auto": as the engine serves
@@ -155,7 +157,8 @@ def decode(batches: list[int], preset: str, fp8: bool = False, dense_gemv: bool 
                 eng.step()
             torch.cuda.synchronize()
         wall = (time.perf_counter() - t) / n
-        print(f"\n## decode {preset}{' fp8' if fp8 else ''}{' dense-gemv' if dense_gemv else ''} batch {B} "
+        print(f"\n## decode {preset}{' fp8' if fp8 else ''}{' dense-gemv' if dense_gemv else ''}"
+              f"{' head-gemv' if head_gemv else ''} batch {B} "
               f"(graphs+compile): wall {wall * 1e3:.2f} ms/step (under the profiler)")
         summarize(prof, n, top=30)
         while eng.has_unfinished():
@@ -163,6 +166,7 @@ def decode(batches: list[int], preset: str, fp8: bool = False, dense_gemv: bool 
         del eng
     del model
     kernels.set_dense_gemv(False)
+    kernels.set_head_gemv(False)
     torch._dynamo.reset()
     torch.cuda.empty_cache()
 
@@ -174,6 +178,8 @@ def main() -> None:
     ap.add_argument("--decode-fp8", action="store_true")
     ap.add_argument("--dense-gemv", action="store_true", help="decode with kernels.set_dense_gemv(True): the dense "
                     "bf16 linears through the Triton decode GEMV instead of cuBLAS")
+    ap.add_argument("--head-gemv", action="store_true", help="decode with kernels.set_head_gemv(True): absorbed MLA's "
+                    "W_UK / W_UV products through the Triton per-head GEMV instead of the einsums")
     ap.add_argument("--preset", default="16b")
     ap.add_argument("--steps", type=int, default=5)
     args = ap.parse_args()
@@ -182,7 +188,8 @@ def main() -> None:
         shape, variant = item.split(":")
         train(shape, variant, args.steps)
     if args.decode:
-        decode([int(b) for b in args.decode.split(",")], args.preset, args.decode_fp8, args.dense_gemv)
+        decode([int(b) for b in args.decode.split(",")], args.preset, args.decode_fp8, args.dense_gemv,
+               args.head_gemv)
 
 
 if __name__ == "__main__":

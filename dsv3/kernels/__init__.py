@@ -14,6 +14,8 @@ optional.
     expert_gemv                                         "triton" (expert_gemv_triton.py)
     dense_gemv                                          "triton" (dense_gemv_triton.py; off until
                                                         switched on: set_dense_gemv)
+    head_gemv                                           "triton" (head_gemv_triton.py; off until
+                                                        switched on: set_head_gemv)
     mla_decode                                          "triton" (mla_decode_triton.py)
     adamw_step_                                         "triton" (adamw_triton.py)
     router_topk                                         "triton" (router_triton.py)
@@ -41,15 +43,14 @@ from dsv3.kernels.backend import use_backend
 from dsv3.kernels.fp8 import (act_quant_cm, act_quant_t, fp8_expert_rows, fp8_gemm_bwd, fp8_gemm_fwd,
                               fp8_grouped_gemm_bwd, fp8_grouped_gemm_fwd, fp8_weight_linear, weight_quant_pad)
 from dsv3.kernels.reference import (BLOCK, FP8_MAX, act_dequant, act_quant, dense_gemv_ref, expert_gemv_ref,
-                                    mla_decode_ref, router_topk_ref, weight_dequant, weight_quant)
+                                    head_gemv_ref, mla_decode_ref, router_topk_ref, weight_dequant, weight_quant)
 
 __all__ = ["BLOCK", "FP8_MAX", "act_dequant", "act_quant", "act_quant_cm", "act_quant_t", "adamw_backend",
            "adamw_step_", "attention", "backend_available", "dense_gemv", "dense_gemv_ref", "expert_gemv",
-           "expert_gemv_ref", "fp8_expert_rows",
-           "fp8_gemm_bwd", "fp8_gemm_fwd",
-           "fp8_grouped_gemm_bwd", "fp8_grouped_gemm_fwd", "fp8_weight_linear", "mla_decode", "mla_decode_ref",
-           "router_topk", "router_topk_ref", "select_backend", "set_dense_gemv", "use_backend", "weight_dequant",
-           "weight_quant", "weight_quant_pad"]
+           "expert_gemv_ref", "fp8_expert_rows", "fp8_gemm_bwd", "fp8_gemm_fwd", "fp8_grouped_gemm_bwd",
+           "fp8_grouped_gemm_fwd", "fp8_weight_linear", "head_gemv", "head_gemv_ref", "mla_decode", "mla_decode_ref",
+           "router_topk", "router_topk_ref", "select_backend", "set_dense_gemv", "set_head_gemv", "use_backend",
+           "weight_dequant", "weight_quant", "weight_quant_pad"]
 
 
 def expert_gemv(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None, expert: torch.Tensor, x_div: int = 1,
@@ -88,6 +89,31 @@ def dense_gemv(x: torch.Tensor, w: torch.Tensor, *, out_dtype: torch.dtype | Non
         return y.view(*x.shape[:-1], y.shape[-1])
     reference.check_dense_gemv_args(x, w, out_dtype=out_dtype)
     return reference.dense_gemv_ref(x, w, out_dtype)
+
+
+def head_gemv(x: torch.Tensor, w: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """y (..., H, N) = einsum("...hk,hnk->...hn", x (..., H, K), w (H, N, K)): each head's rows times its own
+    matrix, w in x's dtype (the contract: `reference.head_gemv_ref`, fp32 sums, one rounding). "triton": the
+    per-head decode GEMV (head_gemv_triton.py, a custom op), for up to 4 rows, w read along K or N as it is
+    stored (absorbed MLA's W_UV and W_UKᵀ, views of kv_b_proj's weight); no backward. The automatic choice takes
+    it only while switched on (`set_head_gemv`); MLA.forward_absorbed asks `select_backend("head_gemv", x, w)`
+    and runs its einsums otherwise."""
+    if select_backend("head_gemv", x, w, backend=backend) == "triton":
+        from dsv3.kernels.head_gemv_triton import head_gemv_op
+
+        reference.check_head_gemv_args(x, w)
+        y = head_gemv_op(x.reshape(math.prod(x.shape[:-2]), *x.shape[-2:]), w)  # (M, H, N)
+        return y.view(*x.shape[:-1], w.shape[1])
+    reference.check_head_gemv_args(x, w)
+    return reference.head_gemv_ref(x, w)
+
+
+def set_head_gemv(on: bool) -> bool:
+    """Let the automatic choice take the per-head decode GEMV (`head_gemv`: absorbed MLA's W_UK / W_UV products)
+    wherever its rule holds (CUDA, bf16/fp16, at most 4 rows, no autograd: backend.py), process-wide; returns
+    the previous setting. DEFAULT OFF until measured faster than the einsums' cuBLAS batched GEMMs on the GPU
+    (bench/decode_gpu.py's +headgemv modes). As `set_dense_gemv` for compiled steps and CUDA graphs."""
+    return _switch("head_gemv", on)
 
 
 def set_dense_gemv(on: bool) -> bool:

@@ -13,6 +13,10 @@ never probe the GPU themselves.
     dense_gemv        "triton"              switched on (SWITCHED, kernels.set_dense_gemv; off by default);
                                             bf16/fp16 x, at most DENSE_GEMV_ROWS rows, w (N, K) contiguous
                                             in x's dtype, no autograd through x or w, no CUDA autocast
+    head_gemv         "triton"              switched on (SWITCHED, kernels.set_head_gemv; off by default);
+                                            bf16/fp16 x (..., H, K) K-contiguous, at most DENSE_GEMV_ROWS
+                                            rows, w (H, N, K) in x's dtype with K or N contiguous, no
+                                            autograd through x or w, no CUDA autocast
     mla_decode        "triton"              -
     adamw             "triton"              -
     router_topk       "triton"              fp32 logits (24/24 GPU tests on an H200, 2026-12-04; 4.8-12x the reference)
@@ -30,7 +34,7 @@ Overrides, for tests and benchmarks:
     `use_backend(mla_decode="reference")` (or another op's accelerated backend) one op's. Process-wide;
     a torch.compile'd caller sees the setting it was traced under (its guards recompile on a change);
   * `switch(op, on)` turns the automatic rule of an op of SWITCHED (off by default) on or off, process-wide
-    (kernels.set_dense_gemv); the two overrides above still win.
+    (kernels.set_dense_gemv, kernels.set_head_gemv); the two overrides above still win.
 
 Cost: the probes (triton import, F.scaled_mm, one capability query per device) are memoised, so a
 choice is a few attribute reads on the host: no device work, no sync.
@@ -51,6 +55,7 @@ FAST = {  # op -> its accelerated backend
     "fp8_expert_rows": "triton",
     "expert_gemv": "triton",
     "dense_gemv": "triton",
+    "head_gemv": "triton",
     "mla_decode": "triton",
     "adamw": "triton",
     "router_topk": "triton",
@@ -63,7 +68,7 @@ PENDING: set[str] = set()
 # tests) but not yet measured faster than what runs without them. The dense GEMV against cuBLAS's F.linear for
 # the model's dense bf16 linears at decode: kernels.set_dense_gemv(True) until bench/dense_gemv_sweep.py and
 # bench/decode_gpu.py's +densegemv modes have shown it faster on an H200. Process-wide, like use_backend.
-SWITCHED: dict[str, bool] = {"dense_gemv": False}
+SWITCHED: dict[str, bool] = {"dense_gemv": False, "head_gemv": False}
 # Up to these many activation rows the Triton FP8-weight kernels run (decode; above, prefill:
 # dequantise + cuBLAS): the dense GEMV / 16-row-tile GEMM and the per-routed-row expert GEMV.
 DENSE_DECODE_ROWS = 64
@@ -133,6 +138,18 @@ def _dense_gemv_fits(x: torch.Tensor, w: torch.Tensor) -> bool:
             and not (torch.is_grad_enabled() and w.requires_grad) and not torch.is_autocast_enabled("cuda"))
 
 
+def _head_gemv_fits(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """The per-head GEMV's per-call rule: decode-sized 16-bit x (..., H, K) with its K contiguous, w (H, N, K) in
+    x's dtype read along K or N (absorbed MLA's W_UV, W_UKᵀ), no gradient through either, no CUDA autocast."""
+    if x.dim() < 2 or w.dim() != 3 or w.dtype != x.dtype or (x.stride(-1) != 1 and x.shape[-1] > 1):
+        return False
+    rows = x.numel() // max(x.shape[-1] * x.shape[-2], 1)
+    return (x.dtype in (torch.bfloat16, torch.float16) and rows <= DENSE_GEMV_ROWS
+            and (w.stride(2) == 1 or w.stride(1) == 1)
+            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+            and not torch.is_autocast_enabled("cuda"))
+
+
 def available(op: str, device: torch.device | str = "cuda") -> bool:
     """Whether `op`'s accelerated backend can run on `device` at all (libraries and GPU capability;
     not the per-call shape conditions). For tests and benchmarks deciding what to skip."""
@@ -159,6 +176,8 @@ def _fast_fits(op: str, tensors: tuple[torch.Tensor, ...]) -> bool:
         return _decode_fits(tensors[0], EXPERT_DECODE_ROWS)
     if op == "dense_gemv":
         return len(tensors) == 2 and _dense_gemv_fits(*tensors)
+    if op == "head_gemv":
+        return len(tensors) == 2 and _head_gemv_fits(*tensors)
     if op == "router_topk":
         return tensors[0].dtype == torch.float32
     return True

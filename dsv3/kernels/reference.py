@@ -275,6 +275,32 @@ def dense_gemv_ref(x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype | No
     return F.linear(x.float(), w.float()).to(out_dtype or x.dtype)
 
 
+# --- the per-head decode GEMV (absorbed MLA's W_UK / W_UV products) -------------------------------------------
+
+def check_head_gemv_args(x: torch.Tensor, w: torch.Tensor, kernel: bool = False) -> None:
+    """The per-head GEMV's argument contract (both backends): x (..., H, K), w (H, N, K) in x's dtype, one of
+    DENSE_GEMV_DTYPES, H and K agree; for the Triton kernel (`kernel`) x (M, H, K) with its K contiguous and w
+    with its K or its N contiguous."""
+    if w.dim() != 3 or x.dim() < 2:
+        raise ValueError(f"head GEMV: x (..., H, K) and w (H, N, K), got {tuple(x.shape)} and {tuple(w.shape)}")
+    if x.dtype not in DENSE_GEMV_DTYPES or w.dtype != x.dtype:
+        raise TypeError(f"head GEMV: x and w of one dtype among {DENSE_GEMV_DTYPES}, got {x.dtype} and {w.dtype}")
+    if x.shape[-2] != w.shape[0] or x.shape[-1] != w.shape[2]:
+        raise ValueError(f"head GEMV: x has H, K = {tuple(x.shape[-2:])}, w (H, N, K) = {tuple(w.shape)}")
+    if kernel:
+        if x.dim() != 3 or (x.stride(2) != 1 and x.shape[2] > 1):
+            raise ValueError(f"head GEMV kernel: x (M, H, K) with K contiguous, got {tuple(x.shape)} strides "
+                             f"{x.stride()}")
+        if w.stride(2) != 1 and w.stride(1) != 1 and w.shape[1] > 1 and w.shape[2] > 1:
+            raise ValueError(f"head GEMV kernel: w (H, N, K) with K or N contiguous, got strides {w.stride()}")
+
+
+def head_gemv_ref(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """y (..., H, N) = einsum("...hk,hnk->...hn", x, w) (dsv3/kernels/head_gemv_triton.py): head h's rows times
+    its own matrix w[h]ᵀ; fp32 products and sums, one rounding to x's dtype."""
+    return torch.einsum("...hk,hnk->...hn", x.float(), w.float()).to(x.dtype)
+
+
 def check_expert_gemv_args(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None,
                            up: torch.Tensor | None = None, up_s: torch.Tensor | None = None,
                            kernel: bool = False) -> None:

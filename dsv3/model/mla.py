@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dsv3 import kernels
 from dsv3.config import ModelConfig, softmax_scale
 from dsv3.kernels import attention
 from dsv3.model.layers import Linear, RMSNorm
@@ -168,7 +169,13 @@ class MLA(nn.Module):
         q_nope, q_pe = self.query(x, cos, sin)  # (B, T, H, nope), (B, T, H, rope)
         c_kv, k_pe = self.latent(x, cos, sin)  # (B, T, C), (B, T, rope)
         w_uk, w_uv = self.kv_b_weights(q_nope.dtype)
-        q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)  # (B, T, H, C)
+        # at decode sizes, where switched on (kernels.set_head_gemv), each head's product is the per-head GEMV
+        # reading its matrix where it lies (W_UKᵀ along C, W_UV along C): the same sums, in another order
+        w_uk_t = w_uk.transpose(1, 2)  # (H, C, nope)
+        if kernels.select_backend("head_gemv", q_nope, w_uk_t) == "triton":
+            q_lat = kernels.head_gemv(q_nope, w_uk_t, backend="triton")  # (B, T, H, C)
+        else:
+            q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)  # (B, T, H, C)
         if getattr(cache, "fused_decode", False):
             cache.store(c_kv, k_pe)
             o_lat = cache.attend(q_lat, q_pe, self.scale)  # (B, T, H, C), query t causal over its sequence
@@ -179,5 +186,8 @@ class MLA(nn.Module):
             scores = scores.masked_fill(~mask, float("-inf"))
             p = scores.softmax(-1)
             o_lat = torch.einsum("bhts,bsc->bthc", p, kv_all.float()).to(x.dtype)  # (B, T, H, C)
-        o = torch.einsum("bthc,hdc->bthd", o_lat, w_uv)  # (B, T, H, v)
+        if kernels.select_backend("head_gemv", o_lat, w_uv) == "triton":
+            o = kernels.head_gemv(o_lat, w_uv, backend="triton")  # (B, T, H, v)
+        else:
+            o = torch.einsum("bthc,hdc->bthd", o_lat, w_uv)  # (B, T, H, v)
         return self.o_proj(o.reshape(B, T, self.n_heads * self.v_dim))
