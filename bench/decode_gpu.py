@@ -17,10 +17,13 @@ Mode suffixes (any order, on any mode): +nogemv, the routed experts without thei
 dense bf16 linears (attention projections, dense FFN, shared experts) and the routers' logits through the dense
 decode GEMV (kernels.set_dense_gemv(True), off by default) instead of cuBLAS; +headgemv, absorbed MLA's W_UK /
 W_UV products through the per-head decode GEMV (kernels.set_head_gemv(True), off by default) instead of the
-einsums' batched GEMMs. Before and after in one run:
+einsums' batched GEMMs; +latentstore, the decode step's latent RMSNorm + RoPE + cache write as one kernel
+(kernels.set_latent_store(True), off by default) instead of the compiled norm and RoPE and two index_copy launches.
+Before and after in one run:
 
-    PYTHONPATH=. python bench/decode_gpu.py --preset 16b --batches 1,2,4 \
-        --modes graphs+compile,graphs+compile+densegemv,graphs+compile+headgemv,graphs+compile+densegemv+headgemv
+    PYTHONPATH=. python bench/decode_gpu.py --preset 16b --batches 1,2,4 --modes graphs+compile,\
+graphs+compile+densegemv,graphs+compile+headgemv,graphs+compile+latentstore,\
+graphs+compile+densegemv+headgemv+latentstore
 """
 
 from __future__ import annotations
@@ -43,7 +46,8 @@ from dsv3.model.fp8 import FP8Linear  # noqa: E402
 from dsv3.info import model_info  # noqa: E402
 from bandwidth import copy_bandwidth  # noqa: E402  (bench/bandwidth.py)
 
-MODE_FLAGS = ("+nogemv", "+densegemv", "+headgemv")  # kernel choices a mode may add to its path, in any order
+# kernel choices a mode may add to its path, in any order
+MODE_FLAGS = ("+nogemv", "+densegemv", "+headgemv", "+latentstore")
 
 
 def split_mode(mode: str) -> tuple[str, set[str]]:
@@ -82,7 +86,9 @@ def main() -> None:
                          "the routed experts without the decode GEMV kernel (kernels.expert_gemv), as before it; "
                          "any mode + '+densegemv': the dense bf16 linears through the dense decode GEMV "
                          "(kernels.set_dense_gemv(True)) instead of cuBLAS; any mode + '+headgemv': absorbed MLA's "
-                         "per-head products through the per-head GEMV (kernels.set_head_gemv(True))")
+                         "per-head products through the per-head GEMV (kernels.set_head_gemv(True)); any mode + "
+                         "'+latentstore': the latent norm + RoPE + cache write as one kernel "
+                         "(kernels.set_latent_store)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("decode_gpu.py: CUDA is not available; this benchmark runs on a GPU")
@@ -126,6 +132,7 @@ def main() -> None:
         # without the flag runs cuBLAS again; a compiled step recompiles on the change, new graphs capture it)
         kernels.set_dense_gemv("+densegemv" in flags)
         kernels.set_head_gemv("+headgemv" in flags)  # (the same for absorbed MLA's per-head products)
+        kernels.set_latent_store("+latentstore" in flags)  # (and the fused latent store)
         with attention, gemv:
             if base != "eager":  # capture the buckets this run uses before timing (a server does this at start-up)
                 eng.generate(prompts, SamplingParams(max_new_tokens=args.new, temperature=0, ignore_eos=True))
@@ -152,6 +159,7 @@ def main() -> None:
                   f"{roof * 1e3:.2f} | {roof / (dt / steps):.1%} |", flush=True)
     kernels.set_dense_gemv(False)
     kernels.set_head_gemv(False)
+    kernels.set_latent_store(False)
     del model, eng
     torch.cuda.empty_cache()
     if args.hf:

@@ -125,6 +125,16 @@ class _StaticLayerView:
         write_latents(b.cache.kv, b.cache.pe, self.slot, b.write_slots.reshape(-1), c_kv.flatten(0, 1),
                       k_pe.flatten(0, 1))
 
+    def store_kv_a(self, kv_a: torch.Tensor, norm, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """kv_a (B, T, C + R): the new tokens' raw kv_a projection; writes RMSNorm(kv_a[..., :C]) (`norm`: the
+        layer's kv_a_layernorm) and the RoPE of kv_a[..., C:] by cos / sin (B or 1, T, R / 2) at their slots:
+        `store` of MLA's latents, with the norm and RoPE done by the store's kernel (kernels.store_latents)."""
+        b = self.b
+        B, T, W = kv_a.shape
+        cos, sin = (t.expand(B, T, t.shape[-1]).reshape(B * T, t.shape[-1]) for t in (cos, sin))
+        kernels.store_latents(b.cache.kv, b.cache.pe, self.slot, b.write_slots.reshape(-1), kv_a.reshape(B * T, W),
+                              norm.weight, norm.eps, cos, sin)
+
     def update(self, c_kv: torch.Tensor, k_pe: torch.Tensor):
         """c_kv (B, T, C), k_pe (B, T, R): store, then return the (B, S, ·) context and mask (B, 1, T, S)."""
         self.store(c_kv, k_pe)

@@ -16,6 +16,8 @@ optional.
                                                         switched on: set_dense_gemv)
     head_gemv                                           "triton" (head_gemv_triton.py; off until
                                                         switched on: set_head_gemv)
+    store_latents                                       "triton" (latent_store_triton.py; off until
+                                                        switched on: set_latent_store)
     mla_decode                                          "triton" (mla_decode_triton.py)
     adamw_step_                                         "triton" (adamw_triton.py)
     router_topk                                         "triton" (router_triton.py)
@@ -43,14 +45,15 @@ from dsv3.kernels.backend import use_backend
 from dsv3.kernels.fp8 import (act_quant_cm, act_quant_t, fp8_expert_rows, fp8_gemm_bwd, fp8_gemm_fwd,
                               fp8_grouped_gemm_bwd, fp8_grouped_gemm_fwd, fp8_weight_linear, weight_quant_pad)
 from dsv3.kernels.reference import (BLOCK, FP8_MAX, act_dequant, act_quant, dense_gemv_ref, expert_gemv_ref,
-                                    head_gemv_ref, mla_decode_ref, router_topk_ref, weight_dequant, weight_quant)
+                                    head_gemv_ref, mla_decode_ref, router_topk_ref, store_latents_ref, weight_dequant,
+                                    weight_quant)
 
 __all__ = ["BLOCK", "FP8_MAX", "act_dequant", "act_quant", "act_quant_cm", "act_quant_t", "adamw_backend",
            "adamw_step_", "attention", "backend_available", "dense_gemv", "dense_gemv_ref", "expert_gemv",
            "expert_gemv_ref", "fp8_expert_rows", "fp8_gemm_bwd", "fp8_gemm_fwd", "fp8_grouped_gemm_bwd",
            "fp8_grouped_gemm_fwd", "fp8_weight_linear", "head_gemv", "head_gemv_ref", "mla_decode", "mla_decode_ref",
-           "router_topk", "router_topk_ref", "select_backend", "set_dense_gemv", "set_head_gemv", "use_backend",
-           "weight_dequant", "weight_quant", "weight_quant_pad"]
+           "router_topk", "router_topk_ref", "select_backend", "set_dense_gemv", "set_head_gemv", "set_latent_store",
+           "store_latents", "store_latents_ref", "use_backend", "weight_dequant", "weight_quant", "weight_quant_pad"]
 
 
 def expert_gemv(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None, expert: torch.Tensor, x_div: int = 1,
@@ -106,6 +109,31 @@ def head_gemv(x: torch.Tensor, w: torch.Tensor, *, backend: str | None = None) -
         return y.view(*x.shape[:-1], w.shape[1])
     reference.check_head_gemv_args(x, w)
     return reference.head_gemv_ref(x, w)
+
+
+def store_latents(kv: torch.Tensor, pe: torch.Tensor, slot: int, rows: torch.Tensor, kv_a: torch.Tensor,
+                  w: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor, *, backend: str | None = None
+                  ) -> None:
+    """In place: kv[slot][rows] = RMSNorm(kv_a[:, :C]; w, eps), pe[slot][rows] = RoPE(kv_a[:, C:]; cos, sin), from
+    the raw kv_a projection (M, C + P) of M new tokens (the contract: `reference.store_latents_ref`). "triton":
+    one launch for all of it (latent_store_triton.py, a custom op that declares the caches it mutates). The
+    automatic choice takes it only while switched on (`set_latent_store`); MLA.forward_absorbed asks
+    `select_backend("latent_store", kv_a)` where the cache view offers the fused store."""
+    if select_backend("latent_store", kv_a, backend=backend) == "triton":
+        from dsv3.kernels.latent_store_triton import store_latents_op
+
+        reference.check_store_latents_args(kv, pe, slot, rows, kv_a, w, cos, sin)
+        return store_latents_op(kv, pe, slot, rows, kv_a, w, float(eps), cos, sin)
+    reference.check_store_latents_args(kv, pe, slot, rows, kv_a, w, cos, sin)
+    return reference.store_latents_ref(kv, pe, slot, rows, kv_a, w, eps, cos, sin)
+
+
+def set_latent_store(on: bool) -> bool:
+    """Let the automatic choice take the fused latent store (`store_latents`: RMSNorm + RoPE + the paged cache
+    write of the decode step's new tokens in one kernel) wherever its rule holds (CUDA, bf16/fp16 kv_a, no
+    autograd: backend.py), process-wide; returns the previous setting. DEFAULT OFF until measured faster than
+    the compiled norm + RoPE + two index_copy launches on the GPU (bench/decode_gpu.py's +latentstore modes)."""
+    return _switch("latent_store", on)
 
 
 def set_head_gemv(on: bool) -> bool:

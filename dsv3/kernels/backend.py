@@ -13,6 +13,8 @@ never probe the GPU themselves.
     dense_gemv        "triton"              switched on (SWITCHED, kernels.set_dense_gemv; off by default);
                                             bf16/fp16 x, at most DENSE_GEMV_ROWS rows, w (N, K) contiguous
                                             in x's dtype, no autograd through x or w, no CUDA autocast
+    latent_store      "triton"              switched on (SWITCHED, kernels.set_latent_store; off by default);
+                                            bf16/fp16 kv_a, no autograd through it
     head_gemv         "triton"              switched on (SWITCHED, kernels.set_head_gemv; off by default);
                                             bf16/fp16 x (..., H, K) K-contiguous, at most DENSE_GEMV_ROWS
                                             rows, w (H, N, K) in x's dtype with K or N contiguous, no
@@ -34,7 +36,7 @@ Overrides, for tests and benchmarks:
     `use_backend(mla_decode="reference")` (or another op's accelerated backend) one op's. Process-wide;
     a torch.compile'd caller sees the setting it was traced under (its guards recompile on a change);
   * `switch(op, on)` turns the automatic rule of an op of SWITCHED (off by default) on or off, process-wide
-    (kernels.set_dense_gemv, kernels.set_head_gemv); the two overrides above still win.
+    (kernels.set_dense_gemv, kernels.set_head_gemv, kernels.set_latent_store); the two overrides above still win.
 
 Cost: the probes (triton import, F.scaled_mm, one capability query per device) are memoised, so a
 choice is a few attribute reads on the host: no device work, no sync.
@@ -56,6 +58,7 @@ FAST = {  # op -> its accelerated backend
     "expert_gemv": "triton",
     "dense_gemv": "triton",
     "head_gemv": "triton",
+    "latent_store": "triton",
     "mla_decode": "triton",
     "adamw": "triton",
     "router_topk": "triton",
@@ -68,7 +71,7 @@ PENDING: set[str] = set()
 # tests) but not yet measured faster than what runs without them. The dense GEMV against cuBLAS's F.linear for
 # the model's dense bf16 linears at decode: kernels.set_dense_gemv(True) until bench/dense_gemv_sweep.py and
 # bench/decode_gpu.py's +densegemv modes have shown it faster on an H200. Process-wide, like use_backend.
-SWITCHED: dict[str, bool] = {"dense_gemv": False, "head_gemv": False}
+SWITCHED: dict[str, bool] = {"dense_gemv": False, "head_gemv": False, "latent_store": False}
 # Up to these many activation rows the Triton FP8-weight kernels run (decode; above, prefill:
 # dequantise + cuBLAS): the dense GEMV / 16-row-tile GEMM and the per-routed-row expert GEMV.
 DENSE_DECODE_ROWS = 64
@@ -178,6 +181,9 @@ def _fast_fits(op: str, tensors: tuple[torch.Tensor, ...]) -> bool:
         return len(tensors) == 2 and _dense_gemv_fits(*tensors)
     if op == "head_gemv":
         return len(tensors) == 2 and _head_gemv_fits(*tensors)
+    if op == "latent_store":
+        return (tensors[0].dtype in (torch.bfloat16, torch.float16)
+                and not (torch.is_grad_enabled() and tensors[0].requires_grad))
     if op == "router_topk":
         return tensors[0].dtype == torch.float32
     return True

@@ -275,6 +275,53 @@ def dense_gemv_ref(x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype | No
     return F.linear(x.float(), w.float()).to(out_dtype or x.dtype)
 
 
+# --- the decode step's latent store (norm + RoPE + paged cache write) ----------------------------------------
+
+def check_store_latents_args(kv: torch.Tensor, pe: torch.Tensor, slot: int, rows: torch.Tensor, kv_a: torch.Tensor,
+                             w: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kernel: bool = False) -> None:
+    """The latent store's argument contract (both backends): caches kv (n_slots, R, C) and pe (n_slots, R, P) with
+    P even, slot in range, rows (M,) integer, kv_a (M, C + P), the norm weight (C,), cos / sin (M, P / 2) fp32;
+    for the Triton kernel (`kernel`) 16-bit or fp32 kv_a and every last dimension contiguous."""
+    if kv.dim() != 3 or pe.dim() != 3 or kv.shape[:2] != pe.shape[:2] or pe.shape[2] % 2:
+        raise ValueError(f"store_latents: caches kv (n_slots, R, C) and pe (n_slots, R, P even), got "
+                         f"{tuple(kv.shape)} and {tuple(pe.shape)}")
+    C, P = kv.shape[2], pe.shape[2]
+    if not 0 <= slot < kv.shape[0]:
+        raise ValueError(f"store_latents: slot {slot} outside the cache's {kv.shape[0]} layer slots")
+    M = rows.shape[0] if rows.dim() == 1 else -1
+    if M < 0 or rows.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"store_latents: rows (M,) integer, got {tuple(rows.shape)} {rows.dtype}")
+    if tuple(kv_a.shape) != (M, C + P) or tuple(w.shape) != (C,):
+        raise ValueError(f"store_latents: kv_a (M, C + P) = ({M}, {C + P}) and weight ({C},), got "
+                         f"{tuple(kv_a.shape)} and {tuple(w.shape)}")
+    if tuple(cos.shape) != (M, P // 2) or tuple(sin.shape) != (M, P // 2) or cos.dtype != torch.float32 \
+            or sin.dtype != torch.float32:
+        raise ValueError(f"store_latents: cos / sin (M, P / 2) = ({M}, {P // 2}) fp32, got {tuple(cos.shape)} "
+                         f"{cos.dtype} and {tuple(sin.shape)} {sin.dtype}")
+    if kernel:
+        if kv_a.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            raise TypeError(f"store_latents kernel: kv_a bf16 / fp16 / fp32, got {kv_a.dtype}")
+        if any(t.stride(-1) != 1 for t in (kv, pe, kv_a, w, cos, sin) if t.shape[-1] > 1):
+            raise ValueError("store_latents kernel: every tensor's last dimension contiguous")
+
+
+def store_latents_ref(kv: torch.Tensor, pe: torch.Tensor, slot: int, rows: torch.Tensor, kv_a: torch.Tensor,
+                      w: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """In place (dsv3/kernels/latent_store_triton.py): kv[slot][rows] = RMSNorm(kv_a[:, :C]; w, eps) and
+    pe[slot][rows] = the interleaved-pair rotation of kv_a[:, C:] by (cos, sin), each cast to its cache's dtype.
+    The model's own math: dsv3/model/layers.py RMSNorm (normalised in fp32, rounded to kv_a's dtype, times the
+    weight) and dsv3/model/rope.py apply_rope (fp32, rounded to kv_a's dtype)."""
+    C = kv.shape[2]
+    c, p = kv_a[:, :C], kv_a[:, C:]
+    cf = c.float()
+    normed = w * (cf * torch.rsqrt(cf.pow(2).mean(-1, keepdim=True) + eps)).to(c.dtype)  # (M, C)
+    pf = p.float()
+    p1, p2 = pf[:, 0::2], pf[:, 1::2]
+    rot = torch.stack((p1 * cos - p2 * sin, p1 * sin + p2 * cos), dim=-1).flatten(-2).to(p.dtype)  # (M, P)
+    kv[slot].index_copy_(0, rows, normed.to(kv.dtype))
+    pe[slot].index_copy_(0, rows, rot.to(pe.dtype))
+
+
 # --- the per-head decode GEMV (absorbed MLA's W_UK / W_UV products) -------------------------------------------
 
 def check_head_gemv_args(x: torch.Tensor, w: torch.Tensor, kernel: bool = False) -> None:

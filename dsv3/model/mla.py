@@ -75,8 +75,11 @@ class MLA(nn.Module):
     def latent(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, T, D) -> normalised latent c_kv (B, T, kv_lora_rank), rotated k_pe (B, T, rope).
         These two are all that a latent KV cache stores per token."""
-        kv = self.kv_a_proj_with_mqa(x)  # (B, T, kv_lora_rank + rope)
-        c_kv, k_pe = kv.split([self.kv_lora_rank, self.rope], dim=-1)
+        return self._latent(self.kv_a_proj_with_mqa(x), cos, sin)
+
+    def _latent(self, kv_a: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The raw projection kv_a (B, T, kv_lora_rank + rope) -> normalised c_kv, rotated k_pe."""
+        c_kv, k_pe = kv_a.split([self.kv_lora_rank, self.rope], dim=-1)
         k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin).squeeze(2)  # one rope "head" shared by all heads
         return self.kv_a_layernorm(c_kv), k_pe
 
@@ -167,7 +170,14 @@ class MLA(nn.Module):
         A decode view with `fused_decode` stores with `store` and attends itself with `attend`."""
         B, T, _ = x.shape
         q_nope, q_pe = self.query(x, cos, sin)  # (B, T, H, nope), (B, T, H, rope)
-        c_kv, k_pe = self.latent(x, cos, sin)  # (B, T, C), (B, T, rope)
+        fused = getattr(cache, "fused_decode", False)
+        kv_a = self.kv_a_proj_with_mqa(x)  # (B, T, C + rope)
+        if fused and kernels.select_backend("latent_store", kv_a) == "triton":
+            # where switched on (kernels.set_latent_store): norm, RoPE and the cache write in one kernel
+            cache.store_kv_a(kv_a, self.kv_a_layernorm, cos, sin)
+            c_kv = k_pe = None
+        else:
+            c_kv, k_pe = self._latent(kv_a, cos, sin)  # (B, T, C), (B, T, rope)
         w_uk, w_uv = self.kv_b_weights(q_nope.dtype)
         # at decode sizes, where switched on (kernels.set_head_gemv), each head's product is the per-head GEMV
         # reading its matrix where it lies (W_UKᵀ along C, W_UV along C): the same sums, in another order
@@ -176,8 +186,9 @@ class MLA(nn.Module):
             q_lat = kernels.head_gemv(q_nope, w_uk_t, backend="triton")  # (B, T, H, C)
         else:
             q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)  # (B, T, H, C)
-        if getattr(cache, "fused_decode", False):
-            cache.store(c_kv, k_pe)
+        if fused:
+            if c_kv is not None:
+                cache.store(c_kv, k_pe)
             o_lat = cache.attend(q_lat, q_pe, self.scale)  # (B, T, H, C), query t causal over its sequence
         else:
             kv_all, pe_all, mask = cache.update(c_kv, k_pe)  # (B, S, C), (B, S, rope), (B, 1, T, S)
