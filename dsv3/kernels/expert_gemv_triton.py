@@ -135,7 +135,9 @@ def launch(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None, expert: tor
     fused = up is not None
     u = up.contiguous() if fused else w
     us = up_s.contiguous() if up_s is not None else s  # (stored alike: scales for both or for neither)
-    expert = expert.to(torch.int32).contiguous()
+    # the router's int64 indices as they are (the kernel loads either width): a cast here was a copy kernel per
+    # launch, two per MoE layer and decode step (bench/profile_gpu.py --decode 1: 52 `direct_copy` launches)
+    expert = (expert if expert.dtype in (torch.int32, torch.int64) else expert.long()).contiguous()
     grid = (M, triton.cdiv(N, cfg["BN"]))
     _gemv_kernel[grid](x, w, s, u, us, expert, y, N, K, triton.cdiv(K, BLOCK), x_div, x.stride(0), w.stride(0),
                        w.stride(1), s.stride(0) if has_scale else 0, s.stride(1) if has_scale else 0, y.stride(0),

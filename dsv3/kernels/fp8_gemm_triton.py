@@ -276,7 +276,9 @@ def _launch_rows(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, expert: torc
     M, K = x.shape
     N = w.shape[1]
     x, w, s = x.contiguous(), w.contiguous(), s.contiguous()
-    expert = expert.to(torch.int32).contiguous()
+    # the router's int64 indices as they are (the kernel loads either width): a cast here was a copy kernel per
+    # launch, two per MoE layer and decode step (bench/profile_gpu.py --decode 1: 52 `direct_copy` launches)
+    expert = (expert if expert.dtype in (torch.int32, torch.int64) else expert.long()).contiguous()
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if M == 0:
         return y
