@@ -82,6 +82,26 @@ def test_linear_takes_the_kernel_when_switched_on(switched_on, monkeypatch):
     assert len(launches) == 1
 
 
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("N,K", [(2816, 2048), (10944, 2048), (2048, 7168), (200, 136)])
+@pytest.mark.parametrize("M", [1, 3])
+def test_swiglu_gemv_vs_reference(M, N, K, fp8):
+    """The dense SwiGLU's first half (kernels.swiglu_gemv: shared experts, dense FFN) at the 16b / 671b shapes,
+    bf16 and block-scaled e4m3 weights, against the fp32 reference rounded once."""
+    from dsv3.kernels.reference import expert_gemv_ref, weight_quant
+
+    g = torch.Generator(device="cuda").manual_seed(M + N + K)
+    gate, up = ((torch.randn(N, K, device="cuda", generator=g) * 0.05).bfloat16() for _ in range(2))
+    gs = us = None
+    if fp8:
+        (gate, gs), (up, us) = weight_quant(gate.float()), weight_quant(up.float())
+    x = torch.randn(M, K, device="cuda", generator=g).bfloat16()
+    y = kernels.swiglu_gemv(x, gate, gs, up, us, backend="triton")
+    want = expert_gemv_ref(x, gate[None], None if gs is None else gs[None], torch.zeros(M, dtype=torch.long,
+                           device="cuda"), 1, up[None], None if us is None else us[None])
+    assert y.shape == (M, N) and _rel(y, want) < 1e-2, _rel(y, want)
+
+
 @pytest.mark.parametrize("E,D", [(64, 2048), (256, 7168), (16, 192)])
 @pytest.mark.parametrize("M", [1, 4])
 def test_fp32_output_is_the_routers_fp32_linear(M, E, D):

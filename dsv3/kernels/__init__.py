@@ -11,7 +11,8 @@ optional.
     fp8_gemm_fwd, fp8_gemm_bwd                          "scaled_mm" (F.scaled_mm + fp8_triton.py)
     fp8_grouped_gemm_fwd, fp8_grouped_gemm_bwd          "triton" (fp8_grouped_triton.py)
     fp8_weight_linear, fp8_expert_rows                  "triton" (fp8_gemm_triton.py)
-    expert_gemv                                         "triton" (expert_gemv_triton.py)
+    expert_gemv, swiglu_gemv                            "triton" (expert_gemv_triton.py; swiglu_gemv
+                                                        switched with dense_gemv)
     dense_gemv                                          "triton" (dense_gemv_triton.py; off until
                                                         switched on: set_dense_gemv)
     head_gemv                                           "triton" (head_gemv_triton.py; off until
@@ -53,7 +54,8 @@ __all__ = ["BLOCK", "FP8_MAX", "act_dequant", "act_quant", "act_quant_cm", "act_
            "expert_gemv_ref", "fp8_expert_rows", "fp8_gemm_bwd", "fp8_gemm_fwd", "fp8_grouped_gemm_bwd",
            "fp8_grouped_gemm_fwd", "fp8_weight_linear", "head_gemv", "head_gemv_ref", "mla_decode", "mla_decode_ref",
            "router_topk", "router_topk_ref", "select_backend", "set_dense_gemv", "set_head_gemv", "set_latent_store",
-           "store_latents", "store_latents_ref", "use_backend", "weight_dequant", "weight_quant", "weight_quant_pad"]
+           "store_latents", "store_latents_ref", "swiglu_gemv", "use_backend", "weight_dequant", "weight_quant",
+           "weight_quant_pad"]
 
 
 def expert_gemv(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None, expert: torch.Tensor, x_div: int = 1,
@@ -134,6 +136,28 @@ def set_latent_store(on: bool) -> bool:
     autograd: backend.py), process-wide; returns the previous setting. DEFAULT OFF until measured faster than
     the compiled norm + RoPE + two index_copy launches on the GPU (bench/decode_gpu.py's +latentstore modes)."""
     return _switch("latent_store", on)
+
+
+def swiglu_gemv(x: torch.Tensor, gate: torch.Tensor, gate_s: torch.Tensor | None, up: torch.Tensor,
+                up_s: torch.Tensor | None, *, backend: str | None = None) -> torch.Tensor:
+    """h (..., N) = silu(x · gateᵀ) * (x · upᵀ) for x (..., K): a dense SwiGLU's first half (the shared experts,
+    a dense FFN). gate / up (N, K) in x's dtype without scales, or e4m3 with their 128x128 block scales (FP8Linear);
+    fp32 sums, silu and product, one rounding to x's dtype (the contract: `reference.expert_gemv_ref` over one
+    expert). "triton": the expert GEMV's fused gate+up launch with every row through the one matrix pair
+    (expert_gemv_triton.py), for up to 4 rows; switched with the dense GEMV (`set_dense_gemv`); MLP.forward asks
+    `select_backend("swiglu_gemv", x, gate, up)`."""
+    lead, K = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(math.prod(lead), K)
+    if select_backend("swiglu_gemv", x2, gate, up, backend=backend) == "triton":
+        from dsv3.kernels.expert_gemv_triton import swiglu_gemv_op
+
+        reference.check_expert_gemv_args(x2, gate[None], None if gate_s is None else gate_s[None], up[None],
+                                         None if up_s is None else up_s[None], kernel=True)
+        return swiglu_gemv_op(x2, gate, gate_s, up, up_s).view(*lead, gate.shape[0])
+    g, gs, u, us = gate[None], None if gate_s is None else gate_s[None], up[None], None if up_s is None else up_s[None]
+    reference.check_expert_gemv_args(x2, g, gs, u, us)
+    zero = torch.zeros(x2.shape[0], dtype=torch.long, device=x.device)
+    return reference.expert_gemv_ref(x2, g, gs, zero, 1, u, us).view(*lead, gate.shape[0])
 
 
 def set_head_gemv(on: bool) -> bool:

@@ -15,6 +15,9 @@ never probe the GPU themselves.
                                             in x's dtype, no autograd through x or w, no CUDA autocast
     latent_store      "triton"              switched on (SWITCHED, kernels.set_latent_store; off by default);
                                             bf16/fp16 kv_a, no autograd through it
+    swiglu_gemv       "triton"              switched with dense_gemv (SWITCH_OF); bf16/fp16 x, at most
+                                            DENSE_GEMV_ROWS rows, gate and up (N, K) contiguous both in x's
+                                            dtype or both e4m3 (+ scales), no autograd, no CUDA autocast
     head_gemv         "triton"              switched on (SWITCHED, kernels.set_head_gemv; off by default);
                                             bf16/fp16 x (..., H, K) K-contiguous, at most DENSE_GEMV_ROWS
                                             rows, w (H, N, K) in x's dtype with K or N contiguous, no
@@ -58,6 +61,7 @@ FAST = {  # op -> its accelerated backend
     "expert_gemv": "triton",
     "dense_gemv": "triton",
     "head_gemv": "triton",
+    "swiglu_gemv": "triton",
     "latent_store": "triton",
     "mla_decode": "triton",
     "adamw": "triton",
@@ -72,6 +76,8 @@ PENDING: set[str] = set()
 # the model's dense bf16 linears at decode: kernels.set_dense_gemv(True) until bench/dense_gemv_sweep.py and
 # bench/decode_gpu.py's +densegemv modes have shown it faster on an H200. Process-wide, like use_backend.
 SWITCHED: dict[str, bool] = {"dense_gemv": False, "head_gemv": False, "latent_store": False}
+# ops that follow another op's switch: the dense SwiGLU's fused gate+up GEMV is one of the dense decode GEMVs
+SWITCH_OF: dict[str, str] = {"swiglu_gemv": "dense_gemv"}
 # Up to these many activation rows the Triton FP8-weight kernels run (decode; above, prefill:
 # dequantise + cuBLAS): the dense GEMV / 16-row-tile GEMM and the per-routed-row expert GEMV.
 DENSE_DECODE_ROWS = 64
@@ -153,6 +159,15 @@ def _head_gemv_fits(x: torch.Tensor, w: torch.Tensor) -> bool:
             and not torch.is_autocast_enabled("cuda"))
 
 
+def _swiglu_gemv_fits(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> bool:
+    """The dense SwiGLU GEMV's per-call rule: decode-sized 16-bit x, gate and up (N, K) contiguous and stored alike,
+    in x's dtype or e4m3 (block scales: FP8Linear), no gradient through any of them, no CUDA autocast."""
+    return (_decode_fits(x, DENSE_GEMV_ROWS) and gate.dtype == up.dtype and gate.shape == up.shape
+            and gate.dtype in (x.dtype, torch.float8_e4m3fn) and gate.dim() == 2 and gate.is_contiguous()
+            and up.is_contiguous() and not (torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad))
+            and not torch.is_autocast_enabled("cuda"))
+
+
 def available(op: str, device: torch.device | str = "cuda") -> bool:
     """Whether `op`'s accelerated backend can run on `device` at all (libraries and GPU capability;
     not the per-call shape conditions). For tests and benchmarks deciding what to skip."""
@@ -181,6 +196,8 @@ def _fast_fits(op: str, tensors: tuple[torch.Tensor, ...]) -> bool:
         return len(tensors) == 2 and _dense_gemv_fits(*tensors)
     if op == "head_gemv":
         return len(tensors) == 2 and _head_gemv_fits(*tensors)
+    if op == "swiglu_gemv":
+        return len(tensors) == 3 and _swiglu_gemv_fits(*tensors)
     if op == "latent_store":
         return (tensors[0].dtype in (torch.bfloat16, torch.float16)
                 and not (torch.is_grad_enabled() and tensors[0].requires_grad))
@@ -207,7 +224,7 @@ def select(op: str, *tensors: torch.Tensor, backend: str | None = None) -> str:
     forced = _forced.get(op, _forced.get("*"))
     if forced is not None:
         return forced
-    if op in PENDING or not SWITCHED.get(op, True):
+    if op in PENDING or not SWITCHED.get(SWITCH_OF.get(op, op), True):
         return "reference"
     return FAST[op] if _fast_fits(op, tensors) else "reference"
 

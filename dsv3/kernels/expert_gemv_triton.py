@@ -63,10 +63,13 @@ def _loads(x_row, w_rows, u_rows, ws_row, us_row, ok, rk, kb0, K, KB, HAS_SCALE:
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, ws_ptr, u_ptr, us_ptr, e_ptr, y_ptr, N, K, KB, x_div, sxm, swe, swn, sse, ssn,
                  sym, HAS_SCALE: tl.constexpr, FUSED_UP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                 KU: tl.constexpr, PREFETCH: tl.constexpr):
+                 KU: tl.constexpr, PREFETCH: tl.constexpr, ONE_EXPERT: tl.constexpr = False):
     m = tl.program_id(0).to(tl.int64)
     pn = tl.program_id(1)
-    e = tl.load(e_ptr + m).to(tl.int64)
+    if ONE_EXPERT:  # a dense SwiGLU (the shared experts, a dense FFN): every row through matrix 0, no index read
+        e = tl.zeros((), dtype=tl.int64)
+    else:
+        e = tl.load(e_ptr + m).to(tl.int64)
     kb_end = tl.where(e >= 0, KB, 0)  # a row this call does not own: no weight read, output 0
     e = tl.maximum(e, 0)
     rn = pn * BN + tl.arange(0, BN)
@@ -118,12 +121,14 @@ def default_config(fused: bool = False, fp8: bool = False) -> dict:
     return {"BN": 32 if fused else 16, "KU": 1, "num_warps": 4, "PREFETCH": False}
 
 
-def launch(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None, expert: torch.Tensor, x_div: int,
+def launch(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None, expert: torch.Tensor | None, x_div: int,
            up: torch.Tensor | None = None, up_s: torch.Tensor | None = None, **config) -> torch.Tensor:
     """The launch (module docstring); `config` (BN, KU, num_warps, PREFETCH) overrides `default_config`
-    (benchmarks, tests)."""
+    (benchmarks, tests). expert None: every row of x through matrix 0 (w (1, N, K); `swiglu_gemv`)."""
     check_expert_gemv_args(x, w, s, up, up_s, kernel=True)
-    M, (E, N, K) = expert.shape[0], w.shape
+    one = expert is None
+    assert not one or (w.shape[0] == 1 and x_div == 1), "expert None: one matrix, one row of x per output row"
+    M, (E, N, K) = (x.shape[0] if one else expert.shape[0]), w.shape
     cfg = {**default_config(up is not None, w.dtype == torch.float8_e4m3fn), **config}
     assert BLOCK % cfg["BN"] == 0, f"BN must divide {BLOCK}, got {cfg['BN']}"
     x, w = x.contiguous(), w.contiguous()
@@ -137,12 +142,15 @@ def launch(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None, expert: tor
     us = up_s.contiguous() if up_s is not None else s  # (stored alike: scales for both or for neither)
     # the router's int64 indices as they are (the kernel loads either width): a cast here was a copy kernel per
     # launch, two per MoE layer and decode step (bench/profile_gpu.py --decode 1: 52 `direct_copy` launches)
-    expert = (expert if expert.dtype in (torch.int32, torch.int64) else expert.long()).contiguous()
+    if one:
+        expert = w  # a placeholder pointer, never read (ONE_EXPERT)
+    else:
+        expert = (expert if expert.dtype in (torch.int32, torch.int64) else expert.long()).contiguous()
     grid = (M, triton.cdiv(N, cfg["BN"]))
     _gemv_kernel[grid](x, w, s, u, us, expert, y, N, K, triton.cdiv(K, BLOCK), x_div, x.stride(0), w.stride(0),
                        w.stride(1), s.stride(0) if has_scale else 0, s.stride(1) if has_scale else 0, y.stride(0),
                        HAS_SCALE=has_scale, FUSED_UP=fused, BN=cfg["BN"], BK=BLOCK, KU=cfg["KU"],
-                       PREFETCH=cfg["PREFETCH"], num_warps=cfg["num_warps"])
+                       PREFETCH=cfg["PREFETCH"], ONE_EXPERT=one, num_warps=cfg["num_warps"])
     return y
 
 
@@ -169,3 +177,16 @@ def expert_swiglu_gemv_op(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | No
 @expert_swiglu_gemv_op.register_fake
 def _(x, w, s, up, up_s, expert, x_div):
     return x.new_empty(expert.shape[0], w.shape[1])
+
+
+# the dense SwiGLU's first half (shared experts, dense FFN at decode: kernels.swiglu_gemv): the fused gate+up
+# launch over one matrix pair, every row through it
+@torch.library.custom_op("dsv3::swiglu_gemv", mutates_args=())
+def swiglu_gemv_op(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None, up: torch.Tensor,
+                   up_s: torch.Tensor | None) -> torch.Tensor:
+    return launch(x, w[None], None if s is None else s[None], None, 1, up[None], None if up_s is None else up_s[None])
+
+
+@swiglu_gemv_op.register_fake
+def _(x, w, s, up, up_s):
+    return x.new_empty(x.shape[0], w.shape[0])

@@ -51,4 +51,10 @@ class MLP(nn.Module):
         self.down_proj = Linear(inter, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        g, u = self.gate_proj, self.up_proj
+        # decode on the GPU with the dense decode GEMVs switched on (kernels.set_dense_gemv): gate, up and the
+        # SwiGLU in one launch (kernels.swiglu_gemv; the product rounded once), for 16-bit or FP8Linear weights
+        if kernels.select_backend("swiglu_gemv", x, g.weight, u.weight) == "triton":
+            gs, us = getattr(g, "weight_scale_inv", None), getattr(u, "weight_scale_inv", None)
+            return self.down_proj(kernels.swiglu_gemv(x, g.weight, gs, u.weight, us, backend="triton"))
+        return self.down_proj(F.silu(g(x)) * u(x))
