@@ -254,14 +254,19 @@ def test_interp_op_compiles_without_graph_break_and_keeps_the_strides():
 
     k.launch = k_launch
     try:
-        for got_q, got_o in (f(q, o), torch.compile(f, backend="aot_eager", fullgraph=True)(q, o)):
+        # inductor included: custom ops get their inputs with the traced strides (needs_exact_strides by default)
+        for got_q, got_o in (f(q, o), torch.compile(f, backend="aot_eager", fullgraph=True)(q, o),
+                             torch.compile(f, backend="inductor", fullgraph=True)(q, o)):
             assert got_q.shape == (2, 1, 2, 136) and _rel(got_q, head_gemv_ref(q, w_uk.transpose(1, 2))) < 2e-3
             assert got_o.shape == (2, 1, 2, 12) and _rel(got_o, head_gemv_ref(o, w_uv)) < 2e-3
     finally:
         k.launch = launch
     # the op got the views as they lie (no contiguous copy of W_UKᵀ or W_UV), eager and compiled
-    assert seen == [w_uk.transpose(1, 2).stride(), w_uv.stride()] * 2
+    assert seen == [w_uk.transpose(1, 2).stride(), w_uv.stride()] * 3
     assert k.launch(torch.randn(0, 2, 136).half(), w_uv).shape == (0, 2, 12)
+    for w in (torch.randn(2, 1, 136).half(), torch.randn(2, 12, 1).half()):  # N or K of 1: both strides 1
+        x = torch.randn(3, 2, w.shape[2]).half()
+        assert _rel(k.launch(x, w), head_gemv_ref(x, w)) < 2e-3
     with pytest.raises(ValueError, match="K contiguous"):
         k.launch(torch.randn(1, 2, 272).half()[..., ::2], w_uv)
 

@@ -79,9 +79,15 @@ def test_switch_off_by_default_and_the_rule(monkeypatch):
     monkeypatch.undo()
     monkeypatch.setattr(kb, "available", lambda op, device="cuda": True)
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
-    assert kb._fast_fits("latent_store", (x,)) and kb._fast_fits("latent_store", (x.half(),))
-    assert not kb._fast_fits("latent_store", (x.float(),))
-    assert not kb._fast_fits("latent_store", (x.clone().requires_grad_(),))
+    w = torch.ones(48, dtype=torch.bfloat16)
+    assert kb._fast_fits("latent_store", (x, w)) and kb._fast_fits("latent_store", (x.half(), w.half()))
+    assert not kb._fast_fits("latent_store", (x.float(), w.float()))
+    assert not kb._fast_fits("latent_store", (x.half(), w))  # RMSNorm's output would be promote(w, kv_a)
+    assert not kb._fast_fits("latent_store", (x.clone().requires_grad_(), w))
+    assert not kb._fast_fits("latent_store", (x, torch.nn.Parameter(w)))  # a trainable norm weight
+    with torch.no_grad():
+        assert kb._fast_fits("latent_store", (x, torch.nn.Parameter(w)))
+    assert not kb._fast_fits("latent_store", (torch.randn(2, 96, dtype=torch.bfloat16)[:, ::2], w))
 
 
 def _engine_step_logits(model, store_calls=None):
@@ -148,6 +154,15 @@ def test_interp_kernel_vs_reference():
     kv, pe, rows, kv_a, w, cos, sin = _case(M=0)
     k.launch(kv, pe, 0, rows, kv_a, w, 1e-6, cos, sin)  # nothing to write
     assert not kv.any()
+    # rows strided (a view): the rows it names, not its storage's
+    kv, pe, _, kv_a, w, cos, sin = _case(M=3, dtype=torch.float16)
+    rows = torch.tensor([0, 5, 1, 6, 2, 7])[::2]
+    kv2, pe2 = kv.clone(), pe.clone()
+    store_latents_ref(kv, pe, 0, rows, kv_a, w, 1e-6, cos, sin)
+    k.launch(kv2, pe2, 0, rows, kv_a, w, 1e-6, cos, sin)
+    assert torch.allclose(kv2.float(), kv.float(), atol=2e-3) and torch.allclose(pe2.float(), pe.float(), atol=2e-3)
+    with pytest.raises(TypeError, match="norm weight alike"):  # RMSNorm's output dtype would be promote(w, kv_a)
+        k.launch(kv2, pe2, 0, rows, kv_a, w.float(), 1e-6, cos, sin)
 
 
 @interp

@@ -120,8 +120,8 @@ def store_latents(kv: torch.Tensor, pe: torch.Tensor, slot: int, rows: torch.Ten
     the raw kv_a projection (M, C + P) of M new tokens (the contract: `reference.store_latents_ref`). "triton":
     one launch for all of it (latent_store_triton.py, a custom op that declares the caches it mutates). The
     automatic choice takes it only while switched on (`set_latent_store`); MLA.forward_absorbed asks
-    `select_backend("latent_store", kv_a)` where the cache view offers the fused store."""
-    if select_backend("latent_store", kv_a, backend=backend) == "triton":
+    `select_backend("latent_store", kv_a, norm_weight)` where the cache view offers the fused store."""
+    if select_backend("latent_store", kv_a, w, backend=backend) == "triton":
         from dsv3.kernels.latent_store_triton import store_latents_op
 
         reference.check_store_latents_args(kv, pe, slot, rows, kv_a, w, cos, sin)

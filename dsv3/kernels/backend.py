@@ -14,7 +14,8 @@ never probe the GPU themselves.
                                             bf16/fp16 x, at most DENSE_GEMV_ROWS rows, w (N, K) contiguous
                                             in x's dtype, no autograd through x or w, no CUDA autocast
     latent_store      "triton"              switched on (SWITCHED, kernels.set_latent_store; off by default);
-                                            bf16/fp16 kv_a, no autograd through it
+                                            bf16/fp16 kv_a (K contiguous) and its norm weight alike, no
+                                            autograd through either
     swiglu_gemv       "triton"              switched with dense_gemv (SWITCH_OF); bf16/fp16 x, at most
                                             DENSE_GEMV_ROWS rows, gate and up (N, K) contiguous both in x's
                                             dtype or both e4m3 (+ scales), no autograd, no CUDA autocast
@@ -198,9 +199,10 @@ def _fast_fits(op: str, tensors: tuple[torch.Tensor, ...]) -> bool:
         return len(tensors) == 2 and _head_gemv_fits(*tensors)
     if op == "swiglu_gemv":
         return len(tensors) == 3 and _swiglu_gemv_fits(*tensors)
-    if op == "latent_store":
-        return (tensors[0].dtype in (torch.bfloat16, torch.float16)
-                and not (torch.is_grad_enabled() and tensors[0].requires_grad))
+    if op == "latent_store":  # (kv_a, the norm weight)
+        kv_a, w = tensors if len(tensors) == 2 else (tensors[0], tensors[0])
+        return (kv_a.dtype in (torch.bfloat16, torch.float16) and w.dtype == kv_a.dtype and kv_a.stride(-1) == 1
+                and not (torch.is_grad_enabled() and (kv_a.requires_grad or w.requires_grad)))
     if op == "router_topk":
         return tensors[0].dtype == torch.float32
     return True

@@ -40,7 +40,7 @@ def _store_latents_kernel(kva_ptr, w_ptr, cos_ptr, sin_ptr, rows_ptr, kv_ptr, pe
     rstd = tl.rsqrt(tl.sum(x * x, axis=0) / C + eps)
     n = (x * rstd).to(kva_ptr.dtype.element_ty).to(tl.float32)
     w = tl.load(w_ptr + c, mask=cm, other=0.0).to(tl.float32)
-    y = (n * w).to(w_ptr.dtype.element_ty)  # RMSNorm's output dtype: the weight's (x's in a 16-bit model)
+    y = (n * w).to(w_ptr.dtype.element_ty)  # RMSNorm's output dtype: the weight's, which is kv_a's (the contract)
     tl.store(kv_ptr + r * s_kv + c, y.to(kv_ptr.dtype.element_ty), mask=cm)
     # the shared key: pairs (p[2j], p[2j+1]) rotated by (cos[m, j], sin[m, j]) in fp32, rounded to kv_a's dtype
     j = tl.arange(0, BP)
@@ -63,6 +63,7 @@ def launch(kv: torch.Tensor, pe: torch.Tensor, slot: int, rows: torch.Tensor, kv
     if M == 0:
         return
     C, P = kv.shape[-1], pe.shape[-1]
+    rows = rows.contiguous()  # the kernel reads rows[m] at m (its values are not checked: in range by contract)
     kv_s, pe_s = kv[slot], pe[slot]  # (R, C), (R, P): views at the slot's offset
     _store_latents_kernel[(M,)](kv_a, w, cos, sin, rows, kv_s, pe_s, C, P // 2, float(eps), kv_a.stride(0),
                                 cos.stride(0), sin.stride(0), kv_s.stride(0), pe_s.stride(0),

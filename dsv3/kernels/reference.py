@@ -299,8 +299,10 @@ def check_store_latents_args(kv: torch.Tensor, pe: torch.Tensor, slot: int, rows
         raise ValueError(f"store_latents: cos / sin (M, P / 2) = ({M}, {P // 2}) fp32, got {tuple(cos.shape)} "
                          f"{cos.dtype} and {tuple(sin.shape)} {sin.dtype}")
     if kernel:
-        if kv_a.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-            raise TypeError(f"store_latents kernel: kv_a bf16 / fp16 / fp32, got {kv_a.dtype}")
+        if kv_a.dtype not in (torch.bfloat16, torch.float16, torch.float32) or w.dtype != kv_a.dtype:
+            # (RMSNorm's output is promote(w, kv_a); the kernel rounds once, to the weight's dtype)
+            raise TypeError(f"store_latents kernel: kv_a bf16 / fp16 / fp32 and the norm weight alike, got "
+                            f"{kv_a.dtype} and {w.dtype}")
         if any(t.stride(-1) != 1 for t in (kv, pe, kv_a, w, cos, sin) if t.shape[-1] > 1):
             raise ValueError("store_latents kernel: every tensor's last dimension contiguous")
 

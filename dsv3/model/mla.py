@@ -172,7 +172,7 @@ class MLA(nn.Module):
         q_nope, q_pe = self.query(x, cos, sin)  # (B, T, H, nope), (B, T, H, rope)
         fused = getattr(cache, "fused_decode", False)
         kv_a = self.kv_a_proj_with_mqa(x)  # (B, T, C + rope)
-        if fused and kernels.select_backend("latent_store", kv_a) == "triton":
+        if fused and kernels.select_backend("latent_store", kv_a, self.kv_a_layernorm.weight) == "triton":
             # where switched on (kernels.set_latent_store): norm, RoPE and the cache write in one kernel
             cache.store_kv_a(kv_a, self.kv_a_layernorm, cos, sin)
             c_kv = k_pe = None
