@@ -18,7 +18,9 @@ dense bf16 linears (attention projections, dense FFN, shared experts) and the ro
 decode GEMV (kernels.set_dense_gemv(True), off by default) instead of cuBLAS; +headgemv, absorbed MLA's W_UK /
 W_UV products through the per-head decode GEMV (kernels.set_head_gemv(True), off by default) instead of the
 einsums' batched GEMMs; +latentstore, the decode step's latent RMSNorm + RoPE + cache write as one kernel
-(kernels.set_latent_store(True), off by default) instead of the compiled norm and RoPE and two index_copy launches.
+(kernels.set_latent_store(True), off by default) instead of the compiled norm and RoPE and two index_copy launches;
++moegemm, the routed experts of batches above one pair per expert through the grouped decode GEMM
+(kernels.set_moe_gemm(True), off by default) instead of torch._grouped_mm (bf16) or the per-row FP8 GEMV.
 Before and after in one run:
 
     PYTHONPATH=. python bench/decode_gpu.py --preset 16b --batches 1,2,4 --modes graphs+compile,\
@@ -47,7 +49,7 @@ from dsv3.info import model_info  # noqa: E402
 from bandwidth import copy_bandwidth  # noqa: E402  (bench/bandwidth.py)
 
 # kernel choices a mode may add to its path, in any order
-MODE_FLAGS = ("+nogemv", "+densegemv", "+headgemv", "+latentstore")
+MODE_FLAGS = ("+nogemv", "+densegemv", "+headgemv", "+latentstore", "+moegemm")
 
 
 def split_mode(mode: str) -> tuple[str, set[str]]:
@@ -88,7 +90,8 @@ def main() -> None:
                          "(kernels.set_dense_gemv(True)) instead of cuBLAS; any mode + '+headgemv': absorbed MLA's "
                          "per-head products through the per-head GEMV (kernels.set_head_gemv(True)); any mode + "
                          "'+latentstore': the latent norm + RoPE + cache write as one kernel "
-                         "(kernels.set_latent_store)")
+                         "(kernels.set_latent_store); any mode + '+moegemm': the routed experts of larger batches "
+                         "through the grouped decode GEMM (kernels.set_moe_gemm)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("decode_gpu.py: CUDA is not available; this benchmark runs on a GPU")
@@ -133,6 +136,7 @@ def main() -> None:
         kernels.set_dense_gemv("+densegemv" in flags)
         kernels.set_head_gemv("+headgemv" in flags)  # (the same for absorbed MLA's per-head products)
         kernels.set_latent_store("+latentstore" in flags)  # (and the fused latent store)
+        kernels.set_moe_gemm("+moegemm" in flags)  # (and the grouped decode GEMM of the routed experts)
         with attention, gemv:
             if base != "eager":  # capture the buckets this run uses before timing (a server does this at start-up)
                 eng.generate(prompts, SamplingParams(max_new_tokens=args.new, temperature=0, ignore_eos=True))
@@ -160,6 +164,7 @@ def main() -> None:
     kernels.set_dense_gemv(False)
     kernels.set_head_gemv(False)
     kernels.set_latent_store(False)
+    kernels.set_moe_gemm(False)
     del model, eng
     torch.cuda.empty_cache()
     if args.hf:

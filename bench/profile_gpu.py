@@ -126,13 +126,14 @@ def train(shape: str, variant: str, steps: int) -> None:
 
 
 def decode(batches: list[int], preset: str, fp8: bool = False, dense_gemv: bool = False,
-           head_gemv: bool = False, latent_store: bool = False) -> None:
+           head_gemv: bool = False, latent_store: bool = False, moe_gemm: bool = False) -> None:
     from dsv3 import kernels
     from dsv3.inference.engine import Engine, SamplingParams
 
     kernels.set_dense_gemv(dense_gemv)  # the dense linears through the decode GEMV (dense_gemv_triton.py) or cuBLAS
     kernels.set_head_gemv(head_gemv)  # absorbed MLA's per-head products through head_gemv_triton.py or the einsums
     kernels.set_latent_store(latent_store)  # the latents' norm + RoPE + cache write in one kernel or four
+    kernels.set_moe_gemm(moe_gemm)  # the routed experts of larger batches: the grouped decode GEMM or _grouped_mm
     cfg = dsv3.preset(preset).replace(num_nextn_predict_layers=0)
     torch.manual_seed(0)
     model = dsv3.build_model(cfg, device="cuda", dtype=torch.bfloat16)  # experts "auto": as the engine serves
@@ -159,7 +160,8 @@ def decode(batches: list[int], preset: str, fp8: bool = False, dense_gemv: bool 
             torch.cuda.synchronize()
         wall = (time.perf_counter() - t) / n
         print(f"\n## decode {preset}{' fp8' if fp8 else ''}{' dense-gemv' if dense_gemv else ''}"
-              f"{' head-gemv' if head_gemv else ''}{' latent-store' if latent_store else ''} batch {B} "
+              f"{' head-gemv' if head_gemv else ''}{' latent-store' if latent_store else ''}"
+              f"{' moe-gemm' if moe_gemm else ''} batch {B} "
               f"(graphs+compile): wall {wall * 1e3:.2f} ms/step (under the profiler)")
         summarize(prof, n, top=30)
         while eng.has_unfinished():
@@ -169,6 +171,7 @@ def decode(batches: list[int], preset: str, fp8: bool = False, dense_gemv: bool 
     kernels.set_dense_gemv(False)
     kernels.set_head_gemv(False)
     kernels.set_latent_store(False)
+    kernels.set_moe_gemm(False)
     torch._dynamo.reset()
     torch.cuda.empty_cache()
 
@@ -184,7 +187,10 @@ def main() -> None:
                     "W_UK / W_UV products through the Triton per-head GEMV instead of the einsums")
     ap.add_argument("--latent-store", action="store_true", help="decode with kernels.set_latent_store(True): the "
                     "latents' RMSNorm + RoPE + cache write as one Triton kernel")
-    ap.add_argument("--all-decode-kernels", action="store_true", help="--dense-gemv --head-gemv --latent-store")
+    ap.add_argument("--moe-gemm", action="store_true", help="decode with kernels.set_moe_gemm(True): the routed "
+                    "experts of batches above one pair per expert through the grouped decode GEMM")
+    ap.add_argument("--all-decode-kernels", action="store_true", help="--dense-gemv --head-gemv --latent-store "
+                    "--moe-gemm")
     ap.add_argument("--preset", default="16b")
     ap.add_argument("--steps", type=int, default=5)
     args = ap.parse_args()
@@ -195,7 +201,7 @@ def main() -> None:
     if args.decode:
         every = args.all_decode_kernels
         decode([int(b) for b in args.decode.split(",")], args.preset, args.decode_fp8, args.dense_gemv or every,
-               args.head_gemv or every, args.latent_store or every)
+               args.head_gemv or every, args.latent_store or every, args.moe_gemm or every)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ optional.
     fp8_weight_linear, fp8_expert_rows                  "triton" (fp8_gemm_triton.py)
     expert_gemv, swiglu_gemv                            "triton" (expert_gemv_triton.py; swiglu_gemv
                                                         switched with dense_gemv)
+    moe_gemm_swiglu, moe_gemm_down                      "triton" (moe_gemm_triton.py; off until
+                                                        switched on: set_moe_gemm)
     dense_gemv                                          "triton" (dense_gemv_triton.py; off until
                                                         switched on: set_dense_gemv)
     head_gemv                                           "triton" (head_gemv_triton.py; off until
@@ -39,6 +41,7 @@ import torch
 
 from dsv3.kernels import reference
 from dsv3.kernels.attention import attention
+from dsv3.kernels.backend import MOE_GEMM_ROWS
 from dsv3.kernels.backend import available as backend_available
 from dsv3.kernels.backend import select as select_backend
 from dsv3.kernels.backend import switch as _switch
@@ -46,13 +49,15 @@ from dsv3.kernels.backend import use_backend
 from dsv3.kernels.fp8 import (act_quant_cm, act_quant_t, fp8_expert_rows, fp8_gemm_bwd, fp8_gemm_fwd,
                               fp8_grouped_gemm_bwd, fp8_grouped_gemm_fwd, fp8_weight_linear, weight_quant_pad)
 from dsv3.kernels.reference import (BLOCK, FP8_MAX, act_dequant, act_quant, dense_gemv_ref, expert_gemv_ref,
-                                    head_gemv_ref, mla_decode_ref, router_topk_ref, store_latents_ref, weight_dequant,
-                                    weight_quant)
+                                    head_gemv_ref, mla_decode_ref, moe_gemm_ref, router_topk_ref, store_latents_ref,
+                                    weight_dequant, weight_quant)
 
-__all__ = ["BLOCK", "FP8_MAX", "act_dequant", "act_quant", "act_quant_cm", "act_quant_t", "adamw_backend",
+__all__ = ["BLOCK", "FP8_MAX", "MOE_GEMM_ROWS", "act_dequant", "act_quant", "act_quant_cm", "act_quant_t",
+           "adamw_backend",
            "adamw_step_", "attention", "backend_available", "dense_gemv", "dense_gemv_ref", "expert_gemv",
            "expert_gemv_ref", "fp8_expert_rows", "fp8_gemm_bwd", "fp8_gemm_fwd", "fp8_grouped_gemm_bwd",
            "fp8_grouped_gemm_fwd", "fp8_weight_linear", "head_gemv", "head_gemv_ref", "mla_decode", "mla_decode_ref",
+           "moe_gemm_down", "moe_gemm_ref", "moe_gemm_swiglu", "set_moe_gemm",
            "router_topk", "router_topk_ref", "select_backend", "set_dense_gemv", "set_head_gemv", "set_latent_store",
            "store_latents", "store_latents_ref", "swiglu_gemv", "use_backend", "weight_dequant", "weight_quant",
            "weight_quant_pad"]
@@ -158,6 +163,47 @@ def swiglu_gemv(x: torch.Tensor, gate: torch.Tensor, gate_s: torch.Tensor | None
     reference.check_expert_gemv_args(x2, g, gs, u, us)
     zero = torch.zeros(x2.shape[0], dtype=torch.long, device=x.device)
     return reference.expert_gemv_ref(x2, g, gs, zero, 1, u, us).view(*lead, gate.shape[0])
+
+
+def moe_gemm_swiglu(x: torch.Tensor, gate: torch.Tensor, gate_s: torch.Tensor | None, up: torch.Tensor,
+                    up_s: torch.Tensor | None, offs: torch.Tensor, x_rows: torch.Tensor, *,
+                    backend: str | None = None) -> torch.Tensor:
+    """h (M, I): the SwiGLU's first half, silu(x·gateᵀ) * (x·upᵀ), of the M (token, expert) pairs sorted by
+    expert, sorted row m reading x[x_rows[m]] through expert e's matrices (offs (E,) the experts' end rows);
+    gate / up (E, I, D) in x's dtype or e4m3 with block scales. The contract: `reference.moe_gemm_ref`. "triton":
+    one grouped launch reading each expert's weights once (moe_gemm_triton.py), for decode batches (up to
+    MOE_GEMM_ROWS pairs); switched off by default (`set_moe_gemm`)."""
+    M = x_rows.shape[0]
+    if select_backend("moe_gemm", x, gate, backend=backend) == "triton":
+        from dsv3.kernels.moe_gemm_triton import moe_gemm_swiglu_op
+
+        reference.check_moe_gemm_args(x, gate, gate_s, offs, M, x_rows, None, up, up_s, kernel=True)
+        return moe_gemm_swiglu_op(x, gate, gate_s, up, up_s, offs, x_rows)
+    reference.check_moe_gemm_args(x, gate, gate_s, offs, M, x_rows, None, up, up_s)
+    return reference.moe_gemm_ref(x, gate, gate_s, offs, M, x_rows=x_rows, up=up, up_s=up_s)
+
+
+def moe_gemm_down(h: torch.Tensor, down: torch.Tensor, down_s: torch.Tensor | None, offs: torch.Tensor,
+                  y_rows: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """y (M, D): the down projection of the sorted rows h (M, I) (sorted row m through expert e's matrix, offs as
+    `moe_gemm_swiglu`), stored at y[y_rows[m]]: the pairs' own order when y_rows is the sort's permutation. The
+    contract: `reference.moe_gemm_ref`; "triton" as `moe_gemm_swiglu`."""
+    if select_backend("moe_gemm", h, down, backend=backend) == "triton":
+        from dsv3.kernels.moe_gemm_triton import moe_gemm_down_op
+
+        reference.check_moe_gemm_args(h, down, down_s, offs, h.shape[0], None, y_rows, kernel=True)
+        return moe_gemm_down_op(h, down, down_s, offs, y_rows)
+    reference.check_moe_gemm_args(h, down, down_s, offs, h.shape[0], None, y_rows)
+    return reference.moe_gemm_ref(h, down, down_s, offs, h.shape[0], y_rows=y_rows)
+
+
+def set_moe_gemm(on: bool) -> bool:
+    """Let the automatic choice take the grouped decode GEMM of the routed experts (`moe_gemm_swiglu` /
+    `moe_gemm_down`: Experts.forward between the one-row-per-expert GEMV and prefill) wherever its rule holds
+    (CUDA, bf16/fp16 x, weights in x's dtype or e4m3, at most MOE_GEMM_ROWS pairs, no autograd: backend.py),
+    process-wide; returns the previous setting. DEFAULT OFF until measured faster than torch._grouped_mm (bf16)
+    and the per-row FP8 GEMV on the GPU (bench/decode_gpu.py's +moegemm modes)."""
+    return _switch("moe_gemm", on)
 
 
 def set_head_gemv(on: bool) -> bool:

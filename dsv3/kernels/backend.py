@@ -19,6 +19,9 @@ never probe the GPU themselves.
     swiglu_gemv       "triton"              switched with dense_gemv (SWITCH_OF); bf16/fp16 x, at most
                                             DENSE_GEMV_ROWS rows, gate and up (N, K) contiguous both in x's
                                             dtype or both e4m3 (+ scales), no autograd, no CUDA autocast
+    moe_gemm          "triton"              switched on (SWITCHED, kernels.set_moe_gemm; off by default);
+                                            bf16/fp16 x, at most MOE_GEMM_ROWS rows, w in x's dtype or
+                                            e4m3, no autograd through x or w
     head_gemv         "triton"              switched on (SWITCHED, kernels.set_head_gemv; off by default);
                                             bf16/fp16 x (..., H, K) K-contiguous, at most DENSE_GEMV_ROWS
                                             rows, w (H, N, K) in x's dtype with K or N contiguous, no
@@ -62,6 +65,7 @@ FAST = {  # op -> its accelerated backend
     "expert_gemv": "triton",
     "dense_gemv": "triton",
     "head_gemv": "triton",
+    "moe_gemm": "triton",
     "swiglu_gemv": "triton",
     "latent_store": "triton",
     "mla_decode": "triton",
@@ -76,7 +80,7 @@ PENDING: set[str] = set()
 # tests) but not yet measured faster than what runs without them. The dense GEMV against cuBLAS's F.linear for
 # the model's dense bf16 linears at decode: kernels.set_dense_gemv(True) until bench/dense_gemv_sweep.py and
 # bench/decode_gpu.py's +densegemv modes have shown it faster on an H200. Process-wide, like use_backend.
-SWITCHED: dict[str, bool] = {"dense_gemv": False, "head_gemv": False, "latent_store": False}
+SWITCHED: dict[str, bool] = {"dense_gemv": False, "head_gemv": False, "latent_store": False, "moe_gemm": False}
 # ops that follow another op's switch: the dense SwiGLU's fused gate+up GEMV is one of the dense decode GEMVs
 SWITCH_OF: dict[str, str] = {"swiglu_gemv": "dense_gemv"}
 # Up to these many activation rows the Triton FP8-weight kernels run (decode; above, prefill:
@@ -86,6 +90,9 @@ EXPERT_DECODE_ROWS = 1024
 # Up to these many rows a dense (bf16/fp16) linear may take the dense GEMV (decode batch 1-4; its tiles hold
 # at most 4 rows, dense_gemv_triton.py).
 DENSE_GEMV_ROWS = 4
+# Up to these many (token, expert) pairs the routed experts may take the grouped decode GEMM (moe_gemm_triton.py:
+# 16-64-row tiles per expert; above, prefill, torch._grouped_mm or the FP8 grouped path).
+MOE_GEMM_ROWS = 1024
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 _probes: dict = {}  # memoised availability: "triton", "scaled_mm", ("capability", index)
@@ -197,6 +204,10 @@ def _fast_fits(op: str, tensors: tuple[torch.Tensor, ...]) -> bool:
         return len(tensors) == 2 and _dense_gemv_fits(*tensors)
     if op == "head_gemv":
         return len(tensors) == 2 and _head_gemv_fits(*tensors)
+    if op == "moe_gemm":  # (x, w)
+        x, w = tensors[0], tensors[-1]
+        return (_decode_fits(x, MOE_GEMM_ROWS) and w.dtype in (x.dtype, torch.float8_e4m3fn)
+                and not (torch.is_grad_enabled() and w.requires_grad))
     if op == "swiglu_gemv":
         return len(tensors) == 3 and _swiglu_gemv_fits(*tensors)
     if op == "latent_store":  # (kv_a, the norm weight)

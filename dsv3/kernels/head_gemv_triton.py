@@ -27,9 +27,10 @@ contiguous: rows of w per iteration) or KU (K-contiguous: 128-wide chunks per it
 (K-contiguous only). `default_config(M, H, N, K, k_contig)` picks BN for about 2 programs per SM (H x N/BN >=
 TARGET_PROGRAMS where it can) and a register tile of at most GEMV_TILE elements, as the dense GEMV's heuristic
 does. Registers (compiled ahead of time for sm_90 with Triton 3.6 on a machine without a GPU, 2026-12-04): the
-heuristic's configs at the small / 16b / 671b shapes take 32-218, none spills (the 671b K-contiguous tiles with
-PREFETCH the most). Not yet measured on a GPU: the model takes this kernel only once switched on (kernels.set_head_gemv), and
-bench/decode_gpu.py's `+headgemv` modes measure it against the einsums.
+heuristic's configs at the small / 16b / 671b shapes take 32-110 with the launch's divisibility specialisation
+(pointers and strides multiples of 16), none spills. Not yet measured on a GPU: the model takes this kernel only
+once switched on (kernels.set_head_gemv), and bench/decode_gpu.py's `+headgemv` modes measure it against the
+einsums.
 
 Tests: tests/test_head_gemv.py (Triton interpreter: both orientations, ragged shapes, every config the
 heuristic returns at the model shapes, the custom op compiled, the model's absorbed decode through it),

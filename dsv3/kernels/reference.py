@@ -245,6 +245,48 @@ def fp8_expert_rows_ref(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, exper
     return torch.where((expert >= 0).unsqueeze(-1), y, 0)  # expert < 0: a row not computed here, 0
 
 
+# --- the grouped decode GEMM of the routed experts (pairs sorted by expert) ----------------------------------
+
+def check_moe_gemm_args(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None, offs: torch.Tensor, M: int,
+                        x_rows: torch.Tensor | None = None, y_rows: torch.Tensor | None = None,
+                        up: torch.Tensor | None = None, up_s: torch.Tensor | None = None, kernel: bool = False) -> None:
+    """The grouped decode GEMM's argument contract (both backends): x (T, K); w (E, N, K) and `up` as the expert
+    GEMV takes them (check_expert_gemv_args); offs (E,) integer end rows, M sorted rows; x_rows (M,) integer
+    (else M <= T), y_rows (M,) integer or None."""
+    check_expert_gemv_args(x, w, s, up, up_s, kernel=kernel)
+    if x.dim() != 2 or w.dim() != 3:
+        raise ValueError(f"moe_gemm: x (T, K) and w (E, N, K), got {tuple(x.shape)} and {tuple(w.shape)}")
+    if offs.dim() != 1 or offs.shape[0] != w.shape[0] or offs.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"moe_gemm: offs ({w.shape[0]},) integer end rows, got {tuple(offs.shape)} {offs.dtype}")
+    for name, r in (("x_rows", x_rows), ("y_rows", y_rows)):
+        if r is not None and (r.dim() != 1 or r.shape[0] != M or r.dtype not in (torch.int32, torch.int64)):
+            raise ValueError(f"moe_gemm: {name} ({M},) integer, got {tuple(r.shape)} {r.dtype}")
+    if x_rows is None and x.shape[0] < M:
+        raise ValueError(f"moe_gemm: {M} sorted rows but x has {x.shape[0]}")
+
+
+def moe_gemm_ref(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None, offs: torch.Tensor, M: int,
+                 x_rows: torch.Tensor | None = None, y_rows: torch.Tensor | None = None, up: torch.Tensor | None = None,
+                 up_s: torch.Tensor | None = None, out_rows: int | None = None) -> torch.Tensor:
+    """The routed experts' grouped decode GEMM (dsv3/kernels/moe_gemm_triton.py): sorted row m (m < M) belongs to
+    the expert e with offs[e-1] <= m < offs[e], reads x[x_rows[m]] (x[m] without x_rows) and is stored at
+    y[y_rows[m]] (y[m]); y = x·w[e]ᵀ, or with `up` silu(x·w[e]ᵀ) * (x·up[e]ᵀ); fp32 sums, one rounding to x's
+    dtype (the expert GEMV's math, expert_gemv_ref). Rows past offs[-1] belong to no expert: not written (0
+    here; the kernel leaves them as allocated)."""
+    m = torch.arange(M, device=x.device)
+    expert = torch.searchsorted(offs.to(torch.long), m, right=True)  # (M,) E for rows past offs[-1]
+    expert = torch.where(expert < w.shape[0], expert, -1)
+    xm = x[x_rows] if x_rows is not None else x[:M]
+    y_sorted = expert_gemv_ref(xm, w, s, expert, 1, up, up_s)  # (M, N), 0 for rows of no expert
+    out = torch.zeros(out_rows if out_rows is not None else M, w.shape[1], dtype=x.dtype, device=x.device)
+    if y_rows is None:
+        out[:M] = y_sorted
+    else:
+        owned = expert >= 0
+        out[y_rows[owned]] = y_sorted[owned]
+    return out
+
+
 # --- the dense decode GEMV ------------------------------------------------------------------------
 
 DENSE_GEMV_DTYPES = (torch.bfloat16, torch.float16, torch.float32)

@@ -185,6 +185,8 @@ class Experts(nn.Module):
         if self._impl(x_ND, impl) == "grouped":
             if impl == "auto" and self._gemv_fits(x_ND, idx_NK):
                 return self.forward_gemv(x_ND, idx_NK, w_NK)
+            if impl == "auto" and self._moe_gemm_fits(x_ND, idx_NK):
+                return self.forward_moe_gemm(x_ND, idx_NK, w_NK)
             return self.forward_grouped(x_ND, idx_NK, w_NK)
         return self.forward_loop(x_ND, idx_NK, w_NK)
 
@@ -206,6 +208,29 @@ class Experts(nn.Module):
         weights_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ws)
         return (idx_NK.numel() <= w.shape[0] and w.dtype in (x_ND.dtype, torch.float8_e4m3fn) and not weights_grad
                 and kernels.select_backend("expert_gemv", x_ND) != "reference")
+
+    def _moe_gemm_fits(self, x_ND: torch.Tensor, idx_NK: torch.Tensor) -> bool:
+        """The grouped decode GEMM path (`forward_moe_gemm`) for this call: a decode batch (at most MOE_GEMM_ROWS
+        pairs), weights in x's dtype or FP8 and not needing gradients, and the kernel's rule (switched on, GPU,
+        bf16/fp16 x). Shapes only, as `_gemv_fits`."""
+        ws = self.gemv_weights()
+        weights_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ws)
+        return (idx_NK.numel() <= kernels.MOE_GEMM_ROWS and not weights_grad
+                and kernels.select_backend("moe_gemm", x_ND, ws[0]) != "reference")
+
+    def forward_moe_gemm(self, x_ND: torch.Tensor, idx_NK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
+        """The same sum as `forward_grouped` for decode batches above one pair per expert: the pairs sorted by
+        expert, then two grouped launches that read each selected expert's weights once (dsv3/kernels/
+        moe_gemm_triton.py): gate+up+SwiGLU reading x through the sort (no gathered copy), down storing each row
+        at its pair's place (no un-sort); then the fp32 weighted sum in k order."""
+        N, K = idx_NK.shape
+        flat = idx_NK.reshape(-1)  # (M = N*K,) pair n*K + k: token n's k-th expert
+        order = flat.argsort(stable=True)  # the pairs sorted by expert
+        offs = _count(flat, self.gate_proj.shape[0]).cumsum(0).to(torch.int32)  # (E,) end rows
+        g, gs, u, us, d, ds = self.gemv_weights()
+        h_MI = kernels.moe_gemm_swiglu(x_ND, g, gs, u, us, offs, order // K)  # sorted rows
+        y_MD = kernels.moe_gemm_down(h_MI, d, ds, offs, order)  # (M, D) in pair order
+        return (y_MD.view(N, K, -1).float() * w_NK.unsqueeze(-1)).sum(1).to(x_ND.dtype)
 
     def forward_gemv(self, x_ND: torch.Tensor, idx_NK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
         """The same sum as `forward_grouped` for decode-sized N: each (token, expert) pair is one row of two
@@ -254,8 +279,15 @@ class Experts(nn.Module):
             return self.forward_loop(x_ND, key, w_NK, out_dtype=torch.float32)
         flat = key.reshape(-1)  # (M = N*K,)
         order = flat.argsort(stable=True)
-        inv = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
         offs = _count(flat, E + 1)[:E].cumsum(0).to(torch.int32)  # (E,) end offsets of the local experts' rows
+        if impl == "auto" and self._moe_gemm_fits(x_ND, idx_NK):
+            # the grouped decode GEMM: rows past offs[-1] (foreign pairs) are neither computed nor written, so
+            # their places in y hold whatever was allocated, and `where` below replaces them by 0
+            g, gs, u, us, d, ds = self.gemv_weights()
+            h_MI = kernels.moe_gemm_swiglu(x_ND, g, gs, u, us, offs, order // K)
+            y_NKD = kernels.moe_gemm_down(h_MI, d, ds, offs, order).view(N, K, -1)  # pair order
+            return torch.where(mine.unsqueeze(-1), y_NKD.float() * w_NK.unsqueeze(-1), 0.0).sum(1)
+        inv = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
         dt = torch.get_autocast_dtype("cuda") if x_ND.is_cuda and torch.is_autocast_enabled("cuda") else x_ND.dtype
         x_MD = x_ND.to(dt)[order // K]  # (M, D) sorted by key
         # foreign rows: past the grouped GEMMs' last offset, and expert -1 for per-row kernels (FP8 decode:
