@@ -88,7 +88,7 @@ def main() -> None:
                          "requests, all-to-all MoE, eager), tp (attention, dense FFNs and shared experts "
                          "tensor-parallel over the ranks, --attn-tp; eager)")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--out", default=os.environ.get("OUT", os.path.join("runs", "ep_serve")))
     args = ap.parse_args()
 
     env = init_distributed(args.device)

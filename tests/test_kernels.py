@@ -89,6 +89,22 @@ def test_capability_table(fake_gpu):
     assert not kb.available("adamw", "cpu")
 
 
+def test_e4m3_weights_need_sm89_in_the_new_decode_kernels(fake_gpu, monkeypatch):
+    """The grouped decode GEMM and the dense SwiGLU GEMV convert e4m3 weights in Triton, which compiles e4m3 for
+    SM 8.9+ only: on an A100 their rules refuse FP8 weights and keep 16-bit ones."""
+    x = torch.randn(2, 128, dtype=torch.bfloat16)
+    w8 = torch.zeros(4, 64, 128).to(torch.float8_e4m3fn)
+    g8 = torch.zeros(64, 128).to(torch.float8_e4m3fn)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr(torch.Tensor, "device", property(lambda self: torch.device("cuda", 0)))
+    for cap, ok in (((8, 0), False), ((8, 9), True), ((9, 0), True)):
+        fake_gpu(cap)
+        assert kb._fast_fits("moe_gemm", (x, w8)) is ok, cap
+        assert kb._fast_fits("swiglu_gemv", (x, g8, g8)) is ok, cap
+        assert kb._fast_fits("moe_gemm", (x, w8.bfloat16()))
+        assert kb._fast_fits("swiglu_gemv", (x, g8.bfloat16(), g8.bfloat16()))
+
+
 def test_decode_conditions():
     """The Triton FP8-weight GEMMs run for 16-bit activations, few rows and no autograd only."""
     x = torch.randn(3, 1, 64, dtype=torch.bfloat16)

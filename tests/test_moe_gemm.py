@@ -160,13 +160,16 @@ def test_interp_kernel_vs_reference(fp8, fused, BM):
                                                     seed=BM, dtype=torch.float16)
     w, u = (w, u) if fp8 else (w.half(), u.half())
     up = dict(up=u, up_s=us) if fused else {}
-    for xr, yr in ((x_rows, None), (None, y_rows)):
+    owned = torch.arange(M) < int(offs[-1])
+    for xr, yr in ((x_rows, None), (None, y_rows), (x_rows, y_rows)):
         xx = x if xr is not None else torch.randn(M, 200).half()
-        got = k.launch(xx, w, s, offs, M, x_rows=xr, y_rows=yr, BM=BM, **up)
+        sentinel = torch.full((M, 200), 7.0).half()
+        got = k.launch(xx, w, s, offs, M, x_rows=xr, y_rows=yr, BM=BM, out=sentinel.clone(), **up)
         want = moe_gemm_ref(xx, w, s, offs, M, x_rows=xr, y_rows=yr, **up)
-        owned = torch.arange(M) < int(offs[-1])
-        rows = yr[owned] if yr is not None else torch.arange(M)[owned]  # foreign rows: not written
+        rows = yr[owned] if yr is not None else torch.arange(M)[owned]
         assert _rel(got[rows], want[rows]) < 3e-3, (xr is None, _rel(got[rows], want[rows]))
+        foreign = yr[~owned] if yr is not None else torch.arange(M)[~owned]  # the foreign rows: not written
+        assert torch.equal(got[foreign], sentinel[foreign])
 
 
 @interp

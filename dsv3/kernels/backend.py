@@ -167,6 +167,11 @@ def _head_gemv_fits(x: torch.Tensor, w: torch.Tensor) -> bool:
             and not torch.is_autocast_enabled("cuda"))
 
 
+def _e4m3_ok(w: torch.Tensor) -> bool:
+    """Triton compiles e4m3 operands for SM 8.9+ only (an e4m3 weight read by a kernel that converts it)."""
+    return w.dtype != torch.float8_e4m3fn or _capability(w.device) >= (8, 9)
+
+
 def _swiglu_gemv_fits(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> bool:
     """The dense SwiGLU GEMV's per-call rule: decode-sized 16-bit x, gate and up (N, K) contiguous and stored alike,
     in x's dtype or e4m3 (block scales: FP8Linear), no gradient through any of them, no CUDA autocast."""
@@ -207,9 +212,10 @@ def _fast_fits(op: str, tensors: tuple[torch.Tensor, ...]) -> bool:
     if op == "moe_gemm":  # (x, w)
         x, w = tensors[0], tensors[-1]
         return (_decode_fits(x, MOE_GEMM_ROWS) and w.dtype in (x.dtype, torch.float8_e4m3fn)
-                and not (torch.is_grad_enabled() and w.requires_grad))
+                and not (torch.is_grad_enabled() and w.requires_grad) and not torch.is_autocast_enabled("cuda")
+                and _e4m3_ok(w))
     if op == "swiglu_gemv":
-        return len(tensors) == 3 and _swiglu_gemv_fits(*tensors)
+        return len(tensors) == 3 and _swiglu_gemv_fits(*tensors) and _e4m3_ok(tensors[1])
     if op == "latent_store":  # (kv_a, the norm weight)
         kv_a, w = tensors if len(tensors) == 2 else (tensors[0], tensors[0])
         return (kv_a.dtype in (torch.bfloat16, torch.float16) and w.dtype == kv_a.dtype and kv_a.stride(-1) == 1

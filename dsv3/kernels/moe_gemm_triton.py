@@ -93,7 +93,7 @@ def _moe_gemm_kernel(x_ptr, xr_ptr, w_ptr, ws_ptr, u_ptr, us_ptr, y_ptr, yr_ptr,
              mask=row_ok[:, None] & n_ok[None, :])
 
 
-def default_config(M: int, E: int, N: int, fp8: bool) -> dict:
+def default_config(M: int, E: int, N: int, fp8: bool, fused: bool = False) -> dict:
     """BM: the average rows per expert rounded up to a power of two, 16..64 (tl.dot's smallest M is 16; decode
     batches up to ~170 sequences at top-6 of 64 fill one 16-row tile per expert); BN 64 (128-byte weight rows
     per load for bf16; a divisor of the 128-wide scale block); 4 warps, 3 stages (the weight tiles stream through
@@ -101,24 +101,28 @@ def default_config(M: int, E: int, N: int, fp8: bool) -> dict:
     ahead of time for sm_90 (Triton 3.6, no GPU, 2026-12-04, with the launch's divisibility specialisation): 64-155
     registers (bf16; e4m3 fused at BM 32: 254), none spills; 40-147 KB of shared memory."""
     per_expert = -(-max(M, 1) // max(E, 1))
-    BM = min(max(triton.next_power_of_2(per_expert), 16), 64)
+    # fused gate+up at 64-row tiles would take 147 KB of shared memory (3 stages): more than SM 8.6 / 8.9 have
+    BM = min(max(triton.next_power_of_2(per_expert), 16), 32 if fused else 64)
     return dict(BM=BM, BN=64 if N >= 64 else max(16, triton.next_power_of_2(N)), num_warps=4, num_stages=3)
 
 
 def launch(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None, offs: torch.Tensor, M: int,
            x_rows: torch.Tensor | None = None, y_rows: torch.Tensor | None = None, up: torch.Tensor | None = None,
-           up_s: torch.Tensor | None = None, out_rows: int | None = None, **config) -> torch.Tensor:
-    """The launch (module docstring): M sorted rows (x_rows' length, else x's rows); the output has `out_rows`
-    rows (default M: y_rows is a permutation of the sorted rows). `config` (BM, BN, num_warps, num_stages)
-    overrides `default_config`."""
+           up_s: torch.Tensor | None = None, out: torch.Tensor | None = None, **config) -> torch.Tensor:
+    """The launch (module docstring): M sorted rows (x_rows' length, else x's rows); the output has M rows (y_rows
+    a permutation of the sorted rows), or is `out` (tests: rows that no owned row maps to keep what they held).
+    `config` (BM, BN, num_warps, num_stages) overrides `default_config`. Under expert parallelism BM follows M /
+    E over the local experts, taller than the local rows need (a performance matter: the local count would need
+    a host sync)."""
     check_moe_gemm_args(x, w, s, offs, M, x_rows, y_rows, up, up_s, kernel=True)
     E, N, K = w.shape
     fp8 = s is not None
-    cfg = {**default_config(M, E, N, fp8), **config}
+    cfg = {**default_config(M, E, N, fp8, up is not None), **config}
     BM, BN = cfg["BM"], cfg["BN"]
     assert BLOCK % BN == 0 and BM >= 16 and BN >= 16, f"moe_gemm: BM >= 16, BN >= 16 dividing 128; got {cfg}"
     x, w = (x if x.stride(-1) == 1 else x.contiguous()), w.contiguous()
-    y = torch.empty(out_rows if out_rows is not None else M, N, dtype=x.dtype, device=x.device)
+    y = out if out is not None else torch.empty(M, N, dtype=x.dtype, device=x.device)
+    assert y.dtype == x.dtype and y.shape[1] == N and y.stride(1) == 1, "moe_gemm: out (rows, N) in x's dtype"
     if M == 0 or E == 0 or N == 0:
         return y
     s = s.contiguous() if fp8 else w  # a placeholder pointer, never read (HAS_SCALE is False)

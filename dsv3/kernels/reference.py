@@ -267,7 +267,7 @@ def check_moe_gemm_args(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None
 
 def moe_gemm_ref(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None, offs: torch.Tensor, M: int,
                  x_rows: torch.Tensor | None = None, y_rows: torch.Tensor | None = None, up: torch.Tensor | None = None,
-                 up_s: torch.Tensor | None = None, out_rows: int | None = None) -> torch.Tensor:
+                 up_s: torch.Tensor | None = None) -> torch.Tensor:
     """The routed experts' grouped decode GEMM (dsv3/kernels/moe_gemm_triton.py): sorted row m (m < M) belongs to
     the expert e with offs[e-1] <= m < offs[e], reads x[x_rows[m]] (x[m] without x_rows) and is stored at
     y[y_rows[m]] (y[m]); y = x·w[e]ᵀ, or with `up` silu(x·w[e]ᵀ) * (x·up[e]ᵀ); fp32 sums, one rounding to x's
@@ -278,7 +278,7 @@ def moe_gemm_ref(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None, offs:
     expert = torch.where(expert < w.shape[0], expert, -1)
     xm = x[x_rows] if x_rows is not None else x[:M]
     y_sorted = expert_gemv_ref(xm, w, s, expert, 1, up, up_s)  # (M, N), 0 for rows of no expert
-    out = torch.zeros(out_rows if out_rows is not None else M, w.shape[1], dtype=x.dtype, device=x.device)
+    out = torch.zeros(M, w.shape[1], dtype=x.dtype, device=x.device)
     if y_rows is None:
         out[:M] = y_sorted
     else:
@@ -408,6 +408,10 @@ def check_expert_gemv_args(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | N
                             f"{m.dtype} {'with' if ms is not None else 'without'} scales")
         if x.shape[-1] != m.shape[-1]:
             raise ValueError(f"x has K = {x.shape[-1]}, the weight {m.shape[-1]}")
+        if ms is not None and tuple(ms.shape) != (*m.shape[:-2], -(-m.shape[-2] // BLOCK), -(-m.shape[-1] // BLOCK)):
+            raise ValueError(f"block scales of a {tuple(m.shape)} e4m3 weight must be "
+                             f"{(*m.shape[:-2], -(-m.shape[-2] // BLOCK), -(-m.shape[-1] // BLOCK))}, got "
+                             f"{tuple(ms.shape)}")
     if up is not None and (up.shape != w.shape or up.dtype != w.dtype or (up_s is None) != (s is None)):
         raise ValueError(f"gate and up must be stored alike: gate {tuple(w.shape)} {w.dtype} "
                          f"{'with' if s is not None else 'without'} scales, up {tuple(up.shape)} {up.dtype} "

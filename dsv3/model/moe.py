@@ -211,8 +211,9 @@ class Experts(nn.Module):
 
     def _moe_gemm_fits(self, x_ND: torch.Tensor, idx_NK: torch.Tensor) -> bool:
         """The grouped decode GEMM path (`forward_moe_gemm`) for this call: a decode batch (at most MOE_GEMM_ROWS
-        pairs), weights in x's dtype or FP8 and not needing gradients, and the kernel's rule (switched on, GPU,
-        bf16/fp16 x). Shapes only, as `_gemv_fits`."""
+        pairs: also a short prompt's prefill, up to MOE_GEMM_ROWS / K tokens), weights in x's dtype or FP8 and not
+        needing gradients, and the kernel's rule (switched on, GPU, bf16/fp16 x, no CUDA autocast). Shapes only,
+        as `_gemv_fits`."""
         ws = self.gemv_weights()
         weights_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ws)
         return (idx_NK.numel() <= kernels.MOE_GEMM_ROWS and not weights_grad
