@@ -26,7 +26,8 @@ step() {  # name, command...
 }
 
 step tests python -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu_dense_gemv.py tests/test_gpu_head_gemv.py \
-    tests/test_gpu_latent_store.py tests/test_gpu_moe_gemm.py tests/test_gpu_expert_gemv.py
+    tests/test_gpu_latent_store.py tests/test_gpu_moe_gemm.py tests/test_gpu_expert_gemv.py \
+    tests/test_gpu_speculation.py
 step sweep python bench/dense_gemv_sweep.py --quick --json "$out/sweep.json"
 all=densegemv+headgemv+latentstore
 step b1 python bench/decode_gpu.py --preset 16b --batches 1,4 --new 48 --modes graphs+compile,graphs+compile+densegemv,\

@@ -34,8 +34,23 @@ def _prompts(n=6, seed=4):
     return [torch.randint(0, 256, (L,), generator=g).tolist() for L in (3, 17, 40, 1, 70, 9)[:n]]
 
 
-@pytest.mark.parametrize("D,k", [(1, 1), (1, 2), (2, 3)])
-def test_graphed_speculation_equals_eager_static_steps(D, k):
+@pytest.fixture
+def decode_kernels(request):
+    """param True: every switched-off decode kernel switched on (dense / head GEMVs, the latent store, the grouped
+    decode GEMM: dsv3/kernels/backend.py SWITCHED) for the test, restored after."""
+    from dsv3.kernels import backend as kb
+
+    old = dict(kb.SWITCHED)
+    if request.param:
+        kb.SWITCHED.update({op: True for op in kb.SWITCHED})
+    yield request.param
+    kb.SWITCHED.update(old)
+
+
+@pytest.mark.parametrize("D,k,decode_kernels", [(1, 1, False), (1, 2, False), (2, 3, False), (1, 2, True),
+                                                (2, 3, True)], indirect=["decode_kernels"])
+def test_graphed_speculation_equals_eager_static_steps(D, k, decode_kernels):
+    """(also with the switched-off decode kernels on: the verify step's B x (k+1) rows through them)"""
     m = _model(D, "aligned")
     prompts, sp = _prompts(), _params()
     graphed = Engine(m, None, max_batch_size=8, block_size=16, speculative_k=k, cuda_graphs=True)
