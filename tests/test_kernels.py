@@ -593,3 +593,29 @@ def test_interp_triton_adamw_writes_the_bf16_copies_of_fp32_masters():
     kernels.adamw_step_([p.data for p in ps[0]], nan, ms[0], vs[0], **kw, step=4.0, skip=torch.tensor(True),
                         backend="triton", copies=cs[0])
     assert all(torch.equal(x, y) for xs, ys in zip((ps[0], ms[0], vs[0], cs[0]), before) for x, y in zip(xs, ys))
+
+
+def test_switches_from_the_environment():
+    """DSV3_KERNELS turns the switched-off decode kernels on (or off) from the command line, read at import;
+    a malformed value or an unknown op is refused with the accepted names."""
+    import os
+    import subprocess
+    import sys
+
+    assert kb.switches_from_env(None) == {} and kb.switches_from_env("") == {}
+    assert kb.switches_from_env("all=on") == {op: True for op in kb.SWITCHED}
+    assert kb.switches_from_env("all=on, moe_gemm=off") == {**{op: True for op in kb.SWITCHED}, "moe_gemm": False}
+    assert kb.switches_from_env("dense_gemv=1,head_gemv=false") == {"dense_gemv": True, "head_gemv": False}
+    with pytest.raises(ValueError, match="not a switched kernel op.*dense_gemv"):
+        kb.switches_from_env("expert_gemv=on")
+    with pytest.raises(ValueError, match="op=on|off"):
+        kb.switches_from_env("dense_gemv")
+    with pytest.raises(ValueError, match="op=on|off"):
+        kb.switches_from_env("dense_gemv=maybe")
+    code = "from dsv3.kernels import backend as kb; print(sorted(op for op, on in kb.SWITCHED.items() if on))"
+    env = {**os.environ, "DSV3_KERNELS": "all=on,latent_store=off"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == str(sorted(set(kb.SWITCHED) - {"latent_store"}))
+    env["DSV3_KERNELS"] = "bogus=on"
+    bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert bad.returncode != 0 and "bogus" in bad.stderr

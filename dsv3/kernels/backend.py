@@ -43,7 +43,9 @@ Overrides, for tests and benchmarks:
     `use_backend(mla_decode="reference")` (or another op's accelerated backend) one op's. Process-wide;
     a torch.compile'd caller sees the setting it was traced under (its guards recompile on a change);
   * `switch(op, on)` turns the automatic rule of an op of SWITCHED (off by default) on or off, process-wide
-    (kernels.set_dense_gemv, kernels.set_head_gemv, kernels.set_latent_store); the two overrides above still win.
+    (kernels.set_dense_gemv, set_head_gemv, set_latent_store, set_moe_gemm); the two overrides above still win.
+    The environment variable DSV3_KERNELS ("all=on", "dense_gemv=on,moe_gemm=off", ...) sets them at import, for
+    the command line (`DSV3_KERNELS=all=on dsv3 serve ...`).
 
 Cost: the probes (triton import, F.scaled_mm, one capability query per device) are memoised, so a
 choice is a few attribute reads on the host: no device work, no sync.
@@ -52,6 +54,7 @@ choice is a few attribute reads on the host: no device work, no sync.
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 import torch.nn.functional as F
@@ -93,6 +96,30 @@ DENSE_GEMV_ROWS = 4
 # Up to these many (token, expert) pairs the routed experts may take the grouped decode GEMM (moe_gemm_triton.py:
 # 16-64-row tiles per expert; above, prefill, torch._grouped_mm or the FP8 grouped path).
 MOE_GEMM_ROWS = 1024
+
+
+
+def switches_from_env(value: str | None) -> dict[str, bool]:
+    """The DSV3_KERNELS environment variable: "op=on,op=off,..." (or 1/0, true/false) for ops of SWITCHED, or
+    "all=on" / "all=off" first, so that the command line (`dsv3 serve`, the benches) can turn the switched-off
+    decode kernels on without code. An unknown op or value raises ValueError naming it and what is accepted."""
+    out: dict[str, bool] = {}
+    for item in filter(None, (t.strip() for t in (value or "").split(","))):
+        op, sep, flag = item.partition("=")
+        op, flag = op.strip(), flag.strip().lower()
+        if not sep or flag not in ("on", "off", "1", "0", "true", "false"):
+            raise ValueError(f"DSV3_KERNELS: expected op=on|off items, got {item!r}")
+        on = flag in ("on", "1", "true")
+        if op == "all":
+            out.update({name: on for name in SWITCHED})
+        elif op in SWITCHED:
+            out[op] = on
+        else:
+            raise ValueError(f"DSV3_KERNELS: {op!r} is not a switched kernel op; one of {sorted(SWITCHED)} or 'all'")
+    return out
+
+
+SWITCHED.update(switches_from_env(os.environ.get("DSV3_KERNELS")))
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 _probes: dict = {}  # memoised availability: "triton", "scaled_mm", ("capability", index)
