@@ -596,7 +596,7 @@ def test_interp_triton_adamw_writes_the_bf16_copies_of_fp32_masters():
 
 
 def test_switches_from_the_environment():
-    """DSV3_KERNELS turns the switched-off decode kernels on (or off) from the command line, read at import;
+    """DSV3_KERNELS turns the switched-off decode kernels on (or off) from the command line, read at the first choice;
     a malformed value or an unknown op is refused with the accepted names."""
     import os
     import subprocess
@@ -612,10 +612,17 @@ def test_switches_from_the_environment():
         kb.switches_from_env("dense_gemv")
     with pytest.raises(ValueError, match="op=on|off"):
         kb.switches_from_env("dense_gemv=maybe")
-    code = "from dsv3.kernels import backend as kb; print(sorted(op for op, on in kb.SWITCHED.items() if on))"
+    code = ("from dsv3.kernels import backend as kb; import torch; kb.select('dense_gemv', torch.zeros(1, 1), "
+            "torch.zeros(1, 1)); print(sorted(op for op, on in kb.SWITCHED.items() if on))")
     env = {**os.environ, "DSV3_KERNELS": "all=on,latent_store=off"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.strip() == str(sorted(set(kb.SWITCHED) - {"latent_store"}))
     env["DSV3_KERNELS"] = "bogus=on"
     bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert bad.returncode != 0 and "bogus" in bad.stderr
+    assert "ValueError: DSV3_KERNELS: 'bogus' is not a switched kernel op" in bad.stderr  # (the CLI's one-line kind)
+    # read at the first choice, not at import: a verb that chooses no kernel runs, and one that does fails inside
+    # the command, where the CLI turns a ValueError into its one-line error (not an import traceback)
+    cli = subprocess.run([sys.executable, "-m", "dsv3.cli", "info", "--preset", "tiny"], env=env, capture_output=True,
+                         text=True)
+    assert cli.returncode == 0 and "Traceback" not in cli.stderr, cli.stderr

@@ -44,8 +44,8 @@ Overrides, for tests and benchmarks:
     a torch.compile'd caller sees the setting it was traced under (its guards recompile on a change);
   * `switch(op, on)` turns the automatic rule of an op of SWITCHED (off by default) on or off, process-wide
     (kernels.set_dense_gemv, set_head_gemv, set_latent_store, set_moe_gemm); the two overrides above still win.
-    The environment variable DSV3_KERNELS ("all=on", "dense_gemv=on,moe_gemm=off", ...) sets them at import, for
-    the command line (`DSV3_KERNELS=all=on dsv3 serve ...`).
+    The environment variable DSV3_KERNELS ("all=on", "dense_gemv=on,moe_gemm=off", ...) sets them at the first
+    choice, for the command line (`DSV3_KERNELS=all=on dsv3 serve ...`).
 
 Cost: the probes (triton import, F.scaled_mm, one capability query per device) are memoised, so a
 choice is a few attribute reads on the host: no device work, no sync.
@@ -119,7 +119,16 @@ def switches_from_env(value: str | None) -> dict[str, bool]:
     return out
 
 
-SWITCHED.update(switches_from_env(os.environ.get("DSV3_KERNELS")))
+_env_read = False
+
+
+def _read_env() -> None:
+    """Apply DSV3_KERNELS once, at the first choice or switch (not at import: a bad value then surfaces inside
+    the command that asked, as its clear error, instead of as an import traceback)."""
+    global _env_read
+    if not _env_read:
+        _env_read = True
+        SWITCHED.update(switches_from_env(os.environ.get("DSV3_KERNELS")))
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 _probes: dict = {}  # memoised availability: "triton", "scaled_mm", ("capability", index)
@@ -270,6 +279,8 @@ def select(op: str, *tensors: torch.Tensor, backend: str | None = None) -> str:
     forced = _forced.get(op, _forced.get("*"))
     if forced is not None:
         return forced
+    if not _env_read:
+        _read_env()
     if op in PENDING or not SWITCHED.get(SWITCH_OF.get(op, op), True):
         return "reference"
     return FAST[op] if _fast_fits(op, tensors) else "reference"
@@ -278,6 +289,7 @@ def select(op: str, *tensors: torch.Tensor, backend: str | None = None) -> str:
 def switch(op: str, on: bool) -> bool:
     """Switch the automatic choice of an op of SWITCHED on or off (process-wide; the rule still applies);
     returns the previous setting. A torch.compile'd caller recompiles on a change (its guards read it)."""
+    _read_env()  # (first: a later switch wins over the environment)
     if op not in SWITCHED:
         raise ValueError(f"switch: {op!r} is not a switched op; one of {sorted(SWITCHED)}")
     old = SWITCHED[op]
