@@ -63,6 +63,12 @@ def cmd_plan(args) -> int:
 
     cfg, name = _model_config(args)
     pc = from_args(PlanConfig, args)
+    import math
+
+    if not (math.isfinite(pc.gpu_mem_gib) and pc.gpu_mem_gib > 0):  # (NaN passes a plain `<= 0` test)
+        raise ValueError(f"--gpu-mem must be a finite number of GiB > 0, got {pc.gpu_mem_gib}")
+    if pc.gpus < 1:
+        raise ValueError(f"--gpus must be >= 1, got {pc.gpus}")
     if args.serve:  # a serving layout: weights per GPU, cache capacity, largest batch (dsv3.plan_serve)
         from dsv3.plan_serve import ServePlanConfig, format_json, plan_serve
 
@@ -323,13 +329,14 @@ def _engine(args):
 def _sampling(args):
     from dsv3.inference.engine import SamplingParams
 
-    return from_args(SamplingParams, args, exclude=SAMPLING_EXCLUDE)
+    return from_args(SamplingParams, args, exclude=SAMPLING_EXCLUDE).validate()  # (before any output)
 
 
 def cmd_generate(args) -> int:
     """Complete a prompt (or answer one chat message with --chat), streaming to stdout. With --ep N under
     torchrun, rank 0 prints; the other ranks hold their experts and follow."""
     ec = _engine_config(args)
+    _sampling(args)  # bad sampling flags: refused before the model loads
     if ec.ep != 1:  # one rank of torchrun: rank 0 prints, the others follow (dsv3/ep_serve.py)
         from dsv3.ep_serve import run_ep
 
@@ -410,6 +417,10 @@ def cmd_serve(args) -> int:
 
     path = _resolve_checkpoint(args.checkpoint)
     ec, sc = from_args(EngineConfig, args), from_args(ServerConfig, args)
+    if not 0 <= sc.port <= 65535:  # (before the model loads: uvicorn would fail only after it, with a traceback)
+        raise ValueError(f"--port must be in 0..65535, got {sc.port}")
+    if ec.max_batch_size < 1:
+        raise ValueError(f"--max-batch-size must be >= 1, got {ec.max_batch_size}")
     name = sc.model_name or run_name(path)  # runs/tiny is served as "tiny", not as its latest step_* directory
 
     def run(engine, tok) -> int:

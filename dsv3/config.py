@@ -274,6 +274,8 @@ class ModelConfig:
             raise ConfigError(f"config file not found: {path}") from None
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path} is not UTF-8 text (a JSON config file): {e}") from None
         try:
             return cls.from_dict(d)
         except TypeError as e:  # wrong value types that the dataclass cannot take
@@ -385,3 +387,21 @@ def preset(name: str) -> ModelConfig:
     if key not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     return PRESETS[key]().validate()
+
+
+def resolve_device(name: str):
+    """"auto" (cuda when available, else cpu), "cpu", "cuda" or "cuda:N" -> torch.device; an unknown name, or
+    cuda without CUDA, is a ValueError naming it. (Here, a floor module, for training and inference alike.)"""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:  # torch's message lists every device type it knows; ours names the supported ones
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}") from e
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda requested but CUDA is not available")
+    return dev

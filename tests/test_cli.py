@@ -156,9 +156,23 @@ def test_evaluate_checkpoint_is_what_eval_prints(run):
 def test_eval_errors(run, tmp_path):
     rc, _, err = run_cli(["eval", run["out"], "--data", run["data"], "--cache-dir", run["cache"],
                           "--seq-len", 100000, "--split", "train"])
-    assert rc == 2 and "too few tokens for seq_len 100000" in err
+    assert rc == 2 and "--seq-len 100000 is longer than the model's context" in err
+    rc, _, err = run_cli(["eval", run["out"], "--data", run["data"], "--cache-dir", run["cache"], "--max-batches", -1])
+    assert rc == 2 and "max_batches must be >= 0" in err
     rc, _, err = run_cli(["eval", tmp_path / "nowhere", "--data", run["data"]])
     assert rc == 2 and "nowhere" in err
+
+
+def test_bad_serving_and_device_flags_are_one_line_errors(run):
+    """Refused before the model loads or the socket binds, as the command's one-line error: a port out of range, a
+    batch of no requests, an unknown device, a NaN temperature."""
+    for argv, want in ((["serve", run["out"], "--port", 99999], "--port must be in 0..65535, got 99999"),
+                       (["serve", run["out"], "--max-batch-size", 0], "--max-batch-size must be >= 1, got 0"),
+                       (["generate", run["out"], "--prompt", "x", "--device", "tpu"], "device must be auto, cpu, cuda"),
+                       (["generate", run["out"], "--prompt", "x", "--temperature", "nan"],
+                        "temperature must be a finite number >= 0")):
+        rc, _, err = run_cli(argv)
+        assert rc == 2 and want in err and "Traceback" not in err, (argv, err)
 
 
 def test_sample_prints_prompt_and_continuation(run):
@@ -178,6 +192,18 @@ def test_unknown_preset():
     rc, out, err = run_cli(["info", "--preset", "nope"])
     assert rc == 2 and out == ""
     assert "'nope'" in err and "tiny" in err and "671b" in err
+
+
+def test_plan_and_info_bad_numbers_and_files(tmp_path):
+    for gib in ("-5", "nan", "0"):
+        rc, out, err = run_cli(["plan", "--preset", "tiny", "--gpu-mem", gib])
+        assert rc == 2 and out == "" and "--gpu-mem must be a finite number of GiB > 0" in err, (gib, err)
+    rc, _, err = run_cli(["plan", "--preset", "tiny", "--gpus", 0])
+    assert rc == 2 and "--gpus must be >= 1" in err
+    bad = tmp_path / "latin1.json"
+    bad.write_bytes(b'{"vocab_size": "\xff"}')
+    rc, _, err = run_cli(["info", "--config", bad])
+    assert rc == 2 and "latin1.json is not UTF-8 text" in err, err
 
 
 def test_bad_config_paths(tmp_path):

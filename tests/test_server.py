@@ -646,6 +646,27 @@ def _raw_http(url: str, head: bytes, chunks=(), timeout: float = 10) -> tuple[in
     return int(lines[0].split()[1]), headers, body
 
 
+def test_client_gone_before_its_body_leaves_no_traceback(model, tok, capfd):
+    """A client that announces 5,000 bytes, sends 7 and closes: no traceback on the server's stderr (it was the
+    catch-all's "internal error" print of starlette's ClientDisconnect), a 499 in the metrics as for any client
+    gone, and the server keeps answering."""
+    import socket
+
+    eng = Engine(model, tok, max_batch_size=2, cache_tokens=256)
+    with BackgroundServer(create_app(eng, tok, MODEL)) as s:
+        host, port = s.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 5000\r\n\r\n{\"a\": 1")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and 'status="499"' not in httpx.get(s.url + "/metrics").text:
+            time.sleep(0.05)
+        assert 'status="499"' in httpx.get(s.url + "/metrics").text
+        assert httpx.get(s.url + "/health", timeout=10).status_code == 200
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "ClientDisconnect" not in err, err
+
+
 def test_body_limit_413(model, tok):
     """Bodies over max_request_bytes (8 MiB by default) are 413s: from Content-Length before the body
     is read, and while reading a chunked body (neither request sends its whole body: the server must

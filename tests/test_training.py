@@ -540,7 +540,21 @@ def test_non_utf8_file_is_skipped_and_counted(env, tmp_path):
     (dict(batch_size=4, micro_batch_size=3), "multiple of micro_batch_size"),
     (dict(steps=0), "steps must be > 0"),
     (dict(seq_len=0), "seq_len must be > 0"),
-    (dict(lr=0.0), "lr must be > 0"),
+    (dict(lr=0.0), "lr must be a finite number > 0"),
+    (dict(lr=float("nan")), "lr must be a finite number > 0"),
+    (dict(lr=float("inf")), "lr must be a finite number > 0"),
+    (dict(weight_decay=float("nan")), "weight_decay must be a finite number >= 0"),
+    (dict(grad_clip=-1.0), "grad_clip must be a finite number >= 0"),
+    (dict(grad_clip=float("nan")), "grad_clip must be"),
+    (dict(mtp_lambda=float("nan")), "mtp_lambda must be"),
+    (dict(bias_gamma=float("inf")), "bias_gamma must be"),
+    (dict(balance_alpha=-1.0), "balance_alpha must be"),
+    (dict(warmup_steps=-7), "warmup_steps must be >= 0"),
+    (dict(tokens=-5), "tokens must be >= 0"),
+    (dict(eval_batches=0), "eval_batches must be >= 1"),
+    (dict(save_every=-1), "save_every must be >= 0"),
+    (dict(keep=-1), "keep must be >= 0"),
+    (dict(eval_every=-5), "eval_every must be >= 0"),
     (dict(precision="fp16"), "precision must be"),
     (dict(log_every=0), "log_every must be >= 1"),
     (dict(recompute="partial"), "recompute must be"),  # (bf16 autocast runs on the CPU too: test_compose.py)
@@ -572,6 +586,17 @@ def test_resume_without_checkpoint_starts_fresh(env, tmp_path):
     logs = []
     summary = train(micro_config(), tcfg(env, tmp_path / "run", steps=1, resume=True), log=logs.append)
     assert summary["step"] == 1 and any("no checkpoint" in line for line in logs)
+
+
+def test_resume_refuses_a_run_that_left_metrics_but_no_checkpoint(env, tmp_path):
+    """--resume on the directory of a --no-checkpoints run: nothing to continue, and a fresh start would append to
+    its metrics and replace its summary; refused, the earlier run's files untouched."""
+    out = tmp_path / "run"
+    train(micro_config(), tcfg(env, out, steps=2, checkpoints=False), log=quiet)
+    before = {f: (out / f).read_bytes() for f in ("metrics.jsonl", "summary.json")}
+    with pytest.raises(ValueError, match="no checkpoint to continue"):
+        train(micro_config(), tcfg(env, out, steps=1, resume=True), log=quiet)
+    assert {f: (out / f).read_bytes() for f in before} == before
 
 
 def test_tokenizer_larger_than_model_vocab(env, tmp_path):

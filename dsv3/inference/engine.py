@@ -167,6 +167,11 @@ class Engine:
             raise ValueError("speculative decoding needs MTP modules, but this model has num_nextn_predict_layers=0")
         if speculative_k < 0:
             raise ValueError(f"speculative_k must be >= 0, got {speculative_k}")
+        # (cache_tokens and max_model_len: 0 or None leave them to the engine, as EngineConfig's 0 does)
+        for name, v, low in (("max_batch_size", max_batch_size, 1), ("block_size", block_size, 1),
+                             ("cache_tokens", cache_tokens, 0), ("max_model_len", max_model_len, 0)):
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < low):
+                raise ValueError(f"{name} (--{name.replace('_', '-')}) must be an integer >= {low}, got {v!r}")
         self.model = model.eval()
         self.tok = tokenizer
         self.k = speculative_k
@@ -530,9 +535,10 @@ def load_engine(checkpoint: str, *, device: str = "auto", keep_fp8: bool = True,
     from dsv3.checkpoints.rundir import resolve_checkpoint
     from dsv3.tokenizer import DSTokenizer
 
+    from dsv3.config import resolve_device
+
     checkpoint = resolve_checkpoint(checkpoint)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = str(resolve_device(device))  # a clear error for an unknown device, or cuda without CUDA
     tok = DSTokenizer.load(checkpoint)
     # FP8 block-scaled weights of an official-format checkpoint stay FP8 in memory (dequantised per use)
     if dtype is None and device == "cpu":

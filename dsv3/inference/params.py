@@ -3,6 +3,7 @@ request-preparation workers (prep.py) can build them without importing the model
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from dsv3.cliargs import setting
@@ -34,8 +35,8 @@ class SamplingParams:
     def validate(self) -> "SamplingParams":
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):  # (NaN passes `< 0`)
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:

@@ -89,6 +89,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from dsv3.cliargs import setting
 from dsv3.inference.engine import Engine, RequestOutput, SamplingParams, TokenLogprob, load_engine
@@ -323,11 +324,14 @@ class _Server:
         """Read the body (at most max_request_bytes) and prepare it (prep.py): in this process when it
         is small, in a worker process when it is large (see the module docstring)."""
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > self.max_request_bytes:
-                raise self.too_large()
-            chunks.append(chunk)
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > self.max_request_bytes:
+                    raise self.too_large()
+                chunks.append(chunk)
+        except ClientDisconnect:  # gone before its whole body: a 499 nobody reads, not a crash's traceback
+            raise _Disconnected() from None
         body = b"".join(chunks)
         is_json = _is_json(request.headers.get("content-type"))
         if size <= _INLINE_BYTES:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 
 import torch
 
 from dsv3.cliargs import setting
+from dsv3.config import resolve_device  # noqa: F401  (here too: training's callers import it from this module)
 
 # consecutive non-finite (skipped) steps after which a run stops (dsv3/training/loop.py NonFiniteGuard)
 MAX_SKIPPED_STEPS = 10
@@ -125,8 +127,22 @@ class TrainConfig:
             from dsv3.training.strategy import check_weights
 
             check_weights(self, self.precision)
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):  # (NaN passes a plain `<= 0` test)
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
+        for name in ("weight_decay", "grad_clip", "mtp_lambda", "mtp_lambda_late", "bias_gamma", "balance_alpha"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                what = " (0: no clipping)" if name == "grad_clip" else ""
+                raise ValueError(f"{name} must be a finite number >= 0{what}, got {v}")
+        for name in ("tokens", "batch_ramp_steps", "batch_start", "eval_every", "save_every", "keep"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.warmup_steps < -1:
+            raise ValueError(f"warmup_steps must be >= 0 (or -1: 5% of the steps), got {self.warmup_steps}")
+        if self.eval_batches < 1:
+            raise ValueError(f"eval_batches must be >= 1, got {self.eval_batches}")
+        if not math.isfinite(self.rope_factor):
+            raise ValueError(f"rope_factor must be a finite number, got {self.rope_factor}")
         if self.recompute not in ("none", "selective", "full"):
             raise ValueError(f"recompute must be none, selective or full, got {self.recompute!r}")
         if self.optim_state_dtype not in ("fp32", "bf16"):
@@ -199,10 +215,3 @@ def deterministic_mode(on: bool):
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[2], before[3]
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device cuda requested but CUDA is not available")
-    return dev

@@ -64,10 +64,20 @@ def evaluate_checkpoint(checkpoint: str, cfg: EvalConfig, corpus: Corpus | None 
     checkpoint directory or run directory (its latest checkpoint) on cfg.data's cfg.split split (or on
     `corpus`, a Corpus built by the caller)."""
     split = cfg.split or ("all" if cfg.data is not None or corpus is not None else "val")
+    for name in ("seq_len", "batch_size"):
+        if getattr(cfg, name) <= 0:
+            raise ValueError(f"{name} must be > 0, got {getattr(cfg, name)}")
+    for name in ("max_batches", "max_bytes"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"{name} must be >= 0 (0: no limit), got {getattr(cfg, name)}")
     path = resolve_checkpoint(checkpoint)
     device = resolve_device(cfg.device)
     tok = DSTokenizer.load(path)
     model = load_pretrained(path, device=device, dtype=torch.float32).eval()
+    context = model.config.max_position_embeddings
+    if cfg.seq_len > context:  # (positions past it would extrapolate RoPE: a loss, but not the model's)
+        raise ValueError(f"--seq-len {cfg.seq_len} is longer than the model's context (max_position_embeddings "
+                         f"{context}): give --seq-len <= {context}")
     source = sample_corpus(corpus or find_corpus(cfg.data), cfg.max_bytes)
     cache = build_token_cache(source, tok, os.path.join(cfg.cache_dir, "tokens"), val_permille=cfg.val_permille,
                               fim_rate=0.0, progress=cfg.progress)

@@ -313,6 +313,11 @@ def _train(mc: ModelConfig | None, tc: TrainConfig, pcfg, log, strategy: Strateg
     ckpt_root = os.path.join(tc.out_dir, "checkpoints")
     resume = tc.resume or _restarted(say)
     resume_from = rundir.latest_checkpoint(ckpt_root) if resume else None
+    if tc.resume and resume_from is None and os.path.exists(os.path.join(tc.out_dir, "metrics.jsonl")):
+        # nothing to continue, and starting over would append this run's records to that run's metrics
+        raise ValueError(f"--resume: {tc.out_dir} holds metrics.jsonl of an earlier run but no checkpoint to continue "
+                         "from (it ran with --no-checkpoints, or stopped before its first save): give another --out, "
+                         "or remove that directory")
     if resume and resume_from is None:
         say(f"--resume: no checkpoint in {ckpt_root}; starting from scratch")
     if not resume and rundir.latest_checkpoint(ckpt_root):
