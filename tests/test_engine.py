@@ -1149,7 +1149,8 @@ def test_streaming(text_model, k):
 
 @pytest.mark.parametrize("bad", [
     {"max_new_tokens": 0}, {"max_new_tokens": -3}, {"max_new_tokens": 2.5},
-    {"temperature": -0.1}, {"temperature": float("nan")}, {"temperature": float("inf")}, {"top_k": -1}, {"top_p": 0.0}, {"top_p": 1.5}, {"min_p": -0.1}, {"min_p": 1.1},
+    {"temperature": -0.1}, {"temperature": float("nan")}, {"temperature": float("inf")}, {"top_k": -1},
+    {"top_p": 0.0}, {"top_p": 1.5}, {"min_p": -0.1}, {"min_p": 1.1},
     {"repetition_penalty": 0.0}, {"repetition_penalty": -1.0}, {"logprobs": -1}, {"logprobs": 21},
 ])
 def test_sampling_params_validation(models, bad):
