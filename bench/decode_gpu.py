@@ -20,7 +20,10 @@ W_UV products through the per-head decode GEMV (kernels.set_head_gemv(True), off
 einsums' batched GEMMs; +latentstore, the decode step's latent RMSNorm + RoPE + cache write as one kernel
 (kernels.set_latent_store(True), off by default) instead of the compiled norm and RoPE and two index_copy launches;
 +moegemm, the routed experts of batches above one pair per expert through the grouped decode GEMM
-(kernels.set_moe_gemm(True), off by default) instead of torch._grouped_mm (bf16) or the per-row FP8 GEMV.
+(kernels.set_moe_gemm(True), off by default) instead of torch._grouped_mm (bf16) or the per-row FP8 GEMV;
++splittile, the paged MLA decode kernel split down to one 32-position tile per program (mla_decode_triton.MIN_CHUNK
+= BLOCK_N instead of two tiles): more programs for the short contexts of batch 1, where a layer's attention is
+latency-bound (8.5 us at ~190 positions, 2026-12-04).
 Before and after in one run:
 
     PYTHONPATH=. python bench/decode_gpu.py --preset 16b --batches 1,2,4 --modes graphs+compile,\
@@ -42,6 +45,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import dsv3  # noqa: E402
 from dsv3 import kernels  # noqa: E402
+from dsv3.kernels import mla_decode_triton as mla_k  # noqa: E402  (the +splittile experiment)
 from dsv3.inference.engine import Engine, SamplingParams  # noqa: E402
 from dsv3.checkpoints.hf import quantize_model_fp8  # noqa: E402
 from dsv3.model.fp8 import FP8Linear  # noqa: E402
@@ -49,7 +53,7 @@ from dsv3.info import model_info  # noqa: E402
 from bandwidth import copy_bandwidth  # noqa: E402  (bench/bandwidth.py)
 
 # kernel choices a mode may add to its path, in any order
-MODE_FLAGS = ("+nogemv", "+densegemv", "+headgemv", "+latentstore", "+moegemm")
+MODE_FLAGS = ("+nogemv", "+densegemv", "+headgemv", "+latentstore", "+moegemm", "+splittile")
 
 
 def split_mode(mode: str) -> tuple[str, set[str]]:
@@ -137,6 +141,7 @@ def main() -> None:
         kernels.set_head_gemv("+headgemv" in flags)  # (the same for absorbed MLA's per-head products)
         kernels.set_latent_store("+latentstore" in flags)  # (and the fused latent store)
         kernels.set_moe_gemm("+moegemm" in flags)  # (and the grouped decode GEMM of the routed experts)
+        mla_k.MIN_CHUNK = mla_k.BLOCK_N if "+splittile" in flags else 2 * mla_k.BLOCK_N  # (read at each launch)
         with attention, gemv:
             if base != "eager":  # capture the buckets this run uses before timing (a server does this at start-up)
                 eng.generate(prompts, SamplingParams(max_new_tokens=args.new, temperature=0, ignore_eos=True))

@@ -31,7 +31,7 @@ step tests python -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu_dense_g
 step sweep python bench/dense_gemv_sweep.py --quick --json "$out/sweep.json"
 all=densegemv+headgemv+latentstore
 step b1 python bench/decode_gpu.py --preset 16b --batches 1,4 --new 48 --modes graphs+compile,graphs+compile+densegemv,\
-graphs+compile+headgemv,graphs+compile+latentstore,graphs+compile+$all
+graphs+compile+headgemv,graphs+compile+latentstore,graphs+compile+$all,graphs+compile+$all+splittile
 step b32 python bench/decode_gpu.py --preset 16b --batches 32,128 --new 48 \
     --modes graphs+compile,graphs+compile+moegemm,graphs+compile+$all+moegemm
 step fp8 python bench/decode_gpu.py --preset 16b --batches 1,32,128 --new 48 \
