@@ -396,3 +396,64 @@ def test_interp_sweep_runs_reports_and_flags_a_wrong_kernel(monkeypatch, tmp_pat
     monkeypatch.setattr(bench, "stage1", lambda M, quick: [dict(BM=1, BN=4, KU=1, num_warps=4, num_stages=1)])
     assert bench.main(["--quick", "--calls", "2", "--rows", "1"]) == 1
     assert "MISMATCH" in capsys.readouterr().out
+
+
+# --- two projections of one input in one launch (MLA's q and kv_a at decode) -------------------------------------
+
+def test_absorbed_mla_takes_both_projections_in_one_call(monkeypatch, switched_on):
+    """Where the dense GEMV runs, absorbed MLA computes q_proj (or q_a_proj) and kv_a_proj_with_mqa of x with one
+    `dense_gemv2` call (both weights, the kernel's results used); elsewhere its Linears as before."""
+    from dsv3.inference.cache import PagedLatentCache
+    from dsv3.model.mla import MLA
+
+    monkeypatch.setattr(kb, "_fast_fits", lambda op, t: op == "dense_gemv" and len(t) == 2 and kb._dense_gemv_fits(*t))
+    calls = []
+
+    def fake(x, w1, w2, *, backend=None):
+        calls.append((w1, w2))
+        return F.linear(x, w1) + 1, F.linear(x, w2)
+
+    monkeypatch.setattr(kernels, "dense_gemv2", fake)
+    monkeypatch.setattr(kernels, "dense_gemv", lambda x, w, *, out_dtype=None, backend=None: F.linear(x, w))
+    for q_lora in (None, 24):
+        cfg = tiny_cfg(q_lora_rank=q_lora)
+        torch.manual_seed(0)
+        mla = MLA(cfg)
+        for p in mla.parameters():
+            torch.nn.init.normal_(p, 0, 0.05) if p.dim() > 1 else torch.nn.init.ones_(p)
+        mla.to(BF16).requires_grad_(False)
+        cache = PagedLatentCache(1, 4, 4, cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype=BF16)
+        blocks = cache.allocate(2)
+        x = torch.randn(1, 1, cfg.hidden_size, dtype=BF16)
+        cos, sin = torch.ones(1, 1, cfg.qk_rope_head_dim // 2), torch.zeros(1, 1, cfg.qk_rope_head_dim // 2)
+        with torch.no_grad():
+            got = mla(x, cos, sin, cache=cache.batch([blocks], [3], [1]).layer(0))
+            q_mod = mla.q_proj if q_lora is None else mla.q_a_proj
+            assert len(calls) == 1 and calls[-1][0] is q_mod.weight and calls[-1][1] is mla.kv_a_proj_with_mqa.weight
+            kernels.set_dense_gemv(False)
+            want = mla(x, cos, sin, cache=cache.batch([blocks], [3], [1]).layer(0))
+            kernels.set_dense_gemv(True)
+        assert len(calls) == 1 and not torch.equal(got, want)  # (the +1 marker on q moved the output)
+        calls.clear()
+
+
+@interp
+def test_interp_dual_launch_vs_reference():
+    from dsv3.kernels import dense_gemv_triton as k
+
+    g = torch.Generator().manual_seed(7)
+    for N1, N2, K in ((70, 24, 300), (200, 130, 136), (8, 576, 128)):
+        w1, w2 = torch.randn(N1, K, generator=g) * 0.05, torch.randn(N2, K, generator=g) * 0.05
+        for M in (1, 2, 3, 4, 6):
+            for dtype, tol in ((torch.float16, 2e-3), (torch.float32, 1e-5)):
+                x = torch.randn(M, K, generator=g).to(dtype)
+                y1, y2 = k.launch_dual(x, w1.to(dtype), w2.to(dtype))
+                assert y1.shape == (M, N1) and y2.shape == (M, N2) and y1.dtype == dtype
+                assert _rel(y1, dense_gemv_ref(x, w1.to(dtype))) < tol
+                assert _rel(y2, dense_gemv_ref(x, w2.to(dtype))) < tol
+    x = torch.randn(2, 1, 136, generator=g).half()
+    w1, w2 = torch.randn(24, 136, generator=g).half(), torch.randn(40, 136, generator=g).half()
+    f = lambda t: kernels.dense_gemv2(t, w1, w2, backend="triton")  # noqa: E731
+    for a, b in (f(x), torch.compile(f, backend="aot_eager", fullgraph=True)(x)):
+        assert a.shape == (2, 1, 24) and b.shape == (2, 1, 40)
+        assert _rel(a, dense_gemv_ref(x, w1)) < 2e-3 and _rel(b, dense_gemv_ref(x, w2)) < 2e-3

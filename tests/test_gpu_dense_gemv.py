@@ -82,6 +82,19 @@ def test_linear_takes_the_kernel_when_switched_on(switched_on, monkeypatch):
     assert len(launches) == 1
 
 
+@pytest.mark.parametrize("N1,N2,K", [(3072, 576, 2048), (1536, 576, 7168), (384, 288, 1024), (70, 24, 300)])
+@pytest.mark.parametrize("M", [1, 2, 4])
+def test_dual_launch_vs_reference(M, N1, N2, K):
+    """MLA's q_proj (16b) / q_a_proj (671b, small) and kv_a_proj_with_mqa of one input in one launch."""
+    from dsv3.kernels import dense_gemv_triton as k
+
+    g = torch.Generator(device="cuda").manual_seed(M + N1)
+    w1, w2 = ((torch.randn(N, K, device="cuda", generator=g) * 0.05).bfloat16() for N in (N1, N2))
+    x = torch.randn(M, K, device="cuda", generator=g).bfloat16()
+    y1, y2 = k.launch_dual(x, w1, w2)
+    assert _rel(y1, dense_gemv_ref(x, w1)) < 1e-2 and _rel(y2, dense_gemv_ref(x, w2)) < 1e-2
+
+
 @pytest.mark.parametrize("fp8", [False, True])
 @pytest.mark.parametrize("N,K", [(2816, 2048), (10944, 2048), (2048, 7168), (200, 136)])
 @pytest.mark.parametrize("M", [1, 3])

@@ -54,7 +54,8 @@ from dsv3.kernels.reference import (BLOCK, FP8_MAX, act_dequant, act_quant, dens
 
 __all__ = ["BLOCK", "FP8_MAX", "MOE_GEMM_ROWS", "act_dequant", "act_quant", "act_quant_cm", "act_quant_t",
            "adamw_backend",
-           "adamw_step_", "attention", "backend_available", "dense_gemv", "dense_gemv_ref", "expert_gemv",
+           "adamw_step_", "attention", "backend_available", "dense_gemv", "dense_gemv2", "dense_gemv_ref",
+           "expert_gemv",
            "expert_gemv_ref", "fp8_expert_rows", "fp8_gemm_bwd", "fp8_gemm_fwd", "fp8_grouped_gemm_bwd",
            "fp8_grouped_gemm_fwd", "fp8_weight_linear", "head_gemv", "head_gemv_ref", "mla_decode", "mla_decode_ref",
            "moe_gemm_down", "moe_gemm_ref", "moe_gemm_swiglu", "set_moe_gemm",
@@ -212,6 +213,22 @@ def set_head_gemv(on: bool) -> bool:
     the previous setting. DEFAULT OFF until measured faster than the einsums' cuBLAS batched GEMMs on the GPU
     (bench/decode_gpu.py's +headgemv modes). As `set_dense_gemv` for compiled steps and CUDA graphs."""
     return _switch("head_gemv", on)
+
+
+def dense_gemv2(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, *, backend: str | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x · w1ᵀ, x · w2ᵀ): two projections of one input (`dense_gemv`'s contract for each). "triton": one launch
+    over both weights' column tiles (dense_gemv_triton.py `launch_dual`); the automatic choice as `dense_gemv`'s,
+    for both weights. MLA.forward_absorbed takes it for q_proj (or q_a_proj) and kv_a_proj_with_mqa."""
+    if select_backend("dense_gemv", x, w1, backend=backend) == "triton" and \
+            select_backend("dense_gemv", x, w2, backend=backend) == "triton":
+        from dsv3.kernels.dense_gemv_triton import dense_gemv2_op
+
+        reference.check_dense_gemv_args(x, w1)
+        reference.check_dense_gemv_args(x, w2)
+        y1, y2 = dense_gemv2_op(x.reshape(math.prod(x.shape[:-1]), x.shape[-1]), w1, w2)
+        return y1.view(*x.shape[:-1], w1.shape[0]), y2.view(*x.shape[:-1], w2.shape[0])
+    return dense_gemv(x, w1, backend="reference"), dense_gemv(x, w2, backend="reference")
 
 
 def set_dense_gemv(on: bool) -> bool:

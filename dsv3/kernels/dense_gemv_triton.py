@@ -32,6 +32,9 @@ Registers (compiled ahead of time for sm_90 with Triton 3.6 on a machine without
 heuristic's configs take 96 (BM 1, BN 8, KU 4, prefetch; the FP8 form of the same tile 127), none spills; the
 sweep's grid at 4 and 8 warps at most 180.
 
+`launch_dual` / `dsv3::dense_gemv2`: two weights of one input in one launch (w1's column tiles, then w2's), taken
+by absorbed MLA for q_proj (or q_a_proj) and kv_a_proj_with_mqa.
+
 Not yet measured on a GPU: the model takes this kernel only once switched on (kernels.set_dense_gemv).
 Tests: tests/test_dense_gemv.py (Triton interpreter: every config the heuristic and TUNED return, and a few
 others, against the reference on ragged shapes), tests/test_gpu_dense_gemv.py (GPU: the 16b shapes, and every
@@ -43,7 +46,9 @@ from __future__ import annotations
 import torch
 import triton
 
-from dsv3.kernels.fp8_gemm_triton import BLOCK, GEMV_ROWS, _config_small_m, _pow2, _small_m_kernel
+import triton.language as tl
+
+from dsv3.kernels.fp8_gemm_triton import BLOCK, GEMV_ROWS, _config_small_m, _gemv_tile, _pow2, _small_m_kernel
 from dsv3.kernels.reference import check_dense_gemv_args
 
 BNS = (4, 8, 16, 32, 64)  # the BN a launch takes (the heuristic stays at 8 and above; the sweep tries 4)
@@ -102,3 +107,63 @@ def dense_gemv_op(x: torch.Tensor, w: torch.Tensor, out_fp32: bool = False) -> t
 @dense_gemv_op.register_fake
 def _(x, w, out_fp32=False):
     return x.new_empty(x.shape[0], w.shape[0], dtype=torch.float32 if out_fp32 else x.dtype)
+
+
+# --- two weights of one input in one launch (MLA's q_proj / q_a_proj and kv_a_proj_with_mqa) ---------------------
+
+@triton.jit
+def _dual_kernel(x_ptr, w1_ptr, w2_ptr, y1_ptr, y2_ptr, M, N1, N2, K, KB, T1, sxm, sw1, sw2, sy1, sy2,
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, KU: tl.constexpr, PREFETCH: tl.constexpr):
+    """Column tiles 0..T1-1 of w1 then those of w2, each the dense GEMV's tile (no scales: w stands in for them)."""
+    pm = tl.program_id(0)
+    pn = tl.program_id(1)
+    rm = pm * BM + tl.arange(0, BM)
+    if pn < T1:
+        rn = pn * BN + tl.arange(0, BN)
+        acc = _gemv_tile(x_ptr, w1_ptr, w1_ptr, rm, rn, M, N1, K, KB, sxm, sw1, BM, BN, BK, KU, PREFETCH, False)
+        tl.store(y1_ptr + rm[:, None].to(tl.int64) * sy1 + rn[None, :], acc.to(y1_ptr.dtype.element_ty),
+                 mask=(rm[:, None] < M) & (rn[None, :] < N1))
+    else:
+        rn = (pn - T1) * BN + tl.arange(0, BN)
+        acc = _gemv_tile(x_ptr, w2_ptr, w2_ptr, rm, rn, M, N2, K, KB, sxm, sw2, BM, BN, BK, KU, PREFETCH, False)
+        tl.store(y2_ptr + rm[:, None].to(tl.int64) * sy2 + rn[None, :], acc.to(y2_ptr.dtype.element_ty),
+                 mask=(rm[:, None] < M) & (rn[None, :] < N2))
+
+
+def launch_dual(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, config: dict | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x · w1ᵀ, x · w2ᵀ) in one launch: w1's column tiles, then w2's, over one grid (the config of the two
+    weights' rows together, `default_config(M, N1 + N2, K)`). For two projections of one input where the second
+    alone would leave most SMs idle (MLA's kv_a_proj_with_mqa: 576 rows, 72 programs at BN 8) and would cost a
+    launch of its own."""
+    check_dense_gemv_args(x, w1, kernel=True)
+    check_dense_gemv_args(x, w2, kernel=True)
+    M, K = x.shape
+    N1, N2 = w1.shape[0], w2.shape[0]
+    cfg = config or default_config(M, N1 + N2, K)
+    BM, BN, KU, stages = cfg["BM"], cfg["BN"], cfg["KU"], cfg["num_stages"]
+    assert BM in (1, 2, 4) and BN in BNS and KU >= 1 and stages in (1, 2), f"dense GEMV config: {cfg}"
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    w1, w2 = w1.contiguous(), w2.contiguous()
+    y1 = torch.empty(M, N1, dtype=x.dtype, device=x.device)
+    y2 = torch.empty(M, N2, dtype=x.dtype, device=x.device)
+    if M == 0:
+        return y1, y2
+    if K == 0:
+        return y1.zero_(), y2.zero_()
+    T1 = triton.cdiv(N1, BN)
+    grid = (triton.cdiv(M, BM), T1 + triton.cdiv(N2, BN))
+    _dual_kernel[grid](x, w1, w2, y1, y2, M, N1, N2, K, triton.cdiv(K, BLOCK), T1, x.stride(0), w1.stride(0),
+                       w2.stride(0), y1.stride(0), y2.stride(0), BM=BM, BN=BN, BK=BLOCK, KU=KU, PREFETCH=stages == 2,
+                       num_warps=cfg["num_warps"], num_stages=1)
+    return y1, y2
+
+
+@torch.library.custom_op("dsv3::dense_gemv2", mutates_args=())
+def dense_gemv2_op(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return launch_dual(x, w1, w2)
+
+
+@dense_gemv2_op.register_fake
+def _(x, w1, w2):
+    return x.new_empty(x.shape[0], w1.shape[0]), x.new_empty(x.shape[0], w2.shape[0])

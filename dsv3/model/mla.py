@@ -63,11 +63,12 @@ class MLA(nn.Module):
 
     def query(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, T, D) -> q_nope (B, T, H, nope), rotated q_pe (B, T, H, rope)."""
-        B, T, _ = x.shape
-        if self.q_lora_rank is None:
-            q = self.q_proj(x)
-        else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        return self._query(self.q_proj(x) if self.q_lora_rank is None else self.q_a_proj(x), cos, sin)
+
+    def _query(self, q_a: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first projection's output q_a (q_proj's, or q_a_proj's) -> q_nope, rotated q_pe."""
+        B, T, _ = q_a.shape
+        q = q_a if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(q_a))
         q = q.view(B, T, self.n_heads, self.qk_dim)
         q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
         return q_nope, apply_rope(q_pe, cos, sin)
@@ -169,9 +170,19 @@ class MLA(nn.Module):
         cached latent of each sequence, (B, S, C) and (B, S, rope), plus a boolean mask (B, 1, T, S).
         A decode view with `fused_decode` stores with `store` and attends itself with `attend`."""
         B, T, _ = x.shape
-        q_nope, q_pe = self.query(x, cos, sin)  # (B, T, H, nope), (B, T, H, rope)
+        q_mod = self.q_proj if self.q_lora_rank is None else self.q_a_proj
+        kv_mod = self.kv_a_proj_with_mqa
+        if (type(q_mod) is Linear and type(kv_mod) is Linear and q_mod.bias is None and kv_mod.bias is None
+                and kernels.select_backend("dense_gemv", x, q_mod.weight) == "triton"
+                and kernels.select_backend("dense_gemv", x, kv_mod.weight) == "triton"):
+            # the decode GEMV switched on: both projections of x in one launch (kv_a alone would leave most
+            # SMs idle and cost a launch of its own)
+            q_a, kv_a = kernels.dense_gemv2(x, q_mod.weight, kv_mod.weight, backend="triton")
+            q_nope, q_pe = self._query(q_a, cos, sin)
+        else:
+            q_nope, q_pe = self.query(x, cos, sin)  # (B, T, H, nope), (B, T, H, rope)
+            kv_a = kv_mod(x)  # (B, T, C + rope)
         fused = getattr(cache, "fused_decode", False)
-        kv_a = self.kv_a_proj_with_mqa(x)  # (B, T, C + rope)
         if fused and kernels.select_backend("latent_store", kv_a, self.kv_a_layernorm.weight) == "triton":
             # where switched on (kernels.set_latent_store): norm, RoPE and the cache write in one kernel
             cache.store_kv_a(kv_a, self.kv_a_layernorm, cos, sin)
