@@ -1,4 +1,5 @@
-"""The memory-bandwidth ceiling of the card a benchmark runs on, measured in that same run.
+"""The ceilings of the card a benchmark runs on, measured in that same run: memory bandwidth (a copy) and
+dense matmul throughput.
 
     from bandwidth import copy_bandwidth      # (bench/ is on sys.path when a bench script runs)
     bw = copy_bandwidth()                     # {'card': 'NVIDIA H200', 'bytes_per_s': 4.3e12, ...}
@@ -13,6 +14,12 @@ what this card moves per second in a copy", so a step that only reads could in p
 faster than the roofline (reads alone are not bounded by the write half of a copy).
 
 On the CPU (smoke tests only) the same copy is timed with perf_counter, on a smaller buffer.
+
+    mm = matmul_ceiling()                     # {'card': ..., 'flops_per_s': 7.8e14, 'caption': ...}
+
+What is timed: `torch.mm` of two n x n matrices (bf16 by default; n = 8192 on a GPU, 1024 on the CPU), each call
+timed with its own CUDA events, median reported (2·n³ FLOP per call). This is the "of measured" denominator of a
+training table: what this card's cuBLAS reaches on one large square GEMM, beside the datasheet's peak.
 """
 
 from __future__ import annotations
@@ -64,6 +71,41 @@ def copy_bandwidth(device: torch.device | str = "cuda", nbytes: int | None = Non
     out["caption"] = (f"card {out['card']}; measured copy bandwidth {out['bytes_per_s'] / 1e12:.3f} TB/s "
                       f"(median of {repeats} copies of {nbytes / 2**30:.2f} GiB, read + write bytes counted; "
                       f"best {out['best_bytes_per_s'] / 1e12:.3f} TB/s)")
+    return out
+
+
+def matmul_ceiling(device: torch.device | str = "cuda", dtype: torch.dtype = torch.bfloat16, n: int | None = None,
+                   repeats: int = 20, warmup: int = 5) -> dict:
+    """Measured dense matmul throughput (FLOP/s) of an n x n x n `torch.mm` in `dtype`; see the module docstring."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    n = n or (8192 if cuda else 1024)
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    times = []
+    for i in range(warmup + repeats):
+        if cuda:
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            torch.mm(a, b)
+            e1.record()
+            e1.synchronize()
+            dt = e0.elapsed_time(e1) / 1e3
+        else:
+            t = time.perf_counter()
+            torch.mm(a, b)
+            dt = time.perf_counter() - t
+        if i >= warmup:
+            times.append(dt)
+    del a, b
+    if cuda:
+        torch.cuda.empty_cache()
+    med, best = statistics.median(times), min(times)
+    out = {"card": card_name(device), "n": n, "dtype": str(dtype).replace("torch.", ""), "repeats": repeats,
+           "flops_per_s": 2 * n**3 / med, "best_flops_per_s": 2 * n**3 / best}
+    out["caption"] = (f"card {out['card']}; measured {out['dtype']} matmul {out['flops_per_s'] / 1e12:.4g} TFLOP/s "
+                      f"(median of {repeats} {n}x{n}x{n} torch.mm; best {out['best_flops_per_s'] / 1e12:.4g})")
     return out
 
 

@@ -2,7 +2,10 @@
 H200 the 671b-slice peaked at 45.0 GiB in FP8 against 33.5 in bf16).
 
     PYTHONPATH=. python bench/fp8_memory.py                                  # CPU: a 3-layer `small` cut
-    PYTHONPATH=. python bench/fp8_memory.py --device cuda --preset 671b --layers 4 --batch 2 --seq-len 2048 --compile
+    PYTHONPATH=. python bench/fp8_memory.py --device cuda --preset 671b-slice --vocab 0 --batch 2 --seq-len 2048 --compile
+
+--preset 671b-slice is bench/train_speed.py's slice (the 671B's layer widths, 3 layers, 16 routed experts, no MTP:
+the shape of the 45.0 / 33.5 GiB figures); --layers does not apply to it. A preset is cut to --layers layers + 1 MTP.
 
 For each precision (bf16 autocast with fp32 masters; FP8 with the attention / MLP linears and the routed experts
 swapped, `convert_to_fp8_training(experts=True)`), one forward + loss under a saved-tensor hook, then backward:
@@ -41,7 +44,13 @@ def _storages(obj, into: dict) -> None:
 
 def measure(args, precision: str) -> dict:
     dev = torch.device(args.device)
-    cfg = dsv3.preset(args.preset).replace(num_hidden_layers=args.layers, num_nextn_predict_layers=1)
+    if args.preset == "671b-slice":
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from train_speed import shapes
+
+        cfg = shapes(4)["671b-slice"][0]
+    else:
+        cfg = dsv3.preset(args.preset).replace(num_hidden_layers=args.layers, num_nextn_predict_layers=1)
     if args.vocab:
         cfg = cfg.replace(vocab_size=args.vocab)
     torch.manual_seed(0)
@@ -92,7 +101,7 @@ def measure(args, precision: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--preset", default="small")
+    ap.add_argument("--preset", default="small", help="a preset, or 671b-slice (bench/train_speed.py's)")
     ap.add_argument("--layers", type=int, default=3)
     ap.add_argument("--vocab", type=int, default=4096, help="a smaller vocabulary (0: the preset's)")
     ap.add_argument("--batch", type=int, default=2)
@@ -101,7 +110,8 @@ def main() -> None:
     args = ap.parse_args()
     rows = [measure(args, p) for p in ("bf16", "fp8")]
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
-    print(f"\n{args.preset} cut to {args.layers} layers (+1 MTP), {args.batch} x {args.seq_len} tokens, {name}, "
+    what = "671b-slice" if args.preset == "671b-slice" else f"{args.preset} cut to {args.layers} layers (+1 MTP)"
+    print(f"\n{what}, {args.batch} x {args.seq_len} tokens, {name}, "
           f"torch {torch.__version__}{', compiled blocks' if args.compile else ''}")
     print("| precision | saved for backward (MiB) | of it FP8 payloads (MiB) | storages | peak beyond weights+grads (MiB) |")
     print("|---|---|---|---|---|")

@@ -24,10 +24,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import dsv3  # noqa: E402
 from dsv3.training.loss import compute_loss  # noqa: E402
-from dsv3.training.optim import clip_and_step, make_optimizer  # noqa: E402
+from dsv3.training.optim import clip_and_step  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from train_speed import shapes  # noqa: E402
+from train_speed import parse_variant, setup_dsv3, shapes  # noqa: E402
 
 
 def family(name: str) -> str:
@@ -76,18 +76,8 @@ def summarize(prof, n_steps: int, top: int = 25) -> None:
 
 def train(shape: str, variant: str, steps: int) -> None:
     cfg, B, T = shapes(4)[shape]
-    tags = variant.split("+")
-    torch.manual_seed(0)
-    model = dsv3.build_model(cfg, device="cuda", dtype=torch.float32)
-    model.set_experts_impl("grouped")
-    model.set_recompute("selective" if "sel" in tags else "none")
-    if "fp8" in tags:
-        from dsv3.training.fp8 import convert_to_fp8_training
-        convert_to_fp8_training(model)
-    if "compile" in tags:
-        for blk in list(model.layers) + list(model.mtp):
-            blk.compile()
-    opt = make_optimizer(model, 1e-4, state_dtype=torch.bfloat16 if "bf16opt" in tags else torch.float32)
+    kw = parse_variant(variant)  # the same model and optimizer as bench/train_speed.py's row of this variant
+    model, opt = setup_dsv3(cfg, **kw)
     x = torch.randint(0, cfg.vocab_size, (B, T + 1), device="cuda")
     ev = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
     phases = defaultdict(list)
@@ -96,7 +86,7 @@ def train(shape: str, variant: str, steps: int) -> None:
         ev[0].record()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out = model(x[:, :-1])
-        loss = compute_loss(out, x[:, 1:], 0.3, compiled="compile" in tags).total
+        loss = compute_loss(out, x[:, 1:], 0.3, compiled=kw["compile_blocks"]).total
         ev[1].record()
         loss.backward()
         ev[2].record()

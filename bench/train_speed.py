@@ -14,8 +14,9 @@ FLOPs per token (training = 3 x forward), counted from the model:
   6 * (matmul parameters a token uses: activated parameters without the embedding lookup, with the
        output head, the router, the MTP module's matrices when it is on)
   + 6 * L_attn * H * (T + 1) / 2 * (d_qk + d_v)    (causal attention: each query sees (t+1) keys on average)
-MFU = achieved FLOP/s / 989.4 TFLOP/s (H100 SXM dense bf16 datasheet); the measured bf16 matmul ceiling on
-this card is ~770-800 TFLOP/s, so the "of measured" column divides by 780.
+MFU = achieved FLOP/s / the card's dense bf16 datasheet peak (989.4 TFLOP/s for an H100 or H200 SXM; a card not
+in DATASHEET_BF16 gets its measured ceiling); the "of measured" column divides by the bf16 matmul throughput this
+same run measures on this card first (bench/bandwidth.py matmul_ceiling: ~770-800 TFLOP/s on an H100 or H200).
 Step: bf16 autocast, fp32 master weights, AdamW, grad clip 1.0; median of timed steps after warm-up. dsv3
 uses its own AdamW (dsv3/training/optim.py: one Triton kernel per parameter with the clip coefficient folded
 in, `clip_and_step`); transformers gets torch's fused AdamW and clip_grad_norm_, as its users run it.
@@ -47,8 +48,17 @@ from dsv3.info import model_info  # noqa: E402
 from dsv3.training.loss import compute_loss  # noqa: E402
 from dsv3.training.optim import clip_and_step, make_optimizer  # noqa: E402
 
-PEAK = 989.4e12
-MEASURED = 780e12
+# dense bf16 tensor-core peaks (FLOP/s) from the vendors' datasheets, by a substring of the CUDA device name
+DATASHEET_BF16 = {"H100 PCIe": 756e12, "H100": 989.4e12, "H200": 989.4e12, "H800": 989.4e12, "H20": 148e12,
+                  "A100": 312e12, "B200": 2250e12}
+
+
+def datasheet_peak(card: str) -> float | None:
+    """The dense bf16 datasheet peak of a card by its name (the first key it contains, longest keys first)."""
+    for key in sorted(DATASHEET_BF16, key=len, reverse=True):
+        if key in card:
+            return DATASHEET_BF16[key]
+    return None
 
 
 def shapes(layers_16b: int) -> dict[str, tuple[dsv3.ModelConfig, int, int]]:
@@ -72,8 +82,26 @@ def flops_per_token(cfg: dsv3.ModelConfig, T: int) -> float:
     return 6 * dense + attn
 
 
-def time_dsv3(cfg, B, T, steps, warmup, accum=1, compile_blocks=False, precision="bf16", recompute="none",
-              state_dtype=torch.float32, bf16_weights=False, fp32_grads=False):
+VARIANT_TAGS = ("bf16", "fp8", "fp8e", "compile", "sel", "full", "bf16opt", "bf16w", "g32")
+
+
+def parse_variant(v: str) -> dict:
+    """A '+'-joined variant ('bf16+compile+bf16w') -> the keyword arguments of `setup_dsv3` (ValueError if bad)."""
+    tags = v.split("+")
+    bad = set(tags) - set(VARIANT_TAGS)
+    if bad or tags[0] not in ("bf16", "fp8", "fp8e") or ("bf16w" in tags and tags[0] != "bf16") \
+            or ("g32" in tags and "bf16w" not in tags):
+        raise ValueError(f"bad variant {v!r}: tags {'+'.join(VARIANT_TAGS)}, the first a precision; bf16w with bf16 "
+                         "only, g32 with bf16w")
+    return dict(precision=tags[0], compile_blocks="compile" in tags,
+                recompute="selective" if "sel" in tags else "full" if "full" in tags else "none",
+                state_dtype=torch.bfloat16 if "bf16opt" in tags else torch.float32,
+                bf16_weights="bf16w" in tags, fp32_grads="g32" in tags)
+
+
+def setup_dsv3(cfg, compile_blocks=False, precision="bf16", recompute="none", state_dtype=torch.float32,
+               bf16_weights=False, fp32_grads=False):
+    """(model, optimizer) of one variant on the GPU, seeded: what train_speed times and profile_gpu profiles."""
     torch.manual_seed(0)
     model = dsv3.build_model(cfg, device="cuda", dtype=torch.float32)
     model.set_experts_impl("grouped")
@@ -86,6 +114,12 @@ def time_dsv3(cfg, B, T, steps, warmup, accum=1, compile_blocks=False, precision
             blk.compile()
     # bf16w: casts the GEMM weights to bf16, the optimizer keeps their fp32 masters
     opt = make_optimizer(model, 1e-4, state_dtype=state_dtype, bf16_weights=bf16_weights, fp32_grads=fp32_grads)
+    return model, opt
+
+
+def time_dsv3(cfg, B, T, steps, warmup, accum=1, **variant):
+    model, opt = setup_dsv3(cfg, **variant)
+    compile_blocks = variant.get("compile_blocks", False)
     x = torch.randint(0, cfg.vocab_size, (B, T + 1), device="cuda")
     times = []
     for i in range(warmup + steps):
@@ -165,8 +199,16 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     rows = []
-    print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}; {args.accum} micro-batch(es) per step")
-    print("| shape | impl | micro batch x seq | step (ms) | tokens/s | TFLOP/s | MFU (989) | of measured (780) | peak mem (GiB) |")
+    from bandwidth import matmul_ceiling
+
+    ceiling = matmul_ceiling()  # this card, this run
+    measured = ceiling["flops_per_s"]
+    peak = datasheet_peak(ceiling["card"]) or measured
+    print(f"device {ceiling['card']}, torch {torch.__version__}; {args.accum} micro-batch(es) per step")
+    print(f"{ceiling['caption']}; MFU against {peak / 1e12:.1f} TFLOP/s "
+          f"({'the datasheet bf16 peak' if datasheet_peak(ceiling['card']) else 'no datasheet figure: the measured one'})")
+    print(f"| shape | impl | micro batch x seq | step (ms) | tokens/s | TFLOP/s | MFU ({peak / 1e12:.0f}) | "
+          f"of measured ({measured / 1e12:.0f}) | peak mem (GiB) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, (cfg, B, T) in shapes(args.layers_16b).items():
         if args.only and name != args.only:
@@ -188,15 +230,10 @@ def main() -> None:
         if args.variants:
             impls = []
             for v in args.variants.split(","):
-                tags = v.split("+")
-                bad = set(tags) - {"bf16", "fp8", "fp8e", "compile", "sel", "full", "bf16opt", "bf16w", "g32"}
-                if bad or tags[0] not in ("bf16", "fp8", "fp8e") or ("bf16w" in tags and tags[0] != "bf16") \
-                        or ("g32" in tags and "bf16w" not in tags):
-                    raise SystemExit(f"--variants: bad variant {v!r}")
-                kw = dict(precision=tags[0], compile_blocks="compile" in tags,
-                          recompute="selective" if "sel" in tags else "full" if "full" in tags else "none",
-                          state_dtype=torch.bfloat16 if "bf16opt" in tags else torch.float32,
-                          bf16_weights="bf16w" in tags, fp32_grads="g32" in tags)
+                try:
+                    kw = parse_variant(v)
+                except ValueError as e:
+                    raise SystemExit(f"--variants: {e}")
                 impls.append((f"dsv3 {v}", lambda *a, kw=kw: time_dsv3(*a, **kw)))
         if args.hf:
             impls.append(("transformers", time_hf))
@@ -215,9 +252,11 @@ def main() -> None:
             tps = args.accum * B * T / dt
             fl = tps * fpt
             rows.append({"shape": name, "impl": impl, "B": B, "T": T, "accum": args.accum, "step_s": dt, "tok_s": tps,
-                         "tflops": fl / 1e12, "mfu": fl / PEAK, "mem_gib": mem, "flops_per_token": fpt})
+                         "tflops": fl / 1e12, "mfu": fl / peak, "of_measured": fl / measured, "mem_gib": mem,
+                         "flops_per_token": fpt, "card": ceiling["card"], "peak_flops": peak,
+                         "measured_matmul_flops": measured})
             print(f"| {name} | {impl} | {B}x{T} | {dt * 1e3:.0f} | {tps:,.0f} | {fl / 1e12:.0f} | "
-                  f"{fl / PEAK:.1%} | {fl / MEASURED:.1%} | {mem:.1f} |", flush=True)
+                  f"{fl / peak:.1%} | {fl / measured:.1%} | {mem:.1f} |", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

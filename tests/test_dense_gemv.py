@@ -402,16 +402,18 @@ def test_interp_sweep_runs_reports_and_flags_a_wrong_kernel(monkeypatch, tmp_pat
 
 def test_absorbed_mla_takes_both_projections_in_one_call(monkeypatch, switched_on):
     """Where the dense GEMV runs, absorbed MLA computes q_proj (or q_a_proj) and kv_a_proj_with_mqa of x with one
-    `dense_gemv2` call (both weights, the kernel's results used); elsewhere its Linears as before."""
+    `dense_gemv2` call (both weights, both of the kernel's results used: a marker added to either output moves
+    the attention output, and without markers it equals the unfused path); elsewhere its Linears as before; and
+    not where a module has hooks (they would be skipped)."""
     from dsv3.inference.cache import PagedLatentCache
     from dsv3.model.mla import MLA
 
     monkeypatch.setattr(kb, "_fast_fits", lambda op, t: op == "dense_gemv" and len(t) == 2 and kb._dense_gemv_fits(*t))
-    calls = []
+    calls, marker = [], {"q": 0.0, "kv": 0.0}
 
     def fake(x, w1, w2, *, backend=None):
         calls.append((w1, w2))
-        return F.linear(x, w1) + 1, F.linear(x, w2)
+        return F.linear(x, w1) + marker["q"], F.linear(x, w2) + marker["kv"]
 
     monkeypatch.setattr(kernels, "dense_gemv2", fake)
     monkeypatch.setattr(kernels, "dense_gemv", lambda x, w, *, out_dtype=None, backend=None: F.linear(x, w))
@@ -426,15 +428,26 @@ def test_absorbed_mla_takes_both_projections_in_one_call(monkeypatch, switched_o
         blocks = cache.allocate(2)
         x = torch.randn(1, 1, cfg.hidden_size, dtype=BF16)
         cos, sin = torch.ones(1, 1, cfg.qk_rope_head_dim // 2), torch.zeros(1, 1, cfg.qk_rope_head_dim // 2)
+        q_mod = mla.q_proj if q_lora is None else mla.q_a_proj
+        run = lambda: mla(x, cos, sin, cache=cache.batch([blocks], [3], [1]).layer(0))  # noqa: E731
         with torch.no_grad():
-            got = mla(x, cos, sin, cache=cache.batch([blocks], [3], [1]).layer(0))
-            q_mod = mla.q_proj if q_lora is None else mla.q_a_proj
-            assert len(calls) == 1 and calls[-1][0] is q_mod.weight and calls[-1][1] is mla.kv_a_proj_with_mqa.weight
             kernels.set_dense_gemv(False)
-            want = mla(x, cos, sin, cache=cache.batch([blocks], [3], [1]).layer(0))
+            want = run()
             kernels.set_dense_gemv(True)
-        assert len(calls) == 1 and not torch.equal(got, want)  # (the +1 marker on q moved the output)
-        calls.clear()
+            got = {}
+            for name, m in (("plain", {}), ("q", {"q": 1.0}), ("kv", {"kv": 1.0})):
+                marker.update({"q": 0.0, "kv": 0.0, **m})
+                got[name] = run()
+                assert len(calls) == 1 and calls[-1][0] is q_mod.weight and calls[-1][1] is mla.kv_a_proj_with_mqa.weight
+                calls.clear()
+            marker.update(q=0.0, kv=0.0)
+            torch.testing.assert_close(got["plain"], want, rtol=0, atol=0)
+            assert not torch.equal(got["q"], want) and not torch.equal(got["kv"], want)
+            seen = []
+            h = mla.kv_a_proj_with_mqa.register_forward_hook(lambda mod, i, o: seen.append(o.shape))
+            torch.testing.assert_close(run(), want, rtol=0, atol=0)
+            h.remove()
+            assert not calls and len(seen) == 1  # a hooked module runs as a module, its hook fires
 
 
 @interp

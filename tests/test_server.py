@@ -346,6 +346,8 @@ def test_chat_errors(client):
         (dict(messages=user, tools=[{"type": "function", "function": {"name": "f"}}]), "tools"),
         (dict(messages=user, response_format={"type": "json_object"}), "response_format"),
         (dict(messages=user + [{"role": "user", "content": "y", "prefix": True}]), "messages"),
+        (dict(messages=[{"role": "user"}]), "messages.0"),  # as OpenAI: content is required ...
+        (dict(messages=user + [{"role": "assistant", "content": None}]), "messages.1"),  # ... without tool calls
     ]
     for kw, param in cases:
         with pytest.raises(openai.BadRequestError) as e:

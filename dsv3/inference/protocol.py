@@ -29,7 +29,8 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationError, ValidationInfo, WrapValidator
+from pydantic import (BaseModel, ConfigDict, Field, PlainValidator, ValidationError, ValidationInfo, WrapValidator,
+                      model_validator)
 from pydantic_core import PydanticCustomError
 
 NonNegInt = Annotated[int, Field(ge=0, le=2**31 - 1)]
@@ -195,6 +196,15 @@ class ChatMessage(_Strict):
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
     prefix: bool | None = None  # DeepSeek chat prefix completion: continue the last assistant message
+
+    @model_validator(mode="after")
+    def _needs_content(self):
+        # as the OpenAI API: every message carries content, except an assistant turn that made tool calls
+        # (a message without it would otherwise render as an empty turn, silently)
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            what = "an assistant message without 'tool_calls'" if self.role == "assistant" else f"a {self.role} message"
+            _fail(f"'content' is missing: {what} needs its content (a string or a list of text parts)")
+        return self
 
 
 class ResponseFormat(_Strict):

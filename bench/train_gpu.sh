@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Issue 15's training measurements on one GPU, in stages that fit the device tool's 10-minute calls:
+#
+#     bash bench/train_gpu.sh OUT_DIR tests,small          (OUT_DIR: $OUT on the device machine)
+#     bash bench/train_gpu.sh OUT_DIR slice,memory
+#     bash bench/train_gpu.sh OUT_DIR profile
+#
+# Stages (default: all, in this order):
+#   tests    the GPU tests of the training kernels (fused AdamW with masters, router, FP8 GEMMs and experts,
+#            deterministic runs)
+#   small    `small`: bf16 compiled with and without bf16 working weights and bf16 moments, beside transformers
+#            (MFU against the card's datasheet peak and against the bf16 matmul this run measures)
+#   slice    the 671b-slice: bf16 (+ bf16 weights), FP8, FP8 with FP8 experts, all compiled, beside transformers:
+#            the FP8 / bf16 speed and peak memory of issue 15 item 3
+#   memory   bench/fp8_memory.py on the GPU (the 671b-slice, 2 x 2048): bytes saved for backward and the CUDA peak,
+#            bf16 against FP8, eager then compiled, to place FP8's higher peak
+#   profile  bench/profile_gpu.py: where `small`'s and the slice's steps spend their time (what to fuse next)
+# Each stage's output goes to its own file under OUT_DIR (and a line to steps.txt); a failing stage does not stop
+# the next.
+set -u
+out="${1:-${OUT:-runs/train_gpu}}"
+stages=",${2:-tests,small,slice,memory,profile},"
+mkdir -p "$out"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$out/card.txt" 2>&1
+
+step() {  # name, command...
+    local name=$1
+    shift
+    [[ $stages == *",$name,"* ]] || return 0
+    local t0=$SECONDS
+    "$@" > "$out/$name.txt" 2>&1
+    echo "$name: exit $? in $((SECONDS - t0)) s" | tee -a "$out/steps.txt"
+}
+
+step tests python -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py tests/test_gpu_router.py \
+    tests/test_gpu_fp8_experts.py tests/test_gpu_determinism.py
+step small python bench/train_speed.py --only small --steps 6 --warmup 3 --hf --json "$out/small.json" \
+    --variants bf16+compile,bf16+compile+bf16w,bf16+compile+bf16w+bf16opt
+step slice python bench/train_speed.py --only 671b-slice --steps 6 --warmup 3 --hf --json "$out/slice.json" \
+    --variants bf16+compile,bf16+compile+bf16w,fp8+compile,fp8e+compile
+memory() {
+    python bench/fp8_memory.py --device cuda --preset 671b-slice --vocab 0 --batch 2 --seq-len 2048 &&
+        python bench/fp8_memory.py --device cuda --preset 671b-slice --vocab 0 --batch 2 --seq-len 2048 --compile
+}
+step memory memory
+step profile python bench/profile_gpu.py --train small:bf16+compile+bf16w,671b-slice:bf16+compile+bf16w,\
+671b-slice:fp8e+compile
+tail -n 6 "$out"/*.txt
