@@ -101,7 +101,10 @@ def add_fields(parser, cls, *, only=None, exclude=(), rename: dict[str, str | tu
         kw = dict(dest=f.name, default=default, help=help_ or None)
         flags = flag_names(f, rename)
         if typ is bool:
-            parser.add_argument(*flags, action="store_false" if default else "store_true", **kw)
+            if default or len(flags) > 1 or not flags[0].startswith("--"):
+                parser.add_argument(*flags, action="store_false" if default else "store_true", **kw)
+            else:  # --compile and --no-compile: a setting a resumed run keeps can be turned off again
+                parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **kw)
             continue
         kw.update(type=typ, action="append" if many else "store")
         if "choices" in f.metadata:

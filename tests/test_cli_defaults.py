@@ -149,7 +149,8 @@ def test_every_flag_has_help_and_shows_its_default(verb):
             continue
         flag = "/".join(a.option_strings) or a.dest
         assert a.help and a.help.strip(), f"dsv3 {verb} {flag} has no help"
-        if isinstance(a, (argparse._StoreTrueAction, argparse._StoreFalseAction)) or a.default in (None, []):
+        on_off = (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction)
+        if isinstance(a, on_off) or a.default in (None, []):
             continue
         assert "default" in a.help, f"dsv3 {verb} {flag}: the help does not show the default {a.default!r}"
 

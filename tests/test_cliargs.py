@@ -57,7 +57,9 @@ def test_flag_names_types_and_values():
                     extra=["a", "b"], ids=[5, 6], warmup=0, out_dir="o", plain=8)
     assert type(t.seq_len) is int and type(t.lr) is float and t.ids == [5, 6]
     flags = {a.dest: a.option_strings for a in p._actions}
-    assert flags["out_dir"] == ["--out"] and flags["progress"] == ["--no-progress"] and flags["compile"] == ["--compile"]
+    assert flags["out_dir"] == ["--out"] and flags["progress"] == ["--no-progress"]
+    assert flags["compile"] == ["--compile", "--no-compile"]  # a False-default bool can be turned off again (resume)
+    assert from_args(Toy, p.parse_args(["--compile", "--no-compile"])).compile is False  # the last one wins
     assert actions(p)["out_dir"].metavar == "OUT" and actions(p)["extra"].metavar == "PATH"
 
 

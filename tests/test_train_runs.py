@@ -59,7 +59,7 @@ def test_schedule_stretch_is_continuous():
 
 def test_resume_keeps_the_runs_settings_and_extends_smoothly(setup, tmp_path):
     out = tmp_path / "run"
-    rc, _, err = run_cli(_common(setup, out) + ["--steps", 6, "--lr", 0.01])
+    rc, _, err = run_cli(_common(setup, out) + ["--steps", 6, "--lr", 0.01, "--deterministic"])
     assert rc == 0, err
     # a plain --resume with no --config: no note about the model config, nothing ignored
     rc, stdout, err = run_cli(["train", "--out", out, "--resume", "--cache-dir", setup["cache"], "--no-progress",
@@ -69,14 +69,18 @@ def test_resume_keeps_the_runs_settings_and_extends_smoothly(setup, tmp_path):
     # the run's own length (6 steps, its --lr and --data), not the command line's defaults (300 steps)
     assert max(r["step"] for r in _records(out)) == 6 and "6 steps of 4 x 32 tokens, lr 0.01" in stdout
     # a longer run continues the schedule from where it was: no jump back up
+    saved = lambda step: json.loads((out / "checkpoints" / f"step_{step:08d}" / "trainer_state.json").read_text())  # noqa: E731
+    assert saved(6)["train_config"]["deterministic"] is True  # kept by the plain resume
+    # ... and a setting the run kept can be turned off again (--no-deterministic, as --no-compile)
     rc, stdout, err = run_cli(["train", "--out", out, "--resume", "--steps", 10, "--cache-dir", setup["cache"],
-                               "--no-progress", "--no-plots", "--samples", 0])
+                               "--no-progress", "--no-plots", "--samples", 0, "--no-deterministic"])
     assert rc == 0, err
     assert "resume: steps 6 -> 10" in stdout and "length changes from 6 to 10 steps at step 6" in stdout
+    assert "resume: deterministic True -> False" in stdout and saved(10)["train_config"]["deterministic"] is False
     lr = {r["step"]: r["lr"] for r in _records(out)}
     assert max(lr) == 10 and all(lr[s] <= lr[6] * 1.0000001 for s in range(7, 11)), lr
     # and the stretch travels in the checkpoint: a further resume with the same length changes nothing
-    state = json.loads((out / "checkpoints" / "step_00000010" / "trainer_state.json").read_text())
+    state = saved(10)
     assert state["schedule"] == {"total_steps": 6, "stretches": [[6, 6, 10]]}
 
 

@@ -78,6 +78,10 @@ def _worker(rank: int, world: int, port: int, run_one, names: list[str], out_pat
         if rank == 0:
             with open(out_path, "w") as f:
                 json.dump(results, f)
+        # every rank past its last collective before any tears its gloo pairs down (a rank aborted, rarely, with
+        # "terminate called without an active exception" at teardown; not reached after an error, which would
+        # hang here)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
