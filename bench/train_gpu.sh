@@ -2,7 +2,8 @@
 # Issue 15's training measurements on one GPU, in stages that fit the device tool's 10-minute calls:
 #
 #     bash bench/train_gpu.sh OUT_DIR tests,small          (OUT_DIR: $OUT on the device machine)
-#     bash bench/train_gpu.sh OUT_DIR slice,memory
+#     bash bench/train_gpu.sh OUT_DIR slice,slice32
+#     bash bench/train_gpu.sh OUT_DIR memory
 #     bash bench/train_gpu.sh OUT_DIR profile
 #
 # Stages (default: all, in this order):
@@ -10,8 +11,9 @@
 #            deterministic runs)
 #   small    `small`: bf16 compiled with and without bf16 working weights and bf16 moments, beside transformers
 #            (MFU against the card's datasheet peak and against the bf16 matmul this run measures)
-#   slice    the 671b-slice: bf16 (+ bf16 weights), FP8, FP8 with FP8 experts, all compiled, beside transformers:
-#            the FP8 / bf16 speed and peak memory of issue 15 item 3
+#   slice    the 671b-slice with bf16 working weights: bf16, FP8, FP8 with FP8 experts, all compiled, beside
+#            transformers: the FP8 / bf16 speed and peak memory of issue 15 item 3
+#   slice32  the same three with fp32 weights (autocast's per-step casts): what bf16 weights give each
 #   memory   bench/fp8_memory.py on the GPU (the 671b-slice, 2 x 2048): bytes saved for backward and the CUDA peak,
 #            bf16 against FP8, eager then compiled, to place FP8's higher peak
 #   profile  bench/profile_gpu.py: where `small`'s and the slice's steps spend their time (what to fuse next)
@@ -19,7 +21,7 @@
 # the next.
 set -u
 out="${1:-${OUT:-runs/train_gpu}}"
-stages=",${2:-tests,small,slice,memory,profile},"
+stages=",${2:-tests,small,slice,slice32,memory,profile},"
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$out/card.txt" 2>&1
@@ -38,12 +40,14 @@ step tests python -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py test
 step small python bench/train_speed.py --only small --steps 6 --warmup 3 --hf --json "$out/small.json" \
     --variants bf16+compile,bf16+compile+bf16w,bf16+compile+bf16w+bf16opt
 step slice python bench/train_speed.py --only 671b-slice --steps 6 --warmup 3 --hf --json "$out/slice.json" \
-    --variants bf16+compile,bf16+compile+bf16w,fp8+compile,fp8e+compile
+    --variants bf16+compile+bf16w,fp8+compile+bf16w,fp8e+compile+bf16w
+step slice32 python bench/train_speed.py --only 671b-slice --steps 6 --warmup 3 --json "$out/slice32.json" \
+    --variants bf16+compile,fp8+compile,fp8e+compile
 memory() {
     python bench/fp8_memory.py --device cuda --preset 671b-slice --vocab 0 --batch 2 --seq-len 2048 &&
         python bench/fp8_memory.py --device cuda --preset 671b-slice --vocab 0 --batch 2 --seq-len 2048 --compile
 }
 step memory memory
 step profile python bench/profile_gpu.py --train small:bf16+compile+bf16w,671b-slice:bf16+compile+bf16w,\
-671b-slice:fp8e+compile
+671b-slice:fp8e+compile+bf16w
 tail -n 6 "$out"/*.txt

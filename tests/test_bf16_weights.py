@@ -236,13 +236,14 @@ def test_training_tracks_the_fp32_weight_autocast_reference(env, tmp_path):
             assert (ra[k] - rb[k]).norm() <= 0.1 * (ra[k] - init[k]).norm(), k
 
 
-def test_exact_resume_with_bf16_weights(env, tmp_path):
-    """--bf16-weights: N steps in one go == a copy of the N/2 periodic checkpoint resumed in a fresh run
+@pytest.mark.parametrize("precision", ["bf16", "fp8"])
+def test_exact_resume_with_bf16_weights(env, tmp_path, precision):
+    """--bf16-weights (under bf16 and under fp8): N steps in one go == a copy of the N/2 periodic checkpoint resumed in a fresh run
     directory (the checkpoint alone: fp32 masters, moments, sampler, RNG) for N/2 more, bitwise; and a
     resume keeps the setting from the checkpoint's train_config where the command line does not give it."""
     mc = micro_config()
     a_out, c_out = tmp_path / "a", tmp_path / "c"
-    kw = dict(steps=N, save_every=N // 2, keep=0, precision="bf16")
+    kw = dict(steps=N, save_every=N // 2, keep=0, precision=precision)
     train(mc, tcfg(env, a_out, bf16_weights=True, **kw), log=quiet)
     mid = os.path.join(a_out, "checkpoints", f"step_{N // 2:08d}")
     shutil.copytree(mid, c_out / "checkpoints" / os.path.basename(mid))
@@ -259,8 +260,7 @@ def test_exact_resume_with_bf16_weights(env, tmp_path):
 
 
 @pytest.mark.parametrize("kw, match", [
-    (dict(precision="fp32"), "needs --precision bf16"),
-    (dict(precision="fp8"), "FP8 training modules"),
+    (dict(precision="fp32"), "needs --precision bf16 or fp8"),
     (dict(precision="auto"), "auto means fp32 on the CPU"),
 ])
 def test_refused_outside_bf16(env, tmp_path, kw, match):
@@ -296,3 +296,61 @@ def test_fsdp2_takes_its_own_form():
     strategy = ShardedStrategy(env_, ParallelConfig(dp_shard=2, ep=1))
     strategy.check_settings(TrainConfig(out_dir="unused", batch_size=8, precision="bf16", bf16_weights=True), "bf16")
     assert strategy.bf16_params and not strategy.optimizer_masters
+
+
+# --- with FP8 training (--precision fp8 --bf16-weights) ---------------------------------------------------------
+
+def test_fp8_gemms_take_bf16_weights_as_their_fp32_values():
+    """The FP8 linear and grouped-expert GEMMs (the emulation: the contract of the GPU kernels) given a bf16 weight
+    compute what they compute from an fp32 weight holding the same values (the quantiser reads values, not
+    storage): the same output and input gradient, and the weight gradient rounded to bf16 (written in W's dtype)."""
+    from dsv3.training.fp8 import fp8_grouped_linear, fp8_linear
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(48, 256, generator=g)
+    w32 = torch.randn(160, 256, generator=g).bfloat16().float()  # bf16-representable fp32 values
+    gy = torch.randn(48, 160, generator=g)
+    outs = {}
+    for dt in (torch.float32, torch.bfloat16):
+        xi, wi = x.clone().requires_grad_(), w32.to(dt, copy=True).requires_grad_()
+        y = fp8_linear(xi, wi, backend="emulate")
+        y.backward(gy)
+        outs[dt] = (y, xi.grad, wi.grad)
+    (y32, dx32, dw32), (y16, dx16, dw16) = outs[torch.float32], outs[torch.bfloat16]
+    assert dw16.dtype == torch.bfloat16 and dw32.dtype == torch.float32
+    assert torch.equal(y16, y32) and torch.equal(dx16, dx32) and torch.equal(dw16, dw32.bfloat16())
+
+    offs = torch.tensor([16, 16, 48], dtype=torch.int32)  # an expert without rows, too
+    ws32 = [torch.randn(3, 64, 256, generator=g).bfloat16().float() for _ in range(2)]
+    gy = torch.randn(48, 128, generator=g)
+    outs = {}
+    for dt in (torch.float32, torch.bfloat16):
+        xi, wi = x.clone().requires_grad_(), [w.to(dt, copy=True).requires_grad_() for w in ws32]
+        y = fp8_grouped_linear(xi, tuple(wi), offs, backend="emulate")
+        y.backward(gy)
+        outs[dt] = (y, xi.grad, [w.grad for w in wi])
+    (y32, dx32, dws32), (y16, dx16, dws16) = outs[torch.float32], outs[torch.bfloat16]
+    assert torch.equal(y16, y32) and torch.equal(dx16, dx32)
+    for a, b in zip(dws16, dws32):
+        assert a.dtype == torch.bfloat16 and torch.equal(a, b.bfloat16())
+
+
+def test_fp8_training_with_bf16_weights(env, tmp_path):
+    """--precision fp8 --bf16-weights (routed experts in FP8 too) on the CPU: under bf16 autocast (the arithmetic of
+    a GPU run), it learns and tracks the bf16 --bf16-weights run (the FP8 GEMMs' error only), the GEMM weights are
+    stored in bf16 with fp32 masters and the checkpoint holds the masters in fp32."""
+    mc = micro_config()
+    a_out, b_out = tmp_path / "bf16", tmp_path / "fp8"
+    kw = dict(steps=N, bf16_weights=True, micro_batch_size=2)
+    train(mc, tcfg(env, a_out, precision="bf16", **kw), log=quiet)
+    logs = []
+    train(mc, tcfg(env, b_out, precision="fp8", fp8_experts=True, **kw), log=logs.append)
+    assert any("bf16 weights + fp32 masters" in str(line) for line in logs)
+    assert any("routed experts" in str(line) for line in logs)  # the FP8 modules were swapped in
+    a, b = read_steps(a_out), read_steps(b_out)
+    assert sorted(b) == list(range(1, N + 1)) and b[N]["main"] < b[1]["main"] - 0.3  # it learns
+    for s in a:
+        assert abs(a[s]["main"] - b[s]["main"]) < 0.03 * a[s]["main"], (s, a[s]["main"], b[s]["main"])
+    assert a[1]["main"] != b[1]["main"]  # the FP8 GEMMs ran
+    sd = load_pretrained(latest_checkpoint(b_out / "checkpoints"), device="cpu", dtype=None).state_dict()
+    assert all(t.dtype == torch.float32 for t in sd.values())

@@ -422,6 +422,59 @@ def test_fp8_training_step_on_cuda_loss_falls():
     assert all(map(lambda v: v == v, losses)) and losses[-1] < 0.7 * losses[0]
 
 
+def test_fp8_kernels_take_bf16_weights_as_their_fp32_values():
+    """--precision fp8 --bf16-weights on the GPU backends (scaled_mm linears, Triton grouped experts): a bf16 weight
+    gives what an fp32 weight holding the same values gives (y, dx equal; dw the same rounded to bf16), and a
+    model trained with bf16 working weights + fp32 masters in FP8 learns (tests/test_bf16_weights.py: the CPU)."""
+    if not _fp8_ok():
+        pytest.skip("needs SM90, F.scaled_mm and triton")
+    from dsv3.training.fp8 import convert_to_fp8_training, fp8_grouped_linear, fp8_linear
+    from dsv3.training.loss import compute_loss
+    from dsv3.training.optim import make_optimizer
+
+    torch.manual_seed(0)
+    x = torch.randn(300, 384, device="cuda").to(torch.bfloat16)
+    w = (torch.randn(576, 384, device="cuda") * 0.05).bfloat16().float()
+    g = torch.randn(300, 576, device="cuda").to(torch.bfloat16)
+    res = {}
+    for dt in (torch.float32, torch.bfloat16):
+        xb, wb = x.clone().requires_grad_(), w.to(dt, copy=True).requires_grad_()
+        y = fp8_linear(xb, wb, "scaled_mm", out_dtype=torch.bfloat16)
+        y.backward(g)
+        res[dt] = (y.detach(), xb.grad, wb.grad)
+    (y0, dx0, dw0), (y1, dx1, dw1) = res[torch.float32], res[torch.bfloat16]
+    assert dw1.dtype == torch.bfloat16 and torch.equal(y1, y0) and torch.equal(dx1, dx0)
+    assert torch.equal(dw1, dw0.bfloat16())
+    offs = torch.tensor([100, 100, 300], dtype=torch.int32, device="cuda")
+    ws = [(torch.randn(3, 256, 384, device="cuda") * 0.05).bfloat16().float() for _ in range(2)]
+    g = torch.randn(300, 512, device="cuda").to(torch.bfloat16)
+    res = {}
+    for dt in (torch.float32, torch.bfloat16):
+        xb, wb = x.clone().requires_grad_(), [t.to(dt, copy=True).requires_grad_() for t in ws]
+        y = fp8_grouped_linear(xb, tuple(wb), offs, "triton", out_dtype=torch.bfloat16)
+        y.backward(g)
+        res[dt] = (y.detach(), xb.grad, [t.grad for t in wb])
+    (y0, dx0, dws0), (y1, dx1, dws1) = res[torch.float32], res[torch.bfloat16]
+    assert torch.equal(y1, y0) and torch.equal(dx1, dx0)
+    assert all(a.dtype == torch.bfloat16 and torch.equal(a, b.bfloat16()) for a, b in zip(dws1, dws0))
+
+    m = dsv3.build_model(_cfg(), device="cuda", seed=0)
+    convert_to_fp8_training(m, experts=True)
+    opt = make_optimizer(m, 3e-3, bf16_weights=True)
+    assert opt.masters and all(p.dtype == torch.bfloat16 for p in opt.masters)
+    ids = torch.randint(0, 64, (8, 65), device="cuda")
+    losses = []
+    for _ in range(30):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = m(ids[:, :-1], with_balance=True)
+        loss = compute_loss(out, ids[:, 1:], 0.3, 1e-4).total
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert all(v == v for v in losses) and losses[-1] < 0.7 * losses[0], losses
+
+
 def test_cuda_graph_decode_equals_eager():
     """CUDA-graph decode (dsv3/inference/graphs.py) against the eager CacheBatch path on the same GPU,
     bf16 (the grouped-GEMM MoE path, the one a graph can hold): greedy tokens equal except where a

@@ -70,8 +70,8 @@ class TrainConfig:
                                        "(Triton; slower than bf16 on an H100 today, bench/RESULTS.md)")
     # dsv3/training/optim.py AdamW(masters=...): the GEMM weights in bf16, their fp32 masters in the optimizer;
     # checkpoints hold the masters (one process; the torchrun layouts refuse it, README)
-    bf16_weights: bool = setting(False, "with --precision bf16: store the GEMM weights in bf16 (no per-step casts, "
-                                        "bf16 weight gradients) and keep fp32 master weights in the optimizer")
+    bf16_weights: bool = setting(False, "with --precision bf16 or fp8: store the GEMM weights in bf16 (no per-step "
+                                        "casts, bf16 weight gradients) and keep fp32 master weights in the optimizer")
     seed: int = setting(0, "random seed (initialisation, data order)")
     # what it changes on a GPU and what it costs: bench/RESULTS.md (issue 15); on the CPU runs are reproducible anyway
     deterministic: bool = setting(False, "reproducible GPU runs: the same seed gives the same losses bit for bit "
@@ -123,7 +123,7 @@ class TrainConfig:
             raise ValueError(f"precision must be auto, fp32, bf16 or fp8, got {self.precision!r}")
         if self.fp8_experts and self.precision != "fp8":
             raise ValueError(f"fp8_experts (--fp8-experts) needs precision fp8, got {self.precision!r}")
-        if self.bf16_weights and self.precision not in ("auto", "bf16"):  # auto: checked once resolved
+        if self.bf16_weights and self.precision not in ("auto", "bf16", "fp8"):  # auto: checked once resolved
             from dsv3.training.strategy import check_weights
 
             check_weights(self, self.precision)

@@ -223,7 +223,8 @@ class Pretrain:
     def evaluate(self, strategy: Strategy, max_batches: int | None) -> dict | None:
         if self.val is None:
             return None
-        autocast = precision_recipe(resolve_precision(self.tc.precision, strategy.device), strategy.device)
+        autocast = precision_recipe(resolve_precision(self.tc.precision, strategy.device), strategy.device,
+                                    self.tc.bf16_weights)
         return loop.evaluate(strategy, self.val, self.token_bytes, autocast, max_batches)
 
     def eval_message(self, ev: dict) -> str:
@@ -402,8 +403,8 @@ def _train(mc: ModelConfig | None, tc: TrainConfig, pcfg, log, strategy: Strateg
                              tokenizer=tok, keep=tc.keep, final=reason != "periodic")
 
     return loop.run(task, strategy, opt, out_dir=tc.out_dir, step=step, tokens_seen=tokens_seen,
-                    autocast=precision_recipe(precision, strategy.device), grad_clip=tc.grad_clip, save=save,
-                    log_every=tc.log_every, eval_every=tc.eval_every if task.val is not None else 0,
+                    autocast=precision_recipe(precision, strategy.device, tc.bf16_weights), grad_clip=tc.grad_clip,
+                    save=save, log_every=tc.log_every, eval_every=tc.eval_every if task.val is not None else 0,
                     eval_batches=tc.eval_batches, save_every=tc.save_every, max_skipped_steps=tc.max_skipped_steps,
                     progress=tc.progress, plots=tc.plots, saves=tc.checkpoints, log=log)
 

@@ -27,11 +27,12 @@ Precision (`precision_recipe`, the only place it is decided): fp32; bf16 = fp32 
 layouts can be checked against each other on the CPU); fp8 = bf16 autocast on CUDA (fp32 on the CPU) with
 the paper's block-scaled FP8 GEMMs (dsv3/training/fp8.py; an exact emulation on the CPU).
 
-bf16 working weights (`--bf16-weights`, one process): with bf16 the optimizer stores the GEMM weights
+bf16 working weights (`--bf16-weights`, one process): with bf16 (or fp8) the optimizer stores the GEMM weights
 (dsv3.training.optim.bf16_weight_params) in bf16 and keeps their fp32 masters itself (AdamW's `masters`);
 autocast stays on (the embedding's fp32 output is the residual stream, as without the flag) and its casts
 of those weights become no-ops. `save` / `load` run inside `opt.masters_as_params()`, so checkpoints hold
-the fp32 masters, as in fp32-weight training. `check_weights` refuses the other precisions. Under FSDP2
+the fp32 masters, as in fp32-weight training. With fp8 the same (the FP8 modules quantise the bf16 weights and
+write bf16 weight gradients; autocast on the CPU too); `check_weights` refuses fp32. Under FSDP2
 (without expert parallelism) the mode is fully_shard's own: the fp32 shards are the masters (a plain AdamW
 on them; DCP checkpoints write them), each block is all-gathered in bf16 and its gradients reduce-scattered
 in fp32 (MixedPrecisionPolicy; `Strategy.optimizer_masters` says which of the two keeps the masters); the
@@ -61,9 +62,11 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
-def precision_recipe(precision: str, device: torch.device):
-    """-> a factory of the autocast context for `precision` (resolved) on `device`."""
-    if precision == "bf16" or (precision == "fp8" and device.type == "cuda"):
+def precision_recipe(precision: str, device: torch.device, bf16_weights: bool = False):
+    """-> a factory of the autocast context for `precision` (resolved) on `device`. fp8 runs under bf16 autocast on
+    CUDA, and on the CPU too with bf16 working weights (their non-FP8 GEMMs, e.g. the output head, need bf16
+    activations); plain CPU fp8 stays fp32 around the FP8 GEMMs (the emulation's exact arithmetic, faster)."""
+    if precision == "bf16" or (precision == "fp8" and (device.type == "cuda" or bf16_weights)):
         return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext
 
@@ -86,14 +89,11 @@ def prepare_model(model, strategy, *, precision: str, recompute: str = "none", f
 
 
 def check_weights(settings, precision: str) -> None:
-    """Raise unless `settings.bf16_weights` (when set) fits the resolved `precision`."""
-    if not getattr(settings, "bf16_weights", False) or precision == "bf16":
+    """Raise unless `settings.bf16_weights` (when set) fits the resolved `precision` (bf16, or fp8: the FP8
+    modules quantise the bf16 weights as they would the fp32 ones, and write bf16 weight gradients)."""
+    if not getattr(settings, "bf16_weights", False) or precision in ("bf16", "fp8"):
         return
-    if precision == "fp8":
-        raise ValueError("--bf16-weights needs --precision bf16: under fp8 the FP8 training modules quantise their "
-                         "own fp32 weights each step (dsv3/training/fp8.py), and on the CPU fp8 runs without autocast, "
-                         "where bf16 weights would meet fp32 activations")
-    raise ValueError(f"--bf16-weights needs --precision bf16 (this run's precision is {precision}"
+    raise ValueError(f"--bf16-weights needs --precision bf16 or fp8 (this run's precision is {precision}"
                      f"{'; auto means fp32 on the CPU' if getattr(settings, 'precision', '') == 'auto' else ''}): "
                      "the bf16 copies are what bf16 autocast would compute with")
 
