@@ -238,10 +238,21 @@ def test_prefill_expanded_path_equals_absorbed_and_chunked(models, name):
     cache = PagedLatentCache.for_model(model, num_blocks=32, block_size=4)
     tbl = cache.allocate(cache.blocks_for(len(p)))
     model(torch.tensor([p[:9]]), cache.batch([tbl], [0], [9]).positions, cache=cache.batch([tbl], [0], [9]))
-    cb = cache.batch([tbl], [9], [len(p) - 9])
-    assert not cb.prefill
-    got = model(torch.tensor([p[9:]]), cb.positions, cache=cb).logits[0]
-    torch.testing.assert_close(got, model(torch.tensor([p])).logits[0, 9:], rtol=1e-5, atol=1e-5)
+    want = model(torch.tensor([p])).logits[0, 9:]
+    for chunk in (False, True):  # absorbed over the cache, or (the engine's chunked prefill) expanded over it
+        cb = cache.batch([tbl], [9], [len(p) - 9], chunk=chunk)
+        assert not cb.prefill and cb.chunk == chunk
+        got = model(torch.tensor([p[9:]]), cb.positions, cache=cb).logits[0]
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_chunk_view_of_a_batch_from_position_0_is_a_prefill():
+    """cache.batch(..., chunk=True) with every sequence from position 0 is the plain prefill view (not a chunk)."""
+    cache = PagedLatentCache(1, 8, 4, 8, 4)
+    assert cache.batch([[0], [1]], [0, 0], [3, 2], chunk=True).prefill
+    assert not cache.batch([[0], [1]], [0, 0], [3, 2], chunk=True).chunk
+    assert cache.batch([[0], [1]], [0, 2], [3, 2], chunk=True).chunk
 
 
 # ------------------------------------------------------------------------------------------------
@@ -484,6 +495,83 @@ def test_engine_continuous_batching(models, naive_refs, graphs):
     for i, (toks, reason) in enumerate(refs):
         assert final[ids[i]].token_ids == toks and final[ids[i]].finish_reason == reason
     assert eng.cache.free_blocks == eng.cache.num_blocks
+
+
+def _record_prefills(eng: Engine) -> list[list[tuple[int, int]]]:
+    """Wrap eng._prefill: each call's [(start, chunk, request id)] per row."""
+    calls, inner = [], eng._prefill
+
+    def spy(reqs):
+        calls.append([(r.prefilled, r.chunk, r.id) for r in reqs])
+        return inner(reqs)
+
+    eng._prefill = spy
+    return calls
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+@pytest.mark.parametrize("name,P", [("plain", 1), ("plain", 5), ("yarn", 7), ("yarn", 16)])
+def test_chunked_prefill_matches_naive(models, naive_refs, name, P, graphs):
+    """max_prefill_tokens P: prompts longer than the budget are prefilled over several steps (each chunk after
+    the first attends over the cached ones), a step's padded prefill batch is at most P tokens, and the greedy
+    outputs are those of full recomputation."""
+    model = models[name]
+    prompts, refs = naive_refs[name]
+    eng = Engine(model, max_batch_size=8, block_size=3, cuda_graphs=graphs, max_prefill_tokens=P)
+    calls = _record_prefills(eng)
+    outs = eng.generate(prompts, greedy(10))
+    for o, (toks, reason) in zip(outs, refs):
+        assert o.token_ids == toks and o.finish_reason == reason
+    assert eng.stats.prefill_tokens == sum(LENGTHS) and eng.cache.free_blocks == eng.cache.num_blocks
+    covered = {}  # each prompt's chunks follow each other and cover it exactly once
+    for rows in calls:
+        assert len(rows) * max(n for _, n, _ in rows) <= P, rows
+        for s, n, rid in rows:
+            assert n >= 1 and covered.get(rid, 0) == s
+            covered[rid] = s + n
+    assert sorted(covered.values()) == sorted(LENGTHS)
+    assert any(s > 0 for rows in calls for s, _, _ in rows)  # (the padded budget splits prompts at P = 16 too)
+
+
+def test_chunked_prefill_keeps_decoding_and_seeds(models, naive_refs):
+    """A long prompt's chunks share the steps with the running requests, which keep decoding a token per step
+    (the point of chunked prefill); seeded sampling draws the same tokens as without chunks (a chunk that is not
+    the prompt's last draws nothing from the request's generator)."""
+    model = models["yarn"]
+    prompts, refs = naive_refs["yarn"]
+    eng = Engine(model, max_batch_size=8, block_size=3, max_prefill_tokens=4)
+    a = eng.add_request(prompts[0], greedy(10))  # 3 tokens: one chunk
+    first = eng.step()
+    long_prompt = prompts[3] * 3  # 42 tokens: 11 chunks of <= 4
+    b = eng.add_request(long_prompt, greedy(3))
+    got = {a: list(first[0].new_token_ids), b: []}
+    steps = 0
+    while eng.has_unfinished():
+        steps += 1
+        for o in eng.step():
+            got[o.request_id] += o.new_token_ids
+        if steps <= 9:  # b is still prefilling: a gets a token every step
+            assert len(got[a]) == 1 + steps and not got[b], (steps, got)
+    assert got[a] == refs[0][0] and got[b] == naive_greedy(model, long_prompt, 3)[0]
+    sp = [SamplingParams(max_new_tokens=8, temperature=1.0, seed=s, ignore_eos=True) for s in range(3)]
+    for k in (0, 2):
+        plain = Engine(model, max_batch_size=8, block_size=3, speculative_k=k, max_prefill_tokens=0)
+        chunked = Engine(model, max_batch_size=8, block_size=3, speculative_k=k, max_prefill_tokens=5)
+        want = [o.token_ids for o in plain.generate([long_prompt, prompts[1], prompts[3]], sp)]
+        assert [o.token_ids for o in chunked.generate([long_prompt, prompts[1], prompts[3]], sp)] == want
+
+
+@pytest.mark.parametrize("D,k", [(1, 2), (2, 3)])
+def test_chunked_prefill_speculative_greedy_identical(spec_models, spec_refs, D, k):
+    """With speculation, MTP module 0 runs over every chunk (its cache filled before the prompt's end) and the
+    drafts come at the last one: the greedy outputs of the unchunked engine without speculation."""
+    model = spec_models[(D, "aligned")]
+    prompts, ref = spec_refs[(D, "aligned", 1.0)]
+    eng = Engine(model, max_batch_size=8, block_size=3, speculative_k=k, max_prefill_tokens=6)
+    calls = _record_prefills(eng)
+    assert [o.token_ids for o in eng.generate(prompts, greedy(24))] == ref
+    assert any(s > 0 for rows in calls for s, _, _ in rows)  # some prompt was chunked
+    assert eng.stats.acceptance_rate > 0.5
 
 
 def test_engine_queueing_batch_and_cache_limits(models, naive_refs):

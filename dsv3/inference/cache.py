@@ -81,14 +81,16 @@ class PagedLatentCache:
         return blk
 
     # --- per-forward view ----------------------------------------------------------------------
-    def batch(self, block_tables: list[list[int]], start: list[int], n_new: list[int]) -> "CacheBatch":
-        return CacheBatch(self, block_tables, start, n_new)
+    def batch(self, block_tables: list[list[int]], start: list[int], n_new: list[int],
+              chunk: bool = False) -> "CacheBatch":
+        return CacheBatch(self, block_tables, start, n_new, chunk)
 
 
 class CacheBatch:
     """Slot indices and the causal mask of one forward, shared by all layers."""
 
-    def __init__(self, cache: PagedLatentCache, block_tables: list[list[int]], start: list[int], n_new: list[int]):
+    def __init__(self, cache: PagedLatentCache, block_tables: list[list[int]], start: list[int], n_new: list[int],
+                 chunk: bool = False):
         self.cache = cache
         dev = cache.kv.device
         B, T = len(start), max(n_new)
@@ -123,6 +125,9 @@ class CacheBatch:
         # every sequence starts empty: its new tokens are its whole context, so attention needs nothing
         # from the cache and MLA attends in the expanded form (prefill), only storing the latents here
         self.prefill = all(s == 0 for s in start)
+        # prompt chunks after cached positions (the engine's chunked prefill): MLA attends in the expanded form over
+        # the up-projected cache (MLA.forward_chunk), not the absorbed one, whose scores grow as T x S
+        self.chunk = chunk and not self.prefill
 
     def layer(self, i: int) -> "_LayerView":
         return _LayerView(self, i)
@@ -135,6 +140,10 @@ class _LayerView:
     @property
     def prefill(self) -> bool:
         return self.b.prefill
+
+    @property
+    def chunk(self) -> bool:
+        return self.b.chunk
 
     def store(self, c_kv: torch.Tensor, k_pe: torch.Tensor) -> None:
         """Store the new tokens' (B, T, C) / (B, T, R) latents (padding tokens are not stored)."""

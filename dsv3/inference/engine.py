@@ -11,9 +11,13 @@ Requests join and leave the running batch between steps. One `step()`:
      blocks for the request's whole budget (prompt + max_new_tokens + draft room). Reserving the
      worst case up front means a running request can never run out of cache: no preemption, no
      out-of-memory under load; the price is memory held for tokens a request may not generate;
-  2. prefills the admitted requests (one batched forward over their prompts; the last position's
-     logits give each its first token; with speculation, MTP module 0 over the prompt gives the
-     first drafts);
+  2. prefills prompt chunks (one batched forward): the prompts still being prefilled, then the admitted
+     requests, within `max_prefill_tokens` padded tokens per step, a longer prompt split over several steps
+     (chunked prefill, as vLLM and SGLang: a long prompt neither stalls the running requests' decoding nor
+     needs activations for its whole length at once). A chunk after cached positions attends over them
+     (MLA.forward_chunk). At a prompt's last chunk, the last position's logits give the request its first token;
+     with speculation, MTP module 0 over each chunk fills its cache and, at the last chunk, gives the first
+     drafts. A request joins the decoding batch after its last chunk;
   3. decodes every other running request: one round of speculation.py over [last token, drafts...]
      (k = 0: the last token alone), through the static-shape steps of graphs.py.
 Each phase ends with one device -> host copy (tokens, accepted counts, drafts, log-probs); the host
@@ -51,6 +55,9 @@ class EngineConfig:
                                    "GPUs: what each GPU holds after its weights, by dsv3 plan --serve's formula)")
     speculative_k: int = setting(0, "tokens drafted per step by the MTP module (0: off)")
     max_model_len: int = setting(0, "context limit (0: the model's)")
+    max_prefill_tokens: int = setting(8192, "prompt tokens prefilled per step, padding included; a longer prompt is "
+                                            "prefilled over several steps, between decode steps (chunked prefill); "
+                                            "0: whole prompts at once")
     compile_decode: bool = setting(False, "GPU: torch.compile the graphed decode steps (1.65x at batch 1 on the "
                                           "16b, H100); one compile per batch/context bucket on first use")
     cuda_graphs: str = setting("auto", "decode steps as CUDA graphs: auto (on for a bf16/FP8 model on one GPU; off "
@@ -112,6 +119,8 @@ class _Request:
     out: list[int] = field(default_factory=list)
     blocks: list[int] = field(default_factory=list)
     main_len: int = 0  # positions held in the main model's cache
+    prefilled: int = 0  # prompt positions prefilled so far (chunked prefill)
+    chunk: int = 0  # prompt positions this step's prefill adds
     drafts: list[int] = field(default_factory=list)  # this round's drafts d_1 .. d_k
     draft_q: torch.Tensor | None = None  # (k, V) their distributions on the device (None: drafted by argmax)
     gen: torch.Generator | None = None
@@ -130,6 +139,9 @@ class _Request:
     def last(self) -> int:
         """The last token (not yet in the cache), without building `tokens` (O(length) per step)."""
         return self.out[-1] if self.out else self.prompt[-1]
+
+
+_DISCARDED = SamplingParams(max_new_tokens=1, temperature=0.0)  # the draws of a prompt chunk that is not the last
 
 
 @dataclass
@@ -161,7 +173,7 @@ class EngineStats:
 class Engine:
     def __init__(self, model, tokenizer=None, *, max_batch_size: int = 32, cache_tokens: int | None = None,
                  block_size: int = 16, speculative_k: int = 0, max_model_len: int | None = None,
-                 cuda_graphs: bool | str | None = None, compile_decode: bool = False):
+                 cuda_graphs: bool | str | None = None, compile_decode: bool = False, max_prefill_tokens: int = 8192):
         cfg = model.config
         if speculative_k > 0 and cfg.num_nextn_predict_layers == 0:
             raise ValueError("speculative decoding needs MTP modules, but this model has num_nextn_predict_layers=0")
@@ -169,13 +181,15 @@ class Engine:
             raise ValueError(f"speculative_k must be >= 0, got {speculative_k}")
         # (cache_tokens and max_model_len: 0 or None leave them to the engine, as EngineConfig's 0 does)
         for name, v, low in (("max_batch_size", max_batch_size, 1), ("block_size", block_size, 1),
-                             ("cache_tokens", cache_tokens, 0), ("max_model_len", max_model_len, 0)):
+                             ("cache_tokens", cache_tokens, 0), ("max_model_len", max_model_len, 0),
+                             ("max_prefill_tokens", max_prefill_tokens, 0)):
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < low):
                 raise ValueError(f"{name} (--{name.replace('_', '-')}) must be an integer >= {low}, got {v!r}")
         self.model = model.eval()
         self.tok = tokenizer
         self.k = speculative_k
         self.max_batch_size = max_batch_size
+        self.max_prefill_tokens = max_prefill_tokens or 0  # 0: no limit
         self.max_model_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         # positions a request may write past prompt + max_new_tokens: verification writes k past the
         # last token, chained drafts up to 2k - 1 past it (speculation.py); k = 0 writes the last token
@@ -210,6 +224,7 @@ class Engine:
                                     compile=compile_decode, bucketed=use)
         self.eos = [tokenizer.eos_id] if tokenizer is not None else ([cfg.eos_token_id] if cfg.eos_token_id is not None else [])
         self.waiting: list[_Request] = []
+        self.prefilling: list[_Request] = []  # admitted, their prompts partly in the cache (chunked prefill)
         self.running: list[_Request] = []
         self._aborted: list[RequestOutput] = []  # final outputs of aborted requests, returned by the next step()
         self._ids = itertools.count()
@@ -259,7 +274,7 @@ class Engine:
     def abort(self, request_id: str) -> bool:
         """Cancel a request (e.g. its client disconnected) and free its cache blocks; the next step()
         returns its final output with finish_reason "abort"."""
-        for lst in (self.waiting, self.running):
+        for lst in (self.waiting, self.prefilling, self.running):
             for r in lst:
                 if r.id == request_id:
                     lst.remove(r)
@@ -271,11 +286,12 @@ class Engine:
         return False
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running or self._aborted)
+        return bool(self.waiting or self.prefilling or self.running or self._aborted)
 
     @property
     def num_running(self) -> int:
-        return len(self.running)
+        """Requests holding a batch slot: decoding, or with a prompt part-way through a chunked prefill."""
+        return len(self.running) + len(self.prefilling)
 
     @property
     def num_waiting(self) -> int:
@@ -292,30 +308,25 @@ class Engine:
         output, finish_reason "abort", of each request aborted since the last step)."""
         self.stats.steps += 1
         aborted, self._aborted = self._aborted, []
-        new: list[_Request] = []
-        while self.waiting and len(self.running) + len(new) < self.max_batch_size:
-            r = self.waiting[0]
-            nb = self.cache.blocks_for(len(r.prompt) + r.params.max_new_tokens + self.spare)
-            if nb > self.cache.free_blocks:
-                break  # queue: first come, first served
-            self.waiting.pop(0)
-            r.blocks = self.cache.allocate(nb)
-            new.append(r)
+        chunks = self._schedule_prefill()
         decoding = [r for r in self.running if not r.finished]
         changed: list[_Request] = []
-        any_new, any_decoding = (bool(new), bool(decoding)) if self.phase_sync is None else \
-            self.phase_sync(bool(new), bool(decoding))
-        if new:
+        any_new, any_decoding = (bool(chunks), bool(decoding)) if self.phase_sync is None else \
+            self.phase_sync(bool(chunks), bool(decoding))
+        if chunks:
             try:
-                self._prefill(new)
+                self._prefill(chunks)
             except BaseException:
-                for r in new:  # they are in neither list: give their blocks back before failing
+                for r in chunks:  # not decoding yet: give their blocks back before failing
+                    self.prefilling.remove(r)
                     self.cache.release(r.blocks)
                     r.blocks = []
                     self._finish(r, "abort")
                 raise
-            self.running.extend(new)
-            changed += new
+            done = [r for r in chunks if r.prefilled == len(r.prompt)]
+            self.prefilling = [r for r in self.prefilling if r not in done]
+            self.running.extend(done)
+            changed += done
         elif any_new:
             self._idle(self._prefill)
         if decoding:
@@ -330,6 +341,40 @@ class Engine:
             r.blocks = []
         return outs
 
+    def _schedule_prefill(self) -> list[_Request]:
+        """This step's prompt chunks (each request's `chunk` set): first the prompts part-way through their prefill,
+        then queued requests admitted in arrival order while the batch has room and the cache the blocks for the
+        request's whole budget. The batch is padded to its longest chunk, so B x T stays within max_prefill_tokens
+        (0: no limit): a request gets min(its rest, budget / (rows so far + 1)) positions, and no row joins once
+        that would be shorter than the longest chunk already taken (a step always prefills something)."""
+        P = self.max_prefill_tokens
+        chunks: list[_Request] = []
+        T = 0
+
+        def take(r: _Request) -> bool:
+            nonlocal T
+            rest = len(r.prompt) - r.prefilled
+            cap = P // (len(chunks) + 1) if P else rest
+            if cap < max(T, 1):
+                return False
+            r.chunk = min(rest, cap)
+            T = max(T, r.chunk)
+            chunks.append(r)
+            return True
+
+        for r in self.prefilling:
+            if not take(r):
+                return chunks
+        while self.waiting and len(self.running) + len(self.prefilling) < self.max_batch_size:
+            r = self.waiting[0]
+            nb = self.cache.blocks_for(len(r.prompt) + r.params.max_new_tokens + self.spare)
+            if nb > self.cache.free_blocks or not take(r):
+                break  # queue: first come, first served
+            self.waiting.pop(0)
+            r.blocks = self.cache.allocate(nb)
+            self.prefilling.append(r)
+        return chunks
+
     def _idle(self, phase: Callable[[list[_Request]], None]) -> None:
         """Run `phase` (_prefill or _decode) on a throwaway one-token greedy request whose every block is the
         reserved padding block: the same forwards (main model, MTP module, chained drafts) and hence the
@@ -337,27 +382,42 @@ class Engine:
         saved = dataclasses.asdict(self.stats)
         r = _Request("<idle>", [0], SamplingParams(max_new_tokens=1, temperature=0.0), 0.0)
         r.blocks = [self._pad] * self.cache.blocks_for(2 * self.k + 2)  # every position the round may touch
-        r.drafts = [0] * self.k
+        r.drafts, r.chunk = [0] * self.k, 1
         phase([r])
         for name, value in saved.items():  # in place: a Leader or the server may hold the stats object
             setattr(self.stats, name, value)
 
-    def _sampler(self, reqs: list[_Request]) -> BatchSampler:
-        pen = any(r.params.repetition_penalty != 1.0 for r in reqs)
-        return BatchSampler([r.params for r in reqs], [r.gen for r in reqs],
-                            [r.tokens if pen else () for r in reqs], self.model.config.vocab_size, self.device)
+    def _sampler(self, reqs: list[_Request], live: list[bool] | None = None) -> BatchSampler:
+        """The batch's sampler; rows with live[b] False (a prompt chunk that is not the last: its draws are thrown
+        away) draw greedily, without their generator, so a seeded request's random stream is the one-shot
+        prefill's."""
+        live = live or [True] * len(reqs)
+        params = [r.params if ok else _DISCARDED for r, ok in zip(reqs, live)]
+        pen = any(p.repetition_penalty != 1.0 for p in params)
+        return BatchSampler(params, [r.gen if ok else None for r, ok in zip(reqs, live)],
+                            [r.tokens if pen and ok else () for r, ok in zip(reqs, live)],
+                            self.model.config.vocab_size, self.device)
 
     def _prefill(self, reqs: list[_Request]) -> None:
-        B, lens = len(reqs), [len(r.prompt) for r in reqs]
+        """One forward over each request's prompt chunk (positions r.prefilled .. + r.chunk). Every row runs the
+        same phases (sampling, the MTP module, the chained drafts), so a batch, and a rank of an expert-parallel
+        group, meets the same collectives whichever rows end their prompt; rows that do not are thrown away."""
+        B, starts, lens = len(reqs), [r.prefilled for r in reqs], [r.chunk for r in reqs]
+        final = [s + n == len(r.prompt) for r, s, n in zip(reqs, starts, lens)]
         T = max(lens)
         ids = torch.zeros(B, T, dtype=torch.long)
+        nxt = torch.zeros(B, T, dtype=torch.long)  # the token after each position (the first generated at the end)
         for b, r in enumerate(reqs):
-            ids[b, : lens[b]] = torch.tensor(r.prompt)
+            s, n = starts[b], lens[b]
+            ids[b, :n] = torch.tensor(r.prompt[s: s + n])
+            after = r.prompt[s + 1: s + n + 1]
+            nxt[b, : len(after)] = torch.tensor(after, dtype=torch.long)
         # host -> device inputs first, while the device is idle (a pageable copy waits for the stream)
-        sampler = self._sampler(reqs)
+        sampler = self._sampler(reqs, final)
         ids_d, last = ids.to(self.device), torch.tensor([n - 1 for n in lens]).to(self.device)
-        cb = self.cache.batch([r.blocks for r in reqs], [0] * B, lens)
-        out = self.model(ids_d, cb.positions, cache=cb, logits_at=last)  # the head only at each prompt's end
+        final_d = torch.tensor(final).to(self.device)
+        cb = self.cache.batch([r.blocks for r in reqs], starts, lens, chunk=True)
+        out = self.model(ids_d, cb.positions, cache=cb, logits_at=last)  # the head only at each chunk's end
         self.stats.prefill_tokens += sum(lens)
         last_logits = out.logits  # (B, 1, V)
         first, _, _ = speculation.accept(sampler, last_logits, ids_d[:, :0], None)  # (B, 1): a round without drafts
@@ -365,16 +425,21 @@ class Engine:
         drafts = q = None
         if self.k:
             sampler.add_history(first, torch.ones_like(first, dtype=torch.bool))
-            # MTP module 0 over the prompt: at position i the embedding of token i+1 (the first
-            # generated token after the last) and the main model's hidden state at i
-            nxt = torch.cat([ids_d[:, 1:], ids_d[:, :1]], 1).scatter(1, last[:, None], first)
-            h, lg = self.model.mtp_step(0, nxt, out.hidden, cb.positions, cb.layer(self.model.config.num_hidden_layers),
-                                        select=last)
-            drafts, q = self._draft(sampler, reqs, h, lg, last + 1, max(lens))
+            # MTP module 0 over the chunk: at position i the embedding of token i+1 (at a prompt's last position
+            # the first generated token) and the main model's hidden state at i
+            nxt_d = nxt.to(self.device)
+            nxt_d = nxt_d.scatter(1, last[:, None], torch.where(final_d[:, None], first, nxt_d.gather(1, last[:, None])))
+            h, lg = self.model.mtp_step(0, nxt_d, out.hidden, cb.positions,
+                                        cb.layer(self.model.config.num_hidden_layers), select=last)
+            end = torch.tensor([s + n for s, n in zip(starts, lens)]).to(self.device)  # each chunk's end position
+            drafts, q = self._draft(sampler, reqs, h, lg, end, max(s + n for s, n in zip(starts, lens)))
         now = time.monotonic()
         for b, (r, row) in enumerate(zip(reqs, self._to_host(reqs, first, None, drafts, lp))):
+            r.prefilled += lens[b]
+            if not final[b]:
+                continue
             toks, _, ds, lps = row
-            r.main_len = lens[b]
+            r.main_len = len(r.prompt)
             r.first_token_time = now
             self._append(r, toks, lps)
             self._set_drafts(r, ds, q, b)

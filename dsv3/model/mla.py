@@ -94,6 +94,8 @@ class MLA(nn.Module):
                 attn_mask: torch.Tensor | None = None, cache=None) -> torch.Tensor:
         """Expanded attention (or the absorbed form when a latent cache is given). x (B, T, D); cos/sin (B|1, T, rope/2); attn_mask: None for causal, or a
         boolean (B, 1, T, T) mask (True = may attend), e.g. for packed samples kept apart."""
+        if cache is not None and getattr(cache, "chunk", False):
+            return self.forward_chunk(x, cos, sin, cache)
         if cache is not None and not getattr(cache, "prefill", False):
             return self.forward_absorbed(x, cos, sin, cache)
         B, T, _ = x.shape
@@ -115,6 +117,26 @@ class MLA(nn.Module):
         o = attention(q, k, v, self.scale, attn_mask)  # (B, H, T, v); causal when attn_mask is None
         o = o.transpose(1, 2).reshape(B, T, self.n_heads * self.v_dim)  # (B, T, H*v)
         return self.o_proj(o)
+
+    def forward_chunk(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache) -> torch.Tensor:
+        """A prompt chunk after cached positions (chunked prefill): x (B, T, D) the chunk's tokens. Stores their
+        latents, then attends in the expanded form over every cached position: the cached latents are up-projected
+        by kv_b_proj (as vLLM's MLA does for a prefill's cached context), so memory stays linear in the context
+        (SDPA over (B, H, T, S) with the cache's causal mask), where the absorbed einsums would hold B x H x T x S
+        fp32 scores. The new tokens' keys come from the cache too: the same values the one-shot prefill computes
+        with (the cache holds the normalised latent in the activations' dtype)."""
+        B, T, _ = x.shape
+        H = self.n_heads
+        q_nope, q_pe = self.query(x, cos, sin)  # (B, T, H, nope), (B, T, H, rope)
+        c_kv, k_pe = self.latent(x, cos, sin)
+        c_all, pe_all, mask = cache.update(c_kv, k_pe)  # (B, S, C), (B, S, rope), (B, 1, T, S)
+        S = c_all.shape[1]
+        kv = self.kv_b_proj(c_all.to(x.dtype)).view(B, S, H, self.nope + self.v_dim)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)  # (B, S, H, nope), (B, S, H, v)
+        q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # (B, H, T, qk)
+        k = torch.cat([k_nope, pe_all.to(x.dtype).unsqueeze(2).expand(B, S, H, self.rope)], dim=-1).transpose(1, 2)
+        o = attention(q, k, v.transpose(1, 2), self.scale, mask)  # (B, H, T, v)
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, H * self.v_dim))
 
     def _up(self, q_a: torch.Tensor, kv_a: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """Down-projected q_a (B, T, q_lora_rank or H*qk) and kv_a (B, T, C + rope) -> q, k (B, H, T, qk), v (B, H, T, v)."""
