@@ -428,7 +428,8 @@ class Engine:
             # MTP module 0 over the chunk: at position i the embedding of token i+1 (at a prompt's last position
             # the first generated token) and the main model's hidden state at i
             nxt_d = nxt.to(self.device)
-            nxt_d = nxt_d.scatter(1, last[:, None], torch.where(final_d[:, None], first, nxt_d.gather(1, last[:, None])))
+            at_last = torch.where(final_d[:, None], first, nxt_d.gather(1, last[:, None]))  # (B, 1)
+            nxt_d = nxt_d.scatter(1, last[:, None], at_last)
             h, lg = self.model.mtp_step(0, nxt_d, out.hidden, cb.positions,
                                         cb.layer(self.model.config.num_hidden_layers), select=last)
             end = torch.tensor([s + n for s, n in zip(starts, lens)]).to(self.device)  # each chunk's end position

@@ -647,7 +647,8 @@ async def _stream_chat(srv: _Server, job: _Job, meta: dict, include_usage: bool,
 def load_for_serving(checkpoint: str, *, device: str = "auto", max_batch_size: int = 32,
                      cache_tokens: int | None = None, speculative_k: int = 0,
                      max_model_len: int | None = None, compile_decode: bool = False,
-                     cuda_graphs: bool | str | None = None, max_prefill_tokens: int = 8192) -> tuple[Engine, DSTokenizer]:
+                     cuda_graphs: bool | str | None = None,
+                     max_prefill_tokens: int = 8192) -> tuple[Engine, DSTokenizer]:
     """Engine + tokenizer (with its chat template) of a checkpoint directory (see engine.load_engine).
     On a GPU with a bf16 (or FP8) checkpoint, decode steps run as CUDA graphs unless cuda_graphs says off."""
     return load_engine(checkpoint, device=device, max_batch_size=max_batch_size, cache_tokens=cache_tokens,
