@@ -6,6 +6,7 @@ already running (the expert-parallel server under torchrun, issue 19).
     python bench/serve_load.py                         # a random tiny model (CPU), 32 clients x 3 requests
     python bench/serve_load.py runs/tiny --clients 64 --requests 4 --max-tokens 64 --speculative-k 2
     python bench/serve_load.py runs/small --device cuda --max-batch-size 64 --check
+    python bench/serve_load.py runs/small --device cuda --long-prompt-len 3000 --long-every 8 --max-prefill-tokens 0
     torchrun --nproc-per-node 8 -m dsv3.cli serve CKPT --ep 8 --port 8000 &
     python bench/serve_load.py CKPT --url http://127.0.0.1:8000 --clients 64 --requests 4
 
@@ -159,6 +160,12 @@ def main() -> int:
     ap.add_argument("--cache-tokens", type=int, default=0, help="default: the engine's")
     ap.add_argument("--speculative-k", type=int, default=0)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--max-prefill-tokens", type=int, default=8192,
+                    help="the engine's chunked-prefill budget per step (0: whole prompts at once)")
+    ap.add_argument("--long-prompt-len", type=int, default=0,
+                    help="with --long-every N: every N-th request's prompt has this many tokens (what chunked "
+                         "prefill is for: the others' inter-token latency while a long prompt is prefilled)")
+    ap.add_argument("--long-every", type=int, default=8)
     ap.add_argument("--check", action="store_true", help="compare outputs with offline Engine.generate")
     ap.add_argument("--no-warmup", dest="warmup", action="store_false",
                     help="skip the pass over the same workload before the timed load (offline, or with --url "
@@ -185,22 +192,30 @@ def main() -> int:
 
         path = _resolve_checkpoint(args.checkpoint)
         engine, tok = load_for_serving(path, device=args.device, max_batch_size=args.max_batch_size,
-                                       cache_tokens=args.cache_tokens or None, speculative_k=args.speculative_k)
+                                       cache_tokens=args.cache_tokens or None, speculative_k=args.speculative_k,
+                                       max_prefill_tokens=args.max_prefill_tokens)
         name, model = os.path.basename(os.path.normpath(path)), engine.model
     else:
         model, tok = random_tiny(args.device)
         engine = Engine(model, tok, max_batch_size=args.max_batch_size, cache_tokens=args.cache_tokens or None,
-                        speculative_k=args.speculative_k)
+                        speculative_k=args.speculative_k, max_prefill_tokens=args.max_prefill_tokens)
         name = "random-tiny"
     n = args.clients * args.requests
     prompts = make_prompts(tok, n, args.prompt_len)
+    if args.long_prompt_len:  # every --long-every-th request (client 0's first, ...) gets a long prompt
+        if args.long_every < 1:
+            ap.error("--long-every must be >= 1")
+        longs = make_prompts(tok, -(-n // args.long_every), args.long_prompt_len)
+        prompts = [longs[i // args.long_every] if i % args.long_every == 0 else p for i, p in enumerate(prompts)]
     where = f"the server at {args.url}" if args.url else args.device
     print(f"model {name} on {where} ({platform.processor() or platform.machine()}, torch "
           f"{torch.__version__}); setup {time.perf_counter() - t0:.1f}s")
     served = "" if engine is None else (f"; batch {args.max_batch_size}, "
                                         f"{engine.cache.num_blocks * engine.cache.block_size} cache tokens, "
                                         f"speculative k={args.speculative_k}")
-    print(f"{args.clients} clients x {args.requests} streaming requests, {args.prompt_len}-token prompts, "
+    longs = (f" (every {args.long_every}th {args.long_prompt_len} tokens)" if args.long_prompt_len else "")
+    served += f", max_prefill_tokens {args.max_prefill_tokens}" if engine is not None else ""
+    print(f"{args.clients} clients x {args.requests} streaming requests, {args.prompt_len}-token prompts{longs}, "
           f"max_tokens {args.max_tokens}, greedy{served}")
 
     if args.url:
@@ -245,7 +260,9 @@ def main() -> int:
             from dsv3.inference.engine import load_engine
 
             model = load_engine(args.checkpoint, device=args.device, max_batch_size=1)[0].model
-        ref = Engine(model, tok, max_batch_size=64, cache_tokens=64 * (args.prompt_len + args.max_tokens + 16))
+        longest = max(len(p) for p in prompts)
+        ref = Engine(model, tok, max_batch_size=64, cache_tokens=64 * (longest + args.max_tokens + 16),
+                     max_prefill_tokens=0)
         want = [o.text for o in ref.generate(prompts, SamplingParams(max_new_tokens=args.max_tokens, temperature=0))]
         bad = sum(w != r[3] for w, r in zip(want, results))
         print(f"check         {n - bad}/{n} outputs equal offline Engine.generate")

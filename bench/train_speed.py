@@ -49,8 +49,8 @@ from dsv3.training.loss import compute_loss  # noqa: E402
 from dsv3.training.optim import clip_and_step, make_optimizer  # noqa: E402
 
 # dense bf16 tensor-core peaks (FLOP/s) from the vendors' datasheets, by a substring of the CUDA device name
-DATASHEET_BF16 = {"H100 PCIe": 756e12, "H100": 989.4e12, "H200": 989.4e12, "H800": 989.4e12, "H20": 148e12,
-                  "A100": 312e12, "B200": 2250e12}
+DATASHEET_BF16 = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H200 NVL": 835e12, "H100": 989.4e12, "H200": 989.4e12,
+                  "H800": 989.4e12, "H20": 148e12, "A100": 312e12, "B200": 2250e12}
 
 
 def datasheet_peak(card: str) -> float | None:

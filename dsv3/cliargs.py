@@ -12,7 +12,8 @@ arguments: each setting has one default, the field's, and one help text, the fie
 The flag of field `seq_len` is `--seq-len` (or `rename[name]`: a flag, or a tuple of the flag and
 its aliases) and its dest is the field name. Types
 come from the annotation: int, float, str, `X | None` (type X, default None), `list[X]` (a repeatable
-flag that appends), and bool: `--name` when the default is False, `--no-name` when it is True.
+flag that appends), and bool: `--name` and `--no-name` when the default is False (the second turns off a value
+a resumed run kept), `--no-name` alone when it is True (a renamed bool: its flags only, store_true).
 Metadata keys, all optional: "help"; "choices"; "metavar"; "cli_default", the command line's own value
 when the flag is not given, for a setting the CLI derives from other arguments when left unset (the
 run directory from the preset's name, a parallel degree from the world size); its help says how.

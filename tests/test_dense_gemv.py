@@ -448,6 +448,15 @@ def test_absorbed_mla_takes_both_projections_in_one_call(monkeypatch, switched_o
             torch.testing.assert_close(run(), want, rtol=0, atol=0)
             h.remove()
             assert not calls and len(seen) == 1  # a hooked module runs as a module, its hook fires
+            h = torch.nn.modules.module.register_module_forward_hook(lambda mod, i, o: seen.append(type(mod)))
+            try:  # a global hook (module trackers, FlopCounterMode) too
+                torch.testing.assert_close(run(), want, rtol=0, atol=0)
+            finally:
+                h.remove()
+            assert not calls and len(seen) > 2
+            run()
+            assert len(calls) == 1  # without hooks the fused call again
+            calls.clear()
 
 
 @interp

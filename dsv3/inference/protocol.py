@@ -202,7 +202,7 @@ class ChatMessage(_Strict):
         # as the OpenAI API: every message carries content, except an assistant turn that made tool calls
         # (a message without it would otherwise render as an empty turn, silently)
         if self.content is None and not (self.role == "assistant" and self.tool_calls):
-            what = "an assistant message without 'tool_calls'" if self.role == "assistant" else f"a {self.role} message"
+            what = "an assistant message without tool calls" if self.role == "assistant" else f"a {self.role} message"
             _fail(f"'content' is missing: {what} needs its content (a string or a list of text parts)")
         return self
 

@@ -9,6 +9,15 @@ from torch import nn
 from dsv3 import kernels
 
 
+def hooked(*mods: nn.Module) -> bool:
+    """Whether any of `mods` has forward (pre-)hooks, its own or global ones (module trackers such as
+    FlopCounterMode register global hooks): a fused path that reads their weights without calling them would
+    skip the hooks, so it steps aside."""
+    g = nn.modules.module
+    return bool(g._global_forward_hooks or g._global_forward_pre_hooks
+                or any(m._forward_hooks or m._forward_pre_hooks for m in mods))
+
+
 class Linear(nn.Linear):
     """nn.Linear (the same parameters, state dict, init and FSDP behaviour; `isinstance(m, nn.Linear)` holds)
     whose forward takes the dense decode GEMV (`kernels.dense_gemv`, dsv3/kernels/dense_gemv_triton.py) where
@@ -54,7 +63,7 @@ class MLP(nn.Module):
         g, u = self.gate_proj, self.up_proj
         # decode on the GPU with the dense decode GEMVs switched on (kernels.set_dense_gemv): gate, up and the
         # SwiGLU in one launch (kernels.swiglu_gemv; the product rounded once), for 16-bit or FP8Linear weights
-        if kernels.select_backend("swiglu_gemv", x, g.weight, u.weight) == "triton":
+        if kernels.select_backend("swiglu_gemv", x, g.weight, u.weight) == "triton" and not hooked(g, u):
             gs, us = getattr(g, "weight_scale_inv", None), getattr(u, "weight_scale_inv", None)
             return self.down_proj(kernels.swiglu_gemv(x, g.weight, gs, u.weight, us, backend="triton"))
         return self.down_proj(F.silu(g(x)) * u(x))

@@ -31,14 +31,8 @@ from torch import nn
 from dsv3 import kernels
 from dsv3.config import ModelConfig, softmax_scale
 from dsv3.kernels import attention
-from dsv3.model.layers import Linear, RMSNorm
+from dsv3.model.layers import Linear, RMSNorm, hooked
 from dsv3.model.rope import apply_rope
-
-
-def _hooked(m: nn.Module) -> bool:
-    """Whether a module has forward (pre-)hooks of its own: a path that reads its weight without calling it would
-    skip them."""
-    return bool(m._forward_hooks or m._forward_pre_hooks)
 
 
 class MLA(nn.Module):
@@ -201,7 +195,7 @@ class MLA(nn.Module):
         q_mod = self.q_proj if self.q_lora_rank is None else self.q_a_proj
         kv_mod = self.kv_a_proj_with_mqa
         if (type(q_mod) is Linear and type(kv_mod) is Linear and q_mod.bias is None and kv_mod.bias is None
-                and not _hooked(q_mod) and not _hooked(kv_mod)  # the fused call runs no module: hooks would not fire
+                and not hooked(q_mod, kv_mod)  # the fused call runs no module: hooks would not fire
                 and kernels.select_backend("dense_gemv", x, q_mod.weight) == "triton"
                 and kernels.select_backend("dense_gemv", x, kv_mod.weight) == "triton"):
             # the decode GEMV switched on: both projections of x in one launch (kv_a alone would leave most
