@@ -561,6 +561,28 @@ def test_chunked_prefill_keeps_decoding_and_seeds(models, naive_refs):
         assert [o.token_ids for o in chunked.generate([long_prompt, prompts[1], prompts[3]], sp)] == want
 
 
+def test_chunked_prefill_seeded_drafts_do_not_depend_on_the_batch(spec_models):
+    """Found by review: with 2 MTP modules and k >= 2, a chunk that was not the prompt's last ran its chained draft
+    steps on the request's own blocks, leaving module 1's latents at prompt positions it never writes otherwise;
+    later drafts read them, so a seeded request's tokens depended on how its prompt was cut, i.e. on the traffic
+    beside it. Now the thrown-away drafts run on the padding block: alone or queued behind another request, with
+    or without chunks, the same tokens."""
+    model = spec_models[(2, "aligned")]
+    g = torch.Generator().manual_seed(7)
+    prompt = torch.randint(0, 64, (20,), generator=g).tolist()
+    other = torch.randint(0, 64, (5,), generator=g).tolist()
+    for seed in range(4):
+        sp = SamplingParams(max_new_tokens=16, temperature=1.0, seed=seed, ignore_eos=True)
+        runs = []
+        for P, before in ((0, False), (16, False), (16, True)):  # whole; 16 + 4; 8 + 12 behind the other request
+            eng = Engine(model, max_batch_size=8, block_size=4, speculative_k=3, max_prefill_tokens=P)
+            if before:
+                eng.add_request(other, greedy(4))
+            rid = eng.add_request(prompt, sp)
+            runs.append(run_all(eng)[rid].token_ids)
+        assert runs[1] == runs[0] and runs[2] == runs[0], (seed, runs)
+
+
 @pytest.mark.parametrize("D,k", [(1, 2), (2, 3)])
 def test_chunked_prefill_speculative_greedy_identical(spec_models, spec_refs, D, k):
     """With speculation, MTP module 0 runs over every chunk (its cache filled before the prompt's end) and the

@@ -433,7 +433,7 @@ class Engine:
             h, lg = self.model.mtp_step(0, nxt_d, out.hidden, cb.positions,
                                         cb.layer(self.model.config.num_hidden_layers), select=last)
             end = torch.tensor([s + n for s, n in zip(starts, lens)]).to(self.device)  # each chunk's end position
-            drafts, q = self._draft(sampler, reqs, h, lg, end, max(s + n for s, n in zip(starts, lens)))
+            drafts, q = self._draft(sampler, reqs, h, lg, end, max(s + n for s, n in zip(starts, lens)), final)
         now = time.monotonic()
         for b, (r, row) in enumerate(zip(reqs, self._to_host(reqs, first, None, drafts, lp))):
             r.prefilled += lens[b]
@@ -473,10 +473,14 @@ class Engine:
             self._set_drafts(r, ds, q, b)
 
     def _draft(self, sampler: BatchSampler, reqs: list[_Request], h: torch.Tensor, logits: torch.Tensor,
-               first_pos: torch.Tensor, first_pos_bound: int):
+               first_pos: torch.Tensor, first_pos_bound: int, live: list[bool] | None = None):
         """k drafts from MTP module 0's output (h (B, D), logits (B, V)); chained step j runs module
-        min(j, D-1) at position first_pos + j - 1 (a device tensor, host bound first_pos_bound)."""
-        D, tables = self.model.config.num_nextn_predict_layers, [r.blocks for r in reqs]
+        min(j, D-1) at position first_pos + j - 1 (a device tensor, host bound first_pos_bound). Rows with
+        live[b] False (a prompt chunk that is not the last: drafts thrown away) run on the padding block, so
+        that they write nothing into their request's cache (module j >= 1 would leave latents at prompt positions
+        it never writes otherwise, which later drafts would read)."""
+        D = self.model.config.num_nextn_predict_layers
+        tables = [r.blocks if live is None or live[b] else [self._pad] * len(r.blocks) for b, r in enumerate(reqs)]
 
         def step(j: int, d: torch.Tensor, h: torch.Tensor):
             return self._graphs.mtp(min(j, D - 1), d[:, None], h[:, None], first_pos + (j - 1), tables,
