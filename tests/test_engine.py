@@ -253,6 +253,15 @@ def test_chunk_view_of_a_batch_from_position_0_is_a_prefill():
     assert cache.batch([[0], [1]], [0, 0], [3, 2], chunk=True).prefill
     assert not cache.batch([[0], [1]], [0, 0], [3, 2], chunk=True).chunk
     assert cache.batch([[0], [1]], [0, 2], [3, 2], chunk=True).chunk
+    # one sequence: SDPA gets a lower-right causal bias, and no (T, S) mask is built; it equals the mask
+    from torch.nn.attention.bias import CausalBias
+
+    one, two = cache.batch([[2, 3]], [3], [4], chunk=True), cache.batch([[2, 3], [4]], [3, 0], [4, 2], chunk=True)
+    assert one.lower_right and isinstance(one.attn_mask(), CausalBias) and one._mask is None
+    assert not two.lower_right and two.attn_mask() is two.mask
+    q, k, v = torch.randn(1, 2, 4, 8), torch.randn(1, 2, 7, 8), torch.randn(1, 2, 7, 4)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    torch.testing.assert_close(sdpa(q, k, v, attn_mask=one.attn_mask()), sdpa(q, k, v, attn_mask=one.mask))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -116,18 +116,38 @@ class CacheBatch:
         wslot = torch.gather(read, 1, wpos.clamp_max(S - 1))
         self.write_b, self.write_t = [x.to(dev) for x in valid.nonzero(as_tuple=True)]
         self.write_slots = wslot[valid].to(dev)
-        # query j may see keys s <= start + j (padding queries see the whole sequence: no empty rows)
-        keys = pos[None, None, :]  # (1, 1, S)
-        allowed = (keys <= wpos[:, :, None]) & (keys < total[:, None, None])  # (B, T, S)
-        allowed = torch.where(valid[:, :, None], allowed, keys < total[:, None, None])
-        self.mask = allowed.unsqueeze(1).to(dev)  # (B, 1, T, S)
+        self._mask_parts, self._mask = (pos, wpos, total, valid, dev), None  # the mask is built when first asked
         self.positions = wpos.to(dev)  # (B, T) RoPE positions of the new tokens
+        # one sequence whose new tokens end its context: the mask is causal aligned to the lower right, which
+        # SDPA takes as a CausalBias without a (T, S) tensor (a long prompt's chunk: 1 GiB of bool at T = 8K,
+        # S = 128K)
+        self.lower_right = B == 1 and S == start[0] + n_new[0]
         # every sequence starts empty: its new tokens are its whole context, so attention needs nothing
         # from the cache and MLA attends in the expanded form (prefill), only storing the latents here
         self.prefill = all(s == 0 for s in start)
         # prompt chunks after cached positions (the engine's chunked prefill): MLA attends in the expanded form over
         # the up-projected cache (MLA.forward_chunk), not the absorbed one, whose scores grow as T x S
         self.chunk = chunk and not self.prefill
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """(B, 1, T, S) bool: query j of sequence b may see keys s <= start[b] + j of its context (padding queries
+        see the whole sequence: no empty rows)."""
+        if self._mask is None:
+            pos, wpos, total, valid, dev = self._mask_parts
+            keys = pos[None, None, :]  # (1, 1, S)
+            allowed = (keys <= wpos[:, :, None]) & (keys < total[:, None, None])  # (B, T, S)
+            allowed = torch.where(valid[:, :, None], allowed, keys < total[:, None, None])
+            self._mask = allowed.unsqueeze(1).to(dev)
+        return self._mask
+
+    def attn_mask(self):
+        """The mask as SDPA takes it best: a lower-right CausalBias for one sequence (`lower_right`), else `mask`."""
+        if self.lower_right:
+            from torch.nn.attention.bias import causal_lower_right
+
+            return causal_lower_right(self.positions.shape[1], self.read_slots.shape[1])
+        return self.mask
 
     def layer(self, i: int) -> "_LayerView":
         return _LayerView(self, i)
@@ -152,9 +172,10 @@ class _LayerView:
         kv[b.write_slots] = c_kv[b.write_b, b.write_t].to(kv.dtype)
         pe[b.write_slots] = k_pe[b.write_b, b.write_t].to(pe.dtype)
 
-    def update(self, c_kv: torch.Tensor, k_pe: torch.Tensor):
-        """Store the new tokens' (B, T, C) / (B, T, R) latents; return the sequences' whole context."""
+    def update(self, c_kv: torch.Tensor, k_pe: torch.Tensor, attn_mask: bool = False):
+        """Store the new tokens' (B, T, C) / (B, T, R) latents; return the sequences' whole context and the mask
+        (attn_mask: in the form SDPA takes best, CacheBatch.attn_mask)."""
         self.store(c_kv, k_pe)
         b = self.b
         kv, pe = b.cache.kv[self.slot], b.cache.pe[self.slot]
-        return kv[b.read_slots], pe[b.read_slots], b.mask
+        return kv[b.read_slots], pe[b.read_slots], (b.attn_mask() if attn_mask else b.mask)

@@ -123,7 +123,7 @@ class MLA(nn.Module):
         H = self.n_heads
         q_nope, q_pe = self.query(x, cos, sin)  # (B, T, H, nope), (B, T, H, rope)
         c_kv, k_pe = self.latent(x, cos, sin)
-        c_all, pe_all, mask = cache.update(c_kv, k_pe)  # (B, S, C), (B, S, rope), (B, 1, T, S)
+        c_all, pe_all, mask = cache.update(c_kv, k_pe, attn_mask=True)  # (B, S, C), (B, S, rope), (B, 1, T, S)
         S = c_all.shape[1]
         kv = self.kv_b_proj(c_all.to(x.dtype)).view(B, S, H, self.nope + self.v_dim)
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)  # (B, S, H, nope), (B, S, H, v)
