@@ -421,6 +421,8 @@ def cmd_serve(args) -> int:
         raise ValueError(f"--port must be in 0..65535, got {sc.port}")
     if ec.max_batch_size < 1:
         raise ValueError(f"--max-batch-size must be >= 1, got {ec.max_batch_size}")
+    if ec.max_prefill_tokens < 0:
+        raise ValueError(f"--max-prefill-tokens must be >= 0 (0: whole prompts at once), got {ec.max_prefill_tokens}")
     name = sc.model_name or run_name(path)  # runs/tiny is served as "tiny", not as its latest step_* directory
 
     def run(engine, tok) -> int:

@@ -168,6 +168,7 @@ def test_bad_serving_and_device_flags_are_one_line_errors(run):
     batch of no requests, an unknown device, a NaN temperature."""
     for argv, want in ((["serve", run["out"], "--port", 99999], "--port must be in 0..65535, got 99999"),
                        (["serve", run["out"], "--max-batch-size", 0], "--max-batch-size must be >= 1, got 0"),
+                       (["serve", run["out"], "--max-prefill-tokens", -1], "--max-prefill-tokens must be >= 0"),
                        (["generate", run["out"], "--prompt", "x", "--device", "tpu"], "device must be auto, cpu, cuda"),
                        (["generate", run["out"], "--prompt", "x", "--temperature", "nan"],
                         "temperature must be a finite number >= 0")):
