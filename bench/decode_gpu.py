@@ -127,8 +127,11 @@ def main() -> None:
         if "+fp8" in mode and not any(isinstance(x, FP8Linear) for x in model.modules()):
             quantize_model_fp8(model)
         prompts = [torch.randint(0, cfg.vocab_size, (args.prompt_len,), generator=g).tolist() for _ in range(B)]
+        # max_prefill_tokens=0: the whole batch's prompts in the one step before the timed decode steps (with the
+        # default chunked prefill a batch of 128 x 128 tokens would spill prefill chunks into them)
         eng = Engine(model, None, max_batch_size=B, cache_tokens=B * (args.prompt_len + args.new + 16),
-                     cuda_graphs=base != "eager", compile_decode=base.startswith("graphs+compile"))
+                     cuda_graphs=base != "eager", compile_decode=base.startswith("graphs+compile"),
+                     max_prefill_tokens=0)
         # graphs+compile+einsum: the reference (einsum) attention; the choice is made as each bucket is built
         attention = (kernels.use_backend(mla_decode="reference") if base == "graphs+compile+einsum"
                      else contextlib.nullcontext())

@@ -80,6 +80,9 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4, help="decoder layers kept (first_k_dense_replace stay dense)")
     ap.add_argument("--batches", default="1,32,128")
     ap.add_argument("--prompt-len", type=int, default=512)
+    ap.add_argument("--max-prefill-tokens", type=int, default=0,
+                    help="the engine's chunked-prefill budget (default 0: a batch's prompts in one step, so that "
+                         "decode = total - prefill time stays a decode figure; dsv3 serve's default is 8192)")
     ap.add_argument("--new", type=int, default=32, help="tokens generated per request in the decode run")
     ap.add_argument("--bf16", action="store_true", help="bf16 weights instead of the official FP8 blocks")
     ap.add_argument("--modes", default="eager,graphs,dp,tp",
@@ -163,7 +166,7 @@ def main() -> None:
                 m.dispatcher = AllToAllDispatcher(dist.group.WORLD, cfg.n_routed_experts) if dp else \
                     ReplicatedTokensDispatcher(dist.group.WORLD, cfg.n_routed_experts, max(batches))
         engine = Engine(model, None, max_batch_size=max(batches), cuda_graphs=mode == "graphs",
-                        max_model_len=args.prompt_len + args.new + 1)
+                        max_model_len=args.prompt_len + args.new + 1, max_prefill_tokens=args.max_prefill_tokens)
         engine = sync_phases(engine, ctrl) if dp else agree_with_rank0(engine, dist.group.WORLD)
         for B in batches:  # warm-up: kernels, allocator, and every decode bucket's graph capture
             run(B, 3, dp)

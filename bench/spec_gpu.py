@@ -103,7 +103,8 @@ def fmt_cmp(c: dict | None) -> tuple[str, str]:
 def timed_decode(model, tok, prompts: list[list[int]], B: int, k: int, new: int, graphs: bool, compile_decode: bool,
                  device: torch.device) -> dict:
     """Warm-up pass (graph capture) then the timed pass of the workload, B prompts at a time."""
-    kw = dict(max_batch_size=B, cache_tokens=B * (len(prompts[0]) + new + k + 1 + 32), speculative_k=k)
+    kw = dict(max_batch_size=B, cache_tokens=B * (len(prompts[0]) + new + k + 1 + 32), speculative_k=k,
+              max_prefill_tokens=0)  # a batch's prompts in its one prefill step, before the timed decode steps
     label = ("graphs" + ("+compile" if compile_decode else "")) if device.type == "cuda" else "static step, eager"
     try:
         eng = Engine(model, tok, cuda_graphs=graphs, compile_decode=compile_decode and graphs, **kw)
