@@ -38,6 +38,27 @@ def card_name(device: torch.device | str = "cuda") -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+def _seconds(fn, cuda: bool, warmup: int, repeats: int) -> tuple[float, float]:
+    """(median, best) seconds of fn() over `repeats` calls after `warmup` untimed ones, each timed on its own (CUDA
+    events on a GPU, perf_counter on the CPU)."""
+    times = []
+    for i in range(warmup + repeats):
+        if cuda:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            dt = a.elapsed_time(b) / 1e3
+        else:
+            t = time.perf_counter()
+            fn()
+            dt = time.perf_counter() - t
+        if i >= warmup:
+            times.append(dt)
+    return statistics.median(times), min(times)
+
+
 def copy_bandwidth(device: torch.device | str = "cuda", nbytes: int | None = None, repeats: int = 20,
                    warmup: int = 3) -> dict:
     """Measured device-to-device copy bandwidth (read + write bytes per second); see the module docstring."""
@@ -46,25 +67,10 @@ def copy_bandwidth(device: torch.device | str = "cuda", nbytes: int | None = Non
     nbytes = nbytes or (2 * 1024**3 if cuda else 256 * 1024**2)
     src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
     dst = torch.empty_like(src)
-    times = []
-    for i in range(warmup + repeats):
-        if cuda:
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            dst.copy_(src)
-            b.record()
-            b.synchronize()
-            dt = a.elapsed_time(b) / 1e3
-        else:
-            t = time.perf_counter()
-            dst.copy_(src)
-            dt = time.perf_counter() - t
-        if i >= warmup:
-            times.append(dt)
+    med, best = _seconds(lambda: dst.copy_(src), cuda, warmup, repeats)
     del src, dst
     if cuda:
         torch.cuda.empty_cache()
-    med, best = statistics.median(times), min(times)
     out = {"card": card_name(device), "bytes": nbytes, "repeats": repeats, "bytes_per_s": 2 * nbytes / med,
            "best_bytes_per_s": 2 * nbytes / best, "convention": "2 x bytes copied (read + write) / median time"}
     out["short"] = f"{out['card']}, {out['bytes_per_s'] / 1e12:.2f} TB/s copy"
@@ -83,25 +89,10 @@ def matmul_ceiling(device: torch.device | str = "cuda", dtype: torch.dtype = tor
     g = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
     b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
-    times = []
-    for i in range(warmup + repeats):
-        if cuda:
-            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            e0.record()
-            torch.mm(a, b)
-            e1.record()
-            e1.synchronize()
-            dt = e0.elapsed_time(e1) / 1e3
-        else:
-            t = time.perf_counter()
-            torch.mm(a, b)
-            dt = time.perf_counter() - t
-        if i >= warmup:
-            times.append(dt)
+    med, best = _seconds(lambda: torch.mm(a, b), cuda, warmup, repeats)
     del a, b
     if cuda:
         torch.cuda.empty_cache()
-    med, best = statistics.median(times), min(times)
     out = {"card": card_name(device), "n": n, "dtype": str(dtype).replace("torch.", ""), "repeats": repeats,
            "flops_per_s": 2 * n**3 / med, "best_flops_per_s": 2 * n**3 / best}
     out["caption"] = (f"card {out['card']}; measured {out['dtype']} matmul {out['flops_per_s'] / 1e12:.4g} TFLOP/s "

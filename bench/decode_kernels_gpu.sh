@@ -12,18 +12,7 @@
 set -u
 out="${1:-${OUT:-runs/decode_kernels}}"
 stages=",${2:-tests,sweep,b1,b32,fp8,profile},"
-mkdir -p "$out"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$out/card.txt" 2>&1
-
-step() {  # name, command...
-    local name=$1
-    shift
-    [[ $stages == *",$name,"* ]] || return 0
-    local t0=$SECONDS
-    "$@" > "$out/$name.txt" 2>&1
-    echo "$name: exit $? in $((SECONDS - t0)) s" | tee -a "$out/steps.txt"
-}
+source "$(dirname "$0")/stages.sh"
 
 step tests python -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu_dense_gemv.py tests/test_gpu_head_gemv.py \
     tests/test_gpu_latent_store.py tests/test_gpu_moe_gemm.py tests/test_gpu_expert_gemv.py \

@@ -22,18 +22,7 @@
 set -u
 out="${1:-${OUT:-runs/train_gpu}}"
 stages=",${2:-tests,small,slice,slice32,memory,profile},"
-mkdir -p "$out"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$out/card.txt" 2>&1
-
-step() {  # name, command...
-    local name=$1
-    shift
-    [[ $stages == *",$name,"* ]] || return 0
-    local t0=$SECONDS
-    "$@" > "$out/$name.txt" 2>&1
-    echo "$name: exit $? in $((SECONDS - t0)) s" | tee -a "$out/steps.txt"
-}
+source "$(dirname "$0")/stages.sh"
 
 step tests python -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py tests/test_gpu_router.py \
     tests/test_gpu_fp8_experts.py tests/test_gpu_determinism.py

@@ -59,6 +59,36 @@ def make_model(cfg: ModelConfig, seed: int = 0, bias_std: float = 0.0) -> Transf
     return model.eval()
 
 
+def decode_step(model, prompts=((1, 2, 3, 4, 5), (7, 8, 9)), after_prefill=None, **engine_kw):
+    """Prefill `prompts` (one engine step), then one teacher-forced static decode step (bucketed: what a CUDA graph
+    records; run eagerly on the CPU) -> (its logits (B, V) in fp32, the engine). `after_prefill` runs between the
+    two; engine_kw go to Engine (max_batch_size: len(prompts) unless given)."""
+    from dsv3.inference.engine import Engine, SamplingParams
+
+    eng = Engine(model, None, **{"max_batch_size": len(prompts), "cuda_graphs": True, **engine_kw})
+    for p in prompts:
+        eng.add_request(list(p), SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True))
+    eng.step()  # prefill
+    if after_prefill is not None:
+        after_prefill()
+    reqs = eng.running
+    args = ([[r.tokens[-1]] for r in reqs], [r.main_len for r in reqs], [r.blocks for r in reqs])
+    return eng._graphs.main(*args)[0][:, 0].float().clone(), eng
+
+
+def random_experts(fp8: bool = False, dtype: torch.dtype = torch.float32):
+    """The routed experts of tiny_cfg() with N(0, 0.1) weights (seed 1), in `dtype` or as FP8Experts -> (module, cfg)."""
+    from dsv3.model.fp8 import FP8Experts
+    from dsv3.model.moe import Experts
+
+    cfg = tiny_cfg()
+    m = Experts(cfg)
+    g = torch.Generator().manual_seed(1)
+    for p in m.parameters():
+        p.data = torch.randn(p.shape, generator=g) * 0.1
+    return (FP8Experts.from_experts(m) if fp8 else m.to(dtype)), cfg
+
+
 def rand_ids(cfg: ModelConfig, B: int = 2, T: int = 16, seed: int = 7) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, cfg.vocab_size, (B, T), generator=g)

@@ -30,7 +30,7 @@ from dsv3.kernels import backend as kb
 from dsv3.kernels.reference import dense_gemv_ref
 from dsv3.model.layers import Linear
 from dsv3.model.moe import MoE
-from tests.conftest import make_model, rand_ids, tiny_cfg
+from tests.conftest import decode_step, make_model, rand_ids, tiny_cfg
 from tests.test_fp8_experts import interp, numpy24_interpreter  # noqa: F401  (the fixture interp uses)
 
 BF16 = torch.bfloat16
@@ -343,7 +343,6 @@ def test_interp_model_forward_through_the_kernel(monkeypatch):
 def test_interp_engine_decode_step_through_the_kernel(monkeypatch):
     """The engine's static decode step (bucketed, run eagerly on the CPU: what a CUDA graph records on a GPU)
     with every Linear through the interpreted kernel (forced) gives the same next-token logits."""
-    from dsv3.inference.engine import Engine, SamplingParams
     from dsv3.kernels import dense_gemv_triton as k
 
     rows, launch = [], k.launch
@@ -351,18 +350,9 @@ def test_interp_engine_decode_step_through_the_kernel(monkeypatch):
                         or launch(x, w, config, out_dtype))
     model = make_model(tiny_cfg(num_nextn_predict_layers=0))
 
-    def step_logits():
-        eng = Engine(model, None, max_batch_size=2, cuda_graphs=True)
-        for p in ([1, 2, 3, 4, 5], [7, 8, 9]):
-            eng.add_request(p, SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True))
-        eng.step()  # prefill
-        reqs = eng.running
-        args = ([[r.tokens[-1]] for r in reqs], [r.main_len for r in reqs], [r.blocks for r in reqs])
-        return eng._graphs.main(*args)[0][:, 0].clone()
-
-    want = step_logits()
+    want = decode_step(model)[0]
     with kernels.use_backend(dense_gemv="triton"):
-        got = step_logits()
+        got = decode_step(model)[0]
     assert 2 in rows  # the decode step's two rows went through the kernel (the prefill's too: forced)
     assert _rel(got, want) < 1e-5, _rel(got, want)
 

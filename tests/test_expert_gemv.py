@@ -16,9 +16,8 @@ import torch.nn.functional as F
 
 from dsv3 import kernels
 from dsv3.kernels.reference import check_expert_gemv_args, expert_gemv_ref, weight_dequant, weight_quant
-from dsv3.model.fp8 import FP8Experts
 from dsv3.model.moe import Experts
-from tests.conftest import tiny_cfg
+from tests.conftest import random_experts
 from tests.test_fp8_experts import interp, numpy24_interpreter  # noqa: F401  (the fixture interp uses)
 
 
@@ -65,18 +64,9 @@ def test_reference_matches_row_loop(fp8, fused):
     assert _rel(got, _loop_rows(x, w, s, expert, x_div, *args)) < 1e-5
 
 
-def _experts(fp8: bool, dtype=torch.float32):
-    cfg = tiny_cfg()
-    m = Experts(cfg)
-    g = torch.Generator().manual_seed(1)
-    for p in m.parameters():
-        p.data = torch.randn(p.shape, generator=g) * 0.1
-    return (FP8Experts.from_experts(m) if fp8 else m.to(dtype)), cfg
-
-
 @pytest.mark.parametrize("fp8", [False, True])
 def test_forward_gemv_equals_loop(fp8):
-    m, cfg = _experts(fp8)
+    m, cfg = random_experts(fp8)
     g = torch.Generator().manual_seed(2)
     N, K = 2, cfg.num_experts_per_tok
     x = torch.randn(N, cfg.hidden_size, generator=g)
@@ -86,7 +76,7 @@ def test_forward_gemv_equals_loop(fp8):
 
 
 def test_gemv_path_only_for_decode_sized_gpu_calls(monkeypatch):
-    m, cfg = _experts(False, torch.bfloat16)
+    m, cfg = random_experts(False, torch.bfloat16)
     m.requires_grad_(False)  # inference (trainable weights: the next test)
     E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
     x = torch.randn(E // K, cfg.hidden_size, dtype=torch.bfloat16)
@@ -96,7 +86,7 @@ def test_gemv_path_only_for_decode_sized_gpu_calls(monkeypatch):
     assert m._gemv_fits(x, idx)  # N*K <= E rows
     assert not m._gemv_fits(torch.cat([x, x]), torch.cat([idx, idx]))  # more rows than experts
     assert not m._gemv_fits(x.float(), idx)  # weights in another dtype than x
-    f8, _ = _experts(True)
+    f8, _ = random_experts(True)
     assert f8._gemv_fits(x, idx)  # e4m3 weights take any 16-bit x
     called = []
     monkeypatch.setattr(Experts, "forward_gemv", lambda self, *a: called.append(a) or a[0])
@@ -175,7 +165,7 @@ def test_bad_arguments():
 def test_gemv_path_not_where_expert_weights_need_gradients(monkeypatch):
     """The kernel has no backward: with trainable expert weights (grad enabled) the grouped path runs even if x
     needs no gradient (a fine-tune with everything before the experts frozen)."""
-    m, cfg = _experts(False, torch.bfloat16)
+    m, cfg = random_experts(False, torch.bfloat16)
     E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
     x = torch.randn(1, cfg.hidden_size, dtype=torch.bfloat16)
     idx = torch.zeros(1, K, dtype=torch.long)

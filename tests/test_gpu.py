@@ -511,22 +511,17 @@ def test_compiled_graph_decode_step_logits_match_eager():
     """Engine(compile_decode=True): the torch.compile'd step inside the graph against the eager static
     step on the same inputs (teacher-forced: free-running greedy tokens would diverge after one bf16
     near-tie): logits within 2% and top-1 equal on at least 2 of the 3 rows (bf16 near-ties)."""
-    from dsv3.inference.engine import Engine, SamplingParams
+    from conftest import decode_step
+    from dsv3.inference.engine import Engine
 
     cfg = _cfg().replace(num_nextn_predict_layers=0, initializer_range=0.2)
     m = dsv3.build_model(cfg, device="cuda", dtype=torch.bfloat16, seed=0)
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in (3, 17, 40)]
-    eng = Engine(m, None, max_batch_size=4, cuda_graphs=True, compile_decode=True)
-    for p in prompts:
-        eng.add_request(p, SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True))
-    eng.step()  # prefill
-    reqs = eng.running
-    args = ([[r.tokens[-1]] for r in reqs], [r.main_len for r in reqs], [r.blocks for r in reqs])
-    got = eng._graphs.main(*args)[0][:, 0].float().clone()  # compiled + captured
+    got, eng = decode_step(m, prompts, max_batch_size=4, compile_decode=True)  # compiled + captured
     sb = next(iter(eng._graphs._entries.values())).sb
     with torch.no_grad():
-        ref = eng._graphs._forward_main(sb)[0][: len(reqs), 0].float()  # eager, same meta (rewrites the same latents)
+        ref = eng._graphs._forward_main(sb)[0][: len(prompts), 0].float()  # eager, same meta (rewrites the same latents)
     assert _rel(got, ref) < 2e-2, _rel(got, ref)
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 2 / 3
     with pytest.raises(ValueError, match="cuda_graphs"):

@@ -12,6 +12,7 @@ import dsv3
 from dsv3 import kernels
 from dsv3.kernels.reference import expert_gemv_ref, weight_quant
 from dsv3.model.moe import Experts
+from conftest import decode_step
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -83,15 +84,7 @@ def decode_model_and_prompts():
 
 def graphed_step_logits(m, prompts, **engine_kw) -> torch.Tensor:
     """Prefill `prompts` eagerly, then one teacher-forced CUDA-graph decode step (bucket 4): its logits (3, V)."""
-    from dsv3.inference.engine import Engine, SamplingParams
-
-    eng = Engine(m, None, max_batch_size=4, cuda_graphs=True, **engine_kw)
-    for p in prompts:
-        eng.add_request(p, SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True))
-    eng.step()  # prefill (9 rows and more: the grouped experts and cuBLAS)
-    reqs = eng.running
-    args = ([[r.tokens[-1]] for r in reqs], [r.main_len for r in reqs], [r.blocks for r in reqs])
-    return eng._graphs.main(*args)[0][:, 0].float().clone()
+    return decode_step(m, prompts, **{"max_batch_size": 4, **engine_kw})[0]
 
 
 def test_graphed_decode_step_through_gemv_matches_grouped_path():

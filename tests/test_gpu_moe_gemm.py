@@ -52,7 +52,7 @@ def test_graphed_decode_step_with_the_switch_on_matches_off(compile):
     """Batch 8 of the micro model (16 experts top-4: 32 pairs, above the per-row GEMV's limit) through the grouped
     decode GEMM against torch._grouped_mm, teacher-forced: logits within 2%, top-1 mostly equal, the kernel ran."""
     from dsv3.kernels import moe_gemm_triton as k
-    from dsv3.inference.engine import Engine, SamplingParams
+    from conftest import decode_step
     from test_gpu_expert_gemv import decode_model_and_prompts
 
     m, prompts = decode_model_and_prompts()
@@ -64,14 +64,8 @@ def test_graphed_decode_step_with_the_switch_on_matches_off(compile):
     def step_logits(on: bool):
         old = kernels.set_moe_gemm(on)
         try:
-            eng = Engine(m, None, max_batch_size=8, cuda_graphs=True, compile_decode=compile)
-            for p in prompts:
-                eng.add_request(p, SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True))
-            eng.step()
-            decoding.append(True)
-            reqs = eng.running
-            args = ([[r.tokens[-1]] for r in reqs], [r.main_len for r in reqs], [r.blocks for r in reqs])
-            return eng._graphs.main(*args)[0][:, 0].float().clone()
+            return decode_step(m, prompts, after_prefill=lambda: decoding.append(True), max_batch_size=8,
+                               compile_decode=compile)[0]
         finally:
             kernels.set_moe_gemm(old)
 

@@ -23,7 +23,7 @@ from dsv3.config import preset
 from dsv3.kernels import backend as kb
 from dsv3.kernels.reference import head_gemv_ref
 from dsv3.model.mla import MLA
-from tests.conftest import make_model, tiny_cfg
+from tests.conftest import decode_step, make_model, tiny_cfg
 from tests.test_fp8_experts import interp, numpy24_interpreter  # noqa: F401  (the fixture interp uses)
 
 BF16 = torch.bfloat16
@@ -275,24 +275,14 @@ def test_interp_op_compiles_without_graph_break_and_keeps_the_strides():
 def test_interp_engine_decode_step_through_the_kernel(monkeypatch):
     """The engine's static decode step (bucketed, run eagerly on the CPU: what a CUDA graph records) with both
     absorbed products of every layer through the interpreted kernel (forced) gives the same next-token logits."""
-    from dsv3.inference.engine import Engine, SamplingParams
     from dsv3.kernels import head_gemv_triton as k
 
     seen, launch = [], k.launch
     monkeypatch.setattr(k, "launch", lambda x, w, config=None: seen.append(x.shape[0]) or launch(x, w, config))
     model = make_model(tiny_cfg(num_nextn_predict_layers=0))
 
-    def step_logits():
-        eng = Engine(model, None, max_batch_size=2, cuda_graphs=True)
-        for p in ([1, 2, 3, 4, 5], [7, 8, 9]):
-            eng.add_request(p, SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True))
-        eng.step()  # prefill (the expanded form: no absorbed products)
-        reqs = eng.running
-        args = ([[r.tokens[-1]] for r in reqs], [r.main_len for r in reqs], [r.blocks for r in reqs])
-        return eng._graphs.main(*args)[0][:, 0].clone()
-
-    want = step_logits()
+    want = decode_step(model)[0]  # (the prefill attends in the expanded form: no absorbed products)
     with kernels.use_backend(head_gemv="triton"):
-        got = step_logits()
+        got = decode_step(model)[0]
     assert seen == [2] * (2 * model.config.num_hidden_layers)  # the decode step's 2 rows, 2 products a layer
     assert _rel(got, want) < 1e-5, _rel(got, want)

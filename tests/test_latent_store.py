@@ -22,7 +22,7 @@ from dsv3.kernels import backend as kb
 from dsv3.kernels.reference import store_latents_ref
 from dsv3.model.layers import RMSNorm
 from dsv3.model.rope import apply_rope
-from tests.conftest import make_model, tiny_cfg
+from tests.conftest import decode_step, make_model, tiny_cfg
 from tests.test_fp8_experts import interp, numpy24_interpreter  # noqa: F401  (the fixture interp uses)
 
 
@@ -90,17 +90,10 @@ def test_switch_off_by_default_and_the_rule(monkeypatch):
     assert not kb._fast_fits("latent_store", (torch.randn(2, 96, dtype=torch.bfloat16)[:, ::2], w))
 
 
-def _engine_step_logits(model, store_calls=None):
-    """The engine's static decode step (bucketed, eager on the CPU: what a CUDA graph records), teacher-forced."""
-    from dsv3.inference.engine import Engine, SamplingParams
-
-    eng = Engine(model, None, max_batch_size=2, cuda_graphs=True)
-    for p in ([1, 2, 3, 4, 5], [7, 8, 9]):
-        eng.add_request(p, SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True))
-    eng.step()  # prefill
-    reqs = eng.running
-    args = ([[r.tokens[-1]] for r in reqs], [r.main_len for r in reqs], [r.blocks for r in reqs])
-    logits = eng._graphs.main(*args)[0][:, 0].clone()
+def _engine_step_logits(model):
+    """The engine's static decode step (bucketed, eager on the CPU: what a CUDA graph records), teacher-forced ->
+    (its logits, the cache)."""
+    logits, eng = decode_step(model)
     return logits, eng.cache
 
 

@@ -22,9 +22,8 @@ import torch.nn.functional as F
 from dsv3 import kernels
 from dsv3.kernels import backend as kb
 from dsv3.kernels.reference import moe_gemm_ref, weight_dequant, weight_quant
-from dsv3.model.fp8 import FP8Experts
 from dsv3.model.moe import Experts
-from tests.conftest import tiny_cfg
+from tests.conftest import random_experts
 from tests.test_fp8_experts import interp, numpy24_interpreter  # noqa: F401  (the fixture interp uses)
 
 
@@ -83,15 +82,6 @@ def test_reference_matches_per_row(fp8, fused):
         assert got.shape == (M, w.shape[1]) and _rel(got, want) < 1e-5
 
 
-def _experts(fp8: bool, dtype=torch.float32):
-    cfg = tiny_cfg()
-    m = Experts(cfg)
-    g = torch.Generator().manual_seed(1)
-    for p in m.parameters():
-        p.data = torch.randn(p.shape, generator=g) * 0.1
-    return (FP8Experts.from_experts(m) if fp8 else m.to(dtype)), cfg
-
-
 def _routing(cfg, N, seed=2):
     g = torch.Generator().manual_seed(seed)
     idx = torch.stack([torch.randperm(cfg.n_routed_experts, generator=g)[:cfg.num_experts_per_tok]
@@ -101,7 +91,7 @@ def _routing(cfg, N, seed=2):
 
 @pytest.mark.parametrize("fp8", [False, True])
 def test_forward_moe_gemm_equals_loop(fp8):
-    m, cfg = _experts(fp8)
+    m, cfg = random_experts(fp8)
     idx, w, g = _routing(cfg, 9)  # 36 pairs over 16 experts: several rows for most experts, none for some
     x = torch.randn(9, cfg.hidden_size, generator=g)
     assert _rel(m.forward_moe_gemm(x, idx, w), m.forward_loop(x, idx, w)) < 1e-5
@@ -120,7 +110,7 @@ def test_contract():
 
 
 def test_switch_and_where_experts_take_the_path(monkeypatch):
-    m, cfg = _experts(False, torch.bfloat16)
+    m, cfg = random_experts(False, torch.bfloat16)
     m.requires_grad_(False)
     K = cfg.num_experts_per_tok
     assert kb.SWITCHED["moe_gemm"] is False
@@ -194,7 +184,7 @@ def test_interp_ops_compile_and_experts_through_them(monkeypatch):
     # Experts.forward through the two kernels (forced; fp16 experts and FP8 experts) against the per-expert loop
     monkeypatch.setattr(Experts, "_impl", staticmethod(lambda x, impl: "grouped"))
     for fp8 in (False, True):
-        m, cfg = _experts(fp8, torch.float16)
+        m, cfg = random_experts(fp8, torch.float16)
         m.requires_grad_(False)
         idx, wt, g = _routing(cfg, 9, seed=3)
         xe = torch.randn(9, cfg.hidden_size, generator=g).half()

@@ -405,17 +405,15 @@ class Engine:
         B, starts, lens = len(reqs), [r.prefilled for r in reqs], [r.chunk for r in reqs]
         final = [s + n == len(r.prompt) for r, s, n in zip(reqs, starts, lens)]
         T = max(lens)
-        ids = torch.zeros(B, T, dtype=torch.long)
-        nxt = torch.zeros(B, T, dtype=torch.long)  # the token after each position (the first generated at the end)
+        ids = torch.zeros(B, T + 1, dtype=torch.long)  # each chunk, then its prompt's next token if any (for MTP)
         for b, r in enumerate(reqs):
-            s, n = starts[b], lens[b]
-            ids[b, :n] = torch.tensor(r.prompt[s: s + n])
-            after = r.prompt[s + 1: s + n + 1]
-            nxt[b, : len(after)] = torch.tensor(after, dtype=torch.long)
+            row = r.prompt[starts[b]: starts[b] + lens[b] + 1]
+            ids[b, : len(row)] = torch.tensor(row)
         # host -> device inputs first, while the device is idle (a pageable copy waits for the stream)
         sampler = self._sampler(reqs, final)
-        ids_d, last = ids.to(self.device), torch.tensor([n - 1 for n in lens]).to(self.device)
-        final_d = torch.tensor(final).to(self.device)
+        ids_all, last = ids.to(self.device), torch.tensor([n - 1 for n in lens]).to(self.device)
+        final_d = torch.tensor(final).to(self.device) if self.k else None
+        ids_d = ids_all[:, :T]  # (a row's token past its chunk sits in a padding position: never stored or attended)
         cb = self.cache.batch([r.blocks for r in reqs], starts, lens, chunk=True)
         out = self.model(ids_d, cb.positions, cache=cb, logits_at=last)  # the head only at each chunk's end
         self.stats.prefill_tokens += sum(lens)
@@ -427,12 +425,12 @@ class Engine:
             sampler.add_history(first, torch.ones_like(first, dtype=torch.bool))
             # MTP module 0 over the chunk: at position i the embedding of token i+1 (at a prompt's last position
             # the first generated token) and the main model's hidden state at i
-            nxt_d = nxt.to(self.device)
+            nxt_d = ids_all[:, 1:]  # (B, T): the token after each position
             at_last = torch.where(final_d[:, None], first, nxt_d.gather(1, last[:, None]))  # (B, 1)
             nxt_d = nxt_d.scatter(1, last[:, None], at_last)
             h, lg = self.model.mtp_step(0, nxt_d, out.hidden, cb.positions,
                                         cb.layer(self.model.config.num_hidden_layers), select=last)
-            end = torch.tensor([s + n for s, n in zip(starts, lens)]).to(self.device)  # each chunk's end position
+            end = cb.positions.gather(1, last[:, None])[:, 0] + 1  # each chunk's end position (on the device)
             drafts, q = self._draft(sampler, reqs, h, lg, end, max(s + n for s, n in zip(starts, lens)), final)
         now = time.monotonic()
         for b, (r, row) in enumerate(zip(reqs, self._to_host(reqs, first, None, drafts, lp))):
