@@ -77,7 +77,8 @@ def decode_step(model, prompts=((1, 2, 3, 4, 5), (7, 8, 9)), after_prefill=None,
 
 
 def random_experts(fp8: bool = False, dtype: torch.dtype = torch.float32):
-    """The routed experts of tiny_cfg() with N(0, 0.1) weights (seed 1), in `dtype` or as FP8Experts -> (module, cfg)."""
+    """The routed experts of tiny_cfg() with N(0, 0.1) weights (seed 1), in `dtype` or as FP8Experts ->
+    (module, cfg)."""
     from dsv3.model.fp8 import FP8Experts
     from dsv3.model.moe import Experts
 

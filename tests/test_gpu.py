@@ -521,7 +521,8 @@ def test_compiled_graph_decode_step_logits_match_eager():
     got, eng = decode_step(m, prompts, max_batch_size=4, compile_decode=True)  # compiled + captured
     sb = next(iter(eng._graphs._entries.values())).sb
     with torch.no_grad():
-        ref = eng._graphs._forward_main(sb)[0][: len(prompts), 0].float()  # eager, same meta (rewrites the same latents)
+        # eager, same meta (rewrites the same latents)
+        ref = eng._graphs._forward_main(sb)[0][: len(prompts), 0].float()
     assert _rel(got, ref) < 2e-2, _rel(got, ref)
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 2 / 3
     with pytest.raises(ValueError, match="cuda_graphs"):
