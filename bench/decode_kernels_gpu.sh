@@ -8,7 +8,8 @@
 #
 # Stages (default: all, in this order): tests, sweep, b1, b32, fp8, profile. Each stage's output goes to its own
 # file under OUT_DIR (and a line to steps.txt); a failing stage does not stop the next. Switch a kernel on by
-# default (dsv3/kernels/backend.py SWITCHED) only where its rows are faster.
+# default (dsv3/kernels/backend.py SWITCHED) only where its rows are faster. B1, B32, FP8 (environment) replace the
+# batch lists of those stages; LIMIT_<stage>=S stops a stage after S seconds (bench/stages.sh).
 set -u
 out="${1:-${OUT:-runs/decode_kernels}}"
 stages=",${2:-tests,sweep,b1,b32,fp8,profile},"
@@ -19,11 +20,11 @@ step tests python -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu_dense_g
     tests/test_gpu_speculation.py
 step sweep python bench/dense_gemv_sweep.py --quick --json "$out/sweep.json"
 all=densegemv+headgemv+latentstore
-step b1 python bench/decode_gpu.py --preset 16b --batches 1,4 --new 48 --modes graphs+compile,graphs+compile+densegemv,\
+step b1 python bench/decode_gpu.py --preset 16b --batches "${B1:-1,4}" --new 48 --modes graphs+compile,graphs+compile+densegemv,\
 graphs+compile+headgemv,graphs+compile+latentstore,graphs+compile+$all,graphs+compile+$all+splittile
-step b32 python bench/decode_gpu.py --preset 16b --batches 32,128 --new 48 \
+step b32 python bench/decode_gpu.py --preset 16b --batches "${B32:-32,128}" --new 48 \
     --modes graphs+compile,graphs+compile+moegemm,graphs+compile+$all+moegemm
-step fp8 python bench/decode_gpu.py --preset 16b --batches 1,32,128 --new 48 \
+step fp8 python bench/decode_gpu.py --preset 16b --batches "${FP8:-1,32,128}" --new 48 \
     --modes graphs+compile+$all+moegemm,graphs+compile+fp8,graphs+compile+fp8+$all+moegemm  # (bf16 first: FP8 / bf16)
 step profile python bench/profile_gpu.py --decode 1,32 --preset 16b --all-decode-kernels
 tail -n 4 "$out"/*.txt
