@@ -18,7 +18,7 @@ import time
 import pytest
 import torch
 
-from dsv3.checkpoints.hf import save_pretrained
+from dsv3.checkpoints.hf import load_pretrained, save_pretrained
 from dsv3.config import ModelConfig
 from dsv3.model import build_model
 from dsv3.posttrain import grpo, rewards, sft, tasks
@@ -479,3 +479,36 @@ def test_arithmetic_generators_refuse_an_exclude_set_covering_everything():
         arithmetic_sft_chats(2, max_digits=1, exclude=every)
     with pytest.raises(ValueError, match="exclude"):
         arithmetic_corpus(1, lines_per_doc=2, max_digits=1, exclude=every)
+
+
+def test_sft_bf16_weights(env, tmp_path):
+    """SFT --bf16-weights (pre-training's, dsv3/training/optim.py AdamW(masters=...)): the same first forward as
+    fp32 weights under bf16 autocast, the curve within 2% of it, checkpoints of fp32 masters with the frozen MTP
+    module untouched, an exact resume, and fp32 precision refused."""
+    logs = []
+    ref, b16, res = str(tmp_path / "ref"), str(tmp_path / "b16"), str(tmp_path / "res")
+    kw = dict(steps=6, seq_len=96, precision="bf16")
+    sft.train_sft(env["ckpt"], env["data"], ref, _sft_cfg(**kw), log=lambda *a: None)
+    sft.train_sft(env["ckpt"], env["data"], b16, _sft_cfg(bf16_weights=True, **kw), log=logs.append)
+    assert any("bf16 weights + fp32 masters" in str(line) for line in logs)
+    a, b = _records(ref), _records(b16)
+    assert a[0]["loss"] == b[0]["loss"]  # the same weights, the same arithmetic
+    for ra, rb in zip(a, b):
+        assert abs(ra["loss"] - rb["loss"]) < 0.02 * ra["loss"], (ra["step"], ra["loss"], rb["loss"])
+    assert b[-1]["loss"] < b[0]["loss"]
+    start = env["model"].state_dict()
+    out = load_pretrained(list_checkpoints(os.path.join(b16, "checkpoints"))[-1], device="cpu",
+                          dtype=torch.float32).state_dict()
+    mtp = [k for k in out if k.startswith("mtp.")]
+    assert mtp and all(torch.equal(out[k], start[k]) for k in mtp)  # frozen: never cast, never stepped
+    w = "layers.0.self_attn.o_proj.weight"
+    assert out[w].dtype == torch.float32 and not torch.equal(out[w], out[w].bfloat16().float())  # fp32 masters
+    # exact resume: 3 steps, then 3 more from the checkpoint
+    sft.train_sft(env["ckpt"], env["data"], res, _sft_cfg(bf16_weights=True, save_every=3, **kw), log=lambda *a: None)
+    shutil.rmtree(list_checkpoints(os.path.join(res, "checkpoints"))[-1])  # as if killed after step 3
+    sft.train_sft(env["ckpt"], env["data"], res, _sft_cfg(bf16_weights=True, resume=True, **kw), log=lambda *a: None)
+    c = _records(res)
+    assert [r["loss"] for r in b[3:]] == [r["loss"] for r in c[-3:]]
+    assert [r["grad_norm"] for r in b[3:]] == [r["grad_norm"] for r in c[-3:]]
+    with pytest.raises(ValueError, match="needs --precision bf16 or fp8"):
+        _sft_cfg(bf16_weights=True, precision="fp32").validate()

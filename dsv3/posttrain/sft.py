@@ -58,7 +58,7 @@ from dsv3.training.data import jsonl_records
 from dsv3.training.loss import IGNORE
 from dsv3.training.optim import make_optimizer
 from dsv3.training.pretrain import make_strategy
-from dsv3.training.strategy import (PRECISIONS, checkpoint_config, precision_recipe, prepare_model,
+from dsv3.training.strategy import (PRECISIONS, check_weights, checkpoint_config, precision_recipe, prepare_model,
                                     resolve_precision)
 
 ROLES = ("system", "user", "assistant")
@@ -263,6 +263,9 @@ class SFTConfig:
     device: str = setting("auto", "auto | cpu | cuda")
     precision: str = setting("auto", "fp32, bf16 autocast, or fp8 (bf16 autocast + the paper's FP8 GEMMs); auto: "
                                      "bf16 on CUDA, else fp32", choices=("auto", "fp32", "bf16", "fp8"))
+    # as pre-training's --bf16-weights (dsv3/training/optim.py AdamW(masters=...)): checkpoints hold the fp32 masters
+    bf16_weights: bool = setting(False, "with --precision bf16 or fp8: store the GEMM weights in bf16 (no per-step "
+                                        "casts, bf16 weight gradients) and keep fp32 master weights in the optimizer")
     recompute: str = setting("none", "activation recomputation (as pre-training's): none | selective | full",
                              choices=("none", "selective", "full"))
     save_every: int = setting(200, "checkpoint every N steps (0: only at the end)")
@@ -280,6 +283,8 @@ class SFTConfig:
             raise ValueError(f"need 0 < min_lr <= lr, got {self.min_lr}, {self.lr}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.bf16_weights and self.precision != "auto":  # auto: checked once resolved (strategy.check_settings)
+            check_weights(self, self.precision)
 
 
 class SFT:
@@ -393,7 +398,8 @@ def train_sft(checkpoint_dir: str, data_path: str, out_dir: str, cfg: SFTConfig,
     strategy.check_model(mc, cfg)
     freeze_mtp(model)
     prepare_model(model, strategy, precision=precision, recompute=cfg.recompute, log=say)
-    opt = make_optimizer(strategy.module(), cfg.lr, cfg.weight_decay)
+    opt = make_optimizer(strategy.module(), cfg.lr, cfg.weight_decay,
+                         bf16_weights=cfg.bf16_weights and strategy.optimizer_masters)
     step, tokens = 0, 0
     if resume_from is not None:
         st = strategy.load(resume_from, opt)
@@ -401,7 +407,8 @@ def train_sft(checkpoint_dir: str, data_path: str, out_dir: str, cfg: SFTConfig,
         step, tokens = st["step"], st["tokens"]
         say(f"resumed from {resume_from} at step {step} (written by {st.get('layout', {'world_size': 1})['world_size']}"
             " rank(s))")
-    say(f"sft: {strategy.describe()} on {strategy.device.type} ({precision}); {total} steps of {cfg.batch_size} x "
+    say(f"sft: {strategy.describe()} on {strategy.device.type} ({precision}"
+        f"{', bf16 weights + fp32 masters' if cfg.bf16_weights else ''}); {total} steps of {cfg.batch_size} x "
         f"{cfg.seq_len} tokens, lr {cfg.lr:g} -> {cfg.min_lr:g}")
     if strategy.is0:
         with open(os.path.join(out_dir, "train_config.json"), "w", encoding="utf-8") as f:
@@ -414,5 +421,6 @@ def train_sft(checkpoint_dir: str, data_path: str, out_dir: str, cfg: SFTConfig,
                              tokenizer=tok, keep=cfg.keep, final=reason != "periodic")
 
     return loop.run(task, strategy, opt, out_dir=out_dir, step=step, tokens_seen=tokens,
-                    autocast=precision_recipe(precision, strategy.device), grad_clip=cfg.grad_clip, save=save,
+                    autocast=precision_recipe(precision, strategy.device, cfg.bf16_weights), grad_clip=cfg.grad_clip,
+                    save=save,
                     log_every=cfg.log_every, save_every=cfg.save_every, progress=cfg.progress, plots=cfg.plots, log=log)
