@@ -18,6 +18,7 @@ import itertools
 import math
 import random
 from types import SimpleNamespace
+from unittest import mock
 
 import pytest
 import torch
@@ -239,10 +240,12 @@ def test_prefill_expanded_path_equals_absorbed_and_chunked(models, name):
     tbl = cache.allocate(cache.blocks_for(len(p)))
     model(torch.tensor([p[:9]]), cache.batch([tbl], [0], [9]).positions, cache=cache.batch([tbl], [0], [9]))
     want = model(torch.tensor([p])).logits[0, 9:]
-    for chunk in (False, True):  # absorbed over the cache, or (the engine's chunked prefill) expanded over it
+    for chunk, budget in ((False, None), (True, None), (True, 1)):  # absorbed over the cache, or (the engine's
+        # chunked prefill) expanded over it: all heads at once, or (a 1-byte budget) one head at a time
         cb = cache.batch([tbl], [9], [len(p) - 9], chunk=chunk)
         assert not cb.prefill and cb.chunk == chunk
-        got = model(torch.tensor([p[9:]]), cb.positions, cache=cb).logits[0]
+        with mock.patch.object(MLA, "chunk_context_bytes", budget or MLA.chunk_context_bytes):
+            got = model(torch.tensor([p[9:]]), cb.positions, cache=cb).logits[0]
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 

@@ -112,25 +112,48 @@ class MLA(nn.Module):
         o = o.transpose(1, 2).reshape(B, T, self.n_heads * self.v_dim)  # (B, T, H*v)
         return self.o_proj(o)
 
+    # forward_chunk's bound on the up-projected context it holds at once (k and v of a group of heads over every
+    # cached position): past it the heads are taken in groups, each attended on its own (heads are independent,
+    # so the result is the same; only the launches multiply). 1 GiB: a 671B-shaped layer (128 heads, 640 bytes
+    # of bf16 k + v per head and position) holds every head up to 13K positions; at 128K it takes 12 at a time,
+    # instead of the 10 GiB all 128 would need.
+    chunk_context_bytes = 1 << 30
+
     def forward_chunk(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache) -> torch.Tensor:
         """A prompt chunk after cached positions (chunked prefill): x (B, T, D) the chunk's tokens. Stores their
         latents, then attends in the expanded form over every cached position: the cached latents are up-projected
         by kv_b_proj (as vLLM's MLA does for a prefill's cached context), so memory stays linear in the context
         (SDPA over (B, H, T, S) with the cache's causal mask), where the absorbed einsums would hold B x H x T x S
-        fp32 scores. The new tokens' keys come from the cache too: the same values the one-shot prefill computes
-        with (the cache holds the normalised latent in the activations' dtype)."""
+        fp32 scores; a long context is up-projected a group of heads at a time (`chunk_context_bytes`). The new
+        tokens' keys come from the cache too: the same values the one-shot prefill computes with (the cache holds
+        the normalised latent in the activations' dtype)."""
         B, T, _ = x.shape
         H = self.n_heads
         q_nope, q_pe = self.query(x, cos, sin)  # (B, T, H, nope), (B, T, H, rope)
         c_kv, k_pe = self.latent(x, cos, sin)
         c_all, pe_all, mask = cache.update(c_kv, k_pe, attn_mask=True)  # (B, S, C), (B, S, rope), (B, 1, T, S)
         S = c_all.shape[1]
-        kv = self.kv_b_proj(c_all.to(x.dtype)).view(B, S, H, self.nope + self.v_dim)
-        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)  # (B, S, H, nope), (B, S, H, v)
+        c_all, pe_all = c_all.to(x.dtype), pe_all.to(x.dtype)
         q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # (B, H, T, qk)
-        k = torch.cat([k_nope, pe_all.to(x.dtype).unsqueeze(2).expand(B, S, H, self.rope)], dim=-1).transpose(1, 2)
-        o = attention(q, k, v.transpose(1, 2), self.scale, mask)  # (B, H, T, v)
+        G = max(1, min(H, self.chunk_context_bytes // (B * S * (self.qk_dim + self.v_dim) * x.element_size())))
+        if G == H:  # the whole context at once, through kv_b_proj as the model holds it
+            kv = self.kv_b_proj(c_all).view(B, S, H, self.nope + self.v_dim)
+            o = self._attend_expanded(q, kv, pe_all, mask)
+        else:  # G heads at a time: their rows of kv_b's weight (dequantised if FP8, as the absorbed path reads it)
+            w_uk, w_uv = self.kv_b_weights(x.dtype)  # (H, nope, C), (H, v, C)
+            w = torch.cat([w_uk, w_uv], dim=1)  # (H, nope + v, C)
+            o = torch.cat([self._attend_expanded(q[:, h:h + G], torch.nn.functional.linear(
+                c_all, w[h:h + G].flatten(0, 1)).view(B, S, -1, self.nope + self.v_dim), pe_all, mask)
+                for h in range(0, H, G)], dim=1)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, H * self.v_dim))
+
+    def _attend_expanded(self, q: torch.Tensor, kv: torch.Tensor, pe: torch.Tensor, mask) -> torch.Tensor:
+        """q (B, h, T, qk) of h heads, their up-projected context kv (B, S, h, nope + v) and the shared rotary keys
+        pe (B, S, rope) -> the attention output (B, h, T, v)."""
+        B, S, h, _ = kv.shape
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)  # (B, S, h, nope), (B, S, h, v)
+        k = torch.cat([k_nope, pe.unsqueeze(2).expand(B, S, h, self.rope)], dim=-1).transpose(1, 2)
+        return attention(q, k, v.transpose(1, 2), self.scale, mask)
 
     def _up(self, q_a: torch.Tensor, kv_a: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """Down-projected q_a (B, T, q_lora_rank or H*qk) and kv_a (B, T, C + rope) -> q, k (B, H, T, qk), v (B, H, T, v)."""
