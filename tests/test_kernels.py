@@ -169,6 +169,20 @@ def test_selection_traces_under_torch_compile(monkeypatch):
     assert set(kb._probes) == {"triton"} | ({"scaled_mm"} if kb._probes["triton"] else set())
 
 
+@pytest.mark.parametrize("cap, fast", [((9, 0), True), ((8, 0), False)])
+def test_capability_checks_are_constants_under_torch_compile(monkeypatch, cap, fast):
+    """The e4m3 capability rule (kb._sm89, taken by every FP8 decode selection inside the compiled step) is a
+    constant of the process: torch 2.11's dynamo cannot trace `tuple >= tuple` on the capability probe's constant
+    (the FP8 decode step failed to compile on the H200, 2026-12-05; reproduced on the CPU with torch 2.11)."""
+    assert getattr(kb._sm89, "_dynamo_marked_constant", False)
+    monkeypatch.setattr(kb, "_probes", {("capability", 0): cap})
+    torch._dynamo.reset()  # a constant of the process: the other case's compiled code would be reused
+    dev = torch.device("cuda", 0)
+    fn = torch.compile(lambda t: t * 2 if kb._sm89(dev) else t, backend="eager", fullgraph=True)
+    x = torch.ones(3)
+    assert torch.equal(fn(x), x * 2 if fast else x)
+
+
 # --- the FP8 ops on the CPU: their references -----------------------------------------------------
 
 def test_quantisers_on_the_cpu_are_the_references_in_the_triton_layouts():

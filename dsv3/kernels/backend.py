@@ -174,6 +174,14 @@ def _capability(device: torch.device) -> tuple[int, int]:
     return _probes[key]
 
 
+@_constant_result
+def _sm89(device: torch.device) -> bool:
+    """Compute capability 8.9 or above (e4m3 in Triton, FP8 tensor cores). A constant bool for torch.compile: on
+    torch 2.11 dynamo cannot trace `tuple >= tuple` on the constant `_capability` returns (NotImplementedError
+    from the guard of tuple.__ge__: the FP8 decode step's compile failed on the H200, 2026-12-05)."""
+    return _capability(device) >= (8, 9)
+
+
 def _rows(x: torch.Tensor) -> int:
     return x.numel() // max(x.shape[-1], 1)
 
@@ -205,7 +213,7 @@ def _head_gemv_fits(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 def _e4m3_ok(w: torch.Tensor) -> bool:
     """Triton compiles e4m3 operands for SM 8.9+ only (an e4m3 weight read by a kernel that converts it)."""
-    return w.dtype != torch.float8_e4m3fn or _capability(w.device) >= (8, 9)
+    return w.dtype != torch.float8_e4m3fn or _sm89(w.device)
 
 
 def _swiglu_gemv_fits(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> bool:
@@ -228,7 +236,7 @@ def available(op: str, device: torch.device | str = "cuda") -> bool:
     if op == "fp8_gemm":
         return _capability(device)[0] == 9 and _scaled_mm()
     if op in ("fp8_quant", "fp8_grouped_gemm"):
-        return _capability(device) >= (8, 9)
+        return _sm89(device)
     return True
 
 
