@@ -70,7 +70,8 @@ def test_linear_takes_the_kernel_when_switched_on(switched_on, monkeypatch):
     from dsv3.kernels import dense_gemv_triton as k
 
     launches, launch = [], k.launch
-    monkeypatch.setattr(k, "launch", lambda x, w, config=None: launches.append(x.shape) or launch(x, w, config))
+    monkeypatch.setattr(k, "launch", lambda x, w, config=None, out_dtype=None: launches.append(x.shape)
+                        or launch(x, w, config, out_dtype))
     lin = Linear(2048, 3072, bias=False, device="cuda", dtype=torch.bfloat16)
     x = torch.randn(1, 1, 2048, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():

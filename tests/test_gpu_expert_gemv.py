@@ -83,8 +83,20 @@ def decode_model_and_prompts():
 
 
 def graphed_step_logits(m, prompts, **engine_kw) -> torch.Tensor:
-    """Prefill `prompts` eagerly, then one teacher-forced CUDA-graph decode step (bucket 4): its logits (3, V)."""
-    return decode_step(m, prompts, **{"max_batch_size": 4, **engine_kw})[0]
+    """Prefill `prompts` eagerly, then one teacher-forced CUDA-graph decode step (bucket 4): its logits (3, V),
+    each row first checked against the uncached forward over the request's tokens (within 5%: bf16 paths), so
+    that a failing comparison of two such steps says which of them is off. (Added after the GPU run of
+    2026-12-05: in the dense-GEMV, head-GEMV and latent-store tests the non-compiled step's switched-on and
+    switched-off logits differed by the same 34% in all three files, mostly in row 0, which the CPU's eager
+    static step does not show.)"""
+    logits, eng = decode_step(m, prompts, **{"max_batch_size": 4, **engine_kw})
+    with torch.no_grad():
+        for b, r in enumerate(eng.running):
+            want = m(torch.tensor([r.tokens], device=logits.device)).logits[0, -1].float()
+            rel = _rel(logits[b], want)
+            assert rel < 5e-2, f"row {b} (a {len(r.prompt)}-token prompt): graphed step vs the uncached forward " \
+                               f"{rel:.3f} ({engine_kw})"
+    return logits
 
 
 def test_graphed_decode_step_through_gemv_matches_grouped_path():

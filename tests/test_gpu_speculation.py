@@ -136,17 +136,33 @@ def test_speculative_round_syncs_the_host_once(monkeypatch):
     assert steps > 3 and eng._graphs.captures == captures
 
 
+def same_up_to_near_ties(ref, got, tol: float = 0.1) -> int:
+    """Greedy outputs with logprobs (top 2) of two bf16 paths: while the tokens agree, the chosen token's
+    log-probabilities agree within `tol` nats; where they first part, the other path's token is in ref's top 2 and
+    within `tol` of its best (a near-tie, which bf16 rounding may flip). Returns how many requests parted."""
+    parted = 0
+    for x, y in zip(ref, got, strict=True):
+        for i, (a, b) in enumerate(zip(x.token_ids, y.token_ids)):
+            la, lb = x.logprobs[i], y.logprobs[i]
+            if a != b:
+                top = dict(la.top)
+                assert b in top and top[a] - top[b] < tol, (x.request_id, i, la.top, lb.top)
+                parted += 1
+                break
+            assert abs(la.logprob - lb.logprob) < tol, (x.request_id, i, la.logprob, lb.logprob)
+    return parted
+
+
 @pytest.mark.parametrize("k", [0, 2])
 def test_chunked_prefill_on_the_gpu(k):
     """Chunked prefill (max_prefill_tokens 16: the 40- and 70-token prompts in several chunks, each later chunk
-    attending over the cache through SDPA with a mask) beside the graphed decode: the tokens of whole-prompt
-    prefill, up to bf16 near-ties (agreement >= 90%, the first tokens of nearly every request)."""
+    attending over the cache through SDPA with a mask) beside the graphed decode: the tokens and log-probabilities
+    of whole-prompt prefill up to bf16 near-ties (a first run, 2026-12-05, counted positional agreement instead:
+    126 of 144 tokens, under its 90% bar at k = 0, which one early near-tie can cause)."""
     m = _model(1, "aligned")
     prompts = _prompts()
-    sp = SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True)
+    sp = SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True, logprobs=2)
     ref = Engine(m, None, max_batch_size=8, speculative_k=k, cuda_graphs=True, max_prefill_tokens=0)
     got = Engine(m, None, max_batch_size=8, speculative_k=k, cuda_graphs=True, max_prefill_tokens=16)
     ref, got = ref.generate(prompts, sp), got.generate(prompts, sp)
-    agree = sum(sum(u == v for u, v in zip(x.token_ids, y.token_ids)) for x, y in zip(ref, got))
-    assert agree >= 0.9 * sum(len(x.token_ids) for x in ref), agree
-    assert sum(x.token_ids[:3] == y.token_ids[:3] for x, y in zip(ref, got)) >= len(prompts) - 1
+    assert same_up_to_near_ties(ref, got) <= len(prompts) // 2
