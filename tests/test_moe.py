@@ -159,6 +159,25 @@ def test_router_fp32_in_bf16_model():
     assert w.dtype == torch.float32 and s.dtype == torch.float32
 
 
+def test_router_fp32_under_autocast():
+    """Training's bf16 / fp8 precision runs under bf16 autocast, which casts F.linear's fp32 operands down: the
+    router's logits, affinities and gates stay fp32 there (SPEC §4.1), equal to the same routing without
+    autocast, gradients included; before, they came out in bf16."""
+    r = make_router(8, 4, 2, 2)
+    x = torch.randn(5, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert r.logits(x).dtype == torch.float32
+        w, idx, s = r(x)
+    assert w.dtype == s.dtype == torch.float32
+    x0 = x.detach().clone().requires_grad_(True)
+    w0, idx0, s0 = r(x0)
+    assert torch.equal(idx, idx0) and torch.equal(w, w0) and torch.equal(s, s0)
+    g = torch.randn_like(w)
+    gx, gw = torch.autograd.grad((w * g).sum(), (x, r.weight))
+    gx0, gw0 = torch.autograd.grad((w0 * g).sum(), (x0, r.weight))
+    assert torch.equal(gx, gx0) and torch.equal(gw, gw0)
+
+
 # ------------------------------------------------------------------------------------------------
 # (b) grouped experts == loop experts, forward and backward
 

@@ -131,6 +131,13 @@ class Router(nn.Module):
         per layer, 0.16 ms of a 3.5 ms 16b step with the router kernel: bench/RESULTS.md, 2026-12-04)."""
         if kernels.select_backend("dense_gemv", x_ND, self.weight) == "triton":
             return kernels.dense_gemv(x_ND, self.weight, out_dtype=torch.float32, backend="triton")
+        if x_ND.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x_ND.device.type):
+            # under bf16 autocast (training's bf16 / fp8 precision) F.linear would cast these fp32 copies back
+            # down and return bf16 logits: routing from bf16 scores (gates in bf16 too), and the fp32-only router
+            # kernel passed over for the reference's topk ops (36 topk + sort launches per `small` step on the
+            # H200 profile of 2026-12-05). SPEC §4.1: FP32 routing; the engine's bf16 models run it so too.
+            with torch.autocast(x_ND.device.type, enabled=False):
+                return F.linear(x_ND.float(), self.weight.float())
         return F.linear(x_ND.float(), self.weight.float())
 
     def forward(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
