@@ -65,8 +65,8 @@ def test_rule_and_switch(monkeypatch):
     gate, _, up, _ = _weights(dtype=BF16)
     g8, _, u8, _ = _weights(fp8=True)
     x = torch.randn(1, 1, 136, dtype=BF16)
-    assert fits(x, gate, up) and fits(x, g8, u8) and fits(torch.randn(4, 136, dtype=BF16), gate, up)
-    assert not fits(torch.randn(5, 136, dtype=BF16), gate, up)  # prefill-sized
+    assert fits(x, gate, up) and fits(x, g8, u8)
+    assert not fits(torch.randn(2, 136, dtype=BF16), gate, up)  # above DENSE_GEMV_ROWS: the two projections
     assert not fits(x, gate, u8) and not fits(x, gate.half(), up.half()) and not fits(x.float(), gate.float(),
                                                                                      up.float())
     assert not fits(x, gate, up[:100])
@@ -76,10 +76,10 @@ def test_rule_and_switch(monkeypatch):
     with torch.no_grad():
         assert fits(x, p, up)
     monkeypatch.setattr(kb, "_fast_fits", lambda op, t: True)  # the rule holds (as on a GPU)
-    assert kernels.select_backend("swiglu_gemv", x, gate, up) == "reference"  # the dense GEMV's switch: off
-    old = kernels.set_dense_gemv(True)
+    assert kernels.select_backend("swiglu_gemv", x, gate, up) == "triton"  # the dense GEMV's switch: on by default
+    old = kernels.set_dense_gemv(False)
     try:
-        assert kernels.select_backend("swiglu_gemv", x, gate, up) == "triton"
+        assert kernels.select_backend("swiglu_gemv", x, gate, up) == "reference"
     finally:
         kernels.set_dense_gemv(old)
 

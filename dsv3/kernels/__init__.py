@@ -139,8 +139,9 @@ def store_latents(kv: torch.Tensor, pe: torch.Tensor, slot: int, rows: torch.Ten
 def set_latent_store(on: bool) -> bool:
     """Let the automatic choice take the fused latent store (`store_latents`: RMSNorm + RoPE + the paged cache
     write of the decode step's new tokens in one kernel) wherever its rule holds (CUDA, bf16/fp16 kv_a, no
-    autograd: backend.py), process-wide; returns the previous setting. DEFAULT OFF until measured faster than
-    the compiled norm + RoPE + two index_copy launches on the GPU (bench/decode_gpu.py's +latentstore modes)."""
+    autograd: backend.py), process-wide; returns the previous setting. ON BY DEFAULT: faster than the compiled
+    norm + RoPE + two index_copy launches on the H200 (bench/decode_gpu.py's +latentstore modes; backend.py
+    SWITCHED)."""
     return _switch("latent_store", on)
 
 
@@ -173,7 +174,7 @@ def moe_gemm_swiglu(x: torch.Tensor, gate: torch.Tensor, gate_s: torch.Tensor | 
     expert, sorted row m reading x[x_rows[m]] through expert e's matrices (offs (E,) the experts' end rows);
     gate / up (E, I, D) in x's dtype or e4m3 with block scales. The contract: `reference.moe_gemm_ref`. "triton":
     one grouped launch reading each expert's weights once (moe_gemm_triton.py), for decode batches (up to
-    MOE_GEMM_ROWS pairs); switched off by default (`set_moe_gemm`)."""
+    MOE_GEMM_ROWS pairs); switched, on by default (`set_moe_gemm`)."""
     M = x_rows.shape[0]
     if select_backend("moe_gemm", x, gate, backend=backend) == "triton":
         from dsv3.kernels.moe_gemm_triton import moe_gemm_swiglu_op
@@ -202,16 +203,17 @@ def set_moe_gemm(on: bool) -> bool:
     """Let the automatic choice take the grouped decode GEMM of the routed experts (`moe_gemm_swiglu` /
     `moe_gemm_down`: Experts.forward between the one-row-per-expert GEMV and prefill) wherever its rule holds
     (CUDA, bf16/fp16 x, weights in x's dtype or e4m3, at most MOE_GEMM_ROWS pairs, no autograd: backend.py),
-    process-wide; returns the previous setting. DEFAULT OFF until measured faster than torch._grouped_mm (bf16)
-    and the per-row FP8 GEMV on the GPU (bench/decode_gpu.py's +moegemm modes)."""
+    process-wide; returns the previous setting. ON BY DEFAULT: faster than torch._grouped_mm (bf16) at batch 32
+    on the H200 (bench/decode_gpu.py's +moegemm modes; backend.py SWITCHED and MOE_GEMM_ROWS)."""
     return _switch("moe_gemm", on)
 
 
 def set_head_gemv(on: bool) -> bool:
     """Let the automatic choice take the per-head decode GEMV (`head_gemv`: absorbed MLA's W_UK / W_UV products)
-    wherever its rule holds (CUDA, bf16/fp16, at most 4 rows, no autograd: backend.py), process-wide; returns
-    the previous setting. DEFAULT OFF until measured faster than the einsums' cuBLAS batched GEMMs on the GPU
-    (bench/decode_gpu.py's +headgemv modes). As `set_dense_gemv` for compiled steps and CUDA graphs."""
+    wherever its rule holds (CUDA, bf16/fp16, at most DENSE_GEMV_ROWS rows, no autograd: backend.py),
+    process-wide; returns the previous setting. DEFAULT OFF: not faster than the einsums' cuBLAS batched GEMMs
+    on the H200 (bench/decode_gpu.py's +headgemv modes, 2026-12-05). As `set_dense_gemv` for compiled steps and
+    CUDA graphs."""
     return _switch("head_gemv", on)
 
 
@@ -233,11 +235,11 @@ def dense_gemv2(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, *, backend:
 
 def set_dense_gemv(on: bool) -> bool:
     """Let the automatic choice take the dense decode GEMV (`dense_gemv`) wherever its rule holds (CUDA,
-    bf16/fp16, at most 4 rows, no autograd: backend.py), process-wide; returns the previous setting.
-    DEFAULT OFF: the kernel is correct (interpreter and GPU tests) but not yet measured against cuBLAS on the
-    GPU (bench/dense_gemv_sweep.py, bench/decode_gpu.py's +densegemv modes); make it the default only once it
-    is faster there. A torch.compile'd step traced with one setting recompiles under the other (its guards read
-    it); CUDA graphs keep what they captured."""
+    bf16/fp16, at most DENSE_GEMV_ROWS rows, no autograd: backend.py), process-wide; returns the previous
+    setting. ON BY DEFAULT: faster than cuBLAS at one row on the H200 (bench/dense_gemv_sweep.py,
+    bench/decode_gpu.py's +densegemv modes; backend.py SWITCHED and DENSE_GEMV_ROWS). A torch.compile'd step
+    traced with one setting recompiles under the other (its guards read it); CUDA graphs keep what they
+    captured."""
     return _switch("dense_gemv", on)
 
 

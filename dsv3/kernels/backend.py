@@ -10,19 +10,19 @@ never probe the GPU themselves.
     fp8_weight_gemm   "triton"              bf16/fp16 x, at most DENSE_DECODE_ROWS rows, no autograd
     fp8_expert_rows   "triton"              bf16/fp16 x, at most EXPERT_DECODE_ROWS rows, no autograd
     expert_gemv       "triton"              bf16/fp16 x, at most EXPERT_DECODE_ROWS rows, no autograd
-    dense_gemv        "triton"              switched on (SWITCHED, kernels.set_dense_gemv; off by default);
+    dense_gemv        "triton"              switched (SWITCHED, kernels.set_dense_gemv; on by default);
                                             bf16/fp16 x, at most DENSE_GEMV_ROWS rows, w (N, K) contiguous
                                             in x's dtype, no autograd through x or w, no CUDA autocast
-    latent_store      "triton"              switched on (SWITCHED, kernels.set_latent_store; off by default);
+    latent_store      "triton"              switched (SWITCHED, kernels.set_latent_store; on by default);
                                             bf16/fp16 kv_a (K contiguous) and its norm weight alike, no
                                             autograd through either
     swiglu_gemv       "triton"              switched with dense_gemv (SWITCH_OF); bf16/fp16 x, at most
                                             DENSE_GEMV_ROWS rows, gate and up (N, K) contiguous both in x's
                                             dtype or both e4m3 (+ scales), no autograd, no CUDA autocast
-    moe_gemm          "triton"              switched on (SWITCHED, kernels.set_moe_gemm; off by default);
+    moe_gemm          "triton"              switched (SWITCHED, kernels.set_moe_gemm; on by default);
                                             bf16/fp16 x, at most MOE_GEMM_ROWS rows, w in x's dtype or
                                             e4m3, no autograd through x or w
-    head_gemv         "triton"              switched on (SWITCHED, kernels.set_head_gemv; off by default);
+    head_gemv         "triton"              switched (SWITCHED, kernels.set_head_gemv; off by default);
                                             bf16/fp16 x (..., H, K) K-contiguous, at most DENSE_GEMV_ROWS
                                             rows, w (H, N, K) in x's dtype with K or N contiguous, no
                                             autograd through x or w, no CUDA autocast
@@ -42,7 +42,7 @@ Overrides, for tests and benchmarks:
   * `with use_backend("reference"):` makes every automatic choice "reference";
     `use_backend(mla_decode="reference")` (or another op's accelerated backend) one op's. Process-wide;
     a torch.compile'd caller sees the setting it was traced under (its guards recompile on a change);
-  * `switch(op, on)` turns the automatic rule of an op of SWITCHED (off by default) on or off, process-wide
+  * `switch(op, on)` turns the automatic rule of an op of SWITCHED (defaults there) on or off, process-wide
     (kernels.set_dense_gemv, set_head_gemv, set_latent_store, set_moe_gemm); the two overrides above still win.
     The environment variable DSV3_KERNELS ("all=on", "dense_gemv=on,moe_gemm=off", ...) sets them at the first
     choice, for the command line (`DSV3_KERNELS=all=on dsv3 serve ...`).
@@ -79,23 +79,29 @@ FAST = {  # op -> its accelerated backend
 # automatic choice stays "reference" until their GPU tests (tests/test_gpu_router.py) have passed on real
 # hardware; `backend=` or `use_backend(op=...)` runs them meanwhile.
 PENDING: set[str] = set()
-# Accelerated backends that the automatic choice takes only while switched on (`switch(op, on)`): correct (GPU
-# tests) but not yet measured faster than what runs without them. The dense GEMV against cuBLAS's F.linear for
-# the model's dense bf16 linears at decode: kernels.set_dense_gemv(True) until bench/dense_gemv_sweep.py and
-# bench/decode_gpu.py's +densegemv modes have shown it faster on an H200. Process-wide, like use_backend.
-SWITCHED: dict[str, bool] = {"dense_gemv": False, "head_gemv": False, "latent_store": False, "moe_gemm": False}
+# Accelerated backends that the automatic choice takes only while switched on (`switch(op, on)`), process-wide like
+# use_backend; the default is what the H200 measured (bench/decode_gpu.py, 16b random weights, graphs + compile,
+# one run, 2026-12-05, bench/RESULTS.md): batch 1 295.4 tok/s without any, 339.0 with the dense GEMV, 310.9 with
+# the latent store, 289.9 with the head GEMV, 356.9 with all three; batch 32 2,271 without the grouped decode GEMM,
+# 3,134 with it. So on: dense_gemv (at one row: DENSE_GEMV_ROWS), latent_store, moe_gemm (up to batch 32:
+# MOE_GEMM_ROWS); off: head_gemv (no gain measured). DSV3_KERNELS or kernels.set_* turn any of them on or off.
+SWITCHED: dict[str, bool] = {"dense_gemv": True, "head_gemv": False, "latent_store": True, "moe_gemm": True}
 # ops that follow another op's switch: the dense SwiGLU's fused gate+up GEMV is one of the dense decode GEMVs
 SWITCH_OF: dict[str, str] = {"swiglu_gemv": "dense_gemv"}
 # Up to these many activation rows the Triton FP8-weight kernels run (decode; above, prefill:
 # dequantise + cuBLAS): the dense GEMV / 16-row-tile GEMM and the per-routed-row expert GEMV.
 DENSE_DECODE_ROWS = 64
 EXPERT_DECODE_ROWS = 1024
-# Up to these many rows a dense (bf16/fp16) linear may take the dense GEMV (decode batch 1-4; its tiles hold
-# at most 4 rows, dense_gemv_triton.py).
-DENSE_GEMV_ROWS = 4
+# Up to these many rows a dense (bf16/fp16) linear may take the dense GEMV (its tiles hold up to 4 rows,
+# dense_gemv_triton.py). 1: bench/dense_gemv_sweep.py on the H200 (2026-12-05) over the 188 dense linears of a 16b
+# step: at one row the GEMV takes 1,060 us against cuBLAS's 1,246, at two 1,454 against 1,244, at four 2,336
+# against 1,240 (its best configs per shape: 958 / 1,174 / 1,672).
+DENSE_GEMV_ROWS = 1
 # Up to these many (token, expert) pairs the routed experts may take the grouped decode GEMM (moe_gemm_triton.py:
-# 16-64-row tiles per expert; above, prefill, torch._grouped_mm or the FP8 grouped path).
-MOE_GEMM_ROWS = 1024
+# 16-64-row tiles per expert; above, prefill, torch._grouped_mm or the FP8 grouped path). 256: decode batches up
+# to 32 at top-8 (the 671B) or 42 at top-6 (16b), where it was measured (1.38x at batch 32 on 16b); batch 128 was
+# not measured yet (kernels.MOE_GEMM_ROWS can be raised to try it).
+MOE_GEMM_ROWS = 256
 
 
 

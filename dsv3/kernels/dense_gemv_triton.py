@@ -26,8 +26,8 @@ Launch parameters (as the FP8 GEMV form's):
 `default_config(M, N, K)` picks them: a measured entry of TUNED where there is one (bench/dense_gemv_sweep.py
 prints the entries to paste), else the FP8 GEMV heuristic (`fp8_gemm_triton._config_small_m`: the largest
 BN >= 8 that still gives 2 programs per SM, a 4096-element register tile, prefetch). That heuristic was
-tuned on e4m3 weights; bf16 weights bring twice the bytes per element with the same registers, so it is a
-starting point until the H200 sweep fills TUNED. `launch(x, w, config=...)` runs any config (the sweep).
+tuned on e4m3 weights; bf16 weights bring twice the bytes per element with the same registers: the H200 sweep
+(TUNED) preferred BN 4 on most 16b shapes at one row. `launch(x, w, config=...)` runs any config (the sweep).
 Registers (compiled ahead of time for sm_90 with Triton 3.6 on a machine without a GPU, 2026-12-04): the
 heuristic's configs take 96 (BM 1, BN 8, KU 4, prefetch; the FP8 form of the same tile 127), none spills; the
 sweep's grid at 4 and 8 warps at most 180.
@@ -35,7 +35,9 @@ sweep's grid at 4 and 8 warps at most 180.
 `launch_dual` / `dsv3::dense_gemv2`: two weights of one input in one launch (w1's column tiles, then w2's), taken
 by absorbed MLA for q_proj (or q_a_proj) and kv_a_proj_with_mqa.
 
-Not yet measured on a GPU: the model takes this kernel only once switched on (kernels.set_dense_gemv).
+The model takes this kernel at one row (backend.DENSE_GEMV_ROWS; on by default, kernels.set_dense_gemv): measured
+on the H200, the 188 dense linears of a 16b step take 1,060 us against cuBLAS's 1,246 at one row, and lose at two
+and four (bench/RESULTS.md, 2026-12-05).
 Tests: tests/test_dense_gemv.py (Triton interpreter: every config the heuristic and TUNED return, and a few
 others, against the reference on ragged shapes), tests/test_gpu_dense_gemv.py (GPU: the 16b shapes, and every
 config of the sweep's grid).
@@ -53,9 +55,20 @@ from dsv3.kernels.reference import check_dense_gemv_args
 
 BNS = (4, 8, 16, 32, 64)  # the BN a launch takes (the heuristic stays at 8 and above; the sweep tries 4)
 
-# Measured launch configs by (BM, N, K), from bench/dense_gemv_sweep.py on an H200: none yet (the sweep prints
-# the entries for the shapes where its best config beats the heuristic's by more than 5%).
-TUNED: dict[tuple[int, int, int], dict] = {}
+# Measured launch configs by (BM, N, K), from `bench/dense_gemv_sweep.py --quick` on an H200 (2026-12-05, the 16b
+# shapes at one row: the entries where its best config beat the heuristic's by more than 5%; q_proj (3072 x 2048)
+# and the output head kept the heuristic's). At two and four rows the GEMV lost to cuBLAS even at its best
+# (backend.DENSE_GEMV_ROWS = 1), so their entries are not kept.
+_ONE_ROW = {"BM": 1, "BN": 4, "KU": 4, "num_warps": 4, "num_stages": 2}
+TUNED: dict[tuple[int, int, int], dict] = {(1, N, K): _ONE_ROW for N, K in (
+    (64, 2048),  # the router gate (fp32 out)
+    (576, 2048),  # kv_a_proj_with_mqa
+    (2048, 2048),  # o_proj
+    (2048, 2816),  # shared experts' down
+    (2048, 4096),  # eh_proj (MTP)
+    (2048, 10944),  # the dense FFN's down
+    (2816, 2048),  # shared experts' gate / up
+)}
 
 
 def default_config(M: int, N: int, K: int) -> dict:

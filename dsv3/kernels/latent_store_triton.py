@@ -13,8 +13,8 @@ over 27 layers) and two `index_copy` launches (0.101 ms), for 576 values per tok
 does all of it (C = 512 values and P / 2 = 32 pairs); the latents never go through memory in between.
 
 Taken by MLA.forward_absorbed where the cache view offers it (the static decode steps' views: graphs.py
-`store_kv_a`) and the kernel seam picks it: switched on (kernels.set_latent_store; off by default until
-measured: bench/decode_gpu.py's +latentstore modes), x on CUDA in bf16/fp16, no autograd.
+`store_kv_a`) and the kernel seam picks it: switched (kernels.set_latent_store; on by default, measured faster
+with bench/decode_gpu.py's +latentstore modes), x on CUDA in bf16/fp16, no autograd.
 Tests: tests/test_latent_store.py (reference and the Triton interpreter), tests/test_gpu_latent_store.py.
 """
 
