@@ -13,22 +13,23 @@ that bandwidth head the output and caption every table (transformers rows includ
 Greedy, 128-token random prompts, --new tokens per request, no speculation (random weights make MTP
 drafts meaningless).
 
-Mode suffixes (any order, on any mode): +nogemv, the routed experts without their decode GEMV; +densegemv, the
-dense bf16 linears (attention projections, dense FFN, shared experts) and the routers' logits through the dense
-decode GEMV (kernels.set_dense_gemv(True), off by default) instead of cuBLAS; +headgemv, absorbed MLA's W_UK /
-W_UV products through the per-head decode GEMV (kernels.set_head_gemv(True), off by default) instead of the
-einsums' batched GEMMs; +latentstore, the decode step's latent RMSNorm + RoPE + cache write as one kernel
-(kernels.set_latent_store(True), off by default) instead of the compiled norm and RoPE and two index_copy launches;
-+moegemm, the routed experts of batches above one pair per expert through the grouped decode GEMM
-(kernels.set_moe_gemm(True), off by default) instead of torch._grouped_mm (bf16) or the per-row FP8 GEMV;
-+splittile, the paged MLA decode kernel split down to one 32-position tile per program (mla_decode_triton.MIN_CHUNK
-= BLOCK_N instead of two tiles): more programs for the short contexts of batch 1, where a layer's attention is
-latency-bound (8.5 us at ~190 positions, 2026-12-04).
+Mode suffixes (any order, on any mode): +nogemv, the routed experts without their decode GEMV. The switched decode
+kernels (dsv3/kernels/backend.py SWITCHED): a mode without kernel suffixes runs the shipped defaults (the dense GEMV,
+the latent store and the grouped decode GEMM on, the head GEMV off); +nokernels turns every one off (the path before
+them); +densegemv, +headgemv, +latentstore, +moegemm run exactly the ones named. +densegemv: the dense bf16 linears
+(attention projections, dense FFN, shared experts) and the routers' logits through the dense decode GEMV
+(kernels.set_dense_gemv) instead of cuBLAS; +headgemv: absorbed MLA's W_UK / W_UV products through the per-head
+decode GEMV (kernels.set_head_gemv) instead of the einsums' batched GEMMs; +latentstore: the decode step's latent
+RMSNorm + RoPE + cache write as one kernel (kernels.set_latent_store) instead of the compiled norm and RoPE and two
+index_copy launches; +moegemm: the routed experts of batches above one pair per expert through the grouped decode
+GEMM (kernels.set_moe_gemm) instead of torch._grouped_mm (bf16) or the per-row FP8 GEMV; +splittile, the paged MLA
+decode kernel split down to one 32-position tile per program (mla_decode_triton.MIN_CHUNK = BLOCK_N instead of two
+tiles): more programs for the short contexts of batch 1, where a layer's attention is latency-bound (8.5 us at ~190
+positions, 2026-12-04).
 Before and after in one run:
 
-    PYTHONPATH=. python bench/decode_gpu.py --preset 16b --batches 1,2,4 --modes graphs+compile,\
-graphs+compile+densegemv,graphs+compile+headgemv,graphs+compile+latentstore,\
-graphs+compile+densegemv+headgemv+latentstore
+    PYTHONPATH=. python bench/decode_gpu.py --preset 16b --batches 1,32 --modes graphs+compile+nokernels,\
+graphs+compile,graphs+compile+densegemv,graphs+compile+latentstore,graphs+compile+moegemm
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import dsv3  # noqa: E402
 from dsv3 import kernels  # noqa: E402
+from dsv3.kernels import backend as kb  # noqa: E402
 from dsv3.kernels import mla_decode_triton as mla_k  # noqa: E402  (the +splittile experiment)
 from dsv3.inference.engine import Engine, SamplingParams  # noqa: E402
 from dsv3.checkpoints.hf import quantize_model_fp8  # noqa: E402
@@ -53,7 +55,18 @@ from dsv3.info import model_info  # noqa: E402
 from bandwidth import copy_bandwidth  # noqa: E402  (bench/bandwidth.py)
 
 # kernel choices a mode may add to its path, in any order
-MODE_FLAGS = ("+nogemv", "+densegemv", "+headgemv", "+latentstore", "+moegemm", "+splittile")
+MODE_FLAGS = ("+nogemv", "+nokernels", "+densegemv", "+headgemv", "+latentstore", "+moegemm", "+splittile")
+KERNEL_FLAGS = {"+densegemv": "dense_gemv", "+headgemv": "head_gemv", "+latentstore": "latent_store",
+                "+moegemm": "moe_gemm"}  # the switched decode kernels (backend.py SWITCHED)
+SHIPPED = dict(kb.SWITCHED)  # their defaults, as `dsv3 serve` runs them
+
+
+def kernel_switches(flags: set[str]) -> dict[str, bool]:
+    """A mode's switched kernels: the shipped defaults without kernel flags; all off with +nokernels; else exactly
+    the ones its flags name."""
+    if "+nokernels" not in flags and not flags & set(KERNEL_FLAGS):
+        return dict(SHIPPED)
+    return {op: flag in flags for flag, op in KERNEL_FLAGS.items()}
 
 
 def split_mode(mode: str) -> tuple[str, set[str]]:
@@ -84,19 +97,22 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--hf", action="store_true")
+    ap.add_argument("--moe-gemm-rows", type=int, default=0,
+                    help="raise the grouped decode GEMM's limit (kernels.MOE_GEMM_ROWS, (token, expert) pairs; "
+                         "default: the shipped 256) to measure larger batches")
     ap.add_argument("--bw-gib", type=float, default=2.0, help="size of the copy that measures the bandwidth")
-    ap.add_argument("--modes", default="eager,graphs", help="engine decode paths to time: eager, graphs, graphs+compile, "
-                         "graphs+compile+einsum (the absorbed attention as compiled einsums over the gathered context "
-                         "instead of the Triton paged-latent kernel), graphs+fp8 / graphs+compile+fp8 (128x128-block e4m3 weights through "
+    ap.add_argument("--modes", default="eager,graphs",
+                    help="engine decode paths to time: eager, graphs, graphs+compile, graphs+compile+einsum (the "
+                         "absorbed attention as compiled einsums over the gathered context instead of the Triton "
+                         "paged-latent kernel), graphs+fp8 / graphs+compile+fp8 (128x128-block e4m3 weights through "
                          "the Triton FP8 GEMMs; put it last: it quantizes the model in place); any mode + '+nogemv': "
-                         "the routed experts without the decode GEMV kernel (kernels.expert_gemv), as before it; "
-                         "any mode + '+densegemv': the dense bf16 linears through the dense decode GEMV "
-                         "(kernels.set_dense_gemv(True)) instead of cuBLAS; any mode + '+headgemv': absorbed MLA's "
-                         "per-head products through the per-head GEMV (kernels.set_head_gemv(True)); any mode + "
-                         "'+latentstore': the latent norm + RoPE + cache write as one kernel "
-                         "(kernels.set_latent_store); any mode + '+moegemm': the routed experts of larger batches "
-                         "through the grouped decode GEMM (kernels.set_moe_gemm)")
+                         "the routed experts without the decode GEMV kernel (kernels.expert_gemv), as before it; the "
+                         "switched decode kernels: the shipped defaults, or +nokernels (all off), or exactly those of "
+                         "'+densegemv', '+headgemv', '+latentstore', '+moegemm' (module docstring); '+splittile': one "
+                         "32-position tile per MLA decode split program")
     args = ap.parse_args()
+    if args.moe_gemm_rows:  # the pairs' limit (Experts._moe_gemm_fits) and the kernel rule's token rows
+        kernels.MOE_GEMM_ROWS = kb.MOE_GEMM_ROWS = args.moe_gemm_rows
     if not torch.cuda.is_available():
         raise SystemExit("decode_gpu.py: CUDA is not available; this benchmark runs on a GPU")
     cfg = dsv3.preset(args.preset).replace(num_nextn_predict_layers=0)
@@ -138,12 +154,10 @@ def main() -> None:
         # +nogemv: the routed experts through the grouped GEMMs (FP8: the per-row kernel) instead of the
         # decode GEMV (kernels.expert_gemv), the path before it, for the before/after in one run
         gemv = kernels.use_backend(expert_gemv="reference") if "+nogemv" in flags else contextlib.nullcontext()
-        # +densegemv: the dense linears through kernels.dense_gemv (process-wide; every mode sets it, so a mode
-        # without the flag runs cuBLAS again; a compiled step recompiles on the change, new graphs capture it)
-        kernels.set_dense_gemv("+densegemv" in flags)
-        kernels.set_head_gemv("+headgemv" in flags)  # (the same for absorbed MLA's per-head products)
-        kernels.set_latent_store("+latentstore" in flags)  # (and the fused latent store)
-        kernels.set_moe_gemm("+moegemm" in flags)  # (and the grouped decode GEMM of the routed experts)
+        # the switched kernels (process-wide; every mode sets all of them; a compiled step recompiles on a change,
+        # new graphs capture it)
+        for op, on in kernel_switches(flags).items():
+            kb.switch(op, on)
         mla_k.MIN_CHUNK = mla_k.BLOCK_N if "+splittile" in flags else 2 * mla_k.BLOCK_N  # (read at each launch)
         with attention, gemv:
             if base != "eager":  # capture the buckets this run uses before timing (a server does this at start-up)
@@ -169,10 +183,8 @@ def main() -> None:
             roof = step_bytes(cfg, B, args.prompt_len + args.new // 2, fp8="+fp8" in mode) / hbm
             print(f"| {card} | dsv3 {mode} | {B} | {ttft * 1e3:.1f} | {n / dt:,.1f} | {dt / steps * 1e3:.1f} | "
                   f"{roof * 1e3:.2f} | {roof / (dt / steps):.1%} |", flush=True)
-    kernels.set_dense_gemv(False)
-    kernels.set_head_gemv(False)
-    kernels.set_latent_store(False)
-    kernels.set_moe_gemm(False)
+    for op, on in SHIPPED.items():
+        kb.switch(op, on)
     del model, eng
     torch.cuda.empty_cache()
     if args.hf:

@@ -115,15 +115,15 @@ def train(shape: str, variant: str, steps: int) -> None:
     torch.cuda.empty_cache()
 
 
-def decode(batches: list[int], preset: str, fp8: bool = False, dense_gemv: bool = False,
-           head_gemv: bool = False, latent_store: bool = False, moe_gemm: bool = False) -> None:
-    from dsv3 import kernels
+def decode(batches: list[int], preset: str, fp8: bool = False, switches: dict[str, bool] | None = None) -> None:
+    """switches: the switched decode kernels (backend.py SWITCHED: dense_gemv, head_gemv, latent_store, moe_gemm) to
+    set for the run, restored after; None: the shipped defaults."""
     from dsv3.inference.engine import Engine, SamplingParams
+    from dsv3.kernels import backend as kb
 
-    kernels.set_dense_gemv(dense_gemv)  # the dense linears through the decode GEMV (dense_gemv_triton.py) or cuBLAS
-    kernels.set_head_gemv(head_gemv)  # absorbed MLA's per-head products through head_gemv_triton.py or the einsums
-    kernels.set_latent_store(latent_store)  # the latents' norm + RoPE + cache write in one kernel or four
-    kernels.set_moe_gemm(moe_gemm)  # the routed experts of larger batches: the grouped decode GEMM or _grouped_mm
+    shipped = dict(kb.SWITCHED)
+    for op, on in (switches or {}).items():
+        kb.switch(op, on)
     cfg = dsv3.preset(preset).replace(num_nextn_predict_layers=0)
     torch.manual_seed(0)
     model = dsv3.build_model(cfg, device="cuda", dtype=torch.bfloat16)  # experts "auto": as the engine serves
@@ -149,21 +149,31 @@ def decode(batches: list[int], preset: str, fp8: bool = False, dense_gemv: bool 
                 eng.step()
             torch.cuda.synchronize()
         wall = (time.perf_counter() - t) / n
-        print(f"\n## decode {preset}{' fp8' if fp8 else ''}{' dense-gemv' if dense_gemv else ''}"
-              f"{' head-gemv' if head_gemv else ''}{' latent-store' if latent_store else ''}"
-              f"{' moe-gemm' if moe_gemm else ''} batch {B} "
+        on = ",".join(op for op, v in kb.SWITCHED.items() if v) or "none"
+        print(f"\n## decode {preset}{' fp8' if fp8 else ''} batch {B}, switched kernels on: {on} "
               f"(graphs+compile): wall {wall * 1e3:.2f} ms/step (under the profiler)")
         summarize(prof, n, top=30)
         while eng.has_unfinished():
             eng.step()
         del eng
     del model
-    kernels.set_dense_gemv(False)
-    kernels.set_head_gemv(False)
-    kernels.set_latent_store(False)
-    kernels.set_moe_gemm(False)
+    for op, on in shipped.items():
+        kb.switch(op, on)
     torch._dynamo.reset()
     torch.cuda.empty_cache()
+
+
+def decode_switches(spec: str) -> dict[str, bool] | None:
+    """--decode-kernels -> the switches to set (None: the shipped defaults)."""
+    from dsv3.kernels import backend as kb
+
+    if not spec:
+        return None
+    names = set(kb.SWITCHED) if spec == "all" else set() if spec == "none" else set(spec.split(","))
+    if names - set(kb.SWITCHED):
+        raise SystemExit(f"--decode-kernels: unknown {sorted(names - set(kb.SWITCHED))}; one of {sorted(kb.SWITCHED)}, "
+                         "'all' or 'none'")
+    return {op: op in names for op in kb.SWITCHED}
 
 
 def main() -> None:
@@ -171,16 +181,9 @@ def main() -> None:
     ap.add_argument("--train", default="", help="comma list of shape:variant (variant tags as bench/train_speed.py)")
     ap.add_argument("--decode", default="", help="comma list of batch sizes")
     ap.add_argument("--decode-fp8", action="store_true")
-    ap.add_argument("--dense-gemv", action="store_true", help="decode with kernels.set_dense_gemv(True): the dense "
-                    "bf16 linears through the Triton decode GEMV instead of cuBLAS")
-    ap.add_argument("--head-gemv", action="store_true", help="decode with kernels.set_head_gemv(True): absorbed MLA's "
-                    "W_UK / W_UV products through the Triton per-head GEMV instead of the einsums")
-    ap.add_argument("--latent-store", action="store_true", help="decode with kernels.set_latent_store(True): the "
-                    "latents' RMSNorm + RoPE + cache write as one Triton kernel")
-    ap.add_argument("--moe-gemm", action="store_true", help="decode with kernels.set_moe_gemm(True): the routed "
-                    "experts of batches above one pair per expert through the grouped decode GEMM")
-    ap.add_argument("--all-decode-kernels", action="store_true", help="--dense-gemv --head-gemv --latent-store "
-                    "--moe-gemm")
+    ap.add_argument("--decode-kernels", default="", help="the switched decode kernels for --decode (backend.py "
+                    "SWITCHED): empty for the shipped defaults, 'none' for all off, 'all' for all on, or a comma list "
+                    "of the ones to run (dense_gemv, head_gemv, latent_store, moe_gemm; the others off)")
     ap.add_argument("--preset", default="16b")
     ap.add_argument("--steps", type=int, default=5)
     args = ap.parse_args()
@@ -189,9 +192,8 @@ def main() -> None:
         shape, variant = item.split(":")
         train(shape, variant, args.steps)
     if args.decode:
-        every = args.all_decode_kernels
-        decode([int(b) for b in args.decode.split(",")], args.preset, args.decode_fp8, args.dense_gemv or every,
-               args.head_gemv or every, args.latent_store or every, args.moe_gemm or every)
+        decode([int(b) for b in args.decode.split(",")], args.preset, args.decode_fp8,
+               decode_switches(args.decode_kernels))
 
 
 if __name__ == "__main__":
