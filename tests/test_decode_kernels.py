@@ -1,4 +1,4 @@
-"""The switched-off decode kernels together (dense GEMV, per-head GEMV, fused latent store, the paged MLA decode
+"""The switched decode kernels together (dense GEMV, per-head GEMV, fused latent store, the paged MLA decode
 kernel) in the engine's static decode steps, with and without MTP speculation, under the Triton interpreter:
 
     TRITON_INTERPRET=1 python -m pytest -q tests/test_decode_kernels.py

@@ -36,21 +36,23 @@ def _prompts(n=6, seed=4):
 
 @pytest.fixture
 def decode_kernels(request):
-    """param True: every switched-off decode kernel switched on (dense / head GEMVs, the latent store, the grouped
-    decode GEMM: dsv3/kernels/backend.py SWITCHED) for the test, restored after."""
+    """param True: every switched decode kernel on, e4m3 forms included (dense / head GEMVs, the latent store, the
+    grouped decode GEMM: dsv3/kernels/backend.py SWITCHED), at up to 4 rows, for the test, restored after."""
     from dsv3.kernels import backend as kb
 
-    old = dict(kb.SWITCHED)
+    old, rows = dict(kb.SWITCHED), kb.DENSE_GEMV_ROWS
     if request.param:
         kb.SWITCHED.update({op: True for op in kb.SWITCHED})
+        kb.DENSE_GEMV_ROWS = 4  # the GEMVs' capacity, not the shipped 1: the verify step's B x (k + 1) rows too
     yield request.param
     kb.SWITCHED.update(old)
+    kb.DENSE_GEMV_ROWS = rows
 
 
 @pytest.mark.parametrize("D,k,decode_kernels", [(1, 1, False), (1, 2, False), (2, 3, False), (1, 2, True),
                                                 (2, 3, True)], indirect=["decode_kernels"])
 def test_graphed_speculation_equals_eager_static_steps(D, k, decode_kernels):
-    """(also with the switched-off decode kernels on: the verify step's B x (k+1) rows through them)"""
+    """(also with every switched decode kernel on: the verify step's B x (k+1) rows through them)"""
     m = _model(D, "aligned")
     prompts, sp = _prompts(), _params()
     graphed = Engine(m, None, max_batch_size=8, block_size=16, speculative_k=k, cuda_graphs=True)

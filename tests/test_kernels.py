@@ -610,7 +610,7 @@ def test_interp_triton_adamw_writes_the_bf16_copies_of_fp32_masters():
 
 
 def test_switches_from_the_environment():
-    """DSV3_KERNELS turns the switched-off decode kernels on (or off) from the command line, read at the first choice;
+    """DSV3_KERNELS turns the switched decode kernels on (or off) from the command line, read at the first choice;
     a malformed value or an unknown op is refused with the accepted names."""
     import os
     import subprocess

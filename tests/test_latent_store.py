@@ -5,7 +5,7 @@ RoPE + the paged cache write from the raw kv_a projection, and MLA / the static 
     TRITON_INTERPRET=1 python -m pytest -q tests/test_latent_store.py   (+ the kernel, interpreted)
 
 CPU: the reference is the model's own RMSNorm and apply_rope followed by the cache write (bit for bit); the
-argument contract; the switch is off by default; MLA asks for the fused store only where the cache view offers it
+argument contract; the switch is on by default; MLA asks for the fused store only where the cache view offers it
 (the static decode steps) and the seam picks it, and the decode step's logits are the same either way. Triton
 interpreter: the kernel against the reference (fp16 and fp32, ragged C and P, rows in any order, another layer
 slot left untouched); the custom op under torch.compile; the engine's static decode step through it. GPU:

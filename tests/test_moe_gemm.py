@@ -6,7 +6,7 @@
 
 CPU: the reference against a per-row statement of the contract (x_rows, y_rows, experts without rows, rows past
 the last expert); forward_moe_gemm equals the per-expert loop (bf16 and FP8 experts); the argument contract; the
-switch is off by default and Experts.forward takes the path only between the per-row GEMV and prefill sizes and
+switch (on by default for 16-bit weights) and Experts.forward takes the path only between the per-row GEMV and prefill sizes and
 never where the expert weights need gradients. Triton interpreter: the kernel against the reference (fp16 and
 e4m3 weights, fused SwiGLU or not, ragged N and K, 16/32/64-row tiles, several tiles for one expert, empty
 experts, foreign rows left alone); the custom ops compiled; Experts.forward through the kernels. GPU:
@@ -113,15 +113,21 @@ def test_switch_and_where_experts_take_the_path(monkeypatch):
     m, cfg = random_experts(False, torch.bfloat16)
     m.requires_grad_(False)
     K = cfg.num_experts_per_tok
-    assert kb.SWITCHED["moe_gemm"] is True  # 1.38x at batch 32 on the H200 (backend.py SWITCHED)
+    assert kb.SWITCHED["moe_gemm"] == kb.WEIGHTS_16BIT  # 1.38x at batch 32 on the H200 (backend.py SWITCHED)
     x = torch.randn(8, cfg.hidden_size, dtype=torch.bfloat16)
     idx = torch.zeros(8, K, dtype=torch.long)
     monkeypatch.setattr(kb, "_fast_fits", lambda op, t: True)  # every rule holds (as on a GPU)
-    kernels.set_moe_gemm(False)
+    m8, _ = random_experts(True)
+    m8.requires_grad_(False)
+    assert m._moe_gemm_fits(x, idx)
+    assert not m8._moe_gemm_fits(x, idx)  # e4m3 weights: not measured, not by default
+    old = kernels.set_moe_gemm(False)
     try:
         assert not m._moe_gemm_fits(x, idx)  # switched off
-    finally:
         kernels.set_moe_gemm(True)
+        assert m8._moe_gemm_fits(x, idx)  # switched on explicitly: every weight dtype
+    finally:
+        kernels.set_moe_gemm(old)
     calls = []
     for name in ("forward_gemv", "forward_moe_gemm", "forward_grouped"):
         monkeypatch.setattr(Experts, name, lambda self, *a, _n=name: calls.append(_n))

@@ -16,10 +16,12 @@ never probe the GPU themselves.
     latent_store      "triton"              switched (SWITCHED, kernels.set_latent_store; on by default);
                                             bf16/fp16 kv_a (K contiguous) and its norm weight alike, no
                                             autograd through either
-    swiglu_gemv       "triton"              switched with dense_gemv (SWITCH_OF); bf16/fp16 x, at most
+    swiglu_gemv       "triton"              switched with dense_gemv (SWITCH_OF; e4m3 weights only once switched on
+                                            explicitly: WEIGHTS_16BIT); bf16/fp16 x, at most
                                             DENSE_GEMV_ROWS rows, gate and up (N, K) contiguous both in x's
                                             dtype or both e4m3 (+ scales), no autograd, no CUDA autocast
-    moe_gemm          "triton"              switched (SWITCHED, kernels.set_moe_gemm; on by default);
+    moe_gemm          "triton"              switched (SWITCHED, kernels.set_moe_gemm; on by default for 16-bit
+                                            weights, e4m3 once switched on explicitly: WEIGHTS_16BIT);
                                             bf16/fp16 x, at most MOE_GEMM_ROWS rows, w in x's dtype or
                                             e4m3, no autograd through x or w
     head_gemv         "triton"              switched (SWITCHED, kernels.set_head_gemv; off by default);
@@ -84,8 +86,12 @@ PENDING: set[str] = set()
 # one run, 2026-12-05, bench/RESULTS.md): batch 1 295.4 tok/s without any, 339.0 with the dense GEMV, 310.9 with
 # the latent store, 289.9 with the head GEMV, 356.9 with all three; batch 32 2,271 without the grouped decode GEMM,
 # 3,134 with it. So on: dense_gemv (at one row: DENSE_GEMV_ROWS), latent_store, moe_gemm (up to batch 32:
-# MOE_GEMM_ROWS); off: head_gemv (no gain measured). DSV3_KERNELS or kernels.set_* turn any of them on or off.
-SWITCHED: dict[str, bool] = {"dense_gemv": True, "head_gemv": False, "latent_store": True, "moe_gemm": True}
+# MOE_GEMM_ROWS); off: head_gemv (no gain measured). The FP8 forms (e4m3 weights: the SwiGLU GEMV, which follows
+# dense_gemv, and moe_gemm) were not measured (that run's FP8 rows failed to compile, since fixed): WEIGHTS_16BIT, on
+# for 16-bit weights only. DSV3_KERNELS or kernels.set_* turn any of them on (every dtype) or off.
+WEIGHTS_16BIT = "16-bit weights"
+SWITCHED: dict[str, bool | str] = {"dense_gemv": WEIGHTS_16BIT, "head_gemv": False, "latent_store": True,
+                                   "moe_gemm": WEIGHTS_16BIT}
 # ops that follow another op's switch: the dense SwiGLU's fused gate+up GEMV is one of the dense decode GEMVs
 SWITCH_OF: dict[str, str] = {"swiglu_gemv": "dense_gemv"}
 # Up to these many activation rows the Triton FP8-weight kernels run (decode; above, prefill:
@@ -107,7 +113,7 @@ MOE_GEMM_ROWS = 256
 
 def switches_from_env(value: str | None) -> dict[str, bool]:
     """The DSV3_KERNELS environment variable: "op=on,op=off,..." (or 1/0, true/false) for ops of SWITCHED, or
-    "all=on" / "all=off" first, so that the command line (`dsv3 serve`, the benches) can turn the switched-off
+    "all=on" / "all=off" first, so that the command line (`dsv3 serve`, the benches) can turn the switched
     decode kernels on without code. An unknown op or value raises ValueError naming it and what is accepted."""
     out: dict[str, bool] = {}
     for item in filter(None, (t.strip() for t in (value or "").split(","))):
@@ -295,19 +301,21 @@ def select(op: str, *tensors: torch.Tensor, backend: str | None = None) -> str:
         return forced
     if not _env_read:
         _read_env()
-    if op in PENDING or not SWITCHED.get(SWITCH_OF.get(op, op), True):
+    on = SWITCHED.get(SWITCH_OF.get(op, op), True)
+    if op in PENDING or not on or (on == WEIGHTS_16BIT and any(t.dtype == torch.float8_e4m3fn for t in tensors)):
         return "reference"
     return FAST[op] if _fast_fits(op, tensors) else "reference"
 
 
-def switch(op: str, on: bool) -> bool:
-    """Switch the automatic choice of an op of SWITCHED on or off (process-wide; the rule still applies);
-    returns the previous setting. A torch.compile'd caller recompiles on a change (its guards read it)."""
+def switch(op: str, on: bool | str) -> bool | str:
+    """Switch the automatic choice of an op of SWITCHED on (every weight dtype), off, or to WEIGHTS_16BIT
+    (process-wide; the rule still applies); returns the previous setting. A torch.compile'd caller recompiles on
+    a change (its guards read it)."""
     _read_env()  # (first: a later switch wins over the environment)
     if op not in SWITCHED:
         raise ValueError(f"switch: {op!r} is not a switched op; one of {sorted(SWITCHED)}")
     old = SWITCHED[op]
-    SWITCHED[op] = bool(on)
+    SWITCHED[op] = on if on == WEIGHTS_16BIT else bool(on)
     return old
 
 

@@ -21,8 +21,8 @@ def hooked(*mods: nn.Module) -> bool:
 class Linear(nn.Linear):
     """nn.Linear (the same parameters, state dict, init and FSDP behaviour; `isinstance(m, nn.Linear)` holds)
     whose forward takes the dense decode GEMV (`kernels.dense_gemv`, dsv3/kernels/dense_gemv_triton.py) where
-    the kernel seam picks it for this call: switched on (`kernels.set_dense_gemv(True)`; off by default until
-    measured on the GPU), x on CUDA with at most 4 rows, x and the weight bf16/fp16 alike, the weight
+    the kernel seam picks it for this call: switched (`kernels.set_dense_gemv`; on by default, measured faster on
+    the H200), x on CUDA with at most DENSE_GEMV_ROWS (1) rows, x and the weight bf16/fp16 alike, the weight
     contiguous, nothing needing a gradient, no bias. Otherwise F.linear: bit for bit nn.Linear (training,
     prefill, the CPU). The model's projections (attention, dense FFN, shared experts, MTP eh_proj) are these;
     the output head and the router are not (plain nn.Linear and an fp32 F.linear)."""

@@ -114,9 +114,10 @@ class MLA(nn.Module):
 
     # forward_chunk's bound on the up-projected context it holds at once (k and v of a group of heads over every
     # cached position): past it the heads are taken in groups, each attended on its own (heads are independent,
-    # so the result is the same; only the launches multiply). 1 GiB: a 671B-shaped layer (128 heads, 640 bytes
-    # of bf16 k + v per head and position) holds every head up to 13K positions; at 128K it takes 12 at a time,
-    # instead of the 10 GiB all 128 would need.
+    # so the result is the same; only the launches multiply). Counted per head and position: kv_b's output (nope + v)
+    # and the concatenated key (qk), which live together. 1 GiB: a 671B-shaped layer (128 heads, 896 bytes in bf16
+    # per head and position) holds every head up to 9.3K positions; at 128K it takes 9 at a time, instead of the
+    # 14 GiB all 128 would need.
     chunk_context_bytes = 1 << 30
 
     def forward_chunk(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache) -> torch.Tensor:
@@ -135,7 +136,8 @@ class MLA(nn.Module):
         S = c_all.shape[1]
         c_all, pe_all = c_all.to(x.dtype), pe_all.to(x.dtype)
         q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # (B, H, T, qk)
-        G = max(1, min(H, self.chunk_context_bytes // (B * S * (self.qk_dim + self.v_dim) * x.element_size())))
+        per_head = B * S * (self.nope + self.v_dim + self.qk_dim) * x.element_size()  # kv_b's output + the key
+        G = max(1, min(H, self.chunk_context_bytes // per_head))
         if G == H:  # the whole context at once, through kv_b_proj as the model holds it
             kv = self.kv_b_proj(c_all).view(B, S, H, self.nope + self.v_dim)
             o = self._attend_expanded(q, kv, pe_all, mask)
