@@ -11,9 +11,10 @@
 #            deterministic runs)
 #   small    `small`: bf16 compiled with and without bf16 working weights and bf16 moments, beside transformers
 #            (MFU against the card's datasheet peak and against the bf16 matmul this run measures)
-#   slice    the 671b-slice with bf16 working weights: bf16, FP8, FP8 with FP8 experts, all compiled, beside
-#            transformers: the FP8 / bf16 speed and peak memory of issue 15 item 3
-#   slice32  the same three with fp32 weights (autocast's per-step casts): what bf16 weights give each
+#   slice    the 671b-slice with bf16 working weights: bf16 (also with bf16 moments: AdamW took 22% of the step on
+#            the H200, 2026-12-05), FP8, FP8 with FP8 experts, all compiled, beside transformers: the FP8 / bf16
+#            speed and peak memory of issue 15 item 3
+#   slice32  bf16, FP8 and FP8 experts with fp32 weights (autocast's per-step casts): what bf16 weights give each
 #   memory   bench/fp8_memory.py on the GPU (the 671b-slice, 2 x 2048): bytes saved for backward and the CUDA peak,
 #            bf16 against FP8, eager then compiled, to place FP8's higher peak
 #   profile  bench/profile_gpu.py: where `small`'s and the slice's steps spend their time (what to fuse next)
@@ -29,7 +30,7 @@ step tests python -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py test
 step small python bench/train_speed.py --only small --steps 6 --warmup 3 --hf --json "$out/small.json" \
     --variants bf16+compile,bf16+compile+bf16w,bf16+compile+bf16w+bf16opt
 step slice python bench/train_speed.py --only 671b-slice --steps 6 --warmup 3 --hf --json "$out/slice.json" \
-    --variants bf16+compile+bf16w,fp8+compile+bf16w,fp8e+compile+bf16w
+    --variants bf16+compile+bf16w,bf16+compile+bf16w+bf16opt,fp8+compile+bf16w,fp8e+compile+bf16w
 step slice32 python bench/train_speed.py --only 671b-slice --steps 6 --warmup 3 --json "$out/slice32.json" \
     --variants bf16+compile,fp8+compile,fp8e+compile
 memory() {
