@@ -111,6 +111,8 @@ def main() -> None:
                          "'+densegemv', '+headgemv', '+latentstore', '+moegemm' (module docstring); '+splittile': one "
                          "32-position tile per MLA decode split program")
     args = ap.parse_args()
+    if args.moe_gemm_rows < 0:
+        raise SystemExit(f"--moe-gemm-rows must be >= 0 (0: the shipped limit), got {args.moe_gemm_rows}")
     if args.moe_gemm_rows:  # the pairs' limit (Experts._moe_gemm_fits) and the kernel rule's token rows
         kernels.MOE_GEMM_ROWS = kb.MOE_GEMM_ROWS = args.moe_gemm_rows
     if not torch.cuda.is_available():

@@ -74,9 +74,9 @@ def measure(args, precision: str) -> dict:
     f8._FP8LinearFn.forward, f8._FP8GroupedFn.forward = wrap(orig[0]), wrap(orig[1])
     x = torch.randint(0, cfg.vocab_size, (args.batch, args.seq_len + 1), device=dev)
     base = 0
-    # a previous measure()'s compiled model lives on in reference cycles (dynamo's guards) until the cyclic GC
-    # runs: collected here, not in the middle of this run, where it once freed more than the FP8 step's peak
-    # added (a negative "peak beyond weights + grads" for compiled FP8 on the H200, 2026-12-05)
+    # a previous measure()'s compiled model lives on in reference cycles (dynamo's guards) until the cyclic GC runs
+    # (seen on the CPU): collected here, before the baseline, not in the middle of this run. The likely cause of the
+    # negative "peak beyond weights + grads" of compiled FP8 on the H200, 2026-12-05 (not re-measured since)
     gc.collect()
     if dev.type == "cuda":
         torch.cuda.synchronize()
@@ -100,7 +100,6 @@ def measure(args, precision: str) -> dict:
         grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
         row["peak"] = torch.cuda.max_memory_allocated() - base - grads
     del model, out, loss
-    gc.collect()  # (the compiled blocks' reference cycles: see the collect before `base`)
     return row
 
 
