@@ -98,7 +98,7 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--hf", action="store_true")
     ap.add_argument("--moe-gemm-rows", type=int, default=0,
-                    help="raise the grouped decode GEMM's limit (kernels.MOE_GEMM_ROWS, (token, expert) pairs; "
+                    help="raise the grouped decode GEMM's limit (kernels.backend.MOE_GEMM_ROWS, (token, expert) pairs; "
                          "default: the shipped 256) to measure larger batches")
     ap.add_argument("--bw-gib", type=float, default=2.0, help="size of the copy that measures the bandwidth")
     ap.add_argument("--modes", default="eager,graphs",
@@ -114,7 +114,7 @@ def main() -> None:
     if args.moe_gemm_rows < 0:
         raise SystemExit(f"--moe-gemm-rows must be >= 0 (0: the shipped limit), got {args.moe_gemm_rows}")
     if args.moe_gemm_rows:  # the pairs' limit (Experts._moe_gemm_fits) and the kernel rule's token rows
-        kernels.MOE_GEMM_ROWS = kb.MOE_GEMM_ROWS = args.moe_gemm_rows
+        kb.MOE_GEMM_ROWS = args.moe_gemm_rows
     if not torch.cuda.is_available():
         raise SystemExit("decode_gpu.py: CUDA is not available; this benchmark runs on a GPU")
     cfg = dsv3.preset(args.preset).replace(num_nextn_predict_layers=0)

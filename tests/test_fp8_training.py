@@ -316,3 +316,28 @@ def test_fp8_keeps_less_for_backward_than_bf16():
     bf16, fp8 = bench.measure(args, "bf16"), bench.measure(args, "fp8")
     assert bf16["saved_fp8"] == 0 and fp8["saved_fp8"] > 0
     assert fp8["saved"] < 0.9 * bf16["saved"], (fp8, bf16)
+
+
+def test_fp8_gemm_ceiling_bench_on_the_cpu():
+    """bench/fp8_gemm_ceiling.py: the FP8-swapped Linears it weighs are the slice's (3 layers: 5 attention
+    projections each, the dense layer's MLP, two shared experts), its rows run on the CPU (the FP8 Linear through
+    the reference; the scaled_mm rows need SM90), and the Amdahl arithmetic."""
+    import importlib.util
+    import os
+    import sys
+
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench")
+    sys.path.insert(0, here)
+    try:
+        spec = importlib.util.spec_from_file_location("fp8_gemm_ceiling", os.path.join(here, "fp8_gemm_ceiling.py"))
+        bench = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench)
+        counts = bench.shapes_of("671b-slice")
+    finally:
+        sys.path.remove(here)
+    assert sum(counts.values()) == 3 * 5 + 3 + 2 * 3
+    assert counts[(7168, 16384)] == 3 and counts[(576, 7168)] == 3 and counts[(18432, 7168)] == 2
+    r = bench.gemm_rows(96, 128, 64, torch.device("cpu"), iters=1, warmup=0)
+    assert {"bf16_gemms", "dsv3_bf16", "dsv3_fp8"} <= set(r) and "fp8_gemms" not in r
+    assert all(r[k] > 0 for k in ("bf16_gemms", "dsv3_bf16", "dsv3_fp8"))
+    assert bench.amdahl(100.0, 40.0, 20.0) == 100.0 / 80.0

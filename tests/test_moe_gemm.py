@@ -137,7 +137,7 @@ def test_switch_and_where_experts_take_the_path(monkeypatch):
         assert m._moe_gemm_fits(x, idx)
         m(x[:2], idx[:2], None)  # 8 pairs <= 16 experts: the per-row GEMV
         m(x, idx, None)  # 32 pairs: the grouped decode GEMM
-        big = kernels.MOE_GEMM_ROWS // K + 1
+        big = kernels.backend.MOE_GEMM_ROWS // K + 1
         m(torch.randn(big, cfg.hidden_size, dtype=torch.bfloat16), torch.zeros(big, K, dtype=torch.long), None)
         assert calls == ["forward_gemv", "forward_moe_gemm", "forward_grouped"]
         m.requires_grad_(True)

@@ -41,7 +41,6 @@ import torch
 
 from dsv3.kernels import reference
 from dsv3.kernels.attention import attention
-from dsv3.kernels.backend import MOE_GEMM_ROWS
 from dsv3.kernels.backend import available as backend_available
 from dsv3.kernels.backend import select as select_backend
 from dsv3.kernels.backend import switch as _switch
@@ -52,7 +51,7 @@ from dsv3.kernels.reference import (BLOCK, FP8_MAX, act_dequant, act_quant, dens
                                     head_gemv_ref, mla_decode_ref, moe_gemm_ref, router_topk_ref, store_latents_ref,
                                     weight_dequant, weight_quant)
 
-__all__ = ["BLOCK", "FP8_MAX", "MOE_GEMM_ROWS", "act_dequant", "act_quant", "act_quant_cm", "act_quant_t",
+__all__ = ["BLOCK", "FP8_MAX", "act_dequant", "act_quant", "act_quant_cm", "act_quant_t",
            "adamw_backend",
            "adamw_step_", "attention", "backend_available", "dense_gemv", "dense_gemv2", "dense_gemv_ref",
            "expert_gemv",

@@ -223,7 +223,8 @@ class Experts(nn.Module):
         as `_gemv_fits`."""
         ws = self.gemv_weights()
         weights_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ws)
-        return (idx_NK.numel() <= kernels.MOE_GEMM_ROWS and not weights_grad
+        # (the limit read at each call, from the one place that holds it: benches raise it)
+        return (idx_NK.numel() <= kernels.backend.MOE_GEMM_ROWS and not weights_grad
                 and kernels.select_backend("moe_gemm", x_ND, ws[0]) != "reference")
 
     def forward_moe_gemm(self, x_ND: torch.Tensor, idx_NK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
