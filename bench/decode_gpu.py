@@ -99,7 +99,7 @@ def main() -> None:
     ap.add_argument("--hf", action="store_true")
     ap.add_argument("--moe-gemm-rows", type=int, default=0,
                     help="raise the grouped decode GEMM's limit (kernels.backend.MOE_GEMM_ROWS, (token, expert) pairs; "
-                         "default: the shipped 256) to measure larger batches")
+                         "default: the shipped 1024) to measure other limits")
     ap.add_argument("--bw-gib", type=float, default=2.0, help="size of the copy that measures the bandwidth")
     ap.add_argument("--modes", default="eager,graphs",
                     help="engine decode paths to time: eager, graphs, graphs+compile, graphs+compile+einsum (the "

@@ -1,19 +1,19 @@
 #!/usr/bin/env bash
 # The decode kernels of issue 14 on one GPU: the GPU tests of the switched kernels, the dense GEMV sweep (TUNED
 # entries to paste), the decode bench with the shipped switches against none of them and other choices (bf16 at
-# batch 1/4 and 32/128, the grouped decode GEMM at 128, then FP8), and a profile of the shipped path. In two device
+# batch 1/4 and 32/128, the grouped decode GEMM past its limit at 256, then FP8), and a profile of the shipped path. In two device
 # calls of < 10 minutes:
 #
 #     bash bench/decode_kernels_gpu.sh OUT_DIR tests,sweep,b1          (OUT_DIR: $OUT on the device machine)
-#     bash bench/decode_kernels_gpu.sh OUT_DIR b32,b128,fp8,profile
+#     bash bench/decode_kernels_gpu.sh OUT_DIR b32,b256,fp8,profile
 #
-# Stages (default: all, in this order): tests, sweep, b1, b32, b128, fp8, profile. Each stage's output goes to its own
+# Stages (default: all, in this order): tests, sweep, b1, b32, b256, fp8, profile. Each stage's output goes to its own
 # file under OUT_DIR (and a line to steps.txt); a failing stage does not stop the next. A kernel is on by default
 # (dsv3/kernels/backend.py SWITCHED) only where its rows are faster. B1, B32, FP8 (environment) replace the
 # batch lists of those stages; LIMIT_<stage>=S stops a stage after S seconds (bench/stages.sh).
 set -u
 out="${1:-${OUT:-runs/decode_kernels}}"
-stages=",${2:-tests,sweep,b1,b32,b128,fp8,profile},"
+stages=",${2:-tests,sweep,b1,b32,b256,fp8,profile},"
 source "$(dirname "$0")/stages.sh"
 
 step tests python -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu_dense_gemv.py tests/test_gpu_head_gemv.py \
@@ -25,7 +25,13 @@ step b1 python bench/decode_gpu.py --preset 16b --batches "${B1:-1,4}" --new 48 
 graphs+compile,graphs+compile+densegemv+headgemv+latentstore,graphs+compile+splittile
 step b32 python bench/decode_gpu.py --preset 16b --batches "${B32:-32,128}" --new 48 \
     --modes graphs+compile+nokernels,graphs+compile
-step b128 python bench/decode_gpu.py --preset 16b --batches 128 --new 48 --moe-gemm-rows 1024 --modes graphs+compile
+# batch 256 (1,536 pairs at top-6, past the shipped MOE_GEMM_ROWS of 1,024): the grouped decode GEMM with the limit
+# raised, against the shipped path (torch._grouped_mm there)
+b256() {
+    python bench/decode_gpu.py --preset 16b --batches 256 --new 48 --moe-gemm-rows 2048 --modes graphs+compile &&
+        python bench/decode_gpu.py --preset 16b --batches 256 --new 48 --modes graphs+compile
+}
+step b256 b256
 step fp8 python bench/decode_gpu.py --preset 16b --batches "${FP8:-1,32,128}" --new 48 \
     --modes graphs+compile,graphs+compile+nokernels+fp8,graphs+compile+fp8  # (bf16 first: FP8 / bf16)
 step profile python bench/profile_gpu.py --decode 1,32 --preset 16b

@@ -78,6 +78,17 @@ def decode_model_and_prompts():
                            n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2,
                            max_position_embeddings=256, num_nextn_predict_layers=0, initializer_range=0.2)
     m = dsv3.build_model(cfg, device="cuda", dtype=torch.bfloat16, seed=0)
+    # Selection by the bias alone (expert e's bias e > every score in (0, 1)): each token takes experts 12-15, so
+    # no bf16 rounding can flip a routing choice. Random routing made these comparisons fail on the H200
+    # (2026-12-05): paths that differ only in rounding (cuBLAS against a GEMV, the grouped GEMM against the
+    # decode GEMM) flipped one token's experts in a later layer and its logits moved 34-63%, in whichever row
+    # the process's state happened to tip (the grouped GEMM itself matched an fp32 loop to 0.2% on every
+    # shape tried). The gates still come from the scores, and the experts still differ.
+    from dsv3.model.moe import Router
+
+    for r in m.modules():
+        if isinstance(r, Router):
+            r.e_score_correction_bias.copy_(torch.arange(cfg.n_routed_experts, dtype=torch.float32))
     g = torch.Generator().manual_seed(1)
     return m, [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in (9, 17, 40)]
 
@@ -86,9 +97,8 @@ def graphed_step_logits(m, prompts, **engine_kw) -> torch.Tensor:
     """Prefill `prompts` eagerly, then one teacher-forced CUDA-graph decode step (bucket 4): its logits (3, V),
     each row first checked against the uncached forward over the request's tokens (within 5%: bf16 paths), so
     that a failing comparison of two such steps says which of them is off. (Added after the GPU run of
-    2026-12-05: in the dense-GEMV, head-GEMV and latent-store tests the non-compiled step's switched-on and
-    switched-off logits differed by the same 34% in all three files, mostly in row 0, which the CPU's eager
-    static step does not show.)"""
+    2026-12-05 where the non-compiled step's switched-on and switched-off logits differed by 34%; it showed
+    routing near-ties, which decode_model_and_prompts now rules out.)"""
     logits, eng = decode_step(m, prompts, **{"max_batch_size": 4, **engine_kw})
     with torch.no_grad():
         for b, r in enumerate(eng.running):

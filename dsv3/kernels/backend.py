@@ -85,10 +85,11 @@ PENDING: set[str] = set()
 # use_backend; the default is what the H200 measured (bench/decode_gpu.py, 16b random weights, graphs + compile,
 # one run, 2026-12-05, bench/RESULTS.md): batch 1 295.4 tok/s without any, 339.0 with the dense GEMV, 310.9 with
 # the latent store, 289.9 with the head GEMV, 356.9 with all three; batch 32 2,271 without the grouped decode GEMM,
-# 3,134 with it. So on: dense_gemv (at one row: DENSE_GEMV_ROWS), latent_store, moe_gemm (up to batch 32:
-# MOE_GEMM_ROWS); off: head_gemv (no gain measured). The FP8 forms (e4m3 weights: the SwiGLU GEMV, which follows
-# dense_gemv, and moe_gemm) were not measured (that run's FP8 rows failed to compile, since fixed): WEIGHTS_16BIT, on
-# for 16-bit weights only. DSV3_KERNELS or kernels.set_* turn any of them on (every dtype) or off.
+# 3,134 with it. So on: dense_gemv (at one row: DENSE_GEMV_ROWS), latent_store, moe_gemm (up to MOE_GEMM_ROWS
+# pairs); off: head_gemv (no gain measured). The FP8 forms (e4m3 weights: the SwiGLU GEMV, which follows dense_gemv,
+# and moe_gemm) lost at batch 1: an FP8 16b model decoded 362.6 tok/s without them and 342.2 with them (and the
+# latent store; same run, H200, 2026-12-05): WEIGHTS_16BIT, on for 16-bit weights only. DSV3_KERNELS or
+# kernels.set_* turn any of them on (every dtype) or off.
 WEIGHTS_16BIT = "16-bit weights"
 SWITCHED: dict[str, bool | str] = {"dense_gemv": WEIGHTS_16BIT, "head_gemv": False, "latent_store": True,
                                    "moe_gemm": WEIGHTS_16BIT}
@@ -104,10 +105,10 @@ EXPERT_DECODE_ROWS = 1024
 # against 1,240 (its best configs per shape: 958 / 1,174 / 1,672).
 DENSE_GEMV_ROWS = 1
 # Up to these many (token, expert) pairs the routed experts may take the grouped decode GEMM (moe_gemm_triton.py:
-# 16-64-row tiles per expert; above, prefill, torch._grouped_mm or the FP8 grouped path). 256: decode batches up
-# to 32 at top-8 (the 671B) or 42 at top-6 (16b), where it was measured (1.38x at batch 32 on 16b); batch 128 was
-# not measured yet (kernels.MOE_GEMM_ROWS can be raised to try it).
-MOE_GEMM_ROWS = 256
+# 16-64-row tiles per expert; above, prefill, torch._grouped_mm or the FP8 grouped path). 1024: decode batches up
+# to 128 at top-8 (the 671B) or 170 at top-6 (16b). Measured on the H200 (16b, graphs + compile): batch 32 2,271 ->
+# 3,134 tok/s (1.38x, 2026-12-05), batch 128 (768 pairs) 8,003 -> 10,658 (1.33x, the next session, same day).
+MOE_GEMM_ROWS = 1024
 
 
 
