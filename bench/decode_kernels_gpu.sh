@@ -27,9 +27,11 @@ step b32 python bench/decode_gpu.py --preset 16b --batches "${B32:-32,128}" --ne
     --modes graphs+compile+nokernels,graphs+compile
 # batch 256 (1,536 pairs at top-6, past the shipped MOE_GEMM_ROWS of 1,024): the grouped decode GEMM with the limit
 # raised, against the shipped path (torch._grouped_mm there)
-b256() {
-    python bench/decode_gpu.py --preset 16b --batches 256 --new 48 --moe-gemm-rows 2048 --modes graphs+compile &&
-        python bench/decode_gpu.py --preset 16b --batches 256 --new 48 --modes graphs+compile
+b256() {  # (a function: `step` applies LIMIT_b256 to each command here, half each)
+    local t=$(( ${LIMIT_b256:-0} / 2 ))
+    timeout --kill-after=10 "$t" python bench/decode_gpu.py --preset 16b --batches 256 --new 48 --moe-gemm-rows 2048 \
+        --modes graphs+compile
+    timeout --kill-after=10 "$t" python bench/decode_gpu.py --preset 16b --batches 256 --new 48 --modes graphs+compile
 }
 step b256 b256
 step fp8 python bench/decode_gpu.py --preset 16b --batches "${FP8:-1,32,128}" --new 48 \

@@ -48,13 +48,26 @@ def test_both_launches_vs_reference(T, E, D, I, K, fp8):
 
 
 @pytest.mark.parametrize("compile", [False, True])
-def test_graphed_decode_step_with_the_switch_on_matches_off(compile):
+def test_graphed_decode_step_with_the_switch_on_matches_off(compile, monkeypatch):
     """Batch 8 of the micro model (16 experts top-4: 32 pairs, above the per-row GEMV's limit) through the grouped
-    decode GEMM against torch._grouped_mm, teacher-forced: logits within 2%, top-1 mostly equal, the kernel ran."""
+    decode GEMM against torch._grouped_mm, teacher-forced: logits within 2%, top-1 mostly equal, the kernel ran.
+    Routing is fixed and varies by row (row t takes experts (5t + 3j) % 16, j < 4: groups of unequal sizes, each
+    gathering other tokens), so that rounding cannot flip a choice and the kernel's gather of each expert's tokens
+    is exercised (the helper's bias routing would send every token to the same four experts)."""
     from dsv3.kernels import moe_gemm_triton as k
+    from dsv3.model.moe import Router
     from conftest import decode_step
     from test_gpu_expert_gemv import decode_model_and_prompts
 
+    forward = Router.forward
+
+    def fixed(self, x_ND):
+        w, idx, s = forward(self, x_ND)
+        t = torch.arange(idx.shape[0], device=idx.device)[:, None]
+        j = torch.arange(idx.shape[1], device=idx.device)[None]
+        return w, (5 * t + 3 * j) % s.shape[1], s
+
+    monkeypatch.setattr(Router, "forward", fixed)
     m, prompts = decode_model_and_prompts()
     g = torch.Generator().manual_seed(5)
     prompts = prompts + [torch.randint(0, m.config.vocab_size, (n,), generator=g).tolist() for n in (5, 11, 23, 30, 8)]

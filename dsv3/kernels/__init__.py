@@ -203,8 +203,8 @@ def set_moe_gemm(on: bool) -> bool:
     `moe_gemm_down`: Experts.forward between the one-row-per-expert GEMV and prefill) wherever its rule holds
     (CUDA, bf16/fp16 x, weights in x's dtype or e4m3, at most MOE_GEMM_ROWS pairs, no autograd: backend.py),
     process-wide; returns the previous setting. ON BY DEFAULT for 16-bit weights (backend.WEIGHTS_16BIT): faster
-    than torch._grouped_mm (bf16) at batch 32 on the H200 (bench/decode_gpu.py's +moegemm modes; backend.py
-    SWITCHED and MOE_GEMM_ROWS); its e4m3 form (FP8 checkpoints) only once switched on."""
+    than torch._grouped_mm (bf16) at batch 32 and 128 on the H200 (bench/decode_gpu.py's +moegemm modes; backend.py
+    SWITCHED and MOE_GEMM_ROWS); its e4m3 form (FP8 checkpoints, slower at batch 1) only once switched on."""
     return _switch("moe_gemm", on)
 
 

@@ -87,8 +87,8 @@ PENDING: set[str] = set()
 # the latent store, 289.9 with the head GEMV, 356.9 with all three; batch 32 2,271 without the grouped decode GEMM,
 # 3,134 with it. So on: dense_gemv (at one row: DENSE_GEMV_ROWS), latent_store, moe_gemm (up to MOE_GEMM_ROWS
 # pairs); off: head_gemv (no gain measured). The FP8 forms (e4m3 weights: the SwiGLU GEMV, which follows dense_gemv,
-# and moe_gemm) lost at batch 1: an FP8 16b model decoded 362.6 tok/s without them and 342.2 with them (and the
-# latent store; same run, H200, 2026-12-05): WEIGHTS_16BIT, on for 16-bit weights only. DSV3_KERNELS or
+# and moe_gemm) lost at batch 1: an FP8 16b model decoded 362.6 tok/s without them and 342.2 with them (same
+# run, H200, 2026-12-05): WEIGHTS_16BIT, on for 16-bit weights only. DSV3_KERNELS or
 # kernels.set_* turn any of them on (every dtype) or off.
 WEIGHTS_16BIT = "16-bit weights"
 SWITCHED: dict[str, bool | str] = {"dense_gemv": WEIGHTS_16BIT, "head_gemv": False, "latent_store": True,
