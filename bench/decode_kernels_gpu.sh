@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The decode kernels of issue 14 on one GPU: the GPU tests of the switched kernels, the dense GEMV sweep (TUNED
 # entries to paste), the decode bench with the shipped switches against none of them and other choices (bf16 at
-# batch 1/4 and 32/128, the grouped decode GEMM past its limit at 256, then FP8), and a profile of the shipped path. In two device
-# calls of < 10 minutes:
+# batch 1/4 and 32/128, the grouped decode GEMM past its limit at 256, then FP8), and a profile of the shipped path.
+# In two device calls of < 10 minutes:
 #
 #     bash bench/decode_kernels_gpu.sh OUT_DIR tests,sweep,b1          (OUT_DIR: $OUT on the device machine)
 #     bash bench/decode_kernels_gpu.sh OUT_DIR b32,b256,fp8,profile
