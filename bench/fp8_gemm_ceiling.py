@@ -45,6 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import dsv3  # noqa: E402
 from dsv3 import kernels  # noqa: E402
+from dsv3.kernels.fp8 import _ceil, _pad2  # noqa: E402  (the padding of the FP8 Linear's own GEMMs)
 from dsv3.kernels.reference import BLOCK  # noqa: E402
 from dsv3.training.fp8 import fp8_linear, fp8_target_names  # noqa: E402
 
@@ -81,10 +82,6 @@ def shapes_of(preset: str) -> collections.Counter:
     return collections.Counter(tuple(mods[n].weight.shape) for n in fp8_target_names(model))
 
 
-def pad(n: int) -> int:
-    return -(-n // BLOCK) * BLOCK
-
-
 def gemm_rows(N: int, K: int, M: int, dev: torch.device, iters: int, warmup: int) -> dict:
     g = torch.Generator(device=dev).manual_seed(N * 7 + K)
     x = torch.randn(M, K, device=dev, generator=g).bfloat16()
@@ -95,9 +92,8 @@ def gemm_rows(N: int, K: int, M: int, dev: torch.device, iters: int, warmup: int
     out["bf16_gemms"] = t(lambda: x @ w.t()) + t(lambda: gy @ w) + t(lambda: gy.t() @ x)
     smm = dev.type == "cuda" and kernels.backend_available("fp8_gemm", dev)
     if smm:  # the three GEMMs on operands quantised beforehand (the layouts of dsv3/kernels/fp8.py _smm_*)
-        Mp, Np, Kp = pad(M), pad(N), pad(K)
-        xp, wp, gp = (F.pad(a, (0, c - a.shape[1], 0, r - a.shape[0])) for a, r, c in
-                      ((x, Mp, Kp), (w, Np, Kp), (gy, Mp, Np)))
+        Mp, Np, Kp = _ceil(M), _ceil(N), _ceil(K)
+        xp, wp, gp = _pad2(x, Mp, Kp), _pad2(w, Np, Kp), _pad2(gy, Mp, Np)
         xq, xs = kernels.act_quant_cm(xp)
         wq, ws, wqt = kernels.weight_quant_pad(wp, transposed=True)
         gq, gs = kernels.act_quant_cm(gp)
