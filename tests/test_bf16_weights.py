@@ -272,11 +272,11 @@ def test_refused_outside_bf16(env, tmp_path, kw, match):
 
 
 @pytest.mark.parametrize("kind, pcfg", [("sharded", dict(dp_shard=2, ep=1, fsdp=False)),
-                                        ("sharded", dict(dp_shard=1, ep=2)),
-                                        ("pipeline", dict(pp=2, dp_shard=1, ep=1))])
+                                        ("sharded", dict(dp_shard=1, ep=2))])
 def test_torchrun_layouts_refuse_it(kind, pcfg):
     """In-process (a rank of a 2-rank world, no process group: check_settings is collective-free). FSDP2
-    without EP runs it in its own form (tests/distributed/test_compose.py, test_gloo.py)."""
+    without EP runs it in its own form, the pipeline layouts with ZeRO-1's or AdamW's masters
+    (tests/distributed/test_compose.py, test_gloo.py, test_pipeline_dp.py)."""
     from dsv3.distributed.mesh import DistEnv, ParallelConfig
     from dsv3.distributed.strategy import PipelineStrategy, ShardedStrategy
 
@@ -284,9 +284,21 @@ def test_torchrun_layouts_refuse_it(kind, pcfg):
     cls = PipelineStrategy if kind == "pipeline" else ShardedStrategy
     strategy = cls(env_, ParallelConfig(**pcfg))
     tc = TrainConfig(out_dir="unused", batch_size=8, precision="bf16", bf16_weights=True)
-    with pytest.raises(ValueError, match="runs in one process or under FSDP2 without expert parallelism"):
+    with pytest.raises(ValueError, match="runs in one process, under FSDP2 without expert parallelism"):
         strategy.check_settings(tc, "bf16")
     strategy.check_settings(TrainConfig(out_dir="unused", batch_size=8, precision="bf16"), "bf16")
+
+
+@pytest.mark.parametrize("pcfg", [dict(pp=2, dp_shard=1, ep=1), dict(pp=2, dp_shard=2, ep=1, fsdp=False)])
+def test_pipeline_layouts_take_it(pcfg):
+    """Every pipeline layout accepts it (collective-free check_settings, as above)."""
+    from dsv3.distributed.mesh import DistEnv, ParallelConfig
+    from dsv3.distributed.strategy import PipelineStrategy
+
+    env_ = DistEnv(rank=0, world_size=2 * pcfg["dp_shard"], local_rank=0, device=torch.device("cpu"), backend="gloo")
+    strategy = PipelineStrategy(env_, ParallelConfig(**pcfg))
+    strategy.check_settings(TrainConfig(out_dir="unused", batch_size=8, precision="bf16", bf16_weights=True), "bf16")
+    assert strategy.optimizer_masters
 
 
 def test_fsdp2_takes_its_own_form():

@@ -148,7 +148,9 @@ def _pipeline_state_dicts(opt, ps):
     held by several ranks (the 1F1B tied embedding copy, replicated parameters of the dp × ep ranks of
     a stage, expert slices of the dp replicas) is equal on them: DCP stores it once. ep > 1: expert
     slices (and their moments) wrapped as DTensors on the stage's ("dp", "ep") sub-mesh with
-    placements [Replicate(), Shard(0)], global shape (E, ...), as in `_state_dicts`."""
+    placements [Replicate(), Shard(0)], global shape (E, ...), as in `_state_dicts`. ZeRO-1 (`ps.zero`,
+    dsv3/distributed/zero.py): a sharded parameter is stored as its master and moments, this rank's chunks,
+    DTensors of the global shape (the parameters themselves are gathered from the masters after a load)."""
     from torch.distributed.checkpoint.state_dict import _init_optim_state
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
@@ -158,19 +160,33 @@ def _pipeline_state_dicts(opt, ps):
         for k, v in part.state_dict(keep_vars=True).items():
             msd[k] = v.detach()
         params.update(dict(part.named_parameters()))
+    zero = {id(e.param): (z, e) for z in getattr(ps, "zero", ()) for e in z.entries}
+
+    def optimized(p):  # the tensor AdamW updates for p: its ZeRO master, or p
+        return zero[id(p)][1].master if id(p) in zero else p
+
     some = next((v for v in opt.state.values() if "step" in v), None)
     for p in params.values():  # a parameter that never had a gradient has no AdamW state yet: zeros
-        if not opt.state[p]:
+        t = optimized(p)
+        if not opt.state[t]:
             dt = some["exp_avg"].dtype if some is not None else p.dtype
             step = torch.zeros_like(some["step"]) if some is not None else torch.zeros((), dtype=torch.float32)
-            opt.state[p].update(step=step, exp_avg=torch.zeros_like(p.detach(), dtype=dt),
-                                exp_avg_sq=torch.zeros_like(p.detach(), dtype=dt))
-    osd = {n: dict(opt.state[p]) for n, p in params.items()}
+            opt.state[t].update(step=step, exp_avg=torch.zeros_like(t.detach(), dtype=dt),
+                                exp_avg_sq=torch.zeros_like(t.detach(), dtype=dt))
+    osd = {n: dict(opt.state[optimized(p)]) for n, p in params.items()}
     wrapped = []  # (the tensor in place, the DTensor DCP fills)
+    for n, p in params.items():
+        if id(p) in zero:
+            z, e = zero[id(p)]
+            msd[n] = e.master.detach()
+            for d, k in [(msd, n)] + [(osd[n], k) for k, v in osd[n].items() if torch.is_tensor(v) and v.dim() > 0]:
+                orig = d[k]
+                d[k] = z.dtensor(orig, p)
+                wrapped.append((orig, d[k]))
     if ps.pcfg.ep > 1:
         ids = {id(p) for p in ps.expert_params}
         for n, p in params.items():
-            if id(p) not in ids:
+            if id(p) not in ids or id(p) in zero:
                 continue
             slots = [(msd, n)] + [(osd[n], k) for k, v in osd[n].items() if torch.is_tensor(v) and v.dim() > 0]
             for d, k in slots:
@@ -180,11 +196,23 @@ def _pipeline_state_dicts(opt, ps):
     return msd, osd, wrapped
 
 
+@torch.no_grad()
+def _pipeline_loaded(ps, wrapped) -> None:
+    """After a pipeline load: the DTensors' values in their tensors (where DCP did not fill them in place)
+    and, under ZeRO-1, the whole parameters gathered from the loaded masters (a collective)."""
+    for orig, dt in wrapped:
+        if dt.to_local().data_ptr() != orig.data_ptr():
+            orig.copy_(dt.to_local())
+    for z in getattr(ps, "zero", ()):
+        z.gather_params()
+
+
 def _layout(ps, world: int) -> dict:
     pcfg = ps.pcfg
-    if _is_pipeline(ps):  # the stages' dp replicas are plain copies (no FSDP): dp_shard = dp, fsdp False
+    if _is_pipeline(ps):  # the stages' dp replicas hold whole weights (no FSDP): dp_shard = dp, fsdp False;
+        # zero: their optimizer state (masters, moments) sharded over them (ZeRO-1)
         return {"world_size": world, "pp": pcfg.pp, "dp": pcfg.dp, "ep": pcfg.ep, "schedule": pcfg.schedule,
-                "n_microbatches": pcfg.n_microbatches, "dp_shard": pcfg.dp, "fsdp": False}
+                "n_microbatches": pcfg.n_microbatches, "dp_shard": pcfg.dp, "fsdp": False, "zero": bool(ps.zero)}
     return {"world_size": world, "dp_shard": pcfg.dp_shard, "ep": pcfg.ep, "fsdp": pcfg.fsdp}
 
 
@@ -311,10 +339,7 @@ def load_dcp(path: str, model, opt, ps) -> dict:
     if _is_pipeline(ps):
         msd, optim, wrapped = _pipeline_state_dicts(opt, ps)
         safe_dcp.load({"model": msd, "optim": optim}, os.path.join(path, DCP_DIR))
-        with torch.no_grad():
-            for orig, dt in wrapped:
-                if dt.to_local().data_ptr() != orig.data_ptr():
-                    orig.copy_(dt.to_local())
+        _pipeline_loaded(ps, wrapped)
     else:
         msd, osd, wrapped = _state_dicts(model, opt, ps)
         safe_dcp.load({"model": msd, "optim": osd["state"]}, os.path.join(path, DCP_DIR))
@@ -390,9 +415,7 @@ def load_full_state(path: str, model, opt, ps) -> dict:
                 else:
                     _fill(v, saved[k])
     if _is_pipeline(ps):
-        for orig, dt in wrapped:
-            if dt.to_local().data_ptr() != orig.data_ptr():
-                orig.copy_(dt.to_local())
+        _pipeline_loaded(ps, wrapped)
     else:
         _unwrap(wrapped)
         set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd)

@@ -54,7 +54,10 @@ class ParallelConfig:
     ep: int = setting(1, "under torchrun: expert-parallel degree (default: world size / --dp-shard, else 1)",
                       cli_default=DERIVED)
     # shard the non-expert parameters (FSDP2) over all ranks; False: replicate them (the flag: --no-fsdp)
-    fsdp: bool = setting(True, "under torchrun: replicate the non-expert parameters instead of FSDP2-sharding them")
+    # with pp > 1: shard the AdamW state and fp32 masters over a stage's replicas (ZeRO-1); False: whole on each
+    fsdp: bool = setting(True, "under torchrun: replicate the non-expert parameters instead of FSDP2-sharding them "
+                               "(with --pp: keep the whole optimizer state on every replica of a stage instead of "
+                               "ZeRO-1 shards)")
     pp: int = setting(1, "under torchrun: pipeline-parallel ranks (1: no pipeline; world = pp x --dp-shard x --ep)")
     pp_schedule: str = setting("1f1b", "pipeline schedule: 1f1b (pp stages) or dualpipev (2 x pp stages in a V)",
                                choices=SCHEDULES)

@@ -64,7 +64,10 @@ stage's dp × ep ranks and divided by dp·ep; an expert slice already holds the 
 losses (the backward all-to-all), so it is all-reduced over the dp replicas and divided by dp·ep.
 Expert counts, loss and the gradient norm are reduced over all ranks (replicated tensors counted
 once, expert slices once per dp replica set). The 1F1B tied embedding has one group {pp 0, pp last}
-per (dp, ep) index.
+per (dp, ep) index. ZeRO-1 (`PipelineConfig(zero=True)`, dsv3/distributed/zero.py): those all-reduces
+become reduce-scatters into each rank's chunks of the fp32 masters, AdamW updates the chunks and an
+all-gather rebuilds the whole weights; the AdamW state per rank is 1/(dp·ep) of the replicated
+parameters' and 1/dp of the expert slices'.
 
 Overlap hook (DualPipeV): torch's runtime runs an OVERLAP_F_B action (forward of one micro-batch
 on one stage, backward of another on the rank's other stage) through a function registered with
@@ -90,7 +93,7 @@ API (what a training loop calls, in order, each step):
     state = build_pipeline(model, pcfg, micro_batch_size, seq_len)     once
     forward_backward(state, batch, mtp_lambda=, balance_alpha=, autocast=)  grads of the global mean loss
     grad_norm(state)                  global L2 norm (0-dim fp32 tensor, no host sync), each parameter once
-    ... clip + optimizer step over state.model_part (dsv3.training.optim.make_optimizer) ...
+    ... clip + optimizer step (make_pipeline_optimizer: dsv3's AdamW, under ZeRO-1 over the masters) ...
     finish_step(state, gamma)         all-reduced expert counts, aux-loss-free bias update
     gathered_loss(state)              {loss, main, mtp, balance}, the same on every rank
 `train_step` is that composition; `forward_only` runs validation forwards.
@@ -128,6 +131,10 @@ class PipelineConfig:
     layers_per_stage: tuple[int, ...] | None = None  # main layers of each stage; None: even split
     ep: int = 1  # expert-parallel ranks per stage replica
     dp: int = 1  # data-parallel replicas of every stage (world = pp × dp × ep, mesh ("pp", "dp", "ep"))
+    # ZeRO-1 over a stage's dp × ep replicas: each keeps the fp32 masters and AdamW moments of 1/(dp·ep) of
+    # the replicated parameters (and of 1/dp of its expert slices); build the optimizer with
+    # `make_pipeline_optimizer` (dsv3/distributed/zero.py). No effect where dp × ep = 1.
+    zero: bool = False
 
     @property
     def world_size(self) -> int:
@@ -349,6 +356,8 @@ class PipelineState:
     coordinator: OverlapCoordinator | None = None  # overlap=True
     dispatchers: list = field(default_factory=list)  # this rank's AllToAllDispatchers (timers go here)
     expert_mesh: object | None = None  # ep > 1: the ("dp", "ep") sub-mesh of my stage(s) (checkpoints)
+    zero: list = field(default_factory=list)  # PipelineConfig.zero: the ZeroGroups (replicated, experts)
+    stage_mesh: object | None = None  # dp × ep > 1: the sub-mesh of my stage(s)' replicas (the dims > 1)
 
 
 def _meta(shape, dtype):
@@ -399,6 +408,7 @@ def build_pipeline(model, pcfg: PipelineConfig, micro_batch_size: int, seq_len: 
             ep_group, expert_mesh = mesh.get_group("ep"), mesh["dp", "ep"]
         if pcfg.dp > 1:
             dp_group = mesh.get_group("dp")
+        stage_mesh = mesh["dp", "ep"] if pcfg.dp > 1 and pcfg.ep > 1 else mesh["ep"] if pcfg.dp == 1 else mesh["dp"]
         if pcfg.dp == 1 or pcfg.ep == 1:
             stage_group = ep_group if pcfg.dp == 1 else dp_group
         else:  # the dp × ep ranks of pp index p are the global ranks [p·R, (p+1)·R); every rank creates all
@@ -455,7 +465,66 @@ def build_pipeline(model, pcfg: PipelineConfig, micro_batch_size: int, seq_len: 
                 state.tied_group = g
         if rank == world - 1:
             state.tied_copy = stages[-1].model.embed_tokens.weight
+    if R > 1:
+        state.stage_mesh = stage_mesh
+        if pcfg.zero:
+            state.zero = _zero_groups(state)
     return state
+
+
+def _zero_groups(state: PipelineState, bf16_ids=frozenset()) -> list:
+    """ZeRO-1's groups (dsv3/distributed/zero.py): the replicated parameters over the stage's dp × ep ranks
+    (dim 0 split by "dp", then by "ep"), and, with dp > 1 and ep > 1, the expert slices over their dp
+    replicas (dim 1 split by "dp"; "ep" already split dim 0 of the global (E, ...) tensor). The parameters
+    in `bf16_ids` (bf16 working weights) get groups of their own (one dtype per all-gather)."""
+    from torch.distributed.tensor import Shard
+
+    from dsv3.distributed.zero import ZeroGroup
+
+    pcfg = state.pcfg
+    sizes = tuple(k for k in (pcfg.dp, pcfg.ep) if k > 1)
+    ep = pcfg.ep
+    kinds = [(state.replicated_params, state.stage_group, sizes, 0, state.stage_mesh, (Shard(0),) * len(sizes),
+              lambda p: tuple(p.shape))]
+    if pcfg.dp > 1:
+        kinds.append((state.expert_params, state.dp_group, (pcfg.dp,), 1, state.expert_mesh, (Shard(1), Shard(0)),
+                      lambda p: (p.shape[0] * ep, *p.shape[1:])))
+    groups = []
+    for params, *spec in kinds:
+        for bf16 in (False, True):
+            ps = [p for p in params if (id(p) in bf16_ids) == bf16]
+            if ps:
+                groups.append(ZeroGroup(ps, *spec))
+    return groups
+
+
+def make_pipeline_optimizer(state: PipelineState, lr: float, weight_decay: float = 0.1, *,
+                            state_dtype: torch.dtype = torch.float32, bf16_weights: bool = False, **kw):
+    """The optimizer of this rank's stages: dsv3's AdamW over `state.model_part`
+    (dsv3.training.optim.make_optimizer), or under ZeRO-1 over the masters of this rank's chunks
+    (dsv3.distributed.zero.make_zero_optimizer), which also gathers the whole parameters after each step.
+    bf16_weights: the GEMM weights (optim.bf16_weight_params) stored in bf16, their fp32 masters being the
+    ZeRO masters where they are sharded and AdamW's own `masters` elsewhere (a pipeline without replicas,
+    --no-fsdp, expert slices without dp replicas). Call it once, before training (it converts the weights)."""
+    from dsv3.training.optim import bf16_weight_params, make_optimizer
+
+    if not state.zero:
+        return make_optimizer(state.model_part, lr, weight_decay, state_dtype=state_dtype, bf16_weights=bf16_weights,
+                              **kw)
+    from dsv3.distributed.zero import make_zero_optimizer
+
+    bf16 = bf16_weight_params(state.model_part) if bf16_weights else []
+    if bf16:
+        ids = {id(p) for p in bf16}
+        state.zero = _zero_groups(state, ids)  # the masters copied from the fp32 values, then the weights rounded
+        with torch.no_grad():
+            for z in state.zero:
+                if id(z.params[0]) in ids:
+                    for p in z.params:
+                        p.data = p.data.to(torch.bfloat16)
+    zeroed = {id(e.param) for z in state.zero for e in z.entries}
+    return make_zero_optimizer(state.model_part, state.zero, lr, weight_decay, state_dtype=state_dtype,
+                               masters=[p for p in bf16 if id(p) not in zeroed], **kw)
 
 
 def _make_schedule(state: PipelineState, logits_dtype: torch.dtype):
@@ -533,7 +602,9 @@ def _sync_grads(state: PipelineState) -> None:
     rank's loss is the mean over its own rows, so the gradient of the global mean is the average over
     the stage's dp × ep ranks): the replicated gradients all-reduced over the stage group (one flat
     buffer) and divided by dp·ep; the expert slices, which already hold the sum over their ep group's
-    losses (the backward all-to-all), all-reduced over the dp replicas and divided by dp·ep."""
+    losses (the backward all-to-all), all-reduced over the dp replicas and divided by dp·ep. Under ZeRO-1
+    (`state.zero`) those sums are reduce-scatters instead: each rank keeps its chunk of every gradient (the
+    masters' .grad), the whole gradients are freed. Sums run in fp32 (bf16 gradients are cast up)."""
     if state.tied_group is not None and state.rank in (0, state.pcfg.pp - 1):
         emb = (state.stages[0] if state.rank == 0 else state.stages[-1]).model.embed_tokens.weight
         if emb.grad is None:
@@ -545,11 +616,14 @@ def _sync_grads(state: PipelineState) -> None:
     for p in state.model_part.parameters():
         if p.grad is None:  # no token reached an expert / a stage part without gradient
             p.grad = torch.zeros_like(p)
+    zeroed = {id(e.param) for z in state.zero for e in z.entries}
+    for z in state.zero:
+        z.reduce_grads(R)
     for params, group in ((state.replicated_params, state.stage_group), (state.expert_params, state.dp_group)):
-        grads = [p.grad for p in params]
+        grads = [p.grad for p in params if id(p) not in zeroed]
         if not grads:
             continue
-        flat = torch.cat([g.reshape(-1) for g in grads])
+        flat = torch.cat([g.reshape(-1).float() for g in grads])
         if group is not None:
             dist.all_reduce(flat, group=group)
         flat.div_(R)
@@ -593,11 +667,14 @@ def grad_norm(state: PipelineState) -> torch.Tensor:
     embedding copy is left out. A 0-dim fp32 tensor on the device, the same on every rank; no
     clipping, no host sync."""
     experts = {id(p) for p in state.expert_params}
+    zeroed = {id(e.param) for z in state.zero for e in z.entries}
     rep, exp = [], []
     for p in state.model_part.parameters():
-        if p.grad is not None and p is not state.tied_copy:
+        if p.grad is not None and p is not state.tied_copy and id(p) not in zeroed:
             (exp if id(p) in experts else rep).append(p.grad)
     sq = torch.zeros((), dtype=torch.float32, device=state.device)
+    for z in state.zero:  # ZeRO-1: each element of the group's gradients on exactly one of its ranks
+        sq += z.sq_norm(exclude=state.tied_copy)
     for grads, copies in ((rep, state.pcfg.replicas), (exp, state.pcfg.dp)):
         if grads:
             sq += torch.stack([g.float().pow(2).sum() for g in grads]).sum() / copies
@@ -637,7 +714,7 @@ def train_step(state: PipelineState, opt, batch: torch.Tensor, *, mtp_lambda: fl
     """One optimizer step on the global batch (B, T+1), the same tensor on every rank: forward_backward,
     grad_norm, clip (torch's coefficient min(1, max / (norm + 1e-6)); a dsv3 AdamW takes it as
     `grad_scale`, other optimizers get scaled gradients), step, finish_step. `opt` is over
-    `state.model_part` (dsv3.training.optim.make_optimizer). Returns gathered_loss's values, the
+    `state.model_part` (make_pipeline_optimizer). Returns gathered_loss's values, the
     gradient norm before clipping and the global expert loads (same on every rank)."""
     forward_backward(state, batch, mtp_lambda=mtp_lambda, balance_alpha=balance_alpha, autocast=autocast)
     norm = grad_norm(state)

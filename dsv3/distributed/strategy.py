@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from dsv3.distributed.mesh import DistEnv, ParallelConfig, ParallelConfigError, build_mesh, init_distributed
 from dsv3.model import update_expert_bias
-from dsv3.training.strategy import Strategy
+from dsv3.training.strategy import Strategy, _masters
 
 
 def resolve_layout(pcfg: ParallelConfig | None, world: int) -> ParallelConfig:
@@ -88,10 +88,10 @@ class _Collective(Strategy):
             # not the optimizer's masters, and sum replicated / expert gradients with all-reduces
             # (finish_grad_sync) that would run in bf16; FSDP2's own form of the mode is fully_shard's
             # MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) over its fp32 shards, not wired yet
-            raise ValueError("--bf16-weights runs in one process or under FSDP2 without expert parallelism (--ep 1, "
-                             "fsdp on): in this layout the sharded checkpoints would write the parameters, not the "
-                             "optimizer's fp32 masters, and gradients of replicated or expert weights would be "
-                             "all-reduced in bf16; drop --bf16-weights")
+            raise ValueError("--bf16-weights runs in one process, under FSDP2 without expert parallelism (--ep 1, "
+                             "fsdp on) or with --pp: in this layout the sharded checkpoints would write the "
+                             "parameters, not the optimizer's fp32 masters, and gradients of replicated or expert "
+                             "weights would be all-reduced in bf16; drop --bf16-weights")
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(t)
@@ -221,15 +221,22 @@ class PipelineStrategy(_Collective):
 
         n_stages = pcfg.pp if pcfg.pp_schedule == "1f1b" else 2 * pcfg.pp
         self.ppcfg = PipelineConfig(pp=pcfg.pp, schedule=pcfg.pp_schedule,
-                                    n_microbatches=pcfg.n_microbatches or n_stages, ep=pcfg.ep, dp=pcfg.dp_shard)
+                                    n_microbatches=pcfg.n_microbatches or n_stages, ep=pcfg.ep, dp=pcfg.dp_shard,
+                                    zero=pcfg.fsdp)  # the stages' replicas shard their optimizer state (ZeRO-1)
         self.ps = None
         self._shape = None
+
+    def _bf16_weights_layout(self) -> bool:
+        # every pipeline layout: ZeRO-1 masters (fp32 chunks, gradients summed in fp32) or AdamW's own masters
+        # (the replicated path sums bf16 gradients in an fp32 buffer); checkpoints write the masters
+        return True
 
     def describe(self) -> str:
         c = self.ppcfg
         dp = f" x dp {c.dp}" if c.dp > 1 else ""
+        zero = f", ZeRO-1 over the {c.replicas} replicas of a stage" if c.zero and c.replicas > 1 else ""
         return (f"{self.world_size} ranks (pp {c.pp} x ep {c.ep}{dp}, {c.schedule}, {c.n_microbatches} micro-batches, "
-                f"{c.n_stages} stages)")
+                f"{c.n_stages} stages{zero})")
 
     def check_settings(self, settings, precision: str) -> None:
         super().check_settings(settings, precision)
@@ -267,6 +274,12 @@ class PipelineStrategy(_Collective):
 
     def module(self) -> torch.nn.Module:
         return self.ps.model_part
+
+    def make_optimizer(self, lr: float, weight_decay: float, *, state_dtype: torch.dtype = torch.float32,
+                       bf16_weights: bool = False):
+        from dsv3.distributed.pipeline import make_pipeline_optimizer
+
+        return make_pipeline_optimizer(self.ps, lr, weight_decay, state_dtype=state_dtype, bf16_weights=bf16_weights)
 
     def check_generation(self) -> None:
         raise ParallelConfigError("generation under the pipeline layout is not available: no rank holds the whole model")
@@ -308,15 +321,17 @@ class PipelineStrategy(_Collective):
     def save(self, ckpt_root, step, opt, state, *, tokenizer=None, keep=3, final=False) -> str:
         from dsv3.checkpoints.dcp import save_dcp
 
-        return save_dcp(ckpt_root, step, self.ps.stages[0], opt, self.ps, state, tokenizer=tokenizer, keep=keep,
-                        export_hf=final)
+        with _masters(opt):  # bf16 working weights kept by AdamW: their fp32 masters are written
+            return save_dcp(ckpt_root, step, self.ps.stages[0], opt, self.ps, state, tokenizer=tokenizer, keep=keep,
+                            export_hf=final)
 
     def load(self, path: str, opt) -> dict:
         from dsv3.checkpoints.dcp import is_dcp_checkpoint, load_dcp, load_full_state
 
-        if is_dcp_checkpoint(path):
-            return load_dcp(path, self.ps.stages[0], opt, self.ps)
-        return load_full_state(path, self.ps.stages[0], opt, self.ps)
+        with _masters(opt):  # the masters filled, the bf16 copies re-derived on exit
+            if is_dcp_checkpoint(path):
+                return load_dcp(path, self.ps.stages[0], opt, self.ps)
+            return load_full_state(path, self.ps.stages[0], opt, self.ps)
 
 
 __all__ = ["PipelineStrategy", "ShardedStrategy", "distributed_strategy", "resolve_layout"]

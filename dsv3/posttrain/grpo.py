@@ -64,7 +64,6 @@ from dsv3.posttrain.start import freeze_mtp, load_start, resolve_start, run_dire
 from dsv3.posttrain.tasks import Task
 from dsv3.tokenizer import DSTokenizer
 from dsv3.training import loop
-from dsv3.training.optim import make_optimizer
 from dsv3.training.pretrain import make_strategy
 from dsv3.training.strategy import precision_recipe, prepare_model, resolve_precision
 
@@ -403,7 +402,7 @@ def train_grpo(checkpoint_dir: str, task: Task, out_dir: str, cfg: GRPOConfig, l
     policy = load_start(src, strategy.device)
     freeze_mtp(policy)
     prepare_model(policy, strategy, precision=precision, recompute=cfg.recompute, log=say)
-    opt = make_optimizer(strategy.module(), cfg.lr, cfg.weight_decay)
+    opt = strategy.make_optimizer(cfg.lr, cfg.weight_decay)
     step = tokens = 0
     if resume_from is not None:
         st = strategy.load(resume_from, opt)

@@ -56,7 +56,6 @@ from dsv3.tokenizer import DSTokenizer
 from dsv3.training import loop
 from dsv3.training.data import jsonl_records
 from dsv3.training.loss import IGNORE
-from dsv3.training.optim import make_optimizer
 from dsv3.training.pretrain import make_strategy
 from dsv3.training.strategy import (PRECISIONS, check_weights, checkpoint_config, precision_recipe, prepare_model,
                                     resolve_precision)
@@ -398,8 +397,7 @@ def train_sft(checkpoint_dir: str, data_path: str, out_dir: str, cfg: SFTConfig,
     strategy.check_model(mc, cfg)
     freeze_mtp(model)
     prepare_model(model, strategy, precision=precision, recompute=cfg.recompute, log=say)
-    opt = make_optimizer(strategy.module(), cfg.lr, cfg.weight_decay,
-                         bf16_weights=cfg.bf16_weights and strategy.optimizer_masters)
+    opt = strategy.make_optimizer(cfg.lr, cfg.weight_decay, bf16_weights=cfg.bf16_weights)
     step, tokens = 0, 0
     if resume_from is not None:
         st = strategy.load(resume_from, opt)

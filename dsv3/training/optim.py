@@ -307,10 +307,20 @@ class AdamW(torch.optim.Optimizer):
                     w.copy_(self.masters[p])
 
 
+def global_norm(params) -> torch.Tensor:
+    """The 2-norm of the gradients of `params` (fp32, on their device, no host sync): the same arithmetic
+    as torch.nn.utils.clip_grad_norm_ (per-tensor norms, then the norm of their stack)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    # bf16 gradients (bf16 working weights): each norm accumulated and returned in fp32, not rounded to bf16
+    wide = {"dtype": torch.float32} if any(g.dtype != torch.float32 for g in grads) else {}
+    norms = torch._foreach_norm(grads, 2.0, **wide)
+    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]), 2.0)
+
+
 def grad_norm(params) -> torch.Tensor:
     """The 2-norm of all gradients (fp32, on their device, no host sync): torch.nn.utils.clip_grad_norm_'s."""
-    from dsv3.training.strategy import global_norm
-
     return global_norm(params)
 
 

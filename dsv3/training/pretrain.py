@@ -42,7 +42,7 @@ from dsv3.training import extend, loop
 from dsv3.training.config import TrainConfig, deterministic_mode, resolve_device
 from dsv3.training.data import CorpusError, PackedSampler, build_token_cache, find_corpus, read_documents, split_of
 from dsv3.training.loss import compute_loss
-from dsv3.training.optim import Schedule, make_optimizer
+from dsv3.training.optim import Schedule
 from dsv3.training.strategy import (Strategy, checkpoint_config, precision_recipe, prepare_model,
                                     resolve_precision)
 
@@ -365,8 +365,7 @@ def _train(mc: ModelConfig | None, tc: TrainConfig, pcfg, log, strategy: Strateg
     prepare_model(model, strategy, precision=precision, recompute=tc.recompute, fp8_experts=tc.fp8_experts,
                   compile=tc.compile, log=say)
     state_dtype = torch.bfloat16 if tc.optim_state_dtype == "bf16" else torch.float32
-    opt = make_optimizer(strategy.module(), tc.lr, tc.weight_decay, state_dtype=state_dtype,
-                         bf16_weights=tc.bf16_weights and strategy.optimizer_masters)
+    opt = strategy.make_optimizer(tc.lr, tc.weight_decay, state_dtype=state_dtype, bf16_weights=tc.bf16_weights)
     step, tokens_seen = 0, 0
     if resume_from is not None:
         st = strategy.load(resume_from, opt)

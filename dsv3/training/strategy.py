@@ -14,6 +14,7 @@ What a strategy does for the loop (a task, e.g. pre-training or SFT, supplies da
     forward_backward(task, mbs, hp) -> (stats, counts)   gradients of the global mean loss in every
                                   local parameter; stats (k,) the task's step statistics averaged over
                                   the ranks; counts the global expert loads (or None)
+    make_optimizer(lr, wd, ...)   the optimizer over module() (the pipeline's ZeRO-1: over its masters)
     grad_norm(opt)                the global L2 norm of the gradients, each parameter once, on the device
     routers()                     this rank's routers with their rows in the global (L_moe, E) counts
     eval_logits(x)                logits of this rank's rows, or None where the rank has no output head
@@ -50,6 +51,7 @@ import os
 import torch
 
 from dsv3.model import update_expert_bias
+from dsv3.training.optim import global_norm, make_optimizer
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp8")
 
@@ -103,18 +105,6 @@ def _masters(opt):
     return opt.masters_as_params() if getattr(opt, "masters", None) else contextlib.nullcontext()
 
 
-def global_norm(params) -> torch.Tensor:
-    """The 2-norm of the gradients of `params` (fp32, on their device, no host sync): the same arithmetic
-    as torch.nn.utils.clip_grad_norm_ (per-tensor norms, then the norm of their stack)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    # bf16 gradients (bf16 working weights): each norm accumulated and returned in fp32, not rounded to bf16
-    wide = {"dtype": torch.float32} if any(g.dtype != torch.float32 for g in grads) else {}
-    norms = torch._foreach_norm(grads, 2.0, **wide)
-    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]), 2.0)
-
-
 class Strategy:
     """One process, the whole model (the world-size-1 layout)."""
 
@@ -155,6 +145,14 @@ class Strategy:
     def module(self) -> torch.nn.Module:
         """The module whose parameters this rank optimises (and checkpoints)."""
         return self.model
+
+    def make_optimizer(self, lr: float, weight_decay: float, *, state_dtype: torch.dtype = torch.float32,
+                       bf16_weights: bool = False):
+        """The run's optimizer over `module()` (dsv3.training.optim.make_optimizer: dsv3's AdamW); with
+        `bf16_weights` it keeps the fp32 masters where this layout has the optimizer keep them
+        (`optimizer_masters`). The pipeline layout under ZeRO-1 builds it over its masters instead."""
+        return make_optimizer(self.module(), lr, weight_decay, state_dtype=state_dtype,
+                              bf16_weights=bf16_weights and self.optimizer_masters)
 
     def check_settings(self, settings, precision: str) -> None:
         """Raise if this layout cannot run with these settings (the reason in the message)."""

@@ -58,7 +58,8 @@ SCENARIOS = {  # name -> (world size, PipelineConfig kwargs)
     "dualpipev_pp2xdp2": (4, dict(pp=2, dp=2, schedule="dualpipev")),
     "checkpoint_pp2xdp2_to_pp2xep2": (4, None),
     # 2 micro-batches of 4 rows: one row per (dp, ep) rank
-    "1f1b_pp2xdp2xep2": (8, dict(pp=2, dp=2, ep=2, schedule="1f1b", n_microbatches=2)),
+    # with ZeRO-1: the replicated parameters' masters split by dp then ep, the expert slices' by dp
+    "1f1b_pp2xdp2xep2_zero": (8, dict(pp=2, dp=2, ep=2, schedule="1f1b", n_microbatches=2, zero=True)),
 }
 if not HAS_DUALPIPEV:
     SCENARIOS = {k: v for k, v in SCENARIOS.items() if "dualpipev" not in k}
@@ -70,12 +71,31 @@ def _batches(cfg, n):
 
 
 def _build(cfg, pcfg):
-    from dsv3.distributed.pipeline import build_pipeline
+    from dsv3.distributed.pipeline import build_pipeline, make_pipeline_optimizer
     from dsv3.model import build_model
-    from dsv3.training.optim import make_optimizer
 
     ps = build_pipeline(build_model(cfg, seed=0), pcfg, B // (pcfg.n_microbatches * pcfg.replicas), T)
-    return ps, make_optimizer(ps.model_part, LR)
+    return ps, make_pipeline_optimizer(ps, LR)
+
+
+def _global(ps, fn) -> dict[str, torch.Tensor]:
+    """name -> the global tensor of `fn(tensor AdamW updates for the parameter)` (its gradient, a moment) for
+    this rank's parameters: ZeRO chunks and expert slices gathered over the stage's ranks (collective)."""
+    zero = {id(e.param): (z, e) for z in ps.zero for e in z.entries}
+    experts = {id(p) for p in ps.expert_params}
+    out = {}
+    for n, p in sorted(_named(ps), key=lambda x: x[0]):  # the same order on every rank of a stage
+        if id(p) in zero:
+            z, e = zero[id(p)]
+            out[n] = z.dtensor(fn(e.master), p).full_tensor()
+            continue
+        t = fn(p)
+        if id(p) in experts:
+            parts = [torch.empty_like(t) for _ in range(ps.pcfg.ep)]
+            dist.all_gather(parts, t.contiguous(), group=ps.ep_group)
+            t = torch.cat(parts)
+        out[n] = t
+    return out
 
 
 def _named(ps):
@@ -115,11 +135,12 @@ def _equality(rank: int, pcfg: PipelineConfig, save: bool) -> dict:
     put("loss", gathered_loss(ps)["loss"], float(loss_r.detach()))
     ref_params = dict(ref.named_parameters())
     named = _named(ps)
-    for name, p in named:
-        put("grad", p.grad, _sliced(ps, name, ref_params[name].grad))
+    for name, g in _global(ps, lambda t: t.grad).items():
+        put("grad", g, ref_params[name].grad)
     n_checked = torch.tensor([len(named)])
     ref.zero_grad(set_to_none=True)
     ps.model_part.zero_grad(set_to_none=True)
+    opt.zero_grad(set_to_none=True)
 
     opt_r = make_optimizer(ref, LR)
     losses, losses_r = [], []
@@ -136,6 +157,9 @@ def _equality(rank: int, pcfg: PipelineConfig, save: bool) -> dict:
         put("param", d, torch.zeros_like(d))
         n_far, n_all = n_far + int((d > PARAM_NEAR).sum()), n_all + d.numel()
     diff["param_far_frac"] = n_far / n_all
+    # AdamW moments held here per parameter entry held here: 1 without ZeRO; with it 1/(dp·ep) of the
+    # replicated entries and 1/dp of the expert slices' (plus the chunks' rounding)
+    diff["state_frac"] = sum(st["exp_avg"].numel() for st in opt.state.values()) / sum(p.numel() for _, p in named)
     routers = dict(ps.routers)
     for row, r_r in enumerate(ref.routers()):
         if row in routers:
@@ -175,32 +199,24 @@ def _save_and_compare(ps, opt, step: int, root: str | None = None) -> bool:
 
 
 def _moments(ps, opt) -> dict[str, torch.Tensor]:
-    """name -> (exp_avg, exp_avg_sq) of this rank's parameters, gathered from every rank (global
-    tensors: expert slices concatenated in ep order)."""
-    mine = {n: (opt.state[p]["exp_avg"].clone(), opt.state[p]["exp_avg_sq"].clone()) for n, p in _named(ps)}
+    """name -> (exp_avg, exp_avg_sq) of every parameter, gathered from every rank (global tensors: expert
+    slices and ZeRO chunks assembled)."""
+    m = _global(ps, lambda t: opt.state[t]["exp_avg"])
+    v = _global(ps, lambda t: opt.state[t]["exp_avg_sq"])
     pieces = [None] * dist.get_world_size()
-    dist.all_gather_object(pieces, (ps.ep_rank, ps.pcfg.ep, mine))
-    out: dict = {}
-    for e, ep, d in sorted(pieces, key=lambda x: x[0]):
-        for n, (m, v) in d.items():
-            sliced = n.split(".")[-1] in EXPERT_NAMES and ep > 1
-            if sliced:
-                out.setdefault(n, {})[e] = (m, v)
-            else:
-                out[n] = (m, v)
-    return {n: (torch.cat([v[e][0] for e in sorted(v)]), torch.cat([v[e][1] for e in sorted(v)]))
-            if isinstance(v, dict) else v for n, v in out.items()}
+    dist.all_gather_object(pieces, {n: (m[n], v[n]) for n in m})
+    return {n: mv for d in pieces for n, mv in d.items()}
 
 
 def _checkpoint(rank: int) -> dict:
-    from dsv3.checkpoints.dcp import load_dcp
+    from dsv3.checkpoints.dcp import load_dcp, load_full_model
     from dsv3.distributed.pipeline import train_step
 
     cfg = tiny_cfg()
     batches = _batches(cfg, STEPS + 2)
     root = _tmpdir()
     diff = {}
-    a_cfg = PipelineConfig(pp=2, dp=2, schedule="1f1b", n_microbatches=N_MICRO)
+    a_cfg = PipelineConfig(pp=2, dp=2, schedule="1f1b", n_microbatches=N_MICRO, zero=True)  # ZeRO-1 <-> whole state
     b_cfg = PipelineConfig(pp=2, ep=2, schedule="dualpipev" if HAS_DUALPIPEV else "1f1b", n_microbatches=N_MICRO)
     a, opt_a = _build(cfg, a_cfg)
     for s in range(STEPS):
@@ -215,8 +231,8 @@ def _checkpoint(rank: int) -> dict:
     b, opt_b = _build(cfg, b_cfg)
     load_dcp(os.path.join(root, "ckpt", f"step_{STEPS:08d}"), b.stages[0], opt_b, b)
     exact = all(torch.equal(p.detach(), _sliced(b, n, a_params[n])) for n, p in _named(b))
-    exact &= all(torch.equal(opt_b.state[p]["exp_avg"], _sliced(b, n, saved[n][0]))
-                 and torch.equal(opt_b.state[p]["exp_avg_sq"], _sliced(b, n, saved[n][1])) for n, p in _named(b))
+    exact &= all(torch.equal(m, saved[n][0]) and torch.equal(v, saved[n][1])
+                 for n, (m, v) in _moments(b, opt_b).items())
     diff["b_loaded_exact"] = float(exact)
     ra = train_step(a, opt_a, batches[STEPS], **HP)
     rb = train_step(b, opt_b, batches[STEPS], **HP)
@@ -227,11 +243,31 @@ def _checkpoint(rank: int) -> dict:
     c, opt_c = _build(cfg, a_cfg)
     load_dcp(os.path.join(root, "ckpt", f"step_{STEPS + 1:08d}"), c.stages[0], opt_c, c)
     b_moments = _moments(b, opt_b)
-    exact = all(torch.equal(opt_c.state[p]["exp_avg"], b_moments[n][0]) for n, p in _named(c))
+    exact = all(torch.equal(m, b_moments[n][0]) and torch.equal(v, b_moments[n][1])
+                for n, (m, v) in _moments(c, opt_c).items())
+    full = dict(load_full_model(os.path.join(root, "ckpt", f"step_{STEPS + 1:08d}")).named_parameters())
+    exact &= all(torch.equal(p.detach(), _sliced(c, n, full[n].detach())) for n, p in _named(c))
     diff["c_loaded_exact"] = float(exact)
     ra = train_step(a, opt_a, batches[STEPS + 1], **HP)
     rc = train_step(c, opt_c, batches[STEPS + 1], **HP)
     diff["loss_a_c"] = abs(ra["loss"] - rc["loss"])
+
+    # bf16 working weights under ZeRO-1: the GEMM weights bf16, their fp32 masters the chunks, and after a
+    # step every weight is its gathered master rounded to bf16
+    from dsv3.distributed.pipeline import build_pipeline, make_pipeline_optimizer
+    from dsv3.model import build_model
+
+    d_cfg = PipelineConfig(pp=2, dp=2, schedule="1f1b", n_microbatches=N_MICRO, zero=True)
+    d = build_pipeline(build_model(cfg, seed=0), d_cfg, B // (N_MICRO * 2), T)
+    opt_d = make_pipeline_optimizer(d, LR, bf16_weights=True)
+    auto = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    rd = train_step(d, opt_d, batches[0], **HP, autocast=auto)
+    bf16 = [e for z in d.zero for e in z.entries if e.param.dtype == torch.bfloat16]
+    diff["bf16_weights_zero"] = float(len(bf16) > 0 and not opt_d.masters and all(
+        e.master.dtype == torch.float32 for z in d.zero for e in z.entries) and rd["loss"] == rd["loss"])
+    full = _global(d, lambda t: t)  # the masters gathered (fp32), the other parameters as they are
+    diff["bf16_weights_rounded"] = float(all(torch.equal(e.param, full[n].to(torch.bfloat16))
+                                             for n, p in _named(d) for e in bf16 if e.param is p))
     dist.barrier()
     if rank == 0:
         shutil.rmtree(root, ignore_errors=True)
@@ -262,6 +298,10 @@ def test_pipeline_dp_equals_single_process(results, name):
     assert r["params_checked"] == r["params_total"]
     assert r["bias_moved"] > 0
     assert r["loss_last"] < r["loss_first"]
+    if SCENARIOS[name][1].get("zero"):
+        assert r["state_frac"] <= 0.55, f"ZeRO-1 keeps {r['state_frac']:.0%} of the moments on a rank"
+    else:
+        assert r["state_frac"] == 1.0
     if "ckpt_exact" in r:
         assert r["ckpt_exact"] == 1.0, "the pp x dp x ep checkpoint does not read back exactly"
 
@@ -269,7 +309,8 @@ def test_pipeline_dp_equals_single_process(results, name):
 def test_pipeline_checkpoint_moves_between_layouts(results):
     r = results("checkpoint_pp2xdp2_to_pp2xep2")
     print({k: f"{v:.2e}" for k, v in r.items()})
-    for key in ("a_saved_exact", "b_loaded_exact", "b_saved_exact", "c_loaded_exact"):
+    for key in ("a_saved_exact", "b_loaded_exact", "b_saved_exact", "c_loaded_exact", "bf16_weights_zero",
+                "bf16_weights_rounded"):
         assert r[key] == 1.0, key
     for key in ("loss_a_b", "loss_a_c"):
         assert r[key] <= TOL, f"{key} = {r[key]:.3g}"
