@@ -502,3 +502,29 @@ def test_recompute_policies_give_identical_gradients(q_lora):
             torch.testing.assert_close(g[n], base_g[n], rtol=0, atol=1e-6, msg=f"{policy}: {n}")
     with pytest.raises(ValueError, match="recompute"):
         make_model(cfg).set_recompute("some")
+
+
+def test_init_does_not_depend_on_what_a_process_holds():
+    """init_weights(seed=...) draws every tensor (each routed expert) from a generator of its own: a part of
+    the model built on the meta device, with an expert slice, allocated and initialised alone (a pipeline
+    rank's stage) equals the same tensors of the whole model built with that seed, and another seed differs."""
+    from tests.distributed.harness import tiny_cfg
+
+    cfg = tiny_cfg()
+    whole = dict(build_model(cfg, seed=3).named_parameters())
+    other = dict(build_model(cfg, seed=4).named_parameters())
+    part = build_model(cfg, device="meta", seed=3).part([2], embed=True, head=True, mtp=True)
+    assert next(part.parameters()).is_meta
+    for b in part.blocks():
+        if hasattr(b.mlp, "experts"):
+            b.mlp.experts.keep_experts(4, 4)  # experts 4..7 of 8
+    part = part.to_empty(device="cpu")
+    part.init_weights(seed=3)
+    names = dict(part.named_parameters())
+    assert any("experts" in n for n in names) and any(n.startswith("mtp.") for n in names)
+    for n, p in names.items():
+        w = whole[n] if p.shape == whole[n].shape else whole[n][4:8]
+        assert torch.equal(p, w), n
+        if p.dim() >= 2:
+            assert not torch.equal(w, other[n] if p.shape == other[n].shape else other[n][4:8]), n
+    assert torch.equal(part.rope_inv_freq, build_model(cfg, seed=3).rope_inv_freq)

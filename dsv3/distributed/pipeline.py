@@ -386,13 +386,21 @@ def pipeline_mesh(pcfg: PipelineConfig, device_type: str = "cpu"):
 
 
 def build_pipeline(model, pcfg: PipelineConfig, micro_batch_size: int, seq_len: int, *, group=None,
-                   device=None, mtp_lambda: float = 0.3, overlap: bool = False) -> PipelineState:
+                   device=None, mtp_lambda: float = 0.3, overlap: bool = False,
+                   init_seed: int | None = None) -> PipelineState:
     """Split `model` (identical on every rank; FP8 swaps and per-block compilation already applied,
-    if any) into this rank's stages and set up the groups. micro_batch_size × seq_len is the shape of
+    if any) into this rank's stages and set up the groups. A model on the meta device
+    (`build_model(cfg, device="meta")`) is allocated here for this rank's stages and expert slices only and
+    initialised with `init_seed` (Transformer.init_weights(seed=...): the values of the whole model built
+    with that seed), so no rank ever holds the whole model. micro_batch_size × seq_len is the shape of
     every micro-batch on one rank (static shapes); with dp × ep > 1 a micro-batch of the global batch
     has dp × ep × micro_batch_size rows. `group`: the pipeline group for PP alone (default: the world);
     with dp × ep > 1 the groups come from `pipeline_mesh` over the world. The schedule itself is built
     by the first `forward_backward`, for the logits dtype of its autocast (module docstring)."""
+    meta = next(model.parameters()).device.type == "meta"
+    if meta and (device is None or init_seed is None):
+        raise ValueError("build_pipeline: a model on the meta device needs device= (where to allocate this rank's "
+                         "stages) and init_seed= (their initialisation)")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     cfg = model.config
     R = pcfg.replicas
@@ -427,21 +435,30 @@ def build_pipeline(model, pcfg: PipelineConfig, micro_batch_size: int, seq_len: 
 
     # EP inside the stages: keep my slice of each MoE's experts, send tokens to the others
     coord = OverlapCoordinator() if overlap else None
-    expert_params, dispatchers = [], []
+    sharded, dispatchers = [], []
     if ep_group is not None:
         for st in stages:
             for m in st.model.modules():
                 if isinstance(m, MoE) and m.dispatcher is None:
                     shard_experts(m.experts, ep_rank, pcfg.ep)
                     m.dispatcher = AllToAllDispatcher(ep_group, cfg.n_routed_experts)
-                    expert_params += [m.experts.gate_proj, m.experts.up_proj, m.experts.down_proj]
+                    sharded.append(m.experts)
                     dispatchers.append(m.dispatcher)
     for d in dispatchers:
         d.coordinator = coord
+    part = nn.ModuleList(st.model for st in stages)
+    if meta:  # allocate and initialise my stages (expert slices included) only
+        from dsv3.memory import ensure_fits
+
+        n = sum(p.numel() * p.element_size() for p in part.parameters())
+        ensure_fits(n, device, f"for this rank's pipeline stages ({n / 2**30:.2f} GiB of weights)")
+        part.to_empty(device=device)
+        for st in stages:
+            st.model.init_weights(seed=init_seed)
     for st in stages:
         st.to(device)
-
-    part = nn.ModuleList(st.model for st in stages)
+    # (after the allocation, which may have replaced the Parameter objects)
+    expert_params = [p for e in sharded for p in (e.gate_proj, e.up_proj, e.down_proj)]
     ids = {id(p) for p in expert_params}
     state = PipelineState(
         pcfg, rank, group, stages, part, device, next(model.parameters()).dtype, micro_batch_size, seq_len,

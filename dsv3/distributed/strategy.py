@@ -211,9 +211,11 @@ class ShardedStrategy(_Collective):
 
 
 class PipelineStrategy(_Collective):
-    """Pipeline stages over world = pp x dp x ep ranks (see dsv3/distributed/pipeline.py)."""
+    """Pipeline stages over world = pp x dp x ep ranks (see dsv3/distributed/pipeline.py). The model comes
+    on the meta device (`builds_on_meta`): each rank allocates and initialises its own stages only."""
 
     reads_global_batch = True
+    builds_on_meta = True
 
     def __init__(self, env: DistEnv, pcfg: ParallelConfig):
         super().__init__(env, pcfg)
@@ -256,6 +258,7 @@ class PipelineStrategy(_Collective):
             raise ValueError(f"--pp splits the batch into --n-microbatches ({n_mb}) micro-batches; leave "
                              f"--micro-batch-size unset (or {settings.batch_size // n_mb})")
         self._shape = (settings.batch_size, settings.seq_len, getattr(settings, "mtp_lambda", 0.3))
+        self._seed = getattr(settings, "seed", 0)
 
     def check_model(self, model_cfg, settings) -> None:
         self.ppcfg.validate(self.world_size, model_cfg, settings.batch_size)
@@ -269,7 +272,8 @@ class PipelineStrategy(_Collective):
 
         B, T, lam = self._shape
         c = self.ppcfg
-        self.ps = build_pipeline(model, c, B // (c.n_microbatches * c.replicas), T, device=self.device, mtp_lambda=lam)
+        self.ps = build_pipeline(model, c, B // (c.n_microbatches * c.replicas), T, device=self.device, mtp_lambda=lam,
+                                 init_seed=self._seed)
         self.model = None  # this rank keeps its stages only
 
     def module(self) -> torch.nn.Module:

@@ -156,6 +156,7 @@ class Experts(nn.Module):
         self.gate_proj = nn.Parameter(torch.empty(E, I, D))  # w1
         self.up_proj = nn.Parameter(torch.empty(E, I, D))  # w3
         self.down_proj = nn.Parameter(torch.empty(E, D, I))  # w2
+        self.expert_offset = 0  # global index of local expert 0 (an expert-parallel slice: keep_experts)
 
     def weights(self, e: int | None = None, dtype: torch.dtype | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -183,6 +184,7 @@ class Experts(nn.Module):
         rank's slice; the router still scores all E, and the dispatcher numbers local experts from 0).
         Parameters stay parameters and buffers (an FP8 subclass's weights and scales) stay buffers;
         on the meta device this only changes shapes (a sharded checkpoint load fills the slice)."""
+        self.expert_offset = getattr(self, "expert_offset", 0) + first  # the global index of local expert 0 (initialisation draws by it)
         for name, p in list(self._parameters.items()):
             self._parameters[name] = nn.Parameter(p[first:first + count].clone(), requires_grad=p.requires_grad)
         for name, b in list(self._buffers.items()):

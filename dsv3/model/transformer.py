@@ -165,21 +165,41 @@ class Transformer(nn.Module):
         self.rope_inv_freq = rope.inv_freq(self.config, device=self.rope_inv_freq.device)
 
     @torch.no_grad()
-    def init_weights(self, std: float | None = None, generator: torch.Generator | None = None) -> None:
+    def init_weights(self, std: float | None = None, generator: torch.Generator | None = None,
+                     seed: int | None = None) -> None:
         """The one place where weights are initialised: every matrix and the embedding N(0, std)
-        (std = initializer_range, the paper's 0.006 by default), norm gains 1, correction bias 0."""
+        (std = initializer_range, the paper's 0.006 by default), norm gains 1, correction bias 0.
+
+        Random numbers: with `seed`, every tensor draws from a generator of its own, seeded from the seed
+        and the tensor's name (each routed expert from its global index: `Experts.expert_offset` + local),
+        so the values do not depend on which other tensors a process holds. A pipeline stage or an
+        expert-parallel slice built on the meta device and initialised alone (dsv3/distributed/pipeline.py)
+        then equals the same tensors of the whole model built with that seed. Else one `generator` (or
+        torch's global one) draws for the tensors in module order."""
         std = self.config.initializer_range if std is None else std
-        for m in self.modules():
+
+        def normal_(t: torch.Tensor, name: str) -> None:
+            g = generator
+            if seed is not None:
+                g = torch.Generator(device=t.device).manual_seed(tensor_seed(seed, name))
+            t.normal_(0.0, std, generator=g)
+
+        for name, m in self.named_modules():
             if isinstance(m, RMSNorm):
                 m.weight.fill_(1.0)
             elif isinstance(m, (nn.Linear, nn.Embedding)):
-                m.weight.normal_(0.0, std, generator=generator)
+                normal_(m.weight, f"{name}.weight")
             elif isinstance(m, Router):
-                m.weight.normal_(0.0, std, generator=generator)
+                normal_(m.weight, f"{name}.weight")
                 m.e_score_correction_bias.zero_()
             elif isinstance(m, Experts):
-                for p in (m.gate_proj, m.up_proj, m.down_proj):
-                    p.normal_(0.0, std, generator=generator)
+                for pname in ("gate_proj", "up_proj", "down_proj"):
+                    p = getattr(m, pname)
+                    if seed is None:
+                        normal_(p, "")
+                        continue
+                    for j in range(p.shape[0]):  # expert by expert: a slice draws what the whole tensor draws
+                        normal_(p[j], f"{name}.{pname}[{getattr(m, 'expert_offset', 0) + j}]")
         self.init_buffers()
 
     # --- partial models ----------------------------------------------------------------------------
@@ -302,25 +322,35 @@ def _output(logits, mtp_logits, h, counts: list, balance: list) -> ModelOutput:
     )
 
 
+def tensor_seed(seed: int, name: str) -> int:
+    """The seed of tensor `name`'s generator under run seed `seed` (Transformer.init_weights): 63 bits of
+    BLAKE2b over both (stable across processes and Python versions, unlike hash())."""
+    import hashlib
+
+    return int.from_bytes(hashlib.blake2b(f"{seed}/{name}".encode(), digest_size=8).digest(), "little") >> 1
+
+
 def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                 seed: int | None = 0, init: bool = True) -> Transformer:
     """Construct on the meta device, allocate on `device`, then initialise (or leave empty for a
     checkpoint load, `init=False`). Refuses first (dsv3.memory.InsufficientMemoryError) when the
-    weights, counted from the config, exceed the memory `device` has available."""
+    weights, counted from the config, exceed the memory `device` has available. device "meta": the
+    model stays on the meta device, uninitialised (a pipeline rank allocates and initialises only its
+    stages: `to_empty`, then `init_weights(seed=seed)`, which gives the same values)."""
     from dsv3.info import param_count
     from dsv3.memory import ensure_fits
 
     n = param_count(cfg.validate())
+    if torch.device(device).type == "meta":
+        with torch.device("meta"):
+            return Transformer(cfg).to(dtype)
     ensure_fits(n * dtype.itemsize, device, f"for its {str(dtype).removeprefix('torch.')} weights ({n:,} parameters)")
     with torch.device("meta"):
         model = Transformer(cfg)
     model = model.to_empty(device=device)
     model = model.to(dtype)
     if init:
-        g = None
-        if seed is not None:
-            g = torch.Generator(device=device).manual_seed(seed)
-        model.init_weights(generator=g)
+        model.init_weights(seed=seed)
     else:
         model.init_buffers()
     return model

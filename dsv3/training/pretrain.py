@@ -98,7 +98,8 @@ def check_memory(mc: ModelConfig, tc: TrainConfig, strategy: Strategy) -> None:
     one process holds fp32 weights + fp32 gradients + two AdamW moments per parameter, and at least the
     fp32 logits of one micro-batch with their gradients for the output head and each MTP depth (the
     largest activations of a small model; the rest are not counted, so this is a lower bound); under
-    torchrun every rank first builds the whole fp32 model, then shards it (so that much at least)."""
+    torchrun every rank first builds the whole fp32 model, then shards it (so that much at least), except
+    the pipeline, whose ranks allocate their stages only (checked there, dsv3/distributed/pipeline.py)."""
     n = param_count(mc)
     if strategy.world_size == 1:
         per = 4 + 4 + 2 * (2 if tc.optim_state_dtype == "bf16" else 4)
@@ -109,7 +110,7 @@ def check_memory(mc: ModelConfig, tc: TrainConfig, strategy: Strategy) -> None:
                     f"one micro-batch with their gradients ({rows:,} tokens x {mc.vocab_size:,} x 4 bytes x 2 x "
                     f"{1 + mc.num_nextn_predict_layers} heads; lower --batch-size, --seq-len or set "
                     "--micro-batch-size)")
-    else:
+    elif not (strategy.builds_on_meta and tc.init_from is None):
         ensure_fits(n * 4, strategy.device, f"for its fp32 weights, built whole on every rank before sharding "
                                             f"({n:,} parameters)")
 
@@ -356,7 +357,10 @@ def _train(mc: ModelConfig | None, tc: TrainConfig, pcfg, log, strategy: Strateg
     strategy.check_task(task)
 
     torch.manual_seed(tc.seed)
-    model = build_model(mc, device=strategy.device, dtype=torch.float32, seed=tc.seed)  # the same on every rank
+    # the same on every rank; a pipeline rank allocates and initialises only its own stages from the meta model
+    # (the same values: the initialisation draws per tensor), except where --init-from must load the whole one
+    meta = strategy.builds_on_meta and init_from is None
+    model = build_model(mc, device="meta" if meta else strategy.device, dtype=torch.float32, seed=tc.seed)
     if init_from is not None:  # before preparation: every rank holds the whole model here
         n = extend.load_weights(model, init_from)
         say(f"initialised from {init_from}: its {n} tensors (MTP and correction biases included) and tokenizer; "

@@ -110,6 +110,7 @@ class Strategy:
 
     name = "one process"
     reads_global_batch = False  # True: every rank reads the whole global batch (the pipeline)
+    builds_on_meta = False  # True: the model is built on the meta device, parallelize() allocates this rank's part
 
     def __init__(self, device: torch.device):
         self.device = device

@@ -71,7 +71,11 @@ TOLERANCES = {
     "fp32": (2e-5, 2 * LR, 1e-5, 1e-2, 1e-6),
     # bf16 loss: 1.24-1.36e-2 seen on a CPU with native bf16 matmuls (Zen 4, avx512_bf16), below 1e-2 elsewhere
     "bf16": (2e-2, 2 * LR * STEPS, 1e-3, 5e-2, 3e-4),
-    "fp8": (2e-2, 2 * LR * STEPS, 1e-3, 0.2, 1.5e-3),
+    # fp8 loss: the regrouped token tiles make the step-2 gradient norms differ by 0.3-0.9% and lr 1e-2 turns that
+    # into up to 0.8% of the loss a step later, depending on the initial weights: largest step-3 difference of
+    # pp2_dualpipev / dp2xep2 / ep2 from one process (bf16 moments), seeds 0-3: 0.054 / 0.040 / 0.003 (seed 0, this
+    # matrix), then 0.005-0.007 (seeds 1-3); with the earlier one-generator initialisation 0.004-0.021
+    "fp8": (6e-2, 2 * LR * STEPS, 1e-3, 0.2, 1.5e-3),
 }
 
 

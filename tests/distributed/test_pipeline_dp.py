@@ -252,11 +252,22 @@ def _checkpoint(rank: int) -> dict:
     rc = train_step(c, opt_c, batches[STEPS + 1], **HP)
     diff["loss_a_c"] = abs(ra["loss"] - rc["loss"])
 
-    # bf16 working weights under ZeRO-1: the GEMM weights bf16, their fp32 masters the chunks, and after a
-    # step every weight is its gathered master rounded to bf16
+    # a pipeline built from the meta device (each rank allocates and initialises its stages only, as `dsv3 train
+    # --pp` does) holds exactly the tensors of one built from the whole model, expert slices included (b_cfg: ep 2)
     from dsv3.distributed.pipeline import build_pipeline, make_pipeline_optimizer
     from dsv3.model import build_model
 
+    for lay in (a_cfg, b_cfg):
+        whole, _ = _build(cfg, lay)
+        meta = build_pipeline(build_model(cfg, device="meta"), lay, B // (N_MICRO * lay.replicas), T, device="cpu",
+                              init_seed=0)
+        mine = dict(_named(meta))
+        diff[f"meta_built_exact_{lay.schedule}"] = float(
+            all(torch.equal(p, mine[n]) for n, p in _named(whole)) and len(mine) == len(_named(whole))
+            and not any(p.is_meta for p in meta.model_part.parameters()))
+
+    # bf16 working weights under ZeRO-1: the GEMM weights bf16, their fp32 masters the chunks, and after a
+    # step every weight is its gathered master rounded to bf16
     d_cfg = PipelineConfig(pp=2, dp=2, schedule="1f1b", n_microbatches=N_MICRO, zero=True)
     d = build_pipeline(build_model(cfg, seed=0), d_cfg, B // (N_MICRO * 2), T)
     opt_d = make_pipeline_optimizer(d, LR, bf16_weights=True)
@@ -310,7 +321,7 @@ def test_pipeline_checkpoint_moves_between_layouts(results):
     r = results("checkpoint_pp2xdp2_to_pp2xep2")
     print({k: f"{v:.2e}" for k, v in r.items()})
     for key in ("a_saved_exact", "b_loaded_exact", "b_saved_exact", "c_loaded_exact", "bf16_weights_zero",
-                "bf16_weights_rounded"):
+                "bf16_weights_rounded", "meta_built_exact_1f1b", f"meta_built_exact_{'dualpipev' if HAS_DUALPIPEV else '1f1b'}"):
         assert r[key] == 1.0, key
     for key in ("loss_a_b", "loss_a_c"):
         assert r[key] <= TOL, f"{key} = {r[key]:.3g}"
