@@ -7,10 +7,13 @@ carved from those dp ranks (ep | dp): a layer's routed experts are split over ep
 expert is replicated over dp/ep ranks ("expert dp"). No TP. Stages take ceil((L + D)/pp) blocks
 (L main layers + D MTP modules); the stages holding the embedding / head get one block fewer when
 the count does not divide. 1F1B: rank r holds stage r; DualPipe: rank r holds stages r and pp-1-r
-(two copies of the parameters, Table 2), so the embedding, head and MTP sit on rank 0.
+(two copies of the parameters, Table 2), so the embedding, head and MTP sit on rank 0. DualPipeV (the
+"cut in half" DualPipe that `dsv3 train --pp-schedule dualpipev` runs): 2·pp stages in a V, rank r holds
+stages r and 2·pp-1-r (one copy; rank 0 holds the embedding, head and MTP).
 
 Bytes per parameter (defaults = the paper's recipe, §3.3.3, used for every preset): working
-weights bf16 (2; FP8 GEMM copies are quantised on the fly), fp32 master weights (4), fp32 gradients
+weights bf16 (2; FP8 GEMM copies are quantised on the fly; `weight_dtype` fp32 for dsv3's default of fp32
+weights under autocast, then master "none" without ZeRO, fp32 with it), fp32 master weights (4), fp32 gradients
 (4), AdamW m and v in bf16 (2 + 2): 14 B/param unsharded. ZeRO-1 shards master + moments over the
 dp group (dense params: dp ranks; routed experts: dp/ep ranks); ZeRO-2 also gradients; ZeRO-3 also
 the working weights. With DualPipe each copy keeps its own states (conservative).
@@ -29,7 +32,8 @@ I expert width, S shared experts, F dense FFN width):
   * = dropped by recompute "paper" (RMSNorms and MLA up-projections recomputed, §3.2.3).
   recompute "full": 2D per layer (the block input) + one layer without recomputation (working set).
 Per rank: T = micro_batch × seq_len tokens × (the largest stage it holds) × in-flight micro-batches
-(1F1B: pp - r, DualPipe: pp + 1; at most the micro-batches per step) + fp32 logits T·V·4 on the head
+(1F1B: pp - r, DualPipe: pp + 1; at most the micro-batches per step; DualPipeV: pp + 1 micro-batches of both
+its stages, the DualPipe README's figure in units of a rank's layers [U]) + fp32 logits T·V·4 on the head
 rank + MoE all-to-all buffers (c chunks in flight, c = 2 for DualPipe's overlapped fwd/bwd, else 1):
 c·T·K·D·(f + 2) (received dispatch + combine send buffer).
 
@@ -54,6 +58,7 @@ from dsv3.config import ModelConfig
 
 GiB = 1024**3
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "none": 0}
+SCHEDULES = ("1f1b", "dualpipe", "dualpipev")
 
 
 class PlanError(ValueError):
@@ -77,7 +82,10 @@ class PlanConfig:
     global_batch: int | None = setting(None, "sequences per step (default: dp x micro-batch)")
     recompute: str = setting("none", "activation recomputation: paper = RMSNorms + MLA up-projections, full = "
                                      "per block", choices=("none", "paper", "full"))
-    schedule: str = setting("1f1b", "pipeline schedule", choices=("1f1b", "dualpipe"))
+    schedule: str = setting("1f1b", "pipeline schedule (dualpipev: 2 x pp stages in a V, one copy, as dsv3 trains)",
+                            choices=SCHEDULES)
+    weight_dtype: str = setting("bf16", "working weights' dtype (dsv3 train keeps fp32 without --bf16-weights)",
+                                choices=("bf16", "fp32"))
     # "none": no separate master copy
     master_dtype: str = setting("fp32", "master weights' dtype (none: no separate copy)", choices=tuple(DTYPE_BYTES))
     grad_dtype: str = setting("fp32", "gradients' dtype", choices=tuple(DTYPE_BYTES))
@@ -104,12 +112,19 @@ class PlanConfig:
         need(self.zero in (0, 1, 2, 3), f"zero must be 0, 1, 2 or 3, got {self.zero!r}")
         need(self.precision in ("bf16", "fp8"), f"precision must be bf16 or fp8, got {self.precision!r}")
         need(self.recompute in ("none", "paper", "full"), f"recompute must be none, paper or full, got {self.recompute!r}")
-        need(self.schedule in ("1f1b", "dualpipe"), f"schedule must be 1f1b or dualpipe, got {self.schedule!r}")
+        need(self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        need(self.weight_dtype in ("bf16", "fp32"), f"weight_dtype must be bf16 or fp32, got {self.weight_dtype!r}")
         for k in ("master_dtype", "grad_dtype", "optim_dtype"):
             need(getattr(self, k) in DTYPE_BYTES, f"{k} must be one of {list(DTYPE_BYTES)}, got {getattr(self, k)!r}")
         gb = self.global_batch if self.global_batch is not None else dp * self.micro_batch
         need(gb % (dp * self.micro_batch) == 0, f"global_batch ({gb}) is not divisible by dp ({dp}) x "
                                                 f"micro_batch ({self.micro_batch})")
+        if self.schedule == "dualpipev":
+            need(2 * self.pp <= n_blocks, f"dualpipev places 2 x pp ({2 * self.pp}) stages but there are {n_blocks} "
+                                          "layers to place: a stage would be empty")
+            need(gb // (dp * self.micro_batch) >= 2 * self.pp,
+                 f"dualpipev needs at least its 2 x pp ({2 * self.pp}) stages' micro-batches per rank, got "
+                 f"{gb // (dp * self.micro_batch)}")
         if self.schedule == "dualpipe":
             need(self.pp % 2 == 0, f"DualPipe needs an even pp, got pp = {self.pp}")
             need((gb // (dp * self.micro_batch)) % 2 == 0,
@@ -210,7 +225,7 @@ class PlanResult:
                            f"{c.dp // c.ep} ranks); ZeRO-{c.zero}; {c.schedule}; {c.precision}; recompute {c.recompute}"),
                 ("batch", f"{c.global_batch} seqs x {c.seq_len} tokens; micro-batch {c.micro_batch}; "
                           f"{self.n_micro} micro-batches/rank; {self.in_flight} in flight"),
-                ("dtypes", f"weights bf16, master {c.master_dtype}, grads {c.grad_dtype}, AdamW moments {c.optim_dtype}"),
+                ("dtypes", f"weights {c.weight_dtype}, master {c.master_dtype}, grads {c.grad_dtype}, AdamW moments {c.optim_dtype}"),
                 ("worst rank", f"pipeline rank {self.rank}, stages {list(self.stages)}, "
                                f"{self.n_params / 1e9:.2f}B parameters")]
         rows += [(f"  {k}", f"{v / GiB:8.2f} GiB") for k, v in self.mem.items()]
@@ -231,7 +246,9 @@ def plan(model_cfg: ModelConfig, pcfg: PlanConfig, name: str = "model") -> PlanR
     n_mb = c.global_batch // (dp * c.micro_batch)
     f = 1 if c.precision == "fp8" else 2
     D, K, V = model_cfg.hidden_size, model_cfg.num_experts_per_tok, model_cfg.vocab_size
-    stages = _stages(n_blocks, pp)
+    V_shape = c.schedule == "dualpipev"
+    S = 2 * pp if V_shape else pp  # stages
+    stages = _stages(n_blocks, S)
     has_mtp = model_cfg.num_nextn_predict_layers > 0
     gbytes, mbytes, obytes = (DTYPE_BYTES[c.grad_dtype], DTYPE_BYTES[c.master_dtype], 2 * DTYPE_BYTES[c.optim_dtype])
 
@@ -240,9 +257,9 @@ def plan(model_cfg: ModelConfig, pcfg: PlanConfig, name: str = "model") -> PlanR
     def stage_params(s):
         dense = sum(n * cnt.per_kind[k][0] for k, n in kinds[s].items())
         routed = sum(n * cnt.per_kind[k][1] for k, n in kinds[s].items()) // ep
-        if s == 0 or (s == pp - 1 and has_mtp and c.schedule == "1f1b"):
+        if s == 0 or (s == S - 1 and has_mtp and c.schedule == "1f1b"):
             dense += cnt.embed  # 1F1B: the MTP module on the last stage needs its own embedding copy
-        if s == pp - 1:
+        if s == S - 1:
             dense += cnt.head
         return dense, routed
 
@@ -257,24 +274,27 @@ def plan(model_cfg: ModelConfig, pcfg: PlanConfig, name: str = "model") -> PlanR
         return sum(n for k, n in kinds[s].items() if cnt.per_kind[k][1] > 0)
 
     best, comm_max = None, {}
-    for r in range(pp if c.schedule == "1f1b" else pp // 2):
-        held = (r,) if c.schedule == "1f1b" else (r, pp - 1 - r)
+    for r in range(pp if c.schedule != "dualpipe" else pp // 2):
+        held = (r,) if c.schedule == "1f1b" else (r, S - 1 - r)
         dense = sum(stage_params(s)[0] for s in held)
         routed = sum(stage_params(s)[1] for s in held)
         sd = dp if c.zero >= 1 else 1
         se = dp_e if c.zero >= 1 else 1
         mem = {
-            "weights (bf16)": (dense / (dp if c.zero >= 3 else 1) + routed / (dp_e if c.zero >= 3 else 1)) * 2,
+            f"weights ({c.weight_dtype})": (dense / (dp if c.zero >= 3 else 1) + routed / (dp_e if c.zero >= 3 else 1))
+            * DTYPE_BYTES[c.weight_dtype],
             f"gradients ({c.grad_dtype})": (dense / (dp if c.zero >= 2 else 1) + routed / (dp_e if c.zero >= 2 else 1)) * gbytes,
             f"master weights ({c.master_dtype})": (dense / sd + routed / se) * mbytes,
             f"AdamW m+v ({c.optim_dtype})": (dense / sd + routed / se) * obytes,
         }
         in_flight = min(n_mb, pp - r if c.schedule == "1f1b" else pp + 1)
-        mem["activations"] = max(stage_act(s) for s in held) * in_flight
-        mem["logits (fp32, head rank)"] = T * V * 4 if pp - 1 in held else 0
-        chunks = 2 if c.schedule == "dualpipe" else 1
+        # DualPipeV: a micro-batch goes through both stages of the rank (its layers), DualPipe through one copy
+        mem["activations"] = (sum if V_shape else max)(stage_act(s) for s in held) * in_flight
+        mem["logits (fp32, head rank)"] = T * V * 4 if S - 1 in held else 0
+        chunks = 2 if c.schedule != "1f1b" else 1
         mem["MoE all-to-all buffers"] = chunks * T * K * D * (f + 2) if ep > 1 and any(n_moe(s) for s in held) else 0
-        passes = sum(n_moe(s) for s in held) / len(held)  # DualPipe: half the micro-batches per direction
+        # DualPipe: half the micro-batches per direction; DualPipeV: every micro-batch through both stages
+        passes = sum(n_moe(s) for s in held) / (1 if V_shape else len(held))
         ring = lambda n: (n - 1) / n  # noqa: E731
         def dp_bytes(p, n):
             if n == 1:
@@ -285,7 +305,7 @@ def plan(model_cfg: ModelConfig, pcfg: PlanConfig, name: str = "model") -> PlanR
         comm = {
             "EP all-to-all": n_mb * passes * T * K * D * (2 * f + 4) if ep > 1 else 0,
             "DP gradients + weight gather": dp_bytes(dense, dp) + dp_bytes(routed, dp_e),
-            "PP p2p": n_mb * T * D * 2 * 2 if pp > 1 else 0,
+            "PP p2p": n_mb * T * D * 2 * 2 * (2 if V_shape else 1) if pp > 1 else 0,
         }
         comm_max = {k: max(v, comm_max.get(k, 0)) for k, v in comm.items()}
         res = PlanResult(name, c, r, tuple(held), dense + routed, routed, n_mb, in_flight, mem, comm)

@@ -99,3 +99,20 @@ def test_cli(capsys):
     assert "n_routed_experts" in capsys.readouterr().err
     assert main(["plan", "--preset", "tiny", "--gpus", "8", "--suggest"]) == 0
     assert "fits" in capsys.readouterr().out
+
+
+def test_dualpipev_holds_one_copy_in_a_v():
+    """DualPipeV (what `dsv3 train --pp-schedule dualpipev` runs): 2·pp stages, rank r holds stages r and
+    2·pp-1-r, one copy of the weights (DualPipe holds two); fp32 working weights count 4 bytes."""
+    cfg = preset("small")
+    n = model_info(cfg).total + model_info(cfg).mtp_unique
+    base = dict(gpus=2, pp=2, zero=0, seq_len=64, global_batch=8)
+    v = plan(cfg, PlanConfig(**base, schedule="dualpipev"))
+    d = plan(cfg, PlanConfig(**base, schedule="dualpipe"))
+    assert set(v.stages) in ({0, 3}, {1, 2})
+    assert 0.4 * n < v.n_params < 0.8 * n < d.n_params  # about half of the one copy; DualPipe's about all of it
+    assert v.comm["PP p2p"] == 2 * plan(cfg, PlanConfig(**base, schedule="1f1b")).comm["PP p2p"]
+    f32 = plan(cfg, PlanConfig(gpus=1, zero=0, seq_len=16, weight_dtype="fp32", master_dtype="none"))
+    assert f32.mem["weights (fp32)"] == 4 * n and "master weights (none)" in f32.mem
+    with pytest.raises(PlanError, match=r"dualpipev needs at least its 2 x pp \(4\) stages' micro-batches"):
+        plan(cfg, PlanConfig(**{**base, "global_batch": 2}, schedule="dualpipev"))
