@@ -51,11 +51,12 @@ class ParallelState:
 def parallelize(model, pcfg: ParallelConfig, mesh, bf16_params: bool = False) -> ParallelState:
     """Turn the (identically initialised, on every rank) model into this rank's part, in place.
 
-    bf16_params (--bf16-weights under FSDP2, ep 1): the fp32 shards stay the masters; every block (and the MTP
+    bf16_params (--bf16-weights under FSDP2): the fp32 shards stay the masters; every block (and the MTP
     pieces) is all-gathered in bf16 and its gradients reduce-scattered in fp32 (MixedPrecisionPolicy). Kept
     fp32, as in one process (dsv3.training.optim.bf16_weight_params): the routers and RMSNorm gains (own fp32
     units) and the root (embedding, final norm, output head, which autocast casts).
-    cast_forward_inputs=False: the residual stream stays fp32, as under autocast."""
+    cast_forward_inputs=False: the residual stream stays fp32, as under autocast. Expert slices under EP are
+    outside FSDP: the optimizer keeps their fp32 masters and stores them in bf16 (make_optimizer)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -74,8 +75,9 @@ def parallelize(model, pcfg: ParallelConfig, mesh, bf16_params: bool = False) ->
                 expert_params += [m.experts.gate_proj, m.experts.up_proj, m.experts.down_proj]
     ignored = set(expert_params)
 
-    if bf16_params and (not pcfg.fsdp or ignored):
-        raise ValueError("bf16_params: FSDP2 without expert parallelism only (expert slices are outside FSDP)")
+    if bf16_params and not pcfg.fsdp:
+        raise ValueError("bf16_params is FSDP2's form of bf16 working weights (fsdp=False: the optimizer keeps "
+                         "the masters of the replicated weights, dsv3.training.optim.make_optimizer)")
     replicated = []
     if pcfg.fsdp and world > 1:
         flat = init_device_mesh(mesh.device_type, (world,), mesh_dim_names=("dp_ep",))  # all ranks
@@ -110,13 +112,23 @@ def finish_grad_sync(ps: ParallelState) -> None:
         if p.grad is None:  # no token reached this rank's experts
             p.grad = torch.zeros_like(p)
         if ps.dp_group is not None:
-            dist.all_reduce(p.grad, group=ps.dp_group)
+            _all_reduce_fp32(p.grad, ps.dp_group)
         p.grad.div_(ps.world_size)
     for p in ps.replicated_params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-        dist.all_reduce(p.grad, group=ps.data_group)
+        _all_reduce_fp32(p.grad, ps.data_group)
         p.grad.div_(ps.world_size)
+
+
+def _all_reduce_fp32(g: torch.Tensor, group) -> None:
+    """Sum `g` over `group` in fp32 (bf16 working weights' gradients are summed wide, then rounded back)."""
+    if g.dtype == torch.float32:
+        dist.all_reduce(g, group=group)
+        return
+    wide = g.float()
+    dist.all_reduce(wide, group=group)
+    g.copy_(wide)
 
 
 @torch.no_grad()

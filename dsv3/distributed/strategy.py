@@ -77,22 +77,6 @@ class _Collective(Strategy):
     def layout(self) -> dict:
         return {"world_size": self.world_size, **vars(self.pcfg)}
 
-    def _bf16_weights_layout(self) -> bool:
-        """True where this layout runs --bf16-weights in its own form (FSDP2 without EP: ShardedStrategy)."""
-        return False
-
-    def check_settings(self, settings, precision: str) -> None:
-        super().check_settings(settings, precision)
-        if getattr(settings, "bf16_weights", False) and not self._bf16_weights_layout():
-            # the torchrun layouts checkpoint the parameters themselves through DCP (dsv3/checkpoints/dcp.py),
-            # not the optimizer's masters, and sum replicated / expert gradients with all-reduces
-            # (finish_grad_sync) that would run in bf16; FSDP2's own form of the mode is fully_shard's
-            # MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) over its fp32 shards, not wired yet
-            raise ValueError("--bf16-weights runs in one process, under FSDP2 without expert parallelism (--ep 1, "
-                             "fsdp on) or with --pp: in this layout the sharded checkpoints would write the "
-                             "parameters, not the optimizer's fp32 masters, and gradients of replicated or expert "
-                             "weights would be all-reduced in bf16; drop --bf16-weights")
-
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(t)
         return t
@@ -118,14 +102,12 @@ class ShardedStrategy(_Collective):
         p = self.pcfg
         return f"{self.world_size} ranks (dp_shard {p.dp_shard} x ep {p.ep}, fsdp {p.fsdp})"
 
-    def _bf16_weights_layout(self) -> bool:
-        return self.pcfg.fsdp and self.pcfg.ep == 1
-
     def check_settings(self, settings, precision: str) -> None:
         super().check_settings(settings, precision)
-        # FSDP2's form of --bf16-weights: the fp32 shards are the masters, blocks gathered in bf16
-        self.bf16_params = bool(getattr(settings, "bf16_weights", False))
-        self.optimizer_masters = not self.bf16_params
+        # FSDP2's form of --bf16-weights: the fp32 shards are the masters, blocks gathered in bf16; the weights
+        # outside FSDP (expert slices under EP, every weight with --no-fsdp) keep their masters in the optimizer
+        # (make_optimizer leaves DTensors alone), and their gradients are summed in fp32 (finish_grad_sync)
+        self.bf16_params = bool(getattr(settings, "bf16_weights", False)) and self.pcfg.fsdp
         micro = getattr(settings, "micro_batch_size", 0) or settings.batch_size
         if micro % self.world_size:
             raise ValueError(f"the micro-batch ({micro} sequences) must be a multiple of the world size "
@@ -199,15 +181,17 @@ class ShardedStrategy(_Collective):
     def save(self, ckpt_root, step, opt, state, *, tokenizer=None, keep=3, final=False) -> str:
         from dsv3.checkpoints.dcp import save_dcp
 
-        return save_dcp(ckpt_root, step, self.model, opt, self.ps, state, tokenizer=tokenizer, keep=keep,
-                        export_hf=final)
+        with _masters(opt):  # bf16 weights outside FSDP: their fp32 masters are written
+            return save_dcp(ckpt_root, step, self.model, opt, self.ps, state, tokenizer=tokenizer, keep=keep,
+                            export_hf=final)
 
     def load(self, path: str, opt) -> dict:
         from dsv3.checkpoints.dcp import is_dcp_checkpoint, load_dcp, load_full_state
 
-        if is_dcp_checkpoint(path):
-            return load_dcp(path, self.model, opt, self.ps)
-        return load_full_state(path, self.model, opt, self.ps)
+        with _masters(opt):
+            if is_dcp_checkpoint(path):
+                return load_dcp(path, self.model, opt, self.ps)
+            return load_full_state(path, self.model, opt, self.ps)
 
 
 class PipelineStrategy(_Collective):
@@ -227,11 +211,6 @@ class PipelineStrategy(_Collective):
                                     zero=pcfg.fsdp)  # the stages' replicas shard their optimizer state (ZeRO-1)
         self.ps = None
         self._shape = None
-
-    def _bf16_weights_layout(self) -> bool:
-        # every pipeline layout: ZeRO-1 masters (fp32 chunks, gradients summed in fp32) or AdamW's own masters
-        # (the replicated path sums bf16 gradients in an fp32 buffer); checkpoints write the masters
-        return True
 
     def describe(self) -> str:
         c = self.ppcfg

@@ -344,7 +344,8 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.1,
     (float32 or bfloat16). It picks its kernel itself (dsv3.kernels: the fused Triton update on CUDA, the
     foreach reference elsewhere; with float32 moments the reference equals torch.optim.AdamW bitwise).
     bf16_weights: the model's `bf16_weight_params` become bf16 working weights whose fp32 masters the
-    optimizer keeps (AdamW's `masters`; the model must still be fp32 here: the masters are its values);
+    optimizer keeps (AdamW's `masters`; the model must still be fp32 here: the masters are its values), except
+    FSDP2's DTensor parameters, whose fp32 shards are their masters (gathered in bf16 by its MixedPrecisionPolicy);
     fp32_grads: their gradients accumulated in fp32 (AdamW's docstring)."""
     groups = []
     for g in param_groups(model, weight_decay):  # DTensor (FSDP2) and plain parameters in separate groups
@@ -352,7 +353,7 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.1,
             ps = [p for p in g["params"] if _is_dtensor(p) == want]
             if ps:  # no empty groups: DCP's state dicts map groups by their parameters' names
                 groups.append({"params": ps, "weight_decay": g["weight_decay"]})
-    masters = bf16_weight_params(model) if bf16_weights else None
+    masters = [p for p in bf16_weight_params(model) if not _is_dtensor(p)] if bf16_weights else None
     return AdamW(groups, lr=lr, betas=betas, eps=eps, state_dtype=state_dtype, masters=masters, fp32_grads=fp32_grads)
 
 

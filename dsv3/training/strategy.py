@@ -33,11 +33,12 @@ bf16 working weights (`--bf16-weights`, one process): with bf16 (or fp8) the opt
 autocast stays on (the embedding's fp32 output is the residual stream, as without the flag) and its casts
 of those weights become no-ops. `save` / `load` run inside `opt.masters_as_params()`, so checkpoints hold
 the fp32 masters, as in fp32-weight training. With fp8 the same (the FP8 modules quantise the bf16 weights and
-write bf16 weight gradients; autocast on the CPU too); `check_weights` refuses fp32. Under FSDP2
-(without expert parallelism) the mode is fully_shard's own: the fp32 shards are the masters (a plain AdamW
-on them; DCP checkpoints write them), each block is all-gathered in bf16 and its gradients reduce-scattered
-in fp32 (MixedPrecisionPolicy; `Strategy.optimizer_masters` says which of the two keeps the masters); the
-other torchrun layouts refuse it in their `check_settings` (the reasons there).
+write bf16 weight gradients; autocast on the CPU too); `check_weights` refuses fp32. Every torchrun layout
+takes it: under FSDP2 the sharded weights take fully_shard's own form (the fp32 shards are the masters, a plain
+AdamW on them; each block is all-gathered in bf16 and its gradients reduce-scattered in fp32:
+MixedPrecisionPolicy), and the weights outside FSDP (expert slices under EP, every weight with --no-fsdp) keep
+their masters in the optimizer, their gradients summed in fp32 (dsv3/distributed/parallelize.py); the pipeline's
+ZeRO-1 chunks are the masters of the weights they shard (dsv3/distributed/zero.py). Checkpoints hold the masters.
 
 The optimizer is the same for every layout (dsv3.training.optim.AdamW over `module()`): the loop computes
 the clip coefficient from `grad_norm(opt)` and passes it to the AdamW step, which applies it inside the update.
@@ -136,10 +137,6 @@ class Strategy:
         return {"world_size": 1}
 
     # --- model ----------------------------------------------------------------------------------
-    # bf16 working weights (--bf16-weights): who keeps the fp32 masters. One process: the optimizer (AdamW's
-    # masters). FSDP2 (dsv3/distributed/strategy.py ShardedStrategy): its fp32 shards, gathered as bf16.
-    optimizer_masters = True
-
     def parallelize(self, model) -> None:
         self.model = model
 
@@ -150,10 +147,9 @@ class Strategy:
     def make_optimizer(self, lr: float, weight_decay: float, *, state_dtype: torch.dtype = torch.float32,
                        bf16_weights: bool = False):
         """The run's optimizer over `module()` (dsv3.training.optim.make_optimizer: dsv3's AdamW); with
-        `bf16_weights` it keeps the fp32 masters where this layout has the optimizer keep them
-        (`optimizer_masters`). The pipeline layout under ZeRO-1 builds it over its masters instead."""
-        return make_optimizer(self.module(), lr, weight_decay, state_dtype=state_dtype,
-                              bf16_weights=bf16_weights and self.optimizer_masters)
+        `bf16_weights` it keeps the fp32 masters of the bf16 weights (not of FSDP2's DTensors: their fp32 shards
+        are the masters). The pipeline layout under ZeRO-1 builds it over its masters instead."""
+        return make_optimizer(self.module(), lr, weight_decay, state_dtype=state_dtype, bf16_weights=bf16_weights)
 
     def check_settings(self, settings, precision: str) -> None:
         """Raise if this layout cannot run with these settings (the reason in the message)."""

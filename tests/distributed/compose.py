@@ -42,6 +42,7 @@ LAYOUTS = {
     "pp2_dualpipev": (2, {"pp": 2, "pp_schedule": "dualpipev"}),
     "pp2xep2": (4, {"pp": 2, "ep": 2, "pp_schedule": "dualpipev"}),
     "pp2xdp2": (4, {"pp": 2, "dp_shard": 2}),
+    "replicated_dp2": (2, {"dp_shard": 2, "ep": 1, "fsdp": False}),  # --no-fsdp: whole weights, all-reduced grads
 }
 PRECISIONS = ("fp32", "bf16", "fp8")
 OPTIM_STATES = ("fp32", "bf16")

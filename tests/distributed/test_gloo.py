@@ -191,10 +191,16 @@ def _bf16_params_worker(rank: int, world: int, name: str) -> dict:
     from dsv3.model.moe import Router
     from dsv3.training.loss import compute_loss
 
-    pcfg = ParallelConfig(dp_shard=world, ep=1, fsdp=True)
+    from dsv3.model.moe import Experts
+    from dsv3.training.optim import make_optimizer
+
+    ep = 2 if name == "bf16_ep" else 1
+    pcfg = ParallelConfig(dp_shard=world // ep, ep=ep, fsdp=True)
     cfg = tiny_cfg()
     model = build_model(cfg, seed=0)
     parallelize(model, pcfg, build_mesh(pcfg, "cpu"), bf16_params=True)
+    experts = [p for m in model.modules() if isinstance(m, Experts) for p in m.parameters()]
+    opt = make_optimizer(model, 1e-3, bf16_weights=True)  # EP: the optimizer keeps the expert slices' masters
     seen = {"linear": set(), "router": set(), "head": set()}
     for m in model.modules():
         if isinstance(m, Router):
@@ -209,8 +215,12 @@ def _bf16_params_worker(rank: int, world: int, name: str) -> dict:
     params = list(model.parameters())
     ok = {"linear_bf16": seen["linear"] == {torch.bfloat16}, "router_fp32": seen["router"] == {torch.float32},
           "head_fp32": seen["head"] == {torch.float32},
-          "shards_fp32": all(p.dtype == torch.float32 for p in params),
-          "grads_fp32": all(p.grad.dtype == torch.float32 for p in params if p.grad is not None),
+          "shards_fp32": all(p.dtype == torch.float32 for p in params if all(p is not e for e in experts)),
+          "grads_fp32": all(p.grad.dtype == torch.float32 for p in params
+                            if p.grad is not None and all(p is not e for e in experts)),
+          "experts_bf16_with_fp32_masters": (all(p.dtype == torch.bfloat16 and opt.masters[p].dtype == torch.float32
+                                                 for p in experts) and len(opt.masters) == len(experts))
+          if ep > 1 else not opt.masters,
           "some_grads": any(p.grad is not None for p in params),
           "finite": bool(torch.isfinite(out.logits).all())}
     return {f"fails_{k}": float(not v) for k, v in ok.items()}  # the harness keeps the worst (max) rank
@@ -219,11 +229,12 @@ def _bf16_params_worker(rank: int, world: int, name: str) -> dict:
 def test_fsdp_bf16_params_gather_bf16_and_keep_fp32_masters():
     """--bf16-weights under FSDP2: every block's Linear computes with a bf16 all-gathered weight, the
     routers and the root (head) with fp32, and the shards (the masters the optimizer steps) and their
-    reduce-scattered gradients stay fp32."""
+    reduce-scattered gradients stay fp32; under EP (bf16_ep) the expert slices, outside FSDP, are stored in bf16
+    with their fp32 masters in the optimizer."""
     from tests.distributed.harness import spawn_scenarios
 
-    r = spawn_scenarios(2, _bf16_params_worker, ["bf16"])["bf16"]
-    assert len(r) == 7 and not any(r.values()), r
+    for name, r in spawn_scenarios(2, _bf16_params_worker, ["bf16", "bf16_ep"]).items():
+        assert len(r) == 8 and not any(r.values()), (name, r)
 
 
 def _replicated_tokens_worker(rank: int, world: int, name: str) -> dict:
