@@ -1001,3 +1001,17 @@ def test_load_32_streaming_clients(server, model, tok):
     assert m["dsv3_time_to_first_token_seconds_count"] - before["dsv3_time_to_first_token_seconds_count"] >= 96
     assert m["dsv3_spec_decode_draft_tokens_total"] > before["dsv3_spec_decode_draft_tokens_total"]
     assert elapsed < 60
+
+
+def test_legacy_top_logprobs_keep_the_most_likely_of_equal_texts():
+    """Legacy completions key the alternatives by text: two tokens that print the same (partial UTF-8 bytes, both
+    U+FFFD) share one key, which holds the more likely one's value (not whichever came last)."""
+    from types import SimpleNamespace
+
+    from dsv3.inference.engine import TokenLogprob
+    from dsv3.inference.server import _completion_logprobs
+
+    srv = SimpleNamespace(token_str=lambda t: ({1: "a", 2: "\ufffd", 3: "\ufffd"}[t], b""))
+    lps = [TokenLogprob(token_id=2, logprob=-1.0, top=[(2, -1.0), (1, -1.5), (3, -2.0)])]
+    out = _completion_logprobs(srv, lps, 0)
+    assert out["top_logprobs"] == [{"\ufffd": -1.0, "a": -1.5}] and out["token_logprobs"] == [-1.0]

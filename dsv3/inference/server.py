@@ -390,7 +390,13 @@ def _completion_logprobs(srv: _Server, lps: list[TokenLogprob], offset: int) -> 
         s = srv.token_str(lp.token_id)[0]
         out["tokens"].append(s)
         out["token_logprobs"].append(_finite(lp.logprob))
-        out["top_logprobs"].append({srv.token_str(t)[0]: _finite(v) for t, v in lp.top})
+        # the legacy format keys the alternatives by text: tokens with the same text (partial UTF-8 bytes all show
+        # as U+FFFD) share a key, which keeps the most likely one's value (lp.top is in descending order), so the
+        # greedy token's value is the dict's largest
+        top: dict = {}
+        for t, v in lp.top:
+            top.setdefault(srv.token_str(t)[0], _finite(v))
+        out["top_logprobs"].append(top)
         out["text_offset"].append(offset)
         offset += len(s)
     return out

@@ -110,7 +110,7 @@ def check_memory(mc: ModelConfig, tc: TrainConfig, strategy: Strategy) -> None:
                     f"one micro-batch with their gradients ({rows:,} tokens x {mc.vocab_size:,} x 4 bytes x 2 x "
                     f"{1 + mc.num_nextn_predict_layers} heads; lower --batch-size, --seq-len or set "
                     "--micro-batch-size)")
-    elif not (strategy.builds_on_meta and tc.init_from is None):
+    elif not (getattr(strategy, "builds_on_meta", False) and tc.init_from is None):
         ensure_fits(n * 4, strategy.device, f"for its fp32 weights, built whole on every rank before sharding "
                                             f"({n:,} parameters)")
 
