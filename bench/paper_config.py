@@ -22,8 +22,10 @@ card's dense bf16 datasheet peak; a card without a datasheet figure: the bf16 ma
 bench/bandwidth.py), peak memory per rank (torch.cuda.max_memory_allocated over the timed steps, which hold the
 optimizer state; on the CPU the process's peak RSS instead, which includes the interpreter and is not compared).
 Predicted: `dsv3.plan.plan` for the same layout (its dp = this dp x ep, schedule dualpipev or 1f1b, the working
-weights' dtype and masters as dsv3 keeps them: fp32 weights without --bf16-weights, fp32 masters only with ZeRO-1 or
---bf16-weights, bf16 gradients with --bf16-weights), the worst rank's total against the largest measured peak.
+weights as dsv3 keeps them: fp32 and their own masters without --bf16-weights, else bf16 with fp32 masters and bf16
+gradients), the worst rank's total against the largest measured peak. Not in the plan: the fp32 master copies of
+expert-slice chunks that fp32-weight ZeRO-1 keeps where dp > 1 and ep > 1 (4/dp bytes per expert entry), and the
+transient fp32 gradient buckets of the reduce-scatter / all-reduce (at most 512 MiB each, dsv3/distributed/pipeline.py).
 Writes JSON to --out and prints a markdown table (rank 0).
 """
 
@@ -109,8 +111,7 @@ def planned(cfg, args, pc: PipelineConfig, world: int, batch: int, gpu_gib: floa
         gpus=world, gpu_mem_gib=gpu_gib, pp=pc.pp, ep=pc.ep, dp=pc.dp * pc.ep, zero=1 if zero else 0,
         precision=args.precision, micro_batch=args.micro_batch, seq_len=args.seq_len, global_batch=batch,
         recompute={"selective": "paper", "none": "none", "full": "full"}[args.recompute], schedule=pc.schedule,
-        weight_dtype="bf16" if args.bf16_weights else "fp32",
-        master_dtype="fp32" if (args.bf16_weights or zero) else "none",
+        weight_dtype="bf16" if args.bf16_weights else "fp32", master_dtype="fp32",  # (fp32 weights: no masters)
         grad_dtype="bf16" if args.bf16_weights else "fp32", optim_dtype=args.optim_state), "671b cut")
 
 
@@ -167,7 +168,9 @@ def main(argv=None) -> dict:
     peak = torch.cuda.max_memory_allocated(dev) / GiB if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     state = sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
                 if torch.is_tensor(t)) / GiB
-    mine = torch.tensor([peak, weights or 0.0, state], dtype=torch.float64, device=dev)
+    masters = (sum(m.numel() * 4 for m in opt.masters.values())  # AdamW's masters and ZeRO's fp32 copies
+               + sum(z.flat.numel() * 4 for z in ps.zero if z.flat is not None)) / GiB
+    mine = torch.tensor([peak, weights or 0.0, state, masters], dtype=torch.float64, device=dev)
     every = [torch.zeros_like(mine) for _ in range(world)]
     dist.all_gather(every, mine)
     out = None
@@ -194,7 +197,8 @@ def main(argv=None) -> dict:
             "mfu": tok_s * fpt / (world * peak_flops) if peak_flops else None,
             "measured_matmul_flops": ceiling["flops_per_s"] if ceiling else None,
             "losses": losses, "per_rank": [{"peak_gib": float(e[0]), "weights_gib": float(e[1]),
-                                            "optimizer_state_gib": float(e[2])} for e in every],
+                                            "optimizer_state_gib": float(e[2]), "masters_gib": float(e[3])}
+                                           for e in every],
             "peak_gib_max": measured, "peak_is": "cuda max_memory_allocated" if cuda else "process peak RSS",
             "plan": {"worst_rank": pr.rank, "stages": list(pr.stages), "total_gib": pr.total / GiB,
                      "mem_gib": {k: v / GiB for k, v in pr.mem.items()}},

@@ -13,7 +13,8 @@ stages r and 2·pp-1-r (one copy; rank 0 holds the embedding, head and MTP).
 
 Bytes per parameter (defaults = the paper's recipe, §3.3.3, used for every preset): working
 weights bf16 (2; FP8 GEMM copies are quantised on the fly; `weight_dtype` fp32 for dsv3's default of fp32
-weights under autocast, then master "none" without ZeRO, fp32 with it), fp32 master weights (4), fp32 gradients
+weights under autocast, which are their own masters: no master bytes, whatever master_dtype says), fp32
+master weights (4), fp32 gradients
 (4), AdamW m and v in bf16 (2 + 2): 14 B/param unsharded. ZeRO-1 shards master + moments over the
 dp group (dense params: dp ranks; routed experts: dp/ep ranks); ZeRO-2 also gradients; ZeRO-3 also
 the working weights. With DualPipe each copy keeps its own states (conservative).
@@ -120,6 +121,7 @@ class PlanConfig:
         need(gb % (dp * self.micro_batch) == 0, f"global_batch ({gb}) is not divisible by dp ({dp}) x "
                                                 f"micro_batch ({self.micro_batch})")
         if self.schedule == "dualpipev":
+            need(self.pp >= 2, f"dualpipev needs pp >= 2 (pp ranks hold 2 x pp stages in a V), got pp = {self.pp}")
             need(2 * self.pp <= n_blocks, f"dualpipev places 2 x pp ({2 * self.pp}) stages but there are {n_blocks} "
                                           "layers to place: a stage would be empty")
             need(gb // (dp * self.micro_batch) >= 2 * self.pp,
@@ -251,6 +253,8 @@ def plan(model_cfg: ModelConfig, pcfg: PlanConfig, name: str = "model") -> PlanR
     stages = _stages(n_blocks, S)
     has_mtp = model_cfg.num_nextn_predict_layers > 0
     gbytes, mbytes, obytes = (DTYPE_BYTES[c.grad_dtype], DTYPE_BYTES[c.master_dtype], 2 * DTYPE_BYTES[c.optim_dtype])
+    if c.weight_dtype == "fp32":  # fp32 working weights are the masters (dsv3: a ZeRO chunk is a piece of them)
+        mbytes = 0
 
     kinds = [cnt.kinds(rg) for rg in stages]  # per stage: kind -> block count
 
@@ -284,7 +288,8 @@ def plan(model_cfg: ModelConfig, pcfg: PlanConfig, name: str = "model") -> PlanR
             f"weights ({c.weight_dtype})": (dense / (dp if c.zero >= 3 else 1) + routed / (dp_e if c.zero >= 3 else 1))
             * DTYPE_BYTES[c.weight_dtype],
             f"gradients ({c.grad_dtype})": (dense / (dp if c.zero >= 2 else 1) + routed / (dp_e if c.zero >= 2 else 1)) * gbytes,
-            f"master weights ({c.master_dtype})": (dense / sd + routed / se) * mbytes,
+            f"master weights ({'the fp32 weights' if c.weight_dtype == 'fp32' else c.master_dtype})":
+            (dense / sd + routed / se) * mbytes,
             f"AdamW m+v ({c.optim_dtype})": (dense / sd + routed / se) * obytes,
         }
         in_flight = min(n_mb, pp - r if c.schedule == "1f1b" else pp + 1)

@@ -301,7 +301,8 @@ def test_make_optimizer_leaves_fsdp_shards_their_own_masters():
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Replicate
 
-    if not dist.is_initialized():
+    mine = not dist.is_initialized()
+    if mine:
         dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
     try:
         mesh = init_device_mesh("cpu", (1,))
@@ -311,7 +312,8 @@ def test_make_optimizer_leaves_fsdp_shards_their_own_masters():
         assert list(opt.masters) == [model[1].weight] and model[1].weight.dtype == torch.bfloat16
         assert model[0].weight.dtype == torch.float32
     finally:
-        dist.destroy_process_group()
+        if mine:
+            dist.destroy_process_group()
 
 
 # --- with FP8 training (--precision fp8 --bf16-weights) ---------------------------------------------------------

@@ -112,7 +112,9 @@ def test_dualpipev_holds_one_copy_in_a_v():
     assert set(v.stages) in ({0, 3}, {1, 2})
     assert 0.4 * n < v.n_params < 0.8 * n < d.n_params  # about half of the one copy; DualPipe's about all of it
     assert v.comm["PP p2p"] == 2 * plan(cfg, PlanConfig(**base, schedule="1f1b")).comm["PP p2p"]
-    f32 = plan(cfg, PlanConfig(gpus=1, zero=0, seq_len=16, weight_dtype="fp32", master_dtype="none"))
-    assert f32.mem["weights (fp32)"] == 4 * n and "master weights (none)" in f32.mem
+    f32 = plan(cfg, PlanConfig(gpus=1, zero=0, seq_len=16, weight_dtype="fp32"))  # the weights are the masters
+    assert f32.mem["weights (fp32)"] == 4 * n and f32.mem["master weights (the fp32 weights)"] == 0
+    with pytest.raises(PlanError, match=r"dualpipev needs pp >= 2"):
+        plan(cfg, PlanConfig(gpus=1, pp=1, seq_len=16, global_batch=4, schedule="dualpipev"))
     with pytest.raises(PlanError, match=r"dualpipev needs at least its 2 x pp \(4\) stages' micro-batches"):
         plan(cfg, PlanConfig(**{**base, "global_batch": 2}, schedule="dualpipev"))

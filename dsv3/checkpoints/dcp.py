@@ -169,7 +169,7 @@ def _pipeline_state_dicts(opt, ps):
     for p in params.values():  # a parameter that never had a gradient has no AdamW state yet: zeros
         t = optimized(p)
         if not opt.state[t]:
-            dt = some["exp_avg"].dtype if some is not None else p.dtype
+            dt = some["exp_avg"].dtype if some is not None else getattr(opt, "state_dtype", t.dtype)
             step = torch.zeros_like(some["step"]) if some is not None else torch.zeros((), dtype=torch.float32)
             opt.state[t].update(step=step, exp_avg=torch.zeros_like(t.detach(), dtype=dt),
                                 exp_avg_sq=torch.zeros_like(t.detach(), dtype=dt))

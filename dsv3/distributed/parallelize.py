@@ -112,23 +112,25 @@ def finish_grad_sync(ps: ParallelState) -> None:
         if p.grad is None:  # no token reached this rank's experts
             p.grad = torch.zeros_like(p)
         if ps.dp_group is not None:
-            _all_reduce_fp32(p.grad, ps.dp_group)
-        p.grad.div_(ps.world_size)
+            _mean_fp32(p.grad, ps.dp_group, ps.world_size)
+        else:
+            p.grad.div_(ps.world_size)
     for p in ps.replicated_params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-        _all_reduce_fp32(p.grad, ps.data_group)
-        p.grad.div_(ps.world_size)
+        _mean_fp32(p.grad, ps.data_group, ps.world_size)
 
 
-def _all_reduce_fp32(g: torch.Tensor, group) -> None:
-    """Sum `g` over `group` in fp32 (bf16 working weights' gradients are summed wide, then rounded back)."""
+def _mean_fp32(g: torch.Tensor, group, divisor: int) -> None:
+    """`g` summed over `group` and divided by `divisor`, in fp32 (bf16 working weights' gradients are summed and
+    divided wide, then rounded back once)."""
     if g.dtype == torch.float32:
         dist.all_reduce(g, group=group)
+        g.div_(divisor)
         return
     wide = g.float()
     dist.all_reduce(wide, group=group)
-    g.copy_(wide)
+    g.copy_(wide.div_(divisor))
 
 
 @torch.no_grad()

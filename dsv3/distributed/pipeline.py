@@ -132,8 +132,9 @@ class PipelineConfig:
     ep: int = 1  # expert-parallel ranks per stage replica
     dp: int = 1  # data-parallel replicas of every stage (world = pp × dp × ep, mesh ("pp", "dp", "ep"))
     # ZeRO-1 over a stage's dp × ep replicas: each keeps the fp32 masters and AdamW moments of 1/(dp·ep) of
-    # the replicated parameters (and of 1/dp of its expert slices); build the optimizer with
-    # `make_pipeline_optimizer` (dsv3/distributed/zero.py). No effect where dp × ep = 1.
+    # the replicated parameters (and of 1/dp of its expert slices); it takes effect when the optimizer is built
+    # with `make_pipeline_optimizer` (dsv3/distributed/zero.py; another optimizer: the whole state, all-reduced
+    # gradients). No effect where dp × ep = 1.
     zero: bool = False
 
     @property
@@ -188,6 +189,8 @@ class PipelineConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ParallelConfigError(f"{name} must be an integer >= 1, got {v!r}")
+        if not isinstance(self.zero, bool):
+            raise ParallelConfigError(f"zero must be True or False, got {self.zero!r}")
         if world_size is not None and world_size != self.world_size:
             if self.replicas == 1:
                 raise ParallelConfigError(f"pipeline parallelism alone: pp ({self.pp}) must equal the world size "
@@ -483,17 +486,20 @@ def build_pipeline(model, pcfg: PipelineConfig, micro_batch_size: int, seq_len: 
         if rank == world - 1:
             state.tied_copy = stages[-1].model.embed_tokens.weight
     if R > 1:
-        state.stage_mesh = stage_mesh
-        if pcfg.zero:
-            state.zero = _zero_groups(state)
+        state.stage_mesh = stage_mesh  # (ZeRO-1's groups are made with the optimizer: make_pipeline_optimizer)
     return state
+
+
+ZERO_BUCKET = 2**27  # parameter entries per ZeroGroup: its fp32 gradient scratch is at most 512 MiB (+ 1/R)
 
 
 def _zero_groups(state: PipelineState, bf16_ids=frozenset()) -> list:
     """ZeRO-1's groups (dsv3/distributed/zero.py): the replicated parameters over the stage's dp × ep ranks
     (dim 0 split by "dp", then by "ep"), and, with dp > 1 and ep > 1, the expert slices over their dp
     replicas (dim 1 split by "dp"; "ep" already split dim 0 of the global (E, ...) tensor). The parameters
-    in `bf16_ids` (bf16 working weights) get groups of their own (one dtype per all-gather)."""
+    in `bf16_ids` (bf16 working weights) get groups of their own (one dtype per all-gather, fp32 copies as
+    masters); groups hold up to ZERO_BUCKET entries (one parameter may exceed it). Frozen and 0-dim
+    parameters stay outside (whole on every rank, all-reduced)."""
     from torch.distributed.tensor import Shard
 
     from dsv3.distributed.zero import ZeroGroup
@@ -509,9 +515,15 @@ def _zero_groups(state: PipelineState, bf16_ids=frozenset()) -> list:
     groups = []
     for params, *spec in kinds:
         for bf16 in (False, True):
-            ps = [p for p in params if (id(p) in bf16_ids) == bf16]
-            if ps:
-                groups.append(ZeroGroup(ps, *spec))
+            ps = [p for p in params if (id(p) in bf16_ids) == bf16 and p.requires_grad and p.dim() > 0]
+            bucket, n = [], 0
+            for p in ps + [None]:
+                if bucket and (p is None or n + p.numel() > ZERO_BUCKET):
+                    groups.append(ZeroGroup(bucket, *spec, copy_masters=bf16))
+                    bucket, n = [], 0
+                if p is not None:
+                    bucket.append(p)
+                    n += p.numel()
     return groups
 
 
@@ -525,20 +537,20 @@ def make_pipeline_optimizer(state: PipelineState, lr: float, weight_decay: float
     --no-fsdp, expert slices without dp replicas). Call it once, before training (it converts the weights)."""
     from dsv3.training.optim import bf16_weight_params, make_optimizer
 
-    if not state.zero:
+    if not (state.pcfg.zero and state.pcfg.replicas > 1):
+        state.zero = []
         return make_optimizer(state.model_part, lr, weight_decay, state_dtype=state_dtype, bf16_weights=bf16_weights,
                               **kw)
     from dsv3.distributed.zero import make_zero_optimizer
 
     bf16 = bf16_weight_params(state.model_part) if bf16_weights else []
-    if bf16:
-        ids = {id(p) for p in bf16}
-        state.zero = _zero_groups(state, ids)  # the masters copied from the fp32 values, then the weights rounded
-        with torch.no_grad():
-            for z in state.zero:
-                if id(z.params[0]) in ids:
-                    for p in z.params:
-                        p.data = p.data.to(torch.bfloat16)
+    ids = {id(p) for p in bf16}
+    state.zero = _zero_groups(state, ids)  # the masters: the weights' current values (copies for bf16 ones)
+    with torch.no_grad():  # then the bf16 working weights are rounded from them
+        for z in state.zero:
+            if id(z.params[0]) in ids:
+                for p in z.params:
+                    p.data = p.data.to(torch.bfloat16)
     zeroed = {id(e.param) for z in state.zero for e in z.entries}
     return make_zero_optimizer(state.model_part, state.zero, lr, weight_decay, state_dtype=state_dtype,
                                masters=[p for p in bf16 if id(p) not in zeroed], **kw)
@@ -638,14 +650,29 @@ def _sync_grads(state: PipelineState) -> None:
         z.reduce_grads(R)
     for params, group in ((state.replicated_params, state.stage_group), (state.expert_params, state.dp_group)):
         grads = [p.grad for p in params if id(p) not in zeroed]
-        if not grads:
+        if group is None:  # no copies to sum (the expert slices without dp replicas): the mean over the rows
+            for g in grads:
+                g.div_(R)
             continue
-        flat = torch.cat([g.reshape(-1).float() for g in grads])
-        if group is not None:
+        # summed in fp32 (bf16 weights' gradients cast up), ZERO_BUCKET entries at a time (bounded scratch)
+        i = 0
+        while i < len(grads):
+            j, n = i, 0
+            while j < len(grads) and (j == i or n + grads[j].numel() <= ZERO_BUCKET):
+                n += grads[j].numel()
+                j += 1
+            flat = torch.empty(n, dtype=torch.float32, device=grads[i].device)
+            o = 0
+            for g in grads[i:j]:
+                flat[o:o + g.numel()].view_as(g).copy_(g)
+                o += g.numel()
             dist.all_reduce(flat, group=group)
-        flat.div_(R)
-        for g, f in zip(grads, flat.split([g.numel() for g in grads])):
-            g.copy_(f.view_as(g))
+            flat.div_(R)
+            o = 0
+            for g in grads[i:j]:
+                g.copy_(flat[o:o + g.numel()].view_as(g))
+                o += g.numel()
+            i = j
 
 
 def forward_backward(state: PipelineState, batch: torch.Tensor, *, mtp_lambda: float = 0.3,

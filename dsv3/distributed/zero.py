@@ -3,16 +3,19 @@
 Under PP × DP × EP (dsv3/distributed/pipeline.py) each stage is held by R = dp × ep ranks, and every one of
 them needs the stage's whole weights (the schedule runs whole forwards and backwards). What they need not
 hold whole is the optimizer's part: with ZeRO-1 (the paper's §3.4 layout, Megatron's distributed optimizer;
-`PipelineConfig(zero=True)`, `dsv3 train --pp P` by default, `--no-fsdp` turns it off) each rank keeps the
-fp32 master copy and the two AdamW moments of 1/R of every replicated parameter only, and the routed
-experts' slices (already split over "ep") likewise over their dp replicas. Per rank that is
-(4 + 2 × moment bytes) / R per parameter instead of 4 + 2 × moment bytes, the saving `dsv3 plan`'s ZeRO-1
-row counts.
+`PipelineConfig(zero=True)` with `make_pipeline_optimizer`, `dsv3 train --pp P` by default, `--no-fsdp` turns it
+off) each rank keeps the fp32 master and the two AdamW moments of 1/R of every replicated parameter only, and the
+routed experts' slices (already split over "ep") likewise over their dp replicas. With fp32 weights (dsv3's
+default) a chunk of dim 0 is a piece of the weight itself and serves as its master, so a rank holds
+2 × moment bytes / R per parameter instead of 2 × moment bytes; with bf16 weights (--bf16-weights) the masters
+are fp32 copies: (4 + 2 × moment bytes) / R instead of 4 + 2 × moment bytes, the saving `dsv3 plan`'s ZeRO-1 row
+counts. (The expert chunks along dim 1 are fp32 copies either way.)
 
 One step (`ZeroGroup`, one per process group whose ranks hold equal copies):
 
     reduce_grads   after the schedule: the gradients laid out rank-major in one flat fp32 buffer (rank r's
-                   region: its chunk of every parameter, in order, padded to the longest region), one
+                   region: its chunk of every parameter, in order, padded to the longest region; a group holds
+                   at most pipeline.ZERO_BUCKET entries, so the buffer is bounded), one
                    reduce_scatter_tensor over the group -> this rank's summed chunk of every gradient,
                    divided by the replica count; the whole gradients are freed (set to None)
     AdamW step     over the masters (ZeroAdamW: dsv3's AdamW over the chunks, clip and skip flag included)
@@ -94,6 +97,7 @@ class ZeroGroup:
     mesh: object = None
     placements: tuple = ()
     global_shape: object = None  # callable: parameter -> its global shape
+    copy_masters: bool = False  # fp32 copies as masters even where a chunk could serve (weights about to be bf16)
     entries: list = field(default_factory=list)
 
     def __post_init__(self):
@@ -103,6 +107,11 @@ class ZeroGroup:
             dtypes = sorted({str(p.dtype) for p in self.params})
             raise ValueError(f"a ZeroGroup gathers its parameters in one dtype, got {dtypes}")
         self.rank = dist.get_rank(self.group) if R > 1 else 0
+        if any(p.dim() == 0 for p in self.params):
+            raise ValueError("a ZeroGroup splits its parameters along a dimension: no 0-dim parameters")
+        # an fp32 parameter split along dim 0: its chunk is a contiguous piece of it, which serves as the master
+        # itself (no copy: ZeRO-1 then costs the moments only); else (bf16 weights, dim-1 chunks) an fp32 copy
+        self.aliased = self.params[0].dtype == torch.float32 and self.dim == 0 and not self.copy_masters
         coords = [tuple(divmod_all(i, self.sizes)) for i in range(R)]
         region = [0] * R
         for p in self.params:
@@ -111,15 +120,20 @@ class ZeroGroup:
             for i in range(R):
                 region[i] += bounds[i][1] * e.inner
             self.entries.append(e)
-        self.S = max(region) if region else 0  # the padded region length
-        self.flat = torch.zeros(max(self.S, 1), dtype=torch.float32, device=self.params[0].device)
+        self.S = max(max(region) if region else 0, 1)  # the padded region length
+        dev = self.params[0].device
+        self.flat = None if self.aliased else torch.zeros(self.S, dtype=torch.float32, device=dev)
         with torch.no_grad():
             for e in self.entries:
                 off, n = e.bounds[self.rank]
-                o = e.region_off[self.rank]
-                view = self.flat[o:o + n * e.inner].view(e.chunk_shape(self.rank))
-                view.copy_(e.param.detach().narrow(self.dim, off, n))
-                e.master = nn.Parameter(view)  # shares the flat buffer's storage
+                chunk = e.param.detach().narrow(self.dim, off, n)
+                if self.aliased:
+                    view = chunk  # dim 0 of a contiguous tensor: contiguous
+                else:
+                    o = e.region_off[self.rank]
+                    view = self.flat[o:o + n * e.inner].view(e.chunk_shape(self.rank))
+                    view.copy_(chunk)
+                e.master = nn.Parameter(view)  # shares the storage (of the parameter, or of the flat buffer)
         self._check_against_dtensor()
 
     def _check_against_dtensor(self) -> None:
@@ -141,36 +155,37 @@ class ZeroGroup:
     @torch.no_grad()
     def reduce_grads(self, divisor: float) -> None:
         """Every parameter's gradient summed over the group and divided by `divisor`; this rank keeps its
-        chunk (the masters' .grad, fp32), the whole gradients are freed."""
-        pieces = []
-        for i in range(self.R):
-            used = 0
-            for e in self.entries:
-                g = e.param.grad if e.param.grad is not None else torch.zeros_like(e.param)
-                off, n = e.bounds[i]
-                pieces.append(g.narrow(self.dim, off, n).reshape(-1).float())
-                used += n * e.inner
-            if used < self.S:
-                pieces.append(self.flat.new_zeros(self.S - used))
-        full = torch.cat(pieces)
-        mine = self.flat.new_empty(self.S)
+        chunk (the masters' .grad, fp32), the whole gradients are freed. Scratch: one fp32 buffer of the
+        group's size (callers keep groups to a bucket's size: dsv3/distributed/pipeline.py)."""
+        full = torch.zeros(self.R * self.S, dtype=torch.float32, device=self.params[0].device)
+        for e in self.entries:
+            g = e.param.grad
+            if g is not None:
+                for i in range(self.R):
+                    off, n = e.bounds[i]
+                    o = i * self.S + e.region_off[i]
+                    full[o:o + n * e.inner].view(e.chunk_shape(i)).copy_(g.narrow(self.dim, off, n))
+            e.param.grad = None  # freed before the collective's output is allocated
+        mine = full.new_empty(self.S)
         if self.R > 1:
             _reduce_scatter(mine, full, group=self.group)
         else:
             mine.copy_(full)
+        del full
         mine.div_(divisor)
         for e in self.entries:
             o, n = e.region_off[self.rank], e.bounds[self.rank][1] * e.inner
             e.master.grad = mine[o:o + n].view(e.master.shape)
-            e.param.grad = None
 
     @torch.no_grad()
     def gather_params(self) -> None:
         """The whole parameters rebuilt from every rank's masters (in the parameters' dtype)."""
         if not self.entries:
             return
-        dtype = self.params[0].dtype
-        local = self.flat[:self.S].to(dtype)
+        local = torch.empty(self.S, dtype=self.params[0].dtype, device=self.params[0].device)  # bf16 weights: bf16
+        for e in self.entries:
+            o, n = e.region_off[self.rank], e.bounds[self.rank][1] * e.inner
+            local[o:o + n].view(e.master.shape).copy_(e.master)
         full = local.new_empty(self.R * self.S)
         if self.R > 1:
             _all_gather(full, local, group=self.group)
@@ -179,14 +194,14 @@ class ZeroGroup:
         for e in self.entries:
             for i in range(self.R):
                 off, n = e.bounds[i]
-                if n:
+                if n and not (self.aliased and i == self.rank):  # an aliased master is its own chunk already
                     o = i * self.S + e.region_off[i]
                     e.param.data.narrow(self.dim, off, n).copy_(full[o:o + n * e.inner].view(e.chunk_shape(i)))
 
     def sq_norm(self, exclude=None) -> torch.Tensor:
         """Σ of the squared master gradients on this rank (every element of the group's gradients is on
         exactly one rank), leaving out `exclude` (a parameter, e.g. the 1F1B embedding copy)."""
-        sq = self.flat.new_zeros(())
+        sq = torch.zeros((), dtype=torch.float32, device=self.params[0].device)
         for e in self.entries:
             if e.param is not exclude and e.master.grad is not None and e.master.numel():
                 sq += e.master.grad.float().pow(2).sum()
@@ -230,11 +245,6 @@ class ZeroAdamW(AdamW):
     def __init__(self, params, zero_groups: list[ZeroGroup], **kw):
         super().__init__(params, **kw)
         self.zero_groups = list(zero_groups)
-        self.zero_master = {id(e.param): e.master for z in self.zero_groups for e in z.entries}
-
-    def optimized(self, p):
-        """The tensor the optimizer updates for model parameter `p` (its master, or `p` itself)."""
-        return self.zero_master.get(id(p), p)
 
     @torch.no_grad()
     def step(self, closure=None, grad_scale: torch.Tensor | None = None, skip: torch.Tensor | None = None):

@@ -75,8 +75,10 @@ TOLERANCES = {
     # fp8 loss: the regrouped token tiles make the step-2 gradient norms differ by 0.3-0.9% and lr 1e-2 turns that
     # into up to 0.8% of the loss a step later, depending on the initial weights: largest step-3 difference of
     # pp2_dualpipev / dp2xep2 / ep2 from one process (bf16 moments), seeds 0-3: 0.054 / 0.040 / 0.003 (seed 0, this
-    # matrix), then 0.005-0.007 (seeds 1-3); with the earlier one-generator initialisation 0.004-0.021
-    "fp8": (6e-2, 2 * LR * STEPS, 1e-3, 0.2, 1.5e-3),
+    # matrix), then 0.005-0.007 (seeds 1-3); with the earlier one-generator initialisation 0.004-0.021. The
+    # divergence is chaotic (another CPU's rounding moves it), so the bound leaves room above the worst seen;
+    # a broken gradient sync moves the loss by O(1) and the parameters' bulk (mean / far fraction, below) too
+    "fp8": (8e-2, 2 * LR * STEPS, 1e-3, 0.2, 1.5e-3),
 }
 
 
