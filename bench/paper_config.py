@@ -165,7 +165,10 @@ def main(argv=None) -> dict:
             times.append(time.perf_counter() - t)
         losses.append(r["loss"])
     step = statistics.median(times)
-    peak = torch.cuda.max_memory_allocated(dev) / GiB if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    if cuda:
+        peak = torch.cuda.max_memory_allocated(dev) / GiB
+    else:  # KiB on Linux
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     state = sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
                 if torch.is_tensor(t)) / GiB
     masters = (sum(m.numel() * 4 for m in opt.masters.values())  # AdamW's masters and ZeRO's fp32 copies

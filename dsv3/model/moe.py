@@ -184,7 +184,8 @@ class Experts(nn.Module):
         rank's slice; the router still scores all E, and the dispatcher numbers local experts from 0).
         Parameters stay parameters and buffers (an FP8 subclass's weights and scales) stay buffers;
         on the meta device this only changes shapes (a sharded checkpoint load fills the slice)."""
-        self.expert_offset = getattr(self, "expert_offset", 0) + first  # the global index of local expert 0 (initialisation draws by it)
+        # the global index of local expert 0 (initialisation draws by it)
+        self.expert_offset = getattr(self, "expert_offset", 0) + first
         for name, p in list(self._parameters.items()):
             self._parameters[name] = nn.Parameter(p[first:first + count].clone(), requires_grad=p.requires_grad)
         for name, b in list(self._buffers.items()):

@@ -321,7 +321,8 @@ def test_pipeline_checkpoint_moves_between_layouts(results):
     r = results("checkpoint_pp2xdp2_to_pp2xep2")
     print({k: f"{v:.2e}" for k, v in r.items()})
     for key in ("a_saved_exact", "b_loaded_exact", "b_saved_exact", "c_loaded_exact", "bf16_weights_zero",
-                "bf16_weights_rounded", "meta_built_exact_1f1b", f"meta_built_exact_{'dualpipev' if HAS_DUALPIPEV else '1f1b'}"):
+                "bf16_weights_rounded", "meta_built_exact_1f1b",
+                f"meta_built_exact_{'dualpipev' if HAS_DUALPIPEV else '1f1b'}"):
         assert r[key] == 1.0, key
     for key in ("loss_a_b", "loss_a_c"):
         assert r[key] <= TOL, f"{key} = {r[key]:.3g}"
