@@ -27,6 +27,16 @@ gradients), the worst rank's total against the largest measured peak. Not in the
 expert-slice chunks that fp32-weight ZeRO-1 keeps where dp > 1 and ep > 1 (4/dp bytes per expert entry), and the
 transient fp32 gradient buckets of the reduce-scatter / all-reduce (at most 512 MiB each, dsv3/distributed/pipeline.py).
 Writes JSON to --out and prints a markdown table (rank 0).
+
+Checkpoints at scale (issue 18, run 4): `--save DIR` writes the sharded checkpoint after the timed steps (the
+seconds of `save_dcp`, between barriers), then takes one more step and records that step's batch and loss in DIR;
+`--resume DIR` (same model flags, any layout and world size with the same global batch) loads it (the seconds of
+`load_dcp`) and takes that step: its loss must equal the recorded one (`resume_loss_diff`; other layouts only
+reorder sums, so within ~1e-5 relative in fp32). A 671B-shaped cut's checkpoint is large (fp32 masters + moments:
+`dsv3 plan`, or the refusal of `save_dcp` when the disk cannot hold it): use a small --layers for this run.
+
+    torchrun --nproc-per-node 8 bench/paper_config.py --layers 4 --pp 2 --ep 4 --save /data/pc   # then:
+    torchrun --nproc-per-node 4 bench/paper_config.py --layers 4 --pp 2 --ep 2 --n-microbatches 16 --resume /data/pc
 """
 
 from __future__ import annotations
@@ -85,6 +95,8 @@ def parse(argv=None):
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--smoke", action="store_true", help="the tiny preset, seq 32, 1 + 1 steps (a CPU check)")
     p.add_argument("--out", default=None, help="JSON results (rank 0)")
+    p.add_argument("--save", default=None, help="write the checkpoint here after the timed steps (run 4)")
+    p.add_argument("--resume", default=None, help="load a --save checkpoint and check the next step's loss")
     args = p.parse_args(argv)
     if args.smoke:
         args.seq_len = min(args.seq_len, 32)
@@ -113,6 +125,47 @@ def planned(cfg, args, pc: PipelineConfig, world: int, batch: int, gpu_gib: floa
         recompute={"selective": "paper", "none": "none", "full": "full"}[args.recompute], schedule=pc.schedule,
         weight_dtype="bf16" if args.bf16_weights else "fp32", master_dtype="fp32",  # (fp32 weights: no masters)
         grad_dtype="bf16" if args.bf16_weights else "fp32", optim_dtype=args.optim_state), "671b cut")
+
+
+NEXT = "paper_config_next.pt"  # beside the checkpoint: the batch and loss of the step after it
+
+
+def save(args, ps, opt, cfg, nxt, hp) -> dict:
+    """Run 4's writer: the checkpoint (timed), then one more step on `nxt`, its batch and loss kept in the
+    directory for a resume to compare with."""
+    from dsv3.checkpoints.dcp import save_dcp
+
+    dist.barrier()
+    t = time.perf_counter()
+    path = save_dcp(args.save, 1, ps.stages[0], opt, ps, {"tokens": 0, "sampler": {}})
+    dist.barrier()
+    secs = time.perf_counter() - t
+    r = train_step(ps, opt, nxt, **hp)
+    if dist.get_rank() == 0:
+        torch.save({"batch": nxt.cpu(), "loss": r["loss"], "layers": cfg.num_hidden_layers}, os.path.join(path, NEXT))
+    dist.barrier()
+    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+    return {"save_s": secs, "checkpoint_gib": size / GiB, "saved_next_loss": r["loss"]}
+
+
+def resume(args, ps, opt, batch: int, dev, hp) -> dict:
+    """Run 4's reader: load --resume's checkpoint (timed) into this layout and take the recorded next step."""
+    from dsv3.checkpoints.dcp import load_dcp
+
+    path = os.path.join(args.resume, "step_00000001")
+    rec = torch.load(os.path.join(path, NEXT), weights_only=True)
+    if rec["batch"].shape != (batch, args.seq_len + 1):
+        raise SystemExit(f"--resume: the checkpoint's next step has a batch of {tuple(rec['batch'].shape)}, this "
+                         f"layout reads ({batch}, {args.seq_len + 1}): set --n-microbatches / --micro-batch / "
+                         "--seq-len so that the global batch is the same")
+    dist.barrier()
+    t = time.perf_counter()
+    load_dcp(path, ps.stages[0], opt, ps)
+    dist.barrier()
+    secs = time.perf_counter() - t
+    r = train_step(ps, opt, rec["batch"].to(dev), **hp)
+    return {"load_s": secs, "resumed_loss": r["loss"], "saved_next_loss": rec["loss"],
+            "resume_loss_diff": abs(r["loss"] - rec["loss"])}
 
 
 def main(argv=None) -> dict:
@@ -148,6 +201,11 @@ def main(argv=None) -> dict:
     autocast = precision_recipe(args.precision, dev, args.bf16_weights)  # dsv3 train's choice for this precision
     g = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, cfg.vocab_size, (batch, args.seq_len + 1), generator=g).to(dev) for _ in range(2)]
+    hp = dict(mtp_lambda=0.3, balance_alpha=1e-4, gamma=1e-3, autocast=autocast)
+    ckpt = {}
+    if args.resume:
+        ckpt.update(resume(args, ps, opt, batch, dev, hp))
+        args.warmup = args.steps = 0
 
     times, losses = [], []
     for i in range(args.warmup + args.steps):
@@ -157,14 +215,16 @@ def main(argv=None) -> dict:
         if i == args.warmup and cuda:
             torch.cuda.reset_peak_memory_stats(dev)  # the timed steps: weights, optimizer state, activations
         t = time.perf_counter()
-        r = train_step(ps, opt, batches[i % 2], mtp_lambda=0.3, balance_alpha=1e-4, gamma=1e-3, autocast=autocast)
+        r = train_step(ps, opt, batches[i % 2], **hp)
         if cuda:
             torch.cuda.synchronize(dev)
         dist.barrier()
         if i >= args.warmup:
             times.append(time.perf_counter() - t)
         losses.append(r["loss"])
-    step = statistics.median(times)
+    if args.save:
+        ckpt.update(save(args, ps, opt, cfg, batches[(args.warmup + args.steps) % 2], hp))
+    step = statistics.median(times) if times else float("nan")
     if cuda:
         peak = torch.cuda.max_memory_allocated(dev) / GiB
     else:  # KiB on Linux
@@ -205,7 +265,7 @@ def main(argv=None) -> dict:
             "peak_gib_max": measured, "peak_is": "cuda max_memory_allocated" if cuda else "process peak RSS",
             "plan": {"worst_rank": pr.rank, "stages": list(pr.stages), "total_gib": pr.total / GiB,
                      "mem_gib": {k: v / GiB for k, v in pr.mem.items()}},
-            "plan_error_pct": 100 * (pr.total / GiB - measured) / measured if cuda else None,
+            "plan_error_pct": 100 * (pr.total / GiB - measured) / measured if cuda else None, **ckpt,
         }
         print(f"| card | layout | model | tokens/s | tokens/s/GPU | MFU | peak GiB (max rank) | plan GiB | "
               f"plan error |\n|---|---|---|---|---|---|---|---|---|\n| {card} x {world} | pp {pc.pp} x dp {pc.dp} x ep "
@@ -216,6 +276,9 @@ def main(argv=None) -> dict:
               f"{'%.1f%%' % (100 * out['mfu']) if out['mfu'] else 'n/a (CPU)'} | {measured:.2f}"
               f"{'' if cuda else ' (RSS)'} | {pr.total / GiB:.2f} | "
               f"{'%+.1f%%' % out['plan_error_pct'] if cuda else 'n/a (CPU)'} |")
+        if ckpt:
+            print("checkpoint: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                             for k, v in ckpt.items()))
         if args.out:
             os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
             with open(args.out, "w") as f:

@@ -1,6 +1,7 @@
-"""bench/paper_config.py (issue 18 run 3: the paper's layout on a 671B-shaped cut, beside `dsv3 plan`) runs end to
-end on the CPU with gloo, so that a lent 8-GPU machine's minutes go to measuring: 4 ranks, the tiny preset,
-pp 2 x ep 2 DualPipeV, ZeRO-1, FP8 emulation, bf16 moments, selective recomputation, one timed step (~15 s)."""
+"""bench/paper_config.py (issue 18 run 3: the paper's layout on a 671B-shaped cut, beside `dsv3 plan`; run 4: its
+checkpoint saved, resumed on another number of ranks) runs end to end on the CPU with gloo, so that a lent 8-GPU
+machine's minutes go to measuring: 4 ranks, the tiny preset, pp 2 x ep 2 DualPipeV, ZeRO-1, FP8 emulation, bf16
+moments, selective recomputation, one timed step, the checkpoint; then 2 ranks (pp 2) resume it (~25 s)."""
 
 from __future__ import annotations
 
@@ -19,14 +20,19 @@ pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
                                 reason="torch.distributed with gloo is not available")
 
 
-def test_paper_config_bench_runs_on_gloo(tmp_path):
-    out = tmp_path / "pc.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4", "--rdzv-backend", "c10d",
+def _bench(n: int, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n), "--rdzv-backend", "c10d",
            "--rdzv-endpoint", f"127.0.0.1:{free_port()}", os.path.join(REPO, "bench", "paper_config.py"),
-           "--smoke", "--device", "cpu", "--out", str(out)]
+           "--smoke", "--device", "cpu", *args]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
                        env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+def test_paper_config_bench_runs_on_gloo(tmp_path):
+    out, ck = tmp_path / "pc.json", tmp_path / "ckpt"
+    r = _bench(4, "--out", str(out), "--save", str(ck))
     d = json.loads(out.read_text())
     assert d["layout"] == {"pp": 2, "dp": 1, "ep": 2, "schedule": "dualpipev", "n_microbatches": 4, "zero": True}
     assert d["world"] == 4 and d["tokens_per_s"] > 0 and len(d["per_rank"]) == 4
@@ -36,3 +42,9 @@ def test_paper_config_bench_runs_on_gloo(tmp_path):
     assert all(r["optimizer_state_gib"] > 0 and r["masters_gib"] == 0 for r in d["per_rank"])
     assert d["plan"]["stages"] in ([0, 3], [1, 2]) and d["plan"]["total_gib"] > 0
     assert "| CPU x 4 | pp 2 x dp 1 x ep 2 dualpipev" in r.stdout
+    assert d["save_s"] > 0 and d["checkpoint_gib"] > 0
+    # run 4: 2 ranks (pp 2, no EP, 8 micro-batches: the same global batch) resume it and take the recorded step
+    r = _bench(2, "--ep", "1", "--n-microbatches", "8", "--out", str(out), "--resume", str(ck))
+    d2 = json.loads(out.read_text())
+    assert d2["world"] == 2 and d2["load_s"] > 0
+    assert d2["resume_loss_diff"] <= 1e-5 * d2["saved_next_loss"], d2
