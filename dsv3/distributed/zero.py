@@ -72,7 +72,7 @@ class _Entry:
     dim: int  # the dimension split over the group
     bounds: list[tuple[int, int]]  # per group rank: (offset, length) along `dim`
     region_off: list[int]  # per group rank: where its chunk starts in that rank's region
-    master: nn.Parameter | None = None  # this rank's chunk in fp32 (a view of ZeroGroup.flat)
+    master: nn.Parameter | None = None  # this rank's chunk, fp32: a view of the parameter (fp32, dim 0) or of .flat
 
     @property
     def inner(self) -> int:
