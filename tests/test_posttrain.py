@@ -513,3 +513,35 @@ def test_sft_bf16_weights(env, tmp_path):
     assert [r["grad_norm"] for r in b[3:]] == [r["grad_norm"] for r in c[-3:]]
     with pytest.raises(ValueError, match="needs --precision bf16 or fp8"):
         _sft_cfg(bf16_weights=True, precision="fp32").validate()
+
+
+def test_grpo_with_bf16_weights(env, tmp_path):
+    """--bf16-weights in GRPO: the GEMM weights train in bf16 with fp32 masters in the optimizer, the rollouts
+    sample from the masters (the engine gets fp32 weights), the first step is still the reference's arithmetic
+    (ratio 1, KL 0: autocast rounds the reference's weights as the masters were rounded), the checkpoint holds the
+    fp32 masters; fp32 precision refuses it."""
+    from dsv3.checkpoints.hf import load_pretrained
+    from dsv3.inference.engine import Engine
+
+    seen = []
+    original = Engine.generate
+
+    def spy(self, prompts, params, *a, **k):
+        seen.append({p.dtype for m in self.model.modules() if isinstance(m, torch.nn.Linear) for p in m.parameters()})
+        return original(self, prompts, params, *a, **k)
+
+    out = str(tmp_path / "grpo_bf16w")
+    Engine.generate = spy
+    try:
+        grpo.train_grpo(env["ckpt"], _length_task(), out,
+                        _grpo_cfg(iterations=2, eval_every=0, precision="bf16", bf16_weights=True), log=lambda *a: None)
+    finally:
+        Engine.generate = original
+    assert seen and all(s == {torch.float32} for s in seen), seen  # rollouts (and the final evaluation) in fp32
+    steps = [r for r in _records(out) if "lr" in r]
+    assert len(steps) == 4 and steps[0]["kl"] == 0 and steps[0]["clip_frac"] == 0
+    assert steps[-1]["kl"] > 0 and all(math.isfinite(r["loss"]) for r in steps)
+    final = list_checkpoints(os.path.join(out, "checkpoints"))[-1]
+    assert all(t.dtype == torch.float32 for t in load_pretrained(final, device="cpu", dtype=None).state_dict().values())
+    with pytest.raises(ValueError, match="--bf16-weights needs --precision bf16"):
+        _grpo_cfg(precision="fp32", bf16_weights=True).validate()

@@ -65,7 +65,7 @@ from dsv3.posttrain.tasks import Task
 from dsv3.tokenizer import DSTokenizer
 from dsv3.training import loop
 from dsv3.training.pretrain import make_strategy
-from dsv3.training.strategy import precision_recipe, prepare_model, resolve_precision
+from dsv3.training.strategy import _masters, check_weights, precision_recipe, prepare_model, resolve_precision
 
 
 # --------------------------------------------------------------------------------------------------
@@ -158,6 +158,11 @@ class GRPOConfig:
                              choices=("auto", "fp32", "bf16"))
     recompute: str = setting("none", "activation recomputation in the loss's backward: none | selective | full",
                              choices=("none", "selective", "full"))
+    # as pre-training's --bf16-weights (dsv3/training/optim.py AdamW(masters=...)); the rollouts sample from the
+    # fp32 masters (the policy the optimizer holds), as without the flag
+    bf16_weights: bool = setting(False, "with --precision bf16: store the GEMM weights in bf16 (no per-step casts, "
+                                        "bf16 weight gradients) with fp32 masters in the optimizer; rollouts and "
+                                        "held-out generation sample from the fp32 masters")
     progress: bool = setting(True, "no progress bar")  # the flag is --no-progress
     plots: bool = setting(True, "no PNG plots (loss, expert load) at the end of the run")  # --no-plots
     resume: bool = setting(False, "continue from the run directory's latest checkpoint")
@@ -174,6 +179,8 @@ class GRPOConfig:
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"GRPO precision must be auto, fp32 or bf16, got {self.precision!r} (fp8 training "
                              "modules would also be the engine's: generation is not FP8-checked)")
+        if self.bf16_weights and self.precision != "auto":  # auto: checked once resolved (train_grpo)
+            check_weights(self, self.precision)
 
 
 def _prompt_ids(tok: DSTokenizer, ex: dict) -> list[int]:
@@ -231,6 +238,7 @@ class GRPO:
         self._engine = None  # over the policy module itself, when the layout keeps it whole on this rank
         self._mbs: list[dict] = []
         self._roll: dict = {}  # the current iteration's rollout statistics (global)
+        self.opt = None  # the optimizer (train_grpo sets it): its fp32 masters are what the rollouts sample from
         self._iterations = 0  # iterations whose rollouts were sampled
 
     # --- generation -------------------------------------------------------------------------------
@@ -238,7 +246,10 @@ class GRPO:
     def _engine_over_policy(self):
         """An Engine over the current policy weights (collective under FSDP2: Strategy.whole_model)."""
         n = (self.p_hi - self.p_lo) * self.cfg.group_size
-        with self.strategy.whole_model() as model:
+        # --bf16-weights: the engine samples from the fp32 masters (swapped into the parameters meanwhile; the
+        # same tensors at every rollout, so a captured decode graph stays valid), not from their bf16 copies
+        with _masters(self.opt) if self.opt is not None else contextlib.nullcontext(), \
+                self.strategy.whole_model() as model:
             was = model.training
             if model is self.strategy.module():  # the policy itself: one engine for the whole run
                 if self._engine is None:
@@ -388,10 +399,11 @@ def train_grpo(checkpoint_dir: str, task: Task, out_dir: str, cfg: GRPOConfig, l
     strategy = make_strategy(pcfg, cfg.device)
     say = strategy.log(log)
     precision = resolve_precision(cfg.precision, strategy.device)
+    check_weights(cfg, precision)
     ckpt_root, resume_from = run_directory(out_dir, cfg.resume, strategy, say)
     src = resolve_start(checkpoint_dir)
     tok = DSTokenizer.load(src)
-    autocast = precision_recipe(precision, strategy.device)
+    autocast = precision_recipe(precision, strategy.device, cfg.bf16_weights)
 
     torch.manual_seed(cfg.seed)
     ref = load_start(src, strategy.device).eval().requires_grad_(False)  # frozen, whole on every rank
@@ -402,7 +414,8 @@ def train_grpo(checkpoint_dir: str, task: Task, out_dir: str, cfg: GRPOConfig, l
     policy = load_start(src, strategy.device)
     freeze_mtp(policy)
     prepare_model(policy, strategy, precision=precision, recompute=cfg.recompute, log=say)
-    opt = strategy.make_optimizer(cfg.lr, cfg.weight_decay)
+    opt = strategy.make_optimizer(cfg.lr, cfg.weight_decay, bf16_weights=cfg.bf16_weights)
+    grpo.opt = opt
     step = tokens = 0
     if resume_from is not None:
         st = strategy.load(resume_from, opt)
@@ -415,7 +428,8 @@ def train_grpo(checkpoint_dir: str, task: Task, out_dir: str, cfg: GRPOConfig, l
             f"{st.get('layout', {'world_size': 1})['world_size']} rank(s))")
     say(f"grpo: {task.name}, {len(task.train)} train / {len(task.heldout)} held-out prompts; "
         f"P={cfg.prompts_per_iter} x G={cfg.group_size}, {cfg.ppo_epochs} steps per batch, {cfg.iterations} "
-        f"iterations; {strategy.describe()} on {strategy.device.type} ({precision})")
+        f"iterations; {strategy.describe()} on {strategy.device.type} ({precision}"
+        f"{', bf16 weights + fp32 masters' if cfg.bf16_weights else ''})")
     if strategy.is0:
         with open(os.path.join(out_dir, "train_config.json"), "w", encoding="utf-8") as f:
             json.dump({"grpo": asdict(cfg), "task": task.name, "model": policy.config.to_dict(),
