@@ -23,25 +23,23 @@ import torch
 here = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.join(here, ".."), os.path.join(here, "..", "tests")]
 
-import dsv3  # noqa: E402
 from dsv3 import kernels  # noqa: E402
 from dsv3.inference.engine import Engine, SamplingParams  # noqa: E402
 from dsv3.model.moe import Router  # noqa: E402
 
 
 def micro_model(bias_routing: bool):
-    cfg = dsv3.ModelConfig(vocab_size=512, hidden_size=256, intermediate_size=512, moe_intermediate_size=128,
-                           num_hidden_layers=3, first_k_dense_replace=1, num_attention_heads=4, q_lora_rank=64,
-                           kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
-                           n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2,
-                           max_position_embeddings=256, num_nextn_predict_layers=0, initializer_range=0.2)
-    m = dsv3.build_model(cfg, device="cuda", dtype=torch.bfloat16, seed=0)
-    if bias_routing:
+    """The graphed decode-step tests' micro model and prompts (tests/test_gpu_expert_gemv.py, one definition);
+    without `bias_routing` its correction biases go back to 0, so the random routers choose (the routing that
+    made the tests' paths disagree on near-ties)."""
+    from test_gpu_expert_gemv import decode_model_and_prompts
+
+    m, prompts = decode_model_and_prompts()
+    if not bias_routing:
         for r in m.modules():
             if isinstance(r, Router):
-                r.e_score_correction_bias.copy_(torch.arange(cfg.n_routed_experts, dtype=torch.float32))
-    g = torch.Generator().manual_seed(1)
-    return m, [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in (9, 17, 40)]
+                r.e_score_correction_bias.zero_()
+    return m, prompts
 
 
 def rows(m, prompts, tag: str, eager: bool = False, **engine_kw) -> None:

@@ -25,35 +25,26 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import dsv3  # noqa: E402
 from dsv3 import kernels  # noqa: E402
 from dsv3.kernels import fp8_grouped_triton as gk  # noqa: E402
 from dsv3.model.moe import Experts  # noqa: E402
 from dsv3.training.fp8 import FP8TrainExperts  # noqa: E402
+from bandwidth import _seconds  # noqa: E402
 
 SHAPES = {"671b-slice": (16, 4, 4096, 7168, 2048), "16b": (64, 6, 8192, 2048, 1408)}  # E, top-k, tokens, D, I
 
 
 def timed(fn, iters: int, warmup: int) -> float:
-    """Median milliseconds of fn() over iters calls, CUDA events."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+    """Median milliseconds of fn() over iters calls, CUDA events (bench/bandwidth.py's timer)."""
+    return _seconds(fn, True, warmup, iters)[0] * 1e3
 
 
 def row(name: str, ms_bf16: float, ms_fp8: float, flop: float) -> None:

@@ -33,9 +33,7 @@ import argparse
 import collections
 import json
 import os
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -48,26 +46,12 @@ from dsv3 import kernels  # noqa: E402
 from dsv3.kernels.fp8 import _ceil, _pad2  # noqa: E402  (the padding of the FP8 Linear's own GEMMs)
 from dsv3.kernels.reference import BLOCK  # noqa: E402
 from dsv3.training.fp8 import fp8_linear, fp8_target_names  # noqa: E402
+from bandwidth import _seconds  # noqa: E402
 
 
 def timed(fn, dev: torch.device, iters: int, warmup: int) -> float:
-    """Median milliseconds of fn() (CUDA events on a GPU, wall clock on the CPU)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        if dev.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            torch.cuda.synchronize()
-            times.append(a.elapsed_time(b))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    """Median milliseconds of fn() (CUDA events on a GPU, wall clock on the CPU): bench/bandwidth.py's timer."""
+    return _seconds(fn, dev.type == "cuda", warmup, iters)[0] * 1e3
 
 
 def shapes_of(preset: str) -> collections.Counter:
