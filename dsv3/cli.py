@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import os
 import sys
 
 from dsv3.cliargs import add_fields, from_args
@@ -238,6 +237,11 @@ def cmd_eval(args) -> int:
         for name, bpb in r["compressors"].items():
             print(f"| {name} | {bpb:.4f} |")
         print(f"| dsv3 checkpoint | {r['val_bpb']:.4f} |")
+    if "expert_loads" in r:
+        el = r["expert_loads"]
+        mv = el["max_violation"]
+        print(f"wrote the expert loads ({el['blocks']} MoE blocks x {el['experts']} experts) to {el['file']}; "
+              f"imbalance over experts (max / mean - 1) mean {sum(mv) / len(mv):.3f}, max {max(mv):.3f}")
     if args.out_json:
         print(f"wrote {write_json({'task': 'loss', **r}, args.out_json)}")
     return 0
@@ -311,7 +315,14 @@ def _one_process(ec) -> dict:
     if getattr(ec, "ep", 1) == 1 and getattr(ec, "dp_attention", False):
         raise ValueError("--dp-attention gives each expert-parallel rank its own requests: it needs --ep N under "
                          "torchrun")
-    return {k: v for k, v in vars(ec).items() if k not in EP_FIELDS}
+    if getattr(ec, "record_expert_loads", None) and getattr(ec, "dp_attention", False):
+        raise ValueError("--record-expert-loads cannot run with --dp-attention: each rank routes its own requests and "
+                         "rank 0 would write only its own share; record without --dp-attention (every rank routes "
+                         "every token) or in one process: the routing does not depend on the layout")
+    kw = {k: v for k, v in vars(ec).items() if k not in EP_FIELDS}
+    if "record_expert_loads" in kw:  # the engine counts; the path is the command's
+        kw["record_expert_loads"] = bool(kw["record_expert_loads"])
+    return kw
 
 
 def _placement(ec) -> dict:
@@ -435,16 +446,34 @@ def cmd_serve(args) -> int:
         print(f"serving {path} as {name!r} on http://{sc.host}:{sc.port}/v1 (batch {ec.max_batch_size}{per}, "
               f"{engine.cache.num_blocks * engine.cache.block_size} cache tokens{per}, context {engine.max_model_len}, "
               f"speculative k={ec.speculative_k}{ep})", flush=True)
-        serve(engine, tok, name, host=sc.host, port=sc.port, api_key=sc.api_key,
-              max_prompt_tokens=sc.max_prompt_tokens, max_tokens_limit=sc.max_tokens_limit, max_queue=sc.max_queue,
-              max_request_bytes=sc.max_request_bytes, prep_workers=sc.prep_workers, log_level=sc.log_level)
+        try:
+            serve(engine, tok, name, host=sc.host, port=sc.port, api_key=sc.api_key,
+                  max_prompt_tokens=sc.max_prompt_tokens, max_tokens_limit=sc.max_tokens_limit,
+                  max_queue=sc.max_queue, max_request_bytes=sc.max_request_bytes, prep_workers=sc.prep_workers,
+                  log_level=sc.log_level)
+        finally:  # (also after a failure: what was recorded so far)
+            if ec.record_expert_loads:
+                _write_expert_loads(engine.expert_loads(), ec.record_expert_loads, path, engine.model.config)
         return 0
 
+    if ec.record_expert_loads:  # a path that cannot be written fails now, not when the server stops
+        from dsv3.inference.eplb import check_writable
+
+        check_writable(ec.record_expert_loads)
     if ec.ep != 1:  # one rank of torchrun: rank 0 serves, the others follow (dsv3/ep_serve.py)
         from dsv3.ep_serve import run_ep
 
         return run_ep(ec.ep, path, _one_process(ec), run, **_placement(ec))
     return run(*load_for_serving(path, **_one_process(ec)))
+
+
+def _write_expert_loads(counts, file: str, checkpoint: str, cfg) -> None:
+    from dsv3.inference.eplb import save_counts
+
+    tokens = int(counts[0].sum()) // cfg.num_experts_per_tok  # positions through the first MoE block
+    save_counts(counts, file, checkpoint=checkpoint, tokens=tokens)
+    print(f"wrote the expert loads ({counts.shape[0]} MoE blocks x {counts.shape[1]} experts, {tokens:,} "
+          f"positions) to {file}", file=sys.stderr, flush=True)
 
 
 def cmd_sft(args) -> int:

@@ -153,6 +153,44 @@ def test_evaluate_checkpoint_is_what_eval_prints(run):
     assert EvalConfig().split is None and "else the stdlib's val split" in dataclasses.fields(EvalConfig)[1].metadata["help"]
 
 
+def test_eval_records_expert_loads(run, tmp_path):
+    """`dsv3 eval --record-expert-loads FILE`: the tokens routed to each expert of each MoE block over the windows
+    evaluated (the MTP module runs too: T - 1 positions per window), written as the (blocks, E) counts `dsv3 serve
+    --expert-loads` reads; the loss is the main model's, as without it."""
+    import numpy as np
+
+    from dsv3.inference.eplb import load_counts, plan_placement
+    from dsv3.training.evaluate import EvalConfig, evaluate_checkpoint
+
+    cfg = EvalConfig(data=run["data"], cache_dir=str(run["cache"]), seq_len=32, val_permille=200, max_batches=2,
+                     progress=False, split="val", compressors=False)
+    plain = evaluate_checkpoint(str(run["out"]), cfg)
+    out = tmp_path / "loads" / "counts.pt"
+    r = evaluate_checkpoint(str(run["out"]), dataclasses.replace(cfg, record_expert_loads=str(out)))
+    assert r["val_loss"] == plain["val_loss"]
+    mc = ModelConfig.from_json(run["cfg"])
+    counts = load_counts(str(out))
+    blocks = mc.num_hidden_layers - mc.first_k_dense_replace + mc.num_nextn_predict_layers
+    assert counts.shape == (blocks, mc.n_routed_experts) and counts.dtype == torch.long
+    K, windows = mc.num_experts_per_tok, 2 * cfg.batch_size
+    main = blocks - mc.num_nextn_predict_layers
+    assert (counts[:main].sum(1) == K * r["val_tokens"]).all()
+    assert (counts[main:].sum(1) == K * windows * (cfg.seq_len - 1)).all()
+    assert r["expert_loads"]["blocks"] == blocks and len(r["expert_loads"]["max_violation"]) == blocks
+    plan_placement(counts.double(), 2, 2)  # what `--ep 2 --redundant-experts 2` would plan from it
+    npy = tmp_path / "counts.npy"
+    rc, stdout, err = run_cli(["eval", run["out"], "--data", run["data"], "--cache-dir", run["cache"], "--seq-len", 32,
+                               "--val-permille", 200, "--max-batches", 2, "--no-progress", "--split", "val",
+                               "--no-compressors", "--record-expert-loads", npy])
+    assert rc == 0, err
+    assert f"wrote the expert loads ({blocks} MoE blocks x {mc.n_routed_experts} experts) to {npy}" in stdout
+    assert np.array_equal(np.load(npy), counts.numpy())
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    rc, _, err = run_cli(["eval", run["out"], "--data", run["data"], "--record-expert-loads", blocker / "c.pt"])
+    assert rc == 2 and str(blocker / "c.pt") in err and "cannot create its directory" in err, err
+
+
 def test_eval_errors(run, tmp_path):
     rc, _, err = run_cli(["eval", run["out"], "--data", run["data"], "--cache-dir", run["cache"],
                           "--seq-len", 100000, "--split", "train"])
@@ -169,6 +207,9 @@ def test_bad_serving_and_device_flags_are_one_line_errors(run):
     for argv, want in ((["serve", run["out"], "--port", 99999], "--port must be in 0..65535, got 99999"),
                        (["serve", run["out"], "--max-batch-size", 0], "--max-batch-size must be >= 1, got 0"),
                        (["serve", run["out"], "--max-prefill-tokens", -1], "--max-prefill-tokens must be >= 0"),
+                       (["serve", run["out"], "--ep", 2, "--dp-attention", "--record-expert-loads",
+                         run["base"] / "x.pt"], "--record-expert-loads cannot run with --dp-attention"),
+                       (["serve", run["out"], "--record-expert-loads", run["base"]], "is a directory; give a file"),
                        (["generate", run["out"], "--prompt", "x", "--device", "tpu"], "device must be auto, cpu, cuda"),
                        (["generate", run["out"], "--prompt", "x", "--temperature", "nan"],
                         "temperature must be a finite number >= 0")):

@@ -292,7 +292,11 @@ def test_generate_and_serve_pass_their_configs(monkeypatch):
     monkeypatch.setattr(engine, "load_engine", record(calls, Called()))
     with pytest.raises(Called):
         cli.main(["generate", "ck", "--prompt", "p"])
-    one_process = {k: v for k, v in vars(EngineConfig(max_batch_size=1)).items() if k not in cli.EP_FIELDS}  # EP ranks
+    def one_process_kwargs(ec):  # EP ranks' fields go to run_ep; the loads file is the command's, the engine counts
+        return {**{k: v for k, v in vars(ec).items() if k not in cli.EP_FIELDS},
+                "record_expert_loads": bool(ec.record_expert_loads)}
+
+    one_process = one_process_kwargs(EngineConfig(max_batch_size=1))
     assert calls[-1] == (("ck",), one_process)
     assert cli._sampling(parse("generate")) == SamplingParams()
     assert cli._sampling(parse("sample")) == SamplingParams(seed=0)
@@ -305,7 +309,7 @@ def test_generate_and_serve_pass_their_configs(monkeypatch):
     monkeypatch.setattr(server, "serve", record(calls))
     assert cli.main(["serve", "some/ck"]) == 0
     (load_a, load_kw), (serve_a, serve_kw) = calls[-2:]
-    assert load_a == ("some/ck",) and load_kw == {k: v for k, v in vars(EngineConfig()).items() if k not in cli.EP_FIELDS}
+    assert load_a == ("some/ck",) and load_kw == one_process_kwargs(EngineConfig())
     sc = dataclasses.asdict(ServerConfig())
     del sc["model_name"]
     assert serve_a == (fake, "tok", "ck") and serve_kw == sc

@@ -1048,7 +1048,7 @@ def test_idle_phases_change_nothing(k):
     sp = [SamplingParams(max_new_tokens=n, temperature=0.0, logprobs=2, ignore_eos=True) for n in (6, 3, 8)]
 
     def run(force: bool):
-        eng = Engine(model, max_batch_size=4, block_size=4, speculative_k=k)
+        eng = Engine(model, max_batch_size=4, block_size=4, speculative_k=k, record_expert_loads=True)
         calls = {"forward": 0, "mtp": 0}
         if force:
             eng.phase_sync = lambda has_new, has_decode: (True, True)
@@ -1071,19 +1071,103 @@ def test_idle_phases_change_nothing(k):
                 if step > 3 and not eng.has_unfinished():
                     eng.step()  # nothing to do: both idle phases
                     break
-            return outs, dataclasses.asdict(eng.stats), eng.cache.free_blocks == eng.cache.num_blocks, calls
+            return (outs, dataclasses.asdict(eng.stats), eng.cache.free_blocks == eng.cache.num_blocks, calls,
+                    eng.expert_loads())
         finally:
             for attr in ("forward", "mtp_step"):
                 model.__dict__.pop(attr, None)
 
     plain, forced = run(False), run(True)
     assert forced[0] == plain[0] and forced[2] and plain[2]
+    assert torch.equal(forced[4], plain[4]) and plain[4].sum() > 0  # idle rows route, but do not count as load
     assert {k_: v for k_, v in forced[1].items() if k_ != "steps"} == \
         {k_: v for k_, v in plain[1].items() if k_ != "steps"}
     steps = forced[1]["steps"]
     assert forced[3]["forward"] == 2 * steps  # every step: one prefill (real or idle) and one decode forward
     if k:
         assert forced[3]["mtp"] == 2 * steps * k  # per phase: MTP module 0 and k - 1 chained drafts
+
+
+@pytest.mark.parametrize("graphs,P", [(False, 0), (True, 0), (True, 8)])
+def test_expert_loads_equal_the_routing_of_the_tokens_run(graphs, P):
+    """record_expert_loads: with greedy decoding the engine runs every prompt token and every generated token
+    but the last through the model once, so its per-expert counts equal the routing of one uncached forward
+    over prompt + output[:-1] per request (an independent count: ModelOutput.expert_counts), padding rows of
+    the bucketed steps (5 requests in a bucket of 8), chunked prefill (P) and the requests' mix excluded."""
+    model = make_model(tiny_cfg(initializer_range=STD, num_nextn_predict_layers=1), seed=3, bias_std=0.3)
+    prompts = prompts_for(model.config, (5, 9, 13, 3, 7), seed=1)
+    eng = Engine(model, max_batch_size=8, block_size=3, cuda_graphs=graphs, max_prefill_tokens=P,
+                 record_expert_loads=True)
+    outs = eng.generate(prompts, greedy(6, ignore_eos=True))
+    got = eng.expert_loads()
+    want = torch.zeros_like(got)
+    with torch.no_grad():
+        for p, o in zip(prompts, outs):
+            c = model(torch.tensor([p + o.token_ids[:-1]]), with_mtp=False).expert_counts  # main layers only
+            want[: c.shape[0]] += c
+    assert got.shape == (len(model.routers()), model.config.n_routed_experts) and got.dtype == torch.long
+    assert torch.equal(got, want) and got[-1].sum() == 0  # k = 0: the MTP module never runs
+    model(torch.tensor([prompts[0]]))  # the model outside the engine's steps: not counted
+    assert torch.equal(eng.expert_loads(), got)
+    eng.reset_expert_loads()
+    assert eng.expert_loads().sum() == 0
+
+
+@pytest.mark.parametrize("D,k", [(1, 1), (2, 2), (1, 3)])
+def test_expert_loads_with_speculation(spec_models, D, k):
+    """With MTP speculation the main layers run k + 1 positions per request and round (the drafts verified,
+    accepted or not) besides the prompts; MTP module 0 runs the same positions (k = 1: exactly as many), the
+    chained drafts add theirs. Bucketed (padded) steps count what exact shapes count."""
+    model = spec_models[(D, "aligned")]
+    prompts = prompts_for(model.config, (5, 9, 13, 3, 7))
+    K = model.config.num_experts_per_tok
+    loads = []
+    for graphs in (False, True):
+        eng = Engine(model, max_batch_size=8, block_size=3, cuda_graphs=graphs, speculative_k=k,
+                     max_prefill_tokens=8, record_expert_loads=True)
+        eng.generate(prompts, greedy(9))
+        got, s = eng.expert_loads(), eng.stats
+        assert s.accepted > 0
+        main = K * (s.prefill_tokens + s.rounds * (k + 1))
+        assert got[0].sum() == main  # (one MoE layer, then D MTP modules)
+        if k == 1:
+            assert got[1].sum() == main
+        else:
+            assert got[1:].sum() > main
+        loads.append(got)
+    assert torch.equal(loads[0], loads[1])
+
+
+def test_expert_load_recorder_lifetime_and_errors(models):
+    """The hooks count only inside recording() and leave the model with the recorder; an engine built
+    without recording says how to turn it on; a model without MoE layers is refused by name."""
+    import gc
+
+    from dsv3.inference.eplb import ExpertLoadRecorder
+
+    model = models["plain"]
+    routers = model.routers()
+    rec = ExpertLoadRecorder(model)
+    x = torch.randint(0, model.config.vocab_size, (2, 5))
+    with torch.no_grad():
+        model(x)
+        assert rec.read().sum() == 0
+        with rec.recording():
+            c = model(x, with_mtp=False).expert_counts
+            rec.rows = torch.tensor([1, 1, 1, 1, 1, 0, 0, 0, 0, 0])  # only the first sequence
+            model(x, with_mtp=False)
+        c0 = model(x[:1], with_mtp=False).expert_counts
+    assert torch.equal(rec.read()[: c.shape[0]], c + c0)
+    assert all(len(r._forward_hooks) == 1 for r in routers)
+    del rec
+    gc.collect()
+    assert all(len(r._forward_hooks) == 0 for r in routers)
+    eng = Engine(model, max_batch_size=2)
+    with pytest.raises(ValueError, match="record_expert_loads=True"):
+        eng.expert_loads()
+    with pytest.raises(ValueError, match="no MoE layers"):
+        ExpertLoadRecorder(make_model(tiny_cfg(first_k_dense_replace=3, num_hidden_layers=3,
+                                               num_nextn_predict_layers=0)))
 
 
 def test_cuda_graphs_setting_forms(models):

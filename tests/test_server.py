@@ -420,7 +420,8 @@ def test_cli_serve(tmp_path, model, tok):
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "dsv3.cli", "serve", str(ckpt), "--port", str(port),
                              "--api-key", "k", "--max-batch-size", "4", "--cache-tokens", "1024",
-                             "--speculative-k", "1", "--log-level", "warning"],
+                             "--speculative-k", "1", "--log-level", "warning",
+                             "--record-expert-loads", str(tmp_path / "loads.pt")],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -443,6 +444,16 @@ def test_cli_serve(tmp_path, model, tok):
             out = proc.communicate()[0]
     assert proc.returncode == 0, out
     assert f"serving {ckpt} as 'ckpt' on http://127.0.0.1:{port}/v1" in out
+    # --record-expert-loads: written when the server stops; the request's prompt and its 5 tokens (with their
+    # verified drafts) went through every MoE block of the main model alike
+    from dsv3.inference.eplb import load_counts
+
+    counts, K = load_counts(str(tmp_path / "loads.pt")), model.config.num_experts_per_tok
+    main = len(model.routers()) - model.config.num_nextn_predict_layers
+    assert counts.shape == (len(model.routers()), model.config.n_routed_experts)
+    assert (counts[:main].sum(1) == counts[0].sum()).all() and counts[0].sum() >= K * (len(ids) + 4)
+    assert counts[main:].sum() > 0  # the MTP module drafted
+    assert f"wrote the expert loads ({counts.shape[0]} MoE blocks" in out
 
 
 def _run_layout(root, steps=(3, 6)):

@@ -38,6 +38,7 @@ import torch
 from dsv3.cliargs import setting
 from dsv3.inference import speculation
 from dsv3.inference.cache import PagedLatentCache
+from dsv3.inference.eplb import ExpertLoadRecorder
 from dsv3.inference.graphs import DecodeGraphs
 from dsv3.inference.params import SamplingParams  # noqa: F401 (re-exported: engine.SamplingParams)
 from dsv3.inference.sampling import BatchSampler
@@ -63,6 +64,10 @@ class EngineConfig:
     cuda_graphs: str = setting("auto", "decode steps as CUDA graphs: auto (on for a bf16/FP8 model on one GPU; off "
                                        "under --ep, where graph capture is not yet measured on GPUs), on, off",
                                choices=("auto", "on", "off"))
+    record_expert_loads: str | None = setting(None, "serve: count the tokens routed to each expert of each MoE block "
+                                                    "and write them (MoE blocks x experts, .pt or .npy) to FILE when the "
+                                                    "server stops: the loads --expert-loads places experts from",
+                                              metavar="FILE")
     ep: int = setting(1, "expert parallelism under torchrun: the routed experts split over this many ranks "
                          "(= the world size; rank 0 serves, dsv3/ep_serve.py); 1: one process")
     expert_loads: str | None = setting(None, "with --ep: recorded per-expert token counts (.pt or .npy, MoE blocks x "
@@ -173,7 +178,8 @@ class EngineStats:
 class Engine:
     def __init__(self, model, tokenizer=None, *, max_batch_size: int = 32, cache_tokens: int | None = None,
                  block_size: int = 16, speculative_k: int = 0, max_model_len: int | None = None,
-                 cuda_graphs: bool | str | None = None, compile_decode: bool = False, max_prefill_tokens: int = 8192):
+                 cuda_graphs: bool | str | None = None, compile_decode: bool = False, max_prefill_tokens: int = 8192,
+                 record_expert_loads: bool = False):
         cfg = model.config
         if speculative_k > 0 and cfg.num_nextn_predict_layers == 0:
             raise ValueError("speculative decoding needs MTP modules, but this model has num_nextn_predict_layers=0")
@@ -220,8 +226,11 @@ class Engine:
         self.device = self.cache.kv.device
         self._pad = pad = self.cache.reserve()  # padding rows and table entries of the static steps (not in num_blocks)
         max_blocks = -(-(self.max_model_len + self.spare + self.k + 1) // block_size)
+        # tokens per expert over the engine's life (eplb.ExpertLoadRecorder; before any graph is captured, so
+        # that the graphs count too): the loads `--expert-loads` places redundant experts from
+        self.loads = ExpertLoadRecorder(self.model) if record_expert_loads else None
         self._graphs = DecodeGraphs(self.model, self.cache, pad, max_batch_size, max_blocks, use_graphs=use,
-                                    compile=compile_decode, bucketed=use)
+                                    compile=compile_decode, bucketed=use, loads=self.loads)
         self.eos = [tokenizer.eos_id] if tokenizer is not None else ([cfg.eos_token_id] if cfg.eos_token_id is not None else [])
         self.waiting: list[_Request] = []
         self.prefilling: list[_Request] = []  # admitted, their prompts partly in the cache (chunked prefill)
@@ -297,6 +306,21 @@ class Engine:
     def num_waiting(self) -> int:
         return len(self.waiting)
 
+    def expert_loads(self) -> torch.Tensor:
+        """Tokens routed to each expert of each MoE block since the engine was built or last reset, (MoE blocks,
+        E) int64 on the CPU (main layers, then MTP): every position the model ran for a request (prompt
+        chunks, decode tokens, verified drafts, the MTP module's drafting rows); padding and idle steps do
+        not count. Needs record_expert_loads=True. One device sync."""
+        if self.loads is None:
+            raise ValueError("this engine does not record expert loads: build it with record_expert_loads=True "
+                             "(dsv3 serve --record-expert-loads FILE)")
+        return self.loads.read()
+
+    def reset_expert_loads(self) -> None:
+        if self.loads is None:
+            raise ValueError("this engine does not record expert loads: build it with record_expert_loads=True")
+        self.loads.reset()
+
     @property
     def graph_captures(self) -> int:
         return self._graphs.captures
@@ -306,6 +330,12 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Admit, prefill, decode once. Returns an output for every request that changed (and the final
         output, finish_reason "abort", of each request aborted since the last step)."""
+        if self.loads is None:
+            return self._step()
+        with self.loads.recording():
+            return self._step()
+
+    def _step(self) -> list[RequestOutput]:
         self.stats.steps += 1
         aborted, self._aborted = self._aborted, []
         chunks = self._schedule_prefill()
@@ -415,6 +445,9 @@ class Engine:
         final_d = torch.tensor(final).to(self.device) if self.k else None
         ids_d = ids_all[:, :T]  # (a row's token past its chunk sits in a padding position: never stored or attended)
         cb = self.cache.batch([r.blocks for r in reqs], starts, lens, chunk=True)
+        if self.loads is not None:  # the chunks' positions count; padding and an idle step's row do not
+            real = torch.tensor([[t < n and r.blocks[0] != self._pad for t in range(T)] for r, n in zip(reqs, lens)])
+            self.loads.rows = real.to(self.device).reshape(-1)
         out = self.model(ids_d, cb.positions, cache=cb, logits_at=last)  # the head only at each chunk's end
         self.stats.prefill_tokens += sum(lens)
         last_logits = out.logits  # (B, 1, V)

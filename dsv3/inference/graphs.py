@@ -106,6 +106,12 @@ class StaticBatch:
         self.q_tables = self.block_table.repeat_interleave(self.T, 0) if self.T > 1 else self.block_table
         self.q_lens = (pos + 1).reshape(-1)  # (B·T,)
 
+    def real_rows(self) -> torch.Tensor:
+        """(B·T,) bool, batch-major: the positions of real sequences. A padding row (and the lockstep engine's
+        idle request) has the pad block first in its table; a sequence never does. From the static inputs,
+        so a graph replay derives its own."""
+        return (self.block_table[:, :1] != self.pad_block).expand(self.B, self.T).reshape(-1)
+
     def layer(self, i: int) -> "_StaticLayerView":
         return _StaticLayerView(self, i)
 
@@ -172,8 +178,9 @@ class DecodeGraphs:
     until that bucket runs again."""
 
     def __init__(self, model, cache, pad_block: int, max_batch_size: int, max_blocks: int, use_graphs: bool = True,
-                 compile: bool = False, bucketed: bool = True):
+                 compile: bool = False, bucketed: bool = True, loads=None):
         self.model, self.cache, self.pad_block = model, cache, pad_block
+        self.loads = loads  # an eplb.ExpertLoadRecorder, or None: its row mask is derived inside each step
         self.n_layers = model.config.num_hidden_layers
         self._main, self._mtp = self._forward_main, self._forward_mtp
         if compile:
@@ -204,11 +211,15 @@ class DecodeGraphs:
     # --- the forwards (what a graph records) ----------------------------------------------------
     def _forward_main(self, sb: StaticBatch) -> tuple[torch.Tensor, ...]:
         sb.prepare()
+        if self.loads is not None:
+            self.loads.rows = sb.real_rows()
         out = self.model(sb.ids, sb.positions, cache=sb, with_mtp=False)
         return out.logits, out.hidden, sb.ids, sb.pos0  # (Bp, T, V), (Bp, T, D), and its inputs
 
     def _forward_mtp(self, sb: StaticBatch, module: int) -> tuple[torch.Tensor, torch.Tensor]:
         sb.prepare()
+        if self.loads is not None:
+            self.loads.rows = sb.real_rows()
         return self.model.mtp_step(module, sb.ids, sb.hidden, sb.positions, sb.layer(self.n_layers + module),
                                    select=sb.select)  # (Bp, D), (Bp, V)
 

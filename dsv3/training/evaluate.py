@@ -26,6 +26,8 @@ from dsv3.checkpoints.hf import load_pretrained
 from dsv3.checkpoints.rundir import resolve_checkpoint
 from dsv3.cliargs import setting
 from dsv3.eval.compress import compressor_bits_per_byte
+from dsv3.inference.eplb import ExpertLoadRecorder, check_writable, save_counts
+from dsv3.model.moe import max_violation
 from dsv3.tokenizer import DSTokenizer
 from dsv3.training.config import TrainConfig, default_cache_dir, resolve_device
 from dsv3.training.data import Corpus, ValBatches, build_token_cache, find_corpus, sample_corpus
@@ -56,6 +58,18 @@ class EvalConfig:
                              help="where token caches go, under tokens/ ($DSV3_CACHE, else ~/.cache/dsv3)")
     progress: bool = setting(True, "no progress bars (tokenizing, evaluating)")  # the flag is --no-progress
     compressors: bool = setting(True, "do not compress the evaluated bytes with gzip and xz")  # --no-compressors
+    record_expert_loads: str | None = setting(None, "also count the tokens routed to each expert of each MoE block "
+                                                    "(main layers, then MTP: the MTP modules run too) and write them "
+                                                    "(.pt or .npy) to FILE: the loads `dsv3 serve --expert-loads` "
+                                                    "places redundant experts from", metavar="FILE")
+
+
+class _WithMTP(Strategy):
+    """One process, the MTP modules run in evaluation too (their routers' loads; the loss is the main model's)."""
+
+    def eval_logits(self, x: torch.Tensor, autocast) -> torch.Tensor | None:
+        with autocast():
+            return self.model(x, with_mtp=True).logits
 
 
 def evaluate_checkpoint(checkpoint: str, cfg: EvalConfig, corpus: Corpus | None = None) -> dict:
@@ -70,10 +84,13 @@ def evaluate_checkpoint(checkpoint: str, cfg: EvalConfig, corpus: Corpus | None 
     for name in ("max_batches", "max_bytes"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"{name} must be >= 0 (0: no limit), got {getattr(cfg, name)}")
+    if cfg.record_expert_loads:
+        check_writable(cfg.record_expert_loads)
     path = resolve_checkpoint(checkpoint)
     device = resolve_device(cfg.device)
     tok = DSTokenizer.load(path)
     model = load_pretrained(path, device=device, dtype=torch.float32).eval()
+    recorder = ExpertLoadRecorder(model) if cfg.record_expert_loads else None
     context = model.config.max_position_embeddings
     if cfg.seq_len > context:  # (positions past it would extrapolate RoPE: a loss, but not the model's)
         raise ValueError(f"--seq-len {cfg.seq_len} is longer than the model's context (max_position_embeddings "
@@ -95,14 +112,22 @@ def evaluate_checkpoint(checkpoint: str, cfg: EvalConfig, corpus: Corpus | None 
     n = min(len(batches), cfg.max_batches) if cfg.max_batches else len(batches)
     bar = tqdm(total=n, desc="eval", unit="batch", dynamic_ncols=True, file=sys.stderr) if cfg.progress else None
     try:
-        ev = evaluate(Strategy.of(model), batches, token_bytes, contextlib.nullcontext, cfg.max_batches or None,
-                      on_batch=bar.update if bar is not None else None)
+        with recorder.recording() if recorder is not None else contextlib.nullcontext():
+            ev = evaluate((Strategy if recorder is None else _WithMTP).of(model), batches, token_bytes,
+                          contextlib.nullcontext, cfg.max_batches or None,
+                          on_batch=bar.update if bar is not None else None)
     finally:
         if bar is not None:
             bar.close()
     targets = np.asarray(tokens[1: 1 + ev["val_tokens"]], dtype=np.int64)
     r = {"checkpoint": path, "split": split, "source": cache.meta["source"], **ev,
          "val_bytes": int(token_bytes[targets].sum())}
+    if recorder is not None:
+        counts = recorder.read()
+        save_counts(counts, cfg.record_expert_loads, checkpoint=path, source=cache.meta["source"], split=split,
+                    tokens=ev["val_tokens"])
+        r["expert_loads"] = {"file": cfg.record_expert_loads, "blocks": counts.shape[0], "experts": counts.shape[1],
+                             "max_violation": max_violation(counts).tolist()}  # per block, max / mean - 1
     if cfg.compressors:  # the bytes the loss covers, in order
         text = tok.decode_bytes(targets[token_bytes[targets] > 0].tolist())
         r["compressors"] = compressor_bits_per_byte(text)

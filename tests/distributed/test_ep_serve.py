@@ -538,7 +538,8 @@ def test_cli_serve_under_torchrun(ckpt, tmp_path, dp):
     procs = _ranks(2, ["serve", ckpt["fp32"], "--ep", "2", "--device", "cpu", "--port", str(port),
                        "--max-batch-size", "4", "--cache-tokens", "512", "--speculative-k", "1",
                        "--log-level", "warning"]
-                   + (["--dp-attention"] if dp else ["--cuda-graphs", "on"]), str(tmp_path))
+                   + (["--dp-attention"] if dp else ["--cuda-graphs", "on", "--record-expert-loads",
+                                                      str(tmp_path / "loads.pt")]), str(tmp_path))
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, procs, timeout=90)
@@ -547,7 +548,8 @@ def test_cli_serve_under_torchrun(ckpt, tmp_path, dp):
         r = c.chat.completions.create(model="fp32", messages=messages, max_tokens=8, temperature=0)
         ids = httpx.post(url + "/tokenize", json={"messages": messages}).json()["tokens"]
         r2 = c.completions.create(model="fp32", prompt=["def alpha", "return"], max_tokens=6, temperature=0)
-        engine, tok = load_engine(ckpt["fp32"], device="cpu", max_batch_size=4)
+        engine, tok = load_engine(ckpt["fp32"], device="cpu", max_batch_size=4, speculative_k=1,
+                                  record_expert_loads=True)
         (ref,) = engine.generate([ids], SamplingParams(max_new_tokens=8, temperature=0.0))
         assert r.choices[0].message.content == ref.text
         ref2 = engine.generate([tok.encode("def alpha"), tok.encode("return")],
@@ -568,6 +570,10 @@ def test_cli_serve_under_torchrun(ckpt, tmp_path, dp):
     assert [p.returncode for p in procs] == [0, 0], outs
     assert "expert parallel over 2 ranks" in outs[0]
     assert ("attention data parallel" in outs[0]) == dp
+    if not dp:  # rank 0 wrote the loads: the routing of the same requests run in one process (logical experts)
+        from dsv3.inference.eplb import load_counts
+
+        assert torch.equal(load_counts(str(tmp_path / "loads.pt")), engine.expert_loads()), outs[0]
 
 
 def test_cli_ep_errors(ckpt, monkeypatch, capsys):
