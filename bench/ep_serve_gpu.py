@@ -24,11 +24,29 @@ Measured per mode and batch size B (greedy, random --prompt-len-token prompts, i
 Rank 0 prints a table (device name, ranks, layers, experts per rank, weight GiB per rank) and writes
 OUT/ep_serve.json. Every rank holds 1/N of the routed experts and all the rest (attention, dense, shared
 experts, head, the latent cache of every sequence).
+
+Issue 19 run 3, redundant experts under a recorded skew (`--skew FILE --redundant-experts R`): FILE holds the
+per-expert loads of a trained model (`dsv3 eval CKPT --data DIR --record-expert-loads FILE`). Each MoE block of
+the cut takes a recorded block's sorted load shares (block i from recorded block i mod its blocks), resampled
+to E experts and scattered over them by a seeded permutation, and the routers' correction biases are fitted
+(sign steps on fixed router inputs, a few rounds of forward + fit) until the random model routes the prompts
+that way; the fit is reported (imbalance over experts, target and measured). The engine records the loads it
+routes (Engine(record_expert_loads=True)). Variant "contiguous" runs first; then the placement is planned from
+the loads it measured (as a deployment re-plans from recorded traffic, dsv3/inference/eplb.py), every rank
+rebuilds its experts as the placement's (E + R) / N slots (random weights: copies of an expert hold independent
+values, which the timing does not depend on), and variant "eplb" runs the same modes. Per variant: tokens/s,
+and the rank imbalance (max rank load / mean - 1, mean and max over the blocks) of the loads it measured under
+its own layout.
+
+Issue 19 run 4, MTP speculation across ranks (`--speculative-k 0,1,2`): every mode and batch per k; the rows
+add the acceptance (first draft, overall) and the decode step time, from which the speed at another
+acceptance follows (random weights draft poorly: the paper's 85-90% would need a trained model).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -51,9 +69,11 @@ from dsv3.model.moe import MoE  # noqa: E402
 from dsv3.model.transformer import Transformer  # noqa: E402
 
 
-def rank_model(cfg, rank: int, world: int, device, dtype, fp8: bool, seed: int = 0) -> Transformer:
-    """This rank's part of a randomly initialised model: its block of routed experts, everything else (the
-    MoE dispatchers are installed per mode by main)."""
+def rank_model(cfg, rank: int, world: int, device, dtype, fp8: bool, seed: int = 0, slots: int | None = None
+               ) -> Transformer:
+    """This rank's part of a randomly initialised model: its block of routed experts (or, with `slots`, that many
+    expert slots of a redundant-expert placement), everything else (the MoE dispatchers are installed per mode
+    by main)."""
     from dsv3.checkpoints.hf import quantize_model_fp8
 
     E = cfg.n_routed_experts
@@ -62,7 +82,7 @@ def rank_model(cfg, rank: int, world: int, device, dtype, fp8: bool, seed: int =
         model = Transformer(cfg)
     for m in model.modules():
         if isinstance(m, MoE):
-            m.experts.keep_experts(r.start, len(r))  # on meta: shapes only
+            m.experts.keep_experts(r.start, len(r)) if slots is None else m.experts.keep_experts(0, slots)
     model = model.to_empty(device=device).to(dtype)
     model.init_weights(generator=torch.Generator(device=device).manual_seed(seed))
     if fp8:
@@ -72,6 +92,70 @@ def rank_model(cfg, rank: int, world: int, device, dtype, fp8: bool, seed: int =
 
 def weight_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+
+
+def target_shares(recorded: torch.Tensor, blocks: int, E: int, K: int, seed: int = 0) -> torch.Tensor:
+    """(blocks, E) routing shares following recorded loads (Lr, Er): block i takes recorded block i mod Lr's
+    shares sorted descending, resampled to E experts (expert rank j of E takes the share of recorded rank
+    j * Er // E), renormalised, capped at 1 / K (an expert takes a token at most once among its K choices; the
+    excess goes to the others in proportion), scattered over the experts by a seeded permutation."""
+    Lr, Er = recorded.shape
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(blocks):
+        row = recorded[i % Lr].double().clamp_min(0)
+        if row.sum() <= 0:
+            raise SystemExit(f"--skew: recorded block {i % Lr} holds no tokens")
+        p = row.sort(descending=True).values
+        q = p[(torch.arange(E) * Er) // E]
+        q = q / q.sum()
+        for _ in range(E):  # water-filling: cap, hand the excess to the uncapped experts, until none is over
+            over = q > 1 / K
+            if not over.any() or over.all():
+                break
+            excess = (q[over] - 1 / K).sum()
+            q[over] = 1 / K
+            q[~over] += excess * q[~over] / q[~over].sum()
+        out.append(q[torch.randperm(E, generator=g)])
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def fit_router_biases(model, target: torch.Tensor, tokens: torch.Tensor, rounds: int = 3, iters: int = 150) -> None:
+    """Set the routers' correction biases so that `model` routes `tokens` (B, T) with per-expert shares
+    `target` (blocks, E): per round, one forward records each router's input, then sign steps on the bias
+    (b_e += step * sign(target_e - share_e), the step shrinking from 0.05 to 5e-4) on those fixed inputs. Later
+    blocks' inputs move with earlier blocks' routing, hence the rounds. Every rank runs the forward (the MoE
+    dispatchers are collective); rank 0's biases are broadcast."""
+    routers = model.routers()
+    xs: dict[int, torch.Tensor] = {}
+    handles = [r.register_forward_hook(lambda m, a, o, i=i: xs.__setitem__(i, a[0].detach()))
+               for i, r in enumerate(routers)]
+    try:
+        for _ in range(rounds):
+            model(tokens)  # (the MTP modules run too: their routers are blocks)
+            for i, r in enumerate(routers):
+                t = target[i].to(r.e_score_correction_bias.device, torch.float32)
+                b = r.e_score_correction_bias
+                for it in range(iters):
+                    _, idx, _ = r(xs[i])
+                    share = torch.zeros_like(t).scatter_add_(0, idx.reshape(-1), torch.ones(idx.numel(),
+                                                                                          device=t.device))
+                    share /= idx.numel()
+                    b += 0.05 * (0.01 ** (it / iters)) * torch.sign(t - share)
+    finally:
+        for h in handles:
+            h.remove()
+    for r in routers:
+        dist.broadcast(r.e_score_correction_bias, src=0)
+
+
+def expert_imbalance(loads: torch.Tensor) -> tuple[float, float]:
+    """MaxVio over experts (max / mean - 1) of (blocks, E) loads: mean and max over the blocks."""
+    from dsv3.model.moe import max_violation
+
+    v = max_violation(loads.double())
+    return float(v.mean()), float(v.max())
 
 
 def main() -> None:
@@ -90,6 +174,13 @@ def main() -> None:
                          "on the CPU they run eagerly), dp (attention data parallelism: each rank its own "
                          "requests, all-to-all MoE, eager), tp (attention, dense FFNs and shared experts "
                          "tensor-parallel over the ranks, --attn-tp; eager)")
+    ap.add_argument("--speculative-k", default="0", help="MTP draft lengths to run, comma-separated (e.g. 0,1,2)")
+    ap.add_argument("--skew", default=None, metavar="FILE",
+                    help="recorded per-expert loads of a trained model (dsv3 eval --record-expert-loads): the "
+                         "routers are fitted to route that way (module docstring)")
+    ap.add_argument("--redundant-experts", type=int, default=0,
+                    help="after the contiguous variant, re-place the experts from the loads it measured with this "
+                         "many extra slots (a multiple of the ranks) and run the modes again")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default=os.environ.get("OUT", os.path.join("runs", "ep_serve")))
     args = ap.parse_args()
@@ -108,8 +199,14 @@ def main() -> None:
     cfg = cfg.replace(num_hidden_layers=args.layers, first_k_dense_replace=min(cfg.first_k_dense_replace,
                                                                                args.layers - 1),
                       quantization_config=None)
-    if cfg.n_routed_experts % world:
-        raise SystemExit(f"{world} ranks do not divide {cfg.n_routed_experts} routed experts")
+    E = cfg.n_routed_experts
+    if E % world:
+        raise SystemExit(f"{world} ranks do not divide {E} routed experts")
+    if args.redundant_experts % world or args.redundant_experts < 0:
+        raise SystemExit(f"--redundant-experts {args.redundant_experts}: a multiple of the {world} ranks")
+    ks = [int(k) for k in args.speculative_k.split(",")]
+    if any(k < 0 for k in ks) or (max(ks) > 0 and cfg.num_nextn_predict_layers == 0):
+        raise SystemExit(f"--speculative-k {args.speculative_k}: k >= 0, and k > 0 needs MTP modules")
     fp8 = not args.bf16 and cuda  # the FP8 modules need CUDA (Triton) to be fast; the CPU check stays fp32
     dtype = torch.bfloat16 if cuda else torch.float32
     batches = [int(b) for b in args.batches.split(",")]
@@ -123,13 +220,24 @@ def main() -> None:
             modes.remove("tp")
             if rank == 0:
                 print(f"mode tp skipped: {e}")
+    record = bool(args.skew or args.redundant_experts)  # the engine counts the loads it routes
     ctrl = control_group()
-    model = rank_model(cfg, rank, world, device, dtype, fp8)
-    wb = weight_bytes(model)
     g = torch.Generator().manual_seed(1)
-    engine = None
+    static_tokens = max(batches) * (max(ks) + 1)  # decode steps up to this many tokens: the static path
 
-    def run(B: int, new: int, dp: bool = False) -> float:
+    def install(model, placement, dp: bool) -> None:
+        from dsv3.ep_serve import PlacedDispatcher
+
+        for i, m in enumerate(x for x in model.modules() if isinstance(x, MoE)):
+            # dp: each rank's own tokens by all-to-all; else replicated tokens, decode steps through the static
+            # all-reduce path and prefill through the all-to-all. Under a placement the dispatchers route by slot
+            n = E if placement is None else placement.slots[i].numel()
+            inner = AllToAllDispatcher(dist.group.WORLD, n) if dp else \
+                ReplicatedTokensDispatcher(dist.group.WORLD, n, static_tokens)
+            m.dispatcher = inner if placement is None else \
+                PlacedDispatcher(inner, placement.layer(i), rank if dp else 0)
+
+    def run(engine, B: int, new: int, dp: bool) -> float:
         prompts = [torch.randint(1, cfg.vocab_size, (args.prompt_len,), generator=g).tolist() for _ in range(B)]
         sp = SamplingParams(max_new_tokens=new, temperature=0.0, ignore_eos=True)
         if cuda:
@@ -151,45 +259,115 @@ def main() -> None:
         assert all(o is None or len(o.token_ids) == new for o in outs), "a request stopped early"
         return time.perf_counter() - t
 
-    rows = []
-    for mode in sorted(modes, key=lambda m: m == "tp"):  # tp last: it slices the model in place
-        engine = None  # one latent cache at a time
+    def variant(name: str, model, placement) -> tuple[list[dict], torch.Tensor | None]:
+        """Every mode x k x batch on `model`; the rows, and the loads the engines routed (summed over ranks'
+        own requests in dp mode)."""
+        rows, loads = [], None
+        for mode in sorted(modes, key=lambda m: m == "tp"):  # tp last: it slices the model in place
+            dp = mode == "dp"
+            if mode == "tp":
+                shard_attention_tp(model, dist.group.WORLD)
+            install(model, placement, dp)
+            for k in ks:
+                engine = None  # one latent cache at a time
+                if cuda:
+                    torch.cuda.empty_cache()
+                engine = Engine(model, None, max_batch_size=max(batches), cuda_graphs=mode == "graphs",
+                                max_model_len=args.prompt_len + args.new + 2 * k + 2, speculative_k=k,
+                                max_prefill_tokens=args.max_prefill_tokens, record_expert_loads=record)
+                engine = sync_phases(engine, ctrl) if dp else agree_with_rank0(engine, dist.group.WORLD)
+                for B in batches:  # warm-up: kernels, allocator, and every decode bucket's graph capture
+                    run(engine, B, 3, dp)
+                if record:
+                    engine.reset_expert_loads()
+                for B in batches:
+                    s0 = dataclasses.replace(engine.stats)
+                    t_pre = run(engine, B, 1, dp)
+                    s1 = dataclasses.replace(engine.stats)
+                    t_all = run(engine, B, args.new, dp)
+                    s2 = engine.stats
+                    rounds, accepted = s2.rounds - s1.rounds, s2.accepted - s1.accepted
+                    steps = (s2.steps - s1.steps) - (s1.steps - s0.steps)  # the decode run's steps past its prefill
+                    rows.append({"variant": name, "mode": mode, "k": k, "batch": B,
+                                 "weight_bytes_per_rank": weight_bytes(model),
+                                 "prefill_tok_s": B * args.prompt_len / t_pre,
+                                 "decode_tok_s": B * (args.new - 1) / max(t_all - t_pre, 1e-9),
+                                 "decode_step_ms": 1e3 * (t_all - t_pre) / max(steps, 1),
+                                 "acceptance": accepted / (rounds * k) if rounds and k else None,
+                                 "first_draft_acceptance": (s2.first_draft_accepted - s1.first_draft_accepted)
+                                 / rounds if rounds and k else None,
+                                 "prefill_s": t_pre, "total_s": t_all})
+                if record:
+                    c = engine.loads.counts.clone()
+                    if dp:
+                        dist.all_reduce(c)  # each rank routed its own requests
+                    loads = c.cpu() if loads is None else loads + c.cpu()
+        return rows, loads
+
+    model = rank_model(cfg, rank, world, device, dtype, fp8)
+    wb = weight_bytes(model)
+    fit = None
+    if args.skew:
+        from dsv3.inference.eplb import load_counts
+
+        target = target_shares(load_counts(args.skew), len(model.routers()), E, cfg.num_experts_per_tok)
+        install(model, None, False)
+        calib = torch.randint(1, cfg.vocab_size, (max(1, 4096 // args.prompt_len), args.prompt_len), generator=g)
+        fit_router_biases(model, target, calib.to(device))
+        fit = {"target_expert_imbalance": expert_imbalance(target)}
+    rows, loads = variant("contiguous", model, None)
+    per_variant = {}
+    if record:
+        from dsv3.inference.eplb import baseline_rank_load, imbalance
+
+        t = loads.to(device)  # rank 0's, so that every rank plans the same placement
+        dist.broadcast(t, src=0)
+        loads = t.cpu()
+        v = imbalance(baseline_rank_load(loads, world))
+        per_variant["contiguous"] = {"rank_imbalance": [float(v.mean()), float(v.max())],
+                                     "expert_imbalance": list(expert_imbalance(loads)), "slots_per_rank": E // world}
+    if args.redundant_experts:
+        from dsv3.inference.eplb import placed_rank_load, plan_placement
+
+        placement = plan_placement(loads.double(), world, args.redundant_experts)  # the same on every rank
+        biases = [r.e_score_correction_bias.clone() for r in model.routers()]
+        model = None
         if cuda:
             torch.cuda.empty_cache()
-        dp = mode == "dp"
-        if mode == "tp":
-            shard_attention_tp(model, dist.group.WORLD)
-        for m in model.modules():
-            # dp: each rank's own tokens by all-to-all; else replicated tokens, decode steps (<= the largest
-            # batch) through the static all-reduce path and prefill through the all-to-all
-            if isinstance(m, MoE):
-                m.dispatcher = AllToAllDispatcher(dist.group.WORLD, cfg.n_routed_experts) if dp else \
-                    ReplicatedTokensDispatcher(dist.group.WORLD, cfg.n_routed_experts, max(batches))
-        engine = Engine(model, None, max_batch_size=max(batches), cuda_graphs=mode == "graphs",
-                        max_model_len=args.prompt_len + args.new + 1, max_prefill_tokens=args.max_prefill_tokens)
-        engine = sync_phases(engine, ctrl) if dp else agree_with_rank0(engine, dist.group.WORLD)
-        for B in batches:  # warm-up: kernels, allocator, and every decode bucket's graph capture
-            run(B, 3, dp)
-        for B in batches:
-            t_pre = run(B, 1, dp)
-            t_all = run(B, args.new, dp)
-            rows.append({"mode": mode, "batch": B, "weight_bytes_per_rank": weight_bytes(model),
-                         "prefill_tok_s": B * args.prompt_len / t_pre,
-                         "decode_tok_s": B * (args.new - 1) / max(t_all - t_pre, 1e-9),
-                         "prefill_s": t_pre, "total_s": t_all})
+        spr = (E + args.redundant_experts) // world
+        model = rank_model(cfg, rank, world, device, dtype, fp8, slots=spr)
+        for r, b in zip(model.routers(), biases):
+            r.e_score_correction_bias.copy_(b)
+        rows2, loads2 = variant("eplb", model, placement)
+        rows += rows2
+        v = imbalance(placed_rank_load(loads2, placement.replicas, placement.slots))
+        per_variant["eplb"] = {"rank_imbalance": [float(v.mean()), float(v.max())],
+                               "expert_imbalance": list(expert_imbalance(loads2)), "slots_per_rank": spr,
+                               "planned_rank_imbalance": float(imbalance(placement.rank_load).mean())}
     if rank == 0:
         name = torch.cuda.get_device_name() if cuda else "CPU"
-        head = (f"{world} x {name}, {args.preset} cut to {args.layers} layers, {cfg.n_routed_experts // world} of "
-                f"{cfg.n_routed_experts} routed experts per rank, {'FP8' if fp8 else str(dtype)[6:]} weights "
+        head = (f"{world} x {name}, {args.preset} cut to {args.layers} layers, {E // world} of "
+                f"{E} routed experts per rank, {'FP8' if fp8 else str(dtype)[6:]} weights "
                 f"{wb / 2**30:.2f} GiB per rank, prompts {args.prompt_len}, decode {args.new} tokens")
         print(head)
-        print("| mode | batch | prefill tok/s | decode tok/s |\n|---|---|---|---|")
+        if fit is not None:
+            print(f"--skew {args.skew}: target imbalance over experts (max / mean - 1) mean "
+                  f"{fit['target_expert_imbalance'][0]:.3f}, max {fit['target_expert_imbalance'][1]:.3f}")
+        for name_, pv in per_variant.items():
+            print(f"{name_}: measured imbalance over experts mean {pv['expert_imbalance'][0]:.3f} max "
+                  f"{pv['expert_imbalance'][1]:.3f}; over ranks ({pv['slots_per_rank']} slots each) mean "
+                  f"{pv['rank_imbalance'][0]:.3f} max {pv['rank_imbalance'][1]:.3f}")
+        print("| variant | mode | k | batch | prefill tok/s | decode tok/s | decode step ms | acceptance (first) |\n"
+              "|---|---|---|---|---|---|---|---|")
         for r in rows:
-            print(f"| {r['mode']} | {r['batch']} | {r['prefill_tok_s']:,.0f} | {r['decode_tok_s']:,.0f} |")
+            acc = "-" if r["acceptance"] is None else f"{r['acceptance']:.2f} ({r['first_draft_acceptance']:.2f})"
+            print(f"| {r['variant']} | {r['mode']} | {r['k']} | {r['batch']} | {r['prefill_tok_s']:,.0f} | "
+                  f"{r['decode_tok_s']:,.0f} | {r['decode_step_ms']:.2f} | {acc} |")
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "ep_serve.json"), "w") as f:
             json.dump({"setup": head, "ranks": world, "device": name, "layers": args.layers, "fp8": fp8,
-                       "weight_bytes_per_rank": wb, "rows": rows}, f, indent=1)
+                       "weight_bytes_per_rank": wb, "rows": rows, "skew": args.skew, "fit": fit,
+                       "variants": per_variant, "redundant_experts": args.redundant_experts}, f, indent=1)
     dist.destroy_process_group()
 
 

@@ -141,3 +141,19 @@ def test_hierarchical_copies_stay_on_their_groups_node():
         # each node holds whole groups: G / nodes of them
         for n in range(nodes):
             assert group_of_slot[node_of_slot == n].unique().numel() == G // nodes
+
+
+def test_placed_rank_load_and_a_block_without_tokens():
+    """placed_rank_load re-evaluates a placement on other loads (a later window's, measured): equal to the plan's
+    own rank loads on the loads it was planned from, tokens conserved on others. A block with no recorded tokens
+    (an MTP module that never ran) is placed as if uniform, not with every copy on expert 0."""
+    from dsv3.inference.eplb import placed_rank_load
+
+    loads = zipf_loads(3, 16, 1.0, seed=2)
+    loads[2] = 0
+    pl = plan_placement(loads, 4, 8)
+    torch.testing.assert_close(placed_rank_load(loads, pl.replicas, pl.slots), pl.rank_load)
+    other = zipf_loads(3, 16, 0.5, seed=3)
+    torch.testing.assert_close(placed_rank_load(other, pl.replicas, pl.slots).sum(-1), other.sum(-1))
+    assert pl.replicas[2].max() == 2 and (pl.replicas[2] >= 1).all()  # 8 copies over 16 experts: one each at most
+    assert imbalance(placed_rank_load(other, pl.replicas, pl.slots)).shape == (3,)

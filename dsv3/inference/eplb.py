@@ -90,6 +90,15 @@ def baseline_rank_load(loads: torch.Tensor, n_ranks: int) -> torch.Tensor:
     return loads.double().reshape(L, n_ranks, E // n_ranks).sum(-1)
 
 
+def placed_rank_load(loads: torch.Tensor, replicas: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """(L, n_ranks) load per rank of `loads` (L, E) under a placement (its replicas (L, E) and slots (L, n_ranks,
+    S)): each copy carries loads[e] / replicas[e] (route_to_replica splits an expert's tokens evenly, within
+    one). The loads need not be those the placement was planned from (a later window's, measured)."""
+    L, n_ranks, S = slots.shape
+    per_copy = loads.double() / replicas  # (L, E)
+    return per_copy.gather(1, slots.reshape(L, -1)).reshape(L, n_ranks, S).sum(-1)
+
+
 def _replicate(w: np.ndarray, n_phys: int) -> np.ndarray:
     """Greedy: each extra slot goes to the expert with the highest load per copy. (E,) -> replicas (E,)."""
     rep = np.ones(len(w), dtype=np.int64)
@@ -157,6 +166,8 @@ def plan_placement(loads: torch.Tensor, n_ranks: int, n_redundant: int, n_groups
     slots = np.empty((L, n_ranks, spr), dtype=np.int64)
     for layer in range(L):
         w = w_all[layer]
+        if not w.any():  # a block without recorded tokens (an MTP module that never ran): placed as if uniform
+            w = np.ones(E)
         if n_nodes is None:
             replicas[layer], slots[layer] = _place(w, np.arange(E), n_phys, n_ranks)
             continue
@@ -168,8 +179,7 @@ def plan_placement(loads: torch.Tensor, n_ranks: int, n_redundant: int, n_groups
             replicas[layer, experts] = rep
             slots[layer, node * rpn:(node + 1) * rpn] = s
     replicas_t, slots_t = torch.from_numpy(replicas), torch.from_numpy(slots)
-    per_copy = loads.double() / replicas_t  # (L, E)
-    rank_load = per_copy.gather(1, slots_t.reshape(L, -1)).reshape(L, n_ranks, spr).sum(-1)
+    rank_load = placed_rank_load(loads, replicas_t, slots_t)
     # log2phy: the physical slots of each expert, in increasing slot order, padded with -1
     flat = slots_t.reshape(L, -1)  # (L, n_phys)
     order = torch.sort(flat, dim=1, stable=True)  # copies grouped by expert, slot order kept

@@ -630,19 +630,37 @@ def test_ep_serve_bench_runs_under_torchrun_on_cpu(tmp_path, world):
     """bench/ep_serve_gpu.py (the N-GPU prefill/decode measurement) runs end to end under torchrun with gloo
     on a tiny cut: every rank builds its own expert block, the lockstep engine generates (eager, the
     bucketed steps CUDA graphs capture, attention data parallel, and tensor parallel where the heads divide),
-    rank 0 writes the table's JSON. One process stands for the one-GPU run (a group of one rank)."""
+    rank 0 writes the table's JSON. One process stands for the one-GPU run (a group of one rank).
+    With 2 ranks also issue 19's runs 3 and 4: routers fitted to a skewed recorded load (--skew), the placement
+    re-planned from the loads the engines recorded (--redundant-experts), and MTP speculation (--speculative-k)."""
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    extra = []
+    if world == 2:  # a Zipf (s = 1) load over 16 experts, as `dsv3 eval --record-expert-loads` writes it
+        zipf = (1000 / torch.arange(1, 17, dtype=torch.float64))[torch.randperm(16, generator=torch.Generator()
+                                                                                .manual_seed(0))]
+        torch.save({"expert_counts": torch.stack([zipf, zipf.flip(0)]).round().long()}, tmp_path / "skew.pt")
+        extra = ["--skew", str(tmp_path / "skew.pt"), "--redundant-experts", "2", "--speculative-k", "0,1"]
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world),
                         "--master-port", str(free_port()), os.path.join(repo, "bench", "ep_serve_gpu.py"),
                         "--preset", "tiny", "--layers", "2", "--device", "cpu", "--batches", "1,3",
-                        "--prompt-len", "16", "--new", "4", "--out", str(tmp_path)],
+                        "--prompt-len", "16", "--new", "4", "--out", str(tmp_path)] + extra,
                        capture_output=True, text=True, env=env, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads((tmp_path / "ep_serve.json").read_text())
     modes = ["eager", "graphs", "dp"] + (["tp"] if world == 1 else [])  # tiny's 3 heads: no TP over 2
-    assert out["ranks"] == world and [(row["mode"], row["batch"]) for row in out["rows"]] == [
-        (m, b) for m in modes for b in (1, 3)]
+    variants, ks = (["contiguous", "eplb"], [0, 1]) if world == 2 else (["contiguous"], [0])
+    assert out["ranks"] == world and [(row["variant"], row["mode"], row["k"], row["batch"]) for row in out["rows"]] \
+        == [(v, m, k, b) for v in variants for m in modes for k in ks for b in (1, 3)]
+    assert all((row["acceptance"] is None) == (row["k"] == 0) for row in out["rows"])
+    if world == 2:
+        fitted, placed = out["variants"]["contiguous"], out["variants"]["eplb"]
+        # the random model routes with the recorded skew (tiny: K = 4 of 16 caps a share at 1/4: imbalance <= 3)
+        assert out["fit"]["target_expert_imbalance"][0] == pytest.approx(3.0)
+        assert fitted["expert_imbalance"][0] > 2.0
+        # re-placed from the loads the engines recorded, 9 slots per rank: the busiest rank nearly even
+        assert placed["slots_per_rank"] == 9 and fitted["slots_per_rank"] == 8
+        assert placed["rank_imbalance"][1] < 0.1 < fitted["rank_imbalance"][0]
     if world == 2:
         assert "mode tp skipped: --attn-tp 2 does not divide num_attention_heads (3)" in r.stdout
     assert all(row["prefill_tok_s"] > 0 and row["decode_tok_s"] > 0 for row in out["rows"])
