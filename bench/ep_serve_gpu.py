@@ -33,8 +33,9 @@ to E experts and scattered over them by a seeded permutation, and the routers' c
 that way; the fit is reported (imbalance over experts, target and measured). The engine records the loads it
 routes (Engine(record_expert_loads=True)). Variant "contiguous" runs first; then the placement is planned from
 the loads it measured (as a deployment re-plans from recorded traffic, dsv3/inference/eplb.py), every rank
-rebuilds its experts as the placement's (E + R) / N slots (random weights: copies of an expert hold independent
-values, which the timing does not depend on), and variant "eplb" runs the same modes. Per variant: tokens/s,
+rebuilds its experts as the placement's (E + R) / N slots, each with the weights of the expert placed there
+(per-expert seeded draws: the same model, so the fitted routing carries over), and variant "eplb" runs the same
+modes. Per variant: tokens/s,
 and the rank imbalance (max rank load / mean - 1, mean and max over the blocks) of the loads it measured under
 its own layout.
 
@@ -47,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import os
 import sys
@@ -69,12 +71,13 @@ from dsv3.model.moe import MoE  # noqa: E402
 from dsv3.model.transformer import Transformer  # noqa: E402
 
 
-def rank_model(cfg, rank: int, world: int, device, dtype, fp8: bool, seed: int = 0, slots: int | None = None
-               ) -> Transformer:
-    """This rank's part of a randomly initialised model: its block of routed experts (or, with `slots`, that many
-    expert slots of a redundant-expert placement), everything else (the MoE dispatchers are installed per mode
-    by main)."""
+def rank_model(cfg, rank: int, world: int, device, dtype, fp8: bool, seed: int = 0, placement=None) -> Transformer:
+    """This rank's part of a randomly initialised model: its block of routed experts (or, under a redundant-expert
+    `placement`, its slots, each holding the weights of the logical expert placed there), everything else (the
+    MoE dispatchers are installed per mode by main). Every tensor, every expert, draws from its own generator
+    (Transformer.init_weights(seed=)), so expert e has the same weights on every rank and in both layouts."""
     from dsv3.checkpoints.hf import quantize_model_fp8
+    from dsv3.model.transformer import tensor_seed
 
     E = cfg.n_routed_experts
     r = local_experts(E, rank, world)
@@ -82,9 +85,22 @@ def rank_model(cfg, rank: int, world: int, device, dtype, fp8: bool, seed: int =
         model = Transformer(cfg)
     for m in model.modules():
         if isinstance(m, MoE):
-            m.experts.keep_experts(r.start, len(r)) if slots is None else m.experts.keep_experts(0, slots)
+            if placement is None:
+                m.experts.keep_experts(r.start, len(r))
+            else:
+                m.experts.keep_experts(0, placement.slots.shape[-1])  # (shapes only; the slots' weights below)
     model = model.to_empty(device=device).to(dtype)
-    model.init_weights(generator=torch.Generator(device=device).manual_seed(seed))
+    model.init_weights(seed=seed)
+    if placement is not None:
+        with torch.no_grad():
+            blocks = [(n, m) for n, m in model.named_modules() if isinstance(m, MoE)]
+            for i, (name, m) in enumerate(blocks):
+                for j, e in enumerate(placement.slots[i, rank].tolist()):
+                    for pname in ("gate_proj", "up_proj", "down_proj"):
+                        w = getattr(m.experts, pname)[j]
+                        gen = torch.Generator(device=w.device).manual_seed(
+                            tensor_seed(seed, f"{name}.experts.{pname}[{e}]"))  # init_weights' draw for expert e
+                        w.normal_(0.0, cfg.initializer_range, generator=gen)
     if fp8:
         quantize_model_fp8(model)
     return model.eval()
@@ -109,13 +125,15 @@ def target_shares(recorded: torch.Tensor, blocks: int, E: int, K: int, seed: int
         p = row.sort(descending=True).values
         q = p[(torch.arange(E) * Er) // E]
         q = q / q.sum()
-        for _ in range(E):  # water-filling: cap, hand the excess to the uncapped experts, until none is over
-            over = q > 1 / K
-            if not over.any() or over.all():
+        cap = 1 / K
+        for _ in range(E):  # water-filling: cap, hand the excess to the experts under the cap, until none is over
+            over, under = q > cap * (1 + 1e-9), q < cap
+            if not over.any():
                 break
-            excess = (q[over] - 1 / K).sum()
-            q[over] = 1 / K
-            q[~over] += excess * q[~over] / q[~over].sum()
+            excess = (q[over] - cap).sum()
+            q[over] = cap
+            w = q[under] if q[under].sum() > 0 else torch.ones_like(q[under])  # (all zero: evenly)
+            q[under] += excess * w / w.sum()
         out.append(q[torch.randperm(E, generator=g)])
     return torch.stack(out)
 
@@ -204,6 +222,8 @@ def main() -> None:
         raise SystemExit(f"{world} ranks do not divide {E} routed experts")
     if args.redundant_experts % world or args.redundant_experts < 0:
         raise SystemExit(f"--redundant-experts {args.redundant_experts}: a multiple of the {world} ranks")
+    if args.redundant_experts and world == 1:
+        raise SystemExit("--redundant-experts places copies on other ranks: it needs 2 or more")
     ks = [int(k) for k in args.speculative_k.split(",")]
     if any(k < 0 for k in ks) or (max(ks) > 0 and cfg.num_nextn_predict_layers == 0):
         raise SystemExit(f"--speculative-k {args.speculative_k}: k >= 0, and k > 0 needs MTP modules")
@@ -235,7 +255,7 @@ def main() -> None:
             inner = AllToAllDispatcher(dist.group.WORLD, n) if dp else \
                 ReplicatedTokensDispatcher(dist.group.WORLD, n, static_tokens)
             m.dispatcher = inner if placement is None else \
-                PlacedDispatcher(inner, placement.layer(i), rank if dp else 0)
+                PlacedDispatcher(inner, placement.layer(i).to(device), rank if dp else 0)
 
     def run(engine, B: int, new: int, dp: bool) -> float:
         prompts = [torch.randint(1, cfg.vocab_size, (args.prompt_len,), generator=g).tolist() for _ in range(B)]
@@ -332,10 +352,11 @@ def main() -> None:
         placement = plan_placement(loads.double(), world, args.redundant_experts)  # the same on every rank
         biases = [r.e_score_correction_bias.clone() for r in model.routers()]
         model = None
+        gc.collect()  # the last engine (its decode steps hold reference cycles) and with it the model and cache
         if cuda:
             torch.cuda.empty_cache()
         spr = (E + args.redundant_experts) // world
-        model = rank_model(cfg, rank, world, device, dtype, fp8, slots=spr)
+        model = rank_model(cfg, rank, world, device, dtype, fp8, placement=placement)
         for r, b in zip(model.routers(), biases):
             r.e_score_correction_bias.copy_(b)
         rows2, loads2 = variant("eplb", model, placement)

@@ -471,6 +471,9 @@ def _write_expert_loads(counts, file: str, checkpoint: str, cfg) -> None:
     from dsv3.inference.eplb import save_counts
 
     tokens = int(counts[0].sum()) // cfg.num_experts_per_tok  # positions through the first MoE block
+    if tokens == 0:  # (a server that failed to start, or served nothing: an earlier recording stays)
+        print(f"no tokens were routed: {file} not written", file=sys.stderr, flush=True)
+        return
     save_counts(counts, file, checkpoint=checkpoint, tokens=tokens)
     print(f"wrote the expert loads ({counts.shape[0]} MoE blocks x {counts.shape[1]} experts, {tokens:,} "
           f"positions) to {file}", file=sys.stderr, flush=True)

@@ -267,7 +267,7 @@ def load_ep_engine(checkpoint: str, *, ep: int, device: str = "auto", keep_fp8: 
             inner = ReplicatedTokensDispatcher(group, n, static)
         # under dp_attention each group routes its own tokens: offset the copies by the group's index
         m.dispatcher = inner if layer is None else \
-            PlacedDispatcher(inner, layer, rank // attn_tp if dp_attention else 0)
+            PlacedDispatcher(inner, layer.to(model_device(model)), rank // attn_tp if dp_attention else 0)
     engine = Engine(model, tok, cuda_graphs=bool(graphs_setting(cuda_graphs)), **engine_kwargs)  # auto: off
     if dp_attention:
         sync_phases(engine, ctrl)

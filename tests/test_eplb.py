@@ -157,3 +157,31 @@ def test_placed_rank_load_and_a_block_without_tokens():
     torch.testing.assert_close(placed_rank_load(other, pl.replicas, pl.slots).sum(-1), other.sum(-1))
     assert pl.replicas[2].max() == 2 and (pl.replicas[2] >= 1).all()  # 8 copies over 16 experts: one each at most
     assert imbalance(placed_rank_load(other, pl.replicas, pl.slots)).shape == (3,)
+
+
+def test_saving_recorded_loads(tmp_path, capsys):
+    """save_counts writes atomically with the mode open() gives (not mkstemp's 0600); check_writable refuses a
+    directory, also one named with a trailing slash that does not exist yet; the CLI's writer leaves an earlier
+    recording alone when nothing was routed (a server that failed to start)."""
+    import os
+    import stat
+
+    from dsv3 import cli
+    from dsv3.config import preset
+    from dsv3.inference.eplb import check_writable, load_counts, save_counts
+
+    counts = torch.arange(8).reshape(2, 4)
+    path = save_counts(counts, str(tmp_path / "a" / "loads.pt"), checkpoint="ck")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~mask
+    assert torch.equal(load_counts(path), counts) and os.listdir(tmp_path / "a") == ["loads.pt"]
+    for bad in (str(tmp_path), str(tmp_path / "new") + "/"):
+        with pytest.raises(ValueError, match="is a directory; give a file name"):
+            check_writable(bad)
+    cfg = preset("tiny")
+    cli._write_expert_loads(torch.zeros(2, 4, dtype=torch.long), path, "ck", cfg)
+    assert "no tokens were routed" in capsys.readouterr().err and torch.equal(load_counts(path), counts)
+    cli._write_expert_loads(counts * cfg.num_experts_per_tok, path, "ck", cfg)
+    assert torch.equal(load_counts(path), counts * cfg.num_experts_per_tok)
+    assert torch.load(path, weights_only=True)["tokens"] == int(counts[0].sum())

@@ -446,7 +446,8 @@ class Engine:
         ids_d = ids_all[:, :T]  # (a row's token past its chunk sits in a padding position: never stored or attended)
         cb = self.cache.batch([r.blocks for r in reqs], starts, lens, chunk=True)
         if self.loads is not None:  # the chunks' positions count; padding and an idle step's row do not
-            real = torch.tensor([[t < n and r.blocks[0] != self._pad for t in range(T)] for r, n in zip(reqs, lens)])
+            real = (torch.arange(T)[None, :] < torch.tensor(lens)[:, None]) & \
+                torch.tensor([r.blocks[0] != self._pad for r in reqs])[:, None]  # (B, T)
             self.loads.rows = real.to(self.device).reshape(-1)
         out = self.model(ids_d, cb.positions, cache=cb, logits_at=last)  # the head only at each chunk's end
         self.stats.prefill_tokens += sum(lens)

@@ -60,6 +60,11 @@ class LayerPlacement:
     rank_load: torch.Tensor  # (n_ranks,) float: expected tokens per rank (each copy carries load / replicas)
     log2phy: torch.Tensor    # (E, max_replicas) long: the physical slots of each expert, padded with -1
 
+    def to(self, device) -> "LayerPlacement":
+        """On `device` (route_to_replica reads replicas and log2phy in every MoE call: a CUDA graph cannot capture
+        their copy from pageable host memory, and eager calls would pay two blocking copies each)."""
+        return LayerPlacement(*(t.to(device) for t in (self.replicas, self.slots, self.rank_load, self.log2phy)))
+
 
 @dataclass
 class Placement:
@@ -228,7 +233,8 @@ class ExpertLoadRecorder:
     counts its own batch. The counts are the router's logical expert ids, before any redundant copy.
 
     Only forwards inside `recording()` count (the hooks stay on the model, which others may run too), and
-    the hooks go when the recorder is garbage-collected or `remove()`d.
+    the hooks go when the recorder is garbage-collected (an engine's with the engine, which holds reference
+    cycles: at the next cyclic collection, `gc.collect()`) or `remove()`d.
     `rows`: None counts every row of a forward; else an (N,) 0/1 tensor over the forward's N = B x T rows
     (flattened, batch-major), set by the caller before each forward, so that padding does not count (a
     decode bucket's spare rows, a prefill row's positions past its chunk, a lockstep engine's idle step).
@@ -290,7 +296,7 @@ def _remove_hooks(handles) -> None:
 def check_writable(path: str) -> None:
     """Raise ValueError naming `path` unless a file can be written there (its directory is made if missing)."""
     d = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
+    if os.path.isdir(path) or path.endswith(("/", os.sep)):
         raise ValueError(f"{path}: is a directory; give a file name (e.g. {os.path.join(path, 'loads.pt')})")
     try:
         os.makedirs(d, exist_ok=True)
@@ -315,6 +321,9 @@ def save_counts(counts: torch.Tensor, path: str, **meta) -> str:
                 torch.save({"expert_counts": counts.cpu(), **meta}, f)
             f.flush()
             os.fsync(f.fileno())
+        mask = os.umask(0)  # mkstemp's 0600 -> what open() would have given
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
