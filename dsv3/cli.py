@@ -32,7 +32,7 @@ SAMPLING_EXCLUDE = ("logprobs",)
 # EngineConfig fields of generate/sample/chat (one request at a time: the batch size is 1)
 GENERATE_ENGINE_FIELDS = ("speculative_k", "device")
 # and the expert-parallel degree, for generate/sample only (chat reads stdin: one process)
-EP_FIELDS = ("ep", "expert_loads", "redundant_experts", "dp_attention", "attn_tp")
+EP_FIELDS = ("ep", "expert_loads", "redundant_experts", "dp_attention", "attn_tp", "eplb_interval")
 
 
 def _model_config(args):
@@ -307,9 +307,10 @@ def _engine_config(args):
 def _one_process(ec) -> dict:
     """EngineConfig -> load_engine's keyword arguments (ep is how many processes and the expert placement is
     the EP ranks', not engine settings)."""
-    if getattr(ec, "ep", 1) == 1 and (getattr(ec, "expert_loads", None) or getattr(ec, "redundant_experts", 0)):
-        raise ValueError("--expert-loads / --redundant-experts place the experts over expert-parallel ranks: they "
-                         "need --ep N under torchrun")
+    if getattr(ec, "ep", 1) == 1 and (getattr(ec, "expert_loads", None) or getattr(ec, "redundant_experts", 0)
+                                      or getattr(ec, "eplb_interval", 0)):
+        raise ValueError("--expert-loads / --redundant-experts / --eplb-interval place the experts over "
+                         "expert-parallel ranks: they need --ep N under torchrun")
     if getattr(ec, "ep", 1) == 1 and getattr(ec, "attn_tp", 1) != 1:
         raise ValueError("--attn-tp splits attention over the expert-parallel ranks: it needs --ep N under torchrun")
     if getattr(ec, "ep", 1) == 1 and getattr(ec, "dp_attention", False):
@@ -328,7 +329,7 @@ def _one_process(ec) -> dict:
 def _placement(ec) -> dict:
     """run_ep's layout arguments: the expert placement and attention data parallelism."""
     return {"expert_loads": ec.expert_loads, "redundant_experts": ec.redundant_experts,
-            "dp_attention": ec.dp_attention, "attn_tp": ec.attn_tp}
+            "dp_attention": ec.dp_attention, "attn_tp": ec.attn_tp, "eplb_interval": ec.eplb_interval}
 
 
 def _engine(args):

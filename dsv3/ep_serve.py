@@ -24,7 +24,12 @@ rank 0's (lockstep.py explains why rank 0 decides rather than every rank samplin
 Redundant experts (`expert_loads`, `redundant_experts`; paper §3.4): the placement of dsv3/inference/eplb.py,
 planned from recorded loads on every rank alike (deterministic), replaces the contiguous split: each rank
 loads the experts of its slots (`load_pretrained(experts=[ids per block])`, a hot expert on several ranks)
-and `PlacedDispatcher` sends the j-th token of an expert to its copy j mod replicas.
+and `PlacedDispatcher` sends the j-th token of an expert to its copy j mod replicas. Online (`eplb_interval`
+S > 0, the paper's periodic re-choice): every S engine steps `Rebalancer` re-plans from the loads the engine
+routed since the last plan (rank 0's, or the sum over ranks with dp_attention), every rank alike, keeps each
+expert a rank still holds in its slot, reads only the experts that move into their slots from the checkpoint
+(in place: graphs captured over the stacks stay valid) and updates the dispatchers' tables in place (fixed
+shapes). Without --expert-loads the first placement is planned from uniform loads.
 
 CUDA graphs: off unless asked for (`cuda_graphs=True`; on the CPU that runs the bucketed steps eagerly,
 how the tests check them against one process). Graph capture of the all-reduce on GPUs has not been run
@@ -97,6 +102,57 @@ class PlacedDispatcher:
         return self.inner(experts, x_ND, route_to_replica(idx_NK, self.placement, self.offset), w_NK, impl)
 
 
+class Rebalancer:
+    """Online EPLB (module docstring), an engine step hook: at every `interval`-th step, on every rank at the
+    same step (lockstep), the loads routed since the last plan (`engine.loads`, the engine recording) give a
+    new placement; experts that stay on a rank keep their slots (`eplb.keep_in_place`), the others are read
+    into theirs from `checkpoint` (`hf.load_expert_slots`), and each `PlacedDispatcher`'s tables are
+    overwritten in place. `sum_over_ranks`: each rank routed its own requests (dp_attention; divided by
+    `replicas`, the ranks of a group that route the same tokens); else rank 0's loads (broadcast: ranks that
+    computed the same routing must not plan from counts that differ in a near-tie)."""
+
+    def __init__(self, model, checkpoint: str, placement, dispatchers: list, *, rank: int, ep: int, redundant: int,
+                 interval: int, group=None, sum_over_ranks: bool = False, replicas: int = 1):
+        self.model, self.checkpoint, self.dispatchers = model, checkpoint, dispatchers
+        self.slots = placement.slots.clone()  # (L, ep, S) the logical expert in each slot now
+        self.rank, self.ep, self.redundant, self.interval = rank, ep, redundant, interval
+        self.group, self.sum_over_ranks, self.replicas = group or dist.group.WORLD, sum_over_ranks, replicas
+        self.width = dispatchers[0].placement.log2phy.shape[-1]
+        self._seen: torch.Tensor | None = None  # the engine's counts at the last plan
+        self.plans = 0  # re-placements made
+        self.moved = 0  # slots (on this rank) that took another expert
+
+    def __call__(self, engine) -> None:
+        from dsv3.checkpoints.hf import load_expert_slots
+        from dsv3.inference.eplb import keep_in_place, placement_from_slots, plan_placement
+
+        if engine.stats.steps == 0 or engine.stats.steps % self.interval:
+            return
+        counts = engine.loads.counts
+        window = counts.clone() if self._seen is None else counts - self._seen
+        self._seen = counts.clone()
+        if self.sum_over_ranks:
+            dist.all_reduce(window, group=self.group)
+            window //= self.replicas
+        else:
+            dist.broadcast(window, src=dist.get_global_rank(self.group, 0), group=self.group)
+        loads = window.cpu()
+        if loads.sum() == 0:  # nothing routed since the last plan: keep it
+            return
+        plan = plan_placement(loads.double(), self.ep, self.redundant)
+        new = torch.stack([keep_in_place(self.slots[i], plan.slots[i]) for i in range(len(self.slots))])
+        pairs = [[(j, e) for j, (o, e) in enumerate(zip(self.slots[i, self.rank].tolist(),
+                                                         new[i, self.rank].tolist())) if o != e]
+                 for i in range(len(new))]
+        self.moved += load_expert_slots(self.model, self.checkpoint, pairs)
+        placed = placement_from_slots(new, loads, self.width)
+        for i, d in enumerate(self.dispatchers):
+            for name in ("replicas", "slots", "rank_load", "log2phy"):
+                getattr(d.placement, name).copy_(getattr(placed, name)[i])
+        self.slots = new
+        self.plans += 1
+
+
 def model_device(model) -> torch.device:
     return next(model.parameters()).device
 
@@ -157,37 +213,48 @@ def check_modes(dp_attention: bool, cuda_graphs, compile_decode: bool, attn_tp: 
                          "without compile) or decode eagerly")
 
 
-def plan_serving_placement(cfg, ep: int, expert_loads: str | None, redundant_experts: int):
+def plan_serving_placement(cfg, ep: int, expert_loads: str | None, redundant_experts: int, eplb_interval: int = 0):
     """The placement (dsv3.inference.eplb.Placement, one layer per MoE block: main layers, then MTP) for
     `--expert-loads FILE [--redundant-experts N]`, or None without them. Loads: (MoE blocks, E) token counts
-    (.pt or .npy), e.g. summed `ModelOutput.expert_counts` of a serving window."""
-    from dsv3.inference.eplb import load_counts, plan_placement
+    (.pt or .npy), e.g. `dsv3 eval/serve --record-expert-loads`. With eplb_interval > 0 (online re-placement)
+    the log2phy tables have the fixed width 1 + N, and without a file the first plan is from uniform loads."""
+    from dsv3.inference.eplb import load_counts, placement_from_slots, plan_placement
 
-    if not expert_loads:
-        if redundant_experts:
-            raise ValueError("--redundant-experts needs --expert-loads FILE: the copies go to the experts with the "
-                             "highest recorded load")
-        return None
+    if not isinstance(eplb_interval, int) or eplb_interval < 0:
+        raise ValueError(f"--eplb-interval must be an integer >= 0 (engine steps; 0: off), got {eplb_interval!r}")
+    if eplb_interval and not redundant_experts:
+        raise ValueError("--eplb-interval re-plans the redundant experts: it needs --redundant-experts N (a multiple "
+                         "of --ep)")
     if redundant_experts < 0 or redundant_experts % ep:
         raise ValueError(f"--redundant-experts ({redundant_experts}) must be a multiple of --ep ({ep}) >= 0: every "
                          "rank holds the same number of expert slots")
+    blocks = cfg.num_moe_layers() + (cfg.num_nextn_predict_layers if cfg.n_routed_experts else 0)
+    if not expert_loads:
+        if redundant_experts and not eplb_interval:
+            raise ValueError("--redundant-experts needs --expert-loads FILE (the copies go to the experts with the "
+                             "highest recorded load) or --eplb-interval S (re-planned from the served load)")
+        if not redundant_experts:
+            return None
+        uniform = torch.ones(blocks, cfg.n_routed_experts, dtype=torch.float64)
+        return placement_from_slots(plan_placement(uniform, ep, redundant_experts).slots, uniform,
+                                    1 + redundant_experts)
     try:
         loads = torch.as_tensor(load_counts(expert_loads))
     except (OSError, KeyError, ValueError, RuntimeError) as e:  # missing, not a tensor file, no expert_counts
         raise ValueError(f"--expert-loads {expert_loads}: cannot read per-expert loads from it "
                          f"({type(e).__name__}: {e}); give a .pt tensor (or dict with 'expert_counts') or .npy "
                          "array of shape (MoE blocks, experts)") from e
-    blocks = cfg.num_moe_layers() + (cfg.num_nextn_predict_layers if cfg.n_routed_experts else 0)
     if tuple(loads.shape) != (blocks, cfg.n_routed_experts):
         raise ValueError(f"--expert-loads {expert_loads}: shape {tuple(loads.shape)}, but this model has {blocks} MoE "
                          f"blocks (main layers, then MTP) x {cfg.n_routed_experts} experts")
-    return plan_placement(loads.double(), ep, redundant_experts)
+    plan = plan_placement(loads.double(), ep, redundant_experts)
+    return placement_from_slots(plan.slots, loads.double(), 1 + redundant_experts) if eplb_interval else plan
 
 
 def load_ep_engine(checkpoint: str, *, ep: int, device: str = "auto", keep_fp8: bool = True,
                    cuda_graphs: bool | str | None = None, compile_decode: bool = False, group=None,
                    expert_loads: str | None = None, redundant_experts: int = 0, dp_attention: bool = False,
-                   attn_tp: int = 1, ctrl=None, **engine_kwargs):
+                   attn_tp: int = 1, ctrl=None, eplb_interval: int = 0, **engine_kwargs):
     """(Engine, DSTokenizer) of this rank: its shard of a checkpoint (or run) directory, the EP dispatcher
     installed in every MoE block, decisions agreed with rank 0. Needs the default process group started
     (torchrun + `dsv3.distributed.init_distributed`) over `ep` ranks (or `group` of ep ranks).
@@ -225,7 +292,9 @@ def load_ep_engine(checkpoint: str, *, ep: int, device: str = "auto", keep_fp8: 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":  # one GPU per local rank (init_distributed made it the current device)
         device = f"cuda:{torch.cuda.current_device()}"
-    placement = plan_serving_placement(cfg, ep, expert_loads, redundant_experts)
+    placement = plan_serving_placement(cfg, ep, expert_loads, redundant_experts, eplb_interval)
+    if eplb_interval:  # the rebalancer plans from what the engine routes
+        engine_kwargs["record_expert_loads"] = True
     tok = DSTokenizer.load(checkpoint)
     mine = local_experts(E, rank, ep) if placement is None else \
         [placement.slots[i, rank].tolist() for i in range(placement.n_layers)]  # this rank's slots per block
@@ -256,6 +325,7 @@ def load_ep_engine(checkpoint: str, *, ep: int, device: str = "auto", keep_fp8: 
         engine_kwargs["cache_tokens"] = min_over_ranks(gpu_cache_tokens(model), group, model_device(model))
     static = engine_kwargs.get("max_batch_size", 32) * (engine_kwargs.get("speculative_k", 0) + 1)
     moes = [m for m in model.modules() if isinstance(m, MoE)]
+    placed = []
     for i, m in enumerate(moes):
         layer = None if placement is None else placement.layer(i)
         n = E if layer is None else layer.slots.numel()  # experts, or slots (R x slots per rank)
@@ -268,7 +338,12 @@ def load_ep_engine(checkpoint: str, *, ep: int, device: str = "auto", keep_fp8: 
         # under dp_attention each group routes its own tokens: offset the copies by the group's index
         m.dispatcher = inner if layer is None else \
             PlacedDispatcher(inner, layer.to(model_device(model)), rank // attn_tp if dp_attention else 0)
+        placed.append(m.dispatcher)
     engine = Engine(model, tok, cuda_graphs=bool(graphs_setting(cuda_graphs)), **engine_kwargs)  # auto: off
+    if eplb_interval:
+        engine.step_hooks.append(Rebalancer(model, checkpoint, placement, placed, rank=rank, ep=ep,
+                                            redundant=redundant_experts, interval=eplb_interval, group=group,
+                                            sum_over_ranks=dp_attention, replicas=attn_tp if dp_attention else 1))
     if dp_attention:
         sync_phases(engine, ctrl)
         if attn_tp == 1:
@@ -278,7 +353,7 @@ def load_ep_engine(checkpoint: str, *, ep: int, device: str = "auto", keep_fp8: 
 
 def run_ep(ep: int, checkpoint: str, engine_kwargs: dict, run: Callable[[Leader, object], int],
            expert_loads: str | None = None, redundant_experts: int = 0, dp_attention: bool = False,
-           attn_tp: int = 1) -> int:
+           attn_tp: int = 1, eplb_interval: int = 0) -> int:
     """One rank of an expert-parallel command under torchrun: check the layout before anything starts,
     start the process groups, load this rank's engine (`load_ep_engine(checkpoint, ep=ep, **engine_kwargs)`);
     rank 0 runs `run(leader, tokenizer)` and then tells the others to stop, which follow it until then.
@@ -292,13 +367,14 @@ def run_ep(ep: int, checkpoint: str, engine_kwargs: dict, run: Callable[[Leader,
     check_ep(ep, cfg.n_routed_experts)
     check_modes(dp_attention, engine_kwargs.get("cuda_graphs"), engine_kwargs.get("compile_decode", False),
                 attn_tp, ep, cfg)
-    plan_serving_placement(cfg, ep, expert_loads, redundant_experts)  # its errors before any process group
+    plan_serving_placement(cfg, ep, expert_loads, redundant_experts, eplb_interval)  # errors before any group
     env = init_distributed(engine_kwargs.get("device", "auto"))
     rc = 1
     try:
         ctrl = control_group()
         engine, tok = load_ep_engine(checkpoint, ep=ep, expert_loads=expert_loads, redundant_experts=redundant_experts,
-                                     dp_attention=dp_attention, attn_tp=attn_tp, ctrl=ctrl, **engine_kwargs)
+                                     dp_attention=dp_attention, attn_tp=attn_tp, ctrl=ctrl,
+                                     eplb_interval=eplb_interval, **engine_kwargs)
         if env.rank != 0:
             rc = run_follower(engine, ctrl, dp=dp_attention, group_size=attn_tp)
             return rc
@@ -313,4 +389,4 @@ def run_ep(ep: int, checkpoint: str, engine_kwargs: dict, run: Callable[[Leader,
             dist.destroy_process_group()
 
 
-__all__ = ["PlacedDispatcher", "check_ep", "check_modes", "load_ep_engine", "plan_serving_placement", "run_ep"]
+__all__ = ["PlacedDispatcher", "Rebalancer", "check_ep", "check_modes", "load_ep_engine", "plan_serving_placement", "run_ep"]

@@ -210,6 +210,7 @@ def test_bad_serving_and_device_flags_are_one_line_errors(run):
                        (["serve", run["out"], "--ep", 2, "--dp-attention", "--record-expert-loads",
                          run["base"] / "x.pt"], "--record-expert-loads cannot run with --dp-attention"),
                        (["serve", run["out"], "--record-expert-loads", run["base"]], "is a directory; give a file"),
+                       (["serve", run["out"], "--eplb-interval", 5], "--eplb-interval place the experts over"),
                        (["generate", run["out"], "--prompt", "x", "--device", "tpu"], "device must be auto, cpu, cuda"),
                        (["generate", run["out"], "--prompt", "x", "--temperature", "nan"],
                         "temperature must be a finite number >= 0")):

@@ -185,3 +185,30 @@ def test_saving_recorded_loads(tmp_path, capsys):
     cli._write_expert_loads(counts * cfg.num_experts_per_tok, path, "ck", cfg)
     assert torch.equal(load_counts(path), counts * cfg.num_experts_per_tok)
     assert torch.load(path, weights_only=True)["tokens"] == int(counts[0].sum())
+
+
+def test_placement_from_slots_and_keep_in_place():
+    """placement_from_slots rebuilds plan_placement's tables from its slots (fixed-width log2phy for in-place
+    updates); keep_in_place keeps every expert a rank still holds in its slot, so a re-placement writes only
+    the slots whose expert changes, and the ranks' sets of experts are the new plan's."""
+    from dsv3.inference.eplb import keep_in_place, placement_from_slots
+
+    a, b = zipf_loads(3, 16, 1.0, seed=4), zipf_loads(3, 16, 1.0, seed=5)
+    pa, pb = plan_placement(a, 4, 8), plan_placement(b, 4, 8)
+    same = placement_from_slots(pa.slots, a)
+    for name in ("replicas", "slots", "rank_load", "log2phy"):
+        assert torch.equal(getattr(same, name), getattr(pa, name)), name
+    wide = placement_from_slots(pa.slots, a, width=9)
+    assert wide.log2phy.shape == (3, 16, 9) and torch.equal(wide.log2phy[..., : pa.log2phy.shape[-1]], pa.log2phy)
+    assert (wide.log2phy[..., pa.log2phy.shape[-1]:] == -1).all()
+    with pytest.raises(ValueError, match="width 1"):
+        placement_from_slots(pa.slots, a, width=1)
+    for i in range(3):
+        new = keep_in_place(pa.slots[i], pb.slots[i])
+        for r in range(4):
+            assert sorted(new[r].tolist()) == sorted(pb.slots[i, r].tolist())  # the plan's experts on each rank
+            old_r, new_r = pa.slots[i, r].tolist(), new[r].tolist()
+            common = sum(min(old_r.count(e), new_r.count(e)) for e in set(new_r))
+            assert sum(o == n for o, n in zip(old_r, new_r)) == common  # only the slots that must change do
+        # routing over the reordered slots spreads tokens as the plan said: same per-rank loads
+        torch.testing.assert_close(placement_from_slots(new[None], b[i:i + 1]).rank_load[0], pb.rank_load[i])

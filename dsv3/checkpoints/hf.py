@@ -38,6 +38,7 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 from safetensors.torch import save_file
 
 from dsv3.checkpoints.files import CheckpointError, confined, open_safetensors, read_json
@@ -517,11 +518,8 @@ def load_pretrained(path: str | os.PathLike, device: torch.device | str = "cpu",
             if spec is not None:  # a tensor-parallel slice: only its rows or columns are read
                 target.copy_(reader.get_tp(name, spec, target.dtype).to(target.dtype))
                 continue
-            t = reader.get(name)  # (shard by shard; a repeated expert is read once per copy)
-            if t.dtype == torch.float8_e4m3fn and target.dtype != torch.float8_e4m3fn:
-                t = weight_dequant(t, reader.get(name + "_scale_inv"), dtype=torch.float32)
-            dst = target[slot.expert] if slot.expert is not None else target
-            dst.copy_(t.to(dst.dtype))
+            # (shard by shard; a repeated expert is read once per copy)
+            _copy_in(reader, name, target[slot.expert] if slot.expert is not None else target)
         for copy, main in _mtp_copies(cfg).items():
             if copy in reader.weight_map:
                 a = reader.get(copy)
@@ -534,6 +532,45 @@ def load_pretrained(path: str | os.PathLike, device: torch.device | str = "cpu",
     finally:
         reader.close()
     return model
+
+
+def _copy_in(reader: _Reader, name: str, dst: torch.Tensor) -> None:
+    """Read tensor `name` into `dst` (an FP8 tensor going to a wider one is dequantised with its scale blocks)."""
+    t = reader.get(name)
+    if t.dtype == torch.float8_e4m3fn and dst.dtype != torch.float8_e4m3fn:
+        t = weight_dequant(t, reader.get(name + "_scale_inv"), dtype=torch.float32)
+    dst.copy_(t.to(dst.dtype))
+
+
+@torch.no_grad()
+def load_expert_slots(model: Transformer, path: str | os.PathLike, per_block: list) -> int:
+    """Overwrite some routed-expert slots of a loaded model in place from its checkpoint: per_block[i] (MoE blocks:
+    main layers, then MTP) lists (local slot j, global expert e) pairs; slot j of block i's stacks then holds
+    expert e's weights (and scales, FP8 experts staying FP8), as `load_pretrained(experts=...)` would have
+    loaded them. The tensors keep their storage, so CUDA graphs captured over them see the new weights. Reads
+    only those experts' tensors. Returns the number of slots written (an expert-parallel re-placement,
+    dsv3/ep_serve.py's Rebalancer)."""
+    blocks = [(n, m) for n, m in model.named_modules() if isinstance(m, MoE)]
+    if len(per_block) != len(blocks):
+        raise ValueError(f"per_block: {len(per_block)} lists for {len(blocks)} MoE blocks (main layers, then MTP)")
+    n_layers, E = model.config.num_hidden_layers, model.config.n_routed_experts
+    reader = _Reader(os.fspath(path))
+    written = 0
+    try:
+        for (name, m), pairs in zip(blocks, per_block):
+            stacks = list(m.experts.named_parameters()) + list(m.experts.named_buffers())
+            for j, e in pairs:
+                if not (0 <= e < E and 0 <= j < m.experts.gate_proj.shape[0]):
+                    raise ValueError(f"{name}: slot {j} <- expert {e} is out of range")
+                for sname, t in stacks:
+                    hit = _EXPERT.match(f"{name}.experts.{sname}")
+                    if hit:
+                        base = _to_disk(hit.group(1), n_layers)
+                        _copy_in(reader, f"{base}.{e}.{hit.group(2)}.weight{hit.group(3) or ''}", t[j])
+                written += 1
+    finally:
+        reader.close()
+    return written
 
 
 def fp8_weight_names(model: nn.Module) -> list[str]:

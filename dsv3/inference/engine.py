@@ -73,8 +73,11 @@ class EngineConfig:
     expert_loads: str | None = setting(None, "with --ep: recorded per-expert token counts (.pt or .npy, MoE blocks x "
                                              "experts) from which the experts are placed over the ranks "
                                              "(dsv3/inference/eplb.py)", metavar="FILE")
-    redundant_experts: int = setting(0, "with --expert-loads: extra copies of the most loaded experts (a multiple "
-                                        "of --ep), each hot expert's tokens split over its copies")
+    redundant_experts: int = setting(0, "with --expert-loads or --eplb-interval: extra copies of the most loaded "
+                                        "experts (a multiple of --ep), each hot expert's tokens split over its copies")
+    eplb_interval: int = setting(0, "with --redundant-experts: every this many engine steps, re-place the experts "
+                                    "from the load routed since the last placement (online EPLB; experts that move "
+                                    "are read from the checkpoint); 0: the placement stays")
     attn_tp: int = setting(1, "with --ep: attention, dense FFNs and shared experts tensor-parallel over groups of "
                               "this many ranks (each 1/T of the heads and FFN widths): = --ep, or smaller with "
                               "--dp-attention (each group its own requests); 1: replicated on every rank")
@@ -248,6 +251,9 @@ class Engine:
         # otherwise a callable (has prefill, has decode) -> (any rank has prefill, any rank has decode), and
         # a rank without work in a phase that another rank runs runs it on a throwaway request (`_idle`).
         self.phase_sync: Callable[[bool, bool], tuple[bool, bool]] | None = None
+        # Called with the engine at the start of every step, before anything is scheduled (every rank of a
+        # lockstep group at the same step): e.g. dsv3/ep_serve.py's Rebalancer, which re-places the experts.
+        self.step_hooks: list[Callable[["Engine"], None]] = []
 
     # --- requests ---------------------------------------------------------------------------------
     def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
@@ -330,6 +336,8 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Admit, prefill, decode once. Returns an output for every request that changed (and the final
         output, finish_reason "abort", of each request aborted since the last step)."""
+        for hook in self.step_hooks:
+            hook(self)
         if self.loads is None:
             return self._step()
         with self.loads.recording():

@@ -183,16 +183,49 @@ def plan_placement(loads: torch.Tensor, n_ranks: int, n_redundant: int, n_groups
             rep, s = _place(w[experts], experts, n_phys // n_nodes, rpn)
             replicas[layer, experts] = rep
             slots[layer, node * rpn:(node + 1) * rpn] = s
-    replicas_t, slots_t = torch.from_numpy(replicas), torch.from_numpy(slots)
-    rank_load = placed_rank_load(loads, replicas_t, slots_t)
-    # log2phy: the physical slots of each expert, in increasing slot order, padded with -1
-    flat = slots_t.reshape(L, -1)  # (L, n_phys)
+    return placement_from_slots(torch.from_numpy(slots), loads)
+
+
+def placement_from_slots(slots: torch.Tensor, loads: torch.Tensor, width: int | None = None) -> Placement:
+    """The Placement whose slots (L, n_ranks, S) hold these logical experts (every expert at least once):
+    replicas counted, rank loads of `loads` (L, E), log2phy (L, E, width) listing each expert's slots in
+    increasing order, padded with -1 (width: default the most copies any expert has; a fixed width keeps the
+    shape of a placement that is later updated in place, `Rebalancer`)."""
+    L, n_ranks, S = slots.shape
+    E = loads.shape[-1]
+    flat = slots.reshape(L, -1)  # (L, n_phys)
+    replicas = torch.zeros(L, E, dtype=torch.long).scatter_add_(1, flat, torch.ones_like(flat))
+    if (replicas == 0).any():
+        raise ValueError("a placement must hold every expert at least once")
+    width = int(replicas.max()) if width is None else width
+    if width < int(replicas.max()):
+        raise ValueError(f"log2phy width {width} < the {int(replicas.max())} copies of an expert")
     order = torch.sort(flat, dim=1, stable=True)  # copies grouped by expert, slot order kept
     first = torch.searchsorted(order.values, order.values)  # index of each expert's first copy
-    j = torch.arange(n_phys).expand(L, -1) - first  # copy number within its expert
-    log2phy = torch.full((L, E, int(replicas.max())), -1, dtype=torch.long)
+    j = torch.arange(flat.shape[1]).expand(L, -1) - first  # copy number within its expert
+    log2phy = torch.full((L, E, width), -1, dtype=torch.long)
     log2phy[torch.arange(L)[:, None], order.values, j] = order.indices
-    return Placement(replicas_t, slots_t, rank_load, log2phy)
+    return Placement(replicas, slots, placed_rank_load(loads, replicas, slots), log2phy)
+
+
+def keep_in_place(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """Reorder each rank's new slots (n_ranks, S) so that an expert the rank already holds stays in the slot
+    that holds it: the rank's set of experts is `new`'s, and only the slots that change need new weights
+    (a re-placement then moves as few experts as the plan allows). Deterministic: every rank computes every
+    rank's row alike."""
+    out = torch.empty_like(new)
+    for r in range(new.shape[0]):
+        want = new[r].tolist()
+        row: list[int | None] = [None] * len(want)
+        for j, e in enumerate(old[r].tolist()):
+            if e in want:  # kept where it is (a repeated expert keeps as many slots as it still has copies here)
+                want.remove(e)
+                row[j] = e
+        for j in range(len(row)):
+            if row[j] is None:
+                row[j] = want.pop(0)
+        out[r] = torch.tensor(row)
+    return out
 
 
 def route_to_replica(idx: torch.Tensor, placement: LayerPlacement, offset: int = 0) -> torch.Tensor:

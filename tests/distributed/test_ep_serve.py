@@ -282,6 +282,7 @@ class Sc(NamedTuple):
     graphs: bool = False  # cuda_graphs: the bucketed static decode steps, run eagerly on the CPU
     dp: bool = False  # dp_attention: each rank its own requests
     tp: int = 1  # attn_tp: attention, dense FFNs and shared experts split over the ranks
+    reb: int = 0  # eplb_interval: re-place the experts every reb engine steps (online EPLB)
 
 
 SCENARIOS = {"ep2_k0": Sc(2, 0), "ep2_k2": Sc(2, 2), "ep4_k2": Sc(4, 2),
@@ -290,7 +291,9 @@ SCENARIOS = {"ep2_k0": Sc(2, 0), "ep2_k2": Sc(2, 2), "ep4_k2": Sc(4, 2),
              "ep4_k2_red4_graphs": Sc(4, 2, 4, graphs=True), "ep4_k0_red4_dp": Sc(4, 0, 4, dp=True),
              "ep2_k2_tp2": Sc(2, 2, tp=2), "ep2_k0_red2_tp2_graphs": Sc(2, 0, 2, graphs=True, tp=2),
              # attention TP2 x DP2 over 4 ranks (each pair of ranks its own requests)
-             "ep4_k2_tp2_dp": Sc(4, 2, dp=True, tp=2)}
+             "ep4_k2_tp2_dp": Sc(4, 2, dp=True, tp=2),
+             # online EPLB: re-placed every 2 or 3 steps from the load routed since (graphs: tables in place)
+             "ep2_k2_red2_graphs_reb2": Sc(2, 2, 2, graphs=True, reb=2), "ep4_k0_red4_dp_reb3": Sc(4, 0, 4, dp=True, reb=3)}
 LOADS = "loads.pt"  # (MoE blocks = 2 main + 1 MTP, 8 experts): experts 0-1 hot, 2-3 warm
 
 
@@ -338,14 +341,16 @@ def run_one(rank: int, world: int, name: str) -> dict:
     from dsv3.inference.lockstep import DPLeader, Leader, control_group, follow
 
     d = os.environ[ENV]
-    _, k, red, graphs, dp, tp = SCENARIOS[name]
+    _, k, red, graphs, dp, tp, reb = SCENARIOS[name]
     ctrl = control_group()
-    placed = {} if red is None else {"expert_loads": os.path.join(d, LOADS), "redundant_experts": red}
+    placed = {} if red is None else {"expert_loads": os.path.join(d, LOADS), "redundant_experts": red,
+                                     "eplb_interval": reb}
     engine, tok = load_ep_engine(os.path.join(d, "fp32"), ep=world, cuda_graphs=graphs, dp_attention=dp, attn_tp=tp,
                                  ctrl=ctrl, **placed, **_engine_kwargs(k))
     metrics = {"tokens_differ": 0.0, "lp_err": 0.0, "top_differ": 0.0, "missing": 0.0, "aborted": 0.0,
                "spec_rounds": 0.0, "cache_differs": 0.0, "not_placed": 0.0, "no_static": 0.0, "no_all_to_all": 0.0,
-               "no_own_requests": 0.0, "prefilled_all": 0.0, "tp_heads_wrong": 0.0}
+               "no_own_requests": 0.0, "prefilled_all": 0.0, "tp_heads_wrong": 0.0, "not_rebalanced": 0.0,
+               "nothing_moved": 0.0, "slot_err": 0.0}
     if tp > 1:  # every attention block holds 1/tp of the heads
         mlas = [m for m in engine.model.modules() if type(m).__name__ == "MLA"]
         metrics["tp_heads_wrong"] = float(not mlas or any(m.n_heads * tp != engine.model.config.num_attention_heads or
@@ -370,6 +375,22 @@ def run_one(rank: int, world: int, name: str) -> dict:
         leader = DPLeader(engine, ctrl, group_size=tp) if dp else Leader(engine, ctrl)
         got = drive(leader, engine.model.config.vocab_size)
         leader.shutdown()
+    if reb:  # re-placed during the run, and every slot now holds its expert's checkpoint weights
+        from dsv3.checkpoints.hf import load_pretrained
+        from dsv3.ep_serve import Rebalancer
+
+        (rb,) = [h for h in engine.step_hooks if isinstance(h, Rebalancer)]
+        metrics["not_rebalanced"] = float(rb.plans == 0)
+        moved = torch.tensor([rb.moved])
+        dist.all_reduce(moved)
+        metrics["nothing_moved"] = float(moved.item() == 0)
+        full = [m.experts for m in load_pretrained(os.path.join(d, "fp32")).modules() if type(m).__name__ == "MoE"]
+        mine = [m.experts for m in engine.model.modules() if type(m).__name__ == "MoE"]
+        for i, (a, b) in enumerate(zip(mine, full)):
+            for j, e in enumerate(rb.slots[i, rank].tolist()):
+                for pn in ("gate_proj", "up_proj", "down_proj"):
+                    metrics["slot_err"] = max(metrics["slot_err"],
+                                              float((getattr(a, pn)[j] - getattr(b, pn)[e]).abs().max()))
     metrics["no_own_requests"] = float(engine.stats.prefill_tokens == 0)  # this rank prefilled nothing
     metrics["prefilled_all"] = float(engine.stats.prefill_tokens == sum(PROMPT_LENS))
     # every rank's latent cache of the main layers holds what rank 0's does: same tokens at the same
@@ -446,6 +467,8 @@ def test_lockstep_engine_equals_one_process(ep_results, name):
         assert r["spec_rounds"] > 0  # the MTP speculation ran
     if SCENARIOS[name].red:
         assert r["not_placed"] == 0  # every rank's stacks hold (E + redundant) / R slots (worst rank)
+    if SCENARIOS[name].reb:  # the outputs above held across re-placements that moved experts between ranks
+        assert r["not_rebalanced"] == 0 and r["nothing_moved"] == 0 and r["slot_err"] == 0
 
 
 def test_compiled_decode_is_refused_with_ep(ckpt, monkeypatch):
@@ -688,6 +711,36 @@ def test_placement_flags_are_checked(ckpt, tmp_path):
         plan_serving_placement(cfg, 2, str(tmp_path / "missing.pt"), 2)
     p = plan_serving_placement(cfg, 2, str(good), 2)
     assert tuple(p.slots.shape) == (3, 2, 5)
+    # online EPLB: fixed-width tables (1 + redundant copies at most), a uniform first plan without a file
+    with pytest.raises(ValueError, match="--eplb-interval re-plans the redundant experts"):
+        plan_serving_placement(cfg, 2, None, 0, 5)
+    with pytest.raises(ValueError, match="--eplb-interval must be an integer >= 0"):
+        plan_serving_placement(cfg, 2, None, 2, -1)
+    assert plan_serving_placement(cfg, 2, str(good), 2, 5).log2phy.shape == (3, 8, 3)
+    u = plan_serving_placement(cfg, 2, None, 2, 5)
+    assert u.log2phy.shape == (3, 8, 3) and (u.replicas.sum(-1) == 10).all()
+
+
+@pytest.mark.parametrize("kind", ["fp32", "fp8"])
+def test_load_expert_slots_equals_a_fresh_load(ckpt, kind):
+    """hf.load_expert_slots rewrites chosen slots in place (FP8 experts stay FP8 with their scales): the model then
+    equals one loaded with the new slot lists, and the stacks keep their storage (graphs see the change)."""
+    from dsv3.checkpoints.hf import load_expert_slots, load_pretrained
+
+    fp8 = kind == "fp8"
+    old, new = [[0, 0, 5], [7, 1, 1], [3, 2, 6]], [[4, 0, 5], [7, 7, 1], [3, 2, 6]]
+    model = load_pretrained(ckpt[kind], dtype=torch.float32, experts=old, keep_fp8=fp8)
+    ptrs = {k: v.data_ptr() for k, v in model.state_dict().items()}
+    pairs = [[(j, e) for j, (o, e) in enumerate(zip(a, b)) if o != e] for a, b in zip(old, new)]
+    assert load_expert_slots(model, ckpt[kind], pairs) == 2
+    want = load_pretrained(ckpt[kind], dtype=torch.float32, experts=new, keep_fp8=fp8).state_dict()
+    got = model.state_dict()
+    assert got.keys() == want.keys() and any("_scale_inv" in k for k in got) == fp8
+    for k in got:
+        assert torch.equal(got[k].float(), want[k].float()) and got[k].dtype == want[k].dtype, k
+        assert got[k].data_ptr() == ptrs[k], k
+    with pytest.raises(ValueError, match="out of range"):
+        load_expert_slots(model, ckpt[kind], [[(0, 8)], [], []])
 
 
 def test_placed_shard_loads_its_slots(ckpt):
