@@ -32,8 +32,9 @@ hot expert's tokens are spread over its copies, counts within one of each other.
     python -m dsv3.inference.eplb --loads counts.pt --ranks 8 --redundant 32 [--groups 8 --nodes 4]
 
 Serving with a placement: `torchrun ... dsv3.cli serve CKPT --ep R --expert-loads FILE --redundant-experts N`
-(dsv3/ep_serve.py: each rank loads the experts of its slots, `route_to_replica` picks the copies). Not done
-here: re-planning periodically from live counts.
+(dsv3/ep_serve.py: each rank loads the experts of its slots, `route_to_replica` picks the copies); with
+`--eplb-interval S` re-planned every S engine steps from the load served since (ep_serve.Rebalancer, using
+`keep_in_place` and `placement_from_slots` below).
 """
 
 from __future__ import annotations
