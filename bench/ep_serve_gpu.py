@@ -25,6 +25,10 @@ Rank 0 prints a table (device name, ranks, layers, experts per rank, weight GiB 
 OUT/ep_serve.json. Every rank holds 1/N of the routed experts and all the rest (attention, dense, shared
 experts, head, the latent cache of every sequence).
 
+Issue 19 run 1 from disk (`--checkpoint DIR`, e.g. written by bench/random_checkpoint.py): each rank reads its
+experts and the rest from the safetensors (FP8 kept FP8); the load time (slowest rank), the weights per rank
+and, on GPUs, the cache the server would take beside `dsv3 plan --serve` for the same layout are reported.
+
 Issue 19 run 3, redundant experts under a recorded skew (`--skew FILE --redundant-experts R`): FILE holds the
 per-expert loads of a trained model (`dsv3 eval CKPT --data DIR --record-expert-loads FILE`). Each MoE block of
 the cut takes a recorded block's sorted load shares (block i from recorded block i mod its blocks), resampled
@@ -199,6 +203,9 @@ def main() -> None:
     ap.add_argument("--redundant-experts", type=int, default=0,
                     help="after the contiguous variant, re-place the experts from the loads it measured with this "
                          "many extra slots (a multiple of the ranks) and run the modes again")
+    ap.add_argument("--checkpoint", default=None, metavar="DIR",
+                    help="load this checkpoint instead of building random weights (each rank reads its experts "
+                         "only; timed, beside dsv3 plan --serve): e.g. bench/random_checkpoint.py's")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default=os.environ.get("OUT", os.path.join("runs", "ep_serve")))
     args = ap.parse_args()
@@ -213,10 +220,13 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     device = env.device
     cuda = device.type == "cuda"
-    cfg = dsv3.preset(args.preset)
-    cfg = cfg.replace(num_hidden_layers=args.layers, first_k_dense_replace=min(cfg.first_k_dense_replace,
-                                                                               args.layers - 1),
-                      quantization_config=None)
+    if args.checkpoint:  # its config: --preset and --layers do not apply
+        cfg = dsv3.ModelConfig.from_json(args.checkpoint)
+    else:
+        cfg = dsv3.preset(args.preset)
+        cfg = cfg.replace(num_hidden_layers=args.layers, first_k_dense_replace=min(cfg.first_k_dense_replace,
+                                                                                   args.layers - 1),
+                          quantization_config=None)
     E = cfg.n_routed_experts
     if E % world:
         raise SystemExit(f"{world} ranks do not divide {E} routed experts")
@@ -324,8 +334,39 @@ def main() -> None:
                     loads = c.cpu() if loads is None else loads + c.cpu()
         return rows, loads
 
-    model = rank_model(cfg, rank, world, device, dtype, fp8)
+    def build(placement=None):
+        """This rank's model: from --checkpoint (its experts or slots only, FP8 kept FP8), else random."""
+        if not args.checkpoint:
+            return rank_model(cfg, rank, world, device, dtype, fp8, placement=placement)
+        from dsv3.checkpoints.hf import load_pretrained
+
+        mine = local_experts(E, rank, world) if placement is None else \
+            [placement.slots[i, rank].tolist() for i in range(placement.n_layers)]
+        return load_pretrained(args.checkpoint, device=device, dtype=dtype, keep_fp8=cuda and not args.bf16,
+                               experts=mine).eval()
+
+    if cuda:
+        torch.cuda.synchronize()
+    dist.barrier()
+    t_load = time.perf_counter()
+    model = build()
+    if cuda:
+        torch.cuda.synchronize()
+    t_load = torch.tensor([time.perf_counter() - t_load], device=device)
+    dist.all_reduce(t_load, op=dist.ReduceOp.MAX)  # the slowest rank's
     wb = weight_bytes(model)
+    fp8 = any(t.dtype == torch.float8_e4m3fn for t in model.buffers())
+    load = {"seconds": float(t_load), "weight_bytes_per_rank": wb}
+    if cuda:  # beside `dsv3 plan --serve` for this layout: weights and the cache the server would take
+        from dsv3.ep_serve import gpu_cache_tokens
+        from dsv3.plan_serve import ServePlanConfig, plan_serve
+
+        gib = torch.cuda.get_device_properties(device).total_memory / 2**30
+        plan = plan_serve(cfg, ServePlanConfig(weights="fp8" if fp8 else "bf16", mtp=cfg.num_nextn_predict_layers > 0),
+                          world, gib)
+        load.update(plan_weight_bytes=plan.weight_bytes, cache_tokens=gpu_cache_tokens(model),
+                    plan_cache_tokens=plan.cache_tokens_per_gpu,
+                    weight_error_pct=100 * (wb - plan.weight_bytes) / plan.weight_bytes)
     fit = None
     if args.skew:
         from dsv3.inference.eplb import load_counts
@@ -356,7 +397,7 @@ def main() -> None:
         if cuda:
             torch.cuda.empty_cache()
         spr = (E + args.redundant_experts) // world
-        model = rank_model(cfg, rank, world, device, dtype, fp8, placement=placement)
+        model = build(placement)
         for r, b in zip(model.routers(), biases):
             r.e_score_correction_bias.copy_(b)
         rows2, loads2 = variant("eplb", model, placement)
@@ -367,10 +408,16 @@ def main() -> None:
                                "planned_rank_imbalance": float(imbalance(placement.rank_load).mean())}
     if rank == 0:
         name = torch.cuda.get_device_name() if cuda else "CPU"
-        head = (f"{world} x {name}, {args.preset} cut to {args.layers} layers, {E // world} of "
+        what = f"{args.checkpoint} ({cfg.num_hidden_layers} layers)" if args.checkpoint else \
+            f"{args.preset} cut to {args.layers} layers (random weights)"
+        head = (f"{world} x {name}, {what}, {E // world} of "
                 f"{E} routed experts per rank, {'FP8' if fp8 else str(dtype)[6:]} weights "
                 f"{wb / 2**30:.2f} GiB per rank, prompts {args.prompt_len}, decode {args.new} tokens")
         print(head)
+        print(f"{'loaded' if args.checkpoint else 'built'} in {load['seconds']:.1f} s (slowest rank)"
+              + (f"; weights per rank {wb / 2**30:.2f} GiB, dsv3 plan --serve {load['plan_weight_bytes'] / 2**30:.2f} "
+                 f"GiB ({load['weight_error_pct']:+.1f}%); cache tokens per rank {load['cache_tokens']:,}, plan "
+                 f"{load['plan_cache_tokens']:,}" if "plan_weight_bytes" in load else ""))
         if fit is not None:
             print(f"--skew {args.skew}: target imbalance over experts (max / mean - 1) mean "
                   f"{fit['target_expert_imbalance'][0]:.3f}, max {fit['target_expert_imbalance'][1]:.3f}")
@@ -386,7 +433,8 @@ def main() -> None:
                   f"{r['decode_tok_s']:,.0f} | {r['decode_step_ms']:.2f} | {acc} |")
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "ep_serve.json"), "w") as f:
-            json.dump({"setup": head, "ranks": world, "device": name, "layers": args.layers, "fp8": fp8,
+            json.dump({"setup": head, "ranks": world, "device": name, "layers": cfg.num_hidden_layers, "fp8": fp8,
+                       "load": load, "checkpoint": args.checkpoint,
                        "weight_bytes_per_rank": wb, "rows": rows, "skew": args.skew, "fit": fit,
                        "variants": per_variant, "redundant_experts": args.redundant_experts}, f, indent=1)
     dist.destroy_process_group()

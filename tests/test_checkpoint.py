@@ -570,3 +570,39 @@ def test_saved_checkpoint_files_follow_the_umask(tmp_path):
         os.umask(old)
     assert stat.S_IMODE(os.stat(d).st_mode) == 0o755
     assert stat.S_IMODE(os.stat(os.path.join(d, "model.safetensors")).st_mode) == 0o644
+
+
+@pytest.mark.parametrize("fp8", [True, False])
+def test_random_checkpoint_written_part_by_part_equals_the_whole_model(tmp_path, fp8):
+    """save_random_pretrained (one part allocated at a time) writes what save_pretrained writes for the whole model
+    built with the same seed: the same tensor names (MTP copies of the embedding and head included), equal values
+    once loaded (FP8 blocks bit for bit), one shard per part; a second write over the first leaves no stale shard."""
+    from dsv3.checkpoints.hf import save_random_pretrained
+    from dsv3.model.transformer import build_model
+
+    cfg = tiny_cfg(num_nextn_predict_layers=1)
+    done = []
+    r = save_random_pretrained(cfg, tmp_path / "parts", seed=5, fp8=fp8, progress=lambda i, n, name: done.append(name))
+    assert done == ["embed_head", "layer_0", "layer_1", "layer_2", "mtp"] and r["shards"] == 5
+    save_pretrained(build_model(cfg, seed=5), tmp_path / "whole", dtype=torch.bfloat16, fp8=fp8)
+
+    def names(d):
+        with open(d / "model.safetensors.index.json") as f:
+            return set(json.load(f)["weight_map"]) if (d / "model.safetensors.index.json").exists() else None
+
+    whole_names = set()
+    for f in os.listdir(tmp_path / "whole"):
+        if f.endswith(".safetensors"):
+            with safe_open(str(tmp_path / "whole" / f), "pt") as h:
+                whole_names |= set(h.keys())
+    assert names(tmp_path / "parts") == whole_names and any(k.endswith("_scale_inv") for k in whole_names) == fp8
+    a = load_pretrained(tmp_path / "parts", keep_fp8=fp8).state_dict()
+    b = load_pretrained(tmp_path / "whole", keep_fp8=fp8).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k].float(), b[k].float()) for k in a)
+    cfg2 = dsv3.ModelConfig.from_json(str(tmp_path / "parts"))
+    assert cfg2.num_hidden_layers == cfg.num_hidden_layers and (cfg2.quantization_config is not None) == fp8
+    small = cfg.replace(num_hidden_layers=2, first_k_dense_replace=1)
+    assert save_random_pretrained(small, tmp_path / "parts", seed=5, fp8=fp8)["shards"] == 4
+    assert sorted(f for f in os.listdir(tmp_path / "parts") if f.endswith(".safetensors")) == [
+        f"model-0000{i}-of-00004.safetensors" for i in range(1, 5)]
+    load_pretrained(tmp_path / "parts")

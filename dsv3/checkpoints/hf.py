@@ -49,7 +49,7 @@ from dsv3.info import param_count, routed_expert_params
 from dsv3.memory import ensure_fits
 from dsv3.model.fp8 import FP8Experts, FP8Linear, swap_to_fp8
 from dsv3.model.moe import MoE
-from dsv3.model.transformer import Transformer
+from dsv3.model.transformer import Transformer, build_model
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -155,23 +155,8 @@ def save_pretrained(model: Transformer, path: str | os.PathLike, *, dtype: torch
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     cfg = model.config
-    state = model.state_dict()
     dtype = dtype or next(model.parameters()).dtype
-
-    tensors: dict[str, torch.Tensor] = {}
-    for disk, slot in disk_layout(model).items():
-        t = state[slot.param]
-        t = t[slot.expert] if slot.expert is not None else t
-        t = t.detach().to("cpu")
-        if disk.endswith(("e_score_correction_bias", "_scale_inv")):
-            tensors[disk] = t.float().contiguous()
-        elif t.dtype == torch.float8_e4m3fn:  # an FP8 module's weight: its bytes, unchanged
-            tensors[disk] = t.contiguous()
-        elif fp8 and is_fp8_weight(disk):
-            q, s = weight_quant(t)
-            tensors[disk], tensors[disk + "_scale_inv"] = q.contiguous(), s.contiguous()
-        else:
-            tensors[disk] = t.to(dtype).contiguous()
+    tensors = _disk_tensors(model, dtype, fp8)
     if mtp_copies:
         for copy, main in _mtp_copies(cfg).items():
             tensors[copy] = tensors[main].clone()
@@ -211,13 +196,93 @@ def save_pretrained(model: Transformer, path: str | os.PathLike, *, dtype: torch
         if os.path.isfile(p):
             os.remove(p)
 
+    _write_config(cfg, path, any(t.dtype == torch.float8_e4m3fn for t in tensors.values()), dtype)
+
+
+def _disk_tensors(model: Transformer, dtype: torch.dtype, fp8: bool) -> dict[str, torch.Tensor]:
+    """The tensors a checkpoint of `model` (or of a part of it: what it holds) stores, under official names, on
+    the CPU: FP8 quantisation (fp8=True) runs where the weights are (a GPU's is fast), the rest in `dtype`;
+    the correction biases and scales fp32; an FP8 module's weights as they are."""
+    state = model.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    for disk, slot in disk_layout(model).items():
+        t = state[slot.param]
+        t = (t[slot.expert] if slot.expert is not None else t).detach()
+        if disk.endswith(("e_score_correction_bias", "_scale_inv")):
+            tensors[disk] = t.float().cpu().contiguous()
+        elif t.dtype == torch.float8_e4m3fn:  # an FP8 module's weight: its bytes, unchanged
+            tensors[disk] = t.cpu().contiguous()
+        elif fp8 and is_fp8_weight(disk):
+            q, s = weight_quant(t)
+            tensors[disk], tensors[disk + "_scale_inv"] = q.cpu().contiguous(), s.cpu().contiguous()
+        else:
+            tensors[disk] = t.to(dtype).cpu().contiguous()
+    return tensors
+
+
+def _write_config(cfg: ModelConfig, path: str, has_fp8: bool, dtype: torch.dtype) -> None:
     out_cfg = ModelConfig.from_dict(cfg.to_dict())
-    has_fp8 = any(t.dtype == torch.float8_e4m3fn for t in tensors.values())
     out_cfg.quantization_config = dict(FP8_QUANT_CONFIG) if has_fp8 else None
     out_cfg.torch_dtype = {v: k for k, v in _DTYPES.items()}.get(dtype, "bfloat16")
     d = out_cfg.to_dict()
     d.pop("dtype", None)
     _fsync_write_json(d, os.path.join(path, "config.json"))
+
+
+@torch.no_grad()
+def save_random_pretrained(cfg: ModelConfig, path: str | os.PathLike, *, seed: int = 0,
+                           device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16,
+                           fp8: bool = True, progress=None) -> dict:
+    """Write a randomly initialised checkpoint of `cfg` (official layout, FP8 blocks with fp8=True) without ever
+    holding the whole model: one part at a time (the embedding and head, each decoder layer, the MTP modules)
+    is allocated on `device`, initialised as `Transformer.init_weights(seed=seed)` initialises it in the whole
+    model (per-tensor generators: the same values), converted as `save_pretrained` converts it (on `device`:
+    FP8 quantisation on a GPU is fast) and written as one shard (temporary name, fsync, rename), then freed.
+    Peak memory is about one part in fp32 plus its converted copy (a 671B layer: 44 GB, then 11 GB in FP8).
+    For serving and loading benchmarks at shapes too large to train (bench/ep_serve_gpu.py --checkpoint).
+    progress(i, n, name): called after each shard. Returns {"shards": n, "bytes": total}."""
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    cfg = cfg.validate()
+    model = build_model(cfg, device="meta", dtype=torch.float32)  # (quantised and cast from fp32, as save_pretrained)
+    units = [("embed_head", model.part([], embed=True, head=True))]
+    units += [(f"layer_{i}", model.part([i])) for i in range(cfg.num_hidden_layers)]
+    if cfg.num_nextn_predict_layers:
+        units.append(("mtp", model.part([], embed=True, head=True, mtp=True)))
+    stale = _old_shards(path)
+    weight_map, total, has_fp8 = {}, 0, False
+    for k, (name, part) in enumerate(units):
+        part.to_empty(device=device)
+        part.init_weights(seed=seed)
+        tensors = _disk_tensors(part, dtype, fp8)
+        if name == "mtp":  # the embedding and head went with the first part; the MTP layers' official copies here
+            tensors = {**{d: t for d, t in tensors.items() if _is_mtp(d, cfg)},
+                       **{c: tensors[main].clone() for c, main in _mtp_copies(cfg).items()}}
+        fname = f"model-{k + 1:05d}-of-{len(units):05d}.safetensors"
+        _save_tensors(tensors, os.path.join(path, fname))
+        for d, t in tensors.items():
+            weight_map[d] = fname
+            total += t.numel() * t.element_size()
+            has_fp8 |= t.dtype == torch.float8_e4m3fn
+        part.to_empty(device="meta")  # free it (the meta model keeps the shapes)
+        del tensors
+        if progress is not None:
+            progress(k + 1, len(units), name)
+    _fsync_write_json({"metadata": {"total_size": total}, "weight_map": weight_map}, os.path.join(path, INDEX_FILE))
+    for fname in stale - set(weight_map.values()):
+        p = os.path.join(path, fname)
+        if os.path.isfile(p):
+            os.remove(p)
+    if os.path.exists(os.path.join(path, SINGLE_FILE)):
+        os.remove(os.path.join(path, SINGLE_FILE))
+    _write_config(cfg, path, has_fp8, dtype)
+    return {"shards": len(units), "bytes": total}
+
+
+def _is_mtp(disk_name: str, cfg: ModelConfig) -> bool:
+    m = re.match(r"model\.layers\.(\d+)\.", disk_name)
+    return m is not None and int(m.group(1)) >= cfg.num_hidden_layers
+
 
 
 def _old_shards(path: str) -> set[str]:

@@ -659,6 +659,14 @@ def test_ep_serve_bench_runs_under_torchrun_on_cpu(tmp_path, world):
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     extra = []
+    if world == 1:  # issue 19 run 1's path: a random checkpoint written part by part, loaded (timed) by the bench
+        ck = tmp_path / "random_ckpt"
+        w = subprocess.run([sys.executable, os.path.join(repo, "bench", "random_checkpoint.py"), "--preset", "tiny",
+                            "--layers", "2", "--out", str(ck), "--tokenizer-vocab", "300",
+                            "--tokenizer-sample-bytes", "100000"], capture_output=True, text=True, env=env, timeout=240)
+        assert w.returncode == 0, w.stderr[-3000:]
+        assert "4 shards" in w.stdout and (ck / "tokenizer.json").exists()
+        extra = ["--checkpoint", str(ck)]
     if world == 2:  # a Zipf (s = 1) load over 16 experts, as `dsv3 eval --record-expert-loads` writes it
         zipf = (1000 / torch.arange(1, 17, dtype=torch.float64))[torch.randperm(16, generator=torch.Generator()
                                                                                 .manual_seed(0))]
@@ -688,6 +696,9 @@ def test_ep_serve_bench_runs_under_torchrun_on_cpu(tmp_path, world):
         assert "mode tp skipped: --attn-tp 2 does not divide num_attention_heads (3)" in r.stdout
     assert all(row["prefill_tok_s"] > 0 and row["decode_tok_s"] > 0 for row in out["rows"])
     assert f"{16 // world} of 16 routed experts per rank" in out["setup"]
+    assert out["load"]["seconds"] > 0 and out["load"]["weight_bytes_per_rank"] > 0
+    if world == 1:
+        assert out["checkpoint"] == str(tmp_path / "random_ckpt") and "random_ckpt (2 layers)" in out["setup"]
 
 
 
