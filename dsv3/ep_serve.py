@@ -25,11 +25,13 @@ Redundant experts (`expert_loads`, `redundant_experts`; paper §3.4): the placem
 planned from recorded loads on every rank alike (deterministic), replaces the contiguous split: each rank
 loads the experts of its slots (`load_pretrained(experts=[ids per block])`, a hot expert on several ranks)
 and `PlacedDispatcher` sends the j-th token of an expert to its copy j mod replicas. Online (`eplb_interval`
-S > 0, the paper's periodic re-choice): every S engine steps `Rebalancer` re-plans from the loads the engine
-routed since the last plan (rank 0's, or the sum over ranks with dp_attention), every rank alike, keeps each
-expert a rank still holds in its slot, reads only the experts that move into their slots from the checkpoint
-(in place: graphs captured over the stacks stay valid) and updates the dispatchers' tables in place (fixed
-shapes). Without --expert-loads the first placement is planned from uniform loads.
+S > 0, the paper's periodic re-choice of the redundant experts): every S engine steps `Rebalancer` re-chooses
+the redundant copies from the loads the engine routed since the last plan (rank 0's, or the sum over ranks with
+dp_attention), every rank alike; every expert's first copy stays where it is, so at most R of the E + R slots
+take another expert (unless a plan from scratch makes a layer's busiest rank 10% lighter: that layer is then
+re-packed), read from the checkpoint (in place: graphs captured over the stacks stay valid), and the
+dispatchers' tables are updated in place (fixed shapes). Without --expert-loads the first placement is planned
+from uniform loads.
 
 CUDA graphs: off unless asked for (`cuda_graphs=True`; on the CPU that runs the bucketed steps eagerly,
 how the tests check them against one process). Graph capture of the all-reduce on GPUs has not been run
@@ -104,10 +106,12 @@ class PlacedDispatcher:
 
 class Rebalancer:
     """Online EPLB (module docstring), an engine step hook: at every `interval`-th step, on every rank at the
-    same step (lockstep), the loads routed since the last plan (`engine.loads`, the engine recording) give a
-    new placement; experts that stay on a rank keep their slots (`eplb.keep_in_place`), the others are read
-    into theirs from `checkpoint` (`hf.load_expert_slots`), and each `PlacedDispatcher`'s tables are
-    overwritten in place. `sum_over_ranks`: each rank routed its own requests (dp_attention; divided by
+    same step (lockstep), the loads routed since the last plan (`engine.loads`, the engine recording) re-choose
+    the redundant copies (`eplb.replan`: every expert's first copy stays and at most R of the E + R slots change,
+    unless a plan from scratch makes the busiest rank 10% lighter: then that layer is re-packed), the experts
+    that move are read into their slots from `checkpoint` (`hf.load_expert_slots`), and
+    each `PlacedDispatcher`'s tables are overwritten in place. The checkpoint's files must be those loaded
+    (size and mtime are compared; otherwise re-placement stops, with a warning). `sum_over_ranks`: each rank routed its own requests (dp_attention; divided by
     `replicas`, the ranks of a group that route the same tokens); else rank 0's loads (broadcast: ranks that
     computed the same routing must not plan from counts that differ in a near-tie)."""
 
@@ -121,10 +125,33 @@ class Rebalancer:
         self._seen: torch.Tensor | None = None  # the engine's counts at the last plan
         self.plans = 0  # re-placements made
         self.moved = 0  # slots (on this rank) that took another expert
+        # moved experts are read from the checkpoint: it must still be the one loaded (a training run's
+        # `keep` rotation deletes old step directories; a save over it changes the weights)
+        self._files = self._stat()
+        self.stale = False
+
+    def _stat(self) -> dict:
+        out = {}
+        for f in sorted(os.listdir(self.checkpoint)):
+            if f.endswith((".safetensors", ".json")):
+                st = os.stat(os.path.join(self.checkpoint, f))
+                out[f] = (st.st_size, st.st_mtime_ns)
+        return out
+
+    def _unchanged(self) -> bool:
+        try:
+            same = self._stat() == self._files
+        except OSError:
+            same = False
+        if not same and not self.stale:
+            self.stale = True
+            print(f"dsv3 serve: warning: {self.checkpoint} changed or is gone since it was loaded; the experts stay "
+                  "where they are (--eplb-interval reads moved experts from it)", flush=True)
+        return same
 
     def __call__(self, engine) -> None:
         from dsv3.checkpoints.hf import load_expert_slots
-        from dsv3.inference.eplb import keep_in_place, placement_from_slots, plan_placement
+        from dsv3.inference.eplb import placement_from_slots, replan
 
         if engine.stats.steps == 0 or engine.stats.steps % self.interval:
             return
@@ -137,10 +164,11 @@ class Rebalancer:
         else:
             dist.broadcast(window, src=dist.get_global_rank(self.group, 0), group=self.group)
         loads = window.cpu()
-        if loads.sum() == 0:  # nothing routed since the last plan: keep it
+        ok = torch.tensor([int(loads.sum() > 0 and self._unchanged())], device=counts.device)
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=self.group)  # every rank takes the same branch
+        if not ok.item():  # nothing routed since the last plan, or the checkpoint is not what was loaded
             return
-        plan = plan_placement(loads.double(), self.ep, self.redundant)
-        new = torch.stack([keep_in_place(self.slots[i], plan.slots[i]) for i in range(len(self.slots))])
+        new = replan(loads, self.slots)  # the redundant copies re-chosen, or re-packed where that pays
         pairs = [[(j, e) for j, (o, e) in enumerate(zip(self.slots[i, self.rank].tolist(),
                                                          new[i, self.rank].tolist())) if o != e]
                  for i in range(len(new))]

@@ -212,3 +212,89 @@ def test_placement_from_slots_and_keep_in_place():
             assert sum(o == n for o, n in zip(old_r, new_r)) == common  # only the slots that must change do
         # routing over the reordered slots spreads tokens as the plan said: same per-rank loads
         torch.testing.assert_close(placement_from_slots(new[None], b[i:i + 1]).rank_load[0], pb.rank_load[i])
+
+
+def test_replan_redundant_moves_only_the_redundant_copies():
+    """The online re-placement's planner: every expert's first copy stays in its slot, at most R slots change (a
+    plan from scratch would re-pack most of them), every expert keeps a copy, the busiest rank gets lighter on a
+    skewed load than under the uniform plan it starts from, a layer without tokens keeps its slots, and a
+    second window of the same load changes few slots."""
+    from dsv3.inference.eplb import placed_rank_load, placement_from_slots, replan_redundant
+
+    E, n_ranks, R = 64, 8, 16
+    uniform = torch.ones(3, E, dtype=torch.float64)
+    start = plan_placement(uniform, n_ranks, R).slots
+    a, b = zipf_loads(3, E, 1.0, seed=7), zipf_loads(3, E, 1.0, seed=7) * 1.1 + torch.rand(3, E) * 20
+    a[2] = 0
+    new = replan_redundant(a, start)
+    assert new.shape == start.shape
+    for layer in range(3):
+        flat0, flat1 = start[layer].reshape(-1).tolist(), new[layer].reshape(-1).tolist()
+        first = {}
+        for i, e in enumerate(flat0):
+            first.setdefault(e, i)
+        assert all(flat1[i] == e for e, i in first.items())  # primaries in place
+        assert sum(x != y for x, y in zip(flat0, flat1)) <= R and set(flat1) == set(range(E))
+    assert torch.equal(new[2], start[2])  # no tokens: unchanged
+    before = imbalance(placed_rank_load(a[:2], *_rep_slots(start[:2], E)))
+    after = imbalance(placed_rank_load(a[:2], *_rep_slots(new[:2], E)))
+    assert (after < 0.5 * before).all(), (before, after)
+    again = replan_redundant(b, new)
+    assert sum(int((again[i] != new[i]).sum()) for i in range(2)) <= 2 * R // 2  # mostly the same copies
+    placement_from_slots(again, b, width=1 + R)
+
+
+def _rep_slots(slots, E):
+    flat = slots.reshape(slots.shape[0], -1)
+    return torch.zeros(slots.shape[0], E, dtype=torch.long).scatter_add_(1, flat, torch.ones_like(flat)), slots
+
+
+def test_replan_repacks_once_then_refines():
+    """eplb.replan (what the online Rebalancer runs): from a uniform placement a skewed load is re-packed (a plan
+    from scratch pays), then further windows of the same load change at most the R redundant slots, and a new
+    load re-packs again; the next window's rank imbalance stays low throughout."""
+    from dsv3.inference.eplb import placed_rank_load, replan
+
+    E, n_ranks, R = 64, 8, 16
+    g = torch.Generator().manual_seed(0)
+    w = (1 / torch.arange(1, E + 1, dtype=torch.float64) ** 0.8)[torch.randperm(E, generator=g)]
+
+    def window(w, seed):
+        return torch.multinomial(w, 50_000, replacement=True, generator=torch.Generator().manual_seed(seed)) \
+            .bincount(minlength=E).double()[None]
+
+    s = plan_placement(torch.ones(1, E, dtype=torch.float64), n_ranks, R).slots
+    changed, imb = [], []
+    for t in range(6):
+        if t == 3:
+            w = w[torch.randperm(E, generator=g)]  # the traffic moves to other experts
+        new = replan(window(w, t), s)
+        changed.append(int((new != s).sum()))
+        imb.append(float(imbalance(placed_rank_load(window(w, 100 + t), *_rep_slots(new, E)))))
+        s = new
+    assert changed[0] > R and changed[3] > R  # re-packed
+    assert all(c <= R for i, c in enumerate(changed) if i not in (0, 3))  # refined
+    assert max(imb) < 0.15, imb
+
+
+def test_rebalancer_notices_a_changed_checkpoint(tmp_path, capsys):
+    """Online re-placement reads moved experts from the checkpoint served: a training run's rotation deleting it,
+    or a save over it, must stop re-placement (with one warning) rather than crash or mix in other weights."""
+    import os
+    import time
+    from types import SimpleNamespace
+
+    from dsv3.ep_serve import Rebalancer
+
+    (tmp_path / "model.safetensors").write_bytes(b"x" * 10)
+    (tmp_path / "config.json").write_text("{}")
+    rb = Rebalancer(None, str(tmp_path), SimpleNamespace(slots=torch.zeros(1, 2, 2, dtype=torch.long)),
+                    [SimpleNamespace(placement=SimpleNamespace(log2phy=torch.zeros(1, 1, 2)))], rank=0, ep=2,
+                    redundant=2, interval=3)
+    assert rb._unchanged() and not rb.stale
+    time.sleep(0.01)
+    (tmp_path / "model.safetensors").write_bytes(b"y" * 10)  # same size, new mtime
+    assert not rb._unchanged() and rb.stale
+    assert "changed or is gone" in capsys.readouterr().out
+    os.remove(tmp_path / "model.safetensors")
+    assert not rb._unchanged() and capsys.readouterr().out == ""  # warned once

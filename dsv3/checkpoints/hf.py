@@ -236,9 +236,11 @@ def save_random_pretrained(cfg: ModelConfig, path: str | os.PathLike, *, seed: i
     """Write a randomly initialised checkpoint of `cfg` (official layout, FP8 blocks with fp8=True) without ever
     holding the whole model: one part at a time (the embedding and head, each decoder layer, the MTP modules)
     is allocated on `device`, initialised as `Transformer.init_weights(seed=seed)` initialises it in the whole
-    model (per-tensor generators: the same values), converted as `save_pretrained` converts it (on `device`:
-    FP8 quantisation on a GPU is fast) and written as one shard (temporary name, fsync, rename), then freed.
-    Peak memory is about one part in fp32 plus its converted copy (a 671B layer: 44 GB, then 11 GB in FP8).
+    model (per-tensor generators: the same values as the whole model built on the same kind of device; a CUDA
+    generator draws other numbers than the CPU's), converted as `save_pretrained` converts it (on `device`: FP8
+    quantisation on a GPU is fast) and written as one shard (temporary name, fsync, rename), then freed. Peak
+    memory is about the largest part in fp32 plus its converted copy (671B: a MoE layer 44 GB, the MTP part with
+    the embedding and head it shares 53 GB).
     For serving and loading benchmarks at shapes too large to train (bench/ep_serve_gpu.py --checkpoint).
     progress(i, n, name): called after each shard. Returns {"shards": n, "bytes": total}."""
     path = os.fspath(path)

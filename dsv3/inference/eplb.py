@@ -209,6 +209,81 @@ def placement_from_slots(slots: torch.Tensor, loads: torch.Tensor, width: int | 
     return Placement(replicas, slots, placed_rank_load(loads, replicas, slots), log2phy)
 
 
+def replan_redundant(loads: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """Re-choose only the redundant copies of a placement from new loads: (L, E) loads, (L, n_ranks, S) slots ->
+    new slots. In each layer the first copy of every expert (in slot order: its primary) stays where it is; the
+    other E·... = n_ranks·S - E slots are freed and refilled: greedy replication on the load per copy (as
+    `plan_placement`), then the extra copies, heaviest first, each to the least-loaded rank that has a freed slot
+    and, where one can, does not already hold that expert; a rank's freed slots keep an extra copy it still holds
+    (`keep_in_place`). At most the redundant slots change, so an online re-placement (dsv3/ep_serve.py's
+    Rebalancer) reads at most R / (E + R) of the experts, where a plan from scratch re-packs most of them (80% of
+    the slots on consecutive windows of one Zipf load, E = 256, 8 ranks). A layer without tokens keeps its slots."""
+    L, n_ranks, S = slots.shape
+    E = loads.shape[-1]
+    out = slots.clone()
+    for layer in range(L):
+        w = loads[layer].double().numpy()
+        if not w.any():
+            continue
+        flat = slots[layer].reshape(-1).tolist()
+        seen: set[int] = set()
+        primary = []
+        for e in flat:
+            primary.append(e not in seen)
+            seen.add(e)
+        free = [i for i, p in enumerate(primary) if not p]
+        rep = _replicate(w, E + len(free))
+        rank_load = np.zeros(n_ranks)
+        holds = [set() for _ in range(n_ranks)]
+        for i, e in enumerate(flat):
+            if primary[i]:
+                rank_load[i // S] += w[e] / rep[e]
+                holds[i // S].add(e)
+        room = np.bincount([i // S for i in free], minlength=n_ranks)
+        extras = sorted(((w[e] / rep[e], e) for e in range(E) for _ in range(rep[e] - 1)), key=lambda t: (-t[0], t[1]))
+        given: list[list[int]] = [[] for _ in range(n_ranks)]
+        for load, e in extras:
+            ok = [r for r in range(n_ranks) if room[r] > 0]
+            fresh = [r for r in ok if e not in holds[r]] or ok  # a second copy on the same rank balances nothing
+            r = min(fresh, key=lambda r: (rank_load[r], r))
+            given[r].append(e)
+            holds[r].add(e)
+            room[r] -= 1
+            rank_load[r] += load
+        for r in range(n_ranks):
+            idx = [i for i in free if i // S == r]
+            if not idx:
+                continue
+            old = torch.tensor([flat[i] for i in idx])
+            new = keep_in_place(old[None], torch.tensor(given[r])[None])[0]
+            for i, e in zip(idx, new.tolist()):
+                out[layer, r, i % S] = e
+    return out
+
+
+def replan(loads: torch.Tensor, slots: torch.Tensor, min_gain: float = 0.1) -> torch.Tensor:
+    """An online re-placement's new slots, per layer the cheaper of two plans for the window's loads (L, E): the
+    redundant copies re-chosen (`replan_redundant`: at most R slots change), or a plan from scratch
+    (`plan_placement`, each rank's experts kept in their slots where they stay: `keep_in_place`; most slots
+    change), the latter only where it makes the busiest rank at least `min_gain` lighter than the former. So a
+    placement whose primary copies no longer fit the traffic is re-packed once, then refined cheaply (on a
+    stationary Zipf load, E = 256, 8 ranks, R = 32: the first re-plan re-packs, the next ones change 2-30 of
+    the 288 slots). Deterministic: every rank computes the same."""
+    L, n_ranks, _ = slots.shape
+    red = replan_redundant(loads, slots)
+    scratch = plan_placement(loads.double(), n_ranks, slots[0].numel() - loads.shape[-1]).slots
+    out = red.clone()
+    for layer in range(L):
+        if not loads[layer].any():
+            continue
+        full = keep_in_place(slots[layer], scratch[layer])
+        busiest = [float(placement_from_slots(x[None], loads[layer:layer + 1].double()).rank_load.max())
+                   for x in (red[layer], full)]
+        if busiest[1] < (1 - min_gain) * busiest[0]:
+            out[layer] = full
+    return out
+
+
 def keep_in_place(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
     """Reorder each rank's new slots (n_ranks, S) so that an expert the rank already holds stays in the slot
     that holds it: the rank's set of experts is `new`'s, and only the slots that change need new weights

@@ -769,3 +769,16 @@ def test_placed_shard_loads_its_slots(ckpt):
             assert torch.equal(shard[f"{b}.{proj}"], full[f"{b}.{proj}"][want])
     with pytest.raises(ValueError, match="lists for 3 MoE blocks"):
         load_pretrained(ckpt["fp32"], experts=[[0], [1]])
+
+
+def test_multigpu_stage_script_serves_a_random_checkpoint(tmp_path):
+    """bench/multigpu_gpu.sh (issues 18 and 19 in device-call stages), its serving stages under SMOKE=1 (2 CPU
+    processes, tiny shapes): a random checkpoint written part by part, `dsv3 serve --ep 2` on it under torchrun,
+    bench/serve_load.py against it, and the server stopped (SIGTERM through torchrun) so the stage ends."""
+    env = dict(os.environ, SMOKE="1", SCRATCH=str(tmp_path / "scratch"), OMP_NUM_THREADS="1")
+    r = subprocess.run(["bash", os.path.join(REPO, "bench", "multigpu_gpu.sh"), str(tmp_path / "out"),
+                        "ckpt671,serve_load"], cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+    steps = (tmp_path / "out" / "steps.txt").read_text()
+    assert r.returncode == 0 and "ckpt671: exit 0" in steps and "serve_load: exit 0" in steps, (steps, r.stderr[-2000:])
+    load = (tmp_path / "out" / "serve_load.txt").read_text()
+    assert "3/3 completed" in load and "TTFT" in load, load
