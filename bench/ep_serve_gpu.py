@@ -45,7 +45,8 @@ its own layout.
 
 Issue 19 run 4, MTP speculation across ranks (`--speculative-k 0,1,2`): every mode and batch per k; the rows
 add the acceptance (first draft, overall) and the decode step time, from which the speed at another
-acceptance follows (random weights draft poorly: the paper's 85-90% would need a trained model).
+acceptance follows (random weights draft poorly: the paper's 85-90% would need a trained model). In the dp mode
+the acceptance is rank 0's requests' (each rank drafts for its own).
 """
 
 from __future__ import annotations
