@@ -12,9 +12,10 @@ generators), quantises the official FP8 set to e4m3 + 128x128 scales there (--bf
 and frees it: a 671B MoE layer is ~44 GB in fp32 while it is made and ~11 GB on disk (8 layers, the embedding and
 head and the MTP layer with its official copies of them: 78 GB; the MTP part, ~53 GB in fp32, is the largest).
 The values are those of the whole model built with --seed on the same kind of device (a CUDA generator draws
-other numbers than the CPU's). The tokenizer is a byte-level BPE of --tokenizer-vocab tokens trained on a sample of the Python standard
-library (the model's vocabulary is larger: the extra rows are never produced by the tokenizer but the model still
-computes every logit). The checkpoint loads with `load_pretrained`, `dsv3 serve` and transformers' DeepseekV3.
+other numbers than the CPU's). The tokenizer is a byte-level BPE of --tokenizer-vocab tokens trained on a
+sample of the Python standard library (the model's vocabulary is larger: the extra rows are never produced by
+the tokenizer but the model still computes every logit). The layout is `save_pretrained`'s (official names): it
+loads with `load_pretrained` and `dsv3 serve`.
 """
 
 from __future__ import annotations

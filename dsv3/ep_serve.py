@@ -111,9 +111,10 @@ class Rebalancer:
     unless a plan from scratch makes the busiest rank 10% lighter: then that layer is re-packed), the experts
     that move are read into their slots from `checkpoint` (`hf.load_expert_slots`), and
     each `PlacedDispatcher`'s tables are overwritten in place. The checkpoint's files must be those loaded
-    (size and mtime are compared; otherwise re-placement stops, with a warning). `sum_over_ranks`: each rank routed its own requests (dp_attention; divided by
-    `replicas`, the ranks of a group that route the same tokens); else rank 0's loads (broadcast: ranks that
-    computed the same routing must not plan from counts that differ in a near-tie)."""
+    (size and mtime are compared; otherwise re-placement stops, with a warning). `sum_over_ranks`: each rank
+    routed its own requests (dp_attention; divided by `replicas`, the ranks of a group that route the same
+    tokens); else rank 0's loads (broadcast: ranks that computed the same routing must not plan from counts that
+    differ in a near-tie)."""
 
     def __init__(self, model, checkpoint: str, placement, dispatchers: list, *, rank: int, ep: int, redundant: int,
                  interval: int, group=None, sum_over_ranks: bool = False, replicas: int = 1):
@@ -417,4 +418,5 @@ def run_ep(ep: int, checkpoint: str, engine_kwargs: dict, run: Callable[[Leader,
             dist.destroy_process_group()
 
 
-__all__ = ["PlacedDispatcher", "Rebalancer", "check_ep", "check_modes", "load_ep_engine", "plan_serving_placement", "run_ep"]
+__all__ = ["PlacedDispatcher", "Rebalancer", "check_ep", "check_modes", "load_ep_engine", "plan_serving_placement",
+           "run_ep"]

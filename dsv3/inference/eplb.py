@@ -22,8 +22,9 @@ Loads are token counts per MoE layer and expert, (L, E), rows the main MoE layer
 rows of `ModelOutput.expert_counts`): recorded by `ExpertLoadRecorder` (below) in `dsv3 eval
 --record-expert-loads` (a corpus through a trained model) and `dsv3 serve --record-expert-loads` (what the
 engine ran), written by `save_counts`, read by `load_counts`. `imbalance` is the training's MaxVio
-(`dsv3.model.moe.max_violation`), max / mean - 1, over ranks instead of experts; `before` is the contiguous placement with no redundancy
-(expert e on rank e // (E / n_ranks), what `distributed.expert_parallel.shard_experts` does).
+(`dsv3.model.moe.max_violation`), max / mean - 1, over ranks instead of experts; `before` is the contiguous
+placement with no redundancy (expert e on rank e // (E / n_ranks), what `distributed.expert_parallel.shard_experts`
+does).
 
 `route_to_replica` maps the router's logical expert ids to physical slots with tensor ops only (no host
 sync): the j-th token (in flattened batch order) routed to expert e goes to copy j mod replicas[e], so a

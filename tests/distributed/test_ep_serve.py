@@ -293,7 +293,8 @@ SCENARIOS = {"ep2_k0": Sc(2, 0), "ep2_k2": Sc(2, 2), "ep4_k2": Sc(4, 2),
              # attention TP2 x DP2 over 4 ranks (each pair of ranks its own requests)
              "ep4_k2_tp2_dp": Sc(4, 2, dp=True, tp=2),
              # online EPLB: re-placed every 2 or 3 steps from the load routed since (graphs: tables in place)
-             "ep2_k2_red2_graphs_reb2": Sc(2, 2, 2, graphs=True, reb=2), "ep4_k0_red4_dp_reb3": Sc(4, 0, 4, dp=True, reb=3)}
+             "ep2_k2_red2_graphs_reb2": Sc(2, 2, 2, graphs=True, reb=2),
+             "ep4_k0_red4_dp_reb3": Sc(4, 0, 4, dp=True, reb=3)}
 LOADS = "loads.pt"  # (MoE blocks = 2 main + 1 MTP, 8 experts): experts 0-1 hot, 2-3 warm
 
 
