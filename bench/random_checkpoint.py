@@ -13,8 +13,9 @@ and frees it: a 671B MoE layer is ~44 GB in fp32 while it is made and ~11 GB on 
 head and the MTP layer with its official copies of them: 78 GB; the MTP part, ~53 GB in fp32, is the largest).
 The values are those of the whole model built with --seed on the same kind of device (a CUDA generator draws
 other numbers than the CPU's). The tokenizer is a byte-level BPE of --tokenizer-vocab tokens trained on a
-sample of the Python standard library (the model's vocabulary is larger: the extra rows are never produced by
-the tokenizer but the model still computes every logit). The layout is `save_pretrained`'s (official names): it
+sample of the Python standard library. The model's vocabulary is larger: the output head's rows past the
+tokenizer's are zero, so greedy decoding (what bench/serve_load.py sends) picks ids the tokenizer can spell and
+the server streams every token as text; the model still computes every logit. The layout is `save_pretrained`'s (official names): it
 loads with `load_pretrained` and `dsv3 serve`.
 """
 
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{i}/{n} {name} written ({time.perf_counter() - t0:.0f} s)", flush=True)
 
     r = save_random_pretrained(cfg, a.out, seed=a.seed, device=a.device, dtype=torch.bfloat16, fp8=not a.bf16,
-                               progress=progress)
+                               progress=progress, head_rows=tok.vocab_size)
     print(f"{a.out}: {cfg.num_hidden_layers} layers of {a.preset}, {r['shards']} shards, {r['bytes'] / 1e9:.2f} GB, "
           f"{time.perf_counter() - t0:.0f} s")
 

@@ -606,3 +606,19 @@ def test_random_checkpoint_written_part_by_part_equals_the_whole_model(tmp_path,
     assert sorted(f for f in os.listdir(tmp_path / "parts") if f.endswith(".safetensors")) == [
         f"model-0000{i}-of-00004.safetensors" for i in range(1, 5)]
     load_pretrained(tmp_path / "parts")
+
+
+def test_random_checkpoint_head_rows_keep_greedy_ids_in_a_smaller_tokenizer(tmp_path):
+    """head_rows (bench/random_checkpoint.py passes the tokenizer's size): the head's rows from there on are zero, in
+    the main head and the MTP layer's official copy, so greedy decoding picks ids below it."""
+    from dsv3.checkpoints.hf import save_random_pretrained
+
+    cfg = tiny_cfg(num_nextn_predict_layers=1)
+    save_random_pretrained(cfg, tmp_path, seed=1, fp8=False, head_rows=100)
+    m = load_pretrained(tmp_path)
+    assert (m.lm_head.weight[100:] == 0).all() and (m.lm_head.weight[:100] != 0).any()
+    with safe_open(str(tmp_path / "model-00005-of-00005.safetensors"), "pt") as f:
+        copy = f.get_tensor(f"model.layers.{cfg.num_hidden_layers}.shared_head.head.weight")
+    assert (copy[100:] == 0).all()
+    with torch.no_grad():
+        assert (m(rand_ids(cfg)).logits.argmax(-1) < 100).all()

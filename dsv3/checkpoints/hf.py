@@ -232,7 +232,7 @@ def _write_config(cfg: ModelConfig, path: str, has_fp8: bool, dtype: torch.dtype
 @torch.no_grad()
 def save_random_pretrained(cfg: ModelConfig, path: str | os.PathLike, *, seed: int = 0,
                            device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16,
-                           fp8: bool = True, progress=None) -> dict:
+                           fp8: bool = True, progress=None, head_rows: int | None = None) -> dict:
     """Write a randomly initialised checkpoint of `cfg` (official layout, FP8 blocks with fp8=True) without ever
     holding the whole model: one part at a time (the embedding and head, each decoder layer, the MTP modules)
     is allocated on `device`, initialised as `Transformer.init_weights(seed=seed)` initialises it in the whole
@@ -242,7 +242,10 @@ def save_random_pretrained(cfg: ModelConfig, path: str | os.PathLike, *, seed: i
     memory is about the largest part in fp32 plus its converted copy (671B: a MoE layer 44 GB, the MTP part with
     the embedding and head it shares 53 GB).
     For serving and loading benchmarks at shapes too large to train (bench/ep_serve_gpu.py --checkpoint).
-    progress(i, n, name): called after each shard. Returns {"shards": n, "bytes": total}."""
+    progress(i, n, name): called after each shard. head_rows: zero the output head's rows from this id on (a
+    tokenizer smaller than the vocabulary: greedy decoding then picks ids it can spell, since the other logits
+    are 0 and the largest of the random ones is positive), which changes no shape and no cost.
+    Returns {"shards": n, "bytes": total}."""
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     cfg = cfg.validate()
@@ -256,6 +259,8 @@ def save_random_pretrained(cfg: ModelConfig, path: str | os.PathLike, *, seed: i
     for k, (name, part) in enumerate(units):
         part.to_empty(device=device)
         part.init_weights(seed=seed)
+        if head_rows is not None and part.lm_head is not None:
+            part.lm_head.weight[head_rows:] = 0
         tensors = _disk_tensors(part, dtype, fp8)
         if name == "mtp":  # the embedding and head went with the first part; the MTP layers' official copies here
             tensors = {**{d: t for d, t in tensors.items() if _is_mtp(d, cfg)},
