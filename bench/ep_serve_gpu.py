@@ -370,7 +370,7 @@ def main() -> None:
                     weight_error_pct=100 * (wb - plan.weight_bytes) / plan.weight_bytes)
     fit = None
     if args.skew:
-        from dsv3.inference.eplb import load_counts
+        from dsv3.checkpoints.loads import load_counts
 
         target = target_shares(load_counts(args.skew), len(model.routers()), E, cfg.num_experts_per_tok)
         install(model, None, False)

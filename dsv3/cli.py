@@ -458,7 +458,7 @@ def cmd_serve(args) -> int:
         return 0
 
     if ec.record_expert_loads:  # a path that cannot be written fails now, not when the server stops
-        from dsv3.inference.eplb import check_writable
+        from dsv3.checkpoints.loads import check_writable
 
         check_writable(ec.record_expert_loads)
     if ec.ep != 1:  # one rank of torchrun: rank 0 serves, the others follow (dsv3/ep_serve.py)
@@ -469,7 +469,7 @@ def cmd_serve(args) -> int:
 
 
 def _write_expert_loads(counts, file: str, checkpoint: str, cfg) -> None:
-    from dsv3.inference.eplb import save_counts
+    from dsv3.checkpoints.loads import save_counts
 
     tokens = int(counts[0].sum()) // cfg.num_experts_per_tok  # positions through the first MoE block
     if tokens == 0:  # (a server that failed to start, or served nothing: an earlier recording stays)

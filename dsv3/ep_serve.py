@@ -247,7 +247,8 @@ def plan_serving_placement(cfg, ep: int, expert_loads: str | None, redundant_exp
     `--expert-loads FILE [--redundant-experts N]`, or None without them. Loads: (MoE blocks, E) token counts
     (.pt or .npy), e.g. `dsv3 eval/serve --record-expert-loads`. With eplb_interval > 0 (online re-placement)
     the log2phy tables have the fixed width 1 + N, and without a file the first plan is from uniform loads."""
-    from dsv3.inference.eplb import load_counts, placement_from_slots, plan_placement
+    from dsv3.checkpoints.loads import load_counts
+    from dsv3.inference.eplb import placement_from_slots, plan_placement
 
     if not isinstance(eplb_interval, int) or eplb_interval < 0:
         raise ValueError(f"--eplb-interval must be an integer >= 0 (engine steps; 0: off), got {eplb_interval!r}")

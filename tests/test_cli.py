@@ -159,7 +159,8 @@ def test_eval_records_expert_loads(run, tmp_path):
     --expert-loads` reads; the loss is the main model's, as without it."""
     import numpy as np
 
-    from dsv3.inference.eplb import load_counts, plan_placement
+    from dsv3.checkpoints.loads import load_counts
+    from dsv3.inference.eplb import plan_placement
     from dsv3.training.evaluate import EvalConfig, evaluate_checkpoint
 
     cfg = EvalConfig(data=run["data"], cache_dir=str(run["cache"]), seq_len=32, val_permille=200, max_batches=2,

@@ -1143,7 +1143,7 @@ def test_expert_load_recorder_lifetime_and_errors(models):
     without recording says how to turn it on; a model without MoE layers is refused by name."""
     import gc
 
-    from dsv3.inference.eplb import ExpertLoadRecorder
+    from dsv3.model.loads import ExpertLoadRecorder
 
     model = models["plain"]
     routers = model.routers()

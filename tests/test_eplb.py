@@ -168,7 +168,7 @@ def test_saving_recorded_loads(tmp_path, capsys):
 
     from dsv3 import cli
     from dsv3.config import preset
-    from dsv3.inference.eplb import check_writable, load_counts, save_counts
+    from dsv3.checkpoints.loads import check_writable, load_counts, save_counts
 
     counts = torch.arange(8).reshape(2, 4)
     path = save_counts(counts, str(tmp_path / "a" / "loads.pt"), checkpoint="ck")

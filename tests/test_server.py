@@ -446,7 +446,7 @@ def test_cli_serve(tmp_path, model, tok):
     assert f"serving {ckpt} as 'ckpt' on http://127.0.0.1:{port}/v1" in out
     # --record-expert-loads: written when the server stops; the request's prompt and its 5 tokens (with their
     # verified drafts) went through every MoE block of the main model alike
-    from dsv3.inference.eplb import load_counts
+    from dsv3.checkpoints.loads import load_counts
 
     counts, K = load_counts(str(tmp_path / "loads.pt")), model.config.num_experts_per_tok
     main = len(model.routers()) - model.config.num_nextn_predict_layers

@@ -38,11 +38,11 @@ import torch
 from dsv3.cliargs import setting
 from dsv3.inference import speculation
 from dsv3.inference.cache import PagedLatentCache
-from dsv3.inference.eplb import ExpertLoadRecorder
 from dsv3.inference.graphs import DecodeGraphs
 from dsv3.inference.params import SamplingParams  # noqa: F401 (re-exported: engine.SamplingParams)
 from dsv3.inference.sampling import BatchSampler
 from dsv3.inference.textstream import TextStream
+from dsv3.model.loads import ExpertLoadRecorder
 from dsv3.model.mla import MLA
 
 
@@ -230,7 +230,7 @@ class Engine:
         self.device = self.cache.kv.device
         self._pad = pad = self.cache.reserve()  # padding rows and table entries of the static steps (not in num_blocks)
         max_blocks = -(-(self.max_model_len + self.spare + self.k + 1) // block_size)
-        # tokens per expert over the engine's life (eplb.ExpertLoadRecorder; before any graph is captured, so
+        # tokens per expert over the engine's life (model/loads.py's ExpertLoadRecorder; before any graph is captured, so
         # that the graphs count too): the loads `--expert-loads` places redundant experts from
         self.loads = ExpertLoadRecorder(self.model) if record_expert_loads else None
         self._graphs = DecodeGraphs(self.model, self.cache, pad, max_batch_size, max_blocks, use_graphs=use,

@@ -19,12 +19,12 @@ expert then lives on the node that holds its group, so a token's node limit (`to
 on one node) still holds after replication. The global variant ignores groups.
 
 Loads are token counts per MoE layer and expert, (L, E), rows the main MoE layers then the MTP layers (the
-rows of `ModelOutput.expert_counts`): recorded by `ExpertLoadRecorder` (below) in `dsv3 eval
+rows of `ModelOutput.expert_counts`): recorded by `ExpertLoadRecorder` (dsv3/model/loads.py) in `dsv3 eval
 --record-expert-loads` (a corpus through a trained model) and `dsv3 serve --record-expert-loads` (what the
-engine ran), written by `save_counts`, read by `load_counts`. `imbalance` is the training's MaxVio
-(`dsv3.model.moe.max_violation`), max / mean - 1, over ranks instead of experts; `before` is the contiguous
-placement with no redundancy (expert e on rank e // (E / n_ranks), what `distributed.expert_parallel.shard_experts`
-does).
+engine ran), written by `save_counts` and read by `load_counts` (dsv3/checkpoints/loads.py). `imbalance` is the
+training's MaxVio (`dsv3.model.moe.max_violation`), max / mean - 1, over ranks instead of experts; `before` is the
+contiguous placement with no redundancy (expert e on rank e // (E / n_ranks), what
+`distributed.expert_parallel.shard_experts` does).
 
 `route_to_replica` maps the router's logical expert ids to physical slots with tensor ops only (no host
 sync): the j-th token (in flattened batch order) routed to expert e goes to copy j mod replicas[e], so a
@@ -41,16 +41,12 @@ Serving with a placement: `torchrun ... dsv3.cli serve CKPT --ep R --expert-load
 from __future__ import annotations
 
 import argparse
-import contextlib
-import functools
-import os
-import tempfile
-import weakref
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from dsv3.checkpoints.loads import load_counts
 from dsv3.model.moe import max_violation
 
 
@@ -333,127 +329,6 @@ def summary(loads: torch.Tensor, placement: Placement, n_ranks: int) -> str:
                  f"(imbalance = max rank load / mean - 1; {n_ranks} ranks x "
                  f"{placement.slots.shape[-1]} slots)")
     return "\n".join(lines)
-
-
-class ExpertLoadRecorder:
-    """Tokens routed to each expert of each MoE block, counted on the device while a model runs: the loads
-    `plan_placement` and `--expert-loads` take. One forward hook per router (`Transformer.routers()`: the main
-    MoE layers, then the MTP layers, the rows of `ModelOutput.expert_counts`) adds the router's choices to
-    `counts` (L, E) int64 with a scatter-add: no host sync, and inside a captured CUDA graph each replay
-    counts its own batch. The counts are the router's logical expert ids, before any redundant copy.
-
-    Only forwards inside `recording()` count (the hooks stay on the model, which others may run too), and
-    the hooks go when the recorder is garbage-collected (an engine's with the engine, which holds reference
-    cycles: at the next cyclic collection, `gc.collect()`) or `remove()`d.
-    `rows`: None counts every row of a forward; else an (N,) 0/1 tensor over the forward's N = B x T rows
-    (flattened, batch-major), set by the caller before each forward, so that padding does not count (a
-    decode bucket's spare rows, a prefill row's positions past its chunk, a lockstep engine's idle step).
-    Inside a graph it must be derived from the graph's static inputs (the engine's DecodeGraphs does).
-    What counts in a serving engine: every position the model runs for a request, prompt chunks, decode
-    tokens and the drafts it verifies (their expert work is done whether or not they are accepted), and the
-    MTP module's rows of the drafting steps. `read()` -> (L, E) int64 on the CPU (one sync)."""
-
-    def __init__(self, model):
-        routers = model.routers()
-        if not routers:
-            raise ValueError("this model has no MoE layers: there are no expert loads to record")
-        E = model.config.n_routed_experts
-        device = routers[0].e_score_correction_bias.device
-        self.counts = torch.zeros(len(routers), E, dtype=torch.long, device=device)
-        self.rows: torch.Tensor | None = None
-        self.active = False
-        me = weakref.ref(self)  # the hooks must not keep the recorder (and its engine) alive
-        handles = [r.register_forward_hook(functools.partial(_count_hook, me, i)) for i, r in enumerate(routers)]
-        self._remove = weakref.finalize(self, _remove_hooks, handles)
-
-    @contextlib.contextmanager
-    def recording(self):
-        """The forwards run inside count."""
-        self.active = True
-        try:
-            yield self
-        finally:
-            self.active, self.rows = False, None
-
-    def read(self) -> torch.Tensor:
-        return self.counts.cpu()
-
-    def reset(self) -> None:
-        self.counts.zero_()
-
-    def remove(self) -> None:
-        """Stop recording: the hooks go (graphs captured with them keep counting into `counts`)."""
-        self._remove()
-
-
-def _count_hook(ref, i: int, module, args, out) -> None:
-    rec = ref()
-    if rec is None or not rec.active:
-        return
-    idx_NK = out[1]  # (N, K) int64: the experts each row is routed to
-    if rec.rows is None:
-        w = torch.ones_like(idx_NK)
-    else:
-        w = rec.rows.reshape(-1, 1).to(idx_NK.dtype).expand_as(idx_NK)  # (N, K): 0 for padding rows
-    rec.counts[i].scatter_add_(0, idx_NK.reshape(-1), w.reshape(-1))
-
-
-def _remove_hooks(handles) -> None:
-    for h in handles:
-        h.remove()
-
-
-def check_writable(path: str) -> None:
-    """Raise ValueError naming `path` unless a file can be written there (its directory is made if missing)."""
-    d = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path) or path.endswith(("/", os.sep)):
-        raise ValueError(f"{path}: is a directory; give a file name (e.g. {os.path.join(path, 'loads.pt')})")
-    try:
-        os.makedirs(d, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"{path}: cannot create its directory: {e.strerror}") from None
-    if not os.access(d, os.W_OK):
-        raise ValueError(f"{path}: its directory {d} is not writable")
-
-
-def save_counts(counts: torch.Tensor, path: str, **meta) -> str:
-    """Write recorded loads (L, E) as a .pt dict {"expert_counts": counts, **meta} (or, for a path ending in
-    .npy, the bare array) atomically: a temporary file beside `path`, then a rename, so an interrupted write
-    never leaves a truncated file where an earlier recording was. Returns the path."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".loads-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if path.endswith(".npy"):
-                np.save(f, counts.cpu().numpy())
-            else:
-                torch.save({"expert_counts": counts.cpu(), **meta}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        mask = os.umask(0)  # mkstemp's 0600 -> what open() would have given
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def load_counts(path: str) -> torch.Tensor:
-    """Recorded loads (L, E) from a .npy array or a .pt tensor (or a dict holding 'expert_counts')."""
-    if path.endswith(".npy"):
-        return torch.from_numpy(np.load(path))
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(obj, dict):
-        if "expert_counts" not in obj:
-            raise ValueError(f"{path}: a dict without 'expert_counts' (keys: {sorted(map(str, obj))[:8]})")
-        obj = obj["expert_counts"]
-    if not isinstance(obj, torch.Tensor):
-        raise ValueError(f"{path}: holds a {type(obj).__name__}, not a tensor of per-expert token counts")
-    return obj
 
 
 def main(argv: list[str] | None = None) -> None:

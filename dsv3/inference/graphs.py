@@ -180,7 +180,7 @@ class DecodeGraphs:
     def __init__(self, model, cache, pad_block: int, max_batch_size: int, max_blocks: int, use_graphs: bool = True,
                  compile: bool = False, bucketed: bool = True, loads=None):
         self.model, self.cache, self.pad_block = model, cache, pad_block
-        self.loads = loads  # an eplb.ExpertLoadRecorder, or None: its row mask is derived inside each step
+        self.loads = loads  # a dsv3.model.loads.ExpertLoadRecorder, or None: its row mask is derived inside each step
         self.n_layers = model.config.num_hidden_layers
         self._main, self._mtp = self._forward_main, self._forward_mtp
         if compile:

@@ -26,7 +26,8 @@ from dsv3.checkpoints.hf import load_pretrained
 from dsv3.checkpoints.rundir import resolve_checkpoint
 from dsv3.cliargs import setting
 from dsv3.eval.compress import compressor_bits_per_byte
-from dsv3.inference.eplb import ExpertLoadRecorder, check_writable, save_counts
+from dsv3.checkpoints.loads import check_writable, save_counts
+from dsv3.model.loads import ExpertLoadRecorder
 from dsv3.model.moe import max_violation
 from dsv3.tokenizer import DSTokenizer
 from dsv3.training.config import TrainConfig, default_cache_dir, resolve_device

@@ -595,7 +595,7 @@ def test_cli_serve_under_torchrun(ckpt, tmp_path, dp):
     assert "expert parallel over 2 ranks" in outs[0]
     assert ("attention data parallel" in outs[0]) == dp
     if not dp:  # rank 0 wrote the loads: the routing of the same requests run in one process (logical experts)
-        from dsv3.inference.eplb import load_counts
+        from dsv3.checkpoints.loads import load_counts
 
         assert torch.equal(load_counts(str(tmp_path / "loads.pt")), engine.expert_loads()), outs[0]
 
