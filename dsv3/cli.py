@@ -316,10 +316,6 @@ def _one_process(ec) -> dict:
     if getattr(ec, "ep", 1) == 1 and getattr(ec, "dp_attention", False):
         raise ValueError("--dp-attention gives each expert-parallel rank its own requests: it needs --ep N under "
                          "torchrun")
-    if getattr(ec, "record_expert_loads", None) and getattr(ec, "dp_attention", False):
-        raise ValueError("--record-expert-loads cannot run with --dp-attention: each rank routes its own requests and "
-                         "rank 0 would write only its own share; record without --dp-attention (every rank routes "
-                         "every token) or in one process: the routing does not depend on the layout")
     kw = {k: v for k, v in vars(ec).items() if k not in EP_FIELDS}
     if "record_expert_loads" in kw:  # the engine counts; the path is the command's
         kw["record_expert_loads"] = bool(kw["record_expert_loads"])

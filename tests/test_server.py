@@ -1026,3 +1026,23 @@ def test_legacy_top_logprobs_keep_the_most_likely_of_equal_texts():
     lps = [TokenLogprob(token_id=2, logprob=-1.0, top=[(2, -1.0), (1, -1.5), (3, -2.0)])]
     out = _completion_logprobs(srv, lps, 0)
     assert out["top_logprobs"] == [{"\ufffd": -1.0, "a": -1.5}] and out["token_logprobs"] == [-1.0]
+
+
+def test_expert_loads_route(model, tok, server):
+    """GET /expert_loads (a server started with --record-expert-loads): the tokens routed per expert so far, read on
+    the engine thread between steps: those of the same request in one process; a server that does not record
+    says how to turn it on (404)."""
+    eng = Engine(model, tok, max_batch_size=4, cache_tokens=256, speculative_k=1, record_expert_loads=True)
+    with BackgroundServer(create_app(eng, tok, MODEL)) as s:
+        r = httpx.get(s.url + "/expert_loads").json()
+        assert r["positions"] == 0 and r["blocks"] == len(model.routers())
+        ids = tok.encode("def alpha")
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0)
+        c.completions.create(model=MODEL, prompt=ids, max_tokens=6, temperature=0)
+        r = httpx.get(s.url + "/expert_loads").json()
+    ref = Engine(model, tok, max_batch_size=4, cache_tokens=256, speculative_k=1, record_expert_loads=True)
+    ref.generate([ids], SamplingParams(max_new_tokens=6, temperature=0.0))
+    assert r["counts"] == ref.expert_loads().tolist() and r["positions"] >= len(ids) + 5
+    assert r["experts"] == model.config.n_routed_experts and len(r["max_violation"]) == r["blocks"]
+    bad = httpx.get(server.url + "/expert_loads")
+    assert bad.status_code == 404 and "--record-expert-loads" in bad.json()["error"]["message"]

@@ -14,6 +14,7 @@ tracks), the loop stops and `alive` turns false, which /health reports.
 
 from __future__ import annotations
 
+import concurrent.futures
 import queue
 import threading
 import traceback
@@ -65,6 +66,14 @@ class EngineLoop:
 
     def abort(self, request_ids: list[str]) -> None:
         self._cmds.put(("abort", request_ids))
+
+    def call(self, fn: Callable[[Engine], Any]) -> concurrent.futures.Future:
+        """Run fn(engine) on the loop thread between two steps (the engine is not thread-safe; a lockstep leader's
+        fn may talk to the other ranks); the future gets its result or exception."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self.start()
+        self._cmds.put(("call", fn, fut))
+        return fut
 
     # --- the loop thread -------------------------------------------------------------------------
     def _run(self) -> None:
@@ -124,6 +133,12 @@ class EngineLoop:
             for rid in added:
                 self._sinks[rid] = sink
             sink(ACCEPTED)
+        elif cmd[0] == "call":
+            _, fn, fut = cmd
+            try:
+                fut.set_result(fn(eng))
+            except Exception as e:
+                fut.set_exception(e)
         elif cmd[0] == "abort":
             for rid in cmd[1]:
                 self._sinks.pop(rid, None)

@@ -215,6 +215,19 @@ class DPLeader(Leader):
     def max_batch_size(self) -> int:
         return self.engine.max_batch_size * self.groups
 
+    def expert_loads(self) -> torch.Tensor:
+        """The tokens routed to each expert over every group (each routes its own requests): one ("loads",) command
+        between steps, every rank's counts gathered, summed, divided by the group size (a group's ranks route
+        the same tokens). Needs record_expert_loads on every rank's engine."""
+        with self._lock:
+            if self.closed:
+                raise RuntimeError("the expert-parallel engine was shut down")
+            own = self.engine.expert_loads()  # (raises, on every rank alike, without recording)
+            _send([("loads",)], self.ctrl)
+            every = [None] * self.world
+            dist.gather_object(own, every, dst=_rank0(self.ctrl), group=self.ctrl)
+        return sum(every) // self.group_size
+
     def _collect(self, outs: list[RequestOutput]) -> list[RequestOutput]:
         """Every group's outputs (gathered from every rank; a group's first rank stands for it)."""
         reports = [None] * self.world
@@ -240,7 +253,11 @@ def follow(engine: Engine, ctrl, dp: bool = False, group_size: int = 1) -> int:
     given to this rank's group and report each step's outputs to rank 0."""
     steps, me = 0, dist.get_rank(ctrl) // group_size
     while True:
-        for cmd in _receive(ctrl):
+        cmds = _receive(ctrl)
+        if cmds == [("loads",)]:  # rank 0 collects the expert loads (DPLeader.expert_loads): no step
+            dist.gather_object(engine.expert_loads(), None, dst=_rank0(ctrl), group=ctrl)
+            continue
+        for cmd in cmds:
             if cmd[0] == "stop":
                 return steps
             if cmd[0] == "add":

@@ -100,6 +100,7 @@ from dsv3.inference.prep import (Limits, Preparer, Work, _max_token_bytes, init_
 from dsv3.inference.protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                      ErrorResponse, TokenizeRequest, bad_request,
                                      from_validation_error)
+from dsv3.model.moe import max_violation
 from dsv3.tokenizer import DSTokenizer
 
 _INLINE_BYTES = 64 * 1024  # bodies up to this size are prepared on the event loop, larger ones in worker processes
@@ -565,6 +566,20 @@ def create_app(engine: Engine, tokenizer: DSTokenizer, model_name: str, *, api_k
         if not srv.engine_loop.alive:
             raise APIError(503, f"the engine loop stopped: {srv.engine_loop.error!r}", "server_error")
         return {"status": "ok"}
+
+    @app.get("/expert_loads")
+    async def expert_loads():
+        """The tokens routed to each expert of each MoE block since the server started (--record-expert-loads):
+        read on the engine thread between steps (under --ep --dp-attention, summed over the ranks)."""
+        def read(engine):
+            if getattr(engine, "loads", None) is None:
+                raise APIError(404, "this server does not record expert loads: start it with --record-expert-loads "
+                                    "FILE", "invalid_request_error")
+            return engine.expert_loads(), engine.model.config.num_experts_per_tok
+
+        counts, k = await asyncio.wrap_future(srv.engine_loop.call(read))
+        return {"blocks": counts.shape[0], "experts": counts.shape[1], "positions": int(counts[0].sum()) // k,
+                "counts": counts.tolist(), "max_violation": max_violation(counts).tolist()}
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics():

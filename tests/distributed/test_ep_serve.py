@@ -562,8 +562,8 @@ def test_cli_serve_under_torchrun(ckpt, tmp_path, dp):
     procs = _ranks(2, ["serve", ckpt["fp32"], "--ep", "2", "--device", "cpu", "--port", str(port),
                        "--max-batch-size", "4", "--cache-tokens", "512", "--speculative-k", "1",
                        "--log-level", "warning"]
-                   + (["--dp-attention"] if dp else ["--cuda-graphs", "on", "--record-expert-loads",
-                                                      str(tmp_path / "loads.pt")]), str(tmp_path))
+                   + (["--dp-attention"] if dp else ["--cuda-graphs", "on"])
+                   + ["--record-expert-loads", str(tmp_path / "loads.pt")], str(tmp_path))
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, procs, timeout=90)
@@ -579,6 +579,11 @@ def test_cli_serve_under_torchrun(ckpt, tmp_path, dp):
         ref2 = engine.generate([tok.encode("def alpha"), tok.encode("return")],
                                SamplingParams(max_new_tokens=6, temperature=0.0))
         assert [ch.text for ch in r2.choices] == [o.text for o in ref2]
+        # the loads the server routed so far (GET /expert_loads, read between steps; with --dp-attention the sum
+        # over the ranks, each of which routed its own requests: r2's two prompts went one to each): those of the
+        # same requests in one process, in logical experts
+        live = httpx.get(url + "/expert_loads").json()
+        assert live["counts"] == engine.expert_loads().tolist() and live["blocks"] == 3
         if dp:  # bench/serve_load.py --url against the running EP server (issue 19's latency percentiles)
             load = subprocess.run([sys.executable, os.path.join(REPO, "bench", "serve_load.py"), ckpt["fp32"],
                                    "--url", url, "--clients", "3", "--requests", "2", "--max-tokens", "5",
@@ -594,10 +599,14 @@ def test_cli_serve_under_torchrun(ckpt, tmp_path, dp):
     assert [p.returncode for p in procs] == [0, 0], outs
     assert "expert parallel over 2 ranks" in outs[0]
     assert ("attention data parallel" in outs[0]) == dp
-    if not dp:  # rank 0 wrote the loads: the routing of the same requests run in one process (logical experts)
-        from dsv3.checkpoints.loads import load_counts
+    # rank 0 wrote the loads when it stopped: what /expert_loads said, plus serve_load's requests with --dp-attention
+    from dsv3.checkpoints.loads import load_counts
 
-        assert torch.equal(load_counts(str(tmp_path / "loads.pt")), engine.expert_loads()), outs[0]
+    final = load_counts(str(tmp_path / "loads.pt"))
+    if dp:
+        assert (final >= engine.expert_loads()).all() and final.sum() > engine.expert_loads().sum(), outs[0]
+    else:
+        assert torch.equal(final, engine.expert_loads()), outs[0]
 
 
 def test_cli_ep_errors(ckpt, monkeypatch, capsys):
