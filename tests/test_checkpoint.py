@@ -622,3 +622,12 @@ def test_random_checkpoint_head_rows_keep_greedy_ids_in_a_smaller_tokenizer(tmp_
     assert (copy[100:] == 0).all()
     with torch.no_grad():
         assert (m(rand_ids(cfg)).logits.argmax(-1) < 100).all()
+
+
+def test_random_checkpoint_head_rows_is_checked(tmp_path):
+    from dsv3.checkpoints.hf import save_random_pretrained
+
+    for bad in (0, -3, 10**9):
+        with pytest.raises(ValueError, match="head_rows must be in 1..vocab_size"):
+            save_random_pretrained(tiny_cfg(), tmp_path, head_rows=bad)
+    assert not any(tmp_path.iterdir())  # refused before anything is written

@@ -895,6 +895,37 @@ def test_engine_failure_fails_requests_not_server(model, tok):
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
 
 
+def test_engine_loop_call_is_answered_when_the_loop_has_died():
+    """EngineLoop.call (GET /expert_loads) after the loop ended on an inconsistent engine: a 503 at once, and a call
+    queued before it died fails with it, rather than a future nobody completes."""
+    import threading
+    from types import SimpleNamespace
+
+    from dsv3.inference.engine_loop import EngineLoop
+    from dsv3.inference.protocol import APIError
+
+    started, gate = threading.Event(), threading.Event()
+
+    def step():
+        started.set()
+        gate.wait(5)
+        raise RuntimeError("simulated")
+
+    stats = SimpleNamespace(steps=0, generated_tokens=0, prefill_tokens=0, drafted=0, accepted=0)
+    eng = SimpleNamespace(has_unfinished=lambda: True, step=step, num_running=1, num_waiting=0, stats=stats,
+                          cache=SimpleNamespace(free_blocks=0, num_blocks=4), abort=lambda rid: False)
+    loop = EngineLoop(eng)
+    loop.start()
+    assert started.wait(5)
+    queued = loop.call(lambda e: 1)  # queued while the failing step runs
+    gate.set()
+    with pytest.raises(APIError, match="engine loop stopped"):
+        queued.result(timeout=10)
+    assert not loop.alive
+    with pytest.raises(APIError, match="engine loop stopped"):
+        loop.call(lambda e: 1).result(timeout=1)
+
+
 # --- fuzz -----------------------------------------------------------------------------------------------------
 def test_schemathesis_fuzz(server):
     schemathesis = pytest.importorskip("schemathesis")

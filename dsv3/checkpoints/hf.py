@@ -247,8 +247,10 @@ def save_random_pretrained(cfg: ModelConfig, path: str | os.PathLike, *, seed: i
     are 0 and the largest of the random ones is positive), which changes no shape and no cost.
     Returns {"shards": n, "bytes": total}."""
     path = os.fspath(path)
-    os.makedirs(path, exist_ok=True)
     cfg = cfg.validate()
+    if head_rows is not None and not 0 < head_rows <= cfg.vocab_size:
+        raise ValueError(f"head_rows must be in 1..vocab_size ({cfg.vocab_size}), got {head_rows}")
+    os.makedirs(path, exist_ok=True)
     model = build_model(cfg, device="meta", dtype=torch.float32)  # (quantised and cast from fp32, as save_pretrained)
     units = [("embed_head", model.part([], embed=True, head=True))]
     units += [(f"layer_{i}", model.part([i])) for i in range(cfg.num_hidden_layers)]

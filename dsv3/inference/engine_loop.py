@@ -69,10 +69,15 @@ class EngineLoop:
 
     def call(self, fn: Callable[[Engine], Any]) -> concurrent.futures.Future:
         """Run fn(engine) on the loop thread between two steps (the engine is not thread-safe; a lockstep leader's
-        fn may talk to the other ranks); the future gets its result or exception."""
+        fn may talk to the other ranks); the future gets its result or exception (503 once the loop has ended)."""
         fut: concurrent.futures.Future = concurrent.futures.Future()
+        if not self.alive:
+            fut.set_exception(APIError(503, f"the engine loop stopped: {self.error!r}", "server_error"))
+            return fut
         self.start()
         self._cmds.put(("call", fn, fut))
+        if not self.alive:  # it ended between the check and the put: nobody will run it
+            self._fail_calls(APIError(503, f"the engine loop stopped: {self.error!r}", "server_error"))
         return fut
 
     # --- the loop thread -------------------------------------------------------------------------
@@ -87,6 +92,7 @@ class EngineLoop:
                 while cmd is not None:
                     if cmd[0] == "stop":
                         self._fail_all(APIError(503, "the server is shutting down", "server_error"))
+                        self._fail_calls(APIError(503, "the server is shutting down", "server_error"))
                         return
                     self._apply(cmd)
                     try:
@@ -115,6 +121,7 @@ class EngineLoop:
             for sink in self._sinks.values():
                 sink(APIError(500, f"the engine loop stopped: {e!r}", "server_error"))
             self._sinks.clear()
+            self._fail_calls(APIError(503, f"the engine loop stopped: {e!r}", "server_error"))
 
     def _apply(self, cmd) -> None:
         eng = self.engine
@@ -137,14 +144,26 @@ class EngineLoop:
             _, fn, fut = cmd
             try:
                 fut.set_result(fn(eng))
-            except Exception as e:
+            except BaseException as e:
                 fut.set_exception(e)
+                if not isinstance(e, Exception):
+                    raise
         elif cmd[0] == "abort":
             for rid in cmd[1]:
                 self._sinks.pop(rid, None)
                 if eng.abort(rid):
                     self.aborted += 1
         self.snapshot = self._snapshot()
+
+    def _fail_calls(self, err: APIError) -> None:
+        """Fail the `call`s still queued (the loop is ending: nobody would run them)."""
+        while True:
+            try:
+                cmd = self._cmds.get_nowait()
+            except queue.Empty:
+                return
+            if cmd[0] == "call" and not cmd[2].done():
+                cmd[2].set_exception(err)
 
     def _fail_all(self, err: APIError) -> None:
         for rid, sink in list(self._sinks.items()):
