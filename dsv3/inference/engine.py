@@ -64,10 +64,10 @@ class EngineConfig:
     cuda_graphs: str = setting("auto", "decode steps as CUDA graphs: auto (on for a bf16/FP8 model on one GPU; off "
                                        "under --ep, where graph capture is not yet measured on GPUs), on, off",
                                choices=("auto", "on", "off"))
-    record_expert_loads: str | None = setting(None, "serve: count the tokens routed to each expert of each MoE "
-                                                    "block and write them (MoE blocks x experts, .pt or .npy) to FILE "
-                                                    "when the server stops: the loads --expert-loads places experts "
-                                                    "from",
+    record_expert_loads: str | None = setting(None, "count the tokens routed to each expert of each MoE block "
+                                                    "(GET /expert_loads shows them) and write them (MoE blocks x "
+                                                    "experts, .pt or .npy) to FILE when the server stops: the loads "
+                                                    "--expert-loads places experts from",
                                               metavar="FILE")
     ep: int = setting(1, "expert parallelism under torchrun: the routed experts split over this many ranks "
                          "(= the world size; rank 0 serves, dsv3/ep_serve.py); 1: one process")
