@@ -32,8 +32,10 @@
 # A failing stage does not stop the next; each writes OUT_DIR/<stage>.txt (and JSON where the script writes one).
 set -u
 out="${1:-${OUT:-runs/multigpu_gpu}}"
-stages=",${2:-ep_small,ep_16b,bubble,overlap,paper,paper_ckpt,ckpt671,serve_ep,serve_load,scale,eplb,spec},"
-[[ $stages == ",all," ]] && stages=",ep_small,ep_16b,bubble,overlap,paper,paper_ckpt,ckpt671,serve_ep,serve_load,scale,eplb,spec,"
+all_stages=(ep_small ep_16b bubble overlap paper paper_ckpt ckpt671 serve_ep serve_load scale eplb spec)
+stages="${2:-all}"
+[[ $stages == all ]] && stages=$(IFS=,; echo "${all_stages[*]}")
+stages=",$stages,"
 source "$(dirname "$0")/stages.sh"
 SCRATCH="${SCRATCH:-/tmp/dsv3_scratch}"
 LOADS="${LOADS:-bench/results/tiny_pip_loads.pt}"
@@ -55,15 +57,24 @@ run() { python -m torch.distributed.run --nproc-per-node "$1" --master-port "$((
 half=$((N / 2 > 0 ? N / 2 : 1))
 
 ep_sizes() { local s=(1 2 4 "$N"); printf '%s\n' "${s[@]}" | awk -v n="$N" '$1 <= n' | sort -un; }
-ep_small() { for g in $(ep_sizes); do run "$g" bench/multigpu.py "${dev[@]}" "${small[@]}" --out "$out/ep_small_$g.json" || return; done; }
-ep_16b() { for g in $(ep_sizes); do run "$g" bench/multigpu.py "${dev[@]}" "${big[@]}" --out "$out/ep_16b_$g.json" || return; done; }
+ep_scaling() {  # name, the model's flags: bench/multigpu.py on 1, 2, 4 and N GPUs
+    local name=$1 g
+    shift
+    for g in $(ep_sizes); do
+        run "$g" bench/multigpu.py "${dev[@]}" "$@" --out "$out/${name}_$g.json" || return
+    done
+}
+ep_small() { ep_scaling ep_small "${small[@]}"; }
+ep_16b() { ep_scaling ep_16b "${big[@]}"; }
 bubble() {
     for g in 2 4 8; do
         ((g <= N)) || continue
         run "$g" bench/pipeline_bubble.py "${dev[@]}" "${pipe[@]}" --out "$out/bubble_pp$g.json" || return
     done
 }
-overlap() { run $((2 * half)) bench/pipeline_overlap.py "${dev[@]}" "${pipe[@]}" --pp 2 --ep "$half" --out "$out/overlap.json"; }
+overlap() {
+    run $((2 * half)) bench/pipeline_overlap.py "${dev[@]}" "${pipe[@]}" --pp 2 --ep "$half" --out "$out/overlap.json"
+}
 paper() { run "$N" bench/paper_config.py "${paper[@]}" --pp 2 --ep "$half" --out "$out/paper_config.json"; }
 paper_ckpt() {  # saved on N ranks (pp 2 x ep N/2), resumed on N/2 (pp 2 x ep N/4) with the same global batch
     rm -rf "$SCRATCH/paper_ckpt"
@@ -125,6 +136,6 @@ spec() {
         --modes graphs --speculative-k 0,1,2 --out "$out/spec"
 }
 SMOKE="${SMOKE:-0}"
-for s in ep_small ep_16b bubble overlap paper paper_ckpt ckpt671 serve_ep serve_load scale eplb spec; do
+for s in "${all_stages[@]}"; do
     step "$s" "$s"
 done

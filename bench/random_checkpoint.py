@@ -15,8 +15,8 @@ The values are those of the whole model built with --seed on the same kind of de
 other numbers than the CPU's). The tokenizer is a byte-level BPE of --tokenizer-vocab tokens trained on a
 sample of the Python standard library. The model's vocabulary is larger: the output head's rows past the
 tokenizer's are zero, so greedy decoding (what bench/serve_load.py sends) picks ids the tokenizer can spell and
-the server streams every token as text; the model still computes every logit. The layout is `save_pretrained`'s (official names): it
-loads with `load_pretrained` and `dsv3 serve`.
+the server streams every token as text; the model still computes every logit. The layout is
+`save_pretrained`'s (official names): it loads with `load_pretrained` and `dsv3 serve`.
 """
 
 from __future__ import annotations

@@ -227,7 +227,8 @@ class PlanResult:
                            f"{c.dp // c.ep} ranks); ZeRO-{c.zero}; {c.schedule}; {c.precision}; recompute {c.recompute}"),
                 ("batch", f"{c.global_batch} seqs x {c.seq_len} tokens; micro-batch {c.micro_batch}; "
                           f"{self.n_micro} micro-batches/rank; {self.in_flight} in flight"),
-                ("dtypes", f"weights {c.weight_dtype}, master {c.master_dtype}, grads {c.grad_dtype}, AdamW moments {c.optim_dtype}"),
+                ("dtypes", f"weights {c.weight_dtype}, master {c.master_dtype}, grads {c.grad_dtype}, "
+                           f"AdamW moments {c.optim_dtype}"),
                 ("worst rank", f"pipeline rank {self.rank}, stages {list(self.stages)}, "
                                f"{self.n_params / 1e9:.2f}B parameters")]
         rows += [(f"  {k}", f"{v / GiB:8.2f} GiB") for k, v in self.mem.items()]

@@ -293,7 +293,6 @@ def _is_mtp(disk_name: str, cfg: ModelConfig) -> bool:
     return m is not None and int(m.group(1)) >= cfg.num_hidden_layers
 
 
-
 def _old_shards(path: str) -> set[str]:
     """Shard files named by the index of an earlier save into `path`, to delete once replaced. Only
     plain `*.safetensors` names inside `path` count: whatever else an index (perhaps not ours) names

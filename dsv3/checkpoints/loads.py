@@ -10,6 +10,8 @@ import tempfile
 import numpy as np
 import torch
 
+from dsv3.checkpoints.hf import _umask
+
 
 def check_writable(path: str) -> None:
     """Raise ValueError naming `path` unless a file can be written there (its directory is made if missing)."""
@@ -39,9 +41,7 @@ def save_counts(counts: torch.Tensor, path: str, **meta) -> str:
                 torch.save({"expert_counts": counts.cpu(), **meta}, f)
             f.flush()
             os.fsync(f.fileno())
-        mask = os.umask(0)  # mkstemp's 0600 -> what open() would have given
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 -> what open() would have given
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -62,5 +62,3 @@ def load_counts(path: str) -> torch.Tensor:
     if not isinstance(obj, torch.Tensor):
         raise ValueError(f"{path}: holds a {type(obj).__name__}, not a tensor of per-expert token counts")
     return obj
-
-

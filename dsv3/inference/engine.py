@@ -230,8 +230,8 @@ class Engine:
         self.device = self.cache.kv.device
         self._pad = pad = self.cache.reserve()  # padding rows and table entries of the static steps (not in num_blocks)
         max_blocks = -(-(self.max_model_len + self.spare + self.k + 1) // block_size)
-        # tokens per expert over the engine's life (model/loads.py's ExpertLoadRecorder; before any graph is captured, so
-        # that the graphs count too): the loads `--expert-loads` places redundant experts from
+        # tokens per expert over the engine's life (model/loads.py's ExpertLoadRecorder; made before any graph is
+        # captured, so that the graphs count too): the loads `--expert-loads` places redundant experts from
         self.loads = ExpertLoadRecorder(self.model) if record_expert_loads else None
         self._graphs = DecodeGraphs(self.model, self.cache, pad, max_batch_size, max_blocks, use_graphs=use,
                                     compile=compile_decode, bucketed=use, loads=self.loads)

@@ -209,7 +209,7 @@ def placement_from_slots(slots: torch.Tensor, loads: torch.Tensor, width: int | 
 def replan_redundant(loads: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     """Re-choose only the redundant copies of a placement from new loads: (L, E) loads, (L, n_ranks, S) slots ->
     new slots. In each layer the first copy of every expert (in slot order: its primary) stays where it is; the
-    other E·... = n_ranks·S - E slots are freed and refilled: greedy replication on the load per copy (as
+    other n_ranks·S - E slots are freed and refilled: greedy replication on the load per copy (as
     `plan_placement`), then the extra copies, heaviest first, each to the least-loaded rank that has a freed slot
     and, where one can, does not already hold that expert; a rank's freed slots keep an extra copy it still holds
     (`keep_in_place`). At most the redundant slots change, so an online re-placement (dsv3/ep_serve.py's
@@ -237,7 +237,8 @@ def replan_redundant(loads: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
                 rank_load[i // S] += w[e] / rep[e]
                 holds[i // S].add(e)
         room = np.bincount([i // S for i in free], minlength=n_ranks)
-        extras = sorted(((w[e] / rep[e], e) for e in range(E) for _ in range(rep[e] - 1)), key=lambda t: (-t[0], t[1]))
+        extras = sorted(((w[e] / rep[e], e) for e in range(E) for _ in range(rep[e] - 1)),
+                        key=lambda t: (-t[0], t[1]))  # heaviest per copy first, ties by expert id
         given: list[list[int]] = [[] for _ in range(n_ranks)]
         for load, e in extras:
             ok = [r for r in range(n_ranks) if room[r] > 0]
