@@ -22,10 +22,14 @@ them); +densegemv, +headgemv, +latentstore, +moegemm run exactly the ones named.
 decode GEMV (kernels.set_head_gemv) instead of the einsums' batched GEMMs; +latentstore: the decode step's latent
 RMSNorm + RoPE + cache write as one kernel (kernels.set_latent_store) instead of the compiled norm and RoPE and two
 index_copy launches; +moegemm: the routed experts of batches above one pair per expert through the grouped decode
-GEMM (kernels.set_moe_gemm) instead of torch._grouped_mm (bf16) or the per-row FP8 GEMV; +splittile, the paged MLA
-decode kernel split down to one 32-position tile per program (mla_decode_triton.MIN_CHUNK = BLOCK_N instead of two
-tiles): more programs for the short contexts of batch 1, where a layer's attention is latency-bound (8.5 us at ~190
-positions, 2026-12-04).
+GEMM (kernels.set_moe_gemm) instead of torch._grouped_mm (bf16) or the per-row FP8 GEMV; +sharedgemv: the shared
+experts inside the routed experts' GEMV launches (kernels.set_shared_gemv) instead of launches of their own. The
+paged MLA decode
+kernel's split (mla_decode_triton: one 32-position tile per program, shipped): +twotiles, two tiles per program (the
+earlier default); +tile16, one 16-position tile. At batch 1 a layer's attention is latency-bound (8.5 us at ~190
+positions, 2026-12-04), so more, shorter programs help. +pdl / +nopdl: dsv3's decode kernels with or without
+programmatic dependent launch (kernels.set_pdl); +ipdl / +noipdl: the compiled step's inductor kernels with or without
+it (graphs.INDUCTOR_PDL, where the torch has the option); without them, the shipped defaults.
 Before and after in one run:
 
     PYTHONPATH=. python bench/decode_gpu.py --preset 16b --batches 1,32 --modes graphs+compile+nokernels,\
@@ -47,7 +51,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import dsv3  # noqa: E402
 from dsv3 import kernels  # noqa: E402
 from dsv3.kernels import backend as kb  # noqa: E402
-from dsv3.kernels import mla_decode_triton as mla_k  # noqa: E402  (the +splittile experiment)
+from dsv3.kernels import mla_decode_triton as mla_k  # noqa: E402  (the +twotiles / +tile16 experiments)
+from dsv3.inference import graphs  # noqa: E402  (INDUCTOR_PDL: the +ipdl modes)
 from dsv3.inference.engine import Engine, SamplingParams  # noqa: E402
 from dsv3.checkpoints.hf import quantize_model_fp8  # noqa: E402
 from dsv3.model.fp8 import FP8Linear  # noqa: E402
@@ -55,18 +60,36 @@ from dsv3.info import model_info  # noqa: E402
 from bandwidth import copy_bandwidth  # noqa: E402  (bench/bandwidth.py)
 
 # kernel choices a mode may add to its path, in any order
-MODE_FLAGS = ("+nogemv", "+nokernels", "+densegemv", "+headgemv", "+latentstore", "+moegemm", "+splittile")
+MODE_FLAGS = ("+nogemv", "+nokernels", "+densegemv", "+headgemv", "+latentstore", "+moegemm", "+sharedgemv",
+              "+twotiles", "+tile16", "+pdl", "+nopdl", "+ipdl", "+noipdl")
 KERNEL_FLAGS = {"+densegemv": "dense_gemv", "+headgemv": "head_gemv", "+latentstore": "latent_store",
-                "+moegemm": "moe_gemm"}  # the switched decode kernels (backend.py SWITCHED)
+                "+moegemm": "moe_gemm", "+sharedgemv": "shared_gemv"}  # the switched decode kernels (backend.py SWITCHED)
 SHIPPED = dict(kb.SWITCHED)  # their defaults, as `dsv3 serve` runs them
+SHIPPED_INDUCTOR_PDL = graphs.INDUCTOR_PDL
 
 
 def kernel_switches(flags: set[str]) -> dict[str, bool]:
     """A mode's switched kernels: the shipped defaults without kernel flags; all off with +nokernels; else exactly
     the ones its flags name."""
     if "+nokernels" not in flags and not flags & set(KERNEL_FLAGS):
-        return dict(SHIPPED)
+        return {op: SHIPPED[op] for op in KERNEL_FLAGS.values()}
     return {op: flag in flags for flag, op in KERNEL_FLAGS.items()}
+
+
+def pdl_switches(flags: set[str]) -> tuple[bool, bool]:
+    """A mode's programmatic dependent launch: (dsv3's decode kernels, inductor's generated kernels). +pdl / +nopdl
+    set dsv3's and +ipdl / +noipdl inductor's (torch._inductor.config.triton.enable_pdl; it follows dsv3's switch);
+    without them, the shipped defaults."""
+    ours = True if "+pdl" in flags else False if "+nopdl" in flags else bool(SHIPPED["pdl"])
+    inductor = True if "+ipdl" in flags else False if "+noipdl" in flags else SHIPPED_INDUCTOR_PDL
+    return ours, inductor
+
+
+def set_inductor_pdl(on: bool) -> bool:
+    """Inductor's PDL in the engine's compiled decode steps (graphs.INDUCTOR_PDL, applied where dsv3's kernels use PDL
+    and the torch has the option); returns whether it can be on. Each mode's engine compiles anew under it."""
+    graphs.INDUCTOR_PDL = on
+    return on and hasattr(torch._inductor.config.triton, "enable_pdl")
 
 
 def split_mode(mode: str) -> tuple[str, set[str]]:
@@ -108,8 +131,8 @@ def main() -> None:
                          "the Triton FP8 GEMMs; put it last: it quantizes the model in place); any mode + '+nogemv': "
                          "the routed experts without the decode GEMV kernel (kernels.expert_gemv), as before it; the "
                          "switched decode kernels: the shipped defaults, or +nokernels (all off), or exactly those of "
-                         "'+densegemv', '+headgemv', '+latentstore', '+moegemm' (module docstring); '+splittile': one "
-                         "32-position tile per MLA decode split program")
+                         "'+densegemv', '+headgemv', '+latentstore', '+moegemm', '+sharedgemv' (module docstring); '+twotiles', '+tile16': "
+                         "the MLA decode split; '+pdl', '+nopdl', '+ipdl', '+noipdl': programmatic dependent launch")
     args = ap.parse_args()
     if args.moe_gemm_rows < 0:
         raise SystemExit(f"--moe-gemm-rows must be >= 0 (0: the shipped limit), got {args.moe_gemm_rows}")
@@ -160,7 +183,14 @@ def main() -> None:
         # new graphs capture it)
         for op, on in kernel_switches(flags).items():
             kb.switch(op, on)
-        mla_k.MIN_CHUNK = mla_k.BLOCK_N if "+splittile" in flags else 2 * mla_k.BLOCK_N  # (read at each launch)
+        ours, inductor = pdl_switches(flags)
+        kb.switch("pdl", ours)
+        if set_inductor_pdl(inductor) != inductor:
+            print(f"({mode}: this torch's inductor has no enable_pdl; its kernels launch without PDL)")
+        # the MLA decode split: one 32-position tile per program (shipped), two (+twotiles, the earlier default) or
+        # one 16-position tile (+tile16); read at each launch
+        mla_k.BLOCK_N = 16 if "+tile16" in flags else 32
+        mla_k.MIN_CHUNK = 2 * mla_k.BLOCK_N if "+twotiles" in flags else mla_k.BLOCK_N
         with attention, gemv:
             if base != "eager":  # capture the buckets this run uses before timing (a server does this at start-up)
                 eng.generate(prompts, SamplingParams(max_new_tokens=args.new, temperature=0, ignore_eos=True))
@@ -187,6 +217,8 @@ def main() -> None:
                   f"{roof * 1e3:.2f} | {roof / (dt / steps):.1%} |", flush=True)
     for op, on in SHIPPED.items():
         kb.switch(op, on)
+    set_inductor_pdl(SHIPPED_INDUCTOR_PDL)
+    mla_k.BLOCK_N, mla_k.MIN_CHUNK = 32, 32
     del model, eng
     torch.cuda.empty_cache()
     if args.hf:

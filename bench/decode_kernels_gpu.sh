@@ -6,14 +6,15 @@
 #
 #     bash bench/decode_kernels_gpu.sh OUT_DIR tests,sweep,b1          (OUT_DIR: $OUT on the device machine)
 #     bash bench/decode_kernels_gpu.sh OUT_DIR b32,b256,fp8,profile
+#     bash bench/decode_kernels_gpu.sh OUT_DIR pdltests,pdl
 #
-# Stages (default: all, in this order): tests, sweep, b1, b32, b256, fp8, profile. Each stage's output goes to its own
+# Stages (default: all, in this order): tests, sweep, b1, b32, b256, pdltests, pdl, fp8, profile. Each stage's output goes to its own
 # file under OUT_DIR (and a line to steps.txt); a failing stage does not stop the next. A kernel is on by default
 # (dsv3/kernels/backend.py SWITCHED) only where its rows are faster. B1, B32, FP8 (environment) replace the
 # batch lists of those stages; LIMIT_<stage>=S stops a stage after S seconds (bench/stages.sh).
 set -u
 out="${1:-${OUT:-runs/decode_kernels}}"
-stages=",${2:-tests,sweep,b1,b32,b256,fp8,profile},"
+stages=",${2:-tests,sweep,b1,b32,b256,pdltests,pdl,fp8,profile},"
 source "$(dirname "$0")/stages.sh"
 
 step tests python -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu_dense_gemv.py tests/test_gpu_head_gemv.py \
@@ -22,7 +23,7 @@ step tests python -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu_dense_g
 step sweep python bench/dense_gemv_sweep.py --quick --json "$out/sweep.json"
 # graphs+compile: the shipped defaults (backend.py SWITCHED); +nokernels: none of them; +<kernel>: exactly those
 step b1 python bench/decode_gpu.py --preset 16b --batches "${B1:-1,4}" --new 48 --modes graphs+compile+nokernels,\
-graphs+compile,graphs+compile+densegemv+headgemv+latentstore,graphs+compile+splittile
+graphs+compile,graphs+compile+densegemv+headgemv+latentstore,graphs+compile+twotiles
 step b32 python bench/decode_gpu.py --preset 16b --batches "${B32:-32,128}" --new 48 \
     --modes graphs+compile+nokernels,graphs+compile
 # batch 256 (1,536 pairs at top-6, past the shipped MOE_GEMM_ROWS of 1,024): the grouped decode GEMM with the limit
@@ -34,6 +35,17 @@ b256() {  # (a function: `step` applies LIMIT_b256 to each command here, half ea
     timeout --kill-after=10 "$t" python bench/decode_gpu.py --preset 16b --batches 256 --new 48 --modes graphs+compile
 }
 step b256 b256
+# programmatic dependent launch (kernels.set_pdl, graphs.INDUCTOR_PDL) and the shared experts in the routed launches
+# (kernels.set_shared_gemv): their GPU tests, then batch 1 bf16 and FP8: the shipped path, the one before both (and
+# two tiles per MLA split program), without inductor's PDL, with the shared fusion, one 16-position MLA tile, and
+# the head GEMV on too
+step pdltests python -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu_pdl.py tests/test_gpu_expert_gemv.py \
+    -k "pdl or shared"
+step pdl python bench/decode_gpu.py --preset 16b --batches "${BPDL:-1}" --new 48 --modes graphs+compile,\
+graphs+compile+nopdl+noipdl+twotiles+densegemv+latentstore+moegemm,graphs+compile+noipdl,\
+graphs+compile+densegemv+latentstore+moegemm+sharedgemv,graphs+compile+tile16,\
+graphs+compile+densegemv+headgemv+latentstore+moegemm,graphs+compile+nopdl+noipdl+twotiles+fp8,\
+graphs+compile+fp8
 step fp8 python bench/decode_gpu.py --preset 16b --batches "${FP8:-1,32,128}" --new 48 \
     --modes graphs+compile,graphs+compile+nokernels+fp8,graphs+compile+fp8  # (bf16 first: FP8 / bf16)
 step profile python bench/profile_gpu.py --decode 1,32 --preset 16b

@@ -90,7 +90,7 @@ def test_switch_defaults_are_the_measured_ones_and_the_overrides_win(monkeypatch
     monkeypatch.setattr(kb, "_fast_fits", lambda op, t: True)  # the rule holds (as on a GPU)
     # on where the H200 measured them faster (backend.py SWITCHED: the e4m3 forms not yet), the head GEMV off
     assert kb.SWITCHED == {"dense_gemv": kb.WEIGHTS_16BIT, "head_gemv": False, "latent_store": True,
-                           "moe_gemm": kb.WEIGHTS_16BIT}
+                           "moe_gemm": kb.WEIGHTS_16BIT, "pdl": True, "shared_gemv": False}
     assert kernels.select_backend("dense_gemv", x, w) == "triton"
     assert kernels.set_dense_gemv(False) == kb.WEIGHTS_16BIT
     try:
@@ -104,6 +104,25 @@ def test_switch_defaults_are_the_measured_ones_and_the_overrides_win(monkeypatch
     assert kernels.select_backend("dense_gemv", x, w, backend="reference") == "reference"
     with pytest.raises(ValueError, match="not a switched op"):
         kb.switch("expert_gemv", True)
+
+
+def test_pdl_on_by_default_and_only_on_sm90_cuda_outside_the_interpreter(monkeypatch):
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    monkeypatch.setattr(kb, "_probes", {("capability", 0): (9, 0)})  # as on an H100 / H200
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert kb.pdl(gpu) and not kb.pdl(cpu)  # on by default, where the GPU has it
+    old = kernels.set_pdl(False)
+    try:
+        assert old is True and not kb.pdl(gpu)
+        kernels.set_pdl(True)
+        monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter has no griddepcontrol
+        assert not kb.pdl(gpu)
+        monkeypatch.delenv("TRITON_INTERPRET")
+        monkeypatch.setattr(kb, "_probes", {("capability", 0): (8, 9)})  # Ada: no griddepcontrol
+        assert not kb.pdl(gpu)
+    finally:
+        kernels.set_pdl(old)
+    assert kb.switches_from_env("pdl=off") == {"pdl": False}
 
 
 def test_rule_decode_rows_dtypes_layout_gradients_autocast(monkeypatch):

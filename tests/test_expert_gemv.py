@@ -141,6 +141,97 @@ def test_interp_custom_ops_compile_without_graph_break():
         assert _rel(got, want) < 3e-3
 
 
+def _shared_case(T, S, dtype, g):
+    E, I, D = 4, 96, 200  # I, D not multiples of 128
+    gate, up = (torch.randn(E, I, D, generator=g).to(dtype) * 0.3 for _ in range(2))
+    down = torch.randn(E, D, I, generator=g).to(dtype) * 0.3
+    sg, su = (torch.randn(S * I, D, generator=g).to(dtype) * 0.3 for _ in range(2))
+    sd = torch.randn(D, S * I, generator=g).to(dtype) * 0.3
+    x = torch.randn(T, D, generator=g).to(dtype)
+    expert = torch.tensor([3, -1, 0, 1, 2, 0][:2 * T])  # 2 experts a token (-1: a foreign pair)
+    return x, gate, up, down, expert, sg, su, sd
+
+
+@pytest.mark.parametrize("T,S", [(1, 1), (1, 2), (3, 2)])
+def test_shared_reference_is_routed_plus_shared_mlp(T, S):
+    g = torch.Generator().manual_seed(T * 10 + S)
+    x, gate, up, down, expert, sg, su, sd = _shared_case(T, S, torch.float32, g)
+    y = kernels.moe_gemv_shared(x, gate, up, down, expert, 2, sg, su, sd)
+    h = expert_gemv_ref(x, gate, None, expert, 2, up)
+    assert torch.allclose(y[:2 * T], expert_gemv_ref(h, down, None, expert, 1), atol=1e-5)
+    shared = (F.silu(x @ sg.t()) * (x @ su.t())) @ sd.t()  # the shared MLP, whole
+    assert y.shape == (3 * T, x.shape[1]) and torch.allclose(y[2 * T:], shared, rtol=1e-4, atol=1e-4)
+    assert not y[1].any()
+
+
+def test_shared_fusion_taken_only_where_it_should(monkeypatch):
+    from dsv3.kernels import backend as kb
+    from dsv3.model.fp8 import FP8Linear
+    from dsv3.model.moe import MoE
+    from tests.conftest import tiny_cfg
+
+    cfg = tiny_cfg()
+    moe = MoE(cfg).to(torch.bfloat16).requires_grad_(False)
+    x, idx = torch.randn(1, cfg.hidden_size, dtype=torch.bfloat16), torch.zeros(1, cfg.num_experts_per_tok,
+                                                                                 dtype=torch.long)
+    fits = moe.experts.shared_gemv_fits
+    assert not fits(x, idx, moe.shared_experts, "auto")  # CPU: the reference backends, the unfused path
+    monkeypatch.setattr(kb, "_fast_fits", lambda op, t: True)  # every kernel rule holds (as on a GPU)
+    monkeypatch.setattr(Experts, "_impl", staticmethod(lambda x, impl: "grouped"))
+    assert not fits(x, idx, moe.shared_experts, "auto")  # off by default
+    monkeypatch.setitem(kb.SWITCHED, "shared_gemv", True)
+    assert fits(x, idx, moe.shared_experts, "auto")
+    assert not fits(x, idx, moe.shared_experts, "loop") and not fits(x, idx, None, "auto")
+    assert not fits(x, torch.zeros(40, cfg.num_experts_per_tok, dtype=torch.long), moe.shared_experts, "auto")
+    h = moe.shared_experts.down_proj.register_forward_hook(lambda *a: None)  # a hooked Linear is called, not read
+    assert not fits(x, idx, moe.shared_experts, "auto")
+    h.remove()
+    lin = moe.shared_experts.up_proj
+    moe.shared_experts.up_proj = FP8Linear(lin.in_features, lin.out_features)  # FP8 storage: not this kernel's
+    assert not fits(x, idx, moe.shared_experts, "auto")
+
+
+@interp
+@pytest.mark.parametrize("T,S", [(1, 1), (1, 2), (3, 2)])
+def test_interp_shared_launches_vs_reference(T, S):
+    from dsv3.kernels import expert_gemv_triton as k
+
+    g = torch.Generator().manual_seed(T * 10 + S)
+    x, gate, up, down, expert, sg, su, sd = _shared_case(T, S, torch.float16, g)
+    h = k.swiglu_with_shared(x, gate, up, expert, 2, sg, su)
+    want_h = kernels.reference.swiglu_with_shared_ref(x, gate, up, expert, 2, sg, su)
+    assert h.shape == want_h.shape == (2 * T + T * S, 96) and _rel(h, want_h) < 2e-3
+    y = k.down_with_shared(want_h, down, expert, sd)
+    want = kernels.reference.down_with_shared_ref(want_h, down, expert, sd)
+    assert y.shape == (3 * T, 200) and _rel(y, want) < 2e-3 and not y[1].any()
+    got = kernels.moe_gemv_shared(x, gate, up, down, expert, 2, sg, su, sd, backend="triton")
+    assert _rel(got, kernels.moe_gemv_shared(x, gate, up, down, expert, 2, sg, su, sd)) < 4e-3
+
+
+@interp
+def test_interp_moe_forward_through_the_shared_fusion(monkeypatch):
+    """MoE.forward at decode with the fused launches against the same forward unfused (the routed GEMV, then the
+    shared MLP): the same sum within fp16 rounding, and the fused path really ran."""
+    from dsv3.model.moe import MoE
+    from tests.conftest import tiny_cfg
+
+    cfg = tiny_cfg()
+    moe = MoE(cfg).half().requires_grad_(False)
+    for p in moe.parameters():
+        p.normal_(0, 0.2, generator=torch.Generator().manual_seed(p.numel()))
+    monkeypatch.setattr(Experts, "_impl", staticmethod(lambda x, impl: "grouped"))
+    x = torch.randn(1, 2, cfg.hidden_size, generator=torch.Generator().manual_seed(0)).half()
+    calls, orig = [], Experts.forward_gemv_shared
+    monkeypatch.setattr(Experts, "forward_gemv_shared", lambda self, *a: calls.append(1) or orig(self, *a))
+    with kernels.use_backend(expert_gemv="triton", shared_gemv="triton"):
+        got, _ = moe(x)
+    assert calls == [1]
+    with kernels.use_backend(expert_gemv="triton", shared_gemv="reference", swiglu_gemv="reference",
+                             dense_gemv="reference"):
+        want, _ = moe(x)
+    assert calls == [1] and _rel(got, want) < 5e-3, _rel(got, want)
+
+
 def test_bad_arguments():
     """The contract is checked before either backend runs (kernels.expert_gemv; the Triton launch too)."""
     x, e = torch.randn(2, 128, dtype=torch.bfloat16), torch.tensor([0, 1])

@@ -131,3 +131,49 @@ def test_graphed_decode_step_through_gemv_matches_grouped_path():
         ref = step_logits()
     assert _rel(got, ref) < 2e-2, _rel(got, ref)
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 2 / 3
+
+
+# the shared experts in the routed launches (kernels.moe_gemv_shared): the 16b shapes (2 shared experts of 1408) at
+# batch 1 and 3, and odd ones
+@pytest.mark.parametrize("T,K_route,E,I,D,S", [(1, 6, 64, 1408, 2048, 2), (3, 6, 64, 1408, 2048, 2),
+                                               (2, 2, 5, 200, 130, 1)])
+def test_shared_kernels_vs_reference(T, K_route, E, I, D, S):
+    from dsv3.kernels.reference import down_with_shared_ref, swiglu_with_shared_ref
+
+    g = torch.Generator(device="cuda").manual_seed(T + E)
+    (w1, _), (w3, _), (w2, _) = _stack(E, I, D, False, g), _stack(E, I, D, False, g), _stack(E, D, I, False, g)
+    sg, su = (torch.randn(S * I, D, device="cuda", generator=g).bfloat16() * 0.05 for _ in range(2))
+    sd = torch.randn(D, S * I, device="cuda", generator=g).bfloat16() * 0.05
+    x = torch.randn(T, D, device="cuda", generator=g).bfloat16()
+    expert = torch.randint(0, E, (T * K_route,), device="cuda", generator=g)
+    expert[1] = -1
+    from dsv3.kernels import expert_gemv_triton as k
+
+    h, h_ref = k.swiglu_with_shared(x, w1, w3, expert, K_route, sg, su), swiglu_with_shared_ref(x, w1, w3, expert,
+                                                                                                K_route, sg, su)
+    assert h.shape == h_ref.shape == (T * K_route + T * S, I) and not h[1].any() and _rel(h, h_ref) < 1e-2
+    # the routed rows are the routed kernel's bits (the same program per row)
+    assert torch.equal(h[:T * K_route], kernels.expert_gemv(x, w1, None, expert, K_route, up=w3, backend="triton"))
+    y, y_ref = k.down_with_shared(h_ref, w2, expert, sd), down_with_shared_ref(h_ref, w2, expert, sd)
+    assert y.shape == (T * K_route + T, D) and _rel(y, y_ref) < 1e-2, _rel(y, y_ref)
+
+
+def test_graphed_decode_step_with_shared_fusion_matches_unfused():
+    """The micro model's graphed, compiled decode step with the shared experts in the routed launches against the
+    same step without (kernels.set_shared_gemv): logits within 2% (the shared down product is one dot either way,
+    in another summation order), and the fused path ran."""
+    m, prompts = decode_model_and_prompts()
+    calls, orig = [], Experts.forward_gemv_shared
+    Experts.forward_gemv_shared = lambda self, *a: calls.append(1) or orig(self, *a)
+    old = kernels.set_shared_gemv(True)
+    try:
+        got = graphed_step_logits(m, prompts, compile_decode=True)
+        assert calls, "the decode step did not take the shared fusion"
+        kernels.set_shared_gemv(False)
+        n = len(calls)
+        ref = graphed_step_logits(m, prompts, compile_decode=True)
+        assert len(calls) == n
+    finally:
+        Experts.forward_gemv_shared = orig
+        kernels.set_shared_gemv(old)
+    assert _rel(got, ref) < 2e-2, _rel(got, ref)

@@ -44,6 +44,22 @@ import functools
 import torch
 
 from dsv3 import kernels
+from dsv3.kernels import backend as kernel_backend
+
+# Inductor's generated kernels of a compiled decode step launch with programmatic dependent launch too where dsv3's
+# do (kernels.set_pdl, on by default on compute capability 9.0+) and the torch has the option
+# (torch._inductor.config.triton.enable_pdl: 2.11 and later). Measured on the H200, 16b batch 1 (bench/decode_gpu.py,
+# bench/RESULTS.md 2026-12-05): see INDUCTOR_PDL's figures there. The bench's +ipdl modes set it.
+INDUCTOR_PDL = True
+
+
+def _inductor_options(device: torch.device) -> dict | None:
+    """torch.compile options of the decode steps: inductor's PDL where INDUCTOR_PDL and dsv3's kernels use PDL."""
+    import torch._inductor.config as inductor_config
+
+    if INDUCTOR_PDL and kernel_backend.pdl(device) and hasattr(inductor_config.triton, "enable_pdl"):
+        return {"triton.enable_pdl": True}
+    return None
 
 
 @torch.library.custom_op("dsv3::write_latents", mutates_args=("kv", "pe"))
@@ -192,8 +208,9 @@ class DecodeGraphs:
             for name in ("recompile_limit", "cache_size_limit"):  # one entry per bucket
                 if hasattr(torch._dynamo.config, name):
                     setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
-            self._main = torch.compile(self._forward_main, dynamic=False)
-            self._mtp = torch.compile(self._forward_mtp, dynamic=False)
+            opts = _inductor_options(cache.kv.device)
+            self._main = torch.compile(self._forward_main, dynamic=False, options=opts)
+            self._mtp = torch.compile(self._forward_mtp, dynamic=False, options=opts)
         self.max_batch_size, self.max_blocks = max_batch_size, max_blocks
         self.use_graphs = use_graphs and cache.kv.is_cuda
         self.bucketed = bucketed

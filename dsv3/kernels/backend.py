@@ -10,6 +10,8 @@ never probe the GPU themselves.
     fp8_weight_gemm   "triton"              bf16/fp16 x, at most DENSE_DECODE_ROWS rows, no autograd
     fp8_expert_rows   "triton"              bf16/fp16 x, at most EXPERT_DECODE_ROWS rows, no autograd
     expert_gemv       "triton"              bf16/fp16 x, at most EXPERT_DECODE_ROWS rows, no autograd
+    shared_gemv       "triton"              switched (SWITCHED, kernels.set_shared_gemv; off by default); as
+                                            expert_gemv, weights (routed, shared) in x's dtype, no autograd
     dense_gemv        "triton"              switched (SWITCHED, kernels.set_dense_gemv; on by default);
                                             bf16/fp16 x, at most DENSE_GEMV_ROWS rows, w (N, K) contiguous
                                             in x's dtype, no autograd through x or w, no CUDA autocast
@@ -68,6 +70,7 @@ FAST = {  # op -> its accelerated backend
     "fp8_weight_gemm": "triton",
     "fp8_expert_rows": "triton",
     "expert_gemv": "triton",
+    "shared_gemv": "triton",
     "dense_gemv": "triton",
     "head_gemv": "triton",
     "moe_gemm": "triton",
@@ -88,11 +91,13 @@ PENDING: set[str] = set()
 # 3,134 with it. So on: dense_gemv (at one row: DENSE_GEMV_ROWS), latent_store, moe_gemm (up to MOE_GEMM_ROWS
 # pairs); off: head_gemv (no gain measured). The FP8 forms (e4m3 weights: the SwiGLU GEMV, which follows dense_gemv,
 # and moe_gemm) lost at batch 1: an FP8 16b model decoded 362.6 tok/s without them and 342.2 with them (same
-# run, H200, 2026-12-05): WEIGHTS_16BIT, on for 16-bit weights only. DSV3_KERNELS or
-# kernels.set_* turn any of them on (every dtype) or off.
+# run, H200, 2026-12-05): WEIGHTS_16BIT, on for 16-bit weights only. "pdl" is not an op but the decode kernels' launch
+# option (`pdl` below): on, where the GPU has it; the H200 (16b batch 1, graphs + compile, one run, 2026-12-05) decoded
+# 360.4 tok/s without it, 365.8 with it, 369.2 with inductor's kernels launched so too; FP8 347.6 -> 375.6. DSV3_KERNELS
+# or kernels.set_* turn any of them on (every dtype) or off.
 WEIGHTS_16BIT = "16-bit weights"
 SWITCHED: dict[str, bool | str] = {"dense_gemv": WEIGHTS_16BIT, "head_gemv": False, "latent_store": True,
-                                   "moe_gemm": WEIGHTS_16BIT}
+                                   "moe_gemm": WEIGHTS_16BIT, "pdl": True, "shared_gemv": False}
 # ops that follow another op's switch: the dense SwiGLU's fused gate+up GEMV is one of the dense decode GEMVs
 SWITCH_OF: dict[str, str] = {"swiglu_gemv": "dense_gemv"}
 # Up to these many activation rows the Triton FP8-weight kernels run (decode; above, prefill:
@@ -195,6 +200,27 @@ def _sm89(device: torch.device) -> bool:
     return _capability(device) >= (8, 9)
 
 
+@_constant_result
+def _sm90(device: torch.device) -> bool:
+    """Compute capability 9.0 or above: griddepcontrol (programmatic dependent launch). A constant bool, as _sm89."""
+    return _capability(device) >= (9, 0)
+
+
+def pdl(device: torch.device) -> bool:
+    """Whether dsv3's decode kernels launch on `device` with programmatic dependent launch: switched on ("pdl" of
+    SWITCHED: kernels.set_pdl, DSV3_KERNELS=pdl=on), a CUDA device of compute capability 9.0+ and not the Triton
+    interpreter. Not an op: a launch option of every decode kernel (dense and expert GEMVs, the router, the latent
+    store, MLA decode, the grouped decode GEMM, the head GEMV). Such a launch may start while the launch before it
+    drains: each program first tells the next launch it may start (griddepcontrol.launch_dependents), reads
+    what no kernel of the step writes (weights), then waits for the launch before it to complete and its writes
+    to be visible (griddepcontrol.wait) before it reads anything else or writes anything; so the results are the
+    same bits with it on or off (tests/test_gpu_pdl.py)."""
+    if not _env_read:
+        _read_env()
+    return (bool(SWITCHED["pdl"]) and device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
+            and _sm90(device))
+
+
 def _rows(x: torch.Tensor) -> int:
     return x.numel() // max(x.shape[-1], 1)
 
@@ -262,6 +288,10 @@ def _fast_fits(op: str, tensors: tuple[torch.Tensor, ...]) -> bool:
         return _decode_fits(tensors[0], DENSE_DECODE_ROWS)
     if op in ("fp8_expert_rows", "expert_gemv"):
         return _decode_fits(tensors[0], EXPERT_DECODE_ROWS)
+    if op == "shared_gemv":  # (x, routed gate, shared gate): 16-bit weights in x's dtype, no gradient through them
+        x, w = tensors[0], tensors[1:]
+        return (_decode_fits(x, EXPERT_DECODE_ROWS) and all(t.dtype == x.dtype for t in w)
+                and not (torch.is_grad_enabled() and any(t.requires_grad for t in w)))
     if op == "dense_gemv":
         return len(tensors) == 2 and _dense_gemv_fits(*tensors)
     if op == "head_gemv":

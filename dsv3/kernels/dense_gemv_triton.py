@@ -50,6 +50,7 @@ import triton
 
 import triton.language as tl
 
+from dsv3.kernels import backend
 from dsv3.kernels.fp8_gemm_triton import BLOCK, GEMV_ROWS, _config_small_m, _gemv_tile, _pow2, _small_m_kernel
 from dsv3.kernels.reference import check_dense_gemv_args
 
@@ -101,10 +102,11 @@ def launch(x: torch.Tensor, w: torch.Tensor, config: dict | None = None,
     if K == 0:
         return y.zero_()
     grid = (triton.cdiv(M, BM), triton.cdiv(N, BN))
+    pdl = backend.pdl(x.device)  # programmatic dependent launch: the weight's first loads before the wait
     # w stands in for the scale pointer (never read: HAS_SCALE is False)
     _small_m_kernel[grid](x, w, w, y, M, N, K, triton.cdiv(K, BLOCK), x.stride(0), w.stride(0), 0, y.stride(0),
-                          BM=BM, BN=BN, BK=BLOCK, KU=KU, DOT=False, PREFETCH=stages == 2, HAS_SCALE=False,
-                          num_warps=cfg["num_warps"], num_stages=1)
+                          BM=BM, BN=BN, BK=BLOCK, KU=KU, DOT=False, PREFETCH=stages == 2, HAS_SCALE=False, PDL=pdl,
+                          num_warps=cfg["num_warps"], num_stages=1, launch_pdl=pdl)
     return y
 
 
@@ -126,19 +128,23 @@ def _(x, w, out_fp32=False):
 
 @triton.jit
 def _dual_kernel(x_ptr, w1_ptr, w2_ptr, y1_ptr, y2_ptr, M, N1, N2, K, KB, T1, sxm, sw1, sw2, sy1, sy2,
-                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, KU: tl.constexpr, PREFETCH: tl.constexpr):
-    """Column tiles 0..T1-1 of w1 then those of w2, each the dense GEMV's tile (no scales: w stands in for them)."""
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, KU: tl.constexpr, PREFETCH: tl.constexpr,
+                 PDL: tl.constexpr = False):
+    """Column tiles 0..T1-1 of w1 then those of w2, each the dense GEMV's tile (no scales: w stands in for them).
+    PDL: programmatic dependent launch (backend.pdl; the wait is _gemv_tile's)."""
     pm = tl.program_id(0)
     pn = tl.program_id(1)
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
     rm = pm * BM + tl.arange(0, BM)
     if pn < T1:
         rn = pn * BN + tl.arange(0, BN)
-        acc = _gemv_tile(x_ptr, w1_ptr, w1_ptr, rm, rn, M, N1, K, KB, sxm, sw1, BM, BN, BK, KU, PREFETCH, False)
+        acc = _gemv_tile(x_ptr, w1_ptr, w1_ptr, rm, rn, M, N1, K, KB, sxm, sw1, BM, BN, BK, KU, PREFETCH, False, PDL)
         tl.store(y1_ptr + rm[:, None].to(tl.int64) * sy1 + rn[None, :], acc.to(y1_ptr.dtype.element_ty),
                  mask=(rm[:, None] < M) & (rn[None, :] < N1))
     else:
         rn = (pn - T1) * BN + tl.arange(0, BN)
-        acc = _gemv_tile(x_ptr, w2_ptr, w2_ptr, rm, rn, M, N2, K, KB, sxm, sw2, BM, BN, BK, KU, PREFETCH, False)
+        acc = _gemv_tile(x_ptr, w2_ptr, w2_ptr, rm, rn, M, N2, K, KB, sxm, sw2, BM, BN, BK, KU, PREFETCH, False, PDL)
         tl.store(y2_ptr + rm[:, None].to(tl.int64) * sy2 + rn[None, :], acc.to(y2_ptr.dtype.element_ty),
                  mask=(rm[:, None] < M) & (rn[None, :] < N2))
 
@@ -166,9 +172,10 @@ def launch_dual(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, config: dic
         return y1.zero_(), y2.zero_()
     T1 = triton.cdiv(N1, BN)
     grid = (triton.cdiv(M, BM), T1 + triton.cdiv(N2, BN))
+    pdl = backend.pdl(x.device)
     _dual_kernel[grid](x, w1, w2, y1, y2, M, N1, N2, K, triton.cdiv(K, BLOCK), T1, x.stride(0), w1.stride(0),
                        w2.stride(0), y1.stride(0), y2.stride(0), BM=BM, BN=BN, BK=BLOCK, KU=KU, PREFETCH=stages == 2,
-                       num_warps=cfg["num_warps"], num_stages=1)
+                       PDL=pdl, num_warps=cfg["num_warps"], num_stages=1, launch_pdl=pdl)
     return y1, y2
 
 

@@ -52,6 +52,8 @@ import torch
 import triton
 import triton.language as tl
 
+from dsv3.kernels import backend
+
 BLOCK = 128
 # Up to these many rows the dense GEMM takes the GEMV form (BM = 1, 2, 4); above, 16-row tl.dot tiles. The
 # GEMV form loads w once per row (L1 hits after the first) and its register tile grows with BM, so it
@@ -70,13 +72,17 @@ GEMV_TILE = 4096
 
 @triton.jit
 def _gemv_loads(x_rows, w_rows, s_ptr, ok, rk, kb0, K, KB, BK: tl.constexpr, KU: tl.constexpr,
-                HAS_SCALE: tl.constexpr):
+                HAS_SCALE: tl.constexpr, WAIT: tl.constexpr = False):
     """Iteration kb0's operands: w and x (BM, BN, KU·128), the KU scales spread over their columns with `where`
     (without HAS_SCALE, a dense weight: no scale is loaded and s stays unused). Past K or KB (0 for the rows
-    kernel's foreign rows) everything is masked: no memory traffic, zeros."""
+    kernel's foreign rows) everything is masked: no memory traffic, zeros. WAIT (programmatic dependent launch,
+    backend.pdl): the weight's loads are issued, then the program waits for the launch before it (x is its
+    output), then x is read."""
     k = kb0 * BK + rk
     k_ok = ok & (k < K) & (kb0 < KB)
     w = tl.load(w_rows + k, mask=k_ok, other=0.0)  # first: the HBM loads, then x's (L1 / L2 hits)
+    if WAIT:
+        tl.extra.cuda.gdc_wait()
     x = tl.load(x_rows + k, mask=k_ok, other=0.0)
     s = tl.zeros((1, 1, KU * BK), dtype=tl.float32)
     if HAS_SCALE:
@@ -88,7 +94,7 @@ def _gemv_loads(x_rows, w_rows, s_ptr, ok, rk, kb0, K, KB, BK: tl.constexpr, KU:
 @triton.jit
 def _gemv_tile(x_ptr, w_ptr, s_ptr, rm, rn, M, N, K, KB, sxm, swn,
                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, KU: tl.constexpr, PREFETCH: tl.constexpr,
-               HAS_SCALE: tl.constexpr):
+               HAS_SCALE: tl.constexpr, PDL: tl.constexpr = False):
     """(BM, BN) fp32 = Σ_kb<KB (x[rm, kb] · w[rn, kb]ᵀ) · s[kb] by multiply-and-add; s_ptr: the tile's scale row.
     Every operand is loaded as a (BM, BN, KU·128) tile (x repeated along BN, w along BM: the repeats are L1
     hits) so that all share one register layout: a 1-D x broadcast in registers would be re-laid out through
@@ -96,7 +102,9 @@ def _gemv_tile(x_ptr, w_ptr, s_ptr, rm, rn, M, N, K, KB, sxm, swn,
     issues the KU blocks' loads together. PREFETCH: the next iteration's loads are issued before this one's
     multiply-adds (registers double-buffered; the compiler otherwise interleaves the loads with the FMAs
     that wait for the first of them, leaving part of each iteration's bytes for a second round trip).
-    Without HAS_SCALE the weight is dense (bf16 / fp16 / fp32: dense_gemv_triton.py) and s_ptr is not read."""
+    Without HAS_SCALE the weight is dense (bf16 / fp16 / fp32: dense_gemv_triton.py) and s_ptr is not read.
+    PDL: the program waits for the launch before it (griddepcontrol.wait) after issuing its first weight loads
+    (with PREFETCH) or before any load; KB must not come from that launch's output."""
     zero = tl.zeros((BM, BN, 1), dtype=tl.int64)
     x_rows = x_ptr + (zero + rm[:, None, None].to(tl.int64) * sxm)
     w_rows = w_ptr + (zero + rn[None, :, None].to(tl.int64) * swn)
@@ -104,7 +112,9 @@ def _gemv_tile(x_ptr, w_ptr, s_ptr, rm, rn, M, N, K, KB, sxm, swn,
     rk = tl.arange(0, KU * BK)[None, None, :]
     acc = tl.zeros((BM, BN, KU * BK), dtype=tl.float32)
     if PREFETCH:
-        w_next, x_next, s_next = _gemv_loads(x_rows, w_rows, s_ptr, ok, rk, 0, K, KB, BK, KU, HAS_SCALE)
+        w_next, x_next, s_next = _gemv_loads(x_rows, w_rows, s_ptr, ok, rk, 0, K, KB, BK, KU, HAS_SCALE, PDL)
+    elif PDL:
+        tl.extra.cuda.gdc_wait()
     for kb0 in range(0, KB, KU):
         if PREFETCH:
             w, x, s = w_next, x_next, s_next
@@ -149,11 +159,16 @@ def _dot_tile(x_ptr, w_ptr, s_ptr, rm, rn, M, N, K, KB, sxm, swn,
 @triton.jit(do_not_specialize=["M", "KB", "ssn"])
 def _small_m_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, KB, sxm, swn, ssn, sym, BM: tl.constexpr, BN: tl.constexpr,
                     BK: tl.constexpr, KU: tl.constexpr, DOT: tl.constexpr, PREFETCH: tl.constexpr,
-                    HAS_SCALE: tl.constexpr):
+                    HAS_SCALE: tl.constexpr, PDL: tl.constexpr = False):
     """(M, N) = x · wᵀ, scaled per 128x128 block (HAS_SCALE, e4m3 w) or dense (bf16 / fp16 / fp32 w, the GEMV form
-    only: dense_gemv_triton.py launches it so, BN any power of two, s_ptr never read)."""
+    only: dense_gemv_triton.py launches it so, BN any power of two, s_ptr never read). PDL: launched with
+    programmatic dependent launch (backend.pdl; the wait in the GEMV form is _gemv_tile's)."""
     pm = tl.program_id(0)  # the row tiles of one column tile launch together: its weight stays in L2
     pn = tl.program_id(1)
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()  # the next launch may start once every program has begun
+        if DOT:
+            tl.extra.cuda.gdc_wait()
     rm = pm * BM + tl.arange(0, BM)
     rn = pn * BN + tl.arange(0, BN)
     nb = (pn * BN) // BK  # BN divides 128: the tile sits in one scale row
@@ -161,16 +176,19 @@ def _small_m_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, KB, sxm, swn, ssn, sym,
         acc = _dot_tile(x_ptr, w_ptr, s_ptr + nb * ssn, rm, rn, M, N, K, KB, sxm, swn, BM, BN, BK, KU)
     else:
         acc = _gemv_tile(x_ptr, w_ptr, s_ptr + nb * ssn, rm, rn, M, N, K, KB, sxm, swn, BM, BN, BK, KU, PREFETCH,
-                         HAS_SCALE)
+                         HAS_SCALE, PDL)
     tl.store(y_ptr + rm[:, None].to(tl.int64) * sym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
 @triton.jit(do_not_specialize=["KB", "sse", "ssn"])
 def _rows_kernel(x_ptr, w_ptr, s_ptr, e_ptr, y_ptr, N, K, KB, sxm, swe, swn, sse, ssn, sym,
-                 BN: tl.constexpr, BK: tl.constexpr, KU: tl.constexpr, PREFETCH: tl.constexpr):
+                 BN: tl.constexpr, BK: tl.constexpr, KU: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr = False):
     m = tl.program_id(0).to(tl.int64)  # rows fastest: rows sorted by expert share its tiles in L2
     pn = tl.program_id(1)
+    if PDL:  # programmatic dependent launch (backend.pdl): the expert index is the launch before's output
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     e = tl.load(e_ptr + m).to(tl.int64)
     # expert < 0: a row this launch does not own (an expert-parallel rank's foreign pairs, Experts.
     # forward_partial): no weight is read, the row's output is 0
@@ -263,9 +281,11 @@ def _launch_small_m(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, *, BM: in
     dot = BM >= 16
     assert dot or num_stages in (1, 2), "the GEMV form has 1 or 2 stages (prefetch by hand)"
     grid = (triton.cdiv(M, BM), triton.cdiv(N, BN))
+    pdl = backend.pdl(x.device)
     _small_m_kernel[grid](x, w, s, y, M, N, K, triton.cdiv(K, BLOCK), x.stride(0), w.stride(0), s.stride(0),
                           y.stride(0), BM=BM, BN=BN, BK=BLOCK, KU=KU, DOT=dot, PREFETCH=not dot and num_stages == 2,
-                          HAS_SCALE=True, num_warps=num_warps, num_stages=num_stages if dot else 1)
+                          HAS_SCALE=True, PDL=pdl, num_warps=num_warps, num_stages=num_stages if dot else 1,
+                          launch_pdl=pdl)
     return y
 
 
@@ -283,9 +303,10 @@ def _launch_rows(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, expert: torc
     if M == 0:
         return y
     grid = (M, triton.cdiv(N, BN))
+    pdl = backend.pdl(x.device)
     _rows_kernel[grid](x, w, s, expert, y, N, K, triton.cdiv(K, BLOCK), x.stride(0), w.stride(0), w.stride(1),
                        s.stride(0), s.stride(1), y.stride(0), BN=BN, BK=BLOCK, KU=KU, PREFETCH=num_stages == 2,
-                       num_warps=num_warps, num_stages=1)
+                       PDL=pdl, num_warps=num_warps, num_stages=1, launch_pdl=pdl)
     return y
 
 

@@ -45,6 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
+from dsv3.kernels import backend
 from dsv3.kernels.fp8_gemm_triton import BLOCK, GEMV_TILE, TARGET_PROGRAMS, _gemv_tile, _pow2
 from dsv3.kernels.reference import check_head_gemv_args
 
@@ -74,7 +75,10 @@ def _gemv_tile_n(x_ptr, w_ptr, rm, rn, M, N, K, sxm, swk, BM: tl.constexpr, BN: 
 @triton.jit
 def _head_gemv_kernel(x_ptr, w_ptr, y_ptr, M, N, K, KB, sxm, sxh, swh, swn, swk, sym, syh,
                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, KU: tl.constexpr,
-                      K_CONTIG: tl.constexpr, PREFETCH: tl.constexpr):
+                      K_CONTIG: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr = False):
+    if PDL:  # programmatic dependent launch (backend.pdl): let the next launch start, wait for the one before
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     h = tl.program_id(0).to(tl.int64)  # heads outermost: a head's column tiles launch together
     pn = tl.program_id(1)
     pm = tl.program_id(2)
@@ -129,9 +133,11 @@ def launch(x: torch.Tensor, w: torch.Tensor, config: dict | None = None) -> torc
     if K == 0:
         return y.zero_()
     grid = (H, triton.cdiv(N, BN), triton.cdiv(M, BM))
+    pdl = backend.pdl(x.device)
     _head_gemv_kernel[grid](x, w, y, M, N, K, triton.cdiv(K, BLOCK), x.stride(0), x.stride(1), w.stride(0),
                             w.stride(1), w.stride(2), y.stride(0), y.stride(1), BM=BM, BN=BN, BK=BK, KU=KU,
-                            K_CONTIG=kc, PREFETCH=bool(cfg["PREFETCH"]), num_warps=cfg["num_warps"], num_stages=1)
+                            K_CONTIG=kc, PREFETCH=bool(cfg["PREFETCH"]), PDL=pdl, num_warps=cfg["num_warps"],
+                            num_stages=1, launch_pdl=pdl)
     return y
 
 

@@ -24,12 +24,16 @@ import torch
 import triton
 import triton.language as tl
 
+from dsv3.kernels import backend
 from dsv3.kernels.reference import check_store_latents_args
 
 
 @triton.jit
 def _store_latents_kernel(kva_ptr, w_ptr, cos_ptr, sin_ptr, rows_ptr, kv_ptr, pe_ptr, C, P2, eps, s_kva, s_cs, s_sn,
-                          s_kv, s_pe, BC: tl.constexpr, BP: tl.constexpr):
+                          s_kv, s_pe, BC: tl.constexpr, BP: tl.constexpr, PDL: tl.constexpr = False):
+    if PDL:  # programmatic dependent launch (backend.pdl): let the next launch start, wait for the one before
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     m = tl.program_id(0).to(tl.int64)
     r = tl.load(rows_ptr + m).to(tl.int64)  # the cache row of token m
     src = kva_ptr + m * s_kva
@@ -65,10 +69,11 @@ def launch(kv: torch.Tensor, pe: torch.Tensor, slot: int, rows: torch.Tensor, kv
     C, P = kv.shape[-1], pe.shape[-1]
     rows = rows.contiguous()  # the kernel reads rows[m] at m (its values are not checked: in range by contract)
     kv_s, pe_s = kv[slot], pe[slot]  # (R, C), (R, P): views at the slot's offset
+    pdl = backend.pdl(kv_a.device)
     _store_latents_kernel[(M,)](kv_a, w, cos, sin, rows, kv_s, pe_s, C, P // 2, float(eps), kv_a.stride(0),
                                 cos.stride(0), sin.stride(0), kv_s.stride(0), pe_s.stride(0),
                                 BC=triton.next_power_of_2(C), BP=triton.next_power_of_2(max(P // 2, 1)),
-                                num_warps=4 if C >= 512 else 1)
+                                PDL=pdl, num_warps=4 if C >= 512 else 1, launch_pdl=pdl)
 
 
 # A custom op that declares what it mutates (as graphs.write_latents): torch.compile keeps it in place, one

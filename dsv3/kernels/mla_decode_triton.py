@@ -35,7 +35,7 @@ Kernel 2 (`_combine_kernel`), grid (H, B): o = Σ_i 2^(lse_i - max) · o_i / Σ_
 
 The split (flash-decoding) is what fills the GPU at batch 1: B · ceil(H / HG) programs alone would
 be 1 program for the 16b preset (16 heads). n_split is chosen from shapes only (B, H, the bucket's
-nblk · block_size and the SM count: about two programs per SM, chunks of at least 2 tiles); the
+nblk · block_size and the SM count: about two programs per SM, chunks of at least one tile, MIN_CHUNK); the
 lengths stay on the device (seq_lens) and decide only how much of each chunk is read. So the grid
 is fixed per shape, nothing syncs with the host, and the launch can be captured in a CUDA graph.
 C and R are constexpr, padded to powers of two with masks (C = 512, R = 64 for 16b/671B; the test
@@ -57,9 +57,16 @@ import torch
 import triton
 import triton.language as tl
 
+from dsv3.kernels import backend
+
 HG = 16  # heads per program
 BLOCK_N = 32  # context positions per tile: a (32, 512) bf16 kv tile is 32 KiB
-MIN_CHUNK = 2 * BLOCK_N  # fewest positions one split program covers
+# fewest positions one split program covers: one tile. At batch 1 the split kernel is latency-bound (8.5 us a layer
+# at ~190 positions with two tiles a program, H200 2026-12-04), so more programs of one tile each finish sooner: the
+# 16b model's batch-1 decode went 369.2 -> 395.4 tok/s with it (H200, graphs + compile + PDL, one run, 2026-12-05;
+# 41.4 -> 42.7% of the roofline without PDL the session before). From batch ~8 up the grid is set by the SM count
+# (_num_splits), so it changes nothing there.
+MIN_CHUNK = BLOCK_N
 
 
 @triton.jit
@@ -67,7 +74,10 @@ def _split_kernel(q_ptr, qpe_ptr, kv_ptr, pe_ptr, table_ptr, lens_ptr, o_ptr, ls
                   H, chunk, qk_scale,
                   sq_b, sq_h, sqp_b, sqp_h, s_kv, s_pe, st_b, st_n, so_b, so_h, so_s, sl_b, sl_h,
                   C: tl.constexpr, R: tl.constexpr, CP: tl.constexpr, RP: tl.constexpr,
-                  PAGE: tl.constexpr, HG: tl.constexpr, BN: tl.constexpr):
+                  PAGE: tl.constexpr, HG: tl.constexpr, BN: tl.constexpr, PDL: tl.constexpr = False):
+    if PDL:  # programmatic dependent launch (backend.pdl): let the next launch start, wait for the one before
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     hg = tl.program_id(0)
     sp = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -120,7 +130,10 @@ def _split_kernel(q_ptr, qpe_ptr, kv_ptr, pe_ptr, table_ptr, lens_ptr, o_ptr, ls
 
 @triton.jit
 def _combine_kernel(o_ptr, lse_ptr, out_ptr, n_split, so_b, so_h, so_s, sl_b, sl_h, sout_b, sout_h,
-                    C: tl.constexpr, CP: tl.constexpr, SP: tl.constexpr):
+                    C: tl.constexpr, CP: tl.constexpr, SP: tl.constexpr, PDL: tl.constexpr = False):
+    if PDL:  # programmatic dependent launch (backend.pdl): let the next launch start, wait for the one before
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     h = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     i = tl.arange(0, SP)
@@ -167,18 +180,19 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, pe: to
     lse = torch.empty(B, H, n_split, dtype=torch.float32, device=q_lat.device)
     out = torch.empty(B, H, C, dtype=q_lat.dtype, device=q_lat.device)
     CP = max(16, triton.next_power_of_2(C))  # tl.dot needs dims >= 16
+    pdl = backend.pdl(q_lat.device)
     _split_kernel[(groups, n_split, B)](
         q_lat, q_pe, kv, pe, block_table, seq_lens, o_part, lse,
         H, chunk, scale * math.log2(math.e),
         q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1), kv.stride(0), pe.stride(0),
         block_table.stride(0), block_table.stride(1), o_part.stride(0), o_part.stride(1), o_part.stride(2),
         lse.stride(0), lse.stride(1),
-        C=C, R=R, CP=CP, RP=max(16, triton.next_power_of_2(R)), PAGE=block_size, HG=HG, BN=BLOCK_N,
-        num_warps=4, num_stages=2)
+        C=C, R=R, CP=CP, RP=max(16, triton.next_power_of_2(R)), PAGE=block_size, HG=HG, BN=BLOCK_N, PDL=pdl,
+        num_warps=4, num_stages=2, launch_pdl=pdl)
     _combine_kernel[(H, B)](
         o_part, lse, out, n_split, o_part.stride(0), o_part.stride(1), o_part.stride(2),
         lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),
-        C=C, CP=CP, SP=triton.next_power_of_2(n_split), num_warps=4)
+        C=C, CP=CP, SP=triton.next_power_of_2(n_split), PDL=pdl, num_warps=4, launch_pdl=pdl)
     return out
 
 

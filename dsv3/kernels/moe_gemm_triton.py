@@ -36,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
+from dsv3.kernels import backend
 from dsv3.kernels.fp8_grouped_triton import _expert_of_tile
 from dsv3.kernels.reference import check_moe_gemm_args
 
@@ -46,7 +47,11 @@ BLOCK = 128  # K step: one FP8 scale block
 def _moe_gemm_kernel(x_ptr, xr_ptr, w_ptr, ws_ptr, u_ptr, us_ptr, y_ptr, yr_ptr, offs_ptr, N, K, E,
                      sxm, swe, swn, sse, ssn, ssk, sym,
                      HAS_SCALE: tl.constexpr, FUSED_UP: tl.constexpr, X_ROWS: tl.constexpr, Y_ROWS: tl.constexpr,
-                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, E_P2: tl.constexpr):
+                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, E_P2: tl.constexpr,
+                     PDL: tl.constexpr = False):
+    if PDL:  # programmatic dependent launch (backend.pdl): let the next launch start, wait for the one before
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     e, row0, row_end = _expert_of_tile(offs_ptr, pid_m, E, BM, E_P2)
@@ -133,11 +138,12 @@ def launch(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None, offs: torch
     xr = x_rows.contiguous() if x_rows is not None else offs  # placeholders: never read without X_ROWS / Y_ROWS
     yr = y_rows.contiguous() if y_rows is not None else offs
     grid = (triton.cdiv(N, BN), triton.cdiv(M, BM) + E)
+    pdl = backend.pdl(x.device)
     _moe_gemm_kernel[grid](x, xr, w, s, u, us, y, yr, offs, N, K, E, x.stride(0), w.stride(0), w.stride(1),
                            s.stride(0) if fp8 else 0, s.stride(1) if fp8 else 0, s.stride(2) if fp8 else 0,
                            y.stride(0), HAS_SCALE=fp8, FUSED_UP=fused, X_ROWS=x_rows is not None,
                            Y_ROWS=y_rows is not None, BM=BM, BN=BN, BK=BLOCK, E_P2=triton.next_power_of_2(E),
-                           num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                           PDL=pdl, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], launch_pdl=pdl)
     return y
 
 

@@ -51,12 +51,17 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from dsv3.kernels import backend
+
 
 @triton.jit
 def _router_kernel(logits_ptr, bias_ptr, w_ptr, idx_ptr, s_ptr, N, scale, s_ln, s_wn, s_in, s_sn,
                    G: tl.constexpr, EG: tl.constexpr, GP: tl.constexpr, EGP: tl.constexpr,
                    K: tl.constexpr, KP: tl.constexpr, TOPK_GROUP: tl.constexpr, NORM: tl.constexpr,
-                   BM: tl.constexpr, EXACT: tl.constexpr, WRITE_S: tl.constexpr):
+                   BM: tl.constexpr, EXACT: tl.constexpr, WRITE_S: tl.constexpr, PDL: tl.constexpr = False):
+    if PDL:  # programmatic dependent launch (backend.pdl): let the next launch start, wait for the one before
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     n = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)  # (BM,) tokens
     g = tl.arange(0, GP)
     j = tl.arange(0, EGP)
@@ -147,11 +152,12 @@ def router_topk(logits: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: i
     # one warp per program: every reduction is warp shuffles only (no shared memory), and a program
     # is a few hundred registers' worth of experts; many tokens give many programs
     bm = block_m or (1 if N < 1024 else 2)
+    pdl = backend.pdl(logits.device)
     _router_kernel[(triton.cdiv(N, bm),)](
         logits, bias, w, idx, s, N, float(scale), logits.stride(0), w.stride(0), idx.stride(0), E,
         G=n_group, EG=E // n_group, GP=_pow2(n_group), EGP=_pow2(E // n_group), K=top_k, KP=_pow2(top_k),
         TOPK_GROUP=topk_group, NORM=bool(norm_topk_prob), BM=bm, EXACT=not interpret, WRITE_S=bool(with_s),
-        num_warps=num_warps or 1)
+        PDL=pdl, num_warps=num_warps or 1, launch_pdl=pdl)
     return w, idx, s
 
 
