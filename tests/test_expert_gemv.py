@@ -176,16 +176,27 @@ def test_shared_fusion_taken_only_where_it_should(monkeypatch):
                                                                                  dtype=torch.long)
     fits = moe.experts.shared_gemv_fits
     assert not fits(x, idx, moe.shared_experts, "auto")  # CPU: the reference backends, the unfused path
-    monkeypatch.setattr(kb, "_fast_fits", lambda op, t: True)  # every kernel rule holds (as on a GPU)
+    # every kernel rule holds as on a GPU; the SwiGLU GEMV's own (one row: its rounding is the fused path's)
+    monkeypatch.setattr(kb, "_fast_fits", lambda op, t: kb._swiglu_gemv_fits(*t) if op == "swiglu_gemv" else True)
     monkeypatch.setattr(Experts, "_impl", staticmethod(lambda x, impl: "grouped"))
     assert not fits(x, idx, moe.shared_experts, "auto")  # off by default
     monkeypatch.setitem(kb.SWITCHED, "shared_gemv", True)
     assert fits(x, idx, moe.shared_experts, "auto")
     assert not fits(x, idx, moe.shared_experts, "loop") and not fits(x, idx, None, "auto")
     assert not fits(x, torch.zeros(40, cfg.num_experts_per_tok, dtype=torch.long), moe.shared_experts, "auto")
-    h = moe.shared_experts.down_proj.register_forward_hook(lambda *a: None)  # a hooked Linear is called, not read
+    x2, idx2 = x.expand(2, -1), idx.expand(2, -1)  # two tokens: the routed GEMV still fits, the SwiGLU GEMV not
+    assert moe.experts._gemv_fits(x2, idx2) and not fits(x2, idx2, moe.shared_experts, "auto")
+    monkeypatch.setitem(kb.SWITCHED, "dense_gemv", False)  # the shared MLP through F.linear: rounded otherwise
     assert not fits(x, idx, moe.shared_experts, "auto")
-    h.remove()
+    monkeypatch.setitem(kb.SWITCHED, "dense_gemv", True)
+    for mod in (moe.shared_experts.down_proj, moe.experts):  # a hooked module is called, not read
+        h = mod.register_forward_hook(lambda *a: None)
+        assert not fits(x, idx, moe.shared_experts, "auto")
+        h.remove()
+    assert fits(x, idx, moe.shared_experts, "auto")
+    monkeypatch.setattr(moe.experts, "__class__", type("Sub", (Experts,), {"forward": lambda self, *a: None}))
+    assert not fits(x, idx, moe.shared_experts, "auto")  # a subclass's own forward is not bypassed
+    monkeypatch.setattr(moe.experts, "__class__", Experts)
     lin = moe.shared_experts.up_proj
     moe.shared_experts.up_proj = FP8Linear(lin.in_features, lin.out_features)  # FP8 storage: not this kernel's
     assert not fits(x, idx, moe.shared_experts, "auto")
@@ -220,10 +231,10 @@ def test_interp_moe_forward_through_the_shared_fusion(monkeypatch):
     for p in moe.parameters():
         p.normal_(0, 0.2, generator=torch.Generator().manual_seed(p.numel()))
     monkeypatch.setattr(Experts, "_impl", staticmethod(lambda x, impl: "grouped"))
-    x = torch.randn(1, 2, cfg.hidden_size, generator=torch.Generator().manual_seed(0)).half()
+    x = torch.randn(1, 1, cfg.hidden_size, generator=torch.Generator().manual_seed(0)).half()
     calls, orig = [], Experts.forward_gemv_shared
     monkeypatch.setattr(Experts, "forward_gemv_shared", lambda self, *a: calls.append(1) or orig(self, *a))
-    with kernels.use_backend(expert_gemv="triton", shared_gemv="triton"):
+    with kernels.use_backend(expert_gemv="triton", shared_gemv="triton", swiglu_gemv="triton"):
         got, _ = moe(x)
     assert calls == [1]
     with kernels.use_backend(expert_gemv="triton", shared_gemv="reference", swiglu_gemv="reference",

@@ -102,22 +102,33 @@ def _cases():
     fe = {"x": _bf16(6, D, g=g), "w": torch.stack(eq), "s": torch.stack(es), "e": ew["e"]}
     cases["fp8_rows"] = (fe, ["x", "e"], lambda t: fp8_gemm_triton._launch_rows(
         t["x"], t["w"], t["s"], t["e"], **fp8_gemm_triton._config_rows(6, I, D)))
+    fe["u"], fe["us"] = fe["w"].flip(0), fe["s"].flip(0)
     cases["fp8_expert_gemv_swiglu"] = (fe, ["x", "e"], lambda t: expert_gemv_triton.launch(
-        t["x"][:1], t["w"], t["s"], t["e"], 6, t["w"].flip(0), t["s"].flip(0)))
+        t["x"][:1], t["w"], t["s"], t["e"], 6, t["u"], t["us"]))
+    x16 = _bf16(16, D, g=g)  # the FP8 GEMM's tensor-core form (16 rows: DOT), which waits first
+    cases["fp8_small_m_dot"] = ({"x": x16, "w": wq, "s": ws}, ["x"], lambda t: fp8_gemm_triton._launch_small_m(
+        t["x"], t["w"], t["s"], **fp8_gemm_triton._config_small_m(16, 2048, D)))
+    sh = {"x": x1, "g": ew["g"], "u": ew["u"], "e": ew["e"], "sg": _bf16(2 * I, D, g=g), "su": _bf16(2 * I, D, g=g)}
+    cases["swiglu_with_shared"] = (sh, ["x", "e"], lambda t: expert_gemv_triton.swiglu_with_shared(
+        t["x"], t["g"], t["u"], t["e"], 6, t["sg"], t["su"]))
+    cases["down_with_shared"] = (
+        {"h": _bf16(8, I, g=g), "d": _bf16(E, D, I, g=g), "e": ew["e"], "sd": _bf16(D, 2 * I, g=g)}, ["h", "e"],
+        lambda t: expert_gemv_triton.down_with_shared(t["h"], t["d"], t["e"], t["sd"]))
     cases["router_topk"] = (
         {"l": torch.randn(4, 256, device="cuda", generator=g), "b": torch.randn(256, device="cuda", generator=g)},
         ["l"], lambda t: router_triton.router_topk(t["l"], t["b"], 8, 8, 4, True, 2.5))
     C, P = 512, 64
     ang = torch.rand(3, P // 2, device="cuda", generator=g) * 100
 
-    def store(t):
-        kv, pe = torch.zeros(2, 64, C, device="cuda", dtype=torch.bfloat16), torch.zeros(2, 64, P, device="cuda",
-                                                                                           dtype=torch.bfloat16)
-        latent_store_triton.launch(kv, pe, 1, t["rows"], t["kv_a"], t["w"], 1e-6, ang.cos(), ang.sin())
-        return kv, pe
+    def store(t):  # in place into kv, pe (zeroed by the test before the producer runs)
+        latent_store_triton.launch(t["kv"], t["pe"], 1, t["rows"], t["kv_a"], t["w"], 1e-6, t["cos"], t["sin"])
+        return t["kv"], t["pe"]
 
     cases["store_latents"] = ({"kv_a": _bf16(3, C + P, g=g), "w": _bf16(C, g=g),
-                               "rows": torch.tensor([5, 60, 7], device="cuda")}, ["kv_a", "rows"], store)
+                               "rows": torch.tensor([5, 60, 7], device="cuda"), "cos": ang.cos(), "sin": ang.sin(),
+                               "kv": torch.zeros(2, 64, C, device="cuda", dtype=torch.bfloat16),
+                               "pe": torch.zeros(2, 64, P, device="cuda", dtype=torch.bfloat16)},
+                              ["kv_a", "rows"], store)
     B, H, page = 2, 16, 16  # two sequences of 30 and 17 positions in 8 pages of 16 each
     ml = {"q": _bf16(B, H, C, g=g), "qp": _bf16(B, H, P, g=g), "kv": _bf16(16 * page, C, g=g),
           "pe": _bf16(16 * page, P, g=g), "table": torch.randperm(16, device="cuda", generator=g).view(B, 8),
@@ -135,8 +146,13 @@ def _cases():
 
 
 CASES = ["dense_gemv", "dense_gemv_fp32_out", "dense_gemv2", "swiglu_gemv", "expert_gemv_swiglu",
-         "expert_gemv_down", "fp8_small_m", "fp8_rows", "fp8_expert_gemv_swiglu", "router_topk", "store_latents",
-         "mla_decode", "moe_gemm_swiglu", "head_gemv"]
+         "expert_gemv_down", "fp8_small_m", "fp8_small_m_dot", "fp8_rows", "fp8_expert_gemv_swiglu",
+         "swiglu_with_shared", "down_with_shared", "router_topk", "store_latents", "mla_decode", "moe_gemm_swiglu",
+         "head_gemv"]
+IN_PLACE = {"store_latents": ("kv", "pe")}  # outputs written in place: zeroed before each producer
+# Nothing but the producer may launch between it and the kernel under test: an ordinary launch in between (a copy,
+# a fill) would wait for the producer to finish, and a missing wait in the kernel would go unseen. So each case's
+# tensors are made up front and the launchers allocate with torch.empty only.
 
 
 def _as_tuple(y):
@@ -146,9 +162,12 @@ def _as_tuple(y):
 @pytest.mark.parametrize("graph", [False, True])
 @pytest.mark.parametrize("name", CASES)
 def test_kernel_waits_for_the_launch_before_it(name, graph, pdl_on, monkeypatch):
+    case_name = name
     cases = _cases()
     inputs, produced, fn = cases[name]
     kernels.set_pdl(False)
+    for n in IN_PLACE.get(name, ()):
+        inputs[n].zero_()
     want = [t.clone() for t in _as_tuple(fn(inputs))]
     kernels.set_pdl(True)
     launches = []
@@ -172,8 +191,12 @@ def test_kernel_waits_for_the_launch_before_it(name, graph, pdl_on, monkeypatch)
                 slow_copy_(buf, inputs[key])
                 out = _as_tuple(fn(t))
             buf.zero_()
+            for name in IN_PLACE.get(case_name, ()):
+                t[name].zero_()
             g.replay()
         else:
+            for name in IN_PLACE.get(case_name, ()):
+                t[name].zero_()
             slow_copy_(buf, inputs[key])
             out = _as_tuple(fn(t))
         torch.cuda.synchronize()
@@ -184,23 +207,24 @@ def test_kernel_waits_for_the_launch_before_it(name, graph, pdl_on, monkeypatch)
 
 
 def test_graphed_decode_step_with_pdl_is_bitwise_the_same(monkeypatch):
-    """A bf16 micro model's CUDA-graph decode step (compiled), every decode kernel switched on, with and without
-    PDL: the same logits bit for bit (PDL changes when a launch starts, not what it computes)."""
+    """A bf16 micro model's CUDA-graph decode step (compiled), every decode kernel switched on (the shared experts in
+    the routed launches too), with and without PDL: the same logits bit for bit (PDL changes when a launch starts,
+    not what it computes)."""
     from dsv3.kernels import backend as kb
     from test_gpu_expert_gemv import decode_model_and_prompts, graphed_step_logits
 
     monkeypatch.setattr(kb, "DENSE_GEMV_ROWS", 4)
     m, prompts = decode_model_and_prompts()
-    olds = (kernels.set_dense_gemv(True), kernels.set_head_gemv(True), kernels.set_latent_store(True),
-            kernels.set_moe_gemm(True))
+    sets = (kernels.set_dense_gemv, kernels.set_head_gemv, kernels.set_latent_store, kernels.set_moe_gemm,
+            kernels.set_shared_gemv)
+    olds = [f(True) for f in sets]
+    old_pdl = kernels.set_pdl(False)
     try:
-        kernels.set_pdl(False)
         ref = graphed_step_logits(m, prompts, compile_decode=True)
         kernels.set_pdl(True)
         got = graphed_step_logits(m, prompts, compile_decode=True)
     finally:
-        kernels.set_pdl(False)
-        for f, o in zip((kernels.set_dense_gemv, kernels.set_head_gemv, kernels.set_latent_store,
-                         kernels.set_moe_gemm), olds):
+        kernels.set_pdl(old_pdl)
+        for f, o in zip(sets, olds):
             f(o)
     assert torch.equal(got, ref)

@@ -190,7 +190,7 @@ def mla_decode_interpreted(monkeypatch):
 @needs_interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("B,H,C,R,block_size,nblk,num_splits", [
-    (3, 4, 32, 16, 4, 20, None),  # test config: 4 heads padded to a 16-head group; 2 splits of 2 tiles
+    (3, 4, 32, 16, 4, 20, None),  # test config: 4 heads padded to a 16-head group; 3 splits of 1 tile
     (2, 40, 48, 8, 16, 3, None),  # 3 groups of 16 heads (the last half masked); C, R padded
     (4, 16, 64, 16, 3, 40, 2),  # block size 3 (tiles straddle blocks), 2 splits of up to 2 tiles
     (3, 16, 32, 16, 4, 12, 5),  # 5 splits: the short sequences leave some empty

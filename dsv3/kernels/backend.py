@@ -288,10 +288,11 @@ def _fast_fits(op: str, tensors: tuple[torch.Tensor, ...]) -> bool:
         return _decode_fits(tensors[0], DENSE_DECODE_ROWS)
     if op in ("fp8_expert_rows", "expert_gemv"):
         return _decode_fits(tensors[0], EXPERT_DECODE_ROWS)
-    if op == "shared_gemv":  # (x, routed gate, shared gate): 16-bit weights in x's dtype, no gradient through them
+    if op == "shared_gemv":  # (x, the routed and shared weights): in x's dtype, no gradient, no CUDA autocast
         x, w = tensors[0], tensors[1:]
         return (_decode_fits(x, EXPERT_DECODE_ROWS) and all(t.dtype == x.dtype for t in w)
-                and not (torch.is_grad_enabled() and any(t.requires_grad for t in w)))
+                and not (torch.is_grad_enabled() and any(t.requires_grad for t in w))
+                and not torch.is_autocast_enabled("cuda"))
     if op == "dense_gemv":
         return len(tensors) == 2 and _dense_gemv_fits(*tensors)
     if op == "head_gemv":

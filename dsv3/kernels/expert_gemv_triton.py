@@ -77,6 +77,7 @@ def _gemv_kernel(x_ptr, w_ptr, ws_ptr, u_ptr, us_ptr, e_ptr, y_ptr, N, K, KB, x_
     # this one waits for the launch before it before reading its output (x, the expert index) or writing. EARLY
     # (ONE_EXPERT with PDL and PREFETCH: the weights do not depend on that launch): the first weight loads go
     # before the wait (_loads' WAIT); else the wait comes first.
+    tl.static_assert(not EARLY or (PREFETCH and ONE_EXPERT and PDL), "EARLY: the prefetch prologue holds the wait")
     m = tl.program_id(0).to(tl.int64)
     pn = tl.program_id(1)
     if PDL:

@@ -257,19 +257,22 @@ class Experts(nn.Module):
 
     def shared_gemv_fits(self, x_ND: torch.Tensor, idx_NK: torch.Tensor, shared: nn.Module | None, impl: str) -> bool:
         """Whether this decode call runs the shared experts `shared` inside the routed GEMV launches
-        (`forward_gemv_shared`): the routed experts take the GEMV (`_gemv_fits`, impl "auto"), the shared experts are
-        a plain MLP of 16-bit Linears without hooks whose width is a multiple of the experts' I, and the kernel's rule
-        (backend.py "shared_gemv": switched on, GPU, weights in x's dtype, no autograd). Shapes only."""
+        (`forward_gemv_shared`): this module's own forward (no subclass's, no hooks) would take the GEMV
+        (`_gemv_fits`, impl "auto"); the shared experts are a plain MLP of 16-bit Linears without hooks, its width a
+        multiple of the experts' I, that would itself take the SwiGLU GEMV (one rounding of silu(gate) * up: at one
+        row, backend.DENSE_GEMV_ROWS, so that both paths round alike); and the kernel's rule (backend.py
+        "shared_gemv": switched on, GPU, weights in x's dtype, no autograd, no CUDA autocast). Shapes only."""
         if shared is None or impl != "auto" or type(shared) is not MLP or self._impl(x_ND, impl) != "grouped":
             return False
         lins = (shared.gate_proj, shared.up_proj, shared.down_proj)
-        if any(type(m) is not Linear for m in lins) or hooked(shared, *lins) or not self._gemv_fits(x_ND, idx_NK):
+        if (type(self).forward is not Experts.forward or any(type(m) is not Linear for m in lins)
+                or hooked(self, shared, *lins) or not self._gemv_fits(x_ND, idx_NK)):
             return False
-        g, sg = self.gemv_weights()[0], shared.gate_proj.weight
+        g, sg, su = self.gemv_weights()[0], shared.gate_proj.weight, shared.up_proj.weight
         I = g.shape[1]
         return (sg.shape[0] % I == 0 and all(m.weight.is_contiguous() for m in lins)
-                and kernels.select_backend("shared_gemv", x_ND, g, sg, shared.up_proj.weight,
-                                           shared.down_proj.weight) == "triton")
+                and kernels.select_backend("swiglu_gemv", x_ND, sg, su) == "triton"
+                and kernels.select_backend("shared_gemv", x_ND, g, sg, su, shared.down_proj.weight) == "triton")
 
     def forward_gemv_shared(self, x_ND: torch.Tensor, idx_NK: torch.Tensor, w_NK: torch.Tensor, shared: MLP
                             ) -> torch.Tensor:
@@ -398,7 +401,8 @@ class MoE(nn.Module):
         w_NK, idx_NK, s_NE = self.gate(x_ND)
         if self.dispatcher is None and self.experts.shared_gemv_fits(x_ND, idx_NK, self.shared_experts,
                                                                      self.experts_impl):
-            # decode: the shared experts inside the routed experts' GEMV launches (the same sum and roundings)
+            # decode at one row: the shared experts inside the routed experts' GEMV launches (the same sum and
+            # roundings as below, where the shared MLP takes the SwiGLU GEMV; the down products' summation orders differ)
             y = self.experts.forward_gemv_shared(x_ND, idx_NK, w_NK, self.shared_experts).view(B, T, D)
         else:
             if self.dispatcher is None:
