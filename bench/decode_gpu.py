@@ -63,7 +63,7 @@ from bandwidth import copy_bandwidth  # noqa: E402  (bench/bandwidth.py)
 MODE_FLAGS = ("+nogemv", "+nokernels", "+densegemv", "+headgemv", "+latentstore", "+moegemm", "+sharedgemv",
               "+twotiles", "+tile16", "+pdl", "+nopdl", "+ipdl", "+noipdl")
 KERNEL_FLAGS = {"+densegemv": "dense_gemv", "+headgemv": "head_gemv", "+latentstore": "latent_store",
-                "+moegemm": "moe_gemm", "+sharedgemv": "shared_gemv"}  # the switched decode kernels (backend.py SWITCHED)
+                "+moegemm": "moe_gemm", "+sharedgemv": "shared_gemv"}  # switched decode kernels (backend.py SWITCHED)
 SHIPPED = dict(kb.SWITCHED)  # their defaults, as `dsv3 serve` runs them
 SHIPPED_INDUCTOR_PDL = graphs.INDUCTOR_PDL
 
@@ -131,7 +131,8 @@ def main() -> None:
                          "the Triton FP8 GEMMs; put it last: it quantizes the model in place); any mode + '+nogemv': "
                          "the routed experts without the decode GEMV kernel (kernels.expert_gemv), as before it; the "
                          "switched decode kernels: the shipped defaults, or +nokernels (all off), or exactly those of "
-                         "'+densegemv', '+headgemv', '+latentstore', '+moegemm', '+sharedgemv' (module docstring); '+twotiles', '+tile16': "
+                         "'+densegemv', '+headgemv', '+latentstore', '+moegemm', '+sharedgemv' (module docstring); "
+                         "'+twotiles', '+tile16': "
                          "the MLA decode split; '+pdl', '+nopdl', '+ipdl', '+noipdl': programmatic dependent launch")
     args = ap.parse_args()
     if args.moe_gemm_rows < 0:

@@ -48,8 +48,9 @@ from dsv3.kernels import backend as kernel_backend
 
 # Inductor's generated kernels of a compiled decode step launch with programmatic dependent launch too where dsv3's
 # do (kernels.set_pdl, on by default on compute capability 9.0+) and the torch has the option
-# (torch._inductor.config.triton.enable_pdl: 2.11 and later). Measured on the H200, 16b batch 1 (bench/decode_gpu.py,
-# bench/RESULTS.md 2026-12-05): see INDUCTOR_PDL's figures there. The bench's +ipdl modes set it.
+# (torch._inductor.config.triton.enable_pdl: 2.11 and later). Measured on the H200, 16b batch 1, graphs + compile
+# (bench/decode_gpu.py, bench/RESULTS.md 2026-12-05): with dsv3's kernels on PDL, 365.8 -> 369.2 tok/s in one run and
+# 388.0 -> 417.8 in the next; alone (dsv3's off) it lost, 360.4 -> 340.0. The bench's +ipdl / +noipdl modes set it.
 INDUCTOR_PDL = True
 
 

@@ -61,7 +61,8 @@ __all__ = ["BLOCK", "FP8_MAX", "act_dequant", "act_quant", "act_quant_cm", "act_
            "fp8_grouped_gemm_fwd", "fp8_weight_linear", "head_gemv", "head_gemv_ref", "mla_decode", "mla_decode_ref",
            "moe_gemm_down", "moe_gemm_ref", "moe_gemm_swiglu", "moe_gemv_shared", "set_moe_gemm",
            "router_topk", "router_topk_ref", "select_backend", "set_dense_gemv", "set_head_gemv", "set_latent_store",
-           "set_pdl", "set_shared_gemv", "store_latents", "store_latents_ref", "swiglu_gemv", "use_backend", "weight_dequant", "weight_quant",
+           "set_pdl", "set_shared_gemv", "store_latents", "store_latents_ref", "swiglu_gemv", "use_backend",
+           "weight_dequant", "weight_quant",
            "weight_quant_pad"]
 
 
@@ -233,8 +234,9 @@ def set_moe_gemm(on: bool) -> bool:
 def set_shared_gemv(on: bool) -> bool:
     """Let a decode step's shared experts run inside the routed experts' GEMV launches (`moe_gemv_shared`:
     MoE.forward, where the routed experts take the GEMV and the shared ones are a plain 16-bit MLP) wherever its
-    rule holds (backend.py "shared_gemv"), process-wide; returns the previous setting. OFF BY DEFAULT until measured
-    on a GPU (bench/decode_gpu.py's +sharedgemv modes). CUDA graphs keep what they captured."""
+    rule holds (backend.py "shared_gemv"), process-wide; returns the previous setting. OFF BY DEFAULT: slower on the
+    H200 with PDL (16b batch 1: 362.7 tok/s against 417.8 without it, bench/decode_gpu.py's +sharedgemv modes,
+    2026-12-05). CUDA graphs keep what they captured."""
     return _switch("shared_gemv", on)
 
 
@@ -242,8 +244,8 @@ def set_head_gemv(on: bool) -> bool:
     """Let the automatic choice take the per-head decode GEMV (`head_gemv`: absorbed MLA's W_UK / W_UV products)
     wherever its rule holds (CUDA, bf16/fp16, at most DENSE_GEMV_ROWS rows, no autograd: backend.py),
     process-wide; returns the previous setting. DEFAULT OFF: not faster than the einsums' cuBLAS batched GEMMs
-    on the H200 (bench/decode_gpu.py's +headgemv modes, 2026-12-05). As `set_dense_gemv` for compiled steps and
-    CUDA graphs."""
+    on the H200 (bench/decode_gpu.py's +headgemv modes, 2026-12-05: 289.9 against 295.4 tok/s; with PDL 413.2
+    against 417.8). As `set_dense_gemv` for compiled steps and CUDA graphs."""
     return _switch("head_gemv", on)
 
 

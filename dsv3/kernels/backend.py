@@ -92,9 +92,13 @@ PENDING: set[str] = set()
 # pairs); off: head_gemv (no gain measured). The FP8 forms (e4m3 weights: the SwiGLU GEMV, which follows dense_gemv,
 # and moe_gemm) lost at batch 1: an FP8 16b model decoded 362.6 tok/s without them and 342.2 with them (same
 # run, H200, 2026-12-05): WEIGHTS_16BIT, on for 16-bit weights only. "pdl" is not an op but the decode kernels' launch
-# option (`pdl` below): on, where the GPU has it; the H200 (16b batch 1, graphs + compile, one run, 2026-12-05) decoded
-# 360.4 tok/s without it, 365.8 with it, 369.2 with inductor's kernels launched so too; FP8 347.6 -> 375.6. DSV3_KERNELS
-# or kernels.set_* turn any of them on (every dtype) or off.
+# option (`pdl` below): on, where the GPU has it. The H200 (16b, graphs + compile, 2026-12-05, bench/RESULTS.md):
+# batch 1 360.4 tok/s without it, 365.8 with it, 369.2 with inductor's kernels launched so too (first run); 388.0 with it on
+# dsv3's kernels only, 417.8 on both, 348.8 with neither and two tiles per MLA split (second run); batches 32 / 128:
+# 3,211 / 10,562 with it, 3,261 / 10,589 without (third run); FP8 batch 1 338.8 -> 380.6. "shared_gemv" (the shared
+# experts inside the routed GEMV launches) stays off: 362.7 tok/s with it against 417.8 (second run), since the
+# shared experts' own launches read their weights before their wait and the routed launch cannot (its experts come
+# from the router). DSV3_KERNELS or kernels.set_* turn any of them on (every dtype) or off.
 WEIGHTS_16BIT = "16-bit weights"
 SWITCHED: dict[str, bool | str] = {"dense_gemv": WEIGHTS_16BIT, "head_gemv": False, "latent_store": True,
                                    "moe_gemm": WEIGHTS_16BIT, "pdl": True, "shared_gemv": False}

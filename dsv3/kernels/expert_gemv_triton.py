@@ -190,8 +190,8 @@ def launch(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None, expert: tor
 
 
 def launch_shared(x: torch.Tensor, w: torch.Tensor, expert: torch.Tensor, x_div: int, w2: torch.Tensor, x0: int,
-                  xd2: int, xm2: int, rows2: int, k2: int, up: torch.Tensor | None = None, up2: torch.Tensor | None = None,
-                  **config) -> torch.Tensor:
+                  xd2: int, xm2: int, rows2: int, k2: int, up: torch.Tensor | None = None,
+                  up2: torch.Tensor | None = None, **config) -> torch.Tensor:
     """The routed rows (as `launch` with 16-bit weights) and `rows2` more rows through a second matrix set in the same
     launch: y (MR + rows2, N), MR = expert's length; row MR + t reads x's row x0 + (t // xd2)·xm2 (k2 wide: it may run
     on over the next rows of a contiguous x) through w2[t % w2.shape[0]] (and up2), a (S, N, k2) weight with any

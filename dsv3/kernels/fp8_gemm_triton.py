@@ -183,7 +183,8 @@ def _small_m_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, KB, sxm, swn, ssn, sym,
 
 @triton.jit(do_not_specialize=["KB", "sse", "ssn"])
 def _rows_kernel(x_ptr, w_ptr, s_ptr, e_ptr, y_ptr, N, K, KB, sxm, swe, swn, sse, ssn, sym,
-                 BN: tl.constexpr, BK: tl.constexpr, KU: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr = False):
+                 BN: tl.constexpr, BK: tl.constexpr, KU: tl.constexpr, PREFETCH: tl.constexpr,
+                 PDL: tl.constexpr = False):
     m = tl.program_id(0).to(tl.int64)  # rows fastest: rows sorted by expert share its tiles in L2
     pn = tl.program_id(1)
     if PDL:  # programmatic dependent launch (backend.pdl): the expert index is the launch before's output

@@ -64,8 +64,9 @@ BLOCK_N = 32  # context positions per tile: a (32, 512) bf16 kv tile is 32 KiB
 # fewest positions one split program covers: one tile. At batch 1 the split kernel is latency-bound (8.5 us a layer
 # at ~190 positions with two tiles a program, H200 2026-12-04), so more programs of one tile each finish sooner: the
 # 16b model's batch-1 decode went 369.2 -> 395.4 tok/s with it (H200, graphs + compile + PDL, one run, 2026-12-05;
-# 41.4 -> 42.7% of the roofline without PDL the session before). From batch ~8 up the grid is set by the SM count
-# (_num_splits), so it changes nothing there.
+# 41.4 -> 42.7% of the roofline without PDL the session before). Tiles of 16 positions (BLOCK_N 16, one a program)
+# lost: 385.0 against 417.8 (the next run). From batch ~8 up the grid is set by the SM count (_num_splits), so it
+# changes nothing there.
 MIN_CHUNK = BLOCK_N
 
 

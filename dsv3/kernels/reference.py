@@ -442,7 +442,8 @@ def swiglu_with_shared_ref(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor
                            shared_gate: torch.Tensor, shared_up: torch.Tensor) -> torch.Tensor:
     """A MoE decode step's SwiGLU first half, routed and shared experts together (expert_gemv_triton.
     swiglu_with_shared): the routed rows as `expert_gemv_ref` with `up`, then for each token t of x (T, D) its
-    shared experts' silu(x·gateᵀ) * (x·upᵀ) (shared_gate, shared_up (S·I, D)) as S rows of I; fp32, one rounding."""
+    shared experts' silu(x·gateᵀ) * (x·upᵀ) (shared_gate, shared_up (S·I, D)) as S rows of I; fp32, one
+    rounding."""
     I = gate.shape[1]
     xs = x.float()
     h = (F.silu(xs @ shared_gate.float().t()) * (xs @ shared_up.float().t())).to(x.dtype)  # (T, S·I)
@@ -457,7 +458,8 @@ def down_with_shared_ref(h: torch.Tensor, down: torch.Tensor, expert: torch.Tens
     M, I = expert.shape[0], down.shape[2]
     S = shared_down.shape[1] // I
     hs = h[M:].reshape(-1, S * I)
-    return torch.cat([expert_gemv_ref(h[:M], down, None, expert, 1), (hs.float() @ shared_down.float().t()).to(h.dtype)])
+    shared = (hs.float() @ shared_down.float().t()).to(h.dtype)
+    return torch.cat([expert_gemv_ref(h[:M], down, None, expert, 1), shared])
 
 
 def mla_decode_ref(q_lat: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, pe: torch.Tensor,

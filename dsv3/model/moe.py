@@ -402,7 +402,8 @@ class MoE(nn.Module):
         if self.dispatcher is None and self.experts.shared_gemv_fits(x_ND, idx_NK, self.shared_experts,
                                                                      self.experts_impl):
             # decode at one row: the shared experts inside the routed experts' GEMV launches (the same sum and
-            # roundings as below, where the shared MLP takes the SwiGLU GEMV; the down products' summation orders differ)
+            # roundings as below, where the shared MLP takes the SwiGLU GEMV; the down products' summation orders
+            # differ)
             y = self.experts.forward_gemv_shared(x_ND, idx_NK, w_NK, self.shared_experts).view(B, T, D)
         else:
             if self.dispatcher is None:
