@@ -120,6 +120,9 @@ def test_pdl_on_by_default_and_only_on_sm90_cuda_outside_the_interpreter(monkeyp
         monkeypatch.delenv("TRITON_INTERPRET")
         monkeypatch.setattr(kb, "_probes", {("capability", 0): (8, 9)})  # Ada: no griddepcontrol
         assert not kb.pdl(gpu)
+        monkeypatch.setattr(kb, "_probes", {("capability", 0): (9, 4)})  # an MI300 under ROCm: PTX only on NVIDIA
+        monkeypatch.setattr(torch.version, "hip", "6.2")
+        assert not kb.pdl(gpu)
     finally:
         kernels.set_pdl(old)
     assert kb.switches_from_env("pdl=off") == {"pdl": False}

@@ -212,7 +212,7 @@ def _sm90(device: torch.device) -> bool:
 
 def pdl(device: torch.device) -> bool:
     """Whether dsv3's decode kernels launch on `device` with programmatic dependent launch: switched on ("pdl" of
-    SWITCHED: kernels.set_pdl, DSV3_KERNELS=pdl=on), a CUDA device of compute capability 9.0+ and not the Triton
+    SWITCHED: kernels.set_pdl, DSV3_KERNELS=pdl=on), an NVIDIA GPU of compute capability 9.0+ and not the Triton
     interpreter. Not an op: a launch option of every decode kernel (dense and expert GEMVs, the router, the latent
     store, MLA decode, the grouped decode GEMM, the head GEMV). Such a launch may start while the launch before it
     drains: each program first tells the next launch it may start (griddepcontrol.launch_dependents), reads
@@ -221,8 +221,10 @@ def pdl(device: torch.device) -> bool:
     same bits with it on or off (tests/test_gpu_pdl.py)."""
     if not _env_read:
         _read_env()
-    return (bool(SWITCHED["pdl"]) and device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
-            and _sm90(device))
+    # (ROCm builds report their devices as "cuda" too, with capabilities such as (9, 4): griddepcontrol is PTX, so
+    # NVIDIA builds only)
+    return (bool(SWITCHED["pdl"]) and device.type == "cuda" and torch.version.hip is None
+            and os.environ.get("TRITON_INTERPRET") != "1" and _sm90(device))
 
 
 def _rows(x: torch.Tensor) -> int:
