@@ -22,9 +22,7 @@ them); +densegemv, +headgemv, +latentstore, +moegemm run exactly the ones named.
 decode GEMV (kernels.set_head_gemv) instead of the einsums' batched GEMMs; +latentstore: the decode step's latent
 RMSNorm + RoPE + cache write as one kernel (kernels.set_latent_store) instead of the compiled norm and RoPE and two
 index_copy launches; +moegemm: the routed experts of batches above one pair per expert through the grouped decode
-GEMM (kernels.set_moe_gemm) instead of torch._grouped_mm (bf16) or the per-row FP8 GEMV; +sharedgemv: the shared
-experts inside the routed experts' GEMV launches (kernels.set_shared_gemv) instead of launches of their own. The
-paged MLA decode
+GEMM (kernels.set_moe_gemm) instead of torch._grouped_mm (bf16) or the per-row FP8 GEMV. The paged MLA decode
 kernel's split (mla_decode_triton: one 32-position tile per program, shipped): +twotiles, two tiles per program (the
 earlier default); +tile16, one 16-position tile. At batch 1 a layer's attention is latency-bound (8.5 us at ~190
 positions, 2026-12-04), so more, shorter programs help. +pdl / +nopdl: dsv3's decode kernels with or without
@@ -60,10 +58,10 @@ from dsv3.info import model_info  # noqa: E402
 from bandwidth import copy_bandwidth  # noqa: E402  (bench/bandwidth.py)
 
 # kernel choices a mode may add to its path, in any order
-MODE_FLAGS = ("+nogemv", "+nokernels", "+densegemv", "+headgemv", "+latentstore", "+moegemm", "+sharedgemv",
-              "+twotiles", "+tile16", "+pdl", "+nopdl", "+ipdl", "+noipdl")
+MODE_FLAGS = ("+nogemv", "+nokernels", "+densegemv", "+headgemv", "+latentstore", "+moegemm", "+twotiles",
+              "+tile16", "+pdl", "+nopdl", "+ipdl", "+noipdl")
 KERNEL_FLAGS = {"+densegemv": "dense_gemv", "+headgemv": "head_gemv", "+latentstore": "latent_store",
-                "+moegemm": "moe_gemm", "+sharedgemv": "shared_gemv"}  # switched decode kernels (backend.py SWITCHED)
+                "+moegemm": "moe_gemm"}  # the switched decode kernels (backend.py SWITCHED)
 SHIPPED = dict(kb.SWITCHED)  # their defaults, as `dsv3 serve` runs them
 SHIPPED_INDUCTOR_PDL = graphs.INDUCTOR_PDL
 
@@ -131,9 +129,8 @@ def main() -> None:
                          "the Triton FP8 GEMMs; put it last: it quantizes the model in place); any mode + '+nogemv': "
                          "the routed experts without the decode GEMV kernel (kernels.expert_gemv), as before it; the "
                          "switched decode kernels: the shipped defaults, or +nokernels (all off), or exactly those of "
-                         "'+densegemv', '+headgemv', '+latentstore', '+moegemm', '+sharedgemv' (module docstring); "
-                         "'+twotiles', '+tile16': "
-                         "the MLA decode split; '+pdl', '+nopdl', '+ipdl', '+noipdl': programmatic dependent launch")
+                         "'+densegemv', '+headgemv', '+latentstore', '+moegemm' (module docstring); "
+                         "'+twotiles', '+tile16': the MLA decode split; '+pdl', '+nopdl', '+ipdl', '+noipdl': programmatic dependent launch")
     args = ap.parse_args()
     if args.moe_gemm_rows < 0:
         raise SystemExit(f"--moe-gemm-rows must be >= 0 (0: the shipped limit), got {args.moe_gemm_rows}")

@@ -35,15 +35,12 @@ b256() {  # (a function: `step` applies LIMIT_b256 to each command here, half ea
     timeout --kill-after=10 "$t" python bench/decode_gpu.py --preset 16b --batches 256 --new 48 --modes graphs+compile
 }
 step b256 b256
-# programmatic dependent launch (kernels.set_pdl, graphs.INDUCTOR_PDL) and the shared experts in the routed launches
-# (kernels.set_shared_gemv): their GPU tests, then batch 1 bf16 and FP8: the shipped path, the one before both (and
-# two tiles per MLA split program), without inductor's PDL, with the shared fusion, one 16-position MLA tile, and
-# the head GEMV on too
-step pdltests python -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu_pdl.py tests/test_gpu_expert_gemv.py \
-    -k "pdl or shared"
+# programmatic dependent launch (kernels.set_pdl, graphs.INDUCTOR_PDL): its GPU tests, then batch 1 bf16 and FP8: the
+# shipped path, the one before it (and two tiles per MLA split program), without inductor's PDL, one 16-position MLA
+# tile, and the head GEMV on too
+step pdltests python -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu_pdl.py
 step pdl python bench/decode_gpu.py --preset 16b --batches "${BPDL:-1}" --new 48 --modes graphs+compile,\
-graphs+compile+nopdl+noipdl+twotiles+densegemv+latentstore+moegemm,graphs+compile+noipdl,\
-graphs+compile+densegemv+latentstore+moegemm+sharedgemv,graphs+compile+tile16,\
+graphs+compile+nopdl+noipdl+twotiles+densegemv+latentstore+moegemm,graphs+compile+noipdl,graphs+compile+tile16,\
 graphs+compile+densegemv+headgemv+latentstore+moegemm,graphs+compile+nopdl+noipdl+twotiles+fp8,\
 graphs+compile+fp8
 step fp8 python bench/decode_gpu.py --preset 16b --batches "${FP8:-1,32,128}" --new 48 \

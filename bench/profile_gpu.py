@@ -117,7 +117,7 @@ def train(shape: str, variant: str, steps: int) -> None:
 
 def decode(batches: list[int], preset: str, fp8: bool = False, switches: dict[str, bool] | None = None) -> None:
     """switches: the switched decode kernels and launch options (backend.py SWITCHED: dense_gemv, head_gemv,
-    latent_store, moe_gemm, shared_gemv, pdl) to set for the run, restored after; None: the shipped defaults."""
+    latent_store, moe_gemm, pdl) to set for the run, restored after; None: the shipped defaults."""
     from dsv3.inference.engine import Engine, SamplingParams
     from dsv3.kernels import backend as kb
 
@@ -183,7 +183,7 @@ def main() -> None:
     ap.add_argument("--decode-fp8", action="store_true")
     ap.add_argument("--decode-kernels", default="", help="the switched decode kernels for --decode (backend.py "
                     "SWITCHED): empty for the shipped defaults, 'none' for all off, 'all' for all on, or a comma list "
-                    "of the ones to run (dense_gemv, head_gemv, latent_store, moe_gemm, shared_gemv, pdl; the others "
+                    "of the ones to run (dense_gemv, head_gemv, latent_store, moe_gemm, pdl; the others "
                     "off)")
     ap.add_argument("--preset", default="16b")
     ap.add_argument("--steps", type=int, default=5)

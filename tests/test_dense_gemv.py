@@ -90,7 +90,7 @@ def test_switch_defaults_are_the_measured_ones_and_the_overrides_win(monkeypatch
     monkeypatch.setattr(kb, "_fast_fits", lambda op, t: True)  # the rule holds (as on a GPU)
     # on where the H200 measured them faster (backend.py SWITCHED: the e4m3 forms not yet), the head GEMV off
     assert kb.SWITCHED == {"dense_gemv": kb.WEIGHTS_16BIT, "head_gemv": False, "latent_store": True,
-                           "moe_gemm": kb.WEIGHTS_16BIT, "pdl": True, "shared_gemv": False}
+                           "moe_gemm": kb.WEIGHTS_16BIT, "pdl": True}
     assert kernels.select_backend("dense_gemv", x, w) == "triton"
     assert kernels.set_dense_gemv(False) == kb.WEIGHTS_16BIT
     try:

@@ -108,12 +108,6 @@ def _cases():
     x16 = _bf16(16, D, g=g)  # the FP8 GEMM's tensor-core form (16 rows: DOT), which waits first
     cases["fp8_small_m_dot"] = ({"x": x16, "w": wq, "s": ws}, ["x"], lambda t: fp8_gemm_triton._launch_small_m(
         t["x"], t["w"], t["s"], **fp8_gemm_triton._config_small_m(16, 2048, D)))
-    sh = {"x": x1, "g": ew["g"], "u": ew["u"], "e": ew["e"], "sg": _bf16(2 * I, D, g=g), "su": _bf16(2 * I, D, g=g)}
-    cases["swiglu_with_shared"] = (sh, ["x", "e"], lambda t: expert_gemv_triton.swiglu_with_shared(
-        t["x"], t["g"], t["u"], t["e"], 6, t["sg"], t["su"]))
-    cases["down_with_shared"] = (
-        {"h": _bf16(8, I, g=g), "d": _bf16(E, D, I, g=g), "e": ew["e"], "sd": _bf16(D, 2 * I, g=g)}, ["h", "e"],
-        lambda t: expert_gemv_triton.down_with_shared(t["h"], t["d"], t["e"], t["sd"]))
     cases["router_topk"] = (
         {"l": torch.randn(4, 256, device="cuda", generator=g), "b": torch.randn(256, device="cuda", generator=g)},
         ["l"], lambda t: router_triton.router_topk(t["l"], t["b"], 8, 8, 4, True, 2.5))
@@ -147,7 +141,7 @@ def _cases():
 
 CASES = ["dense_gemv", "dense_gemv_fp32_out", "dense_gemv2", "swiglu_gemv", "expert_gemv_swiglu",
          "expert_gemv_down", "fp8_small_m", "fp8_small_m_dot", "fp8_rows", "fp8_expert_gemv_swiglu",
-         "swiglu_with_shared", "down_with_shared", "router_topk", "store_latents", "mla_decode", "moe_gemm_swiglu",
+         "router_topk", "store_latents", "mla_decode", "moe_gemm_swiglu",
          "head_gemv"]
 IN_PLACE = {"store_latents": ("kv", "pe")}  # outputs written in place: zeroed before each producer
 # Nothing but the producer may launch between it and the kernel under test: an ordinary launch in between (a copy,
@@ -207,16 +201,15 @@ def test_kernel_waits_for_the_launch_before_it(name, graph, pdl_on, monkeypatch)
 
 
 def test_graphed_decode_step_with_pdl_is_bitwise_the_same(monkeypatch):
-    """A bf16 micro model's CUDA-graph decode step (compiled), every decode kernel switched on (the shared experts in
-    the routed launches too), with and without PDL: the same logits bit for bit (PDL changes when a launch starts,
+    """A bf16 micro model's CUDA-graph decode step (compiled), every decode kernel switched on, with and without
+    PDL: the same logits bit for bit (PDL changes when a launch starts,
     not what it computes)."""
     from dsv3.kernels import backend as kb
     from test_gpu_expert_gemv import decode_model_and_prompts, graphed_step_logits
 
     monkeypatch.setattr(kb, "DENSE_GEMV_ROWS", 4)
     m, prompts = decode_model_and_prompts()
-    sets = (kernels.set_dense_gemv, kernels.set_head_gemv, kernels.set_latent_store, kernels.set_moe_gemm,
-            kernels.set_shared_gemv)
+    sets = (kernels.set_dense_gemv, kernels.set_head_gemv, kernels.set_latent_store, kernels.set_moe_gemm)
     olds = [f(True) for f in sets]
     old_pdl = kernels.set_pdl(False)
     try:

@@ -13,8 +13,6 @@ optional.
     fp8_weight_linear, fp8_expert_rows                  "triton" (fp8_gemm_triton.py)
     expert_gemv, swiglu_gemv                            "triton" (expert_gemv_triton.py; swiglu_gemv
                                                         switched with dense_gemv)
-    moe_gemv_shared                                     "triton" (expert_gemv_triton.py; switched:
-                                                        set_shared_gemv)
     moe_gemm_swiglu, moe_gemm_down                      "triton" (moe_gemm_triton.py; off until
                                                         switched on: set_moe_gemm)
     dense_gemv                                          "triton" (dense_gemv_triton.py; off until
@@ -59,9 +57,9 @@ __all__ = ["BLOCK", "FP8_MAX", "act_dequant", "act_quant", "act_quant_cm", "act_
            "expert_gemv",
            "expert_gemv_ref", "fp8_expert_rows", "fp8_gemm_bwd", "fp8_gemm_fwd", "fp8_grouped_gemm_bwd",
            "fp8_grouped_gemm_fwd", "fp8_weight_linear", "head_gemv", "head_gemv_ref", "mla_decode", "mla_decode_ref",
-           "moe_gemm_down", "moe_gemm_ref", "moe_gemm_swiglu", "moe_gemv_shared", "set_moe_gemm",
+           "moe_gemm_down", "moe_gemm_ref", "moe_gemm_swiglu", "set_moe_gemm",
            "router_topk", "router_topk_ref", "select_backend", "set_dense_gemv", "set_head_gemv", "set_latent_store",
-           "set_pdl", "set_shared_gemv", "store_latents", "store_latents_ref", "swiglu_gemv", "use_backend",
+           "set_pdl", "store_latents", "store_latents_ref", "swiglu_gemv", "use_backend",
            "weight_dequant", "weight_quant",
            "weight_quant_pad"]
 
@@ -169,26 +167,6 @@ def swiglu_gemv(x: torch.Tensor, gate: torch.Tensor, gate_s: torch.Tensor | None
     return reference.expert_gemv_ref(x2, g, gs, zero, 1, u, us).view(*lead, gate.shape[0])
 
 
-def moe_gemv_shared(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, expert: torch.Tensor,
-                    x_div: int, shared_gate: torch.Tensor, shared_up: torch.Tensor, shared_down: torch.Tensor, *,
-                    backend: str | None = None) -> torch.Tensor:
-    """A decode step's routed and shared experts, each pair's and each token's output: x (T, D); gate, up (E, I, D),
-    down (E, D, I) in x's dtype; expert (M,), row m reads x[m // x_div] through expert[m] (-1: a zero row, reading
-    no weight); shared_gate, shared_up (S·I, D), shared_down (D, S·I): the shared experts' MLP -> y (M + T, D): rows
-    0..M-1 silu(x·gateᵀ) * (x·upᵀ) · downᵀ of the pairs, rows M + t the shared MLP of token t (the contract:
-    `reference.swiglu_with_shared_ref` then `reference.down_with_shared_ref`). "triton": the routed experts' two
-    GEMV launches with the shared experts' rows in them (expert_gemv_triton.swiglu_with_shared /
-    down_with_shared): two launches per MoE layer instead of four at batch 1. Experts.forward_gemv_shared takes it
-    (the rule: backend.py's "shared_gemv")."""
-    if select_backend("shared_gemv", x, gate, shared_gate, backend=backend) == "triton":
-        from dsv3.kernels.expert_gemv_triton import down_with_shared_op, swiglu_with_shared_op
-
-        h = swiglu_with_shared_op(x, gate, up, expert, x_div, shared_gate, shared_up)
-        return down_with_shared_op(h, down, expert, shared_down)
-    h = reference.swiglu_with_shared_ref(x, gate, up, expert, x_div, shared_gate, shared_up)
-    return reference.down_with_shared_ref(h, down, expert, shared_down)
-
-
 def moe_gemm_swiglu(x: torch.Tensor, gate: torch.Tensor, gate_s: torch.Tensor | None, up: torch.Tensor,
                     up_s: torch.Tensor | None, offs: torch.Tensor, x_rows: torch.Tensor, *,
                     backend: str | None = None) -> torch.Tensor:
@@ -229,15 +207,6 @@ def set_moe_gemm(on: bool) -> bool:
     than torch._grouped_mm (bf16) at batch 32 and 128 on the H200 (bench/decode_gpu.py's +moegemm modes; backend.py
     SWITCHED and MOE_GEMM_ROWS); its e4m3 form (FP8 checkpoints, slower at batch 1) only once switched on."""
     return _switch("moe_gemm", on)
-
-
-def set_shared_gemv(on: bool) -> bool:
-    """Let a decode step's shared experts run inside the routed experts' GEMV launches (`moe_gemv_shared`:
-    MoE.forward, where the routed experts take the GEMV and the shared ones are a plain 16-bit MLP) wherever its
-    rule holds (backend.py "shared_gemv"), process-wide; returns the previous setting. OFF BY DEFAULT: slower on the
-    H200 with PDL (16b batch 1: 362.7 tok/s against 417.8 without it, bench/decode_gpu.py's +sharedgemv modes,
-    2026-12-05). CUDA graphs keep what they captured."""
-    return _switch("shared_gemv", on)
 
 
 def set_head_gemv(on: bool) -> bool:

@@ -10,8 +10,6 @@ never probe the GPU themselves.
     fp8_weight_gemm   "triton"              bf16/fp16 x, at most DENSE_DECODE_ROWS rows, no autograd
     fp8_expert_rows   "triton"              bf16/fp16 x, at most EXPERT_DECODE_ROWS rows, no autograd
     expert_gemv       "triton"              bf16/fp16 x, at most EXPERT_DECODE_ROWS rows, no autograd
-    shared_gemv       "triton"              switched (SWITCHED, kernels.set_shared_gemv; off by default); as
-                                            expert_gemv, weights (routed, shared) in x's dtype, no autograd
     dense_gemv        "triton"              switched (SWITCHED, kernels.set_dense_gemv; on by default);
                                             bf16/fp16 x, at most DENSE_GEMV_ROWS rows, w (N, K) contiguous
                                             in x's dtype, no autograd through x or w, no CUDA autocast
@@ -70,7 +68,6 @@ FAST = {  # op -> its accelerated backend
     "fp8_weight_gemm": "triton",
     "fp8_expert_rows": "triton",
     "expert_gemv": "triton",
-    "shared_gemv": "triton",
     "dense_gemv": "triton",
     "head_gemv": "triton",
     "moe_gemm": "triton",
@@ -95,13 +92,11 @@ PENDING: set[str] = set()
 # option (`pdl` below): on, where the GPU has it. The H200 (16b, graphs + compile, 2026-12-05, bench/RESULTS.md):
 # batch 1 360.4 tok/s without it, 365.8 with it, 369.2 with inductor's kernels launched so too (first run); 388.0 with it on
 # dsv3's kernels only, 417.8 on both, 348.8 with neither and two tiles per MLA split (second run); batches 32 / 128:
-# 3,211 / 10,562 with it, 3,261 / 10,589 without (third run); FP8 batch 1 338.8 -> 380.6. "shared_gemv" (the shared
-# experts inside the routed GEMV launches) stays off: 362.7 tok/s with it against 417.8 (second run), since the
-# shared experts' own launches read their weights before their wait and the routed launch cannot (its experts come
-# from the router). DSV3_KERNELS or kernels.set_* turn any of them on (every dtype) or off.
+# 3,211 / 10,562 with it, 3,261 / 10,589 without (third run); FP8 batch 1 338.8 -> 380.6. DSV3_KERNELS or
+# kernels.set_* turn any of them on (every dtype) or off.
 WEIGHTS_16BIT = "16-bit weights"
 SWITCHED: dict[str, bool | str] = {"dense_gemv": WEIGHTS_16BIT, "head_gemv": False, "latent_store": True,
-                                   "moe_gemm": WEIGHTS_16BIT, "pdl": True, "shared_gemv": False}
+                                   "moe_gemm": WEIGHTS_16BIT, "pdl": True}
 # ops that follow another op's switch: the dense SwiGLU's fused gate+up GEMV is one of the dense decode GEMVs
 SWITCH_OF: dict[str, str] = {"swiglu_gemv": "dense_gemv"}
 # Up to these many activation rows the Triton FP8-weight kernels run (decode; above, prefill:
@@ -294,11 +289,6 @@ def _fast_fits(op: str, tensors: tuple[torch.Tensor, ...]) -> bool:
         return _decode_fits(tensors[0], DENSE_DECODE_ROWS)
     if op in ("fp8_expert_rows", "expert_gemv"):
         return _decode_fits(tensors[0], EXPERT_DECODE_ROWS)
-    if op == "shared_gemv":  # (x, the routed and shared weights): in x's dtype, no gradient, no CUDA autocast
-        x, w = tensors[0], tensors[1:]
-        return (_decode_fits(x, EXPERT_DECODE_ROWS) and all(t.dtype == x.dtype for t in w)
-                and not (torch.is_grad_enabled() and any(t.requires_grad for t in w))
-                and not torch.is_autocast_enabled("cuda"))
     if op == "dense_gemv":
         return len(tensors) == 2 and _dense_gemv_fits(*tensors)
     if op == "head_gemv":

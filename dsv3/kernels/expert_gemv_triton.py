@@ -66,13 +66,9 @@ def _loads(x_row, w_rows, u_rows, ws_row, us_row, ok, rk, kb0, K, KB, HAS_SCALE:
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, ws_ptr, u_ptr, us_ptr, e_ptr, y_ptr, N, K, KB, x_div, sxm, swe, swn, sse, ssn,
-                 sym, w2_ptr, u2_ptr, MR, K2, KB2, swe2, swn2, X0, XD2, XM2, S2,
-                 HAS_SCALE: tl.constexpr, FUSED_UP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                 sym, HAS_SCALE: tl.constexpr, FUSED_UP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                  KU: tl.constexpr, PREFETCH: tl.constexpr, ONE_EXPERT: tl.constexpr = False, PDL: tl.constexpr = False,
-                 EARLY: tl.constexpr = False, SHARED: tl.constexpr = False):
-    # SHARED (16-bit weights only): rows m >= MR go through a second matrix set, the shared experts (launch_shared):
-    # row MR + t reads x row X0 + (t // XD2)·XM2, K2 wide, through matrix t % S2 of w2 (and u2) with strides swe2,
-    # swn2; rows below MR are the routed rows as without it.
+                 EARLY: tl.constexpr = False):
     # PDL (programmatic dependent launch, backend.pdl): the next launch may start once every program has begun;
     # this one waits for the launch before it before reading its output (x, the expert index) or writing. EARLY
     # (ONE_EXPERT with PDL and PREFETCH: the weights do not depend on that launch): the first weight loads go
@@ -84,32 +80,18 @@ def _gemv_kernel(x_ptr, w_ptr, ws_ptr, u_ptr, us_ptr, e_ptr, y_ptr, N, K, KB, x_
         tl.extra.cuda.gdc_launch_dependents()
         if not EARLY:
             tl.extra.cuda.gdc_wait()
+    if ONE_EXPERT:  # a dense SwiGLU (the shared experts, a dense FFN): every row through matrix 0, no index read
+        e = tl.zeros((), dtype=tl.int64)
+    else:
+        e = tl.load(e_ptr + m).to(tl.int64)
+    kb_end = tl.where(e >= 0, KB, 0)  # a row this call does not own: no weight read, output 0
+    e = tl.maximum(e, 0)
     rn = pn * BN + tl.arange(0, BN)
     nb = (pn * BN) // BK  # BN divides 128: the tile lies in one scale row
     zero = tl.zeros((BN, 1), dtype=tl.int64)
-    if SHARED:
-        sh = m >= MR
-        t = tl.maximum(m - MR, 0)
-        e = tl.where(sh, t % S2, tl.load(e_ptr + m, mask=m < MR, other=0).to(tl.int64))
-        kb_end = tl.where(e >= 0, tl.where(sh, KB2, KB), 0)
-        K = tl.where(sh, K2, K)
-        e = tl.maximum(e, 0)
-        w_base = tl.where(sh, w2_ptr + e * swe2, w_ptr + e * swe)
-        u_base = tl.where(sh, u2_ptr + e * swe2, u_ptr + e * swe)
-        n_stride = tl.where(sh, swn2, swn).to(tl.int64)
-        w_rows = w_base + (zero + rn[:, None].to(tl.int64) * n_stride)
-        u_rows = u_base + (zero + rn[:, None].to(tl.int64) * n_stride)
-        x_row = x_ptr + (zero + tl.where(sh, X0 + (t // XD2) * XM2, m // x_div) * sxm)
-    else:
-        if ONE_EXPERT:  # a dense SwiGLU (the shared experts, a dense FFN): every row through matrix 0, no index read
-            e = tl.zeros((), dtype=tl.int64)
-        else:
-            e = tl.load(e_ptr + m).to(tl.int64)
-        kb_end = tl.where(e >= 0, KB, 0)  # a row this call does not own: no weight read, output 0
-        e = tl.maximum(e, 0)
-        w_rows = w_ptr + e * swe + (zero + rn[:, None].to(tl.int64) * swn)
-        u_rows = u_ptr + e * swe + (zero + rn[:, None].to(tl.int64) * swn)
-        x_row = x_ptr + (zero + (m // x_div) * sxm)
+    w_rows = w_ptr + e * swe + (zero + rn[:, None].to(tl.int64) * swn)
+    u_rows = u_ptr + e * swe + (zero + rn[:, None].to(tl.int64) * swn)
+    x_row = x_ptr + (zero + (m // x_div) * sxm)
     ok = (zero + rn[:, None]) < N
     rk = tl.arange(0, KU * BK)[None, :]
     ws_row = ws_ptr + e * sse + nb * ssn
@@ -182,93 +164,10 @@ def launch(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None, expert: tor
     pdl = backend.pdl(x.device)
     _gemv_kernel[grid](x, w, s, u, us, expert, y, N, K, triton.cdiv(K, BLOCK), x_div, x.stride(0), w.stride(0),
                        w.stride(1), s.stride(0) if has_scale else 0, s.stride(1) if has_scale else 0, y.stride(0),
-                       w, w, 0, 0, 0, 0, 0, 0, 1, 1, 1,  # (no second matrix set: SHARED is False)
                        HAS_SCALE=has_scale, FUSED_UP=fused, BN=cfg["BN"], BK=BLOCK, KU=cfg["KU"],
                        PREFETCH=cfg["PREFETCH"], ONE_EXPERT=one, PDL=pdl, EARLY=pdl and one and cfg["PREFETCH"],
                        num_warps=cfg["num_warps"], launch_pdl=pdl)
     return y
-
-
-def launch_shared(x: torch.Tensor, w: torch.Tensor, expert: torch.Tensor, x_div: int, w2: torch.Tensor, x0: int,
-                  xd2: int, xm2: int, rows2: int, k2: int, up: torch.Tensor | None = None,
-                  up2: torch.Tensor | None = None, **config) -> torch.Tensor:
-    """The routed rows (as `launch` with 16-bit weights) and `rows2` more rows through a second matrix set in the same
-    launch: y (MR + rows2, N), MR = expert's length; row MR + t reads x's row x0 + (t // xd2)·xm2 (k2 wide: it may run
-    on over the next rows of a contiguous x) through w2[t % w2.shape[0]] (and up2), a (S, N, k2) weight with any
-    strides but a contiguous k2. The shared experts of a MoE layer's decode step in its routed launches
-    (`swiglu_with_shared`, `down_with_shared`)."""
-    check_expert_gemv_args(x, w, None, up, None, kernel=True)
-    fused = up is not None
-    assert (up2 is not None) == fused and w2.dim() == 3 and w2.shape[1] == w.shape[1] and w2.dtype == w.dtype, \
-        f"shared weight {tuple(w2.shape)} {w2.dtype} for routed {tuple(w.shape)} {w.dtype}"
-    assert w2.stride(2) == 1 and (up2 is None or up2.stride() == w2.stride()), "shared weights: k contiguous, alike"
-    M, (_, N, K) = expert.shape[0] + rows2, w.shape
-    cfg = {**default_config(fused, False), **config}
-    assert BLOCK % cfg["BN"] == 0, f"BN must divide {BLOCK}, got {cfg['BN']}"
-    x, w = x.contiguous(), w.contiguous()
-    u, u2 = (up.contiguous(), up2) if fused else (w, w2)
-    expert = (expert if expert.dtype in (torch.int32, torch.int64) else expert.long()).contiguous()
-    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    if M == 0:
-        return y
-    grid = (M, triton.cdiv(N, cfg["BN"]))
-    pdl = backend.pdl(x.device)
-    _gemv_kernel[grid](x, w, w, u, u, expert, y, N, K, triton.cdiv(K, BLOCK), x_div, x.stride(0), w.stride(0),
-                       w.stride(1), 0, 0, y.stride(0), w2, u2, expert.shape[0], k2, triton.cdiv(k2, BLOCK),
-                       w2.stride(0), w2.stride(1), x0, xd2, xm2, w2.shape[0],
-                       HAS_SCALE=False, FUSED_UP=fused, BN=cfg["BN"], BK=BLOCK, KU=cfg["KU"],
-                       PREFETCH=cfg["PREFETCH"], PDL=pdl, SHARED=True, num_warps=cfg["num_warps"], launch_pdl=pdl)
-    return y
-
-
-def swiglu_with_shared(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, expert: torch.Tensor, x_div: int,
-                       shared_gate: torch.Tensor, shared_up: torch.Tensor) -> torch.Tensor:
-    """The first half of a decode step's MoE SwiGLU, routed and shared experts in one launch: x (T, D); gate, up
-    (E, I, D); expert (M,) with row m reading x[m // x_div]; shared_gate, shared_up (S·I, D), the shared experts'
-    (n_shared_experts · I rows) -> h (M + T·S, I): the routed rows, then token t's shared intermediate as S rows
-    of I (t·S .. t·S + S - 1)."""
-    I, D = gate.shape[1], gate.shape[2]
-    S = shared_gate.shape[0] // I
-    assert shared_gate.shape == shared_up.shape == (S * I, D), f"shared {tuple(shared_gate.shape)} for I {I}, D {D}"
-    sg, su = shared_gate.contiguous().view(S, I, D), shared_up.contiguous().view(S, I, D)
-    return launch_shared(x, gate, expert, x_div, sg, 0, S, 1, x.shape[0] * S, D, up, su)
-
-
-def down_with_shared(h: torch.Tensor, down: torch.Tensor, expert: torch.Tensor, shared_down: torch.Tensor
-                     ) -> torch.Tensor:
-    """The second half: h (M + T·S, I) from `swiglu_with_shared`; down (E, D, I); shared_down (D, S·I) -> (M + T, D):
-    the routed rows' down projections, then token t's shared experts' output (its S rows of h read as one S·I
-    vector: one dot, one rounding, as the shared MLP's down_proj)."""
-    M, (_, D, I) = expert.shape[0], down.shape
-    S = shared_down.shape[1] // I
-    T = (h.shape[0] - M) // S
-    assert h.shape == (M + T * S, I) and shared_down.shape == (D, S * I), \
-        f"h {tuple(h.shape)}, shared_down {tuple(shared_down.shape)} for {M} routed rows, I {I}"
-    h = h.contiguous()
-    return launch_shared(h, down, expert, 1, shared_down.contiguous()[None], M, 1, S, T, S * I)
-
-
-@torch.library.custom_op("dsv3::expert_swiglu_gemv_shared", mutates_args=())
-def swiglu_with_shared_op(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, expert: torch.Tensor, x_div: int,
-                          shared_gate: torch.Tensor, shared_up: torch.Tensor) -> torch.Tensor:
-    return swiglu_with_shared(x, gate, up, expert, x_div, shared_gate, shared_up)
-
-
-@swiglu_with_shared_op.register_fake
-def _(x, gate, up, expert, x_div, shared_gate, shared_up):
-    return x.new_empty(expert.shape[0] + x.shape[0] * (shared_gate.shape[0] // gate.shape[1]), gate.shape[1])
-
-
-@torch.library.custom_op("dsv3::expert_gemv_down_shared", mutates_args=())
-def down_with_shared_op(h: torch.Tensor, down: torch.Tensor, expert: torch.Tensor, shared_down: torch.Tensor
-                        ) -> torch.Tensor:
-    return down_with_shared(h, down, expert, shared_down)
-
-
-@down_with_shared_op.register_fake
-def _(h, down, expert, shared_down):
-    S = shared_down.shape[1] // down.shape[2]
-    return h.new_empty(expert.shape[0] + (h.shape[0] - expert.shape[0]) // S, down.shape[1])
 
 
 # torch.library custom ops with shape-only fake implementations (as dsv3::fp8_expert_rows): torch.compile sees

@@ -438,30 +438,6 @@ def expert_gemv_ref(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None, ex
     return torch.where((expert >= 0).unsqueeze(-1), y, 0).to(x.dtype)
 
 
-def swiglu_with_shared_ref(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, expert: torch.Tensor, x_div: int,
-                           shared_gate: torch.Tensor, shared_up: torch.Tensor) -> torch.Tensor:
-    """A MoE decode step's SwiGLU first half, routed and shared experts together (expert_gemv_triton.
-    swiglu_with_shared): the routed rows as `expert_gemv_ref` with `up`, then for each token t of x (T, D) its
-    shared experts' silu(x·gateᵀ) * (x·upᵀ) (shared_gate, shared_up (S·I, D)) as S rows of I; fp32, one
-    rounding."""
-    I = gate.shape[1]
-    xs = x.float()
-    h = (F.silu(xs @ shared_gate.float().t()) * (xs @ shared_up.float().t())).to(x.dtype)  # (T, S·I)
-    return torch.cat([expert_gemv_ref(x, gate, None, expert, x_div, up), h.reshape(-1, I)])
-
-
-def down_with_shared_ref(h: torch.Tensor, down: torch.Tensor, expert: torch.Tensor, shared_down: torch.Tensor
-                         ) -> torch.Tensor:
-    """The second half (expert_gemv_triton.down_with_shared): h (M + T·S, I) -> (M + T, D): the routed rows as
-    `expert_gemv_ref`, then token t's shared output, rows M + t·S .. M + t·S + S - 1 of h as one S·I vector through
-    shared_down (D, S·I); fp32, one rounding."""
-    M, I = expert.shape[0], down.shape[2]
-    S = shared_down.shape[1] // I
-    hs = h[M:].reshape(-1, S * I)
-    shared = (hs.float() @ shared_down.float().t()).to(h.dtype)
-    return torch.cat([expert_gemv_ref(h[:M], down, None, expert, 1), shared])
-
-
 def mla_decode_ref(q_lat: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, pe: torch.Tensor,
                    block_table: torch.Tensor, seq_lens: torch.Tensor, block_size: int, scale: float) -> torch.Tensor:
     """Absorbed MLA attention of one new token per sequence over one layer of the paged latent cache

@@ -31,7 +31,7 @@ from torch import nn
 
 from dsv3 import kernels
 from dsv3.config import ModelConfig
-from dsv3.model.layers import MLP, Linear, hooked
+from dsv3.model.layers import MLP
 
 _HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
 _CPU_GROUPED: bool | None = None
@@ -255,38 +255,6 @@ class Experts(nn.Module):
         y_MD = kernels.expert_gemv(h_MI, d, ds, flat, 1)
         return (y_MD.view(N, K, -1).float() * w_NK.unsqueeze(-1)).sum(1).to(x_ND.dtype)  # fp32 weighted sum
 
-    def shared_gemv_fits(self, x_ND: torch.Tensor, idx_NK: torch.Tensor, shared: nn.Module | None, impl: str) -> bool:
-        """Whether this decode call runs the shared experts `shared` inside the routed GEMV launches
-        (`forward_gemv_shared`): this module's own forward (no subclass's, no hooks) would take the GEMV
-        (`_gemv_fits`, impl "auto"); the shared experts are a plain MLP of 16-bit Linears without hooks, its width a
-        multiple of the experts' I, that would itself take the SwiGLU GEMV (one rounding of silu(gate) * up: at one
-        row, backend.DENSE_GEMV_ROWS, so that both paths round alike); and the kernel's rule (backend.py
-        "shared_gemv": switched on, GPU, weights in x's dtype, no autograd, no CUDA autocast). Shapes only."""
-        if shared is None or impl != "auto" or type(shared) is not MLP or self._impl(x_ND, impl) != "grouped":
-            return False
-        lins = (shared.gate_proj, shared.up_proj, shared.down_proj)
-        if (type(self).forward is not Experts.forward or any(type(m) is not Linear for m in lins)
-                or hooked(self, shared, *lins) or not self._gemv_fits(x_ND, idx_NK)):
-            return False
-        g, sg, su = self.gemv_weights()[0], shared.gate_proj.weight, shared.up_proj.weight
-        I = g.shape[1]
-        return (sg.shape[0] % I == 0 and all(m.weight.is_contiguous() for m in lins)
-                and kernels.select_backend("swiglu_gemv", x_ND, sg, su) == "triton"
-                and kernels.select_backend("shared_gemv", x_ND, g, sg, su, shared.down_proj.weight) == "triton")
-
-    def forward_gemv_shared(self, x_ND: torch.Tensor, idx_NK: torch.Tensor, w_NK: torch.Tensor, shared: MLP
-                            ) -> torch.Tensor:
-        """`forward_gemv(...) + shared(x)` (rounded as they are: each to x's dtype, then added) in the routed experts'
-        two GEMV launches, the shared experts' rows appended (kernels.moe_gemv_shared): at batch 1 two launches per
-        MoE layer instead of four."""
-        N, K = idx_NK.shape
-        flat = idx_NK.reshape(-1)  # (M = N*K,) row n*K + k: token n's k-th expert
-        g, _, u, _, d, _ = self.gemv_weights()
-        y = kernels.moe_gemv_shared(x_ND, g, u, d, flat, K, shared.gate_proj.weight, shared.up_proj.weight,
-                                    shared.down_proj.weight)  # (N*K + N, D): the pairs, then each token's shared
-        routed = (y[:N * K].view(N, K, -1).float() * w_NK.unsqueeze(-1)).sum(1).to(x_ND.dtype)  # fp32 weighted sum
-        return routed + y[N * K:]
-
     @staticmethod
     def _impl(x_ND: torch.Tensor, impl: str) -> str:
         """"grouped" or "loop" for `impl` ("auto", "grouped", "loop") on this input."""
@@ -399,19 +367,12 @@ class MoE(nn.Module):
         B, T, D = x.shape
         x_ND = x.reshape(-1, D)
         w_NK, idx_NK, s_NE = self.gate(x_ND)
-        if self.dispatcher is None and self.experts.shared_gemv_fits(x_ND, idx_NK, self.shared_experts,
-                                                                     self.experts_impl):
-            # decode at one row: the shared experts inside the routed experts' GEMV launches (the same sum and
-            # roundings as below, where the shared MLP takes the SwiGLU GEMV; the down products' summation orders
-            # differ)
-            y = self.experts.forward_gemv_shared(x_ND, idx_NK, w_NK, self.shared_experts).view(B, T, D)
+        if self.dispatcher is None:
+            y = self.experts(x_ND, idx_NK, w_NK, self.experts_impl).view(B, T, D)
         else:
-            if self.dispatcher is None:
-                y = self.experts(x_ND, idx_NK, w_NK, self.experts_impl).view(B, T, D)
-            else:
-                y = self.dispatcher(self.experts, x_ND, idx_NK, w_NK, self.experts_impl).view(B, T, D)
-            if self.shared_experts is not None:
-                y = y + self.shared_experts(x)
+            y = self.dispatcher(self.experts, x_ND, idx_NK, w_NK, self.experts_impl).view(B, T, D)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
         E = s_NE.shape[1]
         counts = _count(idx_NK.reshape(-1), E)
         balance = sequence_balance(s_NE.view(B, T, E), idx_NK.view(B, T, -1)) if with_balance else None
