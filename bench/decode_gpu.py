@@ -52,6 +52,8 @@ from dsv3.kernels import backend as kb  # noqa: E402
 from dsv3.kernels import mla_decode_triton as mla_k  # noqa: E402  (the +twotiles / +tile16 experiments)
 from dsv3.inference import graphs  # noqa: E402  (INDUCTOR_PDL: the +ipdl modes)
 from dsv3.inference.engine import Engine, SamplingParams  # noqa: E402
+from dsv3.inference import sampling  # noqa: E402  (the +argmax1 mode: torch's one-pass argmax)
+from dsv3.inference.graphs import next_pow2  # noqa: E402
 from dsv3.checkpoints.hf import quantize_model_fp8  # noqa: E402
 from dsv3.model.fp8 import FP8Linear  # noqa: E402
 from dsv3.info import model_info  # noqa: E402
@@ -59,7 +61,7 @@ from bandwidth import copy_bandwidth  # noqa: E402  (bench/bandwidth.py)
 
 # kernel choices a mode may add to its path, in any order
 MODE_FLAGS = ("+nogemv", "+nokernels", "+densegemv", "+headgemv", "+latentstore", "+moegemm", "+twotiles",
-              "+tile16", "+pdl", "+nopdl", "+ipdl", "+noipdl")
+              "+tile16", "+pdl", "+nopdl", "+ipdl", "+noipdl", "+argmax1", "+sync")
 KERNEL_FLAGS = {"+densegemv": "dense_gemv", "+headgemv": "head_gemv", "+latentstore": "latent_store",
                 "+moegemm": "moe_gemm"}  # the switched decode kernels (backend.py SWITCHED)
 SHIPPED = dict(kb.SWITCHED)  # their defaults, as `dsv3 serve` runs them
@@ -111,6 +113,34 @@ def step_bytes(cfg, B: int, ctx: int, fp8: bool = False) -> float:
     return 2 * (non_routed + n_moe * distinct * per_expert) + kv_bytes
 
 
+def gap_line(eng: Engine, B: int, step_s: float, reps: int = 50) -> None:
+    """Where an engine step's time goes beyond the GPU's: the last decode bucket's graph replayed back to back
+    (the GPU's time per step, nothing on the host between), then replayed with the greedy argmax and the copy to
+    the host synced after each (what a step needs before the host can schedule the next). Printed under the
+    row; the rest of the step is the engine's host work (scheduling, the meta copy, sampling set-up, outputs)."""
+    entries = [(key, e) for key, e in eng._graphs._entries.items()
+               if key[0] == ("main",) and key[1] == min(next_pow2(B), eng._graphs.max_batch_size) and e.graph]
+    if not entries:
+        return
+    e = max(entries, key=lambda kv: kv[0][3])[1]  # the longest context bucket: the last steps ran it
+    for _ in range(3):
+        e.graph.replay()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(reps):
+        e.graph.replay()
+    torch.cuda.synchronize()
+    replay = (time.perf_counter() - t) / reps
+    t = time.perf_counter()
+    for _ in range(reps):
+        e.graph.replay()
+        sampling.argmax(e.outputs[0][:B, -1]).tolist()
+    synced = (time.perf_counter() - t) / reps
+    print(f"|  | (step {step_s * 1e3:.3f} ms: graph replays back to back {replay * 1e3:.3f} ms, replay + argmax + "
+          f"copy to the host synced each step {synced * 1e3:.3f} ms, host work {(step_s - synced) * 1e3:.3f} ms) "
+          f"| | | | | | |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="16b")
@@ -130,7 +160,9 @@ def main() -> None:
                          "the routed experts without the decode GEMV kernel (kernels.expert_gemv), as before it; the "
                          "switched decode kernels: the shipped defaults, or +nokernels (all off), or exactly those of "
                          "'+densegemv', '+headgemv', '+latentstore', '+moegemm' (module docstring); "
-                         "'+twotiles', '+tile16': the MLA decode split; '+pdl', '+nopdl', '+ipdl', '+noipdl': programmatic dependent launch")
+                         "'+twotiles', '+tile16': the MLA decode split; '+pdl', '+nopdl', '+ipdl', '+noipdl': programmatic dependent "
+                         "launch; '+argmax1': torch's one-pass greedy argmax; '+sync': the engine without overlapped "
+                         "decoding (each step read before the next is queued)")
     args = ap.parse_args()
     if args.moe_gemm_rows < 0:
         raise SystemExit(f"--moe-gemm-rows must be >= 0 (0: the shipped limit), got {args.moe_gemm_rows}")
@@ -170,7 +202,7 @@ def main() -> None:
         # default chunked prefill a batch of 128 x 128 tokens would spill prefill chunks into them)
         eng = Engine(model, None, max_batch_size=B, cache_tokens=B * (args.prompt_len + args.new + 16),
                      cuda_graphs=base != "eager", compile_decode=base.startswith("graphs+compile"),
-                     max_prefill_tokens=0)
+                     max_prefill_tokens=0, overlap="+sync" not in flags)
         # graphs+compile+einsum: the reference (einsum) attention; the choice is made as each bucket is built
         attention = (kernels.use_backend(mla_decode="reference") if base == "graphs+compile+einsum"
                      else contextlib.nullcontext())
@@ -187,6 +219,8 @@ def main() -> None:
             print(f"({mode}: this torch's inductor has no enable_pdl; its kernels launch without PDL)")
         # the MLA decode split: one 32-position tile per program (shipped), two (+twotiles, the earlier default) or
         # one 16-position tile (+tile16); read at each launch
+        # +argmax1: the greedy argmax as torch's one pass over the vocabulary (before 2026-12-05), not two
+        sampling.ARGMAX_MIN = 1 << 62 if "+argmax1" in flags else 16384
         mla_k.BLOCK_N = 16 if "+tile16" in flags else 32
         mla_k.MIN_CHUNK = 2 * mla_k.BLOCK_N if "+twotiles" in flags else mla_k.BLOCK_N
         with attention, gemv:
@@ -213,6 +247,8 @@ def main() -> None:
             roof = step_bytes(cfg, B, args.prompt_len + args.new // 2, fp8="+fp8" in mode) / hbm
             print(f"| {card} | dsv3 {mode} | {B} | {ttft * 1e3:.1f} | {n / dt:,.1f} | {dt / steps * 1e3:.1f} | "
                   f"{roof * 1e3:.2f} | {roof / (dt / steps):.1%} |", flush=True)
+            if base != "eager":
+                gap_line(eng, B, dt / steps)
     for op, on in SHIPPED.items():
         kb.switch(op, on)
     set_inductor_pdl(SHIPPED_INDUCTOR_PDL)

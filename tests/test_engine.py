@@ -548,13 +548,15 @@ def test_chunked_prefill_matches_naive(models, naive_refs, name, P, graphs):
     assert any(s > 0 for rows in calls for s, _, _ in rows)  # (the padded budget splits prompts at P = 16 too)
 
 
-def test_chunked_prefill_keeps_decoding_and_seeds(models, naive_refs):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_chunked_prefill_keeps_decoding_and_seeds(models, naive_refs, overlap):
     """A long prompt's chunks share the steps with the running requests, which keep decoding a token per step
-    (the point of chunked prefill); seeded sampling draws the same tokens as without chunks (a chunk that is not
-    the prompt's last draws nothing from the request's generator)."""
+    (the point of chunked prefill; with overlapped decoding each step returns the step before's token, so from
+    the second step on); seeded sampling draws the same tokens as without chunks (a chunk that is not the
+    prompt's last draws nothing from the request's generator)."""
     model = models["yarn"]
     prompts, refs = naive_refs["yarn"]
-    eng = Engine(model, max_batch_size=8, block_size=3, max_prefill_tokens=4)
+    eng = Engine(model, max_batch_size=8, block_size=3, max_prefill_tokens=4, overlap=overlap)
     a = eng.add_request(prompts[0], greedy(10))  # 3 tokens: one chunk
     first = eng.step()
     long_prompt = prompts[3] * 3  # 42 tokens: 11 chunks of <= 4
@@ -566,7 +568,7 @@ def test_chunked_prefill_keeps_decoding_and_seeds(models, naive_refs):
         for o in eng.step():
             got[o.request_id] += o.new_token_ids
         if steps <= 9:  # b is still prefilling: a gets a token every step
-            assert len(got[a]) == 1 + steps and not got[b], (steps, got)
+            assert len(got[a]) == 1 + steps - overlap and not got[b], (steps, got)
     assert got[a] == refs[0][0] and got[b] == naive_greedy(model, long_prompt, 3)[0]
     sp = [SamplingParams(max_new_tokens=8, temperature=1.0, seed=s, ignore_eos=True) for s in range(3)]
     for k in (0, 2):
@@ -1446,3 +1448,110 @@ def test_logits_at_one_position_equal_the_full_logits(models):
         got = model(ids, with_mtp=False, logits_at=at).logits
     assert got.shape == (3, 1, full.shape[-1])
     torch.testing.assert_close(got[:, 0], full[torch.arange(3), at])
+
+
+# ------------------------------------------------------------------------------------------------
+# overlapped decoding: the next step queued before the one in flight is read
+
+def _mixed_params(eos_free: bool):
+    """Requests that end at different steps, by length, stop token and stop string, greedy and seeded, with
+    log-probabilities: each way a request can leave a batch whose next step is already queued."""
+    return [SamplingParams(max_new_tokens=9, temperature=0.0, logprobs=2),
+            SamplingParams(max_new_tokens=4, temperature=0.0),
+            SamplingParams(max_new_tokens=12, temperature=1.0, seed=3, logprobs=0),
+            SamplingParams(max_new_tokens=7, temperature=0.8, top_k=5, seed=9, stop_token_ids=[5, 17, 33]),
+            SamplingParams(max_new_tokens=1, temperature=0.0),
+            SamplingParams(max_new_tokens=10, temperature=1.0, top_p=0.9, seed=1, ignore_eos=eos_free)]
+
+
+def _final(eng, prompts, params, arrivals=None):
+    """Outputs by prompt index; arrivals[i]: the step before which prompt i is added (default: all at once)."""
+    arrivals = arrivals or [0] * len(prompts)
+    ids, final, step = {}, {}, 0
+    while len(final) < len(prompts):
+        for i, (p, sp) in enumerate(zip(prompts, params)):
+            if arrivals[i] == step:
+                ids[eng.add_request(p, sp)] = i
+        step += 1
+        for o in eng.step():
+            assert o.request_id in ids
+            if o.finished:
+                final[ids[o.request_id]] = (o.token_ids, o.finish_reason, o.logprobs or [])
+        assert step < 500
+    return final
+
+
+@pytest.mark.parametrize("name", ["plain", "yarn"])
+def test_overlapped_decoding_gives_the_same_outputs(models, name):
+    """Overlapped decoding (the default) against each step read at once: the same tokens, log-probabilities and
+    finish reasons for greedy and seeded requests ending by length, stop token and EOS at different steps,
+    arriving together and one by one (a batch that changes while a step is queued)."""
+    model = models[name]
+    prompts = prompts_for(model.config, [3, 9, 5, 14, 2, 7], seed=4)
+    params = _mixed_params(eos_free=False)
+    # stop tokens that occur: requests 0 (greedy) and 2 (seeded) stop at their own 3rd and 6th token
+    first = _final(Engine(model, max_batch_size=4, block_size=4, overlap=False), prompts, params)
+    params[0] = dataclasses.replace(params[0], stop_token_ids=[first[0][0][2]])
+    params[2] = dataclasses.replace(params[2], stop_token_ids=[first[2][0][5]])
+    for arrivals in (None, [0, 0, 2, 3, 3, 9]):
+        want = _final(Engine(model, max_batch_size=4, block_size=4, overlap=False), prompts, params, arrivals)
+        eng = Engine(model, max_batch_size=4, block_size=4)
+        assert eng.overlap
+        got = _final(eng, prompts, params, arrivals)
+        assert eng.cache.free_blocks == eng.cache.num_blocks and eng._inflight is None
+        assert {i: g[:2] for i, g in got.items()} == {i: w[:2] for i, w in want.items()}
+        for i, w in want.items():  # log-probabilities: equal up to the last bits (a step's batch may hold a row
+            # more with overlap: a request that ended in the step before)
+            assert len(got[i][2]) == len(w[2]) == (len(w[0]) if params[i].logprobs is not None else 0)
+            for a, b in zip(got[i][2], w[2]):
+                assert a.token_id == b.token_id and [t for t, _ in a.top] == [t for t, _ in b.top]
+                assert a.logprob == pytest.approx(b.logprob, abs=1e-5)
+                assert [v for _, v in a.top] == pytest.approx([v for _, v in b.top], abs=1e-5)
+    reasons = {r for _, r, _ in want.values()}
+    assert {"length", "stop"} <= reasons, reasons  # (the prompts exercise both ways to end)
+
+
+def test_overlapped_decoding_queues_the_next_step_before_reading(models, monkeypatch):
+    """In a steady batch each step queues the next one (its input tokens from the device) before reading the one
+    in flight; a stop string read from the step in flight discards the queued step's row; a repetition penalty or
+    speculation turns the overlap off (each step read at once)."""
+    model = models["plain"]
+    prompts = prompts_for(model.config, [4, 6], seed=2)
+    eng = Engine(model, max_batch_size=4, block_size=4)
+    log = []
+    launch, read = eng._launch_decode, eng._read
+    monkeypatch.setattr(eng, "_launch_decode",
+                        lambda reqs, tokens=None: log.append(("launch", tokens is not None)) or launch(reqs, tokens))
+    monkeypatch.setattr(eng, "_read", lambda fl: log.append(("read", len(fl.reqs))) or read(fl))
+    sp = SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True)
+    out = eng.generate(prompts, sp)
+    assert [len(o.token_ids) for o in out] == [6, 6]
+    # the first decode step from the host's tokens, then launch-before-read from the device's, and the last
+    # step (both requests end by length in it) read before anything else is queued
+    assert log == [("launch", False)] + [("launch", True), ("read", 2)] * 4 + [("read", 2)], log
+    ref = Engine(model, max_batch_size=4, block_size=4, overlap=False).generate(prompts, sp)
+    assert [o.token_ids for o in out] == [o.token_ids for o in ref]
+    for sp_off in (SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True, repetition_penalty=1.3),):
+        log.clear()
+        eng.generate(prompts, sp_off)
+        assert all(x[0] == "launch" and not x[1] for x in log[::2]) and all(x[0] == "read" for x in log[1::2]), log
+
+
+def test_overlapped_decoding_with_an_abort_and_reused_blocks(models):
+    """A request aborted while its next step is queued ends with "abort" and its queued row is discarded; its
+    blocks, released while that step may still write them, go to a new request whose output is the uncached
+    reference's (the queued write lands before the new request's prefill, in stream order)."""
+    model = models["plain"]
+    prompts = prompts_for(model.config, [5, 8, 6], seed=8)
+    sp = SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True)
+    eng = Engine(model, max_batch_size=2, block_size=4, cache_tokens=2 * 24)
+    a, b = eng.add_request(prompts[0], sp), eng.add_request(prompts[1], sp)
+    for _ in range(4):
+        eng.step()
+    assert eng._inflight is not None and len(eng._inflight.reqs) == 2
+    assert eng.abort(a)
+    c = eng.add_request(prompts[2], sp)
+    final = run_all(eng)
+    assert final[a].finish_reason == "abort" and len(final[a].token_ids) < 12
+    for rid, p in ((b, prompts[1]), (c, prompts[2])):
+        assert final[rid].token_ids == generate_naive(model, p, 12, temperature=0.0, eos_id=None)

@@ -23,6 +23,16 @@ Requests join and leave the running batch between steps. One `step()`:
 Each phase ends with one device -> host copy (tokens, accepted counts, drafts, log-probs); the host
 then appends tokens, applies stop tokens, stop strings and length limits (which may cut a round's
 accepted tokens short), and frees finished requests' blocks.
+
+Overlapped decoding (`overlap`, on by default; vLLM's async scheduling, SGLang's overlap scheduler): while the
+batch stays the same, a step queues the next decode step on the device first, its input tokens taken from the
+step before's device output, and only then waits for that step's results and keeps the books, so the device
+never idles while the host works (at batch 1 the host's part of a step is its whole gap). The results of a step
+reach the caller one `step()` later. A request that a step ends (stop token, stop string) already has one more
+step queued: its result is discarded (the cache positions it wrote belong to the ended request). Whenever the
+batch changes (a request joins, ends by its length limit or is aborted) the step in flight is read first, as
+without overlap. Off (each step read at once) with speculation (k > 0: the next round's input depends on how many
+drafts the host accepted), a repetition penalty (its history is built on the host), and in multi-rank lockstep.
 """
 
 from __future__ import annotations
@@ -64,6 +74,8 @@ class EngineConfig:
     cuda_graphs: str = setting("auto", "decode steps as CUDA graphs: auto (on for a bf16/FP8 model on one GPU; off "
                                        "under --ep, where graph capture is not yet measured on GPUs), on, off",
                                choices=("auto", "on", "off"))
+    overlap: bool = setting(True, "read each decode step's results before queueing the next (overlapped decoding, "
+                                  "the default, queues the next step first while the batch stays the same)")
     record_expert_loads: str | None = setting(None, "count the tokens routed to each expert of each MoE block "
                                                     "(GET /expert_loads shows them) and write them (MoE blocks x "
                                                     "experts, .pt or .npy) to FILE when the server stops: the loads "
@@ -154,6 +166,20 @@ _DISCARDED = SamplingParams(max_new_tokens=1, temperature=0.0)  # the draws of a
 
 
 @dataclass
+class _InFlight:
+    """A decode step queued on the device whose results the host has not read yet (module docstring)."""
+    reqs: list[_Request]
+    host: torch.Tensor  # the results as `_results` lays them out, copied to (pinned) host memory without blocking
+    done: torch.cuda.Event | None  # recorded after that copy (None: the copy was synchronous)
+    tokens: torch.Tensor  # (B, T) the step's tokens on the device: the input of the step after it
+    T: int  # positions per row
+    k: int  # drafts per row
+    has_n: bool  # whether a column of accepted counts follows the tokens
+    nt: int  # top log-probabilities per position
+    q: torch.Tensor | None  # the drafts' distributions (sampled speculation), or None
+
+
+@dataclass
 class EngineStats:
     steps: int = 0
     generated_tokens: int = 0
@@ -183,7 +209,7 @@ class Engine:
     def __init__(self, model, tokenizer=None, *, max_batch_size: int = 32, cache_tokens: int | None = None,
                  block_size: int = 16, speculative_k: int = 0, max_model_len: int | None = None,
                  cuda_graphs: bool | str | None = None, compile_decode: bool = False, max_prefill_tokens: int = 8192,
-                 record_expert_loads: bool = False):
+                 record_expert_loads: bool = False, overlap: bool = True):
         cfg = model.config
         if speculative_k > 0 and cfg.num_nextn_predict_layers == 0:
             raise ValueError("speculative decoding needs MTP modules, but this model has num_nextn_predict_layers=0")
@@ -255,6 +281,9 @@ class Engine:
         # Called with the engine at the start of every step, before anything is scheduled (every rank of a
         # lockstep group at the same step): e.g. dsv3/ep_serve.py's Rebalancer, which re-places the experts.
         self.step_hooks: list[Callable[["Engine"], None]] = []
+        # overlapped decoding (module docstring): the next decode step is queued before the one in flight is read
+        self.overlap = overlap
+        self._inflight: _InFlight | None = None
 
     # --- requests ---------------------------------------------------------------------------------
     def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
@@ -369,10 +398,11 @@ class Engine:
         elif any_new:
             self._idle(self._prefill)
         if decoding:
-            self._decode(decoding)
-            changed += decoding
+            changed += self._decode(decoding)
         elif any_decoding:
             self._idle(self._decode)
+        elif self._inflight is not None:  # every request of the step in flight has ended: its results go unread
+            self._inflight = None
         outs = aborted + [self._output(r) for r in changed]
         for r in [r for r in self.running if r.finished]:
             self.running.remove(r)
@@ -486,12 +516,45 @@ class Engine:
             self._append(r, toks, lps)
             self._set_drafts(r, ds, q, b)
 
-    def _decode(self, reqs: list[_Request]) -> None:
+    def _decode(self, reqs: list[_Request]) -> list[_Request]:
+        """One decode step (a speculation round) for `reqs`; returns the requests whose results the host read now:
+        with overlap (module docstring) those of the step before, else these."""
+        fl = self._inflight
+        if self._overlaps(reqs):
+            if (fl is not None and len(fl.reqs) == len(reqs) and all(a is b for a, b in zip(fl.reqs, reqs))
+                    and all(len(r.out) + 1 < r.params.max_new_tokens for r in reqs)):
+                # the same batch, none ended by length in flight: queue the next step on the step in flight's
+                # device tokens, then read that step while the device runs this one
+                self._inflight = self._launch_decode(reqs, fl.tokens)
+                return self._read(fl)
+            changed = self._read(fl) if fl is not None else []  # the batch changes: settle the step in flight
+            live = [r for r in reqs if not r.finished]
+            self._inflight = self._launch_decode(live) if live else None
+            return changed
+        changed = self._read(fl) if fl is not None else []
+        self._inflight = None
+        live = [r for r in reqs if not r.finished]
+        if live:
+            read = self._read(self._launch_decode(live))
+            changed += [r for r in read if all(r is not c for c in changed)]
+        return changed
+
+    def _overlaps(self, reqs: list[_Request]) -> bool:
+        """Whether this batch's decoding may overlap (module docstring)."""
+        return (self.overlap and self.k == 0 and self.agree is None and self.phase_sync is None
+                and all(r.params.repetition_penalty == 1.0 for r in reqs))
+
+    def _launch_decode(self, reqs: list[_Request], tokens: torch.Tensor | None = None) -> _InFlight:
+        """Queue one decode step (a speculation round) for `reqs` and the copy of its results to the host.
+        tokens: the step in flight's device tokens (B, 1), whose results are not read yet (each request's cache
+        then holds one position more than main_len says), or None: each request's last token from the host."""
         k = self.k
-        starts, tables = [r.main_len for r in reqs], [r.blocks for r in reqs]
+        ahead = 0 if tokens is None else 1
+        starts, tables = [r.main_len + ahead for r in reqs], [r.blocks for r in reqs]
         sampler = self._sampler(reqs)  # (its parameter tensors go to the device before the step is queued)
         # the round's inputs reach the device inside the step's meta: tokens [x_L, d_1 .. d_k] and pos0
-        logits, hidden, inp, pos0 = self._graphs.main([[r.last] + r.drafts for r in reqs], starts, tables)
+        logits, hidden, inp, pos0 = self._graphs.main(
+            [[r.last] + r.drafts for r in reqs] if tokens is None else tokens, starts, tables)
         d_in = inp[:, 1:]  # (B, k)
         q_in = None if sampler.all_greedy else self._draft_probs(reqs, d_in)
         tokens, n, _ = speculation.accept(sampler, logits, d_in, q_in)  # (B, k+1), (B,)
@@ -502,16 +565,39 @@ class Engine:
             # MTP module 0 over the round's k+1 positions, read out at the last valid one (n - 1)
             h, lg = self._graphs.mtp(0, tokens, hidden, starts, tables, select=n - 1)
             drafts, q = self._draft(sampler, reqs, h, lg, pos0 + n, max(starts) + k + 1)
-        for b, (r, row) in enumerate(zip(reqs, self._to_host(reqs, tokens, n, drafts, lp))):
+        rows = self._results(tokens, n, drafts, lp)
+        done = None
+        if rows.is_cuda:  # to pinned memory without blocking; `_read` waits for the event
+            host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
+            host.copy_(rows, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+        else:
+            host = rows
+        return _InFlight(reqs, host, done, tokens, tokens.shape[1], k, n is not None,
+                         lp[1].shape[-1] if lp is not None else 0, q)
+
+    def _read(self, fl: _InFlight) -> list[_Request]:
+        """Wait for a queued decode step's results and keep the books: tokens appended, stops applied. Rows of
+        requests ended meanwhile (a stop in the step before, an abort) are discarded. Returns the requests read."""
+        if fl.done is not None:
+            fl.done.synchronize()
+        rows = self._parse(fl.reqs, fl.host.tolist(), fl.T, fl.has_n, fl.k, fl.nt)
+        read = []
+        for b, (r, row) in enumerate(zip(fl.reqs, rows)):
+            if r.finished:
+                continue
             toks, m, ds, lps = row
-            if k:
+            if self.k:
                 self.stats.rounds += 1
-                self.stats.drafted += k
+                self.stats.drafted += self.k
                 self.stats.accepted += m - 1
                 self.stats.first_draft_accepted += m > 1
             r.main_len += m  # x_L and the accepted drafts are now valid in the cache
             self._append(r, toks[:m], lps[:m])
-            self._set_drafts(r, ds, q, b)
+            self._set_drafts(r, ds, fl.q, b)
+            read.append(r)
+        return read
 
     def _draft(self, sampler: BatchSampler, reqs: list[_Request], h: torch.Tensor, logits: torch.Tensor,
                first_pos: torch.Tensor, first_pos_bound: int, live: list[bool] | None = None):
@@ -544,8 +630,14 @@ class Engine:
                  lp) -> list:
         """One device -> host copy of a phase's results -> per row (tokens, n, drafts, log-probs per token).
         n None: 1 per row."""
-        B, T = tokens.shape
-        k = drafts.shape[1] if drafts is not None else 0
+        rows = self._results(tokens, n, drafts, lp).tolist()
+        return self._parse(reqs, rows, tokens.shape[1], n is not None, 0 if drafts is None else drafts.shape[1],
+                           lp[1].shape[-1] if lp is not None else 0)
+
+    def _results(self, tokens: torch.Tensor, n: torch.Tensor | None, drafts: torch.Tensor | None, lp) -> torch.Tensor:
+        """A phase's results as one tensor on the device, a row per sequence: tokens (T), n (if given), drafts (k),
+        then (with log-probs) the chosen tokens' (T), the top ids (T·nt) and values (T·nt), all float64 (token ids
+        are exact in it); in lockstep, rank 0's (`agree`)."""
         ints = [x for x in (tokens, None if n is None else n[:, None], drafts) if x is not None]
         if lp is not None:  # one float64 tensor (token ids are exact in it)
             chosen, top_i, top_v = lp
@@ -555,16 +647,18 @@ class Engine:
             rows_t = torch.cat(ints, 1) if len(ints) > 1 else tokens
         if self.agree is not None:
             rows_t = self.agree(rows_t.contiguous())
-        rows = rows_t.tolist()
-        nt = lp[1].shape[-1] if lp is not None else 0
-        o = T + (n is not None) + k  # where the log-probs start
+        return rows_t
+
+    def _parse(self, reqs: list[_Request], rows: list, T: int, has_n: bool, k: int, nt: int) -> list:
+        """`_results`' rows (as lists) -> per row (tokens, n, drafts, log-probs per token)."""
+        o = T + has_n + k  # where the log-probs start
         out = []
         for b, row in enumerate(rows):
             toks = [int(x) for x in row[:T]]
-            m = int(row[T]) if n is not None else 1
+            m = int(row[T]) if has_n else 1
             ds = [int(x) for x in row[o - k: o]]
             lps = [None] * T
-            want = reqs[b].params.logprobs if lp is not None else None
+            want = reqs[b].params.logprobs if len(row) > o else None
             if want is not None:
                 ch, ti, tv = row[o: o + T], row[o + T: o + T + T * nt], row[o + T + T * nt: o + T + 2 * T * nt]
                 lps = [TokenLogprob(toks[j], ch[j], [(int(ti[j * nt + i]), tv[j * nt + i]) for i in range(min(want, nt))])

@@ -305,12 +305,20 @@ class DecodeGraphs:
 
     # --- the steps ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def main(self, tokens: list[list[int]], pos0: list[int], tables: list[list[int]]):
-        """The main model over T tokens per sequence (tokens[b], all of length T) at positions pos0[b] ..
-        pos0[b] + T - 1, with block tables covering them -> logits (B, T, V), hidden (B, T, D), and the
-        inputs as device tensors, tokens (B, T) and pos0 (B,) (views valid until this bucket runs again)."""
-        B, T = len(tokens), len(tokens[0])
-        logits, hidden, ids, pos = self._launch(("main",), B, T, max(pos0) + T - 1, tokens, pos0, tables)
+    def main(self, tokens: list[list[int]] | torch.Tensor, pos0: list[int], tables: list[list[int]]):
+        """The main model over T tokens per sequence (tokens[b], all of length T: host lists, or a (B, T) device
+        tensor, e.g. the tokens of a step still running, copied in on the device: the engine's overlapped decoding)
+        at positions pos0[b] .. pos0[b] + T - 1, with block tables covering them -> logits (B, T, V), hidden
+        (B, T, D), and the inputs as device tensors, tokens (B, T) and pos0 (B,) (views valid until this bucket runs
+        again)."""
+        on_device = isinstance(tokens, torch.Tensor)
+        B, T = tuple(tokens.shape) if on_device else (len(tokens), len(tokens[0]))
+
+        def fill(sb: StaticBatch) -> None:
+            sb.ids[:B].copy_(tokens)  # over the meta just copied in (stream order)
+
+        logits, hidden, ids, pos = self._launch(("main",), B, T, max(pos0) + T - 1, None if on_device else tokens,
+                                                pos0, tables, fill if on_device else None)
         return logits, hidden, ids, pos
 
     @torch.no_grad()

@@ -34,6 +34,29 @@ from dsv3.inference.params import SamplingParams
 GREEDY_EPS = 1e-5
 
 
+# Vocabulary-wide argmax in two passes on CUDA: torch's single-pass argmax over one 102,400-wide row runs as one
+# reduction kernel of 26 us at batch 1 (`reduce_kernel<512, 1, ArgMaxOps>`, bench/profile_gpu.py --decode 1 on the
+# H200, 2026-12-05: ~1% of a 16b decode step); a max over ARGMAX_CHUNK-wide groups spreads the row over the SMs.
+ARGMAX_CHUNK = 1024
+ARGMAX_MIN = 16384  # narrower rows (and any CPU tensor) take torch.argmax
+
+
+def argmax(x: torch.Tensor, two_pass: bool | None = None) -> torch.Tensor:
+    """x.argmax(-1), the same indices (the first of tied maxima; the first NaN) in two passes on wide CUDA rows
+    (two_pass None; True / False force either, tests): each ARGMAX_CHUNK-wide group's max and its first index,
+    then the first group holding the row's max. The tail past the last whole group is padded with -inf (never
+    chosen before a real element: a row of only -inf gives 0 as argmax does)."""
+    V = x.shape[-1]
+    if not (two_pass if two_pass is not None else x.is_cuda and V >= ARGMAX_MIN) or V == 0:
+        return x.argmax(-1)
+    pad = -V % ARGMAX_CHUNK
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad), value=float("-inf"))
+    vals, idx = x.unflatten(-1, (-1, ARGMAX_CHUNK)).max(-1)  # (..., G): each group's max, its first index
+    g = vals.argmax(-1, keepdim=True)  # the first group holding the max (NaN: the first group with a NaN)
+    return (idx.gather(-1, g) + g * ARGMAX_CHUNK).squeeze(-1)
+
+
 def filter_logits(logits: torch.Tensor, top_k=0, top_p=1.0, min_p=0.0) -> torch.Tensor:
     """logits (..., V) fp32 -> logits with the excluded tokens at -inf. top_k, top_p, min_p: numbers,
     or per-row tensors broadcastable to (..., 1) (0 / 1.0 / 0.0 switch a row's filter off)."""
@@ -64,11 +87,11 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p
     """logits (B, V) -> token ids (B,). temperature 0 is greedy."""
     logits = logits.float()
     if temperature <= 0:
-        return logits.argmax(-1)
+        return argmax(logits)
     logits = filter_logits(logits / temperature, top_k, top_p, min_p)
     probs = logits.softmax(-1)
     noise = torch.empty_like(probs).exponential_(1, generator=generator)
-    return (probs / noise).argmax(-1)
+    return argmax(probs / noise)
 
 
 def penalize(logits: torch.Tensor, present: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
@@ -99,7 +122,10 @@ class BatchSampler:
         # every row's parameters in one host -> device copy, (B, 6) -> columns (B, 1, 1) against (B, T, V)
         rows = [[float(g), 1.0 if g else p.temperature, p.top_k, p.top_p, p.min_p, p.repetition_penalty]
                 for g, p in zip(greedy, params)]
-        cols = torch.tensor(rows, dtype=torch.float64).to(device).view(self.B, 6, 1, 1).unbind(1)
+        rows_t = torch.tensor(rows, dtype=torch.float64)
+        if torch.device(device).type == "cuda":  # pinned, without blocking: a pageable copy would wait for the step
+            rows_t = rows_t.pin_memory()  # still running (the engine's overlapped decoding queues steps ahead)
+        cols = rows_t.to(device, non_blocking=True).view(self.B, 6, 1, 1).unbind(1)
         self.greedy = cols[0] > 0
         self.temperature = cols[1].float()
         self.top_k = cols[2].long() if any(p.top_k for p in params) else 0
@@ -137,7 +163,7 @@ class BatchSampler:
                 for j in range(1, T):  # draft j-1 is history from position j on
                     present[:, j:].scatter_(2, extra[:, j - 1].view(B, 1, 1).expand(B, T - j, 1), True)
             x = penalize(x, present, self.penalty)
-        one_hot = torch.zeros_like(x).scatter_(-1, x.argmax(-1, keepdim=True), 1.0)
+        one_hot = torch.zeros_like(x).scatter_(-1, argmax(x).unsqueeze(-1), 1.0)
         p = filter_logits(x / self.temperature, self.top_k, self.top_p, self.min_p).softmax(-1)
         return torch.where(self.greedy, one_hot, p)
 
@@ -154,12 +180,12 @@ class BatchSampler:
         q = torch.empty_like(w, dtype=torch.float32).exponential_(1)
         for b, g in self.seeded:
             q[b].exponential_(1, generator=g)
-        return (w / q).argmax(-1)
+        return argmax(w / q)
 
     def choose(self, logits: torch.Tensor, extra: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """logits (B, V) -> (token (B,), its processed distribution (B, V), None when all_greedy)."""
         if self.all_greedy:
-            return logits.argmax(-1), None
+            return argmax(logits), None
         p = self.probs(logits[:, None], extra)[:, 0]
         return self.draw(p), p
 

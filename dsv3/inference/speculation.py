@@ -32,7 +32,7 @@ from collections.abc import Callable
 
 import torch
 
-from dsv3.inference.sampling import BatchSampler
+from dsv3.inference.sampling import BatchSampler, argmax
 
 
 def accept(sampler: BatchSampler, logits: torch.Tensor, drafts: torch.Tensor,
@@ -44,7 +44,7 @@ def accept(sampler: BatchSampler, logits: torch.Tensor, drafts: torch.Tensor,
     B, T, V = logits.shape
     k = T - 1
     if sampler.all_greedy:
-        top = logits.argmax(-1)  # (B, T): at accepted positions it equals the draft; at n-1 the correction
+        top = argmax(logits)  # (B, T): at accepted positions it equals the draft; at n-1 the correction
         if k == 0:
             return top, None, None  # (n = 1 for every row: plain greedy decoding, no further kernels)
         ok = top[:, :k] == drafts

@@ -333,7 +333,9 @@ def drive(engine, vocab: int) -> dict:
 
 
 def _engine_kwargs(k: int) -> dict:
-    return dict(max_batch_size=4, cache_tokens=256, speculative_k=k, device="cpu")
+    # overlap off in the one-process reference too: the schedule joins and aborts at step counts, and overlapped
+    # decoding returns each step's tokens one step later (lockstep engines never overlap)
+    return dict(max_batch_size=4, cache_tokens=256, speculative_k=k, device="cpu", overlap=False)
 
 
 def run_one(rank: int, world: int, name: str) -> dict:
