@@ -22,12 +22,17 @@ them); +densegemv, +headgemv, +latentstore, +moegemm run exactly the ones named.
 decode GEMV (kernels.set_head_gemv) instead of the einsums' batched GEMMs; +latentstore: the decode step's latent
 RMSNorm + RoPE + cache write as one kernel (kernels.set_latent_store) instead of the compiled norm and RoPE and two
 index_copy launches; +moegemm: the routed experts of batches above one pair per expert through the grouped decode
-GEMM (kernels.set_moe_gemm) instead of torch._grouped_mm (bf16) or the per-row FP8 GEMV. The paged MLA decode
+GEMM (kernels.set_moe_gemm) instead of torch._grouped_mm (bf16) or the per-row FP8 GEMV; +mlauv: absorbed MLA's W_UV
+product inside the attention's merge launch (kernels.set_mla_uv) instead of a launch of its own. The paged MLA decode
 kernel's split (mla_decode_triton: one 32-position tile per program, shipped): +twotiles, two tiles per program (the
 earlier default); +tile16, one 16-position tile. At batch 1 a layer's attention is latency-bound (8.5 us at ~190
 positions, 2026-12-04), so more, shorter programs help. +pdl / +nopdl: dsv3's decode kernels with or without
 programmatic dependent launch (kernels.set_pdl); +ipdl / +noipdl: the compiled step's inductor kernels with or without
-it (graphs.INDUCTOR_PDL, where the torch has the option); without them, the shipped defaults.
+it (graphs.INDUCTOR_PDL, where the torch has the option); without them, the shipped defaults. +argmax1: the greedy
+argmax as torch's single pass over the vocabulary (before the two-pass sampling.argmax); +sync: the engine without
+overlapped decoding (each step's results read before the next step is queued). Under each graphed row a line splits
+the step: the graph replayed back to back (the GPU's time), replayed with the argmax and the copy to the host synced
+each time, and the rest (the engine's host work).
 Before and after in one run:
 
     PYTHONPATH=. python bench/decode_gpu.py --preset 16b --batches 1,32 --modes graphs+compile+nokernels,\
@@ -60,10 +65,10 @@ from dsv3.info import model_info  # noqa: E402
 from bandwidth import copy_bandwidth  # noqa: E402  (bench/bandwidth.py)
 
 # kernel choices a mode may add to its path, in any order
-MODE_FLAGS = ("+nogemv", "+nokernels", "+densegemv", "+headgemv", "+latentstore", "+moegemm", "+twotiles",
+MODE_FLAGS = ("+nogemv", "+nokernels", "+densegemv", "+headgemv", "+latentstore", "+moegemm", "+mlauv", "+twotiles",
               "+tile16", "+pdl", "+nopdl", "+ipdl", "+noipdl", "+argmax1", "+sync")
 KERNEL_FLAGS = {"+densegemv": "dense_gemv", "+headgemv": "head_gemv", "+latentstore": "latent_store",
-                "+moegemm": "moe_gemm"}  # the switched decode kernels (backend.py SWITCHED)
+                "+moegemm": "moe_gemm", "+mlauv": "mla_uv"}  # the switched decode kernels (backend.py SWITCHED)
 SHIPPED = dict(kb.SWITCHED)  # their defaults, as `dsv3 serve` runs them
 SHIPPED_INDUCTOR_PDL = graphs.INDUCTOR_PDL
 
@@ -117,7 +122,8 @@ def gap_line(eng: Engine, B: int, step_s: float, reps: int = 50) -> None:
     """Where an engine step's time goes beyond the GPU's: the last decode bucket's graph replayed back to back
     (the GPU's time per step, nothing on the host between), then replayed with the greedy argmax and the copy to
     the host synced after each (what a step needs before the host can schedule the next). Printed under the
-    row; the rest of the step is the engine's host work (scheduling, the meta copy, sampling set-up, outputs)."""
+    row; what the step takes beyond the back-to-back replays is the engine's host work that the device waited for
+    (scheduling, the meta copy, sampling set-up, outputs: hidden by overlapped decoding where it works)."""
     entries = [(key, e) for key, e in eng._graphs._entries.items()
                if key[0] == ("main",) and key[1] == min(next_pow2(B), eng._graphs.max_batch_size) and e.graph]
     if not entries:
@@ -137,8 +143,8 @@ def gap_line(eng: Engine, B: int, step_s: float, reps: int = 50) -> None:
         sampling.argmax(e.outputs[0][:B, -1]).tolist()
     synced = (time.perf_counter() - t) / reps
     print(f"|  | (step {step_s * 1e3:.3f} ms: graph replays back to back {replay * 1e3:.3f} ms, replay + argmax + "
-          f"copy to the host synced each step {synced * 1e3:.3f} ms, host work {(step_s - synced) * 1e3:.3f} ms) "
-          f"| | | | | | |", flush=True)
+          f"copy to the host synced each step {synced * 1e3:.3f} ms; the step beyond the GPU's time "
+          f"{(step_s - replay) * 1e3:.3f} ms) | | | | | | |", flush=True)
 
 
 def main() -> None:
@@ -159,7 +165,7 @@ def main() -> None:
                          "the Triton FP8 GEMMs; put it last: it quantizes the model in place); any mode + '+nogemv': "
                          "the routed experts without the decode GEMV kernel (kernels.expert_gemv), as before it; the "
                          "switched decode kernels: the shipped defaults, or +nokernels (all off), or exactly those of "
-                         "'+densegemv', '+headgemv', '+latentstore', '+moegemm' (module docstring); "
+                         "'+densegemv', '+headgemv', '+latentstore', '+moegemm', '+mlauv' (module docstring); "
                          "'+twotiles', '+tile16': the MLA decode split; '+pdl', '+nopdl', '+ipdl', '+noipdl': programmatic dependent "
                          "launch; '+argmax1': torch's one-pass greedy argmax; '+sync': the engine without overlapped "
                          "decoding (each step read before the next is queued)")

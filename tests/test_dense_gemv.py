@@ -88,9 +88,10 @@ def test_reference_is_an_fp32_linear_rounded_once():
 def test_switch_defaults_are_the_measured_ones_and_the_overrides_win(monkeypatch):
     x, w = torch.randn(1, 64, dtype=BF16), torch.randn(32, 64, dtype=BF16)
     monkeypatch.setattr(kb, "_fast_fits", lambda op, t: True)  # the rule holds (as on a GPU)
-    # on where the H200 measured them faster (backend.py SWITCHED: the e4m3 forms not yet), the head GEMV off
+    # on where the H200 measured them faster (backend.py SWITCHED: the e4m3 forms not yet), the head GEMV off, the
+    # merge + W_UV launch off until measured
     assert kb.SWITCHED == {"dense_gemv": kb.WEIGHTS_16BIT, "head_gemv": False, "latent_store": True,
-                           "moe_gemm": kb.WEIGHTS_16BIT, "pdl": True}
+                           "moe_gemm": kb.WEIGHTS_16BIT, "pdl": True, "mla_uv": False}
     assert kernels.select_backend("dense_gemv", x, w) == "triton"
     assert kernels.set_dense_gemv(False) == kb.WEIGHTS_16BIT
     try:

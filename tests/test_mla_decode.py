@@ -216,3 +216,65 @@ def test_static_decode_step_with_interpreted_kernel(mla_decode_interpreted):
     ref = _static_step(model, cache, pad, None)
     got = _static_step(model, cache, pad, mla_decode_interpreted)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------
+# the merge with W_UV in one launch (mla_decode_uv, kernels.set_mla_uv)
+
+def _w_uv(H: int, nope: int, V: int, C: int, dtype, seed: int) -> torch.Tensor:
+    """W_UV as the model holds it: a view (H, v, C) of kv_b_proj's weight (H · (nope + v), C)."""
+    g = torch.Generator().manual_seed(seed)
+    kv_b = (0.2 * torch.randn(H * (nope + V), C, generator=g)).to(dtype)
+    return kv_b.view(H, nope + V, C)[:, nope:]
+
+
+def test_mla_decode_uv_reference_is_attention_then_w_uv():
+    from dsv3 import kernels
+
+    kv, pe, tables, lens = _random_paged(3, 5, 4, 32, 16, torch.float32, seed=2)
+    g = torch.Generator().manual_seed(5)
+    q_lat, q_pe = torch.randn(3, 4, 32, generator=g), torch.randn(3, 4, 16, generator=g)
+    w_uv = _w_uv(4, 16, 24, 32, torch.float32, seed=1)
+    got = kernels.mla_decode_uv(q_lat, q_pe, kv, pe, tables, lens, 4, 0.3, w_uv)  # CPU: the reference
+    o_lat = mla_decode_ref(q_lat, q_pe, kv, pe, tables, lens, 4, 0.3)
+    want = torch.stack([o_lat[:, h] @ w_uv[h].T for h in range(4)], 1)  # (B, H, v) head by head
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(AssertionError, match="w_uv"):
+        kernels.mla_decode_uv(q_lat, q_pe, kv, pe, tables, lens, 4, 0.3, w_uv[:, :, :16])
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("B,H,C,R,V,block_size,nblk,num_splits", [
+    (3, 4, 32, 16, 16, 4, 20, None),  # 3 splits of 1 tile; v = 16: two 8-row W_UV slices a head
+    (2, 40, 48, 8, 20, 16, 3, None),  # C padded to 64, v = 20: the last slice masked
+    (3, 16, 32, 16, 8, 4, 12, 5),  # 5 splits, some empty for the short sequences
+])
+def test_triton_mla_decode_uv_matches_reference(mla_decode_interpreted, dtype, B, H, C, R, V, block_size, nblk,
+                                                num_splits):
+    from dsv3.kernels.mla_decode_triton import mla_decode_uv
+
+    kv, pe, tables, lens = _random_paged(B, nblk, block_size, C, R, dtype, seed=H + C)
+    g = torch.Generator().manual_seed(1)
+    q_lat = torch.randn(B, H, C, generator=g).to(dtype)
+    q_pe = torch.randn(B, H, R, generator=g).to(dtype)
+    w_uv = _w_uv(H, 8, V, C, dtype, seed=V)
+    got = mla_decode_uv(q_lat, q_pe, kv, pe, tables, lens, block_size, 0.3, w_uv, num_splits)
+    o_lat = mla_decode_ref(q_lat, q_pe, kv, pe, tables, lens, block_size, 0.3)  # rounded to dtype, as the kernel
+    want = torch.einsum("bhc,hvc->bhv", o_lat.float(), w_uv.float())
+    assert got.dtype == dtype and got.shape == (B, H, V)
+    tol = 1e-5 if dtype == torch.float32 else 5e-3
+    torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
+
+
+@needs_interpreter
+def test_static_decode_step_with_interpreted_uv_kernel(mla_decode_interpreted):
+    """The whole decode step through MLA's fused branch taking attend_uv (switched on) with the interpreted
+    kernels: the logits of the einsum path; off, the view's attend runs as before."""
+    from dsv3 import kernels
+
+    model, cache, pad = _model_and_cache()
+    ref = _static_step(model, cache, pad, None)
+    with kernels.use_backend(mla_uv="triton"):
+        got = _static_step(model, cache, pad, mla_decode_interpreted)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)

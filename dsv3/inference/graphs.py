@@ -173,6 +173,14 @@ class _StaticLayerView:
                         b.q_tables, b.q_lens, b.bs, scale)
         return o.view(q_lat.shape)
 
+    def attend_uv(self, q_lat: torch.Tensor, q_pe: torch.Tensor, scale: float, w_uv: torch.Tensor) -> torch.Tensor:
+        """`attend`, then W_UV (H, v, C) in the attention's last launch (kernels.mla_decode_uv, where switched on:
+        kernels.set_mla_uv) -> o (B, T, H, v)."""
+        b = self.b
+        o = kernels.mla_decode_uv(q_lat.flatten(0, 1), q_pe.flatten(0, 1), b.cache.kv[self.slot],
+                                  b.cache.pe[self.slot], b.q_tables, b.q_lens, b.bs, scale, w_uv)
+        return o.view(*q_lat.shape[:3], w_uv.shape[1])
+
 
 class _Entry:
     """One bucket: its static batch, pinned host meta, step function, graph and outputs (when captured),

@@ -22,6 +22,8 @@ optional.
     store_latents                                       "triton" (latent_store_triton.py; off until
                                                         switched on: set_latent_store)
     mla_decode                                          "triton" (mla_decode_triton.py)
+    mla_decode_uv                                       "triton" (mla_decode_triton.py; off until switched
+                                                        on: set_mla_uv)
     adamw_step_                                         "triton" (adamw_triton.py)
     router_topk                                         "triton" (router_triton.py)
     attention                                           SDPA, cuDNN first on CUDA (attention.py)
@@ -57,6 +59,7 @@ __all__ = ["BLOCK", "FP8_MAX", "act_dequant", "act_quant", "act_quant_cm", "act_
            "expert_gemv",
            "expert_gemv_ref", "fp8_expert_rows", "fp8_gemm_bwd", "fp8_gemm_fwd", "fp8_grouped_gemm_bwd",
            "fp8_grouped_gemm_fwd", "fp8_weight_linear", "head_gemv", "head_gemv_ref", "mla_decode", "mla_decode_ref",
+           "mla_decode_uv", "set_mla_uv",
            "moe_gemm_down", "moe_gemm_ref", "moe_gemm_swiglu", "set_moe_gemm",
            "router_topk", "router_topk_ref", "select_backend", "set_dense_gemv", "set_head_gemv", "set_latent_store",
            "set_pdl", "store_latents", "store_latents_ref", "swiglu_gemv", "use_backend",
@@ -271,6 +274,32 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, pe: to
 
         return kernel(q_lat, q_pe, kv, pe, block_table, seq_lens, block_size, scale)
     return mla_decode_ref(q_lat, q_pe, kv, pe, block_table, seq_lens, block_size, scale)
+
+
+def mla_decode_uv(q_lat: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, pe: torch.Tensor,
+                  block_table: torch.Tensor, seq_lens: torch.Tensor, block_size: int, scale: float,
+                  w_uv: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """`mla_decode` followed by absorbed MLA's value projection: o (B, H, v) = einsum("bhc,hvc->bhv", o_lat, w_uv)
+    for w_uv (H, v, C) (W_UV, a view of kv_b_proj's weight), o_lat rounded to q_lat's dtype first. "triton": the
+    split kernel, then the merge and W_UV in one launch (mla_decode_triton.py); "reference": mla_decode_ref and
+    the einsum."""
+    B, H, C = q_lat.shape
+    assert w_uv.dim() == 3 and w_uv.shape[0] == H and w_uv.shape[2] == C, \
+        f"mla_decode_uv: w_uv (H, v, C) = ({H}, v, {C}) expected, got {tuple(w_uv.shape)}"
+    if select_backend("mla_uv", q_lat, w_uv, backend=backend) == "triton":
+        from dsv3.kernels.mla_decode_triton import mla_decode_uv as kernel
+
+        return kernel(q_lat, q_pe, kv, pe, block_table, seq_lens, block_size, scale, w_uv)
+    o_lat = mla_decode_ref(q_lat, q_pe, kv, pe, block_table, seq_lens, block_size, scale)
+    return torch.einsum("bhc,hvc->bhv", o_lat, w_uv)
+
+
+def set_mla_uv(on: bool) -> bool:
+    """Let the automatic choice take `mla_decode_uv`'s fused merge + W_UV launch in the graphed decode steps
+    (MLA.forward_absorbed through a cache view that offers `attend_uv`), process-wide; returns the previous
+    setting. DEFAULT OFF until measured on a GPU (bench/decode_gpu.py's +mlauv modes). As `set_dense_gemv` for
+    compiled steps and CUDA graphs."""
+    return _switch("mla_uv", on)
 
 
 def router_topk(logits: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: int, topk_group: int,

@@ -29,6 +29,8 @@ never probe the GPU themselves.
                                             rows, w (H, N, K) in x's dtype with K or N contiguous, no
                                             autograd through x or w, no CUDA autocast
     mla_decode        "triton"              -
+    mla_uv            "triton"              switched (SWITCHED, kernels.set_mla_uv; off by default); W_UV (H, v, C)
+                                            C-contiguous in q's dtype, no autograd through either
     adamw             "triton"              -
     router_topk       "triton"              fp32 logits (24/24 GPU tests on an H200, 2026-12-04; 4.8-12x the reference)
 
@@ -74,6 +76,7 @@ FAST = {  # op -> its accelerated backend
     "swiglu_gemv": "triton",
     "latent_store": "triton",
     "mla_decode": "triton",
+    "mla_uv": "triton",
     "adamw": "triton",
     "router_topk": "triton",
 }
@@ -96,7 +99,7 @@ PENDING: set[str] = set()
 # kernels.set_* turn any of them on (every dtype) or off.
 WEIGHTS_16BIT = "16-bit weights"
 SWITCHED: dict[str, bool | str] = {"dense_gemv": WEIGHTS_16BIT, "head_gemv": False, "latent_store": True,
-                                   "moe_gemm": WEIGHTS_16BIT, "pdl": True}
+                                   "moe_gemm": WEIGHTS_16BIT, "pdl": True, "mla_uv": False}
 # ops that follow another op's switch: the dense SwiGLU's fused gate+up GEMV is one of the dense decode GEMVs
 SWITCH_OF: dict[str, str] = {"swiglu_gemv": "dense_gemv"}
 # Up to these many activation rows the Triton FP8-weight kernels run (decode; above, prefill:
@@ -306,6 +309,10 @@ def _fast_fits(op: str, tensors: tuple[torch.Tensor, ...]) -> bool:
                 and not (torch.is_grad_enabled() and (kv_a.requires_grad or w.requires_grad)))
     if op == "router_topk":
         return tensors[0].dtype == torch.float32
+    if op == "mla_uv":  # (q_lat, w_uv)
+        q, w = tensors[0], tensors[-1]
+        return (w.dim() == 3 and w.dtype == q.dtype and w.stride(2) == 1
+                and not (torch.is_grad_enabled() and (q.requires_grad or w.requires_grad)))
     return True
 
 

@@ -41,6 +41,13 @@ is fixed per shape, nothing syncs with the host, and the launch can be captured 
 C and R are constexpr, padded to powers of two with masks (C = 512, R = 64 for 16b/671B; the test
 configs use e.g. C = 32, R = 16).
 
+`mla_decode_uv(..., w_uv)` (op "mla_uv", switched: kernels.set_mla_uv): the same split kernel, then
+`_combine_uv_kernel`, grid (H, ceil(v / UV_BN), B), which merges the splits as `_combine_kernel` does, rounds the
+latent to q_lat's dtype (what the two-launch path stores) and multiplies it by its head's W_UV rows: absorbed MLA's
+value projection, o (B, H, v) = einsum("bhc,hvc->bhv", o_lat, W_UV), in the merge's launch instead of a launch of
+its own. Each program merges its head's splits again (n_split x C fp32 from L2: 8 KiB at batch 1 on the 16b) and
+reads a (UV_BN, C) slice of W_UV, before the PDL wait (a weight).
+
 Wrapping: `torch.library.custom_op("dsv3::mla_decode")` with a fake (shape-only) implementation, so
 torch.compile treats the call as one opaque op and launches the two kernels as in eager mode. (Letting
 inductor trace into the body with `triton_op`/`wrap_triton` failed on the H100: inductor's re-compilation
@@ -149,17 +156,47 @@ def _combine_kernel(o_ptr, lse_ptr, out_ptr, n_split, so_b, so_h, so_s, sl_b, sl
     tl.store(out_ptr + b * sout_b + h * sout_h + c, (acc / den).to(out_ptr.dtype.element_ty), mask=c < C)
 
 
+@triton.jit
+def _combine_uv_kernel(o_ptr, lse_ptr, w_ptr, out_ptr, n_split, V, so_b, so_h, so_s, sl_b, sl_h, sw_h, sw_n,
+                       sout_b, sout_h, C: tl.constexpr, CP: tl.constexpr, SP: tl.constexpr, BN: tl.constexpr,
+                       PDL: tl.constexpr = False):
+    """out[b, h, rn] = W_UV[h, rn, :] · round(merge of head h's splits), fp32 sums, one rounding (module docstring).
+    PDL: the W_UV slice is read before the wait (a weight), everything else after."""
+    h = tl.program_id(0)
+    pn = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+    rn = pn * BN + tl.arange(0, BN)
+    c = tl.arange(0, CP)
+    w = tl.load(w_ptr + h.to(tl.int64) * sw_h + rn[:, None].to(tl.int64) * sw_n + c[None, :],
+                mask=(rn[:, None] < V) & (c[None, :] < C), other=0.0)  # (BN, CP)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+    i = tl.arange(0, SP)
+    lse = tl.load(lse_ptr + b * sl_b + h * sl_h + i, mask=i < n_split, other=float("-inf"))  # (SP,)
+    mx = tl.max(lse, 0)
+    den = tl.sum(tl.exp2(lse - mx), 0)
+    acc = tl.zeros((CP,), tl.float32)
+    for j in range(0, n_split):
+        wj = tl.exp2(tl.load(lse_ptr + b * sl_b + h * sl_h + j) - mx)
+        acc += wj * tl.load(o_ptr + b * so_b + h * so_h + j * so_s + c, mask=c < C, other=0.0)
+    lat = (acc / den).to(out_ptr.dtype.element_ty).to(tl.float32)  # the latent as the two-launch path stores it
+    y = tl.sum(w.to(tl.float32) * lat[None, :], axis=1)  # (BN,)
+    tl.store(out_ptr + b * sout_b + h * sout_h + rn, y.to(out_ptr.dtype.element_ty), mask=rn < V)
+
+
 def _num_splits(B: int, head_groups: int, S: int, device: torch.device) -> int:
     """About two programs per SM over the whole grid, each split covering at least MIN_CHUNK positions."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
     return max(1, min(-(-2 * sms // (B * head_groups)), -(-S // MIN_CHUNK)))
 
 
-@torch.library.custom_op("dsv3::mla_decode", mutates_args=())
-def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, pe: torch.Tensor,
-               block_table: torch.Tensor, seq_lens: torch.Tensor, block_size: int, scale: float,
-               num_splits: Optional[int] = None) -> torch.Tensor:
-    """See the module docstring; num_splits overrides the split count (tests)."""
+UV_BN = 8  # W_UV rows per combine program: 16 programs a head at v = 128, an 8 KiB bf16 slice each
+
+
+def _split(q_lat, q_pe, kv, pe, block_table, seq_lens, block_size, scale, num_splits):
+    """Checks, then the split kernel's launch -> (o_part (B, H, n_split, C) fp32, lse (B, H, n_split), n_split)."""
     assert q_lat.is_cuda or os.environ.get("TRITON_INTERPRET") == "1", \
         "mla_decode needs CUDA tensors (CPU tensors only under TRITON_INTERPRET=1)"
     B, H, C = q_lat.shape
@@ -179,8 +216,6 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, pe: to
     n_split = triton.cdiv(S, chunk)
     o_part = torch.empty(B, H, n_split, C, dtype=torch.float32, device=q_lat.device)
     lse = torch.empty(B, H, n_split, dtype=torch.float32, device=q_lat.device)
-    out = torch.empty(B, H, C, dtype=q_lat.dtype, device=q_lat.device)
-    CP = max(16, triton.next_power_of_2(C))  # tl.dot needs dims >= 16
     pdl = backend.pdl(q_lat.device)
     _split_kernel[(groups, n_split, B)](
         q_lat, q_pe, kv, pe, block_table, seq_lens, o_part, lse,
@@ -188,13 +223,54 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, pe: to
         q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1), kv.stride(0), pe.stride(0),
         block_table.stride(0), block_table.stride(1), o_part.stride(0), o_part.stride(1), o_part.stride(2),
         lse.stride(0), lse.stride(1),
-        C=C, R=R, CP=CP, RP=max(16, triton.next_power_of_2(R)), PAGE=block_size, HG=HG, BN=BLOCK_N, PDL=pdl,
+        C=C, R=R, CP=_cp(C), RP=max(16, triton.next_power_of_2(R)), PAGE=block_size, HG=HG, BN=BLOCK_N, PDL=pdl,
         num_warps=4, num_stages=2, launch_pdl=pdl)
+    return o_part, lse, n_split
+
+
+def _cp(C: int) -> int:
+    return max(16, triton.next_power_of_2(C))  # tl.dot needs dims >= 16
+
+
+@torch.library.custom_op("dsv3::mla_decode", mutates_args=())
+def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, pe: torch.Tensor,
+               block_table: torch.Tensor, seq_lens: torch.Tensor, block_size: int, scale: float,
+               num_splits: Optional[int] = None) -> torch.Tensor:
+    """See the module docstring; num_splits overrides the split count (tests)."""
+    o_part, lse, n_split = _split(q_lat, q_pe, kv, pe, block_table, seq_lens, block_size, scale, num_splits)
+    B, H, C = q_lat.shape
+    out = torch.empty(B, H, C, dtype=q_lat.dtype, device=q_lat.device)
+    pdl = backend.pdl(q_lat.device)
     _combine_kernel[(H, B)](
         o_part, lse, out, n_split, o_part.stride(0), o_part.stride(1), o_part.stride(2),
         lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),
-        C=C, CP=CP, SP=triton.next_power_of_2(n_split), PDL=pdl, num_warps=4, launch_pdl=pdl)
+        C=C, CP=_cp(C), SP=triton.next_power_of_2(n_split), PDL=pdl, num_warps=4, launch_pdl=pdl)
     return out
+
+
+@torch.library.custom_op("dsv3::mla_decode_uv", mutates_args=())
+def mla_decode_uv(q_lat: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, pe: torch.Tensor,
+                  block_table: torch.Tensor, seq_lens: torch.Tensor, block_size: int, scale: float,
+                  w_uv: torch.Tensor, num_splits: Optional[int] = None) -> torch.Tensor:
+    """mla_decode, then W_UV (H, v, C) in the merge's launch -> o (B, H, v) (module docstring)."""
+    B, H, C = q_lat.shape
+    assert w_uv.dim() == 3 and w_uv.shape[0] == H and w_uv.shape[2] == C and w_uv.stride(2) == 1, \
+        f"w_uv (H, v, C) with C contiguous expected, got {tuple(w_uv.shape)} strides {w_uv.stride()}"
+    assert w_uv.dtype == q_lat.dtype, f"w_uv in q_lat's dtype expected, got {w_uv.dtype} and {q_lat.dtype}"
+    o_part, lse, n_split = _split(q_lat, q_pe, kv, pe, block_table, seq_lens, block_size, scale, num_splits)
+    V = w_uv.shape[1]
+    out = torch.empty(B, H, V, dtype=q_lat.dtype, device=q_lat.device)
+    pdl = backend.pdl(q_lat.device)
+    _combine_uv_kernel[(H, triton.cdiv(V, UV_BN), B)](
+        o_part, lse, w_uv, out, n_split, V, o_part.stride(0), o_part.stride(1), o_part.stride(2),
+        lse.stride(0), lse.stride(1), w_uv.stride(0), w_uv.stride(1), out.stride(0), out.stride(1),
+        C=C, CP=_cp(C), SP=triton.next_power_of_2(n_split), BN=UV_BN, PDL=pdl, num_warps=4, launch_pdl=pdl)
+    return out
+
+
+@mla_decode_uv.register_fake
+def _(q_lat, q_pe, kv, pe, block_table, seq_lens, block_size, scale, w_uv, num_splits=None):
+    return q_lat.new_empty(q_lat.shape[0], q_lat.shape[1], w_uv.shape[1])
 
 
 @mla_decode.register_fake

@@ -248,6 +248,10 @@ class MLA(nn.Module):
         if fused:
             if c_kv is not None:
                 cache.store(c_kv, k_pe)
+            if hasattr(cache, "attend_uv") and kernels.select_backend("mla_uv", q_lat, w_uv) == "triton":
+                # where switched on (kernels.set_mla_uv): W_UV inside the attention's merge launch
+                o = cache.attend_uv(q_lat, q_pe, self.scale, w_uv)  # (B, T, H, v)
+                return self.o_proj(o.reshape(B, T, self.n_heads * self.v_dim))
             o_lat = cache.attend(q_lat, q_pe, self.scale)  # (B, T, H, C), query t causal over its sequence
         else:
             kv_all, pe_all, mask = cache.update(c_kv, k_pe)  # (B, S, C), (B, S, rope), (B, 1, T, S)
