@@ -1,7 +1,7 @@
 """The routed experts of one decode step on one GPU: the grouped-GEMM path against the decode GEMV
 (dsv3/kernels/expert_gemv_triton.py) and a sweep of the GEMV's launch parameters, at the 16b model's shapes.
 
-    PYTHONPATH=. python bench/expert_gemv_sweep.py [--rows 6,48] [--fp8] [--quick]
+    PYTHONPATH=. python bench/expert_gemv_sweep.py [--rows 6,48] [--fp8 | --fp8-only] [--quick]
 
 Each timing replays a CUDA graph holding 50 calls (so launches cost what they cost in the graphed decode
 step), median of 7 replays. GB/s counts the weight bytes the call must read: the distinct experts the rows
@@ -39,6 +39,7 @@ def main() -> None:
     ap.add_argument("--preset", default="16b")
     ap.add_argument("--rows", default="6,48", help="(token, expert) pairs per call: batch x top-k")
     ap.add_argument("--fp8", action="store_true", help="also the e4m3 experts")
+    ap.add_argument("--fp8-only", action="store_true", help="the e4m3 experts only (not the bf16 ones)")
     ap.add_argument("--quick", action="store_true", help="a smaller sweep")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -52,10 +53,13 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     for p in dense.parameters():
         p.data = torch.randn(p.shape, generator=g) * 0.02
-    fp8 = FP8Experts.from_experts(dense).cuda() if args.fp8 else None  # (before .bfloat16(): it works in place)
-    stores = [("bf16", dense.bfloat16().cuda())] + ([("fp8", fp8)] if fp8 is not None else [])
+    fp8 = FP8Experts.from_experts(dense).cuda() if args.fp8 or args.fp8_only else None  # (before .bfloat16(): in place)
+    stores = ([] if args.fp8_only else [("bf16", dense.bfloat16().cuda())]) + ([("fp8", fp8)] if fp8 is not None else [])
     sweep = (dict(BN=[8, 16, 32, 64], KU=[1, 2, 4], num_warps=[2, 4, 8], PREFETCH=[True, False]) if not args.quick else
              dict(BN=[8, 16, 32], KU=[1, 2], num_warps=[4], PREFETCH=[True, False]))
+    if args.fp8_only and not args.quick:  # e4m3: narrower tiles, longer K per load (the bytes in flight per register);
+        # 8 warps instead of 2 (registers, compiled for sm_90 ahead of time: BN 8 KU 4 with PREFETCH takes 254 at 4 warps)
+        sweep = dict(BN=[4, 8, 16, 32], KU=[1, 2, 4, 8], num_warps=[4, 8], PREFETCH=[True, False])
     for (name, m), M in itertools.product(stores, [int(r) for r in args.rows.split(",")]):
         N = max(M // K, 1)
         x = torch.randn(N, D, device="cuda").bfloat16()

@@ -1498,7 +1498,9 @@ def test_overlapped_decoding_gives_the_same_outputs(models, name):
         eng = Engine(model, max_batch_size=4, block_size=4)
         assert eng.overlap
         got = _final(eng, prompts, params, arrivals)
-        assert eng.cache.free_blocks == eng.cache.num_blocks and eng._inflight is None
+        # every block free; a queued step left behind holds only ended requests (one that stopped)
+        assert eng.cache.free_blocks == eng.cache.num_blocks
+        assert eng._inflight is None or all(r.finished for r in eng._inflight.reqs)
         assert {i: g[:2] for i, g in got.items()} == {i: w[:2] for i, w in want.items()}
         for i, w in want.items():  # log-probabilities: equal up to the last bits (a step's batch may hold a row
             # more with overlap: a request that ended in the step before)
@@ -1511,10 +1513,26 @@ def test_overlapped_decoding_gives_the_same_outputs(models, name):
     assert {"length", "stop"} <= reasons, reasons  # (the prompts exercise both ways to end)
 
 
-def test_overlapped_decoding_queues_the_next_step_before_reading(models, monkeypatch):
+def test_overlapped_decoding_with_stop_strings(text_model):
+    """Requests of one batch ending by stop strings (found in the text of a step in flight, whose queued next step
+    is then discarded) at different steps: the texts, tokens and reasons of the engine reading each step at once."""
+    model, tok = text_model
+    prompts = ["the cat sat on", "a dog ran to", "big red house", "sun moon star"]
+    sync = Engine(model, tok, max_batch_size=4, block_size=4, overlap=False)
+    full = sync.generate(prompts, greedy(30, ignore_eos=True))
+    stops = [o.text[len(o.text) // (2 + i): len(o.text) // (2 + i) + 2] for i, o in enumerate(full)]
+    params = [greedy(30, ignore_eos=True, stop=[st]) for st in stops if st.strip()]
+    prompts = prompts[: len(params)]
+    want = sync.generate(prompts, params)
+    assert sum(o.finish_reason == "stop" for o in want) >= 2
+    got = Engine(model, tok, max_batch_size=4, block_size=4).generate(prompts, params)
+    assert [(o.text, o.token_ids, o.finish_reason) for o in got] == [(o.text, o.token_ids, o.finish_reason)
+                                                                      for o in want]
+
+
+def test_overlapped_decoding_queues_the_next_step_before_reading(models, spec_models, monkeypatch):
     """In a steady batch each step queues the next one (its input tokens from the device) before reading the one
-    in flight; a stop string read from the step in flight discards the queued step's row; a repetition penalty or
-    speculation turns the overlap off (each step read at once)."""
+    in flight; a repetition penalty or speculation turns the overlap off (each step read at once)."""
     model = models["plain"]
     prompts = prompts_for(model.config, [4, 6], seed=2)
     eng = Engine(model, max_batch_size=4, block_size=4)
@@ -1531,10 +1549,19 @@ def test_overlapped_decoding_queues_the_next_step_before_reading(models, monkeyp
     assert log == [("launch", False)] + [("launch", True), ("read", 2)] * 4 + [("read", 2)], log
     ref = Engine(model, max_batch_size=4, block_size=4, overlap=False).generate(prompts, sp)
     assert [o.token_ids for o in out] == [o.token_ids for o in ref]
-    for sp_off in (SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True, repetition_penalty=1.3),):
-        log.clear()
-        eng.generate(prompts, sp_off)
-        assert all(x[0] == "launch" and not x[1] for x in log[::2]) and all(x[0] == "read" for x in log[1::2]), log
+    sp_off = SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True, repetition_penalty=1.3)
+    spec = Engine(spec_models[(1, "aligned")], max_batch_size=4, block_size=4, speculative_k=2)
+    spec_log = []
+    spec_launch, spec_read = spec._launch_decode, spec._read
+    monkeypatch.setattr(spec, "_launch_decode",
+                        lambda reqs, tokens=None: spec_log.append(("launch", tokens is not None)) or
+                        spec_launch(reqs, tokens))
+    monkeypatch.setattr(spec, "_read", lambda fl: spec_log.append(("read", len(fl.reqs))) or spec_read(fl))
+    log.clear()
+    eng.generate(prompts, sp_off)
+    spec.generate([[t % 64 for t in p[:3]] for p in prompts], sp)  # (the spec model has 64 tokens)
+    for lg in (log, spec_log):  # each step launched from the host's tokens and read at once
+        assert lg and lg[::2] == [("launch", False)] * (len(lg) // 2) and all(x[0] == "read" for x in lg[1::2]), lg
 
 
 def test_overlapped_decoding_with_an_abort_and_reused_blocks(models):

@@ -100,42 +100,45 @@ def test_compiled_graphed_speculation():
     assert eng._graphs.captures >= 3
 
 
-def test_speculative_round_syncs_the_host_once(monkeypatch):
-    """A decode step with speculation (verify, accept, MTP, chained drafts, all graphs captured) makes
-    exactly one host synchronisation: the copy of the round's results (Engine._to_host). Checked with
-    torch.cuda's sync debug mode set to error everywhere else."""
+@pytest.mark.parametrize("k", [3, 0])
+def test_a_decode_step_syncs_the_host_once(monkeypatch, k):
+    """A decode step, with speculation (verify, accept, MTP, chained drafts, all graphs captured) or without it
+    (k = 0: overlapped decoding, the next step queued before the one in flight is read), waits for the device
+    once: for the copy of a step's results (Engine._read). Checked with torch.cuda's sync debug mode set to error
+    everywhere else; with overlap each step reads the step before (none in the first, none queued after the
+    last)."""
     m = _model(2, "aligned")
     prompts = _prompts(4)
     sp = SamplingParams(max_new_tokens=30, temperature=0, ignore_eos=True)
-    eng = Engine(m, None, max_batch_size=4, speculative_k=3, cuda_graphs=True)
+    eng = Engine(m, None, max_batch_size=4, speculative_k=k, cuda_graphs=True)
     eng.generate(prompts, sp)  # captures every bucket the second pass uses
     captures = eng._graphs.captures
-    to_host, copies = Engine._to_host, []
+    read, reads = Engine._read, []
 
     def counted(self, *a):
         torch.cuda.set_sync_debug_mode(0)
         try:
-            copies.append(1)
-            return to_host(self, *a)
+            reads.append(1)
+            return read(self, *a)
         finally:
             torch.cuda.set_sync_debug_mode(2)
 
-    monkeypatch.setattr(Engine, "_to_host", counted)
+    monkeypatch.setattr(Engine, "_read", counted)
     for p in prompts:
         eng.add_request(p, sp)
     eng.step()  # admission and prefill (host -> device copies of the prompts)
-    steps = 0
+    per_step = []
     try:
         while eng.has_unfinished():
-            copies.clear()
+            reads.clear()
             torch.cuda.set_sync_debug_mode(2)  # "error"
             eng.step()
             torch.cuda.set_sync_debug_mode(0)
-            assert len(copies) == 1
-            steps += 1
+            per_step.append(len(reads))
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    assert steps > 3 and eng._graphs.captures == captures
+    assert len(per_step) > 3 and eng._graphs.captures == captures
+    assert per_step == ([1] * len(per_step) if k else [0] + [1] * (len(per_step) - 1)), per_step
 
 
 def same_up_to_near_ties(ref, got, tol: float = 0.1) -> int:

@@ -26,9 +26,10 @@ accepted tokens short), and frees finished requests' blocks.
 
 Overlapped decoding (`overlap`, on by default; vLLM's async scheduling, SGLang's overlap scheduler): while the
 batch stays the same, a step queues the next decode step on the device first, its input tokens taken from the
-step before's device output, and only then waits for that step's results and keeps the books, so the device
-never idles while the host works (at batch 1 the host's part of a step is its whole gap). The results of a step
-reach the caller one `step()` later. A request that a step ends (stop token, stop string) already has one more
+step before's device output, and only then waits for that step's results and keeps the books, so in a steady
+decode batch the device does not idle while the host works (at batch 1 the host's part of a step is otherwise a
+gap in the device's work). Steps that prefill (whose first tokens are read at once) and steps where the batch
+changes still wait. The results of a step reach the caller one `step()` later. A request that a step ends (stop token, stop string) already has one more
 step queued: its result is discarded (the cache positions it wrote belong to the ended request). Whenever the
 batch changes (a request joins, ends by its length limit or is aborted) the step in flight is read first, as
 without overlap. Off (each step read at once) with speculation (k > 0: the next round's input depends on how many
@@ -580,6 +581,8 @@ class Engine:
     def _read(self, fl: _InFlight) -> list[_Request]:
         """Wait for a queued decode step's results and keep the books: tokens appended, stops applied. Rows of
         requests ended meanwhile (a stop in the step before, an abort) are discarded. Returns the requests read."""
+        if all(r.finished for r in fl.reqs):  # nothing to read: no need to wait for it
+            return []
         if fl.done is not None:
             fl.done.synchronize()
         rows = self._parse(fl.reqs, fl.host.tolist(), fl.T, fl.has_n, fl.k, fl.nt)

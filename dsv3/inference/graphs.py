@@ -12,7 +12,9 @@ one launch. What a graph needs is a forward whose shapes and addresses never cha
     the device:   meta[b] = [pos0, token_0 .. token_{T-1}, block_table[0 .. nblk-1]]
     filled on the host (pinned) and sent with one non-blocking copy; an MTP step's tokens, hidden
     states, the row to read out and (chained steps) pos0 come from the previous step's device
-    tensors instead, copied into the bucket's static buffers — no host round trip inside a round;
+    tensors instead, copied into the bucket's static buffers — no host round trip inside a round —
+    and so do a main step's tokens when the engine queues it behind a step whose results it has not
+    read yet (overlapped decoding: `main` given a device tensor);
   * everything else is derived from meta inside the graph with tensor ops (no host sync): the RoPE
     positions, the slots the new latents are written to, the slots of the context read back, the mask;
   * shapes are bucketed: batch Bp = the next power of two >= B (capped at max_batch_size), context

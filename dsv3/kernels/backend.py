@@ -312,7 +312,8 @@ def _fast_fits(op: str, tensors: tuple[torch.Tensor, ...]) -> bool:
     if op == "mla_uv":  # (q_lat, w_uv)
         q, w = tensors[0], tensors[-1]
         return (w.dim() == 3 and w.dtype == q.dtype and w.stride(2) == 1
-                and not (torch.is_grad_enabled() and (q.requires_grad or w.requires_grad)))
+                and not (torch.is_grad_enabled() and (q.requires_grad or w.requires_grad))
+                and not torch.is_autocast_enabled("cuda"))
     return True
 
 
