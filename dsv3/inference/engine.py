@@ -557,7 +557,7 @@ class Engine:
         logits, hidden, inp, pos0 = self._graphs.main(
             [[r.last] + r.drafts for r in reqs] if tokens is None else tokens, starts, tables)
         d_in = inp[:, 1:]  # (B, k)
-        q_in = None if sampler.all_greedy else self._draft_probs(reqs, d_in)
+        q_in = None if sampler.all_greedy or not k else self._draft_probs(reqs, d_in)  # (k = 0: no drafts to weigh)
         tokens, n, _ = speculation.accept(sampler, logits, d_in, q_in)  # (B, k+1), (B,)
         lp = sampler.logprobs(logits, tokens)
         drafts = q = None
