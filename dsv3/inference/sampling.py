@@ -36,7 +36,9 @@ GREEDY_EPS = 1e-5
 
 # Vocabulary-wide argmax in two passes on CUDA: torch's single-pass argmax over one 102,400-wide row runs as one
 # reduction kernel of 26 us at batch 1 (`reduce_kernel<512, 1, ArgMaxOps>`, bench/profile_gpu.py --decode 1 on the
-# H200, 2026-12-05: ~1% of a 16b decode step); a max over ARGMAX_CHUNK-wide groups spreads the row over the SMs.
+# H200, 2026-12-05: ~1% of a 16b decode step); a max over ARGMAX_CHUNK-wide groups spreads the row over the SMs. Not
+# timed apart yet: on an H100 the argmax and the results' copy after a graph replay took 0.077 ms in two passes and
+# 0.080 in one (bench/decode_gpu.py's gap line, 2026-12-05), the same within that run's spread.
 ARGMAX_CHUNK = 1024
 ARGMAX_MIN = 16384  # narrower rows (and any CPU tensor) take torch.argmax
 

@@ -96,7 +96,9 @@ PENDING: set[str] = set()
 # batch 1 360.4 tok/s without it, 365.8 with it, 369.2 with inductor's kernels launched so too (first run); 388.0 with it on
 # dsv3's kernels only, 417.8 on both, 348.8 with neither and two tiles per MLA split (second run); batches 32 / 128:
 # 3,211 / 10,562 with it, 3,261 / 10,589 without (third run); FP8 batch 1 338.8 -> 380.6. DSV3_KERNELS or
-# kernels.set_* turn any of them on (every dtype) or off.
+# kernels.set_* turn any of them on (every dtype) or off. "mla_uv" (the attention's merge and W_UV in one launch): off,
+# not shown faster; on an H100 (16b batch 1, graphs + compile, 2026-12-05) 374.3 tok/s with it against 364.8 without,
+# in two calls whose graph replay times differ by 2.6%, inside the 3% spread of one graph's replays in that run.
 WEIGHTS_16BIT = "16-bit weights"
 SWITCHED: dict[str, bool | str] = {"dense_gemv": WEIGHTS_16BIT, "head_gemv": False, "latent_store": True,
                                    "moe_gemm": WEIGHTS_16BIT, "pdl": True, "mla_uv": False}
