@@ -166,7 +166,8 @@ def main() -> None:
                          "the routed experts without the decode GEMV kernel (kernels.expert_gemv), as before it; the "
                          "switched decode kernels: the shipped defaults, or +nokernels (all off), or exactly those of "
                          "'+densegemv', '+headgemv', '+latentstore', '+moegemm', '+mlauv' (module docstring); "
-                         "'+twotiles', '+tile16': the MLA decode split; '+pdl', '+nopdl', '+ipdl', '+noipdl': programmatic dependent "
+                         "'+twotiles', '+tile16': the MLA decode split; '+pdl', '+nopdl', '+ipdl', '+noipdl': "
+                         "programmatic dependent "
                          "launch; '+argmax1': torch's one-pass greedy argmax; '+sync': the engine without overlapped "
                          "decoding (each step read before the next is queued)")
     args = ap.parse_args()

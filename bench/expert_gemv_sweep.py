@@ -54,11 +54,12 @@ def main() -> None:
     for p in dense.parameters():
         p.data = torch.randn(p.shape, generator=g) * 0.02
     fp8 = FP8Experts.from_experts(dense).cuda() if args.fp8 or args.fp8_only else None  # (before .bfloat16(): in place)
-    stores = ([] if args.fp8_only else [("bf16", dense.bfloat16().cuda())]) + ([("fp8", fp8)] if fp8 is not None else [])
+    stores = ([] if args.fp8_only else [("bf16", dense.bfloat16().cuda())])
+    stores += [("fp8", fp8)] if fp8 is not None else []
     sweep = (dict(BN=[8, 16, 32, 64], KU=[1, 2, 4], num_warps=[2, 4, 8], PREFETCH=[True, False]) if not args.quick else
              dict(BN=[8, 16, 32], KU=[1, 2], num_warps=[4], PREFETCH=[True, False]))
-    if args.fp8_only and not args.quick:  # e4m3: narrower tiles, longer K per load (the bytes in flight per register);
-        # 8 warps instead of 2 (registers, compiled for sm_90 ahead of time: BN 8 KU 4 with PREFETCH takes 254 at 4 warps)
+    if args.fp8_only and not args.quick:  # e4m3: narrower tiles, longer K per load (bytes in flight per register);
+        # 8 warps, not 2 (registers, compiled for sm_90 ahead of time: BN 8 KU 4 with PREFETCH takes 254 at 4 warps)
         sweep = dict(BN=[4, 8, 16, 32], KU=[1, 2, 4, 8], num_warps=[4, 8], PREFETCH=[True, False])
     for (name, m), M in itertools.product(stores, [int(r) for r in args.rows.split(",")]):
         N = max(M // K, 1)
