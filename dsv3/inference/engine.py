@@ -29,13 +29,13 @@ batch stays the same, a step queues the next decode step on the device first, it
 step before's device output, and only then waits for that step's results and keeps the books, so in a steady
 decode batch the device does not idle while the host works (at batch 1 the host's part of a step is otherwise a
 gap in the device's work). Steps that prefill (whose first tokens are read at once) and steps where the batch
-changes still wait. The results of a step reach the caller one `step()` later. Measured on an H100 (16b, batch 1,
-graphs + compile, bench/decode_gpu.py, 2026-12-05): 323.8 -> 364.8 tok/s; the step's time beyond the GPU's went from
-0.31 to 0.04 ms. A request that a step ends (stop token, stop string) already has one more
-step queued: its result is discarded (the cache positions it wrote belong to the ended request). Whenever the
-batch changes (a request joins, ends by its length limit or is aborted) the step in flight is read first, as
-without overlap. Off (each step read at once) with speculation (k > 0: the next round's input depends on how many
-drafts the host accepted), a repetition penalty (its history is built on the host), and in multi-rank lockstep.
+changes still wait. The results of a step reach the caller one `step()` later. A request that a step ends (stop
+token, stop string) already has one more step queued: its result is discarded (the cache positions it wrote belong
+to the ended request). Whenever the batch changes (a request joins, ends by its length limit or is aborted) the
+step in flight is read first, as without overlap. Off (each step read at once) with speculation (k > 0: the next
+round's input depends on how many drafts the host accepted), a repetition penalty (its history is built on the
+host), and in multi-rank lockstep. Measured on an H100 (16b, batch 1, graphs + compile, bench/decode_gpu.py,
+2026-12-05): 323.8 -> 364.8 tok/s, the step's time beyond the GPU's 0.31 -> 0.04 ms.
 """
 
 from __future__ import annotations
