@@ -71,6 +71,7 @@ KERNEL_FLAGS = {"+densegemv": "dense_gemv", "+headgemv": "head_gemv", "+latentst
                 "+moegemm": "moe_gemm", "+mlauv": "mla_uv"}  # the switched decode kernels (backend.py SWITCHED)
 SHIPPED = dict(kb.SWITCHED)  # their defaults, as `dsv3 serve` runs them
 SHIPPED_INDUCTOR_PDL = graphs.INDUCTOR_PDL
+SHIPPED_ARGMAX_MIN = sampling.ARGMAX_MIN  # the two-pass argmax's threshold (+argmax1: never)
 
 
 def kernel_switches(flags: set[str]) -> dict[str, bool]:
@@ -167,9 +168,8 @@ def main() -> None:
                          "switched decode kernels: the shipped defaults, or +nokernels (all off), or exactly those of "
                          "'+densegemv', '+headgemv', '+latentstore', '+moegemm', '+mlauv' (module docstring); "
                          "'+twotiles', '+tile16': the MLA decode split; '+pdl', '+nopdl', '+ipdl', '+noipdl': "
-                         "programmatic dependent "
-                         "launch; '+argmax1': torch's one-pass greedy argmax; '+sync': the engine without overlapped "
-                         "decoding (each step read before the next is queued)")
+                         "programmatic dependent launch; '+argmax1': torch's one-pass greedy argmax; '+sync': the "
+                         "engine without overlapped decoding (each step read before the next is queued)")
     args = ap.parse_args()
     if args.moe_gemm_rows < 0:
         raise SystemExit(f"--moe-gemm-rows must be >= 0 (0: the shipped limit), got {args.moe_gemm_rows}")
@@ -227,7 +227,7 @@ def main() -> None:
         # the MLA decode split: one 32-position tile per program (shipped), two (+twotiles, the earlier default) or
         # one 16-position tile (+tile16); read at each launch
         # +argmax1: the greedy argmax as torch's one pass over the vocabulary (before 2026-12-05), not two
-        sampling.ARGMAX_MIN = 1 << 62 if "+argmax1" in flags else 16384
+        sampling.ARGMAX_MIN = 1 << 62 if "+argmax1" in flags else SHIPPED_ARGMAX_MIN
         mla_k.BLOCK_N = 16 if "+tile16" in flags else 32
         mla_k.MIN_CHUNK = 2 * mla_k.BLOCK_N if "+twotiles" in flags else mla_k.BLOCK_N
         with attention, gemv:
@@ -259,6 +259,7 @@ def main() -> None:
     for op, on in SHIPPED.items():
         kb.switch(op, on)
     set_inductor_pdl(SHIPPED_INDUCTOR_PDL)
+    sampling.ARGMAX_MIN = SHIPPED_ARGMAX_MIN
     mla_k.BLOCK_N, mla_k.MIN_CHUNK = 32, 32
     del model, eng
     torch.cuda.empty_cache()

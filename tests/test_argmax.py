@@ -40,7 +40,7 @@ def test_two_pass_argmax_equals_torch_on_cpu(dtype, monkeypatch):
             assert torch.equal(argmax(x, two_pass=True), x.argmax(-1)), (tuple(x.shape), chunk)
 
 
-def test_argmax_is_torchs_on_the_cpu_and_for_narrow_rows():
+def test_argmax_is_torchs_on_the_cpu_and_an_empty_row_raises():
     x = torch.randn(2, 102400)
     assert torch.equal(argmax(x), x.argmax(-1))  # CPU: one pass
     with pytest.raises(IndexError):  # an empty row: torch's error, not a wrong index

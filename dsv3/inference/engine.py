@@ -174,9 +174,7 @@ class _InFlight:
     reqs: list[_Request]
     host: torch.Tensor  # the results as `_results` lays them out, copied to (pinned) host memory without blocking
     done: torch.cuda.Event | None  # recorded after that copy (None: the copy was synchronous)
-    tokens: torch.Tensor  # (B, T) the step's tokens on the device: the input of the step after it
-    T: int  # positions per row
-    k: int  # drafts per row
+    tokens: torch.Tensor  # (B, k + 1) the step's tokens on the device: the input of the step after it
     has_n: bool  # whether a column of accepted counts follows the tokens
     nt: int  # top log-probabilities per position
     q: torch.Tensor | None  # the drafts' distributions (sampled speculation), or None
@@ -577,8 +575,7 @@ class Engine:
             done.record()
         else:
             host = rows
-        return _InFlight(reqs, host, done, tokens, tokens.shape[1], k, n is not None,
-                         lp[1].shape[-1] if lp is not None else 0, q)
+        return _InFlight(reqs, host, done, tokens, n is not None, lp[1].shape[-1] if lp is not None else 0, q)
 
     def _read(self, fl: _InFlight) -> list[_Request]:
         """Wait for a queued decode step's results and keep the books: tokens appended, stops applied. Rows of
@@ -587,7 +584,7 @@ class Engine:
             return []
         if fl.done is not None:
             fl.done.synchronize()
-        rows = self._parse(fl.reqs, fl.host.tolist(), fl.T, fl.has_n, fl.k, fl.nt)
+        rows = self._parse(fl.reqs, fl.host.tolist(), fl.tokens.shape[1], fl.has_n, self.k, fl.nt)
         read = []
         for b, (r, row) in enumerate(zip(fl.reqs, rows)):
             if r.finished:
