@@ -82,8 +82,8 @@ def main() -> None:
             row("grouped (forward_grouped)" if name == "bf16" else "per-row FP8 kernel (sorted_mlp)", "-",
                 graph_time(lambda: m.forward_grouped(x, idx, w)))
         with torch.no_grad():
-            row("GEMV (forward_gemv)", "defaults " + str(k.default_config(True, name == "fp8")) + " / "
-                + str(k.default_config(False, name == "fp8")),
+            row("GEMV (forward_gemv)", "defaults " + str(k.default_config(name == "fp8", N * K, I)) + " / "
+                + str(k.default_config(name == "fp8", N * K, D)),
                 graph_time(lambda: m.forward_gemv(x, idx, w)))
             h = kernels.expert_gemv(x, gw[0], gw[1], flat, K, up=gw[2], up_s=gw[3])
             best = {}

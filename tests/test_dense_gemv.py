@@ -88,18 +88,18 @@ def test_reference_is_an_fp32_linear_rounded_once():
 def test_switch_defaults_are_the_measured_ones_and_the_overrides_win(monkeypatch):
     x, w = torch.randn(1, 64, dtype=BF16), torch.randn(32, 64, dtype=BF16)
     monkeypatch.setattr(kb, "_fast_fits", lambda op, t: True)  # the rule holds (as on a GPU)
-    # on where the H200 measured them faster (backend.py SWITCHED: the e4m3 forms not yet), the head GEMV off, the
+    # on where the GPUs measured them faster (backend.py SWITCHED: the e4m3 forms too), the head GEMV off, the
     # merge + W_UV launch off until measured
-    assert kb.SWITCHED == {"dense_gemv": kb.WEIGHTS_16BIT, "head_gemv": False, "latent_store": True,
-                           "moe_gemm": kb.WEIGHTS_16BIT, "pdl": True, "mla_uv": False}
+    assert kb.SWITCHED == {"dense_gemv": True, "head_gemv": False, "latent_store": True,
+                           "moe_gemm": True, "pdl": True, "mla_uv": False}
     assert kernels.select_backend("dense_gemv", x, w) == "triton"
-    assert kernels.set_dense_gemv(False) == kb.WEIGHTS_16BIT
+    assert kernels.set_dense_gemv(False) is True
     try:
         assert kernels.select_backend("dense_gemv", x, w) == "reference"
         with kernels.use_backend(dense_gemv="triton"):  # forcing needs no switch (the interpreter tests)
             assert kernels.select_backend("dense_gemv", x, w) == "triton"
     finally:
-        assert kernels.set_dense_gemv(kb.WEIGHTS_16BIT) is False
+        assert kernels.set_dense_gemv(True) is False
     with kernels.use_backend("reference"):
         assert kernels.select_backend("dense_gemv", x, w) == "reference"
     assert kernels.select_backend("dense_gemv", x, w, backend="reference") == "reference"

@@ -206,9 +206,9 @@ def set_moe_gemm(on: bool) -> bool:
     """Let the automatic choice take the grouped decode GEMM of the routed experts (`moe_gemm_swiglu` /
     `moe_gemm_down`: Experts.forward between the one-row-per-expert GEMV and prefill) wherever its rule holds
     (CUDA, bf16/fp16 x, weights in x's dtype or e4m3, at most MOE_GEMM_ROWS pairs, no autograd: backend.py),
-    process-wide; returns the previous setting. ON BY DEFAULT for 16-bit weights (backend.WEIGHTS_16BIT): faster
-    than torch._grouped_mm (bf16) at batch 32 and 128 on the H200 (bench/decode_gpu.py's +moegemm modes; backend.py
-    SWITCHED and MOE_GEMM_ROWS); its e4m3 form (FP8 checkpoints, slower at batch 1) only once switched on."""
+    process-wide; returns the previous setting. ON BY DEFAULT: faster than torch._grouped_mm (bf16) at batch 32
+    and 128 on the H200, and than the per-row FP8 kernel (e4m3, 2.07x at batch 32 on an H100) (bench/decode_gpu.py's
+    +moegemm modes; backend.py SWITCHED and MOE_GEMM_ROWS). `backend.WEIGHTS_16BIT` keeps it to 16-bit weights."""
     return _switch("moe_gemm", on)
 
 
@@ -249,9 +249,10 @@ def dense_gemv2(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, *, backend:
 def set_dense_gemv(on: bool) -> bool:
     """Let the automatic choice take the dense decode GEMV (`dense_gemv`) wherever its rule holds (CUDA,
     bf16/fp16, at most DENSE_GEMV_ROWS rows, no autograd: backend.py), process-wide; returns the previous
-    setting. ON BY DEFAULT for 16-bit weights (backend.WEIGHTS_16BIT): faster than cuBLAS at one row on the H200
-    (bench/dense_gemv_sweep.py, bench/decode_gpu.py's +densegemv modes; backend.py SWITCHED and DENSE_GEMV_ROWS);
-    the SwiGLU GEMV follows this switch, its e4m3 form (FP8 checkpoints) only once switched on. A torch.compile'd step
+    setting. ON BY DEFAULT: faster than cuBLAS at one row on the H200 (bench/dense_gemv_sweep.py,
+    bench/decode_gpu.py's +densegemv modes; backend.py SWITCHED and DENSE_GEMV_ROWS); the SwiGLU GEMV follows this
+    switch, its e4m3 form (FP8 checkpoints' shared experts) too (`backend.WEIGHTS_16BIT`: 16-bit weights only).
+    A torch.compile'd step
     traced with one setting recompiles under the other (its guards read it); CUDA graphs keep what they
     captured."""
     return _switch("dense_gemv", on)

@@ -16,12 +16,12 @@ never probe the GPU themselves.
     latent_store      "triton"              switched (SWITCHED, kernels.set_latent_store; on by default);
                                             bf16/fp16 kv_a (K contiguous) and its norm weight alike, no
                                             autograd through either
-    swiglu_gemv       "triton"              switched with dense_gemv (SWITCH_OF; e4m3 weights only once switched on
-                                            explicitly: WEIGHTS_16BIT); bf16/fp16 x, at most
+    swiglu_gemv       "triton"              switched with dense_gemv (SWITCH_OF; on by default, e4m3 weights
+                                            too); bf16/fp16 x, at most
                                             DENSE_GEMV_ROWS rows, gate and up (N, K) contiguous both in x's
                                             dtype or both e4m3 (+ scales), no autograd, no CUDA autocast
-    moe_gemm          "triton"              switched (SWITCHED, kernels.set_moe_gemm; on by default for 16-bit
-                                            weights, e4m3 once switched on explicitly: WEIGHTS_16BIT);
+    moe_gemm          "triton"              switched (SWITCHED, kernels.set_moe_gemm; on by default, e4m3
+                                            weights too);
                                             bf16/fp16 x, at most MOE_GEMM_ROWS rows, w in x's dtype or
                                             e4m3, no autograd through x or w
     head_gemv         "triton"              switched (SWITCHED, kernels.set_head_gemv; off by default);
@@ -90,8 +90,12 @@ PENDING: set[str] = set()
 # the latent store, 289.9 with the head GEMV, 356.9 with all three; batch 32 2,271 without the grouped decode GEMM,
 # 3,134 with it. So on: dense_gemv (at one row: DENSE_GEMV_ROWS), latent_store, moe_gemm (up to MOE_GEMM_ROWS
 # pairs); off: head_gemv (no gain measured). The FP8 forms (e4m3 weights: the SwiGLU GEMV, which follows dense_gemv,
-# and moe_gemm) lost at batch 1: an FP8 16b model decoded 362.6 tok/s without them and 342.2 with them (same
-# run, H200, 2026-12-05): WEIGHTS_16BIT, on for 16-bit weights only. "pdl" is not an op but the decode kernels' launch
+# and moe_gemm) first lost at batch 1 (362.6 tok/s without them, 342.2 with them, H200, 2026-12-05: the shared
+# experts' one-row SwiGLU launched 88 programs of 32 rows), so they were on for 16-bit weights only (WEIGHTS_16BIT,
+# still a setting). With the e4m3 GEMV's program-count rule (expert_gemv_triton.default_config) an H100 (16b,
+# graphs + compile, 2026-12-05) decoded FP8 batch 1 at 411.2 tok/s with them against 400.1 without (one run), and
+# FP8 batch 32 at 3,464 with moe_gemm against 1,672 without (the per-row kernel re-reads each expert for every
+# pair; bf16 batch 32: 2,536): on for every dtype. "pdl" is not an op but the decode kernels' launch
 # option (`pdl` below): on, where the GPU has it. The H200 (16b, graphs + compile, 2026-12-05, bench/RESULTS.md):
 # batch 1 360.4 tok/s without it, 365.8 with it, 369.2 with inductor's kernels launched so too (first run); 388.0 with it on
 # dsv3's kernels only, 417.8 on both, 348.8 with neither and two tiles per MLA split (second run); batches 32 / 128:
@@ -100,8 +104,8 @@ PENDING: set[str] = set()
 # not shown faster; on an H100 (16b batch 1, graphs + compile, 2026-12-05) 374.3 tok/s with it against 364.8 without,
 # in two calls whose graph replay times differ by 2.6%, inside the 3% spread of one graph's replays in that run.
 WEIGHTS_16BIT = "16-bit weights"
-SWITCHED: dict[str, bool | str] = {"dense_gemv": WEIGHTS_16BIT, "head_gemv": False, "latent_store": True,
-                                   "moe_gemm": WEIGHTS_16BIT, "pdl": True, "mla_uv": False}
+SWITCHED: dict[str, bool | str] = {"dense_gemv": True, "head_gemv": False, "latent_store": True,
+                                   "moe_gemm": True, "pdl": True, "mla_uv": False}
 # ops that follow another op's switch: the dense SwiGLU's fused gate+up GEMV is one of the dense decode GEMVs
 SWITCH_OF: dict[str, str] = {"swiglu_gemv": "dense_gemv"}
 # Up to these many activation rows the Triton FP8-weight kernels run (decode; above, prefill:

@@ -122,17 +122,28 @@ def _gemv_kernel(x_ptr, w_ptr, ws_ptr, u_ptr, us_ptr, e_ptr, y_ptr, N, K, KB, x_
     tl.store(y_ptr + m * sym + rn, y.to(y_ptr.dtype.element_ty), mask=rn < N)
 
 
-def default_config(fused: bool = False, fp8: bool = False) -> dict:
-    """Launch parameters, the fastest of `bench/expert_gemv_sweep.py --fp8 --quick` on an H200 at the 16b
-    experts (D 2048, I 1408; 6 and 48 rows, 2026-12-04; bench/RESULTS.md):
-    - bf16 weights: BN = 8 weight rows per program, KU = 1 scale block per load, PREFETCH (the next
-      iteration's loads in flight during this one's FMAs): gate+up 19.3 us and down 9.5 us at 6 rows, 86-87%
-      of the copy bandwidth (BN 16: 19.9 / 9.8; without PREFETCH BN 16 falls to 61-68%).
-    - e4m3 weights: no PREFETCH (the scale selects cost registers: BN 32 KU 2 with PREFETCH spilled, 515 us);
-      gate+up BN 32 (14.7 us), down BN 16 (8.0 us), KU 1."""
+# e4m3 weights: programs wanted per launch (BN is the largest of FP8_BNS giving at least this many)
+FP8_PROGRAMS = 256
+FP8_BNS = (32, 16, 8)
+
+
+def default_config(fp8: bool = False, M: int = 6, N: int = 2048) -> dict:
+    """Launch parameters for M output rows of N columns.
+    - bf16 weights: the fastest of `bench/expert_gemv_sweep.py --quick` on an H200 at the 16b experts (D 2048,
+      I 1408; 6 and 48 rows, 2026-12-04; bench/RESULTS.md): BN = 8 weight rows per program, KU = 1 scale block
+      per load, PREFETCH (the next iteration's loads in flight during this one's FMAs): gate+up 19.3 us and down
+      9.5 us at 6 rows, 86-87% of the copy bandwidth (BN 16: 19.9 / 9.8; without PREFETCH BN 16 falls to 61-68%).
+    - e4m3 weights: KU = 2 (two scale blocks, 256 K columns, per load: twice the bytes in flight per program),
+      no PREFETCH (the scale selects cost registers: with it BN 32 KU 2 spills), 4 warps, and BN the largest of
+      32 / 16 / 8 that still gives FP8_PROGRAMS programs (M x N / BN), else 8. `bench/expert_gemv_sweep.py
+      --fp8-only --rows 6` on an H100 (2026-12-05, bench/RESULTS.md): at 6 rows BN 32 KU 2 took 12.5 / 6.3 us
+      for gate+up / down (93% / 92% of the copy bandwidth) against 15.4 / 9.4 us for the configs before (KU 1;
+      BN 32 / 16); KU 4 with BN 32 fell off a cliff (57 us gate+up). One row (the shared experts' SwiGLU,
+      `swiglu_gemv`: N 2816 for the 16b) gets BN 8, 352 programs: BN 32 would leave 88 on 132 SMs."""
     if not fp8:
         return {"BN": 8, "KU": 1, "num_warps": 4, "PREFETCH": True}
-    return {"BN": 32 if fused else 16, "KU": 1, "num_warps": 4, "PREFETCH": False}
+    bn = next((b for b in FP8_BNS if M * triton.cdiv(N, b) >= FP8_PROGRAMS), FP8_BNS[-1])
+    return {"BN": bn, "KU": 2, "num_warps": 4, "PREFETCH": False}
 
 
 def launch(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None, expert: torch.Tensor | None, x_div: int,
@@ -143,7 +154,7 @@ def launch(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None, expert: tor
     one = expert is None
     assert not one or (w.shape[0] == 1 and x_div == 1), "expert None: one matrix, one row of x per output row"
     M, (E, N, K) = (x.shape[0] if one else expert.shape[0]), w.shape
-    cfg = {**default_config(up is not None, w.dtype == torch.float8_e4m3fn), **config}
+    cfg = {**default_config(w.dtype == torch.float8_e4m3fn, M, N), **config}
     assert BLOCK % cfg["BN"] == 0, f"BN must divide {BLOCK}, got {cfg['BN']}"
     x, w = x.contiguous(), w.contiguous()
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)

@@ -25,8 +25,8 @@ in a CUDA graph. Column tiles are the fastest grid axis: one expert's row tiles 
 weight tiles in L2.
 
 Math: acc += x[:, kb] · w[nb, kb]ᵀ (· s[nb, kb] for e4m3) in fp32 per 128-wide K block; silu and the product in
-fp32; one rounding to x's dtype. The specification is `dsv3.kernels.reference.moe_gemm_ref`. Not yet measured on
-a GPU: the model takes it only once switched on (kernels.set_moe_gemm). Tests: tests/test_moe_gemm.py (Triton
+fp32; one rounding to x's dtype. The specification is `dsv3.kernels.reference.moe_gemm_ref`. Switched (kernels.set_moe_gemm; on
+by default: backend.py SWITCHED has the measurements, bf16 and e4m3). Tests: tests/test_moe_gemm.py (Triton
 interpreter), tests/test_gpu_moe_gemm.py.
 """
 
