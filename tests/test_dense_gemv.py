@@ -493,3 +493,92 @@ def test_interp_dual_launch_vs_reference():
     for a, b in (f(x), torch.compile(f, backend="aot_eager", fullgraph=True)(x)):
         assert a.shape == (2, 1, 24) and b.shape == (2, 1, 40)
         assert _rel(a, dense_gemv_ref(x, w1)) < 2e-3 and _rel(b, dense_gemv_ref(x, w2)) < 2e-3
+
+
+# --- the same for e4m3 weights (an FP8 checkpoint's FP8Linear q and kv_a projections) ---------------------------
+
+def test_absorbed_mla_takes_both_fp8_projections_in_one_call(monkeypatch):
+    """With FP8Linear q_proj (or q_a_proj) and kv_a_proj_with_mqa, where the FP8 decode GEMM runs, absorbed MLA
+    computes both with one `fp8_weight_linear2` call (weights and scales of both; a marker on either output moves
+    the attention output; without markers it equals the two modules' path); not where a module has hooks, nor
+    where the FP8 decode GEMM does not run."""
+    from dsv3.inference.cache import PagedLatentCache
+    from dsv3.kernels.reference import fp8_weight_linear_ref
+    from dsv3.model.fp8 import FP8Linear
+    from dsv3.model.mla import MLA
+
+    fits = {"on": True}
+    monkeypatch.setattr(kb, "_fast_fits", lambda op, t: op == "fp8_weight_gemm" and fits["on"])
+    calls, marker = [], {"q": 0.0, "kv": 0.0}
+
+    def fake(x, w1, s1, w2, s2, *, backend=None):
+        calls.append((w1, s1, w2, s2))
+        return fp8_weight_linear_ref(x, w1, s1) + marker["q"], fp8_weight_linear_ref(x, w2, s2) + marker["kv"]
+
+    monkeypatch.setattr(kernels, "fp8_weight_linear2", fake)
+    monkeypatch.setattr(kernels, "fp8_weight_linear", lambda x, w, s, *, backend=None: fp8_weight_linear_ref(x, w, s))
+    for q_lora in (None, 24):
+        cfg = tiny_cfg(q_lora_rank=q_lora)
+        torch.manual_seed(0)
+        mla = MLA(cfg)
+        for p in mla.parameters():
+            torch.nn.init.normal_(p, 0, 0.05) if p.dim() > 1 else torch.nn.init.ones_(p)
+        q_name = "q_proj" if q_lora is None else "q_a_proj"
+        for name in (q_name, "kv_a_proj_with_mqa"):
+            setattr(mla, name, FP8Linear.from_linear(getattr(mla, name)))
+        mla.to(BF16).requires_grad_(False)
+        q_mod, kv_mod = getattr(mla, q_name), mla.kv_a_proj_with_mqa
+        cache = PagedLatentCache(1, 4, 4, cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype=BF16)
+        blocks = cache.allocate(2)
+        x = torch.randn(1, 1, cfg.hidden_size, dtype=BF16)
+        cos, sin = torch.ones(1, 1, cfg.qk_rope_head_dim // 2), torch.zeros(1, 1, cfg.qk_rope_head_dim // 2)
+        run = lambda: mla(x, cos, sin, cache=cache.batch([blocks], [3], [1]).layer(0))  # noqa: E731
+        with torch.no_grad():
+            fits["on"] = False
+            want = run()
+            assert not calls  # the FP8 decode GEMM not taken: the modules, one at a time
+            fits["on"] = True
+            got = {}
+            for name, m in (("plain", {}), ("q", {"q": 1.0}), ("kv", {"kv": 1.0})):
+                marker.update({"q": 0.0, "kv": 0.0, **m})
+                got[name] = run()
+                assert len(calls) == 1 and [t is u for t, u in zip(calls[-1], (
+                    q_mod.weight, q_mod.weight_scale_inv, kv_mod.weight, kv_mod.weight_scale_inv))] == [True] * 4
+                calls.clear()
+            marker.update(q=0.0, kv=0.0)
+            torch.testing.assert_close(got["plain"], want, rtol=0, atol=0)
+            assert not torch.equal(got["q"], want) and not torch.equal(got["kv"], want)
+            h = kv_mod.register_forward_hook(lambda mod, i, o: None)
+            torch.testing.assert_close(run(), want, rtol=0, atol=0)
+            h.remove()
+            assert not calls  # a hooked module runs as a module
+
+
+@interp
+def test_interp_fp8_dual_launch_vs_reference():
+    """e4m3 weights with their block scales through the dual launch: ragged N and K (scale rows and columns cut
+    by a tile's end, w2's tiles starting mid-grid), 1-4 rows, its own config and other BN; then the public op
+    (its custom op compiled without a graph break; above 4 rows two single launches)."""
+    from dsv3.kernels import dense_gemv_triton as k
+    from dsv3.kernels.reference import fp8_weight_linear_ref, weight_quant
+
+    g = torch.Generator().manual_seed(9)
+    for N1, N2, K in ((70, 24, 300), (200, 130, 136), (8, 576, 128), (384, 200, 520)):
+        (w1, s1), (w2, s2) = (weight_quant(torch.randn(n, K, generator=g) * 0.05) for n in (N1, N2))
+        for M in (1, 2, 3, 4):
+            x = torch.randn(M, K, generator=g).half()
+            for cfg in (None, dict(BM=k._pow2(M), BN=16, KU=2, num_warps=4, num_stages=1),
+                        dict(BM=4, BN=64, KU=1, num_warps=4, num_stages=2)):
+                y1, y2 = k.launch_dual(x, w1, w2, cfg, s1=s1, s2=s2)
+                assert y1.shape == (M, N1) and y2.shape == (M, N2) and y1.dtype == torch.float16
+                assert _rel(y1, fp8_weight_linear_ref(x, w1, s1)) < 2e-3, (N1, N2, K, M, cfg)
+                assert _rel(y2, fp8_weight_linear_ref(x, w2, s2)) < 2e-3, (N1, N2, K, M, cfg)
+    (w1, s1), (w2, s2) = weight_quant(torch.randn(136, 264, generator=g)), weight_quant(torch.randn(40, 264, generator=g))
+    f = lambda t: kernels.fp8_weight_linear2(t, w1, s1, w2, s2, backend="triton")  # noqa: E731
+    for rows in (1, 3, 6):
+        x = torch.randn(rows, 1, 264, generator=g).half()
+        for a, b in (f(x), torch.compile(f, backend="aot_eager", fullgraph=True)(x)):
+            assert a.shape == (rows, 1, 136) and b.shape == (rows, 1, 40)
+            assert _rel(a, fp8_weight_linear_ref(x, w1, s1)) < 2e-3 and _rel(b, fp8_weight_linear_ref(x, w2, s2)) < 2e-3
+    with pytest.raises(AssertionError, match="scales"):
+        kernels.fp8_weight_linear2(x, w1, s1, w2, s1)

@@ -149,7 +149,7 @@ def test_interp_fp8_default_config_vs_reference(M):
     E, N, K = 4, 300, 3 * 128 + 40  # 4 K blocks, the last partial; N not a multiple of any BN
     (w, s), (u, us) = _quant_stack(torch.randn(E, N, K, generator=g)), _quant_stack(torch.randn(E, N, K, generator=g))
     x = torch.randn(M, K, generator=g).half()
-    expert = torch.tensor([3, 0, 2, 1, -1, 3][:M])
+    expert = torch.tensor([E - 1, 0, 2, 1, -1, E - 1][:M])
     assert k.default_config(True, M, N)["KU"] == 2
     for args in ((None, None), (u, us)):
         got = k.launch(x, w, s, expert, 1, *args)

@@ -97,6 +97,21 @@ def test_dual_launch_vs_reference(M, N1, N2, K):
     assert _rel(y1, dense_gemv_ref(x, w1)) < 1e-2 and _rel(y2, dense_gemv_ref(x, w2)) < 1e-2
 
 
+@pytest.mark.parametrize("N1,N2,K", [(3072, 576, 2048), (1536, 576, 7168), (384, 288, 1024), (70, 24, 300)])
+@pytest.mark.parametrize("M", [1, 2, 4])
+def test_fp8_dual_launch_vs_reference(M, N1, N2, K):
+    """The same pair with e4m3 weights and their block scales (`dsv3::fp8_linear2`, an FP8 checkpoint's), its
+    config and through the public op."""
+    from dsv3.kernels import dense_gemv_triton as k
+    from dsv3.kernels.reference import fp8_weight_linear_ref, weight_quant
+
+    g = torch.Generator(device="cuda").manual_seed(M + N1)
+    (w1, s1), (w2, s2) = (weight_quant(torch.randn(N, K, device="cuda", generator=g) * 0.05) for N in (N1, N2))
+    x = torch.randn(M, K, device="cuda", generator=g).bfloat16()
+    for y1, y2 in (k.launch_dual(x, w1, w2, s1=s1, s2=s2), kernels.fp8_weight_linear2(x, w1, s1, w2, s2)):
+        assert _rel(y1, fp8_weight_linear_ref(x, w1, s1)) < 1e-2 and _rel(y2, fp8_weight_linear_ref(x, w2, s2)) < 1e-2
+
+
 @pytest.mark.parametrize("fp8", [False, True])
 @pytest.mark.parametrize("N,K", [(2816, 2048), (10944, 2048), (2048, 7168), (200, 136)])
 @pytest.mark.parametrize("M", [1, 3])

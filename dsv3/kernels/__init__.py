@@ -11,6 +11,7 @@ optional.
     fp8_gemm_fwd, fp8_gemm_bwd                          "scaled_mm" (F.scaled_mm + fp8_triton.py)
     fp8_grouped_gemm_fwd, fp8_grouped_gemm_bwd          "triton" (fp8_grouped_triton.py)
     fp8_weight_linear, fp8_expert_rows                  "triton" (fp8_gemm_triton.py)
+    fp8_weight_linear2                                  "triton" (dense_gemv_triton.py's dual launch)
     expert_gemv, swiglu_gemv                            "triton" (expert_gemv_triton.py; swiglu_gemv
                                                         switched with dense_gemv)
     moe_gemm_swiglu, moe_gemm_down                      "triton" (moe_gemm_triton.py; off until
@@ -48,7 +49,8 @@ from dsv3.kernels.backend import select as select_backend
 from dsv3.kernels.backend import switch as _switch
 from dsv3.kernels.backend import use_backend
 from dsv3.kernels.fp8 import (act_quant_cm, act_quant_t, fp8_expert_rows, fp8_gemm_bwd, fp8_gemm_fwd,
-                              fp8_grouped_gemm_bwd, fp8_grouped_gemm_fwd, fp8_weight_linear, weight_quant_pad)
+                              fp8_grouped_gemm_bwd, fp8_grouped_gemm_fwd, fp8_weight_linear, fp8_weight_linear2,
+                              weight_quant_pad)
 from dsv3.kernels.reference import (BLOCK, FP8_MAX, act_dequant, act_quant, dense_gemv_ref, expert_gemv_ref,
                                     head_gemv_ref, mla_decode_ref, moe_gemm_ref, router_topk_ref, store_latents_ref,
                                     weight_dequant, weight_quant)
@@ -58,7 +60,7 @@ __all__ = ["BLOCK", "FP8_MAX", "act_dequant", "act_quant", "act_quant_cm", "act_
            "adamw_step_", "attention", "backend_available", "dense_gemv", "dense_gemv2", "dense_gemv_ref",
            "expert_gemv",
            "expert_gemv_ref", "fp8_expert_rows", "fp8_gemm_bwd", "fp8_gemm_fwd", "fp8_grouped_gemm_bwd",
-           "fp8_grouped_gemm_fwd", "fp8_weight_linear", "head_gemv", "head_gemv_ref", "mla_decode", "mla_decode_ref",
+           "fp8_grouped_gemm_fwd", "fp8_weight_linear", "fp8_weight_linear2", "head_gemv", "head_gemv_ref", "mla_decode", "mla_decode_ref",
            "mla_decode_uv", "set_mla_uv",
            "moe_gemm_down", "moe_gemm_ref", "moe_gemm_swiglu", "set_moe_gemm",
            "router_topk", "router_topk_ref", "select_backend", "set_dense_gemv", "set_head_gemv", "set_latent_store",

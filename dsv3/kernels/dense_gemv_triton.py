@@ -33,7 +33,8 @@ heuristic's configs take 96 (BM 1, BN 8, KU 4, prefetch; the FP8 form of the sam
 sweep's grid at 4 and 8 warps at most 180.
 
 `launch_dual` / `dsv3::dense_gemv2`: two weights of one input in one launch (w1's column tiles, then w2's), taken
-by absorbed MLA for q_proj (or q_a_proj) and kv_a_proj_with_mqa.
+by absorbed MLA for q_proj (or q_a_proj) and kv_a_proj_with_mqa; `dsv3::fp8_linear2` the same for e4m3 weights
+with their block scales (an FP8 checkpoint's, kernels.fp8_weight_linear2).
 
 The model takes this kernel at one row (backend.DENSE_GEMV_ROWS; on by default, kernels.set_dense_gemv): measured
 on the H200, the 188 dense linears of a 16b step take 1,060 us against cuBLAS's 1,246 at one row, and lose at two
@@ -51,7 +52,8 @@ import triton
 import triton.language as tl
 
 from dsv3.kernels import backend
-from dsv3.kernels.fp8_gemm_triton import BLOCK, GEMV_ROWS, _config_small_m, _gemv_tile, _pow2, _small_m_kernel
+from dsv3.kernels.fp8_gemm_triton import (BLOCK, GEMV_ROWS, _check, _config_small_m, _gemv_tile, _pow2,
+                                         _small_m_kernel)
 from dsv3.kernels.reference import check_dense_gemv_args
 
 BNS = (4, 8, 16, 32, 64)  # the BN a launch takes (the heuristic stays at 8 and above; the sweep tries 4)
@@ -126,12 +128,14 @@ def _(x, w, out_fp32=False):
 
 # --- two weights of one input in one launch (MLA's q_proj / q_a_proj and kv_a_proj_with_mqa) ---------------------
 
-@triton.jit
-def _dual_kernel(x_ptr, w1_ptr, w2_ptr, y1_ptr, y2_ptr, M, N1, N2, K, KB, T1, sxm, sw1, sw2, sy1, sy2,
-                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, KU: tl.constexpr, PREFETCH: tl.constexpr,
-                 PDL: tl.constexpr = False):
-    """Column tiles 0..T1-1 of w1 then those of w2, each the dense GEMV's tile (no scales: w stands in for them).
-    PDL: programmatic dependent launch (backend.pdl; the wait is _gemv_tile's)."""
+@triton.jit(do_not_specialize=["ss1", "ss2"])
+def _dual_kernel(x_ptr, w1_ptr, w2_ptr, s1_ptr, s2_ptr, y1_ptr, y2_ptr, M, N1, N2, K, KB, T1, sxm, sw1, sw2, ss1, ss2,
+                 sy1, sy2, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, KU: tl.constexpr,
+                 PREFETCH: tl.constexpr, HAS_SCALE: tl.constexpr = False, PDL: tl.constexpr = False):
+    """Column tiles 0..T1-1 of w1 then those of w2, each the GEMV tile of `_small_m_kernel`: dense (w stands in for
+    the scales, never read) or, HAS_SCALE, e4m3 with its 128x128 block scales (s1, s2: row strides ss1, ss2; BN
+    divides 128, so a tile sits in one scale row). PDL: programmatic dependent launch (backend.pdl; the wait is
+    _gemv_tile's)."""
     pm = tl.program_id(0)
     pn = tl.program_id(1)
     if PDL:
@@ -139,31 +143,42 @@ def _dual_kernel(x_ptr, w1_ptr, w2_ptr, y1_ptr, y2_ptr, M, N1, N2, K, KB, T1, sx
     rm = pm * BM + tl.arange(0, BM)
     if pn < T1:
         rn = pn * BN + tl.arange(0, BN)
-        acc = _gemv_tile(x_ptr, w1_ptr, w1_ptr, rm, rn, M, N1, K, KB, sxm, sw1, BM, BN, BK, KU, PREFETCH, False, PDL)
+        acc = _gemv_tile(x_ptr, w1_ptr, s1_ptr + ((pn * BN) // BK) * ss1, rm, rn, M, N1, K, KB, sxm, sw1, BM, BN, BK,
+                         KU, PREFETCH, HAS_SCALE, PDL)
         tl.store(y1_ptr + rm[:, None].to(tl.int64) * sy1 + rn[None, :], acc.to(y1_ptr.dtype.element_ty),
                  mask=(rm[:, None] < M) & (rn[None, :] < N1))
     else:
         rn = (pn - T1) * BN + tl.arange(0, BN)
-        acc = _gemv_tile(x_ptr, w2_ptr, w2_ptr, rm, rn, M, N2, K, KB, sxm, sw2, BM, BN, BK, KU, PREFETCH, False, PDL)
+        acc = _gemv_tile(x_ptr, w2_ptr, s2_ptr + (((pn - T1) * BN) // BK) * ss2, rm, rn, M, N2, K, KB, sxm, sw2, BM,
+                         BN, BK, KU, PREFETCH, HAS_SCALE, PDL)
         tl.store(y2_ptr + rm[:, None].to(tl.int64) * sy2 + rn[None, :], acc.to(y2_ptr.dtype.element_ty),
                  mask=(rm[:, None] < M) & (rn[None, :] < N2))
 
 
-def launch_dual(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, config: dict | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def launch_dual(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, config: dict | None = None,
+                s1: torch.Tensor | None = None, s2: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(x · w1ᵀ, x · w2ᵀ) in one launch: w1's column tiles, then w2's, over one grid (the config of the two
-    weights' rows together, `default_config(M, N1 + N2, K)`). For two projections of one input where the second
-    alone would leave most SMs idle (MLA's kv_a_proj_with_mqa: 576 rows, 72 programs at BN 8) and would cost a
-    launch of its own."""
-    check_dense_gemv_args(x, w1, kernel=True)
-    check_dense_gemv_args(x, w2, kernel=True)
+    weights' rows together: `default_config(M, N1 + N2, K)`, for e4m3 the FP8 GEMV form's
+    `_config_small_m(M, N1 + N2, K)`). For two projections of one input where the second alone would leave most
+    SMs idle (MLA's kv_a_proj_with_mqa: 576 rows, 72 programs at BN 8) and would cost a launch of its own.
+    s1, s2: e4m3 w1, w2 with their 128x128 block scales (`dsv3::fp8_linear2`, at most GEMV_ROWS rows); None:
+    dense weights in x's dtype."""
+    fp8 = s1 is not None
+    if fp8:
+        assert s2 is not None and x.shape[0] <= GEMV_ROWS, "launch_dual: e4m3 takes both scales, <= 4 rows"
+        _check(x, w1, s1)
+        _check(x, w2, s2)
+    else:
+        check_dense_gemv_args(x, w1, kernel=True)
+        check_dense_gemv_args(x, w2, kernel=True)
     M, K = x.shape
     N1, N2 = w1.shape[0], w2.shape[0]
-    cfg = config or default_config(M, N1 + N2, K)
+    cfg = config or (_config_small_m(M, N1 + N2, K) if fp8 else default_config(M, N1 + N2, K))
     BM, BN, KU, stages = cfg["BM"], cfg["BN"], cfg["KU"], cfg["num_stages"]
     assert BM in (1, 2, 4) and BN in BNS and KU >= 1 and stages in (1, 2), f"dense GEMV config: {cfg}"
     x = x if x.stride(-1) == 1 else x.contiguous()
     w1, w2 = w1.contiguous(), w2.contiguous()
+    s1, s2 = (s1.contiguous(), s2.contiguous()) if fp8 else (w1, w2)  # dense: placeholders, never read
     y1 = torch.empty(M, N1, dtype=x.dtype, device=x.device)
     y2 = torch.empty(M, N2, dtype=x.dtype, device=x.device)
     if M == 0:
@@ -173,9 +188,10 @@ def launch_dual(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, config: dic
     T1 = triton.cdiv(N1, BN)
     grid = (triton.cdiv(M, BM), T1 + triton.cdiv(N2, BN))
     pdl = backend.pdl(x.device)
-    _dual_kernel[grid](x, w1, w2, y1, y2, M, N1, N2, K, triton.cdiv(K, BLOCK), T1, x.stride(0), w1.stride(0),
-                       w2.stride(0), y1.stride(0), y2.stride(0), BM=BM, BN=BN, BK=BLOCK, KU=KU, PREFETCH=stages == 2,
-                       PDL=pdl, num_warps=cfg["num_warps"], num_stages=1, launch_pdl=pdl)
+    _dual_kernel[grid](x, w1, w2, s1, s2, y1, y2, M, N1, N2, K, triton.cdiv(K, BLOCK), T1, x.stride(0),
+                       w1.stride(0), w2.stride(0), s1.stride(0) if fp8 else 0, s2.stride(0) if fp8 else 0, y1.stride(0),
+                       y2.stride(0), BM=BM, BN=BN, BK=BLOCK, KU=KU, PREFETCH=stages == 2, HAS_SCALE=fp8, PDL=pdl,
+                       num_warps=cfg["num_warps"], num_stages=1, launch_pdl=pdl)
     return y1, y2
 
 
@@ -186,4 +202,17 @@ def dense_gemv2_op(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> tuple
 
 @dense_gemv2_op.register_fake
 def _(x, w1, w2):
+    return x.new_empty(x.shape[0], w1.shape[0]), x.new_empty(x.shape[0], w2.shape[0])
+
+
+# the same for two e4m3 weights of one input (MLA's q_proj / q_a_proj and kv_a_proj_with_mqa of an FP8 checkpoint:
+# kernels.fp8_weight_linear2)
+@torch.library.custom_op("dsv3::fp8_linear2", mutates_args=())
+def fp8_linear2_op(x: torch.Tensor, w1: torch.Tensor, s1: torch.Tensor, w2: torch.Tensor, s2: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    return launch_dual(x, w1, w2, s1=s1, s2=s2)
+
+
+@fp8_linear2_op.register_fake
+def _(x, w1, s1, w2, s2):
     return x.new_empty(x.shape[0], w1.shape[0]), x.new_empty(x.shape[0], w2.shape[0])

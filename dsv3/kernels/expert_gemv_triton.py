@@ -153,7 +153,7 @@ def launch(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None, expert: tor
     check_expert_gemv_args(x, w, s, up, up_s, kernel=True)
     one = expert is None
     assert not one or (w.shape[0] == 1 and x_div == 1), "expert None: one matrix, one row of x per output row"
-    M, (E, N, K) = (x.shape[0] if one else expert.shape[0]), w.shape
+    M, (_, N, K) = (x.shape[0] if one else expert.shape[0]), w.shape
     cfg = {**default_config(w.dtype == torch.float8_e4m3fn, M, N), **config}
     assert BLOCK % cfg["BN"] == 0, f"BN must divide {BLOCK}, got {cfg['BN']}"
     x, w = x.contiguous(), w.contiguous()

@@ -251,6 +251,28 @@ def fp8_weight_linear(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, *, back
     return reference.fp8_weight_linear_ref(x, w, s)
 
 
+def fp8_weight_linear2(x: torch.Tensor, w1: torch.Tensor, s1: torch.Tensor, w2: torch.Tensor, s2: torch.Tensor, *,
+                       backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp8_weight_linear(x, w1, s1), fp8_weight_linear(x, w2, s2)): two e4m3 weights of one input. "triton" at
+    the GEMV form's rows (up to fp8_gemm_triton.GEMV_ROWS): one launch over both weights' column tiles
+    (dense_gemv_triton.py `launch_dual`, as `kernels.dense_gemv2` for 16-bit weights: MLA's kv_a_proj_with_mqa
+    alone is 72 programs and a launch of its own); else each its own `fp8_weight_linear`."""
+    assert w1.dim() == 2 and w2.dim() == 2, \
+        f"fp8_weight_linear2: 2-D weights, got {tuple(w1.shape)}, {tuple(w2.shape)}"
+    _check_fp8_weight(w1, s1, x.shape[-1])
+    _check_fp8_weight(w2, s2, x.shape[-1])
+    if select("fp8_weight_gemm", x, backend=backend) == "triton":
+        from dsv3.kernels import fp8_gemm_triton
+
+        rows = x.numel() // max(x.shape[-1], 1)
+        if rows <= fp8_gemm_triton.GEMV_ROWS:
+            from dsv3.kernels.dense_gemv_triton import fp8_linear2_op
+
+            y1, y2 = fp8_linear2_op(x.reshape(rows, x.shape[-1]), w1, s1, w2, s2)
+            return y1.view(*x.shape[:-1], w1.shape[0]), y2.view(*x.shape[:-1], w2.shape[0])
+    return fp8_weight_linear(x, w1, s1, backend=backend), fp8_weight_linear(x, w2, s2, backend=backend)
+
+
 def fp8_expert_rows(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, expert: torch.Tensor, *,
                     backend: str | None = None) -> torch.Tensor:
     """x (M, K), w (E, N, K) e4m3, s (E, ceil(N/128), ceil(K/128)), expert (M,) int -> y (M, N) in x's

@@ -31,6 +31,7 @@ from torch import nn
 from dsv3 import kernels
 from dsv3.config import ModelConfig, softmax_scale
 from dsv3.kernels import attention
+from dsv3.model.fp8 import FP8Linear
 from dsv3.model.layers import Linear, RMSNorm, hooked
 from dsv3.model.rope import apply_rope
 
@@ -226,6 +227,13 @@ class MLA(nn.Module):
             # the decode GEMV switched on: both projections of x in one launch (kv_a alone would leave most
             # SMs idle and cost a launch of its own)
             q_a, kv_a = kernels.dense_gemv2(x, q_mod.weight, kv_mod.weight, backend="triton")
+            q_nope, q_pe = self._query(q_a, cos, sin)
+        elif (type(q_mod) is FP8Linear and type(kv_mod) is FP8Linear and not hooked(q_mod, kv_mod)
+              and kernels.select_backend("fp8_weight_gemm", x) == "triton"):
+            # FP8 weights (an FP8 checkpoint's FP8Linear) at decode: the same pair in one launch where the rows fit
+            # its GEMV form (kernels.fp8_weight_linear2; else two launches, as the modules would run)
+            q_a, kv_a = kernels.fp8_weight_linear2(x, q_mod.weight, q_mod.weight_scale_inv, kv_mod.weight,
+                                                   kv_mod.weight_scale_inv)
             q_nope, q_pe = self._query(q_a, cos, sin)
         else:
             q_nope, q_pe = self.query(x, cos, sin)  # (B, T, H, nope), (B, T, H, rope)
