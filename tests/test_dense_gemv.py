@@ -4,7 +4,7 @@ takes it (dsv3/model/layers.py).
     python -m pytest -q tests/test_dense_gemv.py                      (CPU, CI: no triton needed, < 5 s)
     TRITON_INTERPRET=1 python -m pytest -q tests/test_dense_gemv.py   (+ the kernel, interpreted)
 
-CPU: the reference; the switch defaults (on for 16-bit weights) and the overrides; the per-call rule (rows, dtypes,
+CPU: the reference; the switch defaults (on, e4m3 weights too) and the overrides; the per-call rule (rows, dtypes,
 contiguity, gradients through x or w, CUDA autocast); the model's Linear is bit for bit nn.Linear wherever the
 kernel does not run, takes the kernel only where the seam picks it (never with a bias, never where x or its
 weight needs a gradient) and, in a model, for every projection but the head; a torch.compile'd caller follows

@@ -6,7 +6,7 @@
 
 CPU: the reference against a per-row statement of the contract (x_rows, y_rows, experts without rows, rows past
 the last expert); forward_moe_gemm equals the per-expert loop (bf16 and FP8 experts); the argument contract; the
-switch (on by default for 16-bit weights) and Experts.forward takes the path only between the per-row GEMV and
+switch (on by default, e4m3 weights too) and Experts.forward takes the path only between the per-row GEMV and
 prefill sizes and never where the expert weights need gradients. Triton interpreter: the kernel against the reference (fp16 and
 e4m3 weights, fused SwiGLU or not, ragged N and K, 16/32/64-row tiles, several tiles for one expert, empty
 experts, foreign rows left alone); the custom ops compiled; Experts.forward through the kernels. GPU:

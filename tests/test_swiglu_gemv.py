@@ -77,12 +77,14 @@ def test_rule_and_switch(monkeypatch):
         assert fits(x, p, up)
     monkeypatch.setattr(kb, "_fast_fits", lambda op, t: True)  # the rule holds (as on a GPU)
     assert kernels.select_backend("swiglu_gemv", x, gate, up) == "triton"  # the dense GEMV's switch: on by default
-    assert kernels.select_backend("swiglu_gemv", x, g8, u8) == "reference"  # but not for e4m3 weights (unmeasured)
+    assert kernels.select_backend("swiglu_gemv", x, g8, u8) == "triton"  # e4m3 weights too (measured, backend.py)
     old = kernels.set_dense_gemv(False)
     try:
         assert kernels.select_backend("swiglu_gemv", x, gate, up) == "reference"
-        kernels.set_dense_gemv(True)  # explicitly on: every weight dtype
-        assert kernels.select_backend("swiglu_gemv", x, g8, u8) == "triton"
+        assert kernels.select_backend("swiglu_gemv", x, g8, u8) == "reference"
+        kernels.set_dense_gemv(kb.WEIGHTS_16BIT)  # 16-bit weights only
+        assert kernels.select_backend("swiglu_gemv", x, gate, up) == "triton"
+        assert kernels.select_backend("swiglu_gemv", x, g8, u8) == "reference"
     finally:
         kernels.set_dense_gemv(old)
 
