@@ -32,7 +32,8 @@ it (graphs.INDUCTOR_PDL, where the torch has the option); without them, the ship
 argmax as torch's single pass over the vocabulary (before the two-pass sampling.argmax); +sync: the engine without
 overlapped decoding (each step's results read before the next step is queued). Under each graphed row a line splits
 the step: the graph replayed back to back (the GPU's time), replayed with the argmax and the copy to the host synced
-each time, and the rest (the engine's host work).
+each time, and the rest (the engine's host work). +nodual: absorbed MLA's q (or q_a) and kv_a projections as two
+launches (each its own GEMV / FP8 GEMM) instead of one dual launch (kernels.dense_gemv2, kernels.fp8_weight_linear2).
 Before and after in one run:
 
     PYTHONPATH=. python bench/decode_gpu.py --preset 16b --batches 1,32 --modes graphs+compile+nokernels,\
@@ -66,12 +67,13 @@ from bandwidth import copy_bandwidth  # noqa: E402  (bench/bandwidth.py)
 
 # kernel choices a mode may add to its path, in any order
 MODE_FLAGS = ("+nogemv", "+nokernels", "+densegemv", "+headgemv", "+latentstore", "+moegemm", "+mlauv", "+twotiles",
-              "+tile16", "+pdl", "+nopdl", "+ipdl", "+noipdl", "+argmax1", "+sync")
+              "+tile16", "+pdl", "+nopdl", "+ipdl", "+noipdl", "+argmax1", "+sync", "+nodual")
 KERNEL_FLAGS = {"+densegemv": "dense_gemv", "+headgemv": "head_gemv", "+latentstore": "latent_store",
                 "+moegemm": "moe_gemm", "+mlauv": "mla_uv"}  # the switched decode kernels (backend.py SWITCHED)
 SHIPPED = dict(kb.SWITCHED)  # their defaults, as `dsv3 serve` runs them
 SHIPPED_INDUCTOR_PDL = graphs.INDUCTOR_PDL
 SHIPPED_ARGMAX_MIN = sampling.ARGMAX_MIN  # the two-pass argmax's threshold (+argmax1: never)
+DUALS = (kernels.dense_gemv2, kernels.fp8_weight_linear2)  # MLA's pair in one launch (+nodual: two)
 
 
 def kernel_switches(flags: set[str]) -> dict[str, bool]:
@@ -216,6 +218,13 @@ def main() -> None:
         # +nogemv: the routed experts through the grouped GEMMs (FP8: the per-row kernel) instead of the
         # decode GEMV (kernels.expert_gemv), the path before it, for the before/after in one run
         gemv = kernels.use_backend(expert_gemv="reference") if "+nogemv" in flags else contextlib.nullcontext()
+        # +nodual: MLA's pair of projections as two launches (the dual launches replaced for this mode, restored
+        # below; the engine's step is traced and captured under it)
+        kernels.dense_gemv2, kernels.fp8_weight_linear2 = DUALS if "+nodual" not in flags else (
+            lambda x, w1, w2, *, backend=None: (kernels.dense_gemv(x, w1, backend=backend),
+                                                 kernels.dense_gemv(x, w2, backend=backend)),
+            lambda x, w1, s1, w2, s2, *, backend=None: (kernels.fp8_weight_linear(x, w1, s1, backend=backend),
+                                                         kernels.fp8_weight_linear(x, w2, s2, backend=backend)))
         # the switched kernels (process-wide; every mode sets all of them; a compiled step recompiles on a change,
         # new graphs capture it)
         for op, on in kernel_switches(flags).items():
