@@ -14,14 +14,14 @@ optional.
     fp8_weight_linear2                                  "triton" (dense_gemv_triton.py's dual launch)
     expert_gemv, swiglu_gemv                            "triton" (expert_gemv_triton.py; swiglu_gemv
                                                         switched with dense_gemv)
-    moe_gemm_swiglu, moe_gemm_down                      "triton" (moe_gemm_triton.py; off until
-                                                        switched on: set_moe_gemm)
-    dense_gemv                                          "triton" (dense_gemv_triton.py; off until
-                                                        switched on: set_dense_gemv)
-    head_gemv                                           "triton" (head_gemv_triton.py; off until
-                                                        switched on: set_head_gemv)
-    store_latents                                       "triton" (latent_store_triton.py; off until
-                                                        switched on: set_latent_store)
+    moe_gemm_swiglu, moe_gemm_down                      "triton" (moe_gemm_triton.py; switched:
+                                                        set_moe_gemm, on by default)
+    dense_gemv, dense_gemv2                             "triton" (dense_gemv_triton.py; switched:
+                                                        set_dense_gemv, on by default)
+    head_gemv                                           "triton" (head_gemv_triton.py; switched:
+                                                        set_head_gemv, off by default)
+    store_latents                                       "triton" (latent_store_triton.py; switched:
+                                                        set_latent_store, on by default)
     mla_decode                                          "triton" (mla_decode_triton.py)
     mla_decode_uv                                       "triton" (mla_decode_triton.py; off until switched
                                                         on: set_mla_uv)
