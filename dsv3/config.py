@@ -203,6 +203,15 @@ class ModelConfig:
                     v = rs.get(key)  # null or absent: the default (rope.py)
                     need(v is None or (is_num(v) and (v > 0 if low == ">" else v >= 0)),
                          f"rope_scaling.{key} must be null or a finite number {low} 0, got {v!r}")
+                # YaRN options of other models that the tools read differently (transformers' attention_factor
+                # replaces the mscale ratio; vLLM reads attn_factor and extrapolation_factor; truncate false keeps
+                # the correction range unrounded): refused unless neutral, rather than silently ignored
+                for key, neutral in (("attention_factor", None), ("attn_factor", 1), ("extrapolation_factor", 1),
+                                     ("truncate", True)):
+                    v = rs.get(key, neutral)
+                    need(v is None or v == neutral,
+                         f"rope_scaling.{key} = {v!r} is not supported (DeepSeek-V3's YaRN: mscale / mscale_all_dim "
+                         f"set the attention factor; leave {key} out)")
                 # YaRN's correction range divides by ln(rope_theta) (rope.inv_freq)
                 need(self.rope_theta > 1, f"rope_theta must be > 1 with YaRN rope_scaling, got {self.rope_theta!r}")
         if self.quantization_config:
@@ -213,6 +222,16 @@ class ModelConfig:
             wbs = q.get("weight_block_size", [128, 128])
             need(isinstance(wbs, (list, tuple)) and list(wbs) == [128, 128],
                  f"quantization_config.weight_block_size must be [128, 128], got {q.get('weight_block_size')!r}")
+            need(q.get("fmt", "e4m3") == "e4m3",
+                 f"quantization_config.fmt must be 'e4m3' (the official FP8 weights), got {q.get('fmt')!r}")
+            need(q.get("activation_scheme", "dynamic") == "dynamic",
+                 f"quantization_config.activation_scheme must be 'dynamic' (activations quantised per 1x128 tile at "
+                 f"run time, no stored scales), got {q.get('activation_scheme')!r}")
+        # transformers' DeepseekV3 reads rope_interleave (default true: the official checkpoints' q/k rope dims are
+        # interleaved pairs); false means half-split pairs, which dsv3's RoPE (and its decode kernels) do not apply
+        ri = self.extra.get("rope_interleave", True)
+        need(ri is True, f"rope_interleave = {ri!r} is not supported: dsv3 rotates interleaved pairs of the rope "
+                         "dims, as the official checkpoints store them (rope_interleave true)")
         return self
 
     # ---------------------------------------------------------------------------------------------
@@ -231,6 +250,12 @@ class ModelConfig:
             rp.pop("rope_theta", None)
             kind = rp.pop("rope_type", rp.pop("type", "default"))
             d["rope_scaling"] = None if kind == "default" else {"type": kind, **rp}
+        # absent from a config.json, RoPE scaling and the context take transformers' defaults (DeepseekV3Config:
+        # plain RoPE, 4,096 positions), not the official 671B values this dataclass holds: every other tool reads
+        # such a file so (a missing rope_scaling once loaded as YaRN with factor 40)
+        if "rope_scaling" not in d:
+            d["rope_scaling"] = None
+        d.setdefault("max_position_embeddings", 4096)
         if "num_mtp_layers" in d and "num_nextn_predict_layers" not in d:  # transformers attribute alias
             d["num_nextn_predict_layers"] = d.pop("num_mtp_layers")
         if "dtype" in d and "torch_dtype" not in d:

@@ -551,6 +551,42 @@ def test_index_naming_missing_shard(tmp_path):
         load_pretrained(tmp_path)
 
 
+def test_index_placing_a_tensor_in_a_shard_without_it(tmp_path):
+    """An index that maps a tensor to an existing shard that does not hold it: an error naming the index, the
+    tensor and the shard (safetensors' own 'File does not contain tensor' named neither)."""
+    _saved(tmp_path, max_shard_bytes=60_000)
+    path = tmp_path / "model.safetensors.index.json"
+    index = json.loads(path.read_text())
+    wrong = next(f for f in sorted(set(index["weight_map"].values())) if f != index["weight_map"]["lm_head.weight"])
+    index["weight_map"]["lm_head.weight"] = wrong
+    path.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors\.index\.json maps 1 tensor\(s\) to shards that do "
+                                              rf"not contain them: lm_head\.weight -> {wrong}"):
+        load_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_tensors_of_other_dtypes_are_refused(tmp_path, fp8):
+    """A weight stored as e5m2 (with the e4m3 format's scale beside it), an integer norm weight, and a block scale
+    beside a weight that is not e4m3: each named, none cast silently into other numbers."""
+    _saved(tmp_path, fp8=fp8)
+    t = load_file(tmp_path / "model.safetensors")
+    o, n = "model.layers.1.self_attn.o_proj.weight", "model.norm.weight"
+    t[o] = t[o].to(torch.float8_e5m2)
+    t[n] = t[n].round().to(torch.int64)
+    if not fp8:  # a scale beside a bf16/fp32 weight: it would be ignored
+        t["model.layers.0.mlp.down_proj.weight_scale_inv"] = torch.ones(1, 1)
+    save_file(t, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError) as ei:
+        load_pretrained(tmp_path)
+    msg = str(ei.value)
+    assert "tensors of other dtypes" in msg and f"{o}: F8_E5M2" in msg and f"{n}: I64" in msg, msg
+    if fp8:
+        assert f"{o}_scale_inv: a block scale, but {o} is F8_E5M2, not F8_E4M3" in msg, msg
+    else:
+        assert "model.layers.0.mlp.down_proj.weight_scale_inv: a block scale, but" in msg, msg
+
+
 def test_saved_checkpoint_files_follow_the_umask(tmp_path):
     """safetensors and mkdtemp create 0600/0700 entries; checkpoints must be readable like any file."""
     import stat

@@ -6,6 +6,7 @@ Run: python -m pytest tests/test_config.py -q
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -364,3 +365,64 @@ def test_replace_validates_and_keeps_extra():
     assert new.extra is not cfg.extra
     with pytest.raises(ConfigError, match="num_experts_per_tok"):
         cfg.replace(num_experts_per_tok=100)
+
+
+# ------------------------------------------------------------------------------------------------
+# what other tools read differently (an independent audit against transformers 5, 2026-12-05)
+
+def test_absent_rope_fields_take_transformers_defaults(tmp_path):
+    """A config.json without rope_scaling / rope_parameters or max_position_embeddings means plain RoPE over 4,096
+    positions to transformers (DeepseekV3Config); it used to load as the 671B's YaRN (factor 40), silently."""
+    transformers = pytest.importorskip("transformers")
+    d = tiny_cfg(max_position_embeddings=8192, rope_scaling={"type": "yarn", "factor": 4.0,
+                                                             "original_max_position_embeddings": 32}).to_dict()
+    del d["rope_scaling"], d["max_position_embeddings"]
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    cfg = ModelConfig.from_json(tmp_path)
+    assert cfg.rope_scaling is None and cfg.yarn is None and cfg.max_position_embeddings == 4096
+    hf = transformers.AutoConfig.from_pretrained(tmp_path)
+    assert hf.max_position_embeddings == cfg.max_position_embeddings
+    assert hf.rope_parameters["rope_type"] == "default" and hf.rope_parameters["rope_theta"] == cfg.rope_theta
+
+
+@pytest.mark.parametrize("key, value", [("attention_factor", 1.3), ("truncate", False), ("attn_factor", 2.0),
+                                        ("extrapolation_factor", 0.5)])
+def test_yarn_options_other_tools_read_differently_are_refused(key, value):
+    y = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "mscale": 1.0, "mscale_all_dim": 1.0}
+    with pytest.raises(ConfigError, match=rf"rope_scaling\.{key} = {value!r} is not supported"):
+        tiny_cfg(rope_scaling={**y, key: value})
+    tiny_cfg(rope_scaling={**y, "truncate": True, "attn_factor": 1, "extrapolation_factor": 1.0,
+                           "attention_factor": None})  # their neutral values load
+
+
+def test_fp8_format_and_rope_layout_other_than_the_official_are_refused():
+    base = tiny_cfg().to_dict()
+    q = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    for extra, field in (({"quantization_config": {**q, "fmt": "e5m2"}}, r"quantization_config\.fmt"),
+                         ({"quantization_config": {**q, "activation_scheme": "static"}},
+                          r"quantization_config\.activation_scheme"),
+                         ({"rope_interleave": False}, r"rope_interleave = False is not supported")):
+        with pytest.raises(ConfigError, match=field):
+            ModelConfig.from_dict({**base, **extra})
+    ok = ModelConfig.from_dict({**base, "rope_interleave": True, "quantization_config": {
+        **q, "fmt": "e4m3", "activation_scheme": "dynamic"}})
+    assert ok.extra["rope_interleave"] is True and ok.to_dict()["rope_interleave"] is True  # kept, written back
+
+
+@pytest.mark.parametrize("mscale, mscale_all_dim", [(0, 1.0), (0.707, 1.0), (1.0, 0), (None, 1.0), (0.5, None),
+                                                    (1.0, 1.0)])
+def test_yarn_cos_sin_factor_is_vllms(mscale, mscale_all_dim):
+    """The cos/sin factor as vLLM's DeepseekScalingRotaryEmbedding computes it: yarn_get_mscale(s, mscale) /
+    yarn_get_mscale(s, mscale_all_dim), an absent key 1 and 0; a 0 is a value (it once became 1)."""
+    from dsv3.model.rope import cos_sin_factor
+
+    s = 4.0
+    y = {"type": "yarn", "factor": s, "original_max_position_embeddings": 32}
+    y.update({k: v for k, v in (("mscale", mscale), ("mscale_all_dim", mscale_all_dim)) if v is not None})
+
+    def vllm_mscale(scale, m=1.0):  # vllm/model_executor/layers/rotary_embedding: yarn_get_mscale
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    want = vllm_mscale(s, 1.0 if mscale is None else mscale) / vllm_mscale(s, 0.0 if mscale_all_dim is None
+                                                                          else mscale_all_dim)
+    assert cos_sin_factor(tiny_cfg(rope_scaling=y)) == pytest.approx(want, rel=1e-12)

@@ -310,11 +310,16 @@ def _old_shards(path: str) -> set[str]:
 # ------------------------------------------------------------------------------------------------
 # loading
 
+# the safetensors dtypes a checkpoint's tensors may have: floats, and the official FP8 format (e4m3 + block scales)
+_DISK_DTYPES = ("F32", "BF16", "F16", "F64", "F8_E4M3")
+
+
 class _Reader:
     """Name -> tensor across the shards of one checkpoint directory."""
 
     def __init__(self, path: str):
         self.path = path
+        self._handles: dict[str, object] = {}  # shard file -> its open safetensors handle
         index = os.path.join(path, INDEX_FILE)
         single = os.path.join(path, SINGLE_FILE)
         self.source = INDEX_FILE if os.path.exists(index) else SINGLE_FILE  # the file that lists the tensors
@@ -329,6 +334,13 @@ class _Reader:
             missing_files = sorted({f for f in self.weight_map.values() if not os.path.exists(os.path.join(path, f))})
             if missing_files:
                 raise CheckpointError(f"{index} names shard files that do not exist: {', '.join(missing_files[:10])}")
+            absent = []  # tensors the index places in a shard that does not hold them (its header read once)
+            for fname in sorted(set(self.weight_map.values())):
+                keys = set(self._open(fname).keys())
+                absent += [f"{k} -> {fname}" for k, f in self.weight_map.items() if f == fname and k not in keys]
+            if absent:
+                raise CheckpointError(f"{index} maps {len(absent)} tensor(s) to shards that do not contain them: "
+                                      + ", ".join(sorted(absent)[:10]) + (" ..." if len(absent) > 10 else ""))
         elif os.path.exists(single):
             confined(path, SINGLE_FILE, path)
             with open_safetensors(single) as f:
@@ -339,13 +351,14 @@ class _Reader:
                 raise CheckpointError(f"{path} holds only pickle weights ({', '.join(found[:5])}); dsv3 reads "
                                       "safetensors only (pickle can run code). Convert them to safetensors first.")
             raise CheckpointError(f"no {SINGLE_FILE} or {INDEX_FILE} in {path}")
-        self._handles: dict[str, object] = {}
 
-    def _f(self, name: str):
-        fname = self.weight_map[name]
+    def _open(self, fname: str):
         if fname not in self._handles:
             self._handles[fname] = open_safetensors(os.path.join(self.path, fname))
         return self._handles[fname]
+
+    def _f(self, name: str):
+        return self._open(self.weight_map[name])
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._f(name).get_slice(name).get_shape())
@@ -438,11 +451,19 @@ def _check(cfg: ModelConfig, layout: dict[str, _Slot], reader: _Reader) -> None:
         base = name[: -len("_scale_inv")] if name.endswith("_scale_inv") else None
         if base is None or base not in layout:
             unexpected.append(name)
+    bad_dtype = []
+    for name in sorted(have - set(layout)):  # a block scale beside a weight that is not e4m3 would be ignored
+        base = name[: -len("_scale_inv")] if name.endswith("_scale_inv") else None
+        if base in layout and base in have and reader.dtype(base) != "F8_E4M3":
+            bad_dtype.append(f"{name}: a block scale, but {base} is {reader.dtype(base)}, not F8_E4M3")
     for name in sorted(set(layout) & have):
         want, got = layout[name].shape, reader.shape(name)
-        if got != want:
+        dtype = reader.dtype(name)
+        if dtype not in _DISK_DTYPES:  # (e5m2, integers, ...: a cast would load other numbers, silently)
+            bad_dtype.append(f"{name}: {dtype}")
+        elif got != want:
             bad_shape.append(f"{name}: checkpoint {list(got)}, model {list(want)}")
-        elif reader.dtype(name) in ("F8_E4M3",):
+        elif dtype == "F8_E4M3":
             sname = name + "_scale_inv"
             if sname not in have:
                 missing.append(sname)
@@ -450,7 +471,7 @@ def _check(cfg: ModelConfig, layout: dict[str, _Slot], reader: _Reader) -> None:
                 sw = (-(-want[0] // 128), -(-want[1] // 128))
                 if reader.shape(sname) != sw:
                     bad_shape.append(f"{sname}: checkpoint {list(reader.shape(sname))}, expected {list(sw)}")
-    if missing or unexpected or bad_shape:
+    if missing or unexpected or bad_shape or bad_dtype:
         def show(title, items):
             if not items:
                 return ""
@@ -460,7 +481,9 @@ def _check(cfg: ModelConfig, layout: dict[str, _Slot], reader: _Reader) -> None:
         raise CheckpointError(
             f"checkpoint {reader.path} does not match its config.json"
             + show("missing tensors", missing) + show("unexpected tensors", unexpected)
-            + show("mis-shaped tensors", bad_shape))
+            + show("mis-shaped tensors", bad_shape)
+            + show(f"tensors of other dtypes (dsv3 reads {', '.join(_DISK_DTYPES)}; F8_E4M3 with its "
+                   "weight_scale_inv)", bad_dtype))
 
 
 def _swap_in_fp8_modules(model: Transformer, reader: _Reader) -> None:

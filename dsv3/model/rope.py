@@ -41,12 +41,16 @@ def inv_freq(cfg: ModelConfig, device: torch.device | str | None = None) -> torc
 
 def cos_sin_factor(cfg: ModelConfig) -> float:
     """Factor on cos/sin (HF `attention_factor`, vLLM `mscale`): mscale(s, mscale)/mscale(s, mscale_all_dim).
-    It is 1.0 for DeepSeek-V3 (mscale == mscale_all_dim == 1)."""
+    It is 1.0 for DeepSeek-V3 (mscale == mscale_all_dim == 1). An absent (or null) key takes vLLM's and SGLang's
+    default (DeepseekScalingRotaryEmbedding: mscale 1, mscale_all_dim 0); transformers instead uses mscale(s)
+    unless both are set and non-zero. Official checkpoints set both. A 0 is a value, not "absent": mscale 0 gives
+    mscale(s, 0) = 1, as in vLLM."""
     y = cfg.yarn
     if y is None:
         return 1.0
     s = float(y["factor"])
-    return yarn_get_mscale(s, float(y.get("mscale", 1) or 1)) / yarn_get_mscale(s, float(y.get("mscale_all_dim", 0) or 0))
+    m, mad = y.get("mscale"), y.get("mscale_all_dim")
+    return yarn_get_mscale(s, 1.0 if m is None else float(m)) / yarn_get_mscale(s, 0.0 if mad is None else float(mad))
 
 
 def cos_sin(positions: torch.Tensor, freqs: torch.Tensor, factor: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
