@@ -1437,6 +1437,44 @@ def test_text_stream_holds_back_partial_characters_and_stop_prefixes():
     assert s.delta([0, 1, 2, 6, 1], finished=True) == "cd\ufffd"  # finished: nothing held back
 
 
+def _cuts(data: bytes):
+    """Every way of cutting `data` into pieces of 1-3 bytes."""
+    if not data:
+        yield []
+        return
+    for c in (1, 2, 3):
+        if c <= len(data):
+            for rest in _cuts(data[c:]):
+                yield [data[:c], *rest]
+
+
+def test_text_stream_never_streams_a_stop_string_that_ends_in_a_multibyte_character():
+    """The engine's order per token (hits_stop, then delta, finished at the hit or the end): the streamed deltas
+    join to the final text for stop strings ending in a character still incomplete in the text so far (an audit
+    found "b🙂" streamed "ab" where the text is "a", and "问题：" streamed "Q: 问"), over every way of cutting
+    the bytes into tokens of 1-3 bytes."""
+    from dsv3.inference.textstream import TextStream
+
+    for text, stops in (("ab\U0001f642cd", ["b\U0001f642"]), ("Q: \u95ee\u9898\uff1a\u597d", ["\u95ee\u9898\uff1a"]),
+                        ("x\u20acy\u20ac\u20acz", ["\u20ac\u20ac", "zz"]),
+                        ("\u00e9t\u00e9", ["t\u00e9", "\u00e9t\u00e9!"])):
+        data = text.encode()
+        for pieces in _cuts(data):
+            class Tok:  # bytes per token; an incomplete UTF-8 tail decodes to U+FFFD, as a byte-level BPE does
+                def decode(self, ids, skip_special_tokens=True):
+                    return b"".join(pieces[j] for j in ids).decode("utf-8", errors="replace")
+
+            ts, streamed = TextStream(Tok(), stops), []
+            ids = list(range(len(pieces)))
+            for n in range(1, len(ids) + 1):
+                hit = ts.hits_stop(ids[:n])
+                streamed.append(ts.delta(ids[:n], hit or n == len(ids)))
+                if hit:
+                    break
+            assert "".join(streamed) == ts.text, (text, stops, pieces, streamed)
+            assert not any(s in "".join(streamed) for s in stops)
+
+
 def test_logits_at_one_position_equal_the_full_logits(models):
     """Transformer.forward(logits_at=...) (the engine's prefill: the head only at each prompt's last
     position) gives those positions' rows of the full logits."""

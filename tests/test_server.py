@@ -247,6 +247,15 @@ def test_logprobs(server, client):
         assert v <= 0 and 1 <= len(top) <= 3
         assert v == pytest.approx(max(top.values()), abs=1e-6)  # greedy picks the most likely token
     assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+    assert lp.text_offset == [sum(map(len, lp.tokens[:i])) for i in range(8)]
+    # streamed, with a stop string that holds text back (never found): the same tokens, values and offsets (the
+    # offsets once followed the text released, which lags behind the tokens while a stop string may begin)
+    chunks = list(client.completions.create(model=MODEL, prompt=PROMPTS[2], max_tokens=8, temperature=0, logprobs=3,
+                                            stop="@@@@@@", stream=True, extra_body={"ignore_eos": True}))
+    parts = [c.logprobs for ch in chunks for c in ch.choices if c.logprobs]
+    for key in ("tokens", "text_offset", "top_logprobs"):
+        assert [x for p in parts for x in getattr(p, key)] == getattr(lp, key), key
+    assert [x for p in parts for x in p.token_logprobs] == pytest.approx(lp.token_logprobs, abs=1e-6)
     r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=5,
                                        temperature=0, logprobs=True, top_logprobs=2)
     content = r.choices[0].logprobs.content

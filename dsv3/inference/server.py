@@ -618,15 +618,17 @@ async def _stream_completion(srv: _Server, job: _Job, meta: dict, include_usage:
         for c in job.choices:
             if c.echo:
                 yield chunk(c, c.echo, None, None)
+        # each choice's text_offset: advanced by its tokens' strings, as the non-streamed response counts them (the
+        # text released so far lags behind them while a stop string may still begin: that once gave other offsets)
         offsets = {c.index: len(c.echo) for c in job.choices}
         async for c, o in job.events():
             lp = None
             if want_lp and o.logprobs is not None and len(o.logprobs) > c.lp_sent:
                 lp = _completion_logprobs(srv, o.logprobs[c.lp_sent:], offsets[c.index])
+                offsets[c.index] += sum(map(len, lp["tokens"]))
                 c.lp_sent = len(o.logprobs)
             if o.new_text or lp:
                 yield chunk(c, o.new_text, lp, None)
-                offsets[c.index] += len(o.new_text)
             if o.finished:
                 yield chunk(c, "", None, o.finish_reason)
         if include_usage:

@@ -3,7 +3,7 @@
 Tokens are decoded as a whole (a byte-level BPE token can end inside a UTF-8 character, so text is
 never built by concatenating per-token pieces). While streaming, a delta holds back an incomplete
 UTF-8 character (the decoder's U+FFFD at the end) and the last len(longest stop string) - 1
-characters, which could still turn out to be the start of a stop string; the final delta releases
+characters before it, which could still turn out to be the start of a stop string; the final delta releases
 the rest. A stop string ends the request at the token that completes it, and the text is cut before
 the stop string (OpenAI and vLLM: the stop string is not returned)."""
 
@@ -38,10 +38,12 @@ class TextStream:
             self.text = self.tok.decode(list(tokens), skip_special_tokens=True)
         hold = 0
         if not finished:
-            if self.text.endswith("\ufffd"):
-                hold = 1
+            # the incomplete character (the decoder's trailing U+FFFD run) and, before it, the last len(stop) - 1
+            # characters: a stop string ending in that character once it completes starts there (a hold of the
+            # larger of the two once let "b" of the stop string "b🙂" out while 🙂 was still incomplete)
+            hold = len(self.text) - len(self.text.rstrip("\ufffd"))
             if self.stop:
-                hold = max(hold, max(len(s) for s in self.stop) - 1)
+                hold += max(len(s) for s in self.stop) - 1
         end = max(self.emitted, len(self.text) - hold)
         out = self.text[self.emitted: end]
         self.emitted = end
