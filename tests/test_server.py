@@ -548,6 +548,31 @@ def test_strict_types(server):
     assert r.status_code == 200, r.text
 
 
+def test_openai_fields_at_their_neutral_values_and_the_clients_round_trip(server, client):
+    """The usual next turn, `messages.append(resp.choices[0].message.model_dump())` (refusal, audio, function_call
+    null, annotations), and OpenAI's newer or deprecated request fields at neutral values are accepted (an audit with
+    openai 3.x got "Unrecognized request argument supplied: messages.1.refusal"); a value this server cannot honour
+    is a 400 naming it."""
+    user = {"role": "user", "content": "alpha"}
+    r = client.chat.completions.create(model=MODEL, messages=[user], max_tokens=3, temperature=0)
+    turn = r.choices[0].message.model_dump()
+    assert {"refusal", "audio", "function_call"} <= set(turn) and turn["refusal"] is None
+    r2 = client.chat.completions.create(model=MODEL, messages=[user, turn, {"role": "user", "content": "beta"}],
+                                        max_tokens=3, temperature=0, safety_identifier="u-1", prompt_cache_key="k",
+                                        extra_body={"modalities": ["text"], "functions": [], "function_call": "none"})
+    said = {"role": "assistant", "content": turn["content"]}
+    plain = client.chat.completions.create(model=MODEL, messages=[user, said, {"role": "user", "content": "beta"}],
+                                           max_tokens=3, temperature=0)
+    assert r2.choices[0].message.content == plain.choices[0].message.content  # the extra fields change nothing
+    for extra, param in (({"messages": [user, {**turn, "refusal": "no"}]}, "messages.1"),
+                         ({"messages": [user, {**turn, "audio": {"id": "a"}}]}, "messages.1"),
+                         ({"functions": [{"name": "f"}]}, "functions"),
+                         ({"function_call": {"name": "f"}}, "function_call"), ({"modalities": ["audio"]}, "modalities")):
+        body = {"model": MODEL, "messages": [user], "max_tokens": 2, **extra}
+        e = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=30)
+        assert e.status_code == 400 and e.json()["error"]["param"].startswith(param), (extra, e.text)
+
+
 def test_error_names_the_bad_element(server):
     """A bad token id is named by its position (it was "Invalid value for 'prompt.str' ... (and 5 more
     errors)"); the union fields answer with one message."""

@@ -271,6 +271,10 @@ class Preparer:
         self.check_model(req.model)
         if req.tools:
             raise bad_request("tools are not supported by this server", "tools")
+        if req.functions:
+            raise bad_request("functions are not supported by this server", "functions")
+        if isinstance(req.function_call, dict):
+            raise bad_request("function_call naming a function is not supported (no functions)", "function_call")
         if req.response_format is not None and req.response_format.type != "text":
             raise bad_request("only response_format {'type': 'text'} is supported", "response_format")
         if req.top_logprobs is not None and not req.logprobs:

@@ -9,7 +9,11 @@ runs schemathesis over it). Rules:
     other value gets a 400 that names the field (checked in server.py);
   * types are strict, as the OpenAI API's: a bool is not an integer, a string is not a number or a
     bool (`"n": "2"`, `"max_tokens": true`, `"stream": "false"` are 400s); an integer is a number;
-  * `user`, `metadata`, `store`, `service_tier` are accepted and ignored (they do not change outputs);
+  * `user`, `metadata`, `store`, `service_tier` (and for chat `safety_identifier`, `prompt_cache_key`, which
+    OpenAI says replace `user`) are accepted and ignored (they do not change outputs);
+  * an assistant message sent back as the openai client parsed it (`message.model_dump()`: `refusal`,
+    `audio`, `function_call` null, `annotations`) is accepted; chat's `modalities: ["text"]`, `functions: []`
+    and `function_call: "none"` / `"auto"` (the deprecated forms of tools) are their neutral values;
   * vLLM's extra sampling fields (`top_k`, `min_p`, `repetition_penalty`, `ignore_eos`,
     `stop_token_ids`, `chat_template_kwargs`) are accepted in the body ("extra_body").
 Ranges follow the OpenAI reference (temperature [0, 2], logprobs <= 20 as vLLM, 4 stop strings).
@@ -196,9 +200,19 @@ class ChatMessage(_Strict):
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
     prefix: bool | None = None  # DeepSeek chat prefix completion: continue the last assistant message
+    # the rest of OpenAI's assistant message object, which clients send back as they got it (null here; a refusal
+    # or audio or a function call would have to reach the model, which this server cannot render); annotations
+    # (URL citations) are metadata: ignored
+    refusal: str | None = None
+    audio: dict[str, Any] | None = None
+    function_call: dict[str, Any] | None = None
+    annotations: list[dict[str, Any]] | None = None
 
     @model_validator(mode="after")
     def _needs_content(self):
+        for name in ("refusal", "audio", "function_call"):
+            if getattr(self, name) is not None:
+                _fail(f"'{name}' in a message is not supported by this server (only null, as its responses carry)")
         # as the OpenAI API: every message carries content, except an assistant turn that made tool calls
         # (a message without it would otherwise render as an empty turn, silently)
         if self.content is None and not (self.role == "assistant" and self.tool_calls):
@@ -222,6 +236,11 @@ class ChatCompletionRequest(_SamplingRequest):
     tool_choice: Literal["none", "auto"] | None = None
     parallel_tool_calls: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    safety_identifier: str | None = None  # accepted and ignored, as `user` (which it replaces in OpenAI's API)
+    prompt_cache_key: str | None = None  # accepted and ignored (a cache-routing hint; the prefix cache needs none)
+    modalities: list[Literal["text"]] | None = None  # text only
+    functions: list[dict[str, Any]] | None = None  # the deprecated form of tools: only empty
+    function_call: Literal["none", "auto"] | dict[str, Any] | None = None  # deprecated tool_choice: no function
 
 
 class TokenizeRequest(_Strict):
