@@ -567,7 +567,8 @@ def test_openai_fields_at_their_neutral_values_and_the_clients_round_trip(server
     for extra, param in (({"messages": [user, {**turn, "refusal": "no"}]}, "messages.1"),
                          ({"messages": [user, {**turn, "audio": {"id": "a"}}]}, "messages.1"),
                          ({"functions": [{"name": "f"}]}, "functions"),
-                         ({"function_call": {"name": "f"}}, "function_call"), ({"modalities": ["audio"]}, "modalities")):
+                         ({"function_call": {"name": "f"}}, "function_call"),
+                         ({"modalities": ["audio"]}, "modalities")):
         body = {"model": MODEL, "messages": [user], "max_tokens": 2, **extra}
         e = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=30)
         assert e.status_code == 400 and e.json()["error"]["param"].startswith(param), (extra, e.text)
