@@ -652,11 +652,16 @@ def test_refused_before_tokenising(server, spy, tok, tok_dir):
 
 def test_chat_without_max_tokens_gets_what_fits(model, tok):
     """With no max_tokens a chat request gets the context left after the prompt, capped by the cache
-    (it was the whole context: a 400 for a limit the client never set), a completion OpenAI's 16 or
+    (it was the whole context: a 400 for a limit the client never set) and by one batch slot's share of it (it
+    was the whole cache: one such request held it, and chats ran one at a time), a completion OpenAI's 16 or
     what fits if less; a prompt that does not fit is blamed on the prompt, not on max_tokens."""
-    eng = Engine(model, tok, max_batch_size=2, cache_tokens=64)  # context 512, cache 64 tokens
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "alpha"}], "ignore_eos": True}
+    eng = Engine(model, tok, max_batch_size=4, cache_tokens=128)  # context 512, 128 cache tokens: 32 a slot
     with BackgroundServer(create_app(eng, tok, MODEL)) as s:
-        body = {"model": MODEL, "messages": [{"role": "user", "content": "alpha"}], "ignore_eos": True}
+        r = httpx.post(s.url + "/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 32, r.text  # not 128 - 1 - prompt
+    eng = Engine(model, tok, max_batch_size=1, cache_tokens=64)  # context 512, cache 64 tokens, one slot
+    with BackgroundServer(create_app(eng, tok, MODEL)) as s:
         r = httpx.post(s.url + "/v1/chat/completions", json=body, timeout=60)
         assert r.status_code == 200, r.text
         usage = r.json()["usage"]

@@ -97,6 +97,7 @@ class Limits:
     max_tokens_limit: int
     capacity: int  # batch + queue: the most choices one request may ask for
     cache_tokens: int  # the whole KV cache, in tokens
+    slot_tokens: int  # one batch slot's share of the cache (cache_tokens // max_batch_size)
     draft_k: int  # tokens of draft room per request (speculative decoding)
     vocab_size: int
     max_token_bytes: int  # _max_token_bytes(tokenizer)
@@ -290,8 +291,11 @@ class Preparer:
         ids = self.encode(self.render_chat(req.messages, req.chat_template_kwargs), "messages",
                           self.max_prompt_tokens)
         self.check_lengths(len(ids), given or 1, "messages", max_param)
-        if given is None:  # as many as fit: the context and the cache left after the prompt
-            max_tokens = min(self.max_tokens_limit, self.fits(len(ids)))
+        if given is None:  # as many as fit (the context and the cache left after the prompt), at most one batch
+            # slot's share of the cache: the engine reserves a request's whole budget when it joins the batch, so a
+            # default of "the whole cache" made one such request hold it (with a long context, every chat without
+            # max_tokens then ran alone: an audit with the openai client)
+            max_tokens = min(self.max_tokens_limit, self.fits(len(ids)), self.slot_tokens)
             params = [replace(p, max_new_tokens=max_tokens) for p in params]
         return Work([ids], [""], params, n, logprobs is not None, bool(req.stream),
                      bool(req.stream_options and req.stream_options.include_usage))

@@ -52,10 +52,12 @@ Decisions (recorded here because clients depend on them):
     supplied"); see protocol.py for the accepted-but-neutral-only fields;
   * unknown `model`: 404 `model_not_found` (OpenAI's and vLLM's answer);
   * an omitted `max_tokens` in a chat request means "as many as fit": the context left after
-    the prompt, capped by `max_tokens_limit` and by the KV cache (OpenAI's and vLLM's default);
-    the engine reserves that much cache for the request, so a client that wants short answers
-    under load should set it. /v1/completions keeps OpenAI's default of 16, lowered to what fits
-    (an omitted max_tokens is never the reason for a 400);
+    the prompt, capped by `max_tokens_limit`, by the KV cache and by one batch slot's share of it
+    (cache tokens / max_batch_size; with the default cache min(context, 4096)): the engine reserves
+    a request's whole budget when it joins the batch (vLLM preempts instead), and without the last
+    cap one such request could hold the whole cache of a long-context model, serving chats one at a
+    time. A client that wants longer answers sets max_tokens. /v1/completions keeps OpenAI's default
+    of 16, lowered to what fits (an omitted max_tokens is never the reason for a 400);
   * `n` > 1 (up to 16): n engine requests; with a `seed`, choice j samples with seed + j;
     `best_of` must equal n; a batch of prompts gives len(prompts) * n choices, index = i * n + j;
   * text prompts are encoded without BOS (as the training data, documents are EOS-separated); the
@@ -292,7 +294,8 @@ class _Server:
         self.prep = Preparer(tokenizer, Limits(
             model_name, n, max_prompt_tokens=min(max_prompt_tokens or n - 1, n - 1),
             max_tokens_limit=min(max_tokens_limit or n, n), capacity=self.capacity,
-            cache_tokens=engine.cache.num_blocks * engine.cache.block_size, draft_k=engine.k,
+            cache_tokens=engine.cache.num_blocks * engine.cache.block_size,
+            slot_tokens=engine.cache.num_blocks * engine.cache.block_size // engine.max_batch_size, draft_k=engine.k,
             vocab_size=engine.model.config.vocab_size, max_token_bytes=_max_token_bytes(tokenizer)), chat_template)
         self.prep_workers = prep_workers
         self.pool: asyncio.Future[ProcessPoolExecutor] | None = None  # started by the first large body
