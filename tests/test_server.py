@@ -244,7 +244,7 @@ def test_logprobs(server, client):
     lp = r.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 8
     for t, v, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
-        assert v <= 0 and 1 <= len(top) <= 3
+        assert v <= 0 and 1 <= len(top) <= 3 and top[t] == v
         assert v == pytest.approx(max(top.values()), abs=1e-6)  # greedy picks the most likely token
     assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
     assert lp.text_offset == [sum(map(len, lp.tokens[:i])) for i in range(8)]
@@ -546,6 +546,17 @@ def test_strict_types(server):
     r = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": "alpha", "max_tokens": 2,
                                                          "temperature": 1, "top_p": 1, "stream": False, "seed": 7})
     assert r.status_code == 200, r.text
+
+
+def test_non_finite_numbers_are_named_as_such(server):
+    """NaN or inf in a number field (JSON's NaN / Infinity literals, which Python's json writes) is "Input should be
+    a finite number", not a range's message ("should be less than or equal to 2" for a NaN temperature)."""
+    for field in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty"):
+        for value in ("NaN", "Infinity", "-Infinity"):
+            body = f'{{"model": "{MODEL}", "prompt": "alpha", "max_tokens": 2, "{field}": {value}}}'
+            r = httpx.post(server.url + "/v1/completions", content=body, headers={"Content-Type": "application/json"})
+            err = r.json()["error"]
+            assert r.status_code == 400 and err["param"] == field and "finite number" in err["message"], (field, err)
 
 
 def test_openai_fields_at_their_neutral_values_and_the_clients_round_trip(server, client):
@@ -1097,6 +1108,10 @@ def test_legacy_top_logprobs_keep_the_most_likely_of_equal_texts():
     lps = [TokenLogprob(token_id=2, logprob=-1.0, top=[(2, -1.0), (1, -1.5), (3, -2.0)])]
     out = _completion_logprobs(srv, lps, 0)
     assert out["top_logprobs"] == [{"\ufffd": -1.0, "a": -1.5}] and out["token_logprobs"] == [-1.0]
+    # a sampled token outside the top alternatives is added to them (OpenAI: up to logprobs + 1; vLLM does so)
+    lps = [TokenLogprob(token_id=1, logprob=-3.0, top=[(2, -1.0)]), TokenLogprob(token_id=1, logprob=-0.5, top=[])]
+    out = _completion_logprobs(srv, lps, 0)
+    assert out["top_logprobs"] == [{"\ufffd": -1.0, "a": -3.0}, {"a": -0.5}]
 
 
 def test_expert_loads_route(model, tok, server):

@@ -145,15 +145,15 @@ class _SamplingRequest(_Strict):
     model: str
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     n: Annotated[int, Field(ge=1, le=16)] | None = None
-    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
-    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2, allow_inf_nan=False)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] | None = None
     stop: Annotated[str | Annotated[list[str], Field(max_length=4)],
                     _one_of("stop", "a string or a list of at most 4 strings", str)] | None = None
     seed: Annotated[int, Field(ge=-(2**63), le=2**64 - 1)] | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
-    presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None  # only 0
-    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None  # only 0
+    presence_penalty: Annotated[float, Field(ge=-2, le=2, allow_inf_nan=False)] | None = None  # only 0
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2, allow_inf_nan=False)] | None = None  # only 0
     logit_bias: dict[str, float] | None = None  # only empty
     user: str | None = None
     metadata: dict[str, str] | None = None
@@ -161,8 +161,10 @@ class _SamplingRequest(_Strict):
     service_tier: str | None = None
     # vLLM-style extras
     top_k: Annotated[int, Field(ge=-1)] | None = None  # 0 or -1: off
-    min_p: Annotated[float, Field(ge=0, le=1)] | None = None
-    repetition_penalty: Annotated[float, Field(ge=0.01, le=100)] | None = None  # tinier overflows the logits
+    min_p: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] | None = None
+    # (a tinier repetition_penalty overflows the logits; NaN / inf anywhere: "Input should be a finite number", not
+    # a range's message)
+    repetition_penalty: Annotated[float, Field(ge=0.01, le=100, allow_inf_nan=False)] | None = None
     ignore_eos: bool | None = None
     stop_token_ids: _ids("stop_token_ids", 64) | None = None
 

@@ -400,6 +400,8 @@ def _completion_logprobs(srv: _Server, lps: list[TokenLogprob], offset: int) -> 
         top: dict = {}
         for t, v in lp.top:
             top.setdefault(srv.token_str(t)[0], _finite(v))
+        # the sampled token always among them (OpenAI's legacy API: "up to logprobs + 1 elements"; vLLM adds it)
+        top.setdefault(s, _finite(lp.logprob))
         out["top_logprobs"].append(top)
         out["text_offset"].append(offset)
         offset += len(s)
