@@ -414,14 +414,35 @@ def test_interp_sweep_runs_reports_and_flags_a_wrong_kernel(monkeypatch, tmp_pat
 
 # --- two projections of one input in one launch (MLA's q and kv_a at decode) -------------------------------------
 
+def _mla_decode_step(q_lora, fp8: bool):
+    """A tiny bf16 MLA (q_proj, or q_a_proj with q_lora_rank), its q and kv_a projections FP8Linear if `fp8`, and
+    one decode step of it over a paged latent cache: (mla, its first query projection, run)."""
+    from dsv3.inference.cache import PagedLatentCache
+    from dsv3.model.fp8 import FP8Linear
+    from dsv3.model.mla import MLA
+
+    cfg = tiny_cfg(q_lora_rank=q_lora)
+    torch.manual_seed(0)
+    mla = MLA(cfg)
+    for p in mla.parameters():
+        torch.nn.init.normal_(p, 0, 0.05) if p.dim() > 1 else torch.nn.init.ones_(p)
+    q_name = "q_proj" if q_lora is None else "q_a_proj"
+    if fp8:
+        for name in (q_name, "kv_a_proj_with_mqa"):
+            setattr(mla, name, FP8Linear.from_linear(getattr(mla, name)))
+    mla.to(BF16).requires_grad_(False)
+    cache = PagedLatentCache(1, 4, 4, cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype=BF16)
+    blocks = cache.allocate(2)
+    x = torch.randn(1, 1, cfg.hidden_size, dtype=BF16)
+    cos, sin = torch.ones(1, 1, cfg.qk_rope_head_dim // 2), torch.zeros(1, 1, cfg.qk_rope_head_dim // 2)
+    return mla, getattr(mla, q_name), lambda: mla(x, cos, sin, cache=cache.batch([blocks], [3], [1]).layer(0))
+
+
 def test_absorbed_mla_takes_both_projections_in_one_call(monkeypatch, switched_on):
     """Where the dense GEMV runs, absorbed MLA computes q_proj (or q_a_proj) and kv_a_proj_with_mqa of x with one
     `dense_gemv2` call (both weights, both of the kernel's results used: a marker added to either output moves
     the attention output, and without markers it equals the unfused path); elsewhere its Linears as before; and
     not where a module has hooks (they would be skipped)."""
-    from dsv3.inference.cache import PagedLatentCache
-    from dsv3.model.mla import MLA
-
     monkeypatch.setattr(kb, "_fast_fits", lambda op, t: op == "dense_gemv" and len(t) == 2 and kb._dense_gemv_fits(*t))
     calls, marker = [], {"q": 0.0, "kv": 0.0}
 
@@ -432,18 +453,7 @@ def test_absorbed_mla_takes_both_projections_in_one_call(monkeypatch, switched_o
     monkeypatch.setattr(kernels, "dense_gemv2", fake)
     monkeypatch.setattr(kernels, "dense_gemv", lambda x, w, *, out_dtype=None, backend=None: F.linear(x, w))
     for q_lora in (None, 24):
-        cfg = tiny_cfg(q_lora_rank=q_lora)
-        torch.manual_seed(0)
-        mla = MLA(cfg)
-        for p in mla.parameters():
-            torch.nn.init.normal_(p, 0, 0.05) if p.dim() > 1 else torch.nn.init.ones_(p)
-        mla.to(BF16).requires_grad_(False)
-        cache = PagedLatentCache(1, 4, 4, cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype=BF16)
-        blocks = cache.allocate(2)
-        x = torch.randn(1, 1, cfg.hidden_size, dtype=BF16)
-        cos, sin = torch.ones(1, 1, cfg.qk_rope_head_dim // 2), torch.zeros(1, 1, cfg.qk_rope_head_dim // 2)
-        q_mod = mla.q_proj if q_lora is None else mla.q_a_proj
-        run = lambda: mla(x, cos, sin, cache=cache.batch([blocks], [3], [1]).layer(0))  # noqa: E731
+        mla, q_mod, run = _mla_decode_step(q_lora, fp8=False)
         with torch.no_grad():
             kernels.set_dense_gemv(False)
             want = run()
@@ -502,10 +512,7 @@ def test_absorbed_mla_takes_both_fp8_projections_in_one_call(monkeypatch):
     computes both with one `fp8_weight_linear2` call (weights and scales of both; a marker on either output moves
     the attention output; without markers it equals the two modules' path); not where a module has hooks, nor
     where the FP8 decode GEMM does not run."""
-    from dsv3.inference.cache import PagedLatentCache
     from dsv3.kernels.reference import fp8_weight_linear_ref
-    from dsv3.model.fp8 import FP8Linear
-    from dsv3.model.mla import MLA
 
     fits = {"on": True}
     monkeypatch.setattr(kb, "_fast_fits", lambda op, t: op == "fp8_weight_gemm" and fits["on"])
@@ -518,21 +525,8 @@ def test_absorbed_mla_takes_both_fp8_projections_in_one_call(monkeypatch):
     monkeypatch.setattr(kernels, "fp8_weight_linear2", fake)
     monkeypatch.setattr(kernels, "fp8_weight_linear", lambda x, w, s, *, backend=None: fp8_weight_linear_ref(x, w, s))
     for q_lora in (None, 24):
-        cfg = tiny_cfg(q_lora_rank=q_lora)
-        torch.manual_seed(0)
-        mla = MLA(cfg)
-        for p in mla.parameters():
-            torch.nn.init.normal_(p, 0, 0.05) if p.dim() > 1 else torch.nn.init.ones_(p)
-        q_name = "q_proj" if q_lora is None else "q_a_proj"
-        for name in (q_name, "kv_a_proj_with_mqa"):
-            setattr(mla, name, FP8Linear.from_linear(getattr(mla, name)))
-        mla.to(BF16).requires_grad_(False)
-        q_mod, kv_mod = getattr(mla, q_name), mla.kv_a_proj_with_mqa
-        cache = PagedLatentCache(1, 4, 4, cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype=BF16)
-        blocks = cache.allocate(2)
-        x = torch.randn(1, 1, cfg.hidden_size, dtype=BF16)
-        cos, sin = torch.ones(1, 1, cfg.qk_rope_head_dim // 2), torch.zeros(1, 1, cfg.qk_rope_head_dim // 2)
-        run = lambda: mla(x, cos, sin, cache=cache.batch([blocks], [3], [1]).layer(0))  # noqa: E731
+        mla, q_mod, run = _mla_decode_step(q_lora, fp8=True)
+        kv_mod = mla.kv_a_proj_with_mqa
         with torch.no_grad():
             fits["on"] = False
             want = run()
