@@ -334,10 +334,13 @@ class _Reader:
             missing_files = sorted({f for f in self.weight_map.values() if not os.path.exists(os.path.join(path, f))})
             if missing_files:
                 raise CheckpointError(f"{index} names shard files that do not exist: {', '.join(missing_files[:10])}")
+            by_shard: dict[str, list[str]] = {}
+            for k, f in self.weight_map.items():
+                by_shard.setdefault(f, []).append(k)
             absent = []  # tensors the index places in a shard that does not hold them (its header read once)
-            for fname in sorted(set(self.weight_map.values())):
+            for fname, names in sorted(by_shard.items()):
                 keys = set(self._open(fname).keys())
-                absent += [f"{k} -> {fname}" for k, f in self.weight_map.items() if f == fname and k not in keys]
+                absent += [f"{k} -> {fname}" for k in names if k not in keys]
             if absent:
                 raise CheckpointError(f"{index} maps {len(absent)} tensor(s) to shards that do not contain them: "
                                       + ", ".join(sorted(absent)[:10]) + (" ..." if len(absent) > 10 else ""))

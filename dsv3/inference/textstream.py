@@ -3,8 +3,8 @@
 Tokens are decoded as a whole (a byte-level BPE token can end inside a UTF-8 character, so text is
 never built by concatenating per-token pieces). While streaming, a delta holds back an incomplete
 UTF-8 character (the decoder's U+FFFD at the end) and the last len(longest stop string) - 1
-characters before it, which could still turn out to be the start of a stop string; the final delta releases
-the rest. A stop string ends the request at the token that completes it, and the text is cut before
+characters before it, which could still turn out to be the start of a stop string; the final delta
+releases the rest. A stop string ends the request at the token that completes it, and the text is cut before
 the stop string (OpenAI and vLLM: the stop string is not returned)."""
 
 from __future__ import annotations
