@@ -528,3 +528,33 @@ def test_init_does_not_depend_on_what_a_process_holds():
         if p.dim() >= 2:
             assert not torch.equal(w, other[n] if p.shape == other[n].shape else other[n][4:8]), n
     assert torch.equal(part.rope_inv_freq, build_model(cfg, seed=3).rope_inv_freq)
+
+
+def test_full_recompute_in_a_fresh_process():
+    """`--recompute full` in a new process: the one-time CPU grouped-GEMM check used to run inside the first
+    checkpointed block's forward (its saved tensors then differ from the recomputation's: torch's CheckpointError,
+    found by an audit of the CLI); it now runs when a MoE is built, also under the meta device and no_grad."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from dsv3.model import moe\n"
+        "from conftest import make_model, rand_ids, tiny_cfg\n"
+        "cfg = tiny_cfg()\n"
+        "m = make_model(cfg, seed=1)\n"
+        "m.set_recompute('full')\n"
+        "x = rand_ids(cfg, 2, 9, seed=0)\n"
+        "m(x).logits.float().square().mean().backward()\n"
+        "moe._CPU_GROUPED = None\n"
+        "with torch.device('meta'), torch.no_grad():\n"
+        "    moe.MoE(cfg)\n"
+        "seen = moe._CPU_GROUPED\n"
+        "moe._CPU_GROUPED = None\n"
+        "assert seen is not None and moe._cpu_grouped_mm_works() is seen  # as in a plain context\n"
+        "print('ok')\n")
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([tests, os.path.dirname(tests), os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]

@@ -39,21 +39,31 @@ _CPU_GROUPED: bool | None = None
 
 def _cpu_grouped_mm_works() -> bool:
     """Whether this torch runs fp32 `torch._grouped_mm` (forward and backward) on the CPU, checked once on
-    tiny tensors against plain matmuls (torch 2.13 does; older builds may not)."""
+    tiny tensors against plain matmuls (torch 2.13.0's CPU build does not: its stride checks refuse these shapes
+    and its backward fails on aligned ones, so the experts' loop runs there). MoE.__init__ asks first, so that
+    the check never runs inside a forward: under activation checkpointing (`--recompute full`) its saved
+    tensors counted in the first block's forward and not in its recomputation (torch's CheckpointError), and
+    under a meta-device or no-grad context its tensors would not be the CPU tensors with gradients it needs."""
     global _CPU_GROUPED
     if _CPU_GROUPED is None:
         try:
-            g = torch.Generator().manual_seed(0)
-            x = torch.randn(5, 4, generator=g, requires_grad=True)
-            w = torch.randn(2, 4, 3, generator=g, requires_grad=True)
-            offs = torch.tensor([2, 5], dtype=torch.int32)
-            y = torch._grouped_mm(x, w, offs=offs)
-            y.sum().backward()
-            ref = torch.cat([x[:2] @ w[0], x[2:] @ w[1]])
-            _CPU_GROUPED = bool(torch.allclose(y, ref, atol=1e-5) and w.grad is not None)
+            with torch.inference_mode(False), torch.enable_grad():
+                _CPU_GROUPED = _grouped_mm_check()
         except (RuntimeError, NotImplementedError, TypeError):
             _CPU_GROUPED = False
     return _CPU_GROUPED
+
+
+def _grouped_mm_check() -> bool:
+    """One fp32 grouped GEMM forward and backward on CPU tensors against plain matmuls."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 4, generator=g, requires_grad=True, device="cpu")
+    w = torch.randn(2, 4, 3, generator=g, requires_grad=True, device="cpu")
+    offs = torch.tensor([2, 5], dtype=torch.int32, device="cpu")
+    y = torch._grouped_mm(x, w, offs=offs)
+    y.sum().backward()
+    ref = torch.cat([x[:2] @ w[0], x[2:] @ w[1]])
+    return bool(torch.allclose(y, ref, atol=1e-5) and w.grad is not None)
 
 
 class _Dispatch(torch.autograd.Function):
@@ -351,6 +361,8 @@ class Experts(nn.Module):
 class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        if _HAS_GROUPED_MM:
+            _cpu_grouped_mm_works()  # once per process, here rather than inside a (checkpointed) forward
         self.gate = Router(cfg)
         self.experts = Experts(cfg)
         self.shared_experts = (
