@@ -167,7 +167,12 @@ def _resumed_settings(mc, tc, args):
         return mc if mc is not None else _model_config(args)[0], tc
     saved = read_json(os.path.join(ckpt, "trainer_state.json")).get("train_config")
     if isinstance(saved, dict):
-        tc, changed = resumed_config(tc, saved, given_dests(args))
+        given = given_dests(args)
+        if "tokenizer" in given and tc.tokenizer != saved.get("tokenizer"):
+            # (it was printed as applied and ignored: the run reads its checkpoint's tokenizer.json)
+            raise ValueError(f"--tokenizer: a resumed run keeps the tokenizer of its checkpoint {ckpt} (its ids are the "
+                             "ones the weights learned); drop --tokenizer")
+        tc, changed = resumed_config(tc, saved, given)
         for k, (old, new) in changed.items():
             print(f"resume: {k} {old!r} -> {new!r} (from the command line)")
     return mc, tc

@@ -82,6 +82,20 @@ def test_resume_keeps_the_runs_settings_and_extends_smoothly(setup, tmp_path):
     # and the stretch travels in the checkpoint: a further resume with the same length changes nothing
     state = saved(10)
     assert state["schedule"] == {"total_steps": 6, "stretches": [[6, 6, 10]]}
+    # the finished run resumed at its own length: nothing to train, said, and its files left as they were (it used
+    # to run the final evaluation again and rewrite summary.json without the training loss)
+    before = {f: (out / f).read_bytes() for f in ("summary.json", "metrics.jsonl", "train_config.json")}
+    assert json.loads(before["summary.json"])["train_loss"] is not None
+    rc, stdout, err = run_cli(["train", "--out", out, "--resume", "--cache-dir", setup["cache"], "--no-progress",
+                               "--no-plots", "--samples", 0])
+    assert rc == 0 and "is finished (step 10 of 10): nothing to train" in stdout, err
+    assert {f: (out / f).read_bytes() for f in before} == before
+    # --tokenizer on a resume: refused (the checkpoint's tokenizer is the one its weights learned; it used to be
+    # printed as applied and ignored)
+    rc, _, err = run_cli(["train", "--out", out, "--resume", "--steps", 12, "--tokenizer", tmp_path / "other.json",
+                          "--cache-dir", setup["cache"], "--no-progress", "--no-plots", "--samples", 0])
+    assert rc == 2 and "--tokenizer: a resumed run keeps the tokenizer of its checkpoint" in err, err
+    assert {f: (out / f).read_bytes() for f in before} == before
 
 
 def test_refusals_before_anything_is_written(setup, tmp_path):

@@ -304,6 +304,18 @@ def train(mc: ModelConfig | None, tc: TrainConfig, pcfg=None, log=print, strateg
         return _train(mc, tc, pcfg, log, strategy)
 
 
+def _finished_summary(out_dir: str, step: int, total: int, tokens: int, checkpoint: str) -> dict:
+    """The summary of a run that is already finished: its summary.json as written when it finished (when it can
+    be read), pointing at its last checkpoint."""
+    try:
+        with open(os.path.join(out_dir, "summary.json"), encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        saved = None
+    base = {"step": step, "total_steps": total, "tokens": tokens}
+    return {**(saved if isinstance(saved, dict) else base), "checkpoint": checkpoint, "interrupted": False}
+
+
 def _train(mc: ModelConfig | None, tc: TrainConfig, pcfg, log, strategy: Strategy | None) -> dict:
     if os.path.exists(tc.out_dir) and not os.path.isdir(tc.out_dir):
         raise ValueError(f"--out {tc.out_dir}: a file of that name exists; the run directory must be a directory")
@@ -387,6 +399,12 @@ def _train(mc: ModelConfig | None, tc: TrainConfig, pcfg, log, strategy: Strateg
         f"{', bf16 weights + fp32 masters' if tc.bf16_weights else ''}); "
         f"{task.total_steps} steps of {tc.batch_size} x {tc.seq_len} tokens, lr {tc.lr:g}, "
         f"warmup {task.sched.warmup_steps}")
+    if resume_from is not None and step >= task.total_steps:
+        # a finished run resumed at its own length: nothing to train and nothing written (this used to run the final
+        # evaluation again and rewrite summary.json without the training loss)
+        say(f"the run in {tc.out_dir} is finished (step {step} of {task.total_steps}): nothing to train; give "
+            "--steps / --tokens beyond that to continue it")
+        return _finished_summary(tc.out_dir, step, task.total_steps, tokens_seen, resume_from)
     # the run directory is made only now, once the data and the model are ready: a run that fails before
     # (bad data, an empty corpus, a config error) leaves no empty directory behind
     if strategy.is0:
