@@ -103,6 +103,13 @@ def test_refusals_before_anything_is_written(setup, tmp_path):
     rc, _, err = run_cli(_common(setup, out) + ["--steps", 2, "--seq-len", 512])  # MICRO's context is 256
     assert rc == 2 and "--seq-len 512 is longer than the model's context (max_position_embeddings 256)" in err
     assert not out.exists()
+    # too short for MICRO's MTP depth, and a seed numpy cannot take: refused before the run directory exists (they
+    # failed after step 1, leaving a directory that blocked the corrected command)
+    rc, _, err = run_cli(_common(setup, out) + ["--steps", 2, "--seq-len", 1])
+    assert rc == 2 and "--seq-len 1 leaves the model's 1 MTP depth(s) no position to predict" in err, err
+    rc, _, err = run_cli(_common(setup, out) + ["--steps", 2, "--seed", -1])
+    assert rc == 2 and "seed must be in [0, 2^32), got -1" in err, err
+    assert not out.exists()
     # the logits alone of 10^6 windows cannot fit: refused in one line, before the data is read
     rc, _, err = run_cli(_common(setup, out) + ["--steps", 2, "--batch-size", 1_000_000])
     assert rc == 2 and "logits of one micro-batch" in err and err.count("\n") == 1

@@ -85,7 +85,12 @@ def get_tokenizer(tc: TrainConfig, mc: ModelConfig, log) -> DSTokenizer:
 
 
 def check_context(mc: ModelConfig, tc: TrainConfig) -> None:
-    """Refuse a sequence length beyond the model's context (its position embeddings stop there)."""
+    """Refuse a sequence length beyond the model's context (its position embeddings stop there), or too short for
+    the MTP depths (depth k predicts token t + 1 + k: a window of D tokens leaves the last depth no position)."""
+    D = mc.num_nextn_predict_layers
+    if tc.seq_len <= D:
+        raise ValueError(f"--seq-len {tc.seq_len} leaves the model's {D} MTP depth(s) no position to predict: give "
+                         f"--seq-len > {D}")
     if tc.seq_len > mc.max_position_embeddings:
         raise ValueError(f"--seq-len {tc.seq_len} is longer than the model's context (max_position_embeddings "
                          f"{mc.max_position_embeddings}): give --seq-len <= {mc.max_position_embeddings}, or extend "
