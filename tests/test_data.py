@@ -70,6 +70,23 @@ def test_find_corpus_directory(tmp_path):
     assert [f.relpath for f in single.files] == ["doc_0.md"]
 
 
+def test_run_directories_in_a_corpus_give_no_documents(tmp_path):
+    """A dsv3 run directory inside --data, or --data itself used as --out: the run's metrics.jsonl and checkpoints
+    are not documents (a resume read metrics.jsonl's records and stopped); the user's files around them are."""
+    texts = write_corpus(tmp_path)
+    run = tmp_path / "runs" / "custom"
+    for d in (run, tmp_path):  # a run below the corpus, and the corpus as a run directory
+        (d / "checkpoints" / "step_00000002").mkdir(parents=True, exist_ok=True)
+        (d / "checkpoints" / "step_00000002" / "notes.md").write_text("not data")
+        (d / "train_config.json").write_text("{}")
+        (d / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n')
+    (run / "readme.md").write_text("a file of the user's beside the run's outputs")
+    got = [f.relpath for f in find_corpus(tmp_path).files]
+    assert got == sorted([*texts, "runs/custom/readme.md"])
+    with pytest.raises(FileNotFoundError, match="corpus path is empty"):
+        find_corpus("")
+
+
 def test_stdlib_corpus_lists_many_files():
     corpus = stdlib_corpus()
     assert len(corpus.files) > 500

@@ -126,12 +126,23 @@ def _source_file(path: Path, root: Path, kind: str) -> SourceFile:
     return SourceFile(path.relative_to(root).as_posix(), path, kind, st.st_size, st.st_mtime_ns)
 
 
+# A dsv3 run directory (it holds train_config.json) inside a corpus, or the corpus itself (--out = --data): its
+# metrics.jsonl and checkpoints are the run's outputs, not text to train on (a resume once read metrics.jsonl's
+# records as documents and stopped: "each line must be a JSON object with a string 'text' field")
+RUN_MARKER = "train_config.json"
+RUN_OUTPUTS = frozenset({"metrics.jsonl", "checkpoints"})
+
+
 def _walk(root: Path, skip_dirs: frozenset[str], extensions: frozenset[str]) -> list[SourceFile]:
     files = []
     for dirpath, dirnames, filenames in os.walk(root):
+        run_dir = RUN_MARKER in filenames
         # prune in place so os.walk does not descend; sorted for a stable order
-        dirnames[:] = sorted(d for d in dirnames if d not in skip_dirs and not d.startswith("."))
+        dirnames[:] = sorted(d for d in dirnames if d not in skip_dirs and not d.startswith(".")
+                             and not (run_dir and d in RUN_OUTPUTS))
         for name in sorted(filenames):
+            if run_dir and name in RUN_OUTPUTS:
+                continue
             path = Path(dirpath) / name
             ext = path.suffix.lower()
             if ext == JSONL_EXTENSION:
@@ -198,6 +209,8 @@ def find_corpus(source: str | os.PathLike | None = None, *,
     if source is None or (isinstance(source, str) and source == "stdlib"):
         corpus = stdlib_corpus()
     else:
+        if not str(source).strip():  # ("" resolves to the working directory)
+            raise FileNotFoundError("corpus path is empty: give a directory or a file")
         path = Path(source).expanduser().resolve()
         if not path.exists():
             raise FileNotFoundError(f"corpus path {source} does not exist")
