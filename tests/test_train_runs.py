@@ -110,6 +110,11 @@ def test_refusals_before_anything_is_written(setup, tmp_path):
     rc, _, err = run_cli(_common(setup, out) + ["--steps", 2, "--seed", -1])
     assert rc == 2 and "seed must be in [0, 2^32), got -1" in err, err
     assert not out.exists()
+    # extra training data that holds --data's validation documents (it made the validation loss meaningless,
+    # silently): refused, naming a file; with no validation split there is nothing to leak
+    rc, _, err = run_cli(_common(setup, out) + ["--steps", 2, "--extra-data", setup["data"], "--val-permille", 200])
+    assert rc == 2 and f"--extra-data {setup['data']}:" in err and "validation split (e.g. " in err, err
+    assert not out.exists()
     # the logits alone of 10^6 windows cannot fit: refused in one line, before the data is read
     rc, _, err = run_cli(_common(setup, out) + ["--steps", 2, "--batch-size", 1_000_000])
     assert rc == 2 and "logits of one micro-batch" in err and err.count("\n") == 1

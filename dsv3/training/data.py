@@ -265,6 +265,15 @@ def split_of(key: str, val_permille: int = 10) -> str:
     return "val" if int(hashlib.sha1(key.encode("utf-8")).hexdigest(), 16) % 1000 < val_permille else "train"
 
 
+def validation_overlap(main: Corpus, extra: Corpus, val_permille: int) -> list[Path]:
+    """The files of `extra` (training data only) that hold documents of `main`'s validation split: a text file
+    whose key falls in it, or a .jsonl file (split line by line) that `main` also holds."""
+    if val_permille <= 0:
+        return []
+    val = {f.path.resolve() for f in main.files if f.kind == "jsonl" or split_of(f.relpath, val_permille) == "val"}
+    return [f.path for f in extra.files if f.path.resolve() in val]
+
+
 # --- FIM -----------------------------------------------------------------------------------------
 
 def fim_rng(seed: int, key: str) -> random.Random:

@@ -40,7 +40,8 @@ from dsv3.model import build_model
 from dsv3.tokenizer import DSTokenizer, check_trainable_vocab
 from dsv3.training import extend, loop
 from dsv3.training.config import TrainConfig, deterministic_mode, resolve_device
-from dsv3.training.data import CorpusError, PackedSampler, build_token_cache, find_corpus, read_documents, split_of
+from dsv3.training.data import (CorpusError, PackedSampler, build_token_cache, find_corpus, read_documents, split_of,
+                                validation_overlap)
 from dsv3.training.loss import compute_loss
 from dsv3.training.optim import Schedule
 from dsv3.training.strategy import (Strategy, checkpoint_config, precision_recipe, prepare_model,
@@ -258,7 +259,12 @@ def _load_data(tc: TrainConfig, mc: ModelConfig, tok_from: str | None, strategy:
         cache = build_token_cache(tc.data, tok, os.path.join(tc.cache_dir, "tokens"), val_permille=tc.val_permille,
                                   fim_rate=tc.fim_rate, fim_seed=tc.seed, progress=show)
         extra = []
+        main = find_corpus(tc.data) if tc.extra_data else None
         for src in tc.extra_data:
+            bad = validation_overlap(main, find_corpus(src), tc.val_permille)
+            if bad:  # (trained on, they made the validation loss meaningless, without a word)
+                raise ValueError(f"--extra-data {src}: {len(bad)} of its files hold documents of --data's validation "
+                                 f"split (e.g. {bad[0]}): give extra data outside --data, or --val-permille 0")
             e = build_token_cache(src, tok, os.path.join(tc.cache_dir, "tokens"), val_permille=0,
                                   fim_rate=tc.fim_rate, fim_seed=tc.seed, progress=show)
             say(f"extra training data: {e.meta['source']}: {e.meta['splits']['train']['n_tokens']:,} tokens")
