@@ -277,6 +277,24 @@ def test_format_reward():
     assert rewards.format_reward("") == 0.0
 
 
+def test_reward_and_task_specs_are_checked_before_training():
+    """--reward MODULE:FUNCTION and --task as a user meets them: a module that does not import, a callable that
+    cannot take (completion, example), a task file that does not exist: one clear ValueError / FileNotFoundError
+    each, before any rollout (a ModuleNotFoundError traceback, a TypeError mid-run, "[Errno 2]" before)."""
+    assert tasks.load_callable("dsv3.posttrain.tasks:arithmetic_reward") is tasks.arithmetic_reward
+    with pytest.raises(ValueError, match="its signature is \\(completion"):  # one argument: not a reward
+        tasks.load_callable("dsv3.posttrain.rewards:format_reward")
+    with pytest.raises(ValueError, match=r"'nomod_xyz:score': cannot import module 'nomod_xyz'"):
+        tasks.load_callable("nomod_xyz:score")
+    with pytest.raises(ValueError, match=r"cannot be called as reward\(completion: str, example: dict\)"):
+        tasks.load_callable("os:getcwd")
+    with pytest.raises(ValueError, match="is not a callable"):
+        tasks.load_callable("os:sep")
+    with pytest.raises(FileNotFoundError, match=r"task 'nosuch': no such file; give 'arithmetic'"):
+        tasks.load_task("nosuch")
+    assert tasks.load_task("arithmetic").name == "arithmetic"
+
+
 def test_code_reward():
     tests = "assert add(2, 3) == 5\nassert add(-1, 1) == 0"
     good = "Here:\n```python\ndef add(a, b):\n    return a + b\n```\n"

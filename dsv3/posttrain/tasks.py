@@ -21,6 +21,8 @@ line the format reward asks for) for an SFT warm-up on the same distribution, an
 from __future__ import annotations
 
 import importlib
+import inspect
+import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -154,9 +156,20 @@ def load_callable(spec: str) -> Callable:
     mod, _, name = spec.partition(":")
     if not mod or not name:
         raise ValueError(f"expected 'module:function', got {spec!r}")
-    fn = getattr(importlib.import_module(mod), name, None)
+    try:
+        module = importlib.import_module(mod)
+    except ImportError as e:  # (a traceback before)
+        raise ValueError(f"{spec!r}: cannot import module {mod!r} ({e}); is it on PYTHONPATH?") from None
+    fn = getattr(module, name, None)
     if not callable(fn):
         raise ValueError(f"{spec!r} is not a callable")
+    try:  # a reward is called as fn(completion, example): checked now, not after the first rollouts
+        inspect.signature(fn).bind("", {})
+    except TypeError:
+        raise ValueError(f"{spec!r} cannot be called as reward(completion: str, example: dict) -> float: its signature "
+                         f"is {inspect.signature(fn)}") from None
+    except ValueError:  # no signature to read (some builtins): called as it is
+        pass
     return fn
 
 
@@ -166,6 +179,9 @@ def load_task(spec: str, seed: int = 0, heldout_frac: float = 0.05, reward: Call
     if spec == "arithmetic":
         t = arithmetic_task(seed=seed)
     else:
+        if not os.path.isfile(spec):
+            raise FileNotFoundError(f"task {spec!r}: no such file; give 'arithmetic' (the built-in task) or a .jsonl "
+                                    "file of {\"messages\", \"answer\"} rows")
         rows = []
         with open(spec, encoding="utf-8") as f:
             for i, row in jsonl_records(f, spec):
