@@ -152,6 +152,10 @@ def interrupted(summary: dict, resume_cmd: str) -> int:
     return EXIT_INTERRUPTED
 
 
+# the settings that define a run's token stream and its batches: a resume continues at a position in them
+DATA_FIELDS = ("data", "extra_data", "seed", "fim_rate", "val_permille", "seq_len", "batch_size", "micro_batch_size")
+
+
 def _resumed_settings(mc, tc, args):
     """--resume: the run's own settings (its checkpoint's train_config) for every run setting the command
     line does not give again, and its model config unless --preset / --config asked for one (mc None);
@@ -170,8 +174,24 @@ def _resumed_settings(mc, tc, args):
         given = given_dests(args)
         if "tokenizer" in given and tc.tokenizer != saved.get("tokenizer"):
             # (it was printed as applied and ignored: the run reads its checkpoint's tokenizer.json)
-            raise ValueError(f"--tokenizer: a resumed run keeps the tokenizer of its checkpoint {ckpt} (its ids are the "
-                             "ones the weights learned); drop --tokenizer")
+            raise ValueError(f"--tokenizer: a resumed run keeps the tokenizer of its checkpoint {ckpt} (its ids are "
+                             "the ones the weights learned); drop --tokenizer")
+        def same(k):  # the same setting, however written (a path's spelling; micro-batch 0 = the batch)
+            a, b = getattr(tc, k), saved[k]
+            if k == "data":
+                return (a and os.path.realpath(a)) == (b and os.path.realpath(b))
+            if k == "extra_data":
+                return [os.path.realpath(p) for p in a] == [os.path.realpath(p) for p in b or []]
+            if k == "micro_batch_size":
+                return (a or tc.batch_size) == (b or saved.get("batch_size"))
+            return a == b
+
+        for k in DATA_FIELDS:  # named here: the sampler's own refusal ("n_tokens=15675, this one 15678") named none
+            if k in given and k in saved and not same(k):
+                flag = "--" + k.replace("_", "-")
+                raise ValueError(f"{flag} {getattr(tc, k)!r}: the run being resumed has {saved[k]!r}; a resume keeps "
+                                 "its data, their split, order and windows (the position it saved is in them): drop "
+                                 f"{flag}, or start a new run from its checkpoint with --init-from")
         tc, changed = resumed_config(tc, saved, given)
         for k, (old, new) in changed.items():
             print(f"resume: {k} {old!r} -> {new!r} (from the command line)")

@@ -95,7 +95,19 @@ def test_resume_keeps_the_runs_settings_and_extends_smoothly(setup, tmp_path):
     rc, _, err = run_cli(["train", "--out", out, "--resume", "--steps", 12, "--tokenizer", tmp_path / "other.json",
                           "--cache-dir", setup["cache"], "--no-progress", "--no-plots", "--samples", 0])
     assert rc == 2 and "--tokenizer: a resumed run keeps the tokenizer of its checkpoint" in err, err
+    # the settings of its token stream, named (the sampler's refusal said "n_tokens=..., this one ..."); the same
+    # ones spelt another way pass (a path written differently, the micro-batch given as the batch it was)
+    for flag, value, said in (("--seed", 5, "--seed 5: the run being resumed has 0"),
+                              ("--val-permille", 200, "--val-permille 200: the run being resumed has"),
+                              ("--micro-batch-size", 2, "--micro-batch-size 2: the run being resumed has")):
+        rc, _, err = run_cli(["train", "--out", out, "--resume", "--steps", 12, flag, value, "--cache-dir",
+                              setup["cache"], "--no-progress", "--no-plots", "--samples", 0])
+        assert rc == 2 and said in err and "drop " + flag in err, (flag, err)
     assert {f: (out / f).read_bytes() for f in before} == before
+    rc, stdout, err = run_cli(["train", "--out", out, "--resume", "--data", os.path.join(setup["data"], "."),
+                               "--micro-batch-size", 4, "--cache-dir", setup["cache"], "--no-progress", "--no-plots",
+                               "--samples", 0])
+    assert rc == 0 and "nothing to train" in stdout, err
 
 
 def test_refusals_before_anything_is_written(setup, tmp_path):
