@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -268,6 +270,11 @@ class ModelConfig:
                 d[name] = default
         kwargs = {k: v for k, v in d.items() if k in known}
         extra = {k: v for k, v in d.items() if k not in known}
+        for k in extra:  # kept (a round trip loses nothing), but a near miss of a field is most likely a typo
+            near = difflib.get_close_matches(k, sorted(known), n=1, cutoff=0.85)
+            if near and near[0] not in d:
+                warnings.warn(f"config key {k!r} is not a DeepSeek-V3 field (kept as an extra key); did you mean "
+                              f"{near[0]!r}? {near[0]} keeps its default", stacklevel=2)
         for name in ("scoring_func", "topk_method", "hidden_act", "torch_dtype"):
             if name in kwargs and not isinstance(kwargs[name], str):
                 raise ConfigError(f"{name} must be a string, got {kwargs[name]!r}")

@@ -426,3 +426,20 @@ def test_yarn_cos_sin_factor_is_vllms(mscale, mscale_all_dim):
     want = vllm_mscale(s, 1.0 if mscale is None else mscale) / vllm_mscale(s, 0.0 if mscale_all_dim is None
                                                                           else mscale_all_dim)
     assert cos_sin_factor(tiny_cfg(rope_scaling=y)) == pytest.approx(want, rel=1e-12)
+
+
+def test_a_misspelt_key_warns_naming_the_field():
+    """A key one typo away from a field (`num_hiden_layers`) is kept as an extra key, as unknown keys are, but
+    warned about, naming the field that keeps its default (the 671B's 61 layers, silently, before)."""
+    d = tiny_cfg().to_dict()
+    d["num_hiden_layers"] = d.pop("num_hidden_layers")
+    with pytest.warns(UserWarning, match="'num_hiden_layers' is not a DeepSeek-V3 field .* did you mean "
+                                         "'num_hidden_layers'"):
+        ModelConfig.from_dict(d)
+    import warnings
+
+    official = {**OFFICIAL_671B, "transformers_version": "4.46.3", "use_cache": True, "attention_dropout": 0.0,
+                "ep_size": 1, "pretraining_tp": 1, "rope_interleave": True}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the official file's own extra keys: no warning
+        ModelConfig.from_dict(official)
