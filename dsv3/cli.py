@@ -176,10 +176,12 @@ def _resumed_settings(mc, tc, args):
             # (it was printed as applied and ignored: the run reads its checkpoint's tokenizer.json)
             raise ValueError(f"--tokenizer: a resumed run keeps the tokenizer of its checkpoint {ckpt} (its ids are "
                              "the ones the weights learned); drop --tokenizer")
+
         def same(k):  # the same setting, however written (a path's spelling; micro-batch 0 = the batch)
             a, b = getattr(tc, k), saved[k]
-            if k == "data":
-                return (a and os.path.realpath(a)) == (b and os.path.realpath(b))
+            if k == "data":  # (None and "stdlib": the default corpus)
+                return ({None: None, "stdlib": None}.get(a, a and os.path.realpath(a))
+                        == {None: None, "stdlib": None}.get(b, b and os.path.realpath(b)))
             if k == "extra_data":
                 return [os.path.realpath(p) for p in a] == [os.path.realpath(p) for p in b or []]
             if k == "micro_batch_size":
