@@ -381,11 +381,21 @@ def cmd_generate(args) -> int:
 
 
 def _generate(args, engine, tok) -> int:
+    import dataclasses
+
     params = _sampling(args)
     if args.chat:
         ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": args.prompt}]))
     else:
         ids = tok.encode(args.prompt)
+    room = engine.max_model_len - len(ids)
+    if 0 < room < params.max_new_tokens and "max_new_tokens" not in given_dests(args):
+        # the default length (256) on a short-context checkpoint: what fits, not an error (one asked for is checked)
+        params = dataclasses.replace(params, max_new_tokens=room)
+    if len(ids) + params.max_new_tokens > engine.max_model_len:  # before the prompt is echoed
+        raise ValueError(f"the prompt ({len(ids)} tokens) + --max-new-tokens {params.max_new_tokens} exceeds the "
+                         f"model's context of {engine.max_model_len} tokens")
+    if not args.chat:
         print(args.prompt, end="", flush=True)
     final = None
     for out in engine.stream(ids, params):

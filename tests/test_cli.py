@@ -225,6 +225,12 @@ def test_sample_prints_prompt_and_continuation(run):
     assert run_cli(argv)[1] == stdout  # seeded: the same text again
     rc, greedy, _ = run_cli(argv + ["--temperature", 0])
     assert rc == 0 and greedy.startswith("def")
+    # MICRO's context is 256: the default --max-new-tokens (256) becomes what fits after the prompt (it was an error
+    # on every such checkpoint); a length asked for that cannot fit is refused before the prompt is echoed
+    rc, stdout, err = run_cli(["sample", run["out"], "--prompt", "def", "--temperature", 0, "--ignore-eos"])
+    assert rc == 0 and stdout.startswith("def"), err
+    rc, stdout, err = run_cli(["sample", run["out"], "--prompt", "def", "--max-new-tokens", 256])
+    assert rc == 2 and stdout == "" and "exceeds the model's context of 256 tokens" in err, err
 
 
 # ------------------------------------------------------------------------------------------------
