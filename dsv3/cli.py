@@ -880,6 +880,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"dsv3 {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (which saves and says so): tokenising, loading, ...
+        if os.environ.get("DSV3_TRACEBACK", "") not in ("", "0"):
+            raise
+        print(f"dsv3 {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

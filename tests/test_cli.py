@@ -393,3 +393,17 @@ def test_sft_and_grpo_commands_run_end_to_end(run, tmp_path):
     # rows too short to reach any answer: refused, not a run of zero losses
     rc, _, err = run_cli(["sft", run["out"], "--data", chats, "--out", tmp_path / "y", "--seq-len", 16])
     assert rc == 2 and "no conversation has an assistant token within its first 16 tokens" in err
+
+
+def test_ctrl_c_outside_a_training_loop_is_one_line_and_130(monkeypatch, capsys):
+    """Ctrl-C while a verb tokenises or loads (no training loop to save and say so): one line, exit 130, no
+    KeyboardInterrupt traceback (the CLI audit saw one during tokenisation)."""
+    from dsv3 import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    help_, flags, _ = cli.VERBS["info"]
+    monkeypatch.setitem(cli.VERBS, "info", (help_, flags, interrupted))
+    assert cli.main(["info", "--preset", "tiny"]) == 130
+    assert capsys.readouterr().err == "dsv3 info: interrupted\n"
