@@ -175,3 +175,14 @@ def test_ctrl_c_saves_says_where_and_exits_130_even_with_stdout_closed(setup, tm
     ckpts = os.listdir(out / "checkpoints")
     assert len(ckpts) == 1 and f"saved {out / 'checkpoints' / ckpts[0]}" in err and "--resume" in err, err
     assert "Traceback" not in err and "BrokenPipeError" not in err
+
+
+def test_an_empty_validation_split_is_said(setup, tmp_path):
+    """--val-permille 0 (or too little data for one validation window): a note says the run reports no validation
+    loss (it showed only as "val 0 tokens" and a summary without val_loss)."""
+    out = tmp_path / "run"
+    rc, stdout, err = run_cli(_common(setup, out) + ["--steps", 1, "--val-permille", 0])
+    assert rc == 0, err
+    assert "note: the validation split holds 0 tokens, less than one window of 33: this run reports no " \
+           "validation loss" in stdout, stdout
+    assert "val_loss" not in json.loads((out / "summary.json").read_text())

@@ -280,6 +280,9 @@ def _load_data(tc: TrainConfig, mc: ModelConfig, tok_from: str | None, strategy:
     meta = cache.meta["splits"]
     say(f"data: {cache.meta['source']}: train {meta['train']['n_tokens']:,} tokens ({meta['train']['n_docs']} docs), "
         f"val {meta['val']['n_tokens']:,} tokens; skipped {cache.meta['n_skipped']} non-UTF-8 files")
+    if meta["val"]["n_tokens"] < tc.seq_len + 1:  # (it showed only as "val 0 tokens", and no val_loss in the summary)
+        say(f"note: the validation split holds {meta['val']['n_tokens']:,} tokens, less than one window of "
+            f"{tc.seq_len + 1}: this run reports no validation loss (raise --val-permille, or give more data)")
     return tok, cache, extra
 
 
