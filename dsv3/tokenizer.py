@@ -93,7 +93,9 @@ _WORD_REGEX = (
 )
 
 # --- chat template (DeepSeek-V3, Dec 2024; ANCHORS §5.6) -----------------------------------------
-# Only the last system message survives; BOS is emitted by the template (never add it again).
+# The system messages, wherever they are, are joined with "\n\n" after BOS (as DeepSeek's templates, V3 Dec 2024,
+# V3-0324 and R1, do with `is_first_sp`; this template once kept only the last one, which an audit against the shipped
+# files found); BOS is emitted by the template (never add it again).
 # A round of tool results is `<｜tool▁outputs▁begin｜>` + results joined by "\n" +
 # `<｜tool▁outputs▁end｜>`, and the assistant turn right after it has no `<｜Assistant｜>` prefix.
 # Compared with the file DeepSeek shipped: `<｜tool▁calls▁end｜>` is emitted once after all calls
@@ -104,9 +106,12 @@ _WORD_REGEX = (
 CHAT_TEMPLATE = "".join([
     "{%- if add_generation_prompt is not defined %}{% set add_generation_prompt = false %}{% endif %}",
     # is_tool: the previous message was a tool result, i.e. a tool-outputs block is open
-    "{%- set ns = namespace(system_prompt='', is_tool=false) %}",
+    "{%- set ns = namespace(system_prompt='', is_tool=false, is_first_sp=true) %}",
     "{%- for message in messages %}",
-    "{%- if message['role'] == 'system' %}{% set ns.system_prompt = message['content'] %}{% endif %}",
+    "{%- if message['role'] == 'system' %}",
+    "{%- if ns.is_first_sp %}{% set ns.system_prompt = message['content'] %}{% set ns.is_first_sp = false %}",
+    "{%- else %}{% set ns.system_prompt = ns.system_prompt + '\n\n' + message['content'] %}{% endif %}",
+    "{%- endif %}",
     "{%- endfor %}",
     "{{- bos_token }}{{ ns.system_prompt }}",
     "{%- for message in messages %}",

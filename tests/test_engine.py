@@ -935,6 +935,9 @@ def test_sample_function_basics():
     a = sample(logits, 1.0, generator=torch.Generator().manual_seed(5))
     b = sample(logits, 1.0, generator=torch.Generator().manual_seed(5))
     assert torch.equal(a, b)
+    # below GREEDY_EPS: greedy, as the engine's sampler (1e-40 once made inf logits, NaN probabilities, token 0)
+    close = torch.tensor([[2.9, 3.0, -1.0]])
+    assert [sample(close, t).item() for t in (1e-40, 1e-30, 9e-6)] == [1, 1, 1]
 
 
 def test_filter_logits_by_hand():

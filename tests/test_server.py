@@ -194,6 +194,29 @@ def test_chat_template_matches_transformers(server, tok_dir):
     assert httpx.post(server.url + "/tokenize", json={"messages": messages}).json()["tokens"] == ref
 
 
+def test_a_template_that_reads_null_content_gets_none(model, tok):
+    """An assistant turn with tool calls and `content: null` reaches the chat template as None (DeepSeek-V3's own
+    template, from tokenizer_config.json, renders the calls only when content is none: as "" it rendered an empty
+    turn); other messages' null content stays "". Two system messages are joined with "\n\n" (dsv3's template,
+    as DeepSeek's)."""
+    template = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'assistant' and m['content'] is none %}"
+                "[calls:{{ m['tool_calls'] | length }}]{% else %}[{{ m['role'] }}:{{ m['content'] }}]{% endif %}"
+                "{% endfor %}")
+    eng = Engine(model, tok, max_batch_size=2, cache_tokens=256)
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "content": "r", "tool_call_id": "c1"}]
+    with BackgroundServer(create_app(eng, tok, MODEL, chat_template=template)) as s:
+        ids = httpx.post(s.url + "/tokenize", json={"messages": messages}).json()["tokens"]
+    assert tok.decode(ids).endswith("[user:q][calls:1][tool:r]"), tok.decode(ids)
+    eng = Engine(model, tok, max_batch_size=2, cache_tokens=256)
+    with BackgroundServer(create_app(eng, tok, MODEL)) as s:
+        two = [{"role": "system", "content": "S1"}, {"role": "developer", "content": "S2"},
+               {"role": "user", "content": "q"}]
+        ids = httpx.post(s.url + "/tokenize", json={"messages": two}).json()["tokens"]
+    assert tok.decode(ids) == "<｜begin▁of▁sentence｜>S1\n\nS2<｜User｜>q<｜Assistant｜>"
+
+
 # --- streaming ---------------------------------------------------------------------------------------------
 def test_streaming_completion(server, client):
     full = client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=12, temperature=0)

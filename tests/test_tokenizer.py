@@ -142,19 +142,19 @@ def test_save_load_and_autotokenizer(tok, tmp_path):
         assert hf.encode(text, add_special_tokens=False) == tok.encode(text)
         assert hf(text)["input_ids"] == tok.encode(text)  # add_bos_token is off
     messages = [
-        {"role": "system", "content": "ignored"},
-        {"role": "system", "content": "Be brief."},  # only the last system prompt survives
+        {"role": "system", "content": "Be kind."},
+        {"role": "system", "content": "Be brief."},  # joined with "\n\n", as DeepSeek's templates do
         {"role": "user", "content": "Hi"},
         {"role": "assistant", "content": "Hello!"},
         {"role": "user", "content": "2+2?"},
     ]
     prompt = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    assert prompt == f"{BOS}Be brief.<｜User｜>Hi<｜Assistant｜>Hello!{EOS}<｜User｜>2+2?<｜Assistant｜>"
+    assert prompt == f"{BOS}Be kind.\n\nBe brief.<｜User｜>Hi<｜Assistant｜>Hello!{EOS}<｜User｜>2+2?<｜Assistant｜>"
     ids = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
     ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
     assert list(ids) == tok.encode(prompt) and ids[0] == tok.bos_id and ids[1] != tok.bos_id
     no_gen = hf.apply_chat_template(messages[:4], tokenize=False)
-    assert no_gen == f"{BOS}Be brief.<｜User｜>Hi<｜Assistant｜>Hello!{EOS}"
+    assert no_gen == f"{BOS}Be kind.\n\nBe brief.<｜User｜>Hi<｜Assistant｜>Hello!{EOS}"
 
 
 def test_chat_template_tool_calls(tok, tmp_path):
@@ -236,7 +236,7 @@ def test_apply_chat_template_matches_transformers(tmp_path):
             assert mine.apply_chat_template(msgs, add_generation_prompt=gen) == hf.apply_chat_template(
                 msgs, tokenize=False, add_generation_prompt=gen)
     out = mine.apply_chat_template(conversations[1])
-    assert out.startswith("<｜begin▁of▁sentence｜>S2<｜User｜>a<｜Assistant｜>b<｜end▁of▁sentence｜>")
+    assert out.startswith("<｜begin▁of▁sentence｜>S1\n\nS2<｜User｜>a<｜Assistant｜>b<｜end▁of▁sentence｜>")
     assert out.endswith("<｜User｜>c<｜Assistant｜>")
 
 

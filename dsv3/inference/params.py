@@ -29,8 +29,11 @@ class SamplingParams:
     ignore_eos: bool = setting(False, "keep generating past the end-of-sequence token")
     seed: int | None = setting(None, "random seed of this request's sampling (None: unseeded)")
     # None: none; 0: the chosen token's; n: also the n most likely
+    # the model's own (raw) log-probabilities, before temperature, penalty and top-k/p/min-p (vLLM's default,
+    # logprobs_mode "raw_logprobs"): a sampled or penalised choice need not be the top one
     logprobs: int | None = setting(None, "log-probabilities per token: 0, the chosen token's; n, also the n "
-                                         "most likely (default: none)")
+                                         "most likely; the model's raw ones, before temperature, penalty and "
+                                         "filters (default: none)")
 
     def validate(self) -> "SamplingParams":
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:

@@ -86,9 +86,10 @@ def filter_logits(logits: torch.Tensor, top_k=0, top_p=1.0, min_p=0.0) -> torch.
 
 def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
            min_p: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits (B, V) -> token ids (B,). temperature 0 is greedy."""
+    """logits (B, V) -> token ids (B,). A temperature below GREEDY_EPS is greedy, as in the engine's sampler (a tiny
+    positive one divided the logits into inf and the softmax into NaN)."""
     logits = logits.float()
-    if temperature <= 0:
+    if temperature < GREEDY_EPS:
         return argmax(logits)
     logits = filter_logits(logits / temperature, top_k, top_p, min_p)
     probs = logits.softmax(-1)

@@ -64,6 +64,9 @@ Decisions (recorded here because clients depend on them):
     chat template emits BOS itself; `temperature` is passed through unchanged (no DeepSeek API
     0.3x mapping; below 1e-5 the engine is greedy); `echo` with `logprobs` is a 400 (prompt
     logprobs are not computed); `suffix` (FIM) on a token-id prompt wraps the ids;
+  * logprobs are the model's raw ones, before temperature, penalty and filters (vLLM's default); a
+    stop or EOS token ends the choice without being part of it (not in its tokens, logprobs or
+    usage; vLLM counts it in the tokens and usage);
   * errors use the OpenAI shape {"error": {"message", "type", "param", "code"}}; validation
     errors are 400s (not FastAPI's 422); errors after a stream started are sent as one SSE `data:
     {"error": ...}` event followed by `data: [DONE]`.
