@@ -179,11 +179,14 @@ def _resumed_settings(mc, tc, args):
 
         def same(k):  # the same setting, however written (a path's spelling; micro-batch 0 = the batch)
             a, b = getattr(tc, k), saved[k]
+            def path(p):  # as find_corpus reads it (~ expanded)
+                return os.path.realpath(os.path.expanduser(p))
+
             if k == "data":  # (None and "stdlib": the default corpus)
-                return ({None: None, "stdlib": None}.get(a, a and os.path.realpath(a))
-                        == {None: None, "stdlib": None}.get(b, b and os.path.realpath(b)))
+                return ({None: None, "stdlib": None}.get(a, a and path(a))
+                        == {None: None, "stdlib": None}.get(b, b and path(b)))
             if k == "extra_data":
-                return [os.path.realpath(p) for p in a] == [os.path.realpath(p) for p in b or []]
+                return [path(p) for p in a] == [path(p) for p in b or []]
             if k == "micro_batch_size":
                 return (a or tc.batch_size) == (b or saved.get("batch_size"))
             return a == b

@@ -65,7 +65,7 @@ def test_resume_keeps_the_runs_settings_and_extends_smoothly(setup, tmp_path):
     rc, stdout, err = run_cli(["train", "--out", out, "--resume", "--cache-dir", setup["cache"], "--no-progress",
                                "--no-plots", "--samples", 0])
     assert rc == 0, err
-    assert "note:" not in stdout and "resumed from" in stdout
+    assert "note: resuming with the checkpoint's model config" not in stdout and "resumed from" in stdout
     # the run's own length (6 steps, its --lr and --data), not the command line's defaults (300 steps)
     assert max(r["step"] for r in _records(out)) == 6 and "6 steps of 4 x 32 tokens, lr 0.01" in stdout
     # a longer run continues the schedule from where it was: no jump back up
@@ -120,7 +120,7 @@ def test_refusals_before_anything_is_written(setup, tmp_path):
     rc, _, err = run_cli(_common(setup, out) + ["--steps", 2, "--seq-len", 1])
     assert rc == 2 and "--seq-len 1 leaves the model's 1 MTP depth(s) no position to predict" in err, err
     rc, _, err = run_cli(_common(setup, out) + ["--steps", 2, "--seed", -1])
-    assert rc == 2 and "seed must be in [0, 2^32), got -1" in err, err
+    assert rc == 2 and "seed must be in [0, 2^64), got -1" in err, err
     assert not out.exists()
     # extra training data that holds --data's validation documents (it made the validation loss meaningless,
     # silently): refused, naming a file; with no validation split there is nothing to leak
@@ -186,3 +186,30 @@ def test_an_empty_validation_split_is_said(setup, tmp_path):
     assert "note: the validation split holds 0 tokens, less than one window of 33: this run reports no " \
            "validation loss" in stdout, stdout
     assert "val_loss" not in json.loads((out / "summary.json").read_text())
+
+
+def test_a_run_stopped_at_its_last_step_finishes_on_resume(setup, tmp_path, monkeypatch):
+    """Ctrl-C during the last step saves that step as "interrupted" and says to --resume: the resume finishes it
+    (the final save and evaluation, summary.json no longer interrupted), not "nothing to train" (a review caught
+    the finished-run shortcut taking this case too)."""
+    from dsv3.training import pretrain
+
+    out = tmp_path / "run"
+    orig = pretrain.Pretrain.after_step
+
+    def after_step(self, strategy, counts, hp, applied):
+        orig(self, strategy, counts, hp, applied)
+        self._n = getattr(self, "_n", 0) + 1
+        if self._n == 3:  # the last of 3 steps
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(pretrain.Pretrain, "after_step", after_step)
+    rc, _, err = run_cli(_common(setup, out) + ["--steps", 3, "--val-permille", 300])
+    assert rc == 130 and "--resume" in err, err
+    assert json.loads((out / "summary.json").read_text())["interrupted"] is True
+    monkeypatch.setattr(pretrain.Pretrain, "after_step", orig)
+    rc, stdout, err = run_cli(["train", "--out", out, "--resume", "--cache-dir", setup["cache"], "--no-progress",
+                               "--no-plots", "--samples", 0])
+    assert rc == 0 and "nothing to train" not in stdout, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["interrupted"] is False and summary["step"] == 3 and "val_loss" in summary

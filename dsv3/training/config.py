@@ -114,8 +114,8 @@ class TrainConfig:
         for name in ("steps", "seq_len", "batch_size"):
             if getattr(self, name) <= 0 and not (name == "steps" and self.tokens > 0):
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if not 0 <= self.seed < 2**32:  # (numpy's generators, the data order, take no other)
-            raise ValueError(f"seed must be in [0, 2^32), got {self.seed}")
+        if not 0 <= self.seed < 2**64:  # (torch's and numpy's generators take no other)
+            raise ValueError(f"seed must be in [0, 2^64), got {self.seed}")
         mb = self.micro_batch_size or self.batch_size
         if self.batch_size % mb:
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size ({mb})")

@@ -318,16 +318,17 @@ def train(mc: ModelConfig | None, tc: TrainConfig, pcfg=None, log=print, strateg
         return _train(mc, tc, pcfg, log, strategy)
 
 
-def _finished_summary(out_dir: str, step: int, total: int, tokens: int, checkpoint: str) -> dict:
-    """The summary of a run that is already finished: its summary.json as written when it finished (when it can
-    be read), pointing at its last checkpoint."""
+def _finished_summary(out_dir: str, step: int, tokens: int, checkpoint: str) -> dict | None:
+    """The summary of a run that finished (its summary.json as written then: not interrupted, at this step), pointing
+    at its last checkpoint; None when there is no such summary (then the run is not known to be finished)."""
     try:
         with open(os.path.join(out_dir, "summary.json"), encoding="utf-8") as f:
             saved = json.load(f)
     except (OSError, ValueError):
-        saved = None
-    base = {"step": step, "total_steps": total, "tokens": tokens}
-    return {**(saved if isinstance(saved, dict) else base), "checkpoint": checkpoint, "interrupted": False}
+        return None
+    if not isinstance(saved, dict) or saved.get("interrupted") or saved.get("step") != step:
+        return None
+    return {**saved, "tokens": saved.get("tokens", tokens), "checkpoint": checkpoint}
 
 
 def _train(mc: ModelConfig | None, tc: TrainConfig, pcfg, log, strategy: Strategy | None) -> dict:
@@ -413,12 +414,15 @@ def _train(mc: ModelConfig | None, tc: TrainConfig, pcfg, log, strategy: Strateg
         f"{', bf16 weights + fp32 masters' if tc.bf16_weights else ''}); "
         f"{task.total_steps} steps of {tc.batch_size} x {tc.seq_len} tokens, lr {tc.lr:g}, "
         f"warmup {task.sched.warmup_steps}")
-    if resume_from is not None and step >= task.total_steps:
+    finished = _finished_summary(tc.out_dir, step, tokens_seen, resume_from) \
+        if resume_from is not None and step >= task.total_steps and st.get("reason") == "final" else None
+    if finished is not None:
         # a finished run resumed at its own length: nothing to train and nothing written (this used to run the final
-        # evaluation again and rewrite summary.json without the training loss)
+        # evaluation again and rewrite summary.json without the training loss). One stopped at its last step (Ctrl-C,
+        # a crash in the final evaluation) goes on: the loop saves and evaluates as a finished run does
         say(f"the run in {tc.out_dir} is finished (step {step} of {task.total_steps}): nothing to train; give "
             "--steps / --tokens beyond that to continue it")
-        return _finished_summary(tc.out_dir, step, task.total_steps, tokens_seen, resume_from)
+        return finished
     # the run directory is made only now, once the data and the model are ready: a run that fails before
     # (bad data, an empty corpus, a config error) leaves no empty directory behind
     if strategy.is0:
