@@ -156,6 +156,14 @@ def interrupted(summary: dict, resume_cmd: str) -> int:
 DATA_FIELDS = ("data", "extra_data", "seed", "fim_rate", "val_permille", "seq_len", "batch_size", "micro_batch_size")
 
 
+def _corpus_path(p: str | None) -> str | None:
+    """A corpus setting as find_corpus reads it: None for the default corpus (None or "stdlib"), else the real path
+    with ~ expanded."""
+    import os
+
+    return None if p in (None, "stdlib") else os.path.realpath(os.path.expanduser(p))
+
+
 def _resumed_settings(mc, tc, args):
     """--resume: the run's own settings (its checkpoint's train_config) for every run setting the command
     line does not give again, and its model config unless --preset / --config asked for one (mc None);
@@ -179,14 +187,10 @@ def _resumed_settings(mc, tc, args):
 
         def same(k):  # the same setting, however written (a path's spelling; micro-batch 0 = the batch)
             a, b = getattr(tc, k), saved[k]
-            def path(p):  # as find_corpus reads it (~ expanded)
-                return os.path.realpath(os.path.expanduser(p))
-
-            if k == "data":  # (None and "stdlib": the default corpus)
-                return ({None: None, "stdlib": None}.get(a, a and path(a))
-                        == {None: None, "stdlib": None}.get(b, b and path(b)))
+            if k == "data":
+                return _corpus_path(a) == _corpus_path(b)
             if k == "extra_data":
-                return [path(p) for p in a] == [path(p) for p in b or []]
+                return [_corpus_path(p) for p in a] == [_corpus_path(p) for p in b or []]
             if k == "micro_batch_size":
                 return (a or tc.batch_size) == (b or saved.get("batch_size"))
             return a == b

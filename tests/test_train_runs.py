@@ -213,3 +213,13 @@ def test_a_run_stopped_at_its_last_step_finishes_on_resume(setup, tmp_path, monk
     assert rc == 0 and "nothing to train" not in stdout, err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["interrupted"] is False and summary["step"] == 3 and "val_loss" in summary
+
+
+def test_resume_compares_corpus_paths_as_the_corpus_reads_them():
+    """--resume's check of --data / --extra-data: ~ expanded, symlinks and ./ resolved, None and "stdlib" the same
+    default corpus (a path saved as typed, ~/corpus, was refused against the same directory spelt out)."""
+    from dsv3.cli import _corpus_path
+
+    assert _corpus_path(None) is None and _corpus_path("stdlib") is None
+    assert _corpus_path("~/corpus") == os.path.realpath(os.path.join(os.path.expanduser("~"), "corpus"))
+    assert _corpus_path("a/./b") == _corpus_path("a/b") != _corpus_path("a/c")
