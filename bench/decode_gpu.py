@@ -34,6 +34,8 @@ overlapped decoding (each step's results read before the next step is queued). U
 the step: the graph replayed back to back (the GPU's time), replayed with the argmax and the copy to the host synced
 each time, and the rest (the engine's host work). +nodual: absorbed MLA's q (or q_a) and kv_a projections as two
 launches (each its own GEMV / FP8 GEMM) instead of one dual launch (kernels.dense_gemv2, kernels.fp8_weight_linear2).
++side / +noside: each MoE layer's shared experts on a second CUDA stream beside the router and the routed experts
+(kernels.set_side_stream, dsv3/kernels/side_stream.py) or inline; without them, the shipped default.
 Before and after in one run:
 
     PYTHONPATH=. python bench/decode_gpu.py --preset 16b --batches 1,32 --modes graphs+compile+nokernels,\
@@ -67,7 +69,8 @@ from bandwidth import copy_bandwidth  # noqa: E402  (bench/bandwidth.py)
 
 # kernel choices a mode may add to its path, in any order
 MODE_FLAGS = ("+nogemv", "+nokernels", "+densegemv", "+headgemv", "+latentstore", "+moegemm", "+mlauv", "+twotiles",
-              "+tile16", "+pdl", "+nopdl", "+ipdl", "+noipdl", "+argmax1", "+sync", "+nodual")
+              "+tile16", "+pdl", "+nopdl", "+ipdl", "+noipdl", "+argmax1", "+sync", "+nodual",
+              "+side", "+noside")
 KERNEL_FLAGS = {"+densegemv": "dense_gemv", "+headgemv": "head_gemv", "+latentstore": "latent_store",
                 "+moegemm": "moe_gemm", "+mlauv": "mla_uv"}  # the switched decode kernels (backend.py SWITCHED)
 SHIPPED = dict(kb.SWITCHED)  # their defaults, as `dsv3 serve` runs them
@@ -229,6 +232,8 @@ def main() -> None:
         # new graphs capture it)
         for op, on in kernel_switches(flags).items():
             kb.switch(op, on)
+        # +side / +noside: the shared experts on a second stream (kernels.set_side_stream) or inline; else shipped
+        kb.switch("side_stream", True if "+side" in flags else False if "+noside" in flags else SHIPPED["side_stream"])
         ours, inductor = pdl_switches(flags)
         kb.switch("pdl", ours)
         if set_inductor_pdl(inductor) != inductor:

@@ -5,7 +5,8 @@ configs, each checked against the reference and timed inside a CUDA graph.
     PYTHONPATH=. python bench/fp8_gemv_sweep.py              (H200: ~2 min, most of it Triton compiles)
     PYTHONPATH=. python bench/fp8_gemv_sweep.py --quick      (a smaller sweep, < 1 min)
     PYTHONPATH=. python bench/fp8_gemv_sweep.py --list       (the shapes and configs only; runs on a CPU)
-    options: --only NAME (shapes whose name contains it), --all (print every config), --json PATH
+    options: --only NAME (shapes whose name contains it), --all (print every config), --json PATH,
+             --rows 1,32 (the linears' row counts), --wide (the WIDE tiles too)
 
 Shapes (from `dsv3.config.preset("16b")`): every FP8 nn.Linear at M = 1 and 32 rows (batch 1 and 32) and
 the routed experts' per-row GEMVs (`fp8_expert_rows`, as FP8Experts.sorted_mlp calls it: gate and up
@@ -121,11 +122,19 @@ def dot_grid(BMs: tuple[int, ...], quick: bool) -> list[dict]:
             for ku, st in pairs]
 
 
+# --wide: GEMV tiles beyond the grid's register budget, one load of up to 16 scale blocks per program (the whole K of
+# a 2048-wide projection in flight at once: one DRAM round trip instead of a chain of them), at 4 and 8 warps
+WIDE = ((8, 16, 1, 4), (8, 16, 1, 8), (8, 8, 1, 8), (16, 8, 1, 8), (16, 16, 1, 8), (8, 16, 2, 8))
+wide = False  # set by --wide
+
+
 def stage1(shape: dict, M: int, quick: bool) -> list[dict]:
     if shape["kind"] == "rows":
         return gemv_grid(None, quick)
     if M <= 4:  # both forms at the GEMV sizes: is the GEMV form worth having?
-        return gemv_grid(1 << (M - 1).bit_length(), quick) + dot_grid((16,), True)
+        extra = [dict(BM=1 << (M - 1).bit_length(), BN=bn, KU=ku, num_warps=w, num_stages=st)
+                 for bn, ku, st, w in WIDE] if wide else []
+        return gemv_grid(1 << (M - 1).bit_length(), quick) + dot_grid((16,), True) + extra
     return dot_grid((16, 32) if M > 16 else (16,), quick)
 
 
@@ -333,14 +342,20 @@ def main() -> int:
     ap.add_argument("--calls", type=int, default=None, help="calls per CUDA graph (64; --quick 32)")
     ap.add_argument("--reps", type=int, default=None, help="graph replays timed (7; --quick 5)")
     ap.add_argument("--json", default=None, help="write every measurement to this file")
+    ap.add_argument("--rows", default="1,32", help="comma list of the linears' row counts M (the experts: top-k x "
+                    "the batches these make)")
+    ap.add_argument("--wide", action="store_true", help="also the wide one-load GEMV tiles at M <= 4 (WIDE)")
     args = ap.parse_args()
+    global wide
+    wide = args.wide
     calls = args.calls or (32 if args.quick else 64)
     reps = args.reps or (5 if args.quick else 7)
     cases = []
     for sh in shapes_16b():
         if args.only and args.only not in sh["name"]:
             continue
-        Ms = (1, 32) if sh["kind"] == "linear" else (sh["top_k"], 32 * sh["top_k"])
+        rows = [int(r) for r in args.rows.split(",")]
+        Ms = rows if sh["kind"] == "linear" else [r * sh["top_k"] for r in rows]
         cases += [(sh, M) for M in Ms]
     if args.list:
         from dsv3.kernels import fp8_gemm_triton as fk

@@ -91,7 +91,7 @@ def test_switch_defaults_are_the_measured_ones_and_the_overrides_win(monkeypatch
     # on where the GPUs measured them faster (backend.py SWITCHED: the e4m3 forms too), the head GEMV off, the
     # merge + W_UV launch off until measured
     assert kb.SWITCHED == {"dense_gemv": True, "head_gemv": False, "latent_store": True,
-                           "moe_gemm": True, "pdl": True, "mla_uv": False}
+                           "moe_gemm": True, "pdl": True, "mla_uv": False, "side_stream": False}
     assert kernels.select_backend("dense_gemv", x, w) == "triton"
     assert kernels.set_dense_gemv(False) is True
     try:

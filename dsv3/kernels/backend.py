@@ -33,6 +33,10 @@ never probe the GPU themselves.
                                             C-contiguous in q's dtype, no autograd through either
     adamw             "triton"              -
     router_topk       "triton"              fp32 logits (24/24 GPU tests on an H200, 2026-12-04; 4.8-12x the reference)
+    side_stream       "stream"              switched (SWITCHED, kernels.set_side_stream; off by default): the shared
+                                            experts on a second CUDA stream beside the router and the routed
+                                            experts (side_stream.py); bf16/fp16 x, at most SIDE_STREAM_ROWS rows,
+                                            no autograd, no CUDA autocast
 
 The rule: the accelerated backend where triton imports and every tensor given to `select` is a plain
 (not a subclass such as DTensor) CUDA tensor meeting its row; else "reference". The AdamW operation
@@ -79,6 +83,7 @@ FAST = {  # op -> its accelerated backend
     "mla_uv": "triton",
     "adamw": "triton",
     "router_topk": "triton",
+    "side_stream": "stream",
 }
 # Accelerated backends written and checked under the Triton interpreter but not yet run on a GPU: the
 # automatic choice stays "reference" until their GPU tests (tests/test_gpu_router.py) have passed on real
@@ -104,8 +109,9 @@ PENDING: set[str] = set()
 # not shown faster; on an H100 (16b batch 1, graphs + compile, 2026-12-05) 374.3 tok/s with it against 364.8 without,
 # in two calls whose graph replay times differ by 2.6%, inside the 3% spread of one graph's replays in that run.
 WEIGHTS_16BIT = "16-bit weights"
+# "side_stream" (the shared experts on a second stream, side_stream.py): off until measured.
 SWITCHED: dict[str, bool | str] = {"dense_gemv": True, "head_gemv": False, "latent_store": True,
-                                   "moe_gemm": True, "pdl": True, "mla_uv": False}
+                                   "moe_gemm": True, "pdl": True, "mla_uv": False, "side_stream": False}
 # ops that follow another op's switch: the dense SwiGLU's fused gate+up GEMV is one of the dense decode GEMVs
 SWITCH_OF: dict[str, str] = {"swiglu_gemv": "dense_gemv"}
 # Up to these many activation rows the Triton FP8-weight kernels run (decode; above, prefill:
@@ -122,6 +128,9 @@ DENSE_GEMV_ROWS = 1
 # to 128 at top-8 (the 671B) or 170 at top-6 (16b). Measured on the H200 (16b, graphs + compile): batch 32 2,271 ->
 # 3,134 tok/s (1.38x, 2026-12-05), batch 128 (768 pairs) 8,003 -> 10,658 (1.33x, the next session, same day).
 MOE_GEMM_ROWS = 1024
+# Up to these many token rows a MoE layer may run its shared experts on the side stream (decode batches; a prefill's
+# launches are long enough to fill the GPU one at a time).
+SIDE_STREAM_ROWS = 1024
 
 
 
@@ -315,6 +324,8 @@ def _fast_fits(op: str, tensors: tuple[torch.Tensor, ...]) -> bool:
                 and not (torch.is_grad_enabled() and (kv_a.requires_grad or w.requires_grad)))
     if op == "router_topk":
         return tensors[0].dtype == torch.float32
+    if op == "side_stream":
+        return _decode_fits(tensors[0], SIDE_STREAM_ROWS) and not torch.is_autocast_enabled("cuda")
     if op == "mla_uv":  # (q_lat, w_uv)
         q, w = tensors[0], tensors[-1]
         return (w.dim() == 3 and w.dtype == q.dtype and w.stride(2) == 1
