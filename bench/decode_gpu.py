@@ -35,7 +35,9 @@ the step: the graph replayed back to back (the GPU's time), replayed with the ar
 each time, and the rest (the engine's host work). +nodual: absorbed MLA's q (or q_a) and kv_a projections as two
 launches (each its own GEMV / FP8 GEMM) instead of one dual launch (kernels.dense_gemv2, kernels.fp8_weight_linear2).
 +side / +noside: each MoE layer's shared experts on a second CUDA stream beside the router and the routed experts
-(kernels.set_side_stream, dsv3/kernels/side_stream.py) or inline; without them, the shipped default.
+(kernels.set_side_stream, dsv3/kernels/side_stream.py) or inline; without them, the shipped default. +tuned: the
+expert GEMV's launch configs of `--gemv-configs PATH` (bench/expert_gemv_sweep.py --json: the best per weight
+dtype, rows and columns) instead of `expert_gemv_triton.default_config`, where they name the call's shape.
 Before and after in one run:
 
     PYTHONPATH=. python bench/decode_gpu.py --preset 16b --batches 1,32 --modes graphs+compile+nokernels,\
@@ -46,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import sys
 import time
@@ -58,6 +61,7 @@ import dsv3  # noqa: E402
 from dsv3 import kernels  # noqa: E402
 from dsv3.kernels import backend as kb  # noqa: E402
 from dsv3.kernels import mla_decode_triton as mla_k  # noqa: E402  (the +twotiles / +tile16 experiments)
+from dsv3.kernels import expert_gemv_triton as egk  # noqa: E402  (the +tuned modes)
 from dsv3.inference import graphs  # noqa: E402  (INDUCTOR_PDL: the +ipdl modes)
 from dsv3.inference.engine import Engine, SamplingParams  # noqa: E402
 from dsv3.inference import sampling  # noqa: E402  (the +argmax1 mode: torch's one-pass argmax)
@@ -70,13 +74,27 @@ from bandwidth import copy_bandwidth  # noqa: E402  (bench/bandwidth.py)
 # kernel choices a mode may add to its path, in any order
 MODE_FLAGS = ("+nogemv", "+nokernels", "+densegemv", "+headgemv", "+latentstore", "+moegemm", "+mlauv", "+twotiles",
               "+tile16", "+pdl", "+nopdl", "+ipdl", "+noipdl", "+argmax1", "+sync", "+nodual",
-              "+side", "+noside")
+              "+side", "+noside", "+tuned")
 KERNEL_FLAGS = {"+densegemv": "dense_gemv", "+headgemv": "head_gemv", "+latentstore": "latent_store",
                 "+moegemm": "moe_gemm", "+mlauv": "mla_uv"}  # the switched decode kernels (backend.py SWITCHED)
 SHIPPED = dict(kb.SWITCHED)  # their defaults, as `dsv3 serve` runs them
 SHIPPED_INDUCTOR_PDL = graphs.INDUCTOR_PDL
 SHIPPED_ARGMAX_MIN = sampling.ARGMAX_MIN  # the two-pass argmax's threshold (+argmax1: never)
 DUALS = (kernels.dense_gemv2, kernels.fp8_weight_linear2)  # MLA's pair in one launch (+nodual: two)
+SHIPPED_GEMV_CONFIG = egk.default_config  # the expert GEMV's launch rule (+tuned: a sweep's configs first)
+
+
+def tuned_config(path: str | None):
+    """expert_gemv_triton.default_config with the best configs of an expert_gemv_sweep.py --json file first."""
+    if not path:
+        raise SystemExit("the +tuned modes need --gemv-configs PATH (bench/expert_gemv_sweep.py --json)")
+    with open(path) as f:
+        best = {(b["fp8"], b["M"], b["N"]): b["cfg"] for b in json.load(f)["best"]}
+
+    def config(fp8: bool = False, M: int = 6, N: int = 2048) -> dict:
+        return dict(best.get((fp8, M, N)) or SHIPPED_GEMV_CONFIG(fp8, M, N))
+
+    return config
 
 
 def kernel_switches(flags: set[str]) -> dict[str, bool]:
@@ -163,6 +181,8 @@ def main() -> None:
     ap.add_argument("--moe-gemm-rows", type=int, default=0,
                     help="raise the grouped decode GEMM's limit (kernels.backend.MOE_GEMM_ROWS, (token, expert) pairs; "
                          "default: the shipped 1024) to measure other limits")
+    ap.add_argument("--gemv-configs", default=None, help="bench/expert_gemv_sweep.py --json output for the +tuned "
+                    "modes")
     ap.add_argument("--bw-gib", type=float, default=2.0, help="size of the copy that measures the bandwidth")
     ap.add_argument("--modes", default="eager,graphs",
                     help="engine decode paths to time: eager, graphs, graphs+compile, graphs+compile+einsum (the "
@@ -232,6 +252,9 @@ def main() -> None:
         # new graphs capture it)
         for op, on in kernel_switches(flags).items():
             kb.switch(op, on)
+        # +tuned: the sweep's expert GEMV configs where they name the call's (dtype, rows, columns); a compiled step
+        # recompiles nothing for it (the config is chosen at each launch, on the host), the graphs capture it
+        egk.default_config = SHIPPED_GEMV_CONFIG if "+tuned" not in flags else tuned_config(args.gemv_configs)
         # +side / +noside: the shared experts on a second stream (kernels.set_side_stream) or inline; else shipped
         kb.switch("side_stream", True if "+side" in flags else False if "+noside" in flags else SHIPPED["side_stream"])
         ours, inductor = pdl_switches(flags)
@@ -275,6 +298,7 @@ def main() -> None:
     set_inductor_pdl(SHIPPED_INDUCTOR_PDL)
     sampling.ARGMAX_MIN = SHIPPED_ARGMAX_MIN
     mla_k.BLOCK_N, mla_k.MIN_CHUNK = 32, 32
+    egk.default_config = SHIPPED_GEMV_CONFIG
     del model, eng
     torch.cuda.empty_cache()
     if args.hf:

@@ -115,7 +115,24 @@ def train(shape: str, variant: str, steps: int) -> None:
     torch.cuda.empty_cache()
 
 
-def decode(batches: list[int], preset: str, fp8: bool = False, switches: dict[str, bool] | None = None) -> None:
+def sequence(prof, n_steps: int, count: int) -> None:
+    """The first `count` kernels of one profiled step (the middle one) in launch order, with each one's GPU time and
+    the gap since the one before ended: what one layer's launches cost one by one (the totals above mix the layers
+    and the kernels that share a name)."""
+    evs = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                 key=lambda e: e.time_range.start)
+    per_step = len(evs) // max(n_steps, 1)
+    step = evs[(n_steps // 2) * per_step:(n_steps // 2 + 1) * per_step]
+    print(f"  one step's first {min(count, len(step))} of {len(step)} kernels in order (us: GPU time, gap before):")
+    end = None
+    for e in step[:count]:
+        gap = "" if end is None else f"{e.time_range.start - end:7.2f}"
+        print(f"    {e.device_time:8.2f} {gap:>7}  {e.name[:110]}")
+        end = e.time_range.end
+
+
+def decode(batches: list[int], preset: str, fp8: bool = False, switches: dict[str, bool] | None = None,
+           show_sequence: int = 0) -> None:
     """switches: the switched decode kernels and launch options (backend.py SWITCHED: dense_gemv, head_gemv,
     latent_store, moe_gemm, pdl) to set for the run, restored after; None: the shipped defaults."""
     from dsv3.inference.engine import Engine, SamplingParams
@@ -153,6 +170,8 @@ def decode(batches: list[int], preset: str, fp8: bool = False, switches: dict[st
         print(f"\n## decode {preset}{' fp8' if fp8 else ''} batch {B}, switched kernels on: {on} "
               f"(graphs+compile): wall {wall * 1e3:.2f} ms/step (under the profiler)")
         summarize(prof, n, top=30)
+        if show_sequence:
+            sequence(prof, n, show_sequence)
         while eng.has_unfinished():
             eng.step()
         del eng
@@ -186,6 +205,8 @@ def main() -> None:
                     "of the ones to run (dense_gemv, head_gemv, latent_store, moe_gemm, pdl; the others "
                     "off)")
     ap.add_argument("--preset", default="16b")
+    ap.add_argument("--sequence", type=int, default=0, help="--decode: also list the first N kernels of one step "
+                    "in launch order, each with its GPU time")
     ap.add_argument("--steps", type=int, default=5)
     args = ap.parse_args()
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}")
@@ -194,7 +215,7 @@ def main() -> None:
         train(shape, variant, args.steps)
     if args.decode:
         decode([int(b) for b in args.decode.split(",")], args.preset, args.decode_fp8,
-               decode_switches(args.decode_kernels))
+               decode_switches(args.decode_kernels), args.sequence)
 
 
 if __name__ == "__main__":
