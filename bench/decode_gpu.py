@@ -15,7 +15,7 @@ drafts meaningless).
 
 Mode suffixes (any order, on any mode): +nogemv, the routed experts without their decode GEMV. The switched decode
 kernels (dsv3/kernels/backend.py SWITCHED): a mode without kernel suffixes runs the shipped defaults (the dense GEMV,
-the latent store and the grouped decode GEMM on, the head GEMV off); +nokernels turns every one off (the path before
+the latent store, the grouped decode GEMM, the head GEMV and the merge + W_UV launch on); +nokernels turns every one off (the path before
 them); +densegemv, +headgemv, +latentstore, +moegemm run exactly the ones named. +densegemv: the dense bf16 linears
 (attention projections, dense FFN, shared experts) and the routers' logits through the dense decode GEMV
 (kernels.set_dense_gemv) instead of cuBLAS; +headgemv: absorbed MLA's W_UK / W_UV products through the per-head

@@ -4,7 +4,7 @@ for its W_UK / W_UV products (dsv3/model/mla.py `forward_absorbed`).
     python -m pytest -q tests/test_head_gemv.py                      (CPU, CI: no triton needed)
     TRITON_INTERPRET=1 python -m pytest -q tests/test_head_gemv.py   (+ the kernel, interpreted)
 
-CPU: the reference is the fp32 einsum rounded once; the argument contract; the switch is off by default; the
+CPU: the reference is the fp32 einsum rounded once; the argument contract; the switch is on by default; the
 per-call rule (rows, dtypes, strides, gradients, CUDA autocast); absorbed MLA asks for the kernel for both
 products with the operands it should (W_UKᵀ and W_UV, views of kv_b_proj's weight: no copy) and keeps its
 einsums otherwise. Triton interpreter: the kernel against the reference in both orientations, ragged N and K,
@@ -62,21 +62,21 @@ def test_reference_is_the_fp32_einsum_rounded_once_and_the_contract():
         kernels.head_gemv(x, w_uv[0])
 
 
-def test_switch_is_off_by_default_and_the_overrides_win(monkeypatch):
+def test_switch_is_on_by_default_and_the_overrides_win(monkeypatch):
     _, _, w_uv = _kv_b(dtype=BF16)
     x = torch.randn(1, 3, 40, dtype=BF16)
     monkeypatch.setattr(kb, "_fast_fits", lambda op, t: True)  # the rule holds (as on a GPU)
-    assert kb.SWITCHED["head_gemv"] is False  # off until measured faster than the einsums on the GPU
-    assert kernels.select_backend("head_gemv", x, w_uv) == "reference"
-    assert kernels.set_head_gemv(True) is False
+    assert kb.SWITCHED["head_gemv"] is True  # on: measured faster with the merge + W_UV launch (backend.py)
+    assert kernels.select_backend("head_gemv", x, w_uv) == "triton"
+    assert kernels.set_head_gemv(False) is True
     try:
-        assert kernels.select_backend("head_gemv", x, w_uv) == "triton"
-        with kernels.use_backend("reference"):
-            assert kernels.select_backend("head_gemv", x, w_uv) == "reference"
+        assert kernels.select_backend("head_gemv", x, w_uv) == "reference"
+        with kernels.use_backend(head_gemv="triton"):
+            assert kernels.select_backend("head_gemv", x, w_uv) == "triton"
     finally:
-        assert kernels.set_head_gemv(False) is True
-    with kernels.use_backend(head_gemv="triton"):
-        assert kernels.select_backend("head_gemv", x, w_uv) == "triton"
+        assert kernels.set_head_gemv(True) is False
+    with kernels.use_backend("reference"):
+        assert kernels.select_backend("head_gemv", x, w_uv) == "reference"
 
 
 def test_rule_rows_dtypes_strides_gradients_autocast(monkeypatch):

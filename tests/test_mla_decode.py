@@ -243,6 +243,28 @@ def test_mla_decode_uv_reference_is_attention_then_w_uv():
         kernels.mla_decode_uv(q_lat, q_pe, kv, pe, tables, lens, 4, 0.3, w_uv[:, :, :16])
 
 
+def test_mla_uv_rule_takes_one_query_row(monkeypatch):
+    """The merge + W_UV launch (on by default) for one query row only (backend.MLA_UV_ROWS: slower at batch 32 on an
+    H100); bf16 W_UV C-contiguous in q's dtype; with the model's (B, T, H, C) and the kernel's (B, H, C) shapes."""
+    from dsv3 import kernels
+    from dsv3.kernels import backend as kb
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(kb, "_probes", {"triton": True, "scaled_mm": True, ("capability", 0): (9, 0)})
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr(torch.Tensor, "device", property(lambda self: torch.device("cuda", 0)))
+    w_uv = _w_uv(4, 16, 24, 32, torch.bfloat16, seed=1)
+    assert kb.SWITCHED["mla_uv"] is True and kb.MLA_UV_ROWS == 1
+    for shape, ok in (((1, 1, 4, 32), True), ((1, 4, 32), True), ((2, 1, 4, 32), False), ((1, 2, 4, 32), False),
+                      ((3, 4, 32), False), ((0, 4, 32), False)):
+        q = torch.zeros(shape, dtype=torch.bfloat16)
+        assert (kernels.select_backend("mla_uv", q, w_uv) == "triton") is ok, shape
+    q = torch.zeros(1, 4, 32, dtype=torch.bfloat16)
+    assert kernels.select_backend("mla_uv", q.float(), w_uv) == "reference"  # W_UV not in q's dtype
+    assert kernels.select_backend("mla_uv", q, w_uv.contiguous().transpose(1, 2).contiguous().transpose(1, 2)) \
+        == "reference"  # W_UV not C-contiguous
+
+
 @needs_interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("B,H,C,R,V,block_size,nblk,num_splits", [

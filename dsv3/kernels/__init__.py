@@ -19,12 +19,12 @@ optional.
     dense_gemv, dense_gemv2                             "triton" (dense_gemv_triton.py; switched:
                                                         set_dense_gemv, on by default)
     head_gemv                                           "triton" (head_gemv_triton.py; switched:
-                                                        set_head_gemv, off by default)
+                                                        set_head_gemv, on by default)
     store_latents                                       "triton" (latent_store_triton.py; switched:
                                                         set_latent_store, on by default)
     mla_decode                                          "triton" (mla_decode_triton.py)
-    mla_decode_uv                                       "triton" (mla_decode_triton.py; off until switched
-                                                        on: set_mla_uv)
+    mla_decode_uv                                       "triton" (mla_decode_triton.py; switched:
+                                                        set_mla_uv, on by default, one query row)
     adamw_step_                                         "triton" (adamw_triton.py)
     router_topk                                         "triton" (router_triton.py)
     side_stream.fork, side_stream.join                  "stream" (side_stream.py: a second CUDA stream; switched:
@@ -220,9 +220,11 @@ def set_moe_gemm(on: bool) -> bool:
 def set_head_gemv(on: bool) -> bool:
     """Let the automatic choice take the per-head decode GEMV (`head_gemv`: absorbed MLA's W_UK / W_UV products)
     wherever its rule holds (CUDA, bf16/fp16, at most DENSE_GEMV_ROWS rows, no autograd: backend.py),
-    process-wide; returns the previous setting. DEFAULT OFF: not faster than the einsums' cuBLAS batched GEMMs
-    on the H200 (bench/decode_gpu.py's +headgemv modes, 2026-12-05: 289.9 against 295.4 tok/s; with PDL 413.2
-    against 417.8). As `set_dense_gemv` for compiled steps and CUDA graphs."""
+    process-wide; returns the previous setting. On by default: alone it was not faster than the einsums' cuBLAS
+    batched GEMMs on the H200 (bench/decode_gpu.py's +headgemv modes, 2026-12-05: 289.9 against 295.4 tok/s; with
+    PDL 413.2 against 417.8), but on the later path an H100 measured it and `set_mla_uv` together faster at batch 1
+    (16b: bf16 384.1 against 358.9 tok/s, FP8 459.3 against 428.6; backend.py SWITCHED). As `set_dense_gemv` for
+    compiled steps and CUDA graphs."""
     return _switch("head_gemv", on)
 
 
@@ -310,8 +312,9 @@ def mla_decode_uv(q_lat: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, pe:
 def set_mla_uv(on: bool) -> bool:
     """Let the automatic choice take `mla_decode_uv`'s fused merge + W_UV launch in the graphed decode steps
     (MLA.forward_absorbed through a cache view that offers `attend_uv`), process-wide; returns the previous
-    setting. DEFAULT OFF: not shown faster (an H100, 16b batch 1: 374.3 tok/s on against 364.8 off, two calls, inside
-    the run's spread; bench/decode_gpu.py's +mlauv modes). As `set_dense_gemv` for compiled steps and CUDA graphs."""
+    setting. On by default, for one query row (backend.MLA_UV_ROWS: slower at batch 32); with `set_head_gemv` an H100
+    decoded the 16b at batch 1 7% faster in bf16 and FP8 (bench/decode_gpu.py's +headgemv+mlauv modes, 2026-12-05;
+    backend.py SWITCHED). As `set_dense_gemv` for compiled steps and CUDA graphs."""
     return _switch("mla_uv", on)
 
 

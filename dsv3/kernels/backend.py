@@ -24,13 +24,14 @@ never probe the GPU themselves.
                                             weights too);
                                             bf16/fp16 x, at most MOE_GEMM_ROWS rows, w in x's dtype or
                                             e4m3, no autograd through x or w
-    head_gemv         "triton"              switched (SWITCHED, kernels.set_head_gemv; off by default);
+    head_gemv         "triton"              switched (SWITCHED, kernels.set_head_gemv; on by default);
                                             bf16/fp16 x (..., H, K) K-contiguous, at most DENSE_GEMV_ROWS
                                             rows, w (H, N, K) in x's dtype with K or N contiguous, no
                                             autograd through x or w, no CUDA autocast
     mla_decode        "triton"              -
-    mla_uv            "triton"              switched (SWITCHED, kernels.set_mla_uv; off by default); W_UV (H, v, C)
-                                            C-contiguous in q's dtype, no autograd through either
+    mla_uv            "triton"              switched (SWITCHED, kernels.set_mla_uv; on by default); at most
+                                            MLA_UV_ROWS query rows, W_UV (H, v, C) C-contiguous in q's dtype, no
+                                            autograd through either
     adamw             "triton"              -
     router_topk       "triton"              fp32 logits (24/24 GPU tests on an H200, 2026-12-04; 4.8-12x the reference)
     side_stream       "stream"              switched (SWITCHED, kernels.set_side_stream; off by default): the shared
@@ -105,13 +106,20 @@ PENDING: set[str] = set()
 # batch 1 360.4 tok/s without it, 365.8 with it, 369.2 with inductor's kernels launched so too (first run); 388.0 with it on
 # dsv3's kernels only, 417.8 on both, 348.8 with neither and two tiles per MLA split (second run); batches 32 / 128:
 # 3,211 / 10,562 with it, 3,261 / 10,589 without (third run); FP8 batch 1 338.8 -> 380.6. DSV3_KERNELS or
-# kernels.set_* turn any of them on (every dtype) or off. "mla_uv" (the attention's merge and W_UV in one launch): off,
-# not shown faster; on an H100 (16b batch 1, graphs + compile, 2026-12-05) 374.3 tok/s with it against 364.8 without,
-# in two calls whose graph replay times differ by 2.6%, inside the 3% spread of one graph's replays in that run.
+# kernels.set_* turn any of them on (every dtype) or off. "head_gemv" (absorbed MLA's W_UK / W_UV products as per-head
+# GEMVs at one row) and "mla_uv" (the attention's merge and W_UV in one launch, one row: MLA_UV_ROWS) were off, not
+# shown faster one at a time (H200, earlier paths; an H100 374.3 against 364.8 tok/s for mla_uv, inside the spread);
+# together on the path of 2026-12-05 (the ninth session; an H100, 16b batch 1, graphs + compile, one machine, two
+# runs each) they are: bf16 380.6 / 384.1 tok/s against 369.0 / 358.9, FP8 459.3 / 460.3 against 428.6 / 429.4
+# (head_gemv alone: bf16 380.6, FP8 448.4). At batch 32 mla_uv was slower (bf16 2,503.8 against 2,597.7, FP8
+# 3,420.8 against 3,653.5; head_gemv does not apply above one row), hence its row limit. Both on.
 WEIGHTS_16BIT = "16-bit weights"
-# "side_stream" (the shared experts on a second stream, side_stream.py): off until measured.
-SWITCHED: dict[str, bool | str] = {"dense_gemv": True, "head_gemv": False, "latent_store": True,
-                                   "moe_gemm": True, "pdl": True, "mla_uv": False, "side_stream": False}
+# "side_stream" (the shared experts on a second stream, side_stream.py): off. The H100 (16b, graphs + compile,
+# 2026-12-05): batch 1 bf16 340.4 tok/s with it against 363.3 without, FP8 410.9 against 423.4; batch 32 bf16 2,543.9
+# against 2,546.0. The event fork and join cost more than the overlap saves (`bench/profile_gpu.py --sequence`: the
+# shared experts' two launches take 13 us of a 87 us FP8 layer, and each join adds a launch).
+SWITCHED: dict[str, bool | str] = {"dense_gemv": True, "head_gemv": True, "latent_store": True,
+                                   "moe_gemm": True, "pdl": True, "mla_uv": True, "side_stream": False}
 # ops that follow another op's switch: the dense SwiGLU's fused gate+up GEMV is one of the dense decode GEMVs
 SWITCH_OF: dict[str, str] = {"swiglu_gemv": "dense_gemv"}
 # Up to these many activation rows the Triton FP8-weight kernels run (decode; above, prefill:
@@ -128,6 +136,9 @@ DENSE_GEMV_ROWS = 1
 # to 128 at top-8 (the 671B) or 170 at top-6 (16b). Measured on the H200 (16b, graphs + compile): batch 32 2,271 ->
 # 3,134 tok/s (1.38x, 2026-12-05), batch 128 (768 pairs) 8,003 -> 10,658 (1.33x, the next session, same day).
 MOE_GEMM_ROWS = 1024
+# Up to these many query rows (batch x tokens) the attention's merge takes W_UV in its launch (mla_uv): 1. At batch 32
+# the one launch was slower than the merge and a batched GEMM (an H100, 16b, 2026-12-05: bf16 -3.6%, FP8 -6.4%).
+MLA_UV_ROWS = 1
 # Up to these many token rows a MoE layer may run its shared experts on the side stream (decode batches; a prefill's
 # launches are long enough to fill the GPU one at a time).
 SIDE_STREAM_ROWS = 1024
@@ -326,9 +337,10 @@ def _fast_fits(op: str, tensors: tuple[torch.Tensor, ...]) -> bool:
         return tensors[0].dtype == torch.float32
     if op == "side_stream":
         return _decode_fits(tensors[0], SIDE_STREAM_ROWS) and not torch.is_autocast_enabled("cuda")
-    if op == "mla_uv":  # (q_lat, w_uv)
+    if op == "mla_uv":  # (q_lat (..., H, C), w_uv)
         q, w = tensors[0], tensors[-1]
-        return (w.dim() == 3 and w.dtype == q.dtype and w.stride(2) == 1
+        rows = q.numel() // max(q.shape[-1] * q.shape[-2], 1) if q.dim() >= 2 else 0
+        return (0 < rows <= MLA_UV_ROWS and w.dim() == 3 and w.dtype == q.dtype and w.stride(2) == 1
                 and not (torch.is_grad_enabled() and (q.requires_grad or w.requires_grad))
                 and not torch.is_autocast_enabled("cuda"))
     return True
