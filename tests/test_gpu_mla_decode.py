@@ -189,17 +189,18 @@ def test_mla_decode_uv_kernel_vs_reference(H, B, ctx):
 @pytest.mark.parametrize("compile", [False, True])
 def test_graphed_decode_step_with_mla_uv_on_matches_off(compile):
     """A bf16 model's CUDA-graph decode step (compiled or not) with the merge + W_UV launch switched on against
-    the same step switched off, teacher-forced on the same prompts: logits within 2%, top-1 equal on at least 2 of
-    3 rows, and the fused launch ran for every layer."""
+    the same step switched off, teacher-forced on the same prompt (one row: the launch's rule, MLA_UV_ROWS): logits
+    within 2%, the same top-1, and the fused launch ran for every layer."""
     from dsv3.kernels import mla_decode_triton as k
     from test_gpu_expert_gemv import decode_model_and_prompts, graphed_step_logits
 
     m, prompts = decode_model_and_prompts()
+    prompts = prompts[1:2]
 
     def step_logits(on: bool):
         old = kernels.set_mla_uv(on)
         try:
-            return graphed_step_logits(m, prompts, compile_decode=compile)
+            return graphed_step_logits(m, prompts, compile_decode=compile, max_batch_size=1)
         finally:
             kernels.set_mla_uv(old)
 
@@ -212,4 +213,4 @@ def test_graphed_decode_step_with_mla_uv_on_matches_off(compile):
         k._combine_uv_kernel = kernel
     assert calls and len(calls) % m.config.num_hidden_layers == 0, len(calls)
     assert _rel(got, ref) < 2e-2, _rel(got, ref)
-    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 2 / 3
+    assert torch.equal(got.argmax(-1), ref.argmax(-1))

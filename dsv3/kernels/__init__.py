@@ -27,8 +27,6 @@ optional.
                                                         set_mla_uv, on by default, one query row)
     adamw_step_                                         "triton" (adamw_triton.py)
     router_topk                                         "triton" (router_triton.py)
-    side_stream.fork, side_stream.join                  "stream" (side_stream.py: a second CUDA stream; switched:
-                                                        set_side_stream, off by default)
     attention                                           SDPA, cuDNN first on CUDA (attention.py)
 
 Each operation takes `backend=` (None: choose); `use_backend(...)` forces the automatic choices in a
@@ -67,7 +65,7 @@ __all__ = ["BLOCK", "FP8_MAX", "act_dequant", "act_quant", "act_quant_cm", "act_
            "mla_decode_uv", "set_mla_uv",
            "moe_gemm_down", "moe_gemm_ref", "moe_gemm_swiglu", "set_moe_gemm",
            "router_topk", "router_topk_ref", "select_backend", "set_dense_gemv", "set_head_gemv", "set_latent_store",
-           "set_pdl", "set_side_stream", "store_latents", "store_latents_ref", "swiglu_gemv", "use_backend",
+           "set_pdl", "store_latents", "store_latents_ref", "swiglu_gemv", "use_backend",
            "weight_dequant", "weight_quant",
            "weight_quant_pad"]
 
@@ -226,13 +224,6 @@ def set_head_gemv(on: bool) -> bool:
     (16b: bf16 384.1 against 358.9 tok/s, FP8 459.3 against 428.6; backend.py SWITCHED). As `set_dense_gemv` for
     compiled steps and CUDA graphs."""
     return _switch("head_gemv", on)
-
-
-def set_side_stream(on: bool) -> bool:
-    """Switch the shared experts' second stream (side_stream.py: launched beside the router and the routed experts
-    at decode sizes; MoE.forward asks `select_backend("side_stream", x)`) on or off, process-wide; returns the
-    previous setting. Off by default until measured faster."""
-    return _switch("side_stream", on)
 
 
 def set_pdl(on: bool) -> bool:

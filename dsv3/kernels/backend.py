@@ -34,10 +34,6 @@ never probe the GPU themselves.
                                             autograd through either
     adamw             "triton"              -
     router_topk       "triton"              fp32 logits (24/24 GPU tests on an H200, 2026-12-04; 4.8-12x the reference)
-    side_stream       "stream"              switched (SWITCHED, kernels.set_side_stream; off by default): the shared
-                                            experts on a second CUDA stream beside the router and the routed
-                                            experts (side_stream.py); bf16/fp16 x, at most SIDE_STREAM_ROWS rows,
-                                            no autograd, no CUDA autocast
 
 The rule: the accelerated backend where triton imports and every tensor given to `select` is a plain
 (not a subclass such as DTensor) CUDA tensor meeting its row; else "reference". The AdamW operation
@@ -84,7 +80,6 @@ FAST = {  # op -> its accelerated backend
     "mla_uv": "triton",
     "adamw": "triton",
     "router_topk": "triton",
-    "side_stream": "stream",
 }
 # Accelerated backends written and checked under the Triton interpreter but not yet run on a GPU: the
 # automatic choice stays "reference" until their GPU tests (tests/test_gpu_router.py) have passed on real
@@ -114,12 +109,8 @@ PENDING: set[str] = set()
 # (head_gemv alone: bf16 380.6, FP8 448.4). At batch 32 mla_uv was slower (bf16 2,503.8 against 2,597.7, FP8
 # 3,420.8 against 3,653.5; head_gemv does not apply above one row), hence its row limit. Both on.
 WEIGHTS_16BIT = "16-bit weights"
-# "side_stream" (the shared experts on a second stream, side_stream.py): off. The H100 (16b, graphs + compile,
-# 2026-12-05): batch 1 bf16 340.4 tok/s with it against 363.3 without, FP8 410.9 against 423.4; batch 32 bf16 2,543.9
-# against 2,546.0. The event fork and join cost more than the overlap saves (`bench/profile_gpu.py --sequence`: the
-# shared experts' two launches take 13 us of a 87 us FP8 layer, and each join adds a launch).
 SWITCHED: dict[str, bool | str] = {"dense_gemv": True, "head_gemv": True, "latent_store": True,
-                                   "moe_gemm": True, "pdl": True, "mla_uv": True, "side_stream": False}
+                                   "moe_gemm": True, "pdl": True, "mla_uv": True}
 # ops that follow another op's switch: the dense SwiGLU's fused gate+up GEMV is one of the dense decode GEMVs
 SWITCH_OF: dict[str, str] = {"swiglu_gemv": "dense_gemv"}
 # Up to these many activation rows the Triton FP8-weight kernels run (decode; above, prefill:
@@ -139,9 +130,6 @@ MOE_GEMM_ROWS = 1024
 # Up to these many query rows (batch x tokens) the attention's merge takes W_UV in its launch (mla_uv): 1. At batch 32
 # the one launch was slower than the merge and a batched GEMM (an H100, 16b, 2026-12-05: bf16 -3.6%, FP8 -6.4%).
 MLA_UV_ROWS = 1
-# Up to these many token rows a MoE layer may run its shared experts on the side stream (decode batches; a prefill's
-# launches are long enough to fill the GPU one at a time).
-SIDE_STREAM_ROWS = 1024
 
 
 
@@ -335,8 +323,6 @@ def _fast_fits(op: str, tensors: tuple[torch.Tensor, ...]) -> bool:
                 and not (torch.is_grad_enabled() and (kv_a.requires_grad or w.requires_grad)))
     if op == "router_topk":
         return tensors[0].dtype == torch.float32
-    if op == "side_stream":
-        return _decode_fits(tensors[0], SIDE_STREAM_ROWS) and not torch.is_autocast_enabled("cuda")
     if op == "mla_uv":  # (q_lat (..., H, C), w_uv)
         q, w = tensors[0], tensors[-1]
         rows = q.numel() // max(q.shape[-1] * q.shape[-2], 1) if q.dim() >= 2 else 0

@@ -31,8 +31,7 @@ from torch import nn
 
 from dsv3 import kernels
 from dsv3.config import ModelConfig
-from dsv3.kernels import side_stream
-from dsv3.model.layers import MLP, mlp_side
+from dsv3.model.layers import MLP
 
 _HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
 _CPU_GROUPED: bool | None = None
@@ -379,34 +378,17 @@ class MoE(nn.Module):
         """x (B, T, D) -> y (B, T, D), stats. `with_balance` also computes the sequence-wise balance term."""
         B, T, D = x.shape
         x_ND = x.reshape(-1, D)
-        side = self._side_weights(x)
-        if side is not None:
-            # decode: the shared experts' launches on a second stream, beside the router's and the routed experts'
-            # (which they do not depend on); joined before the sum (kernels/side_stream.py; set_side_stream)
-            ys = mlp_side(x, *side)
         w_NK, idx_NK, s_NE = self.gate(x_ND)
         if self.dispatcher is None:
             y = self.experts(x_ND, idx_NK, w_NK, self.experts_impl).view(B, T, D)
         else:
             y = self.dispatcher(self.experts, x_ND, idx_NK, w_NK, self.experts_impl).view(B, T, D)
-        if side is not None:
-            y = side_stream.join(y, ys, x)
-        elif self.shared_experts is not None:
+        if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         E = s_NE.shape[1]
         counts = _count(idx_NK.reshape(-1), E)
         balance = sequence_balance(s_NE.view(B, T, E), idx_NK.view(B, T, -1)) if with_balance else None
         return y, MoEStats(counts, balance)
-
-
-    def _side_weights(self, x: torch.Tensor) -> tuple | None:
-        """The shared experts' weight tensors where they run on the side stream for this call (switched on, decode
-        sizes on a GPU, no autograd: the kernel seam's rule; the local experts only, an expert-parallel dispatcher
-        keeps its own order; plain Linear / FP8Linear projections without hooks), else None."""
-        if (self.shared_experts is None or self.dispatcher is not None
-                or kernels.select_backend("side_stream", x) == "reference"):
-            return None
-        return self.shared_experts.weight_tensors()
 
 
 def sequence_balance(s_BTE: torch.Tensor, idx_BTK: torch.Tensor) -> torch.Tensor:
