@@ -131,3 +131,67 @@ def test_graphed_decode_step_through_gemv_matches_grouped_path():
         ref = step_logits()
     assert _rel(got, ref) < 2e-2, _rel(got, ref)
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 2 / 3
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("compile", [False, True])
+def test_graphed_decode_step_with_the_shared_experts_in_the_gemv(compile, fp8):
+    """kernels.set_shared_gemv: a CUDA-graph decode step (compiled or not, bf16 and FP8 weights) with the shared
+    experts as more rows of the routed experts' GEMV launches against the shared MLP run as modules, teacher-forced
+    on the same prompts: logits within 2%, top-1 equal on at least 2 of 3 rows, and the two-stack launches ran."""
+    from dsv3.kernels import expert_gemv_triton as k
+
+    m, prompts = decode_model_and_prompts()
+    if fp8:
+        from dsv3.checkpoints.hf import quantize_model_fp8
+
+        quantize_model_fp8(m)
+    ref = graphed_step_logits(m, prompts, compile_decode=compile)
+    calls, real = [], k.launch
+    k.launch = lambda *a, **kw: calls.append(kw.get("extra") is not None) or real(*a, **kw)
+    old = kernels.set_shared_gemv(True)
+    try:
+        got = graphed_step_logits(m, prompts, compile_decode=compile)
+    finally:
+        kernels.set_shared_gemv(old)
+        k.launch = real
+    assert any(calls), "the shared experts did not run inside the GEMV launches"
+    assert _rel(got, ref) < 2e-2, _rel(got, ref)
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 2 / 3
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_kernel_with_the_shared_stack_at_16b_shapes(fp8):
+    """The two launches of a 16b MoE layer at batch 1 with its two shared experts as the second stack (views of the
+    shared matrices, as MoE.shared_stacks makes them) against the reference on the stacks as one."""
+    from dsv3.kernels import expert_gemv_triton as k
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    E, S, I, D = 64, 2, 1408, 2048
+    gate, up = (torch.randn(E, I, D, device="cuda", generator=g) * 0.02 for _ in range(2))
+    down = torch.randn(E, D, I, device="cuda", generator=g) * 0.02
+    sg, su = (torch.randn(S * I, D, device="cuda", generator=g) * 0.02 for _ in range(2))
+    sd = torch.randn(D, S * I, device="cuda", generator=g) * 0.02
+    if fp8:
+        def q(w):
+            return weight_quant(w) if w.dim() == 2 else tuple(torch.stack(t) for t in zip(*map(weight_quant, w)))
+        (gate, gs), (up, us), (down, ds) = q(gate), q(up), q(down)
+        (sg, sgs), (su, sus), (sd, sds) = q(sg), q(su), q(sd)
+        st = (sg.view(S, I, D), sgs.view(S, I // 128, D // 128), su.view(S, I, D), sus.view(S, I // 128, D // 128))
+        sdn = (sd.view(D, S, I).transpose(0, 1), sds.view(D // 128, S, I // 128).transpose(0, 1), None, None)
+    else:
+        gate, up, down, sg, su, sd = (t.bfloat16() for t in (gate, up, down, sg, su, sd))
+        gs = us = ds = None
+        st = (sg.view(S, I, D), None, su.view(S, I, D), None)
+        sdn = (sd.view(D, S, I).transpose(0, 1), None, None, None)
+    x = torch.randn(1, D, device="cuda", generator=g).bfloat16()
+    ids = torch.tensor([3, 17, 40, 41, 63, 0, E, E + 1], device="cuda")
+    h = k.launch(x, gate, gs, ids, 8, up, us, extra=st)
+
+    def cat(a, b):
+        return None if a is None else torch.cat([a, b.contiguous()])
+    want_h = expert_gemv_ref(x, cat(gate, st[0]), cat(gs, st[1]), ids, 8, cat(up, st[2]), cat(us, st[3]))
+    assert _rel(h, want_h) < 1e-2, _rel(h, want_h)
+    y = k.launch(h, down, ds, ids, 1, extra=sdn)
+    want_y = expert_gemv_ref(h, cat(down, sdn[0]), cat(ds, sdn[1]), ids, 1)
+    assert _rel(y, want_y) < 1e-2, _rel(y, want_y)

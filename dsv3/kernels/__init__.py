@@ -13,7 +13,8 @@ optional.
     fp8_weight_linear, fp8_expert_rows                  "triton" (fp8_gemm_triton.py)
     fp8_weight_linear2                                  "triton" (dense_gemv_triton.py's dual launch)
     expert_gemv, swiglu_gemv                            "triton" (expert_gemv_triton.py; swiglu_gemv
-                                                        switched with dense_gemv)
+                                                        switched with dense_gemv; the shared experts in its
+                                                        launches: set_shared_gemv, off by default)
     moe_gemm_swiglu, moe_gemm_down                      "triton" (moe_gemm_triton.py; switched:
                                                         set_moe_gemm, on by default)
     dense_gemv, dense_gemv2                             "triton" (dense_gemv_triton.py; switched:
@@ -65,17 +66,20 @@ __all__ = ["BLOCK", "FP8_MAX", "act_dequant", "act_quant", "act_quant_cm", "act_
            "mla_decode_uv", "set_mla_uv",
            "moe_gemm_down", "moe_gemm_ref", "moe_gemm_swiglu", "set_moe_gemm",
            "router_topk", "router_topk_ref", "select_backend", "set_dense_gemv", "set_head_gemv", "set_latent_store",
-           "set_pdl", "store_latents", "store_latents_ref", "swiglu_gemv", "use_backend",
+           "set_pdl", "set_shared_gemv", "store_latents", "store_latents_ref", "swiglu_gemv", "use_backend",
            "weight_dequant", "weight_quant",
            "weight_quant_pad"]
 
 
 def expert_gemv(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None, expert: torch.Tensor, x_div: int = 1,
                 up: torch.Tensor | None = None, up_s: torch.Tensor | None = None, *,
+                extra: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None] | None = None,
                 backend: str | None = None) -> torch.Tensor:
     """Routed experts of a decode step, one output row per (token, expert) pair (the contract:
     `reference.expert_gemv_ref`): x (T, K), w (E, N, K) in x's dtype or e4m3 with 128x128 scales s, expert
     (M,) -> y (M, N), row m = x[m // x_div] through expert[m] (0 where < 0); with `up`, silu(x·wᵀ) * (x·upᵀ).
+    extra: a second stack (w2, s2, up2, up_s2) of E2 experts stored as the first, any strides but K's 1 (the shared
+    experts as views of their matrices, MoE.shared_stacks): ids E .. E + E2 - 1 name them, as if the stacks were one.
     "triton": one program per row and weight tile, no sort (expert_gemv_triton.py)."""
     assert x.dim() == 2 and w.dim() == 3 and expert.dim() == 1 and x.shape[0] * x_div >= expert.shape[0], \
         f"expert_gemv: x (T, K), w (E, N, K), expert (M <= T * x_div,); got {tuple(x.shape)}, {tuple(w.shape)}, " \
@@ -83,10 +87,18 @@ def expert_gemv(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None, expert
     if select_backend("expert_gemv", x, backend=backend) == "triton":  # (its launch checks the arguments)
         from dsv3.kernels import expert_gemv_triton as k
 
+        if extra is not None:
+            w2, s2, u2, us2 = extra
+            if up is None:
+                return k.expert_gemv_two_op(x, w, s, w2, s2, expert, x_div)
+            return k.expert_swiglu_gemv_two_op(x, w, s, up, up_s, w2, s2, u2, us2, expert, x_div)
         if up is None:
             return k.expert_gemv_op(x, w, s, expert, x_div)
         return k.expert_swiglu_gemv_op(x, w, s, up, up_s, expert, x_div)
     reference.check_expert_gemv_args(x, w, s, up, up_s)
+    if extra is not None:  # the reference: the stacks as one
+        reference.check_second_stack(w, s, up, extra)
+        w, s, up, up_s = (None if a is None else torch.cat([a, b]) for a, b in zip((w, s, up, up_s), extra))
     return reference.expert_gemv_ref(x, w, s, expert, x_div, up, up_s)
 
 
@@ -224,6 +236,15 @@ def set_head_gemv(on: bool) -> bool:
     (16b: bf16 384.1 against 358.9 tok/s, FP8 459.3 against 428.6; backend.py SWITCHED). As `set_dense_gemv` for
     compiled steps and CUDA graphs."""
     return _switch("head_gemv", on)
+
+
+def set_shared_gemv(on: bool) -> bool:
+    """Let the automatic choice run the shared experts inside the routed experts' two decode GEMV launches (MoE.
+    forward, where the routed experts take `expert_gemv`: batch 1): two launches a MoE layer fewer; the shared part
+    is then the fp32 sum of its n_shared experts' rounded outputs instead of one rounded product. Process-wide;
+    returns the previous setting. Off by default until measured on a GPU. As `set_dense_gemv` for compiled steps
+    and CUDA graphs."""
+    return _switch("shared_gemv", on)
 
 
 def set_pdl(on: bool) -> bool:

@@ -34,6 +34,10 @@ never probe the GPU themselves.
                                             autograd through either
     adamw             "triton"              -
     router_topk       "triton"              fp32 logits (24/24 GPU tests on an H200, 2026-12-04; 4.8-12x the reference)
+    shared_gemv       "triton"              switched (SWITCHED, kernels.set_shared_gemv; off by default): the shared
+                                            experts as more rows of the routed experts' GEMV launches (MoE.forward,
+                                            where the routed experts take their GEMV); bf16/fp16 x, at most
+                                            EXPERT_DECODE_ROWS rows, no autograd
 
 The rule: the accelerated backend where triton imports and every tensor given to `select` is a plain
 (not a subclass such as DTensor) CUDA tensor meeting its row; else "reference". The AdamW operation
@@ -80,6 +84,7 @@ FAST = {  # op -> its accelerated backend
     "mla_uv": "triton",
     "adamw": "triton",
     "router_topk": "triton",
+    "shared_gemv": "triton",
 }
 # Accelerated backends written and checked under the Triton interpreter but not yet run on a GPU: the
 # automatic choice stays "reference" until their GPU tests (tests/test_gpu_router.py) have passed on real
@@ -109,8 +114,10 @@ PENDING: set[str] = set()
 # (head_gemv alone: bf16 380.6, FP8 448.4). At batch 32 mla_uv was slower (bf16 2,503.8 against 2,597.7, FP8
 # 3,420.8 against 3,653.5; head_gemv does not apply above one row), hence its row limit. Both on.
 WEIGHTS_16BIT = "16-bit weights"
+# "shared_gemv" (the shared experts inside the routed experts' two GEMV launches: two launches a MoE layer fewer at
+# batch 1): off until a GPU measures it (written after the ninth session's device time was spent).
 SWITCHED: dict[str, bool | str] = {"dense_gemv": True, "head_gemv": True, "latent_store": True,
-                                   "moe_gemm": True, "pdl": True, "mla_uv": True}
+                                   "moe_gemm": True, "pdl": True, "mla_uv": True, "shared_gemv": False}
 # ops that follow another op's switch: the dense SwiGLU's fused gate+up GEMV is one of the dense decode GEMVs
 SWITCH_OF: dict[str, str] = {"swiglu_gemv": "dense_gemv"}
 # Up to these many activation rows the Triton FP8-weight kernels run (decode; above, prefill:
@@ -304,7 +311,7 @@ def _fast_fits(op: str, tensors: tuple[torch.Tensor, ...]) -> bool:
         return False
     if op == "fp8_weight_gemm":
         return _decode_fits(tensors[0], DENSE_DECODE_ROWS)
-    if op in ("fp8_expert_rows", "expert_gemv"):
+    if op in ("fp8_expert_rows", "expert_gemv", "shared_gemv"):
         return _decode_fits(tensors[0], EXPERT_DECODE_ROWS)
     if op == "dense_gemv":
         return len(tensors) == 2 and _dense_gemv_fits(*tensors)

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from dsv3.kernels import backend
-from dsv3.kernels.reference import check_expert_gemv_args
+from dsv3.kernels.reference import check_expert_gemv_args, check_second_stack
 
 BLOCK = 128  # K step: one FP8 scale block
 
@@ -66,9 +66,10 @@ def _loads(x_row, w_rows, u_rows, ws_row, us_row, ok, rk, kb0, K, KB, HAS_SCALE:
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, ws_ptr, u_ptr, us_ptr, e_ptr, y_ptr, N, K, KB, x_div, sxm, swe, swn, sse, ssn,
-                 sym, HAS_SCALE: tl.constexpr, FUSED_UP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                 sym, w2_ptr, ws2_ptr, u2_ptr, us2_ptr, E1, swe2, swn2, sse2, ssn2,
+                 HAS_SCALE: tl.constexpr, FUSED_UP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                  KU: tl.constexpr, PREFETCH: tl.constexpr, ONE_EXPERT: tl.constexpr = False, PDL: tl.constexpr = False,
-                 EARLY: tl.constexpr = False):
+                 EARLY: tl.constexpr = False, TWO: tl.constexpr = False):
     # PDL (programmatic dependent launch, backend.pdl): the next launch may start once every program has begun;
     # this one waits for the launch before it before reading its output (x, the expert index) or writing. EARLY
     # (ONE_EXPERT with PDL and PREFETCH: the weights do not depend on that launch): the first weight loads go
@@ -89,13 +90,27 @@ def _gemv_kernel(x_ptr, w_ptr, ws_ptr, u_ptr, us_ptr, e_ptr, y_ptr, N, K, KB, x_
     rn = pn * BN + tl.arange(0, BN)
     nb = (pn * BN) // BK  # BN divides 128: the tile lies in one scale row
     zero = tl.zeros((BN, 1), dtype=tl.int64)
-    w_rows = w_ptr + e * swe + (zero + rn[:, None].to(tl.int64) * swn)
-    u_rows = u_ptr + e * swe + (zero + rn[:, None].to(tl.int64) * swn)
+    if TWO:  # expert ids E1.. name the second stack (its own strides: the shared experts as views of their matrices)
+        two = e >= E1
+        e1 = tl.where(two, 0, e)
+        e2 = tl.maximum(e - E1, 0)
+        w_base = tl.where(two, w2_ptr + e2 * swe2, w_ptr + e1 * swe)
+        u_base = tl.where(two, u2_ptr + e2 * swe2, u_ptr + e1 * swe)
+        ws_base = tl.where(two, ws2_ptr + e2 * sse2, ws_ptr + e1 * sse)
+        us_base = tl.where(two, us2_ptr + e2 * sse2, us_ptr + e1 * sse)
+        row_w = tl.where(two, swn2.to(tl.int64), swn.to(tl.int64))
+        row_s = tl.where(two, ssn2.to(tl.int64), ssn.to(tl.int64))
+    else:
+        w_base, u_base = w_ptr + e * swe, u_ptr + e * swe
+        ws_base, us_base = ws_ptr + e * sse, us_ptr + e * sse
+        row_w, row_s = swn, ssn
+    w_rows = w_base + (zero + rn[:, None].to(tl.int64) * row_w)
+    u_rows = u_base + (zero + rn[:, None].to(tl.int64) * row_w)
     x_row = x_ptr + (zero + (m // x_div) * sxm)
     ok = (zero + rn[:, None]) < N
     rk = tl.arange(0, KU * BK)[None, :]
-    ws_row = ws_ptr + e * sse + nb * ssn
-    us_row = us_ptr + e * sse + nb * ssn
+    ws_row = ws_base + nb * row_s
+    us_row = us_base + nb * row_s
     # multiply-and-add into (BN, KU·128) fp32 register tiles, one cross-lane reduction after the loop (not one
     # per iteration); with PREFETCH the next iteration's loads are issued before this one's FMAs (registers
     # double-buffered by hand: Triton pipelines only loads that go through shared memory)
@@ -147,10 +162,16 @@ def default_config(fp8: bool = False, M: int = 6, N: int = 2048) -> dict:
 
 
 def launch(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None, expert: torch.Tensor | None, x_div: int,
-           up: torch.Tensor | None = None, up_s: torch.Tensor | None = None, **config) -> torch.Tensor:
+           up: torch.Tensor | None = None, up_s: torch.Tensor | None = None,
+           extra: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None] | None = None,
+           **config) -> torch.Tensor:
     """The launch (module docstring); `config` (BN, KU, num_warps, PREFETCH) overrides `default_config`
-    (benchmarks, tests). expert None: every row of x through matrix 0 (w (1, N, K); `swiglu_gemv`)."""
+    (benchmarks, tests). expert None: every row of x through matrix 0 (w (1, N, K); `swiglu_gemv`). extra: a second
+    stack (w2, s2, up2, up_s2) stored like the first, (E2, N, K) with any strides but K's 1 (views of the shared
+    experts' matrices); expert ids E .. E + E2 - 1 name its experts (`check_second_stack`)."""
     check_expert_gemv_args(x, w, s, up, up_s, kernel=True)
+    if extra is not None:
+        check_second_stack(w, s, up, extra)
     one = expert is None
     assert not one or (w.shape[0] == 1 and x_div == 1), "expert None: one matrix, one row of x per output row"
     M, (_, N, K) = (x.shape[0] if one else expert.shape[0]), w.shape
@@ -173,11 +194,20 @@ def launch(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None, expert: tor
         expert = (expert if expert.dtype in (torch.int32, torch.int64) else expert.long()).contiguous()
     grid = (M, triton.cdiv(N, cfg["BN"]))
     pdl = backend.pdl(x.device)
+    if extra is not None:  # the second stack: its pointers and strides (scales and up as the first's: placeholders)
+        w2, s2, u2, us2 = extra
+        s2 = s2 if has_scale else w2
+        u2 = u2 if fused else w2
+        us2 = us2 if (fused and has_scale) else s2
+        two = (w2, s2, u2, us2, w.shape[0], w2.stride(0), w2.stride(1), s2.stride(0) if has_scale else 0,
+               s2.stride(1) if has_scale else 0)
+    else:
+        two = (w, s, u, us, w.shape[0], 0, 0, 0, 0)  # placeholders, never read (TWO is False)
     _gemv_kernel[grid](x, w, s, u, us, expert, y, N, K, triton.cdiv(K, BLOCK), x_div, x.stride(0), w.stride(0),
                        w.stride(1), s.stride(0) if has_scale else 0, s.stride(1) if has_scale else 0, y.stride(0),
-                       HAS_SCALE=has_scale, FUSED_UP=fused, BN=cfg["BN"], BK=BLOCK, KU=cfg["KU"],
+                       *two, HAS_SCALE=has_scale, FUSED_UP=fused, BN=cfg["BN"], BK=BLOCK, KU=cfg["KU"],
                        PREFETCH=cfg["PREFETCH"], ONE_EXPERT=one, PDL=pdl, EARLY=pdl and one and cfg["PREFETCH"],
-                       num_warps=cfg["num_warps"], launch_pdl=pdl)
+                       TWO=extra is not None, num_warps=cfg["num_warps"], launch_pdl=pdl)
     return y
 
 
@@ -203,6 +233,31 @@ def expert_swiglu_gemv_op(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | No
 
 @expert_swiglu_gemv_op.register_fake
 def _(x, w, s, up, up_s, expert, x_div):
+    return x.new_empty(expert.shape[0], w.shape[1])
+
+
+# the same two launches with a second stack of experts (the shared experts beside the routed ones: kernels.
+# expert_gemv's `extra`)
+@torch.library.custom_op("dsv3::expert_gemv_two", mutates_args=())
+def expert_gemv_two_op(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None, w2: torch.Tensor,
+                       s2: torch.Tensor | None, expert: torch.Tensor, x_div: int) -> torch.Tensor:
+    return launch(x, w, s, expert, x_div, extra=(w2, s2, None, None))
+
+
+@expert_gemv_two_op.register_fake
+def _(x, w, s, w2, s2, expert, x_div):
+    return x.new_empty(expert.shape[0], w.shape[1])
+
+
+@torch.library.custom_op("dsv3::expert_swiglu_gemv_two", mutates_args=())
+def expert_swiglu_gemv_two_op(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None, up: torch.Tensor,
+                              up_s: torch.Tensor | None, w2: torch.Tensor, s2: torch.Tensor | None, up2: torch.Tensor,
+                              up_s2: torch.Tensor | None, expert: torch.Tensor, x_div: int) -> torch.Tensor:
+    return launch(x, w, s, expert, x_div, up, up_s, extra=(w2, s2, up2, up_s2))
+
+
+@expert_swiglu_gemv_two_op.register_fake
+def _(x, w, s, up, up_s, w2, s2, up2, up_s2, expert, x_div):
     return x.new_empty(expert.shape[0], w.shape[1])
 
 

@@ -418,6 +418,27 @@ def check_expert_gemv_args(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | N
                          f"{'with' if up_s is not None else 'without'} scales")
 
 
+def check_second_stack(w: torch.Tensor, s: torch.Tensor | None, up: torch.Tensor | None, extra) -> None:
+    """A second stack of experts (w2, s2, up2, up_s2) for one launch: stored as the first (dtype, scales, up or not),
+    the same (N, K) and scale grid per expert, K contiguous (any other strides: views of the shared experts'
+    matrices), on the same device."""
+    w2, s2, u2, us2 = extra
+    if w2.dim() != 3 or w2.shape[1:] != w.shape[1:] or w2.dtype != w.dtype or w2.device != w.device:
+        raise ValueError(f"second expert stack: (E2, {w.shape[1]}, {w.shape[2]}) {w.dtype} expected, got "
+                         f"{tuple(w2.shape)} {w2.dtype}")
+    if (s2 is None) != (s is None) or (u2 is None) != (up is None) or (us2 is None) != (up is None or s is None):
+        raise ValueError("second expert stack: scales and up must be given exactly as for the first")
+    for t, ref in ((s2, s), (u2, up), (us2, s)):
+        if t is not None and (t.shape[1:] != ref.shape[1:] or t.shape[0] != w2.shape[0] or t.dtype != ref.dtype):
+            raise ValueError(f"second expert stack: a tensor of shape {tuple(t.shape)} {t.dtype} does not match "
+                             f"the first stack's {tuple(ref.shape[1:])} {ref.dtype} per expert")
+    for t in (w2, s2, u2, us2):
+        if t is not None and t.stride(-1) != 1:
+            raise ValueError("second expert stack: the last dimension must be contiguous")
+    if u2 is not None and u2.stride() != w2.stride() or us2 is not None and us2.stride() != s2.stride():
+        raise ValueError("second expert stack: up must have gate's strides (and its scales gate's scales' strides)")
+
+
 def expert_gemv_ref(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None, expert: torch.Tensor, x_div: int = 1,
                     up: torch.Tensor | None = None, up_s: torch.Tensor | None = None) -> torch.Tensor:
     """The routed experts' decode GEMV (dsv3/kernels/expert_gemv_triton.py): x (T, K); w (E, N, K) in x's

@@ -31,7 +31,7 @@ from torch import nn
 
 from dsv3 import kernels
 from dsv3.config import ModelConfig
-from dsv3.model.layers import MLP
+from dsv3.model.layers import MLP, Linear, hooked
 
 _HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
 _CPU_GROUPED: bool | None = None
@@ -254,16 +254,28 @@ class Experts(nn.Module):
         y_MD = kernels.moe_gemm_down(h_MI, d, ds, offs, order)  # (M, D) in pair order
         return (y_MD.view(N, K, -1).float() * w_NK.unsqueeze(-1)).sum(1).to(x_ND.dtype)
 
-    def forward_gemv(self, x_ND: torch.Tensor, idx_NK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
+    def forward_gemv(self, x_ND: torch.Tensor, idx_NK: torch.Tensor, w_NK: torch.Tensor,
+                     shared: tuple | None = None) -> torch.Tensor:
         """The same sum as `forward_grouped` for decode-sized N: each (token, expert) pair is one row of two
         launches, gate+up+SwiGLU then down (dsv3/kernels/expert_gemv_triton.py), reading only the selected
-        experts; no sort, no gather of x (row n*K + k reads token n)."""
+        experts; no sort, no gather of x (row n*K + k reads token n). shared: the shared experts as a second stack
+        of S experts (MoE.shared_stacks): S more rows per token in the same two launches, each added with weight 1,
+        so the result is routed + shared (the shared part's fp32 sum of S rounded halves instead of one rounding)."""
         N, K = idx_NK.shape
-        flat = idx_NK.reshape(-1)  # (M = N*K,) row n*K + k: token n's k-th expert
         g, gs, u, us, d, ds = self.gemv_weights()
-        h_MI = kernels.expert_gemv(x_ND, g, gs, flat, K, up=u, up_s=us)  # silu(x·w1ᵀ) * (x·w3ᵀ)
-        y_MD = kernels.expert_gemv(h_MI, d, ds, flat, 1)
-        return (y_MD.view(N, K, -1).float() * w_NK.unsqueeze(-1)).sum(1).to(x_ND.dtype)  # fp32 weighted sum
+        if shared is None:
+            flat = idx_NK.reshape(-1)  # (M = N*K,) row n*K + k: token n's k-th expert
+            h_MI = kernels.expert_gemv(x_ND, g, gs, flat, K, up=u, up_s=us)  # silu(x·w1ᵀ) * (x·w3ᵀ)
+            y_MD = kernels.expert_gemv(h_MI, d, ds, flat, 1)
+            return (y_MD.view(N, K, -1).float() * w_NK.unsqueeze(-1)).sum(1).to(x_ND.dtype)  # fp32 weighted sum
+        g2, gs2, u2, us2, d2, ds2 = shared
+        E, S = g.shape[0], g2.shape[0]
+        ids = torch.arange(E, E + S, device=idx_NK.device, dtype=idx_NK.dtype).expand(N, S)
+        flat = torch.cat([idx_NK, ids], 1).reshape(-1)  # (N*(K+S),): token n's K routed experts, then the S shared
+        h_MI = kernels.expert_gemv(x_ND, g, gs, flat, K + S, up=u, up_s=us, extra=(g2, gs2, u2, us2))
+        y_MD = kernels.expert_gemv(h_MI, d, ds, flat, 1, extra=(d2, ds2, None, None))
+        gates = torch.cat([w_NK.float(), w_NK.new_ones(N, S, dtype=torch.float32)], 1)  # the shared experts: 1
+        return (y_MD.view(N, K + S, -1).float() * gates.unsqueeze(-1)).sum(1).to(x_ND.dtype)
 
     @staticmethod
     def _impl(x_ND: torch.Tensor, impl: str) -> str:
@@ -379,16 +391,72 @@ class MoE(nn.Module):
         B, T, D = x.shape
         x_ND = x.reshape(-1, D)
         w_NK, idx_NK, s_NE = self.gate(x_ND)
-        if self.dispatcher is None:
+        shared = self._shared_in_gemv(x_ND, idx_NK)
+        if shared is not None:
+            # decode: the shared experts as more rows of the routed experts' two GEMV launches (set_shared_gemv)
+            y = self.experts.forward_gemv(x_ND, idx_NK, w_NK, shared=shared).view(B, T, D)
+        elif self.dispatcher is None:
             y = self.experts(x_ND, idx_NK, w_NK, self.experts_impl).view(B, T, D)
         else:
             y = self.dispatcher(self.experts, x_ND, idx_NK, w_NK, self.experts_impl).view(B, T, D)
-        if self.shared_experts is not None:
+        if self.shared_experts is not None and shared is None:
             y = y + self.shared_experts(x)
         E = s_NE.shape[1]
         counts = _count(idx_NK.reshape(-1), E)
         balance = sequence_balance(s_NE.view(B, T, E), idx_NK.view(B, T, -1)) if with_balance else None
         return y, MoEStats(counts, balance)
+
+
+    def _shared_in_gemv(self, x_ND: torch.Tensor, idx_NK: torch.Tensor) -> tuple | None:
+        """`shared_stacks()` where this call runs the shared experts inside the routed experts' GEMV launches:
+        switched on (kernels.set_shared_gemv), the routed experts on their decode GEMV path (local, "auto", decode
+        sized: Experts._gemv_fits), the shared projections plain Linear / FP8Linear without hooks, stored like the
+        routed experts; else None (the shared MLP runs as modules)."""
+        if (self.shared_experts is None or self.dispatcher is not None or self.experts_impl != "auto"
+                or kernels.select_backend("shared_gemv", x_ND) == "reference"
+                or self.experts._impl(x_ND, "auto") != "grouped" or not self.experts._gemv_fits(x_ND, idx_NK)):
+            return None
+        return self.shared_stacks()
+
+    def shared_stacks(self) -> tuple | None:
+        """The shared experts (n_shared blocks of moe_intermediate_size in one MLP) as a second expert stack for
+        `kernels.expert_gemv`'s `extra`, views of their matrices (no copy): gate, its scales, up, its scales (S, I,
+        D) and down, its scales (S, D, I) with down's blocks strided along its row. None where that cannot be: hooks
+        on the MLP or its projections (the views would skip them), projections other than bias-free Linear /
+        FP8Linear, weights stored unlike the routed experts', or FP8 blocks that straddle two shared experts
+        (I not a multiple of 128)."""
+        sh = self.shared_experts
+        mods = (sh.gate_proj, sh.up_proj, sh.down_proj)
+        g = self.experts.gemv_weights()[0]
+        E, I, D = g.shape
+        if hooked(sh, *mods) or sh.gate_proj.weight.shape[0] % I or sh.gate_proj.weight.shape[1] != D:
+            return None
+        S = sh.gate_proj.weight.shape[0] // I
+        if all(type(m) is Linear and m.bias is None for m in mods) and g.dtype == sh.gate_proj.weight.dtype:
+            scales = (None, None, None)
+        elif all(_is_fp8_linear(m) for m in mods) and g.dtype == torch.float8_e4m3fn and I % kernels.BLOCK == 0:
+            scales = tuple(m.weight_scale_inv for m in mods)
+        else:
+            return None
+        gw, uw, dw = (m.weight for m in mods)
+        if not all(t.is_contiguous() for t in (gw, uw, dw)):
+            return None
+        b = kernels.BLOCK
+
+        def rows(t, n):  # (S*n, cols) -> (S, n, cols)
+            return None if t is None else t.view(S, n, t.shape[1])
+
+        def cols(t, n):  # (rows, S*n) -> (S, rows, n): expert j's columns j*n .. (j+1)*n - 1
+            return None if t is None else t.view(t.shape[0], S, n).transpose(0, 1)
+
+        gs, us, ds = scales
+        nb = I // b if gs is not None else 0
+        return (rows(gw, I), rows(gs, nb), rows(uw, I), rows(us, nb), cols(dw, I), cols(ds, nb))
+
+
+def _is_fp8_linear(m: nn.Module) -> bool:
+    """type(m) is dsv3.model.fp8.FP8Linear, without importing that module (it imports this one)."""
+    return type(m).__name__ == "FP8Linear" and type(m).__module__ == "dsv3.model.fp8"
 
 
 def sequence_balance(s_BTE: torch.Tensor, idx_BTK: torch.Tensor) -> torch.Tensor:
