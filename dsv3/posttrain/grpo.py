@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import random
 import time
@@ -72,11 +73,31 @@ from dsv3.training.strategy import _masters, check_weights, precision_recipe, pr
 # the math
 
 def group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
-    """rewards (P, G) -> (P, G): (r - group mean) / (group population std + eps)."""
-    r = rewards.float()
+    """rewards (P, G) -> (P, G) float32: (r - group mean) / (group population std + eps), in float64; exactly 0 for
+    a group whose rewards are all equal (the rounding of its mean, e.g. of eight 0.1s, is no signal, whatever eps)."""
+    r = rewards.double()
+    same = (r == r[..., :1]).all(-1, keepdim=True)
     mean = r.mean(-1, keepdim=True)
     std = r.std(-1, keepdim=True, unbiased=False)
-    return (r - mean) / (std + eps)
+    adv = (r - mean) / torch.where(same, 1.0, std + eps)
+    return torch.where(same, 0.0, adv).float()
+
+
+def score(fn, completion: str, example: dict, what: str) -> float:
+    """fn(completion, example) as a finite float; anything else (an exception, NaN, inf, None, a string, a list)
+    is a ValueError naming the reward function and `what` (one NaN would otherwise poison its group's advantages
+    and the whole step's loss, which the training loop then skips without a word)."""
+    try:
+        v = fn(completion, example)
+    except Exception as e:  # (not KeyboardInterrupt)
+        raise ValueError(f"the reward function raised {type(e).__name__} on {what}: {e}") from e
+    try:
+        x = float(v) if not isinstance(v, (str, bytes)) else None
+    except (TypeError, ValueError):
+        x = None
+    if x is None or not math.isfinite(x):
+        raise ValueError(f"the reward function returned {repr(v)[:80]} for {what}: expected a finite number")
+    return x
 
 
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
@@ -174,6 +195,10 @@ class GRPOConfig:
                              "micro_batch_size must be >= 1")
         if self.temperature <= 0:
             raise ValueError("GRPO samples: temperature must be > 0")
+        if not (self.clip_eps > 0 and self.beta >= 0 and self.adv_eps >= 0) or not all(
+                map(math.isfinite, (self.clip_eps, self.beta, self.adv_eps))):
+            raise ValueError(f"need clip_eps > 0, beta >= 0 and adv_eps >= 0 (finite), got {self.clip_eps}, "
+                             f"{self.beta}, {self.adv_eps}")
         if self.group_size < 2:
             raise ValueError("group_size must be >= 2 (advantages are relative to the group)")
         if self.precision not in ("auto", "fp32", "bf16"):
@@ -201,7 +226,8 @@ def heldout_sums(engine: Engine, tok: DSTokenizer, task: Task, examples: list[di
     outs = _generate(engine, [_prompt_ids(tok, e) for e in examples],
                      [SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)] * len(examples))
     return (sum(bool(task.correct(o.text, e)) for o, e in zip(outs, examples)),
-            sum(float(task.reward(o.text, e)) for o, e in zip(outs, examples)))
+            sum(score(task.reward, o.text, e, f"held-out example {i}")
+                for i, (o, e) in enumerate(zip(outs, examples))))
 
 
 @torch.no_grad()
@@ -287,21 +313,27 @@ class GRPO:
         eos, pad = tok.eos_id, tok.pad_id
         comps = [o.token_ids + ([eos] if o.finish_reason == "stop" else []) for o in outs]
         Pl = len(mine)
-        rewards = torch.tensor([float(self.task.reward(o.text, mine[j // G])) for j, o in enumerate(outs)]).view(Pl, G)
+        rewards = torch.tensor([score(self.task.reward, o.text, mine[j // G], f"completion {j % G} of prompt "
+                                      f"{self.p_lo + j // G} in iteration {it + 1}") for j, o in enumerate(outs)],
+                               dtype=torch.float64).view(Pl, G)
         correct = torch.tensor([float(bool(self.task.correct(o.text, mine[j // G]))) for j, o in enumerate(outs)])
         adv = group_advantages(rewards, cfg.adv_eps).flatten().to(dev)  # (Pl·G,)
         # every rank's rewards, correctness and lengths in their global places (exact: the others add zeros)
-        glob = torch.zeros(3, P, G, dtype=torch.float64, device=dev)
+        glob = torch.zeros(4, P, G, dtype=torch.float64, device=dev)
         glob[0, self.p_lo:self.p_hi] = rewards.double().to(dev)
         glob[1, self.p_lo:self.p_hi] = correct.view(Pl, G).double().to(dev)
         glob[2, self.p_lo:self.p_hi] = torch.tensor([float(len(o.token_ids)) for o in outs],
                                                     dtype=torch.float64).view(Pl, G).to(dev)
+        glob[3, self.p_lo:self.p_hi] = torch.tensor([float(len(c)) for c in comps],  # the loss's tokens (+ EOS)
+                                                    dtype=torch.float64).view(Pl, G).to(dev)
         glob = s.all_reduce_sum(glob).cpu()
+        loss_tokens = float(glob[3].sum())
         r_all = glob[0].float()
         self._roll = {"iteration": it + 1, "reward_mean": float(r_all.mean()),
                       "reward_std": float(r_all.std(unbiased=False)), "accuracy": float(glob[1].mean()),
                       "response_len": float(glob[2].mean()),
-                      "frac_groups_no_signal": float((r_all.std(-1) == 0).float().mean()), "gen_s": t_gen,
+                      "frac_groups_no_signal": float((glob[0] == glob[0][:, :1]).all(-1).float().mean()),
+                      "gen_s": t_gen,
                       "gen_tokens": int(glob[2].sum())}
         self.say(f"iter {it + 1}: reward {self._roll['reward_mean']:.3f}±{self._roll['reward_std']:.3f} "
                  f"acc {self._roll['accuracy']:.3f} len {self._roll['response_len']:.1f} ({t_gen:.1f}s generating)")
@@ -327,7 +359,10 @@ class GRPO:
                 old = sequence_logprobs(policy, x, m, cfg.temperature) if cfg.ppo_epochs > 1 else None
                 ref = sequence_logprobs(self.ref, x, m, cfg.temperature)
             self._mbs.append({"ids": x, "mask": m, "adv": adv[mb], "old": old, "ref": ref,
-                              "scale": len(mb) * len(rows) * s.world_size / (P * G)})
+                              "scale": len(mb) * len(rows) * s.world_size / (P * G),
+                              # kl and clip_frac: token means over the step, not means of micro-batch means
+                              "tok_scale": sum(len(comps[j]) for j in mb) * len(rows) * s.world_size
+                              / max(loss_tokens, 1.0)})
         self._iterations = it + 1
 
     # --- the loop's interface ---------------------------------------------------------------------
@@ -350,8 +385,8 @@ class GRPO:
         lp = token_logprobs(out.logits, mb["ids"], mb["mask"], cfg.temperature)
         old = mb["old"] if mb["old"] is not None else lp.detach()
         loss, st = grpo_loss(lp, old, mb["ref"], mb["adv"], mb["mask"][:, 1:], cfg.clip_eps, cfg.beta)
-        k = mb["scale"]
-        return loss * k, torch.stack([loss.detach(), st["kl"], st["clip_frac"]]).float() * k
+        k, kt = mb["scale"], mb["tok_scale"]
+        return loss * k, torch.stack([loss.detach() * k, st["kl"] * kt, st["clip_frac"] * kt]).float()
 
     def after_step(self, strategy, counts, hp: dict, applied=None) -> None:
         pass  # the correction bias stays frozen

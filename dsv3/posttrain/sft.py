@@ -370,7 +370,12 @@ def train_sft(checkpoint_dir: str, data_path: str, out_dir: str, cfg: SFTConfig,
     src = resume_from or resolve_start(checkpoint_dir)
     tok = DSTokenizer.load(src)
     convs = read_chats(data_path)
-    samples = [render_conversation(tok, m) for m in convs]
+    samples = []
+    for i, m in enumerate(convs):
+        try:
+            samples.append(render_conversation(tok, m))
+        except ValueError as e:  # (a late system message, ...): which conversation
+            raise ValueError(f"{data_path}: conversation {i + 1}: {e}") from None
     # a conversation whose assistant tokens all lie beyond seq_len teaches nothing (truncation cuts them)
     mute = sum(1 for _, m in samples if not any(m[1:cfg.seq_len]))
     if mute == len(samples):

@@ -173,6 +173,26 @@ def load_callable(spec: str) -> Callable:
     return fn
 
 
+def _check_prompt(row: dict, where: str, exact_match: bool = True) -> None:
+    """A task row's prompt and answer, checked when the file is read (not at the first rollout, without the line).
+    The answer's type only for the exact-match reward: a reward of the user's (--reward) may take any JSON value
+    (unit tests, a list of accepted answers, ...)."""
+    msgs = row["messages"]
+    if not msgs:
+        raise ValueError(f"{where}: 'messages' is empty: no prompt")
+    for j, m in enumerate(msgs):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "tool"):
+            role = m.get("role") if isinstance(m, dict) else None
+            raise ValueError(f"{where}: message {j} has role {role!r}; expected one of system, user, assistant, tool")
+        if not isinstance(m.get("content"), str):
+            raise ValueError(f"{where}: message {j} ({m['role']}) needs a string 'content'")
+    a = row["answer"]
+    if exact_match and (isinstance(a, bool) or not isinstance(a, (str, int, float))
+                        or (isinstance(a, str) and not a.strip())):
+        raise ValueError(f"{where}: 'answer' must be a non-empty string or a number, got {a!r} (the exact-match "
+                         "reward compares it with the completion's final answer; --reward takes any value)")
+
+
 def load_task(spec: str, seed: int = 0, heldout_frac: float = 0.05, reward: Callable | None = None) -> Task:
     """"arithmetic" (the built-in generator) or a .jsonl of {"messages", "answer"} rows, of which the
     last `heldout_frac` (at least one row) are held out."""
@@ -187,6 +207,7 @@ def load_task(spec: str, seed: int = 0, heldout_frac: float = 0.05, reward: Call
             for i, row in jsonl_records(f, spec):
                 if not isinstance(row, dict) or not isinstance(row.get("messages"), list) or "answer" not in row:
                     raise ValueError(f"{spec}:{i}: expected an object with 'messages' (a list) and 'answer'")
+                _check_prompt(row, f"{spec}:{i}", exact_match=reward is None)
                 rows.append(row)
         if len(rows) < 2:
             raise ValueError(f"{spec}: need at least 2 rows (train + held-out), got {len(rows)}")

@@ -228,7 +228,15 @@ def find_corpus(source: str | os.PathLike | None = None, *,
 def jsonl_records(lines, name: str, error: type[Exception] = ValueError):
     """(line number, parsed object) for every non-blank line of a JSONL text; a malformed line raises
     `error` with "name:line: malformed JSON (...)". The one JSONL parser of the project."""
-    for lineno, line in enumerate(lines, start=1):
+    lineno, lines = 0, iter(lines)
+    while True:
+        try:
+            line = next(lines)
+        except StopIteration:
+            return
+        except UnicodeDecodeError as e:  # a file opened as UTF-8 text that is not (decoded in blocks: no line number)
+            raise error(f"{name}: not UTF-8 text ({e.reason}), after line {lineno}") from None
+        lineno += 1
         if not line.strip():
             continue
         try:
