@@ -37,7 +37,8 @@ launches (each its own GEMV / FP8 GEMM) instead of one dual launch (kernels.dens
 +sharedgemv: the shared experts as more rows of the routed experts' two GEMV launches
 (kernels.set_shared_gemv; off by default). +tuned: the
 expert GEMV's launch configs of `--gemv-configs PATH` (bench/expert_gemv_sweep.py --json: the best per weight
-dtype, rows and columns) instead of `expert_gemv_triton.default_config`, where they name the call's shape.
+dtype, rows and columns) instead of `expert_gemv_triton.default_config`, where they name the call's shape (with
++sharedgemv the routed launches have K + n_shared rows a token, which a sweep at K rows does not name: defaults).
 Before and after in one run:
 
     PYTHONPATH=. python bench/decode_gpu.py --preset 16b --batches 1,32 --modes graphs+compile+nokernels,\

@@ -121,7 +121,7 @@ def test_graphed_decode_step_through_gemv_matches_grouped_path():
         return graphed_step_logits(m, prompts)
 
     calls, orig = [], Experts.forward_gemv
-    Experts.forward_gemv = lambda self, *a: calls.append(1) or orig(self, *a)
+    Experts.forward_gemv = lambda self, *a, **kw: calls.append(1) or orig(self, *a, **kw)
     try:
         got = step_logits()
     finally:

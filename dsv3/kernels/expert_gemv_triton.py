@@ -98,8 +98,9 @@ def _gemv_kernel(x_ptr, w_ptr, ws_ptr, u_ptr, us_ptr, e_ptr, y_ptr, N, K, KB, x_
         u_base = tl.where(two, u2_ptr + e2 * swe2, u_ptr + e1 * swe)
         ws_base = tl.where(two, ws2_ptr + e2 * sse2, ws_ptr + e1 * sse)
         us_base = tl.where(two, us2_ptr + e2 * sse2, us_ptr + e1 * sse)
-        row_w = tl.where(two, swn2.to(tl.int64), swn.to(tl.int64))
-        row_s = tl.where(two, ssn2.to(tl.int64), ssn.to(tl.int64))
+        # (where, then the cast: a stride of 1 reaches the kernel as a constexpr, which has no .to)
+        row_w = tl.where(two, swn2, swn).to(tl.int64)
+        row_s = tl.where(two, ssn2, ssn).to(tl.int64)
     else:
         w_base, u_base = w_ptr + e * swe, u_ptr + e * swe
         ws_base, us_base = ws_ptr + e * sse, us_ptr + e * sse

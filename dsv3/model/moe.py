@@ -413,8 +413,13 @@ class MoE(nn.Module):
         sized: Experts._gemv_fits), the shared projections plain Linear / FP8Linear without hooks, stored like the
         routed experts; else None (the shared MLP runs as modules)."""
         if (self.shared_experts is None or self.dispatcher is not None or self.experts_impl != "auto"
+                # Experts.forward's own choice (a subclass such as FP8TrainExperts chooses otherwise) and hooks
+                or type(self.experts).forward is not Experts.forward or hooked(self.experts)
                 or kernels.select_backend("shared_gemv", x_ND) == "reference"
                 or self.experts._impl(x_ND, "auto") != "grouped" or not self.experts._gemv_fits(x_ND, idx_NK)):
+            return None
+        # the kernels have no backward: not where the shared experts train (the routed ones' rule is _gemv_fits')
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.shared_experts.parameters()):
             return None
         return self.shared_stacks()
 
