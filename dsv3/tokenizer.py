@@ -249,6 +249,7 @@ class DSTokenizer:
         self._plain: Tokenizer | None = None  # clone that spells special strings as text
         self._id_bytes: list[bytes] | None = None  # id -> bytes, built on first byte-level use
         self._byte_ids: list[int] | None = None  # byte -> its single-byte token id
+        self._id_limit: int | None = None  # 1 + the largest id (id_limit)
         self.chat_template: str = CHAT_TEMPLATE  # replaced by tokenizer_config.json's when loading a directory
 
     # --- construction ------------------------------------------------------------------------
@@ -389,7 +390,7 @@ class DSTokenizer:
             inverse = {c: b for b, c in byte_level_alphabet().items()}
             added = self._tok.get_added_tokens_decoder()  # id -> AddedToken (raw text, not byte-mapped)
             table = []
-            for i in range(max([self.vocab_size - 1, *added]) + 1):  # added ids may lie past the vocab
+            for i in range(self.id_limit):  # ids may lie past the vocabulary's size (holes decode to nothing)
                 if i in added:
                     table.append(added[i].content.encode("utf-8"))
                     continue
@@ -460,6 +461,14 @@ class DSTokenizer:
     def vocab_size(self) -> int:
         """Ids in use, added tokens included (V3: 128,815; the model pads its tables to 129,280)."""
         return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def id_limit(self) -> int:
+        """1 + the largest id of any token: the size an embedding table or a token dtype must cover. It is
+        vocab_size when the ids run 0..vocab_size-1 without holes (V3, dsv3's own), more when a file's ids skip."""
+        if self._id_limit is None:
+            self._id_limit = max(self._tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1
+        return self._id_limit
 
     @property
     def tokenizer(self) -> Tokenizer:

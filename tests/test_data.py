@@ -388,3 +388,76 @@ def test_sample_corpus_is_deterministic_and_bounded(tmp_path):
     assert D.sample_corpus(c, 0) is c and D.sample_corpus(c, 10**9) is c
     # spread by a hash of the paths, not the first files in order
     assert [f.relpath for f in s1.files] != [f.relpath for f in c.files[:len(s1.files)]]
+
+
+# --- malformed or unusual inputs ----------------------------------------------------------------------
+
+def test_jsonl_text_with_unicode_line_separators(tmp_path, tok):
+    """JSON lets U+2028, U+2029 and U+0085 stand unescaped inside strings (json.dumps(ensure_ascii=False) writes them
+    so): they are part of a document's text, not line breaks of the file (str.splitlines() split the record and
+    refused a valid file as "malformed JSON"). CRLF and CR line ends still end records."""
+    texts = ["para\u2028graph", "next\u2029para", "nel\x85line", "plain"]
+    f = tmp_path / "u.jsonl"
+    f.write_bytes(("\r\n".join(json.dumps({"text": t}, ensure_ascii=False) for t in texts[:3]) + "\r"
+                   + json.dumps({"text": texts[3]}) + "\n").encode("utf-8"))
+    docs = D.read_documents(find_corpus(f).files[0])
+    assert [(d.key, d.text) for d in docs] == [(f"u.jsonl:{i + 1}", t) for i, t in enumerate(texts)]
+    cache = build_token_cache(f, tok, tmp_path / "cache", val_permille=0, fim_rate=0.0, progress=False)
+    assert cache.meta["splits"]["train"]["n_bytes"] == sum(len(t.encode()) for t in texts)
+
+
+def test_jsonl_lone_surrogate_is_a_clear_error(tmp_path, tok):
+    """"\\ud800" is valid JSON but no Unicode text (it has no UTF-8 form): one CorpusError naming the file and line,
+    not a bare UnicodeEncodeError from the tokenizer trainer or the cache build."""
+    f = tmp_path / "sur.jsonl"
+    f.write_text('{"text": "fine"}\n{"text": "bad \\ud800 escape"}\n', encoding="utf-8")
+    with pytest.raises(CorpusError, match=r"sur\.jsonl:2: .*surrogate"):
+        build_token_cache(f, tok, tmp_path / "cache", progress=False)
+    with pytest.raises(CorpusError, match=r"sur\.jsonl:2"):
+        D.read_documents(find_corpus(f).files[0])
+
+
+def test_symlink_loop_as_corpus_path(tmp_path):
+    """--data naming a symlink loop: one error naming the path (pathlib's resolve() raised RuntimeError)."""
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    with pytest.raises(FileNotFoundError, match="loop"):
+        find_corpus(tmp_path / "loop")
+    # inside a directory, loops are not documents (like broken links) and directory links are not followed
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.txt").write_text("text")
+    (tmp_path / "d" / "b.txt").symlink_to(tmp_path / "d" / "b.txt")
+    (tmp_path / "d" / "up").symlink_to(tmp_path)
+    assert [f.relpath for f in find_corpus(tmp_path / "d").files] == ["a.txt"]
+
+
+def test_resume_on_a_changed_stream_says_so():
+    a = PackedSampler(stream(1000), 16, 4, seed=3)
+    next(a)
+    with pytest.raises(ValueError, match="token stream .* changed"):
+        PackedSampler(stream(1003), 16, 4, seed=3).load_state_dict(a.state_dict())
+
+
+def test_cache_dtype_covers_the_largest_id_not_the_count(tmp_path, tok):
+    """A tokenizer.json whose ids skip (here every added token moved past 65,535, with 290-odd tokens in all): the
+    token dtype must hold the largest id (uint16 raised OverflowError mid-build), and the byte table reach it."""
+    spec = json.loads(tok.tokenizer.to_str())
+    for t in spec["added_tokens"]:
+        spec["model"]["vocab"][t["content"]] = t["id"] = t["id"] + 70000
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    sparse = DSTokenizer.load(tmp_path / "tok")
+    assert sparse.vocab_size < 1 << 16 and sparse.eos_id == tok.eos_id + 70000
+    texts = write_corpus(tmp_path / "c", n_files=3)
+    cache = build_token_cache(tmp_path / "c", sparse, tmp_path / "cache", val_permille=0, fim_rate=0.0,
+                              progress=False)
+    assert cache.meta["dtype"] == "uint32" and sparse.id_limit == max(spec["model"]["vocab"].values()) + 1
+    stream = np.asarray(cache.tokens("train"))
+    assert (stream == sparse.eos_id).sum() == len(texts)
+    assert sparse.token_byte_lengths()[stream].sum() == sum(len(t.encode()) for t in texts.values())
+    # the model's embedding must cover the largest id too (vocab_size 512 >= 290-odd tokens passed, then indexed 70,017)
+    from types import SimpleNamespace
+
+    from dsv3.training.config import TrainConfig
+    from dsv3.training.pretrain import get_tokenizer
+    with pytest.raises(ValueError, match=r"ids up to 700\d\d but the model's vocab_size is 512"):
+        get_tokenizer(TrainConfig(tokenizer=str(tmp_path / "tok")), SimpleNamespace(vocab_size=512), print)

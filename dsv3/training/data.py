@@ -211,7 +211,10 @@ def find_corpus(source: str | os.PathLike | None = None, *,
     else:
         if not str(source).strip():  # ("" resolves to the working directory)
             raise FileNotFoundError("corpus path is empty: give a directory or a file")
-        path = Path(source).expanduser().resolve()
+        try:
+            path = Path(source).expanduser().resolve()
+        except (RuntimeError, OSError) as e:  # a symlink loop (RuntimeError before Python 3.13)
+            raise FileNotFoundError(f"corpus path {source} cannot be resolved ({e})") from None
         if not path.exists():
             raise FileNotFoundError(f"corpus path {source} does not exist")
         if path.is_dir():
@@ -245,6 +248,9 @@ def jsonl_records(lines, name: str, error: type[Exception] = ValueError):
             raise error(f"{name}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # in a str from json.loads: an escape with no UTF-8 form
+
+
 def read_documents(file: SourceFile) -> list[Document] | None:
     """The documents of one file (empty texts dropped), or None when it is not valid UTF-8.
 
@@ -257,12 +263,18 @@ def read_documents(file: SourceFile) -> list[Document] | None:
     if file.kind == "text":
         return [Document(file.relpath, text)] if text else []
     docs = []
-    for lineno, record in jsonl_records(text.splitlines(), str(file.path), CorpusError):
+    # records end at \n, \r\n or \r only (as a text-mode file's lines): str.splitlines() also breaks at U+2028,
+    # U+2029 and U+0085, which JSON allows unescaped inside strings
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    for lineno, record in jsonl_records(lines, str(file.path), CorpusError):
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             got = "no 'text' field" if not isinstance(record, dict) or "text" not in record else \
                 f"'text' is {type(record['text']).__name__}, not a string"
             raise CorpusError(f"{file.path}:{lineno}: each line must be a JSON object with a string "
                               f"'text' field; {got}")
+        if bad := _LONE_SURROGATE.search(record["text"]):  # "\ud800" parses, but such text has no UTF-8 form
+            raise CorpusError(f"{file.path}:{lineno}: 'text' holds a lone surrogate escape (\\u{ord(bad[0]):04x}), "
+                              "which is not Unicode text")
         if record["text"]:
             docs.append(Document(f"{file.relpath}:{lineno}", record["text"]))
     return docs
@@ -434,7 +446,7 @@ def build_token_cache(source: str | os.PathLike | Corpus | None, tokenizer: DSTo
     (directory / "meta.json").unlink(missing_ok=True)  # incomplete until the new meta.json lands
 
     t0 = time.perf_counter()
-    dtype = token_dtype(tokenizer.vocab_size)
+    dtype = token_dtype(tokenizer.id_limit)  # the largest id, not the count: a file's ids may skip
     eos = tokenizer.eos_id
     writers = {s: _SplitWriter(directory / f"{s}.bin", dtype) for s in SPLITS}
     skipped: list[str] = []
@@ -543,8 +555,9 @@ def _gather(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> torch.Tenso
 class PackedSampler:
     """Infinite iterator of (batch_size/world_size, seq_len+1) LongTensor batches of shuffled windows.
 
-    Each epoch visits every window once in an order drawn from (seed, epoch); an epoch holds
-    n_windows // batch_size global batches (the remainder waits for a later epoch's order).
+    Each epoch draws an order of all windows from (seed, epoch) and yields its first
+    n_windows // batch_size global batches: the n_windows % batch_size windows at the end of that
+    order are not seen in that epoch (a later epoch's order places them afresh).
     """
 
     def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, *, seed: int = 0, rank: int = 0,
@@ -590,7 +603,9 @@ class PackedSampler:
         mine = {"seq_len": self.seq_len, "batch_size": self.batch_size, "n_tokens": len(self.tokens)}
         for k, v in mine.items():
             if state[k] != v:
-                raise ValueError(f"cannot resume: the saved sampler has {k}={state[k]}, this one {v}")
+                why = (": the token stream has changed since the checkpoint (the corpus' files, or the tokenizer, "
+                       "are not the run's)") if k == "n_tokens" else ""
+                raise ValueError(f"cannot resume: the saved sampler has {k}={state[k]}, this one {v}{why}")
         if not 0 <= state["batch_in_epoch"] < self.batches_per_epoch:
             raise ValueError(f"batch_in_epoch={state['batch_in_epoch']} out of range [0, {self.batches_per_epoch})")
         self.seed, self.epoch, self.batch_in_epoch = state["seed"], state["epoch"], state["batch_in_epoch"]

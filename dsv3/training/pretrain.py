@@ -80,8 +80,9 @@ def get_tokenizer(tc: TrainConfig, mc: ModelConfig, log) -> DSTokenizer:
                                   f"the held-out split (--val-permille {tc.val_permille})")
             tok.save(os.path.dirname(path))
             log(f"tokenizer trained in {time.time() - t0:.1f}s")
-    if tok.vocab_size > mc.vocab_size:
-        raise ValueError(f"tokenizer has {tok.vocab_size} tokens but the model's vocab_size is {mc.vocab_size}")
+    if tok.id_limit > mc.vocab_size:  # ids index the embedding: the largest one counts, not how many there are
+        ids = f" with ids up to {tok.id_limit - 1}" if tok.id_limit != tok.vocab_size else ""
+        raise ValueError(f"tokenizer has {tok.vocab_size} tokens{ids} but the model's vocab_size is {mc.vocab_size}")
     return tok
 
 
