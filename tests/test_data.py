@@ -4,6 +4,7 @@ packing, and the sampler (determinism, exact resume, rank sharding). CPU, tiny s
 Run: python -m pytest tests/test_data.py -q
 """
 
+import hashlib
 import json
 
 import numpy as np
@@ -203,7 +204,8 @@ def test_cache_layout_without_fim(tmp_path, tok):
         assert stream.tolist() == expected  # each document followed by EOS, in path order
         meta = cache.meta["splits"][split]
         assert meta == {"n_docs": len(rels), "n_tokens": len(expected), "n_fim_docs": 0,
-                        "n_bytes": sum(len(texts[r].encode()) for r in rels)}
+                        "n_bytes": sum(len(texts[r].encode()) for r in rels),
+                        "blake2b": hashlib.blake2b(np.asarray(stream).tobytes(), digest_size=16).hexdigest()}
         assert lengths[np.asarray(stream)].sum() == meta["n_bytes"]  # bits-per-byte denominator is exact
     # the literal EOS string in a document did not become an EOS token
     assert len(split_docs(np.asarray(cache.tokens("train")), tok.eos_id)) == cache.meta["splits"]["train"]["n_docs"]
@@ -461,3 +463,33 @@ def test_cache_dtype_covers_the_largest_id_not_the_count(tmp_path, tok):
     from dsv3.training.pretrain import get_tokenizer
     with pytest.raises(ValueError, match=r"ids up to 700\d\d but the model's vocab_size is 512"):
         get_tokenizer(TrainConfig(tokenizer=str(tmp_path / "tok")), SimpleNamespace(vocab_size=512), print)
+
+
+def test_resume_refused_on_other_tokens_of_the_same_count(tmp_path, tok):
+    """The cache records a blake2b of each split's stream; the sampler saves it with its state, so a resume on a
+    corpus edited in place (as many tokens, other ones) is refused, while a rebuild of the same text resumes."""
+    f = tmp_path / "a.txt"
+    f.write_text("alpha beta gamma delta " * 200)
+    c1 = build_token_cache(f, tok, tmp_path / "c1", val_permille=0, fim_rate=0.0, progress=False)
+    fp = c1.fingerprint("train")
+    assert fp == hashlib.blake2b((c1.directory / "train.bin").read_bytes(), digest_size=16).hexdigest()
+    s1 = c1.sampler(16, 4, seed=1)
+    next(s1)
+    state = s1.state_dict()
+    assert state["fingerprint"] == fp
+    same = build_token_cache(f, tok, tmp_path / "c2", val_permille=0, fim_rate=0.0, progress=False)
+    same.sampler(16, 4, seed=1).load_state_dict(state)  # the same tokens: fine
+    # an edit in place that keeps the token count: the first candidate whose encoding is as long
+    text = f.read_text()
+    n = len(tok.encode(text, parse_special=False))
+    edited = next(t for t in (text.replace("gamma", w, 1) for w in ("gammo", "gamme", "gemma", "gammx", "gamna",
+                                                                     "gbmma", "gamba", "gama", "gammaa"))
+                  if len(tok.encode(t, parse_special=False)) == n)
+    f.write_text(edited)
+    other = build_token_cache(f, tok, tmp_path / "c3", val_permille=0, fim_rate=0.0, progress=False)
+    assert other.meta["splits"]["train"]["n_tokens"] == c1.meta["splits"]["train"]["n_tokens"]
+    with pytest.raises(ValueError, match="as many tokens, other ones"):
+        other.sampler(16, 4, seed=1).load_state_dict(state)
+    old = dict(state)
+    del old["fingerprint"]  # a checkpoint from before the fingerprint: resumes as before
+    other.sampler(16, 4, seed=1).load_state_dict(old)

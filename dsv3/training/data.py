@@ -366,7 +366,12 @@ class TokenCache:
     def sampler(self, seq_len: int, batch_size: int, *, seed: int = 0, rank: int = 0,
                 world_size: int = 1) -> PackedSampler:
         return PackedSampler(self.tokens("train"), seq_len, batch_size, seed=seed, rank=rank,
-                             world_size=world_size, name=f"train split of {self.meta['source']}")
+                             world_size=world_size, name=f"train split of {self.meta['source']}",
+                             fingerprint=self.fingerprint("train"))
+
+    def fingerprint(self, split: str = "train") -> str | None:
+        """The blake2b of the split's token stream as built (None: a cache built before dsv3 recorded it)."""
+        return self.meta["splits"][split].get("blake2b")
 
     def val_batches(self, seq_len: int, batch_size: int, *, rank: int = 0, world_size: int = 1,
                     drop_last: bool | None = None) -> ValBatches:
@@ -403,9 +408,12 @@ class _SplitWriter:
     def __post_init__(self):
         self._tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         self._f = open(self._tmp, "wb")
+        self._hash = hashlib.blake2b(digest_size=16)  # of the stream's bytes: a resume's check that it is the run's
 
     def write(self, ids: list[int], text_bytes: int, fim: bool) -> None:
-        np.asarray(ids, dtype=self.dtype).tofile(self._f)
+        arr = np.asarray(ids, dtype=self.dtype)
+        arr.tofile(self._f)
+        self._hash.update(arr.tobytes())
         self.n_docs += 1
         self.n_tokens += len(ids)
         self.n_bytes += text_bytes
@@ -415,7 +423,7 @@ class _SplitWriter:
         self._f.close()
         os.replace(self._tmp, self.path)
         return {"n_docs": self.n_docs, "n_tokens": self.n_tokens, "n_bytes": self.n_bytes,
-                "n_fim_docs": self.n_fim_docs}
+                "n_fim_docs": self.n_fim_docs, "blake2b": self._hash.hexdigest()}
 
     def abort(self) -> None:
         self._f.close()
@@ -561,8 +569,11 @@ class PackedSampler:
     """
 
     def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, *, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, name: str = "token stream"):
+                 world_size: int = 1, name: str = "token stream", fingerprint: str | None = None):
         self.tokens = tokens
+        # a hash of the stream (TokenCache.fingerprint): saved with the state, so that a resume on other tokens of
+        # the same count (a corpus file edited in place) is refused instead of silently training on other windows
+        self.fingerprint = fingerprint
         self.seq_len = seq_len
         self.batch_size = batch_size  # global: all ranks together
         self.local_batch_size = _check_ranks(batch_size, rank, world_size)
@@ -596,8 +607,11 @@ class PackedSampler:
 
     def state_dict(self) -> dict:
         # rank/world_size are not state: a run may resume on another number of ranks
-        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "seed": self.seed,
-                "seq_len": self.seq_len, "batch_size": self.batch_size, "n_tokens": len(self.tokens)}
+        state = {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "seed": self.seed,
+                 "seq_len": self.seq_len, "batch_size": self.batch_size, "n_tokens": len(self.tokens)}
+        if self.fingerprint is not None:
+            state["fingerprint"] = self.fingerprint
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         mine = {"seq_len": self.seq_len, "batch_size": self.batch_size, "n_tokens": len(self.tokens)}
@@ -606,6 +620,10 @@ class PackedSampler:
                 why = (": the token stream has changed since the checkpoint (the corpus' files, or the tokenizer, "
                        "are not the run's)") if k == "n_tokens" else ""
                 raise ValueError(f"cannot resume: the saved sampler has {k}={state[k]}, this one {v}{why}")
+        saved = state.get("fingerprint")
+        if saved is not None and self.fingerprint is not None and saved != self.fingerprint:
+            raise ValueError("cannot resume: the token stream has changed since the checkpoint (as many tokens, "
+                             "other ones: a corpus file edited, or another tokenizer)")
         if not 0 <= state["batch_in_epoch"] < self.batches_per_epoch:
             raise ValueError(f"batch_in_epoch={state['batch_in_epoch']} out of range [0, {self.batches_per_epoch})")
         self.seed, self.epoch, self.batch_in_epoch = state["seed"], state["epoch"], state["batch_in_epoch"]

@@ -174,8 +174,10 @@ class Pretrain:
                       else (self.micro, strategy.data_rank, strategy.data_world))
         if extra:
             stream = np.concatenate([cache.tokens("train")] + [e.tokens("train") for e in extra])
+            prints = [c.fingerprint("train") for c in (cache, *extra)]
             self.sampler = PackedSampler(stream, tc.seq_len, rows, seed=tc.seed, rank=r, world_size=w,
-                                         name="training streams")
+                                         name="training streams",
+                                         fingerprint=None if None in prints else "+".join(prints))
         else:
             self.sampler = cache.sampler(tc.seq_len, rows, seed=tc.seed, rank=r, world_size=w)
         self.val = None
