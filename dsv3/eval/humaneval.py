@@ -21,8 +21,9 @@ from dsv3.cliargs import setting
 from dsv3.eval import resolve_dtype
 from dsv3.eval.sandbox import SandboxConfig, run_programs
 
-# the completion ends where the function body does: the next top-level definition or statement
-STOP = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#"]
+# the completion ends where the function body does: the stop sequences of Chen et al. 2021 (Codex) and of
+# lm-eval's humaneval task, so that a top-level `if`/`print` the model adds after the body is not run
+STOP = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]
 
 
 @dataclass
@@ -100,6 +101,8 @@ def run_humaneval(checkpoint: str, cfg: HumanEvalConfig, sandbox: SandboxConfig 
     completions}]}"""
     if cfg.samples < 1:
         raise ValueError(f"samples must be >= 1, got {cfg.samples}")
+    if cfg.limit < 0:  # (problems[:-1] would silently drop the last one)
+        raise ValueError(f"limit must be >= 0 (0: all problems), got {cfg.limit}")
     problems = load_problems()
     if cfg.limit:
         problems = problems[: cfg.limit]

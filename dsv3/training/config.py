@@ -116,9 +116,15 @@ class TrainConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if not 0 <= self.seed < 2**64:  # (torch's and numpy's generators take no other)
             raise ValueError(f"seed must be in [0, 2^64), got {self.seed}")
+        if self.micro_batch_size < 0:  # (a negative one passed the multiple test and failed later, in the sampler,
+            #                            as "the global batch_size=-2 ...", after the tokenizer and the token cache)
+            raise ValueError(f"micro_batch_size must be >= 0 (0: the batch size), got {self.micro_batch_size}")
         mb = self.micro_batch_size or self.batch_size
         if self.batch_size % mb:
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size ({mb})")
+        if self.batch_start > self.batch_size:  # the ramp grows the batch up to batch_size (it shrank it, and the
+            #                                     first steps ran more rows than the global batch)
+            raise ValueError(f"batch_start ({self.batch_start}) must be <= batch_size ({self.batch_size})")
         if self.batch_start and self.batch_start % mb:
             raise ValueError(f"batch_start ({self.batch_start}) must be a multiple of micro_batch_size ({mb})")
         if self.precision not in ("auto", "fp32", "bf16", "fp8"):
