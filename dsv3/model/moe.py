@@ -406,7 +406,6 @@ class MoE(nn.Module):
         balance = sequence_balance(s_NE.view(B, T, E), idx_NK.view(B, T, -1)) if with_balance else None
         return y, MoEStats(counts, balance)
 
-
     def _shared_in_gemv(self, x_ND: torch.Tensor, idx_NK: torch.Tensor) -> tuple | None:
         """`shared_stacks()` where this call runs the shared experts inside the routed experts' GEMV launches:
         switched on (kernels.set_shared_gemv), the routed experts on their decode GEMV path (local, "auto", decode
