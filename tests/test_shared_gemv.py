@@ -29,8 +29,11 @@ def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 
 
-def _moe(fp8: bool, inter: int = 128, n_shared: int = 2, seed: int = 0) -> MoE:
-    cfg = tiny_cfg(hidden_size=256, moe_intermediate_size=inter, n_shared_experts=n_shared)
+def _moe(fp8: bool, inter: int = 128, n_shared: int = 2, seed: int = 0, *, hidden: int = 256,
+         n_experts: int = 8) -> MoE:
+    """A MoE layer (tiny_cfg's routing) with n_shared shared experts; fp8: FP8 routed and shared weights."""
+    cfg = tiny_cfg(hidden_size=hidden, moe_intermediate_size=inter, n_shared_experts=n_shared,
+                   n_routed_experts=n_experts)
     torch.manual_seed(seed)
     layer = MoE(cfg)
     for p in layer.parameters():

@@ -15,9 +15,8 @@ import torch
 
 from dsv3 import kernels
 from dsv3.kernels.reference import expert_gemv_ref, weight_quant
-from dsv3.model.fp8 import FP8Experts, FP8Linear
 from dsv3.model.moe import MoE
-from tests.conftest import tiny_cfg
+from tests.test_shared_gemv import _moe as _layer
 from tests.test_fp8_experts import interp, numpy24_interpreter  # noqa: F401
 
 
@@ -26,18 +25,7 @@ def _rel(a, b):
 
 
 def _moe(fp8: bool, hidden: int, inter: int, n_shared: int, n_experts: int = 8, seed: int = 0) -> MoE:
-    cfg = tiny_cfg(hidden_size=hidden, moe_intermediate_size=inter, n_shared_experts=n_shared,
-                   n_routed_experts=n_experts)
-    torch.manual_seed(seed)
-    layer = MoE(cfg)
-    for p in layer.parameters():
-        torch.nn.init.normal_(p, std=0.05)
-    if fp8:
-        layer.experts = FP8Experts.from_experts(layer.experts)
-        sh = layer.shared_experts
-        sh.gate_proj, sh.up_proj, sh.down_proj = (FP8Linear.from_linear(m) for m in
-                                                  (sh.gate_proj, sh.up_proj, sh.down_proj))
-    return layer.eval()
+    return _layer(fp8, inter, n_shared, seed, hidden=hidden, n_experts=n_experts)
 
 
 # --- the sm_90 compile of the launches MoE.forward makes (no GPU: Triton's front end and back end on the CPU) ----
