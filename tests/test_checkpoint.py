@@ -667,3 +667,35 @@ def test_random_checkpoint_head_rows_is_checked(tmp_path):
         with pytest.raises(ValueError, match="head_rows must be in 1..vocab_size"):
             save_random_pretrained(tiny_cfg(), tmp_path, head_rows=bad)
     assert not any(tmp_path.iterdir())  # refused before anything is written
+
+
+@pytest.mark.parametrize("shard_bytes", [20_000, None])
+def test_interrupted_resave_leaves_the_previous_checkpoint(tmp_path, monkeypatch, shard_bytes):
+    """A save over an existing checkpoint that fails after writing some files (here: a full disk on the second
+    file) leaves the previous checkpoint loadable and whole: never a mix of old and new tensors, and no
+    partial temporary files."""
+    import dsv3.checkpoints.hf as hf
+
+    cfg = tiny_cfg()
+    old, new = make_model(cfg, seed=0), make_model(cfg, seed=1)
+    kw = {} if shard_bytes is None else {"max_shard_bytes": shard_bytes}
+    save_pretrained(old, tmp_path, **kw)
+    before = _files(tmp_path)
+    real, calls = hf.save_file, []
+
+    def fail_second(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) == 2:
+            with open(path, "wb") as f:  # a partial file, then the disk is full
+                f.write(b"\0" * 100)
+            raise OSError(28, "No space left on device")
+        return real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(hf, "save_file", fail_second)
+    with pytest.raises(OSError):
+        save_pretrained(new, tmp_path, **{"max_shard_bytes": 20_000, **kw})
+    monkeypatch.setattr(hf, "save_file", real)
+    assert _files(tmp_path) == before  # no partial file left behind
+    loaded = load_pretrained(tmp_path).state_dict()
+    for k, v in old.state_dict().items():
+        assert torch.equal(loaded[k], v), k

@@ -119,11 +119,16 @@ def is_fp8_weight(disk_name: str) -> bool:
 
 def _fsync_write_json(obj, path: str) -> None:
     tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        if os.path.isfile(tmp):
+            os.remove(tmp)
+        raise
     os.replace(tmp, path)
 
 
@@ -135,10 +140,15 @@ def _umask() -> int:
 
 def _save_tensors(tensors: dict[str, torch.Tensor], path: str) -> None:
     tmp = path + ".tmp"
-    save_file(tensors, tmp, metadata={"format": "pt"})
-    os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates 0600 files; checkpoints are meant to be shared
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
+    try:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+        os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates 0600 files; checkpoints are meant to be shared
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+    except BaseException:  # (a full disk): no partial file left behind
+        if os.path.isfile(tmp):
+            os.remove(tmp)
+        raise
     os.replace(tmp, path)
 
 
@@ -179,15 +189,26 @@ def save_pretrained(model: Transformer, path: str | os.PathLike, *, dtype: torch
         if os.path.exists(os.path.join(path, INDEX_FILE)):
             os.remove(os.path.join(path, INDEX_FILE))
     else:
-        weight_map, total = {}, 0
-        for i, shard in enumerate(shards):
-            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            _save_tensors(shard, os.path.join(path, fname))
-            for k, v in shard.items():
-                weight_map[k] = fname
-                total += v.numel() * v.element_size()
-        _fsync_write_json({"metadata": {"total_size": total}, "weight_map": weight_map},
-                          os.path.join(path, INDEX_FILE))
+        # the index is the commit point: until it is replaced, the previous checkpoint stays whole, so no shard of
+        # it is overwritten (a save into a directory holding shards of these names writes its own under new ones)
+        fnames = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        if any(os.path.lexists(os.path.join(path, f)) for f in fnames):
+            tag = os.urandom(4).hex()
+            fnames = [f"model-{i + 1:05d}-of-{len(shards):05d}-{tag}.safetensors" for i in range(len(shards))]
+        weight_map, total, written = {}, 0, []
+        try:
+            for fname, shard in zip(fnames, shards):
+                _save_tensors(shard, os.path.join(path, fname))
+                written.append(fname)
+                for k, v in shard.items():
+                    weight_map[k] = fname
+                    total += v.numel() * v.element_size()
+            _fsync_write_json({"metadata": {"total_size": total}, "weight_map": weight_map},
+                              os.path.join(path, INDEX_FILE))
+        except BaseException:  # the previous checkpoint is as it was: remove this save's shards
+            for fname in written:
+                os.remove(os.path.join(path, fname))
+            raise
         stale -= set(weight_map.values())
         if os.path.exists(os.path.join(path, SINGLE_FILE)):
             os.remove(os.path.join(path, SINGLE_FILE))
