@@ -332,9 +332,7 @@ class Preparer:
             # content null stays None beside tool calls: DeepSeek-V3's own template (tokenizer_config.json) renders
             # the calls only when content is none (as "" it rendered an empty turn; the dsv3 template takes both)
             d = {"role": "system" if m.role == "developer" else m.role,
-                 "content": content if content is not None or not m.tool_calls else None}
-            if d["content"] is None and not m.tool_calls:
-                d["content"] = ""
+                 "content": content if content is not None else None if m.tool_calls else ""}
             if m.tool_calls:
                 d["tool_calls"] = [{"type": tc.type, "id": tc.id, "function": {"name": tc.function.name,
                                                                                  "arguments": tc.function.arguments}}

@@ -294,11 +294,11 @@ class _Server:
         self.capacity = engine.max_batch_size + max_queue
         self.max_request_bytes = max_request_bytes
         # a request's tokens (prompt, completion, draft room) must fit the context and the whole cache
+        cache_tokens = engine.cache.num_blocks * engine.cache.block_size
         self.prep = Preparer(tokenizer, Limits(
             model_name, n, max_prompt_tokens=min(max_prompt_tokens or n - 1, n - 1),
-            max_tokens_limit=min(max_tokens_limit or n, n), capacity=self.capacity,
-            cache_tokens=engine.cache.num_blocks * engine.cache.block_size,
-            slot_tokens=engine.cache.num_blocks * engine.cache.block_size // engine.max_batch_size, draft_k=engine.k,
+            max_tokens_limit=min(max_tokens_limit or n, n), capacity=self.capacity, cache_tokens=cache_tokens,
+            slot_tokens=cache_tokens // engine.max_batch_size, draft_k=engine.k,
             vocab_size=engine.model.config.vocab_size, max_token_bytes=_max_token_bytes(tokenizer)), chat_template)
         self.prep_workers = prep_workers
         self.pool: asyncio.Future[ProcessPoolExecutor] | None = None  # started by the first large body

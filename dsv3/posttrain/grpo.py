@@ -320,7 +320,7 @@ class GRPO:
         adv = group_advantages(rewards, cfg.adv_eps).flatten().to(dev)  # (Pl·G,)
         # every rank's rewards, correctness and lengths in their global places (exact: the others add zeros)
         glob = torch.zeros(4, P, G, dtype=torch.float64, device=dev)
-        glob[0, self.p_lo:self.p_hi] = rewards.double().to(dev)
+        glob[0, self.p_lo:self.p_hi] = rewards.to(dev)
         glob[1, self.p_lo:self.p_hi] = correct.view(Pl, G).double().to(dev)
         glob[2, self.p_lo:self.p_hi] = torch.tensor([float(len(o.token_ids)) for o in outs],
                                                     dtype=torch.float64).view(Pl, G).to(dev)

@@ -259,16 +259,17 @@ def _load_data(tc: TrainConfig, mc: ModelConfig, tok_from: str | None, strategy:
     def data():
         tok = DSTokenizer.load(tok_from) if tok_from else get_tokenizer(tc, mc, say)
         show = tc.progress and strategy.is0
-        cache = build_token_cache(tc.data, tok, os.path.join(tc.cache_dir, "tokens"), val_permille=tc.val_permille,
+        main = find_corpus(tc.data)  # (each corpus walked once: the caches take the Corpus)
+        cache = build_token_cache(main, tok, os.path.join(tc.cache_dir, "tokens"), val_permille=tc.val_permille,
                                   fim_rate=tc.fim_rate, fim_seed=tc.seed, progress=show)
         extra = []
-        main = find_corpus(tc.data) if tc.extra_data else None
         for src in tc.extra_data:
-            bad = validation_overlap(main, find_corpus(src), tc.val_permille)
+            corpus = find_corpus(src)
+            bad = validation_overlap(main, corpus, tc.val_permille)
             if bad:  # (trained on, they made the validation loss meaningless, without a word)
                 raise ValueError(f"--extra-data {src}: {len(bad)} of its files hold documents of --data's validation "
                                  f"split (e.g. {bad[0]}): give extra data outside --data, or --val-permille 0")
-            e = build_token_cache(src, tok, os.path.join(tc.cache_dir, "tokens"), val_permille=0,
+            e = build_token_cache(corpus, tok, os.path.join(tc.cache_dir, "tokens"), val_permille=0,
                                   fim_rate=tc.fim_rate, fim_seed=tc.seed, progress=show)
             say(f"extra training data: {e.meta['source']}: {e.meta['splits']['train']['n_tokens']:,} tokens")
             extra.append(e)
