@@ -242,7 +242,7 @@ def set_shared_gemv(on: bool) -> bool:
     """Let the automatic choice run the shared experts inside the routed experts' two decode GEMV launches (MoE.
     forward, where the routed experts take `expert_gemv`: batch 1): two launches a MoE layer fewer; the shared part
     is then the fp32 sum of its n_shared experts' rounded outputs instead of one rounded product. Process-wide;
-    returns the previous setting. Off by default until measured on a GPU. As `set_dense_gemv` for compiled steps
+    returns the previous setting. Off by default: slower on an H100 (backend.SWITCHED's note). As `set_dense_gemv` for compiled steps
     and CUDA graphs."""
     return _switch("shared_gemv", on)
 

@@ -115,7 +115,8 @@ PENDING: set[str] = set()
 # 3,420.8 against 3,653.5; head_gemv does not apply above one row), hence its row limit. Both on.
 WEIGHTS_16BIT = "16-bit weights"
 # "shared_gemv" (the shared experts inside the routed experts' two GEMV launches: two launches a MoE layer fewer at
-# batch 1): off until a GPU measures it (written after the ninth session's device time was spent).
+# batch 1): off, measured slower on an H100 (2026-12-05, tenth session, 16b graphs + compile, one call): batch 1
+# bf16 374.1 against 385.7 tok/s, FP8 426.4 against 459.5; batch 32 (where it does not apply) 2,600.9 / 2,591.7.
 SWITCHED: dict[str, bool | str] = {"dense_gemv": True, "head_gemv": True, "latent_store": True,
                                    "moe_gemm": True, "pdl": True, "mla_uv": True, "shared_gemv": False}
 # ops that follow another op's switch: the dense SwiGLU's fused gate+up GEMV is one of the dense decode GEMVs
