@@ -12,7 +12,6 @@ Each call of a graph draws other experts (a new random top-k per token, cycling 
 weights come from HBM, as in a decode step where gigabytes of other weights pass between two uses of an expert:
 before 2026-12-05 (ninth session) every call reused one draw, and 6 FP8 experts (52 MB) sat largely in the H100's
 50 MB L2 (the sweep's 12.5 / 6.3 us for gate+up / down were 17.2 / 10.8 us inside the decode step, the profile).
---dot (with --fp8-only) sweeps the tensor-core form of the e4m3 GEMV (DOT=True: BN, warps, pipeline stages) instead.
 --shared also sweeps the shared experts' one-row SwiGLU (`swiglu_gemv`: one (n_shared x I, D) matrix pair, cycled
 through copies of 128 MiB in all). --json PATH writes each part's best config, which `bench/decode_gpu.py
 --gemv-configs PATH` runs in its +tuned modes.
@@ -52,14 +51,9 @@ DRAWS = 16  # expert draws (and shared-weight copies, up to ROTATE_BYTES) cycled
 ROTATE_BYTES = 128 << 20
 
 
-def sweep_grid(fp8_only: bool, quick: bool, dot: bool = False) -> dict | list[dict]:
+def sweep_grid(fp8_only: bool, quick: bool) -> dict | list[dict]:
     """The configs: a product over these values (bf16 and mixed runs), or for e4m3 alone the tiles of at most
-    8192 fp32 accumulator elements per matrix (BN x KU x 128; beyond, the fused gate+up kernel spills at 4 warps);
-    with `dot` (e4m3 only) the tensor-core form's tiles and pipeline depths (_gemv_dot_kernel)."""
-    if dot:
-        assert fp8_only, "--dot sweeps the e4m3 experts' tensor-core form: with --fp8-only"
-        return [dict(DOT=True, BN=bn, num_warps=w, num_stages=st, KU=1, PREFETCH=False)
-                for bn in (16, 32, 64, 128) for w in (4, 8) for st in ((2, 4) if quick else (2, 3, 4, 6))]
+    8192 fp32 accumulator elements per matrix (BN x KU x 128; beyond, the fused gate+up kernel spills at 4 warps)."""
     if not fp8_only:
         return (dict(BN=[8, 16, 32, 64], KU=[1, 2, 4], num_warps=[2, 4, 8], PREFETCH=[True, False]) if not quick
                 else dict(BN=[8, 16, 32], KU=[1, 2], num_warps=[4], PREFETCH=[True, False]))
@@ -80,7 +74,6 @@ def main() -> None:
     ap.add_argument("--fp8-only", action="store_true", help="the e4m3 experts only (not the bf16 ones)")
     ap.add_argument("--quick", action="store_true", help="a smaller sweep")
     ap.add_argument("--shared", action="store_true", help="also the shared experts' one-row SwiGLU (swiglu_gemv)")
-    ap.add_argument("--dot", action="store_true", help="with --fp8-only: sweep the tensor-core form (DOT=True)")
     ap.add_argument("--json", default=None, help="write each part's best config (and every timing) to this file")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -97,7 +90,7 @@ def main() -> None:
     fp8 = FP8Experts.from_experts(dense).cuda() if args.fp8 or args.fp8_only else None  # (before .bfloat16(): in place)
     stores = ([] if args.fp8_only else [("bf16", dense.bfloat16().cuda())])
     stores += [("fp8", fp8)] if fp8 is not None else []
-    grid = configs(sweep_grid(args.fp8_only, args.quick, args.dot))
+    grid = configs(sweep_grid(args.fp8_only, args.quick))
     out = {"card": torch.cuda.get_device_name(), "copy_bw": bw, "best": [], "timings": []}
 
     def record(name, part, M, N, c, t):

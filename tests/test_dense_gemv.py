@@ -129,6 +129,28 @@ def test_pdl_on_by_default_and_only_on_sm90_cuda_outside_the_interpreter(monkeyp
     assert kb.switches_from_env("pdl=off") == {"pdl": False}
 
 
+def test_inductor_pdl_off_by_default_and_only_with_dsv3s(monkeypatch):
+    """graphs.INDUCTOR_PDL (inductor's kernels of a compiled decode step on PDL): off, since a capture failed with it on
+    (its comment); where switched on it still applies only where dsv3's kernels use PDL and the torch has the option."""
+    import torch._inductor.config as ic
+
+    from dsv3.inference import graphs
+
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(kb, "_probes", {("capability", 0): (9, 0)})
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert graphs.INDUCTOR_PDL is False and graphs._inductor_options(gpu) is None
+    monkeypatch.setattr(graphs, "INDUCTOR_PDL", True)
+    has = hasattr(ic.triton, "enable_pdl")
+    assert graphs._inductor_options(gpu) == ({"triton.enable_pdl": True} if has else None)
+    assert graphs._inductor_options(torch.device("cpu")) is None
+    old = kernels.set_pdl(False)
+    try:
+        assert graphs._inductor_options(gpu) is None
+    finally:
+        kernels.set_pdl(old)
+
+
 def test_rule_decode_rows_dtypes_layout_gradients_autocast(monkeypatch):
     fits = kb._dense_gemv_fits
     x, w = torch.randn(1, 1, 64, dtype=BF16), torch.randn(32, 64, dtype=BF16)

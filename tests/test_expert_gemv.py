@@ -121,30 +121,6 @@ def test_interp_kernel_vs_reference(fp8, fused, BN, KU, prefetch):
     assert _rel(got, want) < 2e-3, _rel(got, want)  # fp16 output rounding
 
 
-@interp
-@pytest.mark.parametrize("fused", [False, True])
-@pytest.mark.parametrize("BN", [16, 64, 128])
-@pytest.mark.parametrize("one", [False, True])
-def test_interp_dot_form_vs_reference(fused, BN, one):
-    """The tensor-core form (DOT=True, _gemv_dot_kernel) on e4m3 weights: partial K and N blocks, rows with expert
-    -1, x_div 2, the one-matrix (shared experts') launch; and the FMA form's refusals it keeps."""
-    from dsv3.kernels import expert_gemv_triton as k
-
-    g = torch.Generator().manual_seed(7)
-    E, N, K, T = (1 if one else 3), 200, 3 * 128 + 8, 3
-    (w, s), (u, us) = _quant_stack(torch.randn(E, N, K, generator=g)), _quant_stack(torch.randn(E, N, K, generator=g))
-    x = torch.randn(T, K, generator=g).half()
-    expert, x_div = (None, 1) if one else (torch.tensor([2, -1, 0, 1, 2, -1]), 2)
-    args = (u, us) if fused else (None, None)
-    got = k.launch(x, w, s, expert, x_div, *args, DOT=True, BN=BN, num_warps=4, num_stages=2)
-    want = expert_gemv_ref(x, w, s, torch.zeros(T, dtype=torch.long) if one else expert, x_div, *args)
-    assert _rel(got, want) < 2e-3, _rel(got, want)
-    if not one:
-        assert torch.equal(got[1], torch.zeros(N)) and torch.equal(got[5], got[1])
-    with pytest.raises(AssertionError, match="DOT"):
-        k.launch(x, w, s, expert, x_div, *args, DOT=True, BN=8, num_warps=4)
-
-
 def test_fp8_default_config_fills_the_gpu():
     """e4m3: KU 2 without prefetch, BN the largest of 32 / 16 / 8 giving FP8_PROGRAMS programs (M x N / BN), else
     8; measured on an H100 (default_config's docstring). bf16 keeps its H200 config whatever the shape."""

@@ -48,12 +48,16 @@ import torch
 from dsv3 import kernels
 from dsv3.kernels import backend as kernel_backend
 
-# Inductor's generated kernels of a compiled decode step launch with programmatic dependent launch too where dsv3's
-# do (kernels.set_pdl, on by default on compute capability 9.0+) and the torch has the option
-# (torch._inductor.config.triton.enable_pdl: 2.11 and later). Measured on the H200, 16b batch 1, graphs + compile
-# (bench/decode_gpu.py, bench/RESULTS.md 2026-12-05): with dsv3's kernels on PDL, 365.8 -> 369.2 tok/s in one run and
-# 388.0 -> 417.8 in the next; alone (dsv3's off) it lost, 360.4 -> 340.0. The bench's +ipdl / +noipdl modes set it.
-INDUCTOR_PDL = True
+# INDUCTOR_PDL: inductor's generated kernels of a compiled decode step launch with programmatic dependent launch too,
+# where dsv3's do (kernels.set_pdl, on by default on compute capability 9.0+) and the torch has the option
+# (torch._inductor.config.triton.enable_pdl: 2.11 and later). OFF: on an H100 (2026-12-05, tenth session, torch 2.11,
+# bench/RESULTS.md) a CUDA-graph capture of a compiled step failed with it on (cudaErrorStreamCaptureInvalidated, at
+# the first dsv3 launch after inductor's kernels) when other compiled engines had captured before in the same process
+# (tests/test_gpu_expert_gemv.py, test_gpu_dense_gemv.py, test_gpu_head_gemv.py -k graph, in that order: twice),
+# and passed with it off, dsv3's kernels still on PDL; what it bought is gone on today's path (16b batch 1, one
+# machine: FP8 459.5 on / 459.2 off, bf16 363.8 on / 377.9 off). It was on from the H200's 388.0 -> 417.8 tok/s
+# (and 365.8 -> 369.2 in another run) on the path of that day. The bench's +ipdl / +noipdl modes set it.
+INDUCTOR_PDL = False
 
 
 def _inductor_options(device: torch.device) -> dict | None:

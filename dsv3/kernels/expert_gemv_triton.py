@@ -138,64 +138,6 @@ def _gemv_kernel(x_ptr, w_ptr, ws_ptr, u_ptr, us_ptr, e_ptr, y_ptr, N, K, KB, x_
     tl.store(y_ptr + m * sym + rn, y.to(y_ptr.dtype.element_ty), mask=rn < N)
 
 
-@triton.jit
-def _gemv_dot_kernel(x_ptr, w_ptr, ws_ptr, u_ptr, us_ptr, e_ptr, y_ptr, N, K, KB, x_div, sxm, swe, swn, sse, ssn, sym,
-                     HAS_SCALE: tl.constexpr, FUSED_UP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                     ONE_EXPERT: tl.constexpr = False, PDL: tl.constexpr = False, XN: tl.constexpr = 16):
-    """The DOT form (config DOT=True; e4m3 weights): the same rows through the tensor cores. Each 128-wide K block's
-    e4m3 tile (BN, 128) is widened to x's dtype (exact: every e4m3 value is a bf16 / fp16 value) and multiplied by
-    an (128, XN) matrix whose column 0 is x's block and the rest zeros, fp32 accumulation, then times the block's
-    scale: acc += (w[nb, kb] · x[kb]) · s[nb, kb], the sum `expert_gemv_ref` defines (products exact, fp32 sums in
-    another order). Why: the FMA form spends per weight element an e4m3 -> fp32 conversion, a multiply-add and its
-    share of x·s; here the multiply-adds go to the idle tensor cores, and the loop's loads go through shared memory,
-    which Triton's software pipeline keeps num_stages blocks ahead (the FMA form cannot: its loads feed registers).
-    Same grid and row rules as _gemv_kernel (a row with expert < 0 reads nothing and writes 0)."""
-    m = tl.program_id(0).to(tl.int64)
-    pn = tl.program_id(1)
-    if PDL:
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
-    if ONE_EXPERT:
-        e = tl.zeros((), dtype=tl.int64)
-    else:
-        e = tl.load(e_ptr + m).to(tl.int64)
-    kb_end = tl.where(e >= 0, KB, 0)
-    e = tl.maximum(e, 0)
-    rn = pn * BN + tl.arange(0, BN)
-    nb = (pn * BN) // BK  # BN divides 128: the tile lies in one scale row
-    rk = tl.arange(0, BK)
-    n_ok = rn[:, None] < N
-    w_rows = w_ptr + e * swe + rn[:, None].to(tl.int64) * swn + rk[None, :]
-    u_rows = u_ptr + e * swe + rn[:, None].to(tl.int64) * swn + rk[None, :]
-    ws_row = ws_ptr + e * sse + nb * ssn
-    us_row = us_ptr + e * sse + nb * ssn
-    x_row = x_ptr + (m // x_div) * sxm
-    col0 = tl.arange(0, XN)[None, :] == 0
-    acc = tl.zeros((BN, XN), dtype=tl.float32)
-    acc_u = tl.zeros((BN, XN), dtype=tl.float32)
-    for kb in range(0, kb_end):
-        k = kb * BK + rk
-        k_ok = k < K
-        x = tl.load(x_row + k, mask=k_ok, other=0.0)
-        xm = tl.where(col0, x[:, None], tl.zeros((BK, XN), dtype=x.dtype))  # (128, XN): x in column 0
-        w = tl.load(w_rows + kb * BK, mask=n_ok & k_ok[None, :], other=0.0)
-        d = tl.dot(w.to(x.dtype), xm)  # (BN, XN) fp32
-        if HAS_SCALE:
-            d = d * tl.load(ws_row + kb)
-        acc += d
-        if FUSED_UP:
-            u = tl.load(u_rows + kb * BK, mask=n_ok & k_ok[None, :], other=0.0)
-            d_u = tl.dot(u.to(x.dtype), xm)
-            if HAS_SCALE:
-                d_u = d_u * tl.load(us_row + kb)
-            acc_u += d_u
-    y = tl.sum(acc, axis=1)  # column 0 (the others are 0)
-    if FUSED_UP:
-        y_u = tl.sum(acc_u, axis=1)
-        y = y * tl.sigmoid(y) * y_u
-    tl.store(y_ptr + m * sym + rn, y.to(y_ptr.dtype.element_ty), mask=rn < N)
-
-
 # e4m3 weights: programs wanted per launch (BN is the largest of FP8_BNS giving at least this many)
 FP8_PROGRAMS = 256
 FP8_BNS = (32, 16, 8)
@@ -253,15 +195,6 @@ def launch(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None, expert: tor
         expert = (expert if expert.dtype in (torch.int32, torch.int64) else expert.long()).contiguous()
     grid = (M, triton.cdiv(N, cfg["BN"]))
     pdl = backend.pdl(x.device)
-    if cfg.get("DOT") and extra is None:  # the tensor-core form (_gemv_dot_kernel); a second stack takes the FMA form
-        assert cfg["BN"] >= 16 and x.dtype in (torch.bfloat16, torch.float16), \
-            "DOT: BN >= 16 (an MMA tile) and 16-bit x (the MMA's operand type)"
-        _gemv_dot_kernel[grid](x, w, s, u, us, expert, y, N, K, triton.cdiv(K, BLOCK), x_div, x.stride(0),
-                               w.stride(0), w.stride(1), s.stride(0) if has_scale else 0,
-                               s.stride(1) if has_scale else 0, y.stride(0), HAS_SCALE=has_scale, FUSED_UP=fused,
-                               BN=cfg["BN"], BK=BLOCK, ONE_EXPERT=one, PDL=pdl, num_warps=cfg["num_warps"],
-                               num_stages=cfg.get("num_stages", 3), launch_pdl=pdl)
-        return y
     if extra is not None:  # the second stack: its pointers and strides (scales and up as the first's: placeholders)
         w2, s2, u2, us2 = extra
         s2 = s2 if has_scale else w2
