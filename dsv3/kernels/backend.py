@@ -103,8 +103,9 @@ PENDING: set[str] = set()
 # FP8 batch 32 at 3,464 with moe_gemm against 1,672 without (the per-row kernel re-reads each expert for every
 # pair; bf16 batch 32: 2,536): on for every dtype. "pdl" is not an op but the decode kernels' launch
 # option (`pdl` below): on, where the GPU has it. The H200 (16b, graphs + compile, 2026-12-05, bench/RESULTS.md):
-# batch 1 360.4 tok/s without it, 365.8 with it, 369.2 with inductor's kernels launched so too (first run); 388.0 with it on
-# dsv3's kernels only, 417.8 on both, 348.8 with neither and two tiles per MLA split (second run); batches 32 / 128:
+# batch 1 360.4 tok/s without it, 365.8 with it, 369.2 with inductor's kernels launched so too (first run); 388.0
+# with it on dsv3's kernels only, 417.8 on both (inductor's since off: graphs.INDUCTOR_PDL), 348.8 with neither and
+# two tiles per MLA split (second run); batches 32 / 128:
 # 3,211 / 10,562 with it, 3,261 / 10,589 without (third run); FP8 batch 1 338.8 -> 380.6. DSV3_KERNELS or
 # kernels.set_* turn any of them on (every dtype) or off. "head_gemv" (absorbed MLA's W_UK / W_UV products as per-head
 # GEMVs at one row) and "mla_uv" (the attention's merge and W_UV in one launch, one row: MLA_UV_ROWS) were off, not
