@@ -569,6 +569,22 @@ def test_bad_train_config(env, tmp_path, kw, match):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.parametrize("kw, match", [
+    (dict(fim_rate=1.5), r"fim_rate must be in \[0, 1\]"),
+    (dict(fim_rate=-0.1), r"fim_rate must be in \[0, 1\]"),
+    (dict(fim_rate=float("nan")), r"fim_rate must be in \[0, 1\]"),
+    (dict(val_permille=2000), r"val_permille must be in \[0, 1000\]"),
+    (dict(val_permille=-5), r"val_permille must be in \[0, 1000\]"),
+])
+def test_data_settings_checked_with_the_config(kw, match):
+    """--fim-rate / --val-permille out of range are refused by TrainConfig.validate, before any data work (they were
+    caught only by build_token_cache, after a BPE had been trained on the corpus; --val-permille 2000 said 'no
+    training text ... in the held-out split')."""
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(out_dir="unused", **kw).validate()
+    TrainConfig(out_dir="unused", fim_rate=1.0, val_permille=1000).validate()  # the bounds themselves are fine
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")
 def test_cuda_requested_without_cuda(env, tmp_path):
     with pytest.raises(ValueError, match="CUDA is not available"):

@@ -142,6 +142,11 @@ class TrainConfig:
             if not (math.isfinite(v) and v >= 0):
                 what = " (0: no clipping)" if name == "grad_clip" else ""
                 raise ValueError(f"{name} must be a finite number >= 0{what}, got {v}")
+        # (checked by build_token_cache too, but only after a BPE had been trained on the corpus)
+        if not 0.0 <= self.fim_rate <= 1.0:  # (NaN fails it)
+            raise ValueError(f"fim_rate must be in [0, 1], got {self.fim_rate}")
+        if not 0 <= self.val_permille <= 1000:
+            raise ValueError(f"val_permille must be in [0, 1000], got {self.val_permille}")
         for name in ("tokens", "batch_ramp_steps", "batch_start", "eval_every", "save_every", "keep"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
