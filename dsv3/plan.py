@@ -4,9 +4,11 @@ other number is a formula written out below. The worst rank (most memory) is rep
 
 Layout (paper §3): gpus = pp × dp; pipeline stage s is held by dp ranks; expert parallelism is
 carved from those dp ranks (ep | dp): a layer's routed experts are split over ep ranks and each
-expert is replicated over dp/ep ranks ("expert dp"). No TP. Stages take ceil((L + D)/pp) blocks
-(L main layers + D MTP modules); the stages holding the embedding / head get one block fewer when
-the count does not divide. 1F1B: rank r holds stage r; DualPipe: rank r holds stages r and pp-1-r
+expert is replicated over dp/ep ranks ("expert dp"). No TP. 1F1B and DualPipeV: the stages as dsv3 train
+places them (dsv3.distributed.pipeline.PipelineConfig.split): the L main layers split evenly (the remainder
+one each to the earliest stages), the D MTP modules on the last stage with the head; every stage needs a
+main layer. DualPipe (not run by dsv3): stages take ceil((L + D)/pp) blocks; the stages holding the
+embedding / head get one block fewer when the count does not divide. 1F1B: rank r holds stage r; DualPipe: rank r holds stages r and pp-1-r
 (two copies of the parameters, Table 2), so the embedding, head and MTP sit on rank 0. DualPipeV (the
 "cut in half" DualPipe that `dsv3 train --pp-schedule dualpipev` runs): 2·pp stages in a V, rank r holds
 stages r and 2·pp-1-r (one copy; rank 0 holds the embedding, head and MTP).
@@ -105,6 +107,9 @@ class PlanConfig:
         need(dp * self.pp == self.gpus, f"pp ({self.pp}) x dp ({dp}) = {self.pp * dp} != gpus ({self.gpus})")
         need(self.pp <= n_blocks, f"pp ({self.pp}) > layers to place ({cfg.num_hidden_layers} main + "
                                   f"{cfg.num_nextn_predict_layers} MTP = {n_blocks}): a stage would be empty")
+        L = cfg.num_hidden_layers
+        need(self.schedule != "1f1b" or self.pp <= L, f"1f1b: pp ({self.pp}) > num_hidden_layers ({L}): dsv3 train "
+                                                      "gives every stage >= 1 main layer")
         E = cfg.n_routed_experts
         need(self.ep == 1 or E > 0, f"ep ({self.ep}) > 1 but the model has no routed experts")
         need(E == 0 or E % self.ep == 0, f"ep ({self.ep}) does not divide n_routed_experts ({E})")
@@ -118,12 +123,13 @@ class PlanConfig:
         for k in ("master_dtype", "grad_dtype", "optim_dtype"):
             need(getattr(self, k) in DTYPE_BYTES, f"{k} must be one of {list(DTYPE_BYTES)}, got {getattr(self, k)!r}")
         gb = self.global_batch if self.global_batch is not None else dp * self.micro_batch
+        need(isinstance(gb, int) and gb >= 1, f"global_batch must be an integer >= 1, got {gb!r}")
         need(gb % (dp * self.micro_batch) == 0, f"global_batch ({gb}) is not divisible by dp ({dp}) x "
                                                 f"micro_batch ({self.micro_batch})")
         if self.schedule == "dualpipev":
             need(self.pp >= 2, f"dualpipev needs pp >= 2 (pp ranks hold 2 x pp stages in a V), got pp = {self.pp}")
-            need(2 * self.pp <= n_blocks, f"dualpipev places 2 x pp ({2 * self.pp}) stages but there are {n_blocks} "
-                                          "layers to place: a stage would be empty")
+            need(2 * self.pp <= L, f"dualpipev places 2 x pp ({2 * self.pp}) stages but there are {L} main "
+                                   "layers to place (dsv3 train gives every stage >= 1): a stage would be empty")
             need(gb // (dp * self.micro_batch) >= 2 * self.pp,
                  f"dualpipev needs at least its 2 x pp ({2 * self.pp}) stages' micro-batches per rank, got "
                  f"{gb // (dp * self.micro_batch)}")
@@ -158,6 +164,19 @@ def _counts(cfg: ModelConfig) -> _Counts:
     D, V = cfg.hidden_size, cfg.vocab_size
     return _Counts(cfg, {k: block_params(cfg, k) for k in ("dense", "moe", "mtp")},
                    cfg.num_hidden_layers + cfg.num_nextn_predict_layers, V * D, V * D + D)
+
+
+def _dsv3_stages(L: int, D: int, S: int) -> list[range]:
+    """Block index ranges per stage as dsv3 train places them (dsv3.distributed.pipeline.PipelineConfig.split):
+    the L main layers split evenly, the remainder one each to the earliest stages; the D MTP modules on the
+    last stage (with the head)."""
+    q, rem = divmod(L, S)
+    out, i = [], 0
+    for s in range(S):
+        n = q + (1 if s < rem else 0)
+        out.append(range(i, i + n + (D if s == S - 1 else 0)))
+        i += n
+    return out
 
 
 def _stages(n: int, pp: int) -> list[range]:
@@ -251,7 +270,9 @@ def plan(model_cfg: ModelConfig, pcfg: PlanConfig, name: str = "model") -> PlanR
     D, K, V = model_cfg.hidden_size, model_cfg.num_experts_per_tok, model_cfg.vocab_size
     V_shape = c.schedule == "dualpipev"
     S = 2 * pp if V_shape else pp  # stages
-    stages = _stages(n_blocks, S)
+    # DualPipe (the paper's, not run by dsv3): balanced; 1F1B and DualPipeV: dsv3 train's own split
+    stages = (_stages(n_blocks, S) if c.schedule == "dualpipe" else
+              _dsv3_stages(model_cfg.num_hidden_layers, model_cfg.num_nextn_predict_layers, S))
     has_mtp = model_cfg.num_nextn_predict_layers > 0
     gbytes, mbytes, obytes = (DTYPE_BYTES[c.grad_dtype], DTYPE_BYTES[c.master_dtype], 2 * DTYPE_BYTES[c.optim_dtype])
     if c.weight_dtype == "fp32":  # fp32 working weights are the masters (dsv3: a ZeRO chunk is a piece of them)

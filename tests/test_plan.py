@@ -75,6 +75,8 @@ def test_tiny_on_one_gpu():
     (dict(gpus=32, pp=2, dp=8), "!= gpus"),
     (dict(gpus=64, pp=16, ep=8), "does not divide the data-parallel degree"),
     (dict(gpus=64, pp=2, schedule="dualpipe", global_batch=96), "even number of micro-batches"),
+    (dict(gpus=8, global_batch=0), r"global_batch must be an integer >= 1, got 0"),  # was 0 micro-batches
+    (dict(gpus=8, global_batch=-8), r"global_batch must be an integer >= 1, got -8"),  # negative activations
 ])
 def test_invalid_layouts(v3, kw, msg):
     with pytest.raises(PlanError, match=msg):
@@ -118,3 +120,33 @@ def test_dualpipev_holds_one_copy_in_a_v():
         plan(cfg, PlanConfig(gpus=1, pp=1, seq_len=16, global_batch=4, schedule="dualpipev"))
     with pytest.raises(PlanError, match=r"dualpipev needs at least its 2 x pp \(4\) stages' micro-batches"):
         plan(cfg, PlanConfig(**{**base, "global_batch": 2}, schedule="dualpipev"))
+
+
+@pytest.mark.parametrize("pp,schedule", [(4, "1f1b"), (2, "dualpipev")])
+def test_stages_are_those_dsv3_train_builds(pp, schedule):
+    """1F1B and DualPipeV: the planner's worst rank holds the parameters of the stages dsv3 train builds
+    (PipelineConfig.split: main layers evenly, the remainder to the earliest stages, MTP with the head on the
+    last stage; Transformer.part), counted on a meta model. It used to split main + MTP blocks evenly with the
+    outer stages shorter: tiny, 1F1B pp 4 planned [1, 1, 2, MTP alone] where dsv3 builds [1, 1, 1, 1 + MTP]."""
+    from dsv3.distributed.pipeline import PipelineConfig
+    from dsv3.model import build_model
+
+    cfg = preset("tiny")
+    model = build_model(cfg, device="meta")
+    pc = PipelineConfig(pp=pp, schedule=schedule, n_microbatches=2 * pp)
+    ranges, S, owner = pc.split(cfg.num_hidden_layers), pc.n_stages, pc.stage_ranks()
+    held = {}
+    for r in range(pp):
+        params = {}
+        for s in (s for s in range(S) if owner[s] == r):
+            part = model.part(ranges[s], embed=s in (0, S - 1), head=s == S - 1, mtp=s == S - 1)
+            params.update({id(p): p.numel() for p in part.parameters()})
+        held[r] = sum(params.values()) + sum(b.numel() for n, b in model.named_buffers() if "correction_bias" in n
+                                             and _stage_of(n, ranges, cfg) in [s for s in range(S) if owner[s] == r])
+    res = plan(cfg, PlanConfig(gpus=pp, pp=pp, schedule=schedule, zero=0, seq_len=8, global_batch=2 * pp))
+    assert res.n_params == held[res.rank] == max(held.values())
+
+
+def _stage_of(buffer_name: str, ranges, cfg) -> int:
+    kind, i = buffer_name.split(".")[:2]
+    return len(ranges) - 1 if kind == "mtp" else next(s for s, rg in enumerate(ranges) if int(i) in rg)
