@@ -2,15 +2,15 @@
 scales that cannot run here. Parameter counts come from dsv3.info's arithmetic (no model is built); every
 other number is a formula written out below. The worst rank (most memory) is reported.
 
-Layout (paper §3): gpus = pp × dp; pipeline stage s is held by dp ranks; expert parallelism is
-carved from those dp ranks (ep | dp): a layer's routed experts are split over ep ranks and each
-expert is replicated over dp/ep ranks ("expert dp"). No TP. 1F1B and DualPipeV: the stages as dsv3 train
-places them (dsv3.distributed.pipeline.PipelineConfig.split): the L main layers split evenly (the remainder
-one each to the earliest stages), the D MTP modules on the last stage with the head; every stage needs a
-main layer. DualPipe (not run by dsv3): stages take ceil((L + D)/pp) blocks; the stages holding the
-embedding / head get one block fewer when the count does not divide. 1F1B: rank r holds stage r; DualPipe: rank r holds stages r and pp-1-r
-(two copies of the parameters, Table 2), so the embedding, head and MTP sit on rank 0. DualPipeV (the
-"cut in half" DualPipe that `dsv3 train --pp-schedule dualpipev` runs): 2·pp stages in a V, rank r holds
+Layout (paper §3): gpus = pp × dp; pipeline stage s is held by dp ranks; expert parallelism is carved from
+those dp ranks (ep | dp): a layer's routed experts are split over ep ranks and each expert is replicated over
+dp/ep ranks ("expert dp"). No TP. 1F1B and DualPipeV: the stages as dsv3 train places them
+(dsv3.distributed.pipeline.PipelineConfig.split): the L main layers split evenly (the remainder one each to
+the earliest stages), the D MTP modules on the last stage with the head; every stage needs a main layer.
+DualPipe (not run by dsv3): stages take ceil((L + D)/pp) blocks; the stages holding the embedding / head get
+one block fewer when the count does not divide. 1F1B: rank r holds stage r; DualPipe: rank r holds stages r
+and pp-1-r (two copies of the parameters, Table 2), so the embedding, head and MTP sit on rank 0. DualPipeV
+(the "cut in half" DualPipe that `dsv3 train --pp-schedule dualpipev` runs): 2·pp stages in a V, rank r holds
 stages r and 2·pp-1-r (one copy; rank 0 holds the embedding, head and MTP).
 
 Bytes per parameter (defaults = the paper's recipe, §3.3.3, used for every preset): working
