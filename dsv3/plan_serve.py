@@ -17,8 +17,10 @@ Layout: N GPUs (--gpus) of G GiB (--gpu-mem).
                    and its correction bias, the MTP eh_proj. Refused when the heads are not divisible by T.
   embedding, head  replicated on every rank (not vocab-parallel: the conservative choice; a vocab-parallel
                    head over the TP group would save (T - 1)/T of it).
-  MTP              --mtp: the MTP module(s) are held (their embedding and head are the main model's, as
-                   in dsv3.model) and their attention adds cache layers; off by default.
+  MTP              held where the model has MTP modules, as `dsv3 serve` holds them (dsv3.model builds them
+                   from the checkpoint, PagedLatentCache.for_model keeps their cache layers); their
+                   embedding and head are the main model's; their attention adds cache layers. --no-mtp plans
+                   without them (a checkpoint stripped of its MTP layers), --mtp insists on them.
 
 Weight bytes (--weights): fp8 = the official FP8 set (SPEC §9, dsv3.checkpoints.hf.is_fp8_weight: every
 attention and FFN projection incl. shared and routed experts, except the MTP eh_proj) in e4m3, 1 byte per
@@ -27,7 +29,7 @@ matrix, per rank's shard), everything else bf16; bf16 = every tensor at 2 bytes.
 fp32 in the checkpoint, is counted at 2 bytes: E values per layer.)
 
 Cache (the latent cache, dsv3.inference.cache.PagedLatentCache): bytes per token = (num_hidden_layers
-(+ MTP layers with --mtp)) x (kv_lora_rank + qk_rope_head_dim) x 2 (bf16). Each rank keeps the cache of
+(+ the MTP layers held)) x (kv_lora_rank + qk_rope_head_dim) x 2 (bf16). Each rank keeps the cache of
 its own sequences. Data-parallel attention: the sequences are split over the N ranks. TP attention: the
 latent is shared by all heads, so every rank of a TP group keeps the whole cache of the group's
 sequences (replicated, not split): N / T distinct caches.
@@ -65,7 +67,8 @@ class ServePlanConfig:
                                 "(E + R) / gpus)")
     weights: str = setting("fp8", "--serve: weight dtype: fp8 = the official FP8 set (e4m3 + fp32 128x128 scales), "
                                   "the rest bf16; bf16 = everything bf16", choices=("fp8", "bf16"))
-    mtp: bool = setting(False, "--serve: hold the MTP module(s) too (weights and cache layers)")
+    mtp: bool | None = setting(None, "--serve: the MTP module(s) held (weights and cache layers): by default where "
+                                     "the model has them, as dsv3 serve does; --no-mtp: planned without them")
     mem_fraction: float = setting(0.9, "--serve: fraction of the GPU memory the server may use")
     reserve_gib: float = setting(4.0, "--serve: GiB kept for activations and workspaces (an estimate)")
     context: int = setting(4096, "--serve: tokens per sequence (prompt + output) for the largest batch")
@@ -140,11 +143,12 @@ class ServePlanResult:
     ep: int
     dp_groups: int  # N / T distinct caches
     experts_per_gpu: int  # routed experts per MoE layer per GPU (redundant slots included)
-    moe_layers: int  # MoE layers held (MTP included with --mtp)
+    moe_layers: int  # MoE layers held (the MTP modules' included where held)
     weights: dict = field(default_factory=dict)  # bytes per GPU by component
     params_per_gpu: int = 0
     cache_bytes_per_token: int = 0
     cache_layers: int = 0
+    main_layers: int = 0  # (cache_layers - main_layers: the MTP modules held)
     usable_bytes: float = 0.0
     reserve_bytes: float = 0.0
     free_bytes: float = 0.0
@@ -168,7 +172,7 @@ class ServePlanResult:
         rows = [("model", self.model),
                 ("layout", f"{self.gpus} x {self.gpu_mem_gib:g} GiB; EP{self.ep} ({self.experts_per_gpu} routed "
                            f"experts/GPU/layer, {c.redundant} redundant); attention {attn}; embedding/head "
-                           f"replicated; MTP {'held' if c.mtp else 'not held'}"),
+                           f"replicated; MTP {'held' if self.cache_layers > self.main_layers else 'not held'}"),
                 (f"weights per GPU ({c.weights})", f"{self.params_per_gpu / 1e9:.2f}B parameters")]
         rows += [(f"  {k}", f"{v / GiB:9.2f} GiB") for k, v in self.weights.items()]
         rows += [("  total", f"{self.weight_bytes / GiB:9.2f} GiB ({self.weight_bytes / 1e9:.1f} GB)"),
@@ -220,7 +224,9 @@ def plan_serve(cfg: ModelConfig, sc: ServePlanConfig, gpus: int, gpu_mem_gib: fl
     per_gpu = (E + R) // ep if E else 0
 
     fp8 = sc.weights == "fp8"
-    n_mtp = cfg.num_nextn_predict_layers if sc.mtp else 0
+    need(sc.mtp is not True or cfg.num_nextn_predict_layers > 0, "--mtp, but the model has no MTP modules "
+                                                                  "(num_nextn_predict_layers = 0)")
+    n_mtp = cfg.num_nextn_predict_layers if sc.mtp is not False else 0  # None: as dsv3 serve, where the model has them
     L, n_moe = cfg.num_hidden_layers, cfg.num_moe_layers()
     blocks = {"dense": L - n_moe, "moe": n_moe, "mtp": n_mtp}
     moe_layers = n_moe + (n_mtp if E > 0 else 0)
@@ -267,7 +273,7 @@ def plan_serve(cfg: ModelConfig, sc: ServePlanConfig, gpus: int, gpu_mem_gib: fl
     free, tokens = cache_capacity(mem, weights, bpt, sc.mem_fraction, sc.reserve_gib)
     groups = gpus // T
     batch = int(free // (sc.context * bpt + V * 4))
-    return ServePlanResult(name, gpus, gpu_mem_gib, sc, ep, groups, per_gpu, moe_layers, w, params, bpt, layers,
+    return ServePlanResult(name, gpus, gpu_mem_gib, sc, ep, groups, per_gpu, moe_layers, w, params, bpt, layers, L,
                            usable, reserve, free, tokens, tokens * groups, batch, batch * groups)
 
 

@@ -6,6 +6,7 @@ Run: python -m pytest tests/test_plan_serve.py -q
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -16,6 +17,7 @@ from dsv3.checkpoints.hf import quantize_model_fp8
 from dsv3.cli import main
 from dsv3.config import preset
 from dsv3.inference.cache import PagedLatentCache
+from dsv3.model import build_model
 from dsv3.info import model_info, param_count
 from dsv3.plan import GiB, PlanError
 from dsv3.plan_serve import ServePlanConfig, plan_serve
@@ -96,11 +98,30 @@ def test_ep_halves_routed_experts_and_tp_splits_attention(v3):
 
 
 def test_671b_on_8_h200(v3):
-    r = plan_serve(v3, ServePlanConfig(weights="fp8"), 8, H200, "671b")
+    r = plan_serve(v3, ServePlanConfig(weights="fp8", mtp=False), 8, H200, "671b")
     assert 85 * GiB < r.weight_bytes < 100 * GiB and r.experts_per_gpu == 32
     assert r.cache_tokens_per_gpu > 100_000 and r.max_batch > 0
     # all experts of the 8 GPUs: about 656 GB of FP8 (+ scales) for the main model
     assert 650e9 < 8 * r.weights["routed experts"] < 660e9
+
+
+def test_mtp_held_by_default_as_dsv3_serve_holds_it(v3):
+    """The default plans what `dsv3 serve` loads from an official checkpoint: its MTP module's weights (a MoE layer:
+    256 more experts) and its cache layer (PagedLatentCache.for_model: 61 + 1 layers, 71,424 bytes a token for the
+    671B); --no-mtp (mtp=False) plans without them; --mtp on a model without MTP modules is refused."""
+    r, r0 = plan_serve(v3, ServePlanConfig(), 8, H200), plan_serve(v3, ServePlanConfig(mtp=False), 8, H200)
+    assert plan_serve(v3, ServePlanConfig(mtp=True), 8, H200).weight_bytes == r.weight_bytes
+    assert (r.cache_layers, r0.cache_layers) == (62, 61) and r.cache_bytes_per_token == 71_424
+    assert r.moe_layers == r0.moe_layers + 1 and r.weight_bytes > r0.weight_bytes
+    tiny = preset("tiny")
+    model = build_model(tiny, device="meta")
+    assert plan_serve(tiny, ServePlanConfig(), 1, 1e3).cache_bytes_per_token == \
+        PagedLatentCache.bytes_per_token(model, torch.bfloat16)
+    no_mtp = dataclasses.replace(tiny, num_nextn_predict_layers=0)
+    assert plan_serve(no_mtp, ServePlanConfig(), 1, 1e3).cache_layers == no_mtp.num_hidden_layers
+    with pytest.raises(PlanError, match=r"--mtp, but the model has no MTP modules"):
+        plan_serve(no_mtp, ServePlanConfig(mtp=True), 1, 1e3)
+    assert "MTP held" in r.format() and "MTP not held" in r0.format()
     with pytest.raises(PlanError, match=r"the weights need 1\d\d\.\d\d GiB per GPU \(bf16\), \d+\.\d\d GiB more than "
                                         r"the 140 GiB"):
         plan_serve(v3, ServePlanConfig(weights="bf16"), 8, H200)
