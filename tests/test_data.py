@@ -190,6 +190,26 @@ def test_fim_layout_in_cache(tmp_path, tok):
 
 # --- token cache ---------------------------------------------------------------------------------
 
+def test_fim_without_fim_tokens_names_the_way_out(tmp_path):
+    """A tokenizer without FIM tokens (a GPT-2-style tokenizer.json) at the default FIM rate: the error says FIM needs
+    them and how to train without FIM from the command line; at rate 0 the same tokenizer builds the cache."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from dsv3.tokenizer import MissingSpecialTokenError
+
+    write_corpus(tmp_path / "c")
+    vocab = {chr(i): i for i in range(32, 127)} | {"<|endoftext|>": 127, "\n": 128}
+    bare = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<|endoftext|>"))
+    bare.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    bare.save(str(tmp_path / "tokenizer.json"))
+    tok = DSTokenizer.load(tmp_path, special_tokens={"eos": "<|endoftext|>"})
+    with pytest.raises(MissingSpecialTokenError, match=r"FIM at rate 0.1 needs the tokenizer's FIM tokens: the "
+                                                       r"tokenizer has no fim_begin token .*--fim-rate 0"):
+        build_token_cache(tmp_path / "c", tok, tmp_path / "cache", val_permille=0, fim_rate=0.1, progress=False)
+    cache = build_token_cache(tmp_path / "c", tok, tmp_path / "cache", val_permille=0, fim_rate=0.0, progress=False)
+    assert len(cache.tokens()) > 0
+
+
 def test_cache_layout_without_fim(tmp_path, tok):
     texts = write_corpus(tmp_path / "c")
     cache = build_token_cache(tmp_path / "c", tok, tmp_path / "cache", val_permille=300, fim_rate=0.0,

@@ -69,7 +69,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dsv3.tokenizer import DSTokenizer
+from dsv3.tokenizer import DSTokenizer, MissingSpecialTokenError
 
 log = logging.getLogger(__name__)
 
@@ -382,7 +382,11 @@ class TokenCache:
 def cache_key(corpus: Corpus, tok: DSTokenizer, *, val_permille: int, fim_rate: float, fim_seed: int) -> str:
     specials = {"eos": tok.eos_id}
     if fim_rate > 0:  # a tokenizer without FIM tokens is fine when FIM is off
-        specials.update(fim_begin=tok.fim_begin_id, fim_hole=tok.fim_hole_id, fim_end=tok.fim_end_id)
+        try:
+            specials.update(fim_begin=tok.fim_begin_id, fim_hole=tok.fim_hole_id, fim_end=tok.fim_end_id)
+        except MissingSpecialTokenError as e:  # the way out a command-line user has: FIM off
+            raise MissingSpecialTokenError(f"FIM at rate {fim_rate} needs the tokenizer's FIM tokens: {e}; or train "
+                                           "without FIM (dsv3 train --fim-rate 0)") from None
     payload = {
         "format": FORMAT_VERSION,
         "files": [[f.relpath, f.kind, f.size, f.mtime_ns] for f in corpus.files],
