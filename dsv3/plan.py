@@ -169,7 +169,9 @@ def _counts(cfg: ModelConfig) -> _Counts:
 def _dsv3_stages(L: int, D: int, S: int) -> list[range]:
     """Block index ranges per stage as dsv3 train places them (dsv3.distributed.pipeline.PipelineConfig.split):
     the L main layers split evenly, the remainder one each to the earliest stages; the D MTP modules on the
-    last stage (with the head)."""
+    last stage (with the head). Its rule restated, not imported: that module brings torch.distributed and the
+    model, which `dsv3 plan` does not load; tests/test_plan.py::test_stages_are_those_dsv3_train_builds holds
+    the two together."""
     q, rem = divmod(L, S)
     out, i = [], 0
     for s in range(S):
