@@ -39,6 +39,8 @@ launches (each its own GEMV / FP8 GEMM) instead of one dual launch (kernels.dens
 expert GEMV's launch configs of `--gemv-configs PATH` (bench/expert_gemv_sweep.py --json: the best per weight
 dtype, rows and columns) instead of `expert_gemv_triton.default_config`, where they name the call's shape (with
 +sharedgemv the routed launches have K + n_shared rows a token, which a sweep at K rows does not name: defaults).
++psum: the decode GEMVs (expert GEMV, FP8 and dense GEMV forms) sum each thread's 16-byte group of a row and scale it
+once (expert_gemv_triton._dot_part, fp8_gemm_triton._gemv_tile) where the config does not say (GEMV_PSUM).
 Before and after in one run:
 
     PYTHONPATH=. python bench/decode_gpu.py --preset 16b --batches 1,32 --modes graphs+compile+nokernels,\
@@ -63,6 +65,7 @@ from dsv3 import kernels  # noqa: E402
 from dsv3.kernels import backend as kb  # noqa: E402
 from dsv3.kernels import mla_decode_triton as mla_k  # noqa: E402  (the +twotiles / +tile16 experiments)
 from dsv3.kernels import expert_gemv_triton as egk  # noqa: E402  (the +tuned modes)
+from dsv3.kernels import fp8_gemm_triton as fgk  # noqa: E402  (+psum)
 from dsv3.inference import graphs  # noqa: E402  (INDUCTOR_PDL: the +ipdl modes)
 from dsv3.inference.engine import Engine, SamplingParams  # noqa: E402
 from dsv3.inference import sampling  # noqa: E402  (the +argmax1 mode: torch's one-pass argmax)
@@ -75,7 +78,7 @@ from bandwidth import copy_bandwidth  # noqa: E402  (bench/bandwidth.py)
 # kernel choices a mode may add to its path, in any order
 MODE_FLAGS = ("+nogemv", "+nokernels", "+densegemv", "+headgemv", "+latentstore", "+moegemm", "+mlauv", "+twotiles",
               "+tile16", "+pdl", "+nopdl", "+ipdl", "+noipdl", "+argmax1", "+sync", "+nodual",
-              "+tuned", "+sharedgemv")
+              "+tuned", "+sharedgemv", "+psum")
 KERNEL_FLAGS = {"+densegemv": "dense_gemv", "+headgemv": "head_gemv", "+latentstore": "latent_store",
                 "+moegemm": "moe_gemm", "+mlauv": "mla_uv"}  # the switched decode kernels (backend.py SWITCHED)
 SHIPPED = dict(kb.SWITCHED)  # their defaults, as `dsv3 serve` runs them
@@ -83,6 +86,7 @@ SHIPPED_INDUCTOR_PDL = graphs.INDUCTOR_PDL
 SHIPPED_ARGMAX_MIN = sampling.ARGMAX_MIN  # the two-pass argmax's threshold (+argmax1: never)
 DUALS = (kernels.dense_gemv2, kernels.fp8_weight_linear2)  # MLA's pair in one launch (+nodual: two)
 SHIPPED_GEMV_CONFIG = egk.default_config  # the expert GEMV's launch rule (+tuned: a sweep's configs first)
+SHIPPED_PSUM = (egk.GEMV_PSUM, fgk.GEMV_PSUM)  # the GEMVs' per-group partial sums (+psum: on in both)
 
 
 def tuned_config(path: str | None):
@@ -258,6 +262,8 @@ def main() -> None:
         # +tuned: the sweep's expert GEMV configs where they name the call's (dtype, rows, columns); a compiled step
         # recompiles nothing for it (the config is chosen at each launch, on the host), the graphs capture it
         egk.default_config = SHIPPED_GEMV_CONFIG if "+tuned" not in flags else tuned_config(args.gemv_configs)
+        # +psum: the GEMV forms' per-group partial sums (expert GEMV, FP8 / dense GEMV) where a config does not say
+        egk.GEMV_PSUM, fgk.GEMV_PSUM = (True, True) if "+psum" in flags else SHIPPED_PSUM
         ours, inductor = pdl_switches(flags)
         kb.switch("pdl", ours)
         if set_inductor_pdl(inductor) != inductor:

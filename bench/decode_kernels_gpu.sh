@@ -7,8 +7,10 @@
 #     bash bench/decode_kernels_gpu.sh OUT_DIR tests,sweep,b1          (OUT_DIR: $OUT on the device machine)
 #     bash bench/decode_kernels_gpu.sh OUT_DIR b32,b256,fp8,profile
 #     bash bench/decode_kernels_gpu.sh OUT_DIR pdltests,pdl
+#     bash bench/decode_kernels_gpu.sh OUT_DIR psumtests,psumsweep,psumdense     (then OUT_DIR psum)
 #
-# Stages (default: all, in this order): tests, sweep, b1, b32, b256, pdltests, pdl, fp8, profile. Each stage's output goes to its own
+# Stages (default: all but the psum ones, in this order): tests, sweep, b1, b32, b256, pdltests, pdl, fp8, profile
+# (psumtests, psumsweep, psumdense, psum: by name). Each stage's output goes to its own
 # file under OUT_DIR (and a line to steps.txt); a failing stage does not stop the next. A kernel is on by default
 # (dsv3/kernels/backend.py SWITCHED) only where its rows are faster. B1, B32, FP8 (environment) replace the
 # batch lists of those stages; LIMIT_<stage>=S stops a stage after S seconds (bench/stages.sh).
@@ -46,4 +48,13 @@ graphs+compile+fp8
 step fp8 python bench/decode_gpu.py --preset 16b --batches "${FP8:-1,32,128}" --new 48 \
     --modes graphs+compile,graphs+compile+nokernels+fp8,graphs+compile+fp8  # (bf16 first: FP8 / bf16)
 step profile python bench/profile_gpu.py --decode 1,32 --preset 16b
+# PSUM (the GEMVs' per-group partial sums, each group scaled once: expert_gemv_triton._dot_part,
+# fp8_gemm_triton._gemv_tile): its GPU tests, the FP8 expert GEMV's PSUM configs (-> psum.json) and the one-row FP8
+# projections with and without it, then batch 1 with it on (+psum) and with the sweep's best expert configs (+tuned)
+step psumtests python -m pytest -m gpu -q -p no:cacheprovider -p no:logging --tb=short \
+    tests/test_gpu_expert_gemv.py tests/test_gpu_dense_gemv.py -k "psum or vs_reference or dual"
+step psumsweep python bench/expert_gemv_sweep.py --fp8-only --rows 6 --shared --quick --psum --json "$out/psum.json"
+step psumdense python bench/fp8_gemv_sweep.py --quick --rows 1 --psum --all --json "$out/psum_dense.json"
+step psum python bench/decode_gpu.py --preset 16b --batches "${BPSUM:-1}" --new 48 --gemv-configs "$out/psum.json" \
+    --modes graphs+compile,graphs+compile+psum,graphs+compile+fp8,graphs+compile+fp8+psum,graphs+compile+fp8+psum+tuned
 tail -n 4 "$out"/*.txt

@@ -17,6 +17,7 @@ through copies of 128 MiB in all). --json PATH writes each part's best config, w
 --gemv-configs PATH` runs in its +tuned modes.
 
     PYTHONPATH=. python bench/expert_gemv_sweep.py --fp8-only --rows 6 --shared --json gemv.json
+    PYTHONPATH=. python bench/expert_gemv_sweep.py --fp8-only --psum ...   (the PSUM configs instead)
 """
 
 from __future__ import annotations
@@ -51,9 +52,16 @@ DRAWS = 16  # expert draws (and shared-weight copies, up to ROTATE_BYTES) cycled
 ROTATE_BYTES = 128 << 20
 
 
-def sweep_grid(fp8_only: bool, quick: bool) -> dict | list[dict]:
+def sweep_grid(fp8_only: bool, quick: bool, psum: bool = False) -> dict | list[dict]:
     """The configs: a product over these values (bf16 and mixed runs), or for e4m3 alone the tiles of at most
-    8192 fp32 accumulator elements per matrix (BN x KU x 128; beyond, the fused gate+up kernel spills at 4 warps)."""
+    8192 fp32 accumulator elements per matrix (BN x KU x 128; beyond, the fused gate+up kernel spills at 4 warps).
+    psum (e4m3 alone): only PSUM configs (_dot_part: one accumulator per 16 columns, so tiles up to BN x KU = 128
+    and the prefetch fit in registers), with and without the prefetch."""
+    if psum:
+        if not fp8_only:
+            raise SystemExit("--psum sweeps the e4m3 experts: give --fp8-only")
+        return [dict(BN=bn, KU=ku, num_warps=w, PREFETCH=pf, PSUM=True) for bn in (8, 16, 32) for ku in (1, 2, 4)
+                for w in (4, 8) for pf in (False, True) if not (quick and w == 8 and bn * ku < 32)]
     if not fp8_only:
         return (dict(BN=[8, 16, 32, 64], KU=[1, 2, 4], num_warps=[2, 4, 8], PREFETCH=[True, False]) if not quick
                 else dict(BN=[8, 16, 32], KU=[1, 2], num_warps=[4], PREFETCH=[True, False]))
@@ -74,6 +82,7 @@ def main() -> None:
     ap.add_argument("--fp8-only", action="store_true", help="the e4m3 experts only (not the bf16 ones)")
     ap.add_argument("--quick", action="store_true", help="a smaller sweep")
     ap.add_argument("--shared", action="store_true", help="also the shared experts' one-row SwiGLU (swiglu_gemv)")
+    ap.add_argument("--psum", action="store_true", help="sweep the PSUM configs (with --fp8-only)")
     ap.add_argument("--json", default=None, help="write each part's best config (and every timing) to this file")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -90,7 +99,7 @@ def main() -> None:
     fp8 = FP8Experts.from_experts(dense).cuda() if args.fp8 or args.fp8_only else None  # (before .bfloat16(): in place)
     stores = ([] if args.fp8_only else [("bf16", dense.bfloat16().cuda())])
     stores += [("fp8", fp8)] if fp8 is not None else []
-    grid = configs(sweep_grid(args.fp8_only, args.quick))
+    grid = configs(sweep_grid(args.fp8_only, args.quick, args.psum))
     out = {"card": torch.cuda.get_device_name(), "copy_bw": bw, "best": [], "timings": []}
 
     def record(name, part, M, N, c, t):

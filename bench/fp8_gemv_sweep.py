@@ -6,7 +6,8 @@ configs, each checked against the reference and timed inside a CUDA graph.
     PYTHONPATH=. python bench/fp8_gemv_sweep.py --quick      (a smaller sweep, < 1 min)
     PYTHONPATH=. python bench/fp8_gemv_sweep.py --list       (the shapes and configs only; runs on a CPU)
     options: --only NAME (shapes whose name contains it), --all (print every config), --json PATH,
-             --rows 1,32 (the linears' row counts), --wide (the WIDE tiles too)
+             --rows 1,32 (the linears' row counts), --wide (the WIDE tiles too), --psum (each GEMV-form
+             config also with PSUM: per-group partial sums, fp8_gemm_triton._gemv_tile)
 
 Shapes (from `dsv3.config.preset("16b")`): every FP8 nn.Linear at M = 1 and 32 rows (batch 1 and 32) and
 the routed experts' per-row GEMVs (`fp8_expert_rows`, as FP8Experts.sorted_mlp calls it: gate and up
@@ -94,7 +95,8 @@ def shapes_16b() -> list[dict]:
 
 def cfg_str(cfg: dict) -> str:
     bm = f"BM{cfg['BM']:<2} " if "BM" in cfg else ""
-    return f"{bm}BN{cfg['BN']:<2} KU{cfg['KU']} w{cfg['num_warps']} s{cfg['num_stages']}"
+    return (f"{bm}BN{cfg['BN']:<2} KU{cfg['KU']} w{cfg['num_warps']} s{cfg['num_stages']}"
+            + (" psum" if cfg.get("PSUM") else ""))
 
 
 def _key(cfg: dict) -> tuple:
@@ -126,15 +128,30 @@ def dot_grid(BMs: tuple[int, ...], quick: bool) -> list[dict]:
 # a 2048-wide projection in flight at once: one DRAM round trip instead of a chain of them), at 4 and 8 warps
 WIDE = ((8, 16, 1, 4), (8, 16, 1, 8), (8, 8, 1, 8), (16, 8, 1, 8), (16, 16, 1, 8), (8, 16, 2, 8))
 wide = False  # set by --wide
+# --psum: every GEMV-form config of stage 1 also with PSUM (fp8_gemm_triton._gemv_tile: per-group partial sums,
+# the scale once a group; its accumulator is 16x smaller, so tiles up to 4x GEMV_TILE are tried too)
+psum = False  # set by --psum
+
+
+def with_psum(cfgs: list[dict], BM: int | None) -> list[dict]:
+    from dsv3.kernels.fp8_gemm_triton import GEMV_TILE
+
+    if not psum:
+        return cfgs
+    gemv = [c for c in cfgs if c.get("BM", 1) < 16]
+    big = [dict(**({} if BM is None else dict(BM=BM)), BN=bn, KU=ku, num_warps=w, num_stages=st)
+           for bn, ku in ((16, 8), (32, 4), (32, 8), (64, 4)) for w in (4, 8) for st in (1, 2)
+           if (BM or 1) * bn * ku * 128 <= 4 * GEMV_TILE]
+    return cfgs + [dict(c, PSUM=True) for c in gemv + big]
 
 
 def stage1(shape: dict, M: int, quick: bool) -> list[dict]:
     if shape["kind"] == "rows":
-        return gemv_grid(None, quick)
+        return with_psum(gemv_grid(None, quick), None)
     if M <= 4:  # both forms at the GEMV sizes: is the GEMV form worth having?
-        extra = [dict(BM=1 << (M - 1).bit_length(), BN=bn, KU=ku, num_warps=w, num_stages=st)
-                 for bn, ku, st, w in WIDE] if wide else []
-        return gemv_grid(1 << (M - 1).bit_length(), quick) + dot_grid((16,), True) + extra
+        BM = 1 << (M - 1).bit_length()
+        extra = [dict(BM=BM, BN=bn, KU=ku, num_warps=w, num_stages=st) for bn, ku, st, w in WIDE] if wide else []
+        return with_psum(gemv_grid(BM, quick) + extra, BM) + dot_grid((16,), True)
     return dot_grid((16, 32) if M > 16 else (16,), quick)
 
 
@@ -345,9 +362,10 @@ def main() -> int:
     ap.add_argument("--rows", default="1,32", help="comma list of the linears' row counts M (the experts: top-k x "
                     "the batches these make)")
     ap.add_argument("--wide", action="store_true", help="also the wide one-load GEMV tiles at M <= 4 (WIDE)")
+    ap.add_argument("--psum", action="store_true", help="also each GEMV-form config with PSUM (and wider PSUM tiles)")
     args = ap.parse_args()
-    global wide
-    wide = args.wide
+    global wide, psum
+    wide, psum = args.wide, args.psum
     calls = args.calls or (32 if args.quick else 64)
     reps = args.reps or (5 if args.quick else 7)
     cases = []

@@ -311,7 +311,10 @@ def _configs():
             for K in (128, 300, 512, 1408, 2048, 7168, 10944)}
     seen |= {_key(c) for c in k.TUNED.values()}
     extra = [dict(BM=1, BN=4, KU=8, num_warps=2, num_stages=1), dict(BM=1, BN=64, KU=1, num_warps=8, num_stages=2),
-             dict(BM=2, BN=32, KU=1, num_warps=4, num_stages=1), dict(BM=4, BN=4, KU=4, num_warps=4, num_stages=2)]
+             dict(BM=2, BN=32, KU=1, num_warps=4, num_stages=1), dict(BM=4, BN=4, KU=4, num_warps=4, num_stages=2),
+             # PSUM (fp8_gemm_triton._gemv_tile's per-group partial sums: 8 fp16 / 4 fp32 columns a group)
+             dict(BM=1, BN=8, KU=4, num_warps=4, num_stages=2, PSUM=True),
+             dict(BM=4, BN=4, KU=2, num_warps=4, num_stages=1, PSUM=True)]
     return [dict(c) for c in sorted(seen | {_key(c) for c in extra})]
 
 
@@ -584,7 +587,8 @@ def test_interp_fp8_dual_launch_vs_reference():
         for M in (1, 2, 3, 4):
             x = torch.randn(M, K, generator=g).half()
             for cfg in (None, dict(BM=k._pow2(M), BN=16, KU=2, num_warps=4, num_stages=1),
-                        dict(BM=4, BN=64, KU=1, num_warps=4, num_stages=2)):
+                        dict(BM=4, BN=64, KU=1, num_warps=4, num_stages=2),
+                        dict(BM=k._pow2(M), BN=8, KU=4, num_warps=4, num_stages=2, PSUM=True)):
                 y1, y2 = k.launch_dual(x, w1, w2, cfg, s1=s1, s2=s2)
                 assert y1.shape == (M, N1) and y2.shape == (M, N2) and y1.dtype == torch.float16
                 assert _rel(y1, fp8_weight_linear_ref(x, w1, s1)) < 2e-3, (N1, N2, K, M, cfg)

@@ -121,6 +121,32 @@ def test_interp_kernel_vs_reference(fp8, fused, BN, KU, prefetch):
     assert _rel(got, want) < 2e-3, _rel(got, want)  # fp16 output rounding
 
 
+@interp
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("BN,KU,prefetch", [(16, 2, True), (32, 1, False), (8, 4, False)])
+def test_interp_psum_vs_reference(fp8, BN, KU, prefetch):
+    """PSUM (_dot_part: each thread's 16-byte group of a row summed, then scaled once): the plain and the fused
+    launch against the reference; ragged N and K, a foreign row (0), KU blocks past K (the last load masked)."""
+    from dsv3.kernels import expert_gemv_triton as k
+
+    g = torch.Generator().manual_seed(7 + BN)
+    E, N, K, T, x_div = 3, 200, 264, 3, 2
+    w, u = torch.randn(E, N, K, generator=g), torch.randn(E, N, K, generator=g)
+    s = us = None
+    if fp8:
+        (w, s), (u, us) = _quant_stack(w), _quant_stack(u)
+    else:
+        w, u = w.half(), u.half()  # G = 8 fp16 columns a group
+    x = torch.randn(T, K, generator=g).half()
+    expert = torch.tensor([2, -1, 0, 1, 2, 1])
+    for args in ((None, None), (u, us)):
+        got = k.launch(x, w, s, expert, x_div, *args, BN=BN, KU=KU, PREFETCH=prefetch, PSUM=True)
+        want = expert_gemv_ref(x, w, s, expert, x_div, *args)
+        assert torch.equal(got[1], torch.zeros(N)) and _rel(got, want) < 2e-3, _rel(got, want)
+    # the switch: GEMV_PSUM is the default a config without "PSUM" takes (off as shipped)
+    assert k.GEMV_PSUM is False
+
+
 def test_fp8_default_config_fills_the_gpu():
     """e4m3: KU 2 without prefetch, BN the largest of 32 / 16 / 8 giving FP8_PROGRAMS programs (M x N / BN), else
     8; measured on an H100 (default_config's docstring). bf16 keeps its H200 config whatever the shape."""

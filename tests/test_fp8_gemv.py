@@ -35,7 +35,10 @@ def small_m_configs() -> list[dict]:
     seen = {_key(fk._config_small_m(M, N, K)) for M in range(1, DENSE_DECODE_ROWS + 1) for N in _NS for K in _KS}
     extra = [dict(BM=16, BN=64, KU=1, num_warps=4, num_stages=3),  # the old fixed config
              dict(BM=32, BN=16, KU=4, num_warps=8, num_stages=2), dict(BM=1, BN=64, KU=1, num_warps=2, num_stages=1),
-             dict(BM=2, BN=16, KU=8, num_warps=8, num_stages=1), dict(BM=4, BN=16, KU=2, num_warps=8, num_stages=2)]
+             dict(BM=2, BN=16, KU=8, num_warps=8, num_stages=1), dict(BM=4, BN=16, KU=2, num_warps=8, num_stages=2),
+             # PSUM (_gemv_tile's per-group partial sums), with and without the prefetch
+             dict(BM=1, BN=8, KU=4, num_warps=4, num_stages=2, PSUM=True),
+             dict(BM=4, BN=16, KU=2, num_warps=4, num_stages=1, PSUM=True)]
     return [dict(k) for k in sorted(seen | {_key(c) for c in extra})]
 
 
@@ -43,6 +46,7 @@ def rows_configs() -> list[dict]:
     seen = {_key(fk._config_rows(M, N, K)) for M in (1, 2, 6, 12, 48, 192, 768, EXPERT_DECODE_ROWS)
             for N in _NS for K in _KS}
     extra = [dict(BN=32, KU=8, num_warps=2, num_stages=1), dict(BN=8, KU=8, num_warps=8, num_stages=2),
+             dict(BN=32, KU=2, num_warps=4, num_stages=2, PSUM=True),
              dict(BN=128, KU=2, num_warps=4, num_stages=1)]
     return [dict(k) for k in sorted(seen | {_key(c) for c in extra})]
 

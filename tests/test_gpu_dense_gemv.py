@@ -67,6 +67,34 @@ def test_other_dtypes_and_the_sweeps_configs(dtype):
             assert _rel(k.launch(xb, wb, cfg), dense_gemv_ref(xb, wb)) < 1e-2, cfg
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float8_e4m3fn])
+def test_psum_vs_reference(dtype):
+    """PSUM (fp8_gemm_triton._gemv_tile's per-group partial sums) at the 16b one-row shapes and a ragged one: dense
+    bf16 / fp32 weights (groups of 8 / 4 columns) through the dense GEMV and its dual launch, e4m3 with block scales
+    through the FP8 GEMV form, with and without the prefetch, at 4 and 8 warps."""
+    from dsv3.kernels import dense_gemv_triton as k
+    from dsv3.kernels import fp8_gemm_triton as fk
+    from dsv3.kernels.reference import fp8_weight_linear_ref, weight_quant
+
+    g = torch.Generator(device="cuda").manual_seed(11)
+    for N, K in ((2048, 2048), (2048, 2816), (576, 2048), (300, 1100)):
+        for M in (1, 3):
+            x = torch.randn(M, K, device="cuda", generator=g).bfloat16()
+            w = torch.randn(N, K, device="cuda", generator=g) * 0.05
+            for bn, ku, warps, st in ((8, 4, 4, 2), (16, 8, 8, 1), (32, 4, 8, 2)):
+                cfg = dict(BM=4 if M == 3 else 1, BN=bn, KU=ku, num_warps=warps, num_stages=st, PSUM=True)
+                if dtype == torch.float8_e4m3fn:
+                    q, sc = weight_quant(w)
+                    y, ref = fk._launch_small_m(x, q, sc, **cfg), fp8_weight_linear_ref(x, q, sc)
+                    y2, _ = k.launch_dual(x, q, q[:40], cfg, s1=sc, s2=sc[:1])
+                else:
+                    xd, wd = x.to(dtype), w.to(dtype)
+                    y, ref = k.launch(xd, wd, cfg), dense_gemv_ref(xd, wd)
+                    y2, _ = k.launch_dual(xd, wd, wd[:40], cfg)
+                tol = 1e-5 if dtype == torch.float32 else 1e-2
+                assert _rel(y, ref) < tol and _rel(y2, ref) < tol, (N, K, M, cfg, _rel(y, ref), _rel(y2, ref))
+
+
 def test_linear_takes_the_kernel_when_switched_on(switched_on, monkeypatch):
     from dsv3.kernels import dense_gemv_triton as k
 

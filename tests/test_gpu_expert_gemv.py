@@ -47,6 +47,28 @@ def test_kernel_vs_reference(T, K_route, E, I, D, fp8):
     assert _rel(y, y_ref) < 1e-2, _rel(y, y_ref)
 
 
+# PSUM (per-16-byte-group partial sums, each scaled once: expert_gemv_triton._dot_part) at the 16b shapes, in the
+# configs bench/expert_gemv_sweep.py --psum tries (wide tiles, prefetch, 8 warps), a foreign row included
+@pytest.mark.parametrize("BN,KU,warps,prefetch", [(32, 2, 4, False), (16, 4, 4, True), (32, 4, 8, True),
+                                                  (8, 1, 4, True)])
+@pytest.mark.parametrize("fp8", [False, True])
+def test_psum_kernel_vs_reference(fp8, BN, KU, warps, prefetch):
+    from dsv3.kernels import expert_gemv_triton as k
+
+    g = torch.Generator(device="cuda").manual_seed(BN + KU)
+    E, I, D, T, K_route = 64, 1408, 2048, 1, 6
+    (w1, s1), (w3, s3), (w2, s2) = _stack(E, I, D, fp8, g), _stack(E, I, D, fp8, g), _stack(E, D, I, fp8, g)
+    x = torch.randn(T, D, device="cuda", generator=g).bfloat16()
+    expert = torch.randint(0, E, (T * K_route,), device="cuda", generator=g)
+    expert[1] = -1
+    cfg = dict(BN=BN, KU=KU, num_warps=warps, PREFETCH=prefetch, PSUM=True)
+    h = k.launch(x, w1, s1, expert, K_route, w3, s3, **cfg)
+    h_ref = expert_gemv_ref(x, w1, s1, expert, K_route, w3, s3)
+    assert not h[1].any() and _rel(h, h_ref) < 1e-2, _rel(h, h_ref)
+    y = k.launch(h_ref, w2, s2, expert, 1, **cfg)
+    assert _rel(y, expert_gemv_ref(h_ref, w2, s2, expert, 1)) < 1e-2
+
+
 @pytest.mark.parametrize("fp8", [False, True])
 def test_experts_gemv_path_vs_grouped(fp8, monkeypatch):
     from dsv3.model.fp8 import FP8Experts

@@ -52,6 +52,7 @@ import triton
 import triton.language as tl
 
 from dsv3.kernels import backend
+from dsv3.kernels import fp8_gemm_triton
 from dsv3.kernels.fp8_gemm_triton import (BLOCK, GEMV_ROWS, _check, _config_small_m, _gemv_tile, _pow2,
                                          _small_m_kernel)
 from dsv3.kernels.reference import check_dense_gemv_args
@@ -108,6 +109,7 @@ def launch(x: torch.Tensor, w: torch.Tensor, config: dict | None = None,
     # w stands in for the scale pointer (never read: HAS_SCALE is False)
     _small_m_kernel[grid](x, w, w, y, M, N, K, triton.cdiv(K, BLOCK), x.stride(0), w.stride(0), 0, y.stride(0),
                           BM=BM, BN=BN, BK=BLOCK, KU=KU, DOT=False, PREFETCH=stages == 2, HAS_SCALE=False, PDL=pdl,
+                          PSUM=cfg.get("PSUM", fp8_gemm_triton.GEMV_PSUM), G=16 // w.element_size(),
                           num_warps=cfg["num_warps"], num_stages=1, launch_pdl=pdl)
     return y
 
@@ -131,7 +133,8 @@ def _(x, w, out_fp32=False):
 @triton.jit(do_not_specialize=["ss1", "ss2"])
 def _dual_kernel(x_ptr, w1_ptr, w2_ptr, s1_ptr, s2_ptr, y1_ptr, y2_ptr, M, N1, N2, K, KB, T1, sxm, sw1, sw2, ss1, ss2,
                  sy1, sy2, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, KU: tl.constexpr,
-                 PREFETCH: tl.constexpr, HAS_SCALE: tl.constexpr = False, PDL: tl.constexpr = False):
+                 PREFETCH: tl.constexpr, HAS_SCALE: tl.constexpr = False, PDL: tl.constexpr = False,
+                 PSUM: tl.constexpr = False, G: tl.constexpr = 16):
     """Column tiles 0..T1-1 of w1 then those of w2, each the GEMV tile of `_small_m_kernel`: dense (w stands in for
     the scales, never read) or, HAS_SCALE, e4m3 with its 128x128 block scales (s1, s2: row strides ss1, ss2; BN
     divides 128, so a tile sits in one scale row). PDL: programmatic dependent launch (backend.pdl; the wait is
@@ -144,13 +147,13 @@ def _dual_kernel(x_ptr, w1_ptr, w2_ptr, s1_ptr, s2_ptr, y1_ptr, y2_ptr, M, N1, N
     if pn < T1:
         rn = pn * BN + tl.arange(0, BN)
         acc = _gemv_tile(x_ptr, w1_ptr, s1_ptr + ((pn * BN) // BK) * ss1, rm, rn, M, N1, K, KB, sxm, sw1, BM, BN, BK,
-                         KU, PREFETCH, HAS_SCALE, PDL)
+                         KU, PREFETCH, HAS_SCALE, PDL, PSUM, G)
         tl.store(y1_ptr + rm[:, None].to(tl.int64) * sy1 + rn[None, :], acc.to(y1_ptr.dtype.element_ty),
                  mask=(rm[:, None] < M) & (rn[None, :] < N1))
     else:
         rn = (pn - T1) * BN + tl.arange(0, BN)
         acc = _gemv_tile(x_ptr, w2_ptr, s2_ptr + (((pn - T1) * BN) // BK) * ss2, rm, rn, M, N2, K, KB, sxm, sw2, BM,
-                         BN, BK, KU, PREFETCH, HAS_SCALE, PDL)
+                         BN, BK, KU, PREFETCH, HAS_SCALE, PDL, PSUM, G)
         tl.store(y2_ptr + rm[:, None].to(tl.int64) * sy2 + rn[None, :], acc.to(y2_ptr.dtype.element_ty),
                  mask=(rm[:, None] < M) & (rn[None, :] < N2))
 
@@ -191,6 +194,7 @@ def launch_dual(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, config: dic
     _dual_kernel[grid](x, w1, w2, s1, s2, y1, y2, M, N1, N2, K, triton.cdiv(K, BLOCK), T1, x.stride(0),
                        w1.stride(0), w2.stride(0), s1.stride(0) if fp8 else 0, s2.stride(0) if fp8 else 0, y1.stride(0),
                        y2.stride(0), BM=BM, BN=BN, BK=BLOCK, KU=KU, PREFETCH=stages == 2, HAS_SCALE=fp8, PDL=pdl,
+                       PSUM=cfg.get("PSUM", fp8_gemm_triton.GEMV_PSUM), G=16 // w1.element_size(),
                        num_warps=cfg["num_warps"], num_stages=1, launch_pdl=pdl)
     return y1, y2
 

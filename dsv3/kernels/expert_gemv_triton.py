@@ -37,11 +37,13 @@ BLOCK = 128  # K step: one FP8 scale block
 
 @triton.jit
 def _loads(x_row, w_rows, u_rows, ws_row, us_row, ok, rk, kb0, K, KB, HAS_SCALE: tl.constexpr,
-           FUSED_UP: tl.constexpr, BK: tl.constexpr, KU: tl.constexpr, WAIT: tl.constexpr = False):
+           FUSED_UP: tl.constexpr, BK: tl.constexpr, KU: tl.constexpr, WAIT: tl.constexpr = False,
+           SG: tl.constexpr = 1):
     """Iteration kb0's operands as (BN, KU·128) tiles: w (and up), x repeated along BN (L1 hits; a 1-D x broadcast
-    in registers would be re-laid out through shared memory, a barrier per iteration), and each column's
-    scale. Past K or KB (0 for a foreign row) everything is masked: no memory traffic, zeros. WAIT (programmatic
-    dependent launch): the weights' loads issued, the program waits for the launch before it, then reads x."""
+    in registers would be re-laid out through shared memory, a barrier per iteration), and the scales of w and up
+    as (1, KU·128 / SG) tiles, one per SG columns (SG = 1: each column's own; PSUM: one per group). Past K or KB
+    (0 for a foreign row) everything is masked: no memory traffic, zeros. WAIT (programmatic dependent launch):
+    the weights' loads issued, the program waits for the launch before it, then reads x."""
     k = kb0 * BK + rk
     k_ok = ok & (k < K) & (kb0 < KB)
     w = tl.load(w_rows + k, mask=k_ok, other=0.0)  # the HBM loads first, then x's (cache hits)
@@ -51,17 +53,32 @@ def _loads(x_row, w_rows, u_rows, ws_row, us_row, ok, rk, kb0, K, KB, HAS_SCALE:
     if WAIT:
         tl.extra.cuda.gdc_wait()
     x = tl.load(x_row + k, mask=k_ok, other=0.0).to(tl.float32)
-    xs, xu = x, x
-    if HAS_SCALE:  # the weight's 128x128 block scale multiplies x's columns: (x·s)·w = (x·w)·s
-        s = tl.zeros((1, KU * BK), dtype=tl.float32)
-        t = tl.zeros((1, KU * BK), dtype=tl.float32)
+    s = tl.zeros((1, KU * BK // SG), dtype=tl.float32)
+    t = tl.zeros((1, KU * BK // SG), dtype=tl.float32)
+    if HAS_SCALE:  # the weight's 128x128 block scale, spread over the block's columns (or column groups)
+        rs = tl.arange(0, KU * BK // SG)[None, :]
         for j in tl.static_range(KU):
-            s = tl.where(rk // BK == j, tl.load(ws_row + kb0 + j, mask=kb0 + j < KB, other=0.0), s)
+            s = tl.where(rs // (BK // SG) == j, tl.load(ws_row + kb0 + j, mask=kb0 + j < KB, other=0.0), s)
             if FUSED_UP:
-                t = tl.where(rk // BK == j, tl.load(us_row + kb0 + j, mask=kb0 + j < KB, other=0.0), t)
-        xs = x * s
-        xu = x * t
-    return w, u, xs, xu
+                t = tl.where(rs // (BK // SG) == j, tl.load(us_row + kb0 + j, mask=kb0 + j < KB, other=0.0), t)
+    return w, u, x, s, t
+
+
+@triton.jit
+def _dot_part(acc, w, x, s, HAS_SCALE: tl.constexpr, PSUM: tl.constexpr, BN: tl.constexpr, G: tl.constexpr):
+    """acc + one iteration's products. PSUM: acc (BN, KU·128 / G) gets each G-column group's sum w·x times the
+    group's scale; G is what one thread loads as one 16-byte vector, so the group's sum stays in the thread and
+    the scale costs one multiply a group. Otherwise acc (BN, KU·128) gets w·(x·s) element by element: x times the
+    scale again for every element a thread holds (the SASS: about 5 instructions a weight element against 4)."""
+    if PSUM:
+        p = tl.sum(tl.reshape(w.to(tl.float32) * x, (BN, x.shape[1] // G, G)), axis=2)
+        if HAS_SCALE:
+            p = p * s
+    else:
+        if HAS_SCALE:
+            x = x * s
+        p = w.to(tl.float32) * x
+    return acc + p
 
 
 @triton.jit
@@ -69,7 +86,8 @@ def _gemv_kernel(x_ptr, w_ptr, ws_ptr, u_ptr, us_ptr, e_ptr, y_ptr, N, K, KB, x_
                  sym, w2_ptr, ws2_ptr, u2_ptr, us2_ptr, E1, swe2, swn2, sse2, ssn2,
                  HAS_SCALE: tl.constexpr, FUSED_UP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                  KU: tl.constexpr, PREFETCH: tl.constexpr, ONE_EXPERT: tl.constexpr = False, PDL: tl.constexpr = False,
-                 EARLY: tl.constexpr = False, TWO: tl.constexpr = False):
+                 EARLY: tl.constexpr = False, TWO: tl.constexpr = False, PSUM: tl.constexpr = False,
+                 G: tl.constexpr = 16):
     # PDL (programmatic dependent launch, backend.pdl): the next launch may start once every program has begun;
     # this one waits for the launch before it before reading its output (x, the expert index) or writing. EARLY
     # (ONE_EXPERT with PDL and PREFETCH: the weights do not depend on that launch): the first weight loads go
@@ -112,25 +130,27 @@ def _gemv_kernel(x_ptr, w_ptr, ws_ptr, u_ptr, us_ptr, e_ptr, y_ptr, N, K, KB, x_
     rk = tl.arange(0, KU * BK)[None, :]
     ws_row = ws_base + nb * row_s
     us_row = us_base + nb * row_s
-    # multiply-and-add into (BN, KU·128) fp32 register tiles, one cross-lane reduction after the loop (not one
-    # per iteration); with PREFETCH the next iteration's loads are issued before this one's FMAs (registers
-    # double-buffered by hand: Triton pipelines only loads that go through shared memory)
-    acc = tl.zeros((BN, KU * BK), dtype=tl.float32)
-    acc_u = tl.zeros((BN, KU * BK), dtype=tl.float32)
+    # multiply-and-add into fp32 register tiles ((BN, KU·128), or PSUM (BN, KU·128 / G)), one cross-lane reduction
+    # after the loop (not one per iteration); with PREFETCH the next iteration's loads are issued before this
+    # one's FMAs (registers double-buffered by hand: Triton pipelines only loads that go through shared memory)
+    AW: tl.constexpr = KU * BK // G if PSUM else KU * BK
+    SG: tl.constexpr = G if PSUM else 1
+    acc = tl.zeros((BN, AW), dtype=tl.float32)
+    acc_u = tl.zeros((BN, AW), dtype=tl.float32)
     if PREFETCH:
-        w_n, u_n, xs_n, xu_n = _loads(x_row, w_rows, u_rows, ws_row, us_row, ok, rk, 0, K, kb_end, HAS_SCALE,
-                                      FUSED_UP, BK, KU, EARLY)
+        w_n, u_n, x_n, s_n, t_n = _loads(x_row, w_rows, u_rows, ws_row, us_row, ok, rk, 0, K, kb_end, HAS_SCALE,
+                                         FUSED_UP, BK, KU, EARLY, SG)
     for kb0 in range(0, kb_end, KU):
         if PREFETCH:
-            w, u, xs, xu = w_n, u_n, xs_n, xu_n
-            w_n, u_n, xs_n, xu_n = _loads(x_row, w_rows, u_rows, ws_row, us_row, ok, rk, kb0 + KU, K, kb_end,
-                                          HAS_SCALE, FUSED_UP, BK, KU)
+            w, u, x, s, t = w_n, u_n, x_n, s_n, t_n
+            w_n, u_n, x_n, s_n, t_n = _loads(x_row, w_rows, u_rows, ws_row, us_row, ok, rk, kb0 + KU, K, kb_end,
+                                             HAS_SCALE, FUSED_UP, BK, KU, False, SG)
         else:
-            w, u, xs, xu = _loads(x_row, w_rows, u_rows, ws_row, us_row, ok, rk, kb0, K, kb_end, HAS_SCALE,
-                                  FUSED_UP, BK, KU)
-        acc += w.to(tl.float32) * xs
+            w, u, x, s, t = _loads(x_row, w_rows, u_rows, ws_row, us_row, ok, rk, kb0, K, kb_end, HAS_SCALE,
+                                   FUSED_UP, BK, KU, False, SG)
+        acc = _dot_part(acc, w, x, s, HAS_SCALE, PSUM, BN, G)
         if FUSED_UP:
-            acc_u += u.to(tl.float32) * xu
+            acc_u = _dot_part(acc_u, u, x, t, HAS_SCALE, PSUM, BN, G)
     y = tl.sum(acc, axis=1)
     if FUSED_UP:
         y_u = tl.sum(acc_u, axis=1)
@@ -138,6 +158,9 @@ def _gemv_kernel(x_ptr, w_ptr, ws_ptr, u_ptr, us_ptr, e_ptr, y_ptr, N, K, KB, x_
     tl.store(y_ptr + m * sym + rn, y.to(y_ptr.dtype.element_ty), mask=rn < N)
 
 
+# PSUM (_dot_part): per-group partial sums, scaled once a group. A config's "PSUM" key overrides this default (the
+# sweep; bench/decode_gpu.py +psum flips it for a whole step). Off until the GPU measures it.
+GEMV_PSUM = False
 # e4m3 weights: programs wanted per launch (BN is the largest of FP8_BNS giving at least this many)
 FP8_PROGRAMS = 256
 FP8_BNS = (32, 16, 8)
@@ -208,7 +231,8 @@ def launch(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None, expert: tor
                        w.stride(1), s.stride(0) if has_scale else 0, s.stride(1) if has_scale else 0, y.stride(0),
                        *two, HAS_SCALE=has_scale, FUSED_UP=fused, BN=cfg["BN"], BK=BLOCK, KU=cfg["KU"],
                        PREFETCH=cfg["PREFETCH"], ONE_EXPERT=one, PDL=pdl, EARLY=pdl and one and cfg["PREFETCH"],
-                       TWO=extra is not None, num_warps=cfg["num_warps"], launch_pdl=pdl)
+                       TWO=extra is not None, PSUM=cfg.get("PSUM", GEMV_PSUM), G=16 // w.element_size(),
+                       num_warps=cfg["num_warps"], launch_pdl=pdl)
     return y
 
 

@@ -68,14 +68,19 @@ TARGET_PROGRAMS = 2 * 132
 # BM = 1: over TARGET_PROGRAMS programs ~2 MiB, about what HBM needs to stay busy across a DRAM round trip
 # (4.3 TB/s x ~0.5 us).
 GEMV_TILE = 4096
+# PSUM in the GEMV form (_gemv_tile): one partial sum per thread-held 16-byte group, scaled once, instead of x
+# times the scale for every element. A config's "PSUM" key overrides this default (the sweeps; bench/decode_gpu.py
+# +psum flips it for a whole step). Off until the GPU measures it.
+GEMV_PSUM = False
 
 
 @triton.jit
 def _gemv_loads(x_rows, w_rows, s_ptr, ok, rk, kb0, K, KB, BK: tl.constexpr, KU: tl.constexpr,
-                HAS_SCALE: tl.constexpr, WAIT: tl.constexpr = False):
+                HAS_SCALE: tl.constexpr, WAIT: tl.constexpr = False, SG: tl.constexpr = 1):
     """Iteration kb0's operands: w and x (BM, BN, KU·128), the KU scales spread over their columns with `where`
-    (without HAS_SCALE, a dense weight: no scale is loaded and s stays unused). Past K or KB (0 for the rows
-    kernel's foreign rows) everything is masked: no memory traffic, zeros. WAIT (programmatic dependent launch,
+    as a (1, 1, KU·128 / SG) tile, one per SG columns (SG = 1: each column's; PSUM: one per column group; without
+    HAS_SCALE, a dense weight: no scale is loaded and s stays unused). Past K or KB (0 for the rows kernel's
+    foreign rows) everything is masked: no memory traffic, zeros. WAIT (programmatic dependent launch,
     backend.pdl): the weight's loads are issued, then the program waits for the launch before it (x is its
     output), then x is read."""
     k = kb0 * BK + rk
@@ -84,17 +89,19 @@ def _gemv_loads(x_rows, w_rows, s_ptr, ok, rk, kb0, K, KB, BK: tl.constexpr, KU:
     if WAIT:
         tl.extra.cuda.gdc_wait()
     x = tl.load(x_rows + k, mask=k_ok, other=0.0)
-    s = tl.zeros((1, 1, KU * BK), dtype=tl.float32)
+    s = tl.zeros((1, 1, KU * BK // SG), dtype=tl.float32)
     if HAS_SCALE:
+        rs = tl.arange(0, KU * BK // SG)[None, None, :]
         for j in tl.static_range(KU):
-            s = tl.where(rk // BK == j, tl.load(s_ptr + kb0 + j, mask=kb0 + j < KB, other=0.0), s)
+            s = tl.where(rs // (BK // SG) == j, tl.load(s_ptr + kb0 + j, mask=kb0 + j < KB, other=0.0), s)
     return w, x, s
 
 
 @triton.jit
 def _gemv_tile(x_ptr, w_ptr, s_ptr, rm, rn, M, N, K, KB, sxm, swn,
                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, KU: tl.constexpr, PREFETCH: tl.constexpr,
-               HAS_SCALE: tl.constexpr, PDL: tl.constexpr = False):
+               HAS_SCALE: tl.constexpr, PDL: tl.constexpr = False, PSUM: tl.constexpr = False,
+               G: tl.constexpr = 16):
     """(BM, BN) fp32 = Σ_kb<KB (x[rm, kb] · w[rn, kb]ᵀ) · s[kb] by multiply-and-add; s_ptr: the tile's scale row.
     Every operand is loaded as a (BM, BN, KU·128) tile (x repeated along BN, w along BM: the repeats are L1
     hits) so that all share one register layout: a 1-D x broadcast in registers would be re-laid out through
@@ -103,26 +110,35 @@ def _gemv_tile(x_ptr, w_ptr, s_ptr, rm, rn, M, N, K, KB, sxm, swn,
     multiply-adds (registers double-buffered; the compiler otherwise interleaves the loads with the FMAs
     that wait for the first of them, leaving part of each iteration's bytes for a second round trip).
     Without HAS_SCALE the weight is dense (bf16 / fp16 / fp32: dense_gemv_triton.py) and s_ptr is not read.
+    PSUM: the accumulator holds one sum per G columns (G: the elements of one thread's 16-byte load, so the sum
+    stays in the thread), each group's sum times its scale once, instead of x · s for every element (the
+    expert GEMV's PSUM, expert_gemv_triton._dot_part).
     PDL: the program waits for the launch before it (griddepcontrol.wait) after issuing its first weight loads
     (with PREFETCH) or before any load; KB must not come from that launch's output."""
+    SG: tl.constexpr = G if PSUM else 1
     zero = tl.zeros((BM, BN, 1), dtype=tl.int64)
     x_rows = x_ptr + (zero + rm[:, None, None].to(tl.int64) * sxm)
     w_rows = w_ptr + (zero + rn[None, :, None].to(tl.int64) * swn)
     ok = (zero + rm[:, None, None] < M) & (zero + rn[None, :, None] < N)
     rk = tl.arange(0, KU * BK)[None, None, :]
-    acc = tl.zeros((BM, BN, KU * BK), dtype=tl.float32)
+    acc = tl.zeros((BM, BN, KU * BK // SG), dtype=tl.float32)
     if PREFETCH:
-        w_next, x_next, s_next = _gemv_loads(x_rows, w_rows, s_ptr, ok, rk, 0, K, KB, BK, KU, HAS_SCALE, PDL)
+        w_next, x_next, s_next = _gemv_loads(x_rows, w_rows, s_ptr, ok, rk, 0, K, KB, BK, KU, HAS_SCALE, PDL, SG)
     elif PDL:
         tl.extra.cuda.gdc_wait()
     for kb0 in range(0, KB, KU):
         if PREFETCH:
             w, x, s = w_next, x_next, s_next
             w_next, x_next, s_next = _gemv_loads(x_rows, w_rows, s_ptr, ok, rk, kb0 + KU, K, KB, BK, KU,
-                                                 HAS_SCALE)
+                                                 HAS_SCALE, False, SG)
         else:
-            w, x, s = _gemv_loads(x_rows, w_rows, s_ptr, ok, rk, kb0, K, KB, BK, KU, HAS_SCALE)
-        if HAS_SCALE:
+            w, x, s = _gemv_loads(x_rows, w_rows, s_ptr, ok, rk, kb0, K, KB, BK, KU, HAS_SCALE, False, SG)
+        if PSUM:
+            p = tl.sum(tl.reshape(w.to(tl.float32) * x.to(tl.float32), (BM, BN, KU * BK // G, G)), axis=3)
+            if HAS_SCALE:
+                p = p * s
+            acc += p
+        elif HAS_SCALE:
             acc += w.to(tl.float32) * (x.to(tl.float32) * s)
         else:
             acc += w.to(tl.float32) * x.to(tl.float32)
@@ -159,7 +175,8 @@ def _dot_tile(x_ptr, w_ptr, s_ptr, rm, rn, M, N, K, KB, sxm, swn,
 @triton.jit(do_not_specialize=["M", "KB", "ssn"])
 def _small_m_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, KB, sxm, swn, ssn, sym, BM: tl.constexpr, BN: tl.constexpr,
                     BK: tl.constexpr, KU: tl.constexpr, DOT: tl.constexpr, PREFETCH: tl.constexpr,
-                    HAS_SCALE: tl.constexpr, PDL: tl.constexpr = False):
+                    HAS_SCALE: tl.constexpr, PDL: tl.constexpr = False, PSUM: tl.constexpr = False,
+                    G: tl.constexpr = 16):
     """(M, N) = x · wᵀ, scaled per 128x128 block (HAS_SCALE, e4m3 w) or dense (bf16 / fp16 / fp32 w, the GEMV form
     only: dense_gemv_triton.py launches it so, BN any power of two, s_ptr never read). PDL: launched with
     programmatic dependent launch (backend.pdl; the wait in the GEMV form is _gemv_tile's)."""
@@ -176,7 +193,7 @@ def _small_m_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, KB, sxm, swn, ssn, sym,
         acc = _dot_tile(x_ptr, w_ptr, s_ptr + nb * ssn, rm, rn, M, N, K, KB, sxm, swn, BM, BN, BK, KU)
     else:
         acc = _gemv_tile(x_ptr, w_ptr, s_ptr + nb * ssn, rm, rn, M, N, K, KB, sxm, swn, BM, BN, BK, KU, PREFETCH,
-                         HAS_SCALE, PDL)
+                         HAS_SCALE, PDL, PSUM, G)
     tl.store(y_ptr + rm[:, None].to(tl.int64) * sym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=(rm[:, None] < M) & (rn[None, :] < N))
 
@@ -184,7 +201,7 @@ def _small_m_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, KB, sxm, swn, ssn, sym,
 @triton.jit(do_not_specialize=["KB", "sse", "ssn"])
 def _rows_kernel(x_ptr, w_ptr, s_ptr, e_ptr, y_ptr, N, K, KB, sxm, swe, swn, sse, ssn, sym,
                  BN: tl.constexpr, BK: tl.constexpr, KU: tl.constexpr, PREFETCH: tl.constexpr,
-                 PDL: tl.constexpr = False):
+                 PDL: tl.constexpr = False, PSUM: tl.constexpr = False):
     m = tl.program_id(0).to(tl.int64)  # rows fastest: rows sorted by expert share its tiles in L2
     pn = tl.program_id(1)
     if PDL:  # programmatic dependent launch (backend.pdl): the expert index is the launch before's output
@@ -198,7 +215,7 @@ def _rows_kernel(x_ptr, w_ptr, s_ptr, e_ptr, y_ptr, N, K, KB, sxm, swe, swn, sse
     rn = pn * BN + tl.arange(0, BN)
     nb = (pn * BN) // BK
     acc = _gemv_tile(x_ptr + m * sxm, w_ptr + e * swe, s_ptr + e * sse + nb * ssn, tl.arange(0, 1), rn, 1, N, K,
-                     kb_end, 0, swn, 1, BN, BK, KU, PREFETCH, True)  # (1, BN)
+                     kb_end, 0, swn, 1, BN, BK, KU, PREFETCH, True, False, PSUM)  # (1, BN)
     tl.store(y_ptr + m * sym + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=rn[None, :] < N)
 
 
@@ -270,7 +287,7 @@ def _config_rows(M: int, N: int, K: int) -> dict:
 
 
 def _launch_small_m(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, *, BM: int, BN: int, KU: int,
-                    num_warps: int, num_stages: int) -> torch.Tensor:
+                    num_warps: int, num_stages: int, PSUM: bool | None = None) -> torch.Tensor:
     """y (M, N) = x (M, K) · dequant(w, s)ᵀ with the given launch parameters (module docstring)."""
     assert BM in (1, 2, 4, 16, 32, 64) and BN in (8, 16, 32, 64, 128) and (BM < 16 or BN >= 16), (BM, BN)
     M, K = x.shape
@@ -285,13 +302,13 @@ def _launch_small_m(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, *, BM: in
     pdl = backend.pdl(x.device)
     _small_m_kernel[grid](x, w, s, y, M, N, K, triton.cdiv(K, BLOCK), x.stride(0), w.stride(0), s.stride(0),
                           y.stride(0), BM=BM, BN=BN, BK=BLOCK, KU=KU, DOT=dot, PREFETCH=not dot and num_stages == 2,
-                          HAS_SCALE=True, PDL=pdl, num_warps=num_warps, num_stages=num_stages if dot else 1,
-                          launch_pdl=pdl)
+                          HAS_SCALE=True, PDL=pdl, PSUM=not dot and (GEMV_PSUM if PSUM is None else PSUM),
+                          num_warps=num_warps, num_stages=num_stages if dot else 1, launch_pdl=pdl)
     return y
 
 
 def _launch_rows(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, expert: torch.Tensor, *, BN: int, KU: int,
-                 num_warps: int, num_stages: int) -> torch.Tensor:
+                 num_warps: int, num_stages: int, PSUM: bool | None = None) -> torch.Tensor:
     """y (M, N): row m of x (M, K) through expert[m] of w (E, N, K) (0 where expert[m] < 0)."""
     assert BN in (8, 16, 32, 64, 128) and num_stages in (1, 2), (BN, num_stages)
     M, K = x.shape
@@ -307,7 +324,8 @@ def _launch_rows(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, expert: torc
     pdl = backend.pdl(x.device)
     _rows_kernel[grid](x, w, s, expert, y, N, K, triton.cdiv(K, BLOCK), x.stride(0), w.stride(0), w.stride(1),
                        s.stride(0), s.stride(1), y.stride(0), BN=BN, BK=BLOCK, KU=KU, PREFETCH=num_stages == 2,
-                       PDL=pdl, num_warps=num_warps, num_stages=1, launch_pdl=pdl)
+                       PDL=pdl, PSUM=GEMV_PSUM if PSUM is None else PSUM, num_warps=num_warps, num_stages=1,
+                       launch_pdl=pdl)
     return y
 
 
