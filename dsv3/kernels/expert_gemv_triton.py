@@ -158,12 +158,15 @@ def _gemv_kernel(x_ptr, w_ptr, ws_ptr, u_ptr, us_ptr, e_ptr, y_ptr, N, K, KB, x_
     tl.store(y_ptr + m * sym + rn, y.to(y_ptr.dtype.element_ty), mask=rn < N)
 
 
-# PSUM (_dot_part): per-group partial sums, scaled once a group. A config's "PSUM" key overrides this default (the
-# sweep; bench/decode_gpu.py +psum flips it for a whole step). Off until the GPU measures it.
+# PSUM (_dot_part): per-group partial sums, scaled once a group, where a config does not say: off for bf16 weights
+# (it saves no multiply there: 16b bf16 batch 1 went 374.8 -> 363.5 tok/s with it, H100, 2026-12-06); e4m3's
+# default configs say PSUM themselves (default_config). bench/decode_gpu.py +psum sets it.
 GEMV_PSUM = False
-# e4m3 weights: programs wanted per launch (BN is the largest of FP8_BNS giving at least this many)
-FP8_PROGRAMS = 256
-FP8_BNS = (32, 16, 8)
+# e4m3 weights: measured configs by (rows, N), the 16b shapes where the sweep's best beat FP8_RULE by more than 5%
+# (bench/expert_gemv_sweep.py --fp8-only --psum, H100, 2026-12-06: the routed gate+up at batch 1 13.2 us against
+# 14.3 for the rule)
+FP8_TUNED: dict[tuple[int, int], dict] = {(6, 1408): {"BN": 16, "KU": 4, "num_warps": 4, "PREFETCH": False}}
+FP8_RULE = {"BN": 8, "KU": 4, "num_warps": 8}
 
 
 def default_config(fp8: bool = False, M: int = 6, N: int = 2048) -> dict:
@@ -172,17 +175,19 @@ def default_config(fp8: bool = False, M: int = 6, N: int = 2048) -> dict:
       I 1408; 6 and 48 rows, 2026-12-04; bench/RESULTS.md): BN = 8 weight rows per program, KU = 1 scale block
       per load, PREFETCH (the next iteration's loads in flight during this one's FMAs): gate+up 19.3 us and down
       9.5 us at 6 rows, 86-87% of the copy bandwidth (BN 16: 19.9 / 9.8; without PREFETCH BN 16 falls to 61-68%).
-    - e4m3 weights: KU = 2 (two scale blocks, 256 K columns, per load: twice the bytes in flight per program),
-      no PREFETCH (the scale selects cost registers: with it BN 32 KU 2 spills), 4 warps, and BN the largest of
-      32 / 16 / 8 that still gives FP8_PROGRAMS programs (M x N / BN), else 8. `bench/expert_gemv_sweep.py
-      --fp8-only --rows 6` on an H100 (2026-12-05, bench/RESULTS.md): at 6 rows BN 32 KU 2 took 12.5 / 6.3 us
-      for gate+up / down (93% / 92% of the copy bandwidth) against 15.4 / 9.4 us for the configs before (KU 1;
-      BN 32 / 16); KU 4 with BN 32 fell off a cliff (57 us gate+up). One row (the shared experts' SwiGLU,
-      `swiglu_gemv`: N 2816 for the 16b) gets BN 8, 352 programs: BN 32 would leave 88 on 132 SMs."""
+    - e4m3 weights: PSUM (one fp32 sum per thread-held 16-byte group, scaled once: 124 registers for the fused
+      gate+up at BN 32 KU 2 where the per-element form took 255, and 4.0 instructions a weight element against
+      5.0), which leaves room for 4 scale blocks (512 K columns) per load: FP8_TUNED where it names the shape, else
+      FP8_RULE (BN 8, KU 4, 8 warps), the next iteration's loads prefetched only at one row. `bench/expert_gemv_sweep.py
+      --fp8-only --rows 6 --shared --psum` on an H100 (2026-12-06, bench/RESULTS.md), weights from HBM: routed down
+      8.6 us (the rule; the form before, BN 32 KU 2 without PSUM: 10.1 us in the 2026-12-05 sweep), routed gate+up
+      13.2 us (FP8_TUNED; 15.8 before), the shared experts' one-row SwiGLU 6.54 us (the rule with the prefetch;
+      10.26 us for the config before, same run). Without PSUM the e4m3 form was BN 32 KU 2 at 4 warps: KU 4 or
+      the prefetch spilled (57 us for gate+up at KU 4)."""
     if not fp8:
         return {"BN": 8, "KU": 1, "num_warps": 4, "PREFETCH": True}
-    bn = next((b for b in FP8_BNS if M * triton.cdiv(N, b) >= FP8_PROGRAMS), FP8_BNS[-1])
-    return {"BN": bn, "KU": 2, "num_warps": 4, "PREFETCH": False}
+    cfg = dict(FP8_TUNED.get((M, N)) or dict(FP8_RULE, PREFETCH=M == 1))
+    return {**cfg, "PSUM": True}
 
 
 def launch(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None, expert: torch.Tensor | None, x_div: int,
