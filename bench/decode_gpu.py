@@ -34,8 +34,8 @@ overlapped decoding (each step's results read before the next step is queued). U
 the step: the graph replayed back to back (the GPU's time), replayed with the argmax and the copy to the host synced
 each time, and the rest (the engine's host work). +nodual: absorbed MLA's q (or q_a) and kv_a projections as two
 launches (each its own GEMV / FP8 GEMM) instead of one dual launch (kernels.dense_gemv2, kernels.fp8_weight_linear2).
-+sharedgemv: the shared experts as more rows of the routed experts' two GEMV launches
-(kernels.set_shared_gemv; off by default). +tuned: the
++sharedgemv / +nosharedgemv: the shared experts as more rows of the routed experts' two GEMV launches, for every
+weight dtype / for none (kernels.set_shared_gemv; shipped: e4m3 weights only). +tuned: the
 expert GEMV's launch configs of `--gemv-configs PATH` (bench/expert_gemv_sweep.py --json: the best per weight
 dtype, rows and columns) instead of `expert_gemv_triton.default_config`, where they name the call's shape (with
 +sharedgemv the routed launches have K + n_shared rows a token, which a sweep at K rows does not name: defaults).
@@ -78,7 +78,7 @@ from bandwidth import copy_bandwidth  # noqa: E402  (bench/bandwidth.py)
 # kernel choices a mode may add to its path, in any order
 MODE_FLAGS = ("+nogemv", "+nokernels", "+densegemv", "+headgemv", "+latentstore", "+moegemm", "+mlauv", "+twotiles",
               "+tile16", "+pdl", "+nopdl", "+ipdl", "+noipdl", "+argmax1", "+sync", "+nodual",
-              "+tuned", "+sharedgemv", "+psum")
+              "+tuned", "+sharedgemv", "+nosharedgemv", "+psum")
 KERNEL_FLAGS = {"+densegemv": "dense_gemv", "+headgemv": "head_gemv", "+latentstore": "latent_store",
                 "+moegemm": "moe_gemm", "+mlauv": "mla_uv"}  # the switched decode kernels (backend.py SWITCHED)
 SHIPPED = dict(kb.SWITCHED)  # their defaults, as `dsv3 serve` runs them
@@ -257,8 +257,10 @@ def main() -> None:
         # new graphs capture it)
         for op, on in kernel_switches(flags).items():
             kb.switch(op, on)
-        # +sharedgemv: the shared experts inside the routed experts' GEMV launches (kernels.set_shared_gemv)
-        kb.switch("shared_gemv", "+sharedgemv" in flags or bool(SHIPPED["shared_gemv"]))
+        # +sharedgemv / +nosharedgemv: the shared experts inside the routed experts' GEMV launches for every weight
+        # dtype / for none (kernels.set_shared_gemv; shipped: e4m3 weights only)
+        kb.switch("shared_gemv", True if "+sharedgemv" in flags else False if "+nosharedgemv" in flags
+                  else SHIPPED["shared_gemv"])
         # +tuned: the sweep's expert GEMV configs where they name the call's (dtype, rows, columns); a compiled step
         # recompiles nothing for it (the config is chosen at each launch, on the host), the graphs capture it
         egk.default_config = SHIPPED_GEMV_CONFIG if "+tuned" not in flags else tuned_config(args.gemv_configs)

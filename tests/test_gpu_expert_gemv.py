@@ -168,11 +168,12 @@ def test_graphed_decode_step_with_the_shared_experts_in_the_gemv(compile, fp8):
         from dsv3.checkpoints.hf import quantize_model_fp8
 
         quantize_model_fp8(m)
-    ref = graphed_step_logits(m, prompts, compile_decode=compile)
+    old = kernels.set_shared_gemv(False)  # (the default holds it on for e4m3 weights)
     calls, real = [], k.launch
-    k.launch = lambda *a, **kw: calls.append(kw.get("extra") is not None) or real(*a, **kw)
-    old = kernels.set_shared_gemv(True)
     try:
+        ref = graphed_step_logits(m, prompts, compile_decode=compile)
+        k.launch = lambda *a, **kw: calls.append(kw.get("extra") is not None) or real(*a, **kw)
+        kernels.set_shared_gemv(True)
         got = graphed_step_logits(m, prompts, compile_decode=compile)
     finally:
         kernels.set_shared_gemv(old)

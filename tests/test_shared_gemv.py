@@ -103,21 +103,27 @@ def test_second_stack_contract():
 
 
 def test_the_rule_on_a_pretend_gpu(monkeypatch):
-    """Off by default; switched on, decode-sized 16-bit x without autograd."""
+    """On by default for e4m3 expert weights only (backend.WEIGHTS_E4M3: the caller passes the routed gate weight);
+    switched on, every weight dtype; decode-sized 16-bit x without autograd."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(kb, "_probes", {"triton": True, "scaled_mm": True, ("capability", 0): (9, 0)})
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
     monkeypatch.setattr(torch.Tensor, "device", property(lambda self: torch.device("cuda", 0)))
     x = torch.randn(1, 64, dtype=torch.bfloat16)
-    assert kb.SWITCHED["shared_gemv"] is False
-    assert kernels.select_backend("shared_gemv", x) == "reference"
+    w16, w8 = torch.randn(4, 32, 64, dtype=torch.bfloat16), torch.zeros(4, 32, 64, dtype=torch.float8_e4m3fn)
+    assert kb.SWITCHED["shared_gemv"] == kb.WEIGHTS_E4M3
+    assert kernels.select_backend("shared_gemv", x, w16) == "reference"
+    assert kernels.select_backend("shared_gemv", x) == "reference"  # no weight named: not e4m3
+    assert kernels.select_backend("shared_gemv", x, w8) == "triton"
+    assert kernels.set_shared_gemv(False) == kb.WEIGHTS_E4M3
+    assert kernels.select_backend("shared_gemv", x, w8) == "reference"
     old = kernels.set_shared_gemv(True)
     try:
-        assert kernels.select_backend("shared_gemv", x) == "triton"
+        assert kernels.select_backend("shared_gemv", x, w16) == "triton"
         assert kernels.select_backend("shared_gemv", x.float()) == "reference"
         assert kernels.select_backend("shared_gemv", x.clone().requires_grad_()) == "reference"
     finally:
-        kernels.set_shared_gemv(old)
+        kernels.set_shared_gemv(kb.WEIGHTS_E4M3)
 
 
 def _quant_stack(w):

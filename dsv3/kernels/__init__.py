@@ -14,7 +14,7 @@ optional.
     fp8_weight_linear2                                  "triton" (dense_gemv_triton.py's dual launch)
     expert_gemv, swiglu_gemv                            "triton" (expert_gemv_triton.py; swiglu_gemv
                                                         switched with dense_gemv; the shared experts in its
-                                                        launches: set_shared_gemv, off by default)
+                                                        launches: set_shared_gemv, on for e4m3 weights)
     moe_gemm_swiglu, moe_gemm_down                      "triton" (moe_gemm_triton.py; switched:
                                                         set_moe_gemm, on by default)
     dense_gemv, dense_gemv2                             "triton" (dense_gemv_triton.py; switched:
@@ -238,12 +238,13 @@ def set_head_gemv(on: bool) -> bool:
     return _switch("head_gemv", on)
 
 
-def set_shared_gemv(on: bool) -> bool:
+def set_shared_gemv(on: bool | str) -> bool | str:
     """Let the automatic choice run the shared experts inside the routed experts' two decode GEMV launches (MoE.
     forward, where the routed experts take `expert_gemv`: batch 1): two launches a MoE layer fewer; the shared part
     is then the fp32 sum of its n_shared experts' rounded outputs instead of one rounded product. Process-wide;
-    returns the previous setting. Off by default: slower on an H100 (backend.SWITCHED's note). As `set_dense_gemv` for compiled steps
-    and CUDA graphs."""
+    returns the previous setting. By default on for e4m3 expert weights only (`backend.WEIGHTS_E4M3`; True: every
+    dtype): faster for an FP8 checkpoint, slower for bf16 (backend.SWITCHED's note). As `set_dense_gemv` for
+    compiled steps and CUDA graphs."""
     return _switch("shared_gemv", on)
 
 

@@ -34,7 +34,7 @@ never probe the GPU themselves.
                                             autograd through either
     adamw             "triton"              -
     router_topk       "triton"              fp32 logits (24/24 GPU tests on an H200, 2026-12-04; 4.8-12x the reference)
-    shared_gemv       "triton"              switched (SWITCHED, kernels.set_shared_gemv; off by default): the shared
+    shared_gemv       "triton"              switched (SWITCHED, kernels.set_shared_gemv; on for e4m3 weights): the shared
                                             experts as more rows of the routed experts' GEMV launches (MoE.forward,
                                             where the routed experts take their GEMV); bf16/fp16 x, at most
                                             EXPERT_DECODE_ROWS rows, no autograd
@@ -115,11 +115,14 @@ PENDING: set[str] = set()
 # (head_gemv alone: bf16 380.6, FP8 448.4). At batch 32 mla_uv was slower (bf16 2,503.8 against 2,597.7, FP8
 # 3,420.8 against 3,653.5; head_gemv does not apply above one row), hence its row limit. Both on.
 WEIGHTS_16BIT = "16-bit weights"
+WEIGHTS_E4M3 = "e4m3 weights"  # the op on for e4m3 weights only (the caller passes the weight to select)
 # "shared_gemv" (the shared experts inside the routed experts' two GEMV launches: two launches a MoE layer fewer at
-# batch 1): off, measured slower on an H100 (2026-12-05, tenth session, 16b graphs + compile, one call): batch 1
-# bf16 374.1 against 385.7 tok/s, FP8 426.4 against 459.5; batch 32 (where it does not apply) 2,600.9 / 2,591.7.
+# batch 1): on for e4m3 weights only. Measured slower on an H100 (2026-12-05, tenth session, 16b graphs + compile,
+# one call): batch 1 bf16 374.1 against 385.7 tok/s, FP8 426.4 against 459.5 (the e4m3 GEMV's configs then: KU 2,
+# no PSUM); batch 32 (where it does not apply) 2,600.9 / 2,591.7. With the PSUM configs (2026-12-06, an H100, one
+# call, bench/RESULTS.md): FP8 batch 1 479.4 against 460.6. bf16's configs did not change: off there.
 SWITCHED: dict[str, bool | str] = {"dense_gemv": True, "head_gemv": True, "latent_store": True,
-                                   "moe_gemm": True, "pdl": True, "mla_uv": True, "shared_gemv": False}
+                                   "moe_gemm": True, "pdl": True, "mla_uv": True, "shared_gemv": WEIGHTS_E4M3}
 # ops that follow another op's switch: the dense SwiGLU's fused gate+up GEMV is one of the dense decode GEMVs
 SWITCH_OF: dict[str, str] = {"swiglu_gemv": "dense_gemv"}
 # Up to these many activation rows the Triton FP8-weight kernels run (decode; above, prefill:
@@ -362,20 +365,21 @@ def select(op: str, *tensors: torch.Tensor, backend: str | None = None) -> str:
     if not _env_read:
         _read_env()
     on = SWITCHED.get(SWITCH_OF.get(op, op), True)
-    if op in PENDING or not on or (on == WEIGHTS_16BIT and any(t.dtype == torch.float8_e4m3fn for t in tensors)):
+    if (op in PENDING or not on or (on == WEIGHTS_16BIT and any(t.dtype == torch.float8_e4m3fn for t in tensors))
+            or (on == WEIGHTS_E4M3 and not any(t.dtype == torch.float8_e4m3fn for t in tensors))):
         return "reference"
     return FAST[op] if _fast_fits(op, tensors) else "reference"
 
 
 def switch(op: str, on: bool | str) -> bool | str:
-    """Switch the automatic choice of an op of SWITCHED on (every weight dtype), off, or to WEIGHTS_16BIT
-    (process-wide; the rule still applies); returns the previous setting. A torch.compile'd caller recompiles on
-    a change (its guards read it)."""
+    """Switch the automatic choice of an op of SWITCHED on (every weight dtype), off, or to WEIGHTS_16BIT /
+    WEIGHTS_E4M3 (process-wide; the rule still applies); returns the previous setting. A torch.compile'd caller
+    recompiles on a change (its guards read it)."""
     _read_env()  # (first: a later switch wins over the environment)
     if op not in SWITCHED:
         raise ValueError(f"switch: {op!r} is not a switched op; one of {sorted(SWITCHED)}")
     old = SWITCHED[op]
-    SWITCHED[op] = on if on == WEIGHTS_16BIT else bool(on)
+    SWITCHED[op] = on if on in (WEIGHTS_16BIT, WEIGHTS_E4M3) else bool(on)
     return old
 
 

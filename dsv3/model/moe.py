@@ -414,7 +414,8 @@ class MoE(nn.Module):
         if (self.shared_experts is None or self.dispatcher is not None or self.experts_impl != "auto"
                 # Experts.forward's own choice (a subclass such as FP8TrainExperts chooses otherwise) and hooks
                 or type(self.experts).forward is not Experts.forward or hooked(self.experts)
-                or kernels.select_backend("shared_gemv", x_ND) == "reference"
+                # (the routed experts' gate weight: the switch may hold for e4m3 weights only, backend.WEIGHTS_E4M3)
+                or kernels.select_backend("shared_gemv", x_ND, self.experts.gemv_weights()[0]) == "reference"
                 or self.experts._impl(x_ND, "auto") != "grouped" or not self.experts._gemv_fits(x_ND, idx_NK)):
             return None
         # the kernels have no backward: not where the shared experts train (the routed ones' rule is _gemv_fits')
