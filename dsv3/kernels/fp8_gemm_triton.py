@@ -70,7 +70,10 @@ TARGET_PROGRAMS = 2 * 132
 GEMV_TILE = 4096
 # PSUM in the GEMV form (_gemv_tile): one partial sum per thread-held 16-byte group, scaled once, instead of x
 # times the scale for every element. A config's "PSUM" key overrides this default (the sweeps; bench/decode_gpu.py
-# +psum flips it for a whole step). Off until the GPU measures it.
+# +psum flips it for a whole step). Off: in a 16b batch-1 step (H100, 2026-12-06, bench/RESULTS.md) it bought the
+# one-row FP8 projections nothing (460.3 against 460.8 tok/s) and cost bf16 3% (363.5 against 374.8; the dense
+# GEMV and the expert GEMV together); the sweep's single-launch gains (q_proj 4.69 against 4.93 us) stay inside
+# the step's spread.
 GEMV_PSUM = False
 
 
