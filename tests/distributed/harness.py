@@ -1,15 +1,18 @@
-"""What the gloo equivalence tests share: a free port, and spawning `world` processes that each run
-named scenarios and report, per scenario, the worst value of every metric over the ranks.
+"""What the gloo equivalence tests share: a free port, starting `world` processes quickly, and spawning
+processes that each run named scenarios and report, per scenario, the worst value of every metric over
+the ranks.
 
+    start_ranks(fn, args, world)                  fn(rank, *args) in `world` fresh processes, joined
     spawn_scenarios(world, run_one, names) -> {name: {metric: worst over ranks}}
 
-`run_one(rank, world, name) -> {metric: float}` must be a module-level function of the test module
-(torch.multiprocessing pickles it by reference).
+`run_one(rank, world, name) -> {metric: float}` (and `fn`) must be module-level functions of the test
+module (torch.multiprocessing pickles them by reference).
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import socket
 import tempfile
@@ -86,12 +89,41 @@ def _worker(rank: int, world: int, port: int, run_one, names: list[str], out_pat
         dist.destroy_process_group()
 
 
-def spawn_scenarios(world: int, run_one, names: list[str]) -> dict:
+# The ranks start from a fork server: one fresh interpreter, started at the first launch, imports these
+# modules once and forks a process per rank. A spawned rank (mp.spawn) imports torch and dsv3 itself, about
+# 1.2 s of a core: 10 s of wall time for an 8-rank launch on 2 cores, more than the ranks' work in most of
+# these tests. A forked rank is the same fresh interpreter (the server runs no test code); it gets the test
+# process's environment as it is at the launch (_in_env: the server keeps the one it started with) and its
+# sys.path and working directory (multiprocessing sends them). A module missing from the list is imported
+# by the rank itself, as before. tests/distributed/compose.py starts its ranks from the same server.
+FORK_SERVER_PRELOAD = ["torch", "torch.distributed", "torch.distributed.checkpoint", "torch.distributed.fsdp",
+                       "torch.distributed.tensor", "torch.distributed.pipelining", "pytest", "dsv3.model",
+                       "dsv3.distributed", "dsv3.distributed.pipeline", "dsv3.training.pretrain",
+                       "dsv3.checkpoints.dcp", "dsv3.checkpoints.hf", "dsv3.inference.engine", "dsv3.ep_serve",
+                       "tests.distributed.harness"]
+
+
+def _in_env(rank: int, env: dict, fn, *args) -> None:
+    os.environ.clear()
+    os.environ.update(env)
+    fn(rank, *args)
+
+
+def start_ranks(fn, args: tuple, world: int) -> None:
+    """fn(rank, *args) in `world` new processes (rank 0 .. world - 1), joined; an exception in any of
+    them raises here (torch.multiprocessing's ProcessRaisedException, as mp.spawn does)."""
     import torch.multiprocessing as mp
 
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(FORK_SERVER_PRELOAD)  # takes effect when the server starts (the first call)
+    mp.start_processes(_in_env, args=(dict(os.environ), fn, *args), nprocs=world, join=True,
+                       start_method="forkserver")
+
+
+def spawn_scenarios(world: int, run_one, names: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "results.json")
-        mp.spawn(_worker, args=(world, free_port(), run_one, names, path), nprocs=world, join=True)
+        start_ranks(_worker, (world, free_port(), run_one, names, path), world)
         with open(path) as f:
             return json.load(f)
 

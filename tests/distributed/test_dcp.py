@@ -1,6 +1,6 @@
 """Sharded (DCP) checkpoints and `dsv3 train` under torchrun, on the CPU with gloo.
 
-Run: python -m pytest tests/distributed/test_dcp.py -q     (spawns 1, 2 and 4 processes; ~40 s on 2 cores)
+Run: python -m pytest tests/distributed/test_dcp.py -q     (spawns 1, 2 and 4 processes; ~15 s on 2 cores)
 
 Resharding: two runs of 2 processes (dp_shard 2 with FSDP; ep 2 with FSDP) train STEPS_BEFORE steps
 on fixed global batches, save, and go on for STEPS_AFTER more steps (the uninterrupted reference).
@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from dsv3.distributed import ParallelConfig
 from tests.distributed.harness import free_port as _free_port
-from tests.distributed.harness import tiny_cfg
+from tests.distributed.harness import start_ranks, tiny_cfg
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with gloo is not available")
@@ -180,12 +180,10 @@ def _worker(rank, world, port, d, job):
 
 @pytest.fixture(scope="module")
 def ckpt_dir(tmp_path_factory):
-    import torch.multiprocessing as mp
-
     d = str(tmp_path_factory.mktemp("dcp"))
-    mp.spawn(_worker, args=(2, _free_port(), d, "save"), nprocs=2, join=True)
+    start_ranks(_worker, (2, _free_port(), d, "save"), 2)
     for world in (4, 1):
-        mp.spawn(_worker, args=(world, _free_port(), d, "resume"), nprocs=world, join=True)
+        start_ranks(_worker, (world, _free_port(), d, "resume"), world)
     return d
 
 

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from dsv3.distributed import ParallelConfig
-from tests.distributed.harness import free_port, tiny_cfg
+from tests.distributed.harness import free_port, start_ranks, tiny_cfg
 from tests.distributed.test_dcp import MICRO  # the micro model of the torchrun tests
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
@@ -87,11 +87,9 @@ def _disk_job(rank, world, port, d):
 
 
 def test_full_disk_on_one_rank_stops_every_rank_and_keeps_the_checkpoint(tmp_path):
-    import torch.multiprocessing as mp
-
     from dsv3.checkpoints.dcp import load_full_model
 
-    mp.spawn(_disk_job, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    start_ranks(_disk_job, (2, free_port(), str(tmp_path)), 2)
     for rank in range(2):
         with open(tmp_path / f"rank{rank}.json") as f:
             r = json.load(f)

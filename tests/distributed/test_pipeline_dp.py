@@ -1,7 +1,7 @@
 """Pipeline × data parallelism on the CPU with gloo: pp = 2 stages × dp = 2 replicas (4 processes), and
 pp 2 × dp 2 × ep 2 (8 processes), equal one process; pipeline checkpoints move between layouts.
 
-Run: python -m pytest tests/distributed/test_pipeline_dp.py -q   (spawns 4 and 8 processes, ~2 min)
+Run: python -m pytest tests/distributed/test_pipeline_dp.py -q   (spawns 4 and 8 processes, ~15 s)
 
 Layout (dsv3/distributed/pipeline.py, mesh ("pp", "dp", "ep"), global rank = (pp_index · dp + dp_index)
 · ep + ep_index): each stage is held by dp × ep ranks; each reads its own quarter (dp 2 × ep 2, with 2
