@@ -50,11 +50,14 @@ step fp8 python bench/decode_gpu.py --preset 16b --batches "${FP8:-1,32,128}" --
 step profile python bench/profile_gpu.py --decode 1,32 --preset 16b
 # PSUM (the GEMVs' per-group partial sums, each group scaled once: expert_gemv_triton._dot_part,
 # fp8_gemm_triton._gemv_tile): its GPU tests, the FP8 expert GEMV's PSUM configs (-> psum.json) and the one-row FP8
-# projections with and without it, then batch 1 with it on (+psum) and with the sweep's best expert configs (+tuned)
+# projections with and without it; then batch 1: bf16 and FP8 as shipped (e4m3: PSUM configs, the shared experts
+# inside the routed launches), FP8 with the routed 8-row gate+up at the 6-row tuned config (+tuned), FP8 without the
+# shared experts in the launches, bf16 with them, and PSUM in the dense GEMVs too (+psum)
 step psumtests python -m pytest -m gpu -q -p no:cacheprovider -p no:logging --tb=short \
-    tests/test_gpu_expert_gemv.py tests/test_gpu_dense_gemv.py -k "psum or vs_reference or dual"
+    tests/test_gpu_expert_gemv.py tests/test_gpu_dense_gemv.py -k "psum or shared_experts_in_the_gemv or dual"
 step psumsweep python bench/expert_gemv_sweep.py --fp8-only --rows 6 --shared --quick --psum --json "$out/psum.json"
 step psumdense python bench/fp8_gemv_sweep.py --quick --rows 1 --psum --all --json "$out/psum_dense.json"
-step psum python bench/decode_gpu.py --preset 16b --batches "${BPSUM:-1}" --new 48 --gemv-configs "$out/psum.json" \
-    --modes graphs+compile,graphs+compile+psum,graphs+compile+fp8,graphs+compile+fp8+psum,graphs+compile+fp8+psum+tuned
+step psum python bench/decode_gpu.py --preset 16b --batches "${BPSUM:-1}" --new 48 \
+    --gemv-configs bench/results/s17_fp8_gemv_8rows.json --modes graphs+compile,graphs+compile+fp8,\
+graphs+compile+fp8+tuned,graphs+compile+fp8+nosharedgemv,graphs+compile+sharedgemv,graphs+compile+fp8+psum
 tail -n 4 "$out"/*.txt
