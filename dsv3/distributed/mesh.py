@@ -136,6 +136,12 @@ def init_distributed(device: str = "auto") -> DistEnv:
         return DistEnv(0, 1, 0, dev, None)
     backend = "nccl" if use_cuda else "gloo"
     if not dist.is_initialized():
+        # torch.distributed.nn.functional's collectives default to `group=group.WORLD`, read when it is imported (by
+        # torch._dynamo, which model loading imports): imported after this point, its defaults would hold the
+        # default group for good, and destroy_process_group could not free it (ep_serve.close_groups says why a
+        # rank needs that); imported first, they hold None, which means the same group
+        import torch.distributed.nn.functional as _nn_functional  # noqa: F401
+
         store = _attempt_store(world)
         dist.init_process_group(backend, rank=rank, world_size=world, **({"store": store} if store else {}))
     return DistEnv(rank, world, local, dev, backend)

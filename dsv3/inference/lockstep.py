@@ -296,12 +296,14 @@ def run_follower(engine: Engine, ctrl, grace_s: float = 20.0, dp: bool = False, 
     signalled: list[float] = []
     old = {s: signal.signal(s, lambda *_: signalled.append(time.monotonic())) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        threading.Thread(target=run, name="dsv3-ep-follower", daemon=True).start()
+        thread = threading.Thread(target=run, name="dsv3-ep-follower", daemon=True)
+        thread.start()
         while not done.wait(0.2):
             if signalled and time.monotonic() - signalled[0] > grace_s:
                 print(f"rank {dist.get_rank()}: no stop from rank 0 within {grace_s:.0f} s of the signal; exiting",
                       file=sys.stderr)
                 return 1
+        thread.join()  # (returning: until it has, it holds the engine, whose process groups the caller destroys)
     finally:
         for s, h in old.items():
             signal.signal(s, h)

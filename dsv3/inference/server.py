@@ -691,11 +691,20 @@ def load_for_serving(checkpoint: str, *, device: str = "auto", max_batch_size: i
 
 def serve(engine: Engine, tokenizer: DSTokenizer, model_name: str, *, host: str = "127.0.0.1", port: int = 8000,
           log_level: str = "info", **app_kwargs) -> None:
-    """Serve until interrupted (Ctrl-C). Binds loopback unless `host` says otherwise."""
+    """Serve until interrupted (Ctrl-C). Binds loopback unless `host` says otherwise. Returns with nothing of
+    the server holding `engine` any more."""
     import uvicorn
 
-    uvicorn.run(create_app(engine, tokenizer, model_name, **app_kwargs), host=host, port=port, log_level=log_level,
-                timeout_graceful_shutdown=5)
+    app = create_app(engine, tokenizer, model_name, **app_kwargs)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    finally:
+        # FastAPI keeps the route handlers, which hold the server, in a module-level cache: the engine would live
+        # as long as the process, and under expert parallelism (dsv3/ep_serve.py) so would the process groups its
+        # MoE layers hold, which each rank must destroy before it exits (ep_serve.close_groups says why)
+        srv = app.state.server
+        srv.engine_loop.stop()  # (stopped already, unless uvicorn failed before its shutdown)
+        srv.engine = srv.engine_loop = None
 
 
 __all__ = ["APIError", "EngineLoop", "create_app", "load_for_serving", "serve"]
