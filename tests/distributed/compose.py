@@ -24,7 +24,6 @@ from __future__ import annotations
 import glob
 import itertools
 import json
-import multiprocessing
 import os
 import random
 import shutil
@@ -253,7 +252,7 @@ def _rank_main(env: dict, root: str, cells_path: str, log: str) -> None:
 
 
 def _launch(root: str, world: int, cells: list[Cell], tag: str, timeout: float) -> dict:
-    from tests.distributed.harness import FORK_SERVER_PRELOAD, free_port
+    from tests.distributed.harness import fork_context, free_port
 
     for c in cells:  # resumed cells continue a copy of another cell's run directory, made before any rank
         if c.resume_from:  # starts (the ranks' process group only exists inside train())
@@ -274,8 +273,7 @@ def _launch(root: str, world: int, cells: list[Cell], tag: str, timeout: float) 
     port = free_port()
     # every rank a process forked from the fork server (tests/distributed/harness.py: torch and dsv3 imported
     # once, not per rank), with the variables torchrun sets; its output goes to a file per rank
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(FORK_SERVER_PRELOAD)
+    ctx = fork_context()
     procs, logs = [], [f"{path}.out.{r}" for r in range(world)]
     for r in range(world):
         env = dict(os.environ, OMP_NUM_THREADS="1")

@@ -109,13 +109,20 @@ def _in_env(rank: int, env: dict, fn, *args) -> None:
     fn(rank, *args)
 
 
+def fork_context():
+    """multiprocessing's fork-server context with FORK_SERVER_PRELOAD (which takes effect when the server starts:
+    the first process started through it)."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(FORK_SERVER_PRELOAD)
+    return ctx
+
+
 def start_ranks(fn, args: tuple, world: int) -> None:
     """fn(rank, *args) in `world` new processes (rank 0 .. world - 1), joined; an exception in any of
     them raises here (torch.multiprocessing's ProcessRaisedException, as mp.spawn does)."""
     import torch.multiprocessing as mp
 
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(FORK_SERVER_PRELOAD)  # takes effect when the server starts (the first call)
+    fork_context()
     mp.start_processes(_in_env, args=(dict(os.environ), fn, *args), nprocs=world, join=True,
                        start_method="forkserver")
 
