@@ -163,6 +163,57 @@ def test_interp_kernel_with_a_strided_second_stack(fp8, fused):
     assert _rel(got, want) < 2e-3, _rel(got, want)
 
 
+def test_expert_ids_and_the_reference_with_routed_rows():
+    """kernels.expert_ids lays out each token's routed ids then the second stack's; the reference backend with
+    routed=K equals it given those ids; bad arguments are refused."""
+    idx = torch.tensor([[5, 1], [0, 7], [3, -1]])
+    assert kernels.expert_ids(idx.reshape(-1), 2, 8, 3).tolist() == [5, 1, 8, 9, 10, 0, 7, 8, 9, 10, 3, -1, 8, 9, 10]
+    g = torch.Generator().manual_seed(1)
+    w, w2 = torch.randn(8, 16, 32, generator=g), torch.randn(3, 16, 32, generator=g)
+    x = torch.randn(3, 32, generator=g)
+    ids = kernels.expert_ids(idx.reshape(-1), 2, 8, 3)
+    want = kernels.expert_gemv(x, w, None, ids, 5, extra=(w2, None, None, None), backend="reference")
+    got = kernels.expert_gemv(x, w, None, idx.reshape(-1), 5, extra=(w2, None, None, None), routed=2,
+                              backend="reference")
+    assert got.shape == (15, 16) and torch.equal(got, want)
+    with pytest.raises(AssertionError, match="routed=2 needs a second stack"):
+        kernels.expert_gemv(x, w, None, idx.reshape(-1), 5, routed=2, backend="reference")
+    with pytest.raises(AssertionError, match="ids a token"):
+        kernels.expert_gemv(x, w, None, idx.reshape(-1)[:5], 5, extra=(w2, None, None, None), routed=2,
+                            backend="reference")
+
+
+@interp
+@pytest.mark.parametrize("fp8", [False, True])
+def test_interp_routed_rows_equal_the_concatenated_ids(fp8):
+    """The launches with routed=K (the second stack's rows derived in the kernel from the row number) equal, bit for
+    bit, the same launches given the concatenated ids: gate+up (x_div = K + S) and down (x_div 1), a foreign row,
+    through the custom ops the model calls (kernels.expert_gemv)."""
+    g = torch.Generator().manual_seed(5)
+    E, S, N, K, R = 4, 2, 256, 256, 2
+    w, u = torch.randn(E, N, K, generator=g), torch.randn(E, N, K, generator=g)
+    w2, u2 = torch.randn(S, N, K, generator=g), torch.randn(S, N, K, generator=g)
+    if fp8:
+        (w, s), (u, us), (w2, s2), (u2, us2) = (_quant_stack(t) for t in (w, u, w2, u2))
+    else:
+        w, u, w2, u2 = (t.half() for t in (w, u, w2, u2))
+        s = us = s2 = us2 = None
+    x = torch.randn(3, K, generator=g).half()
+    idx = torch.tensor([[2, 0], [3, -1], [1, 2]])
+    ids = kernels.expert_ids(idx.reshape(-1), R, E, S)
+    with kernels.use_backend(expert_gemv="triton"):
+        h = kernels.expert_gemv(x, w, s, idx.reshape(-1), R + S, u, us, extra=(w2, s2, u2, us2), routed=R)
+        h_cat = kernels.expert_gemv(x, w, s, ids, R + S, u, us, extra=(w2, s2, u2, us2))
+        assert h.shape == (3 * (R + S), N) and torch.equal(h, h_cat)
+        assert torch.equal(h[R + S + 1], torch.zeros(N, dtype=h.dtype))  # token 1's foreign row
+        y = kernels.expert_gemv(h, w, s, idx.reshape(-1), 1, extra=(w2, s2, None, None), routed=R)
+        y_cat = kernels.expert_gemv(h, w, s, ids, 1, extra=(w2, s2, None, None))
+        assert torch.equal(y, y_cat)
+    cat = [None if a is None else torch.cat([a, b]) for a, b in zip((w, s, u, us), (w2, s2, u2, us2))]
+    want = expert_gemv_ref(x, cat[0], cat[1], ids, R + S, cat[2], cat[3])
+    assert _rel(h, want) < 2e-3, _rel(h, want)
+
+
 @interp
 @pytest.mark.parametrize("fp8", [False, True])
 @pytest.mark.parametrize("compiled", [False, True])

@@ -100,6 +100,9 @@ def test_two_stack_fp8_launches_compile_for_sm90(monkeypatch, D, I, S):
     _compile_launch_for_sm90(monkeypatch, x, g, gs, flat, 2 + S, u, us, extra=(g2, gs2, u2, us2))
     h = torch.randn(2 + S, I).bfloat16()
     _compile_launch_for_sm90(monkeypatch, h, d, ds, flat, 1, extra=(d2, ds2, None, None))
+    # as MoE.forward_gemv launches them: the routed ids only, the shared rows derived in the kernel (routed=2)
+    _compile_launch_for_sm90(monkeypatch, x, g, gs, flat[:2], 2 + S, u, us, extra=(g2, gs2, u2, us2), routed=2)
+    _compile_launch_for_sm90(monkeypatch, h, d, ds, flat[:2], 1, extra=(d2, ds2, None, None), routed=2)
 
 
 # --- the rule: the shared experts' own gradients ----------------------------------------------------------------

@@ -59,7 +59,7 @@ from dsv3.kernels.reference import (BLOCK, FP8_MAX, act_dequant, act_quant, dens
 __all__ = ["BLOCK", "FP8_MAX", "act_dequant", "act_quant", "act_quant_cm", "act_quant_t",
            "adamw_backend",
            "adamw_step_", "attention", "backend_available", "dense_gemv", "dense_gemv2", "dense_gemv_ref",
-           "expert_gemv",
+           "expert_gemv", "expert_ids",
            "expert_gemv_ref", "fp8_expert_rows", "fp8_gemm_bwd", "fp8_gemm_fwd", "fp8_grouped_gemm_bwd",
            "fp8_grouped_gemm_fwd", "fp8_weight_linear", "fp8_weight_linear2", "head_gemv", "head_gemv_ref",
            "mla_decode", "mla_decode_ref",
@@ -74,32 +74,48 @@ __all__ = ["BLOCK", "FP8_MAX", "act_dequant", "act_quant", "act_quant_cm", "act_
 def expert_gemv(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None, expert: torch.Tensor, x_div: int = 1,
                 up: torch.Tensor | None = None, up_s: torch.Tensor | None = None, *,
                 extra: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None] | None = None,
-                backend: str | None = None) -> torch.Tensor:
+                routed: int = 0, backend: str | None = None) -> torch.Tensor:
     """Routed experts of a decode step, one output row per (token, expert) pair (the contract:
     `reference.expert_gemv_ref`): x (T, K), w (E, N, K) in x's dtype or e4m3 with 128x128 scales s, expert
     (M,) -> y (M, N), row m = x[m // x_div] through expert[m] (0 where < 0); with `up`, silu(x·wᵀ) * (x·upᵀ).
     extra: a second stack (w2, s2, up2, up_s2) of E2 experts stored as the first, any strides but K's 1 (the shared
     experts as views of their matrices, MoE.shared_stacks): ids E .. E + E2 - 1 name them, as if the stacks were one.
+    routed > 0 (with extra): `expert` holds `routed` ids a token (T·routed,) and every token also takes each of the
+    E2 experts after them: the rows of `expert_ids(expert, routed, E, E2)`, without launching that concatenation
+    (MoE.forward_gemv at decode: one launch a MoE layer fewer).
     "triton": one program per row and weight tile, no sort (expert_gemv_triton.py)."""
-    assert x.dim() == 2 and w.dim() == 3 and expert.dim() == 1 and x.shape[0] * x_div >= expert.shape[0], \
+    if routed:
+        assert extra is not None and routed > 0 and expert.dim() == 1 and expert.shape[0] % routed == 0, \
+            f"expert_gemv: routed={routed} needs a second stack and {routed} ids a token, got {tuple(expert.shape)}"
+    M = expert.shape[0] // routed * (routed + extra[0].shape[0]) if routed else expert.shape[0]
+    assert x.dim() == 2 and w.dim() == 3 and expert.dim() == 1 and x.shape[0] * x_div >= M, \
         f"expert_gemv: x (T, K), w (E, N, K), expert (M <= T * x_div,); got {tuple(x.shape)}, {tuple(w.shape)}, " \
-        f"{tuple(expert.shape)}, x_div {x_div}"
+        f"{tuple(expert.shape)}, x_div {x_div}, routed {routed}"
     if select_backend("expert_gemv", x, backend=backend) == "triton":  # (its launch checks the arguments)
         from dsv3.kernels import expert_gemv_triton as k
 
         if extra is not None:
             w2, s2, u2, us2 = extra
             if up is None:
-                return k.expert_gemv_two_op(x, w, s, w2, s2, expert, x_div)
-            return k.expert_swiglu_gemv_two_op(x, w, s, up, up_s, w2, s2, u2, us2, expert, x_div)
+                return k.expert_gemv_two_op(x, w, s, w2, s2, expert, x_div, routed)
+            return k.expert_swiglu_gemv_two_op(x, w, s, up, up_s, w2, s2, u2, us2, expert, x_div, routed)
         if up is None:
             return k.expert_gemv_op(x, w, s, expert, x_div)
         return k.expert_swiglu_gemv_op(x, w, s, up, up_s, expert, x_div)
     reference.check_expert_gemv_args(x, w, s, up, up_s)
     if extra is not None:  # the reference: the stacks as one
         reference.check_second_stack(w, s, up, extra)
+        if routed:
+            expert = expert_ids(expert, routed, w.shape[0], extra[0].shape[0])
         w, s, up, up_s = (None if a is None else torch.cat([a, b]) for a, b in zip((w, s, up, up_s), extra))
     return reference.expert_gemv_ref(x, w, s, expert, x_div, up, up_s)
+
+
+def expert_ids(expert: torch.Tensor, routed: int, E: int, E2: int) -> torch.Tensor:
+    """(T·routed,) routed ids -> (T·(routed + E2),): each token's routed ids, then E .. E + E2 - 1 (the second
+    stack's experts, once each): the rows `expert_gemv(..., routed=routed)` computes."""
+    ids = torch.arange(E, E + E2, device=expert.device, dtype=expert.dtype).expand(expert.shape[0] // routed, E2)
+    return torch.cat([expert.view(-1, routed), ids], 1).reshape(-1)
 
 
 def dense_gemv(x: torch.Tensor, w: torch.Tensor, *, out_dtype: torch.dtype | None = None,

@@ -83,11 +83,11 @@ def _dot_part(acc, w, x, s, HAS_SCALE: tl.constexpr, PSUM: tl.constexpr, BN: tl.
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, ws_ptr, u_ptr, us_ptr, e_ptr, y_ptr, N, K, KB, x_div, sxm, swe, swn, sse, ssn,
-                 sym, w2_ptr, ws2_ptr, u2_ptr, us2_ptr, E1, swe2, swn2, sse2, ssn2,
+                 sym, w2_ptr, ws2_ptr, u2_ptr, us2_ptr, E1, swe2, swn2, sse2, ssn2, KR, RG,
                  HAS_SCALE: tl.constexpr, FUSED_UP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                  KU: tl.constexpr, PREFETCH: tl.constexpr, ONE_EXPERT: tl.constexpr = False, PDL: tl.constexpr = False,
                  EARLY: tl.constexpr = False, TWO: tl.constexpr = False, PSUM: tl.constexpr = False,
-                 G: tl.constexpr = 16):
+                 G: tl.constexpr = 16, ROUTED: tl.constexpr = False):
     # PDL (programmatic dependent launch, backend.pdl): the next launch may start once every program has begun;
     # this one waits for the launch before it before reading its output (x, the expert index) or writing. EARLY
     # (ONE_EXPERT with PDL and PREFETCH: the weights do not depend on that launch): the first weight loads go
@@ -101,6 +101,9 @@ def _gemv_kernel(x_ptr, w_ptr, ws_ptr, u_ptr, us_ptr, e_ptr, y_ptr, N, K, KB, x_
             tl.extra.cuda.gdc_wait()
     if ONE_EXPERT:  # a dense SwiGLU (the shared experts, a dense FFN): every row through matrix 0, no index read
         e = tl.zeros((), dtype=tl.int64)
+    elif ROUTED:  # row m = token m // RG's slot j: its j-th routed expert (KR a token), then second-stack expert j - KR
+        j = m % RG
+        e = tl.where(j < KR, tl.load(e_ptr + (m // RG) * KR + j, mask=j < KR, other=0).to(tl.int64), E1 + j - KR)
     else:
         e = tl.load(e_ptr + m).to(tl.int64)
     kb_end = tl.where(e >= 0, KB, 0)  # a row this call does not own: no weight read, output 0
@@ -193,17 +196,20 @@ def default_config(fp8: bool = False, M: int = 6, N: int = 2048) -> dict:
 def launch(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None, expert: torch.Tensor | None, x_div: int,
            up: torch.Tensor | None = None, up_s: torch.Tensor | None = None,
            extra: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None] | None = None,
-           **config) -> torch.Tensor:
+           routed: int = 0, **config) -> torch.Tensor:
     """The launch (module docstring); `config` (BN, KU, num_warps, PREFETCH) overrides `default_config`
     (benchmarks, tests). expert None: every row of x through matrix 0 (w (1, N, K); `swiglu_gemv`). extra: a second
     stack (w2, s2, up2, up_s2) stored like the first, (E2, N, K) with any strides but K's 1 (views of the shared
-    experts' matrices); expert ids E .. E + E2 - 1 name its experts (`check_second_stack`)."""
+    experts' matrices); expert ids E .. E + E2 - 1 name its experts (`check_second_stack`). routed > 0 (with extra):
+    `expert` holds `routed` ids a token and every token also takes each second-stack expert after them, M =
+    expert.numel() / routed · (routed + E2) rows (`routed_rows`)."""
     check_expert_gemv_args(x, w, s, up, up_s, kernel=True)
     if extra is not None:
         check_second_stack(w, s, up, extra)
     one = expert is None
     assert not one or (w.shape[0] == 1 and x_div == 1), "expert None: one matrix, one row of x per output row"
-    M, (_, N, K) = (x.shape[0] if one else expert.shape[0]), w.shape
+    assert routed == 0 or (extra is not None and not one), "routed rows: a second stack and an expert index"
+    M, (_, N, K) = (x.shape[0] if one else routed_rows(expert, routed, extra)), w.shape
     cfg = {**default_config(w.dtype == torch.float8_e4m3fn, M, N), **config}
     assert BLOCK % cfg["BN"] == 0, f"BN must divide {BLOCK}, got {cfg['BN']}"
     x, w = x.contiguous(), w.contiguous()
@@ -234,11 +240,21 @@ def launch(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None, expert: tor
         two = (w, s, u, us, w.shape[0], 0, 0, 0, 0)  # placeholders, never read (TWO is False)
     _gemv_kernel[grid](x, w, s, u, us, expert, y, N, K, triton.cdiv(K, BLOCK), x_div, x.stride(0), w.stride(0),
                        w.stride(1), s.stride(0) if has_scale else 0, s.stride(1) if has_scale else 0, y.stride(0),
-                       *two, HAS_SCALE=has_scale, FUSED_UP=fused, BN=cfg["BN"], BK=BLOCK, KU=cfg["KU"],
+                       *two, max(routed, 1), routed + (extra[0].shape[0] if routed else 0), HAS_SCALE=has_scale, FUSED_UP=fused, BN=cfg["BN"], BK=BLOCK, KU=cfg["KU"],
                        PREFETCH=cfg["PREFETCH"], ONE_EXPERT=one, PDL=pdl, EARLY=pdl and one and cfg["PREFETCH"],
                        TWO=extra is not None, PSUM=cfg.get("PSUM", GEMV_PSUM), G=16 // w.element_size(),
+                       ROUTED=routed > 0,
                        num_warps=cfg["num_warps"], launch_pdl=pdl)
     return y
+
+
+def routed_rows(expert: torch.Tensor, routed: int, extra) -> int:
+    """Output rows of a launch: expert.shape[0], or with routed > 0 (expert: `routed` ids a token, then every expert
+    of the second stack `extra`) T · (routed + E2) for T = expert.shape[0] / routed tokens."""
+    if routed == 0:
+        return expert.shape[0]
+    assert expert.shape[0] % routed == 0, f"routed rows: {expert.shape[0]} ids are not {routed} a token"
+    return expert.shape[0] // routed * (routed + extra[0].shape[0])
 
 
 # torch.library custom ops with shape-only fake implementations (as dsv3::fp8_expert_rows): torch.compile sees
@@ -270,25 +286,26 @@ def _(x, w, s, up, up_s, expert, x_div):
 # expert_gemv's `extra`)
 @torch.library.custom_op("dsv3::expert_gemv_two", mutates_args=())
 def expert_gemv_two_op(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None, w2: torch.Tensor,
-                       s2: torch.Tensor | None, expert: torch.Tensor, x_div: int) -> torch.Tensor:
-    return launch(x, w, s, expert, x_div, extra=(w2, s2, None, None))
+                       s2: torch.Tensor | None, expert: torch.Tensor, x_div: int, routed: int = 0) -> torch.Tensor:
+    return launch(x, w, s, expert, x_div, extra=(w2, s2, None, None), routed=routed)
 
 
 @expert_gemv_two_op.register_fake
-def _(x, w, s, w2, s2, expert, x_div):
-    return x.new_empty(expert.shape[0], w.shape[1])
+def _(x, w, s, w2, s2, expert, x_div, routed=0):
+    return x.new_empty(routed_rows(expert, routed, (w2,)), w.shape[1])
 
 
 @torch.library.custom_op("dsv3::expert_swiglu_gemv_two", mutates_args=())
 def expert_swiglu_gemv_two_op(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None, up: torch.Tensor,
                               up_s: torch.Tensor | None, w2: torch.Tensor, s2: torch.Tensor | None, up2: torch.Tensor,
-                              up_s2: torch.Tensor | None, expert: torch.Tensor, x_div: int) -> torch.Tensor:
-    return launch(x, w, s, expert, x_div, up, up_s, extra=(w2, s2, up2, up_s2))
+                              up_s2: torch.Tensor | None, expert: torch.Tensor, x_div: int,
+                              routed: int = 0) -> torch.Tensor:
+    return launch(x, w, s, expert, x_div, up, up_s, extra=(w2, s2, up2, up_s2), routed=routed)
 
 
 @expert_swiglu_gemv_two_op.register_fake
-def _(x, w, s, up, up_s, w2, s2, up2, up_s2, expert, x_div):
-    return x.new_empty(expert.shape[0], w.shape[1])
+def _(x, w, s, up, up_s, w2, s2, up2, up_s2, expert, x_div, routed=0):
+    return x.new_empty(routed_rows(expert, routed, (w2,)), w.shape[1])
 
 
 # the dense SwiGLU's first half (shared experts, dense FFN at decode: kernels.swiglu_gemv): the fused gate+up

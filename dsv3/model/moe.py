@@ -269,11 +269,12 @@ class Experts(nn.Module):
             y_MD = kernels.expert_gemv(h_MI, d, ds, flat, 1)
             return (y_MD.view(N, K, -1).float() * w_NK.unsqueeze(-1)).sum(1).to(x_ND.dtype)  # fp32 weighted sum
         g2, gs2, u2, us2, d2, ds2 = shared
-        E, S = g.shape[0], g2.shape[0]
-        ids = torch.arange(E, E + S, device=idx_NK.device, dtype=idx_NK.dtype).expand(N, S)
-        flat = torch.cat([idx_NK, ids], 1).reshape(-1)  # (N*(K+S),): token n's K routed experts, then the S shared
-        h_MI = kernels.expert_gemv(x_ND, g, gs, flat, K + S, up=u, up_s=us, extra=(g2, gs2, u2, us2))
-        y_MD = kernels.expert_gemv(h_MI, d, ds, flat, 1, extra=(d2, ds2, None, None))
+        S = g2.shape[0]
+        # (N*(K+S),) rows: token n's K routed experts, then the S shared ones (kernels.expert_ids), which the
+        # launches derive from idx themselves (routed=K): a concatenation here was a launch of its own at decode
+        flat = idx_NK.reshape(-1)
+        h_MI = kernels.expert_gemv(x_ND, g, gs, flat, K + S, up=u, up_s=us, extra=(g2, gs2, u2, us2), routed=K)
+        y_MD = kernels.expert_gemv(h_MI, d, ds, flat, 1, extra=(d2, ds2, None, None), routed=K)
         gates = torch.cat([w_NK.float(), w_NK.new_ones(N, S, dtype=torch.float32)], 1)  # the shared experts: 1
         return (y_MD.view(N, K + S, -1).float() * gates.unsqueeze(-1)).sum(1).to(x_ND.dtype)
 
