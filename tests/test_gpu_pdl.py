@@ -123,6 +123,16 @@ def _cases():
                                "kv": torch.zeros(2, 64, C, device="cuda", dtype=torch.bfloat16),
                                "pe": torch.zeros(2, 64, P, device="cuda", dtype=torch.bfloat16)},
                               ["kv_a", "rows"], store)
+
+    def store_q(t):  # the same, and the query's rope part (a view of q) rotated into a new tensor
+        q_out = latent_store_triton.launch(t["kv"], t["pe"], 1, t["rows"], t["kv_a"], t["w"], 1e-6, t["cos"],
+                                           t["sin"], t["q"][..., 128:])
+        return t["kv"], t["pe"], q_out
+
+    cases["store_latents_q"] = ({**cases["store_latents"][0], "q": _bf16(3, 16, 128 + P, g=g),
+                                 "kv": torch.zeros(2, 64, C, device="cuda", dtype=torch.bfloat16),
+                                 "pe": torch.zeros(2, 64, P, device="cuda", dtype=torch.bfloat16)},
+                                ["q", "kv_a"], store_q)
     B, H, page = 2, 16, 16  # two sequences of 30 and 17 positions in 8 pages of 16 each
     ml = {"q": _bf16(B, H, C, g=g), "qp": _bf16(B, H, P, g=g), "kv": _bf16(16 * page, C, g=g),
           "pe": _bf16(16 * page, P, g=g), "table": torch.randperm(16, device="cuda", generator=g).view(B, 8),
@@ -141,9 +151,10 @@ def _cases():
 
 CASES = ["dense_gemv", "dense_gemv_fp32_out", "dense_gemv2", "swiglu_gemv", "expert_gemv_swiglu",
          "expert_gemv_down", "fp8_small_m", "fp8_small_m_dot", "fp8_rows", "fp8_expert_gemv_swiglu",
-         "router_topk", "store_latents", "mla_decode", "moe_gemm_swiglu",
+         "router_topk", "store_latents", "store_latents_q", "mla_decode", "moe_gemm_swiglu",
          "head_gemv"]
-IN_PLACE = {"store_latents": ("kv", "pe")}  # outputs written in place: zeroed before each producer
+# outputs written in place: zeroed before each producer
+IN_PLACE = {"store_latents": ("kv", "pe"), "store_latents_q": ("kv", "pe")}
 # Nothing but the producer may launch between it and the kernel under test: an ordinary launch in between (a copy,
 # a fill) would wait for the producer to finish, and a missing wait in the kernel would go unseen. So each case's
 # tensors are made up front and the launchers allocate with torch.empty only.

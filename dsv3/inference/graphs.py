@@ -154,15 +154,21 @@ class _StaticLayerView:
         write_latents(b.cache.kv, b.cache.pe, self.slot, b.write_slots.reshape(-1), c_kv.flatten(0, 1),
                       k_pe.flatten(0, 1))
 
-    def store_kv_a(self, kv_a: torch.Tensor, norm, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    def store_kv_a(self, kv_a: torch.Tensor, norm, cos: torch.Tensor, sin: torch.Tensor,
+                   q_pe: torch.Tensor | None = None) -> torch.Tensor | None:
         """kv_a (B, T, C + R): the new tokens' raw kv_a projection; writes RMSNorm(kv_a[..., :C]) (`norm`: the
         layer's kv_a_layernorm) and the RoPE of kv_a[..., C:] by cos / sin (B or 1, T, R / 2) at their slots:
-        `store` of MLA's latents, with the norm and RoPE done by the store's kernel (kernels.store_latents)."""
+        `store` of MLA's latents, with the norm and RoPE done by the store's kernel (kernels.store_latents). With
+        the query's unrotated rope part q_pe (B, T, H, R) (a view of the q projection's output) the same launch
+        rotates it too: returns RoPE(q_pe; cos, sin), a new contiguous (B, T, H, R); else None."""
         b = self.b
         B, T, W = kv_a.shape
         cos, sin = (t.expand(B, T, t.shape[-1]).reshape(B * T, t.shape[-1]) for t in (cos, sin))
-        kernels.store_latents(b.cache.kv, b.cache.pe, self.slot, b.write_slots.reshape(-1), kv_a.reshape(B * T, W),
-                              norm.weight, norm.eps, cos, sin)
+        # (B·T, H, R): still a view of q (its (B, T) strides merge), read where it lies by the kernel
+        q = None if q_pe is None else q_pe.reshape(B * T, *q_pe.shape[2:])
+        q = kernels.store_latents(b.cache.kv, b.cache.pe, self.slot, b.write_slots.reshape(-1),
+                                  kv_a.reshape(B * T, W), norm.weight, norm.eps, cos, sin, q_pe=q)
+        return None if q is None else q.view(q_pe.shape)
 
     def update(self, c_kv: torch.Tensor, k_pe: torch.Tensor):
         """c_kv (B, T, C), k_pe (B, T, R): store, then return the (B, S, ·) context and mask (B, 1, T, S)."""

@@ -154,28 +154,33 @@ def head_gemv(x: torch.Tensor, w: torch.Tensor, *, backend: str | None = None) -
 
 
 def store_latents(kv: torch.Tensor, pe: torch.Tensor, slot: int, rows: torch.Tensor, kv_a: torch.Tensor,
-                  w: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor, *, backend: str | None = None
-                  ) -> None:
+                  w: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor, q_pe: torch.Tensor | None = None,
+                  *, backend: str | None = None) -> torch.Tensor | None:
     """In place: kv[slot][rows] = RMSNorm(kv_a[:, :C]; w, eps), pe[slot][rows] = RoPE(kv_a[:, C:]; cos, sin), from
-    the raw kv_a projection (M, C + P) of M new tokens (the contract: `reference.store_latents_ref`). "triton":
-    one launch for all of it (latent_store_triton.py, a custom op that declares the caches it mutates). The
-    automatic choice takes it only while switched on (`set_latent_store`); MLA.forward_absorbed asks
-    `select_backend("latent_store", kv_a, norm_weight)` where the cache view offers the fused store."""
+    the raw kv_a projection (M, C + P) of M new tokens; with the query's rope part q_pe (M, H, P) (a strided view
+    of the q projection is fine) also returns RoPE(q_pe; cos, sin), a new contiguous (M, H, P), else None (the
+    contract: `reference.store_latents_ref`). "triton": one launch for all of it (latent_store_triton.py, custom
+    ops that declare the caches they mutate; the query's heads in extra programs). The automatic choice takes it
+    only while switched on (`set_latent_store`); MLA.forward_absorbed asks `select_backend("latent_store", kv_a,
+    norm_weight)` where the cache view offers the fused store, and then passes its query."""
     if select_backend("latent_store", kv_a, w, backend=backend) == "triton":
-        from dsv3.kernels.latent_store_triton import store_latents_op
+        from dsv3.kernels.latent_store_triton import store_latents_op, store_latents_q_op
 
-        reference.check_store_latents_args(kv, pe, slot, rows, kv_a, w, cos, sin)
-        return store_latents_op(kv, pe, slot, rows, kv_a, w, float(eps), cos, sin)
-    reference.check_store_latents_args(kv, pe, slot, rows, kv_a, w, cos, sin)
-    return reference.store_latents_ref(kv, pe, slot, rows, kv_a, w, eps, cos, sin)
+        reference.check_store_latents_args(kv, pe, slot, rows, kv_a, w, cos, sin, q_pe)
+        if q_pe is None:
+            return store_latents_op(kv, pe, slot, rows, kv_a, w, float(eps), cos, sin)
+        return store_latents_q_op(kv, pe, slot, rows, kv_a, w, float(eps), cos, sin, q_pe)
+    reference.check_store_latents_args(kv, pe, slot, rows, kv_a, w, cos, sin, q_pe)
+    return reference.store_latents_ref(kv, pe, slot, rows, kv_a, w, eps, cos, sin, q_pe)
 
 
 def set_latent_store(on: bool) -> bool:
     """Let the automatic choice take the fused latent store (`store_latents`: RMSNorm + RoPE + the paged cache
-    write of the decode step's new tokens in one kernel) wherever its rule holds (CUDA, bf16/fp16 kv_a, no
-    autograd: backend.py), process-wide; returns the previous setting. ON BY DEFAULT: faster than the compiled
-    norm + RoPE + two index_copy launches on the H200 (bench/decode_gpu.py's +latentstore modes; backend.py
-    SWITCHED)."""
+    write of the decode step's new tokens, and in the same launch the RoPE of their query) wherever its rule holds
+    (CUDA, bf16/fp16 kv_a, no autograd: backend.py), process-wide; returns the previous setting. ON BY DEFAULT:
+    faster than the compiled norm + RoPE + two index_copy launches on the H200 (bench/decode_gpu.py's +latentstore
+    modes; backend.py SWITCHED; measured before the query's RoPE joined the launch, which is not measured on a
+    GPU yet)."""
     return _switch("latent_store", on)
 
 

@@ -15,7 +15,7 @@ never probe the GPU themselves.
                                             in x's dtype, no autograd through x or w, no CUDA autocast
     latent_store      "triton"              switched (SWITCHED, kernels.set_latent_store; on by default);
                                             bf16/fp16 kv_a (K contiguous) and its norm weight alike, no
-                                            autograd through either
+                                            autograd through either (the query MLA hands it rides along)
     swiglu_gemv       "triton"              switched with dense_gemv (SWITCH_OF; on by default, e4m3 weights
                                             too); bf16/fp16 x, at most
                                             DENSE_GEMV_ROWS rows, gate and up (N, K) contiguous both in x's

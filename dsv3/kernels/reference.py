@@ -320,10 +320,12 @@ def dense_gemv_ref(x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype | No
 # --- the decode step's latent store (norm + RoPE + paged cache write) ----------------------------------------
 
 def check_store_latents_args(kv: torch.Tensor, pe: torch.Tensor, slot: int, rows: torch.Tensor, kv_a: torch.Tensor,
-                             w: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kernel: bool = False) -> None:
+                             w: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_pe: torch.Tensor | None = None,
+                             kernel: bool = False) -> None:
     """The latent store's argument contract (both backends): caches kv (n_slots, R, C) and pe (n_slots, R, P) with
-    P even, slot in range, rows (M,) integer, kv_a (M, C + P), the norm weight (C,), cos / sin (M, P / 2) fp32;
-    for the Triton kernel (`kernel`) 16-bit or fp32 kv_a and every last dimension contiguous."""
+    P even, slot in range, rows (M,) integer, kv_a (M, C + P), the norm weight (C,), cos / sin (M, P / 2) fp32, and
+    the optional query's rope part q_pe (M, H, P) floating (any strides); for the Triton kernel (`kernel`) 16-bit
+    or fp32 kv_a and q_pe, and every last dimension contiguous."""
     if kv.dim() != 3 or pe.dim() != 3 or kv.shape[:2] != pe.shape[:2] or pe.shape[2] % 2:
         raise ValueError(f"store_latents: caches kv (n_slots, R, C) and pe (n_slots, R, P even), got "
                          f"{tuple(kv.shape)} and {tuple(pe.shape)}")
@@ -340,21 +342,31 @@ def check_store_latents_args(kv: torch.Tensor, pe: torch.Tensor, slot: int, rows
             or sin.dtype != torch.float32:
         raise ValueError(f"store_latents: cos / sin (M, P / 2) = ({M}, {P // 2}) fp32, got {tuple(cos.shape)} "
                          f"{cos.dtype} and {tuple(sin.shape)} {sin.dtype}")
+    if q_pe is not None and (q_pe.dim() != 3 or q_pe.shape[0] != M or q_pe.shape[2] != P
+                             or not q_pe.is_floating_point()):
+        raise ValueError(f"store_latents: q_pe (M, H, P) = ({M}, H, {P}) floating, got {tuple(q_pe.shape)} "
+                         f"{q_pe.dtype}")
     if kernel:
         if kv_a.dtype not in (torch.bfloat16, torch.float16, torch.float32) or w.dtype != kv_a.dtype:
             # (RMSNorm's output is promote(w, kv_a); the kernel rounds once, to the weight's dtype)
             raise TypeError(f"store_latents kernel: kv_a bf16 / fp16 / fp32 and the norm weight alike, got "
                             f"{kv_a.dtype} and {w.dtype}")
-        if any(t.stride(-1) != 1 for t in (kv, pe, kv_a, w, cos, sin) if t.shape[-1] > 1):
+        if q_pe is not None and q_pe.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            raise TypeError(f"store_latents kernel: q_pe bf16 / fp16 / fp32, got {q_pe.dtype}")
+        qs = () if q_pe is None else (q_pe,)
+        if any(t.stride(-1) != 1 for t in (kv, pe, kv_a, w, cos, sin, *qs) if t.shape[-1] > 1):
             raise ValueError("store_latents kernel: every tensor's last dimension contiguous")
 
 
 def store_latents_ref(kv: torch.Tensor, pe: torch.Tensor, slot: int, rows: torch.Tensor, kv_a: torch.Tensor,
-                      w: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor) -> None:
+                      w: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor,
+                      q_pe: torch.Tensor | None = None) -> torch.Tensor | None:
     """In place (dsv3/kernels/latent_store_triton.py): kv[slot][rows] = RMSNorm(kv_a[:, :C]; w, eps) and
     pe[slot][rows] = the interleaved-pair rotation of kv_a[:, C:] by (cos, sin), each cast to its cache's dtype.
     The model's own math: dsv3/model/layers.py RMSNorm (normalised in fp32, rounded to kv_a's dtype, times the
-    weight) and dsv3/model/rope.py apply_rope (fp32, rounded to kv_a's dtype)."""
+    weight) and dsv3/model/rope.py apply_rope (fp32, rounded to kv_a's dtype). With the query's rope part q_pe
+    (M, H, P): returns its rotation by the same (cos[m], sin[m]) for every head, a new contiguous (M, H, P) in
+    q_pe's dtype (apply_rope: fp32, one rounding); else None."""
     C = kv.shape[2]
     c, p = kv_a[:, :C], kv_a[:, C:]
     cf = c.float()
@@ -364,6 +376,12 @@ def store_latents_ref(kv: torch.Tensor, pe: torch.Tensor, slot: int, rows: torch
     rot = torch.stack((p1 * cos - p2 * sin, p1 * sin + p2 * cos), dim=-1).flatten(-2).to(p.dtype)  # (M, P)
     kv[slot].index_copy_(0, rows, normed.to(kv.dtype))
     pe[slot].index_copy_(0, rows, rot.to(pe.dtype))
+    if q_pe is None:
+        return None
+    qf = q_pe.float()
+    q1, q2 = qf[..., 0::2], qf[..., 1::2]  # (M, H, P / 2) each
+    cq, sq = cos[:, None], sin[:, None]  # (M, 1, P / 2): one angle per token, every head
+    return torch.stack((q1 * cq - q2 * sq, q1 * sq + q2 * cq), dim=-1).flatten(-2).to(q_pe.dtype)  # (M, H, P)
 
 
 # --- the per-head decode GEMV (absorbed MLA's W_UK / W_UV products) -------------------------------------------

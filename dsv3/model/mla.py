@@ -20,7 +20,10 @@ manages memory, it only calls `cache.update(c_kv, k_pe)` (see dsv3/inference/cac
 the attention above itself; a decode view that says `fused_decode` (the static decode steps on
 CUDA, dsv3/inference/graphs.py) instead takes `cache.store(c_kv, k_pe)` and returns the
 attended latents from `cache.attend(q_lat, q_pe, scale)` (a Triton kernel over the paged cache, the
-same math: dsv3/kernels/reference.py `mla_decode_ref`).
+same math: dsv3/kernels/reference.py `mla_decode_ref`). Where the latent store's kernel is switched on
+such a view also takes the raw kv_a projection and the unrotated query rope part,
+`cache.store_kv_a(kv_a, norm, cos, sin, q_pe)`: norm, both RoPEs and the cache write in one launch,
+the same math as `_latent` and `apply_rope` (dsv3/kernels/reference.py `store_latents_ref`).
 """
 
 from __future__ import annotations
@@ -68,11 +71,17 @@ class MLA(nn.Module):
 
     def _query(self, q_a: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The first projection's output q_a (q_proj's, or q_a_proj's) -> q_nope, rotated q_pe."""
+        q_nope, q_pe = self._query_heads(q_a)
+        return q_nope, apply_rope(q_pe, cos, sin)
+
+    def _query_heads(self, q_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q_a (B, T, ·) -> q_nope (B, T, H, nope) and the unrotated q_pe (B, T, H, rope): views of the query
+        (after q_b_proj in a q-LoRA model), each head's nope columns first, its rope columns last."""
         B, T, _ = q_a.shape
         q = q_a if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(q_a))
         q = q.view(B, T, self.n_heads, self.qk_dim)
         q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
-        return q_nope, apply_rope(q_pe, cos, sin)
+        return q_nope, q_pe
 
     def latent(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, T, D) -> normalised latent c_kv (B, T, kv_lora_rank), rotated k_pe (B, T, rope).
@@ -216,7 +225,8 @@ class MLA(nn.Module):
     def forward_absorbed(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache) -> torch.Tensor:
         """x (B, T, D): the new tokens. `cache.update(c_kv, k_pe)` stores their latents and returns every
         cached latent of each sequence, (B, S, C) and (B, S, rope), plus a boolean mask (B, 1, T, S).
-        A decode view with `fused_decode` stores with `store` and attends itself with `attend`."""
+        A decode view with `fused_decode` stores with `store` (or `store_kv_a`, which also rotates the query) and
+        attends itself with `attend`."""
         B, T, _ = x.shape
         q_mod = self.q_proj if self.q_lora_rank is None else self.q_a_proj
         kv_mod = self.kv_a_proj_with_mqa
@@ -227,23 +237,26 @@ class MLA(nn.Module):
             # the decode GEMV switched on: both projections of x in one launch (kv_a alone would leave most
             # SMs idle and cost a launch of its own)
             q_a, kv_a = kernels.dense_gemv2(x, q_mod.weight, kv_mod.weight, backend="triton")
-            q_nope, q_pe = self._query(q_a, cos, sin)
+            q_nope, q_pe = self._query_heads(q_a)
         elif (type(q_mod) is FP8Linear and type(kv_mod) is FP8Linear and not hooked(q_mod, kv_mod)
               and kernels.select_backend("fp8_weight_gemm", x) == "triton"):
             # FP8 weights (an FP8 checkpoint's FP8Linear) at decode: the same pair in one launch where the rows fit
             # its GEMV form (kernels.fp8_weight_linear2; else two launches, as the modules would run)
             q_a, kv_a = kernels.fp8_weight_linear2(x, q_mod.weight, q_mod.weight_scale_inv, kv_mod.weight,
                                                    kv_mod.weight_scale_inv)
-            q_nope, q_pe = self._query(q_a, cos, sin)
+            q_nope, q_pe = self._query_heads(q_a)
         else:
-            q_nope, q_pe = self.query(x, cos, sin)  # (B, T, H, nope), (B, T, H, rope)
+            q_nope, q_pe = self._query_heads(q_mod(x))  # (B, T, H, nope), (B, T, H, rope) not rotated yet
             kv_a = kv_mod(x)  # (B, T, C + rope)
         fused = getattr(cache, "fused_decode", False)
         if fused and kernels.select_backend("latent_store", kv_a, self.kv_a_layernorm.weight) == "triton":
-            # where switched on (kernels.set_latent_store): norm, RoPE and the cache write in one kernel
-            cache.store_kv_a(kv_a, self.kv_a_layernorm, cos, sin)
+            # where switched on (kernels.set_latent_store): the latent's norm, k_pe's RoPE and the cache write in
+            # one kernel, and the query's RoPE in extra programs of that launch (read from the query where it lies,
+            # in the same fp32 math as apply_rope: no RoPE kernel of its own)
+            q_pe = cache.store_kv_a(kv_a, self.kv_a_layernorm, cos, sin, q_pe=q_pe)  # (B, T, H, rope) rotated
             c_kv = k_pe = None
         else:
+            q_pe = apply_rope(q_pe, cos, sin)  # (B, T, H, rope)
             c_kv, k_pe = self._latent(kv_a, cos, sin)  # (B, T, C), (B, T, rope)
         w_uk, w_uv = self.kv_b_weights(q_nope.dtype)
         # at decode sizes, where switched on (kernels.set_head_gemv), each head's product is the per-head GEMV
