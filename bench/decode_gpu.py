@@ -41,6 +41,9 @@ dtype, rows and columns) instead of `expert_gemv_triton.default_config`, where t
 +sharedgemv the routed launches have K + n_shared rows a token, which a sweep at K rows does not name: defaults).
 +psum: the decode GEMVs (expert GEMV, FP8 and dense GEMV forms) sum each thread's 16-byte group of a row and scale it
 once (expert_gemv_triton._dot_part, fp8_gemm_triton._gemv_tile) where the config does not say (GEMV_PSUM).
++routergemv: each MoE layer's router logits GEMV and its selection in one launch (kernels.set_router_gemv; shipped:
+off), where the dense GEMV and the router kernel both run (one row: a mode that keeps the dense GEMV on); before and
+after: --batches 1 --modes graphs+compile,graphs+compile+routergemv.
 Before and after in one run:
 
     PYTHONPATH=. python bench/decode_gpu.py --preset 16b --batches 1,32 --modes graphs+compile+nokernels,\
@@ -78,7 +81,7 @@ from bandwidth import copy_bandwidth  # noqa: E402  (bench/bandwidth.py)
 # kernel choices a mode may add to its path, in any order
 MODE_FLAGS = ("+nogemv", "+nokernels", "+densegemv", "+headgemv", "+latentstore", "+moegemm", "+mlauv", "+twotiles",
               "+tile16", "+pdl", "+nopdl", "+ipdl", "+noipdl", "+argmax1", "+sync", "+nodual",
-              "+tuned", "+sharedgemv", "+nosharedgemv", "+psum")
+              "+tuned", "+sharedgemv", "+nosharedgemv", "+psum", "+routergemv")
 KERNEL_FLAGS = {"+densegemv": "dense_gemv", "+headgemv": "head_gemv", "+latentstore": "latent_store",
                 "+moegemm": "moe_gemm", "+mlauv": "mla_uv"}  # the switched decode kernels (backend.py SWITCHED)
 SHIPPED = dict(kb.SWITCHED)  # their defaults, as `dsv3 serve` runs them
@@ -261,6 +264,9 @@ def main() -> None:
         # dtype / for none (kernels.set_shared_gemv; shipped: e4m3 weights only)
         kb.switch("shared_gemv", True if "+sharedgemv" in flags else False if "+nosharedgemv" in flags
                   else SHIPPED["shared_gemv"])
+        # +routergemv: the router's logits and selection in one launch (kernels.set_router_gemv; shipped: off), on top
+        # of the mode's other switches (it needs the dense GEMV's: Router._one_launch)
+        kb.switch("router_gemv", True if "+routergemv" in flags else SHIPPED["router_gemv"])
         # +tuned: the sweep's expert GEMV configs where they name the call's (dtype, rows, columns); a compiled step
         # recompiles nothing for it (the config is chosen at each launch, on the host), the graphs capture it
         egk.default_config = SHIPPED_GEMV_CONFIG if "+tuned" not in flags else tuned_config(args.gemv_configs)
