@@ -44,6 +44,9 @@ once (expert_gemv_triton._dot_part, fp8_gemm_triton._gemv_tile) where the config
 +routergemv: each MoE layer's router logits GEMV and its selection in one launch (kernels.set_router_gemv; shipped:
 off), where the dense GEMV and the router kernel both run (one row: a mode that keeps the dense GEMV on); before and
 after: --batches 1 --modes graphs+compile,graphs+compile+routergemv.
++mlaprep / +nomlaprep: the latent store and absorbed MLA's W_UK head GEMV in one launch where both run (batch 1: the
+head GEMV's rule), or as two (kernels.set_mla_prep; shipped: two, not measured yet). It needs both kernels on: with
++nokernels, or kernel flags that leave +latentstore or +headgemv out, it changes nothing.
 Before and after in one run:
 
     PYTHONPATH=. python bench/decode_gpu.py --preset 16b --batches 1,32 --modes graphs+compile+nokernels,\
@@ -81,7 +84,7 @@ from bandwidth import copy_bandwidth  # noqa: E402  (bench/bandwidth.py)
 # kernel choices a mode may add to its path, in any order
 MODE_FLAGS = ("+nogemv", "+nokernels", "+densegemv", "+headgemv", "+latentstore", "+moegemm", "+mlauv", "+twotiles",
               "+tile16", "+pdl", "+nopdl", "+ipdl", "+noipdl", "+argmax1", "+sync", "+nodual",
-              "+tuned", "+sharedgemv", "+nosharedgemv", "+psum", "+routergemv")
+              "+tuned", "+sharedgemv", "+nosharedgemv", "+psum", "+routergemv", "+mlaprep", "+nomlaprep")
 KERNEL_FLAGS = {"+densegemv": "dense_gemv", "+headgemv": "head_gemv", "+latentstore": "latent_store",
                 "+moegemm": "moe_gemm", "+mlauv": "mla_uv"}  # the switched decode kernels (backend.py SWITCHED)
 SHIPPED = dict(kb.SWITCHED)  # their defaults, as `dsv3 serve` runs them
@@ -202,7 +205,8 @@ def main() -> None:
                          "'+densegemv', '+headgemv', '+latentstore', '+moegemm', '+mlauv' (module docstring); "
                          "'+twotiles', '+tile16': the MLA decode split; '+pdl', '+nopdl', '+ipdl', '+noipdl': "
                          "programmatic dependent launch; '+argmax1': torch's one-pass greedy argmax; '+sync': the "
-                         "engine without overlapped decoding (each step read before the next is queued)")
+                         "engine without overlapped decoding (each step read before the next is queued); "
+                         "'+mlaprep' / '+nomlaprep': the latent store and the W_UK head GEMV in one launch / two")
     args = ap.parse_args()
     if args.moe_gemm_rows < 0:
         raise SystemExit(f"--moe-gemm-rows must be >= 0 (0: the shipped limit), got {args.moe_gemm_rows}")
@@ -267,6 +271,10 @@ def main() -> None:
         # +routergemv: the router's logits and selection in one launch (kernels.set_router_gemv; shipped: off), on top
         # of the mode's other switches (it needs the dense GEMV's: Router._one_launch)
         kb.switch("router_gemv", True if "+routergemv" in flags else SHIPPED["router_gemv"])
+        # +mlaprep / +nomlaprep: the latent store and the W_UK head GEMV in one launch / two (kernels.set_mla_prep;
+        # shipped: two)
+        kb.switch("mla_prep", True if "+mlaprep" in flags else False if "+nomlaprep" in flags
+                  else SHIPPED["mla_prep"])
         # +tuned: the sweep's expert GEMV configs where they name the call's (dtype, rows, columns); a compiled step
         # recompiles nothing for it (the config is chosen at each launch, on the host), the graphs capture it
         egk.default_config = SHIPPED_GEMV_CONFIG if "+tuned" not in flags else tuned_config(args.gemv_configs)

@@ -9,12 +9,13 @@
 #     bash bench/decode_kernels_gpu.sh OUT_DIR pdltests,pdl
 #     bash bench/decode_kernels_gpu.sh OUT_DIR psumtests,psumsweep,psumdense     (then OUT_DIR psum)
 #     BASE=DIR bash bench/decode_kernels_gpu.sh OUT_DIR fusebase,fuse,fusetests
+#     bash bench/decode_kernels_gpu.sh OUT_DIR mlapreptests,mlaprep
 #
 # Stages (default: all but the psum ones, in this order): tests, sweep, b1, b32, b256, pdltests, pdl, fp8, profile
-# (psumtests, psumsweep, psumdense, psum, fusetests, fusebase, fuse: by name). Each stage's output goes to its own
-# file under OUT_DIR (and a line to steps.txt); a failing stage does not stop the next. A kernel is on by default
-# (dsv3/kernels/backend.py SWITCHED) only where its rows are faster. B1, B32, FP8 (environment) replace the
-# batch lists of those stages; LIMIT_<stage>=S stops a stage after S seconds (bench/stages.sh).
+# (psumtests, psumsweep, psumdense, psum, mlapreptests, mlaprep, fusetests, fusebase, fuse: by name). Each stage's
+# output goes to its own file under OUT_DIR (and a line to steps.txt); a failing stage does not stop the next. A
+# kernel is on by default (dsv3/kernels/backend.py SWITCHED) only where its rows are faster. B1, B32, FP8
+# (environment) replace the batch lists of those stages; LIMIT_<stage>=S stops a stage after S seconds (bench/stages.sh).
 set -u
 out="${1:-${OUT:-runs/decode_kernels}}"
 stages=",${2:-tests,sweep,b1,b32,b256,pdltests,pdl,fp8,profile},"
@@ -61,13 +62,22 @@ step psumdense python bench/fp8_gemv_sweep.py --quick --rows 1 --psum --all --js
 step psum python bench/decode_gpu.py --preset 16b --batches "${BPSUM:-1}" --new 48 \
     --gemv-configs bench/results/s17_fp8_gemv_8rows.json --modes graphs+compile,graphs+compile+fp8,\
 graphs+compile+fp8+tuned,graphs+compile+fp8+nosharedgemv,graphs+compile+sharedgemv,graphs+compile+fp8+psum
+# the latent store and the W_UK head GEMV in one launch (kernels.set_mla_prep, off as shipped): its GPU tests (and its
+# PDL case), then batch 1 bf16 and FP8 as shipped against the same with it on (+mlaprep), each pair twice
+step mlapreptests python -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu_mla_prep.py tests/test_gpu_pdl.py \
+    tests/test_gpu_latent_store.py tests/test_gpu_head_gemv.py
+step mlaprep python bench/decode_gpu.py --preset 16b --batches "${BPREP:-1}" --new 48 --modes graphs+compile,\
+graphs+compile+mlaprep,graphs+compile,graphs+compile+mlaprep,graphs+compile+fp8,graphs+compile+fp8+mlaprep,\
+graphs+compile+fp8,graphs+compile+fp8+mlaprep
 # One launch fewer, three times (2026-12-06, twelfth session): the query's RoPE inside the latent store's launch, the
 # shared experts' rows derived inside the expert GEMV (no id concatenation), the router's logits and selection in one
-# launch (+routergemv, off by default). Their GPU tests; batch 1 bf16 and FP8 with and without the router's launch;
-# fusebase: the same two shipped modes from another checkout (BASE=DIR: the code before, e.g. `git archive` of it)
+# launch (+routergemv), the latent store and the W_UK head GEMV in one launch (+mlaprep; both off by default). Their
+# GPU tests; batch 1 bf16 and FP8 without and with the last two; fusebase: the same two shipped modes from another
+# checkout (BASE=DIR: the code before, e.g. `git archive` of it)
 fusetests() {
     python -m pytest -m gpu -q -p no:cacheprovider -p no:logging --tb=short tests/test_gpu_router.py \
-        tests/test_gpu_latent_store.py tests/test_gpu_pdl.py -k "gemv or latent or store"
+        tests/test_gpu_latent_store.py tests/test_gpu_pdl.py tests/test_gpu_mla_prep.py \
+        -k "gemv or latent or store or prep"
     python -m pytest -m gpu -q -p no:cacheprovider -p no:logging --tb=short tests/test_gpu_expert_gemv.py -k shared
 }
 step fusetests fusetests
@@ -78,5 +88,5 @@ fusebase() {
 }
 step fusebase fusebase
 step fuse python bench/decode_gpu.py --preset 16b --batches "${BFUSE:-1}" --new 48 --modes graphs+compile,\
-graphs+compile+fp8,graphs+compile+fp8+routergemv,graphs+compile+routergemv
+graphs+compile+fp8,graphs+compile+fp8+routergemv+mlaprep,graphs+compile+routergemv+mlaprep
 tail -n 4 "$out"/*.txt

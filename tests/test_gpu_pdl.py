@@ -74,7 +74,7 @@ def _bf16(*shape, g):
 def _cases():
     """name -> (inputs dict, the names of the inputs a producer may write, fn(inputs) -> output tensors)."""
     from dsv3.kernels import (dense_gemv_triton, expert_gemv_triton, fp8_gemm_triton, head_gemv_triton,
-                              latent_store_triton, mla_decode_triton, moe_gemm_triton, router_triton)
+                              latent_store_triton, mla_decode_triton, mla_prep_triton, moe_gemm_triton, router_triton)
 
     g = torch.Generator(device="cuda").manual_seed(0)
     D, I, E = 2048, 1408, 16
@@ -138,6 +138,17 @@ def _cases():
                                  "kv": torch.zeros(2, 64, C, device="cuda", dtype=torch.bfloat16),
                                  "pe": torch.zeros(2, 64, P, device="cuda", dtype=torch.bfloat16)},
                                 ["q", "kv_a"], store_q)
+
+    def prep(t):  # the store with the query and the W_UK GEMV (W_UKᵀ a view of kv_b) in one launch
+        q_lat, q_rot = mla_prep_triton.launch(t["kv"], t["pe"], 1, t["rows"], t["kv_a"], t["w"], 1e-6, t["cos"],
+                                              t["sin"], t["q"][..., 128:], t["q"][..., :128],
+                                              t["kv_b"][:, :128].transpose(1, 2))
+        return t["kv"], t["pe"], q_lat, q_rot
+
+    cases["mla_prep"] = ({**cases["store_latents_q"][0], "kv_b": _bf16(16, 256, C, g=g),
+                          "kv": torch.zeros(2, 64, C, device="cuda", dtype=torch.bfloat16),
+                          "pe": torch.zeros(2, 64, P, device="cuda", dtype=torch.bfloat16)},
+                         ["q", "kv_a"], prep)
     B, H, page = 2, 16, 16  # two sequences of 30 and 17 positions in 8 pages of 16 each
     ml = {"q": _bf16(B, H, C, g=g), "qp": _bf16(B, H, P, g=g), "kv": _bf16(16 * page, C, g=g),
           "pe": _bf16(16 * page, P, g=g), "table": torch.randperm(16, device="cuda", generator=g).view(B, 8),
@@ -157,9 +168,9 @@ def _cases():
 CASES = ["dense_gemv", "dense_gemv_fp32_out", "dense_gemv2", "swiglu_gemv", "expert_gemv_swiglu",
          "expert_gemv_down", "fp8_small_m", "fp8_small_m_dot", "fp8_rows", "fp8_expert_gemv_swiglu",
          "router_topk", "router_gemv", "store_latents", "store_latents_q", "mla_decode", "moe_gemm_swiglu",
-         "head_gemv"]
+         "head_gemv", "mla_prep"]
 # outputs written in place: zeroed before each producer
-IN_PLACE = {"store_latents": ("kv", "pe"), "store_latents_q": ("kv", "pe")}
+IN_PLACE = {"store_latents": ("kv", "pe"), "store_latents_q": ("kv", "pe"), "mla_prep": ("kv", "pe")}
 # Nothing but the producer may launch between it and the kernel under test: an ordinary launch in between (a copy,
 # a fill) would wait for the producer to finish, and a missing wait in the kernel would go unseen. So each case's
 # tensors are made up front and the launchers allocate with torch.empty only.
@@ -225,7 +236,8 @@ def test_graphed_decode_step_with_pdl_is_bitwise_the_same(monkeypatch):
 
     monkeypatch.setattr(kb, "DENSE_GEMV_ROWS", 4)
     m, prompts = decode_model_and_prompts()
-    sets = (kernels.set_dense_gemv, kernels.set_head_gemv, kernels.set_latent_store, kernels.set_moe_gemm)
+    sets = (kernels.set_dense_gemv, kernels.set_head_gemv, kernels.set_latent_store, kernels.set_moe_gemm,
+            kernels.set_mla_prep)
     olds = [f(True) for f in sets]
     old_pdl = kernels.set_pdl(False)
     try:

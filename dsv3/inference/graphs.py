@@ -170,6 +170,21 @@ class _StaticLayerView:
                                   kv_a.reshape(B * T, W), norm.weight, norm.eps, cos, sin, q_pe=q)
         return None if q is None else q.view(q_pe.shape)
 
+    def store_kv_a_uk(self, kv_a: torch.Tensor, norm, cos: torch.Tensor, sin: torch.Tensor, q_pe: torch.Tensor,
+                      q_nope: torch.Tensor, w_uk_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`store_kv_a` with the query, and absorbed MLA's W_UK product in the same launch (kernels.mla_prep, taken
+        where switched on: kernels.set_mla_prep): q_nope (B, T, H, nope) and W_UKᵀ (H, C, nope), views as MLA holds
+        them -> (q_lat (B, T, H, C), the rotated q_pe (B, T, H, R)), both new contiguous tensors."""
+        b = self.b
+        B, T, W = kv_a.shape
+        cos, sin = (t.expand(B, T, t.shape[-1]).reshape(B * T, t.shape[-1]) for t in (cos, sin))
+        # (B·T, H, ·): still views of q (their (B, T) strides merge), read where they lie by the kernel
+        q_lat, q = kernels.mla_prep(b.cache.kv, b.cache.pe, self.slot, b.write_slots.reshape(-1),
+                                    kv_a.reshape(B * T, W), norm.weight, norm.eps, cos, sin,
+                                    q_pe.reshape(B * T, *q_pe.shape[2:]), q_nope.reshape(B * T, *q_nope.shape[2:]),
+                                    w_uk_t)
+        return q_lat.view(B, T, *q_lat.shape[1:]), q.view(q_pe.shape)
+
     def update(self, c_kv: torch.Tensor, k_pe: torch.Tensor):
         """c_kv (B, T, C), k_pe (B, T, R): store, then return the (B, S, ·) context and mask (B, 1, T, S)."""
         self.store(c_kv, k_pe)

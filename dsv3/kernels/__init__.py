@@ -23,6 +23,8 @@ optional.
                                                         set_head_gemv, on by default)
     store_latents                                       "triton" (latent_store_triton.py; switched:
                                                         set_latent_store, on by default)
+    mla_prep                                            "triton" (mla_prep_triton.py: store_latents and the W_UK
+                                                        head_gemv in one launch; switched: set_mla_prep, off)
     mla_decode                                          "triton" (mla_decode_triton.py)
     mla_decode_uv                                       "triton" (mla_decode_triton.py; switched:
                                                         set_mla_uv, on by default, one query row)
@@ -66,7 +68,7 @@ __all__ = ["BLOCK", "FP8_MAX", "act_dequant", "act_quant", "act_quant_cm", "act_
            "expert_gemv_ref", "fp8_expert_rows", "fp8_gemm_bwd", "fp8_gemm_fwd", "fp8_grouped_gemm_bwd",
            "fp8_grouped_gemm_fwd", "fp8_weight_linear", "fp8_weight_linear2", "head_gemv", "head_gemv_ref",
            "mla_decode", "mla_decode_ref",
-           "mla_decode_uv", "set_mla_uv",
+           "mla_decode_uv", "set_mla_uv", "mla_prep", "set_mla_prep",
            "moe_gemm_down", "moe_gemm_ref", "moe_gemm_swiglu", "set_moe_gemm",
            "router_gemv_topk", "router_topk", "router_topk_ref", "select_backend", "set_dense_gemv", "set_head_gemv",
            "set_latent_store", "set_pdl", "set_router_gemv", "set_shared_gemv", "store_latents", "store_latents_ref",
@@ -186,6 +188,35 @@ def set_latent_store(on: bool) -> bool:
     modes; backend.py SWITCHED; measured before the query's RoPE joined the launch, which is not measured on a
     GPU yet)."""
     return _switch("latent_store", on)
+
+
+def mla_prep(kv: torch.Tensor, pe: torch.Tensor, slot: int, rows: torch.Tensor, kv_a: torch.Tensor, w: torch.Tensor,
+             eps: float, cos: torch.Tensor, sin: torch.Tensor, q_pe: torch.Tensor, q_nope: torch.Tensor,
+             w_uk_t: torch.Tensor, *, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`store_latents(kv, pe, slot, rows, kv_a, w, eps, cos, sin, q_pe)` and `head_gemv(q_nope, w_uk_t)` together:
+    the caches written in place, returns (q_lat (M, H, C), the rotated q_pe (M, H, P)) for q_nope (M, H, nope) and
+    W_UKᵀ (H, C, nope) (absorbed MLA's, a view of kv_b_proj's weight). The contract: the two operations' (their
+    references, `reference.store_latents_ref` and `reference.head_gemv_ref`). "triton": one launch for both
+    (mla_prep_triton.py, a custom op that declares the caches it mutates), the two launches' results bit for bit;
+    W_UKᵀ read along C. The automatic choice takes it only while switched on (`set_mla_prep`); MLA.forward_absorbed
+    asks `select_backend("mla_prep", kv_a, norm_weight, q_nope, w_uk_t)` where it takes both the fused store and
+    the W_UK head GEMV, and runs them as two launches otherwise."""
+    reference.check_mla_prep_args(kv, pe, slot, rows, kv_a, w, cos, sin, q_pe, q_nope, w_uk_t)
+    if select_backend("mla_prep", kv_a, w, q_nope, w_uk_t, backend=backend) == "triton":
+        from dsv3.kernels.mla_prep_triton import mla_prep_op
+
+        return mla_prep_op(kv, pe, slot, rows, kv_a, w, float(eps), cos, sin, q_pe, q_nope, w_uk_t)
+    q_rot = reference.store_latents_ref(kv, pe, slot, rows, kv_a, w, eps, cos, sin, q_pe)
+    return reference.head_gemv_ref(q_nope, w_uk_t), q_rot
+
+
+def set_mla_prep(on: bool) -> bool:
+    """Let the automatic choice run the latent store and absorbed MLA's W_UK product in one launch (`mla_prep`:
+    MLA.forward_absorbed, where the static decode view's fused store and the W_UK head GEMV are both taken, so at
+    batch 1), process-wide; returns the previous setting. One launch a layer fewer, the same bits. OFF BY DEFAULT:
+    not measured on a GPU yet (bench/decode_gpu.py's +mlaprep modes). As `set_dense_gemv` for compiled steps and
+    CUDA graphs."""
+    return _switch("mla_prep", on)
 
 
 def swiglu_gemv(x: torch.Tensor, gate: torch.Tensor, gate_s: torch.Tensor | None, up: torch.Tensor,

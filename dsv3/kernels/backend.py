@@ -43,6 +43,10 @@ never probe the GPU themselves.
                                             experts as more rows of the routed experts' GEMV launches (MoE.forward,
                                             where the routed experts take their GEMV); bf16/fp16 x, at most
                                             EXPERT_DECODE_ROWS rows, no autograd
+    mla_prep          "triton"              switched (SWITCHED, kernels.set_mla_prep; OFF by default, not measured):
+                                            the latent store and the W_UK head GEMV in one launch (MLA.
+                                            forward_absorbed, where both are taken); (kv_a, its norm weight) meet
+                                            latent_store's row, (q_nope, W_UKᵀ) head_gemv's with W_UKᵀ read along N
 
 The rule: the accelerated backend where triton imports and every tensor given to `select` is a plain
 (not a subclass such as DTensor) CUDA tensor meeting its row; else "reference". The AdamW operation
@@ -57,9 +61,9 @@ Overrides, for tests and benchmarks:
     `use_backend(mla_decode="reference")` (or another op's accelerated backend) one op's. Process-wide;
     a torch.compile'd caller sees the setting it was traced under (its guards recompile on a change);
   * `switch(op, on)` turns the automatic rule of an op of SWITCHED (defaults there) on or off, process-wide
-    (kernels.set_dense_gemv, set_head_gemv, set_latent_store, set_moe_gemm); the two overrides above still win.
-    The environment variable DSV3_KERNELS ("all=on", "dense_gemv=on,moe_gemm=off", ...) sets them at the first
-    choice, for the command line (`DSV3_KERNELS=all=on dsv3 serve ...`).
+    (kernels.set_dense_gemv, set_head_gemv, set_latent_store, set_moe_gemm, set_mla_prep, ...); the two overrides
+    above still win. The environment variable DSV3_KERNELS ("all=on", "dense_gemv=on,moe_gemm=off", ...) sets them
+    at the first choice, for the command line (`DSV3_KERNELS=all=on dsv3 serve ...`).
 
 Cost: the probes (triton import, F.scaled_mm, one capability query per device) are memoised, so a
 choice is a few attribute reads on the host: no device work, no sync.
@@ -91,6 +95,7 @@ FAST = {  # op -> its accelerated backend
     "router_topk": "triton",
     "router_gemv": "triton",
     "shared_gemv": "triton",
+    "mla_prep": "triton",
 }
 # Accelerated backends written and checked under the Triton interpreter but not yet run on a GPU: the
 # automatic choice stays "reference" until their GPU tests (tests/test_gpu_router.py) have passed on real
@@ -130,9 +135,11 @@ WEIGHTS_E4M3 = "e4m3 weights"  # the op on for e4m3 weights only (the caller pas
 # "router_gemv" (the router's logits GEMV and its selection in one launch: one launch a MoE layer fewer at batch 1):
 # off, written and checked under the Triton interpreter only (tests/test_router_gemv.py); bench/decode_gpu.py's
 # +routergemv modes measure it.
+# "mla_prep" (the latent store and absorbed MLA's W_UK head GEMV in one launch, mla_prep_triton.py: one launch a layer
+# fewer at batch 1, the same bits): off, NOT MEASURED on a GPU yet (bench/decode_gpu.py's +mlaprep modes measure it).
 SWITCHED: dict[str, bool | str] = {"dense_gemv": True, "head_gemv": True, "latent_store": True,
                                    "moe_gemm": True, "pdl": True, "mla_uv": True, "shared_gemv": WEIGHTS_E4M3,
-                                   "router_gemv": False}
+                                   "router_gemv": False, "mla_prep": False}
 # ops that follow another op's switch: the dense SwiGLU's fused gate+up GEMV is one of the dense decode GEMVs
 SWITCH_OF: dict[str, str] = {"swiglu_gemv": "dense_gemv"}
 # Up to these many activation rows the Triton FP8-weight kernels run (decode; above, prefill:
@@ -252,11 +259,11 @@ def pdl(device: torch.device) -> bool:
     """Whether dsv3's decode kernels launch on `device` with programmatic dependent launch: switched on ("pdl" of
     SWITCHED: kernels.set_pdl, DSV3_KERNELS=pdl=on), an NVIDIA GPU of compute capability 9.0+ and not the Triton
     interpreter. Not an op: a launch option of every decode kernel (dense and expert GEMVs, the router, the latent
-    store, MLA decode, the grouped decode GEMM, the head GEMV). Such a launch may start while the launch before it
-    drains: each program first tells the next launch it may start (griddepcontrol.launch_dependents), reads
-    what no kernel of the step writes (weights), then waits for the launch before it to complete and its writes
-    to be visible (griddepcontrol.wait) before it reads anything else or writes anything; so the results are the
-    same bits with it on or off (tests/test_gpu_pdl.py)."""
+    store, MLA decode, the grouped decode GEMM, the head GEMV, the store and the W_UK GEMV in one launch). Such a
+    launch may start while the launch before it drains: each program first tells the next launch it may start
+    (griddepcontrol.launch_dependents), reads what no kernel of the step writes (weights), then waits for the
+    launch before it to complete and its writes to be visible (griddepcontrol.wait) before it reads anything else
+    or writes anything; so the results are the same bits with it on or off (tests/test_gpu_pdl.py)."""
     if not _env_read:
         _read_env()
     # (ROCm builds report their devices as "cuda" too, with capabilities such as (9, 4): griddepcontrol is PTX, so
@@ -298,6 +305,13 @@ def _head_gemv_fits(x: torch.Tensor, w: torch.Tensor) -> bool:
             and (w.stride(2) == 1 or w.stride(1) == 1)
             and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
             and not torch.is_autocast_enabled("cuda"))
+
+
+def _latent_store_fits(kv_a: torch.Tensor, w: torch.Tensor) -> bool:
+    """The fused latent store's per-call rule: 16-bit kv_a (its last dimension contiguous) and its norm weight alike,
+    no gradient through either."""
+    return (kv_a.dtype in (torch.bfloat16, torch.float16) and w.dtype == kv_a.dtype and kv_a.stride(-1) == 1
+            and not (torch.is_grad_enabled() and (kv_a.requires_grad or w.requires_grad)))
 
 
 def _e4m3_ok(w: torch.Tensor) -> bool:
@@ -351,8 +365,10 @@ def _fast_fits(op: str, tensors: tuple[torch.Tensor, ...]) -> bool:
         return len(tensors) == 3 and _swiglu_gemv_fits(*tensors) and _e4m3_ok(tensors[1])
     if op == "latent_store":  # (kv_a, the norm weight)
         kv_a, w = tensors if len(tensors) == 2 else (tensors[0], tensors[0])
-        return (kv_a.dtype in (torch.bfloat16, torch.float16) and w.dtype == kv_a.dtype and kv_a.stride(-1) == 1
-                and not (torch.is_grad_enabled() and (kv_a.requires_grad or w.requires_grad)))
+        return _latent_store_fits(kv_a, w)
+    if op == "mla_prep":  # (kv_a, the norm weight, q_nope, W_UKᵀ): both rules; W_UKᵀ read along N
+        return (len(tensors) == 4 and _latent_store_fits(*tensors[:2]) and _head_gemv_fits(*tensors[2:])
+                and tensors[3].stride(2) != 1 and tensors[3].shape[2] > 1)
     if op == "router_topk":
         return tensors[0].dtype == torch.float32
     if op == "router_gemv":  # (x, the router weight)

@@ -17,7 +17,11 @@ contiguous:
     _gemv_tile` without scales: (BM, BN, 128·KU) loads, the sum over K after the loop), per head.
   * W_UK (H, nope, C) as w = W_UK.transpose(1, 2), (H, N = C, K = nope): N contiguous. The tile is (BM, BK, BN):
     each load reads BN consecutive columns of BK rows (coalesced along N), x repeated along N (L1 hits, one
-    register layout for all operands, as in `_gemv_tile`), the sum over axis 1 after the loop.
+    register layout for all operands, as in `_gemv_tile`), the sum over axis 1 after the loop. Its products are
+    explicit fused multiply-adds (tl.fma): what Triton's default fp fusion made of `acc += w * x` (the PTX at the
+    16b and 671b configs, compiled for sm_90, was the same instruction for instruction save the order of each fma's
+    two factors, when the body changed), and they stay so in a launch compiled without fusion: mla_prep_triton.py
+    runs this body (`_head_gemv_body`) beside the latent store's in one launch compiled so, with these bits.
 No copy of either matrix is made: both are views of kv_b_proj's weight (or of the dequantised copy that
 MLA.cache_absorbed_weights keeps for FP8 weights), so a model trained between engine steps (GRPO) is read as it
 is now.
@@ -34,7 +38,8 @@ einsums.
 
 Tests: tests/test_head_gemv.py (Triton interpreter: both orientations, ragged shapes, every config the
 heuristic returns at the model shapes, the custom op compiled, the model's absorbed decode through it),
-tests/test_gpu_head_gemv.py (GPU: the 16b and 671b shapes, a graphed decode step with the switch on).
+tests/test_gpu_head_gemv.py (GPU: the 16b and 671b shapes, a graphed decode step with the switch on);
+tests/test_mla_prep.py checks that the N-contiguous form's sm_90 PTX does not depend on enable_fp_fusion.
 """
 
 from __future__ import annotations
@@ -68,20 +73,18 @@ def _gemv_tile_n(x_ptr, w_ptr, rm, rn, M, N, K, sxm, swk, BM: tl.constexpr, BN: 
         k_ok = ok & (k < K)
         w = tl.load(w_cols + k.to(tl.int64) * swk, mask=k_ok, other=0.0)  # first: the HBM loads
         x = tl.load(x_rows + k, mask=k_ok, other=0.0)
-        acc += w.to(tl.float32) * x.to(tl.float32)
+        # an explicit multiply-add: what Triton's default fp fusion made of `acc += w * x` (module docstring), kept
+        # under enable_fp_fusion=False too (mla_prep_triton's launch, compiled so for its rotations): the same bits
+        acc = tl.fma(w.to(tl.float32), x.to(tl.float32), acc)
     return tl.sum(acc, axis=1)
 
 
 @triton.jit
-def _head_gemv_kernel(x_ptr, w_ptr, y_ptr, M, N, K, KB, sxm, sxh, swh, swn, swk, sym, syh,
-                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, KU: tl.constexpr,
-                      K_CONTIG: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr = False):
-    if PDL:  # programmatic dependent launch (backend.pdl): let the next launch start, wait for the one before
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
-    h = tl.program_id(0).to(tl.int64)  # heads outermost: a head's column tiles launch together
-    pn = tl.program_id(1)
-    pm = tl.program_id(2)
+def _head_gemv_body(x_ptr, w_ptr, y_ptr, M, N, K, KB, sxm, sxh, swh, swn, swk, sym, syh, h, pn, pm,
+                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, KU: tl.constexpr,
+                    K_CONTIG: tl.constexpr, PREFETCH: tl.constexpr):
+    """Program (h, pn, pm): head h's rows pm·BM.. times its columns pn·BN.. (h int64). The body of
+    `_head_gemv_kernel` and of mla_prep_triton's launch (one body, so the same code in both)."""
     rm = pm * BM + tl.arange(0, BM)
     rn = pn * BN + tl.arange(0, BN)
     x_h = x_ptr + h * sxh
@@ -92,6 +95,18 @@ def _head_gemv_kernel(x_ptr, w_ptr, y_ptr, M, N, K, KB, sxm, sxh, swh, swn, swk,
         acc = _gemv_tile_n(x_h, w_h, rm, rn, M, N, K, sxm, swk, BM, BN, BK)
     tl.store(y_ptr + h * syh + rm[:, None].to(tl.int64) * sym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+@triton.jit
+def _head_gemv_kernel(x_ptr, w_ptr, y_ptr, M, N, K, KB, sxm, sxh, swh, swn, swk, sym, syh,
+                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, KU: tl.constexpr,
+                      K_CONTIG: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr = False):
+    if PDL:  # programmatic dependent launch (backend.pdl): let the next launch start, wait for the one before
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+    h = tl.program_id(0).to(tl.int64)  # heads outermost: a head's column tiles launch together
+    _head_gemv_body(x_ptr, w_ptr, y_ptr, M, N, K, KB, sxm, sxh, swh, swn, swk, sym, syh, h, tl.program_id(1),
+                    tl.program_id(2), BM, BN, BK, KU, K_CONTIG, PREFETCH)
 
 
 def k_contiguous(w: torch.Tensor) -> bool:
@@ -132,13 +147,25 @@ def launch(x: torch.Tensor, w: torch.Tensor, config: dict | None = None) -> torc
         return y
     if K == 0:
         return y.zero_()
-    grid = (H, triton.cdiv(N, BN), triton.cdiv(M, BM))
+    grid, args, constexprs = launch_args(x, w, y, cfg)
     pdl = backend.pdl(x.device)
-    _head_gemv_kernel[grid](x, w, y, M, N, K, triton.cdiv(K, BLOCK), x.stride(0), x.stride(1), w.stride(0),
-                            w.stride(1), w.stride(2), y.stride(0), y.stride(1), BM=BM, BN=BN, BK=BK, KU=KU,
-                            K_CONTIG=kc, PREFETCH=bool(cfg["PREFETCH"]), PDL=pdl, num_warps=cfg["num_warps"],
-                            num_stages=1, launch_pdl=pdl)
+    _head_gemv_kernel[grid](*args, **constexprs, PDL=pdl, num_warps=cfg["num_warps"], num_stages=1, launch_pdl=pdl)
     return y
+
+
+def launch_args(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, cfg: dict) -> tuple[tuple[int, int, int], tuple,
+                                                                                         dict]:
+    """The launch of y = x·wᵀ per head under `cfg` (arguments checked): (its grid (H, N / BN, M / BM),
+    `_head_gemv_body`'s arguments before (h, pn, pm), its constexprs). `launch` and mla_prep_triton's launch both
+    launch from it."""
+    M, H, K = x.shape
+    N = w.shape[1]
+    BM, BN = cfg["BM"], cfg["BN"]
+    grid = (H, triton.cdiv(N, BN), triton.cdiv(M, BM))
+    args = (x, w, y, M, N, K, triton.cdiv(K, BLOCK), x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2),
+            y.stride(0), y.stride(1))
+    return grid, args, dict(BM=BM, BN=BN, BK=cfg["BK"], KU=cfg["KU"], K_CONTIG=k_contiguous(w),
+                            PREFETCH=bool(cfg["PREFETCH"]))
 
 
 # A custom op with a shape-only fake (as dsv3::dense_gemv): one opaque op for torch.compile, one launch for a

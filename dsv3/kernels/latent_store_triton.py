@@ -37,6 +37,8 @@ Taken by MLA.forward_absorbed where the cache view offers it (the static decode 
 `store_kv_a`, given the query's unrotated rope part) and the kernel seam picks it: switched
 (kernels.set_latent_store, which also switches the query's rotation; on by default, measured faster with
 bench/decode_gpu.py's +latentstore modes), x on CUDA in bf16/fp16, no autograd.
+Where the W_UK product takes the per-head GEMV too and kernels.set_mla_prep is on, this body
+(`_store_latents_body`) runs in mla_prep_triton.py's launch beside the GEMV's, with the same bits at C >= 512.
 Tests: tests/test_latent_store.py (reference and the Triton interpreter), tests/test_gpu_latent_store.py.
 """
 
@@ -51,14 +53,12 @@ from dsv3.kernels.reference import check_store_latents_args
 
 
 @triton.jit
-def _store_latents_kernel(kva_ptr, w_ptr, cos_ptr, sin_ptr, rows_ptr, kv_ptr, pe_ptr, q_ptr, qo_ptr, C, P2, H, eps,
-                          s_kva, s_cs, s_sn, s_kv, s_pe, s_qm, s_qh, BC: tl.constexpr, BP: tl.constexpr,
-                          BH: tl.constexpr, HAS_Q: tl.constexpr, PDL: tl.constexpr = False):
-    if PDL:  # programmatic dependent launch (backend.pdl): let the next launch start, wait for the one before
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
-    m = tl.program_id(0).to(tl.int64)
-    g = tl.program_id(1)  # 0: token m's latents; g >= 1 (HAS_Q): its query heads (g - 1) * BH .. g * BH - 1
+def _store_latents_body(kva_ptr, w_ptr, cos_ptr, sin_ptr, rows_ptr, kv_ptr, pe_ptr, q_ptr, qo_ptr, C, P2, H, eps,
+                        s_kva, s_cs, s_sn, s_kv, s_pe, s_qm, s_qh, m, g, BC: tl.constexpr, BP: tl.constexpr,
+                        BH: tl.constexpr, HAS_Q: tl.constexpr):
+    """Program (m, g) of the store: g = 0 normalises token m's latent and rotates its key; g >= 1 (HAS_Q) rotates
+    its query heads (g - 1) * BH .. g * BH - 1. m int64. The body of `_store_latents_kernel` and of
+    mla_prep_triton's launch (one body, so the same code in both)."""
     j = tl.arange(0, BP)  # the pair index: pairs (x[2j], x[2j + 1]) rotated by (cos[m, j], sin[m, j])
     jm = j < P2
     co = tl.load(cos_ptr + m * s_cs + j, mask=jm, other=0.0)
@@ -99,22 +99,33 @@ def _store_latents_kernel(kva_ptr, w_ptr, cos_ptr, sin_ptr, rows_ptr, kv_ptr, pe
             tl.store(dst + 1, z2, mask=hm)
 
 
+@triton.jit
+def _store_latents_kernel(kva_ptr, w_ptr, cos_ptr, sin_ptr, rows_ptr, kv_ptr, pe_ptr, q_ptr, qo_ptr, C, P2, H, eps,
+                          s_kva, s_cs, s_sn, s_kv, s_pe, s_qm, s_qh, BC: tl.constexpr, BP: tl.constexpr,
+                          BH: tl.constexpr, HAS_Q: tl.constexpr, PDL: tl.constexpr = False):
+    if PDL:  # programmatic dependent launch (backend.pdl): let the next launch start, wait for the one before
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+    m = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1)  # 0: token m's latents; g >= 1 (HAS_Q): its query heads (g - 1) * BH .. g * BH - 1
+    _store_latents_body(kva_ptr, w_ptr, cos_ptr, sin_ptr, rows_ptr, kv_ptr, pe_ptr, q_ptr, qo_ptr, C, P2, H, eps,
+                        s_kva, s_cs, s_sn, s_kv, s_pe, s_qm, s_qh, m, g, BC, BP, BH, HAS_Q)
+
+
 # the query tile of one program: BH heads x BP pairs, about QUERY_TILE pairs (16b: R = 64, its 16 heads in one
 # program; 671B's 128 heads in 8)
 QUERY_TILE = 512
 
 
-def launch(kv: torch.Tensor, pe: torch.Tensor, slot: int, rows: torch.Tensor, kv_a: torch.Tensor, w: torch.Tensor,
-           eps: float, cos: torch.Tensor, sin: torch.Tensor, q_pe: torch.Tensor | None = None) -> torch.Tensor | None:
-    """In place: kv[slot][rows] = RMSNorm(kv_a[:, :C]), pe[slot][rows] = rope(kv_a[:, C:]); with the query's rope
-    part q_pe (M, H, P), any strides but the last, returns its rotation, a new contiguous (M, H, P) in q_pe's
-    dtype (module docstring)."""
-    check_store_latents_args(kv, pe, slot, rows, kv_a, w, cos, sin, q_pe, kernel=True)
+def launch_args(kv: torch.Tensor, pe: torch.Tensor, slot: int, rows: torch.Tensor, kv_a: torch.Tensor,
+                w: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor, q_pe: torch.Tensor | None
+                ) -> tuple[tuple[int, int], tuple, dict, torch.Tensor | None]:
+    """The store's launch for M >= 1 rows (arguments checked): (its grid (M, 1 + groups), `_store_latents_body`'s
+    arguments before (m, g), its constexprs, the query's output or None). `launch` and mla_prep_triton's launch
+    both launch from it."""
     M = kv_a.shape[0]
     C, P = kv.shape[-1], pe.shape[-1]
     q_out = None if q_pe is None else torch.empty(q_pe.shape, dtype=q_pe.dtype, device=q_pe.device)  # (M, H, P)
-    if M == 0:
-        return q_out
     rows = rows.contiguous()  # the kernel reads rows[m] at m (its values are not checked: in range by contract)
     kv_s, pe_s = kv[slot], pe[slot]  # (R, C), (R, P): views at the slot's offset
     BP = triton.next_power_of_2(max(P // 2, 1))
@@ -124,14 +135,31 @@ def launch(kv: torch.Tensor, pe: torch.Tensor, slot: int, rows: torch.Tensor, kv
         H = q_pe.shape[1]
         BH = min(triton.next_power_of_2(max(H, 1)), max(1, QUERY_TILE // BP))  # heads per program
         groups, q_in, q_o, s_qm, s_qh = triton.cdiv(H, BH), q_pe, q_out, q_pe.stride(0), q_pe.stride(1)
+    args = (kv_a, w, cos, sin, rows, kv_s, pe_s, q_in, q_o, C, P // 2, H, float(eps), kv_a.stride(0), cos.stride(0),
+            sin.stride(0), kv_s.stride(0), pe_s.stride(0), s_qm, s_qh)
+    return (M, 1 + groups), args, dict(BC=triton.next_power_of_2(C), BP=BP, BH=BH, HAS_Q=q_pe is not None), q_out
+
+
+def num_warps(C: int) -> int:
+    """The store's warps: 4 for a 512-wide latent (16b, 671B), 1 for narrow ones (the RMSNorm's sum is one
+    program's)."""
+    return 4 if C >= 512 else 1
+
+
+def launch(kv: torch.Tensor, pe: torch.Tensor, slot: int, rows: torch.Tensor, kv_a: torch.Tensor, w: torch.Tensor,
+           eps: float, cos: torch.Tensor, sin: torch.Tensor, q_pe: torch.Tensor | None = None) -> torch.Tensor | None:
+    """In place: kv[slot][rows] = RMSNorm(kv_a[:, :C]), pe[slot][rows] = rope(kv_a[:, C:]); with the query's rope
+    part q_pe (M, H, P), any strides but the last, returns its rotation, a new contiguous (M, H, P) in q_pe's
+    dtype (module docstring)."""
+    check_store_latents_args(kv, pe, slot, rows, kv_a, w, cos, sin, q_pe, kernel=True)
+    if kv_a.shape[0] == 0:
+        return None if q_pe is None else torch.empty(q_pe.shape, dtype=q_pe.dtype, device=q_pe.device)
+    grid, args, constexprs, q_out = launch_args(kv, pe, slot, rows, kv_a, w, eps, cos, sin, q_pe)
     pdl = backend.pdl(kv_a.device)
     # enable_fp_fusion=False: no multiply-add contraction, so each rotation rounds as apply_rope's separate fp32
     # products and sum do (eager PyTorch): the same bits, not one rounding apart
-    _store_latents_kernel[(M, 1 + groups)](kv_a, w, cos, sin, rows, kv_s, pe_s, q_in, q_o, C, P // 2, H, float(eps),
-                                           kv_a.stride(0), cos.stride(0), sin.stride(0), kv_s.stride(0),
-                                           pe_s.stride(0), s_qm, s_qh, BC=triton.next_power_of_2(C), BP=BP, BH=BH,
-                                           HAS_Q=q_pe is not None, PDL=pdl, num_warps=4 if C >= 512 else 1,
-                                           launch_pdl=pdl, enable_fp_fusion=False)
+    _store_latents_kernel[grid](*args, **constexprs, PDL=pdl, num_warps=num_warps(kv.shape[-1]), launch_pdl=pdl,
+                                enable_fp_fusion=False)
     return q_out
 
 

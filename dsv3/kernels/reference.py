@@ -410,6 +410,24 @@ def head_gemv_ref(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.einsum("...hk,hnk->...hn", x.float(), w.float()).to(x.dtype)
 
 
+# --- the latent store and the W_UK product in one launch (mla_prep_triton.py) ------------------------------------
+
+def check_mla_prep_args(kv: torch.Tensor, pe: torch.Tensor, slot: int, rows: torch.Tensor, kv_a: torch.Tensor,
+                        w: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_pe: torch.Tensor,
+                        q_nope: torch.Tensor, w_uk_t: torch.Tensor, kernel: bool = False) -> None:
+    """The merged launch's contract: the latent store's with the query (q_pe given) and the head GEMV's (q_nope,
+    w_uk_t), of one query: q_nope (M, H, nope) with q_pe's M rows and H heads; for the kernel (`kernel`) also w_uk_t
+    (H, C, nope) read along C (its C stride 1: the GEMV's N-contiguous form, nope > 1 and its stride not 1)."""
+    if q_pe is None or q_nope.dim() != 3 or tuple(q_nope.shape[:2]) != tuple(q_pe.shape[:2]):
+        raise ValueError(f"mla_prep: q_nope (M, H, nope) of q_pe's (M, H) = "
+                         f"{None if q_pe is None else tuple(q_pe.shape[:2])}, got {tuple(q_nope.shape)}")
+    check_store_latents_args(kv, pe, slot, rows, kv_a, w, cos, sin, q_pe, kernel=kernel)
+    check_head_gemv_args(q_nope, w_uk_t, kernel=kernel)
+    if kernel and (w_uk_t.stride(2) == 1 or w_uk_t.shape[2] == 1):
+        raise ValueError(f"mla_prep kernel: w_uk_t (H, C, nope) read along C (nope > 1, its stride not 1), got "
+                         f"{tuple(w_uk_t.shape)} strides {w_uk_t.stride()}")
+
+
 def check_expert_gemv_args(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None,
                            up: torch.Tensor | None = None, up_s: torch.Tensor | None = None,
                            kernel: bool = False) -> None:

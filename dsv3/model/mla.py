@@ -23,7 +23,9 @@ attended latents from `cache.attend(q_lat, q_pe, scale)` (a Triton kernel over t
 same math: dsv3/kernels/reference.py `mla_decode_ref`). Where the latent store's kernel is switched on
 such a view also takes the raw kv_a projection and the unrotated query rope part,
 `cache.store_kv_a(kv_a, norm, cos, sin, q_pe)`: norm, both RoPEs and the cache write in one launch,
-the same math as `_latent` and `apply_rope` (dsv3/kernels/reference.py `store_latents_ref`).
+the same math as `_latent` and `apply_rope` (dsv3/kernels/reference.py `store_latents_ref`); where the
+W_UK product takes the per-head GEMV too and the two are switched into one launch (kernels.set_mla_prep),
+`cache.store_kv_a_uk(kv_a, norm, cos, sin, q_pe, q_nope, w_uk_t)` does both and returns q_lat as well.
 """
 
 from __future__ import annotations
@@ -225,8 +227,8 @@ class MLA(nn.Module):
     def forward_absorbed(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache) -> torch.Tensor:
         """x (B, T, D): the new tokens. `cache.update(c_kv, k_pe)` stores their latents and returns every
         cached latent of each sequence, (B, S, C) and (B, S, rope), plus a boolean mask (B, 1, T, S).
-        A decode view with `fused_decode` stores with `store` (or `store_kv_a`, which also rotates the query) and
-        attends itself with `attend`."""
+        A decode view with `fused_decode` stores with `store` (or `store_kv_a`, which also rotates the query, or
+        `store_kv_a_uk`, which also computes q_lat) and attends itself with `attend`."""
         B, T, _ = x.shape
         q_mod = self.q_proj if self.q_lora_rank is None else self.q_a_proj
         kv_mod = self.kv_a_proj_with_mqa
@@ -249,23 +251,30 @@ class MLA(nn.Module):
             q_nope, q_pe = self._query_heads(q_mod(x))  # (B, T, H, nope), (B, T, H, rope) not rotated yet
             kv_a = kv_mod(x)  # (B, T, C + rope)
         fused = getattr(cache, "fused_decode", False)
-        if fused and kernels.select_backend("latent_store", kv_a, self.kv_a_layernorm.weight) == "triton":
-            # where switched on (kernels.set_latent_store): the latent's norm, k_pe's RoPE and the cache write in
-            # one kernel, and the query's RoPE in extra programs of that launch (read from the query where it lies,
-            # in the same fp32 math as apply_rope: no RoPE kernel of its own)
-            q_pe = cache.store_kv_a(kv_a, self.kv_a_layernorm, cos, sin, q_pe=q_pe)  # (B, T, H, rope) rotated
-            c_kv = k_pe = None
-        else:
-            q_pe = apply_rope(q_pe, cos, sin)  # (B, T, H, rope)
-            c_kv, k_pe = self._latent(kv_a, cos, sin)  # (B, T, C), (B, T, rope)
+        norm_w = self.kv_a_layernorm.weight
+        store = fused and kernels.select_backend("latent_store", kv_a, norm_w) == "triton"
         w_uk, w_uv = self.kv_b_weights(q_nope.dtype)
         # at decode sizes, where switched on (kernels.set_head_gemv), each head's product is the per-head GEMV
         # reading its matrix where it lies (W_UKᵀ along C, W_UV along C): the same sums, in another order
         w_uk_t = w_uk.transpose(1, 2)  # (H, C, nope)
-        if kernels.select_backend("head_gemv", q_nope, w_uk_t) == "triton":
-            q_lat = kernels.head_gemv(q_nope, w_uk_t, backend="triton")  # (B, T, H, C)
+        gemv = kernels.select_backend("head_gemv", q_nope, w_uk_t) == "triton"
+        # where switched on (kernels.set_mla_prep): the fused store below and the W_UK GEMV in one launch (the same
+        # bodies, so the same bits; the two are independent and read only the projections' output)
+        prep = store and gemv and kernels.select_backend("mla_prep", kv_a, norm_w, q_nope, w_uk_t) == "triton"
+        c_kv = k_pe = None
+        if prep:
+            q_lat, q_pe = cache.store_kv_a_uk(kv_a, self.kv_a_layernorm, cos, sin, q_pe, q_nope, w_uk_t)
+        elif store:
+            # where switched on (kernels.set_latent_store): the latent's norm, k_pe's RoPE and the cache write in
+            # one kernel, and the query's RoPE in extra programs of that launch (read from the query where it lies,
+            # in the same fp32 math as apply_rope: no RoPE kernel of its own)
+            q_pe = cache.store_kv_a(kv_a, self.kv_a_layernorm, cos, sin, q_pe=q_pe)  # (B, T, H, rope) rotated
         else:
-            q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)  # (B, T, H, C)
+            q_pe = apply_rope(q_pe, cos, sin)  # (B, T, H, rope)
+            c_kv, k_pe = self._latent(kv_a, cos, sin)  # (B, T, C), (B, T, rope)
+        if not prep:
+            q_lat = (kernels.head_gemv(q_nope, w_uk_t, backend="triton") if gemv
+                     else torch.einsum("bthd,hdc->bthc", q_nope, w_uk))  # (B, T, H, C)
         if fused:
             if c_kv is not None:
                 cache.store(c_kv, k_pe)
