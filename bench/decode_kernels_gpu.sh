@@ -15,7 +15,7 @@
 # (psumtests, psumsweep, psumdense, psum, mlapreptests, mlaprep, fusetests, fusebase, fuse: by name). Each stage's
 # output goes to its own file under OUT_DIR (and a line to steps.txt); a failing stage does not stop the next. A
 # kernel is on by default (dsv3/kernels/backend.py SWITCHED) only where its rows are faster. B1, B32, FP8
-# (environment) replace the batch lists of those stages; LIMIT_<stage>=S stops a stage after S seconds (bench/stages.sh).
+# (environment) replace the batch lists of those stages; LIMIT_<stage>=S stops a stage after S seconds (stages.sh).
 set -u
 out="${1:-${OUT:-runs/decode_kernels}}"
 stages=",${2:-tests,sweep,b1,b32,b256,pdltests,pdl,fp8,profile},"
