@@ -76,7 +76,8 @@ graphs+compile+fp8,graphs+compile+fp8+mlaprep
 # checkout (BASE=DIR: the code before, e.g. `git archive` of it)
 fusetests() {  # (a function: LIMIT_fusetests applies to each of its two commands)
     timeout --kill-after=10 "${LIMIT_fusetests:-0}" python -m pytest -m gpu -q -p no:cacheprovider -p no:logging \
-        --tb=short tests/test_gpu_router.py tests/test_gpu_latent_store.py tests/test_gpu_pdl.py tests/test_gpu_mla_prep.py \
+        --tb=short tests/test_gpu_router.py tests/test_gpu_latent_store.py tests/test_gpu_pdl.py \
+        tests/test_gpu_mla_prep.py \
         -k "gemv or latent or store or prep"
     timeout --kill-after=10 "${LIMIT_fusetests:-0}" python -m pytest -m gpu -q -p no:cacheprovider -p no:logging \
         --tb=short tests/test_gpu_expert_gemv.py -k shared
