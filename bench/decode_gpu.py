@@ -41,11 +41,8 @@ dtype, rows and columns) instead of `expert_gemv_triton.default_config`, where t
 +sharedgemv the routed launches have K + n_shared rows a token, which a sweep at K rows does not name: defaults).
 +psum: the decode GEMVs (expert GEMV, FP8 and dense GEMV forms) sum each thread's 16-byte group of a row and scale it
 once (expert_gemv_triton._dot_part, fp8_gemm_triton._gemv_tile) where the config does not say (GEMV_PSUM).
-+routergemv: each MoE layer's router logits GEMV and its selection in one launch (kernels.set_router_gemv; shipped:
-off), where the dense GEMV and the router kernel both run (one row: a mode that keeps the dense GEMV on); before and
-after: --batches 1 --modes graphs+compile,graphs+compile+routergemv.
 +mlaprep / +nomlaprep: the latent store and absorbed MLA's W_UK head GEMV in one launch where both run (batch 1: the
-head GEMV's rule), or as two (kernels.set_mla_prep; shipped: two, not measured yet). It needs both kernels on: with
+head GEMV's rule), or as two (kernels.set_mla_prep; shipped: two, its GPU tests not all run yet). It needs both kernels on: with
 +nokernels, or kernel flags that leave +latentstore or +headgemv out, it changes nothing.
 Before and after in one run:
 
@@ -84,7 +81,7 @@ from bandwidth import copy_bandwidth  # noqa: E402  (bench/bandwidth.py)
 # kernel choices a mode may add to its path, in any order
 MODE_FLAGS = ("+nogemv", "+nokernels", "+densegemv", "+headgemv", "+latentstore", "+moegemm", "+mlauv", "+twotiles",
               "+tile16", "+pdl", "+nopdl", "+ipdl", "+noipdl", "+argmax1", "+sync", "+nodual",
-              "+tuned", "+sharedgemv", "+nosharedgemv", "+psum", "+routergemv", "+mlaprep", "+nomlaprep")
+              "+tuned", "+sharedgemv", "+nosharedgemv", "+psum", "+mlaprep", "+nomlaprep")
 KERNEL_FLAGS = {"+densegemv": "dense_gemv", "+headgemv": "head_gemv", "+latentstore": "latent_store",
                 "+moegemm": "moe_gemm", "+mlauv": "mla_uv"}  # the switched decode kernels (backend.py SWITCHED)
 SHIPPED = dict(kb.SWITCHED)  # their defaults, as `dsv3 serve` runs them
@@ -268,9 +265,6 @@ def main() -> None:
         # dtype / for none (kernels.set_shared_gemv; shipped: e4m3 weights only)
         kb.switch("shared_gemv", True if "+sharedgemv" in flags else False if "+nosharedgemv" in flags
                   else SHIPPED["shared_gemv"])
-        # +routergemv: the router's logits and selection in one launch (kernels.set_router_gemv; shipped: off), on top
-        # of the mode's other switches (it needs the dense GEMV's: Router._one_launch)
-        kb.switch("router_gemv", True if "+routergemv" in flags else SHIPPED["router_gemv"])
         # +mlaprep / +nomlaprep: the latent store and the W_UK head GEMV in one launch / two (kernels.set_mla_prep;
         # shipped: two)
         kb.switch("mla_prep", True if "+mlaprep" in flags else False if "+nomlaprep" in flags

@@ -69,16 +69,14 @@ step mlapreptests python -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu_
 step mlaprep python bench/decode_gpu.py --preset 16b --batches "${BPREP:-1}" --new 48 --modes graphs+compile,\
 graphs+compile+mlaprep,graphs+compile,graphs+compile+mlaprep,graphs+compile+fp8,graphs+compile+fp8+mlaprep,\
 graphs+compile+fp8,graphs+compile+fp8+mlaprep
-# One launch fewer, three times (2026-12-06, twelfth session): the query's RoPE inside the latent store's launch, the
-# shared experts' rows derived inside the expert GEMV (no id concatenation), the router's logits and selection in one
-# launch (+routergemv), the latent store and the W_UK head GEMV in one launch (+mlaprep; both off by default). Their
-# GPU tests; batch 1 bf16 and FP8 without and with the last two; fusebase: the same two shipped modes from another
-# checkout (BASE=DIR: the code before, e.g. `git archive` of it)
+# One launch fewer (2026-12-06, twelfth session): the query's RoPE inside the latent store's launch and the shared
+# experts' rows derived inside the expert GEMV (no id concatenation), both shipped; the latent store and the W_UK head
+# GEMV in one launch (+mlaprep, off as shipped; its tests: the mlapreptests stage). The first two's GPU tests; batch 1
+# bf16 and FP8 without and with +mlaprep (the +fp8 modes last: they quantise the model in place); fusebase: the shipped
+# modes from another checkout (BASE=DIR: the code before, e.g. `git archive` of it), for the step before the first two
 fusetests() {  # (a function: LIMIT_fusetests applies to each of its two commands)
     timeout --kill-after=10 "${LIMIT_fusetests:-0}" python -m pytest -m gpu -q -p no:cacheprovider -p no:logging \
-        --tb=short tests/test_gpu_router.py tests/test_gpu_latent_store.py tests/test_gpu_pdl.py \
-        tests/test_gpu_mla_prep.py \
-        -k "gemv or latent or store or prep"
+        --tb=short tests/test_gpu_latent_store.py tests/test_gpu_pdl.py -k "latent or store"
     timeout --kill-after=10 "${LIMIT_fusetests:-0}" python -m pytest -m gpu -q -p no:cacheprovider -p no:logging \
         --tb=short tests/test_gpu_expert_gemv.py -k shared
 }
@@ -90,5 +88,5 @@ fusebase() {
 }
 step fusebase fusebase
 step fuse python bench/decode_gpu.py --preset 16b --batches "${BFUSE:-1}" --new 48 --modes graphs+compile,\
-graphs+compile+fp8,graphs+compile+fp8+routergemv+mlaprep,graphs+compile+routergemv+mlaprep
+graphs+compile+mlaprep,graphs+compile+fp8,graphs+compile+fp8+mlaprep
 tail -n 4 "$out"/*.txt

@@ -93,7 +93,7 @@ def test_switch_defaults_are_the_measured_ones_and_the_overrides_win(monkeypatch
     # and the W_UK GEMV in one launch off (not measured)
     assert kb.SWITCHED == {"dense_gemv": True, "head_gemv": True, "latent_store": True,
                            "moe_gemm": True, "pdl": True, "mla_uv": True, "shared_gemv": kb.WEIGHTS_E4M3,
-                           "router_gemv": False, "mla_prep": False}  # (the router's one launch: not measured on a GPU yet)
+                           "mla_prep": False}
     assert kernels.select_backend("dense_gemv", x, w) == "triton"
     assert kernels.set_dense_gemv(False) is True
     try:

@@ -1,10 +1,7 @@
 """The Triton router-selection kernel (dsv3/kernels/router_triton.py) on the GPU: against its
 specification `router_topk_ref` at every preset's router shape, inside a CUDA graph and under
 torch.compile (decode: no grad; training: gradients), and in model forwards / greedy decoding against
-`kernels.use_backend(router_topk="reference")`; and the logits GEMV with the selection in one launch
-(router_triton.launch_gemv) against the reference and the two launches it replaces, launches in a row and a
-CUDA graph replayed many times on its arrival counter, compiled, and a graphed decode with it on against off.
-Run on the device machine:
+`kernels.use_backend(router_topk="reference")`. Run on the device machine:
 
     python -m pytest tests/test_gpu_router.py -m gpu -q
 
@@ -14,7 +11,6 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import dsv3
 from dsv3 import kernels
@@ -234,155 +230,4 @@ def test_graph_decode_greedy_router_kernel_vs_reference(compile_decode):
     with kernels.use_backend(router_topk="reference"):
         a = Engine(m, None, max_batch_size=4, cuda_graphs=True, compile_decode=compile_decode).generate(prompts, sp)
     b = Engine(m, None, max_batch_size=4, cuda_graphs=True, compile_decode=compile_decode).generate(prompts, sp)
-    assert [x.token_ids for x in a] == [y.token_ids for y in b]
-
-
-# --- the logits GEMV and the selection in one launch (router_triton.launch_gemv, kernels.router_gemv_topk) --------
-
-def _gemv_kernel():
-    _kernel()
-    from dsv3.kernels import router_triton
-
-    return router_triton
-
-
-def _gemv_inputs(M, E, D, dtype, seed):
-    """x (M, D), a router weight (E, D) whose logits spread like a trained router's (std ~2), a bias of a few
-    γ-steps."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    x = torch.randn(M, D, device="cuda", generator=g).to(dtype)
-    w = (torch.randn(E, D, device="cuda", generator=g) * 2 / D ** 0.5).to(dtype)
-    return x, w, 0.05 * torch.randn(E, device="cuda", generator=g)
-
-
-def _two_launches(x, w, b, kw):
-    """What the one launch replaces: the dense GEMV's fp32 logits (dense_gemv_triton), then the router kernel."""
-    from dsv3.kernels import dense_gemv_triton, router_triton
-
-    logits = dense_gemv_triton.launch(x, w, out_dtype=torch.float32)
-    return router_triton.router_topk(logits, b, kw["top_k"], kw["n_group"], kw["topk_group"], kw["norm_topk_prob"],
-                                     kw["scale"])
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("name", ["16b", "671b"])
-def test_router_gemv_vs_reference_and_the_two_launches(name, dtype):
-    """The presets' router shapes at their width (16b: 64 x 2048; 671B: 256 x 7168), M = 1..8: the reference's
-    experts on every row no near-tie decides, w and s close (the logits' fp32 sums in another order than
-    cuBLAS's); and the two launches' bits (the same GEMV tile and config, the same selection code: designed to be
-    equal); the counter back at 0."""
-    rt = _gemv_kernel()
-    kw, E = _shape(name)
-    D = preset(name).hidden_size
-    for M in range(1, 9):
-        x, w, b = _gemv_inputs(M, E, D, dtype, seed=M + E)
-        scratch = torch.full((M, E), float("nan"), device="cuda")
-        got = rt.launch_gemv(x, w, b, **kw, logits=scratch)
-        logits = F.linear(x.float(), w.float())
-        want = router_topk_ref(logits, b, **kw)
-        robust = _robust_rows(logits, b, **kw, margin=1e-4)
-        assert robust.sum() >= M - 1
-        assert torch.equal(got[1][robust], want[1][robust]), M
-        same = (got[1] == want[1]).all(-1)
-        torch.testing.assert_close(got[0][same], want[0][same], rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(got[2], want[2], rtol=1e-4, atol=1e-5)
-        # the logits: cuBLAS's fp32 sums in another order (tests/test_gpu_dense_gemv.py's bound)
-        assert (scratch - logits).abs().max().item() < 1e-4 * logits.abs().max().item()
-        two = _two_launches(x, w, b, kw)
-        assert all(torch.equal(a, c) for a, c in zip(got, two)), M
-        assert rt.arrival_counter(x.device).item() == 0
-
-
-@torch.no_grad()
-def test_router_gemv_launches_in_a_row_and_a_graph_replayed_many_times():
-    """Back-to-back launches of different grids (nothing between them: with PDL each starts while the one before
-    drains) on the one counter, eagerly and in a CUDA graph replayed 300 times with new inputs written in place
-    between replays: every result the two launches', the counter at 0 after each sync."""
-    rt = _gemv_kernel()
-    layers = []
-    for i, (name, M) in enumerate([("16b", 1), ("671b", 4), ("16b", 8), ("671b", 1), ("16b", 1)]):
-        kw, E = _shape(name)
-        layers.append((kw, *_gemv_inputs(M, E, preset(name).hidden_size, torch.bfloat16, seed=50 + i)))
-
-    def step():
-        return [rt.router_gemv_topk(x, w, b, kw["top_k"], kw["n_group"], kw["topk_group"], kw["norm_topk_prob"],
-                                    kw["scale"]) for kw, x, w, b in layers]
-
-    def check(outs):
-        for (kw, x, w, b), got in zip(layers, outs):
-            assert all(torch.equal(a, c) for a, c in zip(got, _two_launches(x, w, b, kw)))
-
-    count = rt.arrival_counter(torch.device("cuda", torch.cuda.current_device()))
-    for _ in range(3):
-        check(step())
-    torch.cuda.synchronize()
-    assert count.item() == 0
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm up outside the capture (dsv3's graphs do the same)
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = step()
-    g = torch.Generator(device="cuda").manual_seed(1)
-    for r in range(300):
-        if r % 50 == 0:
-            for _, x, _, _ in layers:
-                x.copy_(torch.randn(x.shape, device="cuda", generator=g).to(x.dtype))
-        graph.replay()
-        if r % 50 == 49:
-            check(outs)
-    torch.cuda.synchronize()
-    assert count.item() == 0
-
-
-@torch.no_grad()
-def test_router_gemv_op_compiled_and_in_a_graph_of_the_compiled_step():
-    """torch.compile (fullgraph, inductor) traces through the custom op to the eager bits; captured, replayed."""
-    rt = _gemv_kernel()
-    kw, E = _shape("671b")
-    x, w, b = _gemv_inputs(2, E, 7168, torch.bfloat16, seed=5)
-
-    @torch.compile(fullgraph=True)
-    def route(x):
-        return kernels.router_gemv_topk(x * 2, w, b, **kw, backend="triton")
-
-    eager = rt.router_gemv_topk(x * 2, w, b, kw["top_k"], kw["n_group"], kw["topk_group"], kw["norm_topk_prob"],
-                                kw["scale"])
-    assert all(torch.equal(a, c) for a, c in zip(route(x), eager))
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = route(x)
-    x.copy_(_gemv_inputs(2, E, 7168, torch.bfloat16, seed=6)[0])
-    graph.replay()
-    assert all(torch.equal(a, c) for a, c in zip(out, _two_launches(x * 2, w, b, kw)))
-
-
-@pytest.mark.parametrize("compile_decode", [False, True])
-def test_graph_decode_greedy_router_gemv_on_vs_off(compile_decode, monkeypatch):
-    """Greedy decoding through the CUDA-graph decode step (compiled or not) of a bf16 model (64 experts in 8
-    groups) with kernels.set_router_gemv on against off, the dense GEMV allowed up to 4 rows (so the batch-4
-    buckets take it too): the same tokens (the one launch gives the two launches' bits); the one launch ran."""
-    from dsv3.inference.engine import Engine, SamplingParams
-    from dsv3.kernels import backend as kb
-
-    rt = _gemv_kernel()
-    monkeypatch.setattr(kb, "DENSE_GEMV_ROWS", 4)
-    launches, launch = [], rt.launch_gemv
-    monkeypatch.setattr(rt, "launch_gemv", lambda *a, **k: launches.append(a[0].shape[0]) or launch(*a, **k))
-    m = dsv3.build_model(_cfg().replace(num_nextn_predict_layers=0), device="cuda", seed=0).to(torch.bfloat16)
-    g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (3, 17, 40, 1)]
-    sp = [SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True) for _ in prompts]
-    with kernels.use_backend(router_topk="triton"):
-        a = Engine(m, None, max_batch_size=4, cuda_graphs=True, compile_decode=compile_decode).generate(prompts, sp)
-        assert not launches
-        old = kernels.set_router_gemv(True)
-        try:
-            b = Engine(m, None, max_batch_size=4, cuda_graphs=True, compile_decode=compile_decode).generate(prompts,
-                                                                                                            sp)
-        finally:
-            kernels.set_router_gemv(old)
-    assert launches and all(r <= 4 for r in launches)
     assert [x.token_ids for x in a] == [y.token_ids for y in b]

@@ -30,9 +30,6 @@ optional.
                                                         set_mla_uv, on by default, one query row)
     adamw_step_                                         "triton" (adamw_triton.py)
     router_topk                                         "triton" (router_triton.py)
-    router_gemv_topk                                    "triton" (router_triton.py: the logits' GEMV and the
-                                                        selection in one launch; switched: set_router_gemv,
-                                                        off by default)
     attention                                           SDPA, cuDNN first on CUDA (attention.py)
 
 Each operation takes `backend=` (None: choose); `use_backend(...)` forces the automatic choices in a
@@ -70,9 +67,8 @@ __all__ = ["BLOCK", "FP8_MAX", "act_dequant", "act_quant", "act_quant_cm", "act_
            "mla_decode", "mla_decode_ref",
            "mla_decode_uv", "set_mla_uv", "mla_prep", "set_mla_prep",
            "moe_gemm_down", "moe_gemm_ref", "moe_gemm_swiglu", "set_moe_gemm",
-           "router_gemv_topk", "router_topk", "router_topk_ref", "select_backend", "set_dense_gemv", "set_head_gemv",
-           "set_latent_store", "set_pdl", "set_router_gemv", "set_shared_gemv", "store_latents", "store_latents_ref",
-           "swiglu_gemv", "use_backend",
+           "router_topk", "router_topk_ref", "select_backend", "set_dense_gemv", "set_head_gemv", "set_latent_store",
+           "set_pdl", "set_shared_gemv", "store_latents", "store_latents_ref", "swiglu_gemv", "use_backend",
            "weight_dequant", "weight_quant",
            "weight_quant_pad"]
 
@@ -410,36 +406,6 @@ def router_topk(logits: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: i
             return reference.router_weights(s, idx, norm_topk_prob, scale), idx, s
         return kernel(logits, bias, top_k, n_group, topk_group, norm_topk_prob, scale)
     return router_topk_ref(logits, bias, top_k, n_group, topk_group, norm_topk_prob, scale)
-
-
-def router_gemv_topk(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: int,
-                     topk_group: int, norm_topk_prob: bool, scale: float, *, backend: str | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`router_topk(dense_gemv(x, weight, out_dtype=torch.float32), bias, ...)`: the router's logits x (M, D) ·
-    weight (E, D)ᵀ summed in fp32 from x and weight in one dtype, then the routing -> w (M, K) fp32, idx (M, K)
-    int64, s (M, E) fp32 (the contract: `reference.router_topk_ref` on `reference.dense_gemv_ref`'s fp32 logits).
-    "triton": one launch for both (router_triton.py `launch_gemv`, a custom op), at most
-    router_triton.MAX_ROWS rows, no backward; its logits are the dense GEMV's bits. The automatic choice takes it
-    only while switched on (`set_router_gemv`); Router.forward asks for it where the dense GEMV and the router
-    kernel would both run and runs them as two launches otherwise."""
-    if select_backend("router_gemv", x, weight, backend=backend) == "triton":
-        from dsv3.kernels.router_triton import router_gemv_topk as kernel
-
-        reference.check_dense_gemv_args(x, weight, kernel=True, out_dtype=torch.float32)
-        return kernel(x, weight, bias, top_k, n_group, topk_group, norm_topk_prob, scale)
-    reference.check_dense_gemv_args(x, weight, out_dtype=torch.float32)
-    return router_topk_ref(reference.dense_gemv_ref(x, weight, torch.float32), bias, top_k, n_group, topk_group,
-                           norm_topk_prob, scale)
-
-
-def set_router_gemv(on: bool) -> bool:
-    """Let the automatic choice take the router's logits and its selection in one launch (`router_gemv_topk`:
-    Router.forward at decode, where the dense GEMV and the router kernel both apply, up to
-    backend.ROUTER_GEMV_ROWS rows: one launch a MoE layer fewer), process-wide; returns the previous setting. OFF
-    BY DEFAULT: not measured on a GPU yet (bench/decode_gpu.py's +routergemv modes). Same bits as the two launches
-    (the same GEMV tile and config, the same selection code). As `set_dense_gemv` for compiled steps and CUDA
-    graphs."""
-    return _switch("router_gemv", on)
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:

@@ -34,16 +34,11 @@ never probe the GPU themselves.
                                             autograd through either
     adamw             "triton"              -
     router_topk       "triton"              fp32 logits (24/24 GPU tests on an H200, 2026-12-04; 4.8-12x the reference)
-    router_gemv       "triton"              switched (SWITCHED, kernels.set_router_gemv; off by default, not
-                                            measured on a GPU yet): the router's logits GEMV and router_topk in
-                                            one launch (Router.forward, where dense_gemv and router_topk both
-                                            take "triton"); bf16/fp16 x, at most ROUTER_GEMV_ROWS rows, w (E, D)
-                                            contiguous in x's dtype, no autograd, no CUDA autocast
-    shared_gemv       "triton"              switched (SWITCHED, kernels.set_shared_gemv; on for e4m3 weights): the shared
-                                            experts as more rows of the routed experts' GEMV launches (MoE.forward,
-                                            where the routed experts take their GEMV); bf16/fp16 x, at most
-                                            EXPERT_DECODE_ROWS rows, no autograd
-    mla_prep          "triton"              switched (SWITCHED, kernels.set_mla_prep; OFF by default, not measured):
+    shared_gemv       "triton"              switched (SWITCHED, kernels.set_shared_gemv; on for e4m3 weights): the
+                                            shared experts as more rows of the routed experts' GEMV launches
+                                            (MoE.forward, where the routed experts take their GEMV); bf16/fp16 x, at
+                                            most EXPERT_DECODE_ROWS rows, no autograd
+    mla_prep          "triton"              switched (SWITCHED, kernels.set_mla_prep; off: its GPU tests are due):
                                             the latent store and the W_UK head GEMV in one launch (MLA.
                                             forward_absorbed, where both are taken); (kv_a, its norm weight) meet
                                             latent_store's row, (q_nope, W_UKᵀ) head_gemv's with W_UKᵀ read along N
@@ -93,7 +88,6 @@ FAST = {  # op -> its accelerated backend
     "mla_uv": "triton",
     "adamw": "triton",
     "router_topk": "triton",
-    "router_gemv": "triton",
     "shared_gemv": "triton",
     "mla_prep": "triton",
 }
@@ -132,14 +126,13 @@ WEIGHTS_E4M3 = "e4m3 weights"  # the op on for e4m3 weights only (the caller pas
 # one call): batch 1 bf16 374.1 against 385.7 tok/s, FP8 426.4 against 459.5 (the e4m3 GEMV's configs then: KU 2,
 # no PSUM); batch 32 (where it does not apply) 2,600.9 / 2,591.7. With the PSUM configs (2026-12-06, an H100, one
 # call, bench/RESULTS.md): FP8 batch 1 479.4 against 460.6. bf16's configs did not change: off there.
-# "router_gemv" (the router's logits GEMV and its selection in one launch: one launch a MoE layer fewer at batch 1):
-# off, written and checked under the Triton interpreter only (tests/test_router_gemv.py); bench/decode_gpu.py's
-# +routergemv modes measure it.
 # "mla_prep" (the latent store and absorbed MLA's W_UK head GEMV in one launch, mla_prep_triton.py: one launch a layer
-# fewer at batch 1, the same bits): off, NOT MEASURED on a GPU yet (bench/decode_gpu.py's +mlaprep modes measure it).
+# fewer at batch 1, the same bits): off. Measured on an H200 (2026-12-06, one call, bench/RESULTS.md): 16b batch 1
+# FP8 554.8 against 541.9 tok/s, bf16 442.6 against 442.2; its launch 3.0 us where the two took ~5.2. Its GPU tests
+# (tests/test_gpu_mla_prep.py) have not all run on a GPU yet: on once they have.
 SWITCHED: dict[str, bool | str] = {"dense_gemv": True, "head_gemv": True, "latent_store": True,
                                    "moe_gemm": True, "pdl": True, "mla_uv": True, "shared_gemv": WEIGHTS_E4M3,
-                                   "router_gemv": False, "mla_prep": False}
+                                   "mla_prep": False}
 # ops that follow another op's switch: the dense SwiGLU's fused gate+up GEMV is one of the dense decode GEMVs
 SWITCH_OF: dict[str, str] = {"swiglu_gemv": "dense_gemv"}
 # Up to these many activation rows the Triton FP8-weight kernels run (decode; above, prefill:
@@ -159,10 +152,6 @@ MOE_GEMM_ROWS = 1024
 # Up to these many query rows (batch x tokens) the attention's merge takes W_UV in its launch (mla_uv): 1. At batch 32
 # the one launch was slower than the merge and a batched GEMM (an H100, 16b, 2026-12-05: bf16 -3.6%, FP8 -6.4%).
 MLA_UV_ROWS = 1
-# Up to these many rows the router's logits and selection may run as one launch (router_gemv; the kernel's limit,
-# router_triton.MAX_ROWS: its last program routes them as one tile). Router.forward also asks for the dense GEMV's
-# choice (DENSE_GEMV_ROWS rows), so the model takes it at one row today.
-ROUTER_GEMV_ROWS = 8
 
 
 
@@ -289,12 +278,6 @@ def _dense_gemv_fits(x: torch.Tensor, w: torch.Tensor) -> bool:
             and not (torch.is_grad_enabled() and w.requires_grad) and not torch.is_autocast_enabled("cuda"))
 
 
-def _router_gemv_fits(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """The router GEMV's per-call rule: the dense GEMV's (`_dense_gemv_fits`) at up to ROUTER_GEMV_ROWS rows."""
-    return (_decode_fits(x, ROUTER_GEMV_ROWS) and w.dtype == x.dtype and w.dim() == 2 and w.is_contiguous()
-            and not (torch.is_grad_enabled() and w.requires_grad) and not torch.is_autocast_enabled("cuda"))
-
-
 def _head_gemv_fits(x: torch.Tensor, w: torch.Tensor) -> bool:
     """The per-head GEMV's per-call rule: decode-sized 16-bit x (..., H, K) with its K contiguous, w (H, N, K) in
     x's dtype read along K or N (absorbed MLA's W_UV, W_UKᵀ), no gradient through either, no CUDA autocast."""
@@ -371,8 +354,6 @@ def _fast_fits(op: str, tensors: tuple[torch.Tensor, ...]) -> bool:
                 and tensors[3].stride(2) != 1 and tensors[3].shape[2] > 1)
     if op == "router_topk":
         return tensors[0].dtype == torch.float32
-    if op == "router_gemv":  # (x, the router weight)
-        return len(tensors) == 2 and _router_gemv_fits(*tensors)
     if op == "mla_uv":  # (q_lat (..., H, C), w_uv)
         q, w = tensors[0], tensors[-1]
         rows = q.numel() // max(q.shape[-1] * q.shape[-2], 1) if q.dim() >= 2 else 0

@@ -240,7 +240,8 @@ def launch(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None, expert: tor
         two = (w, s, u, us, w.shape[0], 0, 0, 0, 0)  # placeholders, never read (TWO is False)
     _gemv_kernel[grid](x, w, s, u, us, expert, y, N, K, triton.cdiv(K, BLOCK), x_div, x.stride(0), w.stride(0),
                        w.stride(1), s.stride(0) if has_scale else 0, s.stride(1) if has_scale else 0, y.stride(0),
-                       *two, max(routed, 1), routed + (extra[0].shape[0] if routed else 0), HAS_SCALE=has_scale, FUSED_UP=fused, BN=cfg["BN"], BK=BLOCK, KU=cfg["KU"],
+                       *two, max(routed, 1), routed + (extra[0].shape[0] if routed else 0), HAS_SCALE=has_scale,
+                       FUSED_UP=fused, BN=cfg["BN"], BK=BLOCK, KU=cfg["KU"],
                        PREFETCH=cfg["PREFETCH"], ONE_EXPERT=one, PDL=pdl, EARLY=pdl and one and cfg["PREFETCH"],
                        TWO=extra is not None, PSUM=cfg.get("PSUM", GEMV_PSUM), G=16 // w.element_size(),
                        ROUTED=routed > 0,

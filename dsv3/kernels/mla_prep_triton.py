@@ -11,9 +11,10 @@ launch computes what the two launches compute, bit for bit (below).
 
 Why: in the graphed decode step MLA.forward_absorbed runs these two between the q / kv_a projections' launch and the
 attention's split launch; they are independent of each other and read only the projections' output. At batch 1 a
-launch costs ~2 us however little it does, so one launch for both is one launch a layer fewer (27 for 16b). NOT
-MEASURED on a GPU yet: what it saves, and whether the store's few programs (16b: 2 at one row) behind the GEMV's
-512 change anything, are open.
+launch costs ~2 us however little it does, so one launch for both is one launch a layer fewer (27 for 16b). Measured
+on an H200 (2026-12-06, bench/RESULTS.md): this launch took 2.9-3.0 us where the store and the GEMV took 2.0-2.3 and
+2.6-2.9 us plus a ~0.45 us gap (bench/profile_gpu.py --decode 1 --sequence); the 16b step at batch 1 FP8 554.8
+against 541.9 tok/s, bf16 442.6 against 442.2 (one call each).
 
 Grid: 1-D. Programs 0 .. M·(1 + groups) - 1 are the store's (program s is the store's (s mod M, s div M): token
 s mod M, the latent's program for s div M = 0, else a group of BH query heads), the rest the GEMV's (program g is its
@@ -48,9 +49,9 @@ and a graphed decode step) is not run yet.
 
 Taken by MLA.forward_absorbed exactly where both the fused latent store (the static decode steps' views, graphs.py:
 `store_kv_a_uk` next to `store_kv_a`) and the W_UK head GEMV are taken (batch 1: the head GEMV's rule,
-DENSE_GEMV_ROWS), while switched on: kernels.set_mla_prep, OFF by default (not measured; bench/decode_gpu.py's
-+mlaprep modes measure it). Tests: tests/test_mla_prep.py (CPU, the interpreter, the sm_90 compile),
-tests/test_gpu_mla_prep.py.
+DENSE_GEMV_ROWS), while switched on: kernels.set_mla_prep, OFF by default until tests/test_gpu_mla_prep.py has run
+on a GPU (its first run was cut short by the call's time limit; bench/decode_gpu.py's +mlaprep modes measure it).
+Tests: tests/test_mla_prep.py (CPU, the interpreter, the sm_90 compile), tests/test_gpu_mla_prep.py.
 """
 
 from __future__ import annotations

@@ -11,8 +11,7 @@ Routing (`Router.forward`), all in fp32:
     experts outside the kept groups -> -inf  (HF fills 0.0, which differs when sel < 0)
     idx = top-K of sel; w = s[idx] / sum(s[idx]) * routed_scaling_factor
 No capacity limit, no token dropping. Everything after the matmul is one kernels op, `router_topk`
-(spec: kernels/reference.py; one Triton kernel on the GPU); at decode, switched on, the matmul and it are one
-launch (`kernels.router_gemv_topk`, Router._one_launch).
+(spec: kernels/reference.py; one Triton kernel on the GPU).
 
 Experts (`Experts`): weights stacked as gate/up (E, I, D) and down (E, D, I). Two equal paths:
   * "grouped": sort the N·K (token, expert) pairs by expert, one `torch._grouped_mm` per
@@ -151,22 +150,8 @@ class Router(nn.Module):
                 return F.linear(x_ND.float(), self.weight.float())
         return F.linear(x_ND.float(), self.weight.float())
 
-    def _one_launch(self, x_ND: torch.Tensor) -> bool:
-        """Whether this call takes the logits and the selection in one launch (kernels.router_gemv_topk, switched:
-        kernels.set_router_gemv): where `logits` would take the dense decode GEMV and `router_topk` its kernel
-        (so the launch gives those two launches' bits: decode rows, no autograd), and the one launch's own rule
-        holds (at most backend.ROUTER_GEMV_ROWS rows). Shapes and settings only: a CUDA-graph bucket always
-        takes the same path."""
-        return (x_ND.shape[0] <= kernels.backend.ROUTER_GEMV_ROWS
-                and kernels.select_backend("router_gemv", x_ND, self.weight) == "triton"
-                and kernels.select_backend("dense_gemv", x_ND, self.weight) == "triton"
-                and kernels.select_backend("router_topk", self.e_score_correction_bias) == "triton")
-
     def forward(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (N, D) -> weights (N, K) fp32, indices (N, K) int64, affinities s (N, E) fp32."""
-        if self._one_launch(x_ND):  # decode: the two launches below as one
-            return kernels.router_gemv_topk(x_ND, self.weight, self.e_score_correction_bias, self.top_k, self.n_group,
-                                            self.topk_group, self.norm_topk_prob, self.scale, backend="triton")
         logits_NE = self.logits(x_ND)
         # the routing formula of the module docstring (kernels.reference.router_topk_ref), one fused
         # kernel on the GPU; gradients reach the weight through s (the selection has none)
