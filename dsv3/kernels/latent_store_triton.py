@@ -14,9 +14,11 @@ query), then the cache's dtype. q_pe is read where it lies: the rope columns of 
 output (M, H, nope + P), a strided view (no copy); only its last dimension must be contiguous. The rotations are
 compiled without multiply-add contraction (`enable_fp_fusion=False`), so they round as eager apply_rope's
 separate fp32 products and sums: the same bits (the RMSNorm's sum of squares is in another order than torch's,
-so the latent can differ from the reference by a rounding step). Checked on the CPU by compiling the 16b launch
-for sm_90: no fma in its PTX (Triton's default fusion makes 13), and bit for bit under the interpreter in fp16
-(its bf16 cast truncates); the bit-for-bit GPU check is tests/test_gpu_latent_store.py, not run yet. (Inductor's
+so the latent can differ from the reference by a rounding step; the flag also takes the fma out of that sum, so
+the latent's bits may differ by a rounding step from the launch before the flag). Checked on the CPU by compiling
+the 16b launch for sm_90: no fma in its PTX (Triton's default fusion makes 13), and bit for bit under the
+interpreter in fp16 (its bf16 cast truncates); on an H200 (2026-12-06) tests/test_gpu_latent_store.py passed, 39
+of 39, the bit-for-bit rotation included (bench/results/s18_gpu_tests.txt). (Inductor's
 own RoPE kernel, the compiled step's path without this one, keeps the default fusion: that path can differ
 from eager apply_rope by a rounding step, this one does not.)
 
@@ -29,9 +31,10 @@ batch 1, bench/profile_gpu.py --decode 1, 2026-12-04): inductor's RMSNorm and Ro
 over 27 layers) and two `index_copy` launches (0.101 ms), for 576 values per token. One program per new token
 does all of it; the latents never go through memory in between. The query's RoPE was then a kernel of its own
 in the compiled step (inductor's, ~1.6 us + ~0.45 us of gap per layer at batch 1, 27 layers): its own programs
-in this launch remove it, one launch fewer per layer. The fused query rotation is NOT MEASURED on a GPU yet
-(checked only against the reference under the Triton interpreter on the CPU); the switch's measurement
-(bench/decode_gpu.py's +latentstore modes) predates it.
+in this launch remove it, one launch fewer per layer. Measured on an H200 (2026-12-06, bench/RESULTS.md): the 16b
+bf16 step at batch 1 did not get faster (442 tok/s before and after): inductor now materialises the cos / sin it
+hands this launch in a kernel of its own (~1.3 us) in about every other layer, where before it fused them into its
+RoPE kernel. The switch's measurement (bench/decode_gpu.py's +latentstore modes) predates the query's part.
 
 Taken by MLA.forward_absorbed where the cache view offers it (the static decode steps' views: graphs.py
 `store_kv_a`, given the query's unrotated rope part) and the kernel seam picks it: switched
