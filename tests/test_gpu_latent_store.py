@@ -38,11 +38,11 @@ def test_kernel_vs_reference(M, C, P):
     assert not kv2[0].any() and not kv2[2].any()
 
 
-def _query_case(M, H, P, nope, dtype, seed):
+def _query_case(M, H, P, nope, dtype, seed, C=512, g=None):
     """Caches, rows, kv_a, weight, cos / sin (angles up to 100 rad) and the q projection's output (M, H, nope + P),
-    whose rope columns are the strided view the store reads."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    C = 512
+    whose rope columns are the strided view the store reads; g: the generator to draw from (else one seeded by
+    `seed`)."""
+    g = g or torch.Generator(device="cuda").manual_seed(seed)
     kv = torch.zeros(3, 64, C, device="cuda", dtype=dtype)
     pe = torch.zeros(3, 64, P, device="cuda", dtype=dtype)
     kv_a = torch.randn(M, C + P, device="cuda", generator=g).to(dtype)

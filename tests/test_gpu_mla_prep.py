@@ -16,6 +16,7 @@ from dsv3 import kernels
 from dsv3.kernels import backend as kb
 from dsv3.kernels.reference import head_gemv_ref
 from dsv3.model.rope import apply_rope
+from tests.test_gpu_latent_store import _query_case
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -31,15 +32,9 @@ def _case(M, H, nope, C, P, dtype, seed):
     """Caches, rows, kv_a, the norm weight, cos / sin (angles up to 100 rad), q_pe and q_nope (strided views of the q
     projection's output (M, H, nope + P)) and W_UKᵀ (H, C, nope) (a view of a kv_b_proj-like weight, read along C)."""
     g = torch.Generator(device="cuda").manual_seed(seed)
-    kv = torch.zeros(3, 64, C, device="cuda", dtype=dtype)
-    pe = torch.zeros(3, 64, P, device="cuda", dtype=dtype)
-    kv_a = torch.randn(M, C + P, device="cuda", generator=g).to(dtype)
-    w = (1 + 0.1 * torch.randn(C, device="cuda", generator=g)).to(dtype)
-    ang = torch.rand(M, P // 2, device="cuda", generator=g) * 100
-    rows = torch.randperm(64, device="cuda", generator=g)[:M]
-    q = torch.randn(M, H, nope + P, device="cuda", generator=g).to(dtype)
+    kv, pe, rows, kv_a, w, cos, sin, q = _query_case(M, H, P, nope, dtype, seed, C=C, g=g)
     kv_b = (torch.randn(H, nope + 128, C, device="cuda", generator=g) * 0.05).to(dtype)
-    return kv, pe, rows, kv_a, w, ang.cos(), ang.sin(), q[..., nope:], q[..., :nope], kv_b[:, :nope].transpose(1, 2)
+    return kv, pe, rows, kv_a, w, cos, sin, q[..., nope:], q[..., :nope], kv_b[:, :nope].transpose(1, 2)
 
 
 def _two_launches(kv, pe, rows, kv_a, w, cos, sin, q_pe, q_nope, w_uk_t):

@@ -262,15 +262,13 @@ def test_mla_hands_the_unrotated_query_to_the_store_on_every_branch(monkeypatch,
 _TT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int64: "i64", torch.int32: "i32"}
 
 
-def _ptx_for_sm90(monkeypatch, *args, **options):
-    """Run latent_store_triton.launch with a recording kernel, then compile what it would launch for sm_90 (an int
-    argument equal to 1 a constexpr, as Triton's launcher specialises it), with the launch's options (warps, PDL,
-    fp fusion) updated by `options` -> (its PTX, the grid)."""
+def _sm90_ptx(monkeypatch, module, name: str, run, constexprs: dict | None = None, **options):
+    """Call `run()` with the kernel `module.name` recording its launch, then compile that launch for sm_90 (an
+    int argument equal to 1 a constexpr, as Triton's launcher specialises it) with the launch's options (warps,
+    stages, PDL, fp fusion) updated by `options` and its constexprs by `constexprs` -> (its PTX, the grid)."""
     triton = pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-
-    from dsv3.kernels import latent_store_triton as k
 
     seen = {}
 
@@ -278,24 +276,32 @@ def _ptx_for_sm90(monkeypatch, *args, **options):
         def __getitem__(self, grid):
             return lambda *a, **kw: seen.update(grid=grid, args=a, kw=kw)
 
-    real = k._store_latents_kernel
+    real = getattr(module, name)
     with monkeypatch.context() as mp:
-        mp.setattr(k, "_store_latents_kernel", Rec())
-        k.launch(*args)
-    opts = {o: seen["kw"].pop(o) for o in ("num_warps", "launch_pdl", "enable_fp_fusion")}
-    bound = {**dict(zip(real.arg_names, seen["args"])), **seen["kw"]}
-    signature, constexprs = {}, {}
+        mp.setattr(module, name, Rec())
+        run()
+    opts = {o: seen["kw"].pop(o) for o in ("num_warps", "num_stages", "launch_pdl", "enable_fp_fusion")
+            if o in seen["kw"]}
+    bound = {**dict(zip(real.arg_names, seen["args"])), **seen["kw"], **(constexprs or {})}
+    signature, consts = {}, {}
     for i, n in enumerate(real.arg_names):
         v = bound.get(n, real.params[i].default)
         if isinstance(v, torch.Tensor):
             signature[n] = "*" + _TT[v.dtype]
         elif real.params[i].is_constexpr or v == 1:
-            signature[n], constexprs[(i,)] = "constexpr", v
+            signature[n], consts[(i,)] = "constexpr", v
         else:
             signature[n] = "fp32" if isinstance(v, float) else "i32"
-    c = triton.compile(ASTSource(real, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
+    c = triton.compile(ASTSource(real, signature, constexprs=consts), target=GPUTarget("cuda", 90, 32),
                        options={**opts, **options})
     return c.asm["ptx"], seen["grid"]
+
+
+def _ptx_for_sm90(monkeypatch, *args, **options):
+    """latent_store_triton.launch(*args) compiled for sm_90 (`_sm90_ptx`) -> (its PTX, the grid)."""
+    from dsv3.kernels import latent_store_triton as k
+
+    return _sm90_ptx(monkeypatch, k, "_store_latents_kernel", lambda: k.launch(*args), **options)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -31,7 +31,7 @@ from dsv3.kernels.reference import head_gemv_ref, store_latents_ref
 from tests.conftest import decode_step, make_model, tiny_cfg
 from tests.test_fp8_experts import interp, numpy24_interpreter  # noqa: F401  (the fixture interp uses)
 from tests.test_head_gemv import _model_configs
-from tests.test_latent_store import _mla_static_step
+from tests.test_latent_store import _mla_static_step, _sm90_ptx as _ptx_for_sm90
 
 BF16, FP16 = torch.bfloat16, torch.float16
 
@@ -207,44 +207,6 @@ def test_engine_decode_step_with_the_switch_on_equals_off(monkeypatch):
 
 
 # --- the sm_90 compile (no GPU: Triton's front end, LLVM and ptxas on the CPU) -----------------------------------
-
-_TT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int64: "i64", torch.int32: "i32"}
-
-
-def _ptx_for_sm90(monkeypatch, module, name: str, run, constexprs: dict | None = None, **options):
-    """Call `run()` with the kernel `module.name` recording its launch, then compile that launch for sm_90 (an
-    int argument equal to 1 a constexpr, as Triton's launcher specialises it) with the launch's options (warps,
-    stages, PDL, fp fusion) updated by `options` and its constexprs by `constexprs` -> (its PTX, the grid)."""
-    triton = pytest.importorskip("triton")
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    seen = {}
-
-    class Rec:
-        def __getitem__(self, grid):
-            return lambda *a, **kw: seen.update(grid=grid, args=a, kw=kw)
-
-    real = getattr(module, name)
-    with monkeypatch.context() as mp:
-        mp.setattr(module, name, Rec())
-        run()
-    opts = {o: seen["kw"].pop(o) for o in ("num_warps", "num_stages", "launch_pdl", "enable_fp_fusion")
-            if o in seen["kw"]}
-    bound = {**dict(zip(real.arg_names, seen["args"])), **seen["kw"], **(constexprs or {})}
-    signature, consts = {}, {}
-    for i, n in enumerate(real.arg_names):
-        v = bound.get(n, real.params[i].default)
-        if isinstance(v, torch.Tensor):
-            signature[n] = "*" + _TT[v.dtype]
-        elif real.params[i].is_constexpr or v == 1:
-            signature[n], consts[(i,)] = "constexpr", v
-        else:
-            signature[n] = "fp32" if isinstance(v, float) else "i32"
-    c = triton.compile(ASTSource(real, signature, constexprs=consts), target=GPUTarget("cuda", 90, 32),
-                       options={**opts, **options})
-    return c.asm["ptx"], seen["grid"]
-
 
 def _fmas(ptx: str) -> int:
     return len(re.findall(r"\bfma\.", ptx))
