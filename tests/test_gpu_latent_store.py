@@ -75,6 +75,18 @@ def test_kernel_rotates_the_query_as_apply_rope_bit_for_bit(M, H, P, nope, dtype
     assert torch.allclose(kv2.float(), kv.float(), rtol=1e-2, atol=1e-2)
 
 
+def _compiled_graph(f, *args):
+    """f compiled (inductor, fullgraph), run once outside the capture, then captured in a CUDA graph on args ->
+    (the graph, the captured call's outputs)."""
+    cf = torch.compile(f, fullgraph=True)
+    cf(*args)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = cf(*args)
+    return g, out
+
+
 def test_query_op_compiled_and_graph_replayed():
     """kernels.store_latents with the query under torch.compile (inductor, fullgraph), captured in a CUDA graph and
     replayed on new inputs (the 16b shapes, bf16): the rotation bit for bit apply_rope's, the caches written in
@@ -85,12 +97,7 @@ def test_query_op_compiled_and_graph_replayed():
         return kernels.store_latents(kv, pe, 1, rows, kv_a, w, 1e-6, cos, sin, q_pe=(q * 1)[..., 128:],
                                      backend="triton")
 
-    cf = torch.compile(f, fullgraph=True)
-    cf(q, kv_a, cos, sin)  # compile outside the capture
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out = cf(q, kv_a, cos, sin)
+    g, out = _compiled_graph(f, q, kv_a, cos, sin)
     _, _, _, kv_a2, _, cos2, sin2, q2 = _query_case(1, 16, 64, 128, torch.bfloat16, seed=6)
     q.copy_(q2), kv_a.copy_(kv_a2), cos.copy_(cos2), sin.copy_(sin2)
     kv.zero_(), pe.zero_()

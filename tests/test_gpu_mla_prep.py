@@ -16,7 +16,7 @@ from dsv3 import kernels
 from dsv3.kernels import backend as kb
 from dsv3.kernels.reference import head_gemv_ref
 from dsv3.model.rope import apply_rope
-from tests.test_gpu_latent_store import _query_case
+from tests.test_gpu_latent_store import _compiled_graph, _query_case
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -81,12 +81,7 @@ def test_op_compiled_and_graph_replayed():
         return kernels.mla_prep(kv, pe, 1, rows, kv_a, w, 1e-6, cos, sin, q[..., 128:], q[..., :128], w_uk_t,
                                 backend="triton")
 
-    cf = torch.compile(f, fullgraph=True)
-    cf(q, kv_a, cos, sin)  # compile outside the capture
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        q_lat, q_rot = cf(q, kv_a, cos, sin)
+    g, (q_lat, q_rot) = _compiled_graph(f, q, kv_a, cos, sin)
     _, _, _, kv_a2, _, cos2, sin2, q_pe2, q_nope2, _ = _case(1, 16, 128, 512, 64, torch.bfloat16, seed=6)
     q[..., :128], q[..., 128:] = q_nope2, q_pe2
     kv_a.copy_(kv_a2), cos.copy_(cos2), sin.copy_(sin2)
