@@ -123,7 +123,7 @@ def test_interp_kernel_vs_reference(fp8, fused, BN, KU, prefetch):
 
 @interp
 @pytest.mark.parametrize("fp8", [False, True])
-@pytest.mark.parametrize("BN,KU,prefetch", [(16, 2, True), (32, 1, False), (8, 4, False)])
+@pytest.mark.parametrize("BN,KU,prefetch", [(16, 2, True), (32, 1, False), (8, 4, False), (8, 16, False)])
 def test_interp_psum_vs_reference(fp8, BN, KU, prefetch):
     """PSUM (_dot_part: each thread's 16-byte group of a row summed, then scaled once): the plain and the fused
     launch against the reference; ragged N and K, a foreign row (0), KU blocks past K (the last load masked)."""

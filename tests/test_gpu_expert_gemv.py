@@ -50,7 +50,7 @@ def test_kernel_vs_reference(T, K_route, E, I, D, fp8):
 # PSUM (per-16-byte-group partial sums, each scaled once: expert_gemv_triton._dot_part) at the 16b shapes, in the
 # configs bench/expert_gemv_sweep.py --psum tries (wide tiles, prefetch, 8 warps), a foreign row included
 @pytest.mark.parametrize("BN,KU,warps,prefetch", [(32, 2, 4, False), (16, 4, 4, True), (32, 4, 8, True),
-                                                  (8, 1, 4, True)])
+                                                  (8, 1, 4, True), (8, 16, 8, False), (16, 8, 8, False)])
 @pytest.mark.parametrize("fp8", [False, True])
 def test_psum_kernel_vs_reference(fp8, BN, KU, warps, prefetch):
     from dsv3.kernels import expert_gemv_triton as k
