@@ -181,8 +181,8 @@ def set_latent_store(on: bool) -> bool:
     write of the decode step's new tokens, and in the same launch the RoPE of their query) wherever its rule holds
     (CUDA, bf16/fp16 kv_a, no autograd: backend.py), process-wide; returns the previous setting. ON BY DEFAULT:
     faster than the compiled norm + RoPE + two index_copy launches on the H200 (bench/decode_gpu.py's +latentstore
-    modes; backend.py SWITCHED; measured before the query's RoPE joined the launch, which is not measured on a
-    GPU yet)."""
+    modes; backend.py SWITCHED; the query's RoPE in the same launch measured on an H200 later: no faster, no slower,
+    bench/RESULTS.md 2026-12-06)."""
     return _switch("latent_store", on)
 
 
@@ -209,9 +209,10 @@ def mla_prep(kv: torch.Tensor, pe: torch.Tensor, slot: int, rows: torch.Tensor, 
 def set_mla_prep(on: bool) -> bool:
     """Let the automatic choice run the latent store and absorbed MLA's W_UK product in one launch (`mla_prep`:
     MLA.forward_absorbed, where the static decode view's fused store and the W_UK head GEMV are both taken, so at
-    batch 1), process-wide; returns the previous setting. One launch a layer fewer, the same bits. OFF BY DEFAULT:
-    not measured on a GPU yet (bench/decode_gpu.py's +mlaprep modes). As `set_dense_gemv` for compiled steps and
-    CUDA graphs."""
+    batch 1), process-wide; returns the previous setting. One launch a layer fewer, the same bits. OFF BY DEFAULT
+    until its GPU tests (tests/test_gpu_mla_prep.py) have run; on an H200 it measured FP8 554.8 against 541.9 tok/s,
+    bf16 442.6 against 442.2 (16b batch 1, bench/decode_gpu.py's +mlaprep modes). As `set_dense_gemv` for compiled
+    steps and CUDA graphs."""
     return _switch("mla_prep", on)
 
 
