@@ -42,8 +42,8 @@ dtype, rows and columns) instead of `expert_gemv_triton.default_config`, where t
 +psum: the decode GEMVs (expert GEMV, FP8 and dense GEMV forms) sum each thread's 16-byte group of a row and scale it
 once (expert_gemv_triton._dot_part, fp8_gemm_triton._gemv_tile) where the config does not say (GEMV_PSUM).
 +mlaprep / +nomlaprep: the latent store and absorbed MLA's W_UK head GEMV in one launch where both run (batch 1: the
-head GEMV's rule), or as two (kernels.set_mla_prep; shipped: two, its GPU tests not all run yet). It needs both kernels on: with
-+nokernels, or kernel flags that leave +latentstore or +headgemv out, it changes nothing.
+head GEMV's rule), or as two (kernels.set_mla_prep; shipped: two, its GPU tests not all run yet). It needs both kernels
+on: with +nokernels, or kernel flags that leave +latentstore or +headgemv out, it changes nothing.
 Before and after in one run:
 
     PYTHONPATH=. python bench/decode_gpu.py --preset 16b --batches 1,32 --modes graphs+compile+nokernels,\

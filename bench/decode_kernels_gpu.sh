@@ -10,12 +10,13 @@
 #     bash bench/decode_kernels_gpu.sh OUT_DIR psumtests,psumsweep,psumdense     (then OUT_DIR psum)
 #     BASE=DIR bash bench/decode_kernels_gpu.sh OUT_DIR fusebase,fuse,fusetests
 #     bash bench/decode_kernels_gpu.sh OUT_DIR mlapreptests,mlaprep
+#     bash bench/decode_kernels_gpu.sh OUT_DIR mlapreptests,rows8sweep,rows8
 #
 # Stages (default: all but the psum ones, in this order): tests, sweep, b1, b32, b256, pdltests, pdl, fp8, profile
-# (psumtests, psumsweep, psumdense, psum, mlapreptests, mlaprep, fusetests, fusebase, fuse: by name). Each stage's
-# output goes to its own file under OUT_DIR (and a line to steps.txt); a failing stage does not stop the next. A
-# kernel is on by default (dsv3/kernels/backend.py SWITCHED) only where its rows are faster. B1, B32, FP8
-# (environment) replace the batch lists of those stages; LIMIT_<stage>=S stops a stage after S seconds (stages.sh).
+# (psumtests, psumsweep, psumdense, psum, mlapreptests, mlaprep, fusetests, fusebase, fuse, rows8sweep, rows8: by
+# name). Each stage's output goes to its own file under OUT_DIR (and a line to steps.txt); a failing stage does not
+# stop the next. A kernel is on by default (dsv3/kernels/backend.py SWITCHED) only where its rows are faster. B1, B32,
+# FP8 (environment) replace the batch lists of those stages; LIMIT_<stage>=S stops a stage after S seconds (stages.sh).
 set -u
 out="${1:-${OUT:-runs/decode_kernels}}"
 stages=",${2:-tests,sweep,b1,b32,b256,pdltests,pdl,fp8,profile},"
@@ -89,4 +90,9 @@ fusebase() {
 step fusebase fusebase
 step fuse python bench/decode_gpu.py --preset 16b --batches "${BFUSE:-1}" --new 48 --modes graphs+compile,\
 graphs+compile+mlaprep,graphs+compile+fp8,graphs+compile+fp8+mlaprep
+# Next (the twelfth session's list, bench/RESULTS.md): the FP8 expert GEMV at 8 rows a token (6 routed + 2 shared, the
+# shipped launches; the PSUM grid with KU 8 and 16), then batch 1 with the sweep's best configs (+tuned) and mla_prep
+step rows8sweep python bench/expert_gemv_sweep.py --fp8-only --rows 8 --quick --psum --json "$out/rows8.json"
+step rows8 python bench/decode_gpu.py --preset 16b --batches 1 --new 48 --gemv-configs "$out/rows8.json" \
+    --modes graphs+compile,graphs+compile+fp8,graphs+compile+fp8+tuned,graphs+compile+fp8+tuned+mlaprep
 tail -n 4 "$out"/*.txt
