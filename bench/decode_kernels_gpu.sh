@@ -92,7 +92,8 @@ step fuse python bench/decode_gpu.py --preset 16b --batches "${BFUSE:-1}" --new 
 graphs+compile+mlaprep,graphs+compile+fp8,graphs+compile+fp8+mlaprep
 # Next (the twelfth session's list, bench/RESULTS.md): the FP8 expert GEMV at 8 rows a token (6 routed + 2 shared, the
 # shipped launches; the PSUM grid with KU 8 and 16), then batch 1 with the sweep's best configs (+tuned) and mla_prep
-step rows8sweep python bench/expert_gemv_sweep.py --fp8-only --rows 8 --quick --psum --json "$out/rows8.json"
+step rows8sweep python bench/expert_gemv_sweep.py --fp8-only --rows 6 --shared-rows --quick --psum \
+    --json "$out/rows8.json"
 step rows8 python bench/decode_gpu.py --preset 16b --batches 1 --new 48 --gemv-configs "$out/rows8.json" \
     --modes graphs+compile,graphs+compile+fp8,graphs+compile+fp8+tuned,graphs+compile+fp8+tuned+mlaprep
 tail -n 4 "$out"/*.txt

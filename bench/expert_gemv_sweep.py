@@ -14,7 +14,10 @@ before 2026-12-05 (ninth session) every call reused one draw, and 6 FP8 experts 
 50 MB L2 (the sweep's 12.5 / 6.3 us for gate+up / down were 17.2 / 10.8 us inside the decode step, the profile).
 --shared also sweeps the shared experts' one-row SwiGLU (`swiglu_gemv`: one (n_shared x I, D) matrix pair, cycled
 through copies of 128 MiB in all). --json PATH writes each part's best config, which `bench/decode_gpu.py
---gemv-configs PATH` runs in its +tuned modes.
+--gemv-configs PATH` runs in its +tuned modes. --shared-rows: the launches as the decode step makes them where the
+shared experts run inside them (kernels.set_shared_gemv, on for e4m3 weights): n_shared more rows a token through a
+second expert stack (`routed=K`), so the configs are named by K + n_shared rows a token (here the stack is the first
+n_shared routed experts' weights, of the same shapes; the model's are views of the shared MLP).
 
     PYTHONPATH=. python bench/expert_gemv_sweep.py --fp8-only --rows 6 --shared --json gemv.json
     PYTHONPATH=. python bench/expert_gemv_sweep.py --fp8-only --psum ...   (the PSUM configs instead)
@@ -87,6 +90,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="a smaller sweep")
     ap.add_argument("--shared", action="store_true", help="also the shared experts' one-row SwiGLU (swiglu_gemv)")
     ap.add_argument("--psum", action="store_true", help="sweep the PSUM configs (with --fp8-only)")
+    ap.add_argument("--shared-rows", action="store_true", help="the routed launches with n_shared more rows a token "
+                    "(the shared experts inside them, as the shipped FP8 decode step runs them)")
     ap.add_argument("--json", default=None, help="write each part's best config (and every timing) to this file")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -115,35 +120,45 @@ def main() -> None:
         draws = [torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(N)]).cuda() for _ in range(DRAWS)]
         w = torch.rand(N, K, device="cuda")
         flats = [d.reshape(-1) for d in draws]
-        distinct = sum(f.unique().numel() for f in flats) / DRAWS
+        gw = m.gemv_weights()
+        S = cfg.n_shared_experts if args.shared_rows else 0
+        # --shared-rows: a second stack of S experts (routed experts 0 .. S-1's weights) taken by every token
+        two = dict(extra=(gw[0][:S], gw[1][:S] if gw[1] is not None else None, gw[2][:S],
+                          gw[3][:S] if gw[3] is not None else None), routed=K) if S else {}
+        down_two = dict(extra=(gw[4][:S], gw[5][:S] if gw[5] is not None else None, None, None), routed=K) if S else {}
+        R = K + S  # rows a token
+        distinct = sum(f.unique().numel() for f in flats) / DRAWS + S
         per_byte = 1 if name == "fp8" else 2
         need = distinct * 3 * D * I * per_byte  # each selected expert read once
-        gw = m.gemv_weights()
-        print(f"\n### {name} experts, {N} tokens x top-{K} = {N * K} rows, {distinct:.1f} distinct experts a call, "
-              f"{need / 1e6:.1f} MB of weights to read (roofline {need / bw * 1e6:.1f} us)")
+        print(f"\n### {name} experts, {N} tokens x (top-{K} + {S} shared) = {N * R} rows, {distinct:.1f} distinct "
+              f"experts a call, {need / 1e6:.1f} MB of weights to read (roofline {need / bw * 1e6:.1f} us)")
         print("| path | config | us | GB/s | of copy BW |\n|---|---|---|---|---|")
 
         def row(path, cfg_s, t):
             print(f"| {path} | {cfg_s} | {t * 1e6:.1f} | {need / t / 1e9:,.0f} | {need / t / bw:.1%} |", flush=True)
 
-        with torch.no_grad(), kernels.use_backend(expert_gemv="reference"):
-            row("grouped (forward_grouped)" if name == "bf16" else "per-row FP8 kernel (sorted_mlp)", "-",
-                graph_time(lambda i: m.forward_grouped(x, draws[i % DRAWS], w)))
+        if not S:  # (the modules' paths: the routed experts alone)
+            with torch.no_grad(), kernels.use_backend(expert_gemv="reference"):
+                row("grouped (forward_grouped)" if name == "bf16" else "per-row FP8 kernel (sorted_mlp)", "-",
+                    graph_time(lambda i: m.forward_grouped(x, draws[i % DRAWS], w)))
+            with torch.no_grad():
+                row("GEMV (forward_gemv)", "defaults " + str(k.default_config(name == "fp8", N * K, I)) + " / "
+                    + str(k.default_config(name == "fp8", N * K, D)),
+                    graph_time(lambda i: m.forward_gemv(x, draws[i % DRAWS], w)))
         with torch.no_grad():
-            row("GEMV (forward_gemv)", "defaults " + str(k.default_config(name == "fp8", N * K, I)) + " / "
-                + str(k.default_config(name == "fp8", N * K, D)),
-                graph_time(lambda i: m.forward_gemv(x, draws[i % DRAWS], w)))
-            hs = [kernels.expert_gemv(x, gw[0], gw[1], f, K, up=gw[2], up_s=gw[3]) for f in flats]
+            hs = [kernels.expert_gemv(x, gw[0], gw[1], f, R, up=gw[2], up_s=gw[3], **two) for f in flats]
             best = {}
             for c in grid:
                 try:
-                    t1 = graph_time(lambda i: k.launch(x, gw[0], gw[1], flats[i % DRAWS], K, gw[2], gw[3], **c))
-                    t2 = graph_time(lambda i: k.launch(hs[i % DRAWS], gw[4], gw[5], flats[i % DRAWS], 1, **c))
+                    t1 = graph_time(lambda i: k.launch(x, gw[0], gw[1], flats[i % DRAWS], R, gw[2], gw[3], **two,
+                                                       **c))
+                    t2 = graph_time(lambda i: k.launch(hs[i % DRAWS], gw[4], gw[5], flats[i % DRAWS], 1, **down_two,
+                                                       **c))
                 except Exception as e:  # a config that does not compile or launch (registers, shared memory)
                     print(f"| kernels: gate+up / down | {c} | failed: {type(e).__name__} | | |", flush=True)
                     continue
                 for part, t, n_out in (("gate+up", t1, I), ("down", t2, D)):
-                    record(name, part, N * K, n_out, c, t)
+                    record(name, part, N * R, n_out, c, t)
                     if part not in best or t < best[part][1]:
                         best[part] = (c, t)
                 print(f"| kernels: gate+up / down | {c} | {t1 * 1e6:.1f} / {t2 * 1e6:.1f} | "
@@ -151,7 +166,7 @@ def main() -> None:
                       f"{need * 2 / 3 / t1 / bw:.1%} / {need / 3 / t2 / bw:.1%} |", flush=True)
             for part, (c, t) in best.items():
                 print(f"best {part}: {c} {t * 1e6:.1f} us")
-                out["best"].append(dict(fp8=name == "fp8", M=N * K, N=I if part == "gate+up" else D, part=part,
+                out["best"].append(dict(fp8=name == "fp8", M=N * R, N=I if part == "gate+up" else D, part=part,
                                         cfg=c, us=t * 1e6))
     if args.shared and cfg.n_shared_experts:
         NS = cfg.n_shared_experts * I
