@@ -230,10 +230,14 @@ def main() -> None:
     modes = args.modes.split(",")
     bad = {split_mode(m)[0] for m in modes} - {"eager", "graphs", "graphs+compile", "graphs+compile+einsum",
                                                  "graphs+fp8", "graphs+compile+fp8"}
-    fp8_modes = [i for i, m in enumerate(modes) if "+fp8" in m]
-    if bad or (fp8_modes and fp8_modes[0] < len(modes) - len(fp8_modes)):
-        raise SystemExit(f"--modes: unknown {sorted(bad)}" if bad else "--modes: the +fp8 modes quantize the model in "
-                         "place, so they must come last")
+    if bad:
+        raise SystemExit(f"--modes: unknown {sorted(bad)}")
+    # the +fp8 modes quantise the model in place: they run after the others, in their given order (a device call
+    # that named one earlier used to stop here, its time spent)
+    ordered = [m for m in modes if "+fp8" not in m] + [m for m in modes if "+fp8" in m]
+    if ordered != modes:
+        print(f"(--modes run as {','.join(ordered)}: the +fp8 modes last, since they quantise the model in place)")
+        modes = ordered
     for mode, B in [(m, int(b)) for m in modes for b in args.batches.split(",")]:
         base, flags = split_mode(mode)  # the path; the flags only change kernels
         if "+fp8" in mode and not any(isinstance(x, FP8Linear) for x in model.modules()):
