@@ -72,9 +72,9 @@ graphs+compile+mlaprep,graphs+compile,graphs+compile+mlaprep,graphs+compile+fp8,
 graphs+compile+fp8,graphs+compile+fp8+mlaprep
 # One launch fewer (2026-12-06, twelfth session): the query's RoPE inside the latent store's launch and the shared
 # experts' rows derived inside the expert GEMV (no id concatenation), both shipped; the latent store and the W_UK head
-# GEMV in one launch (+mlaprep, off as shipped; its tests: the mlapreptests stage). The first two's GPU tests; batch 1
-# bf16 and FP8 without and with +mlaprep (the +fp8 modes last: they quantise the model in place); fusebase: the shipped
-# modes from another checkout (BASE=DIR: the code before, e.g. `git archive` of it), for the step before the first two
+# GEMV in one launch (+mlaprep, off as shipped; its stages: mlapreptests, mlaprep). The first two's GPU tests; batch 1
+# bf16 and FP8 as shipped (fuse) and the same from another checkout (fusebase; BASE=DIR: the code before, e.g.
+# `git archive` of it)
 fusetests() {  # (a function: LIMIT_fusetests applies to each of its two commands)
     timeout --kill-after=10 "${LIMIT_fusetests:-0}" python -m pytest -m gpu -q -p no:cacheprovider -p no:logging \
         --tb=short tests/test_gpu_latent_store.py tests/test_gpu_pdl.py -k "latent or store"
@@ -89,7 +89,7 @@ fusebase() {
 }
 step fusebase fusebase
 step fuse python bench/decode_gpu.py --preset 16b --batches "${BFUSE:-1}" --new 48 --modes graphs+compile,\
-graphs+compile+mlaprep,graphs+compile+fp8,graphs+compile+fp8+mlaprep
+graphs+compile+fp8
 # Next (the twelfth session's list, bench/RESULTS.md): the FP8 expert GEMV at 8 rows a token (6 routed + 2 shared, the
 # shipped launches; the PSUM grid with KU 8 and 16), then batch 1 with the sweep's best configs (+tuned) and mla_prep
 step rows8sweep python bench/expert_gemv_sweep.py --fp8-only --rows 6 --shared-rows --quick --psum \

@@ -123,9 +123,9 @@ def main() -> None:
         gw = m.gemv_weights()
         S = cfg.n_shared_experts if args.shared_rows else 0
         # --shared-rows: a second stack of S experts (routed experts 0 .. S-1's weights) taken by every token
-        two = dict(extra=(gw[0][:S], gw[1][:S] if gw[1] is not None else None, gw[2][:S],
-                          gw[3][:S] if gw[3] is not None else None), routed=K) if S else {}
-        down_two = dict(extra=(gw[4][:S], gw[5][:S] if gw[5] is not None else None, None, None), routed=K) if S else {}
+        first = [None if t is None else t[:S] for t in gw]  # (gate, its scales, up, its scales, down, its scales)
+        two = dict(extra=tuple(first[:4]), routed=K) if S else {}
+        down_two = dict(extra=(*first[4:], None, None), routed=K) if S else {}
         R = K + S  # rows a token
         distinct = sum(f.unique().numel() for f in flats) / DRAWS + S
         per_byte = 1 if name == "fp8" else 2

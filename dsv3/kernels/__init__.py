@@ -55,8 +55,8 @@ from dsv3.kernels.fp8 import (act_quant_cm, act_quant_t, fp8_expert_rows, fp8_ge
                               fp8_grouped_gemm_bwd, fp8_grouped_gemm_fwd, fp8_weight_linear, fp8_weight_linear2,
                               weight_quant_pad)
 from dsv3.kernels.reference import (BLOCK, FP8_MAX, act_dequant, act_quant, dense_gemv_ref, expert_gemv_ref,
-                                    head_gemv_ref, mla_decode_ref, moe_gemm_ref, router_topk_ref, store_latents_ref,
-                                    weight_dequant, weight_quant)
+                                    expert_ids, head_gemv_ref, mla_decode_ref, moe_gemm_ref, router_topk_ref,
+                                    store_latents_ref, weight_dequant, weight_quant)
 
 __all__ = ["BLOCK", "FP8_MAX", "act_dequant", "act_quant", "act_quant_cm", "act_quant_t",
            "adamw_backend",
@@ -86,10 +86,7 @@ def expert_gemv(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None, expert
     E2 experts after them: the rows of `expert_ids(expert, routed, E, E2)`, without launching that concatenation
     (MoE.forward_gemv at decode: one launch a MoE layer fewer).
     "triton": one program per row and weight tile, no sort (expert_gemv_triton.py)."""
-    if routed:
-        assert extra is not None and routed > 0 and expert.dim() == 1 and expert.shape[0] % routed == 0, \
-            f"expert_gemv: routed={routed} needs a second stack and {routed} ids a token, got {tuple(expert.shape)}"
-    M = expert.shape[0] // routed * (routed + extra[0].shape[0]) if routed else expert.shape[0]
+    M = reference.routed_rows(expert, routed, extra)
     assert x.dim() == 2 and w.dim() == 3 and expert.dim() == 1 and x.shape[0] * x_div >= M, \
         f"expert_gemv: x (T, K), w (E, N, K), expert (M <= T * x_div,); got {tuple(x.shape)}, {tuple(w.shape)}, " \
         f"{tuple(expert.shape)}, x_div {x_div}, routed {routed}"
@@ -111,13 +108,6 @@ def expert_gemv(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None, expert
             expert = expert_ids(expert, routed, w.shape[0], extra[0].shape[0])
         w, s, up, up_s = (None if a is None else torch.cat([a, b]) for a, b in zip((w, s, up, up_s), extra))
     return reference.expert_gemv_ref(x, w, s, expert, x_div, up, up_s)
-
-
-def expert_ids(expert: torch.Tensor, routed: int, E: int, E2: int) -> torch.Tensor:
-    """(T·routed,) routed ids -> (T·(routed + E2),): each token's routed ids, then E .. E + E2 - 1 (the second
-    stack's experts, once each): the rows `expert_gemv(..., routed=routed)` computes."""
-    ids = torch.arange(E, E + E2, device=expert.device, dtype=expert.dtype).expand(expert.shape[0] // routed, E2)
-    return torch.cat([expert.view(-1, routed), ids], 1).reshape(-1)
 
 
 def dense_gemv(x: torch.Tensor, w: torch.Tensor, *, out_dtype: torch.dtype | None = None,

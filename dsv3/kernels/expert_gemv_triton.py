@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from dsv3.kernels import backend
-from dsv3.kernels.reference import check_expert_gemv_args, check_second_stack
+from dsv3.kernels.reference import check_expert_gemv_args, check_second_stack, routed_rows
 
 BLOCK = 128  # K step: one FP8 scale block
 
@@ -247,15 +247,6 @@ def launch(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None, expert: tor
                        ROUTED=routed > 0,
                        num_warps=cfg["num_warps"], launch_pdl=pdl)
     return y
-
-
-def routed_rows(expert: torch.Tensor, routed: int, extra) -> int:
-    """Output rows of a launch: expert.shape[0], or with routed > 0 (expert: `routed` ids a token, then every expert
-    of the second stack `extra`) T · (routed + E2) for T = expert.shape[0] / routed tokens."""
-    if routed == 0:
-        return expert.shape[0]
-    assert expert.shape[0] % routed == 0, f"routed rows: {expert.shape[0]} ids are not {routed} a token"
-    return expert.shape[0] // routed * (routed + extra[0].shape[0])
 
 
 # torch.library custom ops with shape-only fake implementations (as dsv3::fp8_expert_rows): torch.compile sees

@@ -475,6 +475,26 @@ def check_second_stack(w: torch.Tensor, s: torch.Tensor | None, up: torch.Tensor
         raise ValueError("second expert stack: up must have gate's strides (and its scales gate's scales' strides)")
 
 
+
+def routed_rows(expert: torch.Tensor, routed: int, extra) -> int:
+    """Output rows of an expert GEMV call: expert.shape[0], or with routed > 0 (expert: `routed` ids a token, and
+    every token also takes each expert of the second stack `extra`) T · (routed + E2) for T = expert.shape[0] /
+    routed tokens: the rows of `expert_ids`."""
+    if routed == 0:
+        return expert.shape[0]
+    if extra is None or routed < 0 or expert.dim() != 1 or expert.shape[0] % routed:
+        raise ValueError(f"expert_gemv: routed={routed} needs a second stack and {routed} ids a token, got "
+                         f"{tuple(expert.shape)}{'' if extra is not None else ' and no second stack'}")
+    return expert.shape[0] // routed * (routed + extra[0].shape[0])
+
+
+def expert_ids(expert: torch.Tensor, routed: int, E: int, E2: int) -> torch.Tensor:
+    """(T·routed,) routed ids -> (T·(routed + E2),): each token's routed ids, then E .. E + E2 - 1 (the second
+    stack's experts, once each): the rows `expert_gemv(..., routed=routed)` computes, as a concatenation (the
+    specification; the kernel derives them from the row number)."""
+    ids = torch.arange(E, E + E2, device=expert.device, dtype=expert.dtype).expand(expert.shape[0] // routed, E2)
+    return torch.cat([expert.view(-1, routed), ids], 1).reshape(-1)
+
 def expert_gemv_ref(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None, expert: torch.Tensor, x_div: int = 1,
                     up: torch.Tensor | None = None, up_s: torch.Tensor | None = None) -> torch.Tensor:
     """The routed experts' decode GEMV (dsv3/kernels/expert_gemv_triton.py): x (T, K); w (E, N, K) in x's
