@@ -42,7 +42,7 @@ dtype, rows and columns) instead of `expert_gemv_triton.default_config`, where t
 +psum: the decode GEMVs (expert GEMV, FP8 and dense GEMV forms) sum each thread's 16-byte group of a row and scale it
 once (expert_gemv_triton._dot_part, fp8_gemm_triton._gemv_tile) where the config does not say (GEMV_PSUM).
 +mlaprep / +nomlaprep: the latent store and absorbed MLA's W_UK head GEMV in one launch where both run (batch 1: the
-head GEMV's rule), or as two (kernels.set_mla_prep; shipped: two, its GPU tests not all run yet). It needs both kernels
+head GEMV's rule), or as two (kernels.set_mla_prep; shipped: one). It needs both kernels
 on: with +nokernels, or kernel flags that leave +latentstore or +headgemv out, it changes nothing.
 Before and after in one run:
 
@@ -270,7 +270,7 @@ def main() -> None:
         kb.switch("shared_gemv", True if "+sharedgemv" in flags else False if "+nosharedgemv" in flags
                   else SHIPPED["shared_gemv"])
         # +mlaprep / +nomlaprep: the latent store and the W_UK head GEMV in one launch / two (kernels.set_mla_prep;
-        # shipped: two)
+        # shipped: one)
         kb.switch("mla_prep", True if "+mlaprep" in flags else False if "+nomlaprep" in flags
                   else SHIPPED["mla_prep"])
         # +tuned: the sweep's expert GEMV configs where they name the call's (dtype, rows, columns); a compiled step

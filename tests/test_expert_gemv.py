@@ -146,16 +146,20 @@ def test_interp_psum_vs_reference(fp8, BN, KU, prefetch):
 
 
 def test_fp8_default_config():
-    """e4m3: PSUM with KU 4: FP8_TUNED at the measured 16b shape, else FP8_RULE, the prefetch at one row only (measured
+    """e4m3: PSUM: FP8_TUNED at the measured 16b shapes, else FP8_RULE (KU 4), the prefetch at one row only (measured
     on an H100, default_config's docstring). bf16 keeps its H200 config whatever the shape, without PSUM."""
     k = pytest.importorskip("dsv3.kernels.expert_gemv_triton")
     assert k.default_config(True, 6, 1408) == {"BN": 16, "KU": 4, "num_warps": 4, "PREFETCH": False, "PSUM": True}
     assert k.default_config(True, 6, 2048) == {"BN": 8, "KU": 4, "num_warps": 8, "PREFETCH": False, "PSUM": True}
     assert k.default_config(True, 1, 2816) == {"BN": 8, "KU": 4, "num_warps": 8, "PREFETCH": True, "PSUM": True}
+    # 8 rows (6 routed + 2 shared, batch 1's shipped e4m3 launches): the 8-row sweep's best
+    assert k.default_config(True, 8, 1408) == {"BN": 8, "KU": 2, "num_warps": 4, "PREFETCH": False, "PSUM": True}
+    assert k.default_config(True, 8, 2048) == {"BN": 32, "KU": 4, "num_warps": 8, "PREFETCH": False, "PSUM": True}
     for M in (1, 2, 6, 8, 48):
         for N in (512, 1408, 2048, 2816, 7168, 18432):
             cfg = k.default_config(True, M, N)
-            assert cfg["PSUM"] and cfg["KU"] == 4 and k.BLOCK % cfg["BN"] == 0
+            assert cfg["PSUM"] and cfg["KU"] in (2, 4) and k.BLOCK % cfg["BN"] == 0
+            assert cfg["KU"] == 4 or (M, N) in k.FP8_TUNED
     assert k.default_config(False, 1, 2816) == k.default_config(False, 48, 1408) == \
         {"BN": 8, "KU": 1, "num_warps": 4, "PREFETCH": True}
     assert k.GEMV_PSUM is False  # bf16 (where a config does not say): measured slower with it

@@ -24,7 +24,7 @@ optional.
     store_latents                                       "triton" (latent_store_triton.py; switched:
                                                         set_latent_store, on by default)
     mla_prep                                            "triton" (mla_prep_triton.py: store_latents and the W_UK
-                                                        head_gemv in one launch; switched: set_mla_prep, off)
+                                                        head_gemv in one launch; switched: set_mla_prep, on)
     mla_decode                                          "triton" (mla_decode_triton.py)
     mla_decode_uv                                       "triton" (mla_decode_triton.py; switched:
                                                         set_mla_uv, on by default, one query row)

@@ -38,7 +38,7 @@ never probe the GPU themselves.
                                             shared experts as more rows of the routed experts' GEMV launches
                                             (MoE.forward, where the routed experts take their GEMV); bf16/fp16 x, at
                                             most EXPERT_DECODE_ROWS rows, no autograd
-    mla_prep          "triton"              switched (SWITCHED, kernels.set_mla_prep; off: its GPU tests are due):
+    mla_prep          "triton"              switched (SWITCHED, kernels.set_mla_prep; on by default):
                                             the latent store and the W_UK head GEMV in one launch (MLA.
                                             forward_absorbed, where both are taken); (kv_a, its norm weight) meet
                                             latent_store's row, (q_nope, W_UKᵀ) head_gemv's with W_UKᵀ read along N
@@ -127,12 +127,13 @@ WEIGHTS_E4M3 = "e4m3 weights"  # the op on for e4m3 weights only (the caller pas
 # no PSUM); batch 32 (where it does not apply) 2,600.9 / 2,591.7. With the PSUM configs (2026-12-06, an H100, one
 # call, bench/RESULTS.md): FP8 batch 1 479.4 against 460.6. bf16's configs did not change: off there.
 # "mla_prep" (the latent store and absorbed MLA's W_UK head GEMV in one launch, mla_prep_triton.py: one launch a layer
-# fewer at batch 1, the same bits): off. Measured on an H200 (2026-12-06, one call, bench/RESULTS.md): 16b batch 1
-# FP8 554.8 against 541.9 tok/s, bf16 442.6 against 442.2; its launch 3.0 us where the two took ~5.2. Its GPU tests
-# (tests/test_gpu_mla_prep.py) have not all run on a GPU yet: on once they have.
+# fewer at batch 1, the same bits): on. Measured on an H200 (2026-12-06, one call, bench/RESULTS.md): 16b batch 1
+# FP8 554.8 against 541.9 tok/s, bf16 442.6 against 442.2; its launch 3.0 us where the two took ~5.2. On an H100
+# (2026-12-06, thirteenth session): FP8 514.8 against 501.6 with the 8-row configs. Its GPU tests
+# (tests/test_gpu_mla_prep.py, tests/test_gpu_pdl.py, the latent store's and head GEMV's) all passed on that H100.
 SWITCHED: dict[str, bool | str] = {"dense_gemv": True, "head_gemv": True, "latent_store": True,
                                    "moe_gemm": True, "pdl": True, "mla_uv": True, "shared_gemv": WEIGHTS_E4M3,
-                                   "mla_prep": False}
+                                   "mla_prep": True}
 # ops that follow another op's switch: the dense SwiGLU's fused gate+up GEMV is one of the dense decode GEMVs
 SWITCH_OF: dict[str, str] = {"swiglu_gemv": "dense_gemv"}
 # Up to these many activation rows the Triton FP8-weight kernels run (decode; above, prefill:

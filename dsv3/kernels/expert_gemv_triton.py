@@ -167,8 +167,12 @@ def _gemv_kernel(x_ptr, w_ptr, ws_ptr, u_ptr, us_ptr, e_ptr, y_ptr, N, K, KB, x_
 GEMV_PSUM = False
 # e4m3 weights: measured configs by (rows, N), the 16b shapes where the sweep's best beat FP8_RULE by more than 5%
 # (bench/expert_gemv_sweep.py --fp8-only --psum, H100, 2026-12-06: the routed gate+up at batch 1 13.2 us against
-# 14.3 for the rule)
-FP8_TUNED: dict[tuple[int, int], dict] = {(6, 1408): {"BN": 16, "KU": 4, "num_warps": 4, "PREFETCH": False}}
+# 14.3 for the rule). 8 rows: batch 1 with the shared experts inside the routed launches (6 routed + 2 shared, the
+# shipped e4m3 step), `--shared-rows` on an H100 (2026-12-06, thirteenth session): gate+up 16.9 us against 17.6 for
+# the rule, down 9.6 against 11.1; the decode step 498.3 -> 501.6 tok/s.
+FP8_TUNED: dict[tuple[int, int], dict] = {(6, 1408): {"BN": 16, "KU": 4, "num_warps": 4, "PREFETCH": False},
+                                          (8, 1408): {"BN": 8, "KU": 2, "num_warps": 4, "PREFETCH": False},
+                                          (8, 2048): {"BN": 32, "KU": 4, "num_warps": 8, "PREFETCH": False}}
 FP8_RULE = {"BN": 8, "KU": 4, "num_warps": 8}
 
 
