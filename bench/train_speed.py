@@ -20,6 +20,8 @@ same run measures on this card first (bench/bandwidth.py matmul_ceiling: ~770-80
 Step: bf16 autocast, fp32 master weights, AdamW, grad clip 1.0; median of timed steps after warm-up. dsv3
 uses its own AdamW (dsv3/training/optim.py: one Triton kernel per parameter with the clip coefficient folded
 in, `clip_and_step`); transformers gets torch's fused AdamW and clip_grad_norm_, as its users run it.
+--micro-batch B: B sequences per micro-batch instead of the shape's own (e.g. FP8's peak memory against bf16's as
+activations outgrow the fixed FP8 weight copies).
 --accum N: N micro-batches (forward + backward) per optimizer step, for both, as real runs do (the paper's
 batch is 15,360 sequences); tokens/s counts all N micro-batches.
 --bf16-weights: beside each bf16 row, the same step with bf16 working weights and fp32 masters in the
@@ -195,8 +197,12 @@ def main() -> None:
                          "working weights + fp32 masters), g32 (with bf16w: fp32 weight gradients); "
                          "e.g. bf16+compile,bf16+bf16w,bf16+bf16w+g32,fp8+compile")
     ap.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step (both implementations)")
+    ap.add_argument("--micro-batch", type=int, default=0,
+                    help="sequences per micro-batch instead of the shape's own (small 8, 16b-cut 4, 671b-slice 2)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    if args.micro_batch < 0:
+        raise SystemExit(f"--micro-batch must be >= 1 (0: the shape's own), got {args.micro_batch}")
     rows = []
     from bandwidth import matmul_ceiling
 
@@ -212,6 +218,7 @@ def main() -> None:
     for name, (cfg, B, T) in shapes(args.layers_16b).items():
         if args.only and name != args.only:
             continue
+        B = args.micro_batch or B
         fpt = flops_per_token(cfg, T)
         impls = []
         for prec in args.precision.split(","):
