@@ -315,6 +315,99 @@ def test_interp_grouped_wgrad_vs_emulation():
 
 
 @interp
+def test_interp_grouped_wgrad_in_the_weights_dtype_is_the_fp32_result_rounded():
+    """fp8_grouped_wgrad(out_dtype=...): each part written in that dtype, bit for bit the fp32 launch's result cast
+    (one rounding of the same fp32 sums), the empty expert's gradient 0. fp16 (the interpreter has no bf16; the
+    bf16 store: the sm_90 compile below)."""
+    out_dtype = torch.float16
+    from dsv3.kernels import fp8_grouped_triton as gk
+
+    counts = [130, 0, 163, 7]
+    g = torch.Generator().manual_seed(8)
+    dy, x = torch.randn(384, 256, generator=g) * 1e-3, torch.randn(384, 256, generator=g)
+    dy[300:] = 0
+    aq, a_s = act_quant(dy.t().contiguous())
+    bq, b_s = act_quant(x.t().contiguous())
+    want = gk.fp8_grouped_wgrad(aq, a_s, bq, b_s, _offs(counts), [128, 128])
+    got = gk.fp8_grouped_wgrad(aq, a_s, bq, b_s, _offs(counts), [128, 128], out_dtype)
+    assert [t.dtype for t in want] == [torch.float32] * 2
+    for a, b in zip(got, want):
+        assert a.dtype == out_dtype and a.shape == b.shape and torch.equal(a, b.to(out_dtype))
+        assert not a[1].any() and a.float().abs().max() > 0
+    with pytest.raises(AssertionError, match="out_dtype"):
+        gk.fp8_grouped_wgrad(aq, a_s, bq, b_s, _offs(counts), [128, 128], torch.float8_e4m3fn)
+
+
+@interp
+def test_interp_triton_backend_weight_grads_in_the_weights_dtype(monkeypatch):
+    """The "triton" glue asks the wgrad launch for the weights' dtype where they share one (16-bit working
+    weights: no fp32 copy of the expert gradients), fp32 where they differ; the gradients are the emulation's
+    (which rounds its fp32 result to the weight's dtype) up to fp32 summation order."""
+    from dsv3.kernels import fp8_grouped_triton as gk
+
+    asked, real = [], gk.fp8_grouped_wgrad
+    monkeypatch.setattr(gk, "fp8_grouped_wgrad", lambda *a: asked.append(a[-1]) or real(*a))
+    x, ws, g = _inputs(7, 256, (128, 128))
+    offs = _offs(COUNTS)
+    ws16 = [w.half() for w in ws]
+    ref = _run(x.half(), ws16, offs, g.half(), "emulate")
+    got = _run(x.half(), ws16, offs, g.half(), "triton")
+    assert asked == [torch.float16]
+    for a, b in zip(got[2], ref[2]):
+        assert a.dtype == b.dtype == torch.float16 and _rel(a, b) < 1e-3, _rel(a, b)
+    _run(x.half(), [ws16[0], ws[1]], offs, g.half(), "triton")  # fp16 gate, fp32 up: fp32, then each one's cast
+    assert asked[-1] == torch.float32
+
+
+def test_grouped_wgrad_kernel_compiles_for_sm90_with_a_bf16_store(monkeypatch):
+    """The wgrad launch with bf16 outputs compiles for sm_90 (Triton's NVIDIA back end on the CPU): the store
+    converts the fp32 accumulator (cvt to bf16 in the PTX), the fp32 launch stores it as it is."""
+    triton = pytest.importorskip("triton")
+    if _interpreter():
+        pytest.skip("compiles the kernel: not under the interpreter")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from dsv3.kernels import fp8_grouped_triton as gk
+
+    tt = {torch.float8_e4m3fn: "fp8e4nv", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32"}
+    seen = {}
+
+    class Rec:
+        def __getitem__(self, grid):
+            return lambda *a, **kw: seen.update(args=a, kw=kw)
+
+    real = gk._grouped_wgrad_kernel
+    monkeypatch.setattr(gk, "_check_device", lambda *t: None)
+    monkeypatch.setattr(gk, "_grouped_wgrad_kernel", Rec())
+    N, K, Mp, E = 4096, 7168, 4096, 16
+    a = torch.empty(N, Mp, dtype=torch.float8_e4m3fn)
+    a_s, b_s = torch.empty(Mp // 128, N).t(), torch.empty(Mp // 128, K).t()
+    b = torch.empty(K, Mp, dtype=torch.float8_e4m3fn)
+    offs = torch.arange(1, E + 1, dtype=torch.int32) * (Mp // E)
+    ptx = {}
+    for dt in (torch.bfloat16, torch.float32):
+        gk.fp8_grouped_wgrad(a, a_s, b, b_s, offs, [N // 2, N // 2], dt)
+        kw = dict(seen["kw"])
+        opts = {o: kw.pop(o) for o in ("num_warps", "num_stages")}
+        bound = {**dict(zip(real.arg_names, seen["args"])), **kw}
+        signature, consts = {}, {}
+        for i, n in enumerate(real.arg_names):
+            v = bound[n]
+            if isinstance(v, torch.Tensor):
+                signature[n] = "*" + tt[v.dtype]
+            elif real.params[i].is_constexpr or v == 1:
+                signature[n], consts[(i,)] = "constexpr", v
+            else:
+                signature[n] = "i32"
+        c = triton.compile(ASTSource(real, signature, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                           options=opts)
+        ptx[dt] = c.asm["ptx"]
+    assert "cvt.rn.bf16" in ptx[torch.bfloat16] and "bf16" not in ptx[torch.float32]
+    assert ".local" not in ptx[torch.bfloat16]  # no spills
+
+
+@interp
 @pytest.mark.parametrize("ns", [(128, 128), (256,)])
 def test_interp_triton_backend_vs_emulation(ns):
     """The "triton" backend's glue with the grouped kernels interpreted; on CPU tensors the quantisers

@@ -341,3 +341,23 @@ def test_fp8_gemm_ceiling_bench_on_the_cpu():
     assert {"bf16_gemms", "dsv3_bf16", "dsv3_fp8"} <= set(r) and "fp8_gemms" not in r
     assert all(r[k] > 0 for k in ("bf16_gemms", "dsv3_bf16", "dsv3_fp8"))
     assert bench.amdahl(100.0, 40.0, 20.0) == 100.0 / 80.0
+
+
+def test_gradient_quantiser_prescales_in_fp32():
+    """grad_quant and the Triton-layout references with p: the power-of-two pre-scale (amax -> 2^63..2^64) is
+    applied in fp32, so an fp16 gradient quantises to the bytes of its fp32 copy (multiplied in fp16 it overflowed
+    to inf and FP8 backward of fp16 activations gave NaN) and a bf16 one to the same bytes as before (exact)."""
+    from dsv3.kernels.reference import act_quant_cm_ref, act_quant_t_ref, grad_prescale, grad_quant
+
+    g = torch.randn(128, 256, generator=torch.Generator().manual_seed(4)) * 1e-3
+    for dt in (torch.float16, torch.bfloat16):
+        gd = g.to(dt)
+        q, s = grad_quant(gd)
+        q32, s32 = grad_quant(gd.float())
+        assert torch.isfinite(s).all() and torch.equal(s, s32)
+        assert torch.equal(q.view(torch.uint8), q32.view(torch.uint8))
+        p = grad_prescale(gd).reshape(1)
+        for f in (act_quant_cm_ref, lambda x, p: act_quant_t_ref(x, p=p)):
+            (a, sa), (b, sb) = f(gd, p), f(gd.float(), p)
+            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+            assert torch.equal(sa, sb) and torch.isfinite(sa).all()

@@ -176,6 +176,9 @@ def _tri_grouped_fwd(x: torch.Tensor, ws: list[torch.Tensor], offs: torch.Tensor
     return y, (xq, xs, saved_w, M, offs)
 
 
+_WGRAD_OUT = (torch.float32, torch.bfloat16, torch.float16)  # the dtypes fp8_grouped_wgrad writes
+
+
 def _tri_grouped_bwd(g: torch.Tensor, saved, x_dtype: torch.dtype, w_dtypes: list[torch.dtype],
                      need_dx: bool, need_dw: bool):
     from dsv3.kernels import fp8_grouped_triton as gk
@@ -196,7 +199,10 @@ def _tri_grouped_bwd(g: torch.Tensor, saved, x_dtype: torch.dtype, w_dtypes: lis
     if need_dw:
         gtq, gts = act_quant_t(gp, p=p)  # dYᵀ (N, Mp), scales (N, Mp/128)
         xtq, xts = act_quant_t(xq, xs)  # Xᵀ (K, Mp) re-tiled from the FP8 X
-        dws = [d.to(dt) for d, dt in zip(gk.fp8_grouped_wgrad(gtq, gts, xtq, xts, offs, ns), w_dtypes)]
+        # written in the weights' dtype where they share one (the same bits as fp32 then a cast, without the fp32
+        # copies: with bf16 working weights those were the largest transient of an FP8-experts backward)
+        one = w_dtypes[0] if len(set(w_dtypes)) == 1 and w_dtypes[0] in _WGRAD_OUT else torch.float32
+        dws = [d.to(dt) for d, dt in zip(gk.fp8_grouped_wgrad(gtq, gts, xtq, xts, offs, ns, one), w_dtypes)]
     return dx, dws
 
 

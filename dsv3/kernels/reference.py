@@ -109,7 +109,7 @@ def grad_quant(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     the scales divided by the same p (exact): the e4m3 bytes of s = amax / 448 for every tile above
     ~1e-23 x the tensor's amax (dsv3/training/fp8.py explains why gradients need this)."""
     p = grad_prescale(g)
-    q, s = act_quant(g * p)
+    q, s = act_quant(g.float() * p)  # in fp32: exact, where fp16's range would overflow (amax -> 2^64)
     return q, s / p
 
 
@@ -124,7 +124,7 @@ def _col_major(s: torch.Tensor) -> torch.Tensor:
 
 def act_quant_cm_ref(x: torch.Tensor, p: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x (M, K) -> fp8 (M, K), scales (M, K/128) column-major."""
-    q, s = act_quant(x if p is None else x * p)
+    q, s = act_quant(x if p is None else x.float() * p)  # (fp32: grad_quant's note)
     return q, _col_major(s if p is None else s / p)
 
 
@@ -133,7 +133,7 @@ def act_quant_t_ref(x: torch.Tensor, s_in: torch.Tensor | None = None,
     """x (M, K) -> fp8 (K, M) = Q1x128(xᵀ), i.e. 128x1 tiles of x along M, scales (K, M/128) column-major.
     With s_in, x is fp8 with 1x128 scales and is dequantised first ("dequant, transpose, requant")."""
     x = x if s_in is None else act_dequant(x, s_in)
-    q, s = act_quant((x if p is None else x * p).t().contiguous())
+    q, s = act_quant((x if p is None else x.float() * p).t().contiguous())  # (fp32: grad_quant's note)
     return q, _col_major(s if p is None else s / p)
 
 
