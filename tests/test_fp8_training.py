@@ -361,3 +361,41 @@ def test_gradient_quantiser_prescales_in_fp32():
             (a, sa), (b, sb) = f(gd, p), f(gd.float(), p)
             assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
             assert torch.equal(sa, sb) and torch.isfinite(sa).all()
+
+
+def test_dense_wgrad_in_the_weights_dtype_where_scaled_mm_gives_it(monkeypatch):
+    """kernels.fp8._wgrad_mm (the scaled_mm backend's wgrad): 16-bit weights ask F.scaled_mm for their own dtype (no
+    fp32 copy of the gradient); where that raises (a torch / cuBLAS without the output for the 1x128 x 1x128 recipe),
+    fp32 from then on, remembered per dtype; fp32 weights ask for fp32; an out-of-memory error is not taken for a
+    missing output type."""
+    import torch.nn.functional as F
+
+    from dsv3.kernels import fp8 as kf
+
+    asked = []
+
+    def fake(a, b, sa, ra, sb, rb, output_dtype):
+        asked.append(output_dtype)
+        if output_dtype == torch.float16:
+            raise RuntimeError("CUBLAS_STATUS_NOT_SUPPORTED")
+        return (a @ b).to(output_dtype)
+
+    monkeypatch.setattr(F, "scaled_mm", fake, raising=False)
+    monkeypatch.setattr(F, "ScalingType", type("S", (), {"BlockWise1x128": 0}), raising=False)
+    monkeypatch.setattr(kf, "_WGRAD_DIRECT", {})
+    a, b = torch.randn(4, 8), torch.randn(6, 8)
+    assert kf._wgrad_mm(a, None, b, None, torch.bfloat16).dtype == torch.bfloat16 and asked == [torch.bfloat16]
+    assert kf._wgrad_mm(a, None, b, None, torch.float16).dtype == torch.float32
+    assert asked[1:] == [torch.float16, torch.float32]
+    assert kf._wgrad_mm(a, None, b, None, torch.float16).dtype == torch.float32 and asked[3:] == [torch.float32]
+    assert kf._WGRAD_DIRECT == {torch.bfloat16: True, torch.float16: False}
+    assert kf._wgrad_mm(a, None, b, None, torch.float32).dtype == torch.float32 and asked[-1] == torch.float32
+
+    def oom(*a, output_dtype):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(F, "scaled_mm", oom, raising=False)
+    monkeypatch.setattr(kf, "_WGRAD_DIRECT", {})
+    with pytest.raises(torch.OutOfMemoryError):
+        kf._wgrad_mm(a, None, b, None, torch.bfloat16)
+    assert kf._WGRAD_DIRECT == {}

@@ -123,9 +123,30 @@ def _smm_bwd(g2: torch.Tensor, saved, x_dtype: torch.dtype, w_dtype: torch.dtype
     if need_dw:
         gtq, gts = act_quant_t(gp, p=p)  # dYᵀ (Np, Mp), scales (Np, Mp/128) column-major
         xtq, xts = act_quant_t(xq, xs)  # Xᵀ (Kp, Mp) re-tiled from the FP8 X
-        dw = F.scaled_mm(gtq, xtq.t(), gts, F.ScalingType.BlockWise1x128, xts, F.ScalingType.BlockWise1x128,
-                         output_dtype=torch.float32)[:N, :K].to(w_dtype)
+        dw = _wgrad_mm(gtq, gts, xtq, xts, w_dtype)[:N, :K].to(w_dtype)
     return dx, dw
+
+
+# dtype -> whether F.scaled_mm gave a 1x128 x 1x128 GEMM that output dtype (None: not tried yet in this process)
+_WGRAD_DIRECT: dict[torch.dtype, bool] = {}
+
+
+def _wgrad_mm(gtq, gts, xtq, xts, w_dtype: torch.dtype) -> torch.Tensor:
+    """wgrad dW (Np, Kp) = Q(dYᵀ)·Q(Xᵀ)ᵀ, written in the weight's dtype where F.scaled_mm can (16-bit working
+    weights: the fp32 accumulator rounded once in the GEMM's epilogue, where an fp32 result and its cast were two
+    copies of the gradient alive at once, 3x its bytes), else in fp32 (cast by the caller). A torch or cuBLAS
+    without that output for the 1x128 x 1x128 recipe raises once; fp32 from then on."""
+    args = (gtq, xtq.t(), gts, F.ScalingType.BlockWise1x128, xts, F.ScalingType.BlockWise1x128)
+    if w_dtype in (torch.bfloat16, torch.float16) and _WGRAD_DIRECT.get(w_dtype, True):
+        try:
+            out = F.scaled_mm(*args, output_dtype=w_dtype)
+            _WGRAD_DIRECT[w_dtype] = True
+            return out
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError:
+            _WGRAD_DIRECT[w_dtype] = False
+    return F.scaled_mm(*args, output_dtype=torch.float32)
 
 
 def fp8_gemm_fwd(x2: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype, *, backend: str | None = None):
