@@ -127,7 +127,7 @@ def _smm_bwd(g2: torch.Tensor, saved, x_dtype: torch.dtype, w_dtype: torch.dtype
     return dx, dw
 
 
-# dtype -> whether F.scaled_mm gave a 1x128 x 1x128 GEMM that output dtype (None: not tried yet in this process)
+# dtype -> whether F.scaled_mm gave a 1x128 x 1x128 GEMM that output dtype (absent: not tried yet in this process)
 _WGRAD_DIRECT: dict[torch.dtype, bool] = {}
 
 
