@@ -133,6 +133,17 @@ needs_interpreter = pytest.mark.skipif(not _interpreter_available(),
                                        reason="needs triton and TRITON_INTERPRET=1 (the Triton CPU interpreter)")
 
 
+def bench_module(name: str):
+    """bench/<name>.py imported as a module (the bench scripts are not a package) -> the module."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def run_cli(argv) -> tuple[int, str, str]:
     """`dsv3 ARGV` in this process -> (exit status, stdout, stderr)."""
     from dsv3.cli import main

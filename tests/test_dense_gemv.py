@@ -17,8 +17,6 @@ step with every Linear through the kernel; the sweep's plumbing. GPU: tests/test
 
 from __future__ import annotations
 
-import importlib.util
-import os
 
 import pytest
 import torch
@@ -30,7 +28,7 @@ from dsv3.kernels import backend as kb
 from dsv3.kernels.reference import dense_gemv_ref
 from dsv3.model.layers import Linear
 from dsv3.model.moe import MoE
-from tests.conftest import decode_step, make_model, rand_ids, tiny_cfg
+from tests.conftest import bench_module, decode_step, make_model, rand_ids, tiny_cfg
 from tests.test_fp8_experts import interp, numpy24_interpreter  # noqa: F401  (the fixture interp uses)
 
 BF16 = torch.bfloat16
@@ -89,11 +87,11 @@ def test_switch_defaults_are_the_measured_ones_and_the_overrides_win(monkeypatch
     x, w = torch.randn(1, 64, dtype=BF16), torch.randn(32, 64, dtype=BF16)
     monkeypatch.setattr(kb, "_fast_fits", lambda op, t: True)  # the rule holds (as on a GPU)
     # on where the GPUs measured them faster (backend.py SWITCHED: the e4m3 forms, the head GEMV and the merge + W_UV
-    # launch too); the shared experts inside the routed GEMV for e4m3 weights only (bf16: measured slower); the store
-    # and the W_UK GEMV in one launch off (not measured)
+    # launch too, the store and the W_UK GEMV in one launch); the shared experts inside the routed GEMV for e4m3
+    # weights only (bf16: measured slower)
     assert kb.SWITCHED == {"dense_gemv": True, "head_gemv": True, "latent_store": True,
                            "moe_gemm": True, "pdl": True, "mla_uv": True, "shared_gemv": kb.WEIGHTS_E4M3,
-                           "mla_prep": False}
+                           "mla_prep": True}
     assert kernels.select_backend("dense_gemv", x, w) == "triton"
     assert kernels.set_dense_gemv(False) is True
     try:
@@ -271,11 +269,7 @@ def test_compiled_caller_follows_the_switch(cpu_rule):
 # --- bench/dense_gemv_sweep.py (its CPU-safe parts; the plumbing under the interpreter below) ----------------
 
 def _bench():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench", "dense_gemv_sweep.py")
-    spec = importlib.util.spec_from_file_location("dense_gemv_sweep", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    return bench_module("dense_gemv_sweep")
 
 
 def test_sweep_shapes_and_arguments(capsys):

@@ -9,7 +9,6 @@ Run: python -m pytest tests/test_faults.py -q
 from __future__ import annotations
 
 import errno
-import importlib.util
 import json
 import math
 import os
@@ -22,6 +21,7 @@ import dsv3.checkpoints.hf
 from dsv3.checkpoints import space
 from dsv3.checkpoints.rundir import latest_checkpoint, list_checkpoints, load_checkpoint
 from dsv3.training.loop import NonFiniteError
+from conftest import bench_module
 from dsv3.training.pretrain import Pretrain, train
 from tests.test_training import (REPO, env, micro_config, quiet, read_steps, read_summary, tcfg,  # noqa: F401
                                  trainer_state)
@@ -231,10 +231,7 @@ def test_non_finite_stop_is_one_line_from_the_cli(env, tmp_path, monkeypatch, ca
 # benchmarks that train keep one checkpoint
 
 def _fp8_loss_text_bench():
-    spec = importlib.util.spec_from_file_location("fp8_loss_text", os.path.join(REPO, "bench", "fp8_loss_text.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    return bench_module("fp8_loss_text")
 
 
 def test_fp8_loss_text_bench_writes_no_checkpoint_and_compares_at_the_last_common_validation(tmp_path, monkeypatch):

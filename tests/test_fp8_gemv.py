@@ -15,6 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import bench_module
 from test_fp8_experts import interp, numpy24_interpreter  # noqa: F401 (numpy24_interpreter: a fixture)
 from dsv3.kernels import weight_dequant, weight_quant
 from dsv3.kernels.backend import DENSE_DECODE_ROWS, EXPERT_DECODE_ROWS
@@ -143,15 +144,9 @@ def test_interp_rows_config_vs_reference_and_skips_foreign_rows(cfg):
 
 def _sweep_bench(monkeypatch):
     """The bench module on tiny shapes on the CPU (conftest.sweep_on_cpu): interpreted kernels."""
-    import importlib.util
-    import os
-
     from conftest import sweep_on_cpu
 
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench", "fp8_gemv_sweep.py")
-    spec = importlib.util.spec_from_file_location("fp8_gemv_sweep", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = bench_module("fp8_gemv_sweep")
     sweep_on_cpu(monkeypatch, bench)
     monkeypatch.setattr(bench, "shapes_16b", lambda: [
         dict(name="lin", kind="linear", N=200, K=300, per_step=2, E=0, top_k=0),

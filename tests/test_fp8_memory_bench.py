@@ -7,17 +7,11 @@ Run: python -m pytest tests/test_fp8_memory_bench.py -q
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+from conftest import bench_module
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("fp8_memory", os.path.join(ROOT, "bench", "fp8_memory.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return bench_module("fp8_memory")
 
 
 def _f(filename, line=1, name="f"):

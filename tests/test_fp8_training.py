@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import tiny_cfg
+from conftest import bench_module, tiny_cfg
 from dsv3.model import build_model
 from dsv3.model.layers import Linear
 from dsv3.training.fp8 import FP8TrainLinear, convert_to_fp8_training, fp8_linear
@@ -305,13 +305,8 @@ def test_fp8_keeps_less_for_backward_than_bf16():
     1-byte activations and weights with their scales, all linears and experts swapped) is smaller than bf16
     autocast's, and the FP8 payloads are really there (the accounting sees the FP8 functions' own saved tuples)."""
     import argparse
-    import importlib.util
-    import os
 
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench", "fp8_memory.py")
-    spec = importlib.util.spec_from_file_location("fp8_memory", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = bench_module("fp8_memory")
     args = argparse.Namespace(device="cpu", preset="tiny", layers=2, vocab=0, batch=1, seq_len=64, compile=False)
     bf16, fp8 = bench.measure(args, "bf16"), bench.measure(args, "fp8")
     assert bf16["saved_fp8"] == 0 and fp8["saved_fp8"] > 0

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import bench_module
 from dsv3 import kernels
 from dsv3.kernels import backend as kb
 from dsv3.kernels.reference import dense_gemv_ref
@@ -47,19 +48,13 @@ def test_kernel_vs_reference(M, N, K):
 def test_other_dtypes_and_the_sweeps_configs(dtype):
     """fp16 / fp32 weights, and every config of the sweep's stage-1 grid (bench/dense_gemv_sweep.py) on a ragged
     shape (bf16): none may be wrong, whichever the sweep ends up choosing."""
-    import importlib.util
-    import os
-
     from dsv3.kernels import dense_gemv_triton as k
 
     g = torch.Generator(device="cuda").manual_seed(0)
     w = (torch.randn(300, 1100, device="cuda", generator=g) * 0.05).to(dtype)
     x = torch.randn(3, 1100, device="cuda", generator=g).to(dtype)
     assert _rel(k.launch(x, w), dense_gemv_ref(x, w)) < (2e-3 if dtype == torch.float16 else 1e-5)
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench", "dense_gemv_sweep.py")
-    spec = importlib.util.spec_from_file_location("dense_gemv_sweep", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = bench_module("dense_gemv_sweep")
     wb = w.bfloat16()
     for M in (1, 2, 4):
         xb = torch.randn(M, 1100, device="cuda", generator=g).bfloat16()

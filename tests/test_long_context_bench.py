@@ -8,22 +8,16 @@ Run: python -m pytest tests/test_long_context_bench.py -q
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 
+from conftest import bench_module
 from dsv3.eval.needle import INTRO, QUESTION
 from dsv3.tokenizer import DSTokenizer
 from dsv3.training.data import find_corpus, read_documents
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("long_context_gpu", os.path.join(ROOT, "bench",
-                                                                                   "long_context_gpu.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return bench_module("long_context_gpu")
 
 
 def test_passkey_docs_of_each_stage(tmp_path):

@@ -7,23 +7,18 @@ Run: python -m pytest tests/test_posttrain_demo.py -q
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
 
 import pytest
 
+from conftest import bench_module
 from dsv3.posttrain import tasks
-
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
 
 def _demo():
-    spec = importlib.util.spec_from_file_location("posttrain_demo", os.path.join(ROOT, "bench", "posttrain_demo.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return bench_module("posttrain_demo")
 
 
 def test_demo_test_profile_end_to_end(tmp_path, capsys):
