@@ -319,9 +319,9 @@ def test_interp_grouped_wgrad_in_the_weights_dtype_is_the_fp32_result_rounded():
     """fp8_grouped_wgrad(out_dtype=...): each part written in that dtype, bit for bit the fp32 launch's result cast
     (one rounding of the same fp32 sums), the empty expert's gradient 0. fp16 (the interpreter has no bf16; the
     bf16 store: the sm_90 compile below)."""
-    out_dtype = torch.float16
     from dsv3.kernels import fp8_grouped_triton as gk
 
+    out_dtype = torch.float16
     counts = [130, 0, 163, 7]
     g = torch.Generator().manual_seed(8)
     dy, x = torch.randn(384, 256, generator=g) * 1e-3, torch.randn(384, 256, generator=g)
