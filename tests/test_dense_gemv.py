@@ -17,7 +17,6 @@ step with every Linear through the kernel; the sweep's plumbing. GPU: tests/test
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.nn.functional as F

@@ -17,11 +17,11 @@ import shutil
 import pytest
 import torch
 
+from conftest import bench_module
 import dsv3.checkpoints.hf
 from dsv3.checkpoints import space
 from dsv3.checkpoints.rundir import latest_checkpoint, list_checkpoints, load_checkpoint
 from dsv3.training.loop import NonFiniteError
-from conftest import bench_module
 from dsv3.training.pretrain import Pretrain, train
 from tests.test_training import (REPO, env, micro_config, quiet, read_steps, read_summary, tcfg,  # noqa: F401
                                  trainer_state)
