@@ -63,16 +63,16 @@ step psumdense python bench/fp8_gemv_sweep.py --quick --rows 1 --psum --all --js
 step psum python bench/decode_gpu.py --preset 16b --batches "${BPSUM:-1}" --new 48 \
     --gemv-configs bench/results/s17_fp8_gemv_8rows.json --modes graphs+compile,graphs+compile+fp8,\
 graphs+compile+fp8+tuned,graphs+compile+fp8+nosharedgemv,graphs+compile+sharedgemv,graphs+compile+fp8+psum
-# the latent store and the W_UK head GEMV in one launch (kernels.set_mla_prep, off as shipped): its GPU tests (and its
-# PDL case), then batch 1 bf16 and FP8 as shipped against the same with it on (+mlaprep), each pair twice
+# the latent store and the W_UK head GEMV in one launch (kernels.set_mla_prep, on as shipped since 2026-12-06): its GPU
+# tests (and its PDL case), then batch 1 bf16 and FP8 with it off (+nomlaprep) against as shipped, each pair twice
 step mlapreptests python -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu_mla_prep.py tests/test_gpu_pdl.py \
     tests/test_gpu_latent_store.py tests/test_gpu_head_gemv.py
-step mlaprep python bench/decode_gpu.py --preset 16b --batches "${BPREP:-1}" --new 48 --modes graphs+compile,\
-graphs+compile+mlaprep,graphs+compile,graphs+compile+mlaprep,graphs+compile+fp8,graphs+compile+fp8+mlaprep,\
-graphs+compile+fp8,graphs+compile+fp8+mlaprep
+step mlaprep python bench/decode_gpu.py --preset 16b --batches "${BPREP:-1}" --new 48 --modes graphs+compile+nomlaprep,\
+graphs+compile,graphs+compile+nomlaprep,graphs+compile,graphs+compile+fp8+nomlaprep,graphs+compile+fp8,\
+graphs+compile+fp8+nomlaprep,graphs+compile+fp8
 # One launch fewer (2026-12-06, twelfth session): the query's RoPE inside the latent store's launch and the shared
 # experts' rows derived inside the expert GEMV (no id concatenation), both shipped; the latent store and the W_UK head
-# GEMV in one launch (+mlaprep, off as shipped; its stages: mlapreptests, mlaprep). The first two's GPU tests; batch 1
+# GEMV in one launch (+mlaprep, then off as shipped; its stages: mlapreptests, mlaprep). The first two's GPU tests; batch 1
 # bf16 and FP8 as shipped (fuse) and the same from another checkout (fusebase; BASE=DIR: the code before, e.g.
 # `git archive` of it)
 fusetests() {  # (a function: LIMIT_fusetests applies to each of its two commands)

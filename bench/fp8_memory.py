@@ -222,6 +222,14 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=12, help="--variants: the largest groups shown per variant")
     args = ap.parse_args()
     if args.variants:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from train_speed import parse_variant
+
+        try:  # every tag checked before the first model is built
+            for v in args.variants.split(","):
+                parse_variant(v)
+        except ValueError as e:
+            raise SystemExit(f"--variants: {e}") from None
         if not args.device.startswith("cuda") or not torch.cuda.is_available():
             raise SystemExit("--variants needs --device cuda and a GPU (the allocator's trace is CUDA's)")
         for v in args.variants.split(","):

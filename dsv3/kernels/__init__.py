@@ -199,9 +199,9 @@ def mla_prep(kv: torch.Tensor, pe: torch.Tensor, slot: int, rows: torch.Tensor, 
 def set_mla_prep(on: bool) -> bool:
     """Let the automatic choice run the latent store and absorbed MLA's W_UK product in one launch (`mla_prep`:
     MLA.forward_absorbed, where the static decode view's fused store and the W_UK head GEMV are both taken, so at
-    batch 1), process-wide; returns the previous setting. One launch a layer fewer, the same bits. OFF BY DEFAULT
-    until its GPU tests (tests/test_gpu_mla_prep.py) have run; on an H200 it measured FP8 554.8 against 541.9 tok/s,
-    bf16 442.6 against 442.2 (16b batch 1, bench/decode_gpu.py's +mlaprep modes). As `set_dense_gemv` for compiled
+    batch 1), process-wide; returns the previous setting. One launch a layer fewer, the same bits. ON BY DEFAULT
+    (its GPU tests, tests/test_gpu_mla_prep.py, passed on an H100); on an H200 it measured FP8 554.8 against 541.9
+    tok/s, bf16 442.6 against 442.2 (16b batch 1, bench/decode_gpu.py's +mlaprep modes). As `set_dense_gemv` for compiled
     steps and CUDA graphs."""
     return _switch("mla_prep", on)
 

@@ -45,12 +45,12 @@ Numerics: the same bodies with the same launch parameters, so the same bits as t
 Checked on the CPU: the PTX for sm_90 as said; under the Triton interpreter the outputs and the caches are the two
 launches' bit for bit (the interpreter has no warps or contraction: this checks the wiring, program ids, arguments
 and the grid's coverage, not a GPU's rounding). The GPU check (tests/test_gpu_mla_prep.py: bit for bit at C = 512,
-and a graphed decode step) is not run yet.
+and a graphed decode step) passed on an H100 (2026-12-06, bench/RESULTS.md).
 
 Taken by MLA.forward_absorbed exactly where both the fused latent store (the static decode steps' views, graphs.py:
 `store_kv_a_uk` next to `store_kv_a`) and the W_UK head GEMV are taken (batch 1: the head GEMV's rule,
-DENSE_GEMV_ROWS), while switched on: kernels.set_mla_prep, OFF by default until tests/test_gpu_mla_prep.py has run
-on a GPU (its first run was cut short by the call's time limit; bench/decode_gpu.py's +mlaprep modes measure it).
+DENSE_GEMV_ROWS), while switched on: kernels.set_mla_prep, on by default (bench/decode_gpu.py's +mlaprep / +nomlaprep modes
+measure it).
 Tests: tests/test_mla_prep.py (CPU, the interpreter, the sm_90 compile), tests/test_gpu_mla_prep.py.
 """
 

@@ -475,7 +475,6 @@ def check_second_stack(w: torch.Tensor, s: torch.Tensor | None, up: torch.Tensor
         raise ValueError("second expert stack: up must have gate's strides (and its scales gate's scales' strides)")
 
 
-
 def routed_rows(expert: torch.Tensor, routed: int, extra) -> int:
     """Output rows of an expert GEMV call: expert.shape[0], or with routed > 0 (expert: `routed` ids a token, and
     every token also takes each expert of the second stack `extra`) T · (routed + E2) for T = expert.shape[0] /
@@ -494,6 +493,7 @@ def expert_ids(expert: torch.Tensor, routed: int, E: int, E2: int) -> torch.Tens
     specification; the kernel derives them from the row number)."""
     ids = torch.arange(E, E + E2, device=expert.device, dtype=expert.dtype).expand(expert.shape[0] // routed, E2)
     return torch.cat([expert.view(-1, routed), ids], 1).reshape(-1)
+
 
 def expert_gemv_ref(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None, expert: torch.Tensor, x_div: int = 1,
                     up: torch.Tensor | None = None, up_s: torch.Tensor | None = None) -> torch.Tensor:
