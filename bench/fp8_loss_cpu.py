@@ -77,7 +77,7 @@ def patch(recipe):
     fq, dq, wq, requant, eps = recipe
     f0, b0 = reference.fp8_gemm_fwd_ref, reference.fp8_gemm_bwd_ref
 
-    def fwd(x2, w, out_dtype):
+    def fwd(x2, w, out_dtype, recompute_w=False):  # (recompute_w: the weight is kept as it is here anyway)
         xf, wf = x2.float(), w.float()
         xd = _qa(xf) if (fq or (wq and requant)) else xf
         wd = weight_dequant(*weight_quant(wf), torch.float32)

@@ -35,6 +35,7 @@ dsv3/training/fp8.py); TFLOP/s and MFU keep the bf16 FLOP count and the bf16 pea
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -84,24 +85,25 @@ def flops_per_token(cfg: dsv3.ModelConfig, T: int) -> float:
     return 6 * dense + attn
 
 
-VARIANT_TAGS = ("bf16", "fp8", "fp8e", "compile", "sel", "full", "bf16opt", "bf16w", "g32")
+VARIANT_TAGS = ("bf16", "fp8", "fp8e", "compile", "sel", "full", "bf16opt", "bf16w", "g32", "rw")
 
 
 def parse_variant(v: str) -> dict:
     """A '+'-joined variant ('bf16+compile+bf16w') -> the keyword arguments of `setup_dsv3` (ValueError if bad)."""
     tags = v.split("+")
     bad = set(tags) - set(VARIANT_TAGS)
-    if bad or tags[0] not in ("bf16", "fp8", "fp8e") or ("g32" in tags and (tags[0] != "bf16" or "bf16w" not in tags)):
+    if bad or tags[0] not in ("bf16", "fp8", "fp8e") or ("g32" in tags and (tags[0] != "bf16" or "bf16w" not in tags)) \
+            or ("rw" in tags and tags[0] == "bf16"):
         raise ValueError(f"bad variant {v!r}: tags {'+'.join(VARIANT_TAGS)}, the first a precision; g32 with bf16 "
-                         "and bf16w")
+                         "and bf16w; rw with fp8 or fp8e")
     return dict(precision=tags[0], compile_blocks="compile" in tags,
                 recompute="selective" if "sel" in tags else "full" if "full" in tags else "none",
                 state_dtype=torch.bfloat16 if "bf16opt" in tags else torch.float32,
-                bf16_weights="bf16w" in tags, fp32_grads="g32" in tags)
+                bf16_weights="bf16w" in tags, fp32_grads="g32" in tags, recompute_weights="rw" in tags)
 
 
 def setup_dsv3(cfg, compile_blocks=False, precision="bf16", recompute="none", state_dtype=torch.float32,
-               bf16_weights=False, fp32_grads=False):
+               bf16_weights=False, fp32_grads=False, recompute_weights=False):
     """(model, optimizer) of one variant on the GPU, seeded: what train_speed times and profile_gpu profiles."""
     torch.manual_seed(0)
     model = dsv3.build_model(cfg, device="cuda", dtype=torch.float32)
@@ -109,7 +111,7 @@ def setup_dsv3(cfg, compile_blocks=False, precision="bf16", recompute="none", st
     model.set_recompute(recompute)
     if precision in ("fp8", "fp8e"):  # attention + dense/shared MLP linears (+ experts: fp8e) in FP8; before compile
         from dsv3.training.fp8 import convert_to_fp8_training
-        convert_to_fp8_training(model, experts=precision == "fp8e")
+        convert_to_fp8_training(model, experts=precision == "fp8e", recompute_weights=recompute_weights)
     if compile_blocks:  # per block, in place (state-dict names unchanged): fuses norms, RoPE, SwiGLU
         for blk in list(model.layers) + list(model.mtp):
             blk.compile()
@@ -119,6 +121,7 @@ def setup_dsv3(cfg, compile_blocks=False, precision="bf16", recompute="none", st
 
 
 def time_dsv3(cfg, B, T, steps, warmup, accum=1, **variant):
+    release_memory()  # (whatever ran before in this process)
     model, opt = setup_dsv3(cfg, **variant)
     compile_blocks = variant.get("compile_blocks", False)
     x = torch.randint(0, cfg.vocab_size, (B, T + 1), device="cuda")
@@ -139,12 +142,22 @@ def time_dsv3(cfg, B, T, steps, warmup, accum=1, **variant):
     mem = torch.cuda.max_memory_allocated() / 2**30
     del model, opt, out, loss
     torch._dynamo.reset()  # compiled blocks keep their modules (and memory) alive otherwise
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+    release_memory()
     return statistics.median(times), mem
 
 
+def release_memory():
+    """Free what one variant left (reference cycles included) before the next one's peak is counted: without the
+    collection an uncollected model of the variant before counted in the next variant's peak whenever the
+    collector ran after that peak (H100, 2026-12-06: the same FP8 variant 46.9 or 51.5 GiB by its place in the
+    list)."""
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+
+
 def time_hf(cfg, B, T, steps, warmup, accum=1):
+    release_memory()
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
     d = cfg.to_dict()
@@ -173,8 +186,7 @@ def time_hf(cfg, B, T, steps, warmup, accum=1):
             times.append(time.perf_counter() - t)
     mem = torch.cuda.max_memory_allocated() / 2**30
     del model, opt, out
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+    release_memory()
     return statistics.median(times), mem
 
 
@@ -194,7 +206,8 @@ def main() -> None:
                     help="comma list replacing --precision/--compile, each '+'-joined tags: bf16|fp8|fp8e (fp8 "
                          "with the routed experts' grouped GEMMs in FP8 too), compile, "
                          "sel (selective recompute) | full (full recompute), bf16opt (AdamW moments in bf16), bf16w (bf16 "
-                         "working weights + fp32 masters), g32 (with bf16w: fp32 weight gradients); "
+                         "working weights + fp32 masters), g32 (with bf16w: fp32 weight gradients), rw (with fp8/fp8e: "
+                         "the FP8 weights re-quantised in backward, none kept from the forward); "
                          "e.g. bf16+compile,bf16+bf16w,bf16+bf16w+g32,fp8+compile")
     ap.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step (both implementations)")
     ap.add_argument("--micro-batch", type=int, default=0,

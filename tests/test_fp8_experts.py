@@ -435,6 +435,49 @@ def test_interp_triton_experts_module_padded_vs_emulation():
         assert a.shape == b.shape and _rel(a, b) < 1e-3, _rel(a, b)
 
 
+def _run_rw(x, ws, offs, g, backend, rw):
+    x = x.detach().clone().requires_grad_()
+    ws = [w.detach().clone().requires_grad_() for w in ws]
+    y = fp8_grouped_linear(x, tuple(ws), offs, backend, recompute_weight=rw)
+    kept = y.grad_fn.saved
+    y.backward(g)
+    return (y.detach(), x.grad, *[w.grad for w in ws]), kept, ws
+
+
+def _tensors(kept) -> list[torch.Tensor]:
+    """The tensors of an _FP8GroupedFn's saved payload, at any nesting."""
+    if isinstance(kept, torch.Tensor):
+        return [kept]
+    return [t for u in kept for t in _tensors(u)] if isinstance(kept, (list, tuple)) else []
+
+
+def test_recomputed_expert_weights_give_the_same_gradients():
+    """fp8_grouped_linear(recompute_weight=True): y, dx and every dW bit for bit the default's (the weights
+    quantised again in backward to the same bytes), and what autograd keeps holds no FP8 weight (only the FP8 X),
+    but the weights themselves (references, no copies)."""
+    _check_recomputed_expert_weights("emulate")
+
+
+@interp
+def test_interp_triton_recomputed_expert_weights_give_the_same_gradients():
+    """The same through the "triton" backend's glue (grouped kernels interpreted)."""
+    _check_recomputed_expert_weights("triton")
+
+
+def _check_recomputed_expert_weights(backend):
+    x, ws, g = _inputs(11, 256, (128, 128))
+    offs = _offs(COUNTS)
+    a, kept_a, _ = _run_rw(x, ws, offs, g, backend, False)
+    b, kept_b, wb = _run_rw(x, ws, offs, g, backend, True)
+    for u, v in zip(a, b):
+        assert torch.equal(u, v)
+    M, K = x.shape
+    fp8_a, fp8_b = ([t for t in _tensors(k) if t.dtype == E4M3 and t.dim() >= 2] for k in (kept_a, kept_b))
+    assert len(fp8_a) > 1  # X and the weights (or their transposes)
+    assert [tuple(t.shape) for t in fp8_b] in ([(M, K)], [(-(-M // 128) * 128, K)])  # X only (padded: triton)
+    assert all(any(t.data_ptr() == w.data_ptr() for t in _tensors(kept_b)) for w in wb)  # references, no copies
+
+
 def test_train_config_fp8_experts_needs_fp8():
     from dsv3.training.config import TrainConfig
 

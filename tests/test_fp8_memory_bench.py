@@ -61,3 +61,17 @@ def test_peak_breakdown_replays_to_the_peak():
     peak, rows = b.peak_breakdown(trace, top=1)
     assert rows == [("dsv3/kernels/fp8.py:10 fwd", 400, 2), ("(the rest)", 20, 1)]
     assert b.peak_breakdown([]) == (0, [])
+
+
+def test_train_speed_variant_tags():
+    """bench/train_speed.py's variants (what fp8_memory.py --variants measures too): rw re-quantises the FP8
+    weights in backward and needs an FP8 precision; unknown tags and a non-precision first tag are refused."""
+    import pytest
+
+    ts = bench_module("train_speed")
+    kw = ts.parse_variant("fp8e+compile+bf16w+rw")
+    assert kw["precision"] == "fp8e" and kw["recompute_weights"] and kw["bf16_weights"] and kw["compile_blocks"]
+    assert not ts.parse_variant("fp8+compile")["recompute_weights"]
+    for bad in ("bf16+rw", "fp8+turbo", "compile+fp8"):
+        with pytest.raises(ValueError, match="bad variant"):
+            ts.parse_variant(bad)

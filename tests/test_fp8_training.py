@@ -228,9 +228,11 @@ def test_tiny_model_trains_in_fp8_close_to_fp32():
     assert rel < 0.03, (l8, l32)
 
 
-def test_precision_fp8_in_the_training_loop(tmp_path):
+@pytest.mark.parametrize("recompute_weights", [False, True])
+def test_precision_fp8_in_the_training_loop(tmp_path, recompute_weights):
     """`precision="fp8"` on the CPU: the swap happens, the run trains and the checkpoint loads into a
-    plain model (state_dict unchanged)."""
+    plain model (state_dict unchanged); with fp8_recompute_weights the swapped modules re-quantise their weights
+    in backward (the log says so) and the run ends on the default's weights bit for bit."""
     import os
 
     from test_training import micro_config, tcfg, write_corpus
@@ -243,11 +245,25 @@ def test_precision_fp8_in_the_training_loop(tmp_path):
     tok = DSTokenizer.train((p.read_text(encoding="utf-8") for p in sorted((tmp_path / "corpus").iterdir())), 512)
     env = {"data": data, "tokenizer": str(tok.save(tmp_path / "tok")), "cache": str(tmp_path / "cache")}
     logs = []
-    train(micro_config(), tcfg(env, tmp_path / "run", steps=3, precision="fp8", save_every=3, device="cpu"),
-          log=logs.append)
-    assert any("fp8:" in str(line) for line in logs)
-    model, *_ = load_checkpoint(latest_checkpoint(os.path.join(tmp_path, "run", "checkpoints")), "cpu", torch.float32)
-    assert not any(isinstance(m, FP8TrainLinear) for m in model.modules())
+    models = []
+    for rw in sorted({False, recompute_weights}):
+        run = tmp_path / f"run{int(rw)}"
+        train(micro_config(), tcfg(env, run, steps=3, precision="fp8", save_every=3, device="cpu",
+                                   fp8_recompute_weights=rw), log=logs.append)
+        assert any("fp8:" in str(line) and ("re-quantised" in str(line)) == rw for line in logs)
+        model, *_ = load_checkpoint(latest_checkpoint(os.path.join(run, "checkpoints")), "cpu", torch.float32)
+        assert not any(isinstance(m, FP8TrainLinear) for m in model.modules())
+        models.append(model.state_dict())
+    for k, v in models[0].items():
+        assert torch.equal(v, models[-1][k]), k
+
+
+def test_train_config_fp8_recompute_weights_needs_fp8():
+    from dsv3.training.config import TrainConfig
+
+    with pytest.raises(ValueError, match="fp8_recompute_weights"):
+        TrainConfig(out_dir="unused", precision="bf16", fp8_recompute_weights=True).validate()
+    TrainConfig(out_dir="unused", precision="fp8", fp8_recompute_weights=True).validate()
 
 
 def test_bad_backend():
@@ -394,3 +410,124 @@ def test_dense_wgrad_in_the_weights_dtype_where_scaled_mm_gives_it(monkeypatch):
     with pytest.raises(torch.OutOfMemoryError):
         kf._wgrad_mm(a, None, b, None, torch.bfloat16)
     assert kf._WGRAD_DIRECT == {}
+
+
+@pytest.mark.parametrize("shape", [(70, 200, 136), (128, 256, 384)])
+def test_recomputed_weights_give_the_same_gradients_and_keep_no_fp8_weight(shape):
+    """fp8_linear(recompute_weight=True) (TrainConfig.fp8_recompute_weights): y, dx and dw bit for bit those of the
+    default (backward quantises W again to the same bytes), what autograd keeps holds W itself (no copy) and no
+    FP8 weight, where the default keeps the FP8 W; a second backward on the same graph (a pipeline's split
+    backward) recomputes again and gives the same dx."""
+    M, K, N = shape
+    gen = torch.Generator().manual_seed(3)
+    x, w = torch.randn(M, K, generator=gen), torch.randn(N, K, generator=gen) * 0.05
+    g = torch.randn(M, N, generator=gen)
+    res, kept = {}, {}
+    for rw in (False, True):
+        xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = fp8_linear(xr, wr, "emulate", recompute_weight=rw)
+        which, payload = y.grad_fn.saved
+        kept[rw] = [t for t in payload if isinstance(t, torch.Tensor)]
+        y.backward(g, retain_graph=True)
+        res[rw] = (y.detach(), xr.grad.clone(), wr.grad.clone())
+        if rw:
+            (dx2,) = torch.autograd.grad(y, xr, g)
+            assert torch.equal(dx2, res[rw][1])
+            assert any(t.data_ptr() == wr.data_ptr() for t in kept[rw])  # W referenced, not copied
+    for a, b in zip(res[True], res[False]):
+        assert torch.equal(a, b)
+    assert [t.shape for t in kept[False] if t.dtype == E4M3] == [(M, K), (N, K)]  # X and W in FP8
+    assert [t.shape for t in kept[True] if t.dtype == E4M3] == [(M, K)]  # X only
+
+
+def test_scaled_mm_glue_recomputes_the_same_dgrad_operand(monkeypatch):
+    """kernels.fp8 `_smm_fwd` / `_smm_bwd` (the scaled_mm backend's glue; the quantisers run their references on
+    the CPU, F.scaled_mm is recorded): with recompute_w the dgrad GEMM gets the same FP8 Wᵀ bytes and scales as
+    the default's transpose from the forward (padded shapes: N 136 -> 256, K 200 -> 256), and the forward does
+    not write the transpose."""
+    import torch.nn.functional as F
+
+    from dsv3.kernels import fp8 as kf
+
+    calls = []
+
+    def fake(a, b, sa, ra, sb, rb, output_dtype):
+        calls.append((a, b, sa, sb))
+        return torch.zeros(a.shape[0], b.shape[1], dtype=output_dtype)
+
+    monkeypatch.setattr(F, "scaled_mm", fake, raising=False)
+    monkeypatch.setattr(F, "ScalingType", type("S", (), {"BlockWise1x128": 0, "BlockWise128x128": 1}), raising=False)
+    monkeypatch.setattr(kf, "_WGRAD_DIRECT", {})
+    monkeypatch.setattr(kf, "weight_quant_pad", lambda w, transposed=False: calls.append(("wq", transposed)) or
+                        kf.reference.weight_quant_pad_ref(w, transposed))
+    gen = torch.Generator().manual_seed(0)
+    x, w, g = torch.randn(70, 200, generator=gen), torch.randn(136, 200, generator=gen) * 0.05, torch.randn(70, 136)
+    dgrad = {}
+    for rw in (False, True):
+        calls.clear()
+        _, saved = kf._smm_fwd(x, w, torch.float32, rw)
+        assert ("wq", not rw) in calls  # the transpose written by the forward only where it is kept
+        kf._smm_bwd(g, saved, torch.float32, torch.float32, True, False)
+        a, b, sa, sb = calls[-1]  # the dgrad GEMM: dY · W, W as (Wᵀ)ᵀ
+        dgrad[rw] = (b.t().contiguous().view(torch.uint8), sb)
+    assert torch.equal(dgrad[True][0], dgrad[False][0]) and torch.equal(dgrad[True][1], dgrad[False][1])
+
+
+def test_interp_weight_quant_transpose_alone_is_the_same_bytes(monkeypatch):
+    """fp8_triton.weight_quant_pad_t (the block read transposed only, its amax from that read) writes the bytes
+    and scales of weight_quant_pad(w, transposed=True)'s transpose, on edge blocks too (Triton interpreter; the
+    kernel against the reference is tests/test_gpu.py's)."""
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs triton and TRITON_INTERPRET=1")
+    from triton.runtime import interpreter as ti
+
+    from dsv3.kernels import fp8_triton
+
+    patch = ti._patch_lang_tensor  # (test_fp8_experts.numpy24_interpreter's fix)
+    monkeypatch.setattr(ti, "_patch_lang_tensor", lambda t, scope: patch(t, scope) or scope.set_attr(
+        t, "__index__", lambda self: int(self.handle.data.squeeze())))
+    for N, K in [(200, 300), (128, 384)]:
+        w = torch.randn(N, K, generator=torch.Generator().manual_seed(N)) * 0.02
+        w[:128, :128] *= 1e3  # blocks of very different scales
+        q, s, qt = fp8_triton.weight_quant_pad(w, transposed=True)
+        qt2, s2 = fp8_triton.weight_quant_pad_t(w)
+        assert qt2.shape == (K, N) and torch.equal(qt2.view(torch.uint8), qt.view(torch.uint8))
+        assert torch.equal(s2, s)
+
+
+def test_weight_quant_kernel_compiles_for_sm90_with_and_without_the_plain_copy():
+    """_weight_quant_kernel with HAS_Q False (the transpose alone: its scale from the transposed read) compiles for
+    sm_90 (Triton's NVIDIA back end on the CPU) and stores one fp8 tile where HAS_Q True stores two."""
+    pytest.importorskip("triton")
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("compiles the kernel: not under the interpreter")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from dsv3.kernels import fp8_triton
+
+    k = fp8_triton._weight_quant_kernel
+    ptrs = {"w_ptr": "*bf16", "q_ptr": "*fp8e4nv", "qt_ptr": "*fp8e4nv", "s_ptr": "*fp32"}
+    stores = {}
+    for has_q in (True, False):
+        signature, consts = {}, {}
+        for i, n in enumerate(k.arg_names):
+            if n in ptrs:
+                signature[n] = ptrs[n]
+            elif n in ("HAS_Q", "HAS_T", "BLK"):
+                signature[n] = "constexpr"
+                consts[(i,)] = {"HAS_Q": has_q, "HAS_T": True, "BLK": 128}[n]
+            else:
+                signature[n] = "i32"
+        c = triton.compile(ASTSource(k, signature, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                           options={"num_warps": 8})
+        ptx = c.asm["ptx"]
+        stores[has_q] = ptx.count("st.global.b8") + ptx.count("st.global.v2.b8") + ptx.count("st.global.v4.b8") \
+            + ptx.count("st.global.b32") + ptx.count("st.global.v4.b32") + ptx.count("st.global.v2.b32")
+        assert ".local" not in ptx  # no spills
+    assert stores[False] < stores[True], stores

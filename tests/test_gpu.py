@@ -174,6 +174,8 @@ def test_fp8_triton_weight_quant_matches_reference(N, K):
     assert qt.shape == (K, N) and _same_fp8(q2, rq) and torch.equal(s2, s) and _same_fp8(qt, rq.t())
     q3, s3, qt3 = kernels.weight_quant_pad(w, transposed=True, backend="reference")  # same layout
     assert _same_fp8(q3, q2) and torch.equal(s3, s2) and _same_fp8(qt3, qt)
+    qt4, s4 = kernels.weight_quant_pad_t(w, backend="triton")  # the transpose alone (recompute_weights)
+    assert _same_fp8(qt4, qt) and torch.equal(s4, s)
 
 
 @pytest.mark.parametrize("M,K", [(256, 512), (384, 128)])
@@ -408,6 +410,10 @@ def test_fp8_scaled_mm_backend_matches_emulation(M, K, N):
     # same quantized operands: FP8 tensor cores accumulate with limited precision between the 128-wide
     # promotions (SPEC §9), so wgrad differs by ~1e-4 (measured 1.2e-4 and 1.3e-4 on an H100, 2026-11-26)
     assert _rel(dw1, dw0) < 1e-3, _rel(dw1, dw0)
+    xb, wb = x.clone().requires_grad_(), w.clone().requires_grad_()  # the weight re-quantised in backward
+    y = fp8_linear(xb, wb, "scaled_mm", out_dtype=torch.bfloat16, recompute_weight=True)
+    y.backward(g)
+    assert torch.equal(y, y1) and torch.equal(xb.grad, dx1) and torch.equal(wb.grad, dw1)
 
 
 def test_fp8_training_step_on_cuda_loss_falls():

@@ -68,6 +68,25 @@ def test_triton_grouped_linear_matches_emulation(E, D, I, M):
             assert not a[1].any() and not a[-1].any()  # the empty experts
 
 
+@pytest.mark.parametrize("E,D,I,M", [(16, 7168, 2048, 4096), (8, 256, 128, 1000)])
+def test_triton_recomputed_weights_give_the_same_gradients(E, D, I, M):
+    """recompute_weight=True (the FP8 Wᵀ quantised again in backward by weight_quant_pad_t, none kept from the
+    forward): y, dx and every dW bit for bit the default's, bf16 working weights."""
+    g = torch.Generator(device="cuda").manual_seed(E)
+    offs = _counts(M, E, g).cumsum(0).to(torch.int32)
+    ws = [(torch.randn(E, I, D, device="cuda", generator=g) * 0.02).bfloat16() for _ in range(2)]
+    x = torch.randn(M, D, device="cuda", generator=g).to(torch.bfloat16)
+    gy = (torch.randn(M, 2 * I, device="cuda", generator=g) * 1e-6).to(torch.bfloat16)
+    res = []
+    for rw in (False, True):
+        xr, wr = x.clone().requires_grad_(), [w.clone().requires_grad_() for w in ws]
+        y = fp8_grouped_linear(xr, tuple(wr), offs, "triton", torch.bfloat16, recompute_weight=rw)
+        y.backward(gy)
+        res.append([y.detach(), xr.grad] + [w.grad for w in wr])
+    for a, b in zip(*res):
+        assert torch.equal(a, b)
+
+
 def _experts(E, D, I, seed):
     cfg = dsv3.ModelConfig(hidden_size=D, moe_intermediate_size=I, n_routed_experts=E, num_experts_per_tok=6,
                            n_group=1, topk_group=1)

@@ -7,7 +7,7 @@ optional.
 
     operation                                           accelerated backend (where: backend.py)
     act_quant, act_dequant, weight_quant, weight_dequant  - (reference only)
-    act_quant_cm, act_quant_t, weight_quant_pad         "triton" (fp8_triton.py)
+    act_quant_cm, act_quant_t, weight_quant_pad(_t)     "triton" (fp8_triton.py)
     fp8_gemm_fwd, fp8_gemm_bwd                          "scaled_mm" (F.scaled_mm + fp8_triton.py)
     fp8_grouped_gemm_fwd, fp8_grouped_gemm_bwd          "triton" (fp8_grouped_triton.py)
     fp8_weight_linear, fp8_expert_rows                  "triton" (fp8_gemm_triton.py)
@@ -53,7 +53,7 @@ from dsv3.kernels.backend import switch as _switch
 from dsv3.kernels.backend import use_backend
 from dsv3.kernels.fp8 import (act_quant_cm, act_quant_t, fp8_expert_rows, fp8_gemm_bwd, fp8_gemm_fwd,
                               fp8_grouped_gemm_bwd, fp8_grouped_gemm_fwd, fp8_weight_linear, fp8_weight_linear2,
-                              weight_quant_pad)
+                              weight_quant_pad, weight_quant_pad_t)
 from dsv3.kernels.reference import (BLOCK, FP8_MAX, act_dequant, act_quant, dense_gemv_ref, expert_gemv_ref,
                                     expert_ids, head_gemv_ref, mla_decode_ref, moe_gemm_ref, router_topk_ref,
                                     store_latents_ref, weight_dequant, weight_quant)
@@ -70,7 +70,7 @@ __all__ = ["BLOCK", "FP8_MAX", "act_dequant", "act_quant", "act_quant_cm", "act_
            "router_topk", "router_topk_ref", "select_backend", "set_dense_gemv", "set_head_gemv", "set_latent_store",
            "set_pdl", "set_shared_gemv", "store_latents", "store_latents_ref", "swiglu_gemv", "use_backend",
            "weight_dequant", "weight_quant",
-           "weight_quant_pad"]
+           "weight_quant_pad", "weight_quant_pad_t"]
 
 
 def expert_gemv(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None, expert: torch.Tensor, x_div: int = 1,

@@ -6,6 +6,7 @@ which backend runs, and calls either the reference (reference.py) or the GPU pat
                                            column-major; s_in: x is fp8 with 1x128 scales (re-tiling)
     weight_quant_pad(w, transposed=False)  w (N, K) -> fp8 (N, K), 128x128 scales (N/128, round4(K/128))
                                            [+ the fp8 transpose (K, N)]
+    weight_quant_pad_t(w)                  -> (the fp8 transpose (K, N), the scales) alone
         "triton": fp8_triton.py (byte-equal to the reference), on SM 8.9+.
     fp8_gemm_fwd(x2, w, out_dtype) -> (y, saved); fp8_gemm_bwd(g2, saved, ...) -> (dx, dw)
         fprop / dgrad / wgrad of a training Linear (the recipe: dsv3/training/fp8.py).
@@ -89,24 +90,38 @@ def weight_quant_pad(w: torch.Tensor, transposed: bool = False, *, backend: str 
     return reference.weight_quant_pad_ref(w, transposed)
 
 
+def weight_quant_pad_t(w: torch.Tensor, *, backend: str | None = None):
+    """w (N, K) -> (qt (K, N), s): weight_quant_pad(w, transposed=True)'s fp8 transpose and scales, the same
+    bytes, without the (N, K) copy (the dgrad operand where backward recomputes it)."""
+    assert w.dim() == 2, f"weight_quant_pad_t: a 2-D weight, got {tuple(w.shape)}"
+    if select("fp8_quant", w, backend=backend) == "triton":
+        from dsv3.kernels import fp8_triton
+
+        return fp8_triton.weight_quant_pad_t(w)
+    return reference.weight_quant_pad_t_ref(w)
+
+
 # --- FP8 GEMMs of a training Linear --------------------------------------------------------------
 
-def _smm_fwd(x2: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype):
+def _smm_fwd(x2: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype, recompute_w: bool = False):
     M, K = x2.shape
     N = w.shape[0]
     Mp, Kp, Np = _ceil(M), _ceil(K), _ceil(N)
     xq, xs = act_quant_cm(_pad2(x2, Mp, Kp))  # (Mp, Kp), scales (Mp, Kp/128) column-major
-    # (Np, Kp), scales (Np/128, round4(Kp/128)), and the fp8 transpose (Kp, Np) for dgrad from the same pass
-    wq, ws, wqt = weight_quant_pad(_pad2(w, Np, Kp), transposed=True)
+    if recompute_w:  # backward re-quantises w for dgrad (weight_quant_pad_t): nothing of it kept here
+        wq, ws = weight_quant_pad(_pad2(w, Np, Kp))
+        wqt = None
+    else:  # (Np, Kp), scales (Np/128, round4(Kp/128)), and the fp8 transpose (Kp, Np) for dgrad, same pass
+        wq, ws, wqt = weight_quant_pad(_pad2(w, Np, Kp), transposed=True)
     y = F.scaled_mm(xq, wq.t(), xs, F.ScalingType.BlockWise1x128, ws.t(), F.ScalingType.BlockWise128x128,
                     output_dtype=out_dtype)
-    return y[:M, :N], (xq, xs, wqt, ws, M, N, K)
+    return y[:M, :N], (xq, xs, wqt, None if recompute_w else ws, w if recompute_w else None, M, N, K)
 
 
 def _smm_bwd(g2: torch.Tensor, saved, x_dtype: torch.dtype, w_dtype: torch.dtype, need_dx: bool, need_dw: bool):
-    xq, xs, wqt, ws, M, N, K = saved
+    xq, xs, wqt, ws, w, M, N, K = saved
     Mp, Kp = xq.shape
-    Np = wqt.shape[1]
+    Np = _ceil(N)
     # as in the reference: exact power-of-two pre-scale p, applied inside the quantisers, which also
     # store the scales divided by p
     p = reference.grad_prescale(g2).reshape(1)
@@ -114,6 +129,8 @@ def _smm_bwd(g2: torch.Tensor, saved, x_dtype: torch.dtype, w_dtype: torch.dtype
     dx = dw = None
     if need_dx:
         gq, gs = act_quant_cm(gp, p)
+        if wqt is None:  # recompute_w: the forward's bytes again, from the weight (alive anyway)
+            wqt, ws = weight_quant_pad_t(_pad2(w, Np, Kp))
         nb, kb = Np // BLOCK, Kp // BLOCK
         # wqt (Kp, Np) = the forward's 128x128 blocks transposed (written by the weight quantiser)
         wst = torch.ones(kb, -(-nb // 4) * 4, dtype=torch.float32, device=ws.device)
@@ -149,15 +166,18 @@ def _wgrad_mm(gtq, gts, xtq, xts, w_dtype: torch.dtype) -> torch.Tensor:
     return F.scaled_mm(*args, output_dtype=torch.float32)
 
 
-def fp8_gemm_fwd(x2: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype, *, backend: str | None = None):
-    """fprop Y = Q1x128(X) · Q128x128(W)ᵀ, X (M, K), W (N, K) -> (Y (M, N) in out_dtype, saved)."""
+def fp8_gemm_fwd(x2: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype, *, backend: str | None = None,
+                 recompute_w: bool = False):
+    """fprop Y = Q1x128(X) · Q128x128(W)ᵀ, X (M, K), W (N, K) -> (Y (M, N) in out_dtype, saved). recompute_w:
+    `saved` holds w itself (a reference, no copy), not its FP8 form: backward quantises it again for dgrad
+    (the same bytes; 1 byte a parameter less kept between forward and backward, a weight pass more)."""
     assert x2.dim() == 2 and w.dim() == 2 and x2.shape[1] == w.shape[1], \
         f"fp8_gemm_fwd: x (M, K) and w (N, K), got {tuple(x2.shape)} and {tuple(w.shape)}"
     which = select("fp8_gemm", x2, backend=backend)
     if which == "scaled_mm" and x2.shape[1] % 16:  # fp8 row strides must stay 16-byte aligned
         which = "reference"
     fwd = _smm_fwd if which == "scaled_mm" else reference.fp8_gemm_fwd_ref
-    y, saved = fwd(x2, w, out_dtype)
+    y, saved = fwd(x2, w, out_dtype, recompute_w)
     return y, (which, saved)
 
 
@@ -177,7 +197,8 @@ def _block_scales(s: torch.Tensor, E: int, n: int, k: int) -> torch.Tensor:
     return s.view(E, n // BLOCK, -1)[:, :, : k // BLOCK]
 
 
-def _tri_grouped_fwd(x: torch.Tensor, ws: list[torch.Tensor], offs: torch.Tensor, out_dtype: torch.dtype):
+def _tri_grouped_fwd(x: torch.Tensor, ws: list[torch.Tensor], offs: torch.Tensor, out_dtype: torch.dtype,
+                     recompute_w: bool = False):
     from dsv3.kernels import fp8_grouped_triton as gk
 
     M, K = x.shape
@@ -190,11 +211,15 @@ def _tri_grouped_fwd(x: torch.Tensor, ws: list[torch.Tensor], offs: torch.Tensor
         n = w.shape[1]
         # the stacked (E*n, K) view: its 128x128 grid is each expert's own (n % 128 == 0); qt (K, E*n)
         # is the fp8 transpose for dgrad, from the same pass
-        q, s, qt = weight_quant_pad(w.reshape(E * n, K), transposed=True)
+        if recompute_w:  # backward re-quantises w for dgrad (fp8_gemm_fwd's recompute_w)
+            q, s = weight_quant_pad(w.reshape(E * n, K))
+            saved_w.append((None, None, w))
+        else:
+            q, s, qt = weight_quant_pad(w.reshape(E * n, K), transposed=True)
+            saved_w.append((qt, s, None))
         bs.append((q.view(E, n, K), _block_scales(s, E, n, K)))
-        saved_w.append((qt, s))
     y = gk.fp8_grouped_mm(xq[:M], xs[:M], bs, offs, out_dtype, cat="n")
-    return y, (xq, xs, saved_w, M, offs)
+    return y, (xq, xs, saved_w, [w.shape[1] for w in ws], M, offs)
 
 
 _WGRAD_OUT = (torch.float32, torch.bfloat16, torch.float16)  # the dtypes fp8_grouped_wgrad writes
@@ -204,18 +229,19 @@ def _tri_grouped_bwd(g: torch.Tensor, saved, x_dtype: torch.dtype, w_dtypes: lis
                      need_dx: bool, need_dw: bool):
     from dsv3.kernels import fp8_grouped_triton as gk
 
-    xq, xs, saved_w, M, offs = saved
+    xq, xs, saved_w, ns, M, offs = saved
     Mp, K = xq.shape
     E = offs.shape[0]
-    ns = [qt.shape[1] // E for qt, _ in saved_w]
     p = reference.grad_prescale(g).reshape(1)  # as in the reference, applied inside the quantisers
     gp = _pad2(g, Mp, sum(ns))
     dx = dws = None
     if need_dx:
         gq, gs = act_quant_cm(gp, p)  # (Mp, N), 1x128 tiles along N
         # W_eᵀ (E, K, n) as views of qt (K, E*n), and the transposed block scales (E, K/128, n/128)
+        wts = [(qt, s) if qt is not None else weight_quant_pad_t(w.reshape(E * n, K))  # recompute_w
+               for (qt, s, w), n in zip(saved_w, ns)]
         bts = [(qt.view(K, E, n).permute(1, 0, 2), _block_scales(s, E, n, K).transpose(1, 2))
-               for (qt, s), n in zip(saved_w, ns)]
+               for (qt, s), n in zip(wts, ns)]
         dx = gk.fp8_grouped_mm(gq[:M], gs[:M], bts, offs, x_dtype, cat="k")
     if need_dw:
         gtq, gts = act_quant_t(gp, p=p)  # dYᵀ (N, Mp), scales (N, Mp/128)
@@ -228,10 +254,10 @@ def _tri_grouped_bwd(g: torch.Tensor, saved, x_dtype: torch.dtype, w_dtypes: lis
 
 
 def fp8_grouped_gemm_fwd(x: torch.Tensor, ws: list[torch.Tensor], offs: torch.Tensor, out_dtype: torch.dtype, *,
-                         backend: str | None = None):
+                         backend: str | None = None, recompute_w: bool = False):
     """Rows of x (M, K) sorted by expert (offs (E,) int32 end rows, offs[-1] = M) through the expert
     weights ws[i] (E, N_i, K), concatenated along N -> (Y (M, ΣN_i) in out_dtype, saved). Several
-    weights share one quantisation of x (gate and up)."""
+    weights share one quantisation of x (gate and up). recompute_w: as fp8_gemm_fwd's."""
     E = offs.shape[0]
     assert x.dim() == 2 and offs.dim() == 1 and ws and all(w.dim() == 3 and w.shape[0] == E and w.shape[2] == x.shape[1]
                                                            for w in ws), \
@@ -239,7 +265,7 @@ def fp8_grouped_gemm_fwd(x: torch.Tensor, ws: list[torch.Tensor], offs: torch.Te
         f"{[tuple(w.shape) for w in ws]}, {tuple(offs.shape)}"
     which = select("fp8_grouped_gemm", x, backend=backend)
     fwd = _tri_grouped_fwd if which == "triton" else reference.fp8_grouped_gemm_fwd_ref
-    y, saved = fwd(x, ws, offs, out_dtype)
+    y, saved = fwd(x, ws, offs, out_dtype, recompute_w)
     return y, (which, saved)
 
 

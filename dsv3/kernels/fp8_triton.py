@@ -14,6 +14,8 @@ against it byte for byte.
                                row stride cuBLAS wants for BlockWise128x128; `[:, :K/128]` is the
                                reference's scale_inv; transposed=True also returns the fp8 (K, N)
                                transpose (the dgrad operand) from the same pass
+    weight_quant_pad_t(w)      -> (qt, s): that transpose and the scales alone (no (N, K) copy): the
+                               dgrad operand recomputed in backward (dsv3/training/fp8.py, recompute_weights)
 p (both activation quantisers): a 1-element fp32 power of two multiplying x before quantisation, the
 scales stored divided by it: the gradient pre-scale of dsv3/training/fp8.py without a pass of its own.
 
@@ -27,9 +29,13 @@ caller (dsv3/training/fp8.py) pads with zeros, which changes no amax.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # CPU tensors under the interpreter (tests)
 
 FP8_MAX = 448.0
 INV_MAX = tl.constexpr(1.0 / 448.0)  # fp32(1/448), the reciprocal torch's CUDA scalar division uses
@@ -87,23 +93,27 @@ def _act_quant_t_kernel(x_ptr, sin_ptr, p_ptr, q_ptr, s_ptr, M, K, stride_xm, st
 
 @triton.jit
 def _weight_quant_kernel(w_ptr, q_ptr, qt_ptr, s_ptr, N, K, stride_wn, stride_qn, stride_qtk, stride_sn,
-                         HAS_T: tl.constexpr, BLK: tl.constexpr):
+                         HAS_Q: tl.constexpr, HAS_T: tl.constexpr, BLK: tl.constexpr):
     pn = tl.program_id(0)
     pk = tl.program_id(1)
     rn = pn * BLK + tl.arange(0, BLK)
     rk = pk * BLK + tl.arange(0, BLK)
-    mask = (rn[:, None] < N) & (rk[None, :] < K)
-    w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=mask, other=0.0).to(tl.float32)
-    amax = tl.max(tl.max(tl.abs(w), axis=1), axis=0)
-    s = tl.maximum(amax * INV_MAX, 1e-12)
-    qf = tl.minimum(tl.maximum(tl.math.div_rn(w, s), -448.0), 448.0)
-    tl.store(q_ptr + rn[:, None] * stride_qn + rk[None, :], qf.to(tl.float8e4nv, fp_downcast_rounding="rtne"),
-             mask=mask)
+    if HAS_Q:
+        mask = (rn[:, None] < N) & (rk[None, :] < K)
+        w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=mask, other=0.0).to(tl.float32)
+        amax = tl.max(tl.max(tl.abs(w), axis=1), axis=0)
+        s = tl.maximum(amax * INV_MAX, 1e-12)
+        qf = tl.minimum(tl.maximum(tl.math.div_rn(w, s), -448.0), 448.0)
+        tl.store(q_ptr + rn[:, None] * stride_qn + rk[None, :], qf.to(tl.float8e4nv, fp_downcast_rounding="rtne"),
+                 mask=mask)
     if HAS_T:  # the same bytes transposed, (K, N): the dgrad operand. The block has one scale, so quantising
         # the block re-read transposed (from L2) gives exactly the transposed bytes; a register tl.trans of
         # the 128x128 tile came out scrambled on Triton 3.6 / SM90 (tests/test_gpu.py caught it).
         mask_t = (rk[:, None] < K) & (rn[None, :] < N)
         wt = tl.load(w_ptr + rn[None, :] * stride_wn + rk[:, None], mask=mask_t, other=0.0).to(tl.float32)
+        if not HAS_Q:  # the transpose alone (weight_quant_pad_t): the same block's amax, from this read
+            amax = tl.max(tl.max(tl.abs(wt), axis=1), axis=0)
+            s = tl.maximum(amax * INV_MAX, 1e-12)
         qt = tl.minimum(tl.maximum(tl.math.div_rn(wt, s), -448.0), 448.0)
         tl.store(qt_ptr + rk[:, None] * stride_qtk + rn[None, :], qt.to(tl.float8e4nv, fp_downcast_rounding="rtne"),
                  mask=mask_t)
@@ -146,14 +156,28 @@ def act_quant_t(x: torch.Tensor, s_in: torch.Tensor | None = None,
     return q, s
 
 
-def weight_quant_pad(w: torch.Tensor, transposed: bool = False):
-    """-> (q, s), or (q, s, qt) with transposed=True: qt = q.t().contiguous() written by the same kernel."""
-    assert w.is_cuda and w.dim() == 2 and w.stride(1) == 1, "weight_quant_pad: a 2-D row-major CUDA tensor"
+def _weight_quant(w: torch.Tensor, plain: bool, transposed: bool):
+    assert (w.is_cuda or _INTERPRET) and w.dim() == 2 and w.stride(1) == 1, \
+        "weight_quant_pad: a 2-D row-major CUDA tensor"
     N, K = w.shape
     nb, kb = triton.cdiv(N, BLOCK), triton.cdiv(K, BLOCK)
-    q = torch.empty(N, K, dtype=torch.float8_e4m3fn, device=w.device)
+    q = torch.empty(N, K, dtype=torch.float8_e4m3fn, device=w.device) if plain else None
     s = torch.ones(nb, _round4(kb), dtype=torch.float32, device=w.device)
-    qt = torch.empty(K, N, dtype=torch.float8_e4m3fn, device=w.device) if transposed else q
-    _weight_quant_kernel[(nb, kb)](w, q, qt, s, N, K, w.stride(0), q.stride(0), qt.stride(0), s.stride(0),
-                                   HAS_T=transposed, BLK=BLOCK, num_warps=8)
+    qt = torch.empty(K, N, dtype=torch.float8_e4m3fn, device=w.device) if transposed else None
+    q_arg, qt_arg = (q if plain else qt), (qt if transposed else q)  # placeholders where not written
+    _weight_quant_kernel[(nb, kb)](w, q_arg, qt_arg, s, N, K, w.stride(0), q_arg.stride(0), qt_arg.stride(0),
+                                   s.stride(0), HAS_Q=plain, HAS_T=transposed, BLK=BLOCK, num_warps=8)
+    return q, s, qt
+
+
+def weight_quant_pad(w: torch.Tensor, transposed: bool = False):
+    """-> (q, s), or (q, s, qt) with transposed=True: qt = q.t().contiguous() written by the same kernel."""
+    q, s, qt = _weight_quant(w, True, transposed)
     return (q, s, qt) if transposed else (q, s)
+
+
+def weight_quant_pad_t(w: torch.Tensor):
+    """-> (qt, s): weight_quant_pad(w, transposed=True)'s qt and s without writing q (the dgrad operand
+    recomputed in backward: the block read transposed only)."""
+    _, s, qt = _weight_quant(w, False, True)
+    return qt, s

@@ -7,7 +7,7 @@ are what runs.
         weight_quant / weight_dequant        128x128 weight blocks
         act_quant / act_dequant              1x128 activation tiles
         grad_prescale / grad_quant           1x128 tiles of a gradient, without the activation floor
-        act_quant_cm_ref, act_quant_t_ref, weight_quant_pad_ref
+        act_quant_cm_ref, act_quant_t_ref, weight_quant_pad_ref, weight_quant_pad_t_ref
                                              the training quantisers in the layouts of fp8_triton.py
     FP8 training GEMMs (the recipe: dsv3/training/fp8.py)
         fp8_gemm_fwd_ref / fp8_gemm_bwd_ref                  a Linear's fprop, dgrad, wgrad
@@ -146,26 +146,35 @@ def weight_quant_pad_ref(w: torch.Tensor, transposed: bool = False):
     return (q, sp, q.t().contiguous()) if transposed else (q, sp)
 
 
+def weight_quant_pad_t_ref(w: torch.Tensor):
+    """w (N, K) -> (the fp8 transpose (K, N), scales (N/128, round4(K/128))): weight_quant_pad_ref(w, True)'s
+    third and second outputs (fp8_triton.weight_quant_pad_t's, which does not write the (N, K) copy)."""
+    _, sp, qt = weight_quant_pad_ref(w, transposed=True)
+    return qt, sp
+
+
 # --- FP8 training GEMMs: the emulation of the recipe (dsv3/training/fp8.py) -----------------------
 # Quantise with the functions above, dequantise to fp32, matmul in fp32, cast (Y to out_dtype, dX to
 # X's dtype, dW to W's dtype).
 
-def fp8_gemm_fwd_ref(x2: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype):
+def fp8_gemm_fwd_ref(x2: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype, recompute_w: bool = False):
     """fprop Y = Q1x128(X) · Q128x128(W)ᵀ, X (M, K), W (N, K) -> (Y (M, N), what backward keeps: the
-    FP8 X and W with their scales)."""
+    FP8 X and W with their scales, or with recompute_w W itself, quantised again by backward)."""
     xq, xs = act_quant(x2)
     wq, ws = weight_quant(w)
     y = act_dequant(xq, xs) @ weight_dequant(wq, ws, torch.float32).T
-    return y.to(out_dtype), (xq, xs, wq, ws)
+    return y.to(out_dtype), (xq, xs, *((None, None, w) if recompute_w else (wq, ws, None)))
 
 
 def fp8_gemm_bwd_ref(g2: torch.Tensor, saved, x_dtype: torch.dtype, w_dtype: torch.dtype, need_dx: bool,
                      need_dw: bool):
     """dgrad dX = Q1x128(dY) · Q128x128(W); wgrad dW = Q1x128(dYᵀ) · Q1x128(Xᵀ)ᵀ with Xᵀ re-tiled from
     the FP8 X -> (dX or None, dW or None)."""
-    xq, xs, wq, ws = saved
+    xq, xs, wq, ws, w = saved
     dx = dw = None
     if need_dx:
+        if wq is None:  # recompute_w
+            wq, ws = weight_quant(w)
         gq, gs = grad_quant(g2)
         dx = (act_dequant(gq, gs) @ weight_dequant(wq, ws, torch.float32)).to(x_dtype)
     if need_dw:
@@ -187,10 +196,12 @@ def _expert_weights(wqs) -> torch.Tensor:
     return torch.cat([torch.stack([weight_dequant(q, s, torch.float32) for q, s in w]) for w in wqs], dim=1)
 
 
-def fp8_grouped_gemm_fwd_ref(x: torch.Tensor, ws: list[torch.Tensor], offs: torch.Tensor, out_dtype: torch.dtype):
+def fp8_grouped_gemm_fwd_ref(x: torch.Tensor, ws: list[torch.Tensor], offs: torch.Tensor, out_dtype: torch.dtype,
+                             recompute_w: bool = False):
     """Rows of x (M, K) sorted by expert (offs (E,) end rows) through the expert weights (E, N_i, K)
     concatenated along N: Y[rows_e] = Q1x128(X)[rows_e] · Q128x128([W1_e; W2_e])ᵀ -> (Y (M, ΣN_i),
-    what backward keeps). A loop over the experts on the host copy of offs."""
+    what backward keeps: with recompute_w the weights themselves, quantised again by backward). A loop over
+    the experts on the host copy of offs."""
     rows = _expert_rows(offs)
     xq, xs = act_quant(x)  # 1x128 tiles of each row: rows are independent, so the grouping does not matter
     wqs = [[weight_quant(w_e) for w_e in w] for w in ws]  # each expert its own 128x128 grid
@@ -198,17 +209,18 @@ def fp8_grouped_gemm_fwd_ref(x: torch.Tensor, ws: list[torch.Tensor], offs: torc
     y = xd.new_zeros(x.shape[0], wd.shape[1])
     for e, (a, b) in enumerate(rows):
         y[a:b] = xd[a:b] @ wd[e].T
-    return y.to(out_dtype), (xq, xs, wqs, rows)
+    return y.to(out_dtype), (xq, xs, list(ws) if recompute_w else wqs, [w.shape[1] for w in ws], rows)
 
 
 def fp8_grouped_gemm_bwd_ref(g: torch.Tensor, saved, x_dtype: torch.dtype, w_dtypes: list[torch.dtype],
                              need_dx: bool, need_dw: bool):
     """dgrad dX[rows_e] = Q1x128(dY)[rows_e] · Q128x128(W_e) (each weight's dY in its own 1x128 tiles);
     wgrad dW_e = Q1x128(dYᵀ)[:, rows_e] · Q1x128(Xᵀ)[:, rows_e]ᵀ -> (dX or None, [dW_i (E, N_i, K)] or None)."""
-    xq, xs, wqs, rows = saved
+    xq, xs, wqs, ns, rows = saved
     dx = dws = None
-    ns = [w[0][0].shape[0] for w in wqs]
     if need_dx:
+        if isinstance(wqs[0], torch.Tensor):  # recompute_w: the weights, quantised again
+            wqs = [[weight_quant(w_e) for w_e in w] for w in wqs]
         wd = _expert_weights(wqs)  # (E, N, K)
         # (M, N): each weight's dY in its own 1x128 tiles (gate and up are two linears; the tiles of
         # [dY_gate | dY_up] are the same when I % 128 == 0)

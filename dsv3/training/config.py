@@ -68,6 +68,9 @@ class TrainConfig:
                              choices=("auto", "fp32", "bf16", "fp8"))
     fp8_experts: bool = setting(False, "with --precision fp8: the routed experts' grouped GEMMs in FP8 too "
                                        "(Triton; slower than bf16 on an H100 today, bench/RESULTS.md)")
+    fp8_recompute_weights: bool = setting(False, "with --precision fp8: backward quantises the weights again for "
+                                                 "its input gradients instead of keeping their FP8 copies from "
+                                                 "the forward (1 byte a parameter less memory, a weight pass more)")
     # dsv3/training/optim.py AdamW(masters=...): the GEMM weights in bf16, their fp32 masters in the optimizer;
     # checkpoints hold the masters (one process; the torchrun layouts refuse it, README)
     bf16_weights: bool = setting(False, "with --precision bf16 or fp8: store the GEMM weights in bf16 (no per-step "
@@ -131,6 +134,9 @@ class TrainConfig:
             raise ValueError(f"precision must be auto, fp32, bf16 or fp8, got {self.precision!r}")
         if self.fp8_experts and self.precision != "fp8":
             raise ValueError(f"fp8_experts (--fp8-experts) needs precision fp8, got {self.precision!r}")
+        if self.fp8_recompute_weights and self.precision != "fp8":
+            raise ValueError(f"fp8_recompute_weights (--fp8-recompute-weights) needs precision fp8, got "
+                             f"{self.precision!r}")
         if self.bf16_weights and self.precision not in ("auto", "bf16", "fp8"):  # auto: checked once resolved
             from dsv3.training.strategy import check_weights
 
@@ -186,8 +192,9 @@ class TrainConfig:
 RUN_FIELDS = ("data", "extra_data", "tokenizer", "steps", "tokens", "seq_len", "batch_size", "micro_batch_size",
               "lr", "warmup_steps", "schedule", "weight_decay", "grad_clip", "mtp_lambda", "mtp_lambda_late",
               "bias_gamma", "balance_alpha", "batch_ramp_steps", "batch_start", "fim_rate", "val_permille",
-              "precision", "fp8_experts", "bf16_weights", "seed", "deterministic", "eval_every", "eval_batches",
-              "save_every", "keep", "log_every", "max_skipped_steps", "compile", "recompute", "optim_state_dtype")
+              "precision", "fp8_experts", "fp8_recompute_weights", "bf16_weights", "seed", "deterministic",
+              "eval_every", "eval_batches", "save_every", "keep", "log_every", "max_skipped_steps", "compile",
+              "recompute", "optim_state_dtype")
 
 
 def resumed_config(tc: TrainConfig, saved: dict, given: set[str]) -> tuple[TrainConfig, dict]:

@@ -24,6 +24,14 @@ Q128x128: one scale per 128x128 weight block, max(amax / 448, 1e-12) (`kernels.w
 Scales are fp32 and computed from the current tensor (no delayed scaling). Backward keeps the FP8 X
 (1 byte/element + scales) and the FP8 Wᵀ with W's scales (written by the forward's weight quantiser in
 the same pass as W), not the bf16 X.
+
+Weights kept or recomputed (`recompute_weights`, TrainConfig.fp8_recompute_weights): by default backward
+keeps each FP8 Wᵀ from its forward, 1 byte a parameter alive from the forward to the backward of its layer
+(once per micro-batch in flight under pipelining). With recompute_weights the forward writes only the FP8 W
+it multiplies by, and backward quantises W again for dgrad (`kernels.weight_quant_pad_t`: the block read
+transposed, the same bytes, so the same gradients bit for bit): no weight copy is kept, at the price of one
+more read of every weight a step. The weight itself stays referenced (as nn.Linear's backward keeps it;
+under FSDP2 the backward's re-gathered weight).
 Gradients (dY, dYᵀ): the paper's s = amax / 448 with no floor. The 1e-4 floor of `act_quant` (from
 the inference kernel) is harmless for activations (tile amax ~0.05-5) but dY tiles are ~1e-9..1e-4
 (the loss is a mean over B*T tokens), so with it almost every dY tile was quantised on a scale up to
@@ -101,11 +109,12 @@ def _ceil(n: int, m: int = BLOCK) -> int:
 
 class _FP8LinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype, backend: str | None) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype, backend: str | None,
+                recompute_w: bool = False) -> torch.Tensor:
         lead, K = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, K)
         with torch.autocast(x.device.type, enabled=False):
-            y, saved = kernels.fp8_gemm_fwd(x2, w.detach(), out_dtype, backend=backend)
+            y, saved = kernels.fp8_gemm_fwd(x2, w.detach(), out_dtype, backend=backend, recompute_w=recompute_w)
         ctx.saved = saved  # tagged with the backend that ran: the backward runs the same
         ctx.x_dtype, ctx.w_dtype, ctx.x_shape = x.dtype, w.dtype, x.shape
         return y.reshape(*lead, w.shape[0])
@@ -120,13 +129,14 @@ class _FP8LinearFn(torch.autograd.Function):
         # weight gradients, torch.distributed.pipelining) calls this backward twice on one graph
         if dx is not None:
             dx = dx.reshape(ctx.x_shape)
-        return dx, dw, None, None
+        return dx, dw, None, None, None
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, backend: str = "auto",
-               out_dtype: torch.dtype | None = None) -> torch.Tensor:
+               out_dtype: torch.dtype | None = None, recompute_weight: bool = False) -> torch.Tensor:
     """y = x Wᵀ with the three GEMMs in FP8 (module docstring). out_dtype: the autocast dtype where
-    autocast is on, else x's dtype."""
+    autocast is on, else x's dtype. recompute_weight: backward quantises W again for dgrad instead of keeping
+    its FP8 transpose from the forward (module docstring, "Weights kept or recomputed")."""
     if backend not in BACKENDS:
         raise ValueError(f"fp8 backend must be one of {BACKENDS}, got {backend!r}")
     dev = x.device.type
@@ -134,7 +144,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, backend: str = "auto",
         out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
     if torch.is_autocast_enabled(dev) and x.is_floating_point() and x.dtype != out_dtype:
         x = x.to(out_dtype)  # the copy autocast would have made for F.linear (both backends alike)
-    return _FP8LinearFn.apply(x, weight, out_dtype, _KERNEL_BACKEND[backend])
+    return _FP8LinearFn.apply(x, weight, out_dtype, _KERNEL_BACKEND[backend], recompute_weight)
 
 
 class FP8TrainLinear(nn.Linear):
@@ -143,28 +153,32 @@ class FP8TrainLinear(nn.Linear):
     initialisation and checkpoint code treat it as one."""
 
     fp8_backend: str = "auto"
+    fp8_recompute_weight: bool = False  # backward re-quantises the weight (module docstring)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, device=None, dtype=None,
-                 backend: str = "auto"):
+                 backend: str = "auto", recompute_weight: bool = False):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.fp8_backend = backend
+        self.fp8_recompute_weight = recompute_weight
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, backend: str = "auto") -> "FP8TrainLinear":
+    def from_linear(cls, linear: nn.Linear, backend: str = "auto", recompute_weight: bool = False) -> "FP8TrainLinear":
         """Turn `linear` into an FP8TrainLinear in place (same Parameter objects) and return it."""
         if type(linear) not in _PLAIN_LINEARS:
             raise TypeError(f"expected a plain nn.Linear, got {type(linear).__name__}")
         linear.__class__ = cls
         linear.fp8_backend = backend
+        linear.fp8_recompute_weight = recompute_weight
         return linear
 
     @torch.compiler.disable  # opaque to torch.compile: Triton kernels + F.scaled_mm in an autograd.Function
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = fp8_linear(x, self.weight, self.fp8_backend)
+        y = fp8_linear(x, self.weight, self.fp8_backend, recompute_weight=self.fp8_recompute_weight)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", fp8={self.fp8_backend}"
+        return super().extra_repr() + f", fp8={self.fp8_backend}" + (", recompute_weight" if self.fp8_recompute_weight
+                                                                     else "")
 
 
 # --- routed experts: grouped FP8 GEMMs over rows sorted by expert (module docstring, "Experts") ----
@@ -172,32 +186,34 @@ class FP8TrainLinear(nn.Linear):
 class _FP8GroupedFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, offs: torch.Tensor, out_dtype: torch.dtype, backend: str | None,
-                *ws: torch.Tensor) -> torch.Tensor:
+                recompute_w: bool, *ws: torch.Tensor) -> torch.Tensor:
         with torch.autocast(x.device.type, enabled=False):
-            y, saved = kernels.fp8_grouped_gemm_fwd(x, [w.detach() for w in ws], offs, out_dtype, backend=backend)
+            y, saved = kernels.fp8_grouped_gemm_fwd(x, [w.detach() for w in ws], offs, out_dtype, backend=backend,
+                                                    recompute_w=recompute_w)
         ctx.saved = saved  # tagged with the backend that ran: the backward runs the same
         ctx.x_dtype, ctx.w_dtypes = x.dtype, [w.dtype for w in ws]
         return y
 
     @staticmethod
     def backward(ctx, gy: torch.Tensor):
-        need_dx, need_dw = ctx.needs_input_grad[0], any(ctx.needs_input_grad[4:])
+        need_dx, need_dw = ctx.needs_input_grad[0], any(ctx.needs_input_grad[5:])
         with torch.autocast(gy.device.type, enabled=False):
             dx, dws = kernels.fp8_grouped_gemm_bwd(gy, ctx.saved, ctx.x_dtype, ctx.w_dtypes, need_dx, need_dw)
         # ctx.saved is kept (freed with the graph): a pipeline's split backward (input gradients, then
         # weight gradients, torch.distributed.pipelining) calls this backward twice on one graph
-        return (dx, None, None, None, *(dws or [None] * len(ctx.w_dtypes)))
+        return (dx, None, None, None, None, *(dws or [None] * len(ctx.w_dtypes)))
 
 
 def fp8_grouped_linear(x: torch.Tensor, weights: tuple[torch.Tensor, ...], offs: torch.Tensor,
-                       backend: str = "auto", out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                       backend: str = "auto", out_dtype: torch.dtype | None = None,
+                       recompute_weight: bool = False) -> torch.Tensor:
     """Rows of x (M, K) sorted by expert (offs (E,) int32 end rows, offs[-1] = M) times the expert
     weights (E, N_i, K), concatenated along N: Y[rows_e] = X[rows_e] · [W1_e; W2_e]ᵀ -> (M, ΣN_i) in
     out_dtype (default x's), the three GEMMs in FP8 (module docstring, "Experts"). Several weights
     share one quantisation of x (gate and up)."""
     if backend not in EXPERT_BACKENDS:
         raise ValueError(f"fp8 experts backend must be one of {EXPERT_BACKENDS}, got {backend!r}")
-    return _FP8GroupedFn.apply(x, offs, out_dtype or x.dtype, _KERNEL_BACKEND[backend], *weights)
+    return _FP8GroupedFn.apply(x, offs, out_dtype or x.dtype, _KERNEL_BACKEND[backend], recompute_weight, *weights)
 
 
 class FP8TrainExperts(Experts):
@@ -206,9 +222,10 @@ class FP8TrainExperts(Experts):
     FP8 GEMMs exist only in that form, so `impl` ("loop" / "grouped") does not apply."""
 
     fp8_backend: str = "auto"
+    fp8_recompute_weight: bool = False  # backward re-quantises the weights (module docstring)
 
     @classmethod
-    def from_experts(cls, experts: Experts, backend: str = "auto") -> "FP8TrainExperts":
+    def from_experts(cls, experts: Experts, backend: str = "auto", recompute_weight: bool = False) -> "FP8TrainExperts":
         """Turn `experts` into an FP8TrainExperts in place (same Parameter objects) and return it."""
         if type(experts) is not Experts:
             raise TypeError(f"expected a plain Experts, got {type(experts).__name__}")
@@ -216,6 +233,7 @@ class FP8TrainExperts(Experts):
             raise ValueError(f"fp8 experts backend must be one of {EXPERT_BACKENDS}, got {backend!r}")
         experts.__class__ = cls
         experts.fp8_backend = backend
+        experts.fp8_recompute_weight = recompute_weight
         return experts
 
     def forward(self, x_ND: torch.Tensor, idx_NK: torch.Tensor, w_NK: torch.Tensor, impl: str = "auto") -> torch.Tensor:
@@ -236,13 +254,15 @@ class FP8TrainExperts(Experts):
             w1, w3 = (F.pad(w, (0, Dp - D, 0, Ip - I)) for w in (w1, w3))
             w2 = F.pad(w2, (0, Ip - I, 0, Dp - D))
         Iw = w1.shape[1]
-        h13 = _FP8GroupedFn.apply(x_MD, offs, dt, backend, w1, w3)  # (M, 2I): gate | up
+        rw = self.fp8_recompute_weight
+        h13 = _FP8GroupedFn.apply(x_MD, offs, dt, backend, rw, w1, w3)  # (M, 2I): gate | up
         h = F.silu(h13[:, :Iw]) * h13[:, Iw:]
-        return _FP8GroupedFn.apply(h, offs, dt, backend, w2)[:, :D]  # (M, D)
+        return _FP8GroupedFn.apply(h, offs, dt, backend, rw, w2)[:, :D]  # (M, D)
 
     def extra_repr(self) -> str:
         E, I, D = self.gate_proj.shape
-        return f"experts={E}, hidden={D}, inter={I}, fp8={self.fp8_backend}"
+        return f"experts={E}, hidden={D}, inter={I}, fp8={self.fp8_backend}" + (
+            ", recompute_weight" if self.fp8_recompute_weight else "")
 
 
 def fp8_target_names(model: nn.Module) -> list[str]:
@@ -260,20 +280,22 @@ def fp8_target_names(model: nn.Module) -> list[str]:
     return names
 
 
-def convert_to_fp8_training(model: nn.Module, backend: str = "auto", experts: bool = False) -> list[str]:
+def convert_to_fp8_training(model: nn.Module, backend: str = "auto", experts: bool = False,
+                            recompute_weights: bool = False) -> list[str]:
     """Swap, in place, the attention and dense/shared-expert MLP Linears for FP8TrainLinear and, with
     `experts`, every routed Experts for FP8TrainExperts (same parameters, same state_dict names; the
-    experts' backend is "triton" where the Linears' is "scaled_mm"). Call before torch.compile and
-    before building the optimizer or after (the Parameter objects are kept). Returns the swapped names."""
+    experts' backend is "triton" where the Linears' is "scaled_mm"). recompute_weights: their backward
+    quantises the weights again for dgrad (module docstring). Call before torch.compile and before building
+    the optimizer or after (the Parameter objects are kept). Returns the swapped names."""
     if backend not in BACKENDS:
         raise ValueError(f"fp8 backend must be one of {BACKENDS}, got {backend!r}")
     names = fp8_target_names(model)
     for name in names:
-        FP8TrainLinear.from_linear(model.get_submodule(name), backend)
+        FP8TrainLinear.from_linear(model.get_submodule(name), backend, recompute_weights)
     if experts:
         expert_backend = "triton" if backend == "scaled_mm" else backend
         for name, m in model.named_modules():
             if type(m) is Experts:
-                FP8TrainExperts.from_experts(m, expert_backend)
+                FP8TrainExperts.from_experts(m, expert_backend, recompute_weights)
                 names.append(name)
     return names

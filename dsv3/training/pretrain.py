@@ -398,7 +398,7 @@ def _train(mc: ModelConfig | None, tc: TrainConfig, pcfg, log, strategy: Strateg
             f"{extend.describe_rope(checkpoint_config(init_from), mc)}; a new run in {tc.out_dir}: optimizer, step "
             "and data position start fresh")
     prepare_model(model, strategy, precision=precision, recompute=tc.recompute, fp8_experts=tc.fp8_experts,
-                  compile=tc.compile, log=say)
+                  fp8_recompute_weights=tc.fp8_recompute_weights, compile=tc.compile, log=say)
     state_dtype = torch.bfloat16 if tc.optim_state_dtype == "bf16" else torch.float32
     opt = strategy.make_optimizer(tc.lr, tc.weight_decay, state_dtype=state_dtype, bf16_weights=tc.bf16_weights)
     step, tokens_seen = 0, 0
