@@ -84,6 +84,32 @@ def main():
             c1, c2 = torch.compile(blk)(x)
             print("moe+add+norm compiled vs eager", rel(c1, e1), rel(c2, e2), flush=True)
         return
+    if what == "cache":  # which latent-cache rows the compiled graphed step changes (expected: the new tokens')
+        from conftest import decode_step
+        from dsv3.inference import cache as cmod
+
+        made, real = [], cmod.PagedLatentCache.for_model
+        cmod.PagedLatentCache.for_model = classmethod(lambda cls, *a, **k: made.append(real(*a, **k)) or made[-1])
+        snap = {}
+
+        def after():
+            snap["kv"], snap["pe"] = made[-1].kv.clone(), made[-1].pe.clone()
+        logits, eng = decode_step(m, prompts, after_prefill=after, max_batch_size=4, compile_decode=True)
+        c = made[-1]
+        print("block size", getattr(c, "block_size", None), "pad", eng._pad, flush=True)
+        for r in eng.running:
+            print("request", len(r.tokens), "tokens, blocks", list(r.blocks)[:4], flush=True)
+        for name in ("kv", "pe"):
+            new, old_ = getattr(c, name), snap[name]
+            diff = (new != old_).any(-1)  # (slots, rows)
+            for sl in range(diff.shape[0]):
+                rows = diff[sl].nonzero().flatten().tolist()
+                print(name, "slot", sl, "changed rows", rows[:20], "count", len(rows), flush=True)
+        with torch.no_grad():
+            for b, r in enumerate(eng.running):
+                want = m(torch.tensor([r.tokens], device="cuda")).logits[0, -1].float()
+                print("row", b, "rel vs uncached", rel(logits[b], want), flush=True)
+        return
     if what == "engine_ref_first":
         kernels.set_shared_gemv(False)
         try:
