@@ -131,8 +131,15 @@ def covering_cells() -> list[Cell]:
         for j, p in enumerate(PRECISIONS):
             o = OPTIM_STATES[(i + j) % 2]
             r = RECOMPUTES[(i // 2 + j) % 2]
-            out.append(Cell(lay, p, o, r))
+            extra = {"fp8_recompute_weights": True} if p == "fp8" and lay in FP8_RECOMPUTE_LAYOUTS else {}
+            out.append(Cell(lay, p, o, r, extra=extra))
     return out
+
+
+# --fp8-recompute-weights (backward re-quantises the weights: bit-identical gradients, so the same reference and
+# tolerances) in the FP8 cells of these layouts: FSDP2 (backward's weight is the re-gathered one), EP with FSDP2,
+# and the pipelines (1F1B's split backward calls the FP8 backward twice on one graph)
+FP8_RECOMPUTE_LAYOUTS = ("fsdp_dp2", "dp2xep2", "pp2_1f1b", "pp2xdp2")
 
 
 # checkpoints written by one layout and resumed under another: (writer, reader, optimizer state dtype);
