@@ -14,7 +14,9 @@ and pp-1-r (two copies of the parameters, Table 2), so the embedding, head and M
 stages r and 2·pp-1-r (one copy; rank 0 holds the embedding, head and MTP).
 
 Bytes per parameter (defaults = the paper's recipe, §3.3.3, used for every preset): working
-weights bf16 (2; FP8 GEMM copies are quantised on the fly; `weight_dtype` fp32 for dsv3's default of fp32
+weights bf16 (2; FP8 GEMM copies are quantised on the fly, as `dsv3 train --fp8-recompute-weights` does; by
+default dsv3 keeps each FP8 weight transpose from a micro-batch's forward to its backward, 1 B/param of the
+stage per micro-batch in flight, not counted here; `weight_dtype` fp32 for dsv3's default of fp32
 weights under autocast, which are their own masters: no master bytes, whatever master_dtype says), fp32
 master weights (4), fp32 gradients
 (4), AdamW m and v in bf16 (2 + 2): 14 B/param unsharded. ZeRO-1 shards master + moments over the
