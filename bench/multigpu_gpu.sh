@@ -14,7 +14,8 @@
 #   bubble      18.2  bench/pipeline_bubble.py, 1F1B and DualPipeV on 2, 4 and 8 stages (Table 2's formulas)
 #   overlap     18.2  bench/pipeline_overlap.py, DualPipeV pp 2 x ep N/2, the F&B overlap on and off
 #   paper       18.3  bench/paper_config.py: DualPipeV x EP x ZeRO-1 x FP8 x bf16 moments x selective recomputation,
-#                     671B-shaped cut of 6 layers, pp 2 x ep N/2 (dsv3 plan: 89 GiB on the worst of 8 x 140)
+#                     671B-shaped cut of 6 layers, pp 2 x ep N/2 (dsv3 plan: 89 GiB on the worst of 8 x 140); FP8
+#                     weights re-quantised in backward, as the plan assumes (--fp8-recompute-weights)
 #   paper_ckpt  18.4  the same at 2 layers: --save to $SCRATCH, then --resume on N/2 GPUs (times, next-step loss)
 #   ckpt671     19.1  bench/random_checkpoint.py: a 671B-shaped FP8 checkpoint of $LAYERS layers (default 8:
 #                     78 GB) into $SCRATCH (never $OUT_DIR: the device tool would carry it back)
@@ -43,12 +44,12 @@ mkdir -p "$SCRATCH"
 if [[ "${SMOKE:-0}" == 1 ]]; then  # the same commands on 2 CPU processes and tiny shapes
     N=2; LAYERS=2; dev=(--device cpu); small=(--preset tiny --seq-len 32 --steps 2 --warmup 1)
     big=(--preset tiny --layers 2 --seq-len 32 --steps 2 --warmup 1); pipe=(--preset tiny --layers 4 --seq-len 32
-    --micro-batch-size 1 --steps 2); paper=(--smoke); cut=(--smoke); serve=(--preset tiny --prompt-len 16 --new 4)
+    --micro-batch-size 1 --steps 2); paper=(--smoke --fp8-recompute-weights); cut=(--smoke); serve=(--preset tiny --prompt-len 16 --new 4)
     b671=(--preset tiny); batches=1,3; clients=(--clients 3 --requests 1 --max-tokens 4 --prompt-len 16)
     export OMP_NUM_THREADS=1
 else
     N="${GPUS:-$(nvidia-smi -L | wc -l)}"; LAYERS="${LAYERS:-8}"; dev=(); small=(--preset small)
-    big=(--preset 16b --layers 4); pipe=(); paper=(--layers 6 --seq-len 4096 --bf16-weights --n-microbatches 8)
+    big=(--preset 16b --layers 4); pipe=(); paper=(--layers 6 --seq-len 4096 --bf16-weights --n-microbatches 8 --fp8-recompute-weights)
     cut=(--layers 4 --seq-len 4096 --bf16-weights); serve=(--preset 671b --prompt-len 512 --new 32)
     b671=(--preset 671b --device cuda); batches=1,32,128,512
     clients=(--clients 64 --requests 4 --max-tokens 64 --prompt-len 256)

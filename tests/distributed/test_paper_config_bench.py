@@ -32,8 +32,9 @@ def _bench(n: int, *args: str) -> subprocess.CompletedProcess:
 
 def test_paper_config_bench_runs_on_gloo(tmp_path):
     out, ck = tmp_path / "pc.json", tmp_path / "ckpt"
-    r = _bench(4, "--out", str(out), "--save", str(ck))
+    r = _bench(4, "--out", str(out), "--save", str(ck), "--fp8-recompute-weights")  # (what `dsv3 plan` assumes)
     d = json.loads(out.read_text())
+    assert d["precision"] == "fp8" and d["fp8_recompute_weights"]
     assert d["layout"] == {"pp": 2, "dp": 1, "ep": 2, "schedule": "dualpipev", "n_microbatches": 4, "zero": True}
     assert d["world"] == 4 and d["tokens_per_s"] > 0 and len(d["per_rank"]) == 4
     assert all(x == x and x < 20 for x in d["losses"])  # finite, near ln(4096) = 8.3 on random tokens
