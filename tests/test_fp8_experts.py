@@ -541,3 +541,30 @@ def test_interp_fp8_decode_gemms_are_opaque_custom_ops():
         for a, b in zip(got, ref):
             assert a.shape == b.shape and a.dtype == b.dtype == torch.float16
             assert _rel(a.float(), b.float()) < 2e-3, _rel(a.float(), b.float())  # fp16 output rounding
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_cat_equals_autograds_chain_and_keeps_only_its_input(dtype):
+    """swiglu_cat (FP8TrainExperts' SwiGLU on the gate | up GEMM's output): the output and the input gradient of
+    F.silu(h[:, :I]) * h[:, I:] through autograd (value for value), and for backward it keeps h alone where the
+    chain also kept silu(gate), (M, I) more."""
+    from dsv3.training.fp8 import swiglu_cat
+
+    gen = torch.Generator().manual_seed(2)
+    h0 = (torch.randn(37, 2 * 80, generator=gen) * 3).to(dtype)
+    gy = torch.randn(37, 80, generator=gen).to(dtype)
+    res, kept = [], []
+    for f in (lambda h: F.silu(h[:, :80]) * h[:, 80:], swiglu_cat):
+        h = h0.clone().requires_grad_()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            y = f(h)
+        y.backward(gy)
+        res.append((y.detach(), h.grad))
+        # the storages kept, h's marked
+        kept.append({"h" if t.untyped_storage().data_ptr() == h.untyped_storage().data_ptr() else
+                     tuple(t.shape) for t in saved})
+    assert torch.equal(res[0][0], res[1][0]) and torch.equal(res[0][1], res[1][1])
+    assert kept == [{"h", (37, 80)}, {"h"}]  # the chain: h (as the two halves) and silu(gate); swiglu_cat: h
+    with pytest.raises(ValueError, match="even"):
+        swiglu_cat(torch.randn(3, 5))

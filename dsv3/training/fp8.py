@@ -79,8 +79,9 @@ the Linears get "scaled_mm"):
 Why Triton: torch 2.11's `F.scaled_grouped_mm` on SM90 is rowwise-only (BlockWise1x128 / 128x128 raise
 "No gemm implementation was found"), and a per-expert loop of blockwise `F.scaled_mm` needs the
 per-expert counts on the host (a sync per layer) and runs small GEMMs whose FP8 gain is small or
-negative (ANCHORS: 128 tokens, 49 vs 67 bf16 TFLOP/s). Limits: the SwiGLU input is saved for backward
-in the autocast dtype (the paper caches it in FP8 and recomputes SwiGLU) and dispatch/combine stay bf16;
+negative (ANCHORS: 128 tokens, 49 vs 67 bf16 TFLOP/s). SwiGLU (`swiglu_cat`) keeps only its input for backward
+and recomputes its output there, as the paper does. Limits: that input is kept in the autocast dtype (the paper
+caches it in FP8) and dispatch/combine stay bf16;
 `experts=False` is the default until the kernels are measured against bf16 `torch._grouped_mm`
 (bench/fp8_experts_speed.py).
 """
@@ -216,6 +217,36 @@ def fp8_grouped_linear(x: torch.Tensor, weights: tuple[torch.Tensor, ...], offs:
     return _FP8GroupedFn.apply(x, offs, out_dtype or x.dtype, _KERNEL_BACKEND[backend], recompute_weight, *weights)
 
 
+class _SwiGLUCat(torch.autograd.Function):
+    """silu(h[..., :I]) * h[..., I:] of the gate | up GEMM's output h (..., 2I). Backward keeps h alone and
+    recomputes silu(gate), where autograd's chain also kept silu(gate) ((M, I) more a MoE layer per micro-batch in
+    flight) and built h's gradient from two zero-filled (M, 2I) slice gradients and their sum; here one
+    concatenation of the same values: mul's two products and aten.silu_backward, as autograd computes them (the
+    same bits, up to the sign of a zero)."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor) -> torch.Tensor:
+        I = h.shape[-1] // 2
+        ctx.save_for_backward(h)
+        return F.silu(h[..., :I]) * h[..., I:]
+
+    @staticmethod
+    def backward(ctx, gy: torch.Tensor):
+        (h,) = ctx.saved_tensors
+        I = h.shape[-1] // 2
+        g, u = h[..., :I], h[..., I:]
+        dg = torch.ops.aten.silu_backward(gy * u, g)
+        du = gy * F.silu(g)
+        return torch.cat([dg, du], dim=-1)
+
+
+def swiglu_cat(h: torch.Tensor) -> torch.Tensor:
+    """(..., 2I) gate | up -> (..., I) silu(gate) * up, keeping only h for backward (`_SwiGLUCat`)."""
+    if h.shape[-1] % 2:
+        raise ValueError(f"swiglu_cat: an even last dimension (gate | up), got {tuple(h.shape)}")
+    return _SwiGLUCat.apply(h)
+
+
 class FP8TrainExperts(Experts):
     """Routed experts whose grouped GEMMs (forward, input and weight gradients) run in FP8 (module
     docstring, "Experts"). Same parameters and state_dict as Experts. Always the grouped path: the
@@ -253,10 +284,9 @@ class FP8TrainExperts(Experts):
             x_MD = F.pad(x_MD, (0, Dp - D))
             w1, w3 = (F.pad(w, (0, Dp - D, 0, Ip - I)) for w in (w1, w3))
             w2 = F.pad(w2, (0, Ip - I, 0, Dp - D))
-        Iw = w1.shape[1]
         rw = self.fp8_recompute_weight
         h13 = _FP8GroupedFn.apply(x_MD, offs, dt, backend, rw, w1, w3)  # (M, 2I): gate | up
-        h = F.silu(h13[:, :Iw]) * h13[:, Iw:]
+        h = swiglu_cat(h13)  # (M, I); its backward recomputes silu(gate) from h13
         return _FP8GroupedFn.apply(h, offs, dt, backend, rw, w2)[:, :D]  # (M, D)
 
     def extra_repr(self) -> str:
