@@ -32,6 +32,7 @@ it multiplies by, and backward quantises W again for dgrad (`kernels.weight_quan
 transposed, the same bytes, so the same gradients bit for bit): no weight copy is kept, at the price of one
 more read of every weight a step. The weight itself stays referenced (as nn.Linear's backward keeps it;
 under FSDP2 the backward's re-gathered weight).
+
 Gradients (dY, dYᵀ): the paper's s = amax / 448 with no floor. The 1e-4 floor of `act_quant` (from
 the inference kernel) is harmless for activations (tile amax ~0.05-5) but dY tiles are ~1e-9..1e-4
 (the loss is a mean over B*T tokens), so with it almost every dY tile was quantised on a scale up to
@@ -211,7 +212,7 @@ def fp8_grouped_linear(x: torch.Tensor, weights: tuple[torch.Tensor, ...], offs:
     """Rows of x (M, K) sorted by expert (offs (E,) int32 end rows, offs[-1] = M) times the expert
     weights (E, N_i, K), concatenated along N: Y[rows_e] = X[rows_e] · [W1_e; W2_e]ᵀ -> (M, ΣN_i) in
     out_dtype (default x's), the three GEMMs in FP8 (module docstring, "Experts"). Several weights
-    share one quantisation of x (gate and up)."""
+    share one quantisation of x (gate and up). recompute_weight: as fp8_linear's."""
     if backend not in EXPERT_BACKENDS:
         raise ValueError(f"fp8 experts backend must be one of {EXPERT_BACKENDS}, got {backend!r}")
     return _FP8GroupedFn.apply(x, offs, out_dtype or x.dtype, _KERNEL_BACKEND[backend], recompute_weight, *weights)
