@@ -85,9 +85,9 @@ def parse(argv=None):
     p.add_argument("--seq-len", type=int, default=4096)
     p.add_argument("--precision", default="fp8", choices=["fp8", "bf16"])
     p.add_argument("--fp8-experts", action="store_true", help="the routed experts' grouped GEMMs in FP8 too")
-    p.add_argument("--fp8-recompute-weights", action="store_true",
-                   help="FP8 weights re-quantised in backward, none kept per micro-batch in flight (what `dsv3 plan` "
-                        "assumes)")
+    p.add_argument("--fp8-recompute-weights", action=argparse.BooleanOptionalAction, default=True,
+                   help="FP8 weights re-quantised in backward, none kept per micro-batch in flight (dsv3 train's "
+                        "default with a pipeline; --no-fp8-recompute-weights keeps them, counted in the plan too)")
     p.add_argument("--optim-state", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--recompute", default="selective", choices=["selective", "none", "full"])
     p.add_argument("--bf16-weights", action="store_true", help="bf16 working weights, fp32 masters")
@@ -101,8 +101,6 @@ def parse(argv=None):
     p.add_argument("--save", default=None, help="write the checkpoint here after the timed steps (run 4)")
     p.add_argument("--resume", default=None, help="load a --save checkpoint and check the next step's loss")
     args = p.parse_args(argv)
-    if args.fp8_recompute_weights and args.precision != "fp8":
-        p.error("--fp8-recompute-weights needs --precision fp8")
     if args.smoke:
         args.seq_len = min(args.seq_len, 32)
         args.steps, args.warmup = min(args.steps, 1), min(args.warmup, 1)
@@ -129,7 +127,9 @@ def planned(cfg, args, pc: PipelineConfig, world: int, batch: int, gpu_gib: floa
         precision=args.precision, micro_batch=args.micro_batch, seq_len=args.seq_len, global_batch=batch,
         recompute={"selective": "paper", "none": "none", "full": "full"}[args.recompute], schedule=pc.schedule,
         weight_dtype="bf16" if args.bf16_weights else "fp32", master_dtype="fp32",  # (fp32 weights: no masters)
-        grad_dtype="bf16" if args.bf16_weights else "fp32", optim_dtype=args.optim_state), "671b cut")
+        grad_dtype="bf16" if args.bf16_weights else "fp32", optim_dtype=args.optim_state,
+        fp8_weight_copies="none" if args.precision != "fp8" or args.fp8_recompute_weights else
+        "all" if args.fp8_experts else "dense"), "671b cut")
 
 
 NEXT = "paper_config_next.pt"  # beside the checkpoint: the batch and loss of the step after it
@@ -259,7 +259,8 @@ def main(argv=None) -> dict:
             "model": {"layers": cfg.num_hidden_layers, "dense_layers": cfg.first_k_dense_replace,
                       "experts": cfg.n_routed_experts, "params": dsv3.info.param_count(cfg)},
             "precision": args.precision, "fp8_experts": args.fp8_experts,
-            "fp8_recompute_weights": args.fp8_recompute_weights, "optim_state": args.optim_state,
+            "fp8_recompute_weights": args.fp8_recompute_weights and args.precision == "fp8",
+            "optim_state": args.optim_state,
             "recompute": args.recompute, "bf16_weights": args.bf16_weights, "batch": batch, "seq_len": args.seq_len,
             "build_s": build_s, "step_s": step, "tokens_per_s": tok_s, "tokens_per_s_per_gpu": tok_s / world,
             "flops_per_token": fpt, "peak_flops": peak_flops,
@@ -277,7 +278,8 @@ def main(argv=None) -> dict:
               f"plan error |\n|---|---|---|---|---|---|---|---|---|\n| {card} x {world} | pp {pc.pp} x dp {pc.dp} x ep "
               f"{pc.ep} {pc.schedule}, {pc.n_microbatches} mb, ZeRO-1 {'on' if pc.zero and R > 1 else 'off'}, "
               f"{args.precision}{' +experts' if args.fp8_experts else ''}"
-              f"{' +recomputed weights' if args.fp8_recompute_weights else ''}, {args.optim_state} moments, recompute "
+              f"{' +recomputed weights' if args.fp8_recompute_weights and args.precision == 'fp8' else ''}, "
+              f"{args.optim_state} moments, recompute "
               f"{args.recompute}{', bf16 weights' if args.bf16_weights else ''} | {cfg.num_hidden_layers} layers "
               f"({cfg.n_routed_experts} experts) | {tok_s:,.0f} | {tok_s / world:,.0f} | "
               f"{'%.1f%%' % (100 * out['mfu']) if out['mfu'] else 'n/a (CPU)'} | {measured:.2f}"

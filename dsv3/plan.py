@@ -15,8 +15,9 @@ stages r and 2·pp-1-r (one copy; rank 0 holds the embedding, head and MTP).
 
 Bytes per parameter (defaults = the paper's recipe, §3.3.3, used for every preset): working
 weights bf16 (2; FP8 GEMM copies are quantised on the fly, as `dsv3 train --fp8-recompute-weights` does; by
-default dsv3 keeps each FP8 weight transpose from a micro-batch's forward to its backward, 1 B/param of the
-stage per micro-batch in flight, not counted here; `weight_dtype` fp32 for dsv3's default of fp32
+default dsv3 keeps each FP8 weight transpose from a micro-batch's forward to its backward: `fp8_weight_copies`
+dense / all counts them, 1 B per FP8 parameter of the stage (the blocks' params outside the routed experts, + the
+routed experts for all) per micro-batch in flight; `weight_dtype` fp32 for dsv3's default of fp32
 weights under autocast, which are their own masters: no master bytes, whatever master_dtype says), fp32
 master weights (4), fp32 gradients
 (4), AdamW m and v in bf16 (2 + 2): 14 B/param unsharded. ZeRO-1 shards master + moments over the
@@ -64,6 +65,7 @@ from dsv3.config import ModelConfig
 GiB = 1024**3
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "none": 0}
 SCHEDULES = ("1f1b", "dualpipe", "dualpipev")
+FP8_WEIGHT_COPIES = ("none", "dense", "all")
 
 
 class PlanError(ValueError):
@@ -95,6 +97,12 @@ class PlanConfig:
     master_dtype: str = setting("fp32", "master weights' dtype (none: no separate copy)", choices=tuple(DTYPE_BYTES))
     grad_dtype: str = setting("fp32", "gradients' dtype", choices=tuple(DTYPE_BYTES))
     optim_dtype: str = setting("bf16", "AdamW moments' dtype", choices=tuple(DTYPE_BYTES))
+    fp8_weight_copies: str = setting("none", "with fp8: FP8 weight transposes kept from a micro-batch's forward to "
+                                             "its backward, 1 B/param per micro-batch in flight: none (re-quantised "
+                                             "in backward: the recipe; dsv3 train --fp8-recompute-weights), dense "
+                                             "(dsv3 train --precision fp8: attention, dense and shared MLPs), all "
+                                             "(with --fp8-experts: the routed experts too)",
+                                     choices=FP8_WEIGHT_COPIES)
 
     def resolved(self, cfg: ModelConfig, n_blocks: int) -> "PlanConfig":
         def need(cond, msg):
@@ -122,6 +130,10 @@ class PlanConfig:
         need(self.recompute in ("none", "paper", "full"), f"recompute must be none, paper or full, got {self.recompute!r}")
         need(self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         need(self.weight_dtype in ("bf16", "fp32"), f"weight_dtype must be bf16 or fp32, got {self.weight_dtype!r}")
+        need(self.fp8_weight_copies in FP8_WEIGHT_COPIES, f"fp8_weight_copies must be one of "
+                                                          f"{', '.join(FP8_WEIGHT_COPIES)}, got {self.fp8_weight_copies!r}")
+        need(self.fp8_weight_copies == "none" or self.precision == "fp8",
+             f"fp8_weight_copies {self.fp8_weight_copies!r} needs precision fp8, got {self.precision!r}")
         for k in ("master_dtype", "grad_dtype", "optim_dtype"):
             need(getattr(self, k) in DTYPE_BYTES, f"{k} must be one of {list(DTYPE_BYTES)}, got {getattr(self, k)!r}")
         gb = self.global_batch if self.global_batch is not None else dp * self.micro_batch
@@ -300,6 +312,11 @@ def plan(model_cfg: ModelConfig, pcfg: PlanConfig, name: str = "model") -> PlanR
             per_tok += max(act_bytes_per_token(model_cfg, k, c.precision, "none") for k in present)
         return per_tok * T
 
+    def stage_fp8_copies(s):  # bytes of the FP8 weight transposes one micro-batch keeps in stage s (1 B/param)
+        blocks = sum(n * cnt.per_kind[k][0] for k, n in kinds[s].items())  # outside the routed experts (no embedding
+        routed = sum(n * cnt.per_kind[k][1] for k, n in kinds[s].items()) // ep  # or head: they stay bf16)
+        return {"none": 0, "dense": blocks, "all": blocks + routed}[c.fp8_weight_copies]
+
     def n_moe(s):
         return sum(n for k, n in kinds[s].items() if cnt.per_kind[k][1] > 0)
 
@@ -321,6 +338,8 @@ def plan(model_cfg: ModelConfig, pcfg: PlanConfig, name: str = "model") -> PlanR
         in_flight = min(n_mb, pp - r if c.schedule == "1f1b" else pp + 1)
         # DualPipeV: a micro-batch goes through both stages of the rank (its layers), DualPipe through one copy
         mem["activations"] = (sum if V_shape else max)(stage_act(s) for s in held) * in_flight
+        if c.fp8_weight_copies != "none":
+            mem["FP8 weight copies"] = (sum if V_shape else max)(stage_fp8_copies(s) for s in held) * in_flight
         mem["logits (fp32, head rank)"] = T * V * 4 if S - 1 in held else 0
         chunks = 2 if c.schedule != "1f1b" else 1
         mem["MoE all-to-all buffers"] = chunks * T * K * D * (f + 2) if ep > 1 and any(n_moe(s) for s in held) else 0

@@ -228,11 +228,11 @@ def test_tiny_model_trains_in_fp8_close_to_fp32():
     assert rel < 0.03, (l8, l32)
 
 
-@pytest.mark.parametrize("recompute_weights", [False, True])
-def test_precision_fp8_in_the_training_loop(tmp_path, recompute_weights):
+def test_precision_fp8_in_the_training_loop(tmp_path):
     """`precision="fp8"` on the CPU: the swap happens, the run trains and the checkpoint loads into a
-    plain model (state_dict unchanged); with fp8_recompute_weights the swapped modules re-quantise their weights
-    in backward (the log says so) and the run ends on the default's weights bit for bit."""
+    plain model (state_dict unchanged); with fp8_recompute_weights "on" the swapped modules re-quantise their weights
+    in backward (the log says so; "auto" in one process keeps them) and the run ends on the same weights bit for
+    bit."""
     import os
 
     from test_training import micro_config, tcfg, write_corpus
@@ -246,11 +246,12 @@ def test_precision_fp8_in_the_training_loop(tmp_path, recompute_weights):
     env = {"data": data, "tokenizer": str(tok.save(tmp_path / "tok")), "cache": str(tmp_path / "cache")}
     logs = []
     models = []
-    for rw in sorted({False, recompute_weights}):
-        run = tmp_path / f"run{int(rw)}"
+    for rw in ("auto", "on"):
+        run = tmp_path / f"run_{rw}"
+        logs.clear()
         train(micro_config(), tcfg(env, run, steps=3, precision="fp8", save_every=3, device="cpu",
                                    fp8_recompute_weights=rw), log=logs.append)
-        assert any("fp8:" in str(line) and ("re-quantised" in str(line)) == rw for line in logs)
+        assert any("fp8:" in str(line) and ("re-quantised" in str(line)) == (rw == "on") for line in logs)
         model, *_ = load_checkpoint(latest_checkpoint(os.path.join(run, "checkpoints")), "cpu", torch.float32)
         assert not any(isinstance(m, FP8TrainLinear) for m in model.modules())
         models.append(model.state_dict())
@@ -258,12 +259,39 @@ def test_precision_fp8_in_the_training_loop(tmp_path, recompute_weights):
         assert torch.equal(v, models[-1][k]), k
 
 
-def test_train_config_fp8_recompute_weights_needs_fp8():
+def test_train_config_fp8_recompute_weights():
+    """auto (the default) with any precision; on / off only with fp8; nothing else."""
     from dsv3.training.config import TrainConfig
 
-    with pytest.raises(ValueError, match="fp8_recompute_weights"):
-        TrainConfig(out_dir="unused", precision="bf16", fp8_recompute_weights=True).validate()
-    TrainConfig(out_dir="unused", precision="fp8", fp8_recompute_weights=True).validate()
+    for v in ("on", "off"):
+        with pytest.raises(ValueError, match="needs precision fp8"):
+            TrainConfig(out_dir="unused", precision="bf16", fp8_recompute_weights=v).validate()
+        TrainConfig(out_dir="unused", precision="fp8", fp8_recompute_weights=v).validate()
+    TrainConfig(out_dir="unused", precision="bf16").validate()
+    with pytest.raises(ValueError, match="auto, on or off"):
+        TrainConfig(out_dir="unused", precision="fp8", fp8_recompute_weights=True).validate()
+
+
+@pytest.mark.parametrize("setting,pipelined,want", [("auto", False, False), ("auto", True, True), ("on", False, True),
+                                                    ("off", True, False)])
+def test_prepare_model_recomputes_fp8_weights_under_a_pipeline(setting, pipelined, want):
+    """prepare_model's fp8_recompute_weights: auto re-quantises the weights in backward where the strategy
+    pipelines (several micro-batches in flight, each keeping its copies otherwise), keeps them in one process; on /
+    off as said. Every swapped module, routed experts included, gets the choice."""
+    from dsv3.training.fp8 import FP8TrainExperts
+    from dsv3.training.strategy import Strategy, prepare_model
+
+    class S(Strategy):
+        def parallelize(self, model):
+            self.model = model
+
+    st = S(torch.device("cpu"))
+    st.pipelined = pipelined
+    m = build_model(tiny_cfg(), seed=0)
+    prepare_model(m, st, precision="fp8", fp8_experts=True, fp8_recompute_weights=setting, log=lambda *a: None)
+    mods = [x for x in m.modules() if isinstance(x, (FP8TrainLinear, FP8TrainExperts))]
+    assert mods and any(isinstance(x, FP8TrainExperts) for x in mods)
+    assert all(x.fp8_recompute_weight is want for x in mods)
 
 
 def test_bad_backend():

@@ -150,3 +150,23 @@ def test_stages_are_those_dsv3_train_builds(pp, schedule):
 def _stage_of(buffer_name: str, ranges, cfg) -> int:
     kind, i = buffer_name.split(".")[:2]
     return len(ranges) - 1 if kind == "mtp" else next(s for s, rg in enumerate(ranges) if int(i) in rg)
+
+
+def test_fp8_weight_copies_per_micro_batch_in_flight():
+    """--fp8-weight-copies (dsv3 train keeping each FP8 weight transpose from a micro-batch's forward to its backward):
+    none adds nothing (the recipe: re-quantised in backward); dense is 1 byte per non-expert block parameter of the
+    rank per micro-batch in flight, all adds the rank's routed experts alike; only with fp8."""
+    import dataclasses
+
+    cfg = dataclasses.replace(preset("16b"), num_nextn_predict_layers=0)  # rank 0 (2 micro-batches in flight) worst
+    base = dict(gpus=8, pp=2, ep=2, seq_len=4096, precision="fp8", schedule="1f1b", global_batch=16)
+    none, dense, full = (plan(cfg, PlanConfig(**base, fp8_weight_copies=v)) for v in ("none", "dense", "all"))
+    assert none.rank == dense.rank == full.rank == 0
+    assert "FP8 weight copies" not in none.mem and none.in_flight == dense.in_flight == full.in_flight == 2
+    assert dense.mem["FP8 weight copies"] > 0 and dense.total == none.total + dense.mem["FP8 weight copies"]
+    assert full.mem["FP8 weight copies"] - dense.mem["FP8 weight copies"] == full.in_flight * full.n_routed
+    # dense: the rank's parameters but the routed experts and the embedding (bf16 in the recipe), per micro-batch
+    embed = cfg.vocab_size * cfg.hidden_size
+    assert dense.mem["FP8 weight copies"] == dense.in_flight * (dense.n_params - dense.n_routed - embed)
+    with pytest.raises(PlanError, match="needs precision fp8"):
+        plan(cfg, PlanConfig(**{**base, "precision": "bf16"}, fp8_weight_copies="dense"))

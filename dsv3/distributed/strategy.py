@@ -200,6 +200,7 @@ class PipelineStrategy(_Collective):
 
     reads_global_batch = True
     builds_on_meta = True
+    pipelined = True
 
     def __init__(self, env: DistEnv, pcfg: ParallelConfig):
         super().__init__(env, pcfg)

@@ -68,9 +68,15 @@ class TrainConfig:
                              choices=("auto", "fp32", "bf16", "fp8"))
     fp8_experts: bool = setting(False, "with --precision fp8: the routed experts' grouped GEMMs in FP8 too "
                                        "(Triton; slower than bf16 on an H100 today, bench/RESULTS.md)")
-    fp8_recompute_weights: bool = setting(False, "with --precision fp8: backward quantises the weights again for "
-                                                 "its input gradients instead of keeping their FP8 copies from "
-                                                 "the forward (1 byte a parameter less memory, a weight pass more)")
+    # measured (bench/RESULTS.md, fourteenth session): the same gradients bit for bit; on the 671b-slice 1-6% more step
+    # time for 1.9 GiB (FP8) / 4.6 GiB (FP8 experts) less peak memory at one micro-batch; a pipeline stage keeps
+    # one copy per micro-batch in flight (27.7 GiB on the worst rank of the paper's layout, `dsv3 plan
+    # --fp8-weight-copies dense`), hence on there by default
+    fp8_recompute_weights: str = setting("auto", "with --precision fp8: backward quantises the weights again for its "
+                                                 "input gradients instead of keeping their FP8 copies from the "
+                                                 "forward (1 byte a parameter less per micro-batch in flight, one "
+                                                 "more read of the weights); auto: on with a pipeline (--pp > 1)",
+                                         choices=("auto", "on", "off"))
     # dsv3/training/optim.py AdamW(masters=...): the GEMM weights in bf16, their fp32 masters in the optimizer;
     # checkpoints hold the masters (one process; the torchrun layouts refuse it, README)
     bf16_weights: bool = setting(False, "with --precision bf16 or fp8: store the GEMM weights in bf16 (no per-step "
@@ -134,9 +140,11 @@ class TrainConfig:
             raise ValueError(f"precision must be auto, fp32, bf16 or fp8, got {self.precision!r}")
         if self.fp8_experts and self.precision != "fp8":
             raise ValueError(f"fp8_experts (--fp8-experts) needs precision fp8, got {self.precision!r}")
-        if self.fp8_recompute_weights and self.precision != "fp8":
-            raise ValueError(f"fp8_recompute_weights (--fp8-recompute-weights) needs precision fp8, got "
-                             f"{self.precision!r}")
+        if self.fp8_recompute_weights not in ("auto", "on", "off"):
+            raise ValueError(f"fp8_recompute_weights must be auto, on or off, got {self.fp8_recompute_weights!r}")
+        if self.fp8_recompute_weights != "auto" and self.precision != "fp8":
+            raise ValueError(f"fp8_recompute_weights (--fp8-recompute-weights {self.fp8_recompute_weights}) needs "
+                             f"precision fp8, got {self.precision!r}")
         if self.bf16_weights and self.precision not in ("auto", "bf16", "fp8"):  # auto: checked once resolved
             from dsv3.training.strategy import check_weights
 

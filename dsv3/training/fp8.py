@@ -25,9 +25,9 @@ Scales are fp32 and computed from the current tensor (no delayed scaling). Backw
 (1 byte/element + scales) and the FP8 Wᵀ with W's scales (written by the forward's weight quantiser in
 the same pass as W), not the bf16 X.
 
-Weights kept or recomputed (`recompute_weights`, TrainConfig.fp8_recompute_weights): by default backward
-keeps each FP8 Wᵀ from its forward, 1 byte a parameter alive from the forward to the backward of its layer
-(once per micro-batch in flight under pipelining). With recompute_weights the forward writes only the FP8 W
+Weights kept or recomputed (`recompute_weights`; TrainConfig.fp8_recompute_weights, whose auto turns it on for a
+pipeline): without it backward keeps each FP8 Wᵀ from its forward, 1 byte a parameter alive from the forward to the
+backward of its layer (once per micro-batch in flight under pipelining). With it the forward writes only the FP8 W
 it multiplies by, and backward quantises W again for dgrad (`kernels.weight_quant_pad_t`: the block read
 transposed, the same bytes, so the same gradients bit for bit): no weight copy is kept, at the price of one
 more read of every weight a step. The weight itself stays referenced (as nn.Linear's backward keeps it;

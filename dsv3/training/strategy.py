@@ -75,7 +75,7 @@ def precision_recipe(precision: str, device: torch.device, bf16_weights: bool = 
 
 
 def prepare_model(model, strategy, *, precision: str, recompute: str = "none", fp8_experts: bool = False,
-                  fp8_recompute_weights: bool = False, compile: bool = False, log=print) -> None:
+                  fp8_recompute_weights: str = "auto", compile: bool = False, log=print) -> None:
     """The one preparation sequence, in place, for every layout: activation recomputation, the FP8
     training module swap (before compile and sharding: FSDP2 then shards the FP8 modules' fp32 masters),
     per-block torch.compile (state-dict names unchanged), then the layout's own parallelisation."""
@@ -83,9 +83,11 @@ def prepare_model(model, strategy, *, precision: str, recompute: str = "none", f
     if precision == "fp8":
         from dsv3.training.fp8 import convert_to_fp8_training
 
-        n = len(convert_to_fp8_training(model, experts=fp8_experts, recompute_weights=fp8_recompute_weights))
+        # auto: on for a pipeline, whose stages keep one copy per micro-batch in flight (TrainConfig's note)
+        rw = fp8_recompute_weights == "on" or (fp8_recompute_weights == "auto" and strategy.pipelined)
+        n = len(convert_to_fp8_training(model, experts=fp8_experts, recompute_weights=rw))
         log(f"fp8: {n} modules in FP8 (attention, dense/shared MLPs{', routed experts' if fp8_experts else ''}"
-            f"{'; weights re-quantised in backward' if fp8_recompute_weights else ''})")
+            f"{'; weights re-quantised in backward' if rw else ''})")
     if compile:
         for blk in list(model.layers) + list(model.mtp):
             blk.compile()
@@ -112,6 +114,7 @@ class Strategy:
 
     name = "one process"
     reads_global_batch = False  # True: every rank reads the whole global batch (the pipeline)
+    pipelined = False  # True: several micro-batches in flight between their forward and backward (the pipeline)
     builds_on_meta = False  # True: the model is built on the meta device, parallelize() allocates this rank's part
 
     def __init__(self, device: torch.device):

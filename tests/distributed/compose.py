@@ -131,15 +131,17 @@ def covering_cells() -> list[Cell]:
         for j, p in enumerate(PRECISIONS):
             o = OPTIM_STATES[(i + j) % 2]
             r = RECOMPUTES[(i // 2 + j) % 2]
-            extra = {"fp8_recompute_weights": True} if p == "fp8" and lay in FP8_RECOMPUTE_LAYOUTS else {}
+            extra = {"fp8_recompute_weights": FP8_RECOMPUTE_CELLS[lay]} if p == "fp8" and lay in FP8_RECOMPUTE_CELLS \
+                else {}
             out.append(Cell(lay, p, o, r, extra=extra))
     return out
 
 
-# --fp8-recompute-weights (backward re-quantises the weights: bit-identical gradients, so the same reference and
-# tolerances) in the FP8 cells of these layouts: FSDP2 (backward's weight is the re-gathered one), EP with FSDP2,
-# and the pipelines (1F1B's split backward calls the FP8 backward twice on one graph)
-FP8_RECOMPUTE_LAYOUTS = ("fsdp_dp2", "dp2xep2", "pp2_1f1b", "pp2xdp2")
+# --fp8-recompute-weights against its default (auto: on for the pipelines, off elsewhere; either way the same
+# gradients bit for bit, so the same reference and tolerances) in the FP8 cells of these layouts: re-quantised under
+# FSDP2 (backward's weight is the re-gathered one) and EP with FSDP2, kept under the pipelines (1F1B's split
+# backward calls the FP8 backward twice on one graph); the other FP8 cells run the default
+FP8_RECOMPUTE_CELLS = {"fsdp_dp2": "on", "dp2xep2": "on", "pp2_1f1b": "off", "pp2xdp2": "off"}
 
 
 # checkpoints written by one layout and resumed under another: (writer, reader, optimizer state dtype);
