@@ -130,8 +130,8 @@ class PlanConfig:
         need(self.recompute in ("none", "paper", "full"), f"recompute must be none, paper or full, got {self.recompute!r}")
         need(self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         need(self.weight_dtype in ("bf16", "fp32"), f"weight_dtype must be bf16 or fp32, got {self.weight_dtype!r}")
-        need(self.fp8_weight_copies in FP8_WEIGHT_COPIES, f"fp8_weight_copies must be one of "
-                                                          f"{', '.join(FP8_WEIGHT_COPIES)}, got {self.fp8_weight_copies!r}")
+        need(self.fp8_weight_copies in FP8_WEIGHT_COPIES,
+             f"fp8_weight_copies must be one of {', '.join(FP8_WEIGHT_COPIES)}, got {self.fp8_weight_copies!r}")
         need(self.fp8_weight_copies == "none" or self.precision == "fp8",
              f"fp8_weight_copies {self.fp8_weight_copies!r} needs precision fp8, got {self.precision!r}")
         for k in ("master_dtype", "grad_dtype", "optim_dtype"):
