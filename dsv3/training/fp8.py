@@ -6,12 +6,14 @@ scales and accumulates in fp32; everything else stays as it was (bf16 autocast /
                             in FP8; the master weight keeps its dtype (fp32)
     FP8TrainExperts         the routed `Experts` (same parameters, same state_dict) with the same
                             three GEMMs per expert, grouped (see "Experts" below)
-    convert_to_fp8_training(model, backend="auto", experts=False)
+    convert_to_fp8_training(model, backend="auto", experts=False, recompute_weights=False)
                             swap, in place, the attention projections (q_a/q_b/q_proj, kv_a, kv_b,
                             o_proj) and the dense / shared-expert MLPs of every block (MTP blocks
                             included), and with experts=True the routed experts. Not swapped, as in
                             the paper: embedding, lm_head, norms, the router (`Router.weight`), the
                             MTP `eh_proj`; the attention core is SDPA in bf16 anyway.
+                            recompute_weights: "Weights kept or recomputed" below.
+    swiglu_cat(h)           silu(gate) * up of the gate | up GEMM's output, keeping only h for backward
 
 The three GEMMs of Y = X Wᵀ (X: M tokens x K, W: N x K):
     fprop   Y  = Q1x128(X) · Q128x128(W)ᵀ
