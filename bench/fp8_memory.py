@@ -9,8 +9,8 @@ the shape of the 45.0 / 33.5 GiB figures); --layers does not apply to it. A pres
 
 For each precision (bf16 autocast with fp32 masters; FP8 with the attention / MLP linears and the routed experts
 swapped, `convert_to_fp8_training(experts=True)`), one forward + loss under a saved-tensor hook, then backward:
-  * saved: the bytes autograd keeps for backward that are not parameters (unique storages: what the hook sees
-    plus the FP8 functions' own saved tuples, which live on their ctx), split into FP8 payloads and the rest;
+  * saved: the bytes autograd keeps for backward that are not parameters (unique storages: what the hook sees,
+    the FP8 functions' payloads included), split into FP8 payloads and the rest;
   * on CUDA also the peak allocated memory of forward + backward beyond the model and its gradients'
     (torch.cuda.max_memory_allocated after reset), which includes the transients of both passes.
 With --compile the blocks are compiled (as `dsv3 train --compile`): the hook does not see inside compiled
@@ -73,16 +73,6 @@ def measure(args, precision: str) -> dict:
         for blk in list(model.layers) + list(model.mtp):
             blk.compile()
     seen: dict = {}
-    orig = f8._FP8LinearFn.forward, f8._FP8GroupedFn.forward
-
-    def wrap(fn):
-        def forward(ctx, *a):
-            y = fn(ctx, *a)
-            _storages(ctx.saved, seen)
-            return y
-        return staticmethod(forward)
-
-    f8._FP8LinearFn.forward, f8._FP8GroupedFn.forward = wrap(orig[0]), wrap(orig[1])
     x = torch.randint(0, cfg.vocab_size, (args.batch, args.seq_len + 1), device=dev)
     base = 0
     # a previous measure()'s compiled model lives on in reference cycles (dynamo's guards) until the cyclic GC runs
@@ -94,14 +84,12 @@ def measure(args, precision: str) -> dict:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: (_storages(t, seen), t)[1], lambda t: t), \
-                torch.autocast(dev.type, dtype=torch.bfloat16):
-            out = model(x[:, :-1])
-            loss = compute_loss(out, x[:, 1:], 0.3).total
-        loss.backward()
-    finally:
-        f8._FP8LinearFn.forward, f8._FP8GroupedFn.forward = staticmethod(orig[0]), staticmethod(orig[1])
+    # (the FP8 functions keep their payloads through save_for_backward too: this hook sees them)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: (_storages(t, seen), t)[1], lambda t: t), \
+            torch.autocast(dev.type, dtype=torch.bfloat16):
+        out = model(x[:, :-1])
+        loss = compute_loss(out, x[:, 1:], 0.3).total
+    loss.backward()
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     kept = {k: v for k, v in seen.items() if k not in params}
     fp8 = sum(n for n, dt in kept.values() if dt == torch.float8_e4m3fn)

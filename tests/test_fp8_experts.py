@@ -20,7 +20,8 @@ from test_fp8_training import _train
 from dsv3.kernels import act_dequant, act_quant, weight_quant
 from dsv3.model import build_model
 from dsv3.model.moe import Experts
-from dsv3.training.fp8 import FP8TrainExperts, FP8TrainLinear, convert_to_fp8_training, fp8_grouped_linear
+from dsv3.training.fp8 import (FP8TrainExperts, FP8TrainLinear, _unstash, convert_to_fp8_training,
+                               fp8_grouped_linear)
 
 E4M3 = torch.float8_e4m3fn
 
@@ -439,7 +440,7 @@ def _run_rw(x, ws, offs, g, backend, rw):
     x = x.detach().clone().requires_grad_()
     ws = [w.detach().clone().requires_grad_() for w in ws]
     y = fp8_grouped_linear(x, tuple(ws), offs, backend, recompute_weight=rw)
-    kept = y.grad_fn.saved
+    kept = _unstash(y.grad_fn)  # what backward will get
     y.backward(g)
     return (y.detach(), x.grad, *[w.grad for w in ws]), kept, ws
 

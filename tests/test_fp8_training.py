@@ -11,7 +11,7 @@ from torch import nn
 from conftest import bench_module, tiny_cfg
 from dsv3.model import build_model
 from dsv3.model.layers import Linear
-from dsv3.training.fp8 import FP8TrainLinear, convert_to_fp8_training, fp8_linear
+from dsv3.training.fp8 import FP8TrainLinear, _unstash, convert_to_fp8_training, fp8_linear
 
 E4M3 = torch.float8_e4m3fn
 
@@ -454,7 +454,7 @@ def test_recomputed_weights_give_the_same_gradients_and_keep_no_fp8_weight(shape
     for rw in (False, True):
         xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
         y = fp8_linear(xr, wr, "emulate", recompute_weight=rw)
-        which, payload = y.grad_fn.saved
+        which, payload = _unstash(y.grad_fn)  # what backward will get
         kept[rw] = [t for t in payload if isinstance(t, torch.Tensor)]
         y.backward(g, retain_graph=True)
         res[rw] = (y.detach(), xr.grad.clone(), wr.grad.clone())
@@ -559,3 +559,34 @@ def test_weight_quant_kernel_compiles_for_sm90_with_and_without_the_plain_copy()
             + ptx.count("st.global.b32") + ptx.count("st.global.v4.b32") + ptx.count("st.global.v2.b32")
         assert ".local" not in ptx  # no spills
     assert stores[False] < stores[True], stores
+
+
+def test_activation_recomputation_drops_the_fp8_payloads():
+    """The FP8 functions keep their payloads (FP8 inputs, weight copies, scales) through save_for_backward, so
+    --recompute full drops them with the rest of a block's activations and recomputes them in backward: nothing FP8
+    is kept for backward then (before, held on ctx, they outlived the checkpoint: 6.4 MB of FP8 payload on this
+    model under every recompute setting), and the gradients are those of no recomputation, bit for bit."""
+    from dsv3.training.loss import compute_loss
+
+    cfg = tiny_cfg()
+    res = {}
+    for rec in ("none", "full"):
+        m = build_model(cfg, seed=0)
+        convert_to_fp8_training(m, backend="emulate", experts=True)
+        m.set_recompute(rec)
+        params = {p.untyped_storage().data_ptr() for p in m.parameters()}
+        x = torch.randint(0, cfg.vocab_size, (2, 33), generator=torch.Generator().manual_seed(0))
+        kept = {}
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in params:
+                kept[t.untyped_storage().data_ptr()] = t.dtype
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = m(x[:, :-1])
+            loss = compute_loss(out, x[:, 1:], 0.3).total
+        loss.backward()
+        res[rec] = (sum(d == E4M3 for d in kept.values()), {n: p.grad for n, p in m.named_parameters()})
+    assert res["none"][0] > 0 and res["full"][0] == 0
+    for n, g in res["none"][1].items():
+        assert (g is None and res["full"][1][n] is None) or torch.equal(g, res["full"][1][n]), n

@@ -94,6 +94,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from dsv3 import kernels
 from dsv3.kernels import BLOCK
@@ -111,6 +112,24 @@ def _ceil(n: int, m: int = BLOCK) -> int:
     return -(-n // m) * m
 
 
+def _stash(ctx, payload) -> None:
+    """Keep the kernels' saved structure (tensors, None, numbers, strings in tuples and lists) for backward: its
+    tensors through save_for_backward, so that activation checkpointing drops and recomputes them like any op's and
+    autograd frees them after backward, the rest on ctx. (Held on ctx directly, the tensors outlived checkpointing:
+    an FP8 run under --recompute full kept every swapped Linear's FP8 input and weight copy through the step.)"""
+    leaves, spec = tree_flatten(payload)
+    tensor = [isinstance(v, torch.Tensor) for v in leaves]
+    ctx.save_for_backward(*[v for v, t in zip(leaves, tensor) if t])
+    ctx.stash = ([None if t else v for v, t in zip(leaves, tensor)], tensor, spec)
+
+
+def _unstash(ctx):
+    """`_stash`'s payload again (its tensors from ctx.saved_tensors: recomputed where checkpointed)."""
+    rest, tensor, spec = ctx.stash
+    it = iter(ctx.saved_tensors)
+    return tree_unflatten([next(it) if t else v for v, t in zip(rest, tensor)], spec)
+
+
 class _FP8LinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype, backend: str | None,
@@ -119,7 +138,7 @@ class _FP8LinearFn(torch.autograd.Function):
         x2 = x.reshape(-1, K)
         with torch.autocast(x.device.type, enabled=False):
             y, saved = kernels.fp8_gemm_fwd(x2, w.detach(), out_dtype, backend=backend, recompute_w=recompute_w)
-        ctx.saved = saved  # tagged with the backend that ran: the backward runs the same
+        _stash(ctx, saved)  # tagged with the backend that ran: the backward runs the same
         ctx.x_dtype, ctx.w_dtype, ctx.x_shape = x.dtype, w.dtype, x.shape
         return y.reshape(*lead, w.shape[0])
 
@@ -128,9 +147,9 @@ class _FP8LinearFn(torch.autograd.Function):
         g2 = gy.reshape(-1, gy.shape[-1])
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         with torch.autocast(gy.device.type, enabled=False):
-            dx, dw = kernels.fp8_gemm_bwd(g2, ctx.saved, ctx.x_dtype, ctx.w_dtype, need_dx, need_dw)
-        # ctx.saved is kept (freed with the graph): a pipeline's split backward (input gradients, then
-        # weight gradients, torch.distributed.pipelining) calls this backward twice on one graph
+            dx, dw = kernels.fp8_gemm_bwd(g2, _unstash(ctx), ctx.x_dtype, ctx.w_dtype, need_dx, need_dw)
+        # a pipeline's split backward (input gradients, then weight gradients, torch.distributed.pipelining) calls
+        # this backward twice on one graph: its input pass retains the graph, so the saved tensors are there
         if dx is not None:
             dx = dx.reshape(ctx.x_shape)
         return dx, dw, None, None, None
@@ -194,7 +213,7 @@ class _FP8GroupedFn(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             y, saved = kernels.fp8_grouped_gemm_fwd(x, [w.detach() for w in ws], offs, out_dtype, backend=backend,
                                                     recompute_w=recompute_w)
-        ctx.saved = saved  # tagged with the backend that ran: the backward runs the same
+        _stash(ctx, saved)  # tagged with the backend that ran: the backward runs the same
         ctx.x_dtype, ctx.w_dtypes = x.dtype, [w.dtype for w in ws]
         return y
 
@@ -202,9 +221,8 @@ class _FP8GroupedFn(torch.autograd.Function):
     def backward(ctx, gy: torch.Tensor):
         need_dx, need_dw = ctx.needs_input_grad[0], any(ctx.needs_input_grad[5:])
         with torch.autocast(gy.device.type, enabled=False):
-            dx, dws = kernels.fp8_grouped_gemm_bwd(gy, ctx.saved, ctx.x_dtype, ctx.w_dtypes, need_dx, need_dw)
-        # ctx.saved is kept (freed with the graph): a pipeline's split backward (input gradients, then
-        # weight gradients, torch.distributed.pipelining) calls this backward twice on one graph
+            dx, dws = kernels.fp8_grouped_gemm_bwd(gy, _unstash(ctx), ctx.x_dtype, ctx.w_dtypes, need_dx, need_dw)
+        # (a pipeline's split backward: as _FP8LinearFn's)
         return (dx, None, None, None, None, *(dws or [None] * len(ctx.w_dtypes)))
 
 
