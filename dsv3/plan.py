@@ -14,10 +14,11 @@ and pp-1-r (two copies of the parameters, Table 2), so the embedding, head and M
 stages r and 2·pp-1-r (one copy; rank 0 holds the embedding, head and MTP).
 
 Bytes per parameter (defaults = the paper's recipe, §3.3.3, used for every preset): working
-weights bf16 (2; FP8 GEMM copies are quantised on the fly, as `dsv3 train --fp8-recompute-weights` does; by
-default dsv3 keeps each FP8 weight transpose from a micro-batch's forward to its backward: `fp8_weight_copies`
-dense / all counts them, 1 B per FP8 parameter of the stage (the blocks' params outside the routed experts, + the
-routed experts for all) per micro-batch in flight; `weight_dtype` fp32 for dsv3's default of fp32
+weights bf16 (2; FP8 GEMM copies are quantised on the fly, as `dsv3 train` does with a pipeline
+(--fp8-recompute-weights auto); where it keeps each FP8 weight transpose from a micro-batch's forward to its
+backward (one process, or --fp8-recompute-weights off) `fp8_weight_copies` dense / all counts them, 1 B per FP8
+parameter of the stage (the blocks' params outside the routed experts, + the routed experts for all) per
+micro-batch in flight; `weight_dtype` fp32 for dsv3's default of fp32
 weights under autocast, which are their own masters: no master bytes, whatever master_dtype says), fp32
 master weights (4), fp32 gradients
 (4), AdamW m and v in bf16 (2 + 2): 14 B/param unsharded. ZeRO-1 shards master + moments over the
@@ -99,7 +100,7 @@ class PlanConfig:
     optim_dtype: str = setting("bf16", "AdamW moments' dtype", choices=tuple(DTYPE_BYTES))
     fp8_weight_copies: str = setting("none", "with fp8: FP8 weight transposes kept from a micro-batch's forward to "
                                              "its backward, 1 B/param per micro-batch in flight: none (re-quantised "
-                                             "in backward: the recipe; dsv3 train --fp8-recompute-weights), dense "
+                                             "in backward: the recipe; dsv3 train with a pipeline), dense "
                                              "(dsv3 train --precision fp8: attention, dense and shared MLPs), all "
                                              "(with --fp8-experts: the routed experts too)",
                                      choices=FP8_WEIGHT_COPIES)

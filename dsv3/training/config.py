@@ -69,7 +69,7 @@ class TrainConfig:
     fp8_experts: bool = setting(False, "with --precision fp8: the routed experts' grouped GEMMs in FP8 too "
                                        "(Triton; slower than bf16 on an H100 today, bench/RESULTS.md)")
     # measured (bench/RESULTS.md, fourteenth session): the same gradients bit for bit; on the 671b-slice 1-6% more step
-    # time for 1.9 GiB (FP8) / 4.6 GiB (FP8 experts) less peak memory at one micro-batch; a pipeline stage keeps
+    # time for 0.9-1.9 GiB (FP8) / 3.3 GiB (FP8 experts) less peak memory in one process; a pipeline stage keeps
     # one copy per micro-batch in flight (27.7 GiB on the worst rank of the paper's layout, `dsv3 plan
     # --fp8-weight-copies dense`), hence on there by default
     fp8_recompute_weights: str = setting("auto", "with --precision fp8: backward quantises the weights again for its "

@@ -84,7 +84,8 @@ def prepare_model(model, strategy, *, precision: str, recompute: str = "none", f
         from dsv3.training.fp8 import convert_to_fp8_training
 
         # auto: on for a pipeline, whose stages keep one copy per micro-batch in flight (TrainConfig's note)
-        rw = fp8_recompute_weights == "on" or (fp8_recompute_weights == "auto" and strategy.pipelined)
+        pipelined = getattr(strategy, "pipelined", False)
+        rw = fp8_recompute_weights == "on" or (fp8_recompute_weights == "auto" and pipelined)
         n = len(convert_to_fp8_training(model, experts=fp8_experts, recompute_weights=rw))
         log(f"fp8: {n} modules in FP8 (attention, dense/shared MLPs{', routed experts' if fp8_experts else ''}"
             f"{'; weights re-quantised in backward' if rw else ''})")
