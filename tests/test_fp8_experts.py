@@ -569,3 +569,35 @@ def test_swiglu_cat_equals_autograds_chain_and_keeps_only_its_input(dtype):
     assert kept == [{"h", (37, 80)}, {"h"}]  # the chain: h (as the two halves) and silu(gate); swiglu_cat: h
     with pytest.raises(ValueError, match="even"):
         swiglu_cat(torch.randn(3, 5))
+
+
+@interp
+def test_interp_triton_glue_frees_dgrad_transients_before_wgrad(monkeypatch):
+    """The "triton" experts' backward with recompute_weight: the recomputed expert Wᵀ (with their scales) and the
+    quantised dY of dgrad are freed before the wgrad launch (on the 671b-slice 0.44 GiB of such transposes were alive
+    at the FP8-experts step's peak)."""
+    import gc
+    import weakref
+
+    from dsv3.kernels import fp8 as kf
+    from dsv3.kernels import fp8_grouped_triton as gk
+
+    made = []
+
+    def track(f):
+        def g(*a, **k):
+            out = f(*a, **k)
+            made.extend(weakref.ref(t) for t in out)
+            return out
+        return g
+    x, ws, g = _inputs(3, 256, (128, 128))
+    offs = _offs(COUNTS)
+    xr, wr = x.clone().requires_grad_(), [w.clone().requires_grad_() for w in ws]
+    y = fp8_grouped_linear(xr, tuple(wr), offs, "triton", recompute_weight=True)
+    monkeypatch.setattr(kf, "weight_quant_pad_t", track(kf.weight_quant_pad_t))
+    monkeypatch.setattr(kf, "act_quant_cm", track(kf.act_quant_cm))
+    alive, real = [], gk.fp8_grouped_wgrad
+    monkeypatch.setattr(gk, "fp8_grouped_wgrad", lambda *a: (gc.collect(), alive.append([r() is not None for r in made]),
+                                                             real(*a))[2])
+    y.backward(g)
+    assert len(made) == 6 and alive == [[False] * 6]  # two Wᵀ and their scales, dY's FP8 and scales

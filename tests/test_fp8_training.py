@@ -590,3 +590,39 @@ def test_activation_recomputation_drops_the_fp8_payloads():
     assert res["none"][0] > 0 and res["full"][0] == 0
     for n, g in res["none"][1].items():
         assert (g is None and res["full"][1][n] is None) or torch.equal(g, res["full"][1][n]), n
+
+
+def test_scaled_mm_glue_frees_dgrad_transients_before_wgrad(monkeypatch):
+    """kernels.fp8._smm_bwd with recompute_w: the recomputed FP8 Wᵀ and the quantised dY of dgrad are freed before
+    wgrad's own transients are made (F.scaled_mm recorded; the quantisers' references on the CPU)."""
+    import gc
+    import weakref
+
+    import torch.nn.functional as F
+
+    from dsv3.kernels import fp8 as kf
+
+    monkeypatch.setattr(F, "scaled_mm", lambda a, b, sa, ra, sb, rb, output_dtype:
+                        torch.zeros(a.shape[0], b.shape[1], dtype=output_dtype), raising=False)
+    monkeypatch.setattr(F, "ScalingType", type("S", (), {"BlockWise1x128": 0, "BlockWise128x128": 1}), raising=False)
+    monkeypatch.setattr(kf, "_WGRAD_DIRECT", {})
+    made = []
+    real_t, real_cm = kf.weight_quant_pad_t, kf.act_quant_cm
+
+    def track(f):
+        def g(*a, **k):
+            out = f(*a, **k)
+            made.extend(weakref.ref(t) for t in out)
+            return out
+        return g
+    monkeypatch.setattr(kf, "weight_quant_pad_t", track(real_t))
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(70, 200, generator=gen), torch.randn(136, 200, generator=gen) * 0.05
+    _, saved = kf._smm_fwd(x, w, torch.float32, True)
+    monkeypatch.setattr(kf, "act_quant_cm", track(real_cm))  # backward's: the quantised dY
+    alive = []
+    real_w = kf._wgrad_mm
+    monkeypatch.setattr(kf, "_wgrad_mm", lambda *a: (gc.collect(), alive.append([r() is not None for r in made]),
+                                                     real_w(*a))[2])
+    kf._smm_bwd(torch.randn(70, 136, generator=gen), saved, torch.float32, torch.float32, True, True)
+    assert len(made) == 4 and alive == [[False] * 4]  # Wᵀ, its scales, dY's FP8 and scales: gone by wgrad

@@ -137,6 +137,8 @@ def _smm_bwd(g2: torch.Tensor, saved, x_dtype: torch.dtype, w_dtype: torch.dtype
         wst[:, :nb] = ws[:, :kb].t()
         dx = F.scaled_mm(gq, wqt.t(), gs, F.ScalingType.BlockWise1x128, wst.t(), F.ScalingType.BlockWise128x128,
                          output_dtype=x_dtype)[:M, :K]
+        # dgrad's transients go before wgrad's come (a recomputed Wᵀ among them; the saved one stays in `saved`)
+        del gq, gs, wst, wqt, ws
     if need_dw:
         gtq, gts = act_quant_t(gp, p=p)  # dYᵀ (Np, Mp), scales (Np, Mp/128) column-major
         xtq, xts = act_quant_t(xq, xs)  # Xᵀ (Kp, Mp) re-tiled from the FP8 X
@@ -243,6 +245,9 @@ def _tri_grouped_bwd(g: torch.Tensor, saved, x_dtype: torch.dtype, w_dtypes: lis
         bts = [(qt.view(K, E, n).permute(1, 0, 2), _block_scales(s, E, n, K).transpose(1, 2))
                for (qt, s), n in zip(wts, ns)]
         dx = gk.fp8_grouped_mm(gq[:M], gs[:M], bts, offs, x_dtype, cat="k")
+        # dgrad's transients go before wgrad's come: the quantised dY and, with recompute_w, the experts' Wᵀ (on
+        # the 671b-slice 0.44 GiB of them were alive at the FP8-experts step's peak, H100, 2026-12-06)
+        del gq, gs, bts, wts
     if need_dw:
         gtq, gts = act_quant_t(gp, p=p)  # dYᵀ (N, Mp), scales (N, Mp/128)
         xtq, xts = act_quant_t(xq, xs)  # Xᵀ (K, Mp) re-tiled from the FP8 X
