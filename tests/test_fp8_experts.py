@@ -597,7 +597,11 @@ def test_interp_triton_glue_frees_dgrad_transients_before_wgrad(monkeypatch):
     monkeypatch.setattr(kf, "weight_quant_pad_t", track(kf.weight_quant_pad_t))
     monkeypatch.setattr(kf, "act_quant_cm", track(kf.act_quant_cm))
     alive, real = [], gk.fp8_grouped_wgrad
-    monkeypatch.setattr(gk, "fp8_grouped_wgrad", lambda *a: (gc.collect(), alive.append([r() is not None for r in made]),
-                                                             real(*a))[2])
+
+    def wgrad(*a):
+        gc.collect()
+        alive.append([r() is not None for r in made])
+        return real(*a)
+    monkeypatch.setattr(gk, "fp8_grouped_wgrad", wgrad)
     y.backward(g)
     assert len(made) == 6 and alive == [[False] * 6]  # two Wᵀ and their scales, dY's FP8 and scales
