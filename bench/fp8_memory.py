@@ -150,9 +150,31 @@ def peak_breakdown(trace: list[dict], top: int = 12) -> tuple[int, list[tuple[st
     return peak, rows
 
 
-def snapshot_variant(args, variant: str) -> tuple[float, float, int, list]:
+def peak_event(trace: list[dict]) -> tuple[int, int, str]:
+    """Where peak_breakdown's peak is reached -> (its allocation's index among the trace's allocations, how many
+    allocations the trace has, the dsv3 line that made it): early indices are the forward, late ones the backward
+    and the optimizer step; (0, 0, "") for a trace without allocations."""
+    live: dict[int, int] = {}
+    total = peak = 0
+    n = at = 0
+    label = ""
+    for e in trace:
+        act, addr = e.get("action"), e.get("addr")
+        if act == "alloc":
+            live[addr] = e["size"]
+            total += e["size"]
+            if total > peak:
+                peak, at, label = total, n, _label(e.get("frames") or [])
+            n += 1
+        elif act in ("free_requested", "free_completed") and addr in live:
+            total -= live.pop(addr)
+    return at, n, label
+
+
+def snapshot_variant(args, variant: str) -> tuple[float, float, int, list, tuple]:
     """One training step of `variant` (bench/train_speed.py's tags) recorded after a first one -> (the step's
-    peak allocated GiB, the GiB allocated before it, the trace's peak bytes above that, peak_breakdown's rows)."""
+    peak allocated GiB, the GiB allocated before it, the trace's peak bytes above that, peak_breakdown's rows,
+    peak_event's (index, allocations, label))."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from train_speed import parse_variant, setup_dsv3, shapes
 
@@ -189,11 +211,12 @@ def snapshot_variant(args, variant: str) -> tuple[float, float, int, list]:
     peak = torch.cuda.max_memory_allocated()
     trace = snap["device_traces"][torch.cuda.current_device()]
     extra, rows = peak_breakdown(trace, args.top)
+    where = peak_event(trace)
     del model, opt
     torch._dynamo.reset()
     gc.collect()
     torch.cuda.empty_cache()
-    return peak / 2**30, base / 2**30, extra, rows
+    return peak / 2**30, base / 2**30, extra, rows, where
 
 
 def main() -> None:
@@ -221,10 +244,11 @@ def main() -> None:
         if not args.device.startswith("cuda") or not torch.cuda.is_available():
             raise SystemExit("--variants needs --device cuda and a GPU (the allocator's trace is CUDA's)")
         for v in args.variants.split(","):
-            peak, base, extra, rows = snapshot_variant(args, v)
+            peak, base, extra, rows, (at, n, label) = snapshot_variant(args, v)
             print(f"\n## {v}: {args.preset}, {args.batch} x {args.seq_len} tokens, {torch.cuda.get_device_name()}: "
                   f"step peak {peak:.2f} GiB = {base:.2f} allocated before the step (weights, masters, optimizer "
-                  f"state) + {extra / 2**30:.2f} allocated during it and alive at its peak")
+                  f"state) + {extra / 2**30:.2f} allocated during it and alive at its peak; reached at allocation "
+                  f"{at:,} of the step's {n:,} ({100 * at / max(n, 1):.0f}%), by {label}")
             print("| allocated at | GiB alive at the peak | blocks |")
             print("|---|---|---|")
             for label, b, n in rows:

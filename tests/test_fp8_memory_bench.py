@@ -61,6 +61,10 @@ def test_peak_breakdown_replays_to_the_peak():
     peak, rows = b.peak_breakdown(trace, top=1)
     assert rows == [("dsv3/kernels/fp8.py:10 fwd", 400, 2), ("(the rest)", 20, 1)]
     assert b.peak_breakdown([]) == (0, [])
+    # where: the 4th allocation (index 3) of 5, made by code outside the repository
+    assert b.peak_event(trace) == (3, 5, "(no Python frame)")
+    assert b.peak_event(trace[:5]) == (2, 3, "dsv3/kernels/fp8.py:10 fwd")  # before the peak's allocation
+    assert b.peak_event([]) == (0, 0, "")
 
 
 def test_train_speed_variant_tags():
