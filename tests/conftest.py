@@ -133,6 +133,18 @@ needs_interpreter = pytest.mark.skipif(not _interpreter_available(),
                                        reason="needs triton and TRITON_INTERPRET=1 (the Triton CPU interpreter)")
 
 
+def weakrefs_of_outputs(f, made: list):
+    """f wrapped to append a weakref to each tensor it returns to `made` (tests that check what a backward has freed
+    by some point)."""
+    import weakref
+
+    def g(*a, **k):
+        out = f(*a, **k)
+        made.extend(weakref.ref(t) for t in out)
+        return out
+    return g
+
+
 def bench_module(name: str):
     """bench/<name>.py imported as a module (the bench scripts are not a package) -> the module."""
     import importlib.util

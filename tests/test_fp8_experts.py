@@ -577,25 +577,17 @@ def test_interp_triton_glue_frees_dgrad_transients_before_wgrad(monkeypatch):
     quantised dY of dgrad are freed before the wgrad launch (on the 671b-slice 0.44 GiB of such transposes were alive
     at the FP8-experts step's peak)."""
     import gc
-    import weakref
-
+    from conftest import weakrefs_of_outputs
     from dsv3.kernels import fp8 as kf
     from dsv3.kernels import fp8_grouped_triton as gk
 
     made = []
-
-    def track(f):
-        def g(*a, **k):
-            out = f(*a, **k)
-            made.extend(weakref.ref(t) for t in out)
-            return out
-        return g
     x, ws, g = _inputs(3, 256, (128, 128))
     offs = _offs(COUNTS)
     xr, wr = x.clone().requires_grad_(), [w.clone().requires_grad_() for w in ws]
     y = fp8_grouped_linear(xr, tuple(wr), offs, "triton", recompute_weight=True)
-    monkeypatch.setattr(kf, "weight_quant_pad_t", track(kf.weight_quant_pad_t))
-    monkeypatch.setattr(kf, "act_quant_cm", track(kf.act_quant_cm))
+    monkeypatch.setattr(kf, "weight_quant_pad_t", weakrefs_of_outputs(kf.weight_quant_pad_t, made))
+    monkeypatch.setattr(kf, "act_quant_cm", weakrefs_of_outputs(kf.act_quant_cm, made))
     alive, real = [], gk.fp8_grouped_wgrad
 
     def wgrad(*a):

@@ -596,10 +596,10 @@ def test_scaled_mm_glue_frees_dgrad_transients_before_wgrad(monkeypatch):
     """kernels.fp8._smm_bwd with recompute_w: the recomputed FP8 Wᵀ and the quantised dY of dgrad are freed before
     wgrad's own transients are made (F.scaled_mm recorded; the quantisers' references on the CPU)."""
     import gc
-    import weakref
 
     import torch.nn.functional as F
 
+    from conftest import weakrefs_of_outputs
     from dsv3.kernels import fp8 as kf
 
     monkeypatch.setattr(F, "scaled_mm", lambda a, b, sa, ra, sb, rb, output_dtype:
@@ -607,19 +607,11 @@ def test_scaled_mm_glue_frees_dgrad_transients_before_wgrad(monkeypatch):
     monkeypatch.setattr(F, "ScalingType", type("S", (), {"BlockWise1x128": 0, "BlockWise128x128": 1}), raising=False)
     monkeypatch.setattr(kf, "_WGRAD_DIRECT", {})
     made = []
-    real_t, real_cm = kf.weight_quant_pad_t, kf.act_quant_cm
-
-    def track(f):
-        def g(*a, **k):
-            out = f(*a, **k)
-            made.extend(weakref.ref(t) for t in out)
-            return out
-        return g
-    monkeypatch.setattr(kf, "weight_quant_pad_t", track(real_t))
+    monkeypatch.setattr(kf, "weight_quant_pad_t", weakrefs_of_outputs(kf.weight_quant_pad_t, made))
     gen = torch.Generator().manual_seed(0)
     x, w = torch.randn(70, 200, generator=gen), torch.randn(136, 200, generator=gen) * 0.05
     _, saved = kf._smm_fwd(x, w, torch.float32, True)
-    monkeypatch.setattr(kf, "act_quant_cm", track(real_cm))  # backward's: the quantised dY
+    monkeypatch.setattr(kf, "act_quant_cm", weakrefs_of_outputs(kf.act_quant_cm, made))  # backward's: dY's
     alive = []
     real_w = kf._wgrad_mm
     monkeypatch.setattr(kf, "_wgrad_mm", lambda *a: (gc.collect(), alive.append([r() is not None for r in made]),
