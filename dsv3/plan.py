@@ -16,9 +16,9 @@ stages r and 2·pp-1-r (one copy; rank 0 holds the embedding, head and MTP).
 Bytes per parameter (defaults = the paper's recipe, §3.3.3, used for every preset): working
 weights bf16 (2; FP8 GEMM copies are quantised on the fly, as `dsv3 train` does with a pipeline
 (--fp8-recompute-weights auto); where it keeps each FP8 weight transpose from a micro-batch's forward to its
-backward (one process, or --fp8-recompute-weights off) `fp8_weight_copies` dense / all counts them, 1 B per FP8
-parameter of the stage (the blocks' params outside the routed experts, + the routed experts for all) per
-micro-batch in flight; `weight_dtype` fp32 for dsv3's default of fp32
+backward (without a pipeline, or --fp8-recompute-weights off) `fp8_weight_copies` dense / all counts them, 1 B per
+FP8 parameter of the stage (the blocks' params outside the routed experts, + the routed experts for all) per
+micro-batch in flight; its auto follows dsv3 train's default; `weight_dtype` fp32 for dsv3's default of fp32
 weights under autocast, which are their own masters: no master bytes, whatever master_dtype says), fp32
 master weights (4), fp32 gradients
 (4), AdamW m and v in bf16 (2 + 2): 14 B/param unsharded. ZeRO-1 shards master + moments over the
@@ -66,7 +66,7 @@ from dsv3.config import ModelConfig
 GiB = 1024**3
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "none": 0}
 SCHEDULES = ("1f1b", "dualpipe", "dualpipev")
-FP8_WEIGHT_COPIES = ("none", "dense", "all")
+FP8_WEIGHT_COPIES = ("auto", "none", "dense", "all")
 
 
 class PlanError(ValueError):
@@ -98,11 +98,11 @@ class PlanConfig:
     master_dtype: str = setting("fp32", "master weights' dtype (none: no separate copy)", choices=tuple(DTYPE_BYTES))
     grad_dtype: str = setting("fp32", "gradients' dtype", choices=tuple(DTYPE_BYTES))
     optim_dtype: str = setting("bf16", "AdamW moments' dtype", choices=tuple(DTYPE_BYTES))
-    fp8_weight_copies: str = setting("none", "with fp8: FP8 weight transposes kept from a micro-batch's forward to "
+    fp8_weight_copies: str = setting("auto", "with fp8: FP8 weight transposes kept from a micro-batch's forward to "
                                              "its backward, 1 B/param per micro-batch in flight: none (re-quantised "
-                                             "in backward: the recipe; dsv3 train with a pipeline), dense "
-                                             "(dsv3 train --precision fp8: attention, dense and shared MLPs), all "
-                                             "(with --fp8-experts: the routed experts too)",
+                                             "in backward: the recipe), dense (attention, dense and shared MLPs), "
+                                             "all (with --fp8-experts: the routed experts too); auto: what dsv3 train "
+                                             "does by default, none with a pipeline (pp > 1), else dense",
                                      choices=FP8_WEIGHT_COPIES)
 
     def resolved(self, cfg: ModelConfig, n_blocks: int) -> "PlanConfig":
@@ -133,8 +133,12 @@ class PlanConfig:
         need(self.weight_dtype in ("bf16", "fp32"), f"weight_dtype must be bf16 or fp32, got {self.weight_dtype!r}")
         need(self.fp8_weight_copies in FP8_WEIGHT_COPIES,
              f"fp8_weight_copies must be one of {', '.join(FP8_WEIGHT_COPIES)}, got {self.fp8_weight_copies!r}")
-        need(self.fp8_weight_copies == "none" or self.precision == "fp8",
+        need(self.fp8_weight_copies in ("auto", "none") or self.precision == "fp8",
              f"fp8_weight_copies {self.fp8_weight_copies!r} needs precision fp8, got {self.precision!r}")
+        # auto: dsv3 train's --fp8-recompute-weights auto (re-quantised where a pipeline keeps micro-batches in
+        # flight) without --fp8-experts
+        copies = (("none" if self.pp > 1 or self.precision != "fp8" else "dense")
+                  if self.fp8_weight_copies == "auto" else self.fp8_weight_copies)
         for k in ("master_dtype", "grad_dtype", "optim_dtype"):
             need(getattr(self, k) in DTYPE_BYTES, f"{k} must be one of {list(DTYPE_BYTES)}, got {getattr(self, k)!r}")
         gb = self.global_batch if self.global_batch is not None else dp * self.micro_batch
@@ -152,7 +156,7 @@ class PlanConfig:
             need(self.pp % 2 == 0, f"DualPipe needs an even pp, got pp = {self.pp}")
             need((gb // (dp * self.micro_batch)) % 2 == 0,
                  f"DualPipe needs an even number of micro-batches per rank, got {gb // (dp * self.micro_batch)}")
-        return replace(self, dp=dp, global_batch=gb)
+        return replace(self, dp=dp, global_batch=gb, fp8_weight_copies=copies)
 
 
 @dataclass
@@ -258,9 +262,12 @@ class PlanResult:
 
     def format(self) -> str:
         c = self.cfg
+        copies = "" if c.fp8_weight_copies == "none" else f" (FP8 weight copies: {c.fp8_weight_copies})"
         rows = [("model", self.model),
                 ("layout", f"{c.gpus} GPUs = pp {c.pp} x dp {c.dp}; ep {c.ep} (experts replicated over "
-                           f"{c.dp // c.ep} ranks); ZeRO-{c.zero}; {c.schedule}; {c.precision}; recompute {c.recompute}"),
+                           f"{c.dp // c.ep} ranks); ZeRO-{c.zero}; {c.schedule}; {c.precision}"
+                           f"{copies}; "
+                           f"recompute {c.recompute}"),
                 ("batch", f"{c.global_batch} seqs x {c.seq_len} tokens; micro-batch {c.micro_batch}; "
                           f"{self.n_micro} micro-batches/rank; {self.in_flight} in flight"),
                 ("dtypes", f"weights {c.weight_dtype}, master {c.master_dtype}, grads {c.grad_dtype}, "

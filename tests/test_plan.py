@@ -170,3 +170,9 @@ def test_fp8_weight_copies_per_micro_batch_in_flight():
     assert dense.mem["FP8 weight copies"] == dense.in_flight * (dense.n_params - dense.n_routed - embed)
     with pytest.raises(PlanError, match="needs precision fp8"):
         plan(cfg, PlanConfig(**{**base, "precision": "bf16"}, fp8_weight_copies="dense"))
+    # auto (the default): dsv3 train's own default, re-quantised with a pipeline, kept (dense) without one
+    assert plan(cfg, PlanConfig(**base)).cfg.fp8_weight_copies == "none"
+    one = dict(base, gpus=4, pp=1)
+    assert plan(cfg, PlanConfig(**one)).total == plan(cfg, PlanConfig(**one, fp8_weight_copies="dense")).total
+    assert "FP8 weight copies: dense" in plan(cfg, PlanConfig(**one)).format()
+    assert plan(cfg, PlanConfig(**{**one, "precision": "bf16"})).cfg.fp8_weight_copies == "none"
