@@ -597,3 +597,20 @@ def test_interp_triton_glue_frees_dgrad_transients_before_wgrad(monkeypatch):
     monkeypatch.setattr(gk, "fp8_grouped_wgrad", wgrad)
     y.backward(g)
     assert len(made) == 6 and alive == [[False] * 6]  # two Wᵀ and their scales, dY's FP8 and scales
+
+
+@interp
+def test_interp_padded_experts_keep_their_fp8_copies_under_recompute(monkeypatch):
+    """FP8TrainExperts with recompute_weight on shapes the kernels pad (D 192, I 80): the padded weights are copies
+    made in the forward, so backward gets their FP8 transposes (1 byte a parameter) rather than the copies
+    themselves to re-quantise; aligned shapes re-quantise."""
+    from dsv3.training import fp8 as f8
+
+    asked, real = [], f8._FP8GroupedFn.apply
+    monkeypatch.setattr(f8._FP8GroupedFn, "apply", lambda *a: asked.append(a[4]) or real(*a))
+    for D, I, want in ((192, 80, False), (256, 128, True)):
+        asked.clear()
+        ex = FP8TrainExperts.from_experts(_experts(D=D, I=I), "triton", recompute_weight=True)
+        idx, w, x = _route(40, 6, 2, D, 8)
+        _module_grads(ex, x, idx, w, torch.randn(x.shape, generator=torch.Generator().manual_seed(9)))
+        assert asked == [want, want]

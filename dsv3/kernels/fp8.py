@@ -108,14 +108,15 @@ def _smm_fwd(x2: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype, recomput
     N = w.shape[0]
     Mp, Kp, Np = _ceil(M), _ceil(K), _ceil(N)
     xq, xs = act_quant_cm(_pad2(x2, Mp, Kp))  # (Mp, Kp), scales (Mp, Kp/128) column-major
-    if recompute_w:  # backward re-quantises w for dgrad (weight_quant_pad_t): nothing of it kept here
+    if recompute_w:  # backward re-quantises w for dgrad (weight_quant_pad_t): w itself kept, no FP8 form of it
         wq, ws = weight_quant_pad(_pad2(w, Np, Kp))
-        wqt = None
+        kept = (None, None, w)
     else:  # (Np, Kp), scales (Np/128, round4(Kp/128)), and the fp8 transpose (Kp, Np) for dgrad, same pass
         wq, ws, wqt = weight_quant_pad(_pad2(w, Np, Kp), transposed=True)
+        kept = (wqt, ws, None)
     y = F.scaled_mm(xq, wq.t(), xs, F.ScalingType.BlockWise1x128, ws.t(), F.ScalingType.BlockWise128x128,
                     output_dtype=out_dtype)
-    return y[:M, :N], (xq, xs, wqt, None if recompute_w else ws, w if recompute_w else None, M, N, K)
+    return y[:M, :N], (xq, xs, *kept, M, N, K)
 
 
 def _smm_bwd(g2: torch.Tensor, saved, x_dtype: torch.dtype, w_dtype: torch.dtype, need_dx: bool, need_dw: bool):

@@ -298,6 +298,7 @@ class FP8TrainExperts(Experts):
         backend = kernels.select_backend("fp8_grouped_gemm", x_MD, backend=_KERNEL_BACKEND[self.fp8_backend])
         w1, w3, w2 = self.gate_proj, self.up_proj, self.down_proj  # (E, I, D), (E, I, D), (E, D, I)
         I, D = w1.shape[1:]
+        rw = self.fp8_recompute_weight
         if backend != "reference" and (D % BLOCK or I % BLOCK):
             # the accelerated kernels take whole 128-blocks: zero-pad D and I (zeros change no amax and
             # SwiGLU keeps the padded columns at 0, so this is the unpadded computation)
@@ -305,7 +306,9 @@ class FP8TrainExperts(Experts):
             x_MD = F.pad(x_MD, (0, Dp - D))
             w1, w3 = (F.pad(w, (0, Dp - D, 0, Ip - I)) for w in (w1, w3))
             w2 = F.pad(w2, (0, Ip - I, 0, Dp - D))
-        rw = self.fp8_recompute_weight
+            # padded weights are copies made here: re-quantising them in backward would keep those copies (the
+            # weights' own dtype, 2-4 bytes a parameter) where the FP8 transposes take 1 (no preset pads)
+            rw = False
         h13 = _FP8GroupedFn.apply(x_MD, offs, dt, backend, rw, w1, w3)  # (M, 2I): gate | up
         h = swiglu_cat(h13)  # (M, I); its backward recomputes silu(gate) from h13
         return _FP8GroupedFn.apply(h, offs, dt, backend, rw, w2)[:, :D]  # (M, D)
