@@ -9,6 +9,7 @@ Shapes (the rows are already sorted by expert; the sort, gather and weighted sca
 the same for both and not timed):
   671b-slice  16 routed experts, top-4 of 4096 tokens: M = 16384 rows, D = 7168, I = 2048
   16b         64 routed experts, top-6 of 8192 tokens: M = 49152 rows, D = 2048, I = 1408
+  small       64 routed experts, top-6 of 16384 tokens (8 x 2048): M = 98304 rows, D = 1024, I = 384
 Routing is uniform at random (counts ~M/E, uneven by sampling).
 
 Rows: `sorted_mlp` fwd and fwd+bwd (the three expert matrices: gate and up, SwiGLU, down); then each
@@ -28,6 +29,7 @@ import os
 import sys
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -36,10 +38,11 @@ import dsv3  # noqa: E402
 from dsv3 import kernels  # noqa: E402
 from dsv3.kernels import fp8_grouped_triton as gk  # noqa: E402
 from dsv3.model.moe import Experts  # noqa: E402
-from dsv3.training.fp8 import FP8TrainExperts  # noqa: E402
+from dsv3.training.fp8 import FP8TrainExperts, swiglu_cat  # noqa: E402
 from bandwidth import _seconds  # noqa: E402
 
-SHAPES = {"671b-slice": (16, 4, 4096, 7168, 2048), "16b": (64, 6, 8192, 2048, 1408)}  # E, top-k, tokens, D, I
+SHAPES = {"671b-slice": (16, 4, 4096, 7168, 2048), "16b": (64, 6, 8192, 2048, 1408),
+          "small": (64, 6, 16384, 1024, 384)}  # E, top-k, tokens, D, I
 
 
 def timed(fn, iters: int, warmup: int) -> float:
@@ -88,6 +91,29 @@ def bench_shape(name: str, E: int, k: int, T: int, D: int, I: int, iters: int, w
             cast, stored = timed(run(ex, bwd), iters, warmup), timed(run(exb, bwd), iters, warmup)
         print(f"  {label:<28} fp32 masters {cast:8.3f} ms {flop / cast / 1e9:6.0f} TFLOP/s   "
               f"bf16 weights {stored:8.3f} ms {flop / stored / 1e9:6.0f} TFLOP/s   x{cast / stored:.2f}")
+    # gate and up as one (E, D, 2I) grouped GEMM (and one dgrad over the 2I contraction, one wgrad) instead of
+    # two of width I, the concatenation of the stored weights paid every step
+    def fused(mod, backward: bool, one_grad: bool = False):
+        def step():
+            w1, w3, w2 = mod.weights(dtype=torch.bfloat16)
+            h13 = torch._grouped_mm(x, torch.cat([w1, w3], 1).transpose(-2, -1), offs=offs)  # (M, 2I)
+            # one_grad: the SwiGLU as swiglu_cat (h13's gradient one concatenation, not two zero-filled slice
+            # gradients and their sum)
+            h = swiglu_cat(h13) if one_grad else F.silu(h13[:, :I]) * h13[:, I:]
+            y = torch._grouped_mm(h, w2.transpose(-2, -1), offs=offs)
+            if backward:
+                y.backward(gy)
+                mod.zero_grad(set_to_none=True)
+                x.grad = None
+        return step
+
+    for label, bwd, flop in (("sorted_mlp fwd", False, 6 * M * I * D), ("sorted_mlp fwd+bwd", True, 18 * M * I * D)):
+        with torch.set_grad_enabled(bwd):
+            two, one = timed(run(exb, bwd), iters, warmup), timed(fused(exb, bwd), iters, warmup)
+            cat = timed(fused(exb, bwd, True), iters, warmup)
+        print(f"  {label:<28} bf16 gate, up  {two:8.3f} ms {flop / two / 1e9:6.0f} TFLOP/s   "
+              f"gate|up in one {one:8.3f} ms {flop / one / 1e9:6.0f} TFLOP/s   x{two / one:.2f}   "
+              f"+ swiglu_cat {cat:8.3f} ms x{two / cat:.2f}")
     if bf16w_only:
         return
     fp8 = FP8TrainExperts.from_experts(Experts(cfg).cuda(), "triton")
@@ -113,7 +139,7 @@ def bench_shape(name: str, E: int, k: int, T: int, D: int, I: int, iters: int, w
         g2 = torch.randn(M, 2 * I, device="cuda", generator=g).to(torch.bfloat16)
         gyb = gy.detach()
         xb = x.detach()
-        kernels = (
+        gemms = (
             ("fprop [gate; up]", 4 * M * I * D,
              lambda: torch._grouped_mm(xb, w13b.transpose(-2, -1), offs=offs),
              lambda: gk.fp8_grouped_mm(xq, xs, fprop_b, offs, torch.bfloat16, cat="n")),
@@ -124,7 +150,7 @@ def bench_shape(name: str, E: int, k: int, T: int, D: int, I: int, iters: int, w
              lambda: torch._grouped_mm(h.t(), gyb, offs=offs),  # what autograd runs for down's weight
              lambda: gk.fp8_grouped_wgrad(gtq, gts, htq, hts, offs, [D])),
         )
-        for label, flop, f_bf16, f_fp8 in kernels:
+        for label, flop, f_bf16, f_fp8 in gemms:
             row(label, timed(f_bf16, iters, warmup), timed(f_fp8, iters, warmup), flop)
 
 

@@ -74,7 +74,7 @@ def summarize(prof, n_steps: int, top: int = 25) -> None:
         print(f"    {us / n_steps / 1e3:8.3f} ms  x{c // n_steps:<5d} {name[:140]}")
 
 
-def train(shape: str, variant: str, steps: int) -> None:
+def train(shape: str, variant: str, steps: int, top: int = 25) -> None:
     cfg, B, T = shapes(4)[shape]
     kw = parse_variant(variant)  # the same model and optimizer as bench/train_speed.py's row of this variant
     model, opt = setup_dsv3(cfg, **kw)
@@ -109,7 +109,7 @@ def train(shape: str, variant: str, steps: int) -> None:
     print(f"  {'total':10s} {tot:8.2f} ms")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         step(False)
-    summarize(prof, 1)
+    summarize(prof, 1, top=top)
     del model, opt
     torch._dynamo.reset()
     torch.cuda.empty_cache()
@@ -208,11 +208,12 @@ def main() -> None:
     ap.add_argument("--sequence", type=int, default=0, help="--decode: also list the first N kernels of one step "
                     "in launch order, each with its GPU time")
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--top", type=int, default=25, help="--train: how many kernels to list")
     args = ap.parse_args()
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}")
     for item in filter(None, args.train.split(",")):
         shape, variant = item.split(":")
-        train(shape, variant, args.steps)
+        train(shape, variant, args.steps, args.top)
     if args.decode:
         decode([int(b) for b in args.decode.split(",")], args.preset, args.decode_fp8,
                decode_switches(args.decode_kernels), args.sequence)
