@@ -176,7 +176,7 @@ def snapshot_variant(args, variant: str) -> tuple[float, float, int, list, tuple
     peak allocated GiB, the GiB allocated before it, the trace's peak bytes above that, peak_breakdown's rows,
     peak_event's (index, allocations, label))."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from train_speed import kernel_choice, parse_variant, setup_dsv3, shapes
+    from train_speed import parse_variant, setup_dsv3, shapes
 
     from dsv3.training.optim import clip_and_step
 
@@ -187,7 +187,6 @@ def snapshot_variant(args, variant: str) -> tuple[float, float, int, list, tuple
     if args.vocab:
         cfg = cfg.replace(vocab_size=args.vocab)
     kw = parse_variant(variant)
-    kernel_choice(kw).__enter__()  # (one variant per process: the forced kernels stay for its life)
     model, opt = setup_dsv3(cfg, **kw)
     x = torch.randint(0, cfg.vocab_size, (args.batch, args.seq_len + 1), device="cuda")
 

@@ -27,7 +27,7 @@ from dsv3.training.loss import compute_loss  # noqa: E402
 from dsv3.training.optim import clip_and_step  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from train_speed import kernel_choice, parse_variant, setup_dsv3, shapes  # noqa: E402
+from train_speed import parse_variant, setup_dsv3, shapes  # noqa: E402
 
 
 def family(name: str) -> str:
@@ -75,14 +75,8 @@ def summarize(prof, n_steps: int, top: int = 25) -> None:
 
 
 def train(shape: str, variant: str, steps: int, top: int = 25) -> None:
-    kw = parse_variant(variant)
-    with kernel_choice(kw):  # the variant's forced kernels (perm / noperm), for the whole run
-        _train(shape, variant, kw, steps, top)
-
-
-def _train(shape: str, variant: str, kw: dict, steps: int, top: int) -> None:
     cfg, B, T = shapes(4)[shape]
-    # the same model and optimizer as bench/train_speed.py's row of this variant
+    kw = parse_variant(variant)  # the same model and optimizer as bench/train_speed.py's row of this variant
     model, opt = setup_dsv3(cfg, **kw)
     x = torch.randint(0, cfg.vocab_size, (B, T + 1), device="cuda")
     ev = [torch.cuda.Event(enable_timing=True) for _ in range(4)]

@@ -30,14 +30,11 @@ bf16 weight gradients, the master update writing the bf16 copy (variant tag bf16
 the weight gradients accumulated in fp32, AdamW's fp32_grads, bitwise the autocast step).
 --precision fp8: the same step with the attention and dense/shared-expert linears in FP8 (three GEMMs,
 dsv3/training/fp8.py); TFLOP/s and MFU keep the bf16 FLOP count and the bf16 peak, for comparison.
-Variant tags perm / noperm force the training MoE's row-permutation kernels (kernels "moe_permute",
-dsv3/kernels/moe_permute_triton.py) on or off; without either the kernel seam chooses.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import os
@@ -50,7 +47,6 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import dsv3  # noqa: E402
-from dsv3 import kernels  # noqa: E402
 from dsv3.info import model_info  # noqa: E402
 from dsv3.training.loss import compute_loss  # noqa: E402
 from dsv3.training.optim import clip_and_step, make_optimizer  # noqa: E402
@@ -89,7 +85,7 @@ def flops_per_token(cfg: dsv3.ModelConfig, T: int) -> float:
     return 6 * dense + attn
 
 
-VARIANT_TAGS = ("bf16", "fp8", "fp8e", "compile", "sel", "full", "bf16opt", "bf16w", "g32", "rw", "perm", "noperm")
+VARIANT_TAGS = ("bf16", "fp8", "fp8e", "compile", "sel", "full", "bf16opt", "bf16w", "g32", "rw")
 
 
 def parse_variant(v: str) -> dict:
@@ -97,23 +93,13 @@ def parse_variant(v: str) -> dict:
     tags = v.split("+")
     bad = set(tags) - set(VARIANT_TAGS)
     if bad or tags[0] not in ("bf16", "fp8", "fp8e") or ("g32" in tags and (tags[0] != "bf16" or "bf16w" not in tags)) \
-            or ("rw" in tags and tags[0] == "bf16") or ("perm" in tags and "noperm" in tags):
+            or ("rw" in tags and tags[0] == "bf16"):
         raise ValueError(f"bad variant {v!r}: tags {'+'.join(VARIANT_TAGS)}, the first a precision; g32 with bf16 "
-                         "and bf16w; rw with fp8 or fp8e; perm or noperm")
-    kw = dict(precision=tags[0], compile_blocks="compile" in tags,
-              recompute="selective" if "sel" in tags else "full" if "full" in tags else "none",
-              state_dtype=torch.bfloat16 if "bf16opt" in tags else torch.float32,
-              bf16_weights="bf16w" in tags, fp32_grads="g32" in tags, recompute_weights="rw" in tags)
-    if "perm" in tags or "noperm" in tags:  # the MoE permutation kernels forced on / off (kernel_choice)
-        kw["permute"] = "triton" if "perm" in tags else "reference"
-    return kw
-
-
-def kernel_choice(kw: dict):
-    """The kernel choices a variant forces (its "permute" key, which this pops: kernels.use_backend(moe_permute=..))
-    as a context to run the variant in; a null context for the automatic choices."""
-    p = kw.pop("permute", None)
-    return kernels.use_backend(moe_permute=p) if p else contextlib.nullcontext()
+                         "and bf16w; rw with fp8 or fp8e")
+    return dict(precision=tags[0], compile_blocks="compile" in tags,
+                recompute="selective" if "sel" in tags else "full" if "full" in tags else "none",
+                state_dtype=torch.bfloat16 if "bf16opt" in tags else torch.float32,
+                bf16_weights="bf16w" in tags, fp32_grads="g32" in tags, recompute_weights="rw" in tags)
 
 
 def setup_dsv3(cfg, compile_blocks=False, precision="bf16", recompute="none", state_dtype=torch.float32,
@@ -135,11 +121,6 @@ def setup_dsv3(cfg, compile_blocks=False, precision="bf16", recompute="none", st
 
 
 def time_dsv3(cfg, B, T, steps, warmup, accum=1, **variant):
-    with kernel_choice(variant):
-        return _time_dsv3(cfg, B, T, steps, warmup, accum, **variant)
-
-
-def _time_dsv3(cfg, B, T, steps, warmup, accum=1, **variant):
     release_memory()  # (whatever ran before in this process)
     model, opt = setup_dsv3(cfg, **variant)
     compile_blocks = variant.get("compile_blocks", False)

@@ -76,19 +76,6 @@ def test_train_speed_variant_tags():
     kw = ts.parse_variant("fp8e+compile+bf16w+rw")
     assert kw["precision"] == "fp8e" and kw["recompute_weights"] and kw["bf16_weights"] and kw["compile_blocks"]
     assert not ts.parse_variant("fp8+compile")["recompute_weights"]
-    for bad in ("bf16+rw", "fp8+turbo", "compile+fp8", "bf16+perm+noperm"):
+    for bad in ("bf16+rw", "fp8+turbo", "compile+fp8"):
         with pytest.raises(ValueError, match="bad variant"):
             ts.parse_variant(bad)
-    # perm / noperm: the MoE permutation kernels forced on / off for the variant's run, then restored
-    import torch
-
-    from dsv3 import kernels
-
-    kw = ts.parse_variant("bf16+compile+perm")
-    assert kw["permute"] == "triton" and "permute" not in ts.parse_variant("bf16")
-    x = torch.zeros(2, 2, dtype=torch.bfloat16)
-    with ts.kernel_choice(kw):
-        assert "permute" not in kw and kernels.select_backend("moe_permute", x) == "triton"
-    assert kernels.select_backend("moe_permute", x) == "reference"
-    with ts.kernel_choice(ts.parse_variant("bf16+noperm")):
-        assert kernels.select_backend("moe_permute", x) == "reference"

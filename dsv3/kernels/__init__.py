@@ -30,7 +30,6 @@ optional.
                                                         set_mla_uv, on by default, one query row)
     adamw_step_                                         "triton" (adamw_triton.py)
     router_topk                                         "triton" (router_triton.py)
-    moe_gather, moe_combine, moe_combine_bwd            "triton" (moe_permute_triton.py; op "moe_permute")
     attention                                           SDPA, cuDNN first on CUDA (attention.py)
 
 Each operation takes `backend=` (None: choose); `use_backend(...)` forces the automatic choices in a
@@ -56,9 +55,8 @@ from dsv3.kernels.fp8 import (act_quant_cm, act_quant_t, fp8_expert_rows, fp8_ge
                               fp8_grouped_gemm_bwd, fp8_grouped_gemm_fwd, fp8_weight_linear, fp8_weight_linear2,
                               weight_quant_pad, weight_quant_pad_t)
 from dsv3.kernels.reference import (BLOCK, FP8_MAX, act_dequant, act_quant, dense_gemv_ref, expert_gemv_ref,
-                                    expert_ids, head_gemv_ref, mla_decode_ref, moe_combine_bwd_ref, moe_combine_ref,
-                                    moe_gather_ref, moe_gemm_ref, router_topk_ref, store_latents_ref, weight_dequant,
-                                    weight_quant)
+                                    expert_ids, head_gemv_ref, mla_decode_ref, moe_gemm_ref, router_topk_ref,
+                                    store_latents_ref, weight_dequant, weight_quant)
 
 __all__ = ["BLOCK", "FP8_MAX", "act_dequant", "act_quant", "act_quant_cm", "act_quant_t",
            "adamw_backend",
@@ -68,7 +66,6 @@ __all__ = ["BLOCK", "FP8_MAX", "act_dequant", "act_quant", "act_quant_cm", "act_
            "fp8_grouped_gemm_fwd", "fp8_weight_linear", "fp8_weight_linear2", "head_gemv", "head_gemv_ref",
            "mla_decode", "mla_decode_ref",
            "mla_decode_uv", "set_mla_uv", "mla_prep", "set_mla_prep",
-           "moe_combine", "moe_combine_bwd", "moe_combine_bwd_ref", "moe_combine_ref", "moe_gather", "moe_gather_ref",
            "moe_gemm_down", "moe_gemm_ref", "moe_gemm_swiglu", "set_moe_gemm",
            "router_topk", "router_topk_ref", "select_backend", "set_dense_gemv", "set_head_gemv", "set_latent_store",
            "set_pdl", "set_shared_gemv", "store_latents", "store_latents_ref", "swiglu_gemv", "use_backend",
@@ -400,40 +397,6 @@ def router_topk(logits: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: i
             return reference.router_weights(s, idx, norm_topk_prob, scale), idx, s
         return kernel(logits, bias, top_k, n_group, topk_group, norm_topk_prob, scale)
     return router_topk_ref(logits, bias, top_k, n_group, topk_group, norm_topk_prob, scale)
-
-
-def moe_gather(x: torch.Tensor, src: torch.Tensor, div: int = 1, *, backend: str | None = None) -> torch.Tensor:
-    """Rows of x (N, D) by index: out[m] = x[src[m] // div] (the contract: `reference.moe_gather_ref`); the training
-    MoE's dispatch. "triton": moe_permute_triton.py (a custom op, opaque to torch.compile)."""
-    if select_backend("moe_permute", x, src, backend=backend) == "triton":
-        from dsv3.kernels.moe_permute_triton import moe_gather as kernel
-
-        return kernel(x, src, div)
-    return moe_gather_ref(x, src, div)
-
-
-def moe_combine(y: torch.Tensor, inv: torch.Tensor, w: torch.Tensor | None = None,
-                out_dtype: torch.dtype | None = None, *, backend: str | None = None) -> torch.Tensor:
-    """Each token's K sorted rows summed back, out[n] = Σ_k w[n, k] · y[inv[n, k]] (the contract:
-    `reference.moe_combine_ref`): y (M, D), inv (N, K) int64, w (N, K) fp32 or None -> (N, D) in out_dtype (None:
-    y's). No autograd of its own (Experts.forward_grouped's _Combine gives it one)."""
-    tensors = (y, inv) if w is None else (y, inv, w)
-    if select_backend("moe_permute", *tensors, backend=backend) == "triton":
-        from dsv3.kernels.moe_permute_triton import moe_combine as kernel
-
-        return kernel(y, inv, w, out_dtype)
-    return moe_combine_ref(y, inv, w, out_dtype)
-
-
-def moe_combine_bwd(g: torch.Tensor, y: torch.Tensor, inv: torch.Tensor, w: torch.Tensor, *,
-                    backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The gradients of moe_combine(y, inv, w) given g = ∂L/∂out (the contract: `reference.moe_combine_bwd_ref`):
-    gy (M, D) in y's dtype, gw (N, K) fp32."""
-    if select_backend("moe_permute", g, y, inv, w, backend=backend) == "triton":
-        from dsv3.kernels.moe_permute_triton import moe_combine_bwd as kernel
-
-        return kernel(g, y, inv, w)
-    return moe_combine_bwd_ref(g, y, inv, w)
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:

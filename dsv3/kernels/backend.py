@@ -34,7 +34,6 @@ never probe the GPU themselves.
                                             autograd through either
     adamw             "triton"              -
     router_topk       "triton"              fp32 logits (24/24 GPU tests on an H200, 2026-12-04; 4.8-12x the reference)
-    moe_permute       "triton"              16/32-bit rows (the training MoE's gather / combine: moe_permute_triton.py)
     shared_gemv       "triton"              switched (SWITCHED, kernels.set_shared_gemv; on for e4m3 weights): the
                                             shared experts as more rows of the routed experts' GEMV launches
                                             (MoE.forward, where the routed experts take their GEMV); bf16/fp16 x, at
@@ -91,12 +90,11 @@ FAST = {  # op -> its accelerated backend
     "router_topk": "triton",
     "shared_gemv": "triton",
     "mla_prep": "triton",
-    "moe_permute": "triton",
 }
 # Accelerated backends written and checked under the Triton interpreter but not yet run on a GPU: the
 # automatic choice stays "reference" until their GPU tests (tests/test_gpu_router.py) have passed on real
 # hardware; `backend=` or `use_backend(op=...)` runs them meanwhile.
-PENDING: set[str] = {"moe_permute"}
+PENDING: set[str] = set()
 # Accelerated backends that the automatic choice takes only while switched on (`switch(op, on)`), process-wide like
 # use_backend; the default is what the H200 measured (bench/decode_gpu.py, 16b random weights, graphs + compile,
 # one run, 2026-12-05, bench/RESULTS.md): batch 1 295.4 tok/s without any, 339.0 with the dense GEMV, 310.9 with
@@ -357,8 +355,6 @@ def _fast_fits(op: str, tensors: tuple[torch.Tensor, ...]) -> bool:
                 and tensors[3].stride(2) != 1 and tensors[3].shape[2] > 1)
     if op == "router_topk":
         return tensors[0].dtype == torch.float32
-    if op == "moe_permute":  # (rows, indices[, gates]): the rows 16/32-bit floats
-        return tensors[0].dtype in (torch.bfloat16, torch.float16, torch.float32)
     if op == "mla_uv":  # (q_lat (..., H, C), w_uv)
         q, w = tensors[0], tensors[-1]
         rows = q.numel() // max(q.shape[-1] * q.shape[-2], 1) if q.dim() >= 2 else 0

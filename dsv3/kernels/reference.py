@@ -17,9 +17,6 @@ are what runs.
     dense_gemv_ref                           a bias-free linear in fp32 (the dense decode GEMV)
     mla_decode_ref                           absorbed-MLA decode attention over the paged latent cache
     router_topk_ref, router_weights          DeepSeek-V3 routing: sigmoid, bias, group-limited top-k, gates
-    moe_gather_ref, moe_combine_ref, moe_combine_bwd_ref
-                                             the training MoE's row permutation: rows sorted by expert, and
-                                             back to tokens as the gate-weighted sum
     adamw_step_ref_                          AdamW (torch.optim.AdamW's op order) in foreach buckets
 
 Weights: 128x128 blocks; `scale_inv` has shape [ceil(out/128), ceil(in/128)] (fp32) and is the
@@ -549,42 +546,6 @@ def mla_decode_ref(q_lat: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, pe
     scores = scores.masked_fill(pos[None, None, :] >= seq_lens[:, None, None], float("-inf"))
     p = scores.softmax(-1)
     return torch.einsum("bhs,bsc->bhc", p, kv_all).to(q_lat.dtype)
-
-
-# --- MoE row permutation (training) -------------------------------------------------------------
-# Experts.forward_grouped sorts the (token, expert) pairs by expert: pair j = n·K + k is sorted row inv[j], and
-# sorted row m is pair order[m] (order = inv⁻¹). These are its three data movements, exactly as its autograd graph
-# computes them on the reference path (the Triton forms in moe_permute_triton.py are tested against them).
-
-def moe_gather_ref(x: torch.Tensor, src: torch.Tensor, div: int = 1) -> torch.Tensor:
-    """Rows of x by index: out[m] = x[src[m] // div]. x (N, D), src (M,) int64 -> (M, D) in x's dtype (the
-    dispatch: src = order, div = K)."""
-    return x[src // div] if div != 1 else x[src]
-
-
-def moe_combine_ref(y: torch.Tensor, inv: torch.Tensor, w: torch.Tensor | None = None,
-                    out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Each token's K sorted rows summed back: out[n] = Σ_k w[n, k] · y[inv[n, k]]. y (M, D), inv (N, K) int64,
-    w (N, K) fp32 or None -> (N, D) in out_dtype (None: y's). With w: products and sum in fp32, one rounding at the
-    end (the forward's combine); without: the sum in y's dtype as torch sums it (fp32 accumulation, one rounding:
-    the dispatch's backward)."""
-    N, K = inv.shape
-    y_NKD = y[inv.reshape(-1)].view(N, K, y.shape[1])
-    out = y_NKD.sum(1) if w is None else (y_NKD.float() * w.unsqueeze(-1)).sum(1)
-    return out.to(out_dtype or y.dtype)
-
-
-def moe_combine_bwd_ref(g: torch.Tensor, y: torch.Tensor, inv: torch.Tensor,
-                        w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The gradients of moe_combine_ref(y, inv, w) given g = ∂L/∂out (N, D): gy (M, D) in y's dtype, gy[inv[n, k]] =
-    w[n, k] · g[n] (an fp32 product, one rounding); gw (N, K) fp32, gw[n, k] = Σ_d g[n, d] · y[inv[n, k], d] in
-    fp32. inv is a permutation of the M rows (every row belongs to one pair), so gy has no sums."""
-    N, K = inv.shape
-    gf = g.float().unsqueeze(1)  # (N, 1, D)
-    gy = torch.empty_like(y)
-    gy[inv.reshape(-1)] = (gf * w.unsqueeze(-1)).to(y.dtype).view(N * K, y.shape[1])
-    gw = (gf * y[inv.reshape(-1)].view(N, K, y.shape[1]).float()).sum(-1)
-    return gy, gw
 
 
 # --- MoE router ----------------------------------------------------------------------------------

@@ -69,40 +69,19 @@ def _grouped_mm_check() -> bool:
 class _Dispatch(torch.autograd.Function):
     """x_MD = x_ND[order // K]: the rows of the (token, expert) pairs sorted by expert. Backward without
     atomics: pair j = n·K + k sits at sorted row inv[j], so dx[n] = sum_k dx_MD[inv[n·K + k]] (a gather
-    and a sum over K; autograd's default would be an atomic index_put). Both through the kernel seam
-    (kernels.moe_gather / moe_combine: row-tiled Triton gathers on the GPU, these expressions elsewhere)."""
+    and a sum over K; autograd's default would be an atomic index_put)."""
 
     @staticmethod
     def forward(ctx, x_ND, order, inv, K: int):
         ctx.save_for_backward(inv)
         ctx.K = K
-        ctx.backend = kernels.select_backend("moe_permute", x_ND, order)
-        return kernels.moe_gather(x_ND, order, K, backend=ctx.backend)
+        return x_ND[order // K]
 
     @staticmethod
     def backward(ctx, g_MD):
         (inv,) = ctx.saved_tensors
-        return kernels.moe_combine(g_MD, inv.view(-1, ctx.K), backend=ctx.backend), None, None, None
-
-
-class _Combine(torch.autograd.Function):
-    """y_ND = Σ_k w[n, k] · y_MD[inv[n, k]] in fp32, rounded to out_dtype: the sorted rows back to their tokens,
-    weighted by the gates; the backward is one pass that writes each row's gradient where the row lies (inv is a
-    permutation: no atomics) and the gates' gradients (kernels.moe_combine / moe_combine_bwd). Taken where the
-    kernel seam runs those in Triton; elsewhere forward_grouped keeps the plain autograd expression (_Unsort
-    and the weighted sum: the same values)."""
-
-    @staticmethod
-    def forward(ctx, y_MD, inv_NK, w_NK, out_dtype):
-        ctx.save_for_backward(y_MD, inv_NK, w_NK)
-        ctx.out_dtype = out_dtype
-        return kernels.moe_combine(y_MD, inv_NK, w_NK, out_dtype, backend="triton")
-
-    @staticmethod
-    def backward(ctx, g_ND):
-        y_MD, inv_NK, w_NK = ctx.saved_tensors
-        gy, gw = kernels.moe_combine_bwd(g_ND, y_MD, inv_NK, w_NK, backend="triton")
-        return gy, None, gw, None
+        N = inv.shape[0] // ctx.K
+        return g_MD[inv].view(N, ctx.K, -1).sum(1), None, None, None
 
 
 class _Unsort(torch.autograd.Function):
@@ -367,8 +346,6 @@ class Experts(nn.Module):
         dt = torch.get_autocast_dtype("cuda") if x_ND.is_cuda and torch.is_autocast_enabled("cuda") else x_ND.dtype
         x_MD = _Dispatch.apply(x_ND.to(dt), order, inv, K)  # (M = N*K, D)
         y_MD = self.sorted_mlp(x_MD, flat, order, offs, dt)  # (M, D)
-        if kernels.select_backend("moe_permute", y_MD, inv, w_NK) == "triton":
-            return _Combine.apply(y_MD, inv.view(N, K), w_NK.float(), x_ND.dtype)  # (N, D), the sum in fp32
         y_NKD = _Unsort.apply(y_MD, inv, order).view(N, K, -1)  # each token's K expert outputs
         return (y_NKD.float() * w_NK.unsqueeze(-1)).sum(1).to(x_ND.dtype)  # fp32 weighted sum
 
