@@ -21,7 +21,8 @@ from dsv3.checkpoints.rundir import latest_checkpoint
 from dsv3.model import build_model
 from dsv3.model.moe import Experts, Router
 from dsv3.training.config import TrainConfig, resumed_config
-from dsv3.training.optim import AdamW, bf16_weight_params, make_optimizer
+from dsv3.training import optim
+from dsv3.training.optim import AdamW, bf16_weight_params, make_optimizer, tensor_norms
 from dsv3.training.pretrain import train
 from dsv3.training.strategy import Strategy, global_norm, precision_recipe
 from test_training import assert_same_weights, env, micro_config, quiet, read_steps, tcfg, trainer_state  # noqa: F401
@@ -158,6 +159,28 @@ def test_global_norm_of_bf16_gradients_is_fp32():
     assert n.dtype == torch.float32
     torch.testing.assert_close(n, want, rtol=1e-6, atol=0)
     assert n != n.bfloat16().float()  # not rounded to bf16
+
+
+def test_tensor_norms_one_foreach_call_per_dtype(monkeypatch):
+    """The per-tensor norms of a mixed bf16 / fp32 list: one torch._foreach_norm call per dtype (a mixed call takes
+    CUDA's per-tensor fallback), each norm fp32 and in the list's order, equal to the tensor's own norm."""
+    g = torch.Generator().manual_seed(2)
+    ts = [torch.randn(s, generator=g).to(dt) for s, dt in
+          (((40, 9), torch.bfloat16), ((7,), torch.float32), ((3, 5), torch.bfloat16), ((11,), torch.float32))]
+    calls = []
+    real = torch._foreach_norm
+    monkeypatch.setattr(torch, "_foreach_norm",
+                        lambda xs, *a, **k: calls.append([x.dtype for x in xs]) or real(xs, *a, **k))
+    norms = tensor_norms(ts)
+    assert sorted(calls, key=str) == sorted([[torch.bfloat16] * 2, [torch.float32] * 2], key=str)
+    for n, t in zip(norms, ts):
+        assert n.dtype == torch.float32
+        torch.testing.assert_close(n, torch.linalg.vector_norm(t.float()), rtol=1e-6, atol=0)
+    # tensors of NORM_ALONE elements or more: a reduction of their own (the same values), the rest still grouped
+    calls.clear()
+    monkeypatch.setattr(optim, "NORM_ALONE", 300)
+    alone = tensor_norms(ts)
+    assert sorted(map(len, calls)) == [1, 2] and all(torch.equal(a, b) for a, b in zip(alone, norms))  # (40, 9) alone
 
 
 def test_save_writes_the_masters_and_load_restores_them(tmp_path):
