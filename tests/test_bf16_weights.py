@@ -181,6 +181,10 @@ def test_tensor_norms_one_foreach_call_per_dtype(monkeypatch):
     monkeypatch.setattr(optim, "NORM_ALONE", 300)
     alone = tensor_norms(ts)
     assert sorted(map(len, calls)) == [1, 2] and all(torch.equal(a, b) for a, b in zip(alone, norms))  # (40, 9) alone
+    # fp64 tensors (a float64 model) beside fp32 ones: their norms in fp64, returned in fp32 like the others
+    d = torch.randn(6, generator=g, dtype=torch.float64)
+    n64 = tensor_norms([d, ts[1]])[0]
+    assert n64.dtype == torch.float32 and n64 == torch.linalg.vector_norm(d).float()
 
 
 def test_save_writes_the_masters_and_load_restores_them(tmp_path):

@@ -341,12 +341,12 @@ def tensor_norms(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         groups.setdefault((t.device, t.dtype, i if t.numel() >= NORM_ALONE else -1), []).append(i)
     out: list[torch.Tensor | None] = [None] * len(tensors)
     for (_, dtype, alone), idx in groups.items():
-        wide = {"dtype": torch.float32} if dtype != torch.float32 else {}
+        wide = {"dtype": torch.float32} if dtype in (torch.bfloat16, torch.float16) else {}
         if alone >= 0:  # what _foreach_norm's per-tensor fallback runs
-            out[alone] = torch.linalg.vector_norm(tensors[alone], 2.0, **wide)
+            out[alone] = torch.linalg.vector_norm(tensors[alone], 2.0, **wide).float()
             continue
         for i, n in zip(idx, torch._foreach_norm([tensors[i] for i in idx], 2.0, **wide)):
-            out[i] = n
+            out[i] = n.float()  # (fp64 tensors' norms: computed in fp64, returned in fp32)
     return out
 
 
