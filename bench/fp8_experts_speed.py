@@ -16,7 +16,9 @@ Rows: `sorted_mlp` fwd and fwd+bwd (the three expert matrices: gate and up, SwiG
 FP8 GEMM alone on pre-quantised operands beside its bf16 `torch._grouped_mm` counterpart (fprop of
 [gate; up], dgrad of [gate; up] over the 2I contraction, wgrad of down), to see where the time goes.
 Then `sorted_mlp` in bf16 with the weights stored in bf16 (`dsv3 train --bf16-weights`: no per-step cast
-of the fp32 masters, bf16 weight gradients) beside the fp32-master rows (`--bf16w-only`: those rows alone).
+of the fp32 masters, bf16 weight gradients) beside the fp32-master rows, and gate and up as one GEMM of width
+2I on the bf16 weights (concatenated each step; with autograd's SwiGLU and with swiglu_cat) beside the two GEMMs
+(`--bf16w-only`: these rows alone).
 TFLOP/s counts 2·M·N·K per GEMM: sorted_mlp fwd = 6·M·I·D, fwd+bwd = 18·M·I·D. CUDA-event timing,
 median of --iters after --warmup. The --bm/--bn/--group/--warps/--stages (grouped GEMM) and
 --wbn/--wbk/--wwarps/--wstages (wgrad) flags overwrite the kernels' tile configurations.

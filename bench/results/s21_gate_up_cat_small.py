@@ -1,4 +1,5 @@
-import sys, os, statistics
+# The scratch script behind s21_gate_up_cat_small.txt (bench/RESULTS.md, 2026-12-06), kept as run.
+import sys
 sys.path.insert(0, "."); sys.path.insert(0, "bench")
 import torch
 import torch.nn.functional as F
