@@ -132,16 +132,23 @@ def sequence(prof, n_steps: int, count: int) -> None:
 
 
 def decode(batches: list[int], preset: str, fp8: bool = False, switches: dict[str, bool] | None = None,
-           show_sequence: int = 0) -> None:
+           show_sequence: int = 0, spec: int = 0, rows: int = 0) -> None:
     """switches: the switched decode kernels and launch options (backend.py SWITCHED: dense_gemv, head_gemv,
-    latent_store, moe_gemm, pdl) to set for the run, restored after; None: the shipped defaults."""
+    latent_store, moe_gemm, pdl) to set for the run, restored after; None: the shipped defaults. spec: the engine's
+    speculative_k (the model keeps one MTP module; random weights reject most drafts, but a round's kernels are the
+    same whatever it accepts: a step is one round). rows: if > 0, the row limits of the one-row decode kernels
+    (backend.py DENSE_GEMV_ROWS, MLA_UV_ROWS) for the run, restored after: e.g. k + 1 lets a verification step of one
+    sequence take them."""
     from dsv3.inference.engine import Engine, SamplingParams
     from dsv3.kernels import backend as kb
 
     shipped = dict(kb.SWITCHED)
     for op, on in (switches or {}).items():
         kb.switch(op, on)
-    cfg = dsv3.preset(preset).replace(num_nextn_predict_layers=0)
+    limits = {name: getattr(kb, name) for name in ("DENSE_GEMV_ROWS", "MLA_UV_ROWS")}
+    for name in limits if rows else ():
+        setattr(kb, name, rows)
+    cfg = dsv3.preset(preset).replace(num_nextn_predict_layers=1 if spec else 0)
     torch.manual_seed(0)
     model = dsv3.build_model(cfg, device="cuda", dtype=torch.bfloat16)  # experts "auto": as the engine serves
     if fp8:
@@ -150,7 +157,8 @@ def decode(batches: list[int], preset: str, fp8: bool = False, switches: dict[st
     g = torch.Generator().manual_seed(0)
     for B in batches:
         prompts = [torch.randint(0, cfg.vocab_size, (128,), generator=g).tolist() for _ in range(B)]
-        eng = Engine(model, None, max_batch_size=B, cache_tokens=B * 256, cuda_graphs=True, compile_decode=True)
+        eng = Engine(model, None, max_batch_size=B, cache_tokens=B * 256, cuda_graphs=True, compile_decode=True,
+                     speculative_k=spec)
         sp = SamplingParams(max_new_tokens=64, temperature=0, ignore_eos=True)
         eng.generate(prompts, sp)
         for r in prompts:
@@ -161,13 +169,27 @@ def decode(batches: list[int], preset: str, fp8: bool = False, switches: dict[st
         torch.cuda.synchronize()
         n = 20
         t = time.perf_counter()
+        for _ in range(n):  # timed alone first (9 + 20 steps: the 64-token requests still run)
+            eng.step()
+        torch.cuda.synchronize()
+        plain = (time.perf_counter() - t) / n
+        while eng.has_unfinished():
+            eng.step()
+        for r in prompts:
+            eng.add_request(r, sp)
+        for _ in range(9):
+            eng.step()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             for _ in range(n):
                 eng.step()
             torch.cuda.synchronize()
         wall = (time.perf_counter() - t) / n
         on = ",".join(op for op, v in kb.SWITCHED.items() if v) or "none"
-        print(f"\n## decode {preset}{' fp8' if fp8 else ''} batch {B}, switched kernels on: {on} "
+        print(f"\n## decode {preset}{' fp8' if fp8 else ''} batch {B}{f' speculative_k {spec}' if spec else ''}, "
+              f"switched kernels on: {on}{f', row limits {rows}' if rows else ''}, "
+              f"wall {plain * 1e3:.3f} ms/step without the profiler "
               f"(graphs+compile): wall {wall * 1e3:.2f} ms/step (under the profiler)")
         summarize(prof, n, top=30)
         if show_sequence:
@@ -178,6 +200,8 @@ def decode(batches: list[int], preset: str, fp8: bool = False, switches: dict[st
     del model
     for op, on in shipped.items():
         kb.switch(op, on)
+    for name, v in limits.items():
+        setattr(kb, name, v)
     torch._dynamo.reset()
     torch.cuda.empty_cache()
 
@@ -207,6 +231,9 @@ def main() -> None:
     ap.add_argument("--preset", default="16b")
     ap.add_argument("--sequence", type=int, default=0, help="--decode: also list the first N kernels of one step "
                     "in launch order, each with its GPU time")
+    ap.add_argument("--spec", type=int, default=0, help="--decode: the engine's speculative_k (a step is a round)")
+    ap.add_argument("--rows", type=int, default=0, help="--decode: the one-row decode kernels' row limits "
+                    "(DENSE_GEMV_ROWS, MLA_UV_ROWS; 0: as shipped)")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--top", type=int, default=25, help="--train: how many kernels to list")
     args = ap.parse_args()
@@ -216,7 +243,7 @@ def main() -> None:
         train(shape, variant, args.steps, args.top)
     if args.decode:
         decode([int(b) for b in args.decode.split(",")], args.preset, args.decode_fp8,
-               decode_switches(args.decode_kernels), args.sequence)
+               decode_switches(args.decode_kernels), args.sequence, args.spec, args.rows)
 
 
 if __name__ == "__main__":

@@ -90,7 +90,7 @@ def test_switch_defaults_are_the_measured_ones_and_the_overrides_win(monkeypatch
     # weights only (bf16: measured slower)
     assert kb.SWITCHED == {"dense_gemv": True, "head_gemv": True, "latent_store": True,
                            "moe_gemm": True, "pdl": True, "mla_uv": True, "shared_gemv": kb.WEIGHTS_E4M3,
-                           "mla_prep": True}
+                           "mla_prep": True, "verify_rows": False}
     assert kernels.select_backend("dense_gemv", x, w) == "triton"
     assert kernels.set_dense_gemv(False) is True
     try:
@@ -104,6 +104,37 @@ def test_switch_defaults_are_the_measured_ones_and_the_overrides_win(monkeypatch
     assert kernels.select_backend("dense_gemv", x, w, backend="reference") == "reference"
     with pytest.raises(ValueError, match="not a switched op"):
         kb.switch("expert_gemv", True)
+
+
+def test_verify_rows_raise_the_one_row_limits_inside_a_speculative_engines_steps(monkeypatch):
+    """"verify_rows" (off by default): a speculative engine's decode steps take the one-row kernels up to k + 1 rows
+    (graphs.py DecodeGraphs.row_limit, applied around each step's launch, hence inside its capture or compile); the
+    limits are restored after each step, and other engines keep theirs."""
+    from dsv3.inference.engine import Engine, SamplingParams
+
+    x2, w = torch.randn(2, 64, dtype=BF16), torch.randn(32, 64, dtype=BF16)
+    assert not kb._dense_gemv_fits(x2, w)  # the rule (less the GPU): two rows are above DENSE_GEMV_ROWS
+    with kb.row_limits(3):
+        assert (kb.DENSE_GEMV_ROWS, kb.MLA_UV_ROWS) == (3, 3)
+        assert kb._dense_gemv_fits(x2, w)
+        with kb.row_limits(None):  # (no change)
+            assert kb.DENSE_GEMV_ROWS == 3
+    assert (kb.DENSE_GEMV_ROWS, kb.MLA_UV_ROWS) == (1, 1)
+    with pytest.raises(RuntimeError), kb.row_limits(2):  # restored on an error too
+        raise RuntimeError
+    assert kb.DENSE_GEMV_ROWS == 1
+    model = make_model(tiny_cfg(num_nextn_predict_layers=1), seed=0)
+    assert kb.verify_rows(2) is None and Engine(model, speculative_k=2)._graphs.row_limit is None  # off by default
+    monkeypatch.setitem(kb.SWITCHED, "verify_rows", True)
+    assert kb.verify_rows(0) is None and kb.verify_rows(2) == 3
+    eng = Engine(model, speculative_k=2, cuda_graphs=True)
+    assert eng._graphs.row_limit == 3 and Engine(model)._graphs.row_limit is None
+    seen = []
+    forward = eng._graphs._forward_main
+    monkeypatch.setattr(eng._graphs, "_main", lambda sb: seen.append(kb.DENSE_GEMV_ROWS) or forward(sb))
+    eng.generate([[1, 2, 3]], SamplingParams(max_new_tokens=4, temperature=0.0, ignore_eos=True))
+    assert seen and set(seen) == {3} and kb.DENSE_GEMV_ROWS == 1  # inside every step, restored after
+    assert kb.switches_from_env("verify_rows=on") == {"verify_rows": True}
 
 
 def test_pdl_on_by_default_and_only_on_sm90_cuda_outside_the_interpreter(monkeypatch):

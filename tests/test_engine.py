@@ -754,8 +754,9 @@ def test_speculative_greedy_identical(spec_models, spec_refs, D, k, drafter, pen
     assert 0 <= s.acceptance_rate <= 1 and 0 <= s.first_draft_acceptance <= 1
     assert 1 <= s.mean_accepted_length <= k + 1
     assert s.accepted <= s.drafted <= k * s.rounds and s.first_draft_accepted <= s.accepted
-    # every decode step is one verification round (the prefill step makes the first token)
-    assert s.rounds > 0 and s.steps <= 24
+    # every decode step is one verification round (the prefill step makes the first token; with overlapped
+    # decoding a last step reads the round queued in the step before)
+    assert s.rounds > 0 and s.steps <= 24 + eng.overlap
     if drafter == "aligned":  # fewer steps than tokens
         assert s.acceptance_rate > 0.5 and s.mean_accepted_length > 1.5 and s.steps < 20
     SPEC_STATS[(D, k, drafter, pen)] = (s.acceptance_rate, s.mean_accepted_length, s.first_draft_acceptance)
@@ -1554,6 +1555,41 @@ def test_overlapped_decoding_gives_the_same_outputs(models, name):
     assert {"length", "stop"} <= reasons, reasons  # (the prompts exercise both ways to end)
 
 
+@pytest.mark.parametrize("D,k,drafter,graphs", [(1, 1, "aligned", False), (2, 3, "aligned", True),
+                                                  (1, 2, "random", True), (2, 2, "aligned", False)])
+def test_overlapped_speculation_gives_the_same_outputs(spec_models, D, k, drafter, graphs):
+    """Speculation rounds queued on the round in flight (its last token, new drafts, draft distributions and
+    positions taken on the device) against each round read at once: the same tokens, log-probabilities, finish
+    reasons and acceptance counts for greedy and seeded requests ending by length, stop token and EOS, arriving
+    together and one by one; through the exact-shape eager steps and the bucketed static ones (graphs.py)."""
+    model = spec_models[(D, drafter)]
+    prompts = prompts_for(model.config, [3, 9, 5, 14, 2, 7], seed=6)
+    params = _mixed_params(eos_free=True)
+    first = _final(Engine(model, max_batch_size=4, block_size=3, speculative_k=k, overlap=False), prompts, params)
+    params[0] = dataclasses.replace(params[0], stop_token_ids=[first[0][0][4]])  # stops inside a run of drafts
+    params[2] = dataclasses.replace(params[2], stop_token_ids=[first[2][0][7]])
+    for arrivals in (None, [0, 0, 2, 3, 3, 9]):
+        runs = []
+        for overlap in (False, True):
+            eng = Engine(model, max_batch_size=4, block_size=3, speculative_k=k, overlap=overlap, cuda_graphs=graphs)
+            runs.append((_final(eng, prompts, params, arrivals), eng.stats))
+            assert eng.cache.free_blocks == eng.cache.num_blocks
+        (want, sw), (got, sg) = runs
+        assert {i: g[:2] for i, g in got.items()} == {i: w[:2] for i, w in want.items()}
+        for i, w in want.items():
+            assert len(got[i][2]) == len(w[2]) == (len(w[0]) if params[i].logprobs is not None else 0)
+            for a, b in zip(got[i][2], w[2]):
+                assert a.token_id == b.token_id and [t for t, _ in a.top] == [t for t, _ in b.top]
+                assert a.logprob == pytest.approx(b.logprob, abs=1e-5)
+        # the rounds of requests that ended while a round was queued are discarded unread, so the counts of the
+        # rounds that were read are the same
+        assert (sg.rounds, sg.accepted, sg.first_draft_accepted) == (sw.rounds, sw.accepted, sw.first_draft_accepted)
+        assert sg.rounds > 0
+        assert {"length", "stop"} <= {r for _, r, _ in want.values()}
+    if drafter == "aligned":
+        assert sg.accepted > 0
+
+
 def test_overlapped_decoding_with_stop_strings(text_model):
     """Requests of one batch ending by stop strings (found in the text of a step in flight, whose queued next step
     is then discarded) at different steps: the texts, tokens and reasons of the engine reading each step at once."""
@@ -1573,15 +1609,21 @@ def test_overlapped_decoding_with_stop_strings(text_model):
 
 def test_overlapped_decoding_queues_the_next_step_before_reading(models, spec_models, monkeypatch):
     """In a steady batch each step queues the next one (its input tokens from the device) before reading the one
-    in flight; a repetition penalty or speculation turns the overlap off (each step read at once)."""
+    in flight, with speculation too (the next round's tokens, drafts and positions from the device); a repetition
+    penalty turns the overlap off (each step read at once)."""
+
+    def logged(eng):
+        log = []
+        launch, read = eng._launch_decode, eng._read
+        monkeypatch.setattr(eng, "_launch_decode",
+                            lambda reqs, prev=None: log.append(("launch", prev is not None)) or launch(reqs, prev))
+        monkeypatch.setattr(eng, "_read", lambda fl: log.append(("read", len(fl.reqs))) or read(fl))
+        return log
+
     model = models["plain"]
     prompts = prompts_for(model.config, [4, 6], seed=2)
     eng = Engine(model, max_batch_size=4, block_size=4)
-    log = []
-    launch, read = eng._launch_decode, eng._read
-    monkeypatch.setattr(eng, "_launch_decode",
-                        lambda reqs, tokens=None: log.append(("launch", tokens is not None)) or launch(reqs, tokens))
-    monkeypatch.setattr(eng, "_read", lambda fl: log.append(("read", len(fl.reqs))) or read(fl))
+    log = logged(eng)
     sp = SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True)
     out = eng.generate(prompts, sp)
     assert [len(o.token_ids) for o in out] == [6, 6]
@@ -1590,19 +1632,24 @@ def test_overlapped_decoding_queues_the_next_step_before_reading(models, spec_mo
     assert log == [("launch", False)] + [("launch", True), ("read", 2)] * 4 + [("read", 2)], log
     ref = Engine(model, max_batch_size=4, block_size=4, overlap=False).generate(prompts, sp)
     assert [o.token_ids for o in out] == [o.token_ids for o in ref]
+    # speculation (k = 2): rounds queued on the round in flight while it cannot end a request by length
+    spec_model = spec_models[(1, "aligned")]
+    spec_prompts = [[t % 64 for t in p[:3]] for p in prompts]  # (the spec model has 64 tokens)
+    spec = Engine(spec_model, max_batch_size=4, block_size=4, speculative_k=2)
+    spec_log = logged(spec)
+    sp16 = dataclasses.replace(sp, max_new_tokens=16)
+    got = spec.generate(spec_prompts, sp16)
+    want = Engine(spec_model, max_batch_size=4, block_size=4, speculative_k=2, overlap=False).generate(spec_prompts,
+                                                                                                       sp16)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want] and all(len(o.token_ids) == 16 for o in got)
+    chained = spec_log.count(("launch", True))
+    assert spec_log[0] == ("launch", False) and chained >= 2, spec_log
+    assert spec_log[1: 1 + 2 * chained] == [("launch", True), ("read", 2)] * chained, spec_log
+    assert all(x[0] == "read" or x == ("launch", False) for x in spec_log[1 + 2 * chained:]), spec_log
     sp_off = SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True, repetition_penalty=1.3)
-    spec = Engine(spec_models[(1, "aligned")], max_batch_size=4, block_size=4, speculative_k=2)
-    spec_log = []
-    spec_launch, spec_read = spec._launch_decode, spec._read
-    monkeypatch.setattr(spec, "_launch_decode",
-                        lambda reqs, tokens=None: spec_log.append(("launch", tokens is not None)) or
-                        spec_launch(reqs, tokens))
-    monkeypatch.setattr(spec, "_read", lambda fl: spec_log.append(("read", len(fl.reqs))) or spec_read(fl))
     log.clear()
     eng.generate(prompts, sp_off)
-    spec.generate([[t % 64 for t in p[:3]] for p in prompts], sp)  # (the spec model has 64 tokens)
-    for lg in (log, spec_log):  # each step launched from the host's tokens and read at once
-        assert lg and lg[::2] == [("launch", False)] * (len(lg) // 2) and all(x[0] == "read" for x in lg[1::2]), lg
+    assert log and log[::2] == [("launch", False)] * (len(log) // 2) and all(x[0] == "read" for x in log[1::2]), log
 
 
 def test_overlapped_decoding_with_an_abort_and_reused_blocks(models):

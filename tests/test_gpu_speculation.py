@@ -102,11 +102,10 @@ def test_compiled_graphed_speculation():
 
 @pytest.mark.parametrize("k", [3, 0])
 def test_a_decode_step_syncs_the_host_once(monkeypatch, k):
-    """A decode step, with speculation (verify, accept, MTP, chained drafts, all graphs captured) or without it
-    (k = 0: overlapped decoding, the next step queued before the one in flight is read), waits for the device
-    once: for the copy of a step's results (Engine._read). Checked with torch.cuda's sync debug mode set to error
-    everywhere else; with overlap each step reads the step before (none in the first, none queued after the
-    last)."""
+    """A decode step, with speculation (verify, accept, MTP, chained drafts, all graphs captured) or without it,
+    waits for the device once: for the copy of a step's results (Engine._read). Checked with torch.cuda's sync debug
+    mode set to error everywhere else; with overlapped decoding (both k: the next step or round queued before the
+    one in flight is read) each step reads the step before (none in the first, none queued after the last)."""
     m = _model(2, "aligned")
     prompts = _prompts(4)
     sp = SamplingParams(max_new_tokens=30, temperature=0, ignore_eos=True)
@@ -138,7 +137,7 @@ def test_a_decode_step_syncs_the_host_once(monkeypatch, k):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert len(per_step) > 3 and eng._graphs.captures == captures
-    assert per_step == ([1] * len(per_step) if k else [0] + [1] * (len(per_step) - 1)), per_step
+    assert per_step == [0] + [1] * (len(per_step) - 1), per_step
 
 
 def same_up_to_near_ties(ref, got, tol: float = 0.1) -> int:

@@ -32,10 +32,13 @@ gap in the device's work). Steps that prefill (whose first tokens are read at on
 changes still wait. The results of a step reach the caller one `step()` later. A request that a step ends (stop
 token, stop string) already has one more step queued: its result is discarded (the cache positions it wrote belong
 to the ended request). Whenever the batch changes (a request joins, ends by its length limit or is aborted) the
-step in flight is read first, as without overlap. Off (each step read at once) with speculation (k > 0: the next
-round's input depends on how many drafts the host accepted), a repetition penalty (its history is built on the
-host), and in multi-rank lockstep. Measured on an H100 (16b, batch 1, graphs + compile, bench/decode_gpu.py,
-2026-12-05): 323.8 -> 364.8 tok/s, the step's time beyond the GPU's 0.31 -> 0.04 ms.
+step in flight is read first, as without overlap. With speculation the next round is queued the same way: its
+input (the round's last token and new drafts) and positions (advanced by the accepted counts) come from the
+round in flight's device tensors, the host bounding the positions by k + 1 more (the context bucket); a round is
+queued only while the one in flight cannot end a request by length (len(out) + k + 1 < max_new_tokens), so every
+position it writes lies in the request's blocks. Off (each step read at once) with a repetition penalty (its
+history is built on the host) and in multi-rank lockstep. Measured on an H100 (16b, batch 1, graphs + compile,
+bench/decode_gpu.py, 2026-12-05): 323.8 -> 364.8 tok/s, the step's time beyond the GPU's 0.31 -> 0.04 ms.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ from dsv3.inference.graphs import DecodeGraphs
 from dsv3.inference.params import SamplingParams  # noqa: F401 (re-exported: engine.SamplingParams)
 from dsv3.inference.sampling import BatchSampler
 from dsv3.inference.textstream import TextStream
+from dsv3.kernels import backend as kernel_backend
 from dsv3.model.loads import ExpertLoadRecorder
 from dsv3.model.mla import MLA
 
@@ -177,7 +181,12 @@ class _InFlight:
     tokens: torch.Tensor  # (B, k + 1) the step's tokens on the device: the input of the step after it
     has_n: bool  # whether a column of accepted counts follows the tokens
     nt: int  # top log-probabilities per position
-    q: torch.Tensor | None  # the drafts' distributions (sampled speculation), or None
+    q: torch.Tensor | None  # (B, k, V) the new drafts' distributions (sampled speculation), or None
+    # with speculation (else None), on the device: the accepted counts (B,), the new drafts (B, k) and the next
+    # round's first position per row (B,) (what overlapped decoding queues the next round on)
+    n: torch.Tensor | None = None
+    drafts: torch.Tensor | None = None
+    next_pos: torch.Tensor | None = None
 
 
 @dataclass
@@ -260,8 +269,11 @@ class Engine:
         # tokens per expert over the engine's life (model/loads.py's ExpertLoadRecorder; made before any graph is
         # captured, so that the graphs count too): the loads `--expert-loads` places redundant experts from
         self.loads = ExpertLoadRecorder(self.model) if record_expert_loads else None
+        # with speculation and the "verify_rows" switch on (kernels/backend.py), one sequence's verification step
+        # (k + 1 rows) takes the one-row decode kernels
         self._graphs = DecodeGraphs(self.model, self.cache, pad, max_batch_size, max_blocks, use_graphs=use,
-                                    compile=compile_decode, bucketed=use, loads=self.loads)
+                                    compile=compile_decode, bucketed=use, loads=self.loads,
+                                    row_limit=kernel_backend.verify_rows(self.k))
         self.eos = [tokenizer.eos_id] if tokenizer is not None else ([cfg.eos_token_id] if cfg.eos_token_id is not None else [])
         self.waiting: list[_Request] = []
         self.prefilling: list[_Request] = []  # admitted, their prompts partly in the cache (chunked prefill)
@@ -523,10 +535,10 @@ class Engine:
         fl = self._inflight
         if self._overlaps(reqs):
             if (fl is not None and len(fl.reqs) == len(reqs) and all(a is b for a, b in zip(fl.reqs, reqs))
-                    and all(len(r.out) + 1 < r.params.max_new_tokens for r in reqs)):
+                    and all(len(r.out) + self.k + 1 < r.params.max_new_tokens for r in reqs)):
                 # the same batch, none ended by length in flight: queue the next step on the step in flight's
-                # device tokens, then read that step while the device runs this one
-                self._inflight = self._launch_decode(reqs, fl.tokens)
+                # device outputs, then read that step while the device runs this one
+                self._inflight = self._launch_decode(reqs, fl)
                 return self._read(fl)
             changed = self._read(fl) if fl is not None else []  # the batch changes: settle the step in flight
             live = [r for r in reqs if not r.finished]
@@ -542,30 +554,42 @@ class Engine:
 
     def _overlaps(self, reqs: list[_Request]) -> bool:
         """Whether this batch's decoding may overlap (module docstring)."""
-        return (self.overlap and self.k == 0 and self.agree is None and self.phase_sync is None
+        return (self.overlap and self.agree is None and self.phase_sync is None
                 and all(r.params.repetition_penalty == 1.0 for r in reqs))
 
-    def _launch_decode(self, reqs: list[_Request], tokens: torch.Tensor | None = None) -> _InFlight:
+    def _launch_decode(self, reqs: list[_Request], prev: _InFlight | None = None) -> _InFlight:
         """Queue one decode step (a speculation round) for `reqs` and the copy of its results to the host.
-        tokens: the step in flight's device tokens (B, 1), whose results are not read yet (each request's cache
-        then holds one position more than main_len says), or None: each request's last token from the host."""
+        prev: the step in flight for the same requests, its results not read yet (overlapped decoding): this step's
+        input is its device output, its last token (k = 0: its token) and, with speculation, the drafts it made, at
+        its positions advanced by its accepted counts; each request's cache then holds up to k + 1 positions more
+        than main_len says. None: each request's last token and drafts from the host."""
         k = self.k
-        ahead = 0 if tokens is None else 1
-        starts, tables = [r.main_len + ahead for r in reqs], [r.blocks for r in reqs]
+        tables = [r.blocks for r in reqs]
         sampler = self._sampler(reqs)  # (its parameter tensors go to the device before the step is queued)
-        # the round's inputs reach the device inside the step's meta: tokens [x_L, d_1 .. d_k] and pos0
-        logits, hidden, inp, pos0 = self._graphs.main(
-            [[r.last] + r.drafts for r in reqs] if tokens is None else tokens, starts, tables)
+        if prev is None:  # the round's inputs reach the device inside the step's meta: [x_L, d_1 .. d_k] and pos0
+            starts = [r.main_len for r in reqs]
+            inp, pos_in, bound = [[r.last] + r.drafts for r in reqs], starts, max(starts)
+        elif not k:
+            starts = [r.main_len + 1 for r in reqs]
+            inp, pos_in, bound = prev.tokens, starts, max(starts)
+        else:  # copied in on the device; the host bounds the positions by the most prev can accept (k + 1)
+            inp = torch.cat([prev.tokens.gather(1, prev.n[:, None] - 1), prev.drafts], 1)  # (B, k+1)
+            pos_in, bound = prev.next_pos, max(r.main_len for r in reqs) + k + 1
+        logits, hidden, inp, pos0 = self._graphs.main(inp, pos_in, tables, last_pos=bound + k)
         d_in = inp[:, 1:]  # (B, k)
-        q_in = None if sampler.all_greedy or not k else self._draft_probs(reqs, d_in)  # (k = 0: no drafts to weigh)
+        q_in = None  # (k = 0: no drafts to weigh)
+        if k and not sampler.all_greedy:  # (the same batch, hence the same sampler settings, as prev)
+            q_in = prev.q if prev is not None else self._draft_probs(reqs, d_in)
         tokens, n, _ = speculation.accept(sampler, logits, d_in, q_in)  # (B, k+1), (B,)
         lp = sampler.logprobs(logits, tokens)
-        drafts = q = None
+        drafts = q = next_pos = None
         if k:
             sampler.add_history(tokens, torch.arange(k + 1, device=self.device) < n[:, None])
-            # MTP module 0 over the round's k+1 positions, read out at the last valid one (n - 1)
-            h, lg = self._graphs.mtp(0, tokens, hidden, starts, tables, select=n - 1)
-            drafts, q = self._draft(sampler, reqs, h, lg, pos0 + n, max(starts) + k + 1)
+            # MTP module 0 over the round's k+1 positions, read out at the last valid one (n - 1); the next round
+            # starts at next_pos (a fresh tensor: pos0 is the bucket's input, rewritten when it runs again)
+            next_pos = pos0 + n
+            h, lg = self._graphs.mtp(0, tokens, hidden, pos0, tables, select=n - 1, last_pos=bound + k)
+            drafts, q = self._draft(sampler, reqs, h, lg, next_pos, bound + k + 1)
         rows = self._results(tokens, n, drafts, lp)
         done = None
         if rows.is_cuda:  # to pinned memory without blocking; `_read` waits for the event
@@ -575,7 +599,8 @@ class Engine:
             done.record()
         else:
             host = rows
-        return _InFlight(reqs, host, done, tokens, n is not None, lp[1].shape[-1] if lp is not None else 0, q)
+        return _InFlight(reqs, host, done, tokens, n is not None, lp[1].shape[-1] if lp is not None else 0, q, n,
+                         drafts, next_pos)
 
     def _read(self, fl: _InFlight) -> list[_Request]:
         """Wait for a queued decode step's results and keep the books: tokens appended, stops applied. Rows of

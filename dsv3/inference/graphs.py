@@ -230,8 +230,10 @@ class DecodeGraphs:
     until that bucket runs again."""
 
     def __init__(self, model, cache, pad_block: int, max_batch_size: int, max_blocks: int, use_graphs: bool = True,
-                 compile: bool = False, bucketed: bool = True, loads=None):
+                 compile: bool = False, bucketed: bool = True, loads=None, row_limit: int | None = None):
         self.model, self.cache, self.pad_block = model, cache, pad_block
+        # the one-row decode kernels' row limit in these steps (kernels/backend.py row_limits, "verify_rows"), or None
+        self.row_limit = row_limit
         self.loads = loads  # a dsv3.model.loads.ExpertLoadRecorder, or None: its row mask is derived inside each step
         self.n_layers = model.config.num_hidden_layers
         self._main, self._mtp = self._forward_main, self._forward_mtp
@@ -308,6 +310,10 @@ class DecodeGraphs:
     def _launch(self, kind: tuple, B: int, T: int, last_pos: int, tokens, pos0, tables, fill=None):
         """Fill a bucket's meta (host: tokens and pos0 where given as lists, the block tables), let `fill(sb)`
         copy device inputs in, run. last_pos: the furthest position any row may write (host bound)."""
+        with kernel_backend.row_limits(self.row_limit):  # (a bucket's first run captures or compiles inside)
+            return self._launch_rows(kind, B, T, last_pos, tokens, pos0, tables, fill)
+
+    def _launch_rows(self, kind: tuple, B: int, T: int, last_pos: int, tokens, pos0, tables, fill):
         Bp, nblk = self.bucket(B, last_pos // self.cache.block_size + 1)
         if nblk * self.cache.block_size <= last_pos:
             raise ValueError(f"position {last_pos} is past the longest context bucket ({self.max_blocks} blocks)")
@@ -340,20 +346,30 @@ class DecodeGraphs:
 
     # --- the steps ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def main(self, tokens: list[list[int]] | torch.Tensor, pos0: list[int], tables: list[list[int]]):
+    def main(self, tokens: list[list[int]] | torch.Tensor, pos0: list[int] | torch.Tensor, tables: list[list[int]],
+             last_pos: int | None = None):
         """The main model over T tokens per sequence (tokens[b], all of length T: host lists, or a (B, T) device
         tensor, e.g. the tokens of a step still running, copied in on the device: the engine's overlapped decoding)
-        at positions pos0[b] .. pos0[b] + T - 1, with block tables covering them -> logits (B, T, V), hidden
-        (B, T, D), and the inputs as device tensors, tokens (B, T) and pos0 (B,) (views valid until this bucket runs
-        again)."""
+        at positions pos0[b] .. pos0[b] + T - 1 (pos0 a host list, or a (B,) device tensor, then last_pos, a host
+        bound on pos0 + T - 1, is required), with block tables covering them -> logits (B, T, V), hidden (B, T, D),
+        and the inputs as device tensors, tokens (B, T) and pos0 (B,) (views valid until this bucket runs again)."""
         on_device = isinstance(tokens, torch.Tensor)
+        host_pos = not isinstance(pos0, torch.Tensor)
         B, T = tuple(tokens.shape) if on_device else (len(tokens), len(tokens[0]))
+        if last_pos is None:
+            if not host_pos:
+                raise ValueError("a device pos0 needs last_pos, a host bound on the positions")
+            last_pos = max(pos0) + T - 1
 
-        def fill(sb: StaticBatch) -> None:
-            sb.ids[:B].copy_(tokens)  # over the meta just copied in (stream order)
+        def fill(sb: StaticBatch) -> None:  # over the meta just copied in (stream order)
+            if on_device:
+                sb.ids[:B].copy_(tokens)
+            if not host_pos:
+                sb.pos0[:B].copy_(pos0)
 
-        logits, hidden, ids, pos = self._launch(("main",), B, T, max(pos0) + T - 1, None if on_device else tokens,
-                                                pos0, tables, fill if on_device else None)
+        logits, hidden, ids, pos = self._launch(("main",), B, T, last_pos, None if on_device else tokens,
+                                                pos0 if host_pos else None, tables,
+                                                fill if on_device or not host_pos else None)
         return logits, hidden, ids, pos
 
     @torch.no_grad()

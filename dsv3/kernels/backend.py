@@ -131,9 +131,16 @@ WEIGHTS_E4M3 = "e4m3 weights"  # the op on for e4m3 weights only (the caller pas
 # FP8 554.8 against 541.9 tok/s, bf16 442.6 against 442.2; its launch 3.0 us where the two took ~5.2. On an H100
 # (2026-12-06, thirteenth session): FP8 514.8 against 501.6 with the 8-row configs. Its GPU tests
 # (tests/test_gpu_mla_prep.py, tests/test_gpu_pdl.py, the latent store's and head GEMV's) all passed on that H100.
+# "verify_rows" is not an op either: a speculative engine's decode steps (graphs.py DecodeGraphs.row_limit) take the
+# one-row kernels (the dense and head GEMVs, with them the router logits', and mla_uv) up to k + 1 rows, the rows of
+# one sequence's verification step, where cuBLAS, an fp32 router GEMM and the unmerged attention ran. Measured on an
+# H100 (2026-12-06, the sixteenth session, `small` random weights, batch 1, graphs + compile, overlapped rounds,
+# bench/profile_gpu.py --spec K --rows R, one call, bench/RESULTS.md): a k = 1 round 1.234 -> 0.907 ms (365 -> 249
+# kernels), k = 2 1.422 -> 1.201 ms, against a k = 0 step of 0.620 ms. Off until its GPU tests have run with it
+# and a 16b round is measured (the dense GEMV at two rows lost to cuBLAS on 16b's shapes: DENSE_GEMV_ROWS).
 SWITCHED: dict[str, bool | str] = {"dense_gemv": True, "head_gemv": True, "latent_store": True,
                                    "moe_gemm": True, "pdl": True, "mla_uv": True, "shared_gemv": WEIGHTS_E4M3,
-                                   "mla_prep": True}
+                                   "mla_prep": True, "verify_rows": False}
 # ops that follow another op's switch: the dense SwiGLU's fused gate+up GEMV is one of the dense decode GEMVs
 SWITCH_OF: dict[str, str] = {"swiglu_gemv": "dense_gemv"}
 # Up to these many activation rows the Triton FP8-weight kernels run (decode; above, prefill:
@@ -154,6 +161,29 @@ MOE_GEMM_ROWS = 1024
 # the one launch was slower than the merge and a batched GEMM (an H100, 16b, 2026-12-05: bf16 -3.6%, FP8 -6.4%).
 MLA_UV_ROWS = 1
 
+
+
+@contextlib.contextmanager
+def row_limits(rows: int | None):
+    """Inside the block, the one-row decode kernels' limits (DENSE_GEMV_ROWS, MLA_UV_ROWS) are at least `rows` (None:
+    unchanged); restored on exit. What a CUDA graph or compiled step captures inside keeps the choice."""
+    global DENSE_GEMV_ROWS, MLA_UV_ROWS
+    if not rows:
+        yield
+        return
+    saved = DENSE_GEMV_ROWS, MLA_UV_ROWS
+    DENSE_GEMV_ROWS, MLA_UV_ROWS = max(DENSE_GEMV_ROWS, rows), max(MLA_UV_ROWS, rows)
+    try:
+        yield
+    finally:
+        DENSE_GEMV_ROWS, MLA_UV_ROWS = saved
+
+
+def verify_rows(k: int) -> int | None:
+    """The row limit of a speculative engine's decode steps (k + 1: one sequence's verification step), or None
+    where k = 0 or the "verify_rows" switch is off."""
+    _read_env()
+    return k + 1 if k and SWITCHED["verify_rows"] else None
 
 
 def switches_from_env(value: str | None) -> dict[str, bool]:
