@@ -584,7 +584,8 @@ class Engine:
         lp = sampler.logprobs(logits, tokens)
         drafts = q = next_pos = None
         if k:
-            sampler.add_history(tokens, torch.arange(k + 1, device=self.device) < n[:, None])
+            if sampler.present is not None:  # (a repetition penalty's history: the round's accepted tokens)
+                sampler.add_history(tokens, torch.arange(k + 1, device=self.device) < n[:, None])
             # MTP module 0 over the round's k+1 positions, read out at the last valid one (n - 1); the next round
             # starts at next_pos (a fresh tensor: pos0 is the bucket's input, rewritten when it runs again)
             next_pos = pos0 + n
