@@ -22,7 +22,8 @@ checkpoint.
    count of identical sequences and the first divergence index are reported, not asserted; the same
    comparison between k = 0 at two batch sizes gives the bf16 noise floor.
    Where the engine refuses cuda_graphs with k > 0 (before issue 14), that k runs eager, labelled so;
-   --spec-eager asks for that path (k > 0 without graphs) on purpose, for a before / after comparison.
+   --spec-eager asks for that path (k > 0 without graphs) on purpose, for a before / after comparison;
+   --verify-rows on / both runs k > 0 with the `verify_rows` switch (dsv3/kernels/backend.py) on / both ways.
 4. transformers: the same checkpoint directory through AutoModelForCausalLM (DeepseekV3ForCausalLM; it drops
    the MTP layer) in bf16 on the GPU, `generate` greedy on the first B prompts (min_new_tokens = --new):
    decode tok/s = B (new - 1) / (t(new tokens) - t(1 token)), beside ours, and whether its tokens equal
@@ -55,6 +56,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from dsv3.checkpoints.hf import load_pretrained, save_pretrained  # noqa: E402
 from dsv3.checkpoints.rundir import resolve_checkpoint  # noqa: E402
 from dsv3.inference.engine import Engine, SamplingParams  # noqa: E402
+from dsv3.kernels import backend as kernel_backend  # noqa: E402
 from dsv3.tokenizer import DSTokenizer  # noqa: E402
 from bandwidth import copy_bandwidth  # noqa: E402  (bench/bandwidth.py)
 from decode import prompts as heldout_prompts  # noqa: E402  (bench/decode.py: windows of val-split documents)
@@ -201,6 +203,9 @@ def main() -> int:
                                                                  "B at a time")
     ap.add_argument("--compile", action="store_true", help="also torch.compile the graphed decode step")
     ap.add_argument("--spec-eager", action="store_true", help="k > 0 without CUDA graphs (the pre-issue-14 path)")
+    ap.add_argument("--verify-rows", choices=("off", "on", "both"), default="off",
+                    help="k > 0 with the verify_rows switch (dsv3/kernels/backend.py: the verification step of one "
+                         "sequence takes the one-row decode kernels) off, on, or each k both ways")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers")
     ap.add_argument("--bw-gib", type=float, default=2.0, help="size of the copy that measures the bandwidth")
     ap.add_argument("--export-bf16", metavar="DIR", help="also save the loaded model + tokenizer there (bf16)")
@@ -250,32 +255,38 @@ def main() -> int:
     result["prompts"] = {"n": n_prompts, "len": args.prompt_len, "new": args.new}
 
     rows: list[dict] = result["rows"]
-    outs: dict[tuple[int, int], list[list[int]]] = {}
+    outs: dict[tuple[int, int, bool], list[list[int]]] = {}
+    vr_modes = {"off": [False], "on": [True], "both": [False, True]}[args.verify_rows]
+    shipped_vr = kernel_backend.switch("verify_rows", False)
     for B in batches:
-        for k in ks:
+        for k, vr in [(k, vr) for k in ks for vr in (vr_modes if k else [False])]:
             if time.perf_counter() - T0 > deadline:
                 log(f"deadline: skipping batch {B}, k={k}")
                 continue
             # cuda_graphs=True on the CPU runs the same static-shape steps eagerly (how the tests check them)
             graphs = not (k > 0 and args.spec_eager)
+            kernel_backend.switch("verify_rows", vr)  # (the engine reads it when it is made)
             r = timed_decode(model, tok, prompts[:max(B, args.min_prompts)], B, k, args.new, graphs,
                              args.compile and device.type == "cuda", device)
-            outs[(B, k)] = r.pop("outputs")
+            r["path"] += "+verify_rows" if vr else ""
+            outs[(B, k, vr)] = r.pop("outputs")
             base = next((x for x in rows if x["batch"] == B and x["k"] == 0), None)
             r["speedup_vs_k0"] = r["decode_tok_s"] / base["decode_tok_s"] if base else None
-            r["vs_k0"] = compare(outs[(B, k)], outs[(B, 0)]) if k and (B, 0) in outs else None
+            r["vs_k0"] = compare(outs[(B, k, vr)], outs[(B, 0, False)]) if k and (B, 0, False) in outs else None
             rows.append(r)
             log(f"batch {B}, k={k} ({r['path']}): {r['decode_tok_s']:,.1f} decode tok/s, warm-up {r['warmup_s']:.1f}s, "
                 f"graphs captured in warm-up {r['graph_captures']}, while timed {r['captures_while_timed']}")
             dump()
+    kernel_backend.switch("verify_rows", shipped_vr)
     # noise floor: k = 0 at each batch size against the smallest, on the prompts they share (bf16 numerics vary
     # with the batch: another GEMM tiling can resolve a near-tie differently)
     noise = []
     b0 = min(batches)
     for B in batches:
-        if B != b0 and (B, 0) in outs and (b0, 0) in outs:
-            m = min(len(outs[(B, 0)]), len(outs[(b0, 0)]))
-            noise.append({"batch": B, "against_batch": b0, **compare(outs[(B, 0)][:m], outs[(b0, 0)][:m])})
+        if B != b0 and (B, 0, False) in outs and (b0, 0, False) in outs:
+            a, b = outs[(B, 0, False)], outs[(b0, 0, False)]
+            m = min(len(a), len(b))
+            noise.append({"batch": B, "against_batch": b0, **compare(a[:m], b[:m])})
     result["batch_noise"] = noise
 
     def na(x, f="{:.3f}"):
@@ -306,8 +317,8 @@ def main() -> int:
             del model
             free(device)
             try:
-                result["hf_rows"] = hf_generate(path, prompts, batches, args.new, device, dtype,
-                                                {B: outs[(B, 0)] for B in batches if (B, 0) in outs}, tok.eos_id)
+                k0 = {B: outs[(B, 0, False)] for B in batches if (B, 0, False) in outs}
+                result["hf_rows"] = hf_generate(path, prompts, batches, args.new, device, dtype, k0, tok.eos_id)
             except ImportError as e:
                 log(f"transformers not available ({e}); skipped")
             free(device)
