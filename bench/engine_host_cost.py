@@ -35,8 +35,9 @@ def main() -> None:
         raise SystemExit(f"--steps x --reps = {n} exceeds the tiny preset's context ({cfg.max_position_embeddings})")
     for overlap in (False, True):
         eng = Engine(model, None, max_batch_size=1, cache_tokens=n + 64, overlap=overlap)
-        eng._graphs.main = lambda tokens, pos0, tables: (logits, hidden, torch.zeros(1, 1, dtype=torch.long),
-                                                         torch.tensor(pos0))
+        eng._graphs.main = lambda tokens, pos0, tables, last_pos=None: (logits, hidden,
+                                                                        torch.zeros(1, 1, dtype=torch.long),
+                                                                        torch.as_tensor(pos0))
         eng.add_request(list(range(20)), SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True))
         eng.step()  # the prefill
         times = []

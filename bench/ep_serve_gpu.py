@@ -268,18 +268,27 @@ def main() -> None:
             m.dispatcher = inner if placement is None else \
                 PlacedDispatcher(inner, placement.layer(i).to(device), rank if dp else 0)
 
-    def run(engine, B: int, new: int, dp: bool) -> float:
+    def run(engine, B: int, new: int, dp: bool) -> tuple[float, tuple[float, int] | None]:
+        """-> (the run's seconds, (the seconds until every request had its first token: the prefill phase, as rank 0
+        sees it, and the engine's step count then); None on a data-parallel follower, which sees no outputs)."""
         prompts = [torch.randint(1, cfg.vocab_size, (args.prompt_len,), generator=g).tolist() for _ in range(B)]
         sp = SamplingParams(max_new_tokens=new, temperature=0.0, ignore_eos=True)
+        seen, first = set(), []
+
+        def on_output(o) -> None:
+            seen.add(o.request_id)
+            if not first and len(seen) == B:
+                first.append((time.perf_counter() - t, engine.stats.steps))
+
         if cuda:
             torch.cuda.synchronize()
         dist.barrier()
         t = time.perf_counter()
         if not dp:  # every rank submits the same requests; decisions are rank 0's
-            outs = engine.generate(prompts, sp)
+            outs = engine.generate(prompts, sp, on_output=on_output)
         elif rank == 0:  # rank 0 spreads the requests over the ranks; the others follow until it stops
             leader = DPLeader(engine, ctrl)
-            outs = leader.generate(prompts, sp)
+            outs = leader.generate(prompts, sp, on_output=on_output)
             leader.shutdown()
         else:
             follow(engine, ctrl, dp=True)
@@ -288,7 +297,7 @@ def main() -> None:
             torch.cuda.synchronize()
         dist.barrier()
         assert all(o is None or len(o.token_ids) == new for o in outs), "a request stopped early"
-        return time.perf_counter() - t
+        return time.perf_counter() - t, (first[0] if first else None)
 
     def variant(name: str, model, placement) -> tuple[list[dict], torch.Tensor | None]:
         """Every mode x k x batch on `model`; the rows, and the loads the engines routed (summed over ranks'
@@ -313,21 +322,26 @@ def main() -> None:
                     engine.reset_expert_loads()
                 for B in batches:
                     s0 = dataclasses.replace(engine.stats)
-                    t_pre = run(engine, B, 1, dp)
+                    t_pre, _ = run(engine, B, 1, dp)
                     s1 = dataclasses.replace(engine.stats)
-                    t_all = run(engine, B, args.new, dp)
+                    t_all, first = run(engine, B, args.new, dp)
                     s2 = engine.stats
                     rounds, accepted = s2.rounds - s1.rounds, s2.accepted - s1.accepted
-                    steps = (s2.steps - s1.steps) - (s1.steps - s0.steps)  # the decode run's steps past its prefill
+                    # decode: the same run's time and steps after every request had its first token (not the
+                    # difference of two runs, which the prefill's run-to-run spread swamps where decoding is short:
+                    # the CPU check read negative step times at batch 128)
+                    t_first, steps_first = first if first is not None else (t_pre, s1.steps + (s1.steps - s0.steps))
+                    t_dec, steps = t_all - t_first, s2.steps - steps_first
                     rows.append({"variant": name, "mode": mode, "k": k, "batch": B,
                                  "weight_bytes_per_rank": weight_bytes(model),
                                  "prefill_tok_s": B * args.prompt_len / t_pre,
-                                 "decode_tok_s": B * (args.new - 1) / max(t_all - t_pre, 1e-9),
-                                 "decode_step_ms": 1e3 * (t_all - t_pre) / max(steps, 1),
+                                 "decode_tok_s": B * (args.new - 1) / max(t_dec, 1e-9),
+                                 "decode_step_ms": 1e3 * t_dec / max(steps, 1),
                                  "acceptance": accepted / (rounds * k) if rounds and k else None,
                                  "first_draft_acceptance": (s2.first_draft_accepted - s1.first_draft_accepted)
                                  / rounds if rounds and k else None,
-                                 "prefill_s": t_pre, "total_s": t_all})
+                                 "prefill_s": t_pre, "total_s": t_all, "first_tokens_s": t_first,
+                                 "decode_steps": steps})
                 if record:
                     c = engine.loads.counts.clone()
                     if dp:
