@@ -738,6 +738,9 @@ def test_ep_serve_bench_runs_under_torchrun_on_cpu(tmp_path, world):
     if world == 2:
         assert "mode tp skipped: --attn-tp 2 does not divide num_attention_heads (3)" in r.stdout
     assert all(row["prefill_tok_s"] > 0 and row["decode_tok_s"] > 0 for row in out["rows"])
+    for row in out["rows"]:  # decode timed within its own run, after every request's first token
+        assert 0 < row["first_tokens_s"] < row["total_s"] and row["decode_steps"] >= 1
+        assert row["decode_tok_s"] == pytest.approx(row["batch"] * 3 / (row["total_s"] - row["first_tokens_s"]))
     assert f"{16 // world} of 16 routed experts per rank" in out["setup"]
     assert out["load"]["seconds"] > 0 and out["load"]["weight_bytes_per_rank"] > 0
     if world == 1:
