@@ -11,12 +11,15 @@
 #     BASE=DIR bash bench/decode_kernels_gpu.sh OUT_DIR fusebase,fuse,fusetests
 #     bash bench/decode_kernels_gpu.sh OUT_DIR mlapreptests,mlaprep
 #     bash bench/decode_kernels_gpu.sh OUT_DIR mlapreptests,rows8sweep,rows8
+#     LIMIT_spectests=150 LIMIT_specrounds=60 bash bench/decode_kernels_gpu.sh OUT_DIR spectests,specrounds
+#     bash bench/decode_kernels_gpu.sh OUT_DIR spectrain
 #
 # Stages (default: all but the psum ones, in this order): tests, sweep, b1, b32, b256, pdltests, pdl, fp8, profile
-# (psumtests, psumsweep, psumdense, psum, mlapreptests, mlaprep, fusetests, fusebase, fuse, rows8sweep, rows8: by
-# name). Each stage's output goes to its own file under OUT_DIR (and a line to steps.txt); a failing stage does not
-# stop the next. A kernel is on by default (dsv3/kernels/backend.py SWITCHED) only where its rows are faster. B1, B32,
-# FP8 (environment) replace the batch lists of those stages; LIMIT_<stage>=S stops a stage after S seconds (stages.sh).
+# (psumtests, psumsweep, psumdense, psum, mlapreptests, mlaprep, fusetests, fusebase, fuse, rows8sweep, rows8,
+# spectests, specrounds, spectrain: by name). Each stage's output goes to its own file under OUT_DIR (and a line to
+# steps.txt); a failing stage does not stop the next. A kernel is on by default (dsv3/kernels/backend.py SWITCHED)
+# only where its rows are faster. B1, B32, FP8 (environment) replace the batch lists of those stages; LIMIT_<stage>=S
+# stops a stage after S seconds (stages.sh).
 set -u
 out="${1:-${OUT:-runs/decode_kernels}}"
 stages=",${2:-tests,sweep,b1,b32,b256,pdltests,pdl,fp8,profile},"
@@ -96,4 +99,22 @@ step rows8sweep python bench/expert_gemv_sweep.py --fp8-only --rows 6 --shared-r
     --json "$out/rows8.json"
 step rows8 python bench/decode_gpu.py --preset 16b --batches 1 --new 48 --gemv-configs "$out/rows8.json" \
     --modes graphs+compile,graphs+compile+fp8,graphs+compile+fp8+tuned,graphs+compile+fp8+tuned+mlaprep
+# Speculation (2026-12-06, sixteenth session): the verification step's rows on the one-row decode kernels (the
+# verify_rows switch, off as shipped): the speculation / overlap GPU tests with it on; the rounds of `small` and 16b
+# (random weights, a step is one round) with it off and on; then `small` trained 4.5 minutes and decoded at k = 0, 1, 2
+# with it off and on (spectrain: ~9.5 minutes alone)
+step spectests env DSV3_KERNELS=verify_rows=on python -m pytest -m gpu -q -p no:cacheprovider --tb=short \
+    tests/test_gpu_speculation.py tests/test_gpu_overlap.py
+specrounds() {  # (a function: LIMIT_specrounds applies to each of its ten commands)
+    local p a
+    for p in small 16b; do
+        for a in "--spec 0" "--spec 1" "--spec 1 --rows 2" "--spec 2" "--spec 2 --rows 3"; do
+            timeout --kill-after=10 "${LIMIT_specrounds:-0}" python bench/profile_gpu.py --decode 1 --preset $p $a \
+                | grep -A4 "## decode"
+        done
+    done
+}
+step specrounds specrounds
+step spectrain python bench/spec_gpu.py --minutes 4.5 --tok-s 70000 --batches 1,32 --ks 0,1,2 --compile --no-hf \
+    --verify-rows both --out-json "$out/spectrain.json"
 tail -n 4 "$out"/*.txt
