@@ -1590,11 +1590,6 @@ def test_overlapped_speculation_gives_the_same_outputs(spec_models, D, k, drafte
         assert sg.accepted > 0
 
 
-def eng_spare(k: int) -> int:
-    """Positions an engine reserves past a request's budget (Engine.spare)."""
-    return max(k + 1, 2 * k - 2)
-
-
 def test_overlapped_decoding_with_stop_strings(text_model):
     """Requests of one batch ending by stop strings (found in the text of a step in flight, whose queued next step
     is then discarded) at different steps: the texts, tokens and reasons of the engine reading each step at once."""
@@ -1666,7 +1661,8 @@ def test_overlapped_decoding_with_an_abort_and_reused_blocks(models, spec_models
     model = spec_models[(1, "aligned")] if k else models["plain"]
     prompts = prompts_for(model.config, [5, 8, 6], seed=8)
     sp = SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True)
-    eng = Engine(model, max_batch_size=2, block_size=4, cache_tokens=2 * (24 + eng_spare(k)), speculative_k=k)
+    # (cache for two requests' budgets and, with speculation, the positions a round may write past them)
+    eng = Engine(model, max_batch_size=2, block_size=4, cache_tokens=2 * (24 + 2 * k), speculative_k=k)
     a, b = eng.add_request(prompts[0], sp), eng.add_request(prompts[1], sp)
     for _ in range(3 if k else 4):  # (k = 2: the third step queues a round on the round in flight)
         eng.step()
