@@ -86,6 +86,38 @@ def test_graphed_speculation_greedy_matches_plain_decoding():
     assert eng.stats.mean_accepted_length > 1.5
 
 
+@pytest.mark.parametrize("k", [1, 2])
+def test_one_sequence_verification_on_the_one_row_kernels(monkeypatch, k):
+    """verify_rows (dsv3/kernels/backend.py, off as shipped): at batch 1 the verification step's k + 1 rows take the
+    one-row decode kernels (the dense GEMV among them); the greedy tokens and log-probabilities are plain decoding's
+    up to bf16 near-ties, and the graphed rounds equal the same static steps run eagerly."""
+    from dsv3 import kernels
+    from dsv3.kernels import backend as kb
+
+    monkeypatch.setitem(kb.SWITCHED, "verify_rows", True)
+    m = _model(1, "aligned")
+    sp = SamplingParams(max_new_tokens=32, temperature=0, ignore_eos=True, logprobs=2)
+    prompts = _prompts(4)
+    rows = []
+    gemv = kernels.dense_gemv
+    monkeypatch.setattr(kernels, "dense_gemv", lambda x, *a, **kw: rows.append(x.numel() // x.shape[-1]) or
+                        gemv(x, *a, **kw))
+    plain = Engine(m, None, max_batch_size=1, cuda_graphs=True)
+    assert plain._graphs.row_limit is None
+    ref = [plain.generate([p], sp)[0] for p in prompts]
+    assert rows and set(rows) == {1}  # (plain decoding: one row a step)
+    rows.clear()
+    eng = Engine(m, None, max_batch_size=1, speculative_k=k, cuda_graphs=True)
+    assert eng._graphs.row_limit == k + 1
+    got = [eng.generate([p], sp)[0] for p in prompts]
+    assert k + 1 in rows  # the verification step's rows on the dense GEMV (recorded while the graphs were captured)
+    assert same_up_to_near_ties(ref, got) <= 1 and eng.stats.mean_accepted_length > 1.5
+    eager = Engine(m, None, max_batch_size=1, speculative_k=k, cuda_graphs=True)
+    eager._graphs.use_graphs = False  # the same static steps (the same kernels), run eagerly
+    assert [eager.generate([p], sp)[0].token_ids for p in prompts] == [o.token_ids for o in got]
+    assert kb.DENSE_GEMV_ROWS == 1 and kb.MLA_UV_ROWS == 1  # restored after every step
+
+
 def test_compiled_graphed_speculation():
     """compile_decode with speculation: the compiled verify / MTP steps inside the graphs agree with the
     uncompiled graphs (bf16: near-ties may flip a token)."""
