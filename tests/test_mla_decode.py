@@ -164,6 +164,20 @@ def test_static_decode_attend_path_equals_update_path(T):
     assert graphs._entry(("main",), 4, T, 4).sb.attention is None
 
 
+def test_static_main_step_takes_device_positions_with_a_host_bound():
+    """DecodeGraphs.main with pos0 as a device tensor (overlapped speculation: the next round's positions are the
+    round in flight's, advanced by its accepted counts) gives the logits of the same step with host positions; a
+    device pos0 needs last_pos, the host bound that picks the context bucket."""
+    model, cache, pad = _model_and_cache()
+    graphs = DecodeGraphs(model, cache, pad, max_batch_size=4, max_blocks=4, use_graphs=False)
+    tokens, pos0, tables = [[5, 7], [9, 11], [3, 4]], [20, 33, 9], [[0, 1, 2], [3, 4, 5], [6, 7]]
+    want = graphs.main(tokens, pos0, tables)[0].clone()
+    got = graphs.main(torch.tensor(tokens), torch.tensor(pos0), tables, last_pos=40)[0]
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="needs last_pos"):
+        graphs.main(tokens, torch.tensor(pos0), tables)
+
+
 # ------------------------------------------------------------------------------------------------
 # the Triton kernel, interpreted on the CPU
 
