@@ -161,31 +161,31 @@ def decode(batches: list[int], preset: str, fp8: bool = False, switches: dict[st
                      speculative_k=spec)
         sp = SamplingParams(max_new_tokens=64, temperature=0, ignore_eos=True)
         eng.generate(prompts, sp)
-        for r in prompts:
-            eng.add_request(r, sp)
-        eng.step()
-        for _ in range(8):
-            eng.step()
-        torch.cuda.synchronize()
         n = 20
-        t = time.perf_counter()
-        for _ in range(n):  # timed alone first (9 + 20 steps: the 64-token requests still run)
-            eng.step()
-        torch.cuda.synchronize()
-        plain = (time.perf_counter() - t) / n
-        while eng.has_unfinished():
-            eng.step()
-        for r in prompts:
-            eng.add_request(r, sp)
-        for _ in range(9):
-            eng.step()
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+
+        def start(eng) -> None:
+            """The requests again, through their prefill and 8 decode steps (9 + n steps of the 64-token requests:
+            they still run after the n timed ones)."""
+            for r in prompts:
+                eng.add_request(r, sp)
+            for _ in range(9):
+                eng.step()
+            torch.cuda.synchronize()
+
+        def timed(eng) -> float:  # seconds a step over n steps
+            t = time.perf_counter()
             for _ in range(n):
                 eng.step()
             torch.cuda.synchronize()
-        wall = (time.perf_counter() - t) / n
+            return (time.perf_counter() - t) / n
+
+        start(eng)
+        plain = timed(eng)  # alone first
+        while eng.has_unfinished():
+            eng.step()
+        start(eng)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            wall = timed(eng)
         on = ",".join(op for op, v in kb.SWITCHED.items() if v) or "none"
         print(f"\n## decode {preset}{' fp8' if fp8 else ''} batch {B}{f' speculative_k {spec}' if spec else ''}, "
               f"switched kernels on: {on}{f', row limits {rows}' if rows else ''}, "
@@ -237,6 +237,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--top", type=int, default=25, help="--train: how many kernels to list")
     args = ap.parse_args()
+    if args.spec < 0 or args.rows < 0:
+        ap.error(f"--spec and --rows must be >= 0, got {args.spec} and {args.rows}")
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}")
     for item in filter(None, args.train.split(",")):
         shape, variant = item.split(":")

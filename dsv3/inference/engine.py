@@ -179,11 +179,11 @@ class _InFlight:
     host: torch.Tensor  # the results as `_results` lays them out, copied to (pinned) host memory without blocking
     done: torch.cuda.Event | None  # recorded after that copy (None: the copy was synchronous)
     tokens: torch.Tensor  # (B, k + 1) the step's tokens on the device: the input of the step after it
-    has_n: bool  # whether a column of accepted counts follows the tokens
     nt: int  # top log-probabilities per position
     q: torch.Tensor | None  # (B, k, V) the new drafts' distributions (sampled speculation), or None
-    # with speculation (else None), on the device: the accepted counts (B,), the new drafts (B, k) and the next
-    # round's first position per row (B,) (what overlapped decoding queues the next round on)
+    # with speculation (else None), on the device: the accepted counts (B,) (a column of the host rows then follows
+    # the tokens), the new drafts (B, k) and the next round's first position per row (B,) (what overlapped decoding
+    # queues the next round on)
     n: torch.Tensor | None = None
     drafts: torch.Tensor | None = None
     next_pos: torch.Tensor | None = None
@@ -600,8 +600,7 @@ class Engine:
             done.record()
         else:
             host = rows
-        return _InFlight(reqs, host, done, tokens, n is not None, lp[1].shape[-1] if lp is not None else 0, q, n,
-                         drafts, next_pos)
+        return _InFlight(reqs, host, done, tokens, lp[1].shape[-1] if lp is not None else 0, q, n, drafts, next_pos)
 
     def _read(self, fl: _InFlight) -> list[_Request]:
         """Wait for a queued decode step's results and keep the books: tokens appended, stops applied. Rows of
@@ -610,7 +609,7 @@ class Engine:
             return []
         if fl.done is not None:
             fl.done.synchronize()
-        rows = self._parse(fl.reqs, fl.host.tolist(), fl.tokens.shape[1], fl.has_n, self.k, fl.nt)
+        rows = self._parse(fl.reqs, fl.host.tolist(), fl.tokens.shape[1], fl.n is not None, self.k, fl.nt)
         read = []
         for b, (r, row) in enumerate(zip(fl.reqs, rows)):
             if r.finished:
