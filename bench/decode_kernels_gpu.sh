@@ -100,7 +100,7 @@ step rows8sweep python bench/expert_gemv_sweep.py --fp8-only --rows 6 --shared-r
 step rows8 python bench/decode_gpu.py --preset 16b --batches 1 --new 48 --gemv-configs "$out/rows8.json" \
     --modes graphs+compile,graphs+compile+fp8,graphs+compile+fp8+tuned,graphs+compile+fp8+tuned+mlaprep
 # Speculation (2026-12-06, sixteenth session): the verification step's rows on the one-row decode kernels (the
-# verify_rows switch, off as shipped): the speculation / overlap GPU tests with it on; the rounds of `small` and 16b
+# verify_rows switch, on as shipped since the seventeenth session): the speculation / overlap GPU tests with it on; the rounds of `small` and 16b
 # (random weights, a step is one round) with it off and on; then `small` trained 4.5 minutes and decoded at k = 0, 1, 2
 # with it off and on (spectrain: ~9.5 minutes alone)
 step spectests env DSV3_KERNELS=verify_rows=on python -m pytest -m gpu -q -p no:cacheprovider --tb=short \

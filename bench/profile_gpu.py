@@ -57,16 +57,28 @@ def summarize(prof, n_steps: int, top: int = 25) -> None:
     fam = defaultdict(float)
     per = defaultdict(lambda: [0.0, 0])
     n_kernels = 0
+    spans = []
     for e in prof.events():
         if e.device_type != torch.autograd.DeviceType.CUDA:
             continue
+        spans.append((e.time_range.start, e.time_range.end))
         us = e.device_time
         fam[family(e.name)] += us
         per[e.name][0] += us
         per[e.name][1] += 1
         n_kernels += 1
     tot = sum(fam.values())
-    print(f"  GPU kernel time per step {tot / n_steps / 1e3:.2f} ms, {n_kernels / n_steps:.0f} kernels per step")
+    # the device's busy time: the union of the kernels' intervals (kernels launched with PDL overlap the one before,
+    # so the sum of their times counts the overlap twice); first start to last end less this is the device's idle time
+    busy, end = 0.0, None
+    for a, b in sorted(spans):
+        if end is None or a > end:
+            busy, end = busy + (b - a), b
+        elif b > end:
+            busy, end = busy + (b - end), b
+    span = (max(b for _, b in spans) - min(a for a, _ in spans)) if spans else 0.0
+    print(f"  GPU kernel time per step {tot / n_steps / 1e3:.2f} ms, {n_kernels / n_steps:.0f} kernels per step, "
+          f"device busy {busy / n_steps / 1e3:.3f} ms a step (idle {(span - busy) / n_steps / 1e3:.3f})")
     for k, v in sorted(fam.items(), key=lambda kv: -kv[1]):
         print(f"    {k:40s} {v / n_steps / 1e3:8.2f} ms  {v / tot:6.1%}")
     print("  top kernels:")
@@ -172,15 +184,32 @@ def decode(batches: list[int], preset: str, fp8: bool = False, switches: dict[st
                 eng.step()
             torch.cuda.synchronize()
 
-        def timed(eng) -> float:  # seconds a step over n steps
-            t = time.perf_counter()
-            for _ in range(n):
-                eng.step()
-            torch.cuda.synchronize()
-            return (time.perf_counter() - t) / n
+        waited = [0.0]
+
+        def timed(eng) -> float:  # seconds a step over n steps; waited[0]: of them, seconds a step in Event.synchronize
+            sync = torch.cuda.Event.synchronize
+
+            def timed_sync(ev) -> None:
+                t0 = time.perf_counter()
+                sync(ev)
+                waited[0] += time.perf_counter() - t0
+
+            torch.cuda.Event.synchronize, waited[0] = timed_sync, 0.0
+            try:
+                t = time.perf_counter()
+                for _ in range(n):
+                    eng.step()
+                torch.cuda.synchronize()
+                wall = (time.perf_counter() - t) / n
+            finally:
+                torch.cuda.Event.synchronize = sync
+            waited[0] /= n
+            return wall
 
         start(eng)
         plain = timed(eng)  # alone first
+        # the host's own time a step (wall less its waits for the device): at least the wall, the step is host-bound
+        host = plain - waited[0]
         while eng.has_unfinished():
             eng.step()
         start(eng)
@@ -189,7 +218,8 @@ def decode(batches: list[int], preset: str, fp8: bool = False, switches: dict[st
         on = ",".join(op for op, v in kb.SWITCHED.items() if v) or "none"
         print(f"\n## decode {preset}{' fp8' if fp8 else ''} batch {B}{f' speculative_k {spec}' if spec else ''}, "
               f"switched kernels on: {on}{f', row limits {rows}' if rows else ''}, "
-              f"wall {plain * 1e3:.3f} ms/step without the profiler "
+              f"wall {plain * 1e3:.3f} ms/step without the profiler (host {host * 1e3:.3f}, waiting on the device "
+              f"{(plain - host) * 1e3:.3f}) "
               f"(graphs+compile): wall {wall * 1e3:.2f} ms/step (under the profiler)")
         summarize(prof, n, top=30)
         if show_sequence:

@@ -203,9 +203,10 @@ def main() -> int:
                                                                  "B at a time")
     ap.add_argument("--compile", action="store_true", help="also torch.compile the graphed decode step")
     ap.add_argument("--spec-eager", action="store_true", help="k > 0 without CUDA graphs (the pre-issue-14 path)")
-    ap.add_argument("--verify-rows", choices=("off", "on", "both"), default="off",
+    ap.add_argument("--verify-rows", choices=("off", "on", "both"), default="on",
                     help="k > 0 with the verify_rows switch (dsv3/kernels/backend.py: the verification step of one "
-                         "sequence takes the one-row decode kernels) off, on, or each k both ways")
+                         "sequence takes the one-row decode kernels) off, on (default, as shipped), or each k both "
+                         "ways")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers")
     ap.add_argument("--bw-gib", type=float, default=2.0, help="size of the copy that measures the bandwidth")
     ap.add_argument("--export-bf16", metavar="DIR", help="also save the loaded model + tokenizer there (bf16)")

@@ -90,7 +90,7 @@ def test_switch_defaults_are_the_measured_ones_and_the_overrides_win(monkeypatch
     # weights only (bf16: measured slower)
     assert kb.SWITCHED == {"dense_gemv": True, "head_gemv": True, "latent_store": True,
                            "moe_gemm": True, "pdl": True, "mla_uv": True, "shared_gemv": kb.WEIGHTS_E4M3,
-                           "mla_prep": True, "verify_rows": False}
+                           "mla_prep": True, "verify_rows": True}
     assert kernels.select_backend("dense_gemv", x, w) == "triton"
     assert kernels.set_dense_gemv(False) is True
     try:
@@ -107,7 +107,7 @@ def test_switch_defaults_are_the_measured_ones_and_the_overrides_win(monkeypatch
 
 
 def test_verify_rows_raise_the_one_row_limits_inside_a_speculative_engines_steps(monkeypatch):
-    """"verify_rows" (off by default): a speculative engine's decode steps take the one-row kernels up to k + 1 rows
+    """"verify_rows" (on by default): a speculative engine's decode steps take the one-row kernels up to k + 1 rows
     (graphs.py DecodeGraphs.row_limit, applied around each step's launch, hence inside its capture or compile); the
     limits are restored after each step, and other engines keep theirs."""
     from dsv3.inference.engine import Engine, SamplingParams
@@ -124,9 +124,10 @@ def test_verify_rows_raise_the_one_row_limits_inside_a_speculative_engines_steps
         raise RuntimeError
     assert kb.DENSE_GEMV_ROWS == 1
     model = make_model(tiny_cfg(num_nextn_predict_layers=1), seed=0)
-    assert kb.verify_rows(2) is None and Engine(model, speculative_k=2)._graphs.row_limit is None  # off by default
+    assert kb.verify_rows(0) is None and kb.verify_rows(2) == 3  # on by default
+    monkeypatch.setitem(kb.SWITCHED, "verify_rows", False)
+    assert kb.verify_rows(2) is None and Engine(model, speculative_k=2)._graphs.row_limit is None
     monkeypatch.setitem(kb.SWITCHED, "verify_rows", True)
-    assert kb.verify_rows(0) is None and kb.verify_rows(2) == 3
     eng = Engine(model, speculative_k=2, cuda_graphs=True)
     assert eng._graphs.row_limit == 3 and Engine(model)._graphs.row_limit is None
     seen = []
@@ -134,7 +135,7 @@ def test_verify_rows_raise_the_one_row_limits_inside_a_speculative_engines_steps
     monkeypatch.setattr(eng._graphs, "_main", lambda sb: seen.append(kb.DENSE_GEMV_ROWS) or forward(sb))
     eng.generate([[1, 2, 3]], SamplingParams(max_new_tokens=4, temperature=0.0, ignore_eos=True))
     assert seen and set(seen) == {3} and kb.DENSE_GEMV_ROWS == 1  # inside every step, restored after
-    assert kb.switches_from_env("verify_rows=on") == {"verify_rows": True}
+    assert kb.switches_from_env("verify_rows=off") == {"verify_rows": False}
 
 
 def test_pdl_on_by_default_and_only_on_sm90_cuda_outside_the_interpreter(monkeypatch):

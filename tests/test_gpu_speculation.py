@@ -88,7 +88,7 @@ def test_graphed_speculation_greedy_matches_plain_decoding():
 
 @pytest.mark.parametrize("k", [1, 2])
 def test_one_sequence_verification_on_the_one_row_kernels(monkeypatch, k):
-    """verify_rows (dsv3/kernels/backend.py, off as shipped): at batch 1 the verification step's k + 1 rows take the
+    """verify_rows (dsv3/kernels/backend.py, on as shipped): at batch 1 the verification step's k + 1 rows take the
     one-row decode kernels (the dense GEMV among them); the greedy tokens and log-probabilities are plain decoding's
     up to bf16 near-ties, and the graphed rounds equal the same static steps run eagerly."""
     from dsv3 import kernels

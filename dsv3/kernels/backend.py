@@ -136,11 +136,12 @@ WEIGHTS_E4M3 = "e4m3 weights"  # the op on for e4m3 weights only (the caller pas
 # one sequence's verification step, where cuBLAS, an fp32 router GEMM and the unmerged attention ran. Measured on an
 # H100 (2026-12-06, the sixteenth session, `small` random weights, batch 1, graphs + compile, overlapped rounds,
 # bench/profile_gpu.py --spec K --rows R, one call, bench/RESULTS.md): a k = 1 round 1.234 -> 0.907 ms (365 -> 249
-# kernels), k = 2 1.422 -> 1.201 ms, against a k = 0 step of 0.620 ms. Off until its GPU tests have run with it
-# and a 16b round is measured (the dense GEMV at two rows lost to cuBLAS on 16b's shapes: DENSE_GEMV_ROWS).
+# kernels), k = 2 1.422 -> 1.201 ms, against a k = 0 step of 0.620 ms. On since the seventeenth session (2026-12-06, an
+# H100): the speculation and overlap GPU tests passed with it (17), and 16b's k = 1 round gained too, 4.367 -> 3.743 ms
+# (k = 0: 2.594), though the dense GEMV alone at two rows lost to cuBLAS on 16b's shapes (DENSE_GEMV_ROWS).
 SWITCHED: dict[str, bool | str] = {"dense_gemv": True, "head_gemv": True, "latent_store": True,
                                    "moe_gemm": True, "pdl": True, "mla_uv": True, "shared_gemv": WEIGHTS_E4M3,
-                                   "mla_prep": True, "verify_rows": False}
+                                   "mla_prep": True, "verify_rows": True}
 # ops that follow another op's switch: the dense SwiGLU's fused gate+up GEMV is one of the dense decode GEMVs
 SWITCH_OF: dict[str, str] = {"swiglu_gemv": "dense_gemv"}
 # Up to these many activation rows the Triton FP8-weight kernels run (decode; above, prefill:
