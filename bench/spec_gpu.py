@@ -88,23 +88,32 @@ def divergence(a: list[int], b: list[int]) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
-def compare(outs: list[list[int]], ref: list[list[int]]) -> dict:
+def compare(outs: list[list[int]], ref: list[list[int]], margins: list[list[float]] | None = None) -> dict:
+    """outs against ref, sequence by sequence. margins: ref's per-token gap between its two most likely tokens'
+    log-probabilities (timed_decode's); then each first divergence's gap is reported with it: a near-tie (a gap
+    within bf16's rounding) is what another kernel's reduction order may flip, a wide gap would be a bug."""
     div = [divergence(a, b) for a, b in zip(outs, ref)]
-    firsts = sorted(d for d in div if d is not None)
-    return {"identical": sum(d is None for d in div), "of": len(div), "first_divergence": firsts}
+    pairs = sorted((d, None if margins is None or d >= len(margins[i]) else margins[i][d])
+                   for i, d in enumerate(div) if d is not None)
+    return {"identical": sum(d is None for d in div), "of": len(div), "first_divergence": [d for d, _ in pairs],
+            "margin_at_divergence": [m for _, m in pairs]}
 
 
 def fmt_cmp(c: dict | None) -> tuple[str, str]:
     if c is None:
         return "-", "-"
     f = c["first_divergence"]
-    shown = ", ".join(map(str, f[:6])) + (", ..." if len(f) > 6 else "")
+    gaps = c.get("margin_at_divergence") or [None] * len(f)
+    shown = ", ".join(f"{d}" + ("" if m is None else f" (gap {m:.3f})") for d, m in zip(f[:6], gaps))
+    shown += ", ..." if len(f) > 6 else ""
     return f"{c['identical']}/{c['of']}", (shown or "-")
 
 
 def timed_decode(model, tok, prompts: list[list[int]], B: int, k: int, new: int, graphs: bool, compile_decode: bool,
                  device: torch.device) -> dict:
-    """Warm-up pass (graph capture) then the timed pass of the workload, B prompts at a time."""
+    """Warm-up pass (graph capture) then the timed pass of the workload, B prompts at a time. With k = 0 the
+    warm-up asks for the top-2 log-probabilities (outside the timed pass): "margins", per prompt and generated
+    token, the gap between the two most likely tokens, kept where the warm-up's tokens are the timed pass's."""
     kw = dict(max_batch_size=B, cache_tokens=B * (len(prompts[0]) + new + k + 1 + 32), speculative_k=k,
               max_prefill_tokens=0)  # a batch's prompts in its one prefill step, before the timed decode steps
     label = ("graphs" + ("+compile" if compile_decode else "")) if device.type == "cuda" else "static step, eager"
@@ -121,8 +130,10 @@ def timed_decode(model, tok, prompts: list[list[int]], B: int, k: int, new: int,
     sp = SamplingParams(max_new_tokens=new, temperature=0, ignore_eos=True)
     chunks = [prompts[i:i + B] for i in range(0, len(prompts), B)]
     t = time.perf_counter()
+    warm_outs = []
     for c in chunks:
-        eng.generate(c, sp)
+        warm_outs += eng.generate(c, SamplingParams(max_new_tokens=new, temperature=0, ignore_eos=True, logprobs=2)
+                                  if k == 0 else sp)
     sync(device)
     warm = time.perf_counter() - t
     captured = getattr(eng, "graph_captures", None)  # graphs captured so far (engines that count them)
@@ -143,6 +154,10 @@ def timed_decode(model, tok, prompts: list[list[int]], B: int, k: int, new: int,
         dt += time.perf_counter() - t
         outs += [final[i] for i in ids]
     s = eng.stats
+    margins = None
+    if k == 0 and [o.token_ids for o in warm_outs] == outs:
+        margins = [[lp.top[0][1] - lp.top[1][1] if len(lp.top) > 1 else float("inf") for lp in o.logprobs]
+                   for o in warm_outs]
     late = None if captured is None else eng.graph_captures - captured  # should be 0: none in the timed pass
     del eng
     free(device)
@@ -150,7 +165,8 @@ def timed_decode(model, tok, prompts: list[list[int]], B: int, k: int, new: int,
             if k else None, "mean_accepted_length": s.mean_accepted_length if k else None}
     return {"batch": B, "k": k, "path": label, "prompts": len(prompts), "decode_tok_s": n / dt, "decode_s": dt,
             "decode_tokens": n, "decode_steps": steps, "warmup_s": warm,
-            "graph_captures": captured, "captures_while_timed": late, "rounds": s.rounds, **spec, "outputs": outs}
+            "graph_captures": captured, "captures_while_timed": late, "rounds": s.rounds, **spec, "outputs": outs,
+            "margins": margins}
 
 
 def hf_generate(path: str, prompts: list[list[int]], batches: list[int], new: int, device: torch.device, dtype,
@@ -257,6 +273,7 @@ def main() -> int:
 
     rows: list[dict] = result["rows"]
     outs: dict[tuple[int, int, bool], list[list[int]]] = {}
+    margins: dict[int, list[list[float]] | None] = {}  # k = 0's top-2 gaps per batch size (timed_decode)
     vr_modes = {"off": [False], "on": [True], "both": [False, True]}[args.verify_rows]
     shipped_vr = kernel_backend.switch("verify_rows", False)
     for B in batches:
@@ -271,9 +288,12 @@ def main() -> int:
                              args.compile and device.type == "cuda", device)
             r["path"] += "+verify_rows" if vr else ""
             outs[(B, k, vr)] = r.pop("outputs")
+            m = r.pop("margins")
+            margins[B] = m if k == 0 else margins.get(B)
             base = next((x for x in rows if x["batch"] == B and x["k"] == 0), None)
             r["speedup_vs_k0"] = r["decode_tok_s"] / base["decode_tok_s"] if base else None
-            r["vs_k0"] = compare(outs[(B, k, vr)], outs[(B, 0, False)]) if k and (B, 0, False) in outs else None
+            r["vs_k0"] = (compare(outs[(B, k, vr)], outs[(B, 0, False)], margins.get(B))
+                          if k and (B, 0, False) in outs else None)
             rows.append(r)
             log(f"batch {B}, k={k} ({r['path']}): {r['decode_tok_s']:,.1f} decode tok/s, warm-up {r['warmup_s']:.1f}s, "
                 f"graphs captured in warm-up {r['graph_captures']}, while timed {r['captures_while_timed']}")
@@ -287,7 +307,8 @@ def main() -> int:
         if B != b0 and (B, 0, False) in outs and (b0, 0, False) in outs:
             a, b = outs[(B, 0, False)], outs[(b0, 0, False)]
             m = min(len(a), len(b))
-            noise.append({"batch": B, "against_batch": b0, **compare(a[:m], b[:m])})
+            ref_m = margins.get(b0)
+            noise.append({"batch": B, "against_batch": b0, **compare(a[:m], b[:m], ref_m[:m] if ref_m else None)})
     result["batch_noise"] = noise
 
     def na(x, f="{:.3f}"):
