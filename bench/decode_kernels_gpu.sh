@@ -13,10 +13,12 @@
 #     bash bench/decode_kernels_gpu.sh OUT_DIR mlapreptests,rows8sweep,rows8
 #     LIMIT_spectests=150 LIMIT_specrounds=60 bash bench/decode_kernels_gpu.sh OUT_DIR spectests,specrounds
 #     bash bench/decode_kernels_gpu.sh OUT_DIR spectrain
+#     LIMIT_roundtests=200 LIMIT_roundrounds=40 bash bench/decode_kernels_gpu.sh OUT_DIR roundtests,roundrounds
+#     bash bench/decode_kernels_gpu.sh OUT_DIR roundtrain
 #
 # Stages (default: all but the psum ones, in this order): tests, sweep, b1, b32, b256, pdltests, pdl, fp8, profile
 # (psumtests, psumsweep, psumdense, psum, mlapreptests, mlaprep, fusetests, fusebase, fuse, rows8sweep, rows8,
-# spectests, specrounds, spectrain: by name). Each stage's output goes to its own file under OUT_DIR (and a line to
+# spectests, specrounds, spectrain, roundtests, roundrounds, roundtrain: by name). Each stage's output goes to its own file under OUT_DIR (and a line to
 # steps.txt); a failing stage does not stop the next. A kernel is on by default (dsv3/kernels/backend.py SWITCHED)
 # only where its rows are faster. B1, B32, FP8 (environment) replace the batch lists of those stages; LIMIT_<stage>=S
 # stops a stage after S seconds (stages.sh).
@@ -117,4 +119,24 @@ specrounds() {  # (a function: LIMIT_specrounds applies to each of its ten comma
 step specrounds specrounds
 step spectrain python bench/spec_gpu.py --minutes 4.5 --tok-s 70000 --batches 1,32 --ks 0,1,2 --compile --no-hf \
     --verify-rows both --out-json "$out/spectrain.json"
+# A greedy round as one graph (2026-12-06, seventeenth session: the round_graph switch, off as shipped): its GPU tests
+# (graphed = its rounds' graphs one by one = the one graph's forward run eagerly; one sync a step), the rounds of
+# `small` and 16b with it off and on (random weights, a step is one round; the gap it can close: a round's wall less
+# the device's busy time, printed), then `small` trained and decoded at k = 0, 1, 2 with it off and on (~8 minutes)
+step roundtests python -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_gpu_speculation.py \
+    -k "one_graph or syncs"
+roundrounds() {  # (a function: LIMIT_roundrounds applies to each of its commands)
+    local p a rg
+    for p in small 16b; do
+        for a in "--spec 1" "--spec 2"; do
+            for rg in off on; do
+                DSV3_KERNELS=round_graph=$rg timeout --kill-after=10 "${LIMIT_roundrounds:-0}" \
+                    python bench/profile_gpu.py --decode 1 --preset $p $a | grep -A1 "## decode" | sed "s/^/round_graph=$rg /"
+            done
+        done
+    done
+}
+step roundrounds roundrounds
+step roundtrain python bench/spec_gpu.py --minutes 4.5 --tok-s 70000 --batches 1 --ks 0,1,2 --compile --no-hf \
+    --round-graph both --deadline-min 8.4 --out-json "$out/roundtrain.json"
 tail -n 4 "$out"/*.txt

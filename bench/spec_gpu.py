@@ -23,7 +23,8 @@ checkpoint.
    comparison between k = 0 at two batch sizes gives the bf16 noise floor.
    Where the engine refuses cuda_graphs with k > 0 (before issue 14), that k runs eager, labelled so;
    --spec-eager asks for that path (k > 0 without graphs) on purpose, for a before / after comparison;
-   --verify-rows on / both runs k > 0 with the `verify_rows` switch (dsv3/kernels/backend.py) on / both ways.
+   --verify-rows on / both runs k > 0 with the `verify_rows` switch (dsv3/kernels/backend.py) on / both ways;
+   --round-graph on / both likewise with `round_graph` (a greedy round as one CUDA graph).
 4. transformers: the same checkpoint directory through AutoModelForCausalLM (DeepseekV3ForCausalLM; it drops
    the MTP layer) in bf16 on the GPU, `generate` greedy on the first B prompts (min_new_tokens = --new):
    decode tok/s = B (new - 1) / (t(new tokens) - t(1 token)), beside ours, and whether its tokens equal
@@ -223,6 +224,9 @@ def main() -> int:
                     help="k > 0 with the verify_rows switch (dsv3/kernels/backend.py: the verification step of one "
                          "sequence takes the one-row decode kernels) off, on (default, as shipped), or each k both "
                          "ways")
+    ap.add_argument("--round-graph", choices=("off", "on", "both"), default="off",
+                    help="k > 0 with the round_graph switch (dsv3/kernels/backend.py: a greedy round as one CUDA "
+                         "graph) off (default, as shipped), on, or each k both ways")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers")
     ap.add_argument("--bw-gib", type=float, default=2.0, help="size of the copy that measures the bandwidth")
     ap.add_argument("--export-bf16", metavar="DIR", help="also save the loaded model + tokenizer there (bf16)")
@@ -272,40 +276,44 @@ def main() -> int:
     result["prompts"] = {"n": n_prompts, "len": args.prompt_len, "new": args.new}
 
     rows: list[dict] = result["rows"]
-    outs: dict[tuple[int, int, bool], list[list[int]]] = {}
+    outs: dict[tuple[int, int, bool, bool], list[list[int]]] = {}  # (B, k, verify_rows, round_graph)
     margins: dict[int, list[list[float]] | None] = {}  # k = 0's top-2 gaps per batch size (timed_decode)
-    vr_modes = {"off": [False], "on": [True], "both": [False, True]}[args.verify_rows]
+    modes = {"off": [False], "on": [True], "both": [False, True]}
+    variants = [(vr, rg) for vr in modes[args.verify_rows] for rg in modes[args.round_graph]]
     shipped_vr = kernel_backend.switch("verify_rows", False)
+    shipped_rg = kernel_backend.switch("round_graph", False)
     for B in batches:
-        for k, vr in [(k, vr) for k in ks for vr in (vr_modes if k else [False])]:
+        for k, (vr, rg) in [(k, v) for k in ks for v in (variants if k else [(False, False)])]:
             if time.perf_counter() - T0 > deadline:
                 log(f"deadline: skipping batch {B}, k={k}")
                 continue
             # cuda_graphs=True on the CPU runs the same static-shape steps eagerly (how the tests check them)
             graphs = not (k > 0 and args.spec_eager)
-            kernel_backend.switch("verify_rows", vr)  # (the engine reads it when it is made)
+            kernel_backend.switch("verify_rows", vr)  # (the engine reads them when it is made)
+            kernel_backend.switch("round_graph", rg)
             r = timed_decode(model, tok, prompts[:max(B, args.min_prompts)], B, k, args.new, graphs,
                              args.compile and device.type == "cuda", device)
-            r["path"] += "+verify_rows" if vr else ""
-            outs[(B, k, vr)] = r.pop("outputs")
+            r["path"] += ("+verify_rows" if vr else "") + ("+round_graph" if rg else "")
+            outs[(B, k, vr, rg)] = r.pop("outputs")
             m = r.pop("margins")
             margins[B] = m if k == 0 else margins.get(B)
             base = next((x for x in rows if x["batch"] == B and x["k"] == 0), None)
             r["speedup_vs_k0"] = r["decode_tok_s"] / base["decode_tok_s"] if base else None
-            r["vs_k0"] = (compare(outs[(B, k, vr)], outs[(B, 0, False)], margins.get(B))
-                          if k and (B, 0, False) in outs else None)
+            r["vs_k0"] = (compare(outs[(B, k, vr, rg)], outs[(B, 0, False, False)], margins.get(B))
+                          if k and (B, 0, False, False) in outs else None)
             rows.append(r)
             log(f"batch {B}, k={k} ({r['path']}): {r['decode_tok_s']:,.1f} decode tok/s, warm-up {r['warmup_s']:.1f}s, "
                 f"graphs captured in warm-up {r['graph_captures']}, while timed {r['captures_while_timed']}")
             dump()
     kernel_backend.switch("verify_rows", shipped_vr)
+    kernel_backend.switch("round_graph", shipped_rg)
     # noise floor: k = 0 at each batch size against the smallest, on the prompts they share (bf16 numerics vary
     # with the batch: another GEMM tiling can resolve a near-tie differently)
     noise = []
     b0 = min(batches)
     for B in batches:
-        if B != b0 and (B, 0, False) in outs and (b0, 0, False) in outs:
-            a, b = outs[(B, 0, False)], outs[(b0, 0, False)]
+        if B != b0 and (B, 0, False, False) in outs and (b0, 0, False, False) in outs:
+            a, b = outs[(B, 0, False, False)], outs[(b0, 0, False, False)]
             m = min(len(a), len(b))
             ref_m = margins.get(b0)
             noise.append({"batch": B, "against_batch": b0, **compare(a[:m], b[:m], ref_m[:m] if ref_m else None)})
@@ -339,7 +347,7 @@ def main() -> int:
             del model
             free(device)
             try:
-                k0 = {B: outs[(B, 0, False)] for B in batches if (B, 0, False) in outs}
+                k0 = {B: outs[(B, 0, False, False)] for B in batches if (B, 0, False, False) in outs}
                 result["hf_rows"] = hf_generate(path, prompts, batches, args.new, device, dtype, k0, tok.eos_id)
             except ImportError as e:
                 log(f"transformers not available ({e}); skipped")

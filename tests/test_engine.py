@@ -1590,6 +1590,70 @@ def test_overlapped_speculation_gives_the_same_outputs(spec_models, D, k, drafte
         assert sg.accepted > 0
 
 
+def _greedy_params():
+    """Greedy requests without log-probabilities (a round of them may run as one graph) ending at different rounds, by
+    length (1 .. 13 tokens: inside a round's drafts too) and stop token; and one with log-probabilities."""
+    return [SamplingParams(max_new_tokens=9, temperature=0.0), SamplingParams(max_new_tokens=4, temperature=0.0),
+            SamplingParams(max_new_tokens=13, temperature=0.0), SamplingParams(max_new_tokens=7, temperature=0.0),
+            SamplingParams(max_new_tokens=1, temperature=0.0), SamplingParams(max_new_tokens=10, temperature=0.0)]
+
+
+@pytest.mark.parametrize("D,k,drafter,graphs", [(1, 1, "aligned", False), (2, 3, "aligned", True),
+                                                  (1, 2, "random", True), (2, 2, "aligned", False)])
+def test_a_greedy_round_in_one_graph_gives_the_same_outputs(spec_models, D, k, drafter, graphs, monkeypatch):
+    """"round_graph" (graphs.py DecodeGraphs.round: a greedy round's verification, acceptance, MTP step and chained
+    drafts as one static forward) against the round's steps run one by one: the same tokens, finish reasons and
+    acceptance counts, overlapped or not, arriving together and one by one, exact-shape and bucketed steps; rounds
+    with a sampled request or one asking for log-probabilities take the steps one by one."""
+    model = spec_models[(D, drafter)]
+    prompts = prompts_for(model.config, [3, 9, 5, 14, 2, 7], seed=8)
+    params = _greedy_params()
+    first = _final(Engine(model, max_batch_size=4, block_size=3, speculative_k=k, overlap=False), prompts, params)
+    params[0] = dataclasses.replace(params[0], stop_token_ids=[first[0][0][4]])  # stops inside a run of drafts
+    params[2] = dataclasses.replace(params[2], stop_token_ids=[first[2][0][7]])
+    mixed = list(params)  # a sampled request and one with log-probabilities among them: those rounds step by step
+    mixed[3] = dataclasses.replace(mixed[3], temperature=0.9, seed=5)
+    mixed[5] = dataclasses.replace(mixed[5], logprobs=1)
+    for ps, arrivals, overlap in ((params, None, True), (params, [0, 0, 2, 3, 3, 9], True), (params, None, False),
+                                  (mixed, [0, 0, 2, 3, 3, 9], True)):
+        runs = []
+        for fused in (False, True):
+            eng = Engine(model, max_batch_size=4, block_size=3, speculative_k=k, overlap=overlap, cuda_graphs=graphs)
+            eng.round_graph = fused
+            calls = {"round": 0, "main": 0}
+            for name in calls:
+                fn = getattr(eng._graphs, name)
+                monkeypatch.setattr(eng._graphs, name, lambda *a, _fn=fn, _n=name, **kw:
+                                    calls.__setitem__(_n, calls[_n] + 1) or _fn(*a, **kw))
+            drafts = []  # every request's drafts as each round is read (greedy tokens do not depend on them)
+            set_drafts = eng._set_drafts
+            monkeypatch.setattr(eng, "_set_drafts", lambda r, ds, q, b, _f=set_drafts:
+                                drafts.append((r.id, list(ds))) or _f(r, ds, q, b))
+            runs.append((_final(eng, prompts, ps, arrivals), eng.stats, calls, drafts))
+            assert eng.cache.free_blocks == eng.cache.num_blocks
+        (want, sw, cw, dw), (got, sg, cg, dg) = runs
+        assert got == want and dg == dw
+        assert (sg.rounds, sg.accepted, sg.first_draft_accepted) == (sw.rounds, sw.accepted, sw.first_draft_accepted)
+        assert cw["round"] == 0 and cg["round"] > 0  # (one graph a round only where switched on)
+        if ps is params:
+            assert cg["main"] == 0  # every round greedy without log-probabilities: none step by step
+        else:
+            assert cg["main"] > 0  # the rounds with the sampled request or the log-probabilities
+        assert {"length", "stop"} <= {r for _, r, _ in want.values()}
+    if drafter == "aligned":
+        assert sg.accepted > 0
+
+
+def test_a_round_graph_refuses_a_round_without_drafts_or_of_the_wrong_width(spec_models):
+    model = spec_models[(1, "aligned")]
+    eng = Engine(model, max_batch_size=2, block_size=4, speculative_k=2)
+    tables = [eng.cache.allocate(2)]
+    with pytest.raises(ValueError, match="k >= 1"):
+        eng._graphs.round(0, [[1]], [0], tables)
+    with pytest.raises(ValueError, match="k \\+ 1 = 3 tokens"):
+        eng._graphs.round(2, [[1, 2]], [0], tables)
+
+
 def test_overlapped_decoding_with_stop_strings(text_model):
     """Requests of one batch ending by stop strings (found in the text of a step in flight, whose queued next step
     is then discarded) at different steps: the texts, tokens and reasons of the engine reading each step at once."""

@@ -132,8 +132,39 @@ def test_compiled_graphed_speculation():
     assert eng._graphs.captures >= 3
 
 
-@pytest.mark.parametrize("k", [3, 0])
-def test_a_decode_step_syncs_the_host_once(monkeypatch, k):
+@pytest.mark.parametrize("D,k,compile", [(1, 1, False), (2, 3, False), (1, 2, True)])
+def test_a_greedy_round_in_one_graph(D, k, compile):
+    """round_graph (graphs.py DecodeGraphs.round, off as shipped until measured): greedy rounds as one captured graph
+    give the tokens, drafts' acceptance and finish reasons of the same round's graphs launched one by one (the same
+    forwards: same functions, same shapes), and of the one graph's static forward run eagerly."""
+    m = _model(D, "aligned")
+    prompts = _prompts()
+    sp = [SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True) for n in (40, 33, 12, 1, 40, 25)]
+
+    def run(fused: bool, graphs: bool = True):
+        eng = Engine(m, None, max_batch_size=8, block_size=16, speculative_k=k, cuda_graphs=True,
+                     compile_decode=compile)
+        eng.round_graph = fused
+        if not graphs:
+            eng._graphs.use_graphs = False  # the same bucketed static forwards, run eagerly
+        out = eng.generate(prompts, sp)
+        return [(o.token_ids, o.finish_reason) for o in out], eng
+
+    want, steps = run(False)
+    got, fused = run(True)
+    assert got == want
+    assert (fused.stats.rounds, fused.stats.accepted) == (steps.stats.rounds, steps.stats.accepted)
+    assert fused.stats.acceptance_rate > 0.5
+    kinds = {key[0] for key in fused._graphs._entries}
+    assert ("round", k) in kinds and ("main",) not in kinds  # (prefill's MTP steps are eager)
+    assert fused._graphs.captures == len(fused._graphs._entries)
+    if not compile:
+        eager, _ = run(True, graphs=False)
+        assert eager == got
+
+
+@pytest.mark.parametrize("k,fused", [(3, False), (0, False), (2, True)])
+def test_a_decode_step_syncs_the_host_once(monkeypatch, k, fused):
     """A decode step, with speculation (verify, accept, MTP, chained drafts, all graphs captured) or without it,
     waits for the device once: for the copy of a step's results (Engine._read). Checked with torch.cuda's sync debug
     mode set to error everywhere else; with overlapped decoding (both k: the next step or round queued before the
@@ -142,6 +173,7 @@ def test_a_decode_step_syncs_the_host_once(monkeypatch, k):
     prompts = _prompts(4)
     sp = SamplingParams(max_new_tokens=30, temperature=0, ignore_eos=True)
     eng = Engine(m, None, max_batch_size=4, speculative_k=k, cuda_graphs=True)
+    eng.round_graph = fused  # (round_graph: a greedy round in one graph)
     eng.generate(prompts, sp)  # captures every bucket the second pass uses
     captures = eng._graphs.captures
     read, reads = Engine._read, []

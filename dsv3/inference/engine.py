@@ -270,7 +270,9 @@ class Engine:
         # captured, so that the graphs count too): the loads `--expert-loads` places redundant experts from
         self.loads = ExpertLoadRecorder(self.model) if record_expert_loads else None
         # with speculation and the "verify_rows" switch on (kernels/backend.py), one sequence's verification step
-        # (k + 1 rows) takes the one-row decode kernels
+        # (k + 1 rows) takes the one-row decode kernels; with "round_graph" on, a round of greedy requests without
+        # log-probabilities (nor lockstep) runs as one graph (graphs.py DecodeGraphs.round)
+        self.round_graph = bool(self.k) and kernel_backend.round_graph()
         self._graphs = DecodeGraphs(self.model, self.cache, pad, max_batch_size, max_blocks, use_graphs=use,
                                     compile=compile_decode, bucketed=use, loads=self.loads,
                                     row_limit=kernel_backend.verify_rows(self.k))
@@ -575,6 +577,10 @@ class Engine:
         else:  # copied in on the device; the host bounds the positions by the most prev can accept (k + 1)
             inp = torch.cat([prev.tokens.gather(1, prev.n[:, None] - 1), prev.drafts], 1)  # (B, k+1)
             pos_in, bound = prev.next_pos, max(r.main_len for r in reqs) + k + 1
+        if k and self.round_graph and sampler.all_greedy and sampler.logprobs_n is None and self.agree is None:
+            # a greedy round in one launch (graphs.py DecodeGraphs.round): the same forwards and tokens as below
+            tokens, n, drafts, next_pos, rows = self._graphs.round(k, inp, pos_in, tables, last_pos=bound + k)
+            return self._queue(reqs, rows, tokens, 0, None, n, drafts, next_pos)
         logits, hidden, inp, pos0 = self._graphs.main(inp, pos_in, tables, last_pos=bound + k)
         d_in = inp[:, 1:]  # (B, k)
         q_in = None  # (k = 0: no drafts to weigh)
@@ -591,7 +597,12 @@ class Engine:
             next_pos = pos0 + n
             h, lg = self._graphs.mtp(0, tokens, hidden, pos0, tables, select=n - 1, last_pos=bound + k)
             drafts, q = self._draft(sampler, reqs, h, lg, next_pos, bound + k + 1)
-        rows = self._results(tokens, n, drafts, lp)
+        return self._queue(reqs, self._results(tokens, n, drafts, lp), tokens, lp[1].shape[-1] if lp is not None else 0,
+                           q, n, drafts, next_pos)
+
+    def _queue(self, reqs: list[_Request], rows: torch.Tensor, tokens: torch.Tensor, nt: int, q, n, drafts,
+               next_pos) -> _InFlight:
+        """The step's results (`_results`' rows) on their way to the host, as an _InFlight."""
         done = None
         if rows.is_cuda:  # to pinned memory without blocking; `_read` waits for the event
             host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
@@ -600,7 +611,7 @@ class Engine:
             done.record()
         else:
             host = rows
-        return _InFlight(reqs, host, done, tokens, lp[1].shape[-1] if lp is not None else 0, q, n, drafts, next_pos)
+        return _InFlight(reqs, host, done, tokens, nt, q, n, drafts, next_pos)
 
     def _read(self, fl: _InFlight) -> list[_Request]:
         """Wait for a queued decode step's results and keep the books: tokens appended, stops applied. Rows of

@@ -20,7 +20,12 @@ one launch. What a graph needs is a forward whose shapes and addresses never cha
   * shapes are bucketed: batch Bp = the next power of two >= B (capped at max_batch_size), context
     S = nblk · block_size with nblk the next power of two >= the blocks the furthest position needs.
     Rows past B are padding: they read and write only a reserved padding block;
-  * all graphs share one memory pool (captured lazily, on first use of a bucket).
+  * all graphs share one memory pool (captured lazily, on first use of a bucket);
+  * a greedy speculation round may run as one graph (`round`, the "round_graph" switch of kernels/backend.py): the
+    verification step, the acceptance, MTP module 0 over the k + 1 positions and the k - 1 chained draft steps,
+    each forward the one its own bucket would run (same shapes, same compiled function), the inputs of each step
+    after the first copied from the step before inside the graph. One launch a round instead of k + 1 and the ~20
+    eager kernels between them (speculation.py's accept and draft, the copies into the buckets).
 
 `StaticBatch` is the cache view (the `update(c_kv, k_pe)` contract of CacheBatch) and runs eagerly
 on any device: with `use_graphs=False` (and unbucketed shapes) `DecodeGraphs` is the eager decode
@@ -46,6 +51,9 @@ import functools
 import torch
 
 from dsv3 import kernels
+from dsv3.inference import speculation
+from dsv3.inference.params import SamplingParams
+from dsv3.inference.sampling import BatchSampler
 from dsv3.kernels import backend as kernel_backend
 
 # INDUCTOR_PDL: inductor's generated kernels of a compiled decode step launch with programmatic dependent launch too,
@@ -218,6 +226,25 @@ class _Entry:
         self.graph, self.outputs, self.copied = None, None, None
 
 
+class _Round:
+    """The static state of a greedy round's one graph (DecodeGraphs.round): `sb` the round's inputs as the host
+    fills them (T = k + 1 tokens, the block table of the round's furthest step, `nblk` blocks), then one static
+    batch per forward with its own bucket's context: the verification step, MTP module 0 (T = k + 1) and the
+    chained draft steps j = 1 .. k - 1 (T = 1); and the batch's greedy sampler (stateless: argmax)."""
+
+    def __init__(self, graphs: "DecodeGraphs", k: int, Bp: int, nblks: tuple[int, ...]):
+        cache, pad, dev = graphs.cache, graphs.pad_block, graphs.cache.kv.device
+        D = graphs.model.config.hidden_size
+        self.k, self.nblks = k, nblks
+        self.sb = StaticBatch(cache, Bp, k + 1, max(nblks), pad)
+        attention = graphs._attention()
+        self.main = StaticBatch(cache, Bp, k + 1, nblks[0], pad, attention)
+        self.mtp = [StaticBatch(cache, Bp, k + 1, nblks[0], pad, attention, hidden_dim=D)]
+        self.mtp += [StaticBatch(cache, Bp, 1, n, pad, attention, hidden_dim=D) for n in nblks[1:]]
+        self.sampler = BatchSampler([SamplingParams(temperature=0.0)] * Bp, [None] * Bp, [()] * Bp,
+                                    graphs.model.config.vocab_size, dev)
+
+
 class DecodeGraphs:
     """Decode-step runner over a PagedLatentCache (module docstring):
 
@@ -278,17 +305,59 @@ class DecodeGraphs:
         return self.model.mtp_step(module, sb.ids, sb.hidden, sb.positions, sb.layer(self.n_layers + module),
                                    select=sb.select)  # (Bp, D), (Bp, V)
 
-    def _entry(self, kind: tuple, Bp: int, T: int, nblk: int) -> "_Entry":
+    def _forward_round(self, r: _Round) -> tuple[torch.Tensor, ...]:
+        """A greedy round (speculation.py) over r's static batches, each step's inputs copied from the step before
+        on the device -> tokens (Bp, k+1), n (Bp,), drafts (Bp, k), the next round's first positions (Bp,), and the
+        results' row per sequence as Engine._results lays them out (tokens, n, drafts)."""
+        k, sb = r.k, r.sb
+        T = k + 1
+        r.main.meta.copy_(sb.meta[:, : 1 + T + r.main.nblk])  # (a prefix of the widest table: the same blocks)
+        logits, hidden, ids, pos0 = self._main(r.main)
+        tokens, n, _ = speculation.accept(r.sampler, logits, ids[:, 1:], None)  # (Bp, k+1), (Bp,)
+        next_pos = pos0 + n
+        m = r.mtp[0]  # MTP module 0 over the k + 1 positions, read out at the last valid one (n - 1)
+        m.meta.copy_(r.main.meta)
+        m.ids.copy_(tokens)
+        m.hidden.copy_(hidden)
+        m.select.copy_(n - 1)
+        h, lg = self._mtp(m, module=0)
+        real = sb.block_table[:, 0] != self.pad_block  # (padding rows keep position 0 in the pad block)
+        n_mtp = self.model.config.num_nextn_predict_layers
+
+        def step(j: int, d: torch.Tensor, h: torch.Tensor):  # chained draft j + 1 at next_pos + j - 1
+            c = r.mtp[j]
+            c.block_table.copy_(sb.block_table[:, : c.nblk])
+            c.pos0.copy_(torch.where(real, next_pos + (j - 1), 0))
+            c.ids.copy_(d[:, None])
+            c.hidden.copy_(h[:, None])
+            c.select.zero_()
+            return self._mtp(c, module=min(j, n_mtp - 1))
+
+        drafts, _ = speculation.draft(r.sampler, k, h, lg, step)
+        return tokens, n, drafts, next_pos, torch.cat([tokens, n[:, None], drafts], 1)
+
+    def _attention(self):
+        """The attention of a new bucket's steps: None (the gathered context's einsums) or kernels.mla_decode on
+        its accelerated backend for the cache."""
+        backend = kernels.select_backend("mla_decode", self.cache.kv)
+        return None if backend == "reference" else functools.partial(kernels.mla_decode, backend=backend)
+
+    def _entry(self, kind: tuple, Bp: int, T: int, nblk: int | tuple[int, ...]) -> "_Entry":
         key = (kind, Bp, T, nblk)
         if key in self._entries:
             return self._entries[key]
-        backend = kernels.select_backend("mla_decode", self.cache.kv)
-        attention = None if backend == "reference" else functools.partial(kernels.mla_decode, backend=backend)
-        is_mtp = kind[0] == "mtp"
-        sb = StaticBatch(self.cache, Bp, T, nblk, self.pad_block, attention,
-                         hidden_dim=self.model.config.hidden_size if is_mtp else None)
-        e = _Entry(sb, torch.empty(Bp, 1 + T + nblk, dtype=torch.long, pin_memory=self.use_graphs),
-                   functools.partial(self._mtp, module=kind[1]) if is_mtp else self._main)
+        if kind[0] == "round":  # nblk: each forward's blocks (verification and MTP 0, then the chained steps)
+            r = _Round(self, kind[1], Bp, nblk)
+            sb = r.sb
+
+            def step(_sb: StaticBatch, r: _Round = r):
+                return self._forward_round(r)
+        else:
+            is_mtp = kind[0] == "mtp"
+            sb = StaticBatch(self.cache, Bp, T, nblk, self.pad_block, self._attention(),
+                             hidden_dim=self.model.config.hidden_size if is_mtp else None)
+            step = functools.partial(self._mtp, module=kind[1]) if is_mtp else self._main
+        e = _Entry(sb, torch.empty(Bp, 1 + T + sb.nblk, dtype=torch.long, pin_memory=self.use_graphs), step)
         if self.use_graphs:
             # warm up on a side stream (lazy inits, autotuning) then capture; padding rows only touch
             # the pad block, so neither pass disturbs a sequence's cache
@@ -307,18 +376,23 @@ class DecodeGraphs:
             self._entries[key] = e
         return e
 
-    def _launch(self, kind: tuple, B: int, T: int, last_pos: int, tokens, pos0, tables, fill=None):
+    def _launch(self, kind: tuple, B: int, T: int, last_pos: int | tuple[int, ...], tokens, pos0, tables, fill=None):
         """Fill a bucket's meta (host: tokens and pos0 where given as lists, the block tables), let `fill(sb)`
-        copy device inputs in, run. last_pos: the furthest position any row may write (host bound)."""
+        copy device inputs in, run. last_pos: the furthest position any row may write (host bound); a round's:
+        one per forward, each of which gets the context bucket of its own (`_Round`)."""
         with kernel_backend.row_limits(self.row_limit):  # (a bucket's first run captures or compiles inside)
             return self._launch_rows(kind, B, T, last_pos, tokens, pos0, tables, fill)
 
-    def _launch_rows(self, kind: tuple, B: int, T: int, last_pos: int, tokens, pos0, tables, fill):
-        Bp, nblk = self.bucket(B, last_pos // self.cache.block_size + 1)
-        if nblk * self.cache.block_size <= last_pos:
-            raise ValueError(f"position {last_pos} is past the longest context bucket ({self.max_blocks} blocks)")
-        e = self._entry(kind, Bp, T, nblk)
+    def _launch_rows(self, kind: tuple, B: int, T: int, last_pos: int | tuple[int, ...], tokens, pos0, tables, fill):
+        nblks = []
+        for lp in last_pos if isinstance(last_pos, tuple) else (last_pos,):
+            Bp, nb = self.bucket(B, lp // self.cache.block_size + 1)
+            if nb * self.cache.block_size <= lp:
+                raise ValueError(f"position {lp} is past the longest context bucket ({self.max_blocks} blocks)")
+            nblks.append(nb)
+        e = self._entry(kind, Bp, T, tuple(nblks) if isinstance(last_pos, tuple) else nblks[0])
         sb = e.sb
+        nblk = sb.nblk
         if e.copied is not None:
             e.copied.synchronize()  # this bucket's previous copy out of its pinned buffer is done
         h = e.host.numpy()
@@ -353,6 +427,30 @@ class DecodeGraphs:
         at positions pos0[b] .. pos0[b] + T - 1 (pos0 a host list, or a (B,) device tensor, then last_pos, a host
         bound on pos0 + T - 1, is required), with block tables covering them -> logits (B, T, V), hidden (B, T, D),
         and the inputs as device tensors, tokens (B, T) and pos0 (B,) (views valid until this bucket runs again)."""
+        B, T, last_pos, host_tokens, host_pos, fill = self._inputs(tokens, pos0, last_pos)
+        logits, hidden, ids, pos = self._launch(("main",), B, T, last_pos, host_tokens, host_pos, tables, fill)
+        return logits, hidden, ids, pos
+
+    @torch.no_grad()
+    def round(self, k: int, tokens: list[list[int]] | torch.Tensor, pos0: list[int] | torch.Tensor,
+              tables: list[list[int]], last_pos: int | None = None):
+        """A greedy speculation round (speculation.py's accept and draft with argmax) in one graph: tokens (B, k+1)
+        [x_L, d_1 .. d_k], pos0 and last_pos as `main` takes them -> tokens (B, k+1) (the round's are
+        tokens[b, :n[b]]), n (B,), the new drafts (B, k), the next round's first positions pos0 + n (B,), and the
+        results' rows (B, 2k+2): tokens, n, drafts (Engine._results' layout). Each forward runs in the bucket its
+        own step would (verification and MTP module 0 up to last_pos, chained draft j up to last_pos + j), so the
+        tokens are those of `main` + `mtp` + the chained steps run one by one."""
+        if k < 1:
+            raise ValueError(f"a speculation round needs k >= 1 drafts, got {k}")
+        B, T, last_pos, host_tokens, host_pos, fill = self._inputs(tokens, pos0, last_pos)
+        if T != k + 1:
+            raise ValueError(f"a round of k = {k} verifies k + 1 = {k + 1} tokens a sequence, got {T}")
+        lasts = tuple(last_pos + j for j in range(k))  # (verification and MTP 0, then chained drafts 1 .. k-1)
+        return self._launch(("round", k), B, T, lasts, host_tokens, host_pos, tables, fill)
+
+    def _inputs(self, tokens, pos0, last_pos):
+        """`main`'s and `round`'s inputs -> B, T, last_pos, the tokens and pos0 for the host meta (None where they
+        come from the device), and the fill that copies the device ones in (None if none)."""
         on_device = isinstance(tokens, torch.Tensor)
         host_pos = not isinstance(pos0, torch.Tensor)
         B, T = tuple(tokens.shape) if on_device else (len(tokens), len(tokens[0]))
@@ -367,10 +465,8 @@ class DecodeGraphs:
             if not host_pos:
                 sb.pos0[:B].copy_(pos0)
 
-        logits, hidden, ids, pos = self._launch(("main",), B, T, last_pos, None if on_device else tokens,
-                                                pos0 if host_pos else None, tables,
-                                                fill if on_device or not host_pos else None)
-        return logits, hidden, ids, pos
+        return (B, T, last_pos, None if on_device else tokens, pos0 if host_pos else None,
+                fill if on_device or not host_pos else None)
 
     @torch.no_grad()
     def mtp(self, module: int, tokens: torch.Tensor, hidden: torch.Tensor, pos0: list[int] | torch.Tensor,
