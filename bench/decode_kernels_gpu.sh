@@ -15,10 +15,11 @@
 #     bash bench/decode_kernels_gpu.sh OUT_DIR spectrain
 #     LIMIT_roundtests=200 LIMIT_roundrounds=40 bash bench/decode_kernels_gpu.sh OUT_DIR roundtests,roundrounds
 #     bash bench/decode_kernels_gpu.sh OUT_DIR roundtrain
+#     bash bench/decode_kernels_gpu.sh OUT_DIR servespec
 #
 # Stages (default: all but the psum ones, in this order): tests, sweep, b1, b32, b256, pdltests, pdl, fp8, profile
 # (psumtests, psumsweep, psumdense, psum, mlapreptests, mlaprep, fusetests, fusebase, fuse, rows8sweep, rows8,
-# spectests, specrounds, spectrain, roundtests, roundrounds, roundtrain: by name). Each stage's output goes to its own file under OUT_DIR (and a line to
+# spectests, specrounds, spectrain, roundtests, roundrounds, roundtrain, servespec: by name). Each stage's output goes to its own file under OUT_DIR (and a line to
 # steps.txt); a failing stage does not stop the next. A kernel is on by default (dsv3/kernels/backend.py SWITCHED)
 # only where its rows are faster. B1, B32, FP8 (environment) replace the batch lists of those stages; LIMIT_<stage>=S
 # stops a stage after S seconds (stages.sh).
@@ -139,4 +140,17 @@ roundrounds() {  # (a function: LIMIT_roundrounds applies to each of its command
 step roundrounds roundrounds
 step roundtrain python bench/spec_gpu.py --minutes 4.5 --tok-s 70000 --batches 1 --ks 0,1,2 --compile --no-hf \
     --round-graph both --deadline-min 8.4 --out-json "$out/roundtrain.json"
+# The server with speculation (issue 14): `small` trained 3.5 minutes and exported in bf16 (spec_gpu.py, its k = 0 row
+# only), then bench/serve_load.py's 32 streaming clients x 4 requests of 128 tokens against it at k = 1 and k = 0,
+# outputs checked against offline generation (~9 minutes alone; SCRATCH: where the checkpoint goes)
+servespec() {
+    local ck="${SCRATCH:-/tmp}/small_spec_bf16" k
+    python bench/spec_gpu.py --minutes 3.5 --tok-s 70000 --batches 1 --ks 0 --no-hf --export-bf16 "$ck" \
+        --out-json "$out/servespec_train.json" || return
+    for k in 1 0; do
+        python bench/serve_load.py "$ck" --device cuda --clients 32 --requests 4 --max-tokens 128 --speculative-k $k \
+            --check
+    done
+}
+step servespec servespec
 tail -n 4 "$out"/*.txt

@@ -159,6 +159,8 @@ def main() -> int:
     ap.add_argument("--max-batch-size", type=int, default=32)
     ap.add_argument("--cache-tokens", type=int, default=0, help="default: the engine's")
     ap.add_argument("--speculative-k", type=int, default=0)
+    ap.add_argument("--compile-decode", action="store_true",
+                    help="torch.compile the graphed decode steps (a checkpoint on a GPU; `dsv3 serve --compile-decode`)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--max-prefill-tokens", type=int, default=8192,
                     help="the engine's chunked-prefill budget per step (0: whole prompts at once)")
@@ -176,6 +178,9 @@ def main() -> int:
         ap.error("at most 10,000 requests")
     if args.url and not args.checkpoint:
         ap.error("--url needs the served checkpoint (for its tokenizer)")
+    if args.compile_decode and (args.url or not args.checkpoint):
+        ap.error("--compile-decode compiles the decode steps of a checkpoint this script serves (not --url's server, "
+                 "not the random tiny model)")
 
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))  # leave a core for the event loop and clients
     t0 = time.perf_counter()
@@ -193,7 +198,7 @@ def main() -> int:
         path = _resolve_checkpoint(args.checkpoint)
         engine, tok = load_for_serving(path, device=args.device, max_batch_size=args.max_batch_size,
                                        cache_tokens=args.cache_tokens or None, speculative_k=args.speculative_k,
-                                       max_prefill_tokens=args.max_prefill_tokens)
+                                       max_prefill_tokens=args.max_prefill_tokens, compile_decode=args.compile_decode)
         name, model = os.path.basename(os.path.normpath(path)), engine.model
     else:
         model, tok = random_tiny(args.device)
