@@ -13,7 +13,7 @@
 #     bash bench/decode_kernels_gpu.sh OUT_DIR mlapreptests,rows8sweep,rows8
 #     LIMIT_spectests=150 LIMIT_specrounds=60 bash bench/decode_kernels_gpu.sh OUT_DIR spectests,specrounds
 #     bash bench/decode_kernels_gpu.sh OUT_DIR spectrain
-#     LIMIT_roundtests=200 LIMIT_roundrounds=40 bash bench/decode_kernels_gpu.sh OUT_DIR roundtests,roundrounds
+#     LIMIT_roundtests=200 LIMIT_roundrounds=60 bash bench/decode_kernels_gpu.sh OUT_DIR roundtests,roundrounds
 #     bash bench/decode_kernels_gpu.sh OUT_DIR roundtrain
 #     bash bench/decode_kernels_gpu.sh OUT_DIR servespec
 #
@@ -122,13 +122,13 @@ step spectrain python bench/spec_gpu.py --minutes 4.5 --tok-s 70000 --batches 1,
     --verify-rows both --out-json "$out/spectrain.json"
 # A greedy round as one graph (2026-12-06, seventeenth session: the round_graph switch, off as shipped): its GPU tests
 # (graphed = its rounds' graphs one by one = the one graph's forward run eagerly; one sync a step), the rounds of
-# `small` and 16b with it off and on (random weights, a step is one round; the gap it can close: a round's wall less
+# `small` (and 16b: ROUND_PRESETS) with it off and on (random weights, a step is one round; the gap it can close: a round's wall less
 # the device's busy time, printed), then `small` trained and decoded at k = 0, 1, 2 with it off and on (~8 minutes)
 step roundtests python -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_gpu_speculation.py \
     -k "one_graph or syncs"
 roundrounds() {  # (a function: LIMIT_roundrounds applies to each of its commands)
     local p a rg
-    for p in small 16b; do
+    for p in ${ROUND_PRESETS:-small}; do  # (ROUND_PRESETS="small 16b": 16b too, where the gap is ~2% of a round)
         for a in "--spec 1" "--spec 2"; do
             for rg in off on; do
                 DSV3_KERNELS=round_graph=$rg timeout --kill-after=10 "${LIMIT_roundrounds:-0}" \
