@@ -140,13 +140,14 @@ roundrounds() {  # (a function: LIMIT_roundrounds applies to each of its command
 step roundrounds roundrounds
 step roundtrain python bench/spec_gpu.py --minutes 4.5 --tok-s 70000 --batches 1 --ks 0,1,2 --compile --no-hf \
     --round-graph both --deadline-min 8.4 --out-json "$out/roundtrain.json"
-# The server with speculation (issue 14): `small` trained 3.5 minutes and exported in bf16 (spec_gpu.py, its k = 0 row
-# only), then bench/serve_load.py's 32 streaming clients x 4 requests of 128 tokens against it at k = 1 and k = 0,
-# outputs checked against offline generation (~9 minutes alone; SCRATCH: where the checkpoint goes)
+# The server with speculation (issue 14): `small` trained 3.5 minutes and exported in bf16 (spec_gpu.py, which also
+# decodes at batch 32 with k = 0, 1, 2: speculation where a step already reads nearly every expert), then
+# bench/serve_load.py's 32 streaming clients x 4 requests of 128 tokens against it at k = 1 and k = 0, outputs checked
+# against offline generation (~8 minutes alone; SCRATCH: where the checkpoint goes)
 servespec() {
     local ck="${SCRATCH:-/tmp}/small_spec_bf16" k
-    python bench/spec_gpu.py --minutes 3.5 --tok-s 70000 --batches 1 --ks 0 --no-hf --export-bf16 "$ck" \
-        --out-json "$out/servespec_train.json" || return
+    python bench/spec_gpu.py --minutes 3.5 --tok-s 70000 --batches 32 --ks 0,1,2 --compile --no-hf \
+        --export-bf16 "$ck" --deadline-min 6 --out-json "$out/servespec_train.json" || return
     for k in 1 0; do
         python bench/serve_load.py "$ck" --device cuda --clients 32 --requests 4 --max-tokens 128 --speculative-k $k \
             --check
