@@ -208,7 +208,7 @@ def decode(batches: list[int], preset: str, fp8: bool = False, switches: dict[st
 
         start(eng)
         plain = timed(eng)  # alone first
-        # the host's own time a step (wall less its waits for the device): at least the wall, the step is host-bound
+        # the host's own time a step (the wall less its waits for the device): near the wall, the step is host-bound
         host = plain - waited[0]
         while eng.has_unfinished():
             eng.step()
