@@ -23,7 +23,8 @@ checkpoint.
    comparison between k = 0 at two batch sizes gives the bf16 noise floor.
    Where the engine refuses cuda_graphs with k > 0 (before issue 14), that k runs eager, labelled so;
    --spec-eager asks for that path (k > 0 without graphs) on purpose, for a before / after comparison;
-   --verify-rows on / both runs k > 0 with the `verify_rows` switch (dsv3/kernels/backend.py) on / both ways;
+   --verify-rows on / both runs k > 0 with the `verify_rows` switch (dsv3/kernels/backend.py) on / both ways (it
+   changes only steps of at most k + 1 rows: batch 1; at larger batches its rows repeat the path without it);
    --round-graph on / both likewise with `round_graph` (a greedy round as one CUDA graph).
 4. transformers: the same checkpoint directory through AutoModelForCausalLM (DeepseekV3ForCausalLM; it drops
    the MTP layer) in bf16 on the GPU, `generate` greedy on the first B prompts (min_new_tokens = --new):
