@@ -88,6 +88,19 @@ def metrics(url: str) -> dict[str, float]:
     return out
 
 
+def divergence(offline, text: str, tok) -> tuple[int, float | None]:
+    """Where a streamed text first differs from an offline output (a RequestOutput with top-2 log-probabilities):
+    (the first differing character, the offline gap between the two most likely tokens at the token that character
+    belongs to; None where the position is past its tokens)."""
+    w = offline.text
+    c = next((i for i, (a, b) in enumerate(zip(w, text)) if a != b), min(len(w), len(text)))
+    for t in range(len(offline.token_ids)):
+        if len(tok.decode(offline.token_ids[: t + 1])) > c:
+            top = offline.logprobs[t].top if offline.logprobs else []
+            return c, (top[0][1] - top[1][1]) if len(top) > 1 else None
+    return c, None
+
+
 def load_clients(url: str, name: str, prompts: list[list[int]], clients: int, requests: int, max_tokens: int):
     """`clients` concurrent streaming clients against `url`, each sending `requests` greedy completions one
     after another -> (results, wall seconds, peak running/waiting from /metrics, the final /metrics). A
@@ -268,15 +281,18 @@ def main() -> int:
         longest = max(len(p) for p in prompts)
         ref = Engine(model, tok, max_batch_size=64, cache_tokens=64 * (longest + args.max_tokens + 16),
                      max_prefill_tokens=0)
-        want = [o.text for o in ref.generate(prompts, SamplingParams(max_new_tokens=args.max_tokens, temperature=0))]
+        # (the top-2 log-probabilities: where a streamed text parts from the offline one, the offline gap between its
+        # two most likely tokens there tells a near-tie from a bug)
+        offline = ref.generate(prompts, SamplingParams(max_new_tokens=args.max_tokens, temperature=0, logprobs=2))
+        want = [o.text for o in offline]
         bad = sum(w != r[3] for w, r in zip(want, results))
         print(f"check         {n - bad}/{n} outputs equal offline Engine.generate")
-        # where they part (first differing character of streamed vs offline text): on a GPU in bf16 a late
-        # divergence can be a near-tie resolved differently by another batch composition or kernel
-        firsts = [next((i for i, (a, b) in enumerate(zip(w, r[3])) if a != b), min(len(w), len(r[3])))
-                  for w, r in zip(want, results) if w != r[3]]
-        if firsts:
-            print(f"              first differing character of each mismatch: {sorted(firsts)[:20]}")
+        # where they part (first differing character of streamed vs offline text): on a GPU in bf16 a divergence can
+        # be a near-tie resolved differently by another batch composition or kernel
+        parts = sorted(divergence(o, r[3], tok) for o, r in zip(offline, results) if o.text != r[3])
+        if parts:
+            print("              first differing character of each mismatch (offline top-2 log-probability gap at "
+                  "its token): " + ", ".join(f"{c} ({g:.3f})" if g is not None else f"{c}" for c, g in parts[:20]))
         return 1 if bad else 0
     return 0
 
