@@ -95,8 +95,8 @@ def compare(outs: list[list[int]], ref: list[list[int]], margins: list[list[floa
     log-probabilities (timed_decode's); then each first divergence's gap is reported with it: a near-tie (a gap
     within bf16's rounding) is what another kernel's reduction order may flip, a wide gap would be a bug."""
     div = [divergence(a, b) for a, b in zip(outs, ref)]
-    pairs = sorted((d, None if margins is None or d >= len(margins[i]) else margins[i][d])
-                   for i, d in enumerate(div) if d is not None)
+    pairs = sorted(((d, None if margins is None or d >= len(margins[i]) else margins[i][d])
+                    for i, d in enumerate(div) if d is not None), key=lambda p: p[0])
     return {"identical": sum(d is None for d in div), "of": len(div), "first_divergence": [d for d, _ in pairs],
             "margin_at_divergence": [m for _, m in pairs]}
 
