@@ -1646,6 +1646,18 @@ def test_a_greedy_round_in_one_graph_gives_the_same_outputs(spec_models, D, k, d
         assert sg.accepted > 0
 
 
+def test_round_graph_follows_its_switch(spec_models, monkeypatch):
+    """The engine takes "round_graph" (kernels/backend.py SWITCHED, off as shipped; DSV3_KERNELS=round_graph=on) when
+    it is made, and only with speculation."""
+    from dsv3.kernels import backend as kb
+
+    model = spec_models[(1, "aligned")]
+    assert kb.SWITCHED["round_graph"] is False and not Engine(model, speculative_k=1).round_graph
+    assert kb.switches_from_env("round_graph=on") == {"round_graph": True}
+    monkeypatch.setitem(kb.SWITCHED, "round_graph", True)
+    assert Engine(model, speculative_k=1).round_graph and not Engine(model).round_graph
+
+
 def test_a_round_graph_refuses_a_round_without_drafts_or_of_the_wrong_width(spec_models):
     model = spec_models[(1, "aligned")]
     eng = Engine(model, max_batch_size=2, block_size=4, speculative_k=2)
