@@ -24,7 +24,7 @@ checkpoint.
    Where the engine refuses cuda_graphs with k > 0 (before issue 14), that k runs eager, labelled so;
    --spec-eager asks for that path (k > 0 without graphs) on purpose, for a before / after comparison;
    --verify-rows on / both runs k > 0 with the `verify_rows` switch (dsv3/kernels/backend.py) on / both ways (it
-   changes only steps of at most k + 1 rows: batch 1; at larger batches its rows repeat the path without it);
+   changes only steps of at most k + 1 rows: at larger batches one row, with the switch as asked);
    --round-graph on / both likewise with `round_graph` (a greedy round as one CUDA graph).
 4. transformers: the same checkpoint directory through AutoModelForCausalLM (DeepseekV3ForCausalLM; it drops
    the MTP layer) in bf16 on the GPU, `generate` greedy on the first B prompts (min_new_tokens = --new):
@@ -284,7 +284,10 @@ def main() -> int:
     shipped_vr = kernel_backend.switch("verify_rows", False)
     shipped_rg = kernel_backend.switch("round_graph", False)
     for B in batches:
-        for k, (vr, rg) in [(k, v) for k in ks for v in (variants if k else [(False, False)])]:
+        # verify_rows changes only steps of at most k + 1 rows (batch 1): above, one row per round_graph setting
+        at_b = variants if B == 1 else sorted({(any(v for v, r in variants if r == rg), rg) for _, rg in variants},
+                                              key=lambda v: v[1])
+        for k, (vr, rg) in [(k, v) for k in ks for v in (at_b if k else [(False, False)])]:
             if time.perf_counter() - T0 > deadline:
                 log(f"deadline: skipping batch {B}, k={k}")
                 continue
@@ -294,7 +297,7 @@ def main() -> int:
             kernel_backend.switch("round_graph", rg)
             r = timed_decode(model, tok, prompts[:max(B, args.min_prompts)], B, k, args.new, graphs,
                              args.compile and device.type == "cuda", device)
-            r["path"] += ("+verify_rows" if vr else "") + ("+round_graph" if rg else "")
+            r["path"] += ("+verify_rows" if vr and B == 1 else "") + ("+round_graph" if rg else "")
             outs[(B, k, vr, rg)] = r.pop("outputs")
             m = r.pop("margins")
             margins[B] = m if k == 0 else margins.get(B)
