@@ -120,7 +120,7 @@ specrounds() {  # (a function: LIMIT_specrounds applies to each of its ten comma
 step specrounds specrounds
 step spectrain python bench/spec_gpu.py --minutes 4.5 --tok-s 70000 --batches 1,32 --ks 0,1,2 --compile --no-hf \
     --verify-rows both --out-json "$out/spectrain.json"
-# A greedy round as one graph (2026-12-06, seventeenth session: the round_graph switch, off as shipped): its GPU tests
+# A greedy step or round as one graph (2026-12-06, seventeenth session: the round_graph switch, off as shipped): its GPU tests
 # (graphed = its rounds' graphs one by one = the one graph's forward run eagerly; one sync a step), the rounds of
 # `small` (and 16b: ROUND_PRESETS) with it off and on (random weights, a step is one round; the gap it can close: a round's wall less
 # the device's busy time, printed), then `small` trained and decoded at k = 0, 1, 2 with it off and on (~8 minutes)
@@ -129,7 +129,7 @@ step roundtests python -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/
 roundrounds() {  # (a function: LIMIT_roundrounds applies to each of its commands)
     local p a rg
     for p in ${ROUND_PRESETS:-small}; do  # (ROUND_PRESETS="small 16b": 16b too, where the gap is ~2% of a round)
-        for a in "--spec 1" "--spec 2"; do
+        for a in "--spec 0" "--spec 1" "--spec 2"; do
             for rg in off on; do
                 DSV3_KERNELS=round_graph=$rg timeout --kill-after=10 "${LIMIT_roundrounds:-0}" \
                     python bench/profile_gpu.py --decode 1 --preset $p $a | grep -A1 "## decode" | sed "s/^/round_graph=$rg /"

@@ -173,7 +173,8 @@ def main() -> int:
     ap.add_argument("--cache-tokens", type=int, default=0, help="default: the engine's")
     ap.add_argument("--speculative-k", type=int, default=0)
     ap.add_argument("--compile-decode", action="store_true",
-                    help="torch.compile the graphed decode steps (a checkpoint on a GPU; `dsv3 serve --compile-decode`)")
+                    help="torch.compile the graphed decode steps (a checkpoint on a GPU; as `dsv3 serve "
+                         "--compile-decode`)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--max-prefill-tokens", type=int, default=8192,
                     help="the engine's chunked-prefill budget per step (0: whole prompts at once)")

@@ -1601,12 +1601,14 @@ def _greedy_params():
 
 
 @pytest.mark.parametrize("D,k,drafter,graphs", [(1, 1, "aligned", False), (2, 3, "aligned", True),
-                                                  (1, 2, "random", True), (2, 2, "aligned", False)])
+                                                  (1, 2, "random", True), (2, 2, "aligned", False),
+                                                  (1, 0, "aligned", True), (1, 0, "aligned", False)])
 def test_a_greedy_round_in_one_graph_gives_the_same_outputs(spec_models, D, k, drafter, graphs, monkeypatch):
     """"round_graph" (graphs.py DecodeGraphs.round: a greedy round's verification, acceptance, MTP step and chained
-    drafts as one static forward) against the round's steps run one by one: the same tokens, finish reasons and
-    acceptance counts, overlapped or not, arriving together and one by one, exact-shape and bucketed steps; rounds
-    with a sampled request or one asking for log-probabilities take the steps one by one."""
+    drafts as one static forward; k = 0 the one-token step and its argmax) against the round's steps run one by one:
+    the same tokens, finish reasons and acceptance counts, overlapped or not, arriving together and one by one,
+    exact-shape and bucketed steps; rounds with a sampled request or one asking for log-probabilities take the steps
+    one by one."""
     model = spec_models[(D, drafter)]
     prompts = prompts_for(model.config, [3, 9, 5, 14, 2, 7], seed=8)
     params = _greedy_params()
@@ -1642,28 +1644,28 @@ def test_a_greedy_round_in_one_graph_gives_the_same_outputs(spec_models, D, k, d
         else:
             assert cg["main"] > 0  # the rounds with the sampled request or the log-probabilities
         assert {"length", "stop"} <= {r for _, r, _ in want.values()}
-    if drafter == "aligned":
+    if drafter == "aligned" and k:
         assert sg.accepted > 0
 
 
 def test_round_graph_follows_its_switch(spec_models, monkeypatch):
     """The engine takes "round_graph" (kernels/backend.py SWITCHED, off as shipped; DSV3_KERNELS=round_graph=on) when
-    it is made, and only with speculation."""
+    it is made, with or without speculation."""
     from dsv3.kernels import backend as kb
 
     model = spec_models[(1, "aligned")]
     assert kb.SWITCHED["round_graph"] is False and not Engine(model, speculative_k=1).round_graph
     assert kb.switches_from_env("round_graph=on") == {"round_graph": True}
     monkeypatch.setitem(kb.SWITCHED, "round_graph", True)
-    assert Engine(model, speculative_k=1).round_graph and not Engine(model).round_graph
+    assert Engine(model, speculative_k=1).round_graph and Engine(model).round_graph
 
 
 def test_a_round_graph_refuses_a_round_without_drafts_or_of_the_wrong_width(spec_models):
     model = spec_models[(1, "aligned")]
     eng = Engine(model, max_batch_size=2, block_size=4, speculative_k=2)
     tables = [eng.cache.allocate(2)]
-    with pytest.raises(ValueError, match="k >= 1"):
-        eng._graphs.round(0, [[1]], [0], tables)
+    with pytest.raises(ValueError, match="must be >= 0"):
+        eng._graphs.round(-1, [[1]], [0], tables)
     with pytest.raises(ValueError, match="k \\+ 1 = 3 tokens"):
         eng._graphs.round(2, [[1, 2]], [0], tables)
 

@@ -132,11 +132,12 @@ def test_compiled_graphed_speculation():
     assert eng._graphs.captures >= 3
 
 
-@pytest.mark.parametrize("D,k,compile", [(1, 1, False), (2, 3, False), (1, 2, True)])
+@pytest.mark.parametrize("D,k,compile", [(1, 1, False), (2, 3, False), (1, 2, True), (1, 0, False), (1, 0, True)])
 def test_a_greedy_round_in_one_graph(D, k, compile):
-    """round_graph (graphs.py DecodeGraphs.round, off as shipped until measured): greedy rounds as one captured graph
-    give the tokens, drafts' acceptance and finish reasons of the same round's graphs launched one by one (the same
-    forwards: same functions, same shapes), and of the one graph's static forward run eagerly."""
+    """round_graph (graphs.py DecodeGraphs.round, off as shipped until measured): greedy rounds (k = 0: one-token
+    steps with their argmax) as one captured graph give the tokens, drafts' acceptance and finish reasons of the same
+    round's graphs launched one by one (the same forwards: same functions, same shapes), and of the one graph's
+    static forward run eagerly."""
     m = _model(D, "aligned")
     prompts = _prompts()
     sp = [SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True) for n in (40, 33, 12, 1, 40, 25)]
@@ -154,7 +155,7 @@ def test_a_greedy_round_in_one_graph(D, k, compile):
     got, fused = run(True)
     assert got == want
     assert (fused.stats.rounds, fused.stats.accepted) == (steps.stats.rounds, steps.stats.accepted)
-    assert fused.stats.acceptance_rate > 0.5
+    assert not k or fused.stats.acceptance_rate > 0.5
     kinds = {key[0] for key in fused._graphs._entries}
     assert ("round", k) in kinds and ("main",) not in kinds  # (prefill's MTP steps are eager)
     assert fused._graphs.captures == len(fused._graphs._entries)
@@ -163,7 +164,7 @@ def test_a_greedy_round_in_one_graph(D, k, compile):
         assert eager == got
 
 
-@pytest.mark.parametrize("k,fused", [(3, False), (0, False), (2, True)])
+@pytest.mark.parametrize("k,fused", [(3, False), (0, False), (2, True), (0, True)])
 def test_a_decode_step_syncs_the_host_once(monkeypatch, k, fused):
     """A decode step, with speculation (verify, accept, MTP, chained drafts, all graphs captured) or without it,
     waits for the device once: for the copy of a step's results (Engine._read). Checked with torch.cuda's sync debug
@@ -173,7 +174,7 @@ def test_a_decode_step_syncs_the_host_once(monkeypatch, k, fused):
     prompts = _prompts(4)
     sp = SamplingParams(max_new_tokens=30, temperature=0, ignore_eos=True)
     eng = Engine(m, None, max_batch_size=4, speculative_k=k, cuda_graphs=True)
-    eng.round_graph = fused  # (round_graph: a greedy round in one graph)
+    eng.round_graph = fused  # (round_graph: a greedy step or round in one graph)
     eng.generate(prompts, sp)  # captures every bucket the second pass uses
     captures = eng._graphs.captures
     read, reads = Engine._read, []

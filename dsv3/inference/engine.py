@@ -270,9 +270,9 @@ class Engine:
         # captured, so that the graphs count too): the loads `--expert-loads` places redundant experts from
         self.loads = ExpertLoadRecorder(self.model) if record_expert_loads else None
         # with speculation and the "verify_rows" switch on (kernels/backend.py), one sequence's verification step
-        # (k + 1 rows) takes the one-row decode kernels; with "round_graph" on, a round of greedy requests without
-        # log-probabilities (nor lockstep) runs as one graph (graphs.py DecodeGraphs.round)
-        self.round_graph = bool(self.k) and kernel_backend.round_graph()
+        # (k + 1 rows) takes the one-row decode kernels; with "round_graph" on, a step (a round) of greedy requests
+        # without log-probabilities (nor lockstep) runs as one graph (graphs.py DecodeGraphs.round)
+        self.round_graph = kernel_backend.round_graph()
         self._graphs = DecodeGraphs(self.model, self.cache, pad, max_batch_size, max_blocks, use_graphs=use,
                                     compile=compile_decode, bucketed=use, loads=self.loads,
                                     row_limit=kernel_backend.verify_rows(self.k))
@@ -577,8 +577,11 @@ class Engine:
         else:  # copied in on the device; the host bounds the positions by the most prev can accept (k + 1)
             inp = torch.cat([prev.tokens.gather(1, prev.n[:, None] - 1), prev.drafts], 1)  # (B, k+1)
             pos_in, bound = prev.next_pos, max(r.main_len for r in reqs) + k + 1
-        if k and self.round_graph and sampler.all_greedy and sampler.logprobs_n is None and self.agree is None:
-            # a greedy round in one launch (graphs.py DecodeGraphs.round): the same forwards and tokens as below
+        if self.round_graph and sampler.all_greedy and sampler.logprobs_n is None and self.agree is None:
+            # a greedy step in one launch (graphs.py DecodeGraphs.round): the same forwards and tokens as below
+            if not k:
+                (tokens,) = self._graphs.round(0, inp, pos_in, tables, last_pos=bound)
+                return self._queue(reqs, tokens, tokens, 0, None, None, None, None)
             tokens, n, drafts, next_pos, rows = self._graphs.round(k, inp, pos_in, tables, last_pos=bound + k)
             return self._queue(reqs, rows, tokens, 0, None, n, drafts, next_pos)
         logits, hidden, inp, pos0 = self._graphs.main(inp, pos_in, tables, last_pos=bound + k)

@@ -21,11 +21,12 @@ one launch. What a graph needs is a forward whose shapes and addresses never cha
     S = nblk · block_size with nblk the next power of two >= the blocks the furthest position needs.
     Rows past B are padding: they read and write only a reserved padding block;
   * all graphs share one memory pool (captured lazily, on first use of a bucket);
-  * a greedy speculation round may run as one graph (`round`, the "round_graph" switch of kernels/backend.py): the
-    verification step, the acceptance, MTP module 0 over the k + 1 positions and the k - 1 chained draft steps,
-    each forward the one its own bucket would run (same shapes, same compiled function), the inputs of each step
-    after the first copied from the step before inside the graph. One launch a round instead of k + 1 and the ~20
-    eager kernels between them (speculation.py's accept and draft, the copies into the buckets).
+  * a greedy step may run as one graph (`round`, the "round_graph" switch of kernels/backend.py): a speculation
+    round's verification step, the acceptance, MTP module 0 over the k + 1 positions and the k - 1 chained draft
+    steps, each forward the one its own bucket would run (same shapes, same compiled function), the inputs of each
+    step after the first copied from the step before inside the graph: one launch a round instead of k + 1 and the
+    ~20 eager kernels between them (speculation.py's accept and draft, the copies into the buckets); without
+    speculation (k = 0) the one-token step and its argmax.
 
 `StaticBatch` is the cache view (the `update(c_kv, k_pe)` contract of CacheBatch) and runs eagerly
 on any device: with `use_graphs=False` (and unbucketed shapes) `DecodeGraphs` is the eager decode
@@ -239,7 +240,7 @@ class _Round:
         self.sb = StaticBatch(cache, Bp, k + 1, max(nblks), pad)
         attention = graphs._attention()
         self.main = StaticBatch(cache, Bp, k + 1, nblks[0], pad, attention)
-        self.mtp = [StaticBatch(cache, Bp, k + 1, nblks[0], pad, attention, hidden_dim=D)]
+        self.mtp = [StaticBatch(cache, Bp, k + 1, nblks[0], pad, attention, hidden_dim=D)] if k else []
         self.mtp += [StaticBatch(cache, Bp, 1, n, pad, attention, hidden_dim=D) for n in nblks[1:]]
         self.sampler = BatchSampler([SamplingParams(temperature=0.0)] * Bp, [None] * Bp, [()] * Bp,
                                     graphs.model.config.vocab_size, dev)
@@ -308,12 +309,15 @@ class DecodeGraphs:
     def _forward_round(self, r: _Round) -> tuple[torch.Tensor, ...]:
         """A greedy round (speculation.py) over r's static batches, each step's inputs copied from the step before
         on the device -> tokens (Bp, k+1), n (Bp,), drafts (Bp, k), the next round's first positions (Bp,), and the
-        results' row per sequence as Engine._results lays them out (tokens, n, drafts)."""
+        results' row per sequence as Engine._results lays them out (tokens, n, drafts); k = 0: tokens (Bp, 1) only
+        (the one-token step's argmax, also its results' rows)."""
         k, sb = r.k, r.sb
         T = k + 1
         r.main.meta.copy_(sb.meta[:, : 1 + T + r.main.nblk])  # (a prefix of the widest table: the same blocks)
         logits, hidden, ids, pos0 = self._main(r.main)
         tokens, n, _ = speculation.accept(r.sampler, logits, ids[:, 1:], None)  # (Bp, k+1), (Bp,)
+        if not k:
+            return (tokens,)
         next_pos = pos0 + n
         m = r.mtp[0]  # MTP module 0 over the k + 1 positions, read out at the last valid one (n - 1)
         m.meta.copy_(r.main.meta)
@@ -439,13 +443,15 @@ class DecodeGraphs:
         tokens[b, :n[b]]), n (B,), the new drafts (B, k), the next round's first positions pos0 + n (B,), and the
         results' rows (B, 2k+2): tokens, n, drafts (Engine._results' layout). Each forward runs in the bucket its
         own step would (verification and MTP module 0 up to last_pos, chained draft j up to last_pos + j), so the
-        tokens are those of `main` + `mtp` + the chained steps run one by one."""
-        if k < 1:
-            raise ValueError(f"a speculation round needs k >= 1 drafts, got {k}")
+        tokens are those of `main` + `mtp` + the chained steps run one by one. k = 0: a one-token greedy step ->
+        (tokens (B, 1),), its argmax."""
+        if k < 0:
+            raise ValueError(f"a round's k (drafts a sequence) must be >= 0, got {k}")
         B, T, last_pos, host_tokens, host_pos, fill = self._inputs(tokens, pos0, last_pos)
         if T != k + 1:
             raise ValueError(f"a round of k = {k} verifies k + 1 = {k + 1} tokens a sequence, got {T}")
-        lasts = tuple(last_pos + j for j in range(k))  # (verification and MTP 0, then chained drafts 1 .. k-1)
+        # (verification and MTP 0, then chained drafts 1 .. k-1)
+        lasts = tuple(last_pos + j for j in range(max(k, 1)))
         return self._launch(("round", k), B, T, lasts, host_tokens, host_pos, tables, fill)
 
     def _inputs(self, tokens, pos0, last_pos):

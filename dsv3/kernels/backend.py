@@ -139,11 +139,12 @@ WEIGHTS_E4M3 = "e4m3 weights"  # the op on for e4m3 weights only (the caller pas
 # kernels), k = 2 1.422 -> 1.201 ms, against a k = 0 step of 0.620 ms. On since the seventeenth session (2026-12-06, an
 # H100): the speculation and overlap GPU tests passed with it (17), and 16b's k = 1 round gained too, 4.367 -> 3.743 ms
 # (k = 0: 2.594), though the dense GEMV alone at two rows lost to cuBLAS on 16b's shapes (DENSE_GEMV_ROWS).
-# "round_graph" is not an op either: a speculative engine runs a round of greedy requests (no log-probabilities, no
-# lockstep) as one CUDA graph (graphs.py DecodeGraphs.round): one launch a round instead of k + 1 graphs and ~20 eager
-# kernels between them. Measured before it (an H100, 2026-12-06, seventeenth session, bench/profile_gpu.py, `small`
-# batch 1): a k = 1 round's wall 0.907 ms against 0.808 ms of device busy time (16b: 3.815 / 3.725), the gap it can
-# close. Off until its GPU tests have run and a round is measured with it.
+# "round_graph" is not an op either: the engine runs a step of greedy requests (no log-probabilities, no lockstep) as
+# one CUDA graph (graphs.py DecodeGraphs.round): a speculation round in one launch instead of k + 1 graphs and ~20
+# eager kernels between them; a one-token step with its argmax (~5 launches fewer). Measured before it (an H100,
+# 2026-12-06, seventeenth session, bench/profile_gpu.py, batch 1): wall against device busy time, `small` k = 1
+# 0.907 / 0.808 ms, k = 0 0.614 / 0.589 (16b k = 1 3.815 / 3.725, k = 0 2.630 / 2.616), the gaps it can close. Off
+# until its GPU tests have run and a step is measured with it.
 SWITCHED: dict[str, bool | str] = {"dense_gemv": True, "head_gemv": True, "latent_store": True,
                                    "moe_gemm": True, "pdl": True, "mla_uv": True, "shared_gemv": WEIGHTS_E4M3,
                                    "mla_prep": True, "verify_rows": True, "round_graph": False}
@@ -193,7 +194,7 @@ def verify_rows(k: int) -> int | None:
 
 
 def round_graph() -> bool:
-    """Whether a speculative engine runs its greedy rounds as one graph (the "round_graph" switch)."""
+    """Whether an engine runs its greedy steps (speculation rounds) as one graph (the "round_graph" switch)."""
     _read_env()
     return bool(SWITCHED["round_graph"])
 
