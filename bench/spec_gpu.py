@@ -285,8 +285,7 @@ def main() -> int:
     shipped_rg = kernel_backend.switch("round_graph", False)
     for B in batches:
         # verify_rows changes only steps of at most k + 1 rows (batch 1): above, one row per round_graph setting
-        at_b = variants if B == 1 else sorted({(any(v for v, r in variants if r == rg), rg) for _, rg in variants},
-                                              key=lambda v: v[1])
+        at_b = variants if B == 1 else [(modes[args.verify_rows][-1], rg) for rg in modes[args.round_graph]]
         for k, (vr, rg) in [(k, v) for k in ks for v in (at_b if k else [(False, False)])]:
             if time.perf_counter() - T0 > deadline:
                 log(f"deadline: skipping batch {B}, k={k}")

@@ -581,9 +581,9 @@ class Engine:
             # a greedy step in one launch (graphs.py DecodeGraphs.round): the same forwards and tokens as below
             if not k:
                 (tokens,) = self._graphs.round(0, inp, pos_in, tables, last_pos=bound)
-                return self._queue(reqs, tokens, tokens, 0, None, None, None, None)
+                return self._queue(reqs, tokens, tokens)
             tokens, n, drafts, next_pos, rows = self._graphs.round(k, inp, pos_in, tables, last_pos=bound + k)
-            return self._queue(reqs, rows, tokens, 0, None, n, drafts, next_pos)
+            return self._queue(reqs, rows, tokens, n=n, drafts=drafts, next_pos=next_pos)
         logits, hidden, inp, pos0 = self._graphs.main(inp, pos_in, tables, last_pos=bound + k)
         d_in = inp[:, 1:]  # (B, k)
         q_in = None  # (k = 0: no drafts to weigh)
@@ -603,8 +603,8 @@ class Engine:
         return self._queue(reqs, self._results(tokens, n, drafts, lp), tokens, lp[1].shape[-1] if lp is not None else 0,
                            q, n, drafts, next_pos)
 
-    def _queue(self, reqs: list[_Request], rows: torch.Tensor, tokens: torch.Tensor, nt: int, q, n, drafts,
-               next_pos) -> _InFlight:
+    def _queue(self, reqs: list[_Request], rows: torch.Tensor, tokens: torch.Tensor, nt: int = 0, q=None, n=None,
+               drafts=None, next_pos=None) -> _InFlight:
         """The step's results (`_results`' rows) on their way to the host, as an _InFlight."""
         done = None
         if rows.is_cuda:  # to pinned memory without blocking; `_read` waits for the event

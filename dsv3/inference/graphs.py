@@ -138,11 +138,14 @@ class StaticBatch:
         self.q_tables = self.block_table.repeat_interleave(self.T, 0) if self.T > 1 else self.block_table
         self.q_lens = (pos + 1).reshape(-1)  # (B·T,)
 
+    def real_seqs(self) -> torch.Tensor:
+        """(B,) bool: the real sequences. A padding row (and the lockstep engine's idle request) has the pad block
+        first in its table; a sequence never does. From the static inputs, so a graph replay derives its own."""
+        return self.block_table[:, 0] != self.pad_block
+
     def real_rows(self) -> torch.Tensor:
-        """(B·T,) bool, batch-major: the positions of real sequences. A padding row (and the lockstep engine's
-        idle request) has the pad block first in its table; a sequence never does. From the static inputs,
-        so a graph replay derives its own."""
-        return (self.block_table[:, :1] != self.pad_block).expand(self.B, self.T).reshape(-1)
+        """(B·T,) bool, batch-major: the positions of real sequences (real_seqs)."""
+        return self.real_seqs()[:, None].expand(self.B, self.T).reshape(-1)
 
     def layer(self, i: int) -> "_StaticLayerView":
         return _StaticLayerView(self, i)
@@ -236,7 +239,7 @@ class _Round:
     def __init__(self, graphs: "DecodeGraphs", k: int, Bp: int, nblks: tuple[int, ...]):
         cache, pad, dev = graphs.cache, graphs.pad_block, graphs.cache.kv.device
         D = graphs.model.config.hidden_size
-        self.k, self.nblks = k, nblks
+        self.k = k
         self.sb = StaticBatch(cache, Bp, k + 1, max(nblks), pad)
         attention = graphs._attention()
         self.main = StaticBatch(cache, Bp, k + 1, nblks[0], pad, attention)
@@ -325,7 +328,7 @@ class DecodeGraphs:
         m.hidden.copy_(hidden)
         m.select.copy_(n - 1)
         h, lg = self._mtp(m, module=0)
-        real = sb.block_table[:, 0] != self.pad_block  # (padding rows keep position 0 in the pad block)
+        real = sb.real_seqs()  # (padding rows keep position 0 in the pad block)
         n_mtp = self.model.config.num_nextn_predict_layers
 
         def step(j: int, d: torch.Tensor, h: torch.Tensor):  # chained draft j + 1 at next_pos + j - 1
