@@ -61,17 +61,22 @@ def random_tiny(device: str):
 
 
 def make_prompts(tok: DSTokenizer, n: int, length: int) -> list[list[int]]:
-    out = []
+    """n prompts of `length` tokens from the held-out documents: every other window of `length` tokens first (a gap
+    between prompts of one document), then, where those run out (a small held-out split), the windows between."""
+    spaced, between = [], []
     for f in find_corpus(None).files:
         for d in read_documents(f) or []:
             if split_of(d.key) != "val":
                 continue
             ids = tok.encode(d.text)
-            for i in range(0, len(ids) - length, 2 * length):
-                out.append(ids[i: i + length])
-                if len(out) == n:
-                    return out
-    raise RuntimeError(f"only {len(out)} prompts of {length} tokens in the held-out stdlib files")
+            for j, i in enumerate(range(0, len(ids) - length, length)):
+                (between if j % 2 else spaced).append(ids[i: i + length])
+                if len(spaced) == n:
+                    return spaced
+    if len(spaced) + len(between) >= n:
+        return (spaced + between)[:n]
+    raise RuntimeError(f"only {len(spaced) + len(between)} prompts of {length} tokens in the held-out stdlib files, "
+                       f"{n} asked (--clients x --requests, --prompt-len)")
 
 
 def pct(xs: list[float], q: float) -> float:

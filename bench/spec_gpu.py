@@ -225,9 +225,10 @@ def main() -> int:
                     help="k > 0 with the verify_rows switch (dsv3/kernels/backend.py: the verification step of one "
                          "sequence takes the one-row decode kernels) off, on (default, as shipped), or each k both "
                          "ways")
-    ap.add_argument("--round-graph", choices=("off", "on", "both"), default="off",
+    ap.add_argument("--round-graph", choices=("off", "on", "both"), default="on",
                     help="k > 0 with the round_graph switch (dsv3/kernels/backend.py: a greedy round as one CUDA "
-                         "graph) off (default, as shipped), on, or each k both ways")
+                         "graph) off, on (default, as shipped for speculation rounds), or each k both ways; k = 0 "
+                         "always decodes as shipped, one graph a step and its argmax outside")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers")
     ap.add_argument("--bw-gib", type=float, default=2.0, help="size of the copy that measures the bandwidth")
     ap.add_argument("--export-bf16", metavar="DIR", help="also save the loaded model + tokenizer there (bf16)")

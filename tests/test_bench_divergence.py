@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from types import SimpleNamespace
 
+import pytest
+
 from conftest import bench_module
 
 BENCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench")
@@ -46,3 +48,23 @@ def test_serve_load_finds_the_offline_token_of_the_first_differing_character():
     c, gap = serve.divergence(offline, "ajjd", Letters())  # token 2, a near-tie
     assert c == 3 and abs(gap - 0.01) < 1e-9
     assert serve.divergence(offline, "ajjcz", Letters()) == (4, None)  # past the offline tokens
+
+
+def test_serve_load_spaces_its_prompts_then_takes_the_windows_between(monkeypatch):
+    """bench/serve_load.py's prompts: every other window of a held-out document first (the prompts of the runs recorded
+    so far), then the windows between where a small held-out split runs out (32 clients x 4 requests asked 128 of a
+    trained tokenizer's 83 spaced windows on the H100, 2026-12-06), then a clear error."""
+    serve = bench_module("serve_load")
+    docs = {"a": list(range(100, 150)), "b": list(range(200, 236)), "train": list(range(10))}
+    monkeypatch.setattr(serve, "find_corpus", lambda _: SimpleNamespace(files=["f"]))
+    monkeypatch.setattr(serve, "read_documents", lambda f: [SimpleNamespace(key=k, text=k) for k in docs])
+    monkeypatch.setattr(serve, "split_of", lambda key: "train" if key == "train" else "val")
+    tok = SimpleNamespace(encode=lambda text: docs[text])
+    # windows of 10: a has 0, 10, 20, 30 (40 would end at its end: not taken), b has 0, 10, 20
+    assert serve.make_prompts(tok, 3, 10) == [docs["a"][0:10], docs["a"][20:30], docs["b"][0:10]]
+    got = serve.make_prompts(tok, 6, 10)
+    assert got[:4] == [docs["a"][0:10], docs["a"][20:30], docs["b"][0:10], docs["b"][20:30]]
+    assert got[4:] == [docs["a"][10:20], docs["a"][30:40]]
+    assert len({tuple(p) for p in serve.make_prompts(tok, 7, 10)}) == 7
+    with pytest.raises(RuntimeError, match="only 7 prompts of 10 tokens.*8 asked"):
+        serve.make_prompts(tok, 8, 10)

@@ -1649,15 +1649,20 @@ def test_a_greedy_round_in_one_graph_gives_the_same_outputs(spec_models, D, k, d
 
 
 def test_round_graph_follows_its_switch(spec_models, monkeypatch):
-    """The engine takes "round_graph" (kernels/backend.py SWITCHED, off as shipped; DSV3_KERNELS=round_graph=on) when
-    it is made, with or without speculation."""
+    """The engine takes "round_graph" (kernels/backend.py SWITCHED: as shipped, speculation rounds only;
+    DSV3_KERNELS=round_graph=on: plain decoding's steps too, =off: neither) when it is made."""
     from dsv3.kernels import backend as kb
 
     model = spec_models[(1, "aligned")]
-    assert kb.SWITCHED["round_graph"] is False and not Engine(model, speculative_k=1).round_graph
+    assert kb.SWITCHED["round_graph"] == kb.SPECULATION_ROUNDS
+    assert Engine(model, speculative_k=1).round_graph and not Engine(model).round_graph
     assert kb.switches_from_env("round_graph=on") == {"round_graph": True}
     monkeypatch.setitem(kb.SWITCHED, "round_graph", True)
     assert Engine(model, speculative_k=1).round_graph and Engine(model).round_graph
+    assert kb.switch("round_graph", False) is True
+    assert not Engine(model, speculative_k=2).round_graph and not Engine(model).round_graph
+    assert kb.switch("round_graph", kb.SPECULATION_ROUNDS) is False
+    assert Engine(model, speculative_k=2).round_graph and not Engine(model).round_graph
 
 
 def test_a_round_graph_refuses_a_round_without_drafts_or_of_the_wrong_width(spec_models):

@@ -270,9 +270,10 @@ class Engine:
         # captured, so that the graphs count too): the loads `--expert-loads` places redundant experts from
         self.loads = ExpertLoadRecorder(self.model) if record_expert_loads else None
         # with speculation and the "verify_rows" switch on (kernels/backend.py), one sequence's verification step
-        # (k + 1 rows) takes the one-row decode kernels; with "round_graph" on, a step (a round) of greedy requests
-        # without log-probabilities (nor lockstep) runs as one graph (graphs.py DecodeGraphs.round)
-        self.round_graph = kernel_backend.round_graph()
+        # (k + 1 rows) takes the one-row decode kernels; with "round_graph" on (as shipped: speculation rounds only), a
+        # step (a round) of greedy requests without log-probabilities (nor lockstep) runs as one graph (graphs.py
+        # DecodeGraphs.round)
+        self.round_graph = kernel_backend.round_graph(self.k)
         self._graphs = DecodeGraphs(self.model, self.cache, pad, max_batch_size, max_blocks, use_graphs=use,
                                     compile=compile_decode, bucketed=use, loads=self.loads,
                                     row_limit=kernel_backend.verify_rows(self.k))

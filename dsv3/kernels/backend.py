@@ -121,6 +121,7 @@ PENDING: set[str] = set()
 # 3,420.8 against 3,653.5; head_gemv does not apply above one row), hence its row limit. Both on.
 WEIGHTS_16BIT = "16-bit weights"
 WEIGHTS_E4M3 = "e4m3 weights"  # the op on for e4m3 weights only (the caller passes the weight to select)
+SPECULATION_ROUNDS = "speculation rounds"  # round_graph: on for speculation rounds (k >= 1) only
 # "shared_gemv" (the shared experts inside the routed experts' two GEMV launches: two launches a MoE layer fewer at
 # batch 1): on for e4m3 weights only. Measured slower on an H100 (2026-12-05, tenth session, 16b graphs + compile,
 # one call): batch 1 bf16 374.1 against 385.7 tok/s, FP8 426.4 against 459.5 (the e4m3 GEMV's configs then: KU 2,
@@ -141,13 +142,16 @@ WEIGHTS_E4M3 = "e4m3 weights"  # the op on for e4m3 weights only (the caller pas
 # (k = 0: 2.594), though the dense GEMV alone at two rows lost to cuBLAS on 16b's shapes (DENSE_GEMV_ROWS).
 # "round_graph" is not an op either: the engine runs a step of greedy requests (no log-probabilities, no lockstep) as
 # one CUDA graph (graphs.py DecodeGraphs.round): a speculation round in one launch instead of k + 1 graphs and ~20
-# eager kernels between them; a one-token step with its argmax (~5 launches fewer). Measured before it (an H100,
-# 2026-12-06, seventeenth session, bench/profile_gpu.py, batch 1): wall against device busy time, `small` k = 1
-# 0.907 / 0.808 ms, k = 0 0.614 / 0.589 (16b k = 1 3.815 / 3.725, k = 0 2.630 / 2.616), the gaps it can close. Off
-# until its GPU tests have run and a step is measured with it.
+# eager kernels between them; with True, a one-token step with its argmax too (~5 launches fewer). On for speculation
+# rounds only (SPECULATION_ROUNDS), as measured on an H100 (2026-12-06, eighteenth session; the GPU tests of the
+# round graph passed, 9): `small` at batch 1, random weights (bench/profile_gpu.py, wall a round), k = 1 1.281 ->
+# 0.875 ms, k = 2 1.217 -> 1.152 (the device busy the same, 0.81 / 1.07 ms: the host's time between the graphs
+# went); a trained `small` (bench/spec_gpu.py) k = 1 0.97x -> 1.17x plain decoding, k = 2 1.05x -> 1.09x. A
+# one-token step lost a little in one sample, 0.622 -> 0.645 ms, so plain decoding keeps its graph and eager argmax
+# (DSV3_KERNELS=round_graph=on takes it too).
 SWITCHED: dict[str, bool | str] = {"dense_gemv": True, "head_gemv": True, "latent_store": True,
                                    "moe_gemm": True, "pdl": True, "mla_uv": True, "shared_gemv": WEIGHTS_E4M3,
-                                   "mla_prep": True, "verify_rows": True, "round_graph": False}
+                                   "mla_prep": True, "verify_rows": True, "round_graph": SPECULATION_ROUNDS}
 # ops that follow another op's switch: the dense SwiGLU's fused gate+up GEMV is one of the dense decode GEMVs
 SWITCH_OF: dict[str, str] = {"swiglu_gemv": "dense_gemv"}
 # Up to these many activation rows the Triton FP8-weight kernels run (decode; above, prefill:
@@ -193,10 +197,12 @@ def verify_rows(k: int) -> int | None:
     return k + 1 if k and SWITCHED["verify_rows"] else None
 
 
-def round_graph() -> bool:
-    """Whether an engine runs its greedy steps (speculation rounds) as one graph (the "round_graph" switch)."""
+def round_graph(k: int) -> bool:
+    """Whether an engine with speculative_k = k runs its greedy steps (speculation rounds) as one graph (the
+    "round_graph" switch: True, or SPECULATION_ROUNDS where k >= 1)."""
     _read_env()
-    return bool(SWITCHED["round_graph"])
+    on = SWITCHED["round_graph"]
+    return bool(k) if on == SPECULATION_ROUNDS else bool(on)
 
 
 def switches_from_env(value: str | None) -> dict[str, bool]:
@@ -436,13 +442,13 @@ def select(op: str, *tensors: torch.Tensor, backend: str | None = None) -> str:
 
 def switch(op: str, on: bool | str) -> bool | str:
     """Switch the automatic choice of an op of SWITCHED on (every weight dtype), off, or to WEIGHTS_16BIT /
-    WEIGHTS_E4M3 (process-wide; the rule still applies); returns the previous setting. A torch.compile'd caller
-    recompiles on a change (its guards read it)."""
+    WEIGHTS_E4M3 (process-wide; the rule still applies; "round_graph": SPECULATION_ROUNDS); returns the previous
+    setting. A torch.compile'd caller recompiles on a change (its guards read it)."""
     _read_env()  # (first: a later switch wins over the environment)
     if op not in SWITCHED:
         raise ValueError(f"switch: {op!r} is not a switched op; one of {sorted(SWITCHED)}")
     old = SWITCHED[op]
-    SWITCHED[op] = on if on in (WEIGHTS_16BIT, WEIGHTS_E4M3) else bool(on)
+    SWITCHED[op] = on if on in (WEIGHTS_16BIT, WEIGHTS_E4M3, SPECULATION_ROUNDS) else bool(on)
     return old
 
 
