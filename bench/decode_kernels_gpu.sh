@@ -140,10 +140,12 @@ roundrounds() {  # (a function: LIMIT_roundrounds applies to each of its command
 step roundrounds roundrounds
 step roundtrain python bench/spec_gpu.py --minutes 4.5 --tok-s 70000 --batches 1 --ks 0,1,2 --compile --no-hf \
     --round-graph both --deadline-min 8.4 --out-json "$out/roundtrain.json"
-# The server with speculation (issue 14): `small` trained 3.5 minutes and exported in bf16 (spec_gpu.py, which also
-# decodes at batch 32 with k = 0, 1, 2: speculation where a step already reads nearly every expert), then
-# bench/serve_load.py's 32 streaming clients x 4 requests of 128 tokens against it at k = 1 and k = 0, outputs checked
-# against offline generation (~8 minutes alone; SCRATCH: where the checkpoint goes). serve_load needs openai, fastapi
+# The server with speculation (issue 14): `small` trained 3 minutes and exported in bf16 (spec_gpu.py, which also
+# decodes at batch 32 with k = 0, 1, 2: speculation where a step already reads nearly every expert; graphs without
+# compile, as `dsv3 serve` runs them unless --compile-decode: compiled, k = 1's 12 graphs took 134 s to warm up on an
+# H100 and the deadline cut k = 2), then bench/serve_load.py's 32 streaming clients x 4 requests of 128 tokens against
+# it at k = 1 and k = 0, outputs checked against offline generation (~7 minutes alone; SCRATCH: where the checkpoint
+# goes). serve_load needs openai, fastapi
 # and uvicorn, which the GPU machine lacks: `bash bench/server_wheels.sh` here first, and `carry: [".whl"]`.
 servespec() {
     local ck="${SCRATCH:-/tmp}/small_spec_bf16" k
@@ -152,7 +154,7 @@ servespec() {
             .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site" || return
     fi
     python -c "import openai, fastapi, uvicorn" || { echo "servespec: bench/server_wheels.sh's wheels are needed"; return 1; }
-    python bench/spec_gpu.py --minutes 3.5 --tok-s 70000 --batches 32 --ks 0,1,2 --compile --no-hf \
+    python bench/spec_gpu.py --minutes 3 --tok-s 70000 --batches 32 --ks 0,1,2 --no-hf \
         --export-bf16 "$ck" --deadline-min 6 --out-json "$out/servespec_train.json" || return
     for k in 1 0; do
         python bench/serve_load.py "$ck" --device cuda --clients 32 --requests 4 --max-tokens 128 --speculative-k $k \
