@@ -120,7 +120,8 @@ specrounds() {  # (a function: LIMIT_specrounds applies to each of its ten comma
 step specrounds specrounds
 step spectrain python bench/spec_gpu.py --minutes 4.5 --tok-s 70000 --batches 1,32 --ks 0,1,2 --compile --no-hf \
     --verify-rows both --out-json "$out/spectrain.json"
-# A greedy step or round as one graph (2026-12-06, seventeenth session: the round_graph switch, off as shipped): its GPU tests
+# A greedy step or round as one graph (2026-12-06, seventeenth session: the round_graph switch, on for speculation
+# rounds since the eighteenth): its GPU tests
 # (graphed = its rounds' graphs one by one = the one graph's forward run eagerly; one sync a step), the rounds of
 # `small` (and 16b: ROUND_PRESETS) with it off and on (random weights, a step is one round; the gap it can close: a round's wall less
 # the device's busy time, printed), then `small` trained and decoded at k = 0, 1, 2 with it off and on (~8 minutes)
@@ -153,7 +154,10 @@ servespec() {
         python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
             .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site" || return
     fi
-    python -c "import openai, fastapi, uvicorn" || { echo "servespec: bench/server_wheels.sh's wheels are needed"; return 1; }
+    python -c "import openai, fastapi, uvicorn" || {
+        echo "servespec: bench/server_wheels.sh's wheels are needed"
+        return 1
+    }
     python bench/spec_gpu.py --minutes 3 --tok-s 70000 --batches 32 --ks 0,1,2 --no-hf \
         --export-bf16 "$ck" --deadline-min 6 --out-json "$out/servespec_train.json" || return
     for k in 1 0; do

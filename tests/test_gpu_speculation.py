@@ -134,7 +134,7 @@ def test_compiled_graphed_speculation():
 
 @pytest.mark.parametrize("D,k,compile", [(1, 1, False), (2, 3, False), (1, 2, True), (1, 0, False), (1, 0, True)])
 def test_a_greedy_round_in_one_graph(D, k, compile):
-    """round_graph (graphs.py DecodeGraphs.round, off as shipped until measured): greedy rounds (k = 0: one-token
+    """round_graph (graphs.py DecodeGraphs.round, on as shipped for speculation rounds): greedy rounds (k = 0: one-token
     steps with their argmax) as one captured graph give the tokens, drafts' acceptance and finish reasons of the same
     round's graphs launched one by one (the same forwards: same functions, same shapes), and of the one graph's
     static forward run eagerly."""
