@@ -228,7 +228,8 @@ def main() -> int:
     ap.add_argument("--round-graph", choices=("off", "on", "both"), default="on",
                     help="k > 0 with the round_graph switch (dsv3/kernels/backend.py: a greedy round as one CUDA "
                          "graph) off, on (default, as shipped for speculation rounds), or each k both ways; k = 0 "
-                         "always decodes as shipped, one graph a step and its argmax outside")
+                         "decodes with the switch as the process has it (DSV3_KERNELS=round_graph=on: one graph a "
+                         "step with its argmax)")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers")
     ap.add_argument("--bw-gib", type=float, default=2.0, help="size of the copy that measures the bandwidth")
     ap.add_argument("--export-bf16", metavar="DIR", help="also save the loaded model + tokenizer there (bf16)")
@@ -294,10 +295,12 @@ def main() -> int:
             # cuda_graphs=True on the CPU runs the same static-shape steps eagerly (how the tests check them)
             graphs = not (k > 0 and args.spec_eager)
             kernel_backend.switch("verify_rows", vr)  # (the engine reads them when it is made)
-            kernel_backend.switch("round_graph", rg)
+            # (k = 0: as the process has it: DSV3_KERNELS=round_graph=on makes plain decoding's step one graph too)
+            kernel_backend.switch("round_graph", rg if k else shipped_rg)
             r = timed_decode(model, tok, prompts[:max(B, args.min_prompts)], B, k, args.new, graphs,
                              args.compile and device.type == "cuda", device)
-            r["path"] += ("+verify_rows" if vr and B == 1 else "") + ("+round_graph" if rg else "")
+            r["path"] += (("+verify_rows" if vr and B == 1 else "")
+                          + ("+round_graph" if kernel_backend.round_graph(k) else ""))
             outs[(B, k, vr, rg)] = r.pop("outputs")
             m = r.pop("margins")
             margins[B] = m if k == 0 else margins.get(B)

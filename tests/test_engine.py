@@ -1594,7 +1594,7 @@ def test_overlapped_speculation_gives_the_same_outputs(spec_models, D, k, drafte
 
 def _greedy_params():
     """Greedy requests without log-probabilities (a round of them may run as one graph) ending at different rounds, by
-    length (1 .. 13 tokens: inside a round's drafts too) and stop token; and one with log-probabilities."""
+    length (1 .. 13 tokens: inside a round's drafts too; the test adds stop tokens)."""
     return [SamplingParams(max_new_tokens=9, temperature=0.0), SamplingParams(max_new_tokens=4, temperature=0.0),
             SamplingParams(max_new_tokens=13, temperature=0.0), SamplingParams(max_new_tokens=7, temperature=0.0),
             SamplingParams(max_new_tokens=1, temperature=0.0), SamplingParams(max_new_tokens=10, temperature=0.0)]
@@ -1663,6 +1663,11 @@ def test_round_graph_follows_its_switch(spec_models, monkeypatch):
     assert not Engine(model, speculative_k=2).round_graph and not Engine(model).round_graph
     assert kb.switch("round_graph", kb.SPECULATION_ROUNDS) is False
     assert Engine(model, speculative_k=2).round_graph and not Engine(model).round_graph
+    with pytest.raises(ValueError, match="'round_graph' takes on, off or SPECULATION_ROUNDS, got 'e4m3 weights'"):
+        kb.switch("round_graph", kb.WEIGHTS_E4M3)
+    with pytest.raises(ValueError, match="'dense_gemv' takes on, off or WEIGHTS_16BIT, WEIGHTS_E4M3, got 'spec"):
+        kb.switch("dense_gemv", kb.SPECULATION_ROUNDS)
+    assert kb.SWITCHED["round_graph"] == kb.SPECULATION_ROUNDS and kb.SWITCHED["dense_gemv"] is True
 
 
 def test_a_round_graph_refuses_a_round_without_drafts_or_of_the_wrong_width(spec_models):

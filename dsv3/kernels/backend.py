@@ -447,6 +447,11 @@ def switch(op: str, on: bool | str) -> bool | str:
     _read_env()  # (first: a later switch wins over the environment)
     if op not in SWITCHED:
         raise ValueError(f"switch: {op!r} is not a switched op; one of {sorted(SWITCHED)}")
+    rounds = op == "round_graph"  # (SPECULATION_ROUNDS is its alone; a weight dtype means nothing to it)
+    wrong = on in (WEIGHTS_16BIT, WEIGHTS_E4M3) if rounds else on == SPECULATION_ROUNDS
+    if wrong:
+        takes = "SPECULATION_ROUNDS" if rounds else "WEIGHTS_16BIT, WEIGHTS_E4M3"
+        raise ValueError(f"switch: {op!r} takes on, off or {takes}, got {on!r}")
     old = SWITCHED[op]
     SWITCHED[op] = on if on in (WEIGHTS_16BIT, WEIGHTS_E4M3, SPECULATION_ROUNDS) else bool(on)
     return old
