@@ -19,7 +19,7 @@
 #
 # Stages (default: all but the psum ones, in this order): tests, sweep, b1, b32, b256, pdltests, pdl, fp8, profile
 # (psumtests, psumsweep, psumdense, psum, mlapreptests, mlaprep, fusetests, fusebase, fuse, rows8sweep, rows8,
-# spectests, specrounds, spectrain, roundtests, roundrounds, roundtrain, servespec: by name). Each stage's output goes to its own file under OUT_DIR (and a line to
+# spectests, specrounds, spectrain, roundtests, roundrounds, roundtrain, roundcompile, rctrain, servespec: by name). Each stage's output goes to its own file under OUT_DIR (and a line to
 # steps.txt); a failing stage does not stop the next. A kernel is on by default (dsv3/kernels/backend.py SWITCHED)
 # only where its rows are faster. B1, B32, FP8 (environment) replace the batch lists of those stages; LIMIT_<stage>=S
 # stops a stage after S seconds (stages.sh).
@@ -139,6 +139,24 @@ roundrounds() {  # (a function: LIMIT_roundrounds applies to each of its command
     done
 }
 step roundrounds roundrounds
+# round_compile (backend.py): a round graph's whole forward compiled as one function, its ~20 glue kernels fused: the
+# round graph's GPU tests with it, then `small`'s steps / rounds at batch 1 (k = 0 with round_graph on: the one-token
+# step with its argmax) with it off and on
+roundcompile() {  # (a function: LIMIT_roundcompile applies to each of its commands)
+    local a rc
+    timeout --kill-after=10 "${LIMIT_roundcompile:-0}" python -m pytest -m gpu -q -p no:cacheprovider --tb=short \
+        tests/test_gpu_speculation.py -k "one_graph"
+    for a in 1 2 0; do
+        for rc in off on; do
+            DSV3_KERNELS=round_graph=on,round_compile=$rc timeout --kill-after=10 "${LIMIT_roundcompile:-0}" \
+                python bench/profile_gpu.py --decode 1 --preset ${ROUND_PRESETS:-small} --spec $a | grep -A1 "## decode" \
+                | sed "s/^/round_compile=$rc /"
+        done
+    done
+}
+step roundcompile roundcompile
+step rctrain python bench/spec_gpu.py --minutes 3.5 --tok-s 70000 --batches 1 --ks 0,1,2 --compile --no-hf \
+    --round-compile both --deadline-min 8.6 --out-json "$out/rctrain.json"
 step roundtrain python bench/spec_gpu.py --minutes 4.5 --tok-s 70000 --batches 1 --ks 0,1,2 --compile --no-hf \
     --round-graph both --deadline-min 8.4 --out-json "$out/roundtrain.json"
 # The server with speculation (issue 14): `small` trained 3 minutes and exported in bf16 (spec_gpu.py, which also

@@ -25,7 +25,8 @@ checkpoint.
    --spec-eager asks for that path (k > 0 without graphs) on purpose, for a before / after comparison;
    --verify-rows on / both runs k > 0 with the `verify_rows` switch (dsv3/kernels/backend.py) on / both ways (it
    changes only steps of at most k + 1 rows: at larger batches one row, with the switch as asked);
-   --round-graph on / both likewise with `round_graph` (a greedy round as one CUDA graph).
+   --round-graph on / both likewise with `round_graph` (a greedy round as one CUDA graph), --round-compile with
+   `round_compile` (with --compile, a round graph's whole forward compiled as one function; default: as shipped).
 4. transformers: the same checkpoint directory through AutoModelForCausalLM (DeepseekV3ForCausalLM; it drops
    the MTP layer) in bf16 on the GPU, `generate` greedy on the first B prompts (min_new_tokens = --new):
    decode tok/s = B (new - 1) / (t(new tokens) - t(1 token)), beside ours, and whether its tokens equal
@@ -230,6 +231,10 @@ def main() -> int:
                          "graph) off, on (default, as shipped for speculation rounds), or each k both ways; k = 0 "
                          "decodes with the switch as the process has it (DSV3_KERNELS=round_graph=on: one graph a "
                          "step with its argmax)")
+    ap.add_argument("--round-compile", choices=("off", "on", "both"),
+                    help="k > 0 with the round_compile switch (dsv3/kernels/backend.py: with --compile, a round "
+                         "graph's whole forward compiled as one function) off, on, or each k both ways (default: as "
+                         "shipped)")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers")
     ap.add_argument("--bw-gib", type=float, default=2.0, help="size of the copy that measures the bandwidth")
     ap.add_argument("--export-bf16", metavar="DIR", help="also save the loaded model + tokenizer there (bf16)")
@@ -279,16 +284,21 @@ def main() -> int:
     result["prompts"] = {"n": n_prompts, "len": args.prompt_len, "new": args.new}
 
     rows: list[dict] = result["rows"]
-    outs: dict[tuple[int, int, bool, bool], list[list[int]]] = {}  # (B, k, verify_rows, round_graph)
+    outs: dict[tuple[int, int, bool, bool, bool], list[list[int]]] = {}  # (B, k, verify_rows, round_graph, compile)
     margins: dict[int, list[list[float]] | None] = {}  # k = 0's top-2 gaps per batch size (timed_decode)
     modes = {"off": [False], "on": [True], "both": [False, True]}
-    variants = [(vr, rg) for vr in modes[args.verify_rows] for rg in modes[args.round_graph]]
     shipped_vr = kernel_backend.switch("verify_rows", False)
     shipped_rg = kernel_backend.switch("round_graph", False)
+    shipped_rc = kernel_backend.switch("round_compile", False)
+    rcs = modes[args.round_compile] if args.round_compile and args.compile else [bool(shipped_rc)]
+    # (round_compile changes only compiled round graphs)
+    variants = [(vr, rg, rc) for vr in modes[args.verify_rows] for rg in modes[args.round_graph]
+                for rc in (rcs if rg else rcs[-1:])]
+    base_key = (False, False, False)
     for B in batches:
         # verify_rows changes only steps of at most k + 1 rows (batch 1): above, one row per round_graph setting
-        at_b = variants if B == 1 else [(modes[args.verify_rows][-1], rg) for rg in modes[args.round_graph]]
-        for k, (vr, rg) in [(k, v) for k in ks for v in (at_b if k else [(False, False)])]:
+        at_b = variants if B == 1 else [v for v in variants if v[0] == modes[args.verify_rows][-1]]
+        for k, (vr, rg, rc) in [(k, v) for k in ks for v in (at_b if k else [base_key])]:
             if time.perf_counter() - T0 > deadline:
                 log(f"deadline: skipping batch {B}, k={k}")
                 continue
@@ -297,30 +307,33 @@ def main() -> int:
             kernel_backend.switch("verify_rows", vr)  # (the engine reads them when it is made)
             # (k = 0: as the process has it: DSV3_KERNELS=round_graph=on makes plain decoding's step one graph too)
             kernel_backend.switch("round_graph", rg if k else shipped_rg)
+            kernel_backend.switch("round_compile", rc if k else shipped_rc)
             r = timed_decode(model, tok, prompts[:max(B, args.min_prompts)], B, k, args.new, graphs,
                              args.compile and device.type == "cuda", device)
             r["path"] += (("+verify_rows" if vr and B == 1 else "")
-                          + ("+round_graph" if kernel_backend.round_graph(k) else ""))
-            outs[(B, k, vr, rg)] = r.pop("outputs")
+                          + ("+round_graph" if kernel_backend.round_graph(k) else "")
+                          + ("+round_compile" if kernel_backend.round_graph(k) and rc and args.compile else ""))
+            outs[(B, k, vr, rg, rc)] = r.pop("outputs")
             m = r.pop("margins")
             margins[B] = m if k == 0 else margins.get(B)
             base = next((x for x in rows if x["batch"] == B and x["k"] == 0), None)
             r["speedup_vs_k0"] = r["decode_tok_s"] / base["decode_tok_s"] if base else None
-            r["vs_k0"] = (compare(outs[(B, k, vr, rg)], outs[(B, 0, False, False)], margins.get(B))
-                          if k and (B, 0, False, False) in outs else None)
+            r["vs_k0"] = (compare(outs[(B, k, vr, rg, rc)], outs[(B, 0, *base_key)], margins.get(B))
+                          if k and (B, 0, *base_key) in outs else None)
             rows.append(r)
             log(f"batch {B}, k={k} ({r['path']}): {r['decode_tok_s']:,.1f} decode tok/s, warm-up {r['warmup_s']:.1f}s, "
                 f"graphs captured in warm-up {r['graph_captures']}, while timed {r['captures_while_timed']}")
             dump()
     kernel_backend.switch("verify_rows", shipped_vr)
     kernel_backend.switch("round_graph", shipped_rg)
+    kernel_backend.switch("round_compile", shipped_rc)
     # noise floor: k = 0 at each batch size against the smallest, on the prompts they share (bf16 numerics vary
     # with the batch: another GEMM tiling can resolve a near-tie differently)
     noise = []
     b0 = min(batches)
     for B in batches:
-        if B != b0 and (B, 0, False, False) in outs and (b0, 0, False, False) in outs:
-            a, b = outs[(B, 0, False, False)], outs[(b0, 0, False, False)]
+        if B != b0 and (B, 0, *base_key) in outs and (b0, 0, *base_key) in outs:
+            a, b = outs[(B, 0, *base_key)], outs[(b0, 0, *base_key)]
             m = min(len(a), len(b))
             ref_m = margins.get(b0)
             noise.append({"batch": B, "against_batch": b0, **compare(a[:m], b[:m], ref_m[:m] if ref_m else None)})
@@ -354,7 +367,7 @@ def main() -> int:
             del model
             free(device)
             try:
-                k0 = {B: outs[(B, 0, False, False)] for B in batches if (B, 0, False, False) in outs}
+                k0 = {B: outs[(B, 0, *base_key)] for B in batches if (B, 0, *base_key) in outs}
                 result["hf_rows"] = hf_generate(path, prompts, batches, args.new, device, dtype, k0, tok.eos_id)
             except ImportError as e:
                 log(f"transformers not available ({e}); skipped")

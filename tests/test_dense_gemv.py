@@ -90,7 +90,8 @@ def test_switch_defaults_are_the_measured_ones_and_the_overrides_win(monkeypatch
     # weights only (bf16: measured slower); a greedy round as one graph for speculation rounds only
     assert kb.SWITCHED == {"dense_gemv": True, "head_gemv": True, "latent_store": True,
                            "moe_gemm": True, "pdl": True, "mla_uv": True, "shared_gemv": kb.WEIGHTS_E4M3,
-                           "mla_prep": True, "verify_rows": True, "round_graph": kb.SPECULATION_ROUNDS}
+                           "mla_prep": True, "verify_rows": True, "round_graph": kb.SPECULATION_ROUNDS,
+                           "round_compile": False}
     assert kernels.select_backend("dense_gemv", x, w) == "triton"
     assert kernels.set_dense_gemv(False) is True
     try:

@@ -1670,6 +1670,32 @@ def test_round_graph_follows_its_switch(spec_models, monkeypatch):
     assert kb.SWITCHED["round_graph"] == kb.SPECULATION_ROUNDS and kb.SWITCHED["dense_gemv"] is True
 
 
+def test_round_compile_follows_its_switch(spec_models, monkeypatch):
+    """"round_compile" (kernels/backend.py SWITCHED, off as shipped until measured): compiled decode steps compile a
+    round graph's whole forward as one function where it is on, and only the steps where it is off; the switch takes
+    on or off, nothing else. (That the compiled round gives the steps' tokens: tests/test_gpu_speculation.py.)"""
+    from dsv3.inference.graphs import DecodeGraphs
+    from dsv3.kernels import backend as kb
+
+    eng = Engine(spec_models[(1, "aligned")], speculative_k=1)
+
+    def graphs():
+        return DecodeGraphs(eng.model, eng.cache, eng._graphs.pad_block, 4, 8, use_graphs=False, compile=True)
+
+    assert kb.SWITCHED["round_compile"] is False
+    g = graphs()
+    assert g._round == g._forward_round and g._main != g._forward_main  # (the steps compiled, lazily)
+    monkeypatch.setitem(kb.SWITCHED, "round_compile", True)
+    g = graphs()
+    assert g._round != g._forward_round
+    assert kb.switches_from_env("round_compile=off") == {"round_compile": False}
+    with pytest.raises(ValueError, match="'round_compile' takes on or off, got 'speculation rounds'"):
+        kb.switch("round_compile", kb.SPECULATION_ROUNDS)
+    with pytest.raises(ValueError, match="'verify_rows' takes on, off or WEIGHTS_16BIT, WEIGHTS_E4M3, got 'x'"):
+        kb.switch("verify_rows", "x")
+    assert kb.SWITCHED["round_compile"] is True
+
+
 def test_a_round_graph_refuses_a_round_without_drafts_or_of_the_wrong_width(spec_models):
     model = spec_models[(1, "aligned")]
     eng = Engine(model, max_batch_size=2, block_size=4, speculative_k=2)

@@ -132,19 +132,25 @@ def test_compiled_graphed_speculation():
     assert eng._graphs.captures >= 3
 
 
-@pytest.mark.parametrize("D,k,compile", [(1, 1, False), (2, 3, False), (1, 2, True), (1, 0, False), (1, 0, True)])
-def test_a_greedy_round_in_one_graph(D, k, compile):
+@pytest.mark.parametrize("D,k,compile", [(1, 1, False), (2, 3, False), (1, 2, True), (1, 0, False), (1, 0, True),
+                                         (1, 1, "round"), (2, 3, "round"), (1, 0, "round")])
+def test_a_greedy_round_in_one_graph(D, k, compile, monkeypatch):
     """round_graph (graphs.py DecodeGraphs.round, on as shipped for speculation rounds): greedy rounds (k = 0: one-token
     steps with their argmax) as one captured graph give the tokens, drafts' acceptance and finish reasons of the same
     round's graphs launched one by one (the same forwards: same functions, same shapes), and of the one graph's
-    static forward run eagerly."""
+    static forward run eagerly. compile "round": the steps compiled, and the round's whole forward as one compiled
+    function ("round_compile", backend.py: its glue fused), against the compiled steps one by one."""
+    from dsv3.kernels import backend as kb
+
+    if compile == "round":
+        monkeypatch.setitem(kb.SWITCHED, "round_compile", True)
     m = _model(D, "aligned")
     prompts = _prompts()
     sp = [SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True) for n in (40, 33, 12, 1, 40, 25)]
 
     def run(fused: bool, graphs: bool = True):
         eng = Engine(m, None, max_batch_size=8, block_size=16, speculative_k=k, cuda_graphs=True,
-                     compile_decode=compile)
+                     compile_decode=bool(compile))
         eng.round_graph = fused
         if not graphs:
             eng._graphs.use_graphs = False  # the same bucketed static forwards, run eagerly

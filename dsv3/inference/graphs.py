@@ -267,7 +267,7 @@ class DecodeGraphs:
         self.row_limit = row_limit
         self.loads = loads  # a dsv3.model.loads.ExpertLoadRecorder, or None: its row mask is derived inside each step
         self.n_layers = model.config.num_hidden_layers
-        self._main, self._mtp = self._forward_main, self._forward_mtp
+        self._main, self._mtp, self._round = self._forward_main, self._forward_mtp, self._forward_round
         if compile:
             # torch.compile each step (per bucket, static shapes) before it is captured: inductor fuses the
             # elementwise chains (RMSNorm, RoPE, router, MoE permutation), ~100 kernels per layer otherwise.
@@ -280,6 +280,8 @@ class DecodeGraphs:
             opts = _inductor_options(cache.kv.device)
             self._main = torch.compile(self._forward_main, dynamic=False, options=opts)
             self._mtp = torch.compile(self._forward_mtp, dynamic=False, options=opts)
+            if kernel_backend.round_compile():  # the round graph's whole forward, its glue fused (backend.py)
+                self._round = torch.compile(self._forward_round, dynamic=False, options=opts)
         self.max_batch_size, self.max_blocks = max_batch_size, max_blocks
         self.use_graphs = use_graphs and cache.kv.is_cuda
         self.bucketed = bucketed
@@ -358,7 +360,7 @@ class DecodeGraphs:
             sb = r.sb
 
             def step(_sb: StaticBatch, r: _Round = r):
-                return self._forward_round(r)
+                return self._round(r)
         else:
             is_mtp = kind[0] == "mtp"
             sb = StaticBatch(self.cache, Bp, T, nblk, self.pad_block, self._attention(),

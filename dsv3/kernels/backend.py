@@ -149,9 +149,14 @@ SPECULATION_ROUNDS = "speculation rounds"  # round_graph: on for speculation rou
 # went); a trained `small` (bench/spec_gpu.py) k = 1 0.97x -> 1.17x plain decoding, k = 2 1.05x -> 1.09x. A
 # one-token step lost a little in one sample, 0.622 -> 0.645 ms, so plain decoding keeps its graph and eager argmax
 # (DSV3_KERNELS=round_graph=on takes it too).
+# "round_compile" is not an op either: with the decode steps compiled (compile_decode), a round graph's whole forward
+# (verification, acceptance, MTP steps, the copies between them) is one torch.compile'd function, so that inductor
+# fuses the ~20 small eager kernels between the compiled steps (argmaxes, comparisons, cumprod, the copies into the
+# next step's static inputs) instead of launching each. Off until measured on a GPU.
 SWITCHED: dict[str, bool | str] = {"dense_gemv": True, "head_gemv": True, "latent_store": True,
                                    "moe_gemm": True, "pdl": True, "mla_uv": True, "shared_gemv": WEIGHTS_E4M3,
-                                   "mla_prep": True, "verify_rows": True, "round_graph": SPECULATION_ROUNDS}
+                                   "mla_prep": True, "verify_rows": True, "round_graph": SPECULATION_ROUNDS,
+                                   "round_compile": False}
 # ops that follow another op's switch: the dense SwiGLU's fused gate+up GEMV is one of the dense decode GEMVs
 SWITCH_OF: dict[str, str] = {"swiglu_gemv": "dense_gemv"}
 # Up to these many activation rows the Triton FP8-weight kernels run (decode; above, prefill:
@@ -203,6 +208,12 @@ def round_graph(k: int) -> bool:
     _read_env()
     on = SWITCHED["round_graph"]
     return bool(k) if on == SPECULATION_ROUNDS else bool(on)
+
+
+def round_compile() -> bool:
+    """Whether compiled decode steps compile a round graph's forward as one function (the "round_compile" switch)."""
+    _read_env()
+    return bool(SWITCHED["round_compile"])
 
 
 def switches_from_env(value: str | None) -> dict[str, bool]:
@@ -447,11 +458,13 @@ def switch(op: str, on: bool | str) -> bool | str:
     _read_env()  # (first: a later switch wins over the environment)
     if op not in SWITCHED:
         raise ValueError(f"switch: {op!r} is not a switched op; one of {sorted(SWITCHED)}")
-    rounds = op == "round_graph"  # (SPECULATION_ROUNDS is its alone; a weight dtype means nothing to it)
-    wrong = on in (WEIGHTS_16BIT, WEIGHTS_E4M3) if rounds else on == SPECULATION_ROUNDS
-    if wrong:
-        takes = "SPECULATION_ROUNDS" if rounds else "WEIGHTS_16BIT, WEIGHTS_E4M3"
-        raise ValueError(f"switch: {op!r} takes on, off or {takes}, got {on!r}")
+    # the values beyond on / off an op takes: SPECULATION_ROUNDS is round_graph's alone; a weight dtype means nothing
+    # to either round switch
+    extra = {"round_graph": ("SPECULATION_ROUNDS",), "round_compile": ()}.get(op, ("WEIGHTS_16BIT", "WEIGHTS_E4M3"))
+    named = {WEIGHTS_16BIT: "WEIGHTS_16BIT", WEIGHTS_E4M3: "WEIGHTS_E4M3", SPECULATION_ROUNDS: "SPECULATION_ROUNDS"}
+    if isinstance(on, str) and named.get(on) not in extra:
+        takes = f"on, off or {', '.join(extra)}" if extra else "on or off"
+        raise ValueError(f"switch: {op!r} takes {takes}, got {on!r}")
     old = SWITCHED[op]
     SWITCHED[op] = on if on in (WEIGHTS_16BIT, WEIGHTS_E4M3, SPECULATION_ROUNDS) else bool(on)
     return old
