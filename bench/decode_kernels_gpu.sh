@@ -155,7 +155,9 @@ roundcompile() {  # (a function: LIMIT_roundcompile applies to each of its comma
     done
 }
 step roundcompile roundcompile
-step rctrain python bench/spec_gpu.py --minutes 3.5 --tok-s 70000 --batches 1 --ks 0,1,2 --compile --no-hf \
+# a `small` trained 4.5 minutes at batch 1, k = 0 and 1 with round_compile off and on (the nineteenth session ran the
+# rows in three processes on one checkpoint: bench/RESULTS.md; together ~8 minutes)
+step rctrain python bench/spec_gpu.py --minutes 4.5 --tok-s 70000 --batches 1 --ks 0,1 --compile --no-hf \
     --round-compile both --deadline-min 8.6 --out-json "$out/rctrain.json"
 step roundtrain python bench/spec_gpu.py --minutes 4.5 --tok-s 70000 --batches 1 --ks 0,1,2 --compile --no-hf \
     --round-graph both --deadline-min 8.4 --out-json "$out/roundtrain.json"

@@ -1671,9 +1671,9 @@ def test_round_graph_follows_its_switch(spec_models, monkeypatch):
 
 
 def test_round_compile_follows_its_switch(spec_models, monkeypatch):
-    """"round_compile" (kernels/backend.py SWITCHED, off as shipped until measured): compiled decode steps compile a
-    round graph's whole forward as one function where it is on, and only the steps where it is off; the switch takes
-    on or off, nothing else. (That the compiled round gives the steps' tokens: tests/test_gpu_speculation.py.)"""
+    """"round_compile" (kernels/backend.py SWITCHED, on as shipped): compiled decode steps compile a round graph's
+    whole forward as one function where it is on, and only the steps where it is off; the switch takes on or off,
+    nothing else. (That the compiled round gives the steps' tokens: tests/test_gpu_speculation.py.)"""
     from dsv3.inference.graphs import DecodeGraphs
     from dsv3.kernels import backend as kb
 
@@ -1682,18 +1682,20 @@ def test_round_compile_follows_its_switch(spec_models, monkeypatch):
     def graphs():
         return DecodeGraphs(eng.model, eng.cache, eng._graphs.pad_block, 4, 8, use_graphs=False, compile=True)
 
-    assert kb.SWITCHED["round_compile"] is False
+    assert kb.SWITCHED["round_compile"] is True
     g = graphs()
-    assert g._round == g._forward_round and g._main != g._forward_main  # (the steps compiled, lazily)
-    monkeypatch.setitem(kb.SWITCHED, "round_compile", True)
+    assert g._round != g._forward_round and g._main != g._forward_main  # (compiled lazily, at a bucket's first run)
+    plain = DecodeGraphs(eng.model, eng.cache, eng._graphs.pad_block, 4, 8, use_graphs=False)
+    assert plain._round == plain._forward_round  # (steps not compiled: nor the round)
+    monkeypatch.setitem(kb.SWITCHED, "round_compile", False)
     g = graphs()
-    assert g._round != g._forward_round
+    assert g._round == g._forward_round and g._main != g._forward_main  # the steps alone
     assert kb.switches_from_env("round_compile=off") == {"round_compile": False}
     with pytest.raises(ValueError, match="'round_compile' takes on or off, got 'speculation rounds'"):
         kb.switch("round_compile", kb.SPECULATION_ROUNDS)
     with pytest.raises(ValueError, match="'verify_rows' takes on, off or WEIGHTS_16BIT, WEIGHTS_E4M3, got 'x'"):
         kb.switch("verify_rows", "x")
-    assert kb.SWITCHED["round_compile"] is True
+    assert kb.SWITCHED["round_compile"] is False
 
 
 def test_a_round_graph_refuses_a_round_without_drafts_or_of_the_wrong_width(spec_models):

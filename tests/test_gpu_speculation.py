@@ -133,17 +133,17 @@ def test_compiled_graphed_speculation():
 
 
 @pytest.mark.parametrize("D,k,compile", [(1, 1, False), (2, 3, False), (1, 2, True), (1, 0, False), (1, 0, True),
-                                         (1, 1, "round"), (2, 3, "round"), (1, 0, "round")])
+                                         (1, 1, True), (2, 3, True), (1, 2, "steps")])
 def test_a_greedy_round_in_one_graph(D, k, compile, monkeypatch):
     """round_graph (graphs.py DecodeGraphs.round, on as shipped for speculation rounds): greedy rounds (k = 0: one-token
     steps with their argmax) as one captured graph give the tokens, drafts' acceptance and finish reasons of the same
     round's graphs launched one by one (the same forwards: same functions, same shapes), and of the one graph's
-    static forward run eagerly. compile "round": the steps compiled, and the round's whole forward as one compiled
-    function ("round_compile", backend.py: its glue fused), against the compiled steps one by one."""
+    static forward run eagerly. compile True: the steps compiled, and the round's whole forward as one compiled function
+    ("round_compile", on as shipped, backend.py: its glue fused), against the compiled steps one by one; "steps": with
+    round_compile off, the round graph of the compiled steps and the eager glue between them."""
     from dsv3.kernels import backend as kb
 
-    if compile == "round":
-        monkeypatch.setitem(kb.SWITCHED, "round_compile", True)
+    monkeypatch.setitem(kb.SWITCHED, "round_compile", compile is True)
     m = _model(D, "aligned")
     prompts = _prompts()
     sp = [SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True) for n in (40, 33, 12, 1, 40, 25)]

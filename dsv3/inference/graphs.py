@@ -23,10 +23,12 @@ one launch. What a graph needs is a forward whose shapes and addresses never cha
   * all graphs share one memory pool (captured lazily, on first use of a bucket);
   * a greedy step may run as one graph (`round`, the "round_graph" switch of kernels/backend.py): a speculation
     round's verification step, the acceptance, MTP module 0 over the k + 1 positions and the k - 1 chained draft
-    steps, each forward the one its own bucket would run (same shapes, same compiled function), the inputs of each
+    steps, each forward the one its own bucket would run (same shapes, same ops), the inputs of each
     step after the first copied from the step before inside the graph: one launch a round instead of k + 1 and the
     ~20 eager kernels between them (speculation.py's accept and draft, the copies into the buckets); without
-    speculation (k = 0) the one-token step and its argmax.
+    speculation (k = 0) the one-token step and its argmax. With compiled steps the round's whole forward is compiled
+    as one function ("round_compile"), so inductor fuses those kernels too (a k = 1 round of `small`: 248 -> 226
+    kernels, 0.870 -> 0.814 ms on an H100);
 
 `StaticBatch` is the cache view (the `update(c_kv, k_pe)` contract of CacheBatch) and runs eagerly
 on any device: with `use_graphs=False` (and unbucketed shapes) `DecodeGraphs` is the eager decode

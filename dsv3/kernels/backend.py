@@ -152,11 +152,15 @@ SPECULATION_ROUNDS = "speculation rounds"  # round_graph: on for speculation rou
 # "round_compile" is not an op either: with the decode steps compiled (compile_decode), a round graph's whole forward
 # (verification, acceptance, MTP steps, the copies between them) is one torch.compile'd function, so that inductor
 # fuses the ~20 small eager kernels between the compiled steps (argmaxes, comparisons, cumprod, the copies into the
-# next step's static inputs) instead of launching each. Off until measured on a GPU.
+# next step's static inputs) instead of launching each. On, as measured on an H100 (2026-12-06, nineteenth session; the
+# round graph's GPU tests passed with it, 8, the compiled round equal to the compiled steps one by one): `small` at
+# batch 1, random weights (bench/profile_gpu.py, wall a round), k = 1 0.870 -> 0.814 ms (248 -> 226 kernels, device
+# busy 0.802 -> 0.754), k = 2 1.144 -> 1.067 (286 -> 254); a trained `small` (bench/spec_gpu.py, 4.5 minutes, one
+# checkpoint) k = 1 1.24x -> 1.32x plain decoding, the same tokens both ways.
 SWITCHED: dict[str, bool | str] = {"dense_gemv": True, "head_gemv": True, "latent_store": True,
                                    "moe_gemm": True, "pdl": True, "mla_uv": True, "shared_gemv": WEIGHTS_E4M3,
                                    "mla_prep": True, "verify_rows": True, "round_graph": SPECULATION_ROUNDS,
-                                   "round_compile": False}
+                                   "round_compile": True}
 # ops that follow another op's switch: the dense SwiGLU's fused gate+up GEMV is one of the dense decode GEMVs
 SWITCH_OF: dict[str, str] = {"swiglu_gemv": "dense_gemv"}
 # Up to these many activation rows the Triton FP8-weight kernels run (decode; above, prefill:
