@@ -103,6 +103,14 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
+def compile_entries(max_batch_size: int, max_blocks: int, mtp_modules: int) -> int:
+    """A bound on the compiled entries one decode function may need: one per (batch bucket, context bucket) and
+    variant, the variants being the main step's two widths (1 and k + 1), the MTP step's widths and modules, a
+    round's context buckets (each forward's own), with some to spare; at least 64."""
+    buckets = ((max_batch_size - 1).bit_length() + 1) * ((max_blocks - 1).bit_length() + 1)  # (powers of two, the cap)
+    return max(64, buckets * (2 + max(1, mtp_modules)) + 8)
+
+
 class StaticBatch:
     """T new tokens per sequence, fixed (B, T, nblk). Fill meta (and, for an MTP step, `hidden` and
     `select`), then call `prepare()` (inside the graph)."""
@@ -276,9 +284,12 @@ class DecodeGraphs:
             # One compile per bucket (tens of seconds for a 27-layer model): for servers and benchmarks.
             import torch._dynamo
 
-            for name in ("recompile_limit", "cache_size_limit"):  # one entry per bucket
+            # one compiled entry per bucket and step kind: past dynamo's limits a new bucket would run uncompiled
+            need = compile_entries(max_batch_size, max_blocks, model.config.num_nextn_predict_layers)
+            for name, n in (("recompile_limit", need), ("cache_size_limit", need),  # (per function; older name)
+                            ("accumulated_recompile_limit", 3 * need)):  # (all functions together)
                 if hasattr(torch._dynamo.config, name):
-                    setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
+                    setattr(torch._dynamo.config, name, max(n, getattr(torch._dynamo.config, name)))
             opts = _inductor_options(cache.kv.device)
             self._main = torch.compile(self._forward_main, dynamic=False, options=opts)
             self._mtp = torch.compile(self._forward_mtp, dynamic=False, options=opts)
