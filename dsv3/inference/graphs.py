@@ -28,7 +28,7 @@ one launch. What a graph needs is a forward whose shapes and addresses never cha
     ~20 eager kernels between them (speculation.py's accept and draft, the copies into the buckets); without
     speculation (k = 0) the one-token step and its argmax. With compiled steps the round's whole forward is compiled
     as one function ("round_compile"), so inductor fuses those kernels too (a k = 1 round of `small`: 248 -> 226
-    kernels, 0.870 -> 0.814 ms on an H100);
+    kernels, 0.870 -> 0.814 ms on an H100).
 
 `StaticBatch` is the cache view (the `update(c_kv, k_pe)` contract of CacheBatch) and runs eagerly
 on any device: with `use_graphs=False` (and unbucketed shapes) `DecodeGraphs` is the eager decode
