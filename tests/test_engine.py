@@ -1670,7 +1670,7 @@ def test_round_graph_follows_its_switch(spec_models, monkeypatch):
     assert kb.SWITCHED["round_graph"] == kb.SPECULATION_ROUNDS and kb.SWITCHED["dense_gemv"] is True
 
 
-def test_compiled_steps_raise_dynamos_limits_to_their_buckets(spec_models, monkeypatch):
+def test_compiled_steps_raise_dynamos_limits_to_their_buckets(spec_models):
     """Each (batch, context) bucket of a compiled decode step is one compiled entry of its function: a server's
     buckets (batch 1 .. 32 x context 1 .. 256 blocks: 54, and each step kind's widths) exceed dynamo's default limit
     of 8 (64 before this), past which a new bucket would run uncompiled. DecodeGraphs raises the limits to cover
@@ -1683,13 +1683,14 @@ def test_compiled_steps_raise_dynamos_limits_to_their_buckets(spec_models, monke
     assert g.compile_entries(33, 257, 2) == 7 * 10 * 4 + 8  # (the caps are buckets of their own)
     eng = Engine(spec_models[(1, "aligned")], speculative_k=1)
     cfg = torch._dynamo.config
-    monkeypatch.setattr(cfg, "recompile_limit", 8)
-    monkeypatch.setattr(cfg, "accumulated_recompile_limit", 256)
-    g.DecodeGraphs(eng.model, eng.cache, eng._graphs.pad_block, 32, 256, use_graphs=False, compile=True)
-    assert cfg.recompile_limit == 170 and cfg.accumulated_recompile_limit == 510
-    monkeypatch.setattr(cfg, "recompile_limit", 1000)
-    g.DecodeGraphs(eng.model, eng.cache, eng._graphs.pad_block, 4, 8, use_graphs=False, compile=True)
-    assert cfg.recompile_limit == 1000
+    # (config.patch restores the settings after; pytest's monkeypatch would delete them, which hides them for good)
+    with cfg.patch(recompile_limit=8, accumulated_recompile_limit=256):
+        g.DecodeGraphs(eng.model, eng.cache, eng._graphs.pad_block, 32, 256, use_graphs=False, compile=True)
+        assert cfg.recompile_limit == 170 and cfg.accumulated_recompile_limit == 510
+    with cfg.patch(recompile_limit=1000):
+        g.DecodeGraphs(eng.model, eng.cache, eng._graphs.pad_block, 4, 8, use_graphs=False, compile=True)
+        assert cfg.recompile_limit == 1000
+    assert cfg.accumulated_recompile_limit >= 256  # (still there)
 
 
 def test_round_compile_follows_its_switch(spec_models, monkeypatch):
