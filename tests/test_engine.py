@@ -1693,6 +1693,34 @@ def test_compiled_steps_raise_dynamos_limits_to_their_buckets(spec_models):
     assert cfg.accumulated_recompile_limit >= 256  # (still there)
 
 
+def test_a_round_whose_compile_fails_runs_its_steps(spec_models):
+    """Should compiling a round graph's whole forward fail (round_compile), the engine warns, naming the error, and
+    runs that round and every later one through the round's steps (the static forwards, eager on the CPU): the same
+    tokens as an engine whose rounds never tried."""
+    model = spec_models[(1, "aligned")]
+    prompts = prompts_for(model.config, [5, 12, 3])
+    sp = SamplingParams(max_new_tokens=9, temperature=0, ignore_eos=True)
+
+    def engine():
+        eng = Engine(model, max_batch_size=4, block_size=4, speculative_k=2, cuda_graphs=True)
+        eng.round_graph = True
+        return eng
+
+    want = [o.token_ids for o in engine().generate(prompts, sp)]
+    eng = engine()
+    g, calls = eng._graphs, []
+
+    def failing(r):
+        calls.append(r)
+        raise RuntimeError("cannot lower op 'x'")
+
+    g._round, g._round_compiled = failing, True
+    with pytest.warns(UserWarning, match=r"whole forward failed \(RuntimeError: cannot lower op 'x'\); its steps"):
+        got = [o.token_ids for o in eng.generate(prompts, sp)]
+    assert got == want and len(calls) == 1 and not g._round_compiled
+    assert ("round", 2) in {key[0] for key in g._entries}
+
+
 def test_round_compile_follows_its_switch(spec_models, monkeypatch):
     """"round_compile" (kernels/backend.py SWITCHED, on as shipped): compiled decode steps compile a round graph's
     whole forward as one function where it is on, and only the steps where it is off; the switch takes on or off,
