@@ -157,7 +157,7 @@ SPECULATION_ROUNDS = "speculation rounds"  # round_graph: on for speculation rou
 # batch 1, random weights (bench/profile_gpu.py, wall a round), k = 1 0.870 -> 0.814 ms (248 -> 226 kernels, device
 # busy 0.802 -> 0.754), k = 2 1.144 -> 1.067 (286 -> 254); a trained `small` (bench/spec_gpu.py, 4.5 minutes, one
 # checkpoint) k = 1 1.24x -> 1.32x plain decoding, the same tokens both ways. Should the whole round fail to compile
-# (not measured on 16b, FP8 weights or EP), the engine warns and runs the round's steps (graphs.py _run_round).
+# (not measured on 16b or FP8 weights), the engine warns and runs the round's steps (graphs.py _run_round).
 SWITCHED: dict[str, bool | str] = {"dense_gemv": True, "head_gemv": True, "latent_store": True,
                                    "moe_gemm": True, "pdl": True, "mla_uv": True, "shared_gemv": WEIGHTS_E4M3,
                                    "mla_prep": True, "verify_rows": True, "round_graph": SPECULATION_ROUNDS,
