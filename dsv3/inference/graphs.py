@@ -279,7 +279,6 @@ class DecodeGraphs:
         self.loads = loads  # a dsv3.model.loads.ExpertLoadRecorder, or None: its row mask is derived inside each step
         self.n_layers = model.config.num_hidden_layers
         self._main, self._mtp, self._round = self._forward_main, self._forward_mtp, self._forward_round
-        self._round_compiled = False  # (whether self._round is the round's forward compiled whole: _run_round)
         if compile:
             # torch.compile each step (per bucket, static shapes) before it is captured: inductor fuses the
             # elementwise chains (RMSNorm, RoPE, router, MoE permutation), ~100 kernels per layer otherwise.
@@ -297,7 +296,6 @@ class DecodeGraphs:
             self._mtp = torch.compile(self._forward_mtp, dynamic=False, options=opts)
             if kernel_backend.round_compile():  # the round graph's whole forward, its glue fused (backend.py)
                 self._round = torch.compile(self._forward_round, dynamic=False, options=opts)
-                self._round_compiled = True
         self.max_batch_size, self.max_blocks = max_batch_size, max_blocks
         self.use_graphs = use_graphs and cache.kv.is_cuda
         self.bucketed = bucketed
@@ -366,11 +364,11 @@ class DecodeGraphs:
         take where the steps compile; round_compile is newer than the steps' compile and not measured on every model
         and weight format), this and every later round run their steps compiled one by one, with a warning that names
         the error; an error the steps raise too is raised."""
-        if self._round_compiled:
+        if self._round != self._forward_round:  # (compiled whole)
             try:
                 return self._round(r)
             except Exception as err:  # (a compiler's error has no one type)
-                self._round_compiled = False
+                self._round = self._forward_round
                 warnings.warn(f"compiling a round graph's whole forward failed ({type(err).__name__}: {err}); its "
                               "steps are compiled one by one instead (as with DSV3_KERNELS=round_compile=off)",
                               stacklevel=2)

@@ -471,7 +471,7 @@ def switch(op: str, on: bool | str) -> bool | str:
         takes = f"on, off or {', '.join(extra)}" if extra else "on or off"
         raise ValueError(f"switch: {op!r} takes {takes}, got {on!r}")
     old = SWITCHED[op]
-    SWITCHED[op] = on if on in (WEIGHTS_16BIT, WEIGHTS_E4M3, SPECULATION_ROUNDS) else bool(on)
+    SWITCHED[op] = on if isinstance(on, str) else bool(on)  # (a string: one the op takes, checked above)
     return old
 
 
