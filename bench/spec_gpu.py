@@ -12,7 +12,8 @@ checkpoint.
    bandwidth is measured (bench/bandwidth.py: 2 x bytes of a device-to-device copy / median time).
 3. For every batch size B of --batches and k of --ks, one Engine(cuda_graphs=True, speculative_k=k,
    compile_decode=--compile) decodes max(B, --min-prompts) prompts, B at a time: --prompt-len-token
-   windows of held-out (val split) stdlib documents, greedy, --new tokens each, ignore_eos. The whole
+   windows of held-out (val split) stdlib documents, greedy (--temperature T: sampled, prompt i with seed i),
+   --new tokens each, ignore_eos. The whole
    workload runs once untimed (it captures the graphs of every batch / context bucket it uses), then
    again timed: decode tok/s = tokens produced after each batch's prefill step / time of those steps.
    Acceptance (drafted tokens accepted), first-draft acceptance (the paper's second-token figure) and
@@ -25,7 +26,8 @@ checkpoint.
    --spec-eager asks for that path (k > 0 without graphs) on purpose, for a before / after comparison;
    --verify-rows on / both runs k > 0 with the `verify_rows` switch (dsv3/kernels/backend.py) on / both ways (it
    changes only steps of at most k + 1 rows: at larger batches one row, with the switch as asked);
-   --round-graph on / both likewise with `round_graph` (a greedy round as one CUDA graph), --round-compile with
+   --round-graph on / both likewise with `round_graph` (a round as one CUDA graph; sampled rounds too, where
+   `round_sampled` is on, as shipped), --round-compile with
    `round_compile` (with --compile, a round graph's whole forward compiled as one function; default: as shipped).
 4. transformers: the same checkpoint directory through AutoModelForCausalLM (DeepseekV3ForCausalLM; it drops
    the MTP layer) in bf16 on the GPU, `generate` greedy on the first B prompts (min_new_tokens = --new):
@@ -44,6 +46,7 @@ CPU smoke test: --device cpu --preset tiny --minutes 0.2 --seq-len 64 --batch-si
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -113,10 +116,11 @@ def fmt_cmp(c: dict | None) -> tuple[str, str]:
 
 
 def timed_decode(model, tok, prompts: list[list[int]], B: int, k: int, new: int, graphs: bool, compile_decode: bool,
-                 device: torch.device) -> dict:
-    """Warm-up pass (graph capture) then the timed pass of the workload, B prompts at a time. With k = 0 the
-    warm-up asks for the top-2 log-probabilities (outside the timed pass): "margins", per prompt and generated
-    token, the gap between the two most likely tokens, kept where the warm-up's tokens are the timed pass's."""
+                 device: torch.device, temperature: float = 0.0) -> dict:
+    """Warm-up pass (graph capture) then the timed pass of the workload, B prompts at a time. With k = 0 (greedy)
+    the warm-up asks for the top-2 log-probabilities (outside the timed pass): "margins", per prompt and generated
+    token, the gap between the two most likely tokens, kept where the warm-up's tokens are the timed pass's.
+    temperature > 0: prompt i samples with seed i (the same requests in every row)."""
     kw = dict(max_batch_size=B, cache_tokens=B * (len(prompts[0]) + new + k + 1 + 32), speculative_k=k,
               max_prefill_tokens=0)  # a batch's prompts in its one prefill step, before the timed decode steps
     label = ("graphs" + ("+compile" if compile_decode else "")) if device.type == "cuda" else "static step, eager"
@@ -130,20 +134,21 @@ def timed_decode(model, tok, prompts: list[list[int]], B: int, k: int, new: int,
         label = "eager (graphs refused)"
     if not graphs:
         label = "eager"
-    sp = SamplingParams(max_new_tokens=new, temperature=0, ignore_eos=True)
-    chunks = [prompts[i:i + B] for i in range(0, len(prompts), B)]
+    sps = [SamplingParams(max_new_tokens=new, temperature=temperature, ignore_eos=True,
+                          seed=i if temperature else None) for i in range(len(prompts))]
+    chunks = [list(range(i, min(i + B, len(prompts)))) for i in range(0, len(prompts), B)]
     t = time.perf_counter()
     warm_outs = []
     for c in chunks:
-        warm_outs += eng.generate(c, SamplingParams(max_new_tokens=new, temperature=0, ignore_eos=True, logprobs=2)
-                                  if k == 0 else sp)
+        warm_outs += eng.generate([prompts[i] for i in c], [dataclasses.replace(sps[i], logprobs=2) if k == 0 and
+                                                             not temperature else sps[i] for i in c])
     sync(device)
     warm = time.perf_counter() - t
     captured = getattr(eng, "graph_captures", None)  # graphs captured so far (engines that count them)
     eng.stats = type(eng.stats)()
     dt, n, outs, steps = 0.0, 0, [], 0
     for c in chunks:
-        ids = [eng.add_request(p, sp) for p in c]
+        ids = [eng.add_request(prompts[i], sps[i]) for i in c]
         final = {o.request_id: o.token_ids for o in eng.step() if o.finished}  # the batch's prefill
         sync(device)
         t = time.perf_counter()
@@ -158,7 +163,7 @@ def timed_decode(model, tok, prompts: list[list[int]], B: int, k: int, new: int,
         outs += [final[i] for i in ids]
     s = eng.stats
     margins = None
-    if k == 0 and [o.token_ids for o in warm_outs] == outs:
+    if k == 0 and not temperature and [o.token_ids for o in warm_outs] == outs:
         margins = [[lp.top[0][1] - lp.top[1][1] if len(lp.top) > 1 else float("inf") for lp in o.logprobs]
                    for o in warm_outs]
     late = None if captured is None else eng.graph_captures - captured  # should be 0: none in the timed pass
@@ -227,14 +232,17 @@ def main() -> int:
                          "sequence takes the one-row decode kernels) off, on (default, as shipped), or each k both "
                          "ways")
     ap.add_argument("--round-graph", choices=("off", "on", "both"), default="on",
-                    help="k > 0 with the round_graph switch (dsv3/kernels/backend.py: a greedy round as one CUDA "
-                         "graph) off, on (default, as shipped for speculation rounds), or each k both ways; k = 0 "
+                    help="k > 0 with the round_graph switch (dsv3/kernels/backend.py: a round as one CUDA graph; "
+                         "sampled ones with round_sampled on, as shipped) off, on (default, as shipped for speculation rounds), or each k both ways; k = 0 "
                          "decodes with the switch as the process has it (DSV3_KERNELS=round_graph=on: one graph a "
                          "step with its argmax)")
     ap.add_argument("--round-compile", choices=("off", "on", "both"),
                     help="k > 0 with the round_compile switch (dsv3/kernels/backend.py: with --compile, a round "
                          "graph's whole forward compiled as one function) off, on, or each k both ways (default: as "
                          "shipped)")
+    ap.add_argument("--temperature", type=float, default=0.0,
+                    help="sample at this temperature (prompt i with seed i) instead of greedy decoding; with "
+                    "--round-graph both, k > 0 rounds one by one and in one graph (round_sampled)")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers")
     ap.add_argument("--bw-gib", type=float, default=2.0, help="size of the copy that measures the bandwidth")
     ap.add_argument("--export-bf16", metavar="DIR", help="also save the loaded model + tokenizer there (bf16)")
@@ -309,7 +317,7 @@ def main() -> int:
             kernel_backend.switch("round_graph", rg if k else shipped_rg)
             kernel_backend.switch("round_compile", rc if k else shipped_rc)
             r = timed_decode(model, tok, prompts[:max(B, args.min_prompts)], B, k, args.new, graphs,
-                             args.compile and device.type == "cuda", device)
+                             args.compile and device.type == "cuda", device, args.temperature)
             r["path"] += (("+verify_rows" if vr and B == 1 else "")
                           + ("+round_graph" if kernel_backend.round_graph(k) else "")
                           + ("+round_compile" if kernel_backend.round_graph(k) and rc and args.compile else ""))
@@ -342,7 +350,8 @@ def main() -> int:
     def na(x, f="{:.3f}"):
         return "-" if x is None or x != x else f.format(x)
 
-    print(f"\nTable: MTP self-speculative greedy decode, {cfg.num_hidden_layers}-layer checkpoint {path}, "
+    how = f"sampled (temperature {args.temperature})" if args.temperature else "greedy"
+    print(f"\nTable: MTP self-speculative {how} decode, {cfg.num_hidden_layers}-layer checkpoint {path}, "
           f"{args.prompt_len}-token held-out prompts, {args.new} new tokens; {bw['caption']}\n")
     print("| card (measured copy BW) | batch | k | decode path | decode tok/s | speed-up vs k=0 | acceptance | "
           "first-draft acc. | mean accepted length | identical to k=0 | first divergence (token) |")
@@ -353,7 +362,9 @@ def main() -> int:
               f"{na(r['speedup_vs_k0'], '{:.2f}x')} | {na(r['acceptance'])} | {na(r['first_draft_acceptance'])} | "
               f"{na(r['mean_accepted_length'], '{:.2f}')} | {same} | {first} |")
     mism = sum(r["vs_k0"]["of"] - r["vs_k0"]["identical"] for r in rows if r["vs_k0"])
-    print(f"\ngreedy outputs of k > 0 that differ from k = 0: {mism} sequence(s)")
+    print(f"\n{how} outputs of k > 0 that differ from k = 0: {mism} sequence(s)"
+          + (" (sampled: k > 0 draws other random numbers; only greedy outputs should agree)" if args.temperature
+             else ""))
     for x in noise:
         same, first = fmt_cmp(x)
         print(f"noise floor: k=0 at batch {x['batch']} vs batch {x['against_batch']} on their {x['of']} shared "

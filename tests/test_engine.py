@@ -915,7 +915,7 @@ def test_speculative_sampling_distribution(vocab8_model, case, monkeypatch):
         stat0, _, _ = _chi2(counts0, exact, N)
         assert stat0 < thr
         # ... and it does detect a wrong rule: accepting every draft (u = 0 always)
-        monkeypatch.setattr(BatchSampler, "uniform", lambda self, n: torch.zeros(self.B, n))
+        monkeypatch.setattr(BatchSampler, "uniform", lambda self, n, slot: torch.zeros(self.B, n))
         counts_bad, bad_stats = _sample_joint(model, prompt, params, n_tok, N, k=2, seed0=2 * 10**6)
         monkeypatch.undo()
         assert bad_stats.acceptance_rate > 0.99
@@ -941,6 +941,52 @@ def test_sample_function_basics():
     assert [sample(close, t).item() for t in (1e-40, 1e-30, 9e-6)] == [1, 1, 1]
 
 
+def test_the_hashed_random_numbers():
+    """sampling.py's counter-based random numbers: the hash is a bijection of 32-bit values, the same on Python ints
+    and tensors; any int seeds a request (both halves of 64 bits count); the bits of a slot are uniform and show no
+    correlation between neighbouring tokens, slots, phases or seeds."""
+    from dsv3.inference.sampling import M32, hash32, phase_key, random_bits, request_seed, uniforms
+    x = torch.randint(0, 2 ** 32, (4096,))
+    assert hash32(x).tolist() == [hash32(int(v)) for v in x]
+    assert int(hash32(x).max()) <= M32 and int(hash32(x).min()) >= 0
+    assert torch.unique(hash32(torch.arange(2 ** 16) * 65521)).numel() == 2 ** 16
+    seeds = {request_seed(s) for s in (0, 1, -1, 2 ** 32, 2 ** 33, 2 ** 63 - 1, -(2 ** 63), 7 << 40)}
+    assert len(seeds) == 8 and all(0 <= v <= M32 for v in seeds)
+    n = 2 ** 16
+    keys = torch.tensor([phase_key(request_seed(s), p) for s, p in ((0, 0), (0, 1), (1, 0), (12345, 77))])
+    bits = random_bits(keys, 1, n)  # (4, n)
+    counts = torch.bincount((bits >> 24).flatten(), minlength=256).double()  # 256 cells, 1024 expected each
+    stat = float(((counts - counts.mean()) ** 2 / counts.mean()).sum())
+    assert stat < _chi2_quantile(255, 4.265), stat
+    u = uniforms(bits).double()
+    assert 0 <= float(u.min()) and float(u.max()) < 1
+    assert float(uniforms(bits, open_low=True).min()) > 0
+
+    def corr(a, b):
+        a, b = a - a.mean(), b - b.mean()
+        return float((a * b).sum() / (a.norm() * b.norm()))
+
+    limit = 5 / n ** 0.5  # five standard deviations of a correlation between independent samples
+    assert abs(corr(u[0, 1:], u[0, :-1])) < limit  # neighbouring tokens
+    assert abs(corr(u[0], u[1])) < limit and abs(corr(u[0], u[2])) < limit  # neighbouring phases, seeds
+    assert abs(corr(u[0], uniforms(random_bits(keys, 2, n))[0].double())) < limit  # neighbouring slots
+    assert torch.equal(random_bits(keys, 1, n), bits)  # (a pure function of key, slot and index)
+
+
+def test_unseeded_requests_follow_torch_manual_seed(models):
+    """An unseeded request's seed comes from torch's default CPU generator when it is added: torch.manual_seed makes
+    a run repeatable, and unseeded requests differ from one another."""
+    model = models["plain"]
+    prompts = prompts_for(model.config, [4, 4], seed=3)
+    sp = SamplingParams(max_new_tokens=10, temperature=1.0, ignore_eos=True)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(123)
+        runs.append([o.token_ids for o in Engine(model, max_batch_size=4, block_size=4).generate(
+            [prompts[0]] * 3, sp)])
+    assert runs[0] == runs[1] and len({tuple(t) for t in runs[0]}) == 3
+
+
 def test_filter_logits_by_hand():
     logits = torch.log(torch.tensor([[0.05, 0.4, 0.1, 0.3, 0.15]]))
     ninf = float("-inf")
@@ -964,7 +1010,7 @@ def test_filter_logits_by_hand():
 
 def _probs(params, logits, history):
     from dsv3.inference.sampling import BatchSampler
-    sp = BatchSampler([params.validate()], [None], [history], logits.shape[-1], logits.device)
+    sp = BatchSampler([params.validate()], [0], [history], logits.shape[-1], logits.device)
     return sp.probs(logits.view(1, 1, -1))[0, 0]
 
 
@@ -1747,6 +1793,80 @@ def test_round_compile_follows_its_switch(spec_models, monkeypatch):
     with pytest.raises(ValueError, match="'verify_rows' takes on, off or WEIGHTS_16BIT, WEIGHTS_E4M3, got 'x'"):
         kb.switch("verify_rows", "x")
     assert kb.SWITCHED["round_compile"] is False
+
+
+def _sampled_params():
+    """Sampling requests without repetition penalties or log-probabilities (a round of them may run as one graph):
+    seeded and unseeded, each filter, a greedy one among them, ending at different rounds."""
+    return [SamplingParams(max_new_tokens=9, temperature=0.9, seed=5),
+            SamplingParams(max_new_tokens=4, temperature=1.0, top_k=5, seed=6),
+            SamplingParams(max_new_tokens=13, temperature=1.2, top_p=0.8),
+            SamplingParams(max_new_tokens=7, temperature=0.0),
+            SamplingParams(max_new_tokens=1, temperature=0.7, min_p=0.1, seed=7),
+            SamplingParams(max_new_tokens=10, temperature=1.0, top_k=8, top_p=0.9, seed=8)]
+
+
+@pytest.mark.parametrize("D,k,drafter,graphs", [(1, 1, "aligned", True), (2, 3, "aligned", True),
+                                                  (1, 2, "random", False), (2, 2, "aligned", True),
+                                                  (1, 0, "aligned", True)])
+def test_a_sampled_round_in_one_graph_gives_the_same_outputs(spec_models, D, k, drafter, graphs, monkeypatch):
+    """"round_sampled" (graphs.py DecodeGraphs.round with the batch's sampler: its rows and the verified drafts'
+    distributions copied into the round's static buffers, the hashed random numbers drawn inside): the same tokens,
+    finish reasons, acceptance counts and drafts as the round's steps run one by one, overlapped or not, arriving
+    together and one by one; with the switch off, or a request with a repetition penalty in the batch, the steps
+    one by one."""
+    model = spec_models[(D, drafter)]
+    prompts = prompts_for(model.config, [3, 9, 5, 14, 2, 7], seed=9)
+    params = _sampled_params()
+    penalised = list(params)
+    penalised[3] = dataclasses.replace(penalised[3], repetition_penalty=1.2)
+    for ps, arrivals, overlap in ((params, None, True), (params, [0, 0, 2, 3, 3, 9], True), (params, None, False),
+                                  (penalised, [0, 0, 2, 3, 3, 9], True)):
+        runs = []
+        for fused, sampled in ((False, True), (True, True), (True, False)):
+            torch.manual_seed(0)  # (the unseeded requests' seeds)
+            eng = Engine(model, max_batch_size=4, block_size=3, speculative_k=k, overlap=overlap, cuda_graphs=graphs)
+            eng.round_graph, eng.round_graph_sampled = fused, sampled
+            calls = {"round": 0, "main": 0}
+            for name in calls:
+                fn = getattr(eng._graphs, name)
+                monkeypatch.setattr(eng._graphs, name, lambda *a, _fn=fn, _n=name, **kw:
+                                    calls.__setitem__(_n, calls[_n] + 1) or _fn(*a, **kw))
+            drafts = []  # every request's drafts as each round is read
+            set_drafts = eng._set_drafts
+            monkeypatch.setattr(eng, "_set_drafts", lambda r, ds, q, b, _f=set_drafts:
+                                drafts.append((r.id, list(ds))) or _f(r, ds, q, b))
+            runs.append((_final(eng, prompts, ps, arrivals), eng.stats, calls, drafts))
+            assert eng.cache.free_blocks == eng.cache.num_blocks
+        (want, sw, cw, dw) = runs[0]
+        for got, sg, _, dg in runs[1:]:
+            assert got == want and dg == dw
+            assert (sg.rounds, sg.accepted, sg.first_draft_accepted) == (sw.rounds, sw.accepted,
+                                                                         sw.first_draft_accepted)
+        (_, _, cg, _), (_, _, co, _) = runs[1:]
+        assert cw["round"] == 0 and cg["round"] > 0 and co["main"] > 0
+        if ps is params:
+            assert cg["main"] == 0  # every round without penalties and log-probabilities: none step by step
+            assert co["round"] < cg["round"]  # (round_sampled off: only rounds of the greedy request alone, if any)
+        else:
+            assert cg["main"] > 0  # the rounds with the penalised request
+        assert "length" in {r for _, r, _ in want.values()}
+        assert len({tuple(t) for t, _, _ in want.values()}) == len(ps)
+    if drafter == "aligned" and k:
+        assert sg.accepted > 0
+
+
+def test_a_sampled_round_graph_refuses_what_it_cannot_sample(spec_models):
+    model = spec_models[(1, "aligned")]
+    eng = Engine(model, max_batch_size=2, block_size=4, speculative_k=2, cuda_graphs=True)
+    tables = [eng.cache.allocate(2)]
+    pen = eng._sampler([SimpleNamespace(params=SamplingParams(temperature=1.0, repetition_penalty=1.1), seed32=1,
+                                        phase=0, tokens=[1, 2])])
+    with pytest.raises(ValueError, match="without repetition penalties or log-probabilities"):
+        eng._graphs.round(2, [[1, 2, 3]], [0], tables, sampler=pen)
+    ok = eng._sampler([SimpleNamespace(params=SamplingParams(temperature=1.0), seed32=1, phase=0, tokens=[1])])
+    with pytest.raises(ValueError, match="needs the drafts' distributions"):
+        eng._graphs.round(2, [[1, 2, 3]], [0], tables, sampler=ok)
 
 
 def test_a_round_graph_refuses_a_round_without_drafts_or_of_the_wrong_width(spec_models):

@@ -170,15 +170,59 @@ def test_a_greedy_round_in_one_graph(D, k, compile, monkeypatch):
         assert eager == got
 
 
-@pytest.mark.parametrize("k,fused", [(3, False), (0, False), (2, True), (0, True)])
-def test_a_decode_step_syncs_the_host_once(monkeypatch, k, fused):
+@pytest.mark.parametrize("D,k,compile", [(1, 1, False), (2, 3, False), (1, 0, False), (1, 2, True), (1, 1, True)])
+def test_a_sampled_round_in_one_graph(D, k, compile):
+    """round_sampled (graphs.py DecodeGraphs.round with the batch's sampler; on as shipped): rounds of sampling requests
+    (seeded and unseeded; top-k, top-p, min-p; a greedy one among them) as one captured graph give the tokens,
+    acceptance and finish reasons of the same round's graphs launched one by one (sampling.py's hashed random
+    numbers: the same draws either way), and of the one graph's static forward run eagerly. compile: the steps
+    compiled, and the round's whole forward too, its sampling fused by inductor: the same up to a rare flip where a
+    fused softmax's last bit decides a draw or an acceptance (at most one request of six parts)."""
+    m = _model(D, "aligned")
+    prompts = _prompts()
+    sp = [SamplingParams(max_new_tokens=40, temperature=0.8, top_k=50, seed=1, ignore_eos=True),
+          SamplingParams(max_new_tokens=33, temperature=1.0, top_p=0.9, seed=2, ignore_eos=True),
+          SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True),
+          SamplingParams(max_new_tokens=1, temperature=0.7, min_p=0.05, seed=3, ignore_eos=True),
+          SamplingParams(max_new_tokens=40, temperature=1.0, ignore_eos=True),
+          SamplingParams(max_new_tokens=25, temperature=0.6, seed=4, ignore_eos=True)]
+
+    def run(fused: bool, graphs: bool = True):
+        torch.manual_seed(0)  # (the unseeded request's seed)
+        eng = Engine(m, None, max_batch_size=8, block_size=16, speculative_k=k, cuda_graphs=True,
+                     compile_decode=compile)
+        eng.round_graph = fused
+        if not graphs:
+            eng._graphs.use_graphs = False  # the same bucketed static forwards, run eagerly
+        out = eng.generate(prompts, sp)
+        return [(o.token_ids, o.finish_reason) for o in out], eng
+
+    want, steps = run(False)
+    got, fused = run(True)
+    kinds = {key[0] for key in fused._graphs._entries}
+    assert any(kd[0] == "round" and len(kd) == 3 for kd in kinds) and ("main",) not in kinds
+    assert fused._graphs.captures == len(fused._graphs._entries)
+    if compile:
+        assert sum(a == b for a, b in zip(got, want)) >= len(want) - 1, (got, want)
+    else:
+        assert got == want
+        assert (fused.stats.rounds, fused.stats.accepted) == (steps.stats.rounds, steps.stats.accepted)
+        eager, _ = run(True, graphs=False)
+        assert eager == got
+    assert not k or fused.stats.acceptance_rate > 0.3, fused.stats
+
+
+@pytest.mark.parametrize("k,fused,temperature", [(3, False, 0), (0, False, 0), (2, True, 0), (0, True, 0),
+                                                 (2, True, 1.0), (2, False, 1.0)])
+def test_a_decode_step_syncs_the_host_once(monkeypatch, k, fused, temperature):
     """A decode step, with speculation (verify, accept, MTP, chained drafts, all graphs captured) or without it,
-    waits for the device once: for the copy of a step's results (Engine._read). Checked with torch.cuda's sync debug
-    mode set to error everywhere else; with overlapped decoding (both k: the next step or round queued before the
-    one in flight is read) each step reads the step before (none in the first, none queued after the last)."""
+    greedy or sampled, waits for the device once: for the copy of a step's results (Engine._read). Checked with
+    torch.cuda's sync debug mode set to error everywhere else; with overlapped decoding (both k: the next step or
+    round queued before the one in flight is read) each step reads the step before (none in the first, none queued
+    after the last)."""
     m = _model(2, "aligned")
     prompts = _prompts(4)
-    sp = SamplingParams(max_new_tokens=30, temperature=0, ignore_eos=True)
+    sp = SamplingParams(max_new_tokens=30, temperature=temperature, seed=1 if temperature else None, ignore_eos=True)
     eng = Engine(m, None, max_batch_size=4, speculative_k=k, cuda_graphs=True)
     eng.round_graph = fused  # (round_graph: a greedy step or round in one graph)
     eng.generate(prompts, sp)  # captures every bucket the second pass uses

@@ -56,7 +56,7 @@ from dsv3.inference import speculation
 from dsv3.inference.cache import PagedLatentCache
 from dsv3.inference.graphs import DecodeGraphs
 from dsv3.inference.params import SamplingParams  # noqa: F401 (re-exported: engine.SamplingParams)
-from dsv3.inference.sampling import BatchSampler
+from dsv3.inference.sampling import BatchSampler, phase_key, request_seed
 from dsv3.inference.textstream import TextStream
 from dsv3.kernels import backend as kernel_backend
 from dsv3.model.loads import ExpertLoadRecorder
@@ -151,7 +151,8 @@ class _Request:
     chunk: int = 0  # prompt positions this step's prefill adds
     drafts: list[int] = field(default_factory=list)  # this round's drafts d_1 .. d_k
     draft_q: torch.Tensor | None = None  # (k, V) their distributions on the device (None: drafted by argmax)
-    gen: torch.Generator | None = None
+    seed32: int = 0  # the request's 32-bit sampling seed (sampling.py: its random numbers)
+    phase: int = 0  # sampling phases begun (its final prefill chunk, then one per decode round): the next one's key
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finished: bool = False
     finish_reason: str | None = None
@@ -272,8 +273,10 @@ class Engine:
         # with speculation and the "verify_rows" switch on (kernels/backend.py), one sequence's verification step
         # (k + 1 rows) takes the one-row decode kernels; with "round_graph" on (as shipped: speculation rounds only), a
         # step (a round) of greedy requests without log-probabilities (nor lockstep) runs as one graph (graphs.py
-        # DecodeGraphs.round)
+        # DecodeGraphs.round), and with "round_sampled" on (as shipped) so does a step of requests that sample without
+        # repetition penalties
         self.round_graph = kernel_backend.round_graph(self.k)
+        self.round_graph_sampled = kernel_backend.round_sampled()
         self._graphs = DecodeGraphs(self.model, self.cache, pad, max_batch_size, max_blocks, use_graphs=use,
                                     compile=compile_decode, bucketed=use, loads=self.loads,
                                     row_limit=kernel_backend.verify_rows(self.k))
@@ -327,8 +330,8 @@ class Engine:
         r = _Request(rid, ids, params, time.monotonic())
         if self.tok is not None:
             r.stream = TextStream(self.tok, params.stop)
-        if params.seed is not None:
-            r.gen = torch.Generator(device=self.device).manual_seed(params.seed)
+        # unseeded: a seed from torch's default CPU generator (so torch.manual_seed makes a run repeatable)
+        r.seed32 = request_seed(params.seed) if params.seed is not None else int(torch.randint(2 ** 32, ()))
         self.waiting.append(r)
         return rid
 
@@ -473,13 +476,17 @@ class Engine:
             setattr(self.stats, name, value)
 
     def _sampler(self, reqs: list[_Request], live: list[bool] | None = None) -> BatchSampler:
-        """The batch's sampler; rows with live[b] False (a prompt chunk that is not the last: its draws are thrown
-        away) draw greedily, without their generator, so a seeded request's random stream is the one-shot
-        prefill's."""
+        """The batch's sampler for a new phase of its requests (sampling.py: each live row's key is its request's
+        next phase); rows with live[b] False (a prompt chunk that is not the last: its draws are thrown away) draw
+        greedily and begin no phase, so a request's random numbers are the one-shot prefill's."""
         live = live or [True] * len(reqs)
         params = [r.params if ok else _DISCARDED for r, ok in zip(reqs, live)]
         pen = any(p.repetition_penalty != 1.0 for p in params)
-        return BatchSampler(params, [r.gen if ok else None for r, ok in zip(reqs, live)],
+        keys = []
+        for r, ok in zip(reqs, live):
+            keys.append(phase_key(r.seed32, r.phase) if ok else 0)
+            r.phase += ok
+        return BatchSampler(params, keys,
                             [r.tokens if pen and ok else () for r, ok in zip(reqs, live)],
                             self.model.config.vocab_size, self.device)
 
@@ -578,13 +585,18 @@ class Engine:
         else:  # copied in on the device; the host bounds the positions by the most prev can accept (k + 1)
             inp = torch.cat([prev.tokens.gather(1, prev.n[:, None] - 1), prev.drafts], 1)  # (B, k+1)
             pos_in, bound = prev.next_pos, max(r.main_len for r in reqs) + k + 1
-        if self.round_graph and sampler.all_greedy and sampler.logprobs_n is None and self.agree is None:
-            # a greedy step in one launch (graphs.py DecodeGraphs.round): the same forwards and tokens as below
+        if (self.round_graph and sampler.present is None and sampler.logprobs_n is None and self.agree is None
+                and (sampler.all_greedy or self.round_graph_sampled)):
+            # a step in one launch (graphs.py DecodeGraphs.round): the same forwards and tokens as below
+            q_in = None
+            if k and not sampler.all_greedy:
+                q_in = prev.q if prev is not None else self._draft_probs(reqs)
             if not k:
-                (tokens,) = self._graphs.round(0, inp, pos_in, tables, last_pos=bound)
+                (tokens,) = self._graphs.round(0, inp, pos_in, tables, last_pos=bound, sampler=sampler)
                 return self._queue(reqs, tokens, tokens)
-            tokens, n, drafts, next_pos, rows = self._graphs.round(k, inp, pos_in, tables, last_pos=bound + k)
-            return self._queue(reqs, rows, tokens, n=n, drafts=drafts, next_pos=next_pos)
+            tokens, n, drafts, next_pos, rows, *q = self._graphs.round(k, inp, pos_in, tables, last_pos=bound + k,
+                                                                        sampler=sampler, q=q_in)
+            return self._queue(reqs, rows, tokens, q=q[0] if q else None, n=n, drafts=drafts, next_pos=next_pos)
         logits, hidden, inp, pos0 = self._graphs.main(inp, pos_in, tables, last_pos=bound + k)
         d_in = inp[:, 1:]  # (B, k)
         q_in = None  # (k = 0: no drafts to weigh)
@@ -657,10 +669,16 @@ class Engine:
 
         return speculation.draft(sampler, self.k, h, logits, step)
 
-    def _draft_probs(self, reqs: list[_Request], drafts: torch.Tensor) -> torch.Tensor:
+    def _draft_probs(self, reqs: list[_Request], drafts: torch.Tensor | None = None) -> torch.Tensor:
         """(B, k, V): each request's draft distributions; a request drafted by argmax (in a batch of only
-        greedy requests) has the one-hot distribution of its drafts."""
+        greedy requests) has the one-hot distribution of its drafts (drafts (B, k) on the device, else its
+        r.drafts sent there without blocking)."""
         V = self.model.config.vocab_size
+        if all(r.draft_q is not None for r in reqs):
+            return torch.stack([r.draft_q for r in reqs])
+        if drafts is None:
+            host = torch.tensor([r.drafts for r in reqs], dtype=torch.long)
+            drafts = (host.pin_memory() if self.device.type == "cuda" else host).to(self.device, non_blocking=True)
         return torch.stack([r.draft_q if r.draft_q is not None else
                             torch.nn.functional.one_hot(drafts[b], V).float() for b, r in enumerate(reqs)])
 

@@ -21,12 +21,15 @@ one launch. What a graph needs is a forward whose shapes and addresses never cha
     S = nblk · block_size with nblk the next power of two >= the blocks the furthest position needs.
     Rows past B are padding: they read and write only a reserved padding block;
   * all graphs share one memory pool (captured lazily, on first use of a bucket);
-  * a greedy step may run as one graph (`round`, the "round_graph" switch of kernels/backend.py): a speculation
+  * a step may run as one graph (`round`, the "round_graph" switch of kernels/backend.py): a speculation
     round's verification step, the acceptance, MTP module 0 over the k + 1 positions and the k - 1 chained draft
     steps, each forward the one its own bucket would run (same shapes, same ops), the inputs of each
     step after the first copied from the step before inside the graph: one launch a round instead of k + 1 and the
     ~20 eager kernels between them (speculation.py's accept and draft, the copies into the buckets); without
-    speculation (k = 0) the one-token step and its argmax. With compiled steps the round's whole forward is compiled
+    speculation (k = 0) the one-token step and its argmax (or draw). Greedy rounds take argmax; sampled ones
+    ("round_sampled") the batch's sampler on static buffers: each row's parameters and phase key, and the verified
+    drafts' distributions, copied in before the replay; their random numbers are sampling.py's hashed ones, pure
+    functions of those keys, so a replay draws what the steps one by one would. With compiled steps the round's whole forward is compiled
     as one function ("round_compile"), so inductor fuses those kernels too (a k = 1 round of `small`: 248 -> 226
     kernels, 0.870 -> 0.814 ms on an H100).
 
@@ -57,7 +60,7 @@ import torch
 from dsv3 import kernels
 from dsv3.inference import speculation
 from dsv3.inference.params import SamplingParams
-from dsv3.inference.sampling import BatchSampler
+from dsv3.inference.sampling import BatchSampler, param_row
 from dsv3.kernels import backend as kernel_backend
 
 # INDUCTOR_PDL: inductor's generated kernels of a compiled decode step launch with programmatic dependent launch too,
@@ -242,22 +245,32 @@ class _Entry:
 
 
 class _Round:
-    """The static state of a greedy round's one graph (DecodeGraphs.round): `sb` the round's inputs as the host
-    fills them (T = k + 1 tokens, the block table of the round's furthest step, `nblk` blocks), then one static
-    batch per forward with its own bucket's context: the verification step, MTP module 0 (T = k + 1) and the
-    chained draft steps j = 1 .. k - 1 (T = 1); and the batch's greedy sampler (stateless: argmax)."""
+    """The static state of a round's one graph (DecodeGraphs.round): `sb` the round's inputs as the host fills them
+    (T = k + 1 tokens, the block table of the round's furthest step, `nblk` blocks), then one static batch per
+    forward with its own bucket's context: the verification step, MTP module 0 (T = k + 1) and the chained draft
+    steps j = 1 .. k - 1 (T = 1); and the batch's sampler: greedy (stateless: argmax), or, for a sampled round
+    (`filters`: which of top-k, top-p, min-p it applies), one reading each row's parameters from the static `rows`
+    (BatchSampler.over; padding rows greedy) and the verified drafts' distributions from `q` (Bp, k, V)."""
 
-    def __init__(self, graphs: "DecodeGraphs", k: int, Bp: int, nblks: tuple[int, ...]):
+    def __init__(self, graphs: "DecodeGraphs", k: int, Bp: int, nblks: tuple[int, ...],
+                 filters: tuple[bool, bool, bool] | None = None):
         cache, pad, dev = graphs.cache, graphs.pad_block, graphs.cache.kv.device
-        D = graphs.model.config.hidden_size
+        D, V = graphs.model.config.hidden_size, graphs.model.config.vocab_size
         self.k = k
         self.sb = StaticBatch(cache, Bp, k + 1, max(nblks), pad)
+        self.sb.round = self  # (what DecodeGraphs.round's fill copies the sampler's rows and q into)
         attention = graphs._attention()
         self.main = StaticBatch(cache, Bp, k + 1, nblks[0], pad, attention)
         self.mtp = [StaticBatch(cache, Bp, k + 1, nblks[0], pad, attention, hidden_dim=D)] if k else []
         self.mtp += [StaticBatch(cache, Bp, 1, n, pad, attention, hidden_dim=D) for n in nblks[1:]]
-        self.sampler = BatchSampler([SamplingParams(temperature=0.0)] * Bp, [None] * Bp, [()] * Bp,
-                                    graphs.model.config.vocab_size, dev)
+        self.rows = self.q = None
+        if filters is None:
+            self.sampler = BatchSampler([SamplingParams(temperature=0.0)] * Bp, [0] * Bp, [()] * Bp, V, dev)
+        else:
+            greedy_row = param_row(SamplingParams(temperature=0.0), 0)  # (padding rows: the host fills rows[:B])
+            self.rows = torch.tensor([greedy_row] * Bp, dtype=torch.float64, device=dev)
+            self.q = torch.zeros(Bp, k, V, device=dev) if k else None
+            self.sampler = BatchSampler.over(self.rows, filters, V)
 
 
 class DecodeGraphs:
@@ -326,15 +339,16 @@ class DecodeGraphs:
                                    select=sb.select)  # (Bp, D), (Bp, V)
 
     def _forward_round(self, r: _Round) -> tuple[torch.Tensor, ...]:
-        """A greedy round (speculation.py) over r's static batches, each step's inputs copied from the step before
-        on the device -> tokens (Bp, k+1), n (Bp,), drafts (Bp, k), the next round's first positions (Bp,), and the
-        results' row per sequence as Engine._results lays them out (tokens, n, drafts); k = 0: tokens (Bp, 1) only
-        (the one-token step's argmax, also its results' rows)."""
+        """A round (speculation.py) over r's static batches, each step's inputs copied from the step before on the
+        device -> tokens (Bp, k+1), n (Bp,), drafts (Bp, k), the next round's first positions (Bp,), the results'
+        row per sequence as Engine._results lays them out (tokens, n, drafts), and for a sampled round the new
+        drafts' distributions q (Bp, k, V); k = 0: tokens (Bp, 1) only (the one-token step's argmax or draw, also
+        its results' rows)."""
         k, sb = r.k, r.sb
         T = k + 1
         r.main.meta.copy_(sb.meta[:, : 1 + T + r.main.nblk])  # (a prefix of the widest table: the same blocks)
         logits, hidden, ids, pos0 = self._main(r.main)
-        tokens, n, _ = speculation.accept(r.sampler, logits, ids[:, 1:], None)  # (Bp, k+1), (Bp,)
+        tokens, n, _ = speculation.accept(r.sampler, logits, ids[:, 1:], r.q)  # (Bp, k+1), (Bp,)
         if not k:
             return (tokens,)
         next_pos = pos0 + n
@@ -356,8 +370,9 @@ class DecodeGraphs:
             c.select.zero_()
             return self._mtp(c, module=min(j, n_mtp - 1))
 
-        drafts, _ = speculation.draft(r.sampler, k, h, lg, step)
-        return tokens, n, drafts, next_pos, torch.cat([tokens, n[:, None], drafts], 1)
+        drafts, q = speculation.draft(r.sampler, k, h, lg, step)
+        out = tokens, n, drafts, next_pos, torch.cat([tokens, n[:, None], drafts], 1)
+        return out if q is None else out + (q,)
 
     def _run_round(self, r: _Round) -> tuple[torch.Tensor, ...]:
         """A round's forward: compiled whole where round_compile is on. Should that compile fail (glue inductor cannot
@@ -385,7 +400,7 @@ class DecodeGraphs:
         if key in self._entries:
             return self._entries[key]
         if kind[0] == "round":  # nblk: each forward's blocks (verification and MTP 0, then the chained steps)
-            r = _Round(self, kind[1], Bp, nblk)
+            r = _Round(self, kind[1], Bp, nblk, kind[2] if len(kind) > 2 else None)
             sb = r.sb
 
             def step(_sb: StaticBatch, r: _Round = r):
@@ -471,14 +486,19 @@ class DecodeGraphs:
 
     @torch.no_grad()
     def round(self, k: int, tokens: list[list[int]] | torch.Tensor, pos0: list[int] | torch.Tensor,
-              tables: list[list[int]], last_pos: int | None = None):
-        """A greedy speculation round (speculation.py's accept and draft with argmax) in one graph: tokens (B, k+1)
-        [x_L, d_1 .. d_k], pos0 and last_pos as `main` takes them -> tokens (B, k+1) (the round's are
-        tokens[b, :n[b]]), n (B,), the new drafts (B, k), the next round's first positions pos0 + n (B,), and the
-        results' rows (B, 2k+2): tokens, n, drafts (Engine._results' layout). Each forward runs in the bucket its
-        own step would (verification and MTP module 0 up to last_pos, chained draft j up to last_pos + j), so the
-        tokens are those of `main` + `mtp` + the chained steps run one by one. k = 0: a one-token greedy step ->
-        (tokens (B, 1),), its argmax."""
+              tables: list[list[int]], last_pos: int | None = None, sampler: BatchSampler | None = None,
+              q: torch.Tensor | None = None):
+        """A speculation round (speculation.py's accept and draft) in one graph: tokens (B, k+1) [x_L, d_1 .. d_k],
+        pos0 and last_pos as `main` takes them -> tokens (B, k+1) (the round's are tokens[b, :n[b]]), n (B,), the
+        new drafts (B, k), the next round's first positions pos0 + n (B,), and the results' rows (B, 2k+2):
+        tokens, n, drafts (Engine._results' layout). Each forward runs in the bucket its own step would
+        (verification and MTP module 0 up to last_pos, chained draft j up to last_pos + j), so the tokens are those
+        of `main` + `mtp` + the chained steps run one by one. k = 0: a one-token step -> (tokens (B, 1),).
+
+        Greedy (sampler None or all_greedy): argmax. Else the batch's sampler (no repetition penalty nor
+        log-probabilities: those take the steps one by one), its rows copied into the round's static ones (a graph
+        per set of filters it applies), q (B, k, V) the verified drafts' distributions; the new drafts'
+        distributions (B, k, V) come last in the outputs (k >= 1)."""
         if k < 0:
             raise ValueError(f"a round's k (drafts a sequence) must be >= 0, got {k}")
         B, T, last_pos, host_tokens, host_pos, fill = self._inputs(tokens, pos0, last_pos)
@@ -486,7 +506,21 @@ class DecodeGraphs:
             raise ValueError(f"a round of k = {k} verifies k + 1 = {k + 1} tokens a sequence, got {T}")
         # (verification and MTP 0, then chained drafts 1 .. k-1)
         lasts = tuple(last_pos + j for j in range(max(k, 1)))
-        return self._launch(("round", k), B, T, lasts, host_tokens, host_pos, tables, fill)
+        if sampler is None or sampler.all_greedy:
+            return self._launch(("round", k), B, T, lasts, host_tokens, host_pos, tables, fill)
+        if sampler.present is not None or sampler.logprobs_n is not None:
+            raise ValueError("a round graph samples without repetition penalties or log-probabilities")
+        if k and (q is None or tuple(q.shape) != (B, k, self.model.config.vocab_size)):
+            raise ValueError(f"a sampled round of k = {k} needs the drafts' distributions q ({B}, {k}, V)")
+
+        def fill_sampled(sb: StaticBatch) -> None:
+            if fill is not None:
+                fill(sb)
+            sb.round.rows[:B].copy_(sampler.rows)
+            if k:
+                sb.round.q[:B].copy_(q)
+
+        return self._launch(("round", k, sampler.filters), B, T, lasts, host_tokens, host_pos, tables, fill_sampled)
 
     def _inputs(self, tokens, pos0, last_pos):
         """`main`'s and `round`'s inputs -> B, T, last_pos, the tokens and pos0 for the host meta (None where they

@@ -9,18 +9,26 @@ number of batched tensor ops:
     probs(logits (B, T, V), extra (B, T-1))  the processed next-token distributions; position j sees
                                              the request's history plus extra[:, :j] (the drafts
                                              before it) for the repetition penalty
-    draw(w (B, V))                           one token per row from weights w (need not be normalised)
-    uniform(n)                               (B, n) uniforms (speculative acceptance)
+    draw(w (B, V), slot)                     one token per row from weights w (need not be normalised)
+    uniform(n, slot)                         (B, n) uniforms (speculative acceptance), slots slot ..
+                                             slot + n - 1 of the phase
     logprobs(logits, tokens, n)              the raw model's log-probabilities of the chosen tokens
                                              and its n most likely tokens
 
-Draws use the exponential race, argmax(w / Exp(1)) — the algorithm (and random numbers) of
-torch.multinomial(w, 1) without its validity checks, which read values back to the host. Rows with a
-seed draw from their own generator, in a fixed order per round (speculation.py), so a seeded
-request's output does not depend on what it is batched with. Greedy (temperature < 1e-5, vLLM's eps:
-logits divided by a tinier temperature overflow fp32) is the one-hot distribution of the argmax, so
-greedy and sampled rows share every formula; a batch of greedy rows without a repetition penalty
-(`all_greedy`) skips the distributions altogether and uses argmax.
+Draws use the exponential race, argmax(w / Exp(1)) — the algorithm of torch.multinomial(w, 1) without
+its validity checks, which read values back to the host. The random numbers are a counter-based hash
+(`random_bits`): each row's come from its request's 32-bit seed (the one asked for, else one drawn from
+torch's default CPU generator when the request is added), the phase counter (the request's final
+prefill chunk is phase 0, each decode round the next) and the slot within the phase (speculation.py:
+k uniforms, then the correction's draw, then one draw per draft), hashed with the token index for a
+draw over the vocabulary. They are pure tensor functions of per-row keys, so a request's tokens do not
+depend on what it is batched with, a CUDA graph replays them (per-request torch generators cannot be
+captured), and a graphed round gives the tokens of the eager one. (vLLM's Triton sampling kernels key
+Philox the same way, tl.rand(seed + position, offset); a plain integer hash runs as tensor ops on any
+device, the CPU reference included.)
+Greedy (temperature < 1e-5, vLLM's eps: logits divided by a tinier temperature overflow fp32) is the
+one-hot distribution of the argmax, so greedy and sampled rows share every formula; a batch of greedy
+rows without a repetition penalty (`all_greedy`) skips the distributions altogether and uses argmax.
 """
 
 from __future__ import annotations
@@ -104,38 +112,84 @@ def penalize(logits: torch.Tensor, present: torch.Tensor, penalty: torch.Tensor)
     return torch.where(present, pen, logits)
 
 
+# The random numbers (module docstring): a 32-bit integer hash, Thomas Mueller's (0x45d9f3b: each round's product
+# stays below 2^59, so int64 tensor arithmetic never overflows on any device and Python ints give the same values).
+M32 = 0xFFFFFFFF
+_MIX = 0x45D9F3B
+_GOLDEN = 0x9E3779B9  # (spreads the slot and index counters before they meet a key)
+
+
+def hash32(x):
+    """A bijective mix of 32-bit values: a Python int, or an int64 tensor of values in [0, 2^32), -> the same."""
+    x = ((x >> 16) ^ x) * _MIX & M32
+    x = ((x >> 16) ^ x) * _MIX & M32
+    return (x >> 16) ^ x
+
+
+def request_seed(seed: int) -> int:
+    """A request's seed (any int, SamplingParams.seed) -> its 32-bit seed: both halves of its 64 bits hashed in."""
+    s = seed & (2 ** 64 - 1)
+    return hash32((s & M32) ^ hash32(s >> 32))
+
+
+def phase_key(seed32: int, phase: int) -> int:
+    """The key of a request's sampling phase `phase` (0: its final prefill chunk, then one per decode round)."""
+    return hash32(hash32(seed32) ^ (phase * _GOLDEN & M32))
+
+
+def random_bits(keys: torch.Tensor, slot: int, n: int) -> torch.Tensor:
+    """keys (B,) int64 (phase keys) -> (B, n) int64 in [0, 2^32): the random numbers of slot `slot` of each row's
+    phase, index 0 .. n-1 (a draw over a vocabulary of n: one per token)."""
+    base = hash32(keys ^ hash32((slot + 1) * _GOLDEN & M32))[:, None]  # (B, 1)
+    idx = torch.arange(n, device=keys.device) * _GOLDEN & M32
+    return hash32(hash32(base ^ idx) ^ base)
+
+
+def uniforms(bits: torch.Tensor, open_low: bool = False) -> torch.Tensor:
+    """random_bits -> fp32 uniforms from their top 24 bits: in [0, 1), or (0, 1) with open_low (for a log)."""
+    return ((bits >> 8).float() + (0.5 if open_low else 0.0)) * 2.0 ** -24
+
+
+# columns of BatchSampler.rows
+_GREEDY, _TEMP, _TOPK, _TOPP, _MINP, _PENALTY, _KEY = range(7)
+N_COLS = 7
+
+
+def param_row(p: SamplingParams, key: int) -> list[float]:
+    """One row of BatchSampler.rows: a request's parameters and its phase key (a greedy row's temperature is 1: it
+    takes the one-hot distribution, and must not divide the logits by 0)."""
+    g = p.temperature < GREEDY_EPS
+    return [float(g), 1.0 if g else p.temperature, p.top_k, p.top_p, p.min_p, p.repetition_penalty, float(key)]
+
+
 class BatchSampler:
     """Sampling state of one batch for one step (module docstring). `histories[b]`: the tokens request b
-    has seen (prompt + output), needed only when some row has a repetition penalty."""
+    has seen (prompt + output), needed only when some row has a repetition penalty; keys[b]: row b's phase key
+    (`phase_key`; ignored for greedy rows).
 
-    def __init__(self, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None],
-                 histories: Sequence[Sequence[int]], vocab_size: int, device: torch.device):
+    Every row's parameters live in `rows` (B, N_COLS) float64 on the device (one host -> device copy; a key < 2^32
+    is exact in it), read by the properties below where a distribution needs them: `over` builds a sampler on a
+    CUDA graph's static rows, refilled before each replay."""
+
+    def __init__(self, params: Sequence[SamplingParams], keys: Sequence[int], histories: Sequence[Sequence[int]],
+                 vocab_size: int, device: torch.device):
         self.B, self.V, self.device = len(params), vocab_size, device
-        self.generators = list(generators)
-        self.seeded = [(b, g) for b, g in enumerate(generators) if g is not None]
         greedy = [p.temperature < GREEDY_EPS for p in params]
         pens = [p.repetition_penalty for p in params]
         self.all_greedy = all(greedy) and all(x == 1.0 for x in pens)
         lp = [p.logprobs for p in params]
         self.logprobs_n = max((n for n in lp if n is not None), default=None)  # None: no row wants them
         self.present = None  # (B, V) bool: tokens in each row's history, where a penalty is used
+        # which filters some row uses (the others are skipped: their sorts cost the most)
+        self.filters = (any(p.top_k for p in params), any(p.top_p < 1 for p in params),
+                        any(p.min_p > 0 for p in params))
         if self.all_greedy:
             return
-
-        # every row's parameters in one host -> device copy, (B, 6) -> columns (B, 1, 1) against (B, T, V)
-        rows = [[float(g), 1.0 if g else p.temperature, p.top_k, p.top_p, p.min_p, p.repetition_penalty]
-                for g, p in zip(greedy, params)]
-        rows_t = torch.tensor(rows, dtype=torch.float64)
+        rows_t = torch.tensor([param_row(p, key) for p, key in zip(params, keys)], dtype=torch.float64)
         if torch.device(device).type == "cuda":  # pinned, without blocking: a pageable copy would wait for the step
             rows_t = rows_t.pin_memory()  # still running (the engine's overlapped decoding queues steps ahead)
-        cols = rows_t.to(device, non_blocking=True).view(self.B, 6, 1, 1).unbind(1)
-        self.greedy = cols[0] > 0
-        self.temperature = cols[1].float()
-        self.top_k = cols[2].long() if any(p.top_k for p in params) else 0
-        self.top_p = cols[3].float() if any(p.top_p < 1 for p in params) else 1.0
-        self.min_p = cols[4].float() if any(p.min_p > 0 for p in params) else 0.0
+        self.rows = rows_t.to(device, non_blocking=True)
         if any(x != 1.0 for x in pens):
-            self.penalty = cols[5].float()
             L = max(1, max(len(h) for h in histories))
             ids = torch.zeros(self.B, L, dtype=torch.long)
             valid = torch.zeros(self.B, L, dtype=torch.bool)
@@ -145,6 +199,48 @@ class BatchSampler:
                     valid[b, : len(h)] = True
             self.present = torch.zeros(self.B, vocab_size, dtype=torch.bool, device=device)
             self.add_history(ids.to(device), valid.to(device))
+
+    @classmethod
+    def over(cls, rows: torch.Tensor, filters: tuple[bool, bool, bool], vocab_size: int) -> "BatchSampler":
+        """A sampler reading its parameters from `rows` (B, N_COLS) float64 (a graph's static buffer): no repetition
+        penalty, no log-probabilities; filters: which of top-k, top-p, min-p to apply."""
+        s = cls.__new__(cls)
+        s.B, s.V, s.device, s.rows, s.filters = rows.shape[0], vocab_size, rows.device, rows, tuple(filters)
+        s.all_greedy, s.logprobs_n, s.present = False, None, None
+        return s
+
+    # --- the rows' columns, (B, 1, 1) against (B, T, V) (read where used: a graph recomputes them each replay) --
+    def _col(self, c: int) -> torch.Tensor:
+        return self.rows[:, c].view(self.B, 1, 1)
+
+    @property
+    def greedy(self) -> torch.Tensor:
+        return self._col(_GREEDY) > 0
+
+    @property
+    def temperature(self) -> torch.Tensor:
+        return self._col(_TEMP).float()
+
+    @property
+    def top_k(self):
+        return self._col(_TOPK).long() if self.filters[0] else 0
+
+    @property
+    def top_p(self):
+        return self._col(_TOPP).float() if self.filters[1] else 1.0
+
+    @property
+    def min_p(self):
+        return self._col(_MINP).float() if self.filters[2] else 0.0
+
+    @property
+    def penalty(self) -> torch.Tensor:
+        return self._col(_PENALTY).float()
+
+    @property
+    def keys(self) -> torch.Tensor:
+        """(B,) int64: each row's phase key."""
+        return self.rows[:, _KEY].long()
 
     # --- distributions --------------------------------------------------------------------------
     def add_history(self, tokens: torch.Tensor, valid: torch.Tensor) -> None:
@@ -170,27 +266,24 @@ class BatchSampler:
         p = filter_logits(x / self.temperature, self.top_k, self.top_p, self.min_p).softmax(-1)
         return torch.where(self.greedy, one_hot, p)
 
-    # --- random numbers -------------------------------------------------------------------------
-    def uniform(self, n: int) -> torch.Tensor:
-        """(B, n) uniforms in [0, 1); a seeded row's from its generator."""
-        u = torch.rand(self.B, n, device=self.device)
-        for b, g in self.seeded:
-            u[b] = torch.rand(n, device=self.device, generator=g)
-        return u
+    # --- random numbers (module docstring; the slots of a phase: speculation.py) ----------------------
+    def uniform(self, n: int, slot: int) -> torch.Tensor:
+        """(B, n) uniforms in [0, 1): slot `slot` of each row's phase."""
+        return uniforms(random_bits(self.keys, slot, n))
 
-    def draw(self, w: torch.Tensor) -> torch.Tensor:
-        """w (B, V) non-negative weights, not all zero per row -> one token per row (B,), on the device."""
-        q = torch.empty_like(w, dtype=torch.float32).exponential_(1)
-        for b, g in self.seeded:
-            q[b].exponential_(1, generator=g)
-        return argmax(w / q)
+    def draw(self, w: torch.Tensor, slot: int) -> torch.Tensor:
+        """w (B, V) non-negative weights, not all zero per row -> one token per row (B,), on the device: the
+        exponential race with slot `slot`'s random numbers."""
+        e = -torch.log(uniforms(random_bits(self.keys, slot, w.shape[-1]), open_low=True))  # (B, V) Exp(1)
+        return argmax(w / e)
 
-    def choose(self, logits: torch.Tensor, extra: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def choose(self, logits: torch.Tensor, slot: int, extra: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """logits (B, V) -> (token (B,), its processed distribution (B, V), None when all_greedy)."""
         if self.all_greedy:
             return argmax(logits), None
         p = self.probs(logits[:, None], extra)[:, 0]
-        return self.draw(p), p
+        return self.draw(p, slot), p
 
     # --- log-probabilities ----------------------------------------------------------------------
     def logprobs(self, logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:

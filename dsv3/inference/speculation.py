@@ -21,9 +21,9 @@ Positions past n hold rejected drafts' latents in both caches until the next rou
 chained drafts, so their caches are approximate: that can only lower acceptance, never change
 outputs. k = 0 is plain decoding: `accept` with no drafts draws from p_0.
 
-Random numbers, per seeded row and round, in this order: k uniforms and one draw (accept), then one
-draw per draft — so the graphed and eager paths, and any batching, give a seeded request the same
-tokens.
+Random numbers (sampling.py): each row's are a hash of its request's seed, the phase (prefill or
+round) and a slot: slot 0 the k uniforms and slot 1 the correction's draw (accept), slot 2 + j draft
+j's draw — so the graphed and eager paths, and any batching, give a request the same tokens.
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ from collections.abc import Callable
 import torch
 
 from dsv3.inference.sampling import BatchSampler, argmax
+
+SLOT_UNIFORMS, SLOT_CORRECTION, SLOT_DRAFTS = 0, 1, 2  # a phase's random-number slots (module docstring)
 
 
 def accept(sampler: BatchSampler, logits: torch.Tensor, drafts: torch.Tensor,
@@ -52,7 +54,7 @@ def accept(sampler: BatchSampler, logits: torch.Tensor, drafts: torch.Tensor,
         return top, n, None
     p = sampler.probs(logits, drafts)  # (B, T, V): position j's history includes d_1 .. d_j
     if k:
-        u = sampler.uniform(k)
+        u = sampler.uniform(k, SLOT_UNIFORMS)
         pd = p[:, :k].gather(-1, drafts.unsqueeze(-1)).squeeze(-1)  # (B, k) p_{j-1}(d_j)
         qd = q.gather(-1, drafts.unsqueeze(-1)).squeeze(-1)  # (B, k) q_j(d_j)
         ok = u * qd < pd  # u < p/q without dividing by zero
@@ -64,7 +66,7 @@ def accept(sampler: BatchSampler, logits: torch.Tensor, drafts: torch.Tensor,
     else:
         acc = torch.zeros(B, dtype=torch.long, device=logits.device)
         w = p[:, 0]
-    last = sampler.draw(w)  # (B,)
+    last = sampler.draw(w, SLOT_CORRECTION)  # (B,)
     tokens = torch.cat([drafts, last[:, None]], 1).scatter(1, acc[:, None], last[:, None])
     return tokens, acc + 1, p
 
@@ -78,7 +80,7 @@ def draft(sampler: BatchSampler, k: int, h: torch.Tensor, logits: torch.Tensor,
     history must already include the round's accepted tokens; the drafts are added as they come."""
     ds, qs = [], []
     for j in range(k):
-        d, q = sampler.choose(logits)
+        d, q = sampler.choose(logits, SLOT_DRAFTS + j)
         ds.append(d)
         if q is not None:
             qs.append(q)

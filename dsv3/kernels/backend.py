@@ -158,10 +158,14 @@ SPECULATION_ROUNDS = "speculation rounds"  # round_graph: on for speculation rou
 # busy 0.802 -> 0.754), k = 2 1.144 -> 1.067 (286 -> 254); a trained `small` (bench/spec_gpu.py, 4.5 minutes, one
 # checkpoint) k = 1 1.24x -> 1.32x plain decoding, the same tokens both ways. Should the whole round fail to compile
 # (not measured on 16b or FP8 weights), the engine warns and runs the round's steps (graphs.py _run_round).
+# "round_sampled" is not an op either: where round_graph is on, a step whose requests sample (temperature, top-k,
+# top-p, min-p; no repetition penalty nor log-probabilities) runs as one graph too, its random numbers the hashed
+# ones of sampling.py (the same tokens as its steps one by one: tests/test_engine.py); off, such steps run their
+# forwards one by one with the sampling between them eager.
 SWITCHED: dict[str, bool | str] = {"dense_gemv": True, "head_gemv": True, "latent_store": True,
                                    "moe_gemm": True, "pdl": True, "mla_uv": True, "shared_gemv": WEIGHTS_E4M3,
                                    "mla_prep": True, "verify_rows": True, "round_graph": SPECULATION_ROUNDS,
-                                   "round_compile": True}
+                                   "round_compile": True, "round_sampled": True}
 # ops that follow another op's switch: the dense SwiGLU's fused gate+up GEMV is one of the dense decode GEMVs
 SWITCH_OF: dict[str, str] = {"swiglu_gemv": "dense_gemv"}
 # Up to these many activation rows the Triton FP8-weight kernels run (decode; above, prefill:
@@ -213,6 +217,12 @@ def round_graph(k: int) -> bool:
     _read_env()
     on = SWITCHED["round_graph"]
     return bool(k) if on == SPECULATION_ROUNDS else bool(on)
+
+
+def round_sampled() -> bool:
+    """Whether a round graph takes sampled steps too (the "round_sampled" switch)."""
+    _read_env()
+    return bool(SWITCHED["round_sampled"])
 
 
 def round_compile() -> bool:
@@ -464,8 +474,9 @@ def switch(op: str, on: bool | str) -> bool | str:
     if op not in SWITCHED:
         raise ValueError(f"switch: {op!r} is not a switched op; one of {sorted(SWITCHED)}")
     # the values beyond on / off an op takes: SPECULATION_ROUNDS is round_graph's alone; a weight dtype means nothing
-    # to either round switch
-    extra = {"round_graph": ("SPECULATION_ROUNDS",), "round_compile": ()}.get(op, ("WEIGHTS_16BIT", "WEIGHTS_E4M3"))
+    # to any round switch
+    extra = {"round_graph": ("SPECULATION_ROUNDS",), "round_compile": (), "round_sampled": ()}.get(
+        op, ("WEIGHTS_16BIT", "WEIGHTS_E4M3"))
     named = {WEIGHTS_16BIT: "WEIGHTS_16BIT", WEIGHTS_E4M3: "WEIGHTS_E4M3", SPECULATION_ROUNDS: "SPECULATION_ROUNDS"}
     if isinstance(on, str) and named.get(on) not in extra:
         takes = f"on, off or {', '.join(extra)}" if extra else "on or off"
