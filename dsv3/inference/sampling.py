@@ -141,8 +141,8 @@ def random_bits(keys: torch.Tensor, slot: int, n: int) -> torch.Tensor:
     """keys (B,) int64 (phase keys) -> (B, n) int64 in [0, 2^32): the random numbers of slot `slot` of each row's
     phase, index 0 .. n-1 (a draw over a vocabulary of n: one per token)."""
     base = hash32(keys ^ hash32((slot + 1) * _GOLDEN & M32))[:, None]  # (B, 1)
-    idx = torch.arange(n, device=keys.device) * _GOLDEN & M32
-    return hash32(hash32(base ^ idx) ^ base)
+    idx = torch.arange(n, device=keys.device) * _GOLDEN & M32  # (n,)
+    return hash32(base ^ idx)  # (one round over (B, n): each elementwise op is a kernel on the eager path)
 
 
 def uniforms(bits: torch.Tensor, open_low: bool = False) -> torch.Tensor:
