@@ -26,8 +26,8 @@ checkpoint.
    --spec-eager asks for that path (k > 0 without graphs) on purpose, for a before / after comparison;
    --verify-rows on / both runs k > 0 with the `verify_rows` switch (dsv3/kernels/backend.py) on / both ways (it
    changes only steps of at most k + 1 rows: at larger batches one row, with the switch as asked);
-   --round-graph on / both likewise with `round_graph` (a round as one CUDA graph; sampled rounds too, where
-   `round_sampled` is on, as shipped), --round-compile with
+   --round-graph on / both likewise with `round_graph` (a round as one CUDA graph; with --temperature the sampled
+   rounds too: round_sampled switched on with it), --round-compile with
    `round_compile` (with --compile, a round graph's whole forward compiled as one function; default: as shipped).
 4. transformers: the same checkpoint directory through AutoModelForCausalLM (DeepseekV3ForCausalLM; it drops
    the MTP layer) in bf16 on the GPU, `generate` greedy on the first B prompts (min_new_tokens = --new):
@@ -233,7 +233,7 @@ def main() -> int:
                          "ways")
     ap.add_argument("--round-graph", choices=("off", "on", "both"), default="on",
                     help="k > 0 with the round_graph switch (dsv3/kernels/backend.py: a round as one CUDA graph; "
-                         "sampled ones with round_sampled on, as shipped) off, on (default, as shipped for speculation rounds), or each k both ways; k = 0 "
+                         "with --temperature, round_sampled with it) off, on (default, as shipped for speculation rounds), or each k both ways; k = 0 "
                          "decodes with the switch as the process has it (DSV3_KERNELS=round_graph=on: one graph a "
                          "step with its argmax)")
     ap.add_argument("--round-compile", choices=("off", "on", "both"),
@@ -298,6 +298,7 @@ def main() -> int:
     shipped_vr = kernel_backend.switch("verify_rows", False)
     shipped_rg = kernel_backend.switch("round_graph", False)
     shipped_rc = kernel_backend.switch("round_compile", False)
+    shipped_rs = kernel_backend.switch("round_sampled", False)
     rcs = modes[args.round_compile] if args.round_compile and args.compile else [bool(shipped_rc)]
     # (round_compile changes only compiled round graphs)
     variants = [(vr, rg, rc) for vr in modes[args.verify_rows] for rg in modes[args.round_graph]
@@ -315,11 +316,14 @@ def main() -> int:
             kernel_backend.switch("verify_rows", vr)  # (the engine reads them when it is made)
             # (k = 0: as the process has it: DSV3_KERNELS=round_graph=on makes plain decoding's step one graph too)
             kernel_backend.switch("round_graph", rg if k else shipped_rg)
+            kernel_backend.switch("round_sampled", bool(rg and k and args.temperature) or shipped_rs)
             kernel_backend.switch("round_compile", rc if k else shipped_rc)
             r = timed_decode(model, tok, prompts[:max(B, args.min_prompts)], B, k, args.new, graphs,
                              args.compile and device.type == "cuda", device, args.temperature)
             r["path"] += (("+verify_rows" if vr and B == 1 else "")
                           + ("+round_graph" if kernel_backend.round_graph(k) else "")
+                          + ("+round_sampled" if kernel_backend.round_graph(k) and args.temperature
+                             and kernel_backend.round_sampled() else "")
                           + ("+round_compile" if kernel_backend.round_graph(k) and rc and args.compile else ""))
             outs[(B, k, vr, rg, rc)] = r.pop("outputs")
             m = r.pop("margins")
@@ -335,6 +339,7 @@ def main() -> int:
     kernel_backend.switch("verify_rows", shipped_vr)
     kernel_backend.switch("round_graph", shipped_rg)
     kernel_backend.switch("round_compile", shipped_rc)
+    kernel_backend.switch("round_sampled", shipped_rs)
     # noise floor: k = 0 at each batch size against the smallest, on the prompts they share (bf16 numerics vary
     # with the batch: another GEMM tiling can resolve a near-tie differently)
     noise = []

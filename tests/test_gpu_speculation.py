@@ -172,7 +172,7 @@ def test_a_greedy_round_in_one_graph(D, k, compile, monkeypatch):
 
 @pytest.mark.parametrize("D,k,compile", [(1, 1, False), (2, 3, False), (1, 0, False), (1, 2, True), (1, 1, True)])
 def test_a_sampled_round_in_one_graph(D, k, compile):
-    """round_sampled (graphs.py DecodeGraphs.round with the batch's sampler; on as shipped): rounds of sampling requests
+    """round_sampled (graphs.py DecodeGraphs.round with the batch's sampler): rounds of sampling requests
     (seeded and unseeded; top-k, top-p, min-p; a greedy one among them) as one captured graph give the tokens,
     acceptance and finish reasons of the same round's graphs launched one by one (sampling.py's hashed random
     numbers: the same draws either way), and of the one graph's static forward run eagerly. compile: the steps
@@ -191,7 +191,7 @@ def test_a_sampled_round_in_one_graph(D, k, compile):
         torch.manual_seed(0)  # (the unseeded request's seed)
         eng = Engine(m, None, max_batch_size=8, block_size=16, speculative_k=k, cuda_graphs=True,
                      compile_decode=compile)
-        eng.round_graph = fused
+        eng.round_graph = eng.round_graph_sampled = fused
         if not graphs:
             eng._graphs.use_graphs = False  # the same bucketed static forwards, run eagerly
         out = eng.generate(prompts, sp)
@@ -224,7 +224,7 @@ def test_a_decode_step_syncs_the_host_once(monkeypatch, k, fused, temperature):
     prompts = _prompts(4)
     sp = SamplingParams(max_new_tokens=30, temperature=temperature, seed=1 if temperature else None, ignore_eos=True)
     eng = Engine(m, None, max_batch_size=4, speculative_k=k, cuda_graphs=True)
-    eng.round_graph = fused  # (round_graph: a greedy step or round in one graph)
+    eng.round_graph = eng.round_graph_sampled = fused  # (round_graph: a step or round in one graph)
     eng.generate(prompts, sp)  # captures every bucket the second pass uses
     captures = eng._graphs.captures
     read, reads = Engine._read, []
