@@ -109,10 +109,12 @@ def test_grpo_kl_statistic_is_a_token_mean_independent_of_micro_batches(env, tmp
     for mbs in (1, 8):
         out = str(tmp_path / f"g{mbs}")
         grpo.train_grpo(ckpt, _length_task(), out, _grpo_cfg(iterations=2, ppo_epochs=1, micro_batch_size=mbs,
-                                                            eval_every=0, lr=3e-3), log=lambda *a: None)
+                                                            eval_every=0, lr=3e-3, seed=1), log=lambda *a: None)
         recs = [r for r in _records(out) if "lr" in r]
         kls[mbs], lens[mbs] = [r["kl"] for r in recs], [r["response_len"] for r in recs]
-    assert lens[1] == lens[8] and 0 < lens[1][1] < 6  # the same rollouts, of mixed lengths
+    # the same rollouts, of mixed lengths in the second iteration (the precondition: seed 1 gives them with sampling.py's
+    # hashed random numbers; seed 0 did with torch's generators, and now samples six tokens everywhere there)
+    assert lens[1] == lens[8] and 0 < lens[1][1] < 6
     assert kls[1][0] == 0 and kls[1][1] > 0
     assert kls[1][1] == pytest.approx(kls[8][1], rel=1e-3), kls
 
