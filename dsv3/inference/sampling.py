@@ -10,8 +10,8 @@ number of batched tensor ops:
                                              the request's history plus extra[:, :j] (the drafts
                                              before it) for the repetition penalty
     draw(w (B, V), slot)                     one token per row from weights w (need not be normalised)
-    uniform(n, slot)                         (B, n) uniforms (speculative acceptance), slots slot ..
-                                             slot + n - 1 of the phase
+    uniform(n, slot)                         (B, n) uniforms (speculative acceptance): slot `slot` of
+                                             the phase (below), indices 0 .. n-1
     logprobs(logits, tokens, n)              the raw model's log-probabilities of the chosen tokens
                                              and its n most likely tokens
 
