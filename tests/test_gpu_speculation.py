@@ -132,6 +132,18 @@ def test_compiled_graphed_speculation():
     assert eng._graphs.captures >= 3
 
 
+def _round_run(m, k: int, compile: bool, prompts, sp, fused: bool, graphs: bool = True):
+    """One engine's outputs (tokens, finish reason) and the engine: rounds in one graph (greedy and sampled) where
+    `fused`, else their graphs one by one; graphs False: the same bucketed static forwards, run eagerly."""
+    torch.manual_seed(0)  # (an unseeded request's seed)
+    eng = Engine(m, None, max_batch_size=8, block_size=16, speculative_k=k, cuda_graphs=True, compile_decode=compile)
+    eng.round_graph = eng.round_graph_sampled = fused
+    if not graphs:
+        eng._graphs.use_graphs = False
+    out = eng.generate(prompts, sp)
+    return [(o.token_ids, o.finish_reason) for o in out], eng
+
+
 @pytest.mark.parametrize("D,k,compile", [(1, 1, False), (2, 3, False), (1, 2, True), (1, 0, False), (1, 0, True),
                                          (1, 1, True), (2, 3, True), (1, 2, "steps")])
 def test_a_greedy_round_in_one_graph(D, k, compile, monkeypatch):
@@ -149,13 +161,7 @@ def test_a_greedy_round_in_one_graph(D, k, compile, monkeypatch):
     sp = [SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True) for n in (40, 33, 12, 1, 40, 25)]
 
     def run(fused: bool, graphs: bool = True):
-        eng = Engine(m, None, max_batch_size=8, block_size=16, speculative_k=k, cuda_graphs=True,
-                     compile_decode=bool(compile))
-        eng.round_graph = fused
-        if not graphs:
-            eng._graphs.use_graphs = False  # the same bucketed static forwards, run eagerly
-        out = eng.generate(prompts, sp)
-        return [(o.token_ids, o.finish_reason) for o in out], eng
+        return _round_run(m, k, bool(compile), prompts, sp, fused, graphs)
 
     want, steps = run(False)
     got, fused = run(True)
@@ -188,14 +194,7 @@ def test_a_sampled_round_in_one_graph(D, k, compile):
           SamplingParams(max_new_tokens=25, temperature=0.6, seed=4, ignore_eos=True)]
 
     def run(fused: bool, graphs: bool = True):
-        torch.manual_seed(0)  # (the unseeded request's seed)
-        eng = Engine(m, None, max_batch_size=8, block_size=16, speculative_k=k, cuda_graphs=True,
-                     compile_decode=compile)
-        eng.round_graph = eng.round_graph_sampled = fused
-        if not graphs:
-            eng._graphs.use_graphs = False  # the same bucketed static forwards, run eagerly
-        out = eng.generate(prompts, sp)
-        return [(o.token_ids, o.finish_reason) for o in out], eng
+        return _round_run(m, k, compile, prompts, sp, fused, graphs)
 
     want, steps = run(False)
     got, fused = run(True)
