@@ -1603,6 +1603,23 @@ def test_overlapped_decoding_gives_the_same_outputs(models, name):
     assert {"length", "stop"} <= reasons, reasons  # (the prompts exercise both ways to end)
 
 
+def _counted_run(eng, prompts, params, arrivals, monkeypatch):
+    """eng's final outputs (`_final`), its stats, how many times it ran a round graph and a main step, and every
+    request's drafts as each round is read; its cache all free after."""
+    calls = {"round": 0, "main": 0}
+    for name in calls:
+        fn = getattr(eng._graphs, name)
+        monkeypatch.setattr(eng._graphs, name, lambda *a, _fn=fn, _n=name, **kw:
+                            calls.__setitem__(_n, calls[_n] + 1) or _fn(*a, **kw))
+    drafts = []
+    set_drafts = eng._set_drafts
+    monkeypatch.setattr(eng, "_set_drafts", lambda r, ds, q, b, _f=set_drafts:
+                        drafts.append((r.id, list(ds))) or _f(r, ds, q, b))
+    out = _final(eng, prompts, params, arrivals)
+    assert eng.cache.free_blocks == eng.cache.num_blocks
+    return out, eng.stats, calls, drafts
+
+
 @pytest.mark.parametrize("D,k,drafter,graphs", [(1, 1, "aligned", False), (2, 3, "aligned", True),
                                                   (1, 2, "random", True), (2, 2, "aligned", False)])
 def test_overlapped_speculation_gives_the_same_outputs(spec_models, D, k, drafter, graphs):
@@ -1670,17 +1687,7 @@ def test_a_greedy_round_in_one_graph_gives_the_same_outputs(spec_models, D, k, d
         for fused in (False, True):
             eng = Engine(model, max_batch_size=4, block_size=3, speculative_k=k, overlap=overlap, cuda_graphs=graphs)
             eng.round_graph = fused
-            calls = {"round": 0, "main": 0}
-            for name in calls:
-                fn = getattr(eng._graphs, name)
-                monkeypatch.setattr(eng._graphs, name, lambda *a, _fn=fn, _n=name, **kw:
-                                    calls.__setitem__(_n, calls[_n] + 1) or _fn(*a, **kw))
-            drafts = []  # every request's drafts as each round is read (greedy tokens do not depend on them)
-            set_drafts = eng._set_drafts
-            monkeypatch.setattr(eng, "_set_drafts", lambda r, ds, q, b, _f=set_drafts:
-                                drafts.append((r.id, list(ds))) or _f(r, ds, q, b))
-            runs.append((_final(eng, prompts, ps, arrivals), eng.stats, calls, drafts))
-            assert eng.cache.free_blocks == eng.cache.num_blocks
+            runs.append(_counted_run(eng, prompts, ps, arrivals, monkeypatch))
         (want, sw, cw, dw), (got, sg, cg, dg) = runs
         assert got == want and dg == dw
         assert (sg.rounds, sg.accepted, sg.first_draft_accepted) == (sw.rounds, sw.accepted, sw.first_draft_accepted)
@@ -1827,17 +1834,7 @@ def test_a_sampled_round_in_one_graph_gives_the_same_outputs(spec_models, D, k, 
             torch.manual_seed(0)  # (the unseeded requests' seeds)
             eng = Engine(model, max_batch_size=4, block_size=3, speculative_k=k, overlap=overlap, cuda_graphs=graphs)
             eng.round_graph, eng.round_graph_sampled = fused, sampled
-            calls = {"round": 0, "main": 0}
-            for name in calls:
-                fn = getattr(eng._graphs, name)
-                monkeypatch.setattr(eng._graphs, name, lambda *a, _fn=fn, _n=name, **kw:
-                                    calls.__setitem__(_n, calls[_n] + 1) or _fn(*a, **kw))
-            drafts = []  # every request's drafts as each round is read
-            set_drafts = eng._set_drafts
-            monkeypatch.setattr(eng, "_set_drafts", lambda r, ds, q, b, _f=set_drafts:
-                                drafts.append((r.id, list(ds))) or _f(r, ds, q, b))
-            runs.append((_final(eng, prompts, ps, arrivals), eng.stats, calls, drafts))
-            assert eng.cache.free_blocks == eng.cache.num_blocks
+            runs.append(_counted_run(eng, prompts, ps, arrivals, monkeypatch))
         (want, sw, cw, dw) = runs[0]
         for got, sg, _, dg in runs[1:]:
             assert got == want and dg == dw

@@ -585,12 +585,12 @@ class Engine:
         else:  # copied in on the device; the host bounds the positions by the most prev can accept (k + 1)
             inp = torch.cat([prev.tokens.gather(1, prev.n[:, None] - 1), prev.drafts], 1)  # (B, k+1)
             pos_in, bound = prev.next_pos, max(r.main_len for r in reqs) + k + 1
+        q_in = None  # the verified drafts' distributions (k = 0: no drafts to weigh; greedy: argmax)
+        if k and not sampler.all_greedy:  # (the same batch, hence the same sampler settings, as prev)
+            q_in = prev.q if prev is not None else self._draft_probs(reqs)
         if (self.round_graph and sampler.present is None and sampler.logprobs_n is None and self.agree is None
                 and (sampler.all_greedy or self.round_graph_sampled)):
             # a step in one launch (graphs.py DecodeGraphs.round): the same forwards and tokens as below
-            q_in = None
-            if k and not sampler.all_greedy:
-                q_in = prev.q if prev is not None else self._draft_probs(reqs)
             if not k:
                 (tokens,) = self._graphs.round(0, inp, pos_in, tables, last_pos=bound, sampler=sampler)
                 return self._queue(reqs, tokens, tokens)
@@ -599,9 +599,6 @@ class Engine:
             return self._queue(reqs, rows, tokens, q=q[0] if q else None, n=n, drafts=drafts, next_pos=next_pos)
         logits, hidden, inp, pos0 = self._graphs.main(inp, pos_in, tables, last_pos=bound + k)
         d_in = inp[:, 1:]  # (B, k)
-        q_in = None  # (k = 0: no drafts to weigh)
-        if k and not sampler.all_greedy:  # (the same batch, hence the same sampler settings, as prev)
-            q_in = prev.q if prev is not None else self._draft_probs(reqs, d_in)
         tokens, n, _ = speculation.accept(sampler, logits, d_in, q_in)  # (B, k+1), (B,)
         lp = sampler.logprobs(logits, tokens)
         drafts = q = next_pos = None
@@ -669,18 +666,15 @@ class Engine:
 
         return speculation.draft(sampler, self.k, h, logits, step)
 
-    def _draft_probs(self, reqs: list[_Request], drafts: torch.Tensor | None = None) -> torch.Tensor:
+    def _draft_probs(self, reqs: list[_Request]) -> torch.Tensor:
         """(B, k, V): each request's draft distributions; a request drafted by argmax (in a batch of only
-        greedy requests) has the one-hot distribution of its drafts (drafts (B, k) on the device, else its
-        r.drafts sent there without blocking)."""
-        V = self.model.config.vocab_size
+        greedy requests) has the one-hot distribution of its drafts (sent to the device without blocking)."""
         if all(r.draft_q is not None for r in reqs):
             return torch.stack([r.draft_q for r in reqs])
-        if drafts is None:
-            host = torch.tensor([r.drafts for r in reqs], dtype=torch.long)
-            drafts = (host.pin_memory() if self.device.type == "cuda" else host).to(self.device, non_blocking=True)
-        return torch.stack([r.draft_q if r.draft_q is not None else
-                            torch.nn.functional.one_hot(drafts[b], V).float() for b, r in enumerate(reqs)])
+        host = torch.tensor([r.drafts for r in reqs], dtype=torch.long)
+        drafts = (host.pin_memory() if self.device.type == "cuda" else host).to(self.device, non_blocking=True)
+        one_hot = torch.nn.functional.one_hot(drafts, self.model.config.vocab_size).float()  # (B, k, V)
+        return torch.stack([r.draft_q if r.draft_q is not None else one_hot[b] for b, r in enumerate(reqs)])
 
     def _set_drafts(self, r: _Request, ds: list[int], q: torch.Tensor | None, b: int) -> None:
         if not r.finished and self.k:

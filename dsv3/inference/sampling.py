@@ -152,7 +152,6 @@ def uniforms(bits: torch.Tensor, open_low: bool = False) -> torch.Tensor:
 
 # columns of BatchSampler.rows
 _GREEDY, _TEMP, _TOPK, _TOPP, _MINP, _PENALTY, _KEY = range(7)
-N_COLS = 7
 
 
 def param_row(p: SamplingParams, key: int) -> list[float]:
@@ -167,7 +166,7 @@ class BatchSampler:
     has seen (prompt + output), needed only when some row has a repetition penalty; keys[b]: row b's phase key
     (`phase_key`; ignored for greedy rows).
 
-    Every row's parameters live in `rows` (B, N_COLS) float64 on the device (one host -> device copy; a key < 2^32
+    Every row's parameters live in `rows` (B, 7) float64 on the device (one host -> device copy; a key < 2^32
     is exact in it), read by the properties below where a distribution needs them: `over` builds a sampler on a
     CUDA graph's static rows, refilled before each replay."""
 
@@ -202,7 +201,7 @@ class BatchSampler:
 
     @classmethod
     def over(cls, rows: torch.Tensor, filters: tuple[bool, bool, bool], vocab_size: int) -> "BatchSampler":
-        """A sampler reading its parameters from `rows` (B, N_COLS) float64 (a graph's static buffer): no repetition
+        """A sampler reading its parameters from `rows` (B, 7) float64 (a graph's static buffer): no repetition
         penalty, no log-probabilities; filters: which of top-k, top-p, min-p to apply."""
         s = cls.__new__(cls)
         s.B, s.V, s.device, s.rows, s.filters = rows.shape[0], vocab_size, rows.device, rows, tuple(filters)
