@@ -304,10 +304,13 @@ def main() -> int:
     variants = [(vr, rg, rc) for vr in modes[args.verify_rows] for rg in modes[args.round_graph]
                 for rc in (rcs if rg else rcs[-1:])]
     base_key = (False, False, False)
+    # sampled (--temperature) with --round-graph both: plain decoding (k = 0) both ways too, its step and draw in one
+    # graph (round_sampled) or its graph and the eager draw; each k > 0 row's speed-up is against k = 0 the same way
+    k0_variants = [base_key] + ([(False, True, rcs[-1])] if args.temperature and args.round_graph == "both" else [])
     for B in batches:
         # verify_rows changes only steps of at most k + 1 rows (batch 1): above, one row per round_graph setting
         at_b = variants if B == 1 else [v for v in variants if v[0] == modes[args.verify_rows][-1]]
-        for k, (vr, rg, rc) in [(k, v) for k in ks for v in (at_b if k else [base_key])]:
+        for k, (vr, rg, rc) in [(k, v) for k in ks for v in (at_b if k else k0_variants)]:
             if time.perf_counter() - T0 > deadline:
                 log(f"deadline: skipping batch {B}, k={k}")
                 continue
@@ -316,19 +319,21 @@ def main() -> int:
             kernel_backend.switch("verify_rows", vr)  # (the engine reads them when it is made)
             # (k = 0: as the process has it: DSV3_KERNELS=round_graph=on makes plain decoding's step one graph too)
             kernel_backend.switch("round_graph", rg if k else shipped_rg)
-            kernel_backend.switch("round_sampled", bool(rg and k and args.temperature) or shipped_rs)
-            kernel_backend.switch("round_compile", rc if k else shipped_rc)
+            kernel_backend.switch("round_sampled", rg if args.temperature else shipped_rs)
+            kernel_backend.switch("round_compile", rc if k or rg else shipped_rc)
             r = timed_decode(model, tok, prompts[:max(B, args.min_prompts)], B, k, args.new, graphs,
                              args.compile and device.type == "cuda", device, args.temperature)
+            rounds = kernel_backend.round_sampled() if args.temperature else kernel_backend.round_graph(k)
             r["path"] += (("+verify_rows" if vr and B == 1 else "")
                           + ("+round_graph" if kernel_backend.round_graph(k) else "")
-                          + ("+round_sampled" if kernel_backend.round_graph(k) and args.temperature
-                             and kernel_backend.round_sampled() else "")
-                          + ("+round_compile" if kernel_backend.round_graph(k) and rc and args.compile else ""))
+                          + ("+round_sampled" if args.temperature and kernel_backend.round_sampled() else "")
+                          + ("+round_compile" if rounds and kernel_backend.round_compile() and args.compile else ""))
+            r["one_graph"] = rounds
             outs[(B, k, vr, rg, rc)] = r.pop("outputs")
             m = r.pop("margins")
-            margins[B] = m if k == 0 else margins.get(B)
-            base = next((x for x in rows if x["batch"] == B and x["k"] == 0), None)
+            margins[B] = m if k == 0 and not rg else margins.get(B)
+            base = next((x for x in rows if x["batch"] == B and x["k"] == 0 and x["one_graph"] == rounds),
+                        next((x for x in rows if x["batch"] == B and x["k"] == 0), None))
             r["speedup_vs_k0"] = r["decode_tok_s"] / base["decode_tok_s"] if base else None
             r["vs_k0"] = (compare(outs[(B, k, vr, rg, rc)], outs[(B, 0, *base_key)], margins.get(B))
                           if k and (B, 0, *base_key) in outs else None)

@@ -1830,7 +1830,7 @@ def test_a_sampled_round_in_one_graph_gives_the_same_outputs(spec_models, D, k, 
     for ps, arrivals, overlap in ((params, None, True), (params, [0, 0, 2, 3, 3, 9], True), (params, None, False),
                                   (penalised, [0, 0, 2, 3, 3, 9], True)):
         runs = []
-        for fused, sampled in ((False, True), (True, True), (True, False)):
+        for fused, sampled in ((False, False), (True, True), (True, False)):
             torch.manual_seed(0)  # (the unseeded requests' seeds)
             eng = Engine(model, max_batch_size=4, block_size=3, speculative_k=k, overlap=overlap, cuda_graphs=graphs)
             eng.round_graph, eng.round_graph_sampled = fused, sampled

@@ -211,8 +211,26 @@ def test_a_sampled_round_in_one_graph(D, k, compile):
     assert not k or fused.stats.acceptance_rate > 0.3, fused.stats
 
 
+@pytest.mark.parametrize("B,V", [(1, 129280), (3, 32768), (8, 256)])
+def test_the_hashed_draw_compiles_to_the_same_tokens(B, V):
+    """sampling.py's hashed random numbers and exponential race under torch.compile (as a compiled round runs them,
+    inductor fusing them into one reduction, split over a large vocabulary) = eager: the same bits, the same tokens.
+    (Inductor once folded the index counter's arange * 0x9E3779B9 into a 32-bit index expression: a compile error.)"""
+    from dsv3.inference.sampling import BatchSampler, SamplingParams as SP, phase_key, random_bits, request_seed
+
+    keys = torch.tensor([phase_key(request_seed(s), 3) for s in range(B)], device="cuda")
+    bits = torch.compile(random_bits, fullgraph=True)
+    assert torch.equal(bits(keys, 2, V), random_bits(keys, 2, V))
+    sb = BatchSampler([SP(temperature=1.0, seed=s) for s in range(B)], list(keys.tolist()),
+                      [[]] * B, V, torch.device("cuda"))
+    w = torch.rand(B, V, device="cuda").pow(8)
+    draw = torch.compile(lambda w: sb.draw(w, 1), fullgraph=True)
+    assert torch.equal(draw(w), sb.draw(w, 1))
+
+
 @pytest.mark.parametrize("k,fused,temperature", [(3, False, 0), (0, False, 0), (2, True, 0), (0, True, 0),
-                                                 (2, True, 1.0), (2, False, 1.0)])
+                                                 (2, True, 1.0), (2, False, 1.0),
+                                                 (0, True, 1.0)])
 def test_a_decode_step_syncs_the_host_once(monkeypatch, k, fused, temperature):
     """A decode step, with speculation (verify, accept, MTP, chained drafts, all graphs captured) or without it,
     greedy or sampled, waits for the device once: for the copy of a step's results (Engine._read). Checked with

@@ -273,8 +273,8 @@ class Engine:
         # with speculation and the "verify_rows" switch on (kernels/backend.py), one sequence's verification step
         # (k + 1 rows) takes the one-row decode kernels; with "round_graph" on (as shipped: speculation rounds only), a
         # step (a round) of greedy requests without log-probabilities (nor lockstep) runs as one graph (graphs.py
-        # DecodeGraphs.round), and with "round_sampled" on (off as shipped: not yet run on a GPU) so does a step of
-        # requests that sample without repetition penalties
+        # DecodeGraphs.round), and with "round_sampled" on, so does a step (a round, or plain decoding's one-token
+        # step) of requests that sample, without repetition penalties
         self.round_graph = kernel_backend.round_graph(self.k)
         self.round_graph_sampled = kernel_backend.round_sampled()
         self._graphs = DecodeGraphs(self.model, self.cache, pad, max_batch_size, max_blocks, use_graphs=use,
@@ -588,8 +588,8 @@ class Engine:
         q_in = None  # the verified drafts' distributions (k = 0: no drafts to weigh; greedy: argmax)
         if k and not sampler.all_greedy:  # (the same batch, hence the same sampler settings, as prev)
             q_in = prev.q if prev is not None else self._draft_probs(reqs)
-        if (self.round_graph and sampler.present is None and sampler.logprobs_n is None and self.agree is None
-                and (sampler.all_greedy or self.round_graph_sampled)):
+        if (sampler.present is None and sampler.logprobs_n is None and self.agree is None
+                and (self.round_graph if sampler.all_greedy else self.round_graph_sampled)):
             # a step in one launch (graphs.py DecodeGraphs.round): the same forwards and tokens as below
             if not k:
                 (tokens,) = self._graphs.round(0, inp, pos_in, tables, last_pos=bound, sampler=sampler)

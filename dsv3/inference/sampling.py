@@ -141,7 +141,10 @@ def random_bits(keys: torch.Tensor, slot: int, n: int) -> torch.Tensor:
     """keys (B,) int64 (phase keys) -> (B, n) int64 in [0, 2^32): the random numbers of slot `slot` of each row's
     phase, index 0 .. n-1 (a draw over a vocabulary of n: one per token)."""
     base = hash32(keys ^ hash32((slot + 1) * _GOLDEN & M32))[:, None]  # (B, 1)
-    idx = torch.arange(n, device=keys.device) * _GOLDEN & M32  # (n,)
+    # (n,): the `& M32` before the product is a no-op that keeps torch.compile from folding arange * _GOLDEN into
+    # an index expression, which Inductor (torch 2.11, CUDA) emits with 32-bit index arithmetic: a Triton compile
+    # error ("Scalar 2654435769 is out of range for type int32"), measured on an H200 (2026-12-06)
+    idx = (torch.arange(n, device=keys.device) & M32) * _GOLDEN & M32
     return hash32(base ^ idx)  # (one round over (B, n): each elementwise op is a kernel on the eager path)
 
 

@@ -158,8 +158,9 @@ SPECULATION_ROUNDS = "speculation rounds"  # round_graph: on for speculation rou
 # busy 0.802 -> 0.754), k = 2 1.144 -> 1.067 (286 -> 254); a trained `small` (bench/spec_gpu.py, 4.5 minutes, one
 # checkpoint) k = 1 1.24x -> 1.32x plain decoding, the same tokens both ways. Should the whole round fail to compile
 # (not measured on 16b or FP8 weights), the engine warns and runs the round's steps (graphs.py _run_round).
-# "round_sampled" is not an op either: where round_graph is on, a step whose requests sample (temperature, top-k,
-# top-p, min-p; no repetition penalty nor log-probabilities) runs as one graph too, its random numbers the hashed
+# "round_sampled" is not an op either: a step whose requests sample (temperature, top-k, top-p, min-p; no repetition
+# penalty nor log-probabilities) runs as one graph too, a speculation round or plain decoding's one-token step with
+# its draw (whatever round_graph says of greedy steps), its random numbers the hashed
 # ones of sampling.py (the same tokens as its steps one by one: tests/test_engine.py on the CPU's static forwards);
 # off, such steps run their forwards one by one with the sampling between them eager. OFF until a GPU has run it: the
 # twentieth session (2026-12-06) got no device to capture and time it (tests/test_gpu_speculation.py
