@@ -26,8 +26,8 @@ checkpoint.
    --spec-eager asks for that path (k > 0 without graphs) on purpose, for a before / after comparison;
    --verify-rows on / both runs k > 0 with the `verify_rows` switch (dsv3/kernels/backend.py) on / both ways (it
    changes only steps of at most k + 1 rows: at larger batches one row, with the switch as asked);
-   --round-graph on / both likewise with `round_graph` (a round as one CUDA graph; with --temperature the sampled
-   rounds too: round_sampled switched on with it), --round-compile with
+   --round-graph on / both likewise with `round_graph` (a round as one CUDA graph; with --temperature
+   `round_sampled` instead, for k = 0 too: a sampled step or round as one graph), --round-compile with
    `round_compile` (with --compile, a round graph's whole forward compiled as one function; default: as shipped).
 4. transformers: the same checkpoint directory through AutoModelForCausalLM (DeepseekV3ForCausalLM; it drops
    the MTP layer) in bf16 on the GPU, `generate` greedy on the first B prompts (min_new_tokens = --new):
@@ -232,17 +232,17 @@ def main() -> int:
                          "sequence takes the one-row decode kernels) off, on (default, as shipped), or each k both "
                          "ways")
     ap.add_argument("--round-graph", choices=("off", "on", "both"), default="on",
-                    help="k > 0 with the round_graph switch (dsv3/kernels/backend.py: a round as one CUDA graph; "
-                         "with --temperature, round_sampled with it) off, on (default, as shipped for speculation rounds), or each k both ways; k = 0 "
-                         "decodes with the switch as the process has it (DSV3_KERNELS=round_graph=on: one graph a "
-                         "step with its argmax)")
+                    help="k > 0 with the round_graph switch (dsv3/kernels/backend.py: a round as one CUDA graph) "
+                         "off, on (default, as shipped for speculation rounds), or each k both ways; k = 0 decodes "
+                         "with the switch as the process has it (DSV3_KERNELS=round_graph=on: one graph a step with "
+                         "its argmax); with --temperature, round_sampled instead, for k = 0 too")
     ap.add_argument("--round-compile", choices=("off", "on", "both"),
                     help="k > 0 with the round_compile switch (dsv3/kernels/backend.py: with --compile, a round "
                          "graph's whole forward compiled as one function) off, on, or each k both ways (default: as "
                          "shipped)")
     ap.add_argument("--temperature", type=float, default=0.0,
-                    help="sample at this temperature (prompt i with seed i) instead of greedy decoding; with "
-                    "--round-graph both, k > 0 rounds one by one and in one graph (round_sampled)")
+                    help="sample at this temperature (prompt i with seed i) instead of greedy decoding; --round-graph "
+                    "then sets round_sampled (k = 0 too): with both, steps one by one and in one graph")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers")
     ap.add_argument("--bw-gib", type=float, default=2.0, help="size of the copy that measures the bandwidth")
     ap.add_argument("--export-bf16", metavar="DIR", help="also save the loaded model + tokenizer there (bf16)")
@@ -303,10 +303,12 @@ def main() -> int:
     # (round_compile changes only compiled round graphs)
     variants = [(vr, rg, rc) for vr in modes[args.verify_rows] for rg in modes[args.round_graph]
                 for rc in (rcs if rg else rcs[-1:])]
-    base_key = (False, False, False)
-    # sampled (--temperature) with --round-graph both: plain decoding (k = 0) both ways too, its step and draw in one
-    # graph (round_sampled) or its graph and the eager draw; each k > 0 row's speed-up is against k = 0 the same way
-    k0_variants = [base_key] + ([(False, True, rcs[-1])] if args.temperature and args.round_graph == "both" else [])
+    # sampled (--temperature): plain decoding (k = 0) with round_sampled as --round-graph says too (off: its graph and
+    # the eager draw; on: its step and draw in one graph); each k > 0 row's speed-up is against k = 0 the same way.
+    # base_key: k = 0's first row, the one k > 0's outputs are compared with
+    k0_variants = ([(False, rg, rcs[-1] if rg else False) for rg in modes[args.round_graph]] if args.temperature
+                   else [(False, False, False)])
+    base_key = k0_variants[0]
     for B in batches:
         # verify_rows changes only steps of at most k + 1 rows (batch 1): above, one row per round_graph setting
         at_b = variants if B == 1 else [v for v in variants if v[0] == modes[args.verify_rows][-1]]
@@ -331,7 +333,7 @@ def main() -> int:
             r["one_graph"] = rounds
             outs[(B, k, vr, rg, rc)] = r.pop("outputs")
             m = r.pop("margins")
-            margins[B] = m if k == 0 and not rg else margins.get(B)
+            margins[B] = m if k == 0 and (vr, rg, rc) == base_key else margins.get(B)
             base = next((x for x in rows if x["batch"] == B and x["k"] == 0 and x["one_graph"] == rounds),
                         next((x for x in rows if x["batch"] == B and x["k"] == 0), None))
             r["speedup_vs_k0"] = r["decode_tok_s"] / base["decode_tok_s"] if base else None

@@ -92,7 +92,7 @@ def test_switch_defaults_are_the_measured_ones_and_the_overrides_win(monkeypatch
     assert kb.SWITCHED == {"dense_gemv": True, "head_gemv": True, "latent_store": True,
                            "moe_gemm": True, "pdl": True, "mla_uv": True, "shared_gemv": kb.WEIGHTS_E4M3,
                            "mla_prep": True, "verify_rows": True, "round_graph": kb.SPECULATION_ROUNDS,
-                           "round_compile": True, "round_sampled": False}
+                           "round_compile": True, "round_sampled": True}
     assert kernels.select_backend("dense_gemv", x, w) == "triton"
     assert kernels.set_dense_gemv(False) is True
     try:

@@ -1670,8 +1670,8 @@ def test_a_greedy_round_in_one_graph_gives_the_same_outputs(spec_models, D, k, d
     """"round_graph" (graphs.py DecodeGraphs.round: a greedy round's verification, acceptance, MTP step and chained
     drafts as one static forward; k = 0 the one-token step and its argmax) against the round's steps run one by one:
     the same tokens, finish reasons and acceptance counts, overlapped or not, arriving together and one by one,
-    exact-shape and bucketed steps; rounds with a sampled request or one asking for log-probabilities take the steps
-    one by one."""
+    exact-shape and bucketed steps; rounds with a sampled request (round_sampled off here) or one asking for
+    log-probabilities take the steps one by one."""
     model = spec_models[(D, drafter)]
     prompts = prompts_for(model.config, [3, 9, 5, 14, 2, 7], seed=8)
     params = _greedy_params()
@@ -1686,7 +1686,7 @@ def test_a_greedy_round_in_one_graph_gives_the_same_outputs(spec_models, D, k, d
         runs = []
         for fused in (False, True):
             eng = Engine(model, max_batch_size=4, block_size=3, speculative_k=k, overlap=overlap, cuda_graphs=graphs)
-            eng.round_graph = fused
+            eng.round_graph, eng.round_graph_sampled = fused, False  # (sampled rounds: the test after the next)
             runs.append(_counted_run(eng, prompts, ps, arrivals, monkeypatch))
         (want, sw, cw, dw), (got, sg, cg, dg) = runs
         assert got == want and dg == dw
@@ -1721,6 +1721,12 @@ def test_round_graph_follows_its_switch(spec_models, monkeypatch):
     with pytest.raises(ValueError, match="'dense_gemv' takes on, off or WEIGHTS_16BIT, WEIGHTS_E4M3, got 'spec"):
         kb.switch("dense_gemv", kb.SPECULATION_ROUNDS)
     assert kb.SWITCHED["round_graph"] == kb.SPECULATION_ROUNDS and kb.SWITCHED["dense_gemv"] is True
+    # "round_sampled" (sampled steps, plain decoding's too, in one graph): on as shipped, whatever round_graph says
+    assert Engine(model).round_graph_sampled and Engine(model, speculative_k=1).round_graph_sampled
+    assert kb.switches_from_env("round_sampled=off") == {"round_sampled": False}
+    monkeypatch.setitem(kb.SWITCHED, "round_sampled", True)  # (restored after the test, as round_graph above)
+    assert kb.switch("round_sampled", False) is True and kb.switch("round_graph", True) == kb.SPECULATION_ROUNDS
+    assert not Engine(model).round_graph_sampled and Engine(model).round_graph
 
 
 def test_compiled_steps_raise_dynamos_limits_to_their_buckets(spec_models):

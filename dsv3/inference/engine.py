@@ -273,8 +273,8 @@ class Engine:
         # with speculation and the "verify_rows" switch on (kernels/backend.py), one sequence's verification step
         # (k + 1 rows) takes the one-row decode kernels; with "round_graph" on (as shipped: speculation rounds only), a
         # step (a round) of greedy requests without log-probabilities (nor lockstep) runs as one graph (graphs.py
-        # DecodeGraphs.round), and with "round_sampled" on, so does a step (a round, or plain decoding's one-token
-        # step) of requests that sample, without repetition penalties
+        # DecodeGraphs.round), and with "round_sampled" on (as shipped), so does a step (a round, or plain decoding's
+        # one-token step) of requests that sample, without repetition penalties
         self.round_graph = kernel_backend.round_graph(self.k)
         self.round_graph_sampled = kernel_backend.round_sampled()
         self._graphs = DecodeGraphs(self.model, self.cache, pad, max_batch_size, max_blocks, use_graphs=use,

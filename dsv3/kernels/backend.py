@@ -162,13 +162,16 @@ SPECULATION_ROUNDS = "speculation rounds"  # round_graph: on for speculation rou
 # penalty nor log-probabilities) runs as one graph too, a speculation round or plain decoding's one-token step with
 # its draw (whatever round_graph says of greedy steps), its random numbers the hashed
 # ones of sampling.py (the same tokens as its steps one by one: tests/test_engine.py on the CPU's static forwards);
-# off, such steps run their forwards one by one with the sampling between them eager. OFF until a GPU has run it: the
-# twentieth session (2026-12-06) got no device to capture and time it (tests/test_gpu_speculation.py
-# test_a_sampled_round_in_one_graph, bench/spec_gpu.py --temperature 0.7 --round-graph both: bench/RESULTS.md).
+# off, such steps run their forwards one by one with the sampling between them eager (~30 small launches a draw: the
+# eager hashed draw alone 0.36 ms against 0.07 compiled, bench/sampler_speed.py on an H100). On since the
+# twenty-first session (2026-12-06), as measured on an H100: its GPU tests passed (the graphed sampled round = its
+# graphs one by one = its forward eager, compiled too; the hashed draw compiled = eager; one host sync a step), and a
+# `small` trained 1.5 minutes on the GPU, sampled at temperature 0.7 at batch 1 (bench/spec_gpu.py, graphs +
+# compile), decoded plain (k = 0) at 1,565 tok/s with it against 904 without, and at k = 1 at 1,913 against 678.
 SWITCHED: dict[str, bool | str] = {"dense_gemv": True, "head_gemv": True, "latent_store": True,
                                    "moe_gemm": True, "pdl": True, "mla_uv": True, "shared_gemv": WEIGHTS_E4M3,
                                    "mla_prep": True, "verify_rows": True, "round_graph": SPECULATION_ROUNDS,
-                                   "round_compile": True, "round_sampled": False}
+                                   "round_compile": True, "round_sampled": True}
 # ops that follow another op's switch: the dense SwiGLU's fused gate+up GEMV is one of the dense decode GEMVs
 SWITCH_OF: dict[str, str] = {"swiglu_gemv": "dense_gemv"}
 # Up to these many activation rows the Triton FP8-weight kernels run (decode; above, prefill:
