@@ -1,8 +1,9 @@
 """What a token draw costs: the engine's exponential race with sampling.py's hashed random numbers against the same
 race with torch's generator (`exponential_`, what the sampler drew with before the hash), eagerly (the step-by-step
 decode path: plain sampled decoding, rounds with log-probabilities or penalties) and compiled (as inside a compiled
-round graph), for a batch x vocabulary of each shape; and the whole sampled distribution + draw of one decode step
-(BatchSampler.probs with temperature and top-p, then draw), eager.
+round graph), and the hashed race as one Triton launch (dsv3/kernels/race_triton.py, "hashed_race"; on a GPU), for
+a batch x vocabulary of each shape; and the whole sampled distribution + draw of one decode step (BatchSampler.probs
+with temperature and top-p, then the reference draw), eager.
 
     PYTHONPATH=. python bench/sampler_speed.py                       # on the GPU: 1 x 32,768 .. 32 x 129,280
     PYTHONPATH=. python bench/sampler_speed.py --device cpu --shapes 1x4096,8x4096
@@ -27,6 +28,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from bandwidth import card_name  # noqa: E402
 from dsv3.inference.params import SamplingParams  # noqa: E402
 from dsv3.inference.sampling import BatchSampler, argmax, phase_key  # noqa: E402
+from dsv3.kernels import backend as kernel_backend  # noqa: E402
 
 
 def timed(fn, device: torch.device, warmup: int, repeats: int) -> float:
@@ -61,9 +63,10 @@ def main() -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("sampler_speed.py: CUDA is not available (a CPU run: --device cpu --shapes 1x4096)")
     print(f"\nTable: one token draw per row (ms), {card_name(device)}, torch {torch.__version__}\n")
+    kernel = kernel_backend.available("hashed_race", device)
     print("| B x V | race, torch generator (eager) | race, hashed (eager) | hashed (compiled) | "
-          "probs (T 0.8, top-p 0.9) + hashed draw (eager) |")
-    print("|---|---|---|---|---|")
+          "hashed (Triton kernel) | probs (T 0.8, top-p 0.9) + hashed draw (eager) |")
+    print("|---|---|---|---|---|---|")
     for shape in args.shapes.split(","):
         B, V = (int(x) for x in shape.split("x"))
         g = torch.Generator(device=device).manual_seed(0)
@@ -78,14 +81,24 @@ def main() -> int:
         def hashed():
             return sampler.draw(w, 1)
 
+        def kernel_draw():
+            with kernel_backend.use_backend(hashed_race="triton"):
+                return sampler.draw(w, 1)
+
         compiled = torch.compile(lambda: sampler.draw(w, 1), dynamic=False) if device.type == "cuda" else None
 
         def full():
             return sampler.draw(sampler.probs(logits[:, None])[:, 0], 1)
 
-        row = [timed(f, device, args.warmup, args.repeats) * 1e3 for f in (torch_race, hashed)]
-        row.append(timed(compiled, device, args.warmup, args.repeats) * 1e3 if compiled else float("nan"))
-        row.append(timed(full, device, args.warmup, args.repeats) * 1e3)
+        with kernel_backend.use_backend(hashed_race="reference"):
+            row = [timed(f, device, args.warmup, args.repeats) * 1e3 for f in (torch_race, hashed)]
+            row.append(timed(compiled, device, args.warmup, args.repeats) * 1e3 if compiled else float("nan"))
+        if kernel:
+            with kernel_backend.use_backend(hashed_race="reference"):
+                assert torch.equal(kernel_draw(), hashed()), "the kernel's tokens differ from the reference's"
+        row.append(timed(kernel_draw, device, args.warmup, args.repeats) * 1e3 if kernel else float("nan"))
+        with kernel_backend.use_backend(hashed_race="reference"):
+            row.append(timed(full, device, args.warmup, args.repeats) * 1e3)
         print(f"| {B} x {V:,} | " + " | ".join(f"{x:.3f}" for x in row) + " |")
     return 0
 

@@ -38,6 +38,7 @@ from collections.abc import Sequence
 import torch
 
 from dsv3.inference.params import SamplingParams
+from dsv3.kernels import backend as kernel_backend
 
 GREEDY_EPS = 1e-5
 
@@ -155,6 +156,13 @@ def uniforms(bits: torch.Tensor, open_low: bool = False) -> torch.Tensor:
 
 # columns of BatchSampler.rows
 _GREEDY, _TEMP, _TOPK, _TOPP, _MINP, _PENALTY, _KEY = range(7)
+
+
+def race_ref(w: torch.Tensor, keys: torch.Tensor, slot: int) -> torch.Tensor:
+    """The exponential race: w (B, V) non-negative weights, keys (B,) int64 phase keys -> (B,) int64, argmax over V
+    of w / Exp(1) with slot `slot`'s random numbers (the reference of kernels/race_triton.py's hashed_race)."""
+    e = -torch.log(uniforms(random_bits(keys, slot, w.shape[-1]), open_low=True))  # (B, V) Exp(1)
+    return argmax(w / e)
 
 
 def param_row(p: SamplingParams, key: int) -> list[float]:
@@ -275,9 +283,12 @@ class BatchSampler:
 
     def draw(self, w: torch.Tensor, slot: int) -> torch.Tensor:
         """w (B, V) non-negative weights, not all zero per row -> one token per row (B,), on the device: the
-        exponential race with slot `slot`'s random numbers."""
-        e = -torch.log(uniforms(random_bits(self.keys, slot, w.shape[-1]), open_low=True))  # (B, V) Exp(1)
-        return argmax(w / e)
+        exponential race with slot `slot`'s random numbers (`race_ref`; on a GPU, where kernels/backend.py chooses
+        "hashed_race", the same in one Triton launch: kernels/race_triton.py)."""
+        if kernel_backend.select("hashed_race", w) == "triton":
+            from dsv3.kernels.race_triton import hashed_race
+            return hashed_race(w, self.rows[:, _KEY], slot)  # (the key column read as it is: float64 integers)
+        return race_ref(w, self.keys, slot)
 
     def choose(self, logits: torch.Tensor, slot: int, extra: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -42,6 +42,8 @@ never probe the GPU themselves.
                                             the latent store and the W_UK head GEMV in one launch (MLA.
                                             forward_absorbed, where both are taken); (kv_a, its norm weight) meet
                                             latent_store's row, (q_nope, W_UKᵀ) head_gemv's with W_UKᵀ read along N
+    hashed_race       "triton"              PENDING (not yet run on a GPU): sampling's draw (w (B, V) float weights,
+                                            the hashed exponential race) in one launch instead of ~20
 
 The rule: the accelerated backend where triton imports and every tensor given to `select` is a plain
 (not a subclass such as DTensor) CUDA tensor meeting its row; else "reference". The AdamW operation
@@ -90,11 +92,12 @@ FAST = {  # op -> its accelerated backend
     "router_topk": "triton",
     "shared_gemv": "triton",
     "mla_prep": "triton",
+    "hashed_race": "triton",
 }
 # Accelerated backends written and checked under the Triton interpreter but not yet run on a GPU: the
-# automatic choice stays "reference" until their GPU tests (tests/test_gpu_router.py) have passed on real
+# automatic choice stays "reference" until their GPU tests (tests/test_gpu_race.py) have passed on real
 # hardware; `backend=` or `use_backend(op=...)` runs them meanwhile.
-PENDING: set[str] = set()
+PENDING: set[str] = {"hashed_race"}  # (written in the twenty-first session, 2026-12-06, with no device left to run it)
 # Accelerated backends that the automatic choice takes only while switched on (`switch(op, on)`), process-wide like
 # use_backend; the default is what the H200 measured (bench/decode_gpu.py, 16b random weights, graphs + compile,
 # one run, 2026-12-05, bench/RESULTS.md): batch 1 295.4 tok/s without any, 339.0 with the dense GEMV, 310.9 with
@@ -436,6 +439,8 @@ def _fast_fits(op: str, tensors: tuple[torch.Tensor, ...]) -> bool:
                 and tensors[3].stride(2) != 1 and tensors[3].shape[2] > 1)
     if op == "router_topk":
         return tensors[0].dtype == torch.float32
+    if op == "hashed_race":  # (w (B, V) weights)
+        return tensors[0].dim() == 2 and tensors[0].is_floating_point()
     if op == "mla_uv":  # (q_lat (..., H, C), w_uv)
         q, w = tensors[0], tensors[-1]
         rows = q.numel() // max(q.shape[-1] * q.shape[-2], 1) if q.dim() >= 2 else 0
