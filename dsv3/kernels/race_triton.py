@@ -17,7 +17,7 @@ maximum and its first index.
 
 Exactness: the hash runs on uint32 lanes (sampling.py computes it in int64 with explicit 32-bit masks; a
 wrapping 32-bit product is the low 32 bits of the exact one, and shifts of unsigned values are logical), the same
-bits with a third of the instructions of 64-bit products. The log is
+bits without 64-bit products (several instructions each on the GPU). The log is
 libdevice's logf and the division rounds to nearest (div_rn), the operations of torch's CUDA log and true
 division, so the scores are meant to be bitwise the reference's and the token the same; the interpreter (no
 libdevice) uses numpy's log, which may differ in the last bit (the CPU tests compare on weights without near
@@ -97,8 +97,9 @@ def hashed_race(w: torch.Tensor, keys: torch.Tensor, slot: int) -> torch.Tensor:
     if V == 0:
         return out.zero_()  # (argmax of an empty row raises in torch; the engine never asks)
     # 4,096 lanes a tile: ~32 tiles for a 129,280-token vocabulary; one program per row (at batch 1 a single SM
-    # reads 0.5 MB of fp32 weights and hashes them: ~10-20 us, against ~20 launches of the reference). V is a
-    # constexpr (one compile per vocabulary size; a runtime loop bound also trips the interpreter under numpy 2)
+    # reads 0.5 MB of fp32 weights and hashes them: predicted ~10-40 us, unmeasured, against ~20 launches of the
+    # reference). V is a constexpr (one compile per vocabulary size; a runtime loop bound also trips the
+    # interpreter under numpy 2)
     block = min(4096, triton.next_power_of_2(V))
     _race_kernel[(B,)](w, keys, out, int(slot), w.stride(0), keys.stride(0), V=V, BLOCK=block, EXACT=not interpret,
                        num_warps=8 if block >= 2048 else 4)
