@@ -72,10 +72,10 @@ def test_capability_table(fake_gpu):
     want = {  # capability -> ops with an accelerated backend
         (8, 0): {"fp8_weight_gemm", "fp8_expert_rows", "expert_gemv", "dense_gemv", "head_gemv", "latent_store",
                  "swiglu_gemv", "moe_gemm", "mla_decode", "mla_uv", "adamw", "router_topk", "shared_gemv",
-                 "mla_prep"},
+                 "mla_prep", "hashed_race"},
         (8, 9): {"fp8_quant", "fp8_grouped_gemm", "fp8_weight_gemm", "fp8_expert_rows", "expert_gemv", "dense_gemv",
                  "head_gemv", "latent_store", "swiglu_gemv", "moe_gemm", "mla_decode", "mla_uv", "adamw",
-                 "router_topk", "shared_gemv", "mla_prep"},
+                 "router_topk", "shared_gemv", "mla_prep", "hashed_race"},
         (9, 0): set(kb.FAST),
         (10, 0): set(kb.FAST) - {"fp8_gemm"},
     }
