@@ -16,10 +16,12 @@
 #     LIMIT_roundtests=200 LIMIT_roundrounds=60 bash bench/decode_kernels_gpu.sh OUT_DIR roundtests,roundrounds
 #     bash bench/decode_kernels_gpu.sh OUT_DIR roundtrain
 #     bash bench/decode_kernels_gpu.sh OUT_DIR servespec
+#     bash bench/decode_kernels_gpu.sh OUT_DIR pending21
 #
 # Stages (default: all but the psum ones, in this order): tests, sweep, b1, b32, b256, pdltests, pdl, fp8, profile
 # (psumtests, psumsweep, psumdense, psum, mlapreptests, mlaprep, fusetests, fusebase, fuse, rows8sweep, rows8,
-# spectests, specrounds, spectrain, roundtests, roundrounds, roundtrain, roundcompile, rctrain, servespec: by name). Each stage's output goes to its own file under OUT_DIR (and a line to
+# spectests, specrounds, spectrain, roundtests, roundrounds, roundtrain, roundcompile, rctrain, servespec, pending21: by
+# name). Each stage's output goes to its own file under OUT_DIR (and a line to
 # steps.txt); a failing stage does not stop the next. A kernel is on by default (dsv3/kernels/backend.py SWITCHED)
 # only where its rows are faster. B1, B32, FP8 (environment) replace the batch lists of those stages; LIMIT_<stage>=S
 # stops a stage after S seconds (stages.sh).
@@ -186,4 +188,13 @@ servespec() {
     done
 }
 step servespec servespec
+# the twenty-first session's loose ends (~3 minutes): the chunked-prefill GPU test that failed once on an H100 (its
+# message not captured), alone with its traceback; the hashed race kernel's GPU tests (race_triton.py, PENDING in
+# backend.py until they pass) and its cost beside the eager and compiled reference (bench/sampler_speed.py)
+pending21() {
+    python -m pytest -m gpu -q -p no:cacheprovider --tb=long tests/test_gpu_speculation.py -k chunked
+    python -m pytest -m gpu -q -p no:cacheprovider -rA --tb=short tests/test_gpu_race.py
+    python bench/sampler_speed.py
+}
+step pending21 pending21
 tail -n 4 "$out"/*.txt
