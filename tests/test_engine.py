@@ -1738,14 +1738,16 @@ def test_compiled_steps_raise_dynamos_limits_to_their_buckets(spec_models):
 
     from dsv3.inference import graphs as g
 
-    assert g.compile_entries(32, 256, 1) == 6 * 9 * 3 + 8 and g.compile_entries(1, 1, 0) == 64
-    assert g.compile_entries(33, 257, 2) == 7 * 10 * 4 + 8  # (the caps are buckets of their own)
+    # (per bucket: the main step's 2 widths, the MTP steps' max(1, D), a round's 2 context variants x greedy and
+    # the 8 sets of filters of sampled rounds)
+    assert g.compile_entries(32, 256, 1) == 6 * 9 * (3 + 18) + 8 and g.compile_entries(1, 1, 0) == 64
+    assert g.compile_entries(33, 257, 2) == 7 * 10 * (4 + 18) + 8  # (the caps are buckets of their own)
     eng = Engine(spec_models[(1, "aligned")], speculative_k=1)
     cfg = torch._dynamo.config
     # (config.patch restores the settings after; pytest's monkeypatch would delete them, which hides them for good)
     with cfg.patch(recompile_limit=8, accumulated_recompile_limit=256):
         g.DecodeGraphs(eng.model, eng.cache, eng._graphs.pad_block, 32, 256, use_graphs=False, compile=True)
-        assert cfg.recompile_limit == 170 and cfg.accumulated_recompile_limit == 510
+        assert cfg.recompile_limit == 1142 and cfg.accumulated_recompile_limit == 3 * 1142
     with cfg.patch(recompile_limit=1000):
         g.DecodeGraphs(eng.model, eng.cache, eng._graphs.pad_block, 4, 8, use_graphs=False, compile=True)
         assert cfg.recompile_limit == 1000

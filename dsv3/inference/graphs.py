@@ -109,10 +109,11 @@ def next_pow2(n: int) -> int:
 
 def compile_entries(max_batch_size: int, max_blocks: int, mtp_modules: int) -> int:
     """A bound on the compiled entries one decode function may need: one per (batch bucket, context bucket) and
-    variant, the variants being the main step's two widths (1 and k + 1), the MTP step's widths and modules, a
-    round's context buckets (each forward's own), with some to spare; at least 64."""
+    variant, the variants being the main step's two widths (1 and k + 1), the MTP step's widths and modules, and a
+    round's: its chained steps' context buckets (at most two apart from the verification's), greedy or sampled with
+    one of the 8 sets of filters (round_sampled: a graph per set), with some to spare; at least 64."""
     buckets = ((max_batch_size - 1).bit_length() + 1) * ((max_blocks - 1).bit_length() + 1)  # (powers of two, the cap)
-    return max(64, buckets * (2 + max(1, mtp_modules)) + 8)
+    return max(64, buckets * (2 + max(1, mtp_modules) + 2 * (1 + 8)) + 8)
 
 
 class StaticBatch:
