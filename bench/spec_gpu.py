@@ -116,11 +116,12 @@ def fmt_cmp(c: dict | None) -> tuple[str, str]:
 
 
 def timed_decode(model, tok, prompts: list[list[int]], B: int, k: int, new: int, graphs: bool, compile_decode: bool,
-                 device: torch.device, temperature: float = 0.0) -> dict:
+                 device: torch.device, temperature: float = 0.0, logprobs: int | None = None) -> dict:
     """Warm-up pass (graph capture) then the timed pass of the workload, B prompts at a time. With k = 0 (greedy)
-    the warm-up asks for the top-2 log-probabilities (outside the timed pass): "margins", per prompt and generated
-    token, the gap between the two most likely tokens, kept where the warm-up's tokens are the timed pass's.
-    temperature > 0: prompt i samples with seed i (the same requests in every row)."""
+    a second warm-up pass asks for the top-2 log-probabilities (outside the timed pass): "margins", per prompt and
+    generated token, the gap between the two most likely tokens, kept where its tokens are the timed pass's.
+    temperature > 0: prompt i samples with seed i (the same requests in every row); logprobs: every request asks
+    for the log-probabilities of its tokens and of the `logprobs` most likely."""
     kw = dict(max_batch_size=B, cache_tokens=B * (len(prompts[0]) + new + k + 1 + 32), speculative_k=k,
               max_prefill_tokens=0)  # a batch's prompts in its one prefill step, before the timed decode steps
     label = ("graphs" + ("+compile" if compile_decode else "")) if device.type == "cuda" else "static step, eager"
@@ -135,13 +136,14 @@ def timed_decode(model, tok, prompts: list[list[int]], B: int, k: int, new: int,
     if not graphs:
         label = "eager"
     sps = [SamplingParams(max_new_tokens=new, temperature=temperature, ignore_eos=True,
-                          seed=i if temperature else None) for i in range(len(prompts))]
+                          seed=i if temperature else None, logprobs=logprobs) for i in range(len(prompts))]
     chunks = [list(range(i, min(i + B, len(prompts)))) for i in range(0, len(prompts), B)]
     t = time.perf_counter()
-    warm_outs = []
-    for c in chunks:
-        warm_outs += eng.generate([prompts[i] for i in c], [dataclasses.replace(sps[i], logprobs=2) if k == 0 and
-                                                             not temperature else sps[i] for i in c])
+    lp_outs = []
+    for c in chunks:  # (the timed pass's requests: it captures their graphs, with or without log-probabilities)
+        eng.generate([prompts[i] for i in c], [sps[i] for i in c])
+        if k == 0 and not temperature:
+            lp_outs += eng.generate([prompts[i] for i in c], [dataclasses.replace(sps[i], logprobs=2) for i in c])
     sync(device)
     warm = time.perf_counter() - t
     captured = getattr(eng, "graph_captures", None)  # graphs captured so far (engines that count them)
@@ -163,9 +165,9 @@ def timed_decode(model, tok, prompts: list[list[int]], B: int, k: int, new: int,
         outs += [final[i] for i in ids]
     s = eng.stats
     margins = None
-    if k == 0 and not temperature and [o.token_ids for o in warm_outs] == outs:
+    if k == 0 and not temperature and [o.token_ids for o in lp_outs] == outs:
         margins = [[lp.top[0][1] - lp.top[1][1] if len(lp.top) > 1 else float("inf") for lp in o.logprobs]
-                   for o in warm_outs]
+                   for o in lp_outs]
     late = None if captured is None else eng.graph_captures - captured  # should be 0: none in the timed pass
     del eng
     free(device)
@@ -243,6 +245,9 @@ def main() -> int:
     ap.add_argument("--temperature", type=float, default=0.0,
                     help="sample at this temperature (prompt i with seed i) instead of greedy decoding; --round-graph "
                     "then sets round_sampled (k = 0 too): with both, steps one by one and in one graph")
+    ap.add_argument("--logprobs", type=int, metavar="N",
+                    help="every request asks for log-probabilities (its tokens' and the N most likely); --round-graph "
+                         "then sets round_graph for k = 0 too (greedy)")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers")
     ap.add_argument("--bw-gib", type=float, default=2.0, help="size of the copy that measures the bandwidth")
     ap.add_argument("--export-bf16", metavar="DIR", help="also save the loaded model + tokenizer there (bf16)")
@@ -306,8 +311,10 @@ def main() -> int:
     # sampled (--temperature): plain decoding (k = 0) with round_sampled as --round-graph says too (off: its graph and
     # the eager draw; on: its step and draw in one graph); each k > 0 row's speed-up is against k = 0 the same way.
     # base_key: k = 0's first row, the one k > 0's outputs are compared with
-    k0_variants = ([(False, rg, rcs[-1] if rg else False) for rg in modes[args.round_graph]] if args.temperature
-                   else [(False, False, False)])
+    # --logprobs (greedy): k = 0 likewise with round_graph
+    k0_rg = args.logprobs is not None and not args.temperature
+    k0_variants = ([(False, rg, rcs[-1] if rg else False) for rg in modes[args.round_graph]]
+                   if args.temperature or k0_rg else [(False, False, False)])
     base_key = k0_variants[0]
     for B in batches:
         # verify_rows changes only steps of at most k + 1 rows (batch 1): above, one row per round_graph setting
@@ -320,11 +327,11 @@ def main() -> int:
             graphs = not (k > 0 and args.spec_eager)
             kernel_backend.switch("verify_rows", vr)  # (the engine reads them when it is made)
             # (k = 0: as the process has it: DSV3_KERNELS=round_graph=on makes plain decoding's step one graph too)
-            kernel_backend.switch("round_graph", rg if k else shipped_rg)
+            kernel_backend.switch("round_graph", rg if k or k0_rg else shipped_rg)
             kernel_backend.switch("round_sampled", rg if args.temperature else shipped_rs)
             kernel_backend.switch("round_compile", rc if k or rg else shipped_rc)
             r = timed_decode(model, tok, prompts[:max(B, args.min_prompts)], B, k, args.new, graphs,
-                             args.compile and device.type == "cuda", device, args.temperature)
+                             args.compile and device.type == "cuda", device, args.temperature, args.logprobs)
             rounds = kernel_backend.round_sampled() if args.temperature else kernel_backend.round_graph(k)
             r["path"] += (("+verify_rows" if vr and B == 1 else "")
                           + ("+round_graph" if kernel_backend.round_graph(k) else "")
@@ -362,7 +369,8 @@ def main() -> int:
     def na(x, f="{:.3f}"):
         return "-" if x is None or x != x else f.format(x)
 
-    how = f"sampled (temperature {args.temperature})" if args.temperature else "greedy"
+    how = (f"sampled (temperature {args.temperature})" if args.temperature else "greedy") + (
+        f" with log-probabilities (top {args.logprobs})" if args.logprobs is not None else "")
     print(f"\nTable: MTP self-speculative {how} decode, {cfg.num_hidden_layers}-layer checkpoint {path}, "
           f"{args.prompt_len}-token held-out prompts, {args.new} new tokens; {bw['caption']}\n")
     print("| card (measured copy BW) | batch | k | decode path | decode tok/s | speed-up vs k=0 | acceptance | "

@@ -961,6 +961,8 @@ def test_the_hashed_random_numbers():
     u = uniforms(bits).double()
     assert 0 <= float(u.min()) and float(u.max()) < 1
     assert float(uniforms(bits, open_low=True).min()) > 0
+    top = torch.tensor([0xFFFFFFFF, 0xFFFFFE00, 0xFFFFFF00, 0x000000FF])  # (the top 24-bit values, and 0)
+    assert uniforms(top, open_low=True).tolist() == [1 - 2 ** -24, 1 - 2 ** -23, 1 - 2 ** -24, 2 ** -25]
 
     def corr(a, b):
         a, b = a - a.mean(), b - b.mean()
@@ -1670,18 +1672,21 @@ def test_a_greedy_round_in_one_graph_gives_the_same_outputs(spec_models, D, k, d
     """"round_graph" (graphs.py DecodeGraphs.round: a greedy round's verification, acceptance, MTP step and chained
     drafts as one static forward; k = 0 the one-token step and its argmax) against the round's steps run one by one:
     the same tokens, finish reasons and acceptance counts, overlapped or not, arriving together and one by one,
-    exact-shape and bucketed steps; rounds with a sampled request (round_sampled off here) or one asking for
-    log-probabilities take the steps one by one."""
+    exact-shape and bucketed steps; requests asking for log-probabilities (0, 1 and 3 of the most likely tokens)
+    get those of the steps too; rounds with a sampled request (round_sampled off here) take the steps one by one."""
     model = spec_models[(D, drafter)]
     prompts = prompts_for(model.config, [3, 9, 5, 14, 2, 7], seed=8)
     params = _greedy_params()
     first = _final(Engine(model, max_batch_size=4, block_size=3, speculative_k=k, overlap=False), prompts, params)
     params[0] = dataclasses.replace(params[0], stop_token_ids=[first[0][0][4]])  # stops inside a run of drafts
     params[2] = dataclasses.replace(params[2], stop_token_ids=[first[2][0][7]])
-    mixed = list(params)  # a sampled request and one with log-probabilities among them: those rounds step by step
+    logp = list(params)  # log-probabilities: from the round graph too
+    for i, n in ((0, 3), (2, 0), (5, 1)):
+        logp[i] = dataclasses.replace(logp[i], logprobs=n)
+    mixed = list(logp)  # a sampled request among them: those rounds step by step
     mixed[3] = dataclasses.replace(mixed[3], temperature=0.9, seed=5)
-    mixed[5] = dataclasses.replace(mixed[5], logprobs=1)
     for ps, arrivals, overlap in ((params, None, True), (params, [0, 0, 2, 3, 3, 9], True), (params, None, False),
+                                  (logp, [0, 0, 2, 3, 3, 9], True), (logp, None, False),
                                   (mixed, [0, 0, 2, 3, 3, 9], True)):
         runs = []
         for fused in (False, True):
@@ -1692,10 +1697,14 @@ def test_a_greedy_round_in_one_graph_gives_the_same_outputs(spec_models, D, k, d
         assert got == want and dg == dw
         assert (sg.rounds, sg.accepted, sg.first_draft_accepted) == (sw.rounds, sw.accepted, sw.first_draft_accepted)
         assert cw["round"] == 0 and cg["round"] > 0  # (one graph a round only where switched on)
-        if ps is params:
-            assert cg["main"] == 0  # every round greedy without log-probabilities: none step by step
+        if ps is mixed:
+            assert cg["main"] > 0  # the rounds with the sampled request
         else:
-            assert cg["main"] > 0  # the rounds with the sampled request or the log-probabilities
+            assert cg["main"] == 0  # every round greedy: none step by step
+        for i, p in enumerate(ps):  # (log-probabilities where asked, of every token, as many as asked)
+            lps = want[i][2]
+            assert len(lps) == (0 if p.logprobs is None else len(want[i][0]))
+            assert all(len(x.top) == p.logprobs and (not x.top or x.top[0][1] >= x.logprob) for x in lps)
         assert {"length", "stop"} <= {r for _, r, _ in want.values()}
     if drafter == "aligned" and k:
         assert sg.accepted > 0
@@ -1739,15 +1748,15 @@ def test_compiled_steps_raise_dynamos_limits_to_their_buckets(spec_models):
     from dsv3.inference import graphs as g
 
     # (per bucket: the main step's 2 widths, the MTP steps' max(1, D), a round's 2 context variants x greedy and
-    # the 8 sets of filters of sampled rounds)
-    assert g.compile_entries(32, 256, 1) == 6 * 9 * (3 + 18) + 8 and g.compile_entries(1, 1, 0) == 64
-    assert g.compile_entries(33, 257, 2) == 7 * 10 * (4 + 18) + 8  # (the caps are buckets of their own)
+    # the 8 sets of filters of sampled rounds x with and without log-probabilities)
+    assert g.compile_entries(32, 256, 1) == 6 * 9 * (3 + 36) + 8 and g.compile_entries(1, 1, 0) == 64
+    assert g.compile_entries(33, 257, 2) == 7 * 10 * (4 + 36) + 8  # (the caps are buckets of their own)
     eng = Engine(spec_models[(1, "aligned")], speculative_k=1)
     cfg = torch._dynamo.config
     # (config.patch restores the settings after; pytest's monkeypatch would delete them, which hides them for good)
     with cfg.patch(recompile_limit=8, accumulated_recompile_limit=256):
         g.DecodeGraphs(eng.model, eng.cache, eng._graphs.pad_block, 32, 256, use_graphs=False, compile=True)
-        assert cfg.recompile_limit == 1142 and cfg.accumulated_recompile_limit == 3 * 1142
+        assert cfg.recompile_limit == 2114 and cfg.accumulated_recompile_limit == 3 * 2114
     with cfg.patch(recompile_limit=1000):
         g.DecodeGraphs(eng.model, eng.cache, eng._graphs.pad_block, 4, 8, use_graphs=False, compile=True)
         assert cfg.recompile_limit == 1000
@@ -1779,7 +1788,7 @@ def test_a_round_whose_compile_fails_runs_its_steps(spec_models):
     with pytest.warns(UserWarning, match=r"whole forward failed \(RuntimeError: cannot lower op 'x'\); its steps"):
         got = [o.token_ids for o in eng.generate(prompts, sp)]
     assert got == want and len(calls) == 1 and g._round == g._forward_round
-    assert ("round", 2) in {key[0] for key in g._entries}
+    assert ("round", 2, None, None) in {key[0] for key in g._entries}
 
 
 def test_round_compile_follows_its_switch(spec_models, monkeypatch):
@@ -1827,16 +1836,18 @@ def _sampled_params():
 def test_a_sampled_round_in_one_graph_gives_the_same_outputs(spec_models, D, k, drafter, graphs, monkeypatch):
     """"round_sampled" (graphs.py DecodeGraphs.round with the batch's sampler: its rows and the verified drafts'
     distributions copied into the round's static buffers, the hashed random numbers drawn inside): the same tokens,
-    finish reasons, acceptance counts and drafts as the round's steps run one by one, overlapped or not, arriving
-    together and one by one; with the switch off, or a request with a repetition penalty in the batch, the steps
-    one by one."""
+    log-probabilities (where asked), finish reasons, acceptance counts and drafts as the round's steps run one by
+    one, overlapped or not, arriving together and one by one; with the switch off, or a request with a repetition
+    penalty in the batch, the steps one by one."""
     model = spec_models[(D, drafter)]
     prompts = prompts_for(model.config, [3, 9, 5, 14, 2, 7], seed=9)
     params = _sampled_params()
     penalised = list(params)
     penalised[3] = dataclasses.replace(penalised[3], repetition_penalty=1.2)
+    logp = list(params)  # log-probabilities (the raw model's) from the round graph too
+    logp[0], logp[5] = dataclasses.replace(logp[0], logprobs=2), dataclasses.replace(logp[5], logprobs=0)
     for ps, arrivals, overlap in ((params, None, True), (params, [0, 0, 2, 3, 3, 9], True), (params, None, False),
-                                  (penalised, [0, 0, 2, 3, 3, 9], True)):
+                                  (logp, [0, 0, 2, 3, 3, 9], True), (penalised, [0, 0, 2, 3, 3, 9], True)):
         runs = []
         for fused, sampled in ((False, False), (True, True), (True, False)):
             torch.manual_seed(0)  # (the unseeded requests' seeds)
@@ -1850,11 +1861,12 @@ def test_a_sampled_round_in_one_graph_gives_the_same_outputs(spec_models, D, k, 
                                                                          sw.first_draft_accepted)
         (_, _, cg, _), (_, _, co, _) = runs[1:]
         assert cw["round"] == 0 and cg["round"] > 0 and co["main"] > 0
-        if ps is params:
-            assert cg["main"] == 0  # every round without penalties and log-probabilities: none step by step
-            assert co["round"] < cg["round"]  # (round_sampled off: only rounds of the greedy request alone, if any)
-        else:
+        if ps is penalised:
             assert cg["main"] > 0  # the rounds with the penalised request
+        else:
+            assert cg["main"] == 0  # every round without penalties: none step by step
+            assert co["round"] < cg["round"]  # (round_sampled off: only rounds of the greedy request alone, if any)
+        assert [len(want[i][2]) > 0 for i in range(len(ps))] == [p.logprobs is not None for p in ps]
         assert "length" in {r for _, r, _ in want.values()}
         assert len({tuple(t) for t, _, _ in want.values()}) == len(ps)
     if drafter == "aligned" and k:
@@ -1867,7 +1879,7 @@ def test_a_sampled_round_graph_refuses_what_it_cannot_sample(spec_models):
     tables = [eng.cache.allocate(2)]
     pen = eng._sampler([SimpleNamespace(params=SamplingParams(temperature=1.0, repetition_penalty=1.1), seed32=1,
                                         phase=0, tokens=[1, 2])])
-    with pytest.raises(ValueError, match="without repetition penalties or log-probabilities"):
+    with pytest.raises(ValueError, match="without repetition penalties"):
         eng._graphs.round(2, [[1, 2, 3]], [0], tables, sampler=pen)
     ok = eng._sampler([SimpleNamespace(params=SamplingParams(temperature=1.0), seed32=1, phase=0, tokens=[1])])
     with pytest.raises(ValueError, match="needs the drafts' distributions"):

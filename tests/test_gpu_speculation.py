@@ -135,14 +135,26 @@ def test_compiled_graphed_speculation():
 
 def _round_run(m, k: int, compile: bool, prompts, sp, fused: bool, graphs: bool = True):
     """One engine's outputs (tokens, finish reason) and the engine: rounds in one graph (greedy and sampled) where
-    `fused`, else their graphs one by one; graphs False: the same bucketed static forwards, run eagerly."""
+    `fused`, else their graphs one by one; graphs False: the same bucketed static forwards, run eagerly. (The
+    outputs' log-probabilities: engine.last_logprobs.)"""
     torch.manual_seed(0)  # (an unseeded request's seed)
     eng = Engine(m, None, max_batch_size=8, block_size=16, speculative_k=k, cuda_graphs=True, compile_decode=compile)
     eng.round_graph = eng.round_graph_sampled = fused
     if not graphs:
         eng._graphs.use_graphs = False
     out = eng.generate(prompts, sp)
+    eng.last_logprobs = [[(x.token_id, x.logprob, x.top) for x in o.logprobs or []] for o in out]
     return [(o.token_ids, o.finish_reason) for o in out], eng
+
+
+def _close_logprobs(got, want, tol: float) -> None:
+    """Two runs' log-probabilities (engine.last_logprobs) of the same tokens: values within tol, position by position
+    in the top lists (sorted: two of them within tol may trade places), and the same top ids where tol is 0."""
+    assert [[(t, len(top)) for t, _, top in o] for o in got] == [[(t, len(top)) for t, _, top in o] for o in want]
+    for o, p in zip(got, want):
+        for (_, a, ta), (_, b, tb) in zip(o, p):
+            assert abs(a - b) <= tol and all(abs(x - y) <= tol for (_, x), (_, y) in zip(ta, tb)), (a, b, ta, tb)
+            assert tol or ta == tb
 
 
 @pytest.mark.parametrize("D,k,compile", [(1, 1, False), (2, 3, False), (1, 2, True), (1, 0, False), (1, 0, True),
@@ -151,15 +163,18 @@ def test_a_greedy_round_in_one_graph(D, k, compile, monkeypatch):
     """round_graph (graphs.py DecodeGraphs.round, on as shipped for speculation rounds): greedy rounds (k = 0: one-token
     steps with their argmax) as one captured graph give the tokens, drafts' acceptance and finish reasons of the same
     round's graphs launched one by one (the same forwards: same functions, same shapes), and of the one graph's
-    static forward run eagerly. compile True: the steps compiled, and the round's whole forward as one compiled function
-    ("round_compile", on as shipped, backend.py: its glue fused), against the compiled steps one by one; "steps": with
-    round_compile off, the round graph of the compiled steps and the eager glue between them."""
+    static forward run eagerly, and the same log-probabilities for the requests asking (2 and 0 of the most likely
+    tokens'; compiled whole, within 1e-2: inductor's fused log-softmax rounds otherwise). compile True: the steps
+    compiled, and the round's whole forward as one compiled function ("round_compile", on as shipped, backend.py: its
+    glue fused), against the compiled steps one by one; "steps": with round_compile off, the round graph of the
+    compiled steps and the eager glue between them."""
     from dsv3.kernels import backend as kb
 
     monkeypatch.setitem(kb.SWITCHED, "round_compile", compile is True)
     m = _model(D, "aligned")
     prompts = _prompts()
     sp = [SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True) for n in (40, 33, 12, 1, 40, 25)]
+    sp[0].logprobs, sp[4].logprobs = 2, 0
 
     def run(fused: bool, graphs: bool = True):
         return _round_run(m, k, bool(compile), prompts, sp, fused, graphs)
@@ -167,14 +182,17 @@ def test_a_greedy_round_in_one_graph(D, k, compile, monkeypatch):
     want, steps = run(False)
     got, fused = run(True)
     assert got == want
+    _close_logprobs(fused.last_logprobs, steps.last_logprobs, 1e-2 if compile is True else 0.0)
+    assert len(fused.last_logprobs[0]) == 40 and len(fused.last_logprobs[0][0][2]) == 2
     assert (fused.stats.rounds, fused.stats.accepted) == (steps.stats.rounds, steps.stats.accepted)
     assert not k or fused.stats.acceptance_rate > 0.5
     kinds = {key[0] for key in fused._graphs._entries}
-    assert ("round", k) in kinds and ("main",) not in kinds  # (prefill's MTP steps are eager)
+    assert ("round", k, None, 20) in kinds and ("main",) not in kinds  # (prefill's MTP steps are eager)
     assert fused._graphs.captures == len(fused._graphs._entries)
     if not compile:
-        eager, _ = run(True, graphs=False)
+        eager, e = run(True, graphs=False)
         assert eager == got
+        _close_logprobs(e.last_logprobs, fused.last_logprobs, 0.0)
 
 
 @pytest.mark.parametrize("D,k,compile", [(1, 1, False), (2, 3, False), (1, 0, False), (1, 2, True), (1, 1, True)])
@@ -200,7 +218,7 @@ def test_a_sampled_round_in_one_graph(D, k, compile):
     want, steps = run(False)
     got, fused = run(True)
     kinds = {key[0] for key in fused._graphs._entries}
-    assert any(kd[0] == "round" and len(kd) == 3 for kd in kinds) and ("main",) not in kinds
+    assert any(kd[0] == "round" and kd[2] is not None for kd in kinds) and ("main",) not in kinds
     assert fused._graphs.captures == len(fused._graphs._entries)
     if compile:
         assert sum(a == b for a, b in zip(got, want)) >= len(want) - 1, (got, want)

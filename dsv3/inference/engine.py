@@ -54,7 +54,7 @@ import torch
 from dsv3.cliargs import setting
 from dsv3.inference import speculation
 from dsv3.inference.cache import PagedLatentCache
-from dsv3.inference.graphs import DecodeGraphs
+from dsv3.inference.graphs import DecodeGraphs, result_rows
 from dsv3.inference.params import SamplingParams  # noqa: F401 (re-exported: engine.SamplingParams)
 from dsv3.inference.sampling import BatchSampler, phase_key, request_seed
 from dsv3.inference.textstream import TextStream
@@ -272,9 +272,9 @@ class Engine:
         self.loads = ExpertLoadRecorder(self.model) if record_expert_loads else None
         # with speculation and the "verify_rows" switch on (kernels/backend.py), one sequence's verification step
         # (k + 1 rows) takes the one-row decode kernels; with "round_graph" on (as shipped: speculation rounds only), a
-        # step (a round) of greedy requests without log-probabilities (nor lockstep) runs as one graph (graphs.py
-        # DecodeGraphs.round), and with "round_sampled" on (as shipped), so does a step (a round, or plain decoding's
-        # one-token step) of requests that sample, without repetition penalties
+        # step (a round) of greedy requests (not in lockstep) runs as one graph (graphs.py DecodeGraphs.round), and
+        # with "round_sampled" on (as shipped), so does a step (a round, or plain decoding's one-token step) of
+        # requests that sample, without repetition penalties; log-probabilities come out of either graph
         self.round_graph = kernel_backend.round_graph(self.k)
         self.round_graph_sampled = kernel_backend.round_sampled()
         self._graphs = DecodeGraphs(self.model, self.cache, pad, max_batch_size, max_blocks, use_graphs=use,
@@ -588,15 +588,17 @@ class Engine:
         q_in = None  # the verified drafts' distributions (k = 0: no drafts to weigh; greedy: argmax)
         if k and not sampler.all_greedy:  # (the same batch, hence the same sampler settings, as prev)
             q_in = prev.q if prev is not None else self._draft_probs(reqs)
-        if (sampler.present is None and sampler.logprobs_n is None and self.agree is None
+        if (sampler.present is None and self.agree is None
                 and (self.round_graph if sampler.all_greedy else self.round_graph_sampled)):
-            # a step in one launch (graphs.py DecodeGraphs.round): the same forwards and tokens as below
+            # a step in one launch (graphs.py DecodeGraphs.round): the same forwards, tokens and log-probabilities
+            # as below
+            nt = 0 if sampler.logprobs_n is None else self._graphs.logprobs_n
             if not k:
-                (tokens,) = self._graphs.round(0, inp, pos_in, tables, last_pos=bound, sampler=sampler)
-                return self._queue(reqs, tokens, tokens)
+                tokens, *rows = self._graphs.round(0, inp, pos_in, tables, last_pos=bound, sampler=sampler)
+                return self._queue(reqs, rows[0] if rows else tokens, tokens, nt)
             tokens, n, drafts, next_pos, rows, *q = self._graphs.round(k, inp, pos_in, tables, last_pos=bound + k,
                                                                         sampler=sampler, q=q_in)
-            return self._queue(reqs, rows, tokens, q=q[0] if q else None, n=n, drafts=drafts, next_pos=next_pos)
+            return self._queue(reqs, rows, tokens, nt, q=q[0] if q else None, n=n, drafts=drafts, next_pos=next_pos)
         logits, hidden, inp, pos0 = self._graphs.main(inp, pos_in, tables, last_pos=bound + k)
         d_in = inp[:, 1:]  # (B, k)
         tokens, n, _ = speculation.accept(sampler, logits, d_in, q_in)  # (B, k+1), (B,)
@@ -689,16 +691,10 @@ class Engine:
                            lp[1].shape[-1] if lp is not None else 0)
 
     def _results(self, tokens: torch.Tensor, n: torch.Tensor | None, drafts: torch.Tensor | None, lp) -> torch.Tensor:
-        """A phase's results as one tensor on the device, a row per sequence: tokens (T), n (if given), drafts (k),
-        then (with log-probs) the chosen tokens' (T), the top ids (T·nt) and values (T·nt), all float64 (token ids
-        are exact in it); in lockstep, rank 0's (`agree`)."""
-        ints = [x for x in (tokens, None if n is None else n[:, None], drafts) if x is not None]
-        if lp is not None:  # one float64 tensor (token ids are exact in it)
-            chosen, top_i, top_v = lp
-            rows_t = torch.cat([x.double() for x in ints] + [chosen.double(), top_i.double().flatten(1),
-                                                            top_v.double().flatten(1)], 1)
-        else:
-            rows_t = torch.cat(ints, 1) if len(ints) > 1 else tokens
+        """A phase's results as one tensor on the device (graphs.result_rows: tokens (T), n (if given), drafts (k),
+        then with log-probs the chosen tokens' (T), the top ids (T·nt) and values (T·nt)); in lockstep, rank 0's
+        (`agree`)."""
+        rows_t = result_rows([x for x in (tokens, None if n is None else n[:, None], drafts) if x is not None], lp)
         if self.agree is not None:
             rows_t = self.agree(rows_t.contiguous())
         return rows_t

@@ -59,8 +59,8 @@ import torch
 
 from dsv3 import kernels
 from dsv3.inference import speculation
-from dsv3.inference.params import SamplingParams
-from dsv3.inference.sampling import BatchSampler, param_row
+from dsv3.inference.params import LOGPROBS_MAX, SamplingParams
+from dsv3.inference.sampling import BatchSampler, param_row, token_logprobs
 from dsv3.kernels import backend as kernel_backend
 
 # INDUCTOR_PDL: inductor's generated kernels of a compiled decode step launch with programmatic dependent launch too,
@@ -111,9 +111,22 @@ def compile_entries(max_batch_size: int, max_blocks: int, mtp_modules: int) -> i
     """A bound on the compiled entries one decode function may need: one per (batch bucket, context bucket) and
     variant, the variants being the main step's two widths (1 and k + 1), the MTP step's widths and modules, and a
     round's: its chained steps' context buckets (at most two apart from the verification's), greedy or sampled with
-    one of the 8 sets of filters (round_sampled: a graph per set), with some to spare; at least 64."""
+    one of the 8 sets of filters (round_sampled: a graph per set), each with and without log-probabilities, with
+    some to spare; at least 64."""
     buckets = ((max_batch_size - 1).bit_length() + 1) * ((max_blocks - 1).bit_length() + 1)  # (powers of two, the cap)
-    return max(64, buckets * (2 + max(1, mtp_modules) + 2 * (1 + 8)) + 8)
+    return max(64, buckets * (2 + max(1, mtp_modules) + 2 * (1 + 8) * 2) + 8)
+
+
+def result_rows(ints: list[torch.Tensor], lp: tuple[torch.Tensor, ...] | None) -> torch.Tensor:
+    """A decode step's results as one tensor, a row per sequence: the (B, x) integer tensors `ints` (tokens (B, T),
+    then, where given, n (B, 1) and drafts (B, k)), then with log-probabilities (lp: sampling.token_logprobs') the
+    chosen tokens' (T), the top ids (T·nt) and values (T·nt), all float64 (token ids are exact in it). Engine._parse
+    reads it back."""
+    if lp is None:
+        return torch.cat(ints, 1) if len(ints) > 1 else ints[0]
+    chosen, top_i, top_v = lp
+    return torch.cat([x.double() for x in ints] + [chosen.double(), top_i.double().flatten(1),
+                                                  top_v.double().flatten(1)], 1)
 
 
 class StaticBatch:
@@ -251,13 +264,14 @@ class _Round:
     forward with its own bucket's context: the verification step, MTP module 0 (T = k + 1) and the chained draft
     steps j = 1 .. k - 1 (T = 1); and the batch's sampler: greedy (stateless: argmax), or, for a sampled round
     (`filters`: which of top-k, top-p, min-p it applies), one reading each row's parameters from the static `rows`
-    (BatchSampler.over; padding rows greedy) and the verified drafts' distributions from `q` (Bp, k, V)."""
+    (BatchSampler.over; padding rows greedy) and the verified drafts' distributions from `q` (Bp, k, V). `nt`: with
+    log-probabilities, how many of the most likely tokens' the round reports (DecodeGraphs.logprobs_n), else None."""
 
     def __init__(self, graphs: "DecodeGraphs", k: int, Bp: int, nblks: tuple[int, ...],
-                 filters: tuple[bool, bool, bool] | None = None):
+                 filters: tuple[bool, bool, bool] | None = None, nt: int | None = None):
         cache, pad, dev = graphs.cache, graphs.pad_block, graphs.cache.kv.device
         D, V = graphs.model.config.hidden_size, graphs.model.config.vocab_size
-        self.k = k
+        self.k, self.nt = k, nt
         self.sb = StaticBatch(cache, Bp, k + 1, max(nblks), pad)
         self.sb.round = self  # (what DecodeGraphs.round's fill copies the sampler's rows and q into)
         attention = graphs._attention()
@@ -311,6 +325,9 @@ class DecodeGraphs:
             if kernel_backend.round_compile():  # the round graph's whole forward, its glue fused (backend.py)
                 self._round = torch.compile(self._forward_round, dynamic=False, options=opts)
         self.max_batch_size, self.max_blocks = max_batch_size, max_blocks
+        # a round with log-probabilities reports this many of the most likely tokens' (the most a request may ask,
+        # as BatchSampler.logprobs: one graph for every count; Engine._parse keeps each request's own)
+        self.logprobs_n = min(LOGPROBS_MAX, model.config.vocab_size)
         self.use_graphs = use_graphs and cache.kv.is_cuda
         self.bucketed = bucketed
         self._entries: dict[tuple, _Entry] = {}  # (kind, Bp, T, nblk) -> its static batch, graph, outputs
@@ -342,16 +359,18 @@ class DecodeGraphs:
     def _forward_round(self, r: _Round) -> tuple[torch.Tensor, ...]:
         """A round (speculation.py) over r's static batches, each step's inputs copied from the step before on the
         device -> tokens (Bp, k+1), n (Bp,), drafts (Bp, k), the next round's first positions (Bp,), the results'
-        row per sequence as Engine._results lays them out (tokens, n, drafts), and for a sampled round the new
-        drafts' distributions q (Bp, k, V); k = 0: tokens (Bp, 1) only (the one-token step's argmax or draw, also
-        its results' rows)."""
+        row per sequence (`result_rows`: tokens, n, drafts, and the verified positions' log-probabilities where r.nt
+        says), and for a sampled round the new drafts' distributions q (Bp, k, V); k = 0: tokens (Bp, 1) (the
+        one-token step's argmax or draw, also its results' rows without log-probabilities), then with them the
+        results' rows."""
         k, sb = r.k, r.sb
         T = k + 1
         r.main.meta.copy_(sb.meta[:, : 1 + T + r.main.nblk])  # (a prefix of the widest table: the same blocks)
         logits, hidden, ids, pos0 = self._main(r.main)
         tokens, n, _ = speculation.accept(r.sampler, logits, ids[:, 1:], r.q)  # (Bp, k+1), (Bp,)
+        lp = None if r.nt is None else token_logprobs(logits, tokens, r.nt)  # (the raw model's, every position)
         if not k:
-            return (tokens,)
+            return (tokens,) if lp is None else (tokens, result_rows([tokens], lp))
         next_pos = pos0 + n
         m = r.mtp[0]  # MTP module 0 over the k + 1 positions, read out at the last valid one (n - 1)
         m.meta.copy_(r.main.meta)
@@ -372,7 +391,7 @@ class DecodeGraphs:
             return self._mtp(c, module=min(j, n_mtp - 1))
 
         drafts, q = speculation.draft(r.sampler, k, h, lg, step)
-        out = tokens, n, drafts, next_pos, torch.cat([tokens, n[:, None], drafts], 1)
+        out = tokens, n, drafts, next_pos, result_rows([tokens, n[:, None], drafts], lp)
         return out if q is None else out + (q,)
 
     def _run_round(self, r: _Round) -> tuple[torch.Tensor, ...]:
@@ -401,7 +420,7 @@ class DecodeGraphs:
         if key in self._entries:
             return self._entries[key]
         if kind[0] == "round":  # nblk: each forward's blocks (verification and MTP 0, then the chained steps)
-            r = _Round(self, kind[1], Bp, nblk, kind[2] if len(kind) > 2 else None)
+            r = _Round(self, kind[1], Bp, nblk, kind[2], kind[3])
             sb = r.sb
 
             def step(_sb: StaticBatch, r: _Round = r):
@@ -491,15 +510,17 @@ class DecodeGraphs:
               q: torch.Tensor | None = None):
         """A speculation round (speculation.py's accept and draft) in one graph: tokens (B, k+1) [x_L, d_1 .. d_k],
         pos0 and last_pos as `main` takes them -> tokens (B, k+1) (the round's are tokens[b, :n[b]]), n (B,), the
-        new drafts (B, k), the next round's first positions pos0 + n (B,), and the results' rows (B, 2k+2):
-        tokens, n, drafts (Engine._results' layout). Each forward runs in the bucket its own step would
-        (verification and MTP module 0 up to last_pos, chained draft j up to last_pos + j), so the tokens are those
-        of `main` + `mtp` + the chained steps run one by one. k = 0: a one-token step -> (tokens (B, 1),).
+        new drafts (B, k), the next round's first positions pos0 + n (B,), and the results' rows (`result_rows`:
+        tokens, n, drafts). Each forward runs in the bucket its own step would (verification and MTP module 0 up to
+        last_pos, chained draft j up to last_pos + j), so the tokens are those of `main` + `mtp` + the chained steps
+        run one by one. k = 0: a one-token step -> (tokens (B, 1),).
 
-        Greedy (sampler None or all_greedy): argmax. Else the batch's sampler (no repetition penalty nor
-        log-probabilities: those take the steps one by one), its rows copied into the round's static ones (a graph
-        per set of filters it applies), q (B, k, V) the verified drafts' distributions; the new drafts'
-        distributions (B, k, V) come last in the outputs (k >= 1)."""
+        Greedy (sampler None or all_greedy): argmax. Else the batch's sampler (no repetition penalty: that takes
+        the steps one by one), its rows copied into the round's static ones (a graph per set of filters it
+        applies), q (B, k, V) the verified drafts' distributions; the new drafts' distributions (B, k, V) come last
+        in the outputs (k >= 1). Where some row of the sampler asks for log-probabilities, the results' rows carry
+        those of every verified position (`logprobs_n` most likely tokens': a graph with them and one without),
+        and a one-token step returns (tokens, rows)."""
         if k < 0:
             raise ValueError(f"a round's k (drafts a sequence) must be >= 0, got {k}")
         B, T, last_pos, host_tokens, host_pos, fill = self._inputs(tokens, pos0, last_pos)
@@ -507,10 +528,11 @@ class DecodeGraphs:
             raise ValueError(f"a round of k = {k} verifies k + 1 = {k + 1} tokens a sequence, got {T}")
         # (verification and MTP 0, then chained drafts 1 .. k-1)
         lasts = tuple(last_pos + j for j in range(max(k, 1)))
+        if sampler is not None and sampler.present is not None:
+            raise ValueError("a round graph samples without repetition penalties")
+        nt = None if sampler is None or sampler.logprobs_n is None else self.logprobs_n
         if sampler is None or sampler.all_greedy:
-            return self._launch(("round", k), B, T, lasts, host_tokens, host_pos, tables, fill)
-        if sampler.present is not None or sampler.logprobs_n is not None:
-            raise ValueError("a round graph samples without repetition penalties or log-probabilities")
+            return self._launch(("round", k, None, nt), B, T, lasts, host_tokens, host_pos, tables, fill)
         if k and (q is None or tuple(q.shape) != (B, k, self.model.config.vocab_size)):
             raise ValueError(f"a sampled round of k = {k} needs the drafts' distributions q ({B}, {k}, V)")
 
@@ -521,7 +543,8 @@ class DecodeGraphs:
             if k:
                 sb.round.q[:B].copy_(q)
 
-        return self._launch(("round", k, sampler.filters), B, T, lasts, host_tokens, host_pos, tables, fill_sampled)
+        return self._launch(("round", k, sampler.filters, nt), B, T, lasts, host_tokens, host_pos, tables,
+                            fill_sampled)
 
     def _inputs(self, tokens, pos0, last_pos):
         """`main`'s and `round`'s inputs -> B, T, last_pos, the tokens and pos0 for the host meta (None where they

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 from dsv3.cliargs import setting
 
+LOGPROBS_MAX = 20  # the most likely tokens a request may ask log-probabilities of (OpenAI's top_logprobs, vLLM's)
+
 
 @dataclass
 class SamplingParams:
@@ -48,6 +50,6 @@ class SamplingParams:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         if not 0.01 <= self.repetition_penalty <= 100:  # beyond that logits over/underflow in fp32
             raise ValueError(f"repetition_penalty must be in [0.01, 100], got {self.repetition_penalty}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            raise ValueError(f"logprobs must be between 0 and 20, got {self.logprobs}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= LOGPROBS_MAX:
+            raise ValueError(f"logprobs must be between 0 and {LOGPROBS_MAX}, got {self.logprobs}")
         return self

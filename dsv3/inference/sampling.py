@@ -12,8 +12,9 @@ number of batched tensor ops:
     draw(w (B, V), slot)                     one token per row from weights w (need not be normalised)
     uniform(n, slot)                         (B, n) uniforms (speculative acceptance): slot `slot` of
                                              the phase (below), indices 0 .. n-1
-    logprobs(logits, tokens, n)              the raw model's log-probabilities of the chosen tokens
-                                             and its n most likely tokens
+    logprobs(logits, tokens)                 the raw model's log-probabilities of the chosen tokens
+                                             and its n most likely tokens (`token_logprobs`; n the
+                                             most a request may ask for)
 
 Draws use the exponential race, argmax(w / Exp(1)) — the algorithm of torch.multinomial(w, 1) without
 its validity checks, which read values back to the host. The random numbers are a counter-based hash
@@ -37,7 +38,7 @@ from collections.abc import Sequence
 
 import torch
 
-from dsv3.inference.params import SamplingParams
+from dsv3.inference.params import LOGPROBS_MAX, SamplingParams
 from dsv3.kernels import backend as kernel_backend
 
 GREEDY_EPS = 1e-5
@@ -150,8 +151,13 @@ def random_bits(keys: torch.Tensor, slot: int, n: int) -> torch.Tensor:
 
 
 def uniforms(bits: torch.Tensor, open_low: bool = False) -> torch.Tensor:
-    """random_bits -> fp32 uniforms from their top 24 bits: in [0, 1), or (0, 1) with open_low (for a log)."""
-    return ((bits >> 8).float() + (0.5 if open_low else 0.0)) * 2.0 ** -24
+    """random_bits -> fp32 uniforms from their top 24 bits: in [0, 1), or (0, 1) with open_low (for a log): each
+    24-bit value's bin centre, the top bin's at its lower edge 1 - 2^-24 (its centre, 2^24 - 0.5, rounds to 2^24 in
+    fp32: u = 1, whose -log is -0.0, would score -inf in the race and never win where it should almost surely; the
+    Triton race kernel and the reference parted on it in its first GPU run, on an H200, 2026-12-06)."""
+    if not open_low:
+        return (bits >> 8).float() * 2.0 ** -24
+    return (((bits >> 8).float() + 0.5) * 2.0 ** -24).clamp_max(1.0 - 2.0 ** -24)
 
 
 # columns of BatchSampler.rows
@@ -187,8 +193,11 @@ class BatchSampler:
         greedy = [p.temperature < GREEDY_EPS for p in params]
         pens = [p.repetition_penalty for p in params]
         self.all_greedy = all(greedy) and all(x == 1.0 for x in pens)
-        lp = [p.logprobs for p in params]
-        self.logprobs_n = max((n for n in lp if n is not None), default=None)  # None: no row wants them
+        # None: no row wants log-probabilities; else how many of the most likely tokens' every row gets: the most a
+        # request may ask, whatever the rows ask (each request keeps its own count), so that a request's numbers do
+        # not depend on what it is batched with (torch.topk orders tied values differently for different counts)
+        # and are a round graph's (graphs.py: one graph for every count)
+        self.logprobs_n = None if all(p.logprobs is None for p in params) else LOGPROBS_MAX
         self.present = None  # (B, V) bool: tokens in each row's history, where a penalty is used
         # which filters some row uses (the others are skipped: their sorts cost the most)
         self.filters = (any(p.top_k for p in params), any(p.top_p < 1 for p in params),
@@ -284,8 +293,11 @@ class BatchSampler:
     def draw(self, w: torch.Tensor, slot: int) -> torch.Tensor:
         """w (B, V) non-negative weights, not all zero per row -> one token per row (B,), on the device: the
         exponential race with slot `slot`'s random numbers (`race_ref`; on a GPU, where kernels/backend.py chooses
-        "hashed_race", the same in one Triton launch: kernels/race_triton.py)."""
-        if kernel_backend.select("hashed_race", w) == "triton":
+        "hashed_race", the same in one Triton launch: kernels/race_triton.py). Under torch.compile the reference,
+        whatever the choice: inductor fuses it into one reduction, as fast as the kernel at V = 32,768 and faster at
+        102,400 and 129,280 (0.054 / 0.064 ms against 0.083 / 0.098 at batch 1 on an H200, bench/sampler_speed.py,
+        2026-12-06), where the kernel takes 0.26-0.44 ms of eager draws down to 0.05-0.10."""
+        if not torch.compiler.is_compiling() and kernel_backend.select("hashed_race", w) == "triton":
             from dsv3.kernels.race_triton import hashed_race
             return hashed_race(w, self.rows[:, _KEY], slot)  # (the key column read as it is: float64 integers)
         return race_ref(w, self.keys, slot)
@@ -301,10 +313,15 @@ class BatchSampler:
     # --- log-probabilities ----------------------------------------------------------------------
     def logprobs(self, logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """The raw model distribution's log-probabilities: logits (B, T, V), chosen tokens (B, T) ->
-        (chosen (B, T), top ids (B, T, n), top values (B, T, n)) with n = the largest count asked for;
-        None if no row asked."""
-        if self.logprobs_n is None:
-            return None
-        lp = logits.float().log_softmax(-1)
-        top = lp.topk(min(self.logprobs_n, lp.shape[-1]), dim=-1)
-        return lp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1), top.indices, top.values
+        (chosen (B, T), top ids (B, T, n), top values (B, T, n)) with n = min(logprobs_n, V); None if no row
+        asked."""
+        return None if self.logprobs_n is None else token_logprobs(logits, tokens, self.logprobs_n)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, n: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The raw model distribution's log-probabilities: logits (B, T, V), chosen tokens (B, T) -> (chosen (B, T), the
+    min(n, V) most likely tokens' ids (B, T, n) and values (B, T, n), most likely first)."""
+    lp = logits.float().log_softmax(-1)
+    top = lp.topk(min(n, lp.shape[-1]), dim=-1)
+    return lp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1), top.indices, top.values

@@ -30,8 +30,8 @@ optional.
                                                         set_mla_uv, on by default, one query row)
     adamw_step_                                         "triton" (adamw_triton.py)
     router_topk                                         "triton" (router_triton.py)
-    hashed_race (called by inference/sampling.py's      "triton" (race_triton.py; PENDING: the reference
-    BatchSampler.draw, which holds the reference)       until its GPU tests have run)
+    hashed_race (called by inference/sampling.py's      "triton" (race_triton.py; not under torch.compile,
+    BatchSampler.draw, which holds the reference)       which fuses the reference)
     attention                                           SDPA, cuDNN first on CUDA (attention.py)
 
 Each operation takes `backend=` (None: choose); `use_backend(...)` forces the automatic choices in a

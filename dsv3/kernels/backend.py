@@ -42,8 +42,9 @@ never probe the GPU themselves.
                                             the latent store and the W_UK head GEMV in one launch (MLA.
                                             forward_absorbed, where both are taken); (kv_a, its norm weight) meet
                                             latent_store's row, (q_nope, W_UKᵀ) head_gemv's with W_UKᵀ read along N
-    hashed_race       "triton"              PENDING (not yet run on a GPU): sampling's draw (w (B, V) float weights,
-                                            the hashed exponential race) in one launch instead of ~20
+    hashed_race       "triton"              sampling's draw (w (B, V) float weights, the hashed exponential race)
+                                            in one launch instead of ~20 (BatchSampler.draw: not under
+                                            torch.compile, whose fusion of the reference is as fast or faster)
 
 The rule: the accelerated backend where triton imports and every tensor given to `select` is a plain
 (not a subclass such as DTensor) CUDA tensor meeting its row; else "reference". The AdamW operation
@@ -97,7 +98,9 @@ FAST = {  # op -> its accelerated backend
 # Accelerated backends written and checked under the Triton interpreter but not yet run on a GPU: the
 # automatic choice stays "reference" until their GPU tests (tests/test_gpu_race.py) have passed on real
 # hardware; `backend=` or `use_backend(op=...)` runs them meanwhile.
-PENDING: set[str] = {"hashed_race"}  # (written in the twenty-first session, 2026-12-06, with no device left to run it)
+# (hashed_race was, from the twenty-first session until its GPU tests passed on an H200 in the twenty-second,
+# 2026-12-06, once the top uniform bin no longer rounded to 1.0)
+PENDING: set[str] = set()
 # Accelerated backends that the automatic choice takes only while switched on (`switch(op, on)`), process-wide like
 # use_backend; the default is what the H200 measured (bench/decode_gpu.py, 16b random weights, graphs + compile,
 # one run, 2026-12-05, bench/RESULTS.md): batch 1 295.4 tok/s without any, 339.0 with the dense GEMV, 310.9 with

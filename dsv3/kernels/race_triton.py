@@ -63,7 +63,8 @@ def _race_kernel(w_ptr, keys_ptr, out_ptr, slot, s_wb, s_k, V: tl.constexpr, BLO
         ok = offs < V
         w = tl.load(w_ptr + b * s_wb + offs, mask=ok, other=0.0).to(tl.float32)
         bits = _hash32(base ^ (offs.to(tl.uint32) * _GOLDEN))
-        u = ((bits >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-08  # 2^-24: in (0, 1)
+        # 2^-24; in (0, 1): the top bin at 1 - 2^-24, as sampling.uniforms
+        u = tl.minimum(((bits >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-08, 0.999999940395355224609375)
         if EXACT:
             e = -libdevice.log(u)
             score = tl.math.div_rn(w, e)
