@@ -88,11 +88,11 @@ def test_switch_defaults_are_the_measured_ones_and_the_overrides_win(monkeypatch
     # on where the GPUs measured them faster (backend.py SWITCHED: the e4m3 forms, the head GEMV and the merge + W_UV
     # launch too, the store and the W_UK GEMV in one launch); the shared experts inside the routed GEMV for e4m3
     # weights only (bf16: measured slower); a greedy round as one graph for speculation rounds only, compiled whole;
-    # sampled rounds not yet (not run on a GPU)
+    # sampled steps as one graph; the draw's race kernel
     assert kb.SWITCHED == {"dense_gemv": True, "head_gemv": True, "latent_store": True,
                            "moe_gemm": True, "pdl": True, "mla_uv": True, "shared_gemv": kb.WEIGHTS_E4M3,
                            "mla_prep": True, "verify_rows": True, "round_graph": kb.SPECULATION_ROUNDS,
-                           "round_compile": True, "round_sampled": True}
+                           "round_compile": True, "round_sampled": True, "hashed_race": True}
     assert kernels.select_backend("dense_gemv", x, w) == "triton"
     assert kernels.set_dense_gemv(False) is True
     try:

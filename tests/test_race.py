@@ -26,7 +26,7 @@ def _keys(B: int, phase: int = 3) -> torch.Tensor:
 
 def test_the_draw_takes_the_kernel_on_a_gpu_and_the_reference_elsewhere_or_compiled():
     """hashed_race's automatic choice (backend.py): the kernel for CUDA weights (no longer PENDING: its GPU tests
-    passed on an H200), the reference on the CPU; under torch.compile BatchSampler.draw traces the reference whatever
+    passed on an H200; switched on, DSV3_KERNELS=hashed_race=off turns it off), the reference on the CPU; under torch.compile BatchSampler.draw traces the reference whatever
     is chosen (inductor fuses it, as fast as the kernel or faster), so a forced kernel never reaches a CPU graph."""
     assert "hashed_race" not in kb.PENDING
     assert kb.select("hashed_race", torch.rand(2, 5)) == "reference"
@@ -34,6 +34,7 @@ def test_the_draw_takes_the_kernel_on_a_gpu_and_the_reference_elsewhere_or_compi
                       torch.device("cpu"))
     w = torch.rand(2, 5)
     assert torch.equal(sb.draw(w, 4), race_ref(w, sb.keys, 4))
+    assert kb.switches_from_env("hashed_race=off") == {"hashed_race": False} and kb.SWITCHED["hashed_race"] is True
     with kb.use_backend(hashed_race="triton"):
         assert kb.select("hashed_race", w) == "triton"
         draw = torch.compile(lambda w: sb.draw(w, 4), backend="eager", fullgraph=True)

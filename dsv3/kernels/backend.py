@@ -146,7 +146,7 @@ SPECULATION_ROUNDS = "speculation rounds"  # round_graph: on for speculation rou
 # kernels), k = 2 1.422 -> 1.201 ms, against a k = 0 step of 0.620 ms. On since the seventeenth session (2026-12-06, an
 # H100): the speculation and overlap GPU tests passed with it (17), and 16b's k = 1 round gained too, 4.367 -> 3.743 ms
 # (k = 0: 2.594), though the dense GEMV alone at two rows lost to cuBLAS on 16b's shapes (DENSE_GEMV_ROWS).
-# "round_graph" is not an op either: the engine runs a step of greedy requests (no log-probabilities, no lockstep) as
+# "round_graph" is not an op either: the engine runs a step of greedy requests (not in lockstep) as
 # one CUDA graph (graphs.py DecodeGraphs.round): a speculation round in one launch instead of k + 1 graphs and ~20
 # eager kernels between them; with True, a one-token step with its argmax too (~5 launches fewer). On for speculation
 # rounds only (SPECULATION_ROUNDS), as measured on an H100 (2026-12-06, eighteenth session; the GPU tests of the
@@ -165,7 +165,7 @@ SPECULATION_ROUNDS = "speculation rounds"  # round_graph: on for speculation rou
 # checkpoint) k = 1 1.24x -> 1.32x plain decoding, the same tokens both ways. Should the whole round fail to compile
 # (not measured on 16b or FP8 weights), the engine warns and runs the round's steps (graphs.py _run_round).
 # "round_sampled" is not an op either: a step whose requests sample (temperature, top-k, top-p, min-p; no repetition
-# penalty nor log-probabilities) runs as one graph too, a speculation round or plain decoding's one-token step with
+# penalty) runs as one graph too, a speculation round or plain decoding's one-token step with
 # its draw (whatever round_graph says of greedy steps), its random numbers the hashed
 # ones of sampling.py (the same tokens as its steps one by one: tests/test_engine.py on the CPU's static forwards);
 # off, such steps run their forwards one by one with the sampling between them eager (~30 small launches a draw: the
@@ -174,10 +174,17 @@ SPECULATION_ROUNDS = "speculation rounds"  # round_graph: on for speculation rou
 # graphs one by one = its forward eager, compiled too; the hashed draw compiled = eager; one host sync a step), and a
 # `small` trained 1.5 minutes on the GPU, sampled at temperature 0.7 at batch 1 (bench/spec_gpu.py, graphs +
 # compile), decoded plain (k = 0) at 1,565 tok/s with it against 904 without, and at k = 1 at 1,913 against 678.
+# Both round graphs carry log-probabilities where a request asks (since the twenty-second session: greedy with the
+# top 5, batch 1, graphs without compile on an H100, 721 -> 738 tok/s at k = 0, 893 -> 921 at k = 1).
+# "hashed_race" (sampling's draw in one Triton launch, race_triton.py; BatchSampler.draw takes the reference under
+# torch.compile, whose fusion is as fast or faster): on. Measured on an H200 (2026-12-06, twenty-second session,
+# bench/sampler_speed.py): 0.053-0.098 ms a draw against 0.26-0.44 for the eager reference (batch 1-32, V 32,768-
+# 129,280); its GPU tests (bitwise the reference's tokens; graphed, compiled, in an engine) passed there. A whole
+# decode with it is not measured yet; DSV3_KERNELS=hashed_race=off turns it off.
 SWITCHED: dict[str, bool | str] = {"dense_gemv": True, "head_gemv": True, "latent_store": True,
                                    "moe_gemm": True, "pdl": True, "mla_uv": True, "shared_gemv": WEIGHTS_E4M3,
                                    "mla_prep": True, "verify_rows": True, "round_graph": SPECULATION_ROUNDS,
-                                   "round_compile": True, "round_sampled": True}
+                                   "round_compile": True, "round_sampled": True, "hashed_race": True}
 # ops that follow another op's switch: the dense SwiGLU's fused gate+up GEMV is one of the dense decode GEMVs
 SWITCH_OF: dict[str, str] = {"swiglu_gemv": "dense_gemv"}
 # Up to these many activation rows the Triton FP8-weight kernels run (decode; above, prefill:
