@@ -17,11 +17,12 @@
 #     bash bench/decode_kernels_gpu.sh OUT_DIR roundtrain
 #     bash bench/decode_kernels_gpu.sh OUT_DIR servespec
 #     bash bench/decode_kernels_gpu.sh OUT_DIR pending21
+#     bash bench/decode_kernels_gpu.sh OUT_DIR pending22
 #
 # Stages (default: all but the psum ones, in this order): tests, sweep, b1, b32, b256, pdltests, pdl, fp8, profile
 # (psumtests, psumsweep, psumdense, psum, mlapreptests, mlaprep, fusetests, fusebase, fuse, rows8sweep, rows8,
-# spectests, specrounds, spectrain, roundtests, roundrounds, roundtrain, roundcompile, rctrain, servespec, pending21: by
-# name). Each stage's output goes to its own file under OUT_DIR (and a line to
+# spectests, specrounds, spectrain, roundtests, roundrounds, roundtrain, roundcompile, rctrain, servespec, pending21,
+# pending22: by name). Each stage's output goes to its own file under OUT_DIR (and a line to
 # steps.txt); a failing stage does not stop the next. A kernel is on by default (dsv3/kernels/backend.py SWITCHED)
 # only where its rows are faster. B1, B32, FP8 (environment) replace the batch lists of those stages; LIMIT_<stage>=S
 # stops a stage after S seconds (stages.sh).
@@ -197,4 +198,18 @@ pending21() {
     python bench/sampler_speed.py
 }
 step pending21 pending21
+# the twenty-second session's loose ends (~8 minutes): the compiled round graphs with log-probabilities (their GPU
+# tests: not run yet), their speed with --compile, and uncompiled sampled decoding with the race kernel (hashed_race,
+# on) against without it, on one trained `small`
+pending22() {
+    python -m pytest -m gpu -q -p no:cacheprovider -rA --tb=short tests/test_gpu_speculation.py -k "greedy_round"
+    python bench/spec_gpu.py --minutes 1.5 --tok-s 70000 --batches 1 --ks 0,1 --compile --no-hf --logprobs 5 \
+        --round-graph both --out runs/small_spec --deadline-min 4 || return
+    local s
+    for s in on off; do
+        DSV3_KERNELS=hashed_race=$s python bench/spec_gpu.py --run runs/small_spec --batches 1,32 --ks 0,1 --no-hf \
+            --temperature 0.7 --deadline-min 1.5
+    done
+}
+step pending22 pending22
 tail -n 4 "$out"/*.txt
