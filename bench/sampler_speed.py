@@ -1,7 +1,7 @@
 """What a token draw costs: the engine's exponential race with sampling.py's hashed random numbers against the same
-race with torch's generator (`exponential_`, what the sampler drew with before the hash), eagerly (the step-by-step
-decode path: plain sampled decoding, rounds with log-probabilities or penalties) and compiled (as inside a compiled
-round graph), and the hashed race as one Triton launch (dsv3/kernels/race_triton.py, "hashed_race"; on a GPU), for
+race with torch's generator (`exponential_`, what the sampler drew with before the hash), eagerly (draws outside
+compiled code: prefill's last chunk, steps with a repetition penalty, graphs captured without compile) and compiled
+(as inside a compiled round graph), and the hashed race as one Triton launch (dsv3/kernels/race_triton.py, "hashed_race"; on a GPU), for
 a batch x vocabulary of each shape; and the whole sampled distribution + draw of one decode step (BatchSampler.probs
 with temperature and top-p, then the reference draw), eager.
 

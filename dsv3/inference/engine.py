@@ -592,7 +592,7 @@ class Engine:
                 and (self.round_graph if sampler.all_greedy else self.round_graph_sampled)):
             # a step in one launch (graphs.py DecodeGraphs.round): the same forwards, tokens and log-probabilities
             # as below
-            nt = 0 if sampler.logprobs_n is None else self._graphs.logprobs_n
+            nt = sampler.logprobs_n or 0
             if not k:
                 tokens, *rows = self._graphs.round(0, inp, pos_in, tables, last_pos=bound, sampler=sampler)
                 return self._queue(reqs, rows[0] if rows else tokens, tokens, nt)

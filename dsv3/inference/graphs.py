@@ -59,7 +59,7 @@ import torch
 
 from dsv3 import kernels
 from dsv3.inference import speculation
-from dsv3.inference.params import LOGPROBS_MAX, SamplingParams
+from dsv3.inference.params import SamplingParams
 from dsv3.inference.sampling import BatchSampler, param_row, token_logprobs
 from dsv3.kernels import backend as kernel_backend
 
@@ -265,7 +265,7 @@ class _Round:
     steps j = 1 .. k - 1 (T = 1); and the batch's sampler: greedy (stateless: argmax), or, for a sampled round
     (`filters`: which of top-k, top-p, min-p it applies), one reading each row's parameters from the static `rows`
     (BatchSampler.over; padding rows greedy) and the verified drafts' distributions from `q` (Bp, k, V). `nt`: with
-    log-probabilities, how many of the most likely tokens' the round reports (DecodeGraphs.logprobs_n), else None."""
+    log-probabilities, how many of the most likely tokens' the round reports (BatchSampler.logprobs_n), else None."""
 
     def __init__(self, graphs: "DecodeGraphs", k: int, Bp: int, nblks: tuple[int, ...],
                  filters: tuple[bool, bool, bool] | None = None, nt: int | None = None):
@@ -325,9 +325,6 @@ class DecodeGraphs:
             if kernel_backend.round_compile():  # the round graph's whole forward, its glue fused (backend.py)
                 self._round = torch.compile(self._forward_round, dynamic=False, options=opts)
         self.max_batch_size, self.max_blocks = max_batch_size, max_blocks
-        # a round with log-probabilities reports this many of the most likely tokens' (the most a request may ask,
-        # as BatchSampler.logprobs: one graph for every count; Engine._parse keeps each request's own)
-        self.logprobs_n = min(LOGPROBS_MAX, model.config.vocab_size)
         self.use_graphs = use_graphs and cache.kv.is_cuda
         self.bucketed = bucketed
         self._entries: dict[tuple, _Entry] = {}  # (kind, Bp, T, nblk) -> its static batch, graph, outputs
@@ -519,8 +516,8 @@ class DecodeGraphs:
         the steps one by one), its rows copied into the round's static ones (a graph per set of filters it
         applies), q (B, k, V) the verified drafts' distributions; the new drafts' distributions (B, k, V) come last
         in the outputs (k >= 1). Where some row of the sampler asks for log-probabilities, the results' rows carry
-        those of every verified position (`logprobs_n` most likely tokens': a graph with them and one without),
-        and a one-token step returns (tokens, rows)."""
+        those of every verified position (the sampler's logprobs_n most likely tokens': a graph with them and one
+        without), and a one-token step returns (tokens, rows)."""
         if k < 0:
             raise ValueError(f"a round's k (drafts a sequence) must be >= 0, got {k}")
         B, T, last_pos, host_tokens, host_pos, fill = self._inputs(tokens, pos0, last_pos)
@@ -530,7 +527,7 @@ class DecodeGraphs:
         lasts = tuple(last_pos + j for j in range(max(k, 1)))
         if sampler is not None and sampler.present is not None:
             raise ValueError("a round graph samples without repetition penalties")
-        nt = None if sampler is None or sampler.logprobs_n is None else self.logprobs_n
+        nt = None if sampler is None else sampler.logprobs_n  # (one count for every request: BatchSampler)
         if sampler is None or sampler.all_greedy:
             return self._launch(("round", k, None, nt), B, T, lasts, host_tokens, host_pos, tables, fill)
         if k and (q is None or tuple(q.shape) != (B, k, self.model.config.vocab_size)):

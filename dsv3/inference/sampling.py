@@ -194,10 +194,10 @@ class BatchSampler:
         pens = [p.repetition_penalty for p in params]
         self.all_greedy = all(greedy) and all(x == 1.0 for x in pens)
         # None: no row wants log-probabilities; else how many of the most likely tokens' every row gets: the most a
-        # request may ask, whatever the rows ask (each request keeps its own count), so that a request's numbers do
-        # not depend on what it is batched with (torch.topk orders tied values differently for different counts)
-        # and are a round graph's (graphs.py: one graph for every count)
-        self.logprobs_n = None if all(p.logprobs is None for p in params) else LOGPROBS_MAX
+        # request may ask (within V), whatever the rows ask (each request keeps its own count), so that a request's
+        # numbers do not depend on what it is batched with (torch.topk orders tied values differently for different
+        # counts) and a round graph (graphs.py) serves every count
+        self.logprobs_n = None if all(p.logprobs is None for p in params) else min(LOGPROBS_MAX, vocab_size)
         self.present = None  # (B, V) bool: tokens in each row's history, where a penalty is used
         # which filters some row uses (the others are skipped: their sorts cost the most)
         self.filters = (any(p.top_k for p in params), any(p.top_p < 1 for p in params),
@@ -313,8 +313,7 @@ class BatchSampler:
     # --- log-probabilities ----------------------------------------------------------------------
     def logprobs(self, logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """The raw model distribution's log-probabilities: logits (B, T, V), chosen tokens (B, T) ->
-        (chosen (B, T), top ids (B, T, n), top values (B, T, n)) with n = min(logprobs_n, V); None if no row
-        asked."""
+        (chosen (B, T), top ids (B, T, n), top values (B, T, n)) with n = logprobs_n; None if no row asked."""
         return None if self.logprobs_n is None else token_logprobs(logits, tokens, self.logprobs_n)
 
 
