@@ -332,9 +332,12 @@ def main() -> int:
             kernel_backend.switch("round_compile", rc if k or rg else shipped_rc)
             r = timed_decode(model, tok, prompts[:max(B, args.min_prompts)], B, k, args.new, graphs,
                              args.compile and device.type == "cuda", device, args.temperature, args.logprobs)
-            rounds = kernel_backend.round_sampled() if args.temperature else kernel_backend.round_graph(k)
+            # (greedy: round_graph(k) True, or LOGPROB_STEPS where k = 0, one graph if the requests ask for them)
+            greedy_round = kernel_backend.round_graph(k) in (True, kernel_backend.LOGPROB_STEPS) if args.logprobs \
+                is not None else kernel_backend.round_graph(k) is True
+            rounds = kernel_backend.round_sampled() if args.temperature else greedy_round
             r["path"] += (("+verify_rows" if vr and B == 1 else "")
-                          + ("+round_graph" if kernel_backend.round_graph(k) else "")
+                          + ("+round_graph" if greedy_round else "")
                           + ("+round_sampled" if args.temperature and kernel_backend.round_sampled() else "")
                           + ("+round_compile" if rounds and kernel_backend.round_compile() and args.compile else ""))
             r["one_graph"] = rounds

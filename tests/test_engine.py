@@ -1711,20 +1711,21 @@ def test_a_greedy_round_in_one_graph_gives_the_same_outputs(spec_models, D, k, d
 
 
 def test_round_graph_follows_its_switch(spec_models, monkeypatch):
-    """The engine takes "round_graph" (kernels/backend.py SWITCHED: as shipped, speculation rounds only;
-    DSV3_KERNELS=round_graph=on: plain decoding's steps too, =off: neither) when it is made."""
+    """The engine takes "round_graph" (kernels/backend.py SWITCHED: as shipped, speculation rounds and, in plain
+    decoding, the steps asking for log-probabilities (LOGPROB_STEPS); DSV3_KERNELS=round_graph=on: every greedy
+    step, =off: none) when it is made."""
     from dsv3.kernels import backend as kb
 
     model = spec_models[(1, "aligned")]
     assert kb.SWITCHED["round_graph"] == kb.SPECULATION_ROUNDS
-    assert Engine(model, speculative_k=1).round_graph and not Engine(model).round_graph
+    assert Engine(model, speculative_k=1).round_graph is True and Engine(model).round_graph == kb.LOGPROB_STEPS
     assert kb.switches_from_env("round_graph=on") == {"round_graph": True}
     monkeypatch.setitem(kb.SWITCHED, "round_graph", True)
-    assert Engine(model, speculative_k=1).round_graph and Engine(model).round_graph
+    assert Engine(model, speculative_k=1).round_graph is True and Engine(model).round_graph is True
     assert kb.switch("round_graph", False) is True
-    assert not Engine(model, speculative_k=2).round_graph and not Engine(model).round_graph
+    assert Engine(model, speculative_k=2).round_graph is False and Engine(model).round_graph is False
     assert kb.switch("round_graph", kb.SPECULATION_ROUNDS) is False
-    assert Engine(model, speculative_k=2).round_graph and not Engine(model).round_graph
+    assert Engine(model, speculative_k=2).round_graph is True and Engine(model).round_graph == kb.LOGPROB_STEPS
     with pytest.raises(ValueError, match="'round_graph' takes on, off or SPECULATION_ROUNDS, got 'e4m3 weights'"):
         kb.switch("round_graph", kb.WEIGHTS_E4M3)
     with pytest.raises(ValueError, match="'dense_gemv' takes on, off or WEIGHTS_16BIT, WEIGHTS_E4M3, got 'spec"):
@@ -1735,7 +1736,42 @@ def test_round_graph_follows_its_switch(spec_models, monkeypatch):
     assert kb.switches_from_env("round_sampled=off") == {"round_sampled": False}
     monkeypatch.setitem(kb.SWITCHED, "round_sampled", True)  # (restored after the test, as round_graph above)
     assert kb.switch("round_sampled", False) is True and kb.switch("round_graph", True) == kb.SPECULATION_ROUNDS
-    assert not Engine(model).round_graph_sampled and Engine(model).round_graph
+    assert not Engine(model).round_graph_sampled and Engine(model).round_graph is True
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_plain_decoding_takes_the_round_graph_for_log_probabilities(spec_models, graphs, monkeypatch):
+    """As shipped (round_graph SPECULATION_ROUNDS), a plain decoding step of greedy requests runs its graph and
+    an eager argmax, unless some request of the batch asks for log-probabilities: then the one-token step, its
+    argmax and the log-probabilities run as one round graph (the compiled one fuses them: 1.16x on an H100), with
+    the tokens and log-probabilities of the eager path (round_graph off); overlapped or not."""
+    from dsv3.kernels import backend as kb
+
+    model = spec_models[(1, "aligned")]
+    prompts = prompts_for(model.config, [3, 9, 5, 14], seed=3)
+    params = _greedy_params()[:4]
+    logp = [dataclasses.replace(params[0], logprobs=2), *params[1:3], dataclasses.replace(params[3], logprobs=0)]
+    for ps, overlap in ((params, True), (logp, True), (logp, False), (params[1:3] + logp[:1], True)):
+        runs = []
+        for rg in (False, kb.LOGPROB_STEPS):
+            eng = Engine(model, max_batch_size=4, block_size=3, overlap=overlap, cuda_graphs=graphs)
+            assert eng.round_graph == kb.LOGPROB_STEPS  # as shipped
+            eng.round_graph = rg
+            runs.append(_counted_run(eng, prompts[:len(ps)], ps, [0, 0, 2, 3][:len(ps)], monkeypatch))
+        (want, _, cw, _), (got, _, cg, _) = runs
+        assert cw["round"] == 0 and cw["main"] > 0
+        assert got.keys() == want.keys()
+        for i in want:  # the same tokens and finish reasons; log-probabilities within fp32 rounding of each other
+            assert got[i][:2] == want[i][:2]
+            assert [(x.token_id, [t for t, _ in x.top]) for x in got[i][2]] == \
+                [(x.token_id, [t for t, _ in x.top]) for x in want[i][2]]
+            for a, b in zip(got[i][2], want[i][2]):
+                assert a.logprob == pytest.approx(b.logprob, abs=1e-5)
+        if ps is params:  # no request asks: the steps as before
+            assert cg["round"] == 0 and cg["main"] == cw["main"]
+        else:  # a step whose batch holds a request asking takes the round graph; the others the main step
+            assert cg["round"] > 0 and sum(p.logprobs is not None for p in ps) > 0
+            assert cg["round"] + cg["main"] == cw["main"]
 
 
 def test_compiled_steps_raise_dynamos_limits_to_their_buckets(spec_models):

@@ -271,7 +271,8 @@ class Engine:
         # captured, so that the graphs count too): the loads `--expert-loads` places redundant experts from
         self.loads = ExpertLoadRecorder(self.model) if record_expert_loads else None
         # with speculation and the "verify_rows" switch on (kernels/backend.py), one sequence's verification step
-        # (k + 1 rows) takes the one-row decode kernels; with "round_graph" on (as shipped: speculation rounds only), a
+        # (k + 1 rows) takes the one-row decode kernels; with "round_graph" on (as shipped: speculation rounds, and
+        # plain decoding's steps that ask for log-probabilities: backend.LOGPROB_STEPS), a
         # step (a round) of greedy requests (not in lockstep) runs as one graph (graphs.py DecodeGraphs.round), and
         # with "round_sampled" on (as shipped), so does a step (a round, or plain decoding's one-token step) of
         # requests that sample, without repetition penalties; log-probabilities come out of either graph
@@ -588,8 +589,10 @@ class Engine:
         q_in = None  # the verified drafts' distributions (k = 0: no drafts to weigh; greedy: argmax)
         if k and not sampler.all_greedy:  # (the same batch, hence the same sampler settings, as prev)
             q_in = prev.q if prev is not None else self._draft_probs(reqs)
+        greedy_round = self.round_graph is True or (self.round_graph == kernel_backend.LOGPROB_STEPS
+                                                    and sampler.logprobs_n is not None)
         if (sampler.present is None and self.agree is None
-                and (self.round_graph if sampler.all_greedy else self.round_graph_sampled)):
+                and (greedy_round if sampler.all_greedy else self.round_graph_sampled)):
             # a step in one launch (graphs.py DecodeGraphs.round): the same forwards, tokens and log-probabilities
             # as below
             nt = sampler.logprobs_n or 0

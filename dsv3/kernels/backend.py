@@ -127,7 +127,8 @@ PENDING: set[str] = set()
 # 3,420.8 against 3,653.5; head_gemv does not apply above one row), hence its row limit. Both on.
 WEIGHTS_16BIT = "16-bit weights"
 WEIGHTS_E4M3 = "e4m3 weights"  # the op on for e4m3 weights only (the caller passes the weight to select)
-SPECULATION_ROUNDS = "speculation rounds"  # round_graph: on for speculation rounds (k >= 1) only
+SPECULATION_ROUNDS = "speculation rounds"  # round_graph: on for speculation rounds (k >= 1) and log-probability steps
+LOGPROB_STEPS = "log-probability steps"  # round_graph(0) under SPECULATION_ROUNDS: steps asking for log-probabilities
 # "shared_gemv" (the shared experts inside the routed experts' two GEMV launches: two launches a MoE layer fewer at
 # batch 1): on for e4m3 weights only. Measured slower on an H100 (2026-12-05, tenth session, 16b graphs + compile,
 # one call): batch 1 bf16 374.1 against 385.7 tok/s, FP8 426.4 against 459.5 (the e4m3 GEMV's configs then: KU 2,
@@ -154,7 +155,12 @@ SPECULATION_ROUNDS = "speculation rounds"  # round_graph: on for speculation rou
 # 0.875 ms, k = 2 1.217 -> 1.152 (the device busy the same, 0.81 / 1.07 ms: the host's time between the graphs
 # went); a trained `small` (bench/spec_gpu.py) k = 1 0.97x -> 1.17x plain decoding, k = 2 1.05x -> 1.09x. A
 # one-token step lost a little in one sample, 0.622 -> 0.645 ms, so plain decoding keeps its graph and eager argmax
-# (DSV3_KERNELS=round_graph=on takes it too).
+# (DSV3_KERNELS=round_graph=on takes it too), except for the steps whose batch asks for log-probabilities
+# (LOGPROB_STEPS): there the round graph computes them inside (graphs.result_rows) instead of an eager log-softmax,
+# top-k and gathers after the graph. Measured on an H100 (2026-12-07, twenty-third session, `small` trained 1.5
+# minutes, greedy, batch 1, every request asking for the top 5, bench/spec_gpu.py --logprobs 5 --round-graph both):
+# graphs + compile 1,312.5 -> 1,519.5 tok/s (1.16x; the compiled round fuses them), graphs alone (2026-12-06, H100)
+# 721.3 -> 738.0 (1.02x).
 # "round_compile" is not an op either: with the decode steps compiled (compile_decode), a round graph's whole forward
 # (verification, acceptance, MTP steps, the copies between them) is one torch.compile'd function, so that inductor
 # fuses the ~20 small eager kernels between the compiled steps (argmaxes, comparisons, cumprod, the copies into the
@@ -230,12 +236,15 @@ def verify_rows(k: int) -> int | None:
     return k + 1 if k and SWITCHED["verify_rows"] else None
 
 
-def round_graph(k: int) -> bool:
+def round_graph(k: int) -> bool | str:
     """Whether an engine with speculative_k = k runs its greedy steps (speculation rounds) as one graph (the
-    "round_graph" switch: True, or SPECULATION_ROUNDS where k >= 1)."""
+    "round_graph" switch): True (every step), False (none), or LOGPROB_STEPS (k = 0 under SPECULATION_ROUNDS: the
+    steps whose batch asks for log-probabilities)."""
     _read_env()
     on = SWITCHED["round_graph"]
-    return bool(k) if on == SPECULATION_ROUNDS else bool(on)
+    if on == SPECULATION_ROUNDS:
+        return True if k else LOGPROB_STEPS
+    return bool(on)
 
 
 def round_sampled() -> bool:
