@@ -845,6 +845,20 @@ class PipeSafe:
         return getattr(self._stream, name)
 
 
+def computes_on_the_cpu(args: argparse.Namespace) -> bool:
+    """Whether a verb's model runs on the CPU (a --device of cpu, or auto without CUDA): where malloc is set to keep
+    freed host memory. Not the verbs without a device (conversions, which stream tensors through host memory
+    once), nor GPU runs (whose large host blocks, a checkpoint being loaded, should go back when freed)."""
+    dev = getattr(args, "device", None)
+    if not isinstance(dev, str):
+        return False
+    if dev == "auto":
+        import torch
+
+        return not torch.cuda.is_available()
+    return dev == "cpu"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one verb. An expected failure (a bad file, config, flag value or path: ConfigError,
     CheckpointError, OSError, ValueError, KeyError, a chat-template error; a run stopped by a full disk or
@@ -868,10 +882,6 @@ def main(argv: list[str] | None = None) -> int:
     # user set wins.
     if "torch" not in sys.modules:  # (too late otherwise: then leave the environment as it is)
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    # freed host memory kept for the next allocations (no mmap, page faults and munmap for each large CPU tensor
-    # of each step: a CPU training step 1.26-1.5x faster; DSV3_MALLOC=system turns it off)
-    from dsv3.memory import retain_freed_host_memory
-    retain_freed_host_memory()
     for name in ("stdout", "stderr"):  # a real stream (not a test's StringIO) may turn into a closed pipe
         stream = getattr(sys, name)
         if not isinstance(stream, PipeSafe) and hasattr(stream, "fileno") and not isinstance(stream, io.StringIO):
@@ -880,6 +890,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser(verb if verb in VERBS else "")
     args = parser.parse_args(argv)
     args.argv = argv  # what was given, not defaulted (given_dests)
+    if computes_on_the_cpu(args):
+        # freed host memory kept for the next allocations (no mmap, page faults and munmap for each large CPU
+        # tensor of each step: a CPU training step 1.26-1.5x faster; DSV3_MALLOC=system turns it off)
+        from dsv3.memory import retain_freed_host_memory
+
+        retain_freed_host_memory()
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

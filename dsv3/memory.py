@@ -17,8 +17,8 @@ Escape hatch: the environment variable DSV3_SKIP_MEMORY_CHECK=1 turns the check 
 frees up later, an estimate that is wrong for an unusual setup).
 
     retain_freed_host_memory()   glibc's malloc keeps the host memory a process frees for its next
-                                 allocations (the CLI's first step; DSV3_MALLOC=system leaves glibc's
-                                 defaults)
+                                 allocations (the CLI, where the model runs on the CPU; DSV3_MALLOC=system
+                                 leaves glibc's defaults)
 """
 
 from __future__ import annotations
@@ -43,10 +43,12 @@ def retain_freed_host_memory() -> bool:
     instead of an mmap, a page fault per 4 KiB touched and a munmap each time. The established remedy for CPU
     PyTorch (PyTorch's CPU tuning guide, Intel's launcher: jemalloc or tcmalloc that keep freed memory); this one
     needs no preloaded library. Measured on the 2-core CPU VM (bench/RESULTS.md, 2026-12-07): a `tiny` training
-    step 0.527 -> 0.419 s, a width-512 one 3.49 -> 2.31 s, the same losses to the bit; peak RSS +3% and +20%
-    (freed memory kept, not returned). Only where the C library is glibc (Linux); elsewhere, or with
-    DSV3_MALLOC=system, nothing changes. Returns whether the settings took. Process-wide and for the process's
-    life: the CLI calls it first (a library user may too)."""
+    step 0.527 -> 0.419 s, a width-512 one 3.49 -> 2.31 s, the same losses to the bit; minor page faults a `tiny`
+    step 0 against 25-50k; resident memory steady over 120 steps at 1,128 MB against ~900 (freed memory kept,
+    not returned; peak +3% for `tiny`, +20% at width 512). Only where the C library is glibc (Linux); elsewhere,
+    or with DSV3_MALLOC=system, nothing changes. Returns whether the settings took. Process-wide and for the
+    process's life: the CLI calls it for the verbs whose model runs on the CPU (cli.computes_on_the_cpu; a
+    library user may call it too)."""
     if os.environ.get(MALLOC_ENV, "").strip().lower() == "system" or not sys.platform.startswith("linux"):
         return False
     try:
