@@ -1,6 +1,6 @@
 """dsv3.memory.retain_freed_host_memory: glibc's malloc keeps freed host memory, so that a CPU step's large
-tensors reuse mapped pages instead of faulting them in again; the CLI sets it first; DSV3_MALLOC=system keeps
-glibc's defaults."""
+tensors reuse mapped pages instead of faulting them in again; the CLI sets it where a model runs on the CPU;
+DSV3_MALLOC=system keeps glibc's defaults."""
 
 from __future__ import annotations
 
