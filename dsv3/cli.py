@@ -849,14 +849,15 @@ def computes_on_the_cpu(args: argparse.Namespace) -> bool:
     """Whether a verb's model runs on the CPU (a --device of cpu, or auto without CUDA): where malloc is set to keep
     freed host memory. Not the verbs without a device (conversions, which stream tensors through host memory
     once), nor GPU runs (whose large host blocks, a checkpoint being loaded, should go back when freed)."""
+    from dsv3.config import resolve_device
+
     dev = getattr(args, "device", None)
     if not isinstance(dev, str):
         return False
-    if dev == "auto":
-        import torch
-
-        return not torch.cuda.is_available()
-    return dev == "cpu"
+    try:
+        return resolve_device(dev).type == "cpu"
+    except ValueError:  # a bad name, or cuda without CUDA: the verb itself says so
+        return False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -892,7 +893,8 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv  # what was given, not defaulted (given_dests)
     if computes_on_the_cpu(args):
         # freed host memory kept for the next allocations (no mmap, page faults and munmap for each large CPU
-        # tensor of each step: a CPU training step 1.26-1.5x faster; DSV3_MALLOC=system turns it off)
+        # tensor of each step: a CPU training step 1.26-1.37x faster, bench/cpu_malloc.py; DSV3_MALLOC=system
+        # turns it off)
         from dsv3.memory import retain_freed_host_memory
 
         retain_freed_host_memory()

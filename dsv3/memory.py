@@ -42,10 +42,11 @@ def retain_freed_host_memory() -> bool:
     activations: one 32 MiB block each at the `tiny` preset's 8 x 256 x 4,096 logits) reuse pages already mapped
     instead of an mmap, a page fault per 4 KiB touched and a munmap each time. The established remedy for CPU
     PyTorch (PyTorch's CPU tuning guide, Intel's launcher: jemalloc or tcmalloc that keep freed memory); this one
-    needs no preloaded library. Measured on the 2-core CPU VM (bench/RESULTS.md, 2026-12-07): a `tiny` training
-    step 0.527 -> 0.419 s, a width-512 one 3.49 -> 2.31 s, the same losses to the bit; minor page faults a `tiny`
-    step 0 against 25-50k; resident memory steady over 120 steps at 1,128 MB against ~900 (freed memory kept,
-    not returned; peak +3% for `tiny`, +20% at width 512). Only where the C library is glibc (Linux); elsewhere,
+    needs no preloaded library. Measured on the 2-core CPU VM (bench/cpu_malloc.py, bench/RESULTS.md, 2026-12-07):
+    a `tiny` training step 1.26x faster, a width-512 one 1.37x, the same losses to the bit; minor page faults a
+    step 2 against 33-41k (`tiny`) and 335-351k (width 512); the cost is resident memory, freed memory being
+    kept, not returned: 1.01-1.07 GB against 0.78-0.87 (`tiny`, steady over 120 steps), 2.6 against 1.6 GB at
+    width 512. Only where the C library is glibc (Linux); elsewhere,
     or with DSV3_MALLOC=system, nothing changes. Returns whether the settings took. Process-wide and for the
     process's life: the CLI calls it for the verbs whose model runs on the CPU (cli.computes_on_the_cpu; a
     library user may call it too)."""

@@ -186,7 +186,8 @@ LOGPROB_STEPS = "log-probability steps"  # round_graph(0) under SPECULATION_ROUN
 # torch.compile, whose fusion is as fast or faster): on. Measured on an H200 (2026-12-06, twenty-second session,
 # bench/sampler_speed.py): 0.053-0.098 ms a draw against 0.26-0.44 for the eager reference (batch 1-32, V 32,768-
 # 129,280); its GPU tests (bitwise the reference's tokens; graphed, compiled, in an engine) passed there. A whole
-# decode with it is not measured yet; DSV3_KERNELS=hashed_race=off turns it off.
+# sampled decode without compile (a trained `small`, temperature 0.7, H100, 2026-12-07, bench/spec_gpu.py): 1.03-1.05x
+# at batch 1 and 32, k = 0 and 1. DSV3_KERNELS=hashed_race=off turns it off.
 SWITCHED: dict[str, bool | str] = {"dense_gemv": True, "head_gemv": True, "latent_store": True,
                                    "moe_gemm": True, "pdl": True, "mla_uv": True, "shared_gemv": WEIGHTS_E4M3,
                                    "mla_prep": True, "verify_rows": True, "round_graph": SPECULATION_ROUNDS,
