@@ -180,6 +180,9 @@ def main() -> int:
     ap.add_argument("--compile-decode", action="store_true",
                     help="torch.compile the graphed decode steps (a checkpoint on a GPU; as `dsv3 serve "
                          "--compile-decode`)")
+    ap.add_argument("--batch-invariant", action="store_true",
+                    help="the engine's batch-invariant mode (a GPU; as `dsv3 serve --batch-invariant`), the offline "
+                         "reference of --check too: every output should then equal offline generation")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--max-prefill-tokens", type=int, default=8192,
                     help="the engine's chunked-prefill budget per step (0: whole prompts at once)")
@@ -217,12 +220,16 @@ def main() -> int:
         path = _resolve_checkpoint(args.checkpoint)
         engine, tok = load_for_serving(path, device=args.device, max_batch_size=args.max_batch_size,
                                        cache_tokens=args.cache_tokens or None, speculative_k=args.speculative_k,
-                                       max_prefill_tokens=args.max_prefill_tokens, compile_decode=args.compile_decode)
+                                       max_prefill_tokens=args.max_prefill_tokens, compile_decode=args.compile_decode,
+                                       batch_invariant=args.batch_invariant)
         name, model = os.path.basename(os.path.normpath(path)), engine.model
     else:
         model, tok = random_tiny(args.device)
+        if args.batch_invariant:  # (the mode takes a 16-bit model)
+            model = model.to(torch.bfloat16)
         engine = Engine(model, tok, max_batch_size=args.max_batch_size, cache_tokens=args.cache_tokens or None,
-                        speculative_k=args.speculative_k, max_prefill_tokens=args.max_prefill_tokens)
+                        speculative_k=args.speculative_k, max_prefill_tokens=args.max_prefill_tokens,
+                        batch_invariant=args.batch_invariant)
         name = "random-tiny"
     n = args.clients * args.requests
     prompts = make_prompts(tok, n, args.prompt_len)
@@ -283,16 +290,18 @@ def main() -> int:
         if model is None:  # --url: the served checkpoint in this process
             from dsv3.inference.engine import load_engine
 
-            model = load_engine(args.checkpoint, device=args.device, max_batch_size=1)[0].model
+            model = load_engine(args.checkpoint, device=args.device, max_batch_size=1,
+                                batch_invariant=args.batch_invariant)[0].model
         longest = max(len(p) for p in prompts)
         ref = Engine(model, tok, max_batch_size=64, cache_tokens=64 * (longest + args.max_tokens + 16),
-                     max_prefill_tokens=0)
+                     max_prefill_tokens=0, batch_invariant=args.batch_invariant)
         # (the top-2 log-probabilities: where a streamed text parts from the offline one, the offline gap between its
         # two most likely tokens there tells a near-tie from a bug)
         offline = ref.generate(prompts, SamplingParams(max_new_tokens=args.max_tokens, temperature=0, logprobs=2))
         want = [o.text for o in offline]
         bad = sum(w != r[3] for w, r in zip(want, results))
-        print(f"check         {n - bad}/{n} outputs equal offline Engine.generate")
+        print(f"check         {n - bad}/{n} outputs equal offline Engine.generate"
+              + (" (both batch-invariant)" if args.batch_invariant else ""))
         # where they part (first differing character of streamed vs offline text): on a GPU in bf16 a divergence can
         # be a near-tie resolved differently by another batch composition or kernel
         parts = sorted(divergence(o, r[3], tok) for o, r in zip(offline, results) if o.text != r[3])

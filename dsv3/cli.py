@@ -30,7 +30,7 @@ SERVE_RENAMES = {"model_name": ("--served-model-name", "--model-name")}  # vLLM'
 # SamplingParams fields the text-printing verbs do not offer (nothing would show the log-probabilities)
 SAMPLING_EXCLUDE = ("logprobs",)
 # EngineConfig fields of generate/sample/chat (one request at a time: the batch size is 1)
-GENERATE_ENGINE_FIELDS = ("speculative_k", "device")
+GENERATE_ENGINE_FIELDS = ("speculative_k", "device", "batch_invariant")
 # and the expert-parallel degree, for generate/sample only (chat reads stdin: one process)
 EP_FIELDS = ("ep", "expert_loads", "redundant_experts", "dp_attention", "attn_tp", "eplb_interval")
 

@@ -215,8 +215,12 @@ def gpu_cache_tokens(model, mem_fraction: float = 0.9, reserve_gib: float = 4.0)
 
 
 def check_modes(dp_attention: bool, cuda_graphs, compile_decode: bool, attn_tp: int = 1, ep: int = 1,
-                cfg=None) -> None:
+                cfg=None, batch_invariant: bool = False) -> None:
     """The engine modes expert parallelism refuses, with the reason."""
+    if batch_invariant:
+        raise ValueError("--batch-invariant cannot run with expert parallelism yet: a token's experts then run on "
+                         "other ranks in batches of their making (the dispatch's grouping and its all-reduce), which "
+                         "the mode's kernels do not cover (dsv3/kernels/invariant.py); serve in one process")
     if attn_tp != 1:
         if not isinstance(attn_tp, int) or attn_tp < 1 or ep % attn_tp:
             raise ValueError(f"--attn-tp {attn_tp} must divide --ep ({ep}): tensor-parallel groups of consecutive "
@@ -328,7 +332,8 @@ def load_ep_engine(checkpoint: str, *, ep: int, device: str = "auto", keep_fp8: 
     tok = DSTokenizer.load(checkpoint)
     mine = local_experts(E, rank, ep) if placement is None else \
         [placement.slots[i, rank].tolist() for i in range(placement.n_layers)]  # this rank's slots per block
-    check_modes(dp_attention, cuda_graphs, compile_decode, attn_tp, ep, cfg)
+    check_modes(dp_attention, cuda_graphs, compile_decode, attn_tp, ep, cfg,
+                batch_invariant=engine_kwargs.get("batch_invariant", False))
     tp_group = group  # the ranks that hold the same requests (all of them, without dp_attention)
     if dp_attention and attn_tp > 1:  # groups of attn_tp consecutive ranks; every rank makes every group
         ranks = dist.get_process_group_ranks(group)
@@ -397,7 +402,7 @@ def run_ep(ep: int, checkpoint: str, engine_kwargs: dict, run: Callable[[Leader,
     cfg = ModelConfig.from_json(checkpoint)
     check_ep(ep, cfg.n_routed_experts)
     check_modes(dp_attention, engine_kwargs.get("cuda_graphs"), engine_kwargs.get("compile_decode", False),
-                attn_tp, ep, cfg)
+                attn_tp, ep, cfg, batch_invariant=engine_kwargs.get("batch_invariant", False))
     plan_serving_placement(cfg, ep, expert_loads, redundant_experts, eplb_interval)  # errors before any group
     env = init_distributed(engine_kwargs.get("device", "auto"))
     rc = 1

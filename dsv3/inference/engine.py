@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dsv3 import kernels
 from dsv3.cliargs import setting
 from dsv3.inference import speculation
 from dsv3.inference.cache import PagedLatentCache
@@ -81,6 +82,10 @@ class EngineConfig:
     cuda_graphs: str = setting("auto", "decode steps as CUDA graphs: auto (on for a bf16/FP8 model on one GPU; off "
                                        "under --ep, where graph capture is not yet measured on GPUs), on, off",
                                choices=("auto", "on", "off"))
+    batch_invariant: bool = setting(False, "GPU: the batch-invariant mode (dsv3/kernels/invariant.py): a request's "
+                                           "tokens and log-probabilities the same bits whatever else is batched "
+                                           "with it, so served outputs equal offline generation; slower; no "
+                                           "--compile-decode; an FP8 checkpoint is dequantised to bf16")
     overlap: bool = setting(True, "read each decode step's results before queueing the next (overlapped decoding, "
                                   "the default, queues the next step first while the batch stays the same)")
     record_expert_loads: str | None = setting(None, "count the tokens routed to each expert of each MoE block "
@@ -220,7 +225,7 @@ class Engine:
     def __init__(self, model, tokenizer=None, *, max_batch_size: int = 32, cache_tokens: int | None = None,
                  block_size: int = 16, speculative_k: int = 0, max_model_len: int | None = None,
                  cuda_graphs: bool | str | None = None, compile_decode: bool = False, max_prefill_tokens: int = 8192,
-                 record_expert_loads: bool = False, overlap: bool = True):
+                 record_expert_loads: bool = False, overlap: bool = True, batch_invariant: bool = False):
         cfg = model.config
         if speculative_k > 0 and cfg.num_nextn_predict_layers == 0:
             raise ValueError("speculative decoding needs MTP modules, but this model has num_nextn_predict_layers=0")
@@ -263,6 +268,10 @@ class Engine:
         if compile_decode and not use:
             raise ValueError("compile_decode compiles the graphed decode steps, which need a bf16 model on a GPU "
                              "(or cuda_graphs=True)")
+        if batch_invariant:
+            check_batch_invariant(model, compile_decode)
+            kernels.set_batch_invariant(True)  # process-wide, from here on (kernels/invariant.py)
+        self.batch_invariant = bool(batch_invariant)
         self.cache = PagedLatentCache.for_model(model, num_blocks + 1, block_size)
         self.device = self.cache.kv.device
         self._pad = pad = self.cache.reserve()  # padding rows and table entries of the static steps (not in num_blocks)
@@ -783,6 +792,29 @@ class Engine:
                         return
 
 
+def check_batch_invariant(model, compile_decode: bool = False) -> None:
+    """The engine's batch-invariant mode (kernels/invariant.py) for this model, or a ValueError that names what it
+    does not cover and why."""
+    p0 = next(model.parameters())
+    if not p0.is_cuda:
+        raise ValueError("batch_invariant (--batch-invariant) runs on a GPU: its kernels are Triton's, and on the "
+                         "CPU torch's GEMMs choose their blocking by shape too (load the model on cuda)")
+    if p0.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"batch_invariant needs a bf16 or fp16 model (got {p0.dtype}): the routed experts' grouped "
+                         "kernel of the mode takes 16-bit activations (load it with dtype=torch.bfloat16)")
+    if any(hasattr(m, "weight_scale_inv") for m in model.modules()):
+        raise ValueError("batch_invariant does not cover FP8 weights (their decode kernels are chosen by row "
+                         "count): load the checkpoint dequantised (load_engine does so in this mode: "
+                         "keep_fp8=False)")
+    if compile_decode:
+        raise ValueError("batch_invariant cannot run with compile_decode: inductor generates and tunes its kernels "
+                         "per batch bucket, so a row's sums would follow its bucket")
+    if any(getattr(m, "dispatcher", None) is not None for m in model.modules()):
+        raise ValueError("batch_invariant cannot run with expert parallelism (an MoE dispatcher is installed)")
+    if not kernels.backend_available("mla_decode", p0.device):
+        raise ValueError("batch_invariant needs triton on this GPU (its kernels are Triton's)")
+
+
 def load_engine(checkpoint: str, *, device: str = "auto", keep_fp8: bool = True,
                 dtype: torch.dtype | None = None, **engine_kwargs):
     """(Engine, DSTokenizer) for a checkpoint directory or a run directory (its latest checkpoint):
@@ -801,5 +833,7 @@ def load_engine(checkpoint: str, *, device: str = "auto", keep_fp8: bool = True,
     # FP8 block-scaled weights of an official-format checkpoint stay FP8 in memory (dequantised per use)
     if dtype is None and device == "cpu":
         dtype = torch.float32
+    if engine_kwargs.get("batch_invariant"):
+        keep_fp8 = False  # the mode does not cover FP8 weights (check_batch_invariant): bf16, dequantised once
     model = load_pretrained(checkpoint, device=device, dtype=dtype, keep_fp8=keep_fp8).eval()
     return Engine(model, tok, **engine_kwargs), tok

@@ -680,13 +680,13 @@ def load_for_serving(checkpoint: str, *, device: str = "auto", max_batch_size: i
                      max_model_len: int | None = None, compile_decode: bool = False,
                      cuda_graphs: bool | str | None = None,
                      max_prefill_tokens: int = 8192, record_expert_loads: bool = False,
-                     overlap: bool = True) -> tuple[Engine, DSTokenizer]:
+                     overlap: bool = True, batch_invariant: bool = False) -> tuple[Engine, DSTokenizer]:
     """Engine + tokenizer (with its chat template) of a checkpoint directory (see engine.load_engine).
     On a GPU with a bf16 (or FP8) checkpoint, decode steps run as CUDA graphs unless cuda_graphs says off."""
     return load_engine(checkpoint, device=device, max_batch_size=max_batch_size, cache_tokens=cache_tokens,
                        speculative_k=speculative_k, max_model_len=max_model_len, compile_decode=compile_decode,
                        cuda_graphs=cuda_graphs, max_prefill_tokens=max_prefill_tokens,
-                       record_expert_loads=record_expert_loads, overlap=overlap)
+                       record_expert_loads=record_expert_loads, overlap=overlap, batch_invariant=batch_invariant)
 
 
 def serve(engine: Engine, tokenizer: DSTokenizer, model_name: str, *, host: str = "127.0.0.1", port: int = 8000,

@@ -32,7 +32,12 @@ optional.
     router_topk                                         "triton" (router_triton.py)
     hashed_race (called by inference/sampling.py's      "triton" (race_triton.py; not under torch.compile,
     BatchSampler.draw, which holds the reference)       which fuses the reference)
-    attention                                           SDPA, cuDNN first on CUDA (attention.py)
+    attention                                           SDPA, cuDNN first on CUDA (attention.py); in the
+                                                        batch-invariant mode invariant_triton.py's
+    set_batch_invariant, batch_invariant                the batch-invariant mode (invariant.py): aten's CUDA
+                                                        GEMMs / means / softmaxes replaced by fixed-tile Triton
+                                                        kernels (invariant_triton.py), row-count-chosen kernels
+                                                        aside, the rest fixed per row
 
 Each operation takes `backend=` (None: choose); `use_backend(...)` forces the automatic choices in a
 `with` block (tests, benchmarks); `select_backend(op, *tensors)` tells what would run (callers that
@@ -60,7 +65,8 @@ from dsv3.kernels.reference import (BLOCK, FP8_MAX, act_dequant, act_quant, dens
                                     expert_ids, head_gemv_ref, mla_decode_ref, moe_gemm_ref, router_topk_ref,
                                     store_latents_ref, weight_dequant, weight_quant)
 
-__all__ = ["BLOCK", "FP8_MAX", "act_dequant", "act_quant", "act_quant_cm", "act_quant_t",
+__all__ = ["BLOCK", "batch_invariant", "set_batch_invariant",
+           "FP8_MAX", "act_dequant", "act_quant", "act_quant_cm", "act_quant_t",
            "adamw_backend",
            "adamw_step_", "attention", "backend_available", "dense_gemv", "dense_gemv2", "dense_gemv_ref",
            "expert_gemv", "expert_ids",
@@ -73,6 +79,21 @@ __all__ = ["BLOCK", "FP8_MAX", "act_dequant", "act_quant", "act_quant_cm", "act_
            "set_pdl", "set_shared_gemv", "store_latents", "store_latents_ref", "swiglu_gemv", "use_backend",
            "weight_dequant", "weight_quant",
            "weight_quant_pad", "weight_quant_pad_t"]
+
+
+def set_batch_invariant(on: bool) -> bool:
+    """Turn the batch-invariant mode on or off, process-wide (dsv3/kernels/invariant.py: every result of a row the
+    same bits whatever its batch; CUDA and triton); returns the previous setting."""
+    from dsv3.kernels import invariant
+
+    return invariant.set_mode(on)
+
+
+def batch_invariant() -> bool:
+    """Whether the batch-invariant mode is on (`set_batch_invariant`)."""
+    from dsv3.kernels import backend
+
+    return backend.BATCH_INVARIANT
 
 
 def expert_gemv(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None, expert: torch.Tensor, x_div: int = 1,

@@ -211,6 +211,13 @@ MOE_GEMM_ROWS = 1024
 # Up to these many query rows (batch x tokens) the attention's merge takes W_UV in its launch (mla_uv): 1. At batch 32
 # the one launch was slower than the merge and a batched GEMM (an H100, 16b, 2026-12-05: bf16 -3.6%, FP8 -6.4%).
 MLA_UV_ROWS = 1
+# The batch-invariant mode (dsv3/kernels/invariant.py; kernels.set_batch_invariant), process-wide: while on, the ops of
+# INVARIANT_ASIDE take "reference" (each is a kernel taken or not by the row count, or one whose sums follow the
+# batch: a row's bits would depend on its batch), moe_gemm takes every row count (one tile shape), and the router
+# and MLA decode kernels fix their per-batch choices (router_triton.py, mla_decode_triton.py).
+BATCH_INVARIANT = False
+INVARIANT_ASIDE = frozenset({"dense_gemv", "head_gemv", "swiglu_gemv", "expert_gemv", "shared_gemv", "mla_uv",
+                             "mla_prep", "latent_store", "fp8_weight_gemm", "fp8_expert_rows"})
 
 
 
@@ -446,7 +453,8 @@ def _fast_fits(op: str, tensors: tuple[torch.Tensor, ...]) -> bool:
         return len(tensors) == 2 and _head_gemv_fits(*tensors)
     if op == "moe_gemm":  # (x, w)
         x, w = tensors[0], tensors[-1]
-        return (_decode_fits(x, MOE_GEMM_ROWS) and w.dtype in (x.dtype, torch.float8_e4m3fn)
+        rows = x.numel() if BATCH_INVARIANT else MOE_GEMM_ROWS  # the mode: every row count, one tile shape
+        return (_decode_fits(x, rows) and w.dtype in (x.dtype, torch.float8_e4m3fn)
                 and not (torch.is_grad_enabled() and w.requires_grad) and not torch.is_autocast_enabled("cuda")
                 and _e4m3_ok(w))
     if op == "swiglu_gemv":
@@ -490,6 +498,8 @@ def select(op: str, *tensors: torch.Tensor, backend: str | None = None) -> str:
         return forced
     if not _env_read:
         _read_env()
+    if BATCH_INVARIANT and op in INVARIANT_ASIDE:
+        return "reference"
     on = SWITCHED.get(SWITCH_OF.get(op, op), True)
     if (op in PENDING or not on or (on == WEIGHTS_16BIT and any(t.dtype == torch.float8_e4m3fn for t in tensors))
             or (on == WEIGHTS_E4M3 and not any(t.dtype == torch.float8_e4m3fn for t in tensors))):

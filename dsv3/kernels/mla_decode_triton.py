@@ -75,6 +75,9 @@ BLOCK_N = 32  # context positions per tile: a (32, 512) bf16 kv tile is 32 KiB
 # lost: 385.0 against 417.8 (the next run). From batch ~8 up the grid is set by the SM count (_num_splits), so it
 # changes nothing there.
 MIN_CHUNK = BLOCK_N
+# the batch-invariant mode's split length (positions; a multiple of BLOCK_N): every query's context in chunks of this
+# many positions from 0, whatever the batch (a 4K context: 16 splits a query)
+INVARIANT_CHUNK = 256
 
 
 @triton.jit
@@ -147,11 +150,14 @@ def _combine_kernel(o_ptr, lse_ptr, out_ptr, n_split, so_b, so_h, so_s, sl_b, sl
     i = tl.arange(0, SP)
     lse = tl.load(lse_ptr + b * sl_b + h * sl_h + i, mask=i < n_split, other=float("-inf"))  # (SP,)
     mx = tl.max(lse, 0)  # finite: the first chunk always holds position 0
-    den = tl.sum(tl.exp2(lse - mx), 0)
     c = tl.arange(0, CP)
     acc = tl.zeros((CP,), tl.float32)
+    # den summed in split order, as acc (not a tree over SP lanes): the same sum for any n_split past the sequence's
+    # last chunk, whose weights are exact zeros (the batch-invariant mode: kernels/invariant.py)
+    den = tl.zeros_like(mx)
     for j in range(0, n_split):
         w = tl.exp2(tl.load(lse_ptr + b * sl_b + h * sl_h + j) - mx)
+        den += w
         acc += w * tl.load(o_ptr + b * so_b + h * so_h + j * so_s + c, mask=c < C, other=0.0)
     tl.store(out_ptr + b * sout_b + h * sout_h + c, (acc / den).to(out_ptr.dtype.element_ty), mask=c < C)
 
@@ -176,10 +182,11 @@ def _combine_uv_kernel(o_ptr, lse_ptr, w_ptr, out_ptr, n_split, V, so_b, so_h, s
     i = tl.arange(0, SP)
     lse = tl.load(lse_ptr + b * sl_b + h * sl_h + i, mask=i < n_split, other=float("-inf"))  # (SP,)
     mx = tl.max(lse, 0)
-    den = tl.sum(tl.exp2(lse - mx), 0)
     acc = tl.zeros((CP,), tl.float32)
+    den = tl.zeros_like(mx)  # in split order, as _combine_kernel's
     for j in range(0, n_split):
         wj = tl.exp2(tl.load(lse_ptr + b * sl_b + h * sl_h + j) - mx)
+        den += wj
         acc += wj * tl.load(o_ptr + b * so_b + h * so_h + j * so_s + c, mask=c < C, other=0.0)
     lat = (acc / den).to(out_ptr.dtype.element_ty).to(tl.float32)  # the latent as the two-launch path stores it
     y = tl.sum(w.to(tl.float32) * lat[None, :], axis=1)  # (BN,)
@@ -211,8 +218,13 @@ def _split(q_lat, q_pe, kv, pe, block_table, seq_lens, block_size, scale, num_sp
     q_lat, q_pe = q_lat.contiguous(), q_pe.contiguous()
     groups = triton.cdiv(H, HG)
     S = block_table.shape[1] * block_size  # the longest context these shapes can hold
-    n_split = num_splits or _num_splits(B, groups, S, q_lat.device)
-    chunk = triton.cdiv(triton.cdiv(S, n_split), BLOCK_N) * BLOCK_N
+    if backend.BATCH_INVARIANT and not num_splits:
+        # the batch-invariant mode (kernels/invariant.py): chunks of a fixed length from position 0, so a query's
+        # splits, and the order they merge in, do not follow the batch size or the bucket's context
+        chunk = INVARIANT_CHUNK
+    else:
+        n_split = num_splits or _num_splits(B, groups, S, q_lat.device)
+        chunk = triton.cdiv(triton.cdiv(S, n_split), BLOCK_N) * BLOCK_N
     n_split = triton.cdiv(S, chunk)
     o_part = torch.empty(B, H, n_split, C, dtype=torch.float32, device=q_lat.device)
     lse = torch.empty(B, H, n_split, dtype=torch.float32, device=q_lat.device)

@@ -108,6 +108,8 @@ def default_config(M: int, E: int, N: int, fp8: bool, fused: bool = False) -> di
     per_expert = -(-max(M, 1) // max(E, 1))
     # fused gate+up at 64-row tiles would take 147 KB of shared memory (3 stages): more than SM 8.6 / 8.9 have
     BM = min(max(triton.next_power_of_2(per_expert), 16), 32 if fused else 64)
+    if backend.BATCH_INVARIANT:  # the batch-invariant mode (kernels/invariant.py): one tile shape for every M
+        BM = 32
     return dict(BM=BM, BN=64 if N >= 64 else max(16, triton.next_power_of_2(N)), num_warps=4, num_stages=3)
 
 

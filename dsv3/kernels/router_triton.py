@@ -151,7 +151,8 @@ def router_topk(logits: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: i
         return w, idx, s
     # one warp per program: every reduction is warp shuffles only (no shared memory), and a program
     # is a few hundred registers' worth of experts; many tokens give many programs
-    bm = block_m or (1 if N < 1024 else 2)
+    # (the batch-invariant mode: one token a program for every N, kernels/invariant.py)
+    bm = block_m or (1 if N < 1024 or backend.BATCH_INVARIANT else 2)
     pdl = backend.pdl(logits.device)
     _router_kernel[(triton.cdiv(N, bm),)](
         logits, bias, w, idx, s, N, float(scale), logits.stride(0), w.stride(0), idx.stride(0), E,

@@ -99,6 +99,18 @@ class _Unsort(torch.autograd.Function):
         return g[order], None, None
 
 
+def _weighted_sum(y_NKD: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
+    """Σ_k w[n, k] · y[n, k] in fp32 -> (N, D). In the batch-invariant mode (kernels/invariant.py) the k terms are
+    added one at a time in k order (torch's reduction over the middle dimension picks its thread layout from the whole
+    shape, so a token's sum could follow another order in another batch)."""
+    if not kernels.backend.BATCH_INVARIANT:
+        return (y_NKD.float() * w_NK.unsqueeze(-1)).sum(1)
+    acc = y_NKD[:, 0].float() * w_NK[:, :1]
+    for j in range(1, y_NKD.shape[1]):
+        acc = acc + y_NKD[:, j].float() * w_NK[:, j:j + 1]
+    return acc
+
+
 def _count(idx: torch.Tensor, n: int) -> torch.Tensor:
     """Occurrences of 0..n-1 in idx, (n,) int64. Like bincount(minlength=n) but with a static output
     shape (bincount's length depends on the data), so torch.compile keeps the MoE in one graph."""
@@ -237,7 +249,9 @@ class Experts(nn.Module):
         ws = self.gemv_weights()
         weights_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ws)
         # (the limit read at each call, from the one place that holds it: benches raise it)
-        return (idx_NK.numel() <= kernels.backend.MOE_GEMM_ROWS and not weights_grad
+        # (the batch-invariant mode: every row count, one tile shape; kernels/invariant.py)
+        return ((idx_NK.numel() <= kernels.backend.MOE_GEMM_ROWS or kernels.backend.BATCH_INVARIANT)
+                and not weights_grad
                 and kernels.select_backend("moe_gemm", x_ND, ws[0]) != "reference")
 
     def forward_moe_gemm(self, x_ND: torch.Tensor, idx_NK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
@@ -252,7 +266,7 @@ class Experts(nn.Module):
         g, gs, u, us, d, ds = self.gemv_weights()
         h_MI = kernels.moe_gemm_swiglu(x_ND, g, gs, u, us, offs, order // K)  # sorted rows
         y_MD = kernels.moe_gemm_down(h_MI, d, ds, offs, order)  # (M, D) in pair order
-        return (y_MD.view(N, K, -1).float() * w_NK.unsqueeze(-1)).sum(1).to(x_ND.dtype)
+        return _weighted_sum(y_MD.view(N, K, -1), w_NK).to(x_ND.dtype)
 
     def forward_gemv(self, x_ND: torch.Tensor, idx_NK: torch.Tensor, w_NK: torch.Tensor,
                      shared: tuple | None = None) -> torch.Tensor:
