@@ -18,12 +18,12 @@
 #     bash bench/decode_kernels_gpu.sh OUT_DIR servespec
 #     bash bench/decode_kernels_gpu.sh OUT_DIR pending21
 #     bash bench/decode_kernels_gpu.sh OUT_DIR pending22
-#     bash bench/decode_kernels_gpu.sh OUT_DIR invtests         (then SCRATCH=/tmp ... OUT_DIR invserve)
+#     bash bench/decode_kernels_gpu.sh OUT_DIR invtests,invtrain,invspeed,invserve
 #
 # Stages (default: all but the psum ones, in this order): tests, sweep, b1, b32, b256, pdltests, pdl, fp8, profile
 # (psumtests, psumsweep, psumdense, psum, mlapreptests, mlaprep, fusetests, fusebase, fuse, rows8sweep, rows8,
 # spectests, specrounds, spectrain, roundtests, roundrounds, roundtrain, roundcompile, rctrain, servespec, pending21,
-# pending22, invtests, invserve: by name). Each stage's output goes to its own file under OUT_DIR (and a line to
+# pending22, invtests, invtrain, invspeed, invserve: by name). Each stage's output goes to its own file under OUT_DIR (and a line to
 # steps.txt); a failing stage does not stop the next. A kernel is on by default (dsv3/kernels/backend.py SWITCHED)
 # only where its rows are faster. B1, B32, FP8 (environment) replace the batch lists of those stages; LIMIT_<stage>=S
 # stops a stage after S seconds (stages.sh).
@@ -215,13 +215,18 @@ pending22() {
 step pending22 pending22
 tail -n 4 "$out"/*.txt
 # The batch-invariant mode (issue 14's "outputs equal offline generation"; dsv3/kernels/invariant.py): its GPU tests
-# and those of the kernels it changed (the MLA decode merge, the grouped experts' and the router's fixed tiles), then
-# the server against offline generation as servespec measures it, with the mode (k = 1, then k = 0) and without it
-# (k = 0: the speed the mode costs, the mismatches it removes), on one checkpoint (SCRATCH) trained 3 minutes.
+# and those of the kernels it changed (the MLA decode merge, the grouped experts' and the router's fixed tiles); then
+# `small` trained 2 minutes and exported in bf16 (SCRATCH), decoded offline with the mode off and on
+# (bench/invariant_speed.py: its cost, and outputs equal across batch sizes and k), and served as servespec does with
+# the mode (k = 1, k = 0) and without it (k = 0), every output checked against offline generation.
 step invtests python -m pytest -m gpu -q -p no:cacheprovider -rA --tb=short tests/test_gpu_invariant.py \
     tests/test_gpu_mla_decode.py tests/test_gpu_moe_gemm.py tests/test_gpu_router.py
+ck_inv="${SCRATCH:-/tmp}/small_inv_bf16"
+step invtrain python bench/spec_gpu.py --minutes 2 --tok-s 70000 --batches 1 --ks 0 --no-hf --new 16 \
+    --export-bf16 "$ck_inv" --deadline-min 4 --out-json "$out/invtrain.json"
+step invspeed python bench/invariant_speed.py "$ck_inv" --batches 1,32 --ks 0,1 --new 96 --out-json "$out/invspeed.json"
 invserve() {
-    local ck="${SCRATCH:-/tmp}/small_inv_bf16" k
+    local k
     if [[ -d .whl ]]; then
         python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
             .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site" || return
@@ -230,12 +235,12 @@ invserve() {
         echo "invserve: bench/server_wheels.sh's wheels are needed"
         return 1
     }
-    [[ -f "$ck/config.json" ]] || python bench/spec_gpu.py --minutes 3 --tok-s 70000 --batches 32 --ks 0 --no-hf \
-        --export-bf16 "$ck" --deadline-min 4.5 --out-json "$out/invserve_train.json" || return
+    # (each load LIMIT_invload seconds at most: a device call's later stages still run)
     for k in 1 0; do
-        python bench/serve_load.py "$ck" --device cuda --clients 32 --requests 4 --max-tokens 128 --speculative-k $k \
-            --check --batch-invariant
+        timeout "${LIMIT_invload:-0}" python bench/serve_load.py "$ck_inv" --device cuda --clients 32 \
+            --requests "${INV_REQUESTS:-4}" --max-tokens 128 --speculative-k $k --check --batch-invariant
     done
-    python bench/serve_load.py "$ck" --device cuda --clients 32 --requests 4 --max-tokens 128 --check
+    timeout "${LIMIT_invload:-0}" python bench/serve_load.py "$ck_inv" --device cuda --clients 32 \
+        --requests "${INV_REQUESTS:-4}" --max-tokens 128 --check
 }
 step invserve invserve

@@ -34,9 +34,10 @@ from dsv3.eval.needle import NeedleConfig
 from dsv3.training.evaluate import EvalConfig
 
 GENERATE = [(SamplingParams, dict(exclude=("logprobs",))),
-            (EngineConfig, dict(only=("speculative_k", "device", "ep", "expert_loads", "redundant_experts",
-                                      "dp_attention", "attn_tp", "eplb_interval")))]
-CHAT = [(SamplingParams, dict(exclude=("logprobs",))), (EngineConfig, dict(only=("speculative_k", "device")))]
+            (EngineConfig, dict(only=("speculative_k", "device", "batch_invariant", "ep", "expert_loads",
+                                      "redundant_experts", "dp_attention", "attn_tp", "eplb_interval")))]
+CHAT = [(SamplingParams, dict(exclude=("logprobs",))),
+        (EngineConfig, dict(only=("speculative_k", "device", "batch_invariant")))]
 # verb -> the dataclasses whose fields are its settings (with the selection the verb offers)
 SETTINGS = {
     "info": [],

@@ -99,7 +99,7 @@ def _prompts(n=12, seed=3):
 
 def _outputs(engine, prompts, params):
     outs = engine.generate(prompts, params)
-    return [(o.token_ids, [(lp.token_logprob, tuple(lp.top)) for lp in (o.logprobs or [])]) for o in outs]
+    return [(o.token_ids, [(lp.logprob, tuple(lp.top)) for lp in (o.logprobs or [])]) for o in outs]
 
 
 @pytest.mark.parametrize("k", [0, 1])
@@ -125,3 +125,19 @@ def test_a_request_gives_the_same_bits_alone_batched_and_chunked(mode, k):
         for i, (a, b) in enumerate(zip(got, ref)):
             assert a[0] == b[0], f"{name} k={k}: request {i}'s tokens"
             assert a[1] == b[1], f"{name} k={k}: request {i}'s log-probabilities"
+
+
+def test_sampled_requests_give_the_same_tokens_alone_and_batched(mode):
+    """Seeded sampling (temperature, top-k, top-p, min-p: sorts, softmax, cumulative sums on the device) in the mode:
+    a request's tokens alone and in a batch."""
+    from conftest import make_model
+
+    model = make_model(_cfg(1), seed=8, bias_std=0.3).to("cuda", torch.bfloat16).eval()
+    prompts = _prompts(8, seed=5)
+    params = [SamplingParams(max_new_tokens=30, temperature=0.9, seed=i, ignore_eos=True,
+                             **({"top_p": 0.9}, {"top_k": 40}, {"min_p": 0.05}, {})[i % 4])
+              for i in range(len(prompts))]
+    alone = Engine(model, None, max_batch_size=1, batch_invariant=True)
+    want = [alone.generate([p], [sp])[0].token_ids for p, sp in zip(prompts, params)]
+    got = [o.token_ids for o in Engine(model, None, max_batch_size=8, batch_invariant=True).generate(prompts, params)]
+    assert got == want

@@ -164,6 +164,29 @@ def test_mla_decode_splits_by_position_in_the_mode(mode_flag):
         assert torch.equal(sub, out[rows]), (rows, width)
 
 
+@interp
+def test_an_engine_through_the_overrides_generates_its_tokens():
+    """The mode's aten kernels (registered here for the CPU, interpreted) under a whole engine: every Linear, norm,
+    einsum and log-softmax of prefill and decode goes through them, and the tokens and log-probabilities are the
+    engine's own (fp32, to rounding)."""
+    from conftest import make_model as mk
+    from dsv3.inference.engine import Engine, SamplingParams
+
+    m = mk(tiny_cfg(), seed=0, bias_std=0.3).eval()
+    prompts = [[1, 5, 9, 3], [7, 7, 2, 11, 40, 3, 9], [2]]
+    sp = SamplingParams(max_new_tokens=6, temperature=0, logprobs=2, ignore_eos=True)
+    ref = Engine(m, None, max_batch_size=4).generate(prompts, sp)
+    lib = invariant.overrides("CPU")
+    try:
+        out = Engine(m, None, max_batch_size=4).generate(prompts, sp)
+    finally:
+        lib._destroy()
+    for a, b in zip(ref, out):
+        assert a.token_ids == b.token_ids
+        assert max(abs(p.logprob - q.logprob) for p, q in zip(a.logprobs, b.logprobs)) < 1e-5
+    assert torch.equal(torch.ones(2, 3) @ torch.ones(3, 2), torch.full((2, 2), 3.0))  # (torch's own kernel again)
+
+
 def test_the_mode_sets_row_count_kernels_aside(mode_flag):
     """While on, the kernels chosen by row count answer "reference" whatever the tensors (checked without a GPU:
     the rule returns before looking at the device), the grouped experts take any number of rows, and the MoE's

@@ -50,13 +50,7 @@ def set_mode(on: bool) -> bool:
                                "(on the CPU the engine runs without it)")
         import dsv3.kernels.invariant_triton  # noqa: F401 (compiles nothing yet: fail here if it cannot import)
 
-        lib = torch.library.Library("aten", "IMPL")
-        with warnings.catch_warnings():  # ("Overriding a previously registered kernel": the point)
-            warnings.simplefilter("ignore")
-            for name, fn in (("mm", _mm), ("addmm", _addmm), ("bmm", _bmm), ("mean.dim", _mean_dim),
-                             ("_softmax", _softmax), ("_log_softmax", _log_softmax)):
-                lib.impl(name, fn, "CUDA")
-        _LIB = lib
+        _LIB = overrides("CUDA")
         backend.BATCH_INVARIANT = True
     else:
         if _LIB is not None:
@@ -64,6 +58,18 @@ def set_mode(on: bool) -> bool:
             _LIB = None
         backend.BATCH_INVARIANT = False
     return old
+
+
+def overrides(dispatch_key: str) -> torch.library.Library:
+    """The mode's aten kernels registered for `dispatch_key` ("CUDA"; the CPU tests run them on "CPU" under the
+    Triton interpreter); `._destroy()` on the returned library gives torch's kernels back."""
+    lib = torch.library.Library("aten", "IMPL")
+    with warnings.catch_warnings():  # ("Overriding a previously registered kernel": the point)
+        warnings.simplefilter("ignore")
+        for name, fn in (("mm", _mm), ("addmm", _addmm), ("bmm", _bmm), ("mean.dim", _mean_dim),
+                         ("_softmax", _softmax), ("_log_softmax", _log_softmax)):
+            lib.impl(name, fn, dispatch_key)
+    return lib
 
 
 @contextlib.contextmanager
