@@ -18,12 +18,12 @@
 #     bash bench/decode_kernels_gpu.sh OUT_DIR servespec
 #     bash bench/decode_kernels_gpu.sh OUT_DIR pending21
 #     bash bench/decode_kernels_gpu.sh OUT_DIR pending22
-#     bash bench/decode_kernels_gpu.sh OUT_DIR invtests,invtrain,invspeed,invserve
+#     bash bench/decode_kernels_gpu.sh OUT_DIR invtests,invtrain,invspeed,invserve   (or invtests,invrspeed,invrserve)
 #
 # Stages (default: all but the psum ones, in this order): tests, sweep, b1, b32, b256, pdltests, pdl, fp8, profile
 # (psumtests, psumsweep, psumdense, psum, mlapreptests, mlaprep, fusetests, fusebase, fuse, rows8sweep, rows8,
 # spectests, specrounds, spectrain, roundtests, roundrounds, roundtrain, roundcompile, rctrain, servespec, pending21,
-# pending22, invtests, invtrain, invspeed, invserve: by name). Each stage's output goes to its own file under OUT_DIR (and a line to
+# pending22, invtests, invtrain, invspeed, invserve, invrspeed, invrserve: by name). Each stage's output goes to its own file under OUT_DIR (and a line to
 # steps.txt); a failing stage does not stop the next. A kernel is on by default (dsv3/kernels/backend.py SWITCHED)
 # only where its rows are faster. B1, B32, FP8 (environment) replace the batch lists of those stages; LIMIT_<stage>=S
 # stops a stage after S seconds (stages.sh).
@@ -244,3 +244,21 @@ invserve() {
         --requests "${INV_REQUESTS:-4}" --max-tokens 128 --check
 }
 step invserve invserve
+# the same without training (a call too short for it): invariant_speed on `small` with random weights and prompts,
+# then serve_load's random tiny model (its own 2K tokenizer) with the mode at k = 1, k = 0 and without it at k = 0
+step invrspeed python bench/invariant_speed.py --preset small --batches 1,32 --ks 0,1 --new 64 \
+    --out-json "$out/invrspeed.json"
+invrserve() {
+    local k
+    if [[ -d .whl ]]; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+            .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site" || return
+    fi
+    for k in 1 0; do
+        timeout "${LIMIT_invload:-0}" python bench/serve_load.py --device cuda --clients 32 --requests 2 \
+            --max-tokens 64 --speculative-k $k --check --batch-invariant
+    done
+    timeout "${LIMIT_invload:-0}" python bench/serve_load.py --device cuda --clients 32 --requests 2 --max-tokens 64 \
+        --check
+}
+step invrserve invrserve

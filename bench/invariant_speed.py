@@ -1,6 +1,7 @@
 """What the batch-invariant mode costs and what it buys (dsv3/kernels/invariant.py), offline on one GPU.
 
     PYTHONPATH=. python bench/invariant_speed.py CHECKPOINT [--batches 1,32] [--ks 0,1] [--new 128]
+    PYTHONPATH=. python bench/invariant_speed.py --preset small        (random weights and prompts)
 
 For the mode off, then on, and every k of --ks: the same held-out prompts (bench/decode.py's windows of val-split
 documents, --prompt-len tokens) decoded greedily, --new tokens each, B at a time for every B of --batches, by
@@ -33,7 +34,9 @@ from spec_gpu import compare, fmt_cmp, log, timed_decode  # noqa: E402
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("checkpoint", help="a run or checkpoint directory (bf16 on the GPU)")
+    ap.add_argument("checkpoint", nargs="?", help="a run or checkpoint directory (bf16 on the GPU)")
+    ap.add_argument("--preset", help="instead of a checkpoint: this preset with random weights (bf16) and random "
+                                     "prompts (its outputs compared the same way; no tokenizer needed)")
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--ks", default="0,1")
     ap.add_argument("--new", type=int, default=128)
@@ -44,12 +47,23 @@ def main() -> int:
     if not torch.cuda.is_available():
         raise SystemExit("invariant_speed.py: the batch-invariant mode needs a GPU")
     device = torch.device("cuda")
-    path = resolve_checkpoint(args.checkpoint)
-    tok = DSTokenizer.load(path)
-    model = load_pretrained(path, device=device, dtype=torch.bfloat16).eval()
+    if (args.checkpoint is None) == (args.preset is None):
+        ap.error("give a checkpoint or --preset")
+    if args.preset:
+        from dsv3.config import preset
+        from dsv3.model import build_model
+
+        tok, path = None, f"{args.preset} (random weights)"
+        model = build_model(preset(args.preset), device=device, seed=0).to(torch.bfloat16).eval()
+        g = torch.Generator().manual_seed(0)
+        prompts = torch.randint(0, model.config.vocab_size, (args.prompts, args.prompt_len), generator=g).tolist()
+    else:
+        path = resolve_checkpoint(args.checkpoint)
+        tok = DSTokenizer.load(path)
+        model = load_pretrained(path, device=device, dtype=torch.bfloat16).eval()
+        prompts = heldout_prompts(tok, args.prompts, args.prompt_len)
     bw = copy_bandwidth(device, 2 << 30)
     log(f"{path}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters; {bw['caption']}")
-    prompts = heldout_prompts(tok, args.prompts, args.prompt_len)
     batches = [int(b) for b in args.batches.split(",")]
     ks = [int(k) for k in args.ks.split(",")]
     if 0 in ks:
