@@ -802,7 +802,7 @@ def check_batch_invariant(model, compile_decode: bool = False) -> None:
     if p0.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"batch_invariant needs a bf16 or fp16 model (got {p0.dtype}): the routed experts' grouped "
                          "kernel of the mode takes 16-bit activations (load it with dtype=torch.bfloat16)")
-    if any(hasattr(m, "weight_scale_inv") for m in model.modules()):
+    if any(t.dtype == torch.float8_e4m3fn for t in itertools.chain(model.parameters(), model.buffers())):
         raise ValueError("batch_invariant does not cover FP8 weights (their decode kernels are chosen by row "
                          "count): load the checkpoint dequantised (load_engine does so in this mode: "
                          "keep_fp8=False)")

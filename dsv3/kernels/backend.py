@@ -46,6 +46,9 @@ never probe the GPU themselves.
                                             in one launch instead of ~20 (BatchSampler.draw: not under
                                             torch.compile, whose fusion of the reference is as fast or faster)
 
+In the batch-invariant mode (BATCH_INVARIANT below; kernels/invariant.py) the ops of INVARIANT_ASIDE answer
+"reference" and moe_gemm takes any row count.
+
 The rule: the accelerated backend where triton imports and every tensor given to `select` is a plain
 (not a subclass such as DTensor) CUDA tensor meeting its row; else "reference". The AdamW operation
 hands over the local shards of DTensor parameters, so sharded parameters get the plain rule.

@@ -246,5 +246,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, m
                             v.stride(0), v.stride(1), v.stride(2), *ms, o.stride(0), o.stride(1), o.stride(2),
                             DQK=DQK, DV=DV, DQKP=max(16, triton.next_power_of_2(DQK)),
                             DVP=max(16, triton.next_power_of_2(DV)), HAS_MASK=mask is not None,
-                            CAUSAL=causal_offset is not None, BM=ATT_BM, BN=ATT_BN, num_warps=4, num_stages=2)
+                            CAUSAL=causal_offset is not None, BM=ATT_BM, BN=ATT_BN, num_warps=4, num_stages=2,
+                            # every multiply and add rounded on its own: with FMA contraction the compiler may fuse
+                            # `score * scale - max` or `l * alpha + sum` in one variant (CAUSAL / HAS_MASK) and
+                            # not the other, and a query's bits would follow how its keys were masked (a GPU test
+                            # saw a chunk's output differ from the whole prompt's before this, H100, 2026-12-07)
+                            enable_fp_fusion=False)
     return o
