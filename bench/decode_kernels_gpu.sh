@@ -172,16 +172,21 @@ step roundtrain python bench/spec_gpu.py --minutes 4.5 --tok-s 70000 --batches 1
 # it at k = 1 and k = 0, outputs checked against offline generation (~7 minutes alone; SCRATCH: where the checkpoint
 # goes). serve_load needs openai, fastapi
 # and uvicorn, which the GPU machine lacks: `bash bench/server_wheels.sh` here first, and `carry: [".whl"]`.
-servespec() {
-    local ck="${SCRATCH:-/tmp}/small_spec_bf16" k
+# the server's and clients' packages (openai, fastapi, uvicorn), which the GPU machine lacks: from bench/server_wheels.sh's
+# wheels (`carry: [".whl"]`) into /tmp/site
+server_packages() {
     if [[ -d .whl ]]; then
         python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
             .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site" || return
     fi
     python -c "import openai, fastapi, uvicorn" || {
-        echo "servespec: bench/server_wheels.sh's wheels are needed"
+        echo "bench/server_wheels.sh's wheels are needed (carry .whl)"
         return 1
     }
+}
+servespec() {
+    local ck="${SCRATCH:-/tmp}/small_spec_bf16" k
+    server_packages || return
     python bench/spec_gpu.py --minutes 3 --tok-s 70000 --batches 32 --ks 0,1,2 --no-hf \
         --export-bf16 "$ck" --deadline-min 6 --out-json "$out/servespec_train.json" || return
     for k in 1 0; do
@@ -227,14 +232,7 @@ step invtrain python bench/spec_gpu.py --minutes 2 --tok-s 70000 --batches 1 --k
 step invspeed python bench/invariant_speed.py "$ck_inv" --batches 1,32 --ks 0,1 --new 96 --out-json "$out/invspeed.json"
 invserve() {
     local k
-    if [[ -d .whl ]]; then
-        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-            .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site" || return
-    fi
-    python -c "import openai, fastapi, uvicorn" || {
-        echo "invserve: bench/server_wheels.sh's wheels are needed"
-        return 1
-    }
+    server_packages || return
     # (each load LIMIT_invload seconds at most: a device call's later stages still run)
     for k in 1 0; do
         timeout "${LIMIT_invload:-0}" python bench/serve_load.py "$ck_inv" --device cuda --clients 32 \
@@ -250,10 +248,7 @@ step invrspeed python bench/invariant_speed.py --preset small --batches 1,32 --k
     --out-json "$out/invrspeed.json"
 invrserve() {
     local k
-    if [[ -d .whl ]]; then
-        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-            .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site" || return
-    fi
+    server_packages || return
     for k in 1 0; do
         timeout "${LIMIT_invload:-0}" python bench/serve_load.py --device cuda --clients 32 --requests 2 \
             --max-tokens 64 --speculative-k $k --check --batch-invariant
