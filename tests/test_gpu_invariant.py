@@ -39,8 +39,6 @@ def test_linear_rows_do_not_follow_the_batch(mode):
     kernels.set_batch_invariant(False)
     ref = F.linear(x.float(), w.float())
     torch.testing.assert_close(full.float(), ref, atol=2e-2, rtol=2e-2)
-    off_rows = [F.linear(x[i:i + 1], w) for i in (0, 77)]  # cuBLAS: not promised equal to the batch (not checked)
-    assert all(r.shape == (1, 2048) for r in off_rows)
     kernels.set_batch_invariant(True)
     for rows in ([0], [77], [5, 200, 3], list(range(40, 90))):
         assert torch.equal(F.linear(x[rows], w), full[rows]), rows

@@ -271,7 +271,6 @@ class Engine:
         if batch_invariant:
             check_batch_invariant(model, compile_decode)
             kernels.set_batch_invariant(True)  # process-wide, from here on (kernels/invariant.py)
-        self.batch_invariant = bool(batch_invariant)
         self.cache = PagedLatentCache.for_model(model, num_blocks + 1, block_size)
         self.device = self.cache.kv.device
         self._pad = pad = self.cache.reserve()  # padding rows and table entries of the static steps (not in num_blocks)

@@ -23,7 +23,6 @@ the CPU (its GEMM libraries choose by shape too; the CPU tests check server = of
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 
 import torch
@@ -31,11 +30,6 @@ import torch
 from dsv3.kernels import backend
 
 _LIB: torch.library.Library | None = None
-
-
-def enabled() -> bool:
-    """Whether the mode is on in this process."""
-    return backend.BATCH_INVARIANT
 
 
 def set_mode(on: bool) -> bool:
@@ -70,16 +64,6 @@ def overrides(dispatch_key: str) -> torch.library.Library:
                          ("_softmax", _softmax), ("_log_softmax", _log_softmax)):
             lib.impl(name, fn, dispatch_key)
     return lib
-
-
-@contextlib.contextmanager
-def batch_invariant(on: bool = True):
-    """The mode inside a `with` block (tests, benchmarks); the previous setting after it."""
-    old = set_mode(on)
-    try:
-        yield
-    finally:
-        set_mode(old)
 
 
 _FLOATS = (torch.bfloat16, torch.float16, torch.float32)
