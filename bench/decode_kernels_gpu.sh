@@ -23,7 +23,7 @@
 # Stages (default: all but the psum ones, in this order): tests, sweep, b1, b32, b256, pdltests, pdl, fp8, profile
 # (psumtests, psumsweep, psumdense, psum, mlapreptests, mlaprep, fusetests, fusebase, fuse, rows8sweep, rows8,
 # spectests, specrounds, spectrain, roundtests, roundrounds, roundtrain, roundcompile, rctrain, servespec, pending21,
-# pending22, invtests, invtrain, invspeed, invserve, invrspeed, invrserve: by name). Each stage's output goes to its own file under OUT_DIR (and a line to
+# pending22, invtests, invtrain, invspeed, invserve, invrspeed, invrserve, invprof: by name). Each stage's output goes to its own file under OUT_DIR (and a line to
 # steps.txt); a failing stage does not stop the next. A kernel is on by default (dsv3/kernels/backend.py SWITCHED)
 # only where its rows are faster. B1, B32, FP8 (environment) replace the batch lists of those stages; LIMIT_<stage>=S
 # stops a stage after S seconds (stages.sh).
@@ -257,3 +257,5 @@ invrserve() {
         --check
 }
 step invrserve invrserve
+# where the mode's decode time goes (random `small`, eager, mode off and on: each kernel's GPU time)
+step invprof python bench/invariant_profile.py --preset small --batches 1,32

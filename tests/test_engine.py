@@ -261,10 +261,19 @@ def test_chunk_view_of_a_batch_from_position_0_is_a_prefill():
 
     one, two = cache.batch([[2, 3]], [3], [4], chunk=True), cache.batch([[2, 3], [4]], [3, 0], [4, 2], chunk=True)
     assert one.lower_right and isinstance(one.attn_mask(), CausalBias) and one._mask is None
-    assert not two.lower_right and two.attn_mask() is two.mask
     q, k, v = torch.randn(1, 2, 4, 8), torch.randn(1, 2, 7, 8), torch.randn(1, 2, 7, 4)
     sdpa = torch.nn.functional.scaled_dot_product_attention
     torch.testing.assert_close(sdpa(q, k, v, attn_mask=one.attn_mask()), sdpa(q, k, v, attn_mask=one.mask))
+    # several: per-sequence causal ranges (query t of sequence b sees keys <= start[b] + t of its own context),
+    # which kernels.attention gives SDPA as the (B, 1, T, S) mask and the batch-invariant kernel by position
+    from dsv3.kernels import attention as kattention
+    from dsv3.kernels.attention import CausalRanges
+
+    r = two.attn_mask()
+    assert not two.lower_right and isinstance(r, CausalRanges) and two._mask is None
+    assert r.q_start.tolist() == [3, 0] and r.k_len.tolist() == [7, 2] and r.mask is two.mask
+    q2, k2, v2 = torch.randn(2, 2, 4, 8), torch.randn(2, 2, 7, 8), torch.randn(2, 2, 7, 4)
+    torch.testing.assert_close(kattention(q2, k2, v2, 0.3, r), sdpa(q2, k2, v2, attn_mask=two.mask, scale=0.3))
 
 
 # ------------------------------------------------------------------------------------------------

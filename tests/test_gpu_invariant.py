@@ -40,8 +40,11 @@ def test_linear_rows_do_not_follow_the_batch(mode):
     ref = F.linear(x.float(), w.float())
     torch.testing.assert_close(full.float(), ref, atol=2e-2, rtol=2e-2)
     kernels.set_batch_invariant(True)
-    for rows in ([0], [77], [5, 200, 3], list(range(40, 90))):
+    for rows in ([0], [77], [5, 200, 3], list(range(40, 90))):  # (1-3 rows: the K-chunks in parallel, split)
         assert torch.equal(F.linear(x[rows], w), full[rows]), rows
+    from dsv3.kernels.invariant_triton import bmm
+
+    assert torch.equal(bmm(x.unsqueeze(0), w.t().unsqueeze(0), split=True)[0], full)  # 300 rows split: the same
     # 3-D input (B, T, D) as the model's linears take it; the router's fp32 product; a bmm (absorbed MLA's einsum)
     assert torch.equal(F.linear(x[:64].view(8, 8, 1024), w).view(64, 2048), full[:64])
     xf, wf = x.float(), w[:64].float()
@@ -71,11 +74,29 @@ def test_norms_softmax_and_attention_do_not_follow_the_batch(mode):
     ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True, scale=d ** -0.5)
     kernels.set_batch_invariant(True)
     torch.testing.assert_close(full.float(), ref, atol=2e-2, rtol=2e-2)
+    from torch.nn.attention.bias import causal_lower_right
+
+    from dsv3.kernels.attention import CausalRanges
+
     keys = torch.arange(S, device="cuda")
     for start, end in ((1, 700), (333, 512), (699, 700)):  # a chunk after cached keys, rows anywhere in its tiles
-        mask = (keys[None, :] <= torch.arange(start, end, device="cuda")[:, None])[None, None]
-        part = kernels.attention(q[1:2, :, start:end], k[1:2], v[1:2], d ** -0.5, mask)
+        # the engine's forms of a chunk (CacheBatch.attn_mask): one sequence's lower-right bias; the ranges of a
+        # padded batch (sequence 0 a chunk of another prompt, 40 positions long); both reach the one kernel
+        # variant that masks by position
+        part = kernels.attention(q[1:2, :, start:end], k[1:2, :, :end], v[1:2, :, :end], d ** -0.5,
+                                 causal_lower_right(end - start, end))
         assert torch.equal(part, full[1:2, :, start:end]), (start, end)
+        qp = torch.cat([q[2:3, :, :end - start], q[1:2, :, start:end]])
+        ranges = CausalRanges(torch.tensor([0, start], device="cuda"), torch.tensor([40, end], device="cuda"), None)
+        both = kernels.attention(qp, k[[2, 1]], v[[2, 1]], d ** -0.5, ranges)
+        assert torch.equal(both[1], full[1, :, start:end]), (start, end)
+        n0 = min(40, end - start)  # sequence 0's real queries (the rest: padding)
+        assert torch.equal(both[0, :, :n0], full[2, :, :n0]), (start, end)
+        # a bool mask runs the kernel's masked variant: its own compilation, whose bits may differ (the H200 gave
+        # 75 of 699 rows a last-bit difference, 2026-12-07); only its values are checked
+        mask = (keys[None, :] <= torch.arange(start, end, device="cuda")[:, None])[None, None]
+        masked = kernels.attention(q[1:2, :, start:end], k[1:2], v[1:2], d ** -0.5, mask)
+        torch.testing.assert_close(masked, full[1:2, :, start:end], atol=2e-3, rtol=0)
 
 
 def _cfg(k_mtp: int):

@@ -54,6 +54,16 @@ def test_bmm_matches_torch_and_rows_do_not_follow_the_batch(dtype):
     # strided operands (a transposed weight, as F.linear hands its weight over)
     w = torch.randn(90, 200, generator=g).to(dtype)
     assert torch.equal(bmm(a[:1], w.t().unsqueeze(0)), bmm(a[:1], w.t().contiguous().unsqueeze(0)))
+    # a K of several chunks (k_chunk: 256 columns): the chunks run in parallel for a few rows (split, chosen by
+    # the row and tile counts) or in one program; the same bits either way, and a row alone (split) as in a batch
+    from dsv3.kernels.invariant_triton import k_chunk
+
+    a2, b2 = torch.randn(2, 40, 600, generator=g).to(dtype), torch.randn(2, 600, 70, generator=g).to(dtype)
+    assert k_chunk(600) == 256 and k_chunk(64 * 1024) == 4096
+    one = bmm(a2, b2, split=False)
+    torch.testing.assert_close(one.float(), torch.bmm(a2.float(), b2.float()), atol=tol * 20, rtol=tol)
+    assert torch.equal(bmm(a2, b2, split=True), one)
+    assert torch.equal(bmm(a2[:, :1], b2), one[:, :1])  # (1 row, 2 tiles: the split path)
 
 
 @interp
@@ -139,6 +149,19 @@ def test_attention_matches_sdpa_and_a_prompt_gives_the_same_bits_however_chunked
     lr = invariant.attention(q[:, :, 2 * ATT_BM:], k, v, sc, causal_lower_right(S - 2 * ATT_BM, S))
     assert torch.equal(lr, full[:, :, 2 * ATT_BM:])
     assert torch.equal(invariant.attention(q, k, v, sc, None), full)
+    # the engine's padded batch of chunks (CacheBatch.attn_mask): per-sequence ranges, the one positional variant.
+    # Sequence 0 holds queries a..e-1 of the prompt over its first e keys; sequence 1 queries 2*BM..S-1 over all
+    # S: padded to a common T and S with garbage past each one's end
+    from dsv3.kernels.attention import CausalRanges
+
+    T2 = S - 2 * ATT_BM
+    qp = torch.randn(B, H, max(T2, e - a), d, generator=g)
+    qp[0, :, :e - a], qp[1, :, :T2] = q[0, :, a:e], q[1, :, 2 * ATT_BM:]
+    kp, vp = torch.randn(B, H, S, d, generator=g), torch.randn(B, H, S, dv, generator=g)
+    kp[0, :, :e], vp[0, :, :e], kp[1], vp[1] = k[0, :, :e], v[0, :, :e], k[1], v[1]
+    ranges = CausalRanges(torch.tensor([a, 2 * ATT_BM]), torch.tensor([e, S]), lambda: None)
+    both = invariant.attention(qp, kp, vp, sc, ranges)
+    assert torch.equal(both[0, :, :e - a], full[0, :, a:e]) and torch.equal(both[1, :, :T2], full[1, :, 2 * ATT_BM:])
     with pytest.raises(ValueError, match="bool mask"):
         invariant.attention(q, k, v, sc, torch.zeros(1, 1, S, S))
 

@@ -117,6 +117,7 @@ class CacheBatch:
         self.write_b, self.write_t = [x.to(dev) for x in valid.nonzero(as_tuple=True)]
         self.write_slots = wslot[valid].to(dev)
         self._mask_parts, self._mask = (pos, wpos, total, valid, dev), None  # the mask is built when first asked
+        self._ranges = None
         self.positions = wpos.to(dev)  # (B, T) RoPE positions of the new tokens
         # one sequence whose new tokens end its context: the mask is causal aligned to the lower right, which
         # SDPA takes as a CausalBias without a (T, S) tensor (a long prompt's chunk: 1 GiB of bool at T = 8K,
@@ -142,12 +143,20 @@ class CacheBatch:
         return self._mask
 
     def attn_mask(self):
-        """The mask as SDPA takes it best: a lower-right CausalBias for one sequence (`lower_right`), else `mask`."""
+        """The mask as kernels.attention takes it best: a lower-right CausalBias for one sequence (`lower_right`),
+        else CausalRanges: each sequence's new tokens from its start position over its own context, which SDPA
+        takes as `mask` and the batch-invariant attention by position (one kernel for every form)."""
         if self.lower_right:
             from torch.nn.attention.bias import causal_lower_right
 
             return causal_lower_right(self.positions.shape[1], self.read_slots.shape[1])
-        return self.mask
+        if self._ranges is None:
+            from dsv3.kernels.attention import CausalRanges
+
+            pos, wpos, total, valid, dev = self._mask_parts
+            self._ranges = CausalRanges(wpos[:, 0].to(dev, torch.int32), total.to(dev, torch.int32),
+                                        lambda: self.mask)
+        return self._ranges
 
     def layer(self, i: int) -> "_LayerView":
         return _LayerView(self, i)

@@ -149,21 +149,25 @@ def _log_softmax(x: torch.Tensor, dim: int, half_to_float: bool) -> torch.Tensor
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, attn_mask=None) -> torch.Tensor:
     """`kernels.attention`'s contract in the mode (CUDA tensors): None is SDPA's is_causal (upper-left), a
-    lower-right CausalBias (CacheBatch.attn_mask's one-sequence chunk) the causal mask aligned to the last key, a
-    bool tensor the keys it allows."""
+    lower-right CausalBias (CacheBatch.attn_mask's one-sequence chunk) the causal mask aligned to the last key,
+    CausalRanges (its chunks of a padded batch) each sequence's own causal range, a bool tensor the keys it allows.
+    The first three run the kernel's one variant by position, so a prompt's bits do not follow which of them
+    reached it; a bool tensor runs the masked variant (its bits may differ: no engine path passes one)."""
+    from dsv3.kernels.attention import CausalRanges
     from dsv3.kernels.invariant_triton import attention as kernel
 
     T, S = q.shape[2], k.shape[2]
     if attn_mask is None:
-        return kernel(q, k, v, scale, causal_offset=0)
+        return kernel(q, k, v, scale, q_start=0)
     from torch.nn.attention.bias import CausalBias, CausalVariant
 
-    if isinstance(attn_mask, CausalBias):  # (a Tensor subclass: first)
-        off = S - T if attn_mask.variant == CausalVariant.LOWER_RIGHT else 0
-        return kernel(q, k, v, scale, causal_offset=off)
+    if isinstance(attn_mask, CausalRanges):
+        return kernel(q, k, v, scale, q_start=attn_mask.q_start, k_len=attn_mask.k_len)
+    if isinstance(attn_mask, CausalBias):  # (a Tensor subclass: before Tensor)
+        return kernel(q, k, v, scale, q_start=S - T if attn_mask.variant == CausalVariant.LOWER_RIGHT else 0)
     if isinstance(attn_mask, torch.Tensor):
         if attn_mask.dtype != torch.bool:
             raise ValueError(f"the batch-invariant attention takes a bool mask, got {attn_mask.dtype}")
         return kernel(q, k, v, scale, mask=attn_mask)
-    raise ValueError(f"the batch-invariant attention takes None, a bool mask or a CausalBias, got "
+    raise ValueError(f"the batch-invariant attention takes None, a bool mask, a CausalBias or CausalRanges, got "
                      f"{type(attn_mask).__name__}")
