@@ -345,25 +345,3 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, m
                             # arithmetic whatever the compiler makes of the surrounding code
                             enable_fp_fusion=False)
     return o
-    if mask is not None:
-        assert mask.dtype == torch.bool and mask.dim() == 4, f"attention: a bool (B|1, H|1, T, S) mask, got " \
-            f"{mask.dtype} {tuple(mask.shape)}"
-        mask = mask.expand(B, H, T, S)  # (stride 0 on broadcast dimensions: no copy)
-        ms = mask.stride()
-        m_arg = mask
-    else:
-        ms, m_arg = (0, 0, 0, 0), q
-    grid = (triton.cdiv(T, ATT_BM), B * H)
-    _attention_kernel[grid](q, k, v, m_arg, o, H, T, S, 0 if causal_offset is None else int(causal_offset),
-                            scale * 1.4426950408889634,  # log2(e): exp2 below
-                            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                            v.stride(0), v.stride(1), v.stride(2), *ms, o.stride(0), o.stride(1), o.stride(2),
-                            DQK=DQK, DV=DV, DQKP=max(16, triton.next_power_of_2(DQK)),
-                            DVP=max(16, triton.next_power_of_2(DV)), HAS_MASK=mask is not None,
-                            CAUSAL=causal_offset is not None, BM=ATT_BM, BN=ATT_BN, num_warps=4, num_stages=2,
-                            # every multiply and add rounded on its own: with FMA contraction the compiler may fuse
-                            # `score * scale - max` or `l * alpha + sum` in one variant (CAUSAL / HAS_MASK) and
-                            # not the other, and a query's bits would follow how its keys were masked (a GPU test
-                            # saw a chunk's output differ from the whole prompt's before this, H100, 2026-12-07)
-                            enable_fp_fusion=False)
-    return o
