@@ -267,7 +267,7 @@ def test_chunk_view_of_a_batch_from_position_0_is_a_prefill():
     # several: per-sequence causal ranges (query t of sequence b sees keys <= start[b] + t of its own context),
     # which kernels.attention gives SDPA as the (B, 1, T, S) mask and the batch-invariant kernel by position
     from dsv3.kernels import attention as kattention
-    from dsv3.kernels.attention import CausalRanges
+    from dsv3.kernels.masks import CausalRanges
 
     r = two.attn_mask()
     assert not two.lower_right and isinstance(r, CausalRanges) and two._mask is None

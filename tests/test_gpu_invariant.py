@@ -76,7 +76,7 @@ def test_norms_softmax_and_attention_do_not_follow_the_batch(mode):
     torch.testing.assert_close(full.float(), ref, atol=2e-2, rtol=2e-2)
     from torch.nn.attention.bias import causal_lower_right
 
-    from dsv3.kernels.attention import CausalRanges
+    from dsv3.kernels.masks import CausalRanges
 
     keys = torch.arange(S, device="cuda")
     for start, end in ((1, 700), (333, 512), (699, 700)):  # a chunk after cached keys, rows anywhere in its tiles

@@ -152,7 +152,7 @@ def test_attention_matches_sdpa_and_a_prompt_gives_the_same_bits_however_chunked
     # the engine's padded batch of chunks (CacheBatch.attn_mask): per-sequence ranges, the one positional variant.
     # Sequence 0 holds queries a..e-1 of the prompt over its first e keys; sequence 1 queries 2*BM..S-1 over all
     # S: padded to a common T and S with garbage past each one's end
-    from dsv3.kernels.attention import CausalRanges
+    from dsv3.kernels.masks import CausalRanges
 
     T2 = S - 2 * ATT_BM
     qp = torch.randn(B, H, max(T2, e - a), d, generator=g)

@@ -30,7 +30,7 @@ from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
 from dsv3.kernels import invariant  # noqa: E402
 from dsv3.kernels import invariant_triton as it  # noqa: E402
-from dsv3.kernels.attention import CausalRanges  # noqa: E402
+from dsv3.kernels.masks import CausalRanges  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 _LAUNCH_OPTS = ("num_warps", "num_stages", "enable_fp_fusion")

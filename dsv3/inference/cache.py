@@ -151,7 +151,7 @@ class CacheBatch:
 
             return causal_lower_right(self.positions.shape[1], self.read_slots.shape[1])
         if self._ranges is None:
-            from dsv3.kernels.attention import CausalRanges
+            from dsv3.kernels.masks import CausalRanges
 
             pos, wpos, total, valid, dev = self._mask_parts
             self._ranges = CausalRanges(wpos[:, 0].to(dev, torch.int32), total.to(dev, torch.int32),

@@ -153,7 +153,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, a
     CausalRanges (its chunks of a padded batch) each sequence's own causal range, a bool tensor the keys it allows.
     The first three run the kernel's one variant by position, so a prompt's bits do not follow which of them
     reached it; a bool tensor runs the masked variant (its bits may differ: no engine path passes one)."""
-    from dsv3.kernels.attention import CausalRanges
+    from dsv3.kernels.masks import CausalRanges
     from dsv3.kernels.invariant_triton import attention as kernel
 
     T, S = q.shape[2], k.shape[2]
