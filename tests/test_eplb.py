@@ -304,22 +304,21 @@ def test_eplb_bench_modes_run():
     """bench/eplb.py's --online simulation and --plan-from/--serve on the committed recordings (the RESULTS tables):
     they run, and the placement planned from the served load beats the contiguous split."""
     import os
-    import subprocess
-    import sys
+
+    from tests.distributed.harness import run_script  # (a process forked from the fork server: as `python SCRIPT`)
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=repo)
-    r = subprocess.run([sys.executable, os.path.join(repo, "bench", "eplb.py"), "--online", "--experts", "64",
-                        "--ranks", "8", "--redundant", "16", "--tokens", "20000", "--windows", "3", "--shift", "2"],
-                       capture_output=True, text=True, env=env, timeout=120)
-    assert r.returncode == 0, r.stderr
+    r = run_script(os.path.join(repo, "bench", "eplb.py"), ["--online", "--experts", "64", "--ranks", "8",
+                                                            "--redundant", "16", "--tokens", "20000", "--windows",
+                                                            "3", "--shift", "2"], repo, timeout=120)
+    assert r.returncode == 0, r.stdout
     rows = {line.split(" | ")[0].strip("| "): line for line in r.stdout.splitlines() if line.startswith("| ")}
     assert {"replan (--eplb-interval)", "redundant copies only", "from scratch every time"} <= set(rows)
     res = os.path.join(repo, "bench", "results")
-    r = subprocess.run([sys.executable, os.path.join(repo, "bench", "eplb.py"), "--plan-from",
-                        os.path.join(res, "tiny_std_loads.pt"), "--serve", os.path.join(res, "tiny_pip_loads.pt"),
-                        "--ranks", "4", "--redundant", "4"], capture_output=True, text=True, env=env, timeout=120)
-    assert r.returncode == 0, r.stderr
+    r = run_script(os.path.join(repo, "bench", "eplb.py"), ["--plan-from", os.path.join(res, "tiny_std_loads.pt"),
+                                                            "--serve", os.path.join(res, "tiny_pip_loads.pt"),
+                                                            "--ranks", "4", "--redundant", "4"], repo, timeout=120)
+    assert r.returncode == 0, r.stdout
     cells = r.stdout.strip().splitlines()[-1].split(" | ")
     contiguous, own = float(cells[2].split(" / ")[0]), float(cells[4].split(" / ")[0])
     assert own < contiguous

@@ -630,15 +630,17 @@ def test_switches_from_the_environment():
         kb.switches_from_env("dense_gemv=maybe")
     code = ("from dsv3.kernels import backend as kb; import torch; kb.select('dense_gemv', torch.zeros(1, 1), "
             "torch.zeros(1, 1)); print(sorted(op for op, on in kb.SWITCHED.items() if on))")
-    env = {**os.environ, "DSV3_KERNELS": "all=on,latent_store=off"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
-    assert out.strip() == str(sorted(set(kb.SWITCHED) - {"latent_store"}))
-    env["DSV3_KERNELS"] = "bogus=on"
-    bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert bad.returncode != 0 and "bogus" in bad.stderr
-    assert "ValueError: DSV3_KERNELS: 'bogus' is not a switched kernel op" in bad.stderr  # (the CLI's one-line kind)
+    good_env = {**os.environ, "DSV3_KERNELS": "all=on,latent_store=off"}
+    env = {**os.environ, "DSV3_KERNELS": "bogus=on"}
+    # the three fresh processes side by side (each ~2 s of a core importing torch)
+    procs = [subprocess.Popen(cmd, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for cmd, e in (([sys.executable, "-c", code], good_env), ([sys.executable, "-c", code], env),
+                            ([sys.executable, "-m", "dsv3.cli", "info", "--preset", "tiny"], env))]
+    (good, good_err), (_, bad_err), (_, cli_err) = [p.communicate(timeout=120) for p in procs]
+    assert procs[0].returncode == 0, good_err
+    assert good.strip() == str(sorted(set(kb.SWITCHED) - {"latent_store"}))
+    assert procs[1].returncode != 0 and "bogus" in bad_err
+    assert "ValueError: DSV3_KERNELS: 'bogus' is not a switched kernel op" in bad_err  # (the CLI's one-line kind)
     # read at the first choice, not at import: a verb that chooses no kernel runs, and one that does fails inside
     # the command, where the CLI turns a ValueError into its one-line error (not an import traceback)
-    cli = subprocess.run([sys.executable, "-m", "dsv3.cli", "info", "--preset", "tiny"], env=env, capture_output=True,
-                         text=True)
-    assert cli.returncode == 0 and "Traceback" not in cli.stderr, cli.stderr
+    assert procs[2].returncode == 0 and "Traceback" not in cli_err, cli_err

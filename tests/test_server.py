@@ -436,25 +436,23 @@ def test_api_key(model, tok):
 
 
 def test_cli_serve(tmp_path, model, tok):
-    """`dsv3 serve CHECKPOINT` in a subprocess: loads the checkpoint with its tokenizer and chat
+    """`dsv3 serve CHECKPOINT` in another process: loads the checkpoint with its tokenizer and chat
     template, binds 127.0.0.1, requires the API key, and exits cleanly on Ctrl-C."""
     import signal
     import subprocess
-    import sys
 
     from dsv3.checkpoints.hf import save_pretrained
 
     ckpt = tmp_path / "ckpt"
     save_pretrained(model, ckpt)
     tok.save(ckpt)
-    from tests.distributed.harness import free_port
+    from tests.distributed.harness import cli_process, free_port
 
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "dsv3.cli", "serve", str(ckpt), "--port", str(port),
-                             "--api-key", "k", "--max-batch-size", "4", "--cache-tokens", "1024",
-                             "--speculative-k", "1", "--log-level", "warning",
-                             "--record-expert-loads", str(tmp_path / "loads.pt")],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # a process forked from the distributed tests' fork server (torch and dsv3 imported once; as Popen)
+    proc = cli_process(["serve", ckpt, "--port", port, "--api-key", "k", "--max-batch-size", "4", "--cache-tokens",
+                        "1024", "--speculative-k", "1", "--log-level", "warning", "--record-expert-loads",
+                        tmp_path / "loads.pt"], tmp_path)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, [proc], timeout=60)

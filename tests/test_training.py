@@ -14,8 +14,6 @@ import os
 import random
 import shutil
 import signal
-import subprocess
-import sys
 import textwrap
 import time
 from dataclasses import asdict
@@ -317,11 +315,15 @@ CHILD = textwrap.dedent("""
 """)
 
 
-def start_child(tc: TrainConfig, mc: ModelConfig, **extra) -> subprocess.Popen:
+def start_child(tc: TrainConfig, mc: ModelConfig, **extra):
+    """`python -c CHILD ARGS` as a process forked from the distributed tests' fork server (torch and dsv3 imported
+    once, not ~3 s per child): a Popen-like handle (tests/distributed/harness.py ForkedProcess) whose stdout and
+    stderr are one text."""
+    from tests.distributed.harness import code_process
+
     arg = json.dumps({"model": mc.to_dict(), "train": asdict(tc), **extra})
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "-c", CHILD, arg], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=env, cwd=REPO)
+    return code_process(CHILD, [arg], REPO, env)
 
 
 def test_kill_during_save_keeps_previous_checkpoint(env, tmp_path):

@@ -102,10 +102,13 @@ def read_metadata(path: str, directory: str):
     if not isinstance(getattr(md, "state_dict_metadata", None), dict) or not isinstance(
             getattr(md, "storage_data", None), dict):
         raise CheckpointError(f"{path}: corrupt DCP metadata (no state_dict_metadata / storage_data)")
+    checked: set[str] = set()  # the data files: one per rank, each named by many entries, is checked once
     for index, info in md.storage_data.items():
         if not isinstance(info, _StorageInfo):
             raise CheckpointError(f"{path}: corrupt DCP metadata (storage entry of a {type(info).__name__})")
-        confined(directory, info.relative_path, path)
+        if not (isinstance(info.relative_path, str) and info.relative_path in checked):
+            confined(directory, info.relative_path, path)  # (a name that is not a string raises here)
+            checked.add(info.relative_path)
         if not (type(info.offset) is int and type(info.length) is int and info.offset >= 0 and info.length >= 0):
             raise CheckpointError(f"{path}: corrupt DCP metadata (offset {info.offset!r} length {info.length!r} "
                                   f"of {getattr(index, 'fqn', index)})")

@@ -143,7 +143,7 @@ class RequestOutput:
     prompt_tokens: int
 
 
-@dataclass
+@dataclass(eq=False)  # a request is itself: lists of them are searched by identity, not by comparing fields
 class _Request:
     id: str
     prompt: list[int]

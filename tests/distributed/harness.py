@@ -4,6 +4,10 @@ the ranks.
 
     start_ranks(fn, args, world)                  fn(rank, *args) in `world` fresh processes, joined
     spawn_scenarios(world, run_one, names) -> {name: {metric: worst over ranks}}
+    cli_ranks(world, argv, cwd) / script_ranks    `dsv3 ARGV` / a bench script on `world` ranks with the variables
+                                                  torchrun sets, forked from the fork server (ForkedProcess: as Popen)
+    cli_process, code_process                     `dsv3 ARGV` / `python -c CODE` in one such process
+    torchrun_cli(world, argv, cwd), run_script    run to the end -> CompletedProcess
 
 `run_one(rank, world, name) -> {metric: float}` (and `fn`) must be module-level functions of the test
 module (torch.multiprocessing pickles them by reference).
@@ -14,13 +18,20 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import shutil
+import signal
 import socket
+import subprocess
+import sys
 import tempfile
+import time
 
 import torch
 import torch.distributed as dist
 
 from dsv3.config import ModelConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def tiny_cfg(**kw) -> ModelConfig:
@@ -100,7 +111,7 @@ FORK_SERVER_PRELOAD = ["torch", "torch.distributed", "torch.distributed.checkpoi
                        "torch.distributed.tensor", "torch.distributed.pipelining", "pytest", "dsv3.model",
                        "dsv3.distributed", "dsv3.distributed.pipeline", "dsv3.training.pretrain",
                        "dsv3.checkpoints.dcp", "dsv3.checkpoints.hf", "dsv3.inference.engine", "dsv3.ep_serve",
-                       "tests.distributed.harness"]
+                       "dsv3.cli", "dsv3.posttrain.sft", "dsv3.posttrain.grpo", "tests.distributed.harness"]
 
 
 def _in_env(rank: int, env: dict, fn, *args) -> None:
@@ -147,3 +158,209 @@ def results_by_world(scenarios: dict, run_one):
         return cache[world][name]
 
     return get
+
+
+# --------------------------------------------------------------------------------------------------
+# the CLI and the bench scripts under torchrun's variables, in processes forked from the fork server
+
+def _forked_main(env: dict, cwd: str, log: str, fn, args: tuple) -> None:
+    """A process of ForkedProcess: `env` as its whole environment, `cwd`, fds 1 and 2 to `log`; fn(*args) is the
+    exit status (as a script's `sys.exit(main())`), after the atexit functions (which a fresh interpreter runs
+    at exit). An exception escaping fn: its traceback on stderr and status 1, as from the interpreter."""
+    import atexit
+    import traceback
+
+    import torch
+
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    # torch was imported by the fork server, before it could read OMP_NUM_THREADS: what the variable says, else one
+    # thread (the server's OpenMP runtime started without the CLI's OMP_WAIT_POLICY=PASSIVE, and threads that spin
+    # while they wait crawl on a busy 2-core machine)
+    torch.set_num_threads(int(env.get("OMP_NUM_THREADS") or 1))
+    try:
+        code = fn(*args)
+    except SystemExit as e:
+        code = e.code
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    atexit._run_exitfuncs()
+    sys.exit(code)  # (multiprocessing makes it the exit status, as the interpreter does)
+
+
+class ForkedProcess:
+    """fn(*args) in a process forked from the fork server (FORK_SERVER_PRELOAD: torch and dsv3 already imported,
+    where a fresh interpreter spends ~3 s of a core importing them), with environment `env`, working directory
+    `cwd`, and its stdout and stderr together in a file: the subset of subprocess.Popen (stdout=PIPE,
+    stderr=STDOUT, text=True) that the tests use: pid, poll, wait, communicate -> (output, None), send_signal,
+    terminate, kill, returncode (negative: killed by that signal)."""
+
+    def __init__(self, fn, args: tuple, env: dict, cwd: str, name: str = "rank"):
+        self._dir = tempfile.mkdtemp(prefix=f"dsv3-{name}-")
+        self._log = os.path.join(self._dir, "output")
+        self._out: str | None = None
+        self.args = name
+        self._p = fork_context().Process(target=_forked_main, args=(env, str(cwd), self._log, fn, args))
+        self._p.start()
+        self.pid = self._p.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._p.exitcode
+
+    def poll(self) -> int | None:
+        return self._p.exitcode
+
+    def wait(self, timeout: float | None = None) -> int:
+        self._p.join(timeout)
+        if self._p.exitcode is None:
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        return self._p.exitcode
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, None]:
+        self.wait(timeout)
+        if self._out is None:
+            try:
+                with open(self._log, errors="replace") as f:
+                    self._out = f.read()
+            except FileNotFoundError:  # it died before it opened its log
+                self._out = ""
+            shutil.rmtree(self._dir, ignore_errors=True)
+        return self._out, None
+
+    def send_signal(self, sig: int) -> None:
+        if self._p.exitcode is None:
+            os.kill(self.pid, sig)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+def torchrun_env(rank: int, world: int, port: int, **extra) -> dict:
+    """This process's environment with the variables torchrun sets for `rank` of `world` (one node), one OpenMP
+    thread, the repository on PYTHONPATH (for the processes the command may start), and `extra`."""
+    return dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
+                PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), **extra)
+
+
+def report_gloo_threads() -> None:
+    """Say on stderr which gloo threads (a process group's workers and I/O loop) still run (an atexit function: a
+    rank that stopped cleanly has joined them, dsv3/ep_serve.py's close_groups; one still running when the
+    interpreter tears down can abort the exit, rarely; this sees it every time)."""
+    names = []
+    for t in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{t}/comm") as f:
+                names.append(f.read().strip())
+        except OSError:
+            pass
+    left = sorted(n for n in names if "gloo" in n)
+    if left:
+        print(f"gloo threads left at exit: {left}", file=sys.stderr, flush=True)
+
+
+def _cli(argv: list[str], cwd: str, gloo_threads: bool) -> int:
+    """`python -m dsv3.cli ARGV` in a forked process: the working directory first on sys.path (as `python -m` puts
+    it: a --reward module there imports)."""
+    import atexit
+
+    sys.path.insert(0, cwd)
+    sys.argv = [os.path.join(REPO, "dsv3", "cli.py"), *argv]
+    if gloo_threads and os.path.isdir("/proc/self/task"):  # (Linux)
+        atexit.register(report_gloo_threads)
+    from dsv3.cli import main
+
+    return main(argv)
+
+
+def _script(path: str, argv: list[str]) -> int:
+    """`python PATH ARGV` in a forked process: the script's directory first on sys.path, run as __main__."""
+    import runpy
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
+    sys.argv = [path, *argv]
+    runpy.run_path(path, run_name="__main__")
+    return 0
+
+
+def _code(code: str, argv: list[str]) -> int:
+    """`python -c CODE ARGV` in a forked process: run as __main__ (the working directory first on sys.path)."""
+    import types
+
+    sys.path.insert(0, "")
+    sys.argv = ["-c", *argv]
+    main = types.ModuleType("__main__")
+    sys.modules["__main__"] = main
+    exec(compile(code, "<string>", "exec"), main.__dict__)
+    return 0
+
+
+def cli_process(argv: list, cwd, env: dict | None = None) -> ForkedProcess:
+    """`python -m dsv3.cli ARGV` in one process forked from the fork server (environment `env` or this one's),
+    started."""
+    argv = [str(a) for a in argv]
+    return ForkedProcess(_cli, (argv, str(cwd), False), dict(os.environ if env is None else env), cwd, "cli")
+
+
+def code_process(code: str, argv: list, cwd, env: dict | None = None) -> ForkedProcess:
+    """`python -c CODE ARGV` in one process forked from the fork server (environment `env` or this one's),
+    started."""
+    return ForkedProcess(_code, (code, [str(a) for a in argv]), dict(os.environ if env is None else env), cwd, "code")
+
+
+def cli_ranks(world: int, argv: list, cwd, gloo_threads: bool = False, **env) -> list[ForkedProcess]:
+    """`python -m dsv3.cli ARGV` on `world` ranks with the variables torchrun sets (torchrun_env, + env), forked
+    from the fork server, started; gloo_threads: each says at exit the gloo threads it has left
+    (report_gloo_threads)."""
+    port, argv = free_port(), [str(a) for a in argv]
+    return [ForkedProcess(_cli, (argv, str(cwd), gloo_threads), torchrun_env(r, world, port, **env), cwd, f"rank{r}")
+            for r in range(world)]
+
+
+def script_ranks(world: int, path: str, argv: list, cwd, **env) -> list[ForkedProcess]:
+    """`python PATH ARGV` (a bench script) on `world` ranks as torchrun starts it (torchrun_env, + env), forked from
+    the fork server, started."""
+    port, argv = free_port(), [str(a) for a in argv]
+    return [ForkedProcess(_script, (path, argv), torchrun_env(r, world, port, **env), cwd, f"rank{r}")
+            for r in range(world)]
+
+
+def run_script(path: str, argv: list, cwd, timeout: float, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python PATH ARGV` (one process, environment `env` or this one's) forked from the fork server, run to the
+    end (finish)."""
+    argv = [str(a) for a in argv]
+    return finish([ForkedProcess(_script, (path, argv), dict(os.environ if env is None else env), cwd, "script")],
+                  argv, timeout)
+
+
+def finish(procs: list[ForkedProcess], argv, timeout: float) -> subprocess.CompletedProcess:
+    """Wait for `procs` (every one killed after `timeout` s in all: subprocess.TimeoutExpired) -> CompletedProcess(
+    returncode: the status of largest magnitude, stdout: rank 0's output, stderr: the other ranks' outputs)."""
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        try:
+            p.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            outs = [q.communicate()[0] for q in procs]
+            raise subprocess.TimeoutExpired(argv, timeout, "\n".join(outs)) from None
+    outs = [p.communicate()[0] for p in procs]
+    return subprocess.CompletedProcess(argv, max((p.returncode for p in procs), key=abs), outs[0],
+                                       "\n".join(outs[1:]))
+
+
+def torchrun_cli(world: int, argv: list, cwd, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m dsv3.cli ARGV` on `world` ranks with the variables torchrun sets, run to the end (cli_ranks,
+    finish)."""
+    return finish(cli_ranks(world, argv, cwd), argv, timeout)

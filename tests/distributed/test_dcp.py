@@ -22,7 +22,6 @@ import json
 import os
 import random
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -30,7 +29,7 @@ import torch.distributed as dist
 
 from dsv3.distributed import ParallelConfig
 from tests.distributed.harness import free_port as _free_port
-from tests.distributed.harness import start_ranks, tiny_cfg
+from tests.distributed.harness import start_ranks, tiny_cfg, torchrun_cli
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with gloo is not available")
@@ -40,7 +39,6 @@ STEPS_BEFORE, STEPS_AFTER = 2, 2
 B, T = 4, 12
 HP = dict(mtp_lambda=0.3, balance_alpha=1e-2, gamma=1e-2, grad_clip=1.0)
 LR = 1e-2
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 SAVES = {"fsdp2": dict(dp_shard=2, ep=1, fsdp=True), "ep2": dict(dp_shard=1, ep=2, fsdp=True)}
 RESUMES = {4: {"fsdp2": dict(dp_shard=1, ep=4, fsdp=True), "ep2": dict(dp_shard=2, ep=2, fsdp=True)},
@@ -246,18 +244,9 @@ MICRO = dict(
 
 
 def _torchrun(world: int, argv: list[str], cwd: str) -> subprocess.CompletedProcess:
-    """Start `world` processes with the variables torchrun sets (no torchrun binary needed)."""
-    port = _free_port()
-    procs = []
-    for r in range(world):
-        env = dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
-                   PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        procs.append(subprocess.Popen([sys.executable, "-m", "dsv3.cli"] + argv, cwd=cwd, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outs = [p.communicate(timeout=300)[0] for p in procs]
-    rcs = [p.returncode for p in procs]
-    return subprocess.CompletedProcess(argv, max(rcs, key=abs), outs[0], "\n".join(outs[1:]))
+    """`python -m dsv3.cli ARGV` on `world` ranks with the variables torchrun sets (no torchrun binary needed),
+    forked from the fork server (tests/distributed/harness.py: torch and dsv3 imported once, not per rank)."""
+    return torchrun_cli(world, argv, cwd, timeout=300)
 
 
 def test_dsv3_train_under_torchrun(tmp_path):

@@ -38,7 +38,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 from typing import NamedTuple
 
 import pytest
@@ -46,7 +45,8 @@ import torch
 import torch.distributed as dist
 
 from tests.background_server import wait_healthy
-from tests.distributed.harness import free_port, results_by_world, tiny_cfg
+from tests.distributed.harness import (ForkedProcess, cli_ranks, finish, free_port, results_by_world, run_script,
+                                      script_ranks, tiny_cfg)
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with gloo is not available")
@@ -528,45 +528,16 @@ def test_static_decode_dispatch_compiles_fullgraph():
 # --------------------------------------------------------------------------------------------------
 # the CLI under torchrun's environment
 
-# `python -m dsv3.cli ARGV` that says on stderr which gloo threads (a process group's workers and I/O loop) still
-# run when the interpreter starts its teardown (at exit, after main): a rank that stopped cleanly must have joined
-# them (dsv3/ep_serve.py's close_groups: one still running then can abort the exit, rarely; this sees it every time)
-_CLI_REPORTING_GLOO_THREADS = """
-import atexit, os, runpy, sys
-
-def report():
-    names = []
-    for t in os.listdir("/proc/self/task"):
-        try:
-            with open(f"/proc/self/task/{t}/comm") as f:
-                names.append(f.read().strip())
-        except OSError:
-            pass
-    left = sorted(n for n in names if "gloo" in n)
-    if left:
-        print(f"gloo threads left at exit: {left}", file=sys.stderr, flush=True)
-
-if os.path.isdir("/proc/self/task"):  # (Linux)
-    atexit.register(report)
-runpy.run_module("dsv3.cli", run_name="__main__", alter_sys=True)
-"""
+def _ranks(world: int, argv: list[str], cwd: str, gloo_threads: bool = False) -> list[ForkedProcess]:
+    """`world` ranks of `python -m dsv3.cli ARGV` with the variables torchrun sets, forked from the fork server
+    (tests/distributed/harness.py: as Popen, torch and dsv3 imported once); gloo_threads: each says the gloo threads
+    it has left at exit (report_gloo_threads: a rank that stopped cleanly has joined its process groups' threads,
+    dsv3/ep_serve.py's close_groups; one still running at the interpreter's teardown can abort the exit, rarely;
+    this sees it every time)."""
+    return cli_ranks(world, argv, cwd, gloo_threads=gloo_threads)
 
 
-def _ranks(world: int, argv: list[str], cwd: str, gloo_threads: bool = False) -> list[subprocess.Popen]:
-    """`world` processes of `python -m dsv3.cli ARGV` with the variables torchrun sets; gloo_threads: each says the
-    gloo threads it has left at exit (_CLI_REPORTING_GLOO_THREADS)."""
-    port = free_port()
-    cmd = ["-c", _CLI_REPORTING_GLOO_THREADS] if gloo_threads else ["-m", "dsv3.cli"]
-    return [subprocess.Popen([sys.executable, *cmd] + argv, cwd=cwd, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True,
-                             env=dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world),
-                                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                                      OMP_NUM_THREADS="1",
-                                      PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", "")))
-            for r in range(world)]
-
-
-def _outputs(procs: list[subprocess.Popen], timeout: float) -> list[str]:
+def _outputs(procs: list[ForkedProcess], timeout: float) -> list[str]:
     """Each process's combined output once it exits (killed after `timeout` s)."""
     outs = []
     for p in procs:
@@ -614,11 +585,11 @@ def test_cli_serve_under_torchrun(ckpt, tmp_path, dp):
         live = httpx.get(url + "/expert_loads").json()
         assert live["counts"] == engine.expert_loads().tolist() and live["blocks"] == 3
         if dp:  # bench/serve_load.py --url against the running EP server (issue 19's latency percentiles)
-            load = subprocess.run([sys.executable, os.path.join(REPO, "bench", "serve_load.py"), ckpt["fp32"],
-                                   "--url", url, "--clients", "3", "--requests", "2", "--max-tokens", "5",
-                                   "--prompt-len", "16", "--check"], capture_output=True, text=True, timeout=240,
-                                  env=dict(os.environ, OMP_NUM_THREADS="1"))
-            assert load.returncode == 0, load.stdout[-2000:] + load.stderr[-2000:]
+            load = run_script(os.path.join(REPO, "bench", "serve_load.py"),
+                              [ckpt["fp32"], "--url", url, "--clients", "3", "--requests", "2", "--max-tokens", "5",
+                               "--prompt-len", "16", "--check"], tmp_path, timeout=240,
+                              env=dict(os.environ, OMP_NUM_THREADS="1"))
+            assert load.returncode == 0, load.stdout[-4000:]
             assert "6/6 completed" in load.stdout and "6/6 outputs equal offline" in load.stdout, load.stdout
             assert "inter-token" in load.stdout and "TTFT" in load.stdout
     finally:
@@ -693,21 +664,23 @@ def test_cli_generate_under_torchrun(ckpt, tmp_path):
 
 @pytest.mark.parametrize("world", [1, 2])
 def test_ep_serve_bench_runs_under_torchrun_on_cpu(tmp_path, world):
-    """bench/ep_serve_gpu.py (the N-GPU prefill/decode measurement) runs end to end under torchrun with gloo
-    on a tiny cut: every rank builds its own expert block, the lockstep engine generates (eager, the
+    """bench/ep_serve_gpu.py (the N-GPU prefill/decode measurement) runs end to end under torchrun's variables with
+    gloo on a tiny cut: every rank builds its own expert block, the lockstep engine generates (eager, the
     bucketed steps CUDA graphs capture, attention data parallel, and tensor parallel where the heads divide),
     rank 0 writes the table's JSON. One process stands for the one-GPU run (a group of one rank).
     With 2 ranks also issue 19's runs 3 and 4: routers fitted to a skewed recorded load (--skew), the placement
-    re-planned from the loads the engines recorded (--redundant-experts), and MTP speculation (--speculative-k)."""
+    re-planned from the loads the engines recorded (--redundant-experts), and MTP speculation (--speculative-k).
+    The scripts run in processes forked from the fork server (tests/distributed/harness.py: torch and dsv3
+    imported once, not per process; torchrun itself is run by test_faults_dist.py)."""
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     extra = []
     if world == 1:  # issue 19 run 1's path: a random checkpoint written part by part, loaded (timed) by the bench
         ck = tmp_path / "random_ckpt"
-        w = subprocess.run([sys.executable, os.path.join(repo, "bench", "random_checkpoint.py"), "--preset", "tiny",
-                            "--layers", "2", "--out", str(ck), "--tokenizer-vocab", "300",
-                            "--tokenizer-sample-bytes", "100000"], capture_output=True, text=True, env=env, timeout=240)
-        assert w.returncode == 0, w.stderr[-3000:]
+        w = run_script(os.path.join(repo, "bench", "random_checkpoint.py"),
+                       ["--preset", "tiny", "--layers", "2", "--out", ck, "--tokenizer-vocab", "300",
+                        "--tokenizer-sample-bytes", "100000"], tmp_path, timeout=240,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+        assert w.returncode == 0, w.stdout[-3000:]
         assert "4 shards" in w.stdout and (ck / "tokenizer.json").exists()
         extra = ["--checkpoint", str(ck)]
     if world == 2:  # a Zipf (s = 1) load over 16 experts, as `dsv3 eval --record-expert-loads` writes it
@@ -715,12 +688,10 @@ def test_ep_serve_bench_runs_under_torchrun_on_cpu(tmp_path, world):
                                                                                 .manual_seed(0))]
         torch.save({"expert_counts": torch.stack([zipf, zipf.flip(0)]).round().long()}, tmp_path / "skew.pt")
         extra = ["--skew", str(tmp_path / "skew.pt"), "--redundant-experts", "2", "--speculative-k", "0,1"]
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world),
-                        "--master-port", str(free_port()), os.path.join(repo, "bench", "ep_serve_gpu.py"),
-                        "--preset", "tiny", "--layers", "2", "--device", "cpu", "--batches", "1,3",
-                        "--prompt-len", "16", "--new", "4", "--out", str(tmp_path)] + extra,
-                       capture_output=True, text=True, env=env, timeout=240)
-    assert r.returncode == 0, r.stderr[-3000:]
+    argv = ["--preset", "tiny", "--layers", "2", "--device", "cpu", "--batches", "1,3", "--prompt-len", "16",
+            "--new", "4", "--out", str(tmp_path)] + extra
+    r = finish(script_ranks(world, os.path.join(repo, "bench", "ep_serve_gpu.py"), argv, tmp_path), argv, 240)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = json.loads((tmp_path / "ep_serve.json").read_text())
     modes = ["eager", "graphs", "dp"] + (["tp"] if world == 1 else [])  # tiny's 3 heads: no TP over 2
     variants, ks = (["contiguous", "eplb"], [0, 1]) if world == 2 else (["contiguous"], [0])
@@ -817,6 +788,11 @@ def test_placed_shard_loads_its_slots(ckpt):
         load_pretrained(ckpt["fp32"], experts=[[0], [1]])
 
 
+# slow (`python -m pytest -m slow`; ~18 s): what this runs is checked in the default run by faster tests, the
+# random checkpoint written part by part and loaded (test_ep_serve_bench_runs_under_torchrun_on_cpu[1]), `dsv3 serve
+# --ep 2` answering bench/serve_load.py and stopping cleanly (test_cli_serve_under_torchrun); only the stage script's
+# own plumbing (bench/multigpu_gpu.sh under torchrun, SIGTERM through it) is left to this check before a device call
+@pytest.mark.slow
 def test_multigpu_stage_script_serves_a_random_checkpoint(tmp_path):
     """bench/multigpu_gpu.sh (issues 18 and 19 in device-call stages), its serving stages under SMOKE=1 (2 CPU
     processes, tiny shapes): a random checkpoint written part by part, `dsv3 serve --ep 2` on it under torchrun,

@@ -20,7 +20,7 @@ from tests.distributed.test_dcp import _torchrun
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
 
-STEPS = 20
+STEPS = 8  # the main loss falls from 6.5 to ~1.0 in these 8 steps (this CPU): far past the 0.5-nat bound below
 
 
 def _needs_split_backward():
@@ -49,7 +49,7 @@ def test_paper_configuration_end_to_end(tmp_path):
     out = tmp_path / "run"
     common = ["train", "--config", cfg, "--data", tmp_path / "corpus", "--tokenizer", tmp_path / "tok",
               "--out", out, "--seq-len", 32, "--batch-size", 8, "--lr", 3e-3, "--warmup-steps", 2,
-              "--eval-every", 10, "--save-every", 10, "--cache-dir", tmp_path / "cache", "--no-progress",
+              "--eval-every", 4, "--save-every", 4, "--cache-dir", tmp_path / "cache", "--no-progress",
               "--samples", 0, "--device", "cpu", "--precision", "fp8", "--optim-state", "bf16",
               "--recompute", "selective"]
     common = [str(a) for a in common]
@@ -60,7 +60,7 @@ def test_paper_configuration_end_to_end(tmp_path):
     steps = _steps(out)
     assert [s["step"] for s in steps] == list(range(1, STEPS + 1))
     first, last = sum(s["main"] for s in steps[:3]) / 3, sum(s["main"] for s in steps[-3:]) / 3
-    assert last < first - 0.5, (first, last)  # the loss falls (by more than half a nat in 20 steps)
+    assert last < first - 0.5, (first, last)  # the loss falls (by more than half a nat in 8 steps)
     assert all(s["world_size"] == 4 for s in steps)
 
     # the run's checkpoint resumes in one process (fp8, bf16 moments, no pipeline) and goes on

@@ -1,19 +1,19 @@
 """bench/paper_config.py (issue 18 run 3: the paper's layout on a 671B-shaped cut, beside `dsv3 plan`; run 4: its
 checkpoint saved, resumed on another number of ranks) runs end to end on the CPU with gloo, so that a lent 8-GPU
 machine's minutes go to measuring: 4 ranks, the tiny preset, pp 2 x ep 2 DualPipeV, ZeRO-1, FP8 emulation, bf16
-moments, selective recomputation, one timed step, the checkpoint; then 2 ranks (pp 2) resume it (~25 s)."""
+moments, selective recomputation, one timed step, the checkpoint; then 2 ranks (pp 2) resume it (~10 s). The ranks
+run under torchrun's variables (torchrun itself: tests/distributed/test_faults_dist.py)."""
 
 from __future__ import annotations
 
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 import torch.distributed as dist
 
-from tests.distributed.harness import free_port
+from tests.distributed.harness import finish, script_ranks
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
@@ -21,11 +21,10 @@ pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
 
 
 def _bench(n: int, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n), "--rdzv-backend", "c10d",
-           "--rdzv-endpoint", f"127.0.0.1:{free_port()}", os.path.join(REPO, "bench", "paper_config.py"),
-           "--smoke", "--device", "cpu", *args]
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    """bench/paper_config.py on `n` ranks with the variables torchrun sets, in processes forked from the fork server
+    (tests/distributed/harness.py: torch and dsv3 imported once, not per rank)."""
+    argv = ["--smoke", "--device", "cpu", *args]
+    r = finish(script_ranks(n, os.path.join(REPO, "bench", "paper_config.py"), argv, REPO), argv, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r
 
