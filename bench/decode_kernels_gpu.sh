@@ -19,12 +19,14 @@
 #     bash bench/decode_kernels_gpu.sh OUT_DIR pending21
 #     bash bench/decode_kernels_gpu.sh OUT_DIR pending22
 #     bash bench/decode_kernels_gpu.sh OUT_DIR invtests,invtrain,invspeed,invserve   (or invtests,invrspeed,invrserve)
+#     bash bench/decode_kernels_gpu.sh OUT_DIR mtptrain      (then, the machine still warm: OUT_DIR mtpspec)
 #
 # Stages (default: all but the psum ones, in this order): tests, sweep, b1, b32, b256, pdltests, pdl, fp8, profile
 # (psumtests, psumsweep, psumdense, psum, mlapreptests, mlaprep, fusetests, fusebase, fuse, rows8sweep, rows8,
 # spectests, specrounds, spectrain, roundtests, roundrounds, roundtrain, roundcompile, rctrain, servespec, pending21,
-# pending22, invtests, invtrain, invspeed, invserve, invrspeed, invrserve, invprof: by name). Each stage's output goes to its own file under OUT_DIR (and a line to
-# steps.txt); a failing stage does not stop the next. A kernel is on by default (dsv3/kernels/backend.py SWITCHED)
+# pending22, invtests, invtrain, invspeed, invserve, invrspeed, invrserve, invprof, mtptrain, mtpspec: by name).
+# Each stage's output goes to its own file under OUT_DIR (and a line to steps.txt); a failing stage does not stop the
+# next. A kernel is on by default (dsv3/kernels/backend.py SWITCHED)
 # only where its rows are faster. B1, B32, FP8 (environment) replace the batch lists of those stages; LIMIT_<stage>=S
 # stops a stage after S seconds (stages.sh).
 set -u
@@ -259,3 +261,16 @@ invrserve() {
 step invrserve invrserve
 # where the mode's decode time goes (random `small`, eager, mode off and on: each kernel's GPU time)
 step invprof python bench/invariant_profile.py --preset small --batches 1,32
+# MTP speculation on a model that has not memorised its corpus (issue 14's 1.6x): trained 5.5 minutes on the stdlib
+# alone (1.7M tokens, 13.5 passes), `small` memorised it (held-out loss up from step 351, acceptance 0.628; the
+# twenty-sixth session, bench/RESULTS.md). mtptrain: 8 minutes on the stdlib plus torch's own sources as training-only
+# data (~30M tokens, about one pass; validation stays on the stdlib's held-out split), one device call; mtpspec, the
+# next call on the same warm machine (it keeps runs/): batch 1 and 32 at k = 0, 1, 2 from that run.
+mtptrain() {
+    python bench/spec_gpu.py --minutes "${MTP_MINUTES:-8}" --tok-s 70000 --out runs/small_mtp \
+        --extra-data "$(python -c 'import os, torch; print(os.path.dirname(torch.__file__))')" \
+        --batches 1 --ks 0 --new 16 --no-hf --out-json "$out/mtptrain.json"
+}
+step mtptrain mtptrain
+step mtpspec python bench/spec_gpu.py --run runs/small_mtp --batches 1,32 --ks 0,1,2 --compile --no-hf --logprobs 5 \
+    --round-graph on --deadline-min 9 --out-json "$out/mtpspec.json"
