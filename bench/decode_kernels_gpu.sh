@@ -263,11 +263,12 @@ step invrserve invrserve
 step invprof python bench/invariant_profile.py --preset small --batches 1,32
 # MTP speculation on a model that has not memorised its corpus (issue 14's 1.6x): trained 5.5 minutes on the stdlib
 # alone (1.7M tokens, 13.5 passes), `small` memorised it (held-out loss up from step 351, acceptance 0.628; the
-# twenty-sixth session, bench/RESULTS.md). mtptrain: 8 minutes on the stdlib plus torch's own sources as training-only
-# data (~30M tokens, about one pass; validation stays on the stdlib's held-out split), one device call; mtpspec, the
+# twenty-sixth session, bench/RESULTS.md). mtptrain: 7 minutes on the stdlib plus torch's own sources as training-only
+# data (46 MB of Python: 32M tokens in tiny's vocabulary, fewer in small's; one or two passes; validation stays on
+# the stdlib's held-out split), one device call (~9.5 minutes: MTP_MINUTES=6 for less); mtpspec, the
 # next call on the same warm machine (it keeps runs/): batch 1 and 32 at k = 0, 1, 2 from that run.
 mtptrain() {
-    python bench/spec_gpu.py --minutes "${MTP_MINUTES:-8}" --tok-s 70000 --out runs/small_mtp \
+    python bench/spec_gpu.py --minutes "${MTP_MINUTES:-7}" --tok-s 70000 --out runs/small_mtp \
         --extra-data "$(python -c 'import os, torch; print(os.path.dirname(torch.__file__))')" \
         --batches 1 --ks 0 --new 16 --no-hf --out-json "$out/mtptrain.json"
 }
