@@ -57,6 +57,25 @@ def test_linear_rows_do_not_follow_the_batch(mode):
     assert torch.equal(e_one, e_full[3:4])
 
 
+def test_the_moe_combine_has_the_loops_bits_and_does_not_follow_the_batch(mode):
+    """weighted_sum (one launch) against the eager loop it replaces in the mode, bit for bit on the GPU: the fp32
+    sum and its bf16 rounding (round to nearest even, as torch); a token's bits alone and in a batch; the model's
+    combine (moe._weighted_sum) under the mode takes it."""
+    from dsv3.kernels.invariant_triton import weighted_sum
+    from dsv3.model import moe
+
+    g = _g(5)
+    y = torch.randn(300, 6, 2048, device="cuda", generator=g).bfloat16()
+    w = torch.rand(300, 6, device="cuda", generator=g)
+    ref = y[:, 0].float() * w[:, :1]
+    for j in range(1, 6):
+        ref = ref + y[:, j].float() * w[:, j:j + 1]
+    assert torch.equal(weighted_sum(y, w), ref)
+    assert torch.equal(weighted_sum(y, w, torch.bfloat16), ref.bfloat16())
+    assert torch.equal(weighted_sum(y[41:42], w[41:42], torch.bfloat16), ref[41:42].bfloat16())
+    assert torch.equal(moe._weighted_sum(y[:32], w[:32], torch.bfloat16), ref[:32].bfloat16())
+
+
 def test_norms_softmax_and_attention_do_not_follow_the_batch(mode):
     g = _g(1)
     x = torch.randn(100, 7168, device="cuda", generator=g).bfloat16()

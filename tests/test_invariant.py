@@ -113,6 +113,46 @@ def test_row_reductions_do_not_follow_the_batch_or_the_padding():
     assert torch.equal(softmax(x[11:12, :700], log=True), softmax(x[:, :700], log=True)[11:12])
 
 
+def _loop_sum(y, w):
+    """The MoE combine as eager torch adds it in the mode (moe._weighted_sum on the CPU): the k terms in order."""
+    acc = y[:, 0].float() * w[:, :1]
+    for j in range(1, y.shape[1]):
+        acc = acc + y[:, j].float() * w[:, j:j + 1]
+    return acc
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_weighted_sum_has_the_loops_bits_in_one_launch(dtype, mode_flag):
+    """The mode's MoE combine in one kernel: the bits of the eager loop over k (each product and each sum rounded to
+    fp32 in k order), rounded once to the output dtype; a row's bits do not follow the batch; a strided y (a view of
+    wider rows) and one expert a token work; through moe._weighted_sum on the device it takes the kernel."""
+    from dsv3.kernels.invariant_triton import weighted_sum
+    from dsv3.model import moe
+
+    g = _g(8)
+    for N, K, D in ((5, 6, 1000), (3, 8, 2500), (4, 1, 64)):  # (D past one block: 2500 = 3 blocks, masked)
+        y = torch.randn(N, K, D, generator=g).to(dtype)
+        w = torch.rand(N, K, generator=g)
+        ref = _loop_sum(y, w)
+        out = weighted_sum(y, w)
+        assert out.dtype == torch.float32 and torch.equal(out, ref), (N, K, D)
+        # (bf16 out: the interpreter of Triton 3.6 casts fp32 to bf16 by truncation where the GPU rounds to nearest
+        # even, as torch does: within one bf16 step here, the same bits on the GPU, tests/test_gpu_invariant.py)
+        assert (weighted_sum(y, w, torch.bfloat16).float() - ref).abs().le(ref.abs() * 2 ** -7).all()
+        assert torch.equal(weighted_sum(y[1:2], w[1:2]), ref[1:2])
+        assert torch.equal(weighted_sum(y, w.bfloat16()), _loop_sum(y, w.bfloat16()))  # (bf16 gates, as a router's)
+    wide = torch.randn(6, 4, 96, generator=g).to(dtype)
+    w = torch.rand(6, 4, generator=g)
+    assert torch.equal(weighted_sum(wide[::2, :, :80], w[::2]), _loop_sum(wide[::2, :, :80], w[::2]))
+    torch.testing.assert_close(weighted_sum(y, w[:4, :1]), (y.float() * w[:4, :1, None]).sum(1))
+    with pytest.raises(AssertionError, match="weighted_sum: y"):
+        weighted_sum(y, w[:, :2])
+    # the model's combine on the CPU: the loop (its reference), with the output rounded once
+    y, w = torch.randn(3, 6, 40, generator=g).to(dtype), torch.rand(3, 6, generator=g)
+    assert torch.equal(moe._weighted_sum(y, w, torch.bfloat16), _loop_sum(y, w).to(torch.bfloat16))
+
+
 def _sdpa(q, k, v, scale, mask=None, causal=False):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
 

@@ -38,7 +38,7 @@ _LAUNCH_OPTS = ("num_warps", "num_stages", "enable_fp_fusion")
 
 def _launches(monkeypatch, name: str, call) -> list[tuple[tuple, dict]]:
     """Run `call` with invariant_triton's kernel `name` replaced by a recorder: the (args, kwargs) of each launch."""
-    seen = {n: [] for n in ("_attention_kernel", "_bmm_kernel", "_chunk_sum_kernel")}
+    seen = {n: [] for n in ("_attention_kernel", "_bmm_kernel", "_chunk_sum_kernel", "_weighted_sum_kernel")}
 
     class Rec:
         def __init__(self, n):
@@ -64,15 +64,17 @@ def _bind(kernel, args: tuple, kwargs: dict):
     return key, (backend, bound, spec, options, kwargs)
 
 
-def _compile(kernel, packed) -> None:
+def _compile(kernel, packed) -> str | None:
+    """Compile for sm_90 -> the PTX (None where no ptxas finished the job)."""
     backend, bound, spec, options, kwargs = packed
     opts, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, spec, options)
     try:
-        triton.compile(ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs), target=TARGET,
-                       options=opts.__dict__)
+        return triton.compile(ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs), target=TARGET,
+                              options=opts.__dict__).asm["ptx"]
     except RuntimeError as e:  # no ptxas: the front end's verdict (types, layouts, the IR) is what counts here
         if "ptxas" not in str(e).lower():
             raise
+    return None
 
 
 def _att(B, H, T, S, d=192, dv=128, heads_of=None):
@@ -133,3 +135,19 @@ def test_the_gemm_variant_does_not_follow_the_row_count_and_compiles(monkeypatch
         sums.append(_bind(it._chunk_sum_kernel, args, kw))
     assert sums[0][0] == sums[1][0]
     _compile(it._chunk_sum_kernel, sums[0][1])
+
+
+def test_the_moe_combine_variant_does_not_follow_the_token_count_and_compiles(monkeypatch):
+    """The mode's MoE combine (weighted_sum): one variant for 1, 7 or 300 tokens, bf16 out or fp32, and the sm_90
+    compile of it keeps its products and sums apart (no multiply-add contraction: enable_fp_fusion=False)."""
+    g = torch.Generator().manual_seed(1)
+    for out in (torch.bfloat16, torch.float32):
+        keys = []
+        for N in (1, 7, 300):
+            y, w = torch.randn(N, 6, 1024, generator=g).bfloat16(), torch.rand(N, 6, generator=g)
+            (args, kw), = _launches(monkeypatch, "_weighted_sum_kernel", lambda: it.weighted_sum(y, w, out))
+            assert kw["enable_fp_fusion"] is False
+            keys.append(_bind(it._weighted_sum_kernel, args, kw))
+        assert len({k for k, _ in keys}) == 1, f"{out}: the key moved with the token count"
+        ptx = _compile(it._weighted_sum_kernel, keys[0][1])
+        assert ptx is None or ("fma.rn.f32" not in ptx and "mul.rn.f32" in ptx), "products contracted into FMAs"

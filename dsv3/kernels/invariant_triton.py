@@ -16,6 +16,8 @@ generation). Here every choice that could change a row's summation order is fixe
                                                     rows in one program: the same operations, the same bits
     row_mean(x (R, D)) -> (R,)                      one program per row, fixed-width chunks from 0 (widths from D only)
     softmax(x (R, V), log) -> (R, V)                one program per row: max, then the sum of exp in fixed chunks
+    weighted_sum(y (N, K, D), w (N, K)) -> (N, D)   the MoE's combine: one program per (row, D block), the k terms
+                                                    added in k order in fp32 (the bits of eager torch's loop)
     attention(q, k, v, positions [, mask])          forward-only flash attention: per (sequence, head, query tile)
                                                     the key tiles from position 0 in order, an online softmax in
                                                     fp32; a key tile a query cannot see changes nothing (its
@@ -182,6 +184,40 @@ def row_mean(x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Ten
         return y.fill_(float("nan"))  # torch's mean of nothing
     _row_mean_kernel[(R,)](x, y, R, D, x.stride(0), BLOCK=min(ROW_BLOCK, triton.next_power_of_2(D)), num_warps=4)
     return y
+
+
+@triton.jit(do_not_specialize=["N", "syn", "syk", "swn", "son"])
+def _weighted_sum_kernel(y_ptr, w_ptr, o_ptr, N, D, syn, syk, swn, swk, son, K: tl.constexpr, BLOCK: tl.constexpr):
+    n = tl.program_id(1).to(tl.int64)
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < D
+    acc = tl.load(y_ptr + n * syn + cols, mask=ok, other=0.0).to(tl.float32) * tl.load(w_ptr + n * swn).to(tl.float32)
+    for j in tl.static_range(1, K):  # the k terms in k order, each product rounded, then each sum
+        acc = acc + (tl.load(y_ptr + n * syn + j * syk + cols, mask=ok, other=0.0).to(tl.float32)
+                     * tl.load(w_ptr + n * swn + j * swk).to(tl.float32))
+    tl.store(o_ptr + n * son + cols, acc.to(o_ptr.dtype.element_ty), mask=ok)
+
+
+def weighted_sum(y: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """y (N, K, D) (D contiguous), w (N, K) -> Σ_k w[n, k] · y[n, k] (N, D) in out_dtype: in fp32, the k terms
+    added in k order, each product rounded to fp32 before its sum (no multiply-add contraction), then rounded once
+    to out_dtype. One launch with the bits of eager torch's `acc = y[:, 0].float() * w[:, :1]; acc = acc +
+    y[:, j].float() * w[:, j:j+1]; ...` (dsv3/model/moe.py `_weighted_sum`, the mode's MoE combine: 3K - 1 small
+    launches there, ~17 per MoE layer at top-6)."""
+    _interp_ok(y, w)
+    assert y.dim() == 3 and w.shape == y.shape[:2] and (y.stride(2) == 1 or y.shape[2] <= 1), \
+        f"weighted_sum: y (N, K, D) with D contiguous and w (N, K); got {tuple(y.shape)}, {tuple(w.shape)}"
+    N, K, D = y.shape
+    o = torch.empty(N, D, dtype=out_dtype, device=y.device)
+    if o.numel() == 0:
+        return o
+    if K == 0:
+        return o.zero_()
+    BLOCK = min(ROW_BLOCK, triton.next_power_of_2(D))
+    _weighted_sum_kernel[(triton.cdiv(D, BLOCK), N)](y, w, o, N, D, y.stride(0), y.stride(1), w.stride(0),
+                                                     w.stride(1), o.stride(0), K=K, BLOCK=BLOCK, num_warps=4,
+                                                     enable_fp_fusion=False)
+    return o
 
 
 @triton.jit(do_not_specialize=["R"])

@@ -99,16 +99,22 @@ class _Unsort(torch.autograd.Function):
         return g[order], None, None
 
 
-def _weighted_sum(y_NKD: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
-    """Σ_k w[n, k] · y[n, k] in fp32 -> (N, D). In the batch-invariant mode (kernels/invariant.py) the k terms are
-    added one at a time in k order (torch's reduction over the middle dimension picks its thread layout from the whole
-    shape, so a token's sum could follow another order in another batch)."""
+def _weighted_sum(y_NKD: torch.Tensor, w_NK: torch.Tensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Σ_k w[n, k] · y[n, k] in fp32 -> (N, D), rounded once to out_dtype. In the batch-invariant mode
+    (kernels/invariant.py) the k terms are added one at a time in k order (torch's reduction over the middle
+    dimension picks its thread layout from the whole shape, so a token's sum could follow another order in another
+    batch): on the GPU in one launch (kernels/invariant_triton.py `weighted_sum`, the same bits as the loop below,
+    which is its reference and the CPU's form)."""
     if not kernels.backend.BATCH_INVARIANT:
-        return (y_NKD.float() * w_NK.unsqueeze(-1)).sum(1)
+        return (y_NKD.float() * w_NK.unsqueeze(-1)).sum(1).to(out_dtype)
+    if y_NKD.is_cuda and y_NKD.stride(-1) == 1:
+        from dsv3.kernels.invariant_triton import weighted_sum
+
+        return weighted_sum(y_NKD, w_NK, out_dtype)
     acc = y_NKD[:, 0].float() * w_NK[:, :1]
     for j in range(1, y_NKD.shape[1]):
         acc = acc + y_NKD[:, j].float() * w_NK[:, j:j + 1]
-    return acc
+    return acc.to(out_dtype)
 
 
 def _count(idx: torch.Tensor, n: int) -> torch.Tensor:
@@ -266,7 +272,7 @@ class Experts(nn.Module):
         g, gs, u, us, d, ds = self.gemv_weights()
         h_MI = kernels.moe_gemm_swiglu(x_ND, g, gs, u, us, offs, order // K)  # sorted rows
         y_MD = kernels.moe_gemm_down(h_MI, d, ds, offs, order)  # (M, D) in pair order
-        return _weighted_sum(y_MD.view(N, K, -1), w_NK).to(x_ND.dtype)
+        return _weighted_sum(y_MD.view(N, K, -1), w_NK, x_ND.dtype)
 
     def forward_gemv(self, x_ND: torch.Tensor, idx_NK: torch.Tensor, w_NK: torch.Tensor,
                      shared: tuple | None = None) -> torch.Tensor:
