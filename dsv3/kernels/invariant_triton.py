@@ -203,7 +203,7 @@ def weighted_sum(y: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype = torc
     added in k order, each product rounded to fp32 before its sum (no multiply-add contraction), then rounded once
     to out_dtype. One launch with the bits of eager torch's `acc = y[:, 0].float() * w[:, :1]; acc = acc +
     y[:, j].float() * w[:, j:j+1]; ...` (dsv3/model/moe.py `_weighted_sum`, the mode's MoE combine: 3K - 1 small
-    launches there, ~17 per MoE layer at top-6)."""
+    launches there and the cast, 18 a MoE layer at top-6)."""
     _interp_ok(y, w)
     assert y.dim() == 3 and w.shape == y.shape[:2] and (y.stride(2) == 1 or y.shape[2] <= 1), \
         f"weighted_sum: y (N, K, D) with D contiguous and w (N, K); got {tuple(y.shape)}, {tuple(w.shape)}"
