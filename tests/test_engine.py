@@ -260,7 +260,7 @@ def test_chunk_view_of_a_batch_from_position_0_is_a_prefill():
     from torch.nn.attention.bias import CausalBias
 
     one, two = cache.batch([[2, 3]], [3], [4], chunk=True), cache.batch([[2, 3], [4]], [3, 0], [4, 2], chunk=True)
-    assert one.lower_right and isinstance(one.attn_mask(), CausalBias) and one._mask is None
+    assert one.lower_right and isinstance(one.attn_mask(), CausalBias) and one._ranges is None
     q, k, v = torch.randn(1, 2, 4, 8), torch.randn(1, 2, 7, 8), torch.randn(1, 2, 7, 4)
     sdpa = torch.nn.functional.scaled_dot_product_attention
     torch.testing.assert_close(sdpa(q, k, v, attn_mask=one.attn_mask()), sdpa(q, k, v, attn_mask=one.mask))
@@ -270,8 +270,12 @@ def test_chunk_view_of_a_batch_from_position_0_is_a_prefill():
     from dsv3.kernels.masks import CausalRanges
 
     r = two.attn_mask()
-    assert not two.lower_right and isinstance(r, CausalRanges) and two._mask is None
+    assert not two.lower_right and isinstance(r, CausalRanges) and r._mask is None  # (built when asked)
     assert r.q_start.tolist() == [3, 0] and r.k_len.tolist() == [7, 2] and r.mask is two.mask
+    s, t = torch.arange(7), torch.arange(4)[:, None]
+    assert torch.equal(two.mask[0, 0], s <= 3 + t)  # 4 new tokens from position 3 of 7
+    assert torch.equal(two.mask[1, 0, :2], (s <= t[:2]) & (s < 2))  # 2 new tokens of a 2-token context
+    assert torch.equal(two.mask[1, 0, 2:], (s < 2).expand(2, 7))  # its padding queries: the whole context
     q2, k2, v2 = torch.randn(2, 2, 4, 8), torch.randn(2, 2, 7, 8), torch.randn(2, 2, 7, 4)
     torch.testing.assert_close(kattention(q2, k2, v2, 0.3, r), sdpa(q2, k2, v2, attn_mask=two.mask, scale=0.3))
 

@@ -116,9 +116,8 @@ class CacheBatch:
         wslot = torch.gather(read, 1, wpos.clamp_max(S - 1))
         self.write_b, self.write_t = [x.to(dev) for x in valid.nonzero(as_tuple=True)]
         self.write_slots = wslot[valid].to(dev)
-        self._mask_parts, self._mask = (pos, wpos, total, valid, dev), None  # the mask is built when first asked
-        self._ranges = None
         self.positions = wpos.to(dev)  # (B, T) RoPE positions of the new tokens
+        self._total, self._ranges = total, None  # (B,) context lengths (host); the ranges when first asked
         # one sequence whose new tokens end its context: the mask is causal aligned to the lower right, which
         # SDPA takes as a CausalBias without a (T, S) tensor (a long prompt's chunk: 1 GiB of bool at T = 8K,
         # S = 128K)
@@ -131,16 +130,30 @@ class CacheBatch:
         self.chunk = chunk and not self.prefill
 
     @property
+    def ranges(self):
+        """kernels.masks.CausalRanges: sequence b's new tokens start at position start[b] (q_start: the device's
+        positions, no copy) of a context of total[b] keys (k_len: B integers copied when first asked); its `mask`
+        is built from them on the device."""
+        if self._ranges is None:
+            from dsv3.kernels.masks import CausalRanges
+
+            self._ranges = CausalRanges(self.positions[:, 0], self._total.to(self.positions.device), self._build_mask)
+        return self._ranges
+
+    def _build_mask(self) -> torch.Tensor:
+        q_start, k_len = self._ranges.q_start, self._ranges.k_len
+        T, S = self.positions.shape[1], self.read_slots.shape[1]
+        keys = torch.arange(S, device=q_start.device)[None, None, :]  # (1, 1, S)
+        qpos = (q_start[:, None] + torch.arange(T, device=q_start.device))[:, :, None]  # (B, T, 1)
+        in_context = keys < k_len[:, None, None]  # (B, 1, S)
+        # padding queries (qpos past the context) see the whole sequence: no empty rows
+        return torch.where(qpos < k_len[:, None, None], (keys <= qpos) & in_context, in_context).unsqueeze(1)
+
+    @property
     def mask(self) -> torch.Tensor:
         """(B, 1, T, S) bool: query j of sequence b may see keys s <= start[b] + j of its context (padding queries
         see the whole sequence: no empty rows)."""
-        if self._mask is None:
-            pos, wpos, total, valid, dev = self._mask_parts
-            keys = pos[None, None, :]  # (1, 1, S)
-            allowed = (keys <= wpos[:, :, None]) & (keys < total[:, None, None])  # (B, T, S)
-            allowed = torch.where(valid[:, :, None], allowed, keys < total[:, None, None])
-            self._mask = allowed.unsqueeze(1).to(dev)
-        return self._mask
+        return self.ranges.mask
 
     def attn_mask(self):
         """The mask as kernels.attention takes it best: a lower-right CausalBias for one sequence (`lower_right`),
@@ -150,13 +163,7 @@ class CacheBatch:
             from torch.nn.attention.bias import causal_lower_right
 
             return causal_lower_right(self.positions.shape[1], self.read_slots.shape[1])
-        if self._ranges is None:
-            from dsv3.kernels.masks import CausalRanges
-
-            pos, wpos, total, valid, dev = self._mask_parts
-            self._ranges = CausalRanges(wpos[:, 0].to(dev, torch.int32), total.to(dev, torch.int32),
-                                        lambda: self.mask)
-        return self._ranges
+        return self.ranges
 
     def layer(self, i: int) -> "_LayerView":
         return _LayerView(self, i)

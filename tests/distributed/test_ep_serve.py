@@ -45,13 +45,12 @@ import torch
 import torch.distributed as dist
 
 from tests.background_server import wait_healthy
-from tests.distributed.harness import (ForkedProcess, cli_ranks, finish, free_port, results_by_world, run_script,
-                                      script_ranks, tiny_cfg)
+from tests.distributed.harness import (REPO, ForkedProcess, cli_ranks, finish, free_port, results_by_world,
+                                      run_script, script_ranks, tiny_cfg)
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with gloo is not available")
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOL = 1e-5
 ENV = "DSV3_TEST_EP_DIR"  # the spawned ranks find the checkpoint and the reference outputs here
 
@@ -672,7 +671,7 @@ def test_ep_serve_bench_runs_under_torchrun_on_cpu(tmp_path, world):
     re-planned from the loads the engines recorded (--redundant-experts), and MTP speculation (--speculative-k).
     The scripts run in processes forked from the fork server (tests/distributed/harness.py: torch and dsv3
     imported once, not per process; torchrun itself is run by test_faults_dist.py)."""
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    repo = REPO
     extra = []
     if world == 1:  # issue 19 run 1's path: a random checkpoint written part by part, loaded (timed) by the bench
         ck = tmp_path / "random_ckpt"

@@ -13,9 +13,8 @@ import subprocess
 import pytest
 import torch.distributed as dist
 
-from tests.distributed.harness import finish, script_ranks
+from tests.distributed.harness import REPO, finish, script_ranks
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with gloo is not available")
 
