@@ -55,7 +55,8 @@ SUBSET = (
     "test_mla_decode.py::test_triton_mla_decode_matches_reference[1-16-32-16-16-8-64-dtype1]",
     "test_mla_decode.py::test_triton_mla_decode_uv_matches_reference[3-4-32-16-16-4-20-None-dtype0]",
     "test_mla_prep.py::test_interp_empty_and_the_kernel_contract",
-    "test_mla_prep.py::test_interp_every_heuristic_gemv_config[BK32-BM1-BN16-KU1-PREFETCHFalse-num_warps4-k_contigFalse]",
+    "test_mla_prep.py::test_interp_every_heuristic_gemv_config"
+    "[BK32-BM1-BN16-KU1-PREFETCHFalse-num_warps4-k_contigFalse]",
     "test_mla_prep.py::test_interp_merged_launch_is_the_two_launches_bit_for_bit[2-8-16-8-(1,2,3,4,6)-dtype1]",
     "test_moe_gemm.py::test_interp_forward_partial_through_the_kernels",
     "test_moe_gemm.py::test_interp_kernel_vs_reference[64-False-True]",
