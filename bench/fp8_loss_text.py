@@ -10,12 +10,18 @@ Reported (table on stdout, summary.json):
   step that every run reached (the final one when all finished; a run stopped at --deadline-min still counts);
 - per precision: mean and sample standard deviation over seeds;
 - the paired FP8 effect: for each seed trained in both precisions (same initialisation and data order),
-  fp8 / bf16 - 1, and the mean with a 95% Student-t interval;
+  fp8 / bf16 - 1, and the mean with a 95% Student-t interval (measured on `small`: even with --deterministic an
+  FP8 run and a bf16 run of one seed part within 100 steps and end as far apart as two seeds do, so pairing
+  narrows nothing there; bench/RESULTS.md, twenty-eighth session);
 - the unpaired FP8 effect over every run of each precision, repeats included, with a 95% Welch interval (on
   a GPU two runs of one seed part after a few steps unless --deterministic, so the pairing is loose);
 - for each repeated run (same precision, seed and --deterministic): whether the training-loss curves are
   identical bit for bit, the first step where they differ, and the validation-loss difference (the noise floor
   of the paired comparison).
+
+Calls that hold only a few runs each (four `small` runs of 4 x 1024 with bf16 moments fit an 80 GB H100) pool
+afterwards: `--combine A/summary.json B/summary.json` compares every run of calls with the same settings (other
+seeds) at their last common validation step.
 
 The runs can share one GPU (--parallel): small batches leave it idle between kernels, and N processes
 compile at once. Disk: no run writes a checkpoint (--no-checkpoints; a `small` checkpoint with its AdamW
@@ -125,31 +131,7 @@ def analyse(runs: list[tuple[str, int, bool, str]], metrics: dict[str, tuple[lis
                      "val_bpb": v["val_bpb"], "steps_done": train[-1]["step"] if train else 0,
                      "tok_per_s": statistics.median(rates) if rates else None,
                      "val_curve": [(k, vals[name][k]["val_loss"]) for k in sorted(vals[name])]})
-    out: dict = {"step": step, "rows": rows, "failed": failed, "precisions": {}, "paired": {}, "unpaired": {},
-                 "repeats": []}
-    firsts = {}  # (prec, seed, det) -> its first run (repeats are the noise floor, not more samples)
-    for (prec, seed, det, _), row in zip(runs, rows):
-        firsts.setdefault((prec, seed, det), row)
-    for prec, det in dict.fromkeys((p, d) for p, _, d, _ in runs):
-        xs = [r["val_loss"] for (p, _, d), r in firsts.items() if (p, d) == (prec, det)]
-        m, s = mean_std(xs)
-        out["precisions"][prec + (" deterministic" if det else "")] = {"n": len(xs), "mean": m, "std": s,
-                                                                       "rel_std": s / m}
-    for other, det in dict.fromkeys((p, d) for p, _, d, _ in runs if p != "bf16"):
-        seeds = sorted(s for (p, s, d) in firsts if (p, d) == (other, det) and ("bf16", s, det) in firsts)
-        d = [firsts[(other, s, det)]["val_loss"] / firsts[("bf16", s, det)]["val_loss"] - 1 for s in seeds]
-        if d:
-            out["paired"][other + (" deterministic" if det else "")] = {
-                "seeds": seeds, "rel_diff": d, "mean": statistics.fmean(d), "ci95": t_interval(d)}
-    # unpaired: every run of a precision is a sample, repeats included (two runs of one seed differ on a GPU
-    # unless --deterministic: the same seed does not make the same run, so pairing by seed is only a start);
-    # deterministic repeats are copies of their first run, so only first runs count there
-    for other, det in dict.fromkeys((p, d) for p, _, d, _ in runs if p != "bf16"):
-        pool = list(firsts.values()) if det else rows
-        a = [r["val_loss"] for r in pool if (r["precision"], r["deterministic"]) == ("bf16", det)]
-        b = [r["val_loss"] for r in pool if (r["precision"], r["deterministic"]) == (other, det)]
-        if len(a) > 1 and len(b) > 1:
-            out["unpaired"][other + (" deterministic" if det else "")] = welch(a, b)
+    out: dict = {"step": step, "rows": rows, "failed": failed, **compare(rows), "repeats": []}
     by_key: dict = {}
     for prec, seed, det, name in runs:
         by_key.setdefault((prec, seed, det), []).append(name)
@@ -165,6 +147,38 @@ def analyse(runs: list[tuple[str, int, bool, str]], metrics: dict[str, tuple[lis
                 "first_diff_step": diff[0] if diff else None,
                 "max_rel_train_diff": max((abs(ta[s] / tb[s] - 1) for s in both), default=0.0),
                 "val_rel_diff": vals[b][step]["val_loss"] / vals[a][step]["val_loss"] - 1})
+    return out
+
+
+def compare(rows: list[dict]) -> dict:
+    """The statistics over rows (each with precision, seed, deterministic, val_loss): per precision, mean and std
+    over seeds; the paired effect by seed; the unpaired (Welch) effect. A repeated (precision, seed, deterministic)
+    counts once (its first row) except in the unpaired pool of non-deterministic runs."""
+    out: dict = {"precisions": {}, "paired": {}, "unpaired": {}}
+    firsts = {}  # (prec, seed, det) -> its first run (repeats are the noise floor, not more samples)
+    for row in rows:
+        firsts.setdefault((row["precision"], row["seed"], row["deterministic"]), row)
+    kinds = list(dict.fromkeys((r["precision"], r["deterministic"]) for r in rows))
+    for prec, det in kinds:
+        xs = [r["val_loss"] for (p, _, d), r in firsts.items() if (p, d) == (prec, det)]
+        m, s = mean_std(xs)
+        out["precisions"][prec + (" deterministic" if det else "")] = {"n": len(xs), "mean": m, "std": s,
+                                                                       "rel_std": s / m}
+    for other, det in (k for k in kinds if k[0] != "bf16"):
+        seeds = sorted(s for (p, s, d) in firsts if (p, d) == (other, det) and ("bf16", s, det) in firsts)
+        d = [firsts[(other, s, det)]["val_loss"] / firsts[("bf16", s, det)]["val_loss"] - 1 for s in seeds]
+        if d:
+            out["paired"][other + (" deterministic" if det else "")] = {
+                "seeds": seeds, "rel_diff": d, "mean": statistics.fmean(d), "ci95": t_interval(d)}
+    # unpaired: every run of a precision is a sample, repeats included (two runs of one seed differ on a GPU
+    # unless --deterministic: the same seed does not make the same run, so pairing by seed is only a start);
+    # deterministic repeats are copies of their first run, so only first runs count there
+    for other, det in (k for k in kinds if k[0] != "bf16"):
+        pool = list(firsts.values()) if det else rows
+        a = [r["val_loss"] for r in pool if (r["precision"], r["deterministic"]) == ("bf16", det)]
+        b = [r["val_loss"] for r in pool if (r["precision"], r["deterministic"]) == (other, det)]
+        if len(a) > 1 and len(b) > 1:
+            out["unpaired"][other + (" deterministic" if det else "")] = welch(a, b)
     return out
 
 
@@ -283,7 +297,7 @@ def run_all(args, runs) -> dict[str, str]:
     return ended
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="small")
     ap.add_argument("--steps", type=int, default=2000)
@@ -309,7 +323,70 @@ def main(argv: list[str] | None = None) -> None:
                                                                 "AdamW moments; ~4 GB less per `small` run)")
     ap.add_argument("--poll-s", type=float, default=5.0)
     ap.add_argument("--grace-s", type=float, default=90.0)
-    args = ap.parse_args(argv)
+    ap.add_argument("--combine", nargs="+", metavar="SUMMARY", default=None,
+                    help="pool the runs of earlier calls' summary.json files (same settings, other seeds) into one "
+                         "comparison at their last common validation step; writes OUT/combined.json and .md")
+    return ap
+
+
+# the flags that only schedule a call (which runs, where, how long): calls that differ in these alone pool
+SCHEDULING = ("runs", "out", "deadline_min", "grace_s", "parallel", "poll_s", "combine")
+
+
+def settings_text(args) -> str:
+    return (f"{args.preset}, {args.steps} steps of {args.batch_size} x {args.seq_len} tokens, "
+            f"{'compiled' if args.compile else 'eager'}{', deterministic' if args.deterministic else ''}"
+            f"{', bf16 AdamW moments' if args.bf16_moments else ''}{f', lr {args.lr:g}' if args.lr else ''}")
+
+
+def combine(paths: list[str]) -> dict:
+    """The runs of several calls' summary.json pooled (for example seeds 0-1 in one device call, 2-3 in the next,
+    when one call's time or the card's memory holds only four runs). The calls must agree on every
+    setting but the scheduling ones (SCHEDULING); the comparison is at the last validation step that every run
+    reached. A run's name gets @K, K its summary's place in `paths` (from 1)."""
+    rows, ref = [], None
+    for k, path in enumerate(paths, 1):
+        try:
+            with open(path) as f:
+                res = json.load(f)
+            cmd = res["command"].split()[1:]  # [0]: the script's path
+            res["rows"][0]["val_curve"]
+        except (OSError, json.JSONDecodeError, KeyError, IndexError, TypeError, AttributeError) as e:
+            raise SystemExit(f"--combine: {path} is not a summary.json of this bench with runs in it ({e!r})") from None
+        args = build_parser().parse_args(cmd)
+        cfg = {key: v for key, v in vars(args).items() if key not in SCHEDULING}
+        if ref is None:
+            ref = (path, cfg, settings_text(args))
+        elif cfg != ref[1]:
+            diff = ", ".join("--" + key.replace("_", "-") for key in sorted(cfg) if cfg[key] != ref[1][key])
+            raise SystemExit(f"--combine: {path} and {ref[0]} ran with other settings ({diff}): their runs do "
+                             "not pool")
+        rows += [{**r, "run": f"{r['run']}@{k}", "val_curve": [tuple(c) for c in r["val_curve"]]}
+                 for r in res["rows"]]
+    step = max(set.intersection(*({s for s, _ in r["val_curve"]} for r in rows)), default=None)
+    if step is None:
+        raise SystemExit("--combine: no validation step that every run reached: nothing to compare")
+    for r in rows:
+        # bits per byte are the loss times a constant of the held-out split (its tokens per byte, / ln 2)
+        bpb_per_loss = r["val_bpb"] / r["val_loss"]
+        r["val_loss"] = dict(r["val_curve"])[step]
+        r["val_bpb"] = r["val_loss"] * bpb_per_loss
+    return {"step": step, "rows": rows, "failed": [], **compare(rows), "repeats": [], "sources": list(paths),
+            "settings": ref[2]}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.combine:
+        res = combine(args.combine)
+        text = report(res, f"{len(res['rows'])} runs pooled from {len(args.combine)} calls: {res['settings']}")
+        print(text, flush=True)
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "combined.json"), "w") as f:
+            json.dump(res, f, indent=1)
+        with open(os.path.join(args.out, "combined.md"), "w") as f:
+            f.write(text + "\n")
+        return
     runs = parse_runs(args.runs, args.deterministic)
     args.parallel = args.parallel or len(runs)
     os.makedirs(args.out, exist_ok=True)
@@ -323,10 +400,7 @@ def main(argv: list[str] | None = None) -> None:
     res["ended"] = ended
     res["minutes"] = (time.time() - t0) / 60
     res["command"] = " ".join(sys.argv)
-    header = (f"{args.preset}, {args.steps} steps of {args.batch_size} x {args.seq_len} tokens, "
-              f"{'compiled' if args.compile else 'eager'}{', deterministic' if args.deterministic else ''}"
-              f"{', bf16 AdamW moments' if args.bf16_moments else ''}; "
-              f"{len(runs)} runs, {args.parallel} at a time, {res['minutes']:.1f} min")
+    header = f"{settings_text(args)}; {len(runs)} runs, {args.parallel} at a time, {res['minutes']:.1f} min"
     text = report(res, header)
     print(text, flush=True)
     with open(os.path.join(args.out, "summary.json"), "w") as f:

@@ -293,6 +293,43 @@ def test_fp8_loss_text_bench_writes_no_checkpoint_and_compares_at_the_last_commo
     assert "paired fp8 / bf16 - 1" in open(tmp_path / "b" / "report.md").read()
 
 
+
+def test_fp8_loss_text_bench_pools_calls_with_the_same_settings(tmp_path):
+    """--combine: two calls' summaries (other seeds, other --runs / --deadline-min / --out) pool into one comparison
+    at their last common validation step; calls with other settings, or a file that is no summary, are refused
+    with the file and the setting named."""
+    bench = _fp8_loss_text_bench()
+
+    def summary(name, steps, runs, extra=""):
+        rows = [{"run": f"{p}_seed{s}", "precision": p, "seed": s, "deterministic": True, "val_loss": c[-1][1],
+                 "val_bpb": c[-1][1] / 2.0, "steps_done": c[-1][0], "tok_per_s": 1.0, "val_curve": c}
+                for p, s, c in runs]
+        path = tmp_path / name
+        path.write_text(json.dumps({"rows": rows, "command": f"bench/fp8_loss_text.py --steps {steps} --deterministic "
+                                    f"--runs x --out {name} --deadline-min 7{extra}"}))
+        return str(path)
+
+    a = summary("a.json", 800, [("bf16", 0, [[100, 6.0], [200, 5.0]]), ("fp8", 0, [[100, 6.1], [200, 5.05]])])
+    b = summary("b.json", 800, [("bf16", 1, [[100, 6.2], [200, 5.2]]), ("fp8", 1, [[100, 6.0]])])  # fp8 1: stopped
+    res = bench.combine([a, b])
+    assert res["step"] == 100 and [r["run"] for r in res["rows"]] == [
+        "bf16_seed0@1", "fp8_seed0@1", "bf16_seed1@2", "fp8_seed1@2"]
+    assert [r["val_loss"] for r in res["rows"]] == [6.0, 6.1, 6.2, 6.0]
+    assert res["rows"][0]["val_bpb"] == 3.0  # the bits per byte at the pooled step, not the run's last
+    paired = res["paired"]["fp8 deterministic"]
+    assert paired["seeds"] == [0, 1] and abs(paired["mean"] - (0.1 / 6.0 - 0.2 / 6.2) / 2) < 1e-12
+    assert res["unpaired"]["fp8 deterministic"]["n"] == [2, 2]
+    bench.main(["--combine", a, b, "--out", str(tmp_path / "pooled")])
+    assert "4 runs pooled from 2 calls: small, 800 steps" in (tmp_path / "pooled" / "combined.md").read_text()
+    with pytest.raises(SystemExit, match=r"c.json and .*a.json ran with other settings \(--steps\)"):
+        bench.combine([a, summary("c.json", 900, [("bf16", 2, [[100, 6.0]])])])
+    with pytest.raises(SystemExit, match=r"--lr"):
+        bench.combine([a, summary("d.json", 800, [("bf16", 2, [[100, 6.0]])], extra=" --lr 1e-3")])
+    (tmp_path / "e.json").write_text("{}")
+    with pytest.raises(SystemExit, match=r"e.json is not a summary.json of this bench"):
+        bench.combine([a, str(tmp_path / "e.json")])
+
+
 def test_fp8_loss_text_bench_statistics_edge_cases():
     """Welch with no spread at all (deterministic repeats): a zero-width interval, not a crash; t quantiles
     beyond the table's 30 degrees of freedom err wide."""

@@ -17,7 +17,7 @@ from test_training import env, micro_config, quiet, read_steps, tcfg  # noqa: F4
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
-@pytest.mark.parametrize("precision,compile", [("bf16", False), ("fp8", False), ("bf16", True)])
+@pytest.mark.parametrize("precision,compile", [("bf16", False), ("fp8", False), ("bf16", True), ("fp8", True)])
 def test_deterministic_cuda_runs_repeat_bit_for_bit(env, tmp_path, precision, compile):  # noqa: F811
     mc = micro_config()
     sums, curves = [], []
