@@ -475,6 +475,14 @@ def cmd_serve(args) -> int:
         raise ValueError(f"--max-batch-size must be >= 1, got {ec.max_batch_size}")
     if ec.max_prefill_tokens < 0:
         raise ValueError(f"--max-prefill-tokens must be >= 0 (0: whole prompts at once), got {ec.max_prefill_tokens}")
+    # the server's limits, before the model loads (a negative one started a server that refused every request)
+    for flag, value, least, note in (("--max-prompt-tokens", sc.max_prompt_tokens, 0, " (0: context - 1)"),
+                                     ("--max-tokens-limit", sc.max_tokens_limit, 0, " (0: context)"),
+                                     ("--max-queue", sc.max_queue, 0, ""),
+                                     ("--max-request-bytes", sc.max_request_bytes, 1, ""),
+                                     ("--prep-workers", sc.prep_workers, 1, "")):
+        if value < least:
+            raise ValueError(f"{flag} must be >= {least}{note}, got {value}")
     name = sc.model_name or run_name(path)  # runs/tiny is served as "tiny", not as its latest step_* directory
 
     def run(engine, tok) -> int:

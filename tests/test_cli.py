@@ -208,6 +208,11 @@ def test_bad_serving_and_device_flags_are_one_line_errors(run):
     for argv, want in ((["serve", run["out"], "--port", 99999], "--port must be in 0..65535, got 99999"),
                        (["serve", run["out"], "--max-batch-size", 0], "--max-batch-size must be >= 1, got 0"),
                        (["serve", run["out"], "--max-prefill-tokens", -1], "--max-prefill-tokens must be >= 0"),
+                       # a negative limit started a server that refused every request (400 / 503)
+                       (["serve", run["out"], "--max-queue", -1], "--max-queue must be >= 0, got -1"),
+                       (["serve", run["out"], "--max-tokens-limit", -5], "--max-tokens-limit must be >= 0"),
+                       (["serve", run["out"], "--max-prompt-tokens", -2], "--max-prompt-tokens must be >= 0"),
+                       (["serve", run["out"], "--prep-workers", 0], "--prep-workers must be >= 1, got 0"),
                        (["serve", run["out"], "--record-expert-loads", run["base"]], "is a directory; give a file"),
                        (["serve", run["out"], "--eplb-interval", 5], "--eplb-interval place the experts over"),
                        (["generate", run["out"], "--prompt", "x", "--device", "tpu"], "device must be auto, cpu, cuda"),
