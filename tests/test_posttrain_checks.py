@@ -165,6 +165,10 @@ def test_sft_input_errors_name_the_file(env, tmp_path):
     late.write_text(json.dumps(ok) + "\n" + json.dumps(bad) + "\n")
     with pytest.raises(ValueError, match=rf"{late}: conversation 2: the chat template does not render"):
         sft.train_sft(env["ckpt"], str(late), str(tmp_path / "s1"), _sft_cfg(steps=1), log=lambda *a: None)
+    assert not (tmp_path / "s1").exists()  # a run that fails before its first step leaves no run directory
+    with pytest.raises(Exception, match="nowhere"):
+        grpo.train_grpo(str(tmp_path / "nowhere"), _length_task(), str(tmp_path / "g1"), _grpo_cfg(), log=lambda *a: None)
+    assert not (tmp_path / "g1").exists()
     binary = tmp_path / "bin.jsonl"
     binary.write_bytes(json.dumps(ok).encode() + b"\n\xff\xfe\n")
     with pytest.raises(ValueError, match=rf"{binary}: not UTF-8 text"):

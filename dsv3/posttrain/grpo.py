@@ -61,7 +61,8 @@ import torch
 
 from dsv3.cliargs import setting
 from dsv3.inference.engine import Engine, SamplingParams
-from dsv3.posttrain.start import freeze_mtp, load_start, resolve_start, run_directory
+from dsv3.posttrain.start import (freeze_mtp, load_start, make_run_directory, resolve_start,
+                                  run_directory)
 from dsv3.posttrain.tasks import Task
 from dsv3.tokenizer import DSTokenizer
 from dsv3.training import loop
@@ -465,6 +466,7 @@ def train_grpo(checkpoint_dir: str, task: Task, out_dir: str, cfg: GRPOConfig, l
         f"P={cfg.prompts_per_iter} x G={cfg.group_size}, {cfg.ppo_epochs} steps per batch, {cfg.iterations} "
         f"iterations; {strategy.describe()} on {strategy.device.type} ({precision}"
         f"{', bf16 weights + fp32 masters' if cfg.bf16_weights else ''})")
+    make_run_directory(out_dir, strategy)  # only now: a run that failed before leaves no directory
     if strategy.is0:
         with open(os.path.join(out_dir, "train_config.json"), "w", encoding="utf-8") as f:
             json.dump({"grpo": asdict(cfg), "task": task.name, "model": policy.config.to_dict(),

@@ -51,7 +51,8 @@ import torch.nn.functional as F
 
 from dsv3.cliargs import setting
 from dsv3.model import build_model
-from dsv3.posttrain.start import freeze_mtp, load_start, resolve_start, run_directory
+from dsv3.posttrain.start import (freeze_mtp, load_start, make_run_directory, resolve_start,
+                                  run_directory)
 from dsv3.tokenizer import DSTokenizer
 from dsv3.training import loop
 from dsv3.training.data import jsonl_records
@@ -413,6 +414,7 @@ def train_sft(checkpoint_dir: str, data_path: str, out_dir: str, cfg: SFTConfig,
     say(f"sft: {strategy.describe()} on {strategy.device.type} ({precision}"
         f"{', bf16 weights + fp32 masters' if cfg.bf16_weights else ''}); {total} steps of {cfg.batch_size} x "
         f"{cfg.seq_len} tokens, lr {cfg.lr:g} -> {cfg.min_lr:g}")
+    make_run_directory(out_dir, strategy)  # only now: a run that failed before leaves no directory
     if strategy.is0:
         with open(os.path.join(out_dir, "train_config.json"), "w", encoding="utf-8") as f:
             json.dump({"sft": asdict(cfg), "model": mc.to_dict(), "layout": strategy.layout(), "start": src}, f,

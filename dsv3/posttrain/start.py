@@ -5,6 +5,7 @@
     load_start(path, device) the whole model of that checkpoint, fp32, on every rank alike (it is then
                              prepared for the layout: dsv3.training.strategy.prepare_model)
     run_directory(...)       out_dir/checkpoints and the checkpoint to resume from (the run's own)
+    make_run_directory(...)  creates out_dir, once the data and the model are ready
     freeze_mtp(model)        the MTP modules are not trained after pre-training: frozen, no optimizer state
 
 The rest of a run is the training loop's (dsv3/training/loop.py) with the layout's strategy: exact resume
@@ -25,7 +26,9 @@ load_start = dcp.load_whole
 
 def run_directory(out_dir: str, resume: bool, strategy, say) -> tuple[str, str | None]:
     """-> (out_dir/checkpoints, the latest of them when resuming, else None). A run directory that already
-    holds checkpoints is refused unless resuming (or restarted by torchrun); rank 0 creates it."""
+    holds checkpoints is refused unless resuming (or restarted by torchrun). It is not created here but by
+    make_run_directory, once the data and the model are ready: a run that fails before (bad data, a missing
+    checkpoint) leaves no empty directory behind, as pre-training's does."""
     from dsv3.distributed.mesh import torchrun_restarts
 
     ckpt_root = os.path.join(out_dir, "checkpoints")
@@ -36,10 +39,14 @@ def run_directory(out_dir: str, resume: bool, strategy, say) -> tuple[str, str |
                          "another out_dir")
     if resume and latest is None:
         say(f"resume: no checkpoint in {ckpt_root}; starting from the given checkpoint")
+    return ckpt_root, latest
+
+
+def make_run_directory(out_dir: str, strategy) -> None:
+    """Rank 0 creates the run directory (every rank calls this, after run_directory and before writing in it)."""
     if strategy.is0:
         os.makedirs(out_dir, exist_ok=True)
     strategy.barrier()
-    return ckpt_root, latest
 
 
 def freeze_mtp(model) -> None:
@@ -50,4 +57,4 @@ def freeze_mtp(model) -> None:
         mod.requires_grad_(False)
 
 
-__all__ = ["freeze_mtp", "load_start", "resolve_start", "run_directory"]
+__all__ = ["freeze_mtp", "load_start", "make_run_directory", "resolve_start", "run_directory"]
