@@ -169,6 +169,9 @@ def test_sft_input_errors_name_the_file(env, tmp_path):
     with pytest.raises(Exception, match="nowhere"):
         grpo.train_grpo(str(tmp_path / "nowhere"), _length_task(), str(tmp_path / "g1"), _grpo_cfg(), log=lambda *a: None)
     assert not (tmp_path / "g1").exists()
+    (tmp_path / "file").write_text("x")  # an --out that is a file: refused first, by name
+    with pytest.raises(ValueError, match="a file of that name exists"):
+        sft.train_sft(env["ckpt"], str(late), str(tmp_path / "file"), _sft_cfg(steps=1), log=lambda *a: None)
     binary = tmp_path / "bin.jsonl"
     binary.write_bytes(json.dumps(ok).encode() + b"\n\xff\xfe\n")
     with pytest.raises(ValueError, match=rf"{binary}: not UTF-8 text"):
