@@ -402,6 +402,10 @@ def _generate(args, engine, tok) -> int:
     if len(ids) + params.max_new_tokens > engine.max_model_len:  # before the prompt is echoed
         raise ValueError(f"the prompt ({len(ids)} tokens) + --max-new-tokens {params.max_new_tokens} exceeds the "
                          f"model's context of {engine.max_model_len} tokens")
+    V = engine.model.config.vocab_size
+    for t in params.stop_token_ids:  # before the prompt is echoed (one outside the vocabulary would never match)
+        if not 0 <= t < V:
+            raise ValueError(f"--stop-token-ids {t} is not a token id (0..{V - 1})")
     if not args.chat:
         print(args.prompt, end="", flush=True)
     final = None

@@ -673,6 +673,9 @@ def test_engine_admission_errors(models):
         eng.add_request([-1, 2], greedy(4))
     with pytest.raises(ValueError, match="tokenizer"):
         eng.add_request("text without a tokenizer", greedy(4))
+    for bad in (V, -1):  # a stop token id that can never be sampled was silently ignored
+        with pytest.raises(ValueError, match=f"stop token ids must be in \\[0, {V}\\), got {bad}"):
+            eng.add_request([1, 2], dataclasses.replace(greedy(4), stop_token_ids=[bad]))
     big = Engine(model, max_batch_size=1, block_size=16)
     with pytest.raises(ValueError, match="context"):
         big.add_request([5] * (L - 9), greedy(10))

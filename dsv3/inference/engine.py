@@ -328,6 +328,9 @@ class Engine:
         V = self.model.config.vocab_size
         if min(ids) < 0 or max(ids) >= V:
             raise ValueError(f"prompt token ids must be in [0, {V})")
+        bad = [t for t in params.stop_token_ids if not 0 <= t < V]  # (one outside would never match: ignored)
+        if bad:
+            raise ValueError(f"stop token ids must be in [0, {V}), got {bad[0]}")
         if len(ids) + params.max_new_tokens > self.max_model_len:
             raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
                              f"model's context of {self.max_model_len} tokens")
