@@ -368,6 +368,18 @@ def _engine(args):
     return load_engine(args.checkpoint, **_one_process(_engine_config(args)))
 
 
+def _utf8_text(text: str, what: str) -> str:
+    """`text` (an argument or a line of stdin, which Python decodes with surrogateescape), or a ValueError naming the
+    first byte that is not UTF-8: the tokenizer takes Unicode text only (it failed with a TypeError traceback)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        c = ord(text[e.start])
+        bad = f"byte 0x{c - 0xDC00:02x}" if 0xDC80 <= c <= 0xDCFF else f"lone surrogate \\u{c:04x}"
+        raise ValueError(f"{what} is not UTF-8 text ({bad} at character {e.start})") from None
+    return text
+
+
 def _sampling(args):
     from dsv3.inference.engine import SamplingParams
 
@@ -391,6 +403,7 @@ def _generate(args, engine, tok) -> int:
     import dataclasses
 
     params = _sampling(args)
+    _utf8_text(args.prompt, "--prompt")
     if args.chat:
         ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": args.prompt}]))
     else:
@@ -425,7 +438,7 @@ def cmd_chat(args) -> int:
     """Interactive multi-turn chat with the DeepSeek-V3 chat template, streaming each reply."""
     engine, tok = _engine(args)
     params = _sampling(args)
-    system = [{"role": "system", "content": args.system}] if args.system else []
+    system = [{"role": "system", "content": _utf8_text(args.system, "--system")}] if args.system else []
     messages = list(system)
     interactive = sys.stdin.isatty()
     if interactive:
@@ -446,6 +459,11 @@ def cmd_chat(args) -> int:
             messages = list(system)
             continue
         if not cmd:
+            continue
+        try:
+            _utf8_text(line, "the message")
+        except ValueError as e:  # (the conversation goes on without it)
+            print(f"dsv3 chat: error: {e}", file=sys.stderr)
             continue
         messages.append({"role": "user", "content": line})
         ids = tok.encode(tok.apply_chat_template(messages))

@@ -359,6 +359,17 @@ def test_chat_reads_turns_from_stdin(run, monkeypatch):
     assert seen == [["be brief", "hello"], ["be brief", "second turn"]]
 
 
+def test_text_that_is_not_utf8_is_a_one_line_error(run, monkeypatch):
+    """A non-UTF-8 byte in --prompt (Python's argv and stdin hold it as a surrogate escape) was a TypeError traceback
+    from the tokenizer; generate refuses it naming the byte, chat skips that message and goes on."""
+    for extra in ([], ["--chat"]):
+        rc, stdout, err = run_cli(["generate", run["out"], "--prompt", "ab\udcffcd", "--max-new-tokens", 2] + extra)
+        assert rc == 2 and stdout == "" and "--prompt is not UTF-8 text (byte 0xff at character 2)" in err, err
+    monkeypatch.setattr("sys.stdin", io.StringIO("ab\udcffcd\nhello\n"))
+    rc, stdout, err = run_cli(["chat", run["out"], "--max-new-tokens", 2, "--device", "cpu"])
+    assert rc == 0 and "the message is not UTF-8 text (byte 0xff at character 2)" in err and "Traceback" not in err
+
+
 def table_rows(stdout: str, title: str) -> dict[str, str]:
     """The rows "  key  value" of the table under `title`, the last lines of stdout."""
     lines = stdout[stdout.index(title):].splitlines()[1:]
