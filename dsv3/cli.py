@@ -487,7 +487,7 @@ def cmd_serve(args) -> int:
     """OpenAI-compatible HTTP server (dsv3/inference/server.py) over a checkpoint or run directory."""
     from dsv3.checkpoints.rundir import run_name
     from dsv3.inference.engine import EngineConfig
-    from dsv3.inference.server import ServerConfig, load_for_serving, serve
+    from dsv3.inference.server import ServerConfig, listen, load_for_serving, serve
 
     path = _resolve_checkpoint(args.checkpoint)
     ec, sc = from_args(EngineConfig, args), from_args(ServerConfig, args)
@@ -506,36 +506,47 @@ def cmd_serve(args) -> int:
         if value < least:
             raise ValueError(f"{flag} must be >= {least}{note}, got {value}")
     name = sc.model_name or run_name(path)  # runs/tiny is served as "tiny", not as its latest step_* directory
+    if ec.record_expert_loads:  # a path that cannot be written fails now, not when the server stops
+        from dsv3.checkpoints.loads import check_writable
+
+        check_writable(ec.record_expert_loads)
+    engine_kwargs = _one_process(ec)  # (its flag checks, before the socket binds)
+    # the socket, bound before the model loads (a port in use was uvicorn's error after the load); under expert
+    # parallelism rank 0 binds it in run, after run_ep's layout checks and its load
+    sock = listen(sc.host, sc.port) if ec.ep == 1 else None
 
     def run(engine, tok) -> int:
+        nonlocal sock
+        sock = sock or listen(sc.host, sc.port)
         if sc.host not in ("127.0.0.1", "localhost", "::1") and not sc.api_key:
             print(f"dsv3 serve: warning: listening on {sc.host} without --api-key", file=sys.stderr)
         ep = f", expert parallel over {ec.ep} ranks" if ec.ep != 1 else ""
         ep += ", each with its own requests (attention data parallel)" if ec.dp_attention else ""
         ep += f", attention tensor parallel over {ec.attn_tp}" if ec.attn_tp != 1 else ""
         per = " per data-parallel group" if ec.dp_attention else ""  # (else every rank runs the one batch)
-        print(f"serving {path} as {name!r} on http://{sc.host}:{sc.port}/v1 (batch {ec.max_batch_size}{per}, "
+        port = sock.getsockname()[1]  # (--port 0: the one the system chose)
+        print(f"serving {path} as {name!r} on http://{sc.host}:{port}/v1 (batch {ec.max_batch_size}{per}, "
               f"{engine.cache.num_blocks * engine.cache.block_size} cache tokens{per}, context {engine.max_model_len}, "
               f"speculative k={ec.speculative_k}{ep})", flush=True)
         try:
             serve(engine, tok, name, host=sc.host, port=sc.port, api_key=sc.api_key,
                   max_prompt_tokens=sc.max_prompt_tokens, max_tokens_limit=sc.max_tokens_limit,
                   max_queue=sc.max_queue, max_request_bytes=sc.max_request_bytes, prep_workers=sc.prep_workers,
-                  log_level=sc.log_level)
+                  log_level=sc.log_level, sock=sock)
         finally:  # (also after a failure: what was recorded so far)
             if ec.record_expert_loads:
                 _write_expert_loads(engine.expert_loads(), ec.record_expert_loads, path, engine.model.config)
         return 0
 
-    if ec.record_expert_loads:  # a path that cannot be written fails now, not when the server stops
-        from dsv3.checkpoints.loads import check_writable
+    try:
+        if ec.ep != 1:  # one rank of torchrun: rank 0 serves, the others follow (dsv3/ep_serve.py)
+            from dsv3.ep_serve import run_ep
 
-        check_writable(ec.record_expert_loads)
-    if ec.ep != 1:  # one rank of torchrun: rank 0 serves, the others follow (dsv3/ep_serve.py)
-        from dsv3.ep_serve import run_ep
-
-        return run_ep(ec.ep, path, _one_process(ec), run, **_placement(ec))
-    return run(*load_for_serving(path, **_one_process(ec)))
+            return run_ep(ec.ep, path, engine_kwargs, run, **_placement(ec))
+        return run(*load_for_serving(path, **engine_kwargs))
+    finally:
+        if sock is not None:
+            sock.close()
 
 
 def _write_expert_loads(counts, file: str, checkpoint: str, cfg) -> None:

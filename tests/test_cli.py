@@ -221,6 +221,16 @@ def test_bad_serving_and_device_flags_are_one_line_errors(run):
                         "temperature must be a finite number >= 0")):
         rc, _, err = run_cli(argv)
         assert rc == 2 and want in err and "Traceback" not in err, (argv, err)
+    # a port in use: refused before the model loads (it was uvicorn's log line and exit 3 after the load)
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        rc, out, err = run_cli(["serve", run["out"], "--port", port])
+    assert rc == 2 and f"cannot listen on 127.0.0.1:{port}: " in err and "serving" not in out, (out, err)
+    assert len(err.strip().splitlines()) == 1, err
 
 
 def test_sample_prints_prompt_and_continuation(run):

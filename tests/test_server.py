@@ -526,12 +526,42 @@ def test_cli_serve_names_the_model_after_the_run(tmp_path, monkeypatch, capsys):
     served = []
     monkeypatch.setattr(server, "load_for_serving", lambda path, **kw: (fake, "tok"))
     monkeypatch.setattr(server, "serve", lambda engine, tok, name, **kw: served.append(name))
+    sock = types.SimpleNamespace(getsockname=lambda: ("127.0.0.1", 8000), close=lambda: None)
+    monkeypatch.setattr(server, "listen", lambda host, port: sock)  # (no socket bound by this test)
     for argv, want in (([run], "tiny"), ([run / "checkpoints" / "step_00000003"], "tiny"),
                        ([run, "--served-model-name", "mine"], "mine"), ([run, "--model-name", "old"], "old")):
         assert main(["serve", *map(str, argv)]) == 0
         assert served[-1] == want
         assert f"as {want!r} on http://" in capsys.readouterr().out
 
+
+
+def test_cli_serve_binds_before_loading_and_prints_the_port_it_got(tmp_path, monkeypatch, capsys):
+    """`dsv3 serve` binds its socket before the model loads and serves on that socket; with --port 0 the line
+    it prints names the port the system chose; the socket is closed when serving returns."""
+    import types
+
+    import dsv3.inference.server as server
+    from dsv3.cli import main
+
+    run = _run_layout(tmp_path / "tiny")
+    fake = types.SimpleNamespace(cache=types.SimpleNamespace(num_blocks=4, block_size=16), max_model_len=64)
+    socks = []
+
+    def load(path, **kw):
+        assert len(socks) == 1  # bound already
+        return fake, "tok"
+
+    real_listen = server.listen
+    monkeypatch.setattr(server, "listen", lambda host, port: socks.append(real_listen(host, port)) or socks[-1])
+    monkeypatch.setattr(server, "load_for_serving", load)
+    served = []
+    monkeypatch.setattr(server, "serve", lambda engine, tok, name, sock, **kw: served.append(sock))
+    assert main(["serve", str(run), "--port", "0"]) == 0
+    (sock,) = socks
+    assert served == [sock] and sock.fileno() == -1  # served on it, then closed
+    port = int(capsys.readouterr().out.split("on http://127.0.0.1:")[1].split("/")[0])
+    assert port > 0
 
 # --- hardening (issue 13): strict types, limits before work, auth, defaults, a responsive event loop ----------
 SHARED_LOOSE = [  # (field, value) of both generation routes that the OpenAI API answers with a 400

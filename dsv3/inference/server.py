@@ -79,6 +79,7 @@ import hmac
 import json
 import math
 import multiprocessing
+import socket
 import time
 import traceback
 import uuid
@@ -117,7 +118,7 @@ class ServerConfig:
     """The HTTP side of `dsv3 serve` (the engine's settings are EngineConfig's); the fields are also
     its flags. 0 limits default to the engine's context (see create_app)."""
     host: str = setting("127.0.0.1", "address to bind (default: loopback only)")
-    port: int = setting(8000, "TCP port")
+    port: int = setting(8000, "TCP port (0: one the system picks, printed when serving starts)")
     api_key: str | None = setting(None, "require 'Authorization: Bearer KEY' on every route but /health "
                                         "(default: no key)")
     model_name: str | None = setting(None, "model id listed in /v1/models, which clients send (default: the run "
@@ -689,15 +690,38 @@ def load_for_serving(checkpoint: str, *, device: str = "auto", max_batch_size: i
                        record_expert_loads=record_expert_loads, overlap=overlap, batch_invariant=batch_invariant)
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """The server's socket, bound now: `dsv3 serve` binds it before the model loads, so that a port in use (or an
+    address not of this machine) is a one-line error at once rather than uvicorn's log line after the load; with
+    port 0 its getsockname() says the port the system chose. (As uvicorn binds: IPv6 when the host has a colon,
+    SO_REUSEADDR.)"""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
 def serve(engine: Engine, tokenizer: DSTokenizer, model_name: str, *, host: str = "127.0.0.1", port: int = 8000,
-          log_level: str = "info", **app_kwargs) -> None:
-    """Serve until interrupted (Ctrl-C). Binds loopback unless `host` says otherwise. Returns with nothing of
-    the server holding `engine` any more."""
+          log_level: str = "info", sock: socket.socket | None = None, **app_kwargs) -> None:
+    """Serve until interrupted (Ctrl-C). Binds loopback unless `host` says otherwise; `sock` (listen(...)):
+    serve on that socket instead of binding host:port. Returns with nothing of the server holding `engine` any
+    more."""
     import uvicorn
 
     app = create_app(engine, tokenizer, model_name, **app_kwargs)
     try:
-        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+        if sock is None:
+            uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+        else:
+            try:
+                uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)).run([sock])
+            except KeyboardInterrupt:  # (uvicorn re-raises the Ctrl-C it shut down on; uvicorn.run swallows it too)
+                pass
     finally:
         # FastAPI keeps the route handlers, which hold the server, in a module-level cache: the engine would live
         # as long as the process, and under expert parallelism (dsv3/ep_serve.py) so would the process groups its
@@ -707,4 +731,4 @@ def serve(engine: Engine, tokenizer: DSTokenizer, model_name: str, *, host: str 
         srv.engine = srv.engine_loop = None
 
 
-__all__ = ["APIError", "EngineLoop", "create_app", "load_for_serving", "serve"]
+__all__ = ["APIError", "EngineLoop", "create_app", "listen", "load_for_serving", "serve"]
