@@ -32,7 +32,7 @@ MICRO = dict(
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """`dsv3 train --config micro.json` for 6 steps (checkpoints at 3 and 6), then `--resume` to 8."""
+    """`dsv3 train --config micro.json` for 6 steps (checkpoints at 3 and 6); `resumed` trains on to 8."""
     base = tmp_path_factory.mktemp("cli")
     cfg = base / "micro.json"
     ModelConfig(**MICRO).validate().to_json(cfg)
@@ -49,7 +49,8 @@ def run(tmp_path_factory):
 
 def test_train_writes_run_and_prints_samples(run):
     out = run["out"]
-    assert sorted(os.listdir(out / "checkpoints")) == ["step_00000003", "step_00000006"]
+    # (step 8 as well once a test has resumed the run)
+    assert sorted(os.listdir(out / "checkpoints"))[:2] == ["step_00000003", "step_00000006"]
     with open(out / "train_config.json", encoding="utf-8") as f:
         tc = json.load(f)
     assert tc["model"]["hidden_size"] == 64 and tc["train"]["steps"] == 6 and tc["train"]["seq_len"] == 32
@@ -95,11 +96,19 @@ def test_train_and_info_print_the_same_parameter_counts(run):
     assert f"{_fmt(official)} in the official layout" in info
 
 
+def resumed(run) -> tuple:
+    """The run trained on from step 6 to 8, once, by the first test that needs step 8 (so that each such test also
+    passes alone): run_cli's (rc, stdout, err) of the attempt without --resume, then of the one with it."""
+    if "resumed" not in run:
+        refused = run_cli(run["common"] + ["--steps", 8, "--samples", 0])
+        run["resumed"] = (refused, run_cli(run["common"] + ["--steps", 8, "--samples", 0, "--resume"]))
+    return run["resumed"]
+
+
 def test_train_resume_and_refusal(run):
-    rc, _, err = run_cli(run["common"] + ["--steps", 8, "--samples", 0])
+    (rc, _, err), (rc2, stdout, err2) = resumed(run)
     assert rc == 2 and "--resume" in err and "already holds checkpoints" in err
-    rc, stdout, err = run_cli(run["common"] + ["--steps", 8, "--samples", 0, "--resume"])
-    assert rc == 0, err
+    assert rc2 == 0, err2
     assert "resumed from" in stdout and "step_00000006" in stdout
     lines = (run["out"] / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
     steps = [json.loads(line)["step"] for line in lines]
@@ -118,6 +127,7 @@ def test_eval_prints_loss_and_bits_per_byte(run):
     # eval's --cache-dir means what train's does: the token cache lives under <cache-dir>/tokens
     assert sorted(os.listdir(run["cache"])) == ["tokenizers", "tokens"]
     # a checkpoint directory works as well as a run directory, with the same result
+    resumed(run)
     ck = run["out"] / "checkpoints" / "step_00000008"
     rc2, stdout2, _ = run_cli(["eval", ck] + argv[2:])
     assert rc2 == 0 and stdout2.split(": ", 1)[1] == stdout.split(": ", 1)[1]
@@ -129,6 +139,7 @@ def test_evaluate_checkpoint_is_what_eval_prints(run):
 
     cfg = EvalConfig(data=run["data"], cache_dir=str(run["cache"]), seq_len=32, val_permille=200, max_batches=2,
                      progress=False, split="val")
+    resumed(run)
     r = evaluate_checkpoint(str(run["out"]), cfg)
     assert os.path.basename(r["checkpoint"]) == "step_00000008" and r["split"] == "val"
     assert r["val_tokens"] == 2 * cfg.batch_size * cfg.seq_len  # two full batches of 8 windows of 32 targets
@@ -334,6 +345,7 @@ def test_argparse_errors_exit_2(capsys):
 def test_generate_greedy_matches_engine_and_speculation(run):
     from dsv3.inference.engine import SamplingParams, load_engine
 
+    resumed(run)
     ck = run["out"] / "checkpoints" / "step_00000008"
     engine, tok = load_engine(str(ck), device="cpu")
     assert engine.model.embed_tokens.weight.dtype == torch.float32  # the CPU default
@@ -351,6 +363,7 @@ def test_generate_greedy_matches_engine_and_speculation(run):
 
 
 def test_chat_reads_turns_from_stdin(run, monkeypatch):
+    resumed(run)
     ck = run["out"] / "checkpoints" / "step_00000008"
     monkeypatch.setattr("sys.stdin", io.StringIO("hello\n/reset\nsecond turn\n\n/exit\nnever read\n"))
     seen = []
