@@ -308,12 +308,15 @@ def test_generate_and_serve_pass_their_configs(monkeypatch):
     fake = types.SimpleNamespace(cache=types.SimpleNamespace(num_blocks=4, block_size=16), max_model_len=64)
     monkeypatch.setattr(server, "load_for_serving", record(calls, (fake, "tok")))
     monkeypatch.setattr(server, "serve", record(calls))
+    sock = types.SimpleNamespace(getsockname=lambda: ("127.0.0.1", 8000), close=lambda: None)
+    monkeypatch.setattr(server, "listen", record(calls, sock))  # (no socket bound by this test)
     assert cli.main(["serve", "some/ck"]) == 0
-    (load_a, load_kw), (serve_a, serve_kw) = calls[-2:]
+    (listen_a, _), (load_a, load_kw), (serve_a, serve_kw) = calls[-3:]
+    assert listen_a == ("127.0.0.1", 8000)  # the socket is bound before the model loads
     assert load_a == ("some/ck",) and load_kw == one_process_kwargs(EngineConfig())
     sc = dataclasses.asdict(ServerConfig())
     del sc["model_name"]
-    assert serve_a == (fake, "tok", "ck") and serve_kw == sc
+    assert serve_a == (fake, "tok", "ck") and serve_kw == {**sc, "sock": sock}
 
 
 def test_eval_quantize_convert_pass_their_configs(monkeypatch):

@@ -322,7 +322,7 @@ def test_corrupt_safetensors(hf_dir, tmp_path, monkeypatch, damage):
     monkeypatch.setattr(server, "serve", no_server)
     with pytest.raises(CheckpointError, match=r"model\.safetensors"):
         server.load_for_serving(str(hf_dir), device="cpu")
-    rc, _, err = run_cli(["serve", hf_dir, "--device", "cpu"])
+    rc, _, err = run_cli(["serve", hf_dir, "--device", "cpu", "--port", "0"])  # (port 0: any free one, bound first)
     assert_one_line_error(rc, err, str(f))
 
 
