@@ -415,14 +415,11 @@ def _generate(args, engine, tok) -> int:
     if len(ids) + params.max_new_tokens > engine.max_model_len:  # before the prompt is echoed
         raise ValueError(f"the prompt ({len(ids)} tokens) + --max-new-tokens {params.max_new_tokens} exceeds the "
                          f"model's context of {engine.max_model_len} tokens")
-    V = engine.model.config.vocab_size
-    for t in params.stop_token_ids:  # before the prompt is echoed (one outside the vocabulary would never match)
-        if not 0 <= t < V:
-            raise ValueError(f"--stop-token-ids {t} is not a token id (0..{V - 1})")
-    if not args.chat:
+    outputs = engine.stream(ids, params)  # admitted now: its errors (a stop token id not in the vocabulary) come
+    if not args.chat:                     # before the prompt is echoed
         print(args.prompt, end="", flush=True)
     final = None
-    for out in engine.stream(ids, params):
+    for out in outputs:
         print(out.new_text, end="", flush=True)
         final = out
     print()
@@ -485,9 +482,11 @@ def cmd_chat(args) -> int:
 
 def cmd_serve(args) -> int:
     """OpenAI-compatible HTTP server (dsv3/inference/server.py) over a checkpoint or run directory."""
+    import dataclasses
+
     from dsv3.checkpoints.rundir import run_name
     from dsv3.inference.engine import EngineConfig
-    from dsv3.inference.server import ServerConfig, listen, load_for_serving, serve
+    from dsv3.inference.server import ServerConfig, check_limits, listen, load_for_serving, serve
 
     path = _resolve_checkpoint(args.checkpoint)
     ec, sc = from_args(EngineConfig, args), from_args(ServerConfig, args)
@@ -497,14 +496,7 @@ def cmd_serve(args) -> int:
         raise ValueError(f"--max-batch-size must be >= 1, got {ec.max_batch_size}")
     if ec.max_prefill_tokens < 0:
         raise ValueError(f"--max-prefill-tokens must be >= 0 (0: whole prompts at once), got {ec.max_prefill_tokens}")
-    # the server's limits, before the model loads (a negative one started a server that refused every request)
-    for flag, value, least, note in (("--max-prompt-tokens", sc.max_prompt_tokens, 0, " (0: context - 1)"),
-                                     ("--max-tokens-limit", sc.max_tokens_limit, 0, " (0: context)"),
-                                     ("--max-queue", sc.max_queue, 0, ""),
-                                     ("--max-request-bytes", sc.max_request_bytes, 1, ""),
-                                     ("--prep-workers", sc.prep_workers, 1, "")):
-        if value < least:
-            raise ValueError(f"{flag} must be >= {least}{note}, got {value}")
+    check_limits(dataclasses.asdict(sc), flags=True)  # before the model loads
     name = sc.model_name or run_name(path)  # runs/tiny is served as "tiny", not as its latest step_* directory
     if ec.record_expert_loads:  # a path that cannot be written fails now, not when the server stops
         from dsv3.checkpoints.loads import check_writable

@@ -227,11 +227,13 @@ def test_bad_serving_and_device_flags_are_one_line_errors(run):
                        (["serve", run["out"], "--record-expert-loads", run["base"]], "is a directory; give a file"),
                        (["serve", run["out"], "--eplb-interval", 5], "--eplb-interval place the experts over"),
                        (["generate", run["out"], "--prompt", "x", "--device", "tpu"], "device must be auto, cpu, cuda"),
-                       (["generate", run["out"], "--prompt", "x", "--stop-token-ids", -1], "-1 is not a token id"),
+                       (["generate", run["out"], "--prompt", "x", "--stop-token-ids", -1],
+                        "stop token ids must be in [0, 512), got -1"),
                        (["generate", run["out"], "--prompt", "x", "--temperature", "nan"],
                         "temperature must be a finite number >= 0")):
-        rc, _, err = run_cli(argv)
+        rc, out, err = run_cli(argv)
         assert rc == 2 and want in err and "Traceback" not in err, (argv, err)
+        assert out == "", (argv, out)  # (generate: refused before the prompt is echoed)
     # a port in use: refused before the model loads (it was uvicorn's log line and exit 3 after the load)
     import socket
 

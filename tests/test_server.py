@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import re
 import threading
 import time
 
@@ -535,6 +536,19 @@ def test_cli_serve_names_the_model_after_the_run(tmp_path, monkeypatch, capsys):
         assert f"as {want!r} on http://" in capsys.readouterr().out
 
 
+
+def test_create_app_refuses_limits_below_their_least(model, tok):
+    """The library's server refuses what `dsv3 serve` refuses before its load (a negative limit made a server that
+    refused every request), naming the argument."""
+    eng = Engine(model, tok, max_batch_size=2, cache_tokens=256)
+    for kw, want in (({"max_queue": -1}, "max_queue must be >= 0, got -1"),
+                     ({"max_tokens_limit": -5}, "max_tokens_limit must be >= 0 (0: context), got -5"),
+                     ({"max_prompt_tokens": -2}, "max_prompt_tokens must be >= 0"),
+                     ({"max_request_bytes": 0}, "max_request_bytes must be >= 1, got 0"),
+                     ({"prep_workers": 0}, "prep_workers must be >= 1, got 0")):
+        with pytest.raises(ValueError, match=re.escape(want)):
+            create_app(eng, tok, MODEL, **kw)
+    create_app(eng, tok, MODEL, max_queue=0, max_prompt_tokens=None)  # the least values and the defaults pass
 
 def test_cli_serve_binds_before_loading_and_prints_the_port_it_got(tmp_path, monkeypatch, capsys):
     """`dsv3 serve` binds its socket before the model loads and serves on that socket; with --port 0 the line

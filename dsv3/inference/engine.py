@@ -784,14 +784,19 @@ class Engine:
         return [final[i] for i in ids]
 
     def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None) -> Iterator[RequestOutput]:
-        """Yield incremental outputs of one request (other queued requests are served meanwhile)."""
+        """Incremental outputs of one request (other queued requests are served meanwhile). The request is
+        admitted at the call, so a bad one raises here, before any output (`dsv3 generate` echoes the prompt only
+        after); the outputs come as the returned iterator is read."""
         rid = self.add_request(prompt, params)
-        while True:
-            for o in self.step():
-                if o.request_id == rid:
-                    yield o
-                    if o.finished:
-                        return
+
+        def follow() -> Iterator[RequestOutput]:  # (self.step: a Leader's own, which borrows this method)
+            while True:
+                for o in self.step():
+                    if o.request_id == rid:
+                        yield o
+                        if o.finished:
+                            return
+        return follow()
 
 
 def check_batch_invariant(model, compile_decode: bool = False) -> None:

@@ -282,14 +282,27 @@ def _is_json(content_type: str | None) -> bool:
 
 
 # --- the server -----------------------------------------------------------------------------------------
+_LIMITS = (("max_prompt_tokens", 0, " (0: context - 1)"), ("max_tokens_limit", 0, " (0: context)"),
+           ("max_queue", 0, ""), ("max_request_bytes", 1, ""), ("prep_workers", 1, ""))
+
+
+def check_limits(limits: dict, flags: bool = False) -> None:
+    """A ValueError naming the first of the server's limits in `limits` ({name: value}; None: the default) below
+    its least value (a negative one made a server that refused every request). flags: named as `dsv3 serve`'s
+    flags (which checks them before the model loads)."""
+    for name, least, note in _LIMITS:
+        value = limits.get(name)
+        if value is not None and value < least:
+            shown = "--" + name.replace("_", "-") if flags else name
+            raise ValueError(f"{shown} must be >= {least}{note}, got {value}")
+
+
 class _Server:
     def __init__(self, engine: Engine, tokenizer: DSTokenizer, model_name: str, *, api_key: str | None,
                  max_prompt_tokens: int | None, max_tokens_limit: int | None, max_queue: int,
                  max_request_bytes: int, chat_template: str | None, prep_workers: int):
-        if max_request_bytes < 1:
-            raise ValueError(f"max_request_bytes must be >= 1, got {max_request_bytes}")
-        if prep_workers < 1:
-            raise ValueError(f"prep_workers must be >= 1, got {prep_workers}")
+        check_limits(dict(max_prompt_tokens=max_prompt_tokens, max_tokens_limit=max_tokens_limit, max_queue=max_queue,
+                          max_request_bytes=max_request_bytes, prep_workers=prep_workers))
         self.engine, self.tok, self.model_name, self.api_key = engine, tokenizer, model_name, api_key
         self.max_model_len = n = engine.max_model_len
         self.capacity = engine.max_batch_size + max_queue
@@ -731,4 +744,4 @@ def serve(engine: Engine, tokenizer: DSTokenizer, model_name: str, *, host: str 
         srv.engine = srv.engine_loop = None
 
 
-__all__ = ["APIError", "EngineLoop", "create_app", "listen", "load_for_serving", "serve"]
+__all__ = ["APIError", "EngineLoop", "check_limits", "create_app", "listen", "load_for_serving", "serve"]
