@@ -21,7 +21,8 @@ Reported (table on stdout, summary.json):
 
 Calls that hold only a few runs each (four `small` runs of 4 x 1024 with bf16 moments fit an 80 GB H100) pool
 afterwards: `--combine A/summary.json B/summary.json` compares every run of calls with the same settings (other
-seeds) at their last common validation step.
+seeds) at their last common validation step. A deterministic run that a deadline stopped can be run again in a
+later call: the pooled comparison counts its furthest copy once, and checks that the copies agree.
 
 The runs can share one GPU (--parallel): small batches leave it idle between kernels, and N processes
 compile at once. Disk: no run writes a checkpoint (--no-checkpoints; a `small` checkpoint with its AdamW
@@ -207,6 +208,12 @@ def report(res: dict, header: str) -> str:
         lines.append(f"unpaired {p} / bf16 - 1 (every run, repeats included; {s['n'][0]} bf16, {s['n'][1]} {p}): "
                      f"{s['mean']:+.3%} +- {s['ci95']:.3%} (95% Welch interval, {s['df']:.1f} degrees of freedom)")
     for r in res["repeats"]:
+        if r.get("what") == "validation":  # a deterministic run in two calls (--combine): the furthest one counts
+            what = ("identical validation losses bit for bit" if r["identical"] else
+                    f"validation losses differ from step {r['first_diff_step']} (max {r['max_rel_diff']:.2%})")
+            lines.append(f"{r['runs'][1]} is a copy of {r['runs'][0]}, which counts in its place: {what} over "
+                         f"{r['steps_compared']} validation steps")
+            continue
         what = ("identical training losses bit for bit" if r["identical"] else
                 f"training losses differ from step {r['first_diff_step']} (max {r['max_rel_train_diff']:.2%})")
         lines.append(f"repeat {r['runs'][1]} of {r['runs'][0]}: {what} over {r['steps_compared']} logged steps; "
@@ -343,7 +350,11 @@ def combine(paths: list[str]) -> dict:
     """The runs of several calls' summary.json pooled (for example seeds 0-1 in one device call, 2-3 in the next,
     when one call's time or the card's memory holds only four runs). The calls must agree on every
     setting but the scheduling ones (SCHEDULING); the comparison is at the last validation step that every run
-    reached. A run's name gets @K, K its summary's place in `paths` (from 1)."""
+    reached. A run's name gets @K, K its summary's place in `paths` (from 1).
+
+    A deterministic run (same precision and seed) in more than one call, for example one a deadline stopped and a
+    later call ran again, counts once: the copy that reached the furthest validation step stands for it, and the
+    copies' validation losses at their common steps are compared (res["repeats"]: equal, or where they part)."""
     rows, ref = [], None
     for k, path in enumerate(paths, 1):
         try:
@@ -363,6 +374,7 @@ def combine(paths: list[str]) -> dict:
                              "not pool")
         rows += [{**r, "run": f"{r['run']}@{k}", "val_curve": [tuple(c) for c in r["val_curve"]]}
                  for r in res["rows"]]
+    rows, repeats = _merge_deterministic_copies(rows)
     step = max(set.intersection(*({s for s, _ in r["val_curve"]} for r in rows)), default=None)
     if step is None:
         raise SystemExit("--combine: no validation step that every run reached: nothing to compare")
@@ -371,8 +383,29 @@ def combine(paths: list[str]) -> dict:
         bpb_per_loss = r["val_bpb"] / r["val_loss"]
         r["val_loss"] = dict(r["val_curve"])[step]
         r["val_bpb"] = r["val_loss"] * bpb_per_loss
-    return {"step": step, "rows": rows, "failed": [], **compare(rows), "repeats": [], "sources": list(paths),
+    return {"step": step, "rows": rows, "failed": [], **compare(rows), "repeats": repeats, "sources": list(paths),
             "settings": ref[2]}
+
+
+def _merge_deterministic_copies(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(rows with each deterministic (precision, seed) once: its copy with the furthest validation step, in the
+    first copy's place; one repeat record per dropped copy: does its validation curve equal the kept one's?)"""
+    groups: dict = {}
+    for r in rows:
+        key = (r["precision"], r["seed"]) if r["deterministic"] else id(r)
+        groups.setdefault(key, []).append(r)
+    kept, repeats = [], []
+    for copies in groups.values():
+        best = max(copies, key=lambda r: (max((s for s, _ in r["val_curve"]), default=-1), -copies.index(r)))
+        kept.append(best)
+        for other in (r for r in copies if r is not best):
+            a, b = dict(best["val_curve"]), dict(other["val_curve"])
+            both = sorted(set(a) & set(b))
+            diff = [s for s in both if a[s] != b[s]]
+            repeats.append({"runs": [best["run"], other["run"]], "steps_compared": len(both), "what": "validation",
+                            "identical": not diff and bool(both), "first_diff_step": diff[0] if diff else None,
+                            "max_rel_diff": max((abs(b[s] / a[s] - 1) for s in both), default=0.0)})
+    return kept, repeats
 
 
 def main(argv: list[str] | None = None) -> None:

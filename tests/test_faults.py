@@ -330,6 +330,35 @@ def test_fp8_loss_text_bench_pools_calls_with_the_same_settings(tmp_path):
         bench.combine([a, str(tmp_path / "e.json")])
 
 
+def test_fp8_loss_text_bench_combine_counts_a_deterministic_rerun_once(tmp_path):
+    """--combine: a deterministic run stopped by a deadline in one call and run again whole in a later one counts
+    once, as its furthest copy (the pooled step is then the full run's), and the copies' validation curves are
+    compared where both have them: equal bit for bit, or the first step where they part."""
+    bench = _fp8_loss_text_bench()
+
+    def summary(name, runs):
+        rows = [{"run": f"{p}_seed{s}", "precision": p, "seed": s, "deterministic": True, "val_loss": c[-1][1],
+                 "val_bpb": c[-1][1] / 2.0, "steps_done": c[-1][0], "tok_per_s": 1.0, "val_curve": c}
+                for p, s, c in runs]
+        path = tmp_path / name
+        path.write_text(json.dumps({"rows": rows, "command": f"bench/fp8_loss_text.py --steps 800 --deterministic "
+                                    f"--runs x --out {name}"}))
+        return str(path)
+
+    a = summary("a.json", [("bf16", 0, [[100, 6.0], [200, 5.0]]), ("fp8", 0, [[100, 6.1]])])  # fp8 0: stopped
+    b = summary("b.json", [("fp8", 0, [[100, 6.1], [200, 5.1]])])  # fp8 0 again, whole
+    res = bench.combine([a, b])
+    assert res["step"] == 200 and [r["run"] for r in res["rows"]] == ["bf16_seed0@1", "fp8_seed0@2"]
+    assert res["paired"]["fp8 deterministic"]["rel_diff"] == [5.1 / 5.0 - 1]
+    assert res["repeats"] == [{"runs": ["fp8_seed0@2", "fp8_seed0@1"], "steps_compared": 1, "what": "validation",
+                               "identical": True, "first_diff_step": None, "max_rel_diff": 0.0}]
+    c = summary("c.json", [("fp8", 0, [[100, 6.2], [200, 5.1]])])  # a copy that is not one: reported, not hidden
+    res = bench.combine([a, c])
+    assert res["repeats"][0]["identical"] is False and res["repeats"][0]["first_diff_step"] == 100
+    text = bench.report(res, "pooled")
+    assert "fp8_seed0@1 is a copy of fp8_seed0@2" in text and "differ from step 100" in text
+
+
 def test_fp8_loss_text_bench_statistics_edge_cases():
     """Welch with no spread at all (deterministic repeats): a zero-width interval, not a crash; t quantiles
     beyond the table's 30 degrees of freedom err wide."""
