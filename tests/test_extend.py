@@ -15,6 +15,7 @@ import warnings
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from dsv3.checkpoints.hf import load_pretrained
 from dsv3.checkpoints.rundir import latest_checkpoint
@@ -121,6 +122,28 @@ def test_default_original_length_and_stacked_stages(env):
     mc = extend.init_model_config(env["base_ckpt"], TrainConfig(init_from="x", rope_factor=2.5,
                                                                 rope_original_len=20, seq_len=32))
     assert mc.rope_scaling["factor"] == 2.5 and mc.max_position_embeddings == 50
+
+
+def test_init_from_a_checkpoint_without_mtp_tensors(env, tmp_path):
+    """A model directory written by transformers keeps num_nextn_predict_layers in config.json but drops the MTP
+    layer's tensors: the new run starts without MTP modules (as load_pretrained loads it, with a warning) and every
+    main tensor arrives exactly, instead of the run being refused for the missing MTP tensors."""
+    src = tmp_path / "no-mtp"
+    src.mkdir()
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (src / f).write_bytes(open(os.path.join(env["base_ckpt"], f), "rb").read())
+    n = MICRO["num_hidden_layers"]
+    tensors = load_file(os.path.join(env["base_ckpt"], "model.safetensors"))
+    save_file({k: v for k, v in tensors.items() if not k.startswith(f"model.layers.{n}.")}, src / "model.safetensors")
+    with pytest.warns(UserWarning, match="holds no MTP tensors"):
+        s = train(None, tcfg(env, tmp_path / "run", init_from=str(src), steps=1, lr=1e-30, schedule="constant",
+                             warmup_steps=0, bias_gamma=0.0), log=quiet)
+    assert s["step"] == 1
+    out = load_pretrained(latest_checkpoint(str(tmp_path / "run" / "checkpoints")))
+    assert out.config.num_nextn_predict_layers == 0 and len(out.mtp) == 0
+    base = load_pretrained(env["base_ckpt"]).state_dict()
+    for k, v in out.state_dict().items():
+        assert torch.equal(v, base[k]), k
 
 
 def test_constant_schedule():

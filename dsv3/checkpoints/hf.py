@@ -654,6 +654,18 @@ def load_pretrained(path: str | os.PathLike, device: torch.device | str = "cpu",
     return model
 
 
+def loaded_config(path: str | os.PathLike) -> ModelConfig:
+    """The model config `load_pretrained(path)` builds: config.json checked against the tensor names (headers
+    only), without MTP modules (and a warning) where the files hold none (transformers drops them)."""
+    path = os.fspath(path)
+    cfg = ModelConfig.from_json(path)
+    reader = _Reader(path)
+    try:
+        return _check_sizes(cfg, reader, "config.json", path)
+    finally:
+        reader.close()
+
+
 def _copy_in(reader: _Reader, name: str, dst: torch.Tensor) -> None:
     """Read tensor `name` into `dst` (an FP8 tensor going to a wider one is dequantised with its scale blocks)."""
     t = reader.get(name)
@@ -775,4 +787,5 @@ def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, cfg: Qua
 
 
 __all__ = ["CheckpointError", "ExportConfig", "QuantizeConfig", "disk_layout", "fp8_weight_names", "is_fp8_weight",
-           "quantize_checkpoint", "quantize_model_fp8", "load_pretrained", "save_pretrained", "tempdir_beside"]
+           "quantize_checkpoint", "quantize_model_fp8", "load_pretrained", "loaded_config", "save_pretrained",
+           "tempdir_beside"]

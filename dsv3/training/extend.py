@@ -38,6 +38,7 @@ import torch
 
 from dsv3.checkpoints import dcp
 from dsv3.checkpoints.files import read_json
+from dsv3.checkpoints.hf import loaded_config
 from dsv3.config import ModelConfig
 from dsv3.training.strategy import checkpoint_config
 
@@ -93,7 +94,10 @@ def yarn_scaling(saved: ModelConfig, factor: float, original_len: int) -> dict:
 def init_model_config(path: str, tc, given: ModelConfig | None = None,
                       what: str = "--preset/--config") -> ModelConfig:
     """The new run's model config (see the module docstring); raises naming the field or flag at fault."""
-    saved = checkpoint_config(path)
+    # a Hugging Face-format directory as its weights load (dcp.load_whole): one written by transformers keeps
+    # num_nextn_predict_layers in config.json but holds no MTP tensors, so the run has no MTP modules either
+    hf_dir = os.path.exists(os.path.join(path, "config.json"))
+    saved = loaded_config(path) if hf_dir else checkpoint_config(path)
     if given is not None:
         check_same_architecture(given, saved, what, path)
     mc = saved
