@@ -14,7 +14,7 @@ import os
 import pytest
 import torch
 
-from dsv3.posttrain import grpo, sft, tasks
+from dsv3.posttrain import grpo, rewards, sft, tasks
 from tests.test_posttrain import _grpo_cfg, _length_task, _records, _sft_cfg, env  # noqa: F401  (the fixture)
 
 
@@ -155,6 +155,20 @@ def test_a_reward_of_the_users_takes_any_answer(tmp_path):
     assert t.train[0]["answer"] == {"tests": [[2, 1], [1, 2]]}
     with pytest.raises(ValueError, match="'answer' must be a non-empty string or a number"):
         tasks.load_task(str(p))
+
+
+@pytest.mark.parametrize("text,answer,expected", [
+    # the answer line holding the boxed answer (DeepSeekMath / R1's "put your final answer within \\boxed{}")
+    ("so 6 * 7 = 42.\nThe final answer is $\\boxed{42}$.", "42", 1.0),
+    ("Answer: \\boxed{42}", "42", 1.0),
+    ("**Final answer:** $\\boxed{-3.5}$", "-3.5", 1.0),
+    ("The final answer is $\\boxed{41}$.", "42", 0.0),
+    ("Answer: \\boxed{41}\n\\boxed{42}", "42", 0.0),  # still conflicting markers
+    ("The answer is: 42", "42", 1.0),  # a colon after "is"
+    ("The final answer is: \\boxed{7}", "7", 1.0),
+])
+def test_an_answer_line_with_its_boxed_answer_is_one_answer(text, answer, expected):
+    assert rewards.exact_match_reward(text, answer) == expected
 
 
 def test_sft_input_errors_name_the_file(env, tmp_path):

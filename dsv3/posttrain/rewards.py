@@ -5,7 +5,8 @@ functions below are the building blocks, and `make_reward` combines them for a t
 
 Answer extraction (`extract_answer`), in this order:
   1. marked answers: every `\\boxed{...}` (balanced braces), every `#### X` and every line
-     starting with `Answer: X` / `The final answer is X`. If there are marked answers they alone count: all of
+     starting with `Answer: X` / `The final answer is X` (a box on such a line counts as its contents: "The final
+     answer is $\\boxed{42}$." is the one answer 42). If there are marked answers they alone count: all of
      them must normalise to the same value, otherwise the completion hedges ("Answer: 3 ... Answer: 5")
      and has no answer. A marked answer must be one number (or, for non-numeric answers, one short
      string): "Answer: 3, 4 or 5" has no answer.
@@ -32,12 +33,13 @@ _NUM = r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"
 _NUM_RE = re.compile(_NUM)
 _ONE_NUM = re.compile(rf"^\$?({_NUM})\$?\.?$")
 _HASH = re.compile(r"####\s*([^\n]*)")
-_ANSWER_LINE = re.compile(r"^[ \t*]*(?:the\s+)?(?:final\s+)?answer\s*(?:is|:)\s*([^\n]*)", re.IGNORECASE | re.MULTILINE)
+_ANSWER_LINE = re.compile(r"^[ \t*]*(?:the\s+)?(?:final\s+)?answer\s*(?:is\s*:?|:)\s*([^\n]*)",
+                          re.IGNORECASE | re.MULTILINE)
 _FORMAT = re.compile(rf"^Answer:\s*{_NUM}$")
 
 
-def _boxed(text: str) -> list[str]:
-    """Contents of every \\boxed{...}, with nested braces balanced; an unclosed box is ignored."""
+def _boxes(text: str) -> list[tuple[int, int, str]]:
+    """(start, end, contents) of every \\boxed{...}, with nested braces balanced; an unclosed box is ignored."""
     out, i = [], 0
     while (j := text.find("\\boxed{", i)) >= 0:
         k, depth = j + len("\\boxed{"), 1
@@ -45,9 +47,23 @@ def _boxed(text: str) -> list[str]:
             depth += {"{": 1, "}": -1}.get(text[k], 0)
             k += 1
         if depth == 0:
-            out.append(text[j + len("\\boxed{"): k - 1])
+            out.append((j, k, text[j + len("\\boxed{"): k - 1]))
         i = k
     return out
+
+
+def _boxed(text: str) -> list[str]:
+    return [b for _, _, b in _boxes(text)]
+
+
+def _unboxed(text: str) -> str:
+    """`text` with every \\boxed{X} replaced by X: "The final answer is $\\boxed{42}$." marks 42 once, not the
+    boxed 42 plus an answer line "$\\boxed{42}$." that is no number (and so conflicted with it)."""
+    out, i = [], 0
+    for j, k, b in _boxes(text):
+        out += [text[i:j], b]
+        i = k
+    return "".join(out) + text[i:]
 
 
 def normalize_answer(s: str) -> str | None:
@@ -70,7 +86,7 @@ def normalize_answer(s: str) -> str | None:
 
 def extract_answer(text: str, strict: bool = False) -> str | None:
     """The completion's final answer, normalised (see the module docstring), or None."""
-    marked = _boxed(text) + _HASH.findall(text) + _ANSWER_LINE.findall(text)
+    marked = _boxed(text) + [_unboxed(m) for m in _HASH.findall(text) + _ANSWER_LINE.findall(text)]
     if marked:
         vals = {normalize_answer(m) for m in marked}
         return vals.pop() if len(vals) == 1 else None  # conflicting or unparsable markers: no answer
