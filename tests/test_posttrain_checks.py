@@ -135,6 +135,9 @@ def test_grpo_config_refuses_meaningless_coefficients(kw):
     ({"messages": [{"content": "x"}], "answer": "1"}, "message 0 has role None"),
     ({"messages": [{"role": "user", "content": 5}], "answer": "1"}, r"message 0 \(user\) needs a string 'content'"),
     ({"messages": [{"role": "user", "content": "x"}], "answer": None}, "'answer' must be a non-empty string or a number"),
+    # answers the exact-match reward can never match (every reward 0, every group without signal, no word)
+    ({"messages": [{"role": "user", "content": "x"}], "answer": "1/2"}, "'answer' '1/2' is not one number"),
+    ({"messages": [{"role": "user", "content": "x"}], "answer": "3 apples"}, "'answer' '3 apples' is not one number"),
 ])
 def test_task_file_rows_are_checked_with_their_line(tmp_path, row, match):
     ok = {"messages": [{"role": "user", "content": "1 + 1?"}], "answer": "2"}

@@ -27,7 +27,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from dsv3.posttrain.rewards import exact_match_reward, format_reward
+from dsv3.posttrain.rewards import exact_match_reward, format_reward, normalize_answer
 from dsv3.training.data import jsonl_records
 
 SYSTEM = "You are a careful calculator. End your reply with a line `Answer: <number>`."
@@ -191,6 +191,9 @@ def _check_prompt(row: dict, where: str, exact_match: bool = True) -> None:
                         or (isinstance(a, str) and not a.strip())):
         raise ValueError(f"{where}: 'answer' must be a non-empty string or a number, got {a!r} (the exact-match "
                          "reward compares it with the completion's final answer; --reward takes any value)")
+    if exact_match and normalize_answer(str(a)) is None:  # its reward would be 0 whatever the completion
+        raise ValueError(f"{where}: 'answer' {a!r} is not one number or a plain text answer, so the exact-match reward "
+                         "could never match it (a fraction, an expression, a number with words); give --reward")
 
 
 def load_task(spec: str, seed: int = 0, heldout_frac: float = 0.05, reward: Callable | None = None) -> Task:
