@@ -99,6 +99,9 @@ def test_render_rejects_late_system(env):
     ('{"messages": [{"role": "bot", "content": "x"}]}', "role 'bot'"),
     ('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "  "}]}', "empty assistant"),
     ('{"messages": [{"role": "user", "content": "x"}]}', "no assistant"),
+    # JSON allows a lone surrogate escape; it has no UTF-8 form (was a TypeError from the tokenizer, no line)
+    ('{"messages": [{"role": "user", "content": "a\\ud800"}, {"role": "assistant", "content": "b"}]}',
+     r"message 0 \(user\) holds a lone surrogate escape \(\\ud800\)"),
 ])
 def test_read_chats_errors(tmp_path, line, err):
     p = tmp_path / "bad.jsonl"

@@ -138,6 +138,8 @@ def test_grpo_config_refuses_meaningless_coefficients(kw):
     # answers the exact-match reward can never match (every reward 0, every group without signal, no word)
     ({"messages": [{"role": "user", "content": "x"}], "answer": "1/2"}, "'answer' '1/2' is not one number"),
     ({"messages": [{"role": "user", "content": "x"}], "answer": "3 apples"}, "'answer' '3 apples' is not one number"),
+    ({"messages": [{"role": "user", "content": "x\ud800"}], "answer": "1"},
+     r"message 0 \(user\) holds a lone surrogate escape"),  # (was a TypeError from the tokenizer, no line)
 ])
 def test_task_file_rows_are_checked_with_their_line(tmp_path, row, match):
     ok = {"messages": [{"role": "user", "content": "1 + 1?"}], "answer": "2"}
