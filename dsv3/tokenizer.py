@@ -151,13 +151,21 @@ CHAT_TEMPLATE = "".join([
 _SURROGATE_RUN = re.compile("([\udc80-\udcff]+)")  # invalid bytes after surrogateescape decoding
 
 
+def _raise_template_error(message):
+    from jinja2 import TemplateError
+
+    raise TemplateError(message)
+
+
 @functools.lru_cache(maxsize=8)
 def _compile_template(template: str):
-    """The chat template compiled once per template string (compiling costs ~20 ms, rendering ~0.1 ms)."""
+    """The chat template compiled once per template string (compiling costs ~20 ms, rendering ~0.1 ms), in the
+    environment transformers renders it in: loop controls ({% break %}, {% continue %}) and raise_exception."""
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.filters["tojson"] = lambda x, **kw: json.dumps(x, ensure_ascii=False, **kw)
+    env.globals["raise_exception"] = _raise_template_error
     return env.from_string(template)
 
 

@@ -252,3 +252,27 @@ def test_chat_template_from_tokenizer_config_is_used(tmp_path):
     assert loaded.apply_chat_template([{"role": "user", "content": "x"}]) == "[user]x"
     with pytest.raises(ValueError, match="message 0"):
         loaded.apply_chat_template([{"role": "wizard", "content": "x"}])
+
+
+def test_a_checkpoint_template_with_loop_controls_and_raise_exception_renders_as_in_transformers(tmp_path):
+    """transformers renders chat templates with jinja2's loop controls ({% break %}, {% continue %}) and a
+    raise_exception global (as dsv3's server does); DSTokenizer.load refused such a tokenizer_config.json ("does
+    not compile"), so no dsv3 command could load the checkpoint."""
+    from jinja2 import TemplateError
+    from transformers import AutoTokenizer
+
+    DSTokenizer.train(["hello world " * 50], 300).save(tmp_path)
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = (
+        "{{ bos_token }}{% for m in messages %}{% if m['role'] not in ['system', 'user', 'assistant'] %}"
+        "{{ raise_exception('roles are system, user and assistant') }}{% endif %}"
+        "{% if m['role'] == 'system' %}{{ m['content'] }}{% continue %}{% endif %}"
+        "{{ '<｜User｜>' if m['role'] == 'user' else '<｜Assistant｜>' }}{{ m['content'] }}{% endfor %}"
+        "{% if add_generation_prompt %}<｜Assistant｜>{% endif %}")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg, ensure_ascii=False))
+    mine, hf = DSTokenizer.load(tmp_path), AutoTokenizer.from_pretrained(tmp_path)
+    msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "hi"}]
+    assert mine.apply_chat_template(msgs) == hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert mine.apply_chat_template(msgs) == f"{BOS}S<｜User｜>hi<｜Assistant｜>"
+    with pytest.raises(TemplateError, match="roles are system, user and assistant"):
+        mine.apply_chat_template([{"role": "tool", "content": "x"}])
