@@ -372,7 +372,8 @@ def test_mismatch_listing_is_one_line_and_traceback_on_request(hf_dir, monkeypat
 
 def test_corrupt_run_directory_checkpoint_files(tmp_path, model, tok):
     opt = torch.optim.AdamW(model.parameters())
-    path = rundir.save_checkpoint(str(tmp_path / "checkpoints"), 1, model, opt, {"sampler": {}}, tokenizer=tok)
+    path = rundir.save_checkpoint(str(tmp_path / "checkpoints"), 1, model, opt, {"tokens": 0, "sampler": {}},
+                                  tokenizer=tok)
     opt_file = os.path.join(path, "optimizer.safetensors")
     with open(opt_file, "r+b") as f:
         f.truncate(10)
@@ -382,6 +383,46 @@ def test_corrupt_run_directory_checkpoint_files(tmp_path, model, tok):
         f.write('{"step": 1}')
     with pytest.raises(CheckpointError, match=r"trainer_state\.json: missing fields optimizer, rng"):
         rundir.load_into(path, model, opt)
+
+
+def _stepped_checkpoint(tmp_path, model, tok):
+    """A run-directory checkpoint after one AdamW step (every parameter has its step and moments), and its optimizer."""
+    from dsv3.training.optim import AdamW
+
+    opt = AdamW(model.parameters(), lr=1e-3, state_dtype=torch.float32)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return rundir.save_checkpoint(str(tmp_path / "checkpoints"), 1, model, opt, {"tokens": 64, "sampler": {}},
+                                  tokenizer=tok), opt
+
+
+def _first(t, suffix):
+    return next(k for k in sorted(t) if k.endswith(suffix))
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda t: t.pop(_first(t, ".exp_avg")), ".exp_avg: missing"),
+    (lambda t: t.update({_first(t, "proj.weight.exp_avg"): torch.zeros(3)}), "shape [3], parameter ["),
+    (lambda t: t.update({_first(t, ".exp_avg_sq"): t[_first(t, ".exp_avg_sq")].to(torch.int32)}),
+     "torch.int32, not floating point"),
+    (lambda t: t.update({_first(t, ".step"): torch.zeros(2)}), ".step: shape [2], not one number"),
+    (lambda t: t.update({"nodot": torch.zeros(1)}), "'nodot' is not <parameter>.<state>"),
+])
+def test_malformed_optimizer_state_is_named(tmp_path, model, tok, edit, needle):
+    """A moment of another shape or dtype, or a parameter with part of its AdamW state, is refused at the load,
+    naming the file and the tensor (it used to fail at the next step: an assertion's traceback, a bare KeyError,
+    or integer moments trained on silently)."""
+    path, opt = _stepped_checkpoint(tmp_path, model, tok)
+    opt_file = os.path.join(path, "optimizer.safetensors")
+    t = load_file(opt_file)
+    edit(t)
+    save_file(t, opt_file)
+    for load in (lambda: rundir.load_into(path, model, opt), lambda: rundir.full_state(path)):
+        with pytest.raises(CheckpointError, match="optimizer.safetensors: ") as e:
+            load()
+        assert needle in str(e.value) and "\n" not in str(e.value), e.value
 
 
 def test_malformed_token_cache_meta(tmp_path):

@@ -82,6 +82,40 @@ def optimizer_tensors(model: torch.nn.Module, opt: torch.optim.Optimizer) -> tup
     return tensors, {"param_groups": groups}
 
 
+ADAMW_STATE = ("step", "exp_avg", "exp_avg_sq")
+
+
+def optimizer_state(tensors: dict, shapes: dict, source: str) -> dict[str, dict[str, torch.Tensor]]:
+    """optimizer_tensors' output by parameter name ({name: {"step", "exp_avg", "exp_avg_sq"}}), checked against
+    the model's parameter shapes `shapes` ({name: shape}): a CheckpointError naming `source` and the tensors for a
+    parameter the model does not have, part of a parameter's AdamW state, a moment of another shape or not of a
+    floating-point dtype, a step that is not one number (each used to fail only at the next step, if at all)."""
+    state: dict[str, dict[str, torch.Tensor]] = {}
+    for key, v in tensors.items():
+        if "." not in key:
+            raise CheckpointError(f"{source}: tensor name {key!r} is not <parameter>.<state>")
+        name, k = key.rsplit(".", 1)
+        state.setdefault(name, {})[k] = v
+    unknown = sorted(set(state) - set(shapes))
+    if unknown:
+        raise CheckpointError(f"{source}: state for parameters the model does not have: {', '.join(unknown[:5])}")
+    bad = []
+    for name, st in sorted(state.items()):
+        bad += [f"{name}.{k}: missing" for k in ADAMW_STATE if k not in st]
+        for k, v in sorted(st.items()):
+            if k == "step":
+                if v.numel() != 1:
+                    bad.append(f"{name}.step: shape {list(v.shape)}, not one number")
+            elif not v.is_floating_point():
+                bad.append(f"{name}.{k}: {v.dtype}, not floating point")
+            elif tuple(v.shape) != tuple(shapes[name]):
+                bad.append(f"{name}.{k}: shape {list(v.shape)}, parameter {list(shapes[name])}")
+    if bad:
+        raise CheckpointError(f"{source}: malformed optimizer state ({len(bad)} tensor(s)): {'; '.join(bad[:5])}"
+                              + (" ..." if len(bad) > 5 else ""))
+    return state
+
+
 def load_optimizer(model: torch.nn.Module, opt: torch.optim.Optimizer, tensors: dict, meta: dict,
                    source: str = "optimizer.safetensors") -> None:
     """Fill `opt` from optimizer_tensors' output; `source` names the file in errors."""
@@ -90,9 +124,7 @@ def load_optimizer(model: torch.nn.Module, opt: torch.optim.Optimizer, tensors: 
     if not isinstance(saved, list) or not all(isinstance(s, dict) and isinstance(s.get("params"), list)
                                               for s in saved):
         raise CheckpointError(f"{source}: optimizer param_groups missing or malformed in trainer_state.json")
-    unknown = sorted({key.rsplit(".", 1)[0] for key in tensors} - set(params))
-    if unknown:
-        raise CheckpointError(f"{source}: state for parameters the model does not have: {', '.join(unknown[:5])}")
+    state = optimizer_state(tensors, {n: p.shape for n, p in params.items()}, source)
     if len(saved) != len(opt.param_groups):
         raise ValueError(f"optimizer checkpoint has {len(saved)} param groups, optimizer has {len(opt.param_groups)}")
     for g, s in zip(opt.param_groups, saved):
@@ -103,16 +135,16 @@ def load_optimizer(model: torch.nn.Module, opt: torch.optim.Optimizer, tensors: 
             if k != "params":
                 g[k] = tuple(v) if k == "betas" else v
     opt.state.clear()
-    for key, v in tensors.items():
-        pname, k = key.rsplit(".", 1)
+    for pname, st in state.items():
         p = params[pname]
-        if k == "step":
-            opt.state.setdefault(p, {})[k] = v.clone()  # AdamW keeps step as a cpu float tensor
-        else:
-            # moments in the optimizer's storage dtype (AdamW.state_dtype, else the
-            # parameter's): a run resumed with another --optim-state converts them
-            dtype = getattr(opt, "state_dtype", p.dtype) if v.is_floating_point() else v.dtype
-            opt.state.setdefault(p, {})[k] = v.to(device=p.device, dtype=dtype, copy=True)
+        for k, v in st.items():
+            if k == "step":
+                opt.state.setdefault(p, {})[k] = v.clone()  # AdamW keeps step as a cpu float tensor
+            else:
+                # moments in the optimizer's storage dtype (AdamW.state_dtype, else the
+                # parameter's): a run resumed with another --optim-state converts them
+                dtype = getattr(opt, "state_dtype", p.dtype)
+                opt.state.setdefault(p, {})[k] = v.to(device=p.device, dtype=dtype, copy=True)
 
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
@@ -246,13 +278,8 @@ def full_state(path: str) -> tuple[dict, dict, dict]:
     """The whole state of run-directory checkpoint `path` by parameter name, on the CPU: (model state
     dict, {name: {"step", "exp_avg", "exp_avg_sq"}}, trainer state); for resuming it in another layout."""
     model_sd = load_pretrained(path, device="cpu", dtype=torch.float32).state_dict()
-    optim: dict[str, dict] = {}
     opt_path = os.path.join(path, "optimizer.safetensors")
-    for key, v in load_safetensors(opt_path).items():
-        if "." not in key:
-            raise CheckpointError(f"{opt_path}: tensor name {key!r} is not <parameter>.<state>")
-        name, k = key.rsplit(".", 1)
-        optim.setdefault(name, {})[k] = v
+    optim = optimizer_state(load_safetensors(opt_path), {n: t.shape for n, t in model_sd.items()}, opt_path)
     return model_sd, optim, read_trainer_state(path)
 
 
