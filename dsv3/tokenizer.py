@@ -258,7 +258,7 @@ class DSTokenizer:
         self._id_bytes: list[bytes] | None = None  # id -> bytes, built on first byte-level use
         self._byte_ids: list[int] | None = None  # byte -> its single-byte token id
         self._id_limit: int | None = None  # 1 + the largest id (id_limit)
-        self.chat_template: str = CHAT_TEMPLATE  # replaced by tokenizer_config.json's when loading a directory
+        self.chat_template: str = CHAT_TEMPLATE  # replaced by the directory's when loading one (load)
 
     # --- construction ------------------------------------------------------------------------
     @classmethod
@@ -281,20 +281,30 @@ class DSTokenizer:
         except Exception as e:  # tokenizers raises a bare Exception ("data did not match any variant ...")
             raise CheckpointError(f"{file}: not a valid tokenizer file ({e})") from None
         tok = cls(inner, special_tokens)
-        cfg_file = file.parent / "tokenizer_config.json"
+        # where transformers looks: chat_template.jinja first (what transformers 5 saves), else tokenizer_config.json's
+        # chat_template, a string or a list of named templates ({"name", "template"}: "default" is the one used)
+        template, cfg_file = None, file.parent / "chat_template.jinja"
         if cfg_file.is_file():
+            try:
+                template = cfg_file.read_text(encoding="utf-8")
+            except UnicodeDecodeError as e:
+                raise CheckpointError(f"{cfg_file}: not UTF-8 text ({e.reason})") from None
+        elif (cfg_file := file.parent / "tokenizer_config.json").is_file():
             template = read_json(str(cfg_file)).get("chat_template")
-            if isinstance(template, str) and template:
-                try:  # compiled now, so that a broken template fails here and not at the first chat
-                    _compile_template(template)
-                except TemplateError as e:
-                    raise CheckpointError(f"{cfg_file}: chat_template does not compile ({e})") from None
-                tok.chat_template = template
+            if isinstance(template, list):
+                template = next((t.get("template") for t in template if isinstance(t, dict)
+                                 and t.get("name") == "default"), None)
+        if isinstance(template, str) and template:
+            try:  # compiled now, so that a broken template fails here and not at the first chat
+                _compile_template(template)
+            except TemplateError as e:
+                raise CheckpointError(f"{cfg_file}: chat_template does not compile ({e})") from None
+            tok.chat_template = template
         return tok
 
     def apply_chat_template(self, messages: Sequence[Mapping], add_generation_prompt: bool = True) -> str:
         """Render chat messages ({"role", "content"} dicts) with the chat template (DeepSeek-V3's, or
-        the one from the loaded tokenizer_config.json) in a sandboxed Jinja environment, as
+        the loaded directory's) in a sandboxed Jinja environment, as
         transformers does. The result already starts with BOS: encode it without adding another."""
         for i, m in enumerate(messages):
             if not isinstance(m, Mapping) or m.get("role") not in ("system", "user", "assistant", "tool"):

@@ -276,3 +276,26 @@ def test_a_checkpoint_template_with_loop_controls_and_raise_exception_renders_as
     assert mine.apply_chat_template(msgs) == f"{BOS}S<｜User｜>hi<｜Assistant｜>"
     with pytest.raises(TemplateError, match="roles are system, user and assistant"):
         mine.apply_chat_template([{"role": "tool", "content": "x"}])
+
+
+def test_chat_template_jinja_file_and_named_templates_as_transformers_reads_them(tmp_path):
+    """transformers (5, by default) saves a tokenizer's chat template as chat_template.jinja, which takes
+    priority over tokenizer_config.json's, and older files hold a list of named templates there: DSTokenizer.load read
+    only a string in tokenizer_config.json, so it silently rendered DeepSeek's template for such a directory."""
+    from transformers import AutoTokenizer
+
+    DSTokenizer.train(["hello world " * 50], 300).save(tmp_path / "a")
+    hf = AutoTokenizer.from_pretrained(tmp_path / "a")
+    hf.chat_template = "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
+    hf.save_pretrained(tmp_path / "b")
+    assert (tmp_path / "b" / "chat_template.jinja").is_file()
+    msgs = [{"role": "user", "content": "x"}]
+    for d in ("b", "c"):
+        if d == "c":  # the legacy list of named templates; "default" is the one used without tools
+            DSTokenizer.train(["hello world " * 50], 300).save(tmp_path / "c")
+            cfg = json.loads((tmp_path / "c" / "tokenizer_config.json").read_text(encoding="utf-8"))
+            cfg["chat_template"] = [{"name": "tool_use", "template": "T{{ messages[0]['content'] }}"},
+                                    {"name": "default", "template": "D{{ messages[0]['content'] }}"}]
+            (tmp_path / "c" / "tokenizer_config.json").write_text(json.dumps(cfg), encoding="utf-8")
+        want = AutoTokenizer.from_pretrained(tmp_path / d).apply_chat_template(msgs, tokenize=False)
+        assert DSTokenizer.load(tmp_path / d).apply_chat_template(msgs) == want == {"b": "[user]x", "c": "Dx"}[d]
