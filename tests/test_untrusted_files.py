@@ -425,6 +425,28 @@ def test_malformed_optimizer_state_is_named(tmp_path, model, tok, edit, needle):
         assert needle in str(e.value) and "\n" not in str(e.value), e.value
 
 
+@pytest.mark.parametrize("edit, needle", [
+    (lambda st: st.pop("sampler"), "missing field sampler"),
+    (lambda st: st.pop("tokens"), "missing field tokens"),
+    (lambda st: st.update(step="1"), "step '1' is not an integer >= 0"),
+    (lambda st: st.update(tokens=-5), "tokens -5 is not an integer >= 0"),
+    (lambda st: st.update(sampler=[1]), "sampler is not a JSON object"),
+])
+def test_malformed_trainer_state_fields_are_named(tmp_path, model, tok, edit, needle):
+    """The fields a resume reads (step, tokens, sampler) are checked with the file: missing ones used to end
+    a resume as a bare KeyError ('dsv3 train: error: sampler'), wrongly typed ones with a traceback."""
+    path, opt = _stepped_checkpoint(tmp_path, model, tok)
+    ts = os.path.join(path, "trainer_state.json")
+    with open(ts, encoding="utf-8") as f:
+        st = json.load(f)
+    edit(st)
+    with open(ts, "w", encoding="utf-8") as f:
+        json.dump(st, f)
+    with pytest.raises(CheckpointError, match=r"trainer_state\.json: ") as e:
+        rundir.load_into(path, model, opt)
+    assert needle in str(e.value), e.value
+
+
 def test_malformed_token_cache_meta(tmp_path):
     from dsv3.training.data import CorpusError, TokenCache
 
