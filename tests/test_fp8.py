@@ -286,12 +286,14 @@ def test_quantize_cli(dense, fp8, ids, tmp_path):
     src = tmp_path / "src"
     save_pretrained(dense, src)  # fp32 checkpoint + a tokenizer file
     (src / "tokenizer.json").write_text('{"model": "stand-in"}')
+    (src / "chat_template.jinja").write_text("{{ messages }}")  # where transformers 5 saves the chat template
 
     rc, out, err = run_cli("quantize", str(src), str(tmp_path / "q32"), "--dtype", "float32")
     assert rc == 0, err
     assert "26 FP8 modules" in out and "tokenizer.json" in out
     q32 = tmp_path / "q32"
     assert (q32 / "tokenizer.json").read_text() == '{"model": "stand-in"}'
+    assert (q32 / "chat_template.jinja").read_text() == "{{ messages }}"
     assert json.loads((q32 / "config.json").read_text())["quantization_config"]["quant_method"] == "fp8"
     kept = load_pretrained(q32, keep_fp8=True).eval()
     with torch.no_grad():

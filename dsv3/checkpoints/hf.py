@@ -733,8 +733,8 @@ def tempdir_beside(path: str) -> str:
 
 STORAGE_DTYPES = ("bfloat16", "float16", "float32")
 # files of a checkpoint directory besides the weights and config.json that a copy carries over
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "generation_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
+                   "tokenizer.model", "generation_config.json")
 
 
 @dataclass
