@@ -195,3 +195,15 @@ def test_sft_input_errors_name_the_file(env, tmp_path):
     binary.write_bytes(json.dumps(ok).encode() + b"\n\xff\xfe\n")
     with pytest.raises(ValueError, match=rf"{binary}: not UTF-8 text"):
         sft.read_chats(str(binary))
+
+
+@pytest.mark.parametrize("flag,kw", [("--seq-len", {"seq_len": 96}), ("--batch-size", {"batch_size": 2}),
+                                     ("--seed", {"seed": 1})])
+def test_sft_resume_refuses_another_packing(env, tmp_path, flag, kw):
+    """The checkpoint's data position (epoch, row) indexes the packing of its run's seq_len, batch size and seed: a
+    resume with others continued silently at that row of another packing (not the exact resume it claims)."""
+    out = str(tmp_path / "s")
+    sft.train_sft(env["ckpt"], env["data"], out, _sft_cfg(steps=1), log=lambda *a: None)
+    with pytest.raises(ValueError, match=f"{flag}"):
+        sft.train_sft(env["ckpt"], env["data"], out, _sft_cfg(steps=2, resume=True, **kw), log=lambda *a: None)
+    sft.train_sft(env["ckpt"], env["data"], out, _sft_cfg(steps=2, resume=True), log=lambda *a: None)  # a new length

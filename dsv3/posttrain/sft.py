@@ -410,6 +410,12 @@ def train_sft(checkpoint_dir: str, data_path: str, out_dir: str, cfg: SFTConfig,
     step, tokens = 0, 0
     if resume_from is not None:
         st = strategy.load(resume_from, opt)
+        was = st.get("sft_config") or {}
+        for k in ("seq_len", "batch_size", "seed"):  # the data position (epoch, row) is a row of their packing
+            if k in was and was[k] != getattr(cfg, k):
+                raise ValueError(f"{resume_from} was written with --{k.replace('_', '-')} {was[k]}, not "
+                                 f"{getattr(cfg, k)}: its data position is a row of that run's packing; resume with "
+                                 "the run's value")
         task.load_state_dict(st["sampler"])
         step, tokens = st["step"], st["tokens"]
         say(f"resumed from {resume_from} at step {step} (written by {st.get('layout', {'world_size': 1})['world_size']}"
