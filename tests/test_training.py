@@ -627,6 +627,28 @@ def test_tokenizer_larger_than_model_vocab(env, tmp_path):
         train(micro_config(vocab_size=300), tcfg(env, tmp_path / "run"), log=quiet)
 
 
+def test_config_json_names_the_tokenizers_bos_and_eos_ids(env, tmp_path):
+    """config.json's bos/eos_token_id (the ids transformers' generate starts and stops at) said 0 / 1 whatever the
+    tokenizer: one whose DeepSeek specials sit at other ids (DeepSeek-V2's at 100000..) left them naming other
+    tokens. The ids are not architecture: --init-from with a preset still matches such a checkpoint."""
+    from dsv3.training.extend import check_same_architecture, checkpoint_config
+
+    spec = json.loads(DSTokenizer.load(env["tokenizer"]).tokenizer.to_str())
+    added = {t["content"] for t in spec["added_tokens"]}
+    vocab = {t: i for i, t in enumerate(sorted(set(spec["model"]["vocab"]) - added, key=spec["model"]["vocab"].get))}
+    for t in spec["added_tokens"]:  # the specials after the ordinary tokens
+        t["id"] = vocab[t["content"]] = len(vocab)
+    spec["model"]["vocab"] = vocab
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    train(micro_config(), tcfg(env, tmp_path / "run", tokenizer=str(tmp_path / "tok"), steps=1), log=quiet)
+    ck = latest_checkpoint(tmp_path / "run" / "checkpoints")
+    tok = DSTokenizer.load(ck)
+    config = json.loads(open(os.path.join(ck, "config.json"), encoding="utf-8").read())
+    assert (config["bos_token_id"], config["eos_token_id"]) == (tok.bos_id, tok.eos_id) != (0, 1)
+    check_same_architecture(micro_config(), checkpoint_config(ck), "--preset", ck)
+
+
 def test_compile_flag_compiles_every_block_in_place(env, tmp_path, monkeypatch):
     """--compile compiles each main block and MTP module in place (so checkpoint names stay the same);
     the compilation itself is measured on the GPU (bench/train_speed.py), not run here."""

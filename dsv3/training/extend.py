@@ -46,9 +46,9 @@ from dsv3.training.strategy import checkpoint_config
 YARN_DEFAULTS = {"beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}
 
 # fields of a --preset / --config that need not match the checkpoint's: the positions (set by the rope
-# flags), storage and initialisation (weights come from the checkpoint), legacy training fields
+# flags), storage and initialisation (weights come from the checkpoint), legacy training fields, the tokenizer's ids
 NOT_ARCHITECTURE = ("rope_scaling", "max_position_embeddings", "torch_dtype", "initializer_range",
-                    "quantization_config", "aux_loss_alpha", "seq_aux")
+                    "quantization_config", "aux_loss_alpha", "seq_aux", "bos_token_id", "eos_token_id", "pad_token_id")
 
 
 def resolve(path: str) -> str:

@@ -37,7 +37,7 @@ from dsv3.config import ModelConfig
 from dsv3.info import param_count, param_line
 from dsv3.memory import ensure_fits
 from dsv3.model import build_model
-from dsv3.tokenizer import DSTokenizer, check_trainable_vocab
+from dsv3.tokenizer import DSTokenizer, MissingSpecialTokenError, check_trainable_vocab
 from dsv3.training import extend, loop
 from dsv3.training.config import TrainConfig, deterministic_mode, resolve_device
 from dsv3.training.data import (CorpusError, PackedSampler, build_token_cache, find_corpus, read_documents, split_of,
@@ -384,6 +384,14 @@ def _train(mc: ModelConfig | None, tc: TrainConfig, pcfg, log, strategy: Strateg
 
     tok_from = resume_from or (extend.tokenizer_source(init_from, tc) if init_from else None)
     tok, cache, extra = _load_data(tc, mc, tok_from, strategy, say)
+    # config.json names the tokenizer's BOS / EOS, the ids transformers' generate starts and stops at: 0 / 1 in
+    # DeepSeek-V3's and dsv3's tokenizers, others in another file (DeepSeek-V2's are 100000 / 100001)
+    try:
+        bos = tok.bos_id
+    except MissingSpecialTokenError:
+        bos = None
+    if (mc.bos_token_id, mc.eos_token_id) != (bos, tok.eos_id):
+        mc = mc.replace(bos_token_id=bos, eos_token_id=tok.eos_id)
     task = Pretrain(tc, mc, strategy, tok, cache, extra, say)
     strategy.check_task(task)
 
