@@ -513,3 +513,32 @@ def test_resume_refused_on_other_tokens_of_the_same_count(tmp_path, tok):
     old = dict(state)
     del old["fingerprint"]  # a checkpoint from before the fingerprint: resumes as before
     other.sampler(16, 4, seed=1).load_state_dict(old)
+
+
+def test_a_failed_tokenizer_save_leaves_no_cached_tokenizer(tmp_path, monkeypatch):
+    """get_tokenizer caches the BPE it trains; a save cut short (a full disk, a kill) left a truncated tokenizer.json
+    there, which every later run on that corpus loaded and failed on ("not a valid tokenizer file"), and a run
+    started beside one that was saving could read half a file. The files now land whole or not at all."""
+    from types import SimpleNamespace
+
+    from dsv3.training.config import TrainConfig
+    from dsv3.training.pretrain import get_tokenizer
+
+    write_corpus(tmp_path / "c", n_files=6)
+    tc = TrainConfig(data=str(tmp_path / "c"), cache_dir=str(tmp_path / "cache"), val_permille=0)
+    save = DSTokenizer.save
+
+    def full_disk(self, directory, **kw):  # the disk fills up halfway through tokenizer.json
+        out = save(self, directory, **kw)
+        text = (out / "tokenizer.json").read_text(encoding="utf-8")
+        (out / "tokenizer.json").write_text(text[:len(text) // 2], encoding="utf-8")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(DSTokenizer, "save", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        get_tokenizer(tc, SimpleNamespace(vocab_size=300), lambda s: None)
+    monkeypatch.setattr(DSTokenizer, "save", save)
+    tok = get_tokenizer(tc, SimpleNamespace(vocab_size=300), lambda s: None)  # trains again
+    again = get_tokenizer(tc, SimpleNamespace(vocab_size=300), lambda s: None)  # the cached one
+    assert again.fingerprint == tok.fingerprint and tok.encode("def add(a, b):") == again.encode("def add(a, b):")
+    assert not [p for p in (tmp_path / "cache").rglob("*") if "tmp" in p.name]  # no temporary file left behind

@@ -26,6 +26,8 @@ import hashlib
 import json
 import math
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import asdict
 
@@ -78,7 +80,17 @@ def get_tokenizer(tc: TrainConfig, mc: ModelConfig, log) -> DSTokenizer:
             if seen["bytes"] == 0:  # nothing to learn from: no tokenizer is cached for it
                 raise CorpusError(f"no training text in {corpus.description}: every file is empty, not UTF-8, or in "
                                   f"the held-out split (--val-permille {tc.val_permille})")
-            tok.save(os.path.dirname(path))
+            # written beside, then renamed in, tokenizer.json last: a save cut short (a full disk, a kill) leaves no
+            # half file for every later run to fail on, and a run started meanwhile reads whole files or none
+            directory = os.path.dirname(path)
+            os.makedirs(directory, exist_ok=True)
+            tmp = tempfile.mkdtemp(prefix=".tmp-", dir=directory)
+            try:
+                tok.save(tmp)
+                for name in ("tokenizer_config.json", "tokenizer.json"):
+                    os.replace(os.path.join(tmp, name), os.path.join(directory, name))
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
             log(f"tokenizer trained in {time.time() - t0:.1f}s")
     if tok.id_limit > mc.vocab_size:  # ids index the embedding: the largest one counts, not how many there are
         ids = f" with ids up to {tok.id_limit - 1}" if tok.id_limit != tok.vocab_size else ""
