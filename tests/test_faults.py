@@ -172,6 +172,40 @@ def test_a_step_directory_without_trainer_state_is_neither_latest_nor_kept(env, 
     assert state["step"] == 2 and state["reason"] == "final"
 
 
+class Killed(BaseException):
+    """The process dying at this point (SIGKILL cannot be caught; the test stops the save here instead)."""
+
+
+def test_a_kill_while_an_old_checkpoint_is_removed_leaves_no_half_checkpoint(tmp_path, monkeypatch):
+    """Keep-last-K removes an old checkpoint file by file: a kill half-way used to leave a `step_` directory that
+    still held trainer_state.json but not its optimizer (or model) file, listed as a complete checkpoint (a real
+    SIGKILL of `dsv3 train --save-every 1` left one). The directory leaves the list before its files go."""
+    from conftest import make_model, tiny_cfg
+    from dsv3.checkpoints import rundir
+
+    model = make_model(tiny_cfg())
+    opt = torch.optim.AdamW(model.parameters())
+    root = str(tmp_path / "checkpoints")
+    state = {"tokens": 0, "sampler": {}}
+    rundir.save_checkpoint(root, 1, model, opt, state, keep=1)
+    real = shutil.rmtree
+
+    def dies_half_way(path, *args, **kwargs):
+        if os.path.isfile(os.path.join(path, "optimizer.safetensors")):  # the old checkpoint's files going
+            os.remove(os.path.join(path, "optimizer.safetensors"))
+            raise Killed
+        real(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", dies_half_way)
+    with pytest.raises(Killed):
+        rundir.save_checkpoint(root, 2, model, opt, state, keep=1)
+    monkeypatch.undo()
+    assert list_checkpoints(root) == [os.path.join(root, "step_00000002")]
+    rundir.save_checkpoint(root, 3, model, opt, state, keep=1)  # the next save clears what the kill left
+    assert sorted(os.listdir(root)) == ["step_00000003"]
+    load_checkpoint(os.path.join(root, "step_00000003"), "cpu", torch.float32)
+
+
 # --------------------------------------------------------------------------------------------------
 # non-finite losses
 

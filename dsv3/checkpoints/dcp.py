@@ -295,7 +295,7 @@ def save_dcp(ckpt_root: str, step: int, model, opt, ps, state: dict, *, tokenize
     if rank == 0:
         if keep > 0:
             for old in ckpt.list_checkpoints(ckpt_root)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+                ckpt.remove_checkpoint(old)
         for name in os.listdir(ckpt_root):  # temporary directories of earlier interrupted saves
             if name.startswith(".tmp-") and os.path.join(ckpt_root, name) != tmp:
                 shutil.rmtree(os.path.join(ckpt_root, name), ignore_errors=True)

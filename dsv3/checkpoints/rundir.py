@@ -215,11 +215,23 @@ def save_checkpoint(ckpt_root: str, step: int, model, opt, state: dict, tokenize
         raise
     if keep > 0:
         for old in list_checkpoints(ckpt_root)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            remove_checkpoint(old)
     for name in os.listdir(ckpt_root):  # temporary directories of earlier interrupted saves
         if name.startswith(".tmp-"):
             shutil.rmtree(os.path.join(ckpt_root, name), ignore_errors=True)
     return final
+
+
+def remove_checkpoint(path: str) -> None:
+    """Delete checkpoint directory `path` (keep-last-K): first renamed to a temporary name (one atomic rename), so
+    that a kill half-way through the deletion never leaves a `step_` directory holding trainer_state.json without
+    the files it describes; what such a kill leaves is removed with the other temporary directories."""
+    dead = os.path.join(os.path.dirname(path), f".tmp-{os.path.basename(path)}-removed-{os.urandom(4).hex()}")
+    try:
+        os.rename(path, dead)
+    except OSError:
+        return
+    shutil.rmtree(dead, ignore_errors=True)
 
 
 def is_complete(path: str) -> bool:
