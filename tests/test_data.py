@@ -542,3 +542,28 @@ def test_a_failed_tokenizer_save_leaves_no_cached_tokenizer(tmp_path, monkeypatc
     again = get_tokenizer(tc, SimpleNamespace(vocab_size=300), lambda s: None)  # the cached one
     assert again.fingerprint == tok.fingerprint and tok.encode("def add(a, b):") == again.encode("def add(a, b):")
     assert not [p for p in (tmp_path / "cache").rglob("*") if "tmp" in p.name]  # no temporary file left behind
+
+
+def test_file_names_that_are_not_utf8(tmp_path, tok):
+    """A file name that is not UTF-8 (b"caf\\xe9.txt" from a latin-1 archive; Python holds it with surrogate escapes)
+    stopped every build with "'utf-8' codec can't encode character '\\udce9' ... surrogates not allowed", naming no
+    file: the split hash, the FIM seed and meta.json encoded it strictly. It is hashed by its bytes now, a UTF-8
+    name as before."""
+    root = tmp_path / "c"
+    root.mkdir()
+    try:
+        (root / b"caf\xe9.txt".decode("utf-8", "surrogateescape")).write_text("un texte " * 40, encoding="utf-8")
+        (root / b"bin\xff.txt".decode("utf-8", "surrogateescape")).write_bytes(b"\xff\xfe not UTF-8")  # skipped
+    except (OSError, UnicodeEncodeError):
+        pytest.skip("this filesystem refuses file names that are not UTF-8")
+    (root / "ok.txt").write_text("plain text " * 40, encoding="utf-8")
+    odd = b"caf\xe9.txt".decode("utf-8", "surrogateescape")
+    assert split_of(odd, 500) == ("val" if int(hashlib.sha1(b"caf\xe9.txt").hexdigest(), 16) % 1000 < 500 else "train")
+    assert split_of("ok.txt", 500) == ("val" if int(hashlib.sha1(b"ok.txt").hexdigest(), 16) % 1000 < 500 else "train")
+    fim_split("abc", fim_rng(0, odd))
+    for fim in (0.0, 1.0):
+        cache = build_token_cache(root, tok, tmp_path / "cache", val_permille=0, fim_rate=fim, progress=False)
+        assert cache.meta["splits"]["train"]["n_docs"] == 2 and cache.meta["n_skipped"] == 1
+        again = build_token_cache(root, tok, tmp_path / "cache", val_permille=0, fim_rate=fim, progress=False)
+        assert again.reused and again.meta == cache.meta
+    assert len(D.sample_corpus(find_corpus(root), 500).files) == 2

@@ -193,7 +193,7 @@ def sample_corpus(corpus: Corpus, max_bytes: int) -> Corpus:
     machine), kept while they fit."""
     if max_bytes <= 0 or corpus.n_bytes <= max_bytes:
         return corpus
-    order = sorted(corpus.files, key=lambda f: hashlib.sha1(f.relpath.encode("utf-8")).hexdigest())
+    order = sorted(corpus.files, key=lambda f: hashlib.sha1(key_bytes(f.relpath)).hexdigest())
     kept, total = [], 0
     for f in order:
         if total + f.size <= max_bytes:
@@ -280,9 +280,15 @@ def read_documents(file: SourceFile) -> list[Document] | None:
     return docs
 
 
+def key_bytes(key: str) -> bytes:
+    """The bytes of a relative path or document key, what the split and FIM hash: its UTF-8, and a file name that is
+    not UTF-8 (which Python holds with surrogate escapes, b"caf\xe9" as "caf\udce9") as its own bytes."""
+    return key.encode("utf-8", "surrogateescape")
+
+
 def split_of(key: str, val_permille: int = 10) -> str:
     """'val' for about val_permille/1000 of the keys, chosen by a stable hash of the key."""
-    return "val" if int(hashlib.sha1(key.encode("utf-8")).hexdigest(), 16) % 1000 < val_permille else "train"
+    return "val" if int(hashlib.sha1(key_bytes(key)).hexdigest(), 16) % 1000 < val_permille else "train"
 
 
 def validation_overlap(main: Corpus, extra: Corpus, val_permille: int) -> list[Path]:
@@ -297,8 +303,8 @@ def validation_overlap(main: Corpus, extra: Corpus, val_permille: int) -> list[P
 # --- FIM -----------------------------------------------------------------------------------------
 
 def fim_rng(seed: int, key: str) -> random.Random:
-    # str seeds go through sha512: the same stream on every machine and PYTHONHASHSEED
-    return random.Random(f"fim:{seed}:{key}")
+    # str and bytes seeds go through sha512: the same stream on every machine and PYTHONHASHSEED
+    return random.Random(key_bytes(f"fim:{seed}:{key}"))
 
 
 def fim_split(text: str, rng: random.Random) -> tuple[str, str, str]:
@@ -534,7 +540,8 @@ def build_token_cache(source: str | os.PathLike | Corpus | None, tokenizer: DSTo
         "splits": {s: w.commit() for s, w in writers.items()},
         "build_seconds": round(time.perf_counter() - t0, 3),
     }
-    _atomic_write_text(directory / "meta.json", json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+    # (ASCII, \u escapes: a file name that is not UTF-8, in skipped_files or source, has no UTF-8 to write)
+    _atomic_write_text(directory / "meta.json", json.dumps(meta, indent=2) + "\n")
     return TokenCache(directory, meta, reused=False)
 
 
