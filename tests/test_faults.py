@@ -245,6 +245,32 @@ def test_consecutive_non_finite_steps_stop_the_run(env, tmp_path, monkeypatch):
     assert read_steps(out)[6]["skipped_steps"] == 4
 
 
+def test_skipped_step_counts_survive_a_resume(env, tmp_path, monkeypatch):
+    """The guard's counters are run state: a resume from a checkpoint taken inside a run of skipped steps goes on
+    counting as the uninterrupted run does (they restarted at 0: the skipped_steps records and the summary counted
+    only the resumed part, and a run that had to stop went on)."""
+    nan_loss_at(monkeypatch, {2, 3, 4})
+    a, c = tmp_path / "a", tmp_path / "c"
+    kw = dict(steps=8, save_every=3, keep=0)
+    train(micro_config(), tcfg(env, a, **kw), log=quiet)
+    mid = a / "checkpoints" / "step_00000003"
+    shutil.copytree(mid, c / "checkpoints" / mid.name)
+    train(micro_config(), tcfg(env, c, resume=True, **kw), log=quiet)
+    ra, rc = read_steps(a), read_steps(c)
+    assert [ra[s]["skipped_steps"] for s in range(1, 9)] == [0, 1, 2, 3, 3, 3, 3, 3]
+    assert [rc[s]["skipped_steps"] for s in range(4, 9)] == [3, 3, 3, 3, 3]
+    assert read_summary(c)["skipped_steps"] == read_summary(a)["skipped_steps"] == 3
+    # max_skipped_steps 3: the run stops after step 4 (steps 2-4), resumed at step 3 or not
+    kw = dict(steps=8, save_every=3, keep=0, max_skipped_steps=3)
+    for out in (tmp_path / "a3", tmp_path / "c3"):
+        if out.name == "c3":
+            shutil.copytree(tmp_path / "a3" / "checkpoints" / mid.name, out / "checkpoints" / mid.name)
+        with pytest.raises(NonFiniteError, match=r"stopped at step 4: 3 consecutive steps skipped \(steps 2-4\)"):
+            train(micro_config(), tcfg(env, out, resume=out.name == "c3", **kw), log=quiet)
+    # a run stopped for them and resumed (e.g. with a lower --lr) is a new attempt: it is not stopped at once
+    assert train(micro_config(), tcfg(env, tmp_path / "c3", resume=True, **kw), log=quiet)["step"] == 8
+
+
 def test_non_finite_stop_is_one_line_from_the_cli(env, tmp_path, monkeypatch, capsys):
     from dsv3.cli import main
 

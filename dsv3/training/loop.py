@@ -186,6 +186,13 @@ class NonFiniteGuard:
             self.tripped |= self.consecutive >= self.max_consecutive
         return ok
 
+    def restore(self, skipped: int, consecutive: int) -> None:
+        """The counters of a resumed run (its checkpoint's); tripped where `consecutive` reaches the limit (as it
+        was: a tripped guard skips every step until the loop stops)."""
+        self.skipped.fill_(skipped)
+        self.consecutive.fill_(consecutive)
+        self.tripped.fill_(self.max_consecutive > 0 and consecutive >= self.max_consecutive)
+
     def read(self, gnorm: torch.Tensor | None = None) -> tuple[float, int, int, bool]:
         """(gnorm, skipped steps, consecutive skipped steps, stop): one host read (the logged step's)."""
         g = torch.zeros(()) if gnorm is None else gnorm.detach()
@@ -215,16 +222,25 @@ def optimizer_step(strategy, opt, grad_clip: float, guard: NonFiniteGuard | None
 def run(task, strategy, opt, *, out_dir: str, step: int, tokens_seen: int, autocast, grad_clip: float,
         save, log_every: int = 1, eval_every: int = 0, eval_batches: int | None = None, save_every: int = 0,
         max_skipped_steps: int = MAX_SKIPPED_STEPS, progress: bool = True, plots: bool = True, use_tb: bool = True,
-        saves: bool = True, log=print) -> dict:
+        saves: bool = True, skip_counts: dict | None = None, log=print) -> dict:
     """Run `task` from optimizer step `step` to task.total_steps. save(reason, step, tokens) writes a
     checkpoint and returns its path (a collective on every rank), or, with saves=False (a run without
     checkpoints), writes nothing and returns None. Returns the summary (every rank);
-    raises NonFiniteError after saving where max_skipped_steps consecutive steps were not finite."""
+    raises NonFiniteError after saving where max_skipped_steps consecutive steps were not finite.
+    skip_counts: the guard's counters {"skipped_steps", "consecutive_skipped_steps"}, run state that a checkpoint
+    carries: their values at `step` (a resumed run's), kept current before every save for `save` to write."""
     say = strategy.log(log)
     total = task.total_steps
     metrics = Metrics(out_dir, use_tb=use_tb) if strategy.is0 else None
     stop = {"flag": False}
     guard = NonFiniteGuard(strategy.device, max_skipped_steps)
+    if skip_counts is not None:
+        guard.restore(skip_counts["skipped_steps"], skip_counts["consecutive_skipped_steps"])
+
+    def counted() -> None:  # the counters, for the save that follows (a host read: a save syncs anyway)
+        if skip_counts is not None:
+            _, s, c, _ = guard.read()
+            skip_counts.update(skipped_steps=s, consecutive_skipped_steps=c)
     nonfinite = None  # (skipped, consecutive) when the guard stopped the run
 
     def on_signal(signum, frame):
@@ -290,6 +306,7 @@ def run(task, strategy, opt, *, out_dir: str, step: int, tokens_seen: int, autoc
                     say(f"step {step}: {task.eval_message(ev)}")
             if save_every > 0 and step % save_every == 0 and step < total and boundary(step):
                 _settle(opt)
+                counted()
                 save("periodic", step, tokens_seen)
     except BaseException:  # a crash or a second Ctrl-C: no final save, but close the metrics file
         if metrics is not None:
@@ -303,6 +320,7 @@ def run(task, strategy, opt, *, out_dir: str, step: int, tokens_seen: int, autoc
 
     _settle(opt)
     skipped = guard.read()[1] if nonfinite is None else nonfinite[0]
+    counted()
     path = save("nonfinite" if nonfinite else "interrupted" if stop["flag"] else "final", step, tokens_seen)
     summary = {"step": step, "total_steps": total, "tokens": tokens_seen, "checkpoint": path,
                "train_loss": last.get("main", last.get("loss")), "interrupted": stop["flag"],

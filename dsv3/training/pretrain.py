@@ -422,10 +422,14 @@ def _train(mc: ModelConfig | None, tc: TrainConfig, pcfg, log, strategy: Strateg
     state_dtype = torch.bfloat16 if tc.optim_state_dtype == "bf16" else torch.float32
     opt = strategy.make_optimizer(tc.lr, tc.weight_decay, state_dtype=state_dtype, bf16_weights=tc.bf16_weights)
     step, tokens_seen = 0, 0
+    skip_counts = {"skipped_steps": 0, "consecutive_skipped_steps": 0}  # the loop's non-finite guard, run state
     if resume_from is not None:
         st = strategy.load(resume_from, opt)
         task.load_state_dict(st["sampler"])
         step, tokens_seen = st["step"], st["tokens"]
+        skip_counts["skipped_steps"] = int(st.get("skipped_steps", 0))
+        if st.get("reason") != "nonfinite":  # a run stopped for them and resumed is a new attempt (as after a fix)
+            skip_counts["consecutive_skipped_steps"] = int(st.get("consecutive_skipped_steps", 0))
         lay = st.get("layout", {"world_size": 1})
         say(f"resumed from {resume_from} at step {step} (written by {lay['world_size']} rank(s))")
         before = saved_schedule(tc, st).run_steps
@@ -462,14 +466,14 @@ def _train(mc: ModelConfig | None, tc: TrainConfig, pcfg, log, strategy: Strateg
             return None
         sched = {"total_steps": task.sched.total_steps, "stretches": [list(x) for x in task.sched.stretches]}
         return strategy.save(ckpt_root, step, opt, {"tokens": tokens, "sampler": task.state_dict(), "reason": reason,
-                                                    "train_config": asdict(tc), "schedule": sched},
+                                                    "train_config": asdict(tc), "schedule": sched, **skip_counts},
                              tokenizer=tok, keep=tc.keep, final=reason != "periodic")
 
     return loop.run(task, strategy, opt, out_dir=tc.out_dir, step=step, tokens_seen=tokens_seen,
                     autocast=precision_recipe(precision, strategy.device, tc.bf16_weights), grad_clip=tc.grad_clip,
                     save=save, log_every=tc.log_every, eval_every=tc.eval_every if task.val is not None else 0,
                     eval_batches=tc.eval_batches, save_every=tc.save_every, max_skipped_steps=tc.max_skipped_steps,
-                    progress=tc.progress, plots=tc.plots, saves=tc.checkpoints, log=log)
+                    progress=tc.progress, plots=tc.plots, saves=tc.checkpoints, skip_counts=skip_counts, log=log)
 
 
 __all__ = ["Pretrain", "check_context", "check_memory", "get_tokenizer", "make_strategy", "schedule_of", "train"]
