@@ -201,7 +201,7 @@ def _resumed_settings(mc, tc, args):
                 raise ValueError(f"{flag} {getattr(tc, k)!r}: the run being resumed has {saved[k]!r}; a resume keeps "
                                  "its data, their split, order and windows (the position it saved is in them): drop "
                                  f"{flag}, or start a new run from its checkpoint with --init-from")
-        tc, changed = resumed_config(tc, saved, given)
+        tc, changed = resumed_config(tc, saved, given, os.path.join(ckpt, "trainer_state.json"))
         for k, (old, new) in changed.items():
             print(f"resume: {k} {old!r} -> {new!r} (from the command line)")
     return mc, tc

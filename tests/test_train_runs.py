@@ -150,6 +150,32 @@ def test_refusals_before_anything_is_written(setup, tmp_path):
     assert not out.exists() and not (cache / "tokenizers").exists() or not os.listdir(cache / "tokenizers")
 
 
+@pytest.mark.parametrize("edit, needle", [
+    (lambda st: st["train_config"].update(lr=None), "train_config.lr = None is not a number"),
+    (lambda st: st["train_config"].update(data=5), "train_config.data = 5 is not a string or null"),
+    (lambda st: st["train_config"].update(deterministic="no"), "train_config.deterministic = 'no' is not true or"),
+    (lambda st: st["train_config"].update(extra_data="x"), "train_config.extra_data = 'x' is not a list of strings"),
+    (lambda st: st.update(schedule={"total_steps": 2, "stretches": [[1]]}), "schedule {"),
+    (lambda st: st.update(schedule={"total_steps": "2", "stretches": []}), "schedule {"),
+])
+def test_resume_names_a_malformed_saved_setting(setup, tmp_path, edit, needle):
+    """The settings a resume takes from trainer_state.json (the run's train_config, its schedule) are untrusted
+    input: a value of the wrong type is one line naming the file and the setting (a TypeError's or an
+    IndexError's traceback before), and nothing is written."""
+    out = tmp_path / "run"
+    assert run_cli(_common(setup, out) + ["--steps", 2])[0] == 0
+    ts = out / "checkpoints" / "step_00000002" / "trainer_state.json"
+    st = json.loads(ts.read_text(encoding="utf-8"))
+    edit(st)
+    ts.write_text(json.dumps(st), encoding="utf-8")
+    before = (out / "metrics.jsonl").read_bytes()
+    rc, _, err = run_cli(["train", "--out", out, "--resume", "--steps", 3, "--cache-dir", setup["cache"],
+                          "--no-progress", "--no-plots", "--samples", 0])
+    assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "trainer_state.json" in err and needle in err, err
+    assert (out / "metrics.jsonl").read_bytes() == before
+
+
 def test_ctrl_c_saves_says_where_and_exits_130_even_with_stdout_closed(setup, tmp_path):
     """`dsv3 train | tee log` then Ctrl-C: tee dies first, the progress bar's next write meets a closed
     pipe; the run must still save, print the checkpoint's path (stderr) and exit 130."""

@@ -205,11 +205,32 @@ RUN_FIELDS = ("data", "extra_data", "tokenizer", "steps", "tokens", "seq_len", "
               "recompute", "optim_state_dtype")
 
 
-def resumed_config(tc: TrainConfig, saved: dict, given: set[str]) -> tuple[TrainConfig, dict]:
+def _not_a(default, v) -> str | None:
+    """What a saved setting `v` should be, going by its field's default (None where it is that)."""
+    if isinstance(default, bool):
+        return None if isinstance(v, bool) else "true or false"
+    if isinstance(default, int):
+        return None if type(v) is int else "an integer"
+    if isinstance(default, float):
+        return None if type(v) in (int, float) else "a number"
+    if isinstance(default, list):
+        return None if isinstance(v, list) and all(isinstance(x, str) for x in v) else "a list of strings"
+    if isinstance(default, str):
+        return None if isinstance(v, str) else "a string"
+    return None if v is None or isinstance(v, str) else "a string or null"
+
+
+def resumed_config(tc: TrainConfig, saved: dict, given: set[str],
+                   source: str = "trainer_state.json") -> tuple[TrainConfig, dict]:
     """The config of a resumed run: `tc` (the command line's) with every RUN_FIELDS setting that the
     command line did not give (`given`: field names) taken from the run's saved config `saved` (its
-    checkpoint's train_config). Returns (config, {field: (saved, new)} for the given ones that differ)."""
+    checkpoint's train_config, read from `source`: a value of the wrong type is a ValueError naming it).
+    Returns (config, {field: (saved, new)} for the given ones that differ)."""
     keep = {k: saved[k] for k in RUN_FIELDS if k in saved and k not in given}
+    for k, v in keep.items():
+        kind = _not_a(getattr(tc, k), v)
+        if kind:
+            raise ValueError(f"{source}: train_config.{k} = {v!r} is not {kind}")
     changed = {k: (saved[k], getattr(tc, k)) for k in RUN_FIELDS if k in saved and k in given
                and saved[k] != getattr(tc, k)}
     return dataclasses.replace(tc, **keep), changed

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from dsv3.checkpoints import rundir
+from dsv3.checkpoints.files import CheckpointError
 from dsv3.config import ModelConfig
 from dsv3.info import param_count, param_line
 from dsv3.memory import ensure_fits
@@ -148,18 +149,26 @@ def schedule_of(tc: TrainConfig, total: int | None = None) -> Schedule:
                     tc.batch_ramp_steps, tc.batch_start, kind=tc.schedule)
 
 
-def resumed_schedule(tc: TrainConfig, state: dict, step: int) -> Schedule:
+def resumed_schedule(tc: TrainConfig, state: dict, step: int, source: str = "trainer_state.json") -> Schedule:
     """The schedule of a run resumed at `step` from a checkpoint's trainer state. A new length (--steps /
     --tokens other than the run's) does not restart the schedule: the rest of it is stretched over the
     new remaining steps (dsv3/training/optim.py), so the learning rate continues without a jump. The
     schedule's first length and its stretches travel in the checkpoints ("schedule")."""
-    saved = saved_schedule(tc, state)
+    saved = saved_schedule(tc, state, source)
     return saved.stretched(step, run_length(tc))
 
 
-def saved_schedule(tc: TrainConfig, state: dict) -> Schedule:
-    """The schedule a checkpoint's run had (its first length and stretches; tc's other settings)."""
+def saved_schedule(tc: TrainConfig, state: dict, source: str = "trainer_state.json") -> Schedule:
+    """The schedule a checkpoint's run had (its first length and stretches; tc's other settings); `source`, the
+    file `state` was read from, names it in the error for a malformed one."""
     saved = state.get("schedule")
+    if saved is not None and not (
+            isinstance(saved, dict) and type(saved.get("total_steps")) is int and saved["total_steps"] > 0
+            and isinstance(saved.get("stretches"), list)
+            and all(isinstance(x, list) and len(x) == 3 and all(type(v) is int for v in x)
+                    for x in saved["stretches"])):
+        raise CheckpointError(f"{source}: schedule {saved!r} is not {{\"total_steps\": N > 0, \"stretches\": "
+                              "[[step, old length, new length], ...]}")
     if saved is not None:
         first, stretches = int(saved["total_steps"]), tuple(tuple(int(v) for v in x) for x in saved["stretches"])
     elif "train_config" in state:  # checkpoints written before "schedule" existed: the run never changed length
@@ -432,8 +441,9 @@ def _train(mc: ModelConfig | None, tc: TrainConfig, pcfg, log, strategy: Strateg
             skip_counts["consecutive_skipped_steps"] = int(st.get("consecutive_skipped_steps", 0))
         lay = st.get("layout", {"world_size": 1})
         say(f"resumed from {resume_from} at step {step} (written by {lay['world_size']} rank(s))")
-        before = saved_schedule(tc, st).run_steps
-        task.set_schedule(resumed_schedule(tc, st, step))
+        source = os.path.join(resume_from, "trainer_state.json")
+        before = saved_schedule(tc, st, source).run_steps
+        task.set_schedule(resumed_schedule(tc, st, step, source))
         if task.total_steps != before:
             say(f"schedule: the run's length changes from {before} to {task.total_steps} steps at step {step}; the "
                 f"learning rate continues from {task.sched.lr(step):.3g}, the rest of its schedule stretched over "
