@@ -431,6 +431,7 @@ def test_malformed_optimizer_state_is_named(tmp_path, model, tok, edit, needle):
     (lambda st: st.update(step="1"), "step '1' is not an integer >= 0"),
     (lambda st: st.update(tokens=-5), "tokens -5 is not an integer >= 0"),
     (lambda st: st.update(sampler=[1]), "sampler is not a JSON object"),
+    (lambda st: st.update(skipped_steps="x"), "skipped_steps 'x' is not an integer >= 0"),
 ])
 def test_malformed_trainer_state_fields_are_named(tmp_path, model, tok, edit, needle):
     """The fields a resume reads (step, tokens, sampler) are checked with the file: missing ones used to end

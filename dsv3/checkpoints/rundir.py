@@ -266,8 +266,8 @@ def read_trainer_state(path: str) -> dict:
     p = os.path.join(path, "trainer_state.json")
     state = read_json(p)
     require(state, ("optimizer", "rng", "step", "tokens", "sampler"), p)
-    for k in ("step", "tokens"):  # (a resume reads them: a bare KeyError or a TypeError's traceback otherwise)
-        if type(state[k]) is not int or state[k] < 0:
+    for k in ("step", "tokens", "skipped_steps", "consecutive_skipped_steps"):  # (a resume reads them)
+        if k in state and (type(state[k]) is not int or state[k] < 0):
             raise CheckpointError(f"{p}: {k} {state[k]!r} is not an integer >= 0")
     if not isinstance(state["sampler"], dict):
         raise CheckpointError(f"{p}: sampler is not a JSON object")
