@@ -263,7 +263,7 @@ def cmd_eval(args) -> int:
     from dsv3.training.evaluate import EvalConfig, evaluate_checkpoint
 
     r = evaluate_checkpoint(args.checkpoint, from_args(EvalConfig, args))
-    part = {"all": "all of", "train": "the train split of", "val": "the val split of"}[r["split"]]
+    part = "all of" if r["split"] == "all" else f"the {r['split']} split (--val-permille {r['val_permille']}) of"
     print(f"{r['checkpoint']}: loss {r['val_loss']:.4f} nats/token, {r['val_bpb']:.4f} bits/byte "
           f"over {r['val_tokens']:,} tokens of {part} {r['source']}")
     if "compressors" in r:

@@ -116,6 +116,7 @@ def test_train_resume_and_refusal(run):
 
 
 def test_eval_prints_loss_and_bits_per_byte(run):
+    resumed(run)  # the run directory's latest checkpoint is step 8, the one compared below
     argv = ["eval", run["out"], "--data", run["data"], "--cache-dir", run["cache"], "--seq-len", 32,
             "--val-permille", 200]
     rc, stdout, err = run_cli(argv)
@@ -127,7 +128,6 @@ def test_eval_prints_loss_and_bits_per_byte(run):
     # eval's --cache-dir means what train's does: the token cache lives under <cache-dir>/tokens
     assert sorted(os.listdir(run["cache"])) == ["tokenizers", "tokens"]
     # a checkpoint directory works as well as a run directory, with the same result
-    resumed(run)
     ck = run["out"] / "checkpoints" / "step_00000008"
     rc2, stdout2, _ = run_cli(["eval", ck] + argv[2:])
     assert rc2 == 0 and stdout2.split(": ", 1)[1] == stdout.split(": ", 1)[1]
@@ -148,7 +148,7 @@ def test_evaluate_checkpoint_is_what_eval_prints(run):
     assert rc == 0, err
     lines = stdout.splitlines()
     assert lines[0] == (f"{r['checkpoint']}: loss {r['val_loss']:.4f} nats/token, {r['val_bpb']:.4f} bits/byte "
-                        f"over {r['val_tokens']:,} tokens of the val split of {r['source']}")
+                        f"over {r['val_tokens']:,} tokens of the val split (--val-permille 200) of {r['source']}")
     # then gzip and xz on the same bytes as the model (dsv3/eval/compress.py)
     assert lines[2:] == [f"| on the same {r['val_bytes']:,} bytes | bits/byte |", "|---|---|",
                          *(f"| {k} | {v:.4f} |" for k, v in r["compressors"].items()),
@@ -162,6 +162,38 @@ def test_evaluate_checkpoint_is_what_eval_prints(run):
     assert rc == 0 and f"over {whole['val_tokens']:,} tokens of all of" in stdout and "eval: 100%" in err, err
     # the stdlib (no --data) is what training reads: its val split only
     assert EvalConfig().split is None and "else the stdlib's val split" in dataclasses.fields(EvalConfig)[1].metadata["help"]
+
+
+def test_eval_defaults_to_the_split_and_context_of_the_checkpoints_run(run, tmp_path):
+    """Without --val-permille / --seq-len, `dsv3 eval` scores the split the checkpoint's run held out (its
+    --val-permille, read from trainer_state.json) at the context it trained on (its --seq-len): with train's
+    defaults instead, a run trained with another --val-permille was scored partly on documents it had trained on.
+    A checkpoint without its run's state (exported, another tool's) gets train's defaults."""
+    import shutil
+
+    from dsv3.training.config import TrainConfig
+    from dsv3.training.evaluate import EvalConfig, evaluate_checkpoint, run_settings
+
+    ck = tmp_path / "ck"
+    shutil.copytree(run["out"] / "checkpoints" / "step_00000006", ck)
+    state = json.loads((ck / "trainer_state.json").read_text(encoding="utf-8"))
+    state["train_config"].update(val_permille=200, seq_len=16)  # as if the run had trained with these
+    (ck / "trainer_state.json").write_text(json.dumps(state), encoding="utf-8")
+    cfg = EvalConfig(data=run["data"], cache_dir=str(run["cache"]), max_batches=2, progress=False, split="val",
+                     compressors=False)
+    r = evaluate_checkpoint(str(ck), cfg)
+    assert (r["val_permille"], r["seq_len"]) == (200, 16)
+    assert r == evaluate_checkpoint(str(ck), dataclasses.replace(cfg, val_permille=200, seq_len=16))
+    assert r["val_tokens"] == 2 * cfg.batch_size * 16
+    given = evaluate_checkpoint(str(ck), dataclasses.replace(cfg, val_permille=300, seq_len=32))  # flags win
+    assert (given["val_permille"], given["seq_len"]) == (300, 32)
+    rc, stdout, err = run_cli(["eval", ck, "--data", run["data"], "--cache-dir", run["cache"], "--max-batches", 2,
+                               "--no-progress", "--split", "val", "--no-compressors"])
+    assert rc == 0 and f"tokens of the val split (--val-permille 200) of {r['source']}" in stdout, err
+    (ck / "trainer_state.json").unlink()
+    assert run_settings(str(ck)) == {}
+    bare = evaluate_checkpoint(str(ck), dataclasses.replace(cfg, seq_len=32, split="train"))
+    assert bare["val_permille"] == TrainConfig.val_permille != 200
 
 
 def test_eval_records_expert_loads(run, tmp_path):

@@ -326,10 +326,12 @@ def test_eval_quantize_convert_pass_their_configs(monkeypatch):
 
     calls = []
     monkeypatch.setattr(ev, "evaluate_checkpoint", record(calls, {"checkpoint": "ck", "split": "val", "source": "s",
-                                                                  "val_loss": 1.0, "val_bpb": 2.0, "val_tokens": 3}))
+                                                                  "val_permille": 30, "val_loss": 1.0, "val_bpb": 2.0,
+                                                                  "val_tokens": 3}))
     assert cli.main(["eval", "ck"]) == 0
     assert calls[-1][0] == ("ck", EvalConfig())
-    assert EvalConfig().val_permille == TrainConfig().val_permille  # the split `train` held out
+    # the split and context of the checkpoint's run (trainer_state.json), else train's defaults
+    assert EvalConfig().val_permille is None and EvalConfig().seq_len is None
     monkeypatch.setattr(cli, "_resolve_checkpoint", lambda p: p)
     monkeypatch.setattr(hf, "quantize_checkpoint", record(calls, Called()))
     with pytest.raises(Called):

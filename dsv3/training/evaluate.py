@@ -14,6 +14,8 @@ between documents carries no bytes), so the three figures share one denominator.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import os
 import sys
 from dataclasses import dataclass
@@ -46,9 +48,12 @@ class EvalConfig:
                                       "split a training run holds out, --val-permille); default: all of --data "
                                       "when it is given, else the stdlib's val split",
                                 choices=("val", "train", "all"))
-    # train's, so that "val" is the split a run held out
-    val_permille: int = setting(TrainConfig.val_permille, "held-out split, per mille of the corpus (as train's)")
-    seq_len: int = setting(TrainConfig.seq_len, "tokens per window")  # train's: the context it was trained on
+    # None: the checkpoint's run's (trainer_state.json), so that "val" is the split that run held out, at the
+    # context it trained on; train's defaults for a checkpoint without a run (exported, another tool's)
+    val_permille: int | None = setting(None, "held-out split, per mille of the corpus (default: the checkpoint's "
+                                             f"run's --val-permille, else {TrainConfig.val_permille})")
+    seq_len: int | None = setting(None, "tokens per window (default: the checkpoint's run's --seq-len, else "
+                                        f"{TrainConfig.seq_len})")
     batch_size: int = setting(8, "windows per forward")
     max_batches: int = setting(0, "evaluate at most this many batches (0: the whole split)")
     max_bytes: int = setting(0, "evaluate a sample of the files of at most this many bytes, the same on every "
@@ -73,6 +78,25 @@ class _WithMTP(Strategy):
             return self.model(x, with_mtp=True).logits
 
 
+def run_settings(path: str) -> dict:
+    """{"val_permille", "seq_len"}: the settings of the training run that wrote checkpoint directory `path`, from
+    its trainer_state.json's train_config; those it does not hold (a checkpoint without a run: exported,
+    converted, another tool's; a malformed value) are left out."""
+    try:
+        with open(os.path.join(path, "trainer_state.json"), encoding="utf-8") as f:
+            tc = json.load(f).get("train_config")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    if not isinstance(tc, dict):
+        return {}
+    out = {k: tc[k] for k in ("val_permille", "seq_len") if type(tc.get(k)) is int}
+    if not 0 <= out.get("val_permille", 0) <= 1000:
+        del out["val_permille"]
+    if out.get("seq_len", 1) <= 0:
+        del out["seq_len"]
+    return out
+
+
 def evaluate_checkpoint(checkpoint: str, cfg: EvalConfig, corpus: Corpus | None = None) -> dict:
     """{checkpoint, split, source, val_loss (nats/token), val_bpb (bits/byte), val_tokens, val_bytes,
     compressors ({"gzip -9": bpb, "xz -9e": bpb} on the same bytes, unless cfg.compressors is False)} of a
@@ -80,7 +104,7 @@ def evaluate_checkpoint(checkpoint: str, cfg: EvalConfig, corpus: Corpus | None 
     `corpus`, a Corpus built by the caller)."""
     split = cfg.split or ("all" if cfg.data is not None or corpus is not None else "val")
     for name in ("seq_len", "batch_size"):
-        if getattr(cfg, name) <= 0:
+        if getattr(cfg, name) is not None and getattr(cfg, name) <= 0:
             raise ValueError(f"{name} must be > 0, got {getattr(cfg, name)}")
     for name in ("max_batches", "max_bytes"):
         if getattr(cfg, name) < 0:
@@ -88,6 +112,12 @@ def evaluate_checkpoint(checkpoint: str, cfg: EvalConfig, corpus: Corpus | None 
     if cfg.record_expert_loads:
         check_writable(cfg.record_expert_loads)
     path = resolve_checkpoint(checkpoint)
+    run = run_settings(path)
+    # "all" reads both splits, so its bytes do not depend on the split; its default stays train's (same windows)
+    val_permille = (cfg.val_permille if cfg.val_permille is not None else
+                    run.get("val_permille", TrainConfig.val_permille) if split != "all" else TrainConfig.val_permille)
+    cfg = dataclasses.replace(cfg, val_permille=val_permille,
+                              seq_len=cfg.seq_len if cfg.seq_len is not None else run.get("seq_len", TrainConfig.seq_len))
     device = resolve_device(cfg.device)
     tok = DSTokenizer.load(path)
     model = load_pretrained(path, device=device, dtype=torch.float32).eval()
@@ -121,7 +151,8 @@ def evaluate_checkpoint(checkpoint: str, cfg: EvalConfig, corpus: Corpus | None 
         if bar is not None:
             bar.close()
     targets = np.asarray(tokens[1: 1 + ev["val_tokens"]], dtype=np.int64)
-    r = {"checkpoint": path, "split": split, "source": cache.meta["source"], **ev,
+    r = {"checkpoint": path, "split": split, "source": cache.meta["source"], "val_permille": cfg.val_permille,
+         "seq_len": cfg.seq_len, **ev,
          "val_bytes": int(token_bytes[targets].sum())}
     if recorder is not None:
         counts = recorder.read()
