@@ -485,6 +485,22 @@ def test_cache_dtype_covers_the_largest_id_not_the_count(tmp_path, tok):
         get_tokenizer(TrainConfig(tokenizer=str(tmp_path / "tok")), SimpleNamespace(vocab_size=512), print)
 
 
+def test_a_cache_of_another_format_version_is_rebuilt(tmp_path, tok, monkeypatch):
+    """FORMAT_VERSION is part of the cache key: a cache built by a dsv3 whose reading of the files differed
+    (another version) is rebuilt, not reused; the same version reuses it."""
+    import dsv3.training.data as data
+
+    f = tmp_path / "a.txt"
+    f.write_text("alpha beta gamma delta " * 50)
+    old = build_token_cache(f, tok, tmp_path / "cache", val_permille=0, fim_rate=0.0, progress=False)
+    again = build_token_cache(f, tok, tmp_path / "cache", val_permille=0, fim_rate=0.0, progress=False)
+    assert again.directory == old.directory
+    monkeypatch.setattr(data, "FORMAT_VERSION", data.FORMAT_VERSION + 1)
+    new = build_token_cache(f, tok, tmp_path / "cache", val_permille=0, fim_rate=0.0, progress=False)
+    assert new.directory != old.directory and new.meta["format_version"] == data.FORMAT_VERSION
+    assert new.fingerprint("train") == old.fingerprint("train")  # the same text: the same tokens (resumes allowed)
+
+
 def test_resume_refused_on_other_tokens_of_the_same_count(tmp_path, tok):
     """The cache records a blake2b of each split's stream; the sampler saves it with its state, so a resume on a
     corpus edited in place (as many tokens, other ones) is refused, while a rebuild of the same text resumes."""

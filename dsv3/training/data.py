@@ -73,7 +73,10 @@ from dsv3.tokenizer import DSTokenizer, MissingSpecialTokenError
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+# Part of every token cache's key: bump it when the same files and tokenizer would give other tokens or splits, so
+# that caches built before are rebuilt, not reused. 2: JSONL records end only at CR / LF (490c8b5; U+2028 and
+# U+2029 split them before), and a file name that is not UTF-8 is hashed by its bytes (it failed before).
+FORMAT_VERSION = 2
 
 # One document per file with one of these endings (lower-cased); `.jsonl` files hold one per line.
 TEXT_EXTENSIONS = frozenset({
