@@ -135,10 +135,13 @@ def test_init_from_a_checkpoint_without_mtp_tensors(env, tmp_path):
     n = MICRO["num_hidden_layers"]
     tensors = load_file(os.path.join(env["base_ckpt"], "model.safetensors"))
     save_file({k: v for k, v in tensors.items() if not k.startswith(f"model.layers.{n}.")}, src / "model.safetensors")
+    said = []
     with pytest.warns(UserWarning, match="holds no MTP tensors"):
         s = train(None, tcfg(env, tmp_path / "run", init_from=str(src), steps=1, lr=1e-30, schedule="constant",
-                             warmup_steps=0, bias_gamma=0.0), log=quiet)
+                             warmup_steps=0, bias_gamma=0.0), log=said.append)
     assert s["step"] == 1
+    line = next(x for x in said if x.startswith("initialised from"))
+    assert "no MTP modules: the checkpoint holds none" in line and "MTP and correction" not in line
     out = load_pretrained(latest_checkpoint(str(tmp_path / "run" / "checkpoints")))
     assert out.config.num_nextn_predict_layers == 0 and len(out.mtp) == 0
     base = load_pretrained(env["base_ckpt"]).state_dict()

@@ -423,7 +423,9 @@ def _train(mc: ModelConfig | None, tc: TrainConfig, pcfg, log, strategy: Strateg
     model = build_model(mc, device="meta" if meta else strategy.device, dtype=torch.float32, seed=tc.seed)
     if init_from is not None:  # before preparation: every rank holds the whole model here
         n = extend.load_weights(model, init_from)
-        say(f"initialised from {init_from}: its {n} tensors (MTP and correction biases included) and tokenizer; "
+        held = ("MTP and correction biases included" if mc.num_nextn_predict_layers else
+                "correction biases included; no MTP modules: the checkpoint holds none")
+        say(f"initialised from {init_from}: its {n} tensors ({held}) and tokenizer; "
             f"{extend.describe_rope(checkpoint_config(init_from), mc)}; a new run in {tc.out_dir}: optimizer, step "
             "and data position start fresh")
     prepare_model(model, strategy, precision=precision, recompute=tc.recompute, fp8_experts=tc.fp8_experts,
