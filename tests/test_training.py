@@ -646,6 +646,9 @@ def test_config_json_names_the_tokenizers_bos_and_eos_ids(env, tmp_path):
     tok = DSTokenizer.load(ck)
     config = json.loads(open(os.path.join(ck, "config.json"), encoding="utf-8").read())
     assert (config["bos_token_id"], config["eos_token_id"]) == (tok.bos_id, tok.eos_id) != (0, 1)
+    # and tokenizer_config.json's model_max_length is the model's context (transformers truncates to it)
+    tok_config = json.loads(open(os.path.join(ck, "tokenizer_config.json"), encoding="utf-8").read())
+    assert tok_config["model_max_length"] == config["max_position_embeddings"] != 131072
     check_same_architecture(micro_config(), checkpoint_config(ck), "--preset", ck)
 
 

@@ -257,7 +257,7 @@ def save_dcp(ckpt_root: str, step: int, model, opt, ps, state: dict, *, tokenize
                               "layout": _layout(ps, world), "torch": torch.__version__},
                              os.path.join(tmp, "trainer_state.json"))
             if tokenizer is not None:
-                tokenizer.save(tmp)
+                tokenizer.save(tmp, model_max_length=model.config.max_position_embeddings)
             if export_hf:
                 _export_hf(tmp, tmp)
             for d, _, files in os.walk(tmp):

@@ -193,7 +193,7 @@ def save_checkpoint(ckpt_root: str, step: int, model, opt, state: dict, tokenize
     try:
         save_pretrained(model, tmp, mtp_copies=False)
         if tokenizer is not None:
-            tokenizer.save(tmp)
+            tokenizer.save(tmp, model_max_length=model.config.max_position_embeddings)
         ot, ometa = optimizer_tensors(model, opt)
         _save_st(ot, os.path.join(tmp, "optimizer.safetensors"))
         rt, rmeta = rng_state()
