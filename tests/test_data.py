@@ -428,6 +428,31 @@ def test_jsonl_text_with_unicode_line_separators(tmp_path, tok):
     assert cache.meta["splits"]["train"]["n_bytes"] == sum(len(t.encode()) for t in texts)
 
 
+def test_a_json_file_of_json_lines_is_read_as_jsonl(tmp_path):
+    """A `.json` file named by --data whose lines are records with a 'text' field (datasets' to_json writes JSON
+    Lines under .json) gives its records' texts, not one document of JSON syntax; any other .json file is still
+    one document, as every explicitly named file is. A byte-order mark before the first record is not part of it."""
+    records = [{"text": "first doc"}, {"text": "second doc", "id": 2}]
+    lines = tmp_path / "export.json"
+    lines.write_text("\n".join(json.dumps(r) for r in records) + "\n", encoding="utf-8")
+    corpus = find_corpus(lines)
+    assert corpus.files[0].kind == "jsonl"
+    assert [d.text for d in D.read_documents(corpus.files[0])] == ["first doc", "second doc"]
+    pretty = tmp_path / "config.json"
+    pretty.write_text(json.dumps({"text": "x", "n": 1}, indent=2), encoding="utf-8")
+    array = tmp_path / "array.json"
+    array.write_text(json.dumps(records), encoding="utf-8")
+    for f in (pretty, array):
+        doc, = D.read_documents(find_corpus(f).files[0])
+        assert doc.text == f.read_text(encoding="utf-8")
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + lines.read_bytes())
+    assert [d.text for d in D.read_documents(find_corpus(bom).files[0])] == ["first doc", "second doc"]
+    bom_json = tmp_path / "bom.json"
+    bom_json.write_bytes(bom.read_bytes())
+    assert [d.text for d in D.read_documents(find_corpus(bom_json).files[0])] == ["first doc", "second doc"]
+
+
 def test_jsonl_lone_surrogate_is_a_clear_error(tmp_path, tok):
     """"\\ud800" is valid JSON but no Unicode text (it has no UTF-8 form): one CorpusError naming the file and line,
     not a bare UnicodeEncodeError from the tokenizer trainer or the cache build."""

@@ -223,12 +223,29 @@ def find_corpus(source: str | os.PathLike | None = None, *,
         if path.is_dir():
             corpus = Corpus(f"directory {path}", path, _walk(path, SKIP_DIRS, extensions))
         else:  # a file named explicitly is read whatever its extension
-            kind = "jsonl" if path.suffix.lower() == JSONL_EXTENSION else "text"
+            kind = "jsonl" if path.suffix.lower() == JSONL_EXTENSION or _json_lines(path) else "text"
             corpus = Corpus(f"file {path}", path.parent, [_source_file(path, path.parent, kind)])
     if not corpus.files:
         raise CorpusError(f"no documents in {corpus.description}: no .jsonl file and no file ending in "
                           f"{', '.join(sorted(extensions))}")
     return corpus
+
+
+def _json_lines(path: Path) -> bool:
+    """Whether `path` is a `.json` file of JSON Lines records with a 'text' field (what datasets' `to_json`
+    writes, and many corpora ship as `.json`): its first non-blank line is such an object. Read as `.jsonl` then,
+    not as one document of JSON syntax."""
+    if path.suffix.lower() != ".json":
+        return False
+    try:
+        with open(path, "rb") as f:
+            for raw in f:
+                if raw.strip():
+                    record = json.loads(raw.decode("utf-8-sig"))
+                    return isinstance(record, dict) and "text" in record
+    except (OSError, ValueError):  # unreadable, not UTF-8, not one JSON value a line: a document as named
+        pass
+    return False
 
 
 def jsonl_records(lines, name: str, error: type[Exception] = ValueError):
@@ -268,7 +285,8 @@ def read_documents(file: SourceFile) -> list[Document] | None:
     docs = []
     # records end at \n, \r\n or \r only (as a text-mode file's lines): str.splitlines() also breaks at U+2028,
     # U+2029 and U+0085, which JSON allows unescaped inside strings
-    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    # (a byte-order mark, which Windows editors write, is no part of the first record)
+    lines = text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n").split("\n")
     for lineno, record in jsonl_records(lines, str(file.path), CorpusError):
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             got = "no 'text' field" if not isinstance(record, dict) or "text" not in record else \
