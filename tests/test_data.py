@@ -526,6 +526,24 @@ def test_a_cache_of_another_format_version_is_rebuilt(tmp_path, tok, monkeypatch
     assert new.fingerprint("train") == old.fingerprint("train")  # the same text: the same tokens (resumes allowed)
 
 
+@pytest.mark.parametrize("edit,needle", [
+    (lambda s: s.pop("epoch"), "epoch is missing"),
+    (lambda s: s.update(batch_in_epoch="3"), "batch_in_epoch is '3'"),
+    (lambda s: s.update(seed=None), "seed is None"),
+    (lambda s: s.update(n_tokens=1.5), "n_tokens is 1.5"),
+])
+def test_a_malformed_sampler_state_is_named(edit, needle):
+    """A checkpoint's sampler state is untrusted: a missing or non-integer field is a one-line error naming it (a
+    bare KeyError, 'dsv3 train: error: epoch', or a TypeError's traceback mid-run before)."""
+    s = PackedSampler(np.arange(1000, dtype=np.uint16), 16, 4, seed=3)
+    next(s)
+    state = s.state_dict()
+    PackedSampler(np.arange(1000, dtype=np.uint16), 16, 4, seed=3).load_state_dict(dict(state))
+    edit(state)
+    with pytest.raises(ValueError, match=f"saved sampler state's {needle}, not an integer"):
+        PackedSampler(np.arange(1000, dtype=np.uint16), 16, 4, seed=3).load_state_dict(state)
+
+
 def test_resume_refused_on_other_tokens_of_the_same_count(tmp_path, tok):
     """The cache records a blake2b of each split's stream; the sampler saves it with its state, so a resume on a
     corpus edited in place (as many tokens, other ones) is refused, while a rebuild of the same text resumes."""

@@ -646,6 +646,10 @@ class PackedSampler:
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        for k in ("epoch", "batch_in_epoch", "seed", "seq_len", "batch_size", "n_tokens"):  # a checkpoint's, untrusted
+            if not isinstance(state.get(k), (int, np.integer)) or isinstance(state.get(k), bool):
+                raise ValueError(f"cannot resume: the saved sampler state's {k} is "
+                                 f"{repr(state[k]) if k in state else 'missing'}, not an integer")
         mine = {"seq_len": self.seq_len, "batch_size": self.batch_size, "n_tokens": len(self.tokens)}
         for k, v in mine.items():
             if state[k] != v:
