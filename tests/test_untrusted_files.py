@@ -448,6 +448,22 @@ def test_malformed_trainer_state_fields_are_named(tmp_path, model, tok, edit, ne
     assert needle in str(e.value), e.value
 
 
+@pytest.mark.parametrize("field,value", [("step", "6"), ("tokens", -1), ("skipped_steps", 1.0), ("sampler", [])])
+def test_malformed_sharded_trainer_state_fields_are_named(tmp_path, field, value):
+    """A sharded (torchrun) checkpoint's trainer_state.json: the run state a resume reads is checked as a run
+    directory's is, with the file and the field named (a TypeError's traceback mid-resume before)."""
+    from dsv3.checkpoints.dcp import FORMAT, read_state
+
+    state = {"format": FORMAT, "model_config": tiny_cfg().to_dict(), "layout": {"world_size": 2}, "step": 6,
+             "tokens": 96, "sampler": {"epoch": 0}, "skipped_steps": 0}
+    (tmp_path / "trainer_state.json").write_text(json.dumps(state), encoding="utf-8")
+    assert read_state(str(tmp_path))["step"] == 6
+    state[field] = value
+    (tmp_path / "trainer_state.json").write_text(json.dumps(state), encoding="utf-8")
+    with pytest.raises(CheckpointError, match=rf"trainer_state\.json: {field} "):
+        read_state(str(tmp_path))
+
+
 def test_malformed_token_cache_meta(tmp_path):
     from dsv3.training.data import CorpusError, TokenCache
 

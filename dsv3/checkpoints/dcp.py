@@ -93,6 +93,7 @@ def read_state(path: str) -> dict:
         world = state["layout"].get("world_size") if isinstance(state["layout"], dict) else None
         if type(world) is not int or world < 1:
             raise CheckpointError(f"{p}: layout.world_size {world!r} is not a positive integer")
+        ckpt.check_run_state(state, p)
     return state
 
 

@@ -266,12 +266,18 @@ def read_trainer_state(path: str) -> dict:
     p = os.path.join(path, "trainer_state.json")
     state = read_json(p)
     require(state, ("optimizer", "rng", "step", "tokens", "sampler"), p)
-    for k in ("step", "tokens", "skipped_steps", "consecutive_skipped_steps"):  # (a resume reads them)
+    check_run_state(state, p)
+    return state
+
+
+def check_run_state(state: dict, p: str) -> None:
+    """The run state a resume reads from trainer_state.json `p` (either kind of checkpoint), where present:
+    the counters integers >= 0, the sampler a JSON object; a CheckpointError naming the file and field."""
+    for k in ("step", "tokens", "skipped_steps", "consecutive_skipped_steps"):
         if k in state and (type(state[k]) is not int or state[k] < 0):
             raise CheckpointError(f"{p}: {k} {state[k]!r} is not an integer >= 0")
-    if not isinstance(state["sampler"], dict):
+    if "sampler" in state and not isinstance(state["sampler"], dict):
         raise CheckpointError(f"{p}: sampler is not a JSON object")
-    return state
 
 
 @torch.no_grad()
