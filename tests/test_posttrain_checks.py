@@ -207,3 +207,21 @@ def test_sft_resume_refuses_another_packing(env, tmp_path, flag, kw):
     with pytest.raises(ValueError, match=f"{flag}"):
         sft.train_sft(env["ckpt"], env["data"], out, _sft_cfg(steps=2, resume=True, **kw), log=lambda *a: None)
     sft.train_sft(env["ckpt"], env["data"], out, _sft_cfg(steps=2, resume=True), log=lambda *a: None)  # a new length
+
+
+def test_sft_resume_refuses_other_chats(env, tmp_path):
+    """The data position indexes the packing of the run's conversations: a resume with another --data file (as
+    many rows or not) continued silently at that row of other data. The state carries a fingerprint of the
+    conversations' tokens and masks; a malformed position is named."""
+    out = str(tmp_path / "s")
+    sft.train_sft(env["ckpt"], env["data"], out, _sft_cfg(steps=1), log=lambda *a: None)
+    other = tmp_path / "other.jsonl"
+    lines = open(env["data"], encoding="utf-8").read().splitlines()
+    other.write_text("\n".join(lines[1:] + lines[:1]) + "\n", encoding="utf-8")  # the same chats, another order
+    with pytest.raises(ValueError, match="the chats are not the run's"):
+        sft.train_sft(env["ckpt"], str(other), out, _sft_cfg(steps=2, resume=True), log=lambda *a: None)
+    chats = sft.PackedChats([([1, 2, 3], [0, 1, 1])], 8, 0)
+    with pytest.raises(ValueError, match="data position's row is '1'"):
+        chats.load_state_dict({**chats.state_dict(), "row": "1"})
+    chats.load_state_dict({"epoch": 0, "row": 1})  # a checkpoint from before the fingerprint: resumes
+    sft.train_sft(env["ckpt"], env["data"], out, _sft_cfg(steps=2, resume=True), log=lambda *a: None)

@@ -39,6 +39,7 @@ state, RNG states and the data position (epoch, row), so a resumed run continues
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -46,6 +47,7 @@ import random
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -178,6 +180,14 @@ class PackedChats:
         self.samples, self.seq_len, self.pad_id, self.seed = samples, seq_len, pad_id, seed
         self.epoch, self.row = 0, 0
         self._rows = self._pack(0)
+        # the conversations as tokens and loss masks (the data file, tokenizer and template together): a resume
+        # on other ones would continue at the saved row of another packing
+        h = hashlib.blake2b(digest_size=16)
+        for ids, mask in samples:
+            h.update(len(ids).to_bytes(8, "little"))
+            h.update(np.asarray(ids, dtype=np.int64).tobytes())
+            h.update(np.asarray(mask, dtype=np.int8).tobytes())
+        self.fingerprint = h.hexdigest()
 
     def _pack(self, epoch: int) -> dict[str, torch.Tensor]:
         order = list(range(len(self.samples)))
@@ -208,9 +218,17 @@ class PackedChats:
         return out
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "row": self.row}
+        return {"epoch": self.epoch, "row": self.row, "fingerprint": self.fingerprint}
 
     def load_state_dict(self, s: dict) -> None:
+        for k in ("epoch", "row"):  # a checkpoint's, untrusted
+            if type(s.get(k)) is not int or s[k] < 0:
+                raise ValueError(f"cannot resume: the saved data position's {k} is "
+                                 f"{repr(s[k]) if k in s else 'missing'}, not an integer >= 0")
+        if s.get("fingerprint", self.fingerprint) != self.fingerprint:  # (checkpoints before it hold none)
+            raise ValueError("cannot resume: the chats are not the run's (its --data file, tokenizer or chat "
+                             "template changed): the saved data position is a row of the run's packing; give the "
+                             "run's --data, or start a new run with --out")
         self.epoch, self.row = s["epoch"], s["row"]
         self._rows = self._pack(self.epoch)
 
