@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from conftest import make_model, rand_ids, tiny_cfg
-from dsv3.checkpoints.hf import disk_layout, load_pretrained, save_pretrained
+from dsv3.checkpoints.hf import CheckpointError, disk_layout, load_pretrained, save_pretrained
 from dsv3.cli import main
 from dsv3.checkpoints.hf import quantize_model_fp8
 from dsv3.model.fp8 import FP8Experts, FP8Linear, linear_weight, swap_to_fp8
@@ -265,6 +265,19 @@ def test_keep_fp8_follows_the_file_tensor_by_tensor(dense, tmp_path):
             assert torch.equal(mem, weight_dequant(t[disk], t[disk + "_scale_inv"], torch.float32)), disk
     # all 48 FP8 tensors but q_b_proj and layer 1's 4 x 3 expert matrices
     assert len([d for d in layout if d.endswith("_scale_inv")]) == 48 - 1 - 12
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_block_scales_of_other_dtypes_are_refused_however_loaded(dense, tmp_path, keep):
+    """An integer weight_scale_inv is refused by name whether the weight loads FP8 or dequantised (the dense load
+    multiplied the e4m3 bytes by the integers: other numbers, silently)."""
+    save_pretrained(dense, tmp_path, fp8=True)
+    t = load_file(tmp_path / "model.safetensors")
+    s = "model.layers.0.self_attn.o_proj.weight_scale_inv"
+    t[s] = torch.full_like(t[s], 3, dtype=torch.int32)
+    save_file(t, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=rf"tensors of other dtypes .*\(1\):\n    {s}: I32"):
+        load_pretrained(tmp_path, keep_fp8=keep)
 
 
 def test_swap_to_fp8_refuses_other_modules(dense):

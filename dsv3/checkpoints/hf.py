@@ -495,6 +495,8 @@ def _check(cfg: ModelConfig, layout: dict[str, _Slot], reader: _Reader) -> None:
                 sw = (-(-want[0] // 128), -(-want[1] // 128))
                 if reader.shape(sname) != sw:
                     bad_shape.append(f"{sname}: checkpoint {list(reader.shape(sname))}, expected {list(sw)}")
+                elif sname not in layout and reader.dtype(sname) not in _DISK_DTYPES:  # (a dequantised weight's)
+                    bad_dtype.append(f"{sname}: {reader.dtype(sname)}")
     if missing or unexpected or bad_shape or bad_dtype:
         def show(title, items):
             if not items:
