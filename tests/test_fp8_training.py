@@ -561,6 +561,36 @@ def test_weight_quant_kernel_compiles_for_sm90_with_and_without_the_plain_copy()
     assert stores[False] < stores[True], stores
 
 
+def test_quantiser_kernels_keep_nan_for_sm90():
+    """The reference's amax and clamps keep a NaN (the tile's scale and bytes NaN: a NaN activation or gradient
+    stays non-finite, so the loss and the step's finiteness check see it). Triton's tl.max / tl.maximum /
+    tl.minimum default to maxnum / minnum, which drop it: a NaN came out as a finite -448 x a finite scale, on the
+    GPU only (the interpreter's numpy keeps NaN). Checked on the kernels compiled for sm_90 on the CPU."""
+    pytest.importorskip("triton")
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("compiles the kernels: not under the interpreter")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from dsv3.kernels import fp8_triton
+
+    ptrs = {"x_ptr": "*bf16", "w_ptr": "*bf16", "q_ptr": "*fp8e4nv", "qt_ptr": "*fp8e4nv", "s_ptr": "*fp32",
+            "p_ptr": "*fp32", "sin_ptr": "*fp32"}
+    consts = {"HAS_P": True, "HAS_SCALE": True, "HAS_Q": True, "HAS_T": True, "BM": 32, "BK": 64, "BLK": 128}
+    for k in (fp8_triton._act_quant_kernel, fp8_triton._act_quant_t_kernel, fp8_triton._weight_quant_kernel):
+        signature, cx = {}, {}
+        for i, n in enumerate(k.arg_names):
+            signature[n] = ptrs.get(n, "constexpr" if n in consts else "i32")
+            if n in consts:
+                cx[(i,)] = consts[n]
+        ttir = triton.compile(ASTSource(k, signature, constexprs=cx), target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": 4}).asm["ttir"]
+        assert "maxnumf" not in ttir and "minnumf" not in ttir and "maximumf" in ttir, k.fn.__name__
+
+
 def test_activation_recomputation_drops_the_fp8_payloads():
     """The FP8 functions keep their payloads (FP8 inputs, weight copies, scales) through save_for_backward, so
     --recompute full drops them with the rest of a block's activations and recomputes them in backward: nothing FP8

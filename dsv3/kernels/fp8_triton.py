@@ -25,6 +25,10 @@ multiplies by the reciprocal; with `tl.math.div_rn` 0.05-0.1% of the bytes came 
 apart, measured on the H100) and the tensor/tensor division x / s is IEEE (`tl.math.div_rn`).
 Shapes: M and K multiples of 128 for `act_quant_t`, K a multiple of 128 for `act_quant_cm`; the
 caller (dsv3/training/fp8.py) pads with zeros, which changes no amax.
+NaN: the amax and the clamps propagate it, as the reference's torch ops do (Triton's max / maximum / minimum
+default to maxnum / minnum on the GPU, which return the other operand: a NaN element came out as a finite
+-448 x a finite scale, hiding it from the loss and the step's finiteness check); an inf makes its tile's scale
+inf, so the tile dequantises to NaN, as in the reference.
 """
 
 from __future__ import annotations
@@ -40,6 +44,17 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # CPU tensors under the 
 FP8_MAX = 448.0
 INV_MAX = tl.constexpr(1.0 / 448.0)  # fp32(1/448), the reciprocal torch's CUDA scalar division uses
 BLOCK = 128
+NAN = tl.constexpr(tl.PropagateNan.ALL)  # max / min keep a NaN operand (module docstring)
+
+
+@triton.jit
+def _max_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=NAN)
+
+
+@triton.jit
+def _clamp_fp8(q):
+    return tl.minimum(tl.maximum(q, -448.0, propagate_nan=NAN), 448.0, propagate_nan=NAN)
 
 
 @triton.jit
@@ -54,10 +69,10 @@ def _act_quant_kernel(x_ptr, p_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, st
     if HAS_P:  # exact power-of-two pre-scale of a gradient (dsv3/training/fp8.py), undone on the scales
         p = tl.load(p_ptr)
         x = x * p
-    amax = tl.max(tl.abs(x), axis=1)
-    s = tl.maximum(amax, 1e-4) * INV_MAX  # torch on CUDA divides by a scalar as x * (1/b)
+    amax = tl.reduce(tl.abs(x), 1, _max_nan)
+    s = tl.maximum(amax, 1e-4, propagate_nan=NAN) * INV_MAX  # torch on CUDA divides by a scalar as x * (1/b)
     q = tl.math.div_rn(x, s[:, None])
-    q = tl.minimum(tl.maximum(q, -448.0), 448.0)
+    q = _clamp_fp8(q)
     tl.store(q_ptr + rm[:, None] * stride_qm + rk[None, :], q.to(tl.float8e4nv, fp_downcast_rounding="rtne"), mask=mask)
     if HAS_P:
         s = tl.math.div_rn(s, p)
@@ -80,10 +95,10 @@ def _act_quant_t_kernel(x_ptr, sin_ptr, p_ptr, q_ptr, s_ptr, M, K, stride_xm, st
     if HAS_P:
         p = tl.load(p_ptr)
         x = x * p
-    amax = tl.max(tl.abs(x), axis=0)  # (BK,)
-    s = tl.maximum(amax, 1e-4) * INV_MAX  # torch on CUDA divides by a scalar as x * (1/b)
+    amax = tl.reduce(tl.abs(x), 0, _max_nan)  # (BK,)
+    s = tl.maximum(amax, 1e-4, propagate_nan=NAN) * INV_MAX  # torch on CUDA divides by a scalar as x * (1/b)
     q = tl.math.div_rn(x, s[None, :])
-    q = tl.minimum(tl.maximum(q, -448.0), 448.0).to(tl.float8e4nv, fp_downcast_rounding="rtne")
+    q = _clamp_fp8(q).to(tl.float8e4nv, fp_downcast_rounding="rtne")
     qt = tl.trans(q)  # (BK, BLK)
     tl.store(q_ptr + rk[:, None] * stride_qk + rm[None, :], qt)
     if HAS_P:
@@ -101,9 +116,9 @@ def _weight_quant_kernel(w_ptr, q_ptr, qt_ptr, s_ptr, N, K, stride_wn, stride_qn
     if HAS_Q:
         mask = (rn[:, None] < N) & (rk[None, :] < K)
         w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=mask, other=0.0).to(tl.float32)
-        amax = tl.max(tl.max(tl.abs(w), axis=1), axis=0)
-        s = tl.maximum(amax * INV_MAX, 1e-12)
-        qf = tl.minimum(tl.maximum(tl.math.div_rn(w, s), -448.0), 448.0)
+        amax = tl.reduce(tl.reduce(tl.abs(w), 1, _max_nan), 0, _max_nan)
+        s = tl.maximum(amax * INV_MAX, 1e-12, propagate_nan=NAN)
+        qf = _clamp_fp8(tl.math.div_rn(w, s))
         tl.store(q_ptr + rn[:, None] * stride_qn + rk[None, :], qf.to(tl.float8e4nv, fp_downcast_rounding="rtne"),
                  mask=mask)
     if HAS_T:  # the same bytes transposed, (K, N): the dgrad operand. The block has one scale, so quantising
@@ -112,9 +127,9 @@ def _weight_quant_kernel(w_ptr, q_ptr, qt_ptr, s_ptr, N, K, stride_wn, stride_qn
         mask_t = (rk[:, None] < K) & (rn[None, :] < N)
         wt = tl.load(w_ptr + rn[None, :] * stride_wn + rk[:, None], mask=mask_t, other=0.0).to(tl.float32)
         if not HAS_Q:  # the transpose alone (weight_quant_pad_t): the same block's amax, from this read
-            amax = tl.max(tl.max(tl.abs(wt), axis=1), axis=0)
-            s = tl.maximum(amax * INV_MAX, 1e-12)
-        qt = tl.minimum(tl.maximum(tl.math.div_rn(wt, s), -448.0), 448.0)
+            amax = tl.reduce(tl.reduce(tl.abs(wt), 1, _max_nan), 0, _max_nan)
+            s = tl.maximum(amax * INV_MAX, 1e-12, propagate_nan=NAN)
+        qt = _clamp_fp8(tl.math.div_rn(wt, s))
         tl.store(qt_ptr + rk[:, None] * stride_qtk + rn[None, :], qt.to(tl.float8e4nv, fp_downcast_rounding="rtne"),
                  mask=mask_t)
     tl.store(s_ptr + pn * stride_sn + pk, s)
