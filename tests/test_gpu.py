@@ -178,6 +178,36 @@ def test_fp8_triton_weight_quant_matches_reference(N, K):
     assert _same_fp8(qt4, qt) and torch.equal(s4, s)
 
 
+def test_fp8_triton_quantisers_keep_nan_as_the_reference():
+    """A NaN element makes its tile's (block's) scale NaN in the Triton quantisers, as in the reference (the GPU's
+    max / min ops drop a NaN operand unless told: the tile came out finite, hiding the NaN from the loss and the
+    step's finiteness check); the other tiles keep their exact bytes."""
+    from dsv3 import kernels
+    from dsv3.kernels import act_quant, weight_quant
+
+    if not kernels.backend_available("fp8_quant"):
+        pytest.skip("needs SM 8.9+ and triton")
+    torch.manual_seed(0)
+    x = torch.randn(256, 512, device="cuda").to(torch.bfloat16)
+    x[3, 130] = float("nan")
+    q, s = kernels.act_quant_cm(x, backend="triton")
+    rq, rs = act_quant(x)
+    assert torch.equal(s.isnan(), rs.isnan()) and int(s.isnan().sum()) == 1 and bool(s[3, 1].isnan())
+    fin = ~rs.isnan().repeat_interleave(128, 1)  # the elements of finite tiles
+    assert torch.equal(q.view(torch.uint8)[fin], rq.view(torch.uint8)[fin])
+    qt, st = kernels.act_quant_t(x, backend="triton")  # 128x1 tiles: row 130 of the transpose, tile 0
+    rqt, rst = act_quant(x.t().contiguous())
+    assert torch.equal(st.isnan(), rst.isnan()) and int(st.isnan().sum()) == 1 and bool(st[130, 0].isnan())
+    w = torch.randn(640, 384, device="cuda") * 0.02
+    w[200, 5] = float("nan")
+    q, s, qt = kernels.weight_quant_pad(w, transposed=True, backend="triton")
+    rq, rs = weight_quant(w)
+    kb = rs.shape[1]
+    assert torch.equal(s[:, :kb].isnan(), rs.isnan()) and int(rs.isnan().sum()) == 1 and bool(s[1, 0].isnan())
+    fin = ~rs.isnan().repeat_interleave(128, 0).repeat_interleave(128, 1)[:640, :384]
+    assert torch.equal(q.view(torch.uint8)[fin], rq.view(torch.uint8)[fin])
+
+
 @pytest.mark.parametrize("M,K", [(256, 512), (384, 128)])
 def test_fp8_triton_gradient_prescale_in_kernel_matches_reference(M, K):
     """act_quant_cm / act_quant_t with p: the bytes of act_quant(g * p) and its scales divided by p (the
