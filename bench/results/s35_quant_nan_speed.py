@@ -1,5 +1,6 @@
-"""Scratch (twenty-ninth session): the NaN-propagating quantisers (f2f96c9) against the previous ones, same run and card.
-Run from the repository root with the old module beside it: git show f2f96c9^:dsv3/kernels/fp8_triton.py > _old_fp8_triton.py"""
+"""Scratch (twenty-ninth session): the NaN-propagating quantisers (f2f96c9) against the previous ones, same run
+and card. Run from the repository root with the old module beside it:
+    git show f2f96c9^:dsv3/kernels/fp8_triton.py > _old_fp8_triton.py"""
 import sys, torch, triton
 sys.path.insert(0, ".")
 import _old_fp8_triton as old
