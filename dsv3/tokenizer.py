@@ -157,14 +157,20 @@ def _raise_template_error(message):
     raise TemplateError(message)
 
 
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
 @functools.lru_cache(maxsize=8)
-def _compile_template(template: str):
-    """The chat template compiled once per template string (compiling costs ~20 ms, rendering ~0.1 ms), in the
-    environment transformers renders it in: loop controls ({% break %}, {% continue %}) and raise_exception."""
+def compile_chat_template(template: str):
+    """A chat template compiled once per template string (compiling costs ~20 ms, rendering ~0.1 ms), in the
+    environment transformers' apply_chat_template renders it in (utils/chat_template_utils.py): a sandbox, loop
+    controls ({% break %}, {% continue %}), raise_exception and its tojson filter. The one place templates are
+    compiled: the tokenizer's chats and the server's requests render alike."""
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-    env.filters["tojson"] = lambda x, **kw: json.dumps(x, ensure_ascii=False, **kw)
+    env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_template_error
     return env.from_string(template)
 
@@ -296,7 +302,7 @@ class DSTokenizer:
                                  and t.get("name") == "default"), None)
         if isinstance(template, str) and template:
             try:  # compiled now, so that a broken template fails here and not at the first chat
-                _compile_template(template)
+                compile_chat_template(template)
             except TemplateError as e:
                 raise CheckpointError(f"{cfg_file}: chat_template does not compile ({e})") from None
             tok.chat_template = template
@@ -311,7 +317,7 @@ class DSTokenizer:
                 raise ValueError(f"message {i} must be an object with a role of system, user, assistant or tool")
             if not isinstance(m.get("content", ""), (str, type(None))):
                 raise ValueError(f"message {i}: content must be a string")
-        return _compile_template(self.chat_template).render(
+        return compile_chat_template(self.chat_template).render(
             messages=[dict(m) for m in messages], add_generation_prompt=add_generation_prompt,
             bos_token=self._roles_token("bos"), eos_token=self._roles_token("eos"))
 

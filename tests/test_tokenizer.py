@@ -299,3 +299,16 @@ def test_chat_template_jinja_file_and_named_templates_as_transformers_reads_them
             (tmp_path / "c" / "tokenizer_config.json").write_text(json.dumps(cfg), encoding="utf-8")
         want = AutoTokenizer.from_pretrained(tmp_path / d).apply_chat_template(msgs, tokenize=False)
         assert DSTokenizer.load(tmp_path / d).apply_chat_template(msgs) == want == {"b": "[user]x", "c": "Dx"}[d]
+
+
+def test_chat_templates_compile_in_one_environment_with_transformers_tojson(tok):
+    """The tokenizer's chats and the server's requests render through one compiled template (compile_chat_template),
+    whose tojson takes transformers' arguments: the tokenizer's own copy fixed ensure_ascii, so a template asking
+    for tojson(ensure_ascii=True) failed with a TypeError there while the server rendered it."""
+    import copy
+
+    t = "{{ bos_token }}{{ messages[0]['content'] | tojson(ensure_ascii=True, sort_keys=True) }}"
+    mine = copy.copy(tok)
+    mine.chat_template = t
+    out = mine.apply_chat_template([{"role": "user", "content": "é"}], add_generation_prompt=False)
+    assert out.endswith('"\\u00e9"')

@@ -22,13 +22,12 @@ import json
 from array import array
 from dataclasses import dataclass, replace
 
-import jinja2.sandbox
 from pydantic import BaseModel, ValidationError
 
 from dsv3.inference.params import SamplingParams
 from dsv3.inference.protocol import (APIError, ChatCompletionRequest, ChatMessage, CompletionRequest,
                                      DetokenizeRequest, TokenizeRequest, bad_request, from_validation_error)
-from dsv3.tokenizer import CHAT_TEMPLATE, DSTokenizer, MissingSpecialTokenError
+from dsv3.tokenizer import CHAT_TEMPLATE, DSTokenizer, MissingSpecialTokenError, compile_chat_template
 
 
 @dataclass
@@ -41,12 +40,6 @@ class Work:
     want_lp: bool
     stream: bool
     include_usage: bool
-
-
-def _raise_template_error(message):
-    import jinja2
-
-    raise jinja2.exceptions.TemplateError(message)
 
 
 _KEEPS_TEXT = {"Sequence", "ByteLevel", "Split", "Digits", "Punctuation"}  # pre-tokenizers that drop nothing
@@ -109,13 +102,7 @@ class Preparer:
         self.chat_template = chat_template or getattr(tokenizer, "chat_template", None) or CHAT_TEMPLATE
         for k, v in vars(limits).items():  # self.max_model_len, ... (read by every check below)
             setattr(self, k, v)
-        # as transformers' apply_chat_template compiles it (utils/chat_template_utils.py)
-        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                           extensions=["jinja2.ext.loopcontrols"])
-        env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: \
-            json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-        env.globals["raise_exception"] = _raise_template_error
-        self.template = env.from_string(self.chat_template)
+        self.template = compile_chat_template(self.chat_template)  # as transformers compiles it
         # the tokenizer as it pickles (its JSON, ~5 MB for V3's), taken now: serialising it holds the GIL
         # (130 ms for V3's), which the event loop must not pay when the first large body starts the workers
         self._tok_state = tokenizer.__reduce__()
