@@ -1101,6 +1101,21 @@ def test_graphs_padding_block_is_outside_the_capacity(models):
             eng.add_request([1, 2, 3, 4], greedy(16))  # 21 positions: 6 blocks
 
 
+@pytest.mark.parametrize("k", [0, 1, 2])
+def test_default_cache_holds_a_full_batch_of_full_contexts(models, k):
+    """The default cache (cache_tokens 0) holds max_batch_size requests of the whole context at once: it was
+    max_batch_size x (context + draft room) tokens rounded up to blocks once, while each request takes its own
+    blocks rounded up, so with a block size that does not divide a request's tokens the last request queued."""
+    model = spec_model(1, "random") if k else models["plain"]
+    L = model.config.max_position_embeddings
+    for block_size in (16, 3):
+        eng = Engine(model, max_batch_size=4, block_size=block_size, speculative_k=k, max_prefill_tokens=0)
+        for _ in range(4):
+            eng.add_request([1] * (L - 2), greedy(2))
+        eng.step()
+        assert eng.num_running == 4 and eng.num_waiting == 0, (block_size, eng.cache.num_blocks)
+
+
 def test_compile_decode_without_the_graphed_step_is_refused(models):
     with pytest.raises(ValueError, match="bf16 model on a GPU"):
         Engine(models["plain"], max_batch_size=2, compile_decode=True)  # fp32 on the CPU: no graphed step

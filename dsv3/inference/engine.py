@@ -246,8 +246,9 @@ class Engine:
         # positions a request may write past prompt + max_new_tokens: verification writes k past the
         # last token, chained drafts up to 2k - 1 past it (speculation.py); k = 0 writes the last token
         self.spare = max(self.k + 1, 2 * self.k - 2)
-        # room for max_batch_size requests of the full context
-        cache_tokens = cache_tokens or max_batch_size * (min(self.max_model_len, 4096) + self.spare)
+        # room for max_batch_size requests of the full context, each in whole blocks (as admission takes them)
+        per_request = -(-(min(self.max_model_len, 4096) + self.spare) // block_size) * block_size
+        cache_tokens = cache_tokens or max_batch_size * per_request
         num_blocks = -(-cache_tokens // block_size)
         # cuda_graphs (None: on for a bf16 CUDA model): the decode steps (graphs.py) are bucketed to
         # powers of two and, on CUDA, captured as graphs (one replay per step); True on the CPU runs the
