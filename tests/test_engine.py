@@ -694,6 +694,15 @@ def test_engine_admission_errors(models):
         eng.generate("a prompt")
 
 
+def test_stop_strings_without_a_tokenizer_are_refused(models):
+    """An engine without a tokenizer cannot see text: a stop string was silently never matched."""
+    eng = Engine(models["plain"], max_batch_size=2, block_size=4)
+    with pytest.raises(ValueError, match="stop strings need a tokenizer"):
+        eng.add_request([1, 2], greedy(4, stop=["x"]))
+    assert not eng.has_unfinished()
+    eng.add_request([1, 2], greedy(4, stop_token_ids=[3]))  # token ids need none
+
+
 def test_engine_abort(models, naive_refs):
     model = models["plain"]
     prompts, refs = naive_refs["plain"]

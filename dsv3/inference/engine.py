@@ -332,6 +332,8 @@ class Engine:
         bad = [t for t in params.stop_token_ids if not 0 <= t < V]  # (one outside would never match: ignored)
         if bad:
             raise ValueError(f"stop token ids must be in [0, {V}), got {bad[0]}")
+        if params.stop and self.tok is None:  # (without one no text is decoded: never matched)
+            raise ValueError("stop strings need a tokenizer; pass stop_token_ids instead")
         if len(ids) + params.max_new_tokens > self.max_model_len:
             raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
                              f"model's context of {self.max_model_len} tokens")
