@@ -694,6 +694,16 @@ def test_engine_admission_errors(models):
         eng.generate("a prompt")
 
 
+def test_generate_refuses_a_params_list_of_another_length(models):
+    """generate(prompts, [params...]) with fewer (or more) params than prompts: zip dropped the prompts past the
+    shorter list, and the results silently had fewer entries than the prompts."""
+    eng = Engine(models["plain"], max_batch_size=4, block_size=4)
+    with pytest.raises(ValueError, match="3 prompts but 2 SamplingParams"):
+        eng.generate([[1, 2], [3], [4, 5]], [greedy(2), greedy(3)])
+    assert not eng.has_unfinished()
+    assert len(eng.generate([[1, 2], [3]], (greedy(2), greedy(3)))) == 2
+
+
 def test_stop_strings_without_a_tokenizer_are_refused(models):
     """An engine without a tokenizer cannot see text: a stop string was silently never matched."""
     eng = Engine(models["plain"], max_batch_size=2, block_size=4)
