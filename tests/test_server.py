@@ -1042,6 +1042,40 @@ def test_engine_loop_call_is_answered_when_the_loop_has_died():
         loop.call(lambda e: 1).result(timeout=1)
 
 
+def test_engine_loop_answers_requests_submitted_while_it_dies():
+    """A request submitted while the step that kills the loop runs (the server checked `alive` before), or at the
+    moment it stops: its sink gets a 503, not nothing (the loop drained it with the queued calls and dropped it,
+    so the client waited forever)."""
+    import queue
+    import threading
+    from types import SimpleNamespace
+
+    from dsv3.inference.engine_loop import EngineLoop
+    from dsv3.inference.protocol import APIError
+
+    started, gate = threading.Event(), threading.Event()
+
+    def step():
+        started.set()
+        gate.wait(5)
+        raise RuntimeError("simulated")
+
+    stats = SimpleNamespace(steps=0, generated_tokens=0, prefill_tokens=0, drafted=0, accepted=0)
+    eng = SimpleNamespace(has_unfinished=lambda: True, step=step, num_running=1, num_waiting=0, stats=stats,
+                          cache=SimpleNamespace(free_blocks=0, num_blocks=4), abort=lambda rid: False)
+    loop = EngineLoop(eng)
+    loop.start()
+    assert started.wait(5)
+    during, after = queue.SimpleQueue(), queue.SimpleQueue()
+    loop.submit([("a", [1, 2], SamplingParams())], during.put)  # queued while the failing step runs
+    gate.set()
+    err = during.get(timeout=10)
+    assert isinstance(err, APIError) and err.status == 503 and "engine loop stopped" in str(err)
+    assert not loop.alive
+    loop.submit([("b", [1, 2], SamplingParams())], after.put)
+    assert isinstance(after.get(timeout=1), APIError)
+
+
 # --- fuzz -----------------------------------------------------------------------------------------------------
 def test_schemathesis_fuzz(server):
     schemathesis = pytest.importorskip("schemathesis")

@@ -60,9 +60,14 @@ class EngineLoop:
 
     def submit(self, requests: list[tuple[str, list[int], SamplingParams]], sink: Callable[[Any], None]) -> None:
         """Add requests atomically: the sink gets ACCEPTED, or the exception that refused them, then
-        every RequestOutput of these requests."""
+        every RequestOutput of these requests (a 503 once the loop has ended)."""
+        if not self.alive:
+            sink(APIError(503, f"the engine loop stopped: {self.error!r}", "server_error"))
+            return
         self.start()
         self._cmds.put(("add", requests, sink))
+        if not self.alive:  # it ended between the check and the put: nobody will apply it
+            self._fail_calls(APIError(503, f"the engine loop stopped: {self.error!r}", "server_error"))
 
     def abort(self, request_ids: list[str]) -> None:
         self._cmds.put(("abort", request_ids))
@@ -156,7 +161,8 @@ class EngineLoop:
         self.snapshot = self._snapshot()
 
     def _fail_calls(self, err: APIError) -> None:
-        """Fail the `call`s still queued (the loop is ending: nobody would run them)."""
+        """Fail the `call`s and `add`s still queued (the loop is ending: nobody would run them; an add dropped
+        unanswered left its client waiting for ever)."""
         while True:
             try:
                 cmd = self._cmds.get_nowait()
@@ -164,6 +170,8 @@ class EngineLoop:
                 return
             if cmd[0] == "call" and not cmd[2].done():
                 cmd[2].set_exception(err)
+            elif cmd[0] == "add":
+                cmd[2](err)
 
     def _fail_all(self, err: APIError) -> None:
         for rid, sink in list(self._sinks.items()):
