@@ -753,6 +753,25 @@ def test_chat_without_max_tokens_gets_what_fits(model, tok):
         assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
 
 
+@pytest.mark.parametrize("k", [1, 4, 6])
+def test_default_max_tokens_leave_the_engines_draft_room(model, tok, k):
+    """The server's limits reserve the cache positions the engine reserves past a completion (Engine.spare): k + 1,
+    but 2k - 2 for k >= 4 (chained drafts). They reserved k + 1, so at k >= 4 a chat without max_tokens got a
+    default the engine then refused (a 400 for a limit the client never set), as did a max_tokens the server's check
+    had let through."""
+    eng = Engine(model, tok, max_batch_size=1, cache_tokens=64, speculative_k=k)
+    prep = create_app(eng, tok, MODEL).state.server.prep
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "alpha"}]}
+    work = prep.run("chat", json.dumps(chat).encode(), True)
+    (ids,), (sp,) = work.prompts, work.params
+    assert len(ids) + sp.max_new_tokens + eng.spare == 64  # the whole cache, not a token more
+    eng.abort(eng.add_request(ids, sp))
+    from dsv3.inference.protocol import APIError
+
+    with pytest.raises(APIError, match="KV cache"):  # one more: refused by the server's own check, naming the cache
+        prep.run("chat", json.dumps({**chat, "max_tokens": sp.max_new_tokens + 1}).encode(), True)
+
+
 def _raw_http(url: str, head: bytes, chunks=(), timeout: float = 10) -> tuple[int, dict, bytes]:
     """One request over a socket: send `head` then `chunks`, read the response (status, headers, body)."""
     import socket

@@ -307,12 +307,14 @@ class _Server:
         self.max_model_len = n = engine.max_model_len
         self.capacity = engine.max_batch_size + max_queue
         self.max_request_bytes = max_request_bytes
-        # a request's tokens (prompt, completion, draft room) must fit the context and the whole cache
+        # a request's tokens (prompt, completion, draft room) must fit the context and the whole cache; the draft room
+        # is what the engine reserves past the completion (Engine.spare) less the one position of k = 0 (k + 1, or
+        # 2k - 2 for k >= 4: chained drafts)
         cache_tokens = engine.cache.num_blocks * engine.cache.block_size
         self.prep = Preparer(tokenizer, Limits(
             model_name, n, max_prompt_tokens=min(max_prompt_tokens or n - 1, n - 1),
             max_tokens_limit=min(max_tokens_limit or n, n), capacity=self.capacity, cache_tokens=cache_tokens,
-            slot_tokens=cache_tokens // engine.max_batch_size, draft_k=engine.k,
+            slot_tokens=cache_tokens // engine.max_batch_size, draft_k=engine.spare - 1,
             vocab_size=engine.model.config.vocab_size, max_token_bytes=_max_token_bytes(tokenizer)), chat_template)
         self.prep_workers = prep_workers
         self.pool: asyncio.Future[ProcessPoolExecutor] | None = None  # started by the first large body
