@@ -1579,6 +1579,46 @@ def test_text_stream_never_streams_a_stop_string_that_ends_in_a_multibyte_charac
             assert not any(s in "".join(streamed) for s in stops)
 
 
+def test_text_stream_decodes_a_short_window_and_gives_the_whole_decode():
+    """TextStream decodes incrementally (only the tokens since the text last ended whole, plus their context): its
+    text after every token equals the decode of all the tokens, through characters cut across tokens, invalid bytes
+    that never complete and a literal U+FFFD; and for text that ends whole at each token a decode covers at most
+    two tokens (the whole output each time before: O(n) a token, ~5 s of host time over an 8k-token stream)."""
+    from dsv3.inference.textstream import TextStream
+
+    rng = random.Random(0)
+    text = "ab \U0001f642 caf\u00e9 \u95ee\u9898 \ufffd x\u20acy " * 12
+    data = bytearray(text.encode())
+    for at in (40, 95, 300):  # bytes that are no UTF-8: U+FFFD for ever, in the middle of the stream
+        data[at:at] = b"\xff"
+    pieces, i = [], 0
+    while i < len(data):
+        n = rng.randint(1, 3)
+        pieces.append(bytes(data[i: i + n]))
+        i += n
+    sizes = []
+
+    class Tok:  # one token a piece of 1-3 bytes; an incomplete or invalid sequence decodes to U+FFFD (byte-level)
+        def decode(self, ids, skip_special_tokens=True):
+            sizes.append(len(ids))
+            return b"".join(pieces[j] for j in ids).decode("utf-8", errors="replace")
+
+    ts, streamed, ids = TextStream(Tok(), ["never"]), [], list(range(len(pieces)))
+    for n in range(1, len(ids) + 1):
+        assert not ts.hits_stop(ids[:n])
+        streamed.append(ts.delta(ids[:n], n == len(ids)))
+        assert ts.text == bytes(data[: sum(map(len, pieces[:n]))]).decode("utf-8", errors="replace")
+    assert "".join(streamed) == ts.text == bytes(data).decode("utf-8", errors="replace")
+    assert max(sizes) <= 12 and sum(sizes) < 6 * len(pieces)  # windows, not the output (len(pieces) ~ 270)
+    ascii_pieces = [b"ab", b"c ", b"d"] * 100
+    sizes.clear()
+    pieces = ascii_pieces
+    ts = TextStream(Tok())
+    for n in range(1, len(pieces) + 1):
+        ts.delta(list(range(n)), n == len(pieces))
+    assert ts.text == b"".join(pieces).decode() and max(sizes) <= 2
+
+
 def test_logits_at_one_position_equal_the_full_logits(models):
     """Transformer.forward(logits_at=...) (the engine's prefill: the head only at each prompt's last
     position) gives those positions' rows of the full logits."""
