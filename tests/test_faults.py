@@ -354,6 +354,17 @@ def test_fp8_loss_text_bench_writes_no_checkpoint_and_compares_at_the_last_commo
 
 
 
+def _fp8_loss_summary(tmp_path, name, runs, steps=800, extra=""):
+    """A summary.json of bench/fp8_loss_text.py with deterministic runs [(precision, seed, val_curve)]."""
+    rows = [{"run": f"{p}_seed{s}", "precision": p, "seed": s, "deterministic": True, "val_loss": c[-1][1],
+             "val_bpb": c[-1][1] / 2.0, "steps_done": c[-1][0], "tok_per_s": 1.0, "val_curve": c}
+            for p, s, c in runs]
+    path = tmp_path / name
+    path.write_text(json.dumps({"rows": rows, "command": f"bench/fp8_loss_text.py --steps {steps} --deterministic "
+                                f"--runs x --out {name} --deadline-min 7{extra}"}))
+    return str(path)
+
+
 def test_fp8_loss_text_bench_pools_calls_with_the_same_settings(tmp_path):
     """--combine: two calls' summaries (other seeds, other --runs / --deadline-min / --out) pool into one comparison
     at their last common validation step; calls with other settings, or a file that is no summary, are refused
@@ -361,13 +372,7 @@ def test_fp8_loss_text_bench_pools_calls_with_the_same_settings(tmp_path):
     bench = _fp8_loss_text_bench()
 
     def summary(name, steps, runs, extra=""):
-        rows = [{"run": f"{p}_seed{s}", "precision": p, "seed": s, "deterministic": True, "val_loss": c[-1][1],
-                 "val_bpb": c[-1][1] / 2.0, "steps_done": c[-1][0], "tok_per_s": 1.0, "val_curve": c}
-                for p, s, c in runs]
-        path = tmp_path / name
-        path.write_text(json.dumps({"rows": rows, "command": f"bench/fp8_loss_text.py --steps {steps} --deterministic "
-                                    f"--runs x --out {name} --deadline-min 7{extra}"}))
-        return str(path)
+        return _fp8_loss_summary(tmp_path, name, runs, steps, extra)
 
     a = summary("a.json", 800, [("bf16", 0, [[100, 6.0], [200, 5.0]]), ("fp8", 0, [[100, 6.1], [200, 5.05]])])
     b = summary("b.json", 800, [("bf16", 1, [[100, 6.2], [200, 5.2]]), ("fp8", 1, [[100, 6.0]])])  # fp8 1: stopped
@@ -397,13 +402,7 @@ def test_fp8_loss_text_bench_combine_counts_a_deterministic_rerun_once(tmp_path)
     bench = _fp8_loss_text_bench()
 
     def summary(name, runs):
-        rows = [{"run": f"{p}_seed{s}", "precision": p, "seed": s, "deterministic": True, "val_loss": c[-1][1],
-                 "val_bpb": c[-1][1] / 2.0, "steps_done": c[-1][0], "tok_per_s": 1.0, "val_curve": c}
-                for p, s, c in runs]
-        path = tmp_path / name
-        path.write_text(json.dumps({"rows": rows, "command": f"bench/fp8_loss_text.py --steps 800 --deterministic "
-                                    f"--runs x --out {name}"}))
-        return str(path)
+        return _fp8_loss_summary(tmp_path, name, runs)
 
     a = summary("a.json", [("bf16", 0, [[100, 6.0], [200, 5.0]]), ("fp8", 0, [[100, 6.1]])])  # fp8 0: stopped
     b = summary("b.json", [("fp8", 0, [[100, 6.1], [200, 5.1]])])  # fp8 0 again, whole

@@ -1030,14 +1030,13 @@ def test_engine_failure_fails_requests_not_server(model, tok):
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
 
 
-def test_engine_loop_call_is_answered_when_the_loop_has_died():
-    """EngineLoop.call (GET /expert_loads) after the loop ended on an inconsistent engine: a 503 at once, and a call
-    queued before it died fails with it, rather than a future nobody completes."""
+
+def _dying_loop():
+    """(an EngineLoop whose step is running and raises once `gate` is set, gate): a loop about to die."""
     import threading
     from types import SimpleNamespace
 
     from dsv3.inference.engine_loop import EngineLoop
-    from dsv3.inference.protocol import APIError
 
     started, gate = threading.Event(), threading.Event()
 
@@ -1052,6 +1051,14 @@ def test_engine_loop_call_is_answered_when_the_loop_has_died():
     loop = EngineLoop(eng)
     loop.start()
     assert started.wait(5)
+    return loop, gate
+
+def test_engine_loop_call_is_answered_when_the_loop_has_died():
+    """EngineLoop.call (GET /expert_loads) after the loop ended on an inconsistent engine: a 503 at once, and a call
+    queued before it died fails with it, rather than a future nobody completes."""
+    from dsv3.inference.protocol import APIError
+
+    loop, gate = _dying_loop()
     queued = loop.call(lambda e: 1)  # queued while the failing step runs
     gate.set()
     with pytest.raises(APIError, match="engine loop stopped"):
@@ -1066,25 +1073,9 @@ def test_engine_loop_answers_requests_submitted_while_it_dies():
     moment it stops: its sink gets a 503, not nothing (the loop drained it with the queued calls and dropped it,
     so the client waited forever)."""
     import queue
-    import threading
-    from types import SimpleNamespace
-
-    from dsv3.inference.engine_loop import EngineLoop
     from dsv3.inference.protocol import APIError
 
-    started, gate = threading.Event(), threading.Event()
-
-    def step():
-        started.set()
-        gate.wait(5)
-        raise RuntimeError("simulated")
-
-    stats = SimpleNamespace(steps=0, generated_tokens=0, prefill_tokens=0, drafted=0, accepted=0)
-    eng = SimpleNamespace(has_unfinished=lambda: True, step=step, num_running=1, num_waiting=0, stats=stats,
-                          cache=SimpleNamespace(free_blocks=0, num_blocks=4), abort=lambda rid: False)
-    loop = EngineLoop(eng)
-    loop.start()
-    assert started.wait(5)
+    loop, gate = _dying_loop()
     during, after = queue.SimpleQueue(), queue.SimpleQueue()
     loop.submit([("a", [1, 2], SamplingParams())], during.put)  # queued while the failing step runs
     gate.set()
