@@ -57,7 +57,7 @@ from dsv3.posttrain.start import (freeze_mtp, load_start, make_run_directory, re
                                   run_directory)
 from dsv3.tokenizer import DSTokenizer
 from dsv3.training import loop
-from dsv3.training.data import _LONE_SURROGATE, jsonl_records
+from dsv3.training.data import jsonl_records, not_unicode
 from dsv3.training.loss import IGNORE
 from dsv3.training.pretrain import make_strategy
 from dsv3.training.strategy import (PRECISIONS, check_weights, checkpoint_config, precision_recipe, prepare_model,
@@ -113,9 +113,8 @@ def read_chats(path: str) -> list[list[dict]]:
                     raise ValueError(f"{where}: message {j} has role {role!r}; expected one of {', '.join(ROLES)}")
                 if not isinstance(m.get("content"), str):
                     raise ValueError(f"{where}: message {j} ({m['role']}) needs a string 'content'")
-                if bad := _LONE_SURROGATE.search(m["content"]):  # "\ud800" parses as JSON, but has no UTF-8 form
-                    raise ValueError(f"{where}: message {j} ({m['role']}) holds a lone surrogate escape "
-                                     f"(\\u{ord(bad[0]):04x}), which is not Unicode text")
+                if why := not_unicode(m["content"]):
+                    raise ValueError(f"{where}: message {j} ({m['role']}) {why}")
                 if m["role"] == "assistant" and not m["content"].strip():
                     raise ValueError(f"{where}: message {j} is an empty assistant message")
             if not any(m["role"] == "assistant" for m in msgs):

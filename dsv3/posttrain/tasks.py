@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from dsv3.posttrain.rewards import exact_match_reward, format_reward, normalize_answer
-from dsv3.training.data import _LONE_SURROGATE, jsonl_records
+from dsv3.training.data import jsonl_records, not_unicode
 
 SYSTEM = "You are a careful calculator. End your reply with a line `Answer: <number>`."
 _NAMES = ["Ada", "Bo", "Chen", "Dana", "Eli", "Fay", "Gus", "Hana"]
@@ -186,9 +186,8 @@ def _check_prompt(row: dict, where: str, exact_match: bool = True) -> None:
             raise ValueError(f"{where}: message {j} has role {role!r}; expected one of system, user, assistant, tool")
         if not isinstance(m.get("content"), str):
             raise ValueError(f"{where}: message {j} ({m['role']}) needs a string 'content'")
-        if bad := _LONE_SURROGATE.search(m["content"]):  # "\ud800" parses as JSON, but has no UTF-8 form
-            raise ValueError(f"{where}: message {j} ({m['role']}) holds a lone surrogate escape "
-                             f"(\\u{ord(bad[0]):04x}), which is not Unicode text")
+        if why := not_unicode(m["content"]):
+            raise ValueError(f"{where}: message {j} ({m['role']}) {why}")
     a = row["answer"]
     if exact_match and (isinstance(a, bool) or not isinstance(a, (str, int, float))
                         or (isinstance(a, str) and not a.strip())):

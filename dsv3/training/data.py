@@ -271,6 +271,14 @@ def jsonl_records(lines, name: str, error: type[Exception] = ValueError):
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # in a str from json.loads: an escape with no UTF-8 form
 
 
+def not_unicode(text: str) -> str | None:
+    """Why `text` (a str from json.loads) is not Unicode text, or None: a lone surrogate escape ("\\ud800" parses
+    as JSON but has no UTF-8 form, and the tokenizer fails on it with a TypeError). The one check of the JSONL
+    readers (corpus records, SFT chats, GRPO task files)."""
+    bad = _LONE_SURROGATE.search(text)
+    return f"holds a lone surrogate escape (\\u{ord(bad[0]):04x}), which is not Unicode text" if bad else None
+
+
 def read_documents(file: SourceFile) -> list[Document] | None:
     """The documents of one file (empty texts dropped), or None when it is not valid UTF-8.
 
@@ -293,9 +301,8 @@ def read_documents(file: SourceFile) -> list[Document] | None:
                 f"'text' is {type(record['text']).__name__}, not a string"
             raise CorpusError(f"{file.path}:{lineno}: each line must be a JSON object with a string "
                               f"'text' field; {got}")
-        if bad := _LONE_SURROGATE.search(record["text"]):  # "\ud800" parses, but such text has no UTF-8 form
-            raise CorpusError(f"{file.path}:{lineno}: 'text' holds a lone surrogate escape (\\u{ord(bad[0]):04x}), "
-                              "which is not Unicode text")
+        if why := not_unicode(record["text"]):
+            raise CorpusError(f"{file.path}:{lineno}: 'text' {why}")
         if record["text"]:
             docs.append(Document(f"{file.relpath}:{lineno}", record["text"]))
     return docs
