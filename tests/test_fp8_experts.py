@@ -20,8 +20,7 @@ from test_fp8_training import _train
 from dsv3.kernels import act_dequant, act_quant, weight_quant
 from dsv3.model import build_model
 from dsv3.model.moe import Experts
-from dsv3.training.fp8 import (FP8TrainExperts, FP8TrainLinear, _unstash, convert_to_fp8_training,
-                               fp8_grouped_linear)
+from dsv3.training.fp8 import FP8TrainExperts, FP8TrainLinear, convert_to_fp8_training, fp8_grouped_linear
 
 E4M3 = torch.float8_e4m3fn
 
@@ -439,17 +438,16 @@ def test_interp_triton_experts_module_padded_vs_emulation():
 def _run_rw(x, ws, offs, g, backend, rw):
     x = x.detach().clone().requires_grad_()
     ws = [w.detach().clone().requires_grad_() for w in ws]
-    y = fp8_grouped_linear(x, tuple(ws), offs, backend, recompute_weight=rw)
-    kept = _unstash(y.grad_fn)  # what backward will get
+    kept = []  # what backward will get
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        y = fp8_grouped_linear(x, tuple(ws), offs, backend, recompute_weight=rw)
     y.backward(g)
     return (y.detach(), x.grad, *[w.grad for w in ws]), kept, ws
 
 
-def _tensors(kept) -> list[torch.Tensor]:
-    """The tensors of an _FP8GroupedFn's saved payload, at any nesting."""
-    if isinstance(kept, torch.Tensor):
-        return [kept]
-    return [t for u in kept for t in _tensors(u)] if isinstance(kept, (list, tuple)) else []
+def _tensors(kept: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The non-empty tensors autograd keeps (empty ones stand for what a mode does not keep)."""
+    return [t for t in kept if t.numel()]
 
 
 def test_recomputed_expert_weights_give_the_same_gradients():
@@ -604,13 +602,66 @@ def test_interp_padded_experts_keep_their_fp8_copies_under_recompute(monkeypatch
     """FP8TrainExperts with recompute_weight on shapes the kernels pad (D 192, I 80): the padded weights are copies
     made in the forward, so backward gets their FP8 transposes (1 byte a parameter) rather than the copies
     themselves to re-quantise; aligned shapes re-quantise."""
-    from dsv3.training import fp8 as f8
+    from dsv3 import kernels
 
-    asked, real = [], f8._FP8GroupedFn.apply
-    monkeypatch.setattr(f8._FP8GroupedFn, "apply", lambda *a: asked.append(a[4]) or real(*a))
+    asked, real = [], kernels.fp8_grouped_linear
+    monkeypatch.setattr(kernels, "fp8_grouped_linear", lambda *a, **k: asked.append(k["recompute_w"]) or real(*a, **k))
     for D, I, want in ((192, 80, False), (256, 128, True)):
         asked.clear()
         ex = FP8TrainExperts.from_experts(_experts(D=D, I=I), "triton", recompute_weight=True)
         idx, w, x = _route(40, 6, 2, D, 8)
         _module_grads(ex, x, idx, w, torch.randn(x.shape, generator=torch.Generator().manual_seed(9)))
         assert asked == [want, want]
+
+
+@pytest.mark.parametrize("rw", [False, True])
+@pytest.mark.parametrize("K,ns", [(256, (128, 128)), (200, (72, 40))])
+def test_fp8_grouped_ops_fakes_and_autograd_match_the_kernels(K, ns, rw):
+    """kernels.fp8_grouped_linear's custom ops (dsv3::fp8_train_grouped_fwd / _bwd) on the reference backend:
+    torch.library.opcheck (autograd registration; the fakes' shapes, dtypes and strides against the real outputs),
+    gate | up as two weights and one, aligned and unaligned shapes, weights kept and recomputed. (The triton
+    backend's fakes: the interpreted test below and tests/test_gpu_fp8_experts.py.)"""
+    _opcheck_grouped("reference", K, ns, rw)
+
+
+@interp
+@pytest.mark.parametrize("rw", [False, True])
+def test_interp_fp8_grouped_ops_fakes_match_the_triton_glue(rw):
+    _opcheck_grouped("triton", 256, (128, 128), rw)
+
+
+def _opcheck_grouped(which, K, ns, rw):
+    x, ws, g = _inputs(4, K, ns)
+    offs = _offs(COUNTS)
+    x.requires_grad_()
+    ws = [w.requires_grad_() for w in ws]
+    utils = ("test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(torch.ops.dsv3.fp8_train_grouped_fwd.default, (x, ws, offs, torch.float32, which, rw),
+                          test_utils=utils)
+    out = torch.ops.dsv3.fp8_train_grouped_fwd(x.detach(), [w.detach() for w in ws], offs, torch.float32, which, rw)
+    wks, wsks = out[3::2], out[4::2]
+    wa = [w.detach() for w in ws] if rw else [torch.empty(0)] * len(ws)
+    for need_dx, need_dw in ((True, True), (False, True), (True, False)):
+        torch.library.opcheck(torch.ops.dsv3.fp8_train_grouped_bwd.default,
+                              (g, out[1], out[2], wks, wsks, wa, offs, list(ns), K, torch.float32, torch.float32, which,
+                               rw, need_dx, need_dw), test_utils=utils)
+
+
+def test_compiled_fp8_experts_trace_whole_and_equal_eager():
+    """torch.compile traces FP8TrainExperts' grouped GEMMs (kernels.fp8_grouped_linear: custom ops with fakes; the
+    reference's host loop stays inside the op) with fullgraph=True, and output and gradients equal eager's. (The
+    experts' sorted MLP was torch.compiler.disable'd: a graph break in every MoE layer.)"""
+    ex = FP8TrainExperts.from_experts(_experts(D=256, I=128), "emulate")
+    idx, w, x = _route(40, 6, 2, 256, 8)
+    gy = torch.randn(x.shape, generator=torch.Generator().manual_seed(9))
+    want = _module_grads(ex, x, idx, w, gy)
+    compiled = torch.compile(ex, fullgraph=True, backend="aot_eager")
+    for p in ex.parameters():
+        p.grad = None
+    xr = x.clone().requires_grad_()
+    y = compiled(xr, idx, w)
+    y.backward(gy)
+    got = (y.detach(), xr.grad, [p.grad for p in (ex.gate_proj, ex.up_proj, ex.down_proj)])
+    torch._dynamo.reset()
+    for a, b in zip((got[0], got[1], *got[2]), (want[0], want[1], *want[2])):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), (a - b).abs().max()

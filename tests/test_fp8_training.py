@@ -11,7 +11,7 @@ from torch import nn
 from conftest import bench_module, tiny_cfg
 from dsv3.model import build_model
 from dsv3.model.layers import Linear
-from dsv3.training.fp8 import FP8TrainLinear, _unstash, convert_to_fp8_training, fp8_linear
+from dsv3.training.fp8 import FP8TrainLinear, convert_to_fp8_training, fp8_linear
 
 E4M3 = torch.float8_e4m3fn
 
@@ -453,19 +453,21 @@ def test_recomputed_weights_give_the_same_gradients_and_keep_no_fp8_weight(shape
     res, kept = {}, {}
     for rw in (False, True):
         xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
-        y = fp8_linear(xr, wr, "emulate", recompute_weight=rw)
-        which, payload = _unstash(y.grad_fn)  # what backward will get
-        kept[rw] = [t for t in payload if isinstance(t, torch.Tensor)]
+        kept[rw] = []  # what backward will get
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept[rw].append(t) or t, lambda t: t):
+            y = fp8_linear(xr, wr, "emulate", recompute_weight=rw)
         y.backward(g, retain_graph=True)
         res[rw] = (y.detach(), xr.grad.clone(), wr.grad.clone())
         if rw:
             (dx2,) = torch.autograd.grad(y, xr, g)
             assert torch.equal(dx2, res[rw][1])
             assert any(t.data_ptr() == wr.data_ptr() for t in kept[rw])  # W referenced, not copied
+        else:  # the weight itself not kept by default (under FSDP2 it is the gathered copy)
+            assert not any(t.data_ptr() == wr.data_ptr() for t in kept[rw] if t.numel())
     for a, b in zip(res[True], res[False]):
         assert torch.equal(a, b)
-    assert [t.shape for t in kept[False] if t.dtype == E4M3] == [(M, K), (N, K)]  # X and W in FP8
-    assert [t.shape for t in kept[True] if t.dtype == E4M3] == [(M, K)]  # X only
+    assert [t.shape for t in kept[False] if t.dtype == E4M3 and t.numel()] == [(M, K), (N, K)]  # X and W in FP8
+    assert [t.shape for t in kept[True] if t.dtype == E4M3 and t.numel()] == [(M, K)]  # X only
 
 
 def test_scaled_mm_glue_recomputes_the_same_dgrad_operand(monkeypatch):
@@ -648,3 +650,66 @@ def test_scaled_mm_glue_frees_dgrad_transients_before_wgrad(monkeypatch):
                                                      real_w(*a))[2])
     kf._smm_bwd(torch.randn(70, 136, generator=gen), saved, torch.float32, torch.float32, True, True)
     assert len(made) == 4 and alive == [[False] * 4]  # Wᵀ, its scales, dY's FP8 and scales: gone by wgrad
+
+
+def _fake_scaled_mm(a, b, sa, ra, sb, rb, output_dtype):
+    """A stand-in for F.scaled_mm on the CPU (the layouts and shapes of the scaled_mm backend's glue; values unused)."""
+    return (a.float() @ b.float()).to(output_dtype)
+
+
+@pytest.mark.parametrize("which", ["reference", "scaled_mm"])
+@pytest.mark.parametrize("shape", [(70, 200, 136), (128, 256, 384)])
+@pytest.mark.parametrize("rw", [False, True])
+def test_fp8_linear_ops_fakes_and_autograd_match_the_kernels(monkeypatch, which, shape, rw):
+    """kernels.fp8_linear's two custom ops (dsv3::fp8_train_fwd / _bwd): torch.library.opcheck (schema, autograd
+    registration, the fake implementations' shapes, dtypes and strides against the real outputs) for both backends'
+    layouts (scaled_mm's glue on the CPU with F.scaled_mm stood in for), padded and aligned shapes, weights kept and
+    recomputed; what torch.compile traces without running the kernels."""
+    import torch.nn.functional as F
+
+    from dsv3.kernels import fp8 as kf
+
+    if which == "scaled_mm":
+        monkeypatch.setattr(F, "scaled_mm", _fake_scaled_mm, raising=False)
+        monkeypatch.setattr(F, "ScalingType", type("S", (), {"BlockWise1x128": 0, "BlockWise128x128": 1}),
+                            raising=False)
+        monkeypatch.setattr(kf, "_WGRAD_DIRECT", {})
+    M, K, N = shape
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(M, K, generator=gen).requires_grad_()
+    w = (torch.randn(N, K, generator=gen) * 0.05).requires_grad_()
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(torch.ops.dsv3.fp8_train_fwd.default, (x, w, torch.float32, which, rw), test_utils=utils)
+    out = torch.ops.dsv3.fp8_train_fwd(x.detach(), w.detach(), torch.float32, which, rw)
+    g = torch.randn(M, N, generator=gen)
+    for need_dx, need_dw in ((True, True), (True, False), (False, True)):
+        wa = w.detach() if rw else torch.empty(0)
+        torch.library.opcheck(torch.ops.dsv3.fp8_train_bwd.default,
+                              (g, *out[1:], wa, K, torch.float32, torch.float32, which, rw, need_dx, need_dw),
+                              test_utils=utils[1:])  # (SchemaCheckMode compares e4m3 inputs: unsupported on the CPU)
+
+
+def test_compiled_fp8_block_traces_whole_and_equals_eager():
+    """torch.compile traces a block's FP8 linears (kernels.fp8_linear, custom ops with fakes) without a graph break:
+    the dense block of the tiny model, its 8 swapped linears, compiles with fullgraph=True (a break raises), and its
+    output and every gradient equal eager's. (They were torch.compiler.disable'd: a break at every linear.)"""
+    from dsv3.model import rope
+
+    cfg = tiny_cfg()
+    m = build_model(cfg, seed=0)
+    assert len(convert_to_fp8_training(m, backend="emulate")) > 0
+    blk = m.layers[0]
+    assert sum(isinstance(mod, FP8TrainLinear) for mod in blk.modules()) == 8  # q_a, q_b, kv_a, kv_b, o; gate, up, down
+    pos = torch.arange(16).unsqueeze(0)
+    cos, sin = rope.cos_sin(pos, m.rope_inv_freq, m.rope_factor)
+    h = torch.randn(2, 16, cfg.hidden_size, generator=torch.Generator().manual_seed(0))
+    res = []
+    for fn in (blk, torch.compile(blk, fullgraph=True, backend="aot_eager")):
+        blk.zero_grad(set_to_none=True)
+        hr = h.clone().requires_grad_()
+        out, _ = fn(hr, cos, sin)
+        out.square().sum().backward()
+        res.append([out.detach(), hr.grad, *[p.grad for p in blk.parameters()]])
+    torch._dynamo.reset()
+    for a, b in zip(*res):
+        assert a is not None and torch.allclose(a, b, rtol=1e-5, atol=1e-6), (a - b).abs().max()

@@ -446,6 +446,42 @@ def test_fp8_scaled_mm_backend_matches_emulation(M, K, N):
     assert torch.equal(y, y1) and torch.equal(xb.grad, dx1) and torch.equal(wb.grad, dw1)
 
 
+def test_fp8_linear_ops_fakes_match_the_gpu_kernels_and_a_compiled_block_equals_eager():
+    """kernels.fp8_linear's custom ops on the scaled_mm backend: opcheck (autograd registration; the fakes' shapes,
+    dtypes and strides against the Triton quantisers' and F.scaled_mm's real outputs, padded and aligned, weights kept
+    and recomputed); then the dense block of a small model under bf16 autocast, compiled by inductor with
+    fullgraph=True (no graph break at its 8 FP8 linears), gives eager's output and gradients up to the bf16
+    rounding of the fusions around them."""
+    if not _fp8_ok():
+        pytest.skip("needs SM90, F.scaled_mm and triton")
+    from dsv3.model import rope
+    from dsv3.training.fp8 import convert_to_fp8_training
+
+    torch.manual_seed(0)
+    for M, K, N in ((300, 384, 576), (512, 512, 768)):
+        x = torch.randn(M, K, device="cuda").to(torch.bfloat16).requires_grad_()
+        w = (torch.randn(N, K, device="cuda") * 0.05).requires_grad_()
+        for rw in (False, True):
+            torch.library.opcheck(torch.ops.dsv3.fp8_train_fwd.default, (x, w, torch.bfloat16, "scaled_mm", rw),
+                                  test_utils=("test_autograd_registration", "test_faketensor"))
+    m = dsv3.build_model(_cfg(), device="cuda", seed=0)
+    convert_to_fp8_training(m)
+    blk = m.layers[0]
+    cos, sin = rope.cos_sin(torch.arange(256, device="cuda").unsqueeze(0), m.rope_inv_freq, m.rope_factor)
+    h = torch.randn(2, 256, 128, device="cuda")
+    res = []
+    for fn in (blk, torch.compile(blk, fullgraph=True)):
+        blk.zero_grad(set_to_none=True)
+        hr = h.clone().requires_grad_()
+        with torch.autocast("cuda", torch.bfloat16):
+            out, _ = fn(hr, cos, sin)
+        out.float().square().sum().backward()
+        res.append([out.detach(), hr.grad, *[p.grad for p in blk.parameters()]])
+    torch._dynamo.reset()
+    for a, b in zip(*res):
+        assert a is not None and _rel(b, a) < 2e-2, _rel(b, a)
+
+
 def test_fp8_training_step_on_cuda_loss_falls():
     if not _fp8_ok():
         pytest.skip("needs SM90, F.scaled_mm and triton")

@@ -9,7 +9,10 @@ optional.
     act_quant, act_dequant, weight_quant, weight_dequant  - (reference only)
     act_quant_cm, act_quant_t, weight_quant_pad(_t)     "triton" (fp8_triton.py)
     fp8_gemm_fwd, fp8_gemm_bwd                          "scaled_mm" (F.scaled_mm + fp8_triton.py)
+    fp8_linear                                          the two above as one differentiable custom op (no
+                                                        graph break under torch.compile)
     fp8_grouped_gemm_fwd, fp8_grouped_gemm_bwd          "triton" (fp8_grouped_triton.py)
+    fp8_grouped_linear                                  the two above as one differentiable custom op
     fp8_weight_linear, fp8_expert_rows                  "triton" (fp8_gemm_triton.py)
     fp8_weight_linear2                                  "triton" (dense_gemv_triton.py's dual launch)
     expert_gemv, swiglu_gemv                            "triton" (expert_gemv_triton.py; swiglu_gemv
@@ -58,8 +61,9 @@ from dsv3.kernels.backend import available as backend_available
 from dsv3.kernels.backend import select as select_backend
 from dsv3.kernels.backend import switch as _switch
 from dsv3.kernels.backend import use_backend
-from dsv3.kernels.fp8 import (act_quant_cm, act_quant_t, fp8_expert_rows, fp8_gemm_bwd, fp8_gemm_fwd,
-                              fp8_grouped_gemm_bwd, fp8_grouped_gemm_fwd, fp8_weight_linear, fp8_weight_linear2,
+from dsv3.kernels.fp8 import (act_quant_cm, act_quant_t, fp8_expert_rows, fp8_gemm_bwd, fp8_gemm_fwd, fp8_linear,
+                              fp8_grouped_gemm_bwd, fp8_grouped_gemm_fwd, fp8_grouped_linear, fp8_weight_linear,
+                              fp8_weight_linear2,
                               weight_quant_pad, weight_quant_pad_t)
 from dsv3.kernels.reference import (BLOCK, FP8_MAX, act_dequant, act_quant, dense_gemv_ref, expert_gemv_ref,
                                     expert_ids, head_gemv_ref, mla_decode_ref, moe_gemm_ref, router_topk_ref,
@@ -70,7 +74,8 @@ __all__ = ["BLOCK", "batch_invariant", "set_batch_invariant",
            "adamw_backend",
            "adamw_step_", "attention", "backend_available", "dense_gemv", "dense_gemv2", "dense_gemv_ref",
            "expert_gemv", "expert_ids",
-           "expert_gemv_ref", "fp8_expert_rows", "fp8_gemm_bwd", "fp8_gemm_fwd", "fp8_grouped_gemm_bwd",
+           "expert_gemv_ref", "fp8_expert_rows", "fp8_gemm_bwd", "fp8_gemm_fwd", "fp8_grouped_gemm_bwd", "fp8_linear",
+           "fp8_grouped_linear",
            "fp8_grouped_gemm_fwd", "fp8_weight_linear", "fp8_weight_linear2", "head_gemv", "head_gemv_ref",
            "mla_decode", "mla_decode_ref",
            "mla_decode_uv", "set_mla_uv", "mla_prep", "set_mla_prep",

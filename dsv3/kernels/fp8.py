@@ -193,6 +193,115 @@ def fp8_gemm_bwd(g2: torch.Tensor, saved, x_dtype: torch.dtype, w_dtype: torch.d
     return bwd(g2, payload, x_dtype, w_dtype, need_dx, need_dw)
 
 
+# --- the training Linear as one differentiable op that torch.compile sees through ----------------
+# `fp8_linear(x2, w, out_dtype, which, recompute_w)`: two custom ops (fprop; dgrad + wgrad) with fake
+# implementations and an autograd formula, so a compiled block keeps one graph around its FP8 linears. (They were
+# `torch.compiler.disable`d autograd Functions: a graph break at every swapped linear, ~7 a layer, which cost a
+# resume function, its guards and a separately compiled fragment each, and kept inductor from fusing or
+# recomputing across them.) The ops' outputs are plain tensors: `saved` becomes (xq, xs, wk, wsk), contiguous, with
+# an empty tensor for what a mode does not keep; autocast is off inside (the GEMMs choose their own dtypes), as
+# the eager path's autograd Function had it.
+
+def _empty(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    return t.new_empty(0, dtype=dtype)
+
+
+def _fp8_linear_fwd_saved(x2: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype, which: str,
+                          recompute_w: bool):
+    """(y, xq, xs, wk, wsk) of `which`'s forward on real or fake tensors. scaled_mm: xs is stored as the
+    (Kp/128, Mp) transpose of its column-major scales (the same storage, contiguous); wk, wsk = the FP8 Wᵀ and
+    the 128x128 scales (empty with recompute_w). reference: its own layouts made contiguous."""
+    fwd = _smm_fwd if which == "scaled_mm" else reference.fp8_gemm_fwd_ref
+    y, saved = fwd(x2, w, out_dtype, recompute_w)
+    xq, xs, wk, wsk = saved[:4]
+    if which == "scaled_mm":
+        xs = xs.t()
+    keep = [t.contiguous() if t is not None else _empty(x2, torch.float8_e4m3fn if i == 2 else torch.float32)
+            for i, t in enumerate((xq, xs, wk, wsk))]
+    return (y.contiguous(), *keep)
+
+
+@torch.library.custom_op("dsv3::fp8_train_fwd", mutates_args=())
+def _fp8_train_fwd(x2: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype, which: str,
+                   recompute_w: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    with torch.autocast(x2.device.type, enabled=False):
+        return _fp8_linear_fwd_saved(x2, w, out_dtype, which, recompute_w)
+
+
+@_fp8_train_fwd.register_fake
+def _(x2, w, out_dtype, which, recompute_w):
+    M, K = x2.shape
+    N = w.shape[0]
+    if which != "scaled_mm":  # the reference is plain torch: run it on the fake tensors for its exact layouts
+        with torch.autocast(x2.device.type, enabled=False):
+            return _fp8_linear_fwd_saved(x2, w, out_dtype, which, recompute_w)
+    Mp, Kp, Np = _ceil(M), _ceil(K), _ceil(N)
+    e4m3 = torch.float8_e4m3fn
+    wk = _empty(x2, e4m3) if recompute_w else x2.new_empty(Kp, Np, dtype=e4m3)
+    wsk = _empty(x2, torch.float32) if recompute_w else x2.new_empty(Np // BLOCK, -(-(Kp // BLOCK) // 4) * 4,
+                                                                       dtype=torch.float32)
+    return (x2.new_empty(M, N, dtype=out_dtype), x2.new_empty(Mp, Kp, dtype=e4m3),
+            x2.new_empty(Kp // BLOCK, Mp, dtype=torch.float32), wk, wsk)
+
+
+@torch.library.custom_op("dsv3::fp8_train_bwd", mutates_args=())
+def _fp8_train_bwd(g2: torch.Tensor, xq: torch.Tensor, xs: torch.Tensor, wk: torch.Tensor, wsk: torch.Tensor,
+                   w: torch.Tensor, K: int, x_dtype: torch.dtype, w_dtype: torch.dtype, which: str,
+                   recompute_w: bool, need_dx: bool, need_dw: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    M, N = g2.shape
+    wk, wsk, w = (None, None, w) if recompute_w else (wk, wsk, None)
+    with torch.autocast(g2.device.type, enabled=False):
+        if which == "scaled_mm":
+            dx, dw = _smm_bwd(g2, (xq, xs.t(), wk, wsk, w, M, N, K), x_dtype, w_dtype, need_dx, need_dw)
+        else:
+            dx, dw = reference.fp8_gemm_bwd_ref(g2, (xq, xs, wk, wsk, w), x_dtype, w_dtype, need_dx, need_dw)
+    return (dx.contiguous() if dx is not None else _empty(g2, x_dtype),
+            dw.contiguous() if dw is not None else _empty(g2, w_dtype))
+
+
+@_fp8_train_bwd.register_fake
+def _(g2, xq, xs, wk, wsk, w, K, x_dtype, w_dtype, which, recompute_w, need_dx, need_dw):
+    M, N = g2.shape
+    return (g2.new_empty(M, K, dtype=x_dtype) if need_dx else _empty(g2, x_dtype),
+            g2.new_empty(N, K, dtype=w_dtype) if need_dw else _empty(g2, w_dtype))
+
+
+def _fp8_train_setup(ctx, inputs, output) -> None:
+    x2, w, out_dtype, which, recompute_w = inputs
+    _, xq, xs, wk, wsk = output
+    ctx.mark_non_differentiable(xq, xs, wk, wsk)
+    # the weight itself only where backward quantises it again (recompute_w): under FSDP2 it is the gathered copy
+    ctx.save_for_backward(xq, xs, wk, wsk, w if recompute_w else None)
+    ctx.meta = (x2.dtype, w.dtype, w.shape[1], which, recompute_w)
+
+
+def _fp8_train_backward(ctx, gy, *_):
+    xq, xs, wk, wsk, w = ctx.saved_tensors
+    x_dtype, w_dtype, K, which, recompute_w = ctx.meta
+    need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    # a pipeline's split backward (input gradients, then weight gradients, torch.distributed.pipelining) calls
+    # this twice on one graph, each time with one of the two: its input pass retains the graph
+    dx, dw = _fp8_train_bwd(gy.contiguous(), xq, xs, wk, wsk, w if w is not None else _empty(gy), K, x_dtype,
+                            w_dtype, which, recompute_w, need_dx, need_dw)
+    return dx if need_dx else None, dw if need_dw else None, None, None, None
+
+
+_fp8_train_fwd.register_autograd(_fp8_train_backward, setup_context=_fp8_train_setup)
+
+
+def fp8_linear(x2: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype, *, backend: str | None = None,
+               recompute_w: bool = False) -> torch.Tensor:
+    """Y (M, N) = X · Wᵀ in out_dtype with fprop, dgrad and wgrad in FP8, differentiable in x2 (M, K) and w (N, K):
+    fp8_gemm_fwd / fp8_gemm_bwd as one autograd op that torch.compile traces without a graph break (the backend
+    chosen here, at trace time: a compiled caller guards on the choice)."""
+    assert x2.dim() == 2 and w.dim() == 2 and x2.shape[1] == w.shape[1], \
+        f"fp8_linear: x (M, K) and w (N, K), got {tuple(x2.shape)} and {tuple(w.shape)}"
+    which = select("fp8_gemm", x2, backend=backend)
+    if which == "scaled_mm" and x2.shape[1] % 16:  # fp8 row strides must stay 16-byte aligned
+        which = "reference"
+    return _fp8_train_fwd(x2, w, out_dtype, which, recompute_w)[0]
+
+
 # --- FP8 grouped GEMMs of the routed experts ------------------------------------------------------
 
 def _block_scales(s: torch.Tensor, E: int, n: int, k: int) -> torch.Tensor:
@@ -282,6 +391,133 @@ def fp8_grouped_gemm_bwd(g: torch.Tensor, saved, x_dtype: torch.dtype, w_dtypes:
     which, payload = saved
     bwd = _tri_grouped_bwd if which == "triton" else reference.fp8_grouped_gemm_bwd_ref
     return bwd(g, payload, x_dtype, w_dtypes, need_dx, need_dw)
+
+
+# --- the routed experts' grouped GEMMs as one differentiable op that torch.compile sees through -------
+# `fp8_grouped_linear(x, ws, offs, out_dtype, which, recompute_w)`: as fp8_linear above, for
+# fp8_grouped_gemm_fwd / _bwd. Outputs [y, xq, xs, then per weight wk, wsk]: triton: xs as the transpose of its
+# column-major scales, wk / wsk each weight's FP8 transpose (K, E*n) and its 128x128 scales; reference: xq, xs as
+# act_quant gives them (contiguous), wk / wsk the per-expert FP8 weights and scales stacked, (E, n, K) and
+# (E, ceil(n/128), ceil(K/128)). Empty where recompute_w keeps the weights themselves. The backward op writes the
+# weight gradients in one dtype (the weights' where they share one, else fp32) and each is cast to its weight's after:
+# the old path's values (fp32 then a cast, or the shared dtype written by the kernel).
+
+def _grouped_saved_out(which: str, saved, like: torch.Tensor) -> list[torch.Tensor]:
+    e4m3, f32 = torch.float8_e4m3fn, torch.float32
+    if which == "triton":
+        xq, xs, saved_w = saved[:3]
+        out = [xq.contiguous(), xs.t().contiguous()]
+        for qt, s, _w in saved_w:
+            out += [qt, s] if qt is not None else [_empty(like, e4m3), _empty(like, f32)]
+        return out
+    xq, xs, wqs = saved[:3]
+    out = [xq.contiguous(), xs.contiguous()]
+    for w in wqs:
+        if isinstance(w, torch.Tensor):  # recompute_w: the weight itself
+            out += [_empty(like, e4m3), _empty(like, f32)]
+        else:
+            out += [torch.stack([q for q, _ in w]), torch.stack([sc for _, sc in w])]
+    return out
+
+
+@torch.library.custom_op("dsv3::fp8_train_grouped_fwd", mutates_args=())
+def _fp8_train_grouped_fwd(x: torch.Tensor, ws: list[torch.Tensor], offs: torch.Tensor, out_dtype: torch.dtype,
+                           which: str, recompute_w: bool) -> list[torch.Tensor]:
+    with torch.autocast(x.device.type, enabled=False):
+        fwd = _tri_grouped_fwd if which == "triton" else reference.fp8_grouped_gemm_fwd_ref
+        y, saved = fwd(x, list(ws), offs, out_dtype, recompute_w)
+        return [y.contiguous(), *_grouped_saved_out(which, saved, x)]
+
+
+@_fp8_train_grouped_fwd.register_fake
+def _(x, ws, offs, out_dtype, which, recompute_w):
+    M, K = x.shape
+    E = offs.shape[0]
+    e4m3, f32 = torch.float8_e4m3fn, torch.float32
+    out = [x.new_empty(M, sum(w.shape[1] for w in ws), dtype=out_dtype)]
+    if which == "triton":
+        Mp = _ceil(M)
+        out += [x.new_empty(Mp, K, dtype=e4m3), x.new_empty(K // BLOCK, Mp, dtype=f32)]
+    else:
+        out += [x.new_empty(M, K, dtype=e4m3), x.new_empty(M, -(-K // BLOCK), dtype=f32)]
+    for w in ws:
+        n = w.shape[1]
+        if recompute_w:
+            out += [_empty(x, e4m3), _empty(x, f32)]
+        elif which == "triton":
+            out += [x.new_empty(K, E * n, dtype=e4m3),
+                    x.new_empty(E * n // BLOCK, -(-(K // BLOCK) // 4) * 4, dtype=f32)]
+        else:
+            out += [x.new_empty(E, n, K, dtype=e4m3), x.new_empty(E, -(-n // BLOCK), -(-K // BLOCK), dtype=f32)]
+    return out
+
+
+@torch.library.custom_op("dsv3::fp8_train_grouped_bwd", mutates_args=())
+def _fp8_train_grouped_bwd(g: torch.Tensor, xq: torch.Tensor, xs: torch.Tensor, wks: list[torch.Tensor],
+                           wsks: list[torch.Tensor], ws: list[torch.Tensor], offs: torch.Tensor, ns: list[int], K: int,
+                           x_dtype: torch.dtype, w_dtype: torch.dtype, which: str, recompute_w: bool, need_dx: bool,
+                           need_dw: bool) -> list[torch.Tensor]:
+    w_dtypes = [w_dtype] * len(ns)
+    with torch.autocast(g.device.type, enabled=False):
+        if which == "triton":
+            saved_w = [(None, None, w) if recompute_w else (qt, s, None) for qt, s, w in zip(wks, wsks, ws)]
+            dx, dws = _tri_grouped_bwd(g, (xq, xs.t(), saved_w, list(ns), g.shape[0], offs), x_dtype, w_dtypes,
+                                       need_dx, need_dw)
+        else:
+            wqs = list(ws) if recompute_w else [list(zip(q.unbind(0), sc.unbind(0))) for q, sc in zip(wks, wsks)]
+            saved = (xq, xs, wqs, list(ns), reference._expert_rows(offs))
+            dx, dws = reference.fp8_grouped_gemm_bwd_ref(g, saved, x_dtype, w_dtypes, need_dx, need_dw)
+    return [dx.contiguous() if dx is not None else _empty(g, x_dtype),
+            *([d.contiguous() for d in dws] if dws is not None else [_empty(g, w_dtype) for _ in ns])]
+
+
+@_fp8_train_grouped_bwd.register_fake
+def _(g, xq, xs, wks, wsks, ws, offs, ns, K, x_dtype, w_dtype, which, recompute_w, need_dx, need_dw):
+    E = offs.shape[0]
+    return [g.new_empty(g.shape[0], K, dtype=x_dtype) if need_dx else _empty(g, x_dtype),
+            *[g.new_empty(E, n, K, dtype=w_dtype) if need_dw else _empty(g, w_dtype) for n in ns]]
+
+
+def _fp8_train_grouped_setup(ctx, inputs, output) -> None:
+    x, ws, offs, out_dtype, which, recompute_w = inputs
+    xq, xs, *wkeep = output[1:]
+    ctx.mark_non_differentiable(*output[1:])
+    wks, wsks = wkeep[0::2], wkeep[1::2]
+    ctx.save_for_backward(xq, xs, offs, *wks, *wsks, *(ws if recompute_w else ()))
+    w_dtypes = [w.dtype for w in ws]
+    ctx.meta = (len(ws), [w.shape[1] for w in ws], x.dtype, w_dtypes, x.shape[1], which, recompute_w)
+
+
+def _fp8_train_grouped_backward(ctx, grads):
+    nw, ns, x_dtype, w_dtypes, K, which, recompute_w = ctx.meta
+    w_dtype = w_dtypes[0] if len(set(w_dtypes)) == 1 else torch.float32
+    xq, xs, offs, *rest = ctx.saved_tensors
+    wks, wsks = rest[:nw], rest[nw:2 * nw]
+    ws = rest[2 * nw:] if recompute_w else [_empty(xq)] * nw
+    need_dx, need_dw = ctx.needs_input_grad[0], any(ctx.needs_input_grad[1])
+    gy = grads[0]
+    # (a pipeline's split backward: as fp8_linear's, one of the two a call)
+    out = _fp8_train_grouped_bwd(gy.contiguous(), xq, xs, list(wks), list(wsks), list(ws), offs, ns, K, x_dtype,
+                                 w_dtype, which, recompute_w, need_dx, need_dw)
+    return (out[0] if need_dx else None, [d.to(dt) if need_dw else None for d, dt in zip(out[1:], w_dtypes)], None,
+            None, None, None)
+
+
+_fp8_train_grouped_fwd.register_autograd(_fp8_train_grouped_backward, setup_context=_fp8_train_grouped_setup)
+
+
+def fp8_grouped_linear(x: torch.Tensor, ws: list[torch.Tensor], offs: torch.Tensor, out_dtype: torch.dtype, *,
+                       backend: str | None = None, recompute_w: bool = False) -> torch.Tensor:
+    """Y (M, ΣN_i) of rows of x (M, K) sorted by expert through the expert weights ws[i] (E, N_i, K), the three
+    GEMMs in FP8, differentiable in x and the weights: fp8_grouped_gemm_fwd / _bwd as one autograd op that
+    torch.compile traces without a graph break (the backend chosen here, at trace time)."""
+    E = offs.shape[0]
+    assert x.dim() == 2 and offs.dim() == 1 and ws and all(w.dim() == 3 and w.shape[0] == E and w.shape[2] == x.shape[1]
+                                                           for w in ws), \
+        f"fp8_grouped_linear: x (M, K), weights (E, N_i, K), offs (E,); got {tuple(x.shape)}, " \
+        f"{[tuple(w.shape) for w in ws]}, {tuple(offs.shape)}"
+    which = select("fp8_grouped_gemm", x, backend=backend)
+    return _fp8_train_grouped_fwd(x, list(ws), offs, out_dtype, which, recompute_w)[0]
 
 
 # --- FP8-weight GEMMs for decoding ----------------------------------------------------------------

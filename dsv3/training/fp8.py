@@ -44,7 +44,8 @@ power of two p = 2^(64 - e), e = exponent of the tensor's amax (exact, no host s
 (same kernels: the floor no longer binds), and divide the scales by p (exact): the e4m3 bytes are
 those of s = amax / 448 and the scales are amax / 448, for every tile above ~1e-23 x the tensor's amax.
 
-Backends (one autograd function around the kernel ops `kernels.fp8_gemm_fwd` / `fp8_gemm_bwd`, `backend=`):
+Backends (`kernels.fp8_linear`: the kernel ops `fp8_gemm_fwd` / `fp8_gemm_bwd` as one differentiable custom op that
+torch.compile traces without a graph break; `backend=`):
   * "emulate": the contract, any device (the ops' "reference": dsv3/kernels/reference.py). Quantise
     with the reference functions, dequantise to fp32, matmul in fp32, cast (Y to the autocast/input
     dtype, dX to X's dtype, dW to W's dtype). On the CPU this is what `--precision fp8` runs (slow,
@@ -94,7 +95,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from dsv3 import kernels
 from dsv3.kernels import BLOCK
@@ -112,49 +112,6 @@ def _ceil(n: int, m: int = BLOCK) -> int:
     return -(-n // m) * m
 
 
-def _stash(ctx, payload) -> None:
-    """Keep the kernels' saved structure (tensors, None, numbers, strings in tuples and lists) for backward: its
-    tensors through save_for_backward, so that activation checkpointing drops and recomputes them like any op's and
-    autograd frees them after backward, the rest on ctx. (Held on ctx directly, the tensors outlived checkpointing:
-    an FP8 run under --recompute full kept every swapped Linear's FP8 input and weight copy through the step.)"""
-    leaves, spec = tree_flatten(payload)
-    tensor = [isinstance(v, torch.Tensor) for v in leaves]
-    ctx.save_for_backward(*[v for v, t in zip(leaves, tensor) if t])
-    ctx.stash = ([None if t else v for v, t in zip(leaves, tensor)], tensor, spec)
-
-
-def _unstash(ctx):
-    """`_stash`'s payload again (its tensors from ctx.saved_tensors: recomputed where checkpointed)."""
-    rest, tensor, spec = ctx.stash
-    it = iter(ctx.saved_tensors)
-    return tree_unflatten([next(it) if t else v for v, t in zip(rest, tensor)], spec)
-
-
-class _FP8LinearFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype, backend: str | None,
-                recompute_w: bool = False) -> torch.Tensor:
-        lead, K = x.shape[:-1], x.shape[-1]
-        x2 = x.reshape(-1, K)
-        with torch.autocast(x.device.type, enabled=False):
-            y, saved = kernels.fp8_gemm_fwd(x2, w.detach(), out_dtype, backend=backend, recompute_w=recompute_w)
-        _stash(ctx, saved)  # tagged with the backend that ran: the backward runs the same
-        ctx.x_dtype, ctx.w_dtype, ctx.x_shape = x.dtype, w.dtype, x.shape
-        return y.reshape(*lead, w.shape[0])
-
-    @staticmethod
-    def backward(ctx, gy: torch.Tensor):
-        g2 = gy.reshape(-1, gy.shape[-1])
-        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        with torch.autocast(gy.device.type, enabled=False):
-            dx, dw = kernels.fp8_gemm_bwd(g2, _unstash(ctx), ctx.x_dtype, ctx.w_dtype, need_dx, need_dw)
-        # a pipeline's split backward (input gradients, then weight gradients, torch.distributed.pipelining) calls
-        # this backward twice on one graph: its input pass retains the graph, so the saved tensors are there
-        if dx is not None:
-            dx = dx.reshape(ctx.x_shape)
-        return dx, dw, None, None, None
-
-
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, backend: str = "auto",
                out_dtype: torch.dtype | None = None, recompute_weight: bool = False) -> torch.Tensor:
     """y = x Wᵀ with the three GEMMs in FP8 (module docstring). out_dtype: the autocast dtype where
@@ -167,7 +124,10 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, backend: str = "auto",
         out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
     if torch.is_autocast_enabled(dev) and x.is_floating_point() and x.dtype != out_dtype:
         x = x.to(out_dtype)  # the copy autocast would have made for F.linear (both backends alike)
-    return _FP8LinearFn.apply(x, weight, out_dtype, _KERNEL_BACKEND[backend], recompute_weight)
+    lead, K = x.shape[:-1], x.shape[-1]
+    y = kernels.fp8_linear(x.reshape(-1, K), weight, out_dtype, backend=_KERNEL_BACKEND[backend],
+                           recompute_w=recompute_weight)
+    return y.reshape(*lead, weight.shape[0])
 
 
 class FP8TrainLinear(nn.Linear):
@@ -194,8 +154,7 @@ class FP8TrainLinear(nn.Linear):
         linear.fp8_recompute_weight = recompute_weight
         return linear
 
-    @torch.compiler.disable  # opaque to torch.compile: Triton kernels + F.scaled_mm in an autograd.Function
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # one op a compiled block traces through (no graph break)
         y = fp8_linear(x, self.weight, self.fp8_backend, recompute_weight=self.fp8_recompute_weight)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
@@ -206,26 +165,6 @@ class FP8TrainLinear(nn.Linear):
 
 # --- routed experts: grouped FP8 GEMMs over rows sorted by expert (module docstring, "Experts") ----
 
-class _FP8GroupedFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, offs: torch.Tensor, out_dtype: torch.dtype, backend: str | None,
-                recompute_w: bool, *ws: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(x.device.type, enabled=False):
-            y, saved = kernels.fp8_grouped_gemm_fwd(x, [w.detach() for w in ws], offs, out_dtype, backend=backend,
-                                                    recompute_w=recompute_w)
-        _stash(ctx, saved)  # tagged with the backend that ran: the backward runs the same
-        ctx.x_dtype, ctx.w_dtypes = x.dtype, [w.dtype for w in ws]
-        return y
-
-    @staticmethod
-    def backward(ctx, gy: torch.Tensor):
-        need_dx, need_dw = ctx.needs_input_grad[0], any(ctx.needs_input_grad[5:])
-        with torch.autocast(gy.device.type, enabled=False):
-            dx, dws = kernels.fp8_grouped_gemm_bwd(gy, _unstash(ctx), ctx.x_dtype, ctx.w_dtypes, need_dx, need_dw)
-        # (a pipeline's split backward: as _FP8LinearFn's)
-        return (dx, None, None, None, None, *(dws or [None] * len(ctx.w_dtypes)))
-
-
 def fp8_grouped_linear(x: torch.Tensor, weights: tuple[torch.Tensor, ...], offs: torch.Tensor,
                        backend: str = "auto", out_dtype: torch.dtype | None = None,
                        recompute_weight: bool = False) -> torch.Tensor:
@@ -235,7 +174,8 @@ def fp8_grouped_linear(x: torch.Tensor, weights: tuple[torch.Tensor, ...], offs:
     share one quantisation of x (gate and up). recompute_weight: as fp8_linear's."""
     if backend not in EXPERT_BACKENDS:
         raise ValueError(f"fp8 experts backend must be one of {EXPERT_BACKENDS}, got {backend!r}")
-    return _FP8GroupedFn.apply(x, offs, out_dtype or x.dtype, _KERNEL_BACKEND[backend], recompute_weight, *weights)
+    return kernels.fp8_grouped_linear(x, list(weights), offs, out_dtype or x.dtype, backend=_KERNEL_BACKEND[backend],
+                                      recompute_w=recompute_weight)
 
 
 class _SwiGLUCat(torch.autograd.Function):
@@ -291,7 +231,6 @@ class FP8TrainExperts(Experts):
     def forward(self, x_ND: torch.Tensor, idx_NK: torch.Tensor, w_NK: torch.Tensor, impl: str = "auto") -> torch.Tensor:
         return self.forward_grouped(x_ND, idx_NK, w_NK)
 
-    @torch.compiler.disable  # opaque to torch.compile: Triton kernels / host syncs in an autograd.Function
     def sorted_mlp(self, x_MD: torch.Tensor, flat: torch.Tensor, order: torch.Tensor, offs: torch.Tensor,
                    dt: torch.dtype) -> torch.Tensor:
         # resolved once for the three GEMMs (and the padding below)
@@ -309,9 +248,10 @@ class FP8TrainExperts(Experts):
             # padded weights are copies made here: re-quantising them in backward would keep those copies (the
             # weights' own dtype, 2-4 bytes a parameter) where the FP8 transposes take 1 (no preset pads)
             rw = False
-        h13 = _FP8GroupedFn.apply(x_MD, offs, dt, backend, rw, w1, w3)  # (M, 2I): gate | up
+        # one op each that torch.compile traces through (kernels.fp8_grouped_linear; the reference's host loop inside)
+        h13 = kernels.fp8_grouped_linear(x_MD, [w1, w3], offs, dt, backend=backend, recompute_w=rw)  # (M, 2I)
         h = swiglu_cat(h13)  # (M, I); its backward recomputes silu(gate) from h13
-        return _FP8GroupedFn.apply(h, offs, dt, backend, rw, w2)[:, :D]  # (M, D)
+        return kernels.fp8_grouped_linear(h, [w2], offs, dt, backend=backend, recompute_w=rw)[:, :D]  # (M, D)
 
     def extra_repr(self) -> str:
         E, I, D = self.gate_proj.shape
