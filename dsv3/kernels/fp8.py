@@ -196,7 +196,7 @@ def fp8_gemm_bwd(g2: torch.Tensor, saved, x_dtype: torch.dtype, w_dtype: torch.d
 # --- the training Linear as one differentiable op that torch.compile sees through ----------------
 # `fp8_linear(x2, w, out_dtype, which, recompute_w)`: two custom ops (fprop; dgrad + wgrad) with fake
 # implementations and an autograd formula, so a compiled block keeps one graph around its FP8 linears. (They were
-# `torch.compiler.disable`d autograd Functions: a graph break at every swapped linear, ~7 a layer, which cost a
+# `torch.compiler.disable`d autograd Functions: a graph break at every swapped linear, 8 a block, which cost a
 # resume function, its guards and a separately compiled fragment each, and kept inductor from fusing or
 # recomputing across them.) The ops' outputs are plain tensors: `saved` becomes (xq, xs, wk, wsk), contiguous, with
 # an empty tensor for what a mode does not keep; autocast is off inside (the GEMMs choose their own dtypes), as
