@@ -226,6 +226,8 @@ class ModelConfig:
                  f"quantization_config.weight_block_size must be [128, 128], got {q.get('weight_block_size')!r}")
             need(q.get("fmt", "e4m3") == "e4m3",
                  f"quantization_config.fmt must be 'e4m3' (the official FP8 weights), got {q.get('fmt')!r}")
+            need(q.get("scale_fmt") in (None, "ue8m0"),
+                 f"quantization_config.scale_fmt must be 'ue8m0' (DeepSeek-V3.1) or absent, got {q.get('scale_fmt')!r}")
             need(q.get("activation_scheme", "dynamic") == "dynamic",
                  f"quantization_config.activation_scheme must be 'dynamic' (activations quantised per 1x128 tile at "
                  f"run time, no stored scales), got {q.get('activation_scheme')!r}")

@@ -699,3 +699,27 @@ def test_interrupted_resave_leaves_the_previous_checkpoint(tmp_path, monkeypatch
     loaded = load_pretrained(tmp_path).state_dict()
     for k, v in old.state_dict().items():
         assert torch.equal(loaded[k], v), k
+
+
+def test_v31_scale_fmt_survives_an_fp8_save_and_a_bad_one_is_named(tmp_path):
+    """DeepSeek-V3.1's quantization_config.scale_fmt "ue8m0" (its activation scales rounded to powers of two) is kept
+    when a model loaded from such a checkpoint is saved in FP8 again (it was dropped); a bf16 save writes no
+    quantization_config; any other scale_fmt is refused by name."""
+    cfg = fp8_cfg()
+    model = make_model(cfg, bias_std=0.3)
+    save_pretrained(model, tmp_path / "a", fp8=True)
+    conf = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert "scale_fmt" not in conf["quantization_config"]
+    conf["quantization_config"]["scale_fmt"] = "ue8m0"
+    (tmp_path / "a" / "config.json").write_text(json.dumps(conf))
+    loaded = load_pretrained(tmp_path / "a")
+    save_pretrained(loaded, tmp_path / "b", fp8=True)
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["quantization_config"] == {
+        "activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128],
+        "scale_fmt": "ue8m0"}
+    save_pretrained(loaded, tmp_path / "c", fp8=False)
+    assert "quantization_config" not in json.loads((tmp_path / "c" / "config.json").read_text())
+    conf["quantization_config"]["scale_fmt"] = "e8m0"
+    (tmp_path / "a" / "config.json").write_text(json.dumps(conf))
+    with pytest.raises(ValueError, match="scale_fmt"):
+        load_pretrained(tmp_path / "a")

@@ -243,7 +243,11 @@ def _disk_tensors(model: Transformer, dtype: torch.dtype, fp8: bool) -> dict[str
 
 def _write_config(cfg: ModelConfig, path: str, has_fp8: bool, dtype: torch.dtype) -> None:
     out_cfg = ModelConfig.from_dict(cfg.to_dict())
-    out_cfg.quantization_config = dict(FP8_QUANT_CONFIG) if has_fp8 else None
+    # DeepSeek-V3.1's `scale_fmt: "ue8m0"` (its inference rounds activation scales up to powers of two) stays with the
+    # checkpoint it came from: dropped on a re-save, other engines would quantise V3.1's activations another way
+    src = cfg.quantization_config or {}
+    kept = {k: src[k] for k in ("scale_fmt",) if src.get(k) is not None}
+    out_cfg.quantization_config = {**FP8_QUANT_CONFIG, **kept} if has_fp8 else None
     out_cfg.torch_dtype = {v: k for k, v in _DTYPES.items()}.get(dtype, "bfloat16")
     d = out_cfg.to_dict()
     d.pop("dtype", None)
