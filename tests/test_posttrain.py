@@ -257,6 +257,9 @@ def test_sequence_logprobs_matches_manual(env):
     ("Answer:   -17 ", "-17", 1.0),  # whitespace, sign
     ("Answer: +3.0", "3", 1.0),
     ("#### 1,000,000", "1000000", 1.0),
+    ("#### Step 1: add\n3 + 4 = 7\n#### Step 2: check\n#### 7", "7", 1.0),  # markdown headings are no markers
+    ("#### Step 1: 3 + 4\nso 8", "8", 1.0),  # a heading alone: no marker, the last number
+    ("#### 7\n#### 8", "7", 0.0),  # two GSM8K markers that disagree: hedging
     ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}", 0.0),  # numbers inside a non-numeric answer: not one answer
     ("Answer: 42\n\\boxed{43}", "42", 0.0),
     ("12,34", "1234", 0.0),  # not a thousands separator: last number is 34

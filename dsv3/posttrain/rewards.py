@@ -4,7 +4,8 @@ A reward is any `f(completion: str, example: dict) -> float` (see `Task.reward` 
 functions below are the building blocks, and `make_reward` combines them for a task.
 
 Answer extraction (`extract_answer`), in this order:
-  1. marked answers: every `\\boxed{...}` (balanced braces), every `#### X` and every line
+  1. marked answers: every `\\boxed{...}` (balanced braces), every `#### X` whose X begins like a number (a sign,
+     `$` or a digit; `#### Step 1: ...` is a markdown heading, not a marker) and every line
      starting with `Answer: X` / `The final answer is X` (a box on such a line counts as its contents: "The final
      answer is $\\boxed{42}$." is the one answer 42). If there are marked answers they alone count: all of
      them must normalise to the same value, otherwise the completion hedges ("Answer: 3 ... Answer: 5")
@@ -32,7 +33,9 @@ from decimal import Decimal, InvalidOperation
 _NUM = r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"
 _NUM_RE = re.compile(_NUM)
 _ONE_NUM = re.compile(rf"^\$?({_NUM})\$?\.?$")
-_HASH = re.compile(r"####\s*([^\n]*)")
+# GSM8K's `#### 72`: the marker's text must begin like a number (a sign, `$` or a digit), so that a markdown heading
+# ("#### Step 1: add the apples") is not taken for a marked answer, which then conflicted with the real one
+_HASH = re.compile(r"####[ \t]*([-+$\d][^\n]*)")
 _ANSWER_LINE = re.compile(r"^[ \t*]*(?:the\s+)?(?:final\s+)?answer\s*(?:is\s*:?|:)\s*([^\n]*)",
                           re.IGNORECASE | re.MULTILINE)
 _FORMAT = re.compile(rf"^Answer:\s*{_NUM}$")
