@@ -481,6 +481,18 @@ def test_grpo_refuses_an_inconsistent_resume(env, tmp_path):
     with pytest.raises(ValueError, match="ppo_epochs"):
         grpo.train_grpo(env["ckpt"], _length_task(), out, _grpo_cfg(iterations=2, ppo_epochs=3, eval_every=0,
                                                                     resume=True), log=lambda *a: None)
+    # another task file (other training examples), seed, P or G: other prompts and seeds than the run's (the
+    # resume went on with them silently)
+    other = tasks.arithmetic_task(20, 4, seed=1, max_digits=2)
+    other.reward = _length_task().reward
+    with pytest.raises(ValueError, match="has other training examples than the run's"):
+        grpo.train_grpo(env["ckpt"], other, out, _grpo_cfg(iterations=2, eval_every=0, resume=True),
+                        log=lambda *a: None)
+    for kw, flag in ((dict(seed=3), "--seed"), (dict(prompts_per_iter=4), "--prompts"),
+                     (dict(group_size=2), "--group-size")):
+        with pytest.raises(ValueError, match=f"resume with the run's {flag} "):
+            grpo.train_grpo(env["ckpt"], _length_task(), out, _grpo_cfg(iterations=2, eval_every=0, resume=True, **kw),
+                            log=lambda *a: None)
     with pytest.raises(ValueError, match="fp8"):
         _grpo_cfg(precision="fp8").validate()
 

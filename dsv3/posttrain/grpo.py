@@ -50,6 +50,7 @@ Metrics per optimizer step: the loss, kl, clip_frac of that step, and the iterat
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -241,6 +242,9 @@ def evaluate_task(engine: Engine, tok: DSTokenizer, task: Task, max_new_tokens: 
     return {"heldout_acc": correct / len(exs), "heldout_reward": reward / len(exs), "heldout_n": len(exs)}
 
 
+_FLAG = {"seed": "--seed", "prompts_per_iter": "--prompts", "group_size": "--group-size"}  # dsv3 grpo's flags
+
+
 class GRPO:
     """The GRPO task of the training loop: rollouts from the Engine, group advantages, the clipped
     surrogate with the k3 KL (see the module docstring). Loop step s is optimizer step s % ppo_epochs of
@@ -267,6 +271,11 @@ class GRPO:
         self._roll: dict = {}  # the current iteration's rollout statistics (global)
         self.opt = None  # the optimizer (train_grpo sets it): its fp32 masters are what the rollouts sample from
         self._iterations = 0  # iterations whose rollouts were sampled
+        # what picks iteration it's prompts and seeds (`_rollout`): the task's training examples, the seed, P and G.
+        # A resume on other ones would go on with other prompts than the run's, silently
+        h = hashlib.blake2b(json.dumps(task.train, sort_keys=True, default=str).encode(), digest_size=16)
+        self.fingerprint = h.hexdigest()
+        self.sampling = {"seed": cfg.seed, "prompts_per_iter": P, "group_size": G}
 
     # --- generation -------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -417,10 +426,22 @@ class GRPO:
         return f"held-out greedy accuracy {ev['heldout_acc']:.3f} over {ev['heldout_n']} problems"
 
     def state_dict(self) -> dict:
-        return {"iterations": self._iterations}
+        return {"iterations": self._iterations, "fingerprint": self.fingerprint, "sampling": dict(self.sampling)}
 
     def load_state_dict(self, sd: dict) -> None:
-        self._iterations = sd["iterations"]
+        it = sd.get("iterations")  # a checkpoint's, untrusted
+        if type(it) is not int or it < 0:
+            raise ValueError(f"cannot resume: the saved iteration count is {it!r}, not an integer >= 0")
+        # (checkpoints written before these were saved hold neither)
+        if sd.get("fingerprint", self.fingerprint) != self.fingerprint:
+            raise ValueError(f"cannot resume: task {self.task.name!r} has other training examples than the run's "
+                             "(its file changed, or another task): iteration i samples the run's examples; give the "
+                             "run's --task, or start a new run with --out")
+        for k, v in sd.get("sampling", {}).items():
+            if self.sampling.get(k, v) != v:
+                raise ValueError(f"cannot resume: the run sampled with {k} = {v!r}, this one asks {self.sampling[k]!r}"
+                                 f"; resume with the run's {_FLAG[k]} (or start a new run with --out)")
+        self._iterations = it
 
     def summary(self) -> dict:
         return {"iterations": self._iterations, **self.log_fields({})}
