@@ -518,6 +518,12 @@ def test_engine_continuous_batching(models, naive_refs, graphs):
     step(); step(); step()
     ids[4] = eng.add_request(prompts[4], greedy(10), request_id="late")
     assert ids[4] == "late"
+    # an id in use is refused (abort and the final outputs go by id); a generated id skips one a caller gave
+    with pytest.raises(ValueError, match="'late' is already in use"):
+        eng.add_request(prompts[4], greedy(10), request_id="late")
+    taken = f"req-{int(ids[3].split('-')[1]) + 1}"  # the next id the engine would generate
+    assert eng.add_request(prompts[0], greedy(2), request_id=taken) == taken
+    assert eng.add_request(prompts[1], greedy(2)) not in (taken, *ids.values())
     while eng.has_unfinished():
         step()
     for i, (toks, reason) in enumerate(refs):

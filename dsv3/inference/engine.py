@@ -341,7 +341,12 @@ class Engine:
         if self.cache.blocks_for(need) > self.cache.num_blocks:
             raise ValueError(f"this request needs {need} cache tokens; the cache holds "
                              f"{self.cache.num_blocks * self.cache.block_size}")
-        rid = request_id or f"req-{next(self._ids)}"
+        live = {r.id for lst in (self.waiting, self.prefilling, self.running) for r in lst}
+        if request_id and request_id in live:  # (as vLLM: abort and the outputs go by id)
+            raise ValueError(f"request id {request_id!r} is already in use by an unfinished request")
+        rid = request_id or None
+        while rid is None or rid in live:  # a generated id skips one a caller gave
+            rid = f"req-{next(self._ids)}"
         r = _Request(rid, ids, params, time.monotonic())
         if self.tok is not None:
             r.stream = TextStream(self.tok, params.stop)
