@@ -169,16 +169,20 @@ def _wgrad_mm(gtq, gts, xtq, xts, w_dtype: torch.dtype) -> torch.Tensor:
     return F.scaled_mm(*args, output_dtype=torch.float32)
 
 
+def _linear_backend(op: str, x2: torch.Tensor, w: torch.Tensor, backend: str | None) -> str:
+    """The checked shapes of a training Linear's x2 (M, K) and w (N, K) -> the backend its GEMMs run on."""
+    assert x2.dim() == 2 and w.dim() == 2 and x2.shape[1] == w.shape[1], \
+        f"{op}: x (M, K) and w (N, K), got {tuple(x2.shape)} and {tuple(w.shape)}"
+    which = select("fp8_gemm", x2, backend=backend)
+    return "reference" if which == "scaled_mm" and x2.shape[1] % 16 else which  # fp8 rows stay 16-byte aligned
+
+
 def fp8_gemm_fwd(x2: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype, *, backend: str | None = None,
                  recompute_w: bool = False):
     """fprop Y = Q1x128(X) · Q128x128(W)ᵀ, X (M, K), W (N, K) -> (Y (M, N) in out_dtype, saved). recompute_w:
     `saved` holds w itself (a reference, no copy), not its FP8 form: backward quantises it again for dgrad
     (the same bytes; 1 byte a parameter less kept between forward and backward, a weight pass more)."""
-    assert x2.dim() == 2 and w.dim() == 2 and x2.shape[1] == w.shape[1], \
-        f"fp8_gemm_fwd: x (M, K) and w (N, K), got {tuple(x2.shape)} and {tuple(w.shape)}"
-    which = select("fp8_gemm", x2, backend=backend)
-    if which == "scaled_mm" and x2.shape[1] % 16:  # fp8 row strides must stay 16-byte aligned
-        which = "reference"
+    which = _linear_backend("fp8_gemm_fwd", x2, w, backend)
     fwd = _smm_fwd if which == "scaled_mm" else reference.fp8_gemm_fwd_ref
     y, saved = fwd(x2, w, out_dtype, recompute_w)
     return y, (which, saved)
@@ -294,11 +298,7 @@ def fp8_linear(x2: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype, *, bac
     """Y (M, N) = X · Wᵀ in out_dtype with fprop, dgrad and wgrad in FP8, differentiable in x2 (M, K) and w (N, K):
     fp8_gemm_fwd / fp8_gemm_bwd as one autograd op that torch.compile traces without a graph break (the backend
     chosen here, at trace time: a compiled caller guards on the choice)."""
-    assert x2.dim() == 2 and w.dim() == 2 and x2.shape[1] == w.shape[1], \
-        f"fp8_linear: x (M, K) and w (N, K), got {tuple(x2.shape)} and {tuple(w.shape)}"
-    which = select("fp8_gemm", x2, backend=backend)
-    if which == "scaled_mm" and x2.shape[1] % 16:  # fp8 row strides must stay 16-byte aligned
-        which = "reference"
+    which = _linear_backend("fp8_linear", x2, w, backend)
     return _fp8_train_fwd(x2, w, out_dtype, which, recompute_w)[0]
 
 
@@ -368,16 +368,20 @@ def _tri_grouped_bwd(g: torch.Tensor, saved, x_dtype: torch.dtype, w_dtypes: lis
     return dx, dws
 
 
+def _check_grouped(op: str, x: torch.Tensor, ws: list[torch.Tensor], offs: torch.Tensor) -> None:
+    E = offs.shape[0]
+    assert x.dim() == 2 and offs.dim() == 1 and ws and all(w.dim() == 3 and w.shape[0] == E and w.shape[2] == x.shape[1]
+                                                           for w in ws), \
+        f"{op}: x (M, K), weights (E, N_i, K), offs (E,); got {tuple(x.shape)}, " \
+        f"{[tuple(w.shape) for w in ws]}, {tuple(offs.shape)}"
+
+
 def fp8_grouped_gemm_fwd(x: torch.Tensor, ws: list[torch.Tensor], offs: torch.Tensor, out_dtype: torch.dtype, *,
                          backend: str | None = None, recompute_w: bool = False):
     """Rows of x (M, K) sorted by expert (offs (E,) int32 end rows, offs[-1] = M) through the expert
     weights ws[i] (E, N_i, K), concatenated along N -> (Y (M, ΣN_i) in out_dtype, saved). Several
     weights share one quantisation of x (gate and up). recompute_w: as fp8_gemm_fwd's."""
-    E = offs.shape[0]
-    assert x.dim() == 2 and offs.dim() == 1 and ws and all(w.dim() == 3 and w.shape[0] == E and w.shape[2] == x.shape[1]
-                                                           for w in ws), \
-        f"fp8_grouped_gemm_fwd: x (M, K), weights (E, N_i, K), offs (E,); got {tuple(x.shape)}, " \
-        f"{[tuple(w.shape) for w in ws]}, {tuple(offs.shape)}"
+    _check_grouped("fp8_grouped_gemm_fwd", x, ws, offs)
     which = select("fp8_grouped_gemm", x, backend=backend)
     fwd = _tri_grouped_fwd if which == "triton" else reference.fp8_grouped_gemm_fwd_ref
     y, saved = fwd(x, ws, offs, out_dtype, recompute_w)
@@ -511,11 +515,7 @@ def fp8_grouped_linear(x: torch.Tensor, ws: list[torch.Tensor], offs: torch.Tens
     """Y (M, ΣN_i) of rows of x (M, K) sorted by expert through the expert weights ws[i] (E, N_i, K), the three
     GEMMs in FP8, differentiable in x and the weights: fp8_grouped_gemm_fwd / _bwd as one autograd op that
     torch.compile traces without a graph break (the backend chosen here, at trace time)."""
-    E = offs.shape[0]
-    assert x.dim() == 2 and offs.dim() == 1 and ws and all(w.dim() == 3 and w.shape[0] == E and w.shape[2] == x.shape[1]
-                                                           for w in ws), \
-        f"fp8_grouped_linear: x (M, K), weights (E, N_i, K), offs (E,); got {tuple(x.shape)}, " \
-        f"{[tuple(w.shape) for w in ws]}, {tuple(offs.shape)}"
+    _check_grouped("fp8_grouped_linear", x, ws, offs)
     which = select("fp8_grouped_gemm", x, backend=backend)
     return _fp8_train_grouped_fwd(x, list(ws), offs, out_dtype, which, recompute_w)[0]
 
