@@ -493,6 +493,11 @@ def test_grpo_refuses_an_inconsistent_resume(env, tmp_path):
         with pytest.raises(ValueError, match=f"resume with the run's {flag} "):
             grpo.train_grpo(env["ckpt"], _length_task(), out, _grpo_cfg(iterations=2, eval_every=0, resume=True, **kw),
                             log=lambda *a: None)
+    g = grpo.GRPO.__new__(grpo.GRPO)  # a checkpoint's sampler state is untrusted: malformed, it is named
+    g.fingerprint, g.sampling, g.task = "f", {"seed": 0}, _length_task()
+    for bad, what in (({"iterations": "2"}, "iteration count"), ({"iterations": 1, "sampling": [0]}, "sampling")):
+        with pytest.raises(ValueError, match=f"cannot resume: the saved {what}"):
+            g.load_state_dict(bad)
     with pytest.raises(ValueError, match="fp8"):
         _grpo_cfg(precision="fp8").validate()
 

@@ -437,7 +437,10 @@ class GRPO:
             raise ValueError(f"cannot resume: task {self.task.name!r} has other training examples than the run's "
                              "(its file changed, or another task): iteration i samples the run's examples; give the "
                              "run's --task, or start a new run with --out")
-        for k, v in sd.get("sampling", {}).items():
+        sampling = sd.get("sampling", {})
+        if not isinstance(sampling, dict):
+            raise ValueError(f"cannot resume: the saved sampling settings are {sampling!r}, not an object")
+        for k, v in sampling.items():
             if self.sampling.get(k, v) != v:
                 raise ValueError(f"cannot resume: the run sampled with {k} = {v!r}, this one asks {self.sampling[k]!r}"
                                  f"; resume with the run's {_FLAG[k]} (or start a new run with --out)")
