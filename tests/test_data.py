@@ -603,7 +603,7 @@ def test_a_failed_tokenizer_save_leaves_no_cached_tokenizer(tmp_path, monkeypatc
     assert not [p for p in (tmp_path / "cache").rglob("*") if "tmp" in p.name]  # no temporary file left behind
 
 
-def test_file_names_that_are_not_utf8(tmp_path, tok):
+def test_file_names_that_are_not_utf8(tmp_path, tok, caplog):
     """A file name that is not UTF-8 (b"caf\\xe9.txt" from a latin-1 archive; Python holds it with surrogate escapes)
     stopped every build with "'utf-8' codec can't encode character '\\udce9' ... surrogates not allowed", naming no
     file: the split hash, the FIM seed and meta.json encoded it strictly. It is hashed by its bytes now, a UTF-8
@@ -626,3 +626,6 @@ def test_file_names_that_are_not_utf8(tmp_path, tok):
         again = build_token_cache(root, tok, tmp_path / "cache", val_permille=0, fim_rate=fim, progress=False)
         assert again.reused and again.meta == cache.meta
     assert len(D.sample_corpus(find_corpus(root), 500).files) == 2
+    # the skipped file's warning names it with its byte escaped: a lone surrogate cannot be written as UTF-8
+    warned = [r.getMessage() for r in caplog.records if "not valid UTF-8" in r.getMessage()]
+    assert warned and all("bin\\xff.txt" in m and m.encode("utf-8") for m in warned), warned

@@ -314,6 +314,12 @@ def key_bytes(key: str) -> bytes:
     return key.encode("utf-8", "surrogateescape")
 
 
+def shown(key: str) -> str:
+    """A file name as messages show it: a byte that is not UTF-8 as its escape (b"caf\xe9" as "caf\\xe9"), so the
+    message can be written anywhere (a lone surrogate cannot be encoded as UTF-8: a log file or a pipe refuses it)."""
+    return key_bytes(key).decode("utf-8", "backslashreplace")
+
+
 def split_of(key: str, val_permille: int = 10) -> str:
     """'val' for about val_permille/1000 of the keys, chosen by a stable hash of the key."""
     return "val" if int(hashlib.sha1(key_bytes(key)).hexdigest(), 16) % 1000 < val_permille else "train"
@@ -544,7 +550,7 @@ def build_token_cache(source: str | os.PathLike | Corpus | None, tokenizer: DSTo
 
     if skipped:
         log.warning("skipped %d of %d files that are not valid UTF-8 (e.g. %s)", len(skipped),
-                    len(corpus.files), skipped[0])
+                    len(corpus.files), shown(skipped[0]))
     if sum(w.n_docs for w in writers.values()) == 0:
         for w in writers.values():
             w.abort()
