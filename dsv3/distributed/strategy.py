@@ -52,6 +52,18 @@ def split_backward_takes_functions() -> bool:
     return (major, minor) >= (2, 13)
 
 
+def dualpipev_fp8_refusal(precision: str, schedule: str) -> str | None:
+    """Why this torch cannot train `precision` under the pipeline `schedule`, or None. Rechecked on torch 2.11 after
+    the FP8 GEMMs became custom ops (2026-12-07): their autograd formula is still an autograd Function underneath,
+    and stage_backward_weight fails on it as before."""
+    if precision == "fp8" and schedule == "dualpipev" and not split_backward_takes_functions():
+        return (f"--pp-schedule dualpipev with --precision fp8 needs torch >= 2.13 (this is {torch.__version__}): "
+                "DualPipeV's separate weight-gradient pass (torch.distributed.pipelining's stage_backward_weight) "
+                "cannot run through custom autograd Functions before it, and the FP8 GEMMs are one; use "
+                "--pp-schedule 1f1b")
+    return None
+
+
 def distributed_strategy(pcfg: ParallelConfig | None, device: str = "auto") -> Strategy | None:
     """Start torchrun's process group and return the layout's strategy; None without a torchrun world
     (one process), unless `pcfg` asks for more than one rank (then a clear error)."""
@@ -226,11 +238,9 @@ class PipelineStrategy(_Collective):
         if self.pcfg.node_groups:
             raise ValueError("--pp with --node-groups: the node-limited routing check is for the dp x ep layout "
                              "(the stages' ep groups are not checked against the model's expert groups yet)")
-        if precision == "fp8" and self.ppcfg.schedule == "dualpipev" and not split_backward_takes_functions():
-            raise ValueError(f"--pp-schedule dualpipev with --precision fp8 needs torch >= 2.13 (this is "
-                             f"{torch.__version__}): DualPipeV's separate weight-gradient pass "
-                             "(torch.distributed.pipelining's stage_backward_weight) cannot run through custom "
-                             "autograd Functions before it, and the FP8 GEMMs are one; use --pp-schedule 1f1b")
+        refusal = dualpipev_fp8_refusal(precision, self.ppcfg.schedule)
+        if refusal:
+            raise ValueError(refusal)
         if getattr(settings, "batch_ramp_steps", 0) > 0:
             raise ValueError("--pp needs a fixed batch (static micro-batch shapes): no --batch-ramp-steps")
         mbs = getattr(settings, "micro_batch_size", 0)
