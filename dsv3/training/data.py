@@ -315,8 +315,9 @@ def key_bytes(key: str) -> bytes:
 
 
 def shown(key: str) -> str:
-    """A file name as messages show it: a byte that is not UTF-8 as its escape (b"caf\xe9" as "caf\\xe9"), so the
-    message can be written anywhere (a lone surrogate cannot be encoded as UTF-8: a log file or a pipe refuses it)."""
+    """A file name as messages show it: a byte that is not UTF-8 as its backslash escape (the byte 0xE9 as the four
+    characters \\xe9), so the message can be written anywhere (a lone surrogate cannot be encoded as UTF-8: a log
+    file or a pipe refuses it)."""
     return key_bytes(key).decode("utf-8", "backslashreplace")
 
 
