@@ -382,6 +382,17 @@ def test_fp8_gemm_ceiling_bench_on_the_cpu():
     assert bench.amdahl(100.0, 40.0, 20.0) == 100.0 / 80.0
 
 
+def test_fp8_host_overhead_bench_on_the_cpu(capsys):
+    """bench/fp8_host_overhead.py runs its rows on the CPU (the FP8 GEMMs through the reference): each row prints the
+    launch loop's host time and the wall time per call."""
+    from tests.conftest import bench_module
+
+    bench_module("fp8_host_overhead").main(["--device", "cpu", "--shape", "32,128,128", "--calls", "2"])
+    rows = [ln for ln in capsys.readouterr().out.splitlines() if "us/call" in ln]
+    assert len(rows) == 8 and rows[0].lstrip().startswith("bf16 F.linear") and "fp8 kernels.fp8_linear" in rows[1]
+    assert all(float(ln.split("host")[1].split("us")[0]) > 0 for ln in rows)
+
+
 def test_gradient_quantiser_prescales_in_fp32():
     """grad_quant and the Triton-layout references with p: the power-of-two pre-scale (amax -> 2^63..2^64) is
     applied in fp32, so an fp16 gradient quantises to the bytes of its fp32 copy (multiplied in fp16 it overflowed
