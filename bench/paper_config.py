@@ -115,9 +115,9 @@ def layout(args, world: int) -> PipelineConfig:
     ep = args.ep or world // args.pp
     if world % (args.pp * ep):
         raise SystemExit(f"--pp {args.pp} x --ep {ep} does not divide the world ({world} ranks)")
-    refusal = dualpipev_fp8_refusal(args.precision, args.schedule)
+    refusal = dualpipev_fp8_refusal(args.precision, args.schedule, "--schedule")
     if refusal:  # (at once: the first step's weight-gradient pass failed on such a torch, the GPU machines' 2.11)
-        raise SystemExit(refusal.replace("--pp-schedule", "--schedule"))
+        raise SystemExit(refusal)
     stages = args.pp * (2 if args.schedule == "dualpipev" else 1)
     return PipelineConfig(pp=args.pp, schedule=args.schedule, n_microbatches=args.n_microbatches or stages, ep=ep,
                           dp=world // (args.pp * ep), zero=not args.no_zero)

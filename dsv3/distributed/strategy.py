@@ -52,15 +52,14 @@ def split_backward_takes_functions() -> bool:
     return (major, minor) >= (2, 13)
 
 
-def dualpipev_fp8_refusal(precision: str, schedule: str) -> str | None:
-    """Why this torch cannot train `precision` under the pipeline `schedule`, or None. Rechecked on torch 2.11 after
-    the FP8 GEMMs became custom ops (2026-12-07): their autograd formula is still an autograd Function underneath,
-    and stage_backward_weight fails on it as before."""
+def dualpipev_fp8_refusal(precision: str, schedule: str, flag: str = "--pp-schedule") -> str | None:
+    """Why this torch cannot train `precision` under the pipeline `schedule` (the caller's option `flag`), or None.
+    Rechecked on torch 2.11 after the FP8 GEMMs became custom ops (2026-12-07): their autograd formula is still an
+    autograd Function underneath, and stage_backward_weight fails on it as before."""
     if precision == "fp8" and schedule == "dualpipev" and not split_backward_takes_functions():
-        return (f"--pp-schedule dualpipev with --precision fp8 needs torch >= 2.13 (this is {torch.__version__}): "
+        return (f"{flag} dualpipev with --precision fp8 needs torch >= 2.13 (this is {torch.__version__}): "
                 "DualPipeV's separate weight-gradient pass (torch.distributed.pipelining's stage_backward_weight) "
-                "cannot run through custom autograd Functions before it, and the FP8 GEMMs are one; use "
-                "--pp-schedule 1f1b")
+                f"cannot run through custom autograd Functions before it, and the FP8 GEMMs are one; use {flag} 1f1b")
     return None
 
 

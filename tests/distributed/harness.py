@@ -48,6 +48,15 @@ def tiny_cfg(**kw) -> ModelConfig:
     return ModelConfig(**base).validate()
 
 
+def fp8_pipeline_schedule() -> str:
+    """The schedule the paper-configuration tests run in FP8: DualPipeV where this torch trains it (>= 2.13), else
+    1F1B (torch 2.11, the GPU machines': DualPipeV x FP8 is refused there, tested in test_compose.py and
+    test_paper_config_bench.py), so that the rest of the configuration still runs."""
+    from dsv3.distributed.strategy import split_backward_takes_functions
+
+    return "dualpipev" if split_backward_takes_functions() else "1f1b"
+
+
 def _ephemeral_range() -> tuple[int, int]:
     try:
         with open("/proc/sys/net/ipv4/ip_local_port_range") as f:

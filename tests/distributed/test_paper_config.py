@@ -1,6 +1,6 @@
 """The paper's training configuration end to end on the CPU (4 processes, gloo): DualPipeV pipeline
-parallelism (1F1B on torch < 2.13) x expert parallelism, FP8 mixed precision (the emulation backend on the CPU), bf16 AdamW
-moments and selective recomputation, all at once, through `dsv3 train` under the torchrun variables;
+parallelism (1F1B on torch < 2.13) x expert parallelism, FP8 mixed precision (the emulation backend on the CPU),
+bf16 AdamW moments and selective recomputation, all at once, through `dsv3 train` under the torchrun variables;
 then the run resumes in one process and its checkpoint loads with load_pretrained.
 
     python -m pytest tests/distributed/test_paper_config.py
@@ -15,20 +15,13 @@ import pytest
 import torch.distributed as dist
 
 from tests.distributed.compose import make_inputs
+from tests.distributed.harness import fp8_pipeline_schedule
 from tests.distributed.test_dcp import _torchrun
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
 
 STEPS = 8  # the main loss falls from 6.5 to ~1.0 in these 8 steps (this CPU): far past the 0.5-nat bound below
-
-
-def _schedule() -> str:
-    """DualPipeV where this torch trains it in FP8 (>= 2.13), else 1F1B (torch 2.11, the GPU machines': `dsv3 train`
-    refuses DualPipeV x FP8 there, tested in test_compose.py), so that the rest of the configuration still runs."""
-    from dsv3.distributed.strategy import split_backward_takes_functions
-
-    return "dualpipev" if split_backward_takes_functions() else "1f1b"
 
 
 def _steps(run) -> list[dict]:
@@ -43,7 +36,7 @@ def test_paper_configuration_end_to_end(tmp_path):
     from dsv3.checkpoints.rundir import latest_checkpoint
     from dsv3.config import preset
 
-    sched = _schedule()
+    sched = fp8_pipeline_schedule()
     make_inputs(str(tmp_path))  # a small corpus and its tokenizer
     cfg = tmp_path / "tiny.json"
     preset("tiny").replace(vocab_size=512).to_json(cfg)  # the tiny preset, with the corpus' vocabulary
