@@ -42,7 +42,11 @@ def main(argv=None) -> None:
     ap.add_argument("--shape", default="16384,1024,384", help="M,K,N of X (M, K) and W (N, K)")
     ap.add_argument("--calls", type=int, default=200)
     a = ap.parse_args(argv)
-    M, K_, N = (int(v) for v in a.shape.split(","))
+    try:
+        M, K_, N = (int(v) for v in a.shape.split(","))
+        assert min(M, K_, N) > 0
+    except (ValueError, AssertionError):
+        ap.error(f"--shape takes M,K,N, three integers > 0; got {a.shape!r}")
     dev, n = a.device, a.calls
     if dev == "cuda":
         print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}")

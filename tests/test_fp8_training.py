@@ -391,6 +391,9 @@ def test_fp8_host_overhead_bench_on_the_cpu(capsys):
     rows = [ln for ln in capsys.readouterr().out.splitlines() if "us/call" in ln]
     assert len(rows) == 8 and rows[0].lstrip().startswith("bf16 F.linear") and "fp8 kernels.fp8_linear" in rows[1]
     assert all(float(ln.split("host")[1].split("us")[0]) > 0 for ln in rows)
+    with pytest.raises(SystemExit):
+        bench_module("fp8_host_overhead").main(["--device", "cpu", "--shape", "32,128"])
+    assert "--shape takes M,K,N" in capsys.readouterr().err
 
 
 def test_gradient_quantiser_prescales_in_fp32():
