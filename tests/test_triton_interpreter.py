@@ -111,14 +111,19 @@ def test_the_kernels_parity_subset_passes_under_the_interpreter():
     if not triton.__version__.startswith(TRITON_VERSION):
         pytest.skip(f"the subset is pinned to triton {TRITON_VERSION}x's interpreter (the GPU machine's), this is "
                     f"{triton.__version__}: see the module's docstring")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    # The child is a plain pytest run, not an xdist worker: drop the PYTEST_XDIST_* variables this worker inherited,
+    # or plugins that read them (pytest-benchmark) take the child for a worker and print warnings after the summary.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")} | {"TRITON_INTERPRET": "1"}
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", "-rfEs", "--tb=short",
            *(f"tests/{s}" for s in SUBSET)]
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     out = r.stdout + r.stderr
     tail = out[-6000:]
     assert r.returncode == 0, f"the interpreter subset failed (exit {r.returncode}):\n{tail}"
-    summary = out.strip().splitlines()[-1]
+    # The summary is pytest's last stdout line of the form "38 passed in 55.12s"; other plugins may write after it.
+    line = re.compile(r"\b\d+ (passed|failed|error|skipped)\b.* in [\d.]+s")
+    summaries = [ln for ln in r.stdout.splitlines() if line.search(ln)]
+    summary = summaries[-1] if summaries else "(no pytest summary line in the output)"
     m = re.search(r"(\d+) passed", summary)
     assert m and int(m.group(1)) == len(SUBSET) and not re.search(r"skipped|error|deselected", summary), (
         f"expected {len(SUBSET)} passed and nothing else, got: {summary}\n{tail}")
