@@ -387,10 +387,13 @@ def test_fp8_host_overhead_bench_on_the_cpu(capsys):
     launch loop's host time and the wall time per call."""
     from tests.conftest import bench_module
 
-    bench_module("fp8_host_overhead").main(["--device", "cpu", "--shape", "32,128,128", "--calls", "2"])
-    rows = [ln for ln in capsys.readouterr().out.splitlines() if "us/call" in ln]
-    assert len(rows) == 8 and rows[0].lstrip().startswith("bf16 F.linear") and "fp8 kernels.fp8_linear" in rows[1]
+    bench_module("fp8_host_overhead").main(["--device", "cpu", "--shape", "32,128,128", "--calls", "2", "--cprofile"])
+    out = capsys.readouterr().out
+    rows = [ln for ln in out.splitlines() if "us/call" in ln]
+    assert len(rows) == 17 and rows[0].lstrip().startswith("bf16 F.linear") and "fp8 kernels.fp8_linear" in rows[1]
+    assert "the op wrappers ('reference' backend)" in out and any("+ autograd" in ln for ln in rows)
     assert all(float(ln.split("host")[1].split("us")[0]) > 0 for ln in rows)
+    assert "cProfile of 2 calls" in out and "fp8_gemm_bwd_ref" in out  # (the reference backward's own frame)
     with pytest.raises(SystemExit):
         bench_module("fp8_host_overhead").main(["--device", "cpu", "--shape", "32,128"])
     assert "--shape takes M,K,N" in capsys.readouterr().err
