@@ -59,7 +59,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import dsv3  # noqa: E402
 from dsv3.distributed.mesh import init_distributed  # noqa: E402
 from dsv3.distributed.pipeline import PipelineConfig, build_pipeline, make_pipeline_optimizer, train_step  # noqa: E402
-from dsv3.distributed.strategy import dualpipev_fp8_refusal  # noqa: E402
+from dsv3.distributed.strategy import dualpipev_refusal  # noqa: E402
 from dsv3.plan import GiB, PlanConfig, plan  # noqa: E402
 from dsv3.training.strategy import precision_recipe  # noqa: E402
 
@@ -115,7 +115,7 @@ def layout(args, world: int) -> PipelineConfig:
     ep = args.ep or world // args.pp
     if world % (args.pp * ep):
         raise SystemExit(f"--pp {args.pp} x --ep {ep} does not divide the world ({world} ranks)")
-    refusal = dualpipev_fp8_refusal(args.precision, args.schedule, "--schedule")
+    refusal = dualpipev_refusal(args.precision, args.schedule, "--schedule")
     if refusal:  # (at once: the first step's weight-gradient pass failed on such a torch, the GPU machines' 2.11)
         raise SystemExit(refusal)
     stages = args.pp * (2 if args.schedule == "dualpipev" else 1)

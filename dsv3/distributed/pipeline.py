@@ -700,8 +700,24 @@ def forward_backward(state: PipelineState, batch: torch.Tensor, *, mtp_lambda: f
     kwargs = {"ids": x} if state.stages[-1].is_last and len(state.stages[-1].model.mtp) else {}
     target = y if state.stages[-1].is_last else None
     state.schedule = _current_schedule(state)
-    state.schedule.step(*args, target=target, return_outputs=False, **kwargs)
+    with split_backward_compile(state.pcfg.schedule):
+        state.schedule.step(*args, target=target, return_outputs=False, **kwargs)
     _sync_grads(state)
+
+
+def split_backward_compile(schedule: str):
+    """The context a schedule's step runs in for per-block torch.compile. DualPipeV splits each backward in two
+    (stage_backward_input with retain_graph=True, then stage_backward_weight on the same graph), which a compiled
+    block's backward refuses when AOTAutograd donated its saved buffers to it ("compiled with non-empty donated
+    buffers which requires ... retain_graph=False"): donation is off while DualPipeV's step compiles and runs
+    (torchtitan's graph trainer does the same for DualPipeV). The cost: a compiled block's backward is one autograd
+    node giving input and weight gradients together, so the weight pass runs it again (README, refused
+    combinations). 1F1B: nothing changes."""
+    if schedule != "dualpipev":
+        return contextlib.nullcontext()
+    import torch._functorch.config as functorch_config
+
+    return functorch_config.patch(donated_buffer=False)
 
 
 @torch.no_grad()

@@ -52,14 +52,24 @@ def split_backward_takes_functions() -> bool:
     return (major, minor) >= (2, 13)
 
 
-def dualpipev_fp8_refusal(precision: str, schedule: str, flag: str = "--pp-schedule") -> str | None:
-    """Why this torch cannot train `precision` under the pipeline `schedule` (the caller's option `flag`), or None.
-    Rechecked on torch 2.11 after the FP8 GEMMs became custom ops (2026-12-07): their autograd formula is still an
-    autograd Function underneath, and stage_backward_weight fails on it as before."""
-    if precision == "fp8" and schedule == "dualpipev" and not split_backward_takes_functions():
-        return (f"{flag} dualpipev with --precision fp8 needs torch >= 2.13 (this is {torch.__version__}): "
-                "DualPipeV's separate weight-gradient pass (torch.distributed.pipelining's stage_backward_weight) "
-                f"cannot run through custom autograd Functions before it, and the FP8 GEMMs are one; use {flag} 1f1b")
+def dualpipev_refusal(precision: str, schedule: str, flag: str = "--pp-schedule",
+                      compile: bool = False) -> str | None:
+    """Why this torch cannot train `precision` (with per-block torch.compile if `compile`) under the pipeline
+    `schedule` (the caller's option `flag`), or None. DualPipeV's weight pass (stage_backward_weight) starts from the
+    first autograd node downstream of both a weight and the stage's input; on torch 2.11 that node must not be a
+    Python autograd Function ("Attribute '_input_metadata' is invalid"). The FP8 GEMMs' custom ops are one
+    underneath (rechecked 2026-12-07), and so is a compiled block's backward (CompiledFunctionBackward, checked on
+    torch 2.11.0's CPU wheel 2026-12-08)."""
+    if schedule != "dualpipev" or split_backward_takes_functions():
+        return None
+    why = (f"needs torch >= 2.13 (this is {torch.__version__}): DualPipeV's separate weight-gradient pass "
+           "(torch.distributed.pipelining's stage_backward_weight) cannot run through custom autograd Functions before "
+           "it, and ")
+    if precision == "fp8":
+        return f"{flag} dualpipev with --precision fp8 {why}the FP8 GEMMs are one; use {flag} 1f1b"
+    if compile:
+        return (f"{flag} dualpipev with --compile {why}a compiled block's backward is one; use {flag} 1f1b, or "
+                "leave out --compile")
     return None
 
 
@@ -223,13 +233,17 @@ class PipelineStrategy(_Collective):
                                     zero=pcfg.fsdp)  # the stages' replicas shard their optimizer state (ZeRO-1)
         self.ps = None
         self._shape = None
+        self._compiled = False
 
     def describe(self) -> str:
         c = self.ppcfg
         dp = f" x dp {c.dp}" if c.dp > 1 else ""
         zero = f", ZeRO-1 over the {c.replicas} replicas of a stage" if c.zero and c.replicas > 1 else ""
+        # (pipeline.split_backward_compile: a compiled block's backward is one node, which the weight pass reruns)
+        twice = "; the compiled blocks' backward runs twice (DualPipeV's weight pass)" \
+            if self._compiled and c.schedule == "dualpipev" else ""
         return (f"{self.world_size} ranks (pp {c.pp} x ep {c.ep}{dp}, {c.schedule}, {c.n_microbatches} micro-batches, "
-                f"{c.n_stages} stages{zero})")
+                f"{c.n_stages} stages{zero}{twice})")
 
     def check_settings(self, settings, precision: str) -> None:
         super().check_settings(settings, precision)
@@ -237,7 +251,8 @@ class PipelineStrategy(_Collective):
         if self.pcfg.node_groups:
             raise ValueError("--pp with --node-groups: the node-limited routing check is for the dp x ep layout "
                              "(the stages' ep groups are not checked against the model's expert groups yet)")
-        refusal = dualpipev_fp8_refusal(precision, self.ppcfg.schedule)
+        self._compiled = bool(getattr(settings, "compile", False))
+        refusal = dualpipev_refusal(precision, self.ppcfg.schedule, compile=self._compiled)
         if refusal:
             raise ValueError(refusal)
         if getattr(settings, "batch_ramp_steps", 0) > 0:

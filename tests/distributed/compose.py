@@ -115,11 +115,11 @@ def all_cells() -> list[Cell]:
 
 
 def runnable(cell: Cell) -> bool:
-    """False for the one combination this torch refuses (DualPipeV x FP8 before torch 2.13)."""
-    from dsv3.distributed.strategy import split_backward_takes_functions
+    """False for the combinations this torch refuses (DualPipeV x FP8 or x --compile before torch 2.13)."""
+    from dsv3.distributed.strategy import dualpipev_refusal
 
-    dual = LAYOUTS[cell.layout][1].get("pp_schedule") == "dualpipev"
-    return not (dual and cell.precision == "fp8" and not split_backward_takes_functions())
+    schedule = LAYOUTS[cell.layout][1].get("pp_schedule", "")
+    return dualpipev_refusal(cell.precision, schedule, compile=bool(cell.extra.get("compile"))) is None
 
 
 def covering_cells() -> list[Cell]:

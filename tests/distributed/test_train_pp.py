@@ -125,6 +125,54 @@ def test_train_pp_refusals(settings, pcfg, msg):
         strategy.check_settings(TrainConfig(out_dir="unused", batch_size=8, **settings), "fp32")
 
 
+def test_dualpipev_with_compile_refused_where_torch_cannot_and_described_where_it_can(monkeypatch):
+    """DualPipeV x --compile: on torch < 2.13 a compiled block's backward (a Python autograd Function) cannot sit
+    before stage_backward_weight, so the strategy refuses it with the reason (as DualPipeV x FP8); where torch can,
+    the layout line says that the compiled blocks' backward runs twice. 1F1B and uncompiled DualPipeV are unchanged."""
+    import torch
+
+    import dsv3.distributed.strategy as strategy_mod
+    from dsv3.distributed.mesh import DistEnv, ParallelConfig
+    from dsv3.distributed.strategy import PipelineStrategy, dualpipev_refusal
+    from dsv3.training.config import TrainConfig
+
+    env = DistEnv(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"), backend="gloo")
+
+    def strategy(schedule, compile, precision="fp32"):
+        s = PipelineStrategy(env, ParallelConfig(dp_shard=1, ep=1, pp=2, pp_schedule=schedule))
+        s.check_settings(TrainConfig(out_dir="unused", batch_size=8, compile=compile), precision)
+        return s
+
+    monkeypatch.setattr(strategy_mod, "split_backward_takes_functions", lambda: False)  # (torch 2.11's answer)
+    with pytest.raises(ValueError, match=r"^--pp-schedule dualpipev with --compile needs torch >= 2\.13 .*a compiled "
+                                         r"block's backward is one; use --pp-schedule 1f1b, or leave out --compile$"):
+        strategy("dualpipev", True)
+    with pytest.raises(ValueError, match="with --precision fp8 needs torch >= 2.13"):
+        strategy("dualpipev", True, "fp8")
+    assert "twice" not in strategy("dualpipev", False).describe()
+    assert dualpipev_refusal("bf16", "1f1b", compile=True) is None
+    monkeypatch.setattr(strategy_mod, "split_backward_takes_functions", lambda: True)
+    assert "the compiled blocks' backward runs twice" in strategy("dualpipev", True).describe()
+    assert "twice" not in strategy("1f1b", True).describe() and "twice" not in strategy("dualpipev", False).describe()
+
+
+def test_dualpipev_step_turns_buffer_donation_off():
+    """AOTAutograd donates a compiled backward's saved buffers and then refuses a backward that keeps its graph;
+    DualPipeV's input pass keeps it (retain_graph=True), so `dsv3 train --pp-schedule dualpipev --compile` failed at
+    its first backward ("compiled with non-empty donated buffers"). The schedule's step runs with donation off
+    (bench/RESULTS.md, thirty-second session: the fixed run's losses against the uncompiled run's)."""
+    import torch._functorch.config as fc
+
+    from dsv3.distributed.pipeline import split_backward_compile
+
+    before = fc.donated_buffer
+    with split_backward_compile("dualpipev"):
+        assert fc.donated_buffer is False
+    assert fc.donated_buffer == before
+    with split_backward_compile("1f1b"):
+        assert fc.donated_buffer == before
+
+
 def test_train_pp_without_torchrun_says_how(setup):
     from dsv3.cli import main
 
