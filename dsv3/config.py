@@ -293,6 +293,10 @@ class ModelConfig:
         out.update(d)
         out["architectures"] = ["DeepseekV3ForCausalLM"]
         out["model_type"] = "deepseek_v3"
+        # MLA gives every head its own K and V (no grouping): dsv3 never reads this field, and transformers'
+        # DeepseekV3 repeats K/V by heads / num_key_value_heads, so any other value breaks its forward (the official
+        # config has 128 = 128)
+        out["num_key_value_heads"] = self.num_attention_heads
         out.pop("rope_parameters", None)
         return out
 

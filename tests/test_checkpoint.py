@@ -551,6 +551,55 @@ def test_index_naming_missing_shard(tmp_path):
         load_pretrained(tmp_path)
 
 
+def test_single_file_wins_over_a_stale_index_as_in_transformers(tmp_path):
+    """A directory with both model.safetensors and an index: transformers' from_pretrained reads the single file
+    (and its save_pretrained of one file over a sharded checkpoint deletes the shards but leaves the index), so dsv3
+    reads the single file too, with a warning naming both. It read the index: another model from the same
+    directory, or an error about shards transformers had deleted."""
+    cfg = tiny_cfg()
+    a, b = make_model(cfg, seed=1), make_model(cfg, seed=2)
+    ids = rand_ids(cfg, 2, 8)
+    save_pretrained(a, tmp_path, max_shard_bytes=60_000)  # the shards and their index
+    save_file({k: v.contiguous() for k, v in load_file(_one_file(b, tmp_path / "b")).items()},
+              tmp_path / "model.safetensors")  # another model's single file beside them
+    with pytest.warns(UserWarning, match="holds both model.safetensors and model.safetensors.index.json: reading "
+                                         "model.safetensors"):
+        got = load_pretrained(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(got(ids).logits, b(ids).logits)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    for f in set(index["weight_map"].values()):  # transformers' leftovers: the stale index alone
+        os.remove(tmp_path / f)
+    with pytest.warns(UserWarning, match="reading model.safetensors"):
+        assert torch.equal(load_pretrained(tmp_path)(ids).logits, b(ids).logits)
+
+
+def _one_file(model, path) -> str:
+    save_pretrained(model, path)
+    return str(path / "model.safetensors")
+
+
+def test_config_without_a_dtype_loads_in_the_stored_dtype(tmp_path):
+    """A config.json naming no torch_dtype (nor v5's dtype): the stored weights' dtype, as transformers' default
+    dtype="auto" reads it, with a warning; it loaded as ModelConfig's default bfloat16, rounding fp32 weights. A
+    config that names one, or an explicit dtype=, still decides."""
+    cfg = tiny_cfg()
+    model = make_model(cfg, bias_std=0.3)
+    ids = rand_ids(cfg, 2, 8)
+    save_pretrained(model, tmp_path)  # fp32 tensors
+    d = json.loads((tmp_path / "config.json").read_text())
+    assert d.pop("torch_dtype") == "float32"
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    with pytest.warns(UserWarning, match="config.json names no torch_dtype: loading in the stored weights' float32"):
+        got = load_pretrained(tmp_path)
+    assert got.embed_tokens.weight.dtype == torch.float32
+    with torch.no_grad():
+        assert torch.equal(got(ids).logits, model(ids).logits)
+    assert load_pretrained(tmp_path, dtype=torch.bfloat16).embed_tokens.weight.dtype == torch.bfloat16
+    (tmp_path / "config.json").write_text(json.dumps({**d, "dtype": "bfloat16"}))
+    assert load_pretrained(tmp_path).embed_tokens.weight.dtype == torch.bfloat16
+
+
 def test_index_placing_a_tensor_in_a_shard_without_it(tmp_path):
     """An index that maps a tensor to an existing shard that does not hold it: an error naming the index, the
     tensor and the shard (safetensors' own 'File does not contain tensor' named neither)."""

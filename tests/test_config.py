@@ -428,6 +428,68 @@ def test_yarn_cos_sin_factor_is_vllms(mscale, mscale_all_dim):
     assert cos_sin_factor(tiny_cfg(rope_scaling=y)) == pytest.approx(want, rel=1e-12)
 
 
+@pytest.mark.parametrize("mscale, mscale_all_dim, agree", [(None, 1.0, True), (None, None, True), (1.0, 0, True),
+                                                           (0.707, 0.707, True), (0.0, 1.0, False), (2.0, None, False)])
+def test_saved_yarn_reads_the_same_in_transformers_or_is_said(tmp_path, mscale, mscale_all_dim, agree):
+    """A checkpoint's YaRN mscale keys as transformers reads them: an absent mscale means 1 to dsv3 and vLLM but
+    makes transformers ignore mscale_all_dim (cos/sin factor 1.369 against 1.0 at factor 40, logits 6 apart), so
+    the save writes mscale 1.0; where the file cannot say dsv3's factor to transformers (one key zero or absent
+    with the other not 1), the save warns with both factors."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RotaryEmbedding
+
+    from dsv3.checkpoints.hf import save_pretrained
+    from dsv3.model.rope import cos_sin_factor
+    from conftest import make_model
+
+    y = {"type": "yarn", "factor": 40.0, "original_max_position_embeddings": 32}
+    y.update({k: v for k, v in (("mscale", mscale), ("mscale_all_dim", mscale_all_dim)) if v is not None})
+    cfg = tiny_cfg(rope_scaling=y, max_position_embeddings=1280, num_nextn_predict_layers=0)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        save_pretrained(make_model(cfg), tmp_path)
+    said = [str(w.message) for w in seen if "rope_scaling mscale" in str(w.message)]
+    written = json.loads((tmp_path / "config.json").read_text())["rope_scaling"]
+    assert written["mscale"] == (1.0 if mscale is None else mscale)
+    assert ModelConfig.from_json(tmp_path).yarn is not None and cos_sin_factor(ModelConfig.from_json(tmp_path)) == \
+        pytest.approx(cos_sin_factor(cfg), rel=1e-12)  # dsv3 reads its own file as before
+    theirs = DeepseekV3RotaryEmbedding(transformers.AutoConfig.from_pretrained(tmp_path)).attention_scaling
+    assert (theirs == pytest.approx(cos_sin_factor(cfg), rel=1e-6)) == agree
+    assert bool(said) == (not agree)
+    if said:
+        assert f"{cos_sin_factor(cfg):.6g} in dsv3 and vLLM, but transformers reads {theirs:.6g}" in said[0]
+
+
+def test_saved_config_keeps_only_what_other_tools_can_use(tmp_path):
+    """num_key_value_heads is written as the head count (MLA has no K/V groups; transformers' DeepseekV3 repeats
+    K/V by heads / num_key_value_heads and failed on a smaller value); an auto_map naming code files the directory
+    lacks is dropped (from_pretrained(trust_remote_code=True) failed on the missing file), one whose files are
+    there is kept; moe_layer_freq != 1, which transformers ignores, is warned about."""
+    pytest.importorskip("transformers")
+    from dsv3.checkpoints.hf import save_pretrained
+    from conftest import make_model
+
+    am = {"AutoConfig": "configuration_deepseek.DeepseekV3Config",
+          "AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM"}
+    cfg = ModelConfig.from_dict({**tiny_cfg(num_nextn_predict_layers=0).to_dict(), "auto_map": am,
+                                 "num_key_value_heads": 1})
+    assert cfg.num_key_value_heads == 1 and cfg.to_dict()["num_key_value_heads"] == cfg.num_attention_heads
+    model = make_model(cfg)
+    save_pretrained(model, tmp_path / "a")
+    d = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert "auto_map" not in d and d["num_key_value_heads"] == cfg.num_attention_heads
+    (tmp_path / "b").mkdir()
+    for f in ("configuration_deepseek.py", "modeling_deepseek.py"):
+        (tmp_path / "b" / f).write_text("# the remote code\n")
+    save_pretrained(model, tmp_path / "b")
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["auto_map"] == am
+    freq = tiny_cfg(num_hidden_layers=4, first_k_dense_replace=1, moe_layer_freq=2, num_nextn_predict_layers=0)
+    with pytest.warns(UserWarning, match="moe_layer_freq 2 is ignored by transformers' DeepseekV3"):
+        save_pretrained(make_model(freq), tmp_path / "c")
+
+
 def test_a_misspelt_key_warns_naming_the_field():
     """A key one typo away from a field (`num_hiden_layers`) is kept as an extra key, as unknown keys are, but
     warned about, naming the field that keeps its default (the 671B's 61 layers, silently, before)."""

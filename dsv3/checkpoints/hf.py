@@ -43,7 +43,7 @@ from safetensors.torch import save_file
 
 from dsv3.checkpoints.files import CheckpointError, confined, open_safetensors, read_json
 from dsv3.cliargs import setting
-from dsv3.config import ConfigError, ModelConfig
+from dsv3.config import ConfigError, ModelConfig, yarn_get_mscale
 from dsv3.kernels import weight_dequant, weight_quant
 from dsv3.info import param_count, routed_expert_params
 from dsv3.memory import ensure_fits
@@ -251,7 +251,39 @@ def _write_config(cfg: ModelConfig, path: str, has_fp8: bool, dtype: torch.dtype
     out_cfg.torch_dtype = {v: k for k, v in _DTYPES.items()}.get(dtype, "bfloat16")
     d = out_cfg.to_dict()
     d.pop("dtype", None)
+    _for_other_tools(d, out_cfg, path)
     _fsync_write_json(d, os.path.join(path, "config.json"))
+
+
+def _for_other_tools(d: dict, cfg: ModelConfig, path: str) -> None:
+    """config.json's dict `d`, in place: what another tool would read differently from dsv3 is written so that it
+    reads it the same, or said (a warning) where the file cannot say it. Checked against transformers 5 and vLLM."""
+    # auto_map (the official config's trust_remote_code classes): kept only where the code files it names are in
+    # the directory; from_pretrained(trust_remote_code=True) otherwise fails on the missing file. Without it
+    # transformers uses its own DeepseekV3 classes. (A "repo--module.Class" reference names another repository.)
+    am = d.get("auto_map")
+    if isinstance(am, dict):
+        refs = [r for v in am.values() for r in (v if isinstance(v, list) else [v]) if isinstance(r, str)]
+        local = [r.rsplit(".", 1)[0] + ".py" for r in refs if "--" not in r and "." in r]
+        if any(not os.path.exists(os.path.join(path, f)) for f in local):
+            del d["auto_map"]
+    # YaRN: an absent mscale means 1 to dsv3, vLLM and SGLang, but makes transformers use 0.1 ln(factor) + 1 as the
+    # cos/sin factor whatever mscale_all_dim says: written out, the three agree wherever the file can say it
+    rs = d.get("rope_scaling")
+    if isinstance(rs, dict) and rs.get("type", rs.get("rope_type")) == "yarn":
+        if rs.get("mscale") is None:
+            rs["mscale"] = 1.0
+        s, m, mad = float(rs["factor"]), rs["mscale"], rs.get("mscale_all_dim")
+        ours = yarn_get_mscale(s, float(m)) / yarn_get_mscale(s, float(mad or 0.0))  # (= rope.cos_sin_factor)
+        theirs = ours if m and mad else yarn_get_mscale(s)  # transformers' _compute_yarn_parameters
+        if abs(ours - theirs) > 1e-6 * ours:
+            warnings.warn(f"{path}: rope_scaling mscale {m!r} with mscale_all_dim {mad!r} gives a cos/sin factor of "
+                          f"{ours:.6g} in dsv3 and vLLM, but transformers reads {theirs:.6g} (it needs both non-zero): "
+                          "transformers will compute other logits from this checkpoint", stacklevel=5)
+    if cfg.moe_layer_freq != 1:  # (vLLM and SGLang read it as dsv3 does)
+        warnings.warn(f"{path}: moe_layer_freq {cfg.moe_layer_freq} is ignored by transformers' DeepseekV3 (every "
+                      f"layer from first_k_dense_replace on is MoE there): transformers will not load this checkpoint "
+                      "as the model it is (it fills the experts it expects with random weights)", stacklevel=5)
 
 
 @torch.no_grad()
@@ -347,8 +379,16 @@ class _Reader:
         self._handles: dict[str, object] = {}  # shard file -> its open safetensors handle
         index = os.path.join(path, INDEX_FILE)
         single = os.path.join(path, SINGLE_FILE)
-        self.source = INDEX_FILE if os.path.exists(index) else SINGLE_FILE  # the file that lists the tensors
-        if os.path.exists(index):
+        # both: the single file, as transformers' from_pretrained chooses (its save_pretrained of one file into a
+        # directory that held shards deletes them but leaves their index); said, since vLLM reads the index's shards
+        sharded = os.path.exists(index)
+        if sharded and os.path.exists(single):
+            sharded = False
+            warnings.warn(f"{path} holds both {SINGLE_FILE} and {INDEX_FILE}: reading {SINGLE_FILE}, as transformers "
+                          f"does, and ignoring the index (delete the stale one: other tools may choose the index)",
+                          stacklevel=4)  # (the caller of load_pretrained & co.)
+        self.source = INDEX_FILE if sharded else SINGLE_FILE  # the file that lists the tensors
+        if sharded:
             weight_map = read_json(index).get("weight_map")
             if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
                 raise CheckpointError(f"{index}: not a valid safetensors index (no weight_map of tensor name -> "
@@ -564,6 +604,25 @@ def _expert_entries(model: Transformer, selected: dict[str, list[int]]) -> list[
     return out
 
 
+def _names_dtype(path: str) -> bool:
+    """Whether the directory's config.json says its dtype (`torch_dtype`, or transformers v5's `dtype`)."""
+    d = read_json(os.path.join(path, "config.json"))
+    return isinstance(d, dict) and ("torch_dtype" in d or "dtype" in d)
+
+
+def _stored_dtype(reader: _Reader, path: str) -> torch.dtype | None:
+    """The dtype a config.json without one means: the stored weights' (the embedding's; transformers' dtype="auto"
+    takes the first floating tensor's), where ModelConfig's default (bfloat16) would round fp32 weights silently.
+    None where it is not one of _DTYPES (then the default stands)."""
+    names = [n for n in ("model.embed_tokens.weight", "lm_head.weight") if n in reader.weight_map]
+    on_disk = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+    dt = on_disk.get(reader.dtype(names[0])) if names else None
+    if dt is not None:
+        warnings.warn(f"{path}/config.json names no torch_dtype: loading in the stored weights' "
+                      f"{str(dt).removeprefix('torch.')}", stacklevel=4)
+    return dt
+
+
 @torch.no_grad()
 def load_pretrained(path: str | os.PathLike, device: torch.device | str = "cpu",
                     dtype: torch.dtype | None = None, config: ModelConfig | None = None,
@@ -598,12 +657,14 @@ def load_pretrained(path: str | os.PathLike, device: torch.device | str = "cpu",
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint directory not found: {path}")
     cfg = config or ModelConfig.from_json(path)
-    if dtype is None:
-        dtype = _DTYPES.get(cfg.torch_dtype)
-        if dtype is None:
-            raise ConfigError(f"torch_dtype {cfg.torch_dtype!r} is not one of {', '.join(_DTYPES)}; pass dtype=")
     reader = _Reader(path)
     try:
+        if dtype is None and config is None and not _names_dtype(path):
+            dtype = _stored_dtype(reader, path)
+        if dtype is None:
+            dtype = _DTYPES.get(cfg.torch_dtype)
+            if dtype is None:
+                raise ConfigError(f"torch_dtype {cfg.torch_dtype!r} is not one of {', '.join(_DTYPES)}; pass dtype=")
         cfg = _check_sizes(cfg, reader, "config.json" if config is None else "the given config", path)
         n_params = param_count(cfg)  # arithmetic: checked before the skeleton is built
         if isinstance(experts, range):
