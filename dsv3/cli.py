@@ -486,7 +486,7 @@ def cmd_serve(args) -> int:
 
     from dsv3.checkpoints.rundir import run_name
     from dsv3.inference.engine import EngineConfig
-    from dsv3.inference.server import ServerConfig, check_limits, listen, load_for_serving, serve
+    from dsv3.inference.server import ServerConfig, check_limits, listen, load_for_serving, origins, serve
 
     path = _resolve_checkpoint(args.checkpoint)
     ec, sc = from_args(EngineConfig, args), from_args(ServerConfig, args)
@@ -497,6 +497,7 @@ def cmd_serve(args) -> int:
     if ec.max_prefill_tokens < 0:
         raise ValueError(f"--max-prefill-tokens must be >= 0 (0: whole prompts at once), got {ec.max_prefill_tokens}")
     check_limits(dataclasses.asdict(sc), flags=True)  # before the model loads
+    origins(sc.allowed_origins)  # (its errors too)
     name = sc.model_name or run_name(path)  # runs/tiny is served as "tiny", not as its latest step_* directory
     if ec.record_expert_loads:  # a path that cannot be written fails now, not when the server stops
         from dsv3.checkpoints.loads import check_writable
@@ -524,7 +525,7 @@ def cmd_serve(args) -> int:
             serve(engine, tok, name, host=sc.host, port=sc.port, api_key=sc.api_key,
                   max_prompt_tokens=sc.max_prompt_tokens, max_tokens_limit=sc.max_tokens_limit,
                   max_queue=sc.max_queue, max_request_bytes=sc.max_request_bytes, prep_workers=sc.prep_workers,
-                  log_level=sc.log_level, sock=sock)
+                  log_level=sc.log_level, sock=sock, allowed_origins=origins(sc.allowed_origins))
         finally:  # (also after a failure: what was recorded so far)
             if ec.record_expert_loads:
                 _write_expert_loads(engine.expert_loads(), ec.record_expert_loads, path, engine.model.config)

@@ -14,15 +14,14 @@ class BackgroundServer:
             openai.OpenAI(base_url=s.url + "/v1", api_key="x")
     """
 
-    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
-        import uvicorn
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning", grace: float = 3.0):
+        from dsv3.inference.server import uvicorn_server
 
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, port))
         self.host, self.port = self.sock.getsockname()[:2]
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=3,
-                                                    lifespan="on"))
+        self.server = uvicorn_server(app, log_level=log_level, grace=grace)  # (`dsv3 serve`'s, shutdown included)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
                                        name="dsv3-uvicorn", daemon=True)
 

@@ -345,6 +345,7 @@ COMPLETION_ERRORS = [
     (dict(logprobs=21), openai.BadRequestError, "logprobs"),
     (dict(echo=True, logprobs=1), openai.BadRequestError, "echo"),
     (dict(presence_penalty=0.5), openai.BadRequestError, "presence_penalty"),
+    (dict(logit_bias={"5": 0, "7": 1.5}), openai.BadRequestError, "logit_bias"),
     (dict(best_of=3), openai.BadRequestError, "best_of"),
     (dict(n=17), openai.BadRequestError, "n"),
     (dict(stop=["a", "b", "c", "d", "e"]), openai.BadRequestError, "stop"),
@@ -998,6 +999,82 @@ def test_disconnect_non_streaming_frees_slot(one_slot):
     assert m["dsv3_generation_tokens_total"] < 300
     r = httpx.post(url + "/v1/completions", json={**LONG, "max_tokens": 3}, timeout=30)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+
+
+def test_neutral_logit_bias_is_accepted(client):
+    """logit_bias whose biases are all 0 changes nothing: accepted, as OpenAI and vLLM accept it (only {} was)."""
+    a = client.completions.create(model=MODEL, prompt="alpha", max_tokens=3, temperature=0, logit_bias={"5": 0})
+    b = client.completions.create(model=MODEL, prompt="alpha", max_tokens=3, temperature=0)
+    assert a.choices[0].text == b.choices[0].text
+
+
+def test_cors_only_for_the_allowed_origins(model, tok):
+    """--allowed-origins: a browser page of such an origin may call the API (its preflight answered before the API
+    key check, which a preflight cannot pass; the answers, 401s included, carry the CORS headers); other origins,
+    and every origin without the flag, get no CORS headers. A malformed origin is a clear error."""
+    from dsv3.inference.server import origins
+
+    eng = Engine(model, tok, max_batch_size=2, cache_tokens=256)
+    pre = {"Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST",
+           "Access-Control-Request-Headers": "authorization,content-type"}
+    body = {"model": MODEL, "prompt": "alpha", "max_tokens": 2}
+    with BackgroundServer(create_app(eng, tok, MODEL, api_key="k", allowed_origins=origins(
+            "http://localhost:3000, https://ui.example"))) as s:
+        r = httpx.options(s.url + "/v1/completions", headers=pre)
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://localhost:3000"
+        assert "POST" in r.headers["access-control-allow-methods"]
+        assert "authorization" in r.headers["access-control-allow-headers"].lower()
+        ok = httpx.post(s.url + "/v1/completions", json=body, timeout=30,
+                        headers={"Origin": "https://ui.example", "Authorization": "Bearer k"})
+        assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "https://ui.example"
+        denied = httpx.post(s.url + "/v1/completions", json=body, headers={"Origin": "http://localhost:3000"})
+        assert denied.status_code == 401 and denied.headers["access-control-allow-origin"] == "http://localhost:3000"
+        other = httpx.post(s.url + "/v1/completions", json=body, timeout=30,
+                           headers={"Origin": "http://evil.example", "Authorization": "Bearer k"})
+        assert other.status_code == 200 and "access-control-allow-origin" not in other.headers
+    with BackgroundServer(create_app(eng, tok, MODEL)) as s:  # the default: no CORS
+        assert "access-control-allow-origin" not in httpx.options(s.url + "/v1/completions", headers=pre).headers
+    assert origins(" * ") == ["*"] and origins("") == []
+    for bad in ("localhost:3000", "http://x.example/", "http://x.example/app"):
+        with pytest.raises(ValueError, match=f"--allowed-origins: {re.escape(repr(bad))} is not an origin"):
+            origins(bad)
+
+
+def test_shutdown_answers_in_flight_requests_with_503_in_the_openai_shape(model, tok):
+    """Ctrl-C / SIGTERM while requests run (`dsv3 serve`'s uvicorn_server, grace 2 s here, 5 s there): they run on
+    for grace - 1 s, then the non-streaming one gets the OpenAI-shaped JSON 503 "the server is shutting down" and
+    the stream its error event and `data: [DONE]`, before uvicorn cancels. (uvicorn cancelled the handlers first:
+    a text/plain 500, retried by the openai client against a closed port, and a stream cut mid-chunk.)"""
+    eng = SlowEngine(model, tok, max_batch_size=2, cache_tokens=1024)
+    s = BackgroundServer(create_app(eng, tok, MODEL), grace=2.0).start()
+    got: dict = {}
+
+    def plain():
+        got["plain"] = httpx.post(s.url + "/v1/completions", json=LONG, timeout=30)
+
+    def stream():
+        with httpx.stream("POST", s.url + "/v1/completions", json={**LONG, "stream": True}, timeout=30) as r:
+            got["stream"] = [ln for ln in r.iter_lines() if ln]
+
+    threads = [threading.Thread(target=f, daemon=True) for f in (plain, stream)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 20
+    while metrics(s.url)["dsv3_requests_running"] < 2:  # both admitted and generating
+        assert time.monotonic() < deadline, "the requests did not start"
+        time.sleep(0.05)
+    t0 = time.monotonic()
+    s.stop()
+    for t in threads:
+        t.join(20)
+    took = time.monotonic() - t0
+    r = got["plain"]
+    assert r.status_code == 503 and r.headers["content-type"].startswith("application/json"), (r.status_code, r.text)
+    assert r.json()["error"]["message"] == "the server is shutting down"
+    lines = got["stream"]
+    assert len(lines) > 3 and lines[-1] == "data: [DONE]", lines[-3:]
+    assert json.loads(lines[-2].removeprefix("data: "))["error"]["message"] == "the server is shutting down"
+    assert 0.9 < took < 3.0  # (ran on for grace - 1 s; nothing waited for the cancel)
 
 
 class FlakyEngine(Engine):

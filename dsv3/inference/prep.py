@@ -182,8 +182,8 @@ class Preparer:
             raise bad_request("presence_penalty is not supported (use repetition_penalty)", "presence_penalty")
         if req.frequency_penalty:
             raise bad_request("frequency_penalty is not supported (use repetition_penalty)", "frequency_penalty")
-        if req.logit_bias:
-            raise bad_request("logit_bias is not supported", "logit_bias")
+        if req.logit_bias and any(v != 0 for v in req.logit_bias.values()):  # (all zero: neutral, accepted)
+            raise bad_request("logit_bias is not supported (only biases of 0)", "logit_bias")
         if req.stream_options is not None and not req.stream:
             raise bad_request("stream_options is only allowed when stream is true", "stream_options")
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])

@@ -79,6 +79,7 @@ import hmac
 import json
 import math
 import multiprocessing
+import re
 import socket
 import time
 import traceback
@@ -131,6 +132,9 @@ class ServerConfig:
     prep_workers: int = setting(2, "processes that parse and tokenise request bodies over 64 KiB (each holds "
                                    "about 1 GB while it tokenises 8 MiB of text)")
     log_level: str = setting("info", "uvicorn's log level", choices=("critical", "error", "warning", "info", "debug"))
+    allowed_origins: str = setting("", "comma-separated web origins whose pages may call the API from a browser "
+                                       "(CORS), e.g. 'http://localhost:3000', or '*' for any (default: none: "
+                                       "without a key any page the user opens could use the server)")
 
 
 # --- one HTTP request's engine requests -----------------------------------------------------------------
@@ -485,14 +489,28 @@ class _Middleware:
             srv.metrics.count(path, status[0])
 
 
+def origins(text: str) -> list[str]:
+    """--allowed-origins' comma-separated list -> its origins; ValueError naming a bad one. An origin is what a
+    browser sends in its Origin header: scheme://host[:port], no path, or "*" (any)."""
+    out = [o.strip() for o in (text or "").split(",") if o.strip()]
+    for o in out:
+        if o != "*" and not re.fullmatch(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^/\s?#]+", o):
+            raise ValueError(f"--allowed-origins: {o!r} is not an origin (scheme://host[:port], no path or trailing "
+                             "slash; or '*')")
+    return out
+
+
 def create_app(engine: Engine, tokenizer: DSTokenizer, model_name: str, *, api_key: str | None = None,
                max_prompt_tokens: int | None = None, max_tokens_limit: int | None = None, max_queue: int = 256,
                max_request_bytes: int = ServerConfig.max_request_bytes, chat_template: str | None = None,
-               prep_workers: int = ServerConfig.prep_workers) -> FastAPI:
+               prep_workers: int = ServerConfig.prep_workers, allowed_origins: Sequence[str] = ()) -> FastAPI:
     """The FastAPI app serving `engine`. Limits default to the engine's context (`max_model_len`);
     `max_queue` bounds the engine requests waiting beyond the running batch (then 503); bodies over
     `max_request_bytes` are 413s; `prep_workers` processes prepare bodies over 64 KiB. The chat
-    template defaults to the tokenizer's (tokenizer_config.json's when it was loaded from a directory)."""
+    template defaults to the tokenizer's (tokenizer_config.json's when it was loaded from a directory).
+    `allowed_origins`: the origins (or "*") whose browser pages may call it (CORS, as vLLM's --allowed-origins,
+    whose default is "*"; here none unless given): their preflight is answered before the API key check, which a
+    preflight cannot pass (browsers send no Authorization header with it)."""
     srv = _Server(engine, tokenizer, model_name, api_key=api_key, max_prompt_tokens=max_prompt_tokens,
                   max_tokens_limit=max_tokens_limit, max_queue=max_queue, max_request_bytes=max_request_bytes,
                   chat_template=chat_template, prep_workers=prep_workers)
@@ -508,6 +526,11 @@ def create_app(engine: Engine, tokenizer: DSTokenizer, model_name: str, *, api_k
                   responses={400: {"model": ErrorResponse}})
     app.state.server = srv
     app.add_middleware(_Middleware, srv=srv)
+    if allowed_origins:  # (added last: the outermost layer, so that preflights and 401s carry the CORS headers)
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["*"],
+                           allow_headers=["*"], allow_credentials=False)
 
     @app.exception_handler(APIError)
     async def _api_error(request, exc: APIError):
@@ -721,22 +744,45 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(engine: Engine, tokenizer: DSTokenizer, model_name: str, *, host: str = "127.0.0.1", port: int = 8000,
-          log_level: str = "info", sock: socket.socket | None = None, **app_kwargs) -> None:
-    """Serve until interrupted (Ctrl-C). Binds loopback unless `host` says otherwise; `sock` (listen(...)):
-    serve on that socket instead of binding host:port. Returns with nothing of the server holding `engine` any
-    more."""
+SHUTDOWN_GRACE = 5.0  # seconds a shutdown (Ctrl-C, SIGTERM) waits for in-flight requests before cancelling them
+
+
+def uvicorn_server(app, *, log_level: str = "info", host: str = "127.0.0.1", port: int = 8000,
+                   grace: float = SHUTDOWN_GRACE):
+    """A uvicorn.Server for create_app's `app` whose shutdown lets in-flight requests run on for `grace` - 1 s,
+    then stops the engine loop, so that each one still running answers the OpenAI-shaped 503 "the server is
+    shutting down" (a stream: its error event and `data: [DONE]`) before uvicorn cancels what is left at `grace`
+    s. (uvicorn alone cancelled the handlers first: a text/plain 500, which the openai client retries against a
+    closed port, or a stream cut mid-chunk; the engine loop's 503s came after, in the lifespan's shutdown.)
+    `run(sockets=[sock])` serves on a bound socket, `run()` binds host:port."""
     import uvicorn
 
+    class _Graceful(uvicorn.Server):
+        async def shutdown(self, sockets=None) -> None:
+            async def fail_late() -> None:
+                await asyncio.sleep(max(grace - 1.0, 0.0))
+                await asyncio.to_thread(app.state.server.engine_loop.stop)
+
+            late = asyncio.create_task(fail_late())
+            try:
+                await super().shutdown(sockets)
+            finally:
+                late.cancel()
+
+    return _Graceful(uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=grace))
+
+
+def serve(engine: Engine, tokenizer: DSTokenizer, model_name: str, *, host: str = "127.0.0.1", port: int = 8000,
+          log_level: str = "info", sock: socket.socket | None = None, **app_kwargs) -> None:
+    """Serve until interrupted (Ctrl-C, SIGTERM: in-flight requests get SHUTDOWN_GRACE - 1 s, then a 503).
+    Binds loopback unless `host` says otherwise; `sock` (listen(...)): serve on that socket instead of binding
+    host:port. Returns with nothing of the server holding `engine` any more."""
     app = create_app(engine, tokenizer, model_name, **app_kwargs)
     try:
-        if sock is None:
-            uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
-        else:
-            try:
-                uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)).run([sock])
-            except KeyboardInterrupt:  # (uvicorn re-raises the Ctrl-C it shut down on; uvicorn.run swallows it too)
-                pass
+        try:
+            uvicorn_server(app, log_level=log_level, host=host, port=port).run(sockets=[sock] if sock else None)
+        except KeyboardInterrupt:  # (the Ctrl-C uvicorn shut down on, re-raised by Server.run)
+            pass
     finally:
         # FastAPI keeps the route handlers, which hold the server, in a module-level cache: the engine would live
         # as long as the process, and under expert parallelism (dsv3/ep_serve.py) so would the process groups its
@@ -746,4 +792,5 @@ def serve(engine: Engine, tokenizer: DSTokenizer, model_name: str, *, host: str 
         srv.engine = srv.engine_loop = None
 
 
-__all__ = ["APIError", "EngineLoop", "check_limits", "create_app", "listen", "load_for_serving", "serve"]
+__all__ = ["APIError", "EngineLoop", "check_limits", "create_app", "listen", "load_for_serving", "origins", "serve",
+           "uvicorn_server"]
