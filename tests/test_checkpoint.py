@@ -600,6 +600,26 @@ def test_config_without_a_dtype_loads_in_the_stored_dtype(tmp_path):
     assert load_pretrained(tmp_path).embed_tokens.weight.dtype == torch.bfloat16
 
 
+def test_a_size_config_json_leaves_out_is_named_as_absent(tmp_path):
+    """A config.json without hidden_size: the 671B default (7168) is taken, and the mismatch with the weights used to
+    read "config.json says ... hidden_size=7168", a size the file never said; now it says the value is the default.
+    A resume (checkpoint_config) refuses such a config by name (it failed as "the model needs 39.1 GB")."""
+    from dsv3.training.strategy import checkpoint_config
+
+    save_pretrained(make_model(tiny_cfg()), tmp_path)
+    d = json.loads((tmp_path / "config.json").read_text())
+    del d["hidden_size"], d["num_hidden_layers"]
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    with pytest.raises(CheckpointError, match=r"num_hidden_layers=61 \(absent from it: the 671B default\) but "):
+        load_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match=r"config.json has no hidden_size, num_hidden_layers: a checkpoint's "):
+        checkpoint_config(str(tmp_path))
+    d["num_hidden_layers"] = tiny_cfg().num_hidden_layers
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    with pytest.raises(CheckpointError, match=r"vocab_size=\d+, hidden_size=7168 \(absent from it: the 671B default\)"):
+        load_pretrained(tmp_path)
+
+
 def test_index_placing_a_tensor_in_a_shard_without_it(tmp_path):
     """An index that maps a tensor to an existing shard that does not hold it: an error naming the index, the
     tensor and the shard (safetensors' own 'File does not contain tensor' named neither)."""

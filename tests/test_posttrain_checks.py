@@ -176,6 +176,54 @@ def test_an_answer_line_with_its_boxed_answer_is_one_answer(text, answer, expect
     assert rewards.exact_match_reward(text, answer) == expected
 
 
+INF, NAN = float("inf"), float("nan")
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(lr=INF), "lr must be a finite number > 0, got inf"), (dict(lr=NAN), "lr must be"),
+    (dict(lr=-1.0), "lr must be"), (dict(min_lr=1.0), r"min_lr must be a finite number in \(0, lr"),
+    (dict(log_every=0), "log_every must be >= 1"), (dict(micro_batch_size=-1), "micro_batch_size must be >= 0"),
+    (dict(steps=-3), "steps must be >= 0"), (dict(steps=0, epochs=0.0), "epochs must be a finite number > 0"),
+    (dict(steps=0, epochs=NAN), "epochs must be"), (dict(warmup_steps=-5), "warmup_steps must be >= 0"),
+    (dict(grad_clip=-1.0), "grad_clip must be a finite number >= 0"), (dict(save_every=-1), "save_every must be"),
+    (dict(keep=-1), "keep must be >= 0"), (dict(weight_decay=NAN), "weight_decay must be"),
+    (dict(seed=-1), "seed must be in"), (dict(seq_len=1), "seq_len must be > 1"),
+    (dict(batch_size=6, micro_batch_size=4), r"batch_size \(6\) must be a multiple of micro_batch_size \(4\)"),
+])
+def test_sft_config_refuses_what_pretraining_refuses(kw, match):
+    """`dsv3 sft` checked a few of its flags: --lr inf trained NaN weights into a checkpoint (exit 0), --log-every 0
+    and --micro-batch-size -1 were tracebacks, --epochs 0 ran a step; now each is refused naming the flag, as
+    `dsv3 train` refuses them."""
+    with pytest.raises(ValueError, match=match):
+        _sft_cfg(**kw).validate()
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(lr=INF), "lr must be a finite number > 0, got inf"), (dict(lr=-1.0), "lr must be"),
+    (dict(temperature=NAN), "temperature must be a finite number > 0"), (dict(top_p=0.0), r"top_p must be in"),
+    (dict(grad_clip=INF), "grad_clip must be"), (dict(eval_every=-1), "eval_every must be >= 0"),
+    (dict(keep=-2), "keep must be >= 0"), (dict(eval_max_examples=0), "eval_max_examples must be >= 1"),
+])
+def test_grpo_config_refuses_what_pretraining_refuses(kw, match):
+    with pytest.raises(ValueError, match=match):
+        _grpo_cfg(**kw).validate()
+
+
+def test_sft_seq_len_beyond_the_context_is_refused_before_the_run_starts(env, tmp_path):
+    """--seq-len past the checkpoint's context trained positions it has no RoPE for, silently (100,000 ran out of
+    memory, with no message); refused as `dsv3 train` refuses it, before the run directory exists."""
+    from dsv3.training.strategy import checkpoint_config as ck
+
+    ctx = ck(env["ckpt"]).max_position_embeddings
+    chats = tmp_path / "c.jsonl"
+    chats.write_text(json.dumps({"messages": [{"role": "user", "content": "a"},
+                                              {"role": "assistant", "content": "b"}]}) + "\n")
+    with pytest.raises(ValueError, match=rf"--seq-len {ctx + 1} is longer than the model's context "
+                                         rf"\(max_position_embeddings {ctx}\)"):
+        sft.train_sft(env["ckpt"], str(chats), str(tmp_path / "s"), _sft_cfg(seq_len=ctx + 1), log=lambda *a: None)
+    assert not (tmp_path / "s").exists()
+
+
 def test_sft_input_errors_name_the_file(env, tmp_path):
     late = tmp_path / "late.jsonl"
     ok = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}

@@ -479,28 +479,36 @@ def _check_sizes(cfg: ModelConfig, reader: _Reader, said: str, path: str) -> Mod
     def fail(msg: str):
         raise CheckpointError(f"{path}: {said} says {msg}")
 
+    raw = read_json(os.path.join(path, "config.json")) if said == "config.json" else None
+    aliases = {"num_nextn_predict_layers": ("num_mtp_layers",), "vocab_size": (), "hidden_size": (),
+               "num_hidden_layers": (), "n_routed_experts": ()}
+
+    def v(name: str, value) -> str:  # a size config.json leaves out is ModelConfig's (671B) default: said so
+        absent = isinstance(raw, dict) and all(k not in raw for k in (name, *aliases[name]))
+        return f"{name}={value}" + (" (absent from it: the 671B default)" if absent else "")
+
     src = reader.source
     layers = {int(m.group(1)) for k in reader.weight_map if (m := _LAYER_ID.match(k))}
     n, D = cfg.num_hidden_layers, cfg.num_nextn_predict_layers
     if not layers or n > max(layers) + 1:
-        fail(f"num_hidden_layers={n} but {src} holds {_span(layers, 'layers')}")
+        fail(f"{v('num_hidden_layers', n)} but {src} holds {_span(layers, 'layers')}")
     if D > 0 and max(layers) < n:
         warnings.warn(f"{path}: config has num_nextn_predict_layers={D} but the checkpoint holds no MTP "
                       f"tensors (model.layers.{n}.*); loading without MTP", stacklevel=3)
         cfg = cfg.replace(num_nextn_predict_layers=0)
     elif n + D > max(layers) + 1:
-        fail(f"num_nextn_predict_layers={D} (MTP layers {n}..{n + D - 1}) but {src} holds "
+        fail(f"{v('num_nextn_predict_layers', D)} (MTP layers {n}..{n + D - 1}) but {src} holds "
              f"{_span(layers, 'layers')}")
     E = cfg.n_routed_experts
     if cfg.num_moe_layers() > 0 or (cfg.num_nextn_predict_layers > 0 and E > 0):
         experts = {int(m.group(1)) for k in reader.weight_map if (m := _EXPERT_ID.search(k))}
         if not experts or E > max(experts) + 1:
-            fail(f"n_routed_experts={E} but {src} holds {_span(experts, 'routed experts')}")
+            fail(f"{v('n_routed_experts', E)} but {src} holds {_span(experts, 'routed experts')}")
     embed = "model.embed_tokens.weight"
     if embed in reader.weight_map:
         shape = reader.shape(embed)
         if len(shape) != 2 or shape != (cfg.vocab_size, cfg.hidden_size):
-            fail(f"vocab_size={cfg.vocab_size}, hidden_size={cfg.hidden_size} but {src} holds {embed} of "
+            fail(f"{v('vocab_size', cfg.vocab_size)}, {v('hidden_size', cfg.hidden_size)} but {src} holds {embed} of "
                  f"shape {list(shape)}")
     return cfg
 

@@ -67,6 +67,7 @@ from dsv3.posttrain.start import (freeze_mtp, load_start, make_run_directory, re
 from dsv3.posttrain.tasks import Task
 from dsv3.tokenizer import DSTokenizer
 from dsv3.training import loop
+from dsv3.training.config import check_common
 from dsv3.training.pretrain import make_strategy
 from dsv3.training.strategy import _masters, check_weights, precision_recipe, prepare_model, resolve_precision
 
@@ -191,12 +192,17 @@ class GRPOConfig:
     resume: bool = setting(False, "continue from the run directory's latest checkpoint")
 
     def validate(self) -> None:
+        check_common(self)
+        if not 0 < self.top_p <= 1:  # (NaN fails it)
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.eval_max_examples < 1:
+            raise ValueError(f"eval_max_examples must be >= 1, got {self.eval_max_examples}")
         if min(self.iterations, self.prompts_per_iter, self.group_size, self.max_new_tokens, self.ppo_epochs,
                self.micro_batch_size) < 1:
             raise ValueError("iterations, prompts_per_iter, group_size, max_new_tokens, ppo_epochs and "
                              "micro_batch_size must be >= 1")
-        if self.temperature <= 0:
-            raise ValueError("GRPO samples: temperature must be > 0")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"GRPO samples: temperature must be a finite number > 0, got {self.temperature}")
         if not (self.clip_eps > 0 and self.beta >= 0 and self.adv_eps >= 0) or not all(
                 map(math.isfinite, (self.clip_eps, self.beta, self.adv_eps))):
             raise ValueError(f"need clip_eps > 0, beta >= 0 and adv_eps >= 0 (finite), got {self.clip_eps}, "

@@ -57,6 +57,7 @@ from dsv3.posttrain.start import (freeze_mtp, load_start, make_run_directory, re
                                   run_directory)
 from dsv3.tokenizer import DSTokenizer
 from dsv3.training import loop
+from dsv3.training.config import check_common
 from dsv3.training.data import jsonl_records, not_unicode
 from dsv3.training.loss import IGNORE
 from dsv3.training.pretrain import make_strategy
@@ -296,11 +297,16 @@ class SFTConfig:
     resume: bool = setting(False, "continue from the run directory's latest checkpoint")
 
     def validate(self) -> None:
+        check_common(self)
+        if self.seq_len <= 1:
+            raise ValueError(f"seq_len must be > 1, got {self.seq_len}")
+        if self.batch_size <= 0:
+            raise ValueError(f"batch_size must be > 0, got {self.batch_size}")
         mb = self.micro_batch_size or self.batch_size
-        if self.seq_len <= 1 or self.batch_size <= 0 or self.batch_size % mb:
-            raise ValueError("need seq_len > 1, batch_size > 0 and batch_size a multiple of micro_batch_size")
-        if not 0 < self.min_lr <= self.lr:
-            raise ValueError(f"need 0 < min_lr <= lr, got {self.min_lr}, {self.lr}")
+        if self.batch_size % mb:
+            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size ({mb})")
+        if not self.steps and not (math.isfinite(self.epochs) and self.epochs > 0):  # (0 ran one step, silently)
+            raise ValueError(f"epochs must be a finite number > 0 (or give --steps), got {self.epochs}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.bf16_weights and self.precision != "auto":  # auto: checked once resolved (strategy.check_settings)
@@ -389,6 +395,10 @@ def train_sft(checkpoint_dir: str, data_path: str, out_dir: str, cfg: SFTConfig,
     precision = resolve_precision(cfg.precision, strategy.device)
     ckpt_root, resume_from = run_directory(out_dir, cfg.resume, strategy, say)
     src = resume_from or resolve_start(checkpoint_dir)
+    ctx = checkpoint_config(src).max_position_embeddings
+    if cfg.seq_len > ctx:  # (positions past the context, silently; --seq-len 100000 ran out of memory)
+        raise ValueError(f"--seq-len {cfg.seq_len} is longer than the model's context (max_position_embeddings "
+                         f"{ctx}): give --seq-len <= {ctx}")
     tok = DSTokenizer.load(src)
     convs = read_chats(data_path)
     samples = []

@@ -194,6 +194,31 @@ class TrainConfig:
             raise ValueError(f"max_skipped_steps must be >= 0, got {self.max_skipped_steps}")
 
 
+def check_common(cfg) -> None:
+    """The settings the post-training commands share with pre-training's (TrainConfig.validate checks its own),
+    each where `cfg` has it: a finite positive learning rate (an infinite one trained NaN weights into a saved
+    checkpoint, with exit status 0), finite non-negative decay and clip, a seed torch takes, non-negative step
+    counts and intervals, log_every >= 1 (the loop logs at step % log_every == 0)."""
+    def has(name):
+        return hasattr(cfg, name)
+
+    if has("lr") and not (math.isfinite(cfg.lr) and cfg.lr > 0):  # (NaN passes a plain `<= 0` test)
+        raise ValueError(f"lr must be a finite number > 0, got {cfg.lr}")
+    if has("min_lr") and not (math.isfinite(cfg.min_lr) and 0 < cfg.min_lr <= cfg.lr):
+        raise ValueError(f"min_lr must be a finite number in (0, lr = {cfg.lr}], got {cfg.min_lr}")
+    for name in ("weight_decay", "grad_clip"):
+        if has(name) and not (math.isfinite(getattr(cfg, name)) and getattr(cfg, name) >= 0):
+            what = " (0: no clipping)" if name == "grad_clip" else ""
+            raise ValueError(f"{name} must be a finite number >= 0{what}, got {getattr(cfg, name)}")
+    if has("seed") and not 0 <= cfg.seed < 2**64:
+        raise ValueError(f"seed must be in [0, 2^64), got {cfg.seed}")
+    for name in ("steps", "warmup_steps", "micro_batch_size", "save_every", "keep", "eval_every"):
+        if has(name) and getattr(cfg, name) < 0:
+            raise ValueError(f"{name} must be >= 0, got {getattr(cfg, name)}")
+    if has("log_every") and cfg.log_every < 1:
+        raise ValueError(f"log_every must be >= 1, got {cfg.log_every}")
+
+
 # What a resumed run (--resume) keeps from its checkpoint unless the command line gives it again: the
 # settings that define the run (data, length, batch, optimizer, schedule, precision, checkpointing). The
 # others (where it runs, caches, progress bars, plots) are the new invocation's.

@@ -47,6 +47,7 @@ the clip coefficient from `grad_norm(opt)` and passes it to the AdamW step, whic
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 
 import torch
@@ -263,7 +264,18 @@ def checkpoint_config(path: str):
 
     if dcp.is_dcp_checkpoint(path):
         return ModelConfig.from_dict(dcp.read_state(path)["model_config"])
-    return ModelConfig.from_json(os.path.join(path, "config.json"))
+    from dsv3.checkpoints.files import CheckpointError
+
+    f = os.path.join(path, "config.json")
+    cfg = ModelConfig.from_json(f)  # (its errors: missing, not JSON, not a valid config)
+    with open(f, encoding="utf-8") as fh:
+        raw = json.load(fh)
+    # dsv3 writes every size; one left out would build the 671B default's (a resume then failed as "the model
+    # needs 39.1 GB", a sample as a shape mismatch with a size the file never said)
+    gone = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers") if k not in raw]
+    if gone:
+        raise CheckpointError(f"{f} has no {', '.join(gone)}: a checkpoint's config names the model's sizes")
+    return cfg
 
 
 __all__ = ["PRECISIONS", "Strategy", "check_weights", "checkpoint_config", "global_norm", "precision_recipe", "prepare_model",
