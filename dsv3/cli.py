@@ -255,6 +255,11 @@ def cmd_eval(args) -> int:
     """--task loss (default): loss and bits per byte beside gzip and xz (dsv3.training.evaluate);
     --task needle: the pass-key grid over context length and depth (dsv3.eval.needle); --task humaneval
     and --lm-eval TASKS: the benchmarks (dsv3.eval.humaneval, dsv3.eval.lm_eval_adapter)."""
+    from dsv3.checkpoints.files import check_creatable
+
+    for flag, path in (("--out-json", args.out_json), ("--out-png", getattr(args, "out_png", None))):
+        if path:  # (before the evaluation: a file in the way was an OS error after it had run)
+            check_creatable(path, flag, directory=False)
     if args.lm_eval or args.task == "humaneval":
         return _eval_harness(args)
     if args.task == "needle":

@@ -71,6 +71,25 @@ def test_find_corpus_directory(tmp_path):
     assert [f.relpath for f in single.files] == ["doc_0.md"]
 
 
+def test_a_pipe_as_the_corpus_is_named_as_one(tmp_path):
+    """--data <(cat ...) (a /dev/fd link to "pipe:[...]") or a FIFO: said to be a pipe, which dsv3 cannot read more
+    than once (it was "corpus path /dev/fd/63 does not exist", a path that does exist)."""
+    import os
+
+    r, w = os.pipe()
+    try:
+        with pytest.raises(CorpusError, match=rf"corpus path /dev/fd/{r} is a pipe or another special file"):
+            find_corpus(f"/dev/fd/{r}")
+    finally:
+        os.close(r)
+        os.close(w)
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(CorpusError, match="fifo is a pipe or another special file"):
+        find_corpus(tmp_path / "fifo")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        find_corpus(tmp_path / "nothing")
+
+
 def test_run_directories_in_a_corpus_give_no_documents(tmp_path):
     """A dsv3 run directory inside --data, or --data itself used as --out: the run's metrics.jsonl and checkpoints
     are not documents (a resume read metrics.jsonl's records and stopped); the user's files around them are."""

@@ -61,11 +61,15 @@ def test_resume_keeps_the_runs_settings_and_extends_smoothly(setup, tmp_path):
     out = tmp_path / "run"
     rc, _, err = run_cli(_common(setup, out) + ["--steps", 6, "--lr", 0.01, "--deterministic"])
     assert rc == 0, err
-    # a plain --resume with no --config: no note about the model config, nothing ignored
+    # a plain --resume with no --config: no note about the model config, nothing ignored; a later step directory
+    # without trainer_state.json (a save interrupted) is skipped, and said so
+    (out / "checkpoints" / "step_00000007").mkdir()
     rc, stdout, err = run_cli(["train", "--out", out, "--resume", "--cache-dir", setup["cache"], "--no-progress",
                                "--no-plots", "--samples", 0])
     assert rc == 0, err
     assert "note: resuming with the checkpoint's model config" not in stdout and "resumed from" in stdout
+    assert "note: skipped step_00000007, incomplete (a save that was interrupted)" in stdout, stdout
+    (out / "checkpoints" / "step_00000007").rmdir()
     # the run's own length (6 steps, its --lr and --data), not the command line's defaults (300 steps)
     assert max(r["step"] for r in _records(out)) == 6 and "6 steps of 4 x 32 tokens, lr 0.01" in stdout
     # a longer run continues the schedule from where it was: no jump back up
@@ -135,6 +139,27 @@ def test_refusals_before_anything_is_written(setup, tmp_path):
     afile.write_text("x")
     rc, _, err = run_cli(_common(setup, afile) + ["--steps", 2])
     assert rc == 2 and "a file of that name exists" in err and err.count("\n") == 1
+    # a file above --out or --cache-dir: one line naming it, before the data (it was "[Errno 20] Not a
+    # directory" after the data and the model, or after the BPE)
+    rc, _, err = run_cli(_common(setup, afile / "sub") + ["--steps", 2])
+    assert rc == 2 and f"--out {afile / 'sub'}: {afile} is a file, so no directory can be made under it" in err, err
+    rc, _, err = run_cli(_common(setup, out) + ["--steps", 2, "--cache-dir", afile])
+    assert rc == 2 and f"--cache-dir {afile}: a file of that name exists" in err and err.count("\n") == 1, err
+    assert not out.exists()
+    # dsv3 eval's outputs: checked before the evaluation runs (the checkpoint is not even looked at)
+    rc, _, err = run_cli(["eval", tmp_path / "nowhere", "--out-json", afile / "r.json"])
+    assert rc == 2 and f"--out-json {afile / 'r.json'}: {afile} is a file" in err and err.count("\n") == 1, err
+    rc, _, err = run_cli(["eval", tmp_path / "nowhere", "--task", "needle", "--out-png", tmp_path])
+    assert rc == 2 and f"--out-png {tmp_path}: is a directory (a file name is needed)" in err, err
+    # a corpus too small for the vocabulary that is also malformed: the malformed line is named (it was the
+    # vocabulary's error, which no vocabulary change would have fixed)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "abc"\n')
+    args = _common(setup, out)
+    args[args.index("--data") + 1] = bad
+    rc, _, err = run_cli(args + ["--steps", 2])
+    assert rc == 2 and f"{bad}:1: malformed JSON" in err and err.count("\n") == 1, err
+    assert not out.exists()
     # bf16 working weights need bf16 (auto is fp32 on the CPU): one line, before anything is written
     rc, _, err = run_cli(_common(setup, out) + ["--steps", 2, "--bf16-weights", "--device", "cpu"])
     assert rc == 2 and "--bf16-weights needs --precision bf16" in err and err.count("\n") == 1, err

@@ -24,6 +24,27 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 
+def check_creatable(path: str, what: str, directory: bool = True) -> None:
+    """Raise ValueError naming `what` (the flag, e.g. "--out") unless `path` can be made later, before any slow
+    work: the path itself (a directory, with `directory`), or the nearest ancestor that exists, must be a writable
+    directory. A file in the way was os.makedirs' "[Errno 20] Not a directory" after the data, the BPE or a whole
+    evaluation had run. Creates nothing."""
+    p = os.path.abspath(path)
+    if os.path.exists(p):
+        if directory and not os.path.isdir(p):
+            raise ValueError(f"{what} {path}: a file of that name exists (a directory is needed)")
+        if not directory and os.path.isdir(p):
+            raise ValueError(f"{what} {path}: is a directory (a file name is needed)")
+        return
+    up = os.path.dirname(p)
+    while not os.path.exists(up):
+        up = os.path.dirname(up)
+    if not os.path.isdir(up):
+        raise ValueError(f"{what} {path}: {up} is a file, so no directory can be made under it")
+    if not os.access(up, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {path}: {up} is not writable")
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint file that cannot be used (missing, malformed, unsafe, or not matching the model);
     the message names the file and every problem."""

@@ -252,6 +252,16 @@ def latest_checkpoint(ckpt_root: str) -> str | None:
     return c[-1] if c else None
 
 
+def incomplete_after(ckpt_root: str, path: str | None) -> list[str]:
+    """The step directories of `ckpt_root` past checkpoint `path` (all of them when None) that are not complete
+    checkpoints (a save interrupted before its last file): a resume skips them, and its next saves replace them."""
+    if not os.path.isdir(ckpt_root):
+        return []
+    after = int(_STEP_DIR.match(os.path.basename(path)).group(1)) if path else -1
+    return sorted(n for n in os.listdir(ckpt_root) if (m := _STEP_DIR.match(n)) and int(m.group(1)) > after
+                  and not is_complete(os.path.join(ckpt_root, n)))
+
+
 def load_checkpoint(path: str, device, dtype) -> tuple[torch.nn.Module, dict, dict, dict]:
     """-> model, trainer state, optimizer tensors, rng tensors (the caller restores optimizer and RNG)."""
     model = load_pretrained(path, device=device, dtype=dtype)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 
 from dsv3.checkpoints import dcp, rundir
+from dsv3.checkpoints.files import check_creatable
 
 
 # the starting checkpoint is found and loaded as `dsv3 train --init-from` does (dsv3/checkpoints/dcp.py)
@@ -33,6 +34,7 @@ def run_directory(out_dir: str, resume: bool, strategy, say) -> tuple[str, str |
 
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):  # (was os.makedirs's "[Errno 17] File exists")
         raise ValueError(f"--out {out_dir}: a file of that name exists; the run directory must be a directory")
+    check_creatable(out_dir, "--out")
     ckpt_root = os.path.join(out_dir, "checkpoints")
     latest = rundir.latest_checkpoint(ckpt_root)
     resume = resume or torchrun_restarts() > 0  # a torchrun --max-restarts restart resumes

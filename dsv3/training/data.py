@@ -218,8 +218,15 @@ def find_corpus(source: str | os.PathLike | None = None, *,
             path = Path(source).expanduser().resolve()
         except (RuntimeError, OSError) as e:  # a symlink loop (RuntimeError before Python 3.13)
             raise FileNotFoundError(f"corpus path {source} cannot be resolved ({e})") from None
-        if not path.exists():
+        special = (f"corpus path {source} is a pipe or another special file (process substitution <(...), "
+                   "/dev/stdin): the corpus is read more than once (tokenizer, token cache, validation split); give "
+                   "a regular file or a directory")
+        if not path.exists():  # (/dev/fd/63 resolves to "pipe:[...]", which does not exist)
+            if os.path.exists(source):
+                raise CorpusError(special)
             raise FileNotFoundError(f"corpus path {source} does not exist")
+        if not path.is_dir() and not path.is_file():  # a FIFO, a device
+            raise CorpusError(special)
         if path.is_dir():
             corpus = Corpus(f"directory {path}", path, _walk(path, SKIP_DIRS, extensions))
         else:  # a file named explicitly is read whatever its extension

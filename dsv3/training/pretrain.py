@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from dsv3.checkpoints import rundir
-from dsv3.checkpoints.files import CheckpointError
+from dsv3.checkpoints.files import CheckpointError, check_creatable
 from dsv3.config import ModelConfig
 from dsv3.info import param_count, param_line
 from dsv3.memory import ensure_fits
@@ -64,7 +64,12 @@ def get_tokenizer(tc: TrainConfig, mc: ModelConfig, log) -> DSTokenizer:
         if os.path.exists(path):
             tok = DSTokenizer.load(path)
         else:
-            check_trainable_vocab(mc.vocab_size, corpus.n_bytes, corpus.description)
+            try:
+                check_trainable_vocab(mc.vocab_size, corpus.n_bytes, corpus.description)
+            except ValueError:  # a corpus this small reads at once: its own errors (a malformed .jsonl line, a
+                for f in corpus.files:  # record without "text") come first, since fixing them is the first step
+                    read_documents(f)
+                raise
             log(f"training a {mc.vocab_size}-token BPE on {corpus.description} ...")
             t0 = time.time()
 
@@ -359,6 +364,8 @@ def _finished_summary(out_dir: str, step: int, tokens: int, checkpoint: str) -> 
 def _train(mc: ModelConfig | None, tc: TrainConfig, pcfg, log, strategy: Strategy | None) -> dict:
     if os.path.exists(tc.out_dir) and not os.path.isdir(tc.out_dir):
         raise ValueError(f"--out {tc.out_dir}: a file of that name exists; the run directory must be a directory")
+    check_creatable(tc.out_dir, "--out")  # (a file above it: the error came after the data and the model)
+    check_creatable(tc.cache_dir, "--cache-dir")  # (after the BPE had been trained)
     strategy = strategy or make_strategy(pcfg, tc.device)
     say = strategy.log(log)
     precision = resolve_precision(tc.precision, strategy.device)
@@ -443,6 +450,10 @@ def _train(mc: ModelConfig | None, tc: TrainConfig, pcfg, log, strategy: Strateg
             skip_counts["consecutive_skipped_steps"] = int(st.get("consecutive_skipped_steps", 0))
         lay = st.get("layout", {"world_size": 1})
         say(f"resumed from {resume_from} at step {step} (written by {lay['world_size']} rank(s))")
+        skipped = rundir.incomplete_after(ckpt_root, resume_from)
+        if skipped:
+            say(f"note: skipped {', '.join(skipped)}, incomplete (a save that was interrupted); replaced when this "
+                "run saves that step")
         source = os.path.join(resume_from, "trainer_state.json")
         before = saved_schedule(tc, st, source).run_steps
         task.set_schedule(resumed_schedule(tc, st, step, source))
