@@ -316,6 +316,7 @@ def test_generate_and_serve_pass_their_configs(monkeypatch):
     assert load_a == ("some/ck",) and load_kw == one_process_kwargs(EngineConfig())
     sc = dataclasses.asdict(ServerConfig())
     del sc["model_name"]
+    sc["allowed_origins"] = []  # (the flag's comma-separated text, parsed: server.origins)
     assert serve_a == (fake, "tok", "ck") and serve_kw == {**sc, "sock": sock}
 
 

@@ -395,12 +395,12 @@ def train_sft(checkpoint_dir: str, data_path: str, out_dir: str, cfg: SFTConfig,
     precision = resolve_precision(cfg.precision, strategy.device)
     ckpt_root, resume_from = run_directory(out_dir, cfg.resume, strategy, say)
     src = resume_from or resolve_start(checkpoint_dir)
+    tok = DSTokenizer.load(src)
+    convs = read_chats(data_path)
     ctx = checkpoint_config(src).max_position_embeddings
     if cfg.seq_len > ctx:  # (positions past the context, silently; --seq-len 100000 ran out of memory)
         raise ValueError(f"--seq-len {cfg.seq_len} is longer than the model's context (max_position_embeddings "
                          f"{ctx}): give --seq-len <= {ctx}")
-    tok = DSTokenizer.load(src)
-    convs = read_chats(data_path)
     samples = []
     for i, m in enumerate(convs):
         try:
