@@ -257,7 +257,7 @@ def cmd_eval(args) -> int:
     and --lm-eval TASKS: the benchmarks (dsv3.eval.humaneval, dsv3.eval.lm_eval_adapter)."""
     from dsv3.checkpoints.files import check_creatable
 
-    for flag, path in (("--out-json", args.out_json), ("--out-png", getattr(args, "out_png", None))):
+    for flag, path in (("--out-json", args.out_json), ("--out-png", args.out_png)):
         if path:  # (before the evaluation: a file in the way was an OS error after it had run)
             check_creatable(path, flag, directory=False)
     if args.lm_eval or args.task == "humaneval":

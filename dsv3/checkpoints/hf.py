@@ -50,6 +50,7 @@ from dsv3.info import param_count, routed_expert_params
 from dsv3.memory import ensure_fits
 from dsv3.model.fp8 import FP8Experts, FP8Linear, swap_to_fp8
 from dsv3.model.moe import MoE
+from dsv3.model.rope import cos_sin_factor
 from dsv3.model.transformer import Transformer, build_model
 
 SINGLE_FILE = "model.safetensors"
@@ -274,9 +275,9 @@ def _for_other_tools(d: dict, cfg: ModelConfig, path: str) -> None:
     if isinstance(rs, dict) and rs.get("type", rs.get("rope_type")) == "yarn":
         if rs.get("mscale") is None:
             rs["mscale"] = 1.0
-        s, m, mad = float(rs["factor"]), rs["mscale"], rs.get("mscale_all_dim")
-        ours = yarn_get_mscale(s, float(m)) / yarn_get_mscale(s, float(mad or 0.0))  # (= rope.cos_sin_factor)
-        theirs = ours if m and mad else yarn_get_mscale(s)  # transformers' _compute_yarn_parameters
+        m, mad = rs["mscale"], rs.get("mscale_all_dim")
+        ours = cos_sin_factor(cfg)  # (an absent mscale is 1 there too)
+        theirs = ours if m and mad else yarn_get_mscale(float(rs["factor"]))  # transformers' _compute_yarn_parameters
         if abs(ours - theirs) > 1e-6 * ours:
             warnings.warn(f"{path}: rope_scaling mscale {m!r} with mscale_all_dim {mad!r} gives a cos/sin factor of "
                           f"{ours:.6g} in dsv3 and vLLM, but transformers reads {theirs:.6g} (it needs both non-zero): "
@@ -470,7 +471,7 @@ def _span(ids: set[int], what: str) -> str:
     return f"{what} {min(ids)}..{max(ids)}" if ids else f"no {what}"
 
 
-def _check_sizes(cfg: ModelConfig, reader: _Reader, said: str, path: str) -> ModelConfig:
+def _check_sizes(cfg: ModelConfig, reader: _Reader, said: str, path: str, raw: dict | None = None) -> ModelConfig:
     """Compare the config's sizes with what the file holds (tensor names and the embedding's shape)
     before any per-layer or per-expert work (the model skeleton, the list of expected names), so that a
     config claiming 10^6 layers or 10^9 experts fails at once, naming the field. Returns the config to
@@ -479,7 +480,7 @@ def _check_sizes(cfg: ModelConfig, reader: _Reader, said: str, path: str) -> Mod
     def fail(msg: str):
         raise CheckpointError(f"{path}: {said} says {msg}")
 
-    raw = read_json(os.path.join(path, "config.json")) if said == "config.json" else None
+    # raw: the config.json dict `cfg` came from, where it came from one (a size it leaves out is said to be the default)
     aliases = {"num_nextn_predict_layers": ("num_mtp_layers",), "vocab_size": (), "hidden_size": (),
                "num_hidden_layers": (), "n_routed_experts": ()}
 
@@ -616,12 +617,6 @@ def _expert_entries(model: Transformer, selected: dict[str, list[int]]) -> list[
     return out
 
 
-def _names_dtype(path: str) -> bool:
-    """Whether the directory's config.json says its dtype (`torch_dtype`, or transformers v5's `dtype`)."""
-    d = read_json(os.path.join(path, "config.json"))
-    return isinstance(d, dict) and ("torch_dtype" in d or "dtype" in d)
-
-
 def _stored_dtype(reader: _Reader, path: str) -> torch.dtype | None:
     """The dtype a config.json without one means: the stored weights' (the embedding's; transformers' dtype="auto"
     takes the first floating tensor's), where ModelConfig's default (bfloat16) would round fp32 weights silently.
@@ -669,15 +664,16 @@ def load_pretrained(path: str | os.PathLike, device: torch.device | str = "cpu",
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint directory not found: {path}")
     cfg = config or ModelConfig.from_json(path)
+    raw = read_json(os.path.join(path, "config.json")) if config is None else None  # (valid: from_json read it)
     reader = _Reader(path)
     try:
-        if dtype is None and config is None and not _names_dtype(path):
+        if dtype is None and raw is not None and "torch_dtype" not in raw and "dtype" not in raw:  # (v5: dtype)
             dtype = _stored_dtype(reader, path)
         if dtype is None:
             dtype = _DTYPES.get(cfg.torch_dtype)
             if dtype is None:
                 raise ConfigError(f"torch_dtype {cfg.torch_dtype!r} is not one of {', '.join(_DTYPES)}; pass dtype=")
-        cfg = _check_sizes(cfg, reader, "config.json" if config is None else "the given config", path)
+        cfg = _check_sizes(cfg, reader, "config.json" if config is None else "the given config", path, raw)
         n_params = param_count(cfg)  # arithmetic: checked before the skeleton is built
         if isinstance(experts, range):
             E = cfg.n_routed_experts
@@ -740,7 +736,7 @@ def loaded_config(path: str | os.PathLike) -> ModelConfig:
     cfg = ModelConfig.from_json(path)
     reader = _Reader(path)
     try:
-        return _check_sizes(cfg, reader, "config.json", path)
+        return _check_sizes(cfg, reader, "config.json", path, read_json(os.path.join(path, "config.json")))
     finally:
         reader.close()
 

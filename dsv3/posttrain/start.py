@@ -32,9 +32,7 @@ def run_directory(out_dir: str, resume: bool, strategy, say) -> tuple[str, str |
     checkpoint) leaves no empty directory behind, as pre-training's does."""
     from dsv3.distributed.mesh import torchrun_restarts
 
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):  # (was os.makedirs's "[Errno 17] File exists")
-        raise ValueError(f"--out {out_dir}: a file of that name exists; the run directory must be a directory")
-    check_creatable(out_dir, "--out")
+    check_creatable(out_dir, "--out")  # (a file there or above it: os.makedirs's "[Errno 17]" / "[Errno 20]")
     ckpt_root = os.path.join(out_dir, "checkpoints")
     latest = rundir.latest_checkpoint(ckpt_root)
     resume = resume or torchrun_restarts() > 0  # a torchrun --max-restarts restart resumes

@@ -362,9 +362,7 @@ def _finished_summary(out_dir: str, step: int, tokens: int, checkpoint: str) -> 
 
 
 def _train(mc: ModelConfig | None, tc: TrainConfig, pcfg, log, strategy: Strategy | None) -> dict:
-    if os.path.exists(tc.out_dir) and not os.path.isdir(tc.out_dir):
-        raise ValueError(f"--out {tc.out_dir}: a file of that name exists; the run directory must be a directory")
-    check_creatable(tc.out_dir, "--out")  # (a file above it: the error came after the data and the model)
+    check_creatable(tc.out_dir, "--out")  # (a file there or above it: an OS error after the data and the model)
     check_creatable(tc.cache_dir, "--cache-dir")  # (after the BPE had been trained)
     strategy = strategy or make_strategy(pcfg, tc.device)
     say = strategy.log(log)
